@@ -1914,6 +1914,91 @@ def _hex(value):
 # ##########################################################################
 # Queue ####################################################################
 # ##########################################################################
+# Split virtqueue layout (virtio spec 2.7): descriptor table 16 bytes per
+# entry, 16-aligned; avail ring flags, idx, ring[size], used_event; used ring
+# flags, idx, ring[size] of (id u32, len u32), avail_event; 2- and 4-aligned.
+
+_DESC = struct.Struct("<QIHH")      # addr, len, flags, next
+_USED_ELEM = struct.Struct("<II")   # id, len
+_RING_HDR = struct.Struct("<HH")    # flags, idx
+
+
+def _split_ring_sizes(size):
+    """(desc, avail, used) byte sizes of a split ring of ``size`` entries."""
+    return 16 * size, 6 + 2 * size, 6 + 8 * size
+
+
+class Queue:
+    """One split virtqueue laid out in guest memory: crosvm's ``Queue`` state.
+
+    Holds what a VMM keeps per queue (size, guest addresses of the three
+    parts, next avail and used indices, the interrupt vector, its kick and
+    call events) and, as the driver side, the operations to post buffers and
+    reap used entries.
+
+    Args:
+        mem: the ``GuestMemory`` to allocate the ring in.
+        size: number of entries, a power of two up to 32768.
+        index: the queue's index in its device.
+        vector: the interrupt vector (MSI-X style); None for the shared event.
+    """
+
+    def __init__(self, mem, size, index=0, vector=None):
+        if not isinstance(size, int) or not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
+            raise ValueError("queue size %r is not a power of two in 1..%d"
+                             % (size, MAX_QUEUE_SIZE))
+        self.mem = mem
+        self.size = size
+        self.index = index
+        self.vector = index if vector is None else vector
+        self.next_avail = 0
+        self.next_used = 0
+        desc_bytes, avail_bytes, used_bytes = _split_ring_sizes(size)
+        self._block = mem.allocate(desc_bytes + avail_bytes + 2 + used_bytes, align=4096)
+        self.desc_table = self._block
+        self.avail_ring = self.desc_table + desc_bytes
+        self.used_ring = (self.avail_ring + avail_bytes + 3) & ~3
+        mem.view(self._block, desc_bytes + avail_bytes + 2 + used_bytes)[:] = bytes(
+            desc_bytes + avail_bytes + 2 + used_bytes)
+        self.kick = None
+        self.call = None
+        try:
+            self.kick = Event()
+            self.call = Event()
+        except BaseException:
+            self.close()
+            raise
+
+    def used_index(self):
+        """The device's used->idx as it is in guest memory now."""
+        return _RING_HDR.unpack(self.mem.read(self.used_ring, 4))[1]
+
+    def reclaim(self, base):
+        """Take the queue back after the back-end stopped it (crosvm vhost_user_reclaim).
+
+        ``base`` is GET_VRING_BASE's answer, the next avail index the back-end
+        would have processed; the used index is read from guest memory (split
+        rings do not return it).
+        """
+        if not 0 <= base <= 0xFFFF:
+            raise ProtocolError("GET_VRING_BASE: base %#x does not fit in 16 bits" % base,
+                                FrontendReq.GET_VRING_BASE)
+        self.next_avail = base
+        self.next_used = self.used_index()
+
+    def close(self):
+        """Close the events and free the ring memory; safe to call twice."""
+        for event in (self.kick, self.call):
+            if event is not None:
+                event.close()
+        if self._block is not None and self.mem._regions is not None:
+            self.mem.free(self._block)
+        self._block = None
+
+    def __repr__(self):
+        return "<Queue %d size=%d desc=%#x avail=%#x used=%#x next_avail=%d>" % (
+            self.index, self.size, self.desc_table, self.avail_ring, self.used_ring,
+            self.next_avail)
 
 
 # ##########################################################################
