@@ -152,6 +152,20 @@ def _stop_all_daemons():
         d.stop()
 
 
+def _kill_with_parent():
+    """preexec_fn: the daemon gets SIGKILL when the thread that started it dies (PR_SET_PDEATHSIG),
+    so even a test run killed by `timeout` leaves no daemon behind (they run in their own session)."""
+    import ctypes  # loaded in the parent: no dlopen after fork
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec():
+        prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl()
+            os._exit(1)
+    return preexec
+
+
 def _is_listening(path):
     """True if a listening AF_UNIX socket is bound at `path` (per /proc/net/unix; True if unknown)."""
     try:
@@ -172,6 +186,8 @@ class _Daemon(object):
 
     The process runs in its own session (process group); stop() sends SIGTERM to the group, waits,
     then SIGKILLs it, reaps it and removes the temp dir. stop() is idempotent and also runs at exit.
+    The daemon is SIGKILLed if the thread that called start() exits (PR_SET_PDEATHSIG): start
+    daemons from the main thread (setUp or the test method).
     """
 
     name = "daemon"
@@ -232,7 +248,8 @@ class _Daemon(object):
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(
                     self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    cwd=self.tmpdir, close_fds=True, start_new_session=True)
+                    cwd=self.tmpdir, close_fds=True, start_new_session=True,
+                    preexec_fn=_kill_with_parent())
             if self.listens:
                 self.wait_for_socket()
         except BaseException:
@@ -403,6 +420,7 @@ class Testpmd(_Daemon):
     it reconnects in a loop after we close. It busy-polls one CPU while running.
     """
 
+    __test__ = False  # not a test class (for pytest)
     name = "testpmd"
     socket_name = "net.sock"
     requires = (("dpdk-testpmd", "dpdk-dev"),)
