@@ -59,7 +59,9 @@ __all__ = [
     "VringState", "VringAddr", "MemoryRegion", "LogInfo", "IotlbMsg",
     "DeviceConfig", "VringArea", "InflightInfo", "ShmemMap", "ShmemConfig",
     # OS, client, memory
-    "Event", "BackendClient", "GuestMemory",
+    "Event", "BackendClient", "GuestMemory", "Queue",
+    # Devices
+    "BlockDevice", "NetDevice",
 ]
 
 _log = logging.getLogger(__name__)
@@ -1917,10 +1919,50 @@ def _hex(value):
 # Split virtqueue layout (virtio spec 2.7): descriptor table 16 bytes per
 # entry, 16-aligned; avail ring flags, idx, ring[size], used_event; used ring
 # flags, idx, ring[size] of (id u32, len u32), avail_event; 2- and 4-aligned.
+#
+# Memory ordering. The back-end reads and writes these rings from another
+# CPU while we touch them through the mmap, and Python has no barriers. What
+# we rely on:
+# - Every ring field is written and read as one aligned access of its own
+#   width through a memoryview cast to "H" or "I" (CPython and PyPy store a
+#   cast item with one C assignment), so the back-end never sees a torn idx.
+#   virtio 1.0 rings are little-endian; so are the hosts we run on (checked
+#   in ``Queue.__init__``).
+# - The interpreter performs our stores and loads in program order. On x86
+#   (TSO) the CPU keeps store->store and load->load order too, which is all
+#   that "descriptors before avail->idx" (spec 2.7.13) and "used->idx before
+#   the used element" need. aarch64, POWER and RISC-V may reorder both, so
+#   there ``_Fences.write``/``read`` are real fences as well.
+# - Even TSO lets a later load pass an earlier store. Two places need
+#   store->load order (spec 2.7.10 and 2.7.13.4): publishing avail->idx and
+#   then reading the device's NO_NOTIFY / avail_event, and writing used_event
+#   and then re-reading used->idx. Without it, a device that is just
+#   switching from polling to sleeping and a driver that is just deciding not
+#   to kick can both miss each other. ``_Fences.full`` provides it by
+#   releasing and re-acquiring a private lock: the C library implements that
+#   with atomic read-modify-write instructions (LOCK-prefixed on x86, a
+#   store-release followed by a load-acquire on aarch64, which ARMv8 keeps in
+#   order), each a full barrier for our purpose. It costs well under a
+#   microsecond and is taken once per notify decision and once per re-arm,
+#   never per descriptor.
 
 _DESC = struct.Struct("<QIHH")      # addr, len, flags, next
 _USED_ELEM = struct.Struct("<II")   # id, len
 _RING_HDR = struct.Struct("<HH")    # flags, idx
+
+#: Descriptor flags (virtio spec 2.7.5).
+_DESC_F_NEXT = 1
+_DESC_F_WRITE = 2
+_DESC_F_INDIRECT = 4
+#: avail->flags: the driver does not want interrupts (spec 2.7.7).
+_AVAIL_F_NO_INTERRUPT = 1
+#: used->flags: the device does not want kicks (spec 2.7.10).
+_USED_F_NO_NOTIFY = 1
+#: Seconds a completion wait polls used->idx before sleeping on the call
+#: eventfd: a cross-vCPU wake-up costs ~50 us here (BACKENDS.md 6).
+_DEFAULT_SPIN = 50e-6
+#: Longest buffer one descriptor can describe.
+_MAX_DESC_LEN = 0xFFFFFFFF
 
 
 def _split_ring_sizes(size):
@@ -1928,50 +1970,167 @@ def _split_ring_sizes(size):
     return 16 * size, 6 + 2 * size, 6 + 8 * size
 
 
-class Queue:
-    """One split virtqueue laid out in guest memory: crosvm's ``Queue`` state.
+def _need_event(event, new, old):
+    """vring_need_event (spec 2.7.10): did idx cross ``event`` going old -> new?"""
+    return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
 
-    Holds what a VMM keeps per queue (size, guest addresses of the three
-    parts, next avail and used indices, the interrupt vector, its kick and
-    call events) and, as the driver side, the operations to post buffers and
-    reap used entries.
+
+@functools.lru_cache(maxsize=None)
+def _strongly_ordered():
+    """True on x86, whose TSO keeps store->store and load->load order."""
+    return os.uname().machine in ("x86_64", "amd64", "i386", "i486", "i586", "i686")
+
+
+class _Fences:
+    """The barriers the split ring needs (see the Queue section's comment)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        if _strongly_ordered():
+            self.write = self.read = _no_fence
+
+    def full(self):
+        """Order earlier stores before later loads (virtio_mb)."""
+        self._lock.release()
+        self._lock.acquire()
+
+    write = read = full
+
+
+def _no_fence():
+    pass
+
+
+class _Chain:
+    """Driver bookkeeping for one chain in flight (never read back from the ring)."""
+
+    __slots__ = ("token", "descs", "writable", "copy_out", "block")
+
+    def __init__(self, token, descs, writable, copy_out, block):
+        self.token = token
+        self.descs = descs          # ring descriptor indices to free
+        self.writable = writable    # bytes the device may write
+        self.copy_out = copy_out    # (guest_addr, caller buffer) to copy back
+        self.block = block          # guest allocation (bounce + indirect) or None
+
+
+class _QueueFull(VhostUserError):
+    """The ring has no free descriptor for the chain: reap used entries and retry."""
+
+
+class Queue:
+    """One split virtqueue in guest memory, and the driver that fills it.
+
+    Holds what a VMM keeps per queue (crosvm's ``Queue``: size, guest
+    addresses of the three parts, next avail and used indices, the interrupt
+    vector, its kick and call events) and, since there is no guest, the
+    virtio driver side: ``add`` posts a chain of driver-readable then
+    device-writable buffers, ``notify`` kicks when the device wants it,
+    ``get_used``/``wait_used`` reap completions.
+
+    Buffers are either bytes-like objects, copied through a bounce buffer in
+    guest memory (a writable object given as a device-writable buffer gets
+    the device's bytes copied back when its chain is reaped), or
+    ``(guest_addr, length)`` tuples: zero-copy regions of ``mem``.
+
+    Everything read back from the used ring is checked; a device that names
+    a chain that is not in flight, or claims to have written more than the
+    chain's writable buffers hold, raises ``ProtocolError`` and leaves the
+    queue broken (every later call raises it again) with its free list
+    intact. Methods are thread-safe; waiting is done outside the lock.
 
     Args:
         mem: the ``GuestMemory`` to allocate the ring in.
         size: number of entries, a power of two up to 32768.
         index: the queue's index in its device.
         vector: the interrupt vector (MSI-X style); None for the shared event.
+        features: the negotiated virtio features; RING_EVENT_IDX and
+            RING_INDIRECT_DESC change how the driver side works. May also be
+            set later through the ``features`` attribute, before first use.
     """
 
-    def __init__(self, mem, size, index=0, vector=None):
+    #: Raised by ``add`` when the ring is full: reap used entries and retry.
+    Full = _QueueFull
+    #: Chains of at least this many buffers go through one indirect table
+    #: when RING_INDIRECT_DESC was negotiated (shorter ones too when the
+    #: ring has too few free descriptors).
+    indirect_threshold = 4
+
+    _block = None
+    _views = ()
+
+    def __init__(self, mem, size, index=0, vector=None, features=0):
         if not isinstance(size, int) or not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
             raise ValueError("queue size %r is not a power of two in 1..%d"
                              % (size, MAX_QUEUE_SIZE))
+        if sys.byteorder != "little":
+            raise NotImplementedError("split rings are little-endian; this driver "
+                                      "writes them in host order")
         self.mem = mem
         self.size = size
         self.index = index
         self.vector = index if vector is None else vector
         self.next_avail = 0
         self.next_used = 0
+        self.features = features
+        self.spin = _DEFAULT_SPIN
         desc_bytes, avail_bytes, used_bytes = _split_ring_sizes(size)
-        self._block = mem.allocate(desc_bytes + avail_bytes + 2 + used_bytes, align=4096)
+        total = desc_bytes + avail_bytes + 2 + used_bytes
+        self._block = mem.allocate(total, align=4096)
         self.desc_table = self._block
         self.avail_ring = self.desc_table + desc_bytes
         self.used_ring = (self.avail_ring + avail_bytes + 3) & ~3
-        mem.view(self._block, desc_bytes + avail_bytes + 2 + used_bytes)[:] = bytes(
-            desc_bytes + avail_bytes + 2 + used_bytes)
         self.kick = None
         self.call = None
         try:
+            mem.view(self._block, total)[:] = bytes(total)
+            self._desc = mem.view(self.desc_table, desc_bytes)
+            # avail: [0] flags, [1] idx, [2 + i] ring[i], [2 + size] used_event
+            self._avail = mem.view(self.avail_ring, avail_bytes).cast("H")
+            # used: [0] flags, [1] idx; elements as (id, len) pairs; avail_event
+            self._used = mem.view(self.used_ring, 4).cast("H")
+            self._used_elems = mem.view(self.used_ring + 4, 8 * size).cast("I")
+            self._avail_event = mem.view(self.used_ring + 4 + 8 * size, 2).cast("H")
+            self._views = (self._desc, self._avail, self._used, self._used_elems,
+                           self._avail_event)
             self.kick = Event()
             self.call = Event()
         except BaseException:
             self.close()
             raise
+        self._lock = threading.Lock()
+        self._fences = _Fences()
+        self._free = list(range(size - 1, -1, -1))  # a stack: pop() gives 0 first
+        self._chains = {}         # head descriptor -> _Chain
+        self._kicked = 0          # avail idx at the last notify decision
+        self._serial = 0
+        self._broken = None
+
+    @property
+    def features(self):
+        """The negotiated virtio features the driver side honours."""
+        return self._features
+
+    @features.setter
+    def features(self, value):
+        self._features = int(value)
+        self._event_idx = bool(value & VirtioFeature.RING_EVENT_IDX)
+        self._indirect = bool(value & VirtioFeature.RING_INDIRECT_DESC)
+
+    @property
+    def num_free(self):
+        """Free descriptors in the ring."""
+        return len(self._free)
+
+    @property
+    def in_flight(self):
+        """Chains posted and not yet reaped."""
+        return len(self._chains)
 
     def used_index(self):
         """The device's used->idx as it is in guest memory now."""
-        return _RING_HDR.unpack(self.mem.read(self.used_ring, 4))[1]
+        return self._used[1]
 
     def reclaim(self, base):
         """Take the queue back after the back-end stopped it (crosvm vhost_user_reclaim).
@@ -1986,14 +2145,301 @@ class Queue:
         self.next_avail = base
         self.next_used = self.used_index()
 
+    # -- driver side: posting ---------------------------------------------------
+
+    def add(self, readable=(), writable=(), token=None):
+        """Post one chain: ``readable`` buffers for the device, then ``writable`` ones.
+
+        The chain is published in the avail ring at once (a polling device
+        may start on it); call ``notify()`` after one or many ``add`` calls.
+
+        Args:
+            readable: buffers the device reads, in order: bytes-like objects
+                (copied) or ``(guest_addr, length)`` tuples (zero-copy).
+            writable: buffers the device writes: writable bytes-like objects
+                (filled when the chain is reaped) or ``(guest_addr, length)``.
+            token: returned with the used entry; default a fresh int.
+
+        Returns:
+            The token.
+
+        Raises:
+            Queue.Full: not enough free descriptors now; reap and retry.
+            ValueError: an empty or malformed buffer, or a chain longer than
+                the queue (spec 2.7.5.3.1 forbids it even when indirect).
+            ProtocolError: the queue is broken by an earlier bad used entry.
+        """
+        items, bounce, writable_bytes = self._describe(readable, writable)
+        count = len(items)
+        with self._lock:
+            self._check_usable()
+            indirect = self._indirect and count > 1 and (
+                count >= self.indirect_threshold or count > len(self._free))
+            needed = 1 if indirect else count
+            if needed > len(self._free):
+                raise _QueueFull("queue %d: chain of %d descriptors, %d free"
+                                 % (self.index, count, len(self._free)))
+            table_bytes = 16 * count if indirect else 0
+            block = None
+            if table_bytes or bounce:
+                block = self.mem.allocate(table_bytes + bounce, align=16)
+            try:
+                addr = block + table_bytes if block is not None else 0
+                resolved = []
+                outs = []
+                for gpa, length, flags, data in items:
+                    if gpa is None:  # a bounce buffer, carved in order from the block
+                        gpa, addr = addr, addr + length
+                        if flags & _DESC_F_WRITE:
+                            outs.append((gpa, data))
+                        else:
+                            self.mem.write(gpa, data)
+                    resolved.append((gpa, length, flags))
+            except BaseException:
+                if block is not None:
+                    self.mem.free(block)
+                raise
+            if token is None:
+                self._serial += 1
+                token = self._serial
+            if indirect:
+                table = self.mem.view(block, table_bytes)
+                last = count - 1
+                for i, (gpa, length, flags) in enumerate(resolved):
+                    _DESC.pack_into(table, 16 * i, gpa, length,
+                                    flags | (_DESC_F_NEXT if i < last else 0),
+                                    i + 1 if i < last else 0)
+                table.release()
+                descs = [self._free.pop()]
+                _DESC.pack_into(self._desc, 16 * descs[0], block, table_bytes,
+                                _DESC_F_INDIRECT, 0)
+            else:
+                descs = self._free[-count:]
+                descs.reverse()
+                del self._free[-count:]
+                desc = self._desc
+                last = count - 1
+                for i, (gpa, length, flags) in enumerate(resolved):
+                    if i < last:
+                        _DESC.pack_into(desc, 16 * descs[i], gpa, length,
+                                        flags | _DESC_F_NEXT, descs[i + 1])
+                    else:
+                        _DESC.pack_into(desc, 16 * descs[i], gpa, length, flags, 0)
+            head = descs[0]
+            self._chains[head] = _Chain(token, descs, writable_bytes, outs, block)
+            avail = self._avail
+            avail[2 + (self.next_avail % self.size)] = head
+            self._fences.write()  # the entry and its descriptors before the index
+            self.next_avail = (self.next_avail + 1) & 0xFFFF
+            avail[1] = self.next_avail
+        return token
+
+    def _describe(self, readable, writable):
+        """Check the buffers: ([(gpa or None, length, flags, view)], bounce, writable)."""
+        items = []
+        bounce = 0
+        writable_bytes = 0
+        for flags, buffers in ((0, readable), (_DESC_F_WRITE, writable)):
+            for buf in buffers:
+                if isinstance(buf, tuple):
+                    if len(buf) != 2:
+                        raise ValueError("queue %d: a guest buffer is (guest_addr, length), "
+                                         "got %r" % (self.index, buf))
+                    gpa, length = buf
+                    self.mem._find(gpa, length)  # ValueError when outside guest memory
+                    view = None
+                else:
+                    view = memoryview(buf)
+                    if flags and view.readonly:
+                        raise ValueError("queue %d: a device-writable buffer must be "
+                                         "writable, got a read-only %s"
+                                         % (self.index, type(buf).__name__))
+                    if view.format != "B" or view.ndim != 1:
+                        view = view.cast("B")
+                    length = len(view)
+                    gpa = None
+                    bounce += length
+                if not 0 < length <= _MAX_DESC_LEN:
+                    raise ValueError("queue %d: buffer length %d is not in 1..%d"
+                                     % (self.index, length, _MAX_DESC_LEN))
+                if flags:
+                    writable_bytes += length
+                items.append((gpa, length, flags, view))
+        if not items:
+            raise ValueError("queue %d: a chain needs at least one buffer" % self.index)
+        if len(items) > self.size:
+            raise ValueError("queue %d: chain of %d buffers is longer than the queue (%d)"
+                             % (self.index, len(items), self.size))
+        return items, bounce, writable_bytes
+
+    def notify(self, force=False):
+        """Kick the device about chains added since the last call, if it wants kicks.
+
+        Honours VRING_USED_F_NO_NOTIFY, or with RING_EVENT_IDX the device's
+        avail_event (spec 2.7.10). Posting many chains and notifying once is
+        the batch path.
+
+        Returns:
+            True when the kick eventfd was signalled.
+        """
+        with self._lock:
+            new, old = self.next_avail, self._kicked
+            self._kicked = new
+            if new == old and not force:
+                return False
+            self._fences.full()  # avail->idx visible before we read the device's wish
+            if force:
+                wanted = True
+            elif self._event_idx:
+                wanted = _need_event(self._avail_event[0], new, old)
+            else:
+                wanted = not self._used[0] & _USED_F_NO_NOTIFY
+        if wanted:
+            self.kick.signal()
+        return wanted
+
+    # -- driver side: reaping ----------------------------------------------------
+
+    def get_used(self, limit=None):
+        """Reap what the device has used so far: a list of (token, written length).
+
+        Never blocks. Device-writable bounce buffers have been copied back
+        into the caller's objects, and the chain's descriptors and guest
+        memory are free again, by the time an entry is returned.
+
+        Raises:
+            ProtocolError: a used entry names a descriptor out of range or not
+                at the head of a chain in flight, claims more bytes than the
+                chain's writable buffers, or the device moved used->idx by
+                more than the ring holds. The queue stays broken.
+        """
+        with self._lock:
+            self._check_usable()
+            return self._reap(limit)
+
+    def _reap(self, limit):
+        used_idx = self._used[1]
+        pending = (used_idx - self.next_used) & 0xFFFF
+        if not pending:
+            return []
+        if pending > len(self._chains):
+            self._fail("used->idx moved from %d to %d, but only %d chain(s) are in flight"
+                       % (self.next_used, used_idx, len(self._chains)))
+        if limit is not None:
+            pending = min(pending, limit)
+        self._fences.read()  # used->idx before the elements it covers
+        elems = self._used_elems
+        chains = self._chains
+        mask = self.size - 1
+        done = []
+        for _ in range(pending):
+            slot = 2 * (self.next_used & mask)
+            head = elems[slot]
+            length = elems[slot + 1]
+            chain = chains.get(head)
+            if chain is None:
+                if head >= self.size:
+                    self._fail("used entry %d names descriptor %d, the ring has %d"
+                               % (self.next_used, head, self.size))
+                self._fail("used entry %d names descriptor %d, which is not the head "
+                           "of a chain in flight" % (self.next_used, head))
+            if length > chain.writable:
+                self._fail("used entry %d for descriptor %d claims %d bytes written, "
+                           "the chain has %d writable" % (self.next_used, head, length,
+                                                          chain.writable))
+            del chains[head]
+            for gpa, target in chain.copy_out:
+                target[:] = self.mem.view(gpa, len(target))
+            if chain.block is not None:
+                self.mem.free(chain.block)
+            self._free.extend(reversed(chain.descs))
+            self.next_used = (self.next_used + 1) & 0xFFFF
+            done.append((chain.token, length))
+        return done
+
+    def wait_used(self, timeout=5.0, count=1, spin=None):
+        """Wait until the device has used chains, then reap them as ``get_used``.
+
+        Spins on used->idx for ``spin`` seconds (default ``self.spin``), then
+        sleeps on the call eventfd. Calls without new used entries are
+        normal (libvhost-user signals once when SET_VRING_CALL arrives) and
+        are simply waited through. With RING_EVENT_IDX, used_event asks for
+        one interrupt once ``count`` more entries are used; after re-arming,
+        used->idx is read again so a completion that raced the re-arm is not
+        slept through (spec 2.7.10).
+
+        Args:
+            timeout: seconds to wait in all.
+            count: entries worth waking up for (clamped to those in flight);
+                fewer may be returned if the device is slow to use them.
+
+        Returns:
+            The reaped entries; an empty list when ``timeout`` passed first.
+        """
+        deadline = time.monotonic() + timeout
+        spin_until = time.monotonic() + (self.spin if spin is None else spin)
+        used = self._used
+        while True:
+            if used[1] != self.next_used:
+                done = self.get_used()
+                if done:
+                    return done
+            now = time.monotonic()
+            if now >= deadline:
+                self.get_used()  # still raises for a broken ring
+                return []
+            if now < spin_until:
+                continue
+            if self._arm(count) is False:
+                continue
+            self.call.wait(deadline - now)
+
+    def _arm(self, count):
+        """Ask for an interrupt; False if entries were used meanwhile (re-check)."""
+        with self._lock:
+            self._check_usable()
+            if not self._event_idx:
+                return None
+            want = max(1, min(count, len(self._chains)))
+            self._avail[2 + self.size] = (self.next_used + want - 1) & 0xFFFF
+            self._fences.full()  # used_event visible before we look at used->idx again
+            return self._used[1] == self.next_used
+
+    def _check_usable(self):
+        if self._broken is not None:
+            raise ProtocolError("queue %d is unusable since an earlier error: %s"
+                                % (self.index, self._broken))
+        if self._block is None:
+            raise ValueError("queue %d is closed" % self.index)
+
+    def _fail(self, message):
+        self._broken = ProtocolError("queue %d: %s" % (self.index, message))
+        raise self._broken
+
     def close(self):
-        """Close the events and free the ring memory; safe to call twice."""
+        """Close the events and free the ring and in-flight buffers; safe to call twice.
+
+        Chains still in flight are abandoned: stop the device first.
+        """
         for event in (self.kick, self.call):
             if event is not None:
                 event.close()
+        for view in self._views:
+            view.release()
+        self._views = ()
         if self._block is not None and self.mem._regions is not None:
+            for chain in getattr(self, "_chains", {}).values():
+                if chain.block is not None:
+                    self.mem.free(chain.block)
             self.mem.free(self._block)
+        self._chains = {}
         self._block = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def __repr__(self):
         return "<Queue %d size=%d desc=%#x avail=%#x used=%#x next_avail=%d>" % (
@@ -2019,6 +2465,585 @@ class Queue:
 # ##########################################################################
 # Devices ##################################################################
 # ##########################################################################
+
+class _DriverFrontend:
+    """The device life cycle the drivers below need, done by hand (BACKENDS.md 5).
+
+    A stand-in with the same contract as ``VhostUserFrontend`` (constructor,
+    ``features``, ``ack_features``, ``read_config``, ``queue_max_sizes``,
+    ``activate``, ``close``), used until that class exists.
+    """
+
+    _client = None
+
+    def __init__(self, device_type, base_features, connection, max_queue_size=None,
+                 timeout=5.0):
+        self.device_type = DeviceType(device_type)
+        if isinstance(connection, BackendClient):
+            client = connection
+        elif isinstance(connection, socket.socket):
+            client = BackendClient(connection, timeout)
+        else:
+            client = BackendClient.connect(connection, reply_timeout=timeout)
+        self._client = client
+        try:
+            client.set_owner()
+            offered = client.get_features()
+            queues = _MIN_QUEUES[self.device_type]
+            if offered & VirtioFeature.PROTOCOL_FEATURES:
+                protocol = client.get_protocol_features()
+                client.set_protocol_features(
+                    protocol & (_P.MQ | _P.REPLY_ACK | _P.CONFIG))
+                if protocol & _P.MQ:
+                    queues = client.get_queue_num()
+            self._avail = offered & (_DEVICE_SPECIFIC_FEATURES | int(base_features)
+                                     | VirtioFeature.PROTOCOL_FEATURES)
+            self._acked = 0
+            size = MAX_QUEUE_SIZE if max_queue_size is None else max_queue_size
+            self._max_sizes = [size] * queues
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def client(self):
+        return self._client
+
+    def features(self):
+        return self._avail
+
+    def ack_features(self, value):
+        self._acked |= int(value) & self._avail
+
+    def queue_max_sizes(self):
+        return list(self._max_sizes)
+
+    def read_config(self, offset, length):
+        return self._client.get_config(offset, length)
+
+    def activate(self, mem, interrupt, queues):
+        del interrupt  # the driver waits on each queue's call event itself
+        client = self._client
+        features = self._acked
+        if self._avail & VirtioFeature.PROTOCOL_FEATURES:
+            features |= VirtioFeature.PROTOCOL_FEATURES
+        client.set_features(features)
+        client.set_mem_table(mem.regions())
+        items = queues.items() if isinstance(queues, dict) else \
+            ((q.index, q) for q in queues)
+        for index, queue in items:
+            client.set_vring_num(index, queue.size)
+            client.set_vring_base(index, queue.next_avail)
+            client.set_vring_addr(index, mem.host_address(queue.desc_table),
+                                  mem.host_address(queue.used_ring),
+                                  mem.host_address(queue.avail_ring))
+            client.set_vring_call(index, queue.call)
+            client.set_vring_kick(index, queue.kick)
+            if features & VirtioFeature.PROTOCOL_FEATURES:
+                client.set_vring_enable(index, True)
+
+    def close(self):
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
+# -- virtio-blk (virtio spec 5.2) ----------------------------------------------
+
+_BLK_F_SIZE_MAX = 1 << 1
+_BLK_F_SEG_MAX = 1 << 2
+_BLK_F_GEOMETRY = 1 << 4
+_BLK_F_RO = 1 << 5
+_BLK_F_BLK_SIZE = 1 << 6
+_BLK_F_FLUSH = 1 << 9
+_BLK_F_TOPOLOGY = 1 << 10
+_BLK_F_CONFIG_WCE = 1 << 11
+_BLK_F_MQ = 1 << 12
+_BLK_F_DISCARD = 1 << 13
+_BLK_F_WRITE_ZEROES = 1 << 14
+_BLK_DRIVER_FEATURES = (
+    VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC | VirtioFeature.RING_EVENT_IDX
+    | _BLK_F_SIZE_MAX | _BLK_F_SEG_MAX | _BLK_F_GEOMETRY | _BLK_F_RO | _BLK_F_BLK_SIZE
+    | _BLK_F_FLUSH | _BLK_F_TOPOLOGY | _BLK_F_CONFIG_WCE | _BLK_F_MQ | _BLK_F_DISCARD
+    | _BLK_F_WRITE_ZEROES)
+
+_BLK_T_IN = 0
+_BLK_T_OUT = 1
+_BLK_T_FLUSH = 4
+_BLK_T_GET_ID = 8
+_BLK_T_DISCARD = 11
+_BLK_T_WRITE_ZEROES = 13
+_BLK_OP_NAMES = {_BLK_T_IN: "READ", _BLK_T_OUT: "WRITE", _BLK_T_FLUSH: "FLUSH",
+                 _BLK_T_GET_ID: "GET_ID", _BLK_T_DISCARD: "DISCARD",
+                 _BLK_T_WRITE_ZEROES: "WRITE_ZEROES"}
+_BLK_STATUS_NAMES = {0: "OK", 1: "IOERR", 2: "UNSUPP"}
+_BLK_ID_BYTES = 20
+_SECTOR = 512
+_BLK_REQ = struct.Struct("<IIQ")            # type, reserved, sector
+_BLK_DISCARD_SEG = struct.Struct("<QII")    # sector, num_sectors, flags (bit 0: unmap)
+_BLK_CONFIG = struct.Struct("<QIIHBBIBBHIBxHIIIIIB3x")
+#: Largest transfer one virtio-blk request carries; larger calls are split
+#: into several requests kept in flight together.
+_BLK_MAX_TRANSFER = 1 << 20
+
+
+class _BlockConfig(NamedTuple):
+    """struct virtio_blk_config (virtio spec 5.2.4), as the device reports it."""
+    capacity: int  # in 512-byte sectors
+    size_max: int
+    seg_max: int
+    cylinders: int
+    heads: int
+    sectors: int
+    blk_size: int
+    physical_block_exp: int
+    alignment_offset: int
+    min_io_size: int
+    opt_io_size: int
+    writeback: int
+    num_queues: int
+    max_discard_sectors: int
+    max_discard_seg: int
+    discard_sector_alignment: int
+    max_write_zeroes_sectors: int
+    max_write_zeroes_seg: int
+    write_zeroes_may_unmap: int
+
+
+class _BlockRequest:
+    """One virtio-blk request in flight: ``done``, ``status``, ``result()``."""
+
+    __slots__ = ("op", "offset", "length", "data", "status_buf", "queue", "done",
+                 "background")
+
+    def __init__(self, op, offset, length, data, queue):
+        self.op = op
+        self.offset = offset
+        self.length = length
+        self.data = data             # read target / GET_ID buffer, or None
+        self.status_buf = bytearray(1)
+        self.queue = queue
+        self.done = False
+        self.background = False
+
+    @property
+    def status(self):
+        """The virtio-blk status byte (0 OK, 1 IOERR, 2 UNSUPP), None until done."""
+        return self.status_buf[0] if self.done else None
+
+    def result(self):
+        """The data read (READ, GET_ID) or None; raises ``BackendError`` for a bad status."""
+        if not self.done:
+            raise ValueError("%s at offset %d is still in flight"
+                             % (_BLK_OP_NAMES[self.op], self.offset))
+        status = self.status_buf[0]
+        if status:
+            raise BackendError("%s: virtio-blk status %s (%d) for %d bytes at offset %d"
+                               % (_BLK_OP_NAMES[self.op],
+                                  _BLK_STATUS_NAMES.get(status, "unknown"), status,
+                                  self.length, self.offset), value=status)
+        return self.data
+
+    def __repr__(self):
+        return "<BlockRequest %s offset=%d length=%d %s>" % (
+            _BLK_OP_NAMES[self.op], self.offset, self.length,
+            "status=%d" % self.status_buf[0] if self.done else "in flight")
+
+
+class _Completions:
+    """Routes one queue's used entries to the threads waiting for them.
+
+    One thread at a time reaps (waits on the call eventfd); the others wait
+    on a condition variable and are woken after each reap, so no thread
+    sleeps on an eventfd signal another thread already consumed.
+    """
+
+    def __init__(self, queue):
+        self.queue = queue
+        self.cond = threading.Condition()
+        self.reaping = False
+        self.finished = []    # background requests done but not yet returned
+
+    def wait(self, until, deadline, what):
+        """Reap until ``until()`` holds; VhostUserTimeout at ``deadline``."""
+        with self.cond:
+            while not until():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise VhostUserTimeout("%s: no completion from the device within the "
+                                           "timeout (queue %d)" % (what, self.queue.index))
+                if self.reaping:
+                    self.cond.wait(remaining)
+                    continue
+                self.reaping = True
+                self.cond.release()
+                try:
+                    used = self.queue.wait_used(remaining)
+                finally:
+                    self.cond.acquire()
+                    self.reaping = False
+                    self.cond.notify_all()
+                self._finish(used)
+
+    def poll(self):
+        with self.cond:
+            if not self.reaping:
+                self._finish(self.queue.get_used())
+
+    def _finish(self, used):
+        for request, _ in used:
+            request.done = True
+            if request.background:
+                self.finished.append(request)
+
+
+class BlockDevice:
+    """A virtio-blk disk served by a vhost-user back-end, as a Python object.
+
+    Reads and writes are checked against the block size and capacity before
+    anything is sent, split into requests the device accepts (seg_max,
+    size_max, and at most ``max_transfer`` bytes each) that are kept in flight
+    together, and a failed request raises ``BackendError`` whose ``value`` is
+    the virtio-blk status (1 IOERR, 2 UNSUPP). ``submit_read``/``submit_write``
+    /``submit_flush`` and ``complete`` keep many requests in flight; the simple
+    calls are built on them. Each queue may be used from its own thread (pass
+    ``queue=``), and a queue may be shared by threads too.
+
+    Args:
+        frontend: a connected front-end for a BLOCK device (features not yet
+            acked); the device owns and closes it.
+        num_queues: queues to use; None for all the device has.
+        queue_size: ring size, capped by the back-end's maximum.
+        timeout: seconds to wait for any completion.
+        memory_size: bytes of guest memory for rings and bounce buffers.
+        max_segment_size: cap on the bytes one data descriptor describes
+            (the device's size_max also applies), e.g. 4096 to build
+            page-sized scatter lists like a guest kernel.
+    """
+
+    _frontend = None
+    _mem = None
+    _queues = ()
+
+    def __init__(self, frontend, num_queues=None, queue_size=128, timeout=5.0,
+                 memory_size=64 << 20, max_segment_size=None):
+        self._frontend = frontend
+        self.timeout = timeout
+        try:
+            self._setup(num_queues, queue_size, memory_size, max_segment_size)
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def connect(cls, path, num_queues=None, queue_size=128, timeout=5.0, **kwargs):
+        """Connect to the vhost-user-blk socket at ``path``, negotiate and activate."""
+        frontend = _DriverFrontend(DeviceType.BLOCK, _BLK_DRIVER_FEATURES, path,
+                                   timeout=timeout)
+        return cls(frontend, num_queues=num_queues, queue_size=queue_size,
+                   timeout=timeout, **kwargs)
+
+    def _setup(self, num_queues, queue_size, memory_size, max_segment_size):
+        frontend = self._frontend
+        offered = frontend.features()
+        if not offered & VirtioFeature.VERSION_1:
+            raise FeatureNotNegotiated("virtio-blk: the back-end does not offer VERSION_1")
+        self.features = offered & _BLK_DRIVER_FEATURES
+        frontend.ack_features(self.features)
+        config = _BlockConfig._make(_BLK_CONFIG.unpack(
+            frontend.read_config(0, _BLK_CONFIG.size)))
+        self.config = config
+        has = self.features.__and__
+        self.block_size = config.blk_size if has(_BLK_F_BLK_SIZE) else _SECTOR
+        if self.block_size < _SECTOR or self.block_size & (self.block_size - 1):
+            raise ProtocolError("GET_CONFIG: virtio-blk blk_size %d is not a power of two "
+                                ">= 512" % self.block_size, FrontendReq.GET_CONFIG)
+        self.capacity = config.capacity * _SECTOR
+        self.read_only = bool(has(_BLK_F_RO))
+        max_sizes = frontend.queue_max_sizes()
+        available = len(max_sizes)
+        if has(_BLK_F_MQ):
+            available = min(available, config.num_queues)
+        else:
+            available = 1
+        if num_queues is None:
+            num_queues = available
+        if not 1 <= num_queues <= available:
+            raise ValueError("virtio-blk: num_queues %r, the device has 1..%d"
+                             % (num_queues, available))
+        self.num_queues = num_queues
+        size = min(queue_size, *max_sizes[:num_queues])
+        # Data descriptors per request: seg_max, and room for header and status.
+        segments = size - 2
+        if has(_BLK_F_SEG_MAX) and config.seg_max:
+            segments = min(segments, config.seg_max)
+        if segments < 1:
+            raise ValueError("virtio-blk: queue size %d leaves no room for data" % size)
+        segment = _MAX_DESC_LEN
+        if has(_BLK_F_SIZE_MAX) and config.size_max:
+            segment = config.size_max
+        if max_segment_size is not None:
+            segment = min(segment, max_segment_size)
+        self._segment = segment
+        transfer = min(_BLK_MAX_TRANSFER, segments * segment)
+        self.max_transfer = transfer - transfer % self.block_size
+        if self.max_transfer < self.block_size:
+            raise ValueError("virtio-blk: %d segment(s) of %d bytes cannot carry one "
+                             "%d-byte block" % (segments, segment, self.block_size))
+        self._mem = GuestMemory([(0, memory_size)], name="vhost-user-blk")
+        queues = []
+        for index in range(num_queues):
+            queues.append(Queue(self._mem, size, index, features=self.features))
+            self._queues = queues
+        self._completions = [_Completions(q) for q in queues]
+        frontend.activate(self._mem, None, queues)
+
+    # -- properties from the config space ---------------------------------------
+
+    @property
+    def topology(self):
+        """(physical_block_exp, alignment_offset, min_io_size, opt_io_size); None without TOPOLOGY."""
+        if not self.features & _BLK_F_TOPOLOGY:
+            return None
+        c = self.config
+        return c.physical_block_exp, c.alignment_offset, c.min_io_size, c.opt_io_size
+
+    @property
+    def writeback(self):
+        """True when the device caches writes (CONFIG_WCE): call ``flush()``."""
+        return bool(self.config.writeback) if self.features & _BLK_F_CONFIG_WCE else \
+            bool(self.features & _BLK_F_FLUSH)
+
+    @property
+    def max_discard_sectors(self):
+        """Largest DISCARD in 512-byte sectors; 0 without DISCARD."""
+        return self.config.max_discard_sectors if self.features & _BLK_F_DISCARD else 0
+
+    @property
+    def max_write_zeroes_sectors(self):
+        """Largest WRITE_ZEROES in 512-byte sectors; 0 without WRITE_ZEROES."""
+        return self.config.max_write_zeroes_sectors \
+            if self.features & _BLK_F_WRITE_ZEROES else 0
+
+    # -- asynchronous requests ---------------------------------------------------
+
+    def submit_read(self, offset, length, queue=0, buffer=None):
+        """Start a READ of at most ``max_transfer`` bytes; returns its request.
+
+        ``buffer`` (writable, ``length`` bytes) receives the data; by default a
+        new bytearray, available as ``request.result()`` once done.
+        """
+        self._check_range("READ", offset, length, self.max_transfer)
+        if buffer is None:
+            buffer = bytearray(length)
+        request = _BlockRequest(_BLK_T_IN, offset, length, buffer, queue)
+        request.background = True
+        self._post(request, (), self._segments(memoryview(buffer).cast("B")))
+        return request
+
+    def submit_write(self, offset, data, queue=0):
+        """Start a WRITE of at most ``max_transfer`` bytes; returns its request."""
+        data = memoryview(data).cast("B")
+        self._check_writable("WRITE")
+        self._check_range("WRITE", offset, len(data), self.max_transfer)
+        request = _BlockRequest(_BLK_T_OUT, offset, len(data), None, queue)
+        request.background = True
+        self._post(request, self._segments(data), ())
+        return request
+
+    def submit_flush(self, queue=0):
+        """Start a FLUSH; returns its request."""
+        request = _BlockRequest(_BLK_T_FLUSH, 0, 0, None, queue)
+        request.background = True
+        self._post(request, (), ())
+        return request
+
+    def complete(self, queue=0, timeout=None, count=1):
+        """Wait for requests started with ``submit_*`` on ``queue``; returns the done ones.
+
+        Waits until at least ``count`` of them are done (or none is in flight)
+        and returns every one done so far. Check each with ``result()``.
+
+        Raises:
+            VhostUserTimeout: nothing completed within ``timeout`` (default
+                the device's).
+        """
+        completions = self._completions_for(queue)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        q = completions.queue
+        completions.poll()
+        completions.wait(lambda: len(completions.finished) >= count or not q.in_flight,
+                         deadline, "complete")
+        with completions.cond:
+            done, completions.finished = completions.finished, []
+        return done
+
+    # -- simple calls ------------------------------------------------------------
+
+    def read(self, offset, length, queue=0):
+        """Read ``length`` bytes at ``offset`` (both multiples of ``block_size``)."""
+        buffer = bytearray(length)
+        self.readinto(offset, buffer, queue)
+        return bytes(buffer)
+
+    def readinto(self, offset, buffer, queue=0):
+        """Read ``len(buffer)`` bytes at ``offset`` into ``buffer``; returns the count."""
+        view = memoryview(buffer).cast("B")
+        self._check_range("READ", offset, len(view), None)
+        requests = []
+        for start in range(0, len(view), self.max_transfer):
+            piece = view[start:start + self.max_transfer]
+            request = _BlockRequest(_BLK_T_IN, offset + start, len(piece), None, queue)
+            requests.append(request)
+            self._post(request, (), self._segments(piece))
+        self._finish(requests, "READ")
+        return len(view)
+
+    def write(self, offset, data, queue=0):
+        """Write ``data`` at ``offset`` (offset and length multiples of ``block_size``)."""
+        view = memoryview(data).cast("B")
+        self._check_writable("WRITE")
+        self._check_range("WRITE", offset, len(view), None)
+        requests = []
+        for start in range(0, len(view), self.max_transfer):
+            piece = view[start:start + self.max_transfer]
+            request = _BlockRequest(_BLK_T_OUT, offset + start, len(piece), None, queue)
+            requests.append(request)
+            self._post(request, self._segments(piece), ())
+        self._finish(requests, "WRITE")
+
+    def flush(self, queue=0):
+        """Make completed writes durable (FLUSH); a no-op without BLK_FLUSH."""
+        if not self.features & _BLK_F_FLUSH:
+            return
+        request = _BlockRequest(_BLK_T_FLUSH, 0, 0, None, queue)
+        self._post(request, (), ())
+        self._finish([request], "FLUSH")
+
+    def discard(self, offset, length, queue=0):
+        """Tell the device ``length`` bytes at ``offset`` are unused (DISCARD)."""
+        self._ranged(_BLK_T_DISCARD, _BLK_F_DISCARD, self.max_discard_sectors, offset,
+                     length, 0, queue)
+
+    def write_zeroes(self, offset, length, unmap=False, queue=0):
+        """Zero ``length`` bytes at ``offset`` without sending zeroes (WRITE_ZEROES)."""
+        self._ranged(_BLK_T_WRITE_ZEROES, _BLK_F_WRITE_ZEROES, self.max_write_zeroes_sectors,
+                     offset, length, 1 if unmap else 0, queue)
+
+    def get_id(self, queue=0):
+        """The device's serial (GET_ID), up to 20 bytes, without NUL padding."""
+        buffer = bytearray(_BLK_ID_BYTES)
+        request = _BlockRequest(_BLK_T_GET_ID, 0, _BLK_ID_BYTES, None, queue)
+        self._post(request, (), (buffer,))
+        self._finish([request], "GET_ID")
+        return bytes(buffer).split(b"\0", 1)[0]
+
+    # -- plumbing ----------------------------------------------------------------
+
+    def _ranged(self, op, feature, max_sectors, offset, length, flags, queue):
+        name = _BLK_OP_NAMES[op]
+        if not self.features & feature:
+            raise FeatureNotNegotiated("%s: the device does not offer it" % name)
+        self._check_writable(name)
+        self._check_range(name, offset, length, None)
+        step = (max_sectors or 1) * _SECTOR
+        step -= step % self.block_size
+        step = step or self.block_size
+        requests = []
+        for start in range(0, length, step):
+            size = min(step, length - start)
+            segment = _BLK_DISCARD_SEG.pack((offset + start) // _SECTOR, size // _SECTOR, flags)
+            request = _BlockRequest(op, offset + start, size, None, queue)
+            requests.append(request)
+            self._post(request, (segment,), ())
+        self._finish(requests, name)
+
+    def _segments(self, view):
+        step = self._segment
+        if len(view) <= step:
+            return (view,)
+        return [view[i:i + step] for i in range(0, len(view), step)]
+
+    def _check_writable(self, what):
+        if self.read_only:
+            raise OSError(errno.EROFS, "%s: the device is read-only (VIRTIO_BLK_F_RO)" % what)
+
+    def _check_range(self, what, offset, length, limit):
+        if not isinstance(offset, int) or not isinstance(length, int):
+            raise TypeError("%s: offset and length must be ints, got %r and %r"
+                            % (what, offset, length))
+        if offset < 0 or length < 0 or offset % self.block_size or length % self.block_size:
+            raise ValueError("%s: offset %d and length %d must be non-negative multiples "
+                             "of the block size %d" % (what, offset, length, self.block_size))
+        if offset + length > self.capacity:
+            raise ValueError("%s: %d bytes at offset %d end past the capacity %d"
+                             % (what, length, offset, self.capacity))
+        if limit is not None and not 0 < length <= limit:
+            raise ValueError("%s: length %d is not in 1..%d (max_transfer)"
+                             % (what, length, limit))
+
+    def _completions_for(self, queue):
+        if self._mem is None:
+            raise ValueError("the block device is closed")
+        if not isinstance(queue, int) or not 0 <= queue < self.num_queues:
+            raise ValueError("queue %r out of range 0..%d" % (queue, self.num_queues - 1))
+        return self._completions[queue]
+
+    def _post(self, request, readable, writable):
+        """Add the request's chain, waiting for room while the ring is full."""
+        completions = self._completions_for(request.queue)
+        queue = completions.queue
+        header = _BLK_REQ.pack(request.op, 0, request.offset // _SECTOR)
+        readable = [header] + list(readable)
+        writable = list(writable) + [request.status_buf]
+        deadline = time.monotonic() + self.timeout
+        name = _BLK_OP_NAMES[request.op]
+        while True:
+            try:
+                queue.add(readable, writable, token=request)
+                break
+            except (Queue.Full, MemoryError):
+                if not queue.in_flight:
+                    raise
+                # Reap until something of ours or anyone's completes, then retry.
+                free = queue.num_free
+                completions.wait(lambda: queue.num_free > free or not queue.in_flight,
+                                 deadline, name)
+        queue.notify()
+
+    def _finish(self, requests, what):
+        if not requests:
+            return
+        completions = self._completions_for(requests[0].queue)
+        deadline = time.monotonic() + self.timeout
+        completions.wait(lambda: all(r.done for r in requests), deadline, what)
+        for request in requests:
+            request.result()
+
+    def close(self):
+        """Disconnect from the back-end and free guest memory; safe to call twice."""
+        frontend, self._frontend = self._frontend, None
+        if frontend is not None:
+            frontend.close()
+        for queue in self._queues:
+            queue.close()
+        self._queues = ()
+        mem, self._mem = self._mem, None
+        if mem is not None:
+            mem.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        if self._mem is None:
+            return "<BlockDevice closed>"
+        return "<BlockDevice capacity=%d block_size=%d queues=%d%s>" % (
+            self.capacity, self.block_size, self.num_queues,
+            " read-only" if self.read_only else "")
 
 
 # ##########################################################################
