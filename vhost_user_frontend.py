@@ -32,6 +32,7 @@ GuestMemory, Queue, Backend requests, Worker, VhostUserFrontend, Devices, CLI.
 """
 
 import array
+import collections
 import ctypes
 import enum
 import errno
@@ -2142,7 +2143,7 @@ class Queue:
         if not 0 <= base <= 0xFFFF:
             raise ProtocolError("GET_VRING_BASE: base %#x does not fit in 16 bits" % base,
                                 FrontendReq.GET_VRING_BASE)
-        self.next_avail = base
+        self.next_avail = self._kicked = base
         self.next_used = self.used_index()
 
     # -- driver side: posting ---------------------------------------------------
@@ -3044,6 +3045,229 @@ class BlockDevice:
         return "<BlockDevice capacity=%d block_size=%d queues=%d%s>" % (
             self.capacity, self.block_size, self.num_queues,
             " read-only" if self.read_only else "")
+
+
+# -- virtio-net (virtio spec 5.1) ----------------------------------------------
+
+_NET_F_MTU = 1 << 3
+_NET_F_MAC = 1 << 5
+_NET_F_MRG_RXBUF = 1 << 15
+_NET_F_STATUS = 1 << 16
+_NET_S_LINK_UP = 1
+_NET_DRIVER_FEATURES = (
+    VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC | VirtioFeature.RING_EVENT_IDX
+    | _NET_F_MTU | _NET_F_MAC | _NET_F_MRG_RXBUF | _NET_F_STATUS)
+_NET_CONFIG = struct.Struct("<6sHHH")   # mac, status, max_virtqueue_pairs, mtu
+#: struct virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start,
+#: csum_offset, then num_buffers with VERSION_1 or MRG_RXBUF (spec 5.1.6).
+_NET_HDR = struct.Struct("<BBHHHHH")
+_NET_HDR_LEGACY_SIZE = 10
+_ETH_HLEN = 14
+_NET_RX, _NET_TX = 0, 1
+
+
+class NetDevice:
+    """A virtio-net interface served by a vhost-user back-end (DPDK's vhost PMD, ...).
+
+    Negotiates VERSION_1, MRG_RXBUF (unless ``mrg_rxbuf=False``) and MAC,
+    MTU and STATUS when the back-end offers them (they are read from the
+    config space, which needs the CONFIG protocol feature). Receive buffers
+    are posted at start and reposted as frames are taken; ``send`` and
+    ``send_many`` copy frames (without a virtio-net header: one is added)
+    to the TX queue, ``recv`` returns one received frame without its header.
+    No offloads are negotiated, so frames are plain Ethernet.
+
+    Args:
+        frontend: a connected front-end for a NET device (features not yet
+            acked); the device owns and closes it.
+        queue_size: ring size of the RX and TX queues.
+        timeout: seconds ``send`` waits for room in a full TX queue.
+        mrg_rxbuf: accept MRG_RXBUF when offered (frames may then span
+            several receive buffers).
+        rx_buffer_size: bytes per receive buffer, header included; by default
+            big enough for one whole frame. With MRG_RXBUF it may be smaller.
+    """
+
+    _frontend = None
+    _mem = None
+    _queues = ()
+
+    def __init__(self, frontend, queue_size=256, timeout=5.0, mrg_rxbuf=True,
+                 rx_buffer_size=None, memory_size=None):
+        self._frontend = frontend
+        self.timeout = timeout
+        self._rx_lock = threading.Lock()
+        self._tx_lock = threading.Lock()
+        self._frames = collections.deque()
+        self._partial = None   # (buffers still expected, [chunks]) of a merged frame
+        try:
+            self._setup(queue_size, mrg_rxbuf, rx_buffer_size, memory_size)
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def connect(cls, path, queue_size=256, timeout=5.0, **kwargs):
+        """Connect to the vhost-user-net socket at ``path``, negotiate and start."""
+        frontend = _DriverFrontend(DeviceType.NET, _NET_DRIVER_FEATURES, path,
+                                   timeout=timeout)
+        return cls(frontend, queue_size=queue_size, timeout=timeout, **kwargs)
+
+    def _setup(self, queue_size, mrg_rxbuf, rx_buffer_size, memory_size):
+        frontend = self._frontend
+        offered = frontend.features()
+        wanted = _NET_DRIVER_FEATURES if mrg_rxbuf else _NET_DRIVER_FEATURES & ~_NET_F_MRG_RXBUF
+        self.features = offered & wanted
+        frontend.ack_features(self.features)
+        self.mac = self.mtu = self.link_up = None
+        if self.features & (_NET_F_MAC | _NET_F_MTU | _NET_F_STATUS):
+            try:
+                mac, status, _, mtu = _NET_CONFIG.unpack(frontend.read_config(0, _NET_CONFIG.size))
+            except FeatureNotNegotiated:
+                pass  # no config space (DPDK offers no CONFIG protocol feature)
+            else:
+                if self.features & _NET_F_MAC:
+                    self.mac = mac
+                if self.features & _NET_F_MTU:
+                    self.mtu = mtu
+                if self.features & _NET_F_STATUS:
+                    self.link_up = bool(status & _NET_S_LINK_UP)
+        self._mrg = bool(self.features & _NET_F_MRG_RXBUF)
+        # The header has num_buffers with VERSION_1 or MRG_RXBUF (spec 5.1.6).
+        self._hdr_len = _NET_HDR.size if self.features & (
+            VirtioFeature.VERSION_1 | _NET_F_MRG_RXBUF) else _NET_HDR_LEGACY_SIZE
+        self._tx_hdr = bytes(self._hdr_len)
+        max_sizes = frontend.queue_max_sizes()
+        if len(max_sizes) < 2:
+            raise ProtocolError("virtio-net: the back-end has %d queue(s), RX and TX need 2"
+                                % len(max_sizes))
+        size = min(queue_size, max_sizes[_NET_RX], max_sizes[_NET_TX])
+        frame_max = max(self.mtu or 0, 1500) + _ETH_HLEN + 4
+        if rx_buffer_size is None:
+            rx_buffer_size = self._hdr_len + frame_max
+        if rx_buffer_size < self._hdr_len + (1 if self._mrg else frame_max):
+            raise ValueError("virtio-net: rx_buffer_size %d cannot hold %s"
+                             % (rx_buffer_size, "the header" if self._mrg else
+                                "a %d-byte frame and its header (MRG_RXBUF is off)"
+                                % frame_max))
+        self._rx_size = rx_buffer_size
+        if memory_size is None:
+            memory_size = 2 * size * (rx_buffer_size + self._hdr_len + frame_max) + (1 << 20)
+        self._mem = GuestMemory([(0, memory_size)], name="vhost-user-net")
+        self._rx_pool = self._mem.allocate(size * rx_buffer_size)
+        queues = []
+        for index in (_NET_RX, _NET_TX):
+            queues.append(Queue(self._mem, size, index, features=self.features))
+            self._queues = queues
+        self._rx, self._tx = queues
+        for i in range(size):
+            gpa = self._rx_pool + i * rx_buffer_size
+            self._rx.add(writable=[(gpa, rx_buffer_size)], token=gpa)
+        frontend.activate(self._mem, None, queues)
+        self._rx.notify()
+
+    def send(self, frame):
+        """Queue one Ethernet frame for transmission (copied; no header needed)."""
+        self.send_many((frame,))
+
+    def send_many(self, frames):
+        """Queue frames for transmission with one kick; waits while the TX ring is full."""
+        with self._tx_lock:
+            tx = self._tx
+            if tx is None:
+                raise ValueError("the net device is closed")
+            deadline = time.monotonic() + self.timeout
+            for frame in frames:
+                frame = bytes(frame)
+                if not _ETH_HLEN <= len(frame) <= 0xFFFF - self._hdr_len:
+                    raise ValueError("send: frame of %d bytes is not in %d..%d"
+                                     % (len(frame), _ETH_HLEN, 0xFFFF - self._hdr_len))
+                while True:
+                    try:
+                        tx.add((self._tx_hdr + frame,))
+                        break
+                    except Queue.Full:
+                        tx.notify()
+                        remaining = deadline - time.monotonic()
+                        if not tx.wait_used(max(0.0, remaining)) and remaining <= 0:
+                            raise VhostUserTimeout("send: the TX queue stayed full for %.1f s"
+                                                   % self.timeout)
+            tx.notify()
+            tx.get_used()  # free what the device already sent
+
+    def recv(self, timeout=None):
+        """The next received frame without its virtio-net header; None after ``timeout``.
+
+        ``timeout`` defaults to the device's; 0 polls.
+        """
+        with self._rx_lock:
+            rx = self._rx
+            if rx is None:
+                raise ValueError("the net device is closed")
+            deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+            while not self._frames:
+                used = rx.get_used()
+                if not used:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    used = rx.wait_used(remaining)
+                for gpa, length in used:
+                    self._take(gpa, length)
+                    rx.add(writable=[(gpa, self._rx_size)], token=gpa)
+                if used:
+                    rx.notify()
+            return self._frames.popleft()
+
+    def _take(self, gpa, length):
+        """Account one used receive buffer: a whole frame or part of a merged one."""
+        mem = self._mem
+        if self._partial is None:
+            if length < self._hdr_len:
+                raise ProtocolError("virtio-net: a received buffer holds %d bytes, less "
+                                    "than the %d-byte header" % (length, self._hdr_len))
+            count = 1
+            if self._mrg:
+                count = _NET_HDR.unpack(mem.read(gpa, _NET_HDR.size))[6]
+                if not 1 <= count <= self._rx.size:
+                    raise ProtocolError("virtio-net: num_buffers %d in a received header "
+                                        "is not in 1..%d" % (count, self._rx.size))
+            chunks = [mem.read(gpa + self._hdr_len, length - self._hdr_len)]
+        else:
+            count, chunks = self._partial
+            chunks.append(mem.read(gpa, length))
+        count -= 1
+        if count:
+            self._partial = (count, chunks)
+        else:
+            self._partial = None
+            self._frames.append(b"".join(chunks))
+
+    def close(self):
+        """Disconnect from the back-end and free guest memory; safe to call twice."""
+        frontend, self._frontend = self._frontend, None
+        if frontend is not None:
+            frontend.close()
+        for queue in self._queues:
+            queue.close()
+        self._queues = ()
+        self._rx = self._tx = None
+        mem, self._mem = self._mem, None
+        if mem is not None:
+            mem.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        if self._mem is None:
+            return "<NetDevice closed>"
+        return "<NetDevice mac=%s mtu=%s%s>" % (
+            self.mac.hex() if self.mac else None, self.mtu,
+            " mrg_rxbuf" if self._mrg else "")
 
 
 # ##########################################################################
