@@ -1924,11 +1924,12 @@ def _hex(value):
 # Memory ordering. The back-end reads and writes these rings from another
 # CPU while we touch them through the mmap, and Python has no barriers. What
 # we rely on:
-# - Every ring field is written and read as one aligned access of its own
-#   width through a memoryview cast to "H" or "I" (CPython and PyPy store a
-#   cast item with one C assignment), so the back-end never sees a torn idx.
-#   virtio 1.0 rings are little-endian; so are the hosts we run on (checked
-#   in ``Queue.__init__``).
+# - Every ring index and used element is written and read as one aligned
+#   access of its own width, through a memoryview cast to "H" or "I" (CPython
+#   copies a cast item with a fixed-size memcpy that compilers emit as one
+#   move; struct.pack_into may store byte by byte), so the back-end never sees
+#   a torn avail->idx. virtio 1.0 rings are little-endian, and so must the
+#   host be (checked in ``Queue.__init__``).
 # - The interpreter performs our stores and loads in program order. On x86
 #   (TSO) the CPU keeps store->store and load->load order too, which is all
 #   that "descriptors before avail->idx" (spec 2.7.13) and "used->idx before
@@ -1948,8 +1949,6 @@ def _hex(value):
 #   never per descriptor.
 
 _DESC = struct.Struct("<QIHH")      # addr, len, flags, next
-_USED_ELEM = struct.Struct("<II")   # id, len
-_RING_HDR = struct.Struct("<HH")    # flags, idx
 
 #: Descriptor flags (virtio spec 2.7.5).
 _DESC_F_NEXT = 1
@@ -2172,37 +2171,28 @@ class Queue:
         """
         items, bounce, writable_bytes = self._describe(readable, writable)
         count = len(items)
-        with self._lock:
-            self._check_usable()
-            indirect = self._indirect and count > 1 and (
-                count >= self.indirect_threshold or count > len(self._free))
-            needed = 1 if indirect else count
-            if needed > len(self._free):
-                raise _QueueFull("queue %d: chain of %d descriptors, %d free"
-                                 % (self.index, count, len(self._free)))
-            table_bytes = 16 * count if indirect else 0
-            block = None
-            if table_bytes or bounce:
-                block = self.mem.allocate(table_bytes + bounce, align=16)
-            try:
-                addr = block + table_bytes if block is not None else 0
-                resolved = []
-                outs = []
-                for gpa, length, flags, data in items:
-                    if gpa is None:  # a bounce buffer, carved in order from the block
-                        gpa, addr = addr, addr + length
-                        if flags & _DESC_F_WRITE:
-                            outs.append((gpa, data))
-                        else:
-                            self.mem.write(gpa, data)
-                    resolved.append((gpa, length, flags))
-            except BaseException:
-                if block is not None:
-                    self.mem.free(block)
-                raise
-            if token is None:
-                self._serial += 1
-                token = self._serial
+        # Indirect when negotiated and the chain is long, or too long for the free ring
+        # descriptors; decided before taking the lock, so re-checked under it.
+        indirect = self._indirect and count > 1 and (
+            count >= self.indirect_threshold or count > len(self._free))
+        table_bytes = 16 * count if indirect else 0
+        block = None
+        if table_bytes or bounce:
+            # Bounce buffers and the indirect table share one allocation, filled
+            # outside the lock so a big copy does not hold up other threads.
+            block = self.mem.allocate(table_bytes + bounce, align=16)
+        try:
+            addr = block + table_bytes if block is not None else 0
+            resolved = []
+            outs = []
+            for gpa, length, flags, data in items:
+                if gpa is None:  # a bounce buffer, carved in order from the block
+                    gpa, addr = addr, addr + length
+                    if flags & _DESC_F_WRITE:
+                        outs.append((gpa, data))
+                    else:
+                        self.mem.write(gpa, data)
+                resolved.append((gpa, length, flags))
             if indirect:
                 table = self.mem.view(block, table_bytes)
                 last = count - 1
@@ -2211,29 +2201,46 @@ class Queue:
                                     flags | (_DESC_F_NEXT if i < last else 0),
                                     i + 1 if i < last else 0)
                 table.release()
-                descs = [self._free.pop()]
-                _DESC.pack_into(self._desc, 16 * descs[0], block, table_bytes,
-                                _DESC_F_INDIRECT, 0)
-            else:
-                descs = self._free[-count:]
-                descs.reverse()
-                del self._free[-count:]
-                desc = self._desc
-                last = count - 1
-                for i, (gpa, length, flags) in enumerate(resolved):
-                    if i < last:
-                        _DESC.pack_into(desc, 16 * descs[i], gpa, length,
-                                        flags | _DESC_F_NEXT, descs[i + 1])
-                    else:
-                        _DESC.pack_into(desc, 16 * descs[i], gpa, length, flags, 0)
-            head = descs[0]
-            self._chains[head] = _Chain(token, descs, writable_bytes, outs, block)
-            avail = self._avail
-            avail[2 + (self.next_avail % self.size)] = head
-            self._fences.write()  # the entry and its descriptors before the index
-            self.next_avail = (self.next_avail + 1) & 0xFFFF
-            avail[1] = self.next_avail
+            with self._lock:
+                self._check_usable()
+                if (1 if indirect else count) > len(self._free):
+                    raise _QueueFull("queue %d: chain of %d descriptors, %d free"
+                                     % (self.index, count, len(self._free)))
+                if token is None:
+                    self._serial += 1
+                    token = self._serial
+                self._post(resolved, indirect, block, table_bytes,
+                           _Chain(token, None, writable_bytes, outs, block))
+        except BaseException:
+            if block is not None:
+                self.mem.free(block)
+            raise
         return token
+
+    def _post(self, resolved, indirect, block, table_bytes, chain):
+        """Write the ring descriptors and publish the chain (under the lock)."""
+        if indirect:
+            descs = [self._free.pop()]
+            _DESC.pack_into(self._desc, 16 * descs[0], block, table_bytes, _DESC_F_INDIRECT, 0)
+        else:
+            count = len(resolved)
+            descs = self._free[-count:]
+            descs.reverse()
+            del self._free[-count:]
+            desc = self._desc
+            last = count - 1
+            for i, (gpa, length, flags) in enumerate(resolved):
+                if i < last:
+                    _DESC.pack_into(desc, 16 * descs[i], gpa, length, flags | _DESC_F_NEXT,
+                                    descs[i + 1])
+                else:
+                    _DESC.pack_into(desc, 16 * descs[i], gpa, length, flags, 0)
+        chain.descs = descs
+        self._chains[descs[0]] = chain
+        self._avail[2 + (self.next_avail & (self.size - 1))] = descs[0]
+        self._fences.write()  # the entry and its descriptors before the index (spec 2.7.13)
+        self.next_avail = (self.next_avail + 1) & 0xFFFF
+        self._avail[1] = self.next_avail
 
     def _describe(self, readable, writable):
         """Check the buffers: ([(gpa or None, length, flags, view)], bounce, writable)."""
