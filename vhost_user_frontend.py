@@ -2903,7 +2903,7 @@ class BlockDevice:
             piece = view[start:start + self.max_transfer]
             request = _BlockRequest(_BLK_T_IN, offset + start, len(piece), None, queue)
             requests.append(request)
-            self._post(request, (), self._segments(piece))
+            self._post(request, (), self._segments(piece), notify=False)
         self._finish(requests, "READ")
         return len(view)
 
@@ -2917,7 +2917,7 @@ class BlockDevice:
             piece = view[start:start + self.max_transfer]
             request = _BlockRequest(_BLK_T_OUT, offset + start, len(piece), None, queue)
             requests.append(request)
-            self._post(request, self._segments(piece), ())
+            self._post(request, self._segments(piece), (), notify=False)
         self._finish(requests, "WRITE")
 
     def flush(self, queue=0):
@@ -2963,7 +2963,7 @@ class BlockDevice:
             segment = _BLK_DISCARD_SEG.pack((offset + start) // _SECTOR, size // _SECTOR, flags)
             request = _BlockRequest(op, offset + start, size, None, queue)
             requests.append(request)
-            self._post(request, (segment,), ())
+            self._post(request, (segment,), (), notify=False)
         self._finish(requests, name)
 
     def _segments(self, view):
@@ -2997,8 +2997,12 @@ class BlockDevice:
             raise ValueError("queue %r out of range 0..%d" % (queue, self.num_queues - 1))
         return self._completions[queue]
 
-    def _post(self, request, readable, writable):
-        """Add the request's chain, waiting for room while the ring is full."""
+    def _post(self, request, readable, writable, notify=True):
+        """Add the request's chain, waiting for room while the ring is full.
+
+        With ``notify=False`` the caller kicks once after posting a batch;
+        chains already posted are announced before any wait for room.
+        """
         completions = self._completions_for(request.queue)
         queue = completions.queue
         header = _BLK_REQ.pack(request.op, 0, request.offset // _SECTOR)
@@ -3014,15 +3018,19 @@ class BlockDevice:
                 if not queue.in_flight:
                     raise
                 # Reap until something of ours or anyone's completes, then retry.
+                queue.notify()
                 free = queue.num_free
                 completions.wait(lambda: queue.num_free > free or not queue.in_flight,
                                  deadline, name)
-        queue.notify()
+        if notify:
+            queue.notify()
 
     def _finish(self, requests, what):
+        """Kick for the posted batch, wait for all of it, raise the first bad status."""
         if not requests:
             return
         completions = self._completions_for(requests[0].queue)
+        completions.queue.notify()
         deadline = time.monotonic() + self.timeout
         completions.wait(lambda: all(r.done for r in requests), deadline, what)
         for request in requests:
