@@ -619,5 +619,520 @@ class TestDaemonHarness(BackendTestMixin, FdLeakCheck):
         self.assertIn("vhost-user-test", msgs[1])
 
 
+# FakeBackend and frontend lifecycle tests ############################################################
+#
+# FakeBackend: a real vhost-user back-end in a thread (written from the spec with struct, not with the
+# module's encoders), which records every message and can act as the device on its rings.
+
+import collections  # noqa: E402
+import mmap  # noqa: E402
+import select  # noqa: E402
+import struct  # noqa: E402
+
+_HDR = struct.Struct("<III")
+_U64 = struct.Struct("<Q")
+_STATE = struct.Struct("<II")
+
+# Request codes, from the spec's table (independent of the module's enums).
+FRONTEND_REQ_NAMES = {
+    1: "GET_FEATURES", 2: "SET_FEATURES", 3: "SET_OWNER", 4: "RESET_OWNER", 5: "SET_MEM_TABLE",
+    8: "SET_VRING_NUM", 9: "SET_VRING_ADDR", 10: "SET_VRING_BASE", 11: "GET_VRING_BASE",
+    12: "SET_VRING_KICK", 13: "SET_VRING_CALL", 14: "SET_VRING_ERR", 15: "GET_PROTOCOL_FEATURES",
+    16: "SET_PROTOCOL_FEATURES", 17: "GET_QUEUE_NUM", 18: "SET_VRING_ENABLE",
+    21: "SET_BACKEND_REQ_FD", 24: "GET_CONFIG", 25: "SET_CONFIG", 42: "SET_DEVICE_STATE_FD",
+    43: "CHECK_DEVICE_STATE", 44: "GET_SHMEM_CONFIG",
+}
+_CODES = {name: code for code, name in FRONTEND_REQ_NAMES.items()}
+
+P_MQ, P_REPLY_ACK, P_BACKEND_REQ, P_CONFIG = 1 << 0, 1 << 3, 1 << 5, 1 << 9
+P_DEVICE_STATE, P_SHMEM = 1 << 19, 1 << 22
+FAKE_PROTOCOL = P_MQ | P_REPLY_ACK | P_BACKEND_REQ | P_CONFIG | P_DEVICE_STATE | P_SHMEM
+F_PROTOCOL, F_VERSION_1, F_EVENT_IDX = 1 << 30, 1 << 32, 1 << 29
+FAKE_FEATURES = F_PROTOCOL | F_VERSION_1 | F_EVENT_IDX | (1 << 9) | (1 << 6)  # + BLK_FLUSH, BLK_SIZE
+PAGE = mmap.PAGESIZE
+
+Msg = collections.namedtuple("Msg", "name flags body nfds")
+
+
+def wait_for(predicate, timeout=5.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for %s" % what)
+        time.sleep(0.001)
+
+
+def _recv_message(sock):
+    """(code, flags, body, fds) of one message; fds ride on the header."""
+    data, anc, _, _ = sock.recvmsg(_HDR.size, socket.CMSG_SPACE(32 * 4))
+    fds = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(struct.unpack("%di" % (len(payload) // 4), payload[:len(payload) // 4 * 4]))
+    if not data:
+        raise EOFError
+    while len(data) < _HDR.size:
+        more = sock.recv(_HDR.size - len(data))
+        if not more:
+            raise EOFError
+        data += more
+    code, flags, size = _HDR.unpack(data)
+    body = b""
+    while len(body) < size:
+        more = sock.recv(size - len(body))
+        if not more:
+            raise EOFError
+        body += more
+    return code, flags, body, fds
+
+
+def _send_message(sock, code, flags, body=b"", fds=()):
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))] if fds else []
+    sock.sendmsg([_HDR.pack(code, flags, len(body)) + body], anc)
+
+
+class _Ring(object):
+    def __init__(self):
+        self.num = 0
+        self.desc = self.used = self.avail = 0
+        self.base = 0
+        self.last_avail = 0
+        self.kick = None
+        self.call = None
+        self.started = False
+        self.enabled = False
+
+
+class FakeBackend(object):
+    """A vhost-user back-end in a thread, on a socketpair (``.frontend_sock``) or a unix ``path``.
+
+    Records every message in ``.messages`` (Msg(name, flags, body, nfds)); serves CONFIG, MQ,
+    REPLY_ACK, BACKEND_REQ (``send_backend_request``), DEVICE_STATE (streams ``state`` from a thread
+    on SAVE, stores ``loaded_state`` on LOAD; ``return_state_fd`` answers with its own pipe end) and
+    GET_SHMEM_CONFIG (``shmem_sizes``). As a device: ``device(backend, ring_index)`` runs on the
+    backend thread at every kick, and may use ``pop_avail``, ``push_used``, ``read``/``write`` (GPAs).
+    """
+
+    def __init__(self, features=FAKE_FEATURES, protocol_features=FAKE_PROTOCOL, queue_num=2,
+                 config=bytes(range(60)), state=b"fake device state " * 5000, shmem_sizes=(),
+                 device=None, return_state_fd=False):
+        self.features = features
+        self.protocol_features = protocol_features
+        self.queue_num = queue_num
+        self.config = bytearray(config)
+        self.state = state
+        self.shmem_sizes = list(shmem_sizes)
+        self.device = device
+        self.return_state_fd = return_state_fd
+        self.messages = []
+        self.kicks = collections.Counter()
+        self.rings = collections.defaultdict(_Ring)
+        self.regions = []          # (gpa, size, uaddr, mmap)
+        self.acked_features = None
+        self.acked_protocol = 0
+        self.loaded_state = None
+        self.channel = None        # the back-end request socket
+        self.error = None
+        self._transfer = None
+        self._transfer_ok = True
+        self.sock, self.frontend_sock = socket.socketpair()
+        self._stop_r, self._stop_w = os.pipe()
+        self.thread = threading.Thread(target=self._run, name="vhost-user-fake-backend", daemon=True)
+        self.thread.start()
+
+    # -- lifecycle of the fake itself -------------------------------------------------------------
+
+    def close(self):
+        if self._stop_w is not None:
+            os.write(self._stop_w, b"x")
+            self.thread.join(5)
+            assert not self.thread.is_alive(), "fake backend thread did not stop"
+            for fd in (self._stop_r, self._stop_w):
+                os.close(fd)
+            self._stop_w = None
+        if self._transfer is not None:
+            self._transfer.join(5)
+        for ring in self.rings.values():
+            for fd in (ring.kick, ring.call):
+                if fd is not None:
+                    os.close(fd)
+            ring.kick = ring.call = None
+        self._unmap()
+        for s in (self.sock, self.frontend_sock, self.channel):
+            if s is not None:
+                s.close()
+        if self.error is not None:
+            raise self.error
+
+    def hang_up(self):
+        """Close the main socket as a crashing back-end would (the thread stops serving)."""
+        os.write(self._stop_w, b"x")
+        self.thread.join(5)
+        self.sock.close()
+
+    def _unmap(self):
+        for region in self.regions:
+            region[3].close()
+        self.regions = []
+
+    # -- what the tests look at -------------------------------------------------------------------
+
+    def names(self, count=None):
+        """Names of the requests received, after waiting for at least ``count`` of them."""
+        if count is not None:
+            wait_for(lambda: len(self.messages) >= count, what="%d requests, got %r" % (
+                count, [m.name for m in self.messages]))
+        return [m.name for m in self.messages]
+
+    def take(self, count):
+        """The next ``count`` messages (waits for them) and forget them."""
+        self.names(count)
+        taken, self.messages[:count] = self.messages[:count], []
+        return taken
+
+    # -- the device side --------------------------------------------------------------------------
+
+    def _locate(self, addr, length, key):
+        for gpa, size, uaddr, mapped in self.regions:
+            start = gpa if key == "gpa" else uaddr
+            if start <= addr and addr + length <= start + size:
+                return mapped, addr - start
+        raise ValueError("address %#x+%d outside guest memory" % (addr, length))
+
+    def read(self, gpa, length, key="gpa"):
+        mapped, offset = self._locate(gpa, length, key)
+        return bytes(mapped[offset:offset + length])
+
+    def write(self, gpa, data, key="gpa"):
+        mapped, offset = self._locate(gpa, len(data), key)
+        mapped[offset:offset + len(data)] = data
+
+    def pop_avail(self, index):
+        """(head, [(addr, len, flags), ...]) of the next available chain, or None."""
+        ring = self.rings[index]
+        avail_idx = struct.unpack("<H", self.read(ring.avail + 2, 2, "uaddr"))[0]
+        if avail_idx == ring.last_avail & 0xFFFF:
+            return None
+        slot = ring.last_avail % ring.num
+        head = struct.unpack("<H", self.read(ring.avail + 4 + 2 * slot, 2, "uaddr"))[0]
+        ring.last_avail = (ring.last_avail + 1) & 0xFFFF
+        chain, i = [], head
+        while True:
+            addr, length, flags, nxt = struct.unpack("<QIHH", self.read(ring.desc + 16 * i, 16, "uaddr"))
+            chain.append((addr, length, flags))
+            if not flags & 1:
+                return head, chain
+            i = nxt
+
+    def push_used(self, index, head, length):
+        ring = self.rings[index]
+        used_idx = struct.unpack("<H", self.read(ring.used + 2, 2, "uaddr"))[0]
+        self.write(ring.used + 4 + 8 * (used_idx % ring.num), struct.pack("<II", head, length), "uaddr")
+        self.write(ring.used + 2, struct.pack("<H", (used_idx + 1) & 0xFFFF), "uaddr")
+        self.signal_call(index)
+
+    def signal_call(self, index):
+        os.write(self.rings[index].call, _U64.pack(1))
+
+    # -- back-end requests ------------------------------------------------------------------------
+
+    def send_backend_request(self, code, body=b"", fds=(), need_reply=True, flags=None):
+        """Send a back-end request; returns the reply's u64, or None when none is expected."""
+        if flags is None:
+            flags = 1 | (8 if need_reply else 0)
+        self.channel.settimeout(5)
+        _send_message(self.channel, code, flags, body, fds)
+        if not need_reply:
+            return None
+        rcode, rflags, rbody, rfds = _recv_message(self.channel)
+        for fd in rfds:
+            os.close(fd)
+        assert (rcode, rflags, len(rbody)) == (code, 5, 8), (rcode, rflags, rbody)
+        return _U64.unpack(rbody)[0]
+
+    def shmem_map(self, fd, fd_offset, shm_offset, length, writable=False, shmid=0):
+        body = struct.pack("<B7xQQQQ", shmid, fd_offset, shm_offset, length, 1 if writable else 0)
+        return self.send_backend_request(9, body, (fd,))
+
+    def shmem_unmap(self, shm_offset, length, shmid=0):
+        return self.send_backend_request(10, struct.pack("<B7xQQQQ", shmid, 0, shm_offset, length, 0))
+
+    # -- serving ----------------------------------------------------------------------------------
+
+    def _run(self):
+        try:
+            while True:
+                watched = [self._stop_r, self.sock.fileno()]
+                kicks = {r.kick: i for i, r in self.rings.items() if r.kick is not None and r.started}
+                readable, _, _ = select.select(watched + list(kicks), [], [])
+                if self._stop_r in readable:
+                    return
+                # Kicks first: a kick written before a message is counted before that message.
+                for fd in readable:
+                    if fd in kicks:
+                        try:
+                            os.read(fd, 8)
+                        except BlockingIOError:
+                            continue
+                        self.kicks[kicks[fd]] += 1
+                        if self.device is not None:
+                            self.device(self, kicks[fd])
+                if self.sock.fileno() in readable:
+                    try:
+                        code, flags, body, fds = _recv_message(self.sock)
+                    except (EOFError, ConnectionError):
+                        return
+                    self._handle(code, flags, body, fds)
+        except BaseException as exc:  # reported by close()
+            self.error = exc
+
+    def _reply(self, code, body, fds=()):
+        _send_message(self.sock, code, 5, body, fds)
+
+    def _handle(self, code, flags, body, fds):
+        name = FRONTEND_REQ_NAMES.get(code, "request %d" % code)
+        self.messages.append(Msg(name, flags, body, len(fds)))
+        replied = True
+        if name == "GET_FEATURES":
+            self._reply(code, _U64.pack(self.features))
+        elif name == "GET_PROTOCOL_FEATURES":
+            self._reply(code, _U64.pack(self.protocol_features))
+        elif name == "GET_QUEUE_NUM":
+            self._reply(code, _U64.pack(self.queue_num))
+        elif name == "GET_CONFIG":
+            offset, size, cflags = struct.unpack_from("<III", body)
+            self._reply(code, struct.pack("<III", offset, size, cflags) + bytes(self.config[offset:offset + size]))
+        elif name == "GET_VRING_BASE":
+            index = _STATE.unpack(body)[0]
+            ring = self.rings[index]
+            ring.started = False
+            if ring.kick is not None:
+                os.close(ring.kick)
+                ring.kick = None
+            self._reply(code, _STATE.pack(index, ring.last_avail))
+        elif name == "SET_DEVICE_STATE_FD":
+            direction, phase = _STATE.unpack(body)
+            self._start_transfer(code, direction, fds[0])
+            fds = []
+        elif name == "CHECK_DEVICE_STATE":
+            self._transfer.join(5)
+            self._transfer = None
+            self._reply(code, _U64.pack(0 if self._transfer_ok else 1))
+        elif name == "GET_SHMEM_CONFIG":
+            sizes = self.shmem_sizes + [0] * (256 - len(self.shmem_sizes))
+            self._reply(code, struct.pack("<II256Q", len(self.shmem_sizes), 0, *sizes))
+        else:
+            replied = False
+            fds = self._set(name, body, fds)
+        for fd in fds:
+            os.close(fd)
+        if not replied and flags & 8 and self.acked_protocol & P_REPLY_ACK:
+            self._reply(code, _U64.pack(0))
+
+    def _set(self, name, body, fds):
+        """Requests without a mandatory reply; returns the fds not kept."""
+        if name == "SET_FEATURES":
+            self.acked_features = _U64.unpack(body)[0]
+        elif name == "SET_PROTOCOL_FEATURES":
+            self.acked_protocol = _U64.unpack(body)[0]
+        elif name == "SET_BACKEND_REQ_FD":
+            self.channel = socket.socket(fileno=fds.pop())
+        elif name == "SET_CONFIG":
+            offset, size, _ = struct.unpack_from("<III", body)
+            self.config[offset:offset + size] = body[12:12 + size]
+        elif name == "SET_MEM_TABLE":
+            self._unmap()
+            count = struct.unpack_from("<I", body)[0]
+            for i in range(count):
+                gpa, size, uaddr, offset = struct.unpack_from("<QQQQ", body, 8 + 32 * i)
+                self.regions.append((gpa, size, uaddr, mmap.mmap(fds[i], size, offset=offset)))
+        elif name in ("SET_VRING_NUM", "SET_VRING_BASE", "SET_VRING_ENABLE"):
+            index, num = _STATE.unpack(body)
+            ring = self.rings[index]
+            if name == "SET_VRING_NUM":
+                ring.num = num
+            elif name == "SET_VRING_BASE":
+                ring.base = ring.last_avail = num
+            else:
+                ring.enabled = bool(num)
+        elif name == "SET_VRING_ADDR":
+            index, _, ring_desc, ring_used, ring_avail, _ = struct.unpack("<IIQQQQ", body)
+            ring = self.rings[index]
+            ring.desc, ring.used, ring.avail = ring_desc, ring_used, ring_avail
+        elif name in ("SET_VRING_KICK", "SET_VRING_CALL"):
+            value = _U64.unpack(body)[0]
+            ring = self.rings[value & 0xFF]
+            attr = "kick" if name == "SET_VRING_KICK" else "call"
+            if getattr(ring, attr) is not None:
+                os.close(getattr(ring, attr))
+            setattr(ring, attr, fds.pop() if fds else None)
+            if attr == "kick":
+                ring.started = True
+        return fds
+
+    def _start_transfer(self, code, direction, fd):
+        """Stream the state from a thread, as real back-ends must (the front-end reads after the reply)."""
+        own = None
+        if self.return_state_fd:
+            r, w = os.pipe()
+            os.close(fd)
+            fd, own = (w, r) if direction == 0 else (r, w)
+
+        def transfer():
+            try:
+                if direction == 0:
+                    with open(fd, "wb") as f:
+                        f.write(self.state)
+                else:
+                    with open(fd, "rb") as f:
+                        self.loaded_state = f.read()
+            except OSError:
+                self._transfer_ok = False
+
+        self._transfer = threading.Thread(target=transfer, name="vhost-user-fake-transfer", daemon=True)
+        self._transfer.start()
+        if own is None:
+            self._reply(code, _U64.pack(0x100))
+        else:
+            self._reply(code, _U64.pack(0), [own])
+            os.close(own)
+
+
+def post_buffer(mem, queue, addr, length, write=False):
+    """Driver side, by hand (the Queue driver API lives elsewhere): descriptor 0 -> avail ring."""
+    mem.write(queue.desc_table, struct.pack("<QIHH", addr, length, 2 if write else 0, 0))
+    avail_idx = queue.next_avail
+    mem.write(queue.avail_ring + 4 + 2 * (avail_idx % queue.size), struct.pack("<H", 0))
+    mem.write(queue.avail_ring + 2, struct.pack("<H", (avail_idx + 1) & 0xFFFF))
+    queue.next_avail = (avail_idx + 1) & 0xFFFF
+
+
+def echo_device(backend, index):
+    """A device that completes every chain with its total length."""
+    while True:
+        popped = backend.pop_avail(index)
+        if popped is None:
+            return
+        head, chain = popped
+        backend.push_used(index, head, sum(length for _, length, _ in chain))
+
+
+def ring_requests():
+    return ["SET_VRING_NUM", "SET_VRING_ADDR", "SET_VRING_BASE", "SET_VRING_CALL", "SET_VRING_KICK",
+            "SET_VRING_ENABLE"]
+
+
+CONSTRUCT = ["SET_OWNER", "GET_FEATURES", "GET_PROTOCOL_FEATURES", "SET_PROTOCOL_FEATURES",
+             "SET_BACKEND_REQ_FD", "GET_QUEUE_NUM"]
+STOP_TWO = ["SET_VRING_ENABLE", "GET_VRING_BASE"] * 2
+ACKED = {"SET_MEM_TABLE", "SET_VRING_CALL", "SET_VRING_KICK", "SET_VRING_ENABLE", "SET_BACKEND_REQ_FD"}
+
+
+class FrontendTestBase(FdLeakCheck):
+    """Fixtures: a FakeBackend, a frontend on it, guest memory and two queues; all closed after."""
+
+    def backend(self, **kwargs):
+        backend = FakeBackend(**kwargs)
+        self.addCleanup(backend.close)
+        return backend
+
+    def frontend(self, backend, device_type=None, **kwargs):
+        sock = backend.frontend_sock
+        backend.frontend_sock = None
+        fe = vu.VhostUserFrontend(device_type or vu.DeviceType.BLOCK,
+                                  vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.RING_EVENT_IDX,
+                                  sock, **kwargs)
+        self.addCleanup(fe.close)
+        return fe
+
+    def memory(self, nqueues=2, size=64):
+        mem = vu.GuestMemory([(0, 1 << 20)])
+        self.addCleanup(mem.close)
+        queues = [vu.Queue(mem, size, index=i) for i in range(nqueues)]
+        for q in queues:
+            self.addCleanup(q.close)
+        return mem, queues
+
+
+class TestFrontendLifecycle(FrontendTestBase):
+    """crosvm's test_vhost_user_lifecycle, in Python: the exact request order, message by message."""
+
+    def _lifecycle(self, reply_ack):
+        protocol = FAKE_PROTOCOL if reply_ack else FAKE_PROTOCOL & ~P_REPLY_ACK
+        backend = self.backend(protocol_features=protocol, device=echo_device)
+        fe = self.frontend(backend)
+        self.assertEqual([m.name for m in backend.take(len(CONSTRUCT))], CONSTRUCT)
+        self.assertEqual(fe.queue_max_sizes(), [32768, 32768])
+        self.assertEqual(fe.features(), FAKE_FEATURES)
+        self.assertEqual(int(fe.protocol_features), protocol)
+        self.assertEqual(fe.read_config(4, 8), bytes(range(4, 12)))
+        mem, queues = self.memory()
+
+        def activation(with_features):
+            msgs = backend.take((2 if with_features else 1) + 12)
+            self.assertEqual([m.name for m in msgs],
+                             (["SET_FEATURES"] if with_features else []) + ["SET_MEM_TABLE"]
+                             + ring_requests() * 2)
+            for m in msgs:
+                self.assertEqual(bool(m.flags & 8), reply_ack and m.name in ACKED, m)
+            return msgs
+
+        self.assertEqual(backend.take(1)[0].name, "GET_CONFIG")
+        fe.activate(mem, None, queues)
+        msgs = activation(True)
+        self.assertEqual(_U64.unpack(msgs[0].body)[0], F_PROTOCOL)
+        self.assertEqual(struct.unpack("<IIQQQQ", msgs[3].body)[2:5],
+                         (mem.host_address(queues[0].desc_table), mem.host_address(queues[0].used_ring),
+                          mem.host_address(queues[0].avail_ring)))
+        self.assertEqual(msgs[2].body, struct.pack("<II", 0, 64))
+        wait_for(lambda: backend.kicks[0] and backend.kicks[1], what="the start kick")
+        fe.reset()
+        self.assertEqual([m.name for m in backend.take(4)], STOP_TWO)
+        fe.ack_features(fe.features())
+        self.assertEqual(backend.take(1)[0].body, _U64.pack(FAKE_FEATURES))
+        fe.activate(mem, None, {0: queues[0], 1: queues[1]})
+        activation(False)  # features already sent since the reset
+        # The device consumes one chain on queue 1, so the base moves.
+        post_buffer(mem, queues[1], 0x80000, 512)
+        queues[1].kick.signal()
+        wait_for(lambda: queues[1].used_index() == 1, what="the device to complete")
+        slept = fe.virtio_sleep()
+        self.assertEqual([m.name for m in backend.take(4)], STOP_TWO)
+        self.assertEqual(sorted(slept), [0, 1])
+        self.assertEqual((slept[1].next_avail, slept[1].next_used), (1, 1))
+        state = fe.virtio_snapshot()
+        self.assertEqual([m.name for m in backend.take(2)], ["SET_DEVICE_STATE_FD", "CHECK_DEVICE_STATE"])
+        self.assertEqual(state.backend_state, backend.state)
+        self.assertEqual(state.acked_features, FAKE_FEATURES)
+        fe.virtio_wake()
+        msgs = activation(False)
+        self.assertEqual([m.body for m in msgs if m.name == "SET_VRING_BASE"],
+                         [struct.pack("<II", 0, 0), struct.pack("<II", 1, 1)])
+        fe.virtio_sleep()
+        backend.take(4)
+        fe.close()
+        fe.close()  # idempotent
+        self.assertEqual(backend.names(), [])
+
+        # Restore into a fresh back-end, from the bytes, then wake with the slept queues.
+        fresh = self.backend(protocol_features=protocol)
+        fe2 = self.frontend(fresh)
+        fe2.virtio_restore(state.to_bytes())
+        self.assertEqual([m.name for m in fresh.take(len(CONSTRUCT) + 3)],
+                         CONSTRUCT + ["SET_FEATURES", "SET_DEVICE_STATE_FD", "CHECK_DEVICE_STATE"])
+        self.assertEqual(fresh.acked_features, FAKE_FEATURES)
+        self.assertEqual(fresh.loaded_state, backend.state)
+        fe2.virtio_wake(queues=slept, mem=mem)
+        msgs = fresh.take(13)
+        self.assertEqual([m.name for m in msgs], ["SET_MEM_TABLE"] + ring_requests() * 2)
+        self.assertEqual(msgs[1 + 6 + 2].body, struct.pack("<II", 1, 1))
+
+    def test_lifecycle_with_reply_ack(self):
+        self._lifecycle(reply_ack=True)
+
+    def test_lifecycle_without_reply_ack(self):
+        self._lifecycle(reply_ack=False)
+
+
 if __name__ == "__main__":
     unittest.main()
