@@ -1134,5 +1134,313 @@ class TestFrontendLifecycle(FrontendTestBase):
         self._lifecycle(reply_ack=False)
 
 
+def _memfd(data, size, seal=False):
+    """A memfd of ``size`` bytes starting with ``data`` (a back-end's shared buffer)."""
+    if hasattr(os, "memfd_create"):  # 3.8+
+        fd = os.memfd_create("fake-shmem", os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if seal else 0))
+    else:
+        fd = vu.memfd_create("fake-shmem", size)  # sealed against shrinking already
+        seal = None
+    os.ftruncate(fd, size)
+    os.pwrite(fd, data, 0)
+    if seal:
+        import fcntl
+        fcntl.fcntl(fd, 1024 + 9, 0x2)  # F_ADD_SEALS, F_SEAL_SHRINK (fcntl names are 3.8+)
+    return fd
+
+
+class TestFrontendBackendRequests(FrontendTestBase):
+    """The worker serves the back-end request channel; results reach the Interrupt."""
+
+    def active(self, interrupt=None, **backend_kwargs):
+        backend = self.backend(**backend_kwargs)
+        fe = self.frontend(backend)
+        mem, queues = self.memory()
+        fe.activate(mem, interrupt, queues)
+        return backend, fe, queues
+
+    def test_shmem_map_unmap_round_trip(self):
+        backend = self.backend(shmem_sizes=[16 * PAGE])
+        fe = self.frontend(backend)
+        self.assertEqual(fe.get_shared_memory_region(), vu.SharedMemoryRegion(0, 16 * PAGE))
+        shm = fe.set_shared_memory_mapper()
+        self.assertIs(fe.shared_memory, shm)
+        mem, queues = self.memory()
+        fe.activate(mem, None, queues)
+        for seal in (False, True):
+            with self.subTest(sealed=seal):
+                fd = _memfd(b"hello from the back-end", 4 * PAGE, seal)
+                self.addCleanup(os.close, fd)
+                self.assertEqual(backend.shmem_map(fd, PAGE, 2 * PAGE, 2 * PAGE), 0)
+                os.pwrite(fd, b"page one", PAGE)
+                self.assertEqual(shm.read(2 * PAGE, 8), b"page one")  # live, shared pages
+                os.pwrite(fd, b"PAGE ONE", PAGE)
+                self.assertEqual(shm.read(2 * PAGE, 8), b"PAGE ONE")
+                self.assertEqual(shm.mappings(), [(2 * PAGE, 2 * PAGE, False)])
+                with self.assertRaises(ValueError):
+                    shm.write(2 * PAGE, b"x")  # mapped read-only, as asked
+                with self.assertRaises(ValueError):
+                    shm.read(0, 1)  # nothing mapped there: refused, never dereferenced
+                # Refused with an error reply: overlap, out of bounds, past the file's end, misaligned.
+                einval = (-errno.EINVAL) & (2 ** 64 - 1)
+                self.assertEqual(backend.shmem_map(fd, 0, 3 * PAGE, PAGE), einval)
+                self.assertEqual(backend.shmem_map(fd, 0, 15 * PAGE, 2 * PAGE), einval)
+                self.assertEqual(backend.shmem_map(fd, 2 * PAGE, 8 * PAGE, 4 * PAGE), einval)
+                self.assertEqual(backend.shmem_map(fd, 1, 8 * PAGE, PAGE), einval)
+                self.assertEqual(backend.shmem_map(fd, 0, 0, PAGE, shmid=1), einval)
+                self.assertEqual(backend.shmem_unmap(2 * PAGE, PAGE), einval)  # not an exact match
+                self.assertEqual(backend.shmem_unmap(2 * PAGE, 2 * PAGE), 0)
+                self.assertEqual(shm.mappings(), [])
+                with self.assertRaises(ValueError):
+                    shm.read(2 * PAGE, 8)
+        # Writable mapping; then the back-end shrinks its (unsealed) file: reads fail, never SIGBUS.
+        fd = _memfd(b"", 2 * PAGE)
+        self.addCleanup(os.close, fd)
+        self.assertEqual(backend.shmem_map(fd, 0, 0, 2 * PAGE, writable=True), 0)
+        shm.write(PAGE + 5, b"from the front-end")
+        self.assertEqual(os.pread(fd, 18, PAGE + 5), b"from the front-end")
+        if hasattr(os, "memfd_create"):  # the ctypes fallback seals it: cannot shrink
+            os.ftruncate(fd, 0)
+            with self.assertRaises(vu.ProtocolError):
+                shm.read(PAGE, 8)
+            with self.assertRaises(vu.ProtocolError):
+                shm.write(PAGE, b"x")
+        # reset drops every mapping (the spec; crosvm's TODO) and the device re-activates.
+        fe.reset()
+        self.assertEqual(shm.mappings(), [])
+        fe.activate(mem, None, queues)
+        fd = _memfd(b"again", PAGE)
+        self.addCleanup(os.close, fd)
+        self.assertEqual(backend.shmem_map(fd, 0, 0, PAGE), 0)
+        self.assertEqual(shm.read(0, 5), b"again")
+
+    def test_config_change_reaches_interrupt(self):
+        seen = []
+        interrupt = vu.Interrupt(on_config_changed=lambda: seen.append(threading.current_thread().name))
+        self.addCleanup(interrupt.close)
+        backend, fe, _ = self.active(interrupt)
+        self.assertEqual(backend.send_backend_request(2), 0)  # CONFIG_CHANGE_MSG, NEED_REPLY
+        self.assertEqual(interrupt.config_changed.wait(5), 1)
+        self.assertEqual(len(seen), 1)
+        self.assertTrue(seen[0].startswith("vhost-user"), seen)
+        backend.send_backend_request(2, need_reply=False)
+        self.assertEqual(interrupt.config_changed.wait(5), 1)
+
+    def test_hang_up_reported_as_crash(self):
+        crashes = []
+        interrupt = vu.Interrupt(on_crashed=crashes.append)
+        self.addCleanup(interrupt.close)
+        backend, fe, _ = self.active(interrupt)
+        backend.hang_up()
+        self.assertEqual(interrupt.crashed.wait(5), 1)
+        self.assertIsInstance(interrupt.crash_error, vu.Disconnected)
+        self.assertEqual(crashes, [interrupt.crash_error])
+        with self.assertRaises(vu.Disconnected):
+            fe.reset()  # the rings cannot be stopped: said so, and the object stays closable
+        fe.close()
+
+    def test_unsupported_requests_answered_worker_alive(self):
+        backend, fe, _ = self.active()
+        interrupt = fe.interrupt
+
+        def err(code):
+            return (-code) & (2 ** 64 - 1)
+        cases = [
+            ("IOTLB_MSG", 1, b"\0" * 32, (), err(errno.ENOTSUP)),
+            ("HOST_NOTIFIER with fd", 3, struct.pack("<QQQ", 0, PAGE, 0), "fd", err(errno.ENOTSUP)),
+            ("HOST_NOTIFIER deregister", 3, struct.pack("<QQQ", 0x100, PAGE, 0), (), 0),
+            ("VRING_CALL", 4, struct.pack("<II", 1, 0), (), 0),
+            ("VRING_CALL bad ring", 4, struct.pack("<II", 7, 0), (), err(errno.EINVAL)),
+            ("VRING_ERR", 5, struct.pack("<II", 0, 0), (), 0),
+            ("SHARED_OBJECT_ADD", 6, b"u" * 16, (), 0),
+            ("SHARED_OBJECT_LOOKUP", 8, b"u" * 16, (), err(errno.ENOENT)),
+            ("SHARED_OBJECT_REMOVE", 7, b"u" * 16, (), 0),
+            ("SHARED_OBJECT_REMOVE again", 7, b"u" * 16, (), err(errno.ENOENT)),
+            ("SHMEM_MAP without mapper", 9, b"\0" * 40, "fd", err(errno.EINVAL)),
+            ("SHMEM_MAP without fd", 9, b"\0" * 40, (), err(errno.EINVAL)),
+            ("GPU_MAP", 1006, b"\0" * 64, "fd", err(errno.ENOTSUP)),
+            ("EXTERNAL_MAP", 1007, b"\0" * 32, (), err(errno.EPERM)),
+            ("CONFIG_CHANGE_MSG with payload", 2, b"\0" * 8, (), err(errno.EINVAL)),
+            ("bad payload size", 4, b"\0" * 3, (), err(errno.EINVAL)),
+            ("unknown code", 99, b"", (), err(errno.ENOSYS)),
+        ]
+        for name, code, body, fds, expected in cases:
+            with self.subTest(name):
+                if fds == "fd":
+                    r, w = os.pipe()
+                    self.addCleanup(os.close, r)
+                    self.addCleanup(os.close, w)
+                    fds = (r,)
+                self.assertEqual(backend.send_backend_request(code, body, fds), expected)
+        self.assertEqual(fe.queue_max_sizes(), [32768, 32768])
+        self.assertEqual(fe._worker._thread.is_alive(), True)
+        # Replied even without NEED_REPLY: EXTERNAL_MAP always is (crosvm).
+        _send_message(backend.channel, 1007, 1, b"\0" * 32)
+        self.assertEqual(_recv_message(backend.channel)[2], _U64.pack(err(errno.EPERM)))
+        self.assertIsNone(interrupt.crash_error)
+        self.assertEqual(backend.send_backend_request(2), 0)
+        self.assertEqual(interrupt.config_changed.wait(5), 1)
+
+    def test_worker_failure_reported_and_reraised(self):
+        backend, fe, _ = self.active()
+        interrupt = fe.interrupt
+        _send_message(backend.channel, 2, 0x2)  # version 2: the stream cannot be trusted
+        self.assertEqual(interrupt.crashed.wait(5), 1)
+        self.assertIsInstance(interrupt.crash_error, vu.ProtocolError)
+        with self.assertRaises(vu.ProtocolError):
+            fe.reset()  # the rings were stopped, then the worker's error comes out
+        self.assertEqual(backend.names()[-4:], STOP_TWO)
+        fe.activate(fe._mem, None, fe._sleeping or [])  # usable again (no queues)
+
+    def test_backend_hangs_up_request_channel(self):
+        backend, fe, queues = self.active()
+        backend.channel.close()
+        backend.channel = None
+        wait_for(lambda: fe._worker.handler_closed, what="the worker to see EOF")
+        self.assertIsNone(fe.interrupt.crash_error)  # crosvm: info, not a crash
+        fe.reset()
+        self.assertIsNone(fe._handler)
+
+    def test_interrupt_modes(self):
+        for mode in ("queue", "shared", "callback"):
+            with self.subTest(mode=mode):
+                used = []
+                interrupt = vu.Interrupt(mode, on_used=used.append)
+                self.addCleanup(interrupt.close)
+                backend, fe, queues = self.active(interrupt)
+                call_fd = backend.rings[1].call
+                self.assertEqual(call_fd is not None, True)
+                backend.signal_call(1)
+                self.assertGreaterEqual(queues[1].call.wait(5), 1)
+                if mode == "queue":
+                    self.assertEqual(used, [])  # the worker does not watch per-queue events
+                else:
+                    wait_for(lambda: used, what="on_used")
+                    self.assertEqual(used, [None] if mode == "shared" else [1])
+                    self.assertGreaterEqual(queues[0].call.read(), 1 if mode == "shared" else 0)
+                fe.close()
+
+    def test_start_kick_option(self):
+        for start_kick in (True, False):
+            with self.subTest(start_kick=start_kick):
+                backend = self.backend()
+                fe = self.frontend(backend, start_kick=start_kick)
+                mem, queues = self.memory()
+                fe.activate(mem, None, queues[:1])
+                fe.reset()
+                backend.names(len(CONSTRUCT) + 2 + 6 + 2)
+                self.assertEqual(backend.kicks[0], 1 if start_kick else 0)
+                fe.close()
+
+    def test_misuse(self):
+        backend = self.backend(protocol_features=P_MQ | P_REPLY_ACK)
+        fe = self.frontend(backend, max_queue_size=1000)
+        self.assertEqual(fe.queue_max_sizes(), [512, 512])
+        self.assertEqual(fe.debug_label(), "vu-block")
+        mem, queues = self.memory()
+        with self.assertRaises(ValueError):
+            fe.activate(mem, None, [vu.Queue(mem, 8, index=5)] if False else {5: queues[0]})
+        fe.activate(mem, None, queues)
+        with self.assertRaises(RuntimeError):
+            fe.activate(mem, None, queues)
+        with self.assertRaises(vu.FeatureNotNegotiated):
+            fe.virtio_snapshot()
+        with self.assertRaises(vu.FeatureNotNegotiated):
+            fe.set_shared_memory_mapper()
+        self.assertIsNone(fe.get_shared_memory_region())
+        fe.close()
+        with self.assertRaises(ValueError):
+            fe.reset()
+
+
+class TestDeviceState(FrontendTestBase):
+    """DeviceState's byte encoding and restore's refusals."""
+
+    def test_encoding(self):
+        state = vu.DeviceState(vu.DeviceType.NET, 0x1_4000_0021, b"\x00\x01state")
+        data = state.to_bytes()
+        self.assertEqual(data[:8], b"VHUSTATE")
+        self.assertEqual(struct.unpack_from("<HHIQQ", data, 8), (1, 0, 1, 0x1_4000_0021, 7))
+        self.assertEqual(vu.DeviceState.from_bytes(data), state)
+        for bad in (data[:-1], data + b"\0", b"VHUSTATX" + data[8:], data[:8] + b"\x02" + data[9:],
+                    data[:33] + b"X" + data[34:], b""):
+            with self.assertRaises(ValueError):
+                vu.DeviceState.from_bytes(bad)
+
+    def test_restore_refusals(self):
+        backend = self.backend(features=F_PROTOCOL | F_VERSION_1)
+        fe = self.frontend(backend)
+        with self.assertRaises(vu.FeatureNotNegotiated) as cm:
+            fe.virtio_restore(vu.DeviceState(vu.DeviceType.BLOCK, F_PROTOCOL | F_VERSION_1 | (1 << 9), b""))
+        self.assertIn("BLK_FLUSH", str(cm.exception))
+        with self.assertRaises(ValueError):
+            fe.virtio_restore(vu.DeviceState(vu.DeviceType.NET, F_PROTOCOL, b""))
+        mem, queues = self.memory()
+        fe.activate(mem, None, queues)
+        with self.assertRaises(RuntimeError):
+            fe.virtio_restore(vu.DeviceState(vu.DeviceType.BLOCK, F_PROTOCOL, b""))
+        self.assertNotIn("SET_DEVICE_STATE_FD", backend.names())
+
+    def test_backend_supplied_fd(self):
+        backend = self.backend(return_state_fd=True)
+        fe = self.frontend(backend)
+        state = fe.virtio_snapshot()
+        self.assertEqual(state.backend_state, backend.state)
+        fe.virtio_restore(vu.DeviceState(vu.DeviceType.BLOCK, F_PROTOCOL, b"new state" * 30000))
+        self.assertEqual(backend.loaded_state, b"new state" * 30000)
+
+
+class TestFrontendRealBackends(BackendTestMixin, FdLeakCheck):
+    """crosvm's lifecycle against qemu-storage-daemon and DPDK testpmd."""
+
+    def _cycle(self, daemon, device_type, sizes=(128, 128)):
+        fe = vu.VhostUserFrontend(device_type, vu.VirtioFeature.VERSION_1, daemon.socket_path,
+                                  max_queue_size=256)
+        self.addCleanup(fe.close)
+        mem = vu.GuestMemory([(0, 1 << 20)])
+        self.addCleanup(mem.close)
+        queues = [vu.Queue(mem, size, index=i) for i, size in enumerate(sizes)]
+        for q in queues:
+            self.addCleanup(q.close)
+        fe.ack_features(fe.features())
+        fe.activate(mem, None, queues)
+        fe.reset()
+        fe.activate(mem, None, queues)
+        slept = fe.virtio_sleep()
+        self.assertEqual(sorted(slept), [0, 1])
+        self.assertEqual([q.next_avail for q in slept.values()], [0, 0])
+        fe.virtio_wake()
+        return fe, mem, queues
+
+    def _crash(self, daemon, device_type):
+        fe, mem, queues = self._cycle(daemon, device_type)
+        os.kill(daemon.pid, signal.SIGKILL)
+        self.assertEqual(fe.interrupt.crashed.wait(10), 1, daemon.log_tail())
+        self.assertIsInstance(fe.interrupt.crash_error, vu.Disconnected)
+        with self.assertRaises(vu.VhostUserError):
+            fe.reset()
+        fe.close()
+
+    def test_qsd(self):
+        daemon = self.start_backend(QemuStorageDaemon, num_queues=2)
+        fe, _, _ = self._cycle(daemon, vu.DeviceType.BLOCK)
+        self.assertEqual(fe.queue_max_sizes(), [256, 256])
+        fe.close()
+        fe.close()
+        self.assertIsNone(daemon.returncode)
+
+    def test_qsd_killed_while_active(self):
+        self._crash(self.start_backend(QemuStorageDaemon, num_queues=2), vu.DeviceType.BLOCK)
+
+    def test_testpmd(self):
+        daemon = self.start_backend(Testpmd)
+        fe, _, _ = self._cycle(daemon, vu.DeviceType.NET)
+        self.assertEqual(len(fe.queue_max_sizes()), 128)  # GET_QUEUE_NUM says 128 whatever queues= is
+        fe.close()
+
+    def test_testpmd_killed_while_active(self):
+        self._crash(self.start_backend(Testpmd), vu.DeviceType.NET)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -836,6 +836,7 @@ def _close_fds(fds):
 
 
 _MAP_FIXED = 0x10  # <linux/mman.h>: the same value on every Linux architecture
+_PROT_NONE = 0     # the mmap module has no name for it
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
@@ -2112,7 +2113,7 @@ class _ShmemMapper:
         self.region = region
         self._lock = threading.Lock()
         self._mappings = {}
-        self._base = _mmap_raw(None, region.length, mmap.PROT_NONE,
+        self._base = _mmap_raw(None, region.length, _PROT_NONE,
                                mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
     def add_mapping(self, fd, fd_offset, shm_offset, length, writable):
@@ -2176,7 +2177,7 @@ class _ShmemMapper:
                 self._unmap(mapping)
 
     def _unmap(self, mapping):
-        _mmap_raw(self._base + mapping.shm_offset, mapping.length, mmap.PROT_NONE,
+        _mmap_raw(self._base + mapping.shm_offset, mapping.length, _PROT_NONE,
                   mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED)
         del self._mappings[mapping.shm_offset]
         os.close(mapping.fd)
@@ -2222,8 +2223,9 @@ class _ShmemMapper:
                 ctypes.memmove(self._base + offset, data, len(data))
                 return
             position = mapping.fd_offset + offset - mapping.shm_offset
-            if os.pwrite(mapping.fd, data, position) != len(data) or \
-                    os.fstat(mapping.fd).st_size < position + len(data):
+            # Checked first: pwrite past the end would grow the back-end's file.
+            if os.fstat(mapping.fd).st_size < position + len(data) or \
+                    os.pwrite(mapping.fd, data, position) != len(data):
                 raise ProtocolError("SHMEM_MAP: the back-end shrank the file mapped at %#x"
                                     % mapping.shm_offset, _B.SHMEM_MAP)
 
