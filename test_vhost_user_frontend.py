@@ -1160,59 +1160,61 @@ class TestFrontendBackendRequests(FrontendTestBase):
         return backend, fe, queues
 
     def test_shmem_map_unmap_round_trip(self):
-        backend = self.backend(shmem_sizes=[16 * PAGE])
-        fe = self.frontend(backend)
-        self.assertEqual(fe.get_shared_memory_region(), vu.SharedMemoryRegion(0, 16 * PAGE))
-        shm = fe.set_shared_memory_mapper()
-        self.assertIs(fe.shared_memory, shm)
-        mem, queues = self.memory()
-        fe.activate(mem, None, queues)
-        for seal in (False, True):
-            with self.subTest(sealed=seal):
-                fd = _memfd(b"hello from the back-end", 4 * PAGE, seal)
-                self.addCleanup(os.close, fd)
-                self.assertEqual(backend.shmem_map(fd, PAGE, 2 * PAGE, 2 * PAGE), 0)
-                os.pwrite(fd, b"page one", PAGE)
-                self.assertEqual(shm.read(2 * PAGE, 8), b"page one")  # live, shared pages
-                os.pwrite(fd, b"PAGE ONE", PAGE)
-                self.assertEqual(shm.read(2 * PAGE, 8), b"PAGE ONE")
-                self.assertEqual(shm.mappings(), [(2 * PAGE, 2 * PAGE, False)])
-                with self.assertRaises(ValueError):
-                    shm.write(2 * PAGE, b"x")  # mapped read-only, as asked
-                with self.assertRaises(ValueError):
-                    shm.read(0, 1)  # nothing mapped there: refused, never dereferenced
-                # Refused with an error reply: overlap, out of bounds, past the file's end, misaligned.
-                einval = (-errno.EINVAL) & (2 ** 64 - 1)
-                self.assertEqual(backend.shmem_map(fd, 0, 3 * PAGE, PAGE), einval)
-                self.assertEqual(backend.shmem_map(fd, 0, 15 * PAGE, 2 * PAGE), einval)
-                self.assertEqual(backend.shmem_map(fd, 2 * PAGE, 8 * PAGE, 4 * PAGE), einval)
-                self.assertEqual(backend.shmem_map(fd, 1, 8 * PAGE, PAGE), einval)
-                self.assertEqual(backend.shmem_map(fd, 0, 0, PAGE, shmid=1), einval)
-                self.assertEqual(backend.shmem_unmap(2 * PAGE, PAGE), einval)  # not an exact match
-                self.assertEqual(backend.shmem_unmap(2 * PAGE, 2 * PAGE), 0)
-                self.assertEqual(shm.mappings(), [])
-                with self.assertRaises(ValueError):
-                    shm.read(2 * PAGE, 8)
-        # Writable mapping; then the back-end shrinks its (unsealed) file: reads fail, never SIGBUS.
-        fd = _memfd(b"", 2 * PAGE)
-        self.addCleanup(os.close, fd)
-        self.assertEqual(backend.shmem_map(fd, 0, 0, 2 * PAGE, writable=True), 0)
-        shm.write(PAGE + 5, b"from the front-end")
-        self.assertEqual(os.pread(fd, 18, PAGE + 5), b"from the front-end")
-        if hasattr(os, "memfd_create"):  # the ctypes fallback seals it: cannot shrink
-            os.ftruncate(fd, 0)
-            with self.assertRaises(vu.ProtocolError):
-                shm.read(PAGE, 8)
-            with self.assertRaises(vu.ProtocolError):
-                shm.write(PAGE, b"x")
-        # reset drops every mapping (the spec; crosvm's TODO) and the device re-activates.
-        fe.reset()
-        self.assertEqual(shm.mappings(), [])
-        fe.activate(mem, None, queues)
-        fd = _memfd(b"again", PAGE)
-        self.addCleanup(os.close, fd)
-        self.assertEqual(backend.shmem_map(fd, 0, 0, PAGE), 0)
-        self.assertEqual(shm.read(0, 5), b"again")
+        with self.assertLogs("vhost_user_frontend", "WARNING") as logs:
+            backend = self.backend(shmem_sizes=[16 * PAGE])
+            fe = self.frontend(backend)
+            self.assertEqual(fe.get_shared_memory_region(), vu.SharedMemoryRegion(0, 16 * PAGE))
+            shm = fe.set_shared_memory_mapper()
+            self.assertIs(fe.shared_memory, shm)
+            mem, queues = self.memory()
+            fe.activate(mem, None, queues)
+            for seal in (False, True):
+                with self.subTest(sealed=seal):
+                    fd = _memfd(b"hello from the back-end", 4 * PAGE, seal)
+                    self.addCleanup(os.close, fd)
+                    self.assertEqual(backend.shmem_map(fd, PAGE, 2 * PAGE, 2 * PAGE), 0)
+                    os.pwrite(fd, b"page one", PAGE)
+                    self.assertEqual(shm.read(2 * PAGE, 8), b"page one")  # live, shared pages
+                    os.pwrite(fd, b"PAGE ONE", PAGE)
+                    self.assertEqual(shm.read(2 * PAGE, 8), b"PAGE ONE")
+                    self.assertEqual(shm.mappings(), [(2 * PAGE, 2 * PAGE, False)])
+                    with self.assertRaises(ValueError):
+                        shm.write(2 * PAGE, b"x")  # mapped read-only, as asked
+                    with self.assertRaises(ValueError):
+                        shm.read(0, 1)  # nothing mapped there: refused, never dereferenced
+                    # Refused with an error reply: overlap, out of bounds, past the file's end, misaligned.
+                    einval = (-errno.EINVAL) & (2 ** 64 - 1)
+                    self.assertEqual(backend.shmem_map(fd, 0, 3 * PAGE, PAGE), einval)
+                    self.assertEqual(backend.shmem_map(fd, 0, 15 * PAGE, 2 * PAGE), einval)
+                    self.assertEqual(backend.shmem_map(fd, 2 * PAGE, 8 * PAGE, 4 * PAGE), einval)
+                    self.assertEqual(backend.shmem_map(fd, 1, 8 * PAGE, PAGE), einval)
+                    self.assertEqual(backend.shmem_map(fd, 0, 0, PAGE, shmid=1), einval)
+                    self.assertEqual(backend.shmem_unmap(2 * PAGE, PAGE), einval)  # not an exact match
+                    self.assertEqual(backend.shmem_unmap(2 * PAGE, 2 * PAGE), 0)
+                    self.assertEqual(shm.mappings(), [])
+                    with self.assertRaises(ValueError):
+                        shm.read(2 * PAGE, 8)
+            # Writable mapping; then the back-end shrinks its (unsealed) file: reads fail, never SIGBUS.
+            fd = _memfd(b"", 2 * PAGE)
+            self.addCleanup(os.close, fd)
+            self.assertEqual(backend.shmem_map(fd, 0, 0, 2 * PAGE, writable=True), 0)
+            shm.write(PAGE + 5, b"from the front-end")
+            self.assertEqual(os.pread(fd, 18, PAGE + 5), b"from the front-end")
+            if hasattr(os, "memfd_create"):  # the ctypes fallback seals it: cannot shrink
+                os.ftruncate(fd, 0)
+                with self.assertRaises(vu.ProtocolError):
+                    shm.read(PAGE, 8)
+                with self.assertRaises(vu.ProtocolError):
+                    shm.write(PAGE, b"x")
+            # reset drops every mapping (the spec; crosvm's TODO) and the device re-activates.
+            fe.reset()
+            self.assertEqual(shm.mappings(), [])
+            fe.activate(mem, None, queues)
+            fd = _memfd(b"again", PAGE)
+            self.addCleanup(os.close, fd)
+            self.assertEqual(backend.shmem_map(fd, 0, 0, PAGE), 0)
+            self.assertEqual(shm.read(0, 5), b"again")
+        self.assertIn('overlaps the mapping', "\n".join(logs.output))
 
     def test_config_change_reaches_interrupt(self):
         seen = []
@@ -1227,70 +1229,76 @@ class TestFrontendBackendRequests(FrontendTestBase):
         self.assertEqual(interrupt.config_changed.wait(5), 1)
 
     def test_hang_up_reported_as_crash(self):
-        crashes = []
-        interrupt = vu.Interrupt(on_crashed=crashes.append)
-        self.addCleanup(interrupt.close)
-        backend, fe, _ = self.active(interrupt)
-        backend.hang_up()
-        self.assertEqual(interrupt.crashed.wait(5), 1)
-        self.assertIsInstance(interrupt.crash_error, vu.Disconnected)
-        self.assertEqual(crashes, [interrupt.crash_error])
-        with self.assertRaises(vu.Disconnected):
-            fe.reset()  # the rings cannot be stopped: said so, and the object stays closable
-        fe.close()
+        with self.assertLogs("vhost_user_frontend", "WARNING") as logs:
+            crashes = []
+            interrupt = vu.Interrupt(on_crashed=crashes.append)
+            self.addCleanup(interrupt.close)
+            backend, fe, _ = self.active(interrupt)
+            backend.hang_up()
+            self.assertEqual(interrupt.crashed.wait(5), 1)
+            self.assertIsInstance(interrupt.crash_error, vu.Disconnected)
+            self.assertEqual(crashes, [interrupt.crash_error])
+            with self.assertRaises(vu.Disconnected):
+                fe.reset()  # the rings cannot be stopped: said so, and the object stays closable
+            fe.close()
+        self.assertIn('hung up', "\n".join(logs.output))
 
     def test_unsupported_requests_answered_worker_alive(self):
-        backend, fe, _ = self.active()
-        interrupt = fe.interrupt
+        with self.assertLogs("vhost_user_frontend", "WARNING") as logs:
+            backend, fe, _ = self.active()
+            interrupt = fe.interrupt
 
-        def err(code):
-            return (-code) & (2 ** 64 - 1)
-        cases = [
-            ("IOTLB_MSG", 1, b"\0" * 32, (), err(errno.ENOTSUP)),
-            ("HOST_NOTIFIER with fd", 3, struct.pack("<QQQ", 0, PAGE, 0), "fd", err(errno.ENOTSUP)),
-            ("HOST_NOTIFIER deregister", 3, struct.pack("<QQQ", 0x100, PAGE, 0), (), 0),
-            ("VRING_CALL", 4, struct.pack("<II", 1, 0), (), 0),
-            ("VRING_CALL bad ring", 4, struct.pack("<II", 7, 0), (), err(errno.EINVAL)),
-            ("VRING_ERR", 5, struct.pack("<II", 0, 0), (), 0),
-            ("SHARED_OBJECT_ADD", 6, b"u" * 16, (), 0),
-            ("SHARED_OBJECT_LOOKUP", 8, b"u" * 16, (), err(errno.ENOENT)),
-            ("SHARED_OBJECT_REMOVE", 7, b"u" * 16, (), 0),
-            ("SHARED_OBJECT_REMOVE again", 7, b"u" * 16, (), err(errno.ENOENT)),
-            ("SHMEM_MAP without mapper", 9, b"\0" * 40, "fd", err(errno.EINVAL)),
-            ("SHMEM_MAP without fd", 9, b"\0" * 40, (), err(errno.EINVAL)),
-            ("GPU_MAP", 1006, b"\0" * 64, "fd", err(errno.ENOTSUP)),
-            ("EXTERNAL_MAP", 1007, b"\0" * 32, (), err(errno.EPERM)),
-            ("CONFIG_CHANGE_MSG with payload", 2, b"\0" * 8, (), err(errno.EINVAL)),
-            ("bad payload size", 4, b"\0" * 3, (), err(errno.EINVAL)),
-            ("unknown code", 99, b"", (), err(errno.ENOSYS)),
-        ]
-        for name, code, body, fds, expected in cases:
-            with self.subTest(name):
-                if fds == "fd":
-                    r, w = os.pipe()
-                    self.addCleanup(os.close, r)
-                    self.addCleanup(os.close, w)
-                    fds = (r,)
-                self.assertEqual(backend.send_backend_request(code, body, fds), expected)
-        self.assertEqual(fe.queue_max_sizes(), [32768, 32768])
-        self.assertEqual(fe._worker._thread.is_alive(), True)
-        # Replied even without NEED_REPLY: EXTERNAL_MAP always is (crosvm).
-        _send_message(backend.channel, 1007, 1, b"\0" * 32)
-        self.assertEqual(_recv_message(backend.channel)[2], _U64.pack(err(errno.EPERM)))
-        self.assertIsNone(interrupt.crash_error)
-        self.assertEqual(backend.send_backend_request(2), 0)
-        self.assertEqual(interrupt.config_changed.wait(5), 1)
+            def err(code):
+                return (-code) & (2 ** 64 - 1)
+            cases = [
+                ("IOTLB_MSG", 1, b"\0" * 32, (), err(errno.ENOTSUP)),
+                ("HOST_NOTIFIER with fd", 3, struct.pack("<QQQ", 0, PAGE, 0), "fd", err(errno.ENOTSUP)),
+                ("HOST_NOTIFIER deregister", 3, struct.pack("<QQQ", 0x100, PAGE, 0), (), 0),
+                ("VRING_CALL", 4, struct.pack("<II", 1, 0), (), 0),
+                ("VRING_CALL bad ring", 4, struct.pack("<II", 7, 0), (), err(errno.EINVAL)),
+                ("VRING_ERR", 5, struct.pack("<II", 0, 0), (), 0),
+                ("SHARED_OBJECT_ADD", 6, b"u" * 16, (), 0),
+                ("SHARED_OBJECT_LOOKUP", 8, b"u" * 16, (), err(errno.ENOENT)),
+                ("SHARED_OBJECT_REMOVE", 7, b"u" * 16, (), 0),
+                ("SHARED_OBJECT_REMOVE again", 7, b"u" * 16, (), err(errno.ENOENT)),
+                ("SHMEM_MAP without mapper", 9, b"\0" * 40, "fd", err(errno.EINVAL)),
+                ("SHMEM_MAP without fd", 9, b"\0" * 40, (), err(errno.EINVAL)),
+                ("GPU_MAP", 1006, b"\0" * 64, "fd", err(errno.ENOTSUP)),
+                ("EXTERNAL_MAP", 1007, b"\0" * 32, (), err(errno.EPERM)),
+                ("CONFIG_CHANGE_MSG with payload", 2, b"\0" * 8, (), err(errno.EINVAL)),
+                ("bad payload size", 4, b"\0" * 3, (), err(errno.EINVAL)),
+                ("unknown code", 99, b"", (), err(errno.ENOSYS)),
+            ]
+            for name, code, body, fds, expected in cases:
+                with self.subTest(name):
+                    if fds == "fd":
+                        r, w = os.pipe()
+                        self.addCleanup(os.close, r)
+                        self.addCleanup(os.close, w)
+                        fds = (r,)
+                    self.assertEqual(backend.send_backend_request(code, body, fds), expected)
+            self.assertEqual(fe.queue_max_sizes(), [32768, 32768])
+            self.assertEqual(fe._worker._thread.is_alive(), True)
+            # Replied even without NEED_REPLY: EXTERNAL_MAP always is (crosvm).
+            _send_message(backend.channel, 1007, 1, b"\0" * 32)
+            self.assertEqual(_recv_message(backend.channel)[2], _U64.pack(err(errno.EPERM)))
+            self.assertIsNone(interrupt.crash_error)
+            self.assertEqual(backend.send_backend_request(2), 0)
+            self.assertEqual(interrupt.config_changed.wait(5), 1)
+        self.assertIn('ENOSYS', "\n".join(logs.output))
 
     def test_worker_failure_reported_and_reraised(self):
-        backend, fe, _ = self.active()
-        interrupt = fe.interrupt
-        _send_message(backend.channel, 2, 0x2)  # version 2: the stream cannot be trusted
-        self.assertEqual(interrupt.crashed.wait(5), 1)
-        self.assertIsInstance(interrupt.crash_error, vu.ProtocolError)
-        with self.assertRaises(vu.ProtocolError):
-            fe.reset()  # the rings were stopped, then the worker's error comes out
-        self.assertEqual(backend.names()[-4:], STOP_TWO)
-        fe.activate(fe._mem, None, fe._sleeping or [])  # usable again (no queues)
+        with self.assertLogs("vhost_user_frontend", "WARNING") as logs:
+            backend, fe, _ = self.active()
+            interrupt = fe.interrupt
+            _send_message(backend.channel, 2, 0x2)  # version 2: the stream cannot be trusted
+            self.assertEqual(interrupt.crashed.wait(5), 1)
+            self.assertIsInstance(interrupt.crash_error, vu.ProtocolError)
+            with self.assertRaises(vu.ProtocolError):
+                fe.reset()  # the rings were stopped, then the worker's error comes out
+            self.assertEqual(backend.names()[-4:], STOP_TWO)
+            fe.activate(fe._mem, None, fe._sleeping or [])  # usable again (no queues)
+        self.assertIn('worker failed', "\n".join(logs.output))
 
     def test_backend_hangs_up_request_channel(self):
         backend, fe, queues = self.active()
@@ -1430,7 +1438,9 @@ class TestFrontendRealBackends(BackendTestMixin, FdLeakCheck):
         self.assertIsNone(daemon.returncode)
 
     def test_qsd_killed_while_active(self):
-        self._crash(self.start_backend(QemuStorageDaemon, num_queues=2), vu.DeviceType.BLOCK)
+        with self.assertLogs("vhost_user_frontend", "WARNING") as logs:
+            self._crash(self.start_backend(QemuStorageDaemon, num_queues=2), vu.DeviceType.BLOCK)
+        self.assertIn('hung up', "\n".join(logs.output))
 
     def test_testpmd(self):
         daemon = self.start_backend(Testpmd)
@@ -1439,7 +1449,9 @@ class TestFrontendRealBackends(BackendTestMixin, FdLeakCheck):
         fe.close()
 
     def test_testpmd_killed_while_active(self):
-        self._crash(self.start_backend(Testpmd), vu.DeviceType.NET)
+        with self.assertLogs("vhost_user_frontend", "WARNING") as logs:
+            self._crash(self.start_backend(Testpmd), vu.DeviceType.NET)
+        self.assertIn('hung up', "\n".join(logs.output))
 
 
 if __name__ == "__main__":

@@ -2537,9 +2537,10 @@ class Interrupt:
     ``on_config_changed()``. A crash (the main socket hung up, or the worker
     failed) sets ``crash_error``, signals ``crashed`` and calls
     ``on_crashed(error)``. Callbacks run on the worker thread, never under
-    the client's lock; an exception in one is logged and ignored. They may
-    not call the frontend's lifecycle methods (that would join the thread
-    they run on).
+    the client's lock, and before the matching event is signalled (so a
+    thread woken by the event sees the callback's effects); an exception in
+    one is logged and ignored. They may not call the frontend's lifecycle
+    methods (that would join the thread they run on).
 
     Attributes:
         config_changed: an ``Event`` signalled on every config change.
@@ -2575,21 +2576,21 @@ class Interrupt:
 
     def signal_used_queue(self, queue):
         """Tell waiters ``queue`` (a Queue; None: every queue) may have used entries."""
+        self._callback(self.on_used, None if queue is None else queue.index)
         if queue is not None:
             queue.call.signal()
-        self._callback(self.on_used, None if queue is None else queue.index)
 
     def signal_config_changed(self):
         """Report a device config change."""
-        self.config_changed.signal()
         self._callback(self.on_config_changed)
+        self.config_changed.signal()
 
     def signal_crashed(self, error):
         """Report that the device stopped working (crosvm DeviceCrashed)."""
         if self.crash_error is None:
             self.crash_error = error
-        self.crashed.signal()
         self._callback(self.on_crashed, error)
+        self.crashed.signal()
 
     @staticmethod
     def _callback(function, *args):
