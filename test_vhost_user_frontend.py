@@ -1278,7 +1278,6 @@ class TestFrontendBackendRequests(FrontendTestBase):
                         fds = (r,)
                     self.assertEqual(backend.send_backend_request(code, body, fds), expected)
             self.assertEqual(fe.queue_max_sizes(), [32768, 32768])
-            self.assertEqual(fe._worker._thread.is_alive(), True)
             # Replied even without NEED_REPLY: EXTERNAL_MAP always is (crosvm).
             _send_message(backend.channel, 1007, 1, b"\0" * 32)
             self.assertEqual(_recv_message(backend.channel)[2], _U64.pack(err(errno.EPERM)))
@@ -1289,7 +1288,7 @@ class TestFrontendBackendRequests(FrontendTestBase):
 
     def test_worker_failure_reported_and_reraised(self):
         with self.assertLogs("vhost_user_frontend", "WARNING") as logs:
-            backend, fe, _ = self.active()
+            backend, fe, queues = self.active()
             interrupt = fe.interrupt
             _send_message(backend.channel, 2, 0x2)  # version 2: the stream cannot be trusted
             self.assertEqual(interrupt.crashed.wait(5), 1)
@@ -1297,7 +1296,9 @@ class TestFrontendBackendRequests(FrontendTestBase):
             with self.assertRaises(vu.ProtocolError):
                 fe.reset()  # the rings were stopped, then the worker's error comes out
             self.assertEqual(backend.names()[-4:], STOP_TWO)
-            fe.activate(fe._mem, None, fe._sleeping or [])  # usable again (no queues)
+            fe.activate(queues[0].mem, None, queues)  # usable again, with a new worker
+            self.assertEqual(backend.send_backend_request(2), 0)
+            self.assertEqual(fe.interrupt.config_changed.wait(5), 1)
         self.assertIn('worker failed', "\n".join(logs.output))
 
     def test_backend_hangs_up_request_channel(self):
@@ -1347,7 +1348,7 @@ class TestFrontendBackendRequests(FrontendTestBase):
         self.assertEqual(fe.debug_label(), "vu-block")
         mem, queues = self.memory()
         with self.assertRaises(ValueError):
-            fe.activate(mem, None, [vu.Queue(mem, 8, index=5)] if False else {5: queues[0]})
+            fe.activate(mem, None, {5: queues[0]})
         fe.activate(mem, None, queues)
         with self.assertRaises(RuntimeError):
             fe.activate(mem, None, queues)

@@ -2988,6 +2988,7 @@ class VhostUserFrontend:
             RuntimeError: already active.
             ValueError: a queue index or size the device does not have.
         """
+        self._check_usable("activate")
         if self._sent_queues is not None:
             raise RuntimeError("activate: %s is already active; reset() or virtio_sleep() "
                                "first" % self.debug_label())
@@ -3006,7 +3007,6 @@ class VhostUserFrontend:
             if self._own_interrupt is None:
                 self._own_interrupt = Interrupt()
             interrupt = self._own_interrupt
-        self._check_usable("activate")
         self._sleeping = None
         self.interrupt = interrupt
         self._mem = mem
