@@ -508,51 +508,59 @@ def _check_u32(name, value):
         raise ValueError("%s must be an unsigned 32-bit integer, got %r" % (name, value))
 
 
-def encode_header(request, flags, size):
+def _check_fields(value, widths):
+    """ValueError naming the first field of a payload that does not fit its width in bits."""
+    for name, field, width in zip(value._fields, value, widths):
+        if not isinstance(field, int) or not 0 <= field < 1 << width:
+            raise ValueError("%s must be an unsigned %d-bit integer, got %r"
+                             % (name, width, field))
+
+
+def _encode_header(request, flags, size):
     """The 12-byte message header."""
     return _HDR.pack(int(request), flags, size)
 
 
-def decode_header(data):
+def _decode_header(data):
     """(request, flags, size) of a 12-byte header; the request stays an int."""
     if len(data) != _HDR.size:
         raise ProtocolError("header must be %d bytes, got %d" % (_HDR.size, len(data)))
     return _HDR.unpack(data)
 
 
-def encode_u64(value):
+def _encode_u64(value):
     _check_u64("value", value)
     return _U64.pack(value)
 
 
-def decode_u64(request, body):
+def _decode_u64(request, body):
     _expect_size(request, body, _U64.size)
     return _U64.unpack(body)[0]
 
 
-def encode_state(state):
+def _encode_state(state):
     _check_u32("index", state.index)
     _check_u32("num", state.num)
     return _STATE.pack(*state)
 
 
-def decode_state(request, body):
+def _decode_state(request, body):
     _expect_size(request, body, _STATE.size)
     return VringState._make(_STATE.unpack(body))
 
 
-def encode_vring_addr(addr):
+def _encode_vring_addr(addr):
     for name, value in zip(addr._fields, addr):
         (_check_u32 if name in ("index", "flags") else _check_u64)(name, value)
     return _ADDR.pack(*addr)
 
 
-def decode_vring_addr(request, body):
+def _decode_vring_addr(request, body):
     _expect_size(request, body, _ADDR.size)
     return VringAddr._make(_ADDR.unpack(body))
 
 
-def encode_mem_table(regions):
+def _encode_mem_table(regions):
     """MEM payload: the true region count, then each region (not padded to 8)."""
     parts = [_MEM_HDR.pack(len(regions), 0)]
     for region in regions:
@@ -562,7 +570,7 @@ def encode_mem_table(regions):
     return b"".join(parts)
 
 
-def decode_mem_table(request, body):
+def _decode_mem_table(request, body):
     if len(body) < _MEM_HDR.size:
         raise ProtocolError("%s: MEM payload of %d bytes is shorter than its header"
                             % (_req_name(request), len(body)), request)
@@ -573,26 +581,26 @@ def decode_mem_table(request, body):
             for i in range(count)]
 
 
-def encode_mem_region(region):
+def _encode_mem_region(region):
     for name, value in zip(region._fields, region):
         _check_u64(name, value)
     return _MEMREG.pack(0, *region)
 
 
-def decode_mem_region(request, body):
+def _decode_mem_region(request, body):
     _expect_size(request, body, _MEMREG.size)
     fields = _MEMREG.unpack(body)
     _expect_zero(request, "padding", fields[0])
     return MemoryRegion._make(fields[1:])
 
 
-def encode_config(config):
+def _encode_config(config):
     _check_u32("offset", config.offset)
     _check_u32("flags", config.flags)
     return _CONFIG_HDR.pack(config.offset, len(config.data), config.flags) + bytes(config.data)
 
 
-def decode_config(request, body):
+def _decode_config(request, body):
     if len(body) < _CONFIG_HDR.size:
         raise ProtocolError("%s: CONFIG payload of %d bytes is shorter than its header"
                             % (_req_name(request), len(body)), request)
@@ -601,12 +609,12 @@ def decode_config(request, body):
     return DeviceConfig(offset, flags, bytes(body[_CONFIG_HDR.size:]))
 
 
-def encode_vring_area(area):
+def _encode_vring_area(area):
     index = area.index | (_VRING_NOFD if area.no_fd else 0)
     return _AREA.pack(index, area.size, area.offset)
 
 
-def decode_vring_area(request, body):
+def _decode_vring_area(request, body):
     _expect_size(request, body, _AREA.size)
     value, size, offset = _AREA.unpack(body)
     if value & ~(_VRING_IDX_MASK | _VRING_NOFD):
@@ -615,34 +623,37 @@ def decode_vring_area(request, body):
     return VringArea(value & _VRING_IDX_MASK, bool(value & _VRING_NOFD), size, offset)
 
 
-def encode_inflight(info):
+def _encode_inflight(info):
+    _check_fields(info, (64, 64, 16, 16))
     return _INFLIGHT.pack(*info)
 
 
-def decode_inflight(request, body):
+def _decode_inflight(request, body):
     _expect_size(request, body, _INFLIGHT.size)
     return InflightInfo._make(_INFLIGHT.unpack(body))
 
 
-def encode_iotlb(msg):
+def _encode_iotlb(msg):
+    _check_fields(msg, (64, 64, 64, 8, 8))
     return _IOTLB.pack(*msg)
 
 
-def decode_iotlb(request, body):
+def _decode_iotlb(request, body):
     _expect_size(request, body, _IOTLB.size)
     return IotlbMsg._make(_IOTLB.unpack(body))
 
 
-def encode_shmem_map(msg):
+def _encode_shmem_map(msg):
+    _check_fields(msg, (8, 64, 64, 64, 64))
     return _MMAP.pack(*msg)
 
 
-def decode_shmem_map(request, body):
+def _decode_shmem_map(request, body):
     _expect_size(request, body, _MMAP.size)
     return ShmemMap._make(_MMAP.unpack(body))
 
 
-def decode_shmem_config(request, body):
+def _decode_shmem_config(request, body):
     _expect_size(request, body, _SHMCFG.size)
     fields = _SHMCFG.unpack(body)
     nregions, padding, sizes = fields[0], fields[1], fields[2:]
@@ -653,7 +664,7 @@ def decode_shmem_config(request, body):
     return ShmemConfig(nregions, tuple(sizes))
 
 
-def encode_vring_fd_index(index, has_fd):
+def _encode_vring_fd_index(index, has_fd):
     """u64 of SET_VRING_KICK/CALL/ERR: index in bits 0-7, NOFD in bit 8."""
     return _U64.pack(index | (0 if has_fd else _VRING_NOFD))
 
@@ -714,7 +725,7 @@ def _retry_eintr(call, what):
             continue
 
 
-def memfd_create(name, size):
+def _memfd_create(name, size):
     """An anonymous memory fd of ``size`` bytes, sealed against shrinking.
 
     The seal means a back-end cannot ``ftruncate`` the file under our
@@ -878,7 +889,9 @@ def _file_seals(fd):
 # Channel ##################################################################
 # ##########################################################################
 
-_CMSG_BUFSIZE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+# CMSG_SPACE is missing where there is no SCM_RIGHTS (Windows); the module must still import.
+_CMSG_BUFSIZE = (socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+                 if hasattr(socket, "CMSG_SPACE") else 0)
 _RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 #: Largest message body we read from a peer (rust-vmm MAX_MSG_SIZE is 4096;
 #: GET_SHMEM_CONFIG's 2056 bytes is the largest reply the spec defines).
@@ -923,6 +936,9 @@ class _Channel:
             raise Disconnected("%s: back-end closed the connection (%s)" % (what, exc),
                                request) from exc
         except OSError as exc:
+            if exc.errno == errno.EBADF and fds and self.sock.fileno() >= 0:
+                # One of the caller's fds is not open: sendmsg sent nothing.
+                raise ValueError("%s: cannot send fds %s: %s" % (what, list(fds), exc.strerror))
             raise Disconnected("%s: send failed: %s" % (what, exc), request) from exc
         if _log.isEnabledFor(logging.DEBUG):
             _log.debug("-> %s flags=%#x size=%d fds=%d", what, flags, len(body), len(fds))
@@ -943,15 +959,20 @@ class _Channel:
         return body
 
     def _recv_exact(self, size, what, first, timeout=None):
-        """Read exactly ``size`` bytes; fds are legal only with the first byte."""
+        """Read exactly ``size`` bytes; fds are legal only with the first byte.
+
+        ``timeout`` (default: the channel's) bounds the whole read, so a peer
+        trickling one byte at a time cannot stretch it.
+        """
         chunks = []
         fds = []
         got = 0
-        deadline = None
-        if timeout is not None:
-            self.sock.settimeout(timeout)
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while got < size:
+                if deadline is not None:
+                    self.sock.settimeout(max(0.0, deadline - time.monotonic()))
                 try:
                     data, ancdata, msg_flags, _ = self.sock.recvmsg(
                         size - got, _CMSG_BUFSIZE, _RECV_FLAGS)
@@ -959,7 +980,7 @@ class _Channel:
                     raise VhostUserTimeout(
                         "%s: no %s from the back-end within %.1f s"
                         % (what, "reply" if first and not got else "rest of the message",
-                           self.sock.gettimeout()))
+                           timeout))
                 except InterruptedError:
                     continue
                 except ConnectionResetError as exc:
@@ -984,9 +1005,8 @@ class _Channel:
             _close_fds(fds)
             raise
         finally:
-            if timeout is not None:
+            if deadline is not None:
                 self.sock.settimeout(self.timeout)
-        del deadline
         return b"".join(chunks), fds
 
     @staticmethod
@@ -1046,7 +1066,9 @@ _REQUEST_NEEDS = {
     _F.SET_DEVICE_STATE_FD: _P.DEVICE_STATE,
     _F.CHECK_DEVICE_STATE: _P.DEVICE_STATE,
     _F.GET_SHMEM_CONFIG: _P.SHMEM,
-    _F.GET_VRING_BASE_SKIP_DRAIN: _P.GET_VRING_BASE_SKIP_DRAIN,
+    # The spec allows message 45 only together with bits 20 and 12.
+    _F.GET_VRING_BASE_SKIP_DRAIN: (_P.GET_VRING_BASE_SKIP_DRAIN | _P.GET_VRING_BASE_INFLIGHT
+                                   | _P.INFLIGHT_SHMFD),
 }
 
 #: Requests QEMU sends with NEED_REPLY when REPLY_ACK is negotiated
@@ -1128,7 +1150,8 @@ class BackendClient:
                 sock.settimeout(max(0.05, deadline - time.monotonic()))
                 sock.connect(path)
                 return cls(sock, reply_timeout)
-            except (FileNotFoundError, ConnectionRefusedError) as exc:
+            except (FileNotFoundError, ConnectionRefusedError, BlockingIOError) as exc:
+                # BlockingIOError (EAGAIN): the listener's backlog is full for now.
                 sock.close()
                 if time.monotonic() >= deadline:
                     raise Disconnected("cannot connect to %s within %.1f s: %s"
@@ -1216,11 +1239,11 @@ class BackendClient:
                                      % (_req_name(request), self._broken), request)
 
     def _require(self, request):
-        needed = _REQUEST_NEEDS.get(request)
-        if needed is not None and not self.protocol_features & needed:
+        missing = _REQUEST_NEEDS.get(request, 0) & ~self.protocol_features
+        if missing:
             raise FeatureNotNegotiated(
                 "%s needs protocol feature %s, which was not negotiated"
-                % (request.name, needed.name), request)
+                % (request.name, " and ".join(ProtocolFeature.names(missing))), request)
 
     def _want_ack(self, request, ack):
         negotiated = bool(self.protocol_features & _P.REPLY_ACK)
@@ -1231,36 +1254,53 @@ class BackendClient:
                                        % request.name, request)
         return bool(ack)
 
-    def _transact(self, request, body=b"", fds=(), reply=None, ack=False):
-        """Send ``request``; return (body, fds) of its reply, or None.
+    def _transact(self, request, body=b"", fds=(), reply=None, ack=False, check=None):
+        """Send ``request`` and validate its reply, all under the lock.
 
-        ``reply`` describes a mandatory reply; otherwise ``ack`` asks for a
-        REPLY_ACK and checks it. The caller owns the returned fds.
+        ``reply`` describes a mandatory reply; ``check(body, fds)`` then turns
+        it into the return value (default: the pair; the caller owns the fds).
+        Without ``reply``, ``ack`` asks for a REPLY_ACK and checks it.
+        A ``ProtocolError`` from ``check`` breaks the client like any other;
+        the reply's fds are closed when ``check`` raises.
         """
         self._check_usable(request)
         with self._lock:
             self._check_usable(request)
             channel = self._channel
             flags = _VERSION | (_FLAG_NEED_REPLY if ack and reply is None else 0)
+            waiting = False
             try:
                 channel.send(request, flags, body, fds)
                 if reply is None and not ack:
                     return None
-                expect = reply or _REPLY_U64
-                got = self._receive_reply(request, expect)
+                waiting = True
+                got_body, got_fds = self._receive_reply(request, reply or _REPLY_U64)
+                waiting = False
+                try:
+                    if reply is None:
+                        return self._check_ack(request, got_body)
+                    return (check or _pair)(got_body, got_fds)
+                except BaseException:
+                    _close_fds(got_fds)
+                    raise
             except (ProtocolError, Disconnected, VhostUserTimeout) as exc:
                 if exc.request is None:
                     exc.request = request
                 self._broken = exc
                 raise
-        if reply is not None:
-            return got
-        reply_body, _ = got
-        value = _U64.unpack(reply_body)[0]
+            except BaseException as exc:
+                if waiting:  # e.g. KeyboardInterrupt: the reply may still arrive later
+                    self._broken = ProtocolError("%s: interrupted while waiting for the reply "
+                                                 "(%s)" % (request.name, type(exc).__name__),
+                                                 request)
+                raise
+
+    @staticmethod
+    def _check_ack(request, body):
+        value = _U64.unpack(body)[0]
         if value:
             raise BackendError("%s: back-end replied with error %d" % (request.name, value),
                                request, value)
-        return None
 
     def _receive_reply(self, request, expect):
         name = request.name
@@ -1284,9 +1324,19 @@ class BackendClient:
             raise
         return body, fds
 
-    def _get_u64(self, request):
-        body, _ = self._transact(request, reply=_REPLY_U64)
-        return _U64.unpack(body)[0]
+    def _get_u64(self, request, valid=None, expected=""):
+        """Send a payload-less request and return its u64 reply.
+
+        ``valid(value)`` false makes the reply a ``ProtocolError`` that says
+        the value was ``expected``.
+        """
+        def check(body, fds):
+            value = _U64.unpack(body)[0]
+            if valid is not None and not valid(value):
+                raise ProtocolError("%s: reply value %d, expected %s"
+                                    % (request.name, value, expected), request)
+            return value
+        return self._transact(request, reply=_REPLY_U64, check=check)
 
     def _set_u64(self, request, value, ack):
         _check_u64("value", value)
@@ -1306,7 +1356,7 @@ class BackendClient:
     def _send_vring_fd(self, request, index, fd, ack):
         self._check_ring(request, index, fd_message=True)
         fds = () if fd is None else (_fileno(fd),)
-        self._transact(request, encode_vring_fd_index(index, bool(fds)), fds,
+        self._transact(request, _encode_vring_fd_index(index, bool(fds)), fds,
                        ack=self._want_ack(request, ack))
 
     # -- requests, in spec order ----------------------------------------------
@@ -1351,7 +1401,7 @@ class BackendClient:
             raise ValueError("SET_MEM_TABLE: %d regions, the back-end takes 1..%d"
                              % (len(regions), limit))
         _check_regions("SET_MEM_TABLE", [r for r, _ in regions])
-        self._transact(_F.SET_MEM_TABLE, encode_mem_table([r for r, _ in regions]),
+        self._transact(_F.SET_MEM_TABLE, _encode_mem_table([r for r, _ in regions]),
                        [_fileno(fd) for _, fd in regions],
                        ack=self._want_ack(_F.SET_MEM_TABLE, ack))
 
@@ -1366,9 +1416,8 @@ class BackendClient:
         if self.protocol_features & _P.LOG_SHMFD:
             if fd is None:
                 raise ValueError("SET_LOG_BASE: LOG_SHMFD is negotiated, an fd is required")
-            _, fds = self._transact(_F.SET_LOG_BASE, body, (_fileno(fd),),
-                                    reply=_Reply((0, 8, 16)))
-            _close_fds(fds)
+            self._transact(_F.SET_LOG_BASE, body, (_fileno(fd),), reply=_Reply((0, 8, 16)),
+                           check=lambda body, fds: None)
         else:
             fds = () if fd is None else (_fileno(fd),)
             self._transact(_F.SET_LOG_BASE, body, fds)
@@ -1405,7 +1454,7 @@ class BackendClient:
         if ack is None:
             ack = bool(flags & 1) and bool(self.protocol_features & _P.REPLY_ACK)
         self._transact(_F.SET_VRING_ADDR,
-                       encode_vring_addr(VringAddr(index, flags, desc, used, avail, log)),
+                       _encode_vring_addr(VringAddr(index, flags, desc, used, avail, log)),
                        ack=self._want_ack(_F.SET_VRING_ADDR, ack))
 
     def set_vring_base(self, index, base, ack=None):
@@ -1424,13 +1473,14 @@ class BackendClient:
 
     def _get_base(self, request, index):
         self._check_ring(request, index)
-        body, _ = self._transact(request, _STATE.pack(index, 0), reply=_REPLY_STATE)
-        state = VringState._make(_STATE.unpack(body))
-        if state.index != index:
-            self._broken = ProtocolError("%s: reply is for ring %d, asked for ring %d"
-                                         % (request.name, state.index, index), request)
-            raise self._broken
-        return state.num
+
+        def check(body, fds):
+            state = VringState._make(_STATE.unpack(body))
+            if state.index != index:
+                raise ProtocolError("%s: reply is for ring %d, asked for ring %d"
+                                    % (request.name, state.index, index), request)
+            return state.num
+        return self._transact(request, _STATE.pack(index, 0), reply=_REPLY_STATE, check=check)
 
     def set_vring_kick(self, index, fd, ack=None):
         """VHOST_USER_SET_VRING_KICK: the kick eventfd (None: poll mode); starts the ring."""
@@ -1472,11 +1522,8 @@ class BackendClient:
     def get_queue_num(self):
         """VHOST_USER_GET_QUEUE_NUM: how many queues the back-end supports (MQ)."""
         self._require(_F.GET_QUEUE_NUM)
-        value = self._get_u64(_F.GET_QUEUE_NUM)
-        if not 0 < value <= MAX_VRINGS:
-            self._broken = ProtocolError("GET_QUEUE_NUM: queue count %d out of range 1..%d"
-                                         % (value, MAX_VRINGS), _F.GET_QUEUE_NUM)
-            raise self._broken
+        value = self._get_u64(_F.GET_QUEUE_NUM, lambda v: 0 < v <= MAX_VRINGS,
+                              "a queue count in 1..%d" % MAX_VRINGS)
         self.queue_num = value
         return value
 
@@ -1515,7 +1562,7 @@ class BackendClient:
     def iotlb_msg(self, msg):
         """VHOST_USER_IOTLB_MSG: an IOTLB update or invalidation (always acked)."""
         self._require(_F.IOTLB_MSG)
-        self._transact(_F.IOTLB_MSG, encode_iotlb(IotlbMsg(*msg)), ack=True)
+        self._transact(_F.IOTLB_MSG, _encode_iotlb(IotlbMsg(*msg)), ack=True)
 
     def set_vring_endian(self, index, big_endian):
         """VHOST_USER_SET_VRING_ENDIAN: legacy ring endianness. No reply."""
@@ -1531,25 +1578,26 @@ class BackendClient:
         """
         self._require(_F.GET_CONFIG)
         _check_config_window("GET_CONFIG", offset, size)
-        request = encode_config(DeviceConfig(offset, flags, bytes(size)))
-        body, _ = self._transact(_F.GET_CONFIG, request,
-                                 reply=_Reply((_CONFIG_HDR.size + size, _CONFIG_HDR.size)))
-        config = decode_config(_F.GET_CONFIG, body)
-        if not config.data:
-            raise BackendError("GET_CONFIG: back-end refused to read %d bytes at offset %d"
-                               % (size, offset), _F.GET_CONFIG, 0)
-        if config.offset != offset:
-            self._broken = ProtocolError("GET_CONFIG: reply offset %d, asked for %d"
-                                         % (config.offset, offset), _F.GET_CONFIG)
-            raise self._broken
-        return config.data
+        request = _encode_config(DeviceConfig(offset, flags, bytes(size)))
+
+        def check(body, fds):
+            config = _decode_config(_F.GET_CONFIG, body)
+            if not config.data:
+                raise BackendError("GET_CONFIG: back-end refused to read %d bytes at offset %d"
+                                   % (size, offset), _F.GET_CONFIG, 0)
+            if config.offset != offset:
+                raise ProtocolError("GET_CONFIG: reply offset %d, asked for %d"
+                                    % (config.offset, offset), _F.GET_CONFIG)
+            return config.data
+        return self._transact(_F.GET_CONFIG, request, check=check,
+                              reply=_Reply((_CONFIG_HDR.size + size, _CONFIG_HDR.size)))
 
     def set_config(self, offset, data, flags=CONFIG_FLAG_WRITABLE, ack=None):
         """VHOST_USER_SET_CONFIG: write ``data`` into the device config at ``offset``."""
         self._require(_F.SET_CONFIG)
         data = bytes(data)
         _check_config_window("SET_CONFIG", offset, len(data))
-        self._transact(_F.SET_CONFIG, encode_config(DeviceConfig(offset, flags, data)),
+        self._transact(_F.SET_CONFIG, _encode_config(DeviceConfig(offset, flags, data)),
                        ack=self._want_ack(_F.SET_CONFIG, ack))
 
     def create_crypto_session(self, session):
@@ -1585,21 +1633,20 @@ class BackendClient:
     def get_inflight_fd(self, num_queues, queue_size):
         """VHOST_USER_GET_INFLIGHT_FD: (InflightInfo, fd or None); caller closes the fd."""
         self._require(_F.GET_INFLIGHT_FD)
-        body, fds = self._transact(
-            _F.GET_INFLIGHT_FD, encode_inflight(InflightInfo(0, 0, num_queues, queue_size)),
-            reply=_Reply((_INFLIGHT.size,), (0, 1)))
-        info = decode_inflight(_F.GET_INFLIGHT_FD, body)
-        if bool(info.mmap_size) != bool(fds):
-            _close_fds(fds)
-            self._broken = ProtocolError("GET_INFLIGHT_FD: mmap_size %d with %d fd(s)"
-                                         % (info.mmap_size, len(fds)), _F.GET_INFLIGHT_FD)
-            raise self._broken
-        return info, (fds[0] if fds else None)
+        def check(body, fds):
+            info = _decode_inflight(_F.GET_INFLIGHT_FD, body)
+            if bool(info.mmap_size) != bool(fds):
+                raise ProtocolError("GET_INFLIGHT_FD: mmap_size %d with %d fd(s)"
+                                    % (info.mmap_size, len(fds)), _F.GET_INFLIGHT_FD)
+            return info, (fds[0] if fds else None)
+        return self._transact(
+            _F.GET_INFLIGHT_FD, _encode_inflight(InflightInfo(0, 0, num_queues, queue_size)),
+            reply=_Reply((_INFLIGHT.size,), (0, 1)), check=check)
 
     def set_inflight_fd(self, info, fd, ack=None):
         """VHOST_USER_SET_INFLIGHT_FD: hand the inflight buffer back (reconnect)."""
         self._require(_F.SET_INFLIGHT_FD)
-        self._transact(_F.SET_INFLIGHT_FD, encode_inflight(InflightInfo(*info)),
+        self._transact(_F.SET_INFLIGHT_FD, _encode_inflight(InflightInfo(*info)),
                        (_fileno(fd),), ack=self._want_ack(_F.SET_INFLIGHT_FD, ack))
 
     def gpu_set_socket(self, fd):
@@ -1621,11 +1668,7 @@ class BackendClient:
     def get_max_mem_slots(self):
         """VHOST_USER_GET_MAX_MEM_SLOTS: how many regions the back-end can hold."""
         self._require(_F.GET_MAX_MEM_SLOTS)
-        value = self._get_u64(_F.GET_MAX_MEM_SLOTS)
-        if not value:
-            self._broken = ProtocolError("GET_MAX_MEM_SLOTS: the back-end holds 0 regions",
-                                         _F.GET_MAX_MEM_SLOTS)
-            raise self._broken
+        value = self._get_u64(_F.GET_MAX_MEM_SLOTS, bool, "at least 1")
         self.max_mem_slots = value
         return value
 
@@ -1633,13 +1676,13 @@ class BackendClient:
         """VHOST_USER_ADD_MEM_REG: add one region (exactly one fd)."""
         self._require(_F.ADD_MEM_REG)
         _check_regions("ADD_MEM_REG", [MemoryRegion(*region)])
-        self._transact(_F.ADD_MEM_REG, encode_mem_region(MemoryRegion(*region)),
+        self._transact(_F.ADD_MEM_REG, _encode_mem_region(MemoryRegion(*region)),
                        (_fileno(fd),), ack=self._want_ack(_F.ADD_MEM_REG, ack))
 
     def rem_mem_reg(self, region, ack=None):
         """VHOST_USER_REM_MEM_REG: remove the region with this gpa, uaddr and size."""
         self._require(_F.REM_MEM_REG)
-        self._transact(_F.REM_MEM_REG, encode_mem_region(MemoryRegion(*region)),
+        self._transact(_F.REM_MEM_REG, _encode_mem_region(MemoryRegion(*region)),
                        ack=self._want_ack(_F.REM_MEM_REG, ack))
 
     def set_status(self, status, ack=None):
@@ -1652,12 +1695,7 @@ class BackendClient:
     def get_status(self):
         """VHOST_USER_GET_STATUS: the virtio device status byte."""
         self._require(_F.GET_STATUS)
-        value = self._get_u64(_F.GET_STATUS)
-        if value > 0xFF:
-            self._broken = ProtocolError("GET_STATUS: status %#x is not a byte" % value,
-                                         _F.GET_STATUS)
-            raise self._broken
-        return value
+        return self._get_u64(_F.GET_STATUS, lambda v: v <= 0xFF, "a status byte")
 
     def get_shared_object(self, uuid):
         """VHOST_USER_GET_SHARED_OBJECT: the dma-buf fd for a 16-byte UUID (caller closes it)."""
@@ -1665,13 +1703,14 @@ class BackendClient:
         uuid = bytes(uuid)
         if len(uuid) != _UUID_SIZE:
             raise ValueError("GET_SHARED_OBJECT: a UUID is 16 bytes, got %d" % len(uuid))
-        body, fds = self._transact(_F.GET_SHARED_OBJECT, uuid, reply=_Reply((0, 8), (0, 1)))
-        value = _U64.unpack(body)[0] if body else 0
-        if value or not fds:
-            _close_fds(fds)
-            raise BackendError("GET_SHARED_OBJECT: back-end has no object for that UUID "
-                               "(value %d)" % value, _F.GET_SHARED_OBJECT, value)
-        return fds[0]
+        def check(body, fds):
+            value = _U64.unpack(body)[0] if body else 0
+            if value or not fds:
+                raise BackendError("GET_SHARED_OBJECT: back-end has no object for that UUID "
+                                   "(value %d)" % value, _F.GET_SHARED_OBJECT, value)
+            return fds[0]
+        return self._transact(_F.GET_SHARED_OBJECT, uuid, reply=_Reply((0, 8), (0, 1)),
+                              check=check)
 
     def set_device_state_fd(self, direction, phase, fd):
         """VHOST_USER_SET_DEVICE_STATE_FD: start a state transfer over ``fd``.
@@ -1686,20 +1725,19 @@ class BackendClient:
         if direction not in (TRANSFER_SAVE, TRANSFER_LOAD) or phase != TRANSFER_PHASE_STOPPED:
             raise ValueError("SET_DEVICE_STATE_FD: direction %r / phase %r not defined"
                              % (direction, phase))
-        body, fds = self._transact(_F.SET_DEVICE_STATE_FD, _XFER.pack(direction, phase),
-                                   (_fileno(fd),), reply=_Reply((_U64.size,), (0, 1)))
-        value = _U64.unpack(body)[0]
-        error = value & 0xFF
-        no_fd = bool(value & _DEVICE_STATE_NO_FD)
-        if value & ~0x1FF or (fds and (error or no_fd)) or (not fds and not no_fd and not error):
-            _close_fds(fds)
-            self._broken = ProtocolError("SET_DEVICE_STATE_FD: reply value %#x with %d fd(s)"
-                                         % (value, len(fds)), _F.SET_DEVICE_STATE_FD)
-            raise self._broken
-        if error:
-            raise BackendError("SET_DEVICE_STATE_FD: back-end refused the transfer (error %d)"
-                               % error, _F.SET_DEVICE_STATE_FD, error)
-        return fds[0] if fds else None
+        def check(body, fds):
+            value = _U64.unpack(body)[0]
+            error = value & 0xFF
+            no_fd = bool(value & _DEVICE_STATE_NO_FD)
+            if value & ~0x1FF or (fds and (error or no_fd)) or not (fds or no_fd or error):
+                raise ProtocolError("SET_DEVICE_STATE_FD: reply value %#x with %d fd(s)"
+                                    % (value, len(fds)), _F.SET_DEVICE_STATE_FD)
+            if error:
+                raise BackendError("SET_DEVICE_STATE_FD: back-end refused the transfer "
+                                   "(error %d)" % error, _F.SET_DEVICE_STATE_FD, error)
+            return fds[0] if fds else None
+        return self._transact(_F.SET_DEVICE_STATE_FD, _XFER.pack(direction, phase),
+                              (_fileno(fd),), reply=_Reply((_U64.size,), (0, 1)), check=check)
 
     def check_device_state(self):
         """VHOST_USER_CHECK_DEVICE_STATE: raise BackendError unless the transfer succeeded."""
@@ -1712,13 +1750,18 @@ class BackendClient:
     def get_shmem_config(self):
         """VHOST_USER_GET_SHMEM_CONFIG: the device's shared memory regions."""
         self._require(_F.GET_SHMEM_CONFIG)
-        body, _ = self._transact(_F.GET_SHMEM_CONFIG, reply=_Reply((_SHMCFG.size,)))
-        return decode_shmem_config(_F.GET_SHMEM_CONFIG, body)
+        return self._transact(_F.GET_SHMEM_CONFIG, reply=_Reply((_SHMCFG.size,)),
+                              check=lambda body, fds: _decode_shmem_config(_F.GET_SHMEM_CONFIG,
+                                                                           body))
 
     def get_vring_base_skip_drain(self, index):
         """VHOST_USER_GET_VRING_BASE_SKIP_DRAIN: stop the ring without draining it."""
         self._require(_F.GET_VRING_BASE_SKIP_DRAIN)
         return self._get_base(_F.GET_VRING_BASE_SKIP_DRAIN, index)
+
+
+def _pair(body, fds):
+    return body, fds
 
 
 def _as_frontend_req(code):
@@ -1772,7 +1815,7 @@ class _Region:
     def __init__(self, guest_addr, size, name):
         self.guest_addr = guest_addr
         self.size = size
-        self.fd = memfd_create(name, size)
+        self.fd = _memfd_create(name, size)
         try:
             self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED,
                                  mmap.PROT_READ | mmap.PROT_WRITE)
@@ -1841,8 +1884,8 @@ class GuestMemory:
 
     @property
     def size(self):
-        """Total bytes of guest RAM."""
-        return sum(r.size for r in self._regions)
+        """Total bytes of guest RAM (0 once closed)."""
+        return sum(r.size for r in self._regions or ())
 
     def regions(self):
         """(MemoryRegion, fd) per region, as SET_MEM_TABLE and ADD_MEM_REG want them."""
@@ -2284,23 +2327,23 @@ class BackendReqHandler:
         self._mapper = None
         self._shmid = None
         self._dispatch = {
-            _B.IOTLB_MSG: (lambda body, fds: self.iotlb_msg(decode_iotlb(_B.IOTLB_MSG, body))),
+            _B.IOTLB_MSG: (lambda body, fds: self.iotlb_msg(_decode_iotlb(_B.IOTLB_MSG, body))),
             _B.CONFIG_CHANGE_MSG: self._config_change,
             _B.VRING_HOST_NOTIFIER_MSG: (lambda body, fds: self.vring_host_notifier_msg(
-                decode_vring_area(_B.VRING_HOST_NOTIFIER_MSG, body), fds[0] if fds else None)),
+                _decode_vring_area(_B.VRING_HOST_NOTIFIER_MSG, body), fds[0] if fds else None)),
             _B.VRING_CALL: (lambda body, fds: self.vring_call(
-                decode_state(_B.VRING_CALL, body).index)),
+                _decode_state(_B.VRING_CALL, body).index)),
             _B.VRING_ERR: (lambda body, fds: self.vring_err(
-                decode_state(_B.VRING_ERR, body).index)),
+                _decode_state(_B.VRING_ERR, body).index)),
             _B.SHARED_OBJECT_ADD: (lambda body, fds: self.shared_object_add(
                 _decode_uuid(_B.SHARED_OBJECT_ADD, body))),
             _B.SHARED_OBJECT_REMOVE: (lambda body, fds: self.shared_object_remove(
                 _decode_uuid(_B.SHARED_OBJECT_REMOVE, body))),
             _B.SHARED_OBJECT_LOOKUP: self._shared_object_lookup,
             _B.SHMEM_MAP: (lambda body, fds: self.shmem_map(
-                decode_shmem_map(_B.SHMEM_MAP, body), fds[0])),
+                _decode_shmem_map(_B.SHMEM_MAP, body), fds[0])),
             _B.SHMEM_UNMAP: (lambda body, fds: self.shmem_unmap(
-                decode_shmem_map(_B.SHMEM_UNMAP, body))),
+                _decode_shmem_map(_B.SHMEM_UNMAP, body))),
             _B.GPU_MAP: (lambda body, fds: self.gpu_map(
                 _decode_struct(_B.GPU_MAP, _GPU_MAP, body), fds[0])),
             _B.EXTERNAL_MAP: (lambda body, fds: self.external_map(
