@@ -32,6 +32,7 @@ GuestMemory, Queue, Backend requests, Worker, VhostUserFrontend, Devices, CLI.
 """
 
 import array
+import binascii
 import collections
 import ctypes
 import enum
@@ -61,6 +62,8 @@ __all__ = [
     "DeviceConfig", "VringArea", "InflightInfo", "ShmemMap", "ShmemConfig",
     # OS, client, memory
     "Event", "BackendClient", "GuestMemory", "Queue",
+    # Frontend
+    "SharedMemoryRegion", "BackendReqHandler", "Interrupt", "VhostUserFrontend", "DeviceState",
     # Devices
     "BlockDevice", "NetDevice",
 ]
@@ -508,51 +511,59 @@ def _check_u32(name, value):
         raise ValueError("%s must be an unsigned 32-bit integer, got %r" % (name, value))
 
 
-def encode_header(request, flags, size):
+def _check_fields(value, widths):
+    """ValueError naming the first field of a payload that does not fit its width in bits."""
+    for name, field, width in zip(value._fields, value, widths):
+        if not isinstance(field, int) or not 0 <= field < 1 << width:
+            raise ValueError("%s must be an unsigned %d-bit integer, got %r"
+                             % (name, width, field))
+
+
+def _encode_header(request, flags, size):
     """The 12-byte message header."""
     return _HDR.pack(int(request), flags, size)
 
 
-def decode_header(data):
+def _decode_header(data):
     """(request, flags, size) of a 12-byte header; the request stays an int."""
     if len(data) != _HDR.size:
         raise ProtocolError("header must be %d bytes, got %d" % (_HDR.size, len(data)))
     return _HDR.unpack(data)
 
 
-def encode_u64(value):
+def _encode_u64(value):
     _check_u64("value", value)
     return _U64.pack(value)
 
 
-def decode_u64(request, body):
+def _decode_u64(request, body):
     _expect_size(request, body, _U64.size)
     return _U64.unpack(body)[0]
 
 
-def encode_state(state):
+def _encode_state(state):
     _check_u32("index", state.index)
     _check_u32("num", state.num)
     return _STATE.pack(*state)
 
 
-def decode_state(request, body):
+def _decode_state(request, body):
     _expect_size(request, body, _STATE.size)
     return VringState._make(_STATE.unpack(body))
 
 
-def encode_vring_addr(addr):
+def _encode_vring_addr(addr):
     for name, value in zip(addr._fields, addr):
         (_check_u32 if name in ("index", "flags") else _check_u64)(name, value)
     return _ADDR.pack(*addr)
 
 
-def decode_vring_addr(request, body):
+def _decode_vring_addr(request, body):
     _expect_size(request, body, _ADDR.size)
     return VringAddr._make(_ADDR.unpack(body))
 
 
-def encode_mem_table(regions):
+def _encode_mem_table(regions):
     """MEM payload: the true region count, then each region (not padded to 8)."""
     parts = [_MEM_HDR.pack(len(regions), 0)]
     for region in regions:
@@ -562,7 +573,7 @@ def encode_mem_table(regions):
     return b"".join(parts)
 
 
-def decode_mem_table(request, body):
+def _decode_mem_table(request, body):
     if len(body) < _MEM_HDR.size:
         raise ProtocolError("%s: MEM payload of %d bytes is shorter than its header"
                             % (_req_name(request), len(body)), request)
@@ -573,26 +584,26 @@ def decode_mem_table(request, body):
             for i in range(count)]
 
 
-def encode_mem_region(region):
+def _encode_mem_region(region):
     for name, value in zip(region._fields, region):
         _check_u64(name, value)
     return _MEMREG.pack(0, *region)
 
 
-def decode_mem_region(request, body):
+def _decode_mem_region(request, body):
     _expect_size(request, body, _MEMREG.size)
     fields = _MEMREG.unpack(body)
     _expect_zero(request, "padding", fields[0])
     return MemoryRegion._make(fields[1:])
 
 
-def encode_config(config):
+def _encode_config(config):
     _check_u32("offset", config.offset)
     _check_u32("flags", config.flags)
     return _CONFIG_HDR.pack(config.offset, len(config.data), config.flags) + bytes(config.data)
 
 
-def decode_config(request, body):
+def _decode_config(request, body):
     if len(body) < _CONFIG_HDR.size:
         raise ProtocolError("%s: CONFIG payload of %d bytes is shorter than its header"
                             % (_req_name(request), len(body)), request)
@@ -601,12 +612,12 @@ def decode_config(request, body):
     return DeviceConfig(offset, flags, bytes(body[_CONFIG_HDR.size:]))
 
 
-def encode_vring_area(area):
+def _encode_vring_area(area):
     index = area.index | (_VRING_NOFD if area.no_fd else 0)
     return _AREA.pack(index, area.size, area.offset)
 
 
-def decode_vring_area(request, body):
+def _decode_vring_area(request, body):
     _expect_size(request, body, _AREA.size)
     value, size, offset = _AREA.unpack(body)
     if value & ~(_VRING_IDX_MASK | _VRING_NOFD):
@@ -615,34 +626,37 @@ def decode_vring_area(request, body):
     return VringArea(value & _VRING_IDX_MASK, bool(value & _VRING_NOFD), size, offset)
 
 
-def encode_inflight(info):
+def _encode_inflight(info):
+    _check_fields(info, (64, 64, 16, 16))
     return _INFLIGHT.pack(*info)
 
 
-def decode_inflight(request, body):
+def _decode_inflight(request, body):
     _expect_size(request, body, _INFLIGHT.size)
     return InflightInfo._make(_INFLIGHT.unpack(body))
 
 
-def encode_iotlb(msg):
+def _encode_iotlb(msg):
+    _check_fields(msg, (64, 64, 64, 8, 8))
     return _IOTLB.pack(*msg)
 
 
-def decode_iotlb(request, body):
+def _decode_iotlb(request, body):
     _expect_size(request, body, _IOTLB.size)
     return IotlbMsg._make(_IOTLB.unpack(body))
 
 
-def encode_shmem_map(msg):
+def _encode_shmem_map(msg):
+    _check_fields(msg, (8, 64, 64, 64, 64))
     return _MMAP.pack(*msg)
 
 
-def decode_shmem_map(request, body):
+def _decode_shmem_map(request, body):
     _expect_size(request, body, _MMAP.size)
     return ShmemMap._make(_MMAP.unpack(body))
 
 
-def decode_shmem_config(request, body):
+def _decode_shmem_config(request, body):
     _expect_size(request, body, _SHMCFG.size)
     fields = _SHMCFG.unpack(body)
     nregions, padding, sizes = fields[0], fields[1], fields[2:]
@@ -653,7 +667,7 @@ def decode_shmem_config(request, body):
     return ShmemConfig(nregions, tuple(sizes))
 
 
-def encode_vring_fd_index(index, has_fd):
+def _encode_vring_fd_index(index, has_fd):
     """u64 of SET_VRING_KICK/CALL/ERR: index in bits 0-7, NOFD in bit 8."""
     return _U64.pack(index | (0 if has_fd else _VRING_NOFD))
 
@@ -714,7 +728,7 @@ def _retry_eintr(call, what):
             continue
 
 
-def memfd_create(name, size):
+def _memfd_create(name, size):
     """An anonymous memory fd of ``size`` bytes, sealed against shrinking.
 
     The seal means a back-end cannot ``ftruncate`` the file under our
@@ -835,11 +849,52 @@ def _close_fds(fds):
             pass
 
 
+_MAP_FIXED = 0x10  # <linux/mman.h>: the same value on every Linux architecture
+_PROT_NONE = 0     # the mmap module has no name for it
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+@functools.lru_cache(maxsize=None)
+def _libc_mmap():
+    """libc's mmap/munmap with 64-bit offsets (mmap64: off_t is 32 bits on 32-bit hosts)."""
+    libc = _libc()
+    mmap_fn = getattr(libc, "mmap64", libc.mmap)
+    mmap_fn.restype = ctypes.c_void_p
+    mmap_fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                        ctypes.c_int, ctypes.c_int64)
+    libc.munmap.restype = ctypes.c_int
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    return mmap_fn, libc.munmap
+
+
+def _mmap_raw(address, length, prot, flags, fd=-1, offset=0):
+    """mmap(2) at a chosen address, which the mmap module cannot do; returns the address."""
+    mmap_fn, _ = _libc_mmap()
+    result = mmap_fn(address, length, prot, flags, fd, offset)
+    if result is None or result == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, "mmap: %s" % os.strerror(err))
+    return result
+
+
+def _munmap(address, length):
+    _, munmap_fn = _libc_mmap()
+    _check(munmap_fn(address, length), "munmap")
+
+
+def _file_seals(fd):
+    """The memfd seals of ``fd`` (0 for files that cannot be sealed)."""
+    result = _libc().fcntl(fd, _F_GET_SEALS, 0)
+    return 0 if result == -1 else result
+
+
 # ##########################################################################
 # Channel ##################################################################
 # ##########################################################################
 
-_CMSG_BUFSIZE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+# CMSG_SPACE is missing where there is no SCM_RIGHTS (Windows); the module must still import.
+_CMSG_BUFSIZE = (socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+                 if hasattr(socket, "CMSG_SPACE") else 0)
 _RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 #: Largest message body we read from a peer (rust-vmm MAX_MSG_SIZE is 4096;
 #: GET_SHMEM_CONFIG's 2056 bytes is the largest reply the spec defines).
@@ -884,6 +939,9 @@ class _Channel:
             raise Disconnected("%s: back-end closed the connection (%s)" % (what, exc),
                                request) from exc
         except OSError as exc:
+            if exc.errno == errno.EBADF and fds and self.sock.fileno() >= 0:
+                # One of the caller's fds is not open: sendmsg sent nothing.
+                raise ValueError("%s: cannot send fds %s: %s" % (what, list(fds), exc.strerror))
             raise Disconnected("%s: send failed: %s" % (what, exc), request) from exc
         if _log.isEnabledFor(logging.DEBUG):
             _log.debug("-> %s flags=%#x size=%d fds=%d", what, flags, len(body), len(fds))
@@ -904,15 +962,20 @@ class _Channel:
         return body
 
     def _recv_exact(self, size, what, first, timeout=None):
-        """Read exactly ``size`` bytes; fds are legal only with the first byte."""
+        """Read exactly ``size`` bytes; fds are legal only with the first byte.
+
+        ``timeout`` (default: the channel's) bounds the whole read, so a peer
+        trickling one byte at a time cannot stretch it.
+        """
         chunks = []
         fds = []
         got = 0
-        deadline = None
-        if timeout is not None:
-            self.sock.settimeout(timeout)
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while got < size:
+                if deadline is not None:
+                    self.sock.settimeout(max(0.0, deadline - time.monotonic()))
                 try:
                     data, ancdata, msg_flags, _ = self.sock.recvmsg(
                         size - got, _CMSG_BUFSIZE, _RECV_FLAGS)
@@ -920,7 +983,7 @@ class _Channel:
                     raise VhostUserTimeout(
                         "%s: no %s from the back-end within %.1f s"
                         % (what, "reply" if first and not got else "rest of the message",
-                           self.sock.gettimeout()))
+                           timeout))
                 except InterruptedError:
                     continue
                 except ConnectionResetError as exc:
@@ -945,9 +1008,8 @@ class _Channel:
             _close_fds(fds)
             raise
         finally:
-            if timeout is not None:
+            if deadline is not None:
                 self.sock.settimeout(self.timeout)
-        del deadline
         return b"".join(chunks), fds
 
     @staticmethod
@@ -1007,7 +1069,9 @@ _REQUEST_NEEDS = {
     _F.SET_DEVICE_STATE_FD: _P.DEVICE_STATE,
     _F.CHECK_DEVICE_STATE: _P.DEVICE_STATE,
     _F.GET_SHMEM_CONFIG: _P.SHMEM,
-    _F.GET_VRING_BASE_SKIP_DRAIN: _P.GET_VRING_BASE_SKIP_DRAIN,
+    # The spec allows message 45 only together with bits 20 and 12.
+    _F.GET_VRING_BASE_SKIP_DRAIN: (_P.GET_VRING_BASE_SKIP_DRAIN | _P.GET_VRING_BASE_INFLIGHT
+                                   | _P.INFLIGHT_SHMFD),
 }
 
 #: Requests QEMU sends with NEED_REPLY when REPLY_ACK is negotiated
@@ -1089,7 +1153,8 @@ class BackendClient:
                 sock.settimeout(max(0.05, deadline - time.monotonic()))
                 sock.connect(path)
                 return cls(sock, reply_timeout)
-            except (FileNotFoundError, ConnectionRefusedError) as exc:
+            except (FileNotFoundError, ConnectionRefusedError, BlockingIOError) as exc:
+                # BlockingIOError (EAGAIN): the listener's backlog is full for now.
                 sock.close()
                 if time.monotonic() >= deadline:
                     raise Disconnected("cannot connect to %s within %.1f s: %s"
@@ -1177,11 +1242,11 @@ class BackendClient:
                                      % (_req_name(request), self._broken), request)
 
     def _require(self, request):
-        needed = _REQUEST_NEEDS.get(request)
-        if needed is not None and not self.protocol_features & needed:
+        missing = _REQUEST_NEEDS.get(request, 0) & ~self.protocol_features
+        if missing:
             raise FeatureNotNegotiated(
                 "%s needs protocol feature %s, which was not negotiated"
-                % (request.name, needed.name), request)
+                % (request.name, " and ".join(ProtocolFeature.names(missing))), request)
 
     def _want_ack(self, request, ack):
         negotiated = bool(self.protocol_features & _P.REPLY_ACK)
@@ -1192,36 +1257,53 @@ class BackendClient:
                                        % request.name, request)
         return bool(ack)
 
-    def _transact(self, request, body=b"", fds=(), reply=None, ack=False):
-        """Send ``request``; return (body, fds) of its reply, or None.
+    def _transact(self, request, body=b"", fds=(), reply=None, ack=False, check=None):
+        """Send ``request`` and validate its reply, all under the lock.
 
-        ``reply`` describes a mandatory reply; otherwise ``ack`` asks for a
-        REPLY_ACK and checks it. The caller owns the returned fds.
+        ``reply`` describes a mandatory reply; ``check(body, fds)`` then turns
+        it into the return value (default: the pair; the caller owns the fds).
+        Without ``reply``, ``ack`` asks for a REPLY_ACK and checks it.
+        A ``ProtocolError`` from ``check`` breaks the client like any other;
+        the reply's fds are closed when ``check`` raises.
         """
         self._check_usable(request)
         with self._lock:
             self._check_usable(request)
             channel = self._channel
             flags = _VERSION | (_FLAG_NEED_REPLY if ack and reply is None else 0)
+            waiting = False
             try:
                 channel.send(request, flags, body, fds)
                 if reply is None and not ack:
                     return None
-                expect = reply or _REPLY_U64
-                got = self._receive_reply(request, expect)
+                waiting = True
+                got_body, got_fds = self._receive_reply(request, reply or _REPLY_U64)
+                waiting = False
+                try:
+                    if reply is None:
+                        return self._check_ack(request, got_body)
+                    return (check or _pair)(got_body, got_fds)
+                except BaseException:
+                    _close_fds(got_fds)
+                    raise
             except (ProtocolError, Disconnected, VhostUserTimeout) as exc:
                 if exc.request is None:
                     exc.request = request
                 self._broken = exc
                 raise
-        if reply is not None:
-            return got
-        reply_body, _ = got
-        value = _U64.unpack(reply_body)[0]
+            except BaseException as exc:
+                if waiting:  # e.g. KeyboardInterrupt: the reply may still arrive later
+                    self._broken = ProtocolError("%s: interrupted while waiting for the reply "
+                                                 "(%s)" % (request.name, type(exc).__name__),
+                                                 request)
+                raise
+
+    @staticmethod
+    def _check_ack(request, body):
+        value = _U64.unpack(body)[0]
         if value:
             raise BackendError("%s: back-end replied with error %d" % (request.name, value),
                                request, value)
-        return None
 
     def _receive_reply(self, request, expect):
         name = request.name
@@ -1245,9 +1327,19 @@ class BackendClient:
             raise
         return body, fds
 
-    def _get_u64(self, request):
-        body, _ = self._transact(request, reply=_REPLY_U64)
-        return _U64.unpack(body)[0]
+    def _get_u64(self, request, valid=None, expected=""):
+        """Send a payload-less request and return its u64 reply.
+
+        ``valid(value)`` false makes the reply a ``ProtocolError`` that says
+        the value was ``expected``.
+        """
+        def check(body, fds):
+            value = _U64.unpack(body)[0]
+            if valid is not None and not valid(value):
+                raise ProtocolError("%s: reply value %d, expected %s"
+                                    % (request.name, value, expected), request)
+            return value
+        return self._transact(request, reply=_REPLY_U64, check=check)
 
     def _set_u64(self, request, value, ack):
         _check_u64("value", value)
@@ -1267,7 +1359,7 @@ class BackendClient:
     def _send_vring_fd(self, request, index, fd, ack):
         self._check_ring(request, index, fd_message=True)
         fds = () if fd is None else (_fileno(fd),)
-        self._transact(request, encode_vring_fd_index(index, bool(fds)), fds,
+        self._transact(request, _encode_vring_fd_index(index, bool(fds)), fds,
                        ack=self._want_ack(request, ack))
 
     # -- requests, in spec order ----------------------------------------------
@@ -1312,7 +1404,7 @@ class BackendClient:
             raise ValueError("SET_MEM_TABLE: %d regions, the back-end takes 1..%d"
                              % (len(regions), limit))
         _check_regions("SET_MEM_TABLE", [r for r, _ in regions])
-        self._transact(_F.SET_MEM_TABLE, encode_mem_table([r for r, _ in regions]),
+        self._transact(_F.SET_MEM_TABLE, _encode_mem_table([r for r, _ in regions]),
                        [_fileno(fd) for _, fd in regions],
                        ack=self._want_ack(_F.SET_MEM_TABLE, ack))
 
@@ -1327,9 +1419,8 @@ class BackendClient:
         if self.protocol_features & _P.LOG_SHMFD:
             if fd is None:
                 raise ValueError("SET_LOG_BASE: LOG_SHMFD is negotiated, an fd is required")
-            _, fds = self._transact(_F.SET_LOG_BASE, body, (_fileno(fd),),
-                                    reply=_Reply((0, 8, 16)))
-            _close_fds(fds)
+            self._transact(_F.SET_LOG_BASE, body, (_fileno(fd),), reply=_Reply((0, 8, 16)),
+                           check=lambda body, fds: None)
         else:
             fds = () if fd is None else (_fileno(fd),)
             self._transact(_F.SET_LOG_BASE, body, fds)
@@ -1366,7 +1457,7 @@ class BackendClient:
         if ack is None:
             ack = bool(flags & 1) and bool(self.protocol_features & _P.REPLY_ACK)
         self._transact(_F.SET_VRING_ADDR,
-                       encode_vring_addr(VringAddr(index, flags, desc, used, avail, log)),
+                       _encode_vring_addr(VringAddr(index, flags, desc, used, avail, log)),
                        ack=self._want_ack(_F.SET_VRING_ADDR, ack))
 
     def set_vring_base(self, index, base, ack=None):
@@ -1385,13 +1476,14 @@ class BackendClient:
 
     def _get_base(self, request, index):
         self._check_ring(request, index)
-        body, _ = self._transact(request, _STATE.pack(index, 0), reply=_REPLY_STATE)
-        state = VringState._make(_STATE.unpack(body))
-        if state.index != index:
-            self._broken = ProtocolError("%s: reply is for ring %d, asked for ring %d"
-                                         % (request.name, state.index, index), request)
-            raise self._broken
-        return state.num
+
+        def check(body, fds):
+            state = VringState._make(_STATE.unpack(body))
+            if state.index != index:
+                raise ProtocolError("%s: reply is for ring %d, asked for ring %d"
+                                    % (request.name, state.index, index), request)
+            return state.num
+        return self._transact(request, _STATE.pack(index, 0), reply=_REPLY_STATE, check=check)
 
     def set_vring_kick(self, index, fd, ack=None):
         """VHOST_USER_SET_VRING_KICK: the kick eventfd (None: poll mode); starts the ring."""
@@ -1433,11 +1525,8 @@ class BackendClient:
     def get_queue_num(self):
         """VHOST_USER_GET_QUEUE_NUM: how many queues the back-end supports (MQ)."""
         self._require(_F.GET_QUEUE_NUM)
-        value = self._get_u64(_F.GET_QUEUE_NUM)
-        if not 0 < value <= MAX_VRINGS:
-            self._broken = ProtocolError("GET_QUEUE_NUM: queue count %d out of range 1..%d"
-                                         % (value, MAX_VRINGS), _F.GET_QUEUE_NUM)
-            raise self._broken
+        value = self._get_u64(_F.GET_QUEUE_NUM, lambda v: 0 < v <= MAX_VRINGS,
+                              "a queue count in 1..%d" % MAX_VRINGS)
         self.queue_num = value
         return value
 
@@ -1476,7 +1565,7 @@ class BackendClient:
     def iotlb_msg(self, msg):
         """VHOST_USER_IOTLB_MSG: an IOTLB update or invalidation (always acked)."""
         self._require(_F.IOTLB_MSG)
-        self._transact(_F.IOTLB_MSG, encode_iotlb(IotlbMsg(*msg)), ack=True)
+        self._transact(_F.IOTLB_MSG, _encode_iotlb(IotlbMsg(*msg)), ack=True)
 
     def set_vring_endian(self, index, big_endian):
         """VHOST_USER_SET_VRING_ENDIAN: legacy ring endianness. No reply."""
@@ -1492,25 +1581,26 @@ class BackendClient:
         """
         self._require(_F.GET_CONFIG)
         _check_config_window("GET_CONFIG", offset, size)
-        request = encode_config(DeviceConfig(offset, flags, bytes(size)))
-        body, _ = self._transact(_F.GET_CONFIG, request,
-                                 reply=_Reply((_CONFIG_HDR.size + size, _CONFIG_HDR.size)))
-        config = decode_config(_F.GET_CONFIG, body)
-        if not config.data:
-            raise BackendError("GET_CONFIG: back-end refused to read %d bytes at offset %d"
-                               % (size, offset), _F.GET_CONFIG, 0)
-        if config.offset != offset:
-            self._broken = ProtocolError("GET_CONFIG: reply offset %d, asked for %d"
-                                         % (config.offset, offset), _F.GET_CONFIG)
-            raise self._broken
-        return config.data
+        request = _encode_config(DeviceConfig(offset, flags, bytes(size)))
+
+        def check(body, fds):
+            config = _decode_config(_F.GET_CONFIG, body)
+            if not config.data:
+                raise BackendError("GET_CONFIG: back-end refused to read %d bytes at offset %d"
+                                   % (size, offset), _F.GET_CONFIG, 0)
+            if config.offset != offset:
+                raise ProtocolError("GET_CONFIG: reply offset %d, asked for %d"
+                                    % (config.offset, offset), _F.GET_CONFIG)
+            return config.data
+        return self._transact(_F.GET_CONFIG, request, check=check,
+                              reply=_Reply((_CONFIG_HDR.size + size, _CONFIG_HDR.size)))
 
     def set_config(self, offset, data, flags=CONFIG_FLAG_WRITABLE, ack=None):
         """VHOST_USER_SET_CONFIG: write ``data`` into the device config at ``offset``."""
         self._require(_F.SET_CONFIG)
         data = bytes(data)
         _check_config_window("SET_CONFIG", offset, len(data))
-        self._transact(_F.SET_CONFIG, encode_config(DeviceConfig(offset, flags, data)),
+        self._transact(_F.SET_CONFIG, _encode_config(DeviceConfig(offset, flags, data)),
                        ack=self._want_ack(_F.SET_CONFIG, ack))
 
     def create_crypto_session(self, session):
@@ -1546,21 +1636,20 @@ class BackendClient:
     def get_inflight_fd(self, num_queues, queue_size):
         """VHOST_USER_GET_INFLIGHT_FD: (InflightInfo, fd or None); caller closes the fd."""
         self._require(_F.GET_INFLIGHT_FD)
-        body, fds = self._transact(
-            _F.GET_INFLIGHT_FD, encode_inflight(InflightInfo(0, 0, num_queues, queue_size)),
-            reply=_Reply((_INFLIGHT.size,), (0, 1)))
-        info = decode_inflight(_F.GET_INFLIGHT_FD, body)
-        if bool(info.mmap_size) != bool(fds):
-            _close_fds(fds)
-            self._broken = ProtocolError("GET_INFLIGHT_FD: mmap_size %d with %d fd(s)"
-                                         % (info.mmap_size, len(fds)), _F.GET_INFLIGHT_FD)
-            raise self._broken
-        return info, (fds[0] if fds else None)
+        def check(body, fds):
+            info = _decode_inflight(_F.GET_INFLIGHT_FD, body)
+            if bool(info.mmap_size) != bool(fds):
+                raise ProtocolError("GET_INFLIGHT_FD: mmap_size %d with %d fd(s)"
+                                    % (info.mmap_size, len(fds)), _F.GET_INFLIGHT_FD)
+            return info, (fds[0] if fds else None)
+        return self._transact(
+            _F.GET_INFLIGHT_FD, _encode_inflight(InflightInfo(0, 0, num_queues, queue_size)),
+            reply=_Reply((_INFLIGHT.size,), (0, 1)), check=check)
 
     def set_inflight_fd(self, info, fd, ack=None):
         """VHOST_USER_SET_INFLIGHT_FD: hand the inflight buffer back (reconnect)."""
         self._require(_F.SET_INFLIGHT_FD)
-        self._transact(_F.SET_INFLIGHT_FD, encode_inflight(InflightInfo(*info)),
+        self._transact(_F.SET_INFLIGHT_FD, _encode_inflight(InflightInfo(*info)),
                        (_fileno(fd),), ack=self._want_ack(_F.SET_INFLIGHT_FD, ack))
 
     def gpu_set_socket(self, fd):
@@ -1582,11 +1671,7 @@ class BackendClient:
     def get_max_mem_slots(self):
         """VHOST_USER_GET_MAX_MEM_SLOTS: how many regions the back-end can hold."""
         self._require(_F.GET_MAX_MEM_SLOTS)
-        value = self._get_u64(_F.GET_MAX_MEM_SLOTS)
-        if not value:
-            self._broken = ProtocolError("GET_MAX_MEM_SLOTS: the back-end holds 0 regions",
-                                         _F.GET_MAX_MEM_SLOTS)
-            raise self._broken
+        value = self._get_u64(_F.GET_MAX_MEM_SLOTS, bool, "at least 1")
         self.max_mem_slots = value
         return value
 
@@ -1594,13 +1679,13 @@ class BackendClient:
         """VHOST_USER_ADD_MEM_REG: add one region (exactly one fd)."""
         self._require(_F.ADD_MEM_REG)
         _check_regions("ADD_MEM_REG", [MemoryRegion(*region)])
-        self._transact(_F.ADD_MEM_REG, encode_mem_region(MemoryRegion(*region)),
+        self._transact(_F.ADD_MEM_REG, _encode_mem_region(MemoryRegion(*region)),
                        (_fileno(fd),), ack=self._want_ack(_F.ADD_MEM_REG, ack))
 
     def rem_mem_reg(self, region, ack=None):
         """VHOST_USER_REM_MEM_REG: remove the region with this gpa, uaddr and size."""
         self._require(_F.REM_MEM_REG)
-        self._transact(_F.REM_MEM_REG, encode_mem_region(MemoryRegion(*region)),
+        self._transact(_F.REM_MEM_REG, _encode_mem_region(MemoryRegion(*region)),
                        ack=self._want_ack(_F.REM_MEM_REG, ack))
 
     def set_status(self, status, ack=None):
@@ -1613,12 +1698,7 @@ class BackendClient:
     def get_status(self):
         """VHOST_USER_GET_STATUS: the virtio device status byte."""
         self._require(_F.GET_STATUS)
-        value = self._get_u64(_F.GET_STATUS)
-        if value > 0xFF:
-            self._broken = ProtocolError("GET_STATUS: status %#x is not a byte" % value,
-                                         _F.GET_STATUS)
-            raise self._broken
-        return value
+        return self._get_u64(_F.GET_STATUS, lambda v: v <= 0xFF, "a status byte")
 
     def get_shared_object(self, uuid):
         """VHOST_USER_GET_SHARED_OBJECT: the dma-buf fd for a 16-byte UUID (caller closes it)."""
@@ -1626,13 +1706,14 @@ class BackendClient:
         uuid = bytes(uuid)
         if len(uuid) != _UUID_SIZE:
             raise ValueError("GET_SHARED_OBJECT: a UUID is 16 bytes, got %d" % len(uuid))
-        body, fds = self._transact(_F.GET_SHARED_OBJECT, uuid, reply=_Reply((0, 8), (0, 1)))
-        value = _U64.unpack(body)[0] if body else 0
-        if value or not fds:
-            _close_fds(fds)
-            raise BackendError("GET_SHARED_OBJECT: back-end has no object for that UUID "
-                               "(value %d)" % value, _F.GET_SHARED_OBJECT, value)
-        return fds[0]
+        def check(body, fds):
+            value = _U64.unpack(body)[0] if body else 0
+            if value or not fds:
+                raise BackendError("GET_SHARED_OBJECT: back-end has no object for that UUID "
+                                   "(value %d)" % value, _F.GET_SHARED_OBJECT, value)
+            return fds[0]
+        return self._transact(_F.GET_SHARED_OBJECT, uuid, reply=_Reply((0, 8), (0, 1)),
+                              check=check)
 
     def set_device_state_fd(self, direction, phase, fd):
         """VHOST_USER_SET_DEVICE_STATE_FD: start a state transfer over ``fd``.
@@ -1647,20 +1728,19 @@ class BackendClient:
         if direction not in (TRANSFER_SAVE, TRANSFER_LOAD) or phase != TRANSFER_PHASE_STOPPED:
             raise ValueError("SET_DEVICE_STATE_FD: direction %r / phase %r not defined"
                              % (direction, phase))
-        body, fds = self._transact(_F.SET_DEVICE_STATE_FD, _XFER.pack(direction, phase),
-                                   (_fileno(fd),), reply=_Reply((_U64.size,), (0, 1)))
-        value = _U64.unpack(body)[0]
-        error = value & 0xFF
-        no_fd = bool(value & _DEVICE_STATE_NO_FD)
-        if value & ~0x1FF or (fds and (error or no_fd)) or (not fds and not no_fd and not error):
-            _close_fds(fds)
-            self._broken = ProtocolError("SET_DEVICE_STATE_FD: reply value %#x with %d fd(s)"
-                                         % (value, len(fds)), _F.SET_DEVICE_STATE_FD)
-            raise self._broken
-        if error:
-            raise BackendError("SET_DEVICE_STATE_FD: back-end refused the transfer (error %d)"
-                               % error, _F.SET_DEVICE_STATE_FD, error)
-        return fds[0] if fds else None
+        def check(body, fds):
+            value = _U64.unpack(body)[0]
+            error = value & 0xFF
+            no_fd = bool(value & _DEVICE_STATE_NO_FD)
+            if value & ~0x1FF or (fds and (error or no_fd)) or not (fds or no_fd or error):
+                raise ProtocolError("SET_DEVICE_STATE_FD: reply value %#x with %d fd(s)"
+                                    % (value, len(fds)), _F.SET_DEVICE_STATE_FD)
+            if error:
+                raise BackendError("SET_DEVICE_STATE_FD: back-end refused the transfer "
+                                   "(error %d)" % error, _F.SET_DEVICE_STATE_FD, error)
+            return fds[0] if fds else None
+        return self._transact(_F.SET_DEVICE_STATE_FD, _XFER.pack(direction, phase),
+                              (_fileno(fd),), reply=_Reply((_U64.size,), (0, 1)), check=check)
 
     def check_device_state(self):
         """VHOST_USER_CHECK_DEVICE_STATE: raise BackendError unless the transfer succeeded."""
@@ -1673,13 +1753,18 @@ class BackendClient:
     def get_shmem_config(self):
         """VHOST_USER_GET_SHMEM_CONFIG: the device's shared memory regions."""
         self._require(_F.GET_SHMEM_CONFIG)
-        body, _ = self._transact(_F.GET_SHMEM_CONFIG, reply=_Reply((_SHMCFG.size,)))
-        return decode_shmem_config(_F.GET_SHMEM_CONFIG, body)
+        return self._transact(_F.GET_SHMEM_CONFIG, reply=_Reply((_SHMCFG.size,)),
+                              check=lambda body, fds: _decode_shmem_config(_F.GET_SHMEM_CONFIG,
+                                                                           body))
 
     def get_vring_base_skip_drain(self, index):
         """VHOST_USER_GET_VRING_BASE_SKIP_DRAIN: stop the ring without draining it."""
         self._require(_F.GET_VRING_BASE_SKIP_DRAIN)
         return self._get_base(_F.GET_VRING_BASE_SKIP_DRAIN, index)
+
+
+def _pair(body, fds):
+    return body, fds
 
 
 def _as_frontend_req(code):
@@ -1733,7 +1818,7 @@ class _Region:
     def __init__(self, guest_addr, size, name):
         self.guest_addr = guest_addr
         self.size = size
-        self.fd = memfd_create(name, size)
+        self.fd = _memfd_create(name, size)
         try:
             self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED,
                                  mmap.PROT_READ | mmap.PROT_WRITE)
@@ -1802,8 +1887,8 @@ class GuestMemory:
 
     @property
     def size(self):
-        """Total bytes of guest RAM."""
-        return sum(r.size for r in self._regions)
+        """Total bytes of guest RAM (0 once closed)."""
+        return sum(r.size for r in self._regions or ())
 
     def regions(self):
         """(MemoryRegion, fd) per region, as SET_MEM_TABLE and ADD_MEM_REG want them."""
@@ -2459,15 +2544,1330 @@ class Queue:
 # Backend requests #########################################################
 # ##########################################################################
 
+# Requests come from the back-end on the socketpair handed over with
+# SET_BACKEND_REQ_FD; the front-end answers them (spec "Back-end message
+# types"). Replies carry 0 for success or -errno as a u64, as crosvm and
+# rust-vmm send it (QEMU sends 1; back-ends treat any non-zero as failure).
+
+_B = BackendReq
+
+#: Requests answered whether or not NEED_REPLY is set: the spec says so for
+#: SHARED_OBJECT_LOOKUP, crosvm for its GPU_MAP and EXTERNAL_MAP.
+_ALWAYS_REPLIED = frozenset([_B.SHARED_OBJECT_LOOKUP, _B.GPU_MAP, _B.EXTERNAL_MAP])
+
+#: The fd counts a back-end request may carry; absent means none.
+_BACKEND_REQ_FDS = {_B.SHMEM_MAP: (1,), _B.GPU_MAP: (1,), _B.VRING_HOST_NOTIFIER_MSG: (0, 1)}
+
+
+def _errno_value(err):
+    """-errno as the u64 a reply carries."""
+    return (-err) & 0xFFFF_FFFF_FFFF_FFFF
+
+
+class SharedMemoryRegion(NamedTuple):
+    """The device's shared memory region (virtio "shared memory regions"): id and size."""
+    id: int
+    length: int
+
+
+class _ShmemMapping(NamedTuple):
+    shm_offset: int
+    length: int
+    writable: bool
+    fd: int          # our own dup, for pread/pwrite on files that may shrink
+    fd_offset: int
+    direct: bool     # safe to dereference the mapping itself
+
+
+class _ShmemMapper:
+    """The built-in shared memory mapper: back-end fds mapped into one reserved range.
+
+    The region is reserved as an inaccessible anonymous mapping; SHMEM_MAP maps
+    the back-end's fd over part of it (``MAP_FIXED``, with the protection the
+    back-end asked for) and SHMEM_UNMAP puts the inaccessible mapping back, so
+    nothing else can land in the range while the device lives.
+
+    Reading never faults, whatever the back-end does:
+
+    - ranges nobody mapped are refused (``ValueError``), never dereferenced;
+    - a mapping past the end of the back-end's file is refused at SHMEM_MAP
+      (``fstat`` must cover ``fd_offset + len``);
+    - a back-end may shrink its file later (``ftruncate``) and a load from the
+      lost pages would SIGBUS us. So the mapping is read in place only when
+      the file is sealed against shrinking (``F_SEAL_SHRINK``) or is not a
+      regular file (dma-bufs and devices cannot be truncated); a regular
+      unsealed file is read and written with ``pread``/``pwrite`` through our
+      own dup of its fd, which see the same pages and return short instead
+      of faulting. A short read raises ``ProtocolError``.
+
+    All methods are thread-safe: the worker maps while the caller reads.
+    """
+
+    def __init__(self, region):
+        if region.length <= 0 or region.length % _PAGE_SIZE:
+            raise ValueError("shared memory region %d: length %#x is not a positive multiple "
+                             "of the page size" % (region.id, region.length))
+        self.region = region
+        self._lock = threading.Lock()
+        self._mappings = {}
+        self._base = _mmap_raw(None, region.length, _PROT_NONE,
+                               mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+    def add_mapping(self, fd, fd_offset, shm_offset, length, writable):
+        """Map ``length`` bytes of ``fd`` at ``fd_offset`` to ``shm_offset`` (SHMEM_MAP).
+
+        Raises:
+            OSError: EINVAL for a bad range, an overlap or a file too small.
+        """
+        with self._lock:
+            self._check_open()
+            for name, value in (("fd_offset", fd_offset), ("shm_offset", shm_offset),
+                                ("len", length)):
+                if value % _PAGE_SIZE:
+                    raise OSError(errno.EINVAL, "SHMEM_MAP: %s %#x is not page aligned"
+                                  % (name, value))
+            if length <= 0 or shm_offset + length > self.region.length:
+                raise OSError(errno.EINVAL, "SHMEM_MAP: %#x + %#x is outside the %#x-byte "
+                              "region" % (shm_offset, length, self.region.length))
+            for other in self._mappings.values():
+                if shm_offset < other.shm_offset + other.length and \
+                        other.shm_offset < shm_offset + length:
+                    raise OSError(errno.EINVAL, "SHMEM_MAP: %#x + %#x overlaps the mapping at "
+                                  "%#x + %#x" % (shm_offset, length, other.shm_offset,
+                                                 other.length))
+            st = os.fstat(fd)
+            regular = (st.st_mode & 0o170000) == 0o100000
+            if regular and st.st_size < fd_offset + length:
+                # Pages past EOF would SIGBUS on first touch.
+                raise OSError(errno.EINVAL, "SHMEM_MAP: the file has %d bytes, the mapping "
+                              "needs %d" % (st.st_size, fd_offset + length))
+            direct = not regular or bool(_file_seals(fd) & _F_SEAL_SHRINK)
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            own_fd = os.dup(fd)
+            try:
+                _mmap_raw(self._base + shm_offset, length, prot,
+                          mmap.MAP_SHARED | _MAP_FIXED, fd, fd_offset)
+            except BaseException:
+                os.close(own_fd)
+                raise
+            self._mappings[shm_offset] = _ShmemMapping(
+                shm_offset, length, bool(writable), own_fd, fd_offset, direct)
+
+    def remove_mapping(self, shm_offset, length):
+        """Unmap the mapping at ``shm_offset`` (SHMEM_UNMAP); it must match exactly.
+
+        Raises:
+            OSError: EINVAL when no mapping has that offset and length.
+        """
+        with self._lock:
+            self._check_open()
+            mapping = self._mappings.get(shm_offset)
+            if mapping is None or mapping.length != length:
+                raise OSError(errno.EINVAL, "SHMEM_UNMAP: no mapping at %#x + %#x"
+                              % (shm_offset, length))
+            self._unmap(mapping)
+
+    def clear(self):
+        """Drop every mapping (device reset, spec "SHMEM_MAP")."""
+        with self._lock:
+            for mapping in list(self._mappings.values()):
+                self._unmap(mapping)
+
+    def _unmap(self, mapping):
+        _mmap_raw(self._base + mapping.shm_offset, mapping.length, _PROT_NONE,
+                  mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED)
+        del self._mappings[mapping.shm_offset]
+        os.close(mapping.fd)
+
+    def mappings(self):
+        """(shm_offset, length, writable) of every mapping, by offset."""
+        with self._lock:
+            return sorted((m.shm_offset, m.length, m.writable) for m in self._mappings.values())
+
+    def _find(self, offset, length, what):
+        self._check_open()
+        for mapping in self._mappings.values():
+            if mapping.shm_offset <= offset and offset + length <= \
+                    mapping.shm_offset + mapping.length:
+                return mapping
+        raise ValueError("%s: shared memory %#x + %#x is not inside one mapping"
+                         % (what, offset, length))
+
+    def read(self, offset, length):
+        """Copy ``length`` bytes from the region at ``offset`` (it must be mapped)."""
+        if not isinstance(length, int) or length < 0 or not isinstance(offset, int):
+            raise ValueError("read(%r, %r): bad offset or length" % (offset, length))
+        with self._lock:
+            mapping = self._find(offset, length, "read")
+            if mapping.direct:
+                return ctypes.string_at(self._base + offset, length)
+            position = mapping.fd_offset + offset - mapping.shm_offset
+            data = os.pread(mapping.fd, length, position)
+            if len(data) != length:
+                raise ProtocolError("SHMEM_MAP: the back-end shrank the file mapped at %#x; "
+                                    "read %d of %d bytes" % (mapping.shm_offset, len(data),
+                                                             length), _B.SHMEM_MAP)
+            return data
+
+    def write(self, offset, data):
+        """Copy ``data`` into a writable mapping at ``offset``."""
+        data = bytes(data)
+        with self._lock:
+            mapping = self._find(offset, len(data), "write")
+            if not mapping.writable:
+                raise ValueError("write: the mapping at %#x is read-only" % mapping.shm_offset)
+            if mapping.direct:
+                ctypes.memmove(self._base + offset, data, len(data))
+                return
+            position = mapping.fd_offset + offset - mapping.shm_offset
+            # Checked first: pwrite past the end would grow the back-end's file.
+            if os.fstat(mapping.fd).st_size < position + len(data) or \
+                    os.pwrite(mapping.fd, data, position) != len(data):
+                raise ProtocolError("SHMEM_MAP: the back-end shrank the file mapped at %#x"
+                                    % mapping.shm_offset, _B.SHMEM_MAP)
+
+    def _check_open(self):
+        if self._base is None:
+            raise ValueError("shared memory region %d is closed" % self.region.id)
+
+    def close(self):
+        """Drop every mapping and the reservation; safe to call twice."""
+        with self._lock:
+            if self._base is None:
+                return
+            for mapping in self._mappings.values():
+                os.close(mapping.fd)
+            self._mappings.clear()
+            _munmap(self._base, self.region.length)
+            self._base = None
+
+    def __repr__(self):
+        return "<shared memory region %d: %d bytes, %d mapping(s)>" % (
+            self.region.id, self.region.length, len(self._mappings))
+
+
+class BackendReqHandler:
+    """Serves the back-end's requests on the channel set up with SET_BACKEND_REQ_FD.
+
+    Every request of the spec (plus crosvm's GPU_MAP and EXTERNAL_MAP) has a
+    method; a method returns the reply value (0 = success) or raises
+    ``OSError(errno)``, answered as -errno. What is not supported is answered
+    with an error and serving carries on (crosvm stops its worker there).
+    A malformed payload, a wrong fd count or an unknown request code is
+    answered with EINVAL or ENOSYS the same way. Only a broken stream (bad
+    header flags, an oversized body, fds mid-message) ends serving.
+
+    Replies are sent when REPLY_ACK was negotiated and the back-end set
+    NEED_REPLY, and always for SHARED_OBJECT_LOOKUP, GPU_MAP and EXTERNAL_MAP.
+
+    Subclass it to support more; the frontend takes a ``handler_factory``.
+    The methods run on the frontend's worker thread, never while the
+    front-end's request lock is held.
+
+    Attributes:
+        interrupt: the ``Interrupt`` of the active device, or None.
+        queues: {index: Queue} of the active device.
+        shared_objects: UUIDs the back-end registered with SHARED_OBJECT_ADD.
+    """
+
+    def __init__(self, sock, reply_ack=False, timeout=5.0):
+        """Serve on ``sock`` (our end of the socketpair; the handler owns it)."""
+        self._channel = _Channel(sock, timeout)
+        self.reply_ack = reply_ack
+        self.interrupt = None
+        self.queues = {}
+        self.shared_objects = set()
+        self._mapper_lock = threading.Lock()
+        self._mapper = None
+        self._shmid = None
+        self._dispatch = {
+            _B.IOTLB_MSG: (lambda body, fds: self.iotlb_msg(_decode_iotlb(_B.IOTLB_MSG, body))),
+            _B.CONFIG_CHANGE_MSG: self._config_change,
+            _B.VRING_HOST_NOTIFIER_MSG: (lambda body, fds: self.vring_host_notifier_msg(
+                _decode_vring_area(_B.VRING_HOST_NOTIFIER_MSG, body), fds[0] if fds else None)),
+            _B.VRING_CALL: (lambda body, fds: self.vring_call(
+                _decode_state(_B.VRING_CALL, body).index)),
+            _B.VRING_ERR: (lambda body, fds: self.vring_err(
+                _decode_state(_B.VRING_ERR, body).index)),
+            _B.SHARED_OBJECT_ADD: (lambda body, fds: self.shared_object_add(
+                _decode_uuid(_B.SHARED_OBJECT_ADD, body))),
+            _B.SHARED_OBJECT_REMOVE: (lambda body, fds: self.shared_object_remove(
+                _decode_uuid(_B.SHARED_OBJECT_REMOVE, body))),
+            _B.SHARED_OBJECT_LOOKUP: self._shared_object_lookup,
+            _B.SHMEM_MAP: (lambda body, fds: self.shmem_map(
+                _decode_shmem_map(_B.SHMEM_MAP, body), fds[0])),
+            _B.SHMEM_UNMAP: (lambda body, fds: self.shmem_unmap(
+                _decode_shmem_map(_B.SHMEM_UNMAP, body))),
+            _B.GPU_MAP: (lambda body, fds: self.gpu_map(
+                _decode_struct(_B.GPU_MAP, _GPU_MAP, body), fds[0])),
+            _B.EXTERNAL_MAP: (lambda body, fds: self.external_map(
+                _decode_struct(_B.EXTERNAL_MAP, _EXTERNAL_MAP, body))),
+        }
+
+    def fileno(self):
+        """The channel's fd (the worker polls it)."""
+        return self._channel.fileno()
+
+    def close(self):
+        """Close the channel; safe to call twice."""
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+
+    @property
+    def closed(self):
+        return self._channel is None
+
+    def set_shared_memory_mapper(self, mapper, shmid):
+        """Serve SHMEM_MAP/UNMAP for region ``shmid`` with ``mapper`` (None: refuse them)."""
+        with self._mapper_lock:
+            self._mapper = mapper
+            self._shmid = shmid
+
+    # -- serving ------------------------------------------------------------
+
+    def handle_request(self):
+        """Read, serve and answer one request (call when the channel is readable).
+
+        Raises:
+            Disconnected: the back-end closed the channel.
+            ProtocolError: the stream cannot be trusted any more.
+        """
+        code, flags, size, fds = self._channel.recv_header("back-end request")
+        try:
+            request = _as_backend_req(code)
+            name = _req_name(request)
+            if flags & ~(_FLAG_VERSION_MASK | _FLAG_NEED_REPLY) or \
+                    flags & _FLAG_VERSION_MASK != _VERSION:
+                raise ProtocolError("%s: back-end request flags %#x, expected version 1 "
+                                    "with only NEED_REPLY" % (name, flags), request)
+            body = self._channel.recv_body(size, name)
+            if _log.isEnabledFor(logging.DEBUG):
+                _log.debug("<- %s flags=%#x size=%d fds=%d", name, flags, size, len(fds))
+            need_reply = request in _ALWAYS_REPLIED or bool(
+                self.reply_ack and flags & _FLAG_NEED_REPLY)
+            value, reply_fds = self._serve(request, name, body, fds, need_reply)
+        finally:
+            _close_fds(fds)
+        try:
+            if need_reply:
+                self._channel.send(code, _VERSION | _FLAG_REPLY, _U64.pack(value), reply_fds,
+                                   what=name + " reply")
+        finally:
+            _close_fds(reply_fds)
+
+    def _serve(self, request, name, body, fds, need_reply):
+        """(reply value, reply fds) for one request; errors become -errno."""
+        handler = self._dispatch.get(request)
+        try:
+            if handler is None:
+                raise OSError(errno.ENOSYS, "unknown request code")
+            if len(fds) not in _BACKEND_REQ_FDS.get(request, (0,)):
+                raise OSError(errno.EINVAL, "%d fd(s) attached" % len(fds))
+            result = handler(body, fds)
+        except ProtocolError as exc:
+            _log.warning("%s: malformed back-end request, answered EINVAL: %s", name, exc)
+            return _errno_value(errno.EINVAL), ()
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+            _log.warning("%s: answered %s: %s", name, errno.errorcode.get(err, err),
+                         exc.strerror or exc)
+            return _errno_value(err), ()
+        except BaseException:
+            # A bug in a handler method: answer so the back-end does not hang,
+            # then let the worker fail loudly.
+            if need_reply:
+                try:
+                    self._channel.send(int(request), _VERSION | _FLAG_REPLY,
+                                       _U64.pack(_errno_value(errno.EIO)), what=name + " reply")
+                except VhostUserError:
+                    pass
+            raise
+        if isinstance(result, tuple):
+            return result
+        return result or 0, ()
+
+    # -- one method per request -----------------------------------------------
+
+    def iotlb_msg(self, msg):
+        """IOTLB_MSG: an IOTLB miss; unsupported (we never offer ACCESS_PLATFORM)."""
+        raise OSError(errno.ENOTSUP, "no IOMMU: ACCESS_PLATFORM is not supported")
+
+    def _config_change(self, body, fds):
+        if body:  # crosvm requires an empty payload
+            raise ProtocolError("CONFIG_CHANGE_MSG: payload of %d bytes, expected none"
+                                % len(body), _B.CONFIG_CHANGE_MSG)
+        return self.config_change_msg()
+
+    def config_change_msg(self):
+        """CONFIG_CHANGE_MSG: the device config changed; tell the ``Interrupt``."""
+        if self.interrupt is None:
+            raise OSError(errno.ENOSYS, "no interrupt to signal")
+        self.interrupt.signal_config_changed()
+        return 0
+
+    def vring_host_notifier_msg(self, area, fd):
+        """VRING_HOST_NOTIFIER_MSG: accepted as deregistration only (kicks stay eventfds)."""
+        if area.no_fd:
+            return 0
+        raise OSError(errno.ENOTSUP, "host notifiers are not used; kicks are eventfds")
+
+    def vring_call(self, index):
+        """VRING_CALL: an in-band call; signalled as the queue's interrupt."""
+        queue = self.queues.get(index)
+        if queue is None or self.interrupt is None:
+            raise OSError(errno.EINVAL, "ring %d is not active" % index)
+        self.interrupt.signal_used_queue(queue)
+        return 0
+
+    def vring_err(self, index):
+        """VRING_ERR: the back-end found an error on a ring; logged."""
+        if index not in self.queues:
+            raise OSError(errno.EINVAL, "ring %d is not active" % index)
+        _log.error("back-end reports an error on ring %d", index)
+        return 0
+
+    def shared_object_add(self, uuid):
+        """SHARED_OBJECT_ADD: remember a UUID the back-end exports."""
+        self.shared_objects.add(uuid)
+        return 0
+
+    def shared_object_remove(self, uuid):
+        """SHARED_OBJECT_REMOVE: forget a UUID (only its owner may remove it)."""
+        if uuid not in self.shared_objects:
+            raise OSError(errno.ENOENT, "UUID %s is not registered" % uuid.hex())
+        self.shared_objects.discard(uuid)
+        return 0
+
+    def _shared_object_lookup(self, body, fds):
+        fd = self.shared_object_lookup(_decode_uuid(_B.SHARED_OBJECT_LOOKUP, body))
+        return 0, (fd,)
+
+    def shared_object_lookup(self, uuid):
+        """SHARED_OBJECT_LOOKUP: the dma-buf fd of an object another device exports.
+
+        This front-end drives one back-end, so there is nobody to ask: ENOENT.
+        An override returns an fd, which is sent and then closed.
+        """
+        raise OSError(errno.ENOENT, "no other device exports UUID %s" % uuid.hex())
+
+    def _checked_mapper(self, shmid):
+        with self._mapper_lock:
+            if self._mapper is None:
+                raise OSError(errno.EINVAL, "no shared memory mapper is set")
+            if shmid != self._shmid:
+                raise OSError(errno.EINVAL, "shmid %d, the device's region is %d"
+                              % (shmid, self._shmid))
+            return self._mapper
+
+    def shmem_map(self, msg, fd):
+        """SHMEM_MAP: map the back-end's fd into the shared memory region."""
+        self._checked_mapper(msg.shmid).add_mapping(fd, msg.fd_offset, msg.shm_offset, msg.len,
+                                                    bool(msg.flags & 1))
+        return 0
+
+    def shmem_unmap(self, msg):
+        """SHMEM_UNMAP: remove the mapping that covers exactly this range."""
+        self._checked_mapper(msg.shmid).remove_mapping(msg.shm_offset, msg.len)
+        return 0
+
+    def gpu_map(self, msg, fd):
+        """GPU_MAP (crosvm): a Vulkan memory import; unsupported without a GPU."""
+        raise OSError(errno.ENOTSUP, "Vulkan memory mapping is not supported")
+
+    def external_map(self, msg):
+        """EXTERNAL_MAP (crosvm): a host pointer of another process means nothing here."""
+        raise OSError(errno.EPERM, "a pointer into another process cannot be mapped")
+
+    def __repr__(self):
+        return "<BackendReqHandler %s>" % ("closed" if self.closed else "open")
+
+
+def _as_backend_req(code):
+    try:
+        return BackendReq(code)
+    except ValueError:
+        return code
+
+
+def _decode_uuid(request, body):
+    _expect_size(request, body, _UUID_SIZE)
+    return bytes(body)
+
+
+def _decode_struct(request, layout, body):
+    _expect_size(request, body, layout.size)
+    return layout.unpack(body)
+
+
 
 # ##########################################################################
 # Worker ###################################################################
 # ##########################################################################
 
+# crosvm's worker.rs: one thread per active device that serves what arrives
+# asynchronously. It never touches the main socket except to notice its
+# hang-up; every request/reply stays on the caller's thread.
+
+
+class Interrupt:
+    """How a program learns what crosvm tells the guest: used queues, config change, crash.
+
+    Modes (``mode``), i.e. which eventfd SET_VRING_CALL gets for a queue:
+
+    - ``"queue"`` (the default without ``on_used``): the queue's own
+      ``queue.call``. The back-end signals it directly and the thread that
+      wants completions waits on it; the worker is not involved (like
+      crosvm's MSI-X irqfds, which go straight to KVM).
+    - ``"shared"``: one eventfd for every queue, ``interrupt.shared``, like
+      crosvm's non-MSI-X path. The worker drains it, then signals every
+      active queue's ``queue.call`` and calls ``on_used(None)``.
+    - ``"callback"`` (the default with ``on_used``): a private eventfd per
+      queue that the worker watches; it signals ``queue.call`` and calls
+      ``on_used(index)``.
+
+    Whatever the mode, ``queue.call`` is signalled when a queue may have new
+    used entries, so driver code can always wait on it (and must re-check the
+    used index: back-ends signal spuriously).
+
+    Config change (CONFIG_CHANGE_MSG) signals ``config_changed`` and calls
+    ``on_config_changed()``. A crash (the main socket hung up, or the worker
+    failed) sets ``crash_error``, signals ``crashed`` and calls
+    ``on_crashed(error)``. Callbacks run on the worker thread, never under
+    the client's lock, and before the matching event is signalled (so a
+    thread woken by the event sees the callback's effects); an exception in
+    one is logged and ignored. They may not call the frontend's lifecycle
+    methods (that would join the thread they run on).
+
+    Attributes:
+        config_changed: an ``Event`` signalled on every config change.
+        crashed: an ``Event`` signalled when the device crashed.
+        crash_error: the first crash's exception, or None.
+        shared: the shared ``Event`` in "shared" mode, else None.
+    """
+
+    QUEUE = "queue"
+    SHARED = "shared"
+    CALLBACK = "callback"
+
+    def __init__(self, mode=None, on_used=None, on_config_changed=None, on_crashed=None):
+        if mode is None:
+            mode = self.CALLBACK if on_used is not None else self.QUEUE
+        if mode not in (self.QUEUE, self.SHARED, self.CALLBACK):
+            raise ValueError("Interrupt: mode %r is not 'queue', 'shared' or 'callback'"
+                             % (mode,))
+        self.mode = mode
+        self.on_used = on_used
+        self.on_config_changed = on_config_changed
+        self.on_crashed = on_crashed
+        self.crash_error = None
+        self.config_changed = self.crashed = self.shared = None
+        try:
+            self.config_changed = Event()
+            self.crashed = Event()
+            if mode == self.SHARED:
+                self.shared = Event()
+        except BaseException:
+            self.close()
+            raise
+
+    def signal_used_queue(self, queue):
+        """Tell waiters ``queue`` (a Queue; None: every queue) may have used entries."""
+        self._callback(self.on_used, None if queue is None else queue.index)
+        if queue is not None:
+            queue.call.signal()
+
+    def signal_config_changed(self):
+        """Report a device config change."""
+        self._callback(self.on_config_changed)
+        self.config_changed.signal()
+
+    def signal_crashed(self, error):
+        """Report that the device stopped working (crosvm DeviceCrashed)."""
+        if self.crash_error is None:
+            self.crash_error = error
+        self._callback(self.on_crashed, error)
+        self.crashed.signal()
+
+    @staticmethod
+    def _callback(function, *args):
+        if function is None:
+            return
+        try:
+            function(*args)
+        except Exception:
+            _log.exception("Interrupt callback %r failed", function)
+
+    def close(self):
+        """Close the events; safe to call twice."""
+        for event in (self.config_changed, self.crashed, self.shared):
+            if event is not None:
+                event.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return "<Interrupt %s%s>" % (self.mode, " crashed" if self.crash_error else "")
+
+
+class _Worker:
+    """One named thread: epoll over the stop event, the back-end request
+    channel, the main socket's hang-up and the call events of the "shared"
+    and "callback" modes (crosvm worker.rs).
+
+    An exception in the thread is logged, reported through the Interrupt as
+    a crash and kept in ``error`` for ``stop()`` to re-raise.
+    """
+
+    def __init__(self, name, interrupt, handler, main_fd, queues, proxies):
+        self.name = name
+        self.interrupt = interrupt
+        self.handler = handler
+        self.handler_closed = False
+        self.main_fd = main_fd
+        self.queues = queues
+        self.proxies = proxies
+        self.error = None
+        self._stop = Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self, timeout):
+        """Stop and join the thread; returns the exception it failed with, or None."""
+        self._stop.signal()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            # Leave the stop event open: the thread may still poll it.
+            raise VhostUserTimeout("%s: worker thread did not stop within %.1f s "
+                                   "(blocked in a callback?)" % (self.name, timeout))
+        self._stop.close()
+        return self.error
+
+    def _run(self):
+        poller = select.epoll()
+        try:
+            self._loop(poller)
+        except BaseException as exc:
+            self.error = exc
+            _log.error("%s: worker failed: %s", self.name, exc, exc_info=True)
+            self.interrupt.signal_crashed(exc)
+        finally:
+            poller.close()
+
+    def _loop(self, poller):
+        stop_fd = self._stop.fileno()
+        handlers = {stop_fd: None}
+        poller.register(stop_fd, select.EPOLLIN)
+        if self.handler is not None:
+            handlers[self.handler.fileno()] = self._serve_handler
+            poller.register(self.handler.fileno(), select.EPOLLIN)
+        # Hang-up only (mask 0: EPOLLHUP/EPOLLERR are always reported): the
+        # replies on this socket belong to the caller's thread.
+        handlers[self.main_fd] = self._main_hangup
+        poller.register(self.main_fd, 0)
+        if self.interrupt.shared is not None:
+            handlers[self.interrupt.shared.fileno()] = self._shared_call
+            poller.register(self.interrupt.shared.fileno(), select.EPOLLIN)
+        for index, event in self.proxies.items():
+            handlers[event.fileno()] = functools.partial(self._queue_call, index, event)
+            poller.register(event.fileno(), select.EPOLLIN)
+        while True:
+            try:
+                events = poller.poll()
+            except InterruptedError:  # 3.4 retries EINTR itself (PEP 475); PyPy may not
+                continue
+            for fd, mask in events:
+                handler = handlers.get(fd)
+                if handler is None:
+                    if fd == stop_fd:
+                        return
+                    continue  # unregistered earlier in this batch
+                handler(poller, handlers, fd, mask)
+
+    def _serve_handler(self, poller, handlers, fd, mask):
+        try:
+            self.handler.handle_request()
+        except Disconnected:
+            # crosvm: the back-end closed its request channel; stop watching.
+            _log.info("%s: back-end request channel closed", self.name)
+            poller.unregister(fd)
+            del handlers[fd]
+            self.handler_closed = True
+
+    def _main_hangup(self, poller, handlers, fd, mask):
+        poller.unregister(fd)
+        del handlers[fd]
+        error = Disconnected("%s: the back-end hung up the vhost-user socket" % self.name)
+        _log.error("%s", error)
+        self.interrupt.signal_crashed(error)
+
+    def _shared_call(self, poller, handlers, fd, mask):
+        if self.interrupt.shared.read():
+            for queue in self.queues.values():
+                queue.call.signal()
+            self.interrupt.signal_used_queue(None)
+
+    def _queue_call(self, index, event, poller, handlers, fd, mask):
+        if event.read():
+            self.interrupt.signal_used_queue(self.queues[index])
+
+
 
 # ##########################################################################
 # VhostUserFrontend ########################################################
 # ##########################################################################
+
+# crosvm's devices/src/virtio/vhost_user_frontend/mod.rs: the VirtioDevice a
+# VMM holds for a device whose emulation lives in a vhost-user back-end.
+
+#: Protocol features crosvm negotiates (mod.rs ``allow_protocol_features``).
+#: REPLY_ACK is also what lets the back-end ask for replies on its channel.
+_CROSVM_PROTOCOL_FEATURES = (_P.CONFIG | _P.MQ | _P.BACKEND_REQ | _P.DEVICE_STATE | _P.SHMEM
+                            | _P.REPLY_ACK)
+
+_STATE_MAGIC = b"VHUSTATE"
+_STATE_HDR = struct.Struct("<8sHHIQQ")  # magic, version, reserved, device type, features, length
+_STATE_CRC = struct.Struct("<I")
+_STATE_VERSION = 1
+
+
+class DeviceState(NamedTuple):
+    """A stopped device's state: what ``virtio_snapshot`` returns and ``virtio_restore`` takes.
+
+    ``to_bytes()`` gives a self-contained encoding, so a snapshot can go to a
+    file and be restored by another process. Version 1, little-endian::
+
+        offset  size  field
+        0       8     magic b"VHUSTATE"
+        8       2     version, 1
+        10      2     reserved, 0
+        12      4     device_type (virtio device ID)
+        16      8     acked_features
+        24      8     n = len(backend_state)
+        32      n     backend_state (the bytes the back-end streamed)
+        32+n    4     CRC-32 (binascii.crc32) of bytes 0 .. 32+n
+
+    A reader refuses another version, a bad magic, length or checksum.
+    """
+    device_type: int
+    acked_features: int
+    backend_state: bytes
+
+    def to_bytes(self):
+        """The versioned encoding described in the class docstring."""
+        head = _STATE_HDR.pack(_STATE_MAGIC, _STATE_VERSION, 0, int(self.device_type),
+                               int(self.acked_features), len(self.backend_state))
+        data = head + bytes(self.backend_state)
+        return data + _STATE_CRC.pack(binascii.crc32(data) & 0xFFFF_FFFF)
+
+    @classmethod
+    def from_bytes(cls, data):
+        """Decode ``to_bytes()`` output.
+
+        Raises:
+            ValueError: not a version-1 device state, truncated or corrupted.
+        """
+        data = bytes(data)
+        if len(data) < _STATE_HDR.size + _STATE_CRC.size:
+            raise ValueError("DeviceState: %d bytes is shorter than the %d-byte header"
+                             % (len(data), _STATE_HDR.size + _STATE_CRC.size))
+        magic, version, reserved, device_type, features, length = _STATE_HDR.unpack_from(data)
+        if magic != _STATE_MAGIC:
+            raise ValueError("DeviceState: magic %r, expected %r" % (magic, _STATE_MAGIC))
+        if version != _STATE_VERSION or reserved:
+            raise ValueError("DeviceState: version %d (reserved %d), this module reads "
+                             "version %d" % (version, reserved, _STATE_VERSION))
+        end = _STATE_HDR.size + length
+        if len(data) != end + _STATE_CRC.size:
+            raise ValueError("DeviceState: %d bytes, the header announces %d"
+                             % (len(data), end + _STATE_CRC.size))
+        crc, = _STATE_CRC.unpack_from(data, end)
+        if crc != binascii.crc32(data[:end]) & 0xFFFF_FFFF:
+            raise ValueError("DeviceState: checksum mismatch (corrupted state)")
+        try:
+            device_type = DeviceType(device_type)
+        except ValueError:
+            pass
+        return cls(device_type, features, data[_STATE_HDR.size:end])
+
+
+def _largest_power_of_two(value):
+    """The largest power of two <= ``value`` (crosvm power_of_two_le)."""
+    return 1 << (value.bit_length() - 1)
+
+
+class VhostUserFrontend:
+    """A virtio device whose emulation runs in a vhost-user back-end (crosvm's VhostUserFrontend).
+
+    Construction does crosvm's negotiation: RING_PACKED is stripped from
+    ``base_features`` (no packed driver yet), SET_OWNER, GET_FEATURES,
+    GET/SET_PROTOCOL_FEATURES (offered & ``protocol_features``) when bit 30
+    is offered, SET_BACKEND_REQ_FD when BACKEND_REQ was negotiated, and the
+    queue count from GET_QUEUE_NUM (MQ) or ``DeviceType.min_queues``.
+    SET_FEATURES waits for ``ack_features`` or ``activate``.
+
+    The lifecycle methods keep crosvm's names and order of requests and raise
+    what goes wrong (crosvm logs some and carries on). Differences from crosvm
+    that a caller can see: ``reset`` drops every SHMEM mapping; a back-end that
+    hangs up is reported through the ``Interrupt`` and the object stays usable
+    for ``close()``; unsupported back-end requests are answered with an error
+    instead of ending the worker; one kick is written after SET_VRING_KICK
+    (``start_kick``); ``DeviceState`` has a byte encoding.
+
+    Args:
+        device_type: a ``DeviceType``.
+        base_features: transport features the VMM supports (e.g. VERSION_1,
+            RING_EVENT_IDX); device-specific bits are always allowed.
+        connection: a socket path, a connected unix socket, or a
+            ``BackendClient``. The frontend owns it from the call on, also
+            when construction fails.
+        max_queue_size: queue size limit, rounded down to a power of two
+            (default 32768).
+        timeout: seconds to wait for any reply, pipe transfer or thread join.
+        protocol_features: the protocol features we may negotiate.
+        start_kick: write one kick after SET_VRING_KICK (the newest spec says
+            a ring starts there and QEMU does it); False for crosvm's behaviour.
+        handler_factory: ``f(sock, reply_ack=, timeout=)`` building the
+            ``BackendReqHandler`` (to serve more back-end requests).
+
+    Attributes:
+        client: the ``BackendClient``.
+        acked_features: the features acked so far (bit 30 included from the start).
+        protocol_features: the negotiated protocol features.
+        interrupt: the active device's ``Interrupt``, or None.
+    """
+
+    client = None
+    _handler = None
+    _worker = None
+
+    def __init__(self, device_type, base_features, connection, max_queue_size=None,
+                 timeout=5.0, protocol_features=_CROSVM_PROTOCOL_FEATURES, start_kick=True,
+                 handler_factory=BackendReqHandler):
+        self._device_type = DeviceType(device_type)
+        self.timeout = timeout
+        self.start_kick = start_kick
+        self.acked_features = 0
+        self.protocol_features = ProtocolFeature(0)
+        self.interrupt = None
+        self._own_interrupt = None
+        self._sent_features = None    # what SET_FEATURES last sent since reset
+        self._sent_queues = None      # {index: Queue} the back-end runs
+        self._proxies = {}            # callback mode: {index: Event} given to the back-end
+        self._sleeping = None         # (mem, interrupt, queues) between sleep and wake
+        self._mem = None
+        self._shmem_region = None     # None: not asked yet; then a SharedMemoryRegion or False
+        self._mapper = None
+        self._own_mapper = None
+        try:
+            self.client = self._connect(connection, timeout)
+            self._negotiate(int(base_features), ProtocolFeature(int(protocol_features)),
+                            max_queue_size, handler_factory)
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _connect(connection, timeout):
+        if isinstance(connection, BackendClient):
+            return connection
+        if isinstance(connection, socket.socket):
+            return BackendClient(connection, timeout)
+        if isinstance(connection, (str, bytes, os.PathLike)):
+            return BackendClient.connect(os.fspath(connection), reply_timeout=timeout)
+        raise TypeError("connection must be a path, a socket or a BackendClient, not %r"
+                        % (connection,))
+
+    def _negotiate(self, base_features, allowed_protocol, max_queue_size, handler_factory):
+        client = self.client
+        if base_features & VirtioFeature.RING_PACKED:
+            # crosvm b/331466964: no packed ring support in the protocol layer yet.
+            base_features &= ~VirtioFeature.RING_PACKED
+            _log.warning("%s: RING_PACKED requested but not supported yet; disabled",
+                         self.debug_label())
+        client.set_owner()
+        allowed = (_DEVICE_SPECIFIC_FEATURES | base_features
+                   | VirtioFeature.PROTOCOL_FEATURES)
+        self._avail_features = allowed & client.get_features()
+        if self._avail_features & VirtioFeature.PROTOCOL_FEATURES:
+            # GET/SET_PROTOCOL_FEATURES are legal before SET_FEATURES, and bit
+            # 30 rides on every later SET_FEATURES (rust-vmm/vhost#227).
+            self.acked_features = int(VirtioFeature.PROTOCOL_FEATURES)
+            offered = client.get_protocol_features()
+            client.set_protocol_features(offered & allowed_protocol)
+            self.protocol_features = client.protocol_features
+        if self.protocol_features & _P.BACKEND_REQ:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self._handler = handler_factory(
+                    ours, reply_ack=bool(self.protocol_features & _P.REPLY_ACK),
+                    timeout=self.timeout)
+            except BaseException:
+                ours.close()
+                theirs.close()
+                raise
+            with theirs:
+                client.set_backend_req_fd(theirs)
+        if self.protocol_features & _P.MQ:
+            num_queues = client.get_queue_num()
+        else:
+            num_queues = self._device_type.min_queues
+            client.queue_num = num_queues
+        size = MAX_QUEUE_SIZE
+        if max_queue_size is not None:
+            if not isinstance(max_queue_size, int) or max_queue_size < 1:
+                raise ValueError("max_queue_size must be a positive int, not %r"
+                                 % (max_queue_size,))
+            size = min(size, _largest_power_of_two(max_queue_size))
+        self._queue_sizes = [size] * num_queues
+        _log.info("%s: %d queue(s) of up to %d entries, features %#x, protocol features %#x",
+                  self.debug_label(), num_queues, size, self._avail_features,
+                  int(self.protocol_features))
+
+    # -- VirtioDevice ---------------------------------------------------------
+
+    def debug_label(self):
+        """A short name for logs: ``vu-`` and the device type."""
+        return "vu-%s" % self._device_type.name.lower()
+
+    def device_type(self):
+        """The ``DeviceType``."""
+        return self._device_type
+
+    def queue_max_sizes(self):
+        """The largest size of each queue, one entry per queue the device has."""
+        return list(self._queue_sizes)
+
+    def features(self):
+        """Features the driver may ack: back-end & (device bits | base | bit 30)."""
+        return self._avail_features
+
+    def ack_features(self, value):
+        """Ack ``value`` (limited to ``features()``); SET_FEATURES only when the set changed."""
+        features = (int(value) & self._avail_features) | self.acked_features
+        if features != self._sent_features:
+            self.client.set_features(features)
+            self._sent_features = features
+        self.acked_features = features
+
+    def read_config(self, offset, length):
+        """``length`` bytes of device config space at ``offset`` (GET_CONFIG)."""
+        return self.client.get_config(offset, length)
+
+    def write_config(self, offset, data):
+        """Write ``data`` into the device config space at ``offset`` (SET_CONFIG)."""
+        self.client.set_config(offset, data)
+
+    # -- activation -----------------------------------------------------------
+
+    def activate(self, mem, interrupt, queues):
+        """Hand guest memory and queues to the back-end and start the worker.
+
+        Sends SET_FEATURES (when not sent since the last reset), SET_MEM_TABLE,
+        then per queue in index order SET_VRING_NUM, SET_VRING_ADDR (host
+        addresses), SET_VRING_BASE (``next_avail``), SET_VRING_CALL,
+        SET_VRING_KICK (plus one kick with ``start_kick``) and, when bit 30
+        was acked, SET_VRING_ENABLE(1).
+
+        Args:
+            mem: the ``GuestMemory`` the queues live in.
+            interrupt: an ``Interrupt``, or None for a per-queue one the
+                frontend owns.
+            queues: {index: Queue} or a list of Queue (indices from ``.index``).
+
+        Raises:
+            RuntimeError: already active.
+            ValueError: a queue index or size the device does not have.
+        """
+        self._check_usable("activate")
+        if self._sent_queues is not None:
+            raise RuntimeError("activate: %s is already active; reset() or virtio_sleep() "
+                               "first" % self.debug_label())
+        if isinstance(queues, dict):
+            queues = dict(queues)
+        else:
+            queues = {queue.index: queue for queue in queues}
+        for index, queue in sorted(queues.items()):
+            if not 0 <= index < len(self._queue_sizes):
+                raise ValueError("activate: queue index %r, the device has queues 0..%d"
+                                 % (index, len(self._queue_sizes) - 1))
+            if queue.size > self._queue_sizes[index]:
+                raise ValueError("activate: queue %d has size %d, the maximum is %d"
+                                 % (index, queue.size, self._queue_sizes[index]))
+        if interrupt is None:
+            if self._own_interrupt is None:
+                self._own_interrupt = Interrupt()
+            interrupt = self._own_interrupt
+        self._sleeping = None
+        self.interrupt = interrupt
+        self._mem = mem
+        self._sent_queues = {}
+        if self._sent_features != self.acked_features:
+            self.ack_features(self.acked_features)
+        self.client.set_mem_table(mem.regions())
+        for index, queue in sorted(queues.items()):
+            if interrupt.mode == Interrupt.QUEUE:
+                call = queue.call
+            elif interrupt.mode == Interrupt.SHARED:
+                call = interrupt.shared
+            else:
+                call = self._proxies[index] = Event()
+            self._sent_queues[index] = queue  # from here on reset() must stop it
+            self._activate_vring(mem, index, queue, call)
+        self._start_worker(interrupt)
+
+    def _activate_vring(self, mem, index, queue, call):
+        client = self.client
+        client.set_vring_num(index, queue.size)
+        client.set_vring_addr(index, mem.host_address(queue.desc_table),
+                              mem.host_address(queue.used_ring),
+                              mem.host_address(queue.avail_ring))
+        client.set_vring_base(index, queue.next_avail)
+        client.set_vring_call(index, call)
+        client.set_vring_kick(index, queue.kick)
+        if self.start_kick:
+            # Spec (newest) "Ring states": a ring starts on SET_VRING_KICK and
+            # the front-end should kick once, for buffers already available.
+            queue.kick.signal()
+        # Spec: SET_VRING_ENABLE only once PROTOCOL_FEATURES was acked.
+        if self.acked_features & VirtioFeature.PROTOCOL_FEATURES:
+            client.set_vring_enable(index, True)
+
+    def _deactivate_vring(self, index):
+        """Disable then stop a ring; returns its 16-bit base (crosvm deactivate_vring)."""
+        if self.acked_features & VirtioFeature.PROTOCOL_FEATURES:
+            self.client.set_vring_enable(index, False)
+        base = self.client.get_vring_base(index)
+        if base > 0xFFFF:
+            raise ProtocolError("GET_VRING_BASE: base %#x of ring %d does not fit in 16 bits"
+                                % (base, index), FrontendReq.GET_VRING_BASE)
+        return base
+
+    def _start_worker(self, interrupt):
+        if self._worker is not None:
+            raise RuntimeError("BUG: %s: worker started twice" % self.debug_label())
+        handler = self._handler
+        if handler is not None:
+            handler.interrupt = interrupt
+            handler.queues = self._sent_queues
+        worker = _Worker("vhost-user-%s" % self.debug_label(), interrupt, handler,
+                         self.client.fileno(), self._sent_queues, self._proxies)
+        worker.start()
+        self._worker = worker
+
+    def _stop_worker(self):
+        """Stop the worker; returns the error it failed with, if any."""
+        worker, self._worker = self._worker, None
+        error = None
+        if worker is not None:
+            error = worker.stop(self.timeout)
+            if worker.handler_closed and self._handler is not None:
+                self._handler.close()
+                self._handler = None
+        if self._handler is not None:
+            self._handler.interrupt = None
+            self._handler.queues = {}
+        for event in self._proxies.values():
+            event.close()
+        self._proxies = {}
+        return error
+
+    def _stop_rings(self, reclaim):
+        """Disable and stop every sent ring, then the worker; raise the first error."""
+        queues, self._sent_queues = self._sent_queues, None
+        error = None
+        try:
+            # The worker keeps serving back-end requests while GET_VRING_BASE
+            # drains the rings, so it stops last (as in crosvm).
+            for index, queue in sorted((queues or {}).items()):
+                base = self._deactivate_vring(index)
+                if reclaim:
+                    queue.reclaim(base)
+        except BaseException as exc:
+            error = exc
+        worker_error = self._stop_worker()
+        if error is not None:
+            raise error
+        if worker_error is not None:
+            raise worker_error
+        return queues
+
+    def _check_usable(self, what):
+        if self.client is None:
+            raise ValueError("%s: %s is closed" % (what, self.debug_label()))
+
+    def reset(self):
+        """Stop every ring and the worker, drop all SHMEM mappings; ``activate`` may follow.
+
+        Raises:
+            VhostUserError: the back-end failed; the device is reset anyway
+                as far as this side goes, and the worker's own failure, if it
+                had one, is raised here.
+        """
+        self._check_usable("reset")
+        self._sleeping = None
+        try:
+            self._stop_rings(reclaim=False)
+        finally:
+            # crosvm's TODO: the spec unmaps every SHMEM mapping on reset.
+            if self._mapper is not None:
+                self._mapper.clear()
+            self._sent_features = None
+
+    def virtio_sleep(self):
+        """Stop every ring and the worker; returns {index: Queue} with reclaimed state.
+
+        Each queue's ``next_avail`` becomes GET_VRING_BASE's answer and its
+        ``next_used`` the used index in guest memory. Returns {} when the
+        device was not active.
+        """
+        self._check_usable("virtio_sleep")
+        if self._sent_queues is None:
+            return {}
+        mem, interrupt, queues = self._mem, self.interrupt, self._sent_queues
+        self._stop_rings(reclaim=True)
+        self._sleeping = (mem, interrupt, queues)
+        return dict(queues)
+
+    def virtio_wake(self, queues=None, mem=None, interrupt=None):
+        """Activate again after ``virtio_sleep``, with what it returned by default.
+
+        The back-end resumes from the bases sent with SET_VRING_BASE (the
+        queues' ``next_avail``). No-op when nothing sleeps and no queues are
+        given.
+        """
+        self._check_usable("virtio_wake")
+        if self._sleeping is None and queues is None:
+            return
+        saved_mem, saved_interrupt, saved_queues = self._sleeping or (None, None, None)
+        self.activate(mem if mem is not None else saved_mem,
+                      interrupt if interrupt is not None else saved_interrupt,
+                      queues if queues is not None else saved_queues)
+
+    # -- device state ---------------------------------------------------------
+
+    def _check_state_transfer(self, what):
+        self._check_usable(what)
+        if not self.protocol_features & _P.DEVICE_STATE:
+            raise FeatureNotNegotiated("%s needs protocol feature DEVICE_STATE, which was not "
+                                       "negotiated" % what, FrontendReq.SET_DEVICE_STATE_FD)
+        if self._sent_queues is not None:
+            # Spec "Migrating back-end state": only while every ring is stopped.
+            raise RuntimeError("%s: %s is active; call virtio_sleep() first"
+                               % (what, self.debug_label()))
+
+    def virtio_snapshot(self):
+        """The stopped device's state: acked features and the back-end's bytes.
+
+        SET_DEVICE_STATE_FD(SAVE, STOPPED) with a pipe (or the fd the back-end
+        returns), read to EOF, CHECK_DEVICE_STATE.
+        """
+        self._check_state_transfer("virtio_snapshot")
+        read_fd, write_fd = _pipe()
+        try:
+            theirs = self.client.set_device_state_fd(TRANSFER_SAVE, TRANSFER_PHASE_STOPPED,
+                                                     write_fd)
+            # EOF ends the state, so our copy of the write end must go first.
+            os.close(write_fd)
+            write_fd = -1
+            if theirs is not None:
+                os.close(read_fd)
+                read_fd = theirs
+            data = _read_until_eof(read_fd, self.timeout, "virtio_snapshot")
+        finally:
+            _close_fds([fd for fd in (read_fd, write_fd) if fd >= 0])
+        self.client.check_device_state()
+        return DeviceState(self._device_type, self.acked_features, data)
+
+    def virtio_restore(self, state):
+        """Load a ``DeviceState`` (or its bytes) into the stopped back-end.
+
+        Refuses a state of another device type or with features this back-end
+        does not offer, sends SET_FEATURES when the acked set changes, then
+        SET_DEVICE_STATE_FD(LOAD, STOPPED), the bytes, EOF, CHECK_DEVICE_STATE.
+        A later ``virtio_wake``/``activate`` starts the rings.
+
+        Raises:
+            ValueError: another device type, or undecodable bytes.
+            FeatureNotNegotiated: the state needs features the back-end lacks.
+        """
+        if not isinstance(state, DeviceState):
+            state = DeviceState.from_bytes(state)
+        self._check_state_transfer("virtio_restore")
+        if int(state.device_type) != int(self._device_type):
+            raise ValueError("virtio_restore: the state is of device type %r, this device "
+                             "is %s" % (state.device_type, self._device_type.name))
+        missing = state.acked_features & ~self._avail_features
+        if missing:
+            raise FeatureNotNegotiated(
+                "virtio_restore: the state has features %#x (%s) this back-end does not offer"
+                % (missing, ", ".join(VirtioFeature.names(missing, self._device_type))),
+                FrontendReq.SET_FEATURES)
+        self.acked_features = state.acked_features
+        if self._sent_features != self.acked_features:
+            self.ack_features(self.acked_features)
+        read_fd, write_fd = _pipe()
+        try:
+            theirs = self.client.set_device_state_fd(TRANSFER_LOAD, TRANSFER_PHASE_STOPPED,
+                                                     read_fd)
+            os.close(read_fd)
+            read_fd = -1
+            if theirs is not None:
+                os.close(write_fd)
+                write_fd = theirs
+            _write_all(write_fd, state.backend_state, self.timeout, "virtio_restore")
+        finally:
+            # Closing the write end is the EOF that ends the state.
+            _close_fds([fd for fd in (read_fd, write_fd) if fd >= 0])
+        self.client.check_device_state()
+
+    # -- shared memory --------------------------------------------------------
+
+    def get_shared_memory_region(self):
+        """The device's shared memory region, or None (GET_SHMEM_CONFIG, asked once).
+
+        Raises:
+            ProtocolError: the back-end has more than one region (crosvm
+                supports one).
+        """
+        self._check_usable("get_shared_memory_region")
+        if not self.protocol_features & _P.SHMEM:
+            return None
+        if self._shmem_region is None:
+            regions = self.client.get_shmem_config().regions()
+            if len(regions) > 1:
+                raise ProtocolError("GET_SHMEM_CONFIG: %d shared memory regions, only one is "
+                                    "supported" % len(regions), FrontendReq.GET_SHMEM_CONFIG)
+            self._shmem_region = SharedMemoryRegion(*regions[0]) if regions else False
+        return self._shmem_region or None
+
+    def set_shared_memory_mapper(self, mapper=None):
+        """Serve SHMEM_MAP/UNMAP with ``mapper``; None installs the built-in one.
+
+        A mapper has ``add_mapping(fd, fd_offset, shm_offset, length,
+        writable)`` (``fd`` is closed after the call: dup it to keep it),
+        ``remove_mapping(shm_offset, length)`` and ``clear()``, and raises
+        ``OSError`` to refuse. The built-in mapper really maps the back-end's
+        fds into a reserved range and offers ``read``/``write``/``mappings``
+        (see ``shared_memory``). Returns the mapper in use.
+
+        Raises:
+            FeatureNotNegotiated: BACKEND_REQ or SHMEM was not negotiated.
+            ValueError: the back-end has no shared memory region.
+        """
+        self._check_usable("set_shared_memory_mapper")
+        if self._handler is None:
+            raise FeatureNotNegotiated("set_shared_memory_mapper needs protocol feature "
+                                       "BACKEND_REQ, which was not negotiated",
+                                       FrontendReq.SET_BACKEND_REQ_FD)
+        region = self.get_shared_memory_region()
+        if region is None:
+            raise ValueError("set_shared_memory_mapper: %s has no shared memory region"
+                             % self.debug_label())
+        own = None
+        if mapper is None:
+            mapper = own = _ShmemMapper(region)
+        self._handler.set_shared_memory_mapper(mapper, region.id)
+        if self._own_mapper is not None:
+            self._own_mapper.close()
+        self._mapper, self._own_mapper = mapper, own
+        return mapper
+
+    @property
+    def shared_memory(self):
+        """The mapper serving SHMEM_MAP/UNMAP, or None."""
+        return self._mapper
+
+    # -- teardown -------------------------------------------------------------
+
+    def close(self):
+        """Stop the worker and close the connection and channel; safe to call twice.
+
+        Sends nothing: a back-end sees the hang-up. Guest memory and queues
+        belong to the caller. A worker failure is logged, not raised.
+        """
+        try:
+            if self._worker is not None:
+                try:
+                    error = self._stop_worker()
+                except VhostUserTimeout as exc:
+                    error = exc
+                if error is not None:
+                    _log.warning("%s: worker had failed: %s", self.debug_label(), error)
+        finally:
+            self._sent_queues = None
+            self._sleeping = None
+            for event in self._proxies.values():
+                event.close()
+            self._proxies = {}
+            if self._handler is not None:
+                self._handler.close()
+                self._handler = None
+            if self._own_mapper is not None:
+                self._own_mapper.close()
+            self._mapper = self._own_mapper = None
+            if self._own_interrupt is not None:
+                self._own_interrupt.close()
+                self._own_interrupt = None
+            if self.client is not None:
+                self.client.close()
+                self.client = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        if self.client is None:
+            state = "closed"
+        elif self._sent_queues is not None:
+            state = "active, %d queue(s)" % len(self._sent_queues)
+        else:
+            state = "sleeping" if self._sleeping else "inactive"
+        return "<VhostUserFrontend %s %s>" % (self.debug_label(), state)
+
+
+def _read_until_eof(fd, timeout, what):
+    """Everything readable from ``fd`` until EOF; ``timeout`` bounds each wait."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    chunks = []
+    while True:
+        if not poller.poll(timeout * 1000.0):
+            raise VhostUserTimeout("%s: the back-end sent no state data and no EOF for %.1f s "
+                                   "(after %d bytes)" % (what, timeout, sum(map(len, chunks))))
+        data = os.read(fd, 1 << 20)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+def _write_all(fd, data, timeout, what):
+    """Write ``data`` to a pipe; ``timeout`` bounds each wait for room."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        if not poller.poll(timeout * 1000.0):
+            raise VhostUserTimeout("%s: the back-end read no state data for %.1f s (%d of %d "
+                                   "bytes sent)" % (what, timeout, done, len(view)))
+        try:
+            # One PIPE_BUF at a time: a write that size fits once poll says POLLOUT.
+            done += os.write(fd, view[done:done + select.PIPE_BUF])
+        except BrokenPipeError as exc:
+            raise BackendError("%s: the back-end closed the state pipe after %d of %d bytes"
+                               % (what, done, len(view)), FrontendReq.SET_DEVICE_STATE_FD) \
+                from exc
+
 
 
 # ##########################################################################
