@@ -3046,6 +3046,19 @@ class TestBlockDevice(BackendTestMixin, FdLeakCheck):
         self.assertTrue(str(cm.exception).startswith("WRITE: virtio-blk status"))
         self.assertEqual(self.file_bytes(qsd, 0, 512), b"R" * 512)
 
+    def test_backend_gone_fails_fast(self):
+        qsd = self.start_backend(QemuStorageDaemon, kind="raw", size=1 << 20)
+        dev = self.connect(qsd, timeout=30.0)
+        dev.write(0, b"x" * 512)
+        with self.assertLogs("vhost_user_frontend", "WARNING") as logs:
+            qsd.stop()
+            started = time.monotonic()
+            with self.assertRaises(vu.Disconnected) as cm:
+                dev.read(0, 512)
+            self.assertLess(time.monotonic() - started, 10.0)   # not the 30 s completion timeout
+        self.assertIn("hung up", "\n".join(logs.output))
+        self.assertTrue(str(cm.exception).startswith("READ: the back-end is gone"))
+
     def test_two_queues_two_threads(self):
         qsd = self.start_backend(QemuStorageDaemon, kind="raw", size=2 << 20, num_queues=2)
         dev = self.connect(qsd, queue_size=16)

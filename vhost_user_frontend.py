@@ -3874,88 +3874,6 @@ def _write_all(fd, data, timeout, what):
 # Devices ##################################################################
 # ##########################################################################
 
-class _DriverFrontend:
-    """The device life cycle the drivers below need, done by hand (BACKENDS.md 5).
-
-    A stand-in with the same contract as ``VhostUserFrontend`` (constructor,
-    ``features``, ``ack_features``, ``read_config``, ``queue_max_sizes``,
-    ``activate``, ``close``), used until that class exists.
-    """
-
-    _client = None
-
-    def __init__(self, device_type, base_features, connection, max_queue_size=None,
-                 timeout=5.0):
-        self.device_type = DeviceType(device_type)
-        if isinstance(connection, BackendClient):
-            client = connection
-        elif isinstance(connection, socket.socket):
-            client = BackendClient(connection, timeout)
-        else:
-            client = BackendClient.connect(connection, reply_timeout=timeout)
-        self._client = client
-        try:
-            client.set_owner()
-            offered = client.get_features()
-            queues = _MIN_QUEUES[self.device_type]
-            if offered & VirtioFeature.PROTOCOL_FEATURES:
-                protocol = client.get_protocol_features()
-                client.set_protocol_features(
-                    protocol & (_P.MQ | _P.REPLY_ACK | _P.CONFIG))
-                if protocol & _P.MQ:
-                    queues = client.get_queue_num()
-            self._avail = offered & (_DEVICE_SPECIFIC_FEATURES | int(base_features)
-                                     | VirtioFeature.PROTOCOL_FEATURES)
-            self._acked = 0
-            size = MAX_QUEUE_SIZE if max_queue_size is None else max_queue_size
-            self._max_sizes = [size] * queues
-        except BaseException:
-            self.close()
-            raise
-
-    @property
-    def client(self):
-        return self._client
-
-    def features(self):
-        return self._avail
-
-    def ack_features(self, value):
-        self._acked |= int(value) & self._avail
-
-    def queue_max_sizes(self):
-        return list(self._max_sizes)
-
-    def read_config(self, offset, length):
-        return self._client.get_config(offset, length)
-
-    def activate(self, mem, interrupt, queues):
-        del interrupt  # the driver waits on each queue's call event itself
-        client = self._client
-        features = self._acked
-        if self._avail & VirtioFeature.PROTOCOL_FEATURES:
-            features |= VirtioFeature.PROTOCOL_FEATURES
-        client.set_features(features)
-        client.set_mem_table(mem.regions())
-        items = queues.items() if isinstance(queues, dict) else \
-            ((q.index, q) for q in queues)
-        for index, queue in items:
-            client.set_vring_num(index, queue.size)
-            client.set_vring_base(index, queue.next_avail)
-            client.set_vring_addr(index, mem.host_address(queue.desc_table),
-                                  mem.host_address(queue.used_ring),
-                                  mem.host_address(queue.avail_ring))
-            client.set_vring_call(index, queue.call)
-            client.set_vring_kick(index, queue.kick)
-            if features & VirtioFeature.PROTOCOL_FEATURES:
-                client.set_vring_enable(index, True)
-
-    def close(self):
-        client, self._client = self._client, None
-        if client is not None:
-            client.close()
-
-
 # -- virtio-blk (virtio spec 5.2) ----------------------------------------------
 
 _BLK_F_SIZE_MAX = 1 << 1
@@ -4058,6 +3976,18 @@ class _BlockRequest:
             "status=%d" % self.status_buf[0] if self.done else "in flight")
 
 
+#: Longest sleep on a call eventfd before checking whether the back-end hung up.
+_CRASH_CHECK_INTERVAL = 0.1
+
+
+def _check_alive(frontend, what):
+    """Raise Disconnected if the worker saw the back-end hang up (or fail)."""
+    interrupt = frontend.interrupt if frontend is not None else None
+    error = interrupt.crash_error if interrupt is not None else None
+    if error is not None:
+        raise Disconnected("%s: the back-end is gone: %s" % (what, error)) from error
+
+
 class _Completions:
     """Routes one queue's used entries to the threads waiting for them.
 
@@ -4066,16 +3996,22 @@ class _Completions:
     sleeps on an eventfd signal another thread already consumed.
     """
 
-    def __init__(self, queue):
+    def __init__(self, queue, frontend):
         self.queue = queue
+        self.frontend = frontend
         self.cond = threading.Condition()
         self.reaping = False
         self.finished = []    # background requests done but not yet returned
 
     def wait(self, until, deadline, what):
-        """Reap until ``until()`` holds; VhostUserTimeout at ``deadline``."""
+        """Reap until ``until()`` holds; VhostUserTimeout at ``deadline``.
+
+        Raises Disconnected soon after the back-end hangs up, rather than
+        at the deadline.
+        """
         with self.cond:
             while not until():
+                _check_alive(self.frontend, what)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise VhostUserTimeout("%s: no completion from the device within the "
@@ -4086,7 +4022,7 @@ class _Completions:
                 self.reaping = True
                 self.cond.release()
                 try:
-                    used = self.queue.wait_used(remaining)
+                    used = self.queue.wait_used(min(remaining, _CRASH_CHECK_INTERVAL))
                 finally:
                     self.cond.acquire()
                     self.reaping = False
@@ -4145,9 +4081,13 @@ class BlockDevice:
 
     @classmethod
     def connect(cls, path, num_queues=None, queue_size=128, timeout=5.0, **kwargs):
-        """Connect to the vhost-user-blk socket at ``path``, negotiate and activate."""
-        frontend = _DriverFrontend(DeviceType.BLOCK, _BLK_DRIVER_FEATURES, path,
-                                   timeout=timeout)
+        """Connect to the vhost-user-blk socket at ``path``, negotiate and activate.
+
+        ``path`` may also be a connected socket or a ``BackendClient``; other
+        keyword arguments go to the constructor.
+        """
+        frontend = VhostUserFrontend(DeviceType.BLOCK, _BLK_DRIVER_FEATURES, path,
+                                     timeout=timeout)
         return cls(frontend, num_queues=num_queues, queue_size=queue_size,
                    timeout=timeout, **kwargs)
 
@@ -4203,7 +4143,7 @@ class BlockDevice:
         for index in range(num_queues):
             queues.append(Queue(self._mem, size, index, features=self.features))
             self._queues = queues
-        self._completions = [_Completions(q) for q in queues]
+        self._completions = [_Completions(q, frontend) for q in queues]
         frontend.activate(self._mem, None, queues)
 
     # -- properties from the config space ---------------------------------------
@@ -4523,9 +4463,13 @@ class NetDevice:
 
     @classmethod
     def connect(cls, path, queue_size=256, timeout=5.0, **kwargs):
-        """Connect to the vhost-user-net socket at ``path``, negotiate and start."""
-        frontend = _DriverFrontend(DeviceType.NET, _NET_DRIVER_FEATURES, path,
-                                   timeout=timeout)
+        """Connect to the vhost-user-net socket at ``path``, negotiate and start.
+
+        ``path`` may also be a connected socket or a ``BackendClient``; other
+        keyword arguments go to the constructor.
+        """
+        frontend = VhostUserFrontend(DeviceType.NET, _NET_DRIVER_FEATURES, path,
+                                     timeout=timeout)
         return cls(frontend, queue_size=queue_size, timeout=timeout, **kwargs)
 
     def _setup(self, queue_size, mrg_rxbuf, rx_buffer_size, memory_size):
@@ -4603,8 +4547,10 @@ class NetDevice:
                         break
                     except Queue.Full:
                         tx.notify()
+                        _check_alive(self._frontend, "send")
                         remaining = deadline - time.monotonic()
-                        if not tx.wait_used(max(0.0, remaining)) and remaining <= 0:
+                        if not tx.wait_used(min(max(0.0, remaining), _CRASH_CHECK_INTERVAL)) \
+                                and remaining <= 0:
                             raise VhostUserTimeout("send: the TX queue stayed full for %.1f s"
                                                    % self.timeout)
             tx.notify()
@@ -4623,10 +4569,11 @@ class NetDevice:
             while not self._frames:
                 used = rx.get_used()
                 if not used:
+                    _check_alive(self._frontend, "recv")
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return None
-                    used = rx.wait_used(remaining)
+                    used = rx.wait_used(min(remaining, _CRASH_CHECK_INTERVAL))
                 for gpa, length in used:
                     self._take(gpa, length)
                     rx.add(writable=[(gpa, self._rx_size)], token=gpa)
