@@ -3090,6 +3090,54 @@ class TestBlockDevice(BackendTestMixin, FdLeakCheck):
         self.assertEqual(halves[0] + halves[1], self.file_bytes(qsd, 0, 2 << 20))
 
 
+class TestBlockDeviceBadDevice(FrontendTestBase):
+    """BlockDevice on VhostUserFrontend + FakeBackend acting as a virtio-blk device, good and bad."""
+
+    # capacity 2048 sectors, blk_size 512 (BLK_BLK_SIZE), the rest zero
+    CONFIG = struct.pack("<QII4sI", 2048, 0, 0, b"", 512) + bytes(36)
+
+    def device(self, entry):
+        """A FakeBackend device that fills read buffers with 0x5a and reports entry(head, chain)."""
+        def run(backend, index):
+            while True:
+                popped = backend.pop_avail(index)
+                if popped is None:
+                    return
+                head, chain = popped
+                for addr, length, flags in chain[1:-1]:
+                    backend.write(addr, b"\x5a" * length)
+                backend.write(chain[-1][0], b"\0")             # status OK
+                backend.push_used(index, *entry(head, chain))
+        backend = self.backend(features=F_PROTOCOL | F_VERSION_1 | (1 << 9) | (1 << 6),
+                               config=self.CONFIG, device=run)
+        dev = vu.BlockDevice(self.frontend(backend), queue_size=8)
+        self.addCleanup(dev.close)
+        return dev
+
+    def test_good_device(self):
+        dev = self.device(lambda head, chain: (head, sum(n for _, n, f in chain if f & 2)))
+        self.assertEqual((dev.capacity, dev.block_size, dev.num_queues), (1 << 20, 512, 1))
+        self.assertEqual(dev.read(4096, 1024), b"\x5a" * 1024)
+
+    def test_bad_used_entries_refused(self):
+        cases = (("out of range", lambda head, chain: (8, 1), "names descriptor 8, the ring has 8"),
+                 ("not in flight", lambda head, chain: ((head + 1) % 8, 1), "not the head of a chain"),
+                 ("too long", lambda head, chain: (head, 1024 + 2), "claims 1026 bytes written"))
+        for name, entry, message in cases:
+            with self.subTest(name):
+                dev = self.device(entry)
+                buffer = bytearray(b"untouched" * 114)[:1024]
+                with self.assertRaises(vu.ProtocolError) as cm:
+                    dev.readinto(0, buffer)
+                self.assertIn(message, str(cm.exception))
+                self.assertEqual(buffer[:9], b"untouched")       # nothing copied back
+                queue = dev._queues[0]
+                self.assertEqual((queue.num_free, queue.in_flight), (5, 1))
+                with self.assertRaises(vu.ProtocolError):          # the queue stays refused
+                    dev.read(0, 512)
+                dev.close()
+
+
 class TestNetDevice(BackendTestMixin, FdLeakCheck):
     """NetDevice against DPDK testpmd in io-forward mode: what we send comes back."""
 
