@@ -889,6 +889,9 @@ class _Channel:
         """(request, flags, size, fds) of the next message; fds are owned by the caller."""
         header, fds = self._recv_exact(_HDR.size, what, first=True, timeout=timeout)
         request, flags, size = _HDR.unpack(header)
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("<- %s code=%d flags=%#x size=%d fds=%d", what, request, flags, size,
+                       len(fds))
         return request, flags, size, fds
 
     def recv_body(self, size, what):
@@ -1490,10 +1493,12 @@ class BackendClient:
         self._require(_F.GET_CONFIG)
         _check_config_window("GET_CONFIG", offset, size)
         request = encode_config(DeviceConfig(offset, flags, bytes(size)))
+        # libvhost-user refuses with an empty payload, not a CONFIG header of
+        # size 0 (vu_get_config sets vmsg->size = 0); both mean "error".
         body, _ = self._transact(_F.GET_CONFIG, request,
-                                 reply=_Reply((_CONFIG_HDR.size + size, _CONFIG_HDR.size)))
-        config = decode_config(_F.GET_CONFIG, body)
-        if not config.data:
+                                 reply=_Reply((_CONFIG_HDR.size + size, _CONFIG_HDR.size, 0)))
+        config = decode_config(_F.GET_CONFIG, body) if body else None
+        if config is None or not config.data:
             raise BackendError("GET_CONFIG: back-end refused to read %d bytes at offset %d"
                                % (size, offset), _F.GET_CONFIG, 0)
         if config.offset != offset:
