@@ -60,6 +60,8 @@ __all__ = [
     "DeviceConfig", "VringArea", "InflightInfo", "ShmemMap", "ShmemConfig",
     # OS, client, memory
     "Event", "BackendClient", "GuestMemory",
+    # Command line
+    "main",
 ]
 
 _log = logging.getLogger(__name__)
@@ -665,6 +667,101 @@ def _expect_zero(request, field, value):
     if value:
         raise ProtocolError("%s: %s must be 0, got %#x"
                             % (_req_name(request), field, value), request)
+
+
+# Virtio device config spaces (virtio spec 5.x "Device configuration layout").
+# Each field: (name, offset, struct format, feature bits that make it exist;
+# () = always there). A field's "_pad" entries keep the size QEMU's structs
+# have, so the read matches what QEMU itself asks for.
+_DEVICE_CONFIG_FIELDS = {
+    DeviceType.BLOCK: (
+        ("capacity", 0, "<Q", ()), ("size_max", 8, "<I", (1,)), ("seg_max", 12, "<I", (2,)),
+        ("cylinders", 16, "<H", (4,)), ("heads", 18, "B", (4,)), ("sectors", 19, "B", (4,)),
+        ("blk_size", 20, "<I", (6,)),
+        ("physical_block_exp", 24, "B", (10,)), ("alignment_offset", 25, "B", (10,)),
+        ("min_io_size", 26, "<H", (10,)), ("opt_io_size", 28, "<I", (10,)),
+        ("writeback", 32, "B", (11,)), ("_pad", 33, "B", (11,)),
+        ("num_queues", 34, "<H", (12,)),
+        ("max_discard_sectors", 36, "<I", (13,)), ("max_discard_seg", 40, "<I", (13,)),
+        ("discard_sector_alignment", 44, "<I", (13,)),
+        ("max_write_zeroes_sectors", 48, "<I", (14,)), ("max_write_zeroes_seg", 52, "<I", (14,)),
+        ("write_zeroes_may_unmap", 56, "B", (14,)), ("_pad", 57, "3s", (14,)),
+        ("max_secure_erase_sectors", 60, "<I", (16,)), ("max_secure_erase_seg", 64, "<I", (16,)),
+        ("secure_erase_sector_alignment", 68, "<I", (16,)),
+        ("zone_sectors", 72, "<I", (17,)), ("max_open_zones", 76, "<I", (17,)),
+        ("max_active_zones", 80, "<I", (17,)), ("max_append_sectors", 84, "<I", (17,)),
+        ("write_granularity", 88, "<I", (17,)), ("model", 92, "B", (17,)),
+        ("_pad", 93, "3s", (17,)),
+    ),
+    DeviceType.NET: (
+        ("mac", 0, "6s", (5,)), ("status", 6, "<H", (16,)),
+        ("max_virtqueue_pairs", 8, "<H", (22,)), ("mtu", 10, "<H", (3,)),
+        ("speed", 12, "<I", (63,)), ("duplex", 16, "B", (63,)),
+        ("rss_max_key_size", 17, "B", (57, 60)),
+        ("rss_max_indirection_table_length", 18, "<H", (60,)),
+        ("supported_hash_types", 20, "<I", (57, 60)),
+    ),
+    DeviceType.FS: (
+        ("tag", 0, "36s", ()), ("num_request_queues", 36, "<I", ()),
+        ("notify_buf_size", 40, "<I", (0,)),
+    ),
+    DeviceType.GPU: (
+        ("events_read", 0, "<I", ()), ("events_clear", 4, "<I", ()),
+        ("num_scanouts", 8, "<I", ()), ("num_capsets", 12, "<I", ()),
+    ),
+    DeviceType.VSOCK: (("guest_cid", 0, "<Q", ()),),
+    DeviceType.CONSOLE: (
+        ("cols", 0, "<H", (0,)), ("rows", 2, "<H", (0,)), ("max_nr_ports", 4, "<I", (1,)),
+        ("emerg_wr", 8, "<I", (2,)),
+    ),
+    DeviceType.SCSI: tuple(
+        (name, 4 * i, "<I", ()) for i, name in enumerate((
+            "num_queues", "seg_max", "max_sectors", "cmd_per_lun", "event_info_size",
+            "sense_size", "cdb_size"))) + (
+        ("max_channel", 28, "<H", ()), ("max_target", 30, "<H", ()), ("max_lun", 32, "<I", ()),
+    ),
+    DeviceType.SOUND: (
+        ("jacks", 0, "<I", ()), ("streams", 4, "<I", ()), ("chmaps", 8, "<I", ()),
+        ("controls", 12, "<I", (0,)),
+    ),
+}
+
+
+def _config_fields_present(device_type, features):
+    """The config fields of ``device_type`` that exist with ``features``."""
+    return [field for field in _DEVICE_CONFIG_FIELDS.get(device_type, ())
+            if not field[3] or any(features >> bit & 1 for bit in field[3])]
+
+
+def _device_config_size(device_type, features):
+    """Bytes of device config that exist for ``device_type`` offering ``features``.
+
+    As QEMU's ``virtio_get_config_size``: up to the end of the last field
+    whose feature is offered; 0 for a type whose layout is not known here.
+    """
+    return max([offset + struct.calcsize(fmt)
+                for _, offset, fmt, _ in _config_fields_present(device_type, features)]
+               or [0])
+
+
+def _decode_device_config(device_type, features, data):
+    """The config space ``data`` decoded into (field name, value) pairs.
+
+    Only fields that exist with ``features`` and lie within ``data`` are
+    returned. A MAC comes back as ``"52:54:00:12:34:56"``, a virtio-fs tag
+    as a string; everything else as an int.
+    """
+    fields = []
+    for name, offset, fmt, _ in _config_fields_present(device_type, features):
+        if name == "_pad" or offset + struct.calcsize(fmt) > len(data):
+            continue
+        value = struct.unpack_from(fmt, data, offset)[0]
+        if name == "mac":
+            value = ":".join("%02x" % b for b in bytearray(value))
+        elif name == "tag":
+            value = value.split(b"\0", 1)[0].decode("utf-8", "replace")
+        fields.append((name, value))
+    return fields
 
 
 # ##########################################################################
@@ -2029,3 +2126,307 @@ class Queue:
 # ##########################################################################
 # CLI ######################################################################
 # ##########################################################################
+
+_PROG = "vhost_user_frontend"
+#: Exit statuses: 0 ok, 1 a failure reported in one line, 2 bad usage (argparse).
+_EXIT_FAILURE = 1
+
+
+class _CliError(Exception):
+    """A failure the command line reports as one line, without a traceback."""
+
+
+#: --type spellings: every DeviceType name in lower case, plus the short ones.
+_TYPE_ALIASES = {"blk": DeviceType.BLOCK, "snd": DeviceType.SOUND, "9p": DeviceType.P9}
+_CLI_TYPES = dict(((t.name.lower(), t) for t in DeviceType), **_TYPE_ALIASES)
+
+# Device bits (0-23) that only virtio-net defines among the types named here
+# (MTU, GUEST_TSO6, CTRL_RX .. CTRL_MAC_ADDR), and its high bits 50-63.
+_NET_ONLY_BITS = (1 << 3) | (1 << 8) | (0x3F << 18) | 0xFFFC_0000_0000_0000
+# Bits 5-17 exist only for net and block; the other types stop below bit 5.
+_NET_OR_BLK_BITS = 0x3FFE0
+
+
+def _guess_device_type(features, protocol_features):
+    """(DeviceType or None, why, conclusive) from what a back-end offers.
+
+    vhost-user never names the device type, so this reads the offered bits:
+    net-only feature bits mean net; block bits with CONFIG mean block (QEMU's
+    vhost-user-blk refuses a back-end without CONFIG, vhost-user-net never
+    reads config); no device bits and no CONFIG looks like virtio-fs (whose
+    config QEMU supplies), which is only a hint.
+    """
+    device_bits = features & _DEVICE_SPECIFIC_FEATURES
+    has_config = bool((protocol_features or 0) & ProtocolFeature.CONFIG)
+    if device_bits & _NET_ONLY_BITS:
+        names = VirtioFeature.names(device_bits & _NET_ONLY_BITS, DeviceType.NET)
+        return DeviceType.NET, "offers %s" % " ".join(names[:3]), True
+    if device_bits & _NET_OR_BLK_BITS:
+        if has_config:
+            return DeviceType.BLOCK, "offers block feature bits and CONFIG", True
+        return DeviceType.NET, "offers net feature bits and no CONFIG", True
+    if not device_bits and not has_config and protocol_features is not None:
+        return DeviceType.FS, "no device feature bits and no CONFIG", False
+    return None, "nothing conclusive", False
+
+
+def _check_device_type(path, wanted, features, protocol_features):
+    """Raise _CliError when the back-end is conclusively not a ``wanted`` device."""
+    guess, why, conclusive = _guess_device_type(features, protocol_features)
+    if conclusive and guess is not None and guess != wanted:
+        raise _CliError("%s: wrong device type: the back-end is a %s device (it %s), not %s"
+                        % (path, guess.name.lower(), why, wanted.name.lower()))
+
+
+def _cli_connect(path, timeout):
+    """A BackendClient on ``path``, with one-line errors for the usual mistakes."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise _CliError("%s: no such socket" % path)
+    except OSError as exc:
+        raise _CliError("%s: %s" % (path, exc.strerror))
+    import stat
+    if not stat.S_ISSOCK(mode):
+        raise _CliError("%s: not a unix socket" % path)
+    try:
+        # timeout=0: one attempt; the CLI must not wait for a socket to appear.
+        return BackendClient.connect(path, timeout=0, reply_timeout=timeout)
+    except Disconnected as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ConnectionRefusedError):
+            raise _CliError("%s: connection refused (nothing is listening on it)" % path)
+        if isinstance(cause, OSError) and cause.strerror:
+            raise _CliError("%s: cannot connect: %s" % (path, cause.strerror))
+        raise _CliError("%s: cannot connect: %s" % (path, exc))
+
+
+def _probe(client, path, device_type=None, config_size=None):
+    """Everything a back-end tells about itself, negotiating only what that needs.
+
+    Returns the dict ``probe --json`` prints (its keys are stable). Raises
+    _CliError when ``device_type`` is given and the back-end is conclusively
+    another type.
+    """
+    features = client.get_features()
+    offered = None
+    used = 0
+    if features & VirtioFeature.PROTOCOL_FEATURES:
+        offered = client.get_protocol_features()
+        used = offered & (_P.MQ | _P.CONFIG | _P.CONFIGURE_MEM_SLOTS | _P.SHMEM)
+        if used:
+            client.set_protocol_features(used)
+    source = "given"
+    if device_type is not None:
+        _check_device_type(path, device_type, features, offered)
+    else:
+        device_type, why, _ = _guess_device_type(features, offered)
+        source = "guessed: %s" % why if device_type is not None else "unknown"
+    info = {
+        "device_type": device_type.name.lower() if device_type is not None else None,
+        "device_type_source": source,
+        "features": features,
+        "feature_names": VirtioFeature.names(features, device_type),
+        "protocol_features": None if offered is None else int(offered),
+        "protocol_feature_names": [] if offered is None else ProtocolFeature.names(offered),
+        "queue_num": client.get_queue_num() if used & _P.MQ else None,
+        "max_mem_slots": client.get_max_mem_slots() if used & _P.CONFIGURE_MEM_SLOTS else None,
+        "shared_memory": None,
+        "config": None,
+        "config_fields": {},
+        "config_error": None,
+    }
+    if used & _P.SHMEM:
+        info["shared_memory"] = [{"shmid": shmid, "size": size}
+                                 for shmid, size in client.get_shmem_config().regions()]
+    if not used & _P.CONFIG:
+        info["config_error"] = "CONFIG not offered"
+        return info
+    if config_size is None:
+        config_size = _device_config_size(device_type, features)
+    if not config_size:
+        info["config_error"] = "layout unknown for this device type (see --config-size)"
+        return info
+    try:
+        data = client.get_config(0, config_size)
+    except BackendError as exc:
+        info["config_error"] = str(exc)
+        return info
+    info["config"] = data.hex()
+    info["config_fields"] = dict(_decode_device_config(device_type, features, data))
+    return info
+
+
+def _wrap_names(names, indent="  ", width=79):
+    lines = []
+    line = indent
+    for name in names:
+        if len(line) + len(name) + 1 > width and line.strip():
+            lines.append(line)
+            line = indent
+        line += ("" if line == indent else " ") + name
+    if line.strip():
+        lines.append(line)
+    return lines
+
+
+def _hexdump(data, indent="  "):
+    return ["%s%04x  %s" % (indent, i, " ".join("%02x" % b for b in bytearray(data[i:i + 16])))
+            for i in range(0, len(data), 16)]
+
+
+def _format_probe(path, info):
+    """``probe``'s human-readable report, as lines."""
+    row = "%-20s %s"
+    lines = [row % ("socket", path)]
+    kind = info["device_type"] or "unknown (--type names the device bits)"
+    if info["device_type"] and info["device_type_source"] != "given":
+        kind += " (%s; --type overrides)" % info["device_type_source"]
+    lines.append(row % ("device type", kind))
+    lines.append(row % ("virtio features", "%#x" % info["features"]))
+    lines += _wrap_names(info["feature_names"])
+    if info["protocol_features"] is None:
+        lines.append(row % ("protocol features", "none (PROTOCOL_FEATURES not offered)"))
+    else:
+        lines.append(row % ("protocol features", "%#x" % info["protocol_features"]))
+        lines += _wrap_names(info["protocol_feature_names"])
+    lines.append(row % ("queues", info["queue_num"] if info["queue_num"] is not None
+                        else "not reported (MQ not offered)"))
+    lines.append(row % ("max memory slots", info["max_mem_slots"]
+                        if info["max_mem_slots"] is not None
+                        else "not reported (CONFIGURE_MEM_SLOTS not offered)"))
+    shmem = info["shared_memory"]
+    if shmem is None:
+        lines.append(row % ("shared memory", "not reported (SHMEM not offered)"))
+    else:
+        lines.append(row % ("shared memory", ", ".join(
+            "region %d: %d bytes" % (r["shmid"], r["size"]) for r in shmem) or "none"))
+    if info["config"] is None:
+        lines.append(row % ("device config", "not read: %s" % info["config_error"]))
+        return lines
+    data = bytes.fromhex(info["config"])
+    lines.append(row % ("device config", "%d bytes" % len(data)))
+    lines += _hexdump(data)
+    fields = info["config_fields"]
+    width = max([len(name) for name in fields] or [0])
+    for name, value in fields.items():
+        text = str(value)
+        if name == "capacity":
+            text += " sectors (%s)" % _format_bytes(value * 512)
+        lines.append("  %-*s  %s" % (width, name, text))
+    return lines
+
+
+def _format_bytes(count):
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if count >= 1 << shift:
+            return "%.4g %s" % (count / float(1 << shift), unit)
+    return "%d bytes" % count
+
+
+def _cmd_probe(args, out):
+    wanted = _CLI_TYPES[args.type] if args.type else None
+    with _cli_connect(args.socket, args.timeout) as client:
+        info = _probe(client, args.socket, wanted, args.config_size)
+    if args.json:
+        import json
+        out.write(json.dumps(info, indent=2) + "\n")
+    else:
+        out.write("\n".join(_format_probe(args.socket, info)) + "\n")
+    return 0
+
+
+def _int_arg(text):
+    """An argparse type: an integer with an optional 0x prefix or k/M/G suffix."""
+    import argparse
+    scale = {"k": 1 << 10, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    try:
+        value = int(text[:-1] if scale > 1 else text, 0) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not an integer" % text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("%r is negative" % text)
+    return value
+
+
+def _build_parser():
+    import argparse
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: an option given after the subcommand must not reset one given before it.
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log every vhost-user message sent and received (stderr)")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="S",
+                        help="seconds to wait for any reply or completion (default 5)")
+    parser = argparse.ArgumentParser(
+        prog=_PROG, parents=[common],
+        description="Talk to a vhost-user back-end (qemu-storage-daemon, DPDK, virtiofsd, "
+                    "rust-vmm and crosvm devices, SPDK) from the front-end side.",
+        epilog="Errors are reported in one line; the exit status is 1 for a failure "
+               "and 2 for bad usage.")
+    parser.add_argument("--version", action="version", version="%s %s" % (_PROG, __version__))
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True  # 3.6 has no add_subparsers(required=)
+
+    probe = commands.add_parser(
+        "probe", parents=[common], help="show what a back-end offers",
+        description="Connect, ask the back-end for its features, protocol features, queue "
+                    "count, memory slots, shared memory and device config, and print them. "
+                    "Negotiates only the protocol features these questions need.")
+    probe.add_argument("socket", metavar="SOCKET")
+    probe.add_argument("--type", choices=sorted(_CLI_TYPES), metavar="TYPE",
+                       help="device type for naming feature bits and decoding config "
+                            "(blk, net, fs, gpu, vsock, ...; default: guessed)")
+    probe.add_argument("--json", action="store_true", help="print one JSON object")
+    probe.add_argument("--config-size", type=_int_arg, metavar="BYTES",
+                       help="bytes of device config to read (default: from the type's layout)")
+    probe.set_defaults(func=_cmd_probe)
+    return parser, commands, common
+
+
+def main(argv=None):
+    """Run the command line (``python3 vhost_user_frontend.py --help``); returns the exit status."""
+    parser, _, _ = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else _EXIT_FAILURE
+    args.verbose = getattr(args, "verbose", False)
+    args.timeout = getattr(args, "timeout", 5.0)
+    if args.timeout <= 0:
+        parser.print_usage(sys.stderr)
+        sys.stderr.write("%s: error: --timeout must be positive\n" % _PROG)
+        return 2
+    handler = None
+    if args.verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(relativeCreated)8.1f ms %(message)s"))
+        _log.addHandler(handler)
+        _log.setLevel(logging.DEBUG)
+    try:
+        return args.func(args, sys.stdout)
+    except KeyboardInterrupt:
+        sys.stderr.write("%s: interrupted\n" % _PROG)
+        return 130
+    except (_CliError, VhostUserError, OSError, ValueError) as exc:
+        message = _one_line(exc)
+        if isinstance(exc, VhostUserTimeout):
+            message = "timeout: " + message
+        elif isinstance(exc, Disconnected):
+            message = "back-end disconnected: " + message
+        if isinstance(exc, VhostUserError):
+            message = "%s: %s" % (args.socket, message)
+        sys.stderr.write("%s: error: %s\n" % (_PROG, message))
+        return _EXIT_FAILURE
+    finally:
+        if handler is not None:
+            _log.removeHandler(handler)
+            _log.setLevel(logging.NOTSET)
+
+
+def _one_line(exc):
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())
