@@ -659,7 +659,7 @@ class _ScriptedBackend(object):
 
     replies: {request code: reply body bytes}; GET_CONFIG is answered from `config` (size 0 when
     the window lies outside it). After `hang_up_after` requests it closes the connection; with
-    `silent` it accepts and never answers. Requests seen go to `.requests`.
+    `silent` it accepts and never answers. Requests seen go to `.requests` as (code, body).
     """
 
     def __init__(self, tmpdir, replies, config=b"", hang_up_after=None, silent=False):
@@ -696,7 +696,7 @@ class _ScriptedBackend(object):
                 while True:
                     code, flags, size = struct.unpack("<III", self._recv(conn, 12))
                     body = self._recv(conn, size)
-                    self.requests.append(code)
+                    self.requests.append((code, body))
                     if self.silent:
                         continue
                     if self.hang_up_after is not None and len(self.requests) > self.hang_up_after:
@@ -918,7 +918,7 @@ class TestCliErrors(FdLeakCheck):
         self.assertEqual(info["queue_num"], 3)
         # Only the bits probe needs were negotiated (MQ, SHMEM), never the unknown one.
         backend.close()
-        self.assertIn(16, backend.requests)
+        self.assertIn((16, u64(vu.ProtocolFeature.MQ | vu.ProtocolFeature.SHMEM)), backend.requests)
 
     def test_config_decoding(self):
         proto = u64(vu.ProtocolFeature.CONFIG)
