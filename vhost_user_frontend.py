@@ -2342,20 +2342,33 @@ def _cmd_probe(args, out):
 
 
 def _open_device(args, cls_name, device_type, **kwargs):
-    """``cls_name``.connect(``args.socket``) with the CLI's one-line errors."""
-    _check_socket(args.socket)
+    """``cls_name``.connect() on ``args.socket``, refusing another device type in one line.
+
+    The type check uses GET_FEATURES and GET_PROTOCOL_FEATURES on the same
+    connection the driver then takes over (virtiofsd serves only one).
+    """
     cls = globals().get(cls_name)
     if cls is None:
         raise _CliError("%s is not available in this version of the module" % cls_name)
+    client = _cli_connect(args.socket, args.timeout)
     try:
-        return cls.connect(args.socket, timeout=args.timeout, **kwargs)
-    except Disconnected as exc:
-        if isinstance(exc.__cause__, ConnectionRefusedError):
-            raise _CliError("%s: connection refused (nothing is listening on it)" % args.socket)
-        raise
+        features = client.get_features()
+        protocol = None
+        if features & VirtioFeature.PROTOCOL_FEATURES:
+            protocol = client.get_protocol_features()
+        _check_device_type(args.socket, device_type, features, protocol)
+        if device_type == DeviceType.BLOCK and not (protocol or 0) & _P.CONFIG:
+            # QEMU's vhost-user-blk refuses such a back-end too: capacity is in the config.
+            raise _CliError("%s: wrong device type: the back-end does not offer CONFIG, so it "
+                            "cannot be a vhost-user-blk device" % args.socket)
+        return cls.connect(client, timeout=args.timeout, **kwargs)
     except FeatureNotNegotiated as exc:
+        client.close()
         raise _CliError("%s: not a usable %s device: %s"
                         % (args.socket, device_type.name.lower(), _one_line(exc)))
+    except BaseException:
+        client.close()
+        raise
 
 
 # -- blk ----------------------------------------------------------------------
@@ -2541,13 +2554,13 @@ class _Progress:
         self.total = total_seconds
         self.next_draw = 0.0
 
-    def update(self, elapsed, requests, nbytes):
+    def update(self, elapsed, requests, request_size):
         if not self.enabled or elapsed < self.next_draw:
             return
         self.next_draw = elapsed + 0.5
         rate = requests / elapsed if elapsed else 0.0
         self.stream.write("\r%5.1f/%.1f s  %10.0f IOPS  %8.1f MiB/s"
-                          % (elapsed, self.total, rate, nbytes / elapsed / 2**20 if elapsed else 0))
+                          % (elapsed, self.total, rate, rate * request_size / 2**20))
         self.stream.flush()
 
     def done(self):
@@ -2633,52 +2646,86 @@ def _cmd_bench(args, out):
 
 
 def _bench_block(dev, args):
-    if args.size <= 0 or args.size % dev.block_size:
-        raise _CliError("--size %d is not a positive multiple of the block size %d"
-                        % (args.size, dev.block_size))
+    size = args.size
+    if size <= 0 or size % dev.block_size or size > dev.capacity:
+        raise _CliError("--size %d must be a positive multiple of the block size %d, at most "
+                        "the capacity %d" % (size, dev.block_size, dev.capacity))
     if args.rw.endswith("write") and dev.read_only:
         raise _CliError("%s: the device is read-only; use --rw read or randread" % args.socket)
-    if args.size > dev.capacity:
-        raise _CliError("--size %d is larger than the device (%d bytes)"
-                        % (args.size, dev.capacity))
+    if args.depth < 1:
+        raise _CliError("--depth must be at least 1")
     queues = args.queues or 1
-    loads = [_BlockLoad(dev.capacity, args.size, args.rw, seed) for seed in range(queues)]
+    loads = [_BlockLoad(dev.capacity, size, args.rw, seed) for seed in range(queues)]
+    latencies = [[] for _ in range(queues)]
+    errors = []
     progress = _Progress(sys.stderr, args.seconds)
-    latencies = []
     backend_start = _proc_cpu_seconds(args.backend_pid) if args.backend_pid else None
     cpu_start = _self_cpu_seconds()
     start = time.perf_counter()
     deadline = start + args.seconds
-    _bench_block_stream(dev, loads[0], args.depth, deadline, latencies, progress, start)
+
+    def run(queue):
+        try:
+            _bench_block_stream(dev, queue, loads[queue], args.depth, deadline, latencies[queue])
+        except BaseException as exc:  # re-raised by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(q,), name="bench-queue-%d" % q)
+               for q in range(1, queues)]
+    for thread in threads:
+        thread.start()
+    try:
+        _bench_block_stream(dev, 0, loads[0], args.depth, deadline, latencies[0],
+                            lambda: progress.update(time.perf_counter() - start,
+                                                    sum(map(len, latencies)), size))
+    finally:
+        for thread in threads:
+            thread.join(deadline - time.perf_counter() + 2 * args.timeout)
+        progress.done()
+    if errors:
+        raise errors[0]
     elapsed = time.perf_counter() - start
     cpu_self = _self_cpu_seconds() - cpu_start
     cpu_backend = None
     if args.backend_pid:
         cpu_backend = _proc_cpu_seconds(args.backend_pid) - backend_start
-    progress.done()
-    return _bench_report("blk", args.rw, args.size, args.depth, queues, elapsed, latencies,
-                         len(latencies) * args.size, cpu_self, cpu_backend)
+    merged = [latency for per_queue in latencies for latency in per_queue]
+    return _bench_report("blk", args.rw, size, args.depth, queues, elapsed, merged,
+                         len(merged) * size, cpu_self, cpu_backend)
 
 
-def _bench_block_stream(dev, load, depth, deadline, latencies, progress, start):
-    """Keep ``depth`` requests in flight until ``deadline``; append each latency."""
-    buffer = bytearray(load.size)
+def _bench_block_stream(dev, queue, load, depth, deadline, latencies, tick=None):
+    """Keep ``depth`` requests in flight on ``queue`` until ``deadline``; log each latency.
+
+    Uses BlockDevice's submit/complete pair; a latency runs from just before
+    ``submit_*`` to the ``complete`` call that returned the request.
+    """
     clock = time.perf_counter
-    size = load.size
-    if depth == 1:
-        while True:
-            t0 = clock()
-            if t0 >= deadline:
-                return
-            if load.write:
-                dev.write(load.offset(), load.data)
-            else:
-                dev.readinto(load.offset(), buffer)
-            t1 = clock()
-            latencies.append(t1 - t0)
-            progress.update(t1 - start, len(latencies), len(latencies) * size)
-    raise _CliError("--depth > 1 needs BlockDevice's asynchronous API, "
-                    "not in this version of the module")
+    buffers = [bytearray(load.size) for _ in range(depth)] if not load.write else None
+    free = list(range(depth))
+    pending = {}
+    while True:
+        if clock() < deadline:
+            while free:
+                slot = free.pop()
+                t0 = clock()
+                if load.write:
+                    request = dev.submit_write(load.offset(), load.data, queue=queue)
+                else:
+                    request = dev.submit_read(load.offset(), load.size, queue=queue,
+                                              buffer=buffers[slot])
+                pending[request] = (t0, slot)
+        elif not pending:
+            return
+        done = dev.complete(queue=queue)
+        now = clock()
+        for request in done:
+            request.result()  # raises BackendError for a failed request
+            t0, slot = pending.pop(request)
+            latencies.append(now - t0)
+            free.append(slot)
+        if tick is not None:
+            tick()
 
 
 # -- demo ---------------------------------------------------------------------
@@ -2788,7 +2835,7 @@ def _cmd_demo(args, out):
                       "   identical, and the raw file holds the same bytes.\n\n")
             bench_args = argparse.Namespace(
                 socket=daemon.socket, rw="randread", size=4096, depth=1, queues=None,
-                seconds=args.seconds, backend_pid=daemon.proc.pid)
+                seconds=args.seconds, backend_pid=daemon.proc.pid, timeout=args.timeout)
             out.write("4. $ %s bench %s --rw randread --seconds %g --backend-pid %d\n"
                       % (_PROG, daemon.socket, args.seconds, daemon.proc.pid))
             report = _bench_block(dev, bench_args)
