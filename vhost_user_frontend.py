@@ -2384,7 +2384,7 @@ def _blk_info(dev, args, out):
         "block_size": dev.block_size,
         "read_only": bool(dev.read_only),
         "num_queues": dev.num_queues,
-        "id": dev.get_id(),
+        "id": dev.get_id().decode("ascii", "backslashreplace"),
     }
     if args.json:
         import json
