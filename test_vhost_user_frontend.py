@@ -627,7 +627,9 @@ class TestDaemonHarness(BackendTestMixin, FdLeakCheck):
 import contextlib
 import io
 import json
+import re
 import struct
+from unittest import mock
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -800,6 +802,10 @@ class TestCliProbe(BackendTestMixin, FdLeakCheck):
         self.assertIn("net (guessed", out)
         self.assertRegex(out, r"queues +128\n")
         self.assertIn("CONFIGURE_MEM_SLOTS not offered", out)
+        if hasattr(vu, "BlockDevice"):
+            status, out, err = run_cli("blk", d.socket_path, "info")
+            self.assertEqual((status, out), (1, ""))
+            self.assertIn("wrong device type: the back-end is a net device", err)
         self.assertIsNone(d.returncode)
 
     def test_probe_virtiofsd(self):
@@ -948,6 +954,116 @@ class TestCliErrors(FdLeakCheck):
         status, out, err = run_cli("probe", backend.path, "--type", "vsock")
         self.assertEqual(status, 0, err)
         self.assertIn("not read: GET_CONFIG: back-end refused to read 8 bytes", out)
+
+
+def needs_device(name):
+    return unittest.skipUnless(vu is not None and hasattr(vu, name), "%s is not in the module yet" % name)
+
+
+@needs_device("BlockDevice")
+class TestCliBlock(BackendTestMixin, FdLeakCheck):
+    """`blk`, `bench` and `demo` against qemu-storage-daemon, data checked in the raw file."""
+
+    def test_blk_commands(self):
+        d = self.start_backend(QemuStorageDaemon, kind="raw", size=4 << 20)
+        sock = d.socket_path
+        status, out, err = run_cli("blk", sock, "info", "--json")
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(json.loads(out), {"capacity": 4 << 20, "block_size": 512, "read_only": False,
+                                           "num_queues": 1, "id": "vhost_user_blk"})
+        data = os.urandom(1024)
+        src, dst = os.path.join(d.tmpdir, "in"), os.path.join(d.tmpdir, "out")
+        with open(src, "wb") as f:
+            f.write(data)
+        self.assertEqual(run_cli("blk", sock, "write", "4k", "-i", src),
+                         (0, "wrote 1024 bytes at offset 4096\n", ""))
+        self.assertEqual(run_cli("blk", sock, "flush"), (0, "", ""))
+        with open(d.image_path, "rb") as f:
+            f.seek(4096)
+            self.assertEqual(f.read(1024), data)
+        self.assertEqual(run_cli("blk", sock, "read", "0x1000", "1024", "-o", dst)[0], 0)
+        with open(dst, "rb") as f:
+            self.assertEqual(f.read(), data)
+        # Raw bytes on a piped stdout, from a real `python -m` run.
+        proc = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend", "blk", sock, "read", "4096",
+                                 "1024"], cwd=MODULE_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = proc.communicate(timeout=60)
+        self.assertEqual((proc.returncode, out, err), (0, data, b""))
+        self.assertEqual(run_cli("blk", sock, "write-zeroes", "4096", "512"), (0, "", ""))
+        self.assertEqual(run_cli("blk", sock, "discard", "1M", "1M"), (0, "", ""))
+        with open(d.image_path, "rb") as f:
+            f.seek(4096)
+            self.assertEqual(f.read(1024), bytes(512) + data[512:])
+        # Bad ranges: one line, status 1, nothing sent that could hurt the disk.
+        for argv, fragment in ((["read", "1", "512"], "multiples of the block size 512"),
+                               (["read", "4M", "512"], "past the capacity"),
+                               (["write", "0", "-i", os.path.join(d.tmpdir, "absent")], "No such file")):
+            with self.subTest(argv=argv):
+                status, out, err = run_cli("blk", sock, *argv)
+                self.assertEqual((status, out), (1, ""), err)
+                self.assertEqual(err.count("\n"), 1, err)
+                self.assertIn(fragment, err)
+        self.assertIsNone(d.returncode)
+
+    def test_blk_read_only(self):
+        d = self.start_backend(QemuStorageDaemon, writable=False)
+        status, out, err = run_cli("blk", d.socket_path, "write", "0", "-i", os.devnull)
+        self.assertEqual((status, out), (1, ""))
+        self.assertIn("read-only", err)
+        status, out, err = run_cli("bench", d.socket_path, "--rw", "randwrite", "--seconds", "0.1")
+        self.assertEqual(status, 1)
+        self.assertIn("read-only", err)
+        status, out, err = run_cli("blk", d.socket_path, "info")
+        self.assertEqual(status, 0, err)
+        self.assertRegex(out, r"read only +True\n")
+
+    def test_bench(self):
+        d = self.start_backend(QemuStorageDaemon, num_queues=2)
+        status, out, err = run_cli("bench", d.socket_path, "--seconds", "0.5", "--depth", "4", "--json",
+                                   "--backend-pid", d.pid)
+        self.assertEqual((status, err), (0, ""))  # stderr is no tty: no progress line
+        report = json.loads(out)
+        self.assertEqual((report["type"], report["rw"], report["size"], report["depth"], report["queues"]),
+                         ("blk", "randread", 4096, 4, 1))
+        self.assertGreater(report["requests"], 0)
+        self.assertGreaterEqual(report["seconds"], 0.5)
+        self.assertAlmostEqual(report["iops"], report["requests"] / report["seconds"], delta=1)
+        self.assertAlmostEqual(report["mib_per_s"], report["iops"] * 4096 / 2**20, delta=0.1)
+        lat = report["latency_us"]
+        self.assertTrue(0 < lat["min"] <= lat["p50"] <= lat["p99"] <= lat["p999"] <= lat["max"], lat)
+        self.assertGreater(report["frontend_cpu_us_per_request"], 0)
+        self.assertGreaterEqual(report["backend_cpu_us_per_request"], 0)
+        status, out, err = run_cli("bench", d.socket_path, "--seconds", "0.3", "--queues", "2",
+                                   "--rw", "write", "--size", "8k", "--depth", "2")
+        self.assertEqual((status, err), (0, ""))
+        self.assertIn("blk write, 8192 bytes, depth 2, 2 queue(s)", out)
+        self.assertIn("n/a (give --backend-pid)", out)
+        status, out, err = run_cli("bench", d.socket_path, "--size", "1000", "--seconds", "0.1")
+        self.assertEqual(status, 1)
+        self.assertIn("--size 1000 must be a positive multiple of the block size 512", err)
+
+    def test_demo(self):
+        self.require_binary("qemu-storage-daemon")
+        status, out, err = run_cli("demo", "--seconds", "0.3")
+        self.assertEqual((status, err), (0, ""))
+        self.assertIn("identical, and the raw file holds the same bytes", out)
+        self.assertIn("0x175007e46", out)
+        self.assertIn("IOPS", out)
+        pid = int(re.search(r"qemu-storage-daemon \(pid (\d+)\)", out).group(1))
+        tmpdir = re.search(r"removed (\S+)", out).group(1)
+        self.assertFalse(os.path.exists(tmpdir))
+        with self.assertRaises(OSError):
+            os.kill(pid, 0)  # stopped and reaped
+
+    def test_demo_without_daemon(self):
+        empty = tempfile.mkdtemp(prefix="vhu-cli-path-")
+        self.addCleanup(os.rmdir, empty)
+        with mock.patch.dict(os.environ, {"PATH": empty}):
+            status, out, err = run_cli("demo")
+        self.assertEqual((status, out), (1, ""))
+        self.assertIn("qemu-storage-daemon, which is not installed", err)
+        self.assertIn("apt-get install qemu-system-common", err)
+        self.assertEqual(err.count("\n"), 1, err)
 
 
 if __name__ == "__main__":
