@@ -2602,6 +2602,451 @@ class TestCoreInterop(BackendTestMixin, FdLeakCheck):
         self._still_connected(client, VIRTIOFSD_FEATURES)
         client.close()
         self.assertEqual(virtiofsd.wait(10), 0, virtiofsd.log_tail())  # one clean session
+# CLI ################################################################################################
+#
+# The command line (`main(argv)` and `python -m vhost_user_frontend`) against real daemons, and its
+# error cases against a scripted peer (_ScriptedBackend) that answers only the requests probe sends.
+
+import contextlib
+import io
+import json
+import re
+import struct
+from unittest import mock
+
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_cli(*argv):
+    """Run main(argv) in-process; return (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = vu.main([str(a) for a in argv])
+    return status, out.getvalue(), err.getvalue()
+
+
+def run_cli_process(*argv, timeout=60):
+    """Run `python -m vhost_user_frontend ARGV` (what users type); return (status, stdout, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend"] + [str(a) for a in argv],
+                            cwd=MODULE_DIR, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    return proc.returncode, out.decode(), err.decode()
+
+
+class _ScriptedBackend(object):
+    """A back-end on a unix socket that answers probe's GET_* requests from a script.
+
+    replies: {request code: reply body bytes}; GET_CONFIG is answered from `config` (size 0 when
+    the window lies outside it). After `hang_up_after` requests it closes the connection; with
+    `silent` it accepts and never answers. Requests seen go to `.requests` as (code, body).
+    """
+
+    def __init__(self, tmpdir, replies, config=b"", hang_up_after=None, silent=False):
+        self.path = os.path.join(tmpdir, "scripted.sock")
+        self.replies = replies
+        self.config = config
+        self.hang_up_after = hang_up_after
+        self.silent = silent
+        self.requests = []
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(1)
+        self.listener.settimeout(10)
+        self.thread = threading.Thread(target=self._serve, name="cli-scripted-backend")
+        self.thread.start()
+
+    def _recv(self, conn, size):
+        data = b""
+        while len(data) < size:
+            chunk = conn.recv(size - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+    def _serve(self):
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(10)
+            try:
+                while True:
+                    code, flags, size = struct.unpack("<III", self._recv(conn, 12))
+                    body = self._recv(conn, size)
+                    self.requests.append((code, body))
+                    if self.silent:
+                        continue
+                    if self.hang_up_after is not None and len(self.requests) > self.hang_up_after:
+                        return
+                    reply = self.replies.get(code)
+                    if code == 24:  # GET_CONFIG
+                        offset, length, _ = struct.unpack_from("<III", body)
+                        data = self.config[offset:offset + length]
+                        reply = struct.pack("<III", offset, length, 0) + data \
+                            if len(data) == length else b""
+                    if reply is not None:
+                        conn.sendall(struct.pack("<III", code, 0x5, len(reply)) + reply)
+            except (EOFError, OSError):
+                return
+
+    def close(self):
+        self.listener.close()
+        self.thread.join(10)
+
+
+def u64(value):
+    return struct.pack("<Q", value)
+
+
+@unittest.skipIf(vu is None, "vhost_user_frontend.py is not importable")
+class TestCliProbe(BackendTestMixin, FdLeakCheck):
+    """`probe` against each real daemon: values match BACKENDS.md, and nothing is left behind."""
+
+    def test_probe_qsd_json(self):
+        d = self.start_backend(QemuStorageDaemon, size=64 << 20, num_queues=2)
+        status, out, err = run_cli("probe", d.socket_path, "--json")
+        self.assertEqual((status, err), (0, ""))
+        info = json.loads(out)
+        self.assertEqual(sorted(info), sorted([
+            "device_type", "device_type_source", "features", "feature_names", "protocol_features",
+            "protocol_feature_names", "queue_num", "max_mem_slots", "shared_memory", "config",
+            "config_fields", "config_error"]))
+        self.assertEqual(info["features"], 0x175007e46)
+        self.assertEqual(info["protocol_features"], 0x8f2b)
+        self.assertEqual(info["queue_num"], 2)
+        self.assertEqual(info["max_mem_slots"], 32)
+        self.assertEqual(info["device_type"], "block")
+        self.assertTrue(info["device_type_source"].startswith("guessed"))
+        self.assertEqual(info["feature_names"], [
+            "BLK_SIZE_MAX", "BLK_SEG_MAX", "BLK_BLK_SIZE", "BLK_FLUSH", "BLK_TOPOLOGY",
+            "BLK_CONFIG_WCE", "BLK_MQ", "BLK_DISCARD", "BLK_WRITE_ZEROES", "NOTIFY_ON_EMPTY",
+            "LOG_ALL", "RING_INDIRECT_DESC", "RING_EVENT_IDX", "PROTOCOL_FEATURES", "VERSION_1"])
+        self.assertEqual(info["protocol_feature_names"], [
+            "MQ", "LOG_SHMFD", "REPLY_ACK", "BACKEND_REQ", "PAGEFAULT", "CONFIG", "BACKEND_SEND_FD",
+            "HOST_NOTIFIER", "CONFIGURE_MEM_SLOTS"])
+        self.assertEqual(len(bytes.fromhex(info["config"])), 60)
+        fields = info["config_fields"]
+        self.assertEqual(fields["capacity"], (64 << 20) // 512)
+        self.assertEqual((fields["blk_size"], fields["seg_max"], fields["num_queues"]), (512, 126, 2))
+        self.assertEqual((fields["max_discard_sectors"], fields["max_write_zeroes_sectors"]),
+                         (32768, 32768))
+        self.assertNotIn("cylinders", fields)  # BLK_GEOMETRY is not offered
+        self.assertIsNone(info["config_error"])
+        self.assertIsNone(info["shared_memory"])
+        # qsd serves the next client: probe disconnected cleanly.
+        self.assertEqual(run_cli("probe", d.socket_path, "--json")[:2], (0, out))
+        self.assertIsNone(d.returncode)
+
+    def test_probe_qsd_read_only_text_and_module_run(self):
+        d = self.start_backend(QemuStorageDaemon, size=1 << 30, writable=False,
+                               logical_block_size=4096)
+        status, out, err = run_cli_process("probe", d.socket_path)
+        self.assertEqual((status, err), (0, ""))
+        self.assertIn("0x175007e66", out)
+        self.assertIn("BLK_RO", out.split())
+        self.assertRegex(out, r"capacity +2097152 sectors \(1 GiB\)")
+        self.assertRegex(out, r"blk_size +4096\n")
+        self.assertRegex(out, r"queues +1\n")
+        self.assertRegex(out, r"max memory slots +32\n")
+        self.assertIn("device type          block (guessed", out)
+
+    def test_probe_testpmd(self):
+        d = self.start_backend(Testpmd)
+        status, out, err = run_cli("probe", d.socket_path, "--json", "--type", "net")
+        self.assertEqual((status, err), (0, ""))
+        info = json.loads(out)
+        self.assertEqual(info["features"], 0xd7c66e7cb)
+        self.assertEqual(info["protocol_features"], 0x10cbf)
+        self.assertEqual(info["queue_num"], 128)
+        self.assertIsNone(info["max_mem_slots"])
+        self.assertIsNone(info["config"])
+        self.assertEqual(info["config_fields"], {})
+        self.assertEqual(info["config_error"], "CONFIG not offered")
+        self.assertEqual(info["device_type_source"], "given")
+        self.assertIn("NET_MRG_RXBUF", info["feature_names"])
+        self.assertIn("RING_PACKED", info["feature_names"])
+        self.assertIn("RARP", info["protocol_feature_names"])
+        # The wrong type is refused in one line, before any config is read.
+        status, out, err = run_cli("probe", d.socket_path, "--type", "blk")
+        self.assertEqual((status, out), (1, ""))
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertIn("wrong device type: the back-end is a net device", err)
+        # Text output names the device bits by the guessed type.
+        status, out, err = run_cli("probe", d.socket_path)
+        self.assertEqual((status, err), (0, ""))
+        self.assertIn("net (guessed", out)
+        self.assertRegex(out, r"queues +128\n")
+        self.assertIn("CONFIGURE_MEM_SLOTS not offered", out)
+        if hasattr(vu, "BlockDevice"):
+            status, out, err = run_cli("blk", d.socket_path, "info")
+            self.assertEqual((status, out), (1, ""))
+            self.assertIn("wrong device type: the back-end is a net device", err)
+        self.assertIsNone(d.returncode)
+
+    def test_probe_virtiofsd(self):
+        d = self.start_backend(Virtiofsd)
+        status, out, err = run_cli("probe", d.socket_path, "--json", "-v")
+        self.assertEqual(status, 0, err)
+        info = json.loads(out)
+        self.assertEqual((info["features"], info["protocol_features"]), (0x175000000, 0x8c2b))
+        self.assertEqual((info["queue_num"], info["max_mem_slots"]), (2, 32))
+        self.assertEqual(info["device_type"], "fs")
+        self.assertIsNone(info["config"])
+        # -v logs every message both ways, by name; probe negotiated only what it needed.
+        for line in ("-> GET_FEATURES", "<- GET_FEATURES", "-> SET_PROTOCOL_FEATURES",
+                     "-> GET_QUEUE_NUM", "<- GET_QUEUE_NUM", "<- GET_MAX_MEM_SLOTS"):
+            self.assertIn(line, err)
+        for absent in ("SET_OWNER", "SET_FEATURES ", "SET_MEM_TABLE", "GET_CONFIG"):
+            self.assertNotIn(absent, err)
+        # virtiofsd exits by itself after its one connection: 0 means a clean disconnect.
+        self.assertEqual(d.wait(10), 0, d.log_tail())
+
+
+@unittest.skipIf(vu is None, "vhost_user_frontend.py is not importable")
+class TestCliErrors(FdLeakCheck):
+    """Each failure is one line on stderr, nothing on stdout, and exit status 1 (2 for usage)."""
+
+    def setUp(self):
+        super(TestCliErrors, self).setUp()
+        self.tmpdir = tempfile.mkdtemp(prefix="vhu-cli-")
+        self.addCleanup(shutil.rmtree, self.tmpdir, True)
+
+    def scripted(self, **kwargs):
+        replies = kwargs.pop("replies", {
+            1: u64(vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.PROTOCOL_FEATURES),
+            15: u64(vu.ProtocolFeature.MQ), 17: u64(1)})
+        backend = _ScriptedBackend(self.tmpdir, replies, **kwargs)
+        self.addCleanup(backend.close)
+        return backend
+
+    def assertFails(self, argv, *fragments):
+        status, out, err = run_cli(*argv)
+        self.assertEqual((status, out), (1, ""), err)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertTrue(err.startswith("vhost_user_frontend: error: "), err)
+        self.assertNotIn("Traceback", err)
+        for fragment in fragments:
+            self.assertIn(fragment, err)
+        return err
+
+    def test_missing_socket(self):
+        path = os.path.join(self.tmpdir, "absent.sock")
+        self.assertFails(["probe", path], path + ": no such socket")
+
+    def test_not_a_socket(self):
+        path = os.path.join(self.tmpdir, "file")
+        open(path, "w").close()
+        self.assertFails(["probe", path], "not a unix socket")
+
+    def test_connection_refused(self):
+        path = os.path.join(self.tmpdir, "stale.sock")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(path)
+        s.close()  # the file stays, nobody listens
+        self.assertFails(["probe", path], "connection refused")
+
+    def test_timeout(self):
+        backend = self.scripted(silent=True)
+        t0 = time.monotonic()
+        self.assertFails(["probe", backend.path, "--timeout", "0.2"],
+                         "timeout: GET_FEATURES", "0.2 s")
+        self.assertLess(time.monotonic() - t0, 5)
+
+    def test_backend_disconnects(self):
+        for after in (0, 2):
+            with self.subTest(hang_up_after=after):
+                backend = self.scripted(hang_up_after=after)
+                name = "GET_FEATURES" if after == 0 else "GET_QUEUE_NUM"
+                self.assertFails(["probe", backend.path], "back-end disconnected", name)
+                backend.close()
+                os.unlink(backend.path)
+
+    def test_malformed_reply(self):
+        backend = self.scripted(replies={1: b"\0" * 4})
+        self.assertFails(["probe", backend.path], "GET_FEATURES: reply size 4, expected 8")
+
+    def test_usage_errors(self):
+        for argv in ([], ["probe"], ["probe", "x", "--type", "floppy"], ["probe", "x", "--timeout", "0"],
+                     ["frobnicate"]):
+            with self.subTest(argv=argv):
+                status, out, err = run_cli(*argv)
+                self.assertEqual((status, out), (2, ""))
+                self.assertIn("usage: vhost_user_frontend", err)
+
+    def test_version_and_help(self):
+        status, out, err = run_cli("--version")
+        self.assertEqual((status, out.strip()), (0, "vhost_user_frontend " + vu.__version__))
+        status, out, err = run_cli("probe", "--help")
+        self.assertEqual(status, 0)
+        self.assertIn("--json", out)
+
+    def test_unknown_bits_are_kept(self):
+        features = vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.PROTOCOL_FEATURES | 1 << 45 | 1 << 4 | 1
+        protocol = vu.ProtocolFeature.MQ | vu.ProtocolFeature.SHMEM | 1 << 40
+        shmem = struct.pack("<II256Q", 2, 0, *([1 << 20, 0, 4096] + [0] * 253))
+        backend = self.scripted(replies={1: u64(features), 15: u64(protocol), 17: u64(3),
+                                         44: shmem})
+        status, out, err = run_cli("probe", backend.path, "--json", "--type", "vsock")
+        self.assertEqual(status, 0, err)
+        info = json.loads(out)
+        self.assertEqual(info["features"], features)
+        self.assertEqual(info["feature_names"][:2], ["VSOCK_STREAM", "bit 4"])  # vsock names 0-2
+        self.assertIn("bit 45", info["feature_names"])
+        self.assertEqual(info["protocol_features"], protocol)
+        self.assertEqual(info["protocol_feature_names"], ["MQ", "SHMEM", "bit 40"])
+        self.assertEqual(info["shared_memory"], [{"shmid": 0, "size": 1 << 20},
+                                                 {"shmid": 2, "size": 4096}])
+        self.assertEqual(info["queue_num"], 3)
+        # Only the bits probe needs were negotiated (MQ, SHMEM), never the unknown one.
+        backend.close()
+        self.assertIn((16, u64(vu.ProtocolFeature.MQ | vu.ProtocolFeature.SHMEM)), backend.requests)
+
+    def test_config_decoding(self):
+        proto = u64(vu.ProtocolFeature.CONFIG)
+        base = vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.PROTOCOL_FEATURES
+        cases = [
+            ("vsock", base, struct.pack("<Q", 42), {"guest_cid": 42}),
+            ("fs", base, b"myfs".ljust(36, b"\0") + struct.pack("<I", 1),
+             {"tag": "myfs", "num_request_queues": 1}),
+            ("gpu", base, struct.pack("<4I", 0, 0, 1, 2),
+             {"events_read": 0, "events_clear": 0, "num_scanouts": 1, "num_capsets": 2}),
+            ("net", base | 1 << 5 | 1 << 3 | 1 << 16, bytes.fromhex("525400123456") +
+             struct.pack("<HHH", 1, 0, 1500), {"mac": "52:54:00:12:34:56", "status": 1,
+                                               "mtu": 1500}),
+        ]
+        for kind, features, config, expected in cases:
+            with self.subTest(kind=kind):
+                backend = self.scripted(replies={1: u64(features), 15: proto}, config=config)
+                status, out, err = run_cli("probe", backend.path, "--json", "--type", kind)
+                self.assertEqual(status, 0, err)
+                info = json.loads(out)
+                self.assertEqual(info["config_fields"], expected)
+                self.assertEqual(info["config"], config.hex())
+                backend.close()
+                os.unlink(backend.path)
+        # A back-end that refuses the read is reported, not fatal.
+        backend = self.scripted(replies={1: u64(base), 15: proto}, config=b"")
+        status, out, err = run_cli("probe", backend.path, "--type", "vsock")
+        self.assertEqual(status, 0, err)
+        self.assertIn("not read: GET_CONFIG: back-end refused to read 8 bytes", out)
+
+
+def needs_device(name):
+    return unittest.skipUnless(vu is not None and hasattr(vu, name), "%s is not in the module yet" % name)
+
+
+@needs_device("BlockDevice")
+class TestCliBlock(BackendTestMixin, FdLeakCheck):
+    """`blk`, `bench` and `demo` against qemu-storage-daemon, data checked in the raw file."""
+
+    def test_blk_commands(self):
+        d = self.start_backend(QemuStorageDaemon, kind="raw", size=4 << 20)
+        sock = d.socket_path
+        status, out, err = run_cli("blk", sock, "info", "--json")
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(json.loads(out), {"capacity": 4 << 20, "block_size": 512, "read_only": False,
+                                           "num_queues": 1, "id": "vhost_user_blk"})
+        data = os.urandom(1024)
+        src, dst = os.path.join(d.tmpdir, "in"), os.path.join(d.tmpdir, "out")
+        with open(src, "wb") as f:
+            f.write(data)
+        self.assertEqual(run_cli("blk", sock, "write", "4k", "-i", src),
+                         (0, "wrote 1024 bytes at offset 4096\n", ""))
+        self.assertEqual(run_cli("blk", sock, "flush"), (0, "", ""))
+        with open(d.image_path, "rb") as f:
+            f.seek(4096)
+            self.assertEqual(f.read(1024), data)
+        self.assertEqual(run_cli("blk", sock, "read", "0x1000", "1024", "-o", dst)[0], 0)
+        with open(dst, "rb") as f:
+            self.assertEqual(f.read(), data)
+        # Raw bytes on a piped stdout, from a real `python -m` run.
+        proc = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend", "blk", sock, "read", "4096",
+                                 "1024"], cwd=MODULE_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = proc.communicate(timeout=60)
+        self.assertEqual((proc.returncode, out, err), (0, data, b""))
+        self.assertEqual(run_cli("blk", sock, "write-zeroes", "4096", "512"), (0, "", ""))
+        self.assertEqual(run_cli("blk", sock, "discard", "1M", "1M"), (0, "", ""))
+        with open(d.image_path, "rb") as f:
+            f.seek(4096)
+            self.assertEqual(f.read(1024), bytes(512) + data[512:])
+        # Bad ranges: one line, status 1, nothing sent that could hurt the disk.
+        for argv, fragment in ((["read", "1", "512"], "multiples of the block size 512"),
+                               (["read", "4M", "512"], "past the capacity"),
+                               (["write", "0", "-i", os.path.join(d.tmpdir, "absent")], "No such file")):
+            with self.subTest(argv=argv):
+                status, out, err = run_cli("blk", sock, *argv)
+                self.assertEqual((status, out), (1, ""), err)
+                self.assertEqual(err.count("\n"), 1, err)
+                self.assertIn(fragment, err)
+        self.assertIsNone(d.returncode)
+
+    def test_blk_read_only(self):
+        d = self.start_backend(QemuStorageDaemon, writable=False)
+        status, out, err = run_cli("blk", d.socket_path, "write", "0", "-i", os.devnull)
+        self.assertEqual((status, out), (1, ""))
+        self.assertIn("read-only", err)
+        status, out, err = run_cli("bench", d.socket_path, "--rw", "randwrite", "--seconds", "0.1")
+        self.assertEqual(status, 1)
+        self.assertIn("read-only", err)
+        status, out, err = run_cli("blk", d.socket_path, "info")
+        self.assertEqual(status, 0, err)
+        self.assertRegex(out, r"read only +True\n")
+
+    def test_bench(self):
+        d = self.start_backend(QemuStorageDaemon, num_queues=2)
+        status, out, err = run_cli("bench", d.socket_path, "--seconds", "0.5", "--depth", "4", "--json",
+                                   "--backend-pid", d.pid)
+        self.assertEqual((status, err), (0, ""))  # stderr is no tty: no progress line
+        report = json.loads(out)
+        self.assertEqual((report["type"], report["rw"], report["size"], report["depth"], report["queues"]),
+                         ("blk", "randread", 4096, 4, 1))
+        self.assertGreater(report["requests"], 0)
+        self.assertGreaterEqual(report["seconds"], 0.5)
+        self.assertAlmostEqual(report["iops"], report["requests"] / report["seconds"], delta=report["iops"] / 1000)
+        self.assertAlmostEqual(report["mib_per_s"], report["iops"] * 4096 / 2**20, delta=0.1)
+        lat = report["latency_us"]
+        self.assertTrue(0 < lat["min"] <= lat["p50"] <= lat["p99"] <= lat["p999"] <= lat["max"], lat)
+        self.assertGreater(report["frontend_cpu_us_per_request"], 0)
+        self.assertGreaterEqual(report["backend_cpu_us_per_request"], 0)
+        status, out, err = run_cli("bench", d.socket_path, "--seconds", "0.3", "--queues", "2",
+                                   "--rw", "write", "--size", "8k", "--depth", "2")
+        self.assertEqual((status, err), (0, ""))
+        self.assertIn("blk write, 8192 bytes, depth 2, 2 queue(s)", out)
+        self.assertIn("n/a (give --backend-pid)", out)
+        status, out, err = run_cli("bench", d.socket_path, "--size", "1000", "--seconds", "0.1")
+        self.assertEqual(status, 1)
+        self.assertIn("--size 1000 must be a positive multiple of the block size 512", err)
+
+    def test_demo(self):
+        self.require_binary("qemu-storage-daemon")
+        status, out, err = run_cli("demo", "--seconds", "0.3")
+        self.assertEqual((status, err), (0, ""))
+        self.assertIn("identical, and the raw file holds the same bytes", out)
+        self.assertIn("0x175007e46", out)
+        self.assertIn("IOPS", out)
+        pid = int(re.search(r"qemu-storage-daemon \(pid (\d+)\)", out).group(1))
+        tmpdir = re.search(r"removed (\S+)", out).group(1)
+        self.assertFalse(os.path.exists(tmpdir))
+        with self.assertRaises(OSError):
+            os.kill(pid, 0)  # stopped and reaped
+
+    def test_demo_without_daemon(self):
+        empty = tempfile.mkdtemp(prefix="vhu-cli-path-")
+        self.addCleanup(os.rmdir, empty)
+        with mock.patch.dict(os.environ, {"PATH": empty}):
+            status, out, err = run_cli("demo")
+        self.assertEqual((status, out), (1, ""))
+        self.assertIn("qemu-storage-daemon, which is not installed", err)
+        self.assertIn("apt-get install qemu-system-common", err)
+        self.assertEqual(err.count("\n"), 1, err)
 
 
 # Driver: Queue, BlockDevice, NetDevice ###############################################################

@@ -66,6 +66,8 @@ __all__ = [
     "SharedMemoryRegion", "BackendReqHandler", "Interrupt", "VhostUserFrontend", "DeviceState",
     # Devices
     "BlockDevice", "NetDevice",
+    # Command line
+    "main",
 ]
 
 _log = logging.getLogger(__name__)
@@ -684,6 +686,101 @@ def _expect_zero(request, field, value):
                             % (_req_name(request), field, value), request)
 
 
+# Virtio device config spaces (virtio spec 5.x "Device configuration layout").
+# Each field: (name, offset, struct format, feature bits that make it exist;
+# () = always there). A field's "_pad" entries keep the size QEMU's structs
+# have, so the read matches what QEMU itself asks for.
+_DEVICE_CONFIG_FIELDS = {
+    DeviceType.BLOCK: (
+        ("capacity", 0, "<Q", ()), ("size_max", 8, "<I", (1,)), ("seg_max", 12, "<I", (2,)),
+        ("cylinders", 16, "<H", (4,)), ("heads", 18, "B", (4,)), ("sectors", 19, "B", (4,)),
+        ("blk_size", 20, "<I", (6,)),
+        ("physical_block_exp", 24, "B", (10,)), ("alignment_offset", 25, "B", (10,)),
+        ("min_io_size", 26, "<H", (10,)), ("opt_io_size", 28, "<I", (10,)),
+        ("writeback", 32, "B", (11,)), ("_pad", 33, "B", (11,)),
+        ("num_queues", 34, "<H", (12,)),
+        ("max_discard_sectors", 36, "<I", (13,)), ("max_discard_seg", 40, "<I", (13,)),
+        ("discard_sector_alignment", 44, "<I", (13,)),
+        ("max_write_zeroes_sectors", 48, "<I", (14,)), ("max_write_zeroes_seg", 52, "<I", (14,)),
+        ("write_zeroes_may_unmap", 56, "B", (14,)), ("_pad", 57, "3s", (14,)),
+        ("max_secure_erase_sectors", 60, "<I", (16,)), ("max_secure_erase_seg", 64, "<I", (16,)),
+        ("secure_erase_sector_alignment", 68, "<I", (16,)),
+        ("zone_sectors", 72, "<I", (17,)), ("max_open_zones", 76, "<I", (17,)),
+        ("max_active_zones", 80, "<I", (17,)), ("max_append_sectors", 84, "<I", (17,)),
+        ("write_granularity", 88, "<I", (17,)), ("model", 92, "B", (17,)),
+        ("_pad", 93, "3s", (17,)),
+    ),
+    DeviceType.NET: (
+        ("mac", 0, "6s", (5,)), ("status", 6, "<H", (16,)),
+        ("max_virtqueue_pairs", 8, "<H", (22,)), ("mtu", 10, "<H", (3,)),
+        ("speed", 12, "<I", (63,)), ("duplex", 16, "B", (63,)),
+        ("rss_max_key_size", 17, "B", (57, 60)),
+        ("rss_max_indirection_table_length", 18, "<H", (60,)),
+        ("supported_hash_types", 20, "<I", (57, 60)),
+    ),
+    DeviceType.FS: (
+        ("tag", 0, "36s", ()), ("num_request_queues", 36, "<I", ()),
+        ("notify_buf_size", 40, "<I", (0,)),
+    ),
+    DeviceType.GPU: (
+        ("events_read", 0, "<I", ()), ("events_clear", 4, "<I", ()),
+        ("num_scanouts", 8, "<I", ()), ("num_capsets", 12, "<I", ()),
+    ),
+    DeviceType.VSOCK: (("guest_cid", 0, "<Q", ()),),
+    DeviceType.CONSOLE: (
+        ("cols", 0, "<H", (0,)), ("rows", 2, "<H", (0,)), ("max_nr_ports", 4, "<I", (1,)),
+        ("emerg_wr", 8, "<I", (2,)),
+    ),
+    DeviceType.SCSI: tuple(
+        (name, 4 * i, "<I", ()) for i, name in enumerate((
+            "num_queues", "seg_max", "max_sectors", "cmd_per_lun", "event_info_size",
+            "sense_size", "cdb_size"))) + (
+        ("max_channel", 28, "<H", ()), ("max_target", 30, "<H", ()), ("max_lun", 32, "<I", ()),
+    ),
+    DeviceType.SOUND: (
+        ("jacks", 0, "<I", ()), ("streams", 4, "<I", ()), ("chmaps", 8, "<I", ()),
+        ("controls", 12, "<I", (0,)),
+    ),
+}
+
+
+def _config_fields_present(device_type, features):
+    """The config fields of ``device_type`` that exist with ``features``."""
+    return [field for field in _DEVICE_CONFIG_FIELDS.get(device_type, ())
+            if not field[3] or any(features >> bit & 1 for bit in field[3])]
+
+
+def _device_config_size(device_type, features):
+    """Bytes of device config that exist for ``device_type`` offering ``features``.
+
+    As QEMU's ``virtio_get_config_size``: up to the end of the last field
+    whose feature is offered; 0 for a type whose layout is not known here.
+    """
+    return max([offset + struct.calcsize(fmt)
+                for _, offset, fmt, _ in _config_fields_present(device_type, features)]
+               or [0])
+
+
+def _decode_device_config(device_type, features, data):
+    """The config space ``data`` decoded into (field name, value) pairs.
+
+    Only fields that exist with ``features`` and lie within ``data`` are
+    returned. A MAC comes back as ``"52:54:00:12:34:56"``, a virtio-fs tag
+    as a string; everything else as an int.
+    """
+    fields = []
+    for name, offset, fmt, _ in _config_fields_present(device_type, features):
+        if name == "_pad" or offset + struct.calcsize(fmt) > len(data):
+            continue
+        value = struct.unpack_from(fmt, data, offset)[0]
+        if name == "mac":
+            value = ":".join("%02x" % b for b in bytearray(value))
+        elif name == "tag":
+            value = value.split(b"\0", 1)[0].decode("utf-8", "replace")
+        fields.append((name, value))
+    return fields
+
+
 # ##########################################################################
 # OS primitives ############################################################
 # ##########################################################################
@@ -950,6 +1047,9 @@ class _Channel:
         """(request, flags, size, fds) of the next message; fds are owned by the caller."""
         header, fds = self._recv_exact(_HDR.size, what, first=True, timeout=timeout)
         request, flags, size = _HDR.unpack(header)
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("<- %s code=%d flags=%#x size=%d fds=%d", what, request, flags, size,
+                       len(fds))
         return request, flags, size, fds
 
     def recv_body(self, size, what):
@@ -1584,8 +1684,10 @@ class BackendClient:
         request = _encode_config(DeviceConfig(offset, flags, bytes(size)))
 
         def check(body, fds):
-            config = _decode_config(_F.GET_CONFIG, body)
-            if not config.data:
+            # libvhost-user refuses with an empty payload, not a CONFIG header
+            # of size 0 (vu_get_config sets the reply size to 0): both mean "error".
+            config = _decode_config(_F.GET_CONFIG, body) if body else None
+            if config is None or not config.data:
                 raise BackendError("GET_CONFIG: back-end refused to read %d bytes at offset %d"
                                    % (size, offset), _F.GET_CONFIG, 0)
             if config.offset != offset:
@@ -1593,7 +1695,7 @@ class BackendClient:
                                     % (config.offset, offset), _F.GET_CONFIG)
             return config.data
         return self._transact(_F.GET_CONFIG, request, check=check,
-                              reply=_Reply((_CONFIG_HDR.size + size, _CONFIG_HDR.size)))
+                              reply=_Reply((_CONFIG_HDR.size + size, _CONFIG_HDR.size, 0)))
 
     def set_config(self, offset, data, flags=CONFIG_FLAG_WRITABLE, ack=None):
         """VHOST_USER_SET_CONFIG: write ``data`` into the device config at ``offset``."""
@@ -4635,3 +4737,896 @@ class NetDevice:
 # ##########################################################################
 # CLI ######################################################################
 # ##########################################################################
+
+_PROG = "vhost_user_frontend"
+#: Exit statuses: 0 ok, 1 a failure reported in one line, 2 bad usage (argparse).
+_EXIT_FAILURE = 1
+
+
+class _CliError(Exception):
+    """A failure the command line reports as one line, without a traceback."""
+
+
+#: --type spellings: every DeviceType name in lower case, plus the short ones.
+_TYPE_ALIASES = {"blk": DeviceType.BLOCK, "snd": DeviceType.SOUND, "9p": DeviceType.P9}
+_CLI_TYPES = dict(((t.name.lower(), t) for t in DeviceType), **_TYPE_ALIASES)
+
+# Device bits (0-23) that only virtio-net defines among the types named here
+# (MTU, GUEST_TSO6, CTRL_RX .. CTRL_MAC_ADDR), and its high bits 50-63.
+_NET_ONLY_BITS = (1 << 3) | (1 << 8) | (0x3F << 18) | 0xFFFC_0000_0000_0000
+# Bits 5-17 exist only for net and block; the other types stop below bit 5.
+_NET_OR_BLK_BITS = 0x3FFE0
+
+
+def _guess_device_type(features, protocol_features):
+    """(DeviceType or None, why, conclusive) from what a back-end offers.
+
+    vhost-user never names the device type, so this reads the offered bits:
+    net-only feature bits mean net; block bits with CONFIG mean block (QEMU's
+    vhost-user-blk refuses a back-end without CONFIG, vhost-user-net never
+    reads config); no device bits and no CONFIG looks like virtio-fs (whose
+    config QEMU supplies), which is only a hint.
+    """
+    device_bits = features & _DEVICE_SPECIFIC_FEATURES
+    has_config = bool((protocol_features or 0) & ProtocolFeature.CONFIG)
+    if device_bits & _NET_ONLY_BITS:
+        names = VirtioFeature.names(device_bits & _NET_ONLY_BITS, DeviceType.NET)
+        return DeviceType.NET, "offers %s" % " ".join(names[:3]), True
+    if device_bits & _NET_OR_BLK_BITS:
+        if has_config:
+            return DeviceType.BLOCK, "offers block feature bits and CONFIG", True
+        return DeviceType.NET, "offers net feature bits and no CONFIG", True
+    if not device_bits and not has_config and protocol_features is not None:
+        return DeviceType.FS, "no device feature bits and no CONFIG", False
+    return None, "nothing conclusive", False
+
+
+def _check_device_type(path, wanted, features, protocol_features):
+    """Raise _CliError when the back-end is conclusively not a ``wanted`` device."""
+    guess, why, conclusive = _guess_device_type(features, protocol_features)
+    if conclusive and guess is not None and guess != wanted:
+        raise _CliError("%s: wrong device type: the back-end is a %s device (it %s), not %s"
+                        % (path, guess.name.lower(), why, wanted.name.lower()))
+
+
+def _check_socket(path):
+    """Refuse a missing path or a non-socket in one line, before connecting."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise _CliError("%s: no such socket" % path)
+    except OSError as exc:
+        raise _CliError("%s: %s" % (path, exc.strerror))
+    import stat
+    if not stat.S_ISSOCK(mode):
+        raise _CliError("%s: not a unix socket" % path)
+
+
+def _cli_connect(path, timeout):
+    """A BackendClient on ``path``, with one-line errors for the usual mistakes."""
+    _check_socket(path)
+    try:
+        # timeout=0: one attempt; the CLI must not wait for a socket to appear.
+        return BackendClient.connect(path, timeout=0, reply_timeout=timeout)
+    except Disconnected as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ConnectionRefusedError):
+            raise _CliError("%s: connection refused (nothing is listening on it)" % path)
+        if isinstance(cause, OSError) and cause.strerror:
+            raise _CliError("%s: cannot connect: %s" % (path, cause.strerror))
+        raise _CliError("%s: cannot connect: %s" % (path, exc))
+
+
+def _probe(client, path, device_type=None, config_size=None):
+    """Everything a back-end tells about itself, negotiating only what that needs.
+
+    Returns the dict ``probe --json`` prints (its keys are stable). Raises
+    _CliError when ``device_type`` is given and the back-end is conclusively
+    another type.
+    """
+    features = client.get_features()
+    offered = None
+    used = 0
+    if features & VirtioFeature.PROTOCOL_FEATURES:
+        offered = client.get_protocol_features()
+        used = offered & (_P.MQ | _P.CONFIG | _P.CONFIGURE_MEM_SLOTS | _P.SHMEM)
+        if used:
+            client.set_protocol_features(used)
+    source = "given"
+    if device_type is not None:
+        _check_device_type(path, device_type, features, offered)
+    else:
+        device_type, why, _ = _guess_device_type(features, offered)
+        source = "guessed: %s" % why if device_type is not None else "unknown"
+    info = {
+        "device_type": device_type.name.lower() if device_type is not None else None,
+        "device_type_source": source,
+        "features": features,
+        "feature_names": VirtioFeature.names(features, device_type),
+        "protocol_features": None if offered is None else int(offered),
+        "protocol_feature_names": [] if offered is None else ProtocolFeature.names(offered),
+        "queue_num": client.get_queue_num() if used & _P.MQ else None,
+        "max_mem_slots": client.get_max_mem_slots() if used & _P.CONFIGURE_MEM_SLOTS else None,
+        "shared_memory": None,
+        "config": None,
+        "config_fields": {},
+        "config_error": None,
+    }
+    if used & _P.SHMEM:
+        info["shared_memory"] = [{"shmid": shmid, "size": size}
+                                 for shmid, size in client.get_shmem_config().regions()]
+    if not used & _P.CONFIG:
+        info["config_error"] = "CONFIG not offered"
+        return info
+    if config_size is None:
+        config_size = _device_config_size(device_type, features)
+    if not config_size:
+        info["config_error"] = "layout unknown for this device type (see --config-size)"
+        return info
+    try:
+        data = client.get_config(0, config_size)
+    except BackendError as exc:
+        info["config_error"] = str(exc)
+        return info
+    info["config"] = data.hex()
+    info["config_fields"] = dict(_decode_device_config(device_type, features, data))
+    return info
+
+
+def _wrap_names(names, indent="  ", width=79):
+    lines = []
+    line = indent
+    for name in names:
+        if len(line) + len(name) + 1 > width and line.strip():
+            lines.append(line)
+            line = indent
+        line += ("" if line == indent else " ") + name
+    if line.strip():
+        lines.append(line)
+    return lines
+
+
+def _hexdump(data, indent="  "):
+    return ["%s%04x  %s" % (indent, i, " ".join("%02x" % b for b in bytearray(data[i:i + 16])))
+            for i in range(0, len(data), 16)]
+
+
+def _format_probe(path, info):
+    """``probe``'s human-readable report, as lines."""
+    row = "%-20s %s"
+    lines = [row % ("socket", path)]
+    kind = info["device_type"] or "unknown (--type names the device bits)"
+    if info["device_type"] and info["device_type_source"] != "given":
+        kind += " (%s; --type overrides)" % info["device_type_source"]
+    lines.append(row % ("device type", kind))
+    lines.append(row % ("virtio features", "%#x" % info["features"]))
+    lines += _wrap_names(info["feature_names"])
+    if info["protocol_features"] is None:
+        lines.append(row % ("protocol features", "none (PROTOCOL_FEATURES not offered)"))
+    else:
+        lines.append(row % ("protocol features", "%#x" % info["protocol_features"]))
+        lines += _wrap_names(info["protocol_feature_names"])
+    lines.append(row % ("queues", info["queue_num"] if info["queue_num"] is not None
+                        else "not reported (MQ not offered)"))
+    lines.append(row % ("max memory slots", info["max_mem_slots"]
+                        if info["max_mem_slots"] is not None
+                        else "not reported (CONFIGURE_MEM_SLOTS not offered)"))
+    shmem = info["shared_memory"]
+    if shmem is None:
+        lines.append(row % ("shared memory", "not reported (SHMEM not offered)"))
+    else:
+        lines.append(row % ("shared memory", ", ".join(
+            "region %d: %d bytes" % (r["shmid"], r["size"]) for r in shmem) or "none"))
+    if info["config"] is None:
+        lines.append(row % ("device config", "not read: %s" % info["config_error"]))
+        return lines
+    data = bytes.fromhex(info["config"])
+    lines.append(row % ("device config", "%d bytes" % len(data)))
+    lines += _hexdump(data)
+    fields = info["config_fields"]
+    width = max([len(name) for name in fields] or [0])
+    for name, value in fields.items():
+        text = str(value)
+        if name == "capacity":
+            text += " sectors (%s)" % _format_bytes(value * 512)
+        lines.append("  %-*s  %s" % (width, name, text))
+    return lines
+
+
+def _format_bytes(count):
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if count >= 1 << shift:
+            return "%.4g %s" % (count / float(1 << shift), unit)
+    return "%d bytes" % count
+
+
+def _cmd_probe(args, out):
+    wanted = _CLI_TYPES[args.type] if args.type else None
+    with _cli_connect(args.socket, args.timeout) as client:
+        info = _probe(client, args.socket, wanted, args.config_size)
+    if args.json:
+        import json
+        out.write(json.dumps(info, indent=2) + "\n")
+    else:
+        out.write("\n".join(_format_probe(args.socket, info)) + "\n")
+    return 0
+
+
+def _open_device(args, cls_name, device_type, **kwargs):
+    """``cls_name``.connect() on ``args.socket``, refusing another device type in one line.
+
+    The type check uses GET_FEATURES and GET_PROTOCOL_FEATURES on the same
+    connection the driver then takes over (virtiofsd serves only one).
+    """
+    cls = globals().get(cls_name)
+    if cls is None:
+        raise _CliError("%s is not available in this version of the module" % cls_name)
+    client = _cli_connect(args.socket, args.timeout)
+    try:
+        features = client.get_features()
+        protocol = None
+        if features & VirtioFeature.PROTOCOL_FEATURES:
+            protocol = client.get_protocol_features()
+        _check_device_type(args.socket, device_type, features, protocol)
+        if device_type == DeviceType.BLOCK and not (protocol or 0) & _P.CONFIG:
+            # QEMU's vhost-user-blk refuses such a back-end too: capacity is in the config.
+            raise _CliError("%s: wrong device type: the back-end does not offer CONFIG, so it "
+                            "cannot be a vhost-user-blk device" % args.socket)
+        return cls.connect(client, timeout=args.timeout, **kwargs)
+    except FeatureNotNegotiated as exc:
+        client.close()
+        raise _CliError("%s: not a usable %s device: %s"
+                        % (args.socket, device_type.name.lower(), _one_line(exc)))
+    except BaseException:
+        client.close()
+        raise
+
+
+# -- blk ----------------------------------------------------------------------
+
+def _cmd_blk(args, out):
+    with _open_device(args, "BlockDevice", DeviceType.BLOCK) as dev:
+        return _BLK_ACTIONS[args.action](dev, args, out)
+
+
+def _blk_info(dev, args, out):
+    info = {
+        "capacity": dev.capacity,
+        "block_size": dev.block_size,
+        "read_only": bool(dev.read_only),
+        "num_queues": dev.num_queues,
+        "id": dev.get_id().decode("ascii", "backslashreplace"),
+    }
+    if args.json:
+        import json
+        out.write(json.dumps(info, indent=2) + "\n")
+        return 0
+    out.write("%-12s %d bytes (%s)\n" % ("capacity", info["capacity"],
+                                        _format_bytes(info["capacity"])))
+    for key in ("block_size", "read_only", "num_queues", "id"):
+        out.write("%-12s %s\n" % (key.replace("_", " "), info[key]))
+    return 0
+
+
+def _blk_read(dev, args, out):
+    data = dev.read(args.offset, args.length)
+    if args.output:
+        with open(args.output, "wb") as f:
+            f.write(data)
+        return 0
+    binary = getattr(out, "buffer", None)
+    if binary is None or out.isatty():  # never dump raw bytes on a terminal
+        out.write("\n".join(_hexdump(data, indent="")) + "\n")
+    else:
+        out.flush()
+        binary.write(data)
+        binary.flush()
+    return 0
+
+
+def _blk_write(dev, args, out):
+    if args.input:
+        with open(args.input, "rb") as f:
+            data = f.read()
+    else:
+        data = sys.stdin.buffer.read()
+    dev.write(args.offset, data)
+    out.write("wrote %d bytes at offset %d\n" % (len(data), args.offset))
+    return 0
+
+
+def _blk_flush(dev, args, out):
+    dev.flush()
+    return 0
+
+
+def _blk_discard(dev, args, out):
+    dev.discard(args.offset, args.length)
+    return 0
+
+
+def _blk_write_zeroes(dev, args, out):
+    dev.write_zeroes(args.offset, args.length)
+    return 0
+
+
+_BLK_ACTIONS = {
+    "info": _blk_info, "read": _blk_read, "write": _blk_write, "flush": _blk_flush,
+    "discard": _blk_discard, "write-zeroes": _blk_write_zeroes,
+}
+
+
+# -- net ----------------------------------------------------------------------
+
+#: IEEE 802 "local experimental" ethertype for the frames ``net send`` makes.
+_ETHERTYPE_TEST = 0x88B5
+
+
+def _test_frame(src_mac, seq, size):
+    """A broadcast Ethernet frame of ``size`` bytes carrying ``seq``."""
+    header = b"\xff" * 6 + src_mac + struct.pack(">HI", _ETHERTYPE_TEST, seq)
+    return (header + bytes(range(256)) * (size // 256 + 1))[:max(size, len(header))]
+
+
+def _describe_frame(frame):
+    frame = bytes(frame)
+    if len(frame) < 14:
+        return "%d bytes (runt)" % len(frame)
+    mac = lambda b: ":".join("%02x" % x for x in bytearray(b))  # noqa: E731
+    return "%d bytes %s -> %s type %#06x" % (len(frame), mac(frame[6:12]), mac(frame[:6]),
+                                              struct.unpack(">H", frame[12:14])[0])
+
+
+def _cmd_net(args, out):
+    with _open_device(args, "NetDevice", DeviceType.NET) as dev:
+        if args.action == "send":
+            return _net_send(dev, args, out)
+        return _net_recv(dev, args, out)
+
+
+def _net_send(dev, args, out):
+    if args.input:
+        with open(args.input, "rb") as f:
+            frames = [f.read()] * args.count
+    else:
+        src = bytes(dev.mac) if getattr(dev, "mac", None) else b"\x02\0\0\0\0\x01"
+        frames = [_test_frame(src, seq, args.size) for seq in range(args.count)]
+    start = time.monotonic()
+    dev.send_many(frames)
+    out.write("sent %d frame(s) of %d bytes\n" % (len(frames), len(frames[0])))
+    if not args.echo:
+        return 0
+    # Loopback check: a back-end that forwards TX to RX (testpmd io mode) echoes each frame.
+    expected = set(frames)
+    received = 0
+    deadline = start + args.timeout
+    while received < len(frames):
+        frame = dev.recv(timeout=max(0.0, deadline - time.monotonic()))
+        if frame is None:
+            break
+        if bytes(frame) in expected:
+            received += 1
+    elapsed = time.monotonic() - start
+    out.write("received %d of %d back unchanged in %.1f ms\n"
+              % (received, len(frames), elapsed * 1e3))
+    if received < len(frames):
+        raise _CliError("%s: %d frame(s) did not come back within %.1f s"
+                        % (args.socket, len(frames) - received, args.timeout))
+    return 0
+
+
+def _net_recv(dev, args, out):
+    deadline = time.monotonic() + args.wait
+    count = 0
+    while args.count is None or count < args.count:
+        frame = dev.recv(timeout=max(0.0, deadline - time.monotonic()))
+        if frame is None:
+            break
+        count += 1
+        out.write("%s\n" % _describe_frame(frame))
+        if args.verbose_frames:
+            out.write("\n".join(_hexdump(bytes(frame))) + "\n")
+    out.write("received %d frame(s)\n" % count)
+    return 0
+
+
+# -- bench --------------------------------------------------------------------
+
+def _proc_cpu_seconds(pid):
+    """User + system CPU seconds of process ``pid`` so far, all its threads (/proc)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        raise _CliError("--backend-pid %d: no such process (or /proc is not readable)" % pid)
+    # utime and stime are fields 14 and 15 of proc(5); fields[0] is field 3.
+    return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))
+
+
+def _self_cpu_seconds():
+    """This process's user + system CPU seconds, every thread (getrusage: µs resolution)."""
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _percentile(ordered, fraction):
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+class _Progress:
+    """The live ``bench`` line on stderr, redrawn twice a second; only on a terminal."""
+
+    def __init__(self, stream, total_seconds):
+        self.stream = stream
+        self.enabled = hasattr(stream, "isatty") and stream.isatty()
+        self.total = total_seconds
+        self.next_draw = 0.0
+
+    def update(self, elapsed, requests, request_size):
+        if not self.enabled or elapsed < self.next_draw:
+            return
+        self.next_draw = elapsed + 0.5
+        rate = requests / elapsed if elapsed else 0.0
+        self.stream.write("\r%5.1f/%.1f s  %10.0f IOPS  %8.1f MiB/s"
+                          % (elapsed, self.total, rate, rate * request_size / 2**20))
+        self.stream.flush()
+
+    def done(self):
+        if self.enabled:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+def _bench_report(kind, rw, size, depth, queues, elapsed, latencies, nbytes, cpu_self,
+                  cpu_backend):
+    """The dict ``bench --json`` prints; latencies in seconds, any order."""
+    latencies.sort()
+    count = len(latencies)
+    usec = lambda s: None if s is None else round(s * 1e6, 2)  # noqa: E731
+    return {
+        "type": kind, "rw": rw, "size": size, "depth": depth, "queues": queues,
+        "seconds": round(elapsed, 4),
+        "requests": count,
+        "iops": round(count / elapsed, 1) if elapsed else 0.0,
+        "mib_per_s": round(nbytes / elapsed / 2**20, 2) if elapsed else 0.0,
+        "latency_us": {"min": usec(latencies[0] if latencies else None),
+                       "p50": usec(_percentile(latencies, 0.50)),
+                       "p99": usec(_percentile(latencies, 0.99)),
+                       "p999": usec(_percentile(latencies, 0.999)),
+                       "max": usec(latencies[-1] if latencies else None)},
+        "frontend_cpu_us_per_request": usec(cpu_self / count) if count else None,
+        "backend_cpu_us_per_request": (usec(cpu_backend / count)
+                                       if count and cpu_backend is not None else None),
+    }
+
+
+def _format_bench(report):
+    lat = report["latency_us"]
+    lines = [
+        "%s %s, %d bytes, depth %d, %d queue(s), %.2f s"
+        % (report["type"], report["rw"], report["size"], report["depth"], report["queues"],
+           report["seconds"]),
+        "  %-22s %.0f  (%d requests)" % ("IOPS", report["iops"], report["requests"]),
+        "  %-22s %.2f" % ("MiB/s", report["mib_per_s"]),
+        "  %-22s p50 %s  p99 %s  p99.9 %s  (min %s, max %s)"
+        % ("latency (µs)", lat["p50"], lat["p99"], lat["p999"], lat["min"], lat["max"]),
+        "  %-22s %s" % ("frontend CPU µs/req", report["frontend_cpu_us_per_request"]),
+        "  %-22s %s" % ("backend CPU µs/req", report["backend_cpu_us_per_request"]
+                        if report["backend_cpu_us_per_request"] is not None
+                        else "n/a (give --backend-pid)"),
+    ]
+    return lines
+
+
+class _BlockLoad:
+    """Offsets and buffers for one block bench stream (one per queue)."""
+
+    def __init__(self, capacity, size, rw, seed):
+        import random
+        self.random = random.Random(seed)
+        self.slots = max(1, capacity // size)
+        self.size = size
+        self.sequential = not rw.startswith("rand")
+        self.next_slot = 0
+        self.write = rw.endswith("write")
+        self.data = bytes(bytearray(self.random.getrandbits(8) for _ in range(size)))
+
+    def offset(self):
+        if self.sequential:
+            slot, self.next_slot = self.next_slot, (self.next_slot + 1) % self.slots
+        else:
+            slot = self.random.randrange(self.slots)
+        return slot * self.size
+
+
+def _cmd_bench(args, out):
+    if args.type == "net":
+        raise _CliError("bench --type net is not implemented yet")
+    kwargs = {"num_queues": args.queues} if args.queues else {}
+    with _open_device(args, "BlockDevice", DeviceType.BLOCK, **kwargs) as dev:
+        report = _bench_block(dev, args)
+    if args.json:
+        import json
+        out.write(json.dumps(report, indent=2) + "\n")
+    else:
+        out.write("\n".join(_format_bench(report)) + "\n")
+    return 0
+
+
+def _bench_block(dev, args):
+    size = args.size
+    if size <= 0 or size % dev.block_size or size > dev.capacity:
+        raise _CliError("--size %d must be a positive multiple of the block size %d, at most "
+                        "the capacity %d" % (size, dev.block_size, dev.capacity))
+    if args.rw.endswith("write") and dev.read_only:
+        raise _CliError("%s: the device is read-only; use --rw read or randread" % args.socket)
+    if args.depth < 1:
+        raise _CliError("--depth must be at least 1")
+    queues = args.queues or 1
+    loads = [_BlockLoad(dev.capacity, size, args.rw, seed) for seed in range(queues)]
+    latencies = [[] for _ in range(queues)]
+    errors = []
+    progress = _Progress(sys.stderr, args.seconds)
+    backend_start = _proc_cpu_seconds(args.backend_pid) if args.backend_pid else None
+    cpu_start = _self_cpu_seconds()
+    start = time.perf_counter()
+    deadline = start + args.seconds
+
+    def run(queue):
+        try:
+            _bench_block_stream(dev, queue, loads[queue], args.depth, deadline, latencies[queue])
+        except BaseException as exc:  # re-raised by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(q,), name="bench-queue-%d" % q)
+               for q in range(1, queues)]
+    for thread in threads:
+        thread.start()
+    try:
+        _bench_block_stream(dev, 0, loads[0], args.depth, deadline, latencies[0],
+                            lambda: progress.update(time.perf_counter() - start,
+                                                    sum(map(len, latencies)), size))
+    finally:
+        for thread in threads:
+            thread.join(deadline - time.perf_counter() + 2 * args.timeout)
+        progress.done()
+    if errors:
+        raise errors[0]
+    elapsed = time.perf_counter() - start
+    cpu_self = _self_cpu_seconds() - cpu_start
+    cpu_backend = None
+    if args.backend_pid:
+        cpu_backend = _proc_cpu_seconds(args.backend_pid) - backend_start
+    merged = [latency for per_queue in latencies for latency in per_queue]
+    return _bench_report("blk", args.rw, size, args.depth, queues, elapsed, merged,
+                         len(merged) * size, cpu_self, cpu_backend)
+
+
+def _bench_block_stream(dev, queue, load, depth, deadline, latencies, tick=None):
+    """Keep ``depth`` requests in flight on ``queue`` until ``deadline``; log each latency.
+
+    Uses BlockDevice's submit/complete pair; a latency runs from just before
+    ``submit_*`` to the ``complete`` call that returned the request.
+    """
+    clock = time.perf_counter
+    buffers = [bytearray(load.size) for _ in range(depth)] if not load.write else None
+    free = list(range(depth))
+    pending = {}
+    while True:
+        if clock() < deadline:
+            while free:
+                slot = free.pop()
+                t0 = clock()
+                if load.write:
+                    request = dev.submit_write(load.offset(), load.data, queue=queue)
+                else:
+                    request = dev.submit_read(load.offset(), load.size, queue=queue,
+                                              buffer=buffers[slot])
+                pending[request] = (t0, slot)
+        elif not pending:
+            return
+        done = dev.complete(queue=queue)
+        now = clock()
+        for request in done:
+            request.result()  # raises BackendError for a failed request
+            t0, slot = pending.pop(request)
+            latencies.append(now - t0)
+            free.append(slot)
+        if tick is not None:
+            tick()
+
+
+# -- demo ---------------------------------------------------------------------
+
+#: Debian package that ships qemu-storage-daemon (README "Quick start").
+_DEMO_PACKAGE = "qemu-system-common"
+
+
+class _DemoDaemon:
+    """A qemu-storage-daemon exporting a temporary raw file; stop() removes everything."""
+
+    def __init__(self, binary, size):
+        import subprocess
+        import tempfile
+        self.tmpdir = tempfile.mkdtemp(prefix="vhost-user-demo-")
+        self.proc = None
+        try:
+            self.disk = os.path.join(self.tmpdir, "disk.raw")
+            self.socket = os.path.join(self.tmpdir, "blk.sock")
+            with open(self.disk, "wb") as f:
+                f.truncate(size)
+            self.log = os.path.join(self.tmpdir, "qsd.log")
+            with open(self.log, "wb") as log:
+                self.proc = subprocess.Popen(
+                    [binary, "--blockdev", "driver=file,node-name=disk0,filename=%s,aio=threads,"
+                     "cache.direct=off" % self.disk,
+                     "--export", "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
+                     "addr.path=%s,writable=on,num-queues=1" % self.socket],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True, close_fds=True)
+            self._wait_for_socket(10.0)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_for_socket(self, timeout):
+        import stat
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise _CliError("qemu-storage-daemon exited with status %d: %s"
+                                % (self.proc.returncode, self._log_tail()))
+            try:
+                if stat.S_ISSOCK(os.stat(self.socket).st_mode):
+                    return
+            except FileNotFoundError:
+                pass
+            if time.monotonic() > deadline:
+                raise _CliError("qemu-storage-daemon did not create %s within %.0f s"
+                                % (self.socket, timeout))
+            time.sleep(0.01)
+
+    def _log_tail(self):
+        try:
+            with open(self.log, "rb") as f:
+                lines = f.read().decode("utf-8", "replace").strip().splitlines()
+        except OSError:
+            lines = []
+        return lines[-1] if lines else "(no output)"
+
+    def stop(self):
+        """SIGTERM (SIGKILL after 10 s) and remove the temporary files; safe to call twice."""
+        import shutil
+        import signal
+        import subprocess
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.tmpdir is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            self.tmpdir = None
+
+
+def _cmd_demo(args, out):
+    import argparse
+    import shutil
+    binary = shutil.which("qemu-storage-daemon")
+    if binary is None:
+        raise _CliError("the demo needs qemu-storage-daemon, which is not installed; on Debian "
+                        "or Ubuntu: sudo apt-get install %s" % _DEMO_PACKAGE)
+    daemon = _DemoDaemon(binary, 64 << 20)
+    try:
+        out.write("1. Started qemu-storage-daemon (pid %d) exporting a 64 MiB raw file\n"
+                  "   as vhost-user-blk on %s\n\n" % (daemon.proc.pid, daemon.socket))
+        out.write("2. $ %s probe %s\n" % (_PROG, daemon.socket))
+        with _cli_connect(daemon.socket, args.timeout) as client:
+            info = _probe(client, daemon.socket)
+        out.write("".join("   %s\n" % line for line in _format_probe(daemon.socket, info)))
+        out.write("\n")
+        device_args = argparse.Namespace(socket=daemon.socket, timeout=args.timeout)
+        with _open_device(device_args, "BlockDevice", DeviceType.BLOCK) as dev:
+            offset, data = 1 << 20, os.urandom(64 << 10)
+            dev.write(offset, data)
+            dev.flush()
+            back = dev.read(offset, len(data))
+            with open(daemon.disk, "rb") as f:
+                f.seek(offset)
+                on_disk = f.read(len(data))
+            if back != data or on_disk != data:
+                raise _CliError("data read back differs from what was written (%s)"
+                                % ("device" if back != data else "file on disk"))
+            out.write("3. Wrote 64 KiB of random data at offset 1 MiB, flushed, read it back:\n"
+                      "   identical, and the raw file holds the same bytes.\n\n")
+            bench_args = argparse.Namespace(
+                socket=daemon.socket, rw="randread", size=4096, depth=1, queues=None,
+                seconds=args.seconds, backend_pid=daemon.proc.pid, timeout=args.timeout)
+            out.write("4. $ %s bench %s --rw randread --seconds %g --backend-pid %d\n"
+                      % (_PROG, daemon.socket, args.seconds, daemon.proc.pid))
+            report = _bench_block(dev, bench_args)
+            out.write("".join("   %s\n" % line for line in _format_bench(report)) + "\n")
+    finally:
+        tmpdir = daemon.tmpdir
+        daemon.stop()
+    out.write("5. Stopped qemu-storage-daemon and removed %s\n" % tmpdir)
+    return 0
+
+
+def _int_arg(text):
+    """An argparse type: an integer with an optional 0x prefix or k/M/G suffix."""
+    import argparse
+    scale = {"k": 1 << 10, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    try:
+        value = int(text[:-1] if scale > 1 else text, 0) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not an integer" % text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("%r is negative" % text)
+    return value
+
+
+def _build_parser():
+    import argparse
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: an option given after the subcommand must not reset one given before it.
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log every vhost-user message sent and received (stderr)")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="S",
+                        help="seconds to wait for any reply or completion (default 5)")
+    parser = argparse.ArgumentParser(
+        prog=_PROG, parents=[common],
+        description="Talk to a vhost-user back-end (qemu-storage-daemon, DPDK, virtiofsd, "
+                    "rust-vmm and crosvm devices, SPDK) from the front-end side.",
+        epilog="Errors are reported in one line; the exit status is 1 for a failure "
+               "and 2 for bad usage.")
+    parser.add_argument("--version", action="version", version="%s %s" % (_PROG, __version__))
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True  # 3.6 has no add_subparsers(required=)
+
+    probe = commands.add_parser(
+        "probe", parents=[common], help="show what a back-end offers",
+        description="Connect, ask the back-end for its features, protocol features, queue "
+                    "count, memory slots, shared memory and device config, and print them. "
+                    "Negotiates only the protocol features these questions need.")
+    probe.add_argument("socket", metavar="SOCKET")
+    probe.add_argument("--type", choices=sorted(_CLI_TYPES), metavar="TYPE",
+                       help="device type for naming feature bits and decoding config "
+                            "(blk, net, fs, gpu, vsock, ...; default: guessed)")
+    probe.add_argument("--json", action="store_true", help="print one JSON object")
+    probe.add_argument("--config-size", type=_int_arg, metavar="BYTES",
+                       help="bytes of device config to read (default: from the type's layout)")
+    probe.set_defaults(func=_cmd_probe)
+
+    blk = commands.add_parser(
+        "blk", parents=[common], help="block device I/O",
+        description="Read, write, flush, discard or zero a vhost-user-blk device. OFFSET and "
+                    "LENGTH take 0x prefixes and k/M/G suffixes and must be block aligned.")
+    blk.add_argument("socket", metavar="SOCKET")
+    actions = blk.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    info = actions.add_parser("info", help="capacity, block size, read-only, queues, serial")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    read = actions.add_parser("read", help="read LENGTH bytes at OFFSET",
+                              description="Raw bytes go to FILE or to stdout; a terminal gets "
+                                          "a hex dump instead.")
+    read.add_argument("offset", type=_int_arg, metavar="OFFSET")
+    read.add_argument("length", type=_int_arg, metavar="LENGTH")
+    read.add_argument("-o", "--output", metavar="FILE", help="write the data to FILE")
+    write = actions.add_parser("write", help="write stdin (or FILE) at OFFSET")
+    write.add_argument("offset", type=_int_arg, metavar="OFFSET")
+    write.add_argument("-i", "--input", metavar="FILE", help="read the data from FILE")
+    actions.add_parser("flush", help="flush the device's write cache")
+    for name, what in (("discard", "discard"), ("write-zeroes", "zero")):
+        ranged = actions.add_parser(name, help="%s LENGTH bytes at OFFSET" % what)
+        ranged.add_argument("offset", type=_int_arg, metavar="OFFSET")
+        ranged.add_argument("length", type=_int_arg, metavar="LENGTH")
+    blk.set_defaults(func=_cmd_blk)
+
+    net = commands.add_parser(
+        "net", parents=[common], help="send or receive Ethernet frames",
+        description="Quick loopback checks against a net back-end such as DPDK testpmd in io "
+                    "forward mode.")
+    net.add_argument("socket", metavar="SOCKET")
+    actions = net.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    send = actions.add_parser("send", help="send test frames (or FILE's bytes as one frame)")
+    send.add_argument("-n", "--count", type=_int_arg, default=1, metavar="N")
+    send.add_argument("--size", type=_int_arg, default=64, metavar="BYTES",
+                      help="frame size (default 64)")
+    send.add_argument("-i", "--input", metavar="FILE", help="send FILE's bytes as the frame")
+    send.add_argument("--echo", action="store_true",
+                      help="wait for each frame to come back unchanged (loopback check)")
+    recv = actions.add_parser("recv", help="print the frames that arrive")
+    recv.add_argument("-n", "--count", type=_int_arg, metavar="N", help="stop after N frames")
+    recv.add_argument("--wait", type=float, default=1.0, metavar="S",
+                      help="stop after S seconds (default 1)")
+    recv.add_argument("-x", "--hex", dest="verbose_frames", action="store_true",
+                      help="hex-dump each frame")
+    net.set_defaults(func=_cmd_net)
+
+    bench = commands.add_parser(
+        "bench", parents=[common], help="measure IOPS, bandwidth, latency and CPU per request",
+        description="Run I/O for --seconds and report IOPS, MiB/s, latency percentiles, this "
+                    "process's CPU time per request and, with --backend-pid, the back-end's "
+                    "(from /proc/PID/stat, 10 ms resolution). A progress line is drawn on "
+                    "stderr only when stderr is a terminal.")
+    bench.add_argument("socket", metavar="SOCKET")
+    bench.add_argument("--type", choices=("blk", "net"), default="blk")
+    bench.add_argument("--rw", choices=("read", "write", "randread", "randwrite"),
+                       default="randread")
+    bench.add_argument("--size", type=_int_arg, default=4096, metavar="BYTES",
+                       help="bytes per request (default 4096)")
+    bench.add_argument("--depth", type=_int_arg, default=1, metavar="N",
+                       help="requests in flight per queue (default 1)")
+    bench.add_argument("--queues", type=_int_arg, metavar="N", help="queues to use (default 1)")
+    bench.add_argument("--seconds", type=float, default=3.0, metavar="S",
+                       help="duration (default 3)")
+    bench.add_argument("--backend-pid", type=int, metavar="PID",
+                       help="also report this process's CPU time per request")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.set_defaults(func=_cmd_bench)
+
+    demo = commands.add_parser(
+        "demo", parents=[common], help="try it: a temporary qemu-storage-daemon, end to end",
+        description="Start qemu-storage-daemon on a temporary 64 MiB disk, probe it, write "
+                    "and read back data, run a short benchmark, stop the daemon and remove "
+                    "its files. Needs only the Debian package %s." % _DEMO_PACKAGE)
+    demo.add_argument("--seconds", type=float, default=3.0, metavar="S",
+                      help="benchmark duration (default 3)")
+    demo.set_defaults(func=_cmd_demo)
+    return parser, commands, common
+
+
+def main(argv=None):
+    """Run the command line (``python3 vhost_user_frontend.py --help``); returns the exit status."""
+    parser, _, _ = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else _EXIT_FAILURE
+    args.verbose = getattr(args, "verbose", False)
+    args.timeout = getattr(args, "timeout", 5.0)
+    if args.timeout <= 0:
+        parser.print_usage(sys.stderr)
+        sys.stderr.write("%s: error: --timeout must be positive\n" % _PROG)
+        return 2
+    handler = None
+    if args.verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(relativeCreated)8.1f ms %(message)s"))
+        _log.addHandler(handler)
+        _log.setLevel(logging.DEBUG)
+    try:
+        return args.func(args, sys.stdout)
+    except KeyboardInterrupt:
+        sys.stderr.write("%s: interrupted\n" % _PROG)
+        return 130
+    except (_CliError, VhostUserError, OSError, ValueError) as exc:
+        message = _one_line(exc)
+        if isinstance(exc, VhostUserTimeout):
+            message = "timeout: " + message
+        elif isinstance(exc, Disconnected):
+            message = "back-end disconnected: " + message
+        if isinstance(exc, VhostUserError):
+            message = "%s: %s" % (args.socket, message)
+        sys.stderr.write("%s: error: %s\n" % (_PROG, message))
+        return _EXIT_FAILURE
+    finally:
+        if handler is not None:
+            _log.removeHandler(handler)
+            _log.setLevel(logging.NOTSET)
+
+
+def _one_line(exc):
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())
