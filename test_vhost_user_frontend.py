@@ -3297,7 +3297,11 @@ class TestQueueDriver(FdLeakCheck):
         mem = vu.GuestMemory([(0, 1 << 16)])
         self.addCleanup(mem.close)
         q = vu.Queue(mem, 8, features=_F.RING_INDIRECT_DESC)
-        q.add([b"x" * 1000] * 4, [bytearray(1000)])
+        dev = _RingDevice(q)
+        q.add([b"kept for reuse"], [bytearray(100)])
+        dev.complete(dev.take()[0], 0)
+        self.assertEqual(len(q.get_used()), 1)       # its bounce block is now a spare
+        q.add([b"x" * 1000] * 4, [bytearray(1000)])  # and this one stays in flight
         q.close()
         q.close()
         mem.free(mem.allocate(1 << 16))              # the whole region is free again
@@ -3446,7 +3450,17 @@ class TestBlockDevice(BackendTestMixin, FdLeakCheck):
         self.assertEqual(sorted(id(r) for r in done), sorted(id(r) for r in inflight))
         for request in done:
             self.assertEqual((request.status, request.result()), (0, None))
-        reads = [dev.submit_read(4096 * i, 4096) for i in range(100)]
+        # notify=False: no kick until complete(), which kicks once for the batch (10 chains of 3
+        # descriptors fit the 32-entry ring, so no wait for room kicks earlier).
+        kick = dev._queues[0].kick
+        signals = []
+        kick.signal = lambda signal=kick.signal: signals.append(signal())
+        reads = [dev.submit_read(4096 * i, 4096, notify=False) for i in range(10)]
+        self.assertEqual(signals, [])
+        while not all(r.done for r in reads):
+            dev.complete(count=10)
+        self.assertLessEqual(len(signals), 1)
+        reads += [dev.submit_read(4096 * i, 4096) for i in range(10, 100)]
         reads.append(dev.submit_flush())
         while not all(r.done for r in reads):
             dev.complete()

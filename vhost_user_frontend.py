@@ -2150,6 +2150,9 @@ _USED_F_NO_NOTIFY = 1
 _DEFAULT_SPIN = 50e-6
 #: Longest buffer one descriptor can describe.
 _MAX_DESC_LEN = 0xFFFFFFFF
+#: Freed bounce blocks up to this size are kept for reuse by the next chain of
+#: the same size (requests repeat sizes), sparing the guest allocator.
+_SPARE_BLOCK_MAX = 64 << 10
 
 
 def _split_ring_sizes(size):
@@ -2192,14 +2195,15 @@ def _no_fence():
 class _Chain:
     """Driver bookkeeping for one chain in flight (never read back from the ring)."""
 
-    __slots__ = ("token", "descs", "writable", "copy_out", "block")
+    __slots__ = ("token", "descs", "writable", "copy_out", "block", "block_size")
 
-    def __init__(self, token, descs, writable, copy_out, block):
+    def __init__(self, token, descs, writable, copy_out, block, block_size):
         self.token = token
         self.descs = descs          # ring descriptor indices to free
         self.writable = writable    # bytes the device may write
         self.copy_out = copy_out    # (guest_addr, caller buffer) to copy back
         self.block = block          # guest allocation (bounce + indirect) or None
+        self.block_size = block_size
 
 
 class _QueueFull(VhostUserError):
@@ -2290,6 +2294,7 @@ class Queue:
         self._fences = _Fences()
         self._free = list(range(size - 1, -1, -1))  # a stack: pop() gives 0 first
         self._chains = {}         # head descriptor -> _Chain
+        self._spare = {}          # block size -> [freed bounce blocks]
         self._kicked = 0          # avail idx at the last notify decision
         self._serial = 0
         self._broken = None
@@ -2364,10 +2369,11 @@ class Queue:
             count >= self.indirect_threshold or count > len(self._free))
         table_bytes = 16 * count if indirect else 0
         block = None
-        if table_bytes or bounce:
+        block_size = table_bytes + bounce
+        if block_size:
             # Bounce buffers and the indirect table share one allocation, filled
             # outside the lock so a big copy does not hold up other threads.
-            block = self.mem.allocate(table_bytes + bounce, align=16)
+            block = self._allocate(block_size)
         try:
             addr = block + table_bytes if block is not None else 0
             resolved = []
@@ -2397,12 +2403,28 @@ class Queue:
                     self._serial += 1
                     token = self._serial
                 self._post(resolved, indirect, block, table_bytes,
-                           _Chain(token, None, writable_bytes, outs, block))
+                           _Chain(token, None, writable_bytes, outs, block, block_size))
         except BaseException:
             if block is not None:
-                self.mem.free(block)
+                self._release(block, block_size)
             raise
         return token
+
+    def _allocate(self, size):
+        spare = self._spare.get(size)
+        if spare:
+            try:
+                return spare.pop()
+            except IndexError:  # another thread took the last one
+                pass
+        return self.mem.allocate(size, align=16)
+
+    def _release(self, block, size):
+        spare = self._spare.setdefault(size, []) if size <= _SPARE_BLOCK_MAX else None
+        if spare is not None and len(spare) < self.size:
+            spare.append(block)
+        else:
+            self.mem.free(block)
 
     def _post(self, resolved, indirect, block, table_bytes, chain):
         """Write the ring descriptors and publish the chain (under the lock)."""
@@ -2546,7 +2568,7 @@ class Queue:
             for gpa, target in chain.copy_out:
                 target[:] = self.mem.view(gpa, len(target))
             if chain.block is not None:
-                self.mem.free(chain.block)
+                self._release(chain.block, chain.block_size)
             self._free.extend(reversed(chain.descs))
             self.next_used = (self.next_used + 1) & 0xFFFF
             done.append((chain.token, length))
@@ -2626,8 +2648,12 @@ class Queue:
             for chain in getattr(self, "_chains", {}).values():
                 if chain.block is not None:
                     self.mem.free(chain.block)
+            for blocks in getattr(self, "_spare", {}).values():
+                for block in blocks:
+                    self.mem.free(block)
             self.mem.free(self._block)
         self._chains = {}
+        self._spare = {}
         self._block = None
 
     def __enter__(self):
@@ -4277,42 +4303,46 @@ class BlockDevice:
 
     # -- asynchronous requests ---------------------------------------------------
 
-    def submit_read(self, offset, length, queue=0, buffer=None):
+    def submit_read(self, offset, length, queue=0, buffer=None, notify=True):
         """Start a READ of at most ``max_transfer`` bytes; returns its request.
 
         ``buffer`` (writable, ``length`` bytes) receives the data; by default a
-        new bytearray, available as ``request.result()`` once done.
+        new bytearray, available as ``request.result()`` once done. With
+        ``notify=False`` the device is not kicked yet: submit a batch, then
+        ``complete()`` (or a simple call on the queue) kicks once for all.
         """
         self._check_range("READ", offset, length, self.max_transfer)
         if buffer is None:
             buffer = bytearray(length)
         request = _BlockRequest(_BLK_T_IN, offset, length, buffer, queue)
         request.background = True
-        self._post(request, (), self._segments(memoryview(buffer).cast("B")))
+        self._post(request, (), self._segments(memoryview(buffer).cast("B")), notify)
         return request
 
-    def submit_write(self, offset, data, queue=0):
+    def submit_write(self, offset, data, queue=0, notify=True):
         """Start a WRITE of at most ``max_transfer`` bytes; returns its request."""
         data = memoryview(data).cast("B")
         self._check_writable("WRITE")
         self._check_range("WRITE", offset, len(data), self.max_transfer)
         request = _BlockRequest(_BLK_T_OUT, offset, len(data), None, queue)
         request.background = True
-        self._post(request, self._segments(data), ())
+        self._post(request, self._segments(data), (), notify)
         return request
 
-    def submit_flush(self, queue=0):
+    def submit_flush(self, queue=0, notify=True):
         """Start a FLUSH; returns its request."""
         request = _BlockRequest(_BLK_T_FLUSH, 0, 0, None, queue)
         request.background = True
-        self._post(request, (), ())
+        self._post(request, (), (), notify)
         return request
 
     def complete(self, queue=0, timeout=None, count=1):
         """Wait for requests started with ``submit_*`` on ``queue``; returns the done ones.
 
-        Waits until at least ``count`` of them are done (or none is in flight)
-        and returns every one done so far. Check each with ``result()``.
+        Kicks the device first if requests were submitted with
+        ``notify=False``. Waits until at least ``count`` of them are done (or
+        none is in flight) and returns every one done so far. Check each with
+        ``result()``.
 
         Raises:
             VhostUserTimeout: nothing completed within ``timeout`` (default
@@ -4321,6 +4351,7 @@ class BlockDevice:
         completions = self._completions_for(queue)
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         q = completions.queue
+        q.notify()
         completions.poll()
         completions.wait(lambda: len(completions.finished) >= count or not q.in_flight,
                          deadline, "complete")
