@@ -4278,7 +4278,10 @@ class BlockDevice:
 
     @property
     def topology(self):
-        """(physical_block_exp, alignment_offset, min_io_size, opt_io_size); None without TOPOLOGY."""
+        """(physical_block_exp, alignment_offset, min_io_size, opt_io_size), or None.
+
+        None when the device does not offer BLK_TOPOLOGY.
+        """
         if not self.features & _BLK_F_TOPOLOGY:
             return None
         c = self.config
