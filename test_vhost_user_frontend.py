@@ -1146,7 +1146,7 @@ def _memfd(data, size, seal=False):
     if hasattr(os, "memfd_create"):  # 3.8+
         fd = os.memfd_create("fake-shmem", os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if seal else 0))
     else:
-        fd = vu.memfd_create("fake-shmem", size)  # sealed against shrinking already
+        fd = vu._memfd_create("fake-shmem", size)  # sealed against shrinking already
         seal = None
     os.ftruncate(fd, size)
     os.pwrite(fd, data, 0)
