@@ -3698,5 +3698,123 @@ class TestVirtiofsQueue(BackendTestMixin, FdLeakCheck):
         self.assertEqual(fsd.wait(10), 0, fsd.log_tail())
 
 
+
+# Hostile peers #######################################################################################
+#
+# h11's fuzz invariant, applied to both channels and the rings: whatever a back-end sends, we either
+# parse it or raise one of our own errors (naming the request), never another exception; no fd leaks,
+# nothing waits longer than its timeout. Seeded, so a failure replays.
+
+FUZZ_SEED = 0x76686F73
+
+
+def _fuzz_fds(rng, count):
+    """``count`` fresh fds of the kinds a back-end hands over: memfds and eventfds."""
+    return [vu._memfd_create("fuzz", 4096) if rng.random() < 0.5 else vu._eventfd()
+            for _ in range(count)]
+
+
+def _fuzz_fd_count(rng, valid):
+    return rng.choice([valid, valid, 0, 1, 2, 5, vu.MAX_FDS, vu.MAX_FDS + 1, 40])
+
+
+def _mutate(rng, data):
+    """A random mutation of a message: bit flips, truncation, extension or a size change."""
+    data = bytearray(data)
+    kind = rng.choice(("flip", "flip", "truncate", "extend", "size", "random"))
+    if kind == "flip" and data:
+        for _ in range(rng.randint(1, 4)):
+            i = rng.randrange(len(data))
+            data[i] ^= 1 << rng.randrange(8)
+    elif kind == "truncate":
+        del data[rng.randrange(len(data) + 1):]
+    elif kind == "extend":
+        data += bytes(rng.randrange(256) for _ in range(rng.randint(1, 24)))
+    elif kind == "size" and len(data) >= 12:
+        size = rng.choice([0, 1, 7, 8, 9, 12, 16, 24, 40, 2056, 4096, 4097, 0x10000, 0xFFFFFFFF,
+                           rng.randrange(1 << 32)])
+        data[8:12] = struct.pack("<I", size)
+    else:
+        data = bytearray(rng.randrange(256) for _ in range(rng.randint(0, 48)))
+    return bytes(data), kind
+
+
+def _close_result(result, expect):
+    """Close the fd a request method returned (REQUESTS' FD marker says where it is)."""
+    if expect is FD:
+        os.close(result)
+    elif isinstance(expect, tuple) and expect[-1] is FD and result[-1] is not None:
+        os.close(result[-1])
+
+
+class TestHostileReplies(FdLeakCheck):
+    """Mutated and random replies to every request that has one: a valid return or our errors."""
+
+    CASES_PER_REQUEST = 10
+
+    def test_fuzzed_replies(self):
+        rng = random.Random(FUZZ_SEED)
+        rows = [row for row in REQUESTS if row[5] is not None]
+        outcomes = collections.Counter()
+        for call, code, _, _, _, reply, reply_nfds, expect in rows:
+            name = vu.FrontendReq(code).name
+            body = struct.pack("<Q", 0) if reply is ACK else h(reply)
+            valid = hdr(code, 5, len(body)) + body
+            for case in range(self.CASES_PER_REQUEST):
+                data, kind = _mutate(rng, valid)
+                nfds = _fuzz_fd_count(rng, reply_nfds)
+                hang_up = rng.random() < 0.8
+                with self.subTest(name, case=case, kind=kind, nfds=nfds, data=data.hex()):
+                    outcomes[self._one(call, expect, name, data, nfds, hang_up)] += 1
+        # The mutations reach every outcome (a check on the fuzzer itself).
+        for outcome in ("return", "ProtocolError", "Disconnected", "VhostUserTimeout"):
+            self.assertGreater(outcomes[outcome], 0, outcomes)
+        self.assertGreaterEqual(sum(outcomes.values()), 300)
+
+    def _one(self, call, expect, name, data, nfds, hang_up):
+        before = open_fds()
+        peer = ScriptedPeer(self, timeout=0.02)
+        peer.negotiate()
+        made = []
+
+        def fd():
+            r, w = os.pipe()
+            made.extend((r, w))
+            return r
+        fds = _fuzz_fds(random.Random(len(data)), nfds)
+        try:
+            if data:
+                peer.send(data, fds)
+            elif fds:
+                peer.send(b"\0", fds)
+        finally:
+            _close_fds(fds)
+        if hang_up:
+            peer.sock.shutdown(socket.SHUT_WR)
+        outcome = "return"
+        try:
+            _close_result(call(peer.client, fd), expect)
+        except vu.VhostUserError as exc:
+            outcome = type(exc).__name__
+            self.assertTrue(str(exc).startswith(name + ": "), exc)
+            if isinstance(exc, (vu.ProtocolError, vu.Disconnected, vu.VhostUserTimeout)):
+                self.assertIs(peer.client.broken, exc)
+                with self.assertRaises(type(exc)):
+                    peer.client.get_features()
+            else:
+                self.assertIsInstance(exc, vu.BackendError)
+                self.assertIsNone(peer.client.broken)
+        finally:
+            _close_fds(made)
+            peer.close()
+        self.assertEqual(_describe_fds(open_fds() - before), "")
+        return outcome
+
+
+def _close_fds(fds):
+    for fd in fds:
+        os.close(fd)
+
+
 if __name__ == "__main__":
     unittest.main()
