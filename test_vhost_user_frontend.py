@@ -3811,6 +3811,129 @@ class TestHostileReplies(FdLeakCheck):
         return outcome
 
 
+
+# A valid body and fd count for every back-end request (spec "Back-end message types"; crosvm's two).
+BACKEND_REQUESTS = {
+    1: (struct.pack("<QQQBB6x", 0x1000, 0x1000, 0, 1, 1), 0),          # IOTLB_MSG
+    2: (b"", 0),                                                        # CONFIG_CHANGE_MSG
+    3: (struct.pack("<QQQ", 0, 4096, 0), 1),                            # VRING_HOST_NOTIFIER_MSG
+    4: (struct.pack("<II", 0, 0), 0),                                   # VRING_CALL
+    5: (struct.pack("<II", 0, 0), 0),                                   # VRING_ERR
+    6: (b"U" * 16, 0), 7: (b"U" * 16, 0), 8: (b"U" * 16, 0),            # SHARED_OBJECT_*
+    9: (struct.pack("<B7xQQQQ", 0, 0, 0, 4096, 1), 1),                  # SHMEM_MAP
+    10: (struct.pack("<B7xQQQQ", 0, 0, 0, 4096, 0), 0),                 # SHMEM_UNMAP
+    1006: (bytes(64), 1),                                               # GPU_MAP
+    1007: (bytes(32), 0),                                               # EXTERNAL_MAP
+}
+ALWAYS_REPLIED = {8, 1006, 1007}
+NEGATIVE_ERRNO_MIN = 2 ** 64 - 4096
+
+
+class _FakeQueue(object):
+    """What the handler touches of a Queue: its index and call event."""
+
+    def __init__(self, index):
+        self.index = index
+        self.call = vu.Event()
+
+
+class TestHostileBackendRequests(FdLeakCheck):
+    """Random and mutated back-end requests: answered or dropped per the rules, or the stream ends."""
+
+    CASES = 400
+
+    def test_fuzzed_requests_on_the_handler(self):
+        rng = random.Random(FUZZ_SEED + 1)
+        outcomes = collections.Counter()
+        with self.assertLogs("vhost_user_frontend", "WARNING"):
+            for case in range(self.CASES):
+                code = rng.choice(list(BACKEND_REQUESTS) + [0, 11, 99, 1005, 1008, 0xFFFFFFFF])
+                body, nfds = BACKEND_REQUESTS.get(code, (b"", 0))
+                kind = "valid"
+                if rng.random() < 0.5:
+                    body, kind = _mutate(rng, body)
+                nfds = _fuzz_fd_count(rng, nfds)
+                flags = rng.choice([1, 9] * 4 + [0, 2, 3, 5, 0xD, 0x11, rng.randrange(1 << 32)])
+                size = len(body) if rng.random() < 0.8 else rng.choice(
+                    [len(body) + 1, 4096, 4097, 0xFFFFFFFF, rng.randrange(1 << 32)])
+                reply_ack = rng.random() < 0.7
+                hang_up = rng.random() < 0.7
+                with self.subTest(case=case, code=code, kind=kind, flags=flags, size=size,
+                                  nfds=nfds, reply_ack=reply_ack, hang_up=hang_up):
+                    outcomes[self._one(rng, code, flags, size, body, nfds, reply_ack,
+                                       hang_up)] += 1
+        for outcome in ("served", "ProtocolError", "Disconnected", "VhostUserTimeout"):
+            self.assertGreater(outcomes[outcome], 0, outcomes)
+
+    def _handler(self, sock, rng, reply_ack):
+        handler = vu.BackendReqHandler(sock, reply_ack=reply_ack, timeout=0.02)
+        handler.interrupt = vu.Interrupt()
+        handler.queues = {0: _FakeQueue(0)}
+        mapper = None
+        if rng.random() < 0.5:
+            mapper = vu._ShmemMapper(vu.SharedMemoryRegion(0, 4 * PAGE))
+            handler.set_shared_memory_mapper(mapper, 0)
+
+        def close():
+            handler.close()
+            handler.interrupt.close()
+            handler.queues[0].call.close()
+            if mapper is not None:
+                mapper.close()
+        return handler, close
+
+    def _one(self, rng, code, flags, size, body, nfds, reply_ack, hang_up):
+        before = open_fds()
+        ours, theirs = socket.socketpair()
+        theirs.settimeout(5)
+        handler, close = self._handler(ours, rng, reply_ack)
+        try:
+            data = hdr(code, flags, size) + body
+            fds = _fuzz_fds(rng, nfds)
+            try:
+                theirs.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                         array.array("i", fds))] if fds else [])
+            finally:
+                _close_fds(fds)
+            if hang_up:
+                theirs.shutdown(socket.SHUT_WR)
+            if nfds > vu.MAX_FDS or flags & ~0xB or flags & 3 != 1 or size > 0x1000:
+                expected = vu.ProtocolError
+            elif len(body) < size:
+                expected = vu.Disconnected if hang_up else vu.VhostUserTimeout
+            else:
+                expected = None
+            try:
+                handler.handle_request()
+            except vu.VhostUserError as exc:
+                self.assertIs(type(exc), expected, exc)
+                return type(exc).__name__
+            self.assertIsNone(expected, "served a request that should have ended the stream")
+            if code in ALWAYS_REPLIED or reply_ack and flags & 8:
+                rcode, rflags, rbody, rfds = _recv_message(theirs)
+                _close_fds(rfds)
+                self.assertEqual((rcode, rflags, len(rbody), rfds), (code, 5, 8, []))
+                value = _U64.unpack(rbody)[0]
+                self.assertTrue(value == 0 or value >= NEGATIVE_ERRNO_MIN, value)
+            if not hang_up and len(body) == size:
+                # Still in step: the next request is read from the right place and answered.
+                _send_message(theirs, 1007, 1, bytes(32))
+                handler.handle_request()
+            theirs.shutdown(socket.SHUT_WR)
+            theirs.setblocking(False)
+            if not hang_up and len(body) == size:
+                self.assertEqual(_recv_message(theirs)[0], 1007)
+            with self.assertRaises(BlockingIOError):  # nothing else was sent
+                theirs.recv(1)
+            with self.assertRaises(vu.Disconnected):
+                handler.handle_request()
+            return "served"
+        finally:
+            close()
+            theirs.close()
+            self.assertEqual(_describe_fds(open_fds() - before), "")
+
+
 def _close_fds(fds):
     for fd in fds:
         os.close(fd)
