@@ -3934,6 +3934,90 @@ class TestHostileBackendRequests(FdLeakCheck):
             self.assertEqual(_describe_fds(open_fds() - before), "")
 
 
+
+class _HostileBackend(FakeBackend):
+    """A FakeBackend that answers the request named ``name`` with ``hostile(backend, code, body)``."""
+
+    def __init__(self, name, hostile, **kwargs):
+        self.hostile_name, self.hostile = name, hostile
+        super(_HostileBackend, self).__init__(**kwargs)
+
+    def _handle(self, code, flags, body, fds):
+        if FRONTEND_REQ_NAMES.get(code) != self.hostile_name:
+            return super(_HostileBackend, self)._handle(code, flags, body, fds)
+        self.messages.append(Msg(self.hostile_name, flags, body, len(fds)))
+        _close_fds(fds)
+        self.hostile(self, code, body)
+
+
+class TestHostileFrontendPeers(FrontendTestBase):
+    """The frontend and its worker against a back-end that misbehaves on either channel."""
+
+    def test_fuzzed_backend_requests_keep_the_worker_alive(self):
+        rng = random.Random(FUZZ_SEED + 2)
+        with self.assertLogs("vhost_user_frontend", "WARNING"):
+            backend = self.backend()
+            fe = self.frontend(backend)
+            mem, queues = self.memory()
+            fe.activate(mem, None, queues)
+            for case in range(60):
+                code = rng.choice(list(BACKEND_REQUESTS) + [0, 11, 1005, 0xFFFFFFFF])
+                body, nfds = BACKEND_REQUESTS.get(code, (b"", 0))
+                if rng.random() < 0.5:
+                    body, _ = _mutate(rng, body)
+                nfds = rng.choice([nfds, 0, 1, 3, vu.MAX_FDS])  # all fit: the stream stays whole
+                need_reply = rng.random() < 0.7
+                fds = _fuzz_fds(rng, nfds)
+                try:
+                    with self.subTest(case=case, code=code, body=body.hex(), nfds=nfds):
+                        flags = 1 | (8 if need_reply else 0)
+                        if code in ALWAYS_REPLIED or need_reply:
+                            value = backend.send_backend_request(code, body, fds, flags=flags)
+                            self.assertTrue(value == 0 or value >= NEGATIVE_ERRNO_MIN, value)
+                        else:
+                            _send_message(backend.channel, code, flags, body, fds)
+                finally:
+                    _close_fds(fds)
+            self.assertEqual(backend.send_backend_request(2), 0)  # CONFIG_CHANGE_MSG still served
+            self.assertEqual(fe.interrupt.config_changed.wait(5), 1)
+            self.assertIsNone(fe.interrupt.crash_error)
+            # A size field of 4 GiB ends serving at once (nothing is read or allocated): a crash.
+            backend.channel.sendall(hdr(2, 1, 0xFFFFFFFF))
+            self.assertEqual(fe.interrupt.crashed.wait(5), 1)
+            self.assertIn("larger than 4096", str(fe.interrupt.crash_error))
+            fe.close()
+
+    def test_backend_hangs_up_in_get_vring_base_during_reset(self):
+        def hang_up(backend, code, body):
+            backend.sock.sendall(hdr(code, 5, 8) + body[:4])  # half a reply, then gone
+            backend.sock.shutdown(socket.SHUT_RDWR)
+        backend = _HostileBackend("GET_VRING_BASE", hang_up)
+        self.addCleanup(backend.close)
+        fe = self.frontend(backend)
+        mem, queues = self.memory()
+        fe.activate(mem, None, queues)
+        with self.assertRaises(vu.Disconnected) as cm:
+            fe.reset()
+        self.assertTrue(str(cm.exception).startswith("GET_VRING_BASE: "), cm.exception)
+        self.assertIsNone(fe._worker)  # the worker was stopped all the same
+        with self.assertRaises(vu.Disconnected):
+            fe.activate(mem, None, queues)
+        fe.close()
+
+    def test_backend_never_answers_get_vring_base(self):
+        backend = _HostileBackend("GET_VRING_BASE", lambda backend, code, body: None)
+        self.addCleanup(backend.close)
+        fe = self.frontend(backend, timeout=0.2)
+        mem, queues = self.memory()
+        fe.activate(mem, None, queues)
+        start = time.monotonic()
+        with self.assertRaises(vu.VhostUserTimeout) as cm:
+            fe.reset()
+        self.assertLess(time.monotonic() - start, 5.0)  # bounded by the timeout, not forever
+        self.assertIn("GET_VRING_BASE", str(cm.exception))
+        fe.close()
+
+
 def _close_fds(fds):
     for fd in fds:
         os.close(fd)
