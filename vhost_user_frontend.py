@@ -2596,20 +2596,26 @@ class Queue:
         deadline = time.monotonic() + timeout
         spin_until = time.monotonic() + (self.spin if spin is None else spin)
         used = self._used
-        while True:
-            if used[1] != self.next_used:
-                done = self.get_used()
-                if done:
-                    return done
-            now = time.monotonic()
-            if now >= deadline:
-                self.get_used()  # still raises for a broken ring
-                return []
-            if now < spin_until:
-                continue
-            if self._arm(count) is False:
-                continue
-            self.call.wait(deadline - now)
+        try:
+            while True:
+                if used[1] != self.next_used:
+                    done = self.get_used()
+                    if done:
+                        return done
+                now = time.monotonic()
+                if now >= deadline:
+                    self.get_used()  # still raises for a broken ring
+                    return []
+                if now < spin_until:
+                    continue
+                if self._arm(count) is False:
+                    continue
+                self.call.wait(deadline - now)
+        except ValueError:
+            # close() on another thread released the ring views and closed
+            # the call event under us: say that, not "Event is closed".
+            self._check_usable()
+            raise
 
     def _arm(self, count):
         """Ask for an interrupt; False if entries were used meanwhile (re-check)."""
@@ -4068,7 +4074,7 @@ class _BlockRequest:
     """One virtio-blk request in flight: ``done``, ``status``, ``result()``."""
 
     __slots__ = ("op", "offset", "length", "data", "status_buf", "queue", "done",
-                 "background")
+                 "background", "written")
 
     def __init__(self, op, offset, length, data, queue):
         self.op = op
@@ -4079,6 +4085,7 @@ class _BlockRequest:
         self.queue = queue
         self.done = False
         self.background = False
+        self.written = None          # the used entry's length, once done
 
     @property
     def status(self):
@@ -4090,6 +4097,16 @@ class _BlockRequest:
         if not self.done:
             raise ValueError("%s at offset %d is still in flight"
                              % (_BLK_OP_NAMES[self.op], self.offset))
+        # Spec 2.7.8.2: nothing past the used length may be trusted, and the
+        # status byte is the last device-writable byte. A shorter length means
+        # the status (0, OK, in our buffer until written) and the data may be
+        # stale bytes: refuse them rather than return them as if read.
+        needed = 1 + (self.length if self.op in (_BLK_T_IN, _BLK_T_GET_ID) else 0)
+        if self.written is not None and self.written < needed:
+            raise ProtocolError("%s: the device reported %d byte(s) written (used len) for %d "
+                                "bytes at offset %d; data and status need %d"
+                                % (_BLK_OP_NAMES[self.op], self.written, self.length,
+                                   self.offset, needed))
         status = self.status_buf[0]
         if status:
             raise BackendError("%s: virtio-blk status %s (%d) for %d bytes at offset %d"
@@ -4151,6 +4168,8 @@ class _Completions:
                 self.cond.release()
                 try:
                     used = self.queue.wait_used(min(remaining, _CRASH_CHECK_INTERVAL))
+                except ValueError as exc:  # the device was closed while we waited
+                    raise ValueError("%s: %s" % (what, exc)) from exc
                 finally:
                     self.cond.acquire()
                     self.reaping = False
@@ -4163,7 +4182,8 @@ class _Completions:
                 self._finish(self.queue.get_used())
 
     def _finish(self, used):
-        for request, _ in used:
+        for request, written in used:
+            request.written = written
             request.done = True
             if request.background:
                 self.finished.append(request)
