@@ -4018,6 +4018,142 @@ class TestHostileFrontendPeers(FrontendTestBase):
         fe.close()
 
 
+
+def _sector_pattern(sector, length):
+    """What the hostile block device stores: each 512-byte sector filled with its number."""
+    return b"".join(struct.pack("<Q", sector + i) * 64 for i in range(length // 512))
+
+
+class TestHostileBlockDevice(FrontendTestBase):
+    """BlockDevice over a device that lies in the used ring: errors, never wrong or stale data."""
+
+    CONFIG = TestBlockDeviceBadDevice.CONFIG
+
+    def device(self, complete, timeout=5.0):
+        """A device that writes the sector pattern and status OK, then calls complete(backend, head, chain)."""
+        def run(backend, index):
+            while True:
+                popped = backend.pop_avail(index)
+                if popped is None:
+                    return
+                head, chain = popped
+                op, _, sector = struct.unpack("<IIQ", backend.read(chain[0][0], 16))
+                if op == 0:
+                    data = _sector_pattern(sector, sum(n for _, n, _ in chain[1:-1]))
+                    for addr, length, _ in chain[1:-1]:
+                        backend.write(addr, data[:length])
+                        data = data[length:]
+                backend.write(chain[-1][0], b"\0")
+                complete(backend, index, head, chain)
+        backend = self.backend(features=F_PROTOCOL | F_VERSION_1 | (1 << 9) | (1 << 6),
+                               config=self.CONFIG, device=run)
+        dev = vu.BlockDevice(self.frontend(backend), queue_size=8, timeout=timeout,
+                             memory_size=1 << 20)
+        self.addCleanup(dev.close)
+        return dev
+
+    @staticmethod
+    def writable(chain):
+        return sum(n for _, n, f in chain if f & 2)
+
+    def test_short_used_length_is_refused(self):
+        cases = [
+            # (name, call, used len from the chain's writable bytes, text)
+            ("READ without status", lambda d: d.read(0, 1024), lambda w: w - 1, "1024 byte(s) written"),
+            ("READ of nothing", lambda d: d.read(512, 1024), lambda w: 0, "need 1025"),
+            ("READ of the status only", lambda d: d.read(0, 512), lambda w: 1, "1 byte(s) written"),
+            ("WRITE without status", lambda d: d.write(0, bytes(512)), lambda w: 0, "WRITE: "),
+            ("FLUSH without status", lambda d: d.flush(), lambda w: 0, "FLUSH: "),
+            ("GET_ID short", lambda d: d.get_id(), lambda w: 5, "GET_ID: "),
+        ]
+        for name, call, length, text in cases:
+            with self.subTest(name):
+                dev = self.device(lambda b, i, head, chain: b.push_used(
+                    i, head, length(self.writable(chain))))
+                with self.assertRaises(vu.ProtocolError) as cm:
+                    call(dev)
+                self.assertIn(text, str(cm.exception))
+                self.assertIn("used len", str(cm.exception))
+                dev.close()
+        dev = self.device(lambda b, i, head, chain: b.push_used(i, head, self.writable(chain)))
+        self.assertEqual(dev.read(2048, 1024), _sector_pattern(4, 1024))  # the honest length
+
+    def test_fuzzed_used_ring(self):
+        rng = random.Random(FUZZ_SEED + 3)
+        outcomes = collections.Counter()
+
+        def lie(backend, index, head, chain):
+            ring = backend.rings[index]
+            choice = rng.random()
+            if choice < 0.45:
+                backend.push_used(index, head, self.writable(chain))
+            elif choice < 0.6:
+                backend.push_used(index, rng.choice([head, rng.randrange(ring.num + 4)]),
+                                  rng.choice([self.writable(chain), rng.randrange(1 << 32)]))
+            elif choice < 0.7:
+                backend.push_used(index, head, self.writable(chain))
+                backend.push_used(index, head, self.writable(chain))  # twice
+            elif choice < 0.8:  # used->idx jumps without entries
+                used_idx = struct.unpack("<H", backend.read(ring.used + 2, 2, "uaddr"))[0]
+                backend.write(ring.used + 2, struct.pack("<H", (used_idx + rng.randrange(1, 1 << 16))
+                                                         & 0xFFFF), "uaddr")
+                backend.signal_call(index)
+            elif choice < 0.9:  # claims less than it wrote; what lies past that is not data
+                written = left = rng.randrange(self.writable(chain))
+                for addr, length, _ in chain[1:-1]:  # the status byte stays 0 (OK)
+                    if left < length:
+                        backend.write(addr + left, b"\xee" * (length - left))
+                    left = max(0, left - length)
+                backend.push_used(index, head, written)
+            # else: never completes
+
+        for case in range(24):
+            dev = self.device(lie, timeout=0.05)
+            for op in range(4):
+                sector = rng.randrange(0, 2048 - 8)
+                count = rng.randrange(1, 8)
+                with self.subTest(case=case, op=op, sector=sector, count=count):
+                    try:
+                        data = dev.read(sector * 512, count * 512)
+                    except (vu.ProtocolError, vu.VhostUserTimeout) as exc:
+                        outcomes[type(exc).__name__] += 1
+                        self.assertTrue(str(exc).startswith("READ: ") or "queue 0" in str(exc), exc)
+                        break  # the queue is broken or a chain is lost: a new device
+                    outcomes["read"] += 1
+                    self.assertEqual(data, _sector_pattern(sector, count * 512))
+            dev.close()
+        for outcome in ("read", "ProtocolError", "VhostUserTimeout"):
+            self.assertGreater(outcomes[outcome], 0, outcomes)
+
+    def test_device_that_never_completes(self):
+        dev = self.device(lambda backend, index, head, chain: None, timeout=0.2)
+        start = time.monotonic()
+        with self.assertRaises(vu.VhostUserTimeout) as cm:
+            dev.read(0, 512)
+        self.assertLess(time.monotonic() - start, 5.0)  # the timeout, not forever
+        self.assertIn("READ: no completion", str(cm.exception))
+
+    def test_close_while_another_thread_waits(self):
+        dev = self.device(lambda backend, index, head, chain: None, timeout=30.0)
+        errors = []
+
+        def reader():
+            try:
+                dev.read(0, 512)
+            except Exception as exc:  # what matters: it ends, with an error that says why
+                errors.append(exc)
+        thread = threading.Thread(target=reader, name="vhost-user-test-reader")
+        thread.start()
+        wait_for(lambda: dev._queues[0].in_flight == 1, what="the read to be posted")
+        time.sleep(0.05)
+        dev.close()
+        thread.join(5)
+        self.assertFalse(thread.is_alive(), "a reader was left waiting on a closed device")
+        self.assertEqual(len(errors), 1)
+        self.assertIsInstance(errors[0], ValueError)
+        self.assertEqual(str(errors[0]), "READ: queue 0 is closed")
+
+
 def _close_fds(fds):
     for fd in fds:
         os.close(fd)
