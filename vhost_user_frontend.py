@@ -3674,13 +3674,24 @@ class VhostUserFrontend:
             client.set_vring_enable(index, True)
 
     def _deactivate_vring(self, index):
-        """Disable then stop a ring; returns its 16-bit base (crosvm deactivate_vring)."""
+        """Disable then stop a ring; returns its 16-bit base (crosvm deactivate_vring).
+
+        A refused disable (an error ack) still gets GET_VRING_BASE, which is
+        what stops the ring: one left running would go on writing guest
+        memory the caller believes idle. The refusal is raised after it.
+        """
+        refused = None
         if self.acked_features & VirtioFeature.PROTOCOL_FEATURES:
-            self.client.set_vring_enable(index, False)
+            try:
+                self.client.set_vring_enable(index, False)
+            except BackendError as exc:
+                refused = exc
         base = self.client.get_vring_base(index)
         if base > 0xFFFF:
             raise ProtocolError("GET_VRING_BASE: base %#x of ring %d does not fit in 16 bits"
                                 % (base, index), FrontendReq.GET_VRING_BASE)
+        if refused is not None:
+            raise refused
         return base
 
     def _start_worker(self, interrupt):
@@ -3716,15 +3727,18 @@ class VhostUserFrontend:
         """Disable and stop every sent ring, then the worker; raise the first error."""
         queues, self._sent_queues = self._sent_queues, None
         error = None
-        try:
-            # The worker keeps serving back-end requests while GET_VRING_BASE
-            # drains the rings, so it stops last (as in crosvm).
-            for index, queue in sorted((queues or {}).items()):
+        # The worker keeps serving back-end requests while GET_VRING_BASE
+        # drains the rings, so it stops last (as in crosvm).
+        for index, queue in sorted((queues or {}).items()):
+            try:
                 base = self._deactivate_vring(index)
                 if reclaim:
                     queue.reclaim(base)
-        except BaseException as exc:
-            error = exc
+            except BaseException as exc:
+                # Stop the other rings all the same (after a broken connection
+                # their requests fail at once); the first error is raised.
+                if error is None:
+                    error = exc
         worker_error = self._stop_worker()
         if error is not None:
             raise error
@@ -3978,7 +3992,12 @@ def _read_until_eof(fd, timeout, what):
         if not poller.poll(timeout * 1000.0):
             raise VhostUserTimeout("%s: the back-end sent no state data and no EOF for %.1f s "
                                    "(after %d bytes)" % (what, timeout, sum(map(len, chunks))))
-        data = os.read(fd, 1 << 20)
+        try:
+            data = os.read(fd, 1 << 20)
+        except OSError as exc:  # e.g. the back-end returned an fd not open for reading
+            raise ProtocolError("%s: cannot read the state from the back-end's fd: %s"
+                                % (what, exc.strerror), FrontendReq.SET_DEVICE_STATE_FD) \
+                from exc
         if not data:
             return b"".join(chunks)
         chunks.append(data)
@@ -4000,6 +4019,10 @@ def _write_all(fd, data, timeout, what):
         except BrokenPipeError as exc:
             raise BackendError("%s: the back-end closed the state pipe after %d of %d bytes"
                                % (what, done, len(view)), FrontendReq.SET_DEVICE_STATE_FD) \
+                from exc
+        except OSError as exc:  # e.g. the back-end returned an fd not open for writing
+            raise ProtocolError("%s: cannot write the state to the back-end's fd: %s"
+                                % (what, exc.strerror), FrontendReq.SET_DEVICE_STATE_FD) \
                 from exc
 
 
