@@ -4019,6 +4019,74 @@ class TestHostileFrontendPeers(FrontendTestBase):
 
 
 
+    def test_refused_disable_still_stops_every_ring(self):
+        def refuse(backend, code, body):  # SET_VRING_ENABLE acked with an error, ring left as is
+            backend._reply(code, _U64.pack(1))
+        backend = _HostileBackend("SET_VRING_ENABLE", refuse)
+        self.addCleanup(backend.close)
+        fe = self.frontend(backend)
+        mem, queues = self.memory()
+        with self.assertRaises(vu.BackendError):  # activation's enable is refused too
+            fe.activate(mem, None, queues[:1])
+        backend.take(len(backend.names()))
+        with self.assertRaises(vu.BackendError) as cm:
+            fe.reset()
+        self.assertTrue(str(cm.exception).startswith("SET_VRING_ENABLE: "), cm.exception)
+        # GET_VRING_BASE is what stops a ring: sent although the disable was refused.
+        self.assertEqual(backend.names(2), ["SET_VRING_ENABLE", "GET_VRING_BASE"])
+        self.assertFalse(backend.rings[0].started)
+        self.assertIsNone(fe.client.broken)
+        fe.close()
+
+    def test_refusal_on_one_ring_does_not_leave_the_next_running(self):
+        refused = []
+
+        def refuse_first_disable(backend, code, body):
+            index, enable = _STATE.unpack(body)
+            bad = not enable and not refused
+            refused.extend([index] if bad else [])
+            backend._reply(code, _U64.pack(1 if bad else 0))
+        backend = _HostileBackend("SET_VRING_ENABLE", refuse_first_disable)
+        self.addCleanup(backend.close)
+        fe = self.frontend(backend)
+        mem, queues = self.memory()
+        fe.activate(mem, None, queues)
+        backend.take(len(backend.names()))
+        with self.assertRaises(vu.BackendError):
+            fe.virtio_sleep()
+        self.assertEqual(refused, [0])
+        self.assertEqual(backend.names(4), STOP_TWO)
+        self.assertFalse(backend.rings[0].started or backend.rings[1].started)
+        fe.close()
+
+    def test_unusable_state_fd_from_the_backend(self):
+        tmp = tempfile.NamedTemporaryFile()
+        self.addCleanup(tmp.close)
+        cases = [
+            # (name, direction, fd the back-end returns)
+            ("SAVE into a write-only file", "virtio_snapshot", lambda: os.open(tmp.name, os.O_WRONLY)),
+            ("LOAD from a read-only file", "virtio_restore", lambda: os.open(tmp.name, os.O_RDONLY)),
+        ]
+        for name, method, make_fd in cases:
+            with self.subTest(name):
+                def reply_with_fd(backend, code, body):
+                    fd = make_fd()
+                    backend._reply(code, _U64.pack(0), [fd])
+                    os.close(fd)
+                backend = _HostileBackend("SET_DEVICE_STATE_FD", reply_with_fd)
+                self.addCleanup(backend.close)
+                fe = self.frontend(backend)
+                with self.assertRaises(vu.ProtocolError) as cm:
+                    if method == "virtio_snapshot":
+                        fe.virtio_snapshot()
+                    else:
+                        fe.virtio_restore(vu.DeviceState(vu.DeviceType.BLOCK, F_PROTOCOL, b"state"))
+                self.assertTrue(str(cm.exception).startswith(method + ": "), cm.exception)
+                self.assertIn("fd", str(cm.exception))
+                self.assertEqual(cm.exception.request, vu.FrontendReq.SET_DEVICE_STATE_FD)
+                fe.close()
+
+
 def _sector_pattern(sector, length):
     """What the hostile block device stores: each 512-byte sector filled with its number."""
     return b"".join(struct.pack("<Q", sector + i) * 64 for i in range(length // 512))
