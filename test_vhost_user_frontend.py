@@ -4087,6 +4087,25 @@ class TestHostileFrontendPeers(FrontendTestBase):
                 fe.close()
 
 
+    def test_shmem_file_truncated_after_mapping(self):
+        # A plain file (not a memfd, so on every Python): the back-end maps it, then shrinks it.
+        mapper = vu._ShmemMapper(vu.SharedMemoryRegion(0, 4 * PAGE))
+        self.addCleanup(mapper.close)
+        with tempfile.TemporaryFile() as f:
+            os.ftruncate(f.fileno(), 2 * PAGE)
+            os.pwrite(f.fileno(), b"before", PAGE)
+            mapper.add_mapping(f.fileno(), 0, PAGE, 2 * PAGE, True)
+            self.assertEqual(mapper.read(2 * PAGE, 6), b"before")
+            os.ftruncate(f.fileno(), PAGE // 2)
+            for call in (lambda: mapper.read(2 * PAGE, 6), lambda: mapper.read(PAGE, PAGE),
+                         lambda: mapper.write(2 * PAGE, b"after")):
+                with self.assertRaises(vu.ProtocolError) as cm:  # never a SIGBUS
+                    call()
+                self.assertIn("shrank the file", str(cm.exception))
+            self.assertEqual(os.fstat(f.fileno()).st_size, PAGE // 2)  # and never grown back
+            self.assertEqual(mapper.read(PAGE, 8), b"\0" * 8)  # what is left still reads
+
+
 def _sector_pattern(sector, length):
     """What the hostile block device stores: each 512-byte sector filled with its number."""
     return b"".join(struct.pack("<Q", sector + i) * 64 for i in range(length // 512))
