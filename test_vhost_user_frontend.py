@@ -4117,7 +4117,7 @@ class TestHostileBlockDevice(FrontendTestBase):
     CONFIG = TestBlockDeviceBadDevice.CONFIG
 
     def device(self, complete, timeout=5.0):
-        """A device that writes the sector pattern and status OK, then calls complete(backend, head, chain)."""
+        """A device writing the sector pattern and status OK, then complete(backend, index, head, chain)."""
         def run(backend, index):
             while True:
                 popped = backend.pop_avail(index)
