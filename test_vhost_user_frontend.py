@@ -4248,3 +4248,69 @@ def _close_fds(fds):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+# ##########################################################################
+# Frontend recovery ########################################################
+# ##########################################################################
+
+
+class _RefusingBackend(FakeBackend):
+    """A FakeBackend that refuses (error ack 1) the first SET_VRING_KICK of ring ``refuse_ring``."""
+
+    refuse_ring = 1
+
+    def _handle(self, code, flags, body, fds):
+        name = FRONTEND_REQ_NAMES.get(code)
+        if name == "SET_VRING_KICK" and self.refuse_ring is not None \
+                and _U64.unpack(body)[0] & 0xFF == self.refuse_ring:
+            self.refuse_ring = None
+            self.messages.append(Msg(name, flags, body, len(fds)))
+            for fd in fds:
+                os.close(fd)
+            self._reply(code, _U64.pack(1))
+            return
+        FakeBackend._handle(self, code, flags, body, fds)
+
+
+class TestFrontendRecovery(FrontendTestBase):
+    """Failures in the middle of a lifecycle call leave the device consistent and retryable."""
+
+    def test_failed_activate_stops_the_started_rings_and_can_be_retried(self):
+        backend = _RefusingBackend()
+        self.addCleanup(backend.close)
+        fe = self.frontend(backend)
+        mem, queues = self.memory()
+        backend.take(len(backend.names()))
+        with self.assertRaises(vu.BackendError) as caught:
+            fe.activate(mem, None, queues)
+        self.assertIn("SET_VRING_KICK", str(caught.exception))
+        names = backend.names()
+        # Ring 0 was fully started and ring 1 half: both are stopped again.
+        stopped = [_STATE.unpack(m.body)[0] for m in backend.messages if m.name == "GET_VRING_BASE"]
+        self.assertEqual(sorted(stopped), [0, 1], names)
+        self.assertEqual([t.name for t in threading.enumerate()
+                          if t.name.startswith("vhost-user-") and "fake" not in t.name], [])
+        # Inactive again: a second activate goes through from the start.
+        backend.take(len(names))
+        fe.activate(mem, None, queues)
+        self.assertEqual(backend.names()[:2], ["SET_FEATURES", "SET_MEM_TABLE"])
+        fe.reset()
+
+    def test_snapshot_refuses_more_state_than_max_state_size(self):
+        backend = self.backend(state=b"s" * 200000)
+        fe = self.frontend(backend, max_state_size=65536)
+        mem, queues = self.memory()
+        fe.activate(mem, None, queues)
+        fe.virtio_sleep()
+        with self.assertRaises(vu.ProtocolError) as caught:
+            fe.virtio_snapshot()
+        self.assertIn("max_state_size (65536 bytes)", str(caught.exception))
+        self.assertIsNone(fe.client.broken)  # the main connection is untouched
+        fe.virtio_wake()
+        fe.reset()
+
+    def test_snapshot_within_max_state_size(self):
+        backend = self.backend(state=b"s" * 200000)
+        fe = self.frontend(backend, max_state_size=200000)
+        self.assertEqual(fe.virtio_snapshot().backend_state, b"s" * 200000)

@@ -3369,6 +3369,8 @@ _STATE_MAGIC = b"VHUSTATE"
 _STATE_HDR = struct.Struct("<8sHHIQQ")  # magic, version, reserved, device type, features, length
 _STATE_CRC = struct.Struct("<I")
 _STATE_VERSION = 1
+#: Default cap on the device state a snapshot reads (VhostUserFrontend max_state_size).
+_MAX_DEVICE_STATE = 1 << 30
 
 
 class DeviceState(NamedTuple):
@@ -3469,6 +3471,10 @@ class VhostUserFrontend:
             a ring starts there and QEMU does it); False for crosvm's behaviour.
         handler_factory: ``f(sock, reply_ack=, timeout=)`` building the
             ``BackendReqHandler`` (to serve more back-end requests).
+        max_state_size: the most bytes ``virtio_snapshot`` accepts from the
+            back-end; a back-end that streams more (or hands back an endless
+            fd such as /dev/zero) gets ``ProtocolError`` instead of filling
+            memory.
 
     Attributes:
         client: the ``BackendClient``.
@@ -3483,10 +3489,11 @@ class VhostUserFrontend:
 
     def __init__(self, device_type, base_features, connection, max_queue_size=None,
                  timeout=5.0, protocol_features=_CROSVM_PROTOCOL_FEATURES, start_kick=True,
-                 handler_factory=BackendReqHandler):
+                 handler_factory=BackendReqHandler, max_state_size=_MAX_DEVICE_STATE):
         self._device_type = DeviceType(device_type)
         self.timeout = timeout
         self.start_kick = start_kick
+        self.max_state_size = max_state_size
         self.acked_features = 0
         self.protocol_features = ProtocolFeature(0)
         self.interrupt = None
@@ -3642,19 +3649,30 @@ class VhostUserFrontend:
         self.interrupt = interrupt
         self._mem = mem
         self._sent_queues = {}
-        if self._sent_features != self.acked_features:
-            self.ack_features(self.acked_features)
-        self.client.set_mem_table(mem.regions())
-        for index, queue in sorted(queues.items()):
-            if interrupt.mode == Interrupt.QUEUE:
-                call = queue.call
-            elif interrupt.mode == Interrupt.SHARED:
-                call = interrupt.shared
-            else:
-                call = self._proxies[index] = Event()
-            self._sent_queues[index] = queue  # from here on reset() must stop it
-            self._activate_vring(mem, index, queue, call)
-        self._start_worker(interrupt)
+        try:
+            if self._sent_features != self.acked_features:
+                self.ack_features(self.acked_features)
+            self.client.set_mem_table(mem.regions())
+            for index, queue in sorted(queues.items()):
+                if interrupt.mode == Interrupt.QUEUE:
+                    call = queue.call
+                elif interrupt.mode == Interrupt.SHARED:
+                    call = interrupt.shared
+                else:
+                    call = self._proxies[index] = Event()
+                self._sent_queues[index] = queue  # from here on it must be stopped
+                self._activate_vring(mem, index, queue, call)
+            self._start_worker(interrupt)
+        except BaseException as exc:
+            # Stop what did start, so the device is inactive again (activate
+            # may be retried) and no ring keeps writing guest memory.
+            try:
+                self._stop_rings(reclaim=False)
+            except Exception as cleanup_exc:
+                _log.warning("%s: stopping the rings after a failed activate: %s",
+                             self.debug_label(), cleanup_exc)
+            self._sent_features = None
+            raise
 
     def _activate_vring(self, mem, index, queue, call):
         client = self.client
@@ -3827,7 +3845,8 @@ class VhostUserFrontend:
             if theirs is not None:
                 os.close(read_fd)
                 read_fd = theirs
-            data = _read_until_eof(read_fd, self.timeout, "virtio_snapshot")
+            data = _read_until_eof(read_fd, self.timeout, "virtio_snapshot",
+                                   self.max_state_size)
         finally:
             _close_fds([fd for fd in (read_fd, write_fd) if fd >= 0])
         self.client.check_device_state()
@@ -3983,11 +4002,16 @@ class VhostUserFrontend:
         return "<VhostUserFrontend %s %s>" % (self.debug_label(), state)
 
 
-def _read_until_eof(fd, timeout, what):
-    """Everything readable from ``fd`` until EOF; ``timeout`` bounds each wait."""
+def _read_until_eof(fd, timeout, what, limit):
+    """Everything readable from ``fd`` until EOF; ``timeout`` bounds each wait.
+
+    More than ``limit`` bytes raises ``ProtocolError``: the fd is the
+    back-end's choice, and one that never ends must not exhaust our memory.
+    """
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     chunks = []
+    total = 0
     while True:
         if not poller.poll(timeout * 1000.0):
             raise VhostUserTimeout("%s: the back-end sent no state data and no EOF for %.1f s "
@@ -4001,6 +4025,10 @@ def _read_until_eof(fd, timeout, what):
         if not data:
             return b"".join(chunks)
         chunks.append(data)
+        total += len(data)
+        if total > limit:
+            raise ProtocolError("%s: the back-end streamed more than max_state_size (%d bytes) "
+                                "of state" % (what, limit), FrontendReq.SET_DEVICE_STATE_FD)
 
 
 def _write_all(fd, data, timeout, what):
