@@ -26,12 +26,7 @@ import threading
 import time
 import unittest
 
-try:
-    import vhost_user_frontend as vu
-except ImportError as e:  # TODO: make this a hard import once the module exists in main.
-    if getattr(e, "name", None) != "vhost_user_frontend":
-        raise
-    vu = None
+import vhost_user_frontend as vu
 
 
 # Test support ########################################################################################
@@ -2706,7 +2701,6 @@ def u64(value):
     return struct.pack("<Q", value)
 
 
-@unittest.skipIf(vu is None, "vhost_user_frontend.py is not importable")
 class TestCliProbe(BackendTestMixin, FdLeakCheck):
     """`probe` against each real daemon: values match BACKENDS.md, and nothing is left behind."""
 
@@ -2785,10 +2779,9 @@ class TestCliProbe(BackendTestMixin, FdLeakCheck):
         self.assertIn("net (guessed", out)
         self.assertRegex(out, r"queues +128\n")
         self.assertIn("CONFIGURE_MEM_SLOTS not offered", out)
-        if hasattr(vu, "BlockDevice"):
-            status, out, err = run_cli("blk", d.socket_path, "info")
-            self.assertEqual((status, out), (1, ""))
-            self.assertIn("wrong device type: the back-end is a net device", err)
+        status, out, err = run_cli("blk", d.socket_path, "info")
+        self.assertEqual((status, out), (1, ""))
+        self.assertIn("wrong device type: the back-end is a net device", err)
         self.assertIsNone(d.returncode)
 
     def test_probe_virtiofsd(self):
@@ -2810,7 +2803,6 @@ class TestCliProbe(BackendTestMixin, FdLeakCheck):
         self.assertEqual(d.wait(10), 0, d.log_tail())
 
 
-@unittest.skipIf(vu is None, "vhost_user_frontend.py is not importable")
 class TestCliErrors(FdLeakCheck):
     """Each failure is one line on stderr, nothing on stdout, and exit status 1 (2 for usage)."""
 
@@ -2939,11 +2931,6 @@ class TestCliErrors(FdLeakCheck):
         self.assertIn("not read: GET_CONFIG: back-end refused to read 8 bytes", out)
 
 
-def needs_device(name):
-    return unittest.skipUnless(vu is not None and hasattr(vu, name), "%s is not in the module yet" % name)
-
-
-@needs_device("BlockDevice")
 class TestCliBlock(BackendTestMixin, FdLeakCheck):
     """`blk`, `bench` and `demo` against qemu-storage-daemon, data checked in the raw file."""
 
@@ -3056,7 +3043,7 @@ class TestCliBlock(BackendTestMixin, FdLeakCheck):
 # real daemons of the "Test support" section.
 
 _DESC = struct.Struct("<QIHH")
-_F = vu.VirtioFeature if vu is not None else None
+_F = vu.VirtioFeature
 
 
 class _RingDevice(object):

@@ -4986,15 +4986,12 @@ def _cmd_probe(args, out):
     return 0
 
 
-def _open_device(args, cls_name, device_type, **kwargs):
-    """``cls_name``.connect() on ``args.socket``, refusing another device type in one line.
+def _open_device(args, cls, device_type, **kwargs):
+    """``cls.connect()`` on ``args.socket``, refusing another device type in one line.
 
     The type check uses GET_FEATURES and GET_PROTOCOL_FEATURES on the same
     connection the driver then takes over (virtiofsd serves only one).
     """
-    cls = globals().get(cls_name)
-    if cls is None:
-        raise _CliError("%s is not available in this version of the module" % cls_name)
     client = _cli_connect(args.socket, args.timeout)
     try:
         features = client.get_features()
@@ -5019,7 +5016,7 @@ def _open_device(args, cls_name, device_type, **kwargs):
 # -- blk ----------------------------------------------------------------------
 
 def _cmd_blk(args, out):
-    with _open_device(args, "BlockDevice", DeviceType.BLOCK) as dev:
+    with _open_device(args, BlockDevice, DeviceType.BLOCK) as dev:
         return _BLK_ACTIONS[args.action](dev, args, out)
 
 
@@ -5112,7 +5109,7 @@ def _describe_frame(frame):
 
 
 def _cmd_net(args, out):
-    with _open_device(args, "NetDevice", DeviceType.NET) as dev:
+    with _open_device(args, NetDevice, DeviceType.NET) as dev:
         if args.action == "send":
             return _net_send(dev, args, out)
         return _net_recv(dev, args, out)
@@ -5280,7 +5277,7 @@ def _cmd_bench(args, out):
     if args.type == "net":
         raise _CliError("bench --type net is not implemented yet")
     kwargs = {"num_queues": args.queues} if args.queues else {}
-    with _open_device(args, "BlockDevice", DeviceType.BLOCK, **kwargs) as dev:
+    with _open_device(args, BlockDevice, DeviceType.BLOCK, **kwargs) as dev:
         report = _bench_block(dev, args)
     if args.json:
         import json
@@ -5342,7 +5339,9 @@ def _bench_block(dev, args):
 def _bench_block_stream(dev, queue, load, depth, deadline, latencies, tick=None):
     """Keep ``depth`` requests in flight on ``queue`` until ``deadline``; log each latency.
 
-    Uses BlockDevice's submit/complete pair; a latency runs from just before
+    Uses BlockDevice's submit/complete pair: the requests that replace the
+    completed ones are posted without a kick and ``complete`` kicks once for
+    the batch, as a guest driver does. A latency runs from just before
     ``submit_*`` to the ``complete`` call that returned the request.
     """
     clock = time.perf_counter
@@ -5355,10 +5354,11 @@ def _bench_block_stream(dev, queue, load, depth, deadline, latencies, tick=None)
                 slot = free.pop()
                 t0 = clock()
                 if load.write:
-                    request = dev.submit_write(load.offset(), load.data, queue=queue)
+                    request = dev.submit_write(load.offset(), load.data, queue=queue,
+                                               notify=False)
                 else:
                     request = dev.submit_read(load.offset(), load.size, queue=queue,
-                                              buffer=buffers[slot])
+                                              buffer=buffers[slot], notify=False)
                 pending[request] = (t0, slot)
         elif not pending:
             return
@@ -5465,7 +5465,7 @@ def _cmd_demo(args, out):
         out.write("".join("   %s\n" % line for line in _format_probe(daemon.socket, info)))
         out.write("\n")
         device_args = argparse.Namespace(socket=daemon.socket, timeout=args.timeout)
-        with _open_device(device_args, "BlockDevice", DeviceType.BLOCK) as dev:
+        with _open_device(device_args, BlockDevice, DeviceType.BLOCK) as dev:
             offset, data = 1 << 20, os.urandom(64 << 10)
             dev.write(offset, data)
             dev.flush()
