@@ -2638,15 +2638,18 @@ class _ScriptedBackend(object):
     """A back-end on a unix socket that answers probe's GET_* requests from a script.
 
     replies: {request code: reply body bytes}; GET_CONFIG is answered from `config` (size 0 when
-    the window lies outside it). After `hang_up_after` requests it closes the connection; with
-    `silent` it accepts and never answers. Requests seen go to `.requests` as (code, body).
+    the window lies outside it). After `hang_up_after` requests it closes the connection when the
+    next one arrives, and right after answering request number `close_after`; with `silent` it
+    accepts and never answers. Requests seen go to `.requests` as (code, body).
     """
 
-    def __init__(self, tmpdir, replies, config=b"", hang_up_after=None, silent=False):
+    def __init__(self, tmpdir, replies, config=b"", hang_up_after=None, silent=False,
+                 close_after=None):
         self.path = os.path.join(tmpdir, "scripted.sock")
         self.replies = replies
         self.config = config
         self.hang_up_after = hang_up_after
+        self.close_after = close_after
         self.silent = silent
         self.requests = []
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -2689,6 +2692,8 @@ class _ScriptedBackend(object):
                             if len(data) == length else b""
                     if reply is not None:
                         conn.sendall(struct.pack("<III", code, 0x5, len(reply)) + reply)
+                    if len(self.requests) == self.close_after:
+                        return
             except (EOFError, OSError):
                 return
 
