@@ -5211,7 +5211,8 @@ def _net_ping(dev, args, out):
               % (args.socket, args.count, len(first), _format_mac(first[6:12]),
                  _format_mac(first[:6])))
     rtts = []
-    lost = other = 0
+    other = 0
+    lost = None   # the sequence number of the frame that did not come back
     for seq in range(args.count):
         frame = make(seq)
         t0 = clock()
@@ -5219,24 +5220,25 @@ def _net_ping(dev, args, out):
         deadline = t0 + args.timeout
         while True:
             back = dev.recv(timeout=max(0.0, deadline - clock()))
-            if back is None:
-                lost += 1
-                break
-            if back == frame:
-                rtts.append(clock() - t0)
+            if back is None or back == frame:
                 break
             other += 1   # an earlier frame late, a changed one, or foreign traffic
+        if back is None:
+            lost = seq   # stop: waiting the timeout for each later frame helps nobody
+            break
+        rtts.append(clock() - t0)
     rtts.sort()
+    sent = args.count if lost is None else lost + 1
     out.write("%d sent, %d came back identical, %d lost, %d other frame(s) received\n"
-              % (args.count, len(rtts), lost, other))
+              % (sent, len(rtts), sent - len(rtts), other))
     if rtts:
         out.write("round trip µs: min %.1f  p50 %.1f  p99 %.1f  max %.1f\n"
                   % tuple(x * 1e6 for x in (rtts[0], _percentile(rtts, 0.5),
                                             _percentile(rtts, 0.99), rtts[-1])))
     problems = []
-    if lost:
-        problems.append("%d of %d frame(s) did not come back within %g s"
-                        % (lost, args.count, args.timeout))
+    if lost is not None:
+        problems.append("frame %d of %d did not come back within %g s"
+                        % (lost + 1, args.count, args.timeout))
     if other:
         problems.append("%d frame(s) arrived that were not the one awaited (changed, late "
                         "or foreign)" % other)
