@@ -3880,5 +3880,619 @@ class TestVirtiofsQueue(BackendTestMixin, FdLeakCheck):
         self.assertEqual(fsd.wait(10), 0, fsd.log_tail())
 
 
+
+# Hostile peers #######################################################################################
+#
+# h11's fuzz invariant, applied to both channels and the rings: whatever a back-end sends, we either
+# parse it or raise one of our own errors (naming the request), never another exception; no fd leaks,
+# nothing waits longer than its timeout. Seeded, so a failure replays.
+
+FUZZ_SEED = 0x76686F73
+
+
+def _fuzz_fds(rng, count):
+    """``count`` fresh fds of the kinds a back-end hands over: memfds and eventfds."""
+    return [vu._memfd_create("fuzz", 4096) if rng.random() < 0.5 else vu._eventfd()
+            for _ in range(count)]
+
+
+def _fuzz_fd_count(rng, valid):
+    return rng.choice([valid, valid, 0, 1, 2, 5, vu.MAX_FDS, vu.MAX_FDS + 1, 40])
+
+
+def _mutate(rng, data):
+    """A random mutation of a message: bit flips, truncation, extension or a size change."""
+    data = bytearray(data)
+    kind = rng.choice(("flip", "flip", "truncate", "extend", "size", "random"))
+    if kind == "flip" and data:
+        for _ in range(rng.randint(1, 4)):
+            i = rng.randrange(len(data))
+            data[i] ^= 1 << rng.randrange(8)
+    elif kind == "truncate":
+        del data[rng.randrange(len(data) + 1):]
+    elif kind == "extend":
+        data += bytes(rng.randrange(256) for _ in range(rng.randint(1, 24)))
+    elif kind == "size" and len(data) >= 12:
+        size = rng.choice([0, 1, 7, 8, 9, 12, 16, 24, 40, 2056, 4096, 4097, 0x10000, 0xFFFFFFFF,
+                           rng.randrange(1 << 32)])
+        data[8:12] = struct.pack("<I", size)
+    else:
+        data = bytearray(rng.randrange(256) for _ in range(rng.randint(0, 48)))
+    return bytes(data), kind
+
+
+def _close_result(result, expect):
+    """Close the fd a request method returned (REQUESTS' FD marker says where it is)."""
+    if expect is FD:
+        os.close(result)
+    elif isinstance(expect, tuple) and expect[-1] is FD and result[-1] is not None:
+        os.close(result[-1])
+
+
+class TestHostileReplies(FdLeakCheck):
+    """Mutated and random replies to every request that has one: a valid return or our errors."""
+
+    CASES_PER_REQUEST = 10
+
+    def test_fuzzed_replies(self):
+        rng = random.Random(FUZZ_SEED)
+        rows = [row for row in REQUESTS if row[5] is not None]
+        outcomes = collections.Counter()
+        for call, code, _, _, _, reply, reply_nfds, expect in rows:
+            name = vu.FrontendReq(code).name
+            body = struct.pack("<Q", 0) if reply is ACK else h(reply)
+            valid = hdr(code, 5, len(body)) + body
+            for case in range(self.CASES_PER_REQUEST):
+                data, kind = _mutate(rng, valid)
+                nfds = _fuzz_fd_count(rng, reply_nfds)
+                hang_up = rng.random() < 0.8
+                with self.subTest(name, case=case, kind=kind, nfds=nfds, data=data.hex()):
+                    outcomes[self._one(call, expect, name, data, nfds, hang_up)] += 1
+        # The mutations reach every outcome (a check on the fuzzer itself).
+        for outcome in ("return", "ProtocolError", "Disconnected", "VhostUserTimeout"):
+            self.assertGreater(outcomes[outcome], 0, outcomes)
+        self.assertGreaterEqual(sum(outcomes.values()), 300)
+
+    def _one(self, call, expect, name, data, nfds, hang_up):
+        before = open_fds()
+        peer = ScriptedPeer(self, timeout=0.02)
+        peer.negotiate()
+        made = []
+
+        def fd():
+            r, w = os.pipe()
+            made.extend((r, w))
+            return r
+        fds = _fuzz_fds(random.Random(len(data)), nfds)
+        try:
+            if data:
+                peer.send(data, fds)
+            elif fds:
+                peer.send(b"\0", fds)
+        finally:
+            _close_fds(fds)
+        if hang_up:
+            peer.sock.shutdown(socket.SHUT_WR)
+        outcome = "return"
+        try:
+            _close_result(call(peer.client, fd), expect)
+        except vu.VhostUserError as exc:
+            outcome = type(exc).__name__
+            self.assertTrue(str(exc).startswith(name + ": "), exc)
+            if isinstance(exc, (vu.ProtocolError, vu.Disconnected, vu.VhostUserTimeout)):
+                self.assertIs(peer.client.broken, exc)
+                with self.assertRaises(type(exc)):
+                    peer.client.get_features()
+            else:
+                self.assertIsInstance(exc, vu.BackendError)
+                self.assertIsNone(peer.client.broken)
+        finally:
+            _close_fds(made)
+            peer.close()
+        self.assertEqual(_describe_fds(open_fds() - before), "")
+        return outcome
+
+
+
+# A valid body and fd count for every back-end request (spec "Back-end message types"; crosvm's two).
+BACKEND_REQUESTS = {
+    1: (struct.pack("<QQQBB6x", 0x1000, 0x1000, 0, 1, 1), 0),          # IOTLB_MSG
+    2: (b"", 0),                                                        # CONFIG_CHANGE_MSG
+    3: (struct.pack("<QQQ", 0, 4096, 0), 1),                            # VRING_HOST_NOTIFIER_MSG
+    4: (struct.pack("<II", 0, 0), 0),                                   # VRING_CALL
+    5: (struct.pack("<II", 0, 0), 0),                                   # VRING_ERR
+    6: (b"U" * 16, 0), 7: (b"U" * 16, 0), 8: (b"U" * 16, 0),            # SHARED_OBJECT_*
+    9: (struct.pack("<B7xQQQQ", 0, 0, 0, 4096, 1), 1),                  # SHMEM_MAP
+    10: (struct.pack("<B7xQQQQ", 0, 0, 0, 4096, 0), 0),                 # SHMEM_UNMAP
+    1006: (bytes(64), 1),                                               # GPU_MAP
+    1007: (bytes(32), 0),                                               # EXTERNAL_MAP
+}
+ALWAYS_REPLIED = {8, 1006, 1007}
+NEGATIVE_ERRNO_MIN = 2 ** 64 - 4096
+
+
+class _FakeQueue(object):
+    """What the handler touches of a Queue: its index and call event."""
+
+    def __init__(self, index):
+        self.index = index
+        self.call = vu.Event()
+
+
+class TestHostileBackendRequests(FdLeakCheck):
+    """Random and mutated back-end requests: answered or dropped per the rules, or the stream ends."""
+
+    CASES = 400
+
+    def test_fuzzed_requests_on_the_handler(self):
+        rng = random.Random(FUZZ_SEED + 1)
+        outcomes = collections.Counter()
+        with self.assertLogs("vhost_user_frontend", "WARNING"):
+            for case in range(self.CASES):
+                code = rng.choice(list(BACKEND_REQUESTS) + [0, 11, 99, 1005, 1008, 0xFFFFFFFF])
+                body, nfds = BACKEND_REQUESTS.get(code, (b"", 0))
+                kind = "valid"
+                if rng.random() < 0.5:
+                    body, kind = _mutate(rng, body)
+                nfds = _fuzz_fd_count(rng, nfds)
+                flags = rng.choice([1, 9] * 4 + [0, 2, 3, 5, 0xD, 0x11, rng.randrange(1 << 32)])
+                size = len(body) if rng.random() < 0.8 else rng.choice(
+                    [len(body) + 1, 4096, 4097, 0xFFFFFFFF, rng.randrange(1 << 32)])
+                reply_ack = rng.random() < 0.7
+                hang_up = rng.random() < 0.7
+                with self.subTest(case=case, code=code, kind=kind, flags=flags, size=size,
+                                  nfds=nfds, reply_ack=reply_ack, hang_up=hang_up):
+                    outcomes[self._one(rng, code, flags, size, body, nfds, reply_ack,
+                                       hang_up)] += 1
+        for outcome in ("served", "ProtocolError", "Disconnected", "VhostUserTimeout"):
+            self.assertGreater(outcomes[outcome], 0, outcomes)
+
+    def _handler(self, sock, rng, reply_ack):
+        handler = vu.BackendReqHandler(sock, reply_ack=reply_ack, timeout=0.02)
+        handler.interrupt = vu.Interrupt()
+        handler.queues = {0: _FakeQueue(0)}
+        mapper = None
+        if rng.random() < 0.5:
+            mapper = vu._ShmemMapper(vu.SharedMemoryRegion(0, 4 * PAGE))
+            handler.set_shared_memory_mapper(mapper, 0)
+
+        def close():
+            handler.close()
+            handler.interrupt.close()
+            handler.queues[0].call.close()
+            if mapper is not None:
+                mapper.close()
+        return handler, close
+
+    def _one(self, rng, code, flags, size, body, nfds, reply_ack, hang_up):
+        before = open_fds()
+        ours, theirs = socket.socketpair()
+        theirs.settimeout(5)
+        handler, close = self._handler(ours, rng, reply_ack)
+        try:
+            data = hdr(code, flags, size) + body
+            fds = _fuzz_fds(rng, nfds)
+            try:
+                theirs.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                         array.array("i", fds))] if fds else [])
+            finally:
+                _close_fds(fds)
+            if hang_up:
+                theirs.shutdown(socket.SHUT_WR)
+            if nfds > vu.MAX_FDS or flags & ~0xB or flags & 3 != 1 or size > 0x1000:
+                expected = vu.ProtocolError
+            elif len(body) < size:
+                expected = vu.Disconnected if hang_up else vu.VhostUserTimeout
+            else:
+                expected = None
+            try:
+                handler.handle_request()
+            except vu.VhostUserError as exc:
+                self.assertIs(type(exc), expected, exc)
+                return type(exc).__name__
+            self.assertIsNone(expected, "served a request that should have ended the stream")
+            if code in ALWAYS_REPLIED or reply_ack and flags & 8:
+                rcode, rflags, rbody, rfds = _recv_message(theirs)
+                _close_fds(rfds)
+                self.assertEqual((rcode, rflags, len(rbody), rfds), (code, 5, 8, []))
+                value = _U64.unpack(rbody)[0]
+                self.assertTrue(value == 0 or value >= NEGATIVE_ERRNO_MIN, value)
+            if not hang_up and len(body) == size:
+                # Still in step: the next request is read from the right place and answered.
+                _send_message(theirs, 1007, 1, bytes(32))
+                handler.handle_request()
+            theirs.shutdown(socket.SHUT_WR)
+            theirs.setblocking(False)
+            if not hang_up and len(body) == size:
+                self.assertEqual(_recv_message(theirs)[0], 1007)
+            with self.assertRaises(BlockingIOError):  # nothing else was sent
+                theirs.recv(1)
+            with self.assertRaises(vu.Disconnected):
+                handler.handle_request()
+            return "served"
+        finally:
+            close()
+            theirs.close()
+            self.assertEqual(_describe_fds(open_fds() - before), "")
+
+
+
+class _HostileBackend(FakeBackend):
+    """A FakeBackend that answers the request named ``name`` with ``hostile(backend, code, body)``."""
+
+    def __init__(self, name, hostile, **kwargs):
+        self.hostile_name, self.hostile = name, hostile
+        super(_HostileBackend, self).__init__(**kwargs)
+
+    def _handle(self, code, flags, body, fds):
+        if FRONTEND_REQ_NAMES.get(code) != self.hostile_name:
+            return super(_HostileBackend, self)._handle(code, flags, body, fds)
+        self.messages.append(Msg(self.hostile_name, flags, body, len(fds)))
+        _close_fds(fds)
+        self.hostile(self, code, body)
+
+
+class TestHostileFrontendPeers(FrontendTestBase):
+    """The frontend and its worker against a back-end that misbehaves on either channel."""
+
+    def test_fuzzed_backend_requests_keep_the_worker_alive(self):
+        rng = random.Random(FUZZ_SEED + 2)
+        with self.assertLogs("vhost_user_frontend", "WARNING"):
+            backend = self.backend()
+            fe = self.frontend(backend)
+            mem, queues = self.memory()
+            fe.activate(mem, None, queues)
+            for case in range(60):
+                code = rng.choice(list(BACKEND_REQUESTS) + [0, 11, 1005, 0xFFFFFFFF])
+                body, nfds = BACKEND_REQUESTS.get(code, (b"", 0))
+                if rng.random() < 0.5:
+                    body, _ = _mutate(rng, body)
+                nfds = rng.choice([nfds, 0, 1, 3, vu.MAX_FDS])  # all fit: the stream stays whole
+                need_reply = rng.random() < 0.7
+                fds = _fuzz_fds(rng, nfds)
+                try:
+                    with self.subTest(case=case, code=code, body=body.hex(), nfds=nfds):
+                        flags = 1 | (8 if need_reply else 0)
+                        if code in ALWAYS_REPLIED or need_reply:
+                            value = backend.send_backend_request(code, body, fds, flags=flags)
+                            self.assertTrue(value == 0 or value >= NEGATIVE_ERRNO_MIN, value)
+                        else:
+                            _send_message(backend.channel, code, flags, body, fds)
+                finally:
+                    _close_fds(fds)
+            self.assertEqual(backend.send_backend_request(2), 0)  # CONFIG_CHANGE_MSG still served
+            self.assertEqual(fe.interrupt.config_changed.wait(5), 1)
+            self.assertIsNone(fe.interrupt.crash_error)
+            # A size field of 4 GiB ends serving at once (nothing is read or allocated): a crash.
+            backend.channel.sendall(hdr(2, 1, 0xFFFFFFFF))
+            self.assertEqual(fe.interrupt.crashed.wait(5), 1)
+            self.assertIn("larger than 4096", str(fe.interrupt.crash_error))
+            fe.close()
+
+    def test_backend_hangs_up_in_get_vring_base_during_reset(self):
+        def hang_up(backend, code, body):
+            backend.sock.sendall(hdr(code, 5, 8) + body[:4])  # half a reply, then gone
+            backend.sock.shutdown(socket.SHUT_RDWR)
+        backend = _HostileBackend("GET_VRING_BASE", hang_up)
+        self.addCleanup(backend.close)
+        fe = self.frontend(backend)
+        mem, queues = self.memory()
+        fe.activate(mem, None, queues)
+        with self.assertRaises(vu.Disconnected) as cm:
+            fe.reset()
+        self.assertTrue(str(cm.exception).startswith("GET_VRING_BASE: "), cm.exception)
+        self.assertIsNone(fe._worker)  # the worker was stopped all the same
+        with self.assertRaises(vu.Disconnected):
+            fe.activate(mem, None, queues)
+        fe.close()
+
+    def test_backend_never_answers_get_vring_base(self):
+        backend = _HostileBackend("GET_VRING_BASE", lambda backend, code, body: None)
+        self.addCleanup(backend.close)
+        fe = self.frontend(backend, timeout=0.2)
+        mem, queues = self.memory()
+        fe.activate(mem, None, queues)
+        start = time.monotonic()
+        with self.assertRaises(vu.VhostUserTimeout) as cm:
+            fe.reset()
+        self.assertLess(time.monotonic() - start, 5.0)  # bounded by the timeout, not forever
+        self.assertIn("GET_VRING_BASE", str(cm.exception))
+        fe.close()
+
+
+
+    def test_refused_disable_still_stops_every_ring(self):
+        def refuse(backend, code, body):  # SET_VRING_ENABLE acked with an error, ring left as is
+            backend._reply(code, _U64.pack(1))
+        backend = _HostileBackend("SET_VRING_ENABLE", refuse)
+        self.addCleanup(backend.close)
+        fe = self.frontend(backend)
+        mem, queues = self.memory()
+        with self.assertRaises(vu.BackendError):  # activation's enable is refused too
+            fe.activate(mem, None, queues[:1])
+        backend.take(len(backend.names()))
+        with self.assertRaises(vu.BackendError) as cm:
+            fe.reset()
+        self.assertTrue(str(cm.exception).startswith("SET_VRING_ENABLE: "), cm.exception)
+        # GET_VRING_BASE is what stops a ring: sent although the disable was refused.
+        self.assertEqual(backend.names(2), ["SET_VRING_ENABLE", "GET_VRING_BASE"])
+        self.assertFalse(backend.rings[0].started)
+        self.assertIsNone(fe.client.broken)
+        fe.close()
+
+    def test_refusal_on_one_ring_does_not_leave_the_next_running(self):
+        refused = []
+
+        def refuse_first_disable(backend, code, body):
+            index, enable = _STATE.unpack(body)
+            bad = not enable and not refused
+            refused.extend([index] if bad else [])
+            backend._reply(code, _U64.pack(1 if bad else 0))
+        backend = _HostileBackend("SET_VRING_ENABLE", refuse_first_disable)
+        self.addCleanup(backend.close)
+        fe = self.frontend(backend)
+        mem, queues = self.memory()
+        fe.activate(mem, None, queues)
+        backend.take(len(backend.names()))
+        with self.assertRaises(vu.BackendError):
+            fe.virtio_sleep()
+        self.assertEqual(refused, [0])
+        self.assertEqual(backend.names(4), STOP_TWO)
+        self.assertFalse(backend.rings[0].started or backend.rings[1].started)
+        fe.close()
+
+    def test_unusable_state_fd_from_the_backend(self):
+        tmp = tempfile.NamedTemporaryFile()
+        self.addCleanup(tmp.close)
+        cases = [
+            # (name, direction, fd the back-end returns)
+            ("SAVE into a write-only file", "virtio_snapshot", lambda: os.open(tmp.name, os.O_WRONLY)),
+            ("LOAD from a read-only file", "virtio_restore", lambda: os.open(tmp.name, os.O_RDONLY)),
+        ]
+        for name, method, make_fd in cases:
+            with self.subTest(name):
+                def reply_with_fd(backend, code, body):
+                    fd = make_fd()
+                    backend._reply(code, _U64.pack(0), [fd])
+                    os.close(fd)
+                backend = _HostileBackend("SET_DEVICE_STATE_FD", reply_with_fd)
+                self.addCleanup(backend.close)
+                fe = self.frontend(backend)
+                with self.assertRaises(vu.ProtocolError) as cm:
+                    if method == "virtio_snapshot":
+                        fe.virtio_snapshot()
+                    else:
+                        fe.virtio_restore(vu.DeviceState(vu.DeviceType.BLOCK, F_PROTOCOL, b"state"))
+                self.assertTrue(str(cm.exception).startswith(method + ": "), cm.exception)
+                self.assertIn("fd", str(cm.exception))
+                self.assertEqual(cm.exception.request, vu.FrontendReq.SET_DEVICE_STATE_FD)
+                fe.close()
+
+
+    def test_shmem_file_truncated_after_mapping(self):
+        # A plain file (not a memfd, so on every Python): the back-end maps it, then shrinks it.
+        mapper = vu._ShmemMapper(vu.SharedMemoryRegion(0, 4 * PAGE))
+        self.addCleanup(mapper.close)
+        with tempfile.TemporaryFile() as f:
+            os.ftruncate(f.fileno(), 2 * PAGE)
+            os.pwrite(f.fileno(), b"before", PAGE)
+            mapper.add_mapping(f.fileno(), 0, PAGE, 2 * PAGE, True)
+            self.assertEqual(mapper.read(2 * PAGE, 6), b"before")
+            os.ftruncate(f.fileno(), PAGE // 2)
+            for call in (lambda: mapper.read(2 * PAGE, 6), lambda: mapper.read(PAGE, PAGE),
+                         lambda: mapper.write(2 * PAGE, b"after")):
+                with self.assertRaises(vu.ProtocolError) as cm:  # never a SIGBUS
+                    call()
+                self.assertIn("shrank the file", str(cm.exception))
+            self.assertEqual(os.fstat(f.fileno()).st_size, PAGE // 2)  # and never grown back
+            self.assertEqual(mapper.read(PAGE, 8), b"\0" * 8)  # what is left still reads
+
+
+def _sector_pattern(sector, length):
+    """What the hostile block device stores: each 512-byte sector filled with its number."""
+    return b"".join(struct.pack("<Q", sector + i) * 64 for i in range(length // 512))
+
+
+class TestHostileBlockDevice(FrontendTestBase):
+    """BlockDevice over a device that lies in the used ring: errors, never wrong or stale data."""
+
+    CONFIG = TestBlockDeviceBadDevice.CONFIG
+
+    def device(self, complete, timeout=5.0):
+        """A device writing the sector pattern and status OK, then complete(backend, index, head, chain)."""
+        def run(backend, index):
+            while True:
+                popped = backend.pop_avail(index)
+                if popped is None:
+                    return
+                head, chain = popped
+                op, _, sector = struct.unpack("<IIQ", backend.read(chain[0][0], 16))
+                if op == 0:
+                    data = _sector_pattern(sector, sum(n for _, n, _ in chain[1:-1]))
+                    for addr, length, _ in chain[1:-1]:
+                        backend.write(addr, data[:length])
+                        data = data[length:]
+                backend.write(chain[-1][0], b"\0")
+                complete(backend, index, head, chain)
+        backend = self.backend(features=F_PROTOCOL | F_VERSION_1 | (1 << 9) | (1 << 6),
+                               config=self.CONFIG, device=run)
+        dev = vu.BlockDevice(self.frontend(backend), queue_size=8, timeout=timeout,
+                             memory_size=1 << 20)
+        self.addCleanup(dev.close)
+        return dev
+
+    @staticmethod
+    def writable(chain):
+        return sum(n for _, n, f in chain if f & 2)
+
+    def test_short_used_length_is_refused(self):
+        cases = [
+            # (name, call, used len from the chain's writable bytes, text)
+            ("READ without status", lambda d: d.read(0, 1024), lambda w: w - 1, "1024 byte(s) written"),
+            ("READ of nothing", lambda d: d.read(512, 1024), lambda w: 0, "need 1025"),
+            ("READ of the status only", lambda d: d.read(0, 512), lambda w: 1, "1 byte(s) written"),
+            ("WRITE without status", lambda d: d.write(0, bytes(512)), lambda w: 0, "WRITE: "),
+            ("FLUSH without status", lambda d: d.flush(), lambda w: 0, "FLUSH: "),
+            ("GET_ID short", lambda d: d.get_id(), lambda w: 5, "GET_ID: "),
+        ]
+        for name, call, length, text in cases:
+            with self.subTest(name):
+                dev = self.device(lambda b, i, head, chain: b.push_used(
+                    i, head, length(self.writable(chain))))
+                with self.assertRaises(vu.ProtocolError) as cm:
+                    call(dev)
+                self.assertIn(text, str(cm.exception))
+                self.assertIn("used len", str(cm.exception))
+                dev.close()
+        dev = self.device(lambda b, i, head, chain: b.push_used(i, head, self.writable(chain)))
+        self.assertEqual(dev.read(2048, 1024), _sector_pattern(4, 1024))  # the honest length
+
+    def test_fuzzed_used_ring(self):
+        rng = random.Random(FUZZ_SEED + 3)
+        outcomes = collections.Counter()
+
+        def lie(backend, index, head, chain):
+            ring = backend.rings[index]
+            choice = rng.random()
+            if choice < 0.45:
+                backend.push_used(index, head, self.writable(chain))
+            elif choice < 0.6:
+                backend.push_used(index, rng.choice([head, rng.randrange(ring.num + 4)]),
+                                  rng.choice([self.writable(chain), rng.randrange(1 << 32)]))
+            elif choice < 0.7:
+                backend.push_used(index, head, self.writable(chain))
+                backend.push_used(index, head, self.writable(chain))  # twice
+            elif choice < 0.8:  # used->idx jumps without entries
+                used_idx = struct.unpack("<H", backend.read(ring.used + 2, 2, "uaddr"))[0]
+                backend.write(ring.used + 2, struct.pack("<H", (used_idx + rng.randrange(1, 1 << 16))
+                                                         & 0xFFFF), "uaddr")
+                backend.signal_call(index)
+            elif choice < 0.9:  # claims less than it wrote; what lies past that is not data
+                written = left = rng.randrange(self.writable(chain))
+                for addr, length, _ in chain[1:-1]:  # the status byte stays 0 (OK)
+                    if left < length:
+                        backend.write(addr + left, b"\xee" * (length - left))
+                    left = max(0, left - length)
+                backend.push_used(index, head, written)
+            # else: never completes
+
+        for case in range(24):
+            dev = self.device(lie, timeout=0.05)
+            for op in range(4):
+                sector = rng.randrange(0, 2048 - 8)
+                count = rng.randrange(1, 8)
+                with self.subTest(case=case, op=op, sector=sector, count=count):
+                    try:
+                        data = dev.read(sector * 512, count * 512)
+                    except (vu.ProtocolError, vu.VhostUserTimeout) as exc:
+                        outcomes[type(exc).__name__] += 1
+                        self.assertTrue(str(exc).startswith("READ: ") or "queue 0" in str(exc), exc)
+                        break  # the queue is broken or a chain is lost: a new device
+                    outcomes["read"] += 1
+                    self.assertEqual(data, _sector_pattern(sector, count * 512))
+            dev.close()
+        for outcome in ("read", "ProtocolError", "VhostUserTimeout"):
+            self.assertGreater(outcomes[outcome], 0, outcomes)
+
+    def test_device_that_never_completes(self):
+        dev = self.device(lambda backend, index, head, chain: None, timeout=0.2)
+        start = time.monotonic()
+        with self.assertRaises(vu.VhostUserTimeout) as cm:
+            dev.read(0, 512)
+        self.assertLess(time.monotonic() - start, 5.0)  # the timeout, not forever
+        self.assertIn("READ: no completion", str(cm.exception))
+
+    def test_close_while_another_thread_waits(self):
+        dev = self.device(lambda backend, index, head, chain: None, timeout=30.0)
+        errors = []
+
+        def reader():
+            try:
+                dev.read(0, 512)
+            except Exception as exc:  # what matters: it ends, with an error that says why
+                errors.append(exc)
+        thread = threading.Thread(target=reader, name="vhost-user-test-reader")
+        thread.start()
+        wait_for(lambda: dev._queues[0].in_flight == 1, what="the read to be posted")
+        time.sleep(0.05)
+        dev.close()
+        thread.join(5)
+        self.assertFalse(thread.is_alive(), "a reader was left waiting on a closed device")
+        self.assertEqual(len(errors), 1)
+        self.assertIsInstance(errors[0], ValueError)
+        self.assertEqual(str(errors[0]), "READ: queue 0 is closed")
+
+
+def _close_fds(fds):
+    for fd in fds:
+        os.close(fd)
+
+
 if __name__ == "__main__":
     unittest.main()
+
+
+# ##########################################################################
+# Frontend recovery ########################################################
+# ##########################################################################
+
+
+class _RefusingBackend(FakeBackend):
+    """A FakeBackend that refuses (error ack 1) the first SET_VRING_KICK of ring ``refuse_ring``."""
+
+    refuse_ring = 1
+
+    def _handle(self, code, flags, body, fds):
+        name = FRONTEND_REQ_NAMES.get(code)
+        if name == "SET_VRING_KICK" and self.refuse_ring is not None \
+                and _U64.unpack(body)[0] & 0xFF == self.refuse_ring:
+            self.refuse_ring = None
+            self.messages.append(Msg(name, flags, body, len(fds)))
+            for fd in fds:
+                os.close(fd)
+            self._reply(code, _U64.pack(1))
+            return
+        FakeBackend._handle(self, code, flags, body, fds)
+
+
+class TestFrontendRecovery(FrontendTestBase):
+    """Failures in the middle of a lifecycle call leave the device consistent and retryable."""
+
+    def test_failed_activate_stops_the_started_rings_and_can_be_retried(self):
+        backend = _RefusingBackend()
+        self.addCleanup(backend.close)
+        fe = self.frontend(backend)
+        mem, queues = self.memory()
+        backend.take(len(backend.names()))
+        with self.assertRaises(vu.BackendError) as caught:
+            fe.activate(mem, None, queues)
+        self.assertIn("SET_VRING_KICK", str(caught.exception))
+        names = backend.names()
+        # Ring 0 was fully started and ring 1 half: both are stopped again.
+        stopped = [_STATE.unpack(m.body)[0] for m in backend.messages if m.name == "GET_VRING_BASE"]
+        self.assertEqual(sorted(stopped), [0, 1], names)
+        self.assertEqual([t.name for t in threading.enumerate()
+                          if t.name.startswith("vhost-user-") and "fake" not in t.name], [])
+        # Inactive again: a second activate goes through from the start.
+        backend.take(len(names))
+        fe.activate(mem, None, queues)
+        self.assertEqual(backend.names()[:2], ["SET_FEATURES", "SET_MEM_TABLE"])
+        fe.reset()
+
+    def test_snapshot_refuses_more_state_than_max_state_size(self):
+        backend = self.backend(state=b"s" * 200000)
+        fe = self.frontend(backend, max_state_size=65536)
+        mem, queues = self.memory()
+        fe.activate(mem, None, queues)
+        fe.virtio_sleep()
+        with self.assertRaises(vu.ProtocolError) as caught:
+            fe.virtio_snapshot()
+        self.assertIn("max_state_size (65536 bytes)", str(caught.exception))
+        self.assertIsNone(fe.client.broken)  # the main connection is untouched
+        fe.virtio_wake()
+        fe.reset()
+
+    def test_snapshot_within_max_state_size(self):
+        backend = self.backend(state=b"s" * 200000)
+        fe = self.frontend(backend, max_state_size=200000)
+        self.assertEqual(fe.virtio_snapshot().backend_state, b"s" * 200000)

@@ -2596,20 +2596,26 @@ class Queue:
         deadline = time.monotonic() + timeout
         spin_until = time.monotonic() + (self.spin if spin is None else spin)
         used = self._used
-        while True:
-            if used[1] != self.next_used:
-                done = self.get_used()
-                if done:
-                    return done
-            now = time.monotonic()
-            if now >= deadline:
-                self.get_used()  # still raises for a broken ring
-                return []
-            if now < spin_until:
-                continue
-            if self._arm(count) is False:
-                continue
-            self.call.wait(deadline - now)
+        try:
+            while True:
+                if used[1] != self.next_used:
+                    done = self.get_used()
+                    if done:
+                        return done
+                now = time.monotonic()
+                if now >= deadline:
+                    self.get_used()  # still raises for a broken ring
+                    return []
+                if now < spin_until:
+                    continue
+                if self._arm(count) is False:
+                    continue
+                self.call.wait(deadline - now)
+        except ValueError:
+            # close() on another thread released the ring views and closed
+            # the call event under us: say that, not "Event is closed".
+            self._check_usable()
+            raise
 
     def _arm(self, count):
         """Ask for an interrupt; False if entries were used meanwhile (re-check)."""
@@ -3363,6 +3369,8 @@ _STATE_MAGIC = b"VHUSTATE"
 _STATE_HDR = struct.Struct("<8sHHIQQ")  # magic, version, reserved, device type, features, length
 _STATE_CRC = struct.Struct("<I")
 _STATE_VERSION = 1
+#: Default cap on the device state a snapshot reads (VhostUserFrontend max_state_size).
+_MAX_DEVICE_STATE = 1 << 30
 
 
 class DeviceState(NamedTuple):
@@ -3463,6 +3471,10 @@ class VhostUserFrontend:
             a ring starts there and QEMU does it); False for crosvm's behaviour.
         handler_factory: ``f(sock, reply_ack=, timeout=)`` building the
             ``BackendReqHandler`` (to serve more back-end requests).
+        max_state_size: the most bytes ``virtio_snapshot`` accepts from the
+            back-end; a back-end that streams more (or hands back an endless
+            fd such as /dev/zero) gets ``ProtocolError`` instead of filling
+            memory.
 
     Attributes:
         client: the ``BackendClient``.
@@ -3477,10 +3489,11 @@ class VhostUserFrontend:
 
     def __init__(self, device_type, base_features, connection, max_queue_size=None,
                  timeout=5.0, protocol_features=_CROSVM_PROTOCOL_FEATURES, start_kick=True,
-                 handler_factory=BackendReqHandler):
+                 handler_factory=BackendReqHandler, max_state_size=_MAX_DEVICE_STATE):
         self._device_type = DeviceType(device_type)
         self.timeout = timeout
         self.start_kick = start_kick
+        self.max_state_size = max_state_size
         self.acked_features = 0
         self.protocol_features = ProtocolFeature(0)
         self.interrupt = None
@@ -3636,19 +3649,30 @@ class VhostUserFrontend:
         self.interrupt = interrupt
         self._mem = mem
         self._sent_queues = {}
-        if self._sent_features != self.acked_features:
-            self.ack_features(self.acked_features)
-        self.client.set_mem_table(mem.regions())
-        for index, queue in sorted(queues.items()):
-            if interrupt.mode == Interrupt.QUEUE:
-                call = queue.call
-            elif interrupt.mode == Interrupt.SHARED:
-                call = interrupt.shared
-            else:
-                call = self._proxies[index] = Event()
-            self._sent_queues[index] = queue  # from here on reset() must stop it
-            self._activate_vring(mem, index, queue, call)
-        self._start_worker(interrupt)
+        try:
+            if self._sent_features != self.acked_features:
+                self.ack_features(self.acked_features)
+            self.client.set_mem_table(mem.regions())
+            for index, queue in sorted(queues.items()):
+                if interrupt.mode == Interrupt.QUEUE:
+                    call = queue.call
+                elif interrupt.mode == Interrupt.SHARED:
+                    call = interrupt.shared
+                else:
+                    call = self._proxies[index] = Event()
+                self._sent_queues[index] = queue  # from here on it must be stopped
+                self._activate_vring(mem, index, queue, call)
+            self._start_worker(interrupt)
+        except BaseException as exc:
+            # Stop what did start, so the device is inactive again (activate
+            # may be retried) and no ring keeps writing guest memory.
+            try:
+                self._stop_rings(reclaim=False)
+            except Exception as cleanup_exc:
+                _log.warning("%s: stopping the rings after a failed activate: %s",
+                             self.debug_label(), cleanup_exc)
+            self._sent_features = None
+            raise
 
     def _activate_vring(self, mem, index, queue, call):
         client = self.client
@@ -3668,13 +3692,24 @@ class VhostUserFrontend:
             client.set_vring_enable(index, True)
 
     def _deactivate_vring(self, index):
-        """Disable then stop a ring; returns its 16-bit base (crosvm deactivate_vring)."""
+        """Disable then stop a ring; returns its 16-bit base (crosvm deactivate_vring).
+
+        A refused disable (an error ack) still gets GET_VRING_BASE, which is
+        what stops the ring: one left running would go on writing guest
+        memory the caller believes idle. The refusal is raised after it.
+        """
+        refused = None
         if self.acked_features & VirtioFeature.PROTOCOL_FEATURES:
-            self.client.set_vring_enable(index, False)
+            try:
+                self.client.set_vring_enable(index, False)
+            except BackendError as exc:
+                refused = exc
         base = self.client.get_vring_base(index)
         if base > 0xFFFF:
             raise ProtocolError("GET_VRING_BASE: base %#x of ring %d does not fit in 16 bits"
                                 % (base, index), FrontendReq.GET_VRING_BASE)
+        if refused is not None:
+            raise refused
         return base
 
     def _start_worker(self, interrupt):
@@ -3710,15 +3745,18 @@ class VhostUserFrontend:
         """Disable and stop every sent ring, then the worker; raise the first error."""
         queues, self._sent_queues = self._sent_queues, None
         error = None
-        try:
-            # The worker keeps serving back-end requests while GET_VRING_BASE
-            # drains the rings, so it stops last (as in crosvm).
-            for index, queue in sorted((queues or {}).items()):
+        # The worker keeps serving back-end requests while GET_VRING_BASE
+        # drains the rings, so it stops last (as in crosvm).
+        for index, queue in sorted((queues or {}).items()):
+            try:
                 base = self._deactivate_vring(index)
                 if reclaim:
                     queue.reclaim(base)
-        except BaseException as exc:
-            error = exc
+            except BaseException as exc:
+                # Stop the other rings all the same (after a broken connection
+                # their requests fail at once); the first error is raised.
+                if error is None:
+                    error = exc
         worker_error = self._stop_worker()
         if error is not None:
             raise error
@@ -3807,7 +3845,8 @@ class VhostUserFrontend:
             if theirs is not None:
                 os.close(read_fd)
                 read_fd = theirs
-            data = _read_until_eof(read_fd, self.timeout, "virtio_snapshot")
+            data = _read_until_eof(read_fd, self.timeout, "virtio_snapshot",
+                                   self.max_state_size)
         finally:
             _close_fds([fd for fd in (read_fd, write_fd) if fd >= 0])
         self.client.check_device_state()
@@ -3963,19 +4002,33 @@ class VhostUserFrontend:
         return "<VhostUserFrontend %s %s>" % (self.debug_label(), state)
 
 
-def _read_until_eof(fd, timeout, what):
-    """Everything readable from ``fd`` until EOF; ``timeout`` bounds each wait."""
+def _read_until_eof(fd, timeout, what, limit):
+    """Everything readable from ``fd`` until EOF; ``timeout`` bounds each wait.
+
+    More than ``limit`` bytes raises ``ProtocolError``: the fd is the
+    back-end's choice, and one that never ends must not exhaust our memory.
+    """
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     chunks = []
+    total = 0
     while True:
         if not poller.poll(timeout * 1000.0):
             raise VhostUserTimeout("%s: the back-end sent no state data and no EOF for %.1f s "
                                    "(after %d bytes)" % (what, timeout, sum(map(len, chunks))))
-        data = os.read(fd, 1 << 20)
+        try:
+            data = os.read(fd, 1 << 20)
+        except OSError as exc:  # e.g. the back-end returned an fd not open for reading
+            raise ProtocolError("%s: cannot read the state from the back-end's fd: %s"
+                                % (what, exc.strerror), FrontendReq.SET_DEVICE_STATE_FD) \
+                from exc
         if not data:
             return b"".join(chunks)
         chunks.append(data)
+        total += len(data)
+        if total > limit:
+            raise ProtocolError("%s: the back-end streamed more than max_state_size (%d bytes) "
+                                "of state" % (what, limit), FrontendReq.SET_DEVICE_STATE_FD)
 
 
 def _write_all(fd, data, timeout, what):
@@ -3994,6 +4047,10 @@ def _write_all(fd, data, timeout, what):
         except BrokenPipeError as exc:
             raise BackendError("%s: the back-end closed the state pipe after %d of %d bytes"
                                % (what, done, len(view)), FrontendReq.SET_DEVICE_STATE_FD) \
+                from exc
+        except OSError as exc:  # e.g. the back-end returned an fd not open for writing
+            raise ProtocolError("%s: cannot write the state to the back-end's fd: %s"
+                                % (what, exc.strerror), FrontendReq.SET_DEVICE_STATE_FD) \
                 from exc
 
 
@@ -4068,7 +4125,7 @@ class _BlockRequest:
     """One virtio-blk request in flight: ``done``, ``status``, ``result()``."""
 
     __slots__ = ("op", "offset", "length", "data", "status_buf", "queue", "done",
-                 "background")
+                 "background", "written")
 
     def __init__(self, op, offset, length, data, queue):
         self.op = op
@@ -4079,6 +4136,7 @@ class _BlockRequest:
         self.queue = queue
         self.done = False
         self.background = False
+        self.written = None          # the used entry's length, once done
 
     @property
     def status(self):
@@ -4090,6 +4148,16 @@ class _BlockRequest:
         if not self.done:
             raise ValueError("%s at offset %d is still in flight"
                              % (_BLK_OP_NAMES[self.op], self.offset))
+        # Spec 2.7.8.2: nothing past the used length may be trusted, and the
+        # status byte is the last device-writable byte. A shorter length means
+        # the status (0, OK, in our buffer until written) and the data may be
+        # stale bytes: refuse them rather than return them as if read.
+        needed = 1 + (self.length if self.op in (_BLK_T_IN, _BLK_T_GET_ID) else 0)
+        if self.written is not None and self.written < needed:
+            raise ProtocolError("%s: the device reported %d byte(s) written (used len) for %d "
+                                "bytes at offset %d; data and status need %d"
+                                % (_BLK_OP_NAMES[self.op], self.written, self.length,
+                                   self.offset, needed))
         status = self.status_buf[0]
         if status:
             raise BackendError("%s: virtio-blk status %s (%d) for %d bytes at offset %d"
@@ -4151,6 +4219,8 @@ class _Completions:
                 self.cond.release()
                 try:
                     used = self.queue.wait_used(min(remaining, _CRASH_CHECK_INTERVAL))
+                except ValueError as exc:  # the device was closed while we waited
+                    raise ValueError("%s: %s" % (what, exc)) from exc
                 finally:
                     self.cond.acquire()
                     self.reaping = False
@@ -4163,7 +4233,8 @@ class _Completions:
                 self._finish(self.queue.get_used())
 
     def _finish(self, used):
-        for request, _ in used:
+        for request, written in used:
+            request.written = written
             request.done = True
             if request.background:
                 self.finished.append(request)
