@@ -4648,6 +4648,9 @@ class NetDevice:
             several receive buffers).
         rx_buffer_size: bytes per receive buffer, header included; by default
             big enough for one whole frame. With MRG_RXBUF it may be smaller.
+
+    ``queue_size`` and ``rx_buffer_size`` give the sizes in use; ``mac``,
+    ``mtu`` and ``link_up`` are None when the device does not report them.
     """
 
     _frontend = None
@@ -4716,7 +4719,8 @@ class NetDevice:
                              % (rx_buffer_size, "the header" if self._mrg else
                                 "a %d-byte frame and its header (MRG_RXBUF is off)"
                                 % frame_max))
-        self._rx_size = rx_buffer_size
+        self._rx_size = self.rx_buffer_size = rx_buffer_size
+        self.queue_size = size
         if memory_size is None:
             memory_size = 2 * size * (rx_buffer_size + self._hdr_len + frame_max) + (1 << 20)
         self._mem = GuestMemory([(0, memory_size)], name="vhost-user-net")
@@ -4762,6 +4766,28 @@ class NetDevice:
                                                    % self.timeout)
             tx.notify()
             tx.get_used()  # free what the device already sent
+
+    def flush(self, timeout=None):
+        """Wait until the back-end has taken every frame queued for transmission.
+
+        Raises:
+            VhostUserTimeout: frames are still queued after ``timeout``
+                (default the device's).
+        """
+        with self._tx_lock:
+            tx = self._tx
+            if tx is None:
+                raise ValueError("the net device is closed")
+            timeout = self.timeout if timeout is None else timeout
+            deadline = time.monotonic() + timeout
+            tx.get_used()
+            while tx.in_flight:
+                _check_alive(self._frontend, "flush")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise VhostUserTimeout("flush: the back-end has not taken %d frame(s) "
+                                           "within %g s" % (tx.in_flight, timeout))
+                tx.wait_used(min(remaining, _CRASH_CHECK_INTERVAL), count=tx.in_flight)
 
     def recv(self, timeout=None):
         """The next received frame without its virtio-net header; None after ``timeout``.
@@ -5038,6 +5064,12 @@ def _format_probe(path, info):
     return lines
 
 
+def _percentile(ordered, fraction):
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
 def _format_bytes(count):
     for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if count >= 1 << shift:
@@ -5057,15 +5089,12 @@ def _cmd_probe(args, out):
     return 0
 
 
-def _open_device(args, cls_name, device_type, **kwargs):
-    """``cls_name``.connect() on ``args.socket``, refusing another device type in one line.
+def _open_device(args, cls, device_type, **kwargs):
+    """``cls.connect()`` on ``args.socket``, refusing another device type in one line.
 
     The type check uses GET_FEATURES and GET_PROTOCOL_FEATURES on the same
     connection the driver then takes over (virtiofsd serves only one).
     """
-    cls = globals().get(cls_name)
-    if cls is None:
-        raise _CliError("%s is not available in this version of the module" % cls_name)
     client = _cli_connect(args.socket, args.timeout)
     try:
         features = client.get_features()
@@ -5090,7 +5119,7 @@ def _open_device(args, cls_name, device_type, **kwargs):
 # -- blk ----------------------------------------------------------------------
 
 def _cmd_blk(args, out):
-    with _open_device(args, "BlockDevice", DeviceType.BLOCK) as dev:
+    with _open_device(args, BlockDevice, DeviceType.BLOCK) as dev:
         return _BLK_ACTIONS[args.action](dev, args, out)
 
 
@@ -5163,76 +5192,133 @@ _BLK_ACTIONS = {
 
 # -- net ----------------------------------------------------------------------
 
-#: IEEE 802 "local experimental" ethertype for the frames ``net send`` makes.
+#: IEEE 802 "local experimental" ethertype for the frames ``net`` makes.
 _ETHERTYPE_TEST = 0x88B5
+#: Source MAC of generated frames when the device reports none (DPDK does not):
+#: a locally administered unicast address.
+_TEST_MAC = b"\x02\0\0\0\0\x01"
+_TEST_FRAME_HEADER = struct.Struct(">6s6sHI")   # destination, source, ethertype, sequence
 
 
 def _test_frame(src_mac, seq, size):
-    """A broadcast Ethernet frame of ``size`` bytes carrying ``seq``."""
-    header = b"\xff" * 6 + src_mac + struct.pack(">HI", _ETHERTYPE_TEST, seq)
-    return (header + bytes(range(256)) * (size // 256 + 1))[:max(size, len(header))]
+    """A broadcast Ethernet frame of ``size`` bytes (at least 18) carrying ``seq``."""
+    header = _TEST_FRAME_HEADER.pack(b"\xff" * 6, src_mac, _ETHERTYPE_TEST, seq & 0xFFFFFFFF)
+    return (header + bytes(range(256)) * (size // 256 + 1))[:size]
 
 
 def _describe_frame(frame):
     frame = bytes(frame)
-    if len(frame) < 14:
+    if len(frame) < _ETH_HLEN:
         return "%d bytes (runt)" % len(frame)
-    mac = lambda b: ":".join("%02x" % x for x in bytearray(b))  # noqa: E731
-    return "%d bytes %s -> %s type %#06x" % (len(frame), mac(frame[6:12]), mac(frame[:6]),
+    return "%d bytes %s -> %s type %#06x" % (len(frame), _format_mac(frame[6:12]),
+                                              _format_mac(frame[:6]),
                                               struct.unpack(">H", frame[12:14])[0])
 
 
+def _format_mac(mac):
+    return ":".join("%02x" % b for b in bytearray(mac))
+
+
+def _frame_source(dev, args):
+    """A function seq -> frame: the frame of -i/--hex, else a generated test frame."""
+    if args.input is not None or args.hex is not None:
+        if args.input is not None:
+            with open(args.input, "rb") as f:
+                frame = f.read()
+        else:
+            try:
+                frame = bytes.fromhex(args.hex.replace(":", " "))
+            except ValueError as exc:
+                raise _CliError("--hex: %s" % exc)
+        if len(frame) < _ETH_HLEN:
+            raise _CliError("the frame has %d bytes; an Ethernet frame has at least %d"
+                            % (len(frame), _ETH_HLEN))
+        return lambda seq: frame
+    if args.size < _TEST_FRAME_HEADER.size:
+        raise _CliError("--size %d: test frames carry a sequence number and need at least "
+                        "%d bytes" % (args.size, _TEST_FRAME_HEADER.size))
+    src = bytes(dev.mac) if dev.mac else _TEST_MAC
+    return lambda seq: _test_frame(src, seq, args.size)
+
+
 def _cmd_net(args, out):
-    with _open_device(args, "NetDevice", DeviceType.NET) as dev:
-        if args.action == "send":
-            return _net_send(dev, args, out)
-        return _net_recv(dev, args, out)
+    with _open_device(args, NetDevice, DeviceType.NET) as dev:
+        return _NET_ACTIONS[args.action](dev, args, out)
 
 
 def _net_send(dev, args, out):
-    if args.input:
-        with open(args.input, "rb") as f:
-            frames = [f.read()] * args.count
-    else:
-        src = bytes(dev.mac) if getattr(dev, "mac", None) else b"\x02\0\0\0\0\x01"
-        frames = [_test_frame(src, seq, args.size) for seq in range(args.count)]
-    start = time.monotonic()
+    make = _frame_source(dev, args)
+    frames = [make(seq) for seq in range(args.count)]
     dev.send_many(frames)
-    out.write("sent %d frame(s) of %d bytes\n" % (len(frames), len(frames[0])))
-    if not args.echo:
-        return 0
-    # Loopback check: a back-end that forwards TX to RX (testpmd io mode) echoes each frame.
-    expected = set(frames)
-    received = 0
-    deadline = start + args.timeout
-    while received < len(frames):
-        frame = dev.recv(timeout=max(0.0, deadline - time.monotonic()))
-        if frame is None:
-            break
-        if bytes(frame) in expected:
-            received += 1
-    elapsed = time.monotonic() - start
-    out.write("received %d of %d back unchanged in %.1f ms\n"
-              % (received, len(frames), elapsed * 1e3))
-    if received < len(frames):
-        raise _CliError("%s: %d frame(s) did not come back within %.1f s"
-                        % (args.socket, len(frames) - received, args.timeout))
+    dev.flush()
+    out.write("sent %d frame(s) of %d bytes\n" % (len(frames), len(frames[0]) if frames else 0))
     return 0
 
 
 def _net_recv(dev, args, out):
     deadline = time.monotonic() + args.wait
-    count = 0
-    while args.count is None or count < args.count:
+    frames = []
+    while args.count is None or len(frames) < args.count:
         frame = dev.recv(timeout=max(0.0, deadline - time.monotonic()))
         if frame is None:
             break
-        count += 1
+        frames.append(frame)
         out.write("%s\n" % _describe_frame(frame))
-        if args.verbose_frames:
-            out.write("\n".join(_hexdump(bytes(frame))) + "\n")
-    out.write("received %d frame(s)\n" % count)
+        if args.hexdump:
+            out.write("\n".join(_hexdump(frame)) + "\n")
+    if args.output:
+        with open(args.output, "wb") as f:
+            f.write(b"".join(frames))
+    out.write("received %d frame(s)\n" % len(frames))
     return 0
+
+
+def _net_ping(dev, args, out):
+    """Send frames one at a time; each must come back byte-identical (loopback check)."""
+    make = _frame_source(dev, args)
+    clock = time.perf_counter
+    first = make(0)
+    out.write("ping %s: %d frame(s) of %d bytes, %s -> %s\n"
+              % (args.socket, args.count, len(first), _format_mac(first[6:12]),
+                 _format_mac(first[:6])))
+    rtts = []
+    other = 0
+    lost = None   # the sequence number of the frame that did not come back
+    for seq in range(args.count):
+        frame = make(seq)
+        t0 = clock()
+        dev.send(frame)
+        deadline = t0 + args.timeout
+        while True:
+            back = dev.recv(timeout=max(0.0, deadline - clock()))
+            if back is None or back == frame:
+                break
+            other += 1   # an earlier frame late, a changed one, or foreign traffic
+        if back is None:
+            lost = seq   # stop: waiting the timeout for each later frame helps nobody
+            break
+        rtts.append(clock() - t0)
+    rtts.sort()
+    sent = args.count if lost is None else lost + 1
+    out.write("%d sent, %d came back identical, %d lost, %d other frame(s) received\n"
+              % (sent, len(rtts), sent - len(rtts), other))
+    if rtts:
+        out.write("round trip µs: min %.1f  p50 %.1f  p99 %.1f  max %.1f\n"
+                  % tuple(x * 1e6 for x in (rtts[0], _percentile(rtts, 0.5),
+                                            _percentile(rtts, 0.99), rtts[-1])))
+    problems = []
+    if lost is not None:
+        problems.append("frame %d of %d did not come back within %g s"
+                        % (lost + 1, args.count, args.timeout))
+    if other:
+        problems.append("%d frame(s) arrived that were not the one awaited (changed, late "
+                        "or foreign)" % other)
+    if problems:
+        raise _CliError("%s: ping: %s" % (args.socket, "; ".join(problems)))
+    return 0
+
+
+_NET_ACTIONS = {"send": _net_send, "recv": _net_recv, "ping": _net_ping}
 
 
 # -- bench --------------------------------------------------------------------
@@ -5255,19 +5341,14 @@ def _self_cpu_seconds():
     return usage.ru_utime + usage.ru_stime
 
 
-def _percentile(ordered, fraction):
-    if not ordered:
-        return None
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 class _Progress:
     """The live ``bench`` line on stderr, redrawn twice a second; only on a terminal."""
 
-    def __init__(self, stream, total_seconds):
+    def __init__(self, stream, total_seconds, kind):
         self.stream = stream
         self.enabled = hasattr(stream, "isatty") and stream.isatty()
         self.total = total_seconds
+        self.kind = kind
         self.next_draw = 0.0
 
     def update(self, elapsed, requests, request_size):
@@ -5275,8 +5356,11 @@ class _Progress:
             return
         self.next_draw = elapsed + 0.5
         rate = requests / elapsed if elapsed else 0.0
-        self.stream.write("\r%5.1f/%.1f s  %10.0f IOPS  %8.1f MiB/s"
-                          % (elapsed, self.total, rate, rate * request_size / 2**20))
+        if self.kind == "net":
+            rates = "%10.0f packets/s  %8.1f Mbit/s" % (rate, rate * request_size * 8e-6)
+        else:
+            rates = "%10.0f IOPS  %8.1f MiB/s" % (rate, rate * request_size / 2**20)
+        self.stream.write("\r%5.1f/%.1f s  %s" % (elapsed, self.total, rates))
         self.stream.flush()
 
     def done(self):
@@ -5285,43 +5369,69 @@ class _Progress:
             self.stream.flush()
 
 
-def _bench_report(kind, rw, size, depth, queues, elapsed, latencies, nbytes, cpu_self,
-                  cpu_backend):
-    """The dict ``bench --json`` prints; latencies in seconds, any order."""
+def _bench_report(kind, rw, size, depth, queues, elapsed, latencies, cpu_self, cpu_backend):
+    """The dict ``bench --json`` prints; latencies in seconds, any order.
+
+    blk reports IOPS and MiB/s of data; net (``rw`` None) packets/s and
+    Mbit/s of frames, each way; ``requests`` counts round trips there.
+    """
     latencies.sort()
     count = len(latencies)
+    rate = count / elapsed if elapsed else 0.0
     usec = lambda s: None if s is None else round(s * 1e6, 2)  # noqa: E731
-    return {
-        "type": kind, "rw": rw, "size": size, "depth": depth, "queues": queues,
-        "seconds": round(elapsed, 4),
-        "requests": count,
-        "iops": round(count / elapsed, 1) if elapsed else 0.0,
-        "mib_per_s": round(nbytes / elapsed / 2**20, 2) if elapsed else 0.0,
-        "latency_us": {"min": usec(latencies[0] if latencies else None),
-                       "p50": usec(_percentile(latencies, 0.50)),
-                       "p99": usec(_percentile(latencies, 0.99)),
-                       "p999": usec(_percentile(latencies, 0.999)),
-                       "max": usec(latencies[-1] if latencies else None)},
-        "frontend_cpu_us_per_request": usec(cpu_self / count) if count else None,
-        "backend_cpu_us_per_request": (usec(cpu_backend / count)
-                                       if count and cpu_backend is not None else None),
-    }
+    report = {"type": kind}
+    if rw is not None:
+        report["rw"] = rw
+    report.update([("size", size), ("depth", depth), ("queues", queues),
+                   ("seconds", round(elapsed, 4)), ("requests", count)])
+    if kind == "net":
+        report["packets_per_s"] = round(rate, 1)
+        report["mbit_per_s"] = round(rate * size * 8e-6, 2)
+    else:
+        report["iops"] = round(rate, 1)
+        report["mib_per_s"] = round(rate * size / 2**20, 2)
+    report.update([
+        ("latency_us", {"min": usec(latencies[0] if latencies else None),
+                        "p50": usec(_percentile(latencies, 0.50)),
+                        "p99": usec(_percentile(latencies, 0.99)),
+                        "p999": usec(_percentile(latencies, 0.999)),
+                        "max": usec(latencies[-1] if latencies else None)}),
+        ("frontend_cpu_us_per_request", usec(cpu_self / count) if count else None),
+        ("backend_cpu_us_per_request", usec(cpu_backend / count)
+         if count and cpu_backend is not None else None),
+    ])
+    return report
 
 
 def _format_bench(report):
     lat = report["latency_us"]
-    lines = [
-        "%s %s, %d bytes, depth %d, %d queue(s), %.2f s"
-        % (report["type"], report["rw"], report["size"], report["depth"], report["queues"],
-           report["seconds"]),
-        "  %-22s %.0f  (%d requests)" % ("IOPS", report["iops"], report["requests"]),
-        "  %-22s %.2f" % ("MiB/s", report["mib_per_s"]),
+    backend = report["backend_cpu_us_per_request"]
+    if backend is None:
+        backend = "n/a (give --backend-pid)"
+    if report["type"] == "net":
+        lines = [
+            "net loopback, %d-byte frames, depth %d, 1 queue pair, %.2f s"
+            % (report["size"], report["depth"], report["seconds"]),
+            "  %-22s %.0f  (%d round trips)" % ("packets/s", report["packets_per_s"],
+                                                report["requests"]),
+            "  %-22s %.2f  (each way)" % ("Mbit/s", report["mbit_per_s"]),
+        ]
+        unit = "µs/packet"
+    else:
+        lines = [
+            "%s %s, %d bytes, depth %d, %d queue(s), %.2f s"
+            % (report["type"], report["rw"], report["size"], report["depth"],
+               report["queues"], report["seconds"]),
+            "  %-22s %.0f  (%d requests)" % ("IOPS", report["iops"], report["requests"]),
+            "  %-22s %.2f" % ("MiB/s", report["mib_per_s"]),
+        ]
+        unit = "µs/req"
+    lines += [
         "  %-22s p50 %s  p99 %s  p99.9 %s  (min %s, max %s)"
-        % ("latency (µs)", lat["p50"], lat["p99"], lat["p999"], lat["min"], lat["max"]),
-        "  %-22s %s" % ("frontend CPU µs/req", report["frontend_cpu_us_per_request"]),
-        "  %-22s %s" % ("backend CPU µs/req", report["backend_cpu_us_per_request"]
-                        if report["backend_cpu_us_per_request"] is not None
-                        else "n/a (give --backend-pid)"),
+        % ("round trip (µs)" if report["type"] == "net" else "latency (µs)",
+           lat["p50"], lat["p99"], lat["p999"], lat["min"], lat["max"]),
+        "  %-22s %s" % ("frontend CPU " + unit, report["frontend_cpu_us_per_request"]),
+        "  %-22s %s" % ("backend CPU " + unit, backend),
     ]
     return lines
 
@@ -5348,11 +5458,19 @@ class _BlockLoad:
 
 
 def _cmd_bench(args, out):
+    if args.depth < 1:
+        raise _CliError("--depth must be at least 1")
     if args.type == "net":
-        raise _CliError("bench --type net is not implemented yet")
-    kwargs = {"num_queues": args.queues} if args.queues else {}
-    with _open_device(args, "BlockDevice", DeviceType.BLOCK, **kwargs) as dev:
-        report = _bench_block(dev, args)
+        if args.rw is not None:
+            raise _CliError("--rw applies to --type blk only")
+        if args.queues not in (None, 1):
+            raise _CliError("--queues %d: bench --type net uses one queue pair" % args.queues)
+        with _open_device(args, NetDevice, DeviceType.NET) as dev:
+            report = _bench_net(dev, args)
+    else:
+        kwargs = {"num_queues": args.queues} if args.queues else {}
+        with _open_device(args, BlockDevice, DeviceType.BLOCK, **kwargs) as dev:
+            report = _bench_block(dev, args)
     if args.json:
         import json
         out.write(json.dumps(report, indent=2) + "\n")
@@ -5362,19 +5480,18 @@ def _cmd_bench(args, out):
 
 
 def _bench_block(dev, args):
-    size = args.size
+    size = 4096 if args.size is None else args.size
+    rw = args.rw or "randread"
     if size <= 0 or size % dev.block_size or size > dev.capacity:
         raise _CliError("--size %d must be a positive multiple of the block size %d, at most "
                         "the capacity %d" % (size, dev.block_size, dev.capacity))
-    if args.rw.endswith("write") and dev.read_only:
+    if rw.endswith("write") and dev.read_only:
         raise _CliError("%s: the device is read-only; use --rw read or randread" % args.socket)
-    if args.depth < 1:
-        raise _CliError("--depth must be at least 1")
     queues = args.queues or 1
-    loads = [_BlockLoad(dev.capacity, size, args.rw, seed) for seed in range(queues)]
+    loads = [_BlockLoad(dev.capacity, size, rw, seed) for seed in range(queues)]
     latencies = [[] for _ in range(queues)]
     errors = []
-    progress = _Progress(sys.stderr, args.seconds)
+    progress = _Progress(sys.stderr, args.seconds, "blk")
     backend_start = _proc_cpu_seconds(args.backend_pid) if args.backend_pid else None
     cpu_start = _self_cpu_seconds()
     start = time.perf_counter()
@@ -5406,14 +5523,16 @@ def _bench_block(dev, args):
     if args.backend_pid:
         cpu_backend = _proc_cpu_seconds(args.backend_pid) - backend_start
     merged = [latency for per_queue in latencies for latency in per_queue]
-    return _bench_report("blk", args.rw, size, args.depth, queues, elapsed, merged,
-                         len(merged) * size, cpu_self, cpu_backend)
+    return _bench_report("blk", rw, size, args.depth, queues, elapsed, merged, cpu_self,
+                         cpu_backend)
 
 
 def _bench_block_stream(dev, queue, load, depth, deadline, latencies, tick=None):
     """Keep ``depth`` requests in flight on ``queue`` until ``deadline``; log each latency.
 
-    Uses BlockDevice's submit/complete pair; a latency runs from just before
+    Uses BlockDevice's submit/complete pair: the requests that replace the
+    completed ones are posted without a kick and ``complete`` kicks once for
+    the batch, as a guest driver does. A latency runs from just before
     ``submit_*`` to the ``complete`` call that returned the request.
     """
     clock = time.perf_counter
@@ -5426,10 +5545,11 @@ def _bench_block_stream(dev, queue, load, depth, deadline, latencies, tick=None)
                 slot = free.pop()
                 t0 = clock()
                 if load.write:
-                    request = dev.submit_write(load.offset(), load.data, queue=queue)
+                    request = dev.submit_write(load.offset(), load.data, queue=queue,
+                                               notify=False)
                 else:
                     request = dev.submit_read(load.offset(), load.size, queue=queue,
-                                              buffer=buffers[slot])
+                                              buffer=buffers[slot], notify=False)
                 pending[request] = (t0, slot)
         elif not pending:
             return
@@ -5442,6 +5562,75 @@ def _bench_block_stream(dev, queue, load, depth, deadline, latencies, tick=None)
             free.append(slot)
         if tick is not None:
             tick()
+
+
+def _bench_net(dev, args):
+    """Keep ``--depth`` frames looping through the back-end; round trips and CPU per packet.
+
+    Needs a back-end that returns every frame it receives (testpmd in io
+    forward mode). Frames that came back are replaced in one ``send_many``
+    (one kick); a latency runs from just before that call to the ``recv``
+    that returned the frame, which must be byte-identical.
+    """
+    size = 64 if args.size is None else args.size
+    if not _TEST_FRAME_HEADER.size <= size <= 0xFFFF - _NET_HDR.size:
+        raise _CliError("--size %d: frames must be %d..%d bytes"
+                        % (size, _TEST_FRAME_HEADER.size, 0xFFFF - _NET_HDR.size))
+    # More frames in flight than receive buffers would make the back-end drop some.
+    per_frame = -(-(size + _NET_HDR.size) // dev.rx_buffer_size)
+    if args.depth * per_frame > dev.queue_size:
+        raise _CliError("--depth %d: at most %d frames of %d bytes fit the %d receive buffers"
+                        % (args.depth, dev.queue_size // per_frame, size, dev.queue_size))
+    template = _test_frame(bytes(dev.mac) if dev.mac else _TEST_MAC, 0, size)
+    head, tail = template[:_ETH_HLEN], template[_TEST_FRAME_HEADER.size:]
+    seq_field = struct.Struct(">I")
+    clock = time.perf_counter
+    pending = {}   # sequence number -> (send time, frame)
+    latencies = []
+    seq = 0
+    progress = _Progress(sys.stderr, args.seconds, "net")
+    backend_start = _proc_cpu_seconds(args.backend_pid) if args.backend_pid else None
+    cpu_start = _self_cpu_seconds()
+    start = clock()
+    deadline = start + args.seconds
+    try:
+        while True:
+            if clock() < deadline:
+                batch = []
+                t0 = clock()
+                while len(pending) < args.depth:
+                    seq = (seq + 1) & 0xFFFFFFFF
+                    frame = head + seq_field.pack(seq) + tail
+                    pending[seq] = (t0, frame)
+                    batch.append(frame)
+                if batch:
+                    dev.send_many(batch)
+            elif not pending:
+                break
+            frame = dev.recv(args.timeout)
+            if frame is None:
+                raise _CliError("%s: bench: %d frame(s) did not come back within %g s (the "
+                                "back-end must return what it receives, like testpmd in io "
+                                "forward mode)" % (args.socket, len(pending), args.timeout))
+            while frame is not None:
+                now = clock()
+                entry = pending.pop(seq_field.unpack_from(frame, _ETH_HLEN)[0], None) \
+                    if len(frame) == size and frame[:_ETH_HLEN] == head else None
+                if entry is not None:
+                    if frame != entry[1]:
+                        raise _CliError("%s: bench: a frame came back changed" % args.socket)
+                    latencies.append(now - entry[0])
+                frame = dev.recv(0)
+            progress.update(clock() - start, len(latencies), size)
+    finally:
+        progress.done()
+    elapsed = clock() - start
+    cpu_self = _self_cpu_seconds() - cpu_start
+    cpu_backend = None
+    if args.backend_pid:
+        cpu_backend = _proc_cpu_seconds(args.backend_pid) - backend_start
+    return _bench_report("net", None, size, args.depth, 1, elapsed, latencies, cpu_self,
+                         cpu_backend)
 
 
 # -- demo ---------------------------------------------------------------------
@@ -5536,7 +5725,7 @@ def _cmd_demo(args, out):
         out.write("".join("   %s\n" % line for line in _format_probe(daemon.socket, info)))
         out.write("\n")
         device_args = argparse.Namespace(socket=daemon.socket, timeout=args.timeout)
-        with _open_device(device_args, "BlockDevice", DeviceType.BLOCK) as dev:
+        with _open_device(device_args, BlockDevice, DeviceType.BLOCK) as dev:
             offset, data = 1 << 20, os.urandom(64 << 10)
             dev.write(offset, data)
             dev.flush()
@@ -5615,58 +5804,77 @@ def _build_parser():
     blk.add_argument("socket", metavar="SOCKET")
     actions = blk.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
-    info = actions.add_parser("info", help="capacity, block size, read-only, queues, serial")
+    info = actions.add_parser("info", parents=[common],
+                              help="capacity, block size, read-only, queues, serial")
     info.add_argument("--json", action="store_true", help="print one JSON object")
-    read = actions.add_parser("read", help="read LENGTH bytes at OFFSET",
+    read = actions.add_parser("read", parents=[common], help="read LENGTH bytes at OFFSET",
                               description="Raw bytes go to FILE or to stdout; a terminal gets "
                                           "a hex dump instead.")
     read.add_argument("offset", type=_int_arg, metavar="OFFSET")
     read.add_argument("length", type=_int_arg, metavar="LENGTH")
     read.add_argument("-o", "--output", metavar="FILE", help="write the data to FILE")
-    write = actions.add_parser("write", help="write stdin (or FILE) at OFFSET")
+    write = actions.add_parser("write", parents=[common], help="write stdin (or FILE) at OFFSET")
     write.add_argument("offset", type=_int_arg, metavar="OFFSET")
     write.add_argument("-i", "--input", metavar="FILE", help="read the data from FILE")
-    actions.add_parser("flush", help="flush the device's write cache")
+    actions.add_parser("flush", parents=[common], help="flush the device's write cache")
     for name, what in (("discard", "discard"), ("write-zeroes", "zero")):
-        ranged = actions.add_parser(name, help="%s LENGTH bytes at OFFSET" % what)
+        ranged = actions.add_parser(name, parents=[common],
+                                    help="%s LENGTH bytes at OFFSET" % what)
         ranged.add_argument("offset", type=_int_arg, metavar="OFFSET")
         ranged.add_argument("length", type=_int_arg, metavar="LENGTH")
     blk.set_defaults(func=_cmd_blk)
 
     net = commands.add_parser(
-        "net", parents=[common], help="send or receive Ethernet frames",
-        description="Quick loopback checks against a net back-end such as DPDK testpmd in io "
-                    "forward mode.")
+        "net", parents=[common], help="send, receive or loop back Ethernet frames",
+        description="Quick checks of a vhost-user-net back-end. `ping` is the loopback check "
+                    "for a back-end that returns what it receives, such as DPDK testpmd in io "
+                    "forward mode. Frames are plain Ethernet (no virtio-net header, no "
+                    "offloads); generated ones go to the broadcast address with ethertype "
+                    "0x88b5 and carry a sequence number.")
     net.add_argument("socket", metavar="SOCKET")
     actions = net.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
-    send = actions.add_parser("send", help="send test frames (or FILE's bytes as one frame)")
-    send.add_argument("-n", "--count", type=_int_arg, default=1, metavar="N")
-    send.add_argument("--size", type=_int_arg, default=64, metavar="BYTES",
-                      help="frame size (default 64)")
-    send.add_argument("-i", "--input", metavar="FILE", help="send FILE's bytes as the frame")
-    send.add_argument("--echo", action="store_true",
-                      help="wait for each frame to come back unchanged (loopback check)")
-    recv = actions.add_parser("recv", help="print the frames that arrive")
+    send = actions.add_parser("send", parents=[common],
+                              help="send N frames (generated, or one given frame)")
+    ping = actions.add_parser(
+        "ping", parents=[common],
+        help="send frames one at a time; each must come back byte-identical",
+        description="Send N frames one at a time and wait up to --timeout for each to come "
+                    "back byte-identical; prints round-trip times. Exit status 1 when any "
+                    "frame is lost or another frame arrives instead.")
+    for parser_ in (send, ping):
+        parser_.add_argument("-n", "-c", "--count", type=_int_arg, default=1, metavar="N",
+                             help="frames to send (default 1)")
+        parser_.add_argument("--size", type=_int_arg, default=64, metavar="BYTES",
+                             help="size of generated frames (default 64)")
+        given = parser_.add_mutually_exclusive_group()
+        given.add_argument("-i", "--input", metavar="FILE", help="send FILE's bytes as the frame")
+        given.add_argument("--hex", metavar="HEX",
+                           help="send these bytes as the frame (e.g. ffffffffffff0200...)")
+    recv = actions.add_parser("recv", parents=[common], help="print the frames that arrive")
     recv.add_argument("-n", "--count", type=_int_arg, metavar="N", help="stop after N frames")
     recv.add_argument("--wait", type=float, default=1.0, metavar="S",
                       help="stop after S seconds (default 1)")
-    recv.add_argument("-x", "--hex", dest="verbose_frames", action="store_true",
-                      help="hex-dump each frame")
+    recv.add_argument("-x", "--hexdump", action="store_true", help="hex-dump each frame")
+    recv.add_argument("-o", "--output", metavar="FILE",
+                      help="write the frames' bytes to FILE, one after the other")
     net.set_defaults(func=_cmd_net)
 
     bench = commands.add_parser(
-        "bench", parents=[common], help="measure IOPS, bandwidth, latency and CPU per request",
-        description="Run I/O for --seconds and report IOPS, MiB/s, latency percentiles, this "
-                    "process's CPU time per request and, with --backend-pid, the back-end's "
-                    "(from /proc/PID/stat, 10 ms resolution). A progress line is drawn on "
-                    "stderr only when stderr is a terminal.")
+        "bench", parents=[common], help="measure throughput, latency and CPU per request",
+        description="Run I/O for --seconds and report IOPS and MiB/s (blk) or packets/s and "
+                    "Mbit/s of frames looped back by the back-end (net: testpmd in io forward "
+                    "mode), latency percentiles, this process's CPU time per request and, "
+                    "with --backend-pid, the back-end's (from /proc/PID/stat, 10 ms "
+                    "resolution). A progress line is drawn on stderr only when stderr is a "
+                    "terminal.")
     bench.add_argument("socket", metavar="SOCKET")
-    bench.add_argument("--type", choices=("blk", "net"), default="blk")
+    bench.add_argument("--type", choices=("blk", "net"), default="blk",
+                       help="device to drive (default blk)")
     bench.add_argument("--rw", choices=("read", "write", "randread", "randwrite"),
-                       default="randread")
-    bench.add_argument("--size", type=_int_arg, default=4096, metavar="BYTES",
-                       help="bytes per request (default 4096)")
+                       help="blk access pattern (default randread)")
+    bench.add_argument("--size", type=_int_arg, metavar="BYTES",
+                       help="bytes per request or frame (default 4096 for blk, 64 for net)")
     bench.add_argument("--depth", type=_int_arg, default=1, metavar="N",
                        help="requests in flight per queue (default 1)")
     bench.add_argument("--queues", type=_int_arg, metavar="N", help="queues to use (default 1)")
@@ -5701,12 +5909,15 @@ def main(argv=None):
         parser.print_usage(sys.stderr)
         sys.stderr.write("%s: error: --timeout must be positive\n" % _PROG)
         return 2
-    handler = None
     if args.verbose:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(relativeCreated)8.1f ms %(message)s"))
-        _log.addHandler(handler)
         _log.setLevel(logging.DEBUG)
+    else:
+        # Without it logging's last-resort handler would print the worker's
+        # warnings too, and the failure they lead to is reported in one line.
+        handler = logging.NullHandler()
+    _log.addHandler(handler)
     try:
         return args.func(args, sys.stdout)
     except KeyboardInterrupt:
@@ -5723,9 +5934,8 @@ def main(argv=None):
         sys.stderr.write("%s: error: %s\n" % (_PROG, message))
         return _EXIT_FAILURE
     finally:
-        if handler is not None:
-            _log.removeHandler(handler)
-            _log.setLevel(logging.NOTSET)
+        _log.removeHandler(handler)
+        _log.setLevel(logging.NOTSET)
 
 
 def _one_line(exc):
