@@ -6,14 +6,20 @@ Set VHOST_USER_REQUIRE_BACKENDS=1 to turn "backend not installed" skips into fai
 
 import array
 import atexit
+import collections
 import contextlib
 import ctypes
 import errno
 import fcntl
 import gc
+import io
+import json
 import logging
+import mmap
 import os
 import random
+import re
+import select
 import shutil
 import signal
 import socket
@@ -25,6 +31,7 @@ import tempfile
 import threading
 import time
 import unittest
+from unittest import mock
 
 import vhost_user_frontend as vu
 
@@ -32,7 +39,7 @@ import vhost_user_frontend as vu
 # Test support ########################################################################################
 #
 # Shared infrastructure for all tests: fd/thread leak checks and launchers for the real backends of
-# /work/shared/BACKENDS.md (qemu-storage-daemon, virtiofsd, DPDK testpmd). Nothing here uses `vu`.
+# ../shared/BACKENDS.md (qemu-storage-daemon, virtiofsd, DPDK testpmd). Nothing here uses `vu`.
 
 REQUIRE_BACKENDS = os.environ.get("VHOST_USER_REQUIRE_BACKENDS") == "1"
 
@@ -627,10 +634,6 @@ class TestDaemonHarness(BackendTestMixin, FdLeakCheck):
 # FakeBackend: a real vhost-user back-end in a thread (written from the spec with struct, not with the
 # module's encoders), which records every message and can act as the device on its rings.
 
-import collections  # noqa: E402
-import mmap  # noqa: E402
-import select  # noqa: E402
-import struct  # noqa: E402
 
 _HDR = struct.Struct("<III")
 _U64 = struct.Struct("<Q")
@@ -1456,6 +1459,8 @@ class TestFrontendRealBackends(BackendTestMixin, FdLeakCheck):
         with self.assertLogs("vhost_user_frontend", "WARNING") as logs:
             self._crash(self.start_backend(Testpmd), vu.DeviceType.NET)
         self.assertIn('hung up', "\n".join(logs.output))
+
+
 # Core: wire format ###################################################################################
 #
 # Golden bytes written by hand from PROTOCOL.md §1-2 (little-endian layouts), never produced by the
@@ -2597,17 +2602,13 @@ class TestCoreInterop(BackendTestMixin, FdLeakCheck):
         self._still_connected(client, VIRTIOFSD_FEATURES)
         client.close()
         self.assertEqual(virtiofsd.wait(10), 0, virtiofsd.log_tail())  # one clean session
+
+
 # CLI ################################################################################################
 #
 # The command line (`main(argv)` and `python -m vhost_user_frontend`) against real daemons, and its
 # error cases against a scripted peer (_ScriptedBackend) that answers only the requests probe sends.
 
-import contextlib
-import io
-import json
-import re
-import struct
-from unittest import mock
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -4433,9 +4434,7 @@ if __name__ == "__main__":
     unittest.main()
 
 
-# ##########################################################################
-# Frontend recovery ########################################################
-# ##########################################################################
+# Frontend recovery ###################################################################################
 
 
 class _RefusingBackend(FakeBackend):
