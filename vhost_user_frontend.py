@@ -503,22 +503,41 @@ class ShmemConfig(NamedTuple):
         return used[:self.nregions]
 
 
+def _check_uint(name, value, width):
+    """ValueError naming ``name`` unless ``value`` is an unsigned ``width``-bit integer."""
+    if not isinstance(value, int) or not 0 <= value < 1 << width:
+        raise ValueError("%s must be an unsigned %d-bit integer, got %r" % (name, width, value))
+
+
 def _check_u64(name, value):
-    if not isinstance(value, int) or not 0 <= value < 1 << 64:
-        raise ValueError("%s must be an unsigned 64-bit integer, got %r" % (name, value))
+    _check_uint(name, value, 64)
 
 
 def _check_u32(name, value):
-    if not isinstance(value, int) or not 0 <= value < 1 << 32:
-        raise ValueError("%s must be an unsigned 32-bit integer, got %r" % (name, value))
+    _check_uint(name, value, 32)
 
 
 def _check_fields(value, widths):
     """ValueError naming the first field of a payload that does not fit its width in bits."""
     for name, field, width in zip(value._fields, value, widths):
-        if not isinstance(field, int) or not 0 <= field < 1 << width:
-            raise ValueError("%s must be an unsigned %d-bit integer, got %r"
-                             % (name, width, field))
+        _check_uint(name, field, width)
+
+
+def _fixed_codec(layout, payload, widths):
+    """(encode, decode) for a payload that is one Struct of a NamedTuple's fields.
+
+    ``encode(value)`` checks each field against its width in bits (ValueError
+    naming the field); ``decode(request, body)`` checks the exact size
+    (ProtocolError naming the request).
+    """
+    def encode(value):
+        _check_fields(value, widths)
+        return layout.pack(*value)
+
+    def decode(request, body):
+        _expect_size(request, body, layout.size)
+        return payload._make(layout.unpack(body))
+    return encode, decode
 
 
 def _encode_header(request, flags, size):
@@ -543,26 +562,11 @@ def _decode_u64(request, body):
     return _U64.unpack(body)[0]
 
 
-def _encode_state(state):
-    _check_u32("index", state.index)
-    _check_u32("num", state.num)
-    return _STATE.pack(*state)
-
-
-def _decode_state(request, body):
-    _expect_size(request, body, _STATE.size)
-    return VringState._make(_STATE.unpack(body))
-
-
-def _encode_vring_addr(addr):
-    for name, value in zip(addr._fields, addr):
-        (_check_u32 if name in ("index", "flags") else _check_u64)(name, value)
-    return _ADDR.pack(*addr)
-
-
-def _decode_vring_addr(request, body):
-    _expect_size(request, body, _ADDR.size)
-    return VringAddr._make(_ADDR.unpack(body))
+_encode_state, _decode_state = _fixed_codec(_STATE, VringState, (32, 32))
+_encode_vring_addr, _decode_vring_addr = _fixed_codec(_ADDR, VringAddr, (32, 32, 64, 64, 64, 64))
+_encode_inflight, _decode_inflight = _fixed_codec(_INFLIGHT, InflightInfo, (64, 64, 16, 16))
+_encode_iotlb, _decode_iotlb = _fixed_codec(_IOTLB, IotlbMsg, (64, 64, 64, 8, 8))
+_encode_shmem_map, _decode_shmem_map = _fixed_codec(_MMAP, ShmemMap, (8, 64, 64, 64, 64))
 
 
 def _encode_mem_table(regions):
@@ -626,36 +630,6 @@ def _decode_vring_area(request, body):
         raise ProtocolError("%s: reserved bits set in the ring index field: %#x"
                             % (_req_name(request), value), request)
     return VringArea(value & _VRING_IDX_MASK, bool(value & _VRING_NOFD), size, offset)
-
-
-def _encode_inflight(info):
-    _check_fields(info, (64, 64, 16, 16))
-    return _INFLIGHT.pack(*info)
-
-
-def _decode_inflight(request, body):
-    _expect_size(request, body, _INFLIGHT.size)
-    return InflightInfo._make(_INFLIGHT.unpack(body))
-
-
-def _encode_iotlb(msg):
-    _check_fields(msg, (64, 64, 64, 8, 8))
-    return _IOTLB.pack(*msg)
-
-
-def _decode_iotlb(request, body):
-    _expect_size(request, body, _IOTLB.size)
-    return IotlbMsg._make(_IOTLB.unpack(body))
-
-
-def _encode_shmem_map(msg):
-    _check_fields(msg, (8, 64, 64, 64, 64))
-    return _MMAP.pack(*msg)
-
-
-def _decode_shmem_map(request, body):
-    _expect_size(request, body, _MMAP.size)
-    return ShmemMap._make(_MMAP.unpack(body))
 
 
 def _decode_shmem_config(request, body):
