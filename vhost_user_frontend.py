@@ -4033,6 +4033,32 @@ def _write_all(fd, data, timeout, what):
 # Devices ##################################################################
 ############################################################################
 
+class _Device:
+    """What the device drivers share: the front-end, guest memory and queues they own."""
+
+    _frontend = None
+    _mem = None
+    _queues = ()
+
+    def close(self):
+        """Disconnect from the back-end and free guest memory; safe to call twice."""
+        frontend, self._frontend = self._frontend, None
+        if frontend is not None:
+            frontend.close()
+        for queue in self._queues:
+            queue.close()
+        self._queues = ()
+        mem, self._mem = self._mem, None
+        if mem is not None:
+            mem.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 # -- virtio-blk (virtio spec 5.2) ----------------------------------------------
 
 _BLK_F_SIZE_MAX = 1 << 1
@@ -4214,7 +4240,7 @@ class _Completions:
                 self.finished.append(request)
 
 
-class BlockDevice:
+class BlockDevice(_Device):
     """A virtio-blk disk served by a vhost-user back-end, as a Python object.
 
     Reads and writes are checked against the block size and capacity before
@@ -4237,10 +4263,6 @@ class BlockDevice:
             (the device's size_max also applies), e.g. 4096 to build
             page-sized scatter lists like a guest kernel.
     """
-
-    _frontend = None
-    _mem = None
-    _queues = ()
 
     def __init__(self, frontend, num_queues=None, queue_size=128, timeout=5.0,
                  memory_size=64 << 20, max_segment_size=None):
@@ -4557,24 +4579,6 @@ class BlockDevice:
         for request in requests:
             request.result()
 
-    def close(self):
-        """Disconnect from the back-end and free guest memory; safe to call twice."""
-        frontend, self._frontend = self._frontend, None
-        if frontend is not None:
-            frontend.close()
-        for queue in self._queues:
-            queue.close()
-        self._queues = ()
-        mem, self._mem = self._mem, None
-        if mem is not None:
-            mem.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def __repr__(self):
         if self._mem is None:
             return "<BlockDevice closed>"
@@ -4602,7 +4606,7 @@ _ETH_HLEN = 14
 _NET_RX, _NET_TX = 0, 1
 
 
-class NetDevice:
+class NetDevice(_Device):
     """A virtio-net interface served by a vhost-user back-end (DPDK's vhost PMD, ...).
 
     Negotiates VERSION_1, MRG_RXBUF (unless ``mrg_rxbuf=False``) and MAC,
@@ -4626,10 +4630,6 @@ class NetDevice:
     ``queue_size`` and ``rx_buffer_size`` give the sizes in use; ``mac``,
     ``mtu`` and ``link_up`` are None when the device does not report them.
     """
-
-    _frontend = None
-    _mem = None
-    _queues = ()
 
     def __init__(self, frontend, queue_size=256, timeout=5.0, mrg_rxbuf=True,
                  rx_buffer_size=None, memory_size=None):
@@ -4814,22 +4814,8 @@ class NetDevice:
 
     def close(self):
         """Disconnect from the back-end and free guest memory; safe to call twice."""
-        frontend, self._frontend = self._frontend, None
-        if frontend is not None:
-            frontend.close()
-        for queue in self._queues:
-            queue.close()
-        self._queues = ()
+        _Device.close(self)
         self._rx = self._tx = None
-        mem, self._mem = self._mem, None
-        if mem is not None:
-            mem.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self):
         if self._mem is None:
