@@ -3809,22 +3809,32 @@ class VhostUserFrontend:
         returns), read to EOF, CHECK_DEVICE_STATE.
         """
         self._check_state_transfer("virtio_snapshot")
-        read_fd, write_fd = _pipe()
-        try:
-            theirs = self.client.set_device_state_fd(TRANSFER_SAVE, TRANSFER_PHASE_STOPPED,
-                                                     write_fd)
-            # EOF ends the state, so our copy of the write end must go first.
-            os.close(write_fd)
-            write_fd = -1
-            if theirs is not None:
-                os.close(read_fd)
-                read_fd = theirs
-            data = _read_until_eof(read_fd, self.timeout, "virtio_snapshot",
-                                   self.max_state_size)
-        finally:
-            _close_fds([fd for fd in (read_fd, write_fd) if fd >= 0])
-        self.client.check_device_state()
+        data = self._transfer_state(TRANSFER_SAVE, lambda fd: _read_until_eof(
+            fd, self.timeout, "virtio_snapshot", self.max_state_size))
         return DeviceState(self._device_type, self.acked_features, data)
+
+    def _transfer_state(self, direction, move):
+        """SET_DEVICE_STATE_FD with a pipe, ``move(our_fd)``, then CHECK_DEVICE_STATE.
+
+        Our end is replaced by the fd the back-end returns, if it returns one.
+        EOF ends the state, so the back-end's end of the pipe is closed here
+        before ``move`` runs, and our end after it.
+        """
+        read_fd, write_fd = _pipe()
+        ours, theirs = (read_fd, write_fd) if direction == TRANSFER_SAVE else (write_fd, read_fd)
+        try:
+            returned = self.client.set_device_state_fd(direction, TRANSFER_PHASE_STOPPED,
+                                                       theirs)
+            os.close(theirs)
+            theirs = -1
+            if returned is not None:
+                os.close(ours)
+                ours = returned
+            result = move(ours)
+        finally:
+            _close_fds([fd for fd in (ours, theirs) if fd >= 0])
+        self.client.check_device_state()
+        return result
 
     def virtio_restore(self, state):
         """Load a ``DeviceState`` (or its bytes) into the stopped back-end.
@@ -3853,20 +3863,8 @@ class VhostUserFrontend:
         self.acked_features = state.acked_features
         if self._sent_features != self.acked_features:
             self.ack_features(self.acked_features)
-        read_fd, write_fd = _pipe()
-        try:
-            theirs = self.client.set_device_state_fd(TRANSFER_LOAD, TRANSFER_PHASE_STOPPED,
-                                                     read_fd)
-            os.close(read_fd)
-            read_fd = -1
-            if theirs is not None:
-                os.close(write_fd)
-                write_fd = theirs
-            _write_all(write_fd, state.backend_state, self.timeout, "virtio_restore")
-        finally:
-            # Closing the write end is the EOF that ends the state.
-            _close_fds([fd for fd in (read_fd, write_fd) if fd >= 0])
-        self.client.check_device_state()
+        self._transfer_state(TRANSFER_LOAD, lambda fd: _write_all(
+            fd, state.backend_state, self.timeout, "virtio_restore"))
 
     # -- shared memory --------------------------------------------------------
 
