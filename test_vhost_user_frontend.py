@@ -8,6 +8,7 @@ import array
 import atexit
 import collections
 import contextlib
+import doctest
 import ctypes
 import errno
 import fcntl
@@ -4496,3 +4497,46 @@ class TestFrontendRecovery(FrontendTestBase):
         backend = self.backend(state=b"s" * 200000)
         fe = self.frontend(backend, max_state_size=200000)
         self.assertEqual(fe.virtio_snapshot().backend_state, b"s" * 200000)
+
+
+# README ##############################################################################################
+#
+# The README's library quick starts are doctests: they run here against the daemons the README starts
+# (its /tmp paths replaced by each daemon's own), so the README cannot drift from the code.
+
+
+
+README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+
+
+class TestReadme(BackendTestMixin, FdLeakCheck):
+    @classmethod
+    def setUpClass(cls):
+        # doctest builds a pdb on each run; on PyPy its first one opens /dev/null and a pipe that
+        # stay open for good. Take that one-time cost before the fd accounting starts.
+        test = doctest.DocTestParser().get_doctest(">>> 1\n1\n", {}, "warm-up", None, 0)
+        doctest.DocTestRunner().run(test, out=lambda text: None)
+
+    def test_library_quick_starts_run_as_written(self):
+        if not os.path.exists(README):
+            self.skipTest("README.md is not next to the tests (only the two .py files were copied)")
+        with open(README) as f:
+            text = f.read()
+        section = text[text.index("\n## Library"):]
+        section = section[:section.index("\n## ", 5)]
+        blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+        self.assertGreaterEqual(len(blocks), 4, "BackendClient, VhostUserFrontend, BlockDevice, NetDevice")
+        qsd = self.start_backend(QemuStorageDaemon, kind="raw", size=1 << 30)
+        testpmd = self.start_backend(Testpmd)
+        paths = {"/tmp/blk.sock": qsd.socket_path, "/tmp/disk.raw": qsd.image_path,
+                 "/tmp/net.sock": testpmd.socket_path}
+        parser = doctest.DocTestParser()
+        for number, block in enumerate(blocks):
+            for old, new in paths.items():
+                block = block.replace(old, new)
+            test = parser.get_doctest(block, {}, "README block %d" % number, README, 0)
+            self.assertTrue(test.examples, "block %d has no >>> examples" % number)
+            output = io.StringIO()
+            runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+            runner.run(test, out=output.write)
+            self.assertEqual(runner.failures, 0, "README block %d:\n%s" % (number, output.getvalue()))
