@@ -1140,6 +1140,36 @@ class TestFrontendLifecycle(FrontendTestBase):
     def test_lifecycle_without_reply_ack(self):
         self._lifecycle(reply_ack=False)
 
+    def test_sleep_keeps_chains_the_backend_did_not_take(self):
+        # The back-end resumes where it stopped (SET_VRING_BASE = its base), not at
+        # the driver's avail->idx: chains posted before activate or still untaken
+        # at sleep are processed later, and used entries not reaped stay reapable.
+        backend = self.backend()
+        fe = self.frontend(backend)
+        backend.take(len(CONSTRUCT))
+        mem, queues = self.memory(nqueues=1)
+        q = queues[0]
+        for i in range(2):
+            q.add([b"req%d" % i], [bytearray(1)], token=i)
+        fe.activate(mem, None, queues)
+        msgs = backend.take(8)
+        self.assertEqual([m.body for m in msgs if m.name == "SET_VRING_BASE"],
+                         [struct.pack("<II", 0, 0)])
+        head, chain = backend.pop_avail(0)
+        self.assertEqual(backend.read(chain[0][0], chain[0][1]), b"req0")
+        backend.push_used(0, head, 1)
+        fe.virtio_sleep()
+        backend.take(2)
+        self.assertEqual((q.vring_base, q.next_avail, q.in_flight), (1, 2, 2))
+        fe.virtio_wake()
+        msgs = backend.take(7)
+        self.assertEqual([m.body for m in msgs if m.name == "SET_VRING_BASE"],
+                         [struct.pack("<II", 0, 1)])
+        head, chain = backend.pop_avail(0)
+        self.assertEqual(backend.read(chain[0][0], chain[0][1]), b"req1")
+        backend.push_used(0, head, 1)
+        self.assertEqual(q.wait_used(5.0, count=2) + q.wait_used(0.5), [(0, 1), (1, 1)])
+
 
 def _memfd(data, size, seal=False):
     """A memfd of ``size`` bytes starting with ``data`` (a back-end's shared buffer)."""
@@ -2013,6 +2043,26 @@ class TestBackendClientReplies(FdLeakCheck):
             client.get_features()
         self.assertIn("closed", str(cm.exception))
         self.assertEqual(peer.sock.recv(1), b"")  # our end is really closed
+
+    def test_close_wakes_a_thread_waiting_for_a_reply(self):
+        peer = ScriptedPeer(self, timeout=30.0)
+        errors = []
+
+        def request():
+            try:
+                peer.client.get_features()       # the peer never answers
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=request)
+        thread.start()
+        self.assertEqual(peer.recv().code, vu.FrontendReq.GET_FEATURES)
+        peer.client.close()
+        thread.join(10)                          # not the 30 s reply timeout
+        self.assertFalse(thread.is_alive())
+        self.assertEqual(len(errors), 1)
+        self.assertIsInstance(errors[0], vu.Disconnected)
+        self.assertIn("closed", str(errors[0]))
 
     def test_peer_hangs_up_before_the_request(self):
         peer = ScriptedPeer(self)
@@ -3437,6 +3487,27 @@ class TestQueueDriver(FdLeakCheck):
         self.assertEqual(q.wait_used(0.01), [])
         self.assertEqual(dev.used_event(), 1)        # next_used, count 1
 
+    def test_get_used_rearms_used_event(self):
+        q, dev = self.make(features=_F.RING_EVENT_IDX)
+        for i in range(3):
+            q.add([b"x"], token=i)
+        heads = dev.take()
+        dev.complete(heads[0], 0)
+        self.assertEqual(q.get_used(), [(0, 0)])
+        # used_event asks for the next entry, so the device interrupts for it (spec 2.7.10).
+        self.assertEqual(dev.used_event(), 1)
+        dev.complete(heads[1], 0, signal=False)
+        fence = q._fences.full
+
+        def device_completes_during_the_rearm():
+            q._fences.full = fence
+            dev.complete(heads[2], 0, signal=False)   # saw the old used_event: no interrupt
+            fence()
+
+        q._fences.full = device_completes_during_the_rearm
+        self.assertEqual(q.get_used(), [(1, 0), (2, 0)])  # so the driver looks again
+        self.assertEqual(dev.used_event(), 3)
+
     def test_indices_wrap_at_65536(self):
         q, dev = self.make(size=4, features=_F.RING_EVENT_IDX)
         dev.put16(q.used_ring + 2, 0xFFFE)
@@ -3451,6 +3522,25 @@ class TestQueueDriver(FdLeakCheck):
                 dev.complete(head, 2)
             self.assertEqual([t for t, _ in q.get_used()], tokens)
         self.assertEqual((q.next_avail, q.next_used, q.num_free), (4, 4, 4))
+
+    def test_reclaim_keeps_what_the_device_did_not_take(self):
+        q, dev = self.make()
+        for i in range(3):
+            q.add([b"r%d" % i], [bytearray(1)], token=i)
+        heads = dev.take()
+        dev.complete(heads[0], 1, signal=False)
+        with self.assertRaises(vu.ProtocolError):     # ahead of avail->idx
+            q.reclaim(4)
+        q.reclaim(1)                                  # the device took one chain only
+        self.assertEqual((q.vring_base, q.next_avail, q.next_used, q.in_flight), (1, 3, 0, 3))
+        self.assertEqual(q.get_used(), [(0, 1)])      # its used entry is still reaped
+        q.add([b"r3"], [bytearray(1)], token=3)       # posted after the untaken ones
+        dev.seen = 1                                  # the device resumes at the base
+        self.assertEqual(dev.take(), heads[1:] + [dev.u16(q.avail_ring + 4 + 2 * 3)])
+        for head in heads[1:]:
+            dev.complete(head, 1)
+        self.assertEqual(q.get_used(), [(1, 1), (2, 1)])
+        self.assertEqual(q.in_flight, 1)
 
     def test_bad_used_entries_refused(self):
         cases = (("out of range", lambda head: (8, 1), "names descriptor 8, the ring has 8"),
@@ -3489,6 +3579,21 @@ class TestQueueDriver(FdLeakCheck):
         q.close()
         q.close()
         mem.free(mem.allocate(1 << 16))              # the whole region is free again
+
+    def test_spare_blocks_do_not_starve_new_sizes(self):
+        # Freed bounce blocks are kept per size for reuse; requests of ever new
+        # sizes must not end in MemoryError while the spares fill guest memory.
+        mem = vu.GuestMemory([(0, 1 << 16)])
+        self.addCleanup(mem.close)
+        q = vu.Queue(mem, 8)
+        self.addCleanup(q.close)
+        dev = _RingDevice(q)
+        for i in range(20):
+            q.add([bytes(4000 + 16 * i)], token=i)
+            dev.complete(dev.take()[0], 0)
+            self.assertEqual(q.get_used(), [(i, 0)])
+        q.close()
+        mem.free(mem.allocate(1 << 16))              # nothing leaked either
 
     def test_threads_share_a_queue(self):
         q, dev = self.make(size=16, features=_F.RING_EVENT_IDX | _F.RING_INDIRECT_DESC)
@@ -3756,6 +3861,32 @@ class TestBlockDeviceBadDevice(FrontendTestBase):
         dev = vu.BlockDevice(self.frontend(backend), queue_size=8)
         self.addCleanup(dev.close)
         return dev
+
+    def test_flush_and_discard_limits_follow_the_config(self):
+        # DISCARD offered with max_discard_sectors 0 (no limit), FLUSH not offered.
+        config = self.CONFIG[:36] + struct.pack("<II", 0, 1) + self.CONFIG[44:]
+        requests = []
+
+        def run(backend, index):
+            while True:
+                popped = backend.pop_avail(index)
+                if popped is None:
+                    return
+                head, chain = popped
+                requests.append(backend.read(chain[0][0], 16) + b"".join(
+                    backend.read(addr, n) for addr, n, f in chain[1:-1]))
+                backend.write(chain[-1][0], b"\0")
+                backend.push_used(index, head, 1)
+        backend = self.backend(features=F_PROTOCOL | F_VERSION_1 | (1 << 6) | (1 << 13),
+                               config=config, device=run)
+        dev = vu.BlockDevice(self.frontend(backend), queue_size=8)
+        self.addCleanup(dev.close)
+        with self.assertRaises(vu.FeatureNotNegotiated):
+            dev.submit_flush()                       # spec 5.2.6.1: not without BLK_F_FLUSH
+        dev.flush()                                  # a no-op
+        self.assertEqual(requests, [])
+        dev.discard(0, 1 << 20)                      # one request for the whole disk
+        self.assertEqual(requests, [struct.pack("<IIQQII", 11, 0, 0, 0, 2048, 0)])
 
     def test_good_device(self):
         dev = self.device(lambda head, chain: (head, sum(n for _, n, f in chain if f & 2)))

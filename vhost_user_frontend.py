@@ -979,6 +979,8 @@ class _Channel:
     framing and fd accounting, not what any request means.
     """
 
+    _closing = False
+
     def __init__(self, sock, timeout):
         self.sock = sock
         self.timeout = timeout
@@ -1048,9 +1050,9 @@ class _Channel:
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while got < size:
-                if deadline is not None:
-                    self.sock.settimeout(max(0.0, deadline - time.monotonic()))
                 try:
+                    if deadline is not None:
+                        self.sock.settimeout(max(0.0, deadline - time.monotonic()))
                     data, ancdata, msg_flags, _ = self.sock.recvmsg(
                         size - got, _CMSG_BUFSIZE, _RECV_FLAGS)
                 except socket.timeout:
@@ -1062,6 +1064,10 @@ class _Channel:
                     continue
                 except ConnectionResetError as exc:
                     raise Disconnected("%s: connection reset by the back-end" % what) from exc
+                except OSError as exc:  # EBADF once close() on another thread got here
+                    raise Disconnected("%s: %s" % (what, "the connection was closed while "
+                                       "waiting" if self._closing else "receive failed: %s"
+                                       % exc)) from exc
                 received = self._take_fds(ancdata, what)
                 if received and (got or not first):
                     fds.extend(received)
@@ -1072,6 +1078,8 @@ class _Channel:
                     raise ProtocolError("%s: ancillary data truncated (more than %d fds?)"
                                         % (what, MAX_FDS))
                 if not data:
+                    if self._closing:
+                        raise Disconnected("%s: the connection was closed while waiting" % what)
                     if got or not first:
                         raise Disconnected("%s: back-end closed the connection mid-message "
                                            "(%d of %d bytes)" % (what, got, size))
@@ -1082,7 +1090,7 @@ class _Channel:
             _close_fds(fds)
             raise
         finally:
-            if deadline is not None:
+            if deadline is not None and not self._closing:
                 self.sock.settimeout(self.timeout)
         return b"".join(chunks), fds
 
@@ -1105,6 +1113,13 @@ class _Channel:
         return fds
 
     def close(self):
+        self._closing = True
+        try:
+            # Wakes a thread blocked on a reply at once (it reads EOF) rather
+            # than leave it polling a closed fd until its timeout.
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
 
 
@@ -1351,7 +1366,7 @@ class BackendClient:
                 if reply is None and not ack:
                     return None
                 waiting = True
-                got_body, got_fds = self._receive_reply(request, reply or _REPLY_U64)
+                got_body, got_fds = self._receive_reply(channel, request, reply or _REPLY_U64)
                 waiting = False
                 try:
                     if reply is None:
@@ -1379,9 +1394,10 @@ class BackendClient:
             raise BackendError("%s: back-end replied with error %d" % (request.name, value),
                                request, value)
 
-    def _receive_reply(self, request, expect):
+    def _receive_reply(self, channel, request, expect):
+        # ``channel``, not self._channel: close() on another thread clears that.
         name = request.name
-        code, flags, size, fds = self._channel.recv_header(name)
+        code, flags, size, fds = channel.recv_header(name)
         try:
             if code != request:
                 raise ProtocolError("%s: reply carries request code %d (%s)"
@@ -1392,7 +1408,7 @@ class BackendClient:
             if size not in expect.sizes:
                 raise ProtocolError("%s: reply size %d, expected %s"
                                     % (name, size, " or ".join(map(str, expect.sizes))))
-            body = self._channel.recv_body(size, name)
+            body = channel.recv_body(size, name)
             if len(fds) not in expect.fds:
                 raise ProtocolError("%s: reply carries %d fd(s), expected %s"
                                     % (name, len(fds), " or ".join(map(str, expect.fds))))
@@ -2238,6 +2254,7 @@ class Queue:
         self.vector = index if vector is None else vector
         self.next_avail = 0
         self.next_used = 0
+        self.vring_base = 0
         self.features = features
         self.spin = _DEFAULT_SPIN
         desc_bytes, avail_bytes, used_bytes = _split_ring_sizes(size)
@@ -2302,14 +2319,35 @@ class Queue:
         """Take the queue back after the back-end stopped it (crosvm vhost_user_reclaim).
 
         ``base`` is GET_VRING_BASE's answer, the next avail index the back-end
-        would have processed; the used index is read from guest memory (split
-        rings do not return it).
+        would have processed: it becomes ``vring_base``, where SET_VRING_BASE
+        resumes the ring. Chains the back-end had not taken stay posted, and
+        used entries not reaped yet stay to be reaped. Only an idle queue
+        (nothing in flight) is re-based onto the back-end's indices: avail->idx
+        and ``next_avail`` become ``base``, ``next_used`` the used index in
+        guest memory (split rings do not return it).
+
+        Raises:
+            ProtocolError: ``base`` does not fit in 16 bits, or is ahead of
+                what was posted or behind what is in flight.
         """
         if not 0 <= base <= 0xFFFF:
             raise ProtocolError("GET_VRING_BASE: base %#x does not fit in 16 bits" % base,
                                 FrontendReq.GET_VRING_BASE)
-        self.next_avail = self._kicked = base
-        self.next_used = self.used_index()
+        with self._lock:
+            if self._chains:
+                # Our avail->idx is the driver's and stays: the back-end has
+                # taken the chains up to base, the rest it takes after wake.
+                untaken = (self.next_avail - base) & 0xFFFF
+                if untaken > len(self._chains):
+                    raise ProtocolError("GET_VRING_BASE: base %d of queue %d, but avail->idx "
+                                        "is %d with %d chain(s) in flight"
+                                        % (base, self.index, self.next_avail,
+                                           len(self._chains)), FrontendReq.GET_VRING_BASE)
+            else:
+                self.next_avail = base
+                self._avail[1] = base
+                self.next_used = self.used_index()
+            self.vring_base = self._kicked = base
 
     # -- driver side: posting ---------------------------------------------------
 
@@ -2391,7 +2429,26 @@ class Queue:
                 return spare.pop()
             except IndexError:  # another thread took the last one
                 pass
-        return self.mem.allocate(size, align=16)
+        try:
+            return self.mem.allocate(size, align=16)
+        except MemoryError:
+            # Spare blocks kept for other sizes may be what fills guest memory.
+            if not self._drop_spares():
+                raise
+            return self.mem.allocate(size, align=16)
+
+    def _drop_spares(self):
+        """Free every spare bounce block; True if there was one."""
+        dropped = False
+        for blocks in list(self._spare.values()):
+            while blocks:
+                try:
+                    block = blocks.pop()
+                except IndexError:  # another thread took the last one
+                    break
+                self.mem.free(block)
+                dropped = True
+        return dropped
 
     def _release(self, block, size):
         spare = self._spare.setdefault(size, []) if size <= _SPARE_BLOCK_MAX else None
@@ -2509,10 +2566,23 @@ class Queue:
             return self._reap(limit)
 
     def _reap(self, limit):
+        done = []
+        while True:
+            more = self._reap_some(None if limit is None else limit - len(done), done)
+            if not more or not self._event_idx or limit is not None and len(done) >= limit:
+                return done
+            # Re-arm for the next entry, as Linux's virtqueue_get_buf does: a
+            # used_event left behind would silence the device's interrupts
+            # until used->idx wraps (spec 2.7.10). Then look again, for an
+            # entry used before the device could see the new used_event.
+            self._avail[2 + self.size] = self.next_used
+            self._fences.full()
+
+    def _reap_some(self, limit, done):
         used_idx = self._used[1]
         pending = (used_idx - self.next_used) & 0xFFFF
         if not pending:
-            return []
+            return False
         if pending > len(self._chains):
             self._fail("used->idx moved from %d to %d, but only %d chain(s) are in flight"
                        % (self.next_used, used_idx, len(self._chains)))
@@ -2522,7 +2592,6 @@ class Queue:
         elems = self._used_elems
         chains = self._chains
         mask = self.size - 1
-        done = []
         for _ in range(pending):
             slot = 2 * (self.next_used & mask)
             head = elems[slot]
@@ -2546,7 +2615,7 @@ class Queue:
             self._free.extend(reversed(chain.descs))
             self.next_used = (self.next_used + 1) & 0xFFFF
             done.append((chain.token, length))
-        return done
+        return True
 
     def wait_used(self, timeout=5.0, count=1, spin=None):
         """Wait until the device has used chains, then reap them as ``get_used``.
@@ -3586,7 +3655,7 @@ class VhostUserFrontend:
 
         Sends SET_FEATURES (when not sent since the last reset), SET_MEM_TABLE,
         then per queue in index order SET_VRING_NUM, SET_VRING_ADDR (host
-        addresses), SET_VRING_BASE (``next_avail``), SET_VRING_CALL,
+        addresses), SET_VRING_BASE (``vring_base``), SET_VRING_CALL,
         SET_VRING_KICK (plus one kick with ``start_kick``) and, when bit 30
         was acked, SET_VRING_ENABLE(1).
 
@@ -3654,7 +3723,7 @@ class VhostUserFrontend:
         client.set_vring_addr(index, mem.host_address(queue.desc_table),
                               mem.host_address(queue.used_ring),
                               mem.host_address(queue.avail_ring))
-        client.set_vring_base(index, queue.next_avail)
+        client.set_vring_base(index, queue.vring_base)
         client.set_vring_call(index, call)
         client.set_vring_kick(index, queue.kick)
         if self.start_kick:
@@ -3763,9 +3832,9 @@ class VhostUserFrontend:
     def virtio_sleep(self):
         """Stop every ring and the worker; returns {index: Queue} with reclaimed state.
 
-        Each queue's ``next_avail`` becomes GET_VRING_BASE's answer and its
-        ``next_used`` the used index in guest memory. Returns {} when the
-        device was not active.
+        Each queue's ``vring_base`` becomes GET_VRING_BASE's answer (see
+        ``Queue.reclaim``); chains the back-end did not take stay posted for
+        after ``virtio_wake``. Returns {} when the device was not active.
         """
         self._check_usable("virtio_sleep")
         if self._sent_queues is None:
@@ -3779,7 +3848,7 @@ class VhostUserFrontend:
         """Activate again after ``virtio_sleep``, with what it returned by default.
 
         The back-end resumes from the bases sent with SET_VRING_BASE (the
-        queues' ``next_avail``). No-op when nothing sleeps and no queues are
+        queues' ``vring_base``). No-op when nothing sleeps and no queues are
         given.
         """
         self._check_usable("virtio_wake")
@@ -4398,7 +4467,14 @@ class BlockDevice(_Device):
         return request
 
     def submit_flush(self, queue=0, notify=True):
-        """Start a FLUSH; returns its request."""
+        """Start a FLUSH; returns its request.
+
+        Raises:
+            FeatureNotNegotiated: the device does not offer BLK_FLUSH, and
+                spec 5.2.6.1 forbids the request then (``flush()`` is a no-op).
+        """
+        if not self.features & _BLK_F_FLUSH:
+            raise FeatureNotNegotiated("FLUSH: the device does not offer it (VIRTIO_BLK_F_FLUSH)")
         request = _BlockRequest(_BLK_T_FLUSH, 0, 0, None, queue)
         request.background = True
         self._post(request, (), (), notify)
@@ -4495,7 +4571,8 @@ class BlockDevice(_Device):
             raise FeatureNotNegotiated("%s: the device does not offer it" % name)
         self._check_writable(name)
         self._check_range(name, offset, length, None)
-        step = (max_sectors or 1) * _SECTOR
+        # A limit of 0 means none, as Linux reads it; num_sectors is a u32.
+        step = (max_sectors or 0xFFFFFFFF) * _SECTOR
         step -= step % self.block_size
         step = step or self.block_size
         requests = []
