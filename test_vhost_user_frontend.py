@@ -4671,3 +4671,41 @@ class TestReadme(BackendTestMixin, FdLeakCheck):
             runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
             runner.run(test, out=output.write)
             self.assertEqual(runner.failures, 0, "README block %d:\n%s" % (number, output.getvalue()))
+
+
+# Portability #########################################################################################
+
+
+class TestImportPortability(FdLeakCheck):
+    """The module imports anywhere (it only runs on Linux) and does no work at import time."""
+
+    SCRIPT = r'''
+import ctypes, mmap, os, select, socket, sys, threading
+# What a non-Linux standard library lacks.
+for module, names in ((os, ["memfd_create", "eventfd", "MFD_CLOEXEC", "MFD_ALLOW_SEALING",
+                            "EFD_CLOEXEC", "EFD_NONBLOCK", "pipe2"]),
+                      (select, ["epoll", "EPOLLIN", "EPOLLHUP", "EPOLLRDHUP", "EPOLLERR"]),
+                      (socket, ["MSG_CMSG_CLOEXEC", "CMSG_SPACE", "SCM_RIGHTS"])):
+    for name in names:
+        if hasattr(module, name):
+            delattr(module, name)
+def no_libc(*args, **kwargs):
+    raise AssertionError("the C library was loaded at import time")
+ctypes.CDLL = no_libc
+fds = set(os.listdir("/proc/self/fd"))
+threads = threading.active_count()
+sys.path.insert(0, sys.argv[1])
+import vhost_user_frontend
+assert threading.active_count() == threads, "a thread was started at import time"
+assert set(os.listdir("/proc/self/fd")) == fds, "an fd was opened at import time"
+print("imported", vhost_user_frontend.__version__)
+'''
+
+    def test_imports_without_linux_only_names_and_does_no_work(self):
+        here = os.path.dirname(os.path.abspath(vu.__file__))
+        proc = subprocess.Popen([sys.executable, "-c", self.SCRIPT, here], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                universal_newlines=True)
+        output, _ = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 0, output)
+        self.assertEqual(output.strip(), "imported " + vu.__version__)
