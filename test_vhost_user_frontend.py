@@ -4709,3 +4709,16 @@ print("imported", vhost_user_frontend.__version__)
         output, _ = proc.communicate(timeout=60)
         self.assertEqual(proc.returncode, 0, output)
         self.assertEqual(output.strip(), "imported " + vu.__version__)
+
+
+class TestFrontendQueueFeatures(FrontendTestBase):
+    def test_activate_gives_the_queues_the_negotiated_features(self):
+        backend = self.backend()
+        fe = self.frontend(backend)
+        mem, queues = self.memory()
+        self.assertEqual([q.features for q in queues], [0, 0])
+        fe.ack_features(vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.RING_EVENT_IDX)
+        fe.activate(mem, None, queues)
+        self.assertTrue(fe.acked_features & vu.VirtioFeature.RING_EVENT_IDX)
+        self.assertEqual([q.features for q in queues], [fe.acked_features] * 2)
+        fe.reset()

@@ -2227,8 +2227,8 @@ class Queue:
         index: the queue's index in its device.
         vector: the interrupt vector (MSI-X style); None for the shared event.
         features: the negotiated virtio features; RING_EVENT_IDX and
-            RING_INDIRECT_DESC change how the driver side works. May also be
-            set later through the ``features`` attribute, before first use.
+            RING_INDIRECT_DESC change how the driver side works.
+            ``VhostUserFrontend.activate`` sets it to the acked features.
     """
 
     #: Raised by ``add`` when the ring is full: reap used entries and retry.
@@ -3657,7 +3657,8 @@ class VhostUserFrontend:
         then per queue in index order SET_VRING_NUM, SET_VRING_ADDR (host
         addresses), SET_VRING_BASE (``vring_base``), SET_VRING_CALL,
         SET_VRING_KICK (plus one kick with ``start_kick``) and, when bit 30
-        was acked, SET_VRING_ENABLE(1).
+        was acked, SET_VRING_ENABLE(1). Each queue's ``features`` become the
+        acked features.
 
         Args:
             mem: the ``GuestMemory`` the queues live in.
@@ -3703,6 +3704,10 @@ class VhostUserFrontend:
                     call = interrupt.shared
                 else:
                     call = self._proxies[index] = Event()
+                # The ring follows the negotiated features (EVENT_IDX, INDIRECT_DESC), as a
+                # transport applies them to its queues: a queue left at features=0 while
+                # EVENT_IDX is acked would never re-arm used_event and lose interrupts.
+                queue.features = self.acked_features
                 self._sent_queues[index] = queue  # from here on it must be stopped
                 self._activate_vring(mem, index, queue, call)
             self._start_worker(interrupt)
