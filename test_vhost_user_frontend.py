@@ -2106,6 +2106,11 @@ class TestBackendClientChecks(FdLeakCheck):
              lambda c: (setattr(c, "queue_num", None), c.get_vring_base(100000)), "0..32767"),
             ("9 regions without CONFIGURE_MEM_SLOTS", lambda c: c.set_mem_table(nine),
              "9 regions"),
+            ("9 regions in one message, even with 32 slots",
+             lambda c: (setattr(c, "protocol_features", c.protocol_features
+                                | vu.ProtocolFeature.CONFIGURE_MEM_SLOTS),
+                        setattr(c, "max_mem_slots", 32), c.set_mem_table(nine)),
+             "add more with add_mem_reg"),
             ("no region", lambda c: c.set_mem_table([]), "0 regions"),
             ("regions overlap in guest address",
              lambda c: c.set_mem_table([(R1, r), (vu.MemoryRegion(0x8000, 4096, 1 << 40, 0), r)]),

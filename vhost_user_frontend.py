@@ -1484,15 +1484,17 @@ class BackendClient:
 
         Args:
             regions: (MemoryRegion, fd) pairs, as ``GuestMemory.regions()``
-                returns them. At most 8 without CONFIGURE_MEM_SLOTS.
+                returns them: 1 to 8. With CONFIGURE_MEM_SLOTS, ``add_mem_reg``
+                adds more, up to ``max_mem_slots``.
         """
         regions = list(regions)
-        limit = MAX_MEM_TABLE_REGIONS
-        if self.protocol_features & _P.CONFIGURE_MEM_SLOTS and self.max_mem_slots:
-            limit = self.max_mem_slots
-        if not 1 <= len(regions) <= limit:
-            raise ValueError("SET_MEM_TABLE: %d regions, the back-end takes 1..%d"
-                             % (len(regions), limit))
+        # The spec's table has region0..region7, and QEMU and libvhost-user
+        # size this message for 8 even with CONFIGURE_MEM_SLOTS (libvhost-user
+        # drops a longer one as "too big"); QEMU adds the rest with ADD_MEM_REG.
+        if not 1 <= len(regions) <= MAX_MEM_TABLE_REGIONS:
+            raise ValueError("SET_MEM_TABLE: %d regions, one message carries 1..%d (add more "
+                             "with add_mem_reg under CONFIGURE_MEM_SLOTS)"
+                             % (len(regions), MAX_MEM_TABLE_REGIONS))
         _check_regions("SET_MEM_TABLE", [r for r, _ in regions])
         self._transact(_F.SET_MEM_TABLE, _encode_mem_table([r for r, _ in regions]),
                        [_fileno(fd) for _, fd in regions],
