@@ -5513,6 +5513,9 @@ def _cmd_bench(args, out):
         kwargs = {"num_queues": args.queues} if args.queues else {}
         with _open_device(args, BlockDevice, DeviceType.BLOCK, **kwargs) as dev:
             report = _bench_block(dev, args)
+    if not report["requests"]:
+        raise _CliError("%s: bench: no request completed within %g s"
+                        % (args.socket, args.seconds))
     if args.json:
         import json
         out.write(json.dumps(report, indent=2) + "\n")
@@ -5524,9 +5527,16 @@ def _cmd_bench(args, out):
 def _bench_block(dev, args):
     size = 4096 if args.size is None else args.size
     rw = args.rw or "randread"
-    if size <= 0 or size % dev.block_size or size > dev.capacity:
+    largest = min(dev.capacity, dev.max_transfer)
+    if size <= 0 or size % dev.block_size or size > largest:
         raise _CliError("--size %d must be a positive multiple of the block size %d, at most "
-                        "the capacity %d" % (size, dev.block_size, dev.capacity))
+                        "%d (the capacity or the largest request the device takes)"
+                        % (size, dev.block_size, largest))
+    ring = dev._queues[0].size
+    if args.depth > ring:
+        # More could never be in flight; each would still get its own buffer.
+        raise _CliError("--depth %d: at most %d requests fit the %d-entry ring"
+                        % (args.depth, ring, ring))
     if rw.endswith("write") and dev.read_only:
         raise _CliError("%s: the device is read-only; use --rw read or randread" % args.socket)
     queues = args.queues or 1
@@ -5807,13 +5817,30 @@ def _int_arg(text):
     return value
 
 
+def _seconds_arg(text, allow_zero=False):
+    """An argparse type: a finite number of seconds above 0 (or 0 if ``allow_zero``).
+
+    "inf", "nan" and huge values would end in a traceback (settimeout
+    overflows) or a run that does nothing, so they are usage errors.
+    """
+    import argparse
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % text)
+    if not (value > 0 or allow_zero and value == 0) or not value <= threading.TIMEOUT_MAX:
+        raise argparse.ArgumentTypeError("%r is not a number of seconds %s and at most %d" % (
+            text, "from 0" if allow_zero else "above 0", threading.TIMEOUT_MAX))
+    return value
+
+
 def _build_parser():
     import argparse
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: an option given after the subcommand must not reset one given before it.
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="log every vhost-user message sent and received (stderr)")
-    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="S",
+    common.add_argument("--timeout", type=_seconds_arg, default=argparse.SUPPRESS, metavar="S",
                         help="seconds to wait for any reply or completion (default 5)")
     parser = argparse.ArgumentParser(
         prog=_PROG, parents=[common],
@@ -5895,7 +5922,8 @@ def _build_parser():
                            help="send these bytes as the frame (e.g. ffffffffffff0200...)")
     recv = actions.add_parser("recv", parents=[common], help="print the frames that arrive")
     recv.add_argument("-n", "--count", type=_int_arg, metavar="N", help="stop after N frames")
-    recv.add_argument("--wait", type=float, default=1.0, metavar="S",
+    recv.add_argument("--wait", type=lambda text: _seconds_arg(text, allow_zero=True),
+                      default=1.0, metavar="S",
                       help="stop after S seconds (default 1)")
     recv.add_argument("-x", "--hexdump", action="store_true", help="hex-dump each frame")
     recv.add_argument("-o", "--output", metavar="FILE",
@@ -5920,7 +5948,7 @@ def _build_parser():
     bench.add_argument("--depth", type=_int_arg, default=1, metavar="N",
                        help="requests in flight per queue (default 1)")
     bench.add_argument("--queues", type=_int_arg, metavar="N", help="queues to use (default 1)")
-    bench.add_argument("--seconds", type=float, default=3.0, metavar="S",
+    bench.add_argument("--seconds", type=_seconds_arg, default=3.0, metavar="S",
                        help="duration (default 3)")
     bench.add_argument("--backend-pid", type=int, metavar="PID",
                        help="also report this process's CPU time per request")
@@ -5932,7 +5960,7 @@ def _build_parser():
         description="Start qemu-storage-daemon on a temporary 64 MiB disk, probe it, write "
                     "and read back data, run a short benchmark, stop the daemon and remove "
                     "its files. Needs only the Debian package %s." % _DEMO_PACKAGE)
-    demo.add_argument("--seconds", type=float, default=3.0, metavar="S",
+    demo.add_argument("--seconds", type=_seconds_arg, default=3.0, metavar="S",
                       help="benchmark duration (default 3)")
     demo.set_defaults(func=_cmd_demo)
     return parser, commands, common
@@ -5947,10 +5975,6 @@ def main(argv=None):
         return exc.code if isinstance(exc.code, int) else _EXIT_FAILURE
     args.verbose = getattr(args, "verbose", False)
     args.timeout = getattr(args, "timeout", 5.0)
-    if args.timeout <= 0:
-        parser.print_usage(sys.stderr)
-        sys.stderr.write("%s: error: --timeout must be positive\n" % _PROG)
-        return 2
     if args.verbose:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(relativeCreated)8.1f ms %(message)s"))
