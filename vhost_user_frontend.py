@@ -27,9 +27,13 @@ Example::
             print(client.get_config(0, 60).hex())
 
 Sections (``grep -n '^# .*###'`` prints them with line numbers):
-Errors, Constants, Wire format, OS primitives, Channel, BackendClient,
+Head, Errors, Constants, Wire format, OS primitives, Channel, BackendClient,
 GuestMemory, Queue, Backend requests, Worker, VhostUserFrontend, Devices, CLI.
 """
+
+############################################################################
+# Head: imports, version, public names #####################################
+############################################################################
 
 import array
 import binascii
