@@ -3024,7 +3024,9 @@ class TestCliErrors(FdLeakCheck):
                      ["probe", "x", "--timeout", "nan"], ["probe", "x", "--timeout", "1e308"],
                      ["bench", "x", "--seconds", "0"], ["bench", "x", "--seconds", "nan"],
                      ["demo", "--seconds", "-1"], ["net", "x", "recv", "--wait", "-1"],
-                     ["net", "x", "recv", "--wait", "inf"]):
+                     ["net", "x", "recv", "--wait", "inf"], ["bench", "x", "--depth", "0"],
+                     ["bench", "x", "--queues", "0"], ["net", "x", "send", "-n", "0"],
+                     ["net", "x", "ping", "-c", "0"], ["net", "x", "recv", "-n", "0"]):
             with self.subTest(argv=argv):
                 status, out, err = run_cli(*argv)
                 self.assertEqual((status, out), (2, ""))

@@ -5504,8 +5504,6 @@ class _BlockLoad:
 
 
 def _cmd_bench(args, out):
-    if args.depth < 1:
-        raise _CliError("--depth must be at least 1")
     if args.type == "net":
         if args.rw is not None:
             raise _CliError("--rw applies to --type blk only")
@@ -5821,6 +5819,15 @@ def _int_arg(text):
     return value
 
 
+def _count_arg(text):
+    """An argparse type: an integer of at least 1 (frames, requests in flight, queues)."""
+    import argparse
+    value = _int_arg(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("%r: at least 1 is needed" % text)
+    return value
+
+
 def _seconds_arg(text, allow_zero=False):
     """An argparse type: a finite number of seconds above 0 (or 0 if ``allow_zero``).
 
@@ -5916,7 +5923,7 @@ def _build_parser():
                     "back byte-identical; prints round-trip times. Exit status 1 when any "
                     "frame is lost or another frame arrives instead.")
     for parser_ in (send, ping):
-        parser_.add_argument("-n", "-c", "--count", type=_int_arg, default=1, metavar="N",
+        parser_.add_argument("-n", "-c", "--count", type=_count_arg, default=1, metavar="N",
                              help="frames to send (default 1)")
         parser_.add_argument("--size", type=_int_arg, default=64, metavar="BYTES",
                              help="size of generated frames (default 64)")
@@ -5925,7 +5932,7 @@ def _build_parser():
         given.add_argument("--hex", metavar="HEX",
                            help="send these bytes as the frame (e.g. ffffffffffff0200...)")
     recv = actions.add_parser("recv", parents=[common], help="print the frames that arrive")
-    recv.add_argument("-n", "--count", type=_int_arg, metavar="N", help="stop after N frames")
+    recv.add_argument("-n", "--count", type=_count_arg, metavar="N", help="stop after N frames")
     recv.add_argument("--wait", type=lambda text: _seconds_arg(text, allow_zero=True),
                       default=1.0, metavar="S",
                       help="stop after S seconds (default 1)")
@@ -5949,9 +5956,9 @@ def _build_parser():
                        help="blk access pattern (default randread)")
     bench.add_argument("--size", type=_int_arg, metavar="BYTES",
                        help="bytes per request or frame (default 4096 for blk, 64 for net)")
-    bench.add_argument("--depth", type=_int_arg, default=1, metavar="N",
+    bench.add_argument("--depth", type=_count_arg, default=1, metavar="N",
                        help="requests in flight per queue (default 1)")
-    bench.add_argument("--queues", type=_int_arg, metavar="N", help="queues to use (default 1)")
+    bench.add_argument("--queues", type=_count_arg, metavar="N", help="queues to use (default 1)")
     bench.add_argument("--seconds", type=_seconds_arg, default=3.0, metavar="S",
                        help="duration (default 3)")
     bench.add_argument("--backend-pid", type=int, metavar="PID",
