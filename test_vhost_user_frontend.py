@@ -3929,6 +3929,18 @@ class TestBlockDeviceBadDevice(FrontendTestBase):
         self.addCleanup(dev.close)
         return dev
 
+    def test_config_read_is_sized_by_the_acked_features(self):
+        # FLUSH and BLK_SIZE only: the config ends with blk_size at bytes 20..23 (spec 5.2.4),
+        # and a back-end whose config is that short refuses a longer read (libvhost-user does).
+        backend = self.backend(features=F_PROTOCOL | F_VERSION_1 | (1 << 9) | (1 << 6),
+                               config=self.CONFIG[:24])
+        dev = vu.BlockDevice(self.frontend(backend), queue_size=8)
+        self.addCleanup(dev.close)
+        reads = [m for m in backend.messages if m.name == "GET_CONFIG"]
+        self.assertEqual([struct.unpack_from("<III", m.body)[:2] for m in reads], [(0, 24)])
+        self.assertEqual((dev.capacity, dev.block_size), (2048 * 512, 512))
+        self.assertEqual((dev.config.seg_max, dev.max_discard_sectors), (0, 0))
+
     def test_flush_and_discard_limits_follow_the_config(self):
         # DISCARD offered with max_discard_sectors 0 (no limit), FLUSH not offered.
         config = self.CONFIG[:36] + struct.pack("<II", 0, 1) + self.CONFIG[44:]

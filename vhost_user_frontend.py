@@ -4170,14 +4170,17 @@ _BLK_ID_BYTES = 20
 _SECTOR = 512
 _BLK_REQ = struct.Struct("<IIQ")            # type, reserved, sector
 _BLK_DISCARD_SEG = struct.Struct("<QII")    # sector, num_sectors, flags (bit 0: unmap)
-_BLK_CONFIG = struct.Struct("<QIIHBBIBBHIBxHIIIIIB3x")
 #: Largest transfer one virtio-blk request carries; larger calls are split
 #: into several requests kept in flight together.
 _BLK_MAX_TRANSFER = 1 << 20
 
 
 class _BlockConfig(NamedTuple):
-    """struct virtio_blk_config (virtio spec 5.2.4), as the device reports it."""
+    """struct virtio_blk_config (virtio spec 5.2.4), as the device reports it.
+
+    Decoded with the layout table ``probe`` uses (``_DEVICE_CONFIG_FIELDS``);
+    a field whose feature was not acked reads as 0.
+    """
     capacity: int  # in 512-byte sectors
     size_max: int
     seg_max: int
@@ -4371,8 +4374,11 @@ class BlockDevice(_Device):
             raise FeatureNotNegotiated("virtio-blk: the back-end does not offer VERSION_1")
         self.features = offered & _BLK_DRIVER_FEATURES
         frontend.ack_features(self.features)
-        config = _BlockConfig._make(_BLK_CONFIG.unpack(
-            frontend.read_config(0, _BLK_CONFIG.size)))
+        # Read only the fields the acked features make exist, as QEMU sizes
+        # it: a back-end with a shorter config refuses a longer read.
+        data = frontend.read_config(0, _device_config_size(DeviceType.BLOCK, self.features))
+        fields = dict(_decode_device_config(DeviceType.BLOCK, self.features, data))
+        config = _BlockConfig._make(fields.get(name, 0) for name in _BlockConfig._fields)
         self.config = config
         has = self.features.__and__
         self.block_size = config.blk_size if has(_BLK_F_BLK_SIZE) else _SECTOR
