@@ -4801,5 +4801,30 @@ class TestFrontendQueueFeatures(FrontendTestBase):
         fe.reset()
 
 
+
+class TestNetDeviceConfig(FrontendTestBase):
+    """NetDevice reads MAC, MTU and link status from the config space when they are offered."""
+
+    def test_mac_mtu_and_status_from_the_config(self):
+        features = F_PROTOCOL | F_VERSION_1 | 1 << 5 | 1 << 16 | 1 << 3   # MAC, STATUS, MTU
+        # struct virtio_net_config (spec 5.1.4): mac, status (LINK_UP), max_virtqueue_pairs, mtu
+        config = bytes.fromhex("525400123456") + struct.pack("<HHH", 1, 1, 1500)
+        backend = self.backend(features=features, config=config)
+        nic = vu.NetDevice(self.frontend(backend, vu.DeviceType.NET), queue_size=16)
+        self.addCleanup(nic.close)
+        self.assertEqual((nic.mac, nic.mtu, nic.link_up),
+                         (bytes.fromhex("525400123456"), 1500, True))
+        reads = [struct.unpack_from("<III", m.body)[:2] for m in backend.messages
+                 if m.name == "GET_CONFIG"]
+        self.assertEqual(reads, [(0, 12)])
+
+    def test_only_the_offered_fields_are_used(self):
+        backend = self.backend(features=F_PROTOCOL | F_VERSION_1 | 1 << 5,   # MAC only
+                               config=bytes.fromhex("525400abcdef") + struct.pack("<HHH", 1, 1, 9000))
+        nic = vu.NetDevice(self.frontend(backend, vu.DeviceType.NET), queue_size=16)
+        self.addCleanup(nic.close)
+        self.assertEqual((nic.mac, nic.mtu, nic.link_up), (bytes.fromhex("525400abcdef"), None, None))
+
+
 if __name__ == "__main__":
     unittest.main()

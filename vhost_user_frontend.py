@@ -739,18 +739,25 @@ def _device_config_size(device_type, features):
                or [0])
 
 
-def _decode_device_config(device_type, features, data):
-    """The config space ``data`` decoded into (field name, value) pairs.
+def _config_values(device_type, features, data):
+    """{field name: value} of the config space ``data``, as the device drivers use it.
 
-    Only fields that exist with ``features`` and lie within ``data`` are
-    returned. A MAC comes back as ``"52:54:00:12:34:56"``, a virtio-fs tag
-    as a string; everything else as an int.
+    Only fields that exist with ``features`` and lie within ``data``; byte
+    fields (a MAC, a tag) stay bytes, the others are ints.
+    """
+    return {name: struct.unpack_from(fmt, data, offset)[0]
+            for name, offset, fmt, _ in _config_fields_present(device_type, features)
+            if name != "_pad" and offset + struct.calcsize(fmt) <= len(data)}
+
+
+def _decode_device_config(device_type, features, data):
+    """The config space ``data`` decoded for people: (field name, value) pairs.
+
+    As ``_config_values``, in layout order, with a MAC as
+    ``"52:54:00:12:34:56"`` and a virtio-fs tag as a string.
     """
     fields = []
-    for name, offset, fmt, _ in _config_fields_present(device_type, features):
-        if name == "_pad" or offset + struct.calcsize(fmt) > len(data):
-            continue
-        value = struct.unpack_from(fmt, data, offset)[0]
+    for name, value in _config_values(device_type, features, data).items():
         if name == "mac":
             value = ":".join("%02x" % b for b in bytearray(value))
         elif name == "tag":
@@ -4377,7 +4384,7 @@ class BlockDevice(_Device):
         # Read only the fields the acked features make exist, as QEMU sizes
         # it: a back-end with a shorter config refuses a longer read.
         data = frontend.read_config(0, _device_config_size(DeviceType.BLOCK, self.features))
-        fields = dict(_decode_device_config(DeviceType.BLOCK, self.features, data))
+        fields = _config_values(DeviceType.BLOCK, self.features, data)
         config = _BlockConfig._make(fields.get(name, 0) for name in _BlockConfig._fields)
         self.config = config
         has = self.features.__and__
@@ -4689,7 +4696,6 @@ _NET_S_LINK_UP = 1
 _NET_DRIVER_FEATURES = (
     VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC | VirtioFeature.RING_EVENT_IDX
     | _NET_F_MTU | _NET_F_MAC | _NET_F_MRG_RXBUF | _NET_F_STATUS)
-_NET_CONFIG = struct.Struct("<6sHHH")   # mac, status, max_virtqueue_pairs, mtu
 #: struct virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start,
 #: csum_offset, then num_buffers with VERSION_1 or MRG_RXBUF (spec 5.1.6).
 _NET_HDR = struct.Struct("<BBHHHHH")
@@ -4757,16 +4763,15 @@ class NetDevice(_Device):
         self.mac = self.mtu = self.link_up = None
         if self.features & (_NET_F_MAC | _NET_F_MTU | _NET_F_STATUS):
             try:
-                mac, status, _, mtu = _NET_CONFIG.unpack(frontend.read_config(0, _NET_CONFIG.size))
+                data = frontend.read_config(0, _device_config_size(DeviceType.NET, self.features))
             except FeatureNotNegotiated:
                 pass  # no config space (DPDK offers no CONFIG protocol feature)
             else:
-                if self.features & _NET_F_MAC:
-                    self.mac = mac
-                if self.features & _NET_F_MTU:
-                    self.mtu = mtu
-                if self.features & _NET_F_STATUS:
-                    self.link_up = bool(status & _NET_S_LINK_UP)
+                fields = _config_values(DeviceType.NET, self.features, data)
+                self.mac = fields.get("mac")
+                self.mtu = fields.get("mtu")
+                if "status" in fields:
+                    self.link_up = bool(fields["status"] & _NET_S_LINK_UP)
         self._mrg = bool(self.features & _NET_F_MRG_RXBUF)
         # The header has num_buffers with VERSION_1 or MRG_RXBUF (spec 5.1.6).
         self._hdr_len = _NET_HDR.size if self.features & (
