@@ -4826,5 +4826,294 @@ class TestNetDeviceConfig(FrontendTestBase):
         self.assertEqual((nic.mac, nic.mtu, nic.link_up), (bytes.fromhex("525400abcdef"), None, None))
 
 
+_PACKED = _F.RING_PACKED
+_AVAIL, _USED = 1 << 7, 1 << 15
+
+
+class _PackedRingDevice(object):
+    """The device end of a packed Queue (spec 2.8), done by hand in guest memory."""
+
+    def __init__(self, queue):
+        self.q = queue
+        self.mem = queue.mem
+        self.avail, self.avail_wrap = 0, 1   # next slot to look at, and its wrap counter
+        self.used, self.used_wrap = 0, 1     # next slot to write a used descriptor to
+
+    def desc(self, slot):
+        """(addr, len, id, flags) of ring slot ``slot``."""
+        return _DESC.unpack(self.mem.read(self.q.desc_table + 16 * slot, 16))
+
+    def take(self):
+        """[(buffer id, [(addr, len, flags)] with indirect resolved, ring slots)] posted so far."""
+        chains = []
+        while True:
+            _, _, _, flags = self.desc(self.avail)
+            if bool(flags & _AVAIL) != self.avail_wrap or bool(flags & _USED) == self.avail_wrap:
+                return chains
+            out, slots = [], 0
+            while True:
+                addr, length, buffer_id, flags = self.desc(self.avail)
+                slots += 1
+                self.avail += 1
+                if self.avail == self.q.size:
+                    self.avail, self.avail_wrap = 0, self.avail_wrap ^ 1
+                if flags & 4:   # INDIRECT: a table of length / 16 packed descriptors
+                    for i in range(length // 16):
+                        a, n, _, f = _DESC.unpack(self.mem.read(addr + 16 * i, 16))
+                        out.append((a, n, f))
+                else:
+                    out.append((addr, length, flags & 2))
+                if not flags & 1:
+                    break
+            chains.append((buffer_id, out, slots))
+
+    def complete(self, buffer_id, length, slots, signal=True, flags=None):
+        """Write one used descriptor (id and len, then flags) and skip ``slots``."""
+        base = self.q.desc_table + 16 * self.used
+        self.mem.write(base + 8, struct.pack("<IH", length, buffer_id))
+        if flags is None:
+            flags = _AVAIL | _USED if self.used_wrap else 0
+        self.mem.write(base + 14, struct.pack("<H", flags))
+        self.used += slots
+        if self.used >= self.q.size:
+            self.used, self.used_wrap = self.used - self.q.size, self.used_wrap ^ 1
+        if signal:
+            self.q.call.signal()
+
+    def set_device_event(self, flags, off=0, wrap=1):
+        self.mem.write(self.q.used_ring, struct.pack("<HH", off | wrap << 15, flags))
+
+    def driver_event(self):
+        """(offset, wrap, flags) the driver asked for."""
+        off_wrap, flags = struct.unpack("<HH", self.mem.read(self.q.avail_ring, 4))
+        return off_wrap & 0x7FFF, off_wrap >> 15, flags
+
+
+class TestPackedQueue(FdLeakCheck):
+    """Queue's packed layout against a packed device simulated through guest memory."""
+
+    def make(self, size=8, features=0):
+        mem = vu.GuestMemory([(0, 1 << 20)])
+        self.addCleanup(mem.close)
+        q = vu.Queue(mem, size, features=features | _PACKED)
+        self.addCleanup(q.close)
+        return q, _PackedRingDevice(q)
+
+    def test_layout_and_base(self):
+        q, dev = self.make(size=16)
+        self.assertTrue(q.packed)
+        self.assertEqual((q.avail_ring - q.desc_table, q.used_ring - q.avail_ring), (256, 4))
+        self.assertEqual(q.vring_base, 0x80008000)      # both wrap counters start at 1
+        with self.assertRaises(ValueError):               # the layout is fixed
+            q.features = _F.RING_EVENT_IDX
+        split = vu.Queue(q.mem, 4)
+        self.addCleanup(split.close)
+        with self.assertRaises(ValueError):
+            split.features = _PACKED
+
+    def test_chains_of_one_to_n_descriptors(self):
+        q, dev = self.make(size=16)
+        for count in range(1, 9):
+            with self.subTest(count=count):
+                readable = [b"r%d" % i for i in range(count - 1)]
+                out = bytearray(5)
+                token = q.add(readable, [out])
+                self.assertEqual(q.num_free, 16 - count)
+                (buffer_id, chain, slots), = dev.take()
+                self.assertEqual(slots, count)
+                self.assertEqual([f for _, _, f in chain], [0] * (count - 1) + [2])
+                self.assertEqual([self.read(dev, d) for d in chain[:-1]], readable)
+                dev.mem.write(chain[-1][0], b"hello")
+                dev.complete(buffer_id, 5, slots)
+                self.assertEqual(q.get_used(), [(token, 5)])
+                self.assertEqual((bytes(out), q.num_free, q.in_flight), (b"hello", 16, 0))
+
+    @staticmethod
+    def read(dev, desc):
+        return dev.mem.read(desc[0], desc[1])
+
+    def test_buffer_id_on_the_last_descriptor_and_head_flags_last(self):
+        q, dev = self.make()
+        q.add([b"a", b"b"], [bytearray(1)])
+        ids = [dev.desc(slot)[2] for slot in range(3)]
+        self.assertEqual(len(set(ids)), 1)
+        flags = [dev.desc(slot)[3] for slot in range(3)]
+        self.assertEqual(flags, [_AVAIL | 1, _AVAIL | 1, _AVAIL | 2])
+
+    def test_indirect(self):
+        q, dev = self.make(features=_F.RING_INDIRECT_DESC)
+        q.add([b"a", b"b", b"c"], [bytearray(2)], token="ind")
+        q.add([b"x"], token="direct")
+        self.assertEqual(q.num_free, 6)                   # 1 slot + 1 slot
+        (id1, chain1, slots1), (id2, chain2, slots2) = dev.take()
+        self.assertEqual((slots1, slots2), (1, 1))
+        self.assertEqual([f for _, _, f in chain1], [0, 0, 0, 2])
+        self.assertEqual([self.read(dev, d) for d in chain1[:3]], [b"a", b"b", b"c"])
+        dev.complete(id2, 0, 1)
+        dev.complete(id1, 2, 1)
+        self.assertEqual(q.get_used(), [("direct", 0), ("ind", 2)])
+        # A chain longer than the free slots still fits through one table.
+        for i in range(7):
+            q.add([b"%d" % i])
+        q.add([b"y"] * 3)
+        self.assertEqual(q.num_free, 0)
+
+    def test_out_of_order_completion(self):
+        q, dev = self.make(size=8)
+        q.add([b"a"] * 3, token="three")
+        q.add([b"b"], token="one")
+        q.add([b"c"] * 2, token="two")
+        chains = dev.take()
+        self.assertEqual([s for _, _, s in chains], [3, 1, 2])
+        for i in (1, 2, 0):             # used slots 0, 1, 3: the device skips by each chain's size
+            dev.complete(chains[i][0], 0, chains[i][2])
+        self.assertEqual([t for t, _ in q.get_used()], ["one", "two", "three"])
+        self.assertEqual((q.next_used, q.num_free), (6, 8))
+
+    def test_wrap_past_65536_chains(self):
+        # More than 65,536 chains of 1 to 3 descriptors through an 8-entry ring:
+        # positions wrap every lap, and the wrap counters flip thousands of times.
+        q, dev = self.make(size=8, features=_F.RING_EVENT_IDX)
+        total = 0
+        flips = 0
+        rng = random.Random(10)
+        while total < 66000:
+            tokens = []
+            while True:
+                count = rng.randint(1, 3)
+                try:
+                    tokens.append(q.add([b"x"] * count))
+                except vu.Queue.Full:
+                    break
+            wrap = q.used_wrap
+            for buffer_id, _, slots in dev.take():
+                dev.complete(buffer_id, 0, slots, signal=False)
+            self.assertEqual([t for t, _ in q.get_used()], tokens)
+            flips += q.used_wrap != wrap
+            total += len(tokens)
+        self.assertGreater(flips, 1000)
+        self.assertEqual((q.num_free, q.in_flight, q.next_avail, q.avail_wrap),
+                         (8, 0, q.next_used, q.used_wrap))
+
+    def test_notify_honours_device_event_flags(self):
+        q, dev = self.make()
+        self.assertFalse(q.notify())
+        q.add([b"x"])
+        self.assertTrue(q.notify())                       # ENABLE (0) at start
+        dev.set_device_event(1)                           # DISABLE
+        q.add([b"y"])
+        self.assertFalse(q.notify())
+        self.assertTrue(q.notify(force=True))
+        dev.set_device_event(2, off=5)                    # DESC without EVENT_IDX: kick
+        q.add([b"z"])
+        self.assertTrue(q.notify())
+        self.assertEqual(q.kick.read(), 3)
+
+    def test_notify_event_idx_edges(self):
+        q, dev = self.make(size=8, features=_F.RING_EVENT_IDX)
+        dev.set_device_event(2, off=2, wrap=1)            # kick once slot 2 is made available
+        q.add([b"a"])
+        q.add([b"b"])                                     # slots 0, 1: not yet
+        self.assertFalse(q.notify())
+        q.add([b"c"])                                     # slot 2: exactly the event
+        self.assertTrue(q.notify())
+        dev.set_device_event(2, off=4, wrap=1)
+        q.add([b"d"] * 2)                                 # slots 3, 4: crosses 4
+        self.assertTrue(q.notify())
+        for buffer_id, _, slots in dev.take():
+            dev.complete(buffer_id, 0, slots, signal=False)
+        q.get_used()
+        dev.set_device_event(2, off=6, wrap=1)
+        q.add([b"e"])                                     # slot 5: one short
+        self.assertFalse(q.notify())
+        dev.set_device_event(2, off=1, wrap=0)            # slot 1 of the next lap
+        q.add([b"f"] * 2)                                 # slots 6, 7: the lap ends, not there
+        self.assertFalse(q.notify())
+        q.add([b"g"])                                     # slot 0 (wrap 0)
+        self.assertFalse(q.notify())
+        q.add([b"h"])                                     # slot 1 (wrap 0): the event
+        self.assertTrue(q.notify())
+        self.assertEqual((q.next_avail, q.avail_wrap), (2, 0))
+        self.assertEqual(q.kick.read(), 3)
+
+    def test_driver_event_asks_for_interrupts(self):
+        q, dev = self.make(size=4, features=_F.RING_EVENT_IDX)
+        for i in range(3):
+            q.add([b"x"] * 1, token=i)
+        chains = dev.take()
+        self.assertEqual(q.wait_used(0.01, count=2), [])
+        self.assertEqual(dev.driver_event(), (1, 1, 2))   # DESC at slot 1: after 2 used
+        dev.complete(chains[0][0], 0, 1, signal=False)    # raced the re-arm: still found
+        self.assertEqual(q.wait_used(1.0, spin=0), [(0, 0)])
+        self.assertEqual(dev.driver_event(), (1, 1, 2))   # re-armed at the next slot
+        for buffer_id, _, slots in chains[1:]:
+            dev.complete(buffer_id, 0, slots)
+        self.assertEqual(len(q.get_used()), 2)
+        self.assertEqual(dev.driver_event(), (3, 1, 2))
+        q.add([b"y"] * 2)                                 # slots 3 and 0 (next lap)
+        self.assertEqual(q.wait_used(0.01, count=1), [])
+        self.assertEqual(dev.driver_event(), (3, 1, 2))
+        q.add([b"z"], token="z")
+        self.assertEqual(q.wait_used(0.01, count=2), [])
+        self.assertEqual(dev.driver_event(), (0, 0, 2))   # one past slot 3 is slot 0, wrap 0
+
+    def test_hostile_device(self):
+        cases = (
+            ("id out of range", lambda i, s: (8, 1, s), "names buffer id 8, the ring has 8"),
+            ("id not in flight", lambda i, s: ((i + 1) % 8, 1, s), "which is not in flight"),
+            ("too long", lambda i, s: (i, 6, s), "claims 6 bytes written, the chain has 5"),
+            ("AVAIL not the wrap counter", lambda i, s: (i, 1, s, _USED),
+             "neither available nor used"),
+            ("used with the old wrap counter", lambda i, s: (i, 1, s, 0),
+             "neither available nor used"))
+        for name, entry, message in cases:
+            with self.subTest(name):
+                q, dev = self.make()
+                q.add([b"cmd"], [bytearray(4), bytearray(1)])
+                (buffer_id, _, slots), = dev.take()
+                free = q.num_free
+                args = entry(buffer_id, slots)
+                dev.complete(*args[:3], flags=args[3] if len(args) > 3 else None)
+                with self.assertRaises(vu.ProtocolError) as cm:
+                    q.wait_used(1.0)
+                self.assertIn(message, str(cm.exception))
+                self.assertEqual((q.num_free, q.in_flight), (free, 1))   # free list untouched
+                with self.assertRaises(vu.ProtocolError):                # and it stays broken
+                    q.add([b"x"])
+
+    def test_reclaim(self):
+        q, dev = self.make(size=8)
+        for i in range(3):
+            q.add([b"r%d" % i], [bytearray(1)], token=i)
+        with self.assertRaises(vu.ProtocolError):         # past the ring
+            q.reclaim(0x8000 | 9)
+        self.assertEqual((q.next_avail, q.avail_wrap), (6, 1))   # 3 chains of 2 slots
+        with self.assertRaises(vu.ProtocolError):         # ahead of what was posted
+            q.reclaim(0x8000 | 7)
+        with self.assertRaises(vu.ProtocolError):         # wrong lap
+            q.reclaim(1)
+        chains = dev.take()
+        dev.complete(chains[0][0], 1, 2, signal=False)
+        q.reclaim(0x8000 | 2)                             # DPDK 22.11: the avail half only
+        self.assertEqual(q.vring_base, 0x80028002)
+        self.assertEqual(q.get_used(), [(0, 1)])
+        for buffer_id, _, slots in chains[1:]:
+            dev.complete(buffer_id, 1, slots)
+        self.assertEqual(q.get_used(), [(1, 1), (2, 1)])
+        # Idle: re-based onto the back-end's positions, stale flags restamped.
+        q.reclaim(0x0005 | (0x0005 << 16))
+        self.assertEqual((q.next_avail, q.avail_wrap, q.next_used, q.used_wrap),
+                         (5, 0, 5, 0))
+        self.assertEqual(q.vring_base, 0x00050005)
+        with self.assertRaises(vu.ProtocolError):         # used position != avail, idle
+            q.reclaim(0x8005 | (0x8004 << 16))
+        dev.avail, dev.avail_wrap, dev.used, dev.used_wrap = 5, 0, 5, 0
+        self.assertEqual(dev.take(), [])                  # nothing stale looks available
+        token = q.add([b"after"], [bytearray(1)])
+        (buffer_id, _, slots), = dev.take()
+        dev.complete(buffer_id, 1, slots)
+        self.assertEqual(q.get_used(), [(token, 1)])
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -573,6 +573,46 @@ _encode_iotlb, _decode_iotlb = _fixed_codec(_IOTLB, IotlbMsg, (64, 64, 64, 8, 8)
 _encode_shmem_map, _decode_shmem_map = _fixed_codec(_MMAP, ShmemMap, (8, 64, 64, 64, 64))
 
 
+class _PackedBase(NamedTuple):
+    """SET/GET_VRING_BASE ``num`` of a packed ring (vhost-user.rst, "Ring states").
+
+    Bits 0-14 the next avail position, bit 15 the driver's avail wrap
+    counter; bits 16-30 the used position and bit 31 its wrap counter.
+    """
+    avail: int
+    avail_wrap: int
+    used: int
+    used_wrap: int
+
+
+def _encode_packed_base(base):
+    """The 32-bit ``num`` of a ``_PackedBase``."""
+    for name, value, limit in zip(base._fields, base, (0x7FFF, 1, 0x7FFF, 1)):
+        if not isinstance(value, int) or not 0 <= value <= limit:
+            raise ValueError("SET_VRING_BASE: packed %s %r is not in 0..%d"
+                             % (name, value, limit))
+    return base.avail | base.avail_wrap << 15 | (base.used | base.used_wrap << 15) << 16
+
+
+def _decode_packed_base(num, size):
+    """GET_VRING_BASE's answer for a packed ring of ``size`` entries, checked.
+
+    Some back-ends (DPDK 22.11) return only the avail half and resume the used
+    position where avail is (the ring was drained); an upper half of 0 is read
+    that way.
+    """
+    request = FrontendReq.GET_VRING_BASE
+    if not 0 <= num <= 0xFFFFFFFF:
+        raise ProtocolError("GET_VRING_BASE: base %#x does not fit in 32 bits" % num, request)
+    avail, avail_wrap = num & 0x7FFF, num >> 15 & 1
+    used, used_wrap = (num >> 16 & 0x7FFF, num >> 31) if num >> 16 else (avail, avail_wrap)
+    for name, value in (("avail", avail), ("used", used)):
+        if value >= size:
+            raise ProtocolError("GET_VRING_BASE: packed %s position %d (base %#x) is past "
+                                "the ring's %d entries" % (name, value, num, size), request)
+    return _PackedBase(avail, avail_wrap, used, used_wrap)
+
+
 def _encode_mem_table(regions):
     """MEM payload: the true region count, then each region (not padded to 8)."""
     parts = [_MEM_HDR.pack(len(regions), 0)]
@@ -2110,6 +2150,9 @@ def _hex(value):
 # Split virtqueue layout (virtio spec 2.7): descriptor table 16 bytes per
 # entry, 16-aligned; avail ring flags, idx, ring[size], used_event; used ring
 # flags, idx, ring[size] of (id u32, len u32), avail_event; 2- and 4-aligned.
+# Packed layout (spec 2.8, RING_PACKED): one ring of 16-byte descriptors
+# (addr, len, buffer id, flags), then the driver's and the device's event
+# suppression areas (off_wrap u16, flags u16), 4-aligned; ``_PackedQueue``.
 #
 # Memory ordering. The back-end reads and writes these rings from another
 # CPU while we touch them through the mmap, and Python has no barriers. What
@@ -2137,6 +2180,14 @@ def _hex(value):
 #   order), each a full barrier for our purpose. It costs well under a
 #   microsecond and is taken once per notify decision and once per re-arm,
 #   never per descriptor.
+# - Packed rings (spec 2.8) have no indices: a descriptor's flags say whose
+#   it is. So its flags are what is stored and loaded on its own (the 16-bit
+#   access above): the driver writes a chain's other descriptors and the
+#   head's addr/len/id first and the head's flags last, after the write
+#   fence (spec 2.8.21); it reads a used descriptor's flags first and its id
+#   and length after the read fence. The store->load cases are the same two:
+#   publishing a head and then reading the device event suppression area,
+#   and writing the driver area and then re-reading the next used flags.
 
 _DESC = struct.Struct("<QIHH")      # addr, len, flags, next
 
@@ -2202,7 +2253,7 @@ class _Chain:
 
     def __init__(self, token, descs, writable, copy_out, block, block_size):
         self.token = token
-        self.descs = descs          # ring descriptor indices to free
+        self.descs = descs          # split: ring descriptor indices to free; packed: slots
         self.writable = writable    # bytes the device may write
         self.copy_out = copy_out    # (guest_addr, caller buffer) to copy back
         self.block = block          # guest allocation (bounce + indirect) or None
@@ -2214,7 +2265,7 @@ class _QueueFull(VhostUserError):
 
 
 class Queue:
-    """One split virtqueue in guest memory, and the driver that fills it.
+    """One virtqueue in guest memory, split or packed, and the driver that fills it.
 
     Holds what a VMM keeps per queue (crosvm's ``Queue``: size, guest
     addresses of the three parts, next avail and used indices, the interrupt
@@ -2240,7 +2291,8 @@ class Queue:
         index: the queue's index in its device.
         vector: the interrupt vector (MSI-X style); None for the shared event.
         features: the negotiated virtio features; RING_EVENT_IDX and
-            RING_INDIRECT_DESC change how the driver side works.
+            RING_INDIRECT_DESC change how the driver side works, and
+            RING_PACKED picks the packed layout (fixed from construction).
             ``VhostUserFrontend.activate`` sets it to the acked features.
     """
 
@@ -2250,9 +2302,18 @@ class Queue:
     #: when RING_INDIRECT_DESC was negotiated (shorter ones too when the
     #: ring has too few free descriptors).
     indirect_threshold = 4
+    #: True for the packed layout (virtio spec 2.8).
+    packed = False
 
     _block = None
     _views = ()
+
+    def __new__(cls, mem, size, index=0, vector=None, features=0):
+        # The layout is fixed when the ring is allocated: RING_PACKED in
+        # ``features`` builds the packed one (_PackedQueue, below).
+        if cls is Queue and features & VirtioFeature.RING_PACKED:
+            cls = _PackedQueue
+        return object.__new__(cls)
 
     def __init__(self, mem, size, index=0, vector=None, features=0):
         if not isinstance(size, int) or not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
@@ -2270,25 +2331,13 @@ class Queue:
         self.vring_base = 0
         self.features = features
         self.spin = _DEFAULT_SPIN
-        desc_bytes, avail_bytes, used_bytes = _split_ring_sizes(size)
-        total = desc_bytes + avail_bytes + 2 + used_bytes
+        total = self._ring_bytes(size)
         self._block = mem.allocate(total, align=4096)
-        self.desc_table = self._block
-        self.avail_ring = self.desc_table + desc_bytes
-        self.used_ring = (self.avail_ring + avail_bytes + 3) & ~3
         self.kick = None
         self.call = None
         try:
             mem.view(self._block, total)[:] = bytes(total)
-            self._desc = mem.view(self.desc_table, desc_bytes)
-            # avail: [0] flags, [1] idx, [2 + i] ring[i], [2 + size] used_event
-            self._avail = mem.view(self.avail_ring, avail_bytes).cast("H")
-            # used: [0] flags, [1] idx; elements as (id, len) pairs; avail_event
-            self._used = mem.view(self.used_ring, 4).cast("H")
-            self._used_elems = mem.view(self.used_ring + 4, 8 * size).cast("I")
-            self._avail_event = mem.view(self.used_ring + 4 + 8 * size, 2).cast("H")
-            self._views = (self._desc, self._avail, self._used, self._used_elems,
-                           self._avail_event)
+            self._map_rings(mem, size)
             self.kick = Event()
             self.call = Event()
         except BaseException:
@@ -2303,6 +2352,27 @@ class Queue:
         self._serial = 0
         self._broken = None
 
+    @staticmethod
+    def _ring_bytes(size):
+        desc_bytes, avail_bytes, used_bytes = _split_ring_sizes(size)
+        return desc_bytes + avail_bytes + 2 + used_bytes
+
+    def _map_rings(self, mem, size):
+        """Place the three parts in the zeroed block and map views of them."""
+        desc_bytes, avail_bytes, _ = _split_ring_sizes(size)
+        self.desc_table = self._block
+        self.avail_ring = self.desc_table + desc_bytes
+        self.used_ring = (self.avail_ring + avail_bytes + 3) & ~3
+        self._desc = mem.view(self.desc_table, desc_bytes)
+        # avail: [0] flags, [1] idx, [2 + i] ring[i], [2 + size] used_event
+        self._avail = mem.view(self.avail_ring, avail_bytes).cast("H")
+        # used: [0] flags, [1] idx; elements as (id, len) pairs; avail_event
+        self._used = mem.view(self.used_ring, 4).cast("H")
+        self._used_elems = mem.view(self.used_ring + 4, 8 * size).cast("I")
+        self._avail_event = mem.view(self.used_ring + 4 + 8 * size, 2).cast("H")
+        self._views = (self._desc, self._avail, self._used, self._used_elems,
+                       self._avail_event)
+
     @property
     def features(self):
         """The negotiated virtio features the driver side honours."""
@@ -2310,6 +2380,11 @@ class Queue:
 
     @features.setter
     def features(self, value):
+        if bool(value & VirtioFeature.RING_PACKED) != self.packed:
+            raise ValueError("queue %d has the %s layout, features %#x %s RING_PACKED; build "
+                             "the queue with the features it will run with"
+                             % (self.index, "packed" if self.packed else "split", value,
+                                "lack" if self.packed else "have"))
         self._features = int(value)
         self._event_idx = bool(value & VirtioFeature.RING_EVENT_IDX)
         self._indirect = bool(value & VirtioFeature.RING_INDIRECT_DESC)
@@ -2391,7 +2466,7 @@ class Queue:
         # Indirect when negotiated and the chain is long, or too long for the free ring
         # descriptors; decided before taking the lock, so re-checked under it.
         indirect = self._indirect and count > 1 and (
-            count >= self.indirect_threshold or count > len(self._free))
+            count >= self.indirect_threshold or count > self.num_free)
         table_bytes = 16 * count if indirect else 0
         block = None
         block_size = table_bytes + bounce
@@ -2413,17 +2488,13 @@ class Queue:
                 resolved.append((gpa, length, flags))
             if indirect:
                 table = self.mem.view(block, table_bytes)
-                last = count - 1
-                for i, (gpa, length, flags) in enumerate(resolved):
-                    _DESC.pack_into(table, 16 * i, gpa, length,
-                                    flags | (_DESC_F_NEXT if i < last else 0),
-                                    i + 1 if i < last else 0)
+                self._fill_table(table, resolved)
                 table.release()
             with self._lock:
                 self._check_usable()
-                if (1 if indirect else count) > len(self._free):
+                if (1 if indirect else count) > self.num_free:
                     raise _QueueFull("queue %d: chain of %d descriptors, %d free"
-                                     % (self.index, count, len(self._free)))
+                                     % (self.index, count, self.num_free))
                 if token is None:
                     self._serial += 1
                     token = self._serial
@@ -2434,6 +2505,15 @@ class Queue:
                 self._release(block, block_size)
             raise
         return token
+
+    @staticmethod
+    def _fill_table(table, resolved):
+        """Write an indirect table: the chain's descriptors linked by index."""
+        last = len(resolved) - 1
+        for i, (gpa, length, flags) in enumerate(resolved):
+            _DESC.pack_into(table, 16 * i, gpa, length,
+                            flags | (_DESC_F_NEXT if i < last else 0),
+                            i + 1 if i < last else 0)
 
     def _allocate(self, size):
         spare = self._spare.get(size)
@@ -2588,8 +2668,16 @@ class Queue:
             # used_event left behind would silence the device's interrupts
             # until used->idx wraps (spec 2.7.10). Then look again, for an
             # entry used before the device could see the new used_event.
-            self._avail[2 + self.size] = self.next_used
-            self._fences.full()
+            self._rearm()
+
+    def _rearm(self):
+        """Ask for an interrupt at the next used entry, then fence (EVENT_IDX)."""
+        self._request_interrupt(0)
+        self._fences.full()
+
+    def _request_interrupt(self, ahead):
+        """used_event: interrupt once the entry ``ahead`` past the next to reap is used."""
+        self._avail[2 + self.size] = (self.next_used + ahead) & 0xFFFF
 
     def _reap_some(self, limit, done):
         used_idx = self._used[1]
@@ -2621,14 +2709,22 @@ class Queue:
                            "the chain has %d writable" % (self.next_used, head, length,
                                                           chain.writable))
             del chains[head]
-            for gpa, target in chain.copy_out:
-                target[:] = self.mem.view(gpa, len(target))
-            if chain.block is not None:
-                self._release(chain.block, chain.block_size)
+            self._retire(chain)
             self._free.extend(reversed(chain.descs))
             self.next_used = (self.next_used + 1) & 0xFFFF
             done.append((chain.token, length))
         return True
+
+    def _retire(self, chain):
+        """Copy a used chain's device-written bounce buffers back and free its block."""
+        for gpa, target in chain.copy_out:
+            target[:] = self.mem.view(gpa, len(target))
+        if chain.block is not None:
+            self._release(chain.block, chain.block_size)
+
+    def _has_used(self):
+        """Whether used->idx moved past what was reaped (a lock-free peek)."""
+        return self._used[1] != self.next_used
 
     def wait_used(self, timeout=5.0, count=1, spin=None):
         """Wait until the device has used chains, then reap them as ``get_used``.
@@ -2651,10 +2747,10 @@ class Queue:
         """
         deadline = time.monotonic() + timeout
         spin_until = time.monotonic() + (self.spin if spin is None else spin)
-        used = self._used
+        has_used = self._has_used
         try:
             while True:
-                if used[1] != self.next_used:
+                if has_used():
                     done = self.get_used()
                     if done:
                         return done
@@ -2680,9 +2776,9 @@ class Queue:
             if not self._event_idx:
                 return None
             want = max(1, min(count, len(self._chains)))
-            self._avail[2 + self.size] = (self.next_used + want - 1) & 0xFFFF
+            self._request_interrupt(want - 1)
             self._fences.full()  # used_event visible before we look at used->idx again
-            return self._used[1] == self.next_used
+            return not self._has_used()
 
     def _check_usable(self):
         if self._broken is not None:
@@ -2728,6 +2824,257 @@ class Queue:
         return "<Queue %d size=%d desc=%#x avail=%#x used=%#x next_avail=%d>" % (
             self.index, self.size, self.desc_table, self.avail_ring, self.used_ring,
             self.next_avail)
+
+
+#: Packed descriptor flags (virtio spec 2.8.1): the driver's and the device's
+#: wrap counters; NEXT, WRITE and INDIRECT keep their split-ring values.
+_PACKED_F_AVAIL = 1 << 7
+_PACKED_F_USED = 1 << 15
+_PACKED_F_BOTH = _PACKED_F_AVAIL | _PACKED_F_USED
+#: Event suppression flags (spec 2.8.10): interrupts or kicks on, off, or at
+#: one descriptor position (only with RING_EVENT_IDX).
+_EVENT_F_ENABLE = 0
+_EVENT_F_DISABLE = 1
+_EVENT_F_DESC = 2
+#: A packed descriptor is addr u64, len u32, buffer id u16, flags u16; the
+#: head's first 14 bytes go first and its flags last (spec 2.8.21).
+_PACKED_HEAD = struct.Struct("<QIH")
+#: SET_VRING_BASE of a fresh packed ring: both wrap counters start at 1 (spec 2.8.1).
+_PACKED_INITIAL_BASE = 1 << 15 | 1 << 31
+
+
+class _PackedQueue(Queue):
+    """The packed layout (virtio spec 2.8) behind ``Queue``'s API.
+
+    ``Queue(..., features=...)`` with RING_PACKED builds one. The ring is
+    16-byte descriptors (addr, len, buffer id, flags) that the driver fills
+    in order and the device overwrites in order with used ones; the driver
+    event suppression area (written here: when to interrupt us) and the
+    device's (read here: when to kick) follow. ``desc_table``, ``avail_ring``
+    and ``used_ring`` are the descriptor ring, the driver area and the device
+    area, which is what SET_VRING_ADDR's desc, avail and used carry for a
+    packed ring. ``next_avail``/``next_used`` are ring positions, with the
+    wrap counters in ``avail_wrap``/``used_wrap``; ``vring_base`` is the
+    32-bit packed encoding.
+
+    Each chain takes one buffer id (the free id stack is Queue's free list)
+    and as many ring slots as descriptors (one when indirect); the device
+    hands back the id in the used descriptor and skips that many slots, so
+    ``num_free`` counts slots.
+    """
+
+    packed = True
+
+    def __init__(self, mem, size, index=0, vector=None, features=0):
+        Queue.__init__(self, mem, size, index, vector, features)
+        self.avail_wrap = self.used_wrap = 1
+        self.vring_base = _PACKED_INITIAL_BASE
+        self._free_slots = size
+        self._added = 0   # slots published since the last notify decision
+
+    @staticmethod
+    def _ring_bytes(size):
+        return 16 * size + 4 + 4
+
+    def _map_rings(self, mem, size):
+        self.desc_table = self._block
+        self.avail_ring = self.desc_table + 16 * size   # driver event suppression
+        self.used_ring = self.avail_ring + 4            # device event suppression
+        self._desc = mem.view(self.desc_table, 16 * size)
+        # per descriptor: [8 i + 6] buffer id, [8 i + 7] flags; [4 i + 2] len
+        self._desc_h = self._desc.cast("H")
+        self._desc_i = self._desc.cast("I")
+        # [0] off_wrap (bits 0-14 position, bit 15 wrap counter), [1] flags
+        self._driver_event = mem.view(self.avail_ring, 4).cast("H")
+        self._device_event = mem.view(self.used_ring, 4).cast("H")
+        self._views = (self._desc_h, self._desc_i, self._desc, self._driver_event,
+                       self._device_event)
+
+    @property
+    def num_free(self):
+        """Free descriptor slots in the ring."""
+        return self._free_slots
+
+    def used_index(self):
+        """None: a packed ring has no used index in memory (see ``next_used``)."""
+        return None
+
+    def reclaim(self, base):
+        """Take the queue back after the back-end stopped it (see ``Queue.reclaim``).
+
+        ``base`` is GET_VRING_BASE's 32-bit packed answer. An idle queue is
+        re-based onto the back-end's positions and wrap counters, and the ring's
+        stale flags are rewritten to match them, so no old descriptor looks
+        available to the device or used to the driver.
+
+        Raises:
+            ProtocolError: a position past the ring, a used position that is
+                not the avail one on an idle ring, or an avail position ahead
+                of what was posted or behind what is in flight.
+        """
+        state = _decode_packed_base(base, self.size)
+        request = FrontendReq.GET_VRING_BASE
+        with self._lock:
+            if self._chains:
+                # Descriptors the back-end has not taken: from its avail position to ours.
+                untaken = self.next_avail - state.avail
+                if state.avail_wrap != self.avail_wrap:
+                    untaken += self.size
+                in_flight = self.size - self._free_slots
+                if not 0 <= untaken <= in_flight:
+                    raise ProtocolError(
+                        "GET_VRING_BASE: packed base %#x (avail %d, wrap %d) of queue %d, but "
+                        "the driver is at %d, wrap %d, with %d descriptor(s) in flight"
+                        % (base, state.avail, state.avail_wrap, self.index, self.next_avail,
+                           self.avail_wrap, in_flight), request)
+            else:
+                if (state.used, state.used_wrap) != (state.avail, state.avail_wrap):
+                    raise ProtocolError(
+                        "GET_VRING_BASE: packed base %#x of idle queue %d has used position "
+                        "%d, wrap %d, but avail %d, wrap %d" % (
+                            base, self.index, state.used, state.used_wrap, state.avail,
+                            state.avail_wrap), request)
+                self._restamp(state.avail, state.avail_wrap)
+                self.next_avail = self.next_used = state.avail
+                self.avail_wrap = self.used_wrap = state.avail_wrap
+            self._added = 0
+            self.vring_base = _encode_packed_base(state)
+
+    def _restamp(self, position, wrap):
+        """Flags of an idle ring at ``position``: used this lap before it, the last lap after."""
+        flags = self._desc_h
+        this_lap = _PACKED_F_BOTH if wrap else 0
+        for slot in range(self.size):
+            flags[8 * slot + 7] = this_lap if slot < position else this_lap ^ _PACKED_F_BOTH
+
+    # -- driver side: posting ---------------------------------------------------
+
+    @staticmethod
+    def _fill_table(table, resolved):
+        """An indirect table of packed descriptors: in order, only WRITE (spec 2.8.19)."""
+        for i, (gpa, length, flags) in enumerate(resolved):
+            _DESC.pack_into(table, 16 * i, gpa, length, 0, flags)
+
+    def _post(self, resolved, indirect, block, table_bytes, chain):
+        """Write the chain's slots, then the head's flags: that publishes it."""
+        if indirect:
+            resolved = ((block, table_bytes, _DESC_F_INDIRECT),)
+        buffer_id = self._free.pop()
+        ring, size = self._desc, self.size
+        position, wrap = self.next_avail, self.avail_wrap
+        head = position
+        head_flags = None
+        last = len(resolved) - 1
+        for i, (gpa, length, flags) in enumerate(resolved):
+            # An available descriptor has AVAIL = the wrap counter, USED = its inverse.
+            flags |= (_PACKED_F_AVAIL if wrap else _PACKED_F_USED) | (
+                _DESC_F_NEXT if i < last else 0)
+            if i:
+                _DESC.pack_into(ring, 16 * position, gpa, length, buffer_id, flags)
+            else:
+                _PACKED_HEAD.pack_into(ring, 16 * position, gpa, length, buffer_id)
+                head_flags = flags
+            position += 1
+            if position == size:
+                position, wrap = 0, wrap ^ 1
+        chain.descs = len(resolved)     # ring slots the device skips when it uses the chain
+        self._chains[buffer_id] = chain
+        self._free_slots -= len(resolved)
+        self._added += len(resolved)
+        self.next_avail, self.avail_wrap = position, wrap
+        self._fences.write()  # the chain before the head's flags (spec 2.8.21)
+        self._desc_h[8 * head + 7] = head_flags
+
+    def notify(self, force=False):
+        """Kick the device about chains added since the last call, if it wants kicks.
+
+        Honours the device event suppression area (spec 2.8.10): DISABLE, or
+        with RING_EVENT_IDX a descriptor position and wrap counter.
+        """
+        with self._lock:
+            added, self._added = self._added, 0
+            if not added and not force:
+                return False
+            self._fences.full()  # the head flags visible before we read the device's wish
+            flags = self._device_event[1]
+            if force:
+                wanted = True
+            elif flags == _EVENT_F_DESC and self._event_idx and added < self.size:
+                off_wrap = self._device_event[0]
+                event = off_wrap & 0x7FFF
+                if off_wrap >> 15 != self.avail_wrap:
+                    event -= self.size  # a position in the previous lap
+                new = self.next_avail
+                wanted = _need_event(event & 0xFFFF, new, (new - added) & 0xFFFF)
+            else:
+                wanted = flags != _EVENT_F_DISABLE
+        if wanted:
+            self.kick.signal()
+        return wanted
+
+    # -- driver side: reaping ----------------------------------------------------
+
+    def _has_used(self):
+        # The slot at next_used is one we posted while chains are in flight;
+        # anything but its "available" flags means the device wrote it.
+        return bool(self._chains) and (
+            self._desc_h[8 * self.next_used + 7] & _PACKED_F_BOTH
+            != (_PACKED_F_AVAIL if self.used_wrap else _PACKED_F_USED))
+
+    def _reap_some(self, limit, done):
+        chains = self._chains
+        flags_at, lengths = self._desc_h, self._desc_i
+        size = self.size
+        reaped = 0
+        while chains and (limit is None or reaped < limit):
+            position, wrap = self.next_used, self.used_wrap
+            flags = flags_at[8 * position + 7] & _PACKED_F_BOTH
+            if flags != (_PACKED_F_BOTH if wrap else 0):
+                if flags == (_PACKED_F_AVAIL if wrap else _PACKED_F_USED):
+                    break  # still available: not used yet
+                self._fail("descriptor %d has flags AVAIL=%d USED=%d, the used wrap counter "
+                           "is %d: neither available nor used" % (
+                               position, bool(flags & _PACKED_F_AVAIL),
+                               bool(flags & _PACKED_F_USED), wrap))
+            self._fences.read()  # the flags before the id and length they cover
+            buffer_id = flags_at[8 * position + 6]
+            length = lengths[4 * position + 2]
+            chain = chains.get(buffer_id)
+            if chain is None:
+                if buffer_id >= size:
+                    self._fail("used descriptor %d names buffer id %d, the ring has %d"
+                               % (position, buffer_id, size))
+                self._fail("used descriptor %d names buffer id %d, which is not in flight"
+                           % (position, buffer_id))
+            if length > chain.writable:
+                self._fail("used descriptor %d for buffer id %d claims %d bytes written, "
+                           "the chain has %d writable" % (position, buffer_id, length,
+                                                          chain.writable))
+            del chains[buffer_id]
+            self._retire(chain)
+            self._free.append(buffer_id)
+            self._free_slots += chain.descs
+            position += chain.descs
+            if position >= size:
+                position, self.used_wrap = position - size, wrap ^ 1
+            self.next_used = position
+            done.append((chain.token, length))
+            reaped += 1
+        return reaped > 0
+
+    def _request_interrupt(self, ahead):
+        # Each used chain moves the device at least one slot, so the slot
+        # ``ahead`` past next_used is crossed by the time ahead + 1 are used.
+        position, wrap = self.next_used + ahead, self.used_wrap
+        if position >= self.size:
+            position, wrap = position - self.size, wrap ^ 1
+        self._driver_event[0] = position | wrap << 15
+        self._driver_event[1] = _EVENT_F_DESC
+
+    def __repr__(self):
+        return "<Queue %d packed size=%d desc=%#x driver=%#x device=%#x next_avail=%d/%d>" % (
+            self.index, self.size, self.desc_table, self.avail_ring, self.used_ring,
+            self.next_avail, self.avail_wrap)
 
 
 ############################################################################
@@ -3498,7 +3845,7 @@ class VhostUserFrontend:
     """A virtio device whose emulation runs in a vhost-user back-end (crosvm's VhostUserFrontend).
 
     Construction does crosvm's negotiation: RING_PACKED is stripped from
-    ``base_features`` (no packed driver yet), SET_OWNER, GET_FEATURES,
+    ``base_features`` unless ``packed=True``, SET_OWNER, GET_FEATURES,
     GET/SET_PROTOCOL_FEATURES (offered & ``protocol_features``) when bit 30
     is offered, SET_BACKEND_REQ_FD when BACKEND_REQ was negotiated, and the
     queue count from GET_QUEUE_NUM (MQ) or ``DeviceType.min_queues``.
@@ -3531,6 +3878,9 @@ class VhostUserFrontend:
             back-end; a back-end that streams more (or hands back an endless
             fd such as /dev/zero) gets ``ProtocolError`` instead of filling
             memory.
+        packed: keep RING_PACKED of ``base_features`` so it may be acked
+            (crosvm strips it; the default does too). The queues must then
+            be built with the features acked (``Queue(..., features=)``).
 
     Attributes:
         client: the ``BackendClient``.
@@ -3545,7 +3895,8 @@ class VhostUserFrontend:
 
     def __init__(self, device_type, base_features, connection, max_queue_size=None,
                  timeout=5.0, protocol_features=_CROSVM_PROTOCOL_FEATURES, start_kick=True,
-                 handler_factory=BackendReqHandler, max_state_size=_MAX_DEVICE_STATE):
+                 handler_factory=BackendReqHandler, max_state_size=_MAX_DEVICE_STATE,
+                 packed=False):
         self._device_type = DeviceType(device_type)
         self.timeout = timeout
         self.start_kick = start_kick
@@ -3564,7 +3915,13 @@ class VhostUserFrontend:
         self._own_mapper = None
         try:
             self.client = self._connect(connection, timeout)
-            self._negotiate(int(base_features), ProtocolFeature(int(protocol_features)),
+            base_features = int(base_features)
+            if base_features & VirtioFeature.RING_PACKED and not packed:
+                # crosvm b/331466964: no packed ring support in its protocol layer.
+                base_features &= ~VirtioFeature.RING_PACKED
+                _log.warning("%s: RING_PACKED requested without packed=True; disabled",
+                             self.debug_label())
+            self._negotiate(base_features, ProtocolFeature(int(protocol_features)),
                             max_queue_size, handler_factory)
         except BaseException:
             self.close()
@@ -3583,11 +3940,6 @@ class VhostUserFrontend:
 
     def _negotiate(self, base_features, allowed_protocol, max_queue_size, handler_factory):
         client = self.client
-        if base_features & VirtioFeature.RING_PACKED:
-            # crosvm b/331466964: no packed ring support in the protocol layer yet.
-            base_features &= ~VirtioFeature.RING_PACKED
-            _log.warning("%s: RING_PACKED requested but not supported yet; disabled",
-                         self.debug_label())
         client.set_owner()
         allowed = (_DEVICE_SPECIFIC_FEATURES | base_features
                    | VirtioFeature.PROTOCOL_FEATURES)
@@ -3698,6 +4050,11 @@ class VhostUserFrontend:
             if queue.size > self._queue_sizes[index]:
                 raise ValueError("activate: queue %d has size %d, the maximum is %d"
                                  % (index, queue.size, self._queue_sizes[index]))
+            if queue.packed != bool(self.acked_features & VirtioFeature.RING_PACKED):
+                raise ValueError("activate: queue %d is %s but RING_PACKED is %sacked; build "
+                                 "it with features=frontend.acked_features"
+                                 % (index, "packed" if queue.packed else "split",
+                                    "not " if queue.packed else ""))
         if interrupt is None:
             if self._own_interrupt is None:
                 self._own_interrupt = Interrupt()
@@ -3752,8 +4109,11 @@ class VhostUserFrontend:
         if self.acked_features & VirtioFeature.PROTOCOL_FEATURES:
             client.set_vring_enable(index, True)
 
-    def _deactivate_vring(self, index):
-        """Disable then stop a ring; returns its 16-bit base (crosvm deactivate_vring).
+    def _deactivate_vring(self, index, packed=False):
+        """Disable then stop a ring; returns its base (crosvm deactivate_vring).
+
+        A split ring's base is 16 bits; a packed ring's is 32 (avail and used
+        positions with their wrap counters), decoded by ``Queue.reclaim``.
 
         A refused disable (an error ack) still gets GET_VRING_BASE, which is
         what stops the ring: one left running would go on writing guest
@@ -3766,7 +4126,7 @@ class VhostUserFrontend:
             except BackendError as exc:
                 refused = exc
         base = self.client.get_vring_base(index)
-        if base > 0xFFFF:
+        if base > 0xFFFF and not packed:
             raise ProtocolError("GET_VRING_BASE: base %#x of ring %d does not fit in 16 bits"
                                 % (base, index), FrontendReq.GET_VRING_BASE)
         if refused is not None:
@@ -3810,7 +4170,7 @@ class VhostUserFrontend:
         # drains the rings, so it stops last (as in crosvm).
         for index, queue in sorted((queues or {}).items()):
             try:
-                base = self._deactivate_vring(index)
+                base = self._deactivate_vring(index, queue.packed)
                 if reclaim:
                     queue.reclaim(base)
             except BaseException as exc:
