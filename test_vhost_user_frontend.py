@@ -14,6 +14,7 @@ import errno
 import fcntl
 import gc
 import io
+import itertools
 import json
 import logging
 import mmap
@@ -457,10 +458,35 @@ class Testpmd(_Daemon):
         vdev = "net_vhost0,iface=%s,queues=%d" % (self.socket_path, self.queues)
         if self.client:
             vdev += ",client=1"
+        queues = ["--rxq=%d" % self.queues, "--txq=%d" % self.queues] if self.queues > 1 else []
         return [find_binary("dpdk-testpmd"), "--no-huge", "--no-pci", "--no-shconf", "-m", "128",
                 "-l", self._cpus(), "--file-prefix=%s" % self.file_prefix, "--vdev", vdev,
                 "--", "--total-num-mbufs=2048", "--auto-start", "--stats-period=3600",
-                "--no-mlockall", "--forward-mode=io", "--nb-cores=1"]
+                "--no-mlockall", "--forward-mode=io", "--nb-cores=1"] + queues
+
+    def stop_with_stats(self):
+        """SIGTERM, then the forward statistics testpmd prints as it exits, then stop().
+
+        Returns {"port": (rx, tx, tx_dropped), queue: (rx, tx, tx_dropped), ...}; per-queue
+        entries only with several queues (testpmd prints them per forwarding stream).
+        """
+        if self.proc.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            self.wait(self.stop_timeout)
+        with open(self.log_path) as f:
+            log = f.read()
+        self.stop()
+        stats = {}
+        number = r"RX-packets:\s*(\d+)\s+TX-packets:\s*(\d+)\s+TX-dropped:\s*(\d+)"
+        for queue, rx, tx, dropped in re.findall(
+                r"RX Port=\s*0/Queue=\s*(\d+) -> TX Port=\s*0/Queue=\s*\d+ -+\s+" + number, log):
+            stats[int(queue)] = (int(rx), int(tx), int(dropped))
+        port = re.search(r"Forward statistics for port 0\s*-+\s+RX-packets:\s*(\d+).*?\n"
+                         r"\s*TX-packets:\s*(\d+)\s+TX-dropped:\s*(\d+)", log)
+        if port is None:
+            raise BackendError("testpmd printed no forward statistics:\n" + log[-2000:])
+        stats["port"] = tuple(int(n) for n in port.groups())
+        return stats
 
     def _cleanup_extra(self):
         # EAL runtime dir (telemetry sockets) survives even --no-shconf.
@@ -4015,14 +4041,16 @@ class TestNetDevice(BackendTestMixin, FdLeakCheck):
     def test_io_forward_10000_frames(self):
         pmd = self.start_backend(Testpmd)
         rnd = random.Random(7)
-        for mrg in (False, True):
-            with self.subTest(mrg_rxbuf=mrg):
+        for packed, mrg in itertools.product((False, True), (False, True)):
+            with self.subTest(packed=packed, mrg_rxbuf=mrg):
                 # Small receive buffers with MRG_RXBUF, so most frames span several of them.
                 kwargs = {"rx_buffer_size": 256} if mrg else {}
-                with vu.NetDevice.connect(pmd.socket_path, mrg_rxbuf=mrg, **kwargs) as dev:
+                with vu.NetDevice.connect(pmd.socket_path, mrg_rxbuf=mrg, packed=packed,
+                                          **kwargs) as dev:
                     self.assertEqual(bool(dev.features & (1 << 15)), mrg)
                     self.assertTrue(dev.features & _F.VERSION_1)
-                    self.assertFalse(dev.features & _F.RING_PACKED)
+                    self.assertEqual((dev.packed, bool(dev.features & _F.RING_PACKED)),
+                                     (packed, packed))
                     self.exchange(dev, 10000, rnd)
                     with self.assertRaises(ValueError):
                         dev.send(b"short")
@@ -5113,6 +5141,117 @@ class TestPackedQueue(FdLeakCheck):
         (buffer_id, _, slots), = dev.take()
         dev.complete(buffer_id, 1, slots)
         self.assertEqual(q.get_used(), [(token, 1)])
+
+
+def _numbered_frames(rnd, first, count, pair=0):
+    """Frames of random sizes 60..1514 carrying (pair, number) after the Ethernet header."""
+    head = b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5"
+    frames = []
+    for n in range(first, first + count):
+        size = rnd.randint(60, 1514)
+        frames.append(head + struct.pack("<HI", pair, n) + os.urandom(size - 20))
+    return frames
+
+
+class TestPackedRingsAndQueuePairs(BackendTestMixin, FdLeakCheck):
+    """packed= and queue_pairs= against the real back-ends: testpmd (packed, MQ) and qsd (neither)."""
+
+    def test_qsd_refuses_packed_before_any_ring(self):
+        qsd = self.start_backend(QemuStorageDaemon, kind="raw")
+        with mock.patch.object(vu.BackendClient, "set_mem_table", autospec=True) as mem_table, \
+                mock.patch.object(vu.BackendClient, "set_vring_num", autospec=True) as vring_num:
+            with self.assertRaises(vu.FeatureNotNegotiated) as cm:
+                vu.BlockDevice.connect(qsd.socket_path, packed=True)
+            self.assertIn("RING_PACKED is not offered", str(cm.exception))
+            self.assertEqual((mem_table.call_count, vring_num.call_count), (0, 0))
+        with vu.BlockDevice.connect(qsd.socket_path) as dev:       # None: falls back to split
+            self.assertFalse(dev.packed or dev.features & _F.RING_PACKED)
+            data = (b"split" * 103)[:512]
+            dev.write(4096, data)
+            self.assertEqual(dev.read(4096, 512), data)
+        with self.assertRaises(ValueError):
+            vu.BlockDevice.connect(qsd.socket_path, packed="yes")
+
+    def test_testpmd_sleep_and_wake_in_the_middle_of_traffic(self):
+        pmd = self.start_backend(Testpmd)
+        rnd = random.Random(11)
+        sent = received = 0
+        for packed in (False, True):
+            with self.subTest(packed=packed), \
+                    vu.NetDevice.connect(pmd.socket_path, packed=packed) as dev:
+                self.assertEqual(dev.packed, packed)
+                for round_ in range(20):
+                    frames = _numbered_frames(rnd, sent, 32)
+                    dev.send_many(frames)
+                    sent += len(frames)
+                    if round_ % 4 == 1:
+                        # Stop the rings with frames just posted, some not taken yet.
+                        slept = dev.frontend.virtio_sleep()
+                        self.assertEqual(len(slept), 2)
+                        dev.frontend.virtio_wake()
+                    got = []
+                    while True:
+                        frame = dev.recv(0.5 if len(got) < len(frames) else 0.05)
+                        if frame is None:
+                            break
+                        got.append(frame)
+                    # What comes back is what was sent, in order, each once: the RX side
+                    # may lose frames testpmd forwarded while its RX ring was stopped.
+                    self.assertEqual(got, [f for f in frames if f in got])
+                    received += len(got)
+                dev.flush()
+        stats = pmd.stop_with_stats()
+        rx, tx, dropped = stats["port"]
+        self.assertEqual(rx, sent)                   # TX side: nothing lost, nothing twice
+        self.assertEqual(tx + dropped, sent)
+        self.assertEqual(tx, received)
+        self.assertGreater(received, sent * 3 // 4)
+
+    def test_testpmd_four_queue_pairs_one_thread_each(self):
+        pmd = self.start_backend(Testpmd, queues=4)
+        count = 300
+        errors = []
+        with vu.NetDevice.connect(pmd.socket_path, queue_pairs=4, packed=True) as dev:
+            self.assertEqual((dev.queue_pairs, dev.packed), (4, True))
+            self.assertTrue(dev.features & (1 << 22))              # NET_MQ
+            self.assertFalse(dev.features & (1 << 17))             # CTRL_VQ is not acked
+            with self.assertRaises(ValueError):
+                dev.send(b"\x00" * 60, pair=4)
+
+            def loop(pair):
+                try:
+                    rnd = random.Random(pair)
+                    for first in range(0, count, 20):
+                        frames = _numbered_frames(rnd, first, 20, pair)
+                        dev.send_many(frames, pair=pair)
+                        for frame in frames:
+                            self.assertEqual(dev.recv(5.0, pair=pair), frame)
+                    self.assertIsNone(dev.recv(0.05, pair=pair))
+                except BaseException as exc:
+                    errors.append((pair, exc))
+
+            threads = [threading.Thread(target=loop, args=(p,)) for p in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            self.assertEqual(errors, [])
+        stats = pmd.stop_with_stats()
+        self.assertEqual([stats[q] for q in range(4)], [(count, count, 0)] * 4)
+
+    def test_queue_pairs_need_mq(self):
+        for protocol, pairs, error in ((FAKE_PROTOCOL & ~P_MQ, 2, vu.FeatureNotNegotiated),
+                                       (FAKE_PROTOCOL, 0, ValueError),
+                                       (FAKE_PROTOCOL, 3, ValueError)):   # 4 queues: 2 pairs
+            with self.subTest(pairs=pairs):
+                backend = FakeBackend(features=FAKE_FEATURES | (1 << 22),
+                                      protocol_features=protocol, queue_num=4)
+                self.addCleanup(backend.close)
+                frontend = vu.VhostUserFrontend(vu.DeviceType.NET, 0, backend.frontend_sock)
+                with self.assertRaises(error) as cm:
+                    vu.NetDevice(frontend, queue_pairs=pairs)
+                self.assertIn("queue_pairs", str(cm.exception))
+                self.assertEqual([m for m in backend.messages if m.name == "SET_MEM_TABLE"], [])
 
 
 if __name__ == "__main__":

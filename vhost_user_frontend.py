@@ -3046,11 +3046,15 @@ class _PackedQueue(Queue):
                                % (position, buffer_id, size))
                 self._fail("used descriptor %d names buffer id %d, which is not in flight"
                            % (position, buffer_id))
-            if length > chain.writable:
+            if length > chain.writable and chain.writable:
+                # A chain with nothing writable is exempt: DPDK 22.11 reports the
+                # bytes it read from a packed TX chain as its used length.
                 self._fail("used descriptor %d for buffer id %d claims %d bytes written, "
                            "the chain has %d writable" % (position, buffer_id, length,
                                                           chain.writable))
             del chains[buffer_id]
+            if not chain.writable:
+                length = 0
             self._retire(chain)
             self._free.append(buffer_id)
             self._free_slots += chain.descs
@@ -4485,6 +4489,11 @@ class _Device:
     _mem = None
     _queues = ()
 
+    @property
+    def frontend(self):
+        """The ``VhostUserFrontend`` it drives (for ``virtio_sleep``/``virtio_wake``)."""
+        return self._frontend
+
     def close(self):
         """Disconnect from the back-end and free guest memory; safe to call twice."""
         frontend, self._frontend = self._frontend, None
@@ -4502,6 +4511,34 @@ class _Device:
 
     def __exit__(self, *exc):
         self.close()
+
+
+#: Packed ring positions have 15 bits (spec 2.8: "Queue Size ... up to 2^15").
+_PACKED_MAX_SIZE = 1 << 15
+
+
+def _packed_offer(packed):
+    """RING_PACKED for the front-end a device's ``connect`` builds, unless ``packed=False``."""
+    return 0 if packed is False else VirtioFeature.RING_PACKED
+
+
+def _use_packed(offered, packed, size, what):
+    """Whether a device runs packed rings: ``packed`` None, True or False, and the offer.
+
+    None: when offered and the ring size allows; True: required, or
+    ``FeatureNotNegotiated`` before anything is set up; False: never.
+    """
+    if packed not in (None, True, False):
+        raise ValueError("%s: packed must be None, True or False, not %r" % (what, packed))
+    available = bool(offered & VirtioFeature.RING_PACKED)
+    if packed and not available:
+        raise FeatureNotNegotiated("%s: packed=True, but RING_PACKED is not offered (the "
+                                   "back-end lacks it, or the front-end was built without "
+                                   "packed=True)" % what, FrontendReq.SET_FEATURES)
+    if packed and size > _PACKED_MAX_SIZE:
+        raise ValueError("%s: packed rings hold at most %d entries, not %d"
+                         % (what, _PACKED_MAX_SIZE, size))
+    return available and packed is not False and size <= _PACKED_MAX_SIZE
 
 
 # -- virtio-blk (virtio spec 5.2) ----------------------------------------------
@@ -4710,36 +4747,44 @@ class BlockDevice(_Device):
         max_segment_size: cap on the bytes one data descriptor describes
             (the device's size_max also applies), e.g. 4096 to build
             page-sized scatter lists like a guest kernel.
+        packed: None uses packed rings when the back-end offers RING_PACKED
+            (and the front-end was built with ``packed=True``, as ``connect``
+            does), True requires them, False never uses them.
     """
 
     def __init__(self, frontend, num_queues=None, queue_size=128, timeout=5.0,
-                 memory_size=64 << 20, max_segment_size=None):
+                 memory_size=64 << 20, max_segment_size=None, packed=None):
         self._frontend = frontend
         self.timeout = timeout
         try:
-            self._setup(num_queues, queue_size, memory_size, max_segment_size)
+            self._setup(num_queues, queue_size, memory_size, max_segment_size, packed)
         except BaseException:
             self.close()
             raise
 
     @classmethod
-    def connect(cls, path, num_queues=None, queue_size=128, timeout=5.0, **kwargs):
+    def connect(cls, path, num_queues=None, queue_size=128, timeout=5.0, packed=None,
+                **kwargs):
         """Connect to the vhost-user-blk socket at ``path``, negotiate and activate.
 
         ``path`` may also be a connected socket or a ``BackendClient``; other
         keyword arguments go to the constructor.
         """
-        frontend = VhostUserFrontend(DeviceType.BLOCK, _BLK_DRIVER_FEATURES, path,
-                                     timeout=timeout)
+        frontend = VhostUserFrontend(DeviceType.BLOCK,
+                                     _BLK_DRIVER_FEATURES | _packed_offer(packed), path,
+                                     timeout=timeout, packed=packed is not False)
         return cls(frontend, num_queues=num_queues, queue_size=queue_size,
-                   timeout=timeout, **kwargs)
+                   timeout=timeout, packed=packed, **kwargs)
 
-    def _setup(self, num_queues, queue_size, memory_size, max_segment_size):
+    def _setup(self, num_queues, queue_size, memory_size, max_segment_size, packed):
         frontend = self._frontend
         offered = frontend.features()
         if not offered & VirtioFeature.VERSION_1:
             raise FeatureNotNegotiated("virtio-blk: the back-end does not offer VERSION_1")
-        self.features = offered & _BLK_DRIVER_FEATURES
+        sizes = frontend.queue_max_sizes()
+        self.packed = _use_packed(offered, packed, min([queue_size] + sizes), "virtio-blk")
+        self.features = offered & (_BLK_DRIVER_FEATURES | (
+            VirtioFeature.RING_PACKED if self.packed else 0))
         frontend.ack_features(self.features)
         # Read only the fields the acked features make exist, as QEMU sizes
         # it: a back-end with a shorter config refuses a longer read.
@@ -5052,6 +5097,7 @@ _NET_F_MTU = 1 << 3
 _NET_F_MAC = 1 << 5
 _NET_F_MRG_RXBUF = 1 << 15
 _NET_F_STATUS = 1 << 16
+_NET_F_MQ = 1 << 22
 _NET_S_LINK_UP = 1
 _NET_DRIVER_FEATURES = (
     VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC | VirtioFeature.RING_EVENT_IDX
@@ -5062,6 +5108,20 @@ _NET_HDR = struct.Struct("<BBHHHHH")
 _NET_HDR_LEGACY_SIZE = 10
 _ETH_HLEN = 14
 _NET_RX, _NET_TX = 0, 1
+
+
+class _NetPair:
+    """One RX/TX queue pair of a NetDevice and the frames its RX side reassembled."""
+
+    def __init__(self, index, rx, tx, rx_pool):
+        self.index = index
+        self.rx = rx
+        self.tx = tx
+        self.rx_pool = rx_pool
+        self.rx_lock = threading.Lock()
+        self.tx_lock = threading.Lock()
+        self.frames = collections.deque()
+        self.partial = None   # (buffers still expected, [chunks]) of a merged frame
 
 
 class NetDevice(_Device):
@@ -5075,6 +5135,14 @@ class NetDevice(_Device):
     to the TX queue, ``recv`` returns one received frame without its header.
     No offloads are negotiated, so frames are plain Ethernet.
 
+    With ``queue_pairs=N`` (N > 1) NET_MQ is acked and N RX/TX pairs run
+    (queues 2p and 2p + 1), each enabled with SET_VRING_ENABLE as QEMU does
+    for vhost-user: the control queue that would carry
+    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET (spec 5.1.6.5.5) is the VMM's, never the
+    back-end's, so CTRL_VQ is not acked. ``send``/``send_many``/``recv``/
+    ``flush`` take ``pair=``; each pair has its own locks, so one thread per
+    pair runs without contention.
+
     Args:
         frontend: a connected front-end for a NET device (features not yet
             acked); the device owns and closes it.
@@ -5084,44 +5152,72 @@ class NetDevice(_Device):
             several receive buffers).
         rx_buffer_size: bytes per receive buffer, header included; by default
             big enough for one whole frame. With MRG_RXBUF it may be smaller.
+        queue_pairs: RX/TX pairs to run; more than 1 needs NET_MQ and the MQ
+            protocol feature.
+        packed: None uses packed rings when the back-end offers RING_PACKED
+            (and the front-end was built with ``packed=True``, as ``connect``
+            does), True requires them, False never uses them.
 
-    ``queue_size`` and ``rx_buffer_size`` give the sizes in use; ``mac``,
-    ``mtu`` and ``link_up`` are None when the device does not report them.
+    ``queue_size``, ``rx_buffer_size`` and ``queue_pairs`` give the sizes in
+    use and ``packed`` the layout; ``mac``, ``mtu`` and ``link_up`` are None
+    when the device does not report them.
     """
 
+    _pairs = ()
+
     def __init__(self, frontend, queue_size=256, timeout=5.0, mrg_rxbuf=True,
-                 rx_buffer_size=None, memory_size=None):
+                 rx_buffer_size=None, memory_size=None, queue_pairs=1, packed=None):
         self._frontend = frontend
         self.timeout = timeout
-        self._rx_lock = threading.Lock()
-        self._tx_lock = threading.Lock()
-        self._frames = collections.deque()
-        self._partial = None   # (buffers still expected, [chunks]) of a merged frame
         try:
-            self._setup(queue_size, mrg_rxbuf, rx_buffer_size, memory_size)
+            self._setup(queue_size, mrg_rxbuf, rx_buffer_size, memory_size, queue_pairs,
+                        packed)
         except BaseException:
             self.close()
             raise
 
     @classmethod
-    def connect(cls, path, queue_size=256, timeout=5.0, **kwargs):
+    def connect(cls, path, queue_size=256, timeout=5.0, packed=None, **kwargs):
         """Connect to the vhost-user-net socket at ``path``, negotiate and start.
 
         ``path`` may also be a connected socket or a ``BackendClient``; other
         keyword arguments go to the constructor.
         """
-        frontend = VhostUserFrontend(DeviceType.NET, _NET_DRIVER_FEATURES, path,
-                                     timeout=timeout)
-        return cls(frontend, queue_size=queue_size, timeout=timeout, **kwargs)
+        frontend = VhostUserFrontend(DeviceType.NET,
+                                     _NET_DRIVER_FEATURES | _packed_offer(packed), path,
+                                     timeout=timeout, packed=packed is not False)
+        return cls(frontend, queue_size=queue_size, timeout=timeout, packed=packed, **kwargs)
 
-    def _setup(self, queue_size, mrg_rxbuf, rx_buffer_size, memory_size):
+    def _setup(self, queue_size, mrg_rxbuf, rx_buffer_size, memory_size, queue_pairs, packed):
         frontend = self._frontend
         offered = frontend.features()
+        max_sizes = frontend.queue_max_sizes()
+        if not isinstance(queue_pairs, int) or queue_pairs < 1:
+            raise ValueError("virtio-net: queue_pairs must be a positive int, not %r"
+                             % (queue_pairs,))
+        if queue_pairs > 1:
+            if not offered & _NET_F_MQ or not frontend.protocol_features & _P.MQ:
+                raise FeatureNotNegotiated(
+                    "virtio-net: queue_pairs=%d needs NET_MQ and the MQ protocol feature; the "
+                    "back-end offers %s" % (queue_pairs, "neither" if not offered & _NET_F_MQ
+                                            and not frontend.protocol_features & _P.MQ else
+                                            "only %s" % ("NET_MQ" if offered & _NET_F_MQ
+                                                         else "MQ")), FrontendReq.SET_FEATURES)
+            if queue_pairs > len(max_sizes) // 2:
+                raise ValueError("virtio-net: queue_pairs=%d, the back-end has %d queue(s)"
+                                 % (queue_pairs, len(max_sizes)))
+        size = min([queue_size] + max_sizes[:2 * queue_pairs])
+        use_packed = _use_packed(offered, packed, size, "virtio-net")
         wanted = _NET_DRIVER_FEATURES if mrg_rxbuf else _NET_DRIVER_FEATURES & ~_NET_F_MRG_RXBUF
+        if queue_pairs > 1:
+            wanted |= _NET_F_MQ
+        if use_packed:
+            wanted |= VirtioFeature.RING_PACKED
         self.features = offered & wanted
+        self.packed = use_packed
         frontend.ack_features(self.features)
         self.mac = self.mtu = self.link_up = None
-        if self.features & (_NET_F_MAC | _NET_F_MTU | _NET_F_STATUS):
+        if self.features & (_NET_F_MAC | _NET_F_MTU | _NET_F_STATUS | _NET_F_MQ):
             try:
                 data = frontend.read_config(0, _device_config_size(DeviceType.NET, self.features))
             except FeatureNotNegotiated:
@@ -5132,16 +5228,18 @@ class NetDevice(_Device):
                 self.mtu = fields.get("mtu")
                 if "status" in fields:
                     self.link_up = bool(fields["status"] & _NET_S_LINK_UP)
+                pairs = fields.get("max_virtqueue_pairs")
+                if pairs is not None and queue_pairs > pairs:
+                    raise ValueError("virtio-net: queue_pairs=%d, the device's "
+                                     "max_virtqueue_pairs is %d" % (queue_pairs, pairs))
         self._mrg = bool(self.features & _NET_F_MRG_RXBUF)
         # The header has num_buffers with VERSION_1 or MRG_RXBUF (spec 5.1.6).
         self._hdr_len = _NET_HDR.size if self.features & (
             VirtioFeature.VERSION_1 | _NET_F_MRG_RXBUF) else _NET_HDR_LEGACY_SIZE
         self._tx_hdr = bytes(self._hdr_len)
-        max_sizes = frontend.queue_max_sizes()
         if len(max_sizes) < 2:
             raise ProtocolError("virtio-net: the back-end has %d queue(s), RX and TX need 2"
                                 % len(max_sizes))
-        size = min(queue_size, max_sizes[_NET_RX], max_sizes[_NET_TX])
         frame_max = max(self.mtu or 0, 1500) + _ETH_HLEN + 4
         if rx_buffer_size is None:
             rx_buffer_size = self._hdr_len + frame_max
@@ -5152,31 +5250,44 @@ class NetDevice(_Device):
                                 % frame_max))
         self._rx_size = self.rx_buffer_size = rx_buffer_size
         self.queue_size = size
+        self.queue_pairs = queue_pairs
         if memory_size is None:
-            memory_size = 2 * size * (rx_buffer_size + self._hdr_len + frame_max) + (1 << 20)
+            memory_size = queue_pairs * 2 * size * (rx_buffer_size + self._hdr_len
+                                                    + frame_max) + (1 << 20)
         self._mem = GuestMemory([(0, memory_size)], name="vhost-user-net")
-        self._rx_pool = self._mem.allocate(size * rx_buffer_size)
         queues = []
-        for index in (_NET_RX, _NET_TX):
-            queues.append(Queue(self._mem, size, index, features=self.features))
-            self._queues = queues
-        self._rx, self._tx = queues
-        for i in range(size):
-            gpa = self._rx_pool + i * rx_buffer_size
-            self._rx.add(writable=[(gpa, rx_buffer_size)], token=gpa)
+        pairs = []
+        for pair in range(queue_pairs):
+            rx_pool = self._mem.allocate(size * rx_buffer_size)
+            for index in (2 * pair + _NET_RX, 2 * pair + _NET_TX):
+                queues.append(Queue(self._mem, size, index, features=self.features))
+                self._queues = queues
+            pairs.append(_NetPair(pair, queues[-2], queues[-1], rx_pool))
+            for i in range(size):
+                gpa = rx_pool + i * rx_buffer_size
+                queues[-2].add(writable=[(gpa, rx_buffer_size)], token=gpa)
         frontend.activate(self._mem, None, queues)
-        self._rx.notify()
+        self._pairs = pairs
+        for pair in pairs:
+            pair.rx.notify()
 
-    def send(self, frame):
+    def _pair(self, pair):
+        pairs = self._pairs
+        if not pairs:
+            raise ValueError("the net device is closed")
+        if not isinstance(pair, int) or not 0 <= pair < len(pairs):
+            raise ValueError("pair %r: the device runs pairs 0..%d" % (pair, len(pairs) - 1))
+        return pairs[pair]
+
+    def send(self, frame, pair=0):
         """Queue one Ethernet frame for transmission (copied; no header needed)."""
-        self.send_many((frame,))
+        self.send_many((frame,), pair)
 
-    def send_many(self, frames):
+    def send_many(self, frames, pair=0):
         """Queue frames for transmission with one kick; waits while the TX ring is full."""
-        with self._tx_lock:
-            tx = self._tx
-            if tx is None:
-                raise ValueError("the net device is closed")
+        pair = self._pair(pair)
+        with pair.tx_lock:
+            tx = pair.tx
             deadline = time.monotonic() + self.timeout
             for frame in frames:
                 frame = bytes(frame)
@@ -5198,39 +5309,43 @@ class NetDevice(_Device):
             tx.notify()
             tx.get_used()  # free what the device already sent
 
-    def flush(self, timeout=None):
+    def flush(self, timeout=None, pair=None):
         """Wait until the back-end has taken every frame queued for transmission.
+
+        ``pair`` None waits for every pair.
 
         Raises:
             VhostUserTimeout: frames are still queued after ``timeout``
                 (default the device's).
         """
-        with self._tx_lock:
-            tx = self._tx
-            if tx is None:
-                raise ValueError("the net device is closed")
-            timeout = self.timeout if timeout is None else timeout
-            deadline = time.monotonic() + timeout
-            tx.get_used()
-            while tx.in_flight:
-                _check_alive(self._frontend, "flush")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise VhostUserTimeout("flush: the back-end has not taken %d frame(s) "
-                                           "within %g s" % (tx.in_flight, timeout))
-                tx.wait_used(min(remaining, _CRASH_CHECK_INTERVAL), count=tx.in_flight)
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        pairs = self._pairs if pair is None else (self._pair(pair),)
+        if not pairs:
+            raise ValueError("the net device is closed")
+        for one in pairs:
+            with one.tx_lock:
+                tx = one.tx
+                tx.get_used()
+                while tx.in_flight:
+                    _check_alive(self._frontend, "flush")
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise VhostUserTimeout("flush: the back-end has not taken %d frame(s) "
+                                               "of pair %d within %g s"
+                                               % (tx.in_flight, one.index, timeout))
+                    tx.wait_used(min(remaining, _CRASH_CHECK_INTERVAL), count=tx.in_flight)
 
-    def recv(self, timeout=None):
-        """The next received frame without its virtio-net header; None after ``timeout``.
+    def recv(self, timeout=None, pair=0):
+        """The next frame received on ``pair`` without its virtio-net header; None on timeout.
 
         ``timeout`` defaults to the device's; 0 polls.
         """
-        with self._rx_lock:
-            rx = self._rx
-            if rx is None:
-                raise ValueError("the net device is closed")
+        pair = self._pair(pair)
+        with pair.rx_lock:
+            rx = pair.rx
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-            while not self._frames:
+            while not pair.frames:
                 used = rx.get_used()
                 if not used:
                     _check_alive(self._frontend, "recv")
@@ -5239,47 +5354,48 @@ class NetDevice(_Device):
                         return None
                     used = rx.wait_used(min(remaining, _CRASH_CHECK_INTERVAL))
                 for gpa, length in used:
-                    self._take(gpa, length)
+                    self._take(pair, gpa, length)
                     rx.add(writable=[(gpa, self._rx_size)], token=gpa)
                 if used:
                     rx.notify()
-            return self._frames.popleft()
+            return pair.frames.popleft()
 
-    def _take(self, gpa, length):
+    def _take(self, pair, gpa, length):
         """Account one used receive buffer: a whole frame or part of a merged one."""
         mem = self._mem
-        if self._partial is None:
+        if pair.partial is None:
             if length < self._hdr_len:
                 raise ProtocolError("virtio-net: a received buffer holds %d bytes, less "
                                     "than the %d-byte header" % (length, self._hdr_len))
             count = 1
             if self._mrg:
                 count = _NET_HDR.unpack(mem.read(gpa, _NET_HDR.size))[6]
-                if not 1 <= count <= self._rx.size:
+                if not 1 <= count <= pair.rx.size:
                     raise ProtocolError("virtio-net: num_buffers %d in a received header "
-                                        "is not in 1..%d" % (count, self._rx.size))
+                                        "is not in 1..%d" % (count, pair.rx.size))
             chunks = [mem.read(gpa + self._hdr_len, length - self._hdr_len)]
         else:
-            count, chunks = self._partial
+            count, chunks = pair.partial
             chunks.append(mem.read(gpa, length))
         count -= 1
         if count:
-            self._partial = (count, chunks)
+            pair.partial = (count, chunks)
         else:
-            self._partial = None
-            self._frames.append(b"".join(chunks))
+            pair.partial = None
+            pair.frames.append(b"".join(chunks))
 
     def close(self):
         """Disconnect from the back-end and free guest memory; safe to call twice."""
+        self._pairs = ()
         _Device.close(self)
-        self._rx = self._tx = None
 
     def __repr__(self):
         if self._mem is None:
             return "<NetDevice closed>"
-        return "<NetDevice mac=%s mtu=%s%s>" % (
+        return "<NetDevice mac=%s mtu=%s%s%s pairs=%d>" % (
             self.mac.hex() if self.mac else None, self.mtu,
-            " mrg_rxbuf" if self._mrg else "")
+            " mrg_rxbuf" if self._mrg else "", " packed" if self.packed else "",
+            self.queue_pairs)
 
 
 ############################################################################
