@@ -2114,12 +2114,14 @@ def _hex(value):
 # Memory ordering. The back-end reads and writes these rings from another
 # CPU while we touch them through the mmap, and Python has no barriers. What
 # we rely on:
-# - Every ring index and used element is written and read as one aligned
-#   access of its own width, through a memoryview cast to "H" or "I" (CPython
-#   copies a cast item with a fixed-size memcpy that compilers emit as one
-#   move; struct.pack_into may store byte by byte), so the back-end never sees
-#   a torn avail->idx. virtio 1.0 rings are little-endian, and so must the
-#   host be (checked in ``Queue.__init__``).
+# - Every ring index and flag the other side may be touching at the same
+#   time is written and read as one aligned access of its own width, through
+#   the accessor ``_ring_words`` picks for the running interpreter, so the
+#   back-end never sees a torn avail->idx. Ring entries and descriptors are
+#   only ever read by the side that did not write them after the index that
+#   covers them moved, so they are copied in bulk (slice assignment,
+#   ``tolist()``). virtio 1.0 rings are little-endian, and so must the host
+#   be (checked in ``Queue.__init__``).
 # - The interpreter performs our stores and loads in program order. On x86
 #   (TSO) the CPU keeps store->store and load->load order too, which is all
 #   that "descriptors before avail->idx" (spec 2.7.13) and "used->idx before
@@ -2193,6 +2195,41 @@ class _Fences:
 
 def _no_fence():
     pass
+
+
+# Which Python spelling of a u16/u32 load or store is one machine access
+# differs per interpreter. Measured on this project's 2-vCPU x86 machine,
+# one process storing 0x00FF and 0xFF00 (0x0000FFFF and 0xFFFF0000) in turn,
+# another on the other CPU loading: CPython copies a memoryview.cast("H")
+# item with a fixed-size memcpy, one move, and no load ever saw a torn
+# value, while struct.pack_into stores byte by byte and 3% of loads were
+# torn. PyPy 7.3 is the other way round: its cast views tore 1.1% of u16
+# loads (and u32 ones too), its struct, which the JIT turns into one move,
+# none. TestRingWordAtomicity repeats the measurement on every interpreter.
+_RING_WORDS_VIA_STRUCT = sys.implementation.name == "pypy"
+_RING_WORD_STRUCTS = {"H": struct.Struct("<H"), "I": struct.Struct("<I")}
+
+
+def _ring_words(view, fmt):
+    """(load(i), store(i, value), words) for the ``fmt`` ("H" or "I") items of ``view``.
+
+    The accessor the running interpreter does as one aligned access (see
+    the comment above); for ring indices and flags the other side may be
+    touching at the same time. Release ``words`` (a view) before the memory.
+    """
+    if _RING_WORDS_VIA_STRUCT:
+        layout = _RING_WORD_STRUCTS[fmt]
+        width = layout.size
+        unpack_from, pack_into = layout.unpack_from, layout.pack_into
+
+        def load(i):
+            return unpack_from(view, i * width)[0]
+
+        def store(i, value):
+            pack_into(view, i * width, value)
+        return load, store, view
+    words = view.cast(fmt)
+    return words.__getitem__, words.__setitem__, words
 
 
 class _Chain:
@@ -2281,14 +2318,17 @@ class Queue:
         try:
             mem.view(self._block, total)[:] = bytes(total)
             self._desc = mem.view(self.desc_table, desc_bytes)
-            # avail: [0] flags, [1] idx, [2 + i] ring[i], [2 + size] used_event
-            self._avail = mem.view(self.avail_ring, avail_bytes).cast("H")
-            # used: [0] flags, [1] idx; elements as (id, len) pairs; avail_event
-            self._used = mem.view(self.used_ring, 4).cast("H")
+            # avail words: [0] flags, [1] idx, [2 + i] ring[i], [2 + size] used_event
+            avail = mem.view(self.avail_ring, avail_bytes)
+            self._avail = avail.cast("H")   # ring entries, written in bulk
+            # used words: [0] flags, [1] idx, elements as (id, len) u32 pairs,
+            # [2 + 4 * size] avail_event
+            used = mem.view(self.used_ring, used_bytes)
             self._used_elems = mem.view(self.used_ring + 4, 8 * size).cast("I")
-            self._avail_event = mem.view(self.used_ring + 4 + 8 * size, 2).cast("H")
-            self._views = (self._desc, self._avail, self._used, self._used_elems,
-                           self._avail_event)
+            self._load_used, _, used_words = _ring_words(used, "H")
+            _, self._store_avail, avail_words = _ring_words(avail, "H")
+            self._views = (self._desc, self._avail, self._used_elems, used_words,
+                           avail_words, avail, used)
             self.kick = Event()
             self.call = Event()
         except BaseException:
@@ -2302,6 +2342,15 @@ class Queue:
         self._kicked = 0          # avail idx at the last notify decision
         self._serial = 0
         self._broken = None
+        # Slots: chains built once and posted again and again (add_slot).
+        self._slot_descs = {}                 # head -> its descriptors
+        self._slot_writable = [0] * size      # head -> writable bytes per position
+        self._slot_token = [None] * size      # head -> token while in flight
+        self._slots_busy = 0
+        #: Ask for calls only when about to sleep in ``wait_used`` (EVENT_IDX):
+        #: reaping does not re-arm used_event. For a driver that always waits
+        #: through ``wait_used``; see ``VhostUserFrontend`` policy notes.
+        self.defer_calls = False
 
     @property
     def features(self):
@@ -2321,12 +2370,12 @@ class Queue:
 
     @property
     def in_flight(self):
-        """Chains posted and not yet reaped."""
-        return len(self._chains)
+        """Chains (slots included) posted and not yet reaped."""
+        return len(self._chains) + self._slots_busy
 
     def used_index(self):
         """The device's used->idx as it is in guest memory now."""
-        return self._used[1]
+        return self._load_used(1)
 
     def reclaim(self, base):
         """Take the queue back after the back-end stopped it (crosvm vhost_user_reclaim).
@@ -2347,18 +2396,18 @@ class Queue:
             raise ProtocolError("GET_VRING_BASE: base %#x does not fit in 16 bits" % base,
                                 FrontendReq.GET_VRING_BASE)
         with self._lock:
-            if self._chains:
+            if self.in_flight:
                 # Our avail->idx is the driver's and stays: the back-end has
                 # taken the chains up to base, the rest it takes after wake.
                 untaken = (self.next_avail - base) & 0xFFFF
-                if untaken > len(self._chains):
+                if untaken > self.in_flight:
                     raise ProtocolError("GET_VRING_BASE: base %d of queue %d, but avail->idx "
                                         "is %d with %d chain(s) in flight"
                                         % (base, self.index, self.next_avail,
-                                           len(self._chains)), FrontendReq.GET_VRING_BASE)
+                                           self.in_flight), FrontendReq.GET_VRING_BASE)
             else:
                 self.next_avail = base
-                self._avail[1] = base
+                self._store_avail(1, base)
                 self.next_used = self.used_index()
             self.vring_base = self._kicked = base
 
@@ -2476,24 +2525,149 @@ class Queue:
             descs = [self._free.pop()]
             _DESC.pack_into(self._desc, 16 * descs[0], block, table_bytes, _DESC_F_INDIRECT, 0)
         else:
-            count = len(resolved)
-            descs = self._free[-count:]
-            descs.reverse()
-            del self._free[-count:]
-            desc = self._desc
-            last = count - 1
-            for i, (gpa, length, flags) in enumerate(resolved):
-                if i < last:
-                    _DESC.pack_into(desc, 16 * descs[i], gpa, length, flags | _DESC_F_NEXT,
-                                    descs[i + 1])
-                else:
-                    _DESC.pack_into(desc, 16 * descs[i], gpa, length, flags, 0)
+            descs = self._take_descs(len(resolved))
+            self._write_chain(descs, resolved)
         chain.descs = descs
         self._chains[descs[0]] = chain
-        self._avail[2 + (self.next_avail & (self.size - 1))] = descs[0]
-        self._fences.write()  # the entry and its descriptors before the index (spec 2.7.13)
-        self.next_avail = (self.next_avail + 1) & 0xFFFF
-        self._avail[1] = self.next_avail
+        self._publish((descs[0],))
+
+    # The layout-specific part of posting: which descriptors a chain uses,
+    # how they are written, how heads are made available. A packed ring
+    # (spec 2.8) replaces these three and the bulk read in _reap_some.
+
+    def _take_descs(self, count):
+        descs = self._free[-count:]
+        descs.reverse()
+        del self._free[-count:]
+        return descs
+
+    def _write_chain(self, descs, resolved):
+        desc = self._desc
+        last = len(descs) - 1
+        for i, (gpa, length, flags) in enumerate(resolved):
+            if i < last:
+                _DESC.pack_into(desc, 16 * descs[i], gpa, length, flags | _DESC_F_NEXT,
+                                descs[i + 1])
+            else:
+                _DESC.pack_into(desc, 16 * descs[i], gpa, length, flags, 0)
+
+    def _publish(self, heads):
+        """Make chains available: their avail entries in bulk, then avail->idx once."""
+        count = len(heads)
+        start = self.next_avail & (self.size - 1)
+        end = start + count
+        if count == 1:
+            self._avail[2 + start] = heads[0]
+        elif end <= self.size:
+            self._avail[2 + start:2 + end] = array.array("H", heads)
+        else:
+            split = self.size - start
+            self._avail[2 + start:2 + self.size] = array.array("H", heads[:split])
+            self._avail[2:2 + count - split] = array.array("H", heads[split:])
+        self._fences.write()  # the entries and their descriptors before the index (spec 2.7.13)
+        self.next_avail = (self.next_avail + count) & 0xFFFF
+        self._store_avail(1, self.next_avail)
+
+    # -- driver side: slots (chains built once, posted many times) -------------
+
+    def add_slot(self, readable=(), writable=()):
+        """Build a chain of guest buffers once, to post again and again; returns its slot.
+
+        The fast path (as io_uring's fixed buffers): the slot keeps its
+        descriptors, so posting it writes only the avail entry, and
+        ``set_slot_buffer`` repoints one buffer of an idle slot. Buffers are
+        ``(guest_addr, length)`` tuples. ``remove_slot`` gives the
+        descriptors back.
+
+        Raises:
+            Queue.Full: fewer free descriptors than buffers.
+            ValueError: a buffer that is not a guest range, or none.
+        """
+        items, bounce, writable_bytes = self._describe(readable, writable)
+        if bounce:
+            raise ValueError("queue %d: slot buffers are (guest_addr, length) tuples"
+                             % self.index)
+        with self._lock:
+            self._check_usable()
+            if len(items) > len(self._free):
+                raise _QueueFull("queue %d: slot of %d descriptors, %d free"
+                                 % (self.index, len(items), len(self._free)))
+            descs = self._take_descs(len(items))
+            self._write_chain(descs, [(gpa, length, flags) for gpa, length, flags, _ in items])
+            head = descs[0]
+            self._slot_descs[head] = (descs, [length if flags else 0
+                                              for _, length, flags, _ in items])
+            self._slot_writable[head] = writable_bytes
+        return head
+
+    def set_slot_buffer(self, slot, position, guest_addr, length, writable=False):
+        """Point buffer ``position`` of idle ``slot`` at another guest range."""
+        with self._lock:
+            self._check_usable()
+            self._check_slot(slot, "set_slot_buffer")
+            if not 0 <= position < len(self._slot_descs[slot][0]):
+                raise ValueError("queue %d: slot %d has no buffer %r"
+                                 % (self.index, slot, position))
+            self.mem._find(guest_addr, length)
+            if not 0 < length <= _MAX_DESC_LEN:
+                raise ValueError("queue %d: buffer length %d is not in 1..%d"
+                                 % (self.index, length, _MAX_DESC_LEN))
+            self._set_slot_buffer(slot, position, guest_addr, length, writable)
+
+    def _set_slot_buffer(self, slot, position, guest_addr, length, writable):
+        descs, lengths = self._slot_descs[slot]
+        if position + 1 < len(descs):
+            flags, next_desc = _DESC_F_NEXT, descs[position + 1]
+        else:
+            flags, next_desc = 0, 0
+        if writable:
+            flags |= _DESC_F_WRITE
+        _DESC.pack_into(self._desc, 16 * descs[position], guest_addr, length, flags, next_desc)
+        lengths[position] = length if writable else 0
+        self._slot_writable[slot] = sum(lengths)
+
+    def remove_slot(self, slot):
+        """Give an idle slot's descriptors back for ``add``."""
+        with self._lock:
+            self._check_usable()
+            self._check_slot(slot, "remove_slot")
+            descs, _ = self._slot_descs.pop(slot)
+            self._free.extend(reversed(descs))
+
+    def post_slots(self, slots, tokens=None):
+        """Make idle slots available to the device in one go; call ``notify()`` after.
+
+        Args:
+            slots: slots from ``add_slot``, none of them in flight.
+            tokens: what ``get_used`` returns for each (default the slot);
+                not None.
+        """
+        slots = list(slots)
+        tokens = slots if tokens is None else list(tokens)
+        if len(tokens) != len(slots) or None in tokens:
+            raise ValueError("queue %d: post_slots needs one token (not None) per slot"
+                             % self.index)
+        with self._lock:
+            self._check_usable()
+            for slot in slots:
+                self._check_slot(slot, "post_slots")
+            if len(set(slots)) != len(slots):
+                raise ValueError("queue %d: post_slots: a slot is listed twice" % self.index)
+            self._post_slots(slots, tokens)
+
+    def _post_slots(self, slots, tokens):
+        """post_slots without the checks, under the lock: for drivers in this module."""
+        token_of = self._slot_token
+        for slot, token in zip(slots, tokens):
+            token_of[slot] = token
+        self._slots_busy += len(slots)
+        self._publish(slots)
+
+    def _check_slot(self, slot, what):
+        if not isinstance(slot, int) or slot not in self._slot_descs:
+            raise ValueError("queue %d: %s: %r is not a slot" % (self.index, what, slot))
+        if self._slot_token[slot] is not None:
+            raise ValueError("queue %d: %s: slot %d is in flight" % (self.index, what, slot))
 
     def _describe(self, readable, writable):
         """Check the buffers: ([(gpa or None, length, flags, view)], bounce, writable)."""
@@ -2552,9 +2726,9 @@ class Queue:
             if force:
                 wanted = True
             elif self._event_idx:
-                wanted = _need_event(self._avail_event[0], new, old)
+                wanted = _need_event(self._load_used(2 + 4 * self.size), new, old)
             else:
-                wanted = not self._used[0] & _USED_F_NO_NOTIFY
+                wanted = not self._load_used(0) & _USED_F_NO_NOTIFY
         if wanted:
             self.kick.signal()
         return wanted
@@ -2582,52 +2756,76 @@ class Queue:
         done = []
         while True:
             more = self._reap_some(None if limit is None else limit - len(done), done)
-            if not more or not self._event_idx or limit is not None and len(done) >= limit:
+            if not more or not self._event_idx or self.defer_calls \
+                    or limit is not None and len(done) >= limit:
                 return done
             # Re-arm for the next entry, as Linux's virtqueue_get_buf does: a
             # used_event left behind would silence the device's interrupts
             # until used->idx wraps (spec 2.7.10). Then look again, for an
             # entry used before the device could see the new used_event.
-            self._avail[2 + self.size] = self.next_used
+            # (With defer_calls, wait_used arms before it sleeps instead.)
+            self._store_avail(2 + self.size, self.next_used)
             self._fences.full()
 
     def _reap_some(self, limit, done):
-        used_idx = self._used[1]
-        pending = (used_idx - self.next_used) & 0xFFFF
+        used_idx = self._load_used(1)
+        next_used = self.next_used
+        pending = (used_idx - next_used) & 0xFFFF
         if not pending:
             return False
-        if pending > len(self._chains):
+        if pending > self.in_flight:
             self._fail("used->idx moved from %d to %d, but only %d chain(s) are in flight"
-                       % (self.next_used, used_idx, len(self._chains)))
+                       % (next_used, used_idx, self.in_flight))
         if limit is not None:
             pending = min(pending, limit)
         self._fences.read()  # used->idx before the elements it covers
-        elems = self._used_elems
+        # The elements, as [id, len, id, len, ...], in one or two bulk reads.
+        size = self.size
+        start = next_used & (size - 1)
+        end = start + pending
+        if end <= size:
+            elems = self._used_elems[2 * start:2 * end].tolist()
+        else:
+            elems = (self._used_elems[2 * start:].tolist()
+                     + self._used_elems[:2 * (end - size)].tolist())
+        slot_token = self._slot_token
+        slot_writable = self._slot_writable
         chains = self._chains
-        mask = self.size - 1
-        for _ in range(pending):
-            slot = 2 * (self.next_used & mask)
-            head = elems[slot]
-            length = elems[slot + 1]
-            chain = chains.get(head)
-            if chain is None:
-                if head >= self.size:
-                    self._fail("used entry %d names descriptor %d, the ring has %d"
-                               % (self.next_used, head, self.size))
-                self._fail("used entry %d names descriptor %d, which is not the head "
-                           "of a chain in flight" % (self.next_used, head))
-            if length > chain.writable:
-                self._fail("used entry %d for descriptor %d claims %d bytes written, "
-                           "the chain has %d writable" % (self.next_used, head, length,
-                                                          chain.writable))
-            del chains[head]
-            for gpa, target in chain.copy_out:
-                target[:] = self.mem.view(gpa, len(target))
-            if chain.block is not None:
-                self._release(chain.block, chain.block_size)
-            self._free.extend(reversed(chain.descs))
-            self.next_used = (self.next_used + 1) & 0xFFFF
-            done.append((chain.token, length))
+        it = iter(elems)
+        for head, length in zip(it, it):
+            token = slot_token[head] if head < size else None
+            if token is not None:  # a slot: nothing to free
+                if length > slot_writable[head]:
+                    self.next_used = next_used
+                    self._fail("used entry %d for descriptor %d claims %d bytes written, "
+                               "the chain has %d writable" % (next_used, head, length,
+                                                              slot_writable[head]))
+                slot_token[head] = None
+                self._slots_busy -= 1
+            else:
+                chain = chains.get(head)
+                if chain is None:
+                    self.next_used = next_used
+                    if head >= size:
+                        self._fail("used entry %d names descriptor %d, the ring has %d"
+                                   % (next_used, head, size))
+                    self._fail("used entry %d names descriptor %d, which is not the head "
+                               "of a chain in flight" % (next_used, head))
+                if length > chain.writable:
+                    self.next_used = next_used
+                    self._fail("used entry %d for descriptor %d claims %d bytes written, "
+                               "the chain has %d writable" % (next_used, head, length,
+                                                              chain.writable))
+                del chains[head]
+                for gpa, target in chain.copy_out:
+                    target[:] = self.mem.view(gpa, len(target))
+                if chain.block is not None:
+                    self._release(chain.block, chain.block_size)
+                self._free.extend(reversed(chain.descs))
+                token = chain.token
+            next_used = (next_used + 1) & 0xFFFF
+            done.append((token, length))
+        self.next_used = next_used
         return True
 
     def wait_used(self, timeout=5.0, count=1, spin=None):
@@ -2651,10 +2849,10 @@ class Queue:
         """
         deadline = time.monotonic() + timeout
         spin_until = time.monotonic() + (self.spin if spin is None else spin)
-        used = self._used
+        load_used = self._load_used
         try:
             while True:
-                if used[1] != self.next_used:
+                if load_used(1) != self.next_used:
                     done = self.get_used()
                     if done:
                         return done
@@ -2679,10 +2877,10 @@ class Queue:
             self._check_usable()
             if not self._event_idx:
                 return None
-            want = max(1, min(count, len(self._chains)))
-            self._avail[2 + self.size] = (self.next_used + want - 1) & 0xFFFF
+            want = max(1, min(count, self.in_flight))
+            self._store_avail(2 + self.size, (self.next_used + want - 1) & 0xFFFF)
             self._fences.full()  # used_event visible before we look at used->idx again
-            return self._used[1] == self.next_used
+            return self._load_used(1) == self.next_used
 
     def _check_usable(self):
         if self._broken is not None:
@@ -2716,6 +2914,8 @@ class Queue:
             self.mem.free(self._block)
         self._chains = {}
         self._spare = {}
+        self._slot_descs = {}
+        self._slots_busy = 0
         self._block = None
 
     def __enter__(self):
