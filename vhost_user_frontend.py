@@ -4486,8 +4486,9 @@ class _Completions:
         self.cond = threading.Condition()
         self.reaping = False
         self.finished = []    # background requests done but not yet returned
+        self.slots = None     # the queue's _BlockSlots once the fast path is used
 
-    def wait(self, until, deadline, what):
+    def wait(self, until, deadline, what, count=1):
         """Reap until ``until()`` holds; VhostUserTimeout at ``deadline``.
 
         Raises Disconnected soon after the back-end hangs up, rather than
@@ -4506,7 +4507,8 @@ class _Completions:
                 self.reaping = True
                 self.cond.release()
                 try:
-                    used = self.queue.wait_used(min(remaining, _CRASH_CHECK_INTERVAL))
+                    used = self.queue.wait_used(min(remaining, _CRASH_CHECK_INTERVAL),
+                                                count)
                 except ValueError as exc:  # the device was closed while we waited
                     raise ValueError("%s: %s" % (what, exc)) from exc
                 finally:
@@ -4521,11 +4523,112 @@ class _Completions:
                 self._finish(self.queue.get_used())
 
     def _finish(self, used):
+        slots = self.slots
+        if slots is not None:
+            need, status, user, done, idle = (slots.need, slots.status, slots.user,
+                                              slots.done, slots.idle)
+            reaped = len(idle)
         for request, written in used:
+            if request.__class__ is int:  # a fast-path slot (see _BlockSlots)
+                if written != need[request] or status[request]:
+                    slots.fail(request, written)
+                else:
+                    done.append(user[request])
+                idle.append(request)
+                continue
             request.written = written
             request.done = True
             if request.background:
                 self.finished.append(request)
+        if slots is not None:
+            slots.busy -= len(idle) - reaped
+
+
+class _BlockSlots:
+    """One queue's zero-copy request slots, for ``BlockDevice.post_reads``/``post_writes``.
+
+    Slot k is a chain built once: header k of a header array, the caller's
+    data buffer (from ``BlockDevice.alloc``), status byte k of a status
+    array, all in guest memory. Posting a slot writes the sector into its
+    header in place and repoints its data descriptor only when the buffer
+    or the direction changed; a batch of slots is published at once. The
+    per-slot lists are indexed by k; ``idle`` holds the built slots not in
+    flight. Guarded by the queue's ``_Completions.cond``.
+    """
+
+    def __init__(self, mem, queue):
+        self.queue = queue
+        self.limit = queue.size // 3   # header, data and status descriptors each
+        self.headers = mem.allocate(16 * self.limit)
+        self.statuses = mem.allocate(self.limit)
+        self.header = mem.view(self.headers, 16 * self.limit).cast("Q")  # type, sector
+        self.status = mem.view(self.statuses, self.limit)
+        self.heads = []     # k -> the queue's slot, None when its descriptors were given back
+        self.idle = []      # built slots not in flight
+        self.unbuilt = []   # k whose descriptors were given back
+        self.buffer = []    # k -> the alloc entry its data descriptor points at
+        self.op = []
+        self.need = []      # k -> the used length of a complete request: data read + status
+        self.user = []
+        self.done = []      # user data of requests completed OK, for reap
+        self.failed = []    # (user data, op, offset, length, status, used length)
+        self.busy = 0
+
+    def grow(self, wanted):
+        """Build up to ``wanted`` more slots while the ring has descriptors for them."""
+        queue = self.queue
+        while wanted > 0 and queue.num_free >= 3 and (self.unbuilt
+                                                      or len(self.heads) < self.limit):
+            if self.unbuilt:
+                k = self.unbuilt.pop()
+            else:
+                k = len(self.heads)
+                for column in (self.heads, self.buffer, self.op, self.need, self.user):
+                    column.append(None)
+            status = (self.statuses + k, 1)
+            # The data descriptor points at the status byte until the first post.
+            self.heads[k] = queue.add_slot([(self.headers + 16 * k, 16), status], [status])
+            self.buffer[k] = self.op[k] = None
+            self.idle.append(k)
+            wanted -= 1
+
+    def shrink(self):
+        """Give the idle slots' descriptors back to the ring; True if there were any."""
+        idle, self.idle = self.idle, []
+        for k in idle:
+            self.queue.remove_slot(self.heads[k])
+            self.heads[k] = None
+            self.unbuilt.append(k)
+        return bool(idle)
+
+    def fail(self, k, written):
+        self.failed.append((self.user[k], self.op[k], self.header[2 * k + 1] << 9,
+                            self.buffer[k][2], self.status[k], written))
+
+    def release(self):
+        self.header.release()
+        self.status.release()
+
+
+def _fast_path_error(failed, completed):
+    """The exception ``BlockDevice.reap`` raises for failed requests (the first one's)."""
+    user_data, op, offset, length, status, written = failed[0]
+    name = _BLK_OP_NAMES[op]
+    need = length + 1 if op == _BLK_T_IN else 1
+    if written != need:
+        # Spec 2.7.8.2: bytes past the used length, the status among them, are not to be trusted.
+        error = ProtocolError("%s: the device reported %d byte(s) written (used len) for %d bytes "
+                              "at offset %d (user_data %r); data and status need %d"
+                              % (name, written, length, offset, user_data, need))
+    else:
+        error = BackendError("%s: virtio-blk status %s (%d) for %d bytes at offset %d "
+                             "(user_data %r)" % (name, _BLK_STATUS_NAMES.get(status, "unknown"),
+                                                 status, length, offset, user_data),
+                             value=status)
+    error.user_data = user_data
+    error.failed = [entry[0] for entry in failed]
+    error.completed = completed
+    return error
 
 
 class BlockDevice(_Device):
@@ -4556,6 +4659,7 @@ class BlockDevice(_Device):
                  memory_size=64 << 20, max_segment_size=None):
         self._frontend = frontend
         self.timeout = timeout
+        self._buffers = {}   # id(view) -> (view, guest address, size, last fast-path offset)
         try:
             self._setup(num_queues, queue_size, memory_size, max_segment_size)
         except BaseException:
@@ -4677,17 +4781,19 @@ class BlockDevice(_Device):
             buffer = bytearray(length)
         request = _BlockRequest(_BLK_T_IN, offset, length, buffer, queue)
         request.background = True
-        self._post(request, (), self._segments(memoryview(buffer).cast("B")), notify)
+        self._post(request, (), self._guest_segments(buffer, 0, length)
+                   or self._segments(memoryview(buffer).cast("B")), notify)
         return request
 
     def submit_write(self, offset, data, queue=0, notify=True):
         """Start a WRITE of at most ``max_transfer`` bytes; returns its request."""
+        segments = self._guest_segments(data, 0, None)
         data = memoryview(data).cast("B")
         self._check_writable("WRITE")
         self._check_range("WRITE", offset, len(data), self.max_transfer)
         request = _BlockRequest(_BLK_T_OUT, offset, len(data), None, queue)
         request.background = True
-        self._post(request, self._segments(data), (), notify)
+        self._post(request, segments or self._segments(data), (), notify)
         return request
 
     def submit_flush(self, queue=0, notify=True):
@@ -4727,6 +4833,191 @@ class BlockDevice(_Device):
             done, completions.finished = completions.finished, []
         return done
 
+    # -- zero-copy fast path (libblkio's queue API, io_uring's fixed buffers) -----
+
+    def alloc(self, size):
+        """A writable buffer of ``size`` bytes in guest memory: I/O into it is zero-copy.
+
+        ``post_reads``/``post_writes`` take only such buffers (at most
+        ``max_transfer`` bytes each); every other call accepts them too and
+        then copies nothing. ``free`` gives the memory back; ``close``
+        releases every buffer (a later access raises ValueError).
+
+        Raises:
+            MemoryError: guest memory (``memory_size``) is exhausted.
+        """
+        if not isinstance(size, int) or size <= 0:
+            raise ValueError("alloc: size must be a positive int, got %r" % (size,))
+        if self._mem is None:
+            raise ValueError("the block device is closed")
+        gpa = self._mem.allocate(size, align=4096 if size >= 4096 else 16)
+        view = self._mem.view(gpa, size)
+        # The last offset a fast-path request on it may start at; -1: too big for one.
+        fits = size <= min(self.max_transfer, self._segment) and not size % self.block_size
+        last_offset = self.capacity - size if fits else -1
+        self._buffers[id(view)] = (view, gpa, size, last_offset)
+        return view
+
+    def free(self, buffer):
+        """Give a buffer from ``alloc`` back (not while a request uses it)."""
+        entry = self._buffers.get(id(buffer))
+        if entry is None or entry[0] is not buffer:
+            raise ValueError("free: not a buffer from this device's alloc()")
+        for completions in self._completions:
+            if completions.slots is not None and entry in completions.slots.buffer:
+                slots = completions.slots
+                for k, pointed in enumerate(slots.buffer):
+                    if pointed is entry:
+                        if k not in slots.idle:
+                            raise ValueError("free: a request on this buffer is in flight")
+                        slots.buffer[k] = None
+        del self._buffers[id(buffer)]
+        buffer.release()
+        self._mem.free(entry[1])
+
+    def post_reads(self, offsets, buffers, user_data=None, queue=0, notify=True):
+        """Start READs of ``len(buffers[i])`` bytes at ``offsets[i]`` into ``alloc`` buffers.
+
+        The fast path: nothing is copied or allocated per request, the ring
+        is written once for the batch and the device kicked once (unless
+        ``notify=False``: ``reap`` kicks then). Waits for free slots while
+        the ring is full. ``reap`` returns ``user_data[i]`` (default the
+        offset) once request i completed.
+
+        Raises:
+            ValueError: a buffer not from ``alloc``, or an offset that is not a
+                multiple of the block size or ends past the capacity;
+                nothing of the batch was posted from that request on.
+        """
+        self._post_fast(_BLK_T_IN, offsets, buffers, user_data, queue, notify)
+
+    def post_writes(self, offsets, buffers, user_data=None, queue=0, notify=True):
+        """Start WRITEs of ``alloc`` buffers at ``offsets``; as ``post_reads``."""
+        self._check_writable("WRITE")
+        self._post_fast(_BLK_T_OUT, offsets, buffers, user_data, queue, notify)
+
+    def reap(self, queue=0, count=1, timeout=None):
+        """Wait for ``count`` fast-path requests on ``queue`` to complete; their user data.
+
+        Returns every one completed so far (fewer than ``count`` only when
+        no more are in flight), each checked: the used length covers data
+        and status, and the status is OK.
+
+        Raises:
+            BackendError: a request failed (``value`` is the virtio-blk
+                status, ``user_data`` the request's, ``failed`` all failed
+                ones' and ``completed`` the user data of those that did not
+                fail in this reap).
+            ProtocolError: the device reported less written than a request's
+                data and status (same attributes).
+            VhostUserTimeout: none completed within ``timeout`` (default the
+                device's).
+        """
+        completions = self._completions_for(queue)
+        slots = completions.slots
+        if slots is None:
+            return []
+        q = completions.queue
+        q.notify()
+        if len(slots.done) + len(slots.failed) < count:
+            completions.poll()
+        want = min(count, len(slots.done) + len(slots.failed) + slots.busy)
+        if len(slots.done) + len(slots.failed) < want:
+            deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+            completions.wait(lambda: len(slots.done) + len(slots.failed) >= want,
+                             deadline, "reap", want - len(slots.done) - len(slots.failed))
+        with completions.cond:
+            done, slots.done = slots.done, []
+            failed, slots.failed = slots.failed, []
+        if failed:
+            raise _fast_path_error(failed, done)
+        return done
+
+    def _post_fast(self, op, offsets, buffers, user_data, queue, notify):
+        completions = self._completions_for(queue)
+        slots = completions.slots
+        if slots is None:
+            slots = completions.slots = _BlockSlots(self._mem, completions.queue)
+        count = len(offsets)
+        if user_data is None:
+            user_data = offsets
+        if len(buffers) != count or len(user_data) != count:
+            raise ValueError("%s: %d offsets, %d buffers and %d user_data values"
+                             % (_BLK_OP_NAMES[op], count, len(buffers), len(user_data)))
+        q = completions.queue
+        posted = 0
+        deadline = None
+        while posted < count:
+            with completions.cond:
+                if len(slots.idle) < count - posted:
+                    slots.grow(count - posted - len(slots.idle))
+                chunk = min(len(slots.idle), count - posted)
+                if chunk:
+                    taken = slots.idle[-chunk:]
+                    del slots.idle[-chunk:]
+                    try:
+                        heads = self._fill_slots(slots, taken, op, offsets, buffers,
+                                                 user_data, posted)
+                        with q._lock:
+                            q._check_usable()
+                            q._post_slots(heads, taken)
+                    except BaseException:
+                        slots.idle.extend(taken)
+                        raise
+                    slots.busy += chunk
+                    posted += chunk
+                    continue
+                if not q.in_flight:
+                    raise Queue.Full("%s: queue %d has no descriptors for a request"
+                                     % (_BLK_OP_NAMES[op], queue))
+            # Announce what is posted, then wait for a slot (or descriptors) to free up.
+            q.notify()
+            if deadline is None:
+                deadline = time.monotonic() + self.timeout
+            free = q.num_free
+            completions.wait(lambda: slots.idle or q.num_free > free or not q.in_flight,
+                             deadline, _BLK_OP_NAMES[op])
+        if notify:
+            q.notify()
+
+    def _fill_slots(self, slots, taken, op, offsets, buffers, user_data, first):
+        """Point slots ``taken`` at requests ``first``...: the per-request work, kept small."""
+        buffers_by_id = self._buffers
+        header, heads, pointed, slot_op = slots.header, slots.heads, slots.buffer, slots.op
+        need, user = slots.need, slots.user
+        set_buffer = slots.queue._set_slot_buffer
+        mask = self.block_size - 1
+        reading = op == _BLK_T_IN
+        end = first + len(taken)
+        if first or end < len(offsets):
+            offsets, buffers, user_data = (offsets[first:end], buffers[first:end],
+                                           user_data[first:end])
+        for k, offset, buffer, value in zip(taken, offsets, buffers, user_data):
+            entry = buffers_by_id.get(id(buffer))
+            if entry is None or entry[0] is not buffer or offset & mask \
+                    or not 0 <= offset <= entry[3]:
+                self._fast_path_misuse(op, first + taken.index(k), offset, buffer, entry)
+            if pointed[k] is not entry or slot_op[k] != op:
+                set_buffer(heads[k], 1, entry[1], entry[2], reading)
+                header[2 * k] = op   # type; reserved stays 0
+                pointed[k] = entry
+                slot_op[k] = op
+                need[k] = entry[2] + 1 if reading else 1
+            header[2 * k + 1] = offset >> 9   # sector: 512 bytes whatever blk_size is
+            user[k] = value
+        return [heads[k] for k in taken]
+
+    def _fast_path_misuse(self, op, index, offset, buffer, entry):
+        name = _BLK_OP_NAMES[op]
+        if entry is None or entry[0] is not buffer:
+            raise ValueError("%s: buffers[%d] is not a buffer from this device's alloc() "
+                             "(or it was freed)" % (name, index))
+        self._check_range(name, offset, entry[2], self.max_transfer)
+        raise ValueError("%s: buffers[%d] has %d bytes; one fast-path request carries a "
+                         "multiple of the block size %d up to %d" % (
+                             name, index, entry[2], self.block_size,
+                             min(self.max_transfer, self._segment)))
+
     # -- simple calls ------------------------------------------------------------
 
     def read(self, offset, length, queue=0):
@@ -4744,7 +5035,8 @@ class BlockDevice(_Device):
             piece = view[start:start + self.max_transfer]
             request = _BlockRequest(_BLK_T_IN, offset + start, len(piece), None, queue)
             requests.append(request)
-            self._post(request, (), self._segments(piece), notify=False)
+            self._post(request, (), self._guest_segments(buffer, start, len(piece))
+                       or self._segments(piece), notify=False)
         self._finish(requests, "READ")
         return len(view)
 
@@ -4758,7 +5050,8 @@ class BlockDevice(_Device):
             piece = view[start:start + self.max_transfer]
             request = _BlockRequest(_BLK_T_OUT, offset + start, len(piece), None, queue)
             requests.append(request)
-            self._post(request, self._segments(piece), (), notify=False)
+            self._post(request, self._guest_segments(data, start, len(piece))
+                       or self._segments(piece), (), notify=False)
         self._finish(requests, "WRITE")
 
     def flush(self, queue=0):
@@ -4807,6 +5100,17 @@ class BlockDevice(_Device):
             requests.append(request)
             self._post(request, (segment,), (), notify=False)
         self._finish(requests, name)
+
+    def _guest_segments(self, buffer, start, length):
+        """(guest_addr, length) segments when ``buffer`` is from ``alloc`` (zero-copy), else None."""
+        entry = self._buffers.get(id(buffer))
+        if entry is None or entry[0] is not buffer:
+            return None
+        if length is None:
+            length = entry[2] - start
+        gpa = entry[1] + start
+        step = self._segment
+        return [(gpa + i, min(step, length - i)) for i in range(0, length, step)]
 
     def _segments(self, view):
         step = self._segment
@@ -4857,6 +5161,11 @@ class BlockDevice(_Device):
                 queue.add(readable, writable, token=request)
                 break
             except (Queue.Full, MemoryError):
+                slots = completions.slots
+                if slots is not None:
+                    with completions.cond:
+                        if slots.shrink():
+                            continue
                 if not queue.in_flight:
                     raise
                 # Reap until something of ours or anyone's completes, then retry.
@@ -4877,6 +5186,16 @@ class BlockDevice(_Device):
         completions.wait(lambda: all(r.done for r in requests), deadline, what)
         for request in requests:
             request.result()
+
+    def close(self):
+        """Disconnect, release every ``alloc`` buffer and free guest memory; safe twice."""
+        for completions in getattr(self, "_completions", ()):
+            if completions.slots is not None:
+                completions.slots.release()
+        buffers, self._buffers = self._buffers, {}
+        for view, _, _, _ in buffers.values():
+            view.release()
+        _Device.close(self)
 
     def __repr__(self):
         if self._mem is None:
