@@ -5109,6 +5109,44 @@ class TestPackedQueue(FdLeakCheck):
                 with self.assertRaises(vu.ProtocolError):                # and it stays broken
                     q.add([b"x"])
 
+    def test_slots(self):
+        q, dev = self.make(size=8, features=_F.RING_EVENT_IDX)
+        buf = q.mem.allocate(256)
+        slot = q.add_slot([(buf, 16)], [(buf + 16, 32), (buf + 48, 1)])
+        other = q.add_slot([(buf + 64, 8)])
+        self.assertEqual((q.num_free, q.in_flight), (4, 0))  # idle slots hold their positions
+        for round_ in range(5):                               # re-posted: positions wrap
+            q.set_slot_buffer(slot, 1, buf + 100 + round_, 32, writable=True)
+            q.post_slots([slot, other], ["s%d" % round_, "o%d" % round_])
+            with self.assertRaises(ValueError):
+                q.post_slots([slot])                           # in flight
+            chains = dev.take()
+            self.assertEqual([(c[2], [d[:2] for d in c[1]]) for c in chains],
+                             [(3, [(buf, 16), (buf + 100 + round_, 32), (buf + 48, 1)]),
+                              (1, [(buf + 64, 8)])])
+            dev.complete(chains[1][0], 0, 1)
+            dev.complete(chains[0][0], 33, 3)
+            self.assertEqual(q.get_used(), [("o%d" % round_, 0), ("s%d" % round_, 33)])
+        with self.assertRaises(vu.ProtocolError):           # more than the slot's writable
+            q.post_slots([slot], ["bad"])
+            (chain,) = dev.take()
+            dev.complete(chain[0], 34, 3)
+            q.get_used()
+
+    def test_slot_given_back(self):
+        q, dev = self.make(size=4)
+        buf = q.mem.allocate(64)
+        slot = q.add_slot([(buf, 8)] * 3)
+        self.assertEqual(q.num_free, 1)
+        with self.assertRaises(vu.Queue.Full):
+            q.add([b"x"] * 2)
+        q.remove_slot(slot)
+        self.assertEqual(q.num_free, 4)
+        token = q.add([b"x"] * 4)
+        (buffer_id, _, slots), = dev.take()
+        dev.complete(buffer_id, 0, slots)
+        self.assertEqual(q.get_used(), [(token, 0)])
+
     def test_reclaim(self):
         q, dev = self.make(size=8)
         for i in range(3):
