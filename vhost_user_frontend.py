@@ -6222,7 +6222,8 @@ def _open_device(args, cls, device_type, **kwargs):
             # QEMU's vhost-user-blk refuses such a back-end too: capacity is in the config.
             raise _CliError("%s: wrong device type: the back-end does not offer CONFIG, so it "
                             "cannot be a vhost-user-blk device" % args.socket)
-        return cls.connect(client, timeout=args.timeout, **kwargs)
+        return cls.connect(client, timeout=args.timeout, packed=getattr(args, "packed", None),
+                           **kwargs)
     except FeatureNotNegotiated as exc:
         client.close()
         raise _CliError("%s: not a usable %s device: %s"
@@ -6525,13 +6526,20 @@ def _format_bench(report):
     if backend is None:
         backend = "n/a (give --backend-pid)"
     if report["type"] == "net":
+        pairs = report["queues"]
         lines = [
-            "net loopback, %d-byte frames, depth %d, 1 queue pair, %.2f s"
-            % (report["size"], report["depth"], report["seconds"]),
+            "net loopback, %d-byte frames, depth %d%s, %d queue pair%s, %s rings, %.2f s"
+            % (report["size"], report["depth"], " per pair" if pairs > 1 else "", pairs,
+               "s" if pairs > 1 else "", "packed" if report.get("packed") else "split",
+               report["seconds"]),
             "  %-22s %.0f  (%d round trips)" % ("packets/s", report["packets_per_s"],
                                                 report["requests"]),
             "  %-22s %.2f  (each way)" % ("Mbit/s", report["mbit_per_s"]),
         ]
+        for one in report.get("pairs", ()):
+            lines.append("  %-22s %.0f packets/s, round trip p50 %s µs"
+                         % ("pair %d" % one["pair"], one["packets_per_s"],
+                            one["latency_us"]["p50"]))
         unit = "µs/packet"
     else:
         lines = [
@@ -6577,9 +6585,8 @@ def _cmd_bench(args, out):
     if args.type == "net":
         if args.rw is not None:
             raise _CliError("--rw applies to --type blk only")
-        if args.queues not in (None, 1):
-            raise _CliError("--queues %d: bench --type net uses one queue pair" % args.queues)
-        with _open_device(args, NetDevice, DeviceType.NET) as dev:
+        with _open_device(args, NetDevice, DeviceType.NET,
+                          queue_pairs=args.queues or 1) as dev:
             report = _bench_net(dev, args)
     else:
         kwargs = {"num_queues": args.queues} if args.queues else {}
@@ -6689,12 +6696,14 @@ def _bench_block_stream(dev, queue, load, depth, deadline, latencies, tick=None)
 
 
 def _bench_net(dev, args):
-    """Keep ``--depth`` frames looping through the back-end; round trips and CPU per packet.
+    """Keep ``--depth`` frames looping through the back-end on each pair; round trips and CPU.
 
     Needs a back-end that returns every frame it receives (testpmd in io
     forward mode). Frames that came back are replaced in one ``send_many``
     (one kick); a latency runs from just before that call to the ``recv``
-    that returned the frame, which must be byte-identical.
+    that returned the frame, which must be byte-identical. With ``--queues
+    N`` each of the N queue pairs runs in its own thread; the report has
+    the totals and, under "pairs", each pair's figures.
     """
     size = 64 if args.size is None else args.size
     if not _TEST_FRAME_HEADER.size <= size <= 0xFFFF - _NET_HDR.size:
@@ -6705,56 +6714,91 @@ def _bench_net(dev, args):
     if args.depth * per_frame > dev.queue_size:
         raise _CliError("--depth %d: at most %d frames of %d bytes fit the %d receive buffers"
                         % (args.depth, dev.queue_size // per_frame, size, dev.queue_size))
-    template = _test_frame(bytes(dev.mac) if dev.mac else _TEST_MAC, 0, size)
-    head, tail = template[:_ETH_HLEN], template[_TEST_FRAME_HEADER.size:]
-    seq_field = struct.Struct(">I")
-    clock = time.perf_counter
-    pending = {}   # sequence number -> (send time, frame)
-    latencies = []
-    seq = 0
+    pairs = dev.queue_pairs
+    latencies = [[] for _ in range(pairs)]
+    errors = []
     progress = _Progress(sys.stderr, args.seconds, "net")
     backend_start = _proc_cpu_seconds(args.backend_pid) if args.backend_pid else None
     cpu_start = _self_cpu_seconds()
-    start = clock()
+    start = time.perf_counter()
     deadline = start + args.seconds
+
+    def run(pair):
+        try:
+            _bench_net_stream(dev, args, size, pair, deadline, latencies[pair])
+        except BaseException as exc:  # re-raised by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(p,), name="bench-pair-%d" % p)
+               for p in range(1, pairs)]
+    for thread in threads:
+        thread.start()
     try:
-        while True:
-            if clock() < deadline:
-                batch = []
-                t0 = clock()
-                while len(pending) < args.depth:
-                    seq = (seq + 1) & 0xFFFFFFFF
-                    frame = head + seq_field.pack(seq) + tail
-                    pending[seq] = (t0, frame)
-                    batch.append(frame)
-                if batch:
-                    dev.send_many(batch)
-            elif not pending:
-                break
-            frame = dev.recv(args.timeout)
-            if frame is None:
-                raise _CliError("%s: bench: %d frame(s) did not come back within %g s (the "
-                                "back-end must return what it receives, like testpmd in io "
-                                "forward mode)" % (args.socket, len(pending), args.timeout))
-            while frame is not None:
-                now = clock()
-                entry = pending.pop(seq_field.unpack_from(frame, _ETH_HLEN)[0], None) \
-                    if len(frame) == size and frame[:_ETH_HLEN] == head else None
-                if entry is not None:
-                    if frame != entry[1]:
-                        raise _CliError("%s: bench: a frame came back changed" % args.socket)
-                    latencies.append(now - entry[0])
-                frame = dev.recv(0)
-            progress.update(clock() - start, len(latencies), size)
+        _bench_net_stream(dev, args, size, 0, deadline, latencies[0],
+                          lambda: progress.update(time.perf_counter() - start,
+                                                  sum(map(len, latencies)), size))
     finally:
+        for thread in threads:
+            thread.join(deadline - time.perf_counter() + 2 * args.timeout)
         progress.done()
-    elapsed = clock() - start
+    if errors:
+        raise errors[0]
+    elapsed = time.perf_counter() - start
     cpu_self = _self_cpu_seconds() - cpu_start
     cpu_backend = None
     if args.backend_pid:
         cpu_backend = _proc_cpu_seconds(args.backend_pid) - backend_start
-    return _bench_report("net", None, size, args.depth, 1, elapsed, latencies, cpu_self,
-                         cpu_backend)
+    merged = [latency for per_pair in latencies for latency in per_pair]
+    report = _bench_report("net", None, size, args.depth, pairs, elapsed, merged, cpu_self,
+                           cpu_backend)
+    report["packed"] = dev.packed
+    if pairs > 1:
+        report["pairs"] = []
+        for pair, measured in enumerate(latencies):
+            one = _bench_report("net", None, size, args.depth, 1, elapsed, measured, 0.0, None)
+            report["pairs"].append({"pair": pair, "requests": one["requests"],
+                                    "packets_per_s": one["packets_per_s"],
+                                    "latency_us": one["latency_us"]})
+    return report
+
+
+def _bench_net_stream(dev, args, size, pair, deadline, latencies, tick=None):
+    """One pair's loop for ``_bench_net``: until ``deadline``, then drain what is in flight."""
+    template = _test_frame(bytes(dev.mac) if dev.mac else _TEST_MAC, pair, size)
+    head, tail = template[:_ETH_HLEN], template[_TEST_FRAME_HEADER.size:]
+    seq_field = struct.Struct(">I")
+    clock = time.perf_counter
+    pending = {}   # sequence number -> (send time, frame)
+    seq = 0
+    while True:
+        if clock() < deadline:
+            batch = []
+            t0 = clock()
+            while len(pending) < args.depth:
+                seq = (seq + 1) & 0xFFFFFFFF
+                frame = head + seq_field.pack(seq) + tail
+                pending[seq] = (t0, frame)
+                batch.append(frame)
+            if batch:
+                dev.send_many(batch, pair)
+        elif not pending:
+            return
+        frame = dev.recv(args.timeout, pair)
+        if frame is None:
+            raise _CliError("%s: bench: %d frame(s) of pair %d did not come back within %g s "
+                            "(the back-end must return what it receives, like testpmd in io "
+                            "forward mode)" % (args.socket, len(pending), pair, args.timeout))
+        while frame is not None:
+            now = clock()
+            entry = pending.pop(seq_field.unpack_from(frame, _ETH_HLEN)[0], None) \
+                if len(frame) == size and frame[:_ETH_HLEN] == head else None
+            if entry is not None:
+                if frame != entry[1]:
+                    raise _CliError("%s: bench: a frame came back changed" % args.socket)
+                latencies.append(now - entry[0])
+            frame = dev.recv(0, pair)
+        if tick is not None:
+            tick()
 
 
 # -- demo ---------------------------------------------------------------------
@@ -6923,6 +6967,13 @@ def _build_parser():
                         help="log every vhost-user message sent and received (stderr)")
     common.add_argument("--timeout", type=_seconds_arg, default=argparse.SUPPRESS, metavar="S",
                         help="seconds to wait for any reply or completion (default 5)")
+    ring = argparse.ArgumentParser(add_help=False)
+    layout = ring.add_mutually_exclusive_group()
+    layout.add_argument("--packed", dest="packed", action="store_const", const=True,
+                        help="require packed virtqueues (RING_PACKED); default: packed when "
+                             "the back-end offers it")
+    layout.add_argument("--split", dest="packed", action="store_const", const=False,
+                        help="use split virtqueues even when packed ones are offered")
     parser = argparse.ArgumentParser(
         prog=_PROG, parents=[common],
         description="Talk to a vhost-user back-end (qemu-storage-daemon, DPDK, virtiofsd, "
@@ -6984,10 +7035,10 @@ def _build_parser():
     net.add_argument("socket", metavar="SOCKET")
     actions = net.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
-    send = actions.add_parser("send", parents=[common],
+    send = actions.add_parser("send", parents=[common, ring],
                               help="send N frames (generated, or one given frame)")
     ping = actions.add_parser(
-        "ping", parents=[common],
+        "ping", parents=[common, ring],
         help="send frames one at a time; each must come back byte-identical",
         description="Send N frames one at a time and wait up to --timeout for each to come "
                     "back byte-identical; prints round-trip times. Exit status 1 when any "
@@ -7001,7 +7052,8 @@ def _build_parser():
         given.add_argument("-i", "--input", metavar="FILE", help="send FILE's bytes as the frame")
         given.add_argument("--hex", metavar="HEX",
                            help="send these bytes as the frame (e.g. ffffffffffff0200...)")
-    recv = actions.add_parser("recv", parents=[common], help="print the frames that arrive")
+    recv = actions.add_parser("recv", parents=[common, ring],
+                              help="print the frames that arrive")
     recv.add_argument("-n", "--count", type=_count_arg, metavar="N", help="stop after N frames")
     recv.add_argument("--wait", type=lambda text: _seconds_arg(text, allow_zero=True),
                       default=1.0, metavar="S",
@@ -7012,7 +7064,8 @@ def _build_parser():
     net.set_defaults(func=_cmd_net)
 
     bench = commands.add_parser(
-        "bench", parents=[common], help="measure throughput, latency and CPU per request",
+        "bench", parents=[common, ring],
+        help="measure throughput, latency and CPU per request",
         description="Run I/O for --seconds and report IOPS and MiB/s (blk) or packets/s and "
                     "Mbit/s of frames looped back by the back-end (net: testpmd in io forward "
                     "mode), latency percentiles, this process's CPU time per request and, "
@@ -7028,7 +7081,9 @@ def _build_parser():
                        help="bytes per request or frame (default 4096 for blk, 64 for net)")
     bench.add_argument("--depth", type=_count_arg, default=1, metavar="N",
                        help="requests in flight per queue (default 1)")
-    bench.add_argument("--queues", type=_count_arg, metavar="N", help="queues to use (default 1)")
+    bench.add_argument("--queues", type=_count_arg, metavar="N",
+                       help="queues (blk) or queue pairs (net) to use, one thread each "
+                            "(default 1)")
     bench.add_argument("--seconds", type=_seconds_arg, default=3.0, metavar="S",
                        help="duration (default 3)")
     bench.add_argument("--backend-pid", type=int, metavar="PID",
