@@ -5277,6 +5277,43 @@ class TestPackedRingsAndQueuePairs(BackendTestMixin, FdLeakCheck):
         stats = pmd.stop_with_stats()
         self.assertEqual([stats[q] for q in range(4)], [(count, count, 0)] * 4)
 
+    def test_cli_packed_split_and_pairs(self):
+        pmd = self.start_backend(Testpmd, queues=2)
+        reports = {}
+        for name, extra in (("split", ["--split"]), ("packed", ["--packed"]),
+                            ("pairs", ["--queues", "2"])):
+            status, out, err = run_cli("bench", pmd.socket_path, "--type", "net", "--depth", "8",
+                                       "--seconds", "0.3", "--json", *extra)
+            self.assertEqual((status, err), (0, ""), name)
+            reports[name] = json.loads(out)
+        self.assertEqual([reports[n]["packed"] for n in ("split", "packed", "pairs")],
+                         [False, True, True])
+        self.assertEqual(reports["pairs"]["queues"], 2)
+        self.assertEqual([p["pair"] for p in reports["pairs"]["pairs"]], [0, 1])
+        self.assertTrue(all(p["requests"] > 0 for p in reports["pairs"]["pairs"]))
+        self.assertEqual(sum(p["requests"] for p in reports["pairs"]["pairs"]),
+                         reports["pairs"]["requests"])
+        status, out, err = run_cli("bench", pmd.socket_path, "--type", "net", "--queues", "2",
+                                   "--seconds", "0.2")
+        self.assertEqual(status, 0, err)
+        self.assertIn("2 queue pairs, packed rings", out)
+        self.assertIn("pair 1 ", out)
+        for flag in ("--split", "--packed"):
+            status, out, err = run_cli("net", pmd.socket_path, "ping", "-n", "3", flag)
+            self.assertEqual(status, 0, err)
+            self.assertIn("3 came back identical", out)
+        status, out, err = run_cli("net", pmd.socket_path, "ping", "--split", "--packed")
+        self.assertEqual(status, 2)
+        self.assertIn("not allowed with argument", err)
+
+    def test_cli_packed_refused_by_qsd(self):
+        qsd = self.start_backend(QemuStorageDaemon)
+        status, out, err = run_cli("bench", qsd.socket_path, "--packed", "--seconds", "0.1")
+        self.assertEqual(status, 1)
+        self.assertIn("packed=True, but RING_PACKED is not offered", err)
+        status, out, err = run_cli("bench", qsd.socket_path, "--seconds", "0.1", "--json")
+        self.assertEqual(status, 0, err)
+
     def test_queue_pairs_need_mq(self):
         for protocol, pairs, error in ((FAKE_PROTOCOL & ~P_MQ, 2, vu.FeatureNotNegotiated),
                                        (FAKE_PROTOCOL, 0, ValueError),

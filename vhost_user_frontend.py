@@ -3277,19 +3277,24 @@ class _PackedQueue(Queue):
     def _reap_some(self, limit, done):
         chains, slot_token, slot_chain = self._chains, self._slot_token, self._slot_chain
         load_word, ids, lengths = self._load_word, self._desc_h, self._desc_i
+        read_fence = self._fences.read
         size = self.size
+        position, wrap = self.next_used, self.used_wrap
+        used_flags = _PACKED_F_BOTH if wrap else 0
+        left = len(chains) + self._slots_busy
+        if limit is not None:
+            left = min(left, limit)
         reaped = 0
-        while self.in_flight and (limit is None or reaped < limit):
-            position, wrap = self.next_used, self.used_wrap
+        while reaped < left:
             flags = load_word(8 * position + 7) & _PACKED_F_BOTH
-            if flags != (_PACKED_F_BOTH if wrap else 0):
+            if flags != used_flags:
                 if flags == (_PACKED_F_AVAIL if wrap else _PACKED_F_USED):
                     break  # still available: not used yet
                 self._fail("descriptor %d has flags AVAIL=%d USED=%d, the used wrap counter "
                            "is %d: neither available nor used" % (
                                position, bool(flags & _PACKED_F_AVAIL),
                                bool(flags & _PACKED_F_USED), wrap))
-            self._fences.read()  # the flags before the id and length they cover
+            read_fence()  # the flags before the id and length they cover
             buffer_id = ids[8 * position + 6]
             length = lengths[4 * position + 2]
             token = slot_token[buffer_id] if buffer_id < size else None
@@ -3318,13 +3323,17 @@ class _PackedQueue(Queue):
                 self._slots_busy -= 1
             else:
                 del chains[buffer_id]
-                self._retire(chain)
+                if chain.copy_out or chain.block is not None:
+                    self._retire(chain)
                 self._free.append(buffer_id)
                 self._free_slots += positions
                 token = chain.token
             position += positions
             if position >= size:
-                position, self.used_wrap = position - size, wrap ^ 1
+                position -= size
+                wrap ^= 1
+                used_flags ^= _PACKED_F_BOTH
+                self.used_wrap = wrap
             self.next_used = position
             done.append((token, length))
             reaped += 1
