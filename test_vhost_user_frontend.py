@@ -5329,5 +5329,78 @@ class TestPackedRingsAndQueuePairs(BackendTestMixin, FdLeakCheck):
                 self.assertEqual([m for m in backend.messages if m.name == "SET_MEM_TABLE"], [])
 
 
+class TestPackedFrontend(FrontendTestBase):
+    """VhostUserFrontend with packed queues: negotiation, bases on the wire, sleep/state/wake."""
+
+    def packed_frontend(self, backend, packed=True):
+        sock = backend.frontend_sock
+        backend.frontend_sock = None
+        fe = vu.VhostUserFrontend(vu.DeviceType.BLOCK, _F.VERSION_1 | _PACKED, sock, packed=packed)
+        self.addCleanup(fe.close)
+        return fe
+
+    def bases(self, backend):
+        return [_STATE.unpack(m.body)[1] for m in backend.messages if m.name == "SET_VRING_BASE"]
+
+    def test_stripped_unless_asked(self):
+        backend = self.backend(features=FAKE_FEATURES | _PACKED)
+        with self.assertLogs("vhost_user_frontend", "WARNING"):
+            fe = self.packed_frontend(backend, packed=False)
+        self.assertFalse(fe.features() & _PACKED)
+        other = self.backend(features=FAKE_FEATURES | _PACKED)
+        fe = self.packed_frontend(other)
+        self.assertTrue(fe.features() & _PACKED)
+        fe.ack_features(_F.VERSION_1 | _PACKED)
+        mem = vu.GuestMemory([(0, 1 << 20)])
+        self.addCleanup(mem.close)
+        split = vu.Queue(mem, 8)
+        self.addCleanup(split.close)
+        other.take(len(CONSTRUCT) + 1)
+        with self.assertRaises(ValueError) as cm:     # refused before anything is sent
+            fe.activate(mem, None, [split])
+        self.assertIn("queue 0 is split but RING_PACKED is acked", str(cm.exception))
+        self.assertEqual(other.messages, [])
+
+    def test_sleep_snapshot_restore_wake_resume_where_the_ring_stopped(self):
+        backend = self.backend(features=FAKE_FEATURES | _PACKED)
+        fe = self.packed_frontend(backend)
+        fe.ack_features(_F.VERSION_1 | _PACKED)
+        mem = vu.GuestMemory([(0, 1 << 20)])
+        self.addCleanup(mem.close)
+        q = vu.Queue(mem, 8, features=fe.acked_features)
+        self.addCleanup(q.close)
+        dev = _PackedRingDevice(q)
+        fe.activate(mem, None, [q])
+        self.assertEqual(self.bases(backend), [0x80008000])     # both wrap counters 1
+        for i in range(3):
+            q.add([b"req%d" % i], [bytearray(1)], token=i)
+        chains = dev.take()
+        dev.complete(chains[0][0], 1, 2)
+        # The back-end stopped with 2 chains taken (avail position 4), 1 used (position 2).
+        backend.rings[0].last_avail = 0x8004 | 0x8002 << 16
+        slept = fe.virtio_sleep()
+        self.assertEqual(slept[0].vring_base, 0x80028004)
+        state = fe.virtio_snapshot()
+        fe.virtio_restore(state)
+        del backend.messages[:]
+        fe.virtio_wake()
+        self.assertEqual(self.bases(backend), [0x80028004])
+        for buffer_id, _, slots in chains[1:]:
+            dev.complete(buffer_id, 1, slots)
+        self.assertEqual(q.wait_used(5.0, count=3) + q.wait_used(0.2), [(0, 1), (1, 1), (2, 1)])
+        # Idle now: GET_VRING_BASE without the used half re-bases on the avail one.
+        backend.rings[0].last_avail = 0x8006
+        fe.virtio_sleep()
+        self.assertEqual((q.vring_base, q.next_avail, q.next_used), (0x80068006, 6, 6))
+        # A split ring's base must still fit in 16 bits.
+        backend2 = self.backend()
+        fe2 = self.frontend(backend2)
+        mem2, queues = self.memory(nqueues=1)
+        fe2.activate(mem2, None, queues)
+        backend2.rings[0].last_avail = 0x10000
+        with self.assertRaises(vu.ProtocolError):
+            fe2.virtio_sleep()
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -1587,7 +1587,10 @@ class BackendClient:
 
         Without IOMMU_PLATFORM or GPA_ADDRESSES these are front-end user
         addresses (``GuestMemory.host_address``), not guest-physical ones.
-        Flags bit 0 (VHOST_VRING_F_LOG) makes QEMU wait for the ack.
+        For a packed ring, desc is the descriptor ring, avail the driver
+        event suppression area and used the device's (vhost-user.rst: the
+        fields keep their split names). Flags bit 0 (VHOST_VRING_F_LOG)
+        makes QEMU wait for the ack.
         """
         self._check_ring(_F.SET_VRING_ADDR, index)
         for name, value, align in (("desc", desc, 16), ("used", used, 4), ("avail", avail, 2)):
@@ -1604,7 +1607,12 @@ class BackendClient:
                        ack=self._want_ack(_F.SET_VRING_ADDR, ack))
 
     def set_vring_base(self, index, base, ack=None):
-        """VHOST_USER_SET_VRING_BASE: the next avail index the back-end processes."""
+        """VHOST_USER_SET_VRING_BASE: the next avail index the back-end processes.
+
+        Split rings: 16 bits. Packed rings: the avail position in bits 0-14
+        and the driver's wrap counter in bit 15, the used position and its
+        wrap counter in bits 16-31 (``Queue.vring_base`` holds it encoded).
+        """
         self._check_ring(_F.SET_VRING_BASE, index)
         _check_u32("base", base)
         self._transact(_F.SET_VRING_BASE, _STATE.pack(index, base),
@@ -1614,6 +1622,8 @@ class BackendClient:
         """VHOST_USER_GET_VRING_BASE: stop the ring; returns its next avail index.
 
         The back-end drains in-flight requests first, which may take long.
+        For a packed ring the answer is encoded as for SET_VRING_BASE (some
+        back-ends leave the used half 0); ``Queue.reclaim`` decodes it.
         """
         return self._get_base(_F.GET_VRING_BASE, index)
 
