@@ -6260,8 +6260,10 @@ def _bench_block_stream(dev, queue, load, depth, deadline, latencies, tick=None)
         indices = list(range(depth))
         now = clock()
         started = [now] * depth
-        post(load.offsets(depth), buffers, indices, queue=queue)
-        in_flight = depth
+        in_flight = 0
+        if now < deadline:
+            post(load.offsets(depth), buffers, indices, queue=queue)
+            in_flight = depth
         next_tick = now + 0.1
         while in_flight:
             done = dev.reap(queue=queue)
