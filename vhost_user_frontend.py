@@ -7017,11 +7017,12 @@ def _bench_net_stream(dev, args, size, pair, deadline, latencies, tick=None):
             return
         frame = dev.recv(args.timeout, pair)
         if frame is None:
-            raise _CliError("%s: bench: %d frame(s) of pair %d did not come back within %g s "
-                            "(the back-end must return what it receives, like testpmd in io "
-                            "forward mode%s)" % (args.socket, len(pending), pair, args.timeout,
-                                                 ", on as many queue pairs as --queues: "
-                                                 "testpmd queues=N" if pair else ""))
+            raise _CliError("%s: bench: %d frame(s)%s did not come back within %g s (the "
+                            "back-end must return what it receives, like testpmd in io forward "
+                            "mode%s)" % (args.socket, len(pending),
+                                         " of pair %d" % pair if dev.queue_pairs > 1 else "",
+                                         args.timeout, ", on as many queue pairs as --queues: "
+                                         "testpmd queues=N" if pair else ""))
         while frame is not None:
             now = clock()
             entry = pending.pop(seq_field.unpack_from(frame, _ETH_HLEN)[0], None) \
