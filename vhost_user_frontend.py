@@ -3118,6 +3118,8 @@ class _PackedQueue(Queue):
         self._free_slots = size
         self._added = 0          # positions published since the last notify decision
         self._slot_chain = {}    # slot (its buffer id) -> [[gpa, length, flags], ...]
+        self._slot_bytes = {}    # slot -> {wrap: its descriptors as ring bytes}, built lazily
+        self._slot_size = [0] * size   # slot -> its descriptor count
 
     @staticmethod
     def _ring_bytes(size):
@@ -3256,11 +3258,14 @@ class _PackedQueue(Queue):
 
     def _write_chain(self, descs, resolved):
         self._slot_chain[descs[0]] = [list(item) for item in resolved]
+        self._slot_size[descs[0]] = len(resolved)
+        self._slot_bytes[descs[0]] = {}
 
     def _set_slot_buffer(self, slot, position, guest_addr, length, writable):
         descs, lengths = self._slot_descs[slot]
         item = self._slot_chain[slot][position]
         item[:] = guest_addr, length, _DESC_F_WRITE if writable else 0
+        self._slot_bytes[slot] = {}
         lengths[position] = length if writable else 0
         self._slot_writable[slot] = sum(lengths)
 
@@ -3270,17 +3275,88 @@ class _PackedQueue(Queue):
             self._check_usable()
             self._check_slot(slot, "remove_slot")
             del self._slot_descs[slot]
+            del self._slot_bytes[slot]
             self._free_slots += len(self._slot_chain.pop(slot))
             self._free.append(slot)
 
+    def _slot_ring_bytes(self, slot, position, wrap):
+        """A slot's chain as ring bytes from ``position`` (cached while it does not wrap)."""
+        items = self._slot_chain[slot]
+        count = len(items)
+        if position + count <= self.size:
+            cached = self._slot_bytes[slot].get(wrap)
+            if cached is None:
+                avail = _PACKED_F_AVAIL if wrap else _PACKED_F_USED
+                cached = self._slot_bytes[slot][wrap] = b"".join(
+                    _DESC.pack(gpa, length, slot, flags | avail
+                               | (_DESC_F_NEXT if i < count - 1 else 0))
+                    for i, (gpa, length, flags) in enumerate(items))
+            return cached
+        parts = []
+        for i, (gpa, length, flags) in enumerate(items):
+            if position + i == self.size:
+                wrap ^= 1
+            parts.append(_DESC.pack(gpa, length, slot, flags | (
+                _PACKED_F_AVAIL if wrap else _PACKED_F_USED) | (
+                _DESC_F_NEXT if i < count - 1 else 0)))
+        return b"".join(parts)
+
     def _publish(self, heads):
-        """Write the slots' chains, then their heads' flags in order (spec 2.8.21)."""
-        chains = self._slot_chain
-        published = [self._write_ring(slot, chains[slot]) for slot in heads]
+        """Make slots available as one batch (spec 2.8.21, "Making multiple buffers
+        available"): every descriptor is written in bulk with the first head's
+        flags still saying "not available", then, after the write fence, that
+        one flag word; the device reads none of the batch before it.
+        """
+        if not heads:
+            return
+        size, ring = self.size, self._desc
+        start = position = self.next_avail
+        wrap = self.avail_wrap
+        avail_bits = _PACKED_F_AVAIL if wrap else _PACKED_F_USED
+        chain_of, bytes_of = self._slot_chain, self._slot_bytes
+        if len(heads) == 1 and len(chain_of[heads[0]]) == 1:
+            # One buffer (a QD1 request, a frame): straight into the ring.
+            slot = heads[0]
+            gpa, length, flags = chain_of[slot][0]
+            _PACKED_HEAD.pack_into(ring, 16 * position, gpa, length, slot)
+            position += 1
+            if position == size:
+                position, wrap = 0, wrap ^ 1
+            self._added += 1
+            self.next_avail, self.avail_wrap = position, wrap
+            self._fences.write()
+            self._store_word(8 * start + 7, flags | avail_bits)
+            return
+        parts = []
+        for slot in heads:
+            items = chain_of[slot]
+            count = len(items)
+            data = bytes_of[slot].get(wrap) if position + count <= size else None
+            if data is None:
+                if count == 1:
+                    gpa, length, flags = items[0]
+                    data = bytes_of[slot][wrap] = _DESC.pack(gpa, length, slot,
+                                                            flags | avail_bits)
+                else:
+                    data = self._slot_ring_bytes(slot, position, wrap)
+            parts.append(data)
+            position += count
+            if position >= size:
+                position -= size
+                wrap ^= 1
+                avail_bits ^= _PACKED_F_BOTH
+        blob = bytearray(b"".join(parts))
+        first_flags = blob[14] | blob[15] << 8
+        # The first head keeps its last-lap "used" flags until the rest is out.
+        blob[14:16] = ring[16 * start + 14:16 * start + 16]
+        first = min(len(blob), 16 * (size - start))
+        ring[16 * start:16 * start + first] = blob[:first]
+        if first < len(blob):
+            ring[:len(blob) - first] = blob[first:]
+        self._added += len(blob) >> 4
+        self.next_avail, self.avail_wrap = position, wrap
         self._fences.write()
-        store = self._store_word
-        for head, flags in published:
-            store(8 * head + 7, flags)
+        self._store_word(8 * start + 7, first_flags)
 
     def notify(self, force=False):
         """Kick the device about chains added since the last call, if it wants kicks.
@@ -3318,69 +3394,102 @@ class _PackedQueue(Queue):
             self._load_word(8 * self.next_used + 7) & _PACKED_F_BOTH
             != (_PACKED_F_AVAIL if self.used_wrap else _PACKED_F_USED))
 
+    #: Positions whose flags, ids and lengths one bulk read takes while reaping.
+    _reap_chunk = 64
+
     def _reap_some(self, limit, done):
-        chains, slot_token, slot_chain = self._chains, self._slot_token, self._slot_chain
-        load_word, ids, lengths = self._load_word, self._desc_h, self._desc_i
+        position, wrap = self.next_used, self.used_wrap
+        if not self.in_flight or self._load_word(8 * position + 7) & _PACKED_F_BOTH == (
+                _PACKED_F_AVAIL if wrap else _PACKED_F_USED):
+            return False   # nothing used yet: spare the bulk read
+        chains, slot_token, slot_writable = self._chains, self._slot_token, self._slot_writable
+        words, lengths_at = self._desc_h, self._desc_i
         read_fence = self._fences.read
         size = self.size
-        position, wrap = self.next_used, self.used_wrap
         used_flags = _PACKED_F_BOTH if wrap else 0
+        avail_flags = _PACKED_F_AVAIL if wrap else _PACKED_F_USED
         left = len(chains) + self._slots_busy
         if limit is not None:
             left = min(left, limit)
-        reaped = 0
-        while reaped < left:
-            flags = load_word(8 * position + 7) & _PACKED_F_BOTH
-            if flags != used_flags:
-                if flags == (_PACKED_F_AVAIL if wrap else _PACKED_F_USED):
-                    break  # still available: not used yet
-                self._fail("descriptor %d has flags AVAIL=%d USED=%d, the used wrap counter "
-                           "is %d: neither available nor used" % (
-                               position, bool(flags & _PACKED_F_AVAIL),
-                               bool(flags & _PACKED_F_USED), wrap))
-            read_fence()  # the flags before the id and length they cover
-            buffer_id = ids[8 * position + 6]
-            length = lengths[4 * position + 2]
-            token = slot_token[buffer_id] if buffer_id < size else None
-            if token is not None:
-                writable = self._slot_writable[buffer_id]
-                positions = len(slot_chain[buffer_id])
-            else:
-                chain = chains.get(buffer_id)
-                if chain is None:
-                    if buffer_id >= size:
-                        self._fail("used descriptor %d names buffer id %d, the ring has %d"
-                                   % (position, buffer_id, size))
-                    self._fail("used descriptor %d names buffer id %d, which is not in flight"
-                               % (position, buffer_id))
-                writable, positions = chain.writable, chain.descs
-            if length > writable:
-                if writable:
-                    self._fail("used descriptor %d for buffer id %d claims %d bytes written, "
-                               "the chain has %d writable" % (position, buffer_id, length,
-                                                              writable))
-                # Nothing writable: DPDK 22.11 reports the bytes it read from a
-                # packed TX chain as its used length.
-                length = 0
-            if token is not None:
-                slot_token[buffer_id] = None
-                self._slots_busy -= 1
-            else:
-                del chains[buffer_id]
-                if chain.copy_out or chain.block is not None:
-                    self._retire(chain)
-                self._free.append(buffer_id)
-                self._free_slots += positions
-                token = chain.token
-            position += positions
-            if position >= size:
-                position -= size
-                wrap ^= 1
-                used_flags ^= _PACKED_F_BOTH
-                self.used_wrap = wrap
-            self.next_used = position
-            done.append((token, length))
-            reaped += 1
+        slot_size, append = self._slot_size, done.append
+        reaped = slots_done = 0
+        base = end = position   # the bulk read covers positions base..end-1
+        try:
+            while reaped < left:
+                if position >= end:
+                    # The flags first, then (after the fence) the ids and lengths: an id
+                    # is only trusted where the flags read before it said "used". The
+                    # flags are read in bulk, not through the accessor: the device
+                    # changes only USED (bit 15) of a descriptor we made available, and
+                    # AVAIL (bit 7) is in the other byte, so even a torn load is the
+                    # old or the new state, never a third.
+                    base = position
+                    end = min(size, base + self._reap_chunk)
+                    flags_of = words[8 * base + 7:8 * end:8].tolist()
+                    read_fence()
+                    ids = words[8 * base + 6:8 * end:8].tolist()
+                    lengths = lengths_at[4 * base + 2:4 * end:4].tolist()
+                i = position - base
+                flags = flags_of[i] & _PACKED_F_BOTH
+                if flags != used_flags:
+                    if flags == avail_flags:
+                        break  # still available: not used yet
+                    self.next_used, self.used_wrap = position, wrap
+                    self._fail("descriptor %d has flags AVAIL=%d USED=%d, the used wrap counter "
+                               "is %d: neither available nor used" % (
+                                   position, bool(flags & _PACKED_F_AVAIL),
+                                   bool(flags & _PACKED_F_USED), wrap))
+                buffer_id = ids[i]
+                length = lengths[i]
+                token = slot_token[buffer_id] if buffer_id < size else None
+                if token is not None:   # a slot: nothing to free
+                    writable = slot_writable[buffer_id]
+                    if length > writable:
+                        if writable:
+                            self.next_used, self.used_wrap = position, wrap
+                            self._fail("used descriptor %d for buffer id %d claims %d bytes "
+                                       "written, the chain has %d writable"
+                                       % (position, buffer_id, length, writable))
+                        length = 0   # see below
+                    slot_token[buffer_id] = None
+                    slots_done += 1
+                    position += slot_size[buffer_id]
+                else:
+                    chain = chains.get(buffer_id)
+                    if chain is None:
+                        self.next_used, self.used_wrap = position, wrap
+                        if buffer_id >= size:
+                            self._fail("used descriptor %d names buffer id %d, the ring has %d"
+                                       % (position, buffer_id, size))
+                        self._fail("used descriptor %d names buffer id %d, which is not in flight"
+                                   % (position, buffer_id))
+                    if length > chain.writable:
+                        if chain.writable:
+                            self.next_used, self.used_wrap = position, wrap
+                            self._fail("used descriptor %d for buffer id %d claims %d bytes "
+                                       "written, the chain has %d writable"
+                                       % (position, buffer_id, length, chain.writable))
+                        # Nothing writable: DPDK 22.11 reports the bytes it read from a
+                        # packed TX chain as its used length.
+                        length = 0
+                    del chains[buffer_id]
+                    if chain.copy_out or chain.block is not None:
+                        self._retire(chain)
+                    self._free.append(buffer_id)
+                    self._free_slots += chain.descs
+                    token = chain.token
+                    position += chain.descs
+                if position >= size:
+                    position -= size
+                    wrap ^= 1
+                    used_flags ^= _PACKED_F_BOTH
+                    avail_flags ^= _PACKED_F_BOTH
+                    base = end = position
+                append((token, length))
+                reaped += 1
+        finally:
+            self._slots_busy -= slots_done
+        self.next_used, self.used_wrap = position, wrap
         return reaped > 0
 
     def _request_interrupt(self, ahead):
