@@ -5115,9 +5115,9 @@ class TestPackedQueue(FdLeakCheck):
         q, dev = self.make(size=8, features=_F.RING_EVENT_IDX)
         buf = q.mem.allocate(256)
         slot = q.add_slot([(buf, 16)], [(buf + 16, 32), (buf + 48, 1)])
-        other = q.add_slot([(buf + 64, 8)])
-        self.assertEqual((q.num_free, q.in_flight), (4, 0))  # idle slots hold their positions
-        for round_ in range(5):                               # re-posted: positions wrap
+        other = q.add_slot([(buf + 64, 8), (buf + 72, 8)])
+        self.assertEqual((q.num_free, q.in_flight), (3, 0))  # idle slots hold their positions
+        for round_ in range(9):     # re-posted: 5 positions a round, so chains cross the end
             q.set_slot_buffer(slot, 1, buf + 100 + round_, 32, writable=True)
             q.post_slots([slot, other], ["s%d" % round_, "o%d" % round_])
             with self.assertRaises(ValueError):
@@ -5125,8 +5125,8 @@ class TestPackedQueue(FdLeakCheck):
             chains = dev.take()
             self.assertEqual([(c[2], [d[:2] for d in c[1]]) for c in chains],
                              [(3, [(buf, 16), (buf + 100 + round_, 32), (buf + 48, 1)]),
-                              (1, [(buf + 64, 8)])])
-            dev.complete(chains[1][0], 0, 1)
+                              (2, [(buf + 64, 8), (buf + 72, 8)])])
+            dev.complete(chains[1][0], 0, 2)
             dev.complete(chains[0][0], 33, 3)
             self.assertEqual(q.get_used(), [("o%d" % round_, 0), ("s%d" % round_, 33)])
         with self.assertRaises(vu.ProtocolError):           # more than the slot's writable
