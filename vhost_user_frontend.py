@@ -878,24 +878,33 @@ class Event:
         except BlockingIOError:
             return 0
 
+    _poller = None
+
     def wait(self, timeout=None):
         """Wait until signalled and reset it; the count, or 0 on timeout."""
         fd = self.fileno()
         deadline = None if timeout is None else time.monotonic() + timeout
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
+        poller = self._poller
+        if poller is None:
+            # poll(2) keeps no fd of its own; one per event spares a registration per wait.
+            poller = self._poller = select.poll()
+            poller.register(fd, select.POLLIN)
+        remaining = timeout
         while True:
-            count = self.read()
-            if count:
-                return count
+            # Poll first: a signalled counter returns at once, an idle one
+            # costs no failed read.
+            if poller.poll(None if remaining is None else remaining * 1000.0):
+                count = self.read()
+                if count:
+                    return count
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if remaining == 0.0:
-                return 0
-            poller.poll(None if remaining is None else remaining * 1000.0)
+                return self.read()
 
     def close(self):
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
+            self._poller = None
             os.close(fd)
 
     def __enter__(self):
@@ -4555,7 +4564,10 @@ class _Completions:
     def __init__(self, queue, frontend):
         self.queue = queue
         self.frontend = frontend
-        self.cond = threading.Condition()
+        # The lock itself for plain critical sections: entering it costs no
+        # Python-level call, unlike the condition.
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
         self.reaping = False
         self.finished = []    # background requests done but not yet returned
         self.slots = None     # the queue's _BlockSlots once the fast path is used
@@ -4590,7 +4602,7 @@ class _Completions:
                 self._finish(used)
 
     def poll(self):
-        with self.cond:
+        with self.lock:
             if not self.reaping:
                 self._finish(self.queue.get_used())
 
@@ -5004,20 +5016,20 @@ class BlockDevice(_Device):
         slots = completions.slots
         if slots is None:
             return []
-        q = completions.queue
-        q.notify()
-        if len(slots.done) + len(slots.failed) < count:
+        completions.queue.notify()
+        if len(slots.done) < count and not slots.failed:
             completions.poll()
-        want = min(count, len(slots.done) + len(slots.failed) + slots.busy)
-        if len(slots.done) + len(slots.failed) < want:
-            deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-            completions.wait(lambda: len(slots.done) + len(slots.failed) >= want,
-                             deadline, "reap", want - len(slots.done) - len(slots.failed))
-        with completions.cond:
+            ready = len(slots.done) + len(slots.failed)
+            want = min(count, ready + slots.busy)
+            if ready < want:
+                deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+                completions.wait(lambda: len(slots.done) + len(slots.failed) >= want,
+                                 deadline, "reap", want - ready)
+        with completions.lock:
             done, slots.done = slots.done, []
-            failed, slots.failed = slots.failed, []
-        if failed:
-            raise _fast_path_error(failed, done)
+            if slots.failed:
+                failed, slots.failed = slots.failed, []
+                raise _fast_path_error(failed, done)
         return done
 
     def _post_fast(self, op, offsets, buffers, user_data, queue, notify):
@@ -5028,35 +5040,42 @@ class BlockDevice(_Device):
         count = len(offsets)
         if user_data is None:
             user_data = offsets
+        if not count:
+            return
         if len(buffers) != count or len(user_data) != count:
             raise ValueError("%s: %d offsets, %d buffers and %d user_data values"
                              % (_BLK_OP_NAMES[op], count, len(buffers), len(user_data)))
         q = completions.queue
+        lock = completions.lock
         posted = 0
         deadline = None
-        while posted < count:
-            with completions.cond:
-                if len(slots.idle) < count - posted:
-                    slots.grow(count - posted - len(slots.idle))
-                chunk = min(len(slots.idle), count - posted)
+        while True:
+            with lock:
+                idle = slots.idle
+                if len(idle) < count - posted:
+                    slots.grow(count - posted - len(idle))
+                chunk = min(len(idle), count - posted)
                 if chunk:
-                    taken = slots.idle[-chunk:]
-                    del slots.idle[-chunk:]
+                    split = len(idle) - chunk
+                    taken = idle[split:]
+                    del idle[split:]
                     try:
                         heads = self._fill_slots(slots, taken, op, offsets, buffers,
                                                  user_data, posted)
                         with q._lock:
-                            q._check_usable()
+                            if q._broken is not None or q._block is None:
+                                q._check_usable()
                             q._post_slots(heads, taken)
                     except BaseException:
-                        slots.idle.extend(taken)
+                        idle.extend(taken)
                         raise
                     slots.busy += chunk
                     posted += chunk
-                    continue
-                if not q.in_flight:
+                elif not q.in_flight:
                     raise Queue.Full("%s: queue %d has no descriptors for a request"
                                      % (_BLK_OP_NAMES[op], queue))
+            if posted == count:
+                break
             # Announce what is posted, then wait for a slot (or descriptors) to free up.
             q.notify()
             if deadline is None:
@@ -6260,9 +6279,11 @@ def _bench_block(dev, args):
     start = time.perf_counter()
     deadline = start + args.seconds
 
+    stream = _bench_queue_stream if args.loop == "queue" else _bench_block_stream
+
     def run(queue):
         try:
-            _bench_block_stream(dev, queue, loads[queue], args.depth, deadline, latencies[queue])
+            stream(dev, queue, loads[queue], args.depth, deadline, latencies[queue])
         except BaseException as exc:  # re-raised by the main thread
             errors.append(exc)
 
@@ -6274,8 +6295,8 @@ def _bench_block(dev, args):
     for thread in threads:
         thread.start()
     try:
-        _bench_block_stream(dev, 0, loads[0], args.depth, deadline, latencies[0],
-                            tick if progress.enabled else None)
+        stream(dev, 0, loads[0], args.depth, deadline, latencies[0],
+               tick if progress.enabled else None)
     finally:
         for thread in threads:
             thread.join(deadline - time.perf_counter() + 2 * args.timeout)
@@ -6344,6 +6365,75 @@ def _bench_block_stream(dev, queue, load, depth, deadline, latencies, tick=None)
             try:
                 dev.free(buffer)
             except ValueError:   # still in flight after an error: close() releases it
+                pass
+
+
+def _bench_queue_stream(dev, queue, load, depth, deadline, latencies, tick=None):
+    """``bench --loop queue``: the same load as a plain hand-written loop over ``Queue``.
+
+    The yardstick for the device's fast path: one slot per request built
+    once with ``add_slot``, the header's sector written in place, the batch
+    posted with ``post_slots`` and one ``notify``, completions taken with
+    ``wait_used``, each status byte checked. Nothing else (no buffer or
+    range checks, no user data).
+    """
+    clock = time.perf_counter
+    q = dev._queues[queue]
+    mem = dev._mem
+    size = load.size
+    op = _BLK_T_OUT if load.write else _BLK_T_IN
+    block = mem.allocate(depth * (size + 17))
+    data, headers, statuses = block, block + depth * size, block + depth * (size + 16)
+    header = mem.view(headers, 16 * depth).cast("Q")
+    status = mem.view(statuses, depth)
+    slots = []
+    try:
+        for i in range(depth):
+            header[2 * i] = op
+            buffer = (data + i * size, size)
+            if load.write:
+                mem.write(buffer[0], load.data)
+                slots.append(q.add_slot([(headers + 16 * i, 16), buffer], [(statuses + i, 1)]))
+            else:
+                slots.append(q.add_slot([(headers + 16 * i, 16)], [buffer, (statuses + i, 1)]))
+        record = latencies.append
+        started = [0.0] * depth
+        ready = list(range(depth))
+        in_flight = 0
+        next_tick = clock() + 0.1
+        while True:
+            now = clock()
+            if now < deadline and ready:
+                for i, offset in zip(ready, load.offsets(len(ready))):
+                    header[2 * i + 1] = offset >> 9
+                    started[i] = now
+                q.post_slots([slots[i] for i in ready], ready)
+                q.notify()
+                in_flight += len(ready)
+            elif not in_flight:
+                break
+            ready = []
+            for i, _ in q.wait_used(dev.timeout):
+                if status[i]:
+                    raise BackendError("%s: virtio-blk status %d" % (_BLK_OP_NAMES[op], status[i]),
+                                       value=status[i])
+                ready.append(i)
+            if not ready:
+                raise VhostUserTimeout("bench: no completion within %g s" % dev.timeout)
+            now = clock()
+            for i in ready:
+                record(now - started[i])
+            in_flight -= len(ready)
+            if tick is not None and now >= next_tick:
+                next_tick = now + 0.1
+                tick()
+    finally:
+        header.release()
+        status.release()
+        for slot in slots:
+            try:
+                q.remove_slot(slot)
+            except (ValueError, ProtocolError):   # in flight after an error
                 pass
 
 
@@ -6523,7 +6613,8 @@ def _cmd_demo(args, out):
                       "   identical, and the raw file holds the same bytes.\n\n")
             bench_args = argparse.Namespace(
                 socket=daemon.socket, rw="randread", size=4096, depth=1, queues=None,
-                seconds=args.seconds, backend_pid=daemon.proc.pid, timeout=args.timeout)
+                seconds=args.seconds, backend_pid=daemon.proc.pid, timeout=args.timeout,
+                loop="device")
             out.write("4. $ %s bench %s --rw randread --seconds %g --backend-pid %d\n"
                       % (_PROG, daemon.socket, args.seconds, daemon.proc.pid))
             report = _bench_block(dev, bench_args)
@@ -6697,6 +6788,9 @@ def _build_parser():
                             "from where the back-end runs)")
     bench.add_argument("--event-idx", choices=("on", "off"),
                        help="negotiate RING_EVENT_IDX (default on; off: a call per completion)")
+    bench.add_argument("--loop", choices=("device", "queue"), default="device",
+                       help="device: BlockDevice's fast path (default); queue: a plain loop "
+                            "over Queue, the yardstick for it")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(func=_cmd_bench)
 
