@@ -2835,29 +2835,35 @@ class Queue:
         slot_writable = self._slot_writable
         chains = self._chains
         it = iter(elems)
+        reaped = 0
+        slots = 0
         for head, length in zip(it, it):
             token = slot_token[head] if head < size else None
             if token is not None:  # a slot: nothing to free
                 if length > slot_writable[head]:
-                    self.next_used = next_used
+                    self.next_used = at = (next_used + reaped) & 0xFFFF
+                    self._slots_busy -= slots
                     self._fail("used entry %d for descriptor %d claims %d bytes written, "
-                               "the chain has %d writable" % (next_used, head, length,
+                               "the chain has %d writable" % (at, head, length,
                                                               slot_writable[head]))
                 slot_token[head] = None
-                self._slots_busy -= 1
+                slots += 1
             else:
+                at = (next_used + reaped) & 0xFFFF
+                self._slots_busy -= slots
+                slots = 0
                 chain = chains.get(head)
                 if chain is None:
-                    self.next_used = next_used
+                    self.next_used = at
                     if head >= size:
                         self._fail("used entry %d names descriptor %d, the ring has %d"
-                                   % (next_used, head, size))
+                                   % (at, head, size))
                     self._fail("used entry %d names descriptor %d, which is not the head "
-                               "of a chain in flight" % (next_used, head))
+                               "of a chain in flight" % (at, head))
                 if length > chain.writable:
-                    self.next_used = next_used
+                    self.next_used = at
                     self._fail("used entry %d for descriptor %d claims %d bytes written, "
-                               "the chain has %d writable" % (next_used, head, length,
+                               "the chain has %d writable" % (at, head, length,
                                                               chain.writable))
                 del chains[head]
                 for gpa, target in chain.copy_out:
@@ -2866,9 +2872,10 @@ class Queue:
                     self._release(chain.block, chain.block_size)
                 self._free.extend(reversed(chain.descs))
                 token = chain.token
-            next_used = (next_used + 1) & 0xFFFF
+            reaped += 1
             done.append((token, length))
-        self.next_used = next_used
+        self.next_used = (next_used + reaped) & 0xFFFF
+        self._slots_busy -= slots
         return True
 
     def wait_used(self, timeout=5.0, count=1, spin=None):
@@ -4646,12 +4653,16 @@ class _BlockSlots:
         self.headers = mem.allocate(16 * self.limit)
         self.statuses = mem.allocate(self.limit)
         self.header = mem.view(self.headers, 16 * self.limit).cast("Q")  # type, sector
+        self.types = self.header[0::2]      # type and reserved as one u64: type
+        self.sectors = self.header[1::2]
         self.status = mem.view(self.statuses, self.limit)
         self.heads = []     # k -> the queue's slot, None when its descriptors were given back
         self.idle = []      # built slots not in flight
         self.unbuilt = []   # k whose descriptors were given back
         self.buffer = []    # k -> the alloc entry its data descriptor points at
         self.op = []
+        # op -> [k -> the entry, when k's data descriptor points at it in op's direction]
+        self.ready_for = {_BLK_T_IN: [], _BLK_T_OUT: []}
         self.need = []      # k -> the used length of a complete request: data read + status
         self.user = []
         self.done = []      # user data of requests completed OK, for reap
@@ -4667,14 +4678,26 @@ class _BlockSlots:
                 k = self.unbuilt.pop()
             else:
                 k = len(self.heads)
-                for column in (self.heads, self.buffer, self.op, self.need, self.user):
+                for column in (self.heads, self.buffer, self.op, self.need, self.user,
+                               self.ready_for[_BLK_T_IN], self.ready_for[_BLK_T_OUT]):
                     column.append(None)
             status = (self.statuses + k, 1)
             # The data descriptor points at the status byte until the first post.
             self.heads[k] = queue.add_slot([(self.headers + 16 * k, 16), status], [status])
-            self.buffer[k] = self.op[k] = None
+            self.point(k, None, None)
             self.idle.append(k)
             wanted -= 1
+
+    def point(self, k, entry, op):
+        """Point slot k's data descriptor at buffer ``entry`` for ``op`` (None: at nothing)."""
+        if entry is not None:
+            self.queue._set_slot_buffer(self.heads[k], 1, entry[1], entry[2], op == _BLK_T_IN)
+            self.types[k] = op
+            self.need[k] = entry[2] + 1 if op == _BLK_T_IN else 1
+        self.buffer[k] = entry
+        self.op[k] = op
+        for direction, ready in self.ready_for.items():
+            ready[k] = entry if direction == op else None
 
     def shrink(self):
         """Give the idle slots' descriptors back to the ring; True if there were any."""
@@ -4690,8 +4713,8 @@ class _BlockSlots:
                             self.buffer[k][2], self.status[k], written))
 
     def release(self):
-        self.header.release()
-        self.status.release()
+        for view in (self.types, self.sectors, self.header, self.status):
+            view.release()
 
 
 def _fast_path_error(failed, completed):
@@ -4963,13 +4986,13 @@ class BlockDevice(_Device):
         if entry is None or entry[0] is not buffer:
             raise ValueError("free: not a buffer from this device's alloc()")
         for completions in self._completions:
-            if completions.slots is not None and entry in completions.slots.buffer:
-                slots = completions.slots
+            slots = completions.slots
+            if slots is not None:
                 for k, pointed in enumerate(slots.buffer):
                     if pointed is entry:
-                        if k not in slots.idle:
+                        if k not in slots.idle and k not in slots.unbuilt:
                             raise ValueError("free: a request on this buffer is in flight")
-                        slots.buffer[k] = None
+                        slots.point(k, None, None)
         del self._buffers[id(buffer)]
         buffer.release()
         self._mem.free(entry[1])
@@ -5088,28 +5111,21 @@ class BlockDevice(_Device):
 
     def _fill_slots(self, slots, taken, op, offsets, buffers, user_data, first):
         """Point slots ``taken`` at requests ``first``...: the per-request work, kept small."""
-        buffers_by_id = self._buffers
-        header, heads, pointed, slot_op = slots.header, slots.heads, slots.buffer, slots.op
-        need, user = slots.need, slots.user
-        set_buffer = slots.queue._set_slot_buffer
+        get_entry = self._buffers.get
+        ready, sectors, user, heads = slots.ready_for[op], slots.sectors, slots.user, slots.heads
         mask = self.block_size - 1
-        reading = op == _BLK_T_IN
         end = first + len(taken)
         if first or end < len(offsets):
             offsets, buffers, user_data = (offsets[first:end], buffers[first:end],
                                            user_data[first:end])
         for k, offset, buffer, value in zip(taken, offsets, buffers, user_data):
-            entry = buffers_by_id.get(id(buffer))
-            if entry is None or entry[0] is not buffer or offset & mask \
-                    or not 0 <= offset <= entry[3]:
+            entry = get_entry(id(buffer))
+            if entry is None or entry[0] is not buffer or offset & mask or offset < 0 \
+                    or offset > entry[3]:
                 self._fast_path_misuse(op, first + taken.index(k), offset, buffer, entry)
-            if pointed[k] is not entry or slot_op[k] != op:
-                set_buffer(heads[k], 1, entry[1], entry[2], reading)
-                header[2 * k] = op   # type; reserved stays 0
-                pointed[k] = entry
-                slot_op[k] = op
-                need[k] = entry[2] + 1 if reading else 1
-            header[2 * k + 1] = offset >> 9   # sector: 512 bytes whatever blk_size is
+            if ready[k] is not entry:
+                slots.point(k, entry, op)
+            sectors[k] = offset >> 9   # 512-byte sectors whatever blk_size is
             user[k] = value
         return [heads[k] for k in taken]
 
