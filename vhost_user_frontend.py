@@ -6,7 +6,8 @@ Drives any vhost-user back-end daemon (qemu-storage-daemon, virtiofsd, DPDK's
 vhost PMD, rust-vmm vhost-device-*, crosvm device back-ends, SPDK) with no VM,
 no compiler and no third-party package. Because there is no guest, this module
 is also the virtio *driver*: it owns guest memory (memfd), lays out the
-virtqueues there, posts descriptor chains, kicks, and reaps used entries.
+virtqueues there (split or packed), posts descriptor chains, kicks, and reaps
+used entries.
 
 Protocol: the vhost-user specification in QEMU's docs/interop/vhost-user.rst,
 newest text (front-end requests 1-45, protocol features 0-23), plus crosvm's
@@ -3134,7 +3135,8 @@ class _PackedQueue(Queue):
         self._free_slots = size
         self._added = 0          # positions published since the last notify decision
         self._slot_chain = {}    # slot (its buffer id) -> [[gpa, length, flags], ...]
-        self._slot_bytes = {}    # slot -> {wrap: its descriptors as ring bytes}, built lazily
+        # Per wrap counter value, slot -> its descriptors as ring bytes (None until built).
+        self._slot_bytes = ([None] * size, [None] * size)
         self._slot_size = [0] * size   # slot -> its descriptor count
 
     @staticmethod
@@ -3275,13 +3277,13 @@ class _PackedQueue(Queue):
     def _write_chain(self, descs, resolved):
         self._slot_chain[descs[0]] = [list(item) for item in resolved]
         self._slot_size[descs[0]] = len(resolved)
-        self._slot_bytes[descs[0]] = {}
+        self._slot_bytes[0][descs[0]] = self._slot_bytes[1][descs[0]] = None
 
     def _set_slot_buffer(self, slot, position, guest_addr, length, writable):
         descs, lengths = self._slot_descs[slot]
         item = self._slot_chain[slot][position]
         item[:] = guest_addr, length, _DESC_F_WRITE if writable else 0
-        self._slot_bytes[slot] = {}
+        self._slot_bytes[0][slot] = self._slot_bytes[1][slot] = None
         lengths[position] = length if writable else 0
         self._slot_writable[slot] = sum(lengths)
 
@@ -3291,7 +3293,7 @@ class _PackedQueue(Queue):
             self._check_usable()
             self._check_slot(slot, "remove_slot")
             del self._slot_descs[slot]
-            del self._slot_bytes[slot]
+            self._slot_bytes[0][slot] = self._slot_bytes[1][slot] = None
             self._free_slots += len(self._slot_chain.pop(slot))
             self._free.append(slot)
 
@@ -3300,10 +3302,10 @@ class _PackedQueue(Queue):
         items = self._slot_chain[slot]
         count = len(items)
         if position + count <= self.size:
-            cached = self._slot_bytes[slot].get(wrap)
+            cached = self._slot_bytes[wrap][slot]
             if cached is None:
                 avail = _PACKED_F_AVAIL if wrap else _PACKED_F_USED
-                cached = self._slot_bytes[slot][wrap] = b"".join(
+                cached = self._slot_bytes[wrap][slot] = b"".join(
                     _DESC.pack(gpa, length, slot, flags | avail
                                | (_DESC_F_NEXT if i < count - 1 else 0))
                     for i, (gpa, length, flags) in enumerate(items))
@@ -3344,23 +3346,23 @@ class _PackedQueue(Queue):
             self._store_word(8 * start + 7, flags | avail_bits)
             return
         parts = []
+        append, slot_size, cache = parts.append, self._slot_size, bytes_of[wrap]
         for slot in heads:
-            items = chain_of[slot]
-            count = len(items)
-            data = bytes_of[slot].get(wrap) if position + count <= size else None
-            if data is None:
+            count = slot_size[slot]
+            data = cache[slot]
+            if data is None or position + count > size:
                 if count == 1:
-                    gpa, length, flags = items[0]
-                    data = bytes_of[slot][wrap] = _DESC.pack(gpa, length, slot,
-                                                            flags | avail_bits)
+                    gpa, length, flags = chain_of[slot][0]
+                    data = cache[slot] = _DESC.pack(gpa, length, slot, flags | avail_bits)
                 else:
                     data = self._slot_ring_bytes(slot, position, wrap)
-            parts.append(data)
+            append(data)
             position += count
             if position >= size:
                 position -= size
                 wrap ^= 1
                 avail_bits ^= _PACKED_F_BOTH
+                cache = bytes_of[wrap]
         blob = bytearray(b"".join(parts))
         first_flags = blob[14] | blob[15] << 8
         # The first head keeps its last-lap "used" flags until the rest is out.
