@@ -4941,6 +4941,23 @@ class TestPackedQueue(FdLeakCheck):
         with self.assertRaises(ValueError):
             split.features = _PACKED
 
+    def test_base_encoding(self):
+        # vhost-user.rst "Ring states": avail position, its wrap counter in bit 15; used in 16-31.
+        for num, state in ((0x80008000, (0, 1, 0, 1)), (0x80028004, (4, 1, 2, 1)),
+                           (0x00050005, (5, 0, 5, 0)), (0x0003, (3, 0, 3, 0)),
+                           (0x8003, (3, 1, 3, 1))):     # no used half: used is where avail is
+            with self.subTest(num=hex(num)):
+                decoded = vu._decode_packed_base(num, 8)
+                self.assertEqual(tuple(decoded), state)
+                if num >> 16:
+                    self.assertEqual(vu._encode_packed_base(decoded), num)
+        for num in (0x8008, 0x80088000, 1 << 32):
+            with self.assertRaises(vu.ProtocolError):
+                vu._decode_packed_base(num, 8)
+        for bad in ((0x8000, 1, 0, 1), (0, 2, 0, 1), (0, 1, -1, 1)):
+            with self.assertRaises(ValueError):
+                vu._encode_packed_base(vu._PackedBase(*bad))
+
     def test_chains_of_one_to_n_descriptors(self):
         q, dev = self.make(size=16)
         for count in range(1, 9):
