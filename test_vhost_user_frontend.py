@@ -5421,6 +5421,61 @@ class TestPackedFrontend(FrontendTestBase):
             fe2.virtio_sleep()
 
 
+class TestPackedBlockDevice(FrontendTestBase):
+    """BlockDevice over packed rings, the FakeBackend serving a RAM disk from the packed ring."""
+
+    CONFIG = TestBlockDeviceBadDevice.CONFIG   # 2048 sectors of 512 bytes
+
+    def test_simple_calls_and_the_fast_path(self):
+        disk = bytearray(2048 * 512)
+        rings = {}
+
+        def serve(backend, index):
+            dev = rings.get(index)
+            if dev is None:            # the start kick, before the test has the queue
+                return
+            for buffer_id, chain, slots in dev.take():
+                kind, _, sector = struct.unpack("<IIQ", dev.mem.read(chain[0][0], 16))
+                data, status = chain[1:-1], chain[-1]
+                offset, written = sector * 512, 1
+                for addr, length, flags in data:
+                    if kind == 0:      # IN: the device writes the data
+                        dev.mem.write(addr, bytes(disk[offset:offset + length]))
+                        written += length
+                    elif kind == 1:    # OUT
+                        disk[offset:offset + length] = dev.mem.read(addr, length)
+                    offset += length
+                dev.mem.write(status[0], b"\0")
+                dev.complete(buffer_id, written, slots)
+
+        backend = self.backend(features=F_PROTOCOL | F_VERSION_1 | F_EVENT_IDX | (1 << 9)
+                               | (1 << 6) | _PACKED, config=self.CONFIG, device=serve)
+        sock, backend.frontend_sock = backend.frontend_sock, None
+        blk = vu.BlockDevice.connect(sock, queue_size=16, packed=True)
+        self.addCleanup(blk.close)
+        self.assertTrue(blk.packed and blk.features & _PACKED and blk._queues[0].packed)
+        self.assertEqual(backend.acked_features & _PACKED, _PACKED)
+        rings[0] = _PackedRingDevice(blk._queues[0])
+        pattern = bytes(range(256)) * 16
+        blk.write(8192, pattern)
+        self.assertEqual(disk[8192:8192 + 4096], pattern)
+        self.assertEqual(bytes(blk.read(8192, 4096)), pattern)
+        blk.flush()
+        # The fast path: slots of 3 descriptors re-posted in batches, around the ring many times.
+        buffers = [blk.alloc(512) for _ in range(4)]
+        for round_ in range(12):
+            offsets = [512 * (4 * round_ + i) for i in range(4)]
+            for i, buffer in enumerate(buffers):
+                buffer[:] = bytes([round_ * 4 + i]) * 512
+            blk.post_writes(offsets, buffers)
+            self.assertEqual(sorted(blk.reap(count=4)), offsets)
+            blk.post_reads(offsets, buffers, user_data=list(range(4)))
+            self.assertEqual(sorted(blk.reap(count=4)), [0, 1, 2, 3])
+            self.assertEqual([bytes(b[:1]) for b in buffers],
+                             [bytes([round_ * 4 + i]) for i in range(4)])
+        self.assertEqual(disk[512 * 47:512 * 48], bytes([47]) * 512)
+
+
 # -- issue 8: the fast path, ring words that cannot tear ------------------------------------------
 
 #: One side of the torn-word stress test: pin to a CPU, then store two values in turn
