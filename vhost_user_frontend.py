@@ -3100,6 +3100,7 @@ _EVENT_F_DESC = 2
 #: A packed descriptor is addr u64, len u32, buffer id u16, flags u16; the
 #: head's first 14 bytes go first and its flags last (spec 2.8.21).
 _PACKED_HEAD = struct.Struct("<QIH")
+_DESC_LEN = struct.Struct("<I")      # a descriptor's len, at byte 8
 #: SET_VRING_BASE of a fresh packed ring: both wrap counters start at 1 (spec 2.8.1).
 _PACKED_INITIAL_BASE = 1 << 15 | 1 << 31
 
@@ -3138,6 +3139,7 @@ class _PackedQueue(Queue):
         # Per wrap counter value, slot -> its descriptors as ring bytes (None until built).
         self._slot_bytes = ([None] * size, [None] * size)
         self._slot_size = [0] * size   # slot -> its descriptor count
+        self._multi_slots = 0          # slots of more than one descriptor
 
     @staticmethod
     def _ring_bytes(size):
@@ -3277,13 +3279,22 @@ class _PackedQueue(Queue):
     def _write_chain(self, descs, resolved):
         self._slot_chain[descs[0]] = [list(item) for item in resolved]
         self._slot_size[descs[0]] = len(resolved)
+        self._multi_slots += len(resolved) > 1
         self._slot_bytes[0][descs[0]] = self._slot_bytes[1][descs[0]] = None
 
     def _set_slot_buffer(self, slot, position, guest_addr, length, writable):
         descs, lengths = self._slot_descs[slot]
         item = self._slot_chain[slot][position]
-        item[:] = guest_addr, length, _DESC_F_WRITE if writable else 0
-        self._slot_bytes[0][slot] = self._slot_bytes[1][slot] = None
+        flags = _DESC_F_WRITE if writable else 0
+        if item[0] == guest_addr and item[2] == flags and len(descs) == 1:
+            # Only the length changes (a frame in a transmit slot): patch the cache.
+            for cache in self._slot_bytes:
+                if cache[slot] is not None:
+                    _DESC_LEN.pack_into(cache[slot], 8, length)
+            item[1] = length
+        else:
+            item[:] = guest_addr, length, flags
+            self._slot_bytes[0][slot] = self._slot_bytes[1][slot] = None
         lengths[position] = length if writable else 0
         self._slot_writable[slot] = sum(lengths)
 
@@ -3294,7 +3305,9 @@ class _PackedQueue(Queue):
             self._check_slot(slot, "remove_slot")
             del self._slot_descs[slot]
             self._slot_bytes[0][slot] = self._slot_bytes[1][slot] = None
-            self._free_slots += len(self._slot_chain.pop(slot))
+            count = len(self._slot_chain.pop(slot))
+            self._multi_slots -= count > 1
+            self._free_slots += count
             self._free.append(slot)
 
     def _slot_ring_bytes(self, slot, position, wrap):
@@ -3327,24 +3340,50 @@ class _PackedQueue(Queue):
         """
         if not heads:
             return
-        size, ring = self.size, self._desc
+        if len(heads) == 1 and self._slot_size[heads[0]] == 1:
+            self._publish_one(heads[0])
+        elif self._multi_slots:
+            self._publish_general(heads)
+        else:
+            # Slots of one descriptor each (receive buffers, frames): the cached
+            # bytes of each lap's run in one go, building only what is missing.
+            size, bytes_of = self.size, self._slot_bytes
+            start, wrap = self.next_avail, self.avail_wrap
+            run = min(len(heads), size - start)
+            parts = [bytes_of[wrap][slot] for slot in heads[:run]]
+            parts += [bytes_of[wrap ^ 1][slot] for slot in heads[run:]]
+            if None in parts:
+                for i, slot in enumerate(heads):
+                    if parts[i] is None:
+                        lap = wrap if i < run else wrap ^ 1
+                        gpa, length, flags = self._slot_chain[slot][0]
+                        flags |= _PACKED_F_AVAIL if lap else _PACKED_F_USED
+                        parts[i] = bytes_of[lap][slot] = bytearray(
+                            _DESC.pack(gpa, length, slot, flags))
+            position = start + len(heads)
+            if position >= size:
+                position, wrap = position - size, wrap ^ 1
+            self._publish_blob(start, parts, position, wrap)
+
+    def _publish_one(self, slot):
+        """One slot of one descriptor (a QD1 request, a frame): straight into the ring."""
+        start, wrap = self.next_avail, self.avail_wrap
+        gpa, length, flags = self._slot_chain[slot][0]
+        _PACKED_HEAD.pack_into(self._desc, 16 * start, gpa, length, slot)
+        self._added += 1
+        if start + 1 == self.size:
+            self.next_avail, self.avail_wrap = 0, wrap ^ 1
+        else:
+            self.next_avail = start + 1
+        self._fences.write()
+        self._store_word(8 * start + 7, flags | (_PACKED_F_AVAIL if wrap else _PACKED_F_USED))
+
+    def _publish_general(self, heads):
+        """``_publish`` for a batch that may hold slots of several descriptors."""
+        size, chain_of, bytes_of = self.size, self._slot_chain, self._slot_bytes
         start = position = self.next_avail
         wrap = self.avail_wrap
         avail_bits = _PACKED_F_AVAIL if wrap else _PACKED_F_USED
-        chain_of, bytes_of = self._slot_chain, self._slot_bytes
-        if len(heads) == 1 and len(chain_of[heads[0]]) == 1:
-            # One buffer (a QD1 request, a frame): straight into the ring.
-            slot = heads[0]
-            gpa, length, flags = chain_of[slot][0]
-            _PACKED_HEAD.pack_into(ring, 16 * position, gpa, length, slot)
-            position += 1
-            if position == size:
-                position, wrap = 0, wrap ^ 1
-            self._added += 1
-            self.next_avail, self.avail_wrap = position, wrap
-            self._fences.write()
-            self._store_word(8 * start + 7, flags | avail_bits)
-            return
         parts = []
         append, slot_size, cache = parts.append, self._slot_size, bytes_of[wrap]
         for slot in heads:
@@ -3353,7 +3392,8 @@ class _PackedQueue(Queue):
             if data is None or position + count > size:
                 if count == 1:
                     gpa, length, flags = chain_of[slot][0]
-                    data = cache[slot] = _DESC.pack(gpa, length, slot, flags | avail_bits)
+                    data = cache[slot] = bytearray(
+                        _DESC.pack(gpa, length, slot, flags | avail_bits))
                 else:
                     data = self._slot_ring_bytes(slot, position, wrap)
             append(data)
@@ -3363,6 +3403,11 @@ class _PackedQueue(Queue):
                 wrap ^= 1
                 avail_bits ^= _PACKED_F_BOTH
                 cache = bytes_of[wrap]
+        self._publish_blob(start, parts, position, wrap)
+
+    def _publish_blob(self, start, parts, position, wrap):
+        """Write a batch's descriptors from ``start`` on, the first head's flags last."""
+        size, ring = self.size, self._desc
         blob = bytearray(b"".join(parts))
         first_flags = blob[14] | blob[15] << 8
         # The first head keeps its last-lap "used" flags until the rest is out.
