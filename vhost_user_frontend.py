@@ -5277,8 +5277,7 @@ class BlockDevice(_Device):
         header = _BLK_REQ.pack(request.op, 0, request.offset // _SECTOR)
         readable = [header] + list(readable)
         writable = list(writable) + [request.status_buf]
-        deadline = time.monotonic() + self.timeout
-        name = _BLK_OP_NAMES[request.op]
+        deadline = None   # the clock is read only when the ring is full
         while True:
             try:
                 queue.add(readable, writable, token=request)
@@ -5286,11 +5285,14 @@ class BlockDevice(_Device):
             except (Queue.Full, MemoryError):
                 slots = completions.slots
                 if slots is not None:
-                    with completions.cond:
+                    with completions.lock:
                         if slots.shrink():
                             continue
                 if not queue.in_flight:
                     raise
+                if deadline is None:
+                    deadline = time.monotonic() + self.timeout
+                name = _BLK_OP_NAMES[request.op]
                 # Reap until something of ours or anyone's completes, then retry.
                 queue.notify()
                 free = queue.num_free
