@@ -5108,6 +5108,33 @@ class TestBlockFastPathBadDevice(FrontendTestBase):
         self.assertEqual(sorted(got), list(range(5)))
 
 
+class TestBenchFastPath(BackendTestMixin, FdLeakCheck):
+    """bench runs on the fast path, reports its placement, and has the plain Queue loop beside it."""
+
+    def test_loops_and_policy_overrides(self):
+        d = self.start_backend(QemuStorageDaemon, kind="null")
+        reports = {}
+        for loop in ("device", "queue"):
+            status, out, err = run_cli("bench", d.socket_path, "--seconds", "0.3", "--depth", "8",
+                                       "--loop", loop, "--spin", "0", "--event-idx", "off",
+                                       "--backend-pid", d.pid, "--json")
+            self.assertEqual((status, err), (0, ""))
+            reports[loop] = report = json.loads(out)
+            self.assertGreater(report["requests"], 8)
+            self.assertEqual(report["placement"]["backend_pid"], d.pid)   # SO_PEERCRED
+            self.assertEqual({k: report["placement"][k] for k in ("spin_us", "event_idx", "defer_calls")},
+                             {"spin_us": 0, "event_idx": False, "defer_calls": False})
+        status, out, err = run_cli("bench", d.socket_path, "--seconds", "0.2", "--rw", "write",
+                                   "--depth", "3", "--size", "8192")
+        self.assertEqual((status, err), (0, ""))
+        self.assertRegex(out, r"placement +(one CPU shared with the back-end|not sharing one CPU), "
+                              r"spin \d+(\.\d+)? µs, EVENT_IDX")
+        for argv in (["--spin", "-1"], ["--spin", "nan"], ["--event-idx", "maybe"], ["--loop", "x"]):
+            with self.subTest(argv=argv):
+                status, out, err = run_cli("bench", d.socket_path, *argv)
+                self.assertEqual(status, 2, err)
+
+
 class TestCompletionPolicy(FdLeakCheck):
     """The notification and spin policy comes from where the back-end runs (SO_PEERCRED)."""
 
