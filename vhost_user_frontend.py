@@ -4683,7 +4683,11 @@ class _BlockSlots:
                     column.append(None)
             status = (self.statuses + k, 1)
             # The data descriptor points at the status byte until the first post.
-            self.heads[k] = queue.add_slot([(self.headers + 16 * k, 16), status], [status])
+            try:
+                self.heads[k] = queue.add_slot([(self.headers + 16 * k, 16), status], [status])
+            except Queue.Full:   # another thread's request took the descriptors meanwhile
+                self.unbuilt.append(k)
+                return
             self.point(k, None, None)
             self.idle.append(k)
             wanted -= 1
@@ -5346,6 +5350,8 @@ _NET_HDR = struct.Struct("<BBHHHHH")
 _NET_HDR_LEGACY_SIZE = 10
 _ETH_HLEN = 14
 _NET_RX, _NET_TX = 0, 1
+#: The token of a frame too big for a transmit slot (sent as a chain of its own).
+_BIG_FRAME = object()
 
 
 class NetDevice(_Device):
@@ -5492,7 +5498,7 @@ class NetDevice(_Device):
                         self._publish_tx(batch)
                         batch = []
                         self._wait_tx(lambda: tx.num_free, deadline)
-                        tx.add((self._tx_hdr + bytes(frame),))
+                        tx.add((self._tx_hdr + bytes(frame),), token=_BIG_FRAME)
                         continue
                     if not idle:
                         self._publish_tx(batch)
