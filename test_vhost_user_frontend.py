@@ -5162,7 +5162,8 @@ class TestNetDeviceSlots(FrontendTestBase):
         backend = self.backend(features=F_PROTOCOL | F_VERSION_1, device=run)
         nic = vu.NetDevice(self.frontend(backend, vu.DeviceType.NET), queue_size=16)
         self.addCleanup(nic.close)
-        frame = lambda i, n=60: bytes.fromhex("ffffffffffff020000000001") + struct.pack(">HI", 0x88b5, i) + bytes(n - 18)
+        def frame(i, n=60):
+            return bytes.fromhex("ffffffffffff020000000001") + struct.pack(">HI", 0x88b5, i) + bytes(n - 18)
         received = []
         for start in range(0, 96, 8):   # 96 frames through 15 transmit slots and 16 receive buffers
             batch = [frame(i) for i in range(start, start + 8)]

@@ -5229,7 +5229,7 @@ class BlockDevice(_Device):
         self._finish(requests, name)
 
     def _guest_segments(self, buffer, start, length):
-        """(guest_addr, length) segments when ``buffer`` is from ``alloc`` (zero-copy), else None."""
+        """(guest_addr, length) segments when ``buffer`` came from ``alloc``, else None."""
         entry = self._buffers.get(id(buffer))
         if entry is None or entry[0] is not buffer:
             return None
@@ -6262,7 +6262,8 @@ def _cmd_bench(args, out):
         kwargs["event_idx"] = None if args.event_idx is None else args.event_idx == "on"
         # Rings and guest memory big enough for --depth requests of --size bytes per
         # queue (3 descriptors each); both capped later by what the device takes.
-        kwargs["queue_size"] = min(MAX_QUEUE_SIZE, max(128, 1 << (3 * args.depth - 1).bit_length()))
+        ring = 1 << (3 * args.depth - 1).bit_length()
+        kwargs["queue_size"] = min(MAX_QUEUE_SIZE, max(128, ring))
         if args.size is not None and args.size > 0:
             kwargs["memory_size"] = max(64 << 20, ((args.queues or 1) * args.depth * args.size
                                                    + (16 << 20) + 0xFFFFF) & ~0xFFFFF)
@@ -6808,7 +6809,8 @@ def _build_parser():
                        help="duration (default 3)")
     bench.add_argument("--backend-pid", type=int, metavar="PID",
                        help="also report this process's CPU time per request")
-    bench.add_argument("--spin", type=functools.partial(_seconds_arg, allow_zero=True), metavar="S",
+    bench.add_argument("--spin", type=functools.partial(_seconds_arg, allow_zero=True),
+                       metavar="S",
                        help="seconds to poll the used ring before sleeping (default: chosen "
                             "from where the back-end runs)")
     bench.add_argument("--event-idx", choices=("on", "off"),
