@@ -5835,7 +5835,7 @@ class TestNetDeviceSlots(FrontendTestBase):
         nic.flush()
         self.assertEqual(received, [frame(i) for i in range(96)])
         self.assertEqual(big_frames, [frame(999, 4000)])
-        self.assertEqual(sorted(nic._tx_idle), list(range(15)))   # every slot back, once
+        self.assertEqual(sorted(nic._pairs[0].tx_idle), list(range(15)))   # every slot back, once
         self.assertEqual(nic.recv(timeout=0), None)
 
 
