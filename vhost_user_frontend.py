@@ -3106,7 +3106,6 @@ _EVENT_F_DESC = 2
 #: A packed descriptor is addr u64, len u32, buffer id u16, flags u16; the
 #: head's first 14 bytes go first and its flags last (spec 2.8.21).
 _PACKED_HEAD = struct.Struct("<QIH")
-_DESC_LEN = struct.Struct("<I")      # a descriptor's len, at byte 8
 #: SET_VRING_BASE of a fresh packed ring: both wrap counters start at 1 (spec 2.8.1).
 _PACKED_INITIAL_BASE = 1 << 15 | 1 << 31
 
@@ -3142,10 +3141,7 @@ class _PackedQueue(Queue):
         self._free_slots = size
         self._added = 0          # positions published since the last notify decision
         self._slot_chain = {}    # slot (its buffer id) -> [[gpa, length, flags], ...]
-        # Per wrap counter value, slot -> its descriptors as ring bytes (None until built).
-        self._slot_bytes = ([None] * size, [None] * size)
         self._slot_size = [0] * size   # slot -> its descriptor count
-        self._multi_slots = 0          # slots of more than one descriptor
 
     @staticmethod
     def _ring_bytes(size):
@@ -3285,22 +3281,11 @@ class _PackedQueue(Queue):
     def _write_chain(self, descs, resolved):
         self._slot_chain[descs[0]] = [list(item) for item in resolved]
         self._slot_size[descs[0]] = len(resolved)
-        self._multi_slots += len(resolved) > 1
-        self._slot_bytes[0][descs[0]] = self._slot_bytes[1][descs[0]] = None
 
     def _set_slot_buffer(self, slot, position, guest_addr, length, writable):
         descs, lengths = self._slot_descs[slot]
         item = self._slot_chain[slot][position]
-        flags = _DESC_F_WRITE if writable else 0
-        if item[0] == guest_addr and item[2] == flags and len(descs) == 1:
-            # Only the length changes (a frame in a transmit slot): patch the cache.
-            for cache in self._slot_bytes:
-                if cache[slot] is not None:
-                    _DESC_LEN.pack_into(cache[slot], 8, length)
-            item[1] = length
-        else:
-            item[:] = guest_addr, length, flags
-            self._slot_bytes[0][slot] = self._slot_bytes[1][slot] = None
+        item[:] = guest_addr, length, _DESC_F_WRITE if writable else 0
         lengths[position] = length if writable else 0
         self._slot_writable[slot] = sum(lengths)
 
@@ -3310,119 +3295,57 @@ class _PackedQueue(Queue):
             self._check_usable()
             self._check_slot(slot, "remove_slot")
             del self._slot_descs[slot]
-            self._slot_bytes[0][slot] = self._slot_bytes[1][slot] = None
-            count = len(self._slot_chain.pop(slot))
-            self._multi_slots -= count > 1
-            self._free_slots += count
+            self._free_slots += len(self._slot_chain.pop(slot))
             self._free.append(slot)
 
-    def _slot_ring_bytes(self, slot, position, wrap):
-        """A slot's chain as ring bytes from ``position`` (cached while it does not wrap)."""
-        items = self._slot_chain[slot]
-        count = len(items)
-        if position + count <= self.size:
-            cached = self._slot_bytes[wrap][slot]
-            if cached is None:
-                avail = _PACKED_F_AVAIL if wrap else _PACKED_F_USED
-                cached = self._slot_bytes[wrap][slot] = b"".join(
-                    _DESC.pack(gpa, length, slot, flags | avail
-                               | (_DESC_F_NEXT if i < count - 1 else 0))
-                    for i, (gpa, length, flags) in enumerate(items))
-            return cached
-        parts = []
-        for i, (gpa, length, flags) in enumerate(items):
-            if position + i == self.size:
-                wrap ^= 1
-            parts.append(_DESC.pack(gpa, length, slot, flags | (
-                _PACKED_F_AVAIL if wrap else _PACKED_F_USED) | (
-                _DESC_F_NEXT if i < count - 1 else 0)))
-        return b"".join(parts)
-
     def _publish(self, heads):
-        """Make slots available as one batch (spec 2.8.21, "Making multiple buffers
-        available"): every descriptor is written in bulk with the first head's
-        flags still saying "not available", then, after the write fence, that
-        one flag word; the device reads none of the batch before it.
+        """Write the slots' chains into the ring, the first head's flags last.
+
+        One batch (spec 2.8.21, "Making multiple buffers available"): every
+        other descriptor, later heads included, is written available at
+        once; the device reads none of them before the first head's flags,
+        stored after the write fence.
         """
         if not heads:
             return
-        if len(heads) == 1 and self._slot_size[heads[0]] == 1:
-            self._publish_one(heads[0])
-        elif self._multi_slots:
-            self._publish_general(heads)
-        else:
-            # Slots of one descriptor each (receive buffers, frames): the cached
-            # bytes of each lap's run in one go, building only what is missing.
-            size, bytes_of = self.size, self._slot_bytes
-            start, wrap = self.next_avail, self.avail_wrap
-            run = min(len(heads), size - start)
-            parts = [bytes_of[wrap][slot] for slot in heads[:run]]
-            parts += [bytes_of[wrap ^ 1][slot] for slot in heads[run:]]
-            if None in parts:
-                for i, slot in enumerate(heads):
-                    if parts[i] is None:
-                        lap = wrap if i < run else wrap ^ 1
-                        gpa, length, flags = self._slot_chain[slot][0]
-                        flags |= _PACKED_F_AVAIL if lap else _PACKED_F_USED
-                        parts[i] = bytes_of[lap][slot] = bytearray(
-                            _DESC.pack(gpa, length, slot, flags))
-            position = start + len(heads)
-            if position >= size:
-                position, wrap = position - size, wrap ^ 1
-            self._publish_blob(start, parts, position, wrap)
-
-    def _publish_one(self, slot):
-        """One slot of one descriptor (a QD1 request, a frame): straight into the ring."""
-        start, wrap = self.next_avail, self.avail_wrap
-        gpa, length, flags = self._slot_chain[slot][0]
-        _PACKED_HEAD.pack_into(self._desc, 16 * start, gpa, length, slot)
-        self._added += 1
-        if start + 1 == self.size:
-            self.next_avail, self.avail_wrap = 0, wrap ^ 1
-        else:
-            self.next_avail = start + 1
-        self._fences.write()
-        self._store_word(8 * start + 7, flags | (_PACKED_F_AVAIL if wrap else _PACKED_F_USED))
-
-    def _publish_general(self, heads):
-        """``_publish`` for a batch that may hold slots of several descriptors."""
-        size, chain_of, bytes_of = self.size, self._slot_chain, self._slot_bytes
+        ring, size, chain_of = self._desc, self.size, self._slot_chain
+        pack_into = _DESC.pack_into
         start = position = self.next_avail
         wrap = self.avail_wrap
+        # An available descriptor has AVAIL = the wrap counter, USED = its inverse.
         avail_bits = _PACKED_F_AVAIL if wrap else _PACKED_F_USED
-        parts = []
-        append, slot_size, cache = parts.append, self._slot_size, bytes_of[wrap]
+        first_flags = None
+        written = 0
         for slot in heads:
-            count = slot_size[slot]
-            data = cache[slot]
-            if data is None or position + count > size:
-                if count == 1:
-                    gpa, length, flags = chain_of[slot][0]
-                    data = cache[slot] = bytearray(
-                        _DESC.pack(gpa, length, slot, flags | avail_bits))
+            items = chain_of[slot]
+            if len(items) == 1:   # the common case (a receive buffer, a frame), spelled out
+                gpa, length, flags = items[0]
+                if first_flags is None:
+                    _PACKED_HEAD.pack_into(ring, 16 * position, gpa, length, slot)
+                    first_flags = flags | avail_bits
                 else:
-                    data = self._slot_ring_bytes(slot, position, wrap)
-            append(data)
-            position += count
-            if position >= size:
-                position -= size
-                wrap ^= 1
-                avail_bits ^= _PACKED_F_BOTH
-                cache = bytes_of[wrap]
-        self._publish_blob(start, parts, position, wrap)
-
-    def _publish_blob(self, start, parts, position, wrap):
-        """Write a batch's descriptors from ``start`` on, the first head's flags last."""
-        size, ring = self.size, self._desc
-        blob = bytearray(b"".join(parts))
-        first_flags = blob[14] | blob[15] << 8
-        # The first head keeps its last-lap "used" flags until the rest is out.
-        blob[14:16] = ring[16 * start + 14:16 * start + 16]
-        first = min(len(blob), 16 * (size - start))
-        ring[16 * start:16 * start + first] = blob[:first]
-        if first < len(blob):
-            ring[:len(blob) - first] = blob[first:]
-        self._added += len(blob) >> 4
+                    pack_into(ring, 16 * position, gpa, length, slot, flags | avail_bits)
+                position += 1
+                if position == size:
+                    position = 0
+                    wrap ^= 1
+                    avail_bits ^= _PACKED_F_BOTH
+                continue
+            last = len(items) - 1
+            for i, (gpa, length, flags) in enumerate(items):
+                flags |= avail_bits | (_DESC_F_NEXT if i < last else 0)
+                if first_flags is None:
+                    _PACKED_HEAD.pack_into(ring, 16 * position, gpa, length, slot)
+                    first_flags = flags
+                else:
+                    pack_into(ring, 16 * position, gpa, length, slot, flags)
+                position += 1
+                if position == size:
+                    position = 0
+                    wrap ^= 1
+                    avail_bits ^= _PACKED_F_BOTH
+            written += last
+        self._added += written + len(heads)
         self.next_avail, self.avail_wrap = position, wrap
         self._fences.write()
         self._store_word(8 * start + 7, first_flags)
@@ -3463,53 +3386,38 @@ class _PackedQueue(Queue):
             self._load_word(8 * self.next_used + 7) & _PACKED_F_BOTH
             != (_PACKED_F_AVAIL if self.used_wrap else _PACKED_F_USED))
 
-    #: Positions whose flags, ids and lengths one bulk read takes while reaping.
-    _reap_chunk = 64
-
     def _reap_some(self, limit, done):
-        position, wrap = self.next_used, self.used_wrap
-        if not self.in_flight or self._load_word(8 * position + 7) & _PACKED_F_BOTH == (
-                _PACKED_F_AVAIL if wrap else _PACKED_F_USED):
-            return False   # nothing used yet: spare the bulk read
+        # A used descriptor's flags are read first, then (after the read fence)
+        # its id and length. The flags are read through the cast view, not the
+        # accessor, which lets PyPy compile the loop: the device changes only
+        # USED (bit 15) of a descriptor we made available, and AVAIL (bit 7) is
+        # in the other byte, so even a torn load is the old or the new state,
+        # never a third; the id and length are not changing once flags say used.
         chains, slot_token, slot_writable = self._chains, self._slot_token, self._slot_writable
-        words, lengths_at = self._desc_h, self._desc_i
+        slot_size, words, lengths = self._slot_size, self._desc_h, self._desc_i
         read_fence = self._fences.read
         size = self.size
+        position, wrap = self.next_used, self.used_wrap
         used_flags = _PACKED_F_BOTH if wrap else 0
         avail_flags = _PACKED_F_AVAIL if wrap else _PACKED_F_USED
         left = len(chains) + self._slots_busy
         if limit is not None:
             left = min(left, limit)
-        slot_size, append = self._slot_size, done.append
         reaped = slots_done = 0
-        base = end = position   # the bulk read covers positions base..end-1
         try:
             while reaped < left:
-                if position >= end:
-                    # The flags first, then (after the fence) the ids and lengths: an id
-                    # is only trusted where the flags read before it said "used". The
-                    # flags are read in bulk, not through the accessor: the device
-                    # changes only USED (bit 15) of a descriptor we made available, and
-                    # AVAIL (bit 7) is in the other byte, so even a torn load is the
-                    # old or the new state, never a third.
-                    base = position
-                    end = min(size, base + self._reap_chunk)
-                    flags_of = words[8 * base + 7:8 * end:8].tolist()
-                    read_fence()
-                    ids = words[8 * base + 6:8 * end:8].tolist()
-                    lengths = lengths_at[4 * base + 2:4 * end:4].tolist()
-                i = position - base
-                flags = flags_of[i] & _PACKED_F_BOTH
+                flags = words[8 * position + 7] & _PACKED_F_BOTH
                 if flags != used_flags:
                     if flags == avail_flags:
                         break  # still available: not used yet
                     self.next_used, self.used_wrap = position, wrap
-                    self._fail("descriptor %d has flags AVAIL=%d USED=%d, the used wrap counter "
-                               "is %d: neither available nor used" % (
+                    self._fail("descriptor %d has flags AVAIL=%d USED=%d, the used wrap "
+                               "counter is %d: neither available nor used" % (
                                    position, bool(flags & _PACKED_F_AVAIL),
                                    bool(flags & _PACKED_F_USED), wrap))
-                buffer_id = ids[i]
-                length = lengths[i]
+                read_fence()
+                buffer_id = words[8 * position + 6]
+                length = lengths[4 * position + 2]
                 token = slot_token[buffer_id] if buffer_id < size else None
                 if token is not None:   # a slot: nothing to free
                     writable = slot_writable[buffer_id]
@@ -3530,8 +3438,8 @@ class _PackedQueue(Queue):
                         if buffer_id >= size:
                             self._fail("used descriptor %d names buffer id %d, the ring has %d"
                                        % (position, buffer_id, size))
-                        self._fail("used descriptor %d names buffer id %d, which is not in flight"
-                                   % (position, buffer_id))
+                        self._fail("used descriptor %d names buffer id %d, which is not in "
+                                   "flight" % (position, buffer_id))
                     if length > chain.writable:
                         if chain.writable:
                             self.next_used, self.used_wrap = position, wrap
@@ -3553,8 +3461,7 @@ class _PackedQueue(Queue):
                     wrap ^= 1
                     used_flags ^= _PACKED_F_BOTH
                     avail_flags ^= _PACKED_F_BOTH
-                    base = end = position
-                append((token, length))
+                done.append((token, length))
                 reaped += 1
         finally:
             self._slots_busy -= slots_done
