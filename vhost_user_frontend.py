@@ -3396,6 +3396,7 @@ class _PackedQueue(Queue):
         chains, slot_token, slot_writable = self._chains, self._slot_token, self._slot_writable
         slot_size, words, lengths = self._slot_size, self._desc_h, self._desc_i
         read_fence = self._fences.read
+        fenced = read_fence is not _no_fence   # a call saved per entry on x86
         size = self.size
         position, wrap = self.next_used, self.used_wrap
         used_flags = _PACKED_F_BOTH if wrap else 0
@@ -3415,7 +3416,8 @@ class _PackedQueue(Queue):
                                "counter is %d: neither available nor used" % (
                                    position, bool(flags & _PACKED_F_AVAIL),
                                    bool(flags & _PACKED_F_USED), wrap))
-                read_fence()
+                if fenced:
+                    read_fence()
                 buffer_id = words[8 * position + 6]
                 length = lengths[4 * position + 2]
                 token = slot_token[buffer_id] if buffer_id < size else None
