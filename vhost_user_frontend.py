@@ -2320,6 +2320,13 @@ class Queue:
     queue broken (every later call raises it again) with its free list
     intact. Methods are thread-safe; waiting is done outside the lock.
 
+    The fast path is slots: ``add_slot`` builds a chain of guest buffers
+    once and keeps its descriptors, ``post_slots`` makes many available with
+    one avail-index store, and ``get_used``/``wait_used`` return them like
+    chains (with the token given at post). The split layout lives in
+    ``_take_descs``, ``_write_chain``, ``_set_slot_buffer``, ``_publish`` and
+    the bulk read in ``_reap_some``; a packed ring replaces those.
+
     Args:
         mem: the ``GuestMemory`` to allocate the ring in.
         size: number of entries, a power of two up to 32768.
