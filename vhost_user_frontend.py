@@ -5044,7 +5044,8 @@ class BlockDevice(_Device):
         is written once for the batch and the device kicked once (unless
         ``notify=False``: ``reap`` kicks then). Waits for free slots while
         the ring is full. ``reap`` returns ``user_data[i]`` (default the
-        offset) once request i completed.
+        offset) once request i completed. As with any DMA buffer, a buffer
+        must not be in two requests at once, nor touched while in flight.
 
         Raises:
             ValueError: a buffer not from ``alloc``, or an offset that is not a
