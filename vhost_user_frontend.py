@@ -4680,7 +4680,7 @@ class _BlockSlots:
     header in place and repoints its data descriptor only when the buffer
     or the direction changed; a batch of slots is published at once. The
     per-slot lists are indexed by k; ``idle`` holds the built slots not in
-    flight. Guarded by the queue's ``_Completions.cond``.
+    flight. Guarded by the queue's ``_Completions.lock``.
     """
 
     def __init__(self, mem, queue):
