@@ -6302,6 +6302,10 @@ def _cmd_bench(args, out):
     if args.type == "net":
         if args.rw is not None:
             raise _CliError("--rw applies to --type blk only")
+        for option, value in (("--spin", args.spin), ("--event-idx", args.event_idx),
+                              ("--loop", None if args.loop == "device" else args.loop)):
+            if value is not None:
+                raise _CliError("%s applies to --type blk only" % option)
         if args.queues not in (None, 1):
             raise _CliError("--queues %d: bench --type net uses one queue pair" % args.queues)
         with _open_device(args, NetDevice, DeviceType.NET) as dev:
