@@ -5791,6 +5791,11 @@ class TestBenchFastPath(BackendTestMixin, FdLeakCheck):
             with self.subTest(argv=argv):
                 status, out, err = run_cli("bench", d.socket_path, *argv)
                 self.assertEqual(status, 2, err)
+        for argv in (["--spin", "0"], ["--event-idx", "on"], ["--loop", "queue"]):
+            with self.subTest(argv=argv):
+                status, out, err = run_cli("bench", d.socket_path, "--type", "net", *argv)
+                self.assertEqual((status, out), (1, ""))
+                self.assertIn("%s applies to --type blk only" % argv[0], err)
 
 
 class TestNetDeviceSlots(FrontendTestBase):
