@@ -2243,13 +2243,17 @@ def _hex(value):
 #   microsecond and is taken once per notify decision and once per re-arm,
 #   never per descriptor.
 # - Packed rings (spec 2.8) have no indices: a descriptor's flags say whose
-#   it is. So its flags are what is stored and loaded on its own (the 16-bit
-#   access above): the driver writes a chain's other descriptors and the
-#   head's addr/len/id first and the head's flags last, after the write
-#   fence (spec 2.8.21); it reads a used descriptor's flags first and its id
-#   and length after the read fence. The store->load cases are the same two:
-#   publishing a head and then reading the device event suppression area,
-#   and writing the driver area and then re-reading the next used flags.
+#   it is. So the head's flags are stored on their own, through the
+#   accessor: the driver writes a chain's (or a batch's) other descriptors
+#   and the head's addr/len/id first and the first head's flags last, after
+#   the write fence (spec 2.8.21); it reads a used descriptor's flags first
+#   and its id and length after the read fence. Reaping loads the flags
+#   through the cast view, also on PyPy where such a load may tear: the
+#   device flips only USED (bit 15) of a descriptor made available, AVAIL
+#   (bit 7) is in the other byte, so a torn value is the old state or the
+#   new one. The store->load cases are the same two: publishing a head and
+#   then reading the device event suppression area, and writing the driver
+#   area and then re-reading the next used flags.
 
 _DESC = struct.Struct("<QIHH")      # addr, len, flags, next
 
@@ -2350,7 +2354,7 @@ class _Chain:
 
     def __init__(self, token, descs, writable, copy_out, block, block_size):
         self.token = token
-        self.descs = descs          # split: ring descriptor indices to free; packed: slots
+        self.descs = descs          # split: descriptor indices to free; packed: positions
         self.writable = writable    # bytes the device may write
         self.copy_out = copy_out    # (guest_addr, caller buffer) to copy back
         self.block = block          # guest allocation (bounce + indirect) or None
@@ -4448,7 +4452,9 @@ class VhostUserFrontend:
 
         Raises:
             RuntimeError: already active.
-            ValueError: a queue index or size the device does not have.
+            ValueError: a queue index or size the device does not have, or a
+                queue whose layout (``Queue.packed``) is not what the acked
+                RING_PACKED says; nothing is sent then.
         """
         self._check_usable("activate")
         if self._sent_queues is not None:
