@@ -6564,8 +6564,9 @@ def _open_device(args, cls, device_type, **kwargs):
             # QEMU's vhost-user-blk refuses such a back-end too: capacity is in the config.
             raise _CliError("%s: wrong device type: the back-end does not offer CONFIG, so it "
                             "cannot be a vhost-user-blk device" % args.socket)
-        return cls.connect(client, timeout=args.timeout, packed=getattr(args, "packed", None),
-                           **kwargs)
+        if hasattr(args, "packed"):   # the commands with --packed/--split
+            kwargs["packed"] = args.packed
+        return cls.connect(client, timeout=args.timeout, **kwargs)
     except FeatureNotNegotiated as exc:
         client.close()
         raise _CliError("%s: not a usable %s device: %s"
