@@ -47,6 +47,7 @@ import mmap
 import os
 import select
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -116,6 +117,19 @@ class FeatureNotNegotiated(VhostUserError):
 
 class VhostUserTimeout(VhostUserError, TimeoutError):
     """The peer did not answer in time; the connection is unusable after it."""
+
+
+class _DeviceClosed(VhostUserError, ValueError):
+    """The device was closed: before the call, or while the call waited (also a ValueError)."""
+
+
+class _ReadOnlyDevice(VhostUserError, OSError):
+    """A write to a device that is read-only; ``errno`` is EROFS (also an OSError)."""
+
+    def __init__(self, message, request=None):
+        super().__init__(message, request)
+        self.errno = errno.EROFS
+        self.strerror = message
 
 
 ############################################################################
@@ -1193,6 +1207,43 @@ _REPLY_U64 = _Reply((_U64.size,))
 _REPLY_STATE = _Reply((_STATE.size,))
 
 
+def _check_socket_path(path):
+    """Refuse at once a path that exists but cannot be a back-end's socket."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return  # not there yet: the caller retries
+    except OSError as exc:
+        raise Disconnected("cannot connect to %s: %s" % (path, exc.strerror)) from exc
+    if not stat.S_ISSOCK(mode):
+        # connect() would say "Connection refused", which sends one looking
+        # for a dead daemon rather than at the path.
+        raise Disconnected("cannot connect to %s: it is not a unix socket (it is a %s)"
+                           % (path, _file_kind(mode)))
+
+
+def _file_kind(mode):
+    for test, name in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"),
+                       (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "file of mode %o" % stat.S_IFMT(mode)
+
+
+def _connect_cause(exc):
+    """What a failed unix-socket connect means, in words a user can act on."""
+    if isinstance(exc, FileNotFoundError):
+        return "no such file (is the back-end running?)"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (a socket file, but nothing listens on it)"
+    if isinstance(exc, BlockingIOError):
+        return "the back-end's listen backlog stayed full"
+    if isinstance(exc, PermissionError):
+        return "permission denied (the socket belongs to another user?)"
+    return exc.strerror or str(exc)
+
+
 class BackendClient:
     """One vhost-user connection to a back-end: one method per front-end request.
 
@@ -1219,6 +1270,10 @@ class BackendClient:
     """
 
     _channel = None
+    #: The socket path: where ``connect`` connected, or ``listen`` listened.
+    path = None
+    #: True for a client from ``listen`` (the back-end is the socket client).
+    listening = False
 
     def __init__(self, sock, timeout=5.0):
         """Wrap an already connected unix stream socket (the client owns it).
@@ -1235,35 +1290,46 @@ class BackendClient:
         self.protocol_features = 0
         self.queue_num = None
         self.max_mem_slots = None
+        self._answered = False        # a first reply arrived (see _transact)
 
     @classmethod
     def connect(cls, path, timeout=10.0, reply_timeout=5.0):
         """Connect to a back-end listening on ``path``.
 
         Retries while the socket does not exist yet or refuses connections,
-        as crosvm does, until ``timeout`` seconds have passed.
+        as crosvm does, until ``timeout`` seconds have passed. A path that
+        exists but is not a socket, or that we may not open, fails at once.
 
         Raises:
-            Disconnected: nothing accepted the connection in time.
+            Disconnected: nothing accepted the connection in time; the
+                message names the cause (no such file, not a socket,
+                nothing listening, permission denied).
         """
         deadline = time.monotonic() + timeout
         while True:
+            _check_socket_path(path)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.settimeout(max(0.05, deadline - time.monotonic()))
                 sock.connect(path)
-                return cls(sock, reply_timeout)
+                client = cls(sock, reply_timeout)
+                client.path = path
+                return client
             except (FileNotFoundError, ConnectionRefusedError, BlockingIOError) as exc:
                 # BlockingIOError (EAGAIN): the listener's backlog is full for now.
                 sock.close()
                 if time.monotonic() >= deadline:
                     raise Disconnected("cannot connect to %s within %.1f s: %s"
-                                       % (path, timeout, exc.strerror)) from exc
-                time.sleep(0.001 if time.monotonic() + 0.001 < deadline else 0)
+                                       % (path, timeout, _connect_cause(exc))) from exc
+                time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
             except socket.timeout as exc:
                 sock.close()
                 raise Disconnected("cannot connect to %s: timed out after %.1f s"
                                    % (path, timeout)) from exc
+            except OSError as exc:
+                sock.close()
+                raise Disconnected("cannot connect to %s: %s" % (path, _connect_cause(exc))) \
+                    from exc
             except BaseException:
                 sock.close()
                 raise
@@ -1292,7 +1358,9 @@ class BackendClient:
             server.close()
         try:
             sock.setblocking(True)
-            return cls(sock, reply_timeout)
+            client = cls(sock, reply_timeout)
+            client.path, client.listening = path, True
+            return client
         except BaseException:
             sock.close()
             raise
@@ -1377,7 +1445,20 @@ class BackendClient:
                 if reply is None and not ack:
                     return None
                 waiting = True
-                got_body, got_fds = self._receive_reply(channel, request, reply or _REPLY_U64)
+                try:
+                    got_body, got_fds = self._receive_reply(channel, request,
+                                                            reply or _REPLY_U64)
+                except VhostUserTimeout as exc:
+                    if self._answered:
+                        raise
+                    # qemu-storage-daemon (libvhost-user) serves one front-end at
+                    # a time and leaves the next one in its listen backlog: the
+                    # connect succeeds, the first reply never comes.
+                    raise VhostUserTimeout("%s; the back-end never answered on this "
+                                           "connection: it is probably serving another "
+                                           "front-end (many back-ends serve one at a time)"
+                                           % exc, request) from exc
+                self._answered = True
                 waiting = False
                 try:
                     if reply is None:
