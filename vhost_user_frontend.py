@@ -119,6 +119,10 @@ class VhostUserTimeout(VhostUserError, TimeoutError):
     """The peer did not answer in time; the connection is unusable after it."""
 
 
+class _BackendShrank(Disconnected):
+    """A reconnected back-end offers less than the device uses: retrying cannot help."""
+
+
 class _DeviceClosed(VhostUserError, ValueError):
     """The device was closed: before the call, or while the call waited (also a ValueError)."""
 
@@ -2443,6 +2447,47 @@ class Queue:
                 self.next_used = self.used_index()
             self.vring_base = self._kicked = base
 
+    def rewind(self):
+        """Offer every chain in flight again, oldest first; returns the new ring base.
+
+        For a back-end that restarted and lost its ring state (crosvm has no
+        equivalent; QEMU resumes a vhost-user-net ring at the used index).
+        Used entries the old back-end published stay to be reaped. The avail
+        ring from used->idx on is rewritten with the heads of the other
+        chains in flight, in the order they were posted, so a back-end
+        started with SET_VRING_BASE at the returned base (= used->idx, where
+        it also writes its next used entry) takes each of them exactly once.
+        avail->idx does not move: those chains are exactly the ones between
+        used->idx and it.
+
+        Raises:
+            ProtocolError: the used ring names chains that are not in flight
+                (the queue is broken).
+        """
+        with self._lock:
+            self._check_usable()
+            mask = self.size - 1
+            used_idx = self._used[1]
+            completed = (used_idx - self.next_used) & 0xFFFF
+            if completed > len(self._chains):
+                self._fail("used->idx moved from %d to %d, but only %d chain(s) are in flight"
+                           % (self.next_used, used_idx, len(self._chains)))
+            self._fences.read()
+            done = set(self._used_elems[2 * ((self.next_used + i) & mask)]
+                       for i in range(completed))
+            heads = [head for head in self._chains if head not in done]
+            if (used_idx + len(heads)) & 0xFFFF != self.next_avail:
+                self._fail("used entries %d..%d name %d chain(s) in flight, %d were expected"
+                           % (self.next_used, used_idx, len(self._chains) - len(heads),
+                              completed))
+            for i, head in enumerate(heads):
+                self._avail[2 + ((used_idx + i) & mask)] = head
+            self._fences.write()
+            self._avail[1] = self.next_avail
+            # The new back-end is kicked once when its ring starts (start_kick).
+            self._kicked = self.next_avail
+            return used_idx
+
     # -- driver side: posting ---------------------------------------------------
 
     def add(self, readable=(), writable=(), token=None):
@@ -3304,7 +3349,9 @@ class Interrupt:
     Config change (CONFIG_CHANGE_MSG) signals ``config_changed`` and calls
     ``on_config_changed()``. A crash (the main socket hung up, or the worker
     failed) sets ``crash_error``, signals ``crashed`` and calls
-    ``on_crashed(error)``. Callbacks run on the worker thread, never under
+    ``on_crashed(error)``. A recovery (``VhostUserFrontend.reconnect``)
+    clears ``crash_error``, counts one more in ``reconnects``, signals
+    ``reconnected`` and calls ``on_reconnected()``. Callbacks run on the worker thread, never under
     the client's lock, and before the matching event is signalled (so a
     thread woken by the event sees the callback's effects); an exception in
     one is logged and ignored. They may not call the frontend's lifecycle
@@ -3313,7 +3360,10 @@ class Interrupt:
     Attributes:
         config_changed: an ``Event`` signalled on every config change.
         crashed: an ``Event`` signalled when the device crashed.
-        crash_error: the first crash's exception, or None.
+        crash_error: the current outage's exception, or None while the
+            back-end is up.
+        reconnected: an ``Event`` signalled after each recovery.
+        reconnects: how many times the device recovered.
         shared: the shared ``Event`` in "shared" mode, else None.
     """
 
@@ -3321,7 +3371,8 @@ class Interrupt:
     SHARED = "shared"
     CALLBACK = "callback"
 
-    def __init__(self, mode=None, on_used=None, on_config_changed=None, on_crashed=None):
+    def __init__(self, mode=None, on_used=None, on_config_changed=None, on_crashed=None,
+                 on_reconnected=None):
         if mode is None:
             mode = self.CALLBACK if on_used is not None else self.QUEUE
         if mode not in (self.QUEUE, self.SHARED, self.CALLBACK):
@@ -3331,11 +3382,14 @@ class Interrupt:
         self.on_used = on_used
         self.on_config_changed = on_config_changed
         self.on_crashed = on_crashed
+        self.on_reconnected = on_reconnected
         self.crash_error = None
-        self.config_changed = self.crashed = self.shared = None
+        self.reconnects = 0
+        self.config_changed = self.crashed = self.reconnected = self.shared = None
         try:
             self.config_changed = Event()
             self.crashed = Event()
+            self.reconnected = Event()
             if mode == self.SHARED:
                 self.shared = Event()
         except BaseException:
@@ -3360,6 +3414,13 @@ class Interrupt:
         self._callback(self.on_crashed, error)
         self.crashed.signal()
 
+    def signal_reconnected(self):
+        """Report that the device works again after a crash (a new back-end connection)."""
+        self.crash_error = None
+        self.reconnects += 1
+        self._callback(self.on_reconnected)
+        self.reconnected.signal()
+
     @staticmethod
     def _callback(function, *args):
         if function is None:
@@ -3371,7 +3432,7 @@ class Interrupt:
 
     def close(self):
         """Close the events; safe to call twice."""
-        for event in (self.config_changed, self.crashed, self.shared):
+        for event in (self.config_changed, self.crashed, self.reconnected, self.shared):
             if event is not None:
                 event.close()
 
@@ -3643,10 +3704,12 @@ class VhostUserFrontend:
         self._shmem_region = None     # None: not asked yet; then a SharedMemoryRegion or False
         self._mapper = None
         self._own_mapper = None
+        # Kept for reconnect, which negotiates again the same way.
+        self._negotiation = (int(base_features), ProtocolFeature(int(protocol_features)),
+                             max_queue_size, handler_factory)
         try:
             self.client = self._connect(connection, timeout)
-            self._negotiate(int(base_features), ProtocolFeature(int(protocol_features)),
-                            max_queue_size, handler_factory)
+            self._negotiate(*self._negotiation)
         except BaseException:
             self.close()
             raise
@@ -3658,7 +3721,9 @@ class VhostUserFrontend:
         if isinstance(connection, socket.socket):
             return BackendClient(connection, timeout)
         if isinstance(connection, (str, bytes, os.PathLike)):
-            return BackendClient.connect(os.fspath(connection), reply_timeout=timeout)
+            # ``timeout`` bounds the wait for the socket as well as each reply.
+            return BackendClient.connect(os.fspath(connection), timeout=timeout,
+                                         reply_timeout=timeout)
         raise TypeError("connection must be a path, a socket or a BackendClient, not %r"
                         % (connection,))
 
@@ -3790,21 +3855,7 @@ class VhostUserFrontend:
         try:
             if self._sent_features != self.acked_features:
                 self.ack_features(self.acked_features)
-            self.client.set_mem_table(mem.regions())
-            for index, queue in sorted(queues.items()):
-                if interrupt.mode == Interrupt.QUEUE:
-                    call = queue.call
-                elif interrupt.mode == Interrupt.SHARED:
-                    call = interrupt.shared
-                else:
-                    call = self._proxies[index] = Event()
-                # The ring follows the negotiated features (EVENT_IDX, INDIRECT_DESC), as a
-                # transport applies them to its queues: a queue left at features=0 while
-                # EVENT_IDX is acked would never re-arm used_event and lose interrupts.
-                queue.features = self.acked_features
-                self._sent_queues[index] = queue  # from here on it must be stopped
-                self._activate_vring(mem, index, queue, call)
-            self._start_worker(interrupt)
+            self._send_rings(mem, interrupt, queues)
         except BaseException:
             # Stop what did start, so the device is inactive again (activate
             # may be retried) and no ring keeps writing guest memory.
@@ -3815,6 +3866,24 @@ class VhostUserFrontend:
                              self.debug_label(), cleanup_exc)
             self._sent_features = None
             raise
+
+    def _send_rings(self, mem, interrupt, queues):
+        """SET_MEM_TABLE, every ring in index order, then the worker."""
+        self.client.set_mem_table(mem.regions())
+        for index, queue in sorted(queues.items()):
+            if interrupt.mode == Interrupt.QUEUE:
+                call = queue.call
+            elif interrupt.mode == Interrupt.SHARED:
+                call = interrupt.shared
+            else:
+                call = self._proxies[index] = Event()
+            # The ring follows the negotiated features (EVENT_IDX, INDIRECT_DESC), as a
+            # transport applies them to its queues: a queue left at features=0 while
+            # EVENT_IDX is acked would never re-arm used_event and lose interrupts.
+            queue.features = self.acked_features
+            self._sent_queues[index] = queue  # from here on it must be stopped
+            self._activate_vring(mem, index, queue, call)
+        self._start_worker(interrupt)
 
     def _activate_vring(self, mem, index, queue, call):
         client = self.client
@@ -4091,15 +4160,124 @@ class VhostUserFrontend:
         """The mapper serving SHMEM_MAP/UNMAP, or None."""
         return self._mapper
 
+    # -- reconnect ------------------------------------------------------------
+
+    def reconnect(self, connection):
+        """Resume on a new connection after the back-end went away, with nothing lost.
+
+        For a back-end that restarted (or one that hung up): the old
+        connection, worker and back-end channel are dropped, then the whole
+        handshake runs again on ``connection`` (a path, a socket or a
+        ``BackendClient``), the acked features are sent again and, when the
+        device was active, guest memory and every ring. Each queue is
+        rewound first (``Queue.rewind``): the chains the old back-end had not
+        completed are offered again, in the order they were posted, once.
+        The ``Interrupt`` then reports the recovery (``signal_reconnected``).
+        This driver's record of what is in flight is the source of truth;
+        INFLIGHT_SHMFD is not used.
+
+        On failure the device stays down and ``reconnect`` may be called
+        again (e.g. when the back-end is not listening yet).
+
+        Raises:
+            Disconnected: the new back-end offers fewer features, protocol
+                features or queues than the device uses (the message names
+                what is missing), or it went away again.
+            VhostUserError: any failure of the handshake.
+        """
+        self._check_usable("reconnect")
+        queues = self._sent_queues
+        interrupt = self.interrupt
+        acked, sent = self.acked_features, self._sent_features
+        old_protocol = self.protocol_features
+        self._sent_queues = None
+        error = self._stop_worker()
+        if error is not None:
+            _log.info("%s: the worker had failed: %s", self.debug_label(), error)
+        if self._handler is not None:
+            self._handler.close()
+            self._handler = None
+        self.client.close()
+        try:
+            self.client = self._connect(connection, self.timeout)
+            self._negotiate(*self._negotiation)
+            self._check_still_offered(acked, old_protocol, queues)
+            self.acked_features = acked
+            if sent is not None:
+                self._sent_features = None
+                self.ack_features(acked)
+            if self._mapper is not None:
+                # The new back-end maps nothing yet: drop the old mappings.
+                self._mapper.clear()
+                if self._handler is not None and self.get_shared_memory_region() is not None:
+                    self._handler.set_shared_memory_mapper(self._mapper,
+                                                           self._shmem_region.id)
+            if queues is not None:
+                self._sent_queues = {}
+                for queue in queues.values():
+                    queue.vring_base = queue.rewind()
+                self._send_rings(self._mem, interrupt, queues)
+        except BaseException:
+            # Down again: what was active stays recorded for the next attempt.
+            self._sent_queues = None
+            try:
+                self._stop_worker()
+            except VhostUserTimeout:
+                pass
+            self._sent_queues = queues
+            self.acked_features = acked
+            self._sent_features = sent
+            if self._handler is not None:
+                self._handler.close()
+                self._handler = None
+            self.client.close()
+            raise
+        in_flight = sum(queue.in_flight for queue in (queues or {}).values())
+        _log.info("%s: reconnected; %d chain(s) in flight offered again", self.debug_label(),
+                  in_flight)
+        if interrupt is not None:
+            interrupt.signal_reconnected()
+
+    def _check_still_offered(self, acked, old_protocol, queues):
+        """Disconnected (naming what is missing) if the new back-end offers less."""
+        missing = acked & ~self._avail_features
+        if missing:
+            raise _BackendShrank(
+                "reconnect: the back-end no longer offers acked feature(s) %s (%#x)"
+                % (" ".join(VirtioFeature.names(missing, self._device_type)), missing),
+                FrontendReq.GET_FEATURES)
+        missing = old_protocol & ~self.protocol_features
+        if missing:
+            raise _BackendShrank(
+                "reconnect: the back-end no longer offers protocol feature(s) %s (%#x)"
+                % (" ".join(ProtocolFeature.names(missing)), int(missing)),
+                FrontendReq.GET_PROTOCOL_FEATURES)
+        for index, queue in sorted((queues or {}).items()):
+            if index >= len(self._queue_sizes) or queue.size > self._queue_sizes[index]:
+                raise _BackendShrank(
+                    "reconnect: the back-end now has %d queue(s) of up to %d entries; queue "
+                    "%d of size %d is in use" % (len(self._queue_sizes), max(self._queue_sizes),
+                                                 index, queue.size), FrontendReq.GET_QUEUE_NUM)
+
     # -- teardown -------------------------------------------------------------
 
-    def close(self):
-        """Stop the worker and close the connection and channel; safe to call twice.
+    #: Seconds ``close`` waits for each reply while it stops the rings.
+    close_timeout = 1.0
 
-        Sends nothing: a back-end sees the hang-up. Guest memory and queues
-        belong to the caller. A worker failure is logged, not raised.
+    def close(self):
+        """Stop the rings and the worker, then close the connection; safe to call twice.
+
+        Each started ring is stopped first, as QEMU's vhost_dev_stop does:
+        SET_VRING_ENABLE(0) and GET_VRING_BASE, each reply awaited at most
+        ``close_timeout`` seconds, so a back-end never sees the hang-up with
+        rings still running (qemu-storage-daemon 7.2 can abort then). Not
+        after a crash or a broken connection. Guest memory and queues belong
+        to the caller: the back-end has stopped using them once this returns
+        (or the bound passed). A worker failure is logged, not raised.
         """
         try:
+            if self._sent_queues is not None and self.client is not None:
+                self._stop_rings_before_hang_up()
             if self._worker is not None:
                 try:
                     error = self._stop_worker()
@@ -4125,6 +4303,27 @@ class VhostUserFrontend:
             if self.client is not None:
                 self.client.close()
                 self.client = None
+
+    def _stop_rings_before_hang_up(self):
+        queues, self._sent_queues = self._sent_queues, None
+        client = self.client
+        crashed = self.interrupt is not None and self.interrupt.crash_error is not None
+        if crashed or client.broken is not None:
+            return
+        saved = client.timeout
+        client.timeout = min(saved, self.close_timeout)
+        try:
+            for index in sorted(queues):
+                try:
+                    self._deactivate_vring(index)
+                except VhostUserError as exc:
+                    _log.info("%s: stopping ring %d before closing: %s", self.debug_label(),
+                              index, exc)
+                    if client.broken is not None:
+                        break
+        finally:
+            if client.broken is None:
+                client.timeout = saved
 
     def __enter__(self):
         return self
@@ -4199,24 +4398,222 @@ def _write_all(fd, data, timeout, what):
 # Devices ##################################################################
 ############################################################################
 
+#: Longest sleep on a call eventfd before checking whether the back-end hung up.
+_CRASH_CHECK_INTERVAL = 0.1
+#: Pause between two attempts to reach a restarted back-end.
+_RECONNECT_RETRY = 0.02
+
+# Device bits (0-23) that only virtio-net defines among the types named here
+# (MTU, GUEST_TSO6, CTRL_RX .. CTRL_MAC_ADDR), and its high bits 50-63.
+_NET_ONLY_BITS = (1 << 3) | (1 << 8) | (0x3F << 18) | 0xFFFC_0000_0000_0000
+# Bits 5-17 exist only for net and block; the other types stop below bit 5.
+_NET_OR_BLK_BITS = 0x3FFE0
+
+
+def _guess_device_type(features, protocol_features):
+    """(DeviceType or None, why, conclusive) from what a back-end offers.
+
+    vhost-user never names the device type, so this reads the offered bits:
+    net-only feature bits mean net; block bits with CONFIG mean block (QEMU's
+    vhost-user-blk refuses a back-end without CONFIG, vhost-user-net never
+    reads config); no device bits and no CONFIG looks like virtio-fs (whose
+    config QEMU supplies), which is only a hint.
+    """
+    device_bits = features & _DEVICE_SPECIFIC_FEATURES
+    has_config = bool((protocol_features or 0) & ProtocolFeature.CONFIG)
+    if device_bits & _NET_ONLY_BITS:
+        names = VirtioFeature.names(device_bits & _NET_ONLY_BITS, DeviceType.NET)
+        return DeviceType.NET, "offers %s" % " ".join(names[:3]), True
+    if device_bits & _NET_OR_BLK_BITS:
+        if has_config:
+            return DeviceType.BLOCK, "offers block feature bits and CONFIG", True
+        return DeviceType.NET, "offers net feature bits and no CONFIG", True
+    if not device_bits and not has_config and protocol_features is not None:
+        return DeviceType.FS, "no device feature bits and no CONFIG", False
+    return None, "nothing conclusive", False
+
+
+def _refuse_other_device_type(frontend, wanted):
+    """FeatureNotNegotiated saying "wrong device type" when the back-end is conclusively another."""
+    protocol = frontend.protocol_features if frontend.acked_features else None
+    guess, why, conclusive = _guess_device_type(frontend.features(), protocol)
+    if conclusive and guess != wanted:
+        raise FeatureNotNegotiated("virtio-%s: wrong device type: the back-end is a %s device "
+                                   "(it %s)" % (_DEVICE_LABELS[wanted], guess.name.lower(), why))
+
+
+_DEVICE_LABELS = {DeviceType.BLOCK: "blk", DeviceType.NET: "net"}
+
+
+class _ClosedAs:
+    """See ``_Device._closed_as``."""
+
+    __slots__ = ("device", "what")
+
+    def __init__(self, device, what):
+        self.device = device
+        self.what = what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, traceback):
+        if kind is not None and issubclass(kind, ValueError) and self.device._closing \
+                and not isinstance(exc, _DeviceClosed):
+            raise _DeviceClosed("%s: the device was closed (%s)" % (self.what, exc)) from exc
+        return False
+
+
 class _Device:
-    """What the device drivers share: the front-end, guest memory and queues they own."""
+    """What the device drivers share: the front-end, guest memory and queues they own.
+
+    Also the liveness every call checks (``_check_alive``): a closed device
+    raises ``_DeviceClosed``; a back-end that went away raises
+    ``Disconnected``, or with ``reconnect=`` is waited for and reconnected
+    (``_recover``), the caller's timeout extended by the outage.
+    """
 
     _frontend = None
     _mem = None
     _queues = ()
+    _closing = False
+    _reconnect = None     # seconds to wait for the back-end to come back, or None
+    _dead = None          # why the device cannot recover (a failed reconnect)
+    _recover_lock = None
+
+    def _init_reconnect(self, reconnect):
+        if reconnect is None:
+            return
+        if isinstance(reconnect, bool) or not isinstance(reconnect, (int, float)) \
+                or not 0 < reconnect < float("inf"):
+            raise ValueError("reconnect must be a positive number of seconds, not %r"
+                             % (reconnect,))
+        if self._frontend.client.path is None:
+            raise ValueError("reconnect= needs the socket path (the device was given a "
+                             "socket or a client without one)")
+        self._reconnect = float(reconnect)
+        self._recover_lock = threading.Lock()
+
+    def _check_alive(self, what):
+        """0.0 when the back-end is up; else the seconds spent until it was back.
+
+        Raises:
+            _DeviceClosed: the device was closed (before or during the call).
+            Disconnected: the back-end is gone (and did not come back).
+        """
+        if self._closing or self._frontend is None:
+            raise _DeviceClosed("%s: the device was closed" % what)
+        if self._dead is not None:
+            raise Disconnected("%s: %s" % (what, self._dead)) from self._dead
+        interrupt = self._frontend.interrupt
+        error = interrupt.crash_error if interrupt is not None else None
+        if error is None:
+            return 0.0
+        if self._reconnect is None:
+            raise Disconnected("%s: the back-end is gone: %s" % (what, error)) from error
+        return self._recover(what)
+
+    def _trouble(self):
+        """True when ``_check_alive`` has something to say (cheap, for wait loops)."""
+        frontend = self._frontend
+        return (self._closing or frontend is None or self._dead is not None
+                or frontend.interrupt is not None and frontend.interrupt.crash_error is not None)
+
+    def _recover(self, what):
+        """Reconnect (one thread does, the others wait for it); returns the seconds it took."""
+        started = time.monotonic()
+        if not self._recover_lock.acquire(timeout=self._reconnect + 4 * self.timeout + 1):
+            raise VhostUserTimeout("%s: another thread's reconnect did not finish" % what)
+        try:
+            frontend = self._frontend
+            if self._closing or frontend is None:
+                raise _DeviceClosed("%s: the device was closed" % what)
+            if self._dead is None and frontend.interrupt.crash_error is not None:
+                self._reconnect_backend(frontend)
+            if self._dead is not None:
+                raise Disconnected("%s: %s" % (what, self._dead)) from self._dead
+        finally:
+            self._recover_lock.release()
+        return time.monotonic() - started
+
+    def _reconnect_backend(self, frontend):
+        """Wait up to ``reconnect`` seconds for the back-end and reconnect; else mark dead."""
+        client = frontend.client
+        path, listening = client.path, client.listening
+        error = frontend.interrupt.crash_error
+        started = time.monotonic()
+        deadline = started + self._reconnect
+        _log.info("%s: the back-end went away (%s); waiting up to %.1f s for it at %s",
+                  frontend.debug_label(), error, self._reconnect, path)
+        attempts = 0
+        while True:
+            attempts += 1
+            remaining = deadline - time.monotonic()
+            try:
+                if listening:
+                    connection = BackendClient.listen(path, timeout=max(0.01, remaining),
+                                                      reply_timeout=frontend.timeout)
+                else:
+                    connection = BackendClient.connect(path, timeout=max(0.01, remaining),
+                                                       reply_timeout=frontend.timeout)
+                frontend.reconnect(connection)
+                break
+            except _BackendShrank as exc:
+                self._dead = exc
+                break
+            except VhostUserError as exc:
+                error = exc
+            if self._closing or time.monotonic() >= deadline:
+                self._dead = Disconnected("the back-end did not come back within %.1f s "
+                                          "(%d attempt(s)): %s" % (self._reconnect, attempts,
+                                                                   error))
+                break
+            time.sleep(_RECONNECT_RETRY)
+        if self._dead is not None:
+            _log.warning("%s: giving up: %s", frontend.debug_label(), self._dead)
+        else:
+            _log.info("%s: back at %s after %.3f s (%d attempt(s))", frontend.debug_label(),
+                      path, time.monotonic() - started, attempts)
+
+    def _closed_as(self, what):
+        """A context manager turning the ValueError of a queue closed under a call
+        into ``_DeviceClosed`` (the device was closed on another thread)."""
+        return _ClosedAs(self, what)
+
+    def _wake_waiters(self):
+        """Wake every thread waiting on a queue (close() on another thread)."""
+        for queue in self._queues:
+            if queue.call is not None:
+                try:
+                    queue.call.signal()
+                except ValueError:
+                    pass
 
     def close(self):
-        """Disconnect from the back-end and free guest memory; safe to call twice."""
-        frontend, self._frontend = self._frontend, None
-        if frontend is not None:
-            frontend.close()
-        for queue in self._queues:
-            queue.close()
-        self._queues = ()
-        mem, self._mem = self._mem, None
-        if mem is not None:
-            mem.close()
+        """Stop the rings, disconnect and free guest memory; safe to call twice.
+
+        Calls waiting in other threads wake at once and raise a
+        ``VhostUserError`` (also a ``ValueError``) saying the device was
+        closed; so do requests still in flight. The back-end's rings are
+        stopped (``VhostUserFrontend.close``) before guest memory is freed.
+        """
+        self._closing = True
+        self._wake_waiters()
+        locked = self._recover_lock is not None and self._recover_lock.acquire(
+            timeout=2 * self.timeout + 1)
+        try:
+            frontend, self._frontend = self._frontend, None
+            if frontend is not None:
+                frontend.close()
+            for queue in self._queues:
+                queue.close()
+            self._queues = ()
+            mem, self._mem = self._mem, None
+            if mem is not None:
+                mem.close()
+        finally:
+            if locked:
+                self._recover_lock.release()
 
     def __enter__(self):
         return self
@@ -4341,18 +4738,6 @@ class _BlockRequest:
             "status=%d" % self.status_buf[0] if self.done else "in flight")
 
 
-#: Longest sleep on a call eventfd before checking whether the back-end hung up.
-_CRASH_CHECK_INTERVAL = 0.1
-
-
-def _check_alive(frontend, what):
-    """Raise Disconnected if the worker saw the back-end hang up (or fail)."""
-    interrupt = frontend.interrupt if frontend is not None else None
-    error = interrupt.crash_error if interrupt is not None else None
-    if error is not None:
-        raise Disconnected("%s: the back-end is gone: %s" % (what, error)) from error
-
-
 class _Completions:
     """Routes one queue's used entries to the threads waiting for them.
 
@@ -4361,9 +4746,9 @@ class _Completions:
     sleeps on an eventfd signal another thread already consumed.
     """
 
-    def __init__(self, queue, frontend):
+    def __init__(self, queue, device):
         self.queue = queue
-        self.frontend = frontend
+        self.device = device
         self.cond = threading.Condition()
         self.reaping = False
         self.finished = []    # background requests done but not yet returned
@@ -4372,11 +4757,20 @@ class _Completions:
         """Reap until ``until()`` holds; VhostUserTimeout at ``deadline``.
 
         Raises Disconnected soon after the back-end hangs up, rather than
-        at the deadline.
+        at the deadline; with ``reconnect=`` waits for it to come back and
+        moves the deadline by the outage. A close() on another thread wakes
+        it at once (``_DeviceClosed``).
         """
+        device = self.device
         with self.cond:
             while not until():
-                _check_alive(self.frontend, what)
+                if device._trouble():
+                    self.cond.release()
+                    try:
+                        deadline += device._check_alive(what)
+                    finally:
+                        self.cond.acquire()
+                    continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise VhostUserTimeout("%s: no completion from the device within the "
@@ -4389,7 +4783,8 @@ class _Completions:
                 try:
                     used = self.queue.wait_used(min(remaining, _CRASH_CHECK_INTERVAL))
                 except ValueError as exc:  # the device was closed while we waited
-                    raise ValueError("%s: %s" % (what, exc)) from exc
+                    raise _DeviceClosed("%s: the device was closed (%s)" % (what, exc)) \
+                        from exc
                 finally:
                     self.cond.acquire()
                     self.reaping = False
@@ -4399,7 +4794,10 @@ class _Completions:
     def poll(self):
         with self.cond:
             if not self.reaping:
-                self._finish(self.queue.get_used())
+                try:
+                    self._finish(self.queue.get_used())
+                except ValueError as exc:
+                    raise _DeviceClosed("complete: the device was closed (%s)" % exc) from exc
 
     def _finish(self, used):
         for request, written in used:
@@ -4431,13 +4829,19 @@ class BlockDevice(_Device):
         max_segment_size: cap on the bytes one data descriptor describes
             (the device's size_max also applies), e.g. 4096 to build
             page-sized scatter lists like a guest kernel.
+        reconnect: None (the default): a back-end that goes away fails
+            every call with ``Disconnected``. SECONDS: wait that long for the
+            socket to accept again, redo the handshake and resubmit every
+            request in flight, in order, once; callers just wait longer (their
+            timeout is extended by the outage). Needs the socket path.
     """
 
     def __init__(self, frontend, num_queues=None, queue_size=128, timeout=5.0,
-                 memory_size=64 << 20, max_segment_size=None):
+                 memory_size=64 << 20, max_segment_size=None, reconnect=None):
         self._frontend = frontend
         self.timeout = timeout
         try:
+            self._init_reconnect(reconnect)
             self._setup(num_queues, queue_size, memory_size, max_segment_size)
         except BaseException:
             self.close()
@@ -4448,7 +4852,8 @@ class BlockDevice(_Device):
         """Connect to the vhost-user-blk socket at ``path``, negotiate and activate.
 
         ``path`` may also be a connected socket or a ``BackendClient``; other
-        keyword arguments go to the constructor.
+        keyword arguments (``reconnect=`` ...) go to the constructor.
+        ``timeout`` also bounds the wait for the socket to accept.
         """
         frontend = VhostUserFrontend(DeviceType.BLOCK, _BLK_DRIVER_FEATURES, path,
                                      timeout=timeout)
@@ -4458,6 +4863,12 @@ class BlockDevice(_Device):
     def _setup(self, num_queues, queue_size, memory_size, max_segment_size):
         frontend = self._frontend
         offered = frontend.features()
+        _refuse_other_device_type(frontend, DeviceType.BLOCK)
+        if not frontend.protocol_features & _P.CONFIG:
+            # QEMU's vhost-user-blk refuses such a back-end too: capacity is in the config.
+            raise FeatureNotNegotiated("virtio-blk: wrong device type: the back-end does not "
+                                       "offer CONFIG, so it cannot be a vhost-user-blk device",
+                                       FrontendReq.GET_CONFIG)
         if not offered & VirtioFeature.VERSION_1:
             raise FeatureNotNegotiated("virtio-blk: the back-end does not offer VERSION_1")
         self.features = offered & _BLK_DRIVER_FEATURES
@@ -4510,7 +4921,7 @@ class BlockDevice(_Device):
         for index in range(num_queues):
             queues.append(Queue(self._mem, size, index, features=self.features))
             self._queues = queues
-        self._completions = [_Completions(q, frontend) for q in queues]
+        self._completions = [_Completions(q, self) for q in queues]
         frontend.activate(self._mem, None, queues)
 
     # -- properties from the config space ---------------------------------------
@@ -4697,7 +5108,7 @@ class BlockDevice(_Device):
 
     def _check_writable(self, what):
         if self.read_only:
-            raise OSError(errno.EROFS, "%s: the device is read-only (VIRTIO_BLK_F_RO)" % what)
+            raise _ReadOnlyDevice("%s: the device is read-only (VIRTIO_BLK_F_RO)" % what)
 
     def _check_range(self, what, offset, length, limit):
         if not isinstance(offset, int) or not isinstance(length, int):
@@ -4714,8 +5125,8 @@ class BlockDevice(_Device):
                              % (what, length, limit))
 
     def _completions_for(self, queue):
-        if self._mem is None:
-            raise ValueError("the block device is closed")
+        if self._mem is None or self._closing:
+            raise _DeviceClosed("the block device is closed")
         if not isinstance(queue, int) or not 0 <= queue < self.num_queues:
             raise ValueError("queue %r out of range 0..%d" % (queue, self.num_queues - 1))
         return self._completions[queue]
@@ -4727,6 +5138,8 @@ class BlockDevice(_Device):
         chains already posted are announced before any wait for room.
         """
         completions = self._completions_for(request.queue)
+        if self._trouble():
+            self._check_alive(_BLK_OP_NAMES[request.op])
         queue = completions.queue
         header = _BLK_REQ.pack(request.op, 0, request.offset // _SECTOR)
         readable = [header] + list(readable)
@@ -4758,6 +5171,12 @@ class BlockDevice(_Device):
         completions.wait(lambda: all(r.done for r in requests), deadline, what)
         for request in requests:
             request.result()
+
+    def _wake_waiters(self):
+        _Device._wake_waiters(self)
+        for completions in getattr(self, "_completions", ()):
+            with completions.cond:
+                completions.cond.notify_all()
 
     def __repr__(self):
         if self._mem is None:
@@ -4805,13 +5224,18 @@ class NetDevice(_Device):
             several receive buffers).
         rx_buffer_size: bytes per receive buffer, header included; by default
             big enough for one whole frame. With MRG_RXBUF it may be smaller.
+        reconnect: None (the default), or seconds to wait for a back-end
+            that went away to come back (as for ``BlockDevice``). Frames
+            queued for transmission that the old back-end had not used are
+            sent again (at-least-once: a frame may arrive twice); receive
+            buffers are offered afresh.
 
     ``queue_size`` and ``rx_buffer_size`` give the sizes in use; ``mac``,
     ``mtu`` and ``link_up`` are None when the device does not report them.
     """
 
     def __init__(self, frontend, queue_size=256, timeout=5.0, mrg_rxbuf=True,
-                 rx_buffer_size=None, memory_size=None):
+                 rx_buffer_size=None, memory_size=None, reconnect=None):
         self._frontend = frontend
         self.timeout = timeout
         self._rx_lock = threading.Lock()
@@ -4819,6 +5243,7 @@ class NetDevice(_Device):
         self._frames = collections.deque()
         self._partial = None   # (buffers still expected, [chunks]) of a merged frame
         try:
+            self._init_reconnect(reconnect)
             self._setup(queue_size, mrg_rxbuf, rx_buffer_size, memory_size)
         except BaseException:
             self.close()
@@ -4828,8 +5253,9 @@ class NetDevice(_Device):
     def connect(cls, path, queue_size=256, timeout=5.0, **kwargs):
         """Connect to the vhost-user-net socket at ``path``, negotiate and start.
 
-        ``path`` may also be a connected socket or a ``BackendClient``; other
-        keyword arguments go to the constructor.
+        ``path`` may also be a connected socket or a ``BackendClient`` (from
+        ``BackendClient.listen`` for a back-end that connects to us); other
+        keyword arguments (``reconnect=`` ...) go to the constructor.
         """
         frontend = VhostUserFrontend(DeviceType.NET, _NET_DRIVER_FEATURES, path,
                                      timeout=timeout)
@@ -4837,6 +5263,7 @@ class NetDevice(_Device):
 
     def _setup(self, queue_size, mrg_rxbuf, rx_buffer_size, memory_size):
         frontend = self._frontend
+        _refuse_other_device_type(frontend, DeviceType.NET)
         offered = frontend.features()
         wanted = _NET_DRIVER_FEATURES if mrg_rxbuf else _NET_DRIVER_FEATURES & ~_NET_F_MRG_RXBUF
         self.features = offered & wanted
@@ -4860,8 +5287,8 @@ class NetDevice(_Device):
         self._tx_hdr = bytes(self._hdr_len)
         max_sizes = frontend.queue_max_sizes()
         if len(max_sizes) < 2:
-            raise ProtocolError("virtio-net: the back-end has %d queue(s), RX and TX need 2"
-                                % len(max_sizes))
+            raise FeatureNotNegotiated("virtio-net: wrong device type? the back-end has %d "
+                                       "queue(s), RX and TX need 2" % len(max_sizes))
         size = min(queue_size, max_sizes[_NET_RX], max_sizes[_NET_TX])
         frame_max = max(self.mtu or 0, 1500) + _ETH_HLEN + 4
         if rx_buffer_size is None:
@@ -4894,11 +5321,11 @@ class NetDevice(_Device):
 
     def send_many(self, frames):
         """Queue frames for transmission with one kick; waits while the TX ring is full."""
-        with self._tx_lock:
-            tx = self._tx
-            if tx is None:
-                raise ValueError("the net device is closed")
+        with self._tx_lock, self._closed_as("send"):
             deadline = time.monotonic() + self.timeout
+            # Every call: frames queued to a back-end that is gone would be lost.
+            deadline += self._check_alive("send")
+            tx = self._tx
             for frame in frames:
                 frame = bytes(frame)
                 if not _ETH_HLEN <= len(frame) <= 0xFFFF - self._hdr_len:
@@ -4910,7 +5337,7 @@ class NetDevice(_Device):
                         break
                     except Queue.Full:
                         tx.notify()
-                        _check_alive(self._frontend, "send")
+                        deadline += self._check_alive("send")
                         remaining = deadline - time.monotonic()
                         if not tx.wait_used(min(max(0.0, remaining), _CRASH_CHECK_INTERVAL)) \
                                 and remaining <= 0:
@@ -4926,15 +5353,14 @@ class NetDevice(_Device):
             VhostUserTimeout: frames are still queued after ``timeout``
                 (default the device's).
         """
-        with self._tx_lock:
-            tx = self._tx
-            if tx is None:
-                raise ValueError("the net device is closed")
+        with self._tx_lock, self._closed_as("flush"):
             timeout = self.timeout if timeout is None else timeout
             deadline = time.monotonic() + timeout
+            deadline += self._check_alive("flush")
+            tx = self._tx
             tx.get_used()
             while tx.in_flight:
-                _check_alive(self._frontend, "flush")
+                deadline += self._check_alive("flush")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise VhostUserTimeout("flush: the back-end has not taken %d frame(s) "
@@ -4946,15 +5372,14 @@ class NetDevice(_Device):
 
         ``timeout`` defaults to the device's; 0 polls.
         """
-        with self._rx_lock:
-            rx = self._rx
-            if rx is None:
-                raise ValueError("the net device is closed")
+        with self._rx_lock, self._closed_as("recv"):
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+            deadline += self._check_alive("recv")
+            rx = self._rx
             while not self._frames:
                 used = rx.get_used()
                 if not used:
-                    _check_alive(self._frontend, "recv")
+                    deadline += self._check_alive("recv")
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return None
@@ -5019,36 +5444,6 @@ class _CliError(Exception):
 #: --type spellings: every DeviceType name in lower case, plus the short ones.
 _TYPE_ALIASES = {"blk": DeviceType.BLOCK, "snd": DeviceType.SOUND, "9p": DeviceType.P9}
 _CLI_TYPES = dict(((t.name.lower(), t) for t in DeviceType), **_TYPE_ALIASES)
-
-# Device bits (0-23) that only virtio-net defines among the types named here
-# (MTU, GUEST_TSO6, CTRL_RX .. CTRL_MAC_ADDR), and its high bits 50-63.
-_NET_ONLY_BITS = (1 << 3) | (1 << 8) | (0x3F << 18) | 0xFFFC_0000_0000_0000
-# Bits 5-17 exist only for net and block; the other types stop below bit 5.
-_NET_OR_BLK_BITS = 0x3FFE0
-
-
-def _guess_device_type(features, protocol_features):
-    """(DeviceType or None, why, conclusive) from what a back-end offers.
-
-    vhost-user never names the device type, so this reads the offered bits:
-    net-only feature bits mean net; block bits with CONFIG mean block (QEMU's
-    vhost-user-blk refuses a back-end without CONFIG, vhost-user-net never
-    reads config); no device bits and no CONFIG looks like virtio-fs (whose
-    config QEMU supplies), which is only a hint.
-    """
-    device_bits = features & _DEVICE_SPECIFIC_FEATURES
-    has_config = bool((protocol_features or 0) & ProtocolFeature.CONFIG)
-    if device_bits & _NET_ONLY_BITS:
-        names = VirtioFeature.names(device_bits & _NET_ONLY_BITS, DeviceType.NET)
-        return DeviceType.NET, "offers %s" % " ".join(names[:3]), True
-    if device_bits & _NET_OR_BLK_BITS:
-        if has_config:
-            return DeviceType.BLOCK, "offers block feature bits and CONFIG", True
-        return DeviceType.NET, "offers net feature bits and no CONFIG", True
-    if not device_bits and not has_config and protocol_features is not None:
-        return DeviceType.FS, "no device feature bits and no CONFIG", False
-    return None, "nothing conclusive", False
-
 
 def _check_device_type(path, wanted, features, protocol_features):
     """Raise _CliError when the back-end is conclusively not a ``wanted`` device."""
