@@ -4575,6 +4575,25 @@ class _Device:
             _log.info("%s: back at %s after %.3f s (%d attempt(s))", frontend.debug_label(),
                       path, time.monotonic() - started, attempts)
 
+    @staticmethod
+    def _connect_device(device_type, features, path, timeout, reconnect, make):
+        """``make(VhostUserFrontend(...))``; with ``reconnect`` and a path, retried
+        for up to ``reconnect`` seconds when the back-end goes away during it."""
+        if reconnect is None or not isinstance(path, (str, bytes, os.PathLike)):
+            return make(VhostUserFrontend(device_type, features, path, timeout=timeout))
+        deadline = time.monotonic() + reconnect if isinstance(reconnect, (int, float)) \
+            else None  # a bad value is refused by the constructor
+        while True:
+            try:
+                return make(VhostUserFrontend(device_type, features, path, timeout=timeout))
+            except (Disconnected, VhostUserTimeout, ProtocolError) as exc:
+                if isinstance(exc, _BackendShrank) or deadline is None \
+                        or time.monotonic() >= deadline:
+                    raise
+                _log.info("%s: the back-end went away while connecting (%s); retrying",
+                          path, exc)
+            time.sleep(_RECONNECT_RETRY)
+
     def _closed_as(self, what):
         """A context manager turning the ValueError of a queue closed under a call
         into ``_DeviceClosed`` (the device was closed on another thread)."""
@@ -4855,10 +4874,10 @@ class BlockDevice(_Device):
         keyword arguments (``reconnect=`` ...) go to the constructor.
         ``timeout`` also bounds the wait for the socket to accept.
         """
-        frontend = VhostUserFrontend(DeviceType.BLOCK, _BLK_DRIVER_FEATURES, path,
-                                     timeout=timeout)
-        return cls(frontend, num_queues=num_queues, queue_size=queue_size,
-                   timeout=timeout, **kwargs)
+        return cls._connect_device(
+            DeviceType.BLOCK, _BLK_DRIVER_FEATURES, path, timeout, kwargs.get("reconnect"),
+            lambda frontend: cls(frontend, num_queues=num_queues, queue_size=queue_size,
+                                 timeout=timeout, **kwargs))
 
     def _setup(self, num_queues, queue_size, memory_size, max_segment_size):
         frontend = self._frontend
@@ -5257,9 +5276,9 @@ class NetDevice(_Device):
         ``BackendClient.listen`` for a back-end that connects to us); other
         keyword arguments (``reconnect=`` ...) go to the constructor.
         """
-        frontend = VhostUserFrontend(DeviceType.NET, _NET_DRIVER_FEATURES, path,
-                                     timeout=timeout)
-        return cls(frontend, queue_size=queue_size, timeout=timeout, **kwargs)
+        return cls._connect_device(
+            DeviceType.NET, _NET_DRIVER_FEATURES, path, timeout, kwargs.get("reconnect"),
+            lambda frontend: cls(frontend, queue_size=queue_size, timeout=timeout, **kwargs))
 
     def _setup(self, queue_size, mrg_rxbuf, rx_buffer_size, memory_size):
         frontend = self._frontend
