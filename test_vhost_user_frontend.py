@@ -5161,6 +5161,7 @@ class TestReconnectEveryStep(BackendTestMixin, FdLeakCheck):
                     fds = open_fds()
                     proxy = RelayProxy(qsd.tmpdir, qsd.socket_path, drop_after=k)
                     data = struct.pack("<II", k or 0, 1 if reconnect else 0) * 512
+                    dev = None
                     try:
                         if reconnect is None:
                             with self.assertRaises(vu.VhostUserError) as cm:
@@ -5169,10 +5170,6 @@ class TestReconnectEveryStep(BackendTestMixin, FdLeakCheck):
                                     proxy.drop()
                                 dev.write(4096, data)
                             self.assertIsInstance(cm.exception, vu.Disconnected, cm.exception)
-                            try:
-                                dev.close()
-                            except NameError:
-                                pass
                         else:
                             dev = vu.BlockDevice.connect(proxy.path, queue_size=16, timeout=5.0,
                                                          reconnect=reconnect)
@@ -5182,7 +5179,8 @@ class TestReconnectEveryStep(BackendTestMixin, FdLeakCheck):
                             self.assertEqual(dev.read(4096, 4096), data)
                             dev.close()
                     finally:
-                        dev = None
+                        if dev is not None:
+                            dev.close()
                         proxy.close()
                     wait_for(lambda: open_fds() <= fds, 2.0, "fds to be closed after k=%s" % k)
                     self.assertEqual([t.name for t in threading.enumerate()

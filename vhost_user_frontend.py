@@ -4445,8 +4445,8 @@ def _refuse_other_device_type(frontend, wanted):
 _DEVICE_LABELS = {DeviceType.BLOCK: "blk", DeviceType.NET: "net"}
 
 
-class _ClosedAs:
-    """See ``_Device._closed_as``."""
+class _DeviceCall:
+    """One call into a device's rings (see ``_Device._call``)."""
 
     __slots__ = ("device", "what")
 
@@ -4455,11 +4455,19 @@ class _ClosedAs:
         self.what = what
 
     def __enter__(self):
+        device = self.device
+        with device._calls_lock:
+            if device._closing:
+                raise _DeviceClosed("%s: the device was closed" % self.what)
+            device._calls += 1
         return self
 
     def __exit__(self, kind, exc, traceback):
-        if kind is not None and issubclass(kind, ValueError) and self.device._closing \
-                and not isinstance(exc, _DeviceClosed):
+        device = self.device
+        with device._calls_lock:
+            device._calls -= 1
+        if kind is not None and issubclass(kind, (ValueError, OSError)) and device._closing \
+                and not isinstance(exc, VhostUserError):
             raise _DeviceClosed("%s: the device was closed (%s)" % (self.what, exc)) from exc
         return False
 
@@ -4477,6 +4485,7 @@ class _Device:
     _mem = None
     _queues = ()
     _closing = False
+    _calls = 0            # threads inside _call()
     _reconnect = None     # seconds to wait for the back-end to come back, or None
     _dead = None          # why the device cannot recover (a failed reconnect)
     _recover_lock = None
@@ -4594,10 +4603,11 @@ class _Device:
                           path, exc)
             time.sleep(_RECONNECT_RETRY)
 
-    def _closed_as(self, what):
-        """A context manager turning the ValueError of a queue closed under a call
-        into ``_DeviceClosed`` (the device was closed on another thread)."""
-        return _ClosedAs(self, what)
+    def _call(self, what):
+        """A context manager around every use of the rings: refuses a closed device, and
+        lets ``close`` wait until no thread is inside before it frees queues and memory
+        (an eventfd closed under a thread could be reused as another fd by then)."""
+        return _DeviceCall(self, what)
 
     def _wake_waiters(self):
         """Wake every thread waiting on a queue (close() on another thread)."""
@@ -4616,8 +4626,14 @@ class _Device:
         closed; so do requests still in flight. The back-end's rings are
         stopped (``VhostUserFrontend.close``) before guest memory is freed.
         """
-        self._closing = True
+        with self._calls_lock:
+            self._closing = True
         self._wake_waiters()
+        # The waiters notice within _CRASH_CHECK_INTERVAL and leave.
+        deadline = time.monotonic() + self.timeout + 1
+        while self._calls and time.monotonic() < deadline:
+            self._wake_waiters()
+            time.sleep(0.001)
         locked = self._recover_lock is not None and self._recover_lock.acquire(
             timeout=2 * self.timeout + 1)
         try:
@@ -4859,6 +4875,7 @@ class BlockDevice(_Device):
                  memory_size=64 << 20, max_segment_size=None, reconnect=None):
         self._frontend = frontend
         self.timeout = timeout
+        self._calls_lock = threading.Lock()
         try:
             self._init_reconnect(reconnect)
             self._setup(num_queues, queue_size, memory_size, max_segment_size)
@@ -5030,10 +5047,11 @@ class BlockDevice(_Device):
         completions = self._completions_for(queue)
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         q = completions.queue
-        q.notify()
-        completions.poll()
-        completions.wait(lambda: len(completions.finished) >= count or not q.in_flight,
-                         deadline, "complete")
+        with self._call("complete"):
+            q.notify()
+            completions.poll()
+            completions.wait(lambda: len(completions.finished) >= count or not q.in_flight,
+                             deadline, "complete")
         with completions.cond:
             done, completions.finished = completions.finished, []
         return done
@@ -5145,7 +5163,7 @@ class BlockDevice(_Device):
 
     def _completions_for(self, queue):
         if self._mem is None or self._closing:
-            raise _DeviceClosed("the block device is closed")
+            raise _DeviceClosed("the device was closed")
         if not isinstance(queue, int) or not 0 <= queue < self.num_queues:
             raise ValueError("queue %r out of range 0..%d" % (queue, self.num_queues - 1))
         return self._completions[queue]
@@ -5156,6 +5174,10 @@ class BlockDevice(_Device):
         With ``notify=False`` the caller kicks once after posting a batch;
         chains already posted are announced before any wait for room.
         """
+        with self._call(_BLK_OP_NAMES[request.op]):
+            self._post_chain(request, readable, writable, notify)
+
+    def _post_chain(self, request, readable, writable, notify):
         completions = self._completions_for(request.queue)
         if self._trouble():
             self._check_alive(_BLK_OP_NAMES[request.op])
@@ -5185,9 +5207,10 @@ class BlockDevice(_Device):
         if not requests:
             return
         completions = self._completions_for(requests[0].queue)
-        completions.queue.notify()
         deadline = time.monotonic() + self.timeout
-        completions.wait(lambda: all(r.done for r in requests), deadline, what)
+        with self._call(what):
+            completions.queue.notify()
+            completions.wait(lambda: all(r.done for r in requests), deadline, what)
         for request in requests:
             request.result()
 
@@ -5257,6 +5280,7 @@ class NetDevice(_Device):
                  rx_buffer_size=None, memory_size=None, reconnect=None):
         self._frontend = frontend
         self.timeout = timeout
+        self._calls_lock = threading.Lock()
         self._rx_lock = threading.Lock()
         self._tx_lock = threading.Lock()
         self._frames = collections.deque()
@@ -5340,7 +5364,7 @@ class NetDevice(_Device):
 
     def send_many(self, frames):
         """Queue frames for transmission with one kick; waits while the TX ring is full."""
-        with self._tx_lock, self._closed_as("send"):
+        with self._tx_lock, self._call("send"):
             deadline = time.monotonic() + self.timeout
             # Every call: frames queued to a back-end that is gone would be lost.
             deadline += self._check_alive("send")
@@ -5372,7 +5396,7 @@ class NetDevice(_Device):
             VhostUserTimeout: frames are still queued after ``timeout``
                 (default the device's).
         """
-        with self._tx_lock, self._closed_as("flush"):
+        with self._tx_lock, self._call("flush"):
             timeout = self.timeout if timeout is None else timeout
             deadline = time.monotonic() + timeout
             deadline += self._check_alive("flush")
@@ -5391,7 +5415,7 @@ class NetDevice(_Device):
 
         ``timeout`` defaults to the device's; 0 polls.
         """
-        with self._rx_lock, self._closed_as("recv"):
+        with self._rx_lock, self._call("recv"):
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
             deadline += self._check_alive("recv")
             rx = self._rx
