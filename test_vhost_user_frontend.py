@@ -4836,6 +4836,17 @@ class TestNetDeviceConfig(FrontendTestBase):
 LONG = os.environ.get("VHOST_USER_LONG") == "1"
 
 
+class QuietHangUps(object):
+    """Mixin: the expected "hung up" / reconnect log lines go to a null handler, not stderr."""
+
+    def setUp(self):
+        super(QuietHangUps, self).setUp()
+        handler = logging.NullHandler()
+        logger = logging.getLogger("vhost_user_frontend")
+        logger.addHandler(handler)
+        self.addCleanup(logger.removeHandler, handler)
+
+
 def restart_daemon(daemon, down=0.0, remove_socket=False):
     """kill -9 the daemon, wait ``down`` seconds, start it again with the same argv and files.
 
@@ -4967,7 +4978,7 @@ def _block_pattern(block, generation=0):
     return struct.pack("<QQ", block, generation) * 256
 
 
-class TestReconnectBlock(BackendTestMixin, FdLeakCheck):
+class TestReconnectBlock(QuietHangUps, BackendTestMixin, FdLeakCheck):
     """BlockDevice(reconnect=): qemu-storage-daemon killed (-9) at random moments and restarted on the
     same socket; every write lands, every read is right, each recovery is quick."""
 
@@ -5141,7 +5152,7 @@ class TestReconnectBlock(BackendTestMixin, FdLeakCheck):
                 vu.BlockDevice.connect(qsd.socket_path, reconnect=bad)
 
 
-class TestReconnectEveryStep(BackendTestMixin, FdLeakCheck):
+class TestReconnectEveryStep(QuietHangUps, BackendTestMixin, FdLeakCheck):
     """A proxy between the device and qemu-storage-daemon cuts the connection after the k-th message,
     for every k of the handshake and the first I/O: with reconnect= the device always comes up and its
     I/O is right; without it, Disconnected every time; never a hang, a leaked fd or thread."""
@@ -5187,7 +5198,7 @@ class TestReconnectEveryStep(BackendTestMixin, FdLeakCheck):
                                       if t.name.startswith("vhost-user-vu")], [])
 
 
-class TestGracefulClose(BackendTestMixin, FdLeakCheck):
+class TestGracefulClose(QuietHangUps, BackendTestMixin, FdLeakCheck):
     """close() stops every started ring before it hangs up, fails what is in flight clearly, and a
     close racing three reading threads never aborts qemu-storage-daemon."""
 
@@ -5251,7 +5262,7 @@ class TestGracefulClose(BackendTestMixin, FdLeakCheck):
             self.assertIn("closed", str(cm.exception))
 
 
-class TestReconnectNet(BackendTestMixin, FdLeakCheck):
+class TestReconnectNet(QuietHangUps, BackendTestMixin, FdLeakCheck):
     """NetDevice(reconnect=) through DPDK testpmd killed (-9) and restarted on the same socket."""
 
     def frame(self, seq):
@@ -5336,7 +5347,30 @@ class TestReconnectNet(BackendTestMixin, FdLeakCheck):
                          % (sent[0], len(missing), duplicates))
 
 
-class TestClearErrors(BackendTestMixin, FdLeakCheck):
+    def echo(self, nic, seq, timeout=15.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            nic.send(self.frame(seq))
+            frame = nic.recv(timeout=1.0)
+            if frame is not None:
+                return frame
+        return None
+
+    def test_listening_device_accepts_the_next_connection(self):
+        testpmd = self.start_backend(Testpmd, client=True)   # connects to us, retrying each second
+        client = vu.BackendClient.listen(testpmd.socket_path, timeout=15.0)
+        nic = vu.NetDevice.connect(client, queue_size=64, timeout=5.0, reconnect=15.0)
+        self.addCleanup(nic.close)
+        # In client mode testpmd may take a while to forward after the handshake: resend until it does.
+        self.assertEqual(self.echo(nic, 1), self.frame(1))
+        restart_daemon(testpmd)
+        wait_for(lambda: nic._frontend.interrupt.crash_error is not None, 5.0, "the hang-up")
+        self.assertEqual(self.echo(nic, 2), self.frame(2))   # send() waits for the new connection
+        self.assertEqual(nic._frontend.interrupt.reconnects, 1)
+        self.assertFalse(os.path.exists(testpmd.socket_path))   # listen() removed it again
+
+
+class TestClearErrors(QuietHangUps, BackendTestMixin, FdLeakCheck):
     """Every failure is one clear error (issue 9, part 3, library side)."""
 
     def test_connect_timeout_bounds_the_wait_and_names_the_cause(self):
