@@ -3179,7 +3179,7 @@ class TestCliBlock(BackendTestMixin, FdLeakCheck):
                 (["--size", "1000"], "--size 1000 must be a positive multiple of the block size 512"),
                 # One request carries at most the driver's cap (qsd's 126 segments go further).
                 (["--size", str(2 * vu._BLK_MAX_TRANSFER)], "at most %d " % vu._BLK_MAX_TRANSFER),
-                (["--depth", "129"], "--depth 129: at most 128 requests fit the 128-entry ring"),
+                (["--depth", "20000"], "--depth 20000: at most 10922 requests fit the 32768-entry ring"),
                 (["--seconds", "1e-9"], "bench: no request completed within 1e-09 s")):
             with self.subTest(argv=argv):
                 status, out, err = run_cli("bench", d.socket_path, "--seconds", "0.1", *argv)
