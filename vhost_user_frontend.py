@@ -3789,7 +3789,7 @@ class _Worker:
         poller.unregister(fd)
         del handlers[fd]
         error = Disconnected("%s: the back-end hung up the vhost-user socket" % self.name)
-        _log.error("%s", error)
+        _log.warning("%s", error)
         self.interrupt.signal_crashed(error)
 
     def _shared_call(self, poller, handlers, fd, mask):
@@ -4742,6 +4742,11 @@ class _Device:
     _reconnect = None     # seconds to wait for the back-end to come back, or None
     _dead = None          # why the device cannot recover (a failed reconnect)
     _recover_lock = None
+
+    @property
+    def interrupt(self):
+        """The ``Interrupt`` reporting outages and recoveries (``crash_error``, ``reconnects``)."""
+        return self._frontend.interrupt if self._frontend is not None else None
 
     def _init_reconnect(self, reconnect):
         if reconnect is None:
