@@ -5380,10 +5380,12 @@ class TestReconnectNet(QuietHangUps, BackendTestMixin, FdLeakCheck):
 
         def receiver():
             try:
-                while not stop.is_set() or nic.recv(timeout=0) is not None:
-                    frame = nic.recv(timeout=0.2)
+                while True:    # until nothing came for 0.3 s after the sender stopped
+                    frame = nic.recv(timeout=0.3)
                     if frame is not None:
                         received[struct.unpack_from("<Q", frame, 14)[0]] += 1
+                    elif stop.is_set():
+                        break
             except BaseException as exc:
                 errors.append(exc)
         threads = [threading.Thread(target=f, name="vhost-user-test-" + f.__name__)
