@@ -2991,7 +2991,7 @@ class TestCliErrors(FdLeakCheck):
     def test_device_timeout(self):
         # The device comes up but never uses a ring: each data command times out in one line.
         cases = [("blk", ("blk", "{}", "read", "0", "512"), "timeout: READ", ""),
-                 ("blk", ("bench", "{}"), "timeout: complete: no completion", ""),
+                 ("blk", ("bench", "{}"), "timeout: reap: no completion", ""),
                  ("net", ("net", "{}", "send"), "timeout: flush: the back-end has not taken 1",
                   ""),
                  ("net", ("net", "{}", "ping", "-c", "20"), "ping: frame 1 of 20 did not come "
@@ -4982,6 +4982,15 @@ class RelayProxy(object):
             pass
 
 
+def _all_threads_stopped(pid):
+    """True once every thread of ``pid`` is in state T (stopped), per /proc."""
+    for task in os.listdir("/proc/%d/task" % pid):
+        with open("/proc/%d/task/%s/stat" % (pid, task)) as f:
+            if f.read().rsplit(")", 1)[1].split()[0] != "T":
+                return False
+    return True
+
+
 def _block_pattern(block, generation=0):
     """4 KiB that say which block and which write they are."""
     return struct.pack("<QQ", block, generation) * 256
@@ -5342,6 +5351,7 @@ class TestReconnectNet(QuietHangUps, BackendTestMixin, FdLeakCheck):
         self.assertEqual(nic.recv(timeout=5.0), self.frame(0))
         # Frozen, testpmd takes nothing: these frames sit in our TX ring when it is killed.
         os.kill(testpmd.pid, signal.SIGSTOP)
+        wait_for(lambda: _all_threads_stopped(testpmd.pid), 5.0, "testpmd to stop")
         nic.send_many([self.frame(seq) for seq in range(1, 101)])
         back = restart_daemon(testpmd, remove_socket=True)
         received = collections.Counter()
