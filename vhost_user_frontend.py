@@ -2573,7 +2573,7 @@ class Queue:
             # than all of them.
             found = {}
             position = self.next_avail
-            for _ in range(min(size, 0x10000)):
+            for _ in range(size):
                 position = (position - 1) & 0xFFFF
                 head = self._avail[2 + (position & mask)]
                 if head in waiting and head not in found:
@@ -3604,10 +3604,11 @@ class Interrupt:
     failed) sets ``crash_error``, signals ``crashed`` and calls
     ``on_crashed(error)``. A recovery (``VhostUserFrontend.reconnect``)
     clears ``crash_error``, counts one more in ``reconnects``, signals
-    ``reconnected`` and calls ``on_reconnected()``. Callbacks run on the worker thread, never under
-    the client's lock, and before the matching event is signalled (so a
-    thread woken by the event sees the callback's effects); an exception in
-    one is logged and ignored. They may not call the frontend's lifecycle
+    ``reconnected`` and calls ``on_reconnected()`` (on the thread that
+    reconnected). Callbacks run on the worker thread, never under the
+    client's lock, and before the matching event is signalled (so a thread
+    woken by the event sees the callback's effects); an exception in one is
+    logged and ignored. They may not call the frontend's lifecycle
     methods (that would join the thread they run on).
 
     Attributes:
