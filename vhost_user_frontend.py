@@ -4863,6 +4863,7 @@ class _Device:
             return make(VhostUserFrontend(device_type, features, path, timeout=timeout))
         deadline = time.monotonic() + reconnect if isinstance(reconnect, (int, float)) \
             else None  # a bad value is refused by the constructor
+        _check_socket_path(os.fspath(path))   # a regular file will not turn into a socket
         while True:
             try:
                 return make(VhostUserFrontend(device_type, features, path, timeout=timeout))
