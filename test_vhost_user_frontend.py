@@ -5227,6 +5227,75 @@ class TestReconnectBlock(QuietHangUps, BackendTestMixin, FdLeakCheck):
                 vu.BlockDevice.connect(qsd.socket_path, reconnect=bad)
 
 
+class TestFrontendReconnect(QuietHangUps, FrontendTestBase):
+    """VhostUserFrontend.reconnect and Queue.rewind on FakeBackends: the whole handshake again, and
+    the chains in flight offered again in the order they were posted, completed ones not."""
+
+    def test_reconnect_offers_what_was_in_flight_in_order(self):
+        old = self.backend()
+        fe = self.frontend(old)
+        mem, queues = self.memory()
+        fe.ack_features(fe.features())
+        fe.activate(mem, None, queues)
+        q = queues[0]
+        slot = q.add_slot(writable=[(mem.allocate(64), 64)])
+        tokens = [q.add([b"first"], [bytearray(8)]), q.add([b"second"], [bytearray(8)])]
+        q.post_slots([slot], ["slot"])
+        tokens.append(q.add([b"fourth"], [bytearray(8)]))
+        q.notify()
+        # The old back-end takes three chains and completes only the second, then dies.
+        taken = [old.pop_avail(0)[0] for _ in range(3)]
+        old.push_used(0, taken[1], 0)
+        old.hang_up()
+        wait_for(lambda: fe.interrupt.crash_error is not None, 5.0, "the hang-up")
+        new = self.backend()
+        sock, new.frontend_sock = new.frontend_sock, None
+        fe.reconnect(sock)
+        names = new.names()
+        self.assertEqual(names[:3], ["SET_OWNER", "GET_FEATURES", "GET_PROTOCOL_FEATURES"])
+        self.assertIn("SET_FEATURES", names)
+        self.assertIn("SET_MEM_TABLE", names)
+        bases = [_STATE.unpack(m.body) for m in new.messages if m.name == "SET_VRING_BASE"]
+        self.assertEqual(bases, [(0, 1), (1, 0)])   # ring 0 resumes at its used index
+        self.assertIsNone(fe.interrupt.crash_error)
+        self.assertEqual(fe.interrupt.reconnects, 1)
+        self.assertEqual(fe.interrupt.reconnected.wait(0), 1)
+        # The completed chain is reaped as usual; the three others come again, oldest first.
+        self.assertEqual(q.get_used(), [(tokens[1], 0)])
+        again = [new.pop_avail(0) for _ in range(4)]
+        self.assertIsNone(again[3])
+        self.assertEqual(taken[2], slot)
+        self.assertEqual([head for head, _ in again[:2]], [taken[0], slot])
+        self.assertNotIn(again[2][0], taken)      # "fourth", never taken by the old back-end
+        for head, _ in again[:3]:
+            new.push_used(0, head, 0)
+        self.assertEqual(sorted(map(str, (t for t, _ in q.get_used()))),
+                         sorted(map(str, [tokens[0], "slot", tokens[2]])))
+        self.assertEqual(q.in_flight, 0)
+        fe.reset()
+
+    def test_a_backend_that_offers_less_is_named(self):
+        old = self.backend()
+        fe = self.frontend(old)
+        mem, queues = self.memory()
+        fe.ack_features(fe.features())
+        fe.activate(mem, None, queues)
+        old.hang_up()
+        wait_for(lambda: fe.interrupt.crash_error is not None, 5.0, "the hang-up")
+        poorer = self.backend(features=FAKE_FEATURES & ~F_EVENT_IDX)
+        sock, poorer.frontend_sock = poorer.frontend_sock, None
+        with self.assertRaises(vu.Disconnected) as cm:
+            fe.reconnect(sock)
+        self.assertIn("no longer offers acked feature(s) RING_EVENT_IDX", str(cm.exception))
+        # Still down, and a later attempt may succeed.
+        self.assertIsNotNone(fe.interrupt.crash_error)
+        good = self.backend()
+        sock, good.frontend_sock = good.frontend_sock, None
+        fe.reconnect(sock)
+        self.assertEqual(fe.interrupt.reconnects, 1)
+        fe.reset()
+
+
 class TestReconnectEveryStep(QuietHangUps, BackendTestMixin, FdLeakCheck):
     """A proxy between the device and qemu-storage-daemon cuts the connection after the k-th message,
     for every k of the handshake and the first I/O: with reconnect= the device always comes up and its
