@@ -2466,6 +2466,7 @@ class Queue:
         self._slot_writable = [0] * size      # head -> writable bytes per position
         self._slot_token = [None] * size      # head -> token while in flight
         self._slots_busy = 0
+        self._woken = False                   # wake_waiter() was called
         #: Ask for calls only when about to sleep in ``wait_used`` (EVENT_IDX):
         #: reaping does not re-arm used_event. For a driver that always waits
         #: through ``wait_used``; see ``VhostUserFrontend`` policy notes.
@@ -3044,11 +3045,23 @@ class Queue:
                 if self._arm(count) is False:
                     continue
                 self.call.wait(deadline - now)
+                if self._woken:
+                    self._woken = False
+                    return self.get_used()
         except ValueError:
             # close() on another thread released the ring views and closed
             # the call event under us: say that, not "Event is closed".
             self._check_usable()
             raise
+
+    def wake_waiter(self):
+        """Make a thread sleeping in ``wait_used`` return now, with what is used so far.
+
+        For the owner of the queue that must tell its waiters something (the
+        back-end crashed, the device is closing) sooner than their timeout.
+        """
+        self._woken = True
+        self.call.signal()
 
     def _arm(self, count):
         """Ask for an interrupt; False if entries were used meanwhile (re-check)."""
@@ -3792,6 +3805,10 @@ class _Worker:
         error = Disconnected("%s: the back-end hung up the vhost-user socket" % self.name)
         _log.warning("%s", error)
         self.interrupt.signal_crashed(error)
+        # Threads sleeping on a call event learn of the crash now, not at their
+        # next periodic check: the sooner one reconnects, the shorter the outage.
+        for queue in self.queues.values():
+            queue.wake_waiter()
 
     def _shared_call(self, poller, handlers, fd, mask):
         if self.interrupt.shared.read():
@@ -4889,7 +4906,7 @@ class _Device:
         for queue in self._queues:
             if queue.call is not None:
                 try:
-                    queue.call.signal()
+                    queue.wake_waiter()
                 except ValueError:
                     pass
 
