@@ -4689,6 +4689,8 @@ def _write_all(fd, data, timeout, what):
 _CRASH_CHECK_INTERVAL = 0.1
 #: Pause between two attempts to reach a restarted back-end.
 _RECONNECT_RETRY = 0.02
+#: Longest wait for the socket in one attempt (close() is checked between them).
+_RECONNECT_ATTEMPT = 0.25
 
 # Device bits (0-23) that only virtio-net defines among the types named here
 # (MTU, GUEST_TSO6, CTRL_RX .. CTRL_MAC_ADDR), and its high bits 50-63.
@@ -4861,13 +4863,14 @@ class _Device:
         attempts = 0
         while True:
             attempts += 1
-            remaining = deadline - time.monotonic()
+            # Short attempts, so that a close() on another thread is noticed soon.
+            attempt = min(max(0.01, deadline - time.monotonic()), _RECONNECT_ATTEMPT)
             try:
                 if listening:
-                    connection = BackendClient.listen(path, timeout=max(0.01, remaining),
+                    connection = BackendClient.listen(path, timeout=attempt,
                                                       reply_timeout=frontend.timeout)
                 else:
-                    connection = BackendClient.connect(path, timeout=max(0.01, remaining),
+                    connection = BackendClient.connect(path, timeout=attempt,
                                                        reply_timeout=frontend.timeout)
                 frontend.reconnect(connection)
                 break
