@@ -5742,10 +5742,11 @@ class BlockDevice(_Device):
         if first or end < len(offsets):
             offsets, buffers, user_data = (offsets[first:end], buffers[first:end],
                                            user_data[first:end])
+        # An id in the registry is the view registered under it: the registry keeps
+        # that view alive, so no other object can have its id meanwhile.
         for k, offset, buffer, value in zip(taken, offsets, buffers, user_data):
             entry = get_entry(id(buffer))
-            if entry is None or entry[0] is not buffer or offset & mask or offset < 0 \
-                    or offset > entry[3]:
+            if entry is None or offset & mask or offset < 0 or offset > entry[3]:
                 self._fast_path_misuse(op, first + taken.index(k), offset, buffer, entry)
             if ready[k] is not entry:
                 slots.point(k, entry, op)
@@ -5755,7 +5756,7 @@ class BlockDevice(_Device):
 
     def _fast_path_misuse(self, op, index, offset, buffer, entry):
         name = _BLK_OP_NAMES[op]
-        if entry is None or entry[0] is not buffer:
+        if entry is None:
             raise ValueError("%s: buffers[%d] is not a buffer from this device's alloc() "
                              "(or it was freed)" % (name, index))
         self._check_range(name, offset, entry[2], self.max_transfer)
@@ -5906,8 +5907,7 @@ class BlockDevice(_Device):
         header = _BLK_REQ.pack(request.op, 0, request.offset // _SECTOR)
         readable = [header] + list(readable)
         writable = list(writable) + [request.status_buf]
-        deadline = time.monotonic() + self.timeout
-        name = _BLK_OP_NAMES[request.op]
+        deadline = None   # the clock is read only when the ring is full
         while True:
             try:
                 queue.add(readable, writable, token=request)
@@ -5915,11 +5915,14 @@ class BlockDevice(_Device):
             except (Queue.Full, MemoryError):
                 slots = completions.slots
                 if slots is not None:
-                    with completions.cond:
+                    with completions.lock:
                         if slots.shrink():
                             continue
                 if not queue.in_flight:
                     raise
+                if deadline is None:
+                    deadline = time.monotonic() + self.timeout
+                name = _BLK_OP_NAMES[request.op]
                 # Reap until something of ours or anyone's completes, then retry.
                 queue.notify()
                 free = queue.num_free
