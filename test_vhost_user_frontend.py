@@ -5296,6 +5296,36 @@ class TestFrontendReconnect(QuietHangUps, FrontendTestBase):
         fe.reset()
 
 
+class _SilentStopBackend(FakeBackend):
+    """A FakeBackend that never answers GET_VRING_BASE (a back-end stuck draining its rings)."""
+
+    def _handle(self, code, flags, body, fds):
+        if FRONTEND_REQ_NAMES.get(code) == "GET_VRING_BASE":
+            self.messages.append(Msg("GET_VRING_BASE", flags, body, len(fds)))
+            return
+        FakeBackend._handle(self, code, flags, body, fds)
+
+
+class TestCloseBound(QuietHangUps, FrontendTestBase):
+    """close() waits for the rings to stop at most close_timeout, then hangs up anyway."""
+
+    def test_a_backend_that_never_answers_does_not_hold_close(self):
+        backend = _SilentStopBackend()
+        self.addCleanup(backend.close)
+        fe = self.frontend(backend)
+        fe.close_timeout = 0.3
+        mem, queues = self.memory()
+        fe.ack_features(fe.features())
+        fe.activate(mem, None, queues)
+        started = time.monotonic()
+        fe.close()
+        self.assertLess(time.monotonic() - started, 3.0)
+        names = backend.names()
+        # Ring 0 was asked to stop; its answer never came, so ring 1 was not waited for.
+        self.assertEqual(names[-2:], ["SET_VRING_ENABLE", "GET_VRING_BASE"])
+        self.assertEqual(_STATE.unpack(backend.messages[-1].body), (0, 0))
+
+
 class TestReconnectEveryStep(QuietHangUps, BackendTestMixin, FdLeakCheck):
     """A proxy between the device and qemu-storage-daemon cuts the connection after the k-th message,
     for every k of the handshake and the first I/O: with reconnect= the device always comes up and its
