@@ -5296,6 +5296,42 @@ class TestFrontendReconnect(QuietHangUps, FrontendTestBase):
         fe.reset()
 
 
+class TestNetReconnectPartialFrame(QuietHangUps, FrontendTestBase):
+    """With MRG_RXBUF a frame spans buffers: one the old back-end left unfinished is dropped, not
+    glued to the new back-end's first frame."""
+
+    def rx_frame(self, backend, chunks):
+        """Write one frame over len(chunks) receive buffers, as a device with MRG_RXBUF does."""
+        for number, data in enumerate(chunks):
+            head, chain = backend.pop_avail(0)
+            addr = chain[0][0]
+            if number == 0:
+                data = struct.pack("<BBHHHHH", 0, 0, 0, 0, 0, 0, len(chunks)) + data
+            backend.write(addr, data)
+            backend.push_used(0, head, len(data))
+
+    def test_unfinished_frame_is_dropped_at_the_restart(self):
+        features = F_PROTOCOL | F_VERSION_1 | 1 << 15    # MRG_RXBUF
+        old = self.backend(features=features)
+        nic = vu.NetDevice(self.frontend(old, vu.DeviceType.NET), queue_size=16, rx_buffer_size=32)
+        self.addCleanup(nic.close)
+        self.rx_frame(old, [b"a" * 20])
+        self.assertEqual(nic.recv(timeout=5), b"a" * 20)
+        head, chain = old.pop_avail(0)            # the first of two buffers, then the crash
+        old.write(chain[0][0], struct.pack("<BBHHHHH", 0, 0, 0, 0, 0, 0, 2) + b"A" * 20)
+        old.push_used(0, head, 32)
+        old.hang_up()
+        wait_for(lambda: nic.interrupt.crash_error is not None, 5.0, "the hang-up")
+        new = self.backend(features=features)
+        sock, new.frontend_sock = new.frontend_sock, None
+        nic._frontend.reconnect(sock)
+        self.rx_frame(new, [b"B" * 20, b"C" * 10])
+        with self.assertLogs("vhost_user_frontend", "WARNING") as logs:
+            self.assertEqual(nic.recv(timeout=5), b"B" * 20 + b"C" * 10)
+        self.assertIn("had not finished (1 of its buffers missing)", "\n".join(logs.output))
+        self.assertIsNone(nic.recv(timeout=0))
+
+
 class _SilentStopBackend(FakeBackend):
     """A FakeBackend that never answers GET_VRING_BASE (a back-end stuck draining its rings)."""
 

@@ -2476,6 +2476,8 @@ class Queue:
         self._slot_token = [None] * size      # head -> token while in flight
         self._slots_busy = 0
         self._woken = False                   # wake_waiter() was called
+        #: How many times ``rewind`` ran (a driver can tell a restart happened).
+        self.rewinds = 0
         #: Ask for calls only when about to sleep in ``wait_used`` (EVENT_IDX):
         #: reaping does not re-arm used_event. For a driver that always waits
         #: through ``wait_used``; see ``VhostUserFrontend`` policy notes.
@@ -2541,7 +2543,7 @@ class Queue:
             self.vring_base = self._kicked = base
 
     def rewind(self):
-        """Offer every chain in flight again, oldest first; returns the new ring base.
+        """Offer every chain in flight again, oldest first; returns the new ``vring_base``.
 
         For a back-end that restarted and lost its ring state (crosvm has no
         equivalent; QEMU resumes a vhost-user-net ring at the used index).
@@ -2598,6 +2600,8 @@ class Queue:
             self._store_avail(1, self.next_avail)
             # The new back-end is kicked once when its ring starts (start_kick).
             self._kicked = self.next_avail
+            self.vring_base = used_idx
+            self.rewinds += 1
             return used_idx
 
     # -- driver side: posting ---------------------------------------------------
@@ -4502,7 +4506,7 @@ class VhostUserFrontend:
             if queues is not None:
                 self._sent_queues = {}
                 for queue in queues.values():
-                    queue.vring_base = queue.rewind()
+                    queue.rewind()
                 self._send_rings(self._mem, interrupt, queues)
         except BaseException:
             # Down again: what was active stays recorded for the next attempt.
@@ -6023,6 +6027,8 @@ class NetDevice(_Device):
         self._tx_lock = threading.Lock()
         self._frames = collections.deque()
         self._partial = None   # (buffers still expected, [chunks]) of a merged frame
+        self._rx_rewinds = 0   # RX rewinds (reconnects) seen by recv
+        self._rx_restart = None   # used index of the new back-end's first RX entry
         try:
             self._init_reconnect(reconnect)
             self._setup(queue_size, mrg_rxbuf, rx_buffer_size, memory_size)
@@ -6224,8 +6230,16 @@ class NetDevice(_Device):
                     if remaining <= 0:
                         return None
                     used = rx.wait_used(min(remaining, _CRASH_CHECK_INTERVAL))
+                if rx.rewinds != self._rx_rewinds:
+                    # Reconnected: the new back-end's first used entry is at the
+                    # used index the ring was rewound to (see _cut_partial_frame).
+                    self._rx_rewinds = rx.rewinds
+                    self._rx_restart = rx.vring_base
                 try:
-                    for k, length in used:
+                    first = (rx.next_used - len(used)) & 0xFFFF
+                    for i, (k, length) in enumerate(used):
+                        if (first + i) & 0xFFFF == self._rx_restart:
+                            self._cut_partial_frame()
                         self._take(self._rx_pool + k * self._rx_size, length)
                 finally:
                     # Every used buffer goes back, in one batch, even after a bad one.
@@ -6236,6 +6250,14 @@ class NetDevice(_Device):
                                            [k for k, _ in used])
                         rx.notify()
             return self._frames.popleft()
+
+    def _cut_partial_frame(self):
+        """Drop a merged frame the old back-end had not finished when it went away."""
+        self._rx_restart = None
+        if self._partial is not None:
+            _log.warning("virtio-net: dropped a received frame the back-end had not finished "
+                         "(%d of its buffers missing) when it went away", self._partial[0])
+            self._partial = None
 
     def _take(self, gpa, length):
         """Account one used receive buffer: a whole frame or part of a merged one."""
