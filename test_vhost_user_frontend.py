@@ -5206,6 +5206,30 @@ class TestReconnectBlock(QuietHangUps, BackendTestMixin, FdLeakCheck):
         with self.assertRaises(vu.Disconnected):   # and says so again, at once
             dev.read(0, 4096)
 
+    def test_close_during_the_outage(self):
+        qsd = self.start_qsd()
+        dev = vu.BlockDevice.connect(qsd.socket_path, timeout=5.0, reconnect=30.0)
+        self.addCleanup(dev.close)
+        kill_daemon(qsd)
+        outcome = []
+
+        def read():
+            try:
+                dev.read(0, 4096)
+            except Exception as exc:
+                outcome.append(exc)
+        reader = threading.Thread(target=read, name="vhost-user-test-reader")
+        reader.start()
+        wait_for(lambda: dev.interrupt.crash_error is not None, 5.0, "the hang-up")
+        time.sleep(0.3)      # the reader waits for the back-end to come back
+        started = time.monotonic()
+        dev.close()
+        reader.join(5)
+        self.assertLess(time.monotonic() - started, 3.0)   # not the 30 s of reconnect=
+        self.assertFalse(reader.is_alive())
+        self.assertIsInstance(outcome[0], ValueError)
+        self.assertIn("the device was closed", str(outcome[0]))
+
     def test_backend_that_offers_less_is_refused(self):
         qsd = self.start_qsd(num_queues=2)
         dev = vu.BlockDevice.connect(qsd.socket_path, timeout=5.0, reconnect=5.0)

@@ -4849,6 +4849,8 @@ class _Device:
                 raise _DeviceClosed("%s: the device was closed" % what)
             if self._dead is None and frontend.interrupt.crash_error is not None:
                 self._reconnect_backend(frontend)
+            if self._closing:
+                raise _DeviceClosed("%s: the device was closed" % what)
             if self._dead is not None:
                 raise Disconnected("%s: %s" % (what, self._dead)) from self._dead
         finally:
@@ -4883,7 +4885,9 @@ class _Device:
                 break
             except VhostUserError as exc:
                 error = exc
-            if self._closing or time.monotonic() >= deadline:
+            if self._closing:
+                return   # _recover says the device was closed
+            if time.monotonic() >= deadline:
                 self._dead = Disconnected("the back-end did not come back within %.1f s "
                                           "(%d attempt(s)): %s" % (self._reconnect, attempts,
                                                                    error))
