@@ -911,7 +911,13 @@ class Event:
         while True:
             # Poll first: a signalled counter returns at once, an idle one
             # costs no failed read.
-            if poller.poll(None if remaining is None else remaining * 1000.0):
+            try:
+                ready = poller.poll(None if remaining is None else remaining * 1000.0)
+            except RuntimeError:   # another thread is polling this event: a poller of our own
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+                continue
+            if ready:
                 count = self.read()
                 if count:
                     return count
@@ -2472,7 +2478,7 @@ class Queue:
         self._broken = None
         # Slots: chains built once and posted again and again (add_slot).
         self._slot_descs = {}                 # head -> its descriptors
-        self._slot_writable = [0] * size      # head -> writable bytes per position
+        self._slot_writable = [0] * size      # head -> writable bytes of its chain
         self._slot_token = [None] * size      # head -> token while in flight
         self._slots_busy = 0
         self._woken = False                   # wake_waiter() was called
@@ -2480,7 +2486,7 @@ class Queue:
         self.rewinds = 0
         #: Ask for calls only when about to sleep in ``wait_used`` (EVENT_IDX):
         #: reaping does not re-arm used_event. For a driver that always waits
-        #: through ``wait_used``; see ``VhostUserFrontend`` policy notes.
+        #: through ``wait_used``; ``_placement`` says when it pays.
         self.defer_calls = False
 
     @property
@@ -5273,7 +5279,11 @@ class _BlockSlots:
                     column.append(None)
             status = (self.statuses + k, 1)
             # The data descriptor points at the status byte until the first post.
-            self.heads[k] = queue.add_slot([(self.headers + 16 * k, 16), status], [status])
+            try:
+                self.heads[k] = queue.add_slot([(self.headers + 16 * k, 16), status], [status])
+            except Queue.Full:   # another thread's request took the descriptors meanwhile
+                self.unbuilt.append(k)
+                return
             self.point(k, None, None)
             self.idle.append(k)
             wanted -= 1
@@ -5857,7 +5867,7 @@ class BlockDevice(_Device):
         self._finish(requests, name)
 
     def _guest_segments(self, buffer, start, length):
-        """(guest_addr, length) segments when ``buffer`` is from ``alloc`` (zero-copy), else None."""
+        """(guest_addr, length) segments when ``buffer`` came from ``alloc``, else None."""
         entry = self._buffers.get(id(buffer))
         if entry is None or entry[0] is not buffer:
             return None
@@ -5990,6 +6000,8 @@ _NET_HDR = struct.Struct("<BBHHHHH")
 _NET_HDR_LEGACY_SIZE = 10
 _ETH_HLEN = 14
 _NET_RX, _NET_TX = 0, 1
+#: The token of a frame too big for a transmit slot (sent as a chain of its own).
+_BIG_FRAME = object()
 
 
 class NetDevice(_Device):
@@ -6147,7 +6159,7 @@ class NetDevice(_Device):
                         self._publish_tx(batch)
                         batch = []
                         deadline = self._wait_tx(lambda: tx.num_free, deadline)
-                        tx.add((self._tx_hdr + bytes(frame),))
+                        tx.add((self._tx_hdr + bytes(frame),), token=_BIG_FRAME)
                         continue
                     if not idle:
                         self._publish_tx(batch)
@@ -6899,7 +6911,8 @@ def _cmd_bench(args, out):
         kwargs["event_idx"] = None if args.event_idx is None else args.event_idx == "on"
         # Rings and guest memory big enough for --depth requests of --size bytes per
         # queue (3 descriptors each); both capped later by what the device takes.
-        kwargs["queue_size"] = min(MAX_QUEUE_SIZE, max(128, 1 << (3 * args.depth - 1).bit_length()))
+        ring = 1 << (3 * args.depth - 1).bit_length()
+        kwargs["queue_size"] = min(MAX_QUEUE_SIZE, max(128, ring))
         if args.size is not None and args.size > 0:
             kwargs["memory_size"] = max(64 << 20, ((args.queues or 1) * args.depth * args.size
                                                    + (16 << 20) + 0xFFFFF) & ~0xFFFFF)
@@ -7445,7 +7458,8 @@ def _build_parser():
                        help="duration (default 3)")
     bench.add_argument("--backend-pid", type=int, metavar="PID",
                        help="also report this process's CPU time per request")
-    bench.add_argument("--spin", type=functools.partial(_seconds_arg, allow_zero=True), metavar="S",
+    bench.add_argument("--spin", type=functools.partial(_seconds_arg, allow_zero=True),
+                       metavar="S",
                        help="seconds to poll the used ring before sleeping (default: chosen "
                             "from where the back-end runs)")
     bench.add_argument("--event-idx", choices=("on", "off"),
