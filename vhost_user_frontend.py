@@ -47,6 +47,7 @@ import mmap
 import os
 import select
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -116,6 +117,23 @@ class FeatureNotNegotiated(VhostUserError):
 
 class VhostUserTimeout(VhostUserError, TimeoutError):
     """The peer did not answer in time; the connection is unusable after it."""
+
+
+class _BackendShrank(Disconnected):
+    """A reconnected back-end offers less than the device uses: retrying cannot help."""
+
+
+class _DeviceClosed(VhostUserError, ValueError):
+    """The device was closed: before the call, or while the call waited (also a ValueError)."""
+
+
+class _ReadOnlyDevice(VhostUserError, OSError):
+    """A write to a device that is read-only; ``errno`` is EROFS (also an OSError)."""
+
+    def __init__(self, message, request=None):
+        super().__init__(message, request)
+        self.errno = errno.EROFS
+        self.strerror = message
 
 
 ############################################################################
@@ -1231,6 +1249,43 @@ _REPLY_U64 = _Reply((_U64.size,))
 _REPLY_STATE = _Reply((_STATE.size,))
 
 
+def _check_socket_path(path):
+    """Refuse at once a path that exists but cannot be a back-end's socket."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return  # not there yet: the caller retries
+    except OSError as exc:
+        raise Disconnected("cannot connect to %s: %s" % (path, exc.strerror)) from exc
+    if not stat.S_ISSOCK(mode):
+        # connect() would say "Connection refused", which sends one looking
+        # for a dead daemon rather than at the path.
+        raise Disconnected("cannot connect to %s: it is not a unix socket (it is a %s)"
+                           % (path, _file_kind(mode)))
+
+
+def _file_kind(mode):
+    for test, name in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"),
+                       (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "file of mode %o" % stat.S_IFMT(mode)
+
+
+def _connect_cause(exc):
+    """What a failed unix-socket connect means, in words a user can act on."""
+    if isinstance(exc, FileNotFoundError):
+        return "no such file (is the back-end running?)"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (a socket file, but nothing listens on it)"
+    if isinstance(exc, BlockingIOError):
+        return "the back-end's listen backlog stayed full"
+    if isinstance(exc, PermissionError):
+        return "permission denied (the socket belongs to another user?)"
+    return exc.strerror or str(exc)
+
+
 class BackendClient:
     """One vhost-user connection to a back-end: one method per front-end request.
 
@@ -1257,6 +1312,10 @@ class BackendClient:
     """
 
     _channel = None
+    #: The socket path: where ``connect`` connected, or ``listen`` listened.
+    path = None
+    #: True for a client from ``listen`` (the back-end is the socket client).
+    listening = False
 
     def __init__(self, sock, timeout=5.0):
         """Wrap an already connected unix stream socket (the client owns it).
@@ -1273,35 +1332,46 @@ class BackendClient:
         self.protocol_features = 0
         self.queue_num = None
         self.max_mem_slots = None
+        self._answered = False        # a first reply arrived (see _transact)
 
     @classmethod
     def connect(cls, path, timeout=10.0, reply_timeout=5.0):
         """Connect to a back-end listening on ``path``.
 
         Retries while the socket does not exist yet or refuses connections,
-        as crosvm does, until ``timeout`` seconds have passed.
+        as crosvm does, until ``timeout`` seconds have passed. A path that
+        exists but is not a socket, or that we may not open, fails at once.
 
         Raises:
-            Disconnected: nothing accepted the connection in time.
+            Disconnected: nothing accepted the connection in time; the
+                message names the cause (no such file, not a socket,
+                nothing listening, permission denied).
         """
         deadline = time.monotonic() + timeout
         while True:
+            _check_socket_path(path)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.settimeout(max(0.05, deadline - time.monotonic()))
                 sock.connect(path)
-                return cls(sock, reply_timeout)
+                client = cls(sock, reply_timeout)
+                client.path = path
+                return client
             except (FileNotFoundError, ConnectionRefusedError, BlockingIOError) as exc:
                 # BlockingIOError (EAGAIN): the listener's backlog is full for now.
                 sock.close()
                 if time.monotonic() >= deadline:
                     raise Disconnected("cannot connect to %s within %.1f s: %s"
-                                       % (path, timeout, exc.strerror)) from exc
-                time.sleep(0.001 if time.monotonic() + 0.001 < deadline else 0)
+                                       % (path, timeout, _connect_cause(exc))) from exc
+                time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
             except socket.timeout as exc:
                 sock.close()
                 raise Disconnected("cannot connect to %s: timed out after %.1f s"
                                    % (path, timeout)) from exc
+            except OSError as exc:
+                sock.close()
+                raise Disconnected("cannot connect to %s: %s" % (path, _connect_cause(exc))) \
+                    from exc
             except BaseException:
                 sock.close()
                 raise
@@ -1330,7 +1400,9 @@ class BackendClient:
             server.close()
         try:
             sock.setblocking(True)
-            return cls(sock, reply_timeout)
+            client = cls(sock, reply_timeout)
+            client.path, client.listening = path, True
+            return client
         except BaseException:
             sock.close()
             raise
@@ -1426,7 +1498,20 @@ class BackendClient:
                 if reply is None and not ack:
                     return None
                 waiting = True
-                got_body, got_fds = self._receive_reply(channel, request, reply or _REPLY_U64)
+                try:
+                    got_body, got_fds = self._receive_reply(channel, request,
+                                                            reply or _REPLY_U64)
+                except VhostUserTimeout as exc:
+                    if self._answered:
+                        raise
+                    # qemu-storage-daemon (libvhost-user) serves one front-end at
+                    # a time and leaves the next one in its listen backlog: the
+                    # connect succeeds, the first reply never comes.
+                    raise VhostUserTimeout("%s; the back-end never answered on this "
+                                           "connection: it is probably serving another "
+                                           "front-end (many back-ends serve one at a time)"
+                                           % exc, request) from exc
+                self._answered = True
                 waiting = False
                 try:
                     if reply is None:
@@ -2403,6 +2488,9 @@ class Queue:
         self._slot_writable = [0] * size      # head -> writable bytes of its chain
         self._slot_token = [None] * size      # head -> token while in flight
         self._slots_busy = 0
+        self._woken = False                   # wake_waiter() was called
+        #: How many times ``rewind`` ran (a driver can tell a restart happened).
+        self.rewinds = 0
         #: Ask for calls only when about to sleep in ``wait_used`` (EVENT_IDX):
         #: reaping does not re-arm used_event. For a driver that always waits
         #: through ``wait_used``; ``_placement`` says when it pays.
@@ -2466,6 +2554,68 @@ class Queue:
                 self._store_avail(1, base)
                 self.next_used = self.used_index()
             self.vring_base = self._kicked = base
+
+    def rewind(self):
+        """Offer every chain in flight again, oldest first; returns the new ``vring_base``.
+
+        For a back-end that restarted and lost its ring state (crosvm has no
+        equivalent; QEMU resumes a vhost-user-net ring at the used index).
+        Used entries the old back-end published stay to be reaped. The avail
+        ring from used->idx on is rewritten with the heads of the other
+        chains in flight, in the order they were posted, so a back-end
+        started with SET_VRING_BASE at the returned base (= used->idx, where
+        it also writes its next used entry) takes each of them exactly once.
+        avail->idx does not move: those chains are exactly the ones between
+        used->idx and it.
+
+        Raises:
+            ProtocolError: the used ring names chains that are not in flight
+                (the queue is broken).
+        """
+        with self._lock:
+            self._check_usable()
+            size = self.size
+            mask = size - 1
+            used_idx = self._load_used(1)
+            completed = (used_idx - self.next_used) & 0xFFFF
+            if completed > self.in_flight:
+                self._fail("used->idx moved from %d to %d, but only %d chain(s) are in flight"
+                           % (self.next_used, used_idx, self.in_flight))
+            self._fences.read()
+            done = set(self._used_elems[2 * ((self.next_used + i) & mask)]
+                       for i in range(completed))
+            waiting = set(head for head in self._chains if head not in done)
+            waiting.update(head for head, token in enumerate(self._slot_token)
+                           if token is not None and head not in done)
+            if (used_idx + len(waiting)) & 0xFFFF != self.next_avail:
+                self._fail("used entries %d..%d name %d chain(s) in flight, %d were expected"
+                           % (self.next_used, used_idx, self.in_flight - len(waiting),
+                              completed))
+            # Posting order, read back from the avail ring: walking back from
+            # avail->idx, the first entry naming a head is its latest posting.
+            # A head no longer in the ring (posted more than ``size`` entries
+            # ago, possible when the device completes out of order) is older
+            # than all of them.
+            found = {}
+            position = self.next_avail
+            for _ in range(size):
+                position = (position - 1) & 0xFFFF
+                head = self._avail[2 + (position & mask)]
+                if head in waiting and head not in found:
+                    found[head] = (self.next_avail - position) & 0xFFFF   # its age
+            heads = [head for head in self._chains if head in waiting and head not in found]
+            heads += [head for head in sorted(waiting) if head not in found
+                      and head not in self._chains]
+            heads += sorted(found, key=found.get, reverse=True)
+            for i, head in enumerate(heads):
+                self._avail[2 + ((used_idx + i) & mask)] = head
+            self._fences.write()
+            self._store_avail(1, self.next_avail)
+            # The new back-end is kicked once when its ring starts (start_kick).
+            self._kicked = self.next_avail
+            self.vring_base = used_idx
+            self.rewinds += 1
+            return used_idx
 
     # -- driver side: posting ---------------------------------------------------
 
@@ -2928,11 +3078,23 @@ class Queue:
                 if self._arm(count) is False:
                     continue
                 self.call.wait(deadline - now)
+                if self._woken:
+                    self._woken = False
+                    return self.get_used()
         except ValueError:
             # close() on another thread released the ring views and closed
             # the call event under us: say that, not "Event is closed".
             self._check_usable()
             raise
+
+    def wake_waiter(self):
+        """Make a thread sleeping in ``wait_used`` return now, with what is used so far.
+
+        For the owner of the queue that must tell its waiters something (the
+        back-end crashed, the device is closing) sooner than their timeout.
+        """
+        self._woken = True
+        self.call.signal()
 
     def _arm(self, count):
         """Ask for an interrupt; False if entries were used meanwhile (re-check)."""
@@ -3486,16 +3648,22 @@ class Interrupt:
     Config change (CONFIG_CHANGE_MSG) signals ``config_changed`` and calls
     ``on_config_changed()``. A crash (the main socket hung up, or the worker
     failed) sets ``crash_error``, signals ``crashed`` and calls
-    ``on_crashed(error)``. Callbacks run on the worker thread, never under
-    the client's lock, and before the matching event is signalled (so a
-    thread woken by the event sees the callback's effects); an exception in
-    one is logged and ignored. They may not call the frontend's lifecycle
+    ``on_crashed(error)``. A recovery (``VhostUserFrontend.reconnect``)
+    clears ``crash_error``, counts one more in ``reconnects``, signals
+    ``reconnected`` and calls ``on_reconnected()`` (on the thread that
+    reconnected). Callbacks run on the worker thread, never under the
+    client's lock, and before the matching event is signalled (so a thread
+    woken by the event sees the callback's effects); an exception in one is
+    logged and ignored. They may not call the frontend's lifecycle
     methods (that would join the thread they run on).
 
     Attributes:
         config_changed: an ``Event`` signalled on every config change.
         crashed: an ``Event`` signalled when the device crashed.
-        crash_error: the first crash's exception, or None.
+        crash_error: the current outage's exception, or None while the
+            back-end is up.
+        reconnected: an ``Event`` signalled after each recovery.
+        reconnects: how many times the device recovered.
         shared: the shared ``Event`` in "shared" mode, else None.
     """
 
@@ -3503,7 +3671,8 @@ class Interrupt:
     SHARED = "shared"
     CALLBACK = "callback"
 
-    def __init__(self, mode=None, on_used=None, on_config_changed=None, on_crashed=None):
+    def __init__(self, mode=None, on_used=None, on_config_changed=None, on_crashed=None,
+                 on_reconnected=None):
         if mode is None:
             mode = self.CALLBACK if on_used is not None else self.QUEUE
         if mode not in (self.QUEUE, self.SHARED, self.CALLBACK):
@@ -3513,11 +3682,14 @@ class Interrupt:
         self.on_used = on_used
         self.on_config_changed = on_config_changed
         self.on_crashed = on_crashed
+        self.on_reconnected = on_reconnected
         self.crash_error = None
-        self.config_changed = self.crashed = self.shared = None
+        self.reconnects = 0
+        self.config_changed = self.crashed = self.reconnected = self.shared = None
         try:
             self.config_changed = Event()
             self.crashed = Event()
+            self.reconnected = Event()
             if mode == self.SHARED:
                 self.shared = Event()
         except BaseException:
@@ -3542,6 +3714,13 @@ class Interrupt:
         self._callback(self.on_crashed, error)
         self.crashed.signal()
 
+    def signal_reconnected(self):
+        """Report that the device works again after a crash (a new back-end connection)."""
+        self.crash_error = None
+        self.reconnects += 1
+        self._callback(self.on_reconnected)
+        self.reconnected.signal()
+
     @staticmethod
     def _callback(function, *args):
         if function is None:
@@ -3553,7 +3732,7 @@ class Interrupt:
 
     def close(self):
         """Close the events; safe to call twice."""
-        for event in (self.config_changed, self.crashed, self.shared):
+        for event in (self.config_changed, self.crashed, self.reconnected, self.shared):
             if event is not None:
                 event.close()
 
@@ -3657,8 +3836,12 @@ class _Worker:
         poller.unregister(fd)
         del handlers[fd]
         error = Disconnected("%s: the back-end hung up the vhost-user socket" % self.name)
-        _log.error("%s", error)
+        _log.warning("%s", error)
         self.interrupt.signal_crashed(error)
+        # Threads sleeping on a call event learn of the crash now, not at their
+        # next periodic check: the sooner one reconnects, the shorter the outage.
+        for queue in self.queues.values():
+            queue.wake_waiter()
 
     def _shared_call(self, poller, handlers, fd, mask):
         if self.interrupt.shared.read():
@@ -3825,10 +4008,12 @@ class VhostUserFrontend:
         self._shmem_region = None     # None: not asked yet; then a SharedMemoryRegion or False
         self._mapper = None
         self._own_mapper = None
+        # Kept for reconnect, which negotiates again the same way.
+        self._negotiation = (int(base_features), ProtocolFeature(int(protocol_features)),
+                             max_queue_size, handler_factory)
         try:
             self.client = self._connect(connection, timeout)
-            self._negotiate(int(base_features), ProtocolFeature(int(protocol_features)),
-                            max_queue_size, handler_factory)
+            self._negotiate(*self._negotiation)
         except BaseException:
             self.close()
             raise
@@ -3840,7 +4025,9 @@ class VhostUserFrontend:
         if isinstance(connection, socket.socket):
             return BackendClient(connection, timeout)
         if isinstance(connection, (str, bytes, os.PathLike)):
-            return BackendClient.connect(os.fspath(connection), reply_timeout=timeout)
+            # ``timeout`` bounds the wait for the socket as well as each reply.
+            return BackendClient.connect(os.fspath(connection), timeout=timeout,
+                                         reply_timeout=timeout)
         raise TypeError("connection must be a path, a socket or a BackendClient, not %r"
                         % (connection,))
 
@@ -3972,21 +4159,7 @@ class VhostUserFrontend:
         try:
             if self._sent_features != self.acked_features:
                 self.ack_features(self.acked_features)
-            self.client.set_mem_table(mem.regions())
-            for index, queue in sorted(queues.items()):
-                if interrupt.mode == Interrupt.QUEUE:
-                    call = queue.call
-                elif interrupt.mode == Interrupt.SHARED:
-                    call = interrupt.shared
-                else:
-                    call = self._proxies[index] = Event()
-                # The ring follows the negotiated features (EVENT_IDX, INDIRECT_DESC), as a
-                # transport applies them to its queues: a queue left at features=0 while
-                # EVENT_IDX is acked would never re-arm used_event and lose interrupts.
-                queue.features = self.acked_features
-                self._sent_queues[index] = queue  # from here on it must be stopped
-                self._activate_vring(mem, index, queue, call)
-            self._start_worker(interrupt)
+            self._send_rings(mem, interrupt, queues)
         except BaseException:
             # Stop what did start, so the device is inactive again (activate
             # may be retried) and no ring keeps writing guest memory.
@@ -3997,6 +4170,24 @@ class VhostUserFrontend:
                              self.debug_label(), cleanup_exc)
             self._sent_features = None
             raise
+
+    def _send_rings(self, mem, interrupt, queues):
+        """SET_MEM_TABLE, every ring in index order, then the worker."""
+        self.client.set_mem_table(mem.regions())
+        for index, queue in sorted(queues.items()):
+            if interrupt.mode == Interrupt.QUEUE:
+                call = queue.call
+            elif interrupt.mode == Interrupt.SHARED:
+                call = interrupt.shared
+            else:
+                call = self._proxies[index] = Event()
+            # The ring follows the negotiated features (EVENT_IDX, INDIRECT_DESC), as a
+            # transport applies them to its queues: a queue left at features=0 while
+            # EVENT_IDX is acked would never re-arm used_event and lose interrupts.
+            queue.features = self.acked_features
+            self._sent_queues[index] = queue  # from here on it must be stopped
+            self._activate_vring(mem, index, queue, call)
+        self._start_worker(interrupt)
 
     def _activate_vring(self, mem, index, queue, call):
         client = self.client
@@ -4273,15 +4464,124 @@ class VhostUserFrontend:
         """The mapper serving SHMEM_MAP/UNMAP, or None."""
         return self._mapper
 
+    # -- reconnect ------------------------------------------------------------
+
+    def reconnect(self, connection):
+        """Resume on a new connection after the back-end went away, with nothing lost.
+
+        For a back-end that restarted (or one that hung up): the old
+        connection, worker and back-end channel are dropped, then the whole
+        handshake runs again on ``connection`` (a path, a socket or a
+        ``BackendClient``), the acked features are sent again and, when the
+        device was active, guest memory and every ring. Each queue is
+        rewound first (``Queue.rewind``): the chains the old back-end had not
+        completed are offered again, in the order they were posted, once.
+        The ``Interrupt`` then reports the recovery (``signal_reconnected``).
+        This driver's record of what is in flight is the source of truth;
+        INFLIGHT_SHMFD is not used.
+
+        On failure the device stays down and ``reconnect`` may be called
+        again (e.g. when the back-end is not listening yet).
+
+        Raises:
+            Disconnected: the new back-end offers fewer features, protocol
+                features or queues than the device uses (the message names
+                what is missing), or it went away again.
+            VhostUserError: any failure of the handshake.
+        """
+        self._check_usable("reconnect")
+        queues = self._sent_queues
+        interrupt = self.interrupt
+        acked, sent = self.acked_features, self._sent_features
+        old_protocol = self.protocol_features
+        self._sent_queues = None
+        error = self._stop_worker()
+        if error is not None:
+            _log.info("%s: the worker had failed: %s", self.debug_label(), error)
+        if self._handler is not None:
+            self._handler.close()
+            self._handler = None
+        self.client.close()
+        try:
+            self.client = self._connect(connection, self.timeout)
+            self._negotiate(*self._negotiation)
+            self._check_still_offered(acked, old_protocol, queues)
+            self.acked_features = acked
+            if sent is not None:
+                self._sent_features = None
+                self.ack_features(acked)
+            if self._mapper is not None:
+                # The new back-end maps nothing yet: drop the old mappings.
+                self._mapper.clear()
+                if self._handler is not None and self.get_shared_memory_region() is not None:
+                    self._handler.set_shared_memory_mapper(self._mapper,
+                                                           self._shmem_region.id)
+            if queues is not None:
+                self._sent_queues = {}
+                for queue in queues.values():
+                    queue.rewind()
+                self._send_rings(self._mem, interrupt, queues)
+        except BaseException:
+            # Down again: what was active stays recorded for the next attempt.
+            self._sent_queues = None
+            try:
+                self._stop_worker()
+            except VhostUserTimeout:
+                pass
+            self._sent_queues = queues
+            self.acked_features = acked
+            self._sent_features = sent
+            if self._handler is not None:
+                self._handler.close()
+                self._handler = None
+            self.client.close()
+            raise
+        in_flight = sum(queue.in_flight for queue in (queues or {}).values())
+        _log.info("%s: reconnected; %d chain(s) in flight offered again", self.debug_label(),
+                  in_flight)
+        if interrupt is not None:
+            interrupt.signal_reconnected()
+
+    def _check_still_offered(self, acked, old_protocol, queues):
+        """Disconnected (naming what is missing) if the new back-end offers less."""
+        missing = acked & ~self._avail_features
+        if missing:
+            raise _BackendShrank(
+                "reconnect: the back-end no longer offers acked feature(s) %s (%#x)"
+                % (" ".join(VirtioFeature.names(missing, self._device_type)), missing),
+                FrontendReq.GET_FEATURES)
+        missing = old_protocol & ~self.protocol_features
+        if missing:
+            raise _BackendShrank(
+                "reconnect: the back-end no longer offers protocol feature(s) %s (%#x)"
+                % (" ".join(ProtocolFeature.names(missing)), int(missing)),
+                FrontendReq.GET_PROTOCOL_FEATURES)
+        for index, queue in sorted((queues or {}).items()):
+            if index >= len(self._queue_sizes) or queue.size > self._queue_sizes[index]:
+                raise _BackendShrank(
+                    "reconnect: the back-end now has %d queue(s) of up to %d entries; queue "
+                    "%d of size %d is in use" % (len(self._queue_sizes), max(self._queue_sizes),
+                                                 index, queue.size), FrontendReq.GET_QUEUE_NUM)
+
     # -- teardown -------------------------------------------------------------
 
-    def close(self):
-        """Stop the worker and close the connection and channel; safe to call twice.
+    #: Seconds ``close`` waits for each reply while it stops the rings.
+    close_timeout = 1.0
 
-        Sends nothing: a back-end sees the hang-up. Guest memory and queues
-        belong to the caller. A worker failure is logged, not raised.
+    def close(self):
+        """Stop the rings and the worker, then close the connection; safe to call twice.
+
+        Each started ring is stopped first, as QEMU's vhost_dev_stop does:
+        SET_VRING_ENABLE(0) and GET_VRING_BASE, each reply awaited at most
+        ``close_timeout`` seconds, so a back-end never sees the hang-up with
+        rings still running (qemu-storage-daemon 7.2 can abort then). Not
+        after a crash or a broken connection. Guest memory and queues belong
+        to the caller: the back-end has stopped using them once this returns
+        (or the bound passed). A worker failure is logged, not raised.
         """
         try:
+            if self._sent_queues is not None and self.client is not None:
+                self._stop_rings_before_hang_up()
             if self._worker is not None:
                 try:
                     error = self._stop_worker()
@@ -4307,6 +4607,27 @@ class VhostUserFrontend:
             if self.client is not None:
                 self.client.close()
                 self.client = None
+
+    def _stop_rings_before_hang_up(self):
+        queues, self._sent_queues = self._sent_queues, None
+        client = self.client
+        crashed = self.interrupt is not None and self.interrupt.crash_error is not None
+        if crashed or client.broken is not None:
+            return
+        saved = client.timeout
+        client.timeout = min(saved, self.close_timeout)
+        try:
+            for index in sorted(queues):
+                try:
+                    self._deactivate_vring(index)
+                except VhostUserError as exc:
+                    _log.info("%s: stopping ring %d before closing: %s", self.debug_label(),
+                              index, exc)
+                    if client.broken is not None:
+                        break
+        finally:
+            if client.broken is None:
+                client.timeout = saved
 
     def __enter__(self):
         return self
@@ -4381,24 +4702,292 @@ def _write_all(fd, data, timeout, what):
 # Devices ##################################################################
 ############################################################################
 
+#: Longest sleep on a call eventfd before checking whether the back-end hung up.
+_CRASH_CHECK_INTERVAL = 0.1
+#: Pause between two attempts to reach a restarted back-end.
+_RECONNECT_RETRY = 0.02
+#: Longest wait for the socket in one attempt (close() is checked between them).
+_RECONNECT_ATTEMPT = 0.25
+
+# Device bits (0-23) that only virtio-net defines among the types named here
+# (MTU, GUEST_TSO6, CTRL_RX .. CTRL_MAC_ADDR), and its high bits 50-63.
+_NET_ONLY_BITS = (1 << 3) | (1 << 8) | (0x3F << 18) | 0xFFFC_0000_0000_0000
+# Bits 5-17 exist only for net and block; the other types stop below bit 5.
+_NET_OR_BLK_BITS = 0x3FFE0
+
+
+def _guess_device_type(features, protocol_features):
+    """(DeviceType or None, why, conclusive) from what a back-end offers.
+
+    vhost-user never names the device type, so this reads the offered bits:
+    net-only feature bits mean net; block bits with CONFIG mean block (QEMU's
+    vhost-user-blk refuses a back-end without CONFIG, vhost-user-net never
+    reads config); no device bits and no CONFIG looks like virtio-fs (whose
+    config QEMU supplies), which is only a hint.
+    """
+    device_bits = features & _DEVICE_SPECIFIC_FEATURES
+    has_config = bool((protocol_features or 0) & ProtocolFeature.CONFIG)
+    if device_bits & _NET_ONLY_BITS:
+        names = VirtioFeature.names(device_bits & _NET_ONLY_BITS, DeviceType.NET)
+        return DeviceType.NET, "offers %s" % " ".join(names[:3]), True
+    if device_bits & _NET_OR_BLK_BITS:
+        if has_config:
+            return DeviceType.BLOCK, "offers block feature bits and CONFIG", True
+        return DeviceType.NET, "offers net feature bits and no CONFIG", True
+    if not device_bits and not has_config and protocol_features is not None:
+        return DeviceType.FS, "no device feature bits and no CONFIG", False
+    return None, "nothing conclusive", False
+
+
+# GEOMETRY and BLK_SIZE: bits no virtio-net device offers (net bits 4 and 6
+# are unused since virtio 1.0), unlike the other block bits, which net shares.
+_BLK_HINT_BITS = (1 << 4) | (1 << 6)
+
+
+def _refuse_other_device_type(frontend, wanted):
+    """FeatureNotNegotiated saying "wrong device type" when the back-end is conclusively another.
+
+    A net device may offer CONFIG and bits that block also defines (MAC is
+    block's RO), so for ``NET`` a block guess must also show a block-only bit.
+    """
+    protocol = frontend.protocol_features if frontend.acked_features else None
+    offered = frontend.features()
+    guess, why, conclusive = _guess_device_type(offered, protocol)
+    if guess == DeviceType.BLOCK and wanted == DeviceType.NET and not offered & _BLK_HINT_BITS:
+        conclusive = False
+    if conclusive and guess != wanted:
+        raise FeatureNotNegotiated("virtio-%s: wrong device type: the back-end is a %s device "
+                                   "(it %s)" % (_DEVICE_LABELS[wanted], guess.name.lower(), why))
+
+
+_DEVICE_LABELS = {DeviceType.BLOCK: "blk", DeviceType.NET: "net"}
+
+
+class _DeviceCall:
+    """One call into a device's rings (see ``_Device._call``)."""
+
+    __slots__ = ("device", "what")
+
+    def __init__(self, device, what):
+        self.device = device
+        self.what = what
+
+    def __enter__(self):
+        device = self.device
+        # Counted before the check: close() sets _closing, then waits for
+        # the count to drop (list appends and pops are atomic).
+        device._inside.append(None)
+        if device._closing:
+            device._inside.pop()
+            raise _DeviceClosed("%s: the device was closed" % self.what)
+        return self
+
+    def __exit__(self, kind, exc, traceback):
+        device = self.device
+        device._inside.pop()
+        if kind is not None:
+            device._closed_error(self.what, exc)
+        return False
+
+
 class _Device:
-    """What the device drivers share: the front-end, guest memory and queues they own."""
+    """What the device drivers share: the front-end, guest memory and queues they own.
+
+    Also the liveness every call checks (``_check_alive``): a closed device
+    raises ``_DeviceClosed``; a back-end that went away raises
+    ``Disconnected``, or with ``reconnect=`` is waited for and reconnected
+    (``_recover``), the caller's timeout extended by the outage.
+    """
 
     _frontend = None
     _mem = None
     _queues = ()
+    _closing = False
+    _inside = ()          # one entry per thread inside a call (see _call)
+    _reconnect = None     # seconds to wait for the back-end to come back, or None
+    _dead = None          # why the device cannot recover (a failed reconnect)
+    _recover_lock = None
+
+    @property
+    def interrupt(self):
+        """The ``Interrupt`` reporting outages and recoveries (``crash_error``, ``reconnects``)."""
+        return self._frontend.interrupt if self._frontend is not None else None
+
+    def _init_reconnect(self, reconnect):
+        if reconnect is None:
+            return
+        if isinstance(reconnect, bool) or not isinstance(reconnect, (int, float)) \
+                or not 0 < reconnect < float("inf"):
+            raise ValueError("reconnect must be a positive number of seconds, not %r"
+                             % (reconnect,))
+        if self._frontend.client.path is None:
+            raise ValueError("reconnect= needs the socket path (the device was given a "
+                             "socket or a client without one)")
+        self._reconnect = float(reconnect)
+        self._recover_lock = threading.Lock()
+
+    def _check_alive(self, what):
+        """0.0 when the back-end is up; else the seconds spent until it was back.
+
+        Raises:
+            _DeviceClosed: the device was closed (before or during the call).
+            Disconnected: the back-end is gone (and did not come back).
+        """
+        if self._closing or self._frontend is None:
+            raise _DeviceClosed("%s: the device was closed" % what)
+        if self._dead is not None:
+            raise Disconnected("%s: %s" % (what, self._dead)) from self._dead
+        interrupt = self._frontend.interrupt
+        error = interrupt.crash_error if interrupt is not None else None
+        if error is None:
+            return 0.0
+        if self._reconnect is None:
+            raise Disconnected("%s: the back-end is gone: %s" % (what, error)) from error
+        return self._recover(what)
+
+    def _trouble(self):
+        """True when ``_check_alive`` has something to say (cheap, for wait loops)."""
+        frontend = self._frontend
+        return (self._closing or frontend is None or self._dead is not None
+                or frontend.interrupt is not None and frontend.interrupt.crash_error is not None)
+
+    def _recover(self, what):
+        """Reconnect (one thread does, the others wait for it); returns the seconds it took."""
+        started = time.monotonic()
+        if not self._recover_lock.acquire(timeout=self._reconnect + 4 * self.timeout + 1):
+            raise VhostUserTimeout("%s: another thread's reconnect did not finish" % what)
+        try:
+            frontend = self._frontend
+            if self._closing or frontend is None:
+                raise _DeviceClosed("%s: the device was closed" % what)
+            if self._dead is None and frontend.interrupt.crash_error is not None:
+                self._reconnect_backend(frontend)
+            if self._closing:
+                raise _DeviceClosed("%s: the device was closed" % what)
+            if self._dead is not None:
+                raise Disconnected("%s: %s" % (what, self._dead)) from self._dead
+        finally:
+            self._recover_lock.release()
+        return time.monotonic() - started
+
+    def _reconnect_backend(self, frontend):
+        """Wait up to ``reconnect`` seconds for the back-end and reconnect; else mark dead."""
+        client = frontend.client
+        path, listening = client.path, client.listening
+        error = frontend.interrupt.crash_error
+        started = time.monotonic()
+        deadline = started + self._reconnect
+        _log.info("%s: the back-end went away (%s); waiting up to %.1f s for it at %s",
+                  frontend.debug_label(), error, self._reconnect, path)
+        attempts = 0
+        while True:
+            attempts += 1
+            # Short attempts, so that a close() on another thread is noticed soon.
+            attempt = min(max(0.01, deadline - time.monotonic()), _RECONNECT_ATTEMPT)
+            try:
+                if listening:
+                    connection = BackendClient.listen(path, timeout=attempt,
+                                                      reply_timeout=frontend.timeout)
+                else:
+                    connection = BackendClient.connect(path, timeout=attempt,
+                                                       reply_timeout=frontend.timeout)
+                frontend.reconnect(connection)
+                break
+            except _BackendShrank as exc:
+                self._dead = exc
+                break
+            except VhostUserError as exc:
+                error = exc
+            if self._closing:
+                return   # _recover says the device was closed
+            if time.monotonic() >= deadline:
+                self._dead = Disconnected("the back-end did not come back within %.1f s "
+                                          "(%d attempt(s)): %s" % (self._reconnect, attempts,
+                                                                   error))
+                break
+            time.sleep(_RECONNECT_RETRY)
+        if self._dead is not None:
+            _log.warning("%s: giving up: %s", frontend.debug_label(), self._dead)
+        else:
+            _log.info("%s: back at %s after %.3f s (%d attempt(s))", frontend.debug_label(),
+                      path, time.monotonic() - started, attempts)
+
+    @staticmethod
+    def _connect_device(device_type, features, path, timeout, reconnect, make):
+        """``make(VhostUserFrontend(...))``; with ``reconnect`` and a path, retried
+        for up to ``reconnect`` seconds when the back-end goes away during it."""
+        if reconnect is None or not isinstance(path, (str, bytes, os.PathLike)):
+            return make(VhostUserFrontend(device_type, features, path, timeout=timeout))
+        deadline = time.monotonic() + reconnect if isinstance(reconnect, (int, float)) \
+            else None  # a bad value is refused by the constructor
+        _check_socket_path(os.fspath(path))   # a regular file will not turn into a socket
+        while True:
+            try:
+                return make(VhostUserFrontend(device_type, features, path, timeout=timeout))
+            except (Disconnected, VhostUserTimeout, ProtocolError) as exc:
+                if isinstance(exc, _BackendShrank) or deadline is None \
+                        or time.monotonic() >= deadline:
+                    raise
+                _log.info("%s: the back-end went away while connecting (%s); retrying",
+                          path, exc)
+            time.sleep(_RECONNECT_RETRY)
+
+    def _call(self, what):
+        """A context manager around every use of the rings: refuses a closed device, and
+        lets ``close`` wait until no thread is inside before it frees queues and memory
+        (an eventfd closed under a thread could be reused as another fd by then).
+        The fast path spells the same out inline (see ``BlockDevice.reap``)."""
+        return _DeviceCall(self, what)
+
+    def _closed_error(self, what, exc):
+        """Raise ``_DeviceClosed`` for the ValueError/OSError of a queue closed under a call."""
+        if self._closing and isinstance(exc, (ValueError, OSError)) \
+                and not isinstance(exc, VhostUserError):
+            raise _DeviceClosed("%s: the device was closed (%s)" % (what, exc)) from exc
+
+    def _release_buffers(self):
+        """What a device frees after the rings stopped and before guest memory goes."""
+
+    def _wake_waiters(self):
+        """Wake every thread waiting on a queue (close() on another thread)."""
+        for queue in self._queues:
+            if queue.call is not None:
+                try:
+                    queue.wake_waiter()
+                except ValueError:
+                    pass
 
     def close(self):
-        """Disconnect from the back-end and free guest memory; safe to call twice."""
-        frontend, self._frontend = self._frontend, None
-        if frontend is not None:
-            frontend.close()
-        for queue in self._queues:
-            queue.close()
-        self._queues = ()
-        mem, self._mem = self._mem, None
-        if mem is not None:
-            mem.close()
+        """Stop the rings, disconnect and free guest memory; safe to call twice.
+
+        Calls waiting in other threads wake at once and raise a
+        ``VhostUserError`` (also a ``ValueError``) saying the device was
+        closed; so do requests still in flight. The back-end's rings are
+        stopped (``VhostUserFrontend.close``) before guest memory is freed.
+        """
+        self._closing = True
+        self._wake_waiters()
+        # The waiters wake (wake_waiter), see _closing and leave.
+        deadline = time.monotonic() + self.timeout + 1
+        while self._inside and time.monotonic() < deadline:
+            self._wake_waiters()
+            time.sleep(0.001)
+        locked = self._recover_lock is not None and self._recover_lock.acquire(
+            timeout=2 * self.timeout + 1)
+        try:
+            frontend, self._frontend = self._frontend, None
+            if frontend is not None:
+                frontend.close()
+            self._release_buffers()
+            for queue in self._queues:
+                queue.close()
+            self._queues = ()
+            mem, self._mem = self._mem, None
+            if mem is not None:
+                mem.close()
+        finally:
+            if locked:
+                self._recover_lock.release()
 
     def __enter__(self):
         return self
@@ -4524,10 +5113,6 @@ class _BlockRequest:
             "status=%d" % self.status_buf[0] if self.done else "in flight")
 
 
-#: Longest sleep on a call eventfd before checking whether the back-end hung up.
-_CRASH_CHECK_INTERVAL = 0.1
-
-
 class _Placement(NamedTuple):
     """Where the two sides run, and the completion policy chosen from it."""
     backend_pid: object     # int, or None when SO_PEERCRED could not tell
@@ -4566,14 +5151,6 @@ def _placement(client, spin=None, event_idx=None):
     return _Placement(pid, shared, float(spin), bool(event_idx), bool(event_idx and shared))
 
 
-def _check_alive(frontend, what):
-    """Raise Disconnected if the worker saw the back-end hang up (or fail)."""
-    interrupt = frontend.interrupt if frontend is not None else None
-    error = interrupt.crash_error if interrupt is not None else None
-    if error is not None:
-        raise Disconnected("%s: the back-end is gone: %s" % (what, error)) from error
-
-
 class _Completions:
     """Routes one queue's used entries to the threads waiting for them.
 
@@ -4582,9 +5159,9 @@ class _Completions:
     sleeps on an eventfd signal another thread already consumed.
     """
 
-    def __init__(self, queue, frontend):
+    def __init__(self, queue, device):
         self.queue = queue
-        self.frontend = frontend
+        self.device = device
         # The lock itself for plain critical sections: entering it costs no
         # Python-level call, unlike the condition.
         self.lock = threading.RLock()
@@ -4614,11 +5191,20 @@ class _Completions:
         """Reap until ``until()`` holds; VhostUserTimeout at ``deadline``.
 
         Raises Disconnected soon after the back-end hangs up, rather than
-        at the deadline.
+        at the deadline; with ``reconnect=`` waits for it to come back and
+        moves the deadline by the outage. A close() on another thread wakes
+        it at once (``_DeviceClosed``).
         """
+        device = self.device
         with self.cond:
             while not until():
-                _check_alive(self.frontend, what)
+                if device._trouble():
+                    self.cond.release()
+                    try:
+                        deadline += device._check_alive(what)
+                    finally:
+                        self.cond.acquire()
+                    continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise VhostUserTimeout("%s: no completion from the device within the "
@@ -4632,7 +5218,8 @@ class _Completions:
                     used = self.queue.wait_used(min(remaining, _CRASH_CHECK_INTERVAL),
                                                 count)
                 except ValueError as exc:  # the device was closed while we waited
-                    raise ValueError("%s: %s" % (what, exc)) from exc
+                    raise _DeviceClosed("%s: the device was closed (%s)" % (what, exc)) \
+                        from exc
                 finally:
                     self.cond.acquire()
                     self.reaping = False
@@ -4642,7 +5229,10 @@ class _Completions:
     def poll(self):
         with self.lock:
             if not self.reaping:
-                self._finish(self.queue.get_used())
+                try:
+                    self._finish(self.queue.get_used())
+                except ValueError as exc:
+                    raise _DeviceClosed("complete: the device was closed (%s)" % exc) from exc
 
     def _finish(self, used):
         slots = self.slots
@@ -4806,17 +5396,25 @@ class BlockDevice(_Device):
         event_idx: False refuses RING_EVENT_IDX (a call per completion);
             None negotiates it and, when both sides share one CPU, asks for
             calls only when about to sleep.
+        reconnect: None (the default): a back-end that goes away fails
+            every call with ``Disconnected``. SECONDS: wait that long for the
+            socket to accept again, redo the handshake and resubmit every
+            request in flight, in order, once; callers just wait longer (their
+            timeout is extended by the outage). Needs the socket path.
 
     ``placement`` says what was chosen: the back-end's pid (SO_PEERCRED),
     whether both sides are pinned to one CPU, spin, event_idx, defer_calls.
     """
 
     def __init__(self, frontend, num_queues=None, queue_size=128, timeout=5.0,
-                 memory_size=64 << 20, max_segment_size=None, spin=None, event_idx=None):
+                 memory_size=64 << 20, max_segment_size=None, spin=None, event_idx=None,
+                 reconnect=None):
         self._frontend = frontend
         self.timeout = timeout
+        self._inside = []
         self._buffers = {}   # id(view) -> (view, guest address, size, last fast-path offset)
         try:
+            self._init_reconnect(reconnect)
             self.placement = _placement(frontend.client, spin, event_idx)
             self._setup(num_queues, queue_size, memory_size, max_segment_size)
         except BaseException:
@@ -4828,16 +5426,23 @@ class BlockDevice(_Device):
         """Connect to the vhost-user-blk socket at ``path``, negotiate and activate.
 
         ``path`` may also be a connected socket or a ``BackendClient``; other
-        keyword arguments go to the constructor.
+        keyword arguments (``reconnect=`` ...) go to the constructor.
+        ``timeout`` also bounds the wait for the socket to accept.
         """
-        frontend = VhostUserFrontend(DeviceType.BLOCK, _BLK_DRIVER_FEATURES, path,
-                                     timeout=timeout)
-        return cls(frontend, num_queues=num_queues, queue_size=queue_size,
-                   timeout=timeout, **kwargs)
+        return cls._connect_device(
+            DeviceType.BLOCK, _BLK_DRIVER_FEATURES, path, timeout, kwargs.get("reconnect"),
+            lambda frontend: cls(frontend, num_queues=num_queues, queue_size=queue_size,
+                                 timeout=timeout, **kwargs))
 
     def _setup(self, num_queues, queue_size, memory_size, max_segment_size):
         frontend = self._frontend
         offered = frontend.features()
+        _refuse_other_device_type(frontend, DeviceType.BLOCK)
+        if not frontend.protocol_features & _P.CONFIG:
+            # QEMU's vhost-user-blk refuses such a back-end too: capacity is in the config.
+            raise FeatureNotNegotiated("virtio-blk: wrong device type: the back-end does not "
+                                       "offer CONFIG, so it cannot be a vhost-user-blk device",
+                                       FrontendReq.GET_CONFIG)
         if not offered & VirtioFeature.VERSION_1:
             raise FeatureNotNegotiated("virtio-blk: the back-end does not offer VERSION_1")
         wanted = _BLK_DRIVER_FEATURES
@@ -4895,7 +5500,7 @@ class BlockDevice(_Device):
             self._queues = queues
             queues[-1].spin = self.placement.spin
             queues[-1].defer_calls = self.placement.defer_calls
-        self._completions = [_Completions(q, frontend) for q in queues]
+        self._completions = [_Completions(q, self) for q in queues]
         frontend.activate(self._mem, None, queues)
 
     # -- properties from the config space ---------------------------------------
@@ -4987,10 +5592,11 @@ class BlockDevice(_Device):
         completions = self._completions_for(queue)
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         q = completions.queue
-        q.notify()
-        completions.poll()
-        completions.wait(lambda: len(completions.finished) >= count or not q.in_flight,
-                         deadline, "complete")
+        with self._call("complete"):
+            q.notify()
+            completions.poll()
+            completions.wait(lambda: len(completions.finished) >= count or not q.in_flight,
+                             deadline, "complete")
         with completions.cond:
             done, completions.finished = completions.finished, []
         return done
@@ -5010,8 +5616,8 @@ class BlockDevice(_Device):
         """
         if not isinstance(size, int) or size <= 0:
             raise ValueError("alloc: size must be a positive int, got %r" % (size,))
-        if self._mem is None:
-            raise ValueError("the block device is closed")
+        if self._mem is None or self._closing:
+            raise _DeviceClosed("alloc: the device was closed")
         gpa = self._mem.allocate(size, align=4096 if size >= 4096 else 16)
         view = self._mem.view(gpa, size)
         # The last offset a fast-path request on it may start at; -1: too big for one.
@@ -5080,6 +5686,19 @@ class BlockDevice(_Device):
         slots = completions.slots
         if slots is None:
             return []
+        inside = self._inside
+        inside.append(None)    # _call() spelled out: this is the fast path
+        try:
+            if self._closing:
+                raise _DeviceClosed("reap: the device was closed")
+            return self._reap_fast(completions, slots, count, timeout)
+        except (ValueError, OSError) as exc:
+            self._closed_error("reap", exc)
+            raise
+        finally:
+            inside.pop()
+
+    def _reap_fast(self, completions, slots, count, timeout):
         completions.queue.notify()
         if len(slots.done) < count and not slots.failed:
             completions.poll()
@@ -5097,6 +5716,19 @@ class BlockDevice(_Device):
         return done
 
     def _post_fast(self, op, offsets, buffers, user_data, queue, notify):
+        inside = self._inside
+        inside.append(None)    # _call() spelled out: this is the fast path
+        try:
+            if self._trouble():
+                self._check_alive(_BLK_OP_NAMES[op])
+            self._post_fast_batch(op, offsets, buffers, user_data, queue, notify)
+        except (ValueError, OSError) as exc:
+            self._closed_error(_BLK_OP_NAMES[op], exc)
+            raise
+        finally:
+            inside.pop()
+
+    def _post_fast_batch(self, op, offsets, buffers, user_data, queue, notify):
         completions = self._completions_for(queue)
         slots = completions.slots
         if slots is None:
@@ -5284,7 +5916,7 @@ class BlockDevice(_Device):
 
     def _check_writable(self, what):
         if self.read_only:
-            raise OSError(errno.EROFS, "%s: the device is read-only (VIRTIO_BLK_F_RO)" % what)
+            raise _ReadOnlyDevice("%s: the device is read-only (VIRTIO_BLK_F_RO)" % what)
 
     def _check_range(self, what, offset, length, limit):
         if not isinstance(offset, int) or not isinstance(length, int):
@@ -5301,8 +5933,8 @@ class BlockDevice(_Device):
                              % (what, length, limit))
 
     def _completions_for(self, queue):
-        if self._mem is None:
-            raise ValueError("the block device is closed")
+        if self._mem is None or self._closing:
+            raise _DeviceClosed("the device was closed")
         if not isinstance(queue, int) or not 0 <= queue < self.num_queues:
             raise ValueError("queue %r out of range 0..%d" % (queue, self.num_queues - 1))
         return self._completions[queue]
@@ -5313,7 +5945,13 @@ class BlockDevice(_Device):
         With ``notify=False`` the caller kicks once after posting a batch;
         chains already posted are announced before any wait for room.
         """
+        with self._call(_BLK_OP_NAMES[request.op]):
+            self._post_chain(request, readable, writable, notify)
+
+    def _post_chain(self, request, readable, writable, notify):
         completions = self._completions_for(request.queue)
+        if self._trouble():
+            self._check_alive(_BLK_OP_NAMES[request.op])
         queue = completions.queue
         # Header and status live in a cell of guest memory: the header is
         # written in place, the status copied out when the request completes.
@@ -5357,14 +5995,21 @@ class BlockDevice(_Device):
         if not requests:
             return
         completions = self._completions_for(requests[0].queue)
-        completions.queue.notify()
         deadline = time.monotonic() + self.timeout
-        completions.wait(lambda: all(r.done for r in requests), deadline, what)
+        with self._call(what):
+            completions.queue.notify()
+            completions.wait(lambda: all(r.done for r in requests), deadline, what)
         for request in requests:
             request.result()
 
-    def close(self):
-        """Disconnect, release every ``alloc`` buffer and free guest memory; safe twice."""
+    def _wake_waiters(self):
+        _Device._wake_waiters(self)
+        for completions in getattr(self, "_completions", ()):
+            with completions.cond:
+                completions.cond.notify_all()
+
+    def _release_buffers(self):
+        """Release every ``alloc`` buffer and slot (close, once the rings stopped)."""
         for completions in getattr(self, "_completions", ()):
             if completions.slots is not None:
                 completions.slots.release()
@@ -5374,7 +6019,6 @@ class BlockDevice(_Device):
         buffers, self._buffers = self._buffers, {}
         for view, _, _, _ in buffers.values():
             view.release()
-        _Device.close(self)
 
     def __repr__(self):
         if self._mem is None:
@@ -5424,20 +6068,29 @@ class NetDevice(_Device):
             several receive buffers).
         rx_buffer_size: bytes per receive buffer, header included; by default
             big enough for one whole frame. With MRG_RXBUF it may be smaller.
+        reconnect: None (the default), or seconds to wait for a back-end
+            that went away to come back (as for ``BlockDevice``). Frames
+            queued for transmission that the old back-end had not used are
+            sent again (at-least-once: a frame may arrive twice); receive
+            buffers are offered afresh.
 
     ``queue_size`` and ``rx_buffer_size`` give the sizes in use; ``mac``,
     ``mtu`` and ``link_up`` are None when the device does not report them.
     """
 
     def __init__(self, frontend, queue_size=256, timeout=5.0, mrg_rxbuf=True,
-                 rx_buffer_size=None, memory_size=None):
+                 rx_buffer_size=None, memory_size=None, reconnect=None):
         self._frontend = frontend
         self.timeout = timeout
+        self._inside = []
         self._rx_lock = threading.Lock()
         self._tx_lock = threading.Lock()
         self._frames = collections.deque()
         self._partial = None   # (buffers still expected, [chunks]) of a merged frame
+        self._rx_rewinds = 0   # RX rewinds (reconnects) seen by recv
+        self._rx_restart = None   # used index of the new back-end's first RX entry
         try:
+            self._init_reconnect(reconnect)
             self._setup(queue_size, mrg_rxbuf, rx_buffer_size, memory_size)
         except BaseException:
             self.close()
@@ -5447,15 +6100,17 @@ class NetDevice(_Device):
     def connect(cls, path, queue_size=256, timeout=5.0, **kwargs):
         """Connect to the vhost-user-net socket at ``path``, negotiate and start.
 
-        ``path`` may also be a connected socket or a ``BackendClient``; other
-        keyword arguments go to the constructor.
+        ``path`` may also be a connected socket or a ``BackendClient`` (from
+        ``BackendClient.listen`` for a back-end that connects to us); other
+        keyword arguments (``reconnect=`` ...) go to the constructor.
         """
-        frontend = VhostUserFrontend(DeviceType.NET, _NET_DRIVER_FEATURES, path,
-                                     timeout=timeout)
-        return cls(frontend, queue_size=queue_size, timeout=timeout, **kwargs)
+        return cls._connect_device(
+            DeviceType.NET, _NET_DRIVER_FEATURES, path, timeout, kwargs.get("reconnect"),
+            lambda frontend: cls(frontend, queue_size=queue_size, timeout=timeout, **kwargs))
 
     def _setup(self, queue_size, mrg_rxbuf, rx_buffer_size, memory_size):
         frontend = self._frontend
+        _refuse_other_device_type(frontend, DeviceType.NET)
         offered = frontend.features()
         wanted = _NET_DRIVER_FEATURES if mrg_rxbuf else _NET_DRIVER_FEATURES & ~_NET_F_MRG_RXBUF
         self.features = offered & wanted
@@ -5479,8 +6134,8 @@ class NetDevice(_Device):
         self._tx_hdr = bytes(self._hdr_len)
         max_sizes = frontend.queue_max_sizes()
         if len(max_sizes) < 2:
-            raise ProtocolError("virtio-net: the back-end has %d queue(s), RX and TX need 2"
-                                % len(max_sizes))
+            raise FeatureNotNegotiated("virtio-net: wrong device type? the back-end has %d "
+                                       "queue(s), RX and TX need 2" % len(max_sizes))
         size = min(queue_size, max_sizes[_NET_RX], max_sizes[_NET_TX])
         frame_max = max(self.mtu or 0, 1500) + _ETH_HLEN + 4
         if rx_buffer_size is None:
@@ -5528,11 +6183,11 @@ class NetDevice(_Device):
         Each frame is copied once, into a transmit slot's buffer behind its
         zero header; the slots are published together.
         """
-        with self._tx_lock:
-            tx = self._tx
-            if tx is None:
-                raise ValueError("the net device is closed")
+        with self._tx_lock, self._call("send"):
             deadline = time.monotonic() + self.timeout
+            # Every call: frames queued to a back-end that is gone would be lost.
+            deadline += self._check_alive("send")
+            tx = self._tx
             hdr_len, slot_size, pool = self._hdr_len, self._tx_size, self._tx_pool
             idle, slots = self._tx_idle, self._tx_slots
             view = self._mem.view(pool, len(slots) * slot_size)
@@ -5547,13 +6202,13 @@ class NetDevice(_Device):
                     if length > slot_size - hdr_len:   # bigger than the MTU: a chain of its own
                         self._publish_tx(batch)
                         batch = []
-                        self._wait_tx(lambda: tx.num_free, deadline)
+                        deadline = self._wait_tx(lambda: tx.num_free, deadline)
                         tx.add((self._tx_hdr + bytes(frame),), token=_BIG_FRAME)
                         continue
                     if not idle:
                         self._publish_tx(batch)
                         batch = []
-                        self._wait_tx(lambda: idle, deadline)
+                        deadline = self._wait_tx(lambda: idle, deadline)
                     k = idle.pop()
                     start = k * slot_size + hdr_len
                     view[start:start + length] = frame
@@ -5580,17 +6235,21 @@ class NetDevice(_Device):
                 self._tx_idle.append(token)
 
     def _wait_tx(self, room, deadline):
-        """Kick and reap until ``room()`` holds; VhostUserTimeout at ``deadline``."""
+        """Kick and reap until ``room()`` holds; VhostUserTimeout at ``deadline``.
+
+        Returns the deadline, moved by any outage waited through (reconnect=).
+        """
         tx = self._tx
         self._reap_tx()
         while not room():
             tx.notify()
-            _check_alive(self._frontend, "send")
+            deadline += self._check_alive("send")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise VhostUserTimeout("send: the TX queue stayed full for %.1f s"
                                        % self.timeout)
             self._reap_tx(tx.wait_used(min(remaining, _CRASH_CHECK_INTERVAL)))
+        return deadline
 
     def flush(self, timeout=None):
         """Wait until the back-end has taken every frame queued for transmission.
@@ -5599,15 +6258,14 @@ class NetDevice(_Device):
             VhostUserTimeout: frames are still queued after ``timeout``
                 (default the device's).
         """
-        with self._tx_lock:
-            tx = self._tx
-            if tx is None:
-                raise ValueError("the net device is closed")
+        with self._tx_lock, self._call("flush"):
             timeout = self.timeout if timeout is None else timeout
             deadline = time.monotonic() + timeout
+            deadline += self._check_alive("flush")
+            tx = self._tx
             self._reap_tx()
             while tx.in_flight:
-                _check_alive(self._frontend, "flush")
+                deadline += self._check_alive("flush")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise VhostUserTimeout("flush: the back-end has not taken %d frame(s) "
@@ -5620,21 +6278,28 @@ class NetDevice(_Device):
 
         ``timeout`` defaults to the device's; 0 polls.
         """
-        with self._rx_lock:
-            rx = self._rx
-            if rx is None:
-                raise ValueError("the net device is closed")
+        with self._rx_lock, self._call("recv"):
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+            deadline += self._check_alive("recv")
+            rx = self._rx
             while not self._frames:
                 used = rx.get_used()
                 if not used:
-                    _check_alive(self._frontend, "recv")
+                    deadline += self._check_alive("recv")
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return None
                     used = rx.wait_used(min(remaining, _CRASH_CHECK_INTERVAL))
+                if rx.rewinds != self._rx_rewinds:
+                    # Reconnected: the new back-end's first used entry is at the
+                    # used index the ring was rewound to (see _cut_partial_frame).
+                    self._rx_rewinds = rx.rewinds
+                    self._rx_restart = rx.vring_base
                 try:
-                    for k, length in used:
+                    first = (rx.next_used - len(used)) & 0xFFFF
+                    for i, (k, length) in enumerate(used):
+                        if (first + i) & 0xFFFF == self._rx_restart:
+                            self._cut_partial_frame()
                         self._take(self._rx_pool + k * self._rx_size, length)
                 finally:
                     # Every used buffer goes back, in one batch, even after a bad one.
@@ -5645,6 +6310,14 @@ class NetDevice(_Device):
                                            [k for k, _ in used])
                         rx.notify()
             return self._frames.popleft()
+
+    def _cut_partial_frame(self):
+        """Drop a merged frame the old back-end had not finished when it went away."""
+        self._rx_restart = None
+        if self._partial is not None:
+            _log.warning("virtio-net: dropped a received frame the back-end had not finished "
+                         "(%d of its buffers missing) when it went away", self._partial[0])
+            self._partial = None
 
     def _take(self, gpa, length):
         """Account one used receive buffer: a whole frame or part of a merged one."""
@@ -5699,36 +6372,6 @@ class _CliError(Exception):
 #: --type spellings: every DeviceType name in lower case, plus the short ones.
 _TYPE_ALIASES = {"blk": DeviceType.BLOCK, "snd": DeviceType.SOUND, "9p": DeviceType.P9}
 _CLI_TYPES = dict(((t.name.lower(), t) for t in DeviceType), **_TYPE_ALIASES)
-
-# Device bits (0-23) that only virtio-net defines among the types named here
-# (MTU, GUEST_TSO6, CTRL_RX .. CTRL_MAC_ADDR), and its high bits 50-63.
-_NET_ONLY_BITS = (1 << 3) | (1 << 8) | (0x3F << 18) | 0xFFFC_0000_0000_0000
-# Bits 5-17 exist only for net and block; the other types stop below bit 5.
-_NET_OR_BLK_BITS = 0x3FFE0
-
-
-def _guess_device_type(features, protocol_features):
-    """(DeviceType or None, why, conclusive) from what a back-end offers.
-
-    vhost-user never names the device type, so this reads the offered bits:
-    net-only feature bits mean net; block bits with CONFIG mean block (QEMU's
-    vhost-user-blk refuses a back-end without CONFIG, vhost-user-net never
-    reads config); no device bits and no CONFIG looks like virtio-fs (whose
-    config QEMU supplies), which is only a hint.
-    """
-    device_bits = features & _DEVICE_SPECIFIC_FEATURES
-    has_config = bool((protocol_features or 0) & ProtocolFeature.CONFIG)
-    if device_bits & _NET_ONLY_BITS:
-        names = VirtioFeature.names(device_bits & _NET_ONLY_BITS, DeviceType.NET)
-        return DeviceType.NET, "offers %s" % " ".join(names[:3]), True
-    if device_bits & _NET_OR_BLK_BITS:
-        if has_config:
-            return DeviceType.BLOCK, "offers block feature bits and CONFIG", True
-        return DeviceType.NET, "offers net feature bits and no CONFIG", True
-    if not device_bits and not has_config and protocol_features is not None:
-        return DeviceType.FS, "no device feature bits and no CONFIG", False
-    return None, "nothing conclusive", False
-
 
 def _check_device_type(path, wanted, features, protocol_features):
     """Raise _CliError when the back-end is conclusively not a ``wanted`` device."""
