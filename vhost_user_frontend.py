@@ -6696,11 +6696,16 @@ _DEMO_PACKAGE = "qemu-system-common"
 
 
 class _DemoDaemon:
-    """A qemu-storage-daemon exporting a temporary raw file; stop() removes everything."""
+    """The demo's back-end on a temporary raw file; stop() removes everything.
 
-    def __init__(self, binary, size):
+    qemu-storage-daemon when ``binary`` names it, else the embedded back-end
+    in a child process.
+    """
+
+    def __init__(self, size, binary=None):
         import subprocess
         import tempfile
+        self.name = "qemu-storage-daemon" if binary else "the embedded back-end"
         self.tmpdir = tempfile.mkdtemp(prefix="vhost-user-demo-")
         self.proc = None
         try:
@@ -6708,15 +6713,19 @@ class _DemoDaemon:
             self.socket = os.path.join(self.tmpdir, "blk.sock")
             with open(self.disk, "wb") as f:
                 f.truncate(size)
-            self.log = os.path.join(self.tmpdir, "qsd.log")
-            with open(self.log, "wb") as log:
-                self.proc = subprocess.Popen(
-                    [binary, "--blockdev", "driver=file,node-name=disk0,filename=%s,aio=threads,"
-                     "cache.direct=off" % self.disk,
-                     "--export", "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
-                     "addr.path=%s,writable=on,num-queues=1" % self.socket],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True, close_fds=True)
+            self.log = os.path.join(self.tmpdir, "backend.log")
+            if binary is None:
+                self.proc = _spawn_embedded("blk", self.socket, disk=self.disk,
+                                            log_path=self.log)
+            else:
+                with open(self.log, "wb") as log:
+                    self.proc = subprocess.Popen(
+                        [binary, "--blockdev", "driver=file,node-name=disk0,filename=%s,"
+                         "aio=threads,cache.direct=off" % self.disk,
+                         "--export", "type=vhost-user-blk,id=exp0,node-name=disk0,"
+                         "addr.type=unix,addr.path=%s,writable=on,num-queues=1" % self.socket],
+                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                        start_new_session=True, close_fds=True)
             self._wait_for_socket(10.0)
         except BaseException:
             self.stop()
@@ -6727,16 +6736,16 @@ class _DemoDaemon:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise _CliError("qemu-storage-daemon exited with status %d: %s"
-                                % (self.proc.returncode, self._log_tail()))
+                raise _CliError("%s exited with status %d: %s"
+                                % (self.name, self.proc.returncode, self._log_tail()))
             try:
                 if stat.S_ISSOCK(os.stat(self.socket).st_mode):
                     return
             except FileNotFoundError:
                 pass
             if time.monotonic() > deadline:
-                raise _CliError("qemu-storage-daemon did not create %s within %.0f s"
-                                % (self.socket, timeout))
+                raise _CliError("%s did not create %s within %.0f s"
+                                % (self.name, self.socket, timeout))
             time.sleep(0.01)
 
     def _log_tail(self):
@@ -6759,53 +6768,102 @@ class _DemoDaemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc is not None and self.proc.stdin is not None:
+            self.proc.stdin.close()
         if self.tmpdir is not None:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             self.tmpdir = None
 
 
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwind, cleaning up on the way, as Ctrl-C does."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _TerminationUnwinds:
+    """While active, SIGTERM and SIGHUP raise ``_Terminated`` in the main thread.
+
+    A daemon and its files would otherwise be left behind by ``kill`` or a
+    closed terminal, which end a process without running ``finally``.
+    After the first signal both are ignored until the block is left, so the
+    clean-up itself is not cut short.
+    """
+
+    def __enter__(self):
+        import signal
+        self._saved = {}
+        if threading.current_thread() is threading.main_thread():  # signal() works only there
+            for signum in (signal.SIGTERM, signal.SIGHUP):
+                self._saved[signum] = signal.signal(signum, self._unwind)
+        return self
+
+    def _unwind(self, signum, frame):
+        import signal
+        for other in self._saved:
+            signal.signal(other, signal.SIG_IGN)
+        raise _Terminated(signum)
+
+    def __exit__(self, *exc):
+        import signal
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)
+
+
 def _cmd_demo(args, out):
-    import argparse
     import shutil
-    binary = shutil.which("qemu-storage-daemon")
-    if binary is None:
-        raise _CliError("the demo needs qemu-storage-daemon, which is not installed; on Debian "
-                        "or Ubuntu: sudo apt-get install %s" % _DEMO_PACKAGE)
-    daemon = _DemoDaemon(binary, 64 << 20)
-    try:
+    binary = None if args.embedded else shutil.which("qemu-storage-daemon")
+    with _TerminationUnwinds():
+        daemon = _DemoDaemon(64 << 20, binary)
+        try:
+            _demo_tour(args, out, daemon)
+        finally:
+            tmpdir = daemon.tmpdir
+            daemon.stop()
+    out.write("5. Stopped %s and removed %s\n" % (daemon.name, tmpdir))
+    return 0
+
+
+def _demo_tour(args, out, daemon):
+    import argparse
+    if daemon.name == "qemu-storage-daemon":
         out.write("1. Started qemu-storage-daemon (pid %d) exporting a 64 MiB raw file\n"
                   "   as vhost-user-blk on %s\n\n" % (daemon.proc.pid, daemon.socket))
-        out.write("2. $ %s probe %s\n" % (_PROG, daemon.socket))
-        with _cli_connect(daemon.socket, args.timeout) as client:
-            info = _probe(client, daemon.socket)
-        out.write("".join("   %s\n" % line for line in _format_probe(daemon.socket, info)))
-        out.write("\n")
-        device_args = argparse.Namespace(socket=daemon.socket, timeout=args.timeout)
-        with _open_device(device_args, BlockDevice, DeviceType.BLOCK) as dev:
-            offset, data = 1 << 20, os.urandom(64 << 10)
-            dev.write(offset, data)
-            dev.flush()
-            back = dev.read(offset, len(data))
-            with open(daemon.disk, "rb") as f:
-                f.seek(offset)
-                on_disk = f.read(len(data))
-            if back != data or on_disk != data:
-                raise _CliError("data read back differs from what was written (%s)"
-                                % ("device" if back != data else "file on disk"))
-            out.write("3. Wrote 64 KiB of random data at offset 1 MiB, flushed, read it back:\n"
-                      "   identical, and the raw file holds the same bytes.\n\n")
-            bench_args = argparse.Namespace(
-                socket=daemon.socket, rw="randread", size=4096, depth=1, queues=None,
-                seconds=args.seconds, backend_pid=daemon.proc.pid, timeout=args.timeout)
-            out.write("4. $ %s bench %s --rw randread --seconds %g --backend-pid %d\n"
-                      % (_PROG, daemon.socket, args.seconds, daemon.proc.pid))
-            report = _bench_block(dev, bench_args)
-            out.write("".join("   %s\n" % line for line in _format_bench(report)) + "\n")
-    finally:
-        tmpdir = daemon.tmpdir
-        daemon.stop()
-    out.write("5. Stopped qemu-storage-daemon and removed %s\n" % tmpdir)
-    return 0
+    else:
+        why = ("--embedded asks for it" if args.embedded else
+               "qemu-storage-daemon is not installed; for the real one on Debian or Ubuntu:\n"
+               "   sudo apt-get install %s" % _DEMO_PACKAGE)
+        out.write("1. Started the embedded back-end (pid %d), a small vhost-user-blk back-end\n"
+                  "   inside this module, exporting a 64 MiB raw file on %s\n"
+                  "   (%s)\n\n" % (daemon.proc.pid, daemon.socket, why))
+    out.write("2. $ %s probe %s\n" % (_PROG, daemon.socket))
+    with _cli_connect(daemon.socket, args.timeout) as client:
+        info = _probe(client, daemon.socket)
+    out.write("".join("   %s\n" % line for line in _format_probe(daemon.socket, info)))
+    out.write("\n")
+    device_args = argparse.Namespace(socket=daemon.socket, timeout=args.timeout)
+    with _open_device(device_args, BlockDevice, DeviceType.BLOCK) as dev:
+        offset, data = 1 << 20, os.urandom(64 << 10)
+        dev.write(offset, data)
+        dev.flush()
+        back = dev.read(offset, len(data))
+        with open(daemon.disk, "rb") as f:
+            f.seek(offset)
+            on_disk = f.read(len(data))
+        if back != data or on_disk != data:
+            raise _CliError("data read back differs from what was written (%s)"
+                            % ("device" if back != data else "file on disk"))
+        out.write("3. Wrote 64 KiB of random data at offset 1 MiB, flushed, read it back:\n"
+                  "   identical, and the raw file holds the same bytes.\n\n")
+        bench_args = argparse.Namespace(
+            socket=daemon.socket, rw="randread", size=4096, depth=1, queues=None,
+            seconds=args.seconds, backend_pid=daemon.proc.pid, timeout=args.timeout)
+        out.write("4. $ %s bench %s --rw randread --seconds %g --backend-pid %d\n"
+                  % (_PROG, daemon.socket, args.seconds, daemon.proc.pid))
+        report = _bench_block(dev, bench_args)
+        out.write("".join("   %s\n" % line for line in _format_bench(report)) + "\n")
 
 
 def _int_arg(text):
@@ -6969,12 +7027,16 @@ def _build_parser():
     bench.set_defaults(func=_cmd_bench)
 
     demo = commands.add_parser(
-        "demo", parents=[common], help="try it: a temporary qemu-storage-daemon, end to end",
-        description="Start qemu-storage-daemon on a temporary 64 MiB disk, probe it, write "
-                    "and read back data, run a short benchmark, stop the daemon and remove "
-                    "its files. Needs only the Debian package %s." % _DEMO_PACKAGE)
+        "demo", parents=[common], help="try it: a temporary disk back-end, end to end",
+        description="Start qemu-storage-daemon (or, when it is not installed, the module's "
+                    "embedded back-end) on a temporary 64 MiB disk, probe it, write and read "
+                    "back data, run a short benchmark, stop the back-end and remove its files, "
+                    "also on Ctrl-C, SIGTERM or SIGHUP. qemu-storage-daemon is in the Debian "
+                    "package %s." % _DEMO_PACKAGE)
     demo.add_argument("--seconds", type=_seconds_arg, default=3.0, metavar="S",
                       help="benchmark duration (default 3)")
+    demo.add_argument("--embedded", action="store_true",
+                      help="use the embedded back-end even if qemu-storage-daemon is installed")
     demo.set_defaults(func=_cmd_demo)
     return parser, commands, common
 
@@ -7002,6 +7064,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         sys.stderr.write("%s: interrupted\n" % _PROG)
         return 130
+    except _Terminated as exc:
+        import signal
+        sys.stderr.write("%s: terminated by %s, cleaned up\n"
+                         % (_PROG, signal.Signals(exc.signum).name))
+        return 128 + exc.signum
     except (_CliError, VhostUserError, OSError, ValueError) as exc:
         message = _one_line(exc)
         if isinstance(exc, VhostUserTimeout):
