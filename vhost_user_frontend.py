@@ -2114,12 +2114,14 @@ def _hex(value):
 # Memory ordering. The back-end reads and writes these rings from another
 # CPU while we touch them through the mmap, and Python has no barriers. What
 # we rely on:
-# - Every ring index and used element is written and read as one aligned
-#   access of its own width, through a memoryview cast to "H" or "I" (CPython
-#   copies a cast item with a fixed-size memcpy that compilers emit as one
-#   move; struct.pack_into may store byte by byte), so the back-end never sees
-#   a torn avail->idx. virtio 1.0 rings are little-endian, and so must the
-#   host be (checked in ``Queue.__init__``).
+# - Every ring index and flag the other side may be touching at the same
+#   time is written and read as one aligned access of its own width, through
+#   the accessor ``_ring_words`` picks for the running interpreter, so the
+#   back-end never sees a torn avail->idx. Ring entries and descriptors are
+#   only ever read by the side that did not write them after the index that
+#   covers them moved, so they are copied in bulk (slice assignment,
+#   ``tolist()``). virtio 1.0 rings are little-endian, and so must the host
+#   be (checked in ``Queue.__init__``).
 # - The interpreter performs our stores and loads in program order. On x86
 #   (TSO) the CPU keeps store->store and load->load order too, which is all
 #   that "descriptors before avail->idx" (spec 2.7.13) and "used->idx before
@@ -2193,6 +2195,41 @@ class _Fences:
 
 def _no_fence():
     pass
+
+
+# Which Python spelling of a u16/u32 load or store is one machine access
+# differs per interpreter. Measured on this project's 2-vCPU x86 machine,
+# one process storing 0x00FF and 0xFF00 (0x0000FFFF and 0xFFFF0000) in turn,
+# another on the other CPU loading: CPython copies a memoryview.cast("H")
+# item with a fixed-size memcpy, one move, and no load ever saw a torn
+# value, while struct.pack_into stores byte by byte and 3% of loads were
+# torn. PyPy 7.3 is the other way round: its cast views tore 1.1% of u16
+# loads (and u32 ones too), its struct, which the JIT turns into one move,
+# none. TestRingWordAtomicity repeats the measurement on every interpreter.
+_RING_WORDS_VIA_STRUCT = sys.implementation.name == "pypy"
+_RING_WORD_STRUCTS = {"H": struct.Struct("<H"), "I": struct.Struct("<I")}
+
+
+def _ring_words(view, fmt):
+    """(load(i), store(i, value), words) for the ``fmt`` ("H" or "I") items of ``view``.
+
+    The accessor the running interpreter does as one aligned access (see
+    the comment above); for ring indices and flags the other side may be
+    touching at the same time. Release ``words`` (a view) before the memory.
+    """
+    if _RING_WORDS_VIA_STRUCT:
+        layout = _RING_WORD_STRUCTS[fmt]
+        width = layout.size
+        unpack_from, pack_into = layout.unpack_from, layout.pack_into
+
+        def load(i):
+            return unpack_from(view, i * width)[0]
+
+        def store(i, value):
+            pack_into(view, i * width, value)
+        return load, store, view
+    words = view.cast(fmt)
+    return words.__getitem__, words.__setitem__, words
 
 
 class _Chain:
@@ -2281,14 +2318,17 @@ class Queue:
         try:
             mem.view(self._block, total)[:] = bytes(total)
             self._desc = mem.view(self.desc_table, desc_bytes)
-            # avail: [0] flags, [1] idx, [2 + i] ring[i], [2 + size] used_event
-            self._avail = mem.view(self.avail_ring, avail_bytes).cast("H")
-            # used: [0] flags, [1] idx; elements as (id, len) pairs; avail_event
-            self._used = mem.view(self.used_ring, 4).cast("H")
+            # avail words: [0] flags, [1] idx, [2 + i] ring[i], [2 + size] used_event
+            avail = mem.view(self.avail_ring, avail_bytes)
+            self._avail = avail.cast("H")   # ring entries, written in bulk
+            # used words: [0] flags, [1] idx, elements as (id, len) u32 pairs,
+            # [2 + 4 * size] avail_event
+            used = mem.view(self.used_ring, used_bytes)
             self._used_elems = mem.view(self.used_ring + 4, 8 * size).cast("I")
-            self._avail_event = mem.view(self.used_ring + 4 + 8 * size, 2).cast("H")
-            self._views = (self._desc, self._avail, self._used, self._used_elems,
-                           self._avail_event)
+            self._load_used, _, used_words = _ring_words(used, "H")
+            _, self._store_avail, avail_words = _ring_words(avail, "H")
+            self._views = (self._desc, self._avail, self._used_elems, used_words,
+                           avail_words, avail, used)
             self.kick = Event()
             self.call = Event()
         except BaseException:
@@ -2302,6 +2342,15 @@ class Queue:
         self._kicked = 0          # avail idx at the last notify decision
         self._serial = 0
         self._broken = None
+        # Slots: chains built once and posted again and again (add_slot).
+        self._slot_descs = {}                 # head -> its descriptors
+        self._slot_writable = [0] * size      # head -> writable bytes per position
+        self._slot_token = [None] * size      # head -> token while in flight
+        self._slots_busy = 0
+        #: Ask for calls only when about to sleep in ``wait_used`` (EVENT_IDX):
+        #: reaping does not re-arm used_event. For a driver that always waits
+        #: through ``wait_used``; see ``VhostUserFrontend`` policy notes.
+        self.defer_calls = False
 
     @property
     def features(self):
@@ -2321,12 +2370,12 @@ class Queue:
 
     @property
     def in_flight(self):
-        """Chains posted and not yet reaped."""
-        return len(self._chains)
+        """Chains (slots included) posted and not yet reaped."""
+        return len(self._chains) + self._slots_busy
 
     def used_index(self):
         """The device's used->idx as it is in guest memory now."""
-        return self._used[1]
+        return self._load_used(1)
 
     def reclaim(self, base):
         """Take the queue back after the back-end stopped it (crosvm vhost_user_reclaim).
@@ -2347,18 +2396,18 @@ class Queue:
             raise ProtocolError("GET_VRING_BASE: base %#x does not fit in 16 bits" % base,
                                 FrontendReq.GET_VRING_BASE)
         with self._lock:
-            if self._chains:
+            if self.in_flight:
                 # Our avail->idx is the driver's and stays: the back-end has
                 # taken the chains up to base, the rest it takes after wake.
                 untaken = (self.next_avail - base) & 0xFFFF
-                if untaken > len(self._chains):
+                if untaken > self.in_flight:
                     raise ProtocolError("GET_VRING_BASE: base %d of queue %d, but avail->idx "
                                         "is %d with %d chain(s) in flight"
                                         % (base, self.index, self.next_avail,
-                                           len(self._chains)), FrontendReq.GET_VRING_BASE)
+                                           self.in_flight), FrontendReq.GET_VRING_BASE)
             else:
                 self.next_avail = base
-                self._avail[1] = base
+                self._store_avail(1, base)
                 self.next_used = self.used_index()
             self.vring_base = self._kicked = base
 
@@ -2476,24 +2525,149 @@ class Queue:
             descs = [self._free.pop()]
             _DESC.pack_into(self._desc, 16 * descs[0], block, table_bytes, _DESC_F_INDIRECT, 0)
         else:
-            count = len(resolved)
-            descs = self._free[-count:]
-            descs.reverse()
-            del self._free[-count:]
-            desc = self._desc
-            last = count - 1
-            for i, (gpa, length, flags) in enumerate(resolved):
-                if i < last:
-                    _DESC.pack_into(desc, 16 * descs[i], gpa, length, flags | _DESC_F_NEXT,
-                                    descs[i + 1])
-                else:
-                    _DESC.pack_into(desc, 16 * descs[i], gpa, length, flags, 0)
+            descs = self._take_descs(len(resolved))
+            self._write_chain(descs, resolved)
         chain.descs = descs
         self._chains[descs[0]] = chain
-        self._avail[2 + (self.next_avail & (self.size - 1))] = descs[0]
-        self._fences.write()  # the entry and its descriptors before the index (spec 2.7.13)
-        self.next_avail = (self.next_avail + 1) & 0xFFFF
-        self._avail[1] = self.next_avail
+        self._publish((descs[0],))
+
+    # The layout-specific part of posting: which descriptors a chain uses,
+    # how they are written, how heads are made available. A packed ring
+    # (spec 2.8) replaces these three and the bulk read in _reap_some.
+
+    def _take_descs(self, count):
+        descs = self._free[-count:]
+        descs.reverse()
+        del self._free[-count:]
+        return descs
+
+    def _write_chain(self, descs, resolved):
+        desc = self._desc
+        last = len(descs) - 1
+        for i, (gpa, length, flags) in enumerate(resolved):
+            if i < last:
+                _DESC.pack_into(desc, 16 * descs[i], gpa, length, flags | _DESC_F_NEXT,
+                                descs[i + 1])
+            else:
+                _DESC.pack_into(desc, 16 * descs[i], gpa, length, flags, 0)
+
+    def _publish(self, heads):
+        """Make chains available: their avail entries in bulk, then avail->idx once."""
+        count = len(heads)
+        start = self.next_avail & (self.size - 1)
+        end = start + count
+        if count == 1:
+            self._avail[2 + start] = heads[0]
+        elif end <= self.size:
+            self._avail[2 + start:2 + end] = array.array("H", heads)
+        else:
+            split = self.size - start
+            self._avail[2 + start:2 + self.size] = array.array("H", heads[:split])
+            self._avail[2:2 + count - split] = array.array("H", heads[split:])
+        self._fences.write()  # the entries and their descriptors before the index (spec 2.7.13)
+        self.next_avail = (self.next_avail + count) & 0xFFFF
+        self._store_avail(1, self.next_avail)
+
+    # -- driver side: slots (chains built once, posted many times) -------------
+
+    def add_slot(self, readable=(), writable=()):
+        """Build a chain of guest buffers once, to post again and again; returns its slot.
+
+        The fast path (as io_uring's fixed buffers): the slot keeps its
+        descriptors, so posting it writes only the avail entry, and
+        ``set_slot_buffer`` repoints one buffer of an idle slot. Buffers are
+        ``(guest_addr, length)`` tuples. ``remove_slot`` gives the
+        descriptors back.
+
+        Raises:
+            Queue.Full: fewer free descriptors than buffers.
+            ValueError: a buffer that is not a guest range, or none.
+        """
+        items, bounce, writable_bytes = self._describe(readable, writable)
+        if bounce:
+            raise ValueError("queue %d: slot buffers are (guest_addr, length) tuples"
+                             % self.index)
+        with self._lock:
+            self._check_usable()
+            if len(items) > len(self._free):
+                raise _QueueFull("queue %d: slot of %d descriptors, %d free"
+                                 % (self.index, len(items), len(self._free)))
+            descs = self._take_descs(len(items))
+            self._write_chain(descs, [(gpa, length, flags) for gpa, length, flags, _ in items])
+            head = descs[0]
+            self._slot_descs[head] = (descs, [length if flags else 0
+                                              for _, length, flags, _ in items])
+            self._slot_writable[head] = writable_bytes
+        return head
+
+    def set_slot_buffer(self, slot, position, guest_addr, length, writable=False):
+        """Point buffer ``position`` of idle ``slot`` at another guest range."""
+        with self._lock:
+            self._check_usable()
+            self._check_slot(slot, "set_slot_buffer")
+            if not 0 <= position < len(self._slot_descs[slot][0]):
+                raise ValueError("queue %d: slot %d has no buffer %r"
+                                 % (self.index, slot, position))
+            self.mem._find(guest_addr, length)
+            if not 0 < length <= _MAX_DESC_LEN:
+                raise ValueError("queue %d: buffer length %d is not in 1..%d"
+                                 % (self.index, length, _MAX_DESC_LEN))
+            self._set_slot_buffer(slot, position, guest_addr, length, writable)
+
+    def _set_slot_buffer(self, slot, position, guest_addr, length, writable):
+        descs, lengths = self._slot_descs[slot]
+        if position + 1 < len(descs):
+            flags, next_desc = _DESC_F_NEXT, descs[position + 1]
+        else:
+            flags, next_desc = 0, 0
+        if writable:
+            flags |= _DESC_F_WRITE
+        _DESC.pack_into(self._desc, 16 * descs[position], guest_addr, length, flags, next_desc)
+        lengths[position] = length if writable else 0
+        self._slot_writable[slot] = sum(lengths)
+
+    def remove_slot(self, slot):
+        """Give an idle slot's descriptors back for ``add``."""
+        with self._lock:
+            self._check_usable()
+            self._check_slot(slot, "remove_slot")
+            descs, _ = self._slot_descs.pop(slot)
+            self._free.extend(reversed(descs))
+
+    def post_slots(self, slots, tokens=None):
+        """Make idle slots available to the device in one go; call ``notify()`` after.
+
+        Args:
+            slots: slots from ``add_slot``, none of them in flight.
+            tokens: what ``get_used`` returns for each (default the slot);
+                not None.
+        """
+        slots = list(slots)
+        tokens = slots if tokens is None else list(tokens)
+        if len(tokens) != len(slots) or None in tokens:
+            raise ValueError("queue %d: post_slots needs one token (not None) per slot"
+                             % self.index)
+        with self._lock:
+            self._check_usable()
+            for slot in slots:
+                self._check_slot(slot, "post_slots")
+            if len(set(slots)) != len(slots):
+                raise ValueError("queue %d: post_slots: a slot is listed twice" % self.index)
+            self._post_slots(slots, tokens)
+
+    def _post_slots(self, slots, tokens):
+        """post_slots without the checks, under the lock: for drivers in this module."""
+        token_of = self._slot_token
+        for slot, token in zip(slots, tokens):
+            token_of[slot] = token
+        self._slots_busy += len(slots)
+        self._publish(slots)
+
+    def _check_slot(self, slot, what):
+        if not isinstance(slot, int) or slot not in self._slot_descs:
+            raise ValueError("queue %d: %s: %r is not a slot" % (self.index, what, slot))
+        if self._slot_token[slot] is not None:
+            raise ValueError("queue %d: %s: slot %d is in flight" % (self.index, what, slot))
 
     def _describe(self, readable, writable):
         """Check the buffers: ([(gpa or None, length, flags, view)], bounce, writable)."""
@@ -2552,9 +2726,9 @@ class Queue:
             if force:
                 wanted = True
             elif self._event_idx:
-                wanted = _need_event(self._avail_event[0], new, old)
+                wanted = _need_event(self._load_used(2 + 4 * self.size), new, old)
             else:
-                wanted = not self._used[0] & _USED_F_NO_NOTIFY
+                wanted = not self._load_used(0) & _USED_F_NO_NOTIFY
         if wanted:
             self.kick.signal()
         return wanted
@@ -2582,52 +2756,76 @@ class Queue:
         done = []
         while True:
             more = self._reap_some(None if limit is None else limit - len(done), done)
-            if not more or not self._event_idx or limit is not None and len(done) >= limit:
+            if not more or not self._event_idx or self.defer_calls \
+                    or limit is not None and len(done) >= limit:
                 return done
             # Re-arm for the next entry, as Linux's virtqueue_get_buf does: a
             # used_event left behind would silence the device's interrupts
             # until used->idx wraps (spec 2.7.10). Then look again, for an
             # entry used before the device could see the new used_event.
-            self._avail[2 + self.size] = self.next_used
+            # (With defer_calls, wait_used arms before it sleeps instead.)
+            self._store_avail(2 + self.size, self.next_used)
             self._fences.full()
 
     def _reap_some(self, limit, done):
-        used_idx = self._used[1]
-        pending = (used_idx - self.next_used) & 0xFFFF
+        used_idx = self._load_used(1)
+        next_used = self.next_used
+        pending = (used_idx - next_used) & 0xFFFF
         if not pending:
             return False
-        if pending > len(self._chains):
+        if pending > self.in_flight:
             self._fail("used->idx moved from %d to %d, but only %d chain(s) are in flight"
-                       % (self.next_used, used_idx, len(self._chains)))
+                       % (next_used, used_idx, self.in_flight))
         if limit is not None:
             pending = min(pending, limit)
         self._fences.read()  # used->idx before the elements it covers
-        elems = self._used_elems
+        # The elements, as [id, len, id, len, ...], in one or two bulk reads.
+        size = self.size
+        start = next_used & (size - 1)
+        end = start + pending
+        if end <= size:
+            elems = self._used_elems[2 * start:2 * end].tolist()
+        else:
+            elems = (self._used_elems[2 * start:].tolist()
+                     + self._used_elems[:2 * (end - size)].tolist())
+        slot_token = self._slot_token
+        slot_writable = self._slot_writable
         chains = self._chains
-        mask = self.size - 1
-        for _ in range(pending):
-            slot = 2 * (self.next_used & mask)
-            head = elems[slot]
-            length = elems[slot + 1]
-            chain = chains.get(head)
-            if chain is None:
-                if head >= self.size:
-                    self._fail("used entry %d names descriptor %d, the ring has %d"
-                               % (self.next_used, head, self.size))
-                self._fail("used entry %d names descriptor %d, which is not the head "
-                           "of a chain in flight" % (self.next_used, head))
-            if length > chain.writable:
-                self._fail("used entry %d for descriptor %d claims %d bytes written, "
-                           "the chain has %d writable" % (self.next_used, head, length,
-                                                          chain.writable))
-            del chains[head]
-            for gpa, target in chain.copy_out:
-                target[:] = self.mem.view(gpa, len(target))
-            if chain.block is not None:
-                self._release(chain.block, chain.block_size)
-            self._free.extend(reversed(chain.descs))
-            self.next_used = (self.next_used + 1) & 0xFFFF
-            done.append((chain.token, length))
+        it = iter(elems)
+        for head, length in zip(it, it):
+            token = slot_token[head] if head < size else None
+            if token is not None:  # a slot: nothing to free
+                if length > slot_writable[head]:
+                    self.next_used = next_used
+                    self._fail("used entry %d for descriptor %d claims %d bytes written, "
+                               "the chain has %d writable" % (next_used, head, length,
+                                                              slot_writable[head]))
+                slot_token[head] = None
+                self._slots_busy -= 1
+            else:
+                chain = chains.get(head)
+                if chain is None:
+                    self.next_used = next_used
+                    if head >= size:
+                        self._fail("used entry %d names descriptor %d, the ring has %d"
+                                   % (next_used, head, size))
+                    self._fail("used entry %d names descriptor %d, which is not the head "
+                               "of a chain in flight" % (next_used, head))
+                if length > chain.writable:
+                    self.next_used = next_used
+                    self._fail("used entry %d for descriptor %d claims %d bytes written, "
+                               "the chain has %d writable" % (next_used, head, length,
+                                                              chain.writable))
+                del chains[head]
+                for gpa, target in chain.copy_out:
+                    target[:] = self.mem.view(gpa, len(target))
+                if chain.block is not None:
+                    self._release(chain.block, chain.block_size)
+                self._free.extend(reversed(chain.descs))
+                token = chain.token
+            next_used = (next_used + 1) & 0xFFFF
+            done.append((token, length))
+        self.next_used = next_used
         return True
 
     def wait_used(self, timeout=5.0, count=1, spin=None):
@@ -2651,10 +2849,10 @@ class Queue:
         """
         deadline = time.monotonic() + timeout
         spin_until = time.monotonic() + (self.spin if spin is None else spin)
-        used = self._used
+        load_used = self._load_used
         try:
             while True:
-                if used[1] != self.next_used:
+                if load_used(1) != self.next_used:
                     done = self.get_used()
                     if done:
                         return done
@@ -2679,10 +2877,10 @@ class Queue:
             self._check_usable()
             if not self._event_idx:
                 return None
-            want = max(1, min(count, len(self._chains)))
-            self._avail[2 + self.size] = (self.next_used + want - 1) & 0xFFFF
+            want = max(1, min(count, self.in_flight))
+            self._store_avail(2 + self.size, (self.next_used + want - 1) & 0xFFFF)
             self._fences.full()  # used_event visible before we look at used->idx again
-            return self._used[1] == self.next_used
+            return self._load_used(1) == self.next_used
 
     def _check_usable(self):
         if self._broken is not None:
@@ -2716,6 +2914,8 @@ class Queue:
             self.mem.free(self._block)
         self._chains = {}
         self._spare = {}
+        self._slot_descs = {}
+        self._slots_busy = 0
         self._block = None
 
     def __enter__(self):
@@ -4286,8 +4486,9 @@ class _Completions:
         self.cond = threading.Condition()
         self.reaping = False
         self.finished = []    # background requests done but not yet returned
+        self.slots = None     # the queue's _BlockSlots once the fast path is used
 
-    def wait(self, until, deadline, what):
+    def wait(self, until, deadline, what, count=1):
         """Reap until ``until()`` holds; VhostUserTimeout at ``deadline``.
 
         Raises Disconnected soon after the back-end hangs up, rather than
@@ -4306,7 +4507,8 @@ class _Completions:
                 self.reaping = True
                 self.cond.release()
                 try:
-                    used = self.queue.wait_used(min(remaining, _CRASH_CHECK_INTERVAL))
+                    used = self.queue.wait_used(min(remaining, _CRASH_CHECK_INTERVAL),
+                                                count)
                 except ValueError as exc:  # the device was closed while we waited
                     raise ValueError("%s: %s" % (what, exc)) from exc
                 finally:
@@ -4321,11 +4523,112 @@ class _Completions:
                 self._finish(self.queue.get_used())
 
     def _finish(self, used):
+        slots = self.slots
+        if slots is not None:
+            need, status, user, done, idle = (slots.need, slots.status, slots.user,
+                                              slots.done, slots.idle)
+            reaped = len(idle)
         for request, written in used:
+            if request.__class__ is int:  # a fast-path slot (see _BlockSlots)
+                if written != need[request] or status[request]:
+                    slots.fail(request, written)
+                else:
+                    done.append(user[request])
+                idle.append(request)
+                continue
             request.written = written
             request.done = True
             if request.background:
                 self.finished.append(request)
+        if slots is not None:
+            slots.busy -= len(idle) - reaped
+
+
+class _BlockSlots:
+    """One queue's zero-copy request slots, for ``BlockDevice.post_reads``/``post_writes``.
+
+    Slot k is a chain built once: header k of a header array, the caller's
+    data buffer (from ``BlockDevice.alloc``), status byte k of a status
+    array, all in guest memory. Posting a slot writes the sector into its
+    header in place and repoints its data descriptor only when the buffer
+    or the direction changed; a batch of slots is published at once. The
+    per-slot lists are indexed by k; ``idle`` holds the built slots not in
+    flight. Guarded by the queue's ``_Completions.cond``.
+    """
+
+    def __init__(self, mem, queue):
+        self.queue = queue
+        self.limit = queue.size // 3   # header, data and status descriptors each
+        self.headers = mem.allocate(16 * self.limit)
+        self.statuses = mem.allocate(self.limit)
+        self.header = mem.view(self.headers, 16 * self.limit).cast("Q")  # type, sector
+        self.status = mem.view(self.statuses, self.limit)
+        self.heads = []     # k -> the queue's slot, None when its descriptors were given back
+        self.idle = []      # built slots not in flight
+        self.unbuilt = []   # k whose descriptors were given back
+        self.buffer = []    # k -> the alloc entry its data descriptor points at
+        self.op = []
+        self.need = []      # k -> the used length of a complete request: data read + status
+        self.user = []
+        self.done = []      # user data of requests completed OK, for reap
+        self.failed = []    # (user data, op, offset, length, status, used length)
+        self.busy = 0
+
+    def grow(self, wanted):
+        """Build up to ``wanted`` more slots while the ring has descriptors for them."""
+        queue = self.queue
+        while wanted > 0 and queue.num_free >= 3 and (self.unbuilt
+                                                      or len(self.heads) < self.limit):
+            if self.unbuilt:
+                k = self.unbuilt.pop()
+            else:
+                k = len(self.heads)
+                for column in (self.heads, self.buffer, self.op, self.need, self.user):
+                    column.append(None)
+            status = (self.statuses + k, 1)
+            # The data descriptor points at the status byte until the first post.
+            self.heads[k] = queue.add_slot([(self.headers + 16 * k, 16), status], [status])
+            self.buffer[k] = self.op[k] = None
+            self.idle.append(k)
+            wanted -= 1
+
+    def shrink(self):
+        """Give the idle slots' descriptors back to the ring; True if there were any."""
+        idle, self.idle = self.idle, []
+        for k in idle:
+            self.queue.remove_slot(self.heads[k])
+            self.heads[k] = None
+            self.unbuilt.append(k)
+        return bool(idle)
+
+    def fail(self, k, written):
+        self.failed.append((self.user[k], self.op[k], self.header[2 * k + 1] << 9,
+                            self.buffer[k][2], self.status[k], written))
+
+    def release(self):
+        self.header.release()
+        self.status.release()
+
+
+def _fast_path_error(failed, completed):
+    """The exception ``BlockDevice.reap`` raises for failed requests (the first one's)."""
+    user_data, op, offset, length, status, written = failed[0]
+    name = _BLK_OP_NAMES[op]
+    need = length + 1 if op == _BLK_T_IN else 1
+    if written != need:
+        # Spec 2.7.8.2: bytes past the used length, the status among them, are not to be trusted.
+        error = ProtocolError("%s: the device reported %d byte(s) written (used len) for %d bytes "
+                              "at offset %d (user_data %r); data and status need %d"
+                              % (name, written, length, offset, user_data, need))
+    else:
+        error = BackendError("%s: virtio-blk status %s (%d) for %d bytes at offset %d "
+                             "(user_data %r)" % (name, _BLK_STATUS_NAMES.get(status, "unknown"),
+                                                 status, length, offset, user_data),
+                             value=status)
+    error.user_data = user_data
+    error.failed = [entry[0] for entry in failed]
+    error.completed = completed
+    return error
 
 
 class BlockDevice(_Device):
@@ -4356,6 +4659,7 @@ class BlockDevice(_Device):
                  memory_size=64 << 20, max_segment_size=None):
         self._frontend = frontend
         self.timeout = timeout
+        self._buffers = {}   # id(view) -> (view, guest address, size, last fast-path offset)
         try:
             self._setup(num_queues, queue_size, memory_size, max_segment_size)
         except BaseException:
@@ -4477,17 +4781,19 @@ class BlockDevice(_Device):
             buffer = bytearray(length)
         request = _BlockRequest(_BLK_T_IN, offset, length, buffer, queue)
         request.background = True
-        self._post(request, (), self._segments(memoryview(buffer).cast("B")), notify)
+        self._post(request, (), self._guest_segments(buffer, 0, length)
+                   or self._segments(memoryview(buffer).cast("B")), notify)
         return request
 
     def submit_write(self, offset, data, queue=0, notify=True):
         """Start a WRITE of at most ``max_transfer`` bytes; returns its request."""
+        segments = self._guest_segments(data, 0, None)
         data = memoryview(data).cast("B")
         self._check_writable("WRITE")
         self._check_range("WRITE", offset, len(data), self.max_transfer)
         request = _BlockRequest(_BLK_T_OUT, offset, len(data), None, queue)
         request.background = True
-        self._post(request, self._segments(data), (), notify)
+        self._post(request, segments or self._segments(data), (), notify)
         return request
 
     def submit_flush(self, queue=0, notify=True):
@@ -4527,6 +4833,191 @@ class BlockDevice(_Device):
             done, completions.finished = completions.finished, []
         return done
 
+    # -- zero-copy fast path (libblkio's queue API, io_uring's fixed buffers) -----
+
+    def alloc(self, size):
+        """A writable buffer of ``size`` bytes in guest memory: I/O into it is zero-copy.
+
+        ``post_reads``/``post_writes`` take only such buffers (at most
+        ``max_transfer`` bytes each); every other call accepts them too and
+        then copies nothing. ``free`` gives the memory back; ``close``
+        releases every buffer (a later access raises ValueError).
+
+        Raises:
+            MemoryError: guest memory (``memory_size``) is exhausted.
+        """
+        if not isinstance(size, int) or size <= 0:
+            raise ValueError("alloc: size must be a positive int, got %r" % (size,))
+        if self._mem is None:
+            raise ValueError("the block device is closed")
+        gpa = self._mem.allocate(size, align=4096 if size >= 4096 else 16)
+        view = self._mem.view(gpa, size)
+        # The last offset a fast-path request on it may start at; -1: too big for one.
+        fits = size <= min(self.max_transfer, self._segment) and not size % self.block_size
+        last_offset = self.capacity - size if fits else -1
+        self._buffers[id(view)] = (view, gpa, size, last_offset)
+        return view
+
+    def free(self, buffer):
+        """Give a buffer from ``alloc`` back (not while a request uses it)."""
+        entry = self._buffers.get(id(buffer))
+        if entry is None or entry[0] is not buffer:
+            raise ValueError("free: not a buffer from this device's alloc()")
+        for completions in self._completions:
+            if completions.slots is not None and entry in completions.slots.buffer:
+                slots = completions.slots
+                for k, pointed in enumerate(slots.buffer):
+                    if pointed is entry:
+                        if k not in slots.idle:
+                            raise ValueError("free: a request on this buffer is in flight")
+                        slots.buffer[k] = None
+        del self._buffers[id(buffer)]
+        buffer.release()
+        self._mem.free(entry[1])
+
+    def post_reads(self, offsets, buffers, user_data=None, queue=0, notify=True):
+        """Start READs of ``len(buffers[i])`` bytes at ``offsets[i]`` into ``alloc`` buffers.
+
+        The fast path: nothing is copied or allocated per request, the ring
+        is written once for the batch and the device kicked once (unless
+        ``notify=False``: ``reap`` kicks then). Waits for free slots while
+        the ring is full. ``reap`` returns ``user_data[i]`` (default the
+        offset) once request i completed.
+
+        Raises:
+            ValueError: a buffer not from ``alloc``, or an offset that is not a
+                multiple of the block size or ends past the capacity;
+                nothing of the batch was posted from that request on.
+        """
+        self._post_fast(_BLK_T_IN, offsets, buffers, user_data, queue, notify)
+
+    def post_writes(self, offsets, buffers, user_data=None, queue=0, notify=True):
+        """Start WRITEs of ``alloc`` buffers at ``offsets``; as ``post_reads``."""
+        self._check_writable("WRITE")
+        self._post_fast(_BLK_T_OUT, offsets, buffers, user_data, queue, notify)
+
+    def reap(self, queue=0, count=1, timeout=None):
+        """Wait for ``count`` fast-path requests on ``queue`` to complete; their user data.
+
+        Returns every one completed so far (fewer than ``count`` only when
+        no more are in flight), each checked: the used length covers data
+        and status, and the status is OK.
+
+        Raises:
+            BackendError: a request failed (``value`` is the virtio-blk
+                status, ``user_data`` the request's, ``failed`` all failed
+                ones' and ``completed`` the user data of those that did not
+                fail in this reap).
+            ProtocolError: the device reported less written than a request's
+                data and status (same attributes).
+            VhostUserTimeout: none completed within ``timeout`` (default the
+                device's).
+        """
+        completions = self._completions_for(queue)
+        slots = completions.slots
+        if slots is None:
+            return []
+        q = completions.queue
+        q.notify()
+        if len(slots.done) + len(slots.failed) < count:
+            completions.poll()
+        want = min(count, len(slots.done) + len(slots.failed) + slots.busy)
+        if len(slots.done) + len(slots.failed) < want:
+            deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+            completions.wait(lambda: len(slots.done) + len(slots.failed) >= want,
+                             deadline, "reap", want - len(slots.done) - len(slots.failed))
+        with completions.cond:
+            done, slots.done = slots.done, []
+            failed, slots.failed = slots.failed, []
+        if failed:
+            raise _fast_path_error(failed, done)
+        return done
+
+    def _post_fast(self, op, offsets, buffers, user_data, queue, notify):
+        completions = self._completions_for(queue)
+        slots = completions.slots
+        if slots is None:
+            slots = completions.slots = _BlockSlots(self._mem, completions.queue)
+        count = len(offsets)
+        if user_data is None:
+            user_data = offsets
+        if len(buffers) != count or len(user_data) != count:
+            raise ValueError("%s: %d offsets, %d buffers and %d user_data values"
+                             % (_BLK_OP_NAMES[op], count, len(buffers), len(user_data)))
+        q = completions.queue
+        posted = 0
+        deadline = None
+        while posted < count:
+            with completions.cond:
+                if len(slots.idle) < count - posted:
+                    slots.grow(count - posted - len(slots.idle))
+                chunk = min(len(slots.idle), count - posted)
+                if chunk:
+                    taken = slots.idle[-chunk:]
+                    del slots.idle[-chunk:]
+                    try:
+                        heads = self._fill_slots(slots, taken, op, offsets, buffers,
+                                                 user_data, posted)
+                        with q._lock:
+                            q._check_usable()
+                            q._post_slots(heads, taken)
+                    except BaseException:
+                        slots.idle.extend(taken)
+                        raise
+                    slots.busy += chunk
+                    posted += chunk
+                    continue
+                if not q.in_flight:
+                    raise Queue.Full("%s: queue %d has no descriptors for a request"
+                                     % (_BLK_OP_NAMES[op], queue))
+            # Announce what is posted, then wait for a slot (or descriptors) to free up.
+            q.notify()
+            if deadline is None:
+                deadline = time.monotonic() + self.timeout
+            free = q.num_free
+            completions.wait(lambda: slots.idle or q.num_free > free or not q.in_flight,
+                             deadline, _BLK_OP_NAMES[op])
+        if notify:
+            q.notify()
+
+    def _fill_slots(self, slots, taken, op, offsets, buffers, user_data, first):
+        """Point slots ``taken`` at requests ``first``...: the per-request work, kept small."""
+        buffers_by_id = self._buffers
+        header, heads, pointed, slot_op = slots.header, slots.heads, slots.buffer, slots.op
+        need, user = slots.need, slots.user
+        set_buffer = slots.queue._set_slot_buffer
+        mask = self.block_size - 1
+        reading = op == _BLK_T_IN
+        end = first + len(taken)
+        if first or end < len(offsets):
+            offsets, buffers, user_data = (offsets[first:end], buffers[first:end],
+                                           user_data[first:end])
+        for k, offset, buffer, value in zip(taken, offsets, buffers, user_data):
+            entry = buffers_by_id.get(id(buffer))
+            if entry is None or entry[0] is not buffer or offset & mask \
+                    or not 0 <= offset <= entry[3]:
+                self._fast_path_misuse(op, first + taken.index(k), offset, buffer, entry)
+            if pointed[k] is not entry or slot_op[k] != op:
+                set_buffer(heads[k], 1, entry[1], entry[2], reading)
+                header[2 * k] = op   # type; reserved stays 0
+                pointed[k] = entry
+                slot_op[k] = op
+                need[k] = entry[2] + 1 if reading else 1
+            header[2 * k + 1] = offset >> 9   # sector: 512 bytes whatever blk_size is
+            user[k] = value
+        return [heads[k] for k in taken]
+
+    def _fast_path_misuse(self, op, index, offset, buffer, entry):
+        name = _BLK_OP_NAMES[op]
+        if entry is None or entry[0] is not buffer:
+            raise ValueError("%s: buffers[%d] is not a buffer from this device's alloc() "
+                             "(or it was freed)" % (name, index))
+        self._check_range(name, offset, entry[2], self.max_transfer)
+        raise ValueError("%s: buffers[%d] has %d bytes; one fast-path request carries a "
+                         "multiple of the block size %d up to %d" % (
+                             name, index, entry[2], self.block_size,
+                             min(self.max_transfer, self._segment)))
+
     # -- simple calls ------------------------------------------------------------
 
     def read(self, offset, length, queue=0):
@@ -4544,7 +5035,8 @@ class BlockDevice(_Device):
             piece = view[start:start + self.max_transfer]
             request = _BlockRequest(_BLK_T_IN, offset + start, len(piece), None, queue)
             requests.append(request)
-            self._post(request, (), self._segments(piece), notify=False)
+            self._post(request, (), self._guest_segments(buffer, start, len(piece))
+                       or self._segments(piece), notify=False)
         self._finish(requests, "READ")
         return len(view)
 
@@ -4558,7 +5050,8 @@ class BlockDevice(_Device):
             piece = view[start:start + self.max_transfer]
             request = _BlockRequest(_BLK_T_OUT, offset + start, len(piece), None, queue)
             requests.append(request)
-            self._post(request, self._segments(piece), (), notify=False)
+            self._post(request, self._guest_segments(data, start, len(piece))
+                       or self._segments(piece), (), notify=False)
         self._finish(requests, "WRITE")
 
     def flush(self, queue=0):
@@ -4607,6 +5100,17 @@ class BlockDevice(_Device):
             requests.append(request)
             self._post(request, (segment,), (), notify=False)
         self._finish(requests, name)
+
+    def _guest_segments(self, buffer, start, length):
+        """(guest_addr, length) segments when ``buffer`` is from ``alloc`` (zero-copy), else None."""
+        entry = self._buffers.get(id(buffer))
+        if entry is None or entry[0] is not buffer:
+            return None
+        if length is None:
+            length = entry[2] - start
+        gpa = entry[1] + start
+        step = self._segment
+        return [(gpa + i, min(step, length - i)) for i in range(0, length, step)]
 
     def _segments(self, view):
         step = self._segment
@@ -4657,6 +5161,11 @@ class BlockDevice(_Device):
                 queue.add(readable, writable, token=request)
                 break
             except (Queue.Full, MemoryError):
+                slots = completions.slots
+                if slots is not None:
+                    with completions.cond:
+                        if slots.shrink():
+                            continue
                 if not queue.in_flight:
                     raise
                 # Reap until something of ours or anyone's completes, then retry.
@@ -4677,6 +5186,16 @@ class BlockDevice(_Device):
         completions.wait(lambda: all(r.done for r in requests), deadline, what)
         for request in requests:
             request.result()
+
+    def close(self):
+        """Disconnect, release every ``alloc`` buffer and free guest memory; safe twice."""
+        for completions in getattr(self, "_completions", ()):
+            if completions.slots is not None:
+                completions.slots.release()
+        buffers, self._buffers = self._buffers, {}
+        for view, _, _, _ in buffers.values():
+            view.release()
+        _Device.close(self)
 
     def __repr__(self):
         if self._mem is None:
