@@ -5541,8 +5541,8 @@ class _DeviceRing:
     """One split ring seen from the device: take chains from avail, give them back in used.
 
     The layout is the driver's (virtio spec 2.7); indices and used entries
-    go through ``memoryview.cast`` items, one aligned access each, with the
-    fences of the Queue section between them.
+    go through the Queue section's ``_ring_words`` accessor, one aligned
+    access each, with its fences between them.
     """
 
     def __init__(self, index):
@@ -5581,23 +5581,22 @@ class _DeviceRing:
         avail_map, avail_offset = memory.locate(self.addr.avail, avail_bytes, _UADDR, what)
         mapped, offset = memory.locate(self.addr.used, used_bytes, _UADDR, what)
         self._desc = desc
-        whole = memoryview(avail_map)
         # avail: [0] flags, [1] idx, [2 + i] ring[i], [2 + num] used_event
-        avail = whole[avail_offset:avail_offset + avail_bytes]
-        self._avail = avail.cast("H")
-        avail.release()
-        whole.release()
-        whole = memoryview(mapped)
-        parts = [whole[offset:offset + 4], whole[offset + 4:offset + 4 + 8 * self.num],
-                 whole[offset + 4 + 8 * self.num:offset + used_bytes]]
-        # used: [0] flags, [1] idx; elements as (id, len) pairs; avail_event
-        self._used, self._elems, self._avail_event = (
-            parts[0].cast("H"), parts[1].cast("I"), parts[2].cast("H"))
-        for part in parts + [whole]:
-            part.release()
-        self._views = (self._avail, self._used, self._elems, self._avail_event)
+        self._avail = self._words(avail_map, avail_offset, avail_bytes, "H")[0]
+        # used: [0] flags, [1] idx, then (id, len) pairs, then avail_event
+        self._used_load, self._used_store = self._words(mapped, offset, 4, "H")
+        self._elem_store = self._words(mapped, offset + 4, 8 * self.num, "I")[1]
+        self._avail_event_store = self._words(mapped, offset + 4 + 8 * self.num, 2, "H")[1]
         # libvhost-user does the same: the used index lives in guest memory.
-        self.used_idx = self._used[1]
+        self.used_idx = self._used_load(1)
+
+    def _words(self, mapped, offset, length, fmt):
+        """(load, store) of the ``fmt`` words at ``offset``: the module's ring accessor."""
+        whole = memoryview(mapped)
+        view = whole[offset:offset + length]
+        load, store, words = _ring_words(view, fmt)
+        self._views += (words, view, whole) if words is not view else (view, whole)
+        return load, store
 
     def unmap(self):
         for view in self._views:
@@ -5618,7 +5617,7 @@ class _DeviceRing:
 
         readable and writable are lists of (mmap, offset, length).
         """
-        avail_idx = self._avail[1]
+        avail_idx = self._avail(1)
         pending = (avail_idx - self.last_avail) & 0xFFFF
         if not pending:
             return None
@@ -5626,7 +5625,7 @@ class _DeviceRing:
             raise _Refused("ring %d: avail index moved from %d to %d, more than the %d entries "
                            "of the ring" % (self.index, self.last_avail, avail_idx, self.num))
         self._fences.read()  # avail->idx before the entry and its descriptors (spec 2.7.13)
-        head = self._avail[2 + self.last_avail % self.num]
+        head = self._avail(2 + self.last_avail % self.num)
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         readable, writable = self._walk(memory, head)
         return head, readable, writable
@@ -5667,19 +5666,19 @@ class _DeviceRing:
     def push(self, head, length):
         """Return a chain in the used ring (published at once)."""
         slot = 2 * (self.used_idx % self.num)
-        self._elems[slot] = head
-        self._elems[slot + 1] = length
+        self._elem_store(slot, head)
+        self._elem_store(slot + 1, length)
         self._fences.write()  # the element before the index that covers it
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        self._used[1] = self.used_idx
+        self._used_store(1, self.used_idx)
 
     def arm(self):
         """Ask for a kick at the next new chain; True if one came in meanwhile (EVENT_IDX)."""
         if not self.event_idx:
             return False
-        self._avail_event[0] = self.last_avail
+        self._avail_event_store(0, self.last_avail)
         self._fences.full()  # avail_event visible before we look at avail->idx again
-        return self._avail[1] != self.last_avail
+        return self._avail(1) != self.last_avail
 
     def notify(self, old_used):
         """Signal the call eventfd if the driver wants to hear about the used entries since old_used."""
@@ -5687,9 +5686,9 @@ class _DeviceRing:
             return
         self._fences.full()  # used->idx visible before we read the driver's wish (2.7.10)
         if self.event_idx:
-            wanted = _need_event(self._avail[2 + self.num], self.used_idx, old_used)
+            wanted = _need_event(self._avail(2 + self.num), self.used_idx, old_used)
         else:
-            wanted = not self._avail[0] & _AVAIL_F_NO_INTERRUPT
+            wanted = not self._avail(0) & _AVAIL_F_NO_INTERRUPT
         if wanted:
             try:
                 os.write(self.call, _ONE)
@@ -6449,20 +6448,22 @@ def _ring_writer(fd, count):
     never more than the ring holds ahead of what the reader consumed.
     """
     mapped = mmap.mmap(fd, _PAGE_SIZE)
-    words = memoryview(mapped).cast("H")
+    view = memoryview(mapped)
+    load, store, words = _ring_words(view, "H")
     fences = _Fences()
     deadline = time.monotonic() + 30
     try:
         for i in range(1, count + 1):
-            while (i - 1 - words[_PROBE_CONSUMED]) & 0xFFFF >= _PROBE_RING:
+            while (i - 1 - load(_PROBE_CONSUMED)) & 0xFFFF >= _PROBE_RING:
                 if time.monotonic() > deadline:
                     return 1
-            words[_PROBE_SLOTS + i % _PROBE_RING] = _probe_value(i)
+            store(_PROBE_SLOTS + i % _PROBE_RING, _probe_value(i))
             fences.write()
-            words[_PROBE_IDX] = i & 0xFFFF
+            store(_PROBE_IDX, i & 0xFFFF)
         return 0
     finally:
         words.release()
+        view.release()
         mapped.close()
 
 
@@ -7494,7 +7495,8 @@ def _check_ring_ordering():
     count = 50000
     fd = _memfd_create("vhost-user-selftest", _PAGE_SIZE)
     mapped = mmap.mmap(fd, _PAGE_SIZE)
-    words = memoryview(mapped).cast("H")
+    view = memoryview(mapped)
+    load, store, words = _ring_words(view, "H")
     proc = None
     try:
         proc = _spawn_child(["ring-writer", str(fd), str(count)], pass_fds=(fd,))
@@ -7503,7 +7505,7 @@ def _check_ring_ordering():
         last = 0
         deadline = time.monotonic() + 30
         while consumed < count:
-            index = words[_PROBE_IDX]
+            index = load(_PROBE_IDX)
             if index == last:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise _CliError("the writer process stopped after %d of %d entries "
@@ -7515,14 +7517,14 @@ def _check_ring_ordering():
                                 % (last, index))
             fences.read()
             for i in range(consumed + 1, consumed + ahead + 1):
-                value = words[_PROBE_SLOTS + i % _PROBE_RING]
+                value = load(_PROBE_SLOTS + i % _PROBE_RING)
                 if value != _probe_value(i):
                     raise _CliError("entry %d read as %#06x before its write (%#06x) was "
                                     "visible: stores or loads reordered"
                                     % (i, value, _probe_value(i)))
             consumed += ahead
             last = index
-            words[_PROBE_CONSUMED] = last
+            store(_PROBE_CONSUMED, last)
         if proc.wait(10) != 0:
             raise _CliError("the writer process exited with status %d" % proc.returncode)
     finally:
@@ -7532,6 +7534,7 @@ def _check_ring_ordering():
                 proc.wait()
             proc.stdin.close()
         words.release()
+        view.release()
         mapped.close()
         os.close(fd)
     return "%d entries from another process, none torn or early" % count
