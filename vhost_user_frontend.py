@@ -28,7 +28,8 @@ Example::
 
 Sections (``grep -n '^# .*###'`` prints them with line numbers):
 Head, Errors, Constants, Wire format, OS primitives, Channel, BackendClient,
-GuestMemory, Queue, Backend requests, Worker, VhostUserFrontend, Devices, CLI.
+GuestMemory, Queue, Backend requests, Worker, VhostUserFrontend, Devices,
+Embedded back-end, CLI.
 """
 
 ############################################################################
