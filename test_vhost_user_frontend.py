@@ -5258,7 +5258,12 @@ class TestCliWithoutBackends(BackendTestMixin, FdLeakCheck):
         self.check_cleaned_up(out)
 
     def sigterm_during_bench(self, proc, signum=signal.SIGTERM):
-        out = read_until(proc, "4. $ ")
+        try:
+            out = read_until(proc, "4. $ ")
+        except AssertionError as exc:
+            proc.kill()
+            status, _, err = communicate(proc)
+            self.fail("%s\n(status %s, stderr %r)" % (exc, status, err))
         proc.send_signal(signum)
         status, rest, err = communicate(proc, timeout=30)
         self.assertEqual(status, 128 + signum, err)
