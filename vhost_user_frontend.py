@@ -5539,9 +5539,10 @@ class NetDevice(_Device):
 # run on a machine with nothing but Python. It is for demonstrations and
 # self-checks, not a production daemon: one front-end at a time, one
 # thread, split rings only, I/O done inline. It is built on the wire codec,
-# the Channel, the OS primitives and the split-ring layout (never on
-# ``Queue``), and the interop tests never use it in place of
-# qemu-storage-daemon or testpmd.
+# the Channel, the OS primitives, the split-ring layout, fences and ring
+# accessor of the Queue section (never on ``Queue`` itself) and the
+# virtio-blk/net constants of the Devices section; the interop tests never
+# use it in place of qemu-storage-daemon or testpmd.
 #
 # Like libvhost-user it drops the connection when a front-end breaks the
 # protocol (a ring index out of range, an address outside guest memory, a
