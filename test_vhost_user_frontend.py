@@ -2991,7 +2991,7 @@ class TestCliErrors(FdLeakCheck):
     def test_device_timeout(self):
         # The device comes up but never uses a ring: each data command times out in one line.
         cases = [("blk", ("blk", "{}", "read", "0", "512"), "timeout: READ", ""),
-                 ("blk", ("bench", "{}"), "timeout: complete: no completion", ""),
+                 ("blk", ("bench", "{}"), "timeout: reap: no completion", ""),
                  ("net", ("net", "{}", "send"), "timeout: flush: the back-end has not taken 1",
                   ""),
                  ("net", ("net", "{}", "ping", "-c", "20"), "ping: frame 1 of 20 did not come "

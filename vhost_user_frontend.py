@@ -5408,9 +5408,20 @@ class NetDevice(_Device):
             queues.append(Queue(self._mem, size, index, features=self.features))
             self._queues = queues
         self._rx, self._tx = queues
-        for i in range(size):
-            gpa = self._rx_pool + i * rx_buffer_size
-            self._rx.add(writable=[(gpa, rx_buffer_size)], token=gpa)
+        # Receive buffer k is slot self._rx_slots[k], posted once here and reposted
+        # (in bulk) as frames are taken; a transmit slot k carries a frame copied
+        # into its buffer, the descriptor's length set per frame.
+        self._rx_slots = [self._rx.add_slot(writable=[(self._rx_pool + k * rx_buffer_size,
+                                                        rx_buffer_size)])
+                          for k in range(size)]
+        self._rx.post_slots(self._rx_slots, list(range(size)))
+        self._tx_size = self._hdr_len + frame_max
+        self._tx_pool = self._mem.allocate(size * self._tx_size)
+        # One descriptor stays out of the slots, for a frame bigger than the MTU.
+        tx_slots = max(1, size - 1)
+        self._tx_slots = [self._tx.add_slot([(self._tx_pool + k * self._tx_size, self._tx_size)])
+                          for k in range(tx_slots)]
+        self._tx_idle = list(range(tx_slots - 1, -1, -1))
         frontend.activate(self._mem, None, queues)
         self._rx.notify()
 
@@ -5419,31 +5430,74 @@ class NetDevice(_Device):
         self.send_many((frame,))
 
     def send_many(self, frames):
-        """Queue frames for transmission with one kick; waits while the TX ring is full."""
+        """Queue frames for transmission with one kick; waits while the TX ring is full.
+
+        Each frame is copied once, into a transmit slot's buffer behind its
+        zero header; the slots are published together.
+        """
         with self._tx_lock:
             tx = self._tx
             if tx is None:
                 raise ValueError("the net device is closed")
             deadline = time.monotonic() + self.timeout
-            for frame in frames:
-                frame = bytes(frame)
-                if not _ETH_HLEN <= len(frame) <= 0xFFFF - self._hdr_len:
-                    raise ValueError("send: frame of %d bytes is not in %d..%d"
-                                     % (len(frame), _ETH_HLEN, 0xFFFF - self._hdr_len))
-                while True:
-                    try:
-                        tx.add((self._tx_hdr + frame,))
-                        break
-                    except Queue.Full:
-                        tx.notify()
-                        _check_alive(self._frontend, "send")
-                        remaining = deadline - time.monotonic()
-                        if not tx.wait_used(min(max(0.0, remaining), _CRASH_CHECK_INTERVAL)) \
-                                and remaining <= 0:
-                            raise VhostUserTimeout("send: the TX queue stayed full for %.1f s"
-                                                   % self.timeout)
+            hdr_len, slot_size, pool = self._hdr_len, self._tx_size, self._tx_pool
+            idle, slots = self._tx_idle, self._tx_slots
+            view = self._mem.view(pool, len(slots) * slot_size)
+            try:
+                batch = []
+                for frame in frames:
+                    frame = memoryview(frame).cast("B")
+                    length = len(frame)
+                    if not _ETH_HLEN <= length <= 0xFFFF - hdr_len:
+                        raise ValueError("send: frame of %d bytes is not in %d..%d"
+                                         % (length, _ETH_HLEN, 0xFFFF - hdr_len))
+                    if length > slot_size - hdr_len:   # bigger than the MTU: a chain of its own
+                        self._publish_tx(batch)
+                        batch = []
+                        self._wait_tx(lambda: tx.num_free, deadline)
+                        tx.add((self._tx_hdr + bytes(frame),))
+                        continue
+                    if not idle:
+                        self._publish_tx(batch)
+                        batch = []
+                        self._wait_tx(lambda: idle, deadline)
+                    k = idle.pop()
+                    start = k * slot_size + hdr_len
+                    view[start:start + length] = frame
+                    tx._set_slot_buffer(slots[k], 0, pool + k * slot_size, hdr_len + length,
+                                        False)
+                    batch.append(k)
+                self._publish_tx(batch)
+            finally:
+                view.release()
             tx.notify()
-            tx.get_used()  # free what the device already sent
+            self._reap_tx()  # free what the device already sent
+
+    def _publish_tx(self, batch):
+        if batch:
+            tx = self._tx
+            with tx._lock:
+                tx._check_usable()
+                tx._post_slots([self._tx_slots[k] for k in batch], batch)
+
+    def _reap_tx(self, used=None):
+        """Account used TX entries (reaped now unless given): slots become idle again."""
+        for token, _ in self._tx.get_used() if used is None else used:
+            if token.__class__ is int:
+                self._tx_idle.append(token)
+
+    def _wait_tx(self, room, deadline):
+        """Kick and reap until ``room()`` holds; VhostUserTimeout at ``deadline``."""
+        tx = self._tx
+        self._reap_tx()
+        while not room():
+            tx.notify()
+            _check_alive(self._frontend, "send")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise VhostUserTimeout("send: the TX queue stayed full for %.1f s"
+                                       % self.timeout)
+            self._reap_tx(tx.wait_used(min(remaining, _CRASH_CHECK_INTERVAL)))
 
     def flush(self, timeout=None):
         """Wait until the back-end has taken every frame queued for transmission.
@@ -5458,14 +5512,15 @@ class NetDevice(_Device):
                 raise ValueError("the net device is closed")
             timeout = self.timeout if timeout is None else timeout
             deadline = time.monotonic() + timeout
-            tx.get_used()
+            self._reap_tx()
             while tx.in_flight:
                 _check_alive(self._frontend, "flush")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise VhostUserTimeout("flush: the back-end has not taken %d frame(s) "
                                            "within %g s" % (tx.in_flight, timeout))
-                tx.wait_used(min(remaining, _CRASH_CHECK_INTERVAL), count=tx.in_flight)
+                self._reap_tx(tx.wait_used(min(remaining, _CRASH_CHECK_INTERVAL),
+                                           count=tx.in_flight))
 
     def recv(self, timeout=None):
         """The next received frame without its virtio-net header; None after ``timeout``.
@@ -5485,11 +5540,17 @@ class NetDevice(_Device):
                     if remaining <= 0:
                         return None
                     used = rx.wait_used(min(remaining, _CRASH_CHECK_INTERVAL))
-                for gpa, length in used:
-                    self._take(gpa, length)
-                    rx.add(writable=[(gpa, self._rx_size)], token=gpa)
-                if used:
-                    rx.notify()
+                try:
+                    for k, length in used:
+                        self._take(self._rx_pool + k * self._rx_size, length)
+                finally:
+                    # Every used buffer goes back, in one batch, even after a bad one.
+                    if used:
+                        with rx._lock:
+                            rx._check_usable()
+                            rx._post_slots([self._rx_slots[k] for k, _ in used],
+                                           [k for k, _ in used])
+                        rx.notify()
             return self._frames.popleft()
 
     def _take(self, gpa, length):
