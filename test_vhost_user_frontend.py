@@ -5251,6 +5251,17 @@ class TestCliWithoutBackends(BackendTestMixin, FdLeakCheck):
         self.assertIn("no eventfd", out)
         self.assertIn("selftest: eventfd failed", err)
 
+    def test_demo_waits_for_listen_not_bind(self):
+        # The socket file exists from bind(); a probe before listen() was refused (seen 1 in ~15).
+        tmpdir = tempfile.mkdtemp(prefix="vhu-listen-")
+        self.addCleanup(shutil.rmtree, tmpdir)
+        path = os.path.join(tmpdir, "s.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.bind(path)
+            self.assertFalse(vu._listening(path))
+            sock.listen(1)
+            self.assertTrue(vu._listening(path))
+
     def test_demo_in_process_leaves_nothing(self):
         status, out, err = run_cli("demo", "--embedded", "--seconds", "0.2")
         self.assertEqual((status, err), (0, ""))

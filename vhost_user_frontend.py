@@ -7451,6 +7451,21 @@ def _bench_net(dev, args):
 _DEMO_PACKAGE = "qemu-system-common"
 
 
+def _listening(path):
+    """True when a unix socket bound at ``path`` listens (/proc/net/unix; True if unreadable)."""
+    try:
+        with open("/proc/net/unix") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return True
+    for line in lines:
+        # Num RefCount Protocol Flags Type St Inode Path; Flags 0x10000 is __SO_ACCEPTCON.
+        fields = line.split(None, 7)
+        if len(fields) == 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
+            return True
+    return False
+
+
 class _DemoDaemon:
     """The demo's back-end on a temporary raw file; stop() removes everything.
 
@@ -7495,12 +7510,14 @@ class _DemoDaemon:
                 raise _CliError("%s exited with status %d: %s"
                                 % (self.name, self.proc.returncode, self._log_tail()))
             try:
-                if stat.S_ISSOCK(os.stat(self.socket).st_mode):
+                # The file appears at bind(), connections are refused until
+                # listen(): wait for both, or the probe can be refused.
+                if stat.S_ISSOCK(os.stat(self.socket).st_mode) and _listening(self.socket):
                     return
             except FileNotFoundError:
                 pass
             if time.monotonic() > deadline:
-                raise _CliError("%s did not create %s within %.0f s"
+                raise _CliError("%s did not listen on %s within %.0f s"
                                 % (self.name, self.socket, timeout))
             time.sleep(0.01)
 
