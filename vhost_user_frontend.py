@@ -5621,7 +5621,7 @@ _GPA, _UADDR = "guest", "user"
 
 
 class _Refused(VhostUserError):
-    """The front-end broke the protocol: the embedded back-end drops it (libvhost-user's vu_panic)."""
+    """The front-end broke the protocol: the embedded back-end drops it (libvhost-user vu_panic)."""
 
 
 class _MappedMemory:
@@ -5831,7 +5831,7 @@ class _DeviceRing:
         return self._avail(1) != self.last_avail
 
     def notify(self, old_used):
-        """Signal the call eventfd if the driver wants to hear about the used entries since old_used."""
+        """Signal the call eventfd if the driver wants to hear of the entries used since old_used."""
         if self.used_idx == old_used or self.call is None:
             return
         self._fences.full()  # used->idx visible before we read the driver's wish (2.7.10)
@@ -6139,7 +6139,7 @@ class _EmbeddedBackend:
             _log.error("embedded back-end failed: %s", exc, exc_info=True)
 
     def serve(self, stop_fd=None):
-        """Serve until ``stop()`` (or EOF on ``stop_fd``); a single connected socket ends it too."""
+        """Serve until ``stop()`` or EOF on ``stop_fd`` (or the hang-up of a ``sock``)."""
         poller = select.epoll()
         try:
             handlers = {self._stop.fileno(): None}
