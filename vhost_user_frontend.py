@@ -5621,7 +5621,7 @@ _GPA, _UADDR = "guest", "user"
 
 
 class _Refused(VhostUserError):
-    """The front-end broke the protocol: the embedded back-end drops it (libvhost-user vu_panic)."""
+    """The front-end broke the protocol, so the embedded back-end drops it (vu_panic)."""
 
 
 class _MappedMemory:
@@ -5831,7 +5831,7 @@ class _DeviceRing:
         return self._avail(1) != self.last_avail
 
     def notify(self, old_used):
-        """Signal the call eventfd if the driver wants to hear of the entries used since old_used."""
+        """Signal the call eventfd if the driver wants to hear of entries used since old_used."""
         if self.used_idx == old_used or self.call is None:
             return
         self._fences.full()  # used->idx visible before we read the driver's wish (2.7.10)
