@@ -4938,7 +4938,12 @@ class TestEmbeddedBackendWire(FdLeakCheck):
                     peer.request(code, body, fds, flags=9)
                 peer.assert_hung_up(self)
 
-    def test_data_path_with_event_idx(self):
+    RING = (8, 0x0, 0x100, 0x200)   # size, then desc, avail and used at these guest addresses
+
+    FEATURES = F_VERSION_1 | F_PROTOCOL | F_EVENT_IDX | 1 << 28 | 1 << 9   # + INDIRECT_DESC, FLUSH
+
+    def session(self, features=FEATURES):
+        """A started ring 0 of size 8 over 1 MiB of guest memory: (peer, device, guest, kick, call)."""
         peer, device = self.blk()
         memfd = _memfd(b"", 1 << 20, seal=True)
         self.addCleanup(os.close, memfd)
@@ -4947,11 +4952,11 @@ class TestEmbeddedBackendWire(FdLeakCheck):
         kick, call = vu.Event(), vu.Event()
         self.addCleanup(kick.close)
         self.addCleanup(call.close)
-        size, desc, avail, used = 8, 0x0, 0x100, 0x200
+        size, desc, avail, used = self.RING
         peer.request(16, struct.pack("<Q", P_REPLY_ACK))
         for code, body, fds in [
                 (3, b"", ()),
-                (2, struct.pack("<Q", F_VERSION_1 | F_PROTOCOL | F_EVENT_IDX | 1 << 9), ()),
+                (2, struct.pack("<Q", features), ()),
                 (5, struct.pack("<II", 1, 0) + struct.pack("<QQQQ", 0, 1 << 20, UADDR, 0), (memfd,)),
                 (8, struct.pack("<II", 0, size), ()),
                 (9, struct.pack("<IIQQQQ", 0, 0, UADDR + desc, UADDR + used, UADDR + avail, 0), ()),
@@ -4960,19 +4965,55 @@ class TestEmbeddedBackendWire(FdLeakCheck):
                 (12, struct.pack("<Q", 0), (kick.fileno(),)),
                 (18, struct.pack("<II", 0, 1), ())]:
             self.assertEqual(peer.ask(code, body, fds, flags=9), ack(code))
+        return peer, device, guest, kick, call
+
+    def post(self, guest, kick, n, chain, used_event=0, wait=True):
+        """Descriptors 0.. for ``chain`` [(gpa, len, flags)], avail entry n, avail->idx n + 1, kick."""
+        size, desc, avail, used = self.RING
+        for i, (gpa, length, flags) in enumerate(chain):
+            flags |= 1 if i < len(chain) - 1 else 0
+            struct.pack_into("<QIHH", guest, desc + 16 * i, gpa, length, flags, i + 1)
+        struct.pack_into("<H", guest, avail + 4 + 2 * (n % size), 0)
+        struct.pack_into("<H", guest, avail + 4 + 2 * size, used_event)
+        struct.pack_into("<H", guest, avail + 2, n + 1)
+        kick.signal()
+        if wait:
+            wait_for(lambda: struct.unpack_from("<H", guest, used + 2)[0] == n + 1, what="used entry")
+            return struct.unpack_from("<II", guest, used + 4 + 8 * (n % size))
+        return None
+
+    def test_bad_chains_drop_the_connection(self):
+        R, W, I = 0, 2, 4   # descriptor flags: device-readable, device-writable, indirect
+        header = (0x1000, 16, R)
+        cases = [
+            ("buffer outside guest memory", [header, (1 << 20, 512, W), (0x3000, 1, W)], 0),
+            ("readable after writable", [header, (0x3000, 1, W), (0x2000, 16, R)], 0),
+            ("indirect table without RING_INDIRECT_DESC", [(0x6000, 32, I)], 1 << 28),
+            ("indirect table of 17 bytes", [(0x6000, 17, I)], 0),
+            ("nested indirect table", [(0x6000, 16, I)], 0),
+            ("indirect descriptor with NEXT", [(0x6000, 16, I), header], 0),
+        ]
+        for what, chain, without in cases:
+            with self.subTest(what):
+                peer, _, guest, kick, _ = self.session(self.FEATURES & ~without)
+                struct.pack_into("<QIHH", guest, 0x6000, 0x6000, 16, I, 0)   # table -> itself
+                self.post(guest, kick, 0, chain, wait=False)
+                peer.assert_hung_up(self)
+        with self.subTest("avail index moved by more than the ring holds"):
+            peer, _, guest, kick, _ = self.session()
+            struct.pack_into("<H", guest, self.RING[2] + 2, 9)
+            kick.signal()
+            peer.assert_hung_up(self)
+
+    def test_data_path_with_event_idx(self):
+        peer, device, guest, kick, call = self.session()
+        size, desc, avail, used = self.RING
 
         def post(n, chain, used_event):
-            """Descriptors 0.. for ``chain`` [(gpa, len, writable)], avail entry n, avail->idx n + 1."""
-            for i, (gpa, length, writable) in enumerate(chain):
-                flags = (2 if writable else 0) | (1 if i < len(chain) - 1 else 0)
-                struct.pack_into("<QIHH", guest, desc + 16 * i, gpa, length, flags, i + 1)
-            struct.pack_into("<H", guest, avail + 4 + 2 * (n % size), 0)
-            struct.pack_into("<H", guest, avail + 4 + 2 * size, used_event)
-            struct.pack_into("<H", guest, avail + 2, n + 1)
-            kick.signal()
-            wait_for(lambda: struct.unpack_from("<H", guest, used + 2)[0] == n + 1, what="used entry")
+            used_entry = self.post(guest, kick, n, [(gpa, length, 2 if writable else 0)
+                                                    for gpa, length, writable in chain], used_event)
             self.assertEqual(peer.ask(1)[:12], hdr(1, 5, 8))  # a round trip: the kick is done
-            return struct.unpack_from("<II", guest, used + 4 + 8 * (n % size))
+            return used_entry
 
         data = bytes(range(256)) * 4
         guest[0x2000:0x2400] = data
@@ -4998,13 +5039,19 @@ class TestEmbeddedBackendWire(FdLeakCheck):
         struct.pack_into("<IIQ", guest, 0x1000, 99, 0, 0)
         self.assertEqual(post(3, [(0x1000, 16, False), (0x3000, 1, True)], 3), (0, 1))
         self.assertEqual(guest[0x3000], 2)
-        self.assertEqual(peer.ask(11, struct.pack("<II", 0, 0)), hdr(11, 5, 8) + struct.pack("<II", 0, 4))
+        # Direct descriptors, then one indirect table: a device must take it (spec 2.7.5.3.2).
+        struct.pack_into("<IIQ", guest, 0x1000, 0, 0, 2)            # READ at sector 2
+        struct.pack_into("<QIHHQIHH", guest, 0x6000, 0x4000, 1024, 2 | 1, 1, 0x3000, 1, 2, 0)
+        guest[0x4000:0x4400] = bytes(1024)
+        self.assertEqual(self.post(guest, kick, 4, [(0x1000, 16, 0), (0x6000, 32, 4)], 4), (0, 1025))
+        self.assertEqual((guest[0x3000], guest[0x4000:0x4400]), (0, data))
+        self.assertEqual(peer.ask(11, struct.pack("<II", 0, 0)), hdr(11, 5, 8) + struct.pack("<II", 0, 5))
         # A chain that loops is refused the way libvhost-user refuses it: the connection drops.
         self.assertEqual(peer.ask(12, struct.pack("<Q", 0), (kick.fileno(),), flags=9), ack(12))
         struct.pack_into("<QIHH", guest, desc, 0x1000, 16, 1, 1)
         struct.pack_into("<QIHH", guest, desc + 16, 0x1000, 16, 1, 0)
-        struct.pack_into("<H", guest, avail + 4 + 2 * 4, 0)
-        struct.pack_into("<H", guest, avail + 2, 5)
+        struct.pack_into("<H", guest, avail + 4 + 2 * 5, 0)
+        struct.pack_into("<H", guest, avail + 2, 6)
         kick.signal()
         peer.assert_hung_up(self)
 

@@ -5794,11 +5794,15 @@ class _DeviceRing:
                 raise _Refused("%s: looped descriptor chain" % what)
             addr, length, flags, nxt = _DESC.unpack_from(table, table_offset + 16 * index)
             if flags & _DESC_F_INDIRECT:
-                # Spec 2.7.5.3.1: only as the one descriptor of a chain, never nested.
-                if indirect or not self.indirect or flags & _DESC_F_NEXT or seen > 1 \
-                        or not length or length % 16:
-                    raise _Refused("%s: bad indirect descriptor (flags %#x, %d bytes)"
-                                   % (what, flags, length))
+                # Spec 2.7.5.3: never nested, never with NEXT, but it may end a
+                # chain of direct descriptors, which a device must handle.
+                problem = ("RING_INDIRECT_DESC was not negotiated" if not self.indirect else
+                           "an indirect table inside an indirect table" if indirect else
+                           "an indirect descriptor with NEXT set" if flags & _DESC_F_NEXT else
+                           "an indirect table of %d bytes, not a multiple of 16" % length
+                           if not length or length % 16 else None)
+                if problem:
+                    raise _Refused("%s: %s" % (what, problem))
                 table, table_offset = memory.locate(addr, length, _GPA, what)
                 table_size, index, seen, indirect = length // 16, 0, 0, True
                 continue
