@@ -4896,10 +4896,15 @@ class TestEmbeddedBackendWire(FdLeakCheck):
         self.assertEqual(peer.ask(24, struct.pack("<III", 8, 4, 1) + bytes(4)),
                          hdr(24, 5, 16) + struct.pack("<III", 8, 4, 1) + h("00000000"))
         # Outside the config space: libvhost-user's error reply, size 0; the connection stays.
-        self.assertEqual(peer.ask(24, struct.pack("<III", 56, 8, 0) + bytes(8)), hdr(24, 5, 0))
+        with self.assertLogs("vhost_user_frontend", "WARNING") as logs:
+            self.assertEqual(peer.ask(24, struct.pack("<III", 56, 8, 0) + bytes(8)), hdr(24, 5, 0))
+        self.assertIn("GET_CONFIG of 8 bytes at 56, the config space has 60", logs.output[0])
         # SET_CONFIG: only writeback (1 byte at 32) is writable; anything else is an error ack.
         self.assertEqual(peer.ask(25, struct.pack("<III", 32, 1, 0) + b"\x01", flags=9), ack(25))
-        self.assertEqual(peer.ask(25, struct.pack("<III", 0, 8, 0) + bytes(8), flags=9), ack(25, 1))
+        with self.assertLogs("vhost_user_frontend", "WARNING") as logs:
+            self.assertEqual(peer.ask(25, struct.pack("<III", 0, 8, 0) + bytes(8), flags=9),
+                             ack(25, 1))
+        self.assertIn("SET_CONFIG refused: only writeback", logs.output[0])
         self.assertEqual(peer.ask(24, struct.pack("<III", 32, 1, 0) + b"\0")[-1:], b"\x01")
         self.assertEqual(peer.ask(1)[:12], hdr(1, 5, 8))   # still connected
 
@@ -4911,32 +4916,31 @@ class TestEmbeddedBackendWire(FdLeakCheck):
             self.addCleanup(os.close, unsealed)
         region = struct.pack("<II", 1, 0) + struct.pack("<QQQQ", 0, 1 << 20, UADDR, 0)
         cases = [
-            ("unknown request", 40, b"", (), True),                              # GET_STATUS
-            ("ring index out of range", 8, struct.pack("<II", 1, 8), (), True),  # SET_VRING_NUM
-            ("ring size not a power of two", 8, struct.pack("<II", 0, 1000), (), True),
-            ("legacy virtio", 2, struct.pack("<Q", F_PROTOCOL), (), True),
-            ("features not offered", 2, struct.pack("<Q", F_VERSION_1 | 1 << 20), (), True),
-            ("wrong payload size", 8, struct.pack("<I", 0), (), True),
-            ("memory table without its fd", 5, region, (), True),
-            ("region past the end of its file", 5, struct.pack("<II", 1, 0)
-             + struct.pack("<QQQQ", 0, 2 << 20, UADDR, 0), (sealed,), True),
-            ("ring address before the memory table", 9,
-             struct.pack("<IIQQQQ", 0, 0, UADDR, UADDR + 0x200, UADDR + 0x100, 0), (), True),
+            ("GET_STATUS: not supported", 40, b"", ()),
+            ("SET_VRING_NUM: ring index 1, the device has 1 ring(s)", 8, struct.pack("<II", 1, 8), ()),
+            ("size 1000 is not a power of two", 8, struct.pack("<II", 0, 1000), ()),
+            ("legacy virtio (no VERSION_1)", 2, struct.pack("<Q", F_PROTOCOL), ()),
+            ("bits 0x100000 were not offered", 2, struct.pack("<Q", F_VERSION_1 | 1 << 20), ()),
+            ("SET_VRING_NUM: payload size 4, expected 8", 8, struct.pack("<I", 0), ()),
+            ("SET_MEM_TABLE: 0 fd(s) attached, expected 1", 5, region, ()),
+            ("needs 2097152 bytes of its file, which has 1048576", 5, struct.pack("<II", 1, 0)
+             + struct.pack("<QQQQ", 0, 2 << 20, UADDR, 0), (sealed,)),
+            ("SET_VRING_ADDR: no memory table yet", 9,
+             struct.pack("<IIQQQQ", 0, 0, UADDR, UADDR + 0x200, UADDR + 0x100, 0), ()),
         ]
         if unsealed is not None:
-            cases.append(("memory not sealed against shrinking", 5, region, (unsealed,), True))
-        for what, code, body, fds, acked in cases:
-            with self.subTest(what):
+            cases.append(("not a memfd sealed against shrinking", 5, region, (unsealed,)))
+        for reason, code, body, fds in cases:
+            with self.subTest(reason), self.assertLogs("vhost_user_frontend", "WARNING") as logs:
                 peer, _ = self.blk()
                 peer.request(16, struct.pack("<Q", P_REPLY_ACK))
                 if code == 9:
                     self.assertEqual(peer.ask(8, struct.pack("<II", 0, 8), flags=9), ack(8))
-                if acked:
-                    # Unlike libvhost-user (ack 0, then the hang-up), the ack says it failed.
-                    self.assertEqual(peer.ask(code, body, fds, flags=9), ack(code, 1))
-                else:
-                    peer.request(code, body, fds, flags=9)
+                # Unlike libvhost-user (ack 0, then the hang-up), the ack says it failed.
+                self.assertEqual(peer.ask(code, body, fds, flags=9), ack(code, 1))
                 peer.assert_hung_up(self)
+                self.assertIn(reason, logs.output[-1])
+                self.assertIn("dropping the front-end", logs.output[-1])
 
     RING = (8, 0x0, 0x100, 0x200)   # size, then desc, avail and used at these guest addresses
 
@@ -4986,24 +4990,28 @@ class TestEmbeddedBackendWire(FdLeakCheck):
         R, W, I = 0, 2, 4   # descriptor flags: device-readable, device-writable, indirect
         header = (0x1000, 16, R)
         cases = [
-            ("buffer outside guest memory", [header, (1 << 20, 512, W), (0x3000, 1, W)], 0),
-            ("readable after writable", [header, (0x3000, 1, W), (0x2000, 16, R)], 0),
-            ("indirect table without RING_INDIRECT_DESC", [(0x6000, 32, I)], 1 << 28),
-            ("indirect table of 17 bytes", [(0x6000, 17, I)], 0),
-            ("nested indirect table", [(0x6000, 16, I)], 0),
-            ("indirect descriptor with NEXT", [(0x6000, 16, I), header], 0),
+            ("range 0x100000 + 512 is outside guest memory", [header, (1 << 20, 512, W)], 0),
+            ("a device-readable buffer after a writable one",
+             [header, (0x3000, 1, W), (0x2000, 16, R)], 0),
+            ("RING_INDIRECT_DESC was not negotiated", [(0x6000, 32, I)], 1 << 28),
+            ("an indirect table of 17 bytes, not a multiple of 16", [(0x6000, 17, I)], 0),
+            ("an indirect table inside an indirect table", [(0x6000, 16, I)], 0),
+            ("an indirect descriptor with NEXT set", [(0x6000, 16, I), header], 0),
         ]
-        for what, chain, without in cases:
-            with self.subTest(what):
+        for reason, chain, without in cases:
+            with self.subTest(reason), self.assertLogs("vhost_user_frontend", "WARNING") as logs:
                 peer, _, guest, kick, _ = self.session(self.FEATURES & ~without)
                 struct.pack_into("<QIHH", guest, 0x6000, 0x6000, 16, I, 0)   # table -> itself
                 self.post(guest, kick, 0, chain, wait=False)
                 peer.assert_hung_up(self)
-        with self.subTest("avail index moved by more than the ring holds"):
+                self.assertIn(reason, logs.output[-1])
+        with self.subTest("avail index moved by more than the ring holds"), \
+                self.assertLogs("vhost_user_frontend", "WARNING") as logs:
             peer, _, guest, kick, _ = self.session()
             struct.pack_into("<H", guest, self.RING[2] + 2, 9)
             kick.signal()
             peer.assert_hung_up(self)
+            self.assertIn("avail index moved from 0 to 9, more than the 8 entries", logs.output[-1])
 
     def test_data_path_with_event_idx(self):
         peer, device, guest, kick, call = self.session()
@@ -5052,8 +5060,10 @@ class TestEmbeddedBackendWire(FdLeakCheck):
         struct.pack_into("<QIHH", guest, desc + 16, 0x1000, 16, 1, 0)
         struct.pack_into("<H", guest, avail + 4 + 2 * 5, 0)
         struct.pack_into("<H", guest, avail + 2, 6)
-        kick.signal()
-        peer.assert_hung_up(self)
+        with self.assertLogs("vhost_user_frontend", "WARNING") as logs:
+            kick.signal()
+            peer.assert_hung_up(self)
+        self.assertIn("looped descriptor chain", logs.output[-1])
 
 
 class TestEmbeddedBackendDevices(FdLeakCheck):
