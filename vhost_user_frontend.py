@@ -7564,9 +7564,9 @@ class _TerminationUnwinds:
     """While active, SIGTERM and SIGHUP raise ``_Terminated`` in the main thread.
 
     A daemon and its files would otherwise be left behind by ``kill`` or a
-    closed terminal, which end a process without running ``finally``.
-    After the first signal both are ignored until the block is left, so the
-    clean-up itself is not cut short.
+    closed terminal, which end a process without running ``finally``. The
+    first signal unwinds; a second one, while cleaning up, ends the process
+    at once (their default action), as a second Ctrl-C would.
     """
 
     def __enter__(self):
@@ -7580,7 +7580,7 @@ class _TerminationUnwinds:
     def _unwind(self, signum, frame):
         import signal
         for other in self._saved:
-            signal.signal(other, signal.SIG_IGN)
+            signal.signal(other, signal.SIG_DFL)
         raise _Terminated(signum)
 
     def __exit__(self, *exc):
