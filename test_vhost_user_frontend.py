@@ -5118,6 +5118,40 @@ class TestEmbeddedBackendDevices(FdLeakCheck):
         self.assertEqual(backend.device.dropped, 0)
 
 
+class TestEmbeddedBackendProcess(FdLeakCheck):
+    """The embedded back-end in a child process: served across processes, gone with its parent's pipe."""
+
+    def spawn(self, kind):
+        tmpdir = tempfile.mkdtemp(prefix="vhu-embedded-child-")
+        self.addCleanup(shutil.rmtree, tmpdir, True)
+        path = os.path.join(tmpdir, kind + ".sock")
+        proc = vu._spawn_embedded(kind, path, size=1 << 20)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        self.addCleanup(proc.stdin.close)
+        wait_for(lambda: _is_listening(path) and os.path.exists(path), 30, "the child's socket")
+        return proc, path
+
+    def test_net_echo_then_parent_pipe_closes(self):
+        proc, path = self.spawn("net")
+        with vu.NetDevice.connect(path, queue_size=16) as nic:
+            nic.send(b"\xff" * 6 + b"\x02" * 6 + b"\x88\xb5" + b"hello")
+            self.assertEqual(nic.recv(5), b"\xff" * 6 + b"\x02" * 6 + b"\x88\xb5" + b"hello")
+        proc.stdin.close()   # what the parent's death does too
+        self.assertEqual(proc.wait(30), 0)
+        self.assertFalse(os.path.exists(path))
+
+    def test_blk_then_sigterm(self):
+        proc, path = self.spawn("blk")
+        with vu.BlockDevice.connect(path) as dev:
+            self.assertEqual(dev.capacity, 1 << 20)
+            dev.write(0, b"x" * 512)
+            self.assertEqual(dev.read(0, 512), b"x" * 512)
+        proc.terminate()
+        self.assertEqual(proc.wait(30), 0)
+        self.assertFalse(os.path.exists(path))
+
+
 class RecordingProxy(object):
     """Forwards one front-end's connection to a back-end's socket and records every message.
 
