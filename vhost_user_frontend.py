@@ -6361,8 +6361,11 @@ class _EmbeddedBackend:
                 except VhostUserError:
                     pass
             return self._hang_up(poller, handlers)
-        except VhostUserError as exc:
-            _log.info("embedded back-end: front-end gone: %s", exc)
+        except Disconnected:
+            _log.info("embedded back-end: the front-end hung up")
+            return self._hang_up(poller, handlers)
+        except VhostUserError as exc:  # a broken stream: oversized body, a timeout
+            _log.warning("embedded back-end: dropping the front-end: %s", exc)
             return self._hang_up(poller, handlers)
         finally:
             _close_fds(fds)
