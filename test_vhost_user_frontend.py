@@ -4986,6 +4986,16 @@ class TestEmbeddedBackendWire(FdLeakCheck):
             return struct.unpack_from("<II", guest, used + 4 + 8 * (n % size))
         return None
 
+    def test_broken_stream_drops_the_connection(self):
+        for reason, data in [("flags 0x2, expected version 1", hdr(1, 0x2, 0)),
+                             ("flags 0x5, expected version 1", hdr(1, 0x5, 0)),
+                             ("message body of 8192 bytes is larger than 4096", hdr(2, 1, 8192))]:
+            with self.subTest(reason), self.assertLogs("vhost_user_frontend", "WARNING") as logs:
+                peer, _ = self.blk()
+                peer.sock.sendall(data)
+                peer.assert_hung_up(self)
+                self.assertIn(reason, logs.output[-1])
+
     def test_bad_chains_drop_the_connection(self):
         R, W, I = 0, 2, 4   # descriptor flags: device-readable, device-writable, indirect
         header = (0x1000, 16, R)
