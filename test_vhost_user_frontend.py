@@ -5218,12 +5218,18 @@ class TestEmbeddedBackendTrace(BackendTestMixin, FdLeakCheck):
     """A qemu-storage-daemon session, recorded, replayed against the embedded back-end: same replies."""
 
     def test_replayed_qsd_session_gets_the_same_replies(self):
-        qsd = self.start_backend(QemuStorageDaemon, kind="raw", size=64 << 20)
+        for num_queues in (1, 2):
+            with self.subTest(num_queues=num_queues):
+                self.record_and_replay(num_queues)
+
+    def record_and_replay(self, num_queues):
+        qsd = self.start_backend(QemuStorageDaemon, kind="raw", size=64 << 20, num_queues=num_queues)
         proxy = RecordingProxy(qsd.tmpdir, qsd.socket_path)
         self.addCleanup(proxy.close)
         with vu.BlockDevice.connect(proxy.path, queue_size=128) as dev:
+            self.assertEqual(dev.num_queues, num_queues)
             dev.write(0, os.urandom(16384))
-            dev.read(4096, 8192)
+            dev.read(4096, 8192, queue=num_queues - 1)
             dev.flush()
             dev.get_id()
             dev.write_zeroes(65536, 4096)
@@ -5239,7 +5245,8 @@ class TestEmbeddedBackendTrace(BackendTestMixin, FdLeakCheck):
         # The same requests, with the same fds, to the embedded back-end over a 64 MiB memfd.
         ours, theirs = socket.socketpair()
         ours.settimeout(5)
-        backend = vu._EmbeddedBackend(vu._EmbeddedBlock(size=64 << 20), sock=theirs).start()
+        backend = vu._EmbeddedBackend(vu._EmbeddedBlock(size=64 << 20, num_queues=num_queues),
+                                      sock=theirs).start()
         self.addCleanup(backend.close)
         self.addCleanup(ours.close)
         compared = 0
@@ -5258,8 +5265,11 @@ class TestEmbeddedBackendTrace(BackendTestMixin, FdLeakCheck):
                                  (code, flags, body.hex(), len(fds)), name)
             compared += 1
         self.assertEqual(compared, len(names))
-        base = [body for direction, code, _, body, _ in trace if direction == "reply" and code == 11]
-        self.assertGreater(struct.unpack("<II", base[0])[1], 0, "the replay served no request")
+        # Equal replies, and qsd had served requests on every ring: so did the replay.
+        bases = [struct.unpack("<II", body) for direction, code, _, body, _ in trace
+                 if direction == "reply" and code == 11]
+        self.assertEqual(len(bases), num_queues)
+        self.assertTrue(all(base > 0 for _, base in bases), bases)
 
 
 # The CLI without qemu-storage-daemon or testpmd: a PATH holding only a link to this interpreter.
