@@ -28,7 +28,8 @@ Example::
 
 Sections (``grep -n '^# .*###'`` prints them with line numbers):
 Head, Errors, Constants, Wire format, OS primitives, Channel, BackendClient,
-GuestMemory, Queue, Backend requests, Worker, VhostUserFrontend, Devices, CLI.
+GuestMemory, Queue, Backend requests, Worker, VhostUserFrontend, Devices,
+Embedded back-end, CLI.
 """
 
 ############################################################################
@@ -6357,6 +6358,1041 @@ class NetDevice(_Device):
 
 
 ############################################################################
+# Embedded back-end ########################################################
+############################################################################
+# The other side of the protocol, small enough to read in one sitting: a
+# vhost-user back-end serving a virtio-blk disk (over a file or an anonymous
+# memfd) or a virtio-net device that echoes every frame it is sent (the role
+# DPDK testpmd plays in io forward mode), so that ``demo`` and ``selftest``
+# run on a machine with nothing but Python. It is for demonstrations and
+# self-checks, not a production daemon: one front-end at a time, one
+# thread, split rings only, I/O done inline. It is built on the wire codec,
+# the Channel, the OS primitives, the split-ring layout, fences and ring
+# accessor of the Queue section (never on ``Queue`` itself) and the
+# virtio-blk/net constants of the Devices section; the interop tests never
+# use it in place of qemu-storage-daemon or testpmd.
+#
+# Like libvhost-user it drops the connection when a front-end breaks the
+# protocol (a ring index out of range, an address outside guest memory, a
+# looped chain, legacy virtio, a request it does not know). Unlike
+# libvhost-user, which acks 0 and then hangs up (BACKENDS.md), a requested
+# ack is answered with 1 first, so the front-end sees the failure.
+
+_EMBEDDED_QUEUE_MAX = MAX_QUEUE_SIZE
+#: Protocol features the embedded back-end offers; BACKEND_REQ is accepted
+#: (the channel is kept) but nothing is ever sent on it.
+_EMBEDDED_PROTOCOL = _P.MQ | _P.REPLY_ACK | _P.BACKEND_REQ | _P.CONFIG
+_EMBEDDED_TRANSPORT = (VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC
+                       | VirtioFeature.RING_EVENT_IDX | VirtioFeature.PROTOCOL_FEATURES)
+_GPA, _UADDR = "guest", "user"
+
+
+class _Refused(VhostUserError):
+    """The front-end broke the protocol, so the embedded back-end drops it (vu_panic)."""
+
+
+class _MappedMemory:
+    """The front-end's memory as SET_MEM_TABLE describes it, mapped from the fds it carries.
+
+    Buffers are handed out as (mmap, offset, length), never as memoryviews,
+    so the mappings can always be closed (an exported view would pin them).
+    Only files sealed against shrinking are mapped: a front-end that could
+    ``ftruncate`` a region under us would make the next access SIGBUS this
+    process (GuestMemory seals its memfds for the same reason).
+    """
+
+    def __init__(self, regions, fds):
+        self._maps = []
+        try:
+            for region, fd in zip(regions, fds):
+                self._maps.append((region, self._map(region, fd)))
+            for space in ("guest_phys_addr", "userspace_addr"):
+                spans = sorted((getattr(r, space), r.memory_size) for r, _ in self._maps)
+                for (a, size), (b, _) in zip(spans, spans[1:]):
+                    if b < a + size:
+                        raise _Refused("SET_MEM_TABLE: regions at %s %#x and %#x overlap"
+                                       % (space, a, b), _F.SET_MEM_TABLE)
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _map(region, fd):
+        import stat
+        st = os.fstat(fd)
+        end = region.mmap_offset + region.memory_size
+        if not region.memory_size:
+            raise _Refused("SET_MEM_TABLE: region at %#x has size 0" % region.guest_phys_addr,
+                           _F.SET_MEM_TABLE)
+        if not stat.S_ISREG(st.st_mode) or not _file_seals(fd) & _F_SEAL_SHRINK:
+            raise _Refused("SET_MEM_TABLE: the fd of region %#x is not a memfd sealed against "
+                           "shrinking (F_SEAL_SHRINK); a later truncate would crash this "
+                           "back-end" % region.guest_phys_addr, _F.SET_MEM_TABLE)
+        if st.st_size < end:
+            raise _Refused("SET_MEM_TABLE: region %#x needs %d bytes of its file, which has %d"
+                           % (region.guest_phys_addr, end, st.st_size), _F.SET_MEM_TABLE)
+        start = region.mmap_offset - region.mmap_offset % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(fd, end - start, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                           offset=start)
+        return mapped, region.mmap_offset - start
+
+    def locate(self, addr, length, space, what):
+        """(mmap, offset) of ``length`` bytes at ``addr`` (a guest or a user address)."""
+        for region, (mapped, delta) in self._maps:
+            offset = addr - (region.guest_phys_addr if space == _GPA else region.userspace_addr)
+            if 0 <= offset and offset + length <= region.memory_size:
+                return mapped, delta + offset
+        raise _Refused("%s: %s address range %#x + %d is outside guest memory"
+                       % (what, space, addr, length))
+
+    def close(self):
+        maps, self._maps = self._maps, []
+        for _, (mapped, _) in maps:
+            try:
+                mapped.close()
+            except BufferError:
+                pass  # a ring view is still alive somewhere: the GC unmaps it
+
+
+class _DeviceRing:
+    """One split ring seen from the device: take chains from avail, give them back in used.
+
+    The layout is the driver's (virtio spec 2.7); indices and used entries
+    go through the Queue section's ``_ring_words`` accessor, one aligned
+    access each, with its fences between them.
+    """
+
+    def __init__(self, index):
+        self.index = index
+        self.num = 0
+        self.addr = None
+        self.last_avail = 0
+        self.used_idx = 0
+        self.kick = None
+        self.call = None
+        self.started = False
+        self.enabled = False
+        self.event_idx = False
+        self.indirect = False
+        self._views = ()
+        self._fences = _Fences()
+
+    @property
+    def ready(self):
+        return self.started and self.enabled and bool(self._views)
+
+    def map(self, memory):
+        """Find the ring's three parts in ``memory`` (after SET_VRING_ADDR or SET_MEM_TABLE)."""
+        self.unmap()
+        if self.addr is None or memory is None:
+            return
+        desc_bytes, avail_bytes, used_bytes = _split_ring_sizes(self.num)
+        what = "ring %d" % self.index
+        for name, addr, align in (("descriptor table", self.addr.desc, 16),
+                                  ("avail ring", self.addr.avail, 2),
+                                  ("used ring", self.addr.used, 4)):
+            if addr % align:  # spec 2.7: 16, 2 and 4
+                raise _Refused("SET_VRING_ADDR: %s %s at %#x is not %d-byte aligned"
+                               % (what, name, addr, align), _F.SET_VRING_ADDR)
+        desc = memory.locate(self.addr.desc, desc_bytes, _UADDR, what)
+        avail_map, avail_offset = memory.locate(self.addr.avail, avail_bytes, _UADDR, what)
+        mapped, offset = memory.locate(self.addr.used, used_bytes, _UADDR, what)
+        self._desc = desc
+        # avail: [0] flags, [1] idx, [2 + i] ring[i], [2 + num] used_event
+        self._avail = self._words(avail_map, avail_offset, avail_bytes, "H")[0]
+        # used: [0] flags, [1] idx, then (id, len) pairs, then avail_event
+        self._used_load, self._used_store = self._words(mapped, offset, 4, "H")
+        self._elem_store = self._words(mapped, offset + 4, 8 * self.num, "I")[1]
+        self._avail_event_store = self._words(mapped, offset + 4 + 8 * self.num, 2, "H")[1]
+        # libvhost-user does the same: the used index lives in guest memory.
+        self.used_idx = self._used_load(1)
+
+    def _words(self, mapped, offset, length, fmt):
+        """(load, store) of the ``fmt`` words at ``offset``: the module's ring accessor."""
+        whole = memoryview(mapped)
+        view = whole[offset:offset + length]
+        load, store, words = _ring_words(view, fmt)
+        self._views += (words, view, whole) if words is not view else (view, whole)
+        return load, store
+
+    def unmap(self):
+        for view in self._views:
+            view.release()
+        self._views = ()
+
+    def close(self):
+        """Stop the ring and close its fds (session end)."""
+        self.unmap()
+        for fd in (self.kick, self.call):
+            if fd is not None:
+                os.close(fd)
+        self.kick = self.call = None
+        self.started = False
+
+    def pop(self, memory):
+        """(head, readable, writable) of the next available chain, or None.
+
+        readable and writable are lists of (mmap, offset, length).
+        """
+        avail_idx = self._avail(1)
+        pending = (avail_idx - self.last_avail) & 0xFFFF
+        if not pending:
+            return None
+        if pending > self.num:
+            raise _Refused("ring %d: avail index moved from %d to %d, more than the %d entries "
+                           "of the ring" % (self.index, self.last_avail, avail_idx, self.num))
+        self._fences.read()  # avail->idx before the entry and its descriptors (spec 2.7.13)
+        head = self._avail(2 + self.last_avail % self.num)
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        readable, writable = self._walk(memory, head)
+        return head, readable, writable
+
+    def _walk(self, memory, head):
+        what = "ring %d chain at descriptor %d" % (self.index, head)
+        readable, writable = [], []
+        table, table_offset, table_size = self._desc[0], self._desc[1], self.num
+        index, seen, indirect = head, 0, False
+        while True:
+            if index >= table_size:
+                raise _Refused("%s: descriptor index %d is outside a table of %d"
+                               % (what, index, table_size))
+            seen += 1
+            if seen > table_size:
+                raise _Refused("%s: looped descriptor chain" % what)
+            addr, length, flags, nxt = _DESC.unpack_from(table, table_offset + 16 * index)
+            if flags & _DESC_F_INDIRECT:
+                # Spec 2.7.5.3: never nested, never with NEXT, but it may end a
+                # chain of direct descriptors, which a device must handle.
+                problem = ("RING_INDIRECT_DESC was not negotiated" if not self.indirect else
+                           "an indirect table inside an indirect table" if indirect else
+                           "an indirect descriptor with NEXT set" if flags & _DESC_F_NEXT else
+                           "an indirect table of %d bytes, not a multiple of 16" % length
+                           if not length or length % 16 else None)
+                if problem:
+                    raise _Refused("%s: %s" % (what, problem))
+                table, table_offset = memory.locate(addr, length, _GPA, what)
+                table_size, index, seen, indirect = length // 16, 0, 0, True
+                continue
+            mapped, offset = memory.locate(addr, length, _GPA, what)
+            if flags & _DESC_F_WRITE:
+                writable.append((mapped, offset, length))
+            elif writable:  # spec 2.7.4.2: readable buffers come first
+                raise _Refused("%s: a device-readable buffer after a writable one" % what)
+            else:
+                readable.append((mapped, offset, length))
+            if not flags & _DESC_F_NEXT:
+                return readable, writable
+            index = nxt
+
+    def push(self, head, length):
+        """Return a chain in the used ring (published at once)."""
+        slot = 2 * (self.used_idx % self.num)
+        self._elem_store(slot, head)
+        self._elem_store(slot + 1, length)
+        self._fences.write()  # the element before the index that covers it
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        self._used_store(1, self.used_idx)
+
+    def arm(self):
+        """Ask for a kick at the next new chain; True if one came in meanwhile (EVENT_IDX)."""
+        if not self.event_idx:
+            return False
+        self._avail_event_store(0, self.last_avail)
+        self._fences.full()  # avail_event visible before we look at avail->idx again
+        return self._avail(1) != self.last_avail
+
+    def notify(self, old_used):
+        """Signal the call eventfd if the driver wants to hear of entries used since old_used."""
+        if self.used_idx == old_used or self.call is None:
+            return
+        self._fences.full()  # used->idx visible before we read the driver's wish (2.7.10)
+        if self.event_idx:
+            wanted = _need_event(self._avail(2 + self.num), self.used_idx, old_used)
+        else:
+            wanted = not self._avail(0) & _AVAIL_F_NO_INTERRUPT
+        if wanted:
+            try:
+                os.write(self.call, _ONE)
+            except BlockingIOError:
+                pass  # counter saturated: signalled anyway
+
+
+def _gather(buffers, limit=None):
+    """The bytes of (mmap, offset, length) buffers, at most ``limit``."""
+    parts = []
+    for mapped, offset, length in buffers:
+        if limit is not None:
+            length = min(length, limit - sum(map(len, parts)))
+        parts.append(mapped[offset:offset + length])
+    return b"".join(parts)
+
+
+def _scatter(buffers, data):
+    """Copy ``data`` into (mmap, offset, length) buffers in order; returns bytes copied."""
+    done = 0
+    for mapped, offset, length in buffers:
+        take = min(length, len(data) - done)
+        if take <= 0:
+            break
+        mapped[offset:offset + take] = data[done:done + take]
+        done += take
+    return done
+
+
+class _EmbeddedBlock:
+    """virtio-blk over a file or an anonymous memfd (virtio spec 5.2).
+
+    Offers what qemu-storage-daemon 7.2 offers a driver, so that its config
+    space reads the same for the same disk: SIZE_MAX (0), SEG_MAX (126),
+    BLK_SIZE (512), FLUSH (fsync), TOPOLOGY, CONFIG_WCE (writeback 0), MQ,
+    DISCARD (accepted and ignored, which the spec allows) and WRITE_ZEROES.
+    """
+
+    device_type = DeviceType.BLOCK
+    _SEG_MAX = 126          # qemu-storage-daemon's: queue size 128 minus header and status
+    _RANGE_SECTORS = 32768  # max_discard_sectors / max_write_zeroes_sectors, as qsd
+
+    def __init__(self, path=None, size=64 << 20, read_only=False, num_queues=1,
+                 serial=b"vu-embedded"):
+        if path is None:
+            self.fd = _memfd_create("vhost-user-embedded-blk", size)
+        else:
+            self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+            size = os.fstat(self.fd).st_size
+        self.capacity = size - size % _SECTOR
+        self.read_only = read_only
+        self.num_queues = num_queues
+        self.serial = serial[:_BLK_ID_BYTES]
+        self.writeback = 0
+        self.features = (_EMBEDDED_TRANSPORT | _BLK_F_SIZE_MAX | _BLK_F_SEG_MAX | _BLK_F_BLK_SIZE
+                         | _BLK_F_FLUSH | _BLK_F_TOPOLOGY | _BLK_F_CONFIG_WCE | _BLK_F_MQ
+                         | _BLK_F_DISCARD | _BLK_F_WRITE_ZEROES | (_BLK_F_RO if read_only else 0))
+
+    def config(self):
+        """struct virtio_blk_config up to write_zeroes_may_unmap and its padding (60 bytes)."""
+        return struct.pack("<QIIHBBIBBHIBBHIIIIIB3x", self.capacity // _SECTOR, 0, self._SEG_MAX,
+                           0, 0, 0, _SECTOR, 0, 0, 1, 1, self.writeback, 0, self.num_queues,
+                           self._RANGE_SECTORS, 1, 1, self._RANGE_SECTORS, 1, 0)
+
+    def write_config(self, offset, data):
+        """Only ``writeback`` may be written (spec 5.2.5, CONFIG_WCE)."""
+        if offset != 32 or len(data) != 1 or data[0] > 1:
+            raise OSError(errno.EINVAL, "only writeback (1 byte at 32, 0 or 1) is writable")
+        self.writeback = data[0]
+
+    def process(self, backend, index):
+        backend.drain(index, self._request)
+
+    def _request(self, readable, writable):
+        """Serve one request; returns the used length (status byte included)."""
+        header = _gather(readable, _BLK_REQ.size)
+        if len(header) < _BLK_REQ.size or not writable:
+            raise _Refused("virtio-blk: a request needs a %d-byte header and a status byte"
+                           % _BLK_REQ.size)
+        kind, _, sector = _BLK_REQ.unpack(header)
+        status_buffer = writable[-1]
+        data_in = writable[:-1] + [status_buffer[:2] + (status_buffer[2] - 1,)]
+        data_in = [b for b in data_in if b[2]]
+        written = 0
+        try:
+            if kind == _BLK_T_IN:
+                length = sum(b[2] for b in data_in)
+                self._check(sector, length)
+                written = _scatter(data_in, self._pread(sector * _SECTOR, length))
+                status = 0
+            elif kind == _BLK_T_OUT:
+                data = _gather(readable)[_BLK_REQ.size:]
+                self._check(sector, len(data), write=True)
+                os.pwrite(self.fd, data, sector * _SECTOR)
+                status = 0
+            elif kind == _BLK_T_FLUSH:
+                os.fsync(self.fd)
+                status = 0
+            elif kind == _BLK_T_GET_ID:
+                written = _scatter(data_in, self.serial.ljust(_BLK_ID_BYTES, b"\0"))
+                status = 0
+            elif kind in (_BLK_T_DISCARD, _BLK_T_WRITE_ZEROES):
+                status = self._ranges(kind, _gather(readable)[_BLK_REQ.size:])
+            else:
+                status = 2  # UNSUPP
+        except OSError as exc:
+            _log.warning("embedded blk: %s at sector %d: %s", _BLK_OP_NAMES.get(kind, kind),
+                         sector, exc)
+            status = 1  # IOERR
+        mapped, offset, length = status_buffer
+        mapped[offset + length - 1] = status
+        return written + 1
+
+    def _check(self, sector, length, write=False):
+        if length % _SECTOR or sector * _SECTOR + length > self.capacity:
+            raise OSError(errno.EINVAL, "%d bytes at sector %d: not whole sectors inside the "
+                          "%d-byte disk" % (length, sector, self.capacity))
+        if write and self.read_only:
+            raise OSError(errno.EROFS, "the disk is read-only")
+
+    def _pread(self, offset, length):
+        data = os.pread(self.fd, length, offset)
+        return data + bytes(length - len(data))  # past EOF of a sparse file: zeros
+
+    def _ranges(self, kind, payload):
+        if not payload or len(payload) % _BLK_DISCARD_SEG.size:
+            return 1
+        for i in range(0, len(payload), _BLK_DISCARD_SEG.size):
+            sector, count, _ = _BLK_DISCARD_SEG.unpack_from(payload, i)
+            if count > self._RANGE_SECTORS:
+                return 1
+            self._check(sector, count * _SECTOR, write=True)
+            if kind == _BLK_T_WRITE_ZEROES:
+                os.pwrite(self.fd, bytes(count * _SECTOR), sector * _SECTOR)
+        return 0
+
+    def close(self):
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+class _EmbeddedNet:
+    """virtio-net that sends every frame straight back (testpmd's io forward mode, spec 5.1).
+
+    Each frame taken from the TX ring (1) goes to the next receive buffers
+    of the RX ring (0), spread over several when MRG_RXBUF was acked. A
+    frame that finds no receive buffer is dropped and counted, as on a
+    wire; ``dropped`` says how many.
+    """
+
+    device_type = DeviceType.NET
+    num_queues = 2
+    mac = b"\x02\x76\x68\x75\x00\x01"  # locally administered, "vhu"
+    mtu = 1500
+
+    def __init__(self):
+        self.features = _EMBEDDED_TRANSPORT | _NET_F_MAC | _NET_F_STATUS | _NET_F_MTU \
+            | _NET_F_MRG_RXBUF
+        self.dropped = 0
+
+    def config(self):
+        """mac, status (LINK_UP), max_virtqueue_pairs, mtu (12 bytes)."""
+        return self.mac + struct.pack("<HHH", _NET_S_LINK_UP, 1, self.mtu)
+
+    def write_config(self, offset, data):
+        raise OSError(errno.EINVAL, "the net config space is read-only")
+
+    def process(self, backend, index):
+        if index == _NET_TX:
+            rx = backend.rings.get(_NET_RX)
+            old_used = rx.used_idx if rx is not None else None
+            backend.drain(index, lambda readable, writable: self._echo(backend, rx, readable))
+            if rx is not None and rx.ready:
+                rx.notify(old_used)
+        # New receive buffers need no work: frames are not queued for them.
+
+    def _echo(self, backend, rx, readable):
+        frame = _gather(readable)
+        header_size = _NET_HDR.size if backend.acked_features & (
+            VirtioFeature.VERSION_1 | _NET_F_MRG_RXBUF) else _NET_HDR_LEGACY_SIZE
+        if len(frame) < header_size:
+            raise _Refused("virtio-net: a TX chain of %d bytes is shorter than its header"
+                           % len(frame))
+        frame = frame[header_size:]
+        if rx is None or not rx.ready:
+            self.dropped += 1
+            return 0
+        mergeable = bool(backend.acked_features & _NET_F_MRG_RXBUF)
+        start = rx.last_avail
+        chains = []
+        room = -header_size
+        while room < len(frame) and (mergeable or not chains):
+            chain = rx.pop(backend.memory)
+            if chain is None:
+                break
+            head, readable_rx, writable_rx = chain
+            if readable_rx:
+                raise _Refused("virtio-net: an RX chain has device-readable buffers")
+            chains.append((head, writable_rx))
+            room += sum(b[2] for b in writable_rx)
+        if room < len(frame):
+            rx.last_avail = start  # give the buffers back: nothing was written
+            self.dropped += 1
+            return 0
+        data = _NET_HDR.pack(0, 0, 0, 0, 0, 0, len(chains))[:header_size] + frame
+        done = 0
+        for head, writable_rx in chains:
+            count = _scatter(writable_rx, data[done:])
+            done += count
+            rx.push(head, count)
+        return 0
+
+    def close(self):
+        pass
+
+
+class _EmbeddedBackend:
+    """A vhost-user back-end for ``device``, serving one front-end at a time from one thread.
+
+    Listens on ``path`` (a unix socket it creates; the next front-end is
+    accepted when the current one hangs up, as qemu-storage-daemon does) or
+    serves the one connected socket ``sock``. ``start()`` runs it on a
+    thread named ``vhost-user-embedded-...``; ``serve()`` runs it on the
+    calling thread (the child process of ``_spawn_embedded``) until
+    ``stop()`` or EOF on ``stop_fd``. ``close()`` stops and frees everything.
+    """
+
+    def __init__(self, device, path=None, sock=None, timeout=5.0):
+        self.device = device
+        self.path = path
+        self.timeout = timeout
+        self.sessions = 0
+        self._listener = None
+        self._stop = Event()
+        self._closed = False
+        self._thread = None
+        self._channel = None
+        self._reset_session()
+        self._handlers = {
+            _F.GET_FEATURES: lambda body, fds: _U64.pack(self.device.features),
+            _F.SET_FEATURES: self._set_features,
+            _F.SET_OWNER: lambda body, fds: None,
+            _F.RESET_OWNER: self._reset_owner,
+            _F.SET_MEM_TABLE: self._set_mem_table,
+            _F.SET_VRING_NUM: self._set_vring_num,
+            _F.SET_VRING_ADDR: self._set_vring_addr,
+            _F.SET_VRING_BASE: self._set_vring_base,
+            _F.GET_VRING_BASE: self._get_vring_base,
+            _F.SET_VRING_KICK: functools.partial(self._set_vring_fd, _F.SET_VRING_KICK),
+            _F.SET_VRING_CALL: functools.partial(self._set_vring_fd, _F.SET_VRING_CALL),
+            _F.SET_VRING_ERR: functools.partial(self._set_vring_fd, _F.SET_VRING_ERR),
+            _F.GET_PROTOCOL_FEATURES: lambda body, fds: _U64.pack(_EMBEDDED_PROTOCOL),
+            _F.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            _F.GET_QUEUE_NUM: lambda body, fds: _U64.pack(self.device.num_queues),
+            _F.SET_VRING_ENABLE: self._set_vring_enable,
+            _F.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+            _F.GET_CONFIG: self._get_config,
+            _F.SET_CONFIG: self._set_config,
+        }
+        try:
+            if path is not None:
+                self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self._listener.bind(path)
+                self._listener.listen(1)
+            elif sock is not None:
+                self._channel = _Channel(sock, timeout)
+            else:
+                raise ValueError("the embedded back-end needs a socket path or a connected socket")
+        except BaseException:
+            self.close()
+            raise
+
+    def _reset_session(self):
+        self.acked_features = 0
+        self.protocol_features = 0
+        self.memory = None
+        self.rings = {}
+        self._backend_req = None
+        self._session_fds = set()   # kick fds the poller watches
+        self._retired = []          # kick fds to close once no longer watched
+        self._startable = []        # rings to run once the current request is answered
+
+    # -- running ------------------------------------------------------------------
+
+    def start(self):
+        """Serve on a thread of its own; returns self."""
+        self._thread = threading.Thread(target=self._serve_logged, daemon=True,
+                                        name="vhost-user-embedded-%s"
+                                        % self.device.device_type.name.lower())
+        self._thread.start()
+        return self
+
+    def _serve_logged(self):
+        try:
+            self.serve()
+        except BaseException as exc:
+            _log.error("embedded back-end failed: %s", exc, exc_info=True)
+
+    def serve(self, stop_fd=None):
+        """Serve until ``stop()`` or EOF on ``stop_fd`` (or the hang-up of a ``sock``)."""
+        poller = select.epoll()
+        try:
+            handlers = {self._stop.fileno(): None}
+            poller.register(self._stop.fileno(), select.EPOLLIN)
+            if stop_fd is not None:
+                handlers[stop_fd] = None
+                poller.register(stop_fd, select.EPOLLIN)
+            if self._channel is not None:
+                self._watch_session(poller, handlers)
+            else:
+                handlers[self._listener.fileno()] = self._accept
+                poller.register(self._listener.fileno(), select.EPOLLIN)
+            while True:
+                try:
+                    events = poller.poll()
+                except InterruptedError:  # PyPy may not retry EINTR itself (PEP 475)
+                    continue
+                for fd, _ in events:
+                    if fd not in handlers:
+                        continue  # unregistered earlier in this batch
+                    if handlers[fd] is None:
+                        return
+                    if handlers[fd](poller, handlers, fd) is False:
+                        return
+        finally:
+            poller.close()
+            self._end_session()
+
+    def stop(self):
+        """Make ``serve`` return and join the thread; safe to call twice."""
+        if not self._closed:
+            self._stop.signal()
+        if self._thread is not None:
+            self._thread.join(self.timeout * 2)
+            self._thread = None
+
+    def close(self):
+        """Stop, end the session, close the socket and the device; safe to call twice."""
+        self.stop()
+        self._end_session()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        self._closed = True
+        self._stop.close()
+        self.device.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- sessions -----------------------------------------------------------------
+
+    def _accept(self, poller, handlers, fd):
+        try:
+            sock, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        self._channel = _Channel(sock, self.timeout)
+        # One front-end at a time: the next waits in the listen backlog.
+        poller.unregister(fd)
+        del handlers[fd]
+        self._watch_session(poller, handlers)
+
+    def _watch_session(self, poller, handlers):
+        self.sessions += 1
+        handlers[self._channel.fileno()] = self._message
+        poller.register(self._channel.fileno(), select.EPOLLIN)
+
+    def _sync_kicks(self, poller, handlers):
+        """Watch the kick eventfd of every started ring, and only those."""
+        wanted = {ring.kick: ring.index for ring in self.rings.values()
+                  if ring.started and ring.kick is not None}
+        for fd in list(self._session_fds):
+            if fd not in wanted:
+                poller.unregister(fd)
+                del handlers[fd]
+                self._session_fds.discard(fd)
+        # Closed only now that the poller forgot them: a number reused by a
+        # new kick fd must not be mistaken for one already watched.
+        _close_fds(self._retired)
+        self._retired = []
+        for fd, index in wanted.items():
+            if fd not in self._session_fds:
+                handlers[fd] = functools.partial(self._kick, index)
+                poller.register(fd, select.EPOLLIN)
+                self._session_fds.add(fd)
+
+    def _kick(self, index, poller, handlers, fd):
+        try:
+            os.read(fd, 8)
+        except BlockingIOError:
+            return None
+        return self._run_device(poller, handlers, index)
+
+    def _run_device(self, poller, handlers, index):
+        ring = self.rings.get(index)
+        if ring is None or not ring.ready:
+            return None
+        try:
+            self.device.process(self, index)
+        except _Refused as exc:
+            _log.warning("embedded back-end: %s; dropping the front-end", exc)
+            return self._hang_up(poller, handlers)
+        return None
+
+    def drain(self, index, serve):
+        """Serve every available chain of ring ``index``, then interrupt the driver if it wants.
+
+        ``serve(readable, writable)`` handles one chain and returns the used
+        length. With EVENT_IDX, avail_event asks for a kick at the next chain
+        and avail->idx is read once more, for a chain that raced it.
+        """
+        ring = self.rings[index]
+        old_used = ring.used_idx
+        while True:
+            chain = ring.pop(self.memory)
+            if chain is None:
+                if ring.arm():
+                    continue
+                break
+            head, readable, writable = chain
+            ring.push(head, serve(readable, writable))
+        ring.notify(old_used)
+
+    def _message(self, poller, handlers, fd):
+        channel = self._channel
+        try:
+            code, flags, size, fds = channel.recv_header("front-end request", timeout=None)
+        except Disconnected:
+            _log.info("embedded back-end: the front-end hung up")
+            return self._hang_up(poller, handlers)
+        except VhostUserError as exc:
+            _log.warning("embedded back-end: dropping the front-end: %s", exc)
+            return self._hang_up(poller, handlers)
+        request = code
+        try:
+            request = FrontendReq(code)
+        except ValueError:
+            pass
+        name = _req_name(request)
+        need_reply = bool(flags & _FLAG_NEED_REPLY and self.protocol_features & _P.REPLY_ACK)
+        try:
+            if flags & ~(_FLAG_VERSION_MASK | _FLAG_NEED_REPLY) or \
+                    flags & _FLAG_VERSION_MASK != _VERSION:
+                raise _Refused("%s: flags %#x, expected version 1 with only NEED_REPLY"
+                               % (name, flags), request)
+            body = channel.recv_body(size, name)
+            handler = self._handlers.get(request)
+            if handler is None:
+                raise _Refused("%s: not supported by the embedded back-end" % name, request)
+            try:
+                reply = handler(body, fds)
+            except ProtocolError as exc:  # a payload the codec refused
+                raise _Refused(str(exc), request)
+            except OSError as exc:  # refused, but the connection stays (SET_CONFIG)
+                _log.warning("embedded back-end: %s refused: %s", name, exc.strerror or exc)
+                reply = None
+                if need_reply:
+                    channel.send(code, _VERSION | _FLAG_REPLY, _U64.pack(1), what=name)
+                    need_reply = False
+            if reply is not None:
+                channel.send(code, _VERSION | _FLAG_REPLY, reply, what=name)
+            elif need_reply:
+                channel.send(code, _VERSION | _FLAG_REPLY, _U64.pack(0), what=name)
+        except _Refused as exc:
+            _log.warning("embedded back-end: %s; dropping the front-end", exc)
+            if need_reply:
+                try:
+                    channel.send(code, _VERSION | _FLAG_REPLY, _U64.pack(1), what=name)
+                except VhostUserError:
+                    pass
+            return self._hang_up(poller, handlers)
+        except Disconnected:
+            _log.info("embedded back-end: the front-end hung up")
+            return self._hang_up(poller, handlers)
+        except VhostUserError as exc:  # a broken stream: oversized body, a timeout
+            _log.warning("embedded back-end: dropping the front-end: %s", exc)
+            return self._hang_up(poller, handlers)
+        finally:
+            _close_fds(fds)
+        self._sync_kicks(poller, handlers)
+        # A ring that became ready runs at once, for chains already available:
+        # libvhost-user kicks itself on SET_VRING_KICK for the same reason.
+        startable, self._startable = self._startable, []
+        for index in startable:
+            result = self._run_device(poller, handlers, index)
+            if self._channel is None:
+                return result
+        return None
+
+    def _hang_up(self, poller, handlers):
+        """End the session; False (stop serving) when there is no listener to accept again."""
+        for fd in list(self._session_fds) + [self._channel.fileno()]:
+            poller.unregister(fd)
+            del handlers[fd]
+        self._session_fds = set()
+        self._end_session()
+        if self._listener is None:
+            return False
+        handlers[self._listener.fileno()] = self._accept
+        poller.register(self._listener.fileno(), select.EPOLLIN)
+        return None
+
+    def _end_session(self):
+        _close_fds(self._retired)
+        for ring in self.rings.values():
+            ring.close()
+        if self.memory is not None:
+            self.memory.close()
+        if self._backend_req is not None:
+            self._backend_req.close()
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+        self._reset_session()
+
+    # -- requests -------------------------------------------------------------------
+
+    def _ring(self, index, request):
+        # BACKENDS.md 10: libvhost-user trusts this index and crashes on a bad one.
+        if not 0 <= index < self.device.num_queues:
+            raise _Refused("%s: ring index %d, the device has %d ring(s)"
+                           % (_req_name(request), index, self.device.num_queues), request)
+        ring = self.rings.get(index)
+        if ring is None:
+            ring = self.rings[index] = _DeviceRing(index)
+        return ring
+
+    def _expect_fds(self, request, fds, count):
+        if len(fds) != count:
+            raise _Refused("%s: %d fd(s) attached, expected %d"
+                           % (_req_name(request), len(fds), count), request)
+
+    def _set_features(self, body, fds):
+        features = _decode_u64(_F.SET_FEATURES, body)
+        extra = features & ~self.device.features
+        if extra:
+            raise _Refused("SET_FEATURES: bits %#x were not offered" % extra, _F.SET_FEATURES)
+        if not features & VirtioFeature.VERSION_1:
+            raise _Refused("SET_FEATURES: legacy virtio (no VERSION_1) is not supported, as "
+                           "in libvhost-user", _F.SET_FEATURES)
+        self.acked_features = features
+        for ring in self.rings.values():
+            self._ring_features(ring)
+
+    def _ring_features(self, ring):
+        ring.event_idx = bool(self.acked_features & VirtioFeature.RING_EVENT_IDX)
+        ring.indirect = bool(self.acked_features & VirtioFeature.RING_INDIRECT_DESC)
+        # Spec "Ring states": without PROTOCOL_FEATURES rings are enabled at once.
+        if not self.acked_features & VirtioFeature.PROTOCOL_FEATURES:
+            ring.enabled = True
+
+    def _set_protocol_features(self, body, fds):
+        features = _decode_u64(_F.SET_PROTOCOL_FEATURES, body)
+        extra = features & ~_EMBEDDED_PROTOCOL
+        if extra:
+            raise _Refused("SET_PROTOCOL_FEATURES: bits %#x were not offered" % extra,
+                           _F.SET_PROTOCOL_FEATURES)
+        self.protocol_features = features
+
+    def _reset_owner(self, body, fds):
+        """RESET_OWNER (deprecated): "disable all rings", as the spec suggests."""
+        for ring in self.rings.values():
+            self._retire_kick(ring)
+            ring.close()
+        self.rings = {}
+
+    def _retire_kick(self, ring):
+        if ring.kick is not None:
+            self._retired.append(ring.kick)
+            ring.kick = None
+
+    def _set_mem_table(self, body, fds):
+        regions = _decode_mem_table(_F.SET_MEM_TABLE, body)
+        if not 1 <= len(regions) <= MAX_MEM_TABLE_REGIONS:
+            raise _Refused("SET_MEM_TABLE: %d regions, 1..%d are allowed"
+                           % (len(regions), MAX_MEM_TABLE_REGIONS), _F.SET_MEM_TABLE)
+        self._expect_fds(_F.SET_MEM_TABLE, fds, len(regions))
+        memory = _MappedMemory(regions, fds)
+        for ring in self.rings.values():
+            ring.unmap()
+        if self.memory is not None:
+            self.memory.close()
+        self.memory = memory
+        for ring in self.rings.values():  # libvhost-user re-maps the rings too
+            ring.map(memory)
+
+    def _set_vring_num(self, body, fds):
+        state = _decode_state(_F.SET_VRING_NUM, body)
+        ring = self._ring(state.index, _F.SET_VRING_NUM)
+        if not 0 < state.num <= _EMBEDDED_QUEUE_MAX or state.num & (state.num - 1):
+            raise _Refused("SET_VRING_NUM: ring %d size %d is not a power of two up to %d"
+                           % (state.index, state.num, _EMBEDDED_QUEUE_MAX), _F.SET_VRING_NUM)
+        ring.unmap()
+        ring.num = state.num
+        ring.addr = None
+
+    def _set_vring_addr(self, body, fds):
+        addr = _decode_vring_addr(_F.SET_VRING_ADDR, body)
+        ring = self._ring(addr.index, _F.SET_VRING_ADDR)
+        if addr.flags:
+            raise _Refused("SET_VRING_ADDR: flags %#x (logging is not supported)" % addr.flags,
+                           _F.SET_VRING_ADDR)
+        if not ring.num:
+            raise _Refused("SET_VRING_ADDR: ring %d has no size yet (SET_VRING_NUM first)"
+                           % addr.index, _F.SET_VRING_ADDR)
+        if self.memory is None:
+            # BACKENDS.md 7: libvhost-user translates ring addresses at once.
+            raise _Refused("SET_VRING_ADDR: no memory table yet", _F.SET_VRING_ADDR)
+        ring.addr = addr
+        self._ring_features(ring)
+        ring.map(self.memory)
+
+    def _set_vring_base(self, body, fds):
+        state = _decode_state(_F.SET_VRING_BASE, body)
+        ring = self._ring(state.index, _F.SET_VRING_BASE)
+        if state.num > 0xFFFF:  # PROTOCOL.md 2: bits 16-31 are for packed rings only
+            raise _Refused("SET_VRING_BASE: base %#x of split ring %d does not fit in 16 bits"
+                           % (state.num, state.index), _F.SET_VRING_BASE)
+        ring.last_avail = state.num
+
+    def _get_vring_base(self, body, fds):
+        state = _decode_state(_F.GET_VRING_BASE, body)
+        ring = self._ring(state.index, _F.GET_VRING_BASE)
+        # Stops the ring (spec "Ring states"); requests are served inline, so
+        # nothing is left in flight to drain.
+        self._retire_kick(ring)
+        ring.started = False
+        return _encode_state(VringState(state.index, ring.last_avail))
+
+    def _set_vring_fd(self, request, body, fds):
+        value = _decode_u64(request, body)
+        if value & ~(_VRING_IDX_MASK | _VRING_NOFD):
+            raise _Refused("%s: reserved bits set in %#x" % (_req_name(request), value), request)
+        no_fd = bool(value & _VRING_NOFD)
+        self._expect_fds(request, fds, 0 if no_fd else 1)
+        ring = self._ring(value & _VRING_IDX_MASK, request)
+        if request == _F.SET_VRING_KICK:
+            if no_fd:
+                raise _Refused("SET_VRING_KICK: polling mode (no kick fd) is not supported",
+                               request)
+            self._retire_kick(ring)
+            ring.kick = fds.pop()
+            ring.started = True  # spec "Ring states": a ring starts here
+            self._startable.append(ring.index)
+        elif request == _F.SET_VRING_CALL:
+            if ring.call is not None:
+                os.close(ring.call)
+            ring.call = None if no_fd else fds.pop()
+        # SET_VRING_ERR: errors are never reported; its fd is closed with the rest.
+
+    def _set_backend_req_fd(self, body, fds):
+        self._expect_fds(_F.SET_BACKEND_REQ_FD, fds, 1)
+        if self._backend_req is not None:
+            self._backend_req.close()
+        self._backend_req = socket.socket(fileno=fds.pop())
+
+    def _set_vring_enable(self, body, fds):
+        state = _decode_state(_F.SET_VRING_ENABLE, body)
+        ring = self._ring(state.index, _F.SET_VRING_ENABLE)
+        if state.num > 1:
+            raise _Refused("SET_VRING_ENABLE: num %d is not 0 or 1" % state.num,
+                           _F.SET_VRING_ENABLE)
+        ring.enabled = bool(state.num)
+        if ring.enabled:
+            self._startable.append(state.index)
+
+    def _get_config(self, body, fds):
+        config = _decode_config(_F.GET_CONFIG, body)
+        space = self.device.config()
+        size = len(config.data)
+        if not size or config.offset + size > len(space):
+            # libvhost-user's answer to a failed GET_CONFIG: a reply of size 0.
+            _log.warning("embedded back-end: GET_CONFIG of %d bytes at %d, the config space "
+                         "has %d", size, config.offset, len(space))
+            return b""
+        return _encode_config(DeviceConfig(config.offset, config.flags,
+                                           space[config.offset:config.offset + size]))
+
+    def _set_config(self, body, fds):
+        config = _decode_config(_F.SET_CONFIG, body)
+        self.device.write_config(config.offset, config.data)
+
+
+# The child process runs this module's own file in a fresh interpreter, so
+# it works whatever name the module was imported under (or run as a script)
+# and nothing is forked from a process that may have threads.
+_CHILD_BOOTSTRAP = (
+    "import importlib.util, sys\n"
+    "spec = importlib.util.spec_from_file_location('_vhost_user_child', sys.argv[1])\n"
+    "module = importlib.util.module_from_spec(spec)\n"
+    "spec.loader.exec_module(module)\n"
+    "sys.exit(module._child_main(sys.argv[2:]))\n")
+
+
+def _spawn_child(args, log_path=None, pass_fds=()):
+    """Run ``_child_main(args)`` in a new interpreter; returns the Popen.
+
+    The child gets its own session (a terminal's Ctrl-C is for its parent,
+    who stops it) and a pipe as stdin that this process holds: it exits when
+    the pipe closes, so it never outlives its parent, even one killed by
+    SIGKILL. Close ``proc.stdin`` (or send SIGTERM) to stop it.
+    """
+    import subprocess
+    source = os.path.abspath(__file__)
+    with open(log_path or os.devnull, "ab") as log:
+        return subprocess.Popen([sys.executable, "-c", _CHILD_BOOTSTRAP, source] + list(args),
+                                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, close_fds=True, pass_fds=pass_fds)
+
+
+def _spawn_embedded(kind, socket_path, disk=None, size=64 << 20, log_path=None):
+    """The embedded back-end (``blk`` or ``net``) in a child process, serving on ``socket_path``.
+
+    blk serves ``disk`` (a file) or, without one, a memfd of ``size``
+    bytes. The caller waits for the socket to appear.
+    """
+    return _spawn_child(["serve", kind, socket_path, str(size)] + ([disk] if disk else []),
+                        log_path)
+
+
+def _child_main(argv):
+    """What a child process of this module does: ``serve KIND SOCKET SIZE [DISK]``."""
+    import signal
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if argv[0] == "ring-writer":
+        return _ring_writer(int(argv[1]), int(argv[2]))
+    kind, path, size = argv[1], argv[2], int(argv[3])
+    device = _EmbeddedBlock(argv[4] if len(argv) > 4 else None, size) if kind == "blk" \
+        else _EmbeddedNet()
+    with _EmbeddedBackend(device, path=path) as backend:
+        # SIGTERM ends serving cleanly: the socket file is removed on the way out.
+        signal.signal(signal.SIGTERM, lambda signum, frame: backend.stop())
+        backend.serve(stop_fd=sys.stdin.fileno())
+    return 0
+
+
+# The layout of the cross-process ring check (``selftest``): u16 words.
+_PROBE_IDX, _PROBE_CONSUMED, _PROBE_SLOTS = 0, 1, 32
+_PROBE_RING = 256
+
+
+def _probe_value(i):
+    """What slot ``i`` of the ring check holds: changes both bytes from one i to the next."""
+    return (i * 40503 ^ 0x5A5A) & 0xFFFF
+
+
+def _ring_writer(fd, count):
+    """Child side of the ring check: publish ``count`` entries as a driver publishes avail.
+
+    Each entry is written before the index that covers it (spec 2.7.13),
+    never more than the ring holds ahead of what the reader consumed.
+    """
+    mapped = mmap.mmap(fd, _PAGE_SIZE)
+    view = memoryview(mapped)
+    load, store, words = _ring_words(view, "H")
+    fences = _Fences()
+    deadline = time.monotonic() + 30
+    try:
+        for i in range(1, count + 1):
+            while (i - 1 - load(_PROBE_CONSUMED)) & 0xFFFF >= _PROBE_RING:
+                if time.monotonic() > deadline:
+                    return 1
+            store(_PROBE_SLOTS + i % _PROBE_RING, _probe_value(i))
+            fences.write()
+            store(_PROBE_IDX, i & 0xFFFF)
+        return 0
+    finally:
+        words.release()
+        view.release()
+        mapped.close()
+
+
+
+############################################################################
 # CLI ######################################################################
 ############################################################################
 
@@ -7235,12 +8271,32 @@ def _bench_net(dev, args):
 _DEMO_PACKAGE = "qemu-system-common"
 
 
-class _DemoDaemon:
-    """A qemu-storage-daemon exporting a temporary raw file; stop() removes everything."""
+def _listening(path):
+    """True when a unix socket bound at ``path`` listens (/proc/net/unix; True if unreadable)."""
+    try:
+        with open("/proc/net/unix") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return True
+    for line in lines:
+        # Num RefCount Protocol Flags Type St Inode Path; Flags 0x10000 is __SO_ACCEPTCON.
+        fields = line.split(None, 7)
+        if len(fields) == 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
+            return True
+    return False
 
-    def __init__(self, binary, size):
+
+class _DemoDaemon:
+    """The demo's back-end on a temporary raw file; stop() removes everything.
+
+    qemu-storage-daemon when ``binary`` names it, else the embedded back-end
+    in a child process.
+    """
+
+    def __init__(self, size, binary=None):
         import subprocess
         import tempfile
+        self.name = "qemu-storage-daemon" if binary else "the embedded back-end"
         self.tmpdir = tempfile.mkdtemp(prefix="vhost-user-demo-")
         self.proc = None
         try:
@@ -7248,15 +8304,19 @@ class _DemoDaemon:
             self.socket = os.path.join(self.tmpdir, "blk.sock")
             with open(self.disk, "wb") as f:
                 f.truncate(size)
-            self.log = os.path.join(self.tmpdir, "qsd.log")
-            with open(self.log, "wb") as log:
-                self.proc = subprocess.Popen(
-                    [binary, "--blockdev", "driver=file,node-name=disk0,filename=%s,aio=threads,"
-                     "cache.direct=off" % self.disk,
-                     "--export", "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
-                     "addr.path=%s,writable=on,num-queues=1" % self.socket],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True, close_fds=True)
+            self.log = os.path.join(self.tmpdir, "backend.log")
+            if binary is None:
+                self.proc = _spawn_embedded("blk", self.socket, disk=self.disk,
+                                            log_path=self.log)
+            else:
+                with open(self.log, "wb") as log:
+                    self.proc = subprocess.Popen(
+                        [binary, "--blockdev", "driver=file,node-name=disk0,filename=%s,"
+                         "aio=threads,cache.direct=off" % self.disk,
+                         "--export", "type=vhost-user-blk,id=exp0,node-name=disk0,"
+                         "addr.type=unix,addr.path=%s,writable=on,num-queues=1" % self.socket],
+                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                        start_new_session=True, close_fds=True)
             self._wait_for_socket(10.0)
         except BaseException:
             self.stop()
@@ -7267,16 +8327,18 @@ class _DemoDaemon:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise _CliError("qemu-storage-daemon exited with status %d: %s"
-                                % (self.proc.returncode, self._log_tail()))
+                raise _CliError("%s exited with status %d: %s"
+                                % (self.name, self.proc.returncode, self._log_tail()))
             try:
-                if stat.S_ISSOCK(os.stat(self.socket).st_mode):
+                # The file appears at bind(), connections are refused until
+                # listen(): wait for both, or the probe can be refused.
+                if stat.S_ISSOCK(os.stat(self.socket).st_mode) and _listening(self.socket):
                     return
             except FileNotFoundError:
                 pass
             if time.monotonic() > deadline:
-                raise _CliError("qemu-storage-daemon did not create %s within %.0f s"
-                                % (self.socket, timeout))
+                raise _CliError("%s did not listen on %s within %.0f s"
+                                % (self.name, self.socket, timeout))
             time.sleep(0.01)
 
     def _log_tail(self):
@@ -7299,53 +8361,294 @@ class _DemoDaemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc is not None and self.proc.stdin is not None:
+            self.proc.stdin.close()
         if self.tmpdir is not None:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             self.tmpdir = None
 
 
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwind, cleaning up on the way, as Ctrl-C does."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _TerminationUnwinds:
+    """While active, SIGTERM and SIGHUP raise ``_Terminated`` in the main thread.
+
+    A daemon and its files would otherwise be left behind by ``kill`` or a
+    closed terminal, which end a process without running ``finally``. The
+    first signal unwinds; a second one, while cleaning up, ends the process
+    at once (their default action), as a second Ctrl-C would.
+    """
+
+    def __enter__(self):
+        import signal
+        self._saved = {}
+        if threading.current_thread() is threading.main_thread():  # signal() works only there
+            for signum in (signal.SIGTERM, signal.SIGHUP):
+                self._saved[signum] = signal.signal(signum, self._unwind)
+        return self
+
+    def _unwind(self, signum, frame):
+        import signal
+        for other in self._saved:
+            signal.signal(other, signal.SIG_DFL)
+        raise _Terminated(signum)
+
+    def __exit__(self, *exc):
+        import signal
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)
+
+
 def _cmd_demo(args, out):
-    import argparse
     import shutil
-    binary = shutil.which("qemu-storage-daemon")
-    if binary is None:
-        raise _CliError("the demo needs qemu-storage-daemon, which is not installed; on Debian "
-                        "or Ubuntu: sudo apt-get install %s" % _DEMO_PACKAGE)
-    daemon = _DemoDaemon(binary, 64 << 20)
-    try:
+    binary = None if args.embedded else shutil.which("qemu-storage-daemon")
+    with _TerminationUnwinds():
+        daemon = _DemoDaemon(64 << 20, binary)
+        try:
+            _demo_tour(args, out, daemon)
+        finally:
+            tmpdir = daemon.tmpdir
+            daemon.stop()
+    out.write("5. Stopped %s and removed %s\n" % (daemon.name, tmpdir))
+    return 0
+
+
+def _demo_tour(args, out, daemon):
+    import argparse
+    if daemon.name == "qemu-storage-daemon":
         out.write("1. Started qemu-storage-daemon (pid %d) exporting a 64 MiB raw file\n"
                   "   as vhost-user-blk on %s\n\n" % (daemon.proc.pid, daemon.socket))
-        out.write("2. $ %s probe %s\n" % (_PROG, daemon.socket))
-        with _cli_connect(daemon.socket, args.timeout) as client:
-            info = _probe(client, daemon.socket)
-        out.write("".join("   %s\n" % line for line in _format_probe(daemon.socket, info)))
-        out.write("\n")
-        device_args = argparse.Namespace(socket=daemon.socket, timeout=args.timeout)
-        with _open_device(device_args, BlockDevice, DeviceType.BLOCK) as dev:
-            offset, data = 1 << 20, os.urandom(64 << 10)
-            dev.write(offset, data)
-            dev.flush()
-            back = dev.read(offset, len(data))
-            with open(daemon.disk, "rb") as f:
-                f.seek(offset)
-                on_disk = f.read(len(data))
-            if back != data or on_disk != data:
-                raise _CliError("data read back differs from what was written (%s)"
-                                % ("device" if back != data else "file on disk"))
-            out.write("3. Wrote 64 KiB of random data at offset 1 MiB, flushed, read it back:\n"
-                      "   identical, and the raw file holds the same bytes.\n\n")
-            bench_args = argparse.Namespace(
-                socket=daemon.socket, rw="randread", size=4096, depth=1, queues=None,
-                seconds=args.seconds, backend_pid=daemon.proc.pid, timeout=args.timeout,
-                loop="device")
-            out.write("4. $ %s bench %s --rw randread --seconds %g --backend-pid %d\n"
-                      % (_PROG, daemon.socket, args.seconds, daemon.proc.pid))
-            report = _bench_block(dev, bench_args)
-            out.write("".join("   %s\n" % line for line in _format_bench(report)) + "\n")
+    else:
+        why = ("--embedded asks for it" if args.embedded else
+               "qemu-storage-daemon is not installed; for the real one on Debian or Ubuntu:\n"
+               "   sudo apt-get install %s" % _DEMO_PACKAGE)
+        out.write("1. Started the embedded back-end (pid %d), a small vhost-user-blk back-end\n"
+                  "   inside this module, exporting a 64 MiB raw file on %s\n"
+                  "   (%s)\n\n" % (daemon.proc.pid, daemon.socket, why))
+    out.write("2. $ %s probe %s\n" % (_PROG, daemon.socket))
+    with _cli_connect(daemon.socket, args.timeout) as client:
+        info = _probe(client, daemon.socket)
+    out.write("".join("   %s\n" % line for line in _format_probe(daemon.socket, info)))
+    out.write("\n")
+    device_args = argparse.Namespace(socket=daemon.socket, timeout=args.timeout)
+    with _open_device(device_args, BlockDevice, DeviceType.BLOCK) as dev:
+        offset, data = 1 << 20, os.urandom(64 << 10)
+        dev.write(offset, data)
+        dev.flush()
+        back = dev.read(offset, len(data))
+        with open(daemon.disk, "rb") as f:
+            f.seek(offset)
+            on_disk = f.read(len(data))
+        if back != data or on_disk != data:
+            raise _CliError("data read back differs from what was written (%s)"
+                            % ("device" if back != data else "file on disk"))
+        out.write("3. Wrote 64 KiB of random data at offset 1 MiB, flushed, read it back:\n"
+                  "   identical, and the raw file holds the same bytes.\n\n")
+        bench_args = argparse.Namespace(
+            socket=daemon.socket, rw="randread", size=4096, depth=1, queues=None,
+            seconds=args.seconds, backend_pid=daemon.proc.pid, timeout=args.timeout,
+            loop="device")
+        out.write("4. $ %s bench %s --rw randread --seconds %g --backend-pid %d\n"
+                  % (_PROG, daemon.socket, args.seconds, daemon.proc.pid))
+        report = _bench_block(dev, bench_args)
+        out.write("".join("   %s\n" % line for line in _format_bench(report)) + "\n")
+
+
+# -- selftest -----------------------------------------------------------------
+
+def _check_memfd():
+    fd = _memfd_create("vhost-user-selftest", _PAGE_SIZE)
+    try:
+        if _file_seals(fd) & _F_SEAL_SHRINK != _F_SEAL_SHRINK:
+            raise _CliError("the memfd is not sealed against shrinking")
+        try:
+            os.ftruncate(fd, 0)
+        except PermissionError:
+            return "created, sealed; a shrinking ftruncate is refused (EPERM)"
+        raise _CliError("F_SEAL_SHRINK did not stop ftruncate from shrinking the memfd")
     finally:
-        tmpdir = daemon.tmpdir
-        daemon.stop()
-    out.write("5. Stopped qemu-storage-daemon and removed %s\n" % tmpdir)
+        os.close(fd)
+
+
+def _check_eventfd():
+    with Event() as event:
+        event.signal()
+        event.signal()
+        if event.read() != 2 or event.wait(0) != 0:
+            raise _CliError("the counter does not add up")
+        timer = threading.Timer(0.02, event.signal)
+        timer.start()
+        try:
+            if event.wait(5.0) != 1:
+                raise _CliError("a signal from another thread did not wake the waiter")
+        finally:
+            timer.join()
+    return "counts, and wakes a waiter in another thread"
+
+
+def _check_scm_rights():
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sender, receiver = _Channel(ours, 5.0), _Channel(theirs, 5.0)
+    fd = _memfd_create("vhost-user-selftest", _PAGE_SIZE)
+    fds = []
+    try:
+        sender.send(FrontendReq.SET_MEM_TABLE, _VERSION, b"x", [fd])
+        _, _, size, fds = receiver.recv_header("selftest")
+        receiver.recv_body(size, "selftest")
+        if len(fds) != 1 or os.fstat(fds[0])[1:3] != os.fstat(fd)[1:3]:
+            raise _CliError("the fd did not arrive as the same file (%d fd(s))" % len(fds))
+        os.pwrite(fds[0], b"ping", 0)
+        if os.pread(fd, 4, 0) != b"ping":
+            raise _CliError("a write through the received fd is not seen through the sent one")
+    finally:
+        _close_fds(fds + [fd])
+        sender.close()
+        receiver.close()
+    return "an fd sent with a message arrives as the same file"
+
+
+def _check_shared_mapping():
+    with GuestMemory([(0, 1 << 16)], name="vhost-user-selftest") as mem:
+        region, fd = mem.regions()[0]
+        other = _MappedMemory([region], [fd])
+        try:
+            mapped, offset = other.locate(0x1000, 8, _GPA, "selftest")
+            mem.write(0x1000, b"frontend")
+            if mapped[offset:offset + 8] != b"frontend":
+                raise _CliError("a write is not seen through the other mapping")
+            mapped[offset:offset + 8] = b"back-end"
+            if mem.read(0x1000, 8) != b"back-end":
+                raise _CliError("a write through the other mapping is not seen")
+        finally:
+            other.close()
+    return "two mappings of one memfd see each other's writes"
+
+
+def _check_ring_ordering():
+    count = 50000
+    fd = _memfd_create("vhost-user-selftest", _PAGE_SIZE)
+    mapped = mmap.mmap(fd, _PAGE_SIZE)
+    view = memoryview(mapped)
+    load, store, words = _ring_words(view, "H")
+    proc = None
+    try:
+        proc = _spawn_child(["ring-writer", str(fd), str(count)], pass_fds=(fd,))
+        fences = _Fences()
+        consumed = 0
+        last = 0
+        deadline = time.monotonic() + 30
+        while consumed < count:
+            index = load(_PROBE_IDX)
+            if index == last:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise _CliError("the writer process stopped after %d of %d entries "
+                                    "(status %s)" % (consumed, count, proc.poll()))
+                continue
+            ahead = (index - last) & 0xFFFF
+            if ahead > _PROBE_RING:
+                raise _CliError("the index went from %#06x to %#06x: a torn 16-bit access"
+                                % (last, index))
+            fences.read()
+            for i in range(consumed + 1, consumed + ahead + 1):
+                value = load(_PROBE_SLOTS + i % _PROBE_RING)
+                if value != _probe_value(i):
+                    raise _CliError("entry %d read as %#06x before its write (%#06x) was "
+                                    "visible: stores or loads reordered"
+                                    % (i, value, _probe_value(i)))
+            consumed += ahead
+            last = index
+            store(_PROBE_CONSUMED, last)
+        if proc.wait(10) != 0:
+            raise _CliError("the writer process exited with status %d" % proc.returncode)
+    finally:
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdin.close()
+        words.release()
+        view.release()
+        mapped.close()
+        os.close(fd)
+    return "%d entries from another process, none torn or early" % count
+
+
+def _check_block_device(timeout):
+    import tempfile
+    tmpdir = tempfile.mkdtemp(prefix="vhost-user-selftest-")
+    path = os.path.join(tmpdir, "blk.sock")
+    try:
+        with _EmbeddedBackend(_EmbeddedBlock(size=8 << 20), path=path).start():
+            with BlockDevice.connect(path, timeout=timeout) as dev:
+                data = os.urandom(256 << 10)
+                dev.write(4096, data)
+                dev.flush()
+                if dev.read(4096, len(data)) != data:
+                    raise _CliError("the data read back differs")
+                serial = dev.get_id()
+                requests = [dev.submit_read(i * 4096, 4096, notify=False) for i in range(32)]
+                done = []
+                while len(done) < len(requests):
+                    done += dev.complete()
+                for request in done:
+                    request.result()
+    finally:
+        import shutil
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return "8 MiB disk: 256 KiB written, flushed, read back identical; GET_ID %r; " \
+        "32 reads in flight" % serial.decode("ascii", "replace")
+
+
+def _check_net_device(timeout):
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        backend = _EmbeddedBackend(_EmbeddedNet(), sock=theirs)
+    except BaseException:
+        ours.close()
+        theirs.close()
+        raise
+    with backend.start():
+        with NetDevice.connect(ours, timeout=timeout) as nic:
+            frames = [_test_frame(bytes(nic.mac), seq, 60 + 23 * seq) for seq in range(64)]
+            nic.send_many(frames)
+            for seq, frame in enumerate(frames):
+                back = nic.recv(timeout)
+                if back != frame:
+                    raise _CliError("frame %d came back %s" % (
+                        seq, "changed" if back is not None else "not at all"))
+    return "64 frames of 60..1509 bytes echoed byte-identical, in order"
+
+
+def _cmd_selftest(args, out):
+    import platform
+    checks = [
+        ("memfd with seals", _check_memfd),
+        ("eventfd", _check_eventfd),
+        ("SCM_RIGHTS", _check_scm_rights),
+        ("shared mappings", _check_shared_mapping),
+        ("ring ordering", _check_ring_ordering),
+        ("virtio-blk end to end", lambda: _check_block_device(args.timeout)),
+        ("virtio-net end to end", lambda: _check_net_device(args.timeout)),
+    ]
+    for name, check in checks:
+        start = time.monotonic()
+        try:
+            detail = check()
+        except Exception as exc:
+            out.write("FAIL  %-22s %s\n" % (name, _one_line(exc)))
+            out.flush()
+            raise _CliError("selftest: %s failed: %s" % (name, _one_line(exc)))
+        out.write("ok    %-22s %s (%.0f ms)\n" % (name, detail, (time.monotonic() - start) * 1e3))
+        out.flush()
+    out.write("selftest: all %d checks passed: %s %s on %s %s\n"
+              % (len(checks), platform.python_implementation(), platform.python_version(),
+                 platform.system(), platform.machine()))
     return 0
 
 
@@ -7519,13 +8822,26 @@ def _build_parser():
     bench.set_defaults(func=_cmd_bench)
 
     demo = commands.add_parser(
-        "demo", parents=[common], help="try it: a temporary qemu-storage-daemon, end to end",
-        description="Start qemu-storage-daemon on a temporary 64 MiB disk, probe it, write "
-                    "and read back data, run a short benchmark, stop the daemon and remove "
-                    "its files. Needs only the Debian package %s." % _DEMO_PACKAGE)
+        "demo", parents=[common], help="try it: a temporary disk back-end, end to end",
+        description="Start qemu-storage-daemon (or, when it is not installed, the module's "
+                    "embedded back-end) on a temporary 64 MiB disk, probe it, write and read "
+                    "back data, run a short benchmark, stop the back-end and remove its files, "
+                    "also on Ctrl-C, SIGTERM or SIGHUP. qemu-storage-daemon is in the Debian "
+                    "package %s." % _DEMO_PACKAGE)
     demo.add_argument("--seconds", type=_seconds_arg, default=3.0, metavar="S",
                       help="benchmark duration (default 3)")
+    demo.add_argument("--embedded", action="store_true",
+                      help="use the embedded back-end even if qemu-storage-daemon is installed")
     demo.set_defaults(func=_cmd_demo)
+
+    selftest = commands.add_parser(
+        "selftest", parents=[common], help="check that this host and Python can run the module",
+        description="Check, one line each, what the module needs from the host and the "
+                    "interpreter: memfd with seals, eventfd, SCM_RIGHTS, shared mappings, ring "
+                    "index ordering between two processes, then a virtio-blk and a virtio-net "
+                    "device end to end against the embedded back-end. Stops at the first "
+                    "failure (exit status 1). Needs nothing installed.")
+    selftest.set_defaults(func=_cmd_selftest)
     return parser, commands, common
 
 
@@ -7552,6 +8868,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         sys.stderr.write("%s: interrupted\n" % _PROG)
         return 130
+    except _Terminated as exc:
+        import signal
+        sys.stderr.write("%s: terminated by %s, cleaned up\n"
+                         % (_PROG, signal.Signals(exc.signum).name))
+        return 128 + exc.signum
     except (_CliError, VhostUserError, OSError, ValueError) as exc:
         message = _one_line(exc)
         if isinstance(exc, VhostUserTimeout):
