@@ -5168,6 +5168,39 @@ class TestPackedQueue(FdLeakCheck):
         dev.complete(buffer_id, 0, slots)
         self.assertEqual(q.get_used(), [(token, 0)])
 
+    def test_rewind_offers_what_the_old_device_did_not_complete(self):
+        q, dev = self.make(size=8)
+        buf = q.mem.allocate(64)
+        slot = q.add_slot([(buf, 4)], [(buf + 8, 4)])            # 2 positions, held while idle
+        q.add([b"A1", b"A2"], [bytearray(2)], token="A")        # positions 0-2
+        q.add([b"B"], token="B")                                 # 3
+        q.post_slots([slot], ["S"])                              # 4-5
+        q.add([b"C"], token="C")                                 # 6
+        chains = dev.take()
+        self.assertEqual([c[2] for c in chains], [3, 1, 2, 1])
+        dev.complete(chains[1][0], 0, 1)       # B first: its used descriptor lands at position 0
+        # The device dies here. Rewind: B stays to be reaped, A, S and C are offered again,
+        # in posting order, from position 1 on (where the used descriptors end).
+        base = q.rewind()
+        self.assertEqual((base, q.vring_base, q.rewinds), (0x80018001, 0x80018001, 1))
+        self.assertEqual((q.next_avail, q.avail_wrap), (7, 1))
+        new = _PackedRingDevice(q)
+        new.avail = new.used = 1
+        again = new.take()
+        self.assertEqual([(c[2], [d[1] for d in c[1]]) for c in again],
+                         [(3, [2, 2, 2]), (2, [4, 4]), (1, [1])])
+        self.assertEqual(q.get_used(), [("B", 0)])
+        for buffer_id, _, slots in again:
+            new.complete(buffer_id, 2 if slots == 3 else 0, slots)
+        self.assertEqual(q.get_used(), [("A", 2), ("S", 0), ("C", 0)])
+        self.assertEqual((q.in_flight, q.num_free), (0, 6))
+        # A used descriptor naming a chain not in flight breaks the queue.
+        q.add([b"x"], token="x")
+        (buffer_id, _, _), = new.take()
+        new.complete((buffer_id + 1) % 8, 0, 1)
+        with self.assertRaises(vu.ProtocolError):
+            q.rewind()
+
     def test_reclaim(self):
         q, dev = self.make(size=8)
         for i in range(3):
