@@ -4927,8 +4927,10 @@ class NetDevice(_Device):
 ############################################################################
 
 _PROG = "vhost_user_frontend"
-#: Exit statuses: 0 ok, 1 a failure reported in one line, 2 bad usage (argparse).
+#: Exit statuses: 0 ok, 1 a failure reported in one line, 2 bad usage (argparse),
+#: 141 (128 + SIGPIPE) when the reader of stdout went away.
 _EXIT_FAILURE = 1
+_EXIT_BROKEN_PIPE = 128 + 13
 
 
 class _CliError(Exception):
@@ -5181,48 +5183,357 @@ def _cmd_blk(args, out):
 
 
 def _blk_info(dev, args, out):
+    topology = dev.topology
     info = {
         "capacity": dev.capacity,
         "block_size": dev.block_size,
         "read_only": bool(dev.read_only),
         "num_queues": dev.num_queues,
         "id": dev.get_id().decode("ascii", "backslashreplace"),
+        "max_transfer": dev.max_transfer,
+        "write_cache": dev.writeback,
+        "topology": None if topology is None else dict(zip(
+            ("physical_block_size", "alignment_offset", "min_io_size", "opt_io_size"),
+            # min_io_size and opt_io_size count logical blocks (spec 5.2.4).
+            (dev.block_size << topology[0], topology[1] * dev.block_size,
+             topology[2] * dev.block_size, topology[3] * dev.block_size))),
+        "discard": None,
+        "write_zeroes": None,
     }
+    config = dev.config
+    if dev.features & _BLK_F_DISCARD:
+        info["discard"] = {"max_bytes": dev.max_discard_sectors * _SECTOR,
+                           "max_segments": config.max_discard_seg,
+                           "alignment": config.discard_sector_alignment * _SECTOR}
+    if dev.features & _BLK_F_WRITE_ZEROES:
+        info["write_zeroes"] = {"max_bytes": dev.max_write_zeroes_sectors * _SECTOR,
+                                "max_segments": config.max_write_zeroes_seg,
+                                "may_unmap": bool(config.write_zeroes_may_unmap)}
     if args.json:
         import json
         out.write(json.dumps(info, indent=2) + "\n")
         return 0
-    out.write("%-12s %d bytes (%s)\n" % ("capacity", info["capacity"],
-                                        _format_bytes(info["capacity"])))
-    for key in ("block_size", "read_only", "num_queues", "id"):
-        out.write("%-12s %s\n" % (key.replace("_", " "), info[key]))
+    yes_no = lambda flag: "yes" if flag else "no"  # noqa: E731
+    size = lambda count: "%s (%d bytes)" % (_format_bytes(count), count) \
+        if count >= 1024 else "%d bytes" % count  # noqa: E731
+    rows = [("capacity", "%s, %d sectors" % (size(dev.capacity), dev.capacity // _SECTOR)),
+            ("block size", size(dev.block_size)),
+            ("read only", yes_no(info["read_only"])),
+            ("write cache", "yes (writeback: flush makes writes durable)" if dev.writeback
+             else "no (writethrough)"),
+            ("queues", str(dev.num_queues)),
+            ("serial", info["id"]),
+            ("max transfer", size(dev.max_transfer) + " per request")]
+    topo = info["topology"]
+    rows.append(("topology", "not reported" if topo is None else
+                 "physical block %s, alignment offset %s, minimum I/O %s, optimal I/O %s"
+                 % tuple(size(topo[k]) for k in ("physical_block_size", "alignment_offset",
+                                                 "min_io_size", "opt_io_size"))))
+    discard = info["discard"]
+    rows.append(("discard", "no" if discard is None else
+                 "yes, up to %s per request, %d segment(s), alignment %s"
+                 % (size(discard["max_bytes"]), discard["max_segments"],
+                    size(discard["alignment"]))))
+    zeroes = info["write_zeroes"]
+    rows.append(("write zeroes", "no" if zeroes is None else
+                 "yes, up to %s per request, %d segment(s), may unmap: %s"
+                 % (size(zeroes["max_bytes"]), zeroes["max_segments"],
+                    yes_no(zeroes["may_unmap"]))))
+    out.write("".join("%-13s %s\n" % row for row in rows))
     return 0
 
 
-def _blk_read(dev, args, out):
-    data = dev.read(args.offset, args.length)
-    if args.output:
-        with open(args.output, "wb") as f:
-            f.write(data)
-        return 0
+#: Bytes one step of a streamed ``blk`` transfer moves: a 1 GiB read or write
+#: needs a few of these in memory, never the whole transfer.
+_CLI_CHUNK = 4 << 20
+
+
+class _TransferProgress:
+    """Bytes, rate and ETA on stderr, once a transfer has run a second; terminal only."""
+
+    def __init__(self, total, stream=None):
+        self.stream = sys.stderr if stream is None else stream
+        self.enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.total = total
+        self.start = time.monotonic()
+        self.next_draw = self.start + 1.0
+        self.drawn = False
+
+    def update(self, done):
+        now = time.monotonic()
+        if not self.enabled or now < self.next_draw:
+            return
+        self.next_draw = now + 0.5
+        rate = done / (now - self.start)
+        text = "\r%s" % _format_bytes(done)
+        if self.total is not None:
+            eta = (self.total - done) / rate if rate else 0
+            text += " of %s (%d%%)" % (_format_bytes(self.total), 100 * done // (self.total or 1))
+        text += "  %s/s" % _format_bytes(int(rate))
+        if self.total is not None:
+            text += "  ETA %d:%02d" % divmod(int(eta), 60)
+        self.stream.write(text + "\033[K")
+        self.stream.flush()
+        self.drawn = True
+
+    def done(self):
+        if self.drawn:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+class _HexdumpC:
+    """``hexdump -C``'s canonical dump, fed piece by piece.
+
+    Each line is the offset, 16 bytes in hex in two groups of 8 and the
+    bytes as ASCII between bars; a line equal to the one before is printed
+    as one ``*`` for the whole run; the offset after the last byte ends the
+    dump (nothing at all for no bytes), as bsdextrautils' hexdump does.
+    """
+
+    _PRINTABLE = bytes(b if 0x20 <= b < 0x7F else 0x2E for b in range(256))
+
+    def __init__(self, write, offset=0):
+        self.write = write
+        self.offset = offset
+        self.pending = b""
+        self.previous = None
+        self.starred = False
+        self.dumped = False
+
+    def feed(self, data):
+        data = self.pending + bytes(data)
+        full = len(data) - len(data) % 16
+        lines = []
+        for i in range(0, full, 16):
+            line = data[i:i + 16]
+            if line == self.previous:
+                if not self.starred:
+                    lines.append("*")
+                    self.starred = True
+            else:
+                lines.append(self._line(line))
+                self.previous = line
+                self.starred = False
+            self.offset += 16
+        self.pending = data[full:]
+        if lines:
+            self.dumped = True
+            self.write("\n".join(lines) + "\n")
+
+    def close(self):
+        if self.pending:
+            # A short last line is never folded into a '*'.
+            self.write(self._line(self.pending) + "\n")
+            self.offset += len(self.pending)
+            self.pending = b""
+            self.dumped = True
+        if self.dumped:
+            self.write("%08x\n" % self.offset)
+
+    def _line(self, line):
+        return "%08x  %-23s  %-23s  |%s|" % (
+            self.offset, " ".join("%02x" % b for b in bytearray(line[:8])),
+            " ".join("%02x" % b for b in bytearray(line[8:])),
+            line.translate(self._PRINTABLE).decode("ascii"))
+
+
+def _blk_check_range(dev, what, offset, length):
+    """Refuse a range past the capacity in one line, before anything is allocated or sent."""
+    if offset + length > dev.capacity:
+        raise _CliError("%s: %d bytes at offset %d end past the capacity of %d bytes (%s)"
+                        % (what, length, offset, dev.capacity, _format_bytes(dev.capacity)))
+
+
+def _blk_stream(dev, offset, length, progress=None):
+    """Yield the bytes at OFFSET..OFFSET+LENGTH, any alignment, in bounded pieces.
+
+    Reads the blocks that cover the range, at most ``_CLI_CHUNK`` bytes at a
+    time into one reused buffer, and yields memoryviews of the wanted slice
+    (valid until the next step), as qemu-io does for unaligned requests.
+    """
+    block = dev.block_size
+    start = offset - offset % block
+    end = offset + length
+    aligned_end = -(-end // block) * block
+    buffer = bytearray(min(_CLI_CHUNK, aligned_end - start))
+    view = memoryview(buffer)
+    position = start
+    try:
+        while position < aligned_end:
+            count = min(len(buffer), aligned_end - position)
+            dev.readinto(position, view[:count])
+            low = max(offset, position) - position
+            high = min(end, position + count) - position
+            yield view[low:high]
+            position += count
+            if progress is not None:
+                progress.update(min(end, position) - offset)
+    finally:
+        view.release()
+
+
+def _binary_stdout(out):
+    """The byte stream under ``out`` (flushed), or None when there is none or it is a terminal."""
     binary = getattr(out, "buffer", None)
     if binary is None or out.isatty():  # never dump raw bytes on a terminal
-        out.write("\n".join(_hexdump(data, indent="")) + "\n")
-    else:
-        out.flush()
-        binary.write(data)
-        binary.flush()
+        return None
+    out.flush()
+    return binary
+
+
+def _blk_read(dev, args, out):
+    _blk_check_range(dev, "read", args.offset, args.length)
+    binary = None if args.hexdump else _binary_stdout(out)
+    target = None
+    if args.output:
+        target = open(args.output, "wb")
+    elif binary is not None:
+        target = binary
+    dump = _HexdumpC(out.write, args.offset) if target is None else None
+    progress = _TransferProgress(args.length)
+    try:
+        for piece in _blk_stream(dev, args.offset, args.length, progress):
+            if dump is not None:
+                dump.feed(piece)
+            else:
+                target.write(piece)
+        if dump is not None:
+            dump.close()
+        else:
+            target.flush()
+    finally:
+        progress.done()
+        if args.output and target is not None:
+            target.close()
+    return 0
+
+
+def _blk_verify(dev, args, out):
+    """Compare the bytes at OFFSET..OFFSET+LENGTH with a pattern or a file (qemu-io read -P)."""
+    _blk_check_range(dev, "verify", args.offset, args.length)
+    source = None
+    if args.file is not None:
+        source = open(args.file, "rb")
+    try:
+        if source is not None:
+            import stat
+            st = os.fstat(source.fileno())
+            available = st.st_size if stat.S_ISREG(st.st_mode) else args.length
+            if available < args.length:
+                raise _CliError("verify: %s has %d bytes, fewer than the %d to compare"
+                                % (args.file, available, args.length))
+        progress = _TransferProgress(args.length)
+        checked = 0
+        try:
+            for piece in _blk_stream(dev, args.offset, args.length, progress):
+                if source is not None:
+                    expected = source.read(len(piece))
+                    if len(expected) < len(piece):
+                        raise _CliError("verify: %s ended after %d bytes, before the %d to "
+                                        "compare" % (args.file, checked + len(expected),
+                                                     args.length))
+                else:
+                    expected = bytes((args.pattern,)) * len(piece)
+                if piece != expected:
+                    at = next(i for i in range(len(piece)) if piece[i] != expected[i])
+                    raise _CliError(
+                        "verify: mismatch at offset %d: expected %#04x, found %#04x (%d "
+                        "byte(s) matched before it)" % (args.offset + checked + at,
+                                                         expected[at], piece[at], checked + at))
+                checked += len(piece)
+        finally:
+            progress.done()
+    finally:
+        if source is not None:
+            source.close()
+    out.write("verified %d bytes at offset %d: all match %s\n"
+              % (args.length, args.offset, args.file if source is not None
+                 else "pattern %#04x" % args.pattern))
     return 0
 
 
 def _blk_write(dev, args, out):
-    if args.input:
-        with open(args.input, "rb") as f:
-            data = f.read()
+    """Stream FILE or stdin to OFFSET in bounded steps; unaligned ends need --pad or --rmw."""
+    if dev.read_only:
+        raise _CliError("write: the device is read-only (VIRTIO_BLK_F_RO)")
+    source = open(args.input, "rb") if args.input else sys.stdin.buffer
+    try:
+        return _blk_write_from(dev, args, out, source)
+    finally:
+        if args.input:
+            source.close()
+
+
+def _blk_write_from(dev, args, out, source):
+    import stat
+    block = dev.block_size
+    offset = args.offset
+    head = offset % block
+    length = None   # known up front for a regular file: checked before anything is written
+    st = os.fstat(source.fileno())
+    if stat.S_ISREG(st.st_mode):
+        length = max(0, st.st_size - source.tell())
+        _blk_check_range(dev, "write", offset, length)
+    if (head or (length or 0) % block) and not (args.pad or args.rmw):
+        raise _CliError("write: offset %d and length %s are not both multiples of the block "
+                        "size %d; give --pad (zero-fill the partial blocks) or --rmw (read "
+                        "them and keep their other bytes)"
+                        % (offset, "unknown (stdin)" if length is None else length, block))
+    position = offset - head
+    if not head:
+        buffer = bytearray()
+    elif args.rmw:
+        buffer = bytearray(dev.read(position, block)[:head])
     else:
-        data = sys.stdin.buffer.read()
-    dev.write(args.offset, data)
-    out.write("wrote %d bytes at offset %d\n" % (len(data), args.offset))
+        buffer = bytearray(head)
+    progress = _TransferProgress(length)
+    total = 0
+    try:
+        while True:
+            piece = source.read(_CLI_CHUNK)
+            if piece:
+                if offset + total + len(piece) > dev.capacity:
+                    raise _CliError("write: the data does not fit: more than the %d bytes "
+                                    "between offset %d and the capacity %d; wrote the "
+                                    "first %d" % (dev.capacity - offset, offset, dev.capacity,
+                                                  max(0, position - offset)))
+                buffer += piece
+                total += len(piece)
+            if len(buffer) >= _CLI_CHUNK or not piece:
+                ready = len(buffer) - len(buffer) % block
+                if ready:
+                    with memoryview(buffer) as view:
+                        dev.write(position, view[:ready])
+                    del buffer[:ready]
+                    position += ready
+                    progress.update(total)
+            if not piece:
+                break
+    finally:
+        progress.done()
+    tail = len(buffer)
+    if tail:
+        if not (args.pad or args.rmw):
+            raise _CliError("write: the data ends %d bytes into the %d-byte block at offset "
+                            "%d; wrote the %d bytes before it; give --pad or --rmw for the "
+                            "last block" % (tail, block, position, position - offset))
+        if args.rmw:
+            buffer += dev.read(position, block)[tail:]
+        else:
+            buffer += bytes(block - tail)
+        dev.write(position, buffer)
+    how = ""
+    if head or tail:
+        end = offset + total
+        partial = len(set(([offset // block] if head else [])
+                          + ([end // block] if end % block else [])))
+        if args.rmw:
+            how = " (read-modify-write of %d partial block(s))" % partial
+        else:
+            how = " (zero-padded to whole %d-byte blocks: %d byte(s) before, %d after)" % (
+                block, head, block - tail if tail else 0)
+    out.write("wrote %d bytes at offset %d%s\n" % (total, offset, how))
     return 0
 
 
@@ -5242,7 +5553,8 @@ def _blk_write_zeroes(dev, args, out):
 
 
 _BLK_ACTIONS = {
-    "info": _blk_info, "read": _blk_read, "write": _blk_write, "flush": _blk_flush,
+    "info": _blk_info, "read": _blk_read, "write": _blk_write, "verify": _blk_verify,
+    "flush": _blk_flush,
     "discard": _blk_discard, "write-zeroes": _blk_write_zeroes,
 }
 
@@ -5830,6 +6142,15 @@ def _int_arg(text):
     return value
 
 
+def _byte_arg(text):
+    """An argparse type: one byte value, 0..255."""
+    import argparse
+    value = _int_arg(text)
+    if value > 0xFF:
+        raise argparse.ArgumentTypeError("%r is not a byte (0..255)" % text)
+    return value
+
+
 def _count_arg(text):
     """An argparse type: an integer of at least 1 (frames, requests in flight, queues)."""
     import argparse
@@ -5890,23 +6211,50 @@ def _build_parser():
 
     blk = commands.add_parser(
         "blk", parents=[common], help="block device I/O",
-        description="Read, write, flush, discard or zero a vhost-user-blk device. OFFSET and "
-                    "LENGTH take 0x prefixes and k/M/G suffixes and must be block aligned.")
+        description="Read, write, verify, flush, discard or zero a vhost-user-blk device. "
+                    "OFFSET and LENGTH take 0x prefixes and k/M/G suffixes; read, write and "
+                    "verify take any alignment and stream in bounded steps, the others want "
+                    "whole blocks.")
     blk.add_argument("socket", metavar="SOCKET")
     actions = blk.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
     info = actions.add_parser("info", parents=[common],
-                              help="capacity, block size, read-only, queues, serial")
+                              help="capacity, block size, read-only, cache, queues, serial, "
+                                   "topology, discard and write-zeroes limits")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     read = actions.add_parser("read", parents=[common], help="read LENGTH bytes at OFFSET",
                               description="Raw bytes go to FILE or to stdout; a terminal gets "
-                                          "a hex dump instead.")
+                                          "a hex dump (hexdump -C's) instead. Unaligned "
+                                          "ranges read the covering blocks.")
     read.add_argument("offset", type=_int_arg, metavar="OFFSET")
     read.add_argument("length", type=_int_arg, metavar="LENGTH")
-    read.add_argument("-o", "--output", metavar="FILE", help="write the data to FILE")
-    write = actions.add_parser("write", parents=[common], help="write stdin (or FILE) at OFFSET")
+    where = read.add_mutually_exclusive_group()
+    where.add_argument("-o", "--output", metavar="FILE", help="write the data to FILE")
+    where.add_argument("-C", "--hexdump", action="store_true",
+                       help="print hexdump -C's dump even when stdout is not a terminal")
+    write = actions.add_parser(
+        "write", parents=[common], help="write stdin (or FILE) at OFFSET",
+        description="Streams FILE or stdin to the device in bounded steps. Data that does "
+                    "not start or end on a block boundary needs --pad or --rmw.")
     write.add_argument("offset", type=_int_arg, metavar="OFFSET")
     write.add_argument("-i", "--input", metavar="FILE", help="read the data from FILE")
+    partial = write.add_mutually_exclusive_group()
+    partial.add_argument("--pad", action="store_true",
+                         help="zero-fill the partial first and last blocks")
+    partial.add_argument("--rmw", action="store_true",
+                         help="read the partial first and last blocks and keep their other "
+                              "bytes (read-modify-write; not atomic)")
+    verify = actions.add_parser(
+        "verify", parents=[common], help="compare LENGTH bytes at OFFSET with a pattern or file",
+        description="Read and compare (qemu-io's read -P); a mismatch prints its offset and "
+                    "exits 1.")
+    verify.add_argument("offset", type=_int_arg, metavar="OFFSET")
+    verify.add_argument("length", type=_int_arg, metavar="LENGTH")
+    expected = verify.add_mutually_exclusive_group(required=True)
+    expected.add_argument("--pattern", type=_byte_arg, metavar="BYTE",
+                          help="every byte must be BYTE (0..255, e.g. 0xab)")
+    expected.add_argument("--file", metavar="FILE", help="the bytes must equal FILE's first "
+                                                          "LENGTH bytes")
     actions.add_parser("flush", parents=[common], help="flush the device's write cache")
     for name, what in (("discard", "discard"), ("write-zeroes", "zero")):
         ranged = actions.add_parser(name, parents=[common],
@@ -6011,6 +6359,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         sys.stderr.write("%s: interrupted\n" % _PROG)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`... | head -1`): stop silently, as cat does,
+        # with the status a shell shows for a process that SIGPIPE killed.
+        _silence_stdout()
+        return _EXIT_BROKEN_PIPE
     except (_CliError, VhostUserError, OSError, ValueError) as exc:
         message = _one_line(exc)
         if isinstance(exc, VhostUserTimeout):
@@ -6024,6 +6377,19 @@ def main(argv=None):
     finally:
         _log.removeHandler(handler)
         _log.setLevel(logging.NOTSET)
+
+
+def _silence_stdout():
+    """Point stdout at /dev/null, so the flush at exit does not hit the broken pipe again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (tests capture it): nothing is flushed at exit
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def _one_line(exc):
