@@ -436,10 +436,11 @@ class Testpmd(_Daemon):
     socket_name = "net.sock"
     requires = (("dpdk-testpmd", "dpdk-dev"),)
 
-    def __init__(self, tmp=None, queues=1, client=False):
+    def __init__(self, tmp=None, queues=1, client=False, forward_mode="io"):
         super(Testpmd, self).__init__(tmp)
         self.queues = queues
         self.client = client
+        self.forward_mode = forward_mode  # "txonly": testpmd makes frames for our RX ring
         self.listens = not client
         _testpmd_counter[0] += 1
         self.file_prefix = "vhu%d_%d" % (os.getpid(), _testpmd_counter[0])
@@ -460,7 +461,7 @@ class Testpmd(_Daemon):
         return [find_binary("dpdk-testpmd"), "--no-huge", "--no-pci", "--no-shconf", "-m", "128",
                 "-l", self._cpus(), "--file-prefix=%s" % self.file_prefix, "--vdev", vdev,
                 "--", "--total-num-mbufs=2048", "--auto-start", "--stats-period=3600",
-                "--no-mlockall", "--forward-mode=io", "--nb-cores=1"]
+                "--no-mlockall", "--forward-mode=%s" % self.forward_mode, "--nb-cores=1"]
 
     def _cleanup_extra(self):
         # EAL runtime dir (telemetry sockets) survives even --no-shconf.

@@ -5575,39 +5575,34 @@ def _test_frame(src_mac, seq, size):
     return (header + bytes(range(256)) * (size // 256 + 1))[:size]
 
 
-def _describe_frame(frame):
-    frame = bytes(frame)
-    if len(frame) < _ETH_HLEN:
-        return "%d bytes (runt)" % len(frame)
-    return "%d bytes %s -> %s type %#06x" % (len(frame), _format_mac(frame[6:12]),
-                                              _format_mac(frame[:6]),
-                                              struct.unpack(">H", frame[12:14])[0])
-
-
 def _format_mac(mac):
     return ":".join("%02x" % b for b in bytearray(mac))
 
 
-def _frame_source(dev, args):
-    """A function seq -> frame: the frame of -i/--hex, else a generated test frame."""
-    if args.input is not None or args.hex is not None:
-        if args.input is not None:
-            with open(args.input, "rb") as f:
+def _frame_source(dev, args, size):
+    """A function seq -> frame: the frame of --payload-file/--payload-hex, else a test frame.
+
+    ``size`` is the generated frames' size in bytes.
+    """
+    if args.payload_file is not None or args.payload_hex is not None:
+        if args.payload_file is not None:
+            with open(args.payload_file, "rb") as f:
                 frame = f.read()
         else:
             try:
-                frame = bytes.fromhex(args.hex.replace(":", " "))
+                frame = bytes.fromhex(args.payload_hex.replace(":", " "))
             except ValueError as exc:
-                raise _CliError("--hex: %s" % exc)
+                raise _CliError("--payload-hex: %s" % exc)
         if len(frame) < _ETH_HLEN:
             raise _CliError("the frame has %d bytes; an Ethernet frame has at least %d"
                             % (len(frame), _ETH_HLEN))
         return lambda seq: frame
-    if args.size < _TEST_FRAME_HEADER.size:
-        raise _CliError("--size %d: test frames carry a sequence number and need at least "
-                        "%d bytes" % (args.size, _TEST_FRAME_HEADER.size))
+    if size < _TEST_FRAME_HEADER.size:
+        raise _CliError("test frames carry a sequence number and need at least %d bytes "
+                        "(%d data bytes), not %d" % (_TEST_FRAME_HEADER.size,
+                                                     _TEST_FRAME_HEADER.size - _ETH_HLEN, size))
     src = bytes(dev.mac) if dev.mac else _TEST_MAC
-    return lambda seq: _test_frame(src, seq, args.size)
+    return lambda seq: _test_frame(src, seq, size)
 
 
 def _cmd_net(args, out):
@@ -5615,8 +5610,76 @@ def _cmd_net(args, out):
         return _NET_ACTIONS[args.action](dev, args, out)
 
 
+# pcap, the classic capture format tcpdump and Wireshark read and write
+# (https://www.tcpdump.org/manpages/pcap-savefile.5.html): a global header,
+# then per frame a record header (seconds, microseconds, captured length,
+# length on the wire) and the bytes. Written in the host's byte order;
+# readers tell it from the magic number, and so does _read_pcap.
+_PCAP_HEADER = struct.Struct("IHHiIII")   # magic, major, minor, thiszone, sigfigs, snaplen, link
+_PCAP_RECORD = struct.Struct("IIII")      # seconds, µs (or ns), captured, original length
+_PCAP_MAGIC_USEC = 0xA1B2C3D4
+_PCAP_MAGIC_NSEC = 0xA1B23C4D
+_LINKTYPE_ETHERNET = 1
+_PCAP_SNAPLEN = 262144
+
+
+class _PcapWriter:
+    """Frames to a classic pcap stream (LINKTYPE_ETHERNET, µs timestamps), flushed per frame."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        stream.write(_PCAP_HEADER.pack(_PCAP_MAGIC_USEC, 2, 4, 0, 0, _PCAP_SNAPLEN,
+                                       _LINKTYPE_ETHERNET))
+        stream.flush()
+
+    def write(self, frame, timestamp):
+        usec = int(round(timestamp * 1e6))
+        self.stream.write(_PCAP_RECORD.pack(usec // 1000000, usec % 1000000, len(frame),
+                                            len(frame)) + bytes(frame))
+        self.stream.flush()   # `-w - | tcpdump -r -` shows each frame as it comes
+
+
+def _read_pcap(stream, name):
+    """Yield the frames of a classic pcap stream (either byte order, µs or ns stamps)."""
+    header = stream.read(_PCAP_HEADER.size)
+    magic = header[:4]
+    for order in "<>":
+        if len(magic) == 4 and struct.unpack(order + "I", magic)[0] in (_PCAP_MAGIC_USEC,
+                                                                        _PCAP_MAGIC_NSEC):
+            break
+    else:
+        raise _CliError("%s: not a pcap file (magic %s; pcapng is not read, convert it with "
+                        "`tcpdump -r FILE -w OUT`)" % (name, magic.hex() or "missing"))
+    if len(header) < _PCAP_HEADER.size:
+        raise _CliError("%s: pcap header cut short at %d bytes" % (name, len(header)))
+    fields = struct.unpack(order + _PCAP_HEADER.format, header)
+    if fields[6] != _LINKTYPE_ETHERNET:
+        raise _CliError("%s: link type %d, only Ethernet (1) can be sent"
+                        % (name, fields[6]))
+    record = struct.Struct(order + _PCAP_RECORD.format)
+    number = 0
+    while True:
+        head = stream.read(record.size)
+        if not head:
+            return
+        number += 1
+        if len(head) < record.size:
+            raise _CliError("%s: frame %d: record header cut short" % (name, number))
+        captured = record.unpack(head)[2]
+        if captured > _PCAP_SNAPLEN:
+            raise _CliError("%s: frame %d: captured length %d is more than %d"
+                            % (name, number, captured, _PCAP_SNAPLEN))
+        frame = stream.read(captured)
+        if len(frame) < captured:
+            raise _CliError("%s: frame %d: %d of its %d bytes are missing"
+                            % (name, number, captured - len(frame), captured))
+        yield frame
+
+
 def _net_send(dev, args, out):
-    make = _frame_source(dev, args)
+    if args.read is not None:
+        return _net_replay(dev, args, out)
+    make = _frame_source(dev, args, args.size)
     frames = [make(seq) for seq in range(args.count)]
     dev.send_many(frames)
     dev.flush()
@@ -5624,67 +5687,236 @@ def _net_send(dev, args, out):
     return 0
 
 
-def _net_recv(dev, args, out):
-    deadline = time.monotonic() + args.wait
-    frames = []
-    while args.count is None or len(frames) < args.count:
-        frame = dev.recv(timeout=max(0.0, deadline - time.monotonic()))
-        if frame is None:
-            break
-        frames.append(frame)
-        out.write("%s\n" % _describe_frame(frame))
-        if args.hexdump:
-            out.write("\n".join(_hexdump(frame)) + "\n")
-    if args.output:
-        with open(args.output, "wb") as f:
-            f.write(b"".join(frames))
-    out.write("received %d frame(s)\n" % len(frames))
+def _net_replay(dev, args, out):
+    """``send -r FILE``: the frames of a pcap, ``--loop`` times, at ``--pps`` (tcpreplay)."""
+    if args.payload_file is not None or args.payload_hex is not None:
+        raise _CliError("send: -r takes the frames from the pcap file; drop --payload-*")
+    clock = time.monotonic
+    sent = sent_bytes = 0
+    start = clock()
+    loop = 0
+    batch = []
+
+    def push():
+        dev.send_many(batch)
+        del batch[:]
+
+    while args.loop == 0 or loop < args.loop:
+        loop += 1
+        with open(args.read, "rb") as f:
+            for frame in _read_pcap(f, args.read):
+                if len(frame) < _ETH_HLEN:
+                    raise _CliError("%s: frame %d has %d bytes; an Ethernet frame has at "
+                                    "least %d" % (args.read, sent + 1, len(frame), _ETH_HLEN))
+                if args.pps:
+                    delay = start + sent / args.pps - clock()
+                    if delay > 0:
+                        push()
+                        time.sleep(delay)
+                batch.append(frame)
+                sent += 1
+                sent_bytes += len(frame)
+                if len(batch) >= 32:
+                    push()
+        push()
+        if not sent:
+            break   # an empty capture: looping it forever would send nothing forever
+    dev.flush()
+    out.write("sent %d frame(s) (%d bytes) from %s in %.3f s, %d loop(s)\n"
+              % (sent, sent_bytes, args.read, clock() - start, loop))
     return 0
+
+
+_ETHERTYPE_NAMES = {0x0800: "IPv4", 0x0806: "ARP", 0x86DD: "IPv6", 0x8100: "802.1Q",
+                    0x88A8: "802.1Q-QinQ", 0x88CC: "LLDP", 0x8035: "Reverse ARP"}
+
+
+def _tcpdump_line(frame, timestamp):
+    """One frame as ``tcpdump -e -n`` heads it: time, MACs, ethertype, length."""
+    stamp = "%s.%06d" % (time.strftime("%H:%M:%S", time.localtime(timestamp)),
+                         int(timestamp % 1 * 1e6))
+    if len(frame) < _ETH_HLEN:
+        return "%s [|ether] length %d (runt)" % (stamp, len(frame))
+    ethertype = struct.unpack(">H", frame[12:14])[0]
+    return "%s %s > %s, ethertype %s (%#06x), length %d" % (
+        stamp, _format_mac(frame[6:12]), _format_mac(frame[:6]),
+        _ETHERTYPE_NAMES.get(ethertype, "Unknown"), ethertype, len(frame))
+
+
+def _tcpdump_hex(frame):
+    """The frame as ``tcpdump -xx`` dumps it: offset, then 16 bytes in groups of two."""
+    frame = bytes(frame)
+    lines = []
+    for i in range(0, len(frame), 16):
+        line = frame[i:i + 16].hex()
+        lines.append("\t0x%04x:  %s" % (i, " ".join(line[j:j + 4]
+                                                     for j in range(0, len(line), 4))))
+    return lines
+
+
+def _net_recv(dev, args, out):
+    """Print (or write as pcap) the frames that arrive until -c, --wait or Ctrl-C."""
+    capture = None
+    stream = None
+    if args.write == "-":
+        stream = _binary_stdout(out)
+        if stream is None:
+            raise _CliError("recv -w -: stdout is a terminal; pipe it (| tcpdump -r -) or "
+                            "give a file name")
+    elif args.write is not None:
+        stream = open(args.write, "wb")
+    report = sys.stderr if stream is not None and args.write == "-" else out
+    raw = open(args.output, "wb") if args.output else None
+    count = 0
+    try:
+        if stream is not None:
+            capture = _PcapWriter(stream)
+        deadline = time.monotonic() + args.wait
+        while args.count is None or count < args.count:
+            try:
+                frame = dev.recv(timeout=max(0.0, deadline - time.monotonic()))
+            except KeyboardInterrupt:
+                break   # Ctrl-C ends a capture, as it does tcpdump's
+            if frame is None:
+                break
+            stamp = time.time()
+            count += 1
+            if capture is not None:
+                capture.write(frame, stamp)
+            else:
+                out.write(_tcpdump_line(frame, stamp) + "\n")
+                if args.hexdump:
+                    out.write("\n".join(_tcpdump_hex(frame)) + "\n")
+            if raw is not None:
+                raw.write(frame)
+    finally:
+        if raw is not None:
+            raw.close()
+        if stream is not None and args.write != "-":
+            stream.close()
+    report.write("%d frame(s) received\n" % count)
+    return 0
+
+
+class _PingStats:
+    """What ping counts, and its summary in ping's own words (iputils)."""
+
+    def __init__(self):
+        self.transmitted = 0
+        self.received = 0
+        self.corrupted = 0
+        self.duplicates = 0
+        self.rtts = []
+        self.start = time.monotonic()
+
+    def summary(self, name):
+        lost = self.transmitted - self.received
+        loss = 100.0 * lost / self.transmitted if self.transmitted else 0.0
+        extra = "".join(", +%d %s" % (n, what) for n, what in (
+            (self.duplicates, "duplicates"), (self.corrupted, "corrupted")) if n)
+        lines = ["", "--- %s ping statistics ---" % name,
+                 "%d packets transmitted, %d received%s, %s%% packet loss, time %dms"
+                 % (self.transmitted, self.received, extra, "%g" % round(loss, 4),
+                    (time.monotonic() - self.start) * 1000)]
+        if self.rtts:
+            ms = [r * 1000 for r in self.rtts]
+            mean = sum(ms) / len(ms)
+            mdev = max(0.0, sum(x * x for x in ms) / len(ms) - mean * mean) ** 0.5
+            lines.append("rtt min/avg/max/mdev = %.3f/%.3f/%.3f/%.3f ms"
+                         % (min(ms), mean, max(ms), mdev))
+        return lines
+
+    @property
+    def failed(self):
+        return self.received < self.transmitted or self.corrupted > 0
 
 
 def _net_ping(dev, args, out):
-    """Send frames one at a time; each must come back byte-identical (loopback check)."""
-    make = _frame_source(dev, args)
+    """Send frames at ``-i`` intervals; each must come back byte-identical within ``-W``.
+
+    Prints ping's per-frame lines and its summary, at the count, on Ctrl-C and
+    when the back-end dies (then the error follows); status 1 when a frame was
+    lost or came back changed.
+    """
+    size = _ETH_HLEN + args.size
+    make = _frame_source(dev, args, size)
+    fixed = args.payload_file is not None or args.payload_hex is not None
     clock = time.perf_counter
-    first = make(0)
-    out.write("ping %s: %d frame(s) of %d bytes, %s -> %s\n"
-              % (args.socket, args.count, len(first), _format_mac(first[6:12]),
+    first = make(1)
+    interval = 0.0 if args.flood else args.interval
+    wait = args.timeout if args.wait is None else args.wait
+    out.write("PING %s %d(%d) bytes of data, %s > %s.\n"
+              % (args.socket, len(first) - _ETH_HLEN, len(first), _format_mac(first[6:12]),
                  _format_mac(first[:6])))
-    rtts = []
-    other = 0
-    lost = None   # the sequence number of the frame that did not come back
-    for seq in range(args.count):
-        frame = make(seq)
-        t0 = clock()
-        dev.send(frame)
-        deadline = t0 + args.timeout
-        while True:
-            back = dev.recv(timeout=max(0.0, deadline - clock()))
-            if back is None or back == frame:
+    out.flush()
+    stats = _PingStats()
+    sent_at = {}    # seq -> (send time, frame), until it comes back
+    done = set()    # seqs that came back (a second copy is a duplicate)
+    verbose = not args.quiet and not args.flood
+
+    def take(back):
+        """Account one arrived frame; the seq it answers, or None."""
+        now = clock()
+        if fixed:   # every frame is the same: it answers the oldest one awaited
+            seq = min(sent_at) if back == first and sent_at else None
+        elif len(back) >= _TEST_FRAME_HEADER.size and back[:_ETH_HLEN] == first[:_ETH_HLEN]:
+            seq = _TEST_FRAME_HEADER.unpack_from(back)[3]
+        else:
+            return None   # foreign traffic: ping ignores it too
+        if seq in done:
+            stats.duplicates += 1
+            return None
+        if seq not in sent_at:
+            return None
+        t0, frame = sent_at[seq]
+        if back != frame:
+            stats.corrupted += 1
+            if verbose:
+                out.write("%d bytes from %s: seq=%d (changed on the way back)\n"
+                          % (len(back), args.socket, seq))
+            return None
+        del sent_at[seq]
+        done.add(seq)
+        stats.received += 1
+        stats.rtts.append(now - t0)
+        if verbose:
+            out.write("%d bytes from %s: seq=%d time=%.3f ms\n"
+                      % (len(back), args.socket, seq, (now - t0) * 1000))
+        elif args.flood and not args.quiet:
+            out.write("\b \b")
+        return seq
+
+    seq = 0
+    try:
+        while args.count is None or seq < args.count:
+            seq += 1
+            frame = make(seq)
+            t0 = clock()
+            sent_at[seq] = (t0, frame)
+            dev.send(frame)
+            stats.transmitted += 1
+            if args.flood and not args.quiet:
+                out.write(".")
+            deadline = t0 + wait
+            while seq in sent_at:
+                back = dev.recv(timeout=max(0.0, deadline - clock()))
+                if back is None:
+                    sent_at.pop(seq)   # lost: a late copy is not counted
+                    break
+                take(back)
+            out.flush()
+            if args.count is not None and seq >= args.count:
                 break
-            other += 1   # an earlier frame late, a changed one, or foreign traffic
-        if back is None:
-            lost = seq   # stop: waiting the timeout for each later frame helps nobody
-            break
-        rtts.append(clock() - t0)
-    rtts.sort()
-    sent = args.count if lost is None else lost + 1
-    out.write("%d sent, %d came back identical, %d lost, %d other frame(s) received\n"
-              % (sent, len(rtts), sent - len(rtts), other))
-    if rtts:
-        out.write("round trip µs: min %.1f  p50 %.1f  p99 %.1f  max %.1f\n"
-                  % tuple(x * 1e6 for x in (rtts[0], _percentile(rtts, 0.5),
-                                            _percentile(rtts, 0.99), rtts[-1])))
-    problems = []
-    if lost is not None:
-        problems.append("frame %d of %d did not come back within %g s"
-                        % (lost + 1, args.count, args.timeout))
-    if other:
-        problems.append("%d frame(s) arrived that were not the one awaited (changed, late "
-                        "or foreign)" % other)
-    if problems:
-        raise _CliError("%s: ping: %s" % (args.socket, "; ".join(problems)))
-    return 0
+            pause = t0 + interval - clock()
+            if pause > 0:
+                time.sleep(pause)
+    except KeyboardInterrupt:
+        pass
+    except VhostUserError:
+        out.write("\n".join(stats.summary(args.socket)) + "\n")
+        raise   # the back-end died: the summary, then the error line
+    out.write("\n".join(stats.summary(args.socket)) + "\n")
+    return _EXIT_FAILURE if stats.failed else 0
 
 
 _NET_ACTIONS = {"send": _net_send, "recv": _net_recv, "ping": _net_ping}
@@ -6160,17 +6392,20 @@ def _count_arg(text):
     return value
 
 
-def _seconds_arg(text, allow_zero=False):
+def _seconds_arg(text, allow_zero=False, allow_inf=False):
     """An argparse type: a finite number of seconds above 0 (or 0 if ``allow_zero``).
 
     "inf", "nan" and huge values would end in a traceback (settimeout
-    overflows) or a run that does nothing, so they are usage errors.
+    overflows) or a run that does nothing, so they are usage errors; where
+    waiting for ever makes sense (``allow_inf``) "inf" is accepted.
     """
     import argparse
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError("%r is not a number" % text)
+    if allow_inf and value == float("inf"):
+        return value
     if not (value > 0 or allow_zero and value == 0) or not value <= threading.TIMEOUT_MAX:
         raise argparse.ArgumentTypeError("%r is not a number of seconds %s and at most %d" % (
             text, "from 0" if allow_zero else "above 0", threading.TIMEOUT_MAX))
@@ -6273,29 +6508,65 @@ def _build_parser():
     net.add_argument("socket", metavar="SOCKET")
     actions = net.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
-    send = actions.add_parser("send", parents=[common],
-                              help="send N frames (generated, or one given frame)")
+    send = actions.add_parser(
+        "send", parents=[common], help="send N frames, or replay a pcap file",
+        description="Send N generated frames (or one given frame N times), or with -r the "
+                    "frames of a pcap file (tcpreplay: --loop, --pps); waits until the "
+                    "back-end has taken them.")
+    send.add_argument("-n", "-c", "--count", type=_count_arg, default=1, metavar="N",
+                      help="frames to send (default 1)")
+    send.add_argument("--size", type=_int_arg, default=64, metavar="BYTES",
+                      help="size of generated frames (default 64)")
+    send.add_argument("-r", "--read", metavar="FILE.pcap",
+                      help="send the frames of this pcap file (as tcpdump -w writes it)")
+    send.add_argument("--loop", type=_int_arg, default=1, metavar="N",
+                      help="with -r: send the file N times, 0 for ever (default 1)")
+    send.add_argument("--pps", type=_seconds_arg, metavar="RATE",
+                      help="with -r: at most RATE frames per second (default: at once)")
     ping = actions.add_parser(
         "ping", parents=[common],
-        help="send frames one at a time; each must come back byte-identical",
-        description="Send N frames one at a time and wait up to --timeout for each to come "
-                    "back byte-identical; prints round-trip times. Exit status 1 when any "
-                    "frame is lost or another frame arrives instead.")
+        help="send frames at intervals; each must come back byte-identical (ping's options)",
+        description="Send frames one at a time, every -i seconds, and wait up to -W seconds "
+                    "for each to come back byte-identical (a back-end that returns what it "
+                    "receives, like testpmd in io forward mode). Prints a line per frame and "
+                    "ping's summary (at the count, on Ctrl-C and when the back-end dies); "
+                    "exit status 1 when a frame was lost or came back changed.")
+    ping.add_argument("-c", "--count", type=_count_arg, metavar="COUNT",
+                      help="stop after COUNT frames (default: until Ctrl-C)")
+    ping.add_argument("-i", "--interval", type=lambda text: _seconds_arg(text, True),
+                      default=1.0, metavar="INTERVAL",
+                      help="seconds between frames (default 1; 0 for back to back)")
+    ping.add_argument("-s", "--size", type=_int_arg, default=50, metavar="SIZE",
+                      help="data bytes after the 14-byte Ethernet header (default 50: "
+                           "64-byte frames)")
+    ping.add_argument("-W", "--wait", type=_seconds_arg, metavar="TIMEOUT",
+                      help="seconds to wait for each frame (default: --timeout)")
+    ping.add_argument("-f", "--flood", action="store_true",
+                      help="flood: the next frame as soon as the last came back; prints "
+                           "'.' per frame sent and erases it when it comes back")
+    ping.add_argument("-q", "--quiet", action="store_true",
+                      help="print only the first line and the summary")
     for parser_ in (send, ping):
-        parser_.add_argument("-n", "-c", "--count", type=_count_arg, default=1, metavar="N",
-                             help="frames to send (default 1)")
-        parser_.add_argument("--size", type=_int_arg, default=64, metavar="BYTES",
-                             help="size of generated frames (default 64)")
         given = parser_.add_mutually_exclusive_group()
-        given.add_argument("-i", "--input", metavar="FILE", help="send FILE's bytes as the frame")
-        given.add_argument("--hex", metavar="HEX",
-                           help="send these bytes as the frame (e.g. ffffffffffff0200...)")
-    recv = actions.add_parser("recv", parents=[common], help="print the frames that arrive")
-    recv.add_argument("-n", "--count", type=_count_arg, metavar="N", help="stop after N frames")
-    recv.add_argument("--wait", type=lambda text: _seconds_arg(text, allow_zero=True),
+        given.add_argument("--payload-file", metavar="FILE",
+                           help="send FILE's bytes (a whole Ethernet frame) every time")
+        given.add_argument("--payload-hex", metavar="HEX",
+                           help="send these bytes every time (e.g. ffffffffffff0200...)")
+    recv = actions.add_parser(
+        "recv", parents=[common], help="print the frames that arrive, or capture them as pcap",
+        description="One line per frame as tcpdump -e prints it (time, MACs, ethertype, "
+                    "length), or with -w a pcap file tcpdump and Wireshark read; stops after "
+                    "-c frames, --wait seconds or Ctrl-C.")
+    recv.add_argument("-c", "-n", "--count", type=_count_arg, metavar="N",
+                      help="stop after N frames")
+    recv.add_argument("--wait", type=lambda text: _seconds_arg(text, True, allow_inf=True),
                       default=1.0, metavar="S",
-                      help="stop after S seconds (default 1)")
-    recv.add_argument("-x", "--hexdump", action="store_true", help="hex-dump each frame")
+                      help="stop after S seconds (default 1; inf: until -c or Ctrl-C)")
+    recv.add_argument("-x", "--hexdump", action="store_true",
+                      help="hex-dump each frame as tcpdump -xx does")
+    recv.add_argument("-w", "--write", metavar="FILE.pcap",
+                      help="write a pcap file (LINKTYPE_ETHERNET, µs timestamps); - for "
+                           "stdout (| tcpdump -r -)")
     recv.add_argument("-o", "--output", metavar="FILE",
                       help="write the frames' bytes to FILE, one after the other")
     net.set_defaults(func=_cmd_net)
