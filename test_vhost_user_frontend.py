@@ -4905,5 +4905,393 @@ class TestNetDeviceConfig(FrontendTestBase):
         self.assertEqual((nic.mac, nic.mtu, nic.link_up), (bytes.fromhex("525400abcdef"), None, None))
 
 
+
+# CLI habits: hexdump -C, unaligned and streamed blk transfers, pcap, ping ###########################
+
+_RSS_PROBE = """
+import resource, sys
+sys.path.insert(0, %r)
+import vhost_user_frontend
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+status = vhost_user_frontend.main(sys.argv[1:])
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+sys.stderr.write("peak RSS grew by %%d KiB\\n" %% (after - before))
+sys.exit(status)
+"""
+
+
+def run_cli_rss(argv, stdin=subprocess.DEVNULL, timeout=120):
+    """Run the CLI in a child; (status, stdout bytes, stderr, KiB its peak RSS grew by in main())."""
+    proc = subprocess.Popen([sys.executable, "-c", _RSS_PROBE % MODULE_DIR] + [str(a) for a in argv],
+                            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    err = err.decode()
+    grown = re.search(r"peak RSS grew by (-?\d+) KiB\n", err)
+    return proc.returncode, out, err.replace(grown.group(0), "") if grown else err, \
+        int(grown.group(1)) if grown else None
+
+
+def _random_bytes(rng, count):
+    """``count`` reproducible random bytes, fast (a generator of getrandbits(8) takes seconds)."""
+    return rng.getrandbits(8 * count).to_bytes(count, "little") if count else b""
+
+
+class TestCliHexdump(FdLeakCheck):
+    """The terminal dump is byte-identical to bsdextrautils' `hexdump -C` of the same bytes."""
+
+    def test_same_as_hexdump_c(self):
+        hexdump = require_binary(self, "hexdump", "bsdextrautils")
+        rng = random.Random(12)
+        cases = [b"", b"Hello world\n", bytes(16), bytes(64), bytes(range(256)) * 3,
+                 bytes(40) + b"x" + bytes(40), b"\x7f\x80 ~" * 9, _random_bytes(rng, 999),
+                 bytes(32) + b"a" * 16 + bytes(32) + b"a" * 15]
+        tmp = tempfile.mkdtemp(prefix="vhu-hexdump-")
+        self.addCleanup(shutil.rmtree, tmp)
+        path = os.path.join(tmp, "data")
+        for data in cases:
+            for skip in (0, 5, 4096):
+                with open(path, "wb") as f:
+                    f.write(bytes(skip) + data)
+                expected = subprocess.check_output([hexdump, "-C", "-s", str(skip), path]).decode()
+                for piece in (7, 4096):   # fed in pieces that split lines, and whole
+                    with self.subTest(length=len(data), skip=skip, piece=piece):
+                        out = io.StringIO()
+                        dump = vu._HexdumpC(out.write, skip)
+                        for i in range(0, len(data), piece):
+                            dump.feed(data[i:i + piece])
+                        dump.close()
+                        self.assertEqual(out.getvalue(), expected)
+
+
+class TestCliBlockStreaming(BackendTestMixin, FdLeakCheck):
+    """`blk read/write/verify` at any alignment, streamed, against qemu-storage-daemon on a raw file."""
+
+    def setUp(self):
+        super(TestCliBlockStreaming, self).setUp()
+        self.d = self.start_backend(QemuStorageDaemon, kind="raw", size=2 << 20)
+        self.sock = self.d.socket_path
+        self.image = bytearray(_random_bytes(random.Random(7), 2 << 20))
+        with open(self.d.image_path, "r+b") as f:
+            f.write(self.image)
+
+    def on_disk(self):
+        with open(self.d.image_path, "rb") as f:
+            return f.read()
+
+    def read(self, *argv):
+        status, out, err = run_cli_process("blk", self.sock, *argv)
+        return status, out, err
+
+    def test_unaligned_reads_equal_the_file(self):
+        rng = random.Random(3)
+        cases = [(0, 1), (1, 1), (511, 2), (513, 1000), (4095, 4097), (2 << 20 - 1, 1), ((2 << 20) - 3, 3),
+                 (100, 0)] + [(rng.randrange(2 << 20), rng.randrange(20000)) for _ in range(12)]
+        out = os.path.join(self.d.tmpdir, "out")
+        for chunk in (vu._CLI_CHUNK, 4096):   # small steps: many step boundaries inside one read
+            with mock.patch.object(vu, "_CLI_CHUNK", chunk):
+                for offset, length in cases:
+                    length = min(length, (2 << 20) - offset)
+                    with self.subTest(offset=offset, length=length, chunk=chunk):
+                        self.assertEqual(run_cli("blk", self.sock, "read", offset, length, "-o", out),
+                                         (0, "", ""))
+                        with open(out, "rb") as f:
+                            self.assertEqual(f.read(), bytes(self.image[offset:offset + length]))
+        # The same through a pipe (raw bytes), from a real process.
+        status, data, err = run_cli_rss(["blk", self.sock, "read", "777", "70000"])[:3]
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(data, bytes(self.image[777:777 + 70000]))
+
+    def test_hexdump_of_a_read_is_hexdump_c_of_the_image(self):
+        hexdump = require_binary(self, "hexdump", "bsdextrautils")
+        with open(self.d.image_path, "r+b") as f:
+            f.seek(8192)
+            f.write(bytes(100) + b"vhost-user\n" + bytes(50))
+        for offset, length in ((8192, 200), (8195, 161), (0, 64), (8192 + 100, 11)):
+            with self.subTest(offset=offset, length=length):
+                expected = subprocess.check_output([hexdump, "-C", "-s", str(offset), "-n", str(length),
+                                                    self.d.image_path]).decode()
+                # A terminal gets the dump (run_cli's stdout has no byte stream); -C forces it.
+                self.assertEqual(run_cli("blk", self.sock, "read", offset, length), (0, expected, ""))
+                status, out, err = run_cli_process("blk", self.sock, "read", offset, length, "-C")
+                self.assertEqual((status, out, err), (0, expected, ""))
+
+    def test_pad_and_rmw_writes_equal_a_model(self):
+        model = bytearray(self.image)
+        rng = random.Random(5)
+        src = os.path.join(self.d.tmpdir, "in")
+        cases = [(1, 10), (500, 30), (512, 512), (1000, 5000), (4096 + 7, 1), (3, 1 << 16),
+                 ((2 << 20) - 700, 700)]
+        for mode in ("--pad", "--rmw"):
+            for offset, length in cases:
+                with self.subTest(mode=mode, offset=offset, length=length):
+                    data = _random_bytes(rng, length)
+                    with open(src, "wb") as f:
+                        f.write(data)
+                    status, out, err = run_cli("blk", self.sock, "write", offset, "-i", src, mode)
+                    self.assertEqual((status, err), (0, ""))
+                    start, end = offset - offset % 512, -(-(offset + length) // 512) * 512
+                    if mode == "--pad":
+                        model[start:end] = bytes(end - start)
+                    model[offset:offset + length] = data
+                    if start == offset and end == offset + length:
+                        self.assertEqual(out, "wrote %d bytes at offset %d\n" % (length, offset))
+                    elif mode == "--pad":
+                        self.assertIn("(zero-padded to whole 512-byte blocks: %d byte(s) before, %d after)"
+                                      % (offset - start, end - offset - length), out)
+                    else:
+                        self.assertIn("(read-modify-write of", out)
+                    self.assertEqual(self.on_disk(), bytes(model))
+        # Without --pad or --rmw an unaligned write is refused before anything is written.
+        status, out, err = run_cli("blk", self.sock, "write", "100", "-i", src)
+        self.assertEqual((status, out), (1, ""))
+        self.assertIn("give --pad (zero-fill the partial blocks) or --rmw", err)
+        # From a pipe (length unknown up front), several steps, unaligned both ends.
+        data = _random_bytes(rng, 300000)
+        with mock.patch.object(vu, "_CLI_CHUNK", 65536):
+            r, w = os.pipe()
+            writer = threading.Thread(target=lambda: (os.write(w, data), os.close(w)))
+            writer.start()
+            try:
+                with io.TextIOWrapper(open(r, "rb")) as stdin, mock.patch.object(sys, "stdin", stdin):
+                    status, out, err = run_cli("blk", self.sock, "write", "333", "--rmw")
+            finally:
+                writer.join(10)
+        self.assertEqual((status, err), (0, ""))
+        model[333:333 + len(data)] = data
+        self.assertEqual(self.on_disk(), bytes(model))
+        # verify: the pattern, the file, and the first mismatch named by offset (exit 1).
+        with open(src, "wb") as f:
+            f.write(data)
+        self.assertEqual(run_cli("blk", self.sock, "verify", "333", len(data), "--file", src),
+                         (0, "verified %d bytes at offset 333: all match %s\n" % (len(data), src), ""))
+        run_cli("blk", self.sock, "write-zeroes", "1M", "64k")
+        self.assertEqual(run_cli("blk", self.sock, "verify", "1M", "64k", "--pattern", "0")[0], 0)
+        with open(self.d.image_path, "r+b") as f:
+            f.seek((1 << 20) + 40000)
+            f.write(b"\x01")
+        status, out, err = run_cli("blk", self.sock, "verify", "1M", "64k", "--pattern", "0x00")
+        self.assertEqual((status, out), (1, ""))
+        self.assertIn("verify: mismatch at offset %d: expected 0x00, found 0x01" % ((1 << 20) + 40000), err)
+
+    def test_out_of_range_is_refused_before_anything(self):
+        # 10 GiB on a 2 MiB disk, and 2**80: refused in one line, before a buffer is allocated.
+        for argv in (["read", "0", "10G"], ["read", str(2 ** 80), "1"], ["verify", "0", "10G", "--pattern", "0"],
+                     ["read", "2M", "1"]):
+            with self.subTest(argv=argv):
+                status, out, err, grown = run_cli_rss(["blk", self.sock] + argv)
+                self.assertEqual((status, out), (1, b""), err)
+                self.assertIn("end past the capacity of 2097152 bytes (2 MiB)", err)
+                self.assertEqual(err.count("\n"), 1, err)
+                self.assertLess(grown, 32 << 10)
+        src = os.path.join(self.d.tmpdir, "big")
+        with open(src, "wb") as f:
+            f.truncate(3 << 20)
+        status, out, err = run_cli("blk", self.sock, "write", "0", "-i", src)
+        self.assertEqual((status, out), (1, ""))
+        self.assertIn("write: 3145728 bytes at offset 0 end past the capacity", err)
+        self.assertEqual(self.on_disk(), bytes(self.image))   # nothing was written
+
+    def test_broken_pipe_is_silent(self):
+        # `blk info | head -1`: the reader is gone before we write; no message, cat's status.
+        for argv in (["info"], ["read", "0", "1M"]):
+            with self.subTest(argv=argv):
+                r, w = os.pipe()
+                os.close(r)
+                try:
+                    proc = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend", "blk", self.sock]
+                                            + argv, cwd=MODULE_DIR, stdout=w, stderr=subprocess.PIPE)
+                finally:
+                    os.close(w)
+                err = proc.communicate(timeout=60)[1]
+                self.assertEqual((proc.returncode, err), (141, b""))
+
+
+class TestCliBlockLarge(BackendTestMixin, FdLeakCheck):
+    """A 1 GiB read and a stdin write stream in bounded memory (qsd null-co, RSS measured)."""
+
+    def test_read_1g_in_bounded_memory(self):
+        d = self.start_backend(QemuStorageDaemon, kind="null", size=1 << 30)
+        status, out, err, grown = run_cli_rss(["blk", d.socket_path, "read", "0", "1G", "-o", os.devnull])
+        self.assertEqual((status, out, err), (0, b"", ""))
+        self.assertLess(grown, 64 << 10)   # KiB: was 2 GiB (the whole read, then a copy)
+        # stdin: 96 MiB through a pipe, unaligned tail padded; never all of it in memory.
+        source = subprocess.Popen(["head", "-c", str((96 << 20) + 100), "/dev/zero"], stdout=subprocess.PIPE)
+        try:
+            status, out, err, grown = run_cli_rss(["blk", d.socket_path, "write", "512", "--pad"],
+                                                  stdin=source.stdout)
+        finally:
+            source.stdout.close()
+            source.wait(30)
+        self.assertEqual((status, err), (0, ""))
+        self.assertIn(b"wrote %d bytes at offset 512 (zero-padded" % ((96 << 20) + 100), out)
+        self.assertLess(grown, 64 << 10)
+
+
+def _tcpdump_frames(tcpdump, path):
+    """The frames of a pcap as tcpdump reads them back (its -xx hex), and its report lines."""
+    proc = subprocess.Popen([tcpdump, "-r", path, "-n", "-e", "-xx"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=60)
+    frames, heads = [], []
+    for line in out.decode().splitlines():
+        if line.startswith("\t0x"):
+            frames[-1] += bytes.fromhex(line.split(":", 1)[1].replace(" ", ""))
+        else:
+            heads.append(line)
+            frames.append(b"")
+    return proc.returncode, frames, heads, err.decode()
+
+
+class TestCliPcap(BackendTestMixin, FdLeakCheck):
+    """recv -w writes pcap that tcpdump reads; send -r replays tcpdump's pcap through testpmd."""
+
+    def test_capture_and_replay(self):
+        tcpdump = require_binary(self, "tcpdump", "tcpdump")
+        # testpmd in txonly mode makes 64-byte UDP frames for our RX ring.
+        d = self.start_backend(Testpmd, forward_mode="txonly")
+        ours, raw = os.path.join(d.tmpdir, "ours.pcap"), os.path.join(d.tmpdir, "raw")
+        self.assertEqual(run_cli("net", d.socket_path, "recv", "-c", "20", "-w", ours, "-o", raw),
+                         (0, "20 frame(s) received\n", ""))
+        status, frames, heads, err = _tcpdump_frames(tcpdump, ours)
+        self.assertEqual(status, 0, err)
+        self.assertIn("link-type EN10MB (Ethernet)", err)
+        self.assertEqual(len(frames), 20)
+        with open(raw, "rb") as f:
+            self.assertEqual(b"".join(frames), f.read())
+        self.assertIn("56:48:4f:53:54:00 > 02:00:00:00:00:00, ethertype IPv4 (0x0800), length 64", heads[0])
+        # -w -: a pcap stream on stdout, read live by tcpdump -r -.
+        recv = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend", "net", d.socket_path, "recv",
+                                 "-c", "5", "-w", "-"], cwd=MODULE_DIR, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        dump = subprocess.Popen([tcpdump, "-r", "-", "-n"], stdin=recv.stdout, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        recv.stdout.close()
+        out, err = dump.communicate(timeout=60)
+        self.assertEqual((recv.wait(60), recv.stderr.read()), (0, b"5 frame(s) received\n"))
+        recv.stderr.close()
+        self.assertEqual(dump.returncode, 0, err)
+        self.assertEqual(len(out.decode().splitlines()), 5, out)
+        # Our lines are tcpdump -e's head: time, MACs, ethertype, length.
+        status, out, err = run_cli("net", d.socket_path, "recv", "-c", "2")
+        self.assertEqual(status, 0, err)
+        for line in out.splitlines()[:2]:
+            self.assertRegex(line, r"^\d\d:\d\d:\d\d\.\d{6} 56:48:4f:53:54:00 > 02:00:00:00:00:00, "
+                                   r"ethertype IPv4 \(0x0800\), length 64$")
+        self.assertEqual(heads[0].split(" ", 1)[1][:len(line) - 16], line.split(" ", 1)[1])
+        d.stop()
+        # tcpdump rewrites our capture (its own writer), with frames of several sizes added by
+        # our pcap writer; send -r loops it through testpmd in io mode, byte-identical.
+        mixed = os.path.join(d.tmpdir, "mixed.pcap")
+        extra = [bytes.fromhex("ffffffffffff02000000000188b5") + bytes([i]) * (50 + 300 * i) for i in range(5)]
+        with open(mixed, "wb") as f:
+            writer = vu._PcapWriter(f)
+            for i, frame in enumerate(extra + frames):
+                writer.write(frame, 1700000000 + i / 10.0)
+        theirs = os.path.join(d.tmpdir, "theirs.pcap")
+        subprocess.check_call([tcpdump, "-r", mixed, "-w", theirs], stderr=subprocess.DEVNULL, timeout=60)
+        expected = _tcpdump_frames(tcpdump, theirs)[1]
+        self.assertEqual(expected, extra + frames)
+        d2 = self.start_backend(Testpmd)
+        import argparse
+        with vu.NetDevice.connect(d2.socket_path) as dev:
+            args = argparse.Namespace(read=theirs, loop=2, pps=None, payload_file=None, payload_hex=None)
+            out = io.StringIO()
+            self.assertEqual(vu._net_send(dev, args, out), 0)
+            self.assertRegex(out.getvalue(), r"^sent 50 frame\(s\) \(\d+ bytes\) from .* in [\d.]+ s, 2 loop\(s\)\n$")
+            back = [dev.recv(5.0) for _ in range(50)]
+            self.assertEqual(back, expected * 2)
+            self.assertIsNone(dev.recv(0.05))
+            # --pps paces the frames: 10 frames at 100/s take at least 0.09 s.
+            with open(mixed, "rb") as f:
+                first10 = list(vu._read_pcap(f, mixed))[:10]
+            ten = os.path.join(d2.tmpdir, "ten.pcap")
+            with open(ten, "wb") as f:
+                writer = vu._PcapWriter(f)
+                for frame in first10:
+                    writer.write(frame, 0)
+            args = argparse.Namespace(read=ten, loop=1, pps=100.0, payload_file=None, payload_hex=None)
+            t0 = time.monotonic()
+            self.assertEqual(vu._net_send(dev, args, io.StringIO()), 0)
+            self.assertGreaterEqual(time.monotonic() - t0, 0.089)
+            self.assertEqual([dev.recv(5.0) for _ in range(10)], first10)
+
+    def test_bad_pcap_files(self):
+        tmp = tempfile.mkdtemp(prefix="vhu-pcap-")
+        self.addCleanup(shutil.rmtree, tmp)
+        header = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)
+        big = struct.pack(">IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 65535, 1)  # big-endian, ns stamps
+        frame = bytes(range(60))
+        for name, data, expected in (
+                ("little-endian", header + struct.pack("<IIII", 1, 2, 60, 60) + frame, [frame]),
+                ("big-endian ns", big + struct.pack(">IIII", 1, 2, 60, 60) + frame * 1, [frame]),
+                ("empty capture", header, []),
+                ("pcapng", bytes.fromhex("0a0d0d0a") + bytes(40), "not a pcap file (magic 0a0d0d0a"),
+                ("empty file", b"", "not a pcap file (magic missing"),
+                ("short header", header[:10], "pcap header cut short at 10 bytes"),
+                ("not ethernet", header[:-4] + struct.pack("<I", 101), "link type 101, only Ethernet"),
+                ("cut record", header + b"\1\2", "frame 1: record header cut short"),
+                ("cut frame", header + struct.pack("<IIII", 1, 2, 60, 60) + frame[:10],
+                 "frame 1: 50 of its 60 bytes are missing"),
+                ("huge length", header + struct.pack("<IIII", 1, 2, 1 << 30, 1 << 30),
+                 "frame 1: captured length 1073741824 is more than 262144")):
+            with self.subTest(name):
+                path = os.path.join(tmp, "f.pcap")
+                with open(path, "wb") as f:
+                    f.write(data)
+                with open(path, "rb") as f:
+                    if isinstance(expected, list):
+                        self.assertEqual(list(vu._read_pcap(f, path)), expected)
+                    else:
+                        with self.assertRaises(vu._CliError) as cm:
+                            list(vu._read_pcap(f, path))
+                        self.assertIn(expected, str(cm.exception))
+
+
+class TestCliPingSignals(BackendTestMixin, FdLeakCheck):
+    """ping's summary on Ctrl-C and when the back-end is killed, with ping's exit status."""
+
+    SUMMARY = (r"\n--- (\S+) ping statistics ---\n(\d+) packets transmitted, (\d+) received, ([\d.]+)% "
+               r"packet loss, time \d+ms\n")
+
+    def ping(self, sock, *argv):
+        proc = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend", "net", sock, "ping"] + list(argv),
+                                cwd=MODULE_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
+        # Wait for the first reply line, so the run is well under way.
+        first = proc.stdout.readline() + proc.stdout.readline()
+        self.assertIn(b" bytes from ", first)
+        return proc, first
+
+    def test_sigint_then_backend_death(self):
+        d = self.start_backend(Testpmd)
+        proc, first = self.ping(d.socket_path, "-i", "0.05")
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        out = (first + out).decode()
+        summary = re.search(self.SUMMARY, out)
+        self.assertIsNotNone(summary, out)
+        sent, received = int(summary.group(2)), int(summary.group(3))
+        self.assertGreater(sent, 3)
+        self.assertEqual(proc.returncode, 0 if received == sent else 1, out)
+        self.assertEqual(err, b"")
+        self.assertIn("rtt min/avg/max/mdev = ", out)
+        # kill -9 the back-end mid-run: the summary, then the error line, status 1, promptly.
+        proc, first = self.ping(d.socket_path, "-i", "0.05", "-c", "100000")
+        os.kill(d.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+        self.assertLess(time.monotonic() - t0, 10)
+        out = (first + out).decode()
+        self.assertIsNotNone(re.search(self.SUMMARY, out), out)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn(b"back-end disconnected", err)
+        self.assertEqual(err.count(b"\n"), 1, err)
+
 if __name__ == "__main__":
     unittest.main()

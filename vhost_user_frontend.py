@@ -5288,7 +5288,7 @@ class _HexdumpC:
     Each line is the offset, 16 bytes in hex in two groups of 8 and the
     bytes as ASCII between bars; a line equal to the one before is printed
     as one ``*`` for the whole run; the offset after the last byte ends the
-    dump (nothing at all for no bytes), as bsdextrautils' hexdump does.
+    dump (nothing at all for no bytes at offset 0), as bsdextrautils' does.
     """
 
     _PRINTABLE = bytes(b if 0x20 <= b < 0x7F else 0x2E for b in range(256))
@@ -5299,7 +5299,6 @@ class _HexdumpC:
         self.pending = b""
         self.previous = None
         self.starred = False
-        self.dumped = False
 
     def feed(self, data):
         data = self.pending + bytes(data)
@@ -5318,7 +5317,6 @@ class _HexdumpC:
             self.offset += 16
         self.pending = data[full:]
         if lines:
-            self.dumped = True
             self.write("\n".join(lines) + "\n")
 
     def close(self):
@@ -5327,8 +5325,7 @@ class _HexdumpC:
             self.write(self._line(self.pending) + "\n")
             self.offset += len(self.pending)
             self.pending = b""
-            self.dumped = True
-        if self.dumped:
+        if self.offset:   # no bytes at offset 0: no output at all
             self.write("%08x\n" % self.offset)
 
     def _line(self, line):
