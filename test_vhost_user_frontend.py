@@ -5183,16 +5183,18 @@ class TestCliPcap(BackendTestMixin, FdLeakCheck):
             self.assertRegex(line, r"^\d\d:\d\d:\d\d\.\d{6} 56:48:4f:53:54:00 > 02:00:00:00:00:00, "
                                    r"ethertype IPv4 \(0x0800\), length 64$")
         self.assertEqual(heads[0].split(" ", 1)[1][:len(line) - 16], line.split(" ", 1)[1])
+        tmp = tempfile.mkdtemp(prefix="vhu-pcap-")
+        self.addCleanup(shutil.rmtree, tmp)
         d.stop()
         # tcpdump rewrites our capture (its own writer), with frames of several sizes added by
         # our pcap writer; send -r loops it through testpmd in io mode, byte-identical.
-        mixed = os.path.join(d.tmpdir, "mixed.pcap")
+        mixed = os.path.join(tmp, "mixed.pcap")
         extra = [bytes.fromhex("ffffffffffff02000000000188b5") + bytes([i]) * (50 + 300 * i) for i in range(5)]
         with open(mixed, "wb") as f:
             writer = vu._PcapWriter(f)
             for i, frame in enumerate(extra + frames):
                 writer.write(frame, 1700000000 + i / 10.0)
-        theirs = os.path.join(d.tmpdir, "theirs.pcap")
+        theirs = os.path.join(tmp, "theirs.pcap")
         subprocess.check_call([tcpdump, "-r", mixed, "-w", theirs], stderr=subprocess.DEVNULL, timeout=60)
         expected = _tcpdump_frames(tcpdump, theirs)[1]
         self.assertEqual(expected, extra + frames)
@@ -5209,7 +5211,7 @@ class TestCliPcap(BackendTestMixin, FdLeakCheck):
             # --pps paces the frames: 10 frames at 100/s take at least 0.09 s.
             with open(mixed, "rb") as f:
                 first10 = list(vu._read_pcap(f, mixed))[:10]
-            ten = os.path.join(d2.tmpdir, "ten.pcap")
+            ten = os.path.join(tmp, "ten.pcap")
             with open(ten, "wb") as f:
                 writer = vu._PcapWriter(f)
                 for frame in first10:
