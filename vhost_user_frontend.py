@@ -5612,8 +5612,10 @@ def _cmd_net(args, out):
 # then per frame a record header (seconds, microseconds, captured length,
 # length on the wire) and the bytes. Written in the host's byte order;
 # readers tell it from the magic number, and so does _read_pcap.
-_PCAP_HEADER = struct.Struct("IHHiIII")   # magic, major, minor, thiszone, sigfigs, snaplen, link
-_PCAP_RECORD = struct.Struct("IIII")      # seconds, µs (or ns), captured, original length
+_PCAP_HEADER_FORMAT = "IHHiIII"   # magic, major, minor, thiszone, sigfigs, snaplen, link type
+_PCAP_RECORD_FORMAT = "IIII"       # seconds, µs (or ns), captured, original length
+_PCAP_HEADER = struct.Struct("=" + _PCAP_HEADER_FORMAT)
+_PCAP_RECORD = struct.Struct("=" + _PCAP_RECORD_FORMAT)
 _PCAP_MAGIC_USEC = 0xA1B2C3D4
 _PCAP_MAGIC_NSEC = 0xA1B23C4D
 _LINKTYPE_ETHERNET = 1
@@ -5649,11 +5651,11 @@ def _read_pcap(stream, name):
                         "`tcpdump -r FILE -w OUT`)" % (name, magic.hex() or "missing"))
     if len(header) < _PCAP_HEADER.size:
         raise _CliError("%s: pcap header cut short at %d bytes" % (name, len(header)))
-    fields = struct.unpack(order + _PCAP_HEADER.format, header)
+    fields = struct.unpack(order + _PCAP_HEADER_FORMAT, header)
     if fields[6] != _LINKTYPE_ETHERNET:
         raise _CliError("%s: link type %d, only Ethernet (1) can be sent"
                         % (name, fields[6]))
-    record = struct.Struct(order + _PCAP_RECORD.format)
+    record = struct.Struct(order + _PCAP_RECORD_FORMAT)
     number = 0
     while True:
         head = stream.read(record.size)
