@@ -6668,7 +6668,7 @@ def _bench_report(kind, rw, size, depth, queues, elapsed, latencies, cpu_self, c
     latencies.sort()
     count = len(latencies)
     rate = count / elapsed if elapsed else 0.0
-    usec = lambda s: None if s is None else round(s * 1e6, 2)  # noqa: E731
+    usec = _usec
     report = {"type": kind}
     if rw is not None:
         report["rw"] = rw
@@ -6723,6 +6723,26 @@ def _format_bench(report):
         "  %-22s %s" % ("frontend CPU " + unit, report["frontend_cpu_us_per_request"]),
         "  %-22s %s" % ("backend CPU " + unit, backend),
     ]
+    fio = report.get("fio")
+    if fio is not None:
+        job = fio["jobs"][0]
+        if 0 < report["rwmixread"] < 100:
+            lines += ["  %-22s IOPS %.0f, %.2f MiB/s, latency p50 %s µs"
+                      % (name, job[name]["iops"], job[name]["bw_bytes"] / 2.0**20,
+                         _usec(job[name]["clat_ns"].get("percentile", {}).get("50.000000",
+                                                                                0) / 1e9))
+                      for name in ("read", "write")]
+        entries = ["%sth=[%s]" % (name.rjust(5), str(value).rjust(8))
+                   for name, value in report["clat_percentiles_us"].items()]
+        lines.append("  clat percentiles (µs):")
+        lines += ["   | " + ", ".join(entries[i:i + 4]) + ("," if i + 4 < len(entries) else "")
+                  for i in range(0, len(entries), 4)]
+        if report.get("histogram"):
+            lines.append("  latency histogram:")
+            lines += _format_histogram(report["histogram"])
+        if report["verified_blocks"] is not None:
+            lines.append("  %-22s %d block(s) read back and checked: all as written"
+                         % ("verify", report["verified_blocks"]))
     placement = report.get("placement")
     if placement is not None:
         lines.append("  %-22s %s, spin %g µs, %s" % (
@@ -6733,23 +6753,37 @@ def _format_bench(report):
     return lines
 
 
+#: fio's --rw modes: random offsets?, and the percent of reads (None: --rwmixread, 50).
+_BENCH_RW = {"read": (False, 100), "write": (False, 0), "randread": (True, 100),
+             "randwrite": (True, 0), "rw": (False, None), "readwrite": (False, None),
+             "randrw": (True, None)}
+
+
 class _BlockLoad:
     """Offsets and data for one block bench stream (one per queue), drawn before the clock runs."""
 
     #: Random offsets are drawn once, this many, and used in turn.
     table_size = 1 << 16
 
-    def __init__(self, capacity, size, rw, seed):
+    def __init__(self, capacity, size, rw, seed, start=0, read_percent=None):
         import random
-        rng = random.Random(seed)
+        rng = self.rng = random.Random(seed)
+        # The region is start..start+capacity (fio's offset= and size=).
         slots = max(1, capacity // size)
         self.size = size
-        self.write = rw.endswith("write")
-        self.data = bytes(bytearray(rng.getrandbits(8) for _ in range(size)))
-        if rw.startswith("rand"):
-            self.table = [rng.randrange(slots) * size for _ in range(self.table_size)]
+        self.start = start
+        random_offsets, default_percent = _BENCH_RW[rw]
+        self.read_percent = default_percent if read_percent is None or default_percent in (
+            0, 100) else read_percent
+        if self.read_percent is None:
+            self.read_percent = 50
+        self.write = self.read_percent == 0          # writes only
+        self.mixed = 0 < self.read_percent < 100     # each request reads or writes
+        self.data = rng.getrandbits(8 * size).to_bytes(size, "little")
+        if random_offsets:
+            self.table = [start + rng.randrange(slots) * size for _ in range(self.table_size)]
         else:
-            self.table = [(i % slots) * size for i in range(min(slots, self.table_size))]
+            self.table = [start + (i % slots) * size for i in range(min(slots, self.table_size))]
             if slots > self.table_size:   # sequential over more than the table: keep counting
                 self.table = None
         self.slots = slots
@@ -6761,8 +6795,8 @@ class _BlockLoad:
         self.next = start + count
         table = self.table
         if table is None:
-            slots, size = self.slots, self.size
-            return [(i % slots) * size for i in range(start, start + count)]
+            slots, size, base = self.slots, self.size, self.start
+            return [base + (i % slots) * size for i in range(start, start + count)]
         start %= len(table)
         chunk = table[start:start + count]
         while len(chunk) < count:
@@ -6814,55 +6848,118 @@ def _bench_block(dev, args):
         # More could never be in flight: a request takes 3 descriptors.
         raise _CliError("--depth %d: at most %d requests fit the %d-entry ring"
                         % (args.depth, ring // 3, ring))
-    if rw.endswith("write") and dev.read_only:
-        raise _CliError("%s: the device is read-only; use --rw read or randread" % args.socket)
+    region = _bench_region(dev, args, size)
     queues = args.queues or 1
-    loads = [_BlockLoad(dev.capacity, size, rw, seed) for seed in range(queues)]
-    latencies = [[] for _ in range(queues)]
-    errors = []
-    progress = _Progress(sys.stderr, args.seconds, "blk")
+    loads = [_BlockLoad(region[1], size, rw, seed, region[0], args.rwmixread)
+             for seed in range(queues)]
+    if not loads[0].read_percent == 100 and dev.read_only:
+        raise _CliError("%s: the device is read-only; use --rw read or randread" % args.socket)
+    if args.verify or loads[0].mixed:
+        if args.verify and queues > 1:
+            # Each stream checks its own blocks: give each its own part of the region.
+            part = region[1] // queues // size * size
+            if part < size:
+                raise _CliError("--verify: the region of %d bytes cannot give each of %d "
+                                "queues a block of %d" % (region[1], queues, size))
+            loads = [_BlockLoad(part, size, rw, q, region[0] + q * part, args.rwmixread)
+                     for q in range(queues)]
+        checked = [_BlockCheck(load, args.verify) for load in loads]
+        stream = lambda queue, deadline, lat, tick=None: _bench_block_stream_checked(  # noqa
+            dev, queue, loads[queue], checked[queue], args.depth, deadline, lat, tick)
+    else:
+        checked = None
+        stream = lambda queue, deadline, lat, tick=None: _bench_block_stream(  # noqa: E731
+            dev, queue, loads[queue], args.depth, deadline,
+            lat["write" if loads[queue].write else "read"], tick)
+    if args.ramp_time:
+        # fio's ramp_time: the same load first, its figures thrown away.
+        _bench_block_phase(dev, args, queues, stream, args.ramp_time, size)
+        for check in checked or ():
+            check.verified = 0
     backend_start = _proc_cpu_seconds(args.backend_pid) if args.backend_pid else None
     cpu_start = _self_cpu_seconds()
-    start = time.perf_counter()
-    deadline = start + args.seconds
-
-    def run(queue):
-        try:
-            _bench_block_stream(dev, queue, loads[queue], args.depth, deadline, latencies[queue])
-        except BaseException as exc:  # re-raised by the main thread
-            errors.append(exc)
-
-    def tick():
-        progress.update(time.perf_counter() - start, sum(map(len, latencies)), size)
-
-    threads = [threading.Thread(target=run, args=(q,), name="bench-queue-%d" % q)
-               for q in range(1, queues)]
-    for thread in threads:
-        thread.start()
-    try:
-        _bench_block_stream(dev, 0, loads[0], args.depth, deadline, latencies[0],
-                            tick if progress.enabled else None)
-    finally:
-        for thread in threads:
-            thread.join(deadline - time.perf_counter() + 2 * args.timeout)
-        progress.done()
-    if errors:
-        raise errors[0]
-    elapsed = time.perf_counter() - start
+    latencies, elapsed = _bench_block_phase(dev, args, queues, stream, args.seconds, size)
     cpu_self = _self_cpu_seconds() - cpu_start
     cpu_backend = None
     if args.backend_pid:
         cpu_backend = _proc_cpu_seconds(args.backend_pid) - backend_start
-    merged = [latency for per_queue in latencies for latency in per_queue]
-    report = _bench_report("blk", rw, size, args.depth, queues, elapsed, merged, cpu_self,
-                           cpu_backend)
+    verified = None
+    if checked is not None and args.verify:
+        for q in range(queues):
+            _bench_read_back(dev, q, checked[q], args.depth)
+        verified = sum(check.verified for check in checked)
+    reads = [t for per_queue in latencies for t in per_queue["read"]]
+    writes = [t for per_queue in latencies for t in per_queue["write"]]
+    report = _bench_report("blk", rw, size, args.depth, queues, elapsed, reads + writes,
+                           cpu_self, cpu_backend)
     placement = dev.placement
     report["placement"] = {"backend_pid": placement.backend_pid,
                            "shared_cpu": placement.shared_cpu,
                            "spin_us": round(placement.spin * 1e6, 2),
                            "event_idx": placement.event_idx,
                            "defer_calls": placement.defer_calls}
+    report["region"] = {"offset": region[0], "span": region[1]}
+    report["rwmixread"] = loads[0].read_percent
+    report["ramp_time"] = args.ramp_time
+    report["verified_blocks"] = verified
+    report["clat_percentiles_us"] = collections.OrderedDict(
+        (_fio_percentile_name(p), _usec(_percentile(sorted(reads + writes), p / 100.0)))
+        for p in _CLAT_PERCENTILES)
+    report["fio"] = _fio_json(args, rw, size, queues, elapsed, reads, writes,
+                              loads[0].read_percent)
+    if args.histogram:
+        report["histogram"] = _latency_histogram(reads + writes)
     return report
+
+
+def _bench_region(dev, args, size):
+    """(offset, span) of the region --offset/--span name, checked against the device."""
+    offset = args.offset
+    if offset % dev.block_size or offset >= dev.capacity:
+        raise _CliError("--offset %d must be a multiple of the block size %d below the "
+                        "capacity %d" % (offset, dev.block_size, dev.capacity))
+    span = dev.capacity - offset if args.span is None else args.span
+    if span < size or offset + span > dev.capacity:
+        raise _CliError("--span %d: the region must hold one request of %d bytes and end by "
+                        "the capacity %d (it ends at %d)" % (span, size, dev.capacity,
+                                                              offset + span))
+    return offset, span
+
+
+def _bench_block_phase(dev, args, queues, stream, seconds, size):
+    """Run ``stream`` on every queue (a thread each but the first) for ``seconds``.
+
+    Returns ([{"read": latencies, "write": latencies}] per queue, seconds it took).
+    """
+    latencies = [{"read": [], "write": []} for _ in range(queues)]
+    errors = []
+    progress = _Progress(sys.stderr, seconds, "blk")
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    def run(queue):
+        try:
+            stream(queue, deadline, latencies[queue])
+        except BaseException as exc:  # re-raised by the main thread
+            errors.append(exc)
+
+    def tick():
+        progress.update(time.perf_counter() - start,
+                        sum(len(q["read"]) + len(q["write"]) for q in latencies), size)
+
+    threads = [threading.Thread(target=run, args=(q,), name="bench-queue-%d" % q)
+               for q in range(1, queues)]
+    for thread in threads:
+        thread.start()
+    try:
+        stream(0, deadline, latencies[0], tick if progress.enabled else None)
+    finally:
+        for thread in threads:
+            thread.join(deadline - time.perf_counter() + 2 * args.timeout)
+        progress.done()
+    if errors:
+        raise errors[0]
+    return latencies, time.perf_counter() - start
 
 
 def _bench_block_stream(dev, queue, load, depth, deadline, latencies, tick=None):
@@ -6911,6 +7008,241 @@ def _bench_block_stream(dev, queue, load, depth, deadline, latencies, tick=None)
                 dev.free(buffer)
             except ValueError:   # still in flight after an error: close() releases it
                 pass
+
+
+#: --verify's header at the start of every block bench writes: a magic, the
+#: block's offset, a sequence number (per stream) and the CRC32 of the rest
+#: of the block, so a read tells a stale, misplaced or changed block apart.
+_VERIFY_HEADER = struct.Struct("<8sQQI")
+_VERIFY_MAGIC = b"vhubench"
+
+
+class _BlockCheck:
+    """What a mixed or ``--verify`` bench stream tracks: headers written, blocks to check."""
+
+    def __init__(self, load, verify):
+        import zlib
+        self.crc32 = zlib.crc32
+        self.verify = verify and load.size > _VERIFY_HEADER.size
+        self.check_all = load.read_percent == 100   # read modes: every block has a header
+        self.payload = load.data[_VERIFY_HEADER.size:]
+        self.crc = zlib.crc32(self.payload)
+        self.sequence = 0
+        self.written = set()   # offsets this stream wrote and saw complete
+        self.writing = {}      # offset -> writes in flight (a read of it may see either)
+        self.verified = 0
+
+    def stamp(self, buffer, offset):
+        self.sequence += 1
+        buffer[_VERIFY_HEADER.size:] = self.payload   # a read may have used this buffer
+        _VERIFY_HEADER.pack_into(buffer, 0, _VERIFY_MAGIC, offset, self.sequence, self.crc)
+        self.writing[offset] = self.writing.get(offset, 0) + 1
+
+    def wrote(self, offset):
+        left = self.writing.pop(offset) - 1
+        if left:
+            self.writing[offset] = left
+        self.written.add(offset)
+
+    def check(self, buffer, offset, force=False):
+        """Raise _CliError naming ``offset`` when the block read is not what bench wrote."""
+        if not (force or self.check_all
+                or offset in self.written and offset not in self.writing):
+            return
+        magic, at, sequence, crc = _VERIFY_HEADER.unpack_from(buffer)
+        if magic != _VERIFY_MAGIC:
+            problem = "no bench --verify header (was it written by bench --verify?)"
+        elif at != offset:
+            problem = "it holds the block written for offset %d" % at
+        elif self.crc32(buffer[_VERIFY_HEADER.size:]) != crc:
+            problem = ("its bytes changed after bench wrote it (CRC32 mismatch, sequence "
+                       "number %d)" % sequence)
+        else:
+            self.verified += 1
+            return
+        raise _CliError("bench --verify: block of %d bytes at offset %d: %s"
+                        % (len(buffer), offset, problem))
+
+
+def _bench_block_stream_checked(dev, queue, load, check, depth, deadline, latencies,
+                                tick=None):
+    """The loop of mixed (rw, randrw) and ``--verify`` runs, on the same fast path.
+
+    Each request's direction is drawn against --rwmixread; with --verify a
+    write is stamped with its header and a read of a block this stream wrote
+    (every block, in the read modes) is checked. That per-request work is
+    why the plain modes keep ``_bench_block_stream``.
+    """
+    clock = time.perf_counter
+    draw = load.rng.random
+    reads_at = load.read_percent / 100.0
+    verify = check.verify
+    buffers = []
+    try:
+        for _ in range(depth):
+            buffers.append(dev.alloc(load.size))
+            buffers[-1][:] = load.data
+        is_write = [False] * depth
+        offset_of = [0] * depth
+        started = [0.0] * depth
+        read_latencies, write_latencies = latencies["read"], latencies["write"]
+
+        def post(indices, now):
+            reads, writes = ([], [], []), ([], [], [])
+            for i, offset in zip(indices, load.offsets(len(indices))):
+                write = draw() >= reads_at
+                is_write[i] = write
+                offset_of[i] = offset
+                started[i] = now
+                if write and verify:
+                    check.stamp(buffers[i], offset)
+                batch = writes if write else reads
+                batch[0].append(offset)
+                batch[1].append(buffers[i])
+                batch[2].append(i)
+            # Not kicked here: the next reap kicks once for both.
+            if reads[2]:
+                dev.post_reads(reads[0], reads[1], reads[2], queue=queue, notify=False)
+            if writes[2]:
+                dev.post_writes(writes[0], writes[1], writes[2], queue=queue, notify=False)
+
+        in_flight = 0
+        now = clock()
+        if now < deadline:
+            post(range(depth), now)
+            in_flight = depth
+        next_tick = now + 0.1
+        while in_flight:
+            done = dev.reap(queue=queue)
+            now = clock()
+            for i in done:
+                if is_write[i]:
+                    write_latencies.append(now - started[i])
+                    if verify:
+                        check.wrote(offset_of[i])
+                else:
+                    read_latencies.append(now - started[i])
+                    if verify:
+                        check.check(buffers[i], offset_of[i])
+            if now < deadline:
+                post(done, now)
+            else:
+                in_flight -= len(done)
+            if tick is not None and now >= next_tick:
+                next_tick = now + 0.1
+                tick()
+    finally:
+        for buffer in buffers:
+            try:
+                dev.free(buffer)
+            except ValueError:   # still in flight after an error: close() releases it
+                pass
+
+
+def _bench_read_back(dev, queue, check, depth):
+    """--verify after writing: read every block this stream wrote and check it (fio does)."""
+    offsets = sorted(check.written)
+    if not offsets:
+        return
+    size = len(check.payload) + _VERIFY_HEADER.size
+    buffers = [dev.alloc(size) for _ in range(min(depth, len(offsets)))]
+    try:
+        for start in range(0, len(offsets), len(buffers)):
+            batch = offsets[start:start + len(buffers)]
+            dev.post_reads(batch, buffers[:len(batch)], list(range(len(batch))), queue=queue)
+            done = []
+            while len(done) < len(batch):
+                done += dev.reap(queue=queue, count=len(batch) - len(done))
+            for i in done:
+                check.check(buffers[i], batch[i], force=True)
+    finally:
+        for buffer in buffers:
+            try:
+                dev.free(buffer)
+            except ValueError:
+                pass
+
+
+def _usec(seconds):
+    return None if seconds is None else round(seconds * 1e6, 2)
+
+
+#: The completion-latency percentiles bench prints, fio's defaults among them.
+_CLAT_PERCENTILES = (1, 5, 10, 50, 90, 99, 99.9, 99.99)
+
+
+def _fio_percentile_name(percent):
+    return "%.2f" % percent
+
+
+def _fio_json(args, rw, size, queues, elapsed, reads, writes, read_percent):
+    """The part of fio's --output-format=json that tools parsing fio read.
+
+    One job, as fio prints with group_reporting. Latencies run from the post
+    to the reap (fio's clat and lat are both that: submission is not timed
+    apart, so slat is 0).
+    """
+    def direction(seconds):
+        ns = sorted(t * 1e9 for t in seconds)
+        count = len(ns)
+        mean = sum(ns) / count if count else 0.0
+        stddev = (sum((x - mean) ** 2 for x in ns) / count) ** 0.5 if count else 0.0
+        stats = collections.OrderedDict([("min", int(ns[0]) if ns else 0),
+                                         ("max", int(ns[-1]) if ns else 0),
+                                         ("mean", mean), ("stddev", stddev), ("N", count)])
+        clat = collections.OrderedDict(stats)
+        if ns:
+            clat["percentile"] = collections.OrderedDict(
+                ("%f" % p, int(round(_percentile(ns, p / 100.0)))) for p in _CLAT_PERCENTILES)
+        total = count * size
+        return collections.OrderedDict([
+            ("io_bytes", total), ("io_kbytes", total // 1024),
+            ("bw_bytes", int(total / elapsed) if elapsed else 0),
+            ("bw", int(total / 1024.0 / elapsed) if elapsed else 0),
+            ("iops", count / elapsed if elapsed else 0.0),
+            ("runtime", int(round(elapsed * 1000))), ("total_ios", count),
+            ("short_ios", 0), ("drop_ios", 0),
+            ("slat_ns", collections.OrderedDict([("min", 0), ("max", 0), ("mean", 0.0),
+                                                 ("stddev", 0.0), ("N", 0)])),
+            ("clat_ns", clat), ("lat_ns", stats)])
+
+    options = collections.OrderedDict([
+        ("rw", rw), ("bs", str(size)), ("iodepth", str(args.depth)), ("numjobs", str(queues)),
+        ("offset", str(args.offset)), ("runtime", "%g" % args.seconds),
+        ("ramp_time", "%g" % args.ramp_time)])
+    if args.span is not None:
+        options["size"] = str(args.span)
+    if 0 < read_percent < 100:
+        options["rwmixread"] = str(read_percent)
+    if args.verify:
+        options["verify"] = "crc32"
+    job = collections.OrderedDict([
+        ("jobname", "bench"), ("groupid", 0), ("error", 0), ("job options", options),
+        ("read", direction(reads)), ("write", direction(writes)), ("trim", direction([])),
+        ("job_runtime", int(round(elapsed * 1000)))])
+    return collections.OrderedDict([("fio version", "%s-%s" % (_PROG, __version__)),
+                                    ("timestamp", int(time.time())), ("jobs", [job])])
+
+
+def _latency_histogram(latencies):
+    """Completion latencies counted in power-of-two µs buckets: [{from_us, to_us, count}]."""
+    counts = collections.Counter()
+    for seconds in latencies:
+        usec = seconds * 1e6
+        counts[int(usec).bit_length()] += 1   # bucket k holds [2**(k-1), 2**k) µs; 0: < 1
+    if not counts:
+        return []
+    return [{"from_us": 0 if k == 0 else 1 << (k - 1), "to_us": 1 << k, "count": counts[k]}
+            for k in range(min(counts), max(counts) + 1)]
+
+
+def _format_histogram(buckets, width=40):
+    total = sum(b["count"] for b in buckets) or 1
+    top = max(b["count"] for b in buckets) if buckets else 1
+    return ["  %8d - %-8d µs %9d %5.1f%% |%-*s|"
+            % (b["from_us"], b["to_us"], b["count"], 100.0 * b["count"] / total, width,
+               "#" * int(round(width * b["count"] / float(top))))
+            for b in buckets]
 
 
 def _bench_net(dev, args):
@@ -7057,43 +7389,59 @@ class _DemoDaemon:
             self.tmpdir = None
 
 
+def _cli_command():
+    """How to run this file from here, for commands a user can paste."""
+    import shlex
+    path = os.path.abspath(__file__)
+    relative = os.path.relpath(path)
+    return "python3 " + shlex.quote(relative if not relative.startswith("..") else path)
+
+
 def _cmd_demo(args, out):
-    import argparse
+    import io
+    import shlex
     import shutil
     binary = shutil.which("qemu-storage-daemon")
     if binary is None:
         raise _CliError("the demo needs qemu-storage-daemon, which is not installed; on Debian "
                         "or Ubuntu: sudo apt-get install %s" % _DEMO_PACKAGE)
+    parser = _build_parser()[0]
+    command = _cli_command()
+
+    def step(*argv):
+        """Echo the command as a user would type it, run it the same way, indent its output."""
+        argv = [str(a) for a in argv]
+        out.write("   $ %s %s\n" % (command, " ".join(shlex.quote(a) for a in argv)))
+        step_args = parser.parse_args(argv)
+        step_args.timeout, step_args.verbose = args.timeout, False
+        text = io.StringIO()
+        step_args.func(step_args, text)
+        out.write("".join("   %s\n" % line for line in text.getvalue().splitlines()))
+
     daemon = _DemoDaemon(binary, 64 << 20)
     try:
+        sock = daemon.socket
         out.write("1. Started qemu-storage-daemon (pid %d) exporting a 64 MiB raw file\n"
-                  "   as vhost-user-blk on %s\n\n" % (daemon.proc.pid, daemon.socket))
-        out.write("2. $ %s probe %s\n" % (_PROG, daemon.socket))
-        with _cli_connect(daemon.socket, args.timeout) as client:
-            info = _probe(client, daemon.socket)
-        out.write("".join("   %s\n" % line for line in _format_probe(daemon.socket, info)))
+                  "   as vhost-user-blk on %s\n\n" % (daemon.proc.pid, sock))
+        out.write("2. What the back-end offers:\n")
+        step("probe", sock)
+        offset, data = 1 << 20, os.urandom(64 << 10)
+        source = os.path.join(daemon.tmpdir, "data.bin")
+        with open(source, "wb") as f:
+            f.write(data)
+        out.write("\n3. 64 KiB of random data written at offset 1 MiB, flushed, compared:\n")
+        step("blk", sock, "write", "1M", "-i", source)
+        step("blk", sock, "flush")
+        step("blk", sock, "verify", "1M", "64k", "--file", source)
+        with open(daemon.disk, "rb") as f:
+            f.seek(offset)
+            if f.read(len(data)) != data:
+                raise _CliError("the raw file does not hold the data written")
+        out.write("   identical, and the raw file holds the same bytes.\n\n")
+        out.write("4. A %g-second benchmark:\n" % args.seconds)
+        step("bench", sock, "--rw", "randread", "--seconds", "%g" % args.seconds,
+             "--backend-pid", daemon.proc.pid)
         out.write("\n")
-        device_args = argparse.Namespace(socket=daemon.socket, timeout=args.timeout)
-        with _open_device(device_args, BlockDevice, DeviceType.BLOCK) as dev:
-            offset, data = 1 << 20, os.urandom(64 << 10)
-            dev.write(offset, data)
-            dev.flush()
-            back = dev.read(offset, len(data))
-            with open(daemon.disk, "rb") as f:
-                f.seek(offset)
-                on_disk = f.read(len(data))
-            if back != data or on_disk != data:
-                raise _CliError("data read back differs from what was written (%s)"
-                                % ("device" if back != data else "file on disk"))
-            out.write("3. Wrote 64 KiB of random data at offset 1 MiB, flushed, read it back:\n"
-                      "   identical, and the raw file holds the same bytes.\n\n")
-            bench_args = argparse.Namespace(
-                socket=daemon.socket, rw="randread", size=4096, depth=1, queues=None,
-                seconds=args.seconds, backend_pid=daemon.proc.pid, timeout=args.timeout)
-            out.write("4. $ %s bench %s --rw randread --seconds %g --backend-pid %d\n"
-                      % (_PROG, daemon.socket, args.seconds, daemon.proc.pid))
-            report = _bench_block(dev, bench_args)
-            out.write("".join("   %s\n" % line for line in _format_bench(report)) + "\n")
     finally:
         tmpdir = daemon.tmpdir
         daemon.stop()
@@ -7120,6 +7468,15 @@ def _byte_arg(text):
     value = _int_arg(text)
     if value > 0xFF:
         raise argparse.ArgumentTypeError("%r is not a byte (0..255)" % text)
+    return value
+
+
+def _percent_arg(text):
+    """An argparse type: a whole percentage, 0..100."""
+    import argparse
+    value = _int_arg(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError("%r is not a percentage (0..100)" % text)
     return value
 
 
@@ -7322,15 +7679,35 @@ def _build_parser():
     bench.add_argument("socket", metavar="SOCKET")
     bench.add_argument("--type", choices=("blk", "net"), default="blk",
                        help="device to drive (default blk)")
-    bench.add_argument("--rw", choices=("read", "write", "randread", "randwrite"),
-                       help="blk access pattern (default randread)")
-    bench.add_argument("--size", type=_int_arg, metavar="BYTES",
+    # fio's names and meanings where fio has the option (--bs, --iodepth, --numjobs are
+    # its spellings of --size, --depth, --queues).
+    bench.add_argument("--rw", "--readwrite", choices=sorted(_BENCH_RW), metavar="MODE",
+                       help="blk access pattern, as fio's: read, write, randread, randwrite, "
+                            "rw (or readwrite), randrw (default randread)")
+    bench.add_argument("--rwmixread", type=_percent_arg, metavar="PCT",
+                       help="rw/randrw: percent of requests that read (default 50)")
+    bench.add_argument("--size", "--bs", type=_int_arg, metavar="BYTES",
                        help="bytes per request or frame (default 4096 for blk, 64 for net)")
-    bench.add_argument("--depth", type=_count_arg, default=1, metavar="N",
+    bench.add_argument("--depth", "--iodepth", type=_count_arg, default=1, metavar="N",
                        help="requests in flight per queue (default 1)")
-    bench.add_argument("--queues", type=_count_arg, metavar="N", help="queues to use (default 1)")
-    bench.add_argument("--seconds", type=_seconds_arg, default=3.0, metavar="S",
-                       help="duration (default 3)")
+    bench.add_argument("--queues", "--numjobs", type=_count_arg, metavar="N",
+                       help="queues to use, one thread each (default 1)")
+    bench.add_argument("--offset", type=_int_arg, default=0, metavar="BYTES",
+                       help="blk: start of the region exercised (default 0)")
+    bench.add_argument("--span", type=_int_arg, metavar="BYTES",
+                       help="blk: bytes of the region exercised (fio's size=; default: to the "
+                            "end of the device)")
+    bench.add_argument("--seconds", "--runtime", type=_seconds_arg, default=3.0, metavar="S",
+                       help="duration measured (default 3)")
+    bench.add_argument("--ramp_time", "--ramp-time", type=lambda text: _seconds_arg(text, True),
+                       default=0.0, metavar="S",
+                       help="blk: run S seconds first, excluded from the figures")
+    bench.add_argument("--verify", action="store_true",
+                       help="blk: writes carry a header (offset, sequence number, CRC32 of the "
+                            "block) and reads check it; a mismatch is an error naming the "
+                            "offset. Write modes read back what they wrote at the end")
+    bench.add_argument("--histogram", action="store_true",
+                       help="also print a text histogram of completion latencies")
     bench.add_argument("--backend-pid", type=int, metavar="PID",
                        help="also report this process's CPU time per request")
     bench.add_argument("--spin", type=functools.partial(_seconds_arg, allow_zero=True), metavar="S",
