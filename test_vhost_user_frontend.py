@@ -5295,6 +5295,147 @@ class TestCliPingSignals(BackendTestMixin, FdLeakCheck):
         self.assertIn(b"back-end disconnected", err)
         self.assertEqual(err.count(b"\n"), 1, err)
 
+class TestCliBenchFio(BackendTestMixin, FdLeakCheck):
+    """bench with fio's options against qemu-storage-daemon on a raw file."""
+
+    def setUp(self):
+        super(TestCliBenchFio, self).setUp()
+        self.d = self.start_backend(QemuStorageDaemon, kind="raw", size=8 << 20, num_queues=2)
+        self.sock = self.d.socket_path
+
+    def bench(self, *argv):
+        status, out, err = run_cli("bench", self.sock, "--json", "--seconds", "0.2", *argv)
+        self.assertEqual((status, err), (0, ""))
+        return json.loads(out)
+
+    def test_every_rw_mode(self):
+        for rw, reads in (("read", True), ("write", False), ("randread", True), ("randwrite", False),
+                          ("rw", None), ("readwrite", None), ("randrw", None)):
+            with self.subTest(rw=rw):
+                report = self.bench("--rw", rw, "--iodepth", "4", "--bs", "8k", "--offset", "1M",
+                                    "--span", "2M")
+                job = report["fio"]["jobs"][0]
+                self.assertEqual((report["rw"], report["size"], report["depth"]), (rw, 8192, 4))
+                self.assertEqual(report["region"], {"offset": 1 << 20, "span": 2 << 20})
+                self.assertEqual(job["job options"]["rw"], rw)
+                ios = (job["read"]["total_ios"], job["write"]["total_ios"])
+                self.assertEqual(sum(ios), report["requests"])
+                if reads is True:
+                    self.assertEqual(ios[1], 0)
+                elif reads is False:
+                    self.assertEqual(ios[0], 0)
+                else:
+                    self.assertGreater(min(ios), 0)   # both directions at 50 %
+        # --rwmixread moves the mix (0 and 100 are one-way).
+        for percent in (0, 20, 100):
+            with self.subTest(rwmixread=percent):
+                job = self.bench("--rw", "randrw", "--rwmixread", percent, "--iodepth", "8")["fio"]["jobs"][0]
+                reads, writes = job["read"]["total_ios"], job["write"]["total_ios"]
+                share = 100.0 * reads / (reads + writes)
+                if percent in (0, 100):
+                    self.assertEqual(share, percent)
+                else:
+                    self.assertLess(abs(share - percent), 10)   # a few thousand draws at least
+        # The region: sequential writes stay inside --offset/--span (the rest of the file is zero).
+        with open(self.d.image_path, "r+b") as f:
+            f.write(bytes(8 << 20))
+        self.bench("--rw", "write", "--offset", "3M", "--span", "64k", "--bs", "4k")
+        with open(self.d.image_path, "rb") as f:
+            image = f.read()
+        self.assertEqual(image[:3 << 20] + image[(3 << 20) + (64 << 10):], bytes((8 << 20) - (64 << 10)))
+        self.assertNotEqual(image[3 << 20:(3 << 20) + (64 << 10)].count(0), 64 << 10)
+
+    def test_json_fio_subset_and_percentiles(self):
+        report = self.bench("--rw", "randread", "--iodepth", "2", "--numjobs", "2", "--ramp_time", "0.1",
+                            "--histogram")
+        # The stable keys are all still there, in their order, before the new ones.
+        self.assertEqual(list(report)[:11], [
+            "type", "rw", "size", "depth", "queues", "seconds", "requests", "iops", "mib_per_s",
+            "latency_us", "frontend_cpu_us_per_request"])
+        self.assertEqual(report["queues"], 2)
+        self.assertEqual(report["ramp_time"], 0.1)
+        self.assertGreaterEqual(report["seconds"], 0.2)   # the ramp is not in the figures
+        self.assertLess(report["seconds"], 0.2 + 2.0)
+        fio = report["fio"]
+        job = fio["jobs"][0]
+        read = job["read"]
+        for key in ("io_bytes", "io_kbytes", "bw_bytes", "bw", "iops", "runtime", "total_ios"):
+            self.assertIn(key, read)
+        self.assertEqual(read["total_ios"], report["requests"])
+        self.assertEqual(read["io_bytes"], report["requests"] * 4096)
+        self.assertAlmostEqual(read["iops"], report["iops"], delta=report["iops"] / 100)
+        self.assertEqual(read["bw"], int(read["bw_bytes"] / 1024))
+        clat = read["clat_ns"]
+        self.assertEqual(list(clat["percentile"]), ["1.000000", "5.000000", "10.000000", "50.000000",
+                                                    "90.000000", "99.000000", "99.900000", "99.990000"])
+        values = list(clat["percentile"].values())
+        self.assertEqual(values, sorted(values))
+        self.assertTrue(clat["min"] <= values[0] and values[-1] <= clat["max"], clat)
+        self.assertTrue(clat["min"] <= read["lat_ns"]["mean"] <= clat["max"])
+        self.assertEqual(read["lat_ns"]["N"], read["total_ios"])
+        self.assertEqual(job["write"]["total_ios"], 0)
+        self.assertEqual(job["job options"]["numjobs"], "2")
+        self.assertEqual(list(report["clat_percentiles_us"]), ["1.00", "5.00", "10.00", "50.00", "90.00",
+                                                               "99.00", "99.90", "99.99"])
+        self.assertAlmostEqual(report["clat_percentiles_us"]["50.00"], values[3] / 1000.0, delta=0.01)
+        histogram = report["histogram"]
+        self.assertEqual(sum(b["count"] for b in histogram), report["requests"])
+        for low, high in zip(histogram, histogram[1:]):
+            self.assertEqual(low["to_us"], high["from_us"])
+        # The text: fio's percentile block, the histogram bars.
+        status, out, err = run_cli("bench", self.sock, "--seconds", "0.2", "--histogram")
+        self.assertEqual((status, err), (0, ""))
+        self.assertRegex(out, r"clat percentiles \(µs\):\n   \|  1\.00th=\[ *[\d.]+\],  5\.00th=\[ *[\d.]+\], "
+                              r"10\.00th=\[ *[\d.]+\], 50\.00th=\[ *[\d.]+\],\n   \| 90\.00th=")
+        self.assertRegex(out, r"latency histogram:\n +\d+ - \d+ +µs +\d+ +[\d.]+% \|#* *\|\n")
+        # Options with fio's meaning that do not fit the device are one-line errors.
+        for argv, fragment in ((["--offset", "100"], "--offset 100 must be a multiple of the block size 512"),
+                               (["--offset", "8M"], "below the capacity 8388608"),
+                               (["--span", "1k", "--bs", "4k"], "--span 1024: the region must hold one request"),
+                               (["--offset", "6M", "--span", "4M"], "(it ends at 10485760)")):
+            with self.subTest(argv=argv):
+                status, out, err = run_cli("bench", self.sock, "--seconds", "0.1", *argv)
+                self.assertEqual((status, out), (1, ""))
+                self.assertIn(fragment, err)
+
+    def test_verify_catches_a_block_changed_behind_its_back(self):
+        # Write pass: every write carries its header; at the end bench reads back what it wrote.
+        report = self.bench("--rw", "randwrite", "--verify", "--offset", "1M", "--span", "256k",
+                            "--iodepth", "4", "--numjobs", "2")
+        self.assertEqual(report["verified_blocks"], 64)   # every 4 KiB block of the span, read back
+        self.assertEqual(report["fio"]["jobs"][0]["job options"]["verify"], "crc32")
+        # Read pass over the same region: every block read is checked.
+        report = self.bench("--rw", "randread", "--verify", "--offset", "1M", "--span", "256k")
+        self.assertGreater(report["verified_blocks"], 0)
+        self.assertEqual(report["verified_blocks"], report["requests"])
+        # Corrupt one block in the image file, behind the back-end's back; a sequential read
+        # pass reaches it and names it.
+        bad = (1 << 20) + 17 * 4096
+        with open(self.d.image_path, "r+b") as f:
+            f.seek(bad + 1000)
+            f.write(b"\xff")
+        status, out, err = run_cli("bench", self.sock, "--rw", "read", "--verify", "--offset", "1M",
+                                   "--span", "256k", "--seconds", "1")
+        self.assertEqual((status, out), (1, ""))
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertIn("bench --verify: block of 4096 bytes at offset %d: its bytes changed after "
+                      "bench wrote it (CRC32 mismatch" % bad, err)
+        # A block moved (another offset's block) and a never-written block are told apart.
+        with open(self.d.image_path, "r+b") as f:
+            f.seek((1 << 20) + 4096)
+            block = f.read(4096)
+            f.seek(bad)
+            f.write(block)
+        status, out, err = run_cli("bench", self.sock, "--rw", "read", "--verify", "--offset", "1M",
+                                   "--span", "256k", "--seconds", "1")
+        self.assertIn("at offset %d: it holds the block written for offset %d" % (bad, (1 << 20) + 4096), err)
+        status, out, err = run_cli("bench", self.sock, "--rw", "read", "--verify", "--offset", "4M",
+                                   "--seconds", "1")
+        self.assertIn("at offset 4194304: no bench --verify header", err)
+        # Mixed with verify: reads check only blocks this run wrote; none fails on a fresh region.
+        report = self.bench("--rw", "randrw", "--verify", "--offset", "5M", "--span", "64k", "--iodepth", "4")
+        self.assertGreater(report["verified_blocks"], 0)
+
 
 # -- issue 8: the fast path, ring words that cannot tear ------------------------------------------
 

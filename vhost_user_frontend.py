@@ -7029,26 +7029,44 @@ class _BlockCheck:
         self.crc = zlib.crc32(self.payload)
         self.sequence = 0
         self.written = set()   # offsets this stream wrote and saw complete
-        self.writing = {}      # offset -> writes in flight (a read of it may see either)
+        self.writing = {}      # offset -> writes in flight
+        self.reading = {}      # offset -> slots whose read of it will be checked
+        self.checkable = {}    # slot -> whether its read in flight will be checked
         self.verified = 0
 
-    def stamp(self, buffer, offset):
+    def before_write(self, buffer, offset):
         self.sequence += 1
         buffer[_VERIFY_HEADER.size:] = self.payload   # a read may have used this buffer
         _VERIFY_HEADER.pack_into(buffer, 0, _VERIFY_MAGIC, offset, self.sequence, self.crc)
         self.writing[offset] = self.writing.get(offset, 0) + 1
+        # A read of the block already in flight may now see it half written.
+        for slot in self.reading.pop(offset, ()):
+            self.checkable[slot] = False
 
-    def wrote(self, offset):
+    def after_write(self, offset):
         left = self.writing.pop(offset) - 1
         if left:
             self.writing[offset] = left
         self.written.add(offset)
 
-    def check(self, buffer, offset, force=False):
+    def before_read(self, slot, offset):
+        # Checked: every block in the read modes; in mixed ones a block this
+        # stream wrote, with no write of it in flight from now to the reap.
+        checkable = self.check_all or offset in self.written and offset not in self.writing
+        self.checkable[slot] = checkable
+        if checkable:
+            self.reading.setdefault(offset, []).append(slot)
+
+    def after_read(self, slot, buffer, offset):
+        if self.checkable.pop(slot):
+            slots = self.reading[offset]
+            slots.remove(slot)
+            if not slots:
+                del self.reading[offset]
+            self.check(buffer, offset)
+
+    def check(self, buffer, offset):
         """Raise _CliError naming ``offset`` when the block read is not what bench wrote."""
-        if not (force or self.check_all
-                or offset in self.written and offset not in self.writing):
-            return
         magic, at, sequence, crc = _VERIFY_HEADER.unpack_from(buffer)
         if magic != _VERIFY_MAGIC:
             problem = "no bench --verify header (was it written by bench --verify?)"
@@ -7094,8 +7112,11 @@ def _bench_block_stream_checked(dev, queue, load, check, depth, deadline, latenc
                 is_write[i] = write
                 offset_of[i] = offset
                 started[i] = now
-                if write and verify:
-                    check.stamp(buffers[i], offset)
+                if verify:
+                    if write:
+                        check.before_write(buffers[i], offset)
+                    else:
+                        check.before_read(i, offset)
                 batch = writes if write else reads
                 batch[0].append(offset)
                 batch[1].append(buffers[i])
@@ -7119,11 +7140,11 @@ def _bench_block_stream_checked(dev, queue, load, check, depth, deadline, latenc
                 if is_write[i]:
                     write_latencies.append(now - started[i])
                     if verify:
-                        check.wrote(offset_of[i])
+                        check.after_write(offset_of[i])
                 else:
                     read_latencies.append(now - started[i])
                     if verify:
-                        check.check(buffers[i], offset_of[i])
+                        check.after_read(i, buffers[i], offset_of[i])
             if now < deadline:
                 post(done, now)
             else:
@@ -7154,7 +7175,7 @@ def _bench_read_back(dev, queue, check, depth):
             while len(done) < len(batch):
                 done += dev.reap(queue=queue, count=len(batch) - len(done))
             for i in done:
-                check.check(buffers[i], batch[i], force=True)
+                check.check(buffers[i], batch[i])
     finally:
         for buffer in buffers:
             try:
@@ -7187,8 +7208,8 @@ def _fio_json(args, rw, size, queues, elapsed, reads, writes, read_percent):
         count = len(ns)
         mean = sum(ns) / count if count else 0.0
         stddev = (sum((x - mean) ** 2 for x in ns) / count) ** 0.5 if count else 0.0
-        stats = collections.OrderedDict([("min", int(ns[0]) if ns else 0),
-                                         ("max", int(ns[-1]) if ns else 0),
+        stats = collections.OrderedDict([("min", int(round(ns[0])) if ns else 0),
+                                         ("max", int(round(ns[-1])) if ns else 0),
                                          ("mean", mean), ("stddev", stddev), ("N", count)])
         clat = collections.OrderedDict(stats)
         if ns:
