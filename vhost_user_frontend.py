@@ -878,24 +878,33 @@ class Event:
         except BlockingIOError:
             return 0
 
+    _poller = None
+
     def wait(self, timeout=None):
         """Wait until signalled and reset it; the count, or 0 on timeout."""
         fd = self.fileno()
         deadline = None if timeout is None else time.monotonic() + timeout
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
+        poller = self._poller
+        if poller is None:
+            # poll(2) keeps no fd of its own; one per event spares a registration per wait.
+            poller = self._poller = select.poll()
+            poller.register(fd, select.POLLIN)
+        remaining = timeout
         while True:
-            count = self.read()
-            if count:
-                return count
+            # Poll first: a signalled counter returns at once, an idle one
+            # costs no failed read.
+            if poller.poll(None if remaining is None else remaining * 1000.0):
+                count = self.read()
+                if count:
+                    return count
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if remaining == 0.0:
-                return 0
-            poller.poll(None if remaining is None else remaining * 1000.0)
+                return self.read()
 
     def close(self):
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
+            self._poller = None
             os.close(fd)
 
     def __enter__(self):
@@ -2826,29 +2835,35 @@ class Queue:
         slot_writable = self._slot_writable
         chains = self._chains
         it = iter(elems)
+        reaped = 0
+        slots = 0
         for head, length in zip(it, it):
             token = slot_token[head] if head < size else None
             if token is not None:  # a slot: nothing to free
                 if length > slot_writable[head]:
-                    self.next_used = next_used
+                    self.next_used = at = (next_used + reaped) & 0xFFFF
+                    self._slots_busy -= slots
                     self._fail("used entry %d for descriptor %d claims %d bytes written, "
-                               "the chain has %d writable" % (next_used, head, length,
+                               "the chain has %d writable" % (at, head, length,
                                                               slot_writable[head]))
                 slot_token[head] = None
-                self._slots_busy -= 1
+                slots += 1
             else:
+                at = (next_used + reaped) & 0xFFFF
+                self._slots_busy -= slots
+                slots = 0
                 chain = chains.get(head)
                 if chain is None:
-                    self.next_used = next_used
+                    self.next_used = at
                     if head >= size:
                         self._fail("used entry %d names descriptor %d, the ring has %d"
-                                   % (next_used, head, size))
+                                   % (at, head, size))
                     self._fail("used entry %d names descriptor %d, which is not the head "
-                               "of a chain in flight" % (next_used, head))
+                               "of a chain in flight" % (at, head))
                 if length > chain.writable:
-                    self.next_used = next_used
+                    self.next_used = at
                     self._fail("used entry %d for descriptor %d claims %d bytes written, "
-                               "the chain has %d writable" % (next_used, head, length,
+                               "the chain has %d writable" % (at, head, length,
                                                               chain.writable))
                 del chains[head]
                 for gpa, target in chain.copy_out:
@@ -2857,9 +2872,10 @@ class Queue:
                     self._release(chain.block, chain.block_size)
                 self._free.extend(reversed(chain.descs))
                 token = chain.token
-            next_used = (next_used + 1) & 0xFFFF
+            reaped += 1
             done.append((token, length))
-        self.next_used = next_used
+        self.next_used = (next_used + reaped) & 0xFFFF
+        self._slots_busy -= slots
         return True
 
     def wait_used(self, timeout=5.0, count=1, spin=None):
@@ -4555,7 +4571,10 @@ class _Completions:
     def __init__(self, queue, frontend):
         self.queue = queue
         self.frontend = frontend
-        self.cond = threading.Condition()
+        # The lock itself for plain critical sections: entering it costs no
+        # Python-level call, unlike the condition.
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
         self.reaping = False
         self.finished = []    # background requests done but not yet returned
         self.slots = None     # the queue's _BlockSlots once the fast path is used
@@ -4590,7 +4609,7 @@ class _Completions:
                 self._finish(used)
 
     def poll(self):
-        with self.cond:
+        with self.lock:
             if not self.reaping:
                 self._finish(self.queue.get_used())
 
@@ -4634,12 +4653,16 @@ class _BlockSlots:
         self.headers = mem.allocate(16 * self.limit)
         self.statuses = mem.allocate(self.limit)
         self.header = mem.view(self.headers, 16 * self.limit).cast("Q")  # type, sector
+        self.types = self.header[0::2]      # type and reserved as one u64: type
+        self.sectors = self.header[1::2]
         self.status = mem.view(self.statuses, self.limit)
         self.heads = []     # k -> the queue's slot, None when its descriptors were given back
         self.idle = []      # built slots not in flight
         self.unbuilt = []   # k whose descriptors were given back
         self.buffer = []    # k -> the alloc entry its data descriptor points at
         self.op = []
+        # op -> [k -> the entry, when k's data descriptor points at it in op's direction]
+        self.ready_for = {_BLK_T_IN: [], _BLK_T_OUT: []}
         self.need = []      # k -> the used length of a complete request: data read + status
         self.user = []
         self.done = []      # user data of requests completed OK, for reap
@@ -4655,14 +4678,26 @@ class _BlockSlots:
                 k = self.unbuilt.pop()
             else:
                 k = len(self.heads)
-                for column in (self.heads, self.buffer, self.op, self.need, self.user):
+                for column in (self.heads, self.buffer, self.op, self.need, self.user,
+                               self.ready_for[_BLK_T_IN], self.ready_for[_BLK_T_OUT]):
                     column.append(None)
             status = (self.statuses + k, 1)
             # The data descriptor points at the status byte until the first post.
             self.heads[k] = queue.add_slot([(self.headers + 16 * k, 16), status], [status])
-            self.buffer[k] = self.op[k] = None
+            self.point(k, None, None)
             self.idle.append(k)
             wanted -= 1
+
+    def point(self, k, entry, op):
+        """Point slot k's data descriptor at buffer ``entry`` for ``op`` (None: at nothing)."""
+        if entry is not None:
+            self.queue._set_slot_buffer(self.heads[k], 1, entry[1], entry[2], op == _BLK_T_IN)
+            self.types[k] = op
+            self.need[k] = entry[2] + 1 if op == _BLK_T_IN else 1
+        self.buffer[k] = entry
+        self.op[k] = op
+        for direction, ready in self.ready_for.items():
+            ready[k] = entry if direction == op else None
 
     def shrink(self):
         """Give the idle slots' descriptors back to the ring; True if there were any."""
@@ -4678,8 +4713,8 @@ class _BlockSlots:
                             self.buffer[k][2], self.status[k], written))
 
     def release(self):
-        self.header.release()
-        self.status.release()
+        for view in (self.types, self.sectors, self.header, self.status):
+            view.release()
 
 
 def _fast_path_error(failed, completed):
@@ -4951,13 +4986,13 @@ class BlockDevice(_Device):
         if entry is None or entry[0] is not buffer:
             raise ValueError("free: not a buffer from this device's alloc()")
         for completions in self._completions:
-            if completions.slots is not None and entry in completions.slots.buffer:
-                slots = completions.slots
+            slots = completions.slots
+            if slots is not None:
                 for k, pointed in enumerate(slots.buffer):
                     if pointed is entry:
-                        if k not in slots.idle:
+                        if k not in slots.idle and k not in slots.unbuilt:
                             raise ValueError("free: a request on this buffer is in flight")
-                        slots.buffer[k] = None
+                        slots.point(k, None, None)
         del self._buffers[id(buffer)]
         buffer.release()
         self._mem.free(entry[1])
@@ -5004,20 +5039,20 @@ class BlockDevice(_Device):
         slots = completions.slots
         if slots is None:
             return []
-        q = completions.queue
-        q.notify()
-        if len(slots.done) + len(slots.failed) < count:
+        completions.queue.notify()
+        if len(slots.done) < count and not slots.failed:
             completions.poll()
-        want = min(count, len(slots.done) + len(slots.failed) + slots.busy)
-        if len(slots.done) + len(slots.failed) < want:
-            deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-            completions.wait(lambda: len(slots.done) + len(slots.failed) >= want,
-                             deadline, "reap", want - len(slots.done) - len(slots.failed))
-        with completions.cond:
+            ready = len(slots.done) + len(slots.failed)
+            want = min(count, ready + slots.busy)
+            if ready < want:
+                deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+                completions.wait(lambda: len(slots.done) + len(slots.failed) >= want,
+                                 deadline, "reap", want - ready)
+        with completions.lock:
             done, slots.done = slots.done, []
-            failed, slots.failed = slots.failed, []
-        if failed:
-            raise _fast_path_error(failed, done)
+            if slots.failed:
+                failed, slots.failed = slots.failed, []
+                raise _fast_path_error(failed, done)
         return done
 
     def _post_fast(self, op, offsets, buffers, user_data, queue, notify):
@@ -5028,35 +5063,42 @@ class BlockDevice(_Device):
         count = len(offsets)
         if user_data is None:
             user_data = offsets
+        if not count:
+            return
         if len(buffers) != count or len(user_data) != count:
             raise ValueError("%s: %d offsets, %d buffers and %d user_data values"
                              % (_BLK_OP_NAMES[op], count, len(buffers), len(user_data)))
         q = completions.queue
+        lock = completions.lock
         posted = 0
         deadline = None
-        while posted < count:
-            with completions.cond:
-                if len(slots.idle) < count - posted:
-                    slots.grow(count - posted - len(slots.idle))
-                chunk = min(len(slots.idle), count - posted)
+        while True:
+            with lock:
+                idle = slots.idle
+                if len(idle) < count - posted:
+                    slots.grow(count - posted - len(idle))
+                chunk = min(len(idle), count - posted)
                 if chunk:
-                    taken = slots.idle[-chunk:]
-                    del slots.idle[-chunk:]
+                    split = len(idle) - chunk
+                    taken = idle[split:]
+                    del idle[split:]
                     try:
                         heads = self._fill_slots(slots, taken, op, offsets, buffers,
                                                  user_data, posted)
                         with q._lock:
-                            q._check_usable()
+                            if q._broken is not None or q._block is None:
+                                q._check_usable()
                             q._post_slots(heads, taken)
                     except BaseException:
-                        slots.idle.extend(taken)
+                        idle.extend(taken)
                         raise
                     slots.busy += chunk
                     posted += chunk
-                    continue
-                if not q.in_flight:
+                elif not q.in_flight:
                     raise Queue.Full("%s: queue %d has no descriptors for a request"
                                      % (_BLK_OP_NAMES[op], queue))
+            if posted == count:
+                break
             # Announce what is posted, then wait for a slot (or descriptors) to free up.
             q.notify()
             if deadline is None:
@@ -5069,28 +5111,21 @@ class BlockDevice(_Device):
 
     def _fill_slots(self, slots, taken, op, offsets, buffers, user_data, first):
         """Point slots ``taken`` at requests ``first``...: the per-request work, kept small."""
-        buffers_by_id = self._buffers
-        header, heads, pointed, slot_op = slots.header, slots.heads, slots.buffer, slots.op
-        need, user = slots.need, slots.user
-        set_buffer = slots.queue._set_slot_buffer
+        get_entry = self._buffers.get
+        ready, sectors, user, heads = slots.ready_for[op], slots.sectors, slots.user, slots.heads
         mask = self.block_size - 1
-        reading = op == _BLK_T_IN
         end = first + len(taken)
         if first or end < len(offsets):
             offsets, buffers, user_data = (offsets[first:end], buffers[first:end],
                                            user_data[first:end])
         for k, offset, buffer, value in zip(taken, offsets, buffers, user_data):
-            entry = buffers_by_id.get(id(buffer))
-            if entry is None or entry[0] is not buffer or offset & mask \
-                    or not 0 <= offset <= entry[3]:
+            entry = get_entry(id(buffer))
+            if entry is None or entry[0] is not buffer or offset & mask or offset < 0 \
+                    or offset > entry[3]:
                 self._fast_path_misuse(op, first + taken.index(k), offset, buffer, entry)
-            if pointed[k] is not entry or slot_op[k] != op:
-                set_buffer(heads[k], 1, entry[1], entry[2], reading)
-                header[2 * k] = op   # type; reserved stays 0
-                pointed[k] = entry
-                slot_op[k] = op
-                need[k] = entry[2] + 1 if reading else 1
-            header[2 * k + 1] = offset >> 9   # sector: 512 bytes whatever blk_size is
+            if ready[k] is not entry:
+                slots.point(k, entry, op)
+            sectors[k] = offset >> 9   # 512-byte sectors whatever blk_size is
             user[k] = value
         return [heads[k] for k in taken]
 
@@ -6868,7 +6903,8 @@ def _bench_block(dev, args):
             dev, queue, loads[queue], checked[queue], args.depth, deadline, lat, tick)
     else:
         checked = None
-        stream = lambda queue, deadline, lat, tick=None: _bench_block_stream(  # noqa: E731
+        plain = _bench_queue_stream if args.loop == "queue" else _bench_block_stream
+        stream = lambda queue, deadline, lat, tick=None: plain(  # noqa: E731
             dev, queue, loads[queue], args.depth, deadline,
             lat["write" if loads[queue].write else "read"], tick)
     if args.ramp_time:
@@ -7007,6 +7043,75 @@ def _bench_block_stream(dev, queue, load, depth, deadline, latencies, tick=None)
             try:
                 dev.free(buffer)
             except ValueError:   # still in flight after an error: close() releases it
+                pass
+
+
+def _bench_queue_stream(dev, queue, load, depth, deadline, latencies, tick=None):
+    """``bench --loop queue``: the same load as a plain hand-written loop over ``Queue``.
+
+    The yardstick for the device's fast path: one slot per request built
+    once with ``add_slot``, the header's sector written in place, the batch
+    posted with ``post_slots`` and one ``notify``, completions taken with
+    ``wait_used``, each status byte checked. Nothing else (no buffer or
+    range checks, no user data).
+    """
+    clock = time.perf_counter
+    q = dev._queues[queue]
+    mem = dev._mem
+    size = load.size
+    op = _BLK_T_OUT if load.write else _BLK_T_IN
+    block = mem.allocate(depth * (size + 17))
+    data, headers, statuses = block, block + depth * size, block + depth * (size + 16)
+    header = mem.view(headers, 16 * depth).cast("Q")
+    status = mem.view(statuses, depth)
+    slots = []
+    try:
+        for i in range(depth):
+            header[2 * i] = op
+            buffer = (data + i * size, size)
+            if load.write:
+                mem.write(buffer[0], load.data)
+                slots.append(q.add_slot([(headers + 16 * i, 16), buffer], [(statuses + i, 1)]))
+            else:
+                slots.append(q.add_slot([(headers + 16 * i, 16)], [buffer, (statuses + i, 1)]))
+        record = latencies.append
+        started = [0.0] * depth
+        ready = list(range(depth))
+        in_flight = 0
+        next_tick = clock() + 0.1
+        while True:
+            now = clock()
+            if now < deadline and ready:
+                for i, offset in zip(ready, load.offsets(len(ready))):
+                    header[2 * i + 1] = offset >> 9
+                    started[i] = now
+                q.post_slots([slots[i] for i in ready], ready)
+                q.notify()
+                in_flight += len(ready)
+            elif not in_flight:
+                break
+            ready = []
+            for i, _ in q.wait_used(dev.timeout):
+                if status[i]:
+                    raise BackendError("%s: virtio-blk status %d" % (_BLK_OP_NAMES[op], status[i]),
+                                       value=status[i])
+                ready.append(i)
+            if not ready:
+                raise VhostUserTimeout("bench: no completion within %g s" % dev.timeout)
+            now = clock()
+            for i in ready:
+                record(now - started[i])
+            in_flight -= len(ready)
+            if tick is not None and now >= next_tick:
+                next_tick = now + 0.1
+                tick()
+    finally:
+        header.release()
+        status.release()
+        for slot in slots:
+            try:
+                q.remove_slot(slot)
+            except (ValueError, ProtocolError):   # in flight after an error
                 pass
 
 
@@ -7736,6 +7841,9 @@ def _build_parser():
                             "from where the back-end runs)")
     bench.add_argument("--event-idx", choices=("on", "off"),
                        help="negotiate RING_EVENT_IDX (default on; off: a call per completion)")
+    bench.add_argument("--loop", choices=("device", "queue"), default="device",
+                       help="device: BlockDevice's fast path (default); queue: a plain loop "
+                            "over Queue, the yardstick for it")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(func=_cmd_bench)
 
