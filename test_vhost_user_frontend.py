@@ -4968,6 +4968,39 @@ class TestCliHexdump(FdLeakCheck):
                         self.assertEqual(out.getvalue(), expected)
 
 
+class TestCliTransferProgress(FdLeakCheck):
+    """The blk progress line: only on a terminal, only after a second, bytes, rate and ETA."""
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    def test_progress_line(self):
+        now = [1000.0]
+        with mock.patch.object(vu.time, "monotonic", lambda: now[0]):
+            quiet = io.StringIO()
+            progress = vu._TransferProgress(4 << 20, quiet)
+            now[0] += 2
+            progress.update(1 << 20)
+            progress.done()
+            self.assertEqual(quiet.getvalue(), "")   # not a terminal
+            tty = self.Tty()
+            progress = vu._TransferProgress(4 << 20, tty)
+            now[0] += 0.5
+            progress.update(1 << 19)
+            self.assertEqual(tty.getvalue(), "")     # under a second: nothing
+            now[0] += 1.5
+            progress.update(2 << 20)
+            self.assertEqual(tty.getvalue(), "\r2 MiB of 4 MiB (50%)  1 MiB/s  ETA 0:02\033[K")
+            progress.done()
+            self.assertTrue(tty.getvalue().endswith("\r\033[K"))
+            tty = self.Tty()
+            progress = vu._TransferProgress(None, tty)   # stdin: no total, no ETA
+            now[0] += 4
+            progress.update(8 << 20)
+            self.assertEqual(tty.getvalue(), "\r8 MiB  2 MiB/s\033[K")
+
+
 class TestCliBlockStreaming(BackendTestMixin, FdLeakCheck):
     """`blk read/write/verify` at any alignment, streamed, against qemu-storage-daemon on a raw file."""
 
