@@ -6575,7 +6575,7 @@ def _net_ping(dev, args, out):
     out.flush()
     stats = _PingStats()
     sent_at = {}    # seq -> (send time, frame), until it comes back
-    done = set()    # seqs that came back (a second copy is a duplicate)
+    done = set()    # recent seqs that came back (a second copy is a duplicate)
     verbose = not args.quiet and not args.flood
 
     def take(back):
@@ -6614,6 +6614,7 @@ def _net_ping(dev, args, out):
     try:
         while args.count is None or seq < args.count:
             seq += 1
+            done.discard(seq - 4096)   # bounded, for a ping that runs for days
             frame = make(seq)
             t0 = clock()
             sent_at[seq] = (t0, frame)
