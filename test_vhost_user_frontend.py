@@ -5752,6 +5752,79 @@ class TestBlockFastPathBadDevice(FrontendTestBase):
         self.assertEqual(sorted(got), list(range(5)))
 
 
+class TestBenchFastPath(BackendTestMixin, FdLeakCheck):
+    """bench runs on the fast path, reports its placement, and has the plain Queue loop beside it."""
+
+    def test_loops_and_policy_overrides(self):
+        d = self.start_backend(QemuStorageDaemon, kind="null")
+        reports = {}
+        for loop in ("device", "queue"):
+            status, out, err = run_cli("bench", d.socket_path, "--seconds", "0.3", "--depth", "8",
+                                       "--loop", loop, "--spin", "0", "--event-idx", "off",
+                                       "--backend-pid", d.pid, "--json")
+            self.assertEqual((status, err), (0, ""))
+            reports[loop] = report = json.loads(out)
+            self.assertGreater(report["requests"], 8)
+            self.assertEqual(report["placement"]["backend_pid"], d.pid)   # SO_PEERCRED
+            self.assertEqual({k: report["placement"][k] for k in ("spin_us", "event_idx", "defer_calls")},
+                             {"spin_us": 0, "event_idx": False, "defer_calls": False})
+        status, out, err = run_cli("bench", d.socket_path, "--seconds", "0.2", "--rw", "write",
+                                   "--depth", "3", "--size", "8192")
+        self.assertEqual((status, err), (0, ""))
+        self.assertRegex(out, r"placement +(one CPU shared with the back-end|not sharing one CPU), "
+                              r"spin \d+(\.\d+)? µs, EVENT_IDX")
+        for argv in (["--spin", "-1"], ["--spin", "nan"], ["--event-idx", "maybe"], ["--loop", "x"]):
+            with self.subTest(argv=argv):
+                status, out, err = run_cli("bench", d.socket_path, *argv)
+                self.assertEqual(status, 2, err)
+
+
+class TestNetDeviceSlots(FrontendTestBase):
+    """NetDevice's transmit and receive slots over a fake echo device: none lost, none reused twice."""
+
+    def test_small_and_oversized_frames(self):
+        big_frames = []
+
+        def run(backend, index):
+            if index != 1:
+                return
+            while True:
+                popped = backend.pop_avail(1)
+                if popped is None:
+                    return
+                head, chain = popped
+                data = b"".join(backend.read(addr, length) for addr, length, _ in chain)
+                backend.push_used(1, head, 0)
+                if len(data) > 1530:
+                    big_frames.append(data[12:])
+                    continue
+                rx = backend.pop_avail(0)
+                if rx is not None:   # no receive buffer: dropped, as a NIC does
+                    rx_head, rx_chain = rx
+                    backend.write(rx_chain[0][0], data)
+                    backend.push_used(0, rx_head, len(data))
+        backend = self.backend(features=F_PROTOCOL | F_VERSION_1, device=run)
+        nic = vu.NetDevice(self.frontend(backend, vu.DeviceType.NET), queue_size=16)
+        self.addCleanup(nic.close)
+        def frame(i, n=60):
+            return bytes.fromhex("ffffffffffff020000000001") + struct.pack(">HI", 0x88b5, i) + bytes(n - 18)
+        received = []
+        for start in range(0, 96, 8):   # 96 frames through 15 transmit slots and 16 receive buffers
+            batch = [frame(i) for i in range(start, start + 8)]
+            if start == 40:
+                batch.insert(3, frame(999, 4000))  # bigger than a slot: a chain of its own
+            nic.send_many(batch)
+            while len(received) < start + 8:
+                got = nic.recv(timeout=2.0)
+                self.assertIsNotNone(got, "frame %d did not come back" % len(received))
+                received.append(got)
+        nic.flush()
+        self.assertEqual(received, [frame(i) for i in range(96)])
+        self.assertEqual(big_frames, [frame(999, 4000)])
+        self.assertEqual(sorted(nic._tx_idle), list(range(15)))   # every slot back, once
+        self.assertEqual(nic.recv(timeout=0), None)
+
+
 class TestCompletionPolicy(FdLeakCheck):
     """The notification and spin policy comes from where the back-end runs (SO_PEERCRED)."""
 

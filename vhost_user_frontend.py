@@ -4683,7 +4683,11 @@ class _BlockSlots:
                     column.append(None)
             status = (self.statuses + k, 1)
             # The data descriptor points at the status byte until the first post.
-            self.heads[k] = queue.add_slot([(self.headers + 16 * k, 16), status], [status])
+            try:
+                self.heads[k] = queue.add_slot([(self.headers + 16 * k, 16), status], [status])
+            except Queue.Full:   # another thread's request took the descriptors meanwhile
+                self.unbuilt.append(k)
+                return
             self.point(k, None, None)
             self.idle.append(k)
             wanted -= 1
@@ -5118,10 +5122,11 @@ class BlockDevice(_Device):
         if first or end < len(offsets):
             offsets, buffers, user_data = (offsets[first:end], buffers[first:end],
                                            user_data[first:end])
+        # An id in the registry is the view registered under it: the registry keeps
+        # that view alive, so no other object can have its id meanwhile.
         for k, offset, buffer, value in zip(taken, offsets, buffers, user_data):
             entry = get_entry(id(buffer))
-            if entry is None or entry[0] is not buffer or offset & mask or offset < 0 \
-                    or offset > entry[3]:
+            if entry is None or offset & mask or offset < 0 or offset > entry[3]:
                 self._fast_path_misuse(op, first + taken.index(k), offset, buffer, entry)
             if ready[k] is not entry:
                 slots.point(k, entry, op)
@@ -5131,7 +5136,7 @@ class BlockDevice(_Device):
 
     def _fast_path_misuse(self, op, index, offset, buffer, entry):
         name = _BLK_OP_NAMES[op]
-        if entry is None or entry[0] is not buffer:
+        if entry is None:
             raise ValueError("%s: buffers[%d] is not a buffer from this device's alloc() "
                              "(or it was freed)" % (name, index))
         self._check_range(name, offset, entry[2], self.max_transfer)
@@ -5224,7 +5229,7 @@ class BlockDevice(_Device):
         self._finish(requests, name)
 
     def _guest_segments(self, buffer, start, length):
-        """(guest_addr, length) segments when ``buffer`` is from ``alloc`` (zero-copy), else None."""
+        """(guest_addr, length) segments when ``buffer`` came from ``alloc``, else None."""
         entry = self._buffers.get(id(buffer))
         if entry is None or entry[0] is not buffer:
             return None
@@ -5276,8 +5281,7 @@ class BlockDevice(_Device):
         header = _BLK_REQ.pack(request.op, 0, request.offset // _SECTOR)
         readable = [header] + list(readable)
         writable = list(writable) + [request.status_buf]
-        deadline = time.monotonic() + self.timeout
-        name = _BLK_OP_NAMES[request.op]
+        deadline = None   # the clock is read only when the ring is full
         while True:
             try:
                 queue.add(readable, writable, token=request)
@@ -5285,11 +5289,14 @@ class BlockDevice(_Device):
             except (Queue.Full, MemoryError):
                 slots = completions.slots
                 if slots is not None:
-                    with completions.cond:
+                    with completions.lock:
                         if slots.shrink():
                             continue
                 if not queue.in_flight:
                     raise
+                if deadline is None:
+                    deadline = time.monotonic() + self.timeout
+                name = _BLK_OP_NAMES[request.op]
                 # Reap until something of ours or anyone's completes, then retry.
                 queue.notify()
                 free = queue.num_free
@@ -5343,6 +5350,8 @@ _NET_HDR = struct.Struct("<BBHHHHH")
 _NET_HDR_LEGACY_SIZE = 10
 _ETH_HLEN = 14
 _NET_RX, _NET_TX = 0, 1
+#: The token of a frame too big for a transmit slot (sent as a chain of its own).
+_BIG_FRAME = object()
 
 
 class NetDevice(_Device):
@@ -5489,7 +5498,7 @@ class NetDevice(_Device):
                         self._publish_tx(batch)
                         batch = []
                         self._wait_tx(lambda: tx.num_free, deadline)
-                        tx.add((self._tx_hdr + bytes(frame),))
+                        tx.add((self._tx_hdr + bytes(frame),), token=_BIG_FRAME)
                         continue
                     if not idle:
                         self._publish_tx(batch)
@@ -6854,7 +6863,8 @@ def _cmd_bench(args, out):
         kwargs["event_idx"] = None if args.event_idx is None else args.event_idx == "on"
         # Rings and guest memory big enough for --depth requests of --size bytes per
         # queue (3 descriptors each); both capped later by what the device takes.
-        kwargs["queue_size"] = min(MAX_QUEUE_SIZE, max(128, 1 << (3 * args.depth - 1).bit_length()))
+        ring = 1 << (3 * args.depth - 1).bit_length()
+        kwargs["queue_size"] = min(MAX_QUEUE_SIZE, max(128, ring))
         if args.size is not None and args.size > 0:
             kwargs["memory_size"] = max(64 << 20, ((args.queues or 1) * args.depth * args.size
                                                    + (16 << 20) + 0xFFFFF) & ~0xFFFFF)
@@ -7837,7 +7847,8 @@ def _build_parser():
                        help="also print a text histogram of completion latencies")
     bench.add_argument("--backend-pid", type=int, metavar="PID",
                        help="also report this process's CPU time per request")
-    bench.add_argument("--spin", type=functools.partial(_seconds_arg, allow_zero=True), metavar="S",
+    bench.add_argument("--spin", type=functools.partial(_seconds_arg, allow_zero=True),
+                       metavar="S",
                        help="seconds to poll the used ring before sleeping (default: chosen "
                             "from where the back-end runs)")
     bench.add_argument("--event-idx", choices=("on", "off"),
