@@ -5316,6 +5316,25 @@ class TestCliPingSignals(BackendTestMixin, FdLeakCheck):
         self.assertEqual(proc.returncode, 0 if received == sent else 1, out)
         self.assertEqual(err, b"")
         self.assertIn("rtt min/avg/max/mdev = ", out)
+        # send -r --loop 0 replays until Ctrl-C, then says what it sent (tcpreplay does).
+        pcap = os.path.join(d.tmpdir, "three.pcap")
+        with open(pcap, "wb") as f:
+            writer = vu._PcapWriter(f)
+            for i in range(3):
+                writer.write(bytes.fromhex("ffffffffffff02000000000188b5") + bytes([i]) * 50, i)
+        replay = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend", "net", d.socket_path, "send",
+                                   "-r", pcap, "--loop", "0", "--pps", "2000"], cwd=MODULE_DIR,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: replay.poll() is None and (replay.kill(), replay.wait()))
+        time.sleep(1.0)
+        replay.send_signal(signal.SIGINT)
+        out, err = replay.communicate(timeout=30)
+        self.assertEqual((replay.returncode, err), (0, b""))
+        sent = re.match(r"sent (\d+) frame\(s\) \((\d+) bytes\) from \S+ in [\d.]+ s, (\d+) loop\(s\)\n$",
+                        out.decode())
+        self.assertIsNotNone(sent, out)
+        self.assertGreater(int(sent.group(1)), 0)
+        self.assertEqual(int(sent.group(2)), 64 * int(sent.group(1)))
         # kill -9 the back-end mid-run: the summary, then the error line, status 1, promptly.
         proc, first = self.ping(d.socket_path, "-i", "0.05", "-c", "100000")
         os.kill(d.pid, signal.SIGKILL)

@@ -6434,26 +6434,32 @@ def _net_replay(dev, args, out):
         dev.send_many(batch)
         del batch[:]
 
-    while args.loop == 0 or loop < args.loop:
-        loop += 1
-        with open(args.read, "rb") as f:
-            for frame in _read_pcap(f, args.read):
-                if len(frame) < _ETH_HLEN:
-                    raise _CliError("%s: frame %d has %d bytes; an Ethernet frame has at "
-                                    "least %d" % (args.read, sent + 1, len(frame), _ETH_HLEN))
-                if args.pps:
-                    delay = start + sent / args.pps - clock()
-                    if delay > 0:
+    try:
+        while args.loop == 0 or loop < args.loop:
+            loop += 1
+            with open(args.read, "rb") as f:
+                for frame in _read_pcap(f, args.read):
+                    if len(frame) < _ETH_HLEN:
+                        raise _CliError("%s: frame %d has %d bytes; an Ethernet frame has at "
+                                        "least %d" % (args.read, sent + 1, len(frame),
+                                                      _ETH_HLEN))
+                    if args.pps:
+                        delay = start + sent / args.pps - clock()
+                        if delay > 0:
+                            push()
+                            time.sleep(delay)
+                    batch.append(frame)
+                    sent += 1
+                    sent_bytes += len(frame)
+                    if len(batch) >= 32:
                         push()
-                        time.sleep(delay)
-                batch.append(frame)
-                sent += 1
-                sent_bytes += len(frame)
-                if len(batch) >= 32:
-                    push()
-        push()
-        if not sent:
-            break   # an empty capture: looping it forever would send nothing forever
+            push()
+            if not sent:
+                break   # an empty capture: looping it forever would send nothing forever
+    except KeyboardInterrupt:
+        # Ctrl-C ends a replay (--loop 0 runs until then); what was queued still goes out.
+        sent -= len(batch)
+        sent_bytes -= sum(len(frame) for frame in batch)
     dev.flush()
     out.write("sent %d frame(s) (%d bytes) from %s in %.3f s, %d loop(s)\n"
               % (sent, sent_bytes, args.read, clock() - start, loop))
