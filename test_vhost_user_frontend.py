@@ -5216,6 +5216,19 @@ class TestCliPcap(BackendTestMixin, FdLeakCheck):
             self.assertRegex(line, r"^\d\d:\d\d:\d\d\.\d{6} 56:48:4f:53:54:00 > 02:00:00:00:00:00, "
                                    r"ethertype IPv4 \(0x0800\), length 64$")
         self.assertEqual(heads[0].split(" ", 1)[1][:len(line) - 16], line.split(" ", 1)[1])
+        # --wait inf: until Ctrl-C, which ends the capture cleanly (a whole pcap file, status 0).
+        endless = os.path.join(d.tmpdir, "endless.pcap")
+        recv = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend", "net", d.socket_path, "recv",
+                                 "--wait", "inf", "-w", endless], cwd=MODULE_DIR, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        self.addCleanup(lambda: recv.poll() is None and (recv.kill(), recv.wait()))
+        time.sleep(1.0)
+        recv.send_signal(signal.SIGINT)
+        out, err = recv.communicate(timeout=30)
+        self.assertEqual((recv.returncode, err), (0, b""))
+        count = int(re.match(br"(\d+) frame\(s\) received\n$", out).group(1))
+        self.assertGreater(count, 0)
+        self.assertEqual(len(_tcpdump_frames(tcpdump, endless)[1]), count)
         tmp = tempfile.mkdtemp(prefix="vhu-pcap-")
         self.addCleanup(shutil.rmtree, tmp)
         d.stop()

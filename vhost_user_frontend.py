@@ -6502,20 +6502,20 @@ def _net_recv(dev, args, out):
         if stream is None:
             raise _CliError("recv -w -: stdout is a terminal; pipe it (| tcpdump -r -) or "
                             "give a file name")
-    elif args.write is not None:
-        stream = open(args.write, "wb")
-    report = sys.stderr if stream is not None and args.write == "-" else out
-    raw = open(args.output, "wb") if args.output else None
+    report = sys.stderr if stream is not None else out   # stdout carries the pcap
+    raw = None
     count = 0
     try:
+        if args.write is not None and args.write != "-":
+            stream = open(args.write, "wb")
+            report = out
+        if args.output:
+            raw = open(args.output, "wb")
         if stream is not None:
             capture = _PcapWriter(stream)
         deadline = time.monotonic() + args.wait
         while args.count is None or count < args.count:
-            try:
-                frame = dev.recv(timeout=max(0.0, deadline - time.monotonic()))
-            except KeyboardInterrupt:
-                break   # Ctrl-C ends a capture, as it does tcpdump's
+            frame = dev.recv(timeout=max(0.0, deadline - time.monotonic()))
             if frame is None:
                 break
             stamp = time.time()
@@ -6528,6 +6528,8 @@ def _net_recv(dev, args, out):
                     out.write("\n".join(_tcpdump_hex(frame)) + "\n")
             if raw is not None:
                 raw.write(frame)
+    except KeyboardInterrupt:
+        pass   # Ctrl-C ends a capture, as it does tcpdump's
     finally:
         if raw is not None:
             raw.close()
