@@ -5521,6 +5521,7 @@ words = memoryview(mm)[64:128]           # item 1 as avail->idx is: 2- or 4-alig
 load, store, view = vu._ring_words(words, fmt)
 A, B = (0x00FF, 0xFF00) if fmt == "H" else (0x0000FFFF, 0xFFFF0000)
 if role == "writer":
+    store(1, A)         # before the reader starts: it must never see the page's initial 0
     control[0] = 1
     while not control[1]:
         for _ in range(1000):
@@ -5531,6 +5532,7 @@ else:
     while not control[0] and time.monotonic() < deadline:
         pass
     torn = saw_a = saw_b = loads = 0
+    seen = set()
     while loads < count or not (saw_a and saw_b) and time.monotonic() < deadline:
         for _ in range(10000):
             value = load(1)
@@ -5540,9 +5542,10 @@ else:
                 saw_b += 1
             else:
                 torn += 1
+                seen.add(value)
         loads += 10000
     control[1] = 1
-    print(torn, saw_a, saw_b)
+    print(torn, saw_a, saw_b, " ".join("%#x" % value for value in sorted(seen)[:8]))
 view.release()
 words.release()
 control.release()
@@ -5589,11 +5592,13 @@ class TestRingWordAtomicity(FdLeakCheck):
                     except subprocess.TimeoutExpired:
                         writer.kill()
                         writer.wait()
-                torn, saw_a, saw_b = map(int, out.split())
+                fields = out.split()
+                torn, saw_a, saw_b = map(int, fields[:3])
                 if not (saw_a and saw_b):
                     self.skipTest("the writer never ran while the reader loaded (a loaded machine)")
-                self.assertEqual(torn, 0, "%d of %d loads saw a torn %s word (%s)"
-                                 % (torn, torn + saw_a + saw_b, fmt, sys.implementation.name))
+                self.assertEqual(torn, 0, "%d of %d loads saw a torn %s word (%s): %s"
+                                 % (torn, torn + saw_a + saw_b, fmt, sys.implementation.name,
+                                    " ".join(fields[3:])))
                 self.assertEqual(writer.returncode, 0)
 
 

@@ -893,7 +893,13 @@ class Event:
         while True:
             # Poll first: a signalled counter returns at once, an idle one
             # costs no failed read.
-            if poller.poll(None if remaining is None else remaining * 1000.0):
+            try:
+                ready = poller.poll(None if remaining is None else remaining * 1000.0)
+            except RuntimeError:   # another thread is polling this event: a poller of our own
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+                continue
+            if ready:
                 count = self.read()
                 if count:
                     return count
@@ -2387,12 +2393,12 @@ class Queue:
         self._broken = None
         # Slots: chains built once and posted again and again (add_slot).
         self._slot_descs = {}                 # head -> its descriptors
-        self._slot_writable = [0] * size      # head -> writable bytes per position
+        self._slot_writable = [0] * size      # head -> writable bytes of its chain
         self._slot_token = [None] * size      # head -> token while in flight
         self._slots_busy = 0
         #: Ask for calls only when about to sleep in ``wait_used`` (EVENT_IDX):
         #: reaping does not re-arm used_event. For a driver that always waits
-        #: through ``wait_used``; see ``VhostUserFrontend`` policy notes.
+        #: through ``wait_used``; ``_placement`` says when it pays.
         self.defer_calls = False
 
     @property
