@@ -6865,8 +6865,12 @@ class _BlockLoad:
 
 def _cmd_bench(args, out):
     if args.type == "net":
-        if args.rw is not None:
-            raise _CliError("--rw applies to --type blk only")
+        given = [name for name, value in (
+            ("--rw", args.rw), ("--rwmixread", args.rwmixread), ("--offset", args.offset or None),
+            ("--span", args.span), ("--ramp_time", args.ramp_time or None),
+            ("--verify", args.verify or None)) if value is not None]
+        if given:
+            raise _CliError("%s applies to --type blk only" % given[0])
         if args.queues not in (None, 1):
             raise _CliError("--queues %d: bench --type net uses one queue pair" % args.queues)
         with _open_device(args, NetDevice, DeviceType.NET) as dev:
