@@ -2320,6 +2320,13 @@ class Queue:
     queue broken (every later call raises it again) with its free list
     intact. Methods are thread-safe; waiting is done outside the lock.
 
+    The fast path is slots: ``add_slot`` builds a chain of guest buffers
+    once and keeps its descriptors, ``post_slots`` makes many available with
+    one avail-index store, and ``get_used``/``wait_used`` return them like
+    chains (with the token given at post). The split layout lives in
+    ``_take_descs``, ``_write_chain``, ``_set_slot_buffer``, ``_publish`` and
+    the bulk read in ``_reap_some``; a packed ring replaces those.
+
     Args:
         mem: the ``GuestMemory`` to allocate the ring in.
         size: number of entries, a power of two up to 32768.
@@ -4469,7 +4476,7 @@ class _BlockRequest:
     """One virtio-blk request in flight: ``done``, ``status``, ``result()``."""
 
     __slots__ = ("op", "offset", "length", "data", "status_buf", "queue", "done",
-                 "background", "written")
+                 "background", "written", "cell")
 
     def __init__(self, op, offset, length, data, queue):
         self.op = op
@@ -4481,6 +4488,7 @@ class _BlockRequest:
         self.done = False
         self.background = False
         self.written = None          # the used entry's length, once done
+        self.cell = None             # (view, offset, guest address) of header and status
 
     @property
     def status(self):
@@ -4584,6 +4592,23 @@ class _Completions:
         self.reaping = False
         self.finished = []    # background requests done but not yet returned
         self.slots = None     # the queue's _BlockSlots once the fast path is used
+        self.cells = []       # free (view, offset, guest address): header + status in guest memory
+        self.cell_views = []  # the views of the blocks the cells are carved from
+
+    def take_cell(self, mem):
+        """A 32-byte cell of guest memory for a request's header (16) and status (1)."""
+        try:
+            return self.cells.pop()
+        except IndexError:
+            pass
+        count = 64
+        gpa = mem.allocate(32 * count)
+        view = mem.view(gpa, 32 * count)
+        self.cell_views.append(view)
+        cells = [(view, 32 * i, gpa + 32 * i) for i in range(count)]
+        with self.lock:
+            self.cells.extend(cells[1:])
+        return cells[0]
 
     def wait(self, until, deadline, what, count=1):
         """Reap until ``until()`` holds; VhostUserTimeout at ``deadline``.
@@ -4633,6 +4658,11 @@ class _Completions:
                     done.append(user[request])
                 idle.append(request)
                 continue
+            cell = request.cell
+            if cell is not None:
+                request.status_buf[0] = cell[0][cell[1] + 16]
+                request.cell = None
+                self.cells.append(cell)
             request.written = written
             request.done = True
             if request.background:
@@ -5014,7 +5044,8 @@ class BlockDevice(_Device):
         is written once for the batch and the device kicked once (unless
         ``notify=False``: ``reap`` kicks then). Waits for free slots while
         the ring is full. ``reap`` returns ``user_data[i]`` (default the
-        offset) once request i completed.
+        offset) once request i completed. As with any DMA buffer, a buffer
+        must not be in two requests at once, nor touched while in flight.
 
         Raises:
             ValueError: a buffer not from ``alloc``, or an offset that is not a
@@ -5284,30 +5315,40 @@ class BlockDevice(_Device):
         """
         completions = self._completions_for(request.queue)
         queue = completions.queue
-        header = _BLK_REQ.pack(request.op, 0, request.offset // _SECTOR)
-        readable = [header] + list(readable)
-        writable = list(writable) + [request.status_buf]
+        # Header and status live in a cell of guest memory: the header is
+        # written in place, the status copied out when the request completes.
+        cell = request.cell = completions.take_cell(self._mem)
+        view, offset, gpa = cell
+        _BLK_REQ.pack_into(view, offset, request.op, 0, request.offset // _SECTOR)
+        view[offset + 16] = 0
+        readable = [(gpa, _BLK_REQ.size)] + list(readable)
+        writable = list(writable) + [(gpa + _BLK_REQ.size, 1)]
         deadline = None   # the clock is read only when the ring is full
-        while True:
-            try:
-                queue.add(readable, writable, token=request)
-                break
-            except (Queue.Full, MemoryError):
-                slots = completions.slots
-                if slots is not None:
-                    with completions.lock:
-                        if slots.shrink():
-                            continue
-                if not queue.in_flight:
-                    raise
-                if deadline is None:
-                    deadline = time.monotonic() + self.timeout
-                name = _BLK_OP_NAMES[request.op]
-                # Reap until something of ours or anyone's completes, then retry.
-                queue.notify()
-                free = queue.num_free
-                completions.wait(lambda: queue.num_free > free or not queue.in_flight,
-                                 deadline, name)
+        try:
+            while True:
+                try:
+                    queue.add(readable, writable, token=request)
+                    break
+                except (Queue.Full, MemoryError):
+                    slots = completions.slots
+                    if slots is not None:
+                        with completions.lock:
+                            if slots.shrink():
+                                continue
+                    if not queue.in_flight:
+                        raise
+                    if deadline is None:
+                        deadline = time.monotonic() + self.timeout
+                    name = _BLK_OP_NAMES[request.op]
+                    # Reap until something of ours or anyone's completes, then retry.
+                    queue.notify()
+                    free = queue.num_free
+                    completions.wait(lambda: queue.num_free > free or not queue.in_flight,
+                                     deadline, name)
+        except BaseException:
+            request.cell = None
+            completions.cells.append(cell)
+            raise
         if notify:
             queue.notify()
 
@@ -5327,6 +5368,9 @@ class BlockDevice(_Device):
         for completions in getattr(self, "_completions", ()):
             if completions.slots is not None:
                 completions.slots.release()
+            for view in completions.cell_views:
+                view.release()
+            completions.cells = completions.cell_views = []
         buffers, self._buffers = self._buffers, {}
         for view, _, _, _ in buffers.values():
             view.release()
