@@ -436,10 +436,11 @@ class Testpmd(_Daemon):
     socket_name = "net.sock"
     requires = (("dpdk-testpmd", "dpdk-dev"),)
 
-    def __init__(self, tmp=None, queues=1, client=False):
+    def __init__(self, tmp=None, queues=1, client=False, forward_mode="io"):
         super(Testpmd, self).__init__(tmp)
         self.queues = queues
         self.client = client
+        self.forward_mode = forward_mode  # "txonly": testpmd makes frames for our RX ring
         self.listens = not client
         _testpmd_counter[0] += 1
         self.file_prefix = "vhu%d_%d" % (os.getpid(), _testpmd_counter[0])
@@ -460,7 +461,7 @@ class Testpmd(_Daemon):
         return [find_binary("dpdk-testpmd"), "--no-huge", "--no-pci", "--no-shconf", "-m", "128",
                 "-l", self._cpus(), "--file-prefix=%s" % self.file_prefix, "--vdev", vdev,
                 "--", "--total-num-mbufs=2048", "--auto-start", "--stats-period=3600",
-                "--no-mlockall", "--forward-mode=io", "--nb-cores=1"]
+                "--no-mlockall", "--forward-mode=%s" % self.forward_mode, "--nb-cores=1"]
 
     def _cleanup_extra(self):
         # EAL runtime dir (telemetry sockets) survives even --no-shconf.
@@ -2994,8 +2995,6 @@ class TestCliErrors(FdLeakCheck):
                  ("blk", ("bench", "{}"), "timeout: reap: no completion", ""),
                  ("net", ("net", "{}", "send"), "timeout: flush: the back-end has not taken 1",
                   ""),
-                 ("net", ("net", "{}", "ping", "-c", "20"), "ping: frame 1 of 20 did not come "
-                  "back within 0.3 s", None),   # stops at the first lost frame
                  ("net", ("bench", "{}", "--type", "net"), "1 frame(s) did not come back "
                   "within 0.3 s", "")]
         for kind, command, fragment, stdout in cases:
@@ -3003,6 +3002,12 @@ class TestCliErrors(FdLeakCheck):
                 backend = self.device_backend(kind)
                 self.assertFails(self.argv(command, backend.path, "--timeout", "0.3"), fragment,
                                  stdout=stdout)
+        # ping reports lost frames as ping does: in its summary, with exit status 1.
+        backend = self.device_backend("net")
+        status, out, err = run_cli("net", backend.path, "ping", "-c", "2", "-i", "0", "-W", "0.2")
+        self.assertEqual((status, err), (1, ""))
+        self.assertIn("\n2 packets transmitted, 0 received, 100% packet loss, time ", out)
+        self.assertNotIn("rtt", out)
 
     def test_wrong_device_type(self):
         for kind, command, fragment in (
@@ -3024,7 +3029,11 @@ class TestCliErrors(FdLeakCheck):
                      ["probe", "x", "--timeout", "nan"], ["probe", "x", "--timeout", "1e308"],
                      ["bench", "x", "--seconds", "0"], ["bench", "x", "--seconds", "nan"],
                      ["demo", "--seconds", "-1"], ["net", "x", "recv", "--wait", "-1"],
-                     ["net", "x", "recv", "--wait", "inf"], ["bench", "x", "--depth", "0"],
+                     ["net", "x", "recv", "--wait", "nan"], ["bench", "x", "--depth", "0"],
+                     ["net", "x", "ping", "-i", "-1"], ["net", "x", "ping", "-W", "0"],
+                     ["net", "x", "ping", "--payload-hex", "00", "--payload-file", "f"],
+                     ["blk", "x", "verify", "0", "1"], ["blk", "x", "verify", "0", "1", "--pattern", "256"],
+                     ["blk", "x", "write", "0", "--pad", "--rmw"], ["blk", "x", "read", "0", "1", "-C", "-o", "f"],
                      ["bench", "x", "--queues", "0"], ["net", "x", "send", "-n", "0"],
                      ["net", "x", "ping", "-c", "0"], ["net", "x", "recv", "-n", "0"]):
             with self.subTest(argv=argv):
@@ -3099,8 +3108,13 @@ class TestCliBlock(BackendTestMixin, FdLeakCheck):
         sock = d.socket_path
         status, out, err = run_cli("blk", sock, "info", "--json")
         self.assertEqual((status, err), (0, ""))
-        self.assertEqual(json.loads(out), {"capacity": 4 << 20, "block_size": 512, "read_only": False,
-                                           "num_queues": 1, "id": "vhost_user_blk"})
+        self.assertEqual(json.loads(out), {
+            "capacity": 4 << 20, "block_size": 512, "read_only": False, "num_queues": 1,
+            "id": "vhost_user_blk", "max_transfer": vu._BLK_MAX_TRANSFER, "write_cache": False,
+            "topology": {"physical_block_size": 512, "alignment_offset": 0, "min_io_size": 512,
+                         "opt_io_size": 512},
+            "discard": {"max_bytes": 16 << 20, "max_segments": 1, "alignment": 512},
+            "write_zeroes": {"max_bytes": 16 << 20, "max_segments": 1, "may_unmap": False}})
         data = os.urandom(1024)
         src, dst = os.path.join(d.tmpdir, "in"), os.path.join(d.tmpdir, "out")
         with open(src, "wb") as f:
@@ -3125,8 +3139,10 @@ class TestCliBlock(BackendTestMixin, FdLeakCheck):
             f.seek(4096)
             self.assertEqual(f.read(1024), bytes(512) + data[512:])
         # Bad ranges: one line, status 1, nothing sent that could hurt the disk.
-        for argv, fragment in ((["read", "1", "512"], "multiples of the block size 512"),
-                               (["read", "4M", "512"], "past the capacity"),
+        for argv, fragment in ((["read", "4M", "1"], "read: 1 bytes at offset 4194304 end past the "
+                                "capacity of 4194304 bytes (4 MiB)"),
+                               (["write", "1", "-i", src], "not both multiples of the block size 512; "
+                                "give --pad (zero-fill the partial blocks) or --rmw"),
                                (["write", "0", "-i", os.path.join(d.tmpdir, "absent")], "No such file")):
             with self.subTest(argv=argv):
                 status, out, err = run_cli("blk", sock, *argv)
@@ -3152,7 +3168,7 @@ class TestCliBlock(BackendTestMixin, FdLeakCheck):
         self.assertIn("read-only", err)
         status, out, err = run_cli("blk", d.socket_path, "info")
         self.assertEqual(status, 0, err)
-        self.assertRegex(out, r"read only +True\n")
+        self.assertRegex(out, r"read only +yes\n")
 
     def test_bench(self):
         d = self.start_backend(QemuStorageDaemon, num_queues=2)
@@ -3218,34 +3234,46 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
     def test_net_commands(self):
         d = self.start_backend(Testpmd)
         sock = d.socket_path
-        # ping: frames of every size class come back byte-identical.
-        for size in ("64", "1514", "9000"):
+        # ping: frames of every size class come back byte-identical; ping's lines and summary.
+        for size in ("50", "1500", "8986"):
             with self.subTest(size=size):
-                status, out, err = run_cli("net", sock, "ping", "-c", "50", "--size", size)
+                status, out, err = run_cli("net", sock, "ping", "-c", "50", "-i", "0", "-s", size)
                 self.assertEqual((status, err), (0, ""))
-                self.assertIn(": 50 frame(s) of %s bytes, 02:00:00:00:00:01 -> ff:ff:ff:ff:ff:ff\n"
-                              % size, out)
-                self.assertIn("50 sent, 50 came back identical, 0 lost, 0 other frame(s) received\n",
-                              out)
-                rtt = re.search(r"round trip µs: min ([\d.]+)  p50 ([\d.]+)  p99 ([\d.]+)  max ([\d.]+)",
-                                out)
-                values = [float(v) for v in rtt.groups()]
-                self.assertEqual(values, sorted(values))
+                frame = int(size) + 14
+                self.assertTrue(out.startswith("PING %s %s(%d) bytes of data, 02:00:00:00:00:01 > "
+                                               "ff:ff:ff:ff:ff:ff.\n" % (sock, size, frame)), out)
+                self.assertEqual(len(re.findall(r"^%d bytes from %s: seq=\d+ time=[\d.]+ ms$"
+                                                % (frame, re.escape(sock)), out, re.M)), 50, out)
+                self.assertIn("\n--- %s ping statistics ---\n50 packets transmitted, 50 received, 0%% "
+                              "packet loss, time " % sock, out)
+                rtt = re.search(r"\nrtt min/avg/max/mdev = ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms\n$", out)
+                low, avg, high, mdev = [float(v) for v in rtt.groups()]
+                self.assertTrue(0 < low <= avg <= high, out)
+                self.assertLessEqual(mdev, high - low)
+        # -q: the first line and the summary; -f: a dot per frame, erased when it comes back.
+        status, out, err = run_cli("net", sock, "ping", "-c", "5", "-q", "-i", "0")
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(len(out.splitlines()), 5, out)
+        status, out, err = run_cli("net", sock, "ping", "-c", "20", "-f")
+        self.assertEqual((status, err), (0, ""))
+        dots = out.split("\n")[1]
+        self.assertEqual((dots.count("."), dots.count("\b \b")), (20, 20), out)
         # A given frame, as hex or from a file.
         frame = bytes.fromhex("ffffffffffff0200000000aa88b5") + b"hello"
-        status, out, err = run_cli("net", sock, "ping", "--hex", "ff:ff:ff:ff:ff:ff 0200000000aa88b5"
-                                   + b"hello".hex(), "-c", "3")
+        status, out, err = run_cli("net", sock, "ping", "--payload-hex", "ff:ff:ff:ff:ff:ff 0200000000aa88b5"
+                                   + b"hello".hex(), "-c", "3", "-i", "0.01")
         self.assertEqual((status, err), (0, ""))
-        self.assertIn("3 sent, 3 came back identical", out)
+        self.assertIn("3 packets transmitted, 3 received, 0% packet loss", out)
         path = os.path.join(d.tmpdir, "frame")
         with open(path, "wb") as f:
             f.write(frame)
-        self.assertEqual(run_cli("net", sock, "send", "-i", path, "-n", "300"),
+        self.assertEqual(run_cli("net", sock, "send", "--payload-file", path, "-n", "300"),
                          (0, "sent 300 frame(s) of 19 bytes\n", ""))
-        self.assertEqual(run_cli("net", sock, "recv", "--wait", "0.05"), (0, "received 0 frame(s)\n", ""))
-        for argv, fragment in ((["ping", "--hex", "ffff"], "the frame has 2 bytes"),
-                               (["ping", "--hex", "xyz"], "--hex: non-hexadecimal number"),
-                               (["ping", "--size", "17"], "--size 17: test frames carry"),
+        self.assertEqual(run_cli("net", sock, "recv", "--wait", "0.05"), (0, "0 frame(s) received\n", ""))
+        for argv, fragment in ((["ping", "--payload-hex", "ffff"], "the frame has 2 bytes"),
+                               (["ping", "--payload-hex", "xyz"], "--payload-hex: non-hexadecimal number"),
+                               (["ping", "-s", "3"], "need at least 18 bytes (4 data bytes), not 17"),
+                               (["send", "-r", path], "not a pcap file (magic ffffffff"),
                                (["send", "--size", "70000"], "send: frame of 70000 bytes")):
             with self.subTest(argv=argv):
                 status, out, err = run_cli("net", sock, *argv)
@@ -3277,6 +3305,8 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
         self.assertIn("backend CPU µs/packet  n/a (give --backend-pid)", out)
         for argv, fragment in ((["--depth", "257"], "--depth 257: at most 256 frames of 64 bytes"),
                                (["--rw", "read"], "--rw applies to --type blk only"),
+                               (["--verify"], "--verify applies to --type blk only"),
+                               (["--offset", "4k"], "--offset applies to --type blk only"),
                                (["--queues", "2"], "--queues 2: bench --type net uses one queue pair")):
             with self.subTest(argv=argv):
                 status, out, err = run_cli("bench", sock, "--type", "net", *argv)
@@ -3289,8 +3319,8 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
         self.assertIsNone(d.returncode)
 
     def test_recv_output(self):
-        # testpmd returns frames only to the connection that sent them, so `recv` is shown frames
-        # by a stand-in device; the formatting and -o are what is checked here.
+        # The formatting of frames testpmd does not make (a runt, an unknown ethertype) is shown
+        # with a stand-in device: tcpdump -e's head line, tcpdump -xx's dump, -o's raw bytes.
         frames = [bytes.fromhex("ffffffffffff02000000000188b5") + bytes(range(20)), b"\x01" * 10]
 
         class Device(object):
@@ -3301,22 +3331,27 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
         path = os.path.join(tempfile.mkdtemp(prefix="vhu-cli-"), "frames")
         self.addCleanup(shutil.rmtree, os.path.dirname(path))
         out = io.StringIO()
-        args = argparse.Namespace(wait=0.0, count=None, hexdump=True, output=path)
+        args = argparse.Namespace(wait=0.0, count=None, hexdump=True, output=path, write=None)
         self.assertEqual(vu._net_recv(Device(), args, out), 0)
-        self.assertEqual(out.getvalue().splitlines(), [
-            "34 bytes 02:00:00:00:00:01 -> ff:ff:ff:ff:ff:ff type 0x88b5",
-            "  0000  ff ff ff ff ff ff 02 00 00 00 00 01 88 b5 00 01",
-            "  0010  02 03 04 05 06 07 08 09 0a 0b 0c 0d 0e 0f 10 11",
-            "  0020  12 13",
-            "10 bytes (runt)",
-            "  0000  01 01 01 01 01 01 01 01 01 01",
-            "received 2 frame(s)"])
+        lines = out.getvalue().splitlines()
+        for i in (0, 4):
+            self.assertRegex(lines[i], r"^\d\d:\d\d:\d\d\.\d{6} ")
+            lines[i] = lines[i][16:]
+        self.assertEqual(lines, [
+            "02:00:00:00:00:01 > ff:ff:ff:ff:ff:ff, ethertype Unknown (0x88b5), length 34",
+            "\t0x0000:  ffff ffff ffff 0200 0000 0001 88b5 0001",
+            "\t0x0010:  0203 0405 0607 0809 0a0b 0c0d 0e0f 1011",
+            "\t0x0020:  1213",
+            "[|ether] length 10 (runt)",
+            "\t0x0000:  0101 0101 0101 0101 0101",
+            "2 frame(s) received"])
         with open(path, "rb") as f:
             self.assertEqual(len(f.read()), 44)
 
-    def test_ping_wants_the_same_bytes_back(self):
+    def test_ping_counts_as_ping_does(self):
         # testpmd returns every frame unchanged, so a stand-in device shows ping what else can
-        # come back: a changed frame is counted as "other" and fails the run; a loss stops it.
+        # come back: a changed frame is "corrupted" and that frame lost; a second copy a
+        # duplicate; foreign frames are ignored; any loss means exit status 1.
         import argparse
 
         class Device(object):
@@ -3334,21 +3369,67 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
         def changed(frame):
             return frame[:-1] + bytes([frame[-1] ^ 1])
 
-        args = argparse.Namespace(socket="stand-in", count=3, timeout=0.01, size=64, input=None,
-                                  hex=None)
-        out = io.StringIO()
-        self.assertEqual(vu._net_ping(Device(lambda f: [f]), args, out), 0)
-        self.assertIn("3 sent, 3 came back identical, 0 lost, 0 other", out.getvalue())
-        for name, returns, fragment in (
-                ("changed", lambda f: [changed(f)], "frame 1 of 3 did not come back within 0.01 s"),
-                ("changed, then the frame", lambda f: [changed(f), f],
-                 "3 frame(s) arrived that were not the one awaited")):
+        foreign = bytes.fromhex("02000000000902000000000a0800") + bytes(50)
+        for name, returns, status, summary in (
+                ("echo", lambda f: [f], 0, "3 packets transmitted, 3 received, 0% packet loss"),
+                ("foreign traffic too", lambda f: [foreign, f], 0,
+                 "3 packets transmitted, 3 received, 0% packet loss"),
+                ("changed", lambda f: [changed(f)], 1,
+                 "3 packets transmitted, 0 received, +3 corrupted, 100% packet loss"),
+                ("twice", lambda f: [f, f], 0,
+                 "3 packets transmitted, 3 received, +2 duplicates, 0% packet loss"),
+                ("every other", lambda f: [f] if f[17] % 2 else [], 1,
+                 "3 packets transmitted, 2 received, 33.3333% packet loss"),
+                ("none", lambda f: [], 1, "3 packets transmitted, 0 received, 100% packet loss")):
             with self.subTest(name):
+                args = argparse.Namespace(socket="stand-in", count=3, interval=0.0, size=50, wait=0.01,
+                                          timeout=5.0, flood=False, quiet=False, payload_file=None,
+                                          payload_hex=None)
                 out = io.StringIO()
-                with self.assertRaises(vu._CliError) as cm:
-                    vu._net_ping(Device(returns), args, out)
-                self.assertIn(fragment, str(cm.exception))
-                self.assertNotIn(" 0 other", out.getvalue())
+                self.assertEqual(vu._net_ping(Device(returns), args, out), status)
+                self.assertIn("\n--- stand-in ping statistics ---\n" + summary + ", time ", out.getvalue())
+                self.assertEqual("rtt min/avg/max/mdev" in out.getvalue(), "0 received" not in summary)
+
+    def test_ping_options(self):
+        # iputils' meanings: -c count, -i interval (s), -s data bytes, -W wait (s), -f, -q.
+        parser = vu._build_parser()[0]
+        base = ["net", "sock", "ping"]
+        for argv, expected in (
+                ([], {"count": None, "interval": 1.0, "size": 50, "wait": None, "flood": False,
+                      "quiet": False}),
+                (["-c", "5", "-i", "0.2", "-s", "56", "-W", "2", "-q"],
+                 {"count": 5, "interval": 0.2, "size": 56, "wait": 2.0, "quiet": True}),
+                (["-f", "-c3"], {"flood": True, "count": 3}),
+                (["-i", "0"], {"interval": 0.0}),
+                (["--count", "7", "--interval", "3", "--size", "1k"], {"count": 7, "interval": 3.0,
+                                                                       "size": 1024})):
+            with self.subTest(argv=argv):
+                args = parser.parse_args(base + argv)
+                self.assertEqual(dict((k, getattr(args, k)) for k in expected), expected)
+
+    def test_ping_interval_and_wait(self):
+        # -i spaces the frames; -W bounds the wait for each (a stand-in that returns nothing).
+        import argparse
+
+        class Device(object):
+            mac = None
+            sent = []
+
+            def send(self, frame):
+                self.sent.append(time.monotonic())
+
+            def recv(self, timeout):
+                time.sleep(timeout)
+                return None
+
+        args = argparse.Namespace(socket="s", count=3, interval=0.3, size=50, wait=0.05, timeout=5.0,
+                                  flood=False, quiet=True, payload_file=None, payload_hex=None)
+        dev = Device()
+        self.assertEqual(vu._net_ping(dev, args, io.StringIO()), 1)
+        gaps = [b - a for a, b in zip(dev.sent, dev.sent[1:])]
+        self.assertEqual(len(gaps), 2)
+        for gap in gaps:
+            self.assertGreaterEqual(gap, 0.29)   # not sooner than -i (later is the machine's load)
 
 
 # Driver: Queue, BlockDevice, NetDevice ###############################################################
@@ -6236,7 +6317,7 @@ class TestCliWithoutBackends(BackendTestMixin, FdLeakCheck):
 
     def sigterm_during_bench(self, proc, signum=signal.SIGTERM):
         try:
-            out = read_until(proc, "4. $ ")
+            out = read_until(proc, "bench ")  # the step 4 echo: the benchmark runs next
         except AssertionError as exc:
             proc.kill()
             status, _, err = communicate(proc)
@@ -6261,6 +6342,602 @@ def run_cli_process_popen(*argv):
     return subprocess.Popen([sys.executable, "-m", "vhost_user_frontend"] + [str(a) for a in argv],
                             cwd=MODULE_DIR, env=dict(os.environ, PYTHONUNBUFFERED="1"),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+# CLI habits: hexdump -C, unaligned and streamed blk transfers, pcap, ping ###########################
+
+_RSS_PROBE = """
+import resource, sys
+sys.path.insert(0, %r)
+import vhost_user_frontend
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+status = vhost_user_frontend.main(sys.argv[1:])
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+sys.stderr.write("peak RSS grew by %%d KiB\\n" %% (after - before))
+sys.exit(status)
+"""
+
+
+def run_cli_rss(argv, stdin=subprocess.DEVNULL, timeout=120):
+    """Run the CLI in a child; (status, stdout bytes, stderr, KiB its peak RSS grew by in main())."""
+    proc = subprocess.Popen([sys.executable, "-c", _RSS_PROBE % MODULE_DIR] + [str(a) for a in argv],
+                            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    err = err.decode()
+    grown = re.search(r"peak RSS grew by (-?\d+) KiB\n", err)
+    return proc.returncode, out, err.replace(grown.group(0), "") if grown else err, \
+        int(grown.group(1)) if grown else None
+
+
+def _random_bytes(rng, count):
+    """``count`` reproducible random bytes, fast (a generator of getrandbits(8) takes seconds)."""
+    return rng.getrandbits(8 * count).to_bytes(count, "little") if count else b""
+
+
+class TestCliHexdump(FdLeakCheck):
+    """The terminal dump is byte-identical to bsdextrautils' `hexdump -C` of the same bytes."""
+
+    def test_same_as_hexdump_c(self):
+        hexdump = require_binary(self, "hexdump", "bsdextrautils")
+        rng = random.Random(12)
+        cases = [b"", b"Hello world\n", bytes(16), bytes(64), bytes(range(256)) * 3,
+                 bytes(40) + b"x" + bytes(40), b"\x7f\x80 ~" * 9, _random_bytes(rng, 999),
+                 bytes(32) + b"a" * 16 + bytes(32) + b"a" * 15]
+        tmp = tempfile.mkdtemp(prefix="vhu-hexdump-")
+        self.addCleanup(shutil.rmtree, tmp)
+        path = os.path.join(tmp, "data")
+        for data in cases:
+            for skip in (0, 5, 4096):
+                with open(path, "wb") as f:
+                    f.write(bytes(skip) + data)
+                expected = subprocess.check_output([hexdump, "-C", "-s", str(skip), path]).decode()
+                for piece in (7, 4096):   # fed in pieces that split lines, and whole
+                    with self.subTest(length=len(data), skip=skip, piece=piece):
+                        out = io.StringIO()
+                        dump = vu._HexdumpC(out.write, skip)
+                        for i in range(0, len(data), piece):
+                            dump.feed(data[i:i + piece])
+                        dump.close()
+                        self.assertEqual(out.getvalue(), expected)
+
+
+class TestCliTransferProgress(FdLeakCheck):
+    """The blk progress line: only on a terminal, only after a second, bytes, rate and ETA."""
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    def test_progress_line(self):
+        now = [1000.0]
+        with mock.patch.object(vu.time, "monotonic", lambda: now[0]):
+            quiet = io.StringIO()
+            progress = vu._TransferProgress(4 << 20, quiet)
+            now[0] += 2
+            progress.update(1 << 20)
+            progress.done()
+            self.assertEqual(quiet.getvalue(), "")   # not a terminal
+            tty = self.Tty()
+            progress = vu._TransferProgress(4 << 20, tty)
+            now[0] += 0.5
+            progress.update(1 << 19)
+            self.assertEqual(tty.getvalue(), "")     # under a second: nothing
+            now[0] += 1.5
+            progress.update(2 << 20)
+            self.assertEqual(tty.getvalue(), "\r2 MiB of 4 MiB (50%)  1 MiB/s  ETA 0:02\033[K")
+            progress.done()
+            self.assertTrue(tty.getvalue().endswith("\r\033[K"))
+            tty = self.Tty()
+            progress = vu._TransferProgress(None, tty)   # stdin: no total, no ETA
+            now[0] += 4
+            progress.update(8 << 20)
+            self.assertEqual(tty.getvalue(), "\r8 MiB  2 MiB/s\033[K")
+
+
+class TestCliBlockStreaming(BackendTestMixin, FdLeakCheck):
+    """`blk read/write/verify` at any alignment, streamed, against qemu-storage-daemon on a raw file."""
+
+    def setUp(self):
+        super(TestCliBlockStreaming, self).setUp()
+        self.d = self.start_backend(QemuStorageDaemon, kind="raw", size=2 << 20)
+        self.sock = self.d.socket_path
+        self.image = bytearray(_random_bytes(random.Random(7), 2 << 20))
+        with open(self.d.image_path, "r+b") as f:
+            f.write(self.image)
+
+    def on_disk(self):
+        with open(self.d.image_path, "rb") as f:
+            return f.read()
+
+    def read(self, *argv):
+        status, out, err = run_cli_process("blk", self.sock, *argv)
+        return status, out, err
+
+    def test_unaligned_reads_equal_the_file(self):
+        rng = random.Random(3)
+        cases = [(0, 1), (1, 1), (511, 2), (513, 1000), (4095, 4097), (2 << 20 - 1, 1), ((2 << 20) - 3, 3),
+                 (100, 0)] + [(rng.randrange(2 << 20), rng.randrange(20000)) for _ in range(12)]
+        out = os.path.join(self.d.tmpdir, "out")
+        for chunk in (vu._CLI_CHUNK, 4096):   # small steps: many step boundaries inside one read
+            with mock.patch.object(vu, "_CLI_CHUNK", chunk):
+                for offset, length in cases:
+                    length = min(length, (2 << 20) - offset)
+                    with self.subTest(offset=offset, length=length, chunk=chunk):
+                        self.assertEqual(run_cli("blk", self.sock, "read", offset, length, "-o", out),
+                                         (0, "", ""))
+                        with open(out, "rb") as f:
+                            self.assertEqual(f.read(), bytes(self.image[offset:offset + length]))
+        # The same through a pipe (raw bytes), from a real process.
+        status, data, err = run_cli_rss(["blk", self.sock, "read", "777", "70000"])[:3]
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(data, bytes(self.image[777:777 + 70000]))
+
+    def test_hexdump_of_a_read_is_hexdump_c_of_the_image(self):
+        hexdump = require_binary(self, "hexdump", "bsdextrautils")
+        with open(self.d.image_path, "r+b") as f:
+            f.seek(8192)
+            f.write(bytes(100) + b"vhost-user\n" + bytes(50))
+        for offset, length in ((8192, 200), (8195, 161), (0, 64), (8192 + 100, 11)):
+            with self.subTest(offset=offset, length=length):
+                expected = subprocess.check_output([hexdump, "-C", "-s", str(offset), "-n", str(length),
+                                                    self.d.image_path]).decode()
+                # A terminal gets the dump (run_cli's stdout has no byte stream); -C forces it.
+                self.assertEqual(run_cli("blk", self.sock, "read", offset, length), (0, expected, ""))
+                status, out, err = run_cli_process("blk", self.sock, "read", offset, length, "-C")
+                self.assertEqual((status, out, err), (0, expected, ""))
+
+    def test_pad_and_rmw_writes_equal_a_model(self):
+        model = bytearray(self.image)
+        rng = random.Random(5)
+        src = os.path.join(self.d.tmpdir, "in")
+        cases = [(1, 10), (500, 30), (512, 512), (1000, 5000), (4096 + 7, 1), (3, 1 << 16),
+                 ((2 << 20) - 700, 700)]
+        for mode in ("--pad", "--rmw"):
+            for offset, length in cases:
+                with self.subTest(mode=mode, offset=offset, length=length):
+                    data = _random_bytes(rng, length)
+                    with open(src, "wb") as f:
+                        f.write(data)
+                    status, out, err = run_cli("blk", self.sock, "write", offset, "-i", src, mode)
+                    self.assertEqual((status, err), (0, ""))
+                    start, end = offset - offset % 512, -(-(offset + length) // 512) * 512
+                    if mode == "--pad":
+                        model[start:end] = bytes(end - start)
+                    model[offset:offset + length] = data
+                    if start == offset and end == offset + length:
+                        self.assertEqual(out, "wrote %d bytes at offset %d\n" % (length, offset))
+                    elif mode == "--pad":
+                        self.assertIn("(zero-padded to whole 512-byte blocks: %d byte(s) before, %d after)"
+                                      % (offset - start, end - offset - length), out)
+                    else:
+                        self.assertIn("(read-modify-write of", out)
+                    self.assertEqual(self.on_disk(), bytes(model))
+        # Without --pad or --rmw an unaligned write is refused before anything is written.
+        status, out, err = run_cli("blk", self.sock, "write", "100", "-i", src)
+        self.assertEqual((status, out), (1, ""))
+        self.assertIn("give --pad (zero-fill the partial blocks) or --rmw", err)
+        # From a pipe (length unknown up front), several steps, unaligned both ends.
+        data = _random_bytes(rng, 300000)
+        with mock.patch.object(vu, "_CLI_CHUNK", 65536):
+            r, w = os.pipe()
+            writer = threading.Thread(target=lambda: (os.write(w, data), os.close(w)))
+            writer.start()
+            try:
+                with io.TextIOWrapper(open(r, "rb")) as stdin, mock.patch.object(sys, "stdin", stdin):
+                    status, out, err = run_cli("blk", self.sock, "write", "333", "--rmw")
+            finally:
+                writer.join(10)
+        self.assertEqual((status, err), (0, ""))
+        model[333:333 + len(data)] = data
+        self.assertEqual(self.on_disk(), bytes(model))
+        # verify: the pattern, the file, and the first mismatch named by offset (exit 1).
+        with open(src, "wb") as f:
+            f.write(data)
+        self.assertEqual(run_cli("blk", self.sock, "verify", "333", len(data), "--file", src),
+                         (0, "verified %d bytes at offset 333: all match %s\n" % (len(data), src), ""))
+        run_cli("blk", self.sock, "write-zeroes", "1M", "64k")
+        self.assertEqual(run_cli("blk", self.sock, "verify", "1M", "64k", "--pattern", "0")[0], 0)
+        with open(self.d.image_path, "r+b") as f:
+            f.seek((1 << 20) + 40000)
+            f.write(b"\x01")
+        status, out, err = run_cli("blk", self.sock, "verify", "1M", "64k", "--pattern", "0x00")
+        self.assertEqual((status, out), (1, ""))
+        self.assertIn("verify: mismatch at offset %d: expected 0x00, found 0x01" % ((1 << 20) + 40000), err)
+
+    def test_out_of_range_is_refused_before_anything(self):
+        # 10 GiB on a 2 MiB disk, and 2**80: refused in one line, before a buffer is allocated.
+        for argv in (["read", "0", "10G"], ["read", str(2 ** 80), "1"], ["verify", "0", "10G", "--pattern", "0"],
+                     ["read", "2M", "1"]):
+            with self.subTest(argv=argv):
+                status, out, err, grown = run_cli_rss(["blk", self.sock] + argv)
+                self.assertEqual((status, out), (1, b""), err)
+                self.assertIn("end past the capacity of 2097152 bytes (2 MiB)", err)
+                self.assertEqual(err.count("\n"), 1, err)
+                self.assertLess(grown, 32 << 10)
+        src = os.path.join(self.d.tmpdir, "big")
+        with open(src, "wb") as f:
+            f.truncate(3 << 20)
+        status, out, err = run_cli("blk", self.sock, "write", "0", "-i", src)
+        self.assertEqual((status, out), (1, ""))
+        self.assertIn("write: 3145728 bytes at offset 0 end past the capacity", err)
+        self.assertEqual(self.on_disk(), bytes(self.image))   # nothing was written
+
+    def test_broken_pipe_is_silent(self):
+        # `blk info | head -1`: the reader is gone before we write; no message, cat's status.
+        for argv in (["info"], ["read", "0", "1M"]):
+            with self.subTest(argv=argv):
+                r, w = os.pipe()
+                os.close(r)
+                try:
+                    proc = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend", "blk", self.sock]
+                                            + argv, cwd=MODULE_DIR, stdout=w, stderr=subprocess.PIPE)
+                finally:
+                    os.close(w)
+                err = proc.communicate(timeout=60)[1]
+                self.assertEqual((proc.returncode, err), (141, b""))
+
+
+class TestCliBlockLarge(BackendTestMixin, FdLeakCheck):
+    """A 1 GiB read and a stdin write stream in bounded memory (qsd null-co, RSS measured)."""
+
+    def test_read_1g_in_bounded_memory(self):
+        d = self.start_backend(QemuStorageDaemon, kind="null", size=1 << 30)
+        status, out, err, grown = run_cli_rss(["blk", d.socket_path, "read", "0", "1G", "-o", os.devnull])
+        self.assertEqual((status, out, err), (0, b"", ""))
+        self.assertLess(grown, 64 << 10)   # KiB: was 2 GiB (the whole read, then a copy)
+        # stdin: 96 MiB through a pipe, unaligned tail padded; never all of it in memory.
+        source = subprocess.Popen(["head", "-c", str((96 << 20) + 100), "/dev/zero"], stdout=subprocess.PIPE)
+        try:
+            status, out, err, grown = run_cli_rss(["blk", d.socket_path, "write", "512", "--pad"],
+                                                  stdin=source.stdout)
+        finally:
+            source.stdout.close()
+            source.wait(30)
+        self.assertEqual((status, err), (0, ""))
+        self.assertIn(b"wrote %d bytes at offset 512 (zero-padded" % ((96 << 20) + 100), out)
+        self.assertLess(grown, 64 << 10)
+
+
+def _tcpdump_frames(tcpdump, path):
+    """The frames of a pcap as tcpdump reads them back (its -xx hex), and its report lines."""
+    proc = subprocess.Popen([tcpdump, "-r", path, "-n", "-e", "-xx"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=60)
+    frames, heads = [], []
+    for line in out.decode().splitlines():
+        if line.startswith("\t0x"):
+            frames[-1] += bytes.fromhex(line.split(":", 1)[1].replace(" ", ""))
+        else:
+            heads.append(line)
+            frames.append(b"")
+    return proc.returncode, frames, heads, err.decode()
+
+
+class TestCliPcap(BackendTestMixin, FdLeakCheck):
+    """recv -w writes pcap that tcpdump reads; send -r replays tcpdump's pcap through testpmd."""
+
+    def test_capture_and_replay(self):
+        tcpdump = require_binary(self, "tcpdump", "tcpdump")
+        # testpmd in txonly mode makes 64-byte UDP frames for our RX ring.
+        d = self.start_backend(Testpmd, forward_mode="txonly")
+        ours, raw = os.path.join(d.tmpdir, "ours.pcap"), os.path.join(d.tmpdir, "raw")
+        self.assertEqual(run_cli("net", d.socket_path, "recv", "-c", "20", "-w", ours, "-o", raw),
+                         (0, "20 frame(s) received\n", ""))
+        status, frames, heads, err = _tcpdump_frames(tcpdump, ours)
+        self.assertEqual(status, 0, err)
+        self.assertIn("link-type EN10MB (Ethernet)", err)
+        self.assertEqual(len(frames), 20)
+        with open(raw, "rb") as f:
+            self.assertEqual(b"".join(frames), f.read())
+        self.assertIn("56:48:4f:53:54:00 > 02:00:00:00:00:00, ethertype IPv4 (0x0800), length 64", heads[0])
+        # -w -: a pcap stream on stdout, read live by tcpdump -r -.
+        recv = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend", "net", d.socket_path, "recv",
+                                 "-c", "5", "-w", "-"], cwd=MODULE_DIR, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        dump = subprocess.Popen([tcpdump, "-r", "-", "-n"], stdin=recv.stdout, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        recv.stdout.close()
+        out, err = dump.communicate(timeout=60)
+        self.assertEqual((recv.wait(60), recv.stderr.read()), (0, b"5 frame(s) received\n"))
+        recv.stderr.close()
+        self.assertEqual(dump.returncode, 0, err)
+        self.assertEqual(len(out.decode().splitlines()), 5, out)
+        # Our lines are tcpdump -e's head: time, MACs, ethertype, length.
+        status, out, err = run_cli("net", d.socket_path, "recv", "-c", "2")
+        self.assertEqual(status, 0, err)
+        for line in out.splitlines()[:2]:
+            self.assertRegex(line, r"^\d\d:\d\d:\d\d\.\d{6} 56:48:4f:53:54:00 > 02:00:00:00:00:00, "
+                                   r"ethertype IPv4 \(0x0800\), length 64$")
+        self.assertEqual(heads[0].split(" ", 1)[1][:len(line) - 16], line.split(" ", 1)[1])
+        # --wait inf: until Ctrl-C, which ends the capture cleanly (a whole pcap file, status 0).
+        endless = os.path.join(d.tmpdir, "endless.pcap")
+        recv = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend", "net", d.socket_path, "recv",
+                                 "--wait", "inf", "-w", endless], cwd=MODULE_DIR, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        self.addCleanup(lambda: recv.poll() is None and (recv.kill(), recv.wait()))
+        time.sleep(1.0)
+        recv.send_signal(signal.SIGINT)
+        out, err = recv.communicate(timeout=30)
+        self.assertEqual((recv.returncode, err), (0, b""))
+        count = int(re.match(br"(\d+) frame\(s\) received\n$", out).group(1))
+        self.assertGreater(count, 0)
+        self.assertEqual(len(_tcpdump_frames(tcpdump, endless)[1]), count)
+        tmp = tempfile.mkdtemp(prefix="vhu-pcap-")
+        self.addCleanup(shutil.rmtree, tmp)
+        d.stop()
+        # tcpdump rewrites our capture (its own writer), with frames of several sizes added by
+        # our pcap writer; send -r loops it through testpmd in io mode, byte-identical.
+        mixed = os.path.join(tmp, "mixed.pcap")
+        extra = [bytes.fromhex("ffffffffffff02000000000188b5") + bytes([i]) * (50 + 300 * i) for i in range(5)]
+        with open(mixed, "wb") as f:
+            writer = vu._PcapWriter(f)
+            for i, frame in enumerate(extra + frames):
+                writer.write(frame, 1700000000 + i / 10.0)
+        theirs = os.path.join(tmp, "theirs.pcap")
+        subprocess.check_call([tcpdump, "-r", mixed, "-w", theirs], stderr=subprocess.DEVNULL, timeout=60)
+        expected = _tcpdump_frames(tcpdump, theirs)[1]
+        self.assertEqual(expected, extra + frames)
+        d2 = self.start_backend(Testpmd)
+        import argparse
+        with vu.NetDevice.connect(d2.socket_path) as dev:
+            args = argparse.Namespace(read=theirs, loop=2, pps=None, payload_file=None, payload_hex=None)
+            out = io.StringIO()
+            self.assertEqual(vu._net_send(dev, args, out), 0)
+            self.assertRegex(out.getvalue(), r"^sent 50 frame\(s\) \(\d+ bytes\) from .* in [\d.]+ s, 2 loop\(s\)\n$")
+            back = [dev.recv(5.0) for _ in range(50)]
+            self.assertEqual(back, expected * 2)
+            self.assertIsNone(dev.recv(0.05))
+            # --pps paces the frames: 10 frames at 100/s take at least 0.09 s.
+            with open(mixed, "rb") as f:
+                first10 = list(vu._read_pcap(f, mixed))[:10]
+            ten = os.path.join(tmp, "ten.pcap")
+            with open(ten, "wb") as f:
+                writer = vu._PcapWriter(f)
+                for frame in first10:
+                    writer.write(frame, 0)
+            args = argparse.Namespace(read=ten, loop=1, pps=100.0, payload_file=None, payload_hex=None)
+            t0 = time.monotonic()
+            self.assertEqual(vu._net_send(dev, args, io.StringIO()), 0)
+            self.assertGreaterEqual(time.monotonic() - t0, 0.089)
+            self.assertEqual([dev.recv(5.0) for _ in range(10)], first10)
+
+    def test_bad_pcap_files(self):
+        tmp = tempfile.mkdtemp(prefix="vhu-pcap-")
+        self.addCleanup(shutil.rmtree, tmp)
+        header = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)
+        big = struct.pack(">IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 65535, 1)  # big-endian, ns stamps
+        frame = bytes(range(60))
+        for name, data, expected in (
+                ("little-endian", header + struct.pack("<IIII", 1, 2, 60, 60) + frame, [frame]),
+                ("big-endian ns", big + struct.pack(">IIII", 1, 2, 60, 60) + frame * 1, [frame]),
+                ("empty capture", header, []),
+                ("pcapng", bytes.fromhex("0a0d0d0a") + bytes(40), "not a pcap file (magic 0a0d0d0a"),
+                ("empty file", b"", "not a pcap file (magic missing"),
+                ("short header", header[:10], "pcap header cut short at 10 bytes"),
+                ("not ethernet", header[:-4] + struct.pack("<I", 101), "link type 101, only Ethernet"),
+                ("cut record", header + b"\1\2", "frame 1: record header cut short"),
+                ("cut frame", header + struct.pack("<IIII", 1, 2, 60, 60) + frame[:10],
+                 "frame 1: 50 of its 60 bytes are missing"),
+                ("huge length", header + struct.pack("<IIII", 1, 2, 1 << 30, 1 << 30),
+                 "frame 1: captured length 1073741824 is more than 262144")):
+            with self.subTest(name):
+                path = os.path.join(tmp, "f.pcap")
+                with open(path, "wb") as f:
+                    f.write(data)
+                with open(path, "rb") as f:
+                    if isinstance(expected, list):
+                        self.assertEqual(list(vu._read_pcap(f, path)), expected)
+                    else:
+                        with self.assertRaises(vu._CliError) as cm:
+                            list(vu._read_pcap(f, path))
+                        self.assertIn(expected, str(cm.exception))
+
+
+class TestCliPingSignals(BackendTestMixin, FdLeakCheck):
+    """ping's summary on Ctrl-C and when the back-end is killed, with ping's exit status."""
+
+    SUMMARY = (r"\n--- (\S+) ping statistics ---\n(\d+) packets transmitted, (\d+) received, ([\d.]+)% "
+               r"packet loss, time \d+ms\n")
+
+    def ping(self, sock, *argv):
+        proc = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend", "net", sock, "ping"] + list(argv),
+                                cwd=MODULE_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
+        # Wait for the first reply line, so the run is well under way.
+        first = proc.stdout.readline() + proc.stdout.readline()
+        self.assertIn(b" bytes from ", first)
+        return proc, first
+
+    def test_sigint_then_backend_death(self):
+        d = self.start_backend(Testpmd)
+        proc, first = self.ping(d.socket_path, "-i", "0.05")
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        out = (first + out).decode()
+        summary = re.search(self.SUMMARY, out)
+        self.assertIsNotNone(summary, out)
+        sent, received = int(summary.group(2)), int(summary.group(3))
+        self.assertGreater(sent, 3)
+        self.assertEqual(proc.returncode, 0 if received == sent else 1, out)
+        self.assertEqual(err, b"")
+        self.assertIn("rtt min/avg/max/mdev = ", out)
+        # send -r --loop 0 replays until Ctrl-C, then says what it sent (tcpreplay does).
+        pcap = os.path.join(d.tmpdir, "three.pcap")
+        with open(pcap, "wb") as f:
+            writer = vu._PcapWriter(f)
+            for i in range(3):
+                writer.write(bytes.fromhex("ffffffffffff02000000000188b5") + bytes([i]) * 50, i)
+        replay = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend", "net", d.socket_path, "send",
+                                   "-r", pcap, "--loop", "0", "--pps", "2000"], cwd=MODULE_DIR,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: replay.poll() is None and (replay.kill(), replay.wait()))
+        time.sleep(1.0)
+        replay.send_signal(signal.SIGINT)
+        out, err = replay.communicate(timeout=30)
+        self.assertEqual((replay.returncode, err), (0, b""))
+        sent = re.match(r"sent (\d+) frame\(s\) \((\d+) bytes\) from \S+ in [\d.]+ s, (\d+) loop\(s\)\n$",
+                        out.decode())
+        self.assertIsNotNone(sent, out)
+        self.assertGreater(int(sent.group(1)), 0)
+        self.assertEqual(int(sent.group(2)), 64 * int(sent.group(1)))
+        # kill -9 the back-end mid-run: the summary, then the error line, status 1, promptly.
+        proc, first = self.ping(d.socket_path, "-i", "0.05", "-c", "100000")
+        os.kill(d.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+        self.assertLess(time.monotonic() - t0, 10)
+        out = (first + out).decode()
+        self.assertIsNotNone(re.search(self.SUMMARY, out), out)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn(b"back-end disconnected", err)
+        self.assertEqual(err.count(b"\n"), 1, err)
+
+class TestCliBenchFio(BackendTestMixin, FdLeakCheck):
+    """bench with fio's options against qemu-storage-daemon on a raw file."""
+
+    def setUp(self):
+        super(TestCliBenchFio, self).setUp()
+        self.d = self.start_backend(QemuStorageDaemon, kind="raw", size=8 << 20, num_queues=2)
+        self.sock = self.d.socket_path
+
+    def bench(self, *argv):
+        status, out, err = run_cli("bench", self.sock, "--json", "--seconds", "0.2", *argv)
+        self.assertEqual((status, err), (0, ""))
+        return json.loads(out)
+
+    def test_every_rw_mode(self):
+        for rw, reads in (("read", True), ("write", False), ("randread", True), ("randwrite", False),
+                          ("rw", None), ("readwrite", None), ("randrw", None)):
+            with self.subTest(rw=rw):
+                report = self.bench("--rw", rw, "--iodepth", "4", "--bs", "8k", "--offset", "1M",
+                                    "--span", "2M")
+                job = report["fio"]["jobs"][0]
+                self.assertEqual((report["rw"], report["size"], report["depth"]), (rw, 8192, 4))
+                self.assertEqual(report["region"], {"offset": 1 << 20, "span": 2 << 20})
+                self.assertEqual(job["job options"]["rw"], rw)
+                ios = (job["read"]["total_ios"], job["write"]["total_ios"])
+                self.assertEqual(sum(ios), report["requests"])
+                if reads is True:
+                    self.assertEqual(ios[1], 0)
+                elif reads is False:
+                    self.assertEqual(ios[0], 0)
+                else:
+                    self.assertGreater(min(ios), 0)   # both directions at 50 %
+        # --rwmixread moves the mix (0 and 100 are one-way).
+        for percent in (0, 20, 100):
+            with self.subTest(rwmixread=percent):
+                job = self.bench("--rw", "randrw", "--rwmixread", percent, "--iodepth", "8")["fio"]["jobs"][0]
+                reads, writes = job["read"]["total_ios"], job["write"]["total_ios"]
+                share = 100.0 * reads / (reads + writes)
+                if percent in (0, 100):
+                    self.assertEqual(share, percent)
+                else:
+                    self.assertLess(abs(share - percent), 10)   # a few thousand draws at least
+        # The region: sequential writes stay inside --offset/--span (the rest of the file is zero).
+        with open(self.d.image_path, "r+b") as f:
+            f.write(bytes(8 << 20))
+        self.bench("--rw", "write", "--offset", "3M", "--span", "64k", "--bs", "4k")
+        with open(self.d.image_path, "rb") as f:
+            image = f.read()
+        self.assertEqual(image[:3 << 20] + image[(3 << 20) + (64 << 10):], bytes((8 << 20) - (64 << 10)))
+        self.assertNotEqual(image[3 << 20:(3 << 20) + (64 << 10)].count(0), 64 << 10)
+
+    def test_json_fio_subset_and_percentiles(self):
+        report = self.bench("--rw", "randread", "--iodepth", "2", "--numjobs", "2", "--ramp_time", "0.1",
+                            "--histogram")
+        # The stable keys are all still there, in their order, before the new ones.
+        self.assertEqual(list(report)[:11], [
+            "type", "rw", "size", "depth", "queues", "seconds", "requests", "iops", "mib_per_s",
+            "latency_us", "frontend_cpu_us_per_request"])
+        self.assertEqual(report["queues"], 2)
+        self.assertEqual(report["ramp_time"], 0.1)
+        self.assertGreaterEqual(report["seconds"], 0.2)   # the ramp is not in the figures
+        self.assertLess(report["seconds"], 0.2 + 2.0)
+        fio = report["fio"]
+        job = fio["jobs"][0]
+        read = job["read"]
+        for key in ("io_bytes", "io_kbytes", "bw_bytes", "bw", "iops", "runtime", "total_ios"):
+            self.assertIn(key, read)
+        self.assertEqual(read["total_ios"], report["requests"])
+        self.assertEqual(read["io_bytes"], report["requests"] * 4096)
+        self.assertAlmostEqual(read["iops"], report["iops"], delta=report["iops"] / 100)
+        self.assertEqual(read["bw"], int(read["bw_bytes"] / 1024))
+        clat = read["clat_ns"]
+        self.assertEqual(list(clat["percentile"]), ["1.000000", "5.000000", "10.000000", "50.000000",
+                                                    "90.000000", "99.000000", "99.900000", "99.990000"])
+        values = list(clat["percentile"].values())
+        self.assertEqual(values, sorted(values))
+        self.assertTrue(clat["min"] <= values[0] and values[-1] <= clat["max"], clat)
+        self.assertTrue(clat["min"] <= read["lat_ns"]["mean"] <= clat["max"])
+        self.assertEqual(read["lat_ns"]["N"], read["total_ios"])
+        self.assertEqual(job["write"]["total_ios"], 0)
+        self.assertEqual(job["job options"]["numjobs"], "2")
+        self.assertEqual(list(report["clat_percentiles_us"]), ["1.00", "5.00", "10.00", "50.00", "90.00",
+                                                               "99.00", "99.90", "99.99"])
+        self.assertAlmostEqual(report["clat_percentiles_us"]["50.00"], values[3] / 1000.0, delta=0.01)
+        histogram = report["histogram"]
+        self.assertEqual(sum(b["count"] for b in histogram), report["requests"])
+        for low, high in zip(histogram, histogram[1:]):
+            self.assertEqual(low["to_us"], high["from_us"])
+        # The text: fio's percentile block, the histogram bars.
+        status, out, err = run_cli("bench", self.sock, "--seconds", "0.2", "--histogram")
+        self.assertEqual((status, err), (0, ""))
+        self.assertRegex(out, r"clat percentiles \(µs\):\n   \|  1\.00th=\[ *[\d.]+\],  5\.00th=\[ *[\d.]+\], "
+                              r"10\.00th=\[ *[\d.]+\], 50\.00th=\[ *[\d.]+\],\n   \| 90\.00th=")
+        self.assertRegex(out, r"latency histogram:\n +\d+ - \d+ +µs +\d+ +[\d.]+% \|#* *\|\n")
+        # Options with fio's meaning that do not fit the device are one-line errors.
+        for argv, fragment in ((["--offset", "100"], "--offset 100 must be a multiple of the block size 512"),
+                               (["--offset", "8M"], "below the capacity 8388608"),
+                               (["--span", "1k", "--bs", "4k"], "--span 1024: the region must hold one request"),
+                               (["--offset", "6M", "--span", "4M"], "(it ends at 10485760)")):
+            with self.subTest(argv=argv):
+                status, out, err = run_cli("bench", self.sock, "--seconds", "0.1", *argv)
+                self.assertEqual((status, out), (1, ""))
+                self.assertIn(fragment, err)
+
+    def test_verify_catches_a_block_changed_behind_its_back(self):
+        # Write pass: every write carries its header; at the end bench reads back what it wrote.
+        report = self.bench("--rw", "randwrite", "--verify", "--offset", "1M", "--span", "256k",
+                            "--iodepth", "4", "--numjobs", "2")
+        self.assertEqual(report["verified_blocks"], 64)   # every 4 KiB block of the span, read back
+        self.assertEqual(report["fio"]["jobs"][0]["job options"]["verify"], "crc32")
+        # Read pass over the same region: every block read is checked.
+        report = self.bench("--rw", "randread", "--verify", "--offset", "1M", "--span", "256k")
+        self.assertGreater(report["verified_blocks"], 0)
+        self.assertEqual(report["verified_blocks"], report["requests"])
+        # Corrupt one block in the image file, behind the back-end's back; a sequential read
+        # pass reaches it and names it.
+        bad = (1 << 20) + 17 * 4096
+        with open(self.d.image_path, "r+b") as f:
+            f.seek(bad + 1000)
+            f.write(b"\xff")
+        status, out, err = run_cli("bench", self.sock, "--rw", "read", "--verify", "--offset", "1M",
+                                   "--span", "256k", "--seconds", "1")
+        self.assertEqual((status, out), (1, ""))
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertIn("bench --verify: block of 4096 bytes at offset %d: its bytes changed after "
+                      "bench wrote it (CRC32 mismatch" % bad, err)
+        # A block moved (another offset's block) and a never-written block are told apart.
+        with open(self.d.image_path, "r+b") as f:
+            f.seek((1 << 20) + 4096)
+            block = f.read(4096)
+            f.seek(bad)
+            f.write(block)
+        status, out, err = run_cli("bench", self.sock, "--rw", "read", "--verify", "--offset", "1M",
+                                   "--span", "256k", "--seconds", "1")
+        self.assertIn("at offset %d: it holds the block written for offset %d" % (bad, (1 << 20) + 4096), err)
+        status, out, err = run_cli("bench", self.sock, "--rw", "read", "--verify", "--offset", "4M",
+                                   "--seconds", "1")
+        self.assertIn("at offset 4194304: no bench --verify header", err)
+        # Mixed with verify: reads check only blocks this run wrote; none fails on a fresh region.
+        report = self.bench("--rw", "randrw", "--verify", "--offset", "5M", "--span", "64k", "--iodepth", "4")
+        self.assertGreater(report["verified_blocks"], 0)
 
 
 # -- issue 8: the fast path, ring words that cannot tear ------------------------------------------

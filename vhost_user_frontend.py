@@ -7397,8 +7397,10 @@ def _ring_writer(fd, count):
 ############################################################################
 
 _PROG = "vhost_user_frontend"
-#: Exit statuses: 0 ok, 1 a failure reported in one line, 2 bad usage (argparse).
+#: Exit statuses: 0 ok, 1 a failure reported in one line, 2 bad usage (argparse),
+#: 141 (128 + SIGPIPE) when the reader of stdout went away.
 _EXIT_FAILURE = 1
+_EXIT_BROKEN_PIPE = 128 + 13
 
 
 class _CliError(Exception):
@@ -7621,48 +7623,377 @@ def _cmd_blk(args, out):
 
 
 def _blk_info(dev, args, out):
+    topology = dev.topology
     info = {
         "capacity": dev.capacity,
         "block_size": dev.block_size,
         "read_only": bool(dev.read_only),
         "num_queues": dev.num_queues,
         "id": dev.get_id().decode("ascii", "backslashreplace"),
+        "max_transfer": dev.max_transfer,
+        "write_cache": dev.writeback,
+        "topology": None if topology is None else dict(zip(
+            ("physical_block_size", "alignment_offset", "min_io_size", "opt_io_size"),
+            # min_io_size and opt_io_size count logical blocks (spec 5.2.4).
+            (dev.block_size << topology[0], topology[1] * dev.block_size,
+             topology[2] * dev.block_size, topology[3] * dev.block_size))),
+        "discard": None,
+        "write_zeroes": None,
     }
+    config = dev.config
+    if dev.features & _BLK_F_DISCARD:
+        info["discard"] = {"max_bytes": dev.max_discard_sectors * _SECTOR,
+                           "max_segments": config.max_discard_seg,
+                           "alignment": config.discard_sector_alignment * _SECTOR}
+    if dev.features & _BLK_F_WRITE_ZEROES:
+        info["write_zeroes"] = {"max_bytes": dev.max_write_zeroes_sectors * _SECTOR,
+                                "max_segments": config.max_write_zeroes_seg,
+                                "may_unmap": bool(config.write_zeroes_may_unmap)}
     if args.json:
         import json
         out.write(json.dumps(info, indent=2) + "\n")
         return 0
-    out.write("%-12s %d bytes (%s)\n" % ("capacity", info["capacity"],
-                                        _format_bytes(info["capacity"])))
-    for key in ("block_size", "read_only", "num_queues", "id"):
-        out.write("%-12s %s\n" % (key.replace("_", " "), info[key]))
+    yes_no = lambda flag: "yes" if flag else "no"  # noqa: E731
+    size = lambda count: "%s (%d bytes)" % (_format_bytes(count), count) \
+        if count >= 1024 else "%d bytes" % count  # noqa: E731
+    rows = [("capacity", "%s, %d sectors" % (size(dev.capacity), dev.capacity // _SECTOR)),
+            ("block size", size(dev.block_size)),
+            ("read only", yes_no(info["read_only"])),
+            ("write cache", "yes (writeback: flush makes writes durable)" if dev.writeback
+             else "no (writethrough)"),
+            ("queues", str(dev.num_queues)),
+            ("serial", info["id"]),
+            ("max transfer", size(dev.max_transfer) + " per request")]
+    topo = info["topology"]
+    rows.append(("topology", "not reported" if topo is None else
+                 "physical block %s, alignment offset %s, minimum I/O %s, optimal I/O %s"
+                 % tuple(size(topo[k]) for k in ("physical_block_size", "alignment_offset",
+                                                 "min_io_size", "opt_io_size"))))
+    discard = info["discard"]
+    rows.append(("discard", "no" if discard is None else
+                 "yes, up to %s per request, %d segment(s), alignment %s"
+                 % (size(discard["max_bytes"]), discard["max_segments"],
+                    size(discard["alignment"]))))
+    zeroes = info["write_zeroes"]
+    rows.append(("write zeroes", "no" if zeroes is None else
+                 "yes, up to %s per request, %d segment(s), may unmap: %s"
+                 % (size(zeroes["max_bytes"]), zeroes["max_segments"],
+                    yes_no(zeroes["may_unmap"]))))
+    out.write("".join("%-13s %s\n" % row for row in rows))
     return 0
 
 
-def _blk_read(dev, args, out):
-    data = dev.read(args.offset, args.length)
-    if args.output:
-        with open(args.output, "wb") as f:
-            f.write(data)
-        return 0
+#: Bytes one step of a streamed ``blk`` transfer moves: a 1 GiB read or write
+#: needs a few of these in memory, never the whole transfer.
+_CLI_CHUNK = 4 << 20
+
+
+class _TransferProgress:
+    """Bytes, rate and ETA on stderr, once a transfer has run a second; terminal only."""
+
+    def __init__(self, total, stream=None):
+        self.stream = sys.stderr if stream is None else stream
+        self.enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.total = total
+        self.start = time.monotonic()
+        self.next_draw = self.start + 1.0
+        self.drawn = False
+
+    def update(self, done):
+        now = time.monotonic()
+        if not self.enabled or now < self.next_draw:
+            return
+        self.next_draw = now + 0.5
+        rate = done / (now - self.start)
+        text = "\r%s" % _format_bytes(done)
+        if self.total is not None:
+            eta = (self.total - done) / rate if rate else 0
+            text += " of %s (%d%%)" % (_format_bytes(self.total), 100 * done // (self.total or 1))
+        text += "  %s/s" % _format_bytes(int(rate))
+        if self.total is not None:
+            text += "  ETA %d:%02d" % divmod(int(eta), 60)
+        self.stream.write(text + "\033[K")
+        self.stream.flush()
+        self.drawn = True
+
+    def done(self):
+        if self.drawn:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+class _HexdumpC:
+    """``hexdump -C``'s canonical dump, fed piece by piece.
+
+    Each line is the offset, 16 bytes in hex in two groups of 8 and the
+    bytes as ASCII between bars; a line equal to the one before is printed
+    as one ``*`` for the whole run; the offset after the last byte ends the
+    dump (nothing at all for no bytes at offset 0), as bsdextrautils' does.
+    """
+
+    _PRINTABLE = bytes(b if 0x20 <= b < 0x7F else 0x2E for b in range(256))
+
+    def __init__(self, write, offset=0):
+        self.write = write
+        self.offset = offset
+        self.pending = b""
+        self.previous = None
+        self.starred = False
+
+    def feed(self, data):
+        data = self.pending + bytes(data)
+        full = len(data) - len(data) % 16
+        lines = []
+        for i in range(0, full, 16):
+            line = data[i:i + 16]
+            if line == self.previous:
+                if not self.starred:
+                    lines.append("*")
+                    self.starred = True
+            else:
+                lines.append(self._line(line))
+                self.previous = line
+                self.starred = False
+            self.offset += 16
+        self.pending = data[full:]
+        if lines:
+            self.write("\n".join(lines) + "\n")
+
+    def close(self):
+        if self.pending:
+            # A short last line is never folded into a '*'.
+            self.write(self._line(self.pending) + "\n")
+            self.offset += len(self.pending)
+            self.pending = b""
+        if self.offset:   # no bytes at offset 0: no output at all
+            self.write("%08x\n" % self.offset)
+
+    def _line(self, line):
+        return "%08x  %-23s  %-23s  |%s|" % (
+            self.offset, " ".join("%02x" % b for b in bytearray(line[:8])),
+            " ".join("%02x" % b for b in bytearray(line[8:])),
+            line.translate(self._PRINTABLE).decode("ascii"))
+
+
+def _blk_check_range(dev, what, offset, length):
+    """Refuse a range past the capacity in one line, before anything is allocated or sent."""
+    if offset + length > dev.capacity:
+        raise _CliError("%s: %d bytes at offset %d end past the capacity of %d bytes (%s)"
+                        % (what, length, offset, dev.capacity, _format_bytes(dev.capacity)))
+
+
+def _blk_stream(dev, offset, length, progress=None):
+    """Yield the bytes at OFFSET..OFFSET+LENGTH, any alignment, in bounded pieces.
+
+    Reads the blocks that cover the range, at most ``_CLI_CHUNK`` bytes at a
+    time, into one buffer in guest memory (``alloc``: zero-copy, nothing
+    allocated per step, so even PyPy's collector has no garbage to fall
+    behind on), and yields memoryviews of the wanted slice, valid until the
+    next step; qemu-io reads unaligned requests the same way.
+    """
+    block = dev.block_size
+    start = offset - offset % block
+    end = offset + length
+    aligned_end = -(-end // block) * block
+    if aligned_end == start:
+        return
+    buffer = dev.alloc(min(_CLI_CHUNK, aligned_end - start))
+    position = start
+    try:
+        while position < aligned_end:
+            count = min(len(buffer), aligned_end - position)
+            if count == len(buffer):
+                dev.readinto(position, buffer)
+            else:
+                with buffer[:count] as head:   # the last step: a copy, once
+                    dev.readinto(position, head)
+            low = max(offset, position) - position
+            high = min(end, position + count) - position
+            piece = buffer[low:high]
+            try:
+                yield piece
+            finally:
+                piece.release()
+            position += count
+            if progress is not None:
+                progress.update(min(end, position) - offset)
+    finally:
+        dev.free(buffer)
+
+
+def _binary_stdout(out):
+    """The byte stream under ``out`` (flushed), or None when there is none or it is a terminal."""
     binary = getattr(out, "buffer", None)
     if binary is None or out.isatty():  # never dump raw bytes on a terminal
-        out.write("\n".join(_hexdump(data, indent="")) + "\n")
-    else:
-        out.flush()
-        binary.write(data)
-        binary.flush()
+        return None
+    out.flush()
+    return binary
+
+
+def _blk_read(dev, args, out):
+    _blk_check_range(dev, "read", args.offset, args.length)
+    binary = None if args.hexdump else _binary_stdout(out)
+    target = None
+    if args.output:
+        target = open(args.output, "wb")
+    elif binary is not None:
+        target = binary
+    dump = _HexdumpC(out.write, args.offset) if target is None else None
+    progress = _TransferProgress(args.length)
+    stream = _blk_stream(dev, args.offset, args.length, progress)
+    try:
+        for piece in stream:
+            if dump is not None:
+                dump.feed(piece)
+            else:
+                target.write(piece)
+        if dump is not None:
+            dump.close()
+        else:
+            target.flush()
+    finally:
+        stream.close()   # its buffer goes back now, not when a collector gets to it
+        progress.done()
+        if args.output and target is not None:
+            target.close()
+    return 0
+
+
+def _blk_verify(dev, args, out):
+    """Compare the bytes at OFFSET..OFFSET+LENGTH with a pattern or a file (qemu-io read -P)."""
+    _blk_check_range(dev, "verify", args.offset, args.length)
+    source = None
+    if args.file is not None:
+        source = open(args.file, "rb")
+    try:
+        if source is not None:
+            import stat
+            st = os.fstat(source.fileno())
+            available = st.st_size if stat.S_ISREG(st.st_mode) else args.length
+            if available < args.length:
+                raise _CliError("verify: %s has %d bytes, fewer than the %d to compare"
+                                % (args.file, available, args.length))
+        progress = _TransferProgress(args.length)
+        checked = 0
+        stream = _blk_stream(dev, args.offset, args.length, progress)
+        try:
+            for piece in stream:
+                if source is not None:
+                    expected = source.read(len(piece))
+                    if len(expected) < len(piece):
+                        raise _CliError("verify: %s ended after %d bytes, before the %d to "
+                                        "compare" % (args.file, checked + len(expected),
+                                                     args.length))
+                else:
+                    expected = bytes((args.pattern,)) * len(piece)
+                if piece != expected:
+                    at = next(i for i in range(len(piece)) if piece[i] != expected[i])
+                    raise _CliError(
+                        "verify: mismatch at offset %d: expected %#04x, found %#04x (%d "
+                        "byte(s) matched before it)" % (args.offset + checked + at,
+                                                         expected[at], piece[at], checked + at))
+                checked += len(piece)
+        finally:
+            stream.close()
+            progress.done()
+    finally:
+        if source is not None:
+            source.close()
+    out.write("verified %d bytes at offset %d: all match %s\n"
+              % (args.length, args.offset, args.file if source is not None
+                 else "pattern %#04x" % args.pattern))
     return 0
 
 
 def _blk_write(dev, args, out):
-    if args.input:
-        with open(args.input, "rb") as f:
-            data = f.read()
-    else:
-        data = sys.stdin.buffer.read()
-    dev.write(args.offset, data)
-    out.write("wrote %d bytes at offset %d\n" % (len(data), args.offset))
+    """Stream FILE or stdin to OFFSET in bounded steps; unaligned ends need --pad or --rmw."""
+    if dev.read_only:
+        raise _CliError("write: the device is read-only (VIRTIO_BLK_F_RO)")
+    source = open(args.input, "rb") if args.input else sys.stdin.buffer
+    try:
+        return _blk_write_from(dev, args, out, source)
+    finally:
+        if args.input:
+            source.close()
+
+
+def _blk_write_from(dev, args, out, source):
+    import stat
+    block = dev.block_size
+    offset = args.offset
+    head = offset % block
+    length = None   # known up front for a regular file: checked before anything is written
+    st = os.fstat(source.fileno())
+    if stat.S_ISREG(st.st_mode):
+        length = max(0, st.st_size - source.tell())
+        _blk_check_range(dev, "write", offset, length)
+    if (head or (length or 0) % block) and not (args.pad or args.rmw):
+        raise _CliError("write: offset %d and length %s are not both multiples of the block "
+                        "size %d; give --pad (zero-fill the partial blocks) or --rmw (read "
+                        "them and keep their other bytes)"
+                        % (offset, "unknown (stdin)" if length is None else length, block))
+    position = offset - head
+    # Staged in guest memory (alloc): the data is copied once, from the file
+    # straight into the buffer the device reads, and nothing is allocated
+    # per step. A step is a whole number of blocks.
+    staging = dev.alloc(max(block, _CLI_CHUNK - _CLI_CHUNK % block))
+    try:
+        if head:
+            staging[:head] = dev.read(position, block)[:head] if args.rmw else bytes(head)
+        fill = head
+        progress = _TransferProgress(length)
+        total = 0
+        try:
+            while True:
+                with staging[fill:] as room:
+                    count = source.readinto(room)
+                if count:
+                    if offset + total + count > dev.capacity:
+                        raise _CliError("write: the data does not fit: more than the %d bytes "
+                                        "between offset %d and the capacity %d; wrote the "
+                                        "first %d" % (dev.capacity - offset, offset,
+                                                      dev.capacity, max(0, position - offset)))
+                    total += count
+                    fill += count
+                if fill == len(staging) or not count:
+                    ready = fill - fill % block
+                    if ready == len(staging):
+                        dev.write(position, staging)   # zero-copy
+                    elif ready:
+                        with staging[:ready] as part:
+                            dev.write(position, part)
+                    position += ready
+                    fill -= ready
+                    staging[:fill] = staging[ready:ready + fill]   # < 1 block: no overlap
+                    progress.update(total)
+                if not count:
+                    break
+        finally:
+            progress.done()
+        tail = fill
+        if tail:
+            if not (args.pad or args.rmw):
+                raise _CliError("write: the data ends %d bytes into the %d-byte block at "
+                                "offset %d; wrote the %d bytes before it; give --pad or --rmw "
+                                "for the last block" % (tail, block, position,
+                                                        position - offset))
+            staging[tail:block] = dev.read(position, block)[tail:] if args.rmw \
+                else bytes(block - tail)
+            with staging[:block] as last:
+                dev.write(position, last)
+    finally:
+        dev.free(staging)
+    how = ""
+    if head or tail:
+        end = offset + total
+        partial = len(set(([offset // block] if head else [])
+                          + ([end // block] if end % block else [])))
+        if args.rmw:
+            how = " (read-modify-write of %d partial block(s))" % partial
+        else:
+            how = " (zero-padded to whole %d-byte blocks: %d byte(s) before, %d after)" % (
+                block, head, block - tail if tail else 0)
+    out.write("wrote %d bytes at offset %d%s\n" % (total, offset, how))
     return 0
 
 
@@ -7682,7 +8013,8 @@ def _blk_write_zeroes(dev, args, out):
 
 
 _BLK_ACTIONS = {
-    "info": _blk_info, "read": _blk_read, "write": _blk_write, "flush": _blk_flush,
+    "info": _blk_info, "read": _blk_read, "write": _blk_write, "verify": _blk_verify,
+    "flush": _blk_flush,
     "discard": _blk_discard, "write-zeroes": _blk_write_zeroes,
 }
 
@@ -7703,39 +8035,34 @@ def _test_frame(src_mac, seq, size):
     return (header + bytes(range(256)) * (size // 256 + 1))[:size]
 
 
-def _describe_frame(frame):
-    frame = bytes(frame)
-    if len(frame) < _ETH_HLEN:
-        return "%d bytes (runt)" % len(frame)
-    return "%d bytes %s -> %s type %#06x" % (len(frame), _format_mac(frame[6:12]),
-                                              _format_mac(frame[:6]),
-                                              struct.unpack(">H", frame[12:14])[0])
-
-
 def _format_mac(mac):
     return ":".join("%02x" % b for b in bytearray(mac))
 
 
-def _frame_source(dev, args):
-    """A function seq -> frame: the frame of -i/--hex, else a generated test frame."""
-    if args.input is not None or args.hex is not None:
-        if args.input is not None:
-            with open(args.input, "rb") as f:
+def _frame_source(dev, args, size):
+    """A function seq -> frame: the frame of --payload-file/--payload-hex, else a test frame.
+
+    ``size`` is the generated frames' size in bytes.
+    """
+    if args.payload_file is not None or args.payload_hex is not None:
+        if args.payload_file is not None:
+            with open(args.payload_file, "rb") as f:
                 frame = f.read()
         else:
             try:
-                frame = bytes.fromhex(args.hex.replace(":", " "))
+                frame = bytes.fromhex(args.payload_hex.replace(":", " "))
             except ValueError as exc:
-                raise _CliError("--hex: %s" % exc)
+                raise _CliError("--payload-hex: %s" % exc)
         if len(frame) < _ETH_HLEN:
             raise _CliError("the frame has %d bytes; an Ethernet frame has at least %d"
                             % (len(frame), _ETH_HLEN))
         return lambda seq: frame
-    if args.size < _TEST_FRAME_HEADER.size:
-        raise _CliError("--size %d: test frames carry a sequence number and need at least "
-                        "%d bytes" % (args.size, _TEST_FRAME_HEADER.size))
+    if size < _TEST_FRAME_HEADER.size:
+        raise _CliError("test frames carry a sequence number and need at least %d bytes "
+                        "(%d data bytes), not %d" % (_TEST_FRAME_HEADER.size,
+                                                     _TEST_FRAME_HEADER.size - _ETH_HLEN, size))
     src = bytes(dev.mac) if dev.mac else _TEST_MAC
-    return lambda seq: _test_frame(src, seq, args.size)
+    return lambda seq: _test_frame(src, seq, size)
 
 
 def _cmd_net(args, out):
@@ -7743,8 +8070,78 @@ def _cmd_net(args, out):
         return _NET_ACTIONS[args.action](dev, args, out)
 
 
+# pcap, the classic capture format tcpdump and Wireshark read and write
+# (https://www.tcpdump.org/manpages/pcap-savefile.5.html): a global header,
+# then per frame a record header (seconds, microseconds, captured length,
+# length on the wire) and the bytes. Written in the host's byte order;
+# readers tell it from the magic number, and so does _read_pcap.
+_PCAP_HEADER_FORMAT = "IHHiIII"   # magic, major, minor, thiszone, sigfigs, snaplen, link type
+_PCAP_RECORD_FORMAT = "IIII"       # seconds, µs (or ns), captured, original length
+_PCAP_HEADER = struct.Struct("=" + _PCAP_HEADER_FORMAT)
+_PCAP_RECORD = struct.Struct("=" + _PCAP_RECORD_FORMAT)
+_PCAP_MAGIC_USEC = 0xA1B2C3D4
+_PCAP_MAGIC_NSEC = 0xA1B23C4D
+_LINKTYPE_ETHERNET = 1
+_PCAP_SNAPLEN = 262144
+
+
+class _PcapWriter:
+    """Frames to a classic pcap stream (LINKTYPE_ETHERNET, µs timestamps), flushed per frame."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        stream.write(_PCAP_HEADER.pack(_PCAP_MAGIC_USEC, 2, 4, 0, 0, _PCAP_SNAPLEN,
+                                       _LINKTYPE_ETHERNET))
+        stream.flush()
+
+    def write(self, frame, timestamp):
+        usec = int(round(timestamp * 1e6))
+        self.stream.write(_PCAP_RECORD.pack(usec // 1000000, usec % 1000000, len(frame),
+                                            len(frame)) + bytes(frame))
+        self.stream.flush()   # `-w - | tcpdump -r -` shows each frame as it comes
+
+
+def _read_pcap(stream, name):
+    """Yield the frames of a classic pcap stream (either byte order, µs or ns stamps)."""
+    header = stream.read(_PCAP_HEADER.size)
+    magic = header[:4]
+    for order in "<>":
+        if len(magic) == 4 and struct.unpack(order + "I", magic)[0] in (_PCAP_MAGIC_USEC,
+                                                                        _PCAP_MAGIC_NSEC):
+            break
+    else:
+        raise _CliError("%s: not a pcap file (magic %s; pcapng is not read, convert it with "
+                        "`tcpdump -r FILE -w OUT`)" % (name, magic.hex() or "missing"))
+    if len(header) < _PCAP_HEADER.size:
+        raise _CliError("%s: pcap header cut short at %d bytes" % (name, len(header)))
+    fields = struct.unpack(order + _PCAP_HEADER_FORMAT, header)
+    if fields[6] != _LINKTYPE_ETHERNET:
+        raise _CliError("%s: link type %d, only Ethernet (1) can be sent"
+                        % (name, fields[6]))
+    record = struct.Struct(order + _PCAP_RECORD_FORMAT)
+    number = 0
+    while True:
+        head = stream.read(record.size)
+        if not head:
+            return
+        number += 1
+        if len(head) < record.size:
+            raise _CliError("%s: frame %d: record header cut short" % (name, number))
+        captured = record.unpack(head)[2]
+        if captured > _PCAP_SNAPLEN:
+            raise _CliError("%s: frame %d: captured length %d is more than %d"
+                            % (name, number, captured, _PCAP_SNAPLEN))
+        frame = stream.read(captured)
+        if len(frame) < captured:
+            raise _CliError("%s: frame %d: %d of its %d bytes are missing"
+                            % (name, number, captured - len(frame), captured))
+        yield frame
+
+
 def _net_send(dev, args, out):
-    make = _frame_source(dev, args)
+    if args.read is not None:
+        return _net_replay(dev, args, out)
+    make = _frame_source(dev, args, args.size)
     frames = [make(seq) for seq in range(args.count)]
     dev.send_many(frames)
     dev.flush()
@@ -7752,67 +8149,245 @@ def _net_send(dev, args, out):
     return 0
 
 
-def _net_recv(dev, args, out):
-    deadline = time.monotonic() + args.wait
-    frames = []
-    while args.count is None or len(frames) < args.count:
-        frame = dev.recv(timeout=max(0.0, deadline - time.monotonic()))
-        if frame is None:
-            break
-        frames.append(frame)
-        out.write("%s\n" % _describe_frame(frame))
-        if args.hexdump:
-            out.write("\n".join(_hexdump(frame)) + "\n")
-    if args.output:
-        with open(args.output, "wb") as f:
-            f.write(b"".join(frames))
-    out.write("received %d frame(s)\n" % len(frames))
+def _net_replay(dev, args, out):
+    """``send -r FILE``: the frames of a pcap, ``--loop`` times, at ``--pps`` (tcpreplay)."""
+    if args.payload_file is not None or args.payload_hex is not None:
+        raise _CliError("send: -r takes the frames from the pcap file; drop --payload-*")
+    clock = time.monotonic
+    sent = sent_bytes = 0
+    start = clock()
+    loop = 0
+    batch = []
+
+    def push():
+        dev.send_many(batch)
+        del batch[:]
+
+    try:
+        while args.loop == 0 or loop < args.loop:
+            loop += 1
+            with open(args.read, "rb") as f:
+                for frame in _read_pcap(f, args.read):
+                    if len(frame) < _ETH_HLEN:
+                        raise _CliError("%s: frame %d has %d bytes; an Ethernet frame has at "
+                                        "least %d" % (args.read, sent + 1, len(frame),
+                                                      _ETH_HLEN))
+                    if args.pps:
+                        delay = start + sent / args.pps - clock()
+                        if delay > 0:
+                            push()
+                            time.sleep(delay)
+                    batch.append(frame)
+                    sent += 1
+                    sent_bytes += len(frame)
+                    if len(batch) >= 32:
+                        push()
+            push()
+            if not sent:
+                break   # an empty capture: looping it forever would send nothing forever
+    except KeyboardInterrupt:
+        # Ctrl-C ends a replay (--loop 0 runs until then); what was queued still goes out.
+        sent -= len(batch)
+        sent_bytes -= sum(len(frame) for frame in batch)
+    dev.flush()
+    out.write("sent %d frame(s) (%d bytes) from %s in %.3f s, %d loop(s)\n"
+              % (sent, sent_bytes, args.read, clock() - start, loop))
     return 0
+
+
+_ETHERTYPE_NAMES = {0x0800: "IPv4", 0x0806: "ARP", 0x86DD: "IPv6", 0x8100: "802.1Q",
+                    0x88A8: "802.1Q-QinQ", 0x88CC: "LLDP", 0x8035: "Reverse ARP"}
+
+
+def _tcpdump_line(frame, timestamp):
+    """One frame as ``tcpdump -e -n`` heads it: time, MACs, ethertype, length."""
+    stamp = "%s.%06d" % (time.strftime("%H:%M:%S", time.localtime(timestamp)),
+                         int(timestamp % 1 * 1e6))
+    if len(frame) < _ETH_HLEN:
+        return "%s [|ether] length %d (runt)" % (stamp, len(frame))
+    ethertype = struct.unpack(">H", frame[12:14])[0]
+    return "%s %s > %s, ethertype %s (%#06x), length %d" % (
+        stamp, _format_mac(frame[6:12]), _format_mac(frame[:6]),
+        _ETHERTYPE_NAMES.get(ethertype, "Unknown"), ethertype, len(frame))
+
+
+def _tcpdump_hex(frame):
+    """The frame as ``tcpdump -xx`` dumps it: offset, then 16 bytes in groups of two."""
+    frame = bytes(frame)
+    lines = []
+    for i in range(0, len(frame), 16):
+        line = frame[i:i + 16].hex()
+        lines.append("\t0x%04x:  %s" % (i, " ".join(line[j:j + 4]
+                                                     for j in range(0, len(line), 4))))
+    return lines
+
+
+def _net_recv(dev, args, out):
+    """Print (or write as pcap) the frames that arrive until -c, --wait or Ctrl-C."""
+    capture = None
+    stream = None
+    if args.write == "-":
+        stream = _binary_stdout(out)
+        if stream is None:
+            raise _CliError("recv -w -: stdout is a terminal; pipe it (| tcpdump -r -) or "
+                            "give a file name")
+    report = sys.stderr if stream is not None else out   # stdout carries the pcap
+    raw = None
+    count = 0
+    try:
+        if args.write is not None and args.write != "-":
+            stream = open(args.write, "wb")
+            report = out
+        if args.output:
+            raw = open(args.output, "wb")
+        if stream is not None:
+            capture = _PcapWriter(stream)
+        deadline = time.monotonic() + args.wait
+        while args.count is None or count < args.count:
+            frame = dev.recv(timeout=max(0.0, deadline - time.monotonic()))
+            if frame is None:
+                break
+            stamp = time.time()
+            count += 1
+            if capture is not None:
+                capture.write(frame, stamp)
+            else:
+                out.write(_tcpdump_line(frame, stamp) + "\n")
+                if args.hexdump:
+                    out.write("\n".join(_tcpdump_hex(frame)) + "\n")
+            if raw is not None:
+                raw.write(frame)
+    except KeyboardInterrupt:
+        pass   # Ctrl-C ends a capture, as it does tcpdump's
+    finally:
+        if raw is not None:
+            raw.close()
+        if stream is not None and args.write != "-":
+            stream.close()
+    report.write("%d frame(s) received\n" % count)
+    return 0
+
+
+class _PingStats:
+    """What ping counts, and its summary in ping's own words (iputils)."""
+
+    def __init__(self):
+        self.transmitted = 0
+        self.received = 0
+        self.corrupted = 0
+        self.duplicates = 0
+        self.rtts = []
+        self.start = time.monotonic()
+
+    def summary(self, name):
+        lost = self.transmitted - self.received
+        loss = 100.0 * lost / self.transmitted if self.transmitted else 0.0
+        extra = "".join(", +%d %s" % (n, what) for n, what in (
+            (self.duplicates, "duplicates"), (self.corrupted, "corrupted")) if n)
+        lines = ["", "--- %s ping statistics ---" % name,
+                 "%d packets transmitted, %d received%s, %s%% packet loss, time %dms"
+                 % (self.transmitted, self.received, extra, "%g" % round(loss, 4),
+                    (time.monotonic() - self.start) * 1000)]
+        if self.rtts:
+            ms = [r * 1000 for r in self.rtts]
+            mean = sum(ms) / len(ms)
+            mdev = max(0.0, sum(x * x for x in ms) / len(ms) - mean * mean) ** 0.5
+            lines.append("rtt min/avg/max/mdev = %.3f/%.3f/%.3f/%.3f ms"
+                         % (min(ms), mean, max(ms), mdev))
+        return lines
+
+    @property
+    def failed(self):
+        return self.received < self.transmitted or self.corrupted > 0
 
 
 def _net_ping(dev, args, out):
-    """Send frames one at a time; each must come back byte-identical (loopback check)."""
-    make = _frame_source(dev, args)
+    """Send frames at ``-i`` intervals; each must come back byte-identical within ``-W``.
+
+    Prints ping's per-frame lines and its summary, at the count, on Ctrl-C and
+    when the back-end dies (then the error follows); status 1 when a frame was
+    lost or came back changed.
+    """
+    size = _ETH_HLEN + args.size
+    make = _frame_source(dev, args, size)
+    fixed = args.payload_file is not None or args.payload_hex is not None
     clock = time.perf_counter
-    first = make(0)
-    out.write("ping %s: %d frame(s) of %d bytes, %s -> %s\n"
-              % (args.socket, args.count, len(first), _format_mac(first[6:12]),
+    first = make(1)
+    interval = 0.0 if args.flood else args.interval
+    wait = args.timeout if args.wait is None else args.wait
+    out.write("PING %s %d(%d) bytes of data, %s > %s.\n"
+              % (args.socket, len(first) - _ETH_HLEN, len(first), _format_mac(first[6:12]),
                  _format_mac(first[:6])))
-    rtts = []
-    other = 0
-    lost = None   # the sequence number of the frame that did not come back
-    for seq in range(args.count):
-        frame = make(seq)
-        t0 = clock()
-        dev.send(frame)
-        deadline = t0 + args.timeout
-        while True:
-            back = dev.recv(timeout=max(0.0, deadline - clock()))
-            if back is None or back == frame:
+    out.flush()
+    stats = _PingStats()
+    sent_at = {}    # seq -> (send time, frame), until it comes back
+    done = set()    # recent seqs that came back (a second copy is a duplicate)
+    verbose = not args.quiet and not args.flood
+
+    def take(back):
+        """Account one arrived frame; the seq it answers, or None."""
+        now = clock()
+        if fixed:   # every frame is the same: it answers the oldest one awaited
+            seq = min(sent_at) if back == first and sent_at else None
+        elif len(back) >= _TEST_FRAME_HEADER.size and back[:_ETH_HLEN] == first[:_ETH_HLEN]:
+            seq = _TEST_FRAME_HEADER.unpack_from(back)[3]
+        else:
+            return None   # foreign traffic: ping ignores it too
+        if seq in done:
+            stats.duplicates += 1
+            return None
+        if seq not in sent_at:
+            return None
+        t0, frame = sent_at[seq]
+        if back != frame:
+            stats.corrupted += 1
+            if verbose:
+                out.write("%d bytes from %s: seq=%d (changed on the way back)\n"
+                          % (len(back), args.socket, seq))
+            return None
+        del sent_at[seq]
+        done.add(seq)
+        stats.received += 1
+        stats.rtts.append(now - t0)
+        if verbose:
+            out.write("%d bytes from %s: seq=%d time=%.3f ms\n"
+                      % (len(back), args.socket, seq, (now - t0) * 1000))
+        elif args.flood and not args.quiet:
+            out.write("\b \b")
+        return seq
+
+    seq = 0
+    try:
+        while args.count is None or seq < args.count:
+            seq += 1
+            done.discard(seq - 4096)   # bounded, for a ping that runs for days
+            frame = make(seq)
+            t0 = clock()
+            sent_at[seq] = (t0, frame)
+            dev.send(frame)
+            stats.transmitted += 1
+            if args.flood and not args.quiet:
+                out.write(".")
+            deadline = t0 + wait
+            while seq in sent_at:
+                back = dev.recv(timeout=max(0.0, deadline - clock()))
+                if back is None:
+                    sent_at.pop(seq)   # lost: a late copy is not counted
+                    break
+                take(back)
+            out.flush()
+            if args.count is not None and seq >= args.count:
                 break
-            other += 1   # an earlier frame late, a changed one, or foreign traffic
-        if back is None:
-            lost = seq   # stop: waiting the timeout for each later frame helps nobody
-            break
-        rtts.append(clock() - t0)
-    rtts.sort()
-    sent = args.count if lost is None else lost + 1
-    out.write("%d sent, %d came back identical, %d lost, %d other frame(s) received\n"
-              % (sent, len(rtts), sent - len(rtts), other))
-    if rtts:
-        out.write("round trip µs: min %.1f  p50 %.1f  p99 %.1f  max %.1f\n"
-                  % tuple(x * 1e6 for x in (rtts[0], _percentile(rtts, 0.5),
-                                            _percentile(rtts, 0.99), rtts[-1])))
-    problems = []
-    if lost is not None:
-        problems.append("frame %d of %d did not come back within %g s"
-                        % (lost + 1, args.count, args.timeout))
-    if other:
-        problems.append("%d frame(s) arrived that were not the one awaited (changed, late "
-                        "or foreign)" % other)
-    if problems:
-        raise _CliError("%s: ping: %s" % (args.socket, "; ".join(problems)))
-    return 0
+            pause = t0 + interval - clock()
+            if pause > 0:
+                time.sleep(pause)
+    except KeyboardInterrupt:
+        pass
+    except VhostUserError:
+        out.write("\n".join(stats.summary(args.socket)) + "\n")
+        raise   # the back-end died: the summary, then the error line
+    out.write("\n".join(stats.summary(args.socket)) + "\n")
+    return _EXIT_FAILURE if stats.failed else 0
 
 
 _NET_ACTIONS = {"send": _net_send, "recv": _net_recv, "ping": _net_ping}
@@ -7875,7 +8450,7 @@ def _bench_report(kind, rw, size, depth, queues, elapsed, latencies, cpu_self, c
     latencies.sort()
     count = len(latencies)
     rate = count / elapsed if elapsed else 0.0
-    usec = lambda s: None if s is None else round(s * 1e6, 2)  # noqa: E731
+    usec = _usec
     report = {"type": kind}
     if rw is not None:
         report["rw"] = rw
@@ -7930,6 +8505,26 @@ def _format_bench(report):
         "  %-22s %s" % ("frontend CPU " + unit, report["frontend_cpu_us_per_request"]),
         "  %-22s %s" % ("backend CPU " + unit, backend),
     ]
+    fio = report.get("fio")
+    if fio is not None:
+        job = fio["jobs"][0]
+        if 0 < report["rwmixread"] < 100:
+            lines += ["  %-22s IOPS %.0f, %.2f MiB/s, latency p50 %s µs"
+                      % (name, job[name]["iops"], job[name]["bw_bytes"] / 2.0**20,
+                         _usec(job[name]["clat_ns"].get("percentile", {}).get("50.000000",
+                                                                                0) / 1e9))
+                      for name in ("read", "write")]
+        entries = ["%sth=[%s]" % (name.rjust(5), str(value).rjust(8))
+                   for name, value in report["clat_percentiles_us"].items()]
+        lines.append("  clat percentiles (µs):")
+        lines += ["   | " + ", ".join(entries[i:i + 4]) + ("," if i + 4 < len(entries) else "")
+                  for i in range(0, len(entries), 4)]
+        if report.get("histogram"):
+            lines.append("  latency histogram:")
+            lines += _format_histogram(report["histogram"])
+        if report["verified_blocks"] is not None:
+            lines.append("  %-22s %d block(s) read back and checked: all as written"
+                         % ("verify", report["verified_blocks"]))
     placement = report.get("placement")
     if placement is not None:
         lines.append("  %-22s %s, spin %g µs, %s" % (
@@ -7940,23 +8535,37 @@ def _format_bench(report):
     return lines
 
 
+#: fio's --rw modes: random offsets?, and the percent of reads (None: --rwmixread, 50).
+_BENCH_RW = {"read": (False, 100), "write": (False, 0), "randread": (True, 100),
+             "randwrite": (True, 0), "rw": (False, None), "readwrite": (False, None),
+             "randrw": (True, None)}
+
+
 class _BlockLoad:
     """Offsets and data for one block bench stream (one per queue), drawn before the clock runs."""
 
     #: Random offsets are drawn once, this many, and used in turn.
     table_size = 1 << 16
 
-    def __init__(self, capacity, size, rw, seed):
+    def __init__(self, capacity, size, rw, seed, start=0, read_percent=None):
         import random
-        rng = random.Random(seed)
+        rng = self.rng = random.Random(seed)
+        # The region is start..start+capacity (fio's offset= and size=).
         slots = max(1, capacity // size)
         self.size = size
-        self.write = rw.endswith("write")
-        self.data = bytes(bytearray(rng.getrandbits(8) for _ in range(size)))
-        if rw.startswith("rand"):
-            self.table = [rng.randrange(slots) * size for _ in range(self.table_size)]
+        self.start = start
+        random_offsets, default_percent = _BENCH_RW[rw]
+        self.read_percent = default_percent if read_percent is None or default_percent in (
+            0, 100) else read_percent
+        if self.read_percent is None:
+            self.read_percent = 50
+        self.write = self.read_percent == 0          # writes only
+        self.mixed = 0 < self.read_percent < 100     # each request reads or writes
+        self.data = rng.getrandbits(8 * size).to_bytes(size, "little")
+        if random_offsets:
+            self.table = [start + rng.randrange(slots) * size for _ in range(self.table_size)]
         else:
-            self.table = [(i % slots) * size for i in range(min(slots, self.table_size))]
+            self.table = [start + (i % slots) * size for i in range(min(slots, self.table_size))]
             if slots > self.table_size:   # sequential over more than the table: keep counting
                 self.table = None
         self.slots = slots
@@ -7968,8 +8577,8 @@ class _BlockLoad:
         self.next = start + count
         table = self.table
         if table is None:
-            slots, size = self.slots, self.size
-            return [(i % slots) * size for i in range(start, start + count)]
+            slots, size, base = self.slots, self.size, self.start
+            return [base + (i % slots) * size for i in range(start, start + count)]
         start %= len(table)
         chunk = table[start:start + count]
         while len(chunk) < count:
@@ -7979,12 +8588,14 @@ class _BlockLoad:
 
 def _cmd_bench(args, out):
     if args.type == "net":
-        if args.rw is not None:
-            raise _CliError("--rw applies to --type blk only")
-        for option, value in (("--spin", args.spin), ("--event-idx", args.event_idx),
-                              ("--loop", None if args.loop == "device" else args.loop)):
-            if value is not None:
-                raise _CliError("%s applies to --type blk only" % option)
+        given = [name for name, value in (
+            ("--rw", args.rw), ("--rwmixread", args.rwmixread), ("--offset", args.offset or None),
+            ("--span", args.span), ("--ramp_time", args.ramp_time or None),
+            ("--verify", args.verify or None), ("--spin", args.spin),
+            ("--event-idx", args.event_idx),
+            ("--loop", None if args.loop == "device" else args.loop)) if value is not None]
+        if given:
+            raise _CliError("%s applies to --type blk only" % given[0])
         if args.queues not in (None, 1):
             raise _CliError("--queues %d: bench --type net uses one queue pair" % args.queues)
         with _open_device(args, NetDevice, DeviceType.NET) as dev:
@@ -8026,57 +8637,119 @@ def _bench_block(dev, args):
         # More could never be in flight: a request takes 3 descriptors.
         raise _CliError("--depth %d: at most %d requests fit the %d-entry ring"
                         % (args.depth, ring // 3, ring))
-    if rw.endswith("write") and dev.read_only:
-        raise _CliError("%s: the device is read-only; use --rw read or randread" % args.socket)
+    region = _bench_region(dev, args, size)
     queues = args.queues or 1
-    loads = [_BlockLoad(dev.capacity, size, rw, seed) for seed in range(queues)]
-    latencies = [[] for _ in range(queues)]
-    errors = []
-    progress = _Progress(sys.stderr, args.seconds, "blk")
+    loads = [_BlockLoad(region[1], size, rw, seed, region[0], args.rwmixread)
+             for seed in range(queues)]
+    if not loads[0].read_percent == 100 and dev.read_only:
+        raise _CliError("%s: the device is read-only; use --rw read or randread" % args.socket)
+    if args.verify or loads[0].mixed:
+        if args.verify and queues > 1:
+            # Each stream checks its own blocks: give each its own part of the region.
+            part = region[1] // queues // size * size
+            if part < size:
+                raise _CliError("--verify: the region of %d bytes cannot give each of %d "
+                                "queues a block of %d" % (region[1], queues, size))
+            loads = [_BlockLoad(part, size, rw, q, region[0] + q * part, args.rwmixread)
+                     for q in range(queues)]
+        checked = [_BlockCheck(load, args.verify) for load in loads]
+        stream = lambda queue, deadline, lat, tick=None: _bench_block_stream_checked(  # noqa
+            dev, queue, loads[queue], checked[queue], args.depth, deadline, lat, tick)
+    else:
+        checked = None
+        plain = _bench_queue_stream if args.loop == "queue" else _bench_block_stream
+        stream = lambda queue, deadline, lat, tick=None: plain(  # noqa: E731
+            dev, queue, loads[queue], args.depth, deadline,
+            lat["write" if loads[queue].write else "read"], tick)
+    if args.ramp_time:
+        # fio's ramp_time: the same load first, its figures thrown away.
+        _bench_block_phase(dev, args, queues, stream, args.ramp_time, size)
+        for check in checked or ():
+            check.verified = 0
     backend_start = _proc_cpu_seconds(args.backend_pid) if args.backend_pid else None
     cpu_start = _self_cpu_seconds()
-    start = time.perf_counter()
-    deadline = start + args.seconds
-
-    stream = _bench_queue_stream if args.loop == "queue" else _bench_block_stream
-
-    def run(queue):
-        try:
-            stream(dev, queue, loads[queue], args.depth, deadline, latencies[queue])
-        except BaseException as exc:  # re-raised by the main thread
-            errors.append(exc)
-
-    def tick():
-        progress.update(time.perf_counter() - start, sum(map(len, latencies)), size)
-
-    threads = [threading.Thread(target=run, args=(q,), name="bench-queue-%d" % q)
-               for q in range(1, queues)]
-    for thread in threads:
-        thread.start()
-    try:
-        stream(dev, 0, loads[0], args.depth, deadline, latencies[0],
-               tick if progress.enabled else None)
-    finally:
-        for thread in threads:
-            thread.join(deadline - time.perf_counter() + 2 * args.timeout)
-        progress.done()
-    if errors:
-        raise errors[0]
-    elapsed = time.perf_counter() - start
+    latencies, elapsed = _bench_block_phase(dev, args, queues, stream, args.seconds, size)
     cpu_self = _self_cpu_seconds() - cpu_start
     cpu_backend = None
     if args.backend_pid:
         cpu_backend = _proc_cpu_seconds(args.backend_pid) - backend_start
-    merged = [latency for per_queue in latencies for latency in per_queue]
-    report = _bench_report("blk", rw, size, args.depth, queues, elapsed, merged, cpu_self,
-                           cpu_backend)
+    verified = None
+    if checked is not None and args.verify:
+        for q in range(queues):
+            _bench_read_back(dev, q, checked[q], args.depth)
+        verified = sum(check.verified for check in checked)
+    reads = [t for per_queue in latencies for t in per_queue["read"]]
+    writes = [t for per_queue in latencies for t in per_queue["write"]]
+    report = _bench_report("blk", rw, size, args.depth, queues, elapsed, reads + writes,
+                           cpu_self, cpu_backend)
     placement = dev.placement
     report["placement"] = {"backend_pid": placement.backend_pid,
                            "shared_cpu": placement.shared_cpu,
                            "spin_us": round(placement.spin * 1e6, 2),
                            "event_idx": placement.event_idx,
                            "defer_calls": placement.defer_calls}
+    report["region"] = {"offset": region[0], "span": region[1]}
+    report["rwmixread"] = loads[0].read_percent
+    report["ramp_time"] = args.ramp_time
+    report["verified_blocks"] = verified
+    report["clat_percentiles_us"] = collections.OrderedDict(
+        (_fio_percentile_name(p), _usec(_percentile(sorted(reads + writes), p / 100.0)))
+        for p in _CLAT_PERCENTILES)
+    report["fio"] = _fio_json(args, rw, size, queues, elapsed, reads, writes,
+                              loads[0].read_percent)
+    if args.histogram:
+        report["histogram"] = _latency_histogram(reads + writes)
     return report
+
+
+def _bench_region(dev, args, size):
+    """(offset, span) of the region --offset/--span name, checked against the device."""
+    offset = args.offset
+    if offset % dev.block_size or offset >= dev.capacity:
+        raise _CliError("--offset %d must be a multiple of the block size %d below the "
+                        "capacity %d" % (offset, dev.block_size, dev.capacity))
+    span = dev.capacity - offset if args.span is None else args.span
+    if span < size or offset + span > dev.capacity:
+        raise _CliError("--span %d: the region must hold one request of %d bytes and end by "
+                        "the capacity %d (it ends at %d)" % (span, size, dev.capacity,
+                                                              offset + span))
+    return offset, span
+
+
+def _bench_block_phase(dev, args, queues, stream, seconds, size):
+    """Run ``stream`` on every queue (a thread each but the first) for ``seconds``.
+
+    Returns ([{"read": latencies, "write": latencies}] per queue, seconds it took).
+    """
+    latencies = [{"read": [], "write": []} for _ in range(queues)]
+    errors = []
+    progress = _Progress(sys.stderr, seconds, "blk")
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    def run(queue):
+        try:
+            stream(queue, deadline, latencies[queue])
+        except BaseException as exc:  # re-raised by the main thread
+            errors.append(exc)
+
+    def tick():
+        progress.update(time.perf_counter() - start,
+                        sum(len(q["read"]) + len(q["write"]) for q in latencies), size)
+
+    threads = [threading.Thread(target=run, args=(q,), name="bench-queue-%d" % q)
+               for q in range(1, queues)]
+    for thread in threads:
+        thread.start()
+    try:
+        stream(0, deadline, latencies[0], tick if progress.enabled else None)
+    finally:
+        for thread in threads:
+            thread.join(deadline - time.perf_counter() + 2 * args.timeout)
+        progress.done()
+    if errors:
+        raise errors[0]
+    return latencies, time.perf_counter() - start
 
 
 def _bench_block_stream(dev, queue, load, depth, deadline, latencies, tick=None):
@@ -8194,6 +8867,262 @@ def _bench_queue_stream(dev, queue, load, depth, deadline, latencies, tick=None)
                 q.remove_slot(slot)
             except (ValueError, ProtocolError):   # in flight after an error
                 pass
+
+
+#: --verify's header at the start of every block bench writes: a magic, the
+#: block's offset, a sequence number (per stream) and the CRC32 of the rest
+#: of the block, so a read tells a stale, misplaced or changed block apart.
+_VERIFY_HEADER = struct.Struct("<8sQQI")
+_VERIFY_MAGIC = b"vhubench"
+
+
+class _BlockCheck:
+    """What a mixed or ``--verify`` bench stream tracks: headers written, blocks to check."""
+
+    def __init__(self, load, verify):
+        import zlib
+        self.crc32 = zlib.crc32
+        self.verify = verify and load.size > _VERIFY_HEADER.size
+        self.check_all = load.read_percent == 100   # read modes: every block has a header
+        self.payload = load.data[_VERIFY_HEADER.size:]
+        self.crc = zlib.crc32(self.payload)
+        self.sequence = 0
+        self.written = set()   # offsets this stream wrote and saw complete
+        self.writing = {}      # offset -> writes in flight
+        self.reading = {}      # offset -> slots whose read of it will be checked
+        self.checkable = {}    # slot -> whether its read in flight will be checked
+        self.verified = 0
+
+    def before_write(self, buffer, offset):
+        self.sequence += 1
+        buffer[_VERIFY_HEADER.size:] = self.payload   # a read may have used this buffer
+        _VERIFY_HEADER.pack_into(buffer, 0, _VERIFY_MAGIC, offset, self.sequence, self.crc)
+        self.writing[offset] = self.writing.get(offset, 0) + 1
+        # A read of the block already in flight may now see it half written.
+        for slot in self.reading.pop(offset, ()):
+            self.checkable[slot] = False
+
+    def after_write(self, offset):
+        left = self.writing.pop(offset) - 1
+        if left:
+            self.writing[offset] = left
+        self.written.add(offset)
+
+    def before_read(self, slot, offset):
+        # Checked: every block in the read modes; in mixed ones a block this
+        # stream wrote, with no write of it in flight from now to the reap.
+        checkable = self.check_all or offset in self.written and offset not in self.writing
+        self.checkable[slot] = checkable
+        if checkable:
+            self.reading.setdefault(offset, []).append(slot)
+
+    def after_read(self, slot, buffer, offset):
+        if self.checkable.pop(slot):
+            slots = self.reading[offset]
+            slots.remove(slot)
+            if not slots:
+                del self.reading[offset]
+            self.check(buffer, offset)
+
+    def check(self, buffer, offset):
+        """Raise _CliError naming ``offset`` when the block read is not what bench wrote."""
+        magic, at, sequence, crc = _VERIFY_HEADER.unpack_from(buffer)
+        if magic != _VERIFY_MAGIC:
+            problem = "no bench --verify header (was it written by bench --verify?)"
+        elif at != offset:
+            problem = "it holds the block written for offset %d" % at
+        elif self.crc32(buffer[_VERIFY_HEADER.size:]) != crc:
+            problem = ("its bytes changed after bench wrote it (CRC32 mismatch, sequence "
+                       "number %d)" % sequence)
+        else:
+            self.verified += 1
+            return
+        raise _CliError("bench --verify: block of %d bytes at offset %d: %s"
+                        % (len(buffer), offset, problem))
+
+
+def _bench_block_stream_checked(dev, queue, load, check, depth, deadline, latencies,
+                                tick=None):
+    """The loop of mixed (rw, randrw) and ``--verify`` runs, on the same fast path.
+
+    Each request's direction is drawn against --rwmixread; with --verify a
+    write is stamped with its header and a read of a block this stream wrote
+    (every block, in the read modes) is checked. That per-request work is
+    why the plain modes keep ``_bench_block_stream``.
+    """
+    clock = time.perf_counter
+    draw = load.rng.random
+    reads_at = load.read_percent / 100.0
+    verify = check.verify
+    buffers = []
+    try:
+        for _ in range(depth):
+            buffers.append(dev.alloc(load.size))
+            buffers[-1][:] = load.data
+        is_write = [False] * depth
+        offset_of = [0] * depth
+        started = [0.0] * depth
+        read_latencies, write_latencies = latencies["read"], latencies["write"]
+
+        def post(indices, now):
+            reads, writes = ([], [], []), ([], [], [])
+            for i, offset in zip(indices, load.offsets(len(indices))):
+                write = draw() >= reads_at
+                is_write[i] = write
+                offset_of[i] = offset
+                started[i] = now
+                if verify:
+                    if write:
+                        check.before_write(buffers[i], offset)
+                    else:
+                        check.before_read(i, offset)
+                batch = writes if write else reads
+                batch[0].append(offset)
+                batch[1].append(buffers[i])
+                batch[2].append(i)
+            # Not kicked here: the next reap kicks once for both.
+            if reads[2]:
+                dev.post_reads(reads[0], reads[1], reads[2], queue=queue, notify=False)
+            if writes[2]:
+                dev.post_writes(writes[0], writes[1], writes[2], queue=queue, notify=False)
+
+        in_flight = 0
+        now = clock()
+        if now < deadline:
+            post(range(depth), now)
+            in_flight = depth
+        next_tick = now + 0.1
+        while in_flight:
+            done = dev.reap(queue=queue)
+            now = clock()
+            for i in done:
+                if is_write[i]:
+                    write_latencies.append(now - started[i])
+                    if verify:
+                        check.after_write(offset_of[i])
+                else:
+                    read_latencies.append(now - started[i])
+                    if verify:
+                        check.after_read(i, buffers[i], offset_of[i])
+            if now < deadline:
+                post(done, now)
+            else:
+                in_flight -= len(done)
+            if tick is not None and now >= next_tick:
+                next_tick = now + 0.1
+                tick()
+    finally:
+        for buffer in buffers:
+            try:
+                dev.free(buffer)
+            except ValueError:   # still in flight after an error: close() releases it
+                pass
+
+
+def _bench_read_back(dev, queue, check, depth):
+    """--verify after writing: read every block this stream wrote and check it (fio does)."""
+    offsets = sorted(check.written)
+    if not offsets:
+        return
+    size = len(check.payload) + _VERIFY_HEADER.size
+    buffers = [dev.alloc(size) for _ in range(min(depth, len(offsets)))]
+    try:
+        for start in range(0, len(offsets), len(buffers)):
+            batch = offsets[start:start + len(buffers)]
+            dev.post_reads(batch, buffers[:len(batch)], list(range(len(batch))), queue=queue)
+            done = []
+            while len(done) < len(batch):
+                done += dev.reap(queue=queue, count=len(batch) - len(done))
+            for i in done:
+                check.check(buffers[i], batch[i])
+    finally:
+        for buffer in buffers:
+            try:
+                dev.free(buffer)
+            except ValueError:
+                pass
+
+
+def _usec(seconds):
+    return None if seconds is None else round(seconds * 1e6, 2)
+
+
+#: The completion-latency percentiles bench prints, fio's defaults among them.
+_CLAT_PERCENTILES = (1, 5, 10, 50, 90, 99, 99.9, 99.99)
+
+
+def _fio_percentile_name(percent):
+    return "%.2f" % percent
+
+
+def _fio_json(args, rw, size, queues, elapsed, reads, writes, read_percent):
+    """The part of fio's --output-format=json that tools parsing fio read.
+
+    One job, as fio prints with group_reporting. Latencies run from the post
+    to the reap (fio's clat and lat are both that: submission is not timed
+    apart, so slat is 0).
+    """
+    def direction(seconds):
+        ns = sorted(t * 1e9 for t in seconds)
+        count = len(ns)
+        mean = sum(ns) / count if count else 0.0
+        stddev = (sum((x - mean) ** 2 for x in ns) / count) ** 0.5 if count else 0.0
+        stats = collections.OrderedDict([("min", int(round(ns[0])) if ns else 0),
+                                         ("max", int(round(ns[-1])) if ns else 0),
+                                         ("mean", mean), ("stddev", stddev), ("N", count)])
+        clat = collections.OrderedDict(stats)
+        if ns:
+            clat["percentile"] = collections.OrderedDict(
+                ("%f" % p, int(round(_percentile(ns, p / 100.0)))) for p in _CLAT_PERCENTILES)
+        total = count * size
+        return collections.OrderedDict([
+            ("io_bytes", total), ("io_kbytes", total // 1024),
+            ("bw_bytes", int(total / elapsed) if elapsed else 0),
+            ("bw", int(total / 1024.0 / elapsed) if elapsed else 0),
+            ("iops", count / elapsed if elapsed else 0.0),
+            ("runtime", int(round(elapsed * 1000))), ("total_ios", count),
+            ("short_ios", 0), ("drop_ios", 0),
+            ("slat_ns", collections.OrderedDict([("min", 0), ("max", 0), ("mean", 0.0),
+                                                 ("stddev", 0.0), ("N", 0)])),
+            ("clat_ns", clat), ("lat_ns", stats)])
+
+    options = collections.OrderedDict([
+        ("rw", rw), ("bs", str(size)), ("iodepth", str(args.depth)), ("numjobs", str(queues)),
+        ("offset", str(args.offset)), ("runtime", "%g" % args.seconds),
+        ("ramp_time", "%g" % args.ramp_time)])
+    if args.span is not None:
+        options["size"] = str(args.span)
+    if 0 < read_percent < 100:
+        options["rwmixread"] = str(read_percent)
+    if args.verify:
+        options["verify"] = "crc32"
+    job = collections.OrderedDict([
+        ("jobname", "bench"), ("groupid", 0), ("error", 0), ("job options", options),
+        ("read", direction(reads)), ("write", direction(writes)), ("trim", direction([])),
+        ("job_runtime", int(round(elapsed * 1000)))])
+    return collections.OrderedDict([("fio version", "%s-%s" % (_PROG, __version__)),
+                                    ("timestamp", int(time.time())), ("jobs", [job])])
+
+
+def _latency_histogram(latencies):
+    """Completion latencies counted in power-of-two µs buckets: [{from_us, to_us, count}]."""
+    counts = collections.Counter()
+    for seconds in latencies:
+        usec = seconds * 1e6
+        counts[int(usec).bit_length()] += 1   # bucket k holds [2**(k-1), 2**k) µs; 0: < 1
+    if not counts:
+        return []
+    return [{"from_us": 0 if k == 0 else 1 << (k - 1), "to_us": 1 << k, "count": counts[k]}
+            for k in range(min(counts), max(counts) + 1)]
+
+
+def _format_histogram(buckets, width=40):
+    total = sum(b["count"] for b in buckets) or 1
+    top = max(b["count"] for b in buckets) if buckets else 1
+    return ["  %8d - %-8d µs %9d %5.1f%% |%-*s|"
+            % (b["from_us"], b["to_us"], b["count"], 100.0 * b["count"] / total, width,
+               "#" * int(round(width * b["count"] / float(top))))
+            for b in buckets]
 
 
 def _bench_net(dev, args):
@@ -8405,6 +9334,14 @@ class _TerminationUnwinds:
             signal.signal(signum, handler)
 
 
+def _cli_command():
+    """How to run this file from here, for commands a user can paste."""
+    import shlex
+    path = os.path.abspath(__file__)
+    relative = os.path.relpath(path)
+    return "python3 " + shlex.quote(relative if not relative.startswith("..") else path)
+
+
 def _cmd_demo(args, out):
     import shutil
     binary = None if args.embedded else shutil.which("qemu-storage-daemon")
@@ -8420,44 +9357,51 @@ def _cmd_demo(args, out):
 
 
 def _demo_tour(args, out, daemon):
-    import argparse
+    import io
+    import shlex
+    parser = _build_parser()[0]
+    command = _cli_command()
+
+    def step(*argv):
+        """Echo the command as a user would type it, run it the same way, indent its output."""
+        argv = [str(a) for a in argv]
+        out.write("   $ %s %s\n" % (command, " ".join(shlex.quote(a) for a in argv)))
+        step_args = parser.parse_args(argv)
+        step_args.timeout, step_args.verbose = args.timeout, False
+        text = io.StringIO()
+        step_args.func(step_args, text)
+        out.write("".join("   %s\n" % line for line in text.getvalue().splitlines()))
+
+    sock = daemon.socket
     if daemon.name == "qemu-storage-daemon":
         out.write("1. Started qemu-storage-daemon (pid %d) exporting a 64 MiB raw file\n"
-                  "   as vhost-user-blk on %s\n\n" % (daemon.proc.pid, daemon.socket))
+                  "   as vhost-user-blk on %s\n\n" % (daemon.proc.pid, sock))
     else:
         why = ("--embedded asks for it" if args.embedded else
                "qemu-storage-daemon is not installed; for the real one on Debian or Ubuntu:\n"
                "   sudo apt-get install %s" % _DEMO_PACKAGE)
         out.write("1. Started the embedded back-end (pid %d), a small vhost-user-blk back-end\n"
                   "   inside this module, exporting a 64 MiB raw file on %s\n"
-                  "   (%s)\n\n" % (daemon.proc.pid, daemon.socket, why))
-    out.write("2. $ %s probe %s\n" % (_PROG, daemon.socket))
-    with _cli_connect(daemon.socket, args.timeout) as client:
-        info = _probe(client, daemon.socket)
-    out.write("".join("   %s\n" % line for line in _format_probe(daemon.socket, info)))
+                  "   (%s)\n\n" % (daemon.proc.pid, sock, why))
+    out.write("2. What the back-end offers:\n")
+    step("probe", sock)
+    offset, data = 1 << 20, os.urandom(64 << 10)
+    source = os.path.join(daemon.tmpdir, "data.bin")
+    with open(source, "wb") as f:
+        f.write(data)
+    out.write("\n3. 64 KiB of random data written at offset 1 MiB, flushed, compared:\n")
+    step("blk", sock, "write", "1M", "-i", source)
+    step("blk", sock, "flush")
+    step("blk", sock, "verify", "1M", "64k", "--file", source)
+    with open(daemon.disk, "rb") as f:
+        f.seek(offset)
+        if f.read(len(data)) != data:
+            raise _CliError("the raw file does not hold the data written")
+    out.write("   identical, and the raw file holds the same bytes.\n\n")
+    out.write("4. A %g-second benchmark:\n" % args.seconds)
+    step("bench", sock, "--rw", "randread", "--seconds", "%g" % args.seconds,
+         "--backend-pid", daemon.proc.pid)
     out.write("\n")
-    device_args = argparse.Namespace(socket=daemon.socket, timeout=args.timeout)
-    with _open_device(device_args, BlockDevice, DeviceType.BLOCK) as dev:
-        offset, data = 1 << 20, os.urandom(64 << 10)
-        dev.write(offset, data)
-        dev.flush()
-        back = dev.read(offset, len(data))
-        with open(daemon.disk, "rb") as f:
-            f.seek(offset)
-            on_disk = f.read(len(data))
-        if back != data or on_disk != data:
-            raise _CliError("data read back differs from what was written (%s)"
-                            % ("device" if back != data else "file on disk"))
-        out.write("3. Wrote 64 KiB of random data at offset 1 MiB, flushed, read it back:\n"
-                  "   identical, and the raw file holds the same bytes.\n\n")
-        bench_args = argparse.Namespace(
-            socket=daemon.socket, rw="randread", size=4096, depth=1, queues=None,
-            seconds=args.seconds, backend_pid=daemon.proc.pid, timeout=args.timeout,
-            loop="device")
-        out.write("4. $ %s bench %s --rw randread --seconds %g --backend-pid %d\n"
-                  % (_PROG, daemon.socket, args.seconds, daemon.proc.pid))
-        report = _bench_block(dev, bench_args)
-        out.write("".join("   %s\n" % line for line in _format_bench(report)) + "\n")
 
 
 # -- selftest -----------------------------------------------------------------
@@ -8665,6 +9609,24 @@ def _int_arg(text):
     return value
 
 
+def _byte_arg(text):
+    """An argparse type: one byte value, 0..255."""
+    import argparse
+    value = _int_arg(text)
+    if value > 0xFF:
+        raise argparse.ArgumentTypeError("%r is not a byte (0..255)" % text)
+    return value
+
+
+def _percent_arg(text):
+    """An argparse type: a whole percentage, 0..100."""
+    import argparse
+    value = _int_arg(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError("%r is not a percentage (0..100)" % text)
+    return value
+
+
 def _count_arg(text):
     """An argparse type: an integer of at least 1 (frames, requests in flight, queues)."""
     import argparse
@@ -8674,17 +9636,20 @@ def _count_arg(text):
     return value
 
 
-def _seconds_arg(text, allow_zero=False):
+def _seconds_arg(text, allow_zero=False, allow_inf=False):
     """An argparse type: a finite number of seconds above 0 (or 0 if ``allow_zero``).
 
     "inf", "nan" and huge values would end in a traceback (settimeout
-    overflows) or a run that does nothing, so they are usage errors.
+    overflows) or a run that does nothing, so they are usage errors; where
+    waiting for ever makes sense (``allow_inf``) "inf" is accepted.
     """
     import argparse
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError("%r is not a number" % text)
+    if allow_inf and value == float("inf"):
+        return value
     if not (value > 0 or allow_zero and value == 0) or not value <= threading.TIMEOUT_MAX:
         raise argparse.ArgumentTypeError("%r is not a number of seconds %s and at most %d" % (
             text, "from 0" if allow_zero else "above 0", threading.TIMEOUT_MAX))
@@ -8725,23 +9690,50 @@ def _build_parser():
 
     blk = commands.add_parser(
         "blk", parents=[common], help="block device I/O",
-        description="Read, write, flush, discard or zero a vhost-user-blk device. OFFSET and "
-                    "LENGTH take 0x prefixes and k/M/G suffixes and must be block aligned.")
+        description="Read, write, verify, flush, discard or zero a vhost-user-blk device. "
+                    "OFFSET and LENGTH take 0x prefixes and k/M/G suffixes; read, write and "
+                    "verify take any alignment and stream in bounded steps, the others want "
+                    "whole blocks.")
     blk.add_argument("socket", metavar="SOCKET")
     actions = blk.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
     info = actions.add_parser("info", parents=[common],
-                              help="capacity, block size, read-only, queues, serial")
+                              help="capacity, block size, read-only, cache, queues, serial, "
+                                   "topology, discard and write-zeroes limits")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     read = actions.add_parser("read", parents=[common], help="read LENGTH bytes at OFFSET",
                               description="Raw bytes go to FILE or to stdout; a terminal gets "
-                                          "a hex dump instead.")
+                                          "a hex dump (hexdump -C's) instead. Unaligned "
+                                          "ranges read the covering blocks.")
     read.add_argument("offset", type=_int_arg, metavar="OFFSET")
     read.add_argument("length", type=_int_arg, metavar="LENGTH")
-    read.add_argument("-o", "--output", metavar="FILE", help="write the data to FILE")
-    write = actions.add_parser("write", parents=[common], help="write stdin (or FILE) at OFFSET")
+    where = read.add_mutually_exclusive_group()
+    where.add_argument("-o", "--output", metavar="FILE", help="write the data to FILE")
+    where.add_argument("-C", "--hexdump", action="store_true",
+                       help="print hexdump -C's dump even when stdout is not a terminal")
+    write = actions.add_parser(
+        "write", parents=[common], help="write stdin (or FILE) at OFFSET",
+        description="Streams FILE or stdin to the device in bounded steps. Data that does "
+                    "not start or end on a block boundary needs --pad or --rmw.")
     write.add_argument("offset", type=_int_arg, metavar="OFFSET")
     write.add_argument("-i", "--input", metavar="FILE", help="read the data from FILE")
+    partial = write.add_mutually_exclusive_group()
+    partial.add_argument("--pad", action="store_true",
+                         help="zero-fill the partial first and last blocks")
+    partial.add_argument("--rmw", action="store_true",
+                         help="read the partial first and last blocks and keep their other "
+                              "bytes (read-modify-write; not atomic)")
+    verify = actions.add_parser(
+        "verify", parents=[common], help="compare LENGTH bytes at OFFSET with a pattern or file",
+        description="Read and compare (qemu-io's read -P); a mismatch prints its offset and "
+                    "exits 1.")
+    verify.add_argument("offset", type=_int_arg, metavar="OFFSET")
+    verify.add_argument("length", type=_int_arg, metavar="LENGTH")
+    expected = verify.add_mutually_exclusive_group(required=True)
+    expected.add_argument("--pattern", type=_byte_arg, metavar="BYTE",
+                          help="every byte must be BYTE (0..255, e.g. 0xab)")
+    expected.add_argument("--file", metavar="FILE", help="the bytes must equal FILE's first "
+                                                          "LENGTH bytes")
     actions.add_parser("flush", parents=[common], help="flush the device's write cache")
     for name, what in (("discard", "discard"), ("write-zeroes", "zero")):
         ranged = actions.add_parser(name, parents=[common],
@@ -8760,29 +9752,65 @@ def _build_parser():
     net.add_argument("socket", metavar="SOCKET")
     actions = net.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
-    send = actions.add_parser("send", parents=[common],
-                              help="send N frames (generated, or one given frame)")
+    send = actions.add_parser(
+        "send", parents=[common], help="send N frames, or replay a pcap file",
+        description="Send N generated frames (or one given frame N times), or with -r the "
+                    "frames of a pcap file (tcpreplay: --loop, --pps); waits until the "
+                    "back-end has taken them.")
+    send.add_argument("-n", "-c", "--count", type=_count_arg, default=1, metavar="N",
+                      help="frames to send (default 1)")
+    send.add_argument("--size", type=_int_arg, default=64, metavar="BYTES",
+                      help="size of generated frames (default 64)")
+    send.add_argument("-r", "--read", metavar="FILE.pcap",
+                      help="send the frames of this pcap file (as tcpdump -w writes it)")
+    send.add_argument("--loop", type=_int_arg, default=1, metavar="N",
+                      help="with -r: send the file N times, 0 for ever (default 1)")
+    send.add_argument("--pps", type=_seconds_arg, metavar="RATE",
+                      help="with -r: at most RATE frames per second (default: at once)")
     ping = actions.add_parser(
         "ping", parents=[common],
-        help="send frames one at a time; each must come back byte-identical",
-        description="Send N frames one at a time and wait up to --timeout for each to come "
-                    "back byte-identical; prints round-trip times. Exit status 1 when any "
-                    "frame is lost or another frame arrives instead.")
+        help="send frames at intervals; each must come back byte-identical (ping's options)",
+        description="Send frames one at a time, every -i seconds, and wait up to -W seconds "
+                    "for each to come back byte-identical (a back-end that returns what it "
+                    "receives, like testpmd in io forward mode). Prints a line per frame and "
+                    "ping's summary (at the count, on Ctrl-C and when the back-end dies); "
+                    "exit status 1 when a frame was lost or came back changed.")
+    ping.add_argument("-c", "--count", type=_count_arg, metavar="COUNT",
+                      help="stop after COUNT frames (default: until Ctrl-C)")
+    ping.add_argument("-i", "--interval", type=lambda text: _seconds_arg(text, True),
+                      default=1.0, metavar="INTERVAL",
+                      help="seconds between frames (default 1; 0 for back to back)")
+    ping.add_argument("-s", "--size", type=_int_arg, default=50, metavar="SIZE",
+                      help="data bytes after the 14-byte Ethernet header (default 50: "
+                           "64-byte frames)")
+    ping.add_argument("-W", "--wait", type=_seconds_arg, metavar="TIMEOUT",
+                      help="seconds to wait for each frame (default: --timeout)")
+    ping.add_argument("-f", "--flood", action="store_true",
+                      help="flood: the next frame as soon as the last came back; prints "
+                           "'.' per frame sent and erases it when it comes back")
+    ping.add_argument("-q", "--quiet", action="store_true",
+                      help="print only the first line and the summary")
     for parser_ in (send, ping):
-        parser_.add_argument("-n", "-c", "--count", type=_count_arg, default=1, metavar="N",
-                             help="frames to send (default 1)")
-        parser_.add_argument("--size", type=_int_arg, default=64, metavar="BYTES",
-                             help="size of generated frames (default 64)")
         given = parser_.add_mutually_exclusive_group()
-        given.add_argument("-i", "--input", metavar="FILE", help="send FILE's bytes as the frame")
-        given.add_argument("--hex", metavar="HEX",
-                           help="send these bytes as the frame (e.g. ffffffffffff0200...)")
-    recv = actions.add_parser("recv", parents=[common], help="print the frames that arrive")
-    recv.add_argument("-n", "--count", type=_count_arg, metavar="N", help="stop after N frames")
-    recv.add_argument("--wait", type=lambda text: _seconds_arg(text, allow_zero=True),
+        given.add_argument("--payload-file", metavar="FILE",
+                           help="send FILE's bytes (a whole Ethernet frame) every time")
+        given.add_argument("--payload-hex", metavar="HEX",
+                           help="send these bytes every time (e.g. ffffffffffff0200...)")
+    recv = actions.add_parser(
+        "recv", parents=[common], help="print the frames that arrive, or capture them as pcap",
+        description="One line per frame as tcpdump -e prints it (time, MACs, ethertype, "
+                    "length), or with -w a pcap file tcpdump and Wireshark read; stops after "
+                    "-c frames, --wait seconds or Ctrl-C.")
+    recv.add_argument("-c", "-n", "--count", type=_count_arg, metavar="N",
+                      help="stop after N frames")
+    recv.add_argument("--wait", type=lambda text: _seconds_arg(text, True, allow_inf=True),
                       default=1.0, metavar="S",
-                      help="stop after S seconds (default 1)")
-    recv.add_argument("-x", "--hexdump", action="store_true", help="hex-dump each frame")
+                      help="stop after S seconds (default 1; inf: until -c or Ctrl-C)")
+    recv.add_argument("-x", "--hexdump", action="store_true",
+                      help="hex-dump each frame as tcpdump -xx does")
+    recv.add_argument("-w", "--write", metavar="FILE.pcap",
+                      help="write a pcap file (LINKTYPE_ETHERNET, µs timestamps); - for "
+                           "stdout (| tcpdump -r -)")
     recv.add_argument("-o", "--output", metavar="FILE",
                       help="write the frames' bytes to FILE, one after the other")
     net.set_defaults(func=_cmd_net)
@@ -8798,15 +9826,35 @@ def _build_parser():
     bench.add_argument("socket", metavar="SOCKET")
     bench.add_argument("--type", choices=("blk", "net"), default="blk",
                        help="device to drive (default blk)")
-    bench.add_argument("--rw", choices=("read", "write", "randread", "randwrite"),
-                       help="blk access pattern (default randread)")
-    bench.add_argument("--size", type=_int_arg, metavar="BYTES",
+    # fio's names and meanings where fio has the option (--bs, --iodepth, --numjobs are
+    # its spellings of --size, --depth, --queues).
+    bench.add_argument("--rw", "--readwrite", choices=sorted(_BENCH_RW), metavar="MODE",
+                       help="blk access pattern, as fio's: read, write, randread, randwrite, "
+                            "rw (or readwrite), randrw (default randread)")
+    bench.add_argument("--rwmixread", type=_percent_arg, metavar="PCT",
+                       help="rw/randrw: percent of requests that read (default 50)")
+    bench.add_argument("--size", "--bs", type=_int_arg, metavar="BYTES",
                        help="bytes per request or frame (default 4096 for blk, 64 for net)")
-    bench.add_argument("--depth", type=_count_arg, default=1, metavar="N",
+    bench.add_argument("--depth", "--iodepth", type=_count_arg, default=1, metavar="N",
                        help="requests in flight per queue (default 1)")
-    bench.add_argument("--queues", type=_count_arg, metavar="N", help="queues to use (default 1)")
-    bench.add_argument("--seconds", type=_seconds_arg, default=3.0, metavar="S",
-                       help="duration (default 3)")
+    bench.add_argument("--queues", "--numjobs", type=_count_arg, metavar="N",
+                       help="queues to use, one thread each (default 1)")
+    bench.add_argument("--offset", type=_int_arg, default=0, metavar="BYTES",
+                       help="blk: start of the region exercised (default 0)")
+    bench.add_argument("--span", type=_int_arg, metavar="BYTES",
+                       help="blk: bytes of the region exercised (fio's size=; default: to the "
+                            "end of the device)")
+    bench.add_argument("--seconds", "--runtime", type=_seconds_arg, default=3.0, metavar="S",
+                       help="duration measured (default 3)")
+    bench.add_argument("--ramp_time", "--ramp-time", type=lambda text: _seconds_arg(text, True),
+                       default=0.0, metavar="S",
+                       help="blk: run S seconds first, excluded from the figures")
+    bench.add_argument("--verify", action="store_true",
+                       help="blk: writes carry a header (offset, sequence number, CRC32 of the "
+                            "block) and reads check it; a mismatch is an error naming the "
+                            "offset. Write modes read back what they wrote at the end")
+    bench.add_argument("--histogram", action="store_true",
+                       help="also print a text histogram of completion latencies")
     bench.add_argument("--backend-pid", type=int, metavar="PID",
                        help="also report this process's CPU time per request")
     bench.add_argument("--spin", type=functools.partial(_seconds_arg, allow_zero=True),
@@ -8873,6 +9921,11 @@ def main(argv=None):
         sys.stderr.write("%s: terminated by %s, cleaned up\n"
                          % (_PROG, signal.Signals(exc.signum).name))
         return 128 + exc.signum
+    except BrokenPipeError:
+        # The reader went away (`... | head -1`): stop silently, as cat does,
+        # with the status a shell shows for a process that SIGPIPE killed.
+        _silence_stdout()
+        return _EXIT_BROKEN_PIPE
     except (_CliError, VhostUserError, OSError, ValueError) as exc:
         message = _one_line(exc)
         if isinstance(exc, VhostUserTimeout):
@@ -8886,6 +9939,19 @@ def main(argv=None):
     finally:
         _log.removeHandler(handler)
         _log.setLevel(logging.NOTSET)
+
+
+def _silence_stdout():
+    """Point stdout at /dev/null, so the flush at exit does not hit the broken pipe again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (tests capture it): nothing is flushed at exit
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def _one_line(exc):
