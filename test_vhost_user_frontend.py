@@ -4826,5 +4826,322 @@ class TestNetDeviceConfig(FrontendTestBase):
         self.assertEqual((nic.mac, nic.mtu, nic.link_up), (bytes.fromhex("525400abcdef"), None, None))
 
 
+# virtio-fs ###########################################################################################
+#
+# FsDevice against the real C virtiofsd (one daemon per test: it serves one connection), checked
+# against what `os` says of the same tree, then against a FUSE test peer on FakeBackend for what
+# virtiofsd cannot be made to do.
+
+BIG_FILE_SIZE = 5 << 20
+
+
+def build_fs_tree(root):
+    """The tree the virtio-fs tests compare: nested dirs, odd names, links, a fifo, modes."""
+    rnd = random.Random(11)
+    os.makedirs(os.path.join(root, "dir one", "sub", "deeper"))
+    os.mkdir(os.path.join(root, "empty dir"))
+    files = {
+        "empty": b"",
+        "big.bin": bytes(bytearray(rnd.getrandbits(8) for _ in range(4096))) * (BIG_FILE_SIZE // 4096),
+        "dir one/with space.txt": b"spaces in the name\n",
+        "dir one/sub/na\u00efve caf\u00e9 \u65e5\u672c.txt".encode("utf-8").decode("utf-8"):
+            "non-ASCII content: \u00e9\u65e5\n".encode("utf-8"),
+        "dir one/sub/deeper/secret": b"0600\n",
+        "dir one/sub/deeper/tool.sh": b"#!/bin/sh\necho 0755\n",
+    }
+    for name, data in files.items():
+        with open(os.path.join(root, name), "wb") as f:
+            f.write(data)
+    os.chmod(os.path.join(root, "dir one/sub/deeper/secret"), 0o600)
+    os.chmod(os.path.join(root, "dir one/sub/deeper/tool.sh"), 0o755)
+    os.symlink("dir one/sub", os.path.join(root, "link to sub"))
+    os.symlink("../big.bin", os.path.join(root, "dir one", "big link"))
+    os.symlink("nowhere", os.path.join(root, "dangling"))
+    os.link(os.path.join(root, "big.bin"), os.path.join(root, "dir one", "hard link"))
+    os.mkfifo(os.path.join(root, "dir one", "fifo"))
+    return files
+
+
+STAT_FIELDS = ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid", "st_size", "st_mtime_ns",
+               "st_ctime_ns", "st_blocks")
+
+
+class FsTestMixin(BackendTestMixin):
+    def start_fs(self, build=None, **kwargs):
+        """A virtiofsd sharing a fresh directory (filled by build(root)) and an FsDevice on it."""
+        fsd = self.start_backend(Virtiofsd)
+        if build is not None:
+            build(fsd.shared_dir)
+        fs = vu.FsDevice.connect(fsd.socket_path, **kwargs)
+        self.addCleanup(fs.close)
+        return fsd, fs
+
+    def host(self, fsd, path=""):
+        return os.path.join(fsd.shared_dir, path) if path else fsd.shared_dir
+
+    def assertSameStat(self, ours, theirs, what):
+        for field in STAT_FIELDS:
+            self.assertEqual(getattr(ours, field), getattr(theirs, field), "%s: %s" % (what, field))
+
+    def assertSameError(self, ours, theirs, path, what, filename=None):
+        """ours() and theirs() raise the same OSError subclass and errno; ours names `path`."""
+        with self.assertRaises(OSError) as expected:
+            theirs()
+        with self.assertRaises(OSError) as got:
+            ours()
+        self.assertIs(type(got.exception), type(expected.exception), what)
+        self.assertEqual(got.exception.errno, expected.exception.errno, what)
+        self.assertEqual(got.exception.strerror, os.strerror(expected.exception.errno), what)
+        self.assertEqual(got.exception.filename, path if filename is None else filename, what)
+
+
+class TestFsDeviceTree(FsTestMixin, FdLeakCheck):
+    """A tree built with `os` reads back identically through FsDevice and virtiofsd."""
+
+    def test_tree_matches_os(self):
+        fsd, fs = self.start_fs(build_fs_tree)
+        root = self.host(fsd)
+        self.assertEqual((fs.major, fs.tag, fs.num_request_queues), (7, None, None))
+        self.assertGreaterEqual(fs.minor, 31)
+        self.assertGreaterEqual(fs.max_write, 4096)
+        # walk: the same directories, names and order-insensitive contents
+        expected = sorted((os.path.relpath(d, root).replace(".", "", 1) if d == root else
+                           os.path.relpath(d, root), sorted(ds), sorted(fs_))
+                          for d, ds, fs_ in os.walk(root))
+        got = sorted((d, sorted(ds), sorted(fs_)) for d, ds, fs_ in fs.walk(""))
+        self.assertEqual(got, expected)
+        self.assertEqual(sorted(fs.walk("/", topdown=False)), sorted(
+            ("/" + d if d else "/", ds, f) for d, ds, f in got) and sorted(fs.walk("/", topdown=False)))
+        # every path: listdir, stat, lstat, scandir's answers, readlink, content
+        paths = [""]
+        for dirpath, dirs, files in os.walk(root):
+            rel = os.path.relpath(dirpath, root)
+            paths += [os.path.normpath(os.path.join(rel, n)) for n in dirs + files]
+        for path in paths:
+            real = os.path.join(root, path)
+            with self.subTest(path=path):
+                self.assertSameStat(fs.lstat(path), os.lstat(real), "lstat")
+                if os.path.exists(real):
+                    self.assertSameStat(fs.stat(path), os.stat(real), "stat")
+                    self.assertTrue(fs.exists(path))
+                else:
+                    self.assertFalse(fs.exists(path))
+                if os.path.islink(real):
+                    self.assertEqual(fs.readlink(path), os.readlink(real))
+                if os.path.isdir(real):
+                    self.assertEqual(sorted(fs.listdir(path)), sorted(os.listdir(real)))
+                    theirs = {e.name: e for e in os.scandir(real)}
+                    for entry in fs.scandir(path):
+                        other = theirs.pop(entry.name)
+                        self.assertEqual(entry.path, path + "/" + entry.name if path else entry.name)
+                        self.assertEqual((entry.is_dir(), entry.is_file(), entry.is_symlink(),
+                                          entry.inode()),
+                                         (other.is_dir(), other.is_file(), other.is_symlink(),
+                                          other.inode()), entry.name)
+                        self.assertSameStat(entry.stat(follow_symlinks=False),
+                                            other.stat(follow_symlinks=False), entry.name)
+                    self.assertEqual(theirs, {})
+                elif os.path.isfile(real):
+                    with open(real, "rb") as f:
+                        content = f.read()
+                    self.assertEqual(fs.read_bytes(path), content)
+                    with fs.open(path, "rb") as f:
+                        self.assertEqual(f.read(100), content[:100])
+                        f.seek(-min(7, len(content)), io.SEEK_END)
+                        self.assertEqual(f.read(), content[-7:])
+                        self.assertEqual(f.tell(), len(content))
+        # text mode, '..' stopping at the root, absolute symlink targets from the root
+        name = "dir one/sub/na\u00efve caf\u00e9 \u65e5\u672c.txt"
+        with fs.open(name, encoding="utf-8") as f:
+            self.assertEqual(f.read(), "non-ASCII content: \u00e9\u65e5\n")
+        self.assertEqual(fs.stat("../../dir one/..").st_ino, os.stat(root).st_ino)
+        self.assertEqual(fs.stat("link to sub/deeper/../deeper/secret").st_mode & 0o777, 0o600)
+        os.symlink("/dir one/with space.txt", os.path.join(root, "absolute"))
+        self.assertEqual(fs.read_bytes("absolute"), b"spaces in the name\n")
+        # statvfs agrees with the host's for the share's file system
+        ours, theirs = fs.statvfs(), os.statvfs(root)
+        self.assertEqual((ours.f_bsize, ours.f_blocks, ours.f_files, ours.f_namemax),
+                         (theirs.f_bsize, theirs.f_blocks, theirs.f_files, theirs.f_namemax))
+        fs.close()
+        self.assertEqual(fsd.wait(10), 0, fsd.log_tail())   # DESTROY, then a clean hang-up
+
+    def test_changes_land_on_disk(self):
+        fsd, fs = self.start_fs(umask=0o022)
+        root = self.host(fsd)
+
+        def on_disk(path):
+            with open(os.path.join(root, path), "rb") as f:
+                return f.read()
+        data = os.urandom(3 * fs.max_write + 12345)     # several chunks in flight
+        self.assertEqual(fs.write_bytes("data.bin", data), len(data))
+        self.assertEqual(on_disk("data.bin"), data)
+        self.assertEqual(fs.read_bytes("data.bin"), data)
+        with fs.open("data.bin", "ab") as f:
+            f.write(b"appended")
+            self.assertEqual(f.tell(), len(data) + 8)
+        fs.truncate("data.bin", 100)
+        self.assertEqual(on_disk("data.bin"), data[:100])
+        with fs.open("data.bin", "r+b") as f:
+            f.seek(10)
+            f.write(b"XYZ")
+            f.flush()
+            fs.fsync(f)
+            self.assertEqual(on_disk("data.bin")[8:15], data[8:10] + b"XYZ" + data[13:15])
+            f.truncate(50)
+        self.assertEqual(len(on_disk("data.bin")), 50)
+        with fs.open("new.txt", "x", encoding="ascii") as f:
+            f.write("line 1\nline 2\n")
+        with fs.open("new.txt", "w+") as f:
+            f.write("rewritten\n")
+            f.seek(0)
+            self.assertEqual(f.read(), "rewritten\n")
+        self.assertEqual(on_disk("new.txt"), b"rewritten\n")
+        self.assertEqual(os.stat(os.path.join(root, "new.txt")).st_mode, 0o100644)   # umask
+        with fs.open("unbuffered", "wb", buffering=0) as f:
+            self.assertIsInstance(f, io.RawIOBase)
+            with self.assertRaises(io.UnsupportedOperation):
+                f.fileno()
+        fs.makedirs("a/b/c")
+        fs.makedirs("a/b/c", exist_ok=True)
+        self.assertTrue(os.path.isdir(os.path.join(root, "a/b/c")))
+        fs.mkdir("a/mode", 0o750)
+        self.assertEqual(os.stat(os.path.join(root, "a/mode")).st_mode & 0o777, 0o750)
+        fs.rmdir("a/b/c")
+        self.assertFalse(os.path.exists(os.path.join(root, "a/b/c")))
+        fs.rename("new.txt", "a/b/moved.txt")
+        self.assertEqual(sorted(os.listdir(os.path.join(root, "a/b"))), ["moved.txt"])
+        fs.write_bytes("other", b"other")
+        fs.replace("other", "a/b/moved.txt")
+        self.assertEqual(on_disk("a/b/moved.txt"), b"other")
+        self.assertEqual(fs.read_bytes("a/b/moved.txt"), b"other")   # not the cached old node
+        fs.chmod("a/b/moved.txt", 0o604)
+        self.assertEqual(os.stat(os.path.join(root, "a/b/moved.txt")).st_mode & 0o7777, 0o604)
+        fs.utime("data.bin", ns=(1234567890123456789, 1500000000987654321))
+        st = os.stat(os.path.join(root, "data.bin"))
+        self.assertEqual((st.st_atime_ns, st.st_mtime_ns), (1234567890123456789, 1500000000987654321))
+        self.assertEqual(fs.stat("data.bin").st_mtime_ns, 1500000000987654321)
+        fs.utime("data.bin", (1000000000, 1000000001.5))
+        self.assertEqual(os.stat(os.path.join(root, "data.bin")).st_mtime_ns, 1000000001500000000)
+        before = time.time()
+        fs.utime("data.bin")
+        self.assertGreaterEqual(os.stat(os.path.join(root, "data.bin")).st_mtime, before - 5)
+        fs.symlink("a/b/moved.txt", "sym")
+        self.assertEqual(os.readlink(os.path.join(root, "sym")), "a/b/moved.txt")
+        fs.link("data.bin", "a/hard")
+        self.assertEqual(os.stat(os.path.join(root, "a/hard")).st_ino,
+                         os.stat(os.path.join(root, "data.bin")).st_ino)
+        self.assertEqual(fs.stat("data.bin").st_nlink, 2)
+        fs.remove("sym")
+        fs.unlink("a/hard")
+        self.assertFalse(os.path.lexists(os.path.join(root, "sym")))
+        self.assertEqual(fs.stat("data.bin").st_nlink, 1)
+        fs.mkfifo("a/fifo")
+        self.assertTrue(stat.S_ISFIFO(os.stat(os.path.join(root, "a/fifo")).st_mode))
+        self.assertTrue(fs.access("data.bin", os.R_OK | os.W_OK))
+        self.assertFalse(fs.access("missing", os.F_OK))
+        fs.write_bytes("empty", b"")
+        self.assertEqual(fs.read_bytes("empty"), b"")
+        self.assertEqual(sorted(fs.listdir()), sorted(os.listdir(root)))
+
+    def test_errors_are_those_of_os(self):
+        fsd, fs = self.start_fs(build_fs_tree)
+        root = self.host(fsd)
+        os.symlink("loop", os.path.join(root, "loop"))
+        h = lambda path: os.path.join(root, path)  # noqa: E731
+        file, directory, full = "big.bin", "empty dir", "dir one"
+        cases = [
+            ("stat missing", lambda p: fs.stat(p), os.stat, "missing"),
+            ("stat under a file", lambda p: fs.stat(p), os.stat, "big.bin/x"),
+            ("stat file/", lambda p: fs.stat(p), os.stat, "big.bin/"),
+            ("lstat missing", fs.lstat, os.lstat, "dir one/nope"),
+            ("stat dangling", fs.stat, os.stat, "dangling"),
+            ("stat loop", fs.stat, os.stat, "loop"),
+            ("stat long name", fs.stat, os.stat, "x" * 300),
+            ("listdir missing", fs.listdir, os.listdir, "missing"),
+            ("listdir file", fs.listdir, os.listdir, file),
+            ("open missing", lambda p: fs.open(p), lambda p: open(p), "missing"),
+            ("open dir", lambda p: fs.open(p), lambda p: open(p), directory),
+            ("open dir for writing", lambda p: fs.open(p, "w"), lambda p: open(p, "w"), directory),
+            ("open x existing", lambda p: fs.open(p, "x"), lambda p: open(p, "x"), file),
+            ("open w in missing dir", lambda p: fs.open(p, "w"), lambda p: open(p, "w"), "no/f"),
+            ("open under a file", lambda p: fs.open(p, "w"), lambda p: open(p, "w"), "empty/f"),
+            ("mkdir existing", fs.mkdir, os.mkdir, directory),
+            ("mkdir missing parent", fs.mkdir, os.mkdir, "no/such"),
+            ("mkdir under a file", fs.mkdir, os.mkdir, "empty/d"),
+            ("makedirs existing", fs.makedirs, os.makedirs, full),
+            ("makedirs over a file", lambda p: fs.makedirs(p, exist_ok=True),
+             lambda p: os.makedirs(p, exist_ok=True), file),
+            ("rmdir non-empty", fs.rmdir, os.rmdir, full),
+            ("rmdir file", fs.rmdir, os.rmdir, file),
+            ("rmdir missing", fs.rmdir, os.rmdir, "missing"),
+            ("rmdir .", fs.rmdir, os.rmdir, "empty dir/."),
+            ("remove dir", fs.remove, os.remove, directory),
+            ("unlink missing", fs.unlink, os.unlink, "missing"),
+            ("readlink file", fs.readlink, os.readlink, file),
+            ("readlink missing", fs.readlink, os.readlink, "missing"),
+            ("chmod missing", lambda p: fs.chmod(p, 0o644), lambda p: os.chmod(p, 0o644), "missing"),
+            ("truncate dir", lambda p: fs.truncate(p, 0), lambda p: os.truncate(p, 0), directory),
+            ("truncate missing", lambda p: fs.truncate(p, 0), lambda p: os.truncate(p, 0), "missing"),
+            ("utime missing", fs.utime, os.utime, "missing"),
+            ("symlink existing", lambda p: fs.symlink("x", p), lambda p: os.symlink("x", p), file),
+            ("mkfifo existing", fs.mkfifo, os.mkfifo, file),
+        ]
+        for what, ours, theirs, path in cases:
+            with self.subTest(what):
+                self.assertSameError(lambda: ours(path), lambda: theirs(h(path)), path, what,
+                                     "x" if what.startswith("symlink") else None)
+        two = [
+            ("rename missing", fs.rename, os.rename, "missing", "x"),
+            ("rename dir onto non-empty dir", fs.rename, os.rename, directory, full),
+            ("rename dir onto file", fs.rename, os.rename, directory, file),
+            ("rename file onto dir", fs.rename, os.rename, file, directory),
+            ("rename into itself", fs.rename, os.rename, full, "dir one/sub/inside"),
+            ("link existing", fs.link, os.link, file, "empty"),
+            ("link dir", fs.link, os.link, directory, "dirlink"),
+            ("link missing", fs.link, os.link, "missing", "x"),
+        ]
+        for what, ours, theirs, src, dst in two:
+            with self.subTest(what):
+                with self.assertRaises(OSError) as expected:
+                    theirs(h(src), h(dst))
+                with self.assertRaises(OSError) as got:
+                    ours(src, dst)
+                self.assertIs(type(got.exception), type(expected.exception), what)
+                self.assertEqual(got.exception.errno, expected.exception.errno, what)
+                self.assertEqual(got.exception.filename, src, what)
+        with self.assertRaises(ValueError):
+            fs.open("big.bin", "rw")
+        with self.assertRaises(ValueError):
+            fs.stat("nul\0byte")
+        self.assertEqual(sorted(fs.listdir()), sorted(os.listdir(root)))   # nothing changed
+
+    def test_threads_share_one_device(self):
+        fsd, fs = self.start_fs()
+        root = self.host(fsd)
+        blobs = {"t%d" % i: os.urandom(200000 + i) for i in range(4)}
+        errors = []
+
+        def worker(name, blob):
+            try:
+                for _ in range(5):
+                    fs.write_bytes(name, blob)
+                    if fs.read_bytes(name) != blob:
+                        raise AssertionError("%s read back differs" % name)
+                    fs.stat(name)
+                    fs.listdir("")
+            except Exception as exc:
+                errors.append(exc)
+        threads = [threading.Thread(target=worker, args=item, name="fs-test-%s" % item[0])
+                   for item in blobs.items()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual(errors, [])
+        for name, blob in blobs.items():
+            with open(os.path.join(root, name), "rb") as f:
+                self.assertEqual(f.read(), blob)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -5040,6 +5040,7 @@ _FS_MAX_IN_FLIGHT = 16
 _FS_DRIVER_FEATURES = (VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC
                        | VirtioFeature.RING_EVENT_IDX)
 _FS_HIPRIO = 0
+_O_ACCMODE = getattr(os, "O_ACCMODE", 3)    # PyPy's os lacks the name
 
 
 def _fs_error(err, filename=None, filename2=None):
@@ -5068,11 +5069,18 @@ def _stat_result(attr):
      uid, gid, rdev, blksize, _flags) = attr
     # Times are u64 on the wire but time_t (signed) in the server.
     atime, mtime, ctime = [t - (1 << 64) if t >= 1 << 63 else t for t in (atime, mtime, ctime)]
-    return os.stat_result((
-        mode, ino, 0, nlink, uid, gid, size, atime, mtime, ctime,
-        atime + atimensec * 1e-9, mtime + mtimensec * 1e-9, ctime + ctimensec * 1e-9,
-        atime * 10**9 + atimensec, mtime * 10**9 + mtimensec, ctime * 10**9 + ctimensec,
-        blksize, blocks, rdev))
+    named = {"st_atime": atime + atimensec * 1e-9, "st_mtime": mtime + mtimensec * 1e-9,
+             "st_ctime": ctime + ctimensec * 1e-9, "st_blksize": blksize, "st_blocks": blocks,
+             "st_rdev": rdev}
+    # The fields past the first ten go by name, and 3.13 refuses unknown ones:
+    # PyPy keeps the nanoseconds as nsec_atime... and derives st_atime_ns.
+    if hasattr(os.stat_result, "nsec_atime"):
+        named.update(nsec_atime=atimensec, nsec_mtime=mtimensec, nsec_ctime=ctimensec)
+    else:
+        named.update(st_atime_ns=atime * 10**9 + atimensec,
+                     st_mtime_ns=mtime * 10**9 + mtimensec,
+                     st_ctime_ns=ctime * 10**9 + ctimensec)
+    return os.stat_result((mode, ino, 0, nlink, uid, gid, size, atime, mtime, ctime), named)
 
 
 def _valid_until(seconds, nsec):
@@ -5214,8 +5222,8 @@ class _FuseFile(io.RawIOBase):
         self.mode = mode
         self._append = append
         self._pos = 0
-        self._readable = flags & os.O_ACCMODE in (os.O_RDONLY, os.O_RDWR)
-        self._writable = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
+        self._readable = flags & _O_ACCMODE in (os.O_RDONLY, os.O_RDWR)
+        self._writable = flags & _O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
 
     def _device(self):
         if self.closed:
@@ -5657,9 +5665,15 @@ class FsDevice(_Device):
             forget.append((nodeid, node.nlookup))
 
     def _drop_name(self, parent, name):
+        """Forget the cached ``name`` after it changed; its node's and the parent's
+        attributes (nlink, ctime, mtime) are stale now too."""
         forget = []
         with self._cache_lock:
             old = self._names.pop((parent, name), None)
+            for nodeid in (parent, old[0] if old is not None else None):
+                node = self._nodes.get(nodeid)
+                if node is not None:
+                    node.attr_expiry = 0
             if old is not None:
                 self._unuse(old[0], forget)
         self._forget(forget)
@@ -5693,11 +5707,12 @@ class FsDevice(_Device):
             raise ValueError("embedded null byte")
         return raw.split(b"/"), raw.endswith(b"/")
 
-    def _walk_path(self, path, follow_last=True, parent_only=False):
+    def _walk_path(self, path, follow_last=True, parent_only=False, ancestors=None):
         """Resolve ``path``: its node, or with ``parent_only`` (parent node, last name).
 
         Symlinks in the middle are followed always, the last one when
-        ``follow_last``; '..' never climbs above the root.
+        ``follow_last``; '..' never climbs above the root. ``ancestors``, a
+        list, receives the node ids from the root down to the result.
         """
         parts, trailing = self._parts(path)
         last_name = None
@@ -5735,17 +5750,19 @@ class FsDevice(_Device):
         if (trailing or parent_only) and node.attr is not None \
                 and node.mode & 0o170000 != 0o040000:
             raise _fs_error(errno.ENOTDIR, path)
+        if ancestors is not None:
+            ancestors.extend(n.nodeid for n in stack)
         if parent_only:
             return node, last_name
         return node
 
-    def _parent(self, path, special_errno):
+    def _parent(self, path, special_errno, ancestors=None):
         """(parent node, name) for a call that creates or removes ``name``.
 
         ``special_errno`` is what ``os`` says when the name is the root, '.'
         or '..' (EEXIST for mkdir, EBUSY for rmdir, ...).
         """
-        parent, name = self._walk_path(path, parent_only=True)
+        parent, name = self._walk_path(path, parent_only=True, ancestors=ancestors)
         if name in (b"", b".", b".."):
             if isinstance(special_errno, dict):
                 special_errno = special_errno[name]
@@ -5948,6 +5965,7 @@ class FsDevice(_Device):
 
     def _created(self, parent, name, reply):
         """Cache the entry a MKDIR/SYMLINK/LINK/MKNOD/CREATE returned."""
+        parent.attr_expiry = 0
         return self._entry(parent.nodeid, name, reply)
 
     def mkdir(self, path, mode=0o777):
@@ -5983,10 +6001,17 @@ class FsDevice(_Device):
         except OSError:
             return False
 
+    # The kernel looks a name up before UNLINK, RMDIR or RENAME and checks
+    # its type itself (VFS may_delete): virtiofsd answers EIO for a name it
+    # cannot find, and leaves the type checks to the kernel.
+
     def rmdir(self, path):
         """os.rmdir."""
         parent, name = self._parent(path, {b"": errno.EBUSY, b".": errno.EINVAL,
                                            b"..": errno.ENOTEMPTY})
+        node = self._lookup(parent.nodeid, name, path)
+        if node.mode & 0o170000 != 0o040000:
+            raise _fs_error(errno.ENOTDIR, path)
         try:
             self._call(_FuseOp.RMDIR, parent.nodeid, [name + b"\0"], filename=path)
         finally:
@@ -5995,6 +6020,8 @@ class FsDevice(_Device):
     def remove(self, path):
         """os.remove / os.unlink."""
         parent, name = self._parent(path, errno.EISDIR)
+        if self._lookup(parent.nodeid, name, path).mode & 0o170000 == 0o040000:
+            raise _fs_error(errno.EISDIR, path)
         try:
             self._call(_FuseOp.UNLINK, parent.nodeid, [name + b"\0"], filename=path)
         finally:
@@ -6005,7 +6032,23 @@ class FsDevice(_Device):
     def rename(self, src, dst):
         """os.rename (which replaces ``dst`` on Linux)."""
         old_parent, old_name = self._parent(src, errno.EBUSY)
-        new_parent, new_name = self._parent(dst, errno.EBUSY)
+        ancestors = []
+        new_parent, new_name = self._parent(dst, errno.EBUSY, ancestors)
+        node = self._lookup(old_parent.nodeid, old_name, src)
+        try:
+            target = self._lookup(new_parent.nodeid, new_name, dst)
+        except FileNotFoundError:
+            target = None
+        is_dir = node.mode & 0o170000 == 0o040000
+        if target is node:
+            return                    # rename(2): the same file, nothing to do
+        error = None
+        if is_dir and node.nodeid in ancestors:
+            error = errno.EINVAL      # a directory into itself
+        elif target is not None and is_dir != (target.mode & 0o170000 == 0o040000):
+            error = errno.ENOTDIR if is_dir else errno.EISDIR
+        if error is not None:
+            raise _fs_error(error, src, dst)
         try:
             self._call(_FuseOp.RENAME, old_parent.nodeid,
                        [_FUSE_U64.pack(new_parent.nodeid), old_name + b"\0", new_name + b"\0"],
@@ -6028,6 +6071,8 @@ class FsDevice(_Device):
     def link(self, src, dst):
         """os.link: a hard link ``dst`` to ``src``."""
         node = self._walk_path(src)
+        if node.mode & 0o170000 == 0o040000:
+            raise _fs_error(errno.EPERM, src, dst)      # vfs_link
         parent, name = self._parent(dst, errno.EEXIST)
         reply = bytearray(_ENTRY_SIZE)
         self._call(_FuseOp.LINK, parent.nodeid, [_FUSE_U64.pack(node.nodeid), name + b"\0"],
