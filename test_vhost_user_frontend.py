@@ -5143,5 +5143,236 @@ class TestFsDeviceTree(FsTestMixin, FdLeakCheck):
                 self.assertEqual(f.read(), blob)
 
 
+_FUSE_ATTR_FMT = struct.Struct("<QQQQQQIIIIIIIIII")
+
+
+class _FusePeer(object):
+    """A FUSE server as FakeBackend's device: a root directory of files, and hooks to misbehave.
+
+    `misbehave(opcode, unique, body)` may return None (serve normally), "drop" (never answer) or
+    (out_len, error, unique, payload, used_len) to send exactly that. Requests seen go to .seen as
+    (queue, opcode, nodeid, body); FORGET/BATCH_FORGET on the hiprio queue are used with length 0.
+    """
+
+    def __init__(self, files, max_write=8192, read_limit=None):
+        self.files = {name.encode(): bytearray(data) for name, data in files.items()}
+        self.ids = {name: 2 + i for i, name in enumerate(sorted(self.files))}
+        self.names = {v: k for k, v in self.ids.items()}
+        self.max_write = max_write
+        self.read_limit = read_limit
+        self.misbehave = None
+        self.seen = []
+
+    def attr(self, nodeid):
+        if nodeid == 1:
+            return _FUSE_ATTR_FMT.pack(1, 0, 0, 0, 0, 0, 0, 0, 0, 0o40755, 2, 0, 0, 0, 4096, 0)
+        size = len(self.files[self.names[nodeid]])
+        return _FUSE_ATTR_FMT.pack(nodeid, size, 0, 0, 1500000000, 0, 0, 0, 0, 0o100644, 1, 0, 0,
+                                   0, 4096, 0)
+
+    def entry(self, nodeid):
+        return struct.pack("<QQQQII", nodeid, 0, 60, 60, 0, 0) + self.attr(nodeid)
+
+    def serve(self, opcode, nodeid, body):
+        """(error, payload) of one request."""
+        if opcode == 26:      # INIT
+            major, minor, readahead, flags = struct.unpack_from("<IIII", body)
+            return 0, struct.pack("<IIIIHHIIHHI28x", 7, 31, readahead, flags & (1 << 13 | 1 << 5),
+                                  16, 12, self.max_write, 1, 0, 0, 0)
+        if opcode == 1:       # LOOKUP
+            name = body.rstrip(b"\0")
+            return (0, self.entry(self.ids[name])) if name in self.ids else (-errno.ENOENT, b"")
+        if opcode == 3:       # GETATTR
+            return 0, struct.pack("<QII", 60, 0, 0) + self.attr(nodeid)
+        if opcode in (14, 27):   # OPEN, OPENDIR
+            return 0, struct.pack("<QII", nodeid + 100, 0, 0)
+        if opcode == 15:      # READ
+            fh, offset, size = struct.unpack_from("<QQI", body)
+            if self.read_limit is not None:
+                size = min(size, self.read_limit)
+            return 0, bytes(self.files[self.names[nodeid]][offset:offset + size])
+        if opcode == 16:      # WRITE
+            fh, offset, size = struct.unpack_from("<QQI", body)
+            data = self.files[self.names[nodeid]]
+            data[offset:offset + size] = body[40:40 + size]
+            return 0, struct.pack("<II", size, 0)
+        if opcode == 44:      # READDIRPLUS
+            fh, offset = struct.unpack_from("<QQ", body)
+            out = b""
+            if offset == 0:
+                for i, (name, nodeid_) in enumerate(sorted(self.ids.items())):
+                    dirent = struct.pack("<QQII", nodeid_, i + 1, len(name), 8) + name
+                    out += self.entry(nodeid_) + dirent + b"\0" * (-len(dirent) % 8)
+            return 0, out
+        if opcode == 4:       # SETATTR (no ATOMIC_O_TRUNC here: open("w") truncates with it)
+            valid, _, fh, size = struct.unpack_from("<IIQQ", body)
+            if valid & (1 << 3):
+                del self.files[self.names[nodeid]][size:]
+            return 0, struct.pack("<QII", 60, 0, 0) + self.attr(nodeid)
+        if opcode in (18, 25, 29, 38):   # RELEASE, FLUSH, RELEASEDIR, DESTROY
+            return 0, b""
+        return -errno.ENOSYS, b""
+
+    def __call__(self, backend, index):
+        while True:
+            popped = backend.pop_avail(index)
+            if popped is None:
+                return
+            head, chain = popped
+            request = b"".join(backend.read(a, n) for a, n, f in chain if not f & 2)
+            writable = [(a, n) for a, n, f in chain if f & 2]
+            _, opcode, unique, nodeid = struct.unpack_from("<IIQQ", request)
+            body = request[40:]
+            self.seen.append((index, opcode, nodeid, body))
+            if index == 0:
+                backend.push_used(index, head, 0)
+                continue
+            action = self.misbehave(opcode, unique, body) if self.misbehave else None
+            if action == "drop":
+                continue
+            if action is None:
+                error, payload = self.serve(opcode, nodeid, body)
+                action = (16 + len(payload), error, unique, payload, 16 + len(payload))
+            out_len, error, unique, payload, used = action
+            data = struct.pack("<IiQ", out_len, error, unique) + payload
+            for addr, length in writable:
+                backend.write(addr, data[:length])
+                data = data[length:]
+            backend.push_used(index, head, used)
+
+    def ops(self, opcode, queue=1):
+        return [s for s in self.seen if s[1] == opcode and s[0] == queue]
+
+
+FS_CONFIG = b"myfs".ljust(36, b"\0") + struct.pack("<I", 1)
+
+
+class TestFsDevicePeer(FrontendTestBase):
+    """FsDevice over a FUSE test peer: what virtiofsd cannot be made to do."""
+
+    def device(self, files=None, timeout=5.0, **kwargs):
+        peer = _FusePeer(files or {"a": b"alpha" * 10000, "b": b"bravo"}, **kwargs)
+        backend = self.backend(features=F_PROTOCOL | F_VERSION_1, config=FS_CONFIG,
+                               device=peer)
+        fs = vu.FsDevice(self.frontend(backend, vu.DeviceType.FS), timeout=timeout, queue_size=32,
+                         memory_size=4 << 20)
+        self.addCleanup(fs.close)
+        return peer, backend, fs
+
+    def test_init_chunks_cache_and_forget(self):
+        peer, backend, fs = self.device()
+        self.assertEqual((fs.tag, fs.num_request_queues, fs.minor, fs.max_write), ("myfs", 1, 31, 8192))
+        major, minor, _, offered = struct.unpack_from("<IIII", peer.ops(26)[0][3])
+        self.assertEqual((major, minor, len(peer.ops(26)[0][3])), (7, 31, 16))   # a 7.31 init_in
+        self.assertEqual(fs.init_flags, offered & (1 << 13 | 1 << 5))           # what was answered
+        self.assertEqual(fs.read_bytes("a"), b"alpha" * 10000)
+        reads = peer.ops(15)
+        self.assertTrue(all(struct.unpack_from("<QQI", body)[2] <= 8192 for _, _, _, body in reads))
+        self.assertGreater(len(reads), 6)                     # 50000 bytes in 8 KiB chunks
+        data = os.urandom(30000)
+        self.assertEqual(fs.write_bytes("b", data), 30000)
+        self.assertEqual(bytes(peer.files[b"b"]), data)
+        self.assertEqual([struct.unpack_from("<QQI", body)[2] for _, _, _, body in peer.ops(16)],
+                         [8192, 8192, 8192, 30000 - 3 * 8192])
+        lookups = len(peer.ops(1))
+        fs.stat("a")
+        fs.stat("a")
+        self.assertEqual(len(peer.ops(1)), lookups)            # cached for entry_valid (60 s)
+        self.assertEqual(sorted(fs.listdir("/")), ["a", "b"])
+        # a file dropped without close() is released at the next request
+        f = fs.open("b", "rb", buffering=0)
+        fh = 2 + 1 + 100
+        del f
+        gc.collect()
+        fs.stat("b")
+        self.assertIn(fh, [struct.unpack_from("<Q", body)[0] for _, _, _, body in peer.ops(18)])
+        referenced = len(peer.ops(1)) + 2                    # LOOKUPs + READDIRPLUS entries
+        fs.close()
+        self.assertEqual(len(peer.ops(38)), 1)                # DESTROY
+        forgotten = collections.Counter()
+        for _, opcode, nodeid, body in peer.seen:
+            if opcode == 2:
+                forgotten[nodeid] += struct.unpack("<Q", body)[0]
+            elif opcode == 42:
+                count = struct.unpack_from("<I", body)[0]
+                for i in range(count):
+                    n, nlookup = struct.unpack_from("<QQ", body, 8 + 16 * i)
+                    forgotten[n] += nlookup
+        self.assertEqual(sum(forgotten.values()), referenced, forgotten)
+        self.assertEqual(set(forgotten), {2, 3})
+        self.assertFalse(any(s[1] in (2, 42) for s in peer.seen if s[0] != 0))   # hiprio only
+
+    def test_malformed_replies_break_only_their_request(self):
+        peer, backend, fs = self.device()
+        entry = peer.entry(2)
+        cases = [
+            ("wrong unique", lambda u: (16 + len(entry), 0, u + 1, entry, 16 + len(entry)),
+             "reply unique"),
+            ("len disagrees with used", lambda u: (16 + len(entry), 0, u, entry, 16 + 10),
+             "disagrees with the used length"),
+            ("positive error", lambda u: (16, 5, u, b"", 16), "error 5 is not a negative errno"),
+            ("error below -511", lambda u: (16, -1000, u, b"", 16), "error -1000"),
+            ("short out-struct", lambda u: (16 + 40, 0, u, entry[:40], 16 + 40), "needs 128"),
+            ("error with payload", lambda u: (24, -2, u, b"x" * 8, 24), "carries 8 byte(s)"),
+            ("less than a header", lambda u: (16, 0, u, b"", 8), "less than the 16-byte"),
+        ]
+        for what, reply, text in cases:
+            with self.subTest(what):
+                peer.misbehave = lambda op, unique, body: reply(unique) if body.startswith(b"a\0") \
+                    else None
+                with self.assertRaises(vu.ProtocolError) as cm:
+                    fs.stat("a")
+                self.assertIn("FUSE LOOKUP", str(cm.exception))
+                self.assertIn(text, str(cm.exception))
+                peer.misbehave = None
+                self.assertEqual(fs.stat("b").st_size, 5)     # the device still works
+        self.assertEqual(fs.stat("a").st_size, 50000)
+
+    def test_errnos_raise_what_os_would(self):
+        peer, backend, fs = self.device()
+        for err, cls in ((errno.EINTR, InterruptedError), (errno.EAGAIN, BlockingIOError),
+                         (errno.EACCES, PermissionError), (errno.EIO, OSError)):
+            with self.subTest(errno.errorcode[err]):
+                peer.misbehave = lambda op, unique, body: (16, -err, unique, b"", 16) \
+                    if op == 15 else None
+                with self.assertRaises(OSError) as cm:
+                    fs.read_bytes("b")
+                self.assertIs(type(cm.exception), cls)
+                self.assertEqual((cm.exception.errno, cm.exception.filename), (err, "b"))
+        peer.misbehave = None
+        self.assertEqual(fs.read_bytes("b"), b"bravo")
+
+    def test_short_reads(self):
+        peer, backend, fs = self.device(read_limit=1000)
+        self.assertEqual(fs.read_bytes("a"), b"alpha" * 10000)
+        with fs.open("a", "rb") as f:
+            self.assertEqual(f.read(5000), (b"alpha" * 1000))
+            f.seek(49990)
+            self.assertEqual(f.read(), b"alpha" * 2)
+        with fs.open("a", "rb", buffering=0) as f:
+            self.assertEqual(f.read(5000), b"alpha" * 200)    # raw: one short read, as a pipe
+
+    def test_hang_up_mid_read(self):
+        peer, backend, fs = self.device(timeout=30.0)
+        peer.misbehave = lambda op, unique, body: "drop" if op == 15 else None
+        timer = threading.Timer(0.3, backend.hang_up)
+        timer.start()
+        self.addCleanup(timer.join)
+        start = time.monotonic()
+        with self.assertRaises(vu.Disconnected):
+            fs.read_bytes("a")
+        self.assertLess(time.monotonic() - start, 5.0)       # promptly, not the 30 s timeout
+        start = time.monotonic()
+        fs.close()
+        self.assertLess(time.monotonic() - start, 5.0)
+
+    def test_no_reply_times_out(self):
+        peer, backend, fs = self.device(timeout=0.3)
+        peer.misbehave = lambda op, unique, body: "drop" if op == 3 else None
+        with self.assertRaises(vu.VhostUserTimeout) as cm:
+            fs.stat("")
+        self.assertIn("GETATTR", str(cm.exception))
+
+
 if __name__ == "__main__":
     unittest.main()
