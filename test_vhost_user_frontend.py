@@ -5374,5 +5374,137 @@ class TestFsDevicePeer(FrontendTestBase):
         self.assertIn("GETATTR", str(cm.exception))
 
 
+class _Terminal(io.StringIO):
+    """A stdout that says it is a terminal (for output laid out for people)."""
+
+    def isatty(self):
+        return True
+
+
+class TestCliFs(FsTestMixin, FdLeakCheck):
+    """`fs SOCKET COMMAND` against virtiofsd: one daemon per command (it serves one connection)."""
+
+    def fs_cli(self, *argv, **kwargs):
+        """Run `fs SOCKET argv...` on a fresh virtiofsd with the test tree; (status, out, err, root)."""
+        fsd = self.start_backend(Virtiofsd)
+        build_fs_tree(fsd.shared_dir)
+        out, err = (_Terminal() if kwargs.get("tty") else io.StringIO()), io.StringIO()
+        stdin = kwargs.get("stdin")
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                mock.patch.object(sys, "stdin", io.StringIO(stdin or "")):
+            status = vu.main(["fs", fsd.socket_path] + [str(a) for a in argv])
+        self.assertEqual(fsd.wait(10), 0, fsd.log_tail())    # each command: one clean session
+        return status, out.getvalue(), err.getvalue(), fsd.shared_dir
+
+    def test_reading_commands(self):
+        status, out, err, root = self.fs_cli("ls")
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(out.splitlines(), sorted(os.listdir(root)))     # a pipe: one a line
+        status, out, err, root = self.fs_cli("ls", "-a", tty=True)
+        names = sorted(os.listdir(root) + [".", ".."])
+        self.assertEqual(sorted(out.split()), sorted(" ".join(names).split()))
+        self.assertLess(len(out.splitlines()), len(names))                # a terminal: columns
+        status, out, err, root = self.fs_cli("ls", "-l", "dir one")
+        lines = out.splitlines()
+        self.assertEqual(len(lines), 5)
+        self.assertRegex(lines[0], r"^lrwxrwxrwx +1 +0 +0 +10 \d{4}-\d\d-\d\d \d\d:\d\d big link -> ../big.bin$")
+        self.assertRegex(lines[2], r"^-rw-r--r-- +2 +0 +0 +%d .* hard link$" % BIG_FILE_SIZE)
+        status, out, err, root = self.fs_cli("tree")
+        self.assertEqual(out.splitlines()[0], "/")
+        self.assertIn("│   │   └── na\u00efve caf\u00e9 \u65e5\u672c.txt", out.splitlines())
+        self.assertIn("└── link to sub -> dir one/sub", out.splitlines())
+        self.assertTrue(out.endswith("\n4 directories, 11 files\n"), out)
+        status, out, err, root = self.fs_cli("stat", "dir one/sub/deeper/secret")
+        st = os.stat(os.path.join(root, "dir one/sub/deeper/secret"))
+        self.assertIn("Size: 5 ", out)
+        self.assertIn("regular file", out)
+        self.assertIn("Inode: %d " % st.st_ino, out)
+        self.assertIn("Access: (0600/-rw-------)", out)
+        status, out, err, root = self.fs_cli("cat", "dir one/with space.txt", "empty")
+        self.assertEqual((status, out), (0, "spaces in the name\n"))
+        local = os.path.join(self.host(self.start_backend(Virtiofsd)), "copy")   # a scratch dir
+        status, out, err, root = self.fs_cli("get", "big.bin", local)
+        with open(local, "rb") as f, open(os.path.join(root, "big.bin"), "rb") as g:
+            self.assertEqual(f.read(), g.read())
+        self.assertEqual(out, "big.bin -> %s (%d bytes)\n" % (local, BIG_FILE_SIZE))
+        status, out, err, root = self.fs_cli("df")
+        self.assertEqual(status, 0)
+        self.assertRegex(out.splitlines()[1], r"^share +\d")
+        for argv, text in ((("ls", "missing"), "ls: missing: No such file or directory"),
+                           (("cat", "dir one"), "cat: dir one: Is a directory"),
+                           (("stat", "big.bin/x"), "stat: big.bin/x: Not a directory"),
+                           (("tree", "big.bin"), "tree: big.bin: Not a directory")):
+            with self.subTest(argv):
+                status, out, err, root = self.fs_cli(*argv)
+                self.assertEqual((status, out), (1, ""))
+                self.assertEqual(err, "vhost_user_frontend: error: %s\n" % text)
+
+    def test_changing_commands(self):
+        source = os.path.join(self.host(self.start_backend(Virtiofsd)), "upload.bin")
+        with open(source, "wb") as f:
+            f.write(b"uploaded" * 1000)
+        status, out, err, root = self.fs_cli("put", source, "dir one")
+        self.assertEqual(status, 0, err)
+        with open(os.path.join(root, "dir one/upload.bin"), "rb") as f:
+            self.assertEqual(f.read(), b"uploaded" * 1000)
+        status, out, err, root = self.fs_cli("mkdir", "-p", "n/e/w", "empty dir/x")
+        self.assertTrue(os.path.isdir(os.path.join(root, "n/e/w")))
+        self.assertTrue(os.path.isdir(os.path.join(root, "empty dir/x")))
+        status, out, err, root = self.fs_cli("mkdir", "empty dir")
+        self.assertEqual(err, "vhost_user_frontend: error: mkdir: empty dir: File exists\n")
+        status, out, err, root = self.fs_cli("rm", "-r", "dir one", "big.bin")
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(sorted(os.listdir(root)), ["dangling", "empty", "empty dir", "link to sub"])
+        status, out, err, root = self.fs_cli("rm", "empty dir")
+        self.assertEqual(err, "vhost_user_frontend: error: rm: empty dir: Is a directory\n")
+        status, out, err, root = self.fs_cli("mv", "big.bin", "empty dir")
+        self.assertTrue(os.path.isfile(os.path.join(root, "empty dir/big.bin")))
+        status, out, err, root = self.fs_cli("ln", "-s", "../big.bin", "empty dir/sym")
+        self.assertEqual(os.readlink(os.path.join(root, "empty dir/sym")), "../big.bin")
+        status, out, err, root = self.fs_cli("ln", "big.bin", "hard")
+        self.assertEqual(os.stat(os.path.join(root, "hard")).st_nlink, 3)
+
+    def test_shell_runs_many_commands_on_one_connection(self):
+        script = "\n".join(["ls", "cd 'dir one'", "pwd", "cat 'with space.txt'", "mkdir -p a/b",
+                            "ln -s ../../big.bin a/b/big", "mv a made", "ls made/b", "cd /",
+                            "rm -r empty", "ls -l 'link to sub'", "exit", "ls never-run"]) + "\n"
+        status, out, err, root = self.fs_cli("shell", stdin=script)
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(out.splitlines()[:9], sorted(os.listdir(root) + ["empty"])
+                         + ["/dir one", "spaces in the name", "big"])
+        self.assertEqual(os.readlink(os.path.join(root, "dir one/made/b/big")), "../../big.bin")
+        self.assertFalse(os.path.exists(os.path.join(root, "empty")))
+        status, out, err, root = self.fs_cli("shell", stdin="ls nope\nbogus\nstat empty\n")
+        self.assertEqual(status, 1)                      # a script that failed says so
+        self.assertIn("error: ls: /nope: No such file or directory\n", err)
+        self.assertIn("Size: 0 ", out)                   # and carried on
+
+    def test_bench_fs(self):
+        fsd = self.start_backend(Virtiofsd)
+        status, out, err = run_cli("bench", fsd.socket_path, "--type", "fs", "--seconds", "0.3",
+                                   "--depth", "4", "--file-size", "1M", "--backend-pid", fsd.pid,
+                                   "--json")
+        self.assertEqual(status, 0, err)
+        report = json.loads(out)
+        self.assertEqual((report["type"], report["rw"], report["size"], report["depth"]),
+                         ("fs", "randread", 4096, 4))
+        self.assertGreater(report["requests"], 0)
+        self.assertEqual(os.listdir(fsd.shared_dir), [])      # the file it made is gone
+        fsd = self.start_backend(Virtiofsd)
+        with open(os.path.join(fsd.shared_dir, "given"), "wb") as f:
+            f.write(bytes(1 << 20))
+        status, out, err = run_cli("bench", fsd.socket_path, "--type", "fs", "--seconds", "0.3",
+                                   "--rw", "write", "--size", "64k", "--file", "given")
+        self.assertEqual(status, 0, err)
+        self.assertIn("fs write, 65536 bytes, depth 1, 1 queue(s)", out)
+        self.assertEqual(os.path.getsize(os.path.join(fsd.shared_dir, "given")), 1 << 20)
+
+    def test_wrong_device(self):
+        qsd = self.start_backend(QemuStorageDaemon)
+        status, out, err = run_cli("fs", qsd.socket_path, "ls")
+        self.assertEqual(status, 1)
+        self.assertIn("wrong device type: the back-end is a block device", err)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -6880,6 +6880,446 @@ def _net_ping(dev, args, out):
 _NET_ACTIONS = {"send": _net_send, "recv": _net_recv, "ping": _net_ping}
 
 
+# -- fs -----------------------------------------------------------------------
+
+def _cmd_fs(args, out):
+    with _open_device(args, FsDevice, DeviceType.FS) as fs:
+        if args.action == "shell":
+            return _fs_shell(fs, args, out)
+        try:
+            return _FS_ACTIONS[args.action](fs, args, out)
+        except OSError as exc:
+            raise _CliError(_fs_error_text(args.action, exc))
+
+
+def _fs_error_text(action, exc):
+    """``ls: dir/x: No such file or directory``: the command, the path, the reason."""
+    names = [n for n in (exc.filename, exc.filename2) if n is not None]
+    where = " -> ".join(os.fsdecode(n) for n in names)
+    return "%s: %s%s" % (action, where + ": " if where else "", exc.strerror or exc)
+
+
+def _fs_time(seconds):
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
+
+
+def _fs_columns(names, out):
+    """``ls``'s layout: columns across a terminal, one name a line for a pipe."""
+    if not names:
+        return
+    if not (hasattr(out, "isatty") and out.isatty()):
+        out.write("".join(name + "\n" for name in names))
+        return
+    import shutil
+    width = shutil.get_terminal_size().columns
+    cell = max(len(name) for name in names) + 2
+    per_row = max(1, width // cell)
+    rows = -(-len(names) // per_row)
+    for row in range(rows):
+        line = [names[i].ljust(cell) for i in range(row, len(names), rows)]
+        out.write("".join(line).rstrip() + "\n")
+
+
+def _fs_long(fs, path, name, st):
+    import stat as stat_module
+    line = "%s %3d %5d %5d %10d %s %s" % (stat_module.filemode(st.st_mode), st.st_nlink,
+                                          st.st_uid, st.st_gid, st.st_size,
+                                          _fs_time(st.st_mtime), name)
+    if stat_module.S_ISLNK(st.st_mode):
+        line += " -> " + fs.readlink(path)
+    return line
+
+
+def _fs_ls(fs, args, out):
+    for index, path in enumerate(args.paths or [""]):
+        st = fs.lstat(path)
+        if len(args.paths) > 1:
+            out.write("%s%s:\n" % ("\n" if index else "", path))
+        if st.st_mode & 0o170000 != 0o040000:
+            entries = [(path, path)]
+        else:
+            names = fs.listdir(path)
+            if args.all:
+                names += [".", ".."]
+            names = sorted(n for n in names if args.all or not n.startswith("."))
+            entries = [(n, _fs_join(path, n)) for n in names]
+        if not args.long:
+            _fs_columns([name for name, _ in entries], out)
+            continue
+        for name, full in entries:
+            out.write(_fs_long(fs, full, name, fs.lstat(full)) + "\n")
+    return 0
+
+
+def _fs_tree(fs, args, out):
+    top = args.path
+    counts = [0, 0]
+
+    def show(path, prefix):
+        entries = sorted(fs.scandir(path), key=lambda e: e.name)
+        for i, entry in enumerate(entries):
+            last = i == len(entries) - 1
+            name = entry.name
+            if entry.is_symlink():
+                name += " -> " + fs.readlink(entry.path)
+            out.write("%s%s%s\n" % (prefix, "└── " if last else "├── ", name))
+            if entry.is_dir(follow_symlinks=False):
+                counts[0] += 1
+                show(entry.path, prefix + ("    " if last else "│   "))
+            else:
+                counts[1] += 1
+
+    if fs.stat(top).st_mode & 0o170000 != 0o040000:
+        raise _fs_error(errno.ENOTDIR, top)
+    out.write((top or "/") + "\n")
+    show(top, "")
+    out.write("\n%d director%s, %d file%s\n" % (counts[0], "y" if counts[0] == 1 else "ies",
+                                                 counts[1], "" if counts[1] == 1 else "s"))
+    return 0
+
+
+_FS_KINDS = ((0o040000, "directory"), (0o100000, "regular file"), (0o120000, "symbolic link"),
+             (0o010000, "fifo"), (0o140000, "socket"), (0o020000, "character special file"),
+             (0o060000, "block special file"))
+
+
+def _fs_stat(fs, args, out):
+    import stat as stat_module
+    st = fs.lstat(args.path)
+    kind = dict(_FS_KINDS).get(st.st_mode & 0o170000, "unknown")
+    name = args.path or "/"
+    if stat_module.S_ISLNK(st.st_mode):
+        name += " -> " + fs.readlink(args.path)
+    stamp = lambda ns: "%s.%09d" % (  # noqa: E731
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns // 10**9)), ns % 10**9)
+    out.write("  File: %s\n" % name)
+    out.write("  Size: %-15d Blocks: %-10d IO Block: %-6d %s\n"
+              % (st.st_size, st.st_blocks, st.st_blksize, kind))
+    out.write(" Inode: %-15d Links: %d\n" % (st.st_ino, st.st_nlink))
+    out.write("Access: (%04o/%s)  Uid: %d  Gid: %d\n"
+              % (st.st_mode & 0o7777, stat_module.filemode(st.st_mode), st.st_uid, st.st_gid))
+    out.write("Access: %s\nModify: %s\nChange: %s\n"
+              % (stamp(st.st_atime_ns), stamp(st.st_mtime_ns), stamp(st.st_ctime_ns)))
+    return 0
+
+
+def _fs_copy_out(source, write):
+    while True:
+        chunk = source.read(1 << 20)
+        if not chunk:
+            return
+        write(chunk)
+
+
+def _fs_cat(fs, args, out):
+    binary = getattr(out, "buffer", None)
+    for path in args.paths:
+        with fs.open(path, "rb") as f:
+            if binary is not None:
+                out.flush()
+                _fs_copy_out(f, binary.write)
+                binary.flush()
+            else:
+                _fs_copy_out(f, lambda chunk: out.write(chunk.decode("utf-8", "replace")))
+    return 0
+
+
+def _fs_get(fs, args, out):
+    local = args.local or os.path.basename(args.remote.rstrip("/")) or "root"
+    if os.path.isdir(local):
+        local = os.path.join(local, os.path.basename(args.remote.rstrip("/")))
+    with fs.open(args.remote, "rb") as source, open(local, "wb") as target:
+        _fs_copy_out(source, target.write)
+        size = target.tell()
+    out.write("%s -> %s (%d bytes)\n" % (args.remote, local, size))
+    return 0
+
+
+def _fs_put(fs, args, out):
+    remote = args.remote
+    if fs._is_dir(remote):
+        remote = _fs_join(remote, os.path.basename(args.local))
+    with open(args.local, "rb") as source, fs.open(remote, "wb") as target:
+        _fs_copy_out(source, target.write)
+        size = target.tell()
+    out.write("%s -> %s (%d bytes)\n" % (args.local, remote, size))
+    return 0
+
+
+def _fs_mkdir(fs, args, out):
+    for path in args.paths:
+        if args.parents:
+            fs.makedirs(path, exist_ok=True)
+        else:
+            fs.mkdir(path)
+    return 0
+
+
+def _fs_rm(fs, args, out):
+    for path in args.paths:
+        if args.recursive and fs.lstat(path).st_mode & 0o170000 == 0o040000:
+            for dirpath, dirs, files in fs.walk(path, topdown=False):
+                for name in files:
+                    fs.remove(_fs_join(dirpath, name))
+                for name in dirs:
+                    child = _fs_join(dirpath, name)
+                    if fs._is_link(child):
+                        fs.remove(child)
+                    else:
+                        fs.rmdir(child)
+            fs.rmdir(path)
+        else:
+            fs.remove(path)
+    return 0
+
+
+def _fs_mv(fs, args, out):
+    target = args.dst
+    if fs._is_dir(target):
+        target = _fs_join(target, args.src.rstrip("/").rsplit("/", 1)[-1])
+    fs.rename(args.src, target)
+    return 0
+
+
+def _fs_ln(fs, args, out):
+    if args.symbolic:
+        fs.symlink(args.target, args.path)
+    else:
+        fs.link(args.target, args.path)
+    return 0
+
+
+def _fs_df(fs, args, out):
+    st = fs.statvfs()
+    size, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    percent = 100.0 * used / (used + free) if used + free else 0.0
+    out.write("%-10s %12s %12s %12s %5s %12s %12s\n"
+              % ("", "size", "used", "available", "use%", "inodes", "inodes free"))
+    out.write("%-10s %12s %12s %12s %4.0f%% %12d %12d\n"
+              % ("share", _format_bytes(size), _format_bytes(used), _format_bytes(free), percent,
+                 st.f_files, st.f_ffree))
+    return 0
+
+
+_FS_ACTIONS = {"ls": _fs_ls, "tree": _fs_tree, "stat": _fs_stat, "cat": _fs_cat, "get": _fs_get,
+               "put": _fs_put, "mkdir": _fs_mkdir, "rm": _fs_rm, "mv": _fs_mv, "ln": _fs_ln,
+               "df": _fs_df}
+
+
+def _add_fs_actions(actions, parents):
+    """The ``fs`` commands, for the command line and the shell alike."""
+    ls = actions.add_parser("ls", parents=parents, help="list directories")
+    ls.add_argument("-l", dest="long", action="store_true", help="long listing")
+    ls.add_argument("-a", dest="all", action="store_true", help="include names starting with .")
+    ls.add_argument("paths", nargs="*", metavar="PATH")
+    actions.add_parser("tree", parents=parents, help="the directory tree under PATH") \
+        .add_argument("path", nargs="?", default="", metavar="PATH")
+    actions.add_parser("stat", parents=parents, help="everything stat(2) says of PATH") \
+        .add_argument("path", metavar="PATH")
+    actions.add_parser("cat", parents=parents, help="print files") \
+        .add_argument("paths", nargs="+", metavar="PATH")
+    get = actions.add_parser("get", parents=parents, help="copy REMOTE to a local file")
+    get.add_argument("remote", metavar="REMOTE")
+    get.add_argument("local", nargs="?", metavar="LOCAL",
+                     help="local file or directory (default: REMOTE's name, here)")
+    put = actions.add_parser("put", parents=parents, help="copy a local file to REMOTE")
+    put.add_argument("local", metavar="LOCAL")
+    put.add_argument("remote", metavar="REMOTE", help="file or existing directory in the share")
+    mkdir = actions.add_parser("mkdir", parents=parents, help="make directories")
+    mkdir.add_argument("-p", dest="parents", action="store_true",
+                       help="make parents as needed; no error if it exists")
+    mkdir.add_argument("paths", nargs="+", metavar="PATH")
+    rm = actions.add_parser("rm", parents=parents, help="remove files (and with -r, directories)")
+    rm.add_argument("-r", "-R", dest="recursive", action="store_true",
+                    help="remove directories and their contents")
+    rm.add_argument("paths", nargs="+", metavar="PATH")
+    mv = actions.add_parser("mv", parents=parents, help="rename or move into a directory")
+    mv.add_argument("src", metavar="SRC")
+    mv.add_argument("dst", metavar="DST")
+    ln = actions.add_parser("ln", parents=parents, help="make a hard link (-s: symbolic)")
+    ln.add_argument("-s", dest="symbolic", action="store_true", help="symbolic link")
+    ln.add_argument("target", metavar="TARGET")
+    ln.add_argument("path", metavar="PATH")
+    actions.add_parser("df", parents=parents, help="size, use and inodes of the share")
+
+
+def _fs_shell(fs, args, out):
+    """An sftp-like prompt on one connection (C virtiofsd serves only one)."""
+    import argparse
+    import cmd
+    import posixpath
+    import shlex
+    stdin = getattr(args, "stdin", None) or sys.stdin
+    interactive = hasattr(stdin, "isatty") and stdin.isatty()
+    parser = argparse.ArgumentParser(prog="", add_help=False)
+    actions = parser.add_subparsers(dest="action", metavar="COMMAND")
+    _add_fs_actions(actions, [])
+    failures = [0]
+
+    class Shell(cmd.Cmd):
+        intro = ("Connected to %s (FUSE %d.%d). Commands: %s, cd, pwd, help, exit."
+                 % (args.socket, fs.major, fs.minor, ", ".join(sorted(_FS_ACTIONS)))
+                 if interactive else None)
+        cwd = "/"
+
+        def __init__(self):
+            cmd.Cmd.__init__(self, stdin=stdin, stdout=out)
+            self.use_rawinput = interactive and stdin is sys.stdin
+            self.prompt = self._prompt()
+
+        def _prompt(self):
+            return "fs:%s> " % self.cwd if interactive else ""
+
+        def _path(self, path):
+            return posixpath.normpath(posixpath.join(self.cwd, path)) if path else self.cwd
+
+        def emptyline(self):
+            return False
+
+        def _fail(self, text):
+            failures[0] += 1
+            sys.stderr.write("error: %s\n" % text)
+
+        def onecmd(self, line):
+            try:
+                words = shlex.split(line, comments=True)
+            except ValueError as exc:
+                self._fail(str(exc))
+                return False
+            if not words:
+                return False
+            name, rest = words[0], words[1:]
+            if name in ("exit", "quit", "bye", "EOF"):
+                return True
+            if name == "help" or name == "?":
+                parser.print_help(out)
+                out.write("  cd PATH, pwd, exit\n")
+                return False
+            if name == "pwd":
+                out.write(self.cwd + "\n")
+                return False
+            if name == "cd":
+                target = self._path(rest[0] if rest else "/")
+                if not fs._is_dir(target):
+                    self._fail("cd: %s: %s" % (target, "No such directory"))
+                else:
+                    self.cwd = target
+                    self.prompt = self._prompt()
+                return False
+            try:
+                parsed = parser.parse_args(words)
+            except SystemExit:      # argparse already said what is wrong
+                failures[0] += 1
+                return False
+            remote = {"ls": "paths", "tree": "path", "stat": "path", "cat": "paths",
+                      "get": "remote", "put": "remote", "mkdir": "paths", "rm": "paths",
+                      "mv": ("src", "dst"), "ln": ("path",)}.get(parsed.action, ())
+            for field in (remote,) if isinstance(remote, str) else remote:
+                value = getattr(parsed, field)
+                if isinstance(value, list):
+                    setattr(parsed, field, [self._path(v) for v in value] or [self.cwd])
+                else:
+                    setattr(parsed, field, self._path(value))
+            if parsed.action == "ln" and not parsed.symbolic:
+                parsed.target = self._path(parsed.target)   # a symlink's target stays as typed
+            try:
+                _FS_ACTIONS[parsed.action](fs, parsed, out)
+            except OSError as exc:
+                self._fail(_fs_error_text(parsed.action, exc))
+            except (VhostUserError, ValueError) as exc:
+                raise _CliError("%s: %s" % (parsed.action, _one_line(exc)))
+            return False
+
+    Shell().cmdloop()
+    if interactive:
+        out.write("\n")
+    return 0 if interactive or not failures[0] else _EXIT_FAILURE
+
+
+# -- fs bench -----------------------------------------------------------------
+
+def _bench_fs(fs, args):
+    """Keep ``--depth`` FUSE_READs (or WRITEs) in flight on one file; log each latency.
+
+    The file (``--file``, in the share) is created with ``--file-size`` bytes
+    when missing, and removed again afterwards.
+    """
+    size = 4096 if args.size is None else args.size
+    rw = args.rw or "randread"
+    if not 0 < size <= min(fs.max_read, fs.max_write):
+        raise _CliError("--size %d must be in 1..%d (what one FUSE request carries)"
+                        % (size, min(fs.max_read, fs.max_write)))
+    if args.depth > fs.queue_size:
+        raise _CliError("--depth %d: at most %d requests fit the %d-entry ring"
+                        % (args.depth, fs.queue_size, fs.queue_size))
+    created = not fs.exists(args.file)
+    if created:
+        fs.write_bytes(args.file, bytes(args.file_size))
+    try:
+        with fs.open(args.file, "r+b", buffering=0) as f:
+            file_size = fs.stat(args.file).st_size
+            if file_size < size:
+                raise _CliError("%s: %d bytes, smaller than --size %d" % (args.file, file_size,
+                                                                         size))
+            load = _BlockLoad(file_size, size, rw, 0)
+            return _bench_fs_stream(fs, f, load, args, size, rw)
+    finally:
+        if created:
+            fs.remove(args.file)
+
+
+def _bench_fs_stream(fs, f, load, args, size, rw):
+    clock = time.perf_counter
+    op = _FuseOp.WRITE if load.write else _FuseOp.READ
+    buffers = [bytearray(size) for _ in range(args.depth)]
+    free = list(range(args.depth))
+    pending = {}
+    latencies = []
+    progress = _Progress(sys.stderr, args.seconds, "fs")
+    cpu_start = _self_cpu_seconds()
+    backend_start = _proc_cpu_seconds(args.backend_pid) if args.backend_pid else None
+    start = clock()
+    deadline = start + args.seconds
+    node, fh = f._node, f._fh
+    completions = None
+    while True:
+        if clock() < deadline:
+            while free:
+                slot = free.pop()
+                io_in = _FUSE_IO_IN.pack(fh, load.offset(), size, 0, 0, 0, 0)
+                t0 = clock()
+                if load.write:
+                    request = fs._submit(op, node.nodeid, [io_in, load.data], bytearray(8))
+                else:
+                    request = fs._submit(op, node.nodeid, [io_in], buffers[slot])
+                pending[request] = (t0, slot)
+                completions = request.queue
+        elif not pending:
+            break
+        completions.queue.notify()
+        completions.wait(lambda: any(r.done for r in pending), time.monotonic() + fs.timeout,
+                         op.name)
+        now = clock()
+        for request in [r for r in pending if r.done]:
+            length = fs._result(request, filename=args.file)
+            if load.write and _FUSE_U32_PAIR.unpack(request.reply)[0] != size or \
+                    not load.write and length != size:
+                raise _CliError("%s: a %s of %d bytes moved %d" % (args.file, op.name, size,
+                                                                   length))
+            t0, slot = pending.pop(request)
+            latencies.append(now - t0)
+            free.append(slot)
+        progress.update(now - start, len(latencies), size)
+    progress.done()
+    elapsed = clock() - start
+    cpu_backend = None
+    if args.backend_pid:
+        cpu_backend = _proc_cpu_seconds(args.backend_pid) - backend_start
+    return _bench_report("fs", rw, size, args.depth, 1, elapsed, latencies,
+                         _self_cpu_seconds() - cpu_start, cpu_backend)
+
+
 # -- bench --------------------------------------------------------------------
 
 def _proc_cpu_seconds(pid):
@@ -7024,6 +7464,11 @@ def _cmd_bench(args, out):
             raise _CliError("--queues %d: bench --type net uses one queue pair" % args.queues)
         with _open_device(args, NetDevice, DeviceType.NET) as dev:
             report = _bench_net(dev, args)
+    elif args.type == "fs":
+        if args.queues not in (None, 1):
+            raise _CliError("--queues %d: bench --type fs uses one request queue" % args.queues)
+        with _open_device(args, FsDevice, DeviceType.FS) as dev:
+            report = _bench_fs(dev, args)
     else:
         kwargs = {"num_queues": args.queues} if args.queues else {}
         with _open_device(args, BlockDevice, DeviceType.BLOCK, **kwargs) as dev:
@@ -7463,10 +7908,15 @@ def _build_parser():
                     "resolution). A progress line is drawn on stderr only when stderr is a "
                     "terminal.")
     bench.add_argument("socket", metavar="SOCKET")
-    bench.add_argument("--type", choices=("blk", "net"), default="blk",
+    bench.add_argument("--type", choices=("blk", "net", "fs"), default="blk",
                        help="device to drive (default blk)")
     bench.add_argument("--rw", choices=("read", "write", "randread", "randwrite"),
-                       help="blk access pattern (default randread)")
+                       help="blk and fs access pattern (default randread)")
+    bench.add_argument("--file", default="vhost-user-bench.dat", metavar="PATH",
+                       help="fs: the file in the share to read or write (made with "
+                            "--file-size bytes when missing, and removed after)")
+    bench.add_argument("--file-size", type=_int_arg, default=64 << 20, metavar="BYTES",
+                       help="fs: size of the file made when missing (default 64M)")
     bench.add_argument("--size", type=_int_arg, metavar="BYTES",
                        help="bytes per request or frame (default 4096 for blk, 64 for net)")
     bench.add_argument("--depth", type=_count_arg, default=1, metavar="N",
@@ -7478,6 +7928,20 @@ def _build_parser():
                        help="also report this process's CPU time per request")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(func=_cmd_bench)
+
+    fs = commands.add_parser(
+        "fs", parents=[common], help="list, read and write a virtio-fs share (virtiofsd)",
+        description="Use a virtio-fs share through its vhost-user back-end, as FUSE over the "
+                    "request queue, with no VM. Paths are relative to the share's root. C "
+                    "virtiofsd serves one connection and then exits, so each command consumes "
+                    "one daemon; `shell` runs many commands on one connection.")
+    fs.add_argument("socket", metavar="SOCKET")
+    actions = fs.add_subparsers(dest="action", metavar="COMMAND")
+    actions.required = True
+    _add_fs_actions(actions, [common])
+    actions.add_parser("shell", parents=[common],
+                       help="an sftp-like prompt: many commands on one connection")
+    fs.set_defaults(func=_cmd_fs)
 
     demo = commands.add_parser(
         "demo", parents=[common], help="try it: a temporary qemu-storage-daemon, end to end",
