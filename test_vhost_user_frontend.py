@@ -4862,6 +4862,13 @@ def build_fs_tree(root):
     return files
 
 
+class XattrVirtiofsd(Virtiofsd):
+    """virtiofsd serving extended attributes (`-o xattr`; off by default)."""
+
+    def _prepare(self):
+        return super(XattrVirtiofsd, self)._prepare() + ["-o", "xattr"]
+
+
 STAT_FIELDS = ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid", "st_size", "st_mtime_ns",
                "st_ctime_ns", "st_blocks")
 
@@ -5114,6 +5121,30 @@ class TestFsDeviceTree(FsTestMixin, FdLeakCheck):
         with self.assertRaises(ValueError):
             fs.stat("nul\0byte")
         self.assertEqual(sorted(fs.listdir()), sorted(os.listdir(root)))   # nothing changed
+
+    def test_xattrs(self):
+        fsd = self.start_backend(XattrVirtiofsd)
+        path = os.path.join(fsd.shared_dir, "f")
+        open(path, "w").close()
+        os.setxattr(path, "user.size", b"xl")
+        fs = vu.FsDevice.connect(fsd.socket_path)
+        self.addCleanup(fs.close)
+        fs.setxattr("f", "user.color", b"blue")
+        self.assertEqual(os.getxattr(path, "user.color"), b"blue")
+        self.assertEqual((fs.getxattr("f", "user.size"), sorted(fs.listxattr("f"))),
+                         (b"xl", ["user.color", "user.size"]))
+        fs.removexattr("f", "user.color")
+        self.assertEqual(os.listxattr(path), ["user.size"])
+        self.assertSameError(lambda: fs.getxattr("f", "user.nope"),
+                             lambda: os.getxattr(path, "user.nope"), "f", "ENODATA")
+        self.assertSameError(lambda: fs.setxattr("f", "user.size", b"s", os.XATTR_CREATE),
+                             lambda: os.setxattr(path, "user.size", b"s", os.XATTR_CREATE), "f",
+                             "XATTR_CREATE")
+        fs.close()
+        fsd, fs = self.start_fs(lambda root: open(os.path.join(root, "f"), "w").close())
+        with self.assertRaises(OSError) as cm:     # virtiofsd without -o xattr: ENOSYS
+            fs.listxattr("f")
+        self.assertEqual((cm.exception.errno, cm.exception.filename), (errno.EOPNOTSUPP, "f"))
 
     def test_threads_share_one_device(self):
         fsd, fs = self.start_fs()
