@@ -4731,11 +4731,16 @@ class TestReadme(BackendTestMixin, FdLeakCheck):
         section = text[text.index("\n## Library"):]
         section = section[:section.index("\n## ", 5)]
         blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-        self.assertGreaterEqual(len(blocks), 4, "BackendClient, VhostUserFrontend, BlockDevice, NetDevice")
+        self.assertGreaterEqual(len(blocks), 5, "BackendClient, VhostUserFrontend, BlockDevice, NetDevice, "
+                                                "FsDevice")
         qsd = self.start_backend(QemuStorageDaemon, kind="raw", size=1 << 30)
         testpmd = self.start_backend(Testpmd)
+        fsd = self.start_backend(Virtiofsd)
+        with open(os.path.join(fsd.shared_dir, "hello.txt"), "w") as f:
+            f.write("hello, share\n")
         paths = {"/tmp/blk.sock": qsd.socket_path, "/tmp/disk.raw": qsd.image_path,
-                 "/tmp/net.sock": testpmd.socket_path}
+                 "/tmp/net.sock": testpmd.socket_path, "/tmp/fs.sock": fsd.socket_path,
+                 "/tmp/share": fsd.shared_dir}
         parser = doctest.DocTestParser()
         for number, block in enumerate(blocks):
             for old, new in paths.items():
