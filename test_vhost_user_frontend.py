@@ -5323,7 +5323,10 @@ class TestFsDevicePeer(FrontendTestBase):
         fs.stat("b")
         self.assertIn(fh, [struct.unpack_from("<Q", body)[0] for _, _, _, body in peer.ops(18)])
         referenced = len(peer.ops(1)) + 2                    # LOOKUPs + READDIRPLUS entries
+        left_open = fs.open("b", "w")
+        left_open.write("buffered, never flushed")
         fs.close()
+        self.assertEqual(bytes(peer.files[b"b"]), b"buffered, never flushed")   # not lost
         self.assertEqual(len(peer.ops(38)), 1)                # DESTROY
         forgotten = collections.Counter()
         for _, opcode, nodeid, body in peer.seen:

@@ -5427,6 +5427,7 @@ class FsDevice(_Device):
         self._nodes = {}                              # nodeid -> _FsNode
         self._names = collections.OrderedDict()       # (parent, name) -> (nodeid, expiry)
         self._files = weakref.WeakSet()               # open _FuseFile objects
+        self._buffered = weakref.WeakSet()            # what open() returned over them
         self._deferred = collections.deque()          # releases of files dropped unclosed
         self._ids = (os.geteuid(), os.getegid(), os.getpid())
         try:
@@ -6208,11 +6209,12 @@ class FsDevice(_Device):
                 buffered = io.BufferedWriter(raw, buffering)
             else:
                 buffered = io.BufferedReader(raw, buffering)
-            if not text:
-                return buffered
-            wrapper = io.TextIOWrapper(buffered, encoding, errors, newline, line_buffering)
-            wrapper.mode = mode
-            return wrapper
+            if text:
+                buffered = io.TextIOWrapper(buffered, encoding, errors, newline,
+                                            line_buffering)
+                buffered.mode = mode
+            self._buffered.add(buffered)
+            return buffered
         except BaseException:
             raw.close()
             raise
@@ -6390,7 +6392,8 @@ class FsDevice(_Device):
     # -- lifetime ------------------------------------------------------------------
 
     def close(self):
-        """Release open files, FORGET every node, DESTROY, then disconnect; safe twice."""
+        """Close open files (writing what they buffer), FORGET every node, DESTROY,
+        then disconnect; safe to call twice."""
         if self._mem is not None and self._frontend is not None:
             try:
                 self._shutdown()
@@ -6400,9 +6403,11 @@ class FsDevice(_Device):
 
     def _shutdown(self):
         _check_alive(self._frontend, "close")
-        for raw in list(self._files):
-            if not raw.closed:
-                raw.close()
+        # Files still open are closed as the interpreter would at exit: what
+        # their buffers hold is written first.
+        for opened in list(self._buffered) + list(self._files):
+            if not opened.closed:
+                opened.close()
         self._run_deferred()
         with self._cache_lock:
             pairs = [(n.nodeid, n.nlookup) for n in self._nodes.values()
