@@ -5492,9 +5492,11 @@ class FsDevice(_Device):
             raise ProtocolError("FUSE_INIT: max_write %d is below one page" % max_write)
         self.major, self.minor = major, minor
         self.init_flags = flags
+        # Only what was offered counts, whatever else the daemon sets.
+        self._flags = flags & _FUSE_INIT_FLAGS
         self.max_readahead = max_readahead
         self.max_write = max_write
-        self.max_pages = max_pages if flags & _FUSE_MAX_PAGES else 32
+        self.max_pages = max_pages if self._flags & _FUSE_MAX_PAGES else 32
         self.max_read = min(max_write, max(self.max_pages, 1) * 4096)
 
     # -- requests ----------------------------------------------------------------
@@ -5862,7 +5864,7 @@ class FsDevice(_Device):
         self._call(_FuseOp.OPENDIR, node.nodeid, [_FUSE_U32_PAIR.pack(os.O_RDONLY, 0)], reply,
                    _FUSE_OPEN_OUT.size, path)
         fh = _FUSE_OPEN_OUT.unpack(reply)[0]
-        plus = bool(self.init_flags & _FUSE_DO_READDIRPLUS)
+        plus = bool(self._flags & _FUSE_DO_READDIRPLUS)
         op = _FuseOp.READDIRPLUS if plus else _FuseOp.READDIR
         entries = []
         try:
@@ -6239,7 +6241,7 @@ class FsDevice(_Device):
         # Never sent in OPEN (the kernel strips them too); O_TRUNC only
         # when the daemon handles it atomically (ATOMIC_O_TRUNC).
         wire = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
-        atomic_trunc = bool(self.init_flags & _FUSE_ATOMIC_O_TRUNC)
+        atomic_trunc = bool(self._flags & _FUSE_ATOMIC_O_TRUNC)
         if not atomic_trunc:
             wire &= ~os.O_TRUNC
         reply = bytearray(_FUSE_OPEN_OUT.size)
