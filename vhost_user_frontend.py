@@ -5352,9 +5352,12 @@ class _FuseFile(io.RawIOBase):
 
 
 def _open_flags(mode):
-    """(os flags, text, raw mode string) for an ``open()`` mode, checked as ``open()`` does."""
-    modes = set(mode)
-    if not isinstance(mode, str) or modes - set("axrwb+t") or len(mode) > len(modes):
+    """(os flags, text, raw mode) for an ``open()`` mode, checked as ``open()`` checks it.
+
+    The raw mode is what ``FileIO.mode`` reports for the same mode ('w+' is 'rb+').
+    """
+    modes = set(mode) if isinstance(mode, str) else None
+    if modes is None or modes - set("axrwb+t") or len(mode) > len(modes):
         raise ValueError("invalid mode: %r" % (mode,))
     creating, reading, writing, appending = ("x" in modes, "r" in modes, "w" in modes,
                                              "a" in modes)
@@ -5363,21 +5366,14 @@ def _open_flags(mode):
         raise ValueError("can't have text and binary mode at once")
     if creating + reading + writing + appending != 1:
         raise ValueError("must have exactly one of create/read/write/append mode")
-    if creating:
-        flags, raw = os.O_CREAT | os.O_EXCL, "xb"
-    elif writing:
-        flags, raw = os.O_CREAT | os.O_TRUNC, "wb"
-    elif appending:
-        flags, raw = os.O_CREAT | os.O_APPEND, "ab"
-    else:
-        flags, raw = 0, "rb"
+    flags = (os.O_CREAT | os.O_EXCL if creating else os.O_CREAT | os.O_TRUNC if writing
+             else os.O_CREAT | os.O_APPEND if appending else 0)
     if updating:
         flags |= os.O_RDWR
-        raw = raw.replace("b", "b+") if not reading else "rb+"
-    elif reading:
-        flags |= os.O_RDONLY
     else:
-        flags |= os.O_WRONLY
+        flags |= os.O_RDONLY if reading else os.O_WRONLY
+    raw = ("xb" if creating else "ab" if appending else
+           "rb" if reading or updating else "wb") + ("+" if updating else "")
     return flags, "b" not in modes, raw
 
 
