@@ -5323,6 +5323,9 @@ class _FusePeer(object):
                 error, payload = self.serve(opcode, nodeid, body)
                 action = (16 + len(payload), error, unique, payload, 16 + len(payload))
             out_len, error, unique, payload, used = action
+            # A used length past the chain's writable bytes would break the whole ring (the
+            # Queue's own check): lies stay within what the driver offered.
+            used = min(used, sum(length for _, length in writable))
             data = struct.pack("<IiQ", out_len, error, unique) + payload
             for addr, length in writable:
                 backend.write(addr, data[:length])
@@ -5419,6 +5422,63 @@ class TestFsDevicePeer(FrontendTestBase):
                 peer.misbehave = None
                 self.assertEqual(fs.stat("b").st_size, 5)     # the device still works
         self.assertEqual(fs.stat("a").st_size, 50000)
+
+    def test_malformed_directory_listings(self):
+        peer, backend, fs = self.device()
+        entry = peer.entry(2)
+
+        def dirent(name, off=1, namelen=None):
+            raw = struct.pack("<QQII", 2, off, len(name) if namelen is None else namelen, 8) + name
+            return entry + raw + b"\0" * (-len(raw) % 8)
+        cases = [
+            ("truncated entry", entry[:100], "truncated entry"),
+            ("name longer than the reply", dirent(b"abc", namelen=40), "bad entry name"),
+            ("slash in a name", dirent(b"a/b"), "bad entry name"),
+            ("empty name", dirent(b""), "bad entry name"),
+            ("offset that does not move", dirent(b"a", off=0), "does not move past offset 0"),
+        ]
+        for what, payload, text in cases:
+            with self.subTest(what):
+                peer.misbehave = lambda op, unique, body: (16 + len(payload), 0, unique, payload,
+                                                           16 + len(payload)) if op == 44 else None
+                with self.assertRaises(vu.ProtocolError) as cm:
+                    fs.listdir("")
+                self.assertIn("FUSE READDIRPLUS", str(cm.exception))
+                self.assertIn(text, str(cm.exception))
+        peer.misbehave = None
+        self.assertEqual(sorted(fs.listdir("")), ["a", "b"])
+        self.assertEqual(len(peer.ops(27)), len(peer.ops(29)))     # every OPENDIR released
+
+    def test_fuzzed_replies(self):
+        """Whatever a reply holds, a call returns or raises ProtocolError or OSError (h11's rule)."""
+        rng = random.Random(FUZZ_SEED + 11)
+        peer, backend, fs = self.device()
+        calls = [lambda: fs.stat("a"), lambda: fs.listdir(""), lambda: fs.read_bytes("b"),
+                 lambda: fs.readlink("a"), lambda: fs.statvfs(), lambda: fs.write_bytes("b", b"x"),
+                 lambda: fs.getxattr("a", "user.x"), lambda: fs.mkdir("d")]
+        outcomes = collections.Counter()
+
+        def garble(op, unique, body):
+            if rng.random() < 0.3:
+                return None
+            payload = bytes(rng.getrandbits(8) for _ in range(rng.choice([0, 4, 8, 40, 80, 128, 200])))
+            error = rng.choice([0, 0, 0, -errno.ENOENT, -rng.randrange(1, 600), rng.randrange(1, 9)])
+            length = 16 + len(payload)
+            return (rng.choice([length, length, rng.randrange(1 << 32)]), error,
+                    rng.choice([unique, unique, unique ^ 1]), payload, length)
+        peer.misbehave = garble
+        for i in range(150):
+            call = rng.choice(calls)
+            with self.subTest(i=i):
+                try:
+                    call()
+                    outcomes["ok"] += 1
+                except (vu.ProtocolError, OSError) as exc:
+                    outcomes[type(exc).__name__] += 1
+                    self.assertNotIsInstance(exc, vu.VhostUserTimeout)
+        self.assertGreater(outcomes["ProtocolError"], 10, outcomes)
+        peer.misbehave = None
+        fs.stat("b")                                  # still usable
 
     def test_errnos_raise_what_os_would(self):
         peer, backend, fs = self.device()
