@@ -4922,8 +4922,9 @@ class TestFsDeviceTree(FsTestMixin, FdLeakCheck):
                           for d, ds, fs_ in os.walk(root))
         got = sorted((d, sorted(ds), sorted(fs_)) for d, ds, fs_ in fs.walk(""))
         self.assertEqual(got, expected)
-        self.assertEqual(sorted(fs.walk("/", topdown=False)), sorted(
-            ("/" + d if d else "/", ds, f) for d, ds, f in got) and sorted(fs.walk("/", topdown=False)))
+        bottom_up = [(d, sorted(ds), sorted(f)) for d, ds, f in fs.walk("/", topdown=False)]
+        self.assertEqual(sorted(bottom_up), sorted(("/" + d if d else "/", ds, f) for d, ds, f in got))
+        self.assertEqual(bottom_up[-1][0], "/")                  # children before their parent
         # every path: listdir, stat, lstat, scandir's answers, readlink, content
         paths = [""]
         for dirpath, dirs, files in os.walk(root):
@@ -4962,6 +4963,10 @@ class TestFsDeviceTree(FsTestMixin, FdLeakCheck):
                         f.seek(-min(7, len(content)), io.SEEK_END)
                         self.assertEqual(f.read(), content[-7:])
                         self.assertEqual(f.tell(), len(content))
+        # bytes paths give bytes names, as os does
+        self.assertEqual(sorted(fs.listdir(b"dir one/sub")),
+                         sorted(os.listdir(os.fsencode(os.path.join(root, "dir one/sub")))))
+        self.assertEqual(fs.readlink(b"link to sub"), b"dir one/sub")
         # text mode, '..' stopping at the root, absolute symlink targets from the root
         name = "dir one/sub/na\u00efve caf\u00e9 \u65e5\u672c.txt"
         with fs.open(name, encoding="utf-8") as f:
