@@ -5264,8 +5264,10 @@ class _FusePeer(object):
         return _FUSE_ATTR_FMT.pack(nodeid, size, 0, 0, 1500000000, 0, 0, 0, 0, 0o100644, 1, 0, 0,
                                    0, 4096, 0)
 
+    entry_valid = 60
+
     def entry(self, nodeid):
-        return struct.pack("<QQQQII", nodeid, 0, 60, 60, 0, 0) + self.attr(nodeid)
+        return struct.pack("<QQQQII", nodeid, 0, self.entry_valid, 60, 0, 0) + self.attr(nodeid)
 
     def serve(self, opcode, nodeid, body):
         """(error, payload) of one request."""
@@ -5401,6 +5403,27 @@ class TestFsDevicePeer(FrontendTestBase):
         self.assertEqual(sum(forgotten.values()), referenced, forgotten)
         self.assertEqual(set(forgotten), {2, 3})
         self.assertFalse(any(s[1] in (2, 42) for s in peer.seen if s[0] != 0))   # hiprio only
+
+    def test_lookups_expire_and_evicted_names_are_forgotten(self):
+        peer, backend, fs = self.device(files={"a": b"1", "b": b"2", "c": b"3"})
+        peer.entry_valid = 0                                  # names expire at once
+        for _ in range(3):
+            fs.stat("a")
+        self.assertEqual([body for _, _, _, body in peer.ops(1)], [b"a\0"] * 3)
+        peer.entry_valid = 60
+        with mock.patch.object(vu, "_FS_CACHE_ENTRIES", 2):
+            fs.stat("b")
+            fs.stat("c")                                      # "a", the oldest, leaves the cache
+            wait_for(lambda: peer.ops(2, queue=0), what="a FORGET on the hiprio queue")
+        self.assertEqual([(nodeid, struct.unpack("<Q", body)[0]) for _, _, nodeid, body
+                          in peer.ops(2, queue=0)], [(2, 3)])  # all three lookups of "a" at once
+        fs.close()
+        forgotten = collections.Counter()
+        for _, _, nodeid, body in peer.ops(42, queue=0):
+            for i in range(struct.unpack_from("<I", body)[0]):
+                n, count = struct.unpack_from("<QQ", body, 8 + 16 * i)
+                forgotten[n] += count
+        self.assertEqual(forgotten, {3: 1, 4: 1})
 
     def test_malformed_replies_break_only_their_request(self):
         peer, backend, fs = self.device()
