@@ -4934,7 +4934,8 @@ class NetDevice(_Device):
 # -- virtio-fs (virtio spec 5.11): FUSE over a request queue -------------------
 #
 # FUSE wire layouts are those of include/uapi/linux/fuse.h at protocol 7.31,
-# all in host order (spec 5.11.6: "the FUSE protocol uses host byte order").
+# in the driver's native byte order (FUSE has no wire endianness of its own;
+# virtio-fs leaves it so, spec 5.11.6), little-endian here like the rings.
 # A request is one chain: driver-readable fuse_in_header + arguments (+ data),
 # then device-writable fuse_out_header + reply. Queue 0 is the hiprio queue
 # (FORGET, BATCH_FORGET: no reply); queues 1.. are request queues.
@@ -5586,7 +5587,7 @@ class FsDevice(_Device):
         return [self._result(r, filename=filename) for r in requests]
 
     def _forget(self, pairs):
-        """FORGET or BATCH_FORGET on the hiprio queue: no reply (spec 5.11.6.1)."""
+        """FORGET or BATCH_FORGET on the hiprio queue: no reply (spec 5.11.6, as Linux)."""
         if not pairs or self._mem is None:
             return
         with self._hiprio_lock:
