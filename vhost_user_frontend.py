@@ -7235,7 +7235,16 @@ def _fs_shell(fs, args, out):
                 raise _CliError("%s: %s" % (parsed.action, _one_line(exc)))
             return False
 
-    Shell().cmdloop()
+    shell = Shell()
+    while True:
+        try:
+            shell.cmdloop()
+            break
+        except KeyboardInterrupt:     # ^C drops the line being typed, as sftp does
+            if not interactive:
+                raise
+            out.write("^C\n")
+            shell.intro = None
     if interactive:
         out.write("\n")
     return 0 if interactive or not failures[0] else _EXIT_FAILURE
