@@ -5210,14 +5210,16 @@ class TestFsDeviceTree(FsTestMixin, FdLeakCheck):
         self.assertEqual((cm.exception.errno, cm.exception.filename), (errno.EOPNOTSUPP, "f"))
 
     def test_threads_share_one_device(self):
-        fsd, fs = self.start_fs()
+        # A 4-entry ring and 8 MiB of guest memory for four threads moving 2.5 MiB each (in
+        # 1 MiB chunks): the full-ring and out-of-memory waits both happen, nothing times out.
+        fsd, fs = self.start_fs(queue_size=4, memory_size=8 << 20)
         root = self.host(fsd)
-        blobs = {"t%d" % i: os.urandom(200000 + i) for i in range(4)}
+        blobs = {"t%d" % i: os.urandom((5 << 19) + i) for i in range(4)}
         errors = []
 
         def worker(name, blob):
             try:
-                for _ in range(5):
+                for _ in range(3):
                     fs.write_bytes(name, blob)
                     if fs.read_bytes(name) != blob:
                         raise AssertionError("%s read back differs" % name)
