@@ -5392,6 +5392,7 @@ class TestFsDevicePeer(FrontendTestBase):
         left_open.write("buffered, never flushed")
         fs.close()
         self.assertEqual(bytes(peer.files[b"b"]), b"buffered, never flushed")   # not lost
+        self.assertEqual(len(peer.ops(25)), len(peer.ops(18)))  # a FLUSH before each RELEASE
         self.assertEqual(len(peer.ops(38)), 1)                # DESTROY
         forgotten = collections.Counter()
         for _, opcode, nodeid, body in peer.seen:
