@@ -6404,7 +6404,10 @@ class FsDevice(_Device):
             except IndexError:
                 return
             try:
-                self._release(node, fh, flags, None)
+                try:
+                    self._flush(node, fh, None)     # what close(2) would have sent first
+                finally:
+                    self._release(node, fh, flags, None)
             except (OSError, VhostUserError) as exc:
                 _log.warning("virtio-fs: RELEASE of a file dropped unclosed failed: %s", exc)
 
