@@ -5596,7 +5596,8 @@ class FsDevice(_Device):
         """Several requests in flight together: their payload lengths, in order.
 
         Every request is waited for before any error is raised, so no reply
-        lands in a buffer after the call returned.
+        lands in a buffer after the call returned (unless the wait timed out:
+        then the device is not answering at all).
         """
         requests = []
         try:
