@@ -7938,7 +7938,8 @@ def _build_parser():
 
     bench = commands.add_parser(
         "bench", parents=[common], help="measure throughput, latency and CPU per request",
-        description="Run I/O for --seconds and report IOPS and MiB/s (blk) or packets/s and "
+        description="Run I/O for --seconds and report IOPS and MiB/s (blk; fs: FUSE reads or "
+                    "writes of one file in the share) or packets/s and "
                     "Mbit/s of frames looped back by the back-end (net: testpmd in io forward "
                     "mode), latency percentiles, this process's CPU time per request and, "
                     "with --backend-pid, the back-end's (from /proc/PID/stat, 10 ms "
