@@ -7496,7 +7496,7 @@ class _BlockLoad:
 def _cmd_bench(args, out):
     if args.type == "net":
         if args.rw is not None:
-            raise _CliError("--rw applies to --type blk only")
+            raise _CliError("--rw applies to --type blk and fs only")
         if args.queues not in (None, 1):
             raise _CliError("--queues %d: bench --type net uses one queue pair" % args.queues)
         with _open_device(args, NetDevice, DeviceType.NET) as dev:
