@@ -5418,15 +5418,19 @@ class TestFsDevicePeer(FrontendTestBase):
             fs.stat("b")
             fs.stat("c")                                      # "a", the oldest, leaves the cache
             wait_for(lambda: peer.ops(2, queue=0), what="a FORGET on the hiprio queue")
-        self.assertEqual([(nodeid, struct.unpack("<Q", body)[0]) for _, _, nodeid, body
-                          in peer.ops(2, queue=0)], [(2, 3)])  # all three lookups of "a" at once
+            self.assertEqual([(nodeid, struct.unpack("<Q", body)[0]) for _, _, nodeid, body
+                              in peer.ops(2, queue=0)], [(2, 3)])  # all three lookups of "a"
+            fs.stat("b")                                      # used: "c" is now the oldest
+            fs.stat("a")
+            wait_for(lambda: len(peer.ops(2, queue=0)) == 2, what="a second FORGET")
+        self.assertEqual(peer.ops(2, queue=0)[1][2], 4)       # "c" left, not "b"
         fs.close()
         forgotten = collections.Counter()
         for _, _, nodeid, body in peer.ops(42, queue=0):
             for i in range(struct.unpack_from("<I", body)[0]):
                 n, count = struct.unpack_from("<QQ", body, 8 + 16 * i)
                 forgotten[n] += count
-        self.assertEqual(forgotten, {3: 1, 4: 1})
+        self.assertEqual(forgotten, {2: 1, 3: 1})
 
     def test_malformed_replies_break_only_their_request(self):
         peer, backend, fs = self.device()

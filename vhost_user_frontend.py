@@ -5701,9 +5701,11 @@ class FsDevice(_Device):
 
     def _lookup(self, parent, name, filename):
         """The node ``name`` in directory ``parent``: cached, else FUSE_LOOKUP."""
+        key = (parent, name)
         with self._cache_lock:
-            cached = self._names.get((parent, name))
+            cached = self._names.get(key)
             if cached is not None and cached[1] > time.monotonic():
+                self._names.move_to_end(key)     # least recently used leaves first
                 return self._nodes[cached[0]]
         if len(name) > 255:
             raise _fs_error(errno.ENAMETOOLONG, filename)
