@@ -5432,6 +5432,19 @@ class TestFsDevicePeer(FrontendTestBase):
                 forgotten[n] += count
         self.assertEqual(forgotten, {2: 1, 3: 1})
 
+    def test_no_forget_while_another_call_may_use_the_node(self):
+        peer, backend, fs = self.device()
+        with mock.patch.object(vu, "_FS_CACHE_ENTRIES", 1):
+            fs._active += 1              # as if another thread were between LOOKUP and OPEN
+            fs.stat("a")
+            fs.stat("b")                 # "a" leaves the cache
+            time.sleep(0.05)
+            self.assertEqual(peer.ops(2, queue=0), [])
+            fs._active -= 1
+            fs.stat("b")                 # the next call to end sends it
+            wait_for(lambda: peer.ops(2, queue=0), what="the FORGET of a")
+        self.assertEqual(peer.ops(2, queue=0)[0][2], 2)
+
     def test_malformed_replies_break_only_their_request(self):
         peer, backend, fs = self.device()
         entry = peer.entry(2)

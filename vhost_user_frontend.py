@@ -5398,6 +5398,21 @@ def _open_flags(mode):
     return flags, "b" not in modes, raw
 
 
+def _operation(method):
+    """Mark an ``FsDevice`` call: no node is forgotten until every call in progress ends."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self._cache_lock:
+            self._active += 1
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            with self._cache_lock:
+                self._active -= 1
+            self._forget_retired()
+    return call
+
+
 class FsDevice(_Device):
     """A virtio-fs share served by a vhost-user back-end (virtiofsd), used like ``os``.
 
@@ -5446,6 +5461,8 @@ class FsDevice(_Device):
         self._files = weakref.WeakSet()               # open _FuseFile objects
         self._buffered = weakref.WeakSet()            # what open() returned over them
         self._deferred = collections.deque()          # releases of files dropped unclosed
+        self._active = 0                              # calls in progress (see _operation)
+        self._retired = []                            # (nodeid, nlookup) to FORGET
         self._ids = (os.geteuid(), os.getegid(), os.getpid())
         try:
             self._setup(queue_size, memory_size)
@@ -5652,7 +5669,6 @@ class FsDevice(_Device):
         attr = _FUSE_ATTR.unpack_from(payload, offset + _FUSE_ENTRY_OUT.size)
         if nodeid == 0 or nodeid == _FUSE_ROOT_ID and name is not None:
             raise ProtocolError("FUSE LOOKUP: node id %d for %r" % (nodeid, name))
-        forget = []
         with self._cache_lock:
             node = self._nodes.get(nodeid)
             if node is None:
@@ -5666,29 +5682,42 @@ class FsDevice(_Device):
                 self._names[key] = (nodeid, _valid_until(entry_valid, entry_nsec))
                 node.users += 1
                 if old is not None:
-                    self._unuse(old[0], forget)
+                    self._unuse(old[0])
                 while len(self._names) > _FS_CACHE_ENTRIES:
                     _, (oldest, _) = self._names.popitem(last=False)
-                    self._unuse(oldest, forget)
+                    self._unuse(oldest)
             else:
                 node.users += 1
-        self._forget(forget)
+        self._forget_retired()
         return node
 
-    def _unuse(self, nodeid, forget):
-        """Drop one use of ``nodeid``; queue its FORGET when nothing uses it (cache lock held)."""
+    def _unuse(self, nodeid):
+        """Drop one use of ``nodeid``; retire it when nothing uses it (cache lock held)."""
         node = self._nodes.get(nodeid)
         if node is None:
             return
         node.users -= 1
         if node.users <= 0:
             del self._nodes[nodeid]
-            forget.append((nodeid, node.nlookup))
+            self._retired.append((nodeid, node.nlookup))
+
+    def _forget_retired(self):
+        """FORGET the retired nodes once no call is between its lookups and its requests.
+
+        A node that leaves the cache may be about to be used by a call on
+        another thread that looked it up a moment ago; the daemon must not
+        drop it before that call's requests are sent (the kernel holds an
+        inode reference for as long).
+        """
+        with self._cache_lock:
+            if self._active or not self._retired:
+                return
+            pairs, self._retired = self._retired, []
+        self._forget(pairs)
 
     def _drop_name(self, parent, name):
         """Forget the cached ``name`` after it changed; its node's and the parent's
         attributes (nlink, ctime, mtime) are stale now too."""
-        forget = []
         with self._cache_lock:
             old = self._names.pop((parent, name), None)
             for nodeid in (parent, old[0] if old is not None else None):
@@ -5696,8 +5725,8 @@ class FsDevice(_Device):
                 if node is not None:
                     node.attr_expiry = 0
             if old is not None:
-                self._unuse(old[0], forget)
-        self._forget(forget)
+                self._unuse(old[0])
+        self._forget_retired()
 
     def _lookup(self, parent, name, filename):
         """The node ``name`` in directory ``parent``: cached, else FUSE_LOOKUP."""
@@ -5832,6 +5861,7 @@ class FsDevice(_Device):
 
     # -- os-like calls ------------------------------------------------------------
 
+    @_operation
     def stat(self, path, follow_symlinks=True):
         """os.stat: an ``os.stat_result`` of ``path`` (st_dev is 0)."""
         node = self._walk_path(path, follow_last=follow_symlinks)
@@ -5841,6 +5871,7 @@ class FsDevice(_Device):
         """os.lstat: ``stat`` without following a final symlink."""
         return self.stat(path, follow_symlinks=False)
 
+    @_operation
     def exists(self, path):
         """os.path.exists: False for a missing path (or any OSError), as os does."""
         try:
@@ -5849,6 +5880,7 @@ class FsDevice(_Device):
             return False
         return True
 
+    @_operation
     def access(self, path, mode):
         """os.access: FUSE_ACCESS, or the mode bits when the daemon has no ACCESS."""
         try:
@@ -5935,10 +5967,12 @@ class FsDevice(_Device):
             raise ProtocolError("FUSE %s: a reply with no entry" % what)
         return last
 
+    @_operation
     def listdir(self, path=""):
         """os.listdir: the names in directory ``path``, without '.' and '..'."""
         return [self._result_name(path, name) for name, _, _, _ in self._read_dir(path)]
 
+    @_operation
     def scandir(self, path=""):
         """os.scandir: an iterator of entries (name, path, is_dir(), stat(), ...)."""
         directory = os.fspath(path)
@@ -5981,6 +6015,7 @@ class FsDevice(_Device):
         except OSError:
             return False
 
+    @_operation
     def readlink(self, path):
         """os.readlink: the target of symlink ``path``."""
         target = self._readlink_node(self._walk_path(path, follow_last=False), path)
@@ -5991,6 +6026,7 @@ class FsDevice(_Device):
         parent.attr_expiry = 0
         return self._entry(parent.nodeid, name, reply)
 
+    @_operation
     def mkdir(self, path, mode=0o777):
         """os.mkdir (the umask applies, as the kernel applies it)."""
         parent, name = self._parent(path, errno.EEXIST)
@@ -6000,6 +6036,7 @@ class FsDevice(_Device):
                    reply, _ENTRY_SIZE, path)
         self._created(parent, name, reply)
 
+    @_operation
     def makedirs(self, path, mode=0o777, exist_ok=False):
         """os.makedirs: create ``path`` and any missing parents."""
         import posixpath
@@ -6028,6 +6065,7 @@ class FsDevice(_Device):
     # its type itself (VFS may_delete): virtiofsd answers EIO for a name it
     # cannot find, and leaves the type checks to the kernel.
 
+    @_operation
     def rmdir(self, path):
         """os.rmdir."""
         parent, name = self._parent(path, {b"": errno.EBUSY, b".": errno.EINVAL,
@@ -6040,6 +6078,7 @@ class FsDevice(_Device):
         finally:
             self._drop_name(parent.nodeid, name)
 
+    @_operation
     def remove(self, path):
         """os.remove / os.unlink."""
         parent, name = self._parent(path, errno.EISDIR)
@@ -6052,6 +6091,7 @@ class FsDevice(_Device):
 
     unlink = remove
 
+    @_operation
     def rename(self, src, dst):
         """os.rename (which replaces ``dst`` on Linux)."""
         old_parent, old_name = self._parent(src, errno.EBUSY)
@@ -6082,6 +6122,7 @@ class FsDevice(_Device):
 
     replace = rename
 
+    @_operation
     def symlink(self, target, path):
         """os.symlink: create ``path`` pointing at ``target``."""
         parent, name = self._parent(path, errno.EEXIST)
@@ -6091,6 +6132,7 @@ class FsDevice(_Device):
                    _ENTRY_SIZE, target, path)
         self._created(parent, name, reply)
 
+    @_operation
     def link(self, src, dst):
         """os.link: a hard link ``dst`` to ``src``."""
         node = self._walk_path(src)
@@ -6103,6 +6145,7 @@ class FsDevice(_Device):
         self._created(parent, name, reply)
         node.attr_expiry = 0      # nlink changed
 
+    @_operation
     def mkfifo(self, path, mode=0o666):
         """os.mkfifo (FUSE_MKNOD)."""
         parent, name = self._parent(path, errno.EEXIST)
@@ -6113,11 +6156,13 @@ class FsDevice(_Device):
                    reply, _ENTRY_SIZE, path)
         self._created(parent, name, reply)
 
+    @_operation
     def chmod(self, path, mode, follow_symlinks=True):
         """os.chmod."""
         node = self._walk_path(path, follow_last=follow_symlinks)
         self._setattr(node, path, _FATTR_MODE, mode=mode & 0o7777)
 
+    @_operation
     def truncate(self, path, length):
         """os.truncate: cut or extend file ``path`` to ``length`` bytes."""
         if length < 0:
@@ -6127,6 +6172,7 @@ class FsDevice(_Device):
             raise _fs_error(errno.EISDIR, path)
         self._setattr(node, path, _FATTR_SIZE, size=length)
 
+    @_operation
     def utime(self, path, times=None, ns=None, follow_symlinks=True):
         """os.utime: set access and modification times (now when neither is given)."""
         if times is not None and ns is not None:
@@ -6143,6 +6189,7 @@ class FsDevice(_Device):
                       atime=(atime[0] & 0xFFFFFFFFFFFFFFFF, atime[1]),
                       mtime=(mtime[0] & 0xFFFFFFFFFFFFFFFF, mtime[1]))
 
+    @_operation
     def statvfs(self, path=""):
         """os.statvfs of the share (f_favail = f_ffree, f_flag 0)."""
         node = self._walk_path(path)
@@ -6176,17 +6223,20 @@ class FsDevice(_Device):
                                   reply, filename)
         return bytes(reply[:length])
 
+    @_operation
     def getxattr(self, path, attribute, follow_symlinks=True):
         """os.getxattr: the value (bytes) of extended attribute ``attribute``."""
         node = self._walk_path(path, follow_last=follow_symlinks)
         return self._xattr_read(_FuseOp.GETXATTR, node, [os.fsencode(attribute) + b"\0"], path)
 
+    @_operation
     def listxattr(self, path="", follow_symlinks=True):
         """os.listxattr: the names of ``path``'s extended attributes."""
         node = self._walk_path(path, follow_last=follow_symlinks)
         data = self._xattr_read(_FuseOp.LISTXATTR, node, [], path)
         return [os.fsdecode(name) for name in data.split(b"\0") if name]
 
+    @_operation
     def setxattr(self, path, attribute, value, flags=0, follow_symlinks=True):
         """os.setxattr (flags: os.XATTR_CREATE or os.XATTR_REPLACE)."""
         node = self._walk_path(path, follow_last=follow_symlinks)
@@ -6195,6 +6245,7 @@ class FsDevice(_Device):
                                                   os.fsencode(attribute) + b"\0", value],
                          None, path)
 
+    @_operation
     def removexattr(self, path, attribute, follow_symlinks=True):
         """os.removexattr."""
         node = self._walk_path(path, follow_last=follow_symlinks)
@@ -6203,6 +6254,7 @@ class FsDevice(_Device):
 
     # -- files --------------------------------------------------------------------
 
+    @_operation
     def open(self, path, mode="r", buffering=-1, encoding=None, errors=None, newline=None):
         """open(): a file object on ``path`` layered as ``open()`` layers a real file.
 
@@ -6294,11 +6346,13 @@ class FsDevice(_Device):
             raise
         return raw
 
+    @_operation
     def read_bytes(self, path):
         """The whole content of file ``path`` (pathlib's read_bytes)."""
         with self.open(path, "rb", buffering=0) as f:
             return f.readall()
 
+    @_operation
     def write_bytes(self, path, data):
         """Create or replace file ``path`` with ``data``; returns the bytes written."""
         with self.open(path, "wb", buffering=0) as f:
@@ -6388,13 +6442,12 @@ class FsDevice(_Device):
                            [_FUSE_RELEASE_IN.pack(fh, flags & ~os.O_CREAT, 0, 0)],
                            filename=filename)
         finally:
-            forget = []
             with self._cache_lock:
                 if raw is not None:
                     self._files.discard(raw)
                 if self._nodes.get(node.nodeid) is node:
-                    self._unuse(node.nodeid, forget)
-            self._forget(forget)
+                    self._unuse(node.nodeid)
+            self._forget_retired()
 
     def _release_later(self, node, fh, flags):
         if self._mem is not None:
@@ -6435,8 +6488,9 @@ class FsDevice(_Device):
                 opened.close()
         self._run_deferred()
         with self._cache_lock:
-            pairs = [(n.nodeid, n.nlookup) for n in self._nodes.values()
-                     if n.nodeid != _FUSE_ROOT_ID and n.nlookup]
+            pairs = self._retired + [(n.nodeid, n.nlookup) for n in self._nodes.values()
+                                     if n.nodeid != _FUSE_ROOT_ID and n.nlookup]
+            self._retired = []
             self._nodes.clear()
             self._names.clear()
         self._forget(pairs)
