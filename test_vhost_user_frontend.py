@@ -5433,11 +5433,12 @@ class TestFsDevicePeer(FrontendTestBase):
         self.assertEqual(forgotten, {2: 1, 3: 1})
 
     def test_no_forget_while_another_call_may_use_the_node(self):
-        peer, backend, fs = self.device()
-        with mock.patch.object(vu, "_FS_CACHE_ENTRIES", 1):
+        peer, backend, fs = self.device(files={"a": b"1", "b": b"2", "c": b"3"})
+        with mock.patch.object(vu, "_FS_CACHE_ENTRIES", 2):
             fs._active += 1              # as if another thread were between LOOKUP and OPEN
             fs.stat("a")
-            fs.stat("b")                 # "a" leaves the cache
+            fs.stat("b")
+            fs.stat("c")                 # "a" leaves the cache
             time.sleep(0.05)
             self.assertEqual(peer.ops(2, queue=0), [])
             fs._active -= 1

@@ -5707,10 +5707,12 @@ class FsDevice(_Device):
         A node that leaves the cache may be about to be used by a call on
         another thread that looked it up a moment ago; the daemon must not
         drop it before that call's requests are sent (the kernel holds an
-        inode reference for as long).
+        inode reference for as long). Under a load that never pauses they go
+        anyway once as many as the cache holds are waiting: the daemon keeps an
+        open fd per node it remembers.
         """
         with self._cache_lock:
-            if self._active or not self._retired:
+            if not self._retired or self._active and len(self._retired) < _FS_CACHE_ENTRIES:
                 return
             pairs, self._retired = self._retired, []
         self._forget(pairs)
