@@ -3275,7 +3275,7 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
         self.assertIn("net loopback, 1514-byte frames, depth 1, 1 queue pair", out)
         self.assertIn("backend CPU µs/packet  n/a (give --backend-pid)", out)
         for argv, fragment in ((["--depth", "257"], "--depth 257: at most 256 frames of 64 bytes"),
-                               (["--rw", "read"], "--rw applies to --type blk only"),
+                               (["--rw", "read"], "--rw applies to --type blk and fs only"),
                                (["--queues", "2"], "--queues 2: bench --type net uses one queue pair")):
             with self.subTest(argv=argv):
                 status, out, err = run_cli("bench", sock, "--type", "net", *argv)
