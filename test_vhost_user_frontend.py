@@ -5634,6 +5634,11 @@ class TestCliFs(FsTestMixin, FdLeakCheck):
         self.assertIn("Access: (0600/-rw-------)", out)
         status, out, err, root = self.fs_cli("cat", "dir one/with space.txt", "empty")
         self.assertEqual((status, out), (0, "spaces in the name\n"))
+        fsd = self.start_backend(Virtiofsd)        # what users type: raw bytes to a pipe
+        build_fs_tree(fsd.shared_dir)
+        status, out, err = run_cli_process("fs", fsd.socket_path, "cat",
+                                           "dir one/sub/na\u00efve caf\u00e9 \u65e5\u672c.txt")
+        self.assertEqual((status, out, err), (0, "non-ASCII content: \u00e9\u65e5\n", ""))
         local = os.path.join(self.host(self.start_backend(Virtiofsd)), "copy")   # a scratch dir
         status, out, err, root = self.fs_cli("get", "big.bin", local)
         with open(local, "rb") as f, open(os.path.join(root, "big.bin"), "rb") as g:
