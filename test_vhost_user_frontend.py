@@ -5033,6 +5033,12 @@ class TestFsDeviceTree(FsTestMixin, FdLeakCheck):
         self.assertEqual(fs.read_bytes("a/b/moved.txt"), b"other")   # not the cached old node
         fs.chmod("a/b/moved.txt", 0o604)
         self.assertEqual(os.stat(os.path.join(root, "a/b/moved.txt")).st_mode & 0o7777, 0o604)
+        fs.chown("a/b/moved.txt", 1234, -1)
+        fs.chown("a/b/moved.txt", -1, 5678)
+        st = os.stat(os.path.join(root, "a/b/moved.txt"))
+        self.assertEqual((st.st_uid, st.st_gid), (1234, 5678))
+        self.assertEqual((fs.stat("a/b/moved.txt").st_uid, fs.stat("a/b/moved.txt").st_gid),
+                         (1234, 5678))
         fs.utime("data.bin", ns=(1234567890123456789, 1500000000987654321))
         st = os.stat(os.path.join(root, "data.bin"))
         self.assertEqual((st.st_atime_ns, st.st_mtime_ns), (1234567890123456789, 1500000000987654321))

@@ -5000,6 +5000,8 @@ _FUSE_INIT_FLAGS = (_FUSE_ATOMIC_O_TRUNC | _FUSE_BIG_WRITES | _FUSE_DO_READDIRPL
                     | _FUSE_PARALLEL_DIROPS | _FUSE_MAX_PAGES)
 #: fuse_setattr_in.valid bits.
 _FATTR_MODE = 1 << 0
+_FATTR_UID = 1 << 1
+_FATTR_GID = 1 << 2
 _FATTR_SIZE = 1 << 3
 _FATTR_ATIME = 1 << 4
 _FATTR_MTIME = 1 << 5
@@ -5844,9 +5846,9 @@ class FsDevice(_Device):
         return attr
 
     def _setattr(self, node, filename, valid, mode=0, size=0, fh=0, atime=(0, 0),
-                 mtime=(0, 0)):
+                 mtime=(0, 0), uid=0, gid=0):
         body = _FUSE_SETATTR_IN.pack(valid, 0, fh, size, 0, atime[0], mtime[0], 0, atime[1],
-                                     mtime[1], 0, mode, 0, 0, 0, 0)
+                                     mtime[1], 0, mode, 0, uid, gid, 0)
         reply = bytearray(_ATTR_OUT_SIZE)
         self._call(_FuseOp.SETATTR, node.nodeid, [body], reply, _ATTR_OUT_SIZE, filename)
         return self._store_attr(node, reply)
@@ -6163,6 +6165,14 @@ class FsDevice(_Device):
         """os.chmod."""
         node = self._walk_path(path, follow_last=follow_symlinks)
         self._setattr(node, path, _FATTR_MODE, mode=mode & 0o7777)
+
+    @_operation
+    def chown(self, path, uid, gid, follow_symlinks=True):
+        """os.chown: -1 leaves the owner or the group as it is."""
+        node = self._walk_path(path, follow_last=follow_symlinks)
+        valid = (_FATTR_UID if uid != -1 else 0) | (_FATTR_GID if gid != -1 else 0)
+        if valid:
+            self._setattr(node, path, valid, uid=uid & 0xFFFFFFFF, gid=gid & 0xFFFFFFFF)
 
     @_operation
     def truncate(self, path, length):
