@@ -3304,7 +3304,7 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
         self.assertIn("net loopback, 1514-byte frames, depth 1, 1 queue pair", out)
         self.assertIn("backend CPU µs/packet  n/a (give --backend-pid)", out)
         for argv, fragment in ((["--depth", "257"], "--depth 257: at most 256 frames of 64 bytes"),
-                               (["--rw", "read"], "--rw applies to --type blk only"),
+                               (["--rw", "read"], "--rw applies to --type blk and fs only"),
                                (["--verify"], "--verify applies to --type blk only"),
                                (["--offset", "4k"], "--offset applies to --type blk only"),
                                (["--queues", "2"], "--queues 2: bench --type net uses one queue pair")):
@@ -4814,11 +4814,16 @@ class TestReadme(BackendTestMixin, FdLeakCheck):
         section = text[text.index("\n## Library"):]
         section = section[:section.index("\n## ", 5)]
         blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-        self.assertGreaterEqual(len(blocks), 4, "BackendClient, VhostUserFrontend, BlockDevice, NetDevice")
+        self.assertGreaterEqual(len(blocks), 5, "BackendClient, VhostUserFrontend, BlockDevice, NetDevice, "
+                                                "FsDevice")
         qsd = self.start_backend(QemuStorageDaemon, kind="raw", size=1 << 30)
         testpmd = self.start_backend(Testpmd)
+        fsd = self.start_backend(Virtiofsd)
+        with open(os.path.join(fsd.shared_dir, "hello.txt"), "w") as f:
+            f.write("hello, share\n")
         paths = {"/tmp/blk.sock": qsd.socket_path, "/tmp/disk.raw": qsd.image_path,
-                 "/tmp/net.sock": testpmd.socket_path}
+                 "/tmp/net.sock": testpmd.socket_path, "/tmp/fs.sock": fsd.socket_path,
+                 "/tmp/share": fsd.shared_dir}
         parser = doctest.DocTestParser()
         for number, block in enumerate(blocks):
             for old, new in paths.items():
@@ -7334,6 +7339,920 @@ class TestCompletionPolicy(FdLeakCheck):
             self.assertIsNone(vu._cpu_affinity(1 << 30))   # no such process
         if hasattr(os, "sched_getaffinity"):
             self.assertEqual(from_proc, frozenset(os.sched_getaffinity(0)))
+
+
+# virtio-fs ###########################################################################################
+#
+# FsDevice against the real C virtiofsd (one daemon per test: it serves one connection), checked
+# against what `os` says of the same tree, then against a FUSE test peer on FakeBackend for what
+# virtiofsd cannot be made to do.
+
+BIG_FILE_SIZE = 5 << 20
+
+
+def build_fs_tree(root):
+    """The tree the virtio-fs tests compare: nested dirs, odd names, links, a fifo, modes."""
+    rnd = random.Random(11)
+    os.makedirs(os.path.join(root, "dir one", "sub", "deeper"))
+    os.mkdir(os.path.join(root, "empty dir"))
+    files = {
+        "empty": b"",
+        "big.bin": bytes(bytearray(rnd.getrandbits(8) for _ in range(4096))) * (BIG_FILE_SIZE // 4096),
+        "dir one/with space.txt": b"spaces in the name\n",
+        "dir one/sub/na\u00efve caf\u00e9 \u65e5\u672c.txt".encode("utf-8").decode("utf-8"):
+            "non-ASCII content: \u00e9\u65e5\n".encode("utf-8"),
+        "dir one/sub/deeper/secret": b"0600\n",
+        "dir one/sub/deeper/tool.sh": b"#!/bin/sh\necho 0755\n",
+    }
+    for name, data in files.items():
+        with open(os.path.join(root, name), "wb") as f:
+            f.write(data)
+    os.chmod(os.path.join(root, "dir one/sub/deeper/secret"), 0o600)
+    os.chmod(os.path.join(root, "dir one/sub/deeper/tool.sh"), 0o755)
+    os.symlink("dir one/sub", os.path.join(root, "link to sub"))
+    os.symlink("../big.bin", os.path.join(root, "dir one", "big link"))
+    os.symlink("nowhere", os.path.join(root, "dangling"))
+    os.link(os.path.join(root, "big.bin"), os.path.join(root, "dir one", "hard link"))
+    os.mkfifo(os.path.join(root, "dir one", "fifo"))
+    return files
+
+
+class XattrVirtiofsd(Virtiofsd):
+    """virtiofsd serving extended attributes (`-o xattr`; off by default)."""
+
+    def _prepare(self):
+        return super(XattrVirtiofsd, self)._prepare() + ["-o", "xattr"]
+
+
+STAT_FIELDS = ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid", "st_size", "st_mtime_ns",
+               "st_ctime_ns", "st_blocks")
+
+
+class FsTestMixin(BackendTestMixin):
+    def start_fs(self, build=None, **kwargs):
+        """A virtiofsd sharing a fresh directory (filled by build(root)) and an FsDevice on it."""
+        fsd = self.start_backend(Virtiofsd)
+        if build is not None:
+            build(fsd.shared_dir)
+        fs = vu.FsDevice.connect(fsd.socket_path, **kwargs)
+        self.addCleanup(fs.close)
+        return fsd, fs
+
+    def host(self, fsd, path=""):
+        return os.path.join(fsd.shared_dir, path) if path else fsd.shared_dir
+
+    def assertSameStat(self, ours, theirs, what):
+        for field in STAT_FIELDS:
+            self.assertEqual(getattr(ours, field), getattr(theirs, field), "%s: %s" % (what, field))
+
+    def assertSameError(self, ours, theirs, path, what, filename=None):
+        """ours() and theirs() raise the same OSError subclass and errno; ours names `path`."""
+        with self.assertRaises(OSError) as expected:
+            theirs()
+        with self.assertRaises(OSError) as got:
+            ours()
+        self.assertIs(type(got.exception), type(expected.exception), what)
+        self.assertEqual(got.exception.errno, expected.exception.errno, what)
+        self.assertEqual(got.exception.strerror, os.strerror(expected.exception.errno), what)
+        self.assertEqual(got.exception.filename, path if filename is None else filename, what)
+
+
+class TestFsDeviceTree(FsTestMixin, FdLeakCheck):
+    """A tree built with `os` reads back identically through FsDevice and virtiofsd."""
+
+    def test_tree_matches_os(self):
+        fsd, fs = self.start_fs(build_fs_tree)
+        root = self.host(fsd)
+        self.assertEqual((fs.major, fs.tag, fs.num_request_queues), (7, None, None))
+        self.assertGreaterEqual(fs.minor, 31)
+        self.assertGreaterEqual(fs.max_write, 4096)
+        # walk: the same directories, names and order-insensitive contents
+        expected = sorted((os.path.relpath(d, root).replace(".", "", 1) if d == root else
+                           os.path.relpath(d, root), sorted(ds), sorted(fs_))
+                          for d, ds, fs_ in os.walk(root))
+        got = sorted((d, sorted(ds), sorted(fs_)) for d, ds, fs_ in fs.walk(""))
+        self.assertEqual(got, expected)
+        bottom_up = [(d, sorted(ds), sorted(f)) for d, ds, f in fs.walk("/", topdown=False)]
+        self.assertEqual(sorted(bottom_up), sorted(("/" + d if d else "/", ds, f) for d, ds, f in got))
+        self.assertEqual(bottom_up[-1][0], "/")                  # children before their parent
+        # every path: listdir, stat, lstat, scandir's answers, readlink, content
+        paths = [""]
+        for dirpath, dirs, files in os.walk(root):
+            rel = os.path.relpath(dirpath, root)
+            paths += [os.path.normpath(os.path.join(rel, n)) for n in dirs + files]
+        for path in paths:
+            real = os.path.join(root, path)
+            with self.subTest(path=path):
+                self.assertSameStat(fs.lstat(path), os.lstat(real), "lstat")
+                if os.path.exists(real):
+                    self.assertSameStat(fs.stat(path), os.stat(real), "stat")
+                    self.assertTrue(fs.exists(path))
+                else:
+                    self.assertFalse(fs.exists(path))
+                if os.path.islink(real):
+                    self.assertEqual(fs.readlink(path), os.readlink(real))
+                if os.path.isdir(real):
+                    self.assertEqual(sorted(fs.listdir(path)), sorted(os.listdir(real)))
+                    theirs = {e.name: e for e in os.scandir(real)}
+                    for entry in fs.scandir(path):
+                        other = theirs.pop(entry.name)
+                        self.assertEqual(entry.path, path + "/" + entry.name if path else entry.name)
+                        self.assertEqual((entry.is_dir(), entry.is_file(), entry.is_symlink(),
+                                          entry.inode()),
+                                         (other.is_dir(), other.is_file(), other.is_symlink(),
+                                          other.inode()), entry.name)
+                        self.assertSameStat(entry.stat(follow_symlinks=False),
+                                            other.stat(follow_symlinks=False), entry.name)
+                    self.assertEqual(theirs, {})
+                elif os.path.isfile(real):
+                    with open(real, "rb") as f:
+                        content = f.read()
+                    self.assertEqual(fs.read_bytes(path), content)
+                    with fs.open(path, "rb") as f:
+                        self.assertEqual(f.read(100), content[:100])
+                        f.seek(-min(7, len(content)), io.SEEK_END)
+                        self.assertEqual(f.read(), content[-7:])
+                        self.assertEqual(f.tell(), len(content))
+        # bytes paths give bytes names, as os does
+        self.assertEqual(sorted(fs.listdir(b"dir one/sub")),
+                         sorted(os.listdir(os.fsencode(os.path.join(root, "dir one/sub")))))
+        self.assertEqual(fs.readlink(b"link to sub"), b"dir one/sub")
+        # text mode, '..' stopping at the root, absolute symlink targets from the root
+        name = "dir one/sub/na\u00efve caf\u00e9 \u65e5\u672c.txt"
+        with fs.open(name, encoding="utf-8") as f:
+            self.assertEqual(f.read(), "non-ASCII content: \u00e9\u65e5\n")
+        self.assertEqual(fs.stat("../../dir one/..").st_ino, os.stat(root).st_ino)
+        self.assertEqual(fs.stat("link to sub/deeper/../deeper/secret").st_mode & 0o777, 0o600)
+        os.symlink("/dir one/with space.txt", os.path.join(root, "absolute"))
+        self.assertEqual(fs.read_bytes("absolute"), b"spaces in the name\n")
+        # statvfs agrees with the host's for the share's file system
+        ours, theirs = fs.statvfs(), os.statvfs(root)
+        self.assertEqual((ours.f_bsize, ours.f_blocks, ours.f_files, ours.f_namemax),
+                         (theirs.f_bsize, theirs.f_blocks, theirs.f_files, theirs.f_namemax))
+        fs.close()
+        self.assertEqual(fsd.wait(10), 0, fsd.log_tail())   # DESTROY, then a clean hang-up
+
+    def test_changes_land_on_disk(self):
+        fsd, fs = self.start_fs(umask=0o022)
+        root = self.host(fsd)
+
+        def on_disk(path):
+            with open(os.path.join(root, path), "rb") as f:
+                return f.read()
+        data = os.urandom(3 * fs.max_write + 12345)     # several chunks in flight
+        self.assertEqual(fs.write_bytes("data.bin", data), len(data))
+        self.assertEqual(on_disk("data.bin"), data)
+        self.assertEqual(fs.read_bytes("data.bin"), data)
+        with fs.open("data.bin", "ab") as f:
+            f.write(b"appended")
+            self.assertEqual(f.tell(), len(data) + 8)
+        fs.truncate("data.bin", 100)
+        self.assertEqual(on_disk("data.bin"), data[:100])
+        with fs.open("data.bin", "r+b") as f:
+            f.seek(10)
+            f.write(b"XYZ")
+            f.flush()
+            fs.fsync(f)
+            self.assertEqual(on_disk("data.bin")[8:15], data[8:10] + b"XYZ" + data[13:15])
+            f.truncate(50)
+        self.assertEqual(len(on_disk("data.bin")), 50)
+        with fs.open("new.txt", "x", encoding="ascii") as f:
+            f.write("line 1\nline 2\n")
+        with fs.open("new.txt", "w+") as f:
+            f.write("rewritten\n")
+            f.seek(0)
+            self.assertEqual(f.read(), "rewritten\n")
+        self.assertEqual(on_disk("new.txt"), b"rewritten\n")
+        self.assertEqual(os.stat(os.path.join(root, "new.txt")).st_mode, 0o100644)   # umask
+        with fs.open("unbuffered", "wb", buffering=0) as f:
+            self.assertIsInstance(f, io.RawIOBase)
+            with self.assertRaises(io.UnsupportedOperation):
+                f.fileno()
+        fs.makedirs("a/b/c")
+        fs.makedirs("a/b/c", exist_ok=True)
+        self.assertTrue(os.path.isdir(os.path.join(root, "a/b/c")))
+        fs.mkdir("a/mode", 0o750)
+        self.assertEqual(os.stat(os.path.join(root, "a/mode")).st_mode & 0o777, 0o750)
+        fs.rmdir("a/b/c")
+        self.assertFalse(os.path.exists(os.path.join(root, "a/b/c")))
+        fs.rename("new.txt", "a/b/moved.txt")
+        self.assertEqual(sorted(os.listdir(os.path.join(root, "a/b"))), ["moved.txt"])
+        fs.write_bytes("other", b"other")
+        fs.replace("other", "a/b/moved.txt")
+        self.assertEqual(on_disk("a/b/moved.txt"), b"other")
+        self.assertEqual(fs.read_bytes("a/b/moved.txt"), b"other")   # not the cached old node
+        fs.chmod("a/b/moved.txt", 0o604)
+        self.assertEqual(os.stat(os.path.join(root, "a/b/moved.txt")).st_mode & 0o7777, 0o604)
+        fs.chown("a/b/moved.txt", 1234, -1)
+        fs.chown("a/b/moved.txt", -1, 5678)
+        st = os.stat(os.path.join(root, "a/b/moved.txt"))
+        self.assertEqual((st.st_uid, st.st_gid), (1234, 5678))
+        self.assertEqual((fs.stat("a/b/moved.txt").st_uid, fs.stat("a/b/moved.txt").st_gid),
+                         (1234, 5678))
+        fs.utime("data.bin", ns=(1234567890123456789, 1500000000987654321))
+        st = os.stat(os.path.join(root, "data.bin"))
+        self.assertEqual((st.st_atime_ns, st.st_mtime_ns), (1234567890123456789, 1500000000987654321))
+        self.assertEqual(fs.stat("data.bin").st_mtime_ns, 1500000000987654321)
+        fs.utime("data.bin", (1000000000, 1000000001.5))
+        self.assertEqual(os.stat(os.path.join(root, "data.bin")).st_mtime_ns, 1000000001500000000)
+        before = time.time()
+        fs.utime("data.bin")
+        self.assertGreaterEqual(os.stat(os.path.join(root, "data.bin")).st_mtime, before - 5)
+        fs.symlink("a/b/moved.txt", "sym")
+        self.assertEqual(os.readlink(os.path.join(root, "sym")), "a/b/moved.txt")
+        fs.link("data.bin", "a/hard")
+        self.assertEqual(os.stat(os.path.join(root, "a/hard")).st_ino,
+                         os.stat(os.path.join(root, "data.bin")).st_ino)
+        self.assertEqual(fs.stat("data.bin").st_nlink, 2)
+        fs.remove("sym")
+        fs.unlink("a/hard")
+        self.assertFalse(os.path.lexists(os.path.join(root, "sym")))
+        self.assertEqual(fs.stat("data.bin").st_nlink, 1)
+        fs.mkfifo("a/fifo")
+        self.assertTrue(stat.S_ISFIFO(os.stat(os.path.join(root, "a/fifo")).st_mode))
+        self.assertTrue(fs.access("data.bin", os.R_OK | os.W_OK))
+        self.assertFalse(fs.access("missing", os.F_OK))
+        fs.write_bytes("empty", b"")
+        self.assertEqual(fs.read_bytes("empty"), b"")
+        self.assertEqual(sorted(fs.listdir()), sorted(os.listdir(root)))
+
+    def test_errors_are_those_of_os(self):
+        fsd, fs = self.start_fs(build_fs_tree)
+        root = self.host(fsd)
+        os.symlink("loop", os.path.join(root, "loop"))
+        h = lambda path: os.path.join(root, path)  # noqa: E731
+        file, directory, full = "big.bin", "empty dir", "dir one"
+        cases = [
+            ("stat missing", lambda p: fs.stat(p), os.stat, "missing"),
+            ("stat under a file", lambda p: fs.stat(p), os.stat, "big.bin/x"),
+            ("stat file/", lambda p: fs.stat(p), os.stat, "big.bin/"),
+            ("lstat missing", fs.lstat, os.lstat, "dir one/nope"),
+            ("stat dangling", fs.stat, os.stat, "dangling"),
+            ("stat loop", fs.stat, os.stat, "loop"),
+            ("stat long name", fs.stat, os.stat, "x" * 300),
+            ("listdir missing", fs.listdir, os.listdir, "missing"),
+            ("listdir file", fs.listdir, os.listdir, file),
+            ("open missing", lambda p: fs.open(p), lambda p: open(p), "missing"),
+            ("open dir", lambda p: fs.open(p), lambda p: open(p), directory),
+            ("open dir for writing", lambda p: fs.open(p, "w"), lambda p: open(p, "w"), directory),
+            ("open x existing", lambda p: fs.open(p, "x"), lambda p: open(p, "x"), file),
+            ("open w in missing dir", lambda p: fs.open(p, "w"), lambda p: open(p, "w"), "no/f"),
+            ("open under a file", lambda p: fs.open(p, "w"), lambda p: open(p, "w"), "empty/f"),
+            ("mkdir existing", fs.mkdir, os.mkdir, directory),
+            ("mkdir missing parent", fs.mkdir, os.mkdir, "no/such"),
+            ("mkdir under a file", fs.mkdir, os.mkdir, "empty/d"),
+            ("makedirs existing", fs.makedirs, os.makedirs, full),
+            ("makedirs over a file", lambda p: fs.makedirs(p, exist_ok=True),
+             lambda p: os.makedirs(p, exist_ok=True), file),
+            ("rmdir non-empty", fs.rmdir, os.rmdir, full),
+            ("rmdir file", fs.rmdir, os.rmdir, file),
+            ("rmdir missing", fs.rmdir, os.rmdir, "missing"),
+            ("rmdir .", fs.rmdir, os.rmdir, "empty dir/."),
+            ("remove dir", fs.remove, os.remove, directory),
+            ("unlink missing", fs.unlink, os.unlink, "missing"),
+            ("readlink file", fs.readlink, os.readlink, file),
+            ("readlink missing", fs.readlink, os.readlink, "missing"),
+            ("chmod missing", lambda p: fs.chmod(p, 0o644), lambda p: os.chmod(p, 0o644), "missing"),
+            ("truncate dir", lambda p: fs.truncate(p, 0), lambda p: os.truncate(p, 0), directory),
+            ("truncate missing", lambda p: fs.truncate(p, 0), lambda p: os.truncate(p, 0), "missing"),
+            ("utime missing", fs.utime, os.utime, "missing"),
+            ("symlink existing", lambda p: fs.symlink("x", p), lambda p: os.symlink("x", p), file),
+            ("mkfifo existing", fs.mkfifo, os.mkfifo, file),
+        ]
+        for what, ours, theirs, path in cases:
+            with self.subTest(what):
+                self.assertSameError(lambda: ours(path), lambda: theirs(h(path)), path, what,
+                                     "x" if what.startswith("symlink") else None)
+        two = [
+            ("rename missing", fs.rename, os.rename, "missing", "x"),
+            ("rename dir onto non-empty dir", fs.rename, os.rename, directory, full),
+            ("rename dir onto file", fs.rename, os.rename, directory, file),
+            ("rename file onto dir", fs.rename, os.rename, file, directory),
+            ("rename into itself", fs.rename, os.rename, full, "dir one/sub/inside"),
+            ("link existing", fs.link, os.link, file, "empty"),
+            ("link dir", fs.link, os.link, directory, "dirlink"),
+            ("link missing", fs.link, os.link, "missing", "x"),
+        ]
+        for what, ours, theirs, src, dst in two:
+            with self.subTest(what):
+                with self.assertRaises(OSError) as expected:
+                    theirs(h(src), h(dst))
+                with self.assertRaises(OSError) as got:
+                    ours(src, dst)
+                self.assertIs(type(got.exception), type(expected.exception), what)
+                self.assertEqual(got.exception.errno, expected.exception.errno, what)
+                self.assertEqual(got.exception.filename, src, what)
+        with self.assertRaises(ValueError):
+            fs.open("big.bin", "rw")
+        with self.assertRaises(ValueError):
+            fs.stat("nul\0byte")
+        self.assertEqual(sorted(fs.listdir()), sorted(os.listdir(root)))   # nothing changed
+
+    def test_every_open_mode_behaves_as_open(self):
+        fsd, fs = self.start_fs()
+        root = self.host(fsd)
+        local = self.host(self.start_backend(Virtiofsd))     # a scratch directory beside it
+        modes = [m + b + p for m in "rwax" for b in ("", "b", "t") for p in ("", "+")]
+        modes += ["r+b", "br", "tr+", "rt+"]
+
+        def exercise(opener, name, mode, buffering):
+            """What a script sees doing the usual things with open(name, mode)."""
+            seen = []
+            try:
+                f = opener(name, mode, buffering)
+            except OSError as exc:
+                return [type(exc).__name__, exc.errno]
+            with f:
+                kind = "raw" if isinstance(f, io.RawIOBase) else type(f).__name__
+                layers = [kind, f.mode, f.readable(), f.writable(), f.seekable()]
+                seen.append(layers)
+                data = "XY" if "b" not in mode else b"XY"
+                if f.readable():
+                    seen.append(f.read(4))
+                if f.writable():
+                    seen.append(f.write(data))
+                seen.append(f.tell())
+                f.seek(0)
+                if f.readable():
+                    seen.append(f.read())
+            return seen
+        for index, mode in enumerate(modes):
+            for buffering in ((-1, 0) if "b" in mode else (-1, 1)):
+                with self.subTest(mode=mode, buffering=buffering):
+                    name = "f%d" % index
+                    for directory in (root, local):
+                        if "x" not in mode or buffering != -1:
+                            with open(os.path.join(directory, name), "wb") as f:
+                                f.write(b"0123456789")
+                        elif os.path.exists(os.path.join(directory, name)):
+                            os.remove(os.path.join(directory, name))
+                    theirs = exercise(lambda n, m, b: open(os.path.join(local, n), m, b), name,
+                                      mode, buffering)
+                    ours = exercise(fs.open, name, mode, buffering)
+                    self.assertEqual(ours, theirs)
+                    with open(os.path.join(local, name), "rb") as f, \
+                            open(os.path.join(root, name), "rb") as g:
+                        self.assertEqual(g.read(), f.read())
+        for bad in ("rw", "rr", "q", "bt", "", "+", "b"):
+            with self.subTest(bad=bad):
+                with self.assertRaises(ValueError) as expected:
+                    open(os.path.join(local, "f0"), bad)
+                with self.assertRaises(ValueError) as got:
+                    fs.open("f0", bad)
+                self.assertIn("mode", str(got.exception))
+
+    def test_xattrs(self):
+        fsd = self.start_backend(XattrVirtiofsd)
+        path = os.path.join(fsd.shared_dir, "f")
+        open(path, "w").close()
+        os.setxattr(path, "user.size", b"xl")
+        fs = vu.FsDevice.connect(fsd.socket_path)
+        self.addCleanup(fs.close)
+        fs.setxattr("f", "user.color", b"blue")
+        self.assertEqual(os.getxattr(path, "user.color"), b"blue")
+        self.assertEqual((fs.getxattr("f", "user.size"), sorted(fs.listxattr("f"))),
+                         (b"xl", ["user.color", "user.size"]))
+        fs.removexattr("f", "user.color")
+        self.assertEqual(os.listxattr(path), ["user.size"])
+        self.assertSameError(lambda: fs.getxattr("f", "user.nope"),
+                             lambda: os.getxattr(path, "user.nope"), "f", "ENODATA")
+        self.assertSameError(lambda: fs.setxattr("f", "user.size", b"s", os.XATTR_CREATE),
+                             lambda: os.setxattr(path, "user.size", b"s", os.XATTR_CREATE), "f",
+                             "XATTR_CREATE")
+        fs.close()
+        fsd, fs = self.start_fs(lambda root: open(os.path.join(root, "f"), "w").close())
+        with self.assertRaises(OSError) as cm:     # virtiofsd without -o xattr: ENOSYS
+            fs.listxattr("f")
+        self.assertEqual((cm.exception.errno, cm.exception.filename), (errno.EOPNOTSUPP, "f"))
+
+    def test_threads_share_one_device(self):
+        # A 4-entry ring and 8 MiB of guest memory for four threads moving 2.5 MiB each (in
+        # 1 MiB chunks): the full-ring and out-of-memory waits both happen, nothing times out.
+        fsd, fs = self.start_fs(queue_size=4, memory_size=8 << 20)
+        root = self.host(fsd)
+        blobs = {"t%d" % i: os.urandom((5 << 19) + i) for i in range(4)}
+        errors = []
+
+        def worker(name, blob):
+            try:
+                for _ in range(3):
+                    fs.write_bytes(name, blob)
+                    if fs.read_bytes(name) != blob:
+                        raise AssertionError("%s read back differs" % name)
+                    fs.stat(name)
+                    fs.listdir("")
+            except Exception as exc:
+                errors.append(exc)
+        threads = [threading.Thread(target=worker, args=item, name="fs-test-%s" % item[0])
+                   for item in blobs.items()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual(errors, [])
+        for name, blob in blobs.items():
+            with open(os.path.join(root, name), "rb") as f:
+                self.assertEqual(f.read(), blob)
+
+
+_FUSE_ATTR_FMT = struct.Struct("<QQQQQQIIIIIIIIII")
+
+
+class _FusePeer(object):
+    """A FUSE server as FakeBackend's device: a root directory of files, and hooks to misbehave.
+
+    `misbehave(opcode, unique, body)` may return None (serve normally), "drop" (never answer) or
+    (out_len, error, unique, payload, used_len) to send exactly that. Requests seen go to .seen as
+    (queue, opcode, nodeid, body); FORGET/BATCH_FORGET on the hiprio queue are used with length 0.
+    """
+
+    def __init__(self, files, max_write=8192, read_limit=None):
+        self.files = {name.encode(): bytearray(data) for name, data in files.items()}
+        self.ids = {name: 2 + i for i, name in enumerate(sorted(self.files))}
+        self.names = {v: k for k, v in self.ids.items()}
+        self.max_write = max_write
+        self.read_limit = read_limit
+        self.misbehave = None
+        self.seen = []
+
+    def attr(self, nodeid):
+        if nodeid == 1:
+            return _FUSE_ATTR_FMT.pack(1, 0, 0, 0, 0, 0, 0, 0, 0, 0o40755, 2, 0, 0, 0, 4096, 0)
+        size = len(self.files[self.names[nodeid]])
+        return _FUSE_ATTR_FMT.pack(nodeid, size, 0, 0, 1500000000, 0, 0, 0, 0, 0o100644, 1, 0, 0,
+                                   0, 4096, 0)
+
+    entry_valid = 60
+
+    def entry(self, nodeid):
+        return struct.pack("<QQQQII", nodeid, 0, self.entry_valid, 60, 0, 0) + self.attr(nodeid)
+
+    def serve(self, opcode, nodeid, body):
+        """(error, payload) of one request."""
+        if opcode == 26:      # INIT
+            major, minor, readahead, flags = struct.unpack_from("<IIII", body)
+            return 0, struct.pack("<IIIIHHIIHHI28x", 7, 31, readahead, flags & (1 << 13 | 1 << 5),
+                                  16, 12, self.max_write, 1, 0, 0, 0)
+        if opcode == 1:       # LOOKUP
+            name = body.rstrip(b"\0")
+            return (0, self.entry(self.ids[name])) if name in self.ids else (-errno.ENOENT, b"")
+        if opcode == 3:       # GETATTR
+            return 0, struct.pack("<QII", 60, 0, 0) + self.attr(nodeid)
+        if opcode in (14, 27):   # OPEN, OPENDIR
+            return 0, struct.pack("<QII", nodeid + 100, 0, 0)
+        if opcode == 15:      # READ
+            fh, offset, size = struct.unpack_from("<QQI", body)
+            if self.read_limit is not None:
+                size = min(size, self.read_limit)
+            return 0, bytes(self.files[self.names[nodeid]][offset:offset + size])
+        if opcode == 16:      # WRITE
+            fh, offset, size = struct.unpack_from("<QQI", body)
+            data = self.files[self.names[nodeid]]
+            data[offset:offset + size] = body[40:40 + size]
+            return 0, struct.pack("<II", size, 0)
+        if opcode == 44:      # READDIRPLUS
+            fh, offset = struct.unpack_from("<QQ", body)
+            out = b""
+            if offset == 0:
+                for i, (name, nodeid_) in enumerate(sorted(self.ids.items())):
+                    dirent = struct.pack("<QQII", nodeid_, i + 1, len(name), 8) + name
+                    out += self.entry(nodeid_) + dirent + b"\0" * (-len(dirent) % 8)
+            return 0, out
+        if opcode == 4:       # SETATTR (no ATOMIC_O_TRUNC here: open("w") truncates with it)
+            valid, _, fh, size = struct.unpack_from("<IIQQ", body)
+            if valid & (1 << 3):
+                del self.files[self.names[nodeid]][size:]
+            return 0, struct.pack("<QII", 60, 0, 0) + self.attr(nodeid)
+        if opcode in (18, 25, 29, 38):   # RELEASE, FLUSH, RELEASEDIR, DESTROY
+            return 0, b""
+        return -errno.ENOSYS, b""
+
+    def __call__(self, backend, index):
+        while True:
+            popped = backend.pop_avail(index)
+            if popped is None:
+                return
+            head, chain = popped
+            request = b"".join(backend.read(a, n) for a, n, f in chain if not f & 2)
+            writable = [(a, n) for a, n, f in chain if f & 2]
+            _, opcode, unique, nodeid = struct.unpack_from("<IIQQ", request)
+            body = request[40:]
+            self.seen.append((index, opcode, nodeid, body))
+            if index == 0:
+                backend.push_used(index, head, 0)
+                continue
+            action = self.misbehave(opcode, unique, body) if self.misbehave else None
+            if action == "drop":
+                continue
+            if action is None:
+                error, payload = self.serve(opcode, nodeid, body)
+                action = (16 + len(payload), error, unique, payload, 16 + len(payload))
+            out_len, error, unique, payload, used = action
+            # A used length past the chain's writable bytes would break the whole ring (the
+            # Queue's own check): lies stay within what the driver offered.
+            used = min(used, sum(length for _, length in writable))
+            data = struct.pack("<IiQ", out_len, error, unique) + payload
+            for addr, length in writable:
+                backend.write(addr, data[:length])
+                data = data[length:]
+            backend.push_used(index, head, used)
+
+    def ops(self, opcode, queue=1):
+        return [s for s in self.seen if s[1] == opcode and s[0] == queue]
+
+
+FS_CONFIG = b"myfs".ljust(36, b"\0") + struct.pack("<I", 1)
+
+
+class TestFsDevicePeer(FrontendTestBase):
+    """FsDevice over a FUSE test peer: what virtiofsd cannot be made to do."""
+
+    def device(self, files=None, timeout=5.0, **kwargs):
+        peer = _FusePeer(files or {"a": b"alpha" * 10000, "b": b"bravo"}, **kwargs)
+        backend = self.backend(features=F_PROTOCOL | F_VERSION_1, config=FS_CONFIG,
+                               device=peer)
+        fs = vu.FsDevice(self.frontend(backend, vu.DeviceType.FS), timeout=timeout, queue_size=32,
+                         memory_size=4 << 20)
+        self.addCleanup(fs.close)
+        return peer, backend, fs
+
+    def test_init_chunks_cache_and_forget(self):
+        peer, backend, fs = self.device()
+        self.assertEqual((fs.tag, fs.num_request_queues, fs.minor, fs.max_write), ("myfs", 1, 31, 8192))
+        major, minor, _, offered = struct.unpack_from("<IIII", peer.ops(26)[0][3])
+        self.assertEqual((major, minor, len(peer.ops(26)[0][3])), (7, 31, 16))   # a 7.31 init_in
+        self.assertEqual(fs.init_flags, offered & (1 << 13 | 1 << 5))           # what was answered
+        self.assertEqual(fs.read_bytes("a"), b"alpha" * 10000)
+        reads = peer.ops(15)
+        self.assertTrue(all(struct.unpack_from("<QQI", body)[2] <= 8192 for _, _, _, body in reads))
+        self.assertGreater(len(reads), 6)                     # 50000 bytes in 8 KiB chunks
+        data = os.urandom(30000)
+        self.assertEqual(fs.write_bytes("b", data), 30000)
+        self.assertEqual(bytes(peer.files[b"b"]), data)
+        self.assertEqual([struct.unpack_from("<QQI", body)[2] for _, _, _, body in peer.ops(16)],
+                         [8192, 8192, 8192, 30000 - 3 * 8192])
+        lookups = len(peer.ops(1))
+        fs.stat("a")
+        fs.stat("a")
+        self.assertEqual(len(peer.ops(1)), lookups)            # cached for entry_valid (60 s)
+        self.assertEqual(sorted(fs.listdir("/")), ["a", "b"])
+        # a file dropped without close() is released at the next request
+        f = fs.open("b", "rb", buffering=0)
+        fh = 2 + 1 + 100
+        del f
+        gc.collect()
+        fs.stat("b")
+        self.assertIn(fh, [struct.unpack_from("<Q", body)[0] for _, _, _, body in peer.ops(18)])
+        referenced = len(peer.ops(1)) + 2                    # LOOKUPs + READDIRPLUS entries
+        left_open = fs.open("b", "w")
+        left_open.write("buffered, never flushed")
+        fs.close()
+        self.assertEqual(bytes(peer.files[b"b"]), b"buffered, never flushed")   # not lost
+        self.assertEqual(len(peer.ops(25)), len(peer.ops(18)))  # a FLUSH before each RELEASE
+        self.assertEqual(len(peer.ops(38)), 1)                # DESTROY
+        forgotten = collections.Counter()
+        for _, opcode, nodeid, body in peer.seen:
+            if opcode == 2:
+                forgotten[nodeid] += struct.unpack("<Q", body)[0]
+            elif opcode == 42:
+                count = struct.unpack_from("<I", body)[0]
+                for i in range(count):
+                    n, nlookup = struct.unpack_from("<QQ", body, 8 + 16 * i)
+                    forgotten[n] += nlookup
+        self.assertEqual(sum(forgotten.values()), referenced, forgotten)
+        self.assertEqual(set(forgotten), {2, 3})
+        self.assertFalse(any(s[1] in (2, 42) for s in peer.seen if s[0] != 0))   # hiprio only
+
+    def test_lookups_expire_and_evicted_names_are_forgotten(self):
+        peer, backend, fs = self.device(files={"a": b"1", "b": b"2", "c": b"3"})
+        peer.entry_valid = 0                                  # names expire at once
+        for _ in range(3):
+            fs.stat("a")
+        self.assertEqual([body for _, _, _, body in peer.ops(1)], [b"a\0"] * 3)
+        peer.entry_valid = 60
+        with mock.patch.object(vu, "_FS_CACHE_ENTRIES", 2):
+            fs.stat("b")
+            fs.stat("c")                                      # "a", the oldest, leaves the cache
+            wait_for(lambda: peer.ops(2, queue=0), what="a FORGET on the hiprio queue")
+            self.assertEqual([(nodeid, struct.unpack("<Q", body)[0]) for _, _, nodeid, body
+                              in peer.ops(2, queue=0)], [(2, 3)])  # all three lookups of "a"
+            fs.stat("b")                                      # used: "c" is now the oldest
+            fs.stat("a")
+            wait_for(lambda: len(peer.ops(2, queue=0)) == 2, what="a second FORGET")
+        self.assertEqual(peer.ops(2, queue=0)[1][2], 4)       # "c" left, not "b"
+        fs.close()
+        forgotten = collections.Counter()
+        for _, _, nodeid, body in peer.ops(42, queue=0):
+            for i in range(struct.unpack_from("<I", body)[0]):
+                n, count = struct.unpack_from("<QQ", body, 8 + 16 * i)
+                forgotten[n] += count
+        self.assertEqual(forgotten, {2: 1, 3: 1})
+
+    def test_no_forget_while_another_call_may_use_the_node(self):
+        peer, backend, fs = self.device(files={"a": b"1", "b": b"2", "c": b"3"})
+        with mock.patch.object(vu, "_FS_CACHE_ENTRIES", 2):
+            fs._active += 1              # as if another thread were between LOOKUP and OPEN
+            fs.stat("a")
+            fs.stat("b")
+            fs.stat("c")                 # "a" leaves the cache
+            time.sleep(0.05)
+            self.assertEqual(peer.ops(2, queue=0), [])
+            fs._active -= 1
+            fs.stat("b")                 # the next call to end sends it
+            wait_for(lambda: peer.ops(2, queue=0), what="the FORGET of a")
+        self.assertEqual(peer.ops(2, queue=0)[0][2], 2)
+
+    def test_malformed_replies_break_only_their_request(self):
+        peer, backend, fs = self.device()
+        entry = peer.entry(2)
+        cases = [
+            ("wrong unique", lambda u: (16 + len(entry), 0, u + 1, entry, 16 + len(entry)),
+             "reply unique"),
+            ("len disagrees with used", lambda u: (16 + len(entry), 0, u, entry, 16 + 10),
+             "disagrees with the used length"),
+            ("positive error", lambda u: (16, 5, u, b"", 16), "error 5 is not a negative errno"),
+            ("error below -511", lambda u: (16, -1000, u, b"", 16), "error -1000"),
+            ("short out-struct", lambda u: (16 + 40, 0, u, entry[:40], 16 + 40), "needs 128"),
+            ("error with payload", lambda u: (24, -2, u, b"x" * 8, 24), "carries 8 byte(s)"),
+            ("less than a header", lambda u: (16, 0, u, b"", 8), "less than the 16-byte"),
+        ]
+        for what, reply, text in cases:
+            with self.subTest(what):
+                peer.misbehave = lambda op, unique, body: reply(unique) if body.startswith(b"a\0") \
+                    else None
+                with self.assertRaises(vu.ProtocolError) as cm:
+                    fs.stat("a")
+                self.assertIn("FUSE LOOKUP", str(cm.exception))
+                self.assertIn(text, str(cm.exception))
+                peer.misbehave = None
+                self.assertEqual(fs.stat("b").st_size, 5)     # the device still works
+        self.assertEqual(fs.stat("a").st_size, 50000)
+
+    def test_malformed_directory_listings(self):
+        peer, backend, fs = self.device()
+        entry = peer.entry(2)
+
+        def dirent(name, off=1, namelen=None):
+            raw = struct.pack("<QQII", 2, off, len(name) if namelen is None else namelen, 8) + name
+            return entry + raw + b"\0" * (-len(raw) % 8)
+        cases = [
+            ("truncated entry", entry[:100], "truncated entry"),
+            ("name longer than the reply", dirent(b"abc", namelen=40), "bad entry name"),
+            ("slash in a name", dirent(b"a/b"), "bad entry name"),
+            ("empty name", dirent(b""), "bad entry name"),
+            ("offset that does not move", dirent(b"a", off=0), "does not move past offset 0"),
+        ]
+        for what, payload, text in cases:
+            with self.subTest(what):
+                peer.misbehave = lambda op, unique, body: (16 + len(payload), 0, unique, payload,
+                                                           16 + len(payload)) if op == 44 else None
+                with self.assertRaises(vu.ProtocolError) as cm:
+                    fs.listdir("")
+                self.assertIn("FUSE READDIRPLUS", str(cm.exception))
+                self.assertIn(text, str(cm.exception))
+        peer.misbehave = None
+        self.assertEqual(sorted(fs.listdir("")), ["a", "b"])
+        self.assertEqual(len(peer.ops(27)), len(peer.ops(29)))     # every OPENDIR released
+
+    def test_fuzzed_replies(self):
+        """Whatever a reply holds, a call returns or raises ProtocolError or OSError (h11's rule)."""
+        rng = random.Random(FUZZ_SEED + 11)
+        peer, backend, fs = self.device()
+        calls = [lambda: fs.stat("a"), lambda: fs.listdir(""), lambda: fs.read_bytes("b"),
+                 lambda: fs.readlink("a"), lambda: fs.statvfs(), lambda: fs.write_bytes("b", b"x"),
+                 lambda: fs.getxattr("a", "user.x"), lambda: fs.mkdir("d")]
+        outcomes = collections.Counter()
+
+        def garble(op, unique, body):
+            if rng.random() < 0.3:
+                return None
+            payload = bytes(rng.getrandbits(8) for _ in range(rng.choice([0, 4, 8, 40, 80, 128, 200])))
+            error = rng.choice([0, 0, 0, -errno.ENOENT, -rng.randrange(1, 600), rng.randrange(1, 9)])
+            length = 16 + len(payload)
+            return (rng.choice([length, length, rng.randrange(1 << 32)]), error,
+                    rng.choice([unique, unique, unique ^ 1]), payload, length)
+        peer.misbehave = garble
+        for i in range(150):
+            call = rng.choice(calls)
+            with self.subTest(i=i):
+                try:
+                    call()
+                    outcomes["ok"] += 1
+                except (vu.ProtocolError, OSError) as exc:
+                    outcomes[type(exc).__name__] += 1
+                    self.assertNotIsInstance(exc, vu.VhostUserTimeout)
+        self.assertGreater(outcomes["ProtocolError"], 10, outcomes)
+        peer.misbehave = None
+        fs.stat("b")                                  # still usable
+
+    def test_errnos_raise_what_os_would(self):
+        peer, backend, fs = self.device()
+        for err, cls in ((errno.EINTR, InterruptedError), (errno.EAGAIN, BlockingIOError),
+                         (errno.EACCES, PermissionError), (errno.EIO, OSError)):
+            with self.subTest(errno.errorcode[err]):
+                peer.misbehave = lambda op, unique, body: (16, -err, unique, b"", 16) \
+                    if op == 15 else None
+                with self.assertRaises(OSError) as cm:
+                    fs.read_bytes("b")
+                self.assertIs(type(cm.exception), cls)
+                self.assertEqual((cm.exception.errno, cm.exception.filename), (err, "b"))
+        peer.misbehave = None
+        self.assertEqual(fs.read_bytes("b"), b"bravo")
+
+    def test_short_reads(self):
+        peer, backend, fs = self.device(read_limit=1000)
+        self.assertEqual(fs.read_bytes("a"), b"alpha" * 10000)
+        with fs.open("a", "rb") as f:
+            self.assertEqual(f.read(5000), (b"alpha" * 1000))
+            f.seek(49990)
+            self.assertEqual(f.read(), b"alpha" * 2)
+        with fs.open("a", "rb", buffering=0) as f:
+            self.assertEqual(f.read(5000), b"alpha" * 200)    # raw: one short read, as a pipe
+
+    def test_hang_up_mid_read(self):
+        peer, backend, fs = self.device(timeout=30.0)
+        peer.misbehave = lambda op, unique, body: "drop" if op == 15 else None
+        timer = threading.Timer(0.3, backend.hang_up)
+        timer.start()
+        self.addCleanup(timer.join)
+        start = time.monotonic()
+        with self.assertLogs("vhost_user_frontend", "WARNING") as logs:
+            with self.assertRaises(vu.Disconnected):
+                fs.read_bytes("a")
+            self.assertLess(time.monotonic() - start, 5.0)   # promptly, not the 30 s timeout
+            start = time.monotonic()
+            fs.close()
+            self.assertLess(time.monotonic() - start, 5.0)
+        self.assertIn("hung up", "\n".join(logs.output))
+
+    def test_no_reply_times_out(self):
+        peer, backend, fs = self.device(timeout=0.3)
+        peer.misbehave = lambda op, unique, body: "drop" if op == 3 else None
+        with self.assertRaises(vu.VhostUserTimeout) as cm:
+            fs.stat("")
+        self.assertIn("GETATTR", str(cm.exception))
+
+
+class _Terminal(io.StringIO):
+    """A stdout that says it is a terminal (for output laid out for people)."""
+
+    def isatty(self):
+        return True
+
+
+class TestCliFs(FsTestMixin, FdLeakCheck):
+    """`fs SOCKET COMMAND` against virtiofsd: one daemon per command (it serves one connection)."""
+
+    @classmethod
+    def setUpClass(cls):
+        # The interactive shell loads readline, which on PyPy opens /dev/null and a pipe for
+        # good the first time: take that one-time cost before the fd accounting starts.
+        try:
+            import readline  # noqa: F401
+        except ImportError:
+            pass
+
+    def fs_cli(self, *argv, **kwargs):
+        """Run `fs SOCKET argv...` on a fresh virtiofsd with the test tree; (status, out, err, root)."""
+        fsd = self.start_backend(Virtiofsd)
+        build_fs_tree(fsd.shared_dir)
+        out, err = (_Terminal() if kwargs.get("tty") else io.StringIO()), io.StringIO()
+        stdin = kwargs.get("stdin")
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                mock.patch.object(sys, "stdin", io.StringIO(stdin or "")):
+            status = vu.main(["fs", fsd.socket_path] + [str(a) for a in argv])
+        self.assertEqual(fsd.wait(10), 0, fsd.log_tail())    # each command: one clean session
+        return status, out.getvalue(), err.getvalue(), fsd.shared_dir
+
+    def test_reading_commands(self):
+        status, out, err, root = self.fs_cli("ls")
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(out.splitlines(), sorted(os.listdir(root)))     # a pipe: one a line
+        status, out, err, root = self.fs_cli("ls", "-a", tty=True)
+        names = sorted(os.listdir(root) + [".", ".."])
+        self.assertEqual(sorted(out.split()), sorted(" ".join(names).split()))
+        self.assertLess(len(out.splitlines()), len(names))                # a terminal: columns
+        status, out, err, root = self.fs_cli("ls", "-l", "dir one")
+        lines = out.splitlines()
+        self.assertEqual(len(lines), 5)
+        self.assertRegex(lines[0], r"^lrwxrwxrwx +1 +0 +0 +10 \d{4}-\d\d-\d\d \d\d:\d\d big link -> ../big.bin$")
+        self.assertRegex(lines[2], r"^-rw-r--r-- +2 +0 +0 +%d .* hard link$" % BIG_FILE_SIZE)
+        status, out, err, root = self.fs_cli("tree")
+        self.assertEqual(out.splitlines()[0], "/")
+        self.assertIn("│   │   └── na\u00efve caf\u00e9 \u65e5\u672c.txt", out.splitlines())
+        self.assertIn("└── link to sub -> dir one/sub", out.splitlines())
+        self.assertTrue(out.endswith("\n4 directories, 11 files\n"), out)
+        status, out, err, root = self.fs_cli("stat", "dir one/sub/deeper/secret")
+        st = os.stat(os.path.join(root, "dir one/sub/deeper/secret"))
+        self.assertIn("Size: 5 ", out)
+        self.assertIn("regular file", out)
+        self.assertIn("Inode: %d " % st.st_ino, out)
+        self.assertIn("Access: (0600/-rw-------)", out)
+        status, out, err, root = self.fs_cli("cat", "dir one/with space.txt", "empty")
+        self.assertEqual((status, out), (0, "spaces in the name\n"))
+        fsd = self.start_backend(Virtiofsd)        # what users type: raw bytes to a pipe
+        build_fs_tree(fsd.shared_dir)
+        status, out, err = run_cli_process("fs", fsd.socket_path, "cat",
+                                           "dir one/sub/na\u00efve caf\u00e9 \u65e5\u672c.txt")
+        self.assertEqual((status, out, err), (0, "non-ASCII content: \u00e9\u65e5\n", ""))
+        local = os.path.join(self.host(self.start_backend(Virtiofsd)), "copy")   # a scratch dir
+        status, out, err, root = self.fs_cli("get", "big.bin", local)
+        with open(local, "rb") as f, open(os.path.join(root, "big.bin"), "rb") as g:
+            self.assertEqual(f.read(), g.read())
+        self.assertEqual(out, "big.bin -> %s (%d bytes)\n" % (local, BIG_FILE_SIZE))
+        status, out, err, root = self.fs_cli("df")
+        self.assertEqual(status, 0)
+        self.assertRegex(out.splitlines()[1], r"^share +\d")
+        for argv, text in ((("ls", "missing"), "ls: missing: No such file or directory"),
+                           (("cat", "dir one"), "cat: dir one: Is a directory"),
+                           (("stat", "big.bin/x"), "stat: big.bin/x: Not a directory"),
+                           (("tree", "big.bin"), "tree: big.bin: Not a directory")):
+            with self.subTest(argv):
+                status, out, err, root = self.fs_cli(*argv)
+                self.assertEqual((status, out), (1, ""))
+                self.assertEqual(err, "vhost_user_frontend: error: %s\n" % text)
+
+    def test_changing_commands(self):
+        source = os.path.join(self.host(self.start_backend(Virtiofsd)), "upload.bin")
+        with open(source, "wb") as f:
+            f.write(b"uploaded" * 1000)
+        status, out, err, root = self.fs_cli("put", source, "dir one")
+        self.assertEqual(status, 0, err)
+        with open(os.path.join(root, "dir one/upload.bin"), "rb") as f:
+            self.assertEqual(f.read(), b"uploaded" * 1000)
+        status, out, err, root = self.fs_cli("mkdir", "-p", "n/e/w", "empty dir/x")
+        self.assertTrue(os.path.isdir(os.path.join(root, "n/e/w")))
+        self.assertTrue(os.path.isdir(os.path.join(root, "empty dir/x")))
+        status, out, err, root = self.fs_cli("mkdir", "empty dir")
+        self.assertEqual(err, "vhost_user_frontend: error: mkdir: empty dir: File exists\n")
+        status, out, err, root = self.fs_cli("rm", "-r", "dir one", "big.bin")
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(sorted(os.listdir(root)), ["dangling", "empty", "empty dir", "link to sub"])
+        status, out, err, root = self.fs_cli("rm", "empty dir")
+        self.assertEqual(err, "vhost_user_frontend: error: rm: empty dir: Is a directory\n")
+        status, out, err, root = self.fs_cli("mv", "big.bin", "empty dir")
+        self.assertTrue(os.path.isfile(os.path.join(root, "empty dir/big.bin")))
+        status, out, err, root = self.fs_cli("ln", "-s", "../big.bin", "empty dir/sym")
+        self.assertEqual(os.readlink(os.path.join(root, "empty dir/sym")), "../big.bin")
+        status, out, err, root = self.fs_cli("ln", "big.bin", "hard")
+        self.assertEqual(os.stat(os.path.join(root, "hard")).st_nlink, 3)
+
+    def test_shell_runs_many_commands_on_one_connection(self):
+        script = "\n".join(["ls", "cd 'dir one'", "pwd", "cat 'with space.txt'", "mkdir -p a/b",
+                            "ln -s ../../big.bin a/b/big", "mv a made", "ls made/b", "cd /",
+                            "rm -r empty", "ls -l 'link to sub'", "exit", "ls never-run"]) + "\n"
+        status, out, err, root = self.fs_cli("shell", stdin=script)
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(out.splitlines()[:9], sorted(os.listdir(root) + ["empty"])
+                         + ["/dir one", "spaces in the name", "big"])
+        self.assertEqual(os.readlink(os.path.join(root, "dir one/made/b/big")), "../../big.bin")
+        self.assertFalse(os.path.exists(os.path.join(root, "empty")))
+        status, out, err, root = self.fs_cli("shell", stdin="ls nope\nbogus\nstat empty\n")
+        self.assertEqual(status, 1)                      # a script that failed says so
+        self.assertIn("error: ls: /nope: No such file or directory\n", err)
+        self.assertIn("Size: 0 ", out)                   # and carried on
+
+    def test_shell_on_a_terminal(self):
+        class Tty(io.StringIO):
+            def isatty(self):
+                return True
+        fsd = self.start_backend(Virtiofsd)
+        build_fs_tree(fsd.shared_dir)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                mock.patch.object(sys, "stdin", Tty("cd 'dir one'\nls sub\nnope\n")):
+            status = vu.main(["fs", fsd.socket_path, "shell"])
+        self.assertEqual(status, 0)            # interactive: mistakes do not make it fail
+        text = out.getvalue()
+        self.assertTrue(text.startswith("Connected to %s (FUSE 7." % fsd.socket_path), text)
+        self.assertIn("fs:/> fs:/dir one> deeper\nna\u00efve caf\u00e9 \u65e5\u672c.txt\nfs:/dir one> ", text)
+        self.assertIn("invalid choice: 'nope'", err.getvalue())
+
+    def test_bench_fs(self):
+        fsd = self.start_backend(Virtiofsd)
+        status, out, err = run_cli("bench", fsd.socket_path, "--type", "fs", "--seconds", "0.3",
+                                   "--depth", "4", "--file-size", "1M", "--backend-pid", fsd.pid,
+                                   "--json")
+        self.assertEqual(status, 0, err)
+        report = json.loads(out)
+        self.assertEqual((report["type"], report["rw"], report["size"], report["depth"]),
+                         ("fs", "randread", 4096, 4))
+        self.assertGreater(report["requests"], 0)
+        self.assertEqual(os.listdir(fsd.shared_dir), [])      # the file it made is gone
+        fsd = self.start_backend(Virtiofsd)
+        with open(os.path.join(fsd.shared_dir, "given"), "wb") as f:
+            f.write(bytes(1 << 20))
+        status, out, err = run_cli("bench", fsd.socket_path, "--type", "fs", "--seconds", "0.3",
+                                   "--rw", "write", "--size", "64k", "--file", "given")
+        self.assertEqual(status, 0, err)
+        self.assertIn("fs write, 65536 bytes, depth 1, 1 queue(s)", out)
+        self.assertEqual(os.path.getsize(os.path.join(fsd.shared_dir, "given")), 1 << 20)
+
+    def test_wrong_device(self):
+        qsd = self.start_backend(QemuStorageDaemon)
+        status, out, err = run_cli("fs", qsd.socket_path, "ls")
+        self.assertEqual(status, 1)
+        self.assertIn("wrong device type: the back-end is a block device", err)
 
 
 if __name__ == "__main__":
