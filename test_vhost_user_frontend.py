@@ -437,10 +437,11 @@ class Testpmd(_Daemon):
     socket_name = "net.sock"
     requires = (("dpdk-testpmd", "dpdk-dev"),)
 
-    def __init__(self, tmp=None, queues=1, client=False):
+    def __init__(self, tmp=None, queues=1, client=False, forward_mode="io"):
         super(Testpmd, self).__init__(tmp)
         self.queues = queues
         self.client = client
+        self.forward_mode = forward_mode  # "txonly": testpmd makes frames for our RX ring
         self.listens = not client
         _testpmd_counter[0] += 1
         self.file_prefix = "vhu%d_%d" % (os.getpid(), _testpmd_counter[0])
@@ -462,7 +463,7 @@ class Testpmd(_Daemon):
         return [find_binary("dpdk-testpmd"), "--no-huge", "--no-pci", "--no-shconf", "-m", "128",
                 "-l", self._cpus(), "--file-prefix=%s" % self.file_prefix, "--vdev", vdev,
                 "--", "--total-num-mbufs=2048", "--auto-start", "--stats-period=3600",
-                "--no-mlockall", "--forward-mode=io", "--nb-cores=1"] + queues
+                "--no-mlockall", "--forward-mode=%s" % self.forward_mode, "--nb-cores=1"] + queues
 
     def stop_with_stats(self):
         """SIGTERM, then the forward statistics testpmd prints as it exits, then stop().
@@ -3020,8 +3021,6 @@ class TestCliErrors(FdLeakCheck):
                  ("blk", ("bench", "{}"), "timeout: reap: no completion", ""),
                  ("net", ("net", "{}", "send"), "timeout: flush: the back-end has not taken 1",
                   ""),
-                 ("net", ("net", "{}", "ping", "-c", "20"), "ping: frame 1 of 20 did not come "
-                  "back within 0.3 s", None),   # stops at the first lost frame
                  ("net", ("bench", "{}", "--type", "net"), "1 frame(s) did not come back "
                   "within 0.3 s", "")]
         for kind, command, fragment, stdout in cases:
@@ -3029,6 +3028,12 @@ class TestCliErrors(FdLeakCheck):
                 backend = self.device_backend(kind)
                 self.assertFails(self.argv(command, backend.path, "--timeout", "0.3"), fragment,
                                  stdout=stdout)
+        # ping reports lost frames as ping does: in its summary, with exit status 1.
+        backend = self.device_backend("net")
+        status, out, err = run_cli("net", backend.path, "ping", "-c", "2", "-i", "0", "-W", "0.2")
+        self.assertEqual((status, err), (1, ""))
+        self.assertIn("\n2 packets transmitted, 0 received, 100% packet loss, time ", out)
+        self.assertNotIn("rtt", out)
 
     def test_wrong_device_type(self):
         for kind, command, fragment in (
@@ -3050,7 +3055,11 @@ class TestCliErrors(FdLeakCheck):
                      ["probe", "x", "--timeout", "nan"], ["probe", "x", "--timeout", "1e308"],
                      ["bench", "x", "--seconds", "0"], ["bench", "x", "--seconds", "nan"],
                      ["demo", "--seconds", "-1"], ["net", "x", "recv", "--wait", "-1"],
-                     ["net", "x", "recv", "--wait", "inf"], ["bench", "x", "--depth", "0"],
+                     ["net", "x", "recv", "--wait", "nan"], ["bench", "x", "--depth", "0"],
+                     ["net", "x", "ping", "-i", "-1"], ["net", "x", "ping", "-W", "0"],
+                     ["net", "x", "ping", "--payload-hex", "00", "--payload-file", "f"],
+                     ["blk", "x", "verify", "0", "1"], ["blk", "x", "verify", "0", "1", "--pattern", "256"],
+                     ["blk", "x", "write", "0", "--pad", "--rmw"], ["blk", "x", "read", "0", "1", "-C", "-o", "f"],
                      ["bench", "x", "--queues", "0"], ["net", "x", "send", "-n", "0"],
                      ["net", "x", "ping", "-c", "0"], ["net", "x", "recv", "-n", "0"]):
             with self.subTest(argv=argv):
@@ -3125,8 +3134,13 @@ class TestCliBlock(BackendTestMixin, FdLeakCheck):
         sock = d.socket_path
         status, out, err = run_cli("blk", sock, "info", "--json")
         self.assertEqual((status, err), (0, ""))
-        self.assertEqual(json.loads(out), {"capacity": 4 << 20, "block_size": 512, "read_only": False,
-                                           "num_queues": 1, "id": "vhost_user_blk"})
+        self.assertEqual(json.loads(out), {
+            "capacity": 4 << 20, "block_size": 512, "read_only": False, "num_queues": 1,
+            "id": "vhost_user_blk", "max_transfer": vu._BLK_MAX_TRANSFER, "write_cache": False,
+            "topology": {"physical_block_size": 512, "alignment_offset": 0, "min_io_size": 512,
+                         "opt_io_size": 512},
+            "discard": {"max_bytes": 16 << 20, "max_segments": 1, "alignment": 512},
+            "write_zeroes": {"max_bytes": 16 << 20, "max_segments": 1, "may_unmap": False}})
         data = os.urandom(1024)
         src, dst = os.path.join(d.tmpdir, "in"), os.path.join(d.tmpdir, "out")
         with open(src, "wb") as f:
@@ -3151,8 +3165,10 @@ class TestCliBlock(BackendTestMixin, FdLeakCheck):
             f.seek(4096)
             self.assertEqual(f.read(1024), bytes(512) + data[512:])
         # Bad ranges: one line, status 1, nothing sent that could hurt the disk.
-        for argv, fragment in ((["read", "1", "512"], "multiples of the block size 512"),
-                               (["read", "4M", "512"], "past the capacity"),
+        for argv, fragment in ((["read", "4M", "1"], "read: 1 bytes at offset 4194304 end past the "
+                                "capacity of 4194304 bytes (4 MiB)"),
+                               (["write", "1", "-i", src], "not both multiples of the block size 512; "
+                                "give --pad (zero-fill the partial blocks) or --rmw"),
                                (["write", "0", "-i", os.path.join(d.tmpdir, "absent")], "No such file")):
             with self.subTest(argv=argv):
                 status, out, err = run_cli("blk", sock, *argv)
@@ -3178,7 +3194,7 @@ class TestCliBlock(BackendTestMixin, FdLeakCheck):
         self.assertIn("read-only", err)
         status, out, err = run_cli("blk", d.socket_path, "info")
         self.assertEqual(status, 0, err)
-        self.assertRegex(out, r"read only +True\n")
+        self.assertRegex(out, r"read only +yes\n")
 
     def test_bench(self):
         d = self.start_backend(QemuStorageDaemon, num_queues=2)
@@ -3244,34 +3260,46 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
     def test_net_commands(self):
         d = self.start_backend(Testpmd)
         sock = d.socket_path
-        # ping: frames of every size class come back byte-identical.
-        for size in ("64", "1514", "9000"):
+        # ping: frames of every size class come back byte-identical; ping's lines and summary.
+        for size in ("50", "1500", "8986"):
             with self.subTest(size=size):
-                status, out, err = run_cli("net", sock, "ping", "-c", "50", "--size", size)
+                status, out, err = run_cli("net", sock, "ping", "-c", "50", "-i", "0", "-s", size)
                 self.assertEqual((status, err), (0, ""))
-                self.assertIn(": 50 frame(s) of %s bytes, 02:00:00:00:00:01 -> ff:ff:ff:ff:ff:ff\n"
-                              % size, out)
-                self.assertIn("50 sent, 50 came back identical, 0 lost, 0 other frame(s) received\n",
-                              out)
-                rtt = re.search(r"round trip µs: min ([\d.]+)  p50 ([\d.]+)  p99 ([\d.]+)  max ([\d.]+)",
-                                out)
-                values = [float(v) for v in rtt.groups()]
-                self.assertEqual(values, sorted(values))
+                frame = int(size) + 14
+                self.assertTrue(out.startswith("PING %s %s(%d) bytes of data, 02:00:00:00:00:01 > "
+                                               "ff:ff:ff:ff:ff:ff.\n" % (sock, size, frame)), out)
+                self.assertEqual(len(re.findall(r"^%d bytes from %s: seq=\d+ time=[\d.]+ ms$"
+                                                % (frame, re.escape(sock)), out, re.M)), 50, out)
+                self.assertIn("\n--- %s ping statistics ---\n50 packets transmitted, 50 received, 0%% "
+                              "packet loss, time " % sock, out)
+                rtt = re.search(r"\nrtt min/avg/max/mdev = ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms\n$", out)
+                low, avg, high, mdev = [float(v) for v in rtt.groups()]
+                self.assertTrue(0 < low <= avg <= high, out)
+                self.assertLessEqual(mdev, high - low)
+        # -q: the first line and the summary; -f: a dot per frame, erased when it comes back.
+        status, out, err = run_cli("net", sock, "ping", "-c", "5", "-q", "-i", "0")
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(len(out.splitlines()), 5, out)
+        status, out, err = run_cli("net", sock, "ping", "-c", "20", "-f")
+        self.assertEqual((status, err), (0, ""))
+        dots = out.split("\n")[1]
+        self.assertEqual((dots.count("."), dots.count("\b \b")), (20, 20), out)
         # A given frame, as hex or from a file.
         frame = bytes.fromhex("ffffffffffff0200000000aa88b5") + b"hello"
-        status, out, err = run_cli("net", sock, "ping", "--hex", "ff:ff:ff:ff:ff:ff 0200000000aa88b5"
-                                   + b"hello".hex(), "-c", "3")
+        status, out, err = run_cli("net", sock, "ping", "--payload-hex", "ff:ff:ff:ff:ff:ff 0200000000aa88b5"
+                                   + b"hello".hex(), "-c", "3", "-i", "0.01")
         self.assertEqual((status, err), (0, ""))
-        self.assertIn("3 sent, 3 came back identical", out)
+        self.assertIn("3 packets transmitted, 3 received, 0% packet loss", out)
         path = os.path.join(d.tmpdir, "frame")
         with open(path, "wb") as f:
             f.write(frame)
-        self.assertEqual(run_cli("net", sock, "send", "-i", path, "-n", "300"),
+        self.assertEqual(run_cli("net", sock, "send", "--payload-file", path, "-n", "300"),
                          (0, "sent 300 frame(s) of 19 bytes\n", ""))
-        self.assertEqual(run_cli("net", sock, "recv", "--wait", "0.05"), (0, "received 0 frame(s)\n", ""))
-        for argv, fragment in ((["ping", "--hex", "ffff"], "the frame has 2 bytes"),
-                               (["ping", "--hex", "xyz"], "--hex: non-hexadecimal number"),
-                               (["ping", "--size", "17"], "--size 17: test frames carry"),
+        self.assertEqual(run_cli("net", sock, "recv", "--wait", "0.05"), (0, "0 frame(s) received\n", ""))
+        for argv, fragment in ((["ping", "--payload-hex", "ffff"], "the frame has 2 bytes"),
+                               (["ping", "--payload-hex", "xyz"], "--payload-hex: non-hexadecimal number"),
+                               (["ping", "-s", "3"], "need at least 18 bytes (4 data bytes), not 17"),
+                               (["send", "-r", path], "not a pcap file (magic ffffffff"),
                                (["send", "--size", "70000"], "send: frame of 70000 bytes")):
             with self.subTest(argv=argv):
                 status, out, err = run_cli("net", sock, *argv)
@@ -3302,7 +3330,9 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
         self.assertIn("net loopback, 1514-byte frames, depth 1, 1 queue pair", out)
         self.assertIn("backend CPU µs/packet  n/a (give --backend-pid)", out)
         for argv, fragment in ((["--depth", "257"], "--depth 257: at most 256 frames of 64 bytes"),
-                               (["--rw", "read"], "--rw applies to --type blk only"),
+                               (["--rw", "read"], "--rw applies to --type blk and fs only"),
+                               (["--verify"], "--verify applies to --type blk only"),
+                               (["--offset", "4k"], "--offset applies to --type blk only"),
                                # testpmd runs one pair here: pair 1 is never looped back.
                                (["--queues", "2", "--timeout", "0.5"],
                                 "frame(s) of pair 1 did not come back within 0.5 s")):
@@ -3317,8 +3347,8 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
         self.assertIsNone(d.returncode)
 
     def test_recv_output(self):
-        # testpmd returns frames only to the connection that sent them, so `recv` is shown frames
-        # by a stand-in device; the formatting and -o are what is checked here.
+        # The formatting of frames testpmd does not make (a runt, an unknown ethertype) is shown
+        # with a stand-in device: tcpdump -e's head line, tcpdump -xx's dump, -o's raw bytes.
         frames = [bytes.fromhex("ffffffffffff02000000000188b5") + bytes(range(20)), b"\x01" * 10]
 
         class Device(object):
@@ -3329,22 +3359,27 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
         path = os.path.join(tempfile.mkdtemp(prefix="vhu-cli-"), "frames")
         self.addCleanup(shutil.rmtree, os.path.dirname(path))
         out = io.StringIO()
-        args = argparse.Namespace(wait=0.0, count=None, hexdump=True, output=path)
+        args = argparse.Namespace(wait=0.0, count=None, hexdump=True, output=path, write=None)
         self.assertEqual(vu._net_recv(Device(), args, out), 0)
-        self.assertEqual(out.getvalue().splitlines(), [
-            "34 bytes 02:00:00:00:00:01 -> ff:ff:ff:ff:ff:ff type 0x88b5",
-            "  0000  ff ff ff ff ff ff 02 00 00 00 00 01 88 b5 00 01",
-            "  0010  02 03 04 05 06 07 08 09 0a 0b 0c 0d 0e 0f 10 11",
-            "  0020  12 13",
-            "10 bytes (runt)",
-            "  0000  01 01 01 01 01 01 01 01 01 01",
-            "received 2 frame(s)"])
+        lines = out.getvalue().splitlines()
+        for i in (0, 4):
+            self.assertRegex(lines[i], r"^\d\d:\d\d:\d\d\.\d{6} ")
+            lines[i] = lines[i][16:]
+        self.assertEqual(lines, [
+            "02:00:00:00:00:01 > ff:ff:ff:ff:ff:ff, ethertype Unknown (0x88b5), length 34",
+            "\t0x0000:  ffff ffff ffff 0200 0000 0001 88b5 0001",
+            "\t0x0010:  0203 0405 0607 0809 0a0b 0c0d 0e0f 1011",
+            "\t0x0020:  1213",
+            "[|ether] length 10 (runt)",
+            "\t0x0000:  0101 0101 0101 0101 0101",
+            "2 frame(s) received"])
         with open(path, "rb") as f:
             self.assertEqual(len(f.read()), 44)
 
-    def test_ping_wants_the_same_bytes_back(self):
+    def test_ping_counts_as_ping_does(self):
         # testpmd returns every frame unchanged, so a stand-in device shows ping what else can
-        # come back: a changed frame is counted as "other" and fails the run; a loss stops it.
+        # come back: a changed frame is "corrupted" and that frame lost; a second copy a
+        # duplicate; foreign frames are ignored; any loss means exit status 1.
         import argparse
 
         class Device(object):
@@ -3362,21 +3397,67 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
         def changed(frame):
             return frame[:-1] + bytes([frame[-1] ^ 1])
 
-        args = argparse.Namespace(socket="stand-in", count=3, timeout=0.01, size=64, input=None,
-                                  hex=None)
-        out = io.StringIO()
-        self.assertEqual(vu._net_ping(Device(lambda f: [f]), args, out), 0)
-        self.assertIn("3 sent, 3 came back identical, 0 lost, 0 other", out.getvalue())
-        for name, returns, fragment in (
-                ("changed", lambda f: [changed(f)], "frame 1 of 3 did not come back within 0.01 s"),
-                ("changed, then the frame", lambda f: [changed(f), f],
-                 "3 frame(s) arrived that were not the one awaited")):
+        foreign = bytes.fromhex("02000000000902000000000a0800") + bytes(50)
+        for name, returns, status, summary in (
+                ("echo", lambda f: [f], 0, "3 packets transmitted, 3 received, 0% packet loss"),
+                ("foreign traffic too", lambda f: [foreign, f], 0,
+                 "3 packets transmitted, 3 received, 0% packet loss"),
+                ("changed", lambda f: [changed(f)], 1,
+                 "3 packets transmitted, 0 received, +3 corrupted, 100% packet loss"),
+                ("twice", lambda f: [f, f], 0,
+                 "3 packets transmitted, 3 received, +2 duplicates, 0% packet loss"),
+                ("every other", lambda f: [f] if f[17] % 2 else [], 1,
+                 "3 packets transmitted, 2 received, 33.3333% packet loss"),
+                ("none", lambda f: [], 1, "3 packets transmitted, 0 received, 100% packet loss")):
             with self.subTest(name):
+                args = argparse.Namespace(socket="stand-in", count=3, interval=0.0, size=50, wait=0.01,
+                                          timeout=5.0, flood=False, quiet=False, payload_file=None,
+                                          payload_hex=None)
                 out = io.StringIO()
-                with self.assertRaises(vu._CliError) as cm:
-                    vu._net_ping(Device(returns), args, out)
-                self.assertIn(fragment, str(cm.exception))
-                self.assertNotIn(" 0 other", out.getvalue())
+                self.assertEqual(vu._net_ping(Device(returns), args, out), status)
+                self.assertIn("\n--- stand-in ping statistics ---\n" + summary + ", time ", out.getvalue())
+                self.assertEqual("rtt min/avg/max/mdev" in out.getvalue(), "0 received" not in summary)
+
+    def test_ping_options(self):
+        # iputils' meanings: -c count, -i interval (s), -s data bytes, -W wait (s), -f, -q.
+        parser = vu._build_parser()[0]
+        base = ["net", "sock", "ping"]
+        for argv, expected in (
+                ([], {"count": None, "interval": 1.0, "size": 50, "wait": None, "flood": False,
+                      "quiet": False}),
+                (["-c", "5", "-i", "0.2", "-s", "56", "-W", "2", "-q"],
+                 {"count": 5, "interval": 0.2, "size": 56, "wait": 2.0, "quiet": True}),
+                (["-f", "-c3"], {"flood": True, "count": 3}),
+                (["-i", "0"], {"interval": 0.0}),
+                (["--count", "7", "--interval", "3", "--size", "1k"], {"count": 7, "interval": 3.0,
+                                                                       "size": 1024})):
+            with self.subTest(argv=argv):
+                args = parser.parse_args(base + argv)
+                self.assertEqual(dict((k, getattr(args, k)) for k in expected), expected)
+
+    def test_ping_interval_and_wait(self):
+        # -i spaces the frames; -W bounds the wait for each (a stand-in that returns nothing).
+        import argparse
+
+        class Device(object):
+            mac = None
+            sent = []
+
+            def send(self, frame):
+                self.sent.append(time.monotonic())
+
+            def recv(self, timeout):
+                time.sleep(timeout)
+                return None
+
+        args = argparse.Namespace(socket="s", count=3, interval=0.3, size=50, wait=0.05, timeout=5.0,
+                                  flood=False, quiet=True, payload_file=None, payload_hex=None)
+        dev = Device()
+        self.assertEqual(vu._net_ping(dev, args, io.StringIO()), 1)
+        gaps = [b - a for a, b in zip(dev.sent, dev.sent[1:])]
+        self.assertEqual(len(gaps), 2)
+        for gap in gaps:
+            self.assertGreaterEqual(gap, 0.29)   # not sooner than -i (later is the machine's load)
 
 
 # Driver: Queue, BlockDevice, NetDevice ###############################################################
@@ -4763,11 +4844,16 @@ class TestReadme(BackendTestMixin, FdLeakCheck):
         section = text[text.index("\n## Library"):]
         section = section[:section.index("\n## ", 5)]
         blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-        self.assertGreaterEqual(len(blocks), 4, "BackendClient, VhostUserFrontend, BlockDevice, NetDevice")
+        self.assertGreaterEqual(len(blocks), 5, "BackendClient, VhostUserFrontend, BlockDevice, NetDevice, "
+                                                "FsDevice")
         qsd = self.start_backend(QemuStorageDaemon, kind="raw", size=1 << 30)
         testpmd = self.start_backend(Testpmd)
+        fsd = self.start_backend(Virtiofsd)
+        with open(os.path.join(fsd.shared_dir, "hello.txt"), "w") as f:
+            f.write("hello, share\n")
         paths = {"/tmp/blk.sock": qsd.socket_path, "/tmp/disk.raw": qsd.image_path,
-                 "/tmp/net.sock": testpmd.socket_path}
+                 "/tmp/net.sock": testpmd.socket_path, "/tmp/fs.sock": fsd.socket_path,
+                 "/tmp/share": fsd.shared_dir}
         parser = doctest.DocTestParser()
         for number, block in enumerate(blocks):
             for old, new in paths.items():
@@ -5356,9 +5442,10 @@ class TestPackedRingsAndQueuePairs(BackendTestMixin, FdLeakCheck):
         self.assertIn("2 queue pairs, packed rings", out)
         self.assertIn("pair 1 ", out)
         for flag in ("--split", "--packed"):
-            status, out, err = run_cli("net", pmd.socket_path, "ping", "-n", "3", flag)
+            status, out, err = run_cli("net", pmd.socket_path, "ping", "-c", "3", "-i", "0",
+                                       flag)
             self.assertEqual(status, 0, err)
-            self.assertIn("3 came back identical", out)
+            self.assertIn("3 packets transmitted, 3 received, 0% packet loss", out)
         status, out, err = run_cli("net", pmd.socket_path, "ping", "--split", "--packed")
         self.assertEqual(status, 2)
         self.assertIn("not allowed with argument", err)
@@ -6922,7 +7009,7 @@ class TestCliWithoutBackends(BackendTestMixin, FdLeakCheck):
 
     def sigterm_during_bench(self, proc, signum=signal.SIGTERM):
         try:
-            out = read_until(proc, "4. $ ")
+            out = read_until(proc, "bench ")  # the step 4 echo: the benchmark runs next
         except AssertionError as exc:
             proc.kill()
             status, _, err = communicate(proc)
@@ -6947,6 +7034,602 @@ def run_cli_process_popen(*argv):
     return subprocess.Popen([sys.executable, "-m", "vhost_user_frontend"] + [str(a) for a in argv],
                             cwd=MODULE_DIR, env=dict(os.environ, PYTHONUNBUFFERED="1"),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+# CLI habits: hexdump -C, unaligned and streamed blk transfers, pcap, ping ###########################
+
+_RSS_PROBE = """
+import resource, sys
+sys.path.insert(0, %r)
+import vhost_user_frontend
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+status = vhost_user_frontend.main(sys.argv[1:])
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+sys.stderr.write("peak RSS grew by %%d KiB\\n" %% (after - before))
+sys.exit(status)
+"""
+
+
+def run_cli_rss(argv, stdin=subprocess.DEVNULL, timeout=120):
+    """Run the CLI in a child; (status, stdout bytes, stderr, KiB its peak RSS grew by in main())."""
+    proc = subprocess.Popen([sys.executable, "-c", _RSS_PROBE % MODULE_DIR] + [str(a) for a in argv],
+                            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    err = err.decode()
+    grown = re.search(r"peak RSS grew by (-?\d+) KiB\n", err)
+    return proc.returncode, out, err.replace(grown.group(0), "") if grown else err, \
+        int(grown.group(1)) if grown else None
+
+
+def _random_bytes(rng, count):
+    """``count`` reproducible random bytes, fast (a generator of getrandbits(8) takes seconds)."""
+    return rng.getrandbits(8 * count).to_bytes(count, "little") if count else b""
+
+
+class TestCliHexdump(FdLeakCheck):
+    """The terminal dump is byte-identical to bsdextrautils' `hexdump -C` of the same bytes."""
+
+    def test_same_as_hexdump_c(self):
+        hexdump = require_binary(self, "hexdump", "bsdextrautils")
+        rng = random.Random(12)
+        cases = [b"", b"Hello world\n", bytes(16), bytes(64), bytes(range(256)) * 3,
+                 bytes(40) + b"x" + bytes(40), b"\x7f\x80 ~" * 9, _random_bytes(rng, 999),
+                 bytes(32) + b"a" * 16 + bytes(32) + b"a" * 15]
+        tmp = tempfile.mkdtemp(prefix="vhu-hexdump-")
+        self.addCleanup(shutil.rmtree, tmp)
+        path = os.path.join(tmp, "data")
+        for data in cases:
+            for skip in (0, 5, 4096):
+                with open(path, "wb") as f:
+                    f.write(bytes(skip) + data)
+                expected = subprocess.check_output([hexdump, "-C", "-s", str(skip), path]).decode()
+                for piece in (7, 4096):   # fed in pieces that split lines, and whole
+                    with self.subTest(length=len(data), skip=skip, piece=piece):
+                        out = io.StringIO()
+                        dump = vu._HexdumpC(out.write, skip)
+                        for i in range(0, len(data), piece):
+                            dump.feed(data[i:i + piece])
+                        dump.close()
+                        self.assertEqual(out.getvalue(), expected)
+
+
+class TestCliTransferProgress(FdLeakCheck):
+    """The blk progress line: only on a terminal, only after a second, bytes, rate and ETA."""
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    def test_progress_line(self):
+        now = [1000.0]
+        with mock.patch.object(vu.time, "monotonic", lambda: now[0]):
+            quiet = io.StringIO()
+            progress = vu._TransferProgress(4 << 20, quiet)
+            now[0] += 2
+            progress.update(1 << 20)
+            progress.done()
+            self.assertEqual(quiet.getvalue(), "")   # not a terminal
+            tty = self.Tty()
+            progress = vu._TransferProgress(4 << 20, tty)
+            now[0] += 0.5
+            progress.update(1 << 19)
+            self.assertEqual(tty.getvalue(), "")     # under a second: nothing
+            now[0] += 1.5
+            progress.update(2 << 20)
+            self.assertEqual(tty.getvalue(), "\r2 MiB of 4 MiB (50%)  1 MiB/s  ETA 0:02\033[K")
+            progress.done()
+            self.assertTrue(tty.getvalue().endswith("\r\033[K"))
+            tty = self.Tty()
+            progress = vu._TransferProgress(None, tty)   # stdin: no total, no ETA
+            now[0] += 4
+            progress.update(8 << 20)
+            self.assertEqual(tty.getvalue(), "\r8 MiB  2 MiB/s\033[K")
+
+
+class TestCliBlockStreaming(BackendTestMixin, FdLeakCheck):
+    """`blk read/write/verify` at any alignment, streamed, against qemu-storage-daemon on a raw file."""
+
+    def setUp(self):
+        super(TestCliBlockStreaming, self).setUp()
+        self.d = self.start_backend(QemuStorageDaemon, kind="raw", size=2 << 20)
+        self.sock = self.d.socket_path
+        self.image = bytearray(_random_bytes(random.Random(7), 2 << 20))
+        with open(self.d.image_path, "r+b") as f:
+            f.write(self.image)
+
+    def on_disk(self):
+        with open(self.d.image_path, "rb") as f:
+            return f.read()
+
+    def read(self, *argv):
+        status, out, err = run_cli_process("blk", self.sock, *argv)
+        return status, out, err
+
+    def test_unaligned_reads_equal_the_file(self):
+        rng = random.Random(3)
+        cases = [(0, 1), (1, 1), (511, 2), (513, 1000), (4095, 4097), (2 << 20 - 1, 1), ((2 << 20) - 3, 3),
+                 (100, 0)] + [(rng.randrange(2 << 20), rng.randrange(20000)) for _ in range(12)]
+        out = os.path.join(self.d.tmpdir, "out")
+        for chunk in (vu._CLI_CHUNK, 4096):   # small steps: many step boundaries inside one read
+            with mock.patch.object(vu, "_CLI_CHUNK", chunk):
+                for offset, length in cases:
+                    length = min(length, (2 << 20) - offset)
+                    with self.subTest(offset=offset, length=length, chunk=chunk):
+                        self.assertEqual(run_cli("blk", self.sock, "read", offset, length, "-o", out),
+                                         (0, "", ""))
+                        with open(out, "rb") as f:
+                            self.assertEqual(f.read(), bytes(self.image[offset:offset + length]))
+        # The same through a pipe (raw bytes), from a real process.
+        status, data, err = run_cli_rss(["blk", self.sock, "read", "777", "70000"])[:3]
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(data, bytes(self.image[777:777 + 70000]))
+
+    def test_hexdump_of_a_read_is_hexdump_c_of_the_image(self):
+        hexdump = require_binary(self, "hexdump", "bsdextrautils")
+        with open(self.d.image_path, "r+b") as f:
+            f.seek(8192)
+            f.write(bytes(100) + b"vhost-user\n" + bytes(50))
+        for offset, length in ((8192, 200), (8195, 161), (0, 64), (8192 + 100, 11)):
+            with self.subTest(offset=offset, length=length):
+                expected = subprocess.check_output([hexdump, "-C", "-s", str(offset), "-n", str(length),
+                                                    self.d.image_path]).decode()
+                # A terminal gets the dump (run_cli's stdout has no byte stream); -C forces it.
+                self.assertEqual(run_cli("blk", self.sock, "read", offset, length), (0, expected, ""))
+                status, out, err = run_cli_process("blk", self.sock, "read", offset, length, "-C")
+                self.assertEqual((status, out, err), (0, expected, ""))
+
+    def test_pad_and_rmw_writes_equal_a_model(self):
+        model = bytearray(self.image)
+        rng = random.Random(5)
+        src = os.path.join(self.d.tmpdir, "in")
+        cases = [(1, 10), (500, 30), (512, 512), (1000, 5000), (4096 + 7, 1), (3, 1 << 16),
+                 ((2 << 20) - 700, 700)]
+        for mode in ("--pad", "--rmw"):
+            for offset, length in cases:
+                with self.subTest(mode=mode, offset=offset, length=length):
+                    data = _random_bytes(rng, length)
+                    with open(src, "wb") as f:
+                        f.write(data)
+                    status, out, err = run_cli("blk", self.sock, "write", offset, "-i", src, mode)
+                    self.assertEqual((status, err), (0, ""))
+                    start, end = offset - offset % 512, -(-(offset + length) // 512) * 512
+                    if mode == "--pad":
+                        model[start:end] = bytes(end - start)
+                    model[offset:offset + length] = data
+                    if start == offset and end == offset + length:
+                        self.assertEqual(out, "wrote %d bytes at offset %d\n" % (length, offset))
+                    elif mode == "--pad":
+                        self.assertIn("(zero-padded to whole 512-byte blocks: %d byte(s) before, %d after)"
+                                      % (offset - start, end - offset - length), out)
+                    else:
+                        self.assertIn("(read-modify-write of", out)
+                    self.assertEqual(self.on_disk(), bytes(model))
+        # Without --pad or --rmw an unaligned write is refused before anything is written.
+        status, out, err = run_cli("blk", self.sock, "write", "100", "-i", src)
+        self.assertEqual((status, out), (1, ""))
+        self.assertIn("give --pad (zero-fill the partial blocks) or --rmw", err)
+        # From a pipe (length unknown up front), several steps, unaligned both ends.
+        data = _random_bytes(rng, 300000)
+        with mock.patch.object(vu, "_CLI_CHUNK", 65536):
+            r, w = os.pipe()
+            writer = threading.Thread(target=lambda: (os.write(w, data), os.close(w)))
+            writer.start()
+            try:
+                with io.TextIOWrapper(open(r, "rb")) as stdin, mock.patch.object(sys, "stdin", stdin):
+                    status, out, err = run_cli("blk", self.sock, "write", "333", "--rmw")
+            finally:
+                writer.join(10)
+        self.assertEqual((status, err), (0, ""))
+        model[333:333 + len(data)] = data
+        self.assertEqual(self.on_disk(), bytes(model))
+        # verify: the pattern, the file, and the first mismatch named by offset (exit 1).
+        with open(src, "wb") as f:
+            f.write(data)
+        self.assertEqual(run_cli("blk", self.sock, "verify", "333", len(data), "--file", src),
+                         (0, "verified %d bytes at offset 333: all match %s\n" % (len(data), src), ""))
+        run_cli("blk", self.sock, "write-zeroes", "1M", "64k")
+        self.assertEqual(run_cli("blk", self.sock, "verify", "1M", "64k", "--pattern", "0")[0], 0)
+        with open(self.d.image_path, "r+b") as f:
+            f.seek((1 << 20) + 40000)
+            f.write(b"\x01")
+        status, out, err = run_cli("blk", self.sock, "verify", "1M", "64k", "--pattern", "0x00")
+        self.assertEqual((status, out), (1, ""))
+        self.assertIn("verify: mismatch at offset %d: expected 0x00, found 0x01" % ((1 << 20) + 40000), err)
+
+    def test_out_of_range_is_refused_before_anything(self):
+        # 10 GiB on a 2 MiB disk, and 2**80: refused in one line, before a buffer is allocated.
+        for argv in (["read", "0", "10G"], ["read", str(2 ** 80), "1"], ["verify", "0", "10G", "--pattern", "0"],
+                     ["read", "2M", "1"]):
+            with self.subTest(argv=argv):
+                status, out, err, grown = run_cli_rss(["blk", self.sock] + argv)
+                self.assertEqual((status, out), (1, b""), err)
+                self.assertIn("end past the capacity of 2097152 bytes (2 MiB)", err)
+                self.assertEqual(err.count("\n"), 1, err)
+                self.assertLess(grown, 32 << 10)
+        src = os.path.join(self.d.tmpdir, "big")
+        with open(src, "wb") as f:
+            f.truncate(3 << 20)
+        status, out, err = run_cli("blk", self.sock, "write", "0", "-i", src)
+        self.assertEqual((status, out), (1, ""))
+        self.assertIn("write: 3145728 bytes at offset 0 end past the capacity", err)
+        self.assertEqual(self.on_disk(), bytes(self.image))   # nothing was written
+
+    def test_broken_pipe_is_silent(self):
+        # `blk info | head -1`: the reader is gone before we write; no message, cat's status.
+        for argv in (["info"], ["read", "0", "1M"]):
+            with self.subTest(argv=argv):
+                r, w = os.pipe()
+                os.close(r)
+                try:
+                    proc = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend", "blk", self.sock]
+                                            + argv, cwd=MODULE_DIR, stdout=w, stderr=subprocess.PIPE)
+                finally:
+                    os.close(w)
+                err = proc.communicate(timeout=60)[1]
+                self.assertEqual((proc.returncode, err), (141, b""))
+
+
+class TestCliBlockLarge(BackendTestMixin, FdLeakCheck):
+    """A 1 GiB read and a stdin write stream in bounded memory (qsd null-co, RSS measured)."""
+
+    def test_read_1g_in_bounded_memory(self):
+        d = self.start_backend(QemuStorageDaemon, kind="null", size=1 << 30)
+        status, out, err, grown = run_cli_rss(["blk", d.socket_path, "read", "0", "1G", "-o", os.devnull])
+        self.assertEqual((status, out, err), (0, b"", ""))
+        self.assertLess(grown, 64 << 10)   # KiB: was 2 GiB (the whole read, then a copy)
+        # stdin: 96 MiB through a pipe, unaligned tail padded; never all of it in memory.
+        source = subprocess.Popen(["head", "-c", str((96 << 20) + 100), "/dev/zero"], stdout=subprocess.PIPE)
+        try:
+            status, out, err, grown = run_cli_rss(["blk", d.socket_path, "write", "512", "--pad"],
+                                                  stdin=source.stdout)
+        finally:
+            source.stdout.close()
+            source.wait(30)
+        self.assertEqual((status, err), (0, ""))
+        self.assertIn(b"wrote %d bytes at offset 512 (zero-padded" % ((96 << 20) + 100), out)
+        self.assertLess(grown, 64 << 10)
+
+
+def _tcpdump_frames(tcpdump, path):
+    """The frames of a pcap as tcpdump reads them back (its -xx hex), and its report lines."""
+    proc = subprocess.Popen([tcpdump, "-r", path, "-n", "-e", "-xx"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=60)
+    frames, heads = [], []
+    for line in out.decode().splitlines():
+        if line.startswith("\t0x"):
+            frames[-1] += bytes.fromhex(line.split(":", 1)[1].replace(" ", ""))
+        else:
+            heads.append(line)
+            frames.append(b"")
+    return proc.returncode, frames, heads, err.decode()
+
+
+class TestCliPcap(BackendTestMixin, FdLeakCheck):
+    """recv -w writes pcap that tcpdump reads; send -r replays tcpdump's pcap through testpmd."""
+
+    def test_capture_and_replay(self):
+        tcpdump = require_binary(self, "tcpdump", "tcpdump")
+        # testpmd in txonly mode makes 64-byte UDP frames for our RX ring.
+        d = self.start_backend(Testpmd, forward_mode="txonly")
+        ours, raw = os.path.join(d.tmpdir, "ours.pcap"), os.path.join(d.tmpdir, "raw")
+        self.assertEqual(run_cli("net", d.socket_path, "recv", "-c", "20", "-w", ours, "-o", raw),
+                         (0, "20 frame(s) received\n", ""))
+        status, frames, heads, err = _tcpdump_frames(tcpdump, ours)
+        self.assertEqual(status, 0, err)
+        self.assertIn("link-type EN10MB (Ethernet)", err)
+        self.assertEqual(len(frames), 20)
+        with open(raw, "rb") as f:
+            self.assertEqual(b"".join(frames), f.read())
+        self.assertIn("56:48:4f:53:54:00 > 02:00:00:00:00:00, ethertype IPv4 (0x0800), length 64", heads[0])
+        # -w -: a pcap stream on stdout, read live by tcpdump -r -.
+        recv = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend", "net", d.socket_path, "recv",
+                                 "-c", "5", "-w", "-"], cwd=MODULE_DIR, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        dump = subprocess.Popen([tcpdump, "-r", "-", "-n"], stdin=recv.stdout, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        recv.stdout.close()
+        out, err = dump.communicate(timeout=60)
+        self.assertEqual((recv.wait(60), recv.stderr.read()), (0, b"5 frame(s) received\n"))
+        recv.stderr.close()
+        self.assertEqual(dump.returncode, 0, err)
+        self.assertEqual(len(out.decode().splitlines()), 5, out)
+        # Our lines are tcpdump -e's head: time, MACs, ethertype, length.
+        status, out, err = run_cli("net", d.socket_path, "recv", "-c", "2")
+        self.assertEqual(status, 0, err)
+        for line in out.splitlines()[:2]:
+            self.assertRegex(line, r"^\d\d:\d\d:\d\d\.\d{6} 56:48:4f:53:54:00 > 02:00:00:00:00:00, "
+                                   r"ethertype IPv4 \(0x0800\), length 64$")
+        self.assertEqual(heads[0].split(" ", 1)[1][:len(line) - 16], line.split(" ", 1)[1])
+        # --wait inf: until Ctrl-C, which ends the capture cleanly (a whole pcap file, status 0).
+        endless = os.path.join(d.tmpdir, "endless.pcap")
+        recv = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend", "net", d.socket_path, "recv",
+                                 "--wait", "inf", "-w", endless], cwd=MODULE_DIR, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        self.addCleanup(lambda: recv.poll() is None and (recv.kill(), recv.wait()))
+        time.sleep(1.0)
+        recv.send_signal(signal.SIGINT)
+        out, err = recv.communicate(timeout=30)
+        self.assertEqual((recv.returncode, err), (0, b""))
+        count = int(re.match(br"(\d+) frame\(s\) received\n$", out).group(1))
+        self.assertGreater(count, 0)
+        self.assertEqual(len(_tcpdump_frames(tcpdump, endless)[1]), count)
+        tmp = tempfile.mkdtemp(prefix="vhu-pcap-")
+        self.addCleanup(shutil.rmtree, tmp)
+        d.stop()
+        # tcpdump rewrites our capture (its own writer), with frames of several sizes added by
+        # our pcap writer; send -r loops it through testpmd in io mode, byte-identical.
+        mixed = os.path.join(tmp, "mixed.pcap")
+        extra = [bytes.fromhex("ffffffffffff02000000000188b5") + bytes([i]) * (50 + 300 * i) for i in range(5)]
+        with open(mixed, "wb") as f:
+            writer = vu._PcapWriter(f)
+            for i, frame in enumerate(extra + frames):
+                writer.write(frame, 1700000000 + i / 10.0)
+        theirs = os.path.join(tmp, "theirs.pcap")
+        subprocess.check_call([tcpdump, "-r", mixed, "-w", theirs], stderr=subprocess.DEVNULL, timeout=60)
+        expected = _tcpdump_frames(tcpdump, theirs)[1]
+        self.assertEqual(expected, extra + frames)
+        d2 = self.start_backend(Testpmd)
+        import argparse
+        with vu.NetDevice.connect(d2.socket_path) as dev:
+            args = argparse.Namespace(read=theirs, loop=2, pps=None, payload_file=None, payload_hex=None)
+            out = io.StringIO()
+            self.assertEqual(vu._net_send(dev, args, out), 0)
+            self.assertRegex(out.getvalue(), r"^sent 50 frame\(s\) \(\d+ bytes\) from .* in [\d.]+ s, 2 loop\(s\)\n$")
+            back = [dev.recv(5.0) for _ in range(50)]
+            self.assertEqual(back, expected * 2)
+            self.assertIsNone(dev.recv(0.05))
+            # --pps paces the frames: 10 frames at 100/s take at least 0.09 s.
+            with open(mixed, "rb") as f:
+                first10 = list(vu._read_pcap(f, mixed))[:10]
+            ten = os.path.join(tmp, "ten.pcap")
+            with open(ten, "wb") as f:
+                writer = vu._PcapWriter(f)
+                for frame in first10:
+                    writer.write(frame, 0)
+            args = argparse.Namespace(read=ten, loop=1, pps=100.0, payload_file=None, payload_hex=None)
+            t0 = time.monotonic()
+            self.assertEqual(vu._net_send(dev, args, io.StringIO()), 0)
+            self.assertGreaterEqual(time.monotonic() - t0, 0.089)
+            self.assertEqual([dev.recv(5.0) for _ in range(10)], first10)
+
+    def test_bad_pcap_files(self):
+        tmp = tempfile.mkdtemp(prefix="vhu-pcap-")
+        self.addCleanup(shutil.rmtree, tmp)
+        header = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)
+        big = struct.pack(">IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 65535, 1)  # big-endian, ns stamps
+        frame = bytes(range(60))
+        for name, data, expected in (
+                ("little-endian", header + struct.pack("<IIII", 1, 2, 60, 60) + frame, [frame]),
+                ("big-endian ns", big + struct.pack(">IIII", 1, 2, 60, 60) + frame * 1, [frame]),
+                ("empty capture", header, []),
+                ("pcapng", bytes.fromhex("0a0d0d0a") + bytes(40), "not a pcap file (magic 0a0d0d0a"),
+                ("empty file", b"", "not a pcap file (magic missing"),
+                ("short header", header[:10], "pcap header cut short at 10 bytes"),
+                ("not ethernet", header[:-4] + struct.pack("<I", 101), "link type 101, only Ethernet"),
+                ("cut record", header + b"\1\2", "frame 1: record header cut short"),
+                ("cut frame", header + struct.pack("<IIII", 1, 2, 60, 60) + frame[:10],
+                 "frame 1: 50 of its 60 bytes are missing"),
+                ("huge length", header + struct.pack("<IIII", 1, 2, 1 << 30, 1 << 30),
+                 "frame 1: captured length 1073741824 is more than 262144")):
+            with self.subTest(name):
+                path = os.path.join(tmp, "f.pcap")
+                with open(path, "wb") as f:
+                    f.write(data)
+                with open(path, "rb") as f:
+                    if isinstance(expected, list):
+                        self.assertEqual(list(vu._read_pcap(f, path)), expected)
+                    else:
+                        with self.assertRaises(vu._CliError) as cm:
+                            list(vu._read_pcap(f, path))
+                        self.assertIn(expected, str(cm.exception))
+
+
+class TestCliPingSignals(BackendTestMixin, FdLeakCheck):
+    """ping's summary on Ctrl-C and when the back-end is killed, with ping's exit status."""
+
+    SUMMARY = (r"\n--- (\S+) ping statistics ---\n(\d+) packets transmitted, (\d+) received, ([\d.]+)% "
+               r"packet loss, time \d+ms\n")
+
+    def ping(self, sock, *argv):
+        proc = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend", "net", sock, "ping"] + list(argv),
+                                cwd=MODULE_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
+        # Wait for the first reply line, so the run is well under way.
+        first = proc.stdout.readline() + proc.stdout.readline()
+        self.assertIn(b" bytes from ", first)
+        return proc, first
+
+    def test_sigint_then_backend_death(self):
+        d = self.start_backend(Testpmd)
+        proc, first = self.ping(d.socket_path, "-i", "0.05")
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        out = (first + out).decode()
+        summary = re.search(self.SUMMARY, out)
+        self.assertIsNotNone(summary, out)
+        sent, received = int(summary.group(2)), int(summary.group(3))
+        self.assertGreater(sent, 3)
+        self.assertEqual(proc.returncode, 0 if received == sent else 1, out)
+        self.assertEqual(err, b"")
+        self.assertIn("rtt min/avg/max/mdev = ", out)
+        # send -r --loop 0 replays until Ctrl-C, then says what it sent (tcpreplay does).
+        pcap = os.path.join(d.tmpdir, "three.pcap")
+        with open(pcap, "wb") as f:
+            writer = vu._PcapWriter(f)
+            for i in range(3):
+                writer.write(bytes.fromhex("ffffffffffff02000000000188b5") + bytes([i]) * 50, i)
+        replay = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend", "net", d.socket_path, "send",
+                                   "-r", pcap, "--loop", "0", "--pps", "2000"], cwd=MODULE_DIR,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: replay.poll() is None and (replay.kill(), replay.wait()))
+        time.sleep(1.0)
+        replay.send_signal(signal.SIGINT)
+        out, err = replay.communicate(timeout=30)
+        self.assertEqual((replay.returncode, err), (0, b""))
+        sent = re.match(r"sent (\d+) frame\(s\) \((\d+) bytes\) from \S+ in [\d.]+ s, (\d+) loop\(s\)\n$",
+                        out.decode())
+        self.assertIsNotNone(sent, out)
+        self.assertGreater(int(sent.group(1)), 0)
+        self.assertEqual(int(sent.group(2)), 64 * int(sent.group(1)))
+        # kill -9 the back-end mid-run: the summary, then the error line, status 1, promptly.
+        proc, first = self.ping(d.socket_path, "-i", "0.05", "-c", "100000")
+        os.kill(d.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+        self.assertLess(time.monotonic() - t0, 10)
+        out = (first + out).decode()
+        self.assertIsNotNone(re.search(self.SUMMARY, out), out)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn(b"back-end disconnected", err)
+        self.assertEqual(err.count(b"\n"), 1, err)
+
+class TestCliBenchFio(BackendTestMixin, FdLeakCheck):
+    """bench with fio's options against qemu-storage-daemon on a raw file."""
+
+    def setUp(self):
+        super(TestCliBenchFio, self).setUp()
+        self.d = self.start_backend(QemuStorageDaemon, kind="raw", size=8 << 20, num_queues=2)
+        self.sock = self.d.socket_path
+
+    def bench(self, *argv):
+        status, out, err = run_cli("bench", self.sock, "--json", "--seconds", "0.2", *argv)
+        self.assertEqual((status, err), (0, ""))
+        return json.loads(out)
+
+    def test_every_rw_mode(self):
+        for rw, reads in (("read", True), ("write", False), ("randread", True), ("randwrite", False),
+                          ("rw", None), ("readwrite", None), ("randrw", None)):
+            with self.subTest(rw=rw):
+                report = self.bench("--rw", rw, "--iodepth", "4", "--bs", "8k", "--offset", "1M",
+                                    "--span", "2M")
+                job = report["fio"]["jobs"][0]
+                self.assertEqual((report["rw"], report["size"], report["depth"]), (rw, 8192, 4))
+                self.assertEqual(report["region"], {"offset": 1 << 20, "span": 2 << 20})
+                self.assertEqual(job["job options"]["rw"], rw)
+                ios = (job["read"]["total_ios"], job["write"]["total_ios"])
+                self.assertEqual(sum(ios), report["requests"])
+                if reads is True:
+                    self.assertEqual(ios[1], 0)
+                elif reads is False:
+                    self.assertEqual(ios[0], 0)
+                else:
+                    self.assertGreater(min(ios), 0)   # both directions at 50 %
+        # --rwmixread moves the mix (0 and 100 are one-way).
+        for percent in (0, 20, 100):
+            with self.subTest(rwmixread=percent):
+                job = self.bench("--rw", "randrw", "--rwmixread", percent, "--iodepth", "8")["fio"]["jobs"][0]
+                reads, writes = job["read"]["total_ios"], job["write"]["total_ios"]
+                share = 100.0 * reads / (reads + writes)
+                if percent in (0, 100):
+                    self.assertEqual(share, percent)
+                else:
+                    self.assertLess(abs(share - percent), 10)   # a few thousand draws at least
+        # The region: sequential writes stay inside --offset/--span (the rest of the file is zero).
+        with open(self.d.image_path, "r+b") as f:
+            f.write(bytes(8 << 20))
+        self.bench("--rw", "write", "--offset", "3M", "--span", "64k", "--bs", "4k")
+        with open(self.d.image_path, "rb") as f:
+            image = f.read()
+        self.assertEqual(image[:3 << 20] + image[(3 << 20) + (64 << 10):], bytes((8 << 20) - (64 << 10)))
+        self.assertNotEqual(image[3 << 20:(3 << 20) + (64 << 10)].count(0), 64 << 10)
+
+    def test_json_fio_subset_and_percentiles(self):
+        report = self.bench("--rw", "randread", "--iodepth", "2", "--numjobs", "2", "--ramp_time", "0.1",
+                            "--histogram")
+        # The stable keys are all still there, in their order, before the new ones.
+        self.assertEqual(list(report)[:11], [
+            "type", "rw", "size", "depth", "queues", "seconds", "requests", "iops", "mib_per_s",
+            "latency_us", "frontend_cpu_us_per_request"])
+        self.assertEqual(report["queues"], 2)
+        self.assertEqual(report["ramp_time"], 0.1)
+        self.assertGreaterEqual(report["seconds"], 0.2)   # the ramp is not in the figures
+        self.assertLess(report["seconds"], 0.2 + 2.0)
+        fio = report["fio"]
+        job = fio["jobs"][0]
+        read = job["read"]
+        for key in ("io_bytes", "io_kbytes", "bw_bytes", "bw", "iops", "runtime", "total_ios"):
+            self.assertIn(key, read)
+        self.assertEqual(read["total_ios"], report["requests"])
+        self.assertEqual(read["io_bytes"], report["requests"] * 4096)
+        self.assertAlmostEqual(read["iops"], report["iops"], delta=report["iops"] / 100)
+        self.assertEqual(read["bw"], int(read["bw_bytes"] / 1024))
+        clat = read["clat_ns"]
+        self.assertEqual(list(clat["percentile"]), ["1.000000", "5.000000", "10.000000", "50.000000",
+                                                    "90.000000", "99.000000", "99.900000", "99.990000"])
+        values = list(clat["percentile"].values())
+        self.assertEqual(values, sorted(values))
+        self.assertTrue(clat["min"] <= values[0] and values[-1] <= clat["max"], clat)
+        self.assertTrue(clat["min"] <= read["lat_ns"]["mean"] <= clat["max"])
+        self.assertEqual(read["lat_ns"]["N"], read["total_ios"])
+        self.assertEqual(job["write"]["total_ios"], 0)
+        self.assertEqual(job["job options"]["numjobs"], "2")
+        self.assertEqual(list(report["clat_percentiles_us"]), ["1.00", "5.00", "10.00", "50.00", "90.00",
+                                                               "99.00", "99.90", "99.99"])
+        self.assertAlmostEqual(report["clat_percentiles_us"]["50.00"], values[3] / 1000.0, delta=0.01)
+        histogram = report["histogram"]
+        self.assertEqual(sum(b["count"] for b in histogram), report["requests"])
+        for low, high in zip(histogram, histogram[1:]):
+            self.assertEqual(low["to_us"], high["from_us"])
+        # The text: fio's percentile block, the histogram bars.
+        status, out, err = run_cli("bench", self.sock, "--seconds", "0.2", "--histogram")
+        self.assertEqual((status, err), (0, ""))
+        self.assertRegex(out, r"clat percentiles \(µs\):\n   \|  1\.00th=\[ *[\d.]+\],  5\.00th=\[ *[\d.]+\], "
+                              r"10\.00th=\[ *[\d.]+\], 50\.00th=\[ *[\d.]+\],\n   \| 90\.00th=")
+        self.assertRegex(out, r"latency histogram:\n +\d+ - \d+ +µs +\d+ +[\d.]+% \|#* *\|\n")
+        # Options with fio's meaning that do not fit the device are one-line errors.
+        for argv, fragment in ((["--offset", "100"], "--offset 100 must be a multiple of the block size 512"),
+                               (["--offset", "8M"], "below the capacity 8388608"),
+                               (["--span", "1k", "--bs", "4k"], "--span 1024: the region must hold one request"),
+                               (["--offset", "6M", "--span", "4M"], "(it ends at 10485760)")):
+            with self.subTest(argv=argv):
+                status, out, err = run_cli("bench", self.sock, "--seconds", "0.1", *argv)
+                self.assertEqual((status, out), (1, ""))
+                self.assertIn(fragment, err)
+
+    def test_verify_catches_a_block_changed_behind_its_back(self):
+        # Write pass: every write carries its header; at the end bench reads back what it wrote.
+        report = self.bench("--rw", "randwrite", "--verify", "--offset", "1M", "--span", "256k",
+                            "--iodepth", "4", "--numjobs", "2")
+        self.assertEqual(report["verified_blocks"], 64)   # every 4 KiB block of the span, read back
+        self.assertEqual(report["fio"]["jobs"][0]["job options"]["verify"], "crc32")
+        # Read pass over the same region: every block read is checked.
+        report = self.bench("--rw", "randread", "--verify", "--offset", "1M", "--span", "256k")
+        self.assertGreater(report["verified_blocks"], 0)
+        self.assertEqual(report["verified_blocks"], report["requests"])
+        # Corrupt one block in the image file, behind the back-end's back; a sequential read
+        # pass reaches it and names it.
+        bad = (1 << 20) + 17 * 4096
+        with open(self.d.image_path, "r+b") as f:
+            f.seek(bad + 1000)
+            f.write(b"\xff")
+        status, out, err = run_cli("bench", self.sock, "--rw", "read", "--verify", "--offset", "1M",
+                                   "--span", "256k", "--seconds", "1")
+        self.assertEqual((status, out), (1, ""))
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertIn("bench --verify: block of 4096 bytes at offset %d: its bytes changed after "
+                      "bench wrote it (CRC32 mismatch" % bad, err)
+        # A block moved (another offset's block) and a never-written block are told apart.
+        with open(self.d.image_path, "r+b") as f:
+            f.seek((1 << 20) + 4096)
+            block = f.read(4096)
+            f.seek(bad)
+            f.write(block)
+        status, out, err = run_cli("bench", self.sock, "--rw", "read", "--verify", "--offset", "1M",
+                                   "--span", "256k", "--seconds", "1")
+        self.assertIn("at offset %d: it holds the block written for offset %d" % (bad, (1 << 20) + 4096), err)
+        status, out, err = run_cli("bench", self.sock, "--rw", "read", "--verify", "--offset", "4M",
+                                   "--seconds", "1")
+        self.assertIn("at offset 4194304: no bench --verify header", err)
+        # Mixed with verify: reads check only blocks this run wrote; none fails on a fresh region.
+        report = self.bench("--rw", "randrw", "--verify", "--offset", "5M", "--span", "64k", "--iodepth", "4")
+        self.assertGreater(report["verified_blocks"], 0)
 
 
 # -- issue 8: the fast path, ring words that cannot tear ------------------------------------------
@@ -7343,6 +8026,920 @@ class TestCompletionPolicy(FdLeakCheck):
             self.assertIsNone(vu._cpu_affinity(1 << 30))   # no such process
         if hasattr(os, "sched_getaffinity"):
             self.assertEqual(from_proc, frozenset(os.sched_getaffinity(0)))
+
+
+# virtio-fs ###########################################################################################
+#
+# FsDevice against the real C virtiofsd (one daemon per test: it serves one connection), checked
+# against what `os` says of the same tree, then against a FUSE test peer on FakeBackend for what
+# virtiofsd cannot be made to do.
+
+BIG_FILE_SIZE = 5 << 20
+
+
+def build_fs_tree(root):
+    """The tree the virtio-fs tests compare: nested dirs, odd names, links, a fifo, modes."""
+    rnd = random.Random(11)
+    os.makedirs(os.path.join(root, "dir one", "sub", "deeper"))
+    os.mkdir(os.path.join(root, "empty dir"))
+    files = {
+        "empty": b"",
+        "big.bin": bytes(bytearray(rnd.getrandbits(8) for _ in range(4096))) * (BIG_FILE_SIZE // 4096),
+        "dir one/with space.txt": b"spaces in the name\n",
+        "dir one/sub/na\u00efve caf\u00e9 \u65e5\u672c.txt".encode("utf-8").decode("utf-8"):
+            "non-ASCII content: \u00e9\u65e5\n".encode("utf-8"),
+        "dir one/sub/deeper/secret": b"0600\n",
+        "dir one/sub/deeper/tool.sh": b"#!/bin/sh\necho 0755\n",
+    }
+    for name, data in files.items():
+        with open(os.path.join(root, name), "wb") as f:
+            f.write(data)
+    os.chmod(os.path.join(root, "dir one/sub/deeper/secret"), 0o600)
+    os.chmod(os.path.join(root, "dir one/sub/deeper/tool.sh"), 0o755)
+    os.symlink("dir one/sub", os.path.join(root, "link to sub"))
+    os.symlink("../big.bin", os.path.join(root, "dir one", "big link"))
+    os.symlink("nowhere", os.path.join(root, "dangling"))
+    os.link(os.path.join(root, "big.bin"), os.path.join(root, "dir one", "hard link"))
+    os.mkfifo(os.path.join(root, "dir one", "fifo"))
+    return files
+
+
+class XattrVirtiofsd(Virtiofsd):
+    """virtiofsd serving extended attributes (`-o xattr`; off by default)."""
+
+    def _prepare(self):
+        return super(XattrVirtiofsd, self)._prepare() + ["-o", "xattr"]
+
+
+STAT_FIELDS = ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid", "st_size", "st_mtime_ns",
+               "st_ctime_ns", "st_blocks")
+
+
+class FsTestMixin(BackendTestMixin):
+    def start_fs(self, build=None, **kwargs):
+        """A virtiofsd sharing a fresh directory (filled by build(root)) and an FsDevice on it."""
+        fsd = self.start_backend(Virtiofsd)
+        if build is not None:
+            build(fsd.shared_dir)
+        fs = vu.FsDevice.connect(fsd.socket_path, **kwargs)
+        self.addCleanup(fs.close)
+        return fsd, fs
+
+    def host(self, fsd, path=""):
+        return os.path.join(fsd.shared_dir, path) if path else fsd.shared_dir
+
+    def assertSameStat(self, ours, theirs, what):
+        for field in STAT_FIELDS:
+            self.assertEqual(getattr(ours, field), getattr(theirs, field), "%s: %s" % (what, field))
+
+    def assertSameError(self, ours, theirs, path, what, filename=None):
+        """ours() and theirs() raise the same OSError subclass and errno; ours names `path`."""
+        with self.assertRaises(OSError) as expected:
+            theirs()
+        with self.assertRaises(OSError) as got:
+            ours()
+        self.assertIs(type(got.exception), type(expected.exception), what)
+        self.assertEqual(got.exception.errno, expected.exception.errno, what)
+        self.assertEqual(got.exception.strerror, os.strerror(expected.exception.errno), what)
+        self.assertEqual(got.exception.filename, path if filename is None else filename, what)
+
+
+class TestFsDeviceTree(FsTestMixin, FdLeakCheck):
+    """A tree built with `os` reads back identically through FsDevice and virtiofsd."""
+
+    def test_tree_matches_os(self):
+        fsd, fs = self.start_fs(build_fs_tree)
+        root = self.host(fsd)
+        self.assertEqual((fs.major, fs.tag, fs.num_request_queues), (7, None, None))
+        self.assertGreaterEqual(fs.minor, 31)
+        self.assertGreaterEqual(fs.max_write, 4096)
+        # walk: the same directories, names and order-insensitive contents
+        expected = sorted((os.path.relpath(d, root).replace(".", "", 1) if d == root else
+                           os.path.relpath(d, root), sorted(ds), sorted(fs_))
+                          for d, ds, fs_ in os.walk(root))
+        got = sorted((d, sorted(ds), sorted(fs_)) for d, ds, fs_ in fs.walk(""))
+        self.assertEqual(got, expected)
+        bottom_up = [(d, sorted(ds), sorted(f)) for d, ds, f in fs.walk("/", topdown=False)]
+        self.assertEqual(sorted(bottom_up), sorted(("/" + d if d else "/", ds, f) for d, ds, f in got))
+        self.assertEqual(bottom_up[-1][0], "/")                  # children before their parent
+        # every path: listdir, stat, lstat, scandir's answers, readlink, content
+        paths = [""]
+        for dirpath, dirs, files in os.walk(root):
+            rel = os.path.relpath(dirpath, root)
+            paths += [os.path.normpath(os.path.join(rel, n)) for n in dirs + files]
+        for path in paths:
+            real = os.path.join(root, path)
+            with self.subTest(path=path):
+                self.assertSameStat(fs.lstat(path), os.lstat(real), "lstat")
+                if os.path.exists(real):
+                    self.assertSameStat(fs.stat(path), os.stat(real), "stat")
+                    self.assertTrue(fs.exists(path))
+                else:
+                    self.assertFalse(fs.exists(path))
+                if os.path.islink(real):
+                    self.assertEqual(fs.readlink(path), os.readlink(real))
+                if os.path.isdir(real):
+                    self.assertEqual(sorted(fs.listdir(path)), sorted(os.listdir(real)))
+                    theirs = {e.name: e for e in os.scandir(real)}
+                    for entry in fs.scandir(path):
+                        other = theirs.pop(entry.name)
+                        self.assertEqual(entry.path, path + "/" + entry.name if path else entry.name)
+                        self.assertEqual((entry.is_dir(), entry.is_file(), entry.is_symlink(),
+                                          entry.inode()),
+                                         (other.is_dir(), other.is_file(), other.is_symlink(),
+                                          other.inode()), entry.name)
+                        self.assertSameStat(entry.stat(follow_symlinks=False),
+                                            other.stat(follow_symlinks=False), entry.name)
+                    self.assertEqual(theirs, {})
+                elif os.path.isfile(real):
+                    with open(real, "rb") as f:
+                        content = f.read()
+                    self.assertEqual(fs.read_bytes(path), content)
+                    with fs.open(path, "rb") as f:
+                        self.assertEqual(f.read(100), content[:100])
+                        f.seek(-min(7, len(content)), io.SEEK_END)
+                        self.assertEqual(f.read(), content[-7:])
+                        self.assertEqual(f.tell(), len(content))
+        # bytes paths give bytes names, as os does
+        self.assertEqual(sorted(fs.listdir(b"dir one/sub")),
+                         sorted(os.listdir(os.fsencode(os.path.join(root, "dir one/sub")))))
+        self.assertEqual(fs.readlink(b"link to sub"), b"dir one/sub")
+        # text mode, '..' stopping at the root, absolute symlink targets from the root
+        name = "dir one/sub/na\u00efve caf\u00e9 \u65e5\u672c.txt"
+        with fs.open(name, encoding="utf-8") as f:
+            self.assertEqual(f.read(), "non-ASCII content: \u00e9\u65e5\n")
+        self.assertEqual(fs.stat("../../dir one/..").st_ino, os.stat(root).st_ino)
+        self.assertEqual(fs.stat("link to sub/deeper/../deeper/secret").st_mode & 0o777, 0o600)
+        os.symlink("/dir one/with space.txt", os.path.join(root, "absolute"))
+        self.assertEqual(fs.read_bytes("absolute"), b"spaces in the name\n")
+        # statvfs agrees with the host's for the share's file system
+        ours, theirs = fs.statvfs(), os.statvfs(root)
+        self.assertEqual((ours.f_bsize, ours.f_blocks, ours.f_files, ours.f_namemax),
+                         (theirs.f_bsize, theirs.f_blocks, theirs.f_files, theirs.f_namemax))
+        fs.close()
+        self.assertEqual(fsd.wait(10), 0, fsd.log_tail())   # DESTROY, then a clean hang-up
+
+    def test_changes_land_on_disk(self):
+        fsd, fs = self.start_fs(umask=0o022)
+        root = self.host(fsd)
+
+        def on_disk(path):
+            with open(os.path.join(root, path), "rb") as f:
+                return f.read()
+        data = os.urandom(3 * fs.max_write + 12345)     # several chunks in flight
+        self.assertEqual(fs.write_bytes("data.bin", data), len(data))
+        self.assertEqual(on_disk("data.bin"), data)
+        self.assertEqual(fs.read_bytes("data.bin"), data)
+        with fs.open("data.bin", "ab") as f:
+            f.write(b"appended")
+            self.assertEqual(f.tell(), len(data) + 8)
+        fs.truncate("data.bin", 100)
+        self.assertEqual(on_disk("data.bin"), data[:100])
+        with fs.open("data.bin", "r+b") as f:
+            f.seek(10)
+            f.write(b"XYZ")
+            f.flush()
+            fs.fsync(f)
+            self.assertEqual(on_disk("data.bin")[8:15], data[8:10] + b"XYZ" + data[13:15])
+            f.truncate(50)
+        self.assertEqual(len(on_disk("data.bin")), 50)
+        with fs.open("new.txt", "x", encoding="ascii") as f:
+            f.write("line 1\nline 2\n")
+        with fs.open("new.txt", "w+") as f:
+            f.write("rewritten\n")
+            f.seek(0)
+            self.assertEqual(f.read(), "rewritten\n")
+        self.assertEqual(on_disk("new.txt"), b"rewritten\n")
+        self.assertEqual(os.stat(os.path.join(root, "new.txt")).st_mode, 0o100644)   # umask
+        with fs.open("unbuffered", "wb", buffering=0) as f:
+            self.assertIsInstance(f, io.RawIOBase)
+            with self.assertRaises(io.UnsupportedOperation):
+                f.fileno()
+        fs.makedirs("a/b/c")
+        fs.makedirs("a/b/c", exist_ok=True)
+        self.assertTrue(os.path.isdir(os.path.join(root, "a/b/c")))
+        fs.mkdir("a/mode", 0o750)
+        self.assertEqual(os.stat(os.path.join(root, "a/mode")).st_mode & 0o777, 0o750)
+        fs.rmdir("a/b/c")
+        self.assertFalse(os.path.exists(os.path.join(root, "a/b/c")))
+        fs.rename("new.txt", "a/b/moved.txt")
+        self.assertEqual(sorted(os.listdir(os.path.join(root, "a/b"))), ["moved.txt"])
+        fs.write_bytes("other", b"other")
+        fs.replace("other", "a/b/moved.txt")
+        self.assertEqual(on_disk("a/b/moved.txt"), b"other")
+        self.assertEqual(fs.read_bytes("a/b/moved.txt"), b"other")   # not the cached old node
+        fs.chmod("a/b/moved.txt", 0o604)
+        self.assertEqual(os.stat(os.path.join(root, "a/b/moved.txt")).st_mode & 0o7777, 0o604)
+        fs.chown("a/b/moved.txt", 1234, -1)
+        fs.chown("a/b/moved.txt", -1, 5678)
+        st = os.stat(os.path.join(root, "a/b/moved.txt"))
+        self.assertEqual((st.st_uid, st.st_gid), (1234, 5678))
+        self.assertEqual((fs.stat("a/b/moved.txt").st_uid, fs.stat("a/b/moved.txt").st_gid),
+                         (1234, 5678))
+        fs.utime("data.bin", ns=(1234567890123456789, 1500000000987654321))
+        st = os.stat(os.path.join(root, "data.bin"))
+        self.assertEqual((st.st_atime_ns, st.st_mtime_ns), (1234567890123456789, 1500000000987654321))
+        self.assertEqual(fs.stat("data.bin").st_mtime_ns, 1500000000987654321)
+        fs.utime("data.bin", (1000000000, 1000000001.5))
+        self.assertEqual(os.stat(os.path.join(root, "data.bin")).st_mtime_ns, 1000000001500000000)
+        before = time.time()
+        fs.utime("data.bin")
+        self.assertGreaterEqual(os.stat(os.path.join(root, "data.bin")).st_mtime, before - 5)
+        fs.symlink("a/b/moved.txt", "sym")
+        self.assertEqual(os.readlink(os.path.join(root, "sym")), "a/b/moved.txt")
+        fs.link("data.bin", "a/hard")
+        self.assertEqual(os.stat(os.path.join(root, "a/hard")).st_ino,
+                         os.stat(os.path.join(root, "data.bin")).st_ino)
+        self.assertEqual(fs.stat("data.bin").st_nlink, 2)
+        fs.remove("sym")
+        fs.unlink("a/hard")
+        self.assertFalse(os.path.lexists(os.path.join(root, "sym")))
+        self.assertEqual(fs.stat("data.bin").st_nlink, 1)
+        fs.mkfifo("a/fifo")
+        self.assertTrue(stat.S_ISFIFO(os.stat(os.path.join(root, "a/fifo")).st_mode))
+        self.assertTrue(fs.access("data.bin", os.R_OK | os.W_OK))
+        self.assertFalse(fs.access("missing", os.F_OK))
+        fs.write_bytes("empty", b"")
+        self.assertEqual(fs.read_bytes("empty"), b"")
+        self.assertEqual(sorted(fs.listdir()), sorted(os.listdir(root)))
+
+    def test_errors_are_those_of_os(self):
+        fsd, fs = self.start_fs(build_fs_tree)
+        root = self.host(fsd)
+        os.symlink("loop", os.path.join(root, "loop"))
+        h = lambda path: os.path.join(root, path)  # noqa: E731
+        file, directory, full = "big.bin", "empty dir", "dir one"
+        cases = [
+            ("stat missing", lambda p: fs.stat(p), os.stat, "missing"),
+            ("stat under a file", lambda p: fs.stat(p), os.stat, "big.bin/x"),
+            ("stat file/", lambda p: fs.stat(p), os.stat, "big.bin/"),
+            ("lstat missing", fs.lstat, os.lstat, "dir one/nope"),
+            ("stat dangling", fs.stat, os.stat, "dangling"),
+            ("stat loop", fs.stat, os.stat, "loop"),
+            ("stat long name", fs.stat, os.stat, "x" * 300),
+            ("listdir missing", fs.listdir, os.listdir, "missing"),
+            ("listdir file", fs.listdir, os.listdir, file),
+            ("open missing", lambda p: fs.open(p), lambda p: open(p), "missing"),
+            ("open dir", lambda p: fs.open(p), lambda p: open(p), directory),
+            ("open dir for writing", lambda p: fs.open(p, "w"), lambda p: open(p, "w"), directory),
+            ("open x existing", lambda p: fs.open(p, "x"), lambda p: open(p, "x"), file),
+            ("open w in missing dir", lambda p: fs.open(p, "w"), lambda p: open(p, "w"), "no/f"),
+            ("open under a file", lambda p: fs.open(p, "w"), lambda p: open(p, "w"), "empty/f"),
+            ("mkdir existing", fs.mkdir, os.mkdir, directory),
+            ("mkdir missing parent", fs.mkdir, os.mkdir, "no/such"),
+            ("mkdir under a file", fs.mkdir, os.mkdir, "empty/d"),
+            ("makedirs existing", fs.makedirs, os.makedirs, full),
+            ("makedirs over a file", lambda p: fs.makedirs(p, exist_ok=True),
+             lambda p: os.makedirs(p, exist_ok=True), file),
+            ("rmdir non-empty", fs.rmdir, os.rmdir, full),
+            ("rmdir file", fs.rmdir, os.rmdir, file),
+            ("rmdir missing", fs.rmdir, os.rmdir, "missing"),
+            ("rmdir .", fs.rmdir, os.rmdir, "empty dir/."),
+            ("remove dir", fs.remove, os.remove, directory),
+            ("unlink missing", fs.unlink, os.unlink, "missing"),
+            ("readlink file", fs.readlink, os.readlink, file),
+            ("readlink missing", fs.readlink, os.readlink, "missing"),
+            ("chmod missing", lambda p: fs.chmod(p, 0o644), lambda p: os.chmod(p, 0o644), "missing"),
+            ("truncate dir", lambda p: fs.truncate(p, 0), lambda p: os.truncate(p, 0), directory),
+            ("truncate missing", lambda p: fs.truncate(p, 0), lambda p: os.truncate(p, 0), "missing"),
+            ("utime missing", fs.utime, os.utime, "missing"),
+            ("symlink existing", lambda p: fs.symlink("x", p), lambda p: os.symlink("x", p), file),
+            ("mkfifo existing", fs.mkfifo, os.mkfifo, file),
+        ]
+        for what, ours, theirs, path in cases:
+            with self.subTest(what):
+                self.assertSameError(lambda: ours(path), lambda: theirs(h(path)), path, what,
+                                     "x" if what.startswith("symlink") else None)
+        two = [
+            ("rename missing", fs.rename, os.rename, "missing", "x"),
+            ("rename dir onto non-empty dir", fs.rename, os.rename, directory, full),
+            ("rename dir onto file", fs.rename, os.rename, directory, file),
+            ("rename file onto dir", fs.rename, os.rename, file, directory),
+            ("rename into itself", fs.rename, os.rename, full, "dir one/sub/inside"),
+            ("link existing", fs.link, os.link, file, "empty"),
+            ("link dir", fs.link, os.link, directory, "dirlink"),
+            ("link missing", fs.link, os.link, "missing", "x"),
+        ]
+        for what, ours, theirs, src, dst in two:
+            with self.subTest(what):
+                with self.assertRaises(OSError) as expected:
+                    theirs(h(src), h(dst))
+                with self.assertRaises(OSError) as got:
+                    ours(src, dst)
+                self.assertIs(type(got.exception), type(expected.exception), what)
+                self.assertEqual(got.exception.errno, expected.exception.errno, what)
+                self.assertEqual(got.exception.filename, src, what)
+        with self.assertRaises(ValueError):
+            fs.open("big.bin", "rw")
+        with self.assertRaises(ValueError):
+            fs.stat("nul\0byte")
+        self.assertEqual(sorted(fs.listdir()), sorted(os.listdir(root)))   # nothing changed
+
+    def test_every_open_mode_behaves_as_open(self):
+        fsd, fs = self.start_fs()
+        root = self.host(fsd)
+        local = self.host(self.start_backend(Virtiofsd))     # a scratch directory beside it
+        modes = [m + b + p for m in "rwax" for b in ("", "b", "t") for p in ("", "+")]
+        modes += ["r+b", "br", "tr+", "rt+"]
+
+        def exercise(opener, name, mode, buffering):
+            """What a script sees doing the usual things with open(name, mode)."""
+            seen = []
+            try:
+                f = opener(name, mode, buffering)
+            except OSError as exc:
+                return [type(exc).__name__, exc.errno]
+            with f:
+                kind = "raw" if isinstance(f, io.RawIOBase) else type(f).__name__
+                layers = [kind, f.mode, f.readable(), f.writable(), f.seekable()]
+                seen.append(layers)
+                data = "XY" if "b" not in mode else b"XY"
+                if f.readable():
+                    seen.append(f.read(4))
+                if f.writable():
+                    seen.append(f.write(data))
+                seen.append(f.tell())
+                f.seek(0)
+                if f.readable():
+                    seen.append(f.read())
+            return seen
+        for index, mode in enumerate(modes):
+            for buffering in ((-1, 0) if "b" in mode else (-1, 1)):
+                with self.subTest(mode=mode, buffering=buffering):
+                    name = "f%d" % index
+                    for directory in (root, local):
+                        if "x" not in mode or buffering != -1:
+                            with open(os.path.join(directory, name), "wb") as f:
+                                f.write(b"0123456789")
+                        elif os.path.exists(os.path.join(directory, name)):
+                            os.remove(os.path.join(directory, name))
+                    theirs = exercise(lambda n, m, b: open(os.path.join(local, n), m, b), name,
+                                      mode, buffering)
+                    ours = exercise(fs.open, name, mode, buffering)
+                    self.assertEqual(ours, theirs)
+                    with open(os.path.join(local, name), "rb") as f, \
+                            open(os.path.join(root, name), "rb") as g:
+                        self.assertEqual(g.read(), f.read())
+        for bad in ("rw", "rr", "q", "bt", "", "+", "b"):
+            with self.subTest(bad=bad):
+                with self.assertRaises(ValueError) as expected:
+                    open(os.path.join(local, "f0"), bad)
+                with self.assertRaises(ValueError) as got:
+                    fs.open("f0", bad)
+                self.assertIn("mode", str(got.exception))
+
+    def test_xattrs(self):
+        fsd = self.start_backend(XattrVirtiofsd)
+        path = os.path.join(fsd.shared_dir, "f")
+        open(path, "w").close()
+        os.setxattr(path, "user.size", b"xl")
+        fs = vu.FsDevice.connect(fsd.socket_path)
+        self.addCleanup(fs.close)
+        fs.setxattr("f", "user.color", b"blue")
+        self.assertEqual(os.getxattr(path, "user.color"), b"blue")
+        self.assertEqual((fs.getxattr("f", "user.size"), sorted(fs.listxattr("f"))),
+                         (b"xl", ["user.color", "user.size"]))
+        fs.removexattr("f", "user.color")
+        self.assertEqual(os.listxattr(path), ["user.size"])
+        self.assertSameError(lambda: fs.getxattr("f", "user.nope"),
+                             lambda: os.getxattr(path, "user.nope"), "f", "ENODATA")
+        self.assertSameError(lambda: fs.setxattr("f", "user.size", b"s", os.XATTR_CREATE),
+                             lambda: os.setxattr(path, "user.size", b"s", os.XATTR_CREATE), "f",
+                             "XATTR_CREATE")
+        fs.close()
+        fsd, fs = self.start_fs(lambda root: open(os.path.join(root, "f"), "w").close())
+        with self.assertRaises(OSError) as cm:     # virtiofsd without -o xattr: ENOSYS
+            fs.listxattr("f")
+        self.assertEqual((cm.exception.errno, cm.exception.filename), (errno.EOPNOTSUPP, "f"))
+
+    def test_threads_share_one_device(self):
+        # A 4-entry ring and 8 MiB of guest memory for four threads moving 2.5 MiB each (in
+        # 1 MiB chunks): the full-ring and out-of-memory waits both happen, nothing times out.
+        fsd, fs = self.start_fs(queue_size=4, memory_size=8 << 20)
+        root = self.host(fsd)
+        blobs = {"t%d" % i: os.urandom((5 << 19) + i) for i in range(4)}
+        errors = []
+
+        def worker(name, blob):
+            try:
+                for _ in range(3):
+                    fs.write_bytes(name, blob)
+                    if fs.read_bytes(name) != blob:
+                        raise AssertionError("%s read back differs" % name)
+                    fs.stat(name)
+                    fs.listdir("")
+            except Exception as exc:
+                errors.append(exc)
+        threads = [threading.Thread(target=worker, args=item, name="fs-test-%s" % item[0])
+                   for item in blobs.items()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual(errors, [])
+        for name, blob in blobs.items():
+            with open(os.path.join(root, name), "rb") as f:
+                self.assertEqual(f.read(), blob)
+
+
+_FUSE_ATTR_FMT = struct.Struct("<QQQQQQIIIIIIIIII")
+
+
+class _FusePeer(object):
+    """A FUSE server as FakeBackend's device: a root directory of files, and hooks to misbehave.
+
+    `misbehave(opcode, unique, body)` may return None (serve normally), "drop" (never answer) or
+    (out_len, error, unique, payload, used_len) to send exactly that. Requests seen go to .seen as
+    (queue, opcode, nodeid, body); FORGET/BATCH_FORGET on the hiprio queue are used with length 0.
+    """
+
+    def __init__(self, files, max_write=8192, read_limit=None):
+        self.files = {name.encode(): bytearray(data) for name, data in files.items()}
+        self.ids = {name: 2 + i for i, name in enumerate(sorted(self.files))}
+        self.names = {v: k for k, v in self.ids.items()}
+        self.max_write = max_write
+        self.read_limit = read_limit
+        self.misbehave = None
+        self.seen = []
+
+    def attr(self, nodeid):
+        if nodeid == 1:
+            return _FUSE_ATTR_FMT.pack(1, 0, 0, 0, 0, 0, 0, 0, 0, 0o40755, 2, 0, 0, 0, 4096, 0)
+        size = len(self.files[self.names[nodeid]])
+        return _FUSE_ATTR_FMT.pack(nodeid, size, 0, 0, 1500000000, 0, 0, 0, 0, 0o100644, 1, 0, 0,
+                                   0, 4096, 0)
+
+    entry_valid = 60
+
+    def entry(self, nodeid):
+        return struct.pack("<QQQQII", nodeid, 0, self.entry_valid, 60, 0, 0) + self.attr(nodeid)
+
+    def serve(self, opcode, nodeid, body):
+        """(error, payload) of one request."""
+        if opcode == 26:      # INIT
+            major, minor, readahead, flags = struct.unpack_from("<IIII", body)
+            return 0, struct.pack("<IIIIHHIIHHI28x", 7, 31, readahead, flags & (1 << 13 | 1 << 5),
+                                  16, 12, self.max_write, 1, 0, 0, 0)
+        if opcode == 1:       # LOOKUP
+            name = body.rstrip(b"\0")
+            return (0, self.entry(self.ids[name])) if name in self.ids else (-errno.ENOENT, b"")
+        if opcode == 3:       # GETATTR
+            return 0, struct.pack("<QII", 60, 0, 0) + self.attr(nodeid)
+        if opcode in (14, 27):   # OPEN, OPENDIR
+            return 0, struct.pack("<QII", nodeid + 100, 0, 0)
+        if opcode == 15:      # READ
+            fh, offset, size = struct.unpack_from("<QQI", body)
+            if self.read_limit is not None:
+                size = min(size, self.read_limit)
+            return 0, bytes(self.files[self.names[nodeid]][offset:offset + size])
+        if opcode == 16:      # WRITE
+            fh, offset, size = struct.unpack_from("<QQI", body)
+            data = self.files[self.names[nodeid]]
+            data[offset:offset + size] = body[40:40 + size]
+            return 0, struct.pack("<II", size, 0)
+        if opcode == 44:      # READDIRPLUS
+            fh, offset = struct.unpack_from("<QQ", body)
+            out = b""
+            if offset == 0:
+                for i, (name, nodeid_) in enumerate(sorted(self.ids.items())):
+                    dirent = struct.pack("<QQII", nodeid_, i + 1, len(name), 8) + name
+                    out += self.entry(nodeid_) + dirent + b"\0" * (-len(dirent) % 8)
+            return 0, out
+        if opcode == 4:       # SETATTR (no ATOMIC_O_TRUNC here: open("w") truncates with it)
+            valid, _, fh, size = struct.unpack_from("<IIQQ", body)
+            if valid & (1 << 3):
+                del self.files[self.names[nodeid]][size:]
+            return 0, struct.pack("<QII", 60, 0, 0) + self.attr(nodeid)
+        if opcode in (18, 25, 29, 38):   # RELEASE, FLUSH, RELEASEDIR, DESTROY
+            return 0, b""
+        return -errno.ENOSYS, b""
+
+    def __call__(self, backend, index):
+        while True:
+            popped = backend.pop_avail(index)
+            if popped is None:
+                return
+            head, chain = popped
+            request = b"".join(backend.read(a, n) for a, n, f in chain if not f & 2)
+            writable = [(a, n) for a, n, f in chain if f & 2]
+            _, opcode, unique, nodeid = struct.unpack_from("<IIQQ", request)
+            body = request[40:]
+            self.seen.append((index, opcode, nodeid, body))
+            if index == 0:
+                backend.push_used(index, head, 0)
+                continue
+            action = self.misbehave(opcode, unique, body) if self.misbehave else None
+            if action == "drop":
+                continue
+            if action is None:
+                error, payload = self.serve(opcode, nodeid, body)
+                action = (16 + len(payload), error, unique, payload, 16 + len(payload))
+            out_len, error, unique, payload, used = action
+            # A used length past the chain's writable bytes would break the whole ring (the
+            # Queue's own check): lies stay within what the driver offered.
+            used = min(used, sum(length for _, length in writable))
+            data = struct.pack("<IiQ", out_len, error, unique) + payload
+            for addr, length in writable:
+                backend.write(addr, data[:length])
+                data = data[length:]
+            backend.push_used(index, head, used)
+
+    def ops(self, opcode, queue=1):
+        return [s for s in self.seen if s[1] == opcode and s[0] == queue]
+
+
+FS_CONFIG = b"myfs".ljust(36, b"\0") + struct.pack("<I", 1)
+
+
+class TestFsDevicePeer(FrontendTestBase):
+    """FsDevice over a FUSE test peer: what virtiofsd cannot be made to do."""
+
+    def device(self, files=None, timeout=5.0, **kwargs):
+        peer = _FusePeer(files or {"a": b"alpha" * 10000, "b": b"bravo"}, **kwargs)
+        backend = self.backend(features=F_PROTOCOL | F_VERSION_1, config=FS_CONFIG,
+                               device=peer)
+        fs = vu.FsDevice(self.frontend(backend, vu.DeviceType.FS), timeout=timeout, queue_size=32,
+                         memory_size=4 << 20)
+        self.addCleanup(fs.close)
+        return peer, backend, fs
+
+    def test_init_chunks_cache_and_forget(self):
+        peer, backend, fs = self.device()
+        self.assertEqual((fs.tag, fs.num_request_queues, fs.minor, fs.max_write), ("myfs", 1, 31, 8192))
+        major, minor, _, offered = struct.unpack_from("<IIII", peer.ops(26)[0][3])
+        self.assertEqual((major, minor, len(peer.ops(26)[0][3])), (7, 31, 16))   # a 7.31 init_in
+        self.assertEqual(fs.init_flags, offered & (1 << 13 | 1 << 5))           # what was answered
+        self.assertEqual(fs.read_bytes("a"), b"alpha" * 10000)
+        reads = peer.ops(15)
+        self.assertTrue(all(struct.unpack_from("<QQI", body)[2] <= 8192 for _, _, _, body in reads))
+        self.assertGreater(len(reads), 6)                     # 50000 bytes in 8 KiB chunks
+        data = os.urandom(30000)
+        self.assertEqual(fs.write_bytes("b", data), 30000)
+        self.assertEqual(bytes(peer.files[b"b"]), data)
+        self.assertEqual([struct.unpack_from("<QQI", body)[2] for _, _, _, body in peer.ops(16)],
+                         [8192, 8192, 8192, 30000 - 3 * 8192])
+        lookups = len(peer.ops(1))
+        fs.stat("a")
+        fs.stat("a")
+        self.assertEqual(len(peer.ops(1)), lookups)            # cached for entry_valid (60 s)
+        self.assertEqual(sorted(fs.listdir("/")), ["a", "b"])
+        # a file dropped without close() is released at the next request
+        f = fs.open("b", "rb", buffering=0)
+        fh = 2 + 1 + 100
+        del f
+        gc.collect()
+        fs.stat("b")
+        self.assertIn(fh, [struct.unpack_from("<Q", body)[0] for _, _, _, body in peer.ops(18)])
+        referenced = len(peer.ops(1)) + 2                    # LOOKUPs + READDIRPLUS entries
+        left_open = fs.open("b", "w")
+        left_open.write("buffered, never flushed")
+        fs.close()
+        self.assertEqual(bytes(peer.files[b"b"]), b"buffered, never flushed")   # not lost
+        self.assertEqual(len(peer.ops(25)), len(peer.ops(18)))  # a FLUSH before each RELEASE
+        self.assertEqual(len(peer.ops(38)), 1)                # DESTROY
+        forgotten = collections.Counter()
+        for _, opcode, nodeid, body in peer.seen:
+            if opcode == 2:
+                forgotten[nodeid] += struct.unpack("<Q", body)[0]
+            elif opcode == 42:
+                count = struct.unpack_from("<I", body)[0]
+                for i in range(count):
+                    n, nlookup = struct.unpack_from("<QQ", body, 8 + 16 * i)
+                    forgotten[n] += nlookup
+        self.assertEqual(sum(forgotten.values()), referenced, forgotten)
+        self.assertEqual(set(forgotten), {2, 3})
+        self.assertFalse(any(s[1] in (2, 42) for s in peer.seen if s[0] != 0))   # hiprio only
+
+    def test_lookups_expire_and_evicted_names_are_forgotten(self):
+        peer, backend, fs = self.device(files={"a": b"1", "b": b"2", "c": b"3"})
+        peer.entry_valid = 0                                  # names expire at once
+        for _ in range(3):
+            fs.stat("a")
+        self.assertEqual([body for _, _, _, body in peer.ops(1)], [b"a\0"] * 3)
+        peer.entry_valid = 60
+        with mock.patch.object(vu, "_FS_CACHE_ENTRIES", 2):
+            fs.stat("b")
+            fs.stat("c")                                      # "a", the oldest, leaves the cache
+            wait_for(lambda: peer.ops(2, queue=0), what="a FORGET on the hiprio queue")
+            self.assertEqual([(nodeid, struct.unpack("<Q", body)[0]) for _, _, nodeid, body
+                              in peer.ops(2, queue=0)], [(2, 3)])  # all three lookups of "a"
+            fs.stat("b")                                      # used: "c" is now the oldest
+            fs.stat("a")
+            wait_for(lambda: len(peer.ops(2, queue=0)) == 2, what="a second FORGET")
+        self.assertEqual(peer.ops(2, queue=0)[1][2], 4)       # "c" left, not "b"
+        fs.close()
+        forgotten = collections.Counter()
+        for _, _, nodeid, body in peer.ops(42, queue=0):
+            for i in range(struct.unpack_from("<I", body)[0]):
+                n, count = struct.unpack_from("<QQ", body, 8 + 16 * i)
+                forgotten[n] += count
+        self.assertEqual(forgotten, {2: 1, 3: 1})
+
+    def test_no_forget_while_another_call_may_use_the_node(self):
+        peer, backend, fs = self.device(files={"a": b"1", "b": b"2", "c": b"3"})
+        with mock.patch.object(vu, "_FS_CACHE_ENTRIES", 2):
+            fs._active += 1              # as if another thread were between LOOKUP and OPEN
+            fs.stat("a")
+            fs.stat("b")
+            fs.stat("c")                 # "a" leaves the cache
+            time.sleep(0.05)
+            self.assertEqual(peer.ops(2, queue=0), [])
+            fs._active -= 1
+            fs.stat("b")                 # the next call to end sends it
+            wait_for(lambda: peer.ops(2, queue=0), what="the FORGET of a")
+        self.assertEqual(peer.ops(2, queue=0)[0][2], 2)
+
+    def test_malformed_replies_break_only_their_request(self):
+        peer, backend, fs = self.device()
+        entry = peer.entry(2)
+        cases = [
+            ("wrong unique", lambda u: (16 + len(entry), 0, u + 1, entry, 16 + len(entry)),
+             "reply unique"),
+            ("len disagrees with used", lambda u: (16 + len(entry), 0, u, entry, 16 + 10),
+             "disagrees with the used length"),
+            ("positive error", lambda u: (16, 5, u, b"", 16), "error 5 is not a negative errno"),
+            ("error below -511", lambda u: (16, -1000, u, b"", 16), "error -1000"),
+            ("short out-struct", lambda u: (16 + 40, 0, u, entry[:40], 16 + 40), "needs 128"),
+            ("error with payload", lambda u: (24, -2, u, b"x" * 8, 24), "carries 8 byte(s)"),
+            ("less than a header", lambda u: (16, 0, u, b"", 8), "less than the 16-byte"),
+        ]
+        for what, reply, text in cases:
+            with self.subTest(what):
+                peer.misbehave = lambda op, unique, body: reply(unique) if body.startswith(b"a\0") \
+                    else None
+                with self.assertRaises(vu.ProtocolError) as cm:
+                    fs.stat("a")
+                self.assertIn("FUSE LOOKUP", str(cm.exception))
+                self.assertIn(text, str(cm.exception))
+                peer.misbehave = None
+                self.assertEqual(fs.stat("b").st_size, 5)     # the device still works
+        self.assertEqual(fs.stat("a").st_size, 50000)
+
+    def test_malformed_directory_listings(self):
+        peer, backend, fs = self.device()
+        entry = peer.entry(2)
+
+        def dirent(name, off=1, namelen=None):
+            raw = struct.pack("<QQII", 2, off, len(name) if namelen is None else namelen, 8) + name
+            return entry + raw + b"\0" * (-len(raw) % 8)
+        cases = [
+            ("truncated entry", entry[:100], "truncated entry"),
+            ("name longer than the reply", dirent(b"abc", namelen=40), "bad entry name"),
+            ("slash in a name", dirent(b"a/b"), "bad entry name"),
+            ("empty name", dirent(b""), "bad entry name"),
+            ("offset that does not move", dirent(b"a", off=0), "does not move past offset 0"),
+        ]
+        for what, payload, text in cases:
+            with self.subTest(what):
+                peer.misbehave = lambda op, unique, body: (16 + len(payload), 0, unique, payload,
+                                                           16 + len(payload)) if op == 44 else None
+                with self.assertRaises(vu.ProtocolError) as cm:
+                    fs.listdir("")
+                self.assertIn("FUSE READDIRPLUS", str(cm.exception))
+                self.assertIn(text, str(cm.exception))
+        peer.misbehave = None
+        self.assertEqual(sorted(fs.listdir("")), ["a", "b"])
+        self.assertEqual(len(peer.ops(27)), len(peer.ops(29)))     # every OPENDIR released
+
+    def test_fuzzed_replies(self):
+        """Whatever a reply holds, a call returns or raises ProtocolError or OSError (h11's rule)."""
+        rng = random.Random(FUZZ_SEED + 11)
+        peer, backend, fs = self.device()
+        calls = [lambda: fs.stat("a"), lambda: fs.listdir(""), lambda: fs.read_bytes("b"),
+                 lambda: fs.readlink("a"), lambda: fs.statvfs(), lambda: fs.write_bytes("b", b"x"),
+                 lambda: fs.getxattr("a", "user.x"), lambda: fs.mkdir("d")]
+        outcomes = collections.Counter()
+
+        def garble(op, unique, body):
+            if rng.random() < 0.3:
+                return None
+            payload = bytes(rng.getrandbits(8) for _ in range(rng.choice([0, 4, 8, 40, 80, 128, 200])))
+            error = rng.choice([0, 0, 0, -errno.ENOENT, -rng.randrange(1, 600), rng.randrange(1, 9)])
+            length = 16 + len(payload)
+            return (rng.choice([length, length, rng.randrange(1 << 32)]), error,
+                    rng.choice([unique, unique, unique ^ 1]), payload, length)
+        peer.misbehave = garble
+        for i in range(150):
+            call = rng.choice(calls)
+            with self.subTest(i=i):
+                try:
+                    call()
+                    outcomes["ok"] += 1
+                except (vu.ProtocolError, OSError) as exc:
+                    outcomes[type(exc).__name__] += 1
+                    self.assertNotIsInstance(exc, vu.VhostUserTimeout)
+        self.assertGreater(outcomes["ProtocolError"], 10, outcomes)
+        peer.misbehave = None
+        fs.stat("b")                                  # still usable
+
+    def test_errnos_raise_what_os_would(self):
+        peer, backend, fs = self.device()
+        for err, cls in ((errno.EINTR, InterruptedError), (errno.EAGAIN, BlockingIOError),
+                         (errno.EACCES, PermissionError), (errno.EIO, OSError)):
+            with self.subTest(errno.errorcode[err]):
+                peer.misbehave = lambda op, unique, body: (16, -err, unique, b"", 16) \
+                    if op == 15 else None
+                with self.assertRaises(OSError) as cm:
+                    fs.read_bytes("b")
+                self.assertIs(type(cm.exception), cls)
+                self.assertEqual((cm.exception.errno, cm.exception.filename), (err, "b"))
+        peer.misbehave = None
+        self.assertEqual(fs.read_bytes("b"), b"bravo")
+
+    def test_short_reads(self):
+        peer, backend, fs = self.device(read_limit=1000)
+        self.assertEqual(fs.read_bytes("a"), b"alpha" * 10000)
+        with fs.open("a", "rb") as f:
+            self.assertEqual(f.read(5000), (b"alpha" * 1000))
+            f.seek(49990)
+            self.assertEqual(f.read(), b"alpha" * 2)
+        with fs.open("a", "rb", buffering=0) as f:
+            self.assertEqual(f.read(5000), b"alpha" * 200)    # raw: one short read, as a pipe
+
+    def test_hang_up_mid_read(self):
+        peer, backend, fs = self.device(timeout=30.0)
+        peer.misbehave = lambda op, unique, body: "drop" if op == 15 else None
+        timer = threading.Timer(0.3, backend.hang_up)
+        timer.start()
+        self.addCleanup(timer.join)
+        start = time.monotonic()
+        with self.assertLogs("vhost_user_frontend", "WARNING") as logs:
+            with self.assertRaises(vu.Disconnected):
+                fs.read_bytes("a")
+            self.assertLess(time.monotonic() - start, 5.0)   # promptly, not the 30 s timeout
+            start = time.monotonic()
+            fs.close()
+            self.assertLess(time.monotonic() - start, 5.0)
+        self.assertIn("hung up", "\n".join(logs.output))
+
+    def test_no_reply_times_out(self):
+        peer, backend, fs = self.device(timeout=0.3)
+        peer.misbehave = lambda op, unique, body: "drop" if op == 3 else None
+        with self.assertRaises(vu.VhostUserTimeout) as cm:
+            fs.stat("")
+        self.assertIn("GETATTR", str(cm.exception))
+
+
+class _Terminal(io.StringIO):
+    """A stdout that says it is a terminal (for output laid out for people)."""
+
+    def isatty(self):
+        return True
+
+
+class TestCliFs(FsTestMixin, FdLeakCheck):
+    """`fs SOCKET COMMAND` against virtiofsd: one daemon per command (it serves one connection)."""
+
+    @classmethod
+    def setUpClass(cls):
+        # The interactive shell loads readline, which on PyPy opens /dev/null and a pipe for
+        # good the first time: take that one-time cost before the fd accounting starts.
+        try:
+            import readline  # noqa: F401
+        except ImportError:
+            pass
+
+    def fs_cli(self, *argv, **kwargs):
+        """Run `fs SOCKET argv...` on a fresh virtiofsd with the test tree; (status, out, err, root)."""
+        fsd = self.start_backend(Virtiofsd)
+        build_fs_tree(fsd.shared_dir)
+        out, err = (_Terminal() if kwargs.get("tty") else io.StringIO()), io.StringIO()
+        stdin = kwargs.get("stdin")
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                mock.patch.object(sys, "stdin", io.StringIO(stdin or "")):
+            status = vu.main(["fs", fsd.socket_path] + [str(a) for a in argv])
+        self.assertEqual(fsd.wait(10), 0, fsd.log_tail())    # each command: one clean session
+        return status, out.getvalue(), err.getvalue(), fsd.shared_dir
+
+    def test_reading_commands(self):
+        status, out, err, root = self.fs_cli("ls")
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(out.splitlines(), sorted(os.listdir(root)))     # a pipe: one a line
+        status, out, err, root = self.fs_cli("ls", "-a", tty=True)
+        names = sorted(os.listdir(root) + [".", ".."])
+        self.assertEqual(sorted(out.split()), sorted(" ".join(names).split()))
+        self.assertLess(len(out.splitlines()), len(names))                # a terminal: columns
+        status, out, err, root = self.fs_cli("ls", "-l", "dir one")
+        lines = out.splitlines()
+        self.assertEqual(len(lines), 5)
+        self.assertRegex(lines[0], r"^lrwxrwxrwx +1 +0 +0 +10 \d{4}-\d\d-\d\d \d\d:\d\d big link -> ../big.bin$")
+        self.assertRegex(lines[2], r"^-rw-r--r-- +2 +0 +0 +%d .* hard link$" % BIG_FILE_SIZE)
+        status, out, err, root = self.fs_cli("tree")
+        self.assertEqual(out.splitlines()[0], "/")
+        self.assertIn("│   │   └── na\u00efve caf\u00e9 \u65e5\u672c.txt", out.splitlines())
+        self.assertIn("└── link to sub -> dir one/sub", out.splitlines())
+        self.assertTrue(out.endswith("\n4 directories, 11 files\n"), out)
+        status, out, err, root = self.fs_cli("stat", "dir one/sub/deeper/secret")
+        st = os.stat(os.path.join(root, "dir one/sub/deeper/secret"))
+        self.assertIn("Size: 5 ", out)
+        self.assertIn("regular file", out)
+        self.assertIn("Inode: %d " % st.st_ino, out)
+        self.assertIn("Access: (0600/-rw-------)", out)
+        status, out, err, root = self.fs_cli("cat", "dir one/with space.txt", "empty")
+        self.assertEqual((status, out), (0, "spaces in the name\n"))
+        fsd = self.start_backend(Virtiofsd)        # what users type: raw bytes to a pipe
+        build_fs_tree(fsd.shared_dir)
+        status, out, err = run_cli_process("fs", fsd.socket_path, "cat",
+                                           "dir one/sub/na\u00efve caf\u00e9 \u65e5\u672c.txt")
+        self.assertEqual((status, out, err), (0, "non-ASCII content: \u00e9\u65e5\n", ""))
+        local = os.path.join(self.host(self.start_backend(Virtiofsd)), "copy")   # a scratch dir
+        status, out, err, root = self.fs_cli("get", "big.bin", local)
+        with open(local, "rb") as f, open(os.path.join(root, "big.bin"), "rb") as g:
+            self.assertEqual(f.read(), g.read())
+        self.assertEqual(out, "big.bin -> %s (%d bytes)\n" % (local, BIG_FILE_SIZE))
+        status, out, err, root = self.fs_cli("df")
+        self.assertEqual(status, 0)
+        self.assertRegex(out.splitlines()[1], r"^share +\d")
+        for argv, text in ((("ls", "missing"), "ls: missing: No such file or directory"),
+                           (("cat", "dir one"), "cat: dir one: Is a directory"),
+                           (("stat", "big.bin/x"), "stat: big.bin/x: Not a directory"),
+                           (("tree", "big.bin"), "tree: big.bin: Not a directory")):
+            with self.subTest(argv):
+                status, out, err, root = self.fs_cli(*argv)
+                self.assertEqual((status, out), (1, ""))
+                self.assertEqual(err, "vhost_user_frontend: error: %s\n" % text)
+
+    def test_changing_commands(self):
+        source = os.path.join(self.host(self.start_backend(Virtiofsd)), "upload.bin")
+        with open(source, "wb") as f:
+            f.write(b"uploaded" * 1000)
+        status, out, err, root = self.fs_cli("put", source, "dir one")
+        self.assertEqual(status, 0, err)
+        with open(os.path.join(root, "dir one/upload.bin"), "rb") as f:
+            self.assertEqual(f.read(), b"uploaded" * 1000)
+        status, out, err, root = self.fs_cli("mkdir", "-p", "n/e/w", "empty dir/x")
+        self.assertTrue(os.path.isdir(os.path.join(root, "n/e/w")))
+        self.assertTrue(os.path.isdir(os.path.join(root, "empty dir/x")))
+        status, out, err, root = self.fs_cli("mkdir", "empty dir")
+        self.assertEqual(err, "vhost_user_frontend: error: mkdir: empty dir: File exists\n")
+        status, out, err, root = self.fs_cli("rm", "-r", "dir one", "big.bin")
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(sorted(os.listdir(root)), ["dangling", "empty", "empty dir", "link to sub"])
+        status, out, err, root = self.fs_cli("rm", "empty dir")
+        self.assertEqual(err, "vhost_user_frontend: error: rm: empty dir: Is a directory\n")
+        status, out, err, root = self.fs_cli("mv", "big.bin", "empty dir")
+        self.assertTrue(os.path.isfile(os.path.join(root, "empty dir/big.bin")))
+        status, out, err, root = self.fs_cli("ln", "-s", "../big.bin", "empty dir/sym")
+        self.assertEqual(os.readlink(os.path.join(root, "empty dir/sym")), "../big.bin")
+        status, out, err, root = self.fs_cli("ln", "big.bin", "hard")
+        self.assertEqual(os.stat(os.path.join(root, "hard")).st_nlink, 3)
+
+    def test_shell_runs_many_commands_on_one_connection(self):
+        script = "\n".join(["ls", "cd 'dir one'", "pwd", "cat 'with space.txt'", "mkdir -p a/b",
+                            "ln -s ../../big.bin a/b/big", "mv a made", "ls made/b", "cd /",
+                            "rm -r empty", "ls -l 'link to sub'", "exit", "ls never-run"]) + "\n"
+        status, out, err, root = self.fs_cli("shell", stdin=script)
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(out.splitlines()[:9], sorted(os.listdir(root) + ["empty"])
+                         + ["/dir one", "spaces in the name", "big"])
+        self.assertEqual(os.readlink(os.path.join(root, "dir one/made/b/big")), "../../big.bin")
+        self.assertFalse(os.path.exists(os.path.join(root, "empty")))
+        status, out, err, root = self.fs_cli("shell", stdin="ls nope\nbogus\nstat empty\n")
+        self.assertEqual(status, 1)                      # a script that failed says so
+        self.assertIn("error: ls: /nope: No such file or directory\n", err)
+        self.assertIn("Size: 0 ", out)                   # and carried on
+
+    def test_shell_on_a_terminal(self):
+        class Tty(io.StringIO):
+            def isatty(self):
+                return True
+        fsd = self.start_backend(Virtiofsd)
+        build_fs_tree(fsd.shared_dir)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                mock.patch.object(sys, "stdin", Tty("cd 'dir one'\nls sub\nnope\n")):
+            status = vu.main(["fs", fsd.socket_path, "shell"])
+        self.assertEqual(status, 0)            # interactive: mistakes do not make it fail
+        text = out.getvalue()
+        self.assertTrue(text.startswith("Connected to %s (FUSE 7." % fsd.socket_path), text)
+        self.assertIn("fs:/> fs:/dir one> deeper\nna\u00efve caf\u00e9 \u65e5\u672c.txt\nfs:/dir one> ", text)
+        self.assertIn("invalid choice: 'nope'", err.getvalue())
+
+    def test_bench_fs(self):
+        fsd = self.start_backend(Virtiofsd)
+        status, out, err = run_cli("bench", fsd.socket_path, "--type", "fs", "--seconds", "0.3",
+                                   "--depth", "4", "--file-size", "1M", "--backend-pid", fsd.pid,
+                                   "--json")
+        self.assertEqual(status, 0, err)
+        report = json.loads(out)
+        self.assertEqual((report["type"], report["rw"], report["size"], report["depth"]),
+                         ("fs", "randread", 4096, 4))
+        self.assertGreater(report["requests"], 0)
+        self.assertEqual(os.listdir(fsd.shared_dir), [])      # the file it made is gone
+        fsd = self.start_backend(Virtiofsd)
+        with open(os.path.join(fsd.shared_dir, "given"), "wb") as f:
+            f.write(bytes(1 << 20))
+        status, out, err = run_cli("bench", fsd.socket_path, "--type", "fs", "--seconds", "0.3",
+                                   "--rw", "write", "--size", "64k", "--file", "given")
+        self.assertEqual(status, 0, err)
+        self.assertIn("fs write, 65536 bytes, depth 1, 1 queue(s)", out)
+        self.assertEqual(os.path.getsize(os.path.join(fsd.shared_dir, "given")), 1 << 20)
+
+    def test_wrong_device(self):
+        qsd = self.start_backend(QemuStorageDaemon)
+        status, out, err = run_cli("fs", qsd.socket_path, "ls")
+        self.assertEqual(status, 1)
+        self.assertIn("wrong device type: the back-end is a block device", err)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ import ctypes
 import enum
 import errno
 import functools
+import io
 import logging
 import mmap
 import os
@@ -54,6 +55,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 from typing import NamedTuple, Tuple
 
 __version__ = "0.1.0"
@@ -72,7 +74,7 @@ __all__ = [
     # Frontend
     "SharedMemoryRegion", "BackendReqHandler", "Interrupt", "VhostUserFrontend", "DeviceState",
     # Devices
-    "BlockDevice", "NetDevice",
+    "BlockDevice", "NetDevice", "FsDevice",
     # Command line
     "main",
 ]
@@ -5814,6 +5816,14 @@ class _Completions:
             self.cells.extend(cells[1:])
         return cells[0]
 
+    def shrink_slots(self):
+        """Give spare fast-path slots' descriptors back to the ring; True if any were."""
+        slots = self.slots
+        if slots is None:
+            return False
+        with self.lock:
+            return slots.shrink()
+
     def wait(self, until, deadline, what, count=1):
         """Reap until ``until()`` holds; VhostUserTimeout at ``deadline``.
 
@@ -5993,6 +6003,38 @@ def _fast_path_error(failed, completed):
     error.failed = [entry[0] for entry in failed]
     error.completed = completed
     return error
+
+
+def _add_when_room(completions, readable, writable, token, timeout, what, make_room=None):
+    """``Queue.add`` the chain, reaping while the ring (or guest memory) is full; no kick.
+
+    Chains already posted are announced before any wait for room. Gives up
+    (VhostUserTimeout) only after ``timeout`` seconds without any completion:
+    other threads taking the room first just mean another wait. ``make_room``,
+    when given, is tried first on a full ring and returns True if it freed
+    something (BlockDevice gives back spare fast-path slots).
+    """
+    queue = completions.queue
+    deadline = None   # the clock is read only when the ring is full
+    while True:
+        try:
+            queue.add(readable, writable, token=token)
+            return
+        except (Queue.Full, MemoryError) as exc:
+            if make_room is not None and make_room():
+                continue
+            if deadline is None:
+                deadline = time.monotonic() + timeout
+            if not queue.in_flight:
+                if isinstance(exc, MemoryError) or time.monotonic() > deadline:
+                    raise
+                continue   # what filled the ring completed meanwhile: room now
+            # Reap until something (ours or anyone's) completes, then retry.
+            queue.notify()
+            reaped = queue.next_used
+            completions.wait(lambda: queue.next_used != reaped or not queue.in_flight,
+                             deadline, what)
+            deadline = time.monotonic() + timeout
 
 
 class BlockDevice(_Device):
@@ -6587,7 +6629,6 @@ class BlockDevice(_Device):
         completions = self._completions_for(request.queue)
         if self._trouble():
             self._check_alive(_BLK_OP_NAMES[request.op])
-        queue = completions.queue
         # Header and status live in a cell of guest memory: the header is
         # written in place, the status copied out when the request completes.
         cell = request.cell = completions.take_cell(self._mem)
@@ -6596,34 +6637,15 @@ class BlockDevice(_Device):
         view[offset + 16] = 0
         readable = [(gpa, _BLK_REQ.size)] + list(readable)
         writable = list(writable) + [(gpa + _BLK_REQ.size, 1)]
-        deadline = None   # the clock is read only when the ring is full
         try:
-            while True:
-                try:
-                    queue.add(readable, writable, token=request)
-                    break
-                except (Queue.Full, MemoryError):
-                    slots = completions.slots
-                    if slots is not None:
-                        with completions.lock:
-                            if slots.shrink():
-                                continue
-                    if not queue.in_flight:
-                        raise
-                    if deadline is None:
-                        deadline = time.monotonic() + self.timeout
-                    name = _BLK_OP_NAMES[request.op]
-                    # Reap until something of ours or anyone's completes, then retry.
-                    queue.notify()
-                    free = queue.num_free
-                    completions.wait(lambda: queue.num_free > free or not queue.in_flight,
-                                     deadline, name)
+            _add_when_room(completions, readable, writable, request, self.timeout,
+                           _BLK_OP_NAMES[request.op], make_room=completions.shrink_slots)
         except BaseException:
             request.cell = None
             completions.cells.append(cell)
             raise
         if notify:
-            queue.notify()
+            completions.queue.notify()
 
     def _finish(self, requests, what):
         """Kick for the posted batch, wait for all of it, raise the first bad status."""
@@ -7079,6 +7101,1591 @@ class NetDevice(_Device):
             self.mac.hex() if self.mac else None, self.mtu,
             " mrg_rxbuf" if self._mrg else "", " packed" if self.packed else "",
             self.queue_pairs)
+
+
+# -- virtio-fs (virtio spec 5.11): FUSE over a request queue -------------------
+#
+# FUSE wire layouts are those of include/uapi/linux/fuse.h at protocol 7.31,
+# in the driver's native byte order (FUSE has no wire endianness of its own;
+# virtio-fs leaves it so, spec 5.11.6), little-endian here like the rings.
+# A request is one chain: driver-readable fuse_in_header + arguments (+ data),
+# then device-writable fuse_out_header + reply. Queue 0 is the hiprio queue
+# (FORGET, BATCH_FORGET: no reply); queues 1.. are request queues.
+
+_FUSE_MAJOR = 7
+_FUSE_MINOR = 31
+_FUSE_ROOT_ID = 1
+#: The kernel refuses a reply error outside -511..0 (fuse_dev_do_write:
+#: ERESTARTSYS=512 and above are kernel-internal codes, never errnos).
+_FUSE_ERRNO_MAX = 511
+
+
+class _FuseOp(enum.IntEnum):
+    """FUSE opcodes (enum fuse_opcode) this driver sends."""
+    LOOKUP = 1
+    FORGET = 2
+    GETATTR = 3
+    SETATTR = 4
+    READLINK = 5
+    SYMLINK = 6
+    MKNOD = 8
+    MKDIR = 9
+    UNLINK = 10
+    RMDIR = 11
+    RENAME = 12
+    LINK = 13
+    OPEN = 14
+    READ = 15
+    WRITE = 16
+    STATFS = 17
+    RELEASE = 18
+    FSYNC = 20
+    SETXATTR = 21
+    GETXATTR = 22
+    LISTXATTR = 23
+    REMOVEXATTR = 24
+    FLUSH = 25
+    INIT = 26
+    OPENDIR = 27
+    READDIR = 28
+    RELEASEDIR = 29
+    ACCESS = 34
+    CREATE = 35
+    DESTROY = 38
+    BATCH_FORGET = 42
+    READDIRPLUS = 44
+
+
+#: FUSE_INIT flags (fuse_init_in.flags) this driver offers.
+_FUSE_BIG_WRITES = 1 << 5
+_FUSE_ATOMIC_O_TRUNC = 1 << 3
+_FUSE_DO_READDIRPLUS = 1 << 13
+_FUSE_PARALLEL_DIROPS = 1 << 18
+_FUSE_MAX_PAGES = 1 << 22
+_FUSE_INIT_FLAGS = (_FUSE_ATOMIC_O_TRUNC | _FUSE_BIG_WRITES | _FUSE_DO_READDIRPLUS
+                    | _FUSE_PARALLEL_DIROPS | _FUSE_MAX_PAGES)
+#: fuse_setattr_in.valid bits.
+_FATTR_MODE = 1 << 0
+_FATTR_UID = 1 << 1
+_FATTR_GID = 1 << 2
+_FATTR_SIZE = 1 << 3
+_FATTR_ATIME = 1 << 4
+_FATTR_MTIME = 1 << 5
+_FATTR_FH = 1 << 6
+_FATTR_ATIME_NOW = 1 << 7
+_FATTR_MTIME_NOW = 1 << 8
+_FUSE_GETATTR_FH = 1 << 0
+
+_FUSE_IN_HEADER = struct.Struct("<IIQQIIIHH")   # len opcode unique nodeid uid gid pid extlen pad
+_FUSE_OUT_HEADER = struct.Struct("<IiQ")        # len error unique
+_FUSE_ATTR = struct.Struct("<QQQQQQIIIIIIIIII")  # ino size blocks a/m/ctime a/m/c nsec mode nlink
+#                                                 uid gid rdev blksize flags
+_FUSE_ENTRY_OUT = struct.Struct("<QQQQII")      # nodeid generation entry_valid attr_valid nsecs
+_FUSE_ATTR_OUT = struct.Struct("<QII")          # attr_valid attr_valid_nsec dummy
+_FUSE_GETATTR_IN = struct.Struct("<IIQ")        # getattr_flags dummy fh
+_FUSE_SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")
+_FUSE_MKNOD_IN = struct.Struct("<IIII")         # mode rdev umask padding
+_FUSE_MKDIR_IN = struct.Struct("<II")           # mode umask
+_FUSE_U64 = struct.Struct("<Q")                 # forget_in, rename_in, link_in
+_FUSE_U32_PAIR = struct.Struct("<II")           # open_in, access_in, getxattr_in/out, write_out
+_FUSE_CREATE_IN = struct.Struct("<IIII")        # flags mode umask open_flags
+_FUSE_OPEN_OUT = struct.Struct("<QII")          # fh open_flags padding
+_FUSE_RELEASE_IN = struct.Struct("<QIIQ")       # fh flags release_flags lock_owner (= flush_in)
+_FUSE_IO_IN = struct.Struct("<QQIIQII")         # read_in / write_in: fh offset size flags ...
+_FUSE_FSYNC_IN = struct.Struct("<QII")          # fh fsync_flags padding
+_FUSE_KSTATFS = struct.Struct("<QQQQQIIII24x")  # blocks bfree bavail files ffree bsize namelen
+#                                                 frsize padding spare[6]
+_FUSE_INIT_IN = struct.Struct("<IIII")          # major minor max_readahead flags (7.31 size)
+_FUSE_INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")
+_FUSE_FORGET_ONE = struct.Struct("<QQ")         # nodeid nlookup
+_FUSE_DIRENT = struct.Struct("<QQII")           # ino off namelen type; name; 8-aligned
+
+_ENTRY_SIZE = _FUSE_ENTRY_OUT.size + _FUSE_ATTR.size
+_ATTR_OUT_SIZE = _FUSE_ATTR_OUT.size + _FUSE_ATTR.size
+#: Bytes one READDIR(PLUS) reply may hold, and the longest symlink target (PATH_MAX).
+_FS_DIR_BUFFER = 32 << 10
+_FS_PATH_MAX = 4096
+_FS_XATTR_MAX = 65536      # XATTR_SIZE_MAX and XATTR_LIST_MAX
+#: Symlinks followed while resolving one path before ELOOP (Linux's MAXSYMLINKS).
+_FS_MAX_SYMLINKS = 40
+#: Name lookups kept cached; the oldest beyond this are forgotten.
+_FS_CACHE_ENTRIES = 4096
+#: Chunks of one large read or write kept in flight together.
+_FS_MAX_IN_FLIGHT = 16
+_FS_DRIVER_FEATURES = (VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC
+                       | VirtioFeature.RING_EVENT_IDX)
+_FS_HIPRIO = 0
+_O_ACCMODE = getattr(os, "O_ACCMODE", 3)    # PyPy's os lacks the name
+
+
+def _fs_error(err, filename=None, filename2=None):
+    """The OSError subclass ``os`` raises for ``err`` (FileNotFoundError, ...)."""
+    return OSError(err, os.strerror(err), filename, None, filename2) if filename2 is not None \
+        else OSError(err, os.strerror(err), filename)
+
+
+def _process_umask():
+    """This process's umask, without changing it (/proc, Linux 4.7+), else set and restore."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+def _stat_result(attr):
+    """os.stat_result from a decoded fuse_attr (st_dev 0: the share has no device here)."""
+    (ino, size, blocks, atime, mtime, ctime, atimensec, mtimensec, ctimensec, mode, nlink,
+     uid, gid, rdev, blksize, _flags) = attr
+    # Times are u64 on the wire but time_t (signed) in the server.
+    atime, mtime, ctime = [t - (1 << 64) if t >= 1 << 63 else t for t in (atime, mtime, ctime)]
+    named = {"st_atime": atime + atimensec * 1e-9, "st_mtime": mtime + mtimensec * 1e-9,
+             "st_ctime": ctime + ctimensec * 1e-9, "st_blksize": blksize, "st_blocks": blocks,
+             "st_rdev": rdev}
+    # The fields past the first ten go by name, and 3.13 refuses unknown ones:
+    # PyPy keeps the nanoseconds as nsec_atime... and derives st_atime_ns.
+    if hasattr(os.stat_result, "nsec_atime"):
+        named.update(nsec_atime=atimensec, nsec_mtime=mtimensec, nsec_ctime=ctimensec)
+    else:
+        named.update(st_atime_ns=atime * 10**9 + atimensec,
+                     st_mtime_ns=mtime * 10**9 + mtimensec,
+                     st_ctime_ns=ctime * 10**9 + ctimensec)
+    return os.stat_result((mode, ino, 0, nlink, uid, gid, size, atime, mtime, ctime), named)
+
+
+def _valid_until(seconds, nsec):
+    return time.monotonic() + seconds + nsec * 1e-9
+
+
+class _FuseRequest:
+    """One FUSE request in flight (what ``_Completions`` marks done)."""
+
+    __slots__ = ("op", "unique", "out", "reply", "done", "written", "background", "queue",
+                 "cell")
+
+    def __init__(self, op, unique, reply, queue):
+        self.cell = None            # no guest-memory header cell (BlockDevice's requests have one)
+        self.op = op
+        self.unique = unique
+        self.out = bytearray(_FUSE_OUT_HEADER.size)
+        self.reply = reply          # the writable reply buffer (or None)
+        self.done = False
+        self.written = None
+        self.background = False
+        self.queue = queue
+
+
+class _FsNode:
+    """A node id we hold lookups on: its attributes and how many lookups to FORGET."""
+
+    __slots__ = ("nodeid", "nlookup", "attr", "attr_expiry", "users")
+
+    def __init__(self, nodeid, attr, expiry):
+        self.nodeid = nodeid
+        self.nlookup = 0
+        self.attr = attr
+        self.attr_expiry = expiry
+        self.users = 0              # cached names and open files pointing at it
+
+    @property
+    def mode(self):
+        # The root is looked up by nobody: a directory until GETATTR says more.
+        return self.attr[9] if self.attr is not None else 0o040000
+
+
+class _FsDirEntry:
+    """One ``FsDevice.scandir`` entry, shaped like ``os.DirEntry``."""
+
+    def __init__(self, fs, directory, name, ino, dtype, attr):
+        self.name = name
+        self.path = _fs_join(directory, name)
+        self._fs = fs
+        self._ino = ino
+        self._dtype = dtype
+        self._lstat = _stat_result(attr) if attr is not None else None
+        self._stat = None
+
+    def inode(self):
+        return self._ino
+
+    def _type(self, follow_symlinks):
+        if follow_symlinks and self.is_symlink():
+            try:
+                return self.stat().st_mode & 0o170000
+            except OSError:
+                return None
+        if self._lstat is not None:
+            return self._lstat.st_mode & 0o170000
+        return self._dtype << 12 if self._dtype else self.stat(follow_symlinks=False).st_mode \
+            & 0o170000
+
+    def is_dir(self, follow_symlinks=True):
+        return self._type(follow_symlinks) == 0o040000
+
+    def is_file(self, follow_symlinks=True):
+        return self._type(follow_symlinks) == 0o100000
+
+    def is_symlink(self):
+        if self._lstat is not None:
+            return self._lstat.st_mode & 0o170000 == 0o120000
+        if self._dtype:
+            return self._dtype == 10       # DT_LNK
+        return self.stat(follow_symlinks=False).st_mode & 0o170000 == 0o120000
+
+    def stat(self, follow_symlinks=True):
+        if not follow_symlinks or not self.is_symlink():
+            if self._lstat is None:
+                self._lstat = self._fs.lstat(self.path)
+            if not follow_symlinks or self._lstat.st_mode & 0o170000 != 0o120000:
+                return self._lstat
+        if self._stat is None:
+            self._stat = self._fs.stat(self.path)
+        return self._stat
+
+    def __fspath__(self):
+        return self.path
+
+    def __repr__(self):
+        return "<FsDirEntry %r>" % self.name
+
+
+class _FsScandirIterator:
+    """What ``FsDevice.scandir`` returns: an iterator that is also a context manager."""
+
+    def __init__(self, entries):
+        self._entries = iter(entries)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._entries)
+
+    def close(self):
+        self._entries = iter(())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _byte_view(data):
+    """A flat memoryview of unsigned bytes on ``data``, cast only when it is not one.
+
+    The chunks of large reads and writes are slices of it, and on PyPy 7.3
+    slicing a cast view copies byte by byte (measured: 150 ms per MiB).
+    """
+    view = memoryview(data)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+def _fs_join(directory, name):
+    if isinstance(name, bytes):
+        return directory + name if not directory or directory.endswith(b"/") \
+            else directory + b"/" + name
+    return directory + name if not directory or directory.endswith("/") \
+        else directory + "/" + name
+
+
+class _FuseFile(io.RawIOBase):
+    """An open FUSE file: the raw layer ``FsDevice.open`` puts buffering over."""
+
+    _fs = None
+
+    def __init__(self, fs, node, fh, flags, name, mode, append):
+        io.RawIOBase.__init__(self)
+        self._fs = fs
+        self._node = node
+        self._fh = fh
+        self._flags = flags
+        self.name = name
+        self.mode = mode
+        self._append = append
+        self._pos = 0
+        self._readable = flags & _O_ACCMODE in (os.O_RDONLY, os.O_RDWR)
+        self._writable = flags & _O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
+
+    def _device(self):
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+        fs = self._fs
+        if fs is None or fs._mem is None:
+            raise ValueError("%s: the virtio-fs device is closed" % self.name)
+        return fs
+
+    def readable(self):
+        self._device()
+        return self._readable
+
+    def writable(self):
+        self._device()
+        return self._writable
+
+    def seekable(self):
+        self._device()
+        return True
+
+    def fileno(self):
+        raise io.UnsupportedOperation("%s is a FUSE file on a virtio-fs device; it has no "
+                                      "OS file descriptor" % self.name)
+
+    def isatty(self):
+        self._device()
+        return False
+
+    def readinto(self, buffer):
+        fs = self._device()
+        if not self._readable:
+            raise io.UnsupportedOperation("File not open for reading")
+        view = _byte_view(buffer)
+        count = fs._read_into(self._node, self._fh, self._pos, view, self.name)
+        self._pos += count
+        return count
+
+    def readall(self):
+        fs = self._device()
+        if not self._readable:
+            raise io.UnsupportedOperation("File not open for reading")
+        # What the size says is left in one go, then more until a read is empty.
+        size = fs._getattr(self._node, self._fh, self.name)[1] - self._pos
+        chunks = []
+        while True:
+            buffer = bytearray(size if size > 0 else fs.max_read)
+            count = fs._read_into(self._node, self._fh, self._pos, memoryview(buffer), self.name)
+            self._pos += count
+            if not count:
+                return b"".join(chunks)
+            chunks.append(buffer if count == len(buffer) else buffer[:count])
+            size = 0
+
+    def write(self, data):
+        fs = self._device()
+        if not self._writable:
+            raise io.UnsupportedOperation("File not open for writing")
+        view = _byte_view(data)
+        if self._append:
+            self._pos = fs._getattr(self._node, self._fh, self.name)[1]
+        count = fs._write_from(self._node, self._fh, self._pos, view, self.name)
+        self._pos += count
+        return count
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        fs = self._device()
+        if whence == io.SEEK_SET:
+            position = offset
+        elif whence == io.SEEK_CUR:
+            position = self._pos + offset
+        elif whence == io.SEEK_END:
+            position = fs._getattr(self._node, self._fh, self.name)[1] + offset
+        else:
+            raise ValueError("invalid whence (%r, should be 0, 1 or 2)" % (whence,))
+        if position < 0:
+            raise _fs_error(errno.EINVAL, self.name)
+        self._pos = position
+        return position
+
+    def tell(self):
+        self._device()
+        return self._pos
+
+    def truncate(self, size=None):
+        fs = self._device()
+        if not self._writable:
+            raise io.UnsupportedOperation("File not open for writing")
+        size = self._pos if size is None else size
+        fs._setattr(self._node, self.name, _FATTR_SIZE | _FATTR_FH, size=size, fh=self._fh)
+        return size
+
+    def flush(self):
+        """FUSE_FLUSH: the server's close-time work (the kernel sends it on every close)."""
+        if self.closed or self._fs is None or self._fs._mem is None:
+            return
+        self._fs._flush(self._node, self._fh, self.name)
+
+    def fsync(self, datasync=False):
+        """FUSE_FSYNC: have the server sync the file to its storage."""
+        self._device()._fsync(self._node, self._fh, datasync, self.name)
+
+    def close(self):
+        """FUSE_FLUSH then FUSE_RELEASE; safe to call twice."""
+        if self.closed:
+            return
+        try:
+            io.RawIOBase.close(self)     # calls flush() first
+        finally:
+            fs, self._fs = self._fs, None
+            if fs is not None:
+                fs._release(self._node, self._fh, self._flags, self.name, self)
+
+    def __del__(self):
+        # A file dropped without close() is released at the device's next
+        # request: a finalizer may run while this thread holds a queue lock.
+        fs, self._fs = self._fs, None
+        if fs is not None and not self.closed:
+            fs._release_later(self._node, self._fh, self._flags)
+        try:
+            io.RawIOBase.close(self)
+        except Exception:
+            pass
+
+    def __repr__(self):
+        return "<FuseFile name=%r mode=%r fh=%d%s>" % (
+            self.name, self.mode, self._fh, " closed" if self.closed else "")
+
+
+def _open_flags(mode):
+    """(os flags, text, raw mode) for an ``open()`` mode, checked as ``open()`` checks it.
+
+    The raw mode is what ``FileIO.mode`` reports for the same mode ('w+' is 'rb+').
+    """
+    modes = set(mode) if isinstance(mode, str) else None
+    if modes is None or modes - set("axrwb+t") or len(mode) > len(modes):
+        raise ValueError("invalid mode: %r" % (mode,))
+    creating, reading, writing, appending = ("x" in modes, "r" in modes, "w" in modes,
+                                             "a" in modes)
+    updating = "+" in modes
+    if "t" in modes and "b" in modes:
+        raise ValueError("can't have text and binary mode at once")
+    if creating + reading + writing + appending != 1:
+        raise ValueError("must have exactly one of create/read/write/append mode")
+    flags = (os.O_CREAT | os.O_EXCL if creating else os.O_CREAT | os.O_TRUNC if writing
+             else os.O_CREAT | os.O_APPEND if appending else 0)
+    if updating:
+        flags |= os.O_RDWR
+    else:
+        flags |= os.O_RDONLY if reading else os.O_WRONLY
+    raw = ("xb" if creating else "ab" if appending else
+           "rb" if reading or updating else "wb") + ("+" if updating else "")
+    return flags, "b" not in modes, raw
+
+
+def _operation(method):
+    """Mark an ``FsDevice`` call: no node is forgotten until every call in progress ends."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self._cache_lock:
+            self._active += 1
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            with self._cache_lock:
+                self._active -= 1
+            self._forget_retired()
+    return call
+
+
+class FsDevice(_Device):
+    """A virtio-fs share served by a vhost-user back-end (virtiofsd), used like ``os``.
+
+    Speaks FUSE over the request queue, as a guest kernel's virtio-fs driver
+    does, so a Python program lists, reads and writes the shared directory
+    with no VM and no mount. Paths are relative to the share's root ('/' and
+    '' are the root, '..' stops there, absolute symlink targets resolve from
+    the root). Methods mirror ``os`` and ``open()`` and raise the ``OSError``
+    subclass ``os`` would for the daemon's errno, with ``filename`` set; a
+    malformed FUSE reply raises ``ProtocolError`` for that request only.
+
+    Name lookups are cached for the entry and attribute timeouts the daemon
+    gives, and forgotten (FORGET / BATCH_FORGET on the hiprio queue) when
+    they leave the cache or the device closes. Large reads and writes are
+    split at ``max_read``/``max_write`` and kept in flight together; each
+    request is its own chain, so any number of threads may share a device.
+
+    Args:
+        frontend: a connected front-end for an FS device (features not yet
+            acked); the device owns and closes it.
+        queue_size: ring size, capped by the back-end's maximum.
+        timeout: seconds to wait for any reply.
+        memory_size: bytes of guest memory for rings and request buffers.
+        umask: applied to the modes of files and directories created, as
+            the kernel does; default this process's umask.
+
+    Attributes:
+        tag, num_request_queues: from the config space, or None when the
+            back-end offers no CONFIG (virtiofsd: QEMU supplies them).
+        minor, init_flags, max_write, max_readahead, max_pages: what the
+            daemon answered to FUSE_INIT.
+        max_read: the largest FUSE_READ sent.
+    """
+
+    def __init__(self, frontend, queue_size=128, timeout=5.0, memory_size=32 << 20,
+                 umask=None):
+        self._frontend = frontend
+        self.timeout = timeout
+        self.umask = _process_umask() if umask is None else umask
+        self._unique = 0
+        self._unique_lock = threading.Lock()
+        self._cache_lock = threading.RLock()
+        self._hiprio_lock = threading.Lock()
+        self._nodes = {}                              # nodeid -> _FsNode
+        self._names = collections.OrderedDict()       # (parent, name) -> (nodeid, expiry)
+        self._files = weakref.WeakSet()               # open _FuseFile objects
+        self._buffered = weakref.WeakSet()            # what open() returned over them
+        self._deferred = collections.deque()          # releases of files dropped unclosed
+        self._active = 0                              # calls in progress (see _operation)
+        self._retired = []                            # (nodeid, nlookup) to FORGET
+        self._ids = (os.geteuid(), os.getegid(), os.getpid())
+        try:
+            self._setup(queue_size, memory_size)
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def connect(cls, path, timeout=5.0, **kwargs):
+        """Connect to the vhost-user-fs socket at ``path``, negotiate, FUSE_INIT.
+
+        ``path`` may also be a connected socket or a ``BackendClient``; other
+        keyword arguments go to the constructor.
+        """
+        frontend = VhostUserFrontend(DeviceType.FS, _FS_DRIVER_FEATURES, path, timeout=timeout)
+        return cls(frontend, timeout=timeout, **kwargs)
+
+    def _setup(self, queue_size, memory_size):
+        frontend = self._frontend
+        offered = frontend.features()
+        if not offered & VirtioFeature.VERSION_1:
+            # libvhost-user refuses legacy devices (BACKENDS.md 5, gotcha 5).
+            raise FeatureNotNegotiated("virtio-fs: the back-end does not offer VERSION_1")
+        self.features = offered & _FS_DRIVER_FEATURES
+        frontend.ack_features(self.features)
+        self.tag = self.num_request_queues = None
+        if frontend.protocol_features & _P.CONFIG:
+            data = frontend.read_config(0, _device_config_size(DeviceType.FS, self.features))
+            fields = _config_values(DeviceType.FS, self.features, data)
+            self.tag = fields["tag"].split(b"\0", 1)[0].decode("utf-8", "replace")
+            self.num_request_queues = fields["num_request_queues"]
+        max_sizes = frontend.queue_max_sizes()
+        if len(max_sizes) < 2:
+            raise ProtocolError("virtio-fs: the back-end has %d queue(s); hiprio and a "
+                                "request queue need 2" % len(max_sizes))
+        size = min(queue_size, *max_sizes)
+        self.queue_size = size
+        self._mem = GuestMemory([(0, memory_size)], name="vhost-user-fs")
+        queues = []
+        for index in range(len(max_sizes)):
+            queues.append(Queue(self._mem, size, index, features=self.features))
+            self._queues = queues
+        self._hiprio = queues[_FS_HIPRIO]
+        self._completions = [_Completions(q, self) for q in queues[1:]]
+        frontend.activate(self._mem, None, queues)
+        self._init()
+
+    def _init(self):
+        """FUSE_INIT: protocol 7.31, offering what the calls below use."""
+        reply = bytearray(_FUSE_INIT_OUT.size)
+        length = self._fuse_call(_FuseOp.INIT, 0, [_FUSE_INIT_IN.pack(
+            _FUSE_MAJOR, _FUSE_MINOR, 1 << 17, _FUSE_INIT_FLAGS)], reply, expect=24)
+        fields = _FUSE_INIT_OUT.unpack(bytes(reply[:length]).ljust(_FUSE_INIT_OUT.size, b"\0"))
+        (major, minor, max_readahead, flags, _background, _congestion, max_write, _gran,
+         max_pages, _align, _flags2) = fields
+        if major != _FUSE_MAJOR or minor < _FUSE_MINOR:
+            raise FeatureNotNegotiated("FUSE_INIT: the daemon speaks FUSE %d.%d; %d.%d or "
+                                       "newer is needed" % (major, minor, _FUSE_MAJOR,
+                                                            _FUSE_MINOR))
+        if max_write < 4096:
+            raise ProtocolError("FUSE_INIT: max_write %d is below one page" % max_write)
+        self.major, self.minor = major, minor
+        self.init_flags = flags
+        # Only what was offered counts, whatever else the daemon sets.
+        self._flags = flags & _FUSE_INIT_FLAGS
+        self.max_readahead = max_readahead
+        self.max_write = max_write
+        self.max_pages = max_pages if self._flags & _FUSE_MAX_PAGES else 32
+        self.max_read = min(max_write, max(self.max_pages, 1) * 4096)
+
+    # -- requests ----------------------------------------------------------------
+
+    def _check_open(self):
+        if self._mem is None:
+            raise ValueError("the virtio-fs device is closed")
+
+    def _submit(self, op, nodeid, readable, reply):
+        """Post one FUSE request (no kick); ``reply`` is a writable buffer or None."""
+        self._check_open()
+        with self._unique_lock:
+            self._unique += 1
+            unique = self._unique
+        completions = self._completions[threading.get_ident() % len(self._completions)]
+        length = _FUSE_IN_HEADER.size + sum(len(part) for part in readable)
+        uid, gid, pid = self._ids
+        header = _FUSE_IN_HEADER.pack(length, op, unique, nodeid, uid, gid, pid, 0, 0)
+        request = _FuseRequest(op, unique, reply, completions)
+        # The header and small arguments travel in one descriptor; bulk data
+        # (a WRITE's payload) in its own, without a copy into the header.
+        small = [header]
+        bulk = []
+        for part in readable:
+            (bulk if len(part) > 256 or bulk else small).append(part)
+        readable = [b"".join(small)] + bulk
+        writable = [request.out] if reply is None or not len(reply) else [request.out, reply]
+        _add_when_room(completions, readable, writable, request, self.timeout,
+                       _FuseOp(op).name)
+        return request
+
+    def _wait(self, requests, what):
+        """Kick and wait until every request of ``requests`` (one queue) is done."""
+        if not requests:
+            return
+        completions = requests[0].queue
+        completions.queue.notify()
+        deadline = time.monotonic() + self.timeout
+        completions.wait(lambda: all(r.done for r in requests), deadline, what)
+
+    def _result(self, request, expect=0, filename=None, filename2=None):
+        """Validate a completed request's reply: its payload length, or raise its errno."""
+        name = _FuseOp(request.op).name
+        written = request.written
+        if written < _FUSE_OUT_HEADER.size:
+            raise ProtocolError("FUSE %s: the device wrote %d byte(s), less than the %d-byte "
+                                "fuse_out_header" % (name, written, _FUSE_OUT_HEADER.size))
+        length, error, unique = _FUSE_OUT_HEADER.unpack(request.out)
+        if unique != request.unique:
+            raise ProtocolError("FUSE %s: reply unique %d, the request was %d"
+                                % (name, unique, request.unique))
+        if length != written:
+            raise ProtocolError("FUSE %s: fuse_out_header len %d disagrees with the used "
+                                "length %d" % (name, length, written))
+        if error:
+            if not -_FUSE_ERRNO_MAX <= error < 0:
+                raise ProtocolError("FUSE %s: error %d is not a negative errno"
+                                    % (name, error))
+            if length != _FUSE_OUT_HEADER.size:
+                raise ProtocolError("FUSE %s: an error reply (%d) carries %d byte(s) of "
+                                    "payload" % (name, error, length - _FUSE_OUT_HEADER.size))
+            raise _fs_error(-error, filename, filename2)
+        payload = length - _FUSE_OUT_HEADER.size
+        if payload < expect:
+            raise ProtocolError("FUSE %s: reply of %d byte(s), its out-struct needs %d"
+                                % (name, payload, expect))
+        return payload
+
+    def _fuse_call(self, op, nodeid, readable=(), reply=None, expect=0, filename=None,
+              filename2=None):
+        """One FUSE request and its reply: the reply's payload length."""
+        self._run_deferred()
+        if isinstance(reply, int):
+            reply = bytearray(reply)
+        request = self._submit(op, nodeid, readable, reply)
+        self._wait([request], _FuseOp(op).name)
+        return self._result(request, expect, filename, filename2)
+
+    def _call_many(self, calls, what, filename):
+        """Several requests in flight together: their payload lengths, in order.
+
+        Every request is waited for before any error is raised, so no reply
+        lands in a buffer after the call returned (unless the wait timed out:
+        then the device is not answering at all).
+        """
+        requests = []
+        try:
+            for op, nodeid, readable, reply in calls:
+                requests.append(self._submit(op, nodeid, readable, reply))
+        finally:
+            self._wait(requests, what)
+        return [self._result(r, filename=filename) for r in requests]
+
+    def _forget(self, pairs):
+        """FORGET or BATCH_FORGET on the hiprio queue: no reply (spec 5.11.6, as Linux)."""
+        if not pairs or self._mem is None:
+            return
+        with self._hiprio_lock:
+            queue = self._hiprio
+            uid, gid, pid = self._ids
+            for start in range(0, len(pairs), 256):
+                batch = pairs[start:start + 256]
+                if len(batch) == 1:
+                    op, body = _FuseOp.FORGET, _FUSE_U64.pack(batch[0][1])
+                    nodeid = batch[0][0]
+                else:
+                    op, nodeid = _FuseOp.BATCH_FORGET, 0
+                    body = _FUSE_U32_PAIR.pack(len(batch), 0) + b"".join(
+                        _FUSE_FORGET_ONE.pack(n, count) for n, count in batch)
+                with self._unique_lock:
+                    self._unique += 1
+                    unique = self._unique
+                header = _FUSE_IN_HEADER.pack(_FUSE_IN_HEADER.size + len(body), op, unique,
+                                              nodeid, uid, gid, pid, 0, 0)
+                deadline = time.monotonic() + self.timeout
+                while True:
+                    queue.get_used()
+                    try:
+                        queue.add([header + body])
+                        break
+                    except Queue.Full:
+                        queue.notify()
+                        self._check_alive(op.name)
+                        if time.monotonic() > deadline:
+                            raise VhostUserTimeout("FUSE %s: the hiprio queue stayed full for "
+                                                   "%g s" % (op.name, self.timeout))
+                        queue.wait_used(_CRASH_CHECK_INTERVAL)
+            queue.notify()
+
+    # -- the node cache ----------------------------------------------------------
+
+    def _entry(self, parent, name, payload, offset=0):
+        """Account a fuse_entry_out (one lookup reference): its _FsNode, cached as ``name``."""
+        fields = _FUSE_ENTRY_OUT.unpack_from(payload, offset)
+        nodeid, _gen, entry_valid, attr_valid, entry_nsec, attr_nsec = fields
+        attr = _FUSE_ATTR.unpack_from(payload, offset + _FUSE_ENTRY_OUT.size)
+        if nodeid == 0 or nodeid == _FUSE_ROOT_ID and name is not None:
+            raise ProtocolError("FUSE LOOKUP: node id %d for %r" % (nodeid, name))
+        with self._cache_lock:
+            node = self._nodes.get(nodeid)
+            if node is None:
+                node = self._nodes[nodeid] = _FsNode(nodeid, attr, 0)
+            node.nlookup += 1
+            node.attr = attr
+            node.attr_expiry = _valid_until(attr_valid, attr_nsec)
+            if name is not None:
+                key = (parent, name)
+                old = self._names.pop(key, None)
+                self._names[key] = (nodeid, _valid_until(entry_valid, entry_nsec))
+                node.users += 1
+                if old is not None:
+                    self._unuse(old[0])
+                while len(self._names) > _FS_CACHE_ENTRIES:
+                    _, (oldest, _) = self._names.popitem(last=False)
+                    self._unuse(oldest)
+            else:
+                node.users += 1
+        self._forget_retired()
+        return node
+
+    def _unuse(self, nodeid):
+        """Drop one use of ``nodeid``; retire it when nothing uses it (cache lock held)."""
+        node = self._nodes.get(nodeid)
+        if node is None:
+            return
+        node.users -= 1
+        if node.users <= 0:
+            del self._nodes[nodeid]
+            self._retired.append((nodeid, node.nlookup))
+
+    def _forget_retired(self):
+        """FORGET the retired nodes once no call is between its lookups and its requests.
+
+        A node that leaves the cache may be about to be used by a call on
+        another thread that looked it up a moment ago; the daemon must not
+        drop it before that call's requests are sent (the kernel holds an
+        inode reference for as long). Under a load that never pauses they go
+        anyway once as many as the cache holds are waiting: the daemon keeps an
+        open fd per node it remembers.
+        """
+        with self._cache_lock:
+            if not self._retired or self._active and len(self._retired) < _FS_CACHE_ENTRIES:
+                return
+            pairs, self._retired = self._retired, []
+        self._forget(pairs)
+
+    def _drop_name(self, parent, name):
+        """Forget the cached ``name`` after it changed; its node's and the parent's
+        attributes (nlink, ctime, mtime) are stale now too."""
+        with self._cache_lock:
+            old = self._names.pop((parent, name), None)
+            for nodeid in (parent, old[0] if old is not None else None):
+                node = self._nodes.get(nodeid)
+                if node is not None:
+                    node.attr_expiry = 0
+            if old is not None:
+                self._unuse(old[0])
+        self._forget_retired()
+
+    def _lookup(self, parent, name, filename):
+        """The node ``name`` in directory ``parent``: cached, else FUSE_LOOKUP."""
+        key = (parent, name)
+        with self._cache_lock:
+            cached = self._names.get(key)
+            if cached is not None and cached[1] > time.monotonic():
+                self._names.move_to_end(key)     # least recently used leaves first
+                return self._nodes[cached[0]]
+        if len(name) > 255:
+            raise _fs_error(errno.ENAMETOOLONG, filename)
+        reply = bytearray(_ENTRY_SIZE)
+        self._fuse_call(_FuseOp.LOOKUP, parent, [name + b"\0"], reply, _ENTRY_SIZE, filename)
+        return self._entry(parent, name, reply)
+
+    def _root(self):
+        with self._cache_lock:
+            node = self._nodes.get(_FUSE_ROOT_ID)
+            if node is None:
+                node = self._nodes[_FUSE_ROOT_ID] = _FsNode(_FUSE_ROOT_ID, None, 0)
+                node.users = 1 << 62          # never forgotten: the kernel never does
+        return node
+
+    @staticmethod
+    def _parts(path):
+        """(components as bytes, trailing slash) of a share-relative path."""
+        path = os.fspath(path)
+        raw = os.fsencode(path)
+        if b"\0" in raw:
+            raise ValueError("embedded null byte")
+        return raw.split(b"/"), raw.endswith(b"/")
+
+    def _walk_path(self, path, follow_last=True, parent_only=False, ancestors=None):
+        """Resolve ``path``: its node, or with ``parent_only`` (parent node, last name).
+
+        Symlinks in the middle are followed always, the last one when
+        ``follow_last``; '..' never climbs above the root. ``ancestors``, a
+        list, receives the node ids from the root down to the result.
+        """
+        parts, trailing = self._parts(path)
+        last_name = None
+        if parent_only:
+            while parts and parts[-1] == b"":
+                parts.pop()
+            last_name = parts.pop() if parts else b""
+        pending = collections.deque(parts)
+        stack = [self._root()]
+        links = 0
+        while pending:
+            name = pending.popleft()
+            if name in (b"", b"."):
+                continue
+            if name == b"..":
+                if len(stack) > 1:
+                    stack.pop()
+                continue
+            parent = stack[-1]
+            if parent.attr is not None and parent.mode & 0o170000 != 0o040000:
+                raise _fs_error(errno.ENOTDIR, path)
+            node = self._lookup(parent.nodeid, name, path)
+            is_last = not pending and not parent_only and not trailing
+            if node.mode & 0o170000 == 0o120000 and (follow_last or not is_last):
+                links += 1
+                if links > _FS_MAX_SYMLINKS:
+                    raise _fs_error(errno.ELOOP, path)
+                target = self._readlink_node(node, path)
+                if target.startswith(b"/"):
+                    stack = [stack[0]]
+                pending.extendleft(reversed(target.split(b"/")))
+                continue
+            stack.append(node)
+        node = stack[-1]
+        if (trailing or parent_only) and node.attr is not None \
+                and node.mode & 0o170000 != 0o040000:
+            raise _fs_error(errno.ENOTDIR, path)
+        if ancestors is not None:
+            ancestors.extend(n.nodeid for n in stack)
+        if parent_only:
+            return node, last_name
+        return node
+
+    def _parent(self, path, special_errno, ancestors=None):
+        """(parent node, name) for a call that creates or removes ``name``.
+
+        ``special_errno`` is what ``os`` says when the name is the root, '.'
+        or '..' (EEXIST for mkdir, EBUSY for rmdir, ...).
+        """
+        parent, name = self._walk_path(path, parent_only=True, ancestors=ancestors)
+        if name in (b"", b".", b".."):
+            if isinstance(special_errno, dict):
+                special_errno = special_errno[name]
+            raise _fs_error(special_errno, path)
+        if len(name) > 255:
+            raise _fs_error(errno.ENAMETOOLONG, path)
+        return parent, name
+
+    def _getattr(self, node, fh=None, filename=None):
+        """The node's fuse_attr, fresh from GETATTR unless the cached one is still valid."""
+        if fh is None and node.attr is not None and node.attr_expiry > time.monotonic():
+            return node.attr
+        reply = bytearray(_ATTR_OUT_SIZE)
+        self._fuse_call(_FuseOp.GETATTR, node.nodeid, [_FUSE_GETATTR_IN.pack(
+            _FUSE_GETATTR_FH if fh is not None else 0, 0, fh or 0)], reply, _ATTR_OUT_SIZE,
+            filename)
+        return self._store_attr(node, reply)
+
+    def _store_attr(self, node, reply):
+        valid, nsec, _ = _FUSE_ATTR_OUT.unpack_from(reply)
+        attr = _FUSE_ATTR.unpack_from(reply, _FUSE_ATTR_OUT.size)
+        with self._cache_lock:
+            node.attr = attr
+            node.attr_expiry = _valid_until(valid, nsec)
+        return attr
+
+    def _setattr(self, node, filename, valid, mode=0, size=0, fh=0, atime=(0, 0),
+                 mtime=(0, 0), uid=0, gid=0):
+        body = _FUSE_SETATTR_IN.pack(valid, 0, fh, size, 0, atime[0], mtime[0], 0, atime[1],
+                                     mtime[1], 0, mode, 0, uid, gid, 0)
+        reply = bytearray(_ATTR_OUT_SIZE)
+        self._fuse_call(_FuseOp.SETATTR, node.nodeid, [body], reply, _ATTR_OUT_SIZE, filename)
+        return self._store_attr(node, reply)
+
+    def _readlink_node(self, node, filename):
+        if node.mode & 0o170000 != 0o120000:
+            raise _fs_error(errno.EINVAL, filename)
+        reply = bytearray(_FS_PATH_MAX)
+        length = self._fuse_call(_FuseOp.READLINK, node.nodeid, (), reply, 1, filename)
+        return bytes(reply[:length])
+
+    def _result_name(self, path, name):
+        return os.fsdecode(name) if isinstance(os.fspath(path), str) else name
+
+    # -- os-like calls ------------------------------------------------------------
+
+    @_operation
+    def stat(self, path, follow_symlinks=True):
+        """os.stat: an ``os.stat_result`` of ``path`` (st_dev is 0)."""
+        node = self._walk_path(path, follow_last=follow_symlinks)
+        return _stat_result(self._getattr(node, filename=path))
+
+    def lstat(self, path):
+        """os.lstat: ``stat`` without following a final symlink."""
+        return self.stat(path, follow_symlinks=False)
+
+    @_operation
+    def exists(self, path):
+        """os.path.exists: False for a missing path (or any OSError), as os does."""
+        try:
+            self.stat(path)
+        except OSError:
+            return False
+        return True
+
+    @_operation
+    def access(self, path, mode):
+        """os.access: FUSE_ACCESS, or the mode bits when the daemon has no ACCESS."""
+        try:
+            node = self._walk_path(path)
+            if mode == os.F_OK:
+                return True
+            try:
+                self._fuse_call(_FuseOp.ACCESS, node.nodeid, [_FUSE_U32_PAIR.pack(mode, 0)],
+                           filename=path)
+                return True
+            except OSError as exc:
+                if exc.errno != errno.ENOSYS:
+                    raise
+            attr = self._getattr(node, filename=path)
+        except OSError:
+            return False
+        file_mode, uid, gid = attr[9], attr[11], attr[12]
+        if os.geteuid() == 0:
+            # As the kernel's generic_permission for root: read and write
+            # always, execute when anyone may (or a directory).
+            return not mode & os.X_OK or bool(file_mode & 0o111) or \
+                file_mode & 0o170000 == 0o040000
+        shift = 6 if uid == os.geteuid() else 3 if gid in (os.getegid(),) + tuple(
+            os.getgroups()) else 0
+        return (file_mode >> shift) & mode == mode
+
+    def _read_dir(self, path):
+        """(name bytes, ino, d_type, fuse_attr or None) of each entry but '.' and '..'."""
+        node = self._walk_path(path)
+        if node.attr is not None and node.mode & 0o170000 != 0o040000:
+            raise _fs_error(errno.ENOTDIR, path)
+        reply = bytearray(_FUSE_OPEN_OUT.size)
+        self._fuse_call(_FuseOp.OPENDIR, node.nodeid, [_FUSE_U32_PAIR.pack(os.O_RDONLY, 0)], reply,
+                   _FUSE_OPEN_OUT.size, path)
+        fh = _FUSE_OPEN_OUT.unpack(reply)[0]
+        plus = bool(self._flags & _FUSE_DO_READDIRPLUS)
+        op = _FuseOp.READDIRPLUS if plus else _FuseOp.READDIR
+        entries = []
+        try:
+            offset = 0
+            buffer = bytearray(_FS_DIR_BUFFER)
+            while True:
+                length = self._fuse_call(op, node.nodeid, [_FUSE_IO_IN.pack(
+                    fh, offset, len(buffer), 0, 0, 0, 0)], buffer, filename=path)
+                if not length:
+                    break
+                previous, offset = offset, self._parse_dirents(node, buffer[:length], plus,
+                                                               entries, path)
+                if offset == previous:
+                    raise ProtocolError("FUSE %s: the reply does not move past offset %d"
+                                        % (op.name, offset))
+        finally:
+            self._fuse_call(_FuseOp.RELEASEDIR, node.nodeid,
+                       [_FUSE_RELEASE_IN.pack(fh, os.O_RDONLY, 0, 0)], filename=path)
+        return entries
+
+    def _parse_dirents(self, directory, data, plus, entries, path):
+        """Decode one READDIR(PLUS) reply into ``entries``; the offset to continue from."""
+        pos = 0
+        last = None
+        what = "READDIRPLUS" if plus else "READDIR"
+        while pos < len(data):
+            attr = None
+            entry_at = pos
+            if plus:
+                pos += _ENTRY_SIZE
+            if pos + _FUSE_DIRENT.size > len(data):
+                raise ProtocolError("FUSE %s: a truncated entry at byte %d of %d"
+                                    % (what, entry_at, len(data)))
+            ino, off, namelen, dtype = _FUSE_DIRENT.unpack_from(data, pos)
+            name = bytes(data[pos + _FUSE_DIRENT.size:pos + _FUSE_DIRENT.size + namelen])
+            if not 0 < namelen <= 255 or len(name) != namelen or b"/" in name \
+                    or b"\0" in name:
+                raise ProtocolError("FUSE %s: bad entry name (length %d) at byte %d"
+                                    % (what, namelen, pos))
+            pos += (_FUSE_DIRENT.size + namelen + 7) & ~7
+            last = off
+            if name in (b".", b".."):
+                continue      # the kernel takes no lookup reference for these
+            if plus and _FUSE_ENTRY_OUT.unpack_from(data, entry_at)[0]:
+                attr = self._entry(directory.nodeid, name, data, entry_at).attr
+            entries.append((name, ino, dtype, attr))
+        if last is None:
+            raise ProtocolError("FUSE %s: a reply with no entry" % what)
+        return last
+
+    @_operation
+    def listdir(self, path=""):
+        """os.listdir: the names in directory ``path``, without '.' and '..'."""
+        return [self._result_name(path, name) for name, _, _, _ in self._read_dir(path)]
+
+    @_operation
+    def scandir(self, path=""):
+        """os.scandir: an iterator of entries (name, path, is_dir(), stat(), ...)."""
+        directory = os.fspath(path)
+        entries = [_FsDirEntry(self, directory, self._result_name(path, name), ino, dtype, attr)
+                   for name, ino, dtype, attr in self._read_dir(path)]
+        return _FsScandirIterator(entries)
+
+    def walk(self, top="", topdown=True, onerror=None, followlinks=False):
+        """os.walk over the share: (dirpath, dirnames, filenames) tuples."""
+        try:
+            entries = list(self.scandir(top))
+        except OSError as exc:
+            if onerror is not None:
+                onerror(exc)
+            return
+        dirs, files, links = [], [], set()
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            (dirs if is_dir else files).append(entry.name)
+            if is_dir and entry.is_symlink():
+                links.add(entry.name)
+        if topdown:
+            yield top, dirs, files
+        for name in dirs:
+            # As os.walk: a name the caller added is walked into unless it is a symlink.
+            if not followlinks and (name in links or name not in links and topdown and
+                                    self._is_link(_fs_join(top, name))):
+                continue
+            for result in self.walk(_fs_join(top, name), topdown, onerror, followlinks):
+                yield result
+        if not topdown:
+            yield top, dirs, files
+
+    def _is_link(self, path):
+        try:
+            return self.lstat(path).st_mode & 0o170000 == 0o120000
+        except OSError:
+            return False
+
+    @_operation
+    def readlink(self, path):
+        """os.readlink: the target of symlink ``path``."""
+        target = self._readlink_node(self._walk_path(path, follow_last=False), path)
+        return self._result_name(path, target)
+
+    def _created(self, parent, name, reply):
+        """Cache the entry a MKDIR/SYMLINK/LINK/MKNOD/CREATE returned."""
+        parent.attr_expiry = 0
+        return self._entry(parent.nodeid, name, reply)
+
+    @_operation
+    def mkdir(self, path, mode=0o777):
+        """os.mkdir (the umask applies, as the kernel applies it)."""
+        parent, name = self._parent(path, errno.EEXIST)
+        reply = bytearray(_ENTRY_SIZE)
+        self._fuse_call(_FuseOp.MKDIR, parent.nodeid,
+                   [_FUSE_MKDIR_IN.pack(mode & ~self.umask & 0o7777, self.umask), name + b"\0"],
+                   reply, _ENTRY_SIZE, path)
+        self._created(parent, name, reply)
+
+    @_operation
+    def makedirs(self, path, mode=0o777, exist_ok=False):
+        """os.makedirs: create ``path`` and any missing parents."""
+        import posixpath
+        head, tail = posixpath.split(os.fspath(path))
+        if not tail:
+            head, tail = posixpath.split(head)
+        if head and tail and not self.exists(head):
+            try:
+                self.makedirs(head, exist_ok=exist_ok)
+            except FileExistsError:
+                pass       # made meanwhile by someone else
+        try:
+            self.mkdir(path, mode)
+        except OSError:
+            # Raise unless asked to ignore an existing directory (os does the same).
+            if not exist_ok or not self._is_dir(path):
+                raise
+
+    def _is_dir(self, path):
+        try:
+            return self.stat(path).st_mode & 0o170000 == 0o040000
+        except OSError:
+            return False
+
+    # The kernel looks a name up before UNLINK, RMDIR or RENAME and checks
+    # its type itself (VFS may_delete): virtiofsd answers EIO for a name it
+    # cannot find, and leaves the type checks to the kernel.
+
+    @_operation
+    def rmdir(self, path):
+        """os.rmdir."""
+        parent, name = self._parent(path, {b"": errno.EBUSY, b".": errno.EINVAL,
+                                           b"..": errno.ENOTEMPTY})
+        node = self._lookup(parent.nodeid, name, path)
+        if node.mode & 0o170000 != 0o040000:
+            raise _fs_error(errno.ENOTDIR, path)
+        try:
+            self._fuse_call(_FuseOp.RMDIR, parent.nodeid, [name + b"\0"], filename=path)
+        finally:
+            self._drop_name(parent.nodeid, name)
+
+    @_operation
+    def remove(self, path):
+        """os.remove / os.unlink."""
+        parent, name = self._parent(path, errno.EISDIR)
+        if self._lookup(parent.nodeid, name, path).mode & 0o170000 == 0o040000:
+            raise _fs_error(errno.EISDIR, path)
+        try:
+            self._fuse_call(_FuseOp.UNLINK, parent.nodeid, [name + b"\0"], filename=path)
+        finally:
+            self._drop_name(parent.nodeid, name)
+
+    unlink = remove
+
+    @_operation
+    def rename(self, src, dst):
+        """os.rename (which replaces ``dst`` on Linux)."""
+        old_parent, old_name = self._parent(src, errno.EBUSY)
+        ancestors = []
+        new_parent, new_name = self._parent(dst, errno.EBUSY, ancestors)
+        node = self._lookup(old_parent.nodeid, old_name, src)
+        try:
+            target = self._lookup(new_parent.nodeid, new_name, dst)
+        except FileNotFoundError:
+            target = None
+        is_dir = node.mode & 0o170000 == 0o040000
+        if target is node:
+            return                    # rename(2): the same file, nothing to do
+        error = None
+        if is_dir and node.nodeid in ancestors:
+            error = errno.EINVAL      # a directory into itself
+        elif target is not None and is_dir != (target.mode & 0o170000 == 0o040000):
+            error = errno.ENOTDIR if is_dir else errno.EISDIR
+        if error is not None:
+            raise _fs_error(error, src, dst)
+        try:
+            self._fuse_call(_FuseOp.RENAME, old_parent.nodeid,
+                       [_FUSE_U64.pack(new_parent.nodeid), old_name + b"\0", new_name + b"\0"],
+                       filename=src, filename2=dst)
+        finally:
+            self._drop_name(old_parent.nodeid, old_name)
+            self._drop_name(new_parent.nodeid, new_name)
+
+    replace = rename
+
+    @_operation
+    def symlink(self, target, path):
+        """os.symlink: create ``path`` pointing at ``target``."""
+        parent, name = self._parent(path, errno.EEXIST)
+        raw_target = os.fsencode(os.fspath(target))
+        reply = bytearray(_ENTRY_SIZE)
+        self._fuse_call(_FuseOp.SYMLINK, parent.nodeid, [name + b"\0", raw_target + b"\0"], reply,
+                   _ENTRY_SIZE, target, path)
+        self._created(parent, name, reply)
+
+    @_operation
+    def link(self, src, dst):
+        """os.link: a hard link ``dst`` to ``src``."""
+        node = self._walk_path(src)
+        if node.mode & 0o170000 == 0o040000:
+            raise _fs_error(errno.EPERM, src, dst)      # vfs_link
+        parent, name = self._parent(dst, errno.EEXIST)
+        reply = bytearray(_ENTRY_SIZE)
+        self._fuse_call(_FuseOp.LINK, parent.nodeid, [_FUSE_U64.pack(node.nodeid), name + b"\0"],
+                   reply, _ENTRY_SIZE, src, dst)
+        self._created(parent, name, reply)
+        node.attr_expiry = 0      # nlink changed
+
+    @_operation
+    def mkfifo(self, path, mode=0o666):
+        """os.mkfifo (FUSE_MKNOD)."""
+        parent, name = self._parent(path, errno.EEXIST)
+        reply = bytearray(_ENTRY_SIZE)
+        self._fuse_call(_FuseOp.MKNOD, parent.nodeid,
+                   [_FUSE_MKNOD_IN.pack(0o010000 | (mode & ~self.umask & 0o7777), 0,
+                                        self.umask, 0), name + b"\0"],
+                   reply, _ENTRY_SIZE, path)
+        self._created(parent, name, reply)
+
+    @_operation
+    def chmod(self, path, mode, follow_symlinks=True):
+        """os.chmod."""
+        node = self._walk_path(path, follow_last=follow_symlinks)
+        self._setattr(node, path, _FATTR_MODE, mode=mode & 0o7777)
+
+    @_operation
+    def chown(self, path, uid, gid, follow_symlinks=True):
+        """os.chown: -1 leaves the owner or the group as it is."""
+        node = self._walk_path(path, follow_last=follow_symlinks)
+        valid = (_FATTR_UID if uid != -1 else 0) | (_FATTR_GID if gid != -1 else 0)
+        if valid:
+            self._setattr(node, path, valid, uid=uid & 0xFFFFFFFF, gid=gid & 0xFFFFFFFF)
+
+    @_operation
+    def truncate(self, path, length):
+        """os.truncate: cut or extend file ``path`` to ``length`` bytes."""
+        if length < 0:
+            raise _fs_error(errno.EINVAL, path)
+        node = self._walk_path(path)
+        if node.mode & 0o170000 == 0o040000:
+            raise _fs_error(errno.EISDIR, path)
+        self._setattr(node, path, _FATTR_SIZE, size=length)
+
+    @_operation
+    def utime(self, path, times=None, ns=None, follow_symlinks=True):
+        """os.utime: set access and modification times (now when neither is given)."""
+        if times is not None and ns is not None:
+            raise ValueError("utime: you may specify either 'times' or 'ns' but not both")
+        node = self._walk_path(path, follow_last=follow_symlinks)
+        if times is None and ns is None:
+            self._setattr(node, path, _FATTR_ATIME | _FATTR_MTIME | _FATTR_ATIME_NOW
+                          | _FATTR_MTIME_NOW)
+            return
+        if ns is None:
+            ns = tuple(int(round(t * 1e9)) for t in times)
+        atime, mtime = [divmod(int(value), 10**9) for value in ns]
+        self._setattr(node, path, _FATTR_ATIME | _FATTR_MTIME,
+                      atime=(atime[0] & 0xFFFFFFFFFFFFFFFF, atime[1]),
+                      mtime=(mtime[0] & 0xFFFFFFFFFFFFFFFF, mtime[1]))
+
+    @_operation
+    def statvfs(self, path=""):
+        """os.statvfs of the share (f_favail = f_ffree, f_flag 0)."""
+        node = self._walk_path(path)
+        reply = bytearray(_FUSE_KSTATFS.size)
+        self._fuse_call(_FuseOp.STATFS, node.nodeid, (), reply, _FUSE_KSTATFS.size, path)
+        blocks, bfree, bavail, files, ffree, bsize, namelen, frsize, _ = \
+            _FUSE_KSTATFS.unpack(reply)
+        return os.statvfs_result((bsize, frsize or bsize, blocks, bfree, bavail, files, ffree,
+                                  ffree, 0, namelen))
+
+    # -- extended attributes (ENOSYS from the daemon reads as EOPNOTSUPP, as in the kernel)
+
+    def _xattr_call(self, op, node, readable, reply, filename):
+        try:
+            return self._fuse_call(op, node.nodeid, readable, reply, filename=filename)
+        except OSError as exc:
+            if exc.errno == errno.ENOSYS:
+                raise _fs_error(errno.EOPNOTSUPP, filename)
+            raise
+
+    def _xattr_read(self, op, node, name_part, filename):
+        size = bytearray(_FUSE_U32_PAIR.size)
+        self._xattr_call(op, node, [_FUSE_U32_PAIR.pack(0, 0)] + name_part, size, filename)
+        wanted = _FUSE_U32_PAIR.unpack(size)[0]
+        if wanted > _FS_XATTR_MAX:
+            raise ProtocolError("FUSE %s: size %d is past XATTR_SIZE_MAX" % (op.name, wanted))
+        if not wanted:
+            return b""
+        reply = bytearray(wanted)
+        length = self._xattr_call(op, node, [_FUSE_U32_PAIR.pack(wanted, 0)] + name_part,
+                                  reply, filename)
+        return bytes(reply[:length])
+
+    @_operation
+    def getxattr(self, path, attribute, follow_symlinks=True):
+        """os.getxattr: the value (bytes) of extended attribute ``attribute``."""
+        node = self._walk_path(path, follow_last=follow_symlinks)
+        return self._xattr_read(_FuseOp.GETXATTR, node, [os.fsencode(attribute) + b"\0"], path)
+
+    @_operation
+    def listxattr(self, path="", follow_symlinks=True):
+        """os.listxattr: the names of ``path``'s extended attributes."""
+        node = self._walk_path(path, follow_last=follow_symlinks)
+        data = self._xattr_read(_FuseOp.LISTXATTR, node, [], path)
+        return [os.fsdecode(name) for name in data.split(b"\0") if name]
+
+    @_operation
+    def setxattr(self, path, attribute, value, flags=0, follow_symlinks=True):
+        """os.setxattr (flags: os.XATTR_CREATE or os.XATTR_REPLACE)."""
+        node = self._walk_path(path, follow_last=follow_symlinks)
+        value = bytes(value)
+        self._xattr_call(_FuseOp.SETXATTR, node, [_FUSE_U32_PAIR.pack(len(value), flags),
+                                                  os.fsencode(attribute) + b"\0", value],
+                         None, path)
+
+    @_operation
+    def removexattr(self, path, attribute, follow_symlinks=True):
+        """os.removexattr."""
+        node = self._walk_path(path, follow_last=follow_symlinks)
+        self._xattr_call(_FuseOp.REMOVEXATTR, node, [os.fsencode(attribute) + b"\0"], None,
+                         path)
+
+    # -- files --------------------------------------------------------------------
+
+    @_operation
+    def open(self, path, mode="r", buffering=-1, encoding=None, errors=None, newline=None):
+        """open(): a file object on ``path`` layered as ``open()`` layers a real file.
+
+        Every mode ``open()`` takes; the raw layer speaks FUSE (READ, WRITE,
+        SETATTR for truncate, FLUSH on flush and close, RELEASE on close)
+        and has no ``fileno()``.
+        """
+        flags, text, raw_mode = _open_flags(mode)
+        if not text and (encoding is not None or errors is not None or newline is not None):
+            raise ValueError("binary mode doesn't take an encoding, errors or newline argument")
+        if buffering == 0 and text:
+            raise ValueError("can't have unbuffered text I/O")
+        if buffering == 1 and not text:
+            buffering = -1
+        raw = self._open_raw(path, flags, raw_mode)
+        try:
+            if buffering == 0:
+                return raw
+            line_buffering = buffering == 1
+            if buffering < 0 or buffering == 1:
+                blksize = self._getattr(raw._node, filename=path)[14]
+                buffering = blksize if blksize > 1 else io.DEFAULT_BUFFER_SIZE
+            if raw.readable() and raw.writable():
+                buffered = io.BufferedRandom(raw, buffering)
+            elif raw.writable():
+                buffered = io.BufferedWriter(raw, buffering)
+            else:
+                buffered = io.BufferedReader(raw, buffering)
+            if text:
+                buffered = io.TextIOWrapper(buffered, encoding, errors, newline,
+                                            line_buffering)
+                buffered.mode = mode
+            self._buffered.add(buffered)
+            return buffered
+        except BaseException:
+            raw.close()
+            raise
+
+    def _open_raw(self, path, flags, raw_mode):
+        parent, name = self._walk_path(path, parent_only=True)
+        node = None
+        if name in (b"", b".", b".."):
+            node = self._walk_path(path)
+        else:
+            try:
+                node = self._lookup(parent.nodeid, name, path)
+                if node.mode & 0o170000 == 0o120000:
+                    node = self._walk_path(path)
+            except FileNotFoundError:
+                if not flags & os.O_CREAT:
+                    raise
+        if node is not None and flags & os.O_CREAT and flags & os.O_EXCL:
+            raise _fs_error(errno.EEXIST, path)
+        if node is not None and node.mode & 0o170000 == 0o040000:
+            raise _fs_error(errno.EISDIR, path)
+        # Never sent in OPEN (the kernel strips them too); O_TRUNC only
+        # when the daemon handles it atomically (ATOMIC_O_TRUNC).
+        wire = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
+        atomic_trunc = bool(self._flags & _FUSE_ATOMIC_O_TRUNC)
+        if not atomic_trunc:
+            wire &= ~os.O_TRUNC
+        reply = bytearray(_FUSE_OPEN_OUT.size)
+        if node is None:
+            reply = bytearray(_ENTRY_SIZE + _FUSE_OPEN_OUT.size)
+            mode = 0o666 & ~self.umask
+            self._fuse_call(_FuseOp.CREATE, parent.nodeid,
+                       [_FUSE_CREATE_IN.pack(wire | os.O_CREAT | os.O_EXCL, 0o100000 | mode,
+                                             self.umask, 0), name + b"\0"],
+                       reply, _ENTRY_SIZE + _FUSE_OPEN_OUT.size, path)
+            node = self._entry(parent.nodeid, name, reply)
+            fh = _FUSE_OPEN_OUT.unpack_from(reply, _ENTRY_SIZE)[0]
+        else:
+            self._fuse_call(_FuseOp.OPEN, node.nodeid, [_FUSE_U32_PAIR.pack(wire, 0)], reply,
+                       _FUSE_OPEN_OUT.size, path)
+            fh = _FUSE_OPEN_OUT.unpack(reply)[0]
+        with self._cache_lock:
+            node.users += 1
+        raw = _FuseFile(self, node, fh, flags, os.fspath(path), raw_mode,
+                        bool(flags & os.O_APPEND))
+        self._files.add(raw)
+        try:
+            if flags & os.O_TRUNC and not atomic_trunc:
+                raw.truncate(0)
+            node.attr_expiry = 0
+            if flags & os.O_APPEND:
+                raw.seek(0, io.SEEK_END)
+        except BaseException:
+            raw.close()
+            raise
+        return raw
+
+    @_operation
+    def read_bytes(self, path):
+        """The whole content of file ``path`` (pathlib's read_bytes)."""
+        with self.open(path, "rb", buffering=0) as f:
+            return f.readall()
+
+    @_operation
+    def write_bytes(self, path, data):
+        """Create or replace file ``path`` with ``data``; returns the bytes written."""
+        with self.open(path, "wb", buffering=0) as f:
+            view = _byte_view(data)
+            done = 0
+            while done < len(view):
+                done += f.write(view[done:])
+            return done
+
+    def fsync(self, file):
+        """os.fsync on a file ``open`` returned: flush its buffers, then FUSE_FSYNC."""
+        file.flush()
+        raw = file
+        while not isinstance(raw, _FuseFile):
+            raw = getattr(raw, "buffer", None) or getattr(raw, "raw", None)
+            if raw is None:
+                raise TypeError("fsync: %r is not a file of this device" % (file,))
+        raw.fsync()
+
+    def _read_into(self, node, fh, offset, view, filename):
+        """FUSE_READ ``len(view)`` bytes at ``offset``, in chunks kept in flight together."""
+        total = 0
+        step = self.max_read
+        while total < len(view):
+            calls = []
+            for start in range(total, min(len(view), total + step * _FS_MAX_IN_FLIGHT), step):
+                chunk = view[start:start + step]
+                calls.append((_FuseOp.READ, node.nodeid, [_FUSE_IO_IN.pack(
+                    fh, offset + start, len(chunk), 0, 0, 0, 0)], chunk))
+            lengths = self._call_many(calls, "READ", filename)
+            for (_, _, _, chunk), length in zip(calls, lengths):
+                if length > len(chunk):
+                    raise ProtocolError("FUSE READ: %d bytes for a %d-byte read"
+                                        % (length, len(chunk)))
+                total += length
+                if length < len(chunk):
+                    return total       # end of file (or a short read): stop there
+        return total
+
+    def _write_from(self, node, fh, offset, view, filename):
+        """FUSE_WRITE ``view`` at ``offset`` in chunks kept in flight; bytes written."""
+        total = 0
+        step = self.max_write
+        node.attr_expiry = 0
+        while total < len(view):
+            calls = []
+            for start in range(total, min(len(view), total + step * _FS_MAX_IN_FLIGHT), step):
+                chunk = view[start:start + step]
+                calls.append((_FuseOp.WRITE, node.nodeid, [_FUSE_IO_IN.pack(
+                    fh, offset + start, len(chunk), 0, 0, 0, 0), chunk],
+                    bytearray(_FUSE_U32_PAIR.size)))
+            lengths = self._call_many(calls, "WRITE", filename)
+            for (_, _, (_, chunk), reply), length in zip(calls, lengths):
+                if length < _FUSE_U32_PAIR.size:
+                    raise ProtocolError("FUSE WRITE: reply of %d byte(s), fuse_write_out "
+                                        "needs 8" % length)
+                size = _FUSE_U32_PAIR.unpack(reply)[0]
+                if size > len(chunk):
+                    raise ProtocolError("FUSE WRITE: %d bytes written of %d sent"
+                                        % (size, len(chunk)))
+                total += size
+                if size < len(chunk):
+                    return total
+        return total
+
+    def _flush(self, node, fh, filename):
+        try:
+            self._fuse_call(_FuseOp.FLUSH, node.nodeid, [_FUSE_RELEASE_IN.pack(fh, 0, 0, 0)],
+                       filename=filename)
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:      # the kernel then stops sending FLUSH
+                raise
+
+    def _fsync(self, node, fh, datasync, filename):
+        try:
+            self._fuse_call(_FuseOp.FSYNC, node.nodeid, [_FUSE_FSYNC_IN.pack(fh, int(datasync), 0)],
+                       filename=filename)
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+
+    def _release(self, node, fh, flags, filename, raw=None):
+        """FUSE_RELEASE of a closed file, and drop its use of the node."""
+        try:
+            if self._mem is not None:
+                self._fuse_call(_FuseOp.RELEASE, node.nodeid,
+                           [_FUSE_RELEASE_IN.pack(fh, flags & ~os.O_CREAT, 0, 0)],
+                           filename=filename)
+        finally:
+            with self._cache_lock:
+                if raw is not None:
+                    self._files.discard(raw)
+                if self._nodes.get(node.nodeid) is node:
+                    self._unuse(node.nodeid)
+            self._forget_retired()
+
+    def _release_later(self, node, fh, flags):
+        if self._mem is not None:
+            self._deferred.append((node, fh, flags))
+
+    def _run_deferred(self):
+        while self._deferred:
+            try:
+                node, fh, flags = self._deferred.popleft()
+            except IndexError:
+                return
+            try:
+                try:
+                    self._flush(node, fh, None)     # what close(2) would have sent first
+                finally:
+                    self._release(node, fh, flags, None)
+            except (OSError, VhostUserError) as exc:
+                _log.warning("virtio-fs: RELEASE of a file dropped unclosed failed: %s", exc)
+
+    # -- lifetime ------------------------------------------------------------------
+
+    def close(self):
+        """Close open files (writing what they buffer), FORGET every node, DESTROY,
+        then disconnect; safe to call twice."""
+        if self._mem is not None and self._frontend is not None:
+            try:
+                self._shutdown()
+            except (OSError, VhostUserError, ValueError) as exc:
+                _log.info("virtio-fs: closing without a clean FUSE shutdown: %s", exc)
+        _Device.close(self)
+
+    def _shutdown(self):
+        self._check_alive("close")
+        # Files still open are closed as the interpreter would at exit: what
+        # their buffers hold is written first.
+        for opened in list(self._buffered) + list(self._files):
+            if not opened.closed:
+                opened.close()
+        self._run_deferred()
+        with self._cache_lock:
+            pairs = self._retired + [(n.nodeid, n.nlookup) for n in self._nodes.values()
+                                     if n.nodeid != _FUSE_ROOT_ID and n.nlookup]
+            self._retired = []
+            self._nodes.clear()
+            self._names.clear()
+        self._forget(pairs)
+        self._fuse_call(_FuseOp.DESTROY, 0)
+        # The hiprio queue's FORGETs are answered without a reply; give the
+        # daemon the moment it needs to take them before the rings stop.
+        deadline = time.monotonic() + self.timeout
+        while self._hiprio.in_flight and time.monotonic() < deadline:
+            self._hiprio.wait_used(_CRASH_CHECK_INTERVAL)
+
+    def __repr__(self):
+        if self._mem is None:
+            return "<FsDevice closed>"
+        return "<FsDevice FUSE %d.%d tag=%r max_write=%d queues=%d>" % (
+            self.major, self.minor, self.tag, self.max_write, len(self._queues))
 
 
 ############################################################################
@@ -8121,8 +9728,10 @@ def _ring_writer(fd, count):
 ############################################################################
 
 _PROG = "vhost_user_frontend"
-#: Exit statuses: 0 ok, 1 a failure reported in one line, 2 bad usage (argparse).
+#: Exit statuses: 0 ok, 1 a failure reported in one line, 2 bad usage (argparse),
+#: 141 (128 + SIGPIPE) when the reader of stdout went away.
 _EXIT_FAILURE = 1
+_EXIT_BROKEN_PIPE = 128 + 13
 
 
 class _CliError(Exception):
@@ -8347,48 +9956,377 @@ def _cmd_blk(args, out):
 
 
 def _blk_info(dev, args, out):
+    topology = dev.topology
     info = {
         "capacity": dev.capacity,
         "block_size": dev.block_size,
         "read_only": bool(dev.read_only),
         "num_queues": dev.num_queues,
         "id": dev.get_id().decode("ascii", "backslashreplace"),
+        "max_transfer": dev.max_transfer,
+        "write_cache": dev.writeback,
+        "topology": None if topology is None else dict(zip(
+            ("physical_block_size", "alignment_offset", "min_io_size", "opt_io_size"),
+            # min_io_size and opt_io_size count logical blocks (spec 5.2.4).
+            (dev.block_size << topology[0], topology[1] * dev.block_size,
+             topology[2] * dev.block_size, topology[3] * dev.block_size))),
+        "discard": None,
+        "write_zeroes": None,
     }
+    config = dev.config
+    if dev.features & _BLK_F_DISCARD:
+        info["discard"] = {"max_bytes": dev.max_discard_sectors * _SECTOR,
+                           "max_segments": config.max_discard_seg,
+                           "alignment": config.discard_sector_alignment * _SECTOR}
+    if dev.features & _BLK_F_WRITE_ZEROES:
+        info["write_zeroes"] = {"max_bytes": dev.max_write_zeroes_sectors * _SECTOR,
+                                "max_segments": config.max_write_zeroes_seg,
+                                "may_unmap": bool(config.write_zeroes_may_unmap)}
     if args.json:
         import json
         out.write(json.dumps(info, indent=2) + "\n")
         return 0
-    out.write("%-12s %d bytes (%s)\n" % ("capacity", info["capacity"],
-                                        _format_bytes(info["capacity"])))
-    for key in ("block_size", "read_only", "num_queues", "id"):
-        out.write("%-12s %s\n" % (key.replace("_", " "), info[key]))
+    yes_no = lambda flag: "yes" if flag else "no"  # noqa: E731
+    size = lambda count: "%s (%d bytes)" % (_format_bytes(count), count) \
+        if count >= 1024 else "%d bytes" % count  # noqa: E731
+    rows = [("capacity", "%s, %d sectors" % (size(dev.capacity), dev.capacity // _SECTOR)),
+            ("block size", size(dev.block_size)),
+            ("read only", yes_no(info["read_only"])),
+            ("write cache", "yes (writeback: flush makes writes durable)" if dev.writeback
+             else "no (writethrough)"),
+            ("queues", str(dev.num_queues)),
+            ("serial", info["id"]),
+            ("max transfer", size(dev.max_transfer) + " per request")]
+    topo = info["topology"]
+    rows.append(("topology", "not reported" if topo is None else
+                 "physical block %s, alignment offset %s, minimum I/O %s, optimal I/O %s"
+                 % tuple(size(topo[k]) for k in ("physical_block_size", "alignment_offset",
+                                                 "min_io_size", "opt_io_size"))))
+    discard = info["discard"]
+    rows.append(("discard", "no" if discard is None else
+                 "yes, up to %s per request, %d segment(s), alignment %s"
+                 % (size(discard["max_bytes"]), discard["max_segments"],
+                    size(discard["alignment"]))))
+    zeroes = info["write_zeroes"]
+    rows.append(("write zeroes", "no" if zeroes is None else
+                 "yes, up to %s per request, %d segment(s), may unmap: %s"
+                 % (size(zeroes["max_bytes"]), zeroes["max_segments"],
+                    yes_no(zeroes["may_unmap"]))))
+    out.write("".join("%-13s %s\n" % row for row in rows))
     return 0
 
 
-def _blk_read(dev, args, out):
-    data = dev.read(args.offset, args.length)
-    if args.output:
-        with open(args.output, "wb") as f:
-            f.write(data)
-        return 0
+#: Bytes one step of a streamed ``blk`` transfer moves: a 1 GiB read or write
+#: needs a few of these in memory, never the whole transfer.
+_CLI_CHUNK = 4 << 20
+
+
+class _TransferProgress:
+    """Bytes, rate and ETA on stderr, once a transfer has run a second; terminal only."""
+
+    def __init__(self, total, stream=None):
+        self.stream = sys.stderr if stream is None else stream
+        self.enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.total = total
+        self.start = time.monotonic()
+        self.next_draw = self.start + 1.0
+        self.drawn = False
+
+    def update(self, done):
+        now = time.monotonic()
+        if not self.enabled or now < self.next_draw:
+            return
+        self.next_draw = now + 0.5
+        rate = done / (now - self.start)
+        text = "\r%s" % _format_bytes(done)
+        if self.total is not None:
+            eta = (self.total - done) / rate if rate else 0
+            text += " of %s (%d%%)" % (_format_bytes(self.total), 100 * done // (self.total or 1))
+        text += "  %s/s" % _format_bytes(int(rate))
+        if self.total is not None:
+            text += "  ETA %d:%02d" % divmod(int(eta), 60)
+        self.stream.write(text + "\033[K")
+        self.stream.flush()
+        self.drawn = True
+
+    def done(self):
+        if self.drawn:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+class _HexdumpC:
+    """``hexdump -C``'s canonical dump, fed piece by piece.
+
+    Each line is the offset, 16 bytes in hex in two groups of 8 and the
+    bytes as ASCII between bars; a line equal to the one before is printed
+    as one ``*`` for the whole run; the offset after the last byte ends the
+    dump (nothing at all for no bytes at offset 0), as bsdextrautils' does.
+    """
+
+    _PRINTABLE = bytes(b if 0x20 <= b < 0x7F else 0x2E for b in range(256))
+
+    def __init__(self, write, offset=0):
+        self.write = write
+        self.offset = offset
+        self.pending = b""
+        self.previous = None
+        self.starred = False
+
+    def feed(self, data):
+        data = self.pending + bytes(data)
+        full = len(data) - len(data) % 16
+        lines = []
+        for i in range(0, full, 16):
+            line = data[i:i + 16]
+            if line == self.previous:
+                if not self.starred:
+                    lines.append("*")
+                    self.starred = True
+            else:
+                lines.append(self._line(line))
+                self.previous = line
+                self.starred = False
+            self.offset += 16
+        self.pending = data[full:]
+        if lines:
+            self.write("\n".join(lines) + "\n")
+
+    def close(self):
+        if self.pending:
+            # A short last line is never folded into a '*'.
+            self.write(self._line(self.pending) + "\n")
+            self.offset += len(self.pending)
+            self.pending = b""
+        if self.offset:   # no bytes at offset 0: no output at all
+            self.write("%08x\n" % self.offset)
+
+    def _line(self, line):
+        return "%08x  %-23s  %-23s  |%s|" % (
+            self.offset, " ".join("%02x" % b for b in bytearray(line[:8])),
+            " ".join("%02x" % b for b in bytearray(line[8:])),
+            line.translate(self._PRINTABLE).decode("ascii"))
+
+
+def _blk_check_range(dev, what, offset, length):
+    """Refuse a range past the capacity in one line, before anything is allocated or sent."""
+    if offset + length > dev.capacity:
+        raise _CliError("%s: %d bytes at offset %d end past the capacity of %d bytes (%s)"
+                        % (what, length, offset, dev.capacity, _format_bytes(dev.capacity)))
+
+
+def _blk_stream(dev, offset, length, progress=None):
+    """Yield the bytes at OFFSET..OFFSET+LENGTH, any alignment, in bounded pieces.
+
+    Reads the blocks that cover the range, at most ``_CLI_CHUNK`` bytes at a
+    time, into one buffer in guest memory (``alloc``: zero-copy, nothing
+    allocated per step, so even PyPy's collector has no garbage to fall
+    behind on), and yields memoryviews of the wanted slice, valid until the
+    next step; qemu-io reads unaligned requests the same way.
+    """
+    block = dev.block_size
+    start = offset - offset % block
+    end = offset + length
+    aligned_end = -(-end // block) * block
+    if aligned_end == start:
+        return
+    buffer = dev.alloc(min(_CLI_CHUNK, aligned_end - start))
+    position = start
+    try:
+        while position < aligned_end:
+            count = min(len(buffer), aligned_end - position)
+            if count == len(buffer):
+                dev.readinto(position, buffer)
+            else:
+                with buffer[:count] as head:   # the last step: a copy, once
+                    dev.readinto(position, head)
+            low = max(offset, position) - position
+            high = min(end, position + count) - position
+            piece = buffer[low:high]
+            try:
+                yield piece
+            finally:
+                piece.release()
+            position += count
+            if progress is not None:
+                progress.update(min(end, position) - offset)
+    finally:
+        dev.free(buffer)
+
+
+def _binary_stdout(out):
+    """The byte stream under ``out`` (flushed), or None when there is none or it is a terminal."""
     binary = getattr(out, "buffer", None)
     if binary is None or out.isatty():  # never dump raw bytes on a terminal
-        out.write("\n".join(_hexdump(data, indent="")) + "\n")
-    else:
-        out.flush()
-        binary.write(data)
-        binary.flush()
+        return None
+    out.flush()
+    return binary
+
+
+def _blk_read(dev, args, out):
+    _blk_check_range(dev, "read", args.offset, args.length)
+    binary = None if args.hexdump else _binary_stdout(out)
+    target = None
+    if args.output:
+        target = open(args.output, "wb")
+    elif binary is not None:
+        target = binary
+    dump = _HexdumpC(out.write, args.offset) if target is None else None
+    progress = _TransferProgress(args.length)
+    stream = _blk_stream(dev, args.offset, args.length, progress)
+    try:
+        for piece in stream:
+            if dump is not None:
+                dump.feed(piece)
+            else:
+                target.write(piece)
+        if dump is not None:
+            dump.close()
+        else:
+            target.flush()
+    finally:
+        stream.close()   # its buffer goes back now, not when a collector gets to it
+        progress.done()
+        if args.output and target is not None:
+            target.close()
+    return 0
+
+
+def _blk_verify(dev, args, out):
+    """Compare the bytes at OFFSET..OFFSET+LENGTH with a pattern or a file (qemu-io read -P)."""
+    _blk_check_range(dev, "verify", args.offset, args.length)
+    source = None
+    if args.file is not None:
+        source = open(args.file, "rb")
+    try:
+        if source is not None:
+            import stat
+            st = os.fstat(source.fileno())
+            available = st.st_size if stat.S_ISREG(st.st_mode) else args.length
+            if available < args.length:
+                raise _CliError("verify: %s has %d bytes, fewer than the %d to compare"
+                                % (args.file, available, args.length))
+        progress = _TransferProgress(args.length)
+        checked = 0
+        stream = _blk_stream(dev, args.offset, args.length, progress)
+        try:
+            for piece in stream:
+                if source is not None:
+                    expected = source.read(len(piece))
+                    if len(expected) < len(piece):
+                        raise _CliError("verify: %s ended after %d bytes, before the %d to "
+                                        "compare" % (args.file, checked + len(expected),
+                                                     args.length))
+                else:
+                    expected = bytes((args.pattern,)) * len(piece)
+                if piece != expected:
+                    at = next(i for i in range(len(piece)) if piece[i] != expected[i])
+                    raise _CliError(
+                        "verify: mismatch at offset %d: expected %#04x, found %#04x (%d "
+                        "byte(s) matched before it)" % (args.offset + checked + at,
+                                                         expected[at], piece[at], checked + at))
+                checked += len(piece)
+        finally:
+            stream.close()
+            progress.done()
+    finally:
+        if source is not None:
+            source.close()
+    out.write("verified %d bytes at offset %d: all match %s\n"
+              % (args.length, args.offset, args.file if source is not None
+                 else "pattern %#04x" % args.pattern))
     return 0
 
 
 def _blk_write(dev, args, out):
-    if args.input:
-        with open(args.input, "rb") as f:
-            data = f.read()
-    else:
-        data = sys.stdin.buffer.read()
-    dev.write(args.offset, data)
-    out.write("wrote %d bytes at offset %d\n" % (len(data), args.offset))
+    """Stream FILE or stdin to OFFSET in bounded steps; unaligned ends need --pad or --rmw."""
+    if dev.read_only:
+        raise _CliError("write: the device is read-only (VIRTIO_BLK_F_RO)")
+    source = open(args.input, "rb") if args.input else sys.stdin.buffer
+    try:
+        return _blk_write_from(dev, args, out, source)
+    finally:
+        if args.input:
+            source.close()
+
+
+def _blk_write_from(dev, args, out, source):
+    import stat
+    block = dev.block_size
+    offset = args.offset
+    head = offset % block
+    length = None   # known up front for a regular file: checked before anything is written
+    st = os.fstat(source.fileno())
+    if stat.S_ISREG(st.st_mode):
+        length = max(0, st.st_size - source.tell())
+        _blk_check_range(dev, "write", offset, length)
+    if (head or (length or 0) % block) and not (args.pad or args.rmw):
+        raise _CliError("write: offset %d and length %s are not both multiples of the block "
+                        "size %d; give --pad (zero-fill the partial blocks) or --rmw (read "
+                        "them and keep their other bytes)"
+                        % (offset, "unknown (stdin)" if length is None else length, block))
+    position = offset - head
+    # Staged in guest memory (alloc): the data is copied once, from the file
+    # straight into the buffer the device reads, and nothing is allocated
+    # per step. A step is a whole number of blocks.
+    staging = dev.alloc(max(block, _CLI_CHUNK - _CLI_CHUNK % block))
+    try:
+        if head:
+            staging[:head] = dev.read(position, block)[:head] if args.rmw else bytes(head)
+        fill = head
+        progress = _TransferProgress(length)
+        total = 0
+        try:
+            while True:
+                with staging[fill:] as room:
+                    count = source.readinto(room)
+                if count:
+                    if offset + total + count > dev.capacity:
+                        raise _CliError("write: the data does not fit: more than the %d bytes "
+                                        "between offset %d and the capacity %d; wrote the "
+                                        "first %d" % (dev.capacity - offset, offset,
+                                                      dev.capacity, max(0, position - offset)))
+                    total += count
+                    fill += count
+                if fill == len(staging) or not count:
+                    ready = fill - fill % block
+                    if ready == len(staging):
+                        dev.write(position, staging)   # zero-copy
+                    elif ready:
+                        with staging[:ready] as part:
+                            dev.write(position, part)
+                    position += ready
+                    fill -= ready
+                    staging[:fill] = staging[ready:ready + fill]   # < 1 block: no overlap
+                    progress.update(total)
+                if not count:
+                    break
+        finally:
+            progress.done()
+        tail = fill
+        if tail:
+            if not (args.pad or args.rmw):
+                raise _CliError("write: the data ends %d bytes into the %d-byte block at "
+                                "offset %d; wrote the %d bytes before it; give --pad or --rmw "
+                                "for the last block" % (tail, block, position,
+                                                        position - offset))
+            staging[tail:block] = dev.read(position, block)[tail:] if args.rmw \
+                else bytes(block - tail)
+            with staging[:block] as last:
+                dev.write(position, last)
+    finally:
+        dev.free(staging)
+    how = ""
+    if head or tail:
+        end = offset + total
+        partial = len(set(([offset // block] if head else [])
+                          + ([end // block] if end % block else [])))
+        if args.rmw:
+            how = " (read-modify-write of %d partial block(s))" % partial
+        else:
+            how = " (zero-padded to whole %d-byte blocks: %d byte(s) before, %d after)" % (
+                block, head, block - tail if tail else 0)
+    out.write("wrote %d bytes at offset %d%s\n" % (total, offset, how))
     return 0
 
 
@@ -8408,7 +10346,8 @@ def _blk_write_zeroes(dev, args, out):
 
 
 _BLK_ACTIONS = {
-    "info": _blk_info, "read": _blk_read, "write": _blk_write, "flush": _blk_flush,
+    "info": _blk_info, "read": _blk_read, "write": _blk_write, "verify": _blk_verify,
+    "flush": _blk_flush,
     "discard": _blk_discard, "write-zeroes": _blk_write_zeroes,
 }
 
@@ -8429,39 +10368,34 @@ def _test_frame(src_mac, seq, size):
     return (header + bytes(range(256)) * (size // 256 + 1))[:size]
 
 
-def _describe_frame(frame):
-    frame = bytes(frame)
-    if len(frame) < _ETH_HLEN:
-        return "%d bytes (runt)" % len(frame)
-    return "%d bytes %s -> %s type %#06x" % (len(frame), _format_mac(frame[6:12]),
-                                              _format_mac(frame[:6]),
-                                              struct.unpack(">H", frame[12:14])[0])
-
-
 def _format_mac(mac):
     return ":".join("%02x" % b for b in bytearray(mac))
 
 
-def _frame_source(dev, args):
-    """A function seq -> frame: the frame of -i/--hex, else a generated test frame."""
-    if args.input is not None or args.hex is not None:
-        if args.input is not None:
-            with open(args.input, "rb") as f:
+def _frame_source(dev, args, size):
+    """A function seq -> frame: the frame of --payload-file/--payload-hex, else a test frame.
+
+    ``size`` is the generated frames' size in bytes.
+    """
+    if args.payload_file is not None or args.payload_hex is not None:
+        if args.payload_file is not None:
+            with open(args.payload_file, "rb") as f:
                 frame = f.read()
         else:
             try:
-                frame = bytes.fromhex(args.hex.replace(":", " "))
+                frame = bytes.fromhex(args.payload_hex.replace(":", " "))
             except ValueError as exc:
-                raise _CliError("--hex: %s" % exc)
+                raise _CliError("--payload-hex: %s" % exc)
         if len(frame) < _ETH_HLEN:
             raise _CliError("the frame has %d bytes; an Ethernet frame has at least %d"
                             % (len(frame), _ETH_HLEN))
         return lambda seq: frame
-    if args.size < _TEST_FRAME_HEADER.size:
-        raise _CliError("--size %d: test frames carry a sequence number and need at least "
-                        "%d bytes" % (args.size, _TEST_FRAME_HEADER.size))
+    if size < _TEST_FRAME_HEADER.size:
+        raise _CliError("test frames carry a sequence number and need at least %d bytes "
+                        "(%d data bytes), not %d" % (_TEST_FRAME_HEADER.size,
+                                                     _TEST_FRAME_HEADER.size - _ETH_HLEN, size))
     src = bytes(dev.mac) if dev.mac else _TEST_MAC
-    return lambda seq: _test_frame(src, seq, args.size)
+    return lambda seq: _test_frame(src, seq, size)
 
 
 def _cmd_net(args, out):
@@ -8469,8 +10403,78 @@ def _cmd_net(args, out):
         return _NET_ACTIONS[args.action](dev, args, out)
 
 
+# pcap, the classic capture format tcpdump and Wireshark read and write
+# (https://www.tcpdump.org/manpages/pcap-savefile.5.html): a global header,
+# then per frame a record header (seconds, microseconds, captured length,
+# length on the wire) and the bytes. Written in the host's byte order;
+# readers tell it from the magic number, and so does _read_pcap.
+_PCAP_HEADER_FORMAT = "IHHiIII"   # magic, major, minor, thiszone, sigfigs, snaplen, link type
+_PCAP_RECORD_FORMAT = "IIII"       # seconds, µs (or ns), captured, original length
+_PCAP_HEADER = struct.Struct("=" + _PCAP_HEADER_FORMAT)
+_PCAP_RECORD = struct.Struct("=" + _PCAP_RECORD_FORMAT)
+_PCAP_MAGIC_USEC = 0xA1B2C3D4
+_PCAP_MAGIC_NSEC = 0xA1B23C4D
+_LINKTYPE_ETHERNET = 1
+_PCAP_SNAPLEN = 262144
+
+
+class _PcapWriter:
+    """Frames to a classic pcap stream (LINKTYPE_ETHERNET, µs timestamps), flushed per frame."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        stream.write(_PCAP_HEADER.pack(_PCAP_MAGIC_USEC, 2, 4, 0, 0, _PCAP_SNAPLEN,
+                                       _LINKTYPE_ETHERNET))
+        stream.flush()
+
+    def write(self, frame, timestamp):
+        usec = int(round(timestamp * 1e6))
+        self.stream.write(_PCAP_RECORD.pack(usec // 1000000, usec % 1000000, len(frame),
+                                            len(frame)) + bytes(frame))
+        self.stream.flush()   # `-w - | tcpdump -r -` shows each frame as it comes
+
+
+def _read_pcap(stream, name):
+    """Yield the frames of a classic pcap stream (either byte order, µs or ns stamps)."""
+    header = stream.read(_PCAP_HEADER.size)
+    magic = header[:4]
+    for order in "<>":
+        if len(magic) == 4 and struct.unpack(order + "I", magic)[0] in (_PCAP_MAGIC_USEC,
+                                                                        _PCAP_MAGIC_NSEC):
+            break
+    else:
+        raise _CliError("%s: not a pcap file (magic %s; pcapng is not read, convert it with "
+                        "`tcpdump -r FILE -w OUT`)" % (name, magic.hex() or "missing"))
+    if len(header) < _PCAP_HEADER.size:
+        raise _CliError("%s: pcap header cut short at %d bytes" % (name, len(header)))
+    fields = struct.unpack(order + _PCAP_HEADER_FORMAT, header)
+    if fields[6] != _LINKTYPE_ETHERNET:
+        raise _CliError("%s: link type %d, only Ethernet (1) can be sent"
+                        % (name, fields[6]))
+    record = struct.Struct(order + _PCAP_RECORD_FORMAT)
+    number = 0
+    while True:
+        head = stream.read(record.size)
+        if not head:
+            return
+        number += 1
+        if len(head) < record.size:
+            raise _CliError("%s: frame %d: record header cut short" % (name, number))
+        captured = record.unpack(head)[2]
+        if captured > _PCAP_SNAPLEN:
+            raise _CliError("%s: frame %d: captured length %d is more than %d"
+                            % (name, number, captured, _PCAP_SNAPLEN))
+        frame = stream.read(captured)
+        if len(frame) < captured:
+            raise _CliError("%s: frame %d: %d of its %d bytes are missing"
+                            % (name, number, captured - len(frame), captured))
+        yield frame
+
+
 def _net_send(dev, args, out):
-    make = _frame_source(dev, args)
+    if args.read is not None:
+        return _net_replay(dev, args, out)
+    make = _frame_source(dev, args, args.size)
     frames = [make(seq) for seq in range(args.count)]
     dev.send_many(frames)
     dev.flush()
@@ -8478,70 +10482,697 @@ def _net_send(dev, args, out):
     return 0
 
 
-def _net_recv(dev, args, out):
-    deadline = time.monotonic() + args.wait
-    frames = []
-    while args.count is None or len(frames) < args.count:
-        frame = dev.recv(timeout=max(0.0, deadline - time.monotonic()))
-        if frame is None:
-            break
-        frames.append(frame)
-        out.write("%s\n" % _describe_frame(frame))
-        if args.hexdump:
-            out.write("\n".join(_hexdump(frame)) + "\n")
-    if args.output:
-        with open(args.output, "wb") as f:
-            f.write(b"".join(frames))
-    out.write("received %d frame(s)\n" % len(frames))
+def _net_replay(dev, args, out):
+    """``send -r FILE``: the frames of a pcap, ``--loop`` times, at ``--pps`` (tcpreplay)."""
+    if args.payload_file is not None or args.payload_hex is not None:
+        raise _CliError("send: -r takes the frames from the pcap file; drop --payload-*")
+    clock = time.monotonic
+    sent = sent_bytes = 0
+    start = clock()
+    loop = 0
+    batch = []
+
+    def push():
+        dev.send_many(batch)
+        del batch[:]
+
+    try:
+        while args.loop == 0 or loop < args.loop:
+            loop += 1
+            with open(args.read, "rb") as f:
+                for frame in _read_pcap(f, args.read):
+                    if len(frame) < _ETH_HLEN:
+                        raise _CliError("%s: frame %d has %d bytes; an Ethernet frame has at "
+                                        "least %d" % (args.read, sent + 1, len(frame),
+                                                      _ETH_HLEN))
+                    if args.pps:
+                        delay = start + sent / args.pps - clock()
+                        if delay > 0:
+                            push()
+                            time.sleep(delay)
+                    batch.append(frame)
+                    sent += 1
+                    sent_bytes += len(frame)
+                    if len(batch) >= 32:
+                        push()
+            push()
+            if not sent:
+                break   # an empty capture: looping it forever would send nothing forever
+    except KeyboardInterrupt:
+        # Ctrl-C ends a replay (--loop 0 runs until then); what was queued still goes out.
+        sent -= len(batch)
+        sent_bytes -= sum(len(frame) for frame in batch)
+    dev.flush()
+    out.write("sent %d frame(s) (%d bytes) from %s in %.3f s, %d loop(s)\n"
+              % (sent, sent_bytes, args.read, clock() - start, loop))
     return 0
+
+
+_ETHERTYPE_NAMES = {0x0800: "IPv4", 0x0806: "ARP", 0x86DD: "IPv6", 0x8100: "802.1Q",
+                    0x88A8: "802.1Q-QinQ", 0x88CC: "LLDP", 0x8035: "Reverse ARP"}
+
+
+def _tcpdump_line(frame, timestamp):
+    """One frame as ``tcpdump -e -n`` heads it: time, MACs, ethertype, length."""
+    stamp = "%s.%06d" % (time.strftime("%H:%M:%S", time.localtime(timestamp)),
+                         int(timestamp % 1 * 1e6))
+    if len(frame) < _ETH_HLEN:
+        return "%s [|ether] length %d (runt)" % (stamp, len(frame))
+    ethertype = struct.unpack(">H", frame[12:14])[0]
+    return "%s %s > %s, ethertype %s (%#06x), length %d" % (
+        stamp, _format_mac(frame[6:12]), _format_mac(frame[:6]),
+        _ETHERTYPE_NAMES.get(ethertype, "Unknown"), ethertype, len(frame))
+
+
+def _tcpdump_hex(frame):
+    """The frame as ``tcpdump -xx`` dumps it: offset, then 16 bytes in groups of two."""
+    frame = bytes(frame)
+    lines = []
+    for i in range(0, len(frame), 16):
+        line = frame[i:i + 16].hex()
+        lines.append("\t0x%04x:  %s" % (i, " ".join(line[j:j + 4]
+                                                     for j in range(0, len(line), 4))))
+    return lines
+
+
+def _net_recv(dev, args, out):
+    """Print (or write as pcap) the frames that arrive until -c, --wait or Ctrl-C."""
+    capture = None
+    stream = None
+    if args.write == "-":
+        stream = _binary_stdout(out)
+        if stream is None:
+            raise _CliError("recv -w -: stdout is a terminal; pipe it (| tcpdump -r -) or "
+                            "give a file name")
+    report = sys.stderr if stream is not None else out   # stdout carries the pcap
+    raw = None
+    count = 0
+    try:
+        if args.write is not None and args.write != "-":
+            stream = open(args.write, "wb")
+            report = out
+        if args.output:
+            raw = open(args.output, "wb")
+        if stream is not None:
+            capture = _PcapWriter(stream)
+        deadline = time.monotonic() + args.wait
+        while args.count is None or count < args.count:
+            frame = dev.recv(timeout=max(0.0, deadline - time.monotonic()))
+            if frame is None:
+                break
+            stamp = time.time()
+            count += 1
+            if capture is not None:
+                capture.write(frame, stamp)
+            else:
+                out.write(_tcpdump_line(frame, stamp) + "\n")
+                if args.hexdump:
+                    out.write("\n".join(_tcpdump_hex(frame)) + "\n")
+            if raw is not None:
+                raw.write(frame)
+    except KeyboardInterrupt:
+        pass   # Ctrl-C ends a capture, as it does tcpdump's
+    finally:
+        if raw is not None:
+            raw.close()
+        if stream is not None and args.write != "-":
+            stream.close()
+    report.write("%d frame(s) received\n" % count)
+    return 0
+
+
+class _PingStats:
+    """What ping counts, and its summary in ping's own words (iputils)."""
+
+    def __init__(self):
+        self.transmitted = 0
+        self.received = 0
+        self.corrupted = 0
+        self.duplicates = 0
+        self.rtts = []
+        self.start = time.monotonic()
+
+    def summary(self, name):
+        lost = self.transmitted - self.received
+        loss = 100.0 * lost / self.transmitted if self.transmitted else 0.0
+        extra = "".join(", +%d %s" % (n, what) for n, what in (
+            (self.duplicates, "duplicates"), (self.corrupted, "corrupted")) if n)
+        lines = ["", "--- %s ping statistics ---" % name,
+                 "%d packets transmitted, %d received%s, %s%% packet loss, time %dms"
+                 % (self.transmitted, self.received, extra, "%g" % round(loss, 4),
+                    (time.monotonic() - self.start) * 1000)]
+        if self.rtts:
+            ms = [r * 1000 for r in self.rtts]
+            mean = sum(ms) / len(ms)
+            mdev = max(0.0, sum(x * x for x in ms) / len(ms) - mean * mean) ** 0.5
+            lines.append("rtt min/avg/max/mdev = %.3f/%.3f/%.3f/%.3f ms"
+                         % (min(ms), mean, max(ms), mdev))
+        return lines
+
+    @property
+    def failed(self):
+        return self.received < self.transmitted or self.corrupted > 0
 
 
 def _net_ping(dev, args, out):
-    """Send frames one at a time; each must come back byte-identical (loopback check)."""
-    make = _frame_source(dev, args)
+    """Send frames at ``-i`` intervals; each must come back byte-identical within ``-W``.
+
+    Prints ping's per-frame lines and its summary, at the count, on Ctrl-C and
+    when the back-end dies (then the error follows); status 1 when a frame was
+    lost or came back changed.
+    """
+    size = _ETH_HLEN + args.size
+    make = _frame_source(dev, args, size)
+    fixed = args.payload_file is not None or args.payload_hex is not None
     clock = time.perf_counter
-    first = make(0)
-    out.write("ping %s: %d frame(s) of %d bytes, %s -> %s\n"
-              % (args.socket, args.count, len(first), _format_mac(first[6:12]),
+    first = make(1)
+    interval = 0.0 if args.flood else args.interval
+    wait = args.timeout if args.wait is None else args.wait
+    out.write("PING %s %d(%d) bytes of data, %s > %s.\n"
+              % (args.socket, len(first) - _ETH_HLEN, len(first), _format_mac(first[6:12]),
                  _format_mac(first[:6])))
-    rtts = []
-    other = 0
-    lost = None   # the sequence number of the frame that did not come back
-    for seq in range(args.count):
-        frame = make(seq)
-        t0 = clock()
-        dev.send(frame)
-        deadline = t0 + args.timeout
-        while True:
-            back = dev.recv(timeout=max(0.0, deadline - clock()))
-            if back is None or back == frame:
+    out.flush()
+    stats = _PingStats()
+    sent_at = {}    # seq -> (send time, frame), until it comes back
+    done = set()    # recent seqs that came back (a second copy is a duplicate)
+    verbose = not args.quiet and not args.flood
+
+    def take(back):
+        """Account one arrived frame; the seq it answers, or None."""
+        now = clock()
+        if fixed:   # every frame is the same: it answers the oldest one awaited
+            seq = min(sent_at) if back == first and sent_at else None
+        elif len(back) >= _TEST_FRAME_HEADER.size and back[:_ETH_HLEN] == first[:_ETH_HLEN]:
+            seq = _TEST_FRAME_HEADER.unpack_from(back)[3]
+        else:
+            return None   # foreign traffic: ping ignores it too
+        if seq in done:
+            stats.duplicates += 1
+            return None
+        if seq not in sent_at:
+            return None
+        t0, frame = sent_at[seq]
+        if back != frame:
+            stats.corrupted += 1
+            if verbose:
+                out.write("%d bytes from %s: seq=%d (changed on the way back)\n"
+                          % (len(back), args.socket, seq))
+            return None
+        del sent_at[seq]
+        done.add(seq)
+        stats.received += 1
+        stats.rtts.append(now - t0)
+        if verbose:
+            out.write("%d bytes from %s: seq=%d time=%.3f ms\n"
+                      % (len(back), args.socket, seq, (now - t0) * 1000))
+        elif args.flood and not args.quiet:
+            out.write("\b \b")
+        return seq
+
+    seq = 0
+    try:
+        while args.count is None or seq < args.count:
+            seq += 1
+            done.discard(seq - 4096)   # bounded, for a ping that runs for days
+            frame = make(seq)
+            t0 = clock()
+            sent_at[seq] = (t0, frame)
+            dev.send(frame)
+            stats.transmitted += 1
+            if args.flood and not args.quiet:
+                out.write(".")
+            deadline = t0 + wait
+            while seq in sent_at:
+                back = dev.recv(timeout=max(0.0, deadline - clock()))
+                if back is None:
+                    sent_at.pop(seq)   # lost: a late copy is not counted
+                    break
+                take(back)
+            out.flush()
+            if args.count is not None and seq >= args.count:
                 break
-            other += 1   # an earlier frame late, a changed one, or foreign traffic
-        if back is None:
-            lost = seq   # stop: waiting the timeout for each later frame helps nobody
-            break
-        rtts.append(clock() - t0)
-    rtts.sort()
-    sent = args.count if lost is None else lost + 1
-    out.write("%d sent, %d came back identical, %d lost, %d other frame(s) received\n"
-              % (sent, len(rtts), sent - len(rtts), other))
-    if rtts:
-        out.write("round trip µs: min %.1f  p50 %.1f  p99 %.1f  max %.1f\n"
-                  % tuple(x * 1e6 for x in (rtts[0], _percentile(rtts, 0.5),
-                                            _percentile(rtts, 0.99), rtts[-1])))
-    problems = []
-    if lost is not None:
-        problems.append("frame %d of %d did not come back within %g s"
-                        % (lost + 1, args.count, args.timeout))
-    if other:
-        problems.append("%d frame(s) arrived that were not the one awaited (changed, late "
-                        "or foreign)" % other)
-    if problems:
-        raise _CliError("%s: ping: %s" % (args.socket, "; ".join(problems)))
-    return 0
+            pause = t0 + interval - clock()
+            if pause > 0:
+                time.sleep(pause)
+    except KeyboardInterrupt:
+        pass
+    except VhostUserError:
+        out.write("\n".join(stats.summary(args.socket)) + "\n")
+        raise   # the back-end died: the summary, then the error line
+    out.write("\n".join(stats.summary(args.socket)) + "\n")
+    return _EXIT_FAILURE if stats.failed else 0
 
 
 _NET_ACTIONS = {"send": _net_send, "recv": _net_recv, "ping": _net_ping}
+
+
+# -- fs -----------------------------------------------------------------------
+
+def _cmd_fs(args, out):
+    with _open_device(args, FsDevice, DeviceType.FS) as fs:
+        if args.action == "shell":
+            return _fs_shell(fs, args, out)
+        try:
+            return _FS_ACTIONS[args.action](fs, args, out)
+        except OSError as exc:
+            raise _CliError(_fs_error_text(args.action, exc))
+
+
+def _fs_error_text(action, exc):
+    """``ls: dir/x: No such file or directory``: the command, the path, the reason."""
+    names = [n for n in (exc.filename, exc.filename2) if n is not None]
+    where = " -> ".join(os.fsdecode(n) for n in names)
+    return "%s: %s%s" % (action, where + ": " if where else "", exc.strerror or exc)
+
+
+def _fs_time(seconds):
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
+
+
+def _fs_columns(names, out):
+    """``ls``'s layout: columns across a terminal, one name a line for a pipe."""
+    if not names:
+        return
+    if not (hasattr(out, "isatty") and out.isatty()):
+        out.write("".join(name + "\n" for name in names))
+        return
+    import shutil
+    width = shutil.get_terminal_size().columns
+    cell = max(len(name) for name in names) + 2
+    per_row = max(1, width // cell)
+    rows = -(-len(names) // per_row)
+    for row in range(rows):
+        line = [names[i].ljust(cell) for i in range(row, len(names), rows)]
+        out.write("".join(line).rstrip() + "\n")
+
+
+def _fs_long(fs, path, name, st):
+    import stat as stat_module
+    line = "%s %3d %5d %5d %10d %s %s" % (stat_module.filemode(st.st_mode), st.st_nlink,
+                                          st.st_uid, st.st_gid, st.st_size,
+                                          _fs_time(st.st_mtime), name)
+    if stat_module.S_ISLNK(st.st_mode):
+        line += " -> " + fs.readlink(path)
+    return line
+
+
+def _fs_ls(fs, args, out):
+    for index, path in enumerate(args.paths or [""]):
+        st = fs.lstat(path)
+        if len(args.paths) > 1:
+            out.write("%s%s:\n" % ("\n" if index else "", path))
+        if st.st_mode & 0o170000 != 0o040000:
+            entries = [(path, path)]
+        else:
+            names = fs.listdir(path)
+            if args.all:
+                names += [".", ".."]
+            names = sorted(n for n in names if args.all or not n.startswith("."))
+            entries = [(n, _fs_join(path, n)) for n in names]
+        if not args.long:
+            _fs_columns([name for name, _ in entries], out)
+            continue
+        for name, full in entries:
+            out.write(_fs_long(fs, full, name, fs.lstat(full)) + "\n")
+    return 0
+
+
+def _fs_tree(fs, args, out):
+    top = args.path
+    counts = [0, 0]
+
+    def show(path, prefix):
+        entries = sorted(fs.scandir(path), key=lambda e: e.name)
+        for i, entry in enumerate(entries):
+            last = i == len(entries) - 1
+            name = entry.name
+            if entry.is_symlink():
+                name += " -> " + fs.readlink(entry.path)
+            out.write("%s%s%s\n" % (prefix, "└── " if last else "├── ", name))
+            if entry.is_dir(follow_symlinks=False):
+                counts[0] += 1
+                show(entry.path, prefix + ("    " if last else "│   "))
+            else:
+                counts[1] += 1
+
+    if fs.stat(top).st_mode & 0o170000 != 0o040000:
+        raise _fs_error(errno.ENOTDIR, top)
+    out.write((top or "/") + "\n")
+    show(top, "")
+    out.write("\n%d director%s, %d file%s\n" % (counts[0], "y" if counts[0] == 1 else "ies",
+                                                 counts[1], "" if counts[1] == 1 else "s"))
+    return 0
+
+
+_FS_KINDS = ((0o040000, "directory"), (0o100000, "regular file"), (0o120000, "symbolic link"),
+             (0o010000, "fifo"), (0o140000, "socket"), (0o020000, "character special file"),
+             (0o060000, "block special file"))
+
+
+def _fs_stat(fs, args, out):
+    import stat as stat_module
+    st = fs.lstat(args.path)
+    kind = dict(_FS_KINDS).get(st.st_mode & 0o170000, "unknown")
+    name = args.path or "/"
+    if stat_module.S_ISLNK(st.st_mode):
+        name += " -> " + fs.readlink(args.path)
+    stamp = lambda ns: "%s.%09d" % (  # noqa: E731
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns // 10**9)), ns % 10**9)
+    out.write("  File: %s\n" % name)
+    out.write("  Size: %-15d Blocks: %-10d IO Block: %-6d %s\n"
+              % (st.st_size, st.st_blocks, st.st_blksize, kind))
+    out.write(" Inode: %-15d Links: %d\n" % (st.st_ino, st.st_nlink))
+    out.write("Access: (%04o/%s)  Uid: %d  Gid: %d\n"
+              % (st.st_mode & 0o7777, stat_module.filemode(st.st_mode), st.st_uid, st.st_gid))
+    out.write("Access: %s\nModify: %s\nChange: %s\n"
+              % (stamp(st.st_atime_ns), stamp(st.st_mtime_ns), stamp(st.st_ctime_ns)))
+    return 0
+
+
+def _fs_copy_out(source, write):
+    while True:
+        chunk = source.read(1 << 20)
+        if not chunk:
+            return
+        write(chunk)
+
+
+def _fs_cat(fs, args, out):
+    binary = getattr(out, "buffer", None)
+    for path in args.paths:
+        with fs.open(path, "rb") as f:
+            if binary is not None:
+                out.flush()
+                _fs_copy_out(f, binary.write)
+                binary.flush()
+            else:
+                _fs_copy_out(f, lambda chunk: out.write(chunk.decode("utf-8", "replace")))
+    return 0
+
+
+def _fs_get(fs, args, out):
+    local = args.local or os.path.basename(args.remote.rstrip("/")) or "root"
+    if os.path.isdir(local):
+        local = os.path.join(local, os.path.basename(args.remote.rstrip("/")))
+    with fs.open(args.remote, "rb") as source, open(local, "wb") as target:
+        _fs_copy_out(source, target.write)
+        size = target.tell()
+    out.write("%s -> %s (%d bytes)\n" % (args.remote, local, size))
+    return 0
+
+
+def _fs_put(fs, args, out):
+    remote = args.remote
+    if fs._is_dir(remote):
+        remote = _fs_join(remote, os.path.basename(args.local))
+    with open(args.local, "rb") as source, fs.open(remote, "wb") as target:
+        _fs_copy_out(source, target.write)
+        size = target.tell()
+    out.write("%s -> %s (%d bytes)\n" % (args.local, remote, size))
+    return 0
+
+
+def _fs_mkdir(fs, args, out):
+    for path in args.paths:
+        if args.parents:
+            fs.makedirs(path, exist_ok=True)
+        else:
+            fs.mkdir(path)
+    return 0
+
+
+def _fs_rm(fs, args, out):
+    for path in args.paths:
+        if args.recursive and fs.lstat(path).st_mode & 0o170000 == 0o040000:
+            for dirpath, dirs, files in fs.walk(path, topdown=False):
+                for name in files:
+                    fs.remove(_fs_join(dirpath, name))
+                for name in dirs:
+                    child = _fs_join(dirpath, name)
+                    if fs._is_link(child):
+                        fs.remove(child)
+                    else:
+                        fs.rmdir(child)
+            fs.rmdir(path)
+        else:
+            fs.remove(path)
+    return 0
+
+
+def _fs_mv(fs, args, out):
+    target = args.dst
+    if fs._is_dir(target):
+        target = _fs_join(target, args.src.rstrip("/").rsplit("/", 1)[-1])
+    fs.rename(args.src, target)
+    return 0
+
+
+def _fs_ln(fs, args, out):
+    if args.symbolic:
+        fs.symlink(args.target, args.path)
+    else:
+        fs.link(args.target, args.path)
+    return 0
+
+
+def _fs_df(fs, args, out):
+    st = fs.statvfs()
+    size, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    percent = 100.0 * used / (used + free) if used + free else 0.0
+    out.write("%-10s %12s %12s %12s %5s %12s %12s\n"
+              % ("", "size", "used", "available", "use%", "inodes", "inodes free"))
+    out.write("%-10s %12s %12s %12s %4.0f%% %12d %12d\n"
+              % ("share", _format_bytes(size), _format_bytes(used), _format_bytes(free), percent,
+                 st.f_files, st.f_ffree))
+    return 0
+
+
+_FS_ACTIONS = {"ls": _fs_ls, "tree": _fs_tree, "stat": _fs_stat, "cat": _fs_cat, "get": _fs_get,
+               "put": _fs_put, "mkdir": _fs_mkdir, "rm": _fs_rm, "mv": _fs_mv, "ln": _fs_ln,
+               "df": _fs_df}
+
+
+def _add_fs_actions(actions, parents):
+    """The ``fs`` commands, for the command line and the shell alike."""
+    ls = actions.add_parser("ls", parents=parents, help="list directories")
+    ls.add_argument("-l", dest="long", action="store_true", help="long listing")
+    ls.add_argument("-a", dest="all", action="store_true", help="include names starting with .")
+    ls.add_argument("paths", nargs="*", metavar="PATH")
+    actions.add_parser("tree", parents=parents, help="the directory tree under PATH") \
+        .add_argument("path", nargs="?", default="", metavar="PATH")
+    actions.add_parser("stat", parents=parents, help="everything stat(2) says of PATH") \
+        .add_argument("path", metavar="PATH")
+    actions.add_parser("cat", parents=parents, help="print files") \
+        .add_argument("paths", nargs="+", metavar="PATH")
+    get = actions.add_parser("get", parents=parents, help="copy REMOTE to a local file")
+    get.add_argument("remote", metavar="REMOTE")
+    get.add_argument("local", nargs="?", metavar="LOCAL",
+                     help="local file or directory (default: REMOTE's name, here)")
+    put = actions.add_parser("put", parents=parents, help="copy a local file to REMOTE")
+    put.add_argument("local", metavar="LOCAL")
+    put.add_argument("remote", metavar="REMOTE", help="file or existing directory in the share")
+    mkdir = actions.add_parser("mkdir", parents=parents, help="make directories")
+    mkdir.add_argument("-p", dest="parents", action="store_true",
+                       help="make parents as needed; no error if it exists")
+    mkdir.add_argument("paths", nargs="+", metavar="PATH")
+    rm = actions.add_parser("rm", parents=parents, help="remove files (and with -r, directories)")
+    rm.add_argument("-r", "-R", dest="recursive", action="store_true",
+                    help="remove directories and their contents")
+    rm.add_argument("paths", nargs="+", metavar="PATH")
+    mv = actions.add_parser("mv", parents=parents, help="rename or move into a directory")
+    mv.add_argument("src", metavar="SRC")
+    mv.add_argument("dst", metavar="DST")
+    ln = actions.add_parser("ln", parents=parents, help="make a hard link (-s: symbolic)")
+    ln.add_argument("-s", dest="symbolic", action="store_true", help="symbolic link")
+    ln.add_argument("target", metavar="TARGET")
+    ln.add_argument("path", metavar="PATH")
+    actions.add_parser("df", parents=parents, help="size, use and inodes of the share")
+
+
+def _fs_shell(fs, args, out):
+    """An sftp-like prompt on one connection (C virtiofsd serves only one)."""
+    import argparse
+    import cmd
+    import posixpath
+    import shlex
+    stdin = getattr(args, "stdin", None) or sys.stdin
+    interactive = hasattr(stdin, "isatty") and stdin.isatty()
+    parser = argparse.ArgumentParser(prog="", add_help=False)
+    actions = parser.add_subparsers(dest="action", metavar="COMMAND")
+    _add_fs_actions(actions, [])
+    failures = [0]
+
+    class Shell(cmd.Cmd):
+        intro = ("Connected to %s (FUSE %d.%d). Commands: %s, cd, pwd, help, exit."
+                 % (args.socket, fs.major, fs.minor, ", ".join(sorted(_FS_ACTIONS)))
+                 if interactive else None)
+        cwd = "/"
+
+        def __init__(self):
+            cmd.Cmd.__init__(self, stdin=stdin, stdout=out)
+            self.use_rawinput = interactive and stdin is sys.stdin
+            self.prompt = self._prompt()
+
+        def _prompt(self):
+            return "fs:%s> " % self.cwd if interactive else ""
+
+        def _path(self, path):
+            return posixpath.normpath(posixpath.join(self.cwd, path)) if path else self.cwd
+
+        def emptyline(self):
+            return False
+
+        def _fail(self, text):
+            failures[0] += 1
+            sys.stderr.write("error: %s\n" % text)
+
+        def onecmd(self, line):
+            try:
+                words = shlex.split(line, comments=True)
+            except ValueError as exc:
+                self._fail(str(exc))
+                return False
+            if not words:
+                return False
+            name, rest = words[0], words[1:]
+            if name in ("exit", "quit", "bye", "EOF"):
+                return True
+            if name == "help" or name == "?":
+                parser.print_help(out)
+                out.write("  cd PATH, pwd, exit\n")
+                return False
+            if name == "pwd":
+                out.write(self.cwd + "\n")
+                return False
+            if name == "cd":
+                target = self._path(rest[0] if rest else "/")
+                if not fs._is_dir(target):
+                    self._fail("cd: %s: %s" % (target, "No such directory"))
+                else:
+                    self.cwd = target
+                    self.prompt = self._prompt()
+                return False
+            try:
+                parsed = parser.parse_args(words)
+            except SystemExit:      # argparse already said what is wrong
+                failures[0] += 1
+                return False
+            remote = {"ls": "paths", "tree": "path", "stat": "path", "cat": "paths",
+                      "get": "remote", "put": "remote", "mkdir": "paths", "rm": "paths",
+                      "mv": ("src", "dst"), "ln": ("path",)}.get(parsed.action, ())
+            for field in (remote,) if isinstance(remote, str) else remote:
+                value = getattr(parsed, field)
+                if isinstance(value, list):
+                    setattr(parsed, field, [self._path(v) for v in value] or [self.cwd])
+                else:
+                    setattr(parsed, field, self._path(value))
+            if parsed.action == "ln" and not parsed.symbolic:
+                parsed.target = self._path(parsed.target)   # a symlink's target stays as typed
+            try:
+                _FS_ACTIONS[parsed.action](fs, parsed, out)
+            except OSError as exc:
+                self._fail(_fs_error_text(parsed.action, exc))
+            except (VhostUserError, ValueError) as exc:
+                raise _CliError("%s: %s" % (parsed.action, _one_line(exc)))
+            return False
+
+    shell = Shell()
+    while True:
+        try:
+            shell.cmdloop()
+            break
+        except KeyboardInterrupt:     # ^C drops the line being typed, as sftp does
+            if not interactive:
+                raise
+            out.write("^C\n")
+            shell.intro = None
+    if interactive:
+        out.write("\n")
+    return 0 if interactive or not failures[0] else _EXIT_FAILURE
+
+
+# -- fs bench -----------------------------------------------------------------
+
+def _bench_fs(fs, args):
+    """Keep ``--depth`` FUSE_READs (or WRITEs) in flight on one file; log each latency.
+
+    The file (``--file``, in the share) is created with ``--file-size`` bytes
+    when missing, and removed again afterwards.
+    """
+    size = 4096 if args.size is None else args.size
+    rw = args.rw or "randread"
+    if not 0 < size <= min(fs.max_read, fs.max_write):
+        raise _CliError("--size %d must be in 1..%d (what one FUSE request carries)"
+                        % (size, min(fs.max_read, fs.max_write)))
+    if args.depth > fs.queue_size:
+        raise _CliError("--depth %d: at most %d requests fit the %d-entry ring"
+                        % (args.depth, fs.queue_size, fs.queue_size))
+    created = not fs.exists(args.file)
+    if created:
+        fs.write_bytes(args.file, bytes(args.file_size))
+    try:
+        with fs.open(args.file, "r+b", buffering=0) as f:
+            file_size = fs.stat(args.file).st_size
+            if file_size < size:
+                raise _CliError("%s: %d bytes, smaller than --size %d" % (args.file, file_size,
+                                                                         size))
+            load = _BlockLoad(file_size, size, rw, 0)
+            return _bench_fs_stream(fs, f, load, args, size, rw)
+    finally:
+        if created:
+            fs.remove(args.file)
+
+
+def _bench_fs_stream(fs, f, load, args, size, rw):
+    clock = time.perf_counter
+    op = _FuseOp.WRITE if load.write else _FuseOp.READ
+    buffers = [bytearray(size) for _ in range(args.depth)]
+    free = list(range(args.depth))
+    pending = {}
+    latencies = []
+    progress = _Progress(sys.stderr, args.seconds, "fs")
+    cpu_start = _self_cpu_seconds()
+    backend_start = _proc_cpu_seconds(args.backend_pid) if args.backend_pid else None
+    start = clock()
+    deadline = start + args.seconds
+    node, fh = f._node, f._fh
+    completions = None
+    while True:
+        if clock() < deadline:
+            while free:
+                slot = free.pop()
+                io_in = _FUSE_IO_IN.pack(fh, load.offsets(1)[0], size, 0, 0, 0, 0)
+                t0 = clock()
+                if load.write:
+                    request = fs._submit(op, node.nodeid, [io_in, load.data], bytearray(8))
+                else:
+                    request = fs._submit(op, node.nodeid, [io_in], buffers[slot])
+                pending[request] = (t0, slot)
+                completions = request.queue
+        elif not pending:
+            break
+        completions.queue.notify()
+        completions.wait(lambda: any(r.done for r in pending), time.monotonic() + fs.timeout,
+                         op.name)
+        now = clock()
+        for request in [r for r in pending if r.done]:
+            length = fs._result(request, filename=args.file)
+            if load.write and _FUSE_U32_PAIR.unpack(request.reply)[0] != size or \
+                    not load.write and length != size:
+                raise _CliError("%s: a %s of %d bytes moved %d" % (args.file, op.name, size,
+                                                                   length))
+            t0, slot = pending.pop(request)
+            latencies.append(now - t0)
+            free.append(slot)
+        progress.update(now - start, len(latencies), size)
+    progress.done()
+    elapsed = clock() - start
+    cpu_backend = None
+    if args.backend_pid:
+        cpu_backend = _proc_cpu_seconds(args.backend_pid) - backend_start
+    return _bench_report("fs", rw, size, args.depth, 1, elapsed, latencies,
+                         _self_cpu_seconds() - cpu_start, cpu_backend)
 
 
 # -- bench --------------------------------------------------------------------
@@ -8601,7 +11232,7 @@ def _bench_report(kind, rw, size, depth, queues, elapsed, latencies, cpu_self, c
     latencies.sort()
     count = len(latencies)
     rate = count / elapsed if elapsed else 0.0
-    usec = lambda s: None if s is None else round(s * 1e6, 2)  # noqa: E731
+    usec = _usec
     report = {"type": kind}
     if rw is not None:
         report["rw"] = rw
@@ -8663,6 +11294,26 @@ def _format_bench(report):
         "  %-22s %s" % ("frontend CPU " + unit, report["frontend_cpu_us_per_request"]),
         "  %-22s %s" % ("backend CPU " + unit, backend),
     ]
+    fio = report.get("fio")
+    if fio is not None:
+        job = fio["jobs"][0]
+        if 0 < report["rwmixread"] < 100:
+            lines += ["  %-22s IOPS %.0f, %.2f MiB/s, latency p50 %s µs"
+                      % (name, job[name]["iops"], job[name]["bw_bytes"] / 2.0**20,
+                         _usec(job[name]["clat_ns"].get("percentile", {}).get("50.000000",
+                                                                                0) / 1e9))
+                      for name in ("read", "write")]
+        entries = ["%sth=[%s]" % (name.rjust(5), str(value).rjust(8))
+                   for name, value in report["clat_percentiles_us"].items()]
+        lines.append("  clat percentiles (µs):")
+        lines += ["   | " + ", ".join(entries[i:i + 4]) + ("," if i + 4 < len(entries) else "")
+                  for i in range(0, len(entries), 4)]
+        if report.get("histogram"):
+            lines.append("  latency histogram:")
+            lines += _format_histogram(report["histogram"])
+        if report["verified_blocks"] is not None:
+            lines.append("  %-22s %d block(s) read back and checked: all as written"
+                         % ("verify", report["verified_blocks"]))
     placement = report.get("placement")
     if placement is not None:
         lines.append("  %-22s %s, spin %g µs, %s" % (
@@ -8673,23 +11324,37 @@ def _format_bench(report):
     return lines
 
 
+#: fio's --rw modes: random offsets?, and the percent of reads (None: --rwmixread, 50).
+_BENCH_RW = {"read": (False, 100), "write": (False, 0), "randread": (True, 100),
+             "randwrite": (True, 0), "rw": (False, None), "readwrite": (False, None),
+             "randrw": (True, None)}
+
+
 class _BlockLoad:
     """Offsets and data for one block bench stream (one per queue), drawn before the clock runs."""
 
     #: Random offsets are drawn once, this many, and used in turn.
     table_size = 1 << 16
 
-    def __init__(self, capacity, size, rw, seed):
+    def __init__(self, capacity, size, rw, seed, start=0, read_percent=None):
         import random
-        rng = random.Random(seed)
+        rng = self.rng = random.Random(seed)
+        # The region is start..start+capacity (fio's offset= and size=).
         slots = max(1, capacity // size)
         self.size = size
-        self.write = rw.endswith("write")
-        self.data = bytes(bytearray(rng.getrandbits(8) for _ in range(size)))
-        if rw.startswith("rand"):
-            self.table = [rng.randrange(slots) * size for _ in range(self.table_size)]
+        self.start = start
+        random_offsets, default_percent = _BENCH_RW[rw]
+        self.read_percent = default_percent if read_percent is None or default_percent in (
+            0, 100) else read_percent
+        if self.read_percent is None:
+            self.read_percent = 50
+        self.write = self.read_percent == 0          # writes only
+        self.mixed = 0 < self.read_percent < 100     # each request reads or writes
+        self.data = rng.getrandbits(8 * size).to_bytes(size, "little")
+        if random_offsets:
+            self.table = [start + rng.randrange(slots) * size for _ in range(self.table_size)]
         else:
-            self.table = [(i % slots) * size for i in range(min(slots, self.table_size))]
+            self.table = [start + (i % slots) * size for i in range(min(slots, self.table_size))]
             if slots > self.table_size:   # sequential over more than the table: keep counting
                 self.table = None
         self.slots = slots
@@ -8701,8 +11366,8 @@ class _BlockLoad:
         self.next = start + count
         table = self.table
         if table is None:
-            slots, size = self.slots, self.size
-            return [(i % slots) * size for i in range(start, start + count)]
+            slots, size, base = self.slots, self.size, self.start
+            return [base + (i % slots) * size for i in range(start, start + count)]
         start %= len(table)
         chunk = table[start:start + count]
         while len(chunk) < count:
@@ -8712,15 +11377,32 @@ class _BlockLoad:
 
 def _cmd_bench(args, out):
     if args.type == "net":
-        if args.rw is not None:
-            raise _CliError("--rw applies to --type blk only")
-        for option, value in (("--spin", args.spin), ("--event-idx", args.event_idx),
-                              ("--loop", None if args.loop == "device" else args.loop)):
-            if value is not None:
-                raise _CliError("%s applies to --type blk only" % option)
+        given = [name for name, value in (
+            ("--rw", args.rw), ("--rwmixread", args.rwmixread), ("--offset", args.offset or None),
+            ("--span", args.span), ("--ramp_time", args.ramp_time or None),
+            ("--verify", args.verify or None), ("--spin", args.spin),
+            ("--event-idx", args.event_idx),
+            ("--loop", None if args.loop == "device" else args.loop)) if value is not None]
+        if given:
+            raise _CliError("%s applies to --type blk%s only"
+                            % (given[0], " and fs" if given[0] == "--rw" else ""))
         with _open_device(args, NetDevice, DeviceType.NET,
                           queue_pairs=args.queues or 1) as dev:
             report = _bench_net(dev, args)
+    elif args.type == "fs":
+        given = [name for name, value in (
+            ("--rw %s" % args.rw, args.rw if args.rw in ("rw", "readwrite", "randrw") else None),
+            ("--rwmixread", args.rwmixread), ("--offset", args.offset or None),
+            ("--span", args.span), ("--ramp_time", args.ramp_time or None),
+            ("--verify", args.verify or None), ("--spin", args.spin),
+            ("--event-idx", args.event_idx),
+            ("--loop", None if args.loop == "device" else args.loop)) if value is not None]
+        if given:
+            raise _CliError("%s applies to --type blk only" % given[0])
+        if args.queues not in (None, 1):
+            raise _CliError("--queues %d: bench --type fs uses one request queue" % args.queues)
+        with _open_device(args, FsDevice, DeviceType.FS) as dev:
+            report = _bench_fs(dev, args)
     else:
         kwargs = {"num_queues": args.queues} if args.queues else {}
         kwargs["spin"] = args.spin
@@ -8758,57 +11440,119 @@ def _bench_block(dev, args):
         # More could never be in flight: a request takes 3 descriptors.
         raise _CliError("--depth %d: at most %d requests fit the %d-entry ring"
                         % (args.depth, ring // 3, ring))
-    if rw.endswith("write") and dev.read_only:
-        raise _CliError("%s: the device is read-only; use --rw read or randread" % args.socket)
+    region = _bench_region(dev, args, size)
     queues = args.queues or 1
-    loads = [_BlockLoad(dev.capacity, size, rw, seed) for seed in range(queues)]
-    latencies = [[] for _ in range(queues)]
-    errors = []
-    progress = _Progress(sys.stderr, args.seconds, "blk")
+    loads = [_BlockLoad(region[1], size, rw, seed, region[0], args.rwmixread)
+             for seed in range(queues)]
+    if not loads[0].read_percent == 100 and dev.read_only:
+        raise _CliError("%s: the device is read-only; use --rw read or randread" % args.socket)
+    if args.verify or loads[0].mixed:
+        if args.verify and queues > 1:
+            # Each stream checks its own blocks: give each its own part of the region.
+            part = region[1] // queues // size * size
+            if part < size:
+                raise _CliError("--verify: the region of %d bytes cannot give each of %d "
+                                "queues a block of %d" % (region[1], queues, size))
+            loads = [_BlockLoad(part, size, rw, q, region[0] + q * part, args.rwmixread)
+                     for q in range(queues)]
+        checked = [_BlockCheck(load, args.verify) for load in loads]
+        stream = lambda queue, deadline, lat, tick=None: _bench_block_stream_checked(  # noqa
+            dev, queue, loads[queue], checked[queue], args.depth, deadline, lat, tick)
+    else:
+        checked = None
+        plain = _bench_queue_stream if args.loop == "queue" else _bench_block_stream
+        stream = lambda queue, deadline, lat, tick=None: plain(  # noqa: E731
+            dev, queue, loads[queue], args.depth, deadline,
+            lat["write" if loads[queue].write else "read"], tick)
+    if args.ramp_time:
+        # fio's ramp_time: the same load first, its figures thrown away.
+        _bench_block_phase(dev, args, queues, stream, args.ramp_time, size)
+        for check in checked or ():
+            check.verified = 0
     backend_start = _proc_cpu_seconds(args.backend_pid) if args.backend_pid else None
     cpu_start = _self_cpu_seconds()
-    start = time.perf_counter()
-    deadline = start + args.seconds
-
-    stream = _bench_queue_stream if args.loop == "queue" else _bench_block_stream
-
-    def run(queue):
-        try:
-            stream(dev, queue, loads[queue], args.depth, deadline, latencies[queue])
-        except BaseException as exc:  # re-raised by the main thread
-            errors.append(exc)
-
-    def tick():
-        progress.update(time.perf_counter() - start, sum(map(len, latencies)), size)
-
-    threads = [threading.Thread(target=run, args=(q,), name="bench-queue-%d" % q)
-               for q in range(1, queues)]
-    for thread in threads:
-        thread.start()
-    try:
-        stream(dev, 0, loads[0], args.depth, deadline, latencies[0],
-               tick if progress.enabled else None)
-    finally:
-        for thread in threads:
-            thread.join(deadline - time.perf_counter() + 2 * args.timeout)
-        progress.done()
-    if errors:
-        raise errors[0]
-    elapsed = time.perf_counter() - start
+    latencies, elapsed = _bench_block_phase(dev, args, queues, stream, args.seconds, size)
     cpu_self = _self_cpu_seconds() - cpu_start
     cpu_backend = None
     if args.backend_pid:
         cpu_backend = _proc_cpu_seconds(args.backend_pid) - backend_start
-    merged = [latency for per_queue in latencies for latency in per_queue]
-    report = _bench_report("blk", rw, size, args.depth, queues, elapsed, merged, cpu_self,
-                           cpu_backend)
+    verified = None
+    if checked is not None and args.verify:
+        for q in range(queues):
+            _bench_read_back(dev, q, checked[q], args.depth)
+        verified = sum(check.verified for check in checked)
+    reads = [t for per_queue in latencies for t in per_queue["read"]]
+    writes = [t for per_queue in latencies for t in per_queue["write"]]
+    report = _bench_report("blk", rw, size, args.depth, queues, elapsed, reads + writes,
+                           cpu_self, cpu_backend)
     placement = dev.placement
     report["placement"] = {"backend_pid": placement.backend_pid,
                            "shared_cpu": placement.shared_cpu,
                            "spin_us": round(placement.spin * 1e6, 2),
                            "event_idx": placement.event_idx,
                            "defer_calls": placement.defer_calls}
+    report["region"] = {"offset": region[0], "span": region[1]}
+    report["rwmixread"] = loads[0].read_percent
+    report["ramp_time"] = args.ramp_time
+    report["verified_blocks"] = verified
+    report["clat_percentiles_us"] = collections.OrderedDict(
+        (_fio_percentile_name(p), _usec(_percentile(sorted(reads + writes), p / 100.0)))
+        for p in _CLAT_PERCENTILES)
+    report["fio"] = _fio_json(args, rw, size, queues, elapsed, reads, writes,
+                              loads[0].read_percent)
+    if args.histogram:
+        report["histogram"] = _latency_histogram(reads + writes)
     return report
+
+
+def _bench_region(dev, args, size):
+    """(offset, span) of the region --offset/--span name, checked against the device."""
+    offset = args.offset
+    if offset % dev.block_size or offset >= dev.capacity:
+        raise _CliError("--offset %d must be a multiple of the block size %d below the "
+                        "capacity %d" % (offset, dev.block_size, dev.capacity))
+    span = dev.capacity - offset if args.span is None else args.span
+    if span < size or offset + span > dev.capacity:
+        raise _CliError("--span %d: the region must hold one request of %d bytes and end by "
+                        "the capacity %d (it ends at %d)" % (span, size, dev.capacity,
+                                                              offset + span))
+    return offset, span
+
+
+def _bench_block_phase(dev, args, queues, stream, seconds, size):
+    """Run ``stream`` on every queue (a thread each but the first) for ``seconds``.
+
+    Returns ([{"read": latencies, "write": latencies}] per queue, seconds it took).
+    """
+    latencies = [{"read": [], "write": []} for _ in range(queues)]
+    errors = []
+    progress = _Progress(sys.stderr, seconds, "blk")
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    def run(queue):
+        try:
+            stream(queue, deadline, latencies[queue])
+        except BaseException as exc:  # re-raised by the main thread
+            errors.append(exc)
+
+    def tick():
+        progress.update(time.perf_counter() - start,
+                        sum(len(q["read"]) + len(q["write"]) for q in latencies), size)
+
+    threads = [threading.Thread(target=run, args=(q,), name="bench-queue-%d" % q)
+               for q in range(1, queues)]
+    for thread in threads:
+        thread.start()
+    try:
+        stream(0, deadline, latencies[0], tick if progress.enabled else None)
+    finally:
+        for thread in threads:
+            thread.join(deadline - time.perf_counter() + 2 * args.timeout)
+        progress.done()
+    if errors:
+        raise errors[0]
+    return latencies, time.perf_counter() - start
 
 
 def _bench_block_stream(dev, queue, load, depth, deadline, latencies, tick=None):
@@ -8926,6 +11670,262 @@ def _bench_queue_stream(dev, queue, load, depth, deadline, latencies, tick=None)
                 q.remove_slot(slot)
             except (ValueError, ProtocolError):   # in flight after an error
                 pass
+
+
+#: --verify's header at the start of every block bench writes: a magic, the
+#: block's offset, a sequence number (per stream) and the CRC32 of the rest
+#: of the block, so a read tells a stale, misplaced or changed block apart.
+_VERIFY_HEADER = struct.Struct("<8sQQI")
+_VERIFY_MAGIC = b"vhubench"
+
+
+class _BlockCheck:
+    """What a mixed or ``--verify`` bench stream tracks: headers written, blocks to check."""
+
+    def __init__(self, load, verify):
+        import zlib
+        self.crc32 = zlib.crc32
+        self.verify = verify and load.size > _VERIFY_HEADER.size
+        self.check_all = load.read_percent == 100   # read modes: every block has a header
+        self.payload = load.data[_VERIFY_HEADER.size:]
+        self.crc = zlib.crc32(self.payload)
+        self.sequence = 0
+        self.written = set()   # offsets this stream wrote and saw complete
+        self.writing = {}      # offset -> writes in flight
+        self.reading = {}      # offset -> slots whose read of it will be checked
+        self.checkable = {}    # slot -> whether its read in flight will be checked
+        self.verified = 0
+
+    def before_write(self, buffer, offset):
+        self.sequence += 1
+        buffer[_VERIFY_HEADER.size:] = self.payload   # a read may have used this buffer
+        _VERIFY_HEADER.pack_into(buffer, 0, _VERIFY_MAGIC, offset, self.sequence, self.crc)
+        self.writing[offset] = self.writing.get(offset, 0) + 1
+        # A read of the block already in flight may now see it half written.
+        for slot in self.reading.pop(offset, ()):
+            self.checkable[slot] = False
+
+    def after_write(self, offset):
+        left = self.writing.pop(offset) - 1
+        if left:
+            self.writing[offset] = left
+        self.written.add(offset)
+
+    def before_read(self, slot, offset):
+        # Checked: every block in the read modes; in mixed ones a block this
+        # stream wrote, with no write of it in flight from now to the reap.
+        checkable = self.check_all or offset in self.written and offset not in self.writing
+        self.checkable[slot] = checkable
+        if checkable:
+            self.reading.setdefault(offset, []).append(slot)
+
+    def after_read(self, slot, buffer, offset):
+        if self.checkable.pop(slot):
+            slots = self.reading[offset]
+            slots.remove(slot)
+            if not slots:
+                del self.reading[offset]
+            self.check(buffer, offset)
+
+    def check(self, buffer, offset):
+        """Raise _CliError naming ``offset`` when the block read is not what bench wrote."""
+        magic, at, sequence, crc = _VERIFY_HEADER.unpack_from(buffer)
+        if magic != _VERIFY_MAGIC:
+            problem = "no bench --verify header (was it written by bench --verify?)"
+        elif at != offset:
+            problem = "it holds the block written for offset %d" % at
+        elif self.crc32(buffer[_VERIFY_HEADER.size:]) != crc:
+            problem = ("its bytes changed after bench wrote it (CRC32 mismatch, sequence "
+                       "number %d)" % sequence)
+        else:
+            self.verified += 1
+            return
+        raise _CliError("bench --verify: block of %d bytes at offset %d: %s"
+                        % (len(buffer), offset, problem))
+
+
+def _bench_block_stream_checked(dev, queue, load, check, depth, deadline, latencies,
+                                tick=None):
+    """The loop of mixed (rw, randrw) and ``--verify`` runs, on the same fast path.
+
+    Each request's direction is drawn against --rwmixread; with --verify a
+    write is stamped with its header and a read of a block this stream wrote
+    (every block, in the read modes) is checked. That per-request work is
+    why the plain modes keep ``_bench_block_stream``.
+    """
+    clock = time.perf_counter
+    draw = load.rng.random
+    reads_at = load.read_percent / 100.0
+    verify = check.verify
+    buffers = []
+    try:
+        for _ in range(depth):
+            buffers.append(dev.alloc(load.size))
+            buffers[-1][:] = load.data
+        is_write = [False] * depth
+        offset_of = [0] * depth
+        started = [0.0] * depth
+        read_latencies, write_latencies = latencies["read"], latencies["write"]
+
+        def post(indices, now):
+            reads, writes = ([], [], []), ([], [], [])
+            for i, offset in zip(indices, load.offsets(len(indices))):
+                write = draw() >= reads_at
+                is_write[i] = write
+                offset_of[i] = offset
+                started[i] = now
+                if verify:
+                    if write:
+                        check.before_write(buffers[i], offset)
+                    else:
+                        check.before_read(i, offset)
+                batch = writes if write else reads
+                batch[0].append(offset)
+                batch[1].append(buffers[i])
+                batch[2].append(i)
+            # Not kicked here: the next reap kicks once for both.
+            if reads[2]:
+                dev.post_reads(reads[0], reads[1], reads[2], queue=queue, notify=False)
+            if writes[2]:
+                dev.post_writes(writes[0], writes[1], writes[2], queue=queue, notify=False)
+
+        in_flight = 0
+        now = clock()
+        if now < deadline:
+            post(range(depth), now)
+            in_flight = depth
+        next_tick = now + 0.1
+        while in_flight:
+            done = dev.reap(queue=queue)
+            now = clock()
+            for i in done:
+                if is_write[i]:
+                    write_latencies.append(now - started[i])
+                    if verify:
+                        check.after_write(offset_of[i])
+                else:
+                    read_latencies.append(now - started[i])
+                    if verify:
+                        check.after_read(i, buffers[i], offset_of[i])
+            if now < deadline:
+                post(done, now)
+            else:
+                in_flight -= len(done)
+            if tick is not None and now >= next_tick:
+                next_tick = now + 0.1
+                tick()
+    finally:
+        for buffer in buffers:
+            try:
+                dev.free(buffer)
+            except ValueError:   # still in flight after an error: close() releases it
+                pass
+
+
+def _bench_read_back(dev, queue, check, depth):
+    """--verify after writing: read every block this stream wrote and check it (fio does)."""
+    offsets = sorted(check.written)
+    if not offsets:
+        return
+    size = len(check.payload) + _VERIFY_HEADER.size
+    buffers = [dev.alloc(size) for _ in range(min(depth, len(offsets)))]
+    try:
+        for start in range(0, len(offsets), len(buffers)):
+            batch = offsets[start:start + len(buffers)]
+            dev.post_reads(batch, buffers[:len(batch)], list(range(len(batch))), queue=queue)
+            done = []
+            while len(done) < len(batch):
+                done += dev.reap(queue=queue, count=len(batch) - len(done))
+            for i in done:
+                check.check(buffers[i], batch[i])
+    finally:
+        for buffer in buffers:
+            try:
+                dev.free(buffer)
+            except ValueError:
+                pass
+
+
+def _usec(seconds):
+    return None if seconds is None else round(seconds * 1e6, 2)
+
+
+#: The completion-latency percentiles bench prints, fio's defaults among them.
+_CLAT_PERCENTILES = (1, 5, 10, 50, 90, 99, 99.9, 99.99)
+
+
+def _fio_percentile_name(percent):
+    return "%.2f" % percent
+
+
+def _fio_json(args, rw, size, queues, elapsed, reads, writes, read_percent):
+    """The part of fio's --output-format=json that tools parsing fio read.
+
+    One job, as fio prints with group_reporting. Latencies run from the post
+    to the reap (fio's clat and lat are both that: submission is not timed
+    apart, so slat is 0).
+    """
+    def direction(seconds):
+        ns = sorted(t * 1e9 for t in seconds)
+        count = len(ns)
+        mean = sum(ns) / count if count else 0.0
+        stddev = (sum((x - mean) ** 2 for x in ns) / count) ** 0.5 if count else 0.0
+        stats = collections.OrderedDict([("min", int(round(ns[0])) if ns else 0),
+                                         ("max", int(round(ns[-1])) if ns else 0),
+                                         ("mean", mean), ("stddev", stddev), ("N", count)])
+        clat = collections.OrderedDict(stats)
+        if ns:
+            clat["percentile"] = collections.OrderedDict(
+                ("%f" % p, int(round(_percentile(ns, p / 100.0)))) for p in _CLAT_PERCENTILES)
+        total = count * size
+        return collections.OrderedDict([
+            ("io_bytes", total), ("io_kbytes", total // 1024),
+            ("bw_bytes", int(total / elapsed) if elapsed else 0),
+            ("bw", int(total / 1024.0 / elapsed) if elapsed else 0),
+            ("iops", count / elapsed if elapsed else 0.0),
+            ("runtime", int(round(elapsed * 1000))), ("total_ios", count),
+            ("short_ios", 0), ("drop_ios", 0),
+            ("slat_ns", collections.OrderedDict([("min", 0), ("max", 0), ("mean", 0.0),
+                                                 ("stddev", 0.0), ("N", 0)])),
+            ("clat_ns", clat), ("lat_ns", stats)])
+
+    options = collections.OrderedDict([
+        ("rw", rw), ("bs", str(size)), ("iodepth", str(args.depth)), ("numjobs", str(queues)),
+        ("offset", str(args.offset)), ("runtime", "%g" % args.seconds),
+        ("ramp_time", "%g" % args.ramp_time)])
+    if args.span is not None:
+        options["size"] = str(args.span)
+    if 0 < read_percent < 100:
+        options["rwmixread"] = str(read_percent)
+    if args.verify:
+        options["verify"] = "crc32"
+    job = collections.OrderedDict([
+        ("jobname", "bench"), ("groupid", 0), ("error", 0), ("job options", options),
+        ("read", direction(reads)), ("write", direction(writes)), ("trim", direction([])),
+        ("job_runtime", int(round(elapsed * 1000)))])
+    return collections.OrderedDict([("fio version", "%s-%s" % (_PROG, __version__)),
+                                    ("timestamp", int(time.time())), ("jobs", [job])])
+
+
+def _latency_histogram(latencies):
+    """Completion latencies counted in power-of-two µs buckets: [{from_us, to_us, count}]."""
+    counts = collections.Counter()
+    for seconds in latencies:
+        usec = seconds * 1e6
+        counts[int(usec).bit_length()] += 1   # bucket k holds [2**(k-1), 2**k) µs; 0: < 1
+    if not counts:
+        return []
+    return [{"from_us": 0 if k == 0 else 1 << (k - 1), "to_us": 1 << k, "count": counts[k]}
+            for k in range(min(counts), max(counts) + 1)]
+
+
+def _format_histogram(buckets, width=40):
+    total = sum(b["count"] for b in buckets) or 1
+    top = max(b["count"] for b in buckets) if buckets else 1
+    return ["  %8d - %-8d µs %9d %5.1f%% |%-*s|"
+            % (b["from_us"], b["to_us"], b["count"], 100.0 * b["count"] / total, width,
+               "#" * int(round(width * b["count"] / float(top))))
+            for b in buckets]
 
 
 def _bench_net(dev, args):
@@ -9177,6 +12177,14 @@ class _TerminationUnwinds:
             signal.signal(signum, handler)
 
 
+def _cli_command():
+    """How to run this file from here, for commands a user can paste."""
+    import shlex
+    path = os.path.abspath(__file__)
+    relative = os.path.relpath(path)
+    return "python3 " + shlex.quote(relative if not relative.startswith("..") else path)
+
+
 def _cmd_demo(args, out):
     import shutil
     binary = None if args.embedded else shutil.which("qemu-storage-daemon")
@@ -9192,44 +12200,51 @@ def _cmd_demo(args, out):
 
 
 def _demo_tour(args, out, daemon):
-    import argparse
+    import io
+    import shlex
+    parser = _build_parser()[0]
+    command = _cli_command()
+
+    def step(*argv):
+        """Echo the command as a user would type it, run it the same way, indent its output."""
+        argv = [str(a) for a in argv]
+        out.write("   $ %s %s\n" % (command, " ".join(shlex.quote(a) for a in argv)))
+        step_args = parser.parse_args(argv)
+        step_args.timeout, step_args.verbose = args.timeout, False
+        text = io.StringIO()
+        step_args.func(step_args, text)
+        out.write("".join("   %s\n" % line for line in text.getvalue().splitlines()))
+
+    sock = daemon.socket
     if daemon.name == "qemu-storage-daemon":
         out.write("1. Started qemu-storage-daemon (pid %d) exporting a 64 MiB raw file\n"
-                  "   as vhost-user-blk on %s\n\n" % (daemon.proc.pid, daemon.socket))
+                  "   as vhost-user-blk on %s\n\n" % (daemon.proc.pid, sock))
     else:
         why = ("--embedded asks for it" if args.embedded else
                "qemu-storage-daemon is not installed; for the real one on Debian or Ubuntu:\n"
                "   sudo apt-get install %s" % _DEMO_PACKAGE)
         out.write("1. Started the embedded back-end (pid %d), a small vhost-user-blk back-end\n"
                   "   inside this module, exporting a 64 MiB raw file on %s\n"
-                  "   (%s)\n\n" % (daemon.proc.pid, daemon.socket, why))
-    out.write("2. $ %s probe %s\n" % (_PROG, daemon.socket))
-    with _cli_connect(daemon.socket, args.timeout) as client:
-        info = _probe(client, daemon.socket)
-    out.write("".join("   %s\n" % line for line in _format_probe(daemon.socket, info)))
+                  "   (%s)\n\n" % (daemon.proc.pid, sock, why))
+    out.write("2. What the back-end offers:\n")
+    step("probe", sock)
+    offset, data = 1 << 20, os.urandom(64 << 10)
+    source = os.path.join(daemon.tmpdir, "data.bin")
+    with open(source, "wb") as f:
+        f.write(data)
+    out.write("\n3. 64 KiB of random data written at offset 1 MiB, flushed, compared:\n")
+    step("blk", sock, "write", "1M", "-i", source)
+    step("blk", sock, "flush")
+    step("blk", sock, "verify", "1M", "64k", "--file", source)
+    with open(daemon.disk, "rb") as f:
+        f.seek(offset)
+        if f.read(len(data)) != data:
+            raise _CliError("the raw file does not hold the data written")
+    out.write("   identical, and the raw file holds the same bytes.\n\n")
+    out.write("4. A %g-second benchmark:\n" % args.seconds)
+    step("bench", sock, "--rw", "randread", "--seconds", "%g" % args.seconds,
+         "--backend-pid", daemon.proc.pid)
     out.write("\n")
-    device_args = argparse.Namespace(socket=daemon.socket, timeout=args.timeout)
-    with _open_device(device_args, BlockDevice, DeviceType.BLOCK) as dev:
-        offset, data = 1 << 20, os.urandom(64 << 10)
-        dev.write(offset, data)
-        dev.flush()
-        back = dev.read(offset, len(data))
-        with open(daemon.disk, "rb") as f:
-            f.seek(offset)
-            on_disk = f.read(len(data))
-        if back != data or on_disk != data:
-            raise _CliError("data read back differs from what was written (%s)"
-                            % ("device" if back != data else "file on disk"))
-        out.write("3. Wrote 64 KiB of random data at offset 1 MiB, flushed, read it back:\n"
-                  "   identical, and the raw file holds the same bytes.\n\n")
-        bench_args = argparse.Namespace(
-            socket=daemon.socket, rw="randread", size=4096, depth=1, queues=None,
-            seconds=args.seconds, backend_pid=daemon.proc.pid, timeout=args.timeout,
-            loop="device")
-        out.write("4. $ %s bench %s --rw randread --seconds %g --backend-pid %d\n"
-                  % (_PROG, daemon.socket, args.seconds, daemon.proc.pid))
-        report = _bench_block(dev, bench_args)
-        out.write("".join("   %s\n" % line for line in _format_bench(report)) + "\n")
 
 
 # -- selftest -----------------------------------------------------------------
@@ -9437,6 +12452,24 @@ def _int_arg(text):
     return value
 
 
+def _byte_arg(text):
+    """An argparse type: one byte value, 0..255."""
+    import argparse
+    value = _int_arg(text)
+    if value > 0xFF:
+        raise argparse.ArgumentTypeError("%r is not a byte (0..255)" % text)
+    return value
+
+
+def _percent_arg(text):
+    """An argparse type: a whole percentage, 0..100."""
+    import argparse
+    value = _int_arg(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError("%r is not a percentage (0..100)" % text)
+    return value
+
+
 def _count_arg(text):
     """An argparse type: an integer of at least 1 (frames, requests in flight, queues)."""
     import argparse
@@ -9446,17 +12479,20 @@ def _count_arg(text):
     return value
 
 
-def _seconds_arg(text, allow_zero=False):
+def _seconds_arg(text, allow_zero=False, allow_inf=False):
     """An argparse type: a finite number of seconds above 0 (or 0 if ``allow_zero``).
 
     "inf", "nan" and huge values would end in a traceback (settimeout
-    overflows) or a run that does nothing, so they are usage errors.
+    overflows) or a run that does nothing, so they are usage errors; where
+    waiting for ever makes sense (``allow_inf``) "inf" is accepted.
     """
     import argparse
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError("%r is not a number" % text)
+    if allow_inf and value == float("inf"):
+        return value
     if not (value > 0 or allow_zero and value == 0) or not value <= threading.TIMEOUT_MAX:
         raise argparse.ArgumentTypeError("%r is not a number of seconds %s and at most %d" % (
             text, "from 0" if allow_zero else "above 0", threading.TIMEOUT_MAX))
@@ -9504,23 +12540,50 @@ def _build_parser():
 
     blk = commands.add_parser(
         "blk", parents=[common], help="block device I/O",
-        description="Read, write, flush, discard or zero a vhost-user-blk device. OFFSET and "
-                    "LENGTH take 0x prefixes and k/M/G suffixes and must be block aligned.")
+        description="Read, write, verify, flush, discard or zero a vhost-user-blk device. "
+                    "OFFSET and LENGTH take 0x prefixes and k/M/G suffixes; read, write and "
+                    "verify take any alignment and stream in bounded steps, the others want "
+                    "whole blocks.")
     blk.add_argument("socket", metavar="SOCKET")
     actions = blk.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
     info = actions.add_parser("info", parents=[common],
-                              help="capacity, block size, read-only, queues, serial")
+                              help="capacity, block size, read-only, cache, queues, serial, "
+                                   "topology, discard and write-zeroes limits")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     read = actions.add_parser("read", parents=[common], help="read LENGTH bytes at OFFSET",
                               description="Raw bytes go to FILE or to stdout; a terminal gets "
-                                          "a hex dump instead.")
+                                          "a hex dump (hexdump -C's) instead. Unaligned "
+                                          "ranges read the covering blocks.")
     read.add_argument("offset", type=_int_arg, metavar="OFFSET")
     read.add_argument("length", type=_int_arg, metavar="LENGTH")
-    read.add_argument("-o", "--output", metavar="FILE", help="write the data to FILE")
-    write = actions.add_parser("write", parents=[common], help="write stdin (or FILE) at OFFSET")
+    where = read.add_mutually_exclusive_group()
+    where.add_argument("-o", "--output", metavar="FILE", help="write the data to FILE")
+    where.add_argument("-C", "--hexdump", action="store_true",
+                       help="print hexdump -C's dump even when stdout is not a terminal")
+    write = actions.add_parser(
+        "write", parents=[common], help="write stdin (or FILE) at OFFSET",
+        description="Streams FILE or stdin to the device in bounded steps. Data that does "
+                    "not start or end on a block boundary needs --pad or --rmw.")
     write.add_argument("offset", type=_int_arg, metavar="OFFSET")
     write.add_argument("-i", "--input", metavar="FILE", help="read the data from FILE")
+    partial = write.add_mutually_exclusive_group()
+    partial.add_argument("--pad", action="store_true",
+                         help="zero-fill the partial first and last blocks")
+    partial.add_argument("--rmw", action="store_true",
+                         help="read the partial first and last blocks and keep their other "
+                              "bytes (read-modify-write; not atomic)")
+    verify = actions.add_parser(
+        "verify", parents=[common], help="compare LENGTH bytes at OFFSET with a pattern or file",
+        description="Read and compare (qemu-io's read -P); a mismatch prints its offset and "
+                    "exits 1.")
+    verify.add_argument("offset", type=_int_arg, metavar="OFFSET")
+    verify.add_argument("length", type=_int_arg, metavar="LENGTH")
+    expected = verify.add_mutually_exclusive_group(required=True)
+    expected.add_argument("--pattern", type=_byte_arg, metavar="BYTE",
+                          help="every byte must be BYTE (0..255, e.g. 0xab)")
+    expected.add_argument("--file", metavar="FILE", help="the bytes must equal FILE's first "
+                                                          "LENGTH bytes")
     actions.add_parser("flush", parents=[common], help="flush the device's write cache")
     for name, what in (("discard", "discard"), ("write-zeroes", "zero")):
         ranged = actions.add_parser(name, parents=[common],
@@ -9539,30 +12602,65 @@ def _build_parser():
     net.add_argument("socket", metavar="SOCKET")
     actions = net.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
-    send = actions.add_parser("send", parents=[common, ring],
-                              help="send N frames (generated, or one given frame)")
+    send = actions.add_parser(
+        "send", parents=[common, ring], help="send N frames, or replay a pcap file",
+        description="Send N generated frames (or one given frame N times), or with -r the "
+                    "frames of a pcap file (tcpreplay: --loop, --pps); waits until the "
+                    "back-end has taken them.")
+    send.add_argument("-n", "-c", "--count", type=_count_arg, default=1, metavar="N",
+                      help="frames to send (default 1)")
+    send.add_argument("--size", type=_int_arg, default=64, metavar="BYTES",
+                      help="size of generated frames (default 64)")
+    send.add_argument("-r", "--read", metavar="FILE.pcap",
+                      help="send the frames of this pcap file (as tcpdump -w writes it)")
+    send.add_argument("--loop", type=_int_arg, default=1, metavar="N",
+                      help="with -r: send the file N times, 0 for ever (default 1)")
+    send.add_argument("--pps", type=_seconds_arg, metavar="RATE",
+                      help="with -r: at most RATE frames per second (default: at once)")
     ping = actions.add_parser(
         "ping", parents=[common, ring],
-        help="send frames one at a time; each must come back byte-identical",
-        description="Send N frames one at a time and wait up to --timeout for each to come "
-                    "back byte-identical; prints round-trip times. Exit status 1 when any "
-                    "frame is lost or another frame arrives instead.")
+        help="send frames at intervals; each must come back byte-identical (ping's options)",
+        description="Send frames one at a time, every -i seconds, and wait up to -W seconds "
+                    "for each to come back byte-identical (a back-end that returns what it "
+                    "receives, like testpmd in io forward mode). Prints a line per frame and "
+                    "ping's summary (at the count, on Ctrl-C and when the back-end dies); "
+                    "exit status 1 when a frame was lost or came back changed.")
+    ping.add_argument("-c", "--count", type=_count_arg, metavar="COUNT",
+                      help="stop after COUNT frames (default: until Ctrl-C)")
+    ping.add_argument("-i", "--interval", type=lambda text: _seconds_arg(text, True),
+                      default=1.0, metavar="INTERVAL",
+                      help="seconds between frames (default 1; 0 for back to back)")
+    ping.add_argument("-s", "--size", type=_int_arg, default=50, metavar="SIZE",
+                      help="data bytes after the 14-byte Ethernet header (default 50: "
+                           "64-byte frames)")
+    ping.add_argument("-W", "--wait", type=_seconds_arg, metavar="TIMEOUT",
+                      help="seconds to wait for each frame (default: --timeout)")
+    ping.add_argument("-f", "--flood", action="store_true",
+                      help="flood: the next frame as soon as the last came back; prints "
+                           "'.' per frame sent and erases it when it comes back")
+    ping.add_argument("-q", "--quiet", action="store_true",
+                      help="print only the first line and the summary")
     for parser_ in (send, ping):
-        parser_.add_argument("-n", "-c", "--count", type=_count_arg, default=1, metavar="N",
-                             help="frames to send (default 1)")
-        parser_.add_argument("--size", type=_int_arg, default=64, metavar="BYTES",
-                             help="size of generated frames (default 64)")
         given = parser_.add_mutually_exclusive_group()
-        given.add_argument("-i", "--input", metavar="FILE", help="send FILE's bytes as the frame")
-        given.add_argument("--hex", metavar="HEX",
-                           help="send these bytes as the frame (e.g. ffffffffffff0200...)")
-    recv = actions.add_parser("recv", parents=[common, ring],
-                              help="print the frames that arrive")
-    recv.add_argument("-n", "--count", type=_count_arg, metavar="N", help="stop after N frames")
-    recv.add_argument("--wait", type=lambda text: _seconds_arg(text, allow_zero=True),
+        given.add_argument("--payload-file", metavar="FILE",
+                           help="send FILE's bytes (a whole Ethernet frame) every time")
+        given.add_argument("--payload-hex", metavar="HEX",
+                           help="send these bytes every time (e.g. ffffffffffff0200...)")
+    recv = actions.add_parser(
+        "recv", parents=[common, ring], help="print the frames that arrive, or capture them as pcap",
+        description="One line per frame as tcpdump -e prints it (time, MACs, ethertype, "
+                    "length), or with -w a pcap file tcpdump and Wireshark read; stops after "
+                    "-c frames, --wait seconds or Ctrl-C.")
+    recv.add_argument("-c", "-n", "--count", type=_count_arg, metavar="N",
+                      help="stop after N frames")
+    recv.add_argument("--wait", type=lambda text: _seconds_arg(text, True, allow_inf=True),
                       default=1.0, metavar="S",
-                      help="stop after S seconds (default 1)")
-    recv.add_argument("-x", "--hexdump", action="store_true", help="hex-dump each frame")
+                      help="stop after S seconds (default 1; inf: until -c or Ctrl-C)")
+    recv.add_argument("-x", "--hexdump", action="store_true",
+                      help="hex-dump each frame as tcpdump -xx does")
+    recv.add_argument("-w", "--write", metavar="FILE.pcap",
+                      help="write a pcap file (LINKTYPE_ETHERNET, µs timestamps); - for "
+                           "stdout (| tcpdump -r -)")
     recv.add_argument("-o", "--output", metavar="FILE",
                       help="write the frames' bytes to FILE, one after the other")
     net.set_defaults(func=_cmd_net)
@@ -9570,26 +12668,51 @@ def _build_parser():
     bench = commands.add_parser(
         "bench", parents=[common, ring],
         help="measure throughput, latency and CPU per request",
-        description="Run I/O for --seconds and report IOPS and MiB/s (blk) or packets/s and "
+        description="Run I/O for --seconds and report IOPS and MiB/s (blk; fs: FUSE reads or "
+                    "writes of one file in the share) or packets/s and "
                     "Mbit/s of frames looped back by the back-end (net: testpmd in io forward "
                     "mode), latency percentiles, this process's CPU time per request and, "
                     "with --backend-pid, the back-end's (from /proc/PID/stat, 10 ms "
                     "resolution). A progress line is drawn on stderr only when stderr is a "
                     "terminal.")
     bench.add_argument("socket", metavar="SOCKET")
-    bench.add_argument("--type", choices=("blk", "net"), default="blk",
+    bench.add_argument("--type", choices=("blk", "net", "fs"), default="blk",
                        help="device to drive (default blk)")
-    bench.add_argument("--rw", choices=("read", "write", "randread", "randwrite"),
-                       help="blk access pattern (default randread)")
-    bench.add_argument("--size", type=_int_arg, metavar="BYTES",
+    # fio's names and meanings where fio has the option (--bs, --iodepth, --numjobs are
+    # its spellings of --size, --depth, --queues).
+    bench.add_argument("--rw", "--readwrite", choices=sorted(_BENCH_RW), metavar="MODE",
+                       help="blk access pattern, as fio's: read, write, randread, randwrite, "
+                            "rw (or readwrite), randrw (default randread)")
+    bench.add_argument("--rwmixread", type=_percent_arg, metavar="PCT",
+                       help="rw/randrw: percent of requests that read (default 50)")
+    bench.add_argument("--file", default="vhost-user-bench.dat", metavar="PATH",
+                       help="fs: the file in the share to read or write (made with "
+                            "--file-size bytes when missing, and removed after)")
+    bench.add_argument("--file-size", type=_int_arg, default=64 << 20, metavar="BYTES",
+                       help="fs: size of the file made when missing (default 64M)")
+    bench.add_argument("--size", "--bs", type=_int_arg, metavar="BYTES",
                        help="bytes per request or frame (default 4096 for blk, 64 for net)")
-    bench.add_argument("--depth", type=_count_arg, default=1, metavar="N",
+    bench.add_argument("--depth", "--iodepth", type=_count_arg, default=1, metavar="N",
                        help="requests in flight per queue (default 1)")
-    bench.add_argument("--queues", type=_count_arg, metavar="N",
+    bench.add_argument("--queues", "--numjobs", type=_count_arg, metavar="N",
                        help="queues (blk) or queue pairs (net) to use, one thread each "
                             "(default 1)")
-    bench.add_argument("--seconds", type=_seconds_arg, default=3.0, metavar="S",
-                       help="duration (default 3)")
+    bench.add_argument("--offset", type=_int_arg, default=0, metavar="BYTES",
+                       help="blk: start of the region exercised (default 0)")
+    bench.add_argument("--span", type=_int_arg, metavar="BYTES",
+                       help="blk: bytes of the region exercised (fio's size=; default: to the "
+                            "end of the device)")
+    bench.add_argument("--seconds", "--runtime", type=_seconds_arg, default=3.0, metavar="S",
+                       help="duration measured (default 3)")
+    bench.add_argument("--ramp_time", "--ramp-time", type=lambda text: _seconds_arg(text, True),
+                       default=0.0, metavar="S",
+                       help="blk: run S seconds first, excluded from the figures")
+    bench.add_argument("--verify", action="store_true",
+                       help="blk: writes carry a header (offset, sequence number, CRC32 of the "
+                            "block) and reads check it; a mismatch is an error naming the "
+                            "offset. Write modes read back what they wrote at the end")
+    bench.add_argument("--histogram", action="store_true",
+                       help="also print a text histogram of completion latencies")
     bench.add_argument("--backend-pid", type=int, metavar="PID",
                        help="also report this process's CPU time per request")
     bench.add_argument("--spin", type=functools.partial(_seconds_arg, allow_zero=True),
@@ -9603,6 +12726,20 @@ def _build_parser():
                             "over Queue, the yardstick for it")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(func=_cmd_bench)
+
+    fs = commands.add_parser(
+        "fs", parents=[common], help="list, read and write a virtio-fs share (virtiofsd)",
+        description="Use a virtio-fs share through its vhost-user back-end, as FUSE over the "
+                    "request queue, with no VM. Paths are relative to the share's root. C "
+                    "virtiofsd serves one connection and then exits, so each command consumes "
+                    "one daemon; `shell` runs many commands on one connection.")
+    fs.add_argument("socket", metavar="SOCKET")
+    actions = fs.add_subparsers(dest="action", metavar="COMMAND")
+    actions.required = True
+    _add_fs_actions(actions, [common])
+    actions.add_parser("shell", parents=[common],
+                       help="an sftp-like prompt: many commands on one connection")
+    fs.set_defaults(func=_cmd_fs)
 
     demo = commands.add_parser(
         "demo", parents=[common], help="try it: a temporary disk back-end, end to end",
@@ -9656,6 +12793,11 @@ def main(argv=None):
         sys.stderr.write("%s: terminated by %s, cleaned up\n"
                          % (_PROG, signal.Signals(exc.signum).name))
         return 128 + exc.signum
+    except BrokenPipeError:
+        # The reader went away (`... | head -1`): stop silently, as cat does,
+        # with the status a shell shows for a process that SIGPIPE killed.
+        _silence_stdout()
+        return _EXIT_BROKEN_PIPE
     except (_CliError, VhostUserError, OSError, ValueError) as exc:
         message = _one_line(exc)
         if isinstance(exc, VhostUserTimeout):
@@ -9669,6 +12811,19 @@ def main(argv=None):
     finally:
         _log.removeHandler(handler)
         _log.setLevel(logging.NOTSET)
+
+
+def _silence_stdout():
+    """Point stdout at /dev/null, so the flush at exit does not hit the broken pipe again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (tests capture it): nothing is flushed at exit
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def _one_line(exc):
