@@ -5457,6 +5457,9 @@ class TestPackedRingsAndQueuePairs(BackendTestMixin, FdLeakCheck):
         self.assertIn("packed=True, but RING_PACKED is not offered", err)
         status, out, err = run_cli("bench", qsd.socket_path, "--seconds", "0.1", "--json")
         self.assertEqual(status, 0, err)
+        status, out, err = run_cli("bench", qsd.socket_path, "--type", "fs", "--split")
+        self.assertEqual(status, 1)
+        self.assertIn("--packed and --split apply to blk and net devices only", err)
 
     def test_queue_pairs_need_mq(self):
         for protocol, pairs, error in ((FAKE_PROTOCOL & ~P_MQ, 2, vu.FeatureNotNegotiated),

@@ -9925,6 +9925,11 @@ def _open_device(args, cls, device_type, **kwargs):
     The type check uses GET_FEATURES and GET_PROTOCOL_FEATURES on the same
     connection the driver then takes over (virtiofsd serves only one).
     """
+    packed = getattr(args, "packed", None)   # --packed/--split, where the command has them
+    if packed is not None:
+        if cls not in (BlockDevice, NetDevice):
+            raise _CliError("--packed and --split apply to blk and net devices only")
+        kwargs["packed"] = packed
     client = _cli_connect(args.socket, args.timeout)
     try:
         features = client.get_features()
@@ -9936,8 +9941,6 @@ def _open_device(args, cls, device_type, **kwargs):
             # QEMU's vhost-user-blk refuses such a back-end too: capacity is in the config.
             raise _CliError("%s: wrong device type: the back-end does not offer CONFIG, so it "
                             "cannot be a vhost-user-blk device" % args.socket)
-        if hasattr(args, "packed"):   # the commands with --packed/--split
-            kwargs["packed"] = args.packed
         return cls.connect(client, timeout=args.timeout, **kwargs)
     except FeatureNotNegotiated as exc:
         client.close()
