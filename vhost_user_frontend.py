@@ -10558,6 +10558,37 @@ def _tcpdump_hex(frame):
     return lines
 
 
+#: How often a loop under ``_SigintFlag`` looks at the flag (seconds).
+_SIGINT_POLL = 0.1
+
+
+class _SigintFlag:
+    """While active (main thread), Ctrl-C sets ``stopped`` instead of raising.
+
+    A capture loop then ends between two frames, never inside one: a
+    KeyboardInterrupt between receiving a frame and writing it lost that
+    frame and left the count one ahead of the file, or cut a pcap record in
+    half. The loop polls ``stopped`` every ``_SIGINT_POLL`` seconds.
+    """
+
+    stopped = False
+
+    def __enter__(self):
+        import signal
+        self._saved = None
+        if threading.current_thread() is threading.main_thread():  # signal() works only there
+            self._saved = signal.signal(signal.SIGINT, self._stop)
+        return self
+
+    def _stop(self, signum, frame):
+        self.stopped = True
+
+    def __exit__(self, *exc):
+        import signal
+        if self._saved is not None:
+            signal.signal(signal.SIGINT, self._saved)
+
+
 def _net_recv(dev, args, out):
     """Print (or write as pcap) the frames that arrive until -c, --wait or Ctrl-C."""
     capture = None
@@ -10579,22 +10610,26 @@ def _net_recv(dev, args, out):
         if stream is not None:
             capture = _PcapWriter(stream)
         deadline = time.monotonic() + args.wait
-        while args.count is None or count < args.count:
-            frame = dev.recv(timeout=max(0.0, deadline - time.monotonic()))
-            if frame is None:
-                break
-            stamp = time.time()
-            count += 1
-            if capture is not None:
-                capture.write(frame, stamp)
-            else:
-                out.write(_tcpdump_line(frame, stamp) + "\n")
-                if args.hexdump:
-                    out.write("\n".join(_tcpdump_hex(frame)) + "\n")
-            if raw is not None:
-                raw.write(frame)
+        with _SigintFlag() as sigint:
+            while (args.count is None or count < args.count) and not sigint.stopped:
+                remaining = max(0.0, deadline - time.monotonic())
+                frame = dev.recv(timeout=min(remaining, _SIGINT_POLL))
+                if frame is None:
+                    if remaining <= _SIGINT_POLL:
+                        break
+                    continue
+                stamp = time.time()
+                count += 1
+                if capture is not None:
+                    capture.write(frame, stamp)
+                else:
+                    out.write(_tcpdump_line(frame, stamp) + "\n")
+                    if args.hexdump:
+                        out.write("\n".join(_tcpdump_hex(frame)) + "\n")
+                if raw is not None:
+                    raw.write(frame)
     except KeyboardInterrupt:
-        pass   # Ctrl-C ends a capture, as it does tcpdump's
+        pass   # Ctrl-C before the flag was set up ends a capture too, as it does tcpdump's
     finally:
         if raw is not None:
             raw.close()
