@@ -6376,20 +6376,31 @@ class BlockDevice(_Device):
             inside.pop()
 
     def _reap_fast(self, completions, slots, count, timeout):
-        completions.queue.notify()
-        if len(slots.done) < count and not slots.failed:
-            completions.poll()
+        q = completions.queue
+        if q.next_avail != q._kicked:   # posted with notify=False: kick now
+            q.notify()
+        # The usual case takes the lock once: reap what the device used (when
+        # no other thread is reaping) and hand it over (poll() spelled out).
+        with completions.lock:
+            if len(slots.done) < count and not slots.failed and not completions.reaping:
+                completions._finish(q.get_used())
             ready = len(slots.done) + len(slots.failed)
             want = min(count, ready + slots.busy)
-            if ready < want:
-                deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-                completions.wait(lambda: len(slots.done) + len(slots.failed) >= want,
-                                 deadline, "reap", want - ready)
+            if ready >= want:
+                return self._take_reaped(slots)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        completions.wait(lambda: len(slots.done) + len(slots.failed) >= want,
+                         deadline, "reap", want - ready)
         with completions.lock:
-            done, slots.done = slots.done, []
-            if slots.failed:
-                failed, slots.failed = slots.failed, []
-                raise _fast_path_error(failed, done)
+            return self._take_reaped(slots)
+
+    @staticmethod
+    def _take_reaped(slots):
+        """The user data of the slots reaped so far; raises for failed ones."""
+        done, slots.done = slots.done, []
+        if slots.failed:
+            failed, slots.failed = slots.failed, []
+            raise _fast_path_error(failed, done)
         return done
 
     def _post_fast(self, op, offsets, buffers, user_data, queue, notify):
