@@ -6479,14 +6479,18 @@ class BlockDevice(_Device):
         if first or end < len(offsets):
             offsets, buffers, user_data = (offsets[first:end], buffers[first:end],
                                            user_data[first:end])
-        # An id in the registry is the view registered under it: the registry keeps
-        # that view alive, so no other object can have its id meanwhile.
         for k, offset, buffer, value in zip(taken, offsets, buffers, user_data):
-            entry = get_entry(id(buffer))
-            if entry is None or offset & mask or offset < 0 or offset > entry[3]:
+            entry = ready[k]
+            # A slot already pointing at this very view (for this direction)
+            # needs no registry look-up: free() repoints the slots of a view.
+            if entry is None or entry[0] is not buffer:
+                # An id in the registry is the view registered under it: the registry
+                # keeps that view alive, so no other object can have its id meanwhile.
+                entry = get_entry(id(buffer))
+                if entry is not None:
+                    slots.point(k, entry, op)
+            if entry is None or offset & mask or not 0 <= offset <= entry[3]:
                 self._fast_path_misuse(op, first + taken.index(k), offset, buffer, entry)
-            if ready[k] is not entry:
-                slots.point(k, entry, op)
             sectors[k] = offset >> 9   # 512-byte sectors whatever blk_size is
             user[k] = value
         return [heads[k] for k in taken]
