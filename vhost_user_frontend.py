@@ -3104,33 +3104,34 @@ class Queue:
         slot_writable = self._slot_writable
         chains = self._chains
         it = iter(elems)
-        reaped = 0
-        slots = 0
+        # The count of entries reaped is len(done) - first, of chains (not
+        # slots) ``chained``: no counter bumped per entry on the slots' path.
+        first = len(done)
+        append = done.append
+        chained = 0
         for head, length in zip(it, it):
             token = slot_token[head] if head < size else None
             if token is not None:  # a slot: nothing to free
                 if length > slot_writable[head]:
+                    reaped = len(done) - first
                     self.next_used = at = (next_used + reaped) & 0xFFFF
-                    self._slots_busy -= slots
+                    self._slots_busy -= reaped - chained
                     self._fail("used entry %d for descriptor %d claims %d bytes written, "
                                "the chain has %d writable" % (at, head, length,
                                                               slot_writable[head]))
                 slot_token[head] = None
-                slots += 1
             else:
-                at = (next_used + reaped) & 0xFFFF
-                self._slots_busy -= slots
-                slots = 0
                 chain = chains.get(head)
-                if chain is None:
-                    self.next_used = at
+                if chain is None or length > chain.writable:
+                    reaped = len(done) - first
+                    self.next_used = at = (next_used + reaped) & 0xFFFF
+                    self._slots_busy -= reaped - chained
                     if head >= size:
                         self._fail("used entry %d names descriptor %d, the ring has %d"
                                    % (at, head, size))
-                    self._fail("used entry %d names descriptor %d, which is not the head "
-                               "of a chain in flight" % (at, head))
-                if length > chain.writable:
-                    self.next_used = at
+                    if chain is None:
+                        self._fail("used entry %d names descriptor %d, which is not the "
+                                   "head of a chain in flight" % (at, head))
                     self._fail("used entry %d for descriptor %d claims %d bytes written, "
                                "the chain has %d writable" % (at, head, length,
                                                               chain.writable))
@@ -3138,10 +3139,11 @@ class Queue:
                 self._retire(chain)
                 self._free.extend(reversed(chain.descs))
                 token = chain.token
-            reaped += 1
-            done.append((token, length))
+                chained += 1
+            append((token, length))
+        reaped = len(done) - first
         self.next_used = (next_used + reaped) & 0xFFFF
-        self._slots_busy -= slots
+        self._slots_busy -= reaped - chained
         return True
 
     def _retire(self, chain):
@@ -6383,7 +6385,11 @@ class BlockDevice(_Device):
         # no other thread is reaping) and hand it over (poll() spelled out).
         with completions.lock:
             if len(slots.done) < count and not slots.failed and not completions.reaping:
-                completions._finish(q.get_used())
+                with q._lock:   # get_used() spelled out
+                    if q._broken is not None or q._block is None:
+                        q._check_usable()
+                    used = q._reap(None)
+                completions._finish(used)
             ready = len(slots.done) + len(slots.failed)
             want = min(count, ready + slots.busy)
             if ready >= want:
