@@ -5879,9 +5879,13 @@ class _Completions:
             need, status, user, done, idle = (slots.need, slots.status, slots.user,
                                               slots.done, slots.idle)
             reaped = len(idle)
+            # Every status byte of the slots at once: when none is non-zero,
+            # no status is looked at per request (a failed slot's byte is
+            # zeroed once recorded, so one failure does not slow later reaps).
+            all_ok = status.tobytes() == slots.all_ok
         for request, written in used:
             if request.__class__ is int:  # a fast-path slot (see _BlockSlots)
-                if written != need[request] or status[request]:
+                if written != need[request] or not all_ok and status[request]:
                     slots.fail(request, written)
                 else:
                     done.append(user[request])
@@ -5921,6 +5925,8 @@ class _BlockSlots:
         self.types = self.header[0::2]      # type and reserved as one u64: type
         self.sectors = self.header[1::2]
         self.status = mem.view(self.statuses, self.limit)
+        self.all_ok = bytes(self.limit)
+        self.status[:] = self.all_ok
         self.heads = []     # k -> the queue's slot, None when its descriptors were given back
         self.idle = []      # built slots not in flight
         self.unbuilt = []   # k whose descriptors were given back
@@ -5928,6 +5934,7 @@ class _BlockSlots:
         self.op = []
         # op -> [k -> the entry, when k's data descriptor points at it in op's direction]
         self.ready_for = {_BLK_T_IN: [], _BLK_T_OUT: []}
+        self.view_for = {_BLK_T_IN: [], _BLK_T_OUT: []}   # the same, its view
         self.need = []      # k -> the used length of a complete request: data read + status
         self.user = []
         self.done = []      # user data of requests completed OK, for reap
@@ -5944,7 +5951,8 @@ class _BlockSlots:
             else:
                 k = len(self.heads)
                 for column in (self.heads, self.buffer, self.op, self.need, self.user,
-                               self.ready_for[_BLK_T_IN], self.ready_for[_BLK_T_OUT]):
+                               self.ready_for[_BLK_T_IN], self.ready_for[_BLK_T_OUT],
+                               self.view_for[_BLK_T_IN], self.view_for[_BLK_T_OUT]):
                     column.append(None)
             status = (self.statuses + k, 1)
             # The data descriptor points at the status byte until the first post.
@@ -5967,6 +5975,7 @@ class _BlockSlots:
         self.op[k] = op
         for direction, ready in self.ready_for.items():
             ready[k] = entry if direction == op else None
+            self.view_for[direction][k] = entry[0] if direction == op else None
 
     def shrink(self):
         """Give the idle slots' descriptors back to the ring; True if there were any."""
@@ -5980,6 +5989,7 @@ class _BlockSlots:
     def fail(self, k, written):
         self.failed.append((self.user[k], self.op[k], self.header[2 * k + 1] << 9,
                             self.buffer[k][2], self.status[k], written))
+        self.status[k] = 0   # recorded (see _Completions._finish)
 
     def release(self):
         for view in (self.types, self.sectors, self.header, self.status):
@@ -6087,6 +6097,9 @@ class BlockDevice(_Device):
         self.timeout = timeout
         self._inside = []
         self._buffers = {}   # id(view) -> (view, guest address, size, last fast-path offset)
+        # The lowest last offset of the buffers alloc() made for the fast path:
+        # a batch whose offsets all lie in 0..this needs no bound check each.
+        self._last_offset_all = -1
         try:
             self._init_reconnect(reconnect)
             self.placement = _placement(frontend.client, spin, event_idx)
@@ -6303,6 +6316,8 @@ class BlockDevice(_Device):
         fits = size <= min(self.max_transfer, self._segment) and not size % self.block_size
         last_offset = self.capacity - size if fits else -1
         self._buffers[id(view)] = (view, gpa, size, last_offset)
+        if fits and (self._last_offset_all < 0 or last_offset < self._last_offset_all):
+            self._last_offset_all = last_offset
         return view
 
     def free(self, buffer):
@@ -6478,28 +6493,33 @@ class BlockDevice(_Device):
 
     def _fill_slots(self, slots, taken, op, offsets, buffers, user_data, first):
         """Point slots ``taken`` at requests ``first``...: the per-request work, kept small."""
-        get_entry = self._buffers.get
-        ready, sectors, user, heads = slots.ready_for[op], slots.sectors, slots.user, slots.heads
+        views, sectors, user, heads = slots.view_for[op], slots.sectors, slots.user, slots.heads
         mask = self.block_size - 1
         end = first + len(taken)
         if first or end < len(offsets):
             offsets, buffers, user_data = (offsets[first:end], buffers[first:end],
                                            user_data[first:end])
+        if not 0 <= min(offsets) <= max(offsets) <= self._last_offset_all:
+            for k, offset, buffer in zip(taken, offsets, buffers):
+                self._check_fast_request(slots, k, op, offset, buffer, first + taken.index(k))
         for k, offset, buffer, value in zip(taken, offsets, buffers, user_data):
-            entry = ready[k]
             # A slot already pointing at this very view (for this direction)
             # needs no registry look-up: free() repoints the slots of a view.
-            if entry is None or entry[0] is not buffer:
-                # An id in the registry is the view registered under it: the registry
-                # keeps that view alive, so no other object can have its id meanwhile.
-                entry = get_entry(id(buffer))
-                if entry is not None:
-                    slots.point(k, entry, op)
-            if entry is None or offset & mask or not 0 <= offset <= entry[3]:
-                self._fast_path_misuse(op, first + taken.index(k), offset, buffer, entry)
+            if views[k] is not buffer or offset & mask:
+                self._check_fast_request(slots, k, op, offset, buffer, first + taken.index(k))
             sectors[k] = offset >> 9   # 512-byte sectors whatever blk_size is
             user[k] = value
         return [heads[k] for k in taken]
+
+    def _check_fast_request(self, slots, k, op, offset, buffer, index):
+        """Refuse request ``index`` of a batch, or point slot k at its buffer."""
+        # An id in the registry is the view registered under it: the registry
+        # keeps that view alive, so no other object can have its id meanwhile.
+        entry = self._buffers.get(id(buffer))
+        if entry is None or offset & (self.block_size - 1) or not 0 <= offset <= entry[3]:
+            self._fast_path_misuse(op, index, offset, buffer, entry)
+        if slots.ready_for[op][k] is not entry:
+            slots.point(k, entry, op)
 
     def _fast_path_misuse(self, op, index, offset, buffer, entry):
         name = _BLK_OP_NAMES[op]
