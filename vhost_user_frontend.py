@@ -3091,15 +3091,8 @@ class Queue:
         if limit is not None:
             pending = min(pending, limit)
         self._fences.read()  # used->idx before the elements it covers
-        # The elements, as [id, len, id, len, ...], in one or two bulk reads.
+        elems = self._used_elements(next_used, pending)
         size = self.size
-        start = next_used & (size - 1)
-        end = start + pending
-        if end <= size:
-            elems = self._used_elems[2 * start:2 * end].tolist()
-        else:
-            elems = (self._used_elems[2 * start:].tolist()
-                     + self._used_elems[:2 * (end - size)].tolist())
         slot_token = self._slot_token
         slot_writable = self._slot_writable
         chains = self._chains
@@ -3145,6 +3138,49 @@ class Queue:
         self.next_used = (next_used + reaped) & 0xFFFF
         self._slots_busy -= reaped - chained
         return True
+
+    def _used_elements(self, next_used, count):
+        """``count`` used elements from ``next_used`` on, as [id, len, id, len, ...]."""
+        size = self.size
+        start = next_used & (size - 1)
+        end = start + count
+        if end <= size:   # one bulk read, or two where the ring wraps
+            return self._used_elems[2 * start:2 * end].tolist()
+        return (self._used_elems[2 * start:].tolist()
+                + self._used_elems[:2 * (end - size)].tolist())
+
+    def _reap_full_slots(self):
+        """Reap used slots that each report exactly their writable bytes; their tokens.
+
+        Under the lock. The fast path's usual batch, in one lean loop: None
+        (nothing reaped, nothing changed) when any used entry is something
+        else (a chain, a shorter length, a lie), which ``_reap`` then walks
+        and reports.
+        """
+        used_idx = self._load_used(1)
+        next_used = self.next_used
+        pending = (used_idx - next_used) & 0xFFFF
+        if not pending:
+            return []
+        if pending > self._slots_busy:
+            return None
+        self._fences.read()  # used->idx before the elements it covers
+        elems = self._used_elements(next_used, pending)
+        slot_token, slot_writable, size = self._slot_token, self._slot_writable, self.size
+        tokens = []
+        append = tokens.append
+        it = iter(elems)
+        for head, length in zip(it, it):
+            token = slot_token[head] if head < size else None
+            if token is None or length != slot_writable[head]:
+                for head, token in zip(elems[0::2], tokens):   # put back the ones taken
+                    slot_token[head] = token
+                return None
+            slot_token[head] = None
+            append(token)
+        self.next_used = used_idx
+        self._slots_busy -= pending
+        return tokens
 
     def _retire(self, chain):
         """Copy a used chain's device-written bounce buffers back and free its block."""
@@ -3633,6 +3669,10 @@ class _PackedQueue(Queue):
         return bool(self.in_flight) and (
             self._load_word(8 * self.next_used + 7) & _PACKED_F_BOTH
             != (_PACKED_F_AVAIL if self.used_wrap else _PACKED_F_USED))
+
+    def _reap_full_slots(self):
+        """None: the packed layout's used descriptors are walked by ``_reap_some``."""
+        return None
 
     def _reap_some(self, limit, done):
         # A used descriptor's flags are read first, then (after the read fence)
@@ -5873,6 +5913,18 @@ class _Completions:
                 except ValueError as exc:
                     raise _DeviceClosed("complete: the device was closed (%s)" % exc) from exc
 
+    def _finish_slots(self, tokens):
+        """``_finish`` for fast-path slots whose used length was what each needs."""
+        slots = self.slots
+        if slots.status.tobytes() != slots.all_ok:   # some status to look at
+            need = slots.need
+            self._finish([(k, need[k]) for k in tokens])
+            return
+        user = slots.user
+        slots.done.extend([user[k] for k in tokens])
+        slots.idle.extend(tokens)
+        slots.busy -= len(tokens)
+
     def _finish(self, used):
         slots = self.slots
         if slots is not None:
@@ -6403,8 +6455,18 @@ class BlockDevice(_Device):
                 with q._lock:   # get_used() spelled out
                     if q._broken is not None or q._block is None:
                         q._check_usable()
-                    used = q._reap(None)
-                completions._finish(used)
+                    # The usual batch (slots, each its full length) in one lean
+                    # loop; anything else, and a re-armed look, as get_used.
+                    tokens = q._reap_full_slots()
+                    used = ()
+                    if tokens is None or tokens and q._event_idx and not q.defer_calls:
+                        if tokens:
+                            q._rearm()   # as _reap does after a reap, then look again
+                        used = q._reap(None)
+                if tokens:
+                    completions._finish_slots(tokens)
+                if used:
+                    completions._finish(used)
             ready = len(slots.done) + len(slots.failed)
             want = min(count, ready + slots.busy)
             if ready >= want:
