@@ -8945,5 +8945,103 @@ class TestCliFs(FsTestMixin, FdLeakCheck):
         self.assertIn("wrong device type: the back-end is a block device", err)
 
 
+class TestFastPathBatchChecks(FrontendTestBase):
+    """The fast path's batch-wide checks (bounds, status bytes, used entries) name the bad request."""
+
+    CONFIG = TestBlockFastPathBadDevice.CONFIG     # 1 MiB
+    device = TestBlockFastPathBadDevice.device
+    check_free_list = TestBlockFastPathBadDevice.check_free_list
+
+    @staticmethod
+    def good(backend, index, head, chain):
+        backend.write(chain[-1][0], b"\0")
+        backend.push_used(index, head, sum(n for _, n, f in chain if f & 2))
+
+    def reap_all(self, dev, count):
+        done = []
+        while len(done) < count:
+            done += dev.reap(count=count - len(done))
+        return sorted(done)
+
+    def test_offsets_are_bounded_by_each_buffers_own_size(self):
+        dev = self.device(self.good)
+        small, big = dev.alloc(4096), dev.alloc(65536)
+        end = dev.capacity
+        # The small buffer may end at the capacity, though the big one could not start there.
+        dev.post_reads([end - 4096, 0], [small, big], ["small", "big"])
+        self.assertEqual(self.reap_all(dev, 2), ["big", "small"])
+        for offsets, buffers in (([end - 4096], [big]), ([0, end - 32768], [small, big])):
+            with self.subTest(offsets=offsets):
+                with self.assertRaises(ValueError) as cm:
+                    dev.post_reads(offsets, buffers)
+                self.assertIn("end past the capacity", str(cm.exception))
+                self.assertEqual(dev._queues[0].in_flight, 0)   # nothing of the batch posted
+        # A slot that carried the big buffer and now the small one is repointed (and back).
+        for _ in range(3):
+            dev.post_reads([end - 4096], [small], ["small"])
+            self.assertEqual(dev.reap(), ["small"])
+            dev.post_reads([0], [big], ["big"])
+            self.assertEqual(dev.reap(), ["big"])
+
+    def test_a_failed_status_is_seen_again_on_the_same_slot(self):
+        failing = set()
+
+        def complete(backend, index, head, chain):
+            sector = struct.unpack("<IIQ", backend.read(chain[0][0], 16))[2]
+            backend.write(chain[-1][0], b"\x01" if sector in failing else b"\0")
+            backend.push_used(index, head, sum(n for _, n, f in chain if f & 2))
+        dev = self.device(complete)
+        bufs = [dev.alloc(512) for _ in range(3)]
+        for round_ in range(3):
+            failing.clear()
+            if round_ != 1:
+                failing.add(8)          # the request at 4096 fails in rounds 0 and 2
+            dev.post_reads([0, 4096, 8192], bufs, ["a", "b", "c"])
+            if round_ == 1:
+                self.assertEqual(self.reap_all(dev, 3), ["a", "b", "c"])
+                continue
+            done = []
+            with self.assertRaises(vu.BackendError) as cm:
+                while len(done) < 3:
+                    done += dev.reap(count=3)
+            self.assertEqual((cm.exception.value, cm.exception.failed), (1, ["b"]))
+            self.assertEqual(sorted(done + cm.exception.completed), ["a", "c"])
+
+    def test_a_lie_after_good_entries_names_its_used_entry(self):
+        cases = [
+            ("an id not in flight", lambda head, first: head ^ 1, "which is not the head"),
+            ("the same id twice", lambda head, first: first[0], "which is not the head"),
+            ("a length past the buffer", None, "claims 514 bytes written"),
+        ]
+        for name, lie, text in cases:
+            with self.subTest(name):
+                first = []
+
+                def complete(backend, index, head, chain, lie=lie):
+                    sector = struct.unpack("<IIQ", backend.read(chain[0][0], 16))[2]
+                    backend.write(chain[-1][0], b"\0")
+                    if not first:
+                        first.append(head)
+                    if sector != 16:
+                        backend.push_used(index, head, 513)
+                    elif lie is None:
+                        backend.push_used(index, head, 514)
+                    else:
+                        backend.push_used(index, lie(head, first), 513)
+                dev = self.device(complete)
+                bufs = [dev.alloc(512) for _ in range(4)]
+                done = []
+                with self.assertRaises(vu.ProtocolError) as cm:
+                    dev.post_reads([0, 4096, 8192, 12288], bufs, ["a", "b", "c", "d"])
+                    while True:
+                        done += dev.reap(count=4)
+                self.assertIn("queue 0: used entry 2 ", str(cm.exception))
+                self.assertIn(text, str(cm.exception))
+                self.check_free_list(dev._queues[0])
+                with self.assertRaises(vu.ProtocolError):                  # broken for good
+                    dev.post_reads([0], bufs[:1])
+                dev.close()
+
+
 if __name__ == "__main__":
     unittest.main()
