@@ -3980,6 +3980,9 @@ def _largest_power_of_two(value):
 _INFLIGHT_QUEUE = struct.Struct("<QHHHH")   # features, version, desc_num, last_batch_head, used_idx
 _INFLIGHT_DESC = struct.Struct("<B5xHQ")    # inflight, next, counter
 _INFLIGHT_VERSION = 1
+#: The access mode bits of the file status flags (Linux). ``os.O_ACCMODE`` is
+#: missing on PyPy 3.9.
+_O_ACCMODE = getattr(os, "O_ACCMODE", os.O_RDONLY | os.O_WRONLY | os.O_RDWR)
 
 
 class _InflightRegion:
@@ -4021,7 +4024,7 @@ class _InflightRegion:
         if st.st_size < info.mmap_offset + info.mmap_size:
             bad("the fd holds %d bytes, mmap_offset %d + mmap_size %d do not fit"
                 % (st.st_size, info.mmap_offset, info.mmap_size))
-        if fcntl.fcntl(self.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
+        if fcntl.fcntl(self.fd, fcntl.F_GETFL) & _O_ACCMODE != os.O_RDWR:
             bad("the fd is not open for reading and writing")
 
     def taken(self, index, used_idx, waiting, label):
