@@ -4743,9 +4743,9 @@ class VhostUserFrontend:
             self.client.close()
             raise
         in_flight = sum(queue.in_flight for queue in (queues or {}).values())
-        _log.info("%s: reconnected; %d chain(s) in flight offered again, %d of them resubmitted "
-                  "by the back-end from its inflight buffer", self.debug_label(), in_flight,
-                  len(resubmitted))
+        _log.info("%s: reconnected; %d chain(s) in flight offered again%s", self.debug_label(),
+                  in_flight, ", %d of them resubmitted by the back-end from its inflight buffer"
+                  % len(resubmitted) if self._inflight is not None else "")
         if interrupt is not None:
             interrupt.signal_reconnected()
 
