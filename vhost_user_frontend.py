@@ -5669,7 +5669,10 @@ class BlockDevice(_Device):
             every call with ``Disconnected``. SECONDS: wait that long for the
             socket to accept again, redo the handshake and resubmit every
             request in flight, in order, once; callers just wait longer (their
-            timeout is extended by the outage). Needs the socket path.
+            timeout is extended by the outage). Needs the socket path. A
+            back-end offering INFLIGHT_SHMFD (``connect`` asks for it)
+            resubmits what it had taken itself, and only the rest is
+            offered again (``VhostUserFrontend.reconnect``).
 
     ``placement`` says what was chosen: the back-end's pid (SO_PEERCRED),
     whether both sides are pinned to one CPU, spin, event_idx, defer_calls.
