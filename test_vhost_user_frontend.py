@@ -8476,7 +8476,7 @@ class TestInflightWire(FrontendTestBase):
                                                "SET_MEM_TABLE"])
         fe.reset()
 
-    def test_blockdevice_asks_for_it_and_qsd_order_is_kept_without_it(self):
+    def test_blockdevice_asks_for_it_and_sends_nothing_more_without_it(self):
         for offered in (P_INFLIGHT, 0):
             with self.subTest(offered=offered):
                 disk = bytearray(2048 * 512)
