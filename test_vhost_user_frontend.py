@@ -8642,27 +8642,54 @@ class TestInflightReconnect(QuietHangUps, FrontendTestBase):
                       "back-end", "\n".join(logs.output))
 
     def test_an_unusable_buffer_falls_back_to_the_drivers_record(self):
+        def version(mapped, base, fd):
+            struct.pack_into("<H", mapped, base + 8, 7)        # not a layout we know
+        def batch(mapped, base, fd):
+            struct.pack_into("<HH", mapped, base + 12, 999, 5)  # last batch at descriptor 999
+        def shrink(mapped, base, fd):
+            os.ftruncate(fd, 512)                               # the new back-end would SIGBUS
+        cases = [(version, "queue 0: the inflight buffer is unusable (version 7)"),
+                 (batch, "queue 0: the inflight buffer is unusable (last batch names descriptor 999)"),
+                 (shrink, "the inflight buffer was cut to 512 bytes (mmap_offset 0 + mmap_size 1088)")]
+        for spoil, message in cases:
+            with self.subTest(spoil.__name__):
+                self.unusable(spoil, message)
+
+    def unusable(self, spoil, message):
         disk = bytearray(2048 * 512)
-        old = self.backend_inflight(disk, serve=False)
-        dev = vu.BlockDevice(self.frontend(old, protocol_features=INFLIGHT_PROTOCOL), queue_size=64)
+        files = []
+
+        def reply(num_queues, queue_size):       # a plain file: one that can be shrunk on any Python
+            f = tempfile.TemporaryFile()
+            files.append(f)
+            f.truncate(1088)
+            return _INFLIGHT.pack(1088, 0, num_queues, queue_size), [os.dup(f.fileno())]
+        old = self.backend_inflight(disk, serve=False, inflight_reply=reply)
+        fe = self.frontend(old, protocol_features=INFLIGHT_PROTOCOL)
+        dev = vu.BlockDevice(fe, queue_size=64)
         self.addCleanup(dev.close)
-        requests = [dev.submit_write(1024 * i, bytes([49 + i]) * 1024) for i in range(3)]
+        for i in range(3):
+            dev.submit_write(1024 * i, bytes([49 + i]) * 1024)
         old.pop_avail(0)
-        mapped, base = old.region(0)
-        struct.pack_into("<H", mapped, base + 8, 7)           # version 7: not a layout we know
         old.hang_up()
         wait_for(lambda: dev.interrupt.crash_error is not None, 5.0, "the hang-up")
+        mapped, base = old.region(0)
+        spoil(mapped, base, files[0].fileno())
         new = self.backend_inflight(disk)
         sock, new.frontend_sock = new.frontend_sock, None
         with self.assertLogs("vhost_user_frontend", "WARNING") as logs:
-            dev._frontend.reconnect(sock)
-        self.assertIn("queue 0: the inflight buffer is unusable (version 7)", "\n".join(logs.output))
+            fe.reconnect(sock)
+        self.assertIn(message, "\n".join(logs.output))
         done = []
         while len(done) < 3:
             done += dev.complete(count=3 - len(done))
         self.assertEqual(new.resubmitted, 0)
         self.assertEqual(sorted(new.executed), [(1, 2 * i) for i in range(3)])
         self.assertEqual(bytes(disk[:3072]), b"1" * 1024 + b"2" * 1024 + b"3" * 1024)
+        dev.close()
+        old.close()
+        for f in files:
+            f.close()
 
 
 if __name__ == "__main__":

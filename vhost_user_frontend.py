@@ -4027,6 +4027,11 @@ class _InflightRegion:
         if fcntl.fcntl(self.fd, fcntl.F_GETFL) & _O_ACCMODE != os.O_RDWR:
             bad("the fd is not open for reading and writing")
 
+    def cut_short(self):
+        """The file's size if it no longer covers the buffer (the back-end shrank it), else None."""
+        size = os.fstat(self.fd).st_size
+        return size if size < self.info.mmap_offset + self.info.mmap_size else None
+
     def taken(self, index, used_idx, waiting, label):
         """The heads of queue ``index`` the back-end will resubmit itself, oldest first.
 
@@ -4722,6 +4727,14 @@ class VhostUserFrontend:
                     self._handler.set_shared_memory_mapper(self._mapper,
                                                            self._shmem_region.id)
             resubmitted = []
+            size = self._inflight.cut_short() if self._inflight is not None else None
+            if size is not None:
+                # The new back-end would map it past its end (SIGBUS there): a
+                # new buffer is asked for, and the driver's record is used.
+                _log.warning("%s: the inflight buffer was cut to %d bytes (mmap_offset %d + "
+                             "mmap_size %d); a new one is asked for", self.debug_label(), size,
+                             self._inflight.info.mmap_offset, self._inflight.info.mmap_size)
+                self._close_inflight()
             if queues is not None:
                 self._sent_queues = {}
                 for index, queue in sorted(queues.items()):
