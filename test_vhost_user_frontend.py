@@ -9188,6 +9188,17 @@ class TestInflightWire(FrontendTestBase):
                 else:
                     self.assertNotIn("SET_INFLIGHT_FD", names)
 
+    def test_packed_rings_keep_the_drivers_record(self):
+        # The packed region layout is not read by this driver: no buffer is asked for, although
+        # INFLIGHT_SHMFD is negotiated (a reconnect rewinds from the driver's own record).
+        backend = self.backend_inflight(features=F_PROTOCOL | F_VERSION_1 | (1 << 9) | (1 << 6) | _PACKED)
+        sock, backend.frontend_sock = backend.frontend_sock, None
+        blk = vu.BlockDevice.connect(sock, queue_size=16, packed=True)
+        self.addCleanup(blk.close)
+        self.assertTrue(blk.packed and blk._frontend.protocol_features & vu.ProtocolFeature.INFLIGHT_SHMFD)
+        self.assertNotIn("GET_INFLIGHT_FD", backend.names())
+        self.assertNotIn("SET_INFLIGHT_FD", backend.names())
+
     def test_a_backend_that_keeps_no_buffer(self):
         backend = self.backend_inflight(inflight_reply=lambda nq, qs: (_INFLIGHT.pack(0, 0, nq, qs), []))
         fe, mem, queues = self.active(backend)
