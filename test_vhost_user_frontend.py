@@ -9342,6 +9342,37 @@ class TestInflightReconnect(QuietHangUps, FrontendTestBase):
         self.assertIn("reconnected; 7 chain(s) in flight offered again, 4 of them resubmitted by the "
                       "back-end", "\n".join(logs.output))
 
+    def test_each_queue_has_its_own_region(self):
+        old = self.backend_inflight(None)
+        fe = self.frontend(old, protocol_features=INFLIGHT_PROTOCOL)
+        mem, queues = self.memory()
+        fe.ack_features(fe.features())
+        fe.activate(mem, None, queues)
+        tokens = {q.index: [q.add([b"q%d-%d" % (q.index, i)], [bytearray(4)]) for i in range(3)]
+                  for q in queues}
+        taken = {0: [old.pop_avail(0)[0]], 1: [old.pop_avail(1)[0] for _ in range(2)]}
+        self.assertEqual({i: sorted(old.flags(i)) for i in (0, 1)}, {i: sorted(taken[i]) for i in (0, 1)})
+        mapped, base = old.region(1)     # a stray flag in queue 1's region: read at the right place?
+        _DESC_STATE.pack_into(mapped, base + 16 + 16 * queues[1]._free[-1], 1, 0, 0)
+        old.hang_up()
+        wait_for(lambda: fe.interrupt.crash_error is not None, 5.0, "the hang-up")
+        def complete_all(backend, index):
+            for head, _ in iter(lambda: backend.pop_avail(index), None):
+                backend.push_used(index, head, 0)
+        new = self.backend_inflight(None, device=complete_all)
+        sock, new.frontend_sock = new.frontend_sock, None
+        fe.reconnect(sock)
+        for q in queues:
+            used = []
+            while len(used) < 3:
+                used += q.wait_used(5.0, count=3 - len(used))
+            self.assertEqual(sorted(token for token, _ in used), sorted(tokens[q.index]))
+            self.assertEqual(q.in_flight, 0)
+        self.assertEqual(new.resubmitted, 3)
+        self.assertEqual(new.flags(0), {})
+        self.assertEqual(new.flags(1), {})
+        fe.reset()
+
     def test_an_unusable_buffer_falls_back_to_the_drivers_record(self):
         def version(mapped, base, fd):
             struct.pack_into("<H", mapped, base + 8, 7)        # not a layout we know
