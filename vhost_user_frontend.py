@@ -43,6 +43,7 @@ import collections
 import ctypes
 import enum
 import errno
+import fcntl
 import functools
 import io
 import logging
@@ -1934,6 +1935,13 @@ class BackendClient:
             if bool(info.mmap_size) != bool(fds):
                 raise ProtocolError("GET_INFLIGHT_FD: mmap_size %d with %d fd(s)"
                                     % (info.mmap_size, len(fds)), _F.GET_INFLIGHT_FD)
+            # libvhost-user and DPDK answer in the request's own buffer, so
+            # both counts come back as asked; other ones describe another buffer.
+            for field, asked in (("num_queues", num_queues), ("queue_size", queue_size)):
+                if info.mmap_size and getattr(info, field) != asked:
+                    raise ProtocolError("GET_INFLIGHT_FD: %s %d in the reply, %d was asked for"
+                                        % (field, getattr(info, field), asked),
+                                        _F.GET_INFLIGHT_FD)
             return info, (fds[0] if fds else None)
         return self._transact(
             _F.GET_INFLIGHT_FD, _encode_inflight(InflightInfo(0, 0, num_queues, queue_size)),
@@ -2648,7 +2656,7 @@ class Queue:
                 self.next_used = self.used_index()
             self.vring_base = self._kicked = base
 
-    def rewind(self):
+    def rewind(self, resubmitted=None):
         """Offer every chain in flight again, oldest first; returns the new ``vring_base``.
 
         For a back-end that restarted and lost its ring state (crosvm has no
@@ -2660,6 +2668,12 @@ class Queue:
         it also writes its next used entry) takes each of them exactly once.
         avail->idx does not move: those chains are exactly the ones between
         used->idx and it.
+
+        ``resubmitted(used_idx, waiting)``, when given, names the heads among
+        ``waiting`` (the chains in flight not in the used ring) that the
+        back-end resubmits by itself (INFLIGHT_SHMFD): they take the first
+        avail entries from used->idx on, which such a back-end skips, so only
+        the others are taken from the ring, and nothing runs twice.
 
         Raises:
             ProtocolError: the used ring names chains that are not in flight
@@ -2700,6 +2714,13 @@ class Queue:
             heads += [head for head in sorted(waiting) if head not in found
                       and head not in self._chains]
             heads += sorted(found, key=found.get, reverse=True)
+            if resubmitted is not None:
+                skipped = list(resubmitted(used_idx, waiting))
+                skip = set(skipped)
+                if not waiting.issuperset(skip) or len(skip) != len(skipped):
+                    raise ValueError("rewind: resubmitted heads %r are not distinct chains in "
+                                     "flight" % (skipped,))
+                heads = skipped + [head for head in heads if head not in skip]
             for i, head in enumerate(heads):
                 self._avail[2 + ((used_idx + i) & mask)] = head
             self._fences.write()
@@ -4558,6 +4579,146 @@ def _largest_power_of_two(value):
     return 1 << (value.bit_length() - 1)
 
 
+# Inflight I/O tracking (vhost-user spec, "Inflight I/O tracking", split
+# virtqueues). The buffer GET_INFLIGHT_FD returns holds one region per queue:
+# a header (features u64, version u16, desc_num u16, last_batch_head u16,
+# used_idx u16), then one DescStateSplit per descriptor (inflight u8, 5 bytes
+# padding, next u16, counter u64). The back-end sets ``inflight`` on each head
+# it takes from the avail ring, clears it once the head is in the used ring,
+# and after a restart (SET_INFLIGHT_FD with the same buffer) resubmits the
+# flagged heads by itself, oldest counter first, and resumes the avail ring at
+# SET_VRING_BASE plus their number (DPDK; libvhost-user at used->idx plus
+# their number, the same base as rewind sends). A front-end only keeps the
+# buffer. This one is also the driver, so it reads it at a reconnect to leave
+# those chains out of what the avail ring offers again: with pread, never a
+# mapping, so a back-end that shrinks the file cannot SIGBUS us.
+_INFLIGHT_QUEUE = struct.Struct("<QHHHH")   # features, version, desc_num, last_batch_head, used_idx
+_INFLIGHT_DESC = struct.Struct("<B5xHQ")    # inflight, next, counter
+_INFLIGHT_VERSION = 1
+#: The access mode bits of the file status flags (Linux). ``os.O_ACCMODE`` is
+#: missing on PyPy 3.9.
+_O_ACCMODE = getattr(os, "O_ACCMODE", os.O_RDONLY | os.O_WRONLY | os.O_RDWR)
+
+
+class _InflightRegion:
+    """The back-end's inflight buffer (GET_INFLIGHT_FD), kept for the device's life.
+
+    Validates the reply before anything is used: the buffer must hold
+    ``num_queues`` regions of ``queue_size`` descriptors, at a page-aligned
+    offset (the back-end maps it there), in a read-write file at least that
+    long. A bad value raises ``ProtocolError`` naming the field; the fd is
+    closed then.
+    """
+
+    def __init__(self, info, fd, num_queues, queue_size):
+        self.fd = fd
+        try:
+            need = _INFLIGHT_QUEUE.size + queue_size * _INFLIGHT_DESC.size
+            self._check(info, num_queues, need)
+        except BaseException:
+            self.close()
+            raise
+        self.info = info
+        self.num_queues = num_queues
+        self.queue_size = queue_size
+        # libvhost-user and DPDK both place region i at i * (mmap_size / num_queues).
+        self.stride = info.mmap_size // num_queues
+
+    def _check(self, info, num_queues, need):
+        def bad(message):
+            raise ProtocolError("GET_INFLIGHT_FD: " + message, FrontendReq.GET_INFLIGHT_FD)
+        if info.mmap_size // num_queues < need:
+            bad("mmap_size %d cannot hold %d queue region(s) of %d bytes"
+                % (info.mmap_size, num_queues, need))
+        if info.mmap_offset % mmap.PAGESIZE:
+            bad("mmap_offset %d is not a multiple of the page size (%d)"
+                % (info.mmap_offset, mmap.PAGESIZE))
+        st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode):
+            bad("the fd is not a shared memory file (mode %#o)" % st.st_mode)
+        if st.st_size < info.mmap_offset + info.mmap_size:
+            bad("the fd holds %d bytes, mmap_offset %d + mmap_size %d do not fit"
+                % (st.st_size, info.mmap_offset, info.mmap_size))
+        if fcntl.fcntl(self.fd, fcntl.F_GETFL) & _O_ACCMODE != os.O_RDWR:
+            bad("the fd is not open for reading and writing")
+
+    def cut_short(self):
+        """The file's size if it no longer covers the buffer (the back-end shrank it), else None."""
+        size = os.fstat(self.fd).st_size
+        return size if size < self.info.mmap_offset + self.info.mmap_size else None
+
+    def taken(self, index, used_idx, waiting, label):
+        """The heads of queue ``index`` the back-end will resubmit itself, oldest first.
+
+        ``waiting`` are the heads in flight that used->idx (``used_idx``) does
+        not cover. The region is first brought in line with them, as the spec
+        has the back-end do at a reconnect, and written back: the flags of a
+        batch published in the used ring but not cleared are cleared, and so
+        is a flag on any head that holds no chain in flight (the driver knows
+        better). A region that cannot be read that way is logged and cleared
+        (version 0), so the back-end resubmits nothing and the driver's own
+        record offers every chain again.
+        """
+        size = self.queue_size
+        offset = self.info.mmap_offset + index * self.stride
+        length = _INFLIGHT_QUEUE.size + size * _INFLIGHT_DESC.size
+        first = _INFLIGHT_QUEUE.size
+        try:
+            data = bytearray(os.pread(self.fd, length, offset))
+        except OSError as exc:
+            raise ProtocolError("SET_INFLIGHT_FD: cannot read the inflight buffer of queue %d: "
+                                "%s" % (index, exc.strerror), FrontendReq.SET_INFLIGHT_FD) \
+                from exc
+        problem = None
+        if len(data) < length:
+            problem = "the buffer was cut to %d bytes" % (len(data),)
+        else:
+            _, version, desc_num, head, region_used = _INFLIGHT_QUEUE.unpack_from(data)
+            if version == 0:
+                return []      # never started: the back-end took nothing it would resubmit
+            if version != _INFLIGHT_VERSION:
+                problem = "version %d" % version
+            elif desc_num != size:
+                problem = "desc_num %d for a queue of %d" % (desc_num, size)
+        if problem is None and region_used != used_idx:
+            # Spec, "When reconnecting": used->idx moved past the region's
+            # used_idx, so the last batch (a list from last_batch_head through
+            # ``next``) reached the used ring with its flags still set.
+            for _ in range(min((used_idx - region_used) & 0xFFFF, size)):
+                if head >= size:
+                    problem = "last batch names descriptor %d" % head
+                    break
+                data[first + head * _INFLIGHT_DESC.size] = 0
+                head = _INFLIGHT_DESC.unpack_from(data, first + head * _INFLIGHT_DESC.size)[1]
+        if problem is not None:
+            _log.warning("%s: queue %d: the inflight buffer is unusable (%s); it is cleared and "
+                         "the driver offers every chain in flight again", label, index, problem)
+            data = bytearray(length)
+        else:
+            _INFLIGHT_QUEUE.pack_into(data, 0, *_INFLIGHT_QUEUE.unpack_from(data)[:4] + (used_idx,))
+        counters = {}
+        for head in range(size if problem is None else 0):
+            at = first + head * _INFLIGHT_DESC.size
+            if data[at]:
+                if head in waiting:
+                    data[at] = 1
+                    counters[head] = _INFLIGHT_DESC.unpack_from(data, at)[2]
+                else:
+                    data[at] = 0       # no chain of ours: resubmitting it would be wrong
+        try:
+            os.pwrite(self.fd, data, offset)
+        except OSError as exc:
+            raise ProtocolError("SET_INFLIGHT_FD: cannot write the inflight buffer of queue "
+                                "%d: %s" % (index, exc.strerror), FrontendReq.SET_INFLIGHT_FD) \
+                from exc
+        return sorted(counters, key=counters.get)
+
+    def close(self):
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+
 class VhostUserFrontend:
     """A virtio device whose emulation runs in a vhost-user back-end (crosvm's VhostUserFrontend).
 
@@ -4609,6 +4770,7 @@ class VhostUserFrontend:
     client = None
     _handler = None
     _worker = None
+    _inflight = None      # the back-end's _InflightRegion (INFLIGHT_SHMFD), once asked
 
     def __init__(self, device_type, base_features, connection, max_queue_size=None,
                  timeout=5.0, protocol_features=_CROSVM_PROTOCOL_FEATURES, start_kick=True,
@@ -4802,7 +4964,8 @@ class VhostUserFrontend:
             raise
 
     def _send_rings(self, mem, interrupt, queues):
-        """SET_MEM_TABLE, every ring in index order, then the worker."""
+        """SET_INFLIGHT_FD, SET_MEM_TABLE, every ring in index order, then the worker."""
+        self._send_inflight(queues)
         self.client.set_mem_table(mem.regions())
         for index, queue in sorted(queues.items()):
             if interrupt.mode == Interrupt.QUEUE:
@@ -4818,6 +4981,45 @@ class VhostUserFrontend:
             self._sent_queues[index] = queue  # from here on it must be stopped
             self._activate_vring(mem, index, queue, call)
         self._start_worker(interrupt)
+
+    def _send_inflight(self, queues):
+        """With INFLIGHT_SHMFD: GET_INFLIGHT_FD once, SET_INFLIGHT_FD at every start.
+
+        QEMU's order (vhost_user_blk_start): after SET_FEATURES and before
+        vhost_dev_start's SET_MEM_TABLE and rings, the buffer fetched once
+        and kept (a new one after ``reset``), and handed back at each start;
+        libvhost-user tracks nothing until it gets SET_INFLIGHT_FD. A back-end
+        that answers mmap_size 0 keeps no buffer, and none is sent.
+        """
+        if not self.protocol_features & _P.INFLIGHT_SHMFD or not queues:
+            return
+        if self.acked_features & VirtioFeature.RING_PACKED:
+            # Packed rings have another region layout (spec, DescStatePacked),
+            # which this driver does not read: the driver's own record of
+            # what is in flight is what a reconnect offers again there.
+            return
+        sizes = set(queue.size for queue in queues.values())
+        if len(sizes) != 1:
+            _log.info("%s: queues of sizes %s: GET_INFLIGHT_FD describes one size, no inflight "
+                      "buffer is used", self.debug_label(), sorted(sizes))
+            return
+        size = sizes.pop()
+        num_queues = max(queues) + 1
+        region = self._inflight
+        if region is None or region.num_queues < num_queues or region.queue_size != size:
+            self._close_inflight()
+            info, fd = self.client.get_inflight_fd(num_queues, size)
+            if fd is None:
+                _log.info("%s: the back-end keeps no inflight buffer (mmap_size 0)",
+                          self.debug_label())
+                return
+            self._inflight = region = _InflightRegion(info, fd, num_queues, size)
+        self.client.set_inflight_fd(region.info, region.fd)
+
+    def _close_inflight(self):
+        region, self._inflight = self._inflight, None
+        if region is not None:
+            region.close()
 
     def _activate_vring(self, mem, index, queue, call):
         client = self.client
@@ -4929,6 +5131,8 @@ class VhostUserFrontend:
         try:
             self._stop_rings(reclaim=False)
         finally:
+            # The spec: a new inflight buffer after a device reset.
+            self._close_inflight()
             # crosvm's TODO: the spec unmaps every SHMEM mapping on reset.
             if self._mapper is not None:
                 self._mapper.clear()
@@ -5110,8 +5314,11 @@ class VhostUserFrontend:
         rewound first (``Queue.rewind``): the chains the old back-end had not
         completed are offered again, in the order they were posted, once.
         The ``Interrupt`` then reports the recovery (``signal_reconnected``).
-        This driver's record of what is in flight is the source of truth;
-        INFLIGHT_SHMFD is not used.
+        This driver's record of what is in flight is the source of truth.
+        With INFLIGHT_SHMFD (split rings), the chains the inflight buffer says
+        the old back-end had taken are resubmitted by the new back-end itself
+        (it gets the buffer with SET_INFLIGHT_FD before the rings), so the
+        avail ring offers only the others again: each chain runs once.
 
         On failure the device stays down and ``reconnect`` may be called
         again (e.g. when the back-end is not listening yet).
@@ -5149,10 +5356,19 @@ class VhostUserFrontend:
                 if self._handler is not None and self.get_shared_memory_region() is not None:
                     self._handler.set_shared_memory_mapper(self._mapper,
                                                            self._shmem_region.id)
+            resubmitted = []
+            size = self._inflight.cut_short() if self._inflight is not None else None
+            if size is not None:
+                # The new back-end would map it past its end (SIGBUS there): a
+                # new buffer is asked for, and the driver's record is used.
+                _log.warning("%s: the inflight buffer was cut to %d bytes (mmap_offset %d + "
+                             "mmap_size %d); a new one is asked for", self.debug_label(), size,
+                             self._inflight.info.mmap_offset, self._inflight.info.mmap_size)
+                self._close_inflight()
             if queues is not None:
                 self._sent_queues = {}
-                for queue in queues.values():
-                    queue.rewind()
+                for index, queue in sorted(queues.items()):
+                    queue.rewind(**self._inflight_rewind(index, resubmitted))
                 self._send_rings(self._mem, interrupt, queues)
         except BaseException:
             # Down again: what was active stays recorded for the next attempt.
@@ -5170,10 +5386,25 @@ class VhostUserFrontend:
             self.client.close()
             raise
         in_flight = sum(queue.in_flight for queue in (queues or {}).values())
-        _log.info("%s: reconnected; %d chain(s) in flight offered again", self.debug_label(),
-                  in_flight)
+        _log.info("%s: reconnected; %d chain(s) in flight offered again%s", self.debug_label(),
+                  in_flight, ", %d of them resubmitted by the back-end from its inflight buffer"
+                  % len(resubmitted) if self._inflight is not None else "")
         if interrupt is not None:
             interrupt.signal_reconnected()
+
+    def _inflight_rewind(self, index, resubmitted):
+        """``Queue.rewind`` arguments for queue ``index``; heads left to the back-end
+        are appended to ``resubmitted``."""
+        region = self._inflight
+        if region is None or index >= region.num_queues \
+                or self.acked_features & VirtioFeature.RING_PACKED:
+            return {}
+
+        def taken(used_idx, waiting):
+            heads = region.taken(index, used_idx, waiting, self.debug_label())
+            resubmitted.extend(heads)
+            return heads
+        return {"resubmitted": taken}
 
     def _check_still_offered(self, acked, old_protocol, queues):
         """Disconnected (naming what is missing) if the new back-end offers less."""
@@ -5234,6 +5465,7 @@ class VhostUserFrontend:
             if self._own_mapper is not None:
                 self._own_mapper.close()
             self._mapper = self._own_mapper = None
+            self._close_inflight()
             if self._own_interrupt is not None:
                 self._own_interrupt.close()
                 self._own_interrupt = None
@@ -5580,16 +5812,21 @@ class _Device:
         RING_PACKED is offered to ``make`` unless ``packed`` is False."""
         features |= _packed_offer(packed)
         packed = packed is not False
+        # QEMU asks for INFLIGHT_SHMFD for vhost-user-blk only; a net device
+        # sends TX frames again and posts RX buffers afresh anyway.
+        protocol = _CROSVM_PROTOCOL_FEATURES
+        if device_type == DeviceType.BLOCK:
+            protocol |= _P.INFLIGHT_SHMFD
         if reconnect is None or not isinstance(path, (str, bytes, os.PathLike)):
             return make(VhostUserFrontend(device_type, features, path, timeout=timeout,
-                                          packed=packed))
+                                          packed=packed, protocol_features=protocol))
         deadline = time.monotonic() + reconnect if isinstance(reconnect, (int, float)) \
             else None  # a bad value is refused by the constructor
         _check_socket_path(os.fspath(path))   # a regular file will not turn into a socket
         while True:
             try:
                 return make(VhostUserFrontend(device_type, features, path, timeout=timeout,
-                                              packed=packed))
+                                              packed=packed, protocol_features=protocol))
             except (Disconnected, VhostUserTimeout, ProtocolError) as exc:
                 if isinstance(exc, _BackendShrank) or deadline is None \
                         or time.monotonic() >= deadline:
@@ -6136,7 +6373,10 @@ class BlockDevice(_Device):
             every call with ``Disconnected``. SECONDS: wait that long for the
             socket to accept again, redo the handshake and resubmit every
             request in flight, in order, once; callers just wait longer (their
-            timeout is extended by the outage). Needs the socket path.
+            timeout is extended by the outage). Needs the socket path. A
+            back-end offering INFLIGHT_SHMFD (``connect`` asks for it)
+            resubmits what it had taken itself, and only the rest is
+            offered again (``VhostUserFrontend.reconnect``).
 
     ``placement`` says what was chosen: the back-end's pid (SO_PEERCRED),
     whether both sides are pinned to one CPU, spin, event_idx, defer_calls.
