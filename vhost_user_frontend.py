@@ -3377,6 +3377,10 @@ class _PackedQueue(Queue):
         self._added = 0          # positions published since the last notify decision
         self._slot_chain = {}    # slot (its buffer id) -> [[gpa, length, flags], ...]
         self._slot_size = [0] * size   # slot -> its descriptor count
+        # slot -> its chain's descriptors as written in a lap whose wrap counter
+        # is 0 ([0]) or 1 ([1]), flags included; None until posted in such a lap
+        # after the chain last changed. _publish copies them into the ring.
+        self._slot_image = ([None] * size, [None] * size)
         self._posted = [0] * size      # buffer id -> when it was last posted (for rewind)
         self._post_count = 0
 
@@ -3582,6 +3586,7 @@ class _PackedQueue(Queue):
     def _write_chain(self, descs, resolved):
         self._slot_chain[descs[0]] = [list(item) for item in resolved]
         self._slot_size[descs[0]] = len(resolved)
+        self._slot_image[0][descs[0]] = self._slot_image[1][descs[0]] = None
 
     def _set_slot_buffer(self, slot, position, guest_addr, length, writable):
         descs, lengths = self._slot_descs[slot]
@@ -3589,6 +3594,19 @@ class _PackedQueue(Queue):
         item[:] = guest_addr, length, _DESC_F_WRITE if writable else 0
         lengths[position] = length if writable else 0
         self._slot_writable[slot] = sum(lengths)
+        self._slot_image[0][slot] = self._slot_image[1][slot] = None
+
+    def _make_slot_image(self, slot, wrap):
+        """The slot's chain as available descriptors in a lap with ``wrap``; cached."""
+        # An available descriptor has AVAIL = the wrap counter, USED = its inverse.
+        avail_bits = _PACKED_F_AVAIL if wrap else _PACKED_F_USED
+        items = self._slot_chain[slot]
+        last = len(items) - 1
+        image = b"".join([_DESC.pack(gpa, length, slot,
+                                     flags | avail_bits | (_DESC_F_NEXT if i < last else 0))
+                          for i, (gpa, length, flags) in enumerate(items)])
+        self._slot_image[wrap][slot] = image
+        return image
 
     def remove_slot(self, slot):
         """Give an idle slot's positions and buffer id back for ``add``."""
@@ -3610,9 +3628,35 @@ class _PackedQueue(Queue):
         if not heads:
             return
         ring, size, chain_of = self._desc, self.size, self._slot_chain
-        pack_into = _DESC.pack_into
         start = position = self.next_avail
         wrap = self.avail_wrap
+        # The usual batch, within this lap: the slots' cached descriptor images
+        # in one copy, all but the first head's flags; then those, last.
+        images = self._slot_image[wrap]
+        data = [images[slot] for slot in heads]
+        if None in data:
+            data = [images[slot] or self._make_slot_image(slot, wrap) for slot in heads]
+        data = b"".join(data)
+        end = start + (len(data) >> 4)
+        if end <= size:
+            serial = self._post_count
+            self._post_count += len(heads)
+            posted = self._posted
+            for slot in heads:
+                posted[slot] = serial
+                serial += 1
+            ring[16 * start + 16:16 * end] = data[16:]
+            ring[16 * start:16 * start + 14] = data[:14]
+            self._added += end - start
+            if end == size:
+                end, wrap = 0, wrap ^ 1
+            self.next_avail, self.avail_wrap = end, wrap
+            self._fences.write()
+            self._store_word(8 * start + 7, data[14] | data[15] << 8)
+            return
+        # Crossing the end of the ring: descriptor by descriptor, the wrap bits
+        # flipping where it wraps.
+        pack_into = _DESC.pack_into
         # An available descriptor has AVAIL = the wrap counter, USED = its inverse.
         avail_bits = _PACKED_F_AVAIL if wrap else _PACKED_F_USED
         first_flags = None
