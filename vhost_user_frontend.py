@@ -3378,8 +3378,8 @@ class _PackedQueue(Queue):
         self._slot_chain = {}    # slot (its buffer id) -> [[gpa, length, flags], ...]
         self._slot_size = [0] * size   # slot -> its descriptor count
         # slot -> its chain's descriptors as written in a lap whose wrap counter
-        # is 0 ([0]) or 1 ([1]), flags included; None until posted in such a lap
-        # after the chain last changed. _publish copies them into the ring.
+        # is 0 ([0]) or 1 ([1]), flags included, made by add_slot; None once
+        # set_slot_buffer changed the chain. _publish copies them into the ring.
         self._slot_image = ([None] * size, [None] * size)
         self._posted = [0] * size      # buffer id -> when it was last posted (for rewind)
         self._post_count = 0
@@ -3586,7 +3586,8 @@ class _PackedQueue(Queue):
     def _write_chain(self, descs, resolved):
         self._slot_chain[descs[0]] = [list(item) for item in resolved]
         self._slot_size[descs[0]] = len(resolved)
-        self._slot_image[0][descs[0]] = self._slot_image[1][descs[0]] = None
+        self._make_slot_image(descs[0], 0)
+        self._make_slot_image(descs[0], 1)
 
     def _set_slot_buffer(self, slot, position, guest_addr, length, writable):
         descs, lengths = self._slot_descs[slot]
@@ -3594,10 +3595,11 @@ class _PackedQueue(Queue):
         item[:] = guest_addr, length, _DESC_F_WRITE if writable else 0
         lengths[position] = length if writable else 0
         self._slot_writable[slot] = sum(lengths)
-        self._slot_image[0][slot] = self._slot_image[1][slot] = None
+        images = self._slot_image
+        images[0][slot] = images[1][slot] = None
 
     def _make_slot_image(self, slot, wrap):
-        """The slot's chain as available descriptors in a lap with ``wrap``; cached."""
+        """Cache the slot's chain as available descriptors in a lap with ``wrap``."""
         # An available descriptor has AVAIL = the wrap counter, USED = its inverse.
         avail_bits = _PACKED_F_AVAIL if wrap else _PACKED_F_USED
         items = self._slot_chain[slot]
@@ -3606,7 +3608,6 @@ class _PackedQueue(Queue):
                                      flags | avail_bits | (_DESC_F_NEXT if i < last else 0))
                           for i, (gpa, length, flags) in enumerate(items)])
         self._slot_image[wrap][slot] = image
-        return image
 
     def remove_slot(self, slot):
         """Give an idle slot's positions and buffer id back for ``add``."""
@@ -3633,11 +3634,12 @@ class _PackedQueue(Queue):
         # The usual batch, within this lap: the slots' cached descriptor images
         # in one copy, all but the first head's flags; then those, last.
         images = self._slot_image[wrap]
-        data = [images[slot] for slot in heads]
-        if None in data:
-            data = [images[slot] or self._make_slot_image(slot, wrap) for slot in heads]
-        data = b"".join(data)
-        end = start + (len(data) >> 4)
+        end = size + 1
+        if images[heads[0]] is not None:
+            data = [images[slot] for slot in heads]
+            if None not in data:
+                data = b"".join(data)
+                end = start + (len(data) >> 4)
         if end <= size:
             serial = self._post_count
             self._post_count += len(heads)
@@ -3654,8 +3656,8 @@ class _PackedQueue(Queue):
             self._fences.write()
             self._store_word(8 * start + 7, data[14] | data[15] << 8)
             return
-        # Crossing the end of the ring: descriptor by descriptor, the wrap bits
-        # flipping where it wraps.
+        # A slot repointed since add_slot (a transmit buffer: every post), or
+        # a batch crossing the end of the ring: descriptor by descriptor.
         pack_into = _DESC.pack_into
         # An available descriptor has AVAIL = the wrap counter, USED = its inverse.
         avail_bits = _PACKED_F_AVAIL if wrap else _PACKED_F_USED
@@ -3761,6 +3763,43 @@ class _PackedQueue(Queue):
         try:
             while reaped < left:
                 flags = words[8 * position + 7] & _PACKED_F_BOTH
+                if flags == used_flags and left - reaped > 1:
+                    # A run of one-descriptor slots (the net device's buffers)
+                    # is at consecutive positions: their flags in one strided
+                    # read, then ids and lengths in two. The walk below takes
+                    # over at the first entry that is anything else.
+                    count = min(left - reaped, size - position, 64)
+                    first = 8 * position + 7
+                    run = 0
+                    for flags in words[first:first + 8 * count:8].tolist():
+                        if flags & _PACKED_F_BOTH != used_flags:
+                            break
+                        run += 1
+                    if fenced:
+                        read_fence()
+                    ids = words[first - 1:first - 1 + 8 * run:8].tolist()
+                    first = 4 * position + 2
+                    sizes = lengths[first:first + 4 * run:4].tolist()
+                    taken = 0
+                    for buffer_id, length in zip(ids, sizes):
+                        token = slot_token[buffer_id] if buffer_id < size else None
+                        if token is None or slot_size[buffer_id] != 1 \
+                                or length > slot_writable[buffer_id]:
+                            break
+                        slot_token[buffer_id] = None
+                        done.append((token, length))
+                        taken += 1
+                    slots_done += taken
+                    reaped += taken
+                    position += taken
+                    if position == size:
+                        position = 0
+                        wrap ^= 1
+                        used_flags ^= _PACKED_F_BOTH
+                        avail_flags ^= _PACKED_F_BOTH
+                    if taken and taken == run:
+                        continue
+                    flags = words[8 * position + 7] & _PACKED_F_BOTH
                 if flags != used_flags:
                     if flags == avail_flags:
                         break  # still available: not used yet
