@@ -3748,12 +3748,15 @@ class _PackedQueue(Queue):
         # USED (bit 15) of a descriptor we made available, and AVAIL (bit 7) is
         # in the other byte, so even a torn load is the old or the new state,
         # never a third; the id and length are not changing once flags say used.
+        position, wrap, words = self.next_used, self.used_wrap, self._desc_h
+        if words[8 * position + 7] & _PACKED_F_BOTH == (
+                _PACKED_F_AVAIL if wrap else _PACKED_F_USED):
+            return False   # still available (the usual look after a reap): nothing used
         chains, slot_token, slot_writable = self._chains, self._slot_token, self._slot_writable
-        slot_size, words, lengths = self._slot_size, self._desc_h, self._desc_i
+        slot_size, lengths = self._slot_size, self._desc_i
         read_fence = self._fences.read
         fenced = read_fence is not _no_fence   # a call saved per entry on x86
         size = self.size
-        position, wrap = self.next_used, self.used_wrap
         used_flags = _PACKED_F_BOTH if wrap else 0
         avail_flags = _PACKED_F_AVAIL if wrap else _PACKED_F_USED
         left = len(chains) + self._slots_busy
@@ -3761,45 +3764,41 @@ class _PackedQueue(Queue):
             left = min(left, limit)
         reaped = slots_done = 0
         try:
+            if left >= 8 and position + 8 <= size \
+                    and words[8 * position + 63] & _PACKED_F_BOTH == used_flags:
+                # A run of one-descriptor slots (the net device's buffers) is
+                # at consecutive positions: their flags in one strided read,
+                # then ids and lengths in two; the walk below goes on from the
+                # first entry that is anything else. Only when the position 7
+                # on looks used already: for fewer the walk is cheaper.
+                count = min(left, size - position, 64)
+                first = 8 * position + 7
+                run = 0
+                for flags in words[first:first + 8 * count:8].tolist():
+                    if flags & _PACKED_F_BOTH != used_flags:
+                        break
+                    run += 1
+                if fenced:
+                    read_fence()
+                ids = words[first - 1:first - 1 + 8 * run:8].tolist()
+                first = 4 * position + 2
+                for buffer_id, length in zip(ids, lengths[first:first + 4 * run:4].tolist()):
+                    token = slot_token[buffer_id] if buffer_id < size else None
+                    if token is None or slot_size[buffer_id] != 1 \
+                            or length > slot_writable[buffer_id]:
+                        break
+                    slot_token[buffer_id] = None
+                    done.append((token, length))
+                    reaped += 1
+                slots_done = reaped
+                position += reaped
+                if position == size:
+                    position = 0
+                    wrap ^= 1
+                    used_flags ^= _PACKED_F_BOTH
+                    avail_flags ^= _PACKED_F_BOTH
             while reaped < left:
                 flags = words[8 * position + 7] & _PACKED_F_BOTH
-                if flags == used_flags and left - reaped > 1:
-                    # A run of one-descriptor slots (the net device's buffers)
-                    # is at consecutive positions: their flags in one strided
-                    # read, then ids and lengths in two. The walk below takes
-                    # over at the first entry that is anything else.
-                    count = min(left - reaped, size - position, 64)
-                    first = 8 * position + 7
-                    run = 0
-                    for flags in words[first:first + 8 * count:8].tolist():
-                        if flags & _PACKED_F_BOTH != used_flags:
-                            break
-                        run += 1
-                    if fenced:
-                        read_fence()
-                    ids = words[first - 1:first - 1 + 8 * run:8].tolist()
-                    first = 4 * position + 2
-                    sizes = lengths[first:first + 4 * run:4].tolist()
-                    taken = 0
-                    for buffer_id, length in zip(ids, sizes):
-                        token = slot_token[buffer_id] if buffer_id < size else None
-                        if token is None or slot_size[buffer_id] != 1 \
-                                or length > slot_writable[buffer_id]:
-                            break
-                        slot_token[buffer_id] = None
-                        done.append((token, length))
-                        taken += 1
-                    slots_done += taken
-                    reaped += taken
-                    position += taken
-                    if position == size:
-                        position = 0
-                        wrap ^= 1
-                        used_flags ^= _PACKED_F_BOTH
-                        avail_flags ^= _PACKED_F_BOTH
-                    if taken and taken == run:
-                        continue
-                    flags = words[8 * position + 7] & _PACKED_F_BOTH
                 if flags != used_flags:
                     if flags == avail_flags:
                         break  # still available: not used yet
