@@ -9521,5 +9521,79 @@ class TestInflightReconnect(QuietHangUps, FrontendTestBase):
             f.close()
 
 
+class TestPackedBatchPaths(FdLeakCheck):
+    """The packed ring's batch paths: slots' descriptor images copied in one go, and a run of
+    used one-descriptor slots read in bulk, against the device simulated in guest memory."""
+
+    def make(self, size=16):
+        mem = vu.GuestMemory([(0, 1 << 20)])
+        self.addCleanup(mem.close)
+        q = vu.Queue(mem, size, features=_PACKED)
+        self.addCleanup(q.close)
+        return q, _PackedRingDevice(q)
+
+    def test_batches_of_slots_and_chains_through_many_wraps(self):
+        q, dev = self.make(size=16)
+        buf = q.mem.allocate(4096)
+        rx = [q.add_slot(writable=[(buf + 64 * k, 64)]) for k in range(9)]    # never repointed
+        tx = [q.add_slot([(buf + 1024 + 64 * k, 64)]) for k in range(3)]      # repointed per post
+        pair = q.add_slot([(buf + 2048, 8)], [(buf + 2056, 8)])               # two descriptors
+        rng = random.Random(10)
+        positions = 0
+        for round_ in range(100):     # the batches cross the end of the ring often
+            batch = rng.sample(rx, rng.randint(1, 9))
+            for k, slot in enumerate(tx):
+                q.set_slot_buffer(slot, 0, buf + 1024 + 64 * k + round_ % 7, 20 + k)
+            if round_ % 3 == 0:
+                batch.append(pair)
+            batch += rng.sample(tx, rng.randint(0, 3))
+            q.post_slots(batch, ["t%d" % slot for slot in batch])
+            if round_ % 2:
+                token = q.add([b"chain"])
+            chains = dev.take()
+            positions += sum(n for _, _, n in chains)
+            want = [[(buf + 64 * rx.index(s), 64, 2)] if s in rx else
+                    [(buf + 2048, 8, 0), (buf + 2056, 8, 2)] if s == pair else
+                    [(buf + 1024 + 64 * tx.index(s) + round_ % 7, 20 + tx.index(s), 0)]
+                    for s in batch]
+            self.assertEqual([c[1] for c in chains[:len(batch)]], want)
+            self.assertEqual([c[0] for c in chains[:len(batch)]], batch)
+            for buffer_id, chain, slots in chains:
+                written = 64 if buffer_id in rx else 8 if buffer_id == pair else 0
+                dev.complete(buffer_id, written, slots, signal=False)
+            expected = [("t%d" % s, 64 if s in rx else 8 if s == pair else 0) for s in batch]
+            if round_ % 2:
+                expected.append((token, 0))
+            self.assertEqual(q.get_used(), expected)
+            self.assertEqual((q.in_flight, q.num_free), (0, 2))   # idle slots hold 14
+        self.assertGreater(positions, 40 * 16)                     # 40 laps and more
+
+    def test_a_lie_in_a_run_of_used_slots(self):
+        # Used descriptors 0..9, all looking used at once; entry 6 lies. The ones before it
+        # are reaped; the lie is named at its position; nothing else is freed.
+        cases = (("id out of range", lambda slots, i: (16, 64), "names buffer id 16, the ring"),
+                 ("id of an idle slot", lambda slots, i: (slots[11], 64), "not in flight"),
+                 ("id reaped already", lambda slots, i: (slots[2], 64), "not in flight"),
+                 ("too long", lambda slots, i: (slots[i], 65),
+                  "claims 65 bytes written, the chain has 64"))
+        for name, lie, message in cases:
+            with self.subTest(name):
+                q, dev = self.make(size=16)
+                buf = q.mem.allocate(16 * 64)
+                slots = [q.add_slot(writable=[(buf + 64 * k, 64)]) for k in range(12)]
+                q.post_slots(slots[:10])
+                chains = dev.take()
+                for i, (buffer_id, _, n) in enumerate(chains):
+                    entry = lie(slots, i) if i == 6 else (buffer_id, 64)
+                    dev.complete(entry[0], entry[1], n, signal=False)
+                with self.assertRaises(vu.ProtocolError) as cm:
+                    q.get_used()
+                self.assertIn("used descriptor 6 ", str(cm.exception))
+                self.assertIn(message, str(cm.exception))
+                self.assertEqual(q.in_flight, 4)       # 6 reaped, the liar and 3 after it not
+                with self.assertRaises(vu.ProtocolError):
+                    q.post_slots([slots[0]])
+
+
 if __name__ == "__main__":
     unittest.main()
