@@ -3378,9 +3378,10 @@ class _PackedQueue(Queue):
         self._slot_chain = {}    # slot (its buffer id) -> [[gpa, length, flags], ...]
         self._slot_size = [0] * size   # slot -> its descriptor count
         # slot -> its chain's descriptors as written in a lap whose wrap counter
-        # is 0 ([0]) or 1 ([1]), flags included, made by add_slot; None once
-        # set_slot_buffer changed the chain. _publish copies them into the ring.
-        self._slot_image = ([None] * size, [None] * size)
+        # is 0 and as written in one where it is 1, flags included, made by
+        # add_slot; None once set_slot_buffer changed the chain. _publish
+        # copies them into the ring.
+        self._slot_image = [None] * size
         self._posted = [0] * size      # buffer id -> when it was last posted (for rewind)
         self._post_count = 0
 
@@ -3586,8 +3587,7 @@ class _PackedQueue(Queue):
     def _write_chain(self, descs, resolved):
         self._slot_chain[descs[0]] = [list(item) for item in resolved]
         self._slot_size[descs[0]] = len(resolved)
-        self._make_slot_image(descs[0], 0)
-        self._make_slot_image(descs[0], 1)
+        self._make_slot_image(descs[0])
 
     def _set_slot_buffer(self, slot, position, guest_addr, length, writable):
         descs, lengths = self._slot_descs[slot]
@@ -3595,19 +3595,18 @@ class _PackedQueue(Queue):
         item[:] = guest_addr, length, _DESC_F_WRITE if writable else 0
         lengths[position] = length if writable else 0
         self._slot_writable[slot] = sum(lengths)
-        images = self._slot_image
-        images[0][slot] = images[1][slot] = None
+        self._slot_image[slot] = None
 
-    def _make_slot_image(self, slot, wrap):
-        """Cache the slot's chain as available descriptors in a lap with ``wrap``."""
-        # An available descriptor has AVAIL = the wrap counter, USED = its inverse.
-        avail_bits = _PACKED_F_AVAIL if wrap else _PACKED_F_USED
+    def _make_slot_image(self, slot):
+        """Cache the slot's chain as available descriptors, for either wrap counter."""
         items = self._slot_chain[slot]
         last = len(items) - 1
-        image = b"".join([_DESC.pack(gpa, length, slot,
-                                     flags | avail_bits | (_DESC_F_NEXT if i < last else 0))
-                          for i, (gpa, length, flags) in enumerate(items)])
-        self._slot_image[wrap][slot] = image
+        # An available descriptor has AVAIL = the wrap counter, USED = its inverse.
+        self._slot_image[slot] = tuple(
+            b"".join([_DESC.pack(gpa, length, slot,
+                                 flags | avail_bits | (_DESC_F_NEXT if i < last else 0))
+                      for i, (gpa, length, flags) in enumerate(items)])
+            for avail_bits in (_PACKED_F_USED, _PACKED_F_AVAIL))
 
     def remove_slot(self, slot):
         """Give an idle slot's positions and buffer id back for ``add``."""
@@ -3633,12 +3632,12 @@ class _PackedQueue(Queue):
         wrap = self.avail_wrap
         # The usual batch, within this lap: the slots' cached descriptor images
         # in one copy, all but the first head's flags; then those, last.
-        images = self._slot_image[wrap]
+        images = self._slot_image
         end = size + 1
         if images[heads[0]] is not None:
             data = [images[slot] for slot in heads]
             if None not in data:
-                data = b"".join(data)
+                data = b"".join([image[wrap] for image in data])
                 end = start + (len(data) >> 4)
         if end <= size:
             serial = self._post_count
