@@ -9533,6 +9533,11 @@ class TestPackedBatchPaths(FdLeakCheck):
         return q, _PackedRingDevice(q)
 
     def test_batches_of_slots_and_chains_through_many_wraps(self):
+        for bulk in (True, False):     # the bulk paths (CPython's) and the loops (PyPy's)
+            with self.subTest(bulk=bulk), mock.patch.object(vu, "_PACKED_BULK", bulk):
+                self.check_batches()
+
+    def check_batches(self):
         q, dev = self.make(size=16)
         buf = q.mem.allocate(4096)
         rx = [q.add_slot(writable=[(buf + 64 * k, 64)]) for k in range(9)]    # never repointed
@@ -9576,8 +9581,8 @@ class TestPackedBatchPaths(FdLeakCheck):
                  ("id reaped already", lambda slots, i: (slots[2], 64), "not in flight"),
                  ("too long", lambda slots, i: (slots[i], 65),
                   "claims 65 bytes written, the chain has 64"))
-        for name, lie, message in cases:
-            with self.subTest(name):
+        for (name, lie, message), bulk in itertools.product(cases, (True, False)):
+            with self.subTest(name, bulk=bulk), mock.patch.object(vu, "_PACKED_BULK", bulk):
                 q, dev = self.make(size=16)
                 buf = q.mem.allocate(16 * 64)
                 slots = [q.add_slot(writable=[(buf + 64 * k, 64)]) for k in range(12)]
