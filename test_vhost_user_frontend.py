@@ -9564,7 +9564,8 @@ class TestPackedBatchPaths(FdLeakCheck):
             self.assertEqual([c[1] for c in chains[:len(batch)]], want)
             self.assertEqual([c[0] for c in chains[:len(batch)]], batch)
             for buffer_id, chain, slots in chains:
-                written = 64 if buffer_id in rx else 8 if buffer_id == pair else 0
+                # A transmit buffer reported with the bytes read (DPDK 22.11): taken as 0.
+                written = 64 if buffer_id in rx else 8 if buffer_id == pair else 20
                 dev.complete(buffer_id, written, slots, signal=False)
             expected = [("t%d" % s, 64 if s in rx else 8 if s == pair else 0) for s in batch]
             if round_ % 2:

@@ -3789,9 +3789,12 @@ class _PackedQueue(Queue):
                 first = 4 * position + 2
                 for buffer_id, length in zip(ids, lengths[first:first + 4 * run:4].tolist()):
                     token = slot_token[buffer_id] if buffer_id < size else None
-                    if token is None or slot_size[buffer_id] != 1 \
-                            or length > slot_writable[buffer_id]:
+                    if token is None or slot_size[buffer_id] != 1:
                         break
+                    if length > slot_writable[buffer_id]:
+                        if slot_writable[buffer_id]:
+                            break
+                        length = 0   # a transmit buffer: DPDK's quirk, as below
                     slot_token[buffer_id] = None
                     done.append((token, length))
                     reaped += 1
