@@ -8255,5 +8255,19 @@ class TestCliFs(FsTestMixin, FdLeakCheck):
         self.assertIn("wrong device type: the back-end is a block device", err)
 
 
+# Audit of the wave (issues 8, 9, 11, 12, 13): one test per fix, each failing before it ################
+
+
+class TestAuditFixes(BackendTestMixin, FdLeakCheck):
+    """What a review of the wave found, each checked against the real daemon where one exists."""
+
+    def test_fs_device_on_a_block_back_end_says_wrong_device_type(self):
+        qsd = self.start_backend(QemuStorageDaemon, kind="null", size=1 << 20)
+        with self.assertRaises(vu.FeatureNotNegotiated) as cm:
+            vu.FsDevice.connect(qsd.socket_path)
+        self.assertIn("virtio-fs: wrong device type: the back-end is a block device",
+                      str(cm.exception))
+
+
 if __name__ == "__main__":
     unittest.main()

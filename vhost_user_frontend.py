@@ -4763,7 +4763,7 @@ def _refuse_other_device_type(frontend, wanted):
                                    "(it %s)" % (_DEVICE_LABELS[wanted], guess.name.lower(), why))
 
 
-_DEVICE_LABELS = {DeviceType.BLOCK: "blk", DeviceType.NET: "net"}
+_DEVICE_LABELS = {DeviceType.BLOCK: "blk", DeviceType.NET: "net", DeviceType.FS: "fs"}
 
 
 class _DeviceCall:
@@ -6928,6 +6928,7 @@ class FsDevice(_Device):
 
     def _setup(self, queue_size, memory_size):
         frontend = self._frontend
+        _refuse_other_device_type(frontend, DeviceType.FS)
         offered = frontend.features()
         if not offered & VirtioFeature.VERSION_1:
             # libvhost-user refuses legacy devices (BACKENDS.md 5, gotcha 5).
@@ -6942,8 +6943,9 @@ class FsDevice(_Device):
             self.num_request_queues = fields["num_request_queues"]
         max_sizes = frontend.queue_max_sizes()
         if len(max_sizes) < 2:
-            raise ProtocolError("virtio-fs: the back-end has %d queue(s); hiprio and a "
-                                "request queue need 2" % len(max_sizes))
+            raise FeatureNotNegotiated("virtio-fs: wrong device type? the back-end has %d "
+                                       "queue(s); hiprio and a request queue need 2"
+                                       % len(max_sizes))
         size = min(queue_size, *max_sizes)
         self.queue_size = size
         self._mem = GuestMemory([(0, memory_size)], name="vhost-user-fs")
