@@ -8269,5 +8269,14 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
                       str(cm.exception))
 
 
+    def test_pps_usage_error_speaks_of_a_rate_not_seconds(self):
+        for bad in ("0", "-5", "inf", "nan", "x"):
+            status, out, err = run_cli("net", "/nonexistent.sock", "send", "-r", "/dev/null",
+                                       "--pps", bad)
+            self.assertEqual(status, 2, bad)
+            self.assertIn("--pps", err)
+            self.assertNotIn("seconds", err, bad)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -11764,6 +11764,18 @@ def _seconds_arg(text, allow_zero=False, allow_inf=False):
     return value
 
 
+def _rate_arg(text):
+    """An argparse type: a finite rate above 0 (``--pps``: frames per second)."""
+    import argparse
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("%r is not a rate above 0 (frames per second)" % text)
+    return value
+
+
 def _build_parser():
     import argparse
     common = argparse.ArgumentParser(add_help=False)
@@ -11873,7 +11885,7 @@ def _build_parser():
                       help="send the frames of this pcap file (as tcpdump -w writes it)")
     send.add_argument("--loop", type=_int_arg, default=1, metavar="N",
                       help="with -r: send the file N times, 0 for ever (default 1)")
-    send.add_argument("--pps", type=_seconds_arg, metavar="RATE",
+    send.add_argument("--pps", type=_rate_arg, metavar="RATE",
                       help="with -r: at most RATE frames per second (default: at once)")
     ping = actions.add_parser(
         "ping", parents=[common],
