@@ -8278,5 +8278,19 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
             self.assertNotIn("seconds", err, bad)
 
 
+    def test_fs_device_closed_is_a_vhost_user_error_naming_the_call(self):
+        fsd = self.start_backend(Virtiofsd)
+        with open(os.path.join(fsd.shared_dir, "f"), "wb") as f:
+            f.write(b"data")
+        fs = vu.FsDevice.connect(fsd.socket_path)
+        fs.close()
+        for call, name in ((lambda: fs.listdir(""), "listdir"), (lambda: fs.stat("f"), "stat"),
+                           (lambda: fs.open("f"), "open"), (lambda: fs.read_bytes("f"), "read_bytes")):
+            with self.assertRaises(vu.VhostUserError) as cm:
+                call()
+            self.assertIsInstance(cm.exception, ValueError)    # what it was before: kept as a base
+            self.assertIn("%s: the virtio-fs device is closed" % name, str(cm.exception))
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -6695,7 +6695,7 @@ class _FuseFile(io.RawIOBase):
             raise ValueError("I/O operation on closed file")
         fs = self._fs
         if fs is None or fs._mem is None:
-            raise ValueError("%s: the virtio-fs device is closed" % self.name)
+            raise _DeviceClosed("%s: the virtio-fs device is closed" % self.name)
         return fs
 
     def readable(self):
@@ -6848,6 +6848,8 @@ def _operation(method):
     """Mark an ``FsDevice`` call: no node is forgotten until every call in progress ends."""
     @functools.wraps(method)
     def call(self, *args, **kwargs):
+        if self._mem is None:
+            raise _DeviceClosed("%s: the virtio-fs device is closed" % method.__name__)
         with self._cache_lock:
             self._active += 1
         try:
@@ -6985,7 +6987,7 @@ class FsDevice(_Device):
 
     def _check_open(self):
         if self._mem is None:
-            raise ValueError("the virtio-fs device is closed")
+            raise _DeviceClosed("the virtio-fs device is closed")
 
     def _submit(self, op, nodeid, readable, reply):
         """Post one FUSE request (no kick); ``reply`` is a writable buffer or None."""
