@@ -8292,5 +8292,21 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
             self.assertIn("%s: the virtio-fs device is closed" % name, str(cm.exception))
 
 
+    def test_fs_shell_usage_errors_name_the_command(self):
+        fsd = self.start_backend(Virtiofsd)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                mock.patch.object(sys, "stdin", io.StringIO("bogus\nls -z\npwd\n")):
+            status = vu.main(["fs", fsd.socket_path, "shell"])
+        self.assertEqual(status, 1)                   # a script with mistakes fails
+        self.assertEqual(out.getvalue(), "/\n")       # and carried on after them
+        lines = err.getvalue().splitlines()
+        self.assertIn("fs: error: argument COMMAND: invalid choice: 'bogus' (choose from "
+                      "'ls', 'tree', 'stat', 'cat', 'get', 'put', 'mkdir', 'rm', 'mv', 'ln', 'df')",
+                      lines)
+        self.assertIn("fs: error: unrecognized arguments: -z", lines)
+        self.assertFalse([line for line in lines if line.startswith(":")], lines)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -10311,7 +10311,8 @@ def _fs_shell(fs, args, out):
     import shlex
     stdin = getattr(args, "stdin", None) or sys.stdin
     interactive = hasattr(stdin, "isatty") and stdin.isatty()
-    parser = argparse.ArgumentParser(prog="", add_help=False)
+    # prog "fs": argparse starts its lines with it ("fs ls: error: ..."); "" left ": error:".
+    parser = argparse.ArgumentParser(prog="fs", add_help=False)
     actions = parser.add_subparsers(dest="action", metavar="COMMAND")
     _add_fs_actions(actions, [])
     failures = [0]
