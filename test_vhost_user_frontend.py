@@ -8308,5 +8308,20 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
         self.assertFalse([line for line in lines if line.startswith(":")], lines)
 
 
+    def test_fs_ls_of_files_and_directories_orders_and_heads_them_as_ls_does(self):
+        fsd = self.start_backend(Virtiofsd)
+        os.mkdir(os.path.join(fsd.shared_dir, "d"))
+        for name in ("d/x", "f", "g"):
+            open(os.path.join(fsd.shared_dir, name), "w").close()
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                mock.patch.object(sys, "stdin", io.StringIO("ls f d g\nls f\nls g nope\n")):
+            status = vu.main(["fs", fsd.socket_path, "shell"])
+        # GNU ls: files named on the line first, unheaded; then each directory under a header.
+        self.assertEqual(out.getvalue(), "/f\n/g\n\n/d:\nx\n/f\n")
+        self.assertEqual(err.getvalue(), "error: ls: /nope: No such file or directory\n")
+        self.assertEqual(status, 1)
+
+
 if __name__ == "__main__":
     unittest.main()

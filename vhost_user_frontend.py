@@ -10090,18 +10090,21 @@ def _fs_long(fs, path, name, st):
 
 
 def _fs_ls(fs, args, out):
-    for index, path in enumerate(args.paths or [""]):
-        st = fs.lstat(path)
-        if len(args.paths) > 1:
-            out.write("%s%s:\n" % ("\n" if index else "", path))
-        if st.st_mode & 0o170000 != 0o040000:
-            entries = [(path, path)]
-        else:
+    """ls's order: the files named first, then each directory's listing (headed when many)."""
+    paths = args.paths or [""]
+    kinds = [fs.lstat(path).st_mode & 0o170000 == 0o040000 for path in paths]   # all or nothing
+    files = [(path, path) for path, is_dir in zip(paths, kinds) if not is_dir]
+    groups = [(None, files)] if files else []
+    for path, is_dir in zip(paths, kinds):
+        if is_dir:
             names = fs.listdir(path)
             if args.all:
                 names += [".", ".."]
             names = sorted(n for n in names if args.all or not n.startswith("."))
-            entries = [(n, _fs_join(path, n)) for n in names]
+            groups.append((path, [(n, _fs_join(path, n)) for n in names]))
+    for index, (header, entries) in enumerate(groups):
+        if header is not None and len(paths) > 1:
+            out.write("%s%s:\n" % ("\n" if index else "", header))
         if not args.long:
             _fs_columns([name for name, _ in entries], out)
             continue
