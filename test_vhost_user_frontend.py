@@ -8323,5 +8323,23 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
         self.assertEqual(status, 1)
 
 
+    def test_an_ascii_stdout_gets_ascii_symbols_not_a_traceback(self):
+        # CPython 3.6 in the C locale (env -i) writes ASCII; PYTHONIOENCODING makes any version do so.
+        def run(*argv):
+            proc = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend"] + list(argv),
+                                    cwd=MODULE_DIR, env=dict(os.environ, PYTHONIOENCODING="ascii"),
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+            return communicate(proc)
+        status, out, err = run("net", "/nonexistent.sock", "recv", "--help")
+        self.assertEqual((status, err), (0, ""))
+        self.assertIn("(LINKTYPE_ETHERNET, us timestamps)", " ".join(out.split()))
+        fsd = self.start_backend(Virtiofsd)
+        os.makedirs(os.path.join(fsd.shared_dir, "d", "e"))
+        status, out, err = run("fs", fsd.socket_path, "tree")
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(out, "/\n`-- d\n    `-- e\n\n2 directories, 0 files\n")
+
+
 if __name__ == "__main__":
     unittest.main()

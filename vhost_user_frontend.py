@@ -12041,6 +12041,50 @@ def _build_parser():
 
 def main(argv=None):
     """Run the command line (``python3 vhost_user_frontend.py --help``); returns the exit status."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _AsciiFallback.around(sys.stdout), _AsciiFallback.around(sys.stderr)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+class _AsciiFallback:
+    """A text stream that writes ``us`` for ``µs`` and tree's ASCII lines where the encoding lacks them.
+
+    CPython 3.6 in the C locale (``env -i``, a bare container) writes ASCII
+    to stdout: "µs" in bench's report, the tree's box lines and "--help" of
+    ``recv`` then raised UnicodeEncodeError (3.7+ switch to UTF-8 there,
+    PEP 538/540). ``tree`` itself falls back to ``|--`` and `` `-- ``.
+    """
+
+    _SYMBOLS = "\u00b5\u2514\u251c\u2502\u2500"       # µ └ ├ │ ─
+    _TABLE = str.maketrans({"\u00b5": "u", "\u2514": "`", "\u251c": "|", "\u2502": "|",
+                            "\u2500": "-"})
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    @classmethod
+    def around(cls, stream):
+        """``stream`` itself when its encoding has the symbols (or it has none: StringIO)."""
+        encoding = getattr(stream, "encoding", None)
+        if not encoding or isinstance(stream, cls):
+            return stream
+        try:
+            cls._SYMBOLS.encode(encoding)
+        except (UnicodeEncodeError, LookupError):
+            return cls(stream)
+        return stream
+
+    def write(self, text):
+        return self._stream.write(text.translate(self._TABLE))
+
+    def __getattr__(self, name):    # buffer, flush, isatty, fileno, encoding ...
+        return getattr(self._stream, name)
+
+
+def _main(argv):
     parser, _, _ = _build_parser()
     try:
         args = parser.parse_args(argv)
