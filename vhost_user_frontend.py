@@ -10004,31 +10004,38 @@ def _net_ping(dev, args, out):
 
     seq = 0
     try:
-        while args.count is None or seq < args.count:
-            seq += 1
-            done.discard(seq - 4096)   # bounded, for a ping that runs for days
-            frame = make(seq)
-            t0 = clock()
-            sent_at[seq] = (t0, frame)
-            dev.send(frame)
-            stats.transmitted += 1
-            if args.flood and not args.quiet:
-                out.write(".")
-            deadline = t0 + wait
-            while seq in sent_at:
-                back = dev.recv(timeout=max(0.0, deadline - clock()))
-                if back is None:
-                    sent_at.pop(seq)   # lost: a late copy is not counted
+        # Ctrl-C sets a flag that the loop checks between calls (as recv's
+        # capture does): a KeyboardInterrupt inside send() or recv() could
+        # leave the device's lock taken, and closing it then hung.
+        with _SigintFlag() as sigint:
+            while (args.count is None or seq < args.count) and not sigint.stopped:
+                seq += 1
+                done.discard(seq - 4096)   # bounded, for a ping that runs for days
+                frame = make(seq)
+                t0 = clock()
+                sent_at[seq] = (t0, frame)
+                dev.send(frame)
+                stats.transmitted += 1
+                if args.flood and not args.quiet:
+                    out.write(".")
+                deadline = t0 + wait
+                while seq in sent_at and not sigint.stopped:
+                    left = deadline - clock()
+                    back = dev.recv(timeout=min(max(0.0, left), _SIGINT_POLL))
+                    if back is not None:
+                        take(back)
+                    elif left <= _SIGINT_POLL:
+                        sent_at.pop(seq)   # lost: a late copy is not counted
+                out.flush()
+                if args.count is not None and seq >= args.count:
                     break
-                take(back)
-            out.flush()
-            if args.count is not None and seq >= args.count:
-                break
-            pause = t0 + interval - clock()
-            if pause > 0:
-                time.sleep(pause)
+                while not sigint.stopped:
+                    pause = t0 + interval - clock()
+                    if pause <= 0:
+                        break
+                    time.sleep(min(pause, _SIGINT_POLL))
     except KeyboardInterrupt:
-        pass
+        pass   # Ctrl-C before the flag was set up
     except VhostUserError:
         out.write("\n".join(stats.summary(args.socket)) + "\n")
         raise   # the back-end died: the summary, then the error line
