@@ -14,6 +14,7 @@ import errno
 import fcntl
 import gc
 import io
+import itertools
 import json
 import logging
 import mmap
@@ -458,10 +459,35 @@ class Testpmd(_Daemon):
         vdev = "net_vhost0,iface=%s,queues=%d" % (self.socket_path, self.queues)
         if self.client:
             vdev += ",client=1"
+        queues = ["--rxq=%d" % self.queues, "--txq=%d" % self.queues] if self.queues > 1 else []
         return [find_binary("dpdk-testpmd"), "--no-huge", "--no-pci", "--no-shconf", "-m", "128",
                 "-l", self._cpus(), "--file-prefix=%s" % self.file_prefix, "--vdev", vdev,
                 "--", "--total-num-mbufs=2048", "--auto-start", "--stats-period=3600",
-                "--no-mlockall", "--forward-mode=%s" % self.forward_mode, "--nb-cores=1"]
+                "--no-mlockall", "--forward-mode=%s" % self.forward_mode, "--nb-cores=1"] + queues
+
+    def stop_with_stats(self):
+        """SIGTERM, then the forward statistics testpmd prints as it exits, then stop().
+
+        Returns {"port": (rx, tx, tx_dropped), queue: (rx, tx, tx_dropped), ...}; per-queue
+        entries only with several queues (testpmd prints them per forwarding stream).
+        """
+        if self.proc.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            self.wait(self.stop_timeout)
+        with open(self.log_path) as f:
+            log = f.read()
+        self.stop()
+        stats = {}
+        number = r"RX-packets:\s*(\d+)\s+TX-packets:\s*(\d+)\s+TX-dropped:\s*(\d+)"
+        for queue, rx, tx, dropped in re.findall(
+                r"RX Port=\s*0/Queue=\s*(\d+) -> TX Port=\s*0/Queue=\s*\d+ -+\s+" + number, log):
+            stats[int(queue)] = (int(rx), int(tx), int(dropped))
+        port = re.search(r"Forward statistics for port 0\s*-+\s+RX-packets:\s*(\d+).*?\n"
+                         r"\s*TX-packets:\s*(\d+)\s+TX-dropped:\s*(\d+)", log)
+        if port is None:
+            raise BackendError("testpmd printed no forward statistics:\n" + log[-2000:])
+        stats["port"] = tuple(int(n) for n in port.groups())
+        return stats
 
     def _cleanup_extra(self):
         # EAL runtime dir (telemetry sockets) survives even --no-shconf.
@@ -3287,9 +3313,9 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
         report = json.loads(out)
         self.assertEqual(list(report), [
             "type", "size", "depth", "queues", "seconds", "requests", "packets_per_s", "mbit_per_s",
-            "latency_us", "frontend_cpu_us_per_request", "backend_cpu_us_per_request"])
-        self.assertEqual((report["type"], report["size"], report["depth"], report["queues"]),
-                         ("net", 64, 8, 1))
+            "latency_us", "frontend_cpu_us_per_request", "backend_cpu_us_per_request", "packed"])
+        self.assertEqual((report["type"], report["size"], report["depth"], report["queues"],
+                          report["packed"]), ("net", 64, 8, 1, True))
         self.assertGreater(report["requests"], 8)
         self.assertGreaterEqual(report["seconds"], 0.5)
         self.assertAlmostEqual(report["packets_per_s"], report["requests"] / report["seconds"],
@@ -3307,7 +3333,9 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
                                (["--rw", "read"], "--rw applies to --type blk and fs only"),
                                (["--verify"], "--verify applies to --type blk only"),
                                (["--offset", "4k"], "--offset applies to --type blk only"),
-                               (["--queues", "2"], "--queues 2: bench --type net uses one queue pair")):
+                               # testpmd runs one pair here: pair 1 is never looped back.
+                               (["--queues", "2", "--timeout", "0.5"],
+                                "frame(s) of pair 1 did not come back within 0.5 s")):
             with self.subTest(argv=argv):
                 status, out, err = run_cli("bench", sock, "--type", "net", *argv)
                 self.assertEqual((status, out), (1, ""), err)
@@ -4097,14 +4125,16 @@ class TestNetDevice(BackendTestMixin, FdLeakCheck):
     def test_io_forward_10000_frames(self):
         pmd = self.start_backend(Testpmd)
         rnd = random.Random(7)
-        for mrg in (False, True):
-            with self.subTest(mrg_rxbuf=mrg):
+        for packed, mrg in itertools.product((False, True), (False, True)):
+            with self.subTest(packed=packed, mrg_rxbuf=mrg):
                 # Small receive buffers with MRG_RXBUF, so most frames span several of them.
                 kwargs = {"rx_buffer_size": 256} if mrg else {}
-                with vu.NetDevice.connect(pmd.socket_path, mrg_rxbuf=mrg, **kwargs) as dev:
+                with vu.NetDevice.connect(pmd.socket_path, mrg_rxbuf=mrg, packed=packed,
+                                          **kwargs) as dev:
                     self.assertEqual(bool(dev.features & (1 << 15)), mrg)
                     self.assertTrue(dev.features & _F.VERSION_1)
-                    self.assertFalse(dev.features & _F.RING_PACKED)
+                    self.assertEqual((dev.packed, bool(dev.features & _F.RING_PACKED)),
+                                     (packed, packed))
                     self.exchange(dev, 10000, rnd)
                     with self.assertRaises(ValueError):
                         dev.send(b"short")
@@ -4912,6 +4942,666 @@ class TestNetDeviceConfig(FrontendTestBase):
         nic = vu.NetDevice(self.frontend(backend, vu.DeviceType.NET), queue_size=16)
         self.addCleanup(nic.close)
         self.assertEqual((nic.mac, nic.mtu, nic.link_up), (bytes.fromhex("525400abcdef"), None, None))
+
+
+_PACKED = _F.RING_PACKED
+_AVAIL, _USED = 1 << 7, 1 << 15
+
+
+class _PackedRingDevice(object):
+    """The device end of a packed Queue (spec 2.8), done by hand in guest memory."""
+
+    def __init__(self, queue):
+        self.q = queue
+        self.mem = queue.mem
+        self.avail, self.avail_wrap = 0, 1   # next slot to look at, and its wrap counter
+        self.used, self.used_wrap = 0, 1     # next slot to write a used descriptor to
+
+    def desc(self, slot):
+        """(addr, len, id, flags) of ring slot ``slot``."""
+        return _DESC.unpack(self.mem.read(self.q.desc_table + 16 * slot, 16))
+
+    def take(self):
+        """[(buffer id, [(addr, len, flags)] with indirect resolved, ring slots)] posted so far."""
+        chains = []
+        while True:
+            _, _, _, flags = self.desc(self.avail)
+            if bool(flags & _AVAIL) != self.avail_wrap or bool(flags & _USED) == self.avail_wrap:
+                return chains
+            out, slots = [], 0
+            while True:
+                addr, length, buffer_id, flags = self.desc(self.avail)
+                slots += 1
+                self.avail += 1
+                if self.avail == self.q.size:
+                    self.avail, self.avail_wrap = 0, self.avail_wrap ^ 1
+                if flags & 4:   # INDIRECT: a table of length / 16 packed descriptors
+                    for i in range(length // 16):
+                        a, n, _, f = _DESC.unpack(self.mem.read(addr + 16 * i, 16))
+                        out.append((a, n, f))
+                else:
+                    out.append((addr, length, flags & 2))
+                if not flags & 1:
+                    break
+            chains.append((buffer_id, out, slots))
+
+    def complete(self, buffer_id, length, slots, signal=True, flags=None):
+        """Write one used descriptor (id and len, then flags) and skip ``slots``."""
+        base = self.q.desc_table + 16 * self.used
+        self.mem.write(base + 8, struct.pack("<IH", length, buffer_id))
+        if flags is None:
+            flags = _AVAIL | _USED if self.used_wrap else 0
+        self.mem.write(base + 14, struct.pack("<H", flags))
+        self.used += slots
+        if self.used >= self.q.size:
+            self.used, self.used_wrap = self.used - self.q.size, self.used_wrap ^ 1
+        if signal:
+            self.q.call.signal()
+
+    def set_device_event(self, flags, off=0, wrap=1):
+        self.mem.write(self.q.used_ring, struct.pack("<HH", off | wrap << 15, flags))
+
+    def driver_event(self):
+        """(offset, wrap, flags) the driver asked for."""
+        off_wrap, flags = struct.unpack("<HH", self.mem.read(self.q.avail_ring, 4))
+        return off_wrap & 0x7FFF, off_wrap >> 15, flags
+
+
+class TestPackedQueue(FdLeakCheck):
+    """Queue's packed layout against a packed device simulated through guest memory."""
+
+    def make(self, size=8, features=0):
+        mem = vu.GuestMemory([(0, 1 << 20)])
+        self.addCleanup(mem.close)
+        q = vu.Queue(mem, size, features=features | _PACKED)
+        self.addCleanup(q.close)
+        return q, _PackedRingDevice(q)
+
+    def test_layout_and_base(self):
+        q, dev = self.make(size=16)
+        self.assertTrue(q.packed)
+        self.assertEqual((q.avail_ring - q.desc_table, q.used_ring - q.avail_ring), (256, 4))
+        self.assertEqual(q.vring_base, 0x80008000)      # both wrap counters start at 1
+        with self.assertRaises(ValueError):               # the layout is fixed
+            q.features = _F.RING_EVENT_IDX
+        split = vu.Queue(q.mem, 4)
+        self.addCleanup(split.close)
+        with self.assertRaises(ValueError):
+            split.features = _PACKED
+
+    def test_base_encoding(self):
+        # vhost-user.rst "Ring states": avail position, its wrap counter in bit 15; used in 16-31.
+        for num, state in ((0x80008000, (0, 1, 0, 1)), (0x80028004, (4, 1, 2, 1)),
+                           (0x00050005, (5, 0, 5, 0)), (0x0003, (3, 0, 3, 0)),
+                           (0x8003, (3, 1, 3, 1))):     # no used half: used is where avail is
+            with self.subTest(num=hex(num)):
+                decoded = vu._decode_packed_base(num, 8)
+                self.assertEqual(tuple(decoded), state)
+                if num >> 16:
+                    self.assertEqual(vu._encode_packed_base(decoded), num)
+        for num in (0x8008, 0x80088000, 1 << 32):
+            with self.assertRaises(vu.ProtocolError):
+                vu._decode_packed_base(num, 8)
+        for bad in ((0x8000, 1, 0, 1), (0, 2, 0, 1), (0, 1, -1, 1)):
+            with self.assertRaises(ValueError):
+                vu._encode_packed_base(vu._PackedBase(*bad))
+
+    def test_chains_of_one_to_n_descriptors(self):
+        q, dev = self.make(size=16)
+        for count in range(1, 9):
+            with self.subTest(count=count):
+                readable = [b"r%d" % i for i in range(count - 1)]
+                out = bytearray(5)
+                token = q.add(readable, [out])
+                self.assertEqual(q.num_free, 16 - count)
+                (buffer_id, chain, slots), = dev.take()
+                self.assertEqual(slots, count)
+                self.assertEqual([f for _, _, f in chain], [0] * (count - 1) + [2])
+                self.assertEqual([self.read(dev, d) for d in chain[:-1]], readable)
+                dev.mem.write(chain[-1][0], b"hello")
+                dev.complete(buffer_id, 5, slots)
+                self.assertEqual(q.get_used(), [(token, 5)])
+                self.assertEqual((bytes(out), q.num_free, q.in_flight), (b"hello", 16, 0))
+
+    @staticmethod
+    def read(dev, desc):
+        return dev.mem.read(desc[0], desc[1])
+
+    def test_buffer_id_on_the_last_descriptor_and_head_flags_last(self):
+        q, dev = self.make()
+        q.add([b"a", b"b"], [bytearray(1)])
+        ids = [dev.desc(slot)[2] for slot in range(3)]
+        self.assertEqual(len(set(ids)), 1)
+        flags = [dev.desc(slot)[3] for slot in range(3)]
+        self.assertEqual(flags, [_AVAIL | 1, _AVAIL | 1, _AVAIL | 2])
+
+    def test_indirect(self):
+        q, dev = self.make(features=_F.RING_INDIRECT_DESC)
+        q.add([b"a", b"b", b"c"], [bytearray(2)], token="ind")
+        q.add([b"x"], token="direct")
+        self.assertEqual(q.num_free, 6)                   # 1 slot + 1 slot
+        (id1, chain1, slots1), (id2, chain2, slots2) = dev.take()
+        self.assertEqual((slots1, slots2), (1, 1))
+        self.assertEqual([f for _, _, f in chain1], [0, 0, 0, 2])
+        self.assertEqual([self.read(dev, d) for d in chain1[:3]], [b"a", b"b", b"c"])
+        dev.complete(id2, 0, 1)
+        dev.complete(id1, 2, 1)
+        self.assertEqual(q.get_used(), [("direct", 0), ("ind", 2)])
+        # A chain longer than the free slots still fits through one table.
+        for i in range(7):
+            q.add([b"%d" % i])
+        q.add([b"y"] * 3)
+        self.assertEqual(q.num_free, 0)
+
+    def test_out_of_order_completion(self):
+        q, dev = self.make(size=8)
+        q.add([b"a"] * 3, token="three")
+        q.add([b"b"], token="one")
+        q.add([b"c"] * 2, token="two")
+        chains = dev.take()
+        self.assertEqual([s for _, _, s in chains], [3, 1, 2])
+        for i in (1, 2, 0):             # used slots 0, 1, 3: the device skips by each chain's size
+            dev.complete(chains[i][0], 0, chains[i][2])
+        self.assertEqual([t for t, _ in q.get_used()], ["one", "two", "three"])
+        self.assertEqual((q.next_used, q.num_free), (6, 8))
+
+    def test_wrap_past_65536_chains(self):
+        # More than 65,536 chains of 1 to 3 descriptors through an 8-entry ring:
+        # positions wrap every lap, and the wrap counters flip thousands of times.
+        q, dev = self.make(size=8, features=_F.RING_EVENT_IDX)
+        total = 0
+        flips = 0
+        rng = random.Random(10)
+        while total < 66000:
+            tokens = []
+            while True:
+                count = rng.randint(1, 3)
+                try:
+                    tokens.append(q.add([b"x"] * count))
+                except vu.Queue.Full:
+                    break
+            wrap = q.used_wrap
+            for buffer_id, _, slots in dev.take():
+                dev.complete(buffer_id, 0, slots, signal=False)
+            self.assertEqual([t for t, _ in q.get_used()], tokens)
+            flips += q.used_wrap != wrap
+            total += len(tokens)
+        self.assertGreater(flips, 1000)
+        self.assertEqual((q.num_free, q.in_flight, q.next_avail, q.avail_wrap),
+                         (8, 0, q.next_used, q.used_wrap))
+
+    def test_notify_honours_device_event_flags(self):
+        q, dev = self.make()
+        self.assertFalse(q.notify())
+        q.add([b"x"])
+        self.assertTrue(q.notify())                       # ENABLE (0) at start
+        dev.set_device_event(1)                           # DISABLE
+        q.add([b"y"])
+        self.assertFalse(q.notify())
+        self.assertTrue(q.notify(force=True))
+        dev.set_device_event(2, off=5)                    # DESC without EVENT_IDX: kick
+        q.add([b"z"])
+        self.assertTrue(q.notify())
+        self.assertEqual(q.kick.read(), 3)
+
+    def test_notify_event_idx_edges(self):
+        q, dev = self.make(size=8, features=_F.RING_EVENT_IDX)
+        dev.set_device_event(2, off=2, wrap=1)            # kick once slot 2 is made available
+        q.add([b"a"])
+        q.add([b"b"])                                     # slots 0, 1: not yet
+        self.assertFalse(q.notify())
+        q.add([b"c"])                                     # slot 2: exactly the event
+        self.assertTrue(q.notify())
+        dev.set_device_event(2, off=4, wrap=1)
+        q.add([b"d"] * 2)                                 # slots 3, 4: crosses 4
+        self.assertTrue(q.notify())
+        for buffer_id, _, slots in dev.take():
+            dev.complete(buffer_id, 0, slots, signal=False)
+        q.get_used()
+        dev.set_device_event(2, off=6, wrap=1)
+        q.add([b"e"])                                     # slot 5: one short
+        self.assertFalse(q.notify())
+        dev.set_device_event(2, off=1, wrap=0)            # slot 1 of the next lap
+        q.add([b"f"] * 2)                                 # slots 6, 7: the lap ends, not there
+        self.assertFalse(q.notify())
+        q.add([b"g"])                                     # slot 0 (wrap 0)
+        self.assertFalse(q.notify())
+        q.add([b"h"])                                     # slot 1 (wrap 0): the event
+        self.assertTrue(q.notify())
+        self.assertEqual((q.next_avail, q.avail_wrap), (2, 0))
+        self.assertEqual(q.kick.read(), 3)
+
+    def test_driver_event_asks_for_interrupts(self):
+        q, dev = self.make(size=4, features=_F.RING_EVENT_IDX)
+        for i in range(3):
+            q.add([b"x"] * 1, token=i)
+        chains = dev.take()
+        self.assertEqual(q.wait_used(0.01, count=2), [])
+        self.assertEqual(dev.driver_event(), (1, 1, 2))   # DESC at slot 1: after 2 used
+        dev.complete(chains[0][0], 0, 1, signal=False)    # raced the re-arm: still found
+        self.assertEqual(q.wait_used(1.0, spin=0), [(0, 0)])
+        self.assertEqual(dev.driver_event(), (1, 1, 2))   # re-armed at the next slot
+        for buffer_id, _, slots in chains[1:]:
+            dev.complete(buffer_id, 0, slots)
+        self.assertEqual(len(q.get_used()), 2)
+        self.assertEqual(dev.driver_event(), (3, 1, 2))
+        q.add([b"y"] * 2)                                 # slots 3 and 0 (next lap)
+        self.assertEqual(q.wait_used(0.01, count=1), [])
+        self.assertEqual(dev.driver_event(), (3, 1, 2))
+        q.add([b"z"], token="z")
+        self.assertEqual(q.wait_used(0.01, count=2), [])
+        self.assertEqual(dev.driver_event(), (0, 0, 2))   # one past slot 3 is slot 0, wrap 0
+
+    def test_hostile_device(self):
+        cases = (
+            ("id out of range", lambda i, s: (8, 1, s), "names buffer id 8, the ring has 8"),
+            ("id not in flight", lambda i, s: ((i + 1) % 8, 1, s), "which is not in flight"),
+            ("too long", lambda i, s: (i, 6, s), "claims 6 bytes written, the chain has 5"),
+            ("AVAIL not the wrap counter", lambda i, s: (i, 1, s, _USED),
+             "neither available nor used"),
+            ("used with the old wrap counter", lambda i, s: (i, 1, s, 0),
+             "neither available nor used"))
+        for name, entry, message in cases:
+            with self.subTest(name):
+                q, dev = self.make()
+                q.add([b"cmd"], [bytearray(4), bytearray(1)])
+                (buffer_id, _, slots), = dev.take()
+                free = q.num_free
+                args = entry(buffer_id, slots)
+                dev.complete(*args[:3], flags=args[3] if len(args) > 3 else None)
+                with self.assertRaises(vu.ProtocolError) as cm:
+                    q.wait_used(1.0)
+                self.assertIn(message, str(cm.exception))
+                self.assertEqual((q.num_free, q.in_flight), (free, 1))   # free list untouched
+                with self.assertRaises(vu.ProtocolError):                # and it stays broken
+                    q.add([b"x"])
+
+    def test_slots(self):
+        q, dev = self.make(size=8, features=_F.RING_EVENT_IDX)
+        buf = q.mem.allocate(256)
+        slot = q.add_slot([(buf, 16)], [(buf + 16, 32), (buf + 48, 1)])
+        other = q.add_slot([(buf + 64, 8), (buf + 72, 8)])
+        self.assertEqual((q.num_free, q.in_flight), (3, 0))  # idle slots hold their positions
+        for round_ in range(9):     # re-posted: 5 positions a round, so chains cross the end
+            q.set_slot_buffer(slot, 1, buf + 100 + round_, 32, writable=True)
+            q.post_slots([slot, other], ["s%d" % round_, "o%d" % round_])
+            with self.assertRaises(ValueError):
+                q.post_slots([slot])                           # in flight
+            chains = dev.take()
+            self.assertEqual([(c[2], [d[:2] for d in c[1]]) for c in chains],
+                             [(3, [(buf, 16), (buf + 100 + round_, 32), (buf + 48, 1)]),
+                              (2, [(buf + 64, 8), (buf + 72, 8)])])
+            dev.complete(chains[1][0], 0, 2)
+            dev.complete(chains[0][0], 33, 3)
+            self.assertEqual(q.get_used(), [("o%d" % round_, 0), ("s%d" % round_, 33)])
+        with self.assertRaises(vu.ProtocolError):           # more than the slot's writable
+            q.post_slots([slot], ["bad"])
+            (chain,) = dev.take()
+            dev.complete(chain[0], 34, 3)
+            q.get_used()
+
+    def test_slot_given_back(self):
+        q, dev = self.make(size=4)
+        buf = q.mem.allocate(64)
+        slot = q.add_slot([(buf, 8)] * 3)
+        self.assertEqual(q.num_free, 1)
+        with self.assertRaises(vu.Queue.Full):
+            q.add([b"x"] * 2)
+        q.remove_slot(slot)
+        self.assertEqual(q.num_free, 4)
+        token = q.add([b"x"] * 4)
+        (buffer_id, _, slots), = dev.take()
+        dev.complete(buffer_id, 0, slots)
+        self.assertEqual(q.get_used(), [(token, 0)])
+
+    def test_rewind_offers_what_the_old_device_did_not_complete(self):
+        q, dev = self.make(size=8)
+        buf = q.mem.allocate(64)
+        slot = q.add_slot([(buf, 4)], [(buf + 8, 4)])            # 2 positions, held while idle
+        q.add([b"A1", b"A2"], [bytearray(2)], token="A")        # positions 0-2
+        q.add([b"B"], token="B")                                 # 3
+        q.post_slots([slot], ["S"])                              # 4-5
+        q.add([b"C"], token="C")                                 # 6
+        chains = dev.take()
+        self.assertEqual([c[2] for c in chains], [3, 1, 2, 1])
+        dev.complete(chains[1][0], 0, 1)       # B first: its used descriptor lands at position 0
+        # The device dies here. Rewind: B stays to be reaped, A, S and C are offered again,
+        # in posting order, from position 1 on (where the used descriptors end).
+        base = q.rewind()
+        self.assertEqual((base, q.vring_base, q.rewinds), (0x80018001, 0x80018001, 1))
+        self.assertEqual((q.next_avail, q.avail_wrap), (7, 1))
+        new = _PackedRingDevice(q)
+        new.avail = new.used = 1
+        again = new.take()
+        self.assertEqual([(c[2], [d[1] for d in c[1]]) for c in again],
+                         [(3, [2, 2, 2]), (2, [4, 4]), (1, [1])])
+        self.assertEqual(q.get_used(), [("B", 0)])
+        for buffer_id, _, slots in again:
+            new.complete(buffer_id, 2 if slots == 3 else 0, slots)
+        self.assertEqual(q.get_used(), [("A", 2), ("S", 0), ("C", 0)])
+        self.assertEqual((q.in_flight, q.num_free), (0, 6))
+        # A used descriptor naming a chain not in flight breaks the queue.
+        q.add([b"x"], token="x")
+        (buffer_id, _, _), = new.take()
+        new.complete((buffer_id + 1) % 8, 0, 1)
+        with self.assertRaises(vu.ProtocolError):
+            q.rewind()
+
+    def test_reclaim(self):
+        q, dev = self.make(size=8)
+        for i in range(3):
+            q.add([b"r%d" % i], [bytearray(1)], token=i)
+        with self.assertRaises(vu.ProtocolError):         # past the ring
+            q.reclaim(0x8000 | 9)
+        self.assertEqual((q.next_avail, q.avail_wrap), (6, 1))   # 3 chains of 2 slots
+        with self.assertRaises(vu.ProtocolError):         # ahead of what was posted
+            q.reclaim(0x8000 | 7)
+        with self.assertRaises(vu.ProtocolError):         # wrong lap
+            q.reclaim(1)
+        chains = dev.take()
+        dev.complete(chains[0][0], 1, 2, signal=False)
+        q.reclaim(0x8000 | 2)                             # DPDK 22.11: the avail half only
+        self.assertEqual(q.vring_base, 0x80028002)
+        self.assertEqual(q.get_used(), [(0, 1)])
+        for buffer_id, _, slots in chains[1:]:
+            dev.complete(buffer_id, 1, slots)
+        self.assertEqual(q.get_used(), [(1, 1), (2, 1)])
+        # Idle: re-based onto the back-end's positions, stale flags restamped.
+        q.reclaim(0x0005 | (0x0005 << 16))
+        self.assertEqual((q.next_avail, q.avail_wrap, q.next_used, q.used_wrap),
+                         (5, 0, 5, 0))
+        self.assertEqual(q.vring_base, 0x00050005)
+        with self.assertRaises(vu.ProtocolError):         # used position != avail, idle
+            q.reclaim(0x8005 | (0x8004 << 16))
+        dev.avail, dev.avail_wrap, dev.used, dev.used_wrap = 5, 0, 5, 0
+        self.assertEqual(dev.take(), [])                  # nothing stale looks available
+        token = q.add([b"after"], [bytearray(1)])
+        (buffer_id, _, slots), = dev.take()
+        dev.complete(buffer_id, 1, slots)
+        self.assertEqual(q.get_used(), [(token, 1)])
+
+
+def _numbered_frames(rnd, first, count, pair=0):
+    """Frames of random sizes 60..1514 carrying (pair, number) after the Ethernet header."""
+    head = b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5"
+    frames = []
+    for n in range(first, first + count):
+        size = rnd.randint(60, 1514)
+        frames.append(head + struct.pack("<HI", pair, n) + os.urandom(size - 20))
+    return frames
+
+
+class TestPackedRingsAndQueuePairs(BackendTestMixin, FdLeakCheck):
+    """packed= and queue_pairs= against the real back-ends: testpmd (packed, MQ) and qsd (neither)."""
+
+    def test_qsd_refuses_packed_before_any_ring(self):
+        qsd = self.start_backend(QemuStorageDaemon, kind="raw")
+        with mock.patch.object(vu.BackendClient, "set_mem_table", autospec=True) as mem_table, \
+                mock.patch.object(vu.BackendClient, "set_vring_num", autospec=True) as vring_num:
+            with self.assertRaises(vu.FeatureNotNegotiated) as cm:
+                vu.BlockDevice.connect(qsd.socket_path, packed=True)
+            self.assertIn("RING_PACKED is not offered", str(cm.exception))
+            self.assertEqual((mem_table.call_count, vring_num.call_count), (0, 0))
+        with vu.BlockDevice.connect(qsd.socket_path) as dev:       # None: falls back to split
+            self.assertFalse(dev.packed or dev.features & _F.RING_PACKED)
+            data = (b"split" * 103)[:512]
+            dev.write(4096, data)
+            self.assertEqual(dev.read(4096, 512), data)
+        with self.assertRaises(ValueError):
+            vu.BlockDevice.connect(qsd.socket_path, packed="yes")
+
+    def test_testpmd_sleep_and_wake_in_the_middle_of_traffic(self):
+        pmd = self.start_backend(Testpmd)
+        rnd = random.Random(11)
+        sent, received = [], []
+        for packed in (False, True):
+            with self.subTest(packed=packed), \
+                    vu.NetDevice.connect(pmd.socket_path, packed=packed) as dev:
+                self.assertEqual(dev.packed, packed)
+                for round_ in range(20):
+                    frames = _numbered_frames(rnd, len(sent), 32)
+                    dev.send_many(frames)
+                    sent.extend(frames)
+                    if round_ % 4 == 1:
+                        # Stop the rings with frames just posted, some not taken yet.
+                        slept = dev.frontend.virtio_sleep()
+                        self.assertEqual(len(slept), 2)
+                        dev.frontend.virtio_wake()
+                    # Until the round's last frame is back, or nothing came for a while
+                    # (testpmd drops what it forwards while the RX ring is stopped).
+                    frame = dev.recv(1.0)
+                    while frame is not None:
+                        received.append(frame)
+                        frame = dev.recv(1.0) if frame != frames[-1] else None
+                dev.flush()
+                frame = dev.recv(0.5)
+                while frame is not None:
+                    received.append(frame)
+                    frame = dev.recv(0.5)
+        # What came back is what was sent, in order, each once.
+        back = set(received)
+        self.assertEqual(received, [f for f in sent if f in back])
+        stats = pmd.stop_with_stats()
+        rx, tx, dropped = stats["port"]
+        self.assertEqual(rx, len(sent))              # TX side: nothing lost, nothing twice
+        self.assertEqual(tx + dropped, len(sent))
+        self.assertEqual(tx, len(received))
+        self.assertGreater(len(received), len(sent) * 3 // 4)
+
+    def test_testpmd_four_queue_pairs_one_thread_each(self):
+        pmd = self.start_backend(Testpmd, queues=4)
+        count = 300
+        errors = []
+        with vu.NetDevice.connect(pmd.socket_path, queue_pairs=4, packed=True) as dev:
+            self.assertEqual((dev.queue_pairs, dev.packed), (4, True))
+            self.assertTrue(dev.features & (1 << 22))              # NET_MQ
+            self.assertFalse(dev.features & (1 << 17))             # CTRL_VQ is not acked
+            with self.assertRaises(ValueError):
+                dev.send(b"\x00" * 60, pair=4)
+
+            def loop(pair):
+                try:
+                    rnd = random.Random(pair)
+                    for first in range(0, count, 20):
+                        frames = _numbered_frames(rnd, first, 20, pair)
+                        dev.send_many(frames, pair=pair)
+                        for frame in frames:
+                            self.assertEqual(dev.recv(5.0, pair=pair), frame)
+                    self.assertIsNone(dev.recv(0.05, pair=pair))
+                except BaseException as exc:
+                    errors.append((pair, exc))
+
+            threads = [threading.Thread(target=loop, args=(p,)) for p in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            self.assertEqual(errors, [])
+        stats = pmd.stop_with_stats()
+        self.assertEqual([stats[q] for q in range(4)], [(count, count, 0)] * 4)
+
+    def test_cli_packed_split_and_pairs(self):
+        pmd = self.start_backend(Testpmd, queues=2)
+        reports = {}
+        for name, extra in (("split", ["--split"]), ("packed", ["--packed"]),
+                            ("pairs", ["--queues", "2"])):
+            status, out, err = run_cli("bench", pmd.socket_path, "--type", "net", "--depth", "8",
+                                       "--seconds", "0.3", "--json", *extra)
+            self.assertEqual((status, err), (0, ""), name)
+            reports[name] = json.loads(out)
+        self.assertEqual([reports[n]["packed"] for n in ("split", "packed", "pairs")],
+                         [False, True, True])
+        self.assertEqual(reports["pairs"]["queues"], 2)
+        self.assertEqual([p["pair"] for p in reports["pairs"]["pairs"]], [0, 1])
+        self.assertTrue(all(p["requests"] > 0 for p in reports["pairs"]["pairs"]))
+        self.assertEqual(sum(p["requests"] for p in reports["pairs"]["pairs"]),
+                         reports["pairs"]["requests"])
+        status, out, err = run_cli("bench", pmd.socket_path, "--type", "net", "--queues", "2",
+                                   "--seconds", "0.2")
+        self.assertEqual(status, 0, err)
+        self.assertIn("2 queue pairs, packed rings", out)
+        self.assertIn("pair 1 ", out)
+        for flag in ("--split", "--packed"):
+            status, out, err = run_cli("net", pmd.socket_path, "ping", "-c", "3", "-i", "0",
+                                       flag)
+            self.assertEqual(status, 0, err)
+            self.assertIn("3 packets transmitted, 3 received, 0% packet loss", out)
+        status, out, err = run_cli("net", pmd.socket_path, "ping", "--split", "--packed")
+        self.assertEqual(status, 2)
+        self.assertIn("not allowed with argument", err)
+
+    def test_cli_packed_refused_by_qsd(self):
+        qsd = self.start_backend(QemuStorageDaemon)
+        status, out, err = run_cli("bench", qsd.socket_path, "--packed", "--seconds", "0.1")
+        self.assertEqual(status, 1)
+        self.assertIn("packed=True, but RING_PACKED is not offered", err)
+        status, out, err = run_cli("bench", qsd.socket_path, "--seconds", "0.1", "--json")
+        self.assertEqual(status, 0, err)
+        status, out, err = run_cli("bench", qsd.socket_path, "--type", "fs", "--split")
+        self.assertEqual(status, 1)
+        self.assertIn("--packed and --split apply to blk and net devices only", err)
+
+    def test_queue_pairs_need_mq(self):
+        for protocol, pairs, error in ((FAKE_PROTOCOL & ~P_MQ, 2, vu.FeatureNotNegotiated),
+                                       (FAKE_PROTOCOL, 0, ValueError),
+                                       (FAKE_PROTOCOL, 3, ValueError)):   # 4 queues: 2 pairs
+            with self.subTest(pairs=pairs):
+                backend = FakeBackend(features=FAKE_FEATURES | (1 << 22),
+                                      protocol_features=protocol, queue_num=4)
+                self.addCleanup(backend.close)
+                frontend = vu.VhostUserFrontend(vu.DeviceType.NET, 0, backend.frontend_sock)
+                with self.assertRaises(error) as cm:
+                    vu.NetDevice(frontend, queue_pairs=pairs)
+                self.assertIn("queue_pairs", str(cm.exception))
+                self.assertEqual([m for m in backend.messages if m.name == "SET_MEM_TABLE"], [])
+
+
+class TestPackedFrontend(FrontendTestBase):
+    """VhostUserFrontend with packed queues: negotiation, bases on the wire, sleep/state/wake."""
+
+    def packed_frontend(self, backend, packed=True):
+        sock = backend.frontend_sock
+        backend.frontend_sock = None
+        fe = vu.VhostUserFrontend(vu.DeviceType.BLOCK, _F.VERSION_1 | _PACKED, sock, packed=packed)
+        self.addCleanup(fe.close)
+        return fe
+
+    def bases(self, backend):
+        return [_STATE.unpack(m.body)[1] for m in backend.messages if m.name == "SET_VRING_BASE"]
+
+    def test_stripped_unless_asked(self):
+        backend = self.backend(features=FAKE_FEATURES | _PACKED)
+        with self.assertLogs("vhost_user_frontend", "WARNING"):
+            fe = self.packed_frontend(backend, packed=False)
+        self.assertFalse(fe.features() & _PACKED)
+        other = self.backend(features=FAKE_FEATURES | _PACKED)
+        fe = self.packed_frontend(other)
+        self.assertTrue(fe.features() & _PACKED)
+        fe.ack_features(_F.VERSION_1 | _PACKED)
+        mem = vu.GuestMemory([(0, 1 << 20)])
+        self.addCleanup(mem.close)
+        split = vu.Queue(mem, 8)
+        self.addCleanup(split.close)
+        other.take(len(CONSTRUCT) + 1)
+        with self.assertRaises(ValueError) as cm:     # refused before anything is sent
+            fe.activate(mem, None, [split])
+        self.assertIn("queue 0 is split but RING_PACKED is acked", str(cm.exception))
+        self.assertEqual(other.messages, [])
+
+    def test_sleep_snapshot_restore_wake_resume_where_the_ring_stopped(self):
+        backend = self.backend(features=FAKE_FEATURES | _PACKED)
+        fe = self.packed_frontend(backend)
+        fe.ack_features(_F.VERSION_1 | _PACKED)
+        mem = vu.GuestMemory([(0, 1 << 20)])
+        self.addCleanup(mem.close)
+        q = vu.Queue(mem, 8, features=fe.acked_features)
+        self.addCleanup(q.close)
+        dev = _PackedRingDevice(q)
+        fe.activate(mem, None, [q])
+        self.assertEqual(self.bases(backend), [0x80008000])     # both wrap counters 1
+        for i in range(3):
+            q.add([b"req%d" % i], [bytearray(1)], token=i)
+        chains = dev.take()
+        dev.complete(chains[0][0], 1, 2)
+        # The back-end stopped with 2 chains taken (avail position 4), 1 used (position 2).
+        backend.rings[0].last_avail = 0x8004 | 0x8002 << 16
+        slept = fe.virtio_sleep()
+        self.assertEqual(slept[0].vring_base, 0x80028004)
+        state = fe.virtio_snapshot()
+        fe.virtio_restore(state)
+        del backend.messages[:]
+        fe.virtio_wake()
+        self.assertEqual(self.bases(backend), [0x80028004])
+        for buffer_id, _, slots in chains[1:]:
+            dev.complete(buffer_id, 1, slots)
+        self.assertEqual(q.wait_used(5.0, count=3) + q.wait_used(0.2), [(0, 1), (1, 1), (2, 1)])
+        # Idle now: GET_VRING_BASE without the used half re-bases on the avail one.
+        backend.rings[0].last_avail = 0x8006
+        fe.virtio_sleep()
+        self.assertEqual((q.vring_base, q.next_avail, q.next_used), (0x80068006, 6, 6))
+        # A split ring's base must still fit in 16 bits.
+        backend2 = self.backend()
+        fe2 = self.frontend(backend2)
+        mem2, queues = self.memory(nqueues=1)
+        fe2.activate(mem2, None, queues)
+        backend2.rings[0].last_avail = 0x10000
+        with self.assertRaises(vu.ProtocolError):
+            fe2.virtio_sleep()
+
+
+class TestPackedBlockDevice(FrontendTestBase):
+    """BlockDevice over packed rings, the FakeBackend serving a RAM disk from the packed ring."""
+
+    CONFIG = TestBlockDeviceBadDevice.CONFIG   # 2048 sectors of 512 bytes
+
+    def test_simple_calls_and_the_fast_path(self):
+        disk = bytearray(2048 * 512)
+        rings = {}
+
+        def serve(backend, index):
+            dev = rings.get(index)
+            if dev is None:            # the start kick, before the test has the queue
+                return
+            for buffer_id, chain, slots in dev.take():
+                kind, _, sector = struct.unpack("<IIQ", dev.mem.read(chain[0][0], 16))
+                data, status = chain[1:-1], chain[-1]
+                offset, written = sector * 512, 1
+                for addr, length, flags in data:
+                    if kind == 0:      # IN: the device writes the data
+                        dev.mem.write(addr, bytes(disk[offset:offset + length]))
+                        written += length
+                    elif kind == 1:    # OUT
+                        disk[offset:offset + length] = dev.mem.read(addr, length)
+                    offset += length
+                dev.mem.write(status[0], b"\0")
+                dev.complete(buffer_id, written, slots)
+
+        backend = self.backend(features=F_PROTOCOL | F_VERSION_1 | F_EVENT_IDX | (1 << 9)
+                               | (1 << 6) | _PACKED, config=self.CONFIG, device=serve)
+        sock, backend.frontend_sock = backend.frontend_sock, None
+        blk = vu.BlockDevice.connect(sock, queue_size=16, packed=True)
+        self.addCleanup(blk.close)
+        self.assertTrue(blk.packed and blk.features & _PACKED and blk._queues[0].packed)
+        self.assertEqual(backend.acked_features & _PACKED, _PACKED)
+        rings[0] = _PackedRingDevice(blk._queues[0])
+        pattern = bytes(range(256)) * 16
+        blk.write(8192, pattern)
+        self.assertEqual(disk[8192:8192 + 4096], pattern)
+        self.assertEqual(bytes(blk.read(8192, 4096)), pattern)
+        blk.flush()
+        # The fast path: slots of 3 descriptors re-posted in batches, around the ring many times.
+        buffers = [blk.alloc(512) for _ in range(4)]
+        for round_ in range(12):
+            offsets = [512 * (4 * round_ + i) for i in range(4)]
+            for i, buffer in enumerate(buffers):
+                buffer[:] = bytes([round_ * 4 + i]) * 512
+            blk.post_writes(offsets, buffers)
+            self.assertEqual(sorted(blk.reap(count=4)), offsets)
+            blk.post_reads(offsets, buffers, user_data=list(range(4)))
+            self.assertEqual(sorted(blk.reap(count=4)), [0, 1, 2, 3])
+            self.assertEqual([bytes(b[:1]) for b in buffers],
+                             [bytes([round_ * 4 + i]) for i in range(4)])
+        self.assertEqual(disk[512 * 47:512 * 48], bytes([47]) * 512)
 
 
 
@@ -7306,7 +7996,7 @@ class TestNetDeviceSlots(FrontendTestBase):
         nic.flush()
         self.assertEqual(received, [frame(i) for i in range(96)])
         self.assertEqual(big_frames, [frame(999, 4000)])
-        self.assertEqual(sorted(nic._tx_idle), list(range(15)))   # every slot back, once
+        self.assertEqual(sorted(nic._pairs[0].tx_idle), list(range(15)))   # every slot back, once
         self.assertEqual(nic.recv(timeout=0), None)
 
 

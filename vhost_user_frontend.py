@@ -6,7 +6,8 @@ Drives any vhost-user back-end daemon (qemu-storage-daemon, virtiofsd, DPDK's
 vhost PMD, rust-vmm vhost-device-*, crosvm device back-ends, SPDK) with no VM,
 no compiler and no third-party package. Because there is no guest, this module
 is also the virtio *driver*: it owns guest memory (memfd), lays out the
-virtqueues there, posts descriptor chains, kicks, and reaps used entries.
+virtqueues there (split or packed), posts descriptor chains, kicks, and reaps
+used entries.
 
 Protocol: the vhost-user specification in QEMU's docs/interop/vhost-user.rst,
 newest text (front-end requests 1-45, protocol features 0-23), plus crosvm's
@@ -592,6 +593,46 @@ _encode_vring_addr, _decode_vring_addr = _fixed_codec(_ADDR, VringAddr, (32, 32,
 _encode_inflight, _decode_inflight = _fixed_codec(_INFLIGHT, InflightInfo, (64, 64, 16, 16))
 _encode_iotlb, _decode_iotlb = _fixed_codec(_IOTLB, IotlbMsg, (64, 64, 64, 8, 8))
 _encode_shmem_map, _decode_shmem_map = _fixed_codec(_MMAP, ShmemMap, (8, 64, 64, 64, 64))
+
+
+class _PackedBase(NamedTuple):
+    """SET/GET_VRING_BASE ``num`` of a packed ring (vhost-user.rst, "Ring states").
+
+    Bits 0-14 the next avail position, bit 15 the driver's avail wrap
+    counter; bits 16-30 the used position and bit 31 its wrap counter.
+    """
+    avail: int
+    avail_wrap: int
+    used: int
+    used_wrap: int
+
+
+def _encode_packed_base(base):
+    """The 32-bit ``num`` of a ``_PackedBase``."""
+    for name, value, limit in zip(base._fields, base, (0x7FFF, 1, 0x7FFF, 1)):
+        if not isinstance(value, int) or not 0 <= value <= limit:
+            raise ValueError("SET_VRING_BASE: packed %s %r is not in 0..%d"
+                             % (name, value, limit))
+    return base.avail | base.avail_wrap << 15 | (base.used | base.used_wrap << 15) << 16
+
+
+def _decode_packed_base(num, size):
+    """GET_VRING_BASE's answer for a packed ring of ``size`` entries, checked.
+
+    Some back-ends (DPDK 22.11) return only the avail half and resume the used
+    position where avail is (the ring was drained); an upper half of 0 is read
+    that way.
+    """
+    request = FrontendReq.GET_VRING_BASE
+    if not 0 <= num <= 0xFFFFFFFF:
+        raise ProtocolError("GET_VRING_BASE: base %#x does not fit in 32 bits" % num, request)
+    avail, avail_wrap = num & 0x7FFF, num >> 15 & 1
+    used, used_wrap = (num >> 16 & 0x7FFF, num >> 31) if num >> 16 else (avail, avail_wrap)
+    for name, value in (("avail", avail), ("used", used)):
+        if value >= size:
+            raise ProtocolError("GET_VRING_BASE: packed %s position %d (base %#x) is past "
+                                "the ring's %d entries" % (name, value, num, size), request)
+    return _PackedBase(avail, avail_wrap, used, used_wrap)
 
 
 def _encode_mem_table(regions):
@@ -1684,7 +1725,10 @@ class BackendClient:
 
         Without IOMMU_PLATFORM or GPA_ADDRESSES these are front-end user
         addresses (``GuestMemory.host_address``), not guest-physical ones.
-        Flags bit 0 (VHOST_VRING_F_LOG) makes QEMU wait for the ack.
+        For a packed ring, desc is the descriptor ring, avail the driver
+        event suppression area and used the device's (vhost-user.rst: the
+        fields keep their split names). Flags bit 0 (VHOST_VRING_F_LOG)
+        makes QEMU wait for the ack.
         """
         self._check_ring(_F.SET_VRING_ADDR, index)
         for name, value, align in (("desc", desc, 16), ("used", used, 4), ("avail", avail, 2)):
@@ -1701,7 +1745,12 @@ class BackendClient:
                        ack=self._want_ack(_F.SET_VRING_ADDR, ack))
 
     def set_vring_base(self, index, base, ack=None):
-        """VHOST_USER_SET_VRING_BASE: the next avail index the back-end processes."""
+        """VHOST_USER_SET_VRING_BASE: the next avail index the back-end processes.
+
+        Split rings: 16 bits. Packed rings: the avail position in bits 0-14
+        and the driver's wrap counter in bit 15, the used position and its
+        wrap counter in bits 16-31 (``Queue.vring_base`` holds it encoded).
+        """
         self._check_ring(_F.SET_VRING_BASE, index)
         _check_u32("base", base)
         self._transact(_F.SET_VRING_BASE, _STATE.pack(index, base),
@@ -1711,6 +1760,8 @@ class BackendClient:
         """VHOST_USER_GET_VRING_BASE: stop the ring; returns its next avail index.
 
         The back-end drains in-flight requests first, which may take long.
+        For a packed ring the answer is encoded as for SET_VRING_BASE (some
+        back-ends leave the used half 0); ``Queue.reclaim`` decodes it.
         """
         return self._get_base(_F.GET_VRING_BASE, index)
 
@@ -2247,6 +2298,9 @@ def _hex(value):
 # Split virtqueue layout (virtio spec 2.7): descriptor table 16 bytes per
 # entry, 16-aligned; avail ring flags, idx, ring[size], used_event; used ring
 # flags, idx, ring[size] of (id u32, len u32), avail_event; 2- and 4-aligned.
+# Packed layout (spec 2.8, RING_PACKED): one ring of 16-byte descriptors
+# (addr, len, buffer id, flags), then the driver's and the device's event
+# suppression areas (off_wrap u16, flags u16), 4-aligned; ``_PackedQueue``.
 #
 # Memory ordering. The back-end reads and writes these rings from another
 # CPU while we touch them through the mmap, and Python has no barriers. What
@@ -2276,6 +2330,18 @@ def _hex(value):
 #   order), each a full barrier for our purpose. It costs well under a
 #   microsecond and is taken once per notify decision and once per re-arm,
 #   never per descriptor.
+# - Packed rings (spec 2.8) have no indices: a descriptor's flags say whose
+#   it is. So the head's flags are stored on their own, through the
+#   accessor: the driver writes a chain's (or a batch's) other descriptors
+#   and the head's addr/len/id first and the first head's flags last, after
+#   the write fence (spec 2.8.21); it reads a used descriptor's flags first
+#   and its id and length after the read fence. Reaping loads the flags
+#   through the cast view, also on PyPy where such a load may tear: the
+#   device flips only USED (bit 15) of a descriptor made available, AVAIL
+#   (bit 7) is in the other byte, so a torn value is the old state or the
+#   new one. The store->load cases are the same two: publishing a head and
+#   then reading the device event suppression area, and writing the driver
+#   area and then re-reading the next used flags.
 
 _DESC = struct.Struct("<QIHH")      # addr, len, flags, next
 
@@ -2376,7 +2442,7 @@ class _Chain:
 
     def __init__(self, token, descs, writable, copy_out, block, block_size):
         self.token = token
-        self.descs = descs          # ring descriptor indices to free
+        self.descs = descs          # split: descriptor indices to free; packed: descriptors
         self.writable = writable    # bytes the device may write
         self.copy_out = copy_out    # (guest_addr, caller buffer) to copy back
         self.block = block          # guest allocation (bounce + indirect) or None
@@ -2388,7 +2454,7 @@ class _QueueFull(VhostUserError):
 
 
 class Queue:
-    """One split virtqueue in guest memory, and the driver that fills it.
+    """One virtqueue in guest memory, split or packed, and the driver that fills it.
 
     Holds what a VMM keeps per queue (crosvm's ``Queue``: size, guest
     addresses of the three parts, next avail and used indices, the interrupt
@@ -2421,7 +2487,8 @@ class Queue:
         index: the queue's index in its device.
         vector: the interrupt vector (MSI-X style); None for the shared event.
         features: the negotiated virtio features; RING_EVENT_IDX and
-            RING_INDIRECT_DESC change how the driver side works.
+            RING_INDIRECT_DESC change how the driver side works, and
+            RING_PACKED picks the packed layout (fixed from construction).
             ``VhostUserFrontend.activate`` sets it to the acked features.
     """
 
@@ -2431,9 +2498,18 @@ class Queue:
     #: when RING_INDIRECT_DESC was negotiated (shorter ones too when the
     #: ring has too few free descriptors).
     indirect_threshold = 4
+    #: True for the packed layout (virtio spec 2.8).
+    packed = False
 
     _block = None
     _views = ()
+
+    def __new__(cls, mem, size, index=0, vector=None, features=0):
+        # The layout is fixed when the ring is allocated: RING_PACKED in
+        # ``features`` builds the packed one (_PackedQueue, below).
+        if cls is Queue and features & VirtioFeature.RING_PACKED:
+            cls = _PackedQueue
+        return object.__new__(cls)
 
     def __init__(self, mem, size, index=0, vector=None, features=0):
         if not isinstance(size, int) or not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
@@ -2451,28 +2527,13 @@ class Queue:
         self.vring_base = 0
         self.features = features
         self.spin = _DEFAULT_SPIN
-        desc_bytes, avail_bytes, used_bytes = _split_ring_sizes(size)
-        total = desc_bytes + avail_bytes + 2 + used_bytes
+        total = self._ring_bytes(size)
         self._block = mem.allocate(total, align=4096)
-        self.desc_table = self._block
-        self.avail_ring = self.desc_table + desc_bytes
-        self.used_ring = (self.avail_ring + avail_bytes + 3) & ~3
         self.kick = None
         self.call = None
         try:
             mem.view(self._block, total)[:] = bytes(total)
-            self._desc = mem.view(self.desc_table, desc_bytes)
-            # avail words: [0] flags, [1] idx, [2 + i] ring[i], [2 + size] used_event
-            avail = mem.view(self.avail_ring, avail_bytes)
-            self._avail = avail.cast("H")   # ring entries, written in bulk
-            # used words: [0] flags, [1] idx, elements as (id, len) u32 pairs,
-            # [2 + 4 * size] avail_event
-            used = mem.view(self.used_ring, used_bytes)
-            self._used_elems = mem.view(self.used_ring + 4, 8 * size).cast("I")
-            self._load_used, _, used_words = _ring_words(used, "H")
-            _, self._store_avail, avail_words = _ring_words(avail, "H")
-            self._views = (self._desc, self._avail, self._used_elems, used_words,
-                           avail_words, avail, used)
+            self._map_rings(mem, size)
             self.kick = Event()
             self.call = Event()
         except BaseException:
@@ -2499,6 +2560,30 @@ class Queue:
         #: through ``wait_used``; ``_placement`` says when it pays.
         self.defer_calls = False
 
+    @staticmethod
+    def _ring_bytes(size):
+        desc_bytes, avail_bytes, used_bytes = _split_ring_sizes(size)
+        return desc_bytes + avail_bytes + 2 + used_bytes
+
+    def _map_rings(self, mem, size):
+        """Place the three parts in the zeroed block and map views of them."""
+        desc_bytes, avail_bytes, used_bytes = _split_ring_sizes(size)
+        self.desc_table = self._block
+        self.avail_ring = self.desc_table + desc_bytes
+        self.used_ring = (self.avail_ring + avail_bytes + 3) & ~3
+        self._desc = mem.view(self.desc_table, desc_bytes)
+        # avail words: [0] flags, [1] idx, [2 + i] ring[i], [2 + size] used_event
+        avail = mem.view(self.avail_ring, avail_bytes)
+        self._avail = avail.cast("H")   # ring entries, written in bulk
+        # used words: [0] flags, [1] idx, elements as (id, len) u32 pairs,
+        # [2 + 4 * size] avail_event
+        used = mem.view(self.used_ring, used_bytes)
+        self._used_elems = mem.view(self.used_ring + 4, 8 * size).cast("I")
+        self._load_used, _, used_words = _ring_words(used, "H")
+        _, self._store_avail, avail_words = _ring_words(avail, "H")
+        self._views = (self._desc, self._avail, self._used_elems, used_words,
+                       avail_words, avail, used)
+
     @property
     def features(self):
         """The negotiated virtio features the driver side honours."""
@@ -2506,6 +2591,11 @@ class Queue:
 
     @features.setter
     def features(self, value):
+        if bool(value & VirtioFeature.RING_PACKED) != self.packed:
+            raise ValueError("queue %d has the %s layout, features %#x %s RING_PACKED; build "
+                             "the queue with the features it will run with"
+                             % (self.index, "packed" if self.packed else "split", value,
+                                "lack" if self.packed else "have"))
         self._features = int(value)
         self._event_idx = bool(value & VirtioFeature.RING_EVENT_IDX)
         self._indirect = bool(value & VirtioFeature.RING_INDIRECT_DESC)
@@ -2649,7 +2739,7 @@ class Queue:
         # Indirect when negotiated and the chain is long, or too long for the free ring
         # descriptors; decided before taking the lock, so re-checked under it.
         indirect = self._indirect and count > 1 and (
-            count >= self.indirect_threshold or count > len(self._free))
+            count >= self.indirect_threshold or count > self.num_free)
         table_bytes = 16 * count if indirect else 0
         block = None
         block_size = table_bytes + bounce
@@ -2671,17 +2761,13 @@ class Queue:
                 resolved.append((gpa, length, flags))
             if indirect:
                 table = self.mem.view(block, table_bytes)
-                last = count - 1
-                for i, (gpa, length, flags) in enumerate(resolved):
-                    _DESC.pack_into(table, 16 * i, gpa, length,
-                                    flags | (_DESC_F_NEXT if i < last else 0),
-                                    i + 1 if i < last else 0)
+                self._fill_table(table, resolved)
                 table.release()
             with self._lock:
                 self._check_usable()
-                if (1 if indirect else count) > len(self._free):
+                if (1 if indirect else count) > self.num_free:
                     raise _QueueFull("queue %d: chain of %d descriptors, %d free"
-                                     % (self.index, count, len(self._free)))
+                                     % (self.index, count, self.num_free))
                 if token is None:
                     self._serial += 1
                     token = self._serial
@@ -2692,6 +2778,15 @@ class Queue:
                 self._release(block, block_size)
             raise
         return token
+
+    @staticmethod
+    def _fill_table(table, resolved):
+        """Write an indirect table: the chain's descriptors linked by index."""
+        last = len(resolved) - 1
+        for i, (gpa, length, flags) in enumerate(resolved):
+            _DESC.pack_into(table, 16 * i, gpa, length,
+                            flags | (_DESC_F_NEXT if i < last else 0),
+                            i + 1 if i < last else 0)
 
     def _allocate(self, size):
         spare = self._spare.get(size)
@@ -2798,9 +2893,9 @@ class Queue:
                              % self.index)
         with self._lock:
             self._check_usable()
-            if len(items) > len(self._free):
+            if len(items) > self.num_free:
                 raise _QueueFull("queue %d: slot of %d descriptors, %d free"
-                                 % (self.index, len(items), len(self._free)))
+                                 % (self.index, len(items), self.num_free))
             descs = self._take_descs(len(items))
             self._write_chain(descs, [(gpa, length, flags) for gpa, length, flags, _ in items])
             head = descs[0]
@@ -2973,8 +3068,16 @@ class Queue:
             # until used->idx wraps (spec 2.7.10). Then look again, for an
             # entry used before the device could see the new used_event.
             # (With defer_calls, wait_used arms before it sleeps instead.)
-            self._store_avail(2 + self.size, self.next_used)
-            self._fences.full()
+            self._rearm()
+
+    def _rearm(self):
+        """Ask for an interrupt at the next used entry, then fence (EVENT_IDX)."""
+        self._request_interrupt(0)
+        self._fences.full()
+
+    def _request_interrupt(self, ahead):
+        """used_event: interrupt once the entry ``ahead`` past the next to reap is used."""
+        self._store_avail(2 + self.size, (self.next_used + ahead) & 0xFFFF)
 
     def _reap_some(self, limit, done):
         used_idx = self._load_used(1)
@@ -3032,10 +3135,7 @@ class Queue:
                                "the chain has %d writable" % (at, head, length,
                                                               chain.writable))
                 del chains[head]
-                for gpa, target in chain.copy_out:
-                    target[:] = self.mem.view(gpa, len(target))
-                if chain.block is not None:
-                    self._release(chain.block, chain.block_size)
+                self._retire(chain)
                 self._free.extend(reversed(chain.descs))
                 token = chain.token
             reaped += 1
@@ -3043,6 +3143,17 @@ class Queue:
         self.next_used = (next_used + reaped) & 0xFFFF
         self._slots_busy -= slots
         return True
+
+    def _retire(self, chain):
+        """Copy a used chain's device-written bounce buffers back and free its block."""
+        for gpa, target in chain.copy_out:
+            target[:] = self.mem.view(gpa, len(target))
+        if chain.block is not None:
+            self._release(chain.block, chain.block_size)
+
+    def _has_used(self):
+        """Whether used->idx moved past what was reaped (a lock-free peek)."""
+        return self._load_used(1) != self.next_used
 
     def wait_used(self, timeout=5.0, count=1, spin=None):
         """Wait until the device has used chains, then reap them as ``get_used``.
@@ -3065,10 +3176,10 @@ class Queue:
         """
         deadline = time.monotonic() + timeout
         spin_until = time.monotonic() + (self.spin if spin is None else spin)
-        load_used = self._load_used
+        has_used = self._has_used
         try:
             while True:
-                if load_used(1) != self.next_used:
+                if has_used():
                     done = self.get_used()
                     if done:
                         return done
@@ -3106,9 +3217,9 @@ class Queue:
             if not self._event_idx:
                 return None
             want = max(1, min(count, self.in_flight))
-            self._store_avail(2 + self.size, (self.next_used + want - 1) & 0xFFFF)
+            self._request_interrupt(want - 1)
             self._fences.full()  # used_event visible before we look at used->idx again
-            return self._load_used(1) == self.next_used
+            return not self._has_used()
 
     def _check_usable(self):
         if self._broken is not None:
@@ -3156,6 +3267,468 @@ class Queue:
         return "<Queue %d size=%d desc=%#x avail=%#x used=%#x next_avail=%d>" % (
             self.index, self.size, self.desc_table, self.avail_ring, self.used_ring,
             self.next_avail)
+
+
+#: Packed descriptor flags (virtio spec 2.8.1): the driver's and the device's
+#: wrap counters; NEXT, WRITE and INDIRECT keep their split-ring values.
+_PACKED_F_AVAIL = 1 << 7
+_PACKED_F_USED = 1 << 15
+_PACKED_F_BOTH = _PACKED_F_AVAIL | _PACKED_F_USED
+#: Event suppression flags (spec 2.8.10): interrupts or kicks on, off, or at
+#: one descriptor position (only with RING_EVENT_IDX).
+_EVENT_F_ENABLE = 0
+_EVENT_F_DISABLE = 1
+_EVENT_F_DESC = 2
+#: A packed descriptor is addr u64, len u32, buffer id u16, flags u16; the
+#: head's first 14 bytes go first and its flags last (spec 2.8.21).
+_PACKED_HEAD = struct.Struct("<QIH")
+#: SET_VRING_BASE of a fresh packed ring: both wrap counters start at 1 (spec 2.8.1).
+_PACKED_INITIAL_BASE = 1 << 15 | 1 << 31
+
+
+class _PackedQueue(Queue):
+    """The packed layout (virtio spec 2.8) behind ``Queue``'s API.
+
+    ``Queue(..., features=...)`` with RING_PACKED builds one. The ring is
+    16-byte descriptors (addr, len, buffer id, flags) that the driver fills
+    in order and the device overwrites in order with used ones; the driver
+    event suppression area (written here: when to interrupt us) and the
+    device's (read here: when to kick) follow. ``desc_table``, ``avail_ring``
+    and ``used_ring`` are the descriptor ring, the driver area and the device
+    area, which is what SET_VRING_ADDR's desc, avail and used carry for a
+    packed ring. ``next_avail``/``next_used`` are ring positions, with the
+    wrap counters in ``avail_wrap``/``used_wrap``; ``vring_base`` is the
+    32-bit packed encoding.
+
+    Each chain takes one buffer id (the free id stack is Queue's free list)
+    and as many ring positions as descriptors (one when indirect); the
+    device hands back the id in the used descriptor and skips that many
+    positions, so ``num_free`` counts positions. A slot (``add_slot``) is a
+    buffer id whose chain is kept and written into the ring at each post;
+    it holds its positions while idle, as a split slot holds descriptors.
+    """
+
+    packed = True
+
+    def __init__(self, mem, size, index=0, vector=None, features=0):
+        Queue.__init__(self, mem, size, index, vector, features)
+        self.avail_wrap = self.used_wrap = 1
+        self.vring_base = _PACKED_INITIAL_BASE
+        self._free_slots = size
+        self._added = 0          # positions published since the last notify decision
+        self._slot_chain = {}    # slot (its buffer id) -> [[gpa, length, flags], ...]
+        self._slot_size = [0] * size   # slot -> its descriptor count
+        self._posted = [0] * size      # buffer id -> when it was last posted (for rewind)
+        self._post_count = 0
+
+    @staticmethod
+    def _ring_bytes(size):
+        return 16 * size + 4 + 4
+
+    def _map_rings(self, mem, size):
+        self.desc_table = self._block
+        self.avail_ring = self.desc_table + 16 * size   # driver event suppression
+        self.used_ring = self.avail_ring + 4            # device event suppression
+        self._desc = mem.view(self.desc_table, 16 * size)
+        # Descriptor words: [8 i + 6] buffer id, [8 i + 7] flags, the one word
+        # both sides race on (through the accessor); u32 [4 i + 2] len.
+        self._load_word, self._store_word, words = _ring_words(self._desc, "H")
+        self._desc_h = self._desc.cast("H")
+        self._desc_i = self._desc.cast("I")
+        # Event areas: [0] off_wrap (bits 0-14 position, bit 15 wrap), [1] flags.
+        driver = mem.view(self.avail_ring, 4)
+        device = mem.view(self.used_ring, 4)
+        _, self._store_driver_event, driver_words = _ring_words(driver, "H")
+        self._load_device_event, _, device_words = _ring_words(device, "H")
+        self._views = (words, self._desc_h, self._desc_i, driver_words, device_words,
+                       driver, device, self._desc)
+
+    @property
+    def num_free(self):
+        """Free descriptor positions in the ring (idle slots hold theirs)."""
+        return self._free_slots
+
+    def used_index(self):
+        """None: a packed ring has no used index in memory (see ``next_used``)."""
+        return None
+
+    def _positions_in_flight(self):
+        busy = self._slot_token
+        return (sum(len(chain.descs) for chain in self._chains.values())
+                + sum(len(items) for slot, items in self._slot_chain.items()
+                      if busy[slot] is not None))
+
+    def reclaim(self, base):
+        """Take the queue back after the back-end stopped it (see ``Queue.reclaim``).
+
+        ``base`` is GET_VRING_BASE's 32-bit packed answer. An idle queue is
+        re-based onto the back-end's positions and wrap counters, and the ring's
+        stale flags are rewritten to match them, so no old descriptor looks
+        available to the device or used to the driver.
+
+        Raises:
+            ProtocolError: a position past the ring, a used position that is
+                not the avail one on an idle ring, or an avail position ahead
+                of what was posted or behind what is in flight.
+        """
+        state = _decode_packed_base(base, self.size)
+        request = FrontendReq.GET_VRING_BASE
+        with self._lock:
+            if self.in_flight:
+                # Positions the back-end has not taken: from its avail position to ours.
+                untaken = self.next_avail - state.avail
+                if state.avail_wrap != self.avail_wrap:
+                    untaken += self.size
+                in_flight = self._positions_in_flight()
+                if not 0 <= untaken <= in_flight:
+                    raise ProtocolError(
+                        "GET_VRING_BASE: packed base %#x (avail %d, wrap %d) of queue %d, but "
+                        "the driver is at %d, wrap %d, with %d descriptor(s) in flight"
+                        % (base, state.avail, state.avail_wrap, self.index, self.next_avail,
+                           self.avail_wrap, in_flight), request)
+            else:
+                if (state.used, state.used_wrap) != (state.avail, state.avail_wrap):
+                    raise ProtocolError(
+                        "GET_VRING_BASE: packed base %#x of idle queue %d has used position "
+                        "%d, wrap %d, but avail %d, wrap %d" % (
+                            base, self.index, state.used, state.used_wrap, state.avail,
+                            state.avail_wrap), request)
+                self._restamp(state.avail, state.avail_wrap)
+                self.next_avail = self.next_used = state.avail
+                self.avail_wrap = self.used_wrap = state.avail_wrap
+            self._added = 0
+            self.vring_base = _encode_packed_base(state)
+
+    def _restamp(self, position, wrap):
+        """Flags of an idle ring at ``position``: used this lap before it, the last lap after."""
+        store = self._store_word
+        this_lap = _PACKED_F_BOTH if wrap else 0
+        for slot in range(self.size):
+            store(8 * slot + 7, this_lap if slot < position else this_lap ^ _PACKED_F_BOTH)
+
+    def rewind(self):
+        """Offer every chain in flight again, oldest first; returns the new ``vring_base``.
+
+        The packed ring's ``Queue.rewind``, for a back-end that restarted and
+        lost its ring state. Used descriptors the old back-end wrote stay to
+        be reaped; from the position after them on, the ring is rewritten
+        with the chains still in flight in the order they were posted (a
+        completion out of order may have overwritten where one was), so a
+        back-end started there (SET_VRING_BASE: that position and wrap
+        counter, for avail and used alike) takes each exactly once. The
+        descriptors come from the driver's own record, never from the ring.
+
+        Raises:
+            ProtocolError: a used descriptor names a chain that is not in
+                flight, or the chains left do not fill the ring up to the
+                driver's position (the queue is broken).
+        """
+        with self._lock:
+            self._check_usable()
+            size, chains, busy = self.size, self._chains, self._slot_token
+            position, wrap = self.next_used, self.used_wrap
+            done = set()
+            while len(done) < self.in_flight:
+                if self._load_word(8 * position + 7) & _PACKED_F_BOTH != (
+                        _PACKED_F_BOTH if wrap else 0):
+                    break
+                self._fences.read()
+                buffer_id = self._desc_h[8 * position + 6]
+                if buffer_id >= size or buffer_id in done or (
+                        buffer_id not in chains and busy[buffer_id] is None):
+                    self._fail("rewind: used descriptor %d names buffer id %d, which is not "
+                               "in flight" % (position, buffer_id))
+                done.add(buffer_id)
+                position += (len(chains[buffer_id].descs) if buffer_id in chains
+                             else self._slot_size[buffer_id])
+                if position >= size:
+                    position, wrap = position - size, wrap ^ 1
+            waiting = [i for i in chains if i not in done]
+            waiting += [i for i, token in enumerate(busy) if token is not None and i not in done]
+            waiting.sort(key=self._posted.__getitem__)
+            items = [chains[i].descs if i in chains else self._slot_chain[i] for i in waiting]
+            room = self.next_avail - position + (size if wrap != self.avail_wrap else 0)
+            if sum(map(len, items)) != room:
+                self._fail("rewind: %d chain(s) of %d descriptor(s) are waiting, but the "
+                           "used descriptors end %d position(s) before the driver's"
+                           % (len(waiting), sum(map(len, items)), room))
+            self.next_avail, self.avail_wrap = position, wrap
+            first = None
+            for buffer_id, resolved in zip(waiting, items):
+                head, flags = self._write_ring(buffer_id, resolved)
+                if first is None:
+                    first = (head, flags)
+                else:
+                    self._store_word(8 * head + 7, flags)  # hidden behind the first head
+            if first is not None:
+                self._fences.write()
+                self._store_word(8 * first[0] + 7, first[1])
+            self._added = 0   # the new back-end is kicked once when its ring starts
+            self.vring_base = _encode_packed_base(_PackedBase(position, wrap, position, wrap))
+            self.rewinds += 1
+            return self.vring_base
+
+    # -- driver side: posting ---------------------------------------------------
+
+    @staticmethod
+    def _fill_table(table, resolved):
+        """An indirect table of packed descriptors: in order, only WRITE (spec 2.8.19)."""
+        for i, (gpa, length, flags) in enumerate(resolved):
+            _DESC.pack_into(table, 16 * i, gpa, length, 0, flags)
+
+    def _write_ring(self, buffer_id, resolved):
+        """Write a chain from next_avail on, all but its head's flags: (head, its flags)."""
+        ring, size = self._desc, self.size
+        position, wrap = self.next_avail, self.avail_wrap
+        head = position
+        head_flags = None
+        last = len(resolved) - 1
+        for i, (gpa, length, flags) in enumerate(resolved):
+            # An available descriptor has AVAIL = the wrap counter, USED = its inverse.
+            flags |= (_PACKED_F_AVAIL if wrap else _PACKED_F_USED) | (
+                _DESC_F_NEXT if i < last else 0)
+            if i:
+                _DESC.pack_into(ring, 16 * position, gpa, length, buffer_id, flags)
+            else:
+                _PACKED_HEAD.pack_into(ring, 16 * position, gpa, length, buffer_id)
+                head_flags = flags
+            position += 1
+            if position == size:
+                position, wrap = 0, wrap ^ 1
+        self.next_avail, self.avail_wrap = position, wrap
+        self._added += len(resolved)
+        return head, head_flags
+
+    def _post(self, resolved, indirect, block, table_bytes, chain):
+        """Write the chain, then the head's flags: that publishes it."""
+        if indirect:
+            resolved = ((block, table_bytes, _DESC_F_INDIRECT),)
+        buffer_id = self._free.pop()
+        self._posted[buffer_id] = self._post_count
+        self._post_count += 1
+        chain.descs = tuple(resolved)   # their count is what the device skips when it uses it
+        self._chains[buffer_id] = chain
+        self._free_slots -= len(resolved)
+        head, head_flags = self._write_ring(buffer_id, resolved)
+        self._fences.write()  # the chain before the head's flags (spec 2.8.21)
+        self._store_word(8 * head + 7, head_flags)
+
+    # Slots: add_slot takes a buffer id (_take_descs) and keeps the chain
+    # (_write_chain); posting writes it into the ring (_publish).
+
+    def _take_descs(self, count):
+        self._free_slots -= count
+        return [self._free.pop()] * count
+
+    def _write_chain(self, descs, resolved):
+        self._slot_chain[descs[0]] = [list(item) for item in resolved]
+        self._slot_size[descs[0]] = len(resolved)
+
+    def _set_slot_buffer(self, slot, position, guest_addr, length, writable):
+        descs, lengths = self._slot_descs[slot]
+        item = self._slot_chain[slot][position]
+        item[:] = guest_addr, length, _DESC_F_WRITE if writable else 0
+        lengths[position] = length if writable else 0
+        self._slot_writable[slot] = sum(lengths)
+
+    def remove_slot(self, slot):
+        """Give an idle slot's positions and buffer id back for ``add``."""
+        with self._lock:
+            self._check_usable()
+            self._check_slot(slot, "remove_slot")
+            del self._slot_descs[slot]
+            self._free_slots += len(self._slot_chain.pop(slot))
+            self._free.append(slot)
+
+    def _publish(self, heads):
+        """Write the slots' chains into the ring, the first head's flags last.
+
+        One batch (spec 2.8.21, "Making multiple buffers available"): every
+        other descriptor, later heads included, is written available at
+        once; the device reads none of them before the first head's flags,
+        stored after the write fence.
+        """
+        if not heads:
+            return
+        ring, size, chain_of = self._desc, self.size, self._slot_chain
+        pack_into = _DESC.pack_into
+        start = position = self.next_avail
+        wrap = self.avail_wrap
+        # An available descriptor has AVAIL = the wrap counter, USED = its inverse.
+        avail_bits = _PACKED_F_AVAIL if wrap else _PACKED_F_USED
+        first_flags = None
+        written = 0
+        posted, serial = self._posted, self._post_count
+        self._post_count += len(heads)
+        for slot in heads:
+            posted[slot] = serial
+            serial += 1
+            items = chain_of[slot]
+            if len(items) == 1:   # the common case (a receive buffer, a frame), spelled out
+                gpa, length, flags = items[0]
+                if first_flags is None:
+                    _PACKED_HEAD.pack_into(ring, 16 * position, gpa, length, slot)
+                    first_flags = flags | avail_bits
+                else:
+                    pack_into(ring, 16 * position, gpa, length, slot, flags | avail_bits)
+                position += 1
+                if position == size:
+                    position = 0
+                    wrap ^= 1
+                    avail_bits ^= _PACKED_F_BOTH
+                continue
+            last = len(items) - 1
+            for i, (gpa, length, flags) in enumerate(items):
+                flags |= avail_bits | (_DESC_F_NEXT if i < last else 0)
+                if first_flags is None:
+                    _PACKED_HEAD.pack_into(ring, 16 * position, gpa, length, slot)
+                    first_flags = flags
+                else:
+                    pack_into(ring, 16 * position, gpa, length, slot, flags)
+                position += 1
+                if position == size:
+                    position = 0
+                    wrap ^= 1
+                    avail_bits ^= _PACKED_F_BOTH
+            written += last
+        self._added += written + len(heads)
+        self.next_avail, self.avail_wrap = position, wrap
+        self._fences.write()
+        self._store_word(8 * start + 7, first_flags)
+
+    def notify(self, force=False):
+        """Kick the device about chains added since the last call, if it wants kicks.
+
+        Honours the device event suppression area (spec 2.8.10): DISABLE, or
+        with RING_EVENT_IDX a descriptor position and wrap counter.
+        """
+        with self._lock:
+            added, self._added = self._added, 0
+            if not added and not force:
+                return False
+            self._fences.full()  # the head flags visible before we read the device's wish
+            flags = self._load_device_event(1)
+            if force:
+                wanted = True
+            elif flags == _EVENT_F_DESC and self._event_idx and added < self.size:
+                off_wrap = self._load_device_event(0)
+                event = off_wrap & 0x7FFF
+                if off_wrap >> 15 != self.avail_wrap:
+                    event -= self.size  # a position in the previous lap
+                new = self.next_avail
+                wanted = _need_event(event & 0xFFFF, new, (new - added) & 0xFFFF)
+            else:
+                wanted = flags != _EVENT_F_DISABLE
+        if wanted:
+            self.kick.signal()
+        return wanted
+
+    # -- driver side: reaping ----------------------------------------------------
+
+    def _has_used(self):
+        # The position at next_used is one we posted while chains are in
+        # flight; anything but its "available" flags means the device wrote it.
+        return bool(self.in_flight) and (
+            self._load_word(8 * self.next_used + 7) & _PACKED_F_BOTH
+            != (_PACKED_F_AVAIL if self.used_wrap else _PACKED_F_USED))
+
+    def _reap_some(self, limit, done):
+        # A used descriptor's flags are read first, then (after the read fence)
+        # its id and length. The flags are read through the cast view, not the
+        # accessor, which lets PyPy compile the loop: the device changes only
+        # USED (bit 15) of a descriptor we made available, and AVAIL (bit 7) is
+        # in the other byte, so even a torn load is the old or the new state,
+        # never a third; the id and length are not changing once flags say used.
+        chains, slot_token, slot_writable = self._chains, self._slot_token, self._slot_writable
+        slot_size, words, lengths = self._slot_size, self._desc_h, self._desc_i
+        read_fence = self._fences.read
+        fenced = read_fence is not _no_fence   # a call saved per entry on x86
+        size = self.size
+        position, wrap = self.next_used, self.used_wrap
+        used_flags = _PACKED_F_BOTH if wrap else 0
+        avail_flags = _PACKED_F_AVAIL if wrap else _PACKED_F_USED
+        left = len(chains) + self._slots_busy
+        if limit is not None:
+            left = min(left, limit)
+        reaped = slots_done = 0
+        try:
+            while reaped < left:
+                flags = words[8 * position + 7] & _PACKED_F_BOTH
+                if flags != used_flags:
+                    if flags == avail_flags:
+                        break  # still available: not used yet
+                    self.next_used, self.used_wrap = position, wrap
+                    self._fail("descriptor %d has flags AVAIL=%d USED=%d, the used wrap "
+                               "counter is %d: neither available nor used" % (
+                                   position, bool(flags & _PACKED_F_AVAIL),
+                                   bool(flags & _PACKED_F_USED), wrap))
+                if fenced:
+                    read_fence()
+                buffer_id = words[8 * position + 6]
+                length = lengths[4 * position + 2]
+                token = slot_token[buffer_id] if buffer_id < size else None
+                if token is not None:   # a slot: nothing to free
+                    writable = slot_writable[buffer_id]
+                    if length > writable:
+                        if writable:
+                            self.next_used, self.used_wrap = position, wrap
+                            self._fail("used descriptor %d for buffer id %d claims %d bytes "
+                                       "written, the chain has %d writable"
+                                       % (position, buffer_id, length, writable))
+                        length = 0   # see below
+                    slot_token[buffer_id] = None
+                    slots_done += 1
+                    position += slot_size[buffer_id]
+                else:
+                    chain = chains.get(buffer_id)
+                    if chain is None:
+                        self.next_used, self.used_wrap = position, wrap
+                        if buffer_id >= size:
+                            self._fail("used descriptor %d names buffer id %d, the ring has %d"
+                                       % (position, buffer_id, size))
+                        self._fail("used descriptor %d names buffer id %d, which is not in "
+                                   "flight" % (position, buffer_id))
+                    if length > chain.writable:
+                        if chain.writable:
+                            self.next_used, self.used_wrap = position, wrap
+                            self._fail("used descriptor %d for buffer id %d claims %d bytes "
+                                       "written, the chain has %d writable"
+                                       % (position, buffer_id, length, chain.writable))
+                        # Nothing writable: DPDK 22.11 reports the bytes it read from a
+                        # packed TX chain as its used length.
+                        length = 0
+                    del chains[buffer_id]
+                    if chain.copy_out or chain.block is not None:
+                        self._retire(chain)
+                    self._free.append(buffer_id)
+                    self._free_slots += len(chain.descs)
+                    token = chain.token
+                    position += len(chain.descs)
+                if position >= size:
+                    position -= size
+                    wrap ^= 1
+                    used_flags ^= _PACKED_F_BOTH
+                    avail_flags ^= _PACKED_F_BOTH
+                done.append((token, length))
+                reaped += 1
+        finally:
+            self._slots_busy -= slots_done
+        self.next_used, self.used_wrap = position, wrap
+        return reaped > 0
+
+    def _request_interrupt(self, ahead):
+        # Each used chain moves the device at least one position, so the one
+        # ``ahead`` past next_used is crossed by the time ahead + 1 are used.
+        position, wrap = self.next_used + ahead, self.used_wrap
+        if position >= self.size:
+            position, wrap = position - self.size, wrap ^ 1
+        self._store_driver_event(0, position | wrap << 15)
+        self._store_driver_event(1, _EVENT_F_DESC)
+
+    def __repr__(self):
+        return "<Queue %d packed size=%d desc=%#x driver=%#x device=%#x next_avail=%d/%d>" % (
+            self.index, self.size, self.desc_table, self.avail_ring, self.used_ring,
+            self.next_avail, self.avail_wrap)
 
 
 ############################################################################
@@ -3947,7 +4520,7 @@ class VhostUserFrontend:
     """A virtio device whose emulation runs in a vhost-user back-end (crosvm's VhostUserFrontend).
 
     Construction does crosvm's negotiation: RING_PACKED is stripped from
-    ``base_features`` (no packed driver yet), SET_OWNER, GET_FEATURES,
+    ``base_features`` unless ``packed=True``, SET_OWNER, GET_FEATURES,
     GET/SET_PROTOCOL_FEATURES (offered & ``protocol_features``) when bit 30
     is offered, SET_BACKEND_REQ_FD when BACKEND_REQ was negotiated, and the
     queue count from GET_QUEUE_NUM (MQ) or ``DeviceType.min_queues``.
@@ -3980,6 +4553,9 @@ class VhostUserFrontend:
             back-end; a back-end that streams more (or hands back an endless
             fd such as /dev/zero) gets ``ProtocolError`` instead of filling
             memory.
+        packed: keep RING_PACKED of ``base_features`` so it may be acked
+            (crosvm strips it; the default does too). The queues must then
+            be built with the features acked (``Queue(..., features=)``).
 
     Attributes:
         client: the ``BackendClient``.
@@ -3994,7 +4570,8 @@ class VhostUserFrontend:
 
     def __init__(self, device_type, base_features, connection, max_queue_size=None,
                  timeout=5.0, protocol_features=_CROSVM_PROTOCOL_FEATURES, start_kick=True,
-                 handler_factory=BackendReqHandler, max_state_size=_MAX_DEVICE_STATE):
+                 handler_factory=BackendReqHandler, max_state_size=_MAX_DEVICE_STATE,
+                 packed=False):
         self._device_type = DeviceType(device_type)
         self.timeout = timeout
         self.start_kick = start_kick
@@ -4011,8 +4588,14 @@ class VhostUserFrontend:
         self._shmem_region = None     # None: not asked yet; then a SharedMemoryRegion or False
         self._mapper = None
         self._own_mapper = None
+        base_features = int(base_features)
+        if base_features & VirtioFeature.RING_PACKED and not packed:
+            # crosvm b/331466964: no packed ring support in its protocol layer.
+            base_features &= ~VirtioFeature.RING_PACKED
+            _log.warning("%s: RING_PACKED requested without packed=True; disabled",
+                         self.debug_label())
         # Kept for reconnect, which negotiates again the same way.
-        self._negotiation = (int(base_features), ProtocolFeature(int(protocol_features)),
+        self._negotiation = (base_features, ProtocolFeature(int(protocol_features)),
                              max_queue_size, handler_factory)
         try:
             self.client = self._connect(connection, timeout)
@@ -4036,11 +4619,6 @@ class VhostUserFrontend:
 
     def _negotiate(self, base_features, allowed_protocol, max_queue_size, handler_factory):
         client = self.client
-        if base_features & VirtioFeature.RING_PACKED:
-            # crosvm b/331466964: no packed ring support in the protocol layer yet.
-            base_features &= ~VirtioFeature.RING_PACKED
-            _log.warning("%s: RING_PACKED requested but not supported yet; disabled",
-                         self.debug_label())
         client.set_owner()
         allowed = (_DEVICE_SPECIFIC_FEATURES | base_features
                    | VirtioFeature.PROTOCOL_FEATURES)
@@ -4134,7 +4712,9 @@ class VhostUserFrontend:
 
         Raises:
             RuntimeError: already active.
-            ValueError: a queue index or size the device does not have.
+            ValueError: a queue index or size the device does not have, or a
+                queue whose layout (``Queue.packed``) is not what the acked
+                RING_PACKED says; nothing is sent then.
         """
         self._check_usable("activate")
         if self._sent_queues is not None:
@@ -4151,6 +4731,11 @@ class VhostUserFrontend:
             if queue.size > self._queue_sizes[index]:
                 raise ValueError("activate: queue %d has size %d, the maximum is %d"
                                  % (index, queue.size, self._queue_sizes[index]))
+            if queue.packed != bool(self.acked_features & VirtioFeature.RING_PACKED):
+                raise ValueError("activate: queue %d is %s but RING_PACKED is %sacked; build "
+                                 "it with features=frontend.acked_features"
+                                 % (index, "packed" if queue.packed else "split",
+                                    "not " if queue.packed else ""))
         if interrupt is None:
             if self._own_interrupt is None:
                 self._own_interrupt = Interrupt()
@@ -4209,8 +4794,11 @@ class VhostUserFrontend:
         if self.acked_features & VirtioFeature.PROTOCOL_FEATURES:
             client.set_vring_enable(index, True)
 
-    def _deactivate_vring(self, index):
-        """Disable then stop a ring; returns its 16-bit base (crosvm deactivate_vring).
+    def _deactivate_vring(self, index, packed=False):
+        """Disable then stop a ring; returns its base (crosvm deactivate_vring).
+
+        A split ring's base is 16 bits; a packed ring's is 32 (avail and used
+        positions with their wrap counters), decoded by ``Queue.reclaim``.
 
         A refused disable (an error ack) still gets GET_VRING_BASE, which is
         what stops the ring: one left running would go on writing guest
@@ -4223,7 +4811,7 @@ class VhostUserFrontend:
             except BackendError as exc:
                 refused = exc
         base = self.client.get_vring_base(index)
-        if base > 0xFFFF:
+        if base > 0xFFFF and not packed:
             raise ProtocolError("GET_VRING_BASE: base %#x of ring %d does not fit in 16 bits"
                                 % (base, index), FrontendReq.GET_VRING_BASE)
         if refused is not None:
@@ -4267,7 +4855,7 @@ class VhostUserFrontend:
         # drains the rings, so it stops last (as in crosvm).
         for index, queue in sorted((queues or {}).items()):
             try:
-                base = self._deactivate_vring(index)
+                base = self._deactivate_vring(index, queue.packed)
                 if reclaim:
                     queue.reclaim(base)
             except BaseException as exc:
@@ -4766,6 +5354,34 @@ def _refuse_other_device_type(frontend, wanted):
 _DEVICE_LABELS = {DeviceType.BLOCK: "blk", DeviceType.NET: "net", DeviceType.FS: "fs"}
 
 
+#: Packed ring positions have 15 bits (spec 2.8: "Queue Size ... up to 2^15").
+_PACKED_MAX_SIZE = 1 << 15
+
+
+def _packed_offer(packed):
+    """RING_PACKED for the front-end a device's ``connect`` builds, unless ``packed=False``."""
+    return 0 if packed is False else VirtioFeature.RING_PACKED
+
+
+def _use_packed(offered, packed, size, what):
+    """Whether a device runs packed rings: ``packed`` None, True or False, and the offer.
+
+    None: when offered and the ring size allows; True: required, or
+    ``FeatureNotNegotiated`` before anything is set up; False: never.
+    """
+    if packed not in (None, True, False):
+        raise ValueError("%s: packed must be None, True or False, not %r" % (what, packed))
+    available = bool(offered & VirtioFeature.RING_PACKED)
+    if packed and not available:
+        raise FeatureNotNegotiated("%s: packed=True, but RING_PACKED is not offered (the "
+                                   "back-end lacks it, or the front-end was built without "
+                                   "packed=True)" % what, FrontendReq.SET_FEATURES)
+    if packed and size > _PACKED_MAX_SIZE:
+        raise ValueError("%s: packed rings hold at most %d entries, not %d"
+                         % (what, _PACKED_MAX_SIZE, size))
+    return available and packed is not False and size <= _PACKED_MAX_SIZE
+
+
 class _DeviceCall:
     """One call into a device's rings (see ``_Device._call``)."""
 
@@ -4916,17 +5532,22 @@ class _Device:
                       path, time.monotonic() - started, attempts)
 
     @staticmethod
-    def _connect_device(device_type, features, path, timeout, reconnect, make):
+    def _connect_device(device_type, features, path, timeout, reconnect, make, packed=None):
         """``make(VhostUserFrontend(...))``; with ``reconnect`` and a path, retried
-        for up to ``reconnect`` seconds when the back-end goes away during it."""
+        for up to ``reconnect`` seconds when the back-end goes away during it.
+        RING_PACKED is offered to ``make`` unless ``packed`` is False."""
+        features |= _packed_offer(packed)
+        packed = packed is not False
         if reconnect is None or not isinstance(path, (str, bytes, os.PathLike)):
-            return make(VhostUserFrontend(device_type, features, path, timeout=timeout))
+            return make(VhostUserFrontend(device_type, features, path, timeout=timeout,
+                                          packed=packed))
         deadline = time.monotonic() + reconnect if isinstance(reconnect, (int, float)) \
             else None  # a bad value is refused by the constructor
         _check_socket_path(os.fspath(path))   # a regular file will not turn into a socket
         while True:
             try:
-                return make(VhostUserFrontend(device_type, features, path, timeout=timeout))
+                return make(VhostUserFrontend(device_type, features, path, timeout=timeout,
+                                              packed=packed))
             except (Disconnected, VhostUserTimeout, ProtocolError) as exc:
                 if isinstance(exc, _BackendShrank) or deadline is None \
                         or time.monotonic() >= deadline:
@@ -4959,6 +5580,11 @@ class _Device:
                     queue.wake_waiter()
                 except ValueError:
                     pass
+
+    @property
+    def frontend(self):
+        """The ``VhostUserFrontend`` it drives (for ``virtio_sleep``/``virtio_wake``)."""
+        return self._frontend
 
     def close(self):
         """Stop the rings, disconnect and free guest memory; safe to call twice.
@@ -5433,6 +6059,9 @@ class BlockDevice(_Device):
         max_segment_size: cap on the bytes one data descriptor describes
             (the device's size_max also applies), e.g. 4096 to build
             page-sized scatter lists like a guest kernel.
+        packed: None uses packed rings when the back-end offers RING_PACKED
+            (and the front-end was built with ``packed=True``, as ``connect``
+            does), True requires them, False never uses them.
         spin: seconds a completion wait polls the used ring before sleeping
             on the call eventfd; None picks it from where the back-end runs
             (``placement``: 0 when both sides share one CPU, or on PyPy).
@@ -5451,7 +6080,7 @@ class BlockDevice(_Device):
 
     def __init__(self, frontend, num_queues=None, queue_size=128, timeout=5.0,
                  memory_size=64 << 20, max_segment_size=None, spin=None, event_idx=None,
-                 reconnect=None):
+                 reconnect=None, packed=None):
         self._frontend = frontend
         self.timeout = timeout
         self._inside = []
@@ -5459,13 +6088,14 @@ class BlockDevice(_Device):
         try:
             self._init_reconnect(reconnect)
             self.placement = _placement(frontend.client, spin, event_idx)
-            self._setup(num_queues, queue_size, memory_size, max_segment_size)
+            self._setup(num_queues, queue_size, memory_size, max_segment_size, packed)
         except BaseException:
             self.close()
             raise
 
     @classmethod
-    def connect(cls, path, num_queues=None, queue_size=128, timeout=5.0, **kwargs):
+    def connect(cls, path, num_queues=None, queue_size=128, timeout=5.0, packed=None,
+                **kwargs):
         """Connect to the vhost-user-blk socket at ``path``, negotiate and activate.
 
         ``path`` may also be a connected socket or a ``BackendClient``; other
@@ -5475,9 +6105,9 @@ class BlockDevice(_Device):
         return cls._connect_device(
             DeviceType.BLOCK, _BLK_DRIVER_FEATURES, path, timeout, kwargs.get("reconnect"),
             lambda frontend: cls(frontend, num_queues=num_queues, queue_size=queue_size,
-                                 timeout=timeout, **kwargs))
+                                 timeout=timeout, packed=packed, **kwargs), packed)
 
-    def _setup(self, num_queues, queue_size, memory_size, max_segment_size):
+    def _setup(self, num_queues, queue_size, memory_size, max_segment_size, packed):
         frontend = self._frontend
         offered = frontend.features()
         _refuse_other_device_type(frontend, DeviceType.BLOCK)
@@ -5488,9 +6118,13 @@ class BlockDevice(_Device):
                                        FrontendReq.GET_CONFIG)
         if not offered & VirtioFeature.VERSION_1:
             raise FeatureNotNegotiated("virtio-blk: the back-end does not offer VERSION_1")
+        sizes = frontend.queue_max_sizes()
+        self.packed = _use_packed(offered, packed, min([queue_size] + sizes), "virtio-blk")
         wanted = _BLK_DRIVER_FEATURES
         if not self.placement.event_idx:
             wanted &= ~VirtioFeature.RING_EVENT_IDX
+        if self.packed:
+            wanted |= VirtioFeature.RING_PACKED
         self.features = offered & wanted
         frontend.ack_features(self.features)
         # Read only the fields the acked features make exist, as QEMU sizes
@@ -6057,6 +6691,7 @@ _NET_F_MTU = 1 << 3
 _NET_F_MAC = 1 << 5
 _NET_F_MRG_RXBUF = 1 << 15
 _NET_F_STATUS = 1 << 16
+_NET_F_MQ = 1 << 22
 _NET_S_LINK_UP = 1
 _NET_DRIVER_FEATURES = (
     VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC | VirtioFeature.RING_EVENT_IDX
@@ -6071,6 +6706,24 @@ _NET_RX, _NET_TX = 0, 1
 _BIG_FRAME = object()
 
 
+class _NetPair:
+    """One RX/TX queue pair of a NetDevice: its slots and the frames its RX side reassembled."""
+
+    def __init__(self, index, rx, tx, rx_pool):
+        self.index = index
+        self.rx = rx
+        self.tx = tx
+        self.rx_pool = rx_pool
+        self.rx_slots = self.tx_slots = self.tx_idle = ()
+        self.tx_pool = None
+        self.rx_lock = threading.Lock()
+        self.tx_lock = threading.Lock()
+        self.frames = collections.deque()
+        self.partial = None      # (buffers still expected, [chunks]) of a merged frame
+        self.rx_rewinds = 0      # RX rewinds (reconnects) seen by recv
+        self.rx_restart = None   # used index of the new back-end's first RX entry
+
+
 class NetDevice(_Device):
     """A virtio-net interface served by a vhost-user back-end (DPDK's vhost PMD, ...).
 
@@ -6081,6 +6734,14 @@ class NetDevice(_Device):
     ``send_many`` copy frames (without a virtio-net header: one is added)
     to the TX queue, ``recv`` returns one received frame without its header.
     No offloads are negotiated, so frames are plain Ethernet.
+
+    With ``queue_pairs=N`` (N > 1) NET_MQ is acked and N RX/TX pairs run
+    (queues 2p and 2p + 1), each enabled with SET_VRING_ENABLE as QEMU does
+    for vhost-user: the control queue that would carry
+    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET (spec 5.1.6.5.5) is the VMM's, never the
+    back-end's, so CTRL_VQ is not acked. ``send``/``send_many``/``recv``/
+    ``flush`` take ``pair=``; each pair has its own locks, so one thread per
+    pair runs without contention.
 
     Args:
         frontend: a connected front-end for a NET device (features not yet
@@ -6096,50 +6757,80 @@ class NetDevice(_Device):
             queued for transmission that the old back-end had not used are
             sent again (at-least-once: a frame may arrive twice); receive
             buffers are offered afresh.
+        queue_pairs: RX/TX pairs to run; more than 1 needs NET_MQ and the MQ
+            protocol feature.
+        packed: None uses packed rings when the back-end offers RING_PACKED
+            (and the front-end was built with ``packed=True``, as ``connect``
+            does), True requires them, False never uses them.
 
-    ``queue_size`` and ``rx_buffer_size`` give the sizes in use; ``mac``,
-    ``mtu`` and ``link_up`` are None when the device does not report them.
+    ``queue_size``, ``rx_buffer_size`` and ``queue_pairs`` give the sizes in
+    use and ``packed`` the layout; ``mac``, ``mtu`` and ``link_up`` are None
+    when the device does not report them.
     """
 
+    _pairs = ()
+
     def __init__(self, frontend, queue_size=256, timeout=5.0, mrg_rxbuf=True,
-                 rx_buffer_size=None, memory_size=None, reconnect=None):
+                 rx_buffer_size=None, memory_size=None, reconnect=None, queue_pairs=1,
+                 packed=None):
         self._frontend = frontend
         self.timeout = timeout
         self._inside = []
-        self._rx_lock = threading.Lock()
-        self._tx_lock = threading.Lock()
-        self._frames = collections.deque()
-        self._partial = None   # (buffers still expected, [chunks]) of a merged frame
-        self._rx_rewinds = 0   # RX rewinds (reconnects) seen by recv
-        self._rx_restart = None   # used index of the new back-end's first RX entry
         try:
             self._init_reconnect(reconnect)
-            self._setup(queue_size, mrg_rxbuf, rx_buffer_size, memory_size)
+            self._setup(queue_size, mrg_rxbuf, rx_buffer_size, memory_size, queue_pairs,
+                        packed)
         except BaseException:
             self.close()
             raise
 
     @classmethod
-    def connect(cls, path, queue_size=256, timeout=5.0, **kwargs):
+    def connect(cls, path, queue_size=256, timeout=5.0, packed=None, **kwargs):
         """Connect to the vhost-user-net socket at ``path``, negotiate and start.
 
         ``path`` may also be a connected socket or a ``BackendClient`` (from
         ``BackendClient.listen`` for a back-end that connects to us); other
-        keyword arguments (``reconnect=`` ...) go to the constructor.
+        keyword arguments (``reconnect=``, ``queue_pairs=`` ...) go to the
+        constructor.
         """
         return cls._connect_device(
             DeviceType.NET, _NET_DRIVER_FEATURES, path, timeout, kwargs.get("reconnect"),
-            lambda frontend: cls(frontend, queue_size=queue_size, timeout=timeout, **kwargs))
+            lambda frontend: cls(frontend, queue_size=queue_size, timeout=timeout,
+                                 packed=packed, **kwargs), packed)
 
-    def _setup(self, queue_size, mrg_rxbuf, rx_buffer_size, memory_size):
+    def _setup(self, queue_size, mrg_rxbuf, rx_buffer_size, memory_size, queue_pairs, packed):
         frontend = self._frontend
         _refuse_other_device_type(frontend, DeviceType.NET)
         offered = frontend.features()
+        max_sizes = frontend.queue_max_sizes()
+        if len(max_sizes) < 2:
+            raise FeatureNotNegotiated("virtio-net: wrong device type? the back-end has %d "
+                                       "queue(s), RX and TX need 2" % len(max_sizes))
+        if not isinstance(queue_pairs, int) or queue_pairs < 1:
+            raise ValueError("virtio-net: queue_pairs must be a positive int, not %r"
+                             % (queue_pairs,))
+        if queue_pairs > 1:
+            has_mq, has_proto = offered & _NET_F_MQ, frontend.protocol_features & _P.MQ
+            if not has_mq or not has_proto:
+                raise FeatureNotNegotiated(
+                    "virtio-net: queue_pairs=%d needs NET_MQ and the MQ protocol feature; the "
+                    "back-end offers %s" % (queue_pairs, "only NET_MQ" if has_mq else
+                                            "only MQ" if has_proto else "neither"),
+                    FrontendReq.SET_FEATURES)
+            if queue_pairs > len(max_sizes) // 2:
+                raise ValueError("virtio-net: queue_pairs=%d, the back-end has %d queue(s)"
+                                 % (queue_pairs, len(max_sizes)))
+        size = min([queue_size] + max_sizes[:2 * queue_pairs])
+        self.packed = _use_packed(offered, packed, size, "virtio-net")
         wanted = _NET_DRIVER_FEATURES if mrg_rxbuf else _NET_DRIVER_FEATURES & ~_NET_F_MRG_RXBUF
+        if queue_pairs > 1:
+            wanted |= _NET_F_MQ
+        if self.packed:
+            wanted |= VirtioFeature.RING_PACKED
         self.features = offered & wanted
         frontend.ack_features(self.features)
         self.mac = self.mtu = self.link_up = None
-        if self.features & (_NET_F_MAC | _NET_F_MTU | _NET_F_STATUS):
+        if self.features & (_NET_F_MAC | _NET_F_MTU | _NET_F_STATUS | _NET_F_MQ):
             try:
                 data = frontend.read_config(0, _device_config_size(DeviceType.NET, self.features))
             except FeatureNotNegotiated:
@@ -6150,16 +6841,15 @@ class NetDevice(_Device):
                 self.mtu = fields.get("mtu")
                 if "status" in fields:
                     self.link_up = bool(fields["status"] & _NET_S_LINK_UP)
+                pairs = fields.get("max_virtqueue_pairs")
+                if pairs is not None and queue_pairs > pairs:
+                    raise ValueError("virtio-net: queue_pairs=%d, the device's "
+                                     "max_virtqueue_pairs is %d" % (queue_pairs, pairs))
         self._mrg = bool(self.features & _NET_F_MRG_RXBUF)
         # The header has num_buffers with VERSION_1 or MRG_RXBUF (spec 5.1.6).
         self._hdr_len = _NET_HDR.size if self.features & (
             VirtioFeature.VERSION_1 | _NET_F_MRG_RXBUF) else _NET_HDR_LEGACY_SIZE
         self._tx_hdr = bytes(self._hdr_len)
-        max_sizes = frontend.queue_max_sizes()
-        if len(max_sizes) < 2:
-            raise FeatureNotNegotiated("virtio-net: wrong device type? the back-end has %d "
-                                       "queue(s), RX and TX need 2" % len(max_sizes))
-        size = min(queue_size, max_sizes[_NET_RX], max_sizes[_NET_TX])
         frame_max = max(self.mtu or 0, 1500) + _ETH_HLEN + 4
         if rx_buffer_size is None:
             rx_buffer_size = self._hdr_len + frame_max
@@ -6170,49 +6860,68 @@ class NetDevice(_Device):
                                 % frame_max))
         self._rx_size = self.rx_buffer_size = rx_buffer_size
         self.queue_size = size
+        self.queue_pairs = queue_pairs
         if memory_size is None:
-            memory_size = 2 * size * (rx_buffer_size + self._hdr_len + frame_max) + (1 << 20)
+            memory_size = queue_pairs * 2 * size * (rx_buffer_size + self._hdr_len
+                                                    + frame_max) + (1 << 20)
         self._mem = GuestMemory([(0, memory_size)], name="vhost-user-net")
-        self._rx_pool = self._mem.allocate(size * rx_buffer_size)
+        self._tx_size = self._hdr_len + frame_max
         queues = []
-        for index in (_NET_RX, _NET_TX):
-            queues.append(Queue(self._mem, size, index, features=self.features))
-            self._queues = queues
-        self._rx, self._tx = queues
-        # Receive buffer k is slot self._rx_slots[k], posted once here and reposted
+        pairs = []
+        for pair in range(queue_pairs):
+            for index in (2 * pair + _NET_RX, 2 * pair + _NET_TX):
+                queues.append(Queue(self._mem, size, index, features=self.features))
+                self._queues = queues
+            pairs.append(self._setup_pair(pair, queues[-2], queues[-1]))
+        frontend.activate(self._mem, None, queues)
+        self._pairs = pairs
+        for pair in pairs:
+            pair.rx.notify()
+
+    def _setup_pair(self, index, rx, tx):
+        """A pair's buffers and slots: posted receive buffers, idle transmit slots."""
+        size, rx_size, tx_size = self.queue_size, self._rx_size, self._tx_size
+        pair = _NetPair(index, rx, tx, self._mem.allocate(size * rx_size))
+        # Receive buffer k is slot rx_slots[k], posted once here and reposted
         # (in bulk) as frames are taken; a transmit slot k carries a frame copied
         # into its buffer, the descriptor's length set per frame.
-        self._rx_slots = [self._rx.add_slot(writable=[(self._rx_pool + k * rx_buffer_size,
-                                                        rx_buffer_size)])
-                          for k in range(size)]
-        self._rx.post_slots(self._rx_slots, list(range(size)))
-        self._tx_size = self._hdr_len + frame_max
-        self._tx_pool = self._mem.allocate(size * self._tx_size)
+        pair.rx_slots = [rx.add_slot(writable=[(pair.rx_pool + k * rx_size, rx_size)])
+                         for k in range(size)]
+        rx.post_slots(pair.rx_slots, list(range(size)))
+        pair.tx_pool = self._mem.allocate(size * tx_size)
         # One descriptor stays out of the slots, for a frame bigger than the MTU.
         tx_slots = max(1, size - 1)
-        self._tx_slots = [self._tx.add_slot([(self._tx_pool + k * self._tx_size, self._tx_size)])
-                          for k in range(tx_slots)]
-        self._tx_idle = list(range(tx_slots - 1, -1, -1))
-        frontend.activate(self._mem, None, queues)
-        self._rx.notify()
+        pair.tx_slots = [tx.add_slot([(pair.tx_pool + k * tx_size, tx_size)])
+                         for k in range(tx_slots)]
+        pair.tx_idle = list(range(tx_slots - 1, -1, -1))
+        return pair
 
-    def send(self, frame):
+    def _pair(self, pair):
+        pairs = self._pairs
+        if not pairs:
+            raise ValueError("the net device is closed")
+        if not isinstance(pair, int) or not 0 <= pair < len(pairs):
+            raise ValueError("pair %r: the device runs pairs 0..%d" % (pair, len(pairs) - 1))
+        return pairs[pair]
+
+    def send(self, frame, pair=0):
         """Queue one Ethernet frame for transmission (copied; no header needed)."""
-        self.send_many((frame,))
+        self.send_many((frame,), pair)
 
-    def send_many(self, frames):
+    def send_many(self, frames, pair=0):
         """Queue frames for transmission with one kick; waits while the TX ring is full.
 
         Each frame is copied once, into a transmit slot's buffer behind its
         zero header; the slots are published together.
         """
-        with self._tx_lock, self._call("send"):
+        pair = self._pair(pair)
+        with pair.tx_lock, self._call("send"):
             deadline = time.monotonic() + self.timeout
             # Every call: frames queued to a back-end that is gone would be lost.
             deadline += self._check_alive("send")
-            tx = self._tx
-            hdr_len, slot_size, pool = self._hdr_len, self._tx_size, self._tx_pool
-            idle, slots = self._tx_idle, self._tx_slots
+            tx = pair.tx
+            hdr_len, slot_size, pool = self._hdr_len, self._tx_size, pair.tx_pool
+            idle, slots = pair.tx_idle, pair.tx_slots
             view = self._mem.view(pool, len(slots) * slot_size)
             try:
                 batch = []
@@ -6223,47 +6932,49 @@ class NetDevice(_Device):
                         raise ValueError("send: frame of %d bytes is not in %d..%d"
                                          % (length, _ETH_HLEN, 0xFFFF - hdr_len))
                     if length > slot_size - hdr_len:   # bigger than the MTU: a chain of its own
-                        self._publish_tx(batch)
+                        self._publish_tx(pair, batch)
                         batch = []
-                        deadline = self._wait_tx(lambda: tx.num_free, deadline)
+                        deadline = self._wait_tx(pair, lambda: tx.num_free, deadline)
                         tx.add((self._tx_hdr + bytes(frame),), token=_BIG_FRAME)
                         continue
                     if not idle:
-                        self._publish_tx(batch)
+                        self._publish_tx(pair, batch)
                         batch = []
-                        deadline = self._wait_tx(lambda: idle, deadline)
+                        deadline = self._wait_tx(pair, lambda: idle, deadline)
                     k = idle.pop()
                     start = k * slot_size + hdr_len
                     view[start:start + length] = frame
                     tx._set_slot_buffer(slots[k], 0, pool + k * slot_size, hdr_len + length,
                                         False)
                     batch.append(k)
-                self._publish_tx(batch)
+                self._publish_tx(pair, batch)
             finally:
                 view.release()
             tx.notify()
-            self._reap_tx()  # free what the device already sent
+            self._reap_tx(pair)  # free what the device already sent
 
-    def _publish_tx(self, batch):
+    @staticmethod
+    def _publish_tx(pair, batch):
         if batch:
-            tx = self._tx
+            tx = pair.tx
             with tx._lock:
                 tx._check_usable()
-                tx._post_slots([self._tx_slots[k] for k in batch], batch)
+                tx._post_slots([pair.tx_slots[k] for k in batch], batch)
 
-    def _reap_tx(self, used=None):
+    @staticmethod
+    def _reap_tx(pair, used=None):
         """Account used TX entries (reaped now unless given): slots become idle again."""
-        for token, _ in self._tx.get_used() if used is None else used:
-            if token.__class__ is int:
-                self._tx_idle.append(token)
+        for token, _ in pair.tx.get_used() if used is None else used:
+            if token is not _BIG_FRAME:
+                pair.tx_idle.append(token)
 
-    def _wait_tx(self, room, deadline):
+    def _wait_tx(self, pair, room, deadline):
         """Kick and reap until ``room()`` holds; VhostUserTimeout at ``deadline``.
 
         Returns the deadline, moved by any outage waited through (reconnect=).
         """
-        tx = self._tx
-        self._reap_tx()
+        tx = pair.tx
+        self._reap_tx(pair)
         while not room():
             tx.notify()
             deadline += self._check_alive("send")
@@ -6271,41 +6982,49 @@ class NetDevice(_Device):
             if remaining <= 0:
                 raise VhostUserTimeout("send: the TX queue stayed full for %.1f s"
                                        % self.timeout)
-            self._reap_tx(tx.wait_used(min(remaining, _CRASH_CHECK_INTERVAL)))
+            self._reap_tx(pair, tx.wait_used(min(remaining, _CRASH_CHECK_INTERVAL)))
         return deadline
 
-    def flush(self, timeout=None):
+    def flush(self, timeout=None, pair=None):
         """Wait until the back-end has taken every frame queued for transmission.
+
+        ``pair`` None waits for every pair.
 
         Raises:
             VhostUserTimeout: frames are still queued after ``timeout``
                 (default the device's).
         """
-        with self._tx_lock, self._call("flush"):
-            timeout = self.timeout if timeout is None else timeout
-            deadline = time.monotonic() + timeout
-            deadline += self._check_alive("flush")
-            tx = self._tx
-            self._reap_tx()
-            while tx.in_flight:
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        pairs = self._pairs if pair is None else (self._pair(pair),)
+        if not pairs:
+            raise ValueError("the net device is closed")
+        for one in pairs:
+            with one.tx_lock, self._call("flush"):
                 deadline += self._check_alive("flush")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise VhostUserTimeout("flush: the back-end has not taken %d frame(s) "
-                                           "within %g s" % (tx.in_flight, timeout))
-                self._reap_tx(tx.wait_used(min(remaining, _CRASH_CHECK_INTERVAL),
-                                           count=tx.in_flight))
+                tx = one.tx
+                self._reap_tx(one)
+                while tx.in_flight:
+                    deadline += self._check_alive("flush")
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise VhostUserTimeout("flush: the back-end has not taken %d frame(s) "
+                                               "of pair %d within %g s"
+                                               % (tx.in_flight, one.index, timeout))
+                    self._reap_tx(one, tx.wait_used(min(remaining, _CRASH_CHECK_INTERVAL),
+                                                    count=tx.in_flight))
 
-    def recv(self, timeout=None):
-        """The next received frame without its virtio-net header; None after ``timeout``.
+    def recv(self, timeout=None, pair=0):
+        """The next frame received on ``pair`` without its virtio-net header; None on timeout.
 
         ``timeout`` defaults to the device's; 0 polls.
         """
-        with self._rx_lock, self._call("recv"):
+        pair = self._pair(pair)
+        with pair.rx_lock, self._call("recv"):
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
             deadline += self._check_alive("recv")
-            rx = self._rx
-            while not self._frames:
+            rx = pair.rx
+            while not pair.frames:
                 used = rx.get_used()
                 if not used:
                     deadline += self._check_alive("recv")
@@ -6313,70 +7032,75 @@ class NetDevice(_Device):
                     if remaining <= 0:
                         return None
                     used = rx.wait_used(min(remaining, _CRASH_CHECK_INTERVAL))
-                if rx.rewinds != self._rx_rewinds:
+                # Used entries are numbered by the used index (split) or, one
+                # descriptor per receive buffer, by ring position (packed).
+                span = rx.size if rx.packed else 0x10000
+                if rx.rewinds != pair.rx_rewinds:
                     # Reconnected: the new back-end's first used entry is at the
                     # used index the ring was rewound to (see _cut_partial_frame).
-                    self._rx_rewinds = rx.rewinds
-                    self._rx_restart = rx.vring_base
+                    pair.rx_rewinds = rx.rewinds
+                    pair.rx_restart = rx.vring_base & (span - 1)
                 try:
-                    first = (rx.next_used - len(used)) & 0xFFFF
+                    first = (rx.next_used - len(used)) % span
                     for i, (k, length) in enumerate(used):
-                        if (first + i) & 0xFFFF == self._rx_restart:
-                            self._cut_partial_frame()
-                        self._take(self._rx_pool + k * self._rx_size, length)
+                        if (first + i) % span == pair.rx_restart:
+                            self._cut_partial_frame(pair)
+                        self._take(pair, pair.rx_pool + k * self._rx_size, length)
                 finally:
                     # Every used buffer goes back, in one batch, even after a bad one.
                     if used:
                         with rx._lock:
                             rx._check_usable()
-                            rx._post_slots([self._rx_slots[k] for k, _ in used],
+                            rx._post_slots([pair.rx_slots[k] for k, _ in used],
                                            [k for k, _ in used])
                         rx.notify()
-            return self._frames.popleft()
+            return pair.frames.popleft()
 
-    def _cut_partial_frame(self):
+    @staticmethod
+    def _cut_partial_frame(pair):
         """Drop a merged frame the old back-end had not finished when it went away."""
-        self._rx_restart = None
-        if self._partial is not None:
+        pair.rx_restart = None
+        if pair.partial is not None:
             _log.warning("virtio-net: dropped a received frame the back-end had not finished "
-                         "(%d of its buffers missing) when it went away", self._partial[0])
-            self._partial = None
+                         "(%d of its buffers missing) when it went away", pair.partial[0])
+            pair.partial = None
 
-    def _take(self, gpa, length):
+    def _take(self, pair, gpa, length):
         """Account one used receive buffer: a whole frame or part of a merged one."""
         mem = self._mem
-        if self._partial is None:
+        if pair.partial is None:
             if length < self._hdr_len:
                 raise ProtocolError("virtio-net: a received buffer holds %d bytes, less "
                                     "than the %d-byte header" % (length, self._hdr_len))
             count = 1
             if self._mrg:
                 count = _NET_HDR.unpack(mem.read(gpa, _NET_HDR.size))[6]
-                if not 1 <= count <= self._rx.size:
+                if not 1 <= count <= pair.rx.size:
                     raise ProtocolError("virtio-net: num_buffers %d in a received header "
-                                        "is not in 1..%d" % (count, self._rx.size))
+                                        "is not in 1..%d" % (count, pair.rx.size))
             chunks = [mem.read(gpa + self._hdr_len, length - self._hdr_len)]
         else:
-            count, chunks = self._partial
+            count, chunks = pair.partial
             chunks.append(mem.read(gpa, length))
         count -= 1
         if count:
-            self._partial = (count, chunks)
+            pair.partial = (count, chunks)
         else:
-            self._partial = None
-            self._frames.append(b"".join(chunks))
+            pair.partial = None
+            pair.frames.append(b"".join(chunks))
 
     def close(self):
         """Disconnect from the back-end and free guest memory; safe to call twice."""
         _Device.close(self)
-        self._rx = self._tx = None
+        self._pairs = ()
 
     def __repr__(self):
         if self._mem is None:
             return "<NetDevice closed>"
-        return "<NetDevice mac=%s mtu=%s%s>" % (
+        return "<NetDevice mac=%s mtu=%s%s%s pairs=%d>" % (
             self.mac.hex() if self.mac else None, self.mtu,
-            " mrg_rxbuf" if self._mrg else "")
+            " mrg_rxbuf" if self._mrg else "", " packed" if self.packed else "",
+            self.queue_pairs)
 
 
 # -- virtio-fs (virtio spec 5.11): FUSE over a request queue -------------------
@@ -9205,6 +9929,11 @@ def _open_device(args, cls, device_type, **kwargs):
     The type check uses GET_FEATURES and GET_PROTOCOL_FEATURES on the same
     connection the driver then takes over (virtiofsd serves only one).
     """
+    packed = getattr(args, "packed", None)   # --packed/--split, where the command has them
+    if packed is not None:
+        if cls not in (BlockDevice, NetDevice):
+            raise _CliError("--packed and --split apply to blk and net devices only")
+        kwargs["packed"] = packed
     client = _cli_connect(args.socket, args.timeout)
     try:
         features = client.get_features()
@@ -10587,13 +11316,20 @@ def _format_bench(report):
     if backend is None:
         backend = "n/a (give --backend-pid)"
     if report["type"] == "net":
+        pairs = report["queues"]
         lines = [
-            "net loopback, %d-byte frames, depth %d, 1 queue pair, %.2f s"
-            % (report["size"], report["depth"], report["seconds"]),
+            "net loopback, %d-byte frames, depth %d%s, %d queue pair%s, %s rings, %.2f s"
+            % (report["size"], report["depth"], " per pair" if pairs > 1 else "", pairs,
+               "s" if pairs > 1 else "", "packed" if report.get("packed") else "split",
+               report["seconds"]),
             "  %-22s %.0f  (%d round trips)" % ("packets/s", report["packets_per_s"],
                                                 report["requests"]),
             "  %-22s %.2f  (each way)" % ("Mbit/s", report["mbit_per_s"]),
         ]
+        for one in report.get("pairs", ()):
+            lines.append("  %-22s %.0f packets/s, round trip p50 %s µs"
+                         % ("pair %d" % one["pair"], one["packets_per_s"],
+                            one["latency_us"]["p50"]))
         unit = "µs/packet"
     else:
         lines = [
@@ -10703,9 +11439,8 @@ def _cmd_bench(args, out):
         if given:
             raise _CliError("%s applies to --type blk%s only"
                             % (given[0], " and fs" if given[0] == "--rw" else ""))
-        if args.queues not in (None, 1):
-            raise _CliError("--queues %d: bench --type net uses one queue pair" % args.queues)
-        with _open_device(args, NetDevice, DeviceType.NET) as dev:
+        with _open_device(args, NetDevice, DeviceType.NET,
+                          queue_pairs=args.queues or 1) as dev:
             report = _bench_net(dev, args)
     elif args.type == "fs":
         given = [name for name, value in (
@@ -11247,12 +11982,14 @@ def _format_histogram(buckets, width=40):
 
 
 def _bench_net(dev, args):
-    """Keep ``--depth`` frames looping through the back-end; round trips and CPU per packet.
+    """Keep ``--depth`` frames looping through the back-end on each pair; round trips and CPU.
 
     Needs a back-end that returns every frame it receives (testpmd in io
     forward mode). Frames that came back are replaced in one ``send_many``
     (one kick); a latency runs from just before that call to the ``recv``
-    that returned the frame, which must be byte-identical.
+    that returned the frame, which must be byte-identical. With ``--queues
+    N`` each of the N queue pairs runs in its own thread; the report has
+    the totals and, under "pairs", each pair's figures.
     """
     size = 64 if args.size is None else args.size
     if not _TEST_FRAME_HEADER.size <= size <= 0xFFFF - _NET_HDR.size:
@@ -11263,56 +12000,94 @@ def _bench_net(dev, args):
     if args.depth * per_frame > dev.queue_size:
         raise _CliError("--depth %d: at most %d frames of %d bytes fit the %d receive buffers"
                         % (args.depth, dev.queue_size // per_frame, size, dev.queue_size))
-    template = _test_frame(bytes(dev.mac) if dev.mac else _TEST_MAC, 0, size)
-    head, tail = template[:_ETH_HLEN], template[_TEST_FRAME_HEADER.size:]
-    seq_field = struct.Struct(">I")
-    clock = time.perf_counter
-    pending = {}   # sequence number -> (send time, frame)
-    latencies = []
-    seq = 0
+    pairs = dev.queue_pairs
+    latencies = [[] for _ in range(pairs)]
+    errors = []
     progress = _Progress(sys.stderr, args.seconds, "net")
     backend_start = _proc_cpu_seconds(args.backend_pid) if args.backend_pid else None
     cpu_start = _self_cpu_seconds()
-    start = clock()
+    start = time.perf_counter()
     deadline = start + args.seconds
+
+    def run(pair):
+        try:
+            _bench_net_stream(dev, args, size, pair, deadline, latencies[pair])
+        except BaseException as exc:  # re-raised by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(p,), name="bench-pair-%d" % p)
+               for p in range(1, pairs)]
+    for thread in threads:
+        thread.start()
     try:
-        while True:
-            if clock() < deadline:
-                batch = []
-                t0 = clock()
-                while len(pending) < args.depth:
-                    seq = (seq + 1) & 0xFFFFFFFF
-                    frame = head + seq_field.pack(seq) + tail
-                    pending[seq] = (t0, frame)
-                    batch.append(frame)
-                if batch:
-                    dev.send_many(batch)
-            elif not pending:
-                break
-            frame = dev.recv(args.timeout)
-            if frame is None:
-                raise _CliError("%s: bench: %d frame(s) did not come back within %g s (the "
-                                "back-end must return what it receives, like testpmd in io "
-                                "forward mode)" % (args.socket, len(pending), args.timeout))
-            while frame is not None:
-                now = clock()
-                entry = pending.pop(seq_field.unpack_from(frame, _ETH_HLEN)[0], None) \
-                    if len(frame) == size and frame[:_ETH_HLEN] == head else None
-                if entry is not None:
-                    if frame != entry[1]:
-                        raise _CliError("%s: bench: a frame came back changed" % args.socket)
-                    latencies.append(now - entry[0])
-                frame = dev.recv(0)
-            progress.update(clock() - start, len(latencies), size)
+        _bench_net_stream(dev, args, size, 0, deadline, latencies[0],
+                          lambda: progress.update(time.perf_counter() - start,
+                                                  sum(map(len, latencies)), size))
     finally:
+        for thread in threads:
+            thread.join(deadline - time.perf_counter() + 2 * args.timeout)
         progress.done()
-    elapsed = clock() - start
+    if errors:
+        raise errors[0]
+    elapsed = time.perf_counter() - start
     cpu_self = _self_cpu_seconds() - cpu_start
     cpu_backend = None
     if args.backend_pid:
         cpu_backend = _proc_cpu_seconds(args.backend_pid) - backend_start
-    return _bench_report("net", None, size, args.depth, 1, elapsed, latencies, cpu_self,
-                         cpu_backend)
+    merged = [latency for per_pair in latencies for latency in per_pair]
+    report = _bench_report("net", None, size, args.depth, pairs, elapsed, merged, cpu_self,
+                           cpu_backend)
+    report["packed"] = dev.packed
+    if pairs > 1:
+        report["pairs"] = []
+        for pair, measured in enumerate(latencies):
+            one = _bench_report("net", None, size, args.depth, 1, elapsed, measured, 0.0, None)
+            report["pairs"].append({"pair": pair, "requests": one["requests"],
+                                    "packets_per_s": one["packets_per_s"],
+                                    "latency_us": one["latency_us"]})
+    return report
+
+
+def _bench_net_stream(dev, args, size, pair, deadline, latencies, tick=None):
+    """One pair's loop for ``_bench_net``: until ``deadline``, then drain what is in flight."""
+    template = _test_frame(bytes(dev.mac) if dev.mac else _TEST_MAC, pair, size)
+    head, tail = template[:_ETH_HLEN], template[_TEST_FRAME_HEADER.size:]
+    seq_field = struct.Struct(">I")
+    clock = time.perf_counter
+    pending = {}   # sequence number -> (send time, frame)
+    seq = 0
+    while True:
+        if clock() < deadline:
+            batch = []
+            t0 = clock()
+            while len(pending) < args.depth:
+                seq = (seq + 1) & 0xFFFFFFFF
+                frame = head + seq_field.pack(seq) + tail
+                pending[seq] = (t0, frame)
+                batch.append(frame)
+            if batch:
+                dev.send_many(batch, pair)
+        elif not pending:
+            return
+        frame = dev.recv(args.timeout, pair)
+        if frame is None:
+            raise _CliError("%s: bench: %d frame(s)%s did not come back within %g s (the "
+                            "back-end must return what it receives, like testpmd in io forward "
+                            "mode%s)" % (args.socket, len(pending),
+                                         " of pair %d" % pair if dev.queue_pairs > 1 else "",
+                                         args.timeout, ", on as many queue pairs as --queues: "
+                                         "testpmd queues=N" if pair else ""))
+        while frame is not None:
+            now = clock()
+            entry = pending.pop(seq_field.unpack_from(frame, _ETH_HLEN)[0], None) \
+                if len(frame) == size and frame[:_ETH_HLEN] == head else None
+            if entry is not None:
+                if frame != entry[1]:
+                    raise _CliError("%s: bench: a frame came back changed" % args.socket)
+                latencies.append(now - entry[0])
+            frame = dev.recv(0, pair)
+        if tick is not None:
+            tick()
 
 
 # -- demo ---------------------------------------------------------------------
@@ -11797,6 +12572,13 @@ def _build_parser():
                         help="log every vhost-user message sent and received (stderr)")
     common.add_argument("--timeout", type=_seconds_arg, default=argparse.SUPPRESS, metavar="S",
                         help="seconds to wait for any reply or completion (default 5)")
+    ring = argparse.ArgumentParser(add_help=False)
+    layout = ring.add_mutually_exclusive_group()
+    layout.add_argument("--packed", dest="packed", action="store_const", const=True,
+                        help="require packed virtqueues (RING_PACKED); default: packed when "
+                             "the back-end offers it")
+    layout.add_argument("--split", dest="packed", action="store_const", const=False,
+                        help="use split virtqueues even when packed ones are offered")
     parser = argparse.ArgumentParser(
         prog=_PROG, parents=[common],
         description="Talk to a vhost-user back-end (qemu-storage-daemon, DPDK, virtiofsd, "
@@ -11886,7 +12668,7 @@ def _build_parser():
     actions = net.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
     send = actions.add_parser(
-        "send", parents=[common], help="send N frames, or replay a pcap file",
+        "send", parents=[common, ring], help="send N frames, or replay a pcap file",
         description="Send N generated frames (or one given frame N times), or with -r the "
                     "frames of a pcap file (tcpreplay: --loop, --pps); waits until the "
                     "back-end has taken them.")
@@ -11901,7 +12683,7 @@ def _build_parser():
     send.add_argument("--pps", type=_rate_arg, metavar="RATE",
                       help="with -r: at most RATE frames per second (default: at once)")
     ping = actions.add_parser(
-        "ping", parents=[common],
+        "ping", parents=[common, ring],
         help="send frames at intervals; each must come back byte-identical (ping's options)",
         description="Send frames one at a time, every -i seconds, and wait up to -W seconds "
                     "for each to come back byte-identical (a back-end that returns what it "
@@ -11930,7 +12712,7 @@ def _build_parser():
         given.add_argument("--payload-hex", metavar="HEX",
                            help="send these bytes every time (e.g. ffffffffffff0200...)")
     recv = actions.add_parser(
-        "recv", parents=[common], help="print the frames that arrive, or capture them as pcap",
+        "recv", parents=[common, ring], help="print the frames that arrive, or capture them as pcap",
         description="One line per frame as tcpdump -e prints it (time, MACs, ethertype, "
                     "length), or with -w a pcap file tcpdump and Wireshark read; stops after "
                     "-c frames, --wait seconds or Ctrl-C.")
@@ -11949,7 +12731,8 @@ def _build_parser():
     net.set_defaults(func=_cmd_net)
 
     bench = commands.add_parser(
-        "bench", parents=[common], help="measure throughput, latency and CPU per request",
+        "bench", parents=[common, ring],
+        help="measure throughput, latency and CPU per request",
         description="Run I/O for --seconds and report IOPS and MiB/s (blk; fs: FUSE reads or "
                     "writes of one file in the share) or packets/s and "
                     "Mbit/s of frames looped back by the back-end (net: testpmd in io forward "
@@ -11977,7 +12760,8 @@ def _build_parser():
     bench.add_argument("--depth", "--iodepth", type=_count_arg, default=1, metavar="N",
                        help="requests in flight per queue (default 1)")
     bench.add_argument("--queues", "--numjobs", type=_count_arg, metavar="N",
-                       help="queues to use, one thread each (default 1)")
+                       help="queues (blk) or queue pairs (net) to use, one thread each "
+                            "(default 1)")
     bench.add_argument("--offset", type=_int_arg, default=0, metavar="BYTES",
                        help="blk: start of the region exercised (default 0)")
     bench.add_argument("--span", type=_int_arg, metavar="BYTES",
