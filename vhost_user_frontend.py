@@ -8654,8 +8654,11 @@ class FsDevice(_Device):
     # -- lifetime ------------------------------------------------------------------
 
     def close(self):
-        """Close open files (writing what they buffer), FORGET every node, DESTROY,
-        then disconnect; safe to call twice."""
+        """Close open files, release the share and disconnect; safe to call twice.
+
+        Open files are closed first (what they buffer is written), then every
+        node is forgotten (FORGET) and the session ended (DESTROY).
+        """
         if self._mem is not None and self._frontend is not None:
             try:
                 self._shutdown()
