@@ -9061,5 +9061,27 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
         self.assertEqual(status, 0)
 
 
+    def test_fs_rm_refuses_the_share_root_as_rm_refuses_slash(self):
+        fsd = self.start_backend(Virtiofsd)
+        os.makedirs(os.path.join(fsd.shared_dir, "d", "e"))
+        open(os.path.join(fsd.shared_dir, "f"), "w").close()
+        out, err = io.StringIO(), io.StringIO()
+        script = "rm -r /\nrm -r f ..\ncd d\nrm -r ../..\nrm -r e\n"
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                mock.patch.object(sys, "stdin", io.StringIO(script)):
+            status = vu.main(["fs", fsd.socket_path, "shell"])
+        self.assertEqual(err.getvalue().splitlines(),
+                         ["error: rm: /: refusing to remove the share's root"] * 3)
+        self.assertEqual(status, 1)
+        self.assertEqual(sorted(os.listdir(fsd.shared_dir)), ["d", "f"])   # f kept: all or nothing
+        self.assertEqual(os.listdir(os.path.join(fsd.shared_dir, "d")), [])
+        fsd = self.start_backend(Virtiofsd)
+        open(os.path.join(fsd.shared_dir, "g"), "w").close()
+        status, out, err = run_cli("fs", fsd.socket_path, "rm", "-r", ".")
+        self.assertEqual((status, err), (1, "vhost_user_frontend: error: rm: .: refusing to "
+                                            "remove '.' or '..'\n"))
+        self.assertEqual(os.listdir(fsd.shared_dir), ["g"])
+
+
 if __name__ == "__main__":
     unittest.main()

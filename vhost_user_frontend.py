@@ -10957,6 +10957,13 @@ def _fs_mkdir(fs, args, out):
 
 
 def _fs_rm(fs, args, out):
+    import posixpath
+    for path in args.paths:
+        # GNU rm refuses '/', '.' and '..' (--preserve-root); here the root is the whole share.
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if posixpath.normpath("/" + path.lstrip("/")) == "/" or name in (".", ".."):
+            raise OSError(errno.EPERM, "refusing to remove %s" % (
+                "the share's root" if name not in (".", "..") else "'.' or '..'"), path)
     for path in args.paths:
         if args.recursive and fs.lstat(path).st_mode & 0o170000 == 0o040000:
             for dirpath, dirs, files in fs.walk(path, topdown=False):
