@@ -9083,5 +9083,15 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
         self.assertEqual(os.listdir(fsd.shared_dir), ["g"])
 
 
+    def test_bench_fs_file_size_is_checked_and_written_in_steps(self):
+        fsd = self.start_backend(Virtiofsd)
+        status, out, err = run_cli("bench", fsd.socket_path, "--type", "fs", "--seconds", "0.2",
+                                   "--file-size", "0x1000000000000000000")    # was a traceback
+        self.assertEqual(status, 1)
+        self.assertRegex(err, r"^vhost_user_frontend: error: --file-size 4722366482869645213696: "
+                              r"more than the \d+ bytes free in the share\n$")
+        self.assertEqual(os.listdir(fsd.shared_dir), [])
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -11172,9 +11172,9 @@ def _bench_fs(fs, args):
         raise _CliError("--depth %d: at most %d requests fit the %d-entry ring"
                         % (args.depth, fs.queue_size, fs.queue_size))
     created = not fs.exists(args.file)
-    if created:
-        fs.write_bytes(args.file, bytes(args.file_size))
     try:
+        if created:
+            _fs_fill(fs, args.file, args.file_size)
         with fs.open(args.file, "r+b", buffering=0) as f:
             file_size = fs.stat(args.file).st_size
             if file_size < size:
@@ -11183,8 +11183,21 @@ def _bench_fs(fs, args):
             load = _BlockLoad(file_size, size, rw, 0)
             return _bench_fs_stream(fs, f, load, args, size, rw)
     finally:
-        if created:
+        if created and fs.exists(args.file):   # not made when --file-size did not fit
             fs.remove(args.file)
+
+
+def _fs_fill(fs, path, size):
+    """Create ``path`` with ``size`` zero bytes, written in 1 MiB steps (no buffer of ``size``)."""
+    st = fs.statvfs()
+    if size > st.f_bavail * st.f_frsize:
+        raise _CliError("--file-size %d: more than the %d bytes free in the share"
+                        % (size, st.f_bavail * st.f_frsize))
+    zeros = memoryview(bytes(min(size, 1 << 20)))
+    with fs.open(path, "xb", buffering=0) as f:
+        left = size
+        while left:
+            left -= f.write(zeros[:left])
 
 
 def _bench_fs_stream(fs, f, load, args, size, rw):
