@@ -9093,5 +9093,17 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
         self.assertEqual(os.listdir(fsd.shared_dir), [])
 
 
+    def test_net_send_n_streams_in_batches_each_within_the_timeout(self):
+        # send -n built every frame first and gave them to one send_many, whose --timeout covers
+        # the whole call: 60000 frames to a slow back-end failed with "the TX queue stayed full".
+        tmpdir = tempfile.mkdtemp(prefix="vhu-audit-")
+        self.addCleanup(shutil.rmtree, tmpdir, True)
+        backend = vu._EmbeddedBackend(vu._EmbeddedNet(), path=os.path.join(tmpdir, "net.sock")).start()
+        self.addCleanup(backend.close)
+        status, out, err = run_cli("--timeout", "0.5", "net", backend.path, "send", "-n", "60000")
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(out, "sent 60000 frame(s) of 64 bytes\n")
+
+
 if __name__ == "__main__":
     unittest.main()

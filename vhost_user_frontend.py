@@ -10485,11 +10485,20 @@ def _net_send(dev, args, out):
     if args.read is not None:
         return _net_replay(dev, args, out)
     make = _frame_source(dev, args, args.size)
-    frames = [make(seq) for seq in range(args.count)]
-    dev.send_many(frames)
+    # In batches: memory stays bounded for any -n, and each send_many's
+    # --timeout covers one batch, not the whole run.
+    sent = length = 0
+    while sent < args.count:
+        frames = [make(seq) for seq in range(sent, min(args.count, sent + _NET_SEND_BATCH))]
+        dev.send_many(frames)
+        sent += len(frames)
+        length = len(frames[0])
     dev.flush()
-    out.write("sent %d frame(s) of %d bytes\n" % (len(frames), len(frames[0]) if frames else 0))
+    out.write("sent %d frame(s) of %d bytes\n" % (sent, length))
     return 0
+
+
+_NET_SEND_BATCH = 256
 
 
 def _net_replay(dev, args, out):
