@@ -9105,5 +9105,38 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
         self.assertEqual(out, "sent 60000 frame(s) of 64 bytes\n")
 
 
+    def test_fs_stat_after_a_write_is_not_undone_by_a_concurrent_listing(self):
+        # A READDIRPLUS sent before a write and answered after it re-cached the old size for the
+        # attribute timeout: stat() right after write_bytes() said 0 while the file on disk had
+        # the bytes. Replies to requests older than the last change are not cached (attr_version).
+        fsd = self.start_backend(Virtiofsd)
+        for i in range(20):
+            open(os.path.join(fsd.shared_dir, "other%d" % i), "w").close()
+        fs = vu.FsDevice.connect(fsd.socket_path)
+        self.addCleanup(fs.close)
+        stop = threading.Event()
+        failures = []
+
+        def lister():
+            while not stop.is_set():
+                fs.listdir("")
+
+        thread = threading.Thread(target=lister)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 3
+            size = 0
+            while time.monotonic() < deadline and len(failures) < 3:
+                size = size % 4000 + 1
+                fs.write_bytes("f", b"x" * size)
+                got = fs.stat("f").st_size
+                if got != size:
+                    failures.append((size, got, os.path.getsize(os.path.join(fsd.shared_dir, "f"))))
+        finally:
+            stop.set()
+            thread.join(10)
+        self.assertEqual(failures, [])
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -7627,6 +7627,7 @@ class FsDevice(_Device):
         self._unique = 0
         self._unique_lock = threading.Lock()
         self._cache_lock = threading.RLock()
+        self._epoch = 0     # bumped by every change (see _mark_stale)
         self._hiprio_lock = threading.Lock()
         self._nodes = {}                              # nodeid -> _FsNode
         self._names = collections.OrderedDict()       # (parent, name) -> (nodeid, expiry)
@@ -7836,8 +7837,12 @@ class FsDevice(_Device):
 
     # -- the node cache ----------------------------------------------------------
 
-    def _entry(self, parent, name, payload, offset=0):
-        """Account a fuse_entry_out (one lookup reference): its _FsNode, cached as ``name``."""
+    def _entry(self, parent, name, payload, offset=0, epoch=None):
+        """Account a fuse_entry_out (one lookup reference): its _FsNode, cached as ``name``.
+
+        ``epoch``: ``self._epoch`` when the request was sent; if a change came
+        since, the attributes are kept but not trusted (see ``_mark_stale``).
+        """
         fields = _FUSE_ENTRY_OUT.unpack_from(payload, offset)
         nodeid, _gen, entry_valid, attr_valid, entry_nsec, attr_nsec = fields
         attr = _FUSE_ATTR.unpack_from(payload, offset + _FUSE_ENTRY_OUT.size)
@@ -7849,7 +7854,8 @@ class FsDevice(_Device):
                 node = self._nodes[nodeid] = _FsNode(nodeid, attr, 0)
             node.nlookup += 1
             node.attr = attr
-            node.attr_expiry = _valid_until(attr_valid, attr_nsec)
+            node.attr_expiry = _valid_until(attr_valid, attr_nsec) \
+                if epoch is None or epoch == self._epoch else 0
             if name is not None:
                 key = (parent, name)
                 old = self._names.pop(key, None)
@@ -7895,6 +7901,7 @@ class FsDevice(_Device):
         """Forget the cached ``name`` after it changed; its node's and the parent's
         attributes (nlink, ctime, mtime) are stale now too."""
         with self._cache_lock:
+            self._epoch += 1
             old = self._names.pop((parent, name), None)
             for nodeid in (parent, old[0] if old is not None else None):
                 node = self._nodes.get(nodeid)
@@ -7915,8 +7922,9 @@ class FsDevice(_Device):
         if len(name) > 255:
             raise _fs_error(errno.ENAMETOOLONG, filename)
         reply = bytearray(_ENTRY_SIZE)
+        epoch = self._epoch
         self._fuse_call(_FuseOp.LOOKUP, parent, [name + b"\0"], reply, _ENTRY_SIZE, filename)
-        return self._entry(parent, name, reply)
+        return self._entry(parent, name, reply, epoch=epoch)
 
     def _root(self):
         with self._cache_lock:
@@ -8004,26 +8012,38 @@ class FsDevice(_Device):
         if fh is None and node.attr is not None and node.attr_expiry > time.monotonic():
             return node.attr
         reply = bytearray(_ATTR_OUT_SIZE)
+        epoch = self._epoch
         self._fuse_call(_FuseOp.GETATTR, node.nodeid, [_FUSE_GETATTR_IN.pack(
             _FUSE_GETATTR_FH if fh is not None else 0, 0, fh or 0)], reply, _ATTR_OUT_SIZE,
             filename)
-        return self._store_attr(node, reply)
+        return self._store_attr(node, reply, epoch)
 
-    def _store_attr(self, node, reply):
+    def _store_attr(self, node, reply, epoch):
+        """Cache a fuse_attr_out, trusted only if nothing changed since ``epoch``."""
         valid, nsec, _ = _FUSE_ATTR_OUT.unpack_from(reply)
         attr = _FUSE_ATTR.unpack_from(reply, _FUSE_ATTR_OUT.size)
         with self._cache_lock:
             node.attr = attr
-            node.attr_expiry = _valid_until(valid, nsec)
+            node.attr_expiry = _valid_until(valid, nsec) if epoch == self._epoch else 0
         return attr
+
+    def _mark_stale(self, *nodes):
+        """A change: these nodes' cached attributes are stale, and so is any attribute
+        reply to a request sent before now (the kernel's attr_version does the same)."""
+        with self._cache_lock:
+            self._epoch += 1
+            for node in nodes:
+                node.attr_expiry = 0
 
     def _setattr(self, node, filename, valid, mode=0, size=0, fh=0, atime=(0, 0),
                  mtime=(0, 0), uid=0, gid=0):
         body = _FUSE_SETATTR_IN.pack(valid, 0, fh, size, 0, atime[0], mtime[0], 0, atime[1],
                                      mtime[1], 0, mode, 0, uid, gid, 0)
         reply = bytearray(_ATTR_OUT_SIZE)
+        self._mark_stale(node)
+        epoch = self._epoch
         self._fuse_call(_FuseOp.SETATTR, node.nodeid, [body], reply, _ATTR_OUT_SIZE, filename)
-        return self._store_attr(node, reply)
+        return self._store_attr(node, reply, epoch)
 
     def _readlink_node(self, node, filename):
         if node.mode & 0o170000 != 0o120000:
@@ -8099,12 +8119,13 @@ class FsDevice(_Device):
             offset = 0
             buffer = bytearray(_FS_DIR_BUFFER)
             while True:
+                epoch = self._epoch
                 length = self._fuse_call(op, node.nodeid, [_FUSE_IO_IN.pack(
                     fh, offset, len(buffer), 0, 0, 0, 0)], buffer, filename=path)
                 if not length:
                     break
                 previous, offset = offset, self._parse_dirents(node, buffer[:length], plus,
-                                                               entries, path)
+                                                               entries, path, epoch)
                 if offset == previous:
                     raise ProtocolError("FUSE %s: the reply does not move past offset %d"
                                         % (op.name, offset))
@@ -8113,7 +8134,7 @@ class FsDevice(_Device):
                        [_FUSE_RELEASE_IN.pack(fh, os.O_RDONLY, 0, 0)], filename=path)
         return entries
 
-    def _parse_dirents(self, directory, data, plus, entries, path):
+    def _parse_dirents(self, directory, data, plus, entries, path, epoch=None):
         """Decode one READDIR(PLUS) reply into ``entries``; the offset to continue from."""
         pos = 0
         last = None
@@ -8137,7 +8158,7 @@ class FsDevice(_Device):
             if name in (b".", b".."):
                 continue      # the kernel takes no lookup reference for these
             if plus and _FUSE_ENTRY_OUT.unpack_from(data, entry_at)[0]:
-                attr = self._entry(directory.nodeid, name, data, entry_at).attr
+                attr = self._entry(directory.nodeid, name, data, entry_at, epoch).attr
             entries.append((name, ino, dtype, attr))
         if last is None:
             raise ProtocolError("FUSE %s: a reply with no entry" % what)
@@ -8199,7 +8220,7 @@ class FsDevice(_Device):
 
     def _created(self, parent, name, reply):
         """Cache the entry a MKDIR/SYMLINK/LINK/MKNOD/CREATE returned."""
-        parent.attr_expiry = 0
+        self._mark_stale(parent)
         return self._entry(parent.nodeid, name, reply)
 
     @_operation
@@ -8319,7 +8340,7 @@ class FsDevice(_Device):
         self._fuse_call(_FuseOp.LINK, parent.nodeid, [_FUSE_U64.pack(node.nodeid), name + b"\0"],
                    reply, _ENTRY_SIZE, src, dst)
         self._created(parent, name, reply)
-        node.attr_expiry = 0      # nlink changed
+        self._mark_stale(node)      # nlink changed
 
     @_operation
     def mkfifo(self, path, mode=0o666):
@@ -8522,7 +8543,7 @@ class FsDevice(_Device):
         try:
             if flags & os.O_TRUNC and not atomic_trunc:
                 raw.truncate(0)
-            node.attr_expiry = 0
+            self._mark_stale(node)
             if flags & os.O_APPEND:
                 raw.seek(0, io.SEEK_END)
         except BaseException:
@@ -8578,9 +8599,15 @@ class FsDevice(_Device):
 
     def _write_from(self, node, fh, offset, view, filename):
         """FUSE_WRITE ``view`` at ``offset`` in chunks kept in flight; bytes written."""
+        self._mark_stale(node)
+        try:
+            return self._write_chunks(node, fh, offset, view, filename)
+        finally:
+            self._mark_stale(node)     # size and mtime moved while the writes ran
+
+    def _write_chunks(self, node, fh, offset, view, filename):
         total = 0
         step = self.max_write
-        node.attr_expiry = 0
         while total < len(view):
             calls = []
             for start in range(total, min(len(view), total + step * _FS_MAX_IN_FLIGHT), step):
