@@ -9138,5 +9138,33 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
         self.assertEqual(failures, [])
 
 
+    def test_fs_rename_is_not_undone_by_a_concurrent_listing(self):
+        # The same race for names: a READDIRPLUS answered after a rename re-cached the old name,
+        # so exists() of the name just renamed away said True.
+        fsd = self.start_backend(Virtiofsd)
+        fs = vu.FsDevice.connect(fsd.socket_path)
+        self.addCleanup(fs.close)
+        stop = threading.Event()
+        failures = []
+
+        def lister():
+            while not stop.is_set():
+                fs.listdir("")
+
+        thread = threading.Thread(target=lister)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline and len(failures) < 3:
+                fs.write_bytes("a", b"x")
+                fs.rename("a", "b")
+                if fs.exists("a"):
+                    failures.append(sorted(os.listdir(fsd.shared_dir)))
+        finally:
+            stop.set()
+            thread.join(10)
+        self.assertEqual(failures, [])
+
+
 if __name__ == "__main__":
     unittest.main()

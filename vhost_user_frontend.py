@@ -7283,7 +7283,7 @@ class _FuseRequest:
 class _FsNode:
     """A node id we hold lookups on: its attributes and how many lookups to FORGET."""
 
-    __slots__ = ("nodeid", "nlookup", "attr", "attr_expiry", "users")
+    __slots__ = ("nodeid", "nlookup", "attr", "attr_expiry", "users", "changed")
 
     def __init__(self, nodeid, attr, expiry):
         self.nodeid = nodeid
@@ -7291,6 +7291,7 @@ class _FsNode:
         self.attr = attr
         self.attr_expiry = expiry
         self.users = 0              # cached names and open files pointing at it
+        self.changed = 0            # FsDevice._epoch of its last change (_mark_stale)
 
     @property
     def mode(self):
@@ -7627,7 +7628,7 @@ class FsDevice(_Device):
         self._unique = 0
         self._unique_lock = threading.Lock()
         self._cache_lock = threading.RLock()
-        self._epoch = 0     # bumped by every change (see _mark_stale)
+        self._epoch = 0     # counts changes (see _mark_stale)
         self._hiprio_lock = threading.Lock()
         self._nodes = {}                              # nodeid -> _FsNode
         self._names = collections.OrderedDict()       # (parent, name) -> (nodeid, expiry)
@@ -7840,8 +7841,9 @@ class FsDevice(_Device):
     def _entry(self, parent, name, payload, offset=0, epoch=None):
         """Account a fuse_entry_out (one lookup reference): its _FsNode, cached as ``name``.
 
-        ``epoch``: ``self._epoch`` when the request was sent; if a change came
-        since, the attributes are kept but not trusted (see ``_mark_stale``).
+        ``epoch``: ``self._epoch`` when the request was sent; if the node (or,
+        for the name, its directory) changed since, what the reply says is
+        kept but not trusted: the next call asks again (see ``_mark_stale``).
         """
         fields = _FUSE_ENTRY_OUT.unpack_from(payload, offset)
         nodeid, _gen, entry_valid, attr_valid, entry_nsec, attr_nsec = fields
@@ -7855,11 +7857,16 @@ class FsDevice(_Device):
             node.nlookup += 1
             node.attr = attr
             node.attr_expiry = _valid_until(attr_valid, attr_nsec) \
-                if epoch is None or epoch == self._epoch else 0
+                if epoch is None or node.changed <= epoch else 0
             if name is not None:
                 key = (parent, name)
                 old = self._names.pop(key, None)
-                self._names[key] = (nodeid, _valid_until(entry_valid, entry_nsec))
+                # A rename, unlink or create in the directory since the request
+                # may have moved the name.
+                directory = self._nodes.get(parent)
+                trusted = epoch is None or directory is None or directory.changed <= epoch
+                self._names[key] = (nodeid, _valid_until(entry_valid, entry_nsec)
+                                    if trusted else 0)
                 node.users += 1
                 if old is not None:
                     self._unuse(old[0])
@@ -7907,6 +7914,7 @@ class FsDevice(_Device):
                 node = self._nodes.get(nodeid)
                 if node is not None:
                     node.attr_expiry = 0
+                    node.changed = self._epoch
             if old is not None:
                 self._unuse(old[0])
         self._forget_retired()
@@ -8019,21 +8027,23 @@ class FsDevice(_Device):
         return self._store_attr(node, reply, epoch)
 
     def _store_attr(self, node, reply, epoch):
-        """Cache a fuse_attr_out, trusted only if nothing changed since ``epoch``."""
+        """Cache a fuse_attr_out, trusted only if the node did not change since ``epoch``."""
         valid, nsec, _ = _FUSE_ATTR_OUT.unpack_from(reply)
         attr = _FUSE_ATTR.unpack_from(reply, _FUSE_ATTR_OUT.size)
         with self._cache_lock:
             node.attr = attr
-            node.attr_expiry = _valid_until(valid, nsec) if epoch == self._epoch else 0
+            node.attr_expiry = _valid_until(valid, nsec) if node.changed <= epoch else 0
         return attr
 
     def _mark_stale(self, *nodes):
-        """A change: these nodes' cached attributes are stale, and so is any attribute
-        reply to a request sent before now (the kernel's attr_version does the same)."""
+        """These nodes changed: their cached attributes are stale, and so is what any
+        reply to a request sent before now says of them (the kernel's attr_version):
+        a READDIRPLUS racing a write would otherwise re-cache the old size."""
         with self._cache_lock:
             self._epoch += 1
             for node in nodes:
                 node.attr_expiry = 0
+                node.changed = self._epoch
 
     def _setattr(self, node, filename, valid, mode=0, size=0, fh=0, atime=(0, 0),
                  mtime=(0, 0), uid=0, gid=0):
