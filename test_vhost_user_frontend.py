@@ -3329,16 +3329,17 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
         self.assertEqual((status, err), (0, ""))
         self.assertIn("net loopback, 1514-byte frames, depth 1, 1 queue pair", out)
         self.assertIn("backend CPU µs/packet  n/a (give --backend-pid)", out)
-        for argv, fragment in ((["--depth", "257"], "--depth 257: at most 256 frames of 64 bytes"),
-                               (["--rw", "read"], "--rw applies to --type blk and fs only"),
-                               (["--verify"], "--verify applies to --type blk only"),
-                               (["--offset", "4k"], "--offset applies to --type blk only"),
-                               # testpmd runs one pair here: pair 1 is never looped back.
-                               (["--queues", "2", "--timeout", "0.5"],
-                                "frame(s) of pair 1 did not come back within 0.5 s")):
+        for argv, fragment, code in (
+                (["--depth", "257"], "--depth 257: at most 256 frames of 64 bytes", 1),
+                (["--rw", "read"], "--rw applies to --type blk and fs only", 2),      # usage
+                (["--verify"], "--verify applies to --type blk only", 2),
+                (["--offset", "4k"], "--offset applies to --type blk only", 2),
+                # testpmd runs one pair here: pair 1 is never looped back.
+                (["--queues", "2", "--timeout", "0.5"],
+                 "frame(s) of pair 1 did not come back within 0.5 s", 1)):
             with self.subTest(argv=argv):
                 status, out, err = run_cli("bench", sock, "--type", "net", *argv)
-                self.assertEqual((status, out), (1, ""), err)
+                self.assertEqual((status, out), (code, ""), err)
                 self.assertIn(fragment, err)
         # The blk commands refuse it.
         status, out, err = run_cli("bench", sock)
@@ -5458,7 +5459,7 @@ class TestPackedRingsAndQueuePairs(BackendTestMixin, FdLeakCheck):
         status, out, err = run_cli("bench", qsd.socket_path, "--seconds", "0.1", "--json")
         self.assertEqual(status, 0, err)
         status, out, err = run_cli("bench", qsd.socket_path, "--type", "fs", "--split")
-        self.assertEqual(status, 1)
+        self.assertEqual(status, 2)     # options that do not go together
         self.assertIn("--packed and --split apply to blk and net devices only", err)
 
     def test_queue_pairs_need_mq(self):
@@ -7950,7 +7951,7 @@ class TestBenchFastPath(BackendTestMixin, FdLeakCheck):
         for argv in (["--spin", "0"], ["--event-idx", "on"], ["--loop", "queue"]):
             with self.subTest(argv=argv):
                 status, out, err = run_cli("bench", d.socket_path, "--type", "net", *argv)
-                self.assertEqual((status, out), (1, ""))
+                self.assertEqual((status, out), (2, ""))      # options that do not go together
                 self.assertIn("%s applies to --type blk only" % argv[0], err)
 
 
@@ -9164,6 +9165,25 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
             stop.set()
             thread.join(10)
         self.assertEqual(failures, [])
+
+
+    def test_options_that_do_not_go_together_are_usage_errors(self):
+        # Refused before anything is sent, like argparse's own refusals: status 2, not 1.
+        pcap = os.path.join(tempfile.mkdtemp(prefix="vhu-audit-"), "empty.pcap")
+        self.addCleanup(shutil.rmtree, os.path.dirname(pcap), True)
+        open(pcap, "wb").close()
+        for argv, text in (
+                (["bench", "/nonexistent.sock", "--type", "fs", "--verify"],
+                 "--verify applies to --type blk only"),
+                (["bench", "/nonexistent.sock", "--type", "fs", "--queues", "2"],
+                 "--queues 2: bench --type fs uses one request queue"),
+                (["bench", "/nonexistent.sock", "--type", "net", "--span", "1M"],
+                 "--span applies to --type blk only"),
+                (["bench", "/nonexistent.sock", "--type", "fs", "--packed"],
+                 "--packed and --split apply to blk and net devices only")):
+            with self.subTest(argv=argv):
+                status, out, err = run_cli(*argv)
+                self.assertEqual((status, out, err), (2, "", "vhost_user_frontend: error: %s\n" % text))
 
 
 if __name__ == "__main__":

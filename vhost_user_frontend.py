@@ -9775,11 +9775,16 @@ _PROG = "vhost_user_frontend"
 #: Exit statuses: 0 ok, 1 a failure reported in one line, 2 bad usage (argparse),
 #: 141 (128 + SIGPIPE) when the reader of stdout went away.
 _EXIT_FAILURE = 1
+_EXIT_USAGE = 2
 _EXIT_BROKEN_PIPE = 128 + 13
 
 
 class _CliError(Exception):
     """A failure the command line reports as one line, without a traceback."""
+
+
+class _UsageError(_CliError):
+    """Options that do not go together, found before anything is sent: status 2, as argparse's."""
 
 
 #: --type spellings: every DeviceType name in lower case, plus the short ones.
@@ -9972,7 +9977,7 @@ def _open_device(args, cls, device_type, **kwargs):
     packed = getattr(args, "packed", None)   # --packed/--split, where the command has them
     if packed is not None:
         if cls not in (BlockDevice, NetDevice):
-            raise _CliError("--packed and --split apply to blk and net devices only")
+            raise _UsageError("--packed and --split apply to blk and net devices only")
         kwargs["packed"] = packed
     client = _cli_connect(args.socket, args.timeout)
     try:
@@ -10541,7 +10546,7 @@ _NET_SEND_BATCH = 256
 def _net_replay(dev, args, out):
     """``send -r FILE``: the frames of a pcap, ``--loop`` times, at ``--pps`` (tcpreplay)."""
     if args.payload_file is not None or args.payload_hex is not None:
-        raise _CliError("send: -r takes the frames from the pcap file; drop --payload-*")
+        raise _UsageError("send: -r takes the frames from the pcap file; drop --payload-*")
     clock = time.monotonic
     sent = sent_bytes = 0
     start = clock()
@@ -11506,7 +11511,7 @@ def _cmd_bench(args, out):
             ("--event-idx", args.event_idx),
             ("--loop", None if args.loop == "device" else args.loop)) if value is not None]
         if given:
-            raise _CliError("%s applies to --type blk%s only"
+            raise _UsageError("%s applies to --type blk%s only"
                             % (given[0], " and fs" if given[0] == "--rw" else ""))
         with _open_device(args, NetDevice, DeviceType.NET,
                           queue_pairs=args.queues or 1) as dev:
@@ -11520,9 +11525,9 @@ def _cmd_bench(args, out):
             ("--event-idx", args.event_idx),
             ("--loop", None if args.loop == "device" else args.loop)) if value is not None]
         if given:
-            raise _CliError("%s applies to --type blk only" % given[0])
+            raise _UsageError("%s applies to --type blk only" % given[0])
         if args.queues not in (None, 1):
-            raise _CliError("--queues %d: bench --type fs uses one request queue" % args.queues)
+            raise _UsageError("--queues %d: bench --type fs uses one request queue" % args.queues)
         with _open_device(args, FsDevice, DeviceType.FS) as dev:
             report = _bench_fs(dev, args)
     else:
@@ -12971,6 +12976,9 @@ def _main(argv):
         sys.stderr.write("%s: terminated by %s, cleaned up\n"
                          % (_PROG, signal.Signals(exc.signum).name))
         return 128 + exc.signum
+    except _UsageError as exc:
+        sys.stderr.write("%s: error: %s\n" % (_PROG, exc))
+        return _EXIT_USAGE
     except BrokenPipeError:
         # The reader went away (`... | head -1`): stop silently, as cat does,
         # with the status a shell shows for a process that SIGPIPE killed.
