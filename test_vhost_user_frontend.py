@@ -9186,5 +9186,17 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
                 self.assertEqual((status, out, err), (2, "", "vhost_user_frontend: error: %s\n" % text))
 
 
+    def test_net_device_closed_is_a_vhost_user_error_naming_the_call(self):
+        testpmd = self.start_backend(Testpmd)
+        nic = vu.NetDevice.connect(testpmd.socket_path)
+        nic.close()
+        for call, name in ((lambda: nic.send(bytes(60)), "send"), (lambda: nic.recv(0), "recv"),
+                           (lambda: nic.flush(), "flush")):
+            with self.assertRaises(vu.VhostUserError) as cm:
+                call()
+            self.assertIsInstance(cm.exception, ValueError)    # what it was before: kept as a base
+            self.assertEqual(str(cm.exception), "%s: the device was closed" % name)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -6896,10 +6896,10 @@ class NetDevice(_Device):
         pair.tx_idle = list(range(tx_slots - 1, -1, -1))
         return pair
 
-    def _pair(self, pair):
+    def _pair(self, pair, what="send"):
         pairs = self._pairs
         if not pairs:
-            raise ValueError("the net device is closed")
+            raise _DeviceClosed("%s: the device was closed" % what)
         if not isinstance(pair, int) or not 0 <= pair < len(pairs):
             raise ValueError("pair %r: the device runs pairs 0..%d" % (pair, len(pairs) - 1))
         return pairs[pair]
@@ -6996,9 +6996,9 @@ class NetDevice(_Device):
         """
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        pairs = self._pairs if pair is None else (self._pair(pair),)
+        pairs = self._pairs if pair is None else (self._pair(pair, "flush"),)
         if not pairs:
-            raise ValueError("the net device is closed")
+            raise _DeviceClosed("flush: the device was closed")
         for one in pairs:
             with one.tx_lock, self._call("flush"):
                 deadline += self._check_alive("flush")
@@ -7019,7 +7019,7 @@ class NetDevice(_Device):
 
         ``timeout`` defaults to the device's; 0 polls.
         """
-        pair = self._pair(pair)
+        pair = self._pair(pair, "recv")
         with pair.rx_lock, self._call("recv"):
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
             deadline += self._check_alive("recv")
