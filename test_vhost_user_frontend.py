@@ -8959,7 +8959,6 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
         self.assertIn("virtio-fs: wrong device type: the back-end is a block device",
                       str(cm.exception))
 
-
     def test_pps_usage_error_speaks_of_a_rate_not_seconds(self):
         for bad in ("0", "-5", "inf", "nan", "x"):
             status, out, err = run_cli("net", "/nonexistent.sock", "send", "-r", "/dev/null",
@@ -8967,7 +8966,6 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
             self.assertEqual(status, 2, bad)
             self.assertIn("--pps", err)
             self.assertNotIn("seconds", err, bad)
-
 
     def test_fs_device_closed_is_a_vhost_user_error_naming_the_call(self):
         fsd = self.start_backend(Virtiofsd)
@@ -8981,7 +8979,6 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
                 call()
             self.assertIsInstance(cm.exception, ValueError)    # what it was before: kept as a base
             self.assertIn("%s: the virtio-fs device is closed" % name, str(cm.exception))
-
 
     def test_fs_shell_usage_errors_name_the_command(self):
         fsd = self.start_backend(Virtiofsd)
@@ -8998,7 +8995,6 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
         self.assertIn("fs: error: unrecognized arguments: -z", lines)
         self.assertFalse([line for line in lines if line.startswith(":")], lines)
 
-
     def test_fs_ls_of_files_and_directories_orders_and_heads_them_as_ls_does(self):
         fsd = self.start_backend(Virtiofsd)
         os.mkdir(os.path.join(fsd.shared_dir, "d"))
@@ -9012,7 +9008,6 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
         self.assertEqual(out.getvalue(), "/f\n/g\n\n/d:\nx\n/f\n")
         self.assertEqual(err.getvalue(), "error: ls: /nope: No such file or directory\n")
         self.assertEqual(status, 1)
-
 
     def test_an_ascii_stdout_gets_ascii_symbols_not_a_traceback(self):
         # CPython 3.6 in the C locale (env -i) writes ASCII; PYTHONIOENCODING makes any version do so.
@@ -9030,7 +9025,6 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
         status, out, err = run("fs", fsd.socket_path, "tree")
         self.assertEqual((status, err), (0, ""))
         self.assertEqual(out, "/\n`-- d\n    `-- e\n\n2 directories, 0 files\n")
-
 
     def test_ping_ctrl_c_never_lands_inside_a_device_call(self):
         # The SIGINT arrives while recv() runs (as it did in a hang seen under load): the call must
@@ -9061,7 +9055,6 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
         self.assertIn("3 packets transmitted, 3 received, 0% packet loss", out.getvalue())
         self.assertEqual(status, 0)
 
-
     def test_fs_rm_refuses_the_share_root_as_rm_refuses_slash(self):
         fsd = self.start_backend(Virtiofsd)
         os.makedirs(os.path.join(fsd.shared_dir, "d", "e"))
@@ -9083,7 +9076,6 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
                                             "remove '.' or '..'\n"))
         self.assertEqual(os.listdir(fsd.shared_dir), ["g"])
 
-
     def test_bench_fs_file_size_is_checked_and_written_in_steps(self):
         fsd = self.start_backend(Virtiofsd)
         status, out, err = run_cli("bench", fsd.socket_path, "--type", "fs", "--seconds", "0.2",
@@ -9092,7 +9084,6 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
         self.assertRegex(err, r"^vhost_user_frontend: error: --file-size 4722366482869645213696: "
                               r"more than the \d+ bytes free in the share\n$")
         self.assertEqual(os.listdir(fsd.shared_dir), [])
-
 
     def test_net_send_n_streams_in_batches_each_within_the_timeout(self):
         # send -n built every frame first and gave them to one send_many, whose --timeout covers
@@ -9104,7 +9095,6 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
         status, out, err = run_cli("--timeout", "0.5", "net", backend.path, "send", "-n", "60000")
         self.assertEqual((status, err), (0, ""))
         self.assertEqual(out, "sent 60000 frame(s) of 64 bytes\n")
-
 
     def test_fs_stat_after_a_write_is_not_undone_by_a_concurrent_listing(self):
         # A READDIRPLUS sent before a write and answered after it re-cached the old size for the
@@ -9125,7 +9115,7 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
         thread = threading.Thread(target=lister)
         thread.start()
         try:
-            deadline = time.monotonic() + 3
+            deadline = time.monotonic() + 2
             size = 0
             while time.monotonic() < deadline and len(failures) < 3:
                 size = size % 4000 + 1
@@ -9137,7 +9127,6 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
             stop.set()
             thread.join(10)
         self.assertEqual(failures, [])
-
 
     def test_fs_rename_is_not_undone_by_a_concurrent_listing(self):
         # The same race for names: a READDIRPLUS answered after a rename re-cached the old name,
@@ -9155,7 +9144,7 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
         thread = threading.Thread(target=lister)
         thread.start()
         try:
-            deadline = time.monotonic() + 3
+            deadline = time.monotonic() + 2
             while time.monotonic() < deadline and len(failures) < 3:
                 fs.write_bytes("a", b"x")
                 fs.rename("a", "b")
@@ -9165,7 +9154,6 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
             stop.set()
             thread.join(10)
         self.assertEqual(failures, [])
-
 
     def test_options_that_do_not_go_together_are_usage_errors(self):
         # Refused before anything is sent, like argparse's own refusals: status 2, not 1.
@@ -9184,7 +9172,6 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
             with self.subTest(argv=argv):
                 status, out, err = run_cli(*argv)
                 self.assertEqual((status, out, err), (2, "", "vhost_user_frontend: error: %s\n" % text))
-
 
     def test_net_device_closed_is_a_vhost_user_error_naming_the_call(self):
         testpmd = self.start_backend(Testpmd)
