@@ -12915,7 +12915,7 @@ def main(argv=None):
 
 
 class _AsciiFallback:
-    """A text stream that writes ``us`` for ``µs`` and tree's ASCII lines where the encoding lacks them.
+    """A text stream writing ``us`` for ``µs`` and ASCII tree lines where the encoding lacks them.
 
     CPython 3.6 in the C locale (``env -i``, a bare container) writes ASCII
     to stdout: "µs" in bench's report, the tree's box lines and "--help" of
