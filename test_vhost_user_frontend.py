@@ -9184,6 +9184,17 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
             self.assertIsInstance(cm.exception, ValueError)    # what it was before: kept as a base
             self.assertEqual(str(cm.exception), "%s: the device was closed" % name)
 
+    def test_net_send_many_timeout_bounds_each_wait_for_room_not_the_whole_call(self):
+        tmpdir = tempfile.mkdtemp(prefix="vhu-audit-")
+        self.addCleanup(shutil.rmtree, tmpdir, True)
+        backend = vu._EmbeddedBackend(vu._EmbeddedNet(), path=os.path.join(tmpdir, "net.sock")).start()
+        self.addCleanup(backend.close)
+        frame = b"\xff" * 6 + b"\x02" * 6 + b"\x88\xb5" + bytes(50)
+        with vu.NetDevice.connect(backend.path, timeout=0.5) as nic:
+            # The ring fills and drains many times over, for longer than 0.5 s in all on CPython.
+            nic.send_many([frame] * 60000)
+            nic.flush()
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -6975,6 +6975,9 @@ class NetDevice(_Device):
         """
         tx = pair.tx
         self._reap_tx(pair)
+        # Each wait for room gets the full timeout: a long send_many that keeps
+        # the ring moving is not "full for timeout" (it once timed out overall).
+        deadline = max(deadline, time.monotonic() + self.timeout)
         while not room():
             tx.notify()
             deadline += self._check_alive("send")
