@@ -9085,6 +9085,30 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
         self.assertEqual((status, err), (0, ""))
         self.assertEqual(out, "sent 60000 frame(s) of 64 bytes\n")
 
+    def race_with_listing(self, fsd, step):
+        """Run ``step()`` for 2 s while another thread lists the share's root; its failures."""
+        fs = vu.FsDevice.connect(fsd.socket_path)
+        self.addCleanup(fs.close)
+        stop = threading.Event()
+        failures = []
+
+        def lister():
+            while not stop.is_set():
+                fs.listdir("")
+
+        thread = threading.Thread(target=lister)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline and len(failures) < 3:
+                failure = step(fs)
+                if failure is not None:
+                    failures.append(failure)
+        finally:
+            stop.set()
+            thread.join(10)
+        return failures
+
     def test_fs_stat_after_a_write_is_not_undone_by_a_concurrent_listing(self):
         # A READDIRPLUS sent before a write and answered after it re-cached the old size for the
         # attribute timeout: stat() right after write_bytes() said 0 while the file on disk had
@@ -9092,57 +9116,27 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
         fsd = self.start_backend(Virtiofsd)
         for i in range(20):
             open(os.path.join(fsd.shared_dir, "other%d" % i), "w").close()
-        fs = vu.FsDevice.connect(fsd.socket_path)
-        self.addCleanup(fs.close)
-        stop = threading.Event()
-        failures = []
+        sizes = itertools.cycle(range(1, 4001))
 
-        def lister():
-            while not stop.is_set():
-                fs.listdir("")
-
-        thread = threading.Thread(target=lister)
-        thread.start()
-        try:
-            deadline = time.monotonic() + 2
-            size = 0
-            while time.monotonic() < deadline and len(failures) < 3:
-                size = size % 4000 + 1
-                fs.write_bytes("f", b"x" * size)
-                got = fs.stat("f").st_size
-                if got != size:
-                    failures.append((size, got, os.path.getsize(os.path.join(fsd.shared_dir, "f"))))
-        finally:
-            stop.set()
-            thread.join(10)
-        self.assertEqual(failures, [])
+        def step(fs):
+            size = next(sizes)
+            fs.write_bytes("f", b"x" * size)
+            got = fs.stat("f").st_size
+            if got != size:
+                return size, got, os.path.getsize(os.path.join(fsd.shared_dir, "f"))
+        self.assertEqual(self.race_with_listing(fsd, step), [])
 
     def test_fs_rename_is_not_undone_by_a_concurrent_listing(self):
         # The same race for names: a READDIRPLUS answered after a rename re-cached the old name,
         # so exists() of the name just renamed away said True.
         fsd = self.start_backend(Virtiofsd)
-        fs = vu.FsDevice.connect(fsd.socket_path)
-        self.addCleanup(fs.close)
-        stop = threading.Event()
-        failures = []
 
-        def lister():
-            while not stop.is_set():
-                fs.listdir("")
-
-        thread = threading.Thread(target=lister)
-        thread.start()
-        try:
-            deadline = time.monotonic() + 2
-            while time.monotonic() < deadline and len(failures) < 3:
-                fs.write_bytes("a", b"x")
-                fs.rename("a", "b")
-                if fs.exists("a"):
-                    failures.append(sorted(os.listdir(fsd.shared_dir)))
-        finally:
-            stop.set()
-            thread.join(10)
-        self.assertEqual(failures, [])
+        def step(fs):
+            fs.write_bytes("a", b"x")
+            fs.rename("a", "b")
+            if fs.exists("a"):
+                return sorted(os.listdir(fsd.shared_dir))
+        self.assertEqual(self.race_with_listing(fsd, step), [])
 
     def test_options_that_do_not_go_together_are_usage_errors(self):
         # Refused before anything is sent, like argparse's own refusals: status 2, not 1.
