@@ -9179,5 +9179,581 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
             nic.flush()
 
 
+class TestFastPathBatchChecks(FrontendTestBase):
+    """The fast path's batch-wide checks (bounds, status bytes, used entries) name the bad request."""
+
+    CONFIG = TestBlockFastPathBadDevice.CONFIG     # 1 MiB
+    device = TestBlockFastPathBadDevice.device
+    check_free_list = TestBlockFastPathBadDevice.check_free_list
+
+    @staticmethod
+    def good(backend, index, head, chain):
+        backend.write(chain[-1][0], b"\0")
+        backend.push_used(index, head, sum(n for _, n, f in chain if f & 2))
+
+    def reap_all(self, dev, count):
+        done = []
+        while len(done) < count:
+            done += dev.reap(count=count - len(done))
+        return sorted(done)
+
+    def test_offsets_are_bounded_by_each_buffers_own_size(self):
+        dev = self.device(self.good)
+        small, big = dev.alloc(4096), dev.alloc(65536)
+        end = dev.capacity
+        # The small buffer may end at the capacity, though the big one could not start there.
+        dev.post_reads([end - 4096, 0], [small, big], ["small", "big"])
+        self.assertEqual(self.reap_all(dev, 2), ["big", "small"])
+        for offsets, buffers in (([end - 4096], [big]), ([0, end - 32768], [small, big])):
+            with self.subTest(offsets=offsets):
+                with self.assertRaises(ValueError) as cm:
+                    dev.post_reads(offsets, buffers)
+                self.assertIn("end past the capacity", str(cm.exception))
+                self.assertEqual(dev._queues[0].in_flight, 0)   # nothing of the batch posted
+        # A slot that carried the big buffer and now the small one is repointed (and back).
+        for _ in range(3):
+            dev.post_reads([end - 4096], [small], ["small"])
+            self.assertEqual(dev.reap(), ["small"])
+            dev.post_reads([0], [big], ["big"])
+            self.assertEqual(dev.reap(), ["big"])
+
+    def test_a_failed_status_is_seen_again_on_the_same_slot(self):
+        failing = set()
+
+        def complete(backend, index, head, chain):
+            sector = struct.unpack("<IIQ", backend.read(chain[0][0], 16))[2]
+            backend.write(chain[-1][0], b"\x01" if sector in failing else b"\0")
+            backend.push_used(index, head, sum(n for _, n, f in chain if f & 2))
+        dev = self.device(complete)
+        bufs = [dev.alloc(512) for _ in range(3)]
+        for round_ in range(3):
+            failing.clear()
+            if round_ != 1:
+                failing.add(8)          # the request at 4096 fails in rounds 0 and 2
+            dev.post_reads([0, 4096, 8192], bufs, ["a", "b", "c"])
+            if round_ == 1:
+                self.assertEqual(self.reap_all(dev, 3), ["a", "b", "c"])
+                continue
+            done = []
+            with self.assertRaises(vu.BackendError) as cm:
+                while len(done) < 3:
+                    done += dev.reap(count=3)
+            self.assertEqual((cm.exception.value, cm.exception.failed), (1, ["b"]))
+            self.assertEqual(sorted(done + cm.exception.completed), ["a", "c"])
+
+    def test_a_lie_after_good_entries_names_its_used_entry(self):
+        cases = [
+            ("an id not in flight", lambda head, first: head ^ 1, "which is not the head"),
+            ("the same id twice", lambda head, first: first[0], "which is not the head"),
+            ("a length past the buffer", None, "claims 514 bytes written"),
+        ]
+        for name, lie, text in cases:
+            with self.subTest(name):
+                first = []
+
+                def complete(backend, index, head, chain, lie=lie):
+                    sector = struct.unpack("<IIQ", backend.read(chain[0][0], 16))[2]
+                    backend.write(chain[-1][0], b"\0")
+                    if not first:
+                        first.append(head)
+                    if sector != 16:
+                        backend.push_used(index, head, 513)
+                    elif lie is None:
+                        backend.push_used(index, head, 514)
+                    else:
+                        backend.push_used(index, lie(head, first), 513)
+                dev = self.device(complete)
+                bufs = [dev.alloc(512) for _ in range(4)]
+                done = []
+                with self.assertRaises(vu.ProtocolError) as cm:
+                    dev.post_reads([0, 4096, 8192, 12288], bufs, ["a", "b", "c", "d"])
+                    while True:
+                        done += dev.reap(count=4)
+                self.assertIn("queue 0: used entry 2 ", str(cm.exception))
+                self.assertIn(text, str(cm.exception))
+                self.check_free_list(dev._queues[0])
+                with self.assertRaises(vu.ProtocolError):                  # broken for good
+                    dev.post_reads([0], bufs[:1])
+                dev.close()
+
+
+# INFLIGHT_SHMFD (issue 9) ############################################################################
+
+P_INFLIGHT = 1 << 12
+_INFLIGHT = struct.Struct("<QQHH4x")          # mmap_size, mmap_offset, num_queues, queue_size
+_INFLIGHT_HDR = struct.Struct("<QHHHH")       # features, version, desc_num, last_batch_head, used_idx
+_DESC_STATE = struct.Struct("<B5xHQ")         # inflight, next, counter
+INFLIGHT_PROTOCOL = vu._CROSVM_PROTOCOL_FEATURES | vu.ProtocolFeature.INFLIGHT_SHMFD
+BLK_CONFIG = struct.pack("<QII4sI", 2048, 0, 0, b"", 512) + bytes(36)   # 1 MiB, 512-byte blocks
+
+
+class _InflightBackend(FakeBackend):
+    """A FakeBackend offering INFLIGHT_SHMFD that keeps its in-flight heads in the shared buffer as the
+    spec's "Inflight I/O tracking" (split rings) says: GET_INFLIGHT_FD makes the buffer (or
+    ``inflight_reply(num_queues, queue_size)`` -> (body, fds) answers instead), SET_INFLIGHT_FD maps it;
+    ``pop_avail`` flags each head it takes, ``push_batch`` publishes used entries, then clears the flags
+    and sets used_idx (``crash=`` stops half-way, as a dying back-end would); at each ring start
+    (SET_VRING_KICK) it clears a published last batch, resubmits what is flagged (oldest counter first,
+    before anything from the avail ring) and resumes the avail ring at SET_VRING_BASE plus their number,
+    as DPDK does. With ``disk`` (a bytearray) it is a virtio-blk device serving READ and WRITE on it,
+    on every kick unless ``serve=False``; ``executed`` lists (type, sector) of each request it ran."""
+
+    def __init__(self, disk=None, serve=True, inflight_reply=None, **kwargs):
+        kwargs.setdefault("protocol_features", FAKE_PROTOCOL | P_INFLIGHT)
+        kwargs.setdefault("features", F_PROTOCOL | F_VERSION_1 | (1 << 9) | (1 << 6))
+        kwargs.setdefault("config", BLK_CONFIG)
+        if disk is not None and serve:
+            kwargs.setdefault("device", _InflightBackend.serve_blk)
+        self.disk = disk
+        self.inflight_reply = inflight_reply
+        self.inflight = None          # (mmap, num_queues, stride)
+        self.counter = 0
+        self.resubmit = collections.defaultdict(list)
+        self.resubmitted = 0
+        self.executed = []
+        FakeBackend.__init__(self, **kwargs)
+
+    def close(self):
+        try:
+            FakeBackend.close(self)
+        finally:
+            if self.inflight is not None:
+                self.inflight[0].close()
+                self.inflight = None
+
+    def _handle(self, code, flags, body, fds):
+        if code == 31:     # GET_INFLIGHT_FD
+            self.messages.append(Msg("GET_INFLIGHT_FD", flags, body, len(fds)))
+            _, _, num_queues, queue_size = _INFLIGHT.unpack(body)
+            if self.inflight_reply is not None:
+                reply, reply_fds = self.inflight_reply(num_queues, queue_size)
+            else:
+                stride = (_INFLIGHT_HDR.size + _DESC_STATE.size * queue_size + 63) // 64 * 64
+                reply_fds = [_memfd(b"", num_queues * stride)]
+                reply = _INFLIGHT.pack(num_queues * stride, 0, num_queues, queue_size)
+            self._reply(code, reply, reply_fds)
+            for fd in reply_fds:
+                os.close(fd)
+        elif code == 32:   # SET_INFLIGHT_FD
+            self.messages.append(Msg("SET_INFLIGHT_FD", flags, body, len(fds)))
+            size, offset, num_queues, _ = _INFLIGHT.unpack(body)
+            if self.inflight is not None:
+                self.inflight[0].close()
+            self.inflight = (mmap.mmap(fds[0], size, offset=offset), num_queues, size // num_queues)
+            for fd in fds:
+                os.close(fd)
+            if flags & 8 and self.acked_protocol & P_REPLY_ACK:
+                self._reply(code, _U64.pack(0))
+        else:
+            FakeBackend._handle(self, code, flags, body, fds)
+            if FRONTEND_REQ_NAMES.get(code) == "SET_VRING_KICK":
+                self._start_ring(_U64.unpack(body)[0] & 0xFF)
+
+    # -- the inflight buffer of one queue ---------------------------------------------------------
+
+    def region(self, index):
+        """(mapping, offset of queue ``index``'s region)."""
+        mapped, _, stride = self.inflight
+        return mapped, index * stride
+
+    def flags(self, index):
+        """{head: counter} of the heads flagged in flight."""
+        mapped, base = self.region(index)
+        desc_num = _INFLIGHT_HDR.unpack_from(mapped, base)[2]
+        states = (_DESC_STATE.unpack_from(mapped, base + 16 + 16 * i) for i in range(desc_num))
+        return {i: counter for i, (flag, _, counter) in enumerate(states) if flag}
+
+    def _used_idx(self, index):
+        return struct.unpack("<H", self.read(self.rings[index].used + 2, 2, "uaddr"))[0]
+
+    def _start_ring(self, index):
+        if self.inflight is None:
+            return
+        ring = self.rings[index]
+        mapped, base = self.region(index)
+        _, version, desc_num, head, region_used = _INFLIGHT_HDR.unpack_from(mapped, base)
+        used = self._used_idx(index)
+        if version == 0:
+            _INFLIGHT_HDR.pack_into(mapped, base, 0, 1, ring.num, 0, used)
+            return
+        if region_used != used:
+            for _ in range((used - region_used) & 0xFFFF):
+                mapped[base + 16 + 16 * head] = 0
+                head = _DESC_STATE.unpack_from(mapped, base + 16 + 16 * head)[1]
+            struct.pack_into("<H", mapped, base + 14, used)
+        flagged = self.flags(index)
+        self.resubmit[index] = sorted(flagged, key=flagged.get)
+        if flagged:
+            self.counter = max(flagged.values()) + 1
+        ring.last_avail = (ring.base + len(flagged)) & 0xFFFF
+
+    # -- the device side --------------------------------------------------------------------------
+
+    def chain(self, index, head):
+        ring, chain, i = self.rings[index], [], head
+        while True:
+            addr, length, flags, nxt = struct.unpack("<QIHH", self.read(ring.desc + 16 * i, 16, "uaddr"))
+            chain.append((addr, length, flags))
+            if not flags & 1:
+                return chain
+            i = nxt
+
+    def pop_avail(self, index):
+        if self.resubmit[index]:
+            head = self.resubmit[index].pop(0)
+            self.resubmitted += 1
+            return head, self.chain(index, head)
+        popped = FakeBackend.pop_avail(self, index)
+        if popped is not None and self.inflight is not None:
+            mapped, base = self.region(index)
+            _DESC_STATE.pack_into(mapped, base + 16 + 16 * popped[0], 1, 0, self.counter)
+            self.counter += 1
+        return popped
+
+    def push_used(self, index, head, length):
+        self.push_batch(index, [(head, length)])
+
+    def push_batch(self, index, entries, crash=None):
+        """Publish used entries as one batch; crash="before_clear" stops after used->idx moved."""
+        ring = self.rings[index]
+        used = self._used_idx(index)
+        mapped, base = self.region(index) if self.inflight is not None else (None, 0)
+        for k, (head, length) in enumerate(entries):
+            if mapped is not None:
+                last = _INFLIGHT_HDR.unpack_from(mapped, base)[3]
+                struct.pack_into("<H", mapped, base + 16 + 16 * head + 6, last)
+                struct.pack_into("<H", mapped, base + 12, head)     # last_batch_head
+            self.write(ring.used + 4 + 8 * ((used + k) % ring.num), struct.pack("<II", head, length),
+                       "uaddr")
+        used = (used + len(entries)) & 0xFFFF
+        self.write(ring.used + 2, struct.pack("<H", used), "uaddr")
+        if mapped is not None and crash != "before_clear":
+            for head, _ in entries:
+                mapped[base + 16 + 16 * head] = 0
+            struct.pack_into("<H", mapped, base + 14, used)
+        self.signal_call(index)
+
+    def execute(self, chain):
+        """Run one virtio-blk request on ``disk``; returns the used length."""
+        kind, _, sector = struct.unpack("<IIQ", self.read(chain[0][0], 16))
+        offset, written = sector * 512, 1
+        for addr, length, _ in chain[1:-1]:
+            if kind == 1:
+                self.disk[offset:offset + length] = self.read(addr, length)
+            elif kind == 0:
+                self.write(addr, bytes(self.disk[offset:offset + length]))
+                written += length
+            offset += length
+        self.write(chain[-1][0], b"\0")
+        self.executed.append((kind, sector))
+        return written
+
+    @staticmethod
+    def serve_blk(backend, index):
+        while True:
+            popped = backend.pop_avail(index)
+            if popped is None:
+                return
+            head, chain = popped
+            backend.push_used(index, head, backend.execute(chain))
+
+
+class TestInflightWire(FrontendTestBase):
+    """INFLIGHT_SHMFD on the wire: GET_INFLIGHT_FD once after SET_FEATURES, SET_INFLIGHT_FD at every
+    start before SET_MEM_TABLE and the rings (QEMU's vhost_user_blk_start), a new buffer after reset."""
+
+    def active(self, backend):
+        fe = self.frontend(backend, protocol_features=INFLIGHT_PROTOCOL)
+        mem, queues = self.memory()
+        fe.ack_features(fe.features())
+        fe.activate(mem, None, queues)
+        return fe, mem, queues
+
+    def test_messages_and_their_order(self):
+        backend = self.backend_inflight()
+        fe, mem, queues = self.active(backend)
+        self.assertTrue(fe.protocol_features & vu.ProtocolFeature.INFLIGHT_SHMFD)
+        self.assertEqual(backend.acked_protocol & P_INFLIGHT, P_INFLIGHT)
+        names = backend.names()
+        start = names.index("SET_FEATURES")
+        self.assertEqual(names[start:start + 4], ["SET_FEATURES", "GET_INFLIGHT_FD", "SET_INFLIGHT_FD",
+                                                  "SET_MEM_TABLE"])
+        self.assertEqual(names[start + 4:], ring_requests() * 2)
+        get, put = backend.messages[start + 1:start + 3]
+        self.assertEqual((_INFLIGHT.unpack(get.body), get.nfds), ((0, 0, 2, 64), 0))
+        stride = (16 + 16 * 64 + 63) // 64 * 64
+        self.assertEqual((_INFLIGHT.unpack(put.body), put.nfds), ((2 * stride, 0, 2, 64), 1))
+        self.assertEqual(put.flags, 0x1)    # no ack asked, as QEMU sends it
+        # Sleep and wake: the same buffer again, not a new one.
+        fe.virtio_sleep()
+        backend.take(len(backend.messages))
+        fe.virtio_wake()
+        self.assertEqual(backend.names()[:2], ["SET_INFLIGHT_FD", "SET_MEM_TABLE"])
+        # After a reset the spec wants a new buffer.
+        fe.reset()
+        backend.take(len(backend.messages))
+        fe.activate(mem, None, queues)
+        self.assertEqual(backend.names()[:4], ["SET_FEATURES", "GET_INFLIGHT_FD", "SET_INFLIGHT_FD",
+                                               "SET_MEM_TABLE"])
+        fe.reset()
+
+    def test_blockdevice_asks_for_it_and_sends_nothing_more_without_it(self):
+        for offered in (P_INFLIGHT, 0):
+            with self.subTest(offered=offered):
+                disk = bytearray(2048 * 512)
+                backend = self.backend_inflight(disk, protocol_features=FAKE_PROTOCOL | offered)
+                sock, backend.frontend_sock = backend.frontend_sock, None
+                dev = vu.BlockDevice.connect(sock, queue_size=16)
+                try:
+                    dev.write(512, b"w" * 512)
+                    self.assertEqual(dev.read(0, 1024), bytes(512) + b"w" * 512)
+                finally:
+                    dev.close()
+                names = backend.names()
+                self.assertEqual("GET_INFLIGHT_FD" in names, bool(offered))
+                if offered:
+                    get = names.index("GET_INFLIGHT_FD")
+                    self.assertLess(names.index("SET_FEATURES"), get)
+                    self.assertEqual(names[get:get + 3], ["GET_INFLIGHT_FD", "SET_INFLIGHT_FD",
+                                                          "SET_MEM_TABLE"])
+                else:
+                    self.assertNotIn("SET_INFLIGHT_FD", names)
+
+    def test_packed_rings_keep_the_drivers_record(self):
+        # The packed region layout is not read by this driver: no buffer is asked for, although
+        # INFLIGHT_SHMFD is negotiated (a reconnect rewinds from the driver's own record).
+        backend = self.backend_inflight(features=F_PROTOCOL | F_VERSION_1 | (1 << 9) | (1 << 6) | _PACKED)
+        sock, backend.frontend_sock = backend.frontend_sock, None
+        blk = vu.BlockDevice.connect(sock, queue_size=16, packed=True)
+        self.addCleanup(blk.close)
+        self.assertTrue(blk.packed and blk._frontend.protocol_features & vu.ProtocolFeature.INFLIGHT_SHMFD)
+        self.assertNotIn("GET_INFLIGHT_FD", backend.names())
+        self.assertNotIn("SET_INFLIGHT_FD", backend.names())
+
+    def test_a_backend_that_keeps_no_buffer(self):
+        backend = self.backend_inflight(inflight_reply=lambda nq, qs: (_INFLIGHT.pack(0, 0, nq, qs), []))
+        fe, mem, queues = self.active(backend)
+        names = backend.names()
+        self.assertIn("GET_INFLIGHT_FD", names)
+        self.assertNotIn("SET_INFLIGHT_FD", names)
+        fe.reset()
+
+    def backend_inflight(self, disk=None, **kwargs):
+        backend = _InflightBackend(disk, **kwargs)
+        self.addCleanup(backend.close)
+        return backend
+
+
+class TestInflightHostileReplies(FrontendTestBase):
+    """Every field of the GET_INFLIGHT_FD answer is checked before it is used: a clear ProtocolError
+    naming the field and the value, the fd closed, no SIGBUS from a file shorter than it says."""
+
+    def refused(self, reply):
+        backend = _InflightBackend(inflight_reply=reply)
+        self.addCleanup(backend.close)
+        fe = self.frontend(backend, protocol_features=INFLIGHT_PROTOCOL)
+        mem, queues = self.memory()
+        fe.ack_features(fe.features())
+        with self.assertRaises(vu.ProtocolError) as cm:
+            fe.activate(mem, None, queues)
+        self.assertNotIn("SET_MEM_TABLE", backend.names())
+        return str(cm.exception)
+
+    def test_hostile_replies(self):
+        good = 2 * 1088
+        memfd = lambda size: _memfd(b"", size)
+        cases = [
+            ("num_queues", lambda nq, qs: (_INFLIGHT.pack(good, 0, 3, qs), [memfd(good)]),
+             "num_queues 3 in the reply, 2 was asked for"),
+            ("queue_size", lambda nq, qs: (_INFLIGHT.pack(good, 0, nq, 128), [memfd(good)]),
+             "queue_size 128 in the reply, 64 was asked for"),
+            ("mmap_size", lambda nq, qs: (_INFLIGHT.pack(100, 0, nq, qs), [memfd(good)]),
+             "mmap_size 100 cannot hold 2 queue region(s) of 1040 bytes"),
+            ("mmap_offset", lambda nq, qs: (_INFLIGHT.pack(good, 8, nq, qs), [memfd(good + 8)]),
+             "mmap_offset 8 is not a multiple of the page size"),
+            ("short fd", lambda nq, qs: (_INFLIGHT.pack(1 << 40, 0, nq, qs), [memfd(PAGE)]),
+             "the fd holds %d bytes, mmap_offset 0 + mmap_size %d do not fit" % (PAGE, 1 << 40)),
+            ("pipe", lambda nq, qs: (_INFLIGHT.pack(good, 0, nq, qs), self.pipe_end()),
+             "the fd is not a shared memory file"),
+            ("read-only", lambda nq, qs: (_INFLIGHT.pack(good, 0, nq, qs), [self.read_only(good)]),
+             "the fd is not open for reading and writing"),
+            ("no fd", lambda nq, qs: (_INFLIGHT.pack(good, 0, nq, qs), []),
+             "mmap_size 2176 with 0 fd(s)"),
+        ]
+        for name, reply, message in cases:
+            with self.subTest(name):
+                text = self.refused(reply)
+                self.assertIn("GET_INFLIGHT_FD", text)
+                self.assertIn(message, text)
+
+    def pipe_end(self):
+        r, w = os.pipe()
+        os.close(w)
+        return [r]
+
+    def read_only(self, size):
+        fd = _memfd(b"", size)
+        try:
+            return os.open("/proc/self/fd/%d" % fd, os.O_RDONLY)
+        finally:
+            os.close(fd)
+
+
+class TestInflightReconnect(QuietHangUps, FrontendTestBase):
+    """A back-end restart with INFLIGHT_SHMFD: what the old back-end had taken the new one resubmits from
+    the inflight buffer, the rest comes from the avail ring, and every request completes exactly once
+    with the right data (no chain both resubmitted and taken again)."""
+
+    def backend_inflight(self, disk, **kwargs):
+        backend = _InflightBackend(disk, **kwargs)
+        self.addCleanup(backend.close)
+        return backend
+
+    def test_every_request_completes_once_with_the_right_data(self):
+        disk = bytearray(2048 * 512)
+        disk[:4096] = os.urandom(4096)
+        old = self.backend_inflight(disk, serve=False)
+        dev = vu.BlockDevice(self.frontend(old, protocol_features=INFLIGHT_PROTOCOL), queue_size=64)
+        self.addCleanup(dev.close)
+        data = {i: bytes([65 + i]) * 1024 for i in range(12)}
+        requests = {dev.submit_write(4096 + 1024 * i, data[i]): ("w", i) for i in range(6)}
+        requests[dev.submit_read(0, 4096)] = ("r", 0)
+        # The old back-end takes six of the seven, runs the first two and publishes them as one batch,
+        # but dies before clearing their flags (used->idx moved, the buffer's used_idx did not); it ran
+        # the third without publishing it, and never got to the next three.
+        taken = [old.pop_avail(0) for _ in range(6)]
+        for _, chain in taken[:3]:
+            old.execute(chain)
+        old.push_batch(0, [(head, 1) for head, _ in taken[:2]], crash="before_clear")
+        done = dev.complete(count=2)
+        self.assertEqual(len(done), 2)
+        for request in done:
+            self.assertEqual(request.result(), None)
+            requests.pop(request)
+        stale = set(old.flags(0))
+        self.assertTrue(stale.issuperset(head for head, _ in taken[:2]))
+        # Two more writes reuse the freed descriptors, heads whose flag is still (wrongly) set among them:
+        # they are not the old back-end's, and must not be skipped.
+        before = dev._queues[0].next_avail
+        for i in (6, 7):
+            requests[dev.submit_write(4096 + 1024 * i, data[i])] = ("w", i)
+        new_heads = {struct.unpack("<H", old.read(old.rings[0].avail + 4 + 2 * (p % 64), 2, "uaddr"))[0]
+                     for p in (before, before + 1)}
+        self.assertTrue(new_heads & stale, (new_heads, stale))
+        # And a flag on a free descriptor (a back-end that forgot one): resubmitting it would run
+        # whatever that descriptor last described. The driver knows it holds no chain.
+        queue = dev._queues[0]
+        bogus = queue._free[-1]
+        mapped, base = old.region(0)
+        _DESC_STATE.pack_into(mapped, base + 16 + 16 * bogus, 1, 0, 0)
+        old.hang_up()
+        wait_for(lambda: dev.interrupt.crash_error is not None, 5.0, "the hang-up")
+        new = self.backend_inflight(disk)
+        sock, new.frontend_sock = new.frontend_sock, None
+        with self.assertLogs("vhost_user_frontend", "INFO") as logs:
+            dev._frontend.reconnect(sock)
+        names = new.names()
+        self.assertNotIn("GET_INFLIGHT_FD", names)
+        self.assertEqual(names[names.index("SET_INFLIGHT_FD") + 1], "SET_MEM_TABLE")
+        finished = []
+        while len(finished) < len(requests):
+            finished += dev.complete(count=len(requests) - len(finished))
+        self.assertEqual(sorted(map(id, finished)), sorted(map(id, requests)))
+        for request in finished:
+            kind, i = requests[request]
+            self.assertEqual(request.result(), disk[:4096] if kind == "r" else None)
+        self.assertEqual(new.resubmitted, 4)   # taken[2:6]: three never run, one run but not published
+        # Each request ran once on the new back-end: 4 resubmitted, the read never taken, 2 new.
+        self.assertEqual(len(new.executed), len(set(new.executed)))
+        self.assertEqual(len(new.executed), 7)
+        for i in range(8):
+            self.assertEqual(bytes(disk[4096 + 1024 * i:4096 + 1024 * (i + 1)]), data[i])
+        self.assertEqual(new.flags(0), {})
+        self.assertEqual(dev.read(4096, 1024), data[0])
+        self.assertIn("reconnected; 7 chain(s) in flight offered again, 4 of them resubmitted by the "
+                      "back-end", "\n".join(logs.output))
+
+    def test_each_queue_has_its_own_region(self):
+        old = self.backend_inflight(None)
+        fe = self.frontend(old, protocol_features=INFLIGHT_PROTOCOL)
+        mem, queues = self.memory()
+        fe.ack_features(fe.features())
+        fe.activate(mem, None, queues)
+        tokens = {q.index: [q.add([b"q%d-%d" % (q.index, i)], [bytearray(4)]) for i in range(3)]
+                  for q in queues}
+        taken = {0: [old.pop_avail(0)[0]], 1: [old.pop_avail(1)[0] for _ in range(2)]}
+        self.assertEqual({i: sorted(old.flags(i)) for i in (0, 1)}, {i: sorted(taken[i]) for i in (0, 1)})
+        mapped, base = old.region(1)     # a stray flag in queue 1's region: read at the right place?
+        _DESC_STATE.pack_into(mapped, base + 16 + 16 * queues[1]._free[-1], 1, 0, 0)
+        old.hang_up()
+        wait_for(lambda: fe.interrupt.crash_error is not None, 5.0, "the hang-up")
+        def complete_all(backend, index):
+            for head, _ in iter(lambda: backend.pop_avail(index), None):
+                backend.push_used(index, head, 0)
+        new = self.backend_inflight(None, device=complete_all)
+        sock, new.frontend_sock = new.frontend_sock, None
+        fe.reconnect(sock)
+        for q in queues:
+            used = []
+            while len(used) < 3:
+                used += q.wait_used(5.0, count=3 - len(used))
+            self.assertEqual(sorted(token for token, _ in used), sorted(tokens[q.index]))
+            self.assertEqual(q.in_flight, 0)
+        self.assertEqual(new.resubmitted, 3)
+        self.assertEqual(new.flags(0), {})
+        self.assertEqual(new.flags(1), {})
+        fe.reset()
+
+    def test_an_unusable_buffer_falls_back_to_the_drivers_record(self):
+        def version(mapped, base, fd):
+            struct.pack_into("<H", mapped, base + 8, 7)        # not a layout we know
+        def batch(mapped, base, fd):
+            struct.pack_into("<HH", mapped, base + 12, 999, 5)  # last batch at descriptor 999
+        def shrink(mapped, base, fd):
+            os.ftruncate(fd, 512)                               # the new back-end would SIGBUS
+        cases = [(version, "queue 0: the inflight buffer is unusable (version 7)"),
+                 (batch, "queue 0: the inflight buffer is unusable (last batch names descriptor 999)"),
+                 (shrink, "the inflight buffer was cut to 512 bytes (mmap_offset 0 + mmap_size 1088)")]
+        for spoil, message in cases:
+            with self.subTest(spoil.__name__):
+                self.unusable(spoil, message)
+
+    def unusable(self, spoil, message):
+        disk = bytearray(2048 * 512)
+        files = []
+
+        def reply(num_queues, queue_size):       # a plain file: one that can be shrunk on any Python
+            f = tempfile.TemporaryFile()
+            files.append(f)
+            f.truncate(1088)
+            return _INFLIGHT.pack(1088, 0, num_queues, queue_size), [os.dup(f.fileno())]
+        old = self.backend_inflight(disk, serve=False, inflight_reply=reply)
+        fe = self.frontend(old, protocol_features=INFLIGHT_PROTOCOL)
+        dev = vu.BlockDevice(fe, queue_size=64)
+        self.addCleanup(dev.close)
+        for i in range(3):
+            dev.submit_write(1024 * i, bytes([49 + i]) * 1024)
+        old.pop_avail(0)
+        old.hang_up()
+        wait_for(lambda: dev.interrupt.crash_error is not None, 5.0, "the hang-up")
+        mapped, base = old.region(0)
+        spoil(mapped, base, files[0].fileno())
+        new = self.backend_inflight(disk)
+        sock, new.frontend_sock = new.frontend_sock, None
+        with self.assertLogs("vhost_user_frontend", "WARNING") as logs:
+            fe.reconnect(sock)
+        self.assertIn(message, "\n".join(logs.output))
+        done = []
+        while len(done) < 3:
+            done += dev.complete(count=3 - len(done))
+        self.assertEqual(new.resubmitted, 0)
+        self.assertEqual(sorted(new.executed), [(1, 2 * i) for i in range(3)])
+        self.assertEqual(bytes(disk[:3072]), b"1" * 1024 + b"2" * 1024 + b"3" * 1024)
+        dev.close()
+        old.close()
+        for f in files:
+            f.close()
+
+
 if __name__ == "__main__":
     unittest.main()

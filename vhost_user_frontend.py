@@ -43,6 +43,7 @@ import collections
 import ctypes
 import enum
 import errno
+import fcntl
 import functools
 import io
 import logging
@@ -1934,6 +1935,13 @@ class BackendClient:
             if bool(info.mmap_size) != bool(fds):
                 raise ProtocolError("GET_INFLIGHT_FD: mmap_size %d with %d fd(s)"
                                     % (info.mmap_size, len(fds)), _F.GET_INFLIGHT_FD)
+            # libvhost-user and DPDK answer in the request's own buffer, so
+            # both counts come back as asked; other ones describe another buffer.
+            for field, asked in (("num_queues", num_queues), ("queue_size", queue_size)):
+                if info.mmap_size and getattr(info, field) != asked:
+                    raise ProtocolError("GET_INFLIGHT_FD: %s %d in the reply, %d was asked for"
+                                        % (field, getattr(info, field), asked),
+                                        _F.GET_INFLIGHT_FD)
             return info, (fds[0] if fds else None)
         return self._transact(
             _F.GET_INFLIGHT_FD, _encode_inflight(InflightInfo(0, 0, num_queues, queue_size)),
@@ -2648,7 +2656,7 @@ class Queue:
                 self.next_used = self.used_index()
             self.vring_base = self._kicked = base
 
-    def rewind(self):
+    def rewind(self, resubmitted=None):
         """Offer every chain in flight again, oldest first; returns the new ``vring_base``.
 
         For a back-end that restarted and lost its ring state (crosvm has no
@@ -2660,6 +2668,12 @@ class Queue:
         it also writes its next used entry) takes each of them exactly once.
         avail->idx does not move: those chains are exactly the ones between
         used->idx and it.
+
+        ``resubmitted(used_idx, waiting)``, when given, names the heads among
+        ``waiting`` (the chains in flight not in the used ring) that the
+        back-end resubmits by itself (INFLIGHT_SHMFD): they take the first
+        avail entries from used->idx on, which such a back-end skips, so only
+        the others are taken from the ring, and nothing runs twice.
 
         Raises:
             ProtocolError: the used ring names chains that are not in flight
@@ -2700,6 +2714,13 @@ class Queue:
             heads += [head for head in sorted(waiting) if head not in found
                       and head not in self._chains]
             heads += sorted(found, key=found.get, reverse=True)
+            if resubmitted is not None:
+                skipped = list(resubmitted(used_idx, waiting))
+                skip = set(skipped)
+                if not waiting.issuperset(skip) or len(skip) != len(skipped):
+                    raise ValueError("rewind: resubmitted heads %r are not distinct chains in "
+                                     "flight" % (skipped,))
+                heads = skipped + [head for head in heads if head not in skip]
             for i, head in enumerate(heads):
                 self._avail[2 + ((used_idx + i) & mask)] = head
             self._fences.write()
@@ -3091,46 +3112,40 @@ class Queue:
         if limit is not None:
             pending = min(pending, limit)
         self._fences.read()  # used->idx before the elements it covers
-        # The elements, as [id, len, id, len, ...], in one or two bulk reads.
+        elems = self._used_elements(next_used, pending)
         size = self.size
-        start = next_used & (size - 1)
-        end = start + pending
-        if end <= size:
-            elems = self._used_elems[2 * start:2 * end].tolist()
-        else:
-            elems = (self._used_elems[2 * start:].tolist()
-                     + self._used_elems[:2 * (end - size)].tolist())
         slot_token = self._slot_token
         slot_writable = self._slot_writable
         chains = self._chains
         it = iter(elems)
-        reaped = 0
-        slots = 0
+        # The count of entries reaped is len(done) - first, of chains (not
+        # slots) ``chained``: no counter bumped per entry on the slots' path.
+        first = len(done)
+        append = done.append
+        chained = 0
         for head, length in zip(it, it):
             token = slot_token[head] if head < size else None
             if token is not None:  # a slot: nothing to free
                 if length > slot_writable[head]:
+                    reaped = len(done) - first
                     self.next_used = at = (next_used + reaped) & 0xFFFF
-                    self._slots_busy -= slots
+                    self._slots_busy -= reaped - chained
                     self._fail("used entry %d for descriptor %d claims %d bytes written, "
                                "the chain has %d writable" % (at, head, length,
                                                               slot_writable[head]))
                 slot_token[head] = None
-                slots += 1
             else:
-                at = (next_used + reaped) & 0xFFFF
-                self._slots_busy -= slots
-                slots = 0
                 chain = chains.get(head)
-                if chain is None:
-                    self.next_used = at
+                if chain is None or length > chain.writable:
+                    reaped = len(done) - first
+                    self.next_used = at = (next_used + reaped) & 0xFFFF
+                    self._slots_busy -= reaped - chained
                     if head >= size:
                         self._fail("used entry %d names descriptor %d, the ring has %d"
                                    % (at, head, size))
-                    self._fail("used entry %d names descriptor %d, which is not the head "
-                               "of a chain in flight" % (at, head))
-                if length > chain.writable:
-                    self.next_used = at
+                    if chain is None:
+                        self._fail("used entry %d names descriptor %d, which is not the "
+                                   "head of a chain in flight" % (at, head))
                     self._fail("used entry %d for descriptor %d claims %d bytes written, "
                                "the chain has %d writable" % (at, head, length,
                                                               chain.writable))
@@ -3138,11 +3153,55 @@ class Queue:
                 self._retire(chain)
                 self._free.extend(reversed(chain.descs))
                 token = chain.token
-            reaped += 1
-            done.append((token, length))
+                chained += 1
+            append((token, length))
+        reaped = len(done) - first
         self.next_used = (next_used + reaped) & 0xFFFF
-        self._slots_busy -= slots
+        self._slots_busy -= reaped - chained
         return True
+
+    def _used_elements(self, next_used, count):
+        """``count`` used elements from ``next_used`` on, as [id, len, id, len, ...]."""
+        size = self.size
+        start = next_used & (size - 1)
+        end = start + count
+        if end <= size:   # one bulk read, or two where the ring wraps
+            return self._used_elems[2 * start:2 * end].tolist()
+        return (self._used_elems[2 * start:].tolist()
+                + self._used_elems[:2 * (end - size)].tolist())
+
+    def _reap_full_slots(self):
+        """Reap used slots that each report exactly their writable bytes; their tokens.
+
+        Under the lock. The fast path's usual batch, in one lean loop: None
+        (nothing reaped, nothing changed) when any used entry is something
+        else (a chain, a shorter length, a lie), which ``_reap`` then walks
+        and reports.
+        """
+        used_idx = self._load_used(1)
+        next_used = self.next_used
+        pending = (used_idx - next_used) & 0xFFFF
+        if not pending:
+            return []
+        if pending > self._slots_busy:
+            return None
+        self._fences.read()  # used->idx before the elements it covers
+        elems = self._used_elements(next_used, pending)
+        slot_token, slot_writable, size = self._slot_token, self._slot_writable, self.size
+        tokens = []
+        append = tokens.append
+        it = iter(elems)
+        for head, length in zip(it, it):
+            token = slot_token[head] if head < size else None
+            if token is None or length != slot_writable[head]:
+                for head, token in zip(elems[0::2], tokens):   # put back the ones taken
+                    slot_token[head] = token
+                return None
+            slot_token[head] = None
+            append(token)
+        self.next_used = used_idx
+        self._slots_busy -= pending
+        return tokens
 
     def _retire(self, chain):
         """Copy a used chain's device-written bounce buffers back and free its block."""
@@ -3631,6 +3690,10 @@ class _PackedQueue(Queue):
         return bool(self.in_flight) and (
             self._load_word(8 * self.next_used + 7) & _PACKED_F_BOTH
             != (_PACKED_F_AVAIL if self.used_wrap else _PACKED_F_USED))
+
+    def _reap_full_slots(self):
+        """None: the packed layout's used descriptors are walked by ``_reap_some``."""
+        return None
 
     def _reap_some(self, limit, done):
         # A used descriptor's flags are read first, then (after the read fence)
@@ -4516,6 +4579,146 @@ def _largest_power_of_two(value):
     return 1 << (value.bit_length() - 1)
 
 
+# Inflight I/O tracking (vhost-user spec, "Inflight I/O tracking", split
+# virtqueues). The buffer GET_INFLIGHT_FD returns holds one region per queue:
+# a header (features u64, version u16, desc_num u16, last_batch_head u16,
+# used_idx u16), then one DescStateSplit per descriptor (inflight u8, 5 bytes
+# padding, next u16, counter u64). The back-end sets ``inflight`` on each head
+# it takes from the avail ring, clears it once the head is in the used ring,
+# and after a restart (SET_INFLIGHT_FD with the same buffer) resubmits the
+# flagged heads by itself, oldest counter first, and resumes the avail ring at
+# SET_VRING_BASE plus their number (DPDK; libvhost-user at used->idx plus
+# their number, the same base as rewind sends). A front-end only keeps the
+# buffer. This one is also the driver, so it reads it at a reconnect to leave
+# those chains out of what the avail ring offers again: with pread, never a
+# mapping, so a back-end that shrinks the file cannot SIGBUS us.
+_INFLIGHT_QUEUE = struct.Struct("<QHHHH")   # features, version, desc_num, last_batch_head, used_idx
+_INFLIGHT_DESC = struct.Struct("<B5xHQ")    # inflight, next, counter
+_INFLIGHT_VERSION = 1
+#: The access mode bits of the file status flags (Linux). ``os.O_ACCMODE`` is
+#: missing on PyPy 3.9.
+_O_ACCMODE = getattr(os, "O_ACCMODE", os.O_RDONLY | os.O_WRONLY | os.O_RDWR)
+
+
+class _InflightRegion:
+    """The back-end's inflight buffer (GET_INFLIGHT_FD), kept for the device's life.
+
+    Validates the reply before anything is used: the buffer must hold
+    ``num_queues`` regions of ``queue_size`` descriptors, at a page-aligned
+    offset (the back-end maps it there), in a read-write file at least that
+    long. A bad value raises ``ProtocolError`` naming the field; the fd is
+    closed then.
+    """
+
+    def __init__(self, info, fd, num_queues, queue_size):
+        self.fd = fd
+        try:
+            need = _INFLIGHT_QUEUE.size + queue_size * _INFLIGHT_DESC.size
+            self._check(info, num_queues, need)
+        except BaseException:
+            self.close()
+            raise
+        self.info = info
+        self.num_queues = num_queues
+        self.queue_size = queue_size
+        # libvhost-user and DPDK both place region i at i * (mmap_size / num_queues).
+        self.stride = info.mmap_size // num_queues
+
+    def _check(self, info, num_queues, need):
+        def bad(message):
+            raise ProtocolError("GET_INFLIGHT_FD: " + message, FrontendReq.GET_INFLIGHT_FD)
+        if info.mmap_size // num_queues < need:
+            bad("mmap_size %d cannot hold %d queue region(s) of %d bytes"
+                % (info.mmap_size, num_queues, need))
+        if info.mmap_offset % mmap.PAGESIZE:
+            bad("mmap_offset %d is not a multiple of the page size (%d)"
+                % (info.mmap_offset, mmap.PAGESIZE))
+        st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode):
+            bad("the fd is not a shared memory file (mode %#o)" % st.st_mode)
+        if st.st_size < info.mmap_offset + info.mmap_size:
+            bad("the fd holds %d bytes, mmap_offset %d + mmap_size %d do not fit"
+                % (st.st_size, info.mmap_offset, info.mmap_size))
+        if fcntl.fcntl(self.fd, fcntl.F_GETFL) & _O_ACCMODE != os.O_RDWR:
+            bad("the fd is not open for reading and writing")
+
+    def cut_short(self):
+        """The file's size if it no longer covers the buffer (the back-end shrank it), else None."""
+        size = os.fstat(self.fd).st_size
+        return size if size < self.info.mmap_offset + self.info.mmap_size else None
+
+    def taken(self, index, used_idx, waiting, label):
+        """The heads of queue ``index`` the back-end will resubmit itself, oldest first.
+
+        ``waiting`` are the heads in flight that used->idx (``used_idx``) does
+        not cover. The region is first brought in line with them, as the spec
+        has the back-end do at a reconnect, and written back: the flags of a
+        batch published in the used ring but not cleared are cleared, and so
+        is a flag on any head that holds no chain in flight (the driver knows
+        better). A region that cannot be read that way is logged and cleared
+        (version 0), so the back-end resubmits nothing and the driver's own
+        record offers every chain again.
+        """
+        size = self.queue_size
+        offset = self.info.mmap_offset + index * self.stride
+        length = _INFLIGHT_QUEUE.size + size * _INFLIGHT_DESC.size
+        first = _INFLIGHT_QUEUE.size
+        try:
+            data = bytearray(os.pread(self.fd, length, offset))
+        except OSError as exc:
+            raise ProtocolError("SET_INFLIGHT_FD: cannot read the inflight buffer of queue %d: "
+                                "%s" % (index, exc.strerror), FrontendReq.SET_INFLIGHT_FD) \
+                from exc
+        problem = None
+        if len(data) < length:
+            problem = "the buffer was cut to %d bytes" % (len(data),)
+        else:
+            _, version, desc_num, head, region_used = _INFLIGHT_QUEUE.unpack_from(data)
+            if version == 0:
+                return []      # never started: the back-end took nothing it would resubmit
+            if version != _INFLIGHT_VERSION:
+                problem = "version %d" % version
+            elif desc_num != size:
+                problem = "desc_num %d for a queue of %d" % (desc_num, size)
+        if problem is None and region_used != used_idx:
+            # Spec, "When reconnecting": used->idx moved past the region's
+            # used_idx, so the last batch (a list from last_batch_head through
+            # ``next``) reached the used ring with its flags still set.
+            for _ in range(min((used_idx - region_used) & 0xFFFF, size)):
+                if head >= size:
+                    problem = "last batch names descriptor %d" % head
+                    break
+                data[first + head * _INFLIGHT_DESC.size] = 0
+                head = _INFLIGHT_DESC.unpack_from(data, first + head * _INFLIGHT_DESC.size)[1]
+        if problem is not None:
+            _log.warning("%s: queue %d: the inflight buffer is unusable (%s); it is cleared and "
+                         "the driver offers every chain in flight again", label, index, problem)
+            data = bytearray(length)
+        else:
+            _INFLIGHT_QUEUE.pack_into(data, 0, *_INFLIGHT_QUEUE.unpack_from(data)[:4] + (used_idx,))
+        counters = {}
+        for head in range(size if problem is None else 0):
+            at = first + head * _INFLIGHT_DESC.size
+            if data[at]:
+                if head in waiting:
+                    data[at] = 1
+                    counters[head] = _INFLIGHT_DESC.unpack_from(data, at)[2]
+                else:
+                    data[at] = 0       # no chain of ours: resubmitting it would be wrong
+        try:
+            os.pwrite(self.fd, data, offset)
+        except OSError as exc:
+            raise ProtocolError("SET_INFLIGHT_FD: cannot write the inflight buffer of queue "
+                                "%d: %s" % (index, exc.strerror), FrontendReq.SET_INFLIGHT_FD) \
+                from exc
+        return sorted(counters, key=counters.get)
+
+    def close(self):
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+
 class VhostUserFrontend:
     """A virtio device whose emulation runs in a vhost-user back-end (crosvm's VhostUserFrontend).
 
@@ -4567,6 +4770,7 @@ class VhostUserFrontend:
     client = None
     _handler = None
     _worker = None
+    _inflight = None      # the back-end's _InflightRegion (INFLIGHT_SHMFD), once asked
 
     def __init__(self, device_type, base_features, connection, max_queue_size=None,
                  timeout=5.0, protocol_features=_CROSVM_PROTOCOL_FEATURES, start_kick=True,
@@ -4760,7 +4964,8 @@ class VhostUserFrontend:
             raise
 
     def _send_rings(self, mem, interrupt, queues):
-        """SET_MEM_TABLE, every ring in index order, then the worker."""
+        """SET_INFLIGHT_FD, SET_MEM_TABLE, every ring in index order, then the worker."""
+        self._send_inflight(queues)
         self.client.set_mem_table(mem.regions())
         for index, queue in sorted(queues.items()):
             if interrupt.mode == Interrupt.QUEUE:
@@ -4776,6 +4981,45 @@ class VhostUserFrontend:
             self._sent_queues[index] = queue  # from here on it must be stopped
             self._activate_vring(mem, index, queue, call)
         self._start_worker(interrupt)
+
+    def _send_inflight(self, queues):
+        """With INFLIGHT_SHMFD: GET_INFLIGHT_FD once, SET_INFLIGHT_FD at every start.
+
+        QEMU's order (vhost_user_blk_start): after SET_FEATURES and before
+        vhost_dev_start's SET_MEM_TABLE and rings, the buffer fetched once
+        and kept (a new one after ``reset``), and handed back at each start;
+        libvhost-user tracks nothing until it gets SET_INFLIGHT_FD. A back-end
+        that answers mmap_size 0 keeps no buffer, and none is sent.
+        """
+        if not self.protocol_features & _P.INFLIGHT_SHMFD or not queues:
+            return
+        if self.acked_features & VirtioFeature.RING_PACKED:
+            # Packed rings have another region layout (spec, DescStatePacked),
+            # which this driver does not read: the driver's own record of
+            # what is in flight is what a reconnect offers again there.
+            return
+        sizes = set(queue.size for queue in queues.values())
+        if len(sizes) != 1:
+            _log.info("%s: queues of sizes %s: GET_INFLIGHT_FD describes one size, no inflight "
+                      "buffer is used", self.debug_label(), sorted(sizes))
+            return
+        size = sizes.pop()
+        num_queues = max(queues) + 1
+        region = self._inflight
+        if region is None or region.num_queues < num_queues or region.queue_size != size:
+            self._close_inflight()
+            info, fd = self.client.get_inflight_fd(num_queues, size)
+            if fd is None:
+                _log.info("%s: the back-end keeps no inflight buffer (mmap_size 0)",
+                          self.debug_label())
+                return
+            self._inflight = region = _InflightRegion(info, fd, num_queues, size)
+        self.client.set_inflight_fd(region.info, region.fd)
+
+    def _close_inflight(self):
+        region, self._inflight = self._inflight, None
+        if region is not None:
+            region.close()
 
     def _activate_vring(self, mem, index, queue, call):
         client = self.client
@@ -4887,6 +5131,8 @@ class VhostUserFrontend:
         try:
             self._stop_rings(reclaim=False)
         finally:
+            # The spec: a new inflight buffer after a device reset.
+            self._close_inflight()
             # crosvm's TODO: the spec unmaps every SHMEM mapping on reset.
             if self._mapper is not None:
                 self._mapper.clear()
@@ -5068,8 +5314,11 @@ class VhostUserFrontend:
         rewound first (``Queue.rewind``): the chains the old back-end had not
         completed are offered again, in the order they were posted, once.
         The ``Interrupt`` then reports the recovery (``signal_reconnected``).
-        This driver's record of what is in flight is the source of truth;
-        INFLIGHT_SHMFD is not used.
+        This driver's record of what is in flight is the source of truth.
+        With INFLIGHT_SHMFD (split rings), the chains the inflight buffer says
+        the old back-end had taken are resubmitted by the new back-end itself
+        (it gets the buffer with SET_INFLIGHT_FD before the rings), so the
+        avail ring offers only the others again: each chain runs once.
 
         On failure the device stays down and ``reconnect`` may be called
         again (e.g. when the back-end is not listening yet).
@@ -5107,10 +5356,19 @@ class VhostUserFrontend:
                 if self._handler is not None and self.get_shared_memory_region() is not None:
                     self._handler.set_shared_memory_mapper(self._mapper,
                                                            self._shmem_region.id)
+            resubmitted = []
+            size = self._inflight.cut_short() if self._inflight is not None else None
+            if size is not None:
+                # The new back-end would map it past its end (SIGBUS there): a
+                # new buffer is asked for, and the driver's record is used.
+                _log.warning("%s: the inflight buffer was cut to %d bytes (mmap_offset %d + "
+                             "mmap_size %d); a new one is asked for", self.debug_label(), size,
+                             self._inflight.info.mmap_offset, self._inflight.info.mmap_size)
+                self._close_inflight()
             if queues is not None:
                 self._sent_queues = {}
-                for queue in queues.values():
-                    queue.rewind()
+                for index, queue in sorted(queues.items()):
+                    queue.rewind(**self._inflight_rewind(index, resubmitted))
                 self._send_rings(self._mem, interrupt, queues)
         except BaseException:
             # Down again: what was active stays recorded for the next attempt.
@@ -5128,10 +5386,25 @@ class VhostUserFrontend:
             self.client.close()
             raise
         in_flight = sum(queue.in_flight for queue in (queues or {}).values())
-        _log.info("%s: reconnected; %d chain(s) in flight offered again", self.debug_label(),
-                  in_flight)
+        _log.info("%s: reconnected; %d chain(s) in flight offered again%s", self.debug_label(),
+                  in_flight, ", %d of them resubmitted by the back-end from its inflight buffer"
+                  % len(resubmitted) if self._inflight is not None else "")
         if interrupt is not None:
             interrupt.signal_reconnected()
+
+    def _inflight_rewind(self, index, resubmitted):
+        """``Queue.rewind`` arguments for queue ``index``; heads left to the back-end
+        are appended to ``resubmitted``."""
+        region = self._inflight
+        if region is None or index >= region.num_queues \
+                or self.acked_features & VirtioFeature.RING_PACKED:
+            return {}
+
+        def taken(used_idx, waiting):
+            heads = region.taken(index, used_idx, waiting, self.debug_label())
+            resubmitted.extend(heads)
+            return heads
+        return {"resubmitted": taken}
 
     def _check_still_offered(self, acked, old_protocol, queues):
         """Disconnected (naming what is missing) if the new back-end offers less."""
@@ -5192,6 +5465,7 @@ class VhostUserFrontend:
             if self._own_mapper is not None:
                 self._own_mapper.close()
             self._mapper = self._own_mapper = None
+            self._close_inflight()
             if self._own_interrupt is not None:
                 self._own_interrupt.close()
                 self._own_interrupt = None
@@ -5538,16 +5812,21 @@ class _Device:
         RING_PACKED is offered to ``make`` unless ``packed`` is False."""
         features |= _packed_offer(packed)
         packed = packed is not False
+        # QEMU asks for INFLIGHT_SHMFD for vhost-user-blk only; a net device
+        # sends TX frames again and posts RX buffers afresh anyway.
+        protocol = _CROSVM_PROTOCOL_FEATURES
+        if device_type == DeviceType.BLOCK:
+            protocol |= _P.INFLIGHT_SHMFD
         if reconnect is None or not isinstance(path, (str, bytes, os.PathLike)):
             return make(VhostUserFrontend(device_type, features, path, timeout=timeout,
-                                          packed=packed))
+                                          packed=packed, protocol_features=protocol))
         deadline = time.monotonic() + reconnect if isinstance(reconnect, (int, float)) \
             else None  # a bad value is refused by the constructor
         _check_socket_path(os.fspath(path))   # a regular file will not turn into a socket
         while True:
             try:
                 return make(VhostUserFrontend(device_type, features, path, timeout=timeout,
-                                              packed=packed))
+                                              packed=packed, protocol_features=protocol))
             except (Disconnected, VhostUserTimeout, ProtocolError) as exc:
                 if isinstance(exc, _BackendShrank) or deadline is None \
                         or time.monotonic() >= deadline:
@@ -5871,15 +6150,31 @@ class _Completions:
                 except ValueError as exc:
                     raise _DeviceClosed("complete: the device was closed (%s)" % exc) from exc
 
+    def _finish_slots(self, tokens):
+        """``_finish`` for fast-path slots whose used length was what each needs."""
+        slots = self.slots
+        if slots.status.tobytes() != slots.all_ok:   # some status to look at
+            need = slots.need
+            self._finish([(k, need[k]) for k in tokens])
+            return
+        user = slots.user
+        slots.done.extend([user[k] for k in tokens])
+        slots.idle.extend(tokens)
+        slots.busy -= len(tokens)
+
     def _finish(self, used):
         slots = self.slots
         if slots is not None:
             need, status, user, done, idle = (slots.need, slots.status, slots.user,
                                               slots.done, slots.idle)
             reaped = len(idle)
+            # Every status byte of the slots at once: when none is non-zero,
+            # no status is looked at per request (a failed slot's byte is
+            # zeroed once recorded, so one failure does not slow later reaps).
+            all_ok = status.tobytes() == slots.all_ok
         for request, written in used:
             if request.__class__ is int:  # a fast-path slot (see _BlockSlots)
-                if written != need[request] or status[request]:
+                if written != need[request] or not all_ok and status[request]:
                     slots.fail(request, written)
                 else:
                     done.append(user[request])
@@ -5919,6 +6214,8 @@ class _BlockSlots:
         self.types = self.header[0::2]      # type and reserved as one u64: type
         self.sectors = self.header[1::2]
         self.status = mem.view(self.statuses, self.limit)
+        self.all_ok = bytes(self.limit)
+        self.status[:] = self.all_ok
         self.heads = []     # k -> the queue's slot, None when its descriptors were given back
         self.idle = []      # built slots not in flight
         self.unbuilt = []   # k whose descriptors were given back
@@ -5926,6 +6223,7 @@ class _BlockSlots:
         self.op = []
         # op -> [k -> the entry, when k's data descriptor points at it in op's direction]
         self.ready_for = {_BLK_T_IN: [], _BLK_T_OUT: []}
+        self.view_for = {_BLK_T_IN: [], _BLK_T_OUT: []}   # the same, its view
         self.need = []      # k -> the used length of a complete request: data read + status
         self.user = []
         self.done = []      # user data of requests completed OK, for reap
@@ -5942,7 +6240,8 @@ class _BlockSlots:
             else:
                 k = len(self.heads)
                 for column in (self.heads, self.buffer, self.op, self.need, self.user,
-                               self.ready_for[_BLK_T_IN], self.ready_for[_BLK_T_OUT]):
+                               self.ready_for[_BLK_T_IN], self.ready_for[_BLK_T_OUT],
+                               self.view_for[_BLK_T_IN], self.view_for[_BLK_T_OUT]):
                     column.append(None)
             status = (self.statuses + k, 1)
             # The data descriptor points at the status byte until the first post.
@@ -5965,6 +6264,7 @@ class _BlockSlots:
         self.op[k] = op
         for direction, ready in self.ready_for.items():
             ready[k] = entry if direction == op else None
+            self.view_for[direction][k] = entry[0] if direction == op else None
 
     def shrink(self):
         """Give the idle slots' descriptors back to the ring; True if there were any."""
@@ -5978,6 +6278,7 @@ class _BlockSlots:
     def fail(self, k, written):
         self.failed.append((self.user[k], self.op[k], self.header[2 * k + 1] << 9,
                             self.buffer[k][2], self.status[k], written))
+        self.status[k] = 0   # recorded (see _Completions._finish)
 
     def release(self):
         for view in (self.types, self.sectors, self.header, self.status):
@@ -6072,7 +6373,10 @@ class BlockDevice(_Device):
             every call with ``Disconnected``. SECONDS: wait that long for the
             socket to accept again, redo the handshake and resubmit every
             request in flight, in order, once; callers just wait longer (their
-            timeout is extended by the outage). Needs the socket path.
+            timeout is extended by the outage). Needs the socket path. A
+            back-end offering INFLIGHT_SHMFD (``connect`` asks for it)
+            resubmits what it had taken itself, and only the rest is
+            offered again (``VhostUserFrontend.reconnect``).
 
     ``placement`` says what was chosen: the back-end's pid (SO_PEERCRED),
     whether both sides are pinned to one CPU, spin, event_idx, defer_calls.
@@ -6085,6 +6389,9 @@ class BlockDevice(_Device):
         self.timeout = timeout
         self._inside = []
         self._buffers = {}   # id(view) -> (view, guest address, size, last fast-path offset)
+        # The lowest last offset of the buffers alloc() made for the fast path:
+        # a batch whose offsets all lie in 0..this needs no bound check each.
+        self._last_offset_all = -1
         try:
             self._init_reconnect(reconnect)
             self.placement = _placement(frontend.client, spin, event_idx)
@@ -6301,6 +6608,8 @@ class BlockDevice(_Device):
         fits = size <= min(self.max_transfer, self._segment) and not size % self.block_size
         last_offset = self.capacity - size if fits else -1
         self._buffers[id(view)] = (view, gpa, size, last_offset)
+        if fits and (self._last_offset_all < 0 or last_offset < self._last_offset_all):
+            self._last_offset_all = last_offset
         return view
 
     def free(self, buffer):
@@ -6376,20 +6685,45 @@ class BlockDevice(_Device):
             inside.pop()
 
     def _reap_fast(self, completions, slots, count, timeout):
-        completions.queue.notify()
-        if len(slots.done) < count and not slots.failed:
-            completions.poll()
+        q = completions.queue
+        if q.next_avail != q._kicked:   # posted with notify=False: kick now
+            q.notify()
+        # The usual case takes the lock once: reap what the device used (when
+        # no other thread is reaping) and hand it over (poll() spelled out).
+        with completions.lock:
+            if len(slots.done) < count and not slots.failed and not completions.reaping:
+                with q._lock:   # get_used() spelled out
+                    if q._broken is not None or q._block is None:
+                        q._check_usable()
+                    # The usual batch (slots, each its full length) in one lean
+                    # loop; anything else, and a re-armed look, as get_used.
+                    tokens = q._reap_full_slots()
+                    used = ()
+                    if tokens is None or tokens and q._event_idx and not q.defer_calls:
+                        if tokens:
+                            q._rearm()   # as _reap does after a reap, then look again
+                        used = q._reap(None)
+                if tokens:
+                    completions._finish_slots(tokens)
+                if used:
+                    completions._finish(used)
             ready = len(slots.done) + len(slots.failed)
             want = min(count, ready + slots.busy)
-            if ready < want:
-                deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-                completions.wait(lambda: len(slots.done) + len(slots.failed) >= want,
-                                 deadline, "reap", want - ready)
+            if ready >= want:
+                return self._take_reaped(slots)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        completions.wait(lambda: len(slots.done) + len(slots.failed) >= want,
+                         deadline, "reap", want - ready)
         with completions.lock:
-            done, slots.done = slots.done, []
-            if slots.failed:
-                failed, slots.failed = slots.failed, []
-                raise _fast_path_error(failed, done)
+            return self._take_reaped(slots)
+
+    @staticmethod
+    def _take_reaped(slots):
+        """The user data of the slots reaped so far; raises for failed ones."""
+        done, slots.done = slots.done, []
+        if slots.failed:
+            failed, slots.failed = slots.failed, []
+            raise _fast_path_error(failed, done)
         return done
 
     def _post_fast(self, op, offsets, buffers, user_data, queue, notify):
@@ -6461,24 +6795,33 @@ class BlockDevice(_Device):
 
     def _fill_slots(self, slots, taken, op, offsets, buffers, user_data, first):
         """Point slots ``taken`` at requests ``first``...: the per-request work, kept small."""
-        get_entry = self._buffers.get
-        ready, sectors, user, heads = slots.ready_for[op], slots.sectors, slots.user, slots.heads
+        views, sectors, user, heads = slots.view_for[op], slots.sectors, slots.user, slots.heads
         mask = self.block_size - 1
         end = first + len(taken)
         if first or end < len(offsets):
             offsets, buffers, user_data = (offsets[first:end], buffers[first:end],
                                            user_data[first:end])
-        # An id in the registry is the view registered under it: the registry keeps
-        # that view alive, so no other object can have its id meanwhile.
+        if not 0 <= min(offsets) <= max(offsets) <= self._last_offset_all:
+            for k, offset, buffer in zip(taken, offsets, buffers):
+                self._check_fast_request(slots, k, op, offset, buffer, first + taken.index(k))
         for k, offset, buffer, value in zip(taken, offsets, buffers, user_data):
-            entry = get_entry(id(buffer))
-            if entry is None or offset & mask or offset < 0 or offset > entry[3]:
-                self._fast_path_misuse(op, first + taken.index(k), offset, buffer, entry)
-            if ready[k] is not entry:
-                slots.point(k, entry, op)
+            # A slot already pointing at this very view (for this direction)
+            # needs no registry look-up: free() repoints the slots of a view.
+            if views[k] is not buffer or offset & mask:
+                self._check_fast_request(slots, k, op, offset, buffer, first + taken.index(k))
             sectors[k] = offset >> 9   # 512-byte sectors whatever blk_size is
             user[k] = value
         return [heads[k] for k in taken]
+
+    def _check_fast_request(self, slots, k, op, offset, buffer, index):
+        """Refuse request ``index`` of a batch, or point slot k at its buffer."""
+        # An id in the registry is the view registered under it: the registry
+        # keeps that view alive, so no other object can have its id meanwhile.
+        entry = self._buffers.get(id(buffer))
+        if entry is None or offset & (self.block_size - 1) or not 0 <= offset <= entry[3]:
+            self._fast_path_misuse(op, index, offset, buffer, entry)
+        if slots.ready_for[op][k] is not entry:
+            slots.point(k, entry, op)
 
     def _fast_path_misuse(self, op, index, offset, buffer, entry):
         name = _BLK_OP_NAMES[op]
