@@ -178,19 +178,8 @@ def _kill_with_parent():
     return preexec
 
 
-def _is_listening(path):
-    """True if a listening AF_UNIX socket is bound at `path` (per /proc/net/unix; True if unknown)."""
-    try:
-        with open("/proc/net/unix") as f:
-            lines = f.read().splitlines()[1:]
-    except OSError:
-        return True
-    for line in lines:
-        parts = line.split(None, 7)
-        # Num RefCount Protocol Flags Type St Inode Path; Flags 0x10000 = __SO_ACCEPTCON
-        if len(parts) == 8 and parts[7] == path and int(parts[3], 16) & 0x10000:
-            return True
-    return False
+# True if a listening AF_UNIX socket is bound at `path` (/proc/net/unix): the demo needs the same.
+_is_listening = vu._listening
 
 
 class _Daemon(object):
@@ -3329,16 +3318,17 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
         self.assertEqual((status, err), (0, ""))
         self.assertIn("net loopback, 1514-byte frames, depth 1, 1 queue pair", out)
         self.assertIn("backend CPU µs/packet  n/a (give --backend-pid)", out)
-        for argv, fragment in ((["--depth", "257"], "--depth 257: at most 256 frames of 64 bytes"),
-                               (["--rw", "read"], "--rw applies to --type blk and fs only"),
-                               (["--verify"], "--verify applies to --type blk only"),
-                               (["--offset", "4k"], "--offset applies to --type blk only"),
-                               # testpmd runs one pair here: pair 1 is never looped back.
-                               (["--queues", "2", "--timeout", "0.5"],
-                                "frame(s) of pair 1 did not come back within 0.5 s")):
+        for argv, fragment, code in (
+                (["--depth", "257"], "--depth 257: at most 256 frames of 64 bytes", 1),
+                (["--rw", "read"], "--rw applies to --type blk and fs only", 2),      # usage
+                (["--verify"], "--verify applies to --type blk only", 2),
+                (["--offset", "4k"], "--offset applies to --type blk only", 2),
+                # testpmd runs one pair here: pair 1 is never looped back.
+                (["--queues", "2", "--timeout", "0.5"],
+                 "frame(s) of pair 1 did not come back within 0.5 s", 1)):
             with self.subTest(argv=argv):
                 status, out, err = run_cli("bench", sock, "--type", "net", *argv)
-                self.assertEqual((status, out), (1, ""), err)
+                self.assertEqual((status, out), (code, ""), err)
                 self.assertIn(fragment, err)
         # The blk commands refuse it.
         status, out, err = run_cli("bench", sock)
@@ -5458,7 +5448,7 @@ class TestPackedRingsAndQueuePairs(BackendTestMixin, FdLeakCheck):
         status, out, err = run_cli("bench", qsd.socket_path, "--seconds", "0.1", "--json")
         self.assertEqual(status, 0, err)
         status, out, err = run_cli("bench", qsd.socket_path, "--type", "fs", "--split")
-        self.assertEqual(status, 1)
+        self.assertEqual(status, 2)     # options that do not go together
         self.assertIn("--packed and --split apply to blk and net devices only", err)
 
     def test_queue_pairs_need_mq(self):
@@ -7950,7 +7940,7 @@ class TestBenchFastPath(BackendTestMixin, FdLeakCheck):
         for argv in (["--spin", "0"], ["--event-idx", "on"], ["--loop", "queue"]):
             with self.subTest(argv=argv):
                 status, out, err = run_cli("bench", d.socket_path, "--type", "net", *argv)
-                self.assertEqual((status, out), (1, ""))
+                self.assertEqual((status, out), (2, ""))      # options that do not go together
                 self.assertIn("%s applies to --type blk only" % argv[0], err)
 
 
@@ -8943,6 +8933,250 @@ class TestCliFs(FsTestMixin, FdLeakCheck):
         status, out, err = run_cli("fs", qsd.socket_path, "ls")
         self.assertEqual(status, 1)
         self.assertIn("wrong device type: the back-end is a block device", err)
+
+
+# Audit of the wave (issues 8, 9, 11, 12, 13): one test per fix, each failing before it ################
+
+
+class TestAuditFixes(BackendTestMixin, FdLeakCheck):
+    """What a review of the wave found, each checked against the real daemon where one exists."""
+
+    def test_fs_device_on_a_block_back_end_says_wrong_device_type(self):
+        qsd = self.start_backend(QemuStorageDaemon, kind="null", size=1 << 20)
+        with self.assertRaises(vu.FeatureNotNegotiated) as cm:
+            vu.FsDevice.connect(qsd.socket_path)
+        self.assertIn("virtio-fs: wrong device type: the back-end is a block device",
+                      str(cm.exception))
+
+    def test_pps_usage_error_speaks_of_a_rate_not_seconds(self):
+        for bad in ("0", "-5", "inf", "nan", "x"):
+            status, out, err = run_cli("net", "/nonexistent.sock", "send", "-r", "/dev/null",
+                                       "--pps", bad)
+            self.assertEqual(status, 2, bad)
+            self.assertIn("--pps", err)
+            self.assertNotIn("seconds", err, bad)
+
+    def test_fs_device_closed_is_a_vhost_user_error_naming_the_call(self):
+        fsd = self.start_backend(Virtiofsd)
+        with open(os.path.join(fsd.shared_dir, "f"), "wb") as f:
+            f.write(b"data")
+        fs = vu.FsDevice.connect(fsd.socket_path)
+        fs.close()
+        for call, name in ((lambda: fs.listdir(""), "listdir"), (lambda: fs.stat("f"), "stat"),
+                           (lambda: fs.open("f"), "open"), (lambda: fs.read_bytes("f"), "read_bytes")):
+            with self.assertRaises(vu.VhostUserError) as cm:
+                call()
+            self.assertIsInstance(cm.exception, ValueError)    # what it was before: kept as a base
+            self.assertIn("%s: the virtio-fs device is closed" % name, str(cm.exception))
+
+    def test_fs_shell_usage_errors_name_the_command(self):
+        fsd = self.start_backend(Virtiofsd)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                mock.patch.object(sys, "stdin", io.StringIO("bogus\nls -z\npwd\n")):
+            status = vu.main(["fs", fsd.socket_path, "shell"])
+        self.assertEqual(status, 1)                   # a script with mistakes fails
+        self.assertEqual(out.getvalue(), "/\n")       # and carried on after them
+        lines = err.getvalue().splitlines()
+        self.assertIn("fs: error: argument COMMAND: invalid choice: 'bogus' (choose from "
+                      "'ls', 'tree', 'stat', 'cat', 'get', 'put', 'mkdir', 'rm', 'mv', 'ln', 'df')",
+                      lines)
+        self.assertIn("fs: error: unrecognized arguments: -z", lines)
+        self.assertFalse([line for line in lines if line.startswith(":")], lines)
+
+    def test_fs_ls_of_files_and_directories_orders_and_heads_them_as_ls_does(self):
+        fsd = self.start_backend(Virtiofsd)
+        os.mkdir(os.path.join(fsd.shared_dir, "d"))
+        for name in ("d/x", "f", "g"):
+            open(os.path.join(fsd.shared_dir, name), "w").close()
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                mock.patch.object(sys, "stdin", io.StringIO("ls f d g\nls f\nls g nope\n")):
+            status = vu.main(["fs", fsd.socket_path, "shell"])
+        # GNU ls: files named on the line first, unheaded; then each directory under a header.
+        self.assertEqual(out.getvalue(), "/f\n/g\n\n/d:\nx\n/f\n")
+        self.assertEqual(err.getvalue(), "error: ls: /nope: No such file or directory\n")
+        self.assertEqual(status, 1)
+
+    def test_an_ascii_stdout_gets_ascii_symbols_not_a_traceback(self):
+        # CPython 3.6 in the C locale (env -i) writes ASCII; PYTHONIOENCODING makes any version do so.
+        def run(*argv):
+            proc = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend"] + list(argv),
+                                    cwd=MODULE_DIR, env=dict(os.environ, PYTHONIOENCODING="ascii"),
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+            return communicate(proc)
+        status, out, err = run("net", "/nonexistent.sock", "recv", "--help")
+        self.assertEqual((status, err), (0, ""))
+        self.assertIn("(LINKTYPE_ETHERNET, us timestamps)", " ".join(out.split()))
+        fsd = self.start_backend(Virtiofsd)
+        os.makedirs(os.path.join(fsd.shared_dir, "d", "e"))
+        status, out, err = run("fs", fsd.socket_path, "tree")
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(out, "/\n`-- d\n    `-- e\n\n2 directories, 0 files\n")
+
+    def test_ping_ctrl_c_never_lands_inside_a_device_call(self):
+        # The SIGINT arrives while recv() runs (as it did in a hang seen under load): the call must
+        # finish, and ping then print its summary, not unwind a KeyboardInterrupt through the device.
+        frame_of = {}
+
+        class Device(object):
+            mac = None
+            finished = []
+
+            def send(self, frame):
+                frame_of[0] = bytes(frame)
+
+            def recv(self, timeout=None):
+                if len(self.finished) == 2:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(0.01)          # the default handler raises here, mid-call
+                self.finished.append(True)
+                return frame_of[0]
+
+        import argparse
+        args = argparse.Namespace(size=50, payload_file=None, payload_hex=None, flood=False,
+                                  interval=0.0, timeout=5.0, wait=None, quiet=True, count=None,
+                                  socket="fake.sock")
+        out = io.StringIO()
+        status = vu._net_ping(Device(), args, out)
+        self.assertEqual(len(Device.finished), 3)
+        self.assertIn("3 packets transmitted, 3 received, 0% packet loss", out.getvalue())
+        self.assertEqual(status, 0)
+
+    def test_fs_rm_refuses_the_share_root_as_rm_refuses_slash(self):
+        fsd = self.start_backend(Virtiofsd)
+        os.makedirs(os.path.join(fsd.shared_dir, "d", "e"))
+        open(os.path.join(fsd.shared_dir, "f"), "w").close()
+        out, err = io.StringIO(), io.StringIO()
+        script = "rm -r /\nrm -r f ..\ncd d\nrm -r ../..\nrm -r e\n"
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                mock.patch.object(sys, "stdin", io.StringIO(script)):
+            status = vu.main(["fs", fsd.socket_path, "shell"])
+        self.assertEqual(err.getvalue().splitlines(),
+                         ["error: rm: /: refusing to remove the share's root"] * 3)
+        self.assertEqual(status, 1)
+        self.assertEqual(sorted(os.listdir(fsd.shared_dir)), ["d", "f"])   # f kept: all or nothing
+        self.assertEqual(os.listdir(os.path.join(fsd.shared_dir, "d")), [])
+        fsd = self.start_backend(Virtiofsd)
+        open(os.path.join(fsd.shared_dir, "g"), "w").close()
+        status, out, err = run_cli("fs", fsd.socket_path, "rm", "-r", ".")
+        self.assertEqual((status, err), (1, "vhost_user_frontend: error: rm: .: refusing to "
+                                            "remove '.' or '..'\n"))
+        self.assertEqual(os.listdir(fsd.shared_dir), ["g"])
+
+    def test_bench_fs_file_size_is_checked_and_written_in_steps(self):
+        fsd = self.start_backend(Virtiofsd)
+        status, out, err = run_cli("bench", fsd.socket_path, "--type", "fs", "--seconds", "0.2",
+                                   "--file-size", "0x1000000000000000000")    # was a traceback
+        self.assertEqual(status, 1)
+        self.assertRegex(err, r"^vhost_user_frontend: error: --file-size 4722366482869645213696: "
+                              r"more than the \d+ bytes free in the share\n$")
+        self.assertEqual(os.listdir(fsd.shared_dir), [])
+
+    def test_net_send_n_streams_in_batches_each_within_the_timeout(self):
+        # send -n built every frame first and gave them to one send_many, whose --timeout covers
+        # the whole call: 60000 frames to a slow back-end failed with "the TX queue stayed full".
+        tmpdir = tempfile.mkdtemp(prefix="vhu-audit-")
+        self.addCleanup(shutil.rmtree, tmpdir, True)
+        backend = vu._EmbeddedBackend(vu._EmbeddedNet(), path=os.path.join(tmpdir, "net.sock")).start()
+        self.addCleanup(backend.close)
+        status, out, err = run_cli("--timeout", "0.5", "net", backend.path, "send", "-n", "60000")
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(out, "sent 60000 frame(s) of 64 bytes\n")
+
+    def race_with_listing(self, fsd, step):
+        """Run ``step()`` for 2 s while another thread lists the share's root; its failures."""
+        fs = vu.FsDevice.connect(fsd.socket_path)
+        self.addCleanup(fs.close)
+        stop = threading.Event()
+        failures = []
+
+        def lister():
+            while not stop.is_set():
+                fs.listdir("")
+
+        thread = threading.Thread(target=lister)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline and len(failures) < 3:
+                failure = step(fs)
+                if failure is not None:
+                    failures.append(failure)
+        finally:
+            stop.set()
+            thread.join(10)
+        return failures
+
+    def test_fs_stat_after_a_write_is_not_undone_by_a_concurrent_listing(self):
+        # A READDIRPLUS sent before a write and answered after it re-cached the old size for the
+        # attribute timeout: stat() right after write_bytes() said 0 while the file on disk had
+        # the bytes. Replies to requests older than the last change are not cached (attr_version).
+        fsd = self.start_backend(Virtiofsd)
+        for i in range(20):
+            open(os.path.join(fsd.shared_dir, "other%d" % i), "w").close()
+        sizes = itertools.cycle(range(1, 4001))
+
+        def step(fs):
+            size = next(sizes)
+            fs.write_bytes("f", b"x" * size)
+            got = fs.stat("f").st_size
+            if got != size:
+                return size, got, os.path.getsize(os.path.join(fsd.shared_dir, "f"))
+        self.assertEqual(self.race_with_listing(fsd, step), [])
+
+    def test_fs_rename_is_not_undone_by_a_concurrent_listing(self):
+        # The same race for names: a READDIRPLUS answered after a rename re-cached the old name,
+        # so exists() of the name just renamed away said True.
+        fsd = self.start_backend(Virtiofsd)
+
+        def step(fs):
+            fs.write_bytes("a", b"x")
+            fs.rename("a", "b")
+            if fs.exists("a"):
+                return sorted(os.listdir(fsd.shared_dir))
+        self.assertEqual(self.race_with_listing(fsd, step), [])
+
+    def test_options_that_do_not_go_together_are_usage_errors(self):
+        # Refused before anything is sent, like argparse's own refusals: status 2, not 1.
+        pcap = os.path.join(tempfile.mkdtemp(prefix="vhu-audit-"), "empty.pcap")
+        self.addCleanup(shutil.rmtree, os.path.dirname(pcap), True)
+        open(pcap, "wb").close()
+        for argv, text in (
+                (["bench", "/nonexistent.sock", "--type", "fs", "--verify"],
+                 "--verify applies to --type blk only"),
+                (["bench", "/nonexistent.sock", "--type", "fs", "--queues", "2"],
+                 "--queues 2: bench --type fs uses one request queue"),
+                (["bench", "/nonexistent.sock", "--type", "net", "--span", "1M"],
+                 "--span applies to --type blk only"),
+                (["bench", "/nonexistent.sock", "--type", "fs", "--packed"],
+                 "--packed and --split apply to blk and net devices only")):
+            with self.subTest(argv=argv):
+                status, out, err = run_cli(*argv)
+                self.assertEqual((status, out, err), (2, "", "vhost_user_frontend: error: %s\n" % text))
+
+    def test_net_device_closed_is_a_vhost_user_error_naming_the_call(self):
+        testpmd = self.start_backend(Testpmd)
+        nic = vu.NetDevice.connect(testpmd.socket_path)
+        nic.close()
+        for call, name in ((lambda: nic.send(bytes(60)), "send"), (lambda: nic.recv(0), "recv"),
+                           (lambda: nic.flush(), "flush")):
+            with self.assertRaises(vu.VhostUserError) as cm:
+                call()
+            self.assertIsInstance(cm.exception, ValueError)    # what it was before: kept as a base
+            self.assertEqual(str(cm.exception), "%s: the device was closed" % name)
+
+    def test_net_send_many_timeout_bounds_each_wait_for_room_not_the_whole_call(self):
+        tmpdir = tempfile.mkdtemp(prefix="vhu-audit-")
+        self.addCleanup(shutil.rmtree, tmpdir, True)
+        backend = vu._EmbeddedBackend(vu._EmbeddedNet(), path=os.path.join(tmpdir, "net.sock")).start()
+        self.addCleanup(backend.close)
+        frame = b"\xff" * 6 + b"\x02" * 6 + b"\x88\xb5" + bytes(50)
+        with vu.NetDevice.connect(backend.path, timeout=0.5) as nic:
+            # The ring fills and drains many times over, for longer than 0.5 s in all on CPython.
+            nic.send_many([frame] * 60000)
+            nic.flush()
 
 
 class TestFastPathBatchChecks(FrontendTestBase):

@@ -5715,7 +5715,7 @@ def _refuse_other_device_type(frontend, wanted):
                                    "(it %s)" % (_DEVICE_LABELS[wanted], guess.name.lower(), why))
 
 
-_DEVICE_LABELS = {DeviceType.BLOCK: "blk", DeviceType.NET: "net"}
+_DEVICE_LABELS = {DeviceType.BLOCK: "blk", DeviceType.NET: "net", DeviceType.FS: "fs"}
 
 
 #: Packed ring positions have 15 bits (spec 2.8: "Queue Size ... up to 2^15").
@@ -7329,10 +7329,10 @@ class NetDevice(_Device):
         pair.tx_idle = list(range(tx_slots - 1, -1, -1))
         return pair
 
-    def _pair(self, pair):
+    def _pair(self, pair, what="send"):
         pairs = self._pairs
         if not pairs:
-            raise ValueError("the net device is closed")
+            raise _DeviceClosed("%s: the device was closed" % what)
         if not isinstance(pair, int) or not 0 <= pair < len(pairs):
             raise ValueError("pair %r: the device runs pairs 0..%d" % (pair, len(pairs) - 1))
         return pairs[pair]
@@ -7408,6 +7408,9 @@ class NetDevice(_Device):
         """
         tx = pair.tx
         self._reap_tx(pair)
+        # Each wait for room gets the full timeout: a long send_many that keeps
+        # the ring moving is not "full for timeout" (it once timed out overall).
+        deadline = max(deadline, time.monotonic() + self.timeout)
         while not room():
             tx.notify()
             deadline += self._check_alive("send")
@@ -7429,9 +7432,9 @@ class NetDevice(_Device):
         """
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        pairs = self._pairs if pair is None else (self._pair(pair),)
+        pairs = self._pairs if pair is None else (self._pair(pair, "flush"),)
         if not pairs:
-            raise ValueError("the net device is closed")
+            raise _DeviceClosed("flush: the device was closed")
         for one in pairs:
             with one.tx_lock, self._call("flush"):
                 deadline += self._check_alive("flush")
@@ -7452,7 +7455,7 @@ class NetDevice(_Device):
 
         ``timeout`` defaults to the device's; 0 polls.
         """
-        pair = self._pair(pair)
+        pair = self._pair(pair, "recv")
         with pair.rx_lock, self._call("recv"):
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
             deadline += self._check_alive("recv")
@@ -7716,7 +7719,7 @@ class _FuseRequest:
 class _FsNode:
     """A node id we hold lookups on: its attributes and how many lookups to FORGET."""
 
-    __slots__ = ("nodeid", "nlookup", "attr", "attr_expiry", "users")
+    __slots__ = ("nodeid", "nlookup", "attr", "attr_expiry", "users", "changed")
 
     def __init__(self, nodeid, attr, expiry):
         self.nodeid = nodeid
@@ -7724,6 +7727,7 @@ class _FsNode:
         self.attr = attr
         self.attr_expiry = expiry
         self.users = 0              # cached names and open files pointing at it
+        self.changed = 0            # FsDevice._epoch of its last change (_mark_stale)
 
     @property
     def mode(self):
@@ -7852,7 +7856,7 @@ class _FuseFile(io.RawIOBase):
             raise ValueError("I/O operation on closed file")
         fs = self._fs
         if fs is None or fs._mem is None:
-            raise ValueError("%s: the virtio-fs device is closed" % self.name)
+            raise _DeviceClosed("%s: the virtio-fs device is closed" % self.name)
         return fs
 
     def readable(self):
@@ -8005,6 +8009,8 @@ def _operation(method):
     """Mark an ``FsDevice`` call: no node is forgotten until every call in progress ends."""
     @functools.wraps(method)
     def call(self, *args, **kwargs):
+        if self._mem is None:
+            raise _DeviceClosed("%s: the virtio-fs device is closed" % method.__name__)
         with self._cache_lock:
             self._active += 1
         try:
@@ -8058,6 +8064,7 @@ class FsDevice(_Device):
         self._unique = 0
         self._unique_lock = threading.Lock()
         self._cache_lock = threading.RLock()
+        self._epoch = 0     # counts changes (see _mark_stale)
         self._hiprio_lock = threading.Lock()
         self._nodes = {}                              # nodeid -> _FsNode
         self._names = collections.OrderedDict()       # (parent, name) -> (nodeid, expiry)
@@ -8085,6 +8092,7 @@ class FsDevice(_Device):
 
     def _setup(self, queue_size, memory_size):
         frontend = self._frontend
+        _refuse_other_device_type(frontend, DeviceType.FS)
         offered = frontend.features()
         if not offered & VirtioFeature.VERSION_1:
             # libvhost-user refuses legacy devices (BACKENDS.md 5, gotcha 5).
@@ -8099,8 +8107,9 @@ class FsDevice(_Device):
             self.num_request_queues = fields["num_request_queues"]
         max_sizes = frontend.queue_max_sizes()
         if len(max_sizes) < 2:
-            raise ProtocolError("virtio-fs: the back-end has %d queue(s); hiprio and a "
-                                "request queue need 2" % len(max_sizes))
+            raise FeatureNotNegotiated("virtio-fs: wrong device type? the back-end has %d "
+                                       "queue(s); hiprio and a request queue need 2"
+                                       % len(max_sizes))
         size = min(queue_size, *max_sizes)
         self.queue_size = size
         self._mem = GuestMemory([(0, memory_size)], name="vhost-user-fs")
@@ -8140,7 +8149,7 @@ class FsDevice(_Device):
 
     def _check_open(self):
         if self._mem is None:
-            raise ValueError("the virtio-fs device is closed")
+            raise _DeviceClosed("the virtio-fs device is closed")
 
     def _submit(self, op, nodeid, readable, reply):
         """Post one FUSE request (no kick); ``reply`` is a writable buffer or None."""
@@ -8265,8 +8274,13 @@ class FsDevice(_Device):
 
     # -- the node cache ----------------------------------------------------------
 
-    def _entry(self, parent, name, payload, offset=0):
-        """Account a fuse_entry_out (one lookup reference): its _FsNode, cached as ``name``."""
+    def _entry(self, parent, name, payload, offset=0, epoch=None):
+        """Account a fuse_entry_out (one lookup reference): its _FsNode, cached as ``name``.
+
+        ``epoch``: ``self._epoch`` when the request was sent; if the node (or,
+        for the name, its directory) changed since, what the reply says is
+        kept but not trusted: the next call asks again (see ``_mark_stale``).
+        """
         fields = _FUSE_ENTRY_OUT.unpack_from(payload, offset)
         nodeid, _gen, entry_valid, attr_valid, entry_nsec, attr_nsec = fields
         attr = _FUSE_ATTR.unpack_from(payload, offset + _FUSE_ENTRY_OUT.size)
@@ -8278,11 +8292,17 @@ class FsDevice(_Device):
                 node = self._nodes[nodeid] = _FsNode(nodeid, attr, 0)
             node.nlookup += 1
             node.attr = attr
-            node.attr_expiry = _valid_until(attr_valid, attr_nsec)
+            node.attr_expiry = _valid_until(attr_valid, attr_nsec) \
+                if epoch is None or node.changed <= epoch else 0
             if name is not None:
                 key = (parent, name)
                 old = self._names.pop(key, None)
-                self._names[key] = (nodeid, _valid_until(entry_valid, entry_nsec))
+                # A rename, unlink or create in the directory since the request
+                # may have moved the name.
+                directory = self._nodes.get(parent)
+                trusted = epoch is None or directory is None or directory.changed <= epoch
+                self._names[key] = (nodeid, _valid_until(entry_valid, entry_nsec)
+                                    if trusted else 0)
                 node.users += 1
                 if old is not None:
                     self._unuse(old[0])
@@ -8324,11 +8344,13 @@ class FsDevice(_Device):
         """Forget the cached ``name`` after it changed; its node's and the parent's
         attributes (nlink, ctime, mtime) are stale now too."""
         with self._cache_lock:
+            self._epoch += 1
             old = self._names.pop((parent, name), None)
             for nodeid in (parent, old[0] if old is not None else None):
                 node = self._nodes.get(nodeid)
                 if node is not None:
                     node.attr_expiry = 0
+                    node.changed = self._epoch
             if old is not None:
                 self._unuse(old[0])
         self._forget_retired()
@@ -8344,8 +8366,9 @@ class FsDevice(_Device):
         if len(name) > 255:
             raise _fs_error(errno.ENAMETOOLONG, filename)
         reply = bytearray(_ENTRY_SIZE)
+        epoch = self._epoch
         self._fuse_call(_FuseOp.LOOKUP, parent, [name + b"\0"], reply, _ENTRY_SIZE, filename)
-        return self._entry(parent, name, reply)
+        return self._entry(parent, name, reply, epoch=epoch)
 
     def _root(self):
         with self._cache_lock:
@@ -8433,26 +8456,40 @@ class FsDevice(_Device):
         if fh is None and node.attr is not None and node.attr_expiry > time.monotonic():
             return node.attr
         reply = bytearray(_ATTR_OUT_SIZE)
+        epoch = self._epoch
         self._fuse_call(_FuseOp.GETATTR, node.nodeid, [_FUSE_GETATTR_IN.pack(
             _FUSE_GETATTR_FH if fh is not None else 0, 0, fh or 0)], reply, _ATTR_OUT_SIZE,
             filename)
-        return self._store_attr(node, reply)
+        return self._store_attr(node, reply, epoch)
 
-    def _store_attr(self, node, reply):
+    def _store_attr(self, node, reply, epoch):
+        """Cache a fuse_attr_out, trusted only if the node did not change since ``epoch``."""
         valid, nsec, _ = _FUSE_ATTR_OUT.unpack_from(reply)
         attr = _FUSE_ATTR.unpack_from(reply, _FUSE_ATTR_OUT.size)
         with self._cache_lock:
             node.attr = attr
-            node.attr_expiry = _valid_until(valid, nsec)
+            node.attr_expiry = _valid_until(valid, nsec) if node.changed <= epoch else 0
         return attr
+
+    def _mark_stale(self, *nodes):
+        """These nodes changed: their cached attributes are stale, and so is what any
+        reply to a request sent before now says of them (the kernel's attr_version):
+        a READDIRPLUS racing a write would otherwise re-cache the old size."""
+        with self._cache_lock:
+            self._epoch += 1
+            for node in nodes:
+                node.attr_expiry = 0
+                node.changed = self._epoch
 
     def _setattr(self, node, filename, valid, mode=0, size=0, fh=0, atime=(0, 0),
                  mtime=(0, 0), uid=0, gid=0):
         body = _FUSE_SETATTR_IN.pack(valid, 0, fh, size, 0, atime[0], mtime[0], 0, atime[1],
                                      mtime[1], 0, mode, 0, uid, gid, 0)
         reply = bytearray(_ATTR_OUT_SIZE)
+        self._mark_stale(node)
+        epoch = self._epoch
         self._fuse_call(_FuseOp.SETATTR, node.nodeid, [body], reply, _ATTR_OUT_SIZE, filename)
-        return self._store_attr(node, reply)
+        return self._store_attr(node, reply, epoch)
 
     def _readlink_node(self, node, filename):
         if node.mode & 0o170000 != 0o120000:
@@ -8528,12 +8565,13 @@ class FsDevice(_Device):
             offset = 0
             buffer = bytearray(_FS_DIR_BUFFER)
             while True:
+                epoch = self._epoch
                 length = self._fuse_call(op, node.nodeid, [_FUSE_IO_IN.pack(
                     fh, offset, len(buffer), 0, 0, 0, 0)], buffer, filename=path)
                 if not length:
                     break
                 previous, offset = offset, self._parse_dirents(node, buffer[:length], plus,
-                                                               entries, path)
+                                                               entries, path, epoch)
                 if offset == previous:
                     raise ProtocolError("FUSE %s: the reply does not move past offset %d"
                                         % (op.name, offset))
@@ -8542,7 +8580,7 @@ class FsDevice(_Device):
                        [_FUSE_RELEASE_IN.pack(fh, os.O_RDONLY, 0, 0)], filename=path)
         return entries
 
-    def _parse_dirents(self, directory, data, plus, entries, path):
+    def _parse_dirents(self, directory, data, plus, entries, path, epoch=None):
         """Decode one READDIR(PLUS) reply into ``entries``; the offset to continue from."""
         pos = 0
         last = None
@@ -8566,7 +8604,7 @@ class FsDevice(_Device):
             if name in (b".", b".."):
                 continue      # the kernel takes no lookup reference for these
             if plus and _FUSE_ENTRY_OUT.unpack_from(data, entry_at)[0]:
-                attr = self._entry(directory.nodeid, name, data, entry_at).attr
+                attr = self._entry(directory.nodeid, name, data, entry_at, epoch).attr
             entries.append((name, ino, dtype, attr))
         if last is None:
             raise ProtocolError("FUSE %s: a reply with no entry" % what)
@@ -8628,7 +8666,7 @@ class FsDevice(_Device):
 
     def _created(self, parent, name, reply):
         """Cache the entry a MKDIR/SYMLINK/LINK/MKNOD/CREATE returned."""
-        parent.attr_expiry = 0
+        self._mark_stale(parent)
         return self._entry(parent.nodeid, name, reply)
 
     @_operation
@@ -8748,7 +8786,7 @@ class FsDevice(_Device):
         self._fuse_call(_FuseOp.LINK, parent.nodeid, [_FUSE_U64.pack(node.nodeid), name + b"\0"],
                    reply, _ENTRY_SIZE, src, dst)
         self._created(parent, name, reply)
-        node.attr_expiry = 0      # nlink changed
+        self._mark_stale(node)      # nlink changed
 
     @_operation
     def mkfifo(self, path, mode=0o666):
@@ -8951,7 +8989,7 @@ class FsDevice(_Device):
         try:
             if flags & os.O_TRUNC and not atomic_trunc:
                 raw.truncate(0)
-            node.attr_expiry = 0
+            self._mark_stale(node)
             if flags & os.O_APPEND:
                 raw.seek(0, io.SEEK_END)
         except BaseException:
@@ -9007,9 +9045,15 @@ class FsDevice(_Device):
 
     def _write_from(self, node, fh, offset, view, filename):
         """FUSE_WRITE ``view`` at ``offset`` in chunks kept in flight; bytes written."""
+        self._mark_stale(node)
+        try:
+            return self._write_chunks(node, fh, offset, view, filename)
+        finally:
+            self._mark_stale(node)     # size and mtime moved while the writes ran
+
+    def _write_chunks(self, node, fh, offset, view, filename):
         total = 0
         step = self.max_write
-        node.attr_expiry = 0
         while total < len(view):
             calls = []
             for start in range(total, min(len(view), total + step * _FS_MAX_IN_FLIGHT), step):
@@ -9083,8 +9127,11 @@ class FsDevice(_Device):
     # -- lifetime ------------------------------------------------------------------
 
     def close(self):
-        """Close open files (writing what they buffer), FORGET every node, DESTROY,
-        then disconnect; safe to call twice."""
+        """Close open files, release the share and disconnect; safe to call twice.
+
+        Open files are closed first (what they buffer is written), then every
+        node is forgotten (FORGET) and the session ended (DESTROY).
+        """
         if self._mem is not None and self._frontend is not None:
             try:
                 self._shutdown()
@@ -10164,11 +10211,16 @@ _PROG = "vhost_user_frontend"
 #: Exit statuses: 0 ok, 1 a failure reported in one line, 2 bad usage (argparse),
 #: 141 (128 + SIGPIPE) when the reader of stdout went away.
 _EXIT_FAILURE = 1
+_EXIT_USAGE = 2
 _EXIT_BROKEN_PIPE = 128 + 13
 
 
 class _CliError(Exception):
     """A failure the command line reports as one line, without a traceback."""
+
+
+class _UsageError(_CliError):
+    """Options that do not go together, found before anything is sent: status 2, as argparse's."""
 
 
 #: --type spellings: every DeviceType name in lower case, plus the short ones.
@@ -10361,7 +10413,7 @@ def _open_device(args, cls, device_type, **kwargs):
     packed = getattr(args, "packed", None)   # --packed/--split, where the command has them
     if packed is not None:
         if cls not in (BlockDevice, NetDevice):
-            raise _CliError("--packed and --split apply to blk and net devices only")
+            raise _UsageError("--packed and --split apply to blk and net devices only")
         kwargs["packed"] = packed
     client = _cli_connect(args.socket, args.timeout)
     try:
@@ -10911,17 +10963,26 @@ def _net_send(dev, args, out):
     if args.read is not None:
         return _net_replay(dev, args, out)
     make = _frame_source(dev, args, args.size)
-    frames = [make(seq) for seq in range(args.count)]
-    dev.send_many(frames)
+    # In batches: memory stays bounded for any -n, and each send_many's
+    # --timeout covers one batch, not the whole run.
+    sent = length = 0
+    while sent < args.count:
+        frames = [make(seq) for seq in range(sent, min(args.count, sent + _NET_SEND_BATCH))]
+        dev.send_many(frames)
+        sent += len(frames)
+        length = len(frames[0])
     dev.flush()
-    out.write("sent %d frame(s) of %d bytes\n" % (len(frames), len(frames[0]) if frames else 0))
+    out.write("sent %d frame(s) of %d bytes\n" % (sent, length))
     return 0
+
+
+_NET_SEND_BATCH = 256
 
 
 def _net_replay(dev, args, out):
     """``send -r FILE``: the frames of a pcap, ``--loop`` times, at ``--pps`` (tcpreplay)."""
     if args.payload_file is not None or args.payload_hex is not None:
-        raise _CliError("send: -r takes the frames from the pcap file; drop --payload-*")
+        raise _UsageError("send: -r takes the frames from the pcap file; drop --payload-*")
     clock = time.monotonic
     sent = sent_bytes = 0
     start = clock()
@@ -11162,31 +11223,38 @@ def _net_ping(dev, args, out):
 
     seq = 0
     try:
-        while args.count is None or seq < args.count:
-            seq += 1
-            done.discard(seq - 4096)   # bounded, for a ping that runs for days
-            frame = make(seq)
-            t0 = clock()
-            sent_at[seq] = (t0, frame)
-            dev.send(frame)
-            stats.transmitted += 1
-            if args.flood and not args.quiet:
-                out.write(".")
-            deadline = t0 + wait
-            while seq in sent_at:
-                back = dev.recv(timeout=max(0.0, deadline - clock()))
-                if back is None:
-                    sent_at.pop(seq)   # lost: a late copy is not counted
+        # Ctrl-C sets a flag that the loop checks between calls (as recv's
+        # capture does): a KeyboardInterrupt inside send() or recv() could
+        # leave the device's lock taken, and closing it then hung.
+        with _SigintFlag() as sigint:
+            while (args.count is None or seq < args.count) and not sigint.stopped:
+                seq += 1
+                done.discard(seq - 4096)   # bounded, for a ping that runs for days
+                frame = make(seq)
+                t0 = clock()
+                sent_at[seq] = (t0, frame)
+                dev.send(frame)
+                stats.transmitted += 1
+                if args.flood and not args.quiet:
+                    out.write(".")
+                deadline = t0 + wait
+                while seq in sent_at and not sigint.stopped:
+                    left = deadline - clock()
+                    back = dev.recv(timeout=min(max(0.0, left), _SIGINT_POLL))
+                    if back is not None:
+                        take(back)
+                    elif left <= _SIGINT_POLL:
+                        sent_at.pop(seq)   # lost: a late copy is not counted
+                out.flush()
+                if args.count is not None and seq >= args.count:
                     break
-                take(back)
-            out.flush()
-            if args.count is not None and seq >= args.count:
-                break
-            pause = t0 + interval - clock()
-            if pause > 0:
-                time.sleep(pause)
+                while not sigint.stopped:
+                    pause = t0 + interval - clock()
+                    if pause <= 0:
+                        break
+                    time.sleep(min(pause, _SIGINT_POLL))
     except KeyboardInterrupt:
-        pass
+        pass   # Ctrl-C before the flag was set up
     except VhostUserError:
         out.write("\n".join(stats.summary(args.socket)) + "\n")
         raise   # the back-end died: the summary, then the error line
@@ -11248,18 +11316,21 @@ def _fs_long(fs, path, name, st):
 
 
 def _fs_ls(fs, args, out):
-    for index, path in enumerate(args.paths or [""]):
-        st = fs.lstat(path)
-        if len(args.paths) > 1:
-            out.write("%s%s:\n" % ("\n" if index else "", path))
-        if st.st_mode & 0o170000 != 0o040000:
-            entries = [(path, path)]
-        else:
+    """ls's order: the files named first, then each directory's listing (headed when many)."""
+    paths = args.paths or [""]
+    kinds = [fs.lstat(path).st_mode & 0o170000 == 0o040000 for path in paths]   # all or nothing
+    files = [(path, path) for path, is_dir in zip(paths, kinds) if not is_dir]
+    groups = [(None, files)] if files else []
+    for path, is_dir in zip(paths, kinds):
+        if is_dir:
             names = fs.listdir(path)
             if args.all:
                 names += [".", ".."]
             names = sorted(n for n in names if args.all or not n.startswith("."))
-            entries = [(n, _fs_join(path, n)) for n in names]
+            groups.append((path, [(n, _fs_join(path, n)) for n in names]))
+    for index, (header, entries) in enumerate(groups):
+        if header is not None and len(paths) > 1:
+            out.write("%s%s:\n" % ("\n" if index else "", header))
         if not args.long:
             _fs_columns([name for name, _ in entries], out)
             continue
@@ -11373,6 +11444,13 @@ def _fs_mkdir(fs, args, out):
 
 
 def _fs_rm(fs, args, out):
+    import posixpath
+    for path in args.paths:
+        # GNU rm refuses '/', '.' and '..' (--preserve-root); here the root is the whole share.
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if posixpath.normpath("/" + path.lstrip("/")) == "/" or name in (".", ".."):
+            raise OSError(errno.EPERM, "refusing to remove %s" % (
+                "the share's root" if name not in (".", "..") else "'.' or '..'"), path)
     for path in args.paths:
         if args.recursive and fs.lstat(path).st_mode & 0o170000 == 0o040000:
             for dirpath, dirs, files in fs.walk(path, topdown=False):
@@ -11469,7 +11547,8 @@ def _fs_shell(fs, args, out):
     import shlex
     stdin = getattr(args, "stdin", None) or sys.stdin
     interactive = hasattr(stdin, "isatty") and stdin.isatty()
-    parser = argparse.ArgumentParser(prog="", add_help=False)
+    # prog "fs": argparse starts its lines with it ("fs ls: error: ..."); "" left ": error:".
+    parser = argparse.ArgumentParser(prog="fs", add_help=False)
     actions = parser.add_subparsers(dest="action", metavar="COMMAND")
     _add_fs_actions(actions, [])
     failures = [0]
@@ -11580,9 +11659,9 @@ def _bench_fs(fs, args):
         raise _CliError("--depth %d: at most %d requests fit the %d-entry ring"
                         % (args.depth, fs.queue_size, fs.queue_size))
     created = not fs.exists(args.file)
-    if created:
-        fs.write_bytes(args.file, bytes(args.file_size))
     try:
+        if created:
+            _fs_fill(fs, args.file, args.file_size)
         with fs.open(args.file, "r+b", buffering=0) as f:
             file_size = fs.stat(args.file).st_size
             if file_size < size:
@@ -11591,8 +11670,21 @@ def _bench_fs(fs, args):
             load = _BlockLoad(file_size, size, rw, 0)
             return _bench_fs_stream(fs, f, load, args, size, rw)
     finally:
-        if created:
+        if created and fs.exists(args.file):   # not made when --file-size did not fit
             fs.remove(args.file)
+
+
+def _fs_fill(fs, path, size):
+    """Create ``path`` with ``size`` zero bytes, written in 1 MiB steps (no buffer of ``size``)."""
+    st = fs.statvfs()
+    if size > st.f_bavail * st.f_frsize:
+        raise _CliError("--file-size %d: more than the %d bytes free in the share"
+                        % (size, st.f_bavail * st.f_frsize))
+    zeros = memoryview(bytes(min(size, 1 << 20)))
+    with fs.open(path, "xb", buffering=0) as f:
+        left = size
+        while left:
+            left -= f.write(zeros[:left])
 
 
 def _bench_fs_stream(fs, f, load, args, size, rw):
@@ -11855,7 +11947,7 @@ def _cmd_bench(args, out):
             ("--event-idx", args.event_idx),
             ("--loop", None if args.loop == "device" else args.loop)) if value is not None]
         if given:
-            raise _CliError("%s applies to --type blk%s only"
+            raise _UsageError("%s applies to --type blk%s only"
                             % (given[0], " and fs" if given[0] == "--rw" else ""))
         with _open_device(args, NetDevice, DeviceType.NET,
                           queue_pairs=args.queues or 1) as dev:
@@ -11869,9 +11961,9 @@ def _cmd_bench(args, out):
             ("--event-idx", args.event_idx),
             ("--loop", None if args.loop == "device" else args.loop)) if value is not None]
         if given:
-            raise _CliError("%s applies to --type blk only" % given[0])
+            raise _UsageError("%s applies to --type blk only" % given[0])
         if args.queues not in (None, 1):
-            raise _CliError("--queues %d: bench --type fs uses one request queue" % args.queues)
+            raise _UsageError("--queues %d: bench --type fs uses one request queue" % args.queues)
         with _open_device(args, FsDevice, DeviceType.FS) as dev:
             report = _bench_fs(dev, args)
     else:
@@ -12970,6 +13062,18 @@ def _seconds_arg(text, allow_zero=False, allow_inf=False):
     return value
 
 
+def _rate_arg(text):
+    """An argparse type: a finite rate above 0 (``--pps``: frames per second)."""
+    import argparse
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("%r is not a rate above 0 (frames per second)" % text)
+    return value
+
+
 def _build_parser():
     import argparse
     common = argparse.ArgumentParser(add_help=False)
@@ -13086,7 +13190,7 @@ def _build_parser():
                       help="send the frames of this pcap file (as tcpdump -w writes it)")
     send.add_argument("--loop", type=_int_arg, default=1, metavar="N",
                       help="with -r: send the file N times, 0 for ever (default 1)")
-    send.add_argument("--pps", type=_seconds_arg, metavar="RATE",
+    send.add_argument("--pps", type=_rate_arg, metavar="RATE",
                       help="with -r: at most RATE frames per second (default: at once)")
     ping = actions.add_parser(
         "ping", parents=[common, ring],
@@ -13238,6 +13342,50 @@ def _build_parser():
 
 def main(argv=None):
     """Run the command line (``python3 vhost_user_frontend.py --help``); returns the exit status."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _AsciiFallback.around(sys.stdout), _AsciiFallback.around(sys.stderr)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+class _AsciiFallback:
+    """A text stream writing ``us`` for ``µs`` and ASCII tree lines where the encoding lacks them.
+
+    CPython 3.6 in the C locale (``env -i``, a bare container) writes ASCII
+    to stdout: "µs" in bench's report, the tree's box lines and "--help" of
+    ``recv`` then raised UnicodeEncodeError (3.7+ switch to UTF-8 there,
+    PEP 538/540). ``tree`` itself falls back to ``|--`` and `` `-- ``.
+    """
+
+    _SYMBOLS = "\u00b5\u2514\u251c\u2502\u2500"       # µ └ ├ │ ─
+    _TABLE = str.maketrans({"\u00b5": "u", "\u2514": "`", "\u251c": "|", "\u2502": "|",
+                            "\u2500": "-"})
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    @classmethod
+    def around(cls, stream):
+        """``stream`` itself when its encoding has the symbols (or it has none: StringIO)."""
+        encoding = getattr(stream, "encoding", None)
+        if not encoding or isinstance(stream, cls):
+            return stream
+        try:
+            cls._SYMBOLS.encode(encoding)
+        except (UnicodeEncodeError, LookupError):
+            return cls(stream)
+        return stream
+
+    def write(self, text):
+        return self._stream.write(text.translate(self._TABLE))
+
+    def __getattr__(self, name):    # buffer, flush, isatty, fileno, encoding ...
+        return getattr(self._stream, name)
+
+
+def _main(argv):
     parser, _, _ = _build_parser()
     try:
         args = parser.parse_args(argv)
@@ -13264,6 +13412,9 @@ def main(argv=None):
         sys.stderr.write("%s: terminated by %s, cleaned up\n"
                          % (_PROG, signal.Signals(exc.signum).name))
         return 128 + exc.signum
+    except _UsageError as exc:
+        sys.stderr.write("%s: error: %s\n" % (_PROG, exc))
+        return _EXIT_USAGE
     except BrokenPipeError:
         # The reader went away (`... | head -1`): stop silently, as cat does,
         # with the status a shell shows for a process that SIGPIPE killed.
