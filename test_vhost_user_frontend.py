@@ -7022,6 +7022,26 @@ class TestCliWithoutBackends(BackendTestMixin, FdLeakCheck):
         self.require_binary("qemu-storage-daemon")
         self.sigterm_during_bench(run_cli_process_popen("demo", "--seconds", "30"))
 
+    def test_demo_killed_by_sigkill_stops_qsd(self):
+        # No handler runs on SIGKILL: PR_SET_PDEATHSIG has qsd terminated when demo dies (the
+        # temporary directory is left behind, as nothing can remove it then).
+        self.require_binary("qemu-storage-daemon")
+        proc = run_cli_process_popen("demo", "--seconds", "30")
+        try:
+            out = read_until(proc, "bench ")
+        finally:
+            proc.kill()
+            communicate(proc)
+        pid = int(re.search(r"\(pid (\d+)", out).group(1))
+        tmpdir = re.search(r"(/\S*vhost-user-demo-\w+)", out).group(1)
+        self.addCleanup(shutil.rmtree, tmpdir, True)
+        deadline = time.monotonic() + 10
+        while not gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not gone(pid):
+            os.kill(pid, signal.SIGKILL)
+            self.fail("qemu-storage-daemon (pid %d) outlived the demo killed by SIGKILL" % pid)
+
 
 def run_cli_process_popen(*argv):
     return subprocess.Popen([sys.executable, "-m", "vhost_user_frontend"] + [str(a) for a in argv],

@@ -12621,6 +12621,24 @@ def _listening(path):
     return False
 
 
+def _terminate_with_parent():
+    """A ``preexec_fn``: the child gets SIGTERM when the thread that started it dies.
+
+    prctl(PR_SET_PDEATHSIG) covers what no signal handler can: this process
+    killed by SIGKILL would otherwise leave the daemon (in its own session)
+    running. libc is loaded before the fork: no dlopen in the child.
+    """
+    import signal
+    prctl = _libc().prctl
+    parent = os.getpid()
+
+    def preexec():
+        prctl(1, int(signal.SIGTERM), 0, 0, 0)   # 1 is PR_SET_PDEATHSIG (prctl(2))
+        if os.getppid() != parent:               # the parent died before prctl()
+            os._exit(1)
+    return preexec
+
+
 class _DemoDaemon:
     """The demo's back-end on a temporary raw file; stop() removes everything.
 
@@ -12651,7 +12669,8 @@ class _DemoDaemon:
                          "--export", "type=vhost-user-blk,id=exp0,node-name=disk0,"
                          "addr.type=unix,addr.path=%s,writable=on,num-queues=1" % self.socket],
                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                        start_new_session=True, close_fds=True)
+                        start_new_session=True, close_fds=True,
+                        preexec_fn=_terminate_with_parent())
             self._wait_for_socket(10.0)
         except BaseException:
             self.stop()
