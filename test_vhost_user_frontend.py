@@ -464,7 +464,7 @@ class Testpmd(_Daemon):
             self._signal_group(signal.SIGTERM)
             self.wait(self.stop_timeout)
         with open(self.log_path) as f:
-            log = f.read()
+            log = self.last_log = f.read()
         self.stop()
         stats = {}
         number = r"RX-packets:\s*(\d+)\s+TX-packets:\s*(\d+)\s+TX-dropped:\s*(\d+)"
@@ -5341,41 +5341,49 @@ class TestPackedRingsAndQueuePairs(BackendTestMixin, FdLeakCheck):
             vu.BlockDevice.connect(qsd.socket_path, packed="yes")
 
     def test_testpmd_sleep_and_wake_in_the_middle_of_traffic(self):
-        pmd = self.start_backend(Testpmd)
         rnd = random.Random(11)
-        sent, received = [], []
         for packed in (False, True):
-            with self.subTest(packed=packed), \
-                    vu.NetDevice.connect(pmd.socket_path, packed=packed) as dev:
-                self.assertEqual(dev.packed, packed)
-                for round_ in range(20):
-                    frames = _numbered_frames(rnd, len(sent), 32)
-                    dev.send_many(frames)
-                    sent.extend(frames)
-                    if round_ % 4 == 1:
-                        # Stop the rings with frames just posted, some not taken yet.
-                        slept = dev.frontend.virtio_sleep()
-                        self.assertEqual(len(slept), 2)
-                        dev.frontend.virtio_wake()
-                    # Until the round's last frame is back, or nothing came for a while
-                    # (testpmd drops what it forwards while the RX ring is stopped).
-                    frame = dev.recv(1.0)
-                    while frame is not None:
-                        received.append(frame)
-                        frame = dev.recv(1.0) if frame != frames[-1] else None
-                dev.flush()
-                frame = dev.recv(0.5)
+            with self.subTest(packed=packed):
+                self._sleep_and_wake_in_traffic(self.start_backend(Testpmd), packed, rnd)
+
+    def _sleep_and_wake_in_traffic(self, pmd, packed, rnd):
+        """One testpmd per layout, so a count that is off names the layout."""
+        sent, received, sleeps = [], [], []
+        with vu.NetDevice.connect(pmd.socket_path, packed=packed) as dev:
+            self.assertEqual(dev.packed, packed)
+            for round_ in range(20):
+                frames = _numbered_frames(rnd, len(sent), 32)
+                dev.send_many(frames)
+                sent.extend(frames)
+                if round_ % 4 == 1:
+                    # Stop the rings with frames just posted, some not taken yet.
+                    slept = dev.frontend.virtio_sleep()
+                    self.assertEqual(len(slept), 2)
+                    sleeps.append((round_, [(q.vring_base, q.next_avail, q.in_flight)
+                                            for _, q in sorted(slept.items())]))
+                    dev.frontend.virtio_wake()
+                # Until the round's last frame is back, or nothing came for a while
+                # (testpmd drops what it forwards while the RX ring is stopped).
+                frame = dev.recv(1.0)
                 while frame is not None:
                     received.append(frame)
-                    frame = dev.recv(0.5)
+                    frame = dev.recv(1.0) if frame != frames[-1] else None
+            dev.flush()
+            frame = dev.recv(0.5)
+            while frame is not None:
+                received.append(frame)
+                frame = dev.recv(0.5)
         # What came back is what was sent, in order, each once.
         back = set(received)
         self.assertEqual(received, [f for f in sent if f in back])
         stats = pmd.stop_with_stats()
         rx, tx, dropped = stats["port"]
-        self.assertEqual(rx, len(sent))              # TX side: nothing lost, nothing twice
-        self.assertEqual(tx + dropped, len(sent))
-        self.assertEqual(tx, len(received))
+        why = "sleeps (round, [(base, next_avail, in flight) per ring]): %r\ntestpmd: %s" % (
+            sleeps, "\n".join(line for line in pmd.last_log.splitlines()
+                               if re.search(r"(?i)warn|err|fail|mismatch|drop", line))[-3000:])
+        self.assertEqual(rx, len(sent), why)         # TX side: nothing lost, nothing twice
+        self.assertEqual(tx + dropped, len(sent), why)
+        self.assertEqual(tx, len(received), why)
         self.assertGreater(len(received), len(sent) * 3 // 4)
 
     def test_testpmd_four_queue_pairs_one_thread_each(self):
