@@ -3024,6 +3024,25 @@ class TestCliErrors(FdLeakCheck):
         self.assertIn("\n2 packets transmitted, 0 received, 100% packet loss, time ", out)
         self.assertNotIn("rtt", out)
 
+    def test_out_of_range_sizes_are_usage_errors_before_any_output(self):
+        backend = self.device_backend("net")
+        status, out, err = run_cli("net", backend.path, "ping", "-c", "1", "-s", "70000")
+        self.assertEqual((status, out), (2, ""))            # no PING line first
+        self.assertRegex(err, r"^vhost_user_frontend: error: -s 70000: out of range: the frame "
+                              r"would have 70014 bytes, at most 655\d\d fit \(-s 655\d\d\)\n$")
+        largest = int(re.search(r"\(-s (\d+)\)", err).group(1))
+        status, out, err = run_cli("net", self.device_backend("net").path, "ping", "-c", "1",
+                                   "-s", str(largest + 1))
+        self.assertEqual(status, 2, err)
+        backend = self.device_backend("blk")
+        for size in ("0", "257", "100000"):      # checked before connecting
+            status, out, err = run_cli("probe", backend.path, "--config-size", size)
+            self.assertEqual((status, out), (2, ""), err)
+            self.assertEqual(err, "vhost_user_frontend: error: --config-size %s: the config "
+                                  "space holds 1 to 256 bytes\n" % size)
+        status, out, err = run_cli("probe", backend.path, "--config-size", "256")
+        self.assertEqual(status, 0, err)
+
     def test_wrong_device_type(self):
         for kind, command, fragment in (
                 ("blk", ("net", "{}", "ping"), "the back-end is a block device"),
@@ -8832,6 +8851,25 @@ class TestCliFs(FsTestMixin, FdLeakCheck):
         self.assertEqual(fsd.wait(10), 0, fsd.log_tail())    # each command: one clean session
         return status, out.getvalue(), err.getvalue(), fsd.shared_dir
 
+    def test_cat_rm_mkdir_go_on_past_a_bad_path_and_exit_1(self):
+        # GNU's habit: `cat a missing b` prints a and b and names the missing one on stderr.
+        status, out, err, root = self.fs_cli("cat", "dir one/with space.txt", "nope",
+                                             "dir one/sub/deeper/secret")
+        with open(os.path.join(root, "dir one/sub/deeper/secret")) as f:
+            secret = f.read()
+        self.assertEqual((status, out), (1, "spaces in the name\n" + secret))
+        self.assertEqual(err, "vhost_user_frontend: error: cat: nope: No such file or directory\n")
+        status, out, err, root = self.fs_cli("rm", "empty", "nope", "dir one/with space.txt")
+        self.assertEqual((status, out), (1, ""))
+        self.assertEqual(err, "vhost_user_frontend: error: rm: nope: No such file or directory\n")
+        self.assertFalse(os.path.exists(os.path.join(root, "empty")))
+        self.assertFalse(os.path.exists(os.path.join(root, "dir one/with space.txt")))
+        status, out, err, root = self.fs_cli("mkdir", "new1", "dir one", "new2")
+        self.assertEqual(status, 1)
+        self.assertEqual(err, "vhost_user_frontend: error: mkdir: dir one: File exists\n")
+        self.assertTrue(os.path.isdir(os.path.join(root, "new1")))
+        self.assertTrue(os.path.isdir(os.path.join(root, "new2")))
+
     def test_reading_commands(self):
         status, out, err, root = self.fs_cli("ls")
         self.assertEqual((status, err), (0, ""))
@@ -9084,7 +9122,7 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
         self.assertEqual(err.getvalue().splitlines(),
                          ["error: rm: /: refusing to remove the share's root"] * 3)
         self.assertEqual(status, 1)
-        self.assertEqual(sorted(os.listdir(fsd.shared_dir)), ["d", "f"])   # f kept: all or nothing
+        self.assertEqual(os.listdir(fsd.shared_dir), ["d"])   # f goes: the others still run (GNU)
         self.assertEqual(os.listdir(os.path.join(fsd.shared_dir, "d")), [])
         fsd = self.start_backend(Virtiofsd)
         open(os.path.join(fsd.shared_dir, "g"), "w").close()
