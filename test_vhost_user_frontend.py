@@ -9089,6 +9089,7 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
         class Device(object):
             mac = None
             finished = []
+            _hdr_len = 12       # the virtio-net header ping leaves room for
 
             def send(self, frame):
                 frame_of[0] = bytes(frame)
