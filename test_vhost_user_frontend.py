@@ -7480,9 +7480,17 @@ class TestCliPingSignals(BackendTestMixin, FdLeakCheck):
         proc = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend", "net", sock, "ping"] + list(argv),
                                 cwd=MODULE_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
-        # Wait for the first reply line, so the run is well under way.
-        first = proc.stdout.readline() + proc.stdout.readline()
-        self.assertIn(b" bytes from ", first)
+        # Wait for the first reply line, so the run is well under way (bounded: a ping that
+        # never answers fails the test instead of hanging the suite).
+        first = b""
+        deadline = time.monotonic() + 30
+        while first.count(b"\n") < 2 and time.monotonic() < deadline:
+            if select.select([proc.stdout], [], [], 1.0)[0]:
+                chunk = os.read(proc.stdout.fileno(), 1)
+                if not chunk:
+                    break
+                first += chunk
+        self.assertIn(b" bytes from ", first, proc.poll())
         return proc, first
 
     def test_sigint_then_backend_death(self):
