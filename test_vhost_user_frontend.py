@@ -3393,6 +3393,7 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
 
         class Device(object):
             mac = None
+            _hdr_len = 12       # the virtio-net header ping leaves room for
 
             def __init__(self, returns):
                 self.returns, self.pending = returns, []
@@ -3450,6 +3451,7 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
 
         class Device(object):
             mac = None
+            _hdr_len = 12
             sent = []
 
             def send(self, frame):
