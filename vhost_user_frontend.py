@@ -10996,11 +10996,15 @@ def _net_replay(dev, args, out):
         dev.send_many(batch)
         del batch[:]
 
-    try:
-        while args.loop == 0 or loop < args.loop:
+    # Ctrl-C ends a replay (--loop 0 runs until then) between two frames, never
+    # inside send_many (see _SigintFlag); what was queued still goes out.
+    with _SigintFlag() as sigint:
+        while (args.loop == 0 or loop < args.loop) and not sigint.stopped:
             loop += 1
             with open(args.read, "rb") as f:
                 for frame in _read_pcap(f, args.read):
+                    if sigint.stopped:
+                        break
                     if len(frame) < _ETH_HLEN:
                         raise _CliError("%s: frame %d has %d bytes; an Ethernet frame has at "
                                         "least %d" % (args.read, sent + 1, len(frame),
@@ -11009,7 +11013,11 @@ def _net_replay(dev, args, out):
                         delay = start + sent / args.pps - clock()
                         if delay > 0:
                             push()
-                            time.sleep(delay)
+                            while delay > 0 and not sigint.stopped:
+                                time.sleep(min(delay, _SIGINT_POLL))
+                                delay = start + sent / args.pps - clock()
+                            if sigint.stopped:
+                                break
                     batch.append(frame)
                     sent += 1
                     sent_bytes += len(frame)
@@ -11018,10 +11026,6 @@ def _net_replay(dev, args, out):
             push()
             if not sent:
                 break   # an empty capture: looping it forever would send nothing forever
-    except KeyboardInterrupt:
-        # Ctrl-C ends a replay (--loop 0 runs until then); what was queued still goes out.
-        sent -= len(batch)
-        sent_bytes -= sum(len(frame) for frame in batch)
     dev.flush()
     out.write("sent %d frame(s) (%d bytes) from %s in %.3f s, %d loop(s)\n"
               % (sent, sent_bytes, args.read, clock() - start, loop))
