@@ -2443,6 +2443,35 @@ def _ring_words(view, fmt):
     return words.__getitem__, words.__setitem__, words
 
 
+if _RING_WORDS_VIA_STRUCT:
+    # PyPy: a store through a cast view costs ~100 ns, struct.pack_into a
+    # plain move once compiled (measured on PyPy 7.3.11, 4 KiB randread at
+    # depth 32: the fast path's post went from 0.21 to 0.12 us/request).
+    # Its tolist() of a cast view stays: struct.unpack_from of the used
+    # entries measured slower in the loop (0.25 -> 0.30 us/request reaping).
+    class _FieldStores:
+        """``fields[k] = value`` stores the u64 at byte ``offset + stride * k`` of ``view``.
+
+        ``view`` is a cast "Q" view (the CPython spelling slices it).
+        """
+
+        __slots__ = ("view", "offset", "stride", "pack_into")
+
+        def __init__(self, view, offset, stride):
+            self.view, self.offset, self.stride = view, offset, stride
+            self.pack_into = struct.Struct("<Q").pack_into
+
+        def __setitem__(self, k, value):
+            self.pack_into(self.view, self.offset + self.stride * k, value)
+
+        def release(self):
+            pass
+else:
+    def _FieldStores(view, offset, stride):
+        """``fields[k] = value`` stores the u64 at byte ``offset + stride * k`` of ``view``."""
+        return view[offset // 8::stride // 8]
+
+
 class _Chain:
     """Driver bookkeeping for one chain in flight (never read back from the ring)."""
 
@@ -6308,7 +6337,7 @@ class _BlockSlots:
         self.statuses = mem.allocate(self.limit)
         self.header = mem.view(self.headers, 16 * self.limit).cast("Q")  # type, sector
         self.types = self.header[0::2]      # type and reserved as one u64: type
-        self.sectors = self.header[1::2]
+        self.sectors = _FieldStores(self.header, 8, 16)   # stored once per request
         self.status = mem.view(self.statuses, self.limit)
         self.all_ok = bytes(self.limit)
         self.status[:] = self.all_ok
