@@ -3076,20 +3076,23 @@ class Queue:
             True when the kick eventfd was signalled.
         """
         with self._lock:
-            new, old = self.next_avail, self._kicked
-            self._kicked = new
-            if new == old and not force:
-                return False
-            self._fences.full()  # avail->idx visible before we read the device's wish
-            if force:
-                wanted = True
-            elif self._event_idx:
-                wanted = _need_event(self._load_used(2 + 4 * self.size), new, old)
-            else:
-                wanted = not self._load_used(0) & _USED_F_NO_NOTIFY
+            wanted = self._kick_due(force)
         if wanted:
             self.kick.signal()
         return wanted
+
+    def _kick_due(self, force=False):
+        """notify() under the lock, but the kick itself: whether the device wants one."""
+        new, old = self.next_avail, self._kicked
+        self._kicked = new
+        if new == old and not force:
+            return False
+        self._fences.full()  # avail->idx visible before we read the device's wish
+        if force:
+            return True
+        if self._event_idx:
+            return _need_event(self._load_used(2 + 4 * self.size), new, old)
+        return not self._load_used(0) & _USED_F_NO_NOTIFY
 
     # -- driver side: reaping ----------------------------------------------------
 
@@ -3749,25 +3752,27 @@ class _PackedQueue(Queue):
         with RING_EVENT_IDX a descriptor position and wrap counter.
         """
         with self._lock:
-            added, self._added = self._added, 0
-            if not added and not force:
-                return False
-            self._fences.full()  # the head flags visible before we read the device's wish
-            flags = self._load_device_event(1)
-            if force:
-                wanted = True
-            elif flags == _EVENT_F_DESC and self._event_idx and added < self.size:
-                off_wrap = self._load_device_event(0)
-                event = off_wrap & 0x7FFF
-                if off_wrap >> 15 != self.avail_wrap:
-                    event -= self.size  # a position in the previous lap
-                new = self.next_avail
-                wanted = _need_event(event & 0xFFFF, new, (new - added) & 0xFFFF)
-            else:
-                wanted = flags != _EVENT_F_DISABLE
+            wanted = self._kick_due(force)
         if wanted:
             self.kick.signal()
         return wanted
+
+    def _kick_due(self, force=False):
+        added, self._added = self._added, 0
+        if not added and not force:
+            return False
+        self._fences.full()  # the head flags visible before we read the device's wish
+        flags = self._load_device_event(1)
+        if force:
+            return True
+        if flags == _EVENT_F_DESC and self._event_idx and added < self.size:
+            off_wrap = self._load_device_event(0)
+            event = off_wrap & 0x7FFF
+            if off_wrap >> 15 != self.avail_wrap:
+                event -= self.size  # a position in the previous lap
+            new = self.next_avail
+            return _need_event(event & 0xFFFF, new, (new - added) & 0xFFFF)
+        return flags != _EVENT_F_DISABLE
 
     # -- driver side: reaping ----------------------------------------------------
 
@@ -6197,8 +6202,10 @@ class _Completions:
         self.queue = queue
         self.device = device
         # The lock itself for plain critical sections: entering it costs no
-        # Python-level call, unlike the condition.
-        self.lock = threading.RLock()
+        # Python-level call, unlike the condition. It is the queue's lock
+        # too (re-entrant, as queue methods take it again under it): the
+        # fast path holds one lock once per post and once per reap.
+        self.lock = queue._lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self.reaping = False
         self.finished = []    # background requests done but not yet returned
@@ -6813,21 +6820,21 @@ class BlockDevice(_Device):
         q = completions.queue
         if q.next_avail != q._kicked:   # posted with notify=False: kick now
             q.notify()
-        # The usual case takes the lock once: reap what the device used (when
-        # no other thread is reaping) and hand it over (poll() spelled out).
+        # The usual case takes the lock (the queue's too) once: reap what the
+        # device used (when no other thread is reaping) and hand it over
+        # (poll() and get_used() spelled out).
         with completions.lock:
             if len(slots.done) < count and not slots.failed and not completions.reaping:
-                with q._lock:   # get_used() spelled out
-                    if q._broken is not None or q._block is None:
-                        q._check_usable()
-                    # The usual batch (slots, each its full length) in one lean
-                    # loop; anything else, and a re-armed look, as get_used.
-                    tokens = q._reap_full_slots()
-                    used = ()
-                    if tokens is None or tokens and q._event_idx and not q.defer_calls:
-                        if tokens:
-                            q._rearm()   # as _reap does after a reap, then look again
-                        used = q._reap(None)
+                if q._broken is not None or q._block is None:
+                    q._check_usable()
+                # The usual batch (slots, each its full length) in one lean
+                # loop; anything else, and a re-armed look, as get_used.
+                tokens = q._reap_full_slots()
+                used = ()
+                if tokens is None or tokens and q._event_idx and not q.defer_calls:
+                    if tokens:
+                        q._rearm()   # as _reap does after a reap, then look again
+                    used = q._reap(None)
                 if tokens:
                     completions._finish_slots(tokens)
                 if used:
@@ -6881,6 +6888,7 @@ class BlockDevice(_Device):
         lock = completions.lock
         posted = 0
         deadline = None
+        kick = False
         while True:
             with lock:
                 idle = slots.idle
@@ -6891,34 +6899,37 @@ class BlockDevice(_Device):
                     split = len(idle) - chunk
                     taken = idle[split:]
                     del idle[split:]
+                    # The queue's lock is this one (see _Completions).
                     try:
-                        with q._lock:
-                            if q._broken is not None or q._block is None:
-                                q._check_usable()
-                            # The slots' queue tokens are written by the fill
-                            # loop itself: one pass per request, not two.
-                            heads = self._fill_slots(slots, taken, op, offsets, buffers,
-                                                     user_data, posted, q._slot_token)
-                            q._post_slots(heads, None)
+                        if q._broken is not None or q._block is None:
+                            q._check_usable()
+                        # The slots' queue tokens are written by the fill
+                        # loop itself: one pass per request, not two.
+                        heads = self._fill_slots(slots, taken, op, offsets, buffers,
+                                                 user_data, posted, q._slot_token)
+                        q._post_slots(heads, None)
                     except BaseException:
                         idle.extend(taken)
                         raise
                     slots.busy += chunk
                     posted += chunk
+                    # notify() in the same hold of the lock; or, when more
+                    # must wait for room, announce these first.
+                    if notify or posted != count:
+                        kick = q._kick_due()
                 elif not q.in_flight:
                     raise Queue.Full("%s: queue %d has no descriptors for a request"
                                      % (_BLK_OP_NAMES[op], queue))
+            if kick:
+                kick = False
+                q.kick.signal()
             if posted == count:
-                break
-            # Announce what is posted, then wait for a slot (or descriptors) to free up.
-            q.notify()
+                return
             if deadline is None:
                 deadline = time.monotonic() + self.timeout
             free = q.num_free
             completions.wait(lambda: slots.idle or q.num_free > free or not q.in_flight,
                              deadline, _BLK_OP_NAMES[op])
-        if notify:
-            q.notify()
 
     def _fill_slots(self, slots, taken, op, offsets, buffers, user_data, first, token_of):
         """Point slots ``taken`` at requests ``first``...: the per-request work, kept small.
