@@ -10454,6 +10454,9 @@ def _format_bytes(count):
 
 def _cmd_probe(args, out):
     wanted = _CLI_TYPES[args.type] if args.type else None
+    if args.config_size is not None and not 1 <= args.config_size <= MAX_CONFIG_SIZE:
+        raise _UsageError("--config-size %d: the config space holds 1 to %d bytes"
+                          % (args.config_size, MAX_CONFIG_SIZE))
     with _cli_connect(args.socket, args.timeout) as client:
         info = _probe(client, args.socket, wanted, args.config_size)
     if args.json:
@@ -11238,6 +11241,12 @@ def _net_ping(dev, args, out):
     fixed = args.payload_file is not None or args.payload_hex is not None
     clock = time.perf_counter
     first = make(1)
+    largest = 0xFFFF - dev._hdr_len       # what one descriptor of send() carries
+    if len(first) > largest:
+        # Before the PING line, as ping checks -s before it sends anything.
+        raise _UsageError("-s %d: out of range: the frame would have %d bytes, at most %d fit "
+                          "(-s %d)" % (len(first) - _ETH_HLEN, len(first), largest,
+                                       largest - _ETH_HLEN))
     interval = 0.0 if args.flood else args.interval
     wait = args.timeout if args.wait is None else args.wait
     out.write("PING %s %d(%d) bytes of data, %s > %s.\n"
@@ -11459,9 +11468,32 @@ def _fs_copy_out(source, write):
         write(chunk)
 
 
+def _fs_each(args, paths, do):
+    """Run ``do(path)`` for each path; an error is reported and the rest still run (GNU).
+
+    ``cat a b c`` with ``b`` missing prints a and c and says why b failed on
+    stderr (through ``args.report_error`` in the shell); the status is 1
+    when any path failed.
+    """
+    report = getattr(args, "report_error", None)
+    status = 0
+    for path in paths:
+        try:
+            do(path)
+        except OSError as exc:
+            text = _fs_error_text(args.action, exc)
+            if report is not None:
+                report(text)
+            else:
+                sys.stderr.write("%s: error: %s\n" % (_PROG, text))
+            status = _EXIT_FAILURE
+    return status
+
+
 def _fs_cat(fs, args, out):
     binary = getattr(out, "buffer", None)
-    for path in args.paths:
+
+    def cat(path):
         with fs.open(path, "rb") as f:
             if binary is not None:
                 out.flush()
@@ -11469,7 +11501,7 @@ def _fs_cat(fs, args, out):
                 binary.flush()
             else:
                 _fs_copy_out(f, lambda chunk: out.write(chunk.decode("utf-8", "replace")))
-    return 0
+    return _fs_each(args, args.paths, cat)
 
 
 def _fs_get(fs, args, out):
@@ -11495,23 +11527,20 @@ def _fs_put(fs, args, out):
 
 
 def _fs_mkdir(fs, args, out):
-    for path in args.paths:
-        if args.parents:
-            fs.makedirs(path, exist_ok=True)
-        else:
-            fs.mkdir(path)
-    return 0
+    if args.parents:
+        return _fs_each(args, args.paths, lambda path: fs.makedirs(path, exist_ok=True))
+    return _fs_each(args, args.paths, fs.mkdir)
 
 
 def _fs_rm(fs, args, out):
     import posixpath
-    for path in args.paths:
+
+    def rm(path):
         # GNU rm refuses '/', '.' and '..' (--preserve-root); here the root is the whole share.
         name = path.rstrip("/").rsplit("/", 1)[-1]
         if posixpath.normpath("/" + path.lstrip("/")) == "/" or name in (".", ".."):
             raise OSError(errno.EPERM, "refusing to remove %s" % (
                 "the share's root" if name not in (".", "..") else "'.' or '..'"), path)
-    for path in args.paths:
         if args.recursive and fs.lstat(path).st_mode & 0o170000 == 0o040000:
             for dirpath, dirs, files in fs.walk(path, topdown=False):
                 for name in files:
@@ -11525,7 +11554,7 @@ def _fs_rm(fs, args, out):
             fs.rmdir(path)
         else:
             fs.remove(path)
-    return 0
+    return _fs_each(args, args.paths, rm)
 
 
 def _fs_mv(fs, args, out):
@@ -11679,6 +11708,7 @@ def _fs_shell(fs, args, out):
                     setattr(parsed, field, self._path(value))
             if parsed.action == "ln" and not parsed.symbolic:
                 parsed.target = self._path(parsed.target)   # a symlink's target stays as typed
+            parsed.report_error = self._fail    # cat/rm/mkdir go on past a bad path
             try:
                 _FS_ACTIONS[parsed.action](fs, parsed, out)
             except OSError as exc:
