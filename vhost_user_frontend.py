@@ -6283,16 +6283,30 @@ class _Completions:
                 except ValueError as exc:
                     raise _DeviceClosed("complete: the device was closed (%s)" % exc) from exc
 
-    def _finish_slots(self, tokens):
-        """``_finish`` for fast-path slots whose used length was what each needs."""
-        slots = self.slots
-        if slots.status.tobytes() != slots.all_ok:   # some status to look at
-            need = slots.need
-            self._finish([(k, need[k]) for k in tokens])
-            return
-        slots.done.extend(map(slots.user.__getitem__, tokens))
-        slots.idle.extend(tokens)
-        slots.busy -= len(tokens)
+    def reap_slots(self):
+        """Under the lock: what the device used, into the fast-path slots' lists (poll())."""
+        q = self.queue
+        if q._broken is not None or q._block is None:
+            q._check_usable()
+        # The usual batch (slots, each its full length) in one lean loop;
+        # anything else, and a re-armed look, as get_used.
+        tokens = q._reap_full_slots()
+        used = ()
+        if tokens is None or tokens and q._event_idx and not q.defer_calls:
+            if tokens:
+                q._rearm()   # as _reap does after a reap, then look again
+            used = q._reap(None)
+        if tokens:
+            slots = self.slots
+            if slots.status.tobytes() != slots.all_ok:   # some status to look at
+                need = slots.need
+                self._finish([(k, need[k]) for k in tokens])
+            else:   # each used length was what its slot needs: all done
+                slots.done.extend(map(slots.user.__getitem__, tokens))
+                slots.idle.extend(tokens)
+                slots.busy -= len(tokens)
+        if used:
+            self._finish(used)
 
     def _finish(self, used):
         slots = self.slots
@@ -6809,45 +6823,28 @@ class BlockDevice(_Device):
         try:
             if self._closing:
                 raise _DeviceClosed("reap: the device was closed")
-            return self._reap_fast(completions, slots, count, timeout)
+            q = completions.queue
+            if q.next_avail != q._kicked:   # posted with notify=False: kick now
+                q.notify()
+            # The usual case takes the lock (the queue's too) once: reap what
+            # the device used (when no other thread is reaping) and hand it over.
+            with completions.lock:
+                if len(slots.done) < count and not slots.failed and not completions.reaping:
+                    completions.reap_slots()
+                ready = len(slots.done) + len(slots.failed)
+                want = min(count, ready + slots.busy)
+                if ready >= want:
+                    return self._take_reaped(slots)
+            deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+            completions.wait(lambda: len(slots.done) + len(slots.failed) >= want,
+                             deadline, "reap", want - ready)
+            with completions.lock:
+                return self._take_reaped(slots)
         except (ValueError, OSError) as exc:
             self._closed_error("reap", exc)
             raise
         finally:
             inside.pop()
-
-    def _reap_fast(self, completions, slots, count, timeout):
-        q = completions.queue
-        if q.next_avail != q._kicked:   # posted with notify=False: kick now
-            q.notify()
-        # The usual case takes the lock (the queue's too) once: reap what the
-        # device used (when no other thread is reaping) and hand it over
-        # (poll() and get_used() spelled out).
-        with completions.lock:
-            if len(slots.done) < count and not slots.failed and not completions.reaping:
-                if q._broken is not None or q._block is None:
-                    q._check_usable()
-                # The usual batch (slots, each its full length) in one lean
-                # loop; anything else, and a re-armed look, as get_used.
-                tokens = q._reap_full_slots()
-                used = ()
-                if tokens is None or tokens and q._event_idx and not q.defer_calls:
-                    if tokens:
-                        q._rearm()   # as _reap does after a reap, then look again
-                    used = q._reap(None)
-                if tokens:
-                    completions._finish_slots(tokens)
-                if used:
-                    completions._finish(used)
-            ready = len(slots.done) + len(slots.failed)
-            want = min(count, ready + slots.busy)
-            if ready >= want:
-                return self._take_reaped(slots)
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        completions.wait(lambda: len(slots.done) + len(slots.failed) >= want,
-                         deadline, "reap", want - ready)
-        with completions.lock:
-            return self._take_reaped(slots)
 
     @staticmethod
     def _take_reaped(slots):
@@ -6864,72 +6861,69 @@ class BlockDevice(_Device):
         try:
             if self._trouble():
                 self._check_alive(_BLK_OP_NAMES[op])
-            self._post_fast_batch(op, offsets, buffers, user_data, queue, notify)
+            completions = self._completions_for(queue)
+            slots = completions.slots
+            if slots is None:
+                slots = completions.slots = _BlockSlots(self._mem, completions.queue)
+            count = len(offsets)
+            if user_data is None:
+                user_data = offsets
+            if not count:
+                return
+            if len(buffers) != count or len(user_data) != count:
+                raise ValueError("%s: %d offsets, %d buffers and %d user_data values"
+                                 % (_BLK_OP_NAMES[op], count, len(buffers), len(user_data)))
+            q = completions.queue
+            lock = completions.lock
+            posted = 0
+            deadline = None
+            kick = False
+            while True:
+                with lock:
+                    idle = slots.idle
+                    if len(idle) < count - posted:
+                        slots.grow(count - posted - len(idle))
+                    chunk = min(len(idle), count - posted)
+                    if chunk:
+                        split = len(idle) - chunk
+                        taken = idle[split:]
+                        del idle[split:]
+                        # The queue's lock is this one (see _Completions).
+                        try:
+                            if q._broken is not None or q._block is None:
+                                q._check_usable()
+                            # The slots' queue tokens are written by the fill
+                            # loop itself: one pass per request, not two.
+                            heads = self._fill_slots(slots, taken, op, offsets, buffers,
+                                                     user_data, posted, q._slot_token)
+                            q._post_slots(heads, None)
+                        except BaseException:
+                            idle.extend(taken)
+                            raise
+                        slots.busy += chunk
+                        posted += chunk
+                        # notify() in the same hold of the lock; or, when more
+                        # must wait for room, announce these first.
+                        if notify or posted != count:
+                            kick = q._kick_due()
+                    elif not q.in_flight:
+                        raise Queue.Full("%s: queue %d has no descriptors for a request"
+                                         % (_BLK_OP_NAMES[op], queue))
+                if kick:
+                    kick = False
+                    q.kick.signal()
+                if posted == count:
+                    return
+                if deadline is None:
+                    deadline = time.monotonic() + self.timeout
+                free = q.num_free
+                completions.wait(lambda: slots.idle or q.num_free > free or not q.in_flight,
+                                 deadline, _BLK_OP_NAMES[op])
         except (ValueError, OSError) as exc:
             self._closed_error(_BLK_OP_NAMES[op], exc)
             raise
         finally:
             inside.pop()
-
-    def _post_fast_batch(self, op, offsets, buffers, user_data, queue, notify):
-        completions = self._completions_for(queue)
-        slots = completions.slots
-        if slots is None:
-            slots = completions.slots = _BlockSlots(self._mem, completions.queue)
-        count = len(offsets)
-        if user_data is None:
-            user_data = offsets
-        if not count:
-            return
-        if len(buffers) != count or len(user_data) != count:
-            raise ValueError("%s: %d offsets, %d buffers and %d user_data values"
-                             % (_BLK_OP_NAMES[op], count, len(buffers), len(user_data)))
-        q = completions.queue
-        lock = completions.lock
-        posted = 0
-        deadline = None
-        kick = False
-        while True:
-            with lock:
-                idle = slots.idle
-                if len(idle) < count - posted:
-                    slots.grow(count - posted - len(idle))
-                chunk = min(len(idle), count - posted)
-                if chunk:
-                    split = len(idle) - chunk
-                    taken = idle[split:]
-                    del idle[split:]
-                    # The queue's lock is this one (see _Completions).
-                    try:
-                        if q._broken is not None or q._block is None:
-                            q._check_usable()
-                        # The slots' queue tokens are written by the fill
-                        # loop itself: one pass per request, not two.
-                        heads = self._fill_slots(slots, taken, op, offsets, buffers,
-                                                 user_data, posted, q._slot_token)
-                        q._post_slots(heads, None)
-                    except BaseException:
-                        idle.extend(taken)
-                        raise
-                    slots.busy += chunk
-                    posted += chunk
-                    # notify() in the same hold of the lock; or, when more
-                    # must wait for room, announce these first.
-                    if notify or posted != count:
-                        kick = q._kick_due()
-                elif not q.in_flight:
-                    raise Queue.Full("%s: queue %d has no descriptors for a request"
-                                     % (_BLK_OP_NAMES[op], queue))
-            if kick:
-                kick = False
-                q.kick.signal()
-            if posted == count:
-                return
-            if deadline is None:
-                deadline = time.monotonic() + self.timeout
-            free = q.num_free
-            completions.wait(lambda: slots.idle or q.num_free > free or not q.in_flight,
-                             deadline, _BLK_OP_NAMES[op])
 
     def _fill_slots(self, slots, taken, op, offsets, buffers, user_data, first, token_of):
         """Point slots ``taken`` at requests ``first``...: the per-request work, kept small.
