@@ -5827,6 +5827,7 @@ class _Device:
     _mem = None
     _queues = ()
     _closing = False
+    _open_completions = {}   # queue index -> _Completions while open (BlockDevice)
     _inside = ()          # one entry per thread inside a call (see _call)
     _reconnect = None     # seconds to wait for the back-end to come back, or None
     _dead = None          # why the device cannot recover (a failed reconnect)
@@ -6005,6 +6006,7 @@ class _Device:
         stopped (``VhostUserFrontend.close``) before guest memory is freed.
         """
         self._closing = True
+        self._open_completions = {}
         self._wake_waiters()
         # The waiters wake (wake_waiter), see _closing and leave.
         deadline = time.monotonic() + self.timeout + 1
@@ -6631,6 +6633,9 @@ class BlockDevice(_Device):
             queues[-1].spin = self.placement.spin
             queues[-1].defer_calls = self.placement.defer_calls
         self._completions = [_Completions(q, self) for q in queues]
+        # What _completions_for would return for each queue, while open: the
+        # fast path's look-up (emptied by close()).
+        self._open_completions = dict(enumerate(self._completions))
         frontend.activate(self._mem, None, queues)
 
     # -- properties from the config space ---------------------------------------
@@ -6814,7 +6819,9 @@ class BlockDevice(_Device):
             VhostUserTimeout: none completed within ``timeout`` (default the
                 device's).
         """
-        completions = self._completions_for(queue)
+        completions = self._open_completions.get(queue)
+        if completions is None or queue.__class__ is not int:
+            completions = self._completions_for(queue)   # raises for a bad queue
         slots = completions.slots
         if slots is None:
             return []
@@ -6831,10 +6838,14 @@ class BlockDevice(_Device):
             with completions.lock:
                 if len(slots.done) < count and not slots.failed and not completions.reaping:
                     completions.reap_slots()
-                ready = len(slots.done) + len(slots.failed)
+                done = slots.done
+                ready = len(done) + len(slots.failed)
                 want = min(count, ready + slots.busy)
                 if ready >= want:
-                    return self._take_reaped(slots)
+                    if slots.failed:
+                        return self._take_reaped(slots)
+                    slots.done = []
+                    return done
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
             completions.wait(lambda: len(slots.done) + len(slots.failed) >= want,
                              deadline, "reap", want - ready)
@@ -6861,7 +6872,9 @@ class BlockDevice(_Device):
         try:
             if self._trouble():
                 self._check_alive(_BLK_OP_NAMES[op])
-            completions = self._completions_for(queue)
+            completions = self._open_completions.get(queue)
+            if completions is None or queue.__class__ is not int:
+                completions = self._completions_for(queue)   # raises for a bad queue
             slots = completions.slots
             if slots is None:
                 slots = completions.slots = _BlockSlots(self._mem, completions.queue)
