@@ -3010,14 +3010,10 @@ class Queue:
             self._post_slots(slots, tokens)
 
     def _post_slots(self, slots, tokens):
-        """post_slots without the checks, under the lock: for drivers in this module.
-
-        ``tokens`` None: the caller has set the slots' tokens already.
-        """
-        if tokens is not None:
-            token_of = self._slot_token
-            for slot, token in zip(slots, tokens):
-                token_of[slot] = token
+        """post_slots without the checks, under the lock: for drivers in this module."""
+        token_of = self._slot_token
+        for slot, token in zip(slots, tokens):
+            token_of[slot] = token
         self._slots_busy += len(slots)
         self._publish(slots)
 
@@ -6909,7 +6905,8 @@ class BlockDevice(_Device):
                             # loop itself: one pass per request, not two.
                             heads = self._fill_slots(slots, taken, op, offsets, buffers,
                                                      user_data, posted, q._slot_token)
-                            q._post_slots(heads, None)
+                            q._slots_busy += chunk   # q._post_slots, tokens set already
+                            q._publish(heads)
                         except BaseException:
                             idle.extend(taken)
                             raise
