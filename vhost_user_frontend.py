@@ -3376,6 +3376,7 @@ _EVENT_F_DESC = 2
 #: A packed descriptor is addr u64, len u32, buffer id u16, flags u16; the
 #: head's first 14 bytes go first and its flags last (spec 2.8.21).
 _PACKED_HEAD = struct.Struct("<QIH")
+_DESC_LEN = struct.Struct("<I")     # a descriptor's len, 8 bytes in (split and packed alike)
 # Whether _PackedQueue posts a batch of slots as one copy of their cached
 # descriptor images and reaps a run of used ones with strided bulk reads. On
 # CPython that is fewer bytecodes per descriptor; PyPy's JIT compiles the
@@ -3633,20 +3634,33 @@ class _PackedQueue(Queue):
     def _set_slot_buffer(self, slot, position, guest_addr, length, writable):
         descs, lengths = self._slot_descs[slot]
         item = self._slot_chain[slot][position]
-        item[:] = guest_addr, length, _DESC_F_WRITE if writable else 0
+        flags = _DESC_F_WRITE if writable else 0
         lengths[position] = length if writable else 0
         self._slot_writable[slot] = sum(lengths)
-        self._slot_image[slot] = None
+        image = self._slot_image[slot]
+        if _PACKED_BULK and image is not None and item[0] == guest_addr and item[2] == flags:
+            # Only the length changed (a transmit slot's frame, every post): patch it
+            # into both cached images, so the batch is still one copy in _publish.
+            item[1] = length
+            offset = 16 * position + 8
+            _DESC_LEN.pack_into(image[0], offset, length)
+            _DESC_LEN.pack_into(image[1], offset, length)
+        else:
+            item[:] = guest_addr, length, flags
+            self._slot_image[slot] = None
 
     def _make_slot_image(self, slot):
-        """Cache the slot's chain as available descriptors, for either wrap counter."""
+        """Cache the slot's chain as available descriptors, for either wrap counter.
+
+        Mutable, so ``_set_slot_buffer`` can patch a length in place.
+        """
         items = self._slot_chain[slot]
         last = len(items) - 1
         # An available descriptor has AVAIL = the wrap counter, USED = its inverse.
         self._slot_image[slot] = tuple(
-            b"".join([_DESC.pack(gpa, length, slot,
-                                 flags | avail_bits | (_DESC_F_NEXT if i < last else 0))
-                      for i, (gpa, length, flags) in enumerate(items)])
+            bytearray(b"".join([_DESC.pack(gpa, length, slot,
+                                           flags | avail_bits | (_DESC_F_NEXT if i < last else 0))
+                                for i, (gpa, length, flags) in enumerate(items)]))
             for avail_bits in (_PACKED_F_USED, _PACKED_F_AVAIL))
 
     def remove_slot(self, slot):
@@ -11060,11 +11074,15 @@ def _net_replay(dev, args, out):
         dev.send_many(batch)
         del batch[:]
 
-    try:
-        while args.loop == 0 or loop < args.loop:
+    # Ctrl-C ends a replay (--loop 0 runs until then) between two frames, never
+    # inside send_many (see _SigintFlag); what was queued still goes out.
+    with _SigintFlag() as sigint:
+        while (args.loop == 0 or loop < args.loop) and not sigint.stopped:
             loop += 1
             with open(args.read, "rb") as f:
                 for frame in _read_pcap(f, args.read):
+                    if sigint.stopped:
+                        break
                     if len(frame) < _ETH_HLEN:
                         raise _CliError("%s: frame %d has %d bytes; an Ethernet frame has at "
                                         "least %d" % (args.read, sent + 1, len(frame),
@@ -11073,7 +11091,11 @@ def _net_replay(dev, args, out):
                         delay = start + sent / args.pps - clock()
                         if delay > 0:
                             push()
-                            time.sleep(delay)
+                            while delay > 0 and not sigint.stopped:
+                                time.sleep(min(delay, _SIGINT_POLL))
+                                delay = start + sent / args.pps - clock()
+                            if sigint.stopped:
+                                break
                     batch.append(frame)
                     sent += 1
                     sent_bytes += len(frame)
@@ -11082,10 +11104,6 @@ def _net_replay(dev, args, out):
             push()
             if not sent:
                 break   # an empty capture: looping it forever would send nothing forever
-    except KeyboardInterrupt:
-        # Ctrl-C ends a replay (--loop 0 runs until then); what was queued still goes out.
-        sent -= len(batch)
-        sent_bytes -= sum(len(frame) for frame in batch)
     dev.flush()
     out.write("sent %d frame(s) (%d bytes) from %s in %.3f s, %d loop(s)\n"
               % (sent, sent_bytes, args.read, clock() - start, loop))
