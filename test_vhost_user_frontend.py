@@ -9994,5 +9994,25 @@ class TestBlockFastPathSharedQueue(BackendTestMixin, FdLeakCheck):
             self.assertEqual(f.read(2 << 20), bytes(fast_half))
         self.assertEqual(dev._queues[0].in_flight, 0)
 
+    def test_a_bad_queue_or_a_closed_device_is_refused(self):
+        qsd = self.start_backend(QemuStorageDaemon, kind="null")
+        dev = vu.BlockDevice.connect(qsd.socket_path)
+        self.addCleanup(dev.close)
+        buf = dev.alloc(4096)
+        # 0.0 equals queue 0 as a dict key, but is not a queue index.
+        for queue in (1, -1, 0.0, "0"):
+            with self.subTest(queue=queue):
+                with self.assertRaisesRegex(ValueError, r"queue .* out of range 0\.\.0"):
+                    dev.post_reads([0], [buf], queue=queue)
+                with self.assertRaisesRegex(ValueError, r"queue .* out of range 0\.\.0"):
+                    dev.reap(queue=queue)
+        dev.post_reads([4096], [buf], ["x"])
+        self.assertEqual(dev.reap(), ["x"])
+        dev.close()
+        with self.assertRaisesRegex(vu.VhostUserError, "closed"):
+            dev.post_reads([0], [buf])
+        with self.assertRaisesRegex(vu.VhostUserError, "closed"):
+            dev.reap()
+
 if __name__ == "__main__":
     unittest.main()
