@@ -9932,5 +9932,91 @@ class TestPackedBatchPaths(FdLeakCheck):
                     q.post_slots([slots[0]])
 
 
+
+class TestBlockFastPathSharedQueue(BackendTestMixin, FdLeakCheck):
+    """One queue, one lock: the fast path and the simple calls from two threads at once (qsd)."""
+
+    def test_fast_path_and_simple_calls_share_a_queue(self):
+        qsd = self.start_backend(QemuStorageDaemon, kind="raw", size=4 << 20)
+        dev = vu.BlockDevice.connect(qsd.socket_path, queue_size=64)
+        self.addCleanup(dev.close)
+        # The queue's lock is its _Completions lock: one lock for ring and bookkeeping.
+        self.assertIs(dev._queues[0]._lock, dev._completions[0].lock)
+        errors = []
+        fast_half = bytearray(2 << 20)   # what the fast path wrote to the first 2 MiB
+
+        def fast():
+            try:
+                rnd = random.Random(1)
+                buffers = [dev.alloc(4096) for _ in range(16)]
+                for round_ in range(40):
+                    blocks = rnd.sample(range(512), 16)
+                    for i, buf in enumerate(buffers):
+                        buf[:] = os.urandom(4096)
+                        fast_half[blocks[i] * 4096:(blocks[i] + 1) * 4096] = buf
+                    dev.post_writes([b * 4096 for b in blocks], buffers, list(range(16)))
+                    done = []
+                    while len(done) < 16:
+                        done += dev.reap(count=16 - len(done))
+                    if sorted(done) != list(range(16)):
+                        raise AssertionError("round %d: reaped %r" % (round_, done))
+                    for buf in buffers:
+                        buf[:] = bytes(4096)
+                    dev.post_reads([b * 4096 for b in blocks], buffers, blocks)
+                    done = []
+                    while len(done) < 16:
+                        done += dev.reap(count=16 - len(done))
+                    for b in done:
+                        buf = buffers[blocks.index(b)]
+                        if bytes(buf) != bytes(fast_half[b * 4096:(b + 1) * 4096]):
+                            raise AssertionError("round %d: block %d read back differs"
+                                                 % (round_, b))
+            except BaseException as exc:
+                errors.append(exc)
+
+        def simple():
+            try:
+                rnd = random.Random(2)
+                for _ in range(40):
+                    offset = (2 << 20) + rnd.randrange(0, 480) * 4096
+                    data = os.urandom(rnd.randrange(1, 33) * 4096)
+                    dev.write(offset, data)
+                    if dev.read(offset, len(data)) != data:
+                        raise AssertionError("simple: read back differs at %d" % offset)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=f, name="vhost-user-test-" + f.__name__)
+                   for f in (fast, simple)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        self.assertEqual(errors, [])
+        self.assertFalse(any(t.is_alive() for t in threads))
+        with open(qsd.image_path, "rb") as f:
+            self.assertEqual(f.read(2 << 20), bytes(fast_half))
+        self.assertEqual(dev._queues[0].in_flight, 0)
+
+    def test_a_bad_queue_or_a_closed_device_is_refused(self):
+        qsd = self.start_backend(QemuStorageDaemon, kind="null")
+        dev = vu.BlockDevice.connect(qsd.socket_path)
+        self.addCleanup(dev.close)
+        buf = dev.alloc(4096)
+        # 0.0 equals queue 0 as a dict key, but is not a queue index.
+        for queue in (1, -1, 0.0, "0"):
+            with self.subTest(queue=queue):
+                with self.assertRaisesRegex(ValueError, r"queue .* out of range 0\.\.0"):
+                    dev.post_reads([0], [buf], queue=queue)
+                with self.assertRaisesRegex(ValueError, r"queue .* out of range 0\.\.0"):
+                    dev.reap(queue=queue)
+        dev.post_reads([4096], [buf], ["x"])
+        self.assertEqual(dev.reap(), ["x"])
+        dev.close()
+        with self.assertRaisesRegex(vu.VhostUserError, "closed"):
+            dev.post_reads([0], [buf])
+        with self.assertRaisesRegex(vu.VhostUserError, "closed"):
+            dev.reap()
+
 if __name__ == "__main__":
     unittest.main()
