@@ -3065,7 +3065,8 @@ class Queue:
         """Kick the device about chains added since the last call, if it wants kicks.
 
         Honours VRING_USED_F_NO_NOTIFY, or with RING_EVENT_IDX the device's
-        avail_event (spec 2.7.10). Posting many chains and notifying once is
+        avail_event (spec 2.7.10); a packed ring, its device event
+        suppression area (2.8.10). Posting many chains and notifying once is
         the batch path.
 
         Returns:
@@ -3755,19 +3756,10 @@ class _PackedQueue(Queue):
         self._fences.write()
         self._store_word(8 * start + 7, first_flags)
 
-    def notify(self, force=False):
-        """Kick the device about chains added since the last call, if it wants kicks.
-
-        Honours the device event suppression area (spec 2.8.10): DISABLE, or
-        with RING_EVENT_IDX a descriptor position and wrap counter.
-        """
-        with self._lock:
-            wanted = self._kick_due(force)
-        if wanted:
-            self.kick.signal()
-        return wanted
-
     def _kick_due(self, force=False):
+        # Queue.notify's test for a packed ring: the device event suppression
+        # area (spec 2.8.10), DISABLE, or with RING_EVENT_IDX a descriptor
+        # position and wrap counter.
         added, self._added = self._added, 0
         if not added and not force:
             return False
