@@ -3542,11 +3542,7 @@ class TestQueueDriver(FdLeakCheck):
     """Queue's driver side against a device simulated through guest memory."""
 
     def make(self, size=8, features=0):
-        mem = vu.GuestMemory([(0, 1 << 20)])
-        self.addCleanup(mem.close)
-        q = vu.Queue(mem, size, features=features)
-        self.addCleanup(q.close)
-        return q, _RingDevice(q)
+        return make_queue(self, size, features)
 
     def test_chain_layout_copy_in_and_copy_back(self):
         q, dev = self.make()
@@ -5022,15 +5018,20 @@ class _PackedRingDevice(object):
         return off_wrap & 0x7FFF, off_wrap >> 15, flags
 
 
+def make_queue(test, size, features):
+    """A Queue in fresh guest memory and the device simulated on it, both closed with ``test``."""
+    mem = vu.GuestMemory([(0, 1 << 20)])
+    test.addCleanup(mem.close)
+    q = vu.Queue(mem, size, features=features)
+    test.addCleanup(q.close)
+    return q, (_PackedRingDevice if features & _PACKED else _RingDevice)(q)
+
+
 class TestPackedQueue(FdLeakCheck):
     """Queue's packed layout against a packed device simulated through guest memory."""
 
     def make(self, size=8, features=0):
-        mem = vu.GuestMemory([(0, 1 << 20)])
-        self.addCleanup(mem.close)
-        q = vu.Queue(mem, size, features=features | _PACKED)
-        self.addCleanup(q.close)
-        return q, _PackedRingDevice(q)
+        return make_queue(self, size, features | _PACKED)
 
     def test_layout_and_base(self):
         q, dev = self.make(size=16)
@@ -9854,11 +9855,7 @@ class TestPackedBatchPaths(FdLeakCheck):
     used one-descriptor slots read in bulk, against the device simulated in guest memory."""
 
     def make(self, size=16):
-        mem = vu.GuestMemory([(0, 1 << 20)])
-        self.addCleanup(mem.close)
-        q = vu.Queue(mem, size, features=_PACKED)
-        self.addCleanup(q.close)
-        return q, _PackedRingDevice(q)
+        return make_queue(self, size, _PACKED)
 
     def test_batches_of_slots_and_chains_through_many_wraps(self):
         for bulk in (True, False):     # the bulk paths (CPython's) and the loops (PyPy's)
