@@ -2910,14 +2910,16 @@ class Queue:
         count = len(heads)
         start = self.next_avail & (self.size - 1)
         end = start + count
+        if heads.__class__ is not array.array:
+            heads = array.array("H", heads)
         if count == 1:
             self._avail[2 + start] = heads[0]
         elif end <= self.size:
-            self._avail[2 + start:2 + end] = array.array("H", heads)
+            self._avail[2 + start:2 + end] = heads
         else:
             split = self.size - start
-            self._avail[2 + start:2 + self.size] = array.array("H", heads[:split])
-            self._avail[2:2 + count - split] = array.array("H", heads[split:])
+            self._avail[2 + start:2 + self.size] = heads[:split]
+            self._avail[2:2 + count - split] = heads[split:]
         self._fences.write()  # the entries and their descriptors before the index (spec 2.7.13)
         self.next_avail = (self.next_avail + count) & 0xFFFF
         self._store_avail(1, self.next_avail)
@@ -6306,7 +6308,15 @@ class _Completions:
                 need = slots.need
                 self._finish([(k, need[k]) for k in tokens])
             else:   # each used length was what its slot needs: all done
-                slots.done.extend(map(slots.user.__getitem__, tokens))
+                # In slot order (the device may complete them in another): a
+                # run of slots is posted again with whole-list steps (_fill_slots).
+                tokens.sort()
+                first = tokens[0]
+                end = first + len(tokens)
+                if tokens == slots.run[first:end]:   # the usual batch: slots in a row
+                    slots.done.extend(slots.user[first:end])
+                else:
+                    slots.done.extend(map(slots.user.__getitem__, tokens))
                 slots.idle.extend(tokens)
                 slots.busy -= len(tokens)
         if used:
@@ -6367,6 +6377,9 @@ class _BlockSlots:
         self.all_ok = bytes(self.limit)
         self.status[:] = self.all_ok
         self.heads = []     # k -> the queue's slot, None when its descriptors were given back
+        # heads[k] of the built slots, for whole runs of consecutive slots at once.
+        self.head_array = array.array("H", bytes(2 * self.limit))
+        self.run = list(range(self.limit))   # a run k..k+n is run[k:k + n]
         self.idle = []      # built slots not in flight
         self.unbuilt = []   # k whose descriptors were given back
         self.buffer = []    # k -> the alloc entry its data descriptor points at
@@ -6400,6 +6413,7 @@ class _BlockSlots:
             except Queue.Full:   # another thread's request took the descriptors meanwhile
                 self.unbuilt.append(k)
                 return
+            self.head_array[k] = self.heads[k]
             self.point(k, None, None)
             self.idle.append(k)
             wanted -= 1
@@ -6948,29 +6962,35 @@ class BlockDevice(_Device):
         (``token_of``, the queue's ``_slot_token``) to k, as ``_post_slots``
         would, and undoes that when a request is refused. Returns the heads.
         """
-        views, sectors, user, heads = slots.view_for[op], slots.sectors, slots.user, slots.heads
+        views, sectors, heads = slots.view_for[op], slots.sectors, slots.heads
         mask = self.block_size - 1
-        end = first + len(taken)
+        last = self._last_offset_all
+        count = len(taken)
+        end = first + count
         if first or end < len(offsets):
             offsets, buffers, user_data = (offsets[first:end], buffers[first:end],
                                            user_data[first:end])
-        if not 0 <= min(offsets) <= max(offsets) <= self._last_offset_all:
-            for k, offset, buffer in zip(taken, offsets, buffers):
-                self._check_fast_request(slots, k, op, offset, buffer, first + taken.index(k))
         try:
-            for k, offset, buffer, value in zip(taken, offsets, buffers, user_data):
+            for k, offset, buffer in zip(taken, offsets, buffers):
                 # A slot already pointing at this very view (for this direction)
                 # needs no registry look-up: free() repoints the slots of a view.
-                if views[k] is not buffer or offset & mask:
+                # An offset past ``last`` may still fit its own buffer: looked at then.
+                if views[k] is not buffer or offset & mask or offset > last or offset < 0:
                     self._check_fast_request(slots, k, op, offset, buffer,
                                              first + taken.index(k))
                 sectors[k] = offset >> 9   # 512-byte sectors whatever blk_size is
-                user[k] = value
                 token_of[heads[k]] = k
         except BaseException:
             for k in taken:   # idle again: not in flight
                 token_of[heads[k]] = None
             raise
+        start = taken[0]
+        if taken == slots.run[start:start + count]:   # the usual batch: slots in a row
+            slots.user[start:start + count] = user_data
+            return slots.head_array[start:start + count]
+        user = slots.user
+        for k, value in zip(taken, user_data):
+            user[k] = value
         return list(map(heads.__getitem__, taken))
 
     def _check_fast_request(self, slots, k, op, offset, buffer, index):
@@ -12262,7 +12282,8 @@ def _bench_block_stream(dev, queue, load, depth, deadline, latencies, tick=None)
                     record(now - started[i])
                     started[i] = now
             if now < deadline:
-                post(load.offsets(len(done)), list(map(buffers.__getitem__, done)), done,
+                post(load.offsets(len(done)),
+                     buffers if done == indices else list(map(buffers.__getitem__, done)), done,
                      queue=queue)
             else:
                 in_flight -= len(done)
