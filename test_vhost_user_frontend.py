@@ -9374,6 +9374,59 @@ class TestFastPathBatchChecks(FrontendTestBase):
                     dev.post_reads([0], bufs[:1])
                 dev.close()
 
+    def test_a_whole_batch_is_checked_as_one(self):
+        """All of a run of slots used at once is taken in one step, in any order; lies are not."""
+        cases = [
+            ("in reverse order", lambda used: used[::-1], None),
+            ("in reverse order, descriptors shuffled first", lambda used: used[::-1], None),
+            ("in reverse order, heads unevenly spaced", lambda used: used[::-1], None),
+            ("one id twice", lambda used: used[:3] + used[:1], "which is not the head"),
+            ("an id not in flight", lambda used: used[:3] + [(used[3][0] ^ 1, used[3][1])],
+             "which is not the head"),
+            ("one length past its buffer", lambda used: used[:3] + [(used[3][0], 514)],
+             "claims 514 bytes written"),
+        ]
+        for name, lie, text in cases:
+            with self.subTest(name):
+                held = []
+                holding = []
+
+                def complete(backend, index, head, chain, lie=lie):
+                    backend.write(chain[-1][0], b"\0")
+                    if not holding:
+                        backend.push_used(index, head, sum(n for _, n, f in chain if f & 2))
+                        return
+                    held.append((head, 513))
+                    if len(held) == 4:   # all four at once, as the lie has them
+                        for used_head, length in lie(held):
+                            backend.push_used(index, used_head, length)
+                        del held[:]
+                dev = self.device(complete)
+                if "shuffled" in name:   # slots built from a free list in another order
+                    dev.write(0, bytes(512) * 3)
+                if "unevenly" in name:   # slots' heads 0, 5, 3, 9
+                    q = dev._queues[0]
+                    q._free = list(reversed([0, 1, 2, 5, 6, 7, 3, 4, 8] + list(range(9, q.size))))
+                holding.append(True)
+                bufs = [dev.alloc(512) for _ in range(4)]
+                q = dev._queues[0]
+                for round_ in range(3 if text is None else 1):
+                    dev.post_reads([0, 4096, 8192, 12288], bufs, ["a", "b", "c", "d"])
+                    self.assertIsNotNone(q._slot_batch)   # vouched for as one batch
+                    wait_for(lambda: q._load_used(1) - q.next_used == 4, what="all four used")
+                    if text is None:
+                        self.assertEqual(sorted(dev.reap(count=4)), ["a", "b", "c", "d"])
+                        self.assertEqual((q._slots_busy, q._slot_batch), (0, None))
+                        continue
+                    with self.assertRaises(vu.ProtocolError) as cm:
+                        for _ in range(4):
+                            dev.reap(count=4)
+                    self.assertIn(text, str(cm.exception))
+                    self.check_free_list(q)
+                    with self.assertRaises(vu.ProtocolError):                  # broken for good
+                        dev.post_reads([0], bufs[:1])
+                dev.close()
+
 
 # INFLIGHT_SHMFD (issue 9) ############################################################################
 
