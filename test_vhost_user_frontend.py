@@ -7878,6 +7878,13 @@ class TestBlockFastPath(BackendTestMixin, FdLeakCheck):
                 self.assertEqual(dev._queues[0].in_flight, 0)
         dev.post_reads([0], [buf], ["ok"])
         self.assertEqual(dev.reap(), ["ok"])
+        # The slot now points at buf: a negative offset is refused by the sector's store.
+        with self.assertRaises(ValueError) as cm:
+            dev.post_reads([-4096], [buf])
+        self.assertIn("must be non-negative", str(cm.exception))
+        self.assertEqual(dev._queues[0].in_flight, 0)
+        dev.post_reads([4096], [buf], ["ok again"])
+        self.assertEqual(dev.reap(), ["ok again"])
         dev.free(buf)
         with self.assertRaises(ValueError):
             dev.free(buf)

@@ -3227,7 +3227,8 @@ class Queue:
         Under the lock. The fast path's usual batch, in one lean loop: None
         (nothing reaped, nothing changed) when any used entry is something
         else (a chain, a shorter length, a lie), which ``_reap`` then walks
-        and reports.
+        and reports. A whole ``_SlotBatch`` comes back as its tokens tuple
+        (sorted), anything else as a list in the order the device used them.
         """
         used_idx = self._load_used(1)
         next_used = self.next_used
@@ -3237,7 +3238,11 @@ class Queue:
         if pending > self._slots_busy:
             return None
         self._fences.read()  # used->idx before the elements it covers
-        elems = self._used_elements(next_used, pending)
+        start = next_used & (self.size - 1)
+        if _RING_WORDS_VIA_STRUCT or start + pending > self.size:
+            elems = self._used_elements(next_used, pending)
+        else:   # _used_elements spelled out: this is the fast path
+            elems = self._used_elems[2 * start:2 * (start + pending)].tolist()
         slot_token, slot_writable = self._slot_token, self._slot_writable
         batch, self._slot_batch = self._slot_batch, None
         if batch is not None and pending == self._slots_busy == batch.count:
@@ -3253,7 +3258,7 @@ class Queue:
                         slot_token[head] = None
                 self.next_used = used_idx
                 self._slots_busy = 0
-                return batch.tokens[:]
+                return batch.tokens   # a tuple: the batch's run, in slot order
         tokens = []
         append = tokens.append
         it = iter(elems)
@@ -6348,13 +6353,14 @@ class _Completions:
                 need = slots.need
                 self._finish([(k, need[k]) for k in tokens])
             else:   # each used length was what its slot needs: all done
-                # In slot order (the device may complete them in another): a
-                # run of slots is posted again with whole-list steps (_fill_slots).
-                tokens.sort()
+                if tokens.__class__ is not tuple:   # not a whole _SlotBatch (a sorted run)
+                    # In slot order (the device may complete them in another): a run
+                    # of slots is posted again with whole-list steps (_fill_slots).
+                    tokens.sort()
                 first = tokens[0]
                 end = first + len(tokens)
-                if tokens == slots.run[first:end]:   # the usual batch: slots in a row
-                    slots.done.extend(slots.user[first:end])
+                if tokens.__class__ is tuple or tokens == slots.run[first:end]:
+                    slots.done.extend(slots.user[first:end])   # the usual batch: in a row
                 else:
                     slots.done.extend(map(slots.user.__getitem__, tokens))
                 slots.idle.extend(tokens)
@@ -6416,7 +6422,7 @@ class _SlotBatch:
         self.step = step if even else 0
         self.in_order = even and by_slot == self.heads
         self.nones = [None] * count
-        self.tokens = slots.run[start:start + count]
+        self.tokens = tuple(slots.run[start:start + count])
 
     @staticmethod
     def of(slots, start, count):
@@ -6996,7 +7002,9 @@ class BlockDevice(_Device):
                     idle = slots.idle
                     if len(idle) < count - posted:
                         slots.grow(count - posted - len(idle))
-                    chunk = min(len(idle), count - posted)
+                    chunk = count - posted
+                    if len(idle) < chunk:
+                        chunk = len(idle)
                     if chunk:
                         split = len(idle) - chunk
                         taken = idle[split:]
@@ -7059,13 +7067,21 @@ class BlockDevice(_Device):
         if first or end < len(offsets):
             offsets, buffers, user_data = (offsets[first:end], buffers[first:end],
                                            user_data[first:end])
-        for k, offset, buffer in zip(taken, offsets, buffers):
-            # A slot already pointing at this very view (for this direction)
-            # needs no registry look-up: free() repoints the slots of a view.
-            # An offset past ``last`` may still fit its own buffer: looked at then.
-            if views[k] is not buffer or offset & mask or offset > last or offset < 0:
-                self._check_fast_request(slots, k, op, offset, buffer, first + taken.index(k))
-            sectors[k] = offset >> 9   # 512-byte sectors whatever blk_size is
+        try:
+            for k, offset, buffer in zip(taken, offsets, buffers):
+                # A slot already pointing at this very view (for this direction)
+                # needs no registry look-up: free() repoints the slots of a view.
+                # An offset past ``last`` may still fit its own buffer: looked at then.
+                if views[k] is not buffer or offset & mask or offset > last:
+                    self._check_fast_request(slots, k, op, offset, buffer,
+                                             first + taken.index(k))
+                # 512-byte sectors whatever blk_size is; a negative offset's
+                # store raises (an unsigned field), and is named below.
+                sectors[k] = offset >> 9
+        except (ValueError, struct.error):
+            for i, (k, offset, buffer) in enumerate(zip(taken, offsets, buffers)):
+                self._check_fast_request(slots, k, op, offset, buffer, first + i)
+            raise
         start = taken[0]
         if taken == slots.run[start:start + count]:   # the usual batch: slots in a row
             slots.user[start:start + count] = user_data
@@ -12353,6 +12369,7 @@ def _bench_block_stream(dev, queue, load, depth, deadline, latencies, tick=None)
         indices = list(range(depth))
         now = clock()
         started = [now] * depth
+        together = now   # when every request in flight was posted at one time, that time
         in_flight = 0
         if now < deadline:
             post(load.offsets(depth), buffers, indices, queue=queue)
@@ -12361,15 +12378,18 @@ def _bench_block_stream(dev, queue, load, depth, deadline, latencies, tick=None)
         while in_flight:
             done = dev.reap(queue=queue)
             now = clock()
-            if len(done) == depth and started.count(started[0]) == depth:
+            if together is not None and len(done) == depth:
                 # The usual batch: every request, all posted at one time. The
                 # same latencies as the loop below, without a pass per request.
-                latencies.extend([now - started[0]] * depth)
-                started = [now] * depth
+                latencies.extend([now - together] * depth)
+                together = now
             else:
+                if together is not None:
+                    started = [together] * depth
                 for i in done:
                     record(now - started[i])
                     started[i] = now
+                together = now if len(done) == depth else None
             if now < deadline:
                 post(load.offsets(len(done)),
                      buffers if done == indices else list(map(buffers.__getitem__, done)), done,
