@@ -929,8 +929,11 @@ class Event:
 
     def signal(self):
         """Add one to the counter, waking any waiter."""
+        fd = self._fd   # fileno() spelled out: every kick comes here
+        if fd < 0:
+            raise ValueError("Event is closed")
         try:
-            os.write(self.fileno(), _ONE)
+            os.write(fd, _ONE)
         except BlockingIOError:
             pass  # counter saturated: it is signalled anyway
 
@@ -3095,8 +3098,8 @@ class Queue:
         self._fences.full()  # avail->idx visible before we read the device's wish
         if force:
             return True
-        if self._event_idx:
-            return _need_event(self._load_used(2 + 4 * self.size), new, old)
+        if self._event_idx:   # _need_event spelled out: every batch comes here
+            return (new - self._load_used(2 + 4 * self.size) - 1) & 0xFFFF < (new - old) & 0xFFFF
         return not self._load_used(0) & _USED_F_NO_NOTIFY
 
     # -- driver side: reaping ----------------------------------------------------
@@ -6425,17 +6428,15 @@ class _SlotBatch:
         self.tokens = tuple(slots.run[start:start + count])
 
     @staticmethod
-    def of(slots, start, count):
-        """The batch of slots start..start+count-1, or None when their lengths differ."""
-        key = (start, count)
-        try:
-            return slots.batches[key]
-        except KeyError:
-            pass
+    def make(slots, start, count):
+        """The batch of slots start..start+count-1, or None when their lengths differ.
+
+        Kept in ``slots.batches`` until a slot changes.
+        """
         writable = slots.queue._slot_writable
         lengths = [writable[head] for head in slots.head_array[start:start + count]]
         batch = _SlotBatch(slots, start, count) if lengths.count(lengths[0]) == count else None
-        slots.batches[key] = batch
+        slots.batches[start, count] = batch
         return batch
 
 
@@ -6946,7 +6947,9 @@ class BlockDevice(_Device):
                     completions.reap_slots()
                 done = slots.done
                 ready = len(done) + len(slots.failed)
-                want = min(count, ready + slots.busy)
+                want = ready + slots.busy
+                if count < want:
+                    want = count
                 if ready >= want:
                     if slots.failed:
                         return self._take_reaped(slots)
@@ -7085,7 +7088,9 @@ class BlockDevice(_Device):
         start = taken[0]
         if taken == slots.run[start:start + count]:   # the usual batch: slots in a row
             slots.user[start:start + count] = user_data
-            batch = _SlotBatch.of(slots, start, count)
+            batch = slots.batches.get((start, count), False)
+            if batch is False:
+                batch = _SlotBatch.make(slots, start, count)
             if batch is not None and batch.in_order:
                 token_of[batch.heads[0]:batch.heads[-1] + 1:batch.step] = batch.tokens
             else:
