@@ -2322,7 +2322,7 @@ def _hex(value):
 #   back-end never sees a torn avail->idx. Ring entries and descriptors are
 #   only ever read by the side that did not write them after the index that
 #   covers them moved, so they are copied in bulk (slice assignment,
-#   ``tolist()``). virtio 1.0 rings are little-endian, and so must the host
+#   ``tolist()``; on PyPy, ``struct`` loads). virtio 1.0 rings are little-endian, and so must the host
 #   be (checked in ``Queue.__init__``).
 # - The interpreter performs our stores and loads in program order. On x86
 #   (TSO) the CPU keeps store->store and load->load order too, which is all
@@ -6290,13 +6290,14 @@ class _Completions:
         with self.lock:
             return slots.shrink()
 
-    def wait(self, until, deadline, what, count=1):
+    def wait(self, until, deadline, what, count=1, spin=None):
         """Reap until ``until()`` holds; VhostUserTimeout at ``deadline``.
 
         Raises Disconnected soon after the back-end hangs up, rather than
         at the deadline; with ``reconnect=`` waits for it to come back and
         moves the deadline by the outage. A close() on another thread wakes
-        it at once (``_DeviceClosed``).
+        it at once (``_DeviceClosed``). ``spin`` goes to ``Queue.wait_used``
+        (None: the queue's).
         """
         device = self.device
         with self.cond:
@@ -6319,7 +6320,7 @@ class _Completions:
                 self.cond.release()
                 try:
                     used = self.queue.wait_used(min(remaining, _CRASH_CHECK_INTERVAL),
-                                                count)
+                                                count, spin)
                 except ValueError as exc:  # the device was closed while we waited
                     raise _DeviceClosed("%s: the device was closed (%s)" % (what, exc)) \
                         from exc
@@ -6940,24 +6941,35 @@ class BlockDevice(_Device):
             q = completions.queue
             if q.next_avail != q._kicked:   # posted with notify=False: kick now
                 q.notify()
-            # The usual case takes the lock (the queue's too) once: reap what
-            # the device used (when no other thread is reaping) and hand it over.
-            with completions.lock:
-                if len(slots.done) < count and not slots.failed and not completions.reaping:
-                    completions.reap_slots()
-                done = slots.done
-                ready = len(done) + len(slots.failed)
-                want = ready + slots.busy
-                if count < want:
-                    want = count
-                if ready >= want:
-                    if slots.failed:
-                        return self._take_reaped(slots)
-                    slots.done = []
-                    return done
+            spin = q.spin
+            while True:
+                # The usual case takes the lock (the queue's too) once: reap what the
+                # device used (when no other thread is reaping) and hand it over.
+                with completions.lock:
+                    if len(slots.done) < count and not slots.failed and not completions.reaping:
+                        completions.reap_slots()
+                    done = slots.done
+                    ready = len(done) + len(slots.failed)
+                    want = ready + slots.busy
+                    if count < want:
+                        want = count
+                    if ready >= want:
+                        if slots.failed:
+                            return self._take_reaped(slots)
+                        slots.done = []
+                        return done
+                if not spin:
+                    break
+                # Spin here, as wait_used would, so that what the device uses
+                # meanwhile is taken by the lean path above.
+                spin_until = time.monotonic() + spin
+                spin = 0
+                has_used = q._has_used
+                while not has_used() and time.monotonic() < spin_until:
+                    pass
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
             completions.wait(lambda: len(slots.done) + len(slots.failed) >= want,
-                             deadline, "reap", want - ready)
+                             deadline, "reap", want - ready, spin=0)
             with completions.lock:
                 return self._take_reaped(slots)
         except (ValueError, OSError) as exc:
@@ -7016,8 +7028,8 @@ class BlockDevice(_Device):
                         try:
                             if q._broken is not None or q._block is None:
                                 q._check_usable()
-                            # The slots' queue tokens are written by the fill
-                            # loop itself: one pass per request, not two.
+                            # The fill also writes the slots' queue tokens (as
+                            # q._post_slots would), in one step for a run.
                             heads, batch = self._fill_slots(slots, taken, op, offsets,
                                                             buffers, user_data, posted,
                                                             q._slot_token)
