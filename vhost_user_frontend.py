@@ -3224,15 +3224,61 @@ class Queue:
         def _used_words(self, start, count):
             return self._used_elems[2 * start:2 * (start + count)].tolist()
 
+    def _reap_whole_batch(self):
+        """The fast path's usual reap, under the lock: the tokens of ``_slot_batch``.
+
+        When the device used exactly that batch (the slots posted at one
+        time, all the queue has in flight), each head once in any order and
+        each length the one all of them have: the batch's tokens tuple, in
+        slot order, its slots idle. Else None with nothing changed.
+        """
+        batch = self._slot_batch
+        used_idx = self._load_used(1)
+        next_used = self.next_used
+        pending = (used_idx - next_used) & 0xFFFF
+        if batch is None or pending != batch.count or pending != self._slots_busy:
+            return None
+        self._fences.read()  # used->idx before the elements it covers
+        start = next_used & (self.size - 1)
+        end = start + pending
+        used = self._used_elems
+        # The usual case compares the ring in place, nothing read out: the
+        # heads in the order the device used this batch last time (one it
+        # keeps, as qemu-storage-daemon does), then each length.
+        if _RING_WORDS_VIA_STRUCT or end > self.size or \
+                used[2 * start:2 * end:2] != batch.used_order or \
+                used[2 * start + 1:2 * end:2] != batch.lengths:
+            elems = self._used_elements(next_used, pending)
+            heads = elems[0::2]
+            order = array.array("I", heads)
+            heads.sort()
+            if heads != batch.heads or elems[1::2].count(batch.writable) != pending:
+                return None
+            batch.used_order = order
+        if batch.heads_slice is not None:
+            self._slot_token[batch.heads_slice] = batch.nones
+        else:
+            for head in batch.heads:
+                self._slot_token[head] = None
+        self._slot_batch = None
+        self.next_used = used_idx
+        self._slots_busy = 0
+        return batch.tokens
+
     def _reap_full_slots(self):
         """Reap used slots that each report exactly their writable bytes; their tokens.
 
-        Under the lock. The fast path's usual batch, in one lean loop: None
+        Under the lock. The fast path's batch, in one lean loop: None
         (nothing reaped, nothing changed) when any used entry is something
         else (a chain, a shorter length, a lie), which ``_reap`` then walks
         and reports. A whole ``_SlotBatch`` comes back as its tokens tuple
-        (sorted), anything else as a list in the order the device used them.
+        (``_reap_whole_batch``), anything else as a list in the order the
+        device used them.
         """
+        tokens = self._reap_whole_batch()
+        if tokens is not None:
+            return tokens
+        self._slot_batch = None   # entry by entry from now on
         used_idx = self._load_used(1)
         next_used = self.next_used
         pending = (used_idx - next_used) & 0xFFFF
@@ -3241,27 +3287,8 @@ class Queue:
         if pending > self._slots_busy:
             return None
         self._fences.read()  # used->idx before the elements it covers
-        start = next_used & (self.size - 1)
-        if _RING_WORDS_VIA_STRUCT or start + pending > self.size:
-            elems = self._used_elements(next_used, pending)
-        else:   # _used_elements spelled out: this is the fast path
-            elems = self._used_elems[2 * start:2 * (start + pending)].tolist()
+        elems = self._used_elements(next_used, pending)
         slot_token, slot_writable = self._slot_token, self._slot_writable
-        batch, self._slot_batch = self._slot_batch, None
-        if batch is not None and pending == self._slots_busy == batch.count:
-            # The whole batch at once: used heads exactly the batch's (each
-            # once, in any order), each length the one all of them have.
-            heads = elems[0::2]
-            heads.sort()
-            if heads == batch.heads and elems[1::2].count(batch.writable) == pending:
-                if batch.step:
-                    slot_token[batch.heads[0]:batch.heads[-1] + 1:batch.step] = batch.nones
-                else:
-                    for head in heads:
-                        slot_token[head] = None
-                self.next_used = used_idx
-                self._slots_busy = 0
-                return batch.tokens   # a tuple: the batch's run, in slot order
         tokens = []
         append = tokens.append
         it = iter(elems)
@@ -3835,9 +3862,11 @@ class _PackedQueue(Queue):
             self._load_word(8 * self.next_used + 7) & _PACKED_F_BOTH
             != (_PACKED_F_AVAIL if self.used_wrap else _PACKED_F_USED))
 
-    def _reap_full_slots(self):
+    def _reap_whole_batch(self):
         """None: the packed layout's used descriptors are walked by ``_reap_some``."""
         return None
+
+    _reap_full_slots = _reap_whole_batch
 
     def _reap_some(self, limit, done):
         # A used descriptor's flags are read first, then (after the read fence)
@@ -6338,6 +6367,30 @@ class _Completions:
                 except ValueError as exc:
                     raise _DeviceClosed("complete: the device was closed (%s)" % exc) from exc
 
+    def reap_batch(self):
+        """Under the lock, no user data reaped and waiting: the usual reap, or None.
+
+        The user data, in slot order, of the batch of slots posted at one
+        time (``Queue._reap_whole_batch``) when the device used all of it,
+        each complete and OK, as one list; their slots idle again. Else None:
+        ``reap_slots`` looks entry by entry (after a re-arm, when reaping
+        re-arms the call: not here).
+        """
+        q = self.queue
+        if q._broken is not None or q._block is None or q._event_idx and not q.defer_calls:
+            return None
+        tokens = q._reap_whole_batch()
+        if tokens is None:
+            return None
+        slots = self.slots
+        if slots.status.tobytes() != slots.all_ok:   # some status to look at
+            need = slots.need
+            self._finish([(k, need[k]) for k in tokens])
+            return None
+        slots.idle.extend(tokens)
+        slots.busy -= len(tokens)
+        return slots.user[tokens[0]:tokens[0] + len(tokens)]
+
     def reap_slots(self):
         """Under the lock: what the device used, into the fast-path slots' lists (poll())."""
         q = self.queue
@@ -6406,13 +6459,16 @@ class _Completions:
 class _SlotBatch:
     """A run of consecutive fast-path slots, as ``Queue._reap_full_slots`` checks it whole.
 
-    ``heads`` sorted; ``step`` > 0 when they are evenly spaced (then their
-    queue tokens are set and cleared with one slice step each) and
-    ``in_order`` when slot k's head grows with k; ``writable`` the used
-    length every one of them must report.
+    ``heads`` sorted; ``heads_slice`` a slice that selects them when they
+    are evenly spaced (then their queue tokens are set and cleared with one
+    slice step each), else None, and ``in_order`` when slot k's head grows
+    with k; ``writable`` the used length every one of them must report,
+    ``lengths`` that as an array of u32 per slot, ``used_order`` the heads in
+    the order the device used them last time (at first, slot order).
     """
 
-    __slots__ = ("count", "heads", "writable", "step", "in_order", "nones", "tokens")
+    __slots__ = ("count", "heads", "writable", "heads_slice", "in_order", "nones", "tokens",
+                 "lengths", "used_order")
 
     def __init__(self, slots, start, count):
         queue = slots.queue
@@ -6423,10 +6479,12 @@ class _SlotBatch:
         step = self.heads[1] - self.heads[0] if count > 1 else 1
         even = step > 0 and self.heads == list(range(self.heads[0],
                                                      self.heads[0] + step * count, step))
-        self.step = step if even else 0
+        self.heads_slice = slice(self.heads[0], self.heads[-1] + 1, step) if even else None
         self.in_order = even and by_slot == self.heads
         self.nones = [None] * count
         self.tokens = tuple(slots.run[start:start + count])
+        self.lengths = array.array("I", [self.writable] * count)
+        self.used_order = array.array("I", by_slot)
 
     @staticmethod
     def make(slots, start, count):
@@ -6947,6 +7005,10 @@ class BlockDevice(_Device):
                 # device used (when no other thread is reaping) and hand it over.
                 with completions.lock:
                     if len(slots.done) < count and not slots.failed and not completions.reaping:
+                        if not slots.done:
+                            done = completions.reap_batch()   # the usual reap, in one step
+                            if done is not None:
+                                return done   # all the slots in flight: no more to wait for
                         completions.reap_slots()
                     done = slots.done
                     ready = len(done) + len(slots.failed)
@@ -7104,7 +7166,7 @@ class BlockDevice(_Device):
             if batch is False:
                 batch = _SlotBatch.make(slots, start, count)
             if batch is not None and batch.in_order:
-                token_of[batch.heads[0]:batch.heads[-1] + 1:batch.step] = batch.tokens
+                token_of[batch.heads_slice] = batch.tokens
             else:
                 for k in taken:
                     token_of[heads[k]] = k
