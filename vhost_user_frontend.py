@@ -7077,11 +7077,10 @@ class BlockDevice(_Device):
             while True:
                 with lock:
                     idle = slots.idle
-                    if len(idle) < count - posted:
-                        slots.grow(count - posted - len(idle))
                     chunk = count - posted
                     if len(idle) < chunk:
-                        chunk = len(idle)
+                        slots.grow(chunk - len(idle))
+                        chunk = min(chunk, len(idle))
                     if chunk:
                         split = len(idle) - chunk
                         taken = idle[split:]
@@ -12352,8 +12351,8 @@ def _bench_block(dev, args):
         for q in range(queues):
             _bench_read_back(dev, q, checked[q], args.depth)
         verified = sum(check.verified for check in checked)
-    reads = [t for per_queue in latencies for t in per_queue["read"]]
-    writes = [t for per_queue in latencies for t in per_queue["write"]]
+    reads = [t for per_queue in latencies for t in per_queue["read"].values()]
+    writes = [t for per_queue in latencies for t in per_queue["write"].values()]
     report = _bench_report("blk", rw, size, args.depth, queues, elapsed, reads + writes,
                            cpu_self, cpu_backend)
     placement = dev.placement
@@ -12393,9 +12392,10 @@ def _bench_region(dev, args, size):
 def _bench_block_phase(dev, args, queues, stream, seconds, size):
     """Run ``stream`` on every queue (a thread each but the first) for ``seconds``.
 
-    Returns ([{"read": latencies, "write": latencies}] per queue, seconds it took).
+    Returns ([{"read": _Latencies, "write": _Latencies}] per queue, seconds it took).
     """
-    latencies = [{"read": [], "write": []} for _ in range(queues)]
+    latencies = [{"read": _Latencies(args.depth), "write": _Latencies(args.depth)}
+                 for _ in range(queues)]
     errors = []
     progress = _Progress(sys.stderr, seconds, "blk")
     start = time.perf_counter()
@@ -12426,6 +12426,30 @@ def _bench_block_phase(dev, args, queues, stream, seconds, size):
     return latencies, time.perf_counter() - start
 
 
+class _Latencies:
+    """One bench stream's completion latencies, in seconds.
+
+    ``append`` logs one. A whole batch of ``batch_size`` requests that
+    completed together is logged once, its latency appended to ``batches``
+    (by the stream itself: one list append per batch), and expanded only by
+    ``values``, after the timed part. ``len`` counts requests.
+    """
+
+    def __init__(self, batch_size):
+        self.single, self.batches, self.batch_size = [], [], batch_size
+        self.append = self.single.append
+
+    def __len__(self):
+        return len(self.single) + self.batch_size * len(self.batches)
+
+    def values(self):
+        """Every request's latency, as one list (in no particular order)."""
+        out = list(self.single)
+        for latency in self.batches:
+            out.extend([latency] * self.batch_size)
+        return out
+
+
 def _bench_block_stream(dev, queue, load, depth, deadline, latencies, tick=None):
     """Keep ``depth`` requests in flight on ``queue`` until ``deadline``; log each latency.
 
@@ -12445,22 +12469,23 @@ def _bench_block_stream(dev, queue, load, depth, deadline, latencies, tick=None)
                 buffers[-1][:] = load.data
         post = dev.post_writes if load.write else dev.post_reads
         record = latencies.append
+        whole_batch = latencies.batches.append   # the latency of ``depth`` requests
         indices = list(range(depth))
         now = clock()
         started = [now] * depth
         together = now   # when every request in flight was posted at one time, that time
         in_flight = 0
         if now < deadline:
-            post(load.offsets(depth), buffers, indices, queue=queue)
+            post(load.offsets(depth), buffers, indices, queue)
             in_flight = depth
         next_tick = now + 0.1
         while in_flight:
-            done = dev.reap(queue=queue)
+            done = dev.reap(queue)   # arguments by position: a little cheaper on CPython
             now = clock()
             if together is not None and len(done) == depth:
                 # The usual batch: every request, all posted at one time. The
-                # same latencies as the loop below, without a pass per request.
-                latencies.extend([now - together] * depth)
+                # same latencies as the loop below, logged once for all.
+                whole_batch(now - together)
                 together = now
             else:
                 if together is not None:
@@ -12472,7 +12497,7 @@ def _bench_block_stream(dev, queue, load, depth, deadline, latencies, tick=None)
             if now < deadline:
                 post(load.offsets(len(done)),
                      buffers if done == indices else list(map(buffers.__getitem__, done)), done,
-                     queue=queue)
+                     queue)
             else:
                 in_flight -= len(done)
             if tick is not None and now >= next_tick:
