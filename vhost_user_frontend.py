@@ -2918,19 +2918,20 @@ class Queue:
         count = len(heads)
         start = self.next_avail & (self.size - 1)
         end = start + count
-        if heads.__class__ is not array.array:
-            heads = array.array("H", heads)
-        if count == 1:
+        if end <= self.size and heads.__class__ is array.array:   # the slots' batch
+            self._avail[2 + start:2 + end] = heads
+        elif count == 1:
             self._avail[2 + start] = heads[0]
         elif end <= self.size:
-            self._avail[2 + start:2 + end] = heads
+            self._avail[2 + start:2 + end] = array.array("H", heads)
         else:
+            heads = array.array("H", heads)
             split = self.size - start
             self._avail[2 + start:2 + self.size] = heads[:split]
             self._avail[2:2 + count - split] = heads[split:]
         self._fences.write()  # the entries and their descriptors before the index (spec 2.7.13)
-        self.next_avail = (self.next_avail + count) & 0xFFFF
-        self._store_avail(1, self.next_avail)
+        self.next_avail = new = (self.next_avail + count) & 0xFFFF
+        self._store_avail(1, new)
 
     # -- driver side: slots (chains built once, posted many times) -------------
 
@@ -3225,12 +3226,13 @@ class Queue:
             return self._used_elems[2 * start:2 * (start + count)].tolist()
 
     def _reap_whole_batch(self):
-        """The fast path's usual reap, under the lock: the tokens of ``_slot_batch``.
+        """The fast path's usual reap, under the lock: ``_slot_batch``, reaped whole.
 
         When the device used exactly that batch (the slots posted at one
         time, all the queue has in flight), each head once in any order and
-        each length the one all of them have: the batch's tokens tuple, in
-        slot order, its slots idle. Else None with nothing changed.
+        each length the one all of them have: the batch, its slots idle (its
+        ``tokens`` the queue's tokens, in slot order). Else None with nothing
+        changed.
         """
         batch = self._slot_batch
         used_idx = self._load_used(1)
@@ -3263,7 +3265,7 @@ class Queue:
         self._slot_batch = None
         self.next_used = used_idx
         self._slots_busy = 0
-        return batch.tokens
+        return batch
 
     def _reap_full_slots(self):
         """Reap used slots that each report exactly their writable bytes; their tokens.
@@ -3275,9 +3277,9 @@ class Queue:
         (``_reap_whole_batch``), anything else as a list in the order the
         device used them.
         """
-        tokens = self._reap_whole_batch()
-        if tokens is not None:
-            return tokens
+        batch = self._reap_whole_batch()
+        if batch is not None:
+            return batch.tokens
         self._slot_batch = None   # entry by entry from now on
         used_idx = self._load_used(1)
         next_used = self.next_used
@@ -6379,17 +6381,17 @@ class _Completions:
         q = self.queue
         if q._broken is not None or q._block is None or q._event_idx and not q.defer_calls:
             return None
-        tokens = q._reap_whole_batch()
-        if tokens is None:
+        batch = q._reap_whole_batch()
+        if batch is None:
             return None
         slots = self.slots
         if slots.status.tobytes() != slots.all_ok:   # some status to look at
             need = slots.need
-            self._finish([(k, need[k]) for k in tokens])
+            self._finish([(k, need[k]) for k in batch.tokens])
             return None
-        slots.idle.extend(tokens)
-        slots.busy -= len(tokens)
-        return slots.user[tokens[0]:tokens[0] + len(tokens)]
+        slots.idle.extend(batch.tokens)
+        slots.busy -= batch.count
+        return slots.user[batch.slots]
 
     def reap_slots(self):
         """Under the lock: what the device used, into the fast-path slots' lists (poll())."""
@@ -6464,11 +6466,12 @@ class _SlotBatch:
     slice step each), else None, and ``in_order`` when slot k's head grows
     with k; ``writable`` the used length every one of them must report,
     ``lengths`` that as an array of u32 per slot, ``used_order`` the heads in
-    the order the device used them last time (at first, slot order).
+    the order the device used them last time (at first, slot order);
+    ``slots`` the slice of the per-slot lists it covers.
     """
 
     __slots__ = ("count", "heads", "writable", "heads_slice", "in_order", "nones", "tokens",
-                 "lengths", "used_order")
+                 "lengths", "used_order", "slots")
 
     def __init__(self, slots, start, count):
         queue = slots.queue
@@ -6483,6 +6486,7 @@ class _SlotBatch:
         self.in_order = even and by_slot == self.heads
         self.nones = [None] * count
         self.tokens = tuple(slots.run[start:start + count])
+        self.slots = slice(start, start + count)
         self.lengths = array.array("I", [self.writable] * count)
         self.used_order = array.array("I", by_slot)
 
