@@ -7856,6 +7856,52 @@ class TestBlockFastPath(BackendTestMixin, FdLeakCheck):
         dev.post_reads([4096, 512], buffers[:2])
         self.assertEqual(sorted(dev.reap(count=2) + dev.reap()), [512, 4096])
 
+    def test_a_batch_posted_again_is_posted_in_one_step(self):
+        """The usual post (the run of a batch posted before, its slots idle, the same
+        buffers) skips the per-slot look-ups; any other buffer or a bad offset in it
+        goes the careful way, with the same outcome and errors."""
+        qsd = self.start_backend(QemuStorageDaemon, kind="raw", size=1 << 20)
+        with open(qsd.image_path, "r+b") as f:
+            f.write(os.urandom(1 << 20))
+        disk = self.file_bytes(qsd)
+        dev = vu.BlockDevice.connect(qsd.socket_path)
+        self.addCleanup(dev.close)
+        bufs = [dev.alloc(4096) for _ in range(4)]
+        careful = []
+        fill_slots = dev._fill_slots
+        dev._fill_slots = lambda *args: careful.append(args[2]) or fill_slots(*args)
+        rnd = random.Random(3)
+
+        def read(buffers, expect_careful):
+            offsets = [rnd.randrange(256) * 4096 for _ in buffers]
+            del careful[:]
+            dev.post_reads(offsets, buffers, list(range(len(buffers))))
+            # Reaped once all are used (a whole batch: its slots idle in slot order).
+            q = dev._queues[0]
+            wait_for(lambda: q._load_used(1) - q.next_used == len(buffers), what="all used")
+            self.assertEqual(sorted(dev.reap(count=len(buffers))), list(range(len(buffers))))
+            self.assertEqual(bool(careful), expect_careful)
+            for offset, buf in zip(offsets, buffers):
+                self.assertEqual(bytes(buf), disk[offset:offset + 4096])
+        read(bufs, True)            # the first time: slots pointed one by one
+        read(bufs, False)           # then in one step
+        read(bufs[::-1], True)      # other buffers on those slots: repointed
+        read(bufs[::-1], False)
+        pointed = bufs[:3] + [dev.alloc(4096)]
+        read(pointed, True)
+        for offsets, buffers, text in (
+                ([0, 4096, 8192, 100], pointed, "offset 100 and length 4096 must be "),
+                ([0, 4096, 8192, dev.capacity], pointed, "end past the capacity"),
+                ([0, 4096, -4096, 0], pointed, "offset -4096 and length 4096 must be "),
+                ([0, 4096, 8192, 0], pointed[:3] + [bytearray(4096)],
+                 "buffers[3] is not a buffer from this device's alloc()")):
+            with self.subTest(text=text):
+                with self.assertRaises(ValueError) as cm:
+                    dev.post_reads(offsets, buffers)
+                self.assertIn(text, str(cm.exception))
+                self.assertEqual(dev._queues[0].in_flight, 0)   # nothing of it posted
+                read(pointed, False)   # and the batch still goes in one step
+
     def test_misuse_is_refused_before_anything_is_posted(self):
         qsd = self.start_backend(QemuStorageDaemon, kind="null")
         dev = vu.BlockDevice.connect(qsd.socket_path)

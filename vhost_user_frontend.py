@@ -3029,6 +3029,20 @@ class Queue:
         self._slot_batch = None
         self._publish(slots)
 
+    def _post_slot_batch(self, batch, notify):
+        """Post a ``_SlotBatch`` whose slots are all idle, under the lock; whether to kick.
+
+        The fast path's usual post: ``_post_slots`` for the batch's run (its
+        tokens in one slice step), then with ``notify`` the test of
+        ``notify()``, the kick left to the caller. Vouched for as one batch
+        (``_reap_whole_batch``) when no other slot is in flight.
+        """
+        self._slot_token[batch.heads_slice] = batch.tokens
+        self._slot_batch = None if self._slots_busy else batch
+        self._slots_busy += batch.count
+        self._publish(batch.head_array)
+        return notify and self._kick_due()
+
     def _check_slot(self, slot, what):
         if not isinstance(slot, int) or slot not in self._slot_descs:
             raise ValueError("queue %d: %s: %r is not a slot" % (self.index, what, slot))
@@ -6369,30 +6383,6 @@ class _Completions:
                 except ValueError as exc:
                     raise _DeviceClosed("complete: the device was closed (%s)" % exc) from exc
 
-    def reap_batch(self):
-        """Under the lock, no user data reaped and waiting: the usual reap, or None.
-
-        The user data, in slot order, of the batch of slots posted at one
-        time (``Queue._reap_whole_batch``) when the device used all of it,
-        each complete and OK, as one list; their slots idle again. Else None:
-        ``reap_slots`` looks entry by entry (after a re-arm, when reaping
-        re-arms the call: not here).
-        """
-        q = self.queue
-        if q._broken is not None or q._block is None or q._event_idx and not q.defer_calls:
-            return None
-        batch = q._reap_whole_batch()
-        if batch is None:
-            return None
-        slots = self.slots
-        if slots.status.tobytes() != slots.all_ok:   # some status to look at
-            need = slots.need
-            self._finish([(k, need[k]) for k in batch.tokens])
-            return None
-        slots.idle.extend(batch.tokens)
-        slots.busy -= batch.count
-        return slots.user[batch.slots]
-
     def reap_slots(self):
         """Under the lock: what the device used, into the fast-path slots' lists (poll())."""
         q = self.queue
@@ -6467,11 +6457,12 @@ class _SlotBatch:
     with k; ``writable`` the used length every one of them must report,
     ``lengths`` that as an array of u32 per slot, ``used_order`` the heads in
     the order the device used them last time (at first, slot order);
-    ``slots`` the slice of the per-slot lists it covers.
+    ``run`` its slots as a list, ``slots`` the slice of the per-slot lists
+    they are, ``head_array`` their heads in slot order.
     """
 
     __slots__ = ("count", "heads", "writable", "heads_slice", "in_order", "nones", "tokens",
-                 "lengths", "used_order", "slots")
+                 "lengths", "used_order", "run", "slots", "head_array")
 
     def __init__(self, slots, start, count):
         queue = slots.queue
@@ -6486,7 +6477,9 @@ class _SlotBatch:
         self.in_order = even and by_slot == self.heads
         self.nones = [None] * count
         self.tokens = tuple(slots.run[start:start + count])
+        self.run = slots.run[start:start + count]
         self.slots = slice(start, start + count)
+        self.head_array = slots.head_array[start:start + count]
         self.lengths = array.array("I", [self.writable] * count)
         self.used_order = array.array("I", by_slot)
 
@@ -7009,10 +7002,19 @@ class BlockDevice(_Device):
                 # device used (when no other thread is reaping) and hand it over.
                 with completions.lock:
                     if len(slots.done) < count and not slots.failed and not completions.reaping:
-                        if not slots.done:
-                            done = completions.reap_batch()   # the usual reap, in one step
-                            if done is not None:
-                                return done   # all the slots in flight: no more to wait for
+                        # The usual reap: the batch posted at one time, all used at
+                        # once, each complete and OK, in one step (when reaping
+                        # re-arms the call, reap_slots does that and looks again).
+                        if not slots.done and q._broken is None and q._block is not None \
+                                and (q.defer_calls or not q._event_idx):
+                            batch = q._reap_whole_batch()
+                            if batch is not None:
+                                if slots.status.tobytes() == slots.all_ok:
+                                    slots.idle.extend(batch.tokens)
+                                    slots.busy -= batch.count
+                                    return slots.user[batch.slots]   # no more in flight
+                                need = slots.need   # some status to look at
+                                completions._finish([(k, need[k]) for k in batch.tokens])
                         completions.reap_slots()
                     done = slots.done
                     ready = len(done) + len(slots.failed)
@@ -7076,6 +7078,36 @@ class BlockDevice(_Device):
             q = completions.queue
             lock = completions.lock
             posted = 0
+            with lock:
+                # The usual post: the run of slots of a batch posted before (a
+                # _SlotBatch), all idle again, with the buffers they point at;
+                # checked and pointed in one loop, posted in one step. Anything
+                # else goes below, where errors are named.
+                idle = slots.idle
+                split = len(idle) - count
+                batch = slots.batches.get((idle[split], count)) if split >= 0 else None
+                if batch is not None and batch.in_order \
+                        and (idle if not split else idle[split:]) == batch.run \
+                        and q._broken is None and q._block is not None:
+                    views, sectors = slots.view_for[op], slots.sectors
+                    mask, last = self.block_size - 1, self._last_offset_all
+                    try:
+                        for k, offset, buffer in zip(batch.run, offsets, buffers):
+                            if views[k] is not buffer or offset & mask or offset > last:
+                                break
+                            sectors[k] = offset >> 9   # a negative offset raises
+                        else:
+                            del idle[split:]
+                            slots.user[batch.slots] = user_data
+                            slots.busy += count
+                            posted = count
+                            kick = q._post_slot_batch(batch, notify)
+                    except (ValueError, struct.error):
+                        pass
+            if posted:
+                if kick:
+                    q.kick.signal()
+                return
             deadline = None
             kick = False
             while True:
