@@ -3257,20 +3257,17 @@ class Queue:
         self._fences.read()  # used->idx before the elements it covers
         start = next_used & (self.size - 1)
         end = start + pending
-        used = self._used_elems
-        # The usual case compares the ring in place, nothing read out: the
-        # heads in the order the device used this batch last time (one it
-        # keeps, as qemu-storage-daemon does), then each length.
-        if _RING_WORDS_VIA_STRUCT or end > self.size or \
-                used[2 * start:2 * end:2] != batch.used_order or \
-                used[2 * start + 1:2 * end:2] != batch.lengths:
+        # The usual case is one comparison of the entries' bytes (covered by
+        # used->idx, so no longer written) with the ones the device wrote for
+        # this batch last time: the same heads in the same order (qemu-storage-
+        # daemon keeps one) and each the batch's length. Else, element by element.
+        if end > self.size or self._used_bytes[8 * start:8 * end].tobytes() != batch.used:
             elems = self._used_elements(next_used, pending)
             heads = elems[0::2]
-            order = array.array("I", heads)
             heads.sort()
             if heads != batch.heads or elems[1::2].count(batch.writable) != pending:
                 return None
-            batch.used_order = order
+            batch.used = _used_entries(elems)
         if batch.heads_slice is not None:
             self._slot_token[batch.heads_slice] = batch.nones
         else:
@@ -6448,6 +6445,11 @@ class _Completions:
             slots.busy -= len(idle) - reaped
 
 
+def _used_entries(words):
+    """The bytes of used elements, given as [id, len, id, len, ...] (spec 2.7.8)."""
+    return struct.pack("<%dI" % len(words), *words)
+
+
 class _SlotBatch:
     """A run of consecutive fast-path slots, as ``Queue._reap_full_slots`` checks it whole.
 
@@ -6455,14 +6457,14 @@ class _SlotBatch:
     are evenly spaced (then their queue tokens are set and cleared with one
     slice step each), else None, and ``in_order`` when slot k's head grows
     with k; ``writable`` the used length every one of them must report,
-    ``lengths`` that as an array of u32 per slot, ``used_order`` the heads in
-    the order the device used them last time (at first, slot order);
-    ``run`` its slots as a list, ``slots`` the slice of the per-slot lists
-    they are, ``head_array`` their heads in slot order.
+    ``used`` the bytes of the used entries the device wrote for it last
+    time (at first, in slot order); ``run`` its slots as a list, ``slots``
+    the slice of the per-slot lists they are, ``head_array`` their heads in
+    slot order.
     """
 
     __slots__ = ("count", "heads", "writable", "heads_slice", "in_order", "nones", "tokens",
-                 "lengths", "used_order", "run", "slots", "head_array")
+                 "used", "run", "slots", "head_array")
 
     def __init__(self, slots, start, count):
         queue = slots.queue
@@ -6480,8 +6482,7 @@ class _SlotBatch:
         self.run = slots.run[start:start + count]
         self.slots = slice(start, start + count)
         self.head_array = slots.head_array[start:start + count]
-        self.lengths = array.array("I", [self.writable] * count)
-        self.used_order = array.array("I", by_slot)
+        self.used = _used_entries([x for head in by_slot for x in (head, self.writable)])
 
     @staticmethod
     def make(slots, start, count):
