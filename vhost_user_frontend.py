@@ -2450,8 +2450,7 @@ if _RING_WORDS_VIA_STRUCT:
     # PyPy: a store through a cast view costs ~100 ns, struct.pack_into a
     # plain move once compiled (measured on PyPy 7.3.11, 4 KiB randread at
     # depth 32: the fast path's post went from 0.21 to 0.12 us/request).
-    # Its tolist() of a cast view stays: struct.unpack_from of the used
-    # entries measured slower in the loop (0.25 -> 0.30 us/request reaping).
+    # Used entries are read with struct loads too (Queue._used_words).
     class _FieldStores:
         """``fields[k] = value`` stores the u64 at byte ``offset + stride * k`` of ``view``.
 
