@@ -2917,17 +2917,17 @@ class Queue:
         count = len(heads)
         start = self.next_avail & (self.size - 1)
         end = start + count
-        if end <= self.size and heads.__class__ is array.array:   # the slots' batch
-            self._avail[2 + start:2 + end] = heads
-        elif count == 1:
+        if count == 1:
             self._avail[2 + start] = heads[0]
-        elif end <= self.size:
-            self._avail[2 + start:2 + end] = array.array("H", heads)
         else:
-            heads = array.array("H", heads)
-            split = self.size - start
-            self._avail[2 + start:2 + self.size] = heads[:split]
-            self._avail[2:2 + count - split] = heads[split:]
+            if heads.__class__ is not array.array:
+                heads = array.array("H", heads)
+            if end <= self.size:
+                self._avail[2 + start:2 + end] = heads
+            else:   # the ring wraps
+                split = self.size - start
+                self._avail[2 + start:2 + self.size] = heads[:split]
+                self._avail[2:2 + count - split] = heads[split:]
         self._fences.write()  # the entries and their descriptors before the index (spec 2.7.13)
         self.next_avail = new = (self.next_avail + count) & 0xFFFF
         self._store_avail(1, new)
@@ -3031,12 +3031,17 @@ class Queue:
     def _post_slot_batch(self, batch, notify):
         """Post a ``_SlotBatch`` whose slots are all idle, under the lock; whether to kick.
 
-        The fast path's usual post: ``_post_slots`` for the batch's run (its
-        tokens in one slice step), then with ``notify`` the test of
-        ``notify()``, the kick left to the caller. Vouched for as one batch
-        (``_reap_whole_batch``) when no other slot is in flight.
+        The fast path's post of a run of slots: ``_post_slots`` for the run
+        (its tokens in one slice step when its heads are in order), then with
+        ``notify`` the test of ``notify()``, the kick left to the caller.
+        Vouched for as one batch (``_reap_whole_batch``) when no other slot
+        is in flight.
         """
-        self._slot_token[batch.heads_slice] = batch.tokens
+        if batch.in_order:
+            self._slot_token[batch.heads_slice] = batch.run
+        else:
+            for head, k in zip(batch.head_array, batch.run):
+                self._slot_token[head] = k
         self._slot_batch = None if self._slots_busy else batch
         self._slots_busy += batch.count
         self._publish(batch.head_array)
@@ -3280,16 +3285,12 @@ class Queue:
     def _reap_full_slots(self):
         """Reap used slots that each report exactly their writable bytes; their tokens.
 
-        Under the lock. The fast path's batch, in one lean loop: None
+        Under the lock. The fast path's slots, in one lean loop, in the order
+        the device used them (a whole batch is ``_reap_whole_batch``'s): None
         (nothing reaped, nothing changed) when any used entry is something
         else (a chain, a shorter length, a lie), which ``_reap`` then walks
-        and reports. A whole ``_SlotBatch`` comes back as its tokens tuple
-        (``_reap_whole_batch``), anything else as a list in the order the
-        device used them.
+        and reports.
         """
-        batch = self._reap_whole_batch()
-        if batch is not None:
-            return batch.tokens
         self._slot_batch = None   # entry by entry from now on
         used_idx = self._load_used(1)
         next_used = self.next_used
@@ -3878,7 +3879,7 @@ class _PackedQueue(Queue):
         """None: the packed layout's used descriptors are walked by ``_reap_some``."""
         return None
 
-    _reap_full_slots = _reap_whole_batch
+    _reap_full_slots = _reap_whole_batch   # the same: None
 
     def _reap_some(self, limit, done):
         # A used descriptor's flags are read first, then (after the read fence)
@@ -6398,17 +6399,17 @@ class _Completions:
                 need = slots.need
                 self._finish([(k, need[k]) for k in tokens])
             else:   # each used length was what its slot needs: all done
-                if tokens.__class__ is not tuple:   # not a whole _SlotBatch (a sorted run)
-                    # In slot order (the device may complete them in another): a run
-                    # of slots is posted again with whole-list steps (_fill_slots).
-                    tokens.sort()
+                # In slot order (the device may complete them in another): a run
+                # of slots is posted again with whole-list steps (_fill_slots).
+                tokens.sort()
                 first = tokens[0]
                 end = first + len(tokens)
-                if tokens.__class__ is tuple or tokens == slots.run[first:end]:
-                    slots.done.extend(slots.user[first:end])   # the usual batch: in a row
+                if tokens == slots.run[first:end]:
+                    slots.done.extend(slots.user[first:end])   # in a row
                 else:
                     slots.done.extend(map(slots.user.__getitem__, tokens))
                 slots.idle.extend(tokens)
+                slots.idle.sort()   # slots idle before these may come after them in order
                 slots.busy -= len(tokens)
         if used:
             self._finish(used)
@@ -6442,6 +6443,8 @@ class _Completions:
                 self.finished.append(request)
         if slots is not None:
             slots.busy -= len(idle) - reaped
+            if len(idle) != reaped:
+                idle.sort()   # in slot order, as reap_slots keeps it: the next post is a run
 
 
 def _used_entries(words):
@@ -6450,20 +6453,21 @@ def _used_entries(words):
 
 
 class _SlotBatch:
-    """A run of consecutive fast-path slots, as ``Queue._reap_full_slots`` checks it whole.
+    """A run of consecutive fast-path slots, posted and reaped whole (``Queue._post_slot_batch``,
+    ``Queue._reap_whole_batch``).
 
     ``heads`` sorted; ``heads_slice`` a slice that selects them when they
     are evenly spaced (then their queue tokens are set and cleared with one
     slice step each), else None, and ``in_order`` when slot k's head grows
     with k; ``writable`` the used length every one of them must report,
     ``used`` the bytes of the used entries the device wrote for it last
-    time (at first, in slot order); ``run`` its slots as a list, ``slots``
-    the slice of the per-slot lists they are, ``head_array`` their heads in
-    slot order.
+    time (at first, in slot order); ``run`` its slots as a list (their
+    queue tokens), ``slots`` the slice of the per-slot lists they are,
+    ``head_array`` their heads in slot order.
     """
 
-    __slots__ = ("count", "heads", "writable", "heads_slice", "in_order", "nones", "tokens",
-                 "used", "run", "slots", "head_array")
+    __slots__ = ("count", "heads", "writable", "heads_slice", "in_order", "nones", "used",
+                 "run", "slots", "head_array")
 
     def __init__(self, slots, start, count):
         queue = slots.queue
@@ -6477,7 +6481,6 @@ class _SlotBatch:
         self.heads_slice = slice(self.heads[0], self.heads[-1] + 1, step) if even else None
         self.in_order = even and by_slot == self.heads
         self.nones = [None] * count
-        self.tokens = tuple(slots.run[start:start + count])
         self.run = slots.run[start:start + count]
         self.slots = slice(start, start + count)
         self.head_array = slots.head_array[start:start + count]
@@ -7003,18 +7006,19 @@ class BlockDevice(_Device):
                 with completions.lock:
                     if len(slots.done) < count and not slots.failed and not completions.reaping:
                         # The usual reap: the batch posted at one time, all used at
-                        # once, each complete and OK, in one step (when reaping
-                        # re-arms the call, reap_slots does that and looks again).
-                        if not slots.done and q._broken is None and q._block is not None \
-                                and (q.defer_calls or not q._event_idx):
+                        # once, each complete and OK, in one step.
+                        if not slots.done and q._broken is None and q._block is not None:
                             batch = q._reap_whole_batch()
                             if batch is not None:
+                                if q._event_idx and not q.defer_calls:
+                                    q._rearm()   # as reap_slots does, then look again
+                                    completions._finish(q._reap(None))   # chains, not slots
                                 if slots.status.tobytes() == slots.all_ok:
-                                    slots.idle.extend(batch.tokens)
+                                    slots.idle.extend(batch.run)
                                     slots.busy -= batch.count
                                     return slots.user[batch.slots]   # no more in flight
                                 need = slots.need   # some status to look at
-                                completions._finish([(k, need[k]) for k in batch.tokens])
+                                completions._finish([(k, need[k]) for k in batch.run])
                         completions.reap_slots()
                     done = slots.done
                     ready = len(done) + len(slots.failed)
@@ -7082,12 +7086,13 @@ class BlockDevice(_Device):
                 # The usual post: the run of slots of a batch posted before (a
                 # _SlotBatch), all idle again, with the buffers they point at;
                 # checked and pointed in one loop, posted in one step. Anything
-                # else goes below, where errors are named.
+                # else goes below, where errors are named. The loop is
+                # _fill_slots' with a break where that one looks closer: one
+                # call fewer, and no slicing, per batch.
                 idle = slots.idle
                 split = len(idle) - count
                 batch = slots.batches.get((idle[split], count)) if split >= 0 else None
-                if batch is not None and batch.in_order \
-                        and (idle if not split else idle[split:]) == batch.run \
+                if batch is not None and (idle if not split else idle[split:]) == batch.run \
                         and q._broken is None and q._block is not None:
                     views, sectors = slots.view_for[op], slots.sectors
                     mask, last = self.block_size - 1, self._last_offset_all
@@ -7125,19 +7130,15 @@ class BlockDevice(_Device):
                         try:
                             if q._broken is not None or q._block is None:
                                 q._check_usable()
-                            # The fill also writes the slots' queue tokens (as
-                            # q._post_slots would), in one step for a run.
-                            heads, batch = self._fill_slots(slots, taken, op, offsets,
-                                                            buffers, user_data, posted,
-                                                            q._slot_token)
-                            # Reaped whole when it is all the queue's slots in flight.
-                            whole = batch if not q._slots_busy else None
-                            q._slots_busy += chunk   # q._post_slots, tokens set already
-                            q._publish(heads)
-                            q._slot_batch = whole
+                            batch = self._fill_slots(slots, taken, op, offsets, buffers,
+                                                     user_data, posted)
                         except BaseException:
                             idle.extend(taken)
                             raise
+                        if batch is not None:   # a run of slots in a row
+                            q._post_slot_batch(batch, False)
+                        else:
+                            q._post_slots([slots.heads[k] for k in taken], taken)
                         slots.busy += chunk
                         posted += chunk
                         # notify() in the same hold of the lock; or, when more
@@ -7163,15 +7164,15 @@ class BlockDevice(_Device):
         finally:
             inside.pop()
 
-    def _fill_slots(self, slots, taken, op, offsets, buffers, user_data, first, token_of):
+    def _fill_slots(self, slots, taken, op, offsets, buffers, user_data, first):
         """Point slots ``taken`` at requests ``first``...: the per-request work, kept small.
 
-        Under the queue's lock; once every request passed its checks, also
-        sets each slot's queue token (``token_of``, the queue's
-        ``_slot_token``) to k, as ``_post_slots`` would. Returns the heads to
-        publish and, for a run of slots in a row, its ``_SlotBatch``.
+        Under the queue's lock; once every request passed its checks, stores
+        their user data. Returns the ``_SlotBatch`` when they are a run of
+        slots in a row of one used length (posted with ``_post_slot_batch``),
+        else None (posted with ``_post_slots``).
         """
-        views, sectors, heads = slots.view_for[op], slots.sectors, slots.heads
+        views, sectors = slots.view_for[op], slots.sectors
         mask = self.block_size - 1
         last = self._last_offset_all
         count = len(taken)
@@ -7198,19 +7199,11 @@ class BlockDevice(_Device):
         if taken == slots.run[start:start + count]:   # the usual batch: slots in a row
             slots.user[start:start + count] = user_data
             batch = slots.batches.get((start, count), False)
-            if batch is False:
-                batch = _SlotBatch.make(slots, start, count)
-            if batch is not None and batch.in_order:
-                token_of[batch.heads_slice] = batch.tokens
-            else:
-                for k in taken:
-                    token_of[heads[k]] = k
-            return slots.head_array[start:start + count], batch
+            return _SlotBatch.make(slots, start, count) if batch is False else batch
         user = slots.user
         for k, value in zip(taken, user_data):
             user[k] = value
-            token_of[heads[k]] = k
-        return list(map(heads.__getitem__, taken)), None
+        return None
 
     def _check_fast_request(self, slots, k, op, offset, buffer, index):
         """Refuse request ``index`` of a batch, or point slot k at its buffer."""
