@@ -7868,8 +7868,8 @@ class TestBlockFastPath(BackendTestMixin, FdLeakCheck):
         self.addCleanup(dev.close)
         bufs = [dev.alloc(4096) for _ in range(4)]
         careful = []
-        fill_slots = dev._fill_slots
-        dev._fill_slots = lambda *args: careful.append(args[2]) or fill_slots(*args)
+        check = dev._check_fast_request
+        dev._check_fast_request = lambda *args: careful.append(args[1]) or check(*args)
         rnd = random.Random(3)
 
         def read(buffers, expect_careful):
@@ -10086,7 +10086,7 @@ class TestBlockFastPathSharedQueue(BackendTestMixin, FdLeakCheck):
         dev = vu.BlockDevice.connect(qsd.socket_path, queue_size=64)
         self.addCleanup(dev.close)
         # The queue's lock is its _Completions lock: one lock for ring and bookkeeping.
-        self.assertIs(dev._queues[0]._lock, dev._completions[0].lock)
+        self.assertIs(dev._queues[0].lock, dev._completions[0].lock)
         errors = []
         fast_half = bytearray(2 << 20)   # what the fast path wrote to the first 2 MiB
 

@@ -2492,6 +2492,58 @@ class _QueueFull(VhostUserError):
     """The ring has no free descriptor for the chain: reap used entries and retry."""
 
 
+def _used_entries(words):
+    """The bytes of used elements, given as [id, len, id, len, ...] (spec 2.7.8)."""
+    return struct.pack("<%dI" % len(words), *words)
+
+
+class _SlotBatch:
+    """A run of consecutive fast-path slots, posted and reaped whole (``Queue._post_slot_batch``,
+    ``Queue._reap_whole_batch``).
+
+    ``heads`` sorted; ``heads_slice`` a slice that selects them when they
+    are evenly spaced (then their queue tokens are set and cleared with one
+    slice step each), else None, and ``in_order`` when slot k's head grows
+    with k; ``writable`` the used length every one of them must report,
+    ``used`` the bytes of the used entries the device wrote for it last
+    time (at first, in slot order); ``run`` its slots as a list (their
+    queue tokens), ``slots`` the slice of the per-slot lists they are,
+    ``head_array`` their heads in slot order.
+    """
+
+    __slots__ = ("count", "heads", "writable", "heads_slice", "in_order", "nones", "used",
+                 "run", "slots", "head_array")
+
+    def __init__(self, slots, start, count):
+        queue = slots.queue
+        by_slot = slots.head_array[start:start + count].tolist()
+        self.count = count
+        self.heads = sorted(by_slot)
+        self.writable = queue._slot_writable[by_slot[0]]
+        step = self.heads[1] - self.heads[0] if count > 1 else 1
+        even = step > 0 and self.heads == list(range(self.heads[0],
+                                                     self.heads[0] + step * count, step))
+        self.heads_slice = slice(self.heads[0], self.heads[-1] + 1, step) if even else None
+        self.in_order = even and by_slot == self.heads
+        self.nones = [None] * count
+        self.run = slots.run[start:start + count]
+        self.slots = slice(start, start + count)
+        self.head_array = slots.head_array[start:start + count]
+        self.used = _used_entries([x for head in by_slot for x in (head, self.writable)])
+
+    @staticmethod
+    def make(slots, start, count):
+        """The batch of slots start..start+count-1, or None when their lengths differ.
+
+        Kept in ``slots.batches`` until a slot changes.
+        """
+        writable = slots.queue._slot_writable
+        lengths = [writable[head] for head in slots.head_array[start:start + count]]
+        batch = _SlotBatch(slots, start, count) if lengths.count(lengths[0]) == count else None
+        slots.batches[start, count] = batch
+        return batch
+
+
 class Queue:
     """One virtqueue in guest memory, split or packed, and the driver that fills it.
 
@@ -2543,14 +2595,14 @@ class Queue:
     _block = None
     _views = ()
 
-    def __new__(cls, mem, size, index=0, vector=None, features=0):
+    def __new__(cls, mem, size, index=0, vector=None, features=0, lock=None):
         # The layout is fixed when the ring is allocated: RING_PACKED in
         # ``features`` builds the packed one (_PackedQueue, below).
         if cls is Queue and features & VirtioFeature.RING_PACKED:
             cls = _PackedQueue
         return object.__new__(cls)
 
-    def __init__(self, mem, size, index=0, vector=None, features=0):
+    def __init__(self, mem, size, index=0, vector=None, features=0, lock=None):
         if not isinstance(size, int) or not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
             raise ValueError("queue size %r is not a power of two in 1..%d"
                              % (size, MAX_QUEUE_SIZE))
@@ -2578,7 +2630,9 @@ class Queue:
         except BaseException:
             self.close()
             raise
-        self._lock = threading.Lock()
+        #: Guards the ring and the driver's record of it. A device passes its
+        #: own (re-entrant) lock when it routes completions under the same one.
+        self.lock = threading.Lock() if lock is None else lock
         self._fences = _Fences()
         self._free = list(range(size - 1, -1, -1))  # a stack: pop() gives 0 first
         self._chains = {}         # head descriptor -> _Chain
@@ -2594,6 +2648,10 @@ class Queue:
         # The one batch of slots in flight, when its poster vouched for it
         # (a _SlotBatch): reaped whole with list steps, not entry by entry.
         self._slot_batch = None
+        # Until next_used reaches this avail index, entries between them may
+        # have been used out of order (see _reap_in_order); None: in order.
+        self._order_mark = None
+        self._writable_all = -1   # the writable bytes every slot has (None: they differ)
         self._woken = False                   # wake_waiter() was called
         #: How many times ``rewind`` ran (a driver can tell a restart happened).
         self.rewinds = 0
@@ -2675,7 +2733,7 @@ class Queue:
         if not 0 <= base <= 0xFFFF:
             raise ProtocolError("GET_VRING_BASE: base %#x does not fit in 16 bits" % base,
                                 FrontendReq.GET_VRING_BASE)
-        with self._lock:
+        with self.lock:
             if self.in_flight:
                 # Our avail->idx is the driver's and stays: the back-end has
                 # taken the chains up to base, the rest it takes after wake.
@@ -2690,6 +2748,7 @@ class Queue:
                 self._store_avail(1, base)
                 self.next_used = self.used_index()
             self.vring_base = self._kicked = base
+            self._order_mark = self.next_avail
 
     def rewind(self, resubmitted=None):
         """Offer every chain in flight again, oldest first; returns the new ``vring_base``.
@@ -2714,7 +2773,7 @@ class Queue:
             ProtocolError: the used ring names chains that are not in flight
                 (the queue is broken).
         """
-        with self._lock:
+        with self.lock:
             self._check_usable()
             size = self.size
             mask = size - 1
@@ -2765,6 +2824,7 @@ class Queue:
             self.vring_base = used_idx
             self.rewinds += 1
             self._slot_batch = None
+            self._order_mark = self.next_avail
             return used_idx
 
     # -- driver side: posting ---------------------------------------------------
@@ -2820,7 +2880,7 @@ class Queue:
                 table = self.mem.view(block, table_bytes)
                 self._fill_table(table, resolved)
                 table.release()
-            with self._lock:
+            with self.lock:
                 self._check_usable()
                 if (1 if indirect else count) > self.num_free:
                     raise _QueueFull("queue %d: chain of %d descriptors, %d free"
@@ -2951,7 +3011,7 @@ class Queue:
         if bounce:
             raise ValueError("queue %d: slot buffers are (guest_addr, length) tuples"
                              % self.index)
-        with self._lock:
+        with self.lock:
             self._check_usable()
             if len(items) > self.num_free:
                 raise _QueueFull("queue %d: slot of %d descriptors, %d free"
@@ -2962,11 +3022,12 @@ class Queue:
             self._slot_descs[head] = (descs, [length if flags else 0
                                               for _, length, flags, _ in items])
             self._slot_writable[head] = writable_bytes
+            self._note_writable(writable_bytes)
         return head
 
     def set_slot_buffer(self, slot, position, guest_addr, length, writable=False):
         """Point buffer ``position`` of idle ``slot`` at another guest range."""
-        with self._lock:
+        with self.lock:
             self._check_usable()
             self._check_slot(slot, "set_slot_buffer")
             if not 0 <= position < len(self._slot_descs[slot][0]):
@@ -2989,10 +3050,15 @@ class Queue:
         _DESC.pack_into(self._desc, 16 * descs[position], guest_addr, length, flags, next_desc)
         lengths[position] = length if writable else 0
         self._slot_writable[slot] = sum(lengths)
+        self._note_writable(self._slot_writable[slot])
+
+    def _note_writable(self, writable):
+        if self._writable_all != writable:
+            self._writable_all = writable if self._writable_all == -1 else None
 
     def remove_slot(self, slot):
         """Give an idle slot's descriptors back for ``add``."""
-        with self._lock:
+        with self.lock:
             self._check_usable()
             self._check_slot(slot, "remove_slot")
             descs, _ = self._slot_descs.pop(slot)
@@ -3011,7 +3077,7 @@ class Queue:
         if len(tokens) != len(slots) or None in tokens:
             raise ValueError("queue %d: post_slots needs one token (not None) per slot"
                              % self.index)
-        with self._lock:
+        with self.lock:
             self._check_usable()
             for slot in slots:
                 self._check_slot(slot, "post_slots")
@@ -3102,7 +3168,7 @@ class Queue:
         Returns:
             True when the kick eventfd was signalled.
         """
-        with self._lock:
+        with self.lock:
             wanted = self._kick_due(force)
         if wanted:
             self.kick.signal()
@@ -3136,7 +3202,7 @@ class Queue:
                 chain's writable buffers, or the device moved used->idx by
                 more than the ring holds. The queue stays broken.
         """
-        with self._lock:
+        with self.lock:
             self._check_usable()
             return self._reap(limit)
 
@@ -3222,7 +3288,18 @@ class Queue:
         reaped = len(done) - first
         self.next_used = (next_used + reaped) & 0xFFFF
         self._slots_busy -= reaped - chained
+        if elems[0:2 * reaped:2] != self._avail_heads(next_used, reaped):
+            self._order_mark = self.next_avail   # used out of order (see _reap_in_order)
         return True
+
+    def _avail_heads(self, position, count):
+        """The heads of ``count`` avail entries from ``position`` on, as a list."""
+        size = self.size
+        start = position & (size - 1)
+        end = start + count
+        if end <= size:
+            return self._avail[2 + start:2 + end].tolist()
+        return self._avail[2 + start:2 + size].tolist() + self._avail[2:2 + end - size].tolist()
 
     def _used_elements(self, next_used, count):
         """``count`` used elements from ``next_used`` on, as [id, len, id, len, ...]."""
@@ -3280,6 +3357,7 @@ class Queue:
         self._slot_batch = None
         self.next_used = used_idx
         self._slots_busy = 0
+        self._order_mark = self.next_avail
         return batch
 
     def _reap_full_slots(self):
@@ -3318,6 +3396,7 @@ class Queue:
             return None
         self.next_used = used_idx
         self._slots_busy -= pending
+        self._order_mark = self.next_avail
         return tokens
 
     def _retire(self, chain):
@@ -3351,19 +3430,36 @@ class Queue:
             The reaped entries; an empty list when ``timeout`` passed first.
         """
         deadline = time.monotonic() + timeout
-        spin_until = time.monotonic() + (self.spin if spin is None else spin)
+        while True:
+            ready = self.wait_for_used(deadline - time.monotonic(), count, spin)
+            # At the timeout too: what was used meanwhile is returned, not
+            # dropped, and a broken ring still raises.
+            done = self.get_used()
+            if done or not ready:
+                return done
+
+    def wait_for_used(self, timeout, count=1, spin=None):
+        """Wait until the device has used entries, without reaping them; whether it has.
+
+        The spin/sleep policy of every wait (``wait_used``, the devices'
+        fast paths): poll used->idx for ``spin`` seconds (default
+        ``self.spin``); on a CPU shared with the back-end (``defer_calls``)
+        yield it once; then ask for a call once ``count`` more entries are
+        used and sleep on the call eventfd. False at the timeout, or when
+        ``wake_waiter`` was called and nothing is used.
+        """
+        now = time.monotonic()
+        deadline = now + timeout
+        spin_until = now + (self.spin if spin is None else spin)
         has_used = self._has_used
         yielded = not self.defer_calls
         try:
             while True:
                 if has_used():
-                    done = self.get_used()
-                    if done:
-                        return done
+                    return True
                 now = time.monotonic()
                 if now >= deadline:
-                    self.get_used()  # still raises for a broken ring
-                    return []
+                    return False
                 if now < spin_until:
                     continue
                 if not yielded:
@@ -3378,7 +3474,7 @@ class Queue:
                 self.call.wait(deadline - now)
                 if self._woken:
                     self._woken = False
-                    return self.get_used()
+                    return has_used()
         except ValueError:
             # close() on another thread released the ring views and closed
             # the call event under us: say that, not "Event is closed".
@@ -3396,7 +3492,7 @@ class Queue:
 
     def _arm(self, count):
         """Ask for an interrupt; False if entries were used meanwhile (re-check)."""
-        with self._lock:
+        with self.lock:
             self._check_usable()
             if not self._event_idx:
                 return None
@@ -3404,6 +3500,162 @@ class Queue:
             self._request_interrupt(want - 1)
             self._fences.full()  # used_event visible before we look at used->idx again
             return not self._has_used()
+
+    # -- the batch seam: what a device's fast path calls, holding ``lock`` --------
+    #
+    # A device keeps a table of slots (chains built once, ``add_slot``) and
+    # posts runs of them; a ``_SlotBatch`` names a run of slots posted at one
+    # time, which is reaped whole by one comparison when the device used
+    # exactly it. Everything else is reaped entry by entry, every entry
+    # checked as ``get_used`` checks it. The caller holds ``lock`` (a device
+    # passes a re-entrant one, shared with its completion routing).
+
+    def check_usable(self):
+        """Raise what a call on this queue would: broken (ProtocolError) or closed (ValueError)."""
+        if self._broken is not None or self._block is None:
+            self._check_usable()
+
+    @property
+    def kick_pending(self):
+        """True when chains were posted since the last notify decision (notify=False)."""
+        return self.next_avail != self._kicked
+
+    def post_run(self, slots, tokens):
+        """``post_slots`` without its checks: slots the caller knows are idle, built here."""
+        self._post_slots(slots, tokens)
+
+    def post_batch(self, batch, notify):
+        """Post a ``_SlotBatch`` whose slots are all idle; True when the device wants a kick.
+
+        ``notify`` False leaves the kick decision to a later ``notify()``.
+        """
+        return self._post_slot_batch(batch, notify)
+
+    def kick_due(self):
+        """``notify()``'s decision without the kick: True when the device wants one."""
+        return self._kick_due()
+
+    def repoint_slot(self, slot, position, guest_addr, length, writable):
+        """``set_slot_buffer`` without its checks: a guest range the caller checked."""
+        self._set_slot_buffer(slot, position, guest_addr, length, writable)
+
+    def set_slot_lengths(self, slots, lengths):
+        """New lengths for one-descriptor, driver-readable idle slots (a frame per post)."""
+        for slot, length in zip(slots, lengths):
+            self._set_slot_length(slot, length)
+
+    def _set_slot_length(self, slot, length):
+        _DESC_LEN.pack_into(self._desc, 16 * slot + 8, length)
+
+    def reap_batch(self):
+        """Reap the batch vouched for at post when the device used exactly it.
+
+        Returns ``(batch, used)``: the ``_SlotBatch`` (its slots idle again)
+        or None with nothing changed; ``used``, what else was used meanwhile
+        (``get_used``'s entries) when reaping re-arms the call.
+        """
+        if self._broken is not None or self._block is None:
+            self._check_usable()
+        batch = self._reap_whole_batch()
+        if batch is None:
+            return None, ()
+        if self._event_idx and not self.defer_calls:
+            return batch, self._reap_after_lean()
+        return batch, ()
+
+    def reap_full(self):
+        """Reap used slots that each report exactly their writable bytes, in one loop.
+
+        Returns ``(tokens, used)``: their tokens in the order used, and the
+        other entries (chains, a shorter length, anything to report) reaped
+        and checked as ``get_used`` does.
+        """
+        self.check_usable()
+        tokens = self._reap_full_slots()
+        if tokens is None:
+            return [], self._reap(None)
+        return tokens, (self._reap_after_lean() if tokens else ())
+
+    def _reap_after_lean(self):
+        # As _reap after a reap: re-arm for the next entry and look again
+        # (not when calls are asked for only before sleeping).
+        if self._event_idx and not self.defer_calls:
+            self._rearm()
+            return self._reap(None)
+        return ()
+
+    def reap_run(self, limit=None):
+        """Reap what the device used, slots and chains alike: ``(tokens, lengths)``.
+
+        The receive path's reap: on a split ring whose device uses buffers in
+        the order they were made available (DPDK does), a run is checked in
+        bulk; anything else entry by entry. Every entry is checked as
+        ``get_used`` checks it, and ProtocolError leaves the queue broken.
+        """
+        self.check_usable()
+        done = self._reap_in_order(limit)
+        if done is None:
+            used = self._reap(limit)
+            return [token for token, _ in used], [length for _, length in used]
+        return done
+
+    def _reap_in_order(self, limit):
+        """``reap_run``'s bulk check, or None with nothing changed.
+
+        A device that uses buffers in the order they were made available
+        writes, at each used position, the head at the same avail position.
+        Every avail entry from next_used to next_avail names a distinct slot
+        in flight, unless an entry was used out of order since they were
+        posted (``_order_mark``): so used heads equal to the avail heads are
+        slots in flight, each once, and one list comparison checks them all.
+        """
+        used_idx = self._load_used(1)
+        next_used = self.next_used
+        pending = (used_idx - next_used) & 0xFFFF
+        if not pending:
+            return [], []
+        mark = self._order_mark
+        if mark is not None:
+            if (self.next_avail - next_used) & 0xFFFF > (self.next_avail - mark) & 0xFFFF:
+                return None
+            self._order_mark = None   # everything posted before the mark is reaped
+        if limit is not None and pending > limit:
+            pending = limit
+        writable = self._writable_all
+        if pending > self._slots_busy or self._chains or writable is None:
+            return None
+        self._fences.read()  # used->idx before the elements it covers
+        elems = self._used_elements(next_used, pending)
+        heads = elems[0::2]
+        if heads != self._avail_heads(next_used, pending):
+            return None
+        lengths = elems[1::2]
+        if max(lengths) > writable:
+            return None
+        slot_token = self._slot_token
+        tokens = list(map(slot_token.__getitem__, heads))
+        if None in tokens:   # cannot be (see above); the careful path would say why
+            return None
+        low = min(heads)
+        if max(heads) - low == pending - 1:   # a range of heads (distinct): one step
+            slot_token[low:low + pending] = [None] * pending
+        else:
+            for head in heads:
+                slot_token[head] = None
+        self.next_used = (next_used + pending) & 0xFFFF
+        self._slots_busy -= pending
+        return tokens, lengths
+
+    def spin_for_used(self, seconds):
+        """Poll for used entries up to ``seconds``; True when there are some."""
+        has_used = self._has_used
+        if has_used():
+            return True
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            if has_used():
+                return True
+        return False
 
     def _check_usable(self):
         if self._broken is not None:
@@ -3502,8 +3754,8 @@ class _PackedQueue(Queue):
 
     packed = True
 
-    def __init__(self, mem, size, index=0, vector=None, features=0):
-        Queue.__init__(self, mem, size, index, vector, features)
+    def __init__(self, mem, size, index=0, vector=None, features=0, lock=None):
+        Queue.__init__(self, mem, size, index, vector, features, lock)
         self.avail_wrap = self.used_wrap = 1
         self.vring_base = _PACKED_INITIAL_BASE
         self._free_slots = size
@@ -3570,7 +3822,7 @@ class _PackedQueue(Queue):
         """
         state = _decode_packed_base(base, self.size)
         request = FrontendReq.GET_VRING_BASE
-        with self._lock:
+        with self.lock:
             if self.in_flight:
                 # Positions the back-end has not taken: from its avail position to ours.
                 untaken = self.next_avail - state.avail
@@ -3620,7 +3872,7 @@ class _PackedQueue(Queue):
                 flight, or the chains left do not fill the ring up to the
                 driver's position (the queue is broken).
         """
-        with self._lock:
+        with self.lock:
             self._check_usable()
             size, chains, busy = self.size, self._chains, self._slot_token
             position, wrap = self.next_used, self.used_wrap
@@ -3728,6 +3980,7 @@ class _PackedQueue(Queue):
         flags = _DESC_F_WRITE if writable else 0
         lengths[position] = length if writable else 0
         self._slot_writable[slot] = sum(lengths)
+        self._note_writable(self._slot_writable[slot])
         image = self._slot_image[slot]
         if _PACKED_BULK and image is not None and item[0] == guest_addr and item[2] == flags:
             # Only the length changed (a transmit slot's frame, every post): patch it
@@ -3756,7 +4009,7 @@ class _PackedQueue(Queue):
 
     def remove_slot(self, slot):
         """Give an idle slot's positions and buffer id back for ``add``."""
-        with self._lock:
+        with self.lock:
             self._check_usable()
             self._check_slot(slot, "remove_slot")
             del self._slot_descs[slot]
@@ -3878,6 +4131,24 @@ class _PackedQueue(Queue):
     def _reap_whole_batch(self):
         """None: the packed layout's used descriptors are walked by ``_reap_some``."""
         return None
+
+    def _reap_in_order(self, limit):
+        """None: ``_reap_some`` walks a packed ring's used descriptors in bulk itself."""
+        return None
+
+    @property
+    def kick_pending(self):
+        return self._added != 0
+
+    def _set_slot_length(self, slot, length):
+        # The chain's record and both cached images (so a batch is still one
+        # copy in _publish): a transmit slot's frame changes only its length.
+        item = self._slot_chain[slot][0]
+        item[1] = length
+        image = self._slot_image[slot]
+        if image is not None:
+            _DESC_LEN.pack_into(image[0], 8, length)
+            _DESC_LEN.pack_into(image[1], 8, length)
 
     _reap_full_slots = _reap_whole_batch   # the same: None
 
@@ -6299,9 +6570,9 @@ class _Completions:
         self.device = device
         # The lock itself for plain critical sections: entering it costs no
         # Python-level call, unlike the condition. It is the queue's lock
-        # too (re-entrant, as queue methods take it again under it): the
+        # (built re-entrant, as queue methods take it again under it): the
         # fast path holds one lock once per post and once per reap.
-        self.lock = queue._lock = threading.RLock()
+        self.lock = queue.lock
         self.cond = threading.Condition(self.lock)
         self.reaping = False
         self.finished = []    # background requests done but not yet returned
@@ -6380,19 +6651,28 @@ class _Completions:
                 except ValueError as exc:
                     raise _DeviceClosed("complete: the device was closed (%s)" % exc) from exc
 
+    def reap_whole_batch(self):
+        """Under the lock: the user data of the batch posted at one time, when the device
+        used all of it and every request is OK; else None (what was used is in the lists)."""
+        batch, used = self.queue.reap_batch()
+        if batch is None:
+            return None
+        if used:
+            self._finish(used)   # chains, not slots
+        slots = self.slots
+        if slots.status.tobytes() == slots.all_ok:
+            slots.idle.extend(batch.run)
+            slots.busy -= batch.count
+            return slots.user[batch.slots]
+        need = slots.need   # some status to look at
+        self._finish([(k, need[k]) for k in batch.run])
+        return None
+
     def reap_slots(self):
         """Under the lock: what the device used, into the fast-path slots' lists (poll())."""
-        q = self.queue
-        if q._broken is not None or q._block is None:
-            q._check_usable()
         # The usual batch (slots, each its full length) in one lean loop;
         # anything else, and a re-armed look, as get_used.
-        tokens = q._reap_full_slots()
-        used = ()
-        if tokens is None or tokens and q._event_idx and not q.defer_calls:
-            if tokens:
-                q._rearm()   # as _reap does after a reap, then look again
-            used = q._reap(None)
+        tokens, used = self.queue.reap_full()
         if tokens:
             slots = self.slots
             if slots.status.tobytes() != slots.all_ok:   # some status to look at
@@ -6445,58 +6725,6 @@ class _Completions:
             slots.busy -= len(idle) - reaped
             if len(idle) != reaped:
                 idle.sort()   # in slot order, as reap_slots keeps it: the next post is a run
-
-
-def _used_entries(words):
-    """The bytes of used elements, given as [id, len, id, len, ...] (spec 2.7.8)."""
-    return struct.pack("<%dI" % len(words), *words)
-
-
-class _SlotBatch:
-    """A run of consecutive fast-path slots, posted and reaped whole (``Queue._post_slot_batch``,
-    ``Queue._reap_whole_batch``).
-
-    ``heads`` sorted; ``heads_slice`` a slice that selects them when they
-    are evenly spaced (then their queue tokens are set and cleared with one
-    slice step each), else None, and ``in_order`` when slot k's head grows
-    with k; ``writable`` the used length every one of them must report,
-    ``used`` the bytes of the used entries the device wrote for it last
-    time (at first, in slot order); ``run`` its slots as a list (their
-    queue tokens), ``slots`` the slice of the per-slot lists they are,
-    ``head_array`` their heads in slot order.
-    """
-
-    __slots__ = ("count", "heads", "writable", "heads_slice", "in_order", "nones", "used",
-                 "run", "slots", "head_array")
-
-    def __init__(self, slots, start, count):
-        queue = slots.queue
-        by_slot = slots.head_array[start:start + count].tolist()
-        self.count = count
-        self.heads = sorted(by_slot)
-        self.writable = queue._slot_writable[by_slot[0]]
-        step = self.heads[1] - self.heads[0] if count > 1 else 1
-        even = step > 0 and self.heads == list(range(self.heads[0],
-                                                     self.heads[0] + step * count, step))
-        self.heads_slice = slice(self.heads[0], self.heads[-1] + 1, step) if even else None
-        self.in_order = even and by_slot == self.heads
-        self.nones = [None] * count
-        self.run = slots.run[start:start + count]
-        self.slots = slice(start, start + count)
-        self.head_array = slots.head_array[start:start + count]
-        self.used = _used_entries([x for head in by_slot for x in (head, self.writable)])
-
-    @staticmethod
-    def make(slots, start, count):
-        """The batch of slots start..start+count-1, or None when their lengths differ.
-
-        Kept in ``slots.batches`` until a slot changes.
-        """
-        writable = slots.queue._slot_writable
-        lengths = [writable[head] for head in slots.head_array[start:start + count]]
-        batch = _SlotBatch(slots, start, count) if lengths.count(lengths[0]) == count else None
-        slots.batches[start, count] = batch
-        return batch
 
 
 class _BlockSlots:
@@ -6569,7 +6797,7 @@ class _BlockSlots:
     def point(self, k, entry, op):
         """Point slot k's data descriptor at buffer ``entry`` for ``op`` (None: at nothing)."""
         if entry is not None:
-            self.queue._set_slot_buffer(self.heads[k], 1, entry[1], entry[2], op == _BLK_T_IN)
+            self.queue.repoint_slot(self.heads[k], 1, entry[1], entry[2], op == _BLK_T_IN)
             self.types[k] = op
             self.need[k] = entry[2] + 1 if op == _BLK_T_IN else 1
         self.buffer[k] = entry
@@ -6794,7 +7022,9 @@ class BlockDevice(_Device):
         self._mem = GuestMemory([(0, memory_size)], name="vhost-user-blk")
         queues = []
         for index in range(num_queues):
-            queues.append(Queue(self._mem, size, index, features=self.features))
+            # Re-entrant: _Completions routes completions under the same lock.
+            queues.append(Queue(self._mem, size, index, features=self.features,
+                                lock=threading.RLock()))
             self._queues = queues
             queues[-1].spin = self.placement.spin
             queues[-1].defer_calls = self.placement.defer_calls
@@ -6997,7 +7227,7 @@ class BlockDevice(_Device):
             if self._closing:
                 raise _DeviceClosed("reap: the device was closed")
             q = completions.queue
-            if q.next_avail != q._kicked:   # posted with notify=False: kick now
+            if q.kick_pending:   # posted with notify=False: kick now
                 q.notify()
             spin = q.spin
             while True:
@@ -7005,20 +7235,12 @@ class BlockDevice(_Device):
                 # device used (when no other thread is reaping) and hand it over.
                 with completions.lock:
                     if len(slots.done) < count and not slots.failed and not completions.reaping:
-                        # The usual reap: the batch posted at one time, all used at
-                        # once, each complete and OK, in one step.
-                        if not slots.done and q._broken is None and q._block is not None:
-                            batch = q._reap_whole_batch()
-                            if batch is not None:
-                                if q._event_idx and not q.defer_calls:
-                                    q._rearm()   # as reap_slots does, then look again
-                                    completions._finish(q._reap(None))   # chains, not slots
-                                if slots.status.tobytes() == slots.all_ok:
-                                    slots.idle.extend(batch.run)
-                                    slots.busy -= batch.count
-                                    return slots.user[batch.slots]   # no more in flight
-                                need = slots.need   # some status to look at
-                                completions._finish([(k, need[k]) for k in batch.run])
+                        if not slots.done:
+                            # The usual reap: the batch posted at one time, all used
+                            # at once, each complete and OK, in one step.
+                            done = completions.reap_whole_batch()
+                            if done is not None:
+                                return done   # no more in flight
                         completions.reap_slots()
                     done = slots.done
                     ready = len(done) + len(slots.failed)
@@ -7034,11 +7256,8 @@ class BlockDevice(_Device):
                     break
                 # Spin here, as wait_used would, so that what the device uses
                 # meanwhile is taken by the lean path above.
-                spin_until = time.monotonic() + spin
+                q.spin_for_used(spin)
                 spin = 0
-                has_used = q._has_used
-                while not has_used() and time.monotonic() < spin_until:
-                    pass
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
             completions.wait(lambda: len(slots.done) + len(slots.failed) >= want,
                              deadline, "reap", want - ready, spin=0)
@@ -7082,37 +7301,6 @@ class BlockDevice(_Device):
             q = completions.queue
             lock = completions.lock
             posted = 0
-            with lock:
-                # The usual post: the run of slots of a batch posted before (a
-                # _SlotBatch), all idle again, with the buffers they point at;
-                # checked and pointed in one loop, posted in one step. Anything
-                # else goes below, where errors are named. The loop is
-                # _fill_slots' with a break where that one looks closer: one
-                # call fewer, and no slicing, per batch.
-                idle = slots.idle
-                split = len(idle) - count
-                batch = slots.batches.get((idle[split], count)) if split >= 0 else None
-                if batch is not None and (idle if not split else idle[split:]) == batch.run \
-                        and q._broken is None and q._block is not None:
-                    views, sectors = slots.view_for[op], slots.sectors
-                    mask, last = self.block_size - 1, self._last_offset_all
-                    try:
-                        for k, offset, buffer in zip(batch.run, offsets, buffers):
-                            if views[k] is not buffer or offset & mask or offset > last:
-                                break
-                            sectors[k] = offset >> 9   # a negative offset raises
-                        else:
-                            del idle[split:]
-                            slots.user[batch.slots] = user_data
-                            slots.busy += count
-                            posted = count
-                            kick = q._post_slot_batch(batch, notify)
-                    except (ValueError, struct.error):
-                        pass
-            if posted:
-                if kick:
-                    q.kick.signal()
-                return
             deadline = None
             kick = False
             while True:
@@ -7123,28 +7311,28 @@ class BlockDevice(_Device):
                         slots.grow(chunk - len(idle))
                         chunk = min(chunk, len(idle))
                     if chunk:
+                        # The usual post: the run of slots of a batch posted before,
+                        # idle again, in one step (the queue's lock is this one).
                         split = len(idle) - chunk
                         taken = idle[split:]
                         del idle[split:]
-                        # The queue's lock is this one (see _Completions).
                         try:
-                            if q._broken is not None or q._block is None:
-                                q._check_usable()
+                            q.check_usable()
                             batch = self._fill_slots(slots, taken, op, offsets, buffers,
                                                      user_data, posted)
                         except BaseException:
                             idle.extend(taken)
                             raise
-                        if batch is not None:   # a run of slots in a row
-                            q._post_slot_batch(batch, False)
-                        else:
-                            q._post_slots([slots.heads[k] for k in taken], taken)
                         slots.busy += chunk
                         posted += chunk
                         # notify() in the same hold of the lock; or, when more
                         # must wait for room, announce these first.
-                        if notify or posted != count:
-                            kick = q._kick_due()
+                        wants = notify or posted != count
+                        if batch is not None:   # a run of slots in a row
+                            kick = q.post_batch(batch, wants)
+                        else:
+                            q.post_run([slots.heads[k] for k in taken], taken)
+                            kick = wants and q.kick_due()
                     elif not q.in_flight:
                         raise Queue.Full("%s: queue %d has no descriptors for a request"
                                          % (_BLK_OP_NAMES[op], queue))
@@ -7692,7 +7880,7 @@ class NetDevice(_Device):
     def _publish_tx(pair, batch):
         if batch:
             tx = pair.tx
-            with tx._lock:
+            with tx.lock:
                 tx._check_usable()
                 tx._post_slots([pair.tx_slots[k] for k in batch], batch)
 
@@ -7787,7 +7975,7 @@ class NetDevice(_Device):
                 finally:
                     # Every used buffer goes back, in one batch, even after a bad one.
                     if used:
-                        with rx._lock:
+                        with rx.lock:
                             rx._check_usable()
                             rx._post_slots([pair.rx_slots[k] for k, _ in used],
                                            [k for k, _ in used])
@@ -8417,7 +8605,8 @@ class FsDevice(_Device):
         self._mem = GuestMemory([(0, memory_size)], name="vhost-user-fs")
         queues = []
         for index in range(len(max_sizes)):
-            queues.append(Queue(self._mem, size, index, features=self.features))
+            queues.append(Queue(self._mem, size, index, features=self.features,
+                                lock=threading.RLock()))   # shared with _Completions
             self._queues = queues
         self._hiprio = queues[_FS_HIPRIO]
         self._completions = [_Completions(q, self) for q in queues[1:]]
