@@ -4150,6 +4150,41 @@ class TestNetDevice(BackendTestMixin, FdLeakCheck):
                     with self.assertRaises(ValueError):
                         dev.send(b"short")
 
+    def test_bursts_of_random_sizes_come_back_in_place(self):
+        """The zero-copy burst path against testpmd: frames of 60..1514 bytes come back
+        byte-identical and in order, split and packed; held views are never written."""
+        pmd = self.start_backend(Testpmd)
+        rnd = random.Random(11)
+        for packed in (False, True):
+            with self.subTest(packed=packed), \
+                    vu.NetDevice.connect(pmd.socket_path, packed=packed) as dev:
+                self.assertEqual(dev.packed, packed)
+                buffers = dev.tx_alloc(32)
+                held = held_bytes = None
+                for round_ in range(80):
+                    count = rnd.randint(1, 32)
+                    frames = [_test_net_frame(round_ << 8 | i, rnd.randint(60, 1514))
+                              for i in range(count)]
+                    dev.flush()   # the buffers are the caller's to write again
+                    for buffer, frame in zip(buffers, frames):
+                        buffer[:len(frame)] = frame
+                    dev.tx_burst(buffers[:count], [len(f) for f in frames])
+                    got = []
+                    while len(got) < count:
+                        if held is not None:
+                            # A round later, with other frames received meanwhile:
+                            # what the caller held was not posted, so not written.
+                            self.assertEqual([bytes(v) for v in held], held_bytes)
+                            held = None
+                        views = dev.rx_burst(count - len(got), timeout=5.0)
+                        self.assertTrue(views, "round %d: %d of %d frames came back"
+                                        % (round_, len(got), count))
+                        got += [bytes(view) for view in views]
+                        if round_ % 10 == 3:
+                            held, held_bytes = views, got[-len(views):]
+                    self.assertEqual(got, frames)
+                dev.rx_release()
+
 
 _FUSE_IN = struct.Struct("<IIQQIIII")   # len, opcode, unique, nodeid, uid, gid, pid, padding
 _FUSE_OUT = struct.Struct("<IiQ")       # len, error, unique
@@ -8119,6 +8154,140 @@ class TestNetDeviceSlots(FrontendTestBase):
         self.assertEqual(big_frames, [frame(999, 4000)])
         self.assertEqual(sorted(nic._pairs[0].tx_idle), list(range(15)))   # every slot back, once
         self.assertEqual(nic.recv(timeout=0), None)
+
+
+def _test_net_frame(i, size=60):
+    """A broadcast frame of ``size`` bytes carrying ``i`` (the tests' ethertype 0x88b5)."""
+    head = bytes.fromhex("ffffffffffff020000000001") + struct.pack(">HI", 0x88b5, i)
+    return (head + bytes(range(256)) * (size // 256 + 1))[:size]
+
+
+class TestNetBurst(FrontendTestBase):
+    """NetDevice's zero-copy bursts over a fake device: what the caller holds is never
+    posted again, every used entry is checked, and misuse posts nothing."""
+
+    def echo(self, lie=None):
+        """A fake NIC that returns each frame sent on RX; ``lie(rx_head, length)`` may
+        change the (head, length) of the RX used entry."""
+        def run(backend, index):
+            if index != 1:
+                return
+            while True:
+                popped = backend.pop_avail(1)
+                if popped is None:
+                    return
+                head, chain = popped
+                data = b"".join(backend.read(addr, length) for addr, length, _ in chain)
+                backend.push_used(1, head, 0)
+                rx = backend.pop_avail(0)
+                if rx is not None:   # no receive buffer: dropped, as a NIC does
+                    rx_head, rx_chain = rx
+                    backend.write(rx_chain[0][0], data)
+                    used = (rx_head, len(data)) if lie is None else lie(rx_head, len(data))
+                    backend.push_used(0, *used)
+        backend = self.backend(features=F_PROTOCOL | F_VERSION_1, device=run)
+        nic = vu.NetDevice(self.frontend(backend, vu.DeviceType.NET), queue_size=16)
+        self.addCleanup(nic.close)
+        return nic
+
+    def test_frames_go_out_in_place_and_come_back_as_views(self):
+        nic = self.echo()
+        rx = nic._pairs[0].rx
+        buffers = nic.tx_alloc(8)
+        self.assertEqual([len(b) for b in buffers], [nic.frame_max] * 8)
+        frames = [_test_net_frame(i, 60 + 100 * i) for i in range(8)]
+        for buffer, frame in zip(buffers, frames):
+            buffer[:len(frame)] = frame
+        lengths = [len(f) for f in frames]
+        def used(count):   # the fake device runs on its own thread: wait for it
+            wait_for(lambda: (rx.used_index() - rx.next_used) & 0xFFFF == count,
+                     what="%d used receive buffers" % count)
+        for round_ in range(3):   # the same buffers, sent again: no copy, no rewrite
+            nic.tx_burst(buffers, lengths)
+            used(8)
+            held = nic.rx_burst(8, timeout=2.0)
+            self.assertEqual([bytes(view) for view in held], frames)
+            # Held buffers are not the device's: posted again only when released.
+            self.assertEqual(rx.in_flight, 8)
+            nic.tx_burst(buffers[:2], lengths[:2])   # more traffic meanwhile
+            used(2)
+            self.assertEqual([bytes(view) for view in held], frames)   # untouched
+            extra = nic.rx_burst(8, timeout=2.0)     # releases the held ones...
+            self.assertEqual([bytes(view) for view in extra], frames[:2])
+            with self.assertRaises(ValueError):      # ...which may not be read after
+                bytes(held[0])
+            self.assertEqual(rx.in_flight, 14)
+            nic.rx_release()
+            self.assertEqual(rx.in_flight, 16)
+            with self.assertRaises(ValueError):
+                bytes(extra[1])
+        self.assertEqual(nic.rx_burst(timeout=0), [])
+        nic.tx_free(buffers)
+        nic.flush()
+        self.assertEqual(sorted(nic._pairs[0].tx_idle), list(range(15)))   # every buffer back
+
+    def test_misuse_posts_nothing(self):
+        nic = self.echo()
+        tx = nic._pairs[0].tx
+        buffers = nic.tx_alloc(3)
+        for buffer in buffers:
+            buffer[:60] = _test_net_frame(0)
+        for args, text in (
+                (([bytearray(60)], [60]), "buffers[0] is not a buffer from pair 0's tx_alloc()"),
+                (([buffers[0], buffers[0]], [60, 60]), "a buffer is listed twice"),
+                ((buffers[:2], [60, 13]), "lengths[1] is 13, a frame is 14..%d" % nic.frame_max),
+                ((buffers[:1], [nic.frame_max + 1]), "lengths[0] is %d" % (nic.frame_max + 1)),
+                ((buffers[:2], [60]), "2 buffers and 1 lengths")):
+            with self.subTest(text=text):
+                with self.assertRaises(ValueError) as cm:
+                    nic.tx_burst(*args)
+                self.assertIn(text, str(cm.exception))
+                self.assertEqual(tx.in_flight, 0)
+        with self.assertRaises(ValueError):
+            nic.tx_alloc(20)   # more than the 15 transmit buffers
+        with self.assertRaises(ValueError):
+            nic.rx_burst(0)
+        with self.assertRaises(ValueError):
+            nic.tx_burst(buffers, [60] * 3, pair=1)
+        nic.tx_free(buffers[:1])
+        with self.assertRaises(ValueError) as cm:
+            nic.tx_burst(buffers[:1], [60])   # freed: not the caller's any more
+        self.assertIn("or it was freed", str(cm.exception))
+        nic.tx_burst(buffers[1:], [60, 60])
+        self.assertEqual([bytes(v) for v in nic.rx_burst(2, timeout=2.0)],
+                         [_test_net_frame(0)] * 2)
+
+    def test_a_lying_device_breaks_the_queue(self):
+        cases = (
+            ("an id not in flight", None, "which is not the head of a chain in flight"),
+            ("a length past the buffer", lambda head, n: (head, 5000), "claims 5000 bytes"),
+            ("less than the header", lambda head, n: (head, 7),
+             "a received buffer holds 7 bytes, less than the 12-byte header"),
+        )
+        for name, lie, text in cases:
+            with self.subTest(name):
+                sent = []
+
+                def once(head, n, lie=lie):
+                    sent.append(head)
+                    if len(sent) != 3:
+                        return head, n
+                    return lie(head, n) if lie else (sent[0], n)   # used already
+                nic = self.echo(once)
+                buffers = nic.tx_alloc(4)
+                for buffer in buffers:
+                    buffer[:60] = _test_net_frame(1)
+                nic.tx_burst(buffers, [60] * 4)
+                rx = nic._pairs[0].rx
+                wait_for(lambda: (rx.used_index() - rx.next_used) & 0xFFFF == 4, what="4 used")
+                with self.assertRaises(vu.ProtocolError) as cm:
+                    got = []
+                    while len(got) < 4:
+                        got += nic.rx_burst(4, timeout=2.0)
+                self.assertIn(text, str(cm.exception))
+                with self.assertRaises(vu.ProtocolError):   # broken for good
+                    nic.rx_burst(timeout=0)
+                nic.close()
 
 
 class TestCompletionPolicy(FdLeakCheck):

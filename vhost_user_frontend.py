@@ -3646,6 +3646,18 @@ class Queue:
         self._slots_busy -= pending
         return tokens, lengths
 
+    @property
+    def broken(self):
+        """The ProtocolError that broke the queue, or None."""
+        return self._broken
+
+    def fail(self, message):
+        """Break the queue for what a device found wrong in a used buffer: ProtocolError.
+
+        Every later call on the queue raises it again, as after a bad used entry.
+        """
+        self._fail(message)
+
     def spin_for_used(self, seconds):
         """Poll for used entries up to ``seconds``; True when there are some."""
         has_used = self._has_used
@@ -7630,21 +7642,42 @@ _BIG_FRAME = object()
 
 
 class _NetPair:
-    """One RX/TX queue pair of a NetDevice: its slots and the frames its RX side reassembled."""
+    """One RX/TX queue pair of a NetDevice: its buffers and slots, and what its RX side
+    handed out or reassembled. Buffer k of either side is slot ``*_heads[k]`` of its queue.
+    """
 
-    def __init__(self, index, rx, tx, rx_pool):
+    def __init__(self, index, rx, tx):
         self.index = index
         self.rx = rx
         self.tx = tx
-        self.rx_pool = rx_pool
-        self.rx_slots = self.tx_slots = self.tx_idle = ()
-        self.tx_pool = None
         self.rx_lock = threading.Lock()
         self.tx_lock = threading.Lock()
-        self.frames = collections.deque()
+        self.rx_pool = self.tx_pool = None
+        self.rx_view = None        # every receive buffer; a frame is a slice of it
+        self.rx_starts = []        # k -> where receive buffer k's frame starts in rx_view
+        self.rx_heads = []         # k -> its slot in the RX queue
+        self.rx_held = []          # receive buffers whose frames the caller holds (rx_burst)
+        self.rx_out = []           # the views of those frames, released with them
+        self.tx_heads = []
+        self.tx_views = []         # k -> the frame area of transmit buffer k
+        self.tx_run = []           # range(count) as a list: a run k..k+n is tx_run[k:k + n]
+        self.tx_given = {}         # id(view) -> k of the buffers tx_alloc gave the caller
+        self.tx_idle = []          # buffers for send/send_many: not given out, not in flight
+        self.tx_busy = set()       # buffers in flight
+        self.tx_lengths = []       # k -> the frame length its descriptor carries now
+        self.tx_big = 0            # frames bigger than a buffer in flight (chains of their own)
+        self.frames = collections.deque()   # frames copied out (recv, merged buffers)
         self.partial = None      # (buffers still expected, [chunks]) of a merged frame
         self.rx_rewinds = 0      # RX rewinds (reconnects) seen by recv
         self.rx_restart = None   # used index of the new back-end's first RX entry
+
+    def release(self):
+        for view in self.rx_out + self.tx_views + [self.rx_view]:
+            if view is not None:
+                view.release()
+        self.rx_out = []
+        self.tx_views = []
+        self.rx_view = None
 
 
 class NetDevice(_Device):
@@ -7658,13 +7691,17 @@ class NetDevice(_Device):
     to the TX queue, ``recv`` returns one received frame without its header.
     No offloads are negotiated, so frames are plain Ethernet.
 
+    The zero-copy path (DPDK's ``rte_eth_tx_burst``/``rx_burst``): frames
+    written in place into ``tx_alloc`` buffers go out with ``tx_burst``;
+    ``rx_burst`` hands back views of received frames in guest memory, whose
+    buffers are posted again in bulk by ``rx_release`` or the next burst.
+
     With ``queue_pairs=N`` (N > 1) NET_MQ is acked and N RX/TX pairs run
     (queues 2p and 2p + 1), each enabled with SET_VRING_ENABLE as QEMU does
     for vhost-user: the control queue that would carry
     VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET (spec 5.1.6.5.5) is the VMM's, never the
-    back-end's, so CTRL_VQ is not acked. ``send``/``send_many``/``recv``/
-    ``flush`` take ``pair=``; each pair has its own locks, so one thread per
-    pair runs without contention.
+    back-end's, so CTRL_VQ is not acked. Every call takes ``pair=``; each
+    pair has its own locks, so one thread per pair runs without contention.
 
     Args:
         frontend: a connected front-end for a NET device (features not yet
@@ -7793,7 +7830,8 @@ class NetDevice(_Device):
         pairs = []
         for pair in range(queue_pairs):
             for index in (2 * pair + _NET_RX, 2 * pair + _NET_TX):
-                queues.append(Queue(self._mem, size, index, features=self.features))
+                queues.append(Queue(self._mem, size, index, features=self.features,
+                                    lock=threading.RLock()))
                 self._queues = queues
             pairs.append(self._setup_pair(pair, queues[-2], queues[-1]))
         frontend.activate(self._mem, None, queues)
@@ -7802,30 +7840,55 @@ class NetDevice(_Device):
             pair.rx.notify()
 
     def _setup_pair(self, index, rx, tx):
-        """A pair's buffers and slots: posted receive buffers, idle transmit slots."""
-        size, rx_size, tx_size = self.queue_size, self._rx_size, self._tx_size
-        pair = _NetPair(index, rx, tx, self._mem.allocate(size * rx_size))
-        # Receive buffer k is slot rx_slots[k], posted once here and reposted
-        # (in bulk) as frames are taken; a transmit slot k carries a frame copied
-        # into its buffer, the descriptor's length set per frame.
-        pair.rx_slots = [rx.add_slot(writable=[(pair.rx_pool + k * rx_size, rx_size)])
+        """A pair's buffers and slots: posted receive buffers, idle transmit buffers."""
+        size, rx_size, tx_size, hdr_len = (self.queue_size, self._rx_size, self._tx_size,
+                                           self._hdr_len)
+        mem = self._mem
+        pair = _NetPair(index, rx, tx)
+        # Calls only before sleeping: a back-end that polls (DPDK) then never
+        # signals one while the driver is busy taking what it used.
+        rx.defer_calls = tx.defer_calls = True
+        # Receive buffer k is posted once here and reposted (in bulk) as its
+        # frame is taken or released.
+        pair.rx_pool = mem.allocate(size * rx_size)
+        pair.rx_view = mem.view(pair.rx_pool, size * rx_size)
+        pair.rx_starts = [k * rx_size for k in range(size)]
+        pair.rx_heads = [rx.add_slot(writable=[(pair.rx_pool + k * rx_size, rx_size)])
                          for k in range(size)]
-        rx.post_slots(pair.rx_slots, list(range(size)))
-        pair.tx_pool = self._mem.allocate(size * tx_size)
+        rx.post_slots(pair.rx_heads, list(range(size)))
+        # Transmit buffer k: its virtio-net header, written once here (no
+        # offloads: all zero), then the frame; a post sets only the length.
         # One descriptor stays out of the slots, for a frame bigger than the MTU.
-        tx_slots = max(1, size - 1)
-        pair.tx_slots = [tx.add_slot([(pair.tx_pool + k * tx_size, tx_size)])
-                         for k in range(tx_slots)]
-        pair.tx_idle = list(range(tx_slots - 1, -1, -1))
+        count = max(1, size - 1)
+        pair.tx_pool = mem.allocate(count * tx_size)
+        pool = mem.view(pair.tx_pool, count * tx_size)
+        try:
+            pool[:] = bytes(len(pool))
+            pair.tx_views = [pool[k * tx_size + hdr_len:(k + 1) * tx_size] for k in range(count)]
+        finally:
+            pool.release()
+        pair.tx_heads = [tx.add_slot([(pair.tx_pool + k * tx_size, tx_size)])
+                         for k in range(count)]
+        pair.tx_run = list(range(count))
+        pair.tx_lengths = [None] * count
+        pair.tx_idle = list(range(count - 1, -1, -1))   # a stack: buffer 0 first
         return pair
 
     def _pair(self, pair, what="send"):
         pairs = self._pairs
         if not pairs:
             raise _DeviceClosed("%s: the device was closed" % what)
-        if not isinstance(pair, int) or not 0 <= pair < len(pairs):
-            raise ValueError("pair %r: the device runs pairs 0..%d" % (pair, len(pairs) - 1))
+        if pair.__class__ is not int or not 0 <= pair < len(pairs):
+            raise ValueError("%s: pair %r: the device runs pairs 0..%d"
+                             % (what, pair, len(pairs) - 1))
         return pairs[pair]
+
+    @property
+    def frame_max(self):
+        """The longest frame a transmit buffer (``tx_alloc``) or receive buffer holds."""
+        return self._tx_size - self._hdr_len
+
+    # -- frames by copy ------------------------------------------------------------
 
     def send(self, frame, pair=0):
         """Queue one Ethernet frame for transmission (copied; no header needed)."""
@@ -7834,8 +7897,8 @@ class NetDevice(_Device):
     def send_many(self, frames, pair=0):
         """Queue frames for transmission with one kick; waits while the TX ring is full.
 
-        Each frame is copied once, into a transmit slot's buffer behind its
-        zero header; the slots are published together.
+        Each frame is copied once, into a transmit buffer behind its header;
+        the buffers are posted together, as ``tx_burst`` posts them.
         """
         pair = self._pair(pair)
         with pair.tx_lock, self._call("send"):
@@ -7843,53 +7906,208 @@ class NetDevice(_Device):
             # Every call: frames queued to a back-end that is gone would be lost.
             deadline += self._check_alive("send")
             tx = pair.tx
-            hdr_len, slot_size, pool = self._hdr_len, self._tx_size, pair.tx_pool
-            idle, slots = pair.tx_idle, pair.tx_slots
-            view = self._mem.view(pool, len(slots) * slot_size)
-            try:
-                batch = []
-                for frame in frames:
-                    frame = memoryview(frame).cast("B")
-                    length = len(frame)
-                    if not _ETH_HLEN <= length <= 0xFFFF - hdr_len:
-                        raise ValueError("send: frame of %d bytes is not in %d..%d"
-                                         % (length, _ETH_HLEN, 0xFFFF - hdr_len))
-                    if length > slot_size - hdr_len:   # bigger than the MTU: a chain of its own
-                        self._publish_tx(pair, batch)
-                        batch = []
-                        deadline = self._wait_tx(pair, lambda: tx.num_free, deadline)
-                        tx.add((self._tx_hdr + bytes(frame),), token=_BIG_FRAME)
-                        continue
-                    if not idle:
-                        self._publish_tx(pair, batch)
-                        batch = []
-                        deadline = self._wait_tx(pair, lambda: idle, deadline)
-                    k = idle.pop()
-                    start = k * slot_size + hdr_len
-                    view[start:start + length] = frame
-                    tx._set_slot_buffer(slots[k], 0, pool + k * slot_size, hdr_len + length,
-                                        False)
-                    batch.append(k)
-                self._publish_tx(pair, batch)
-            finally:
-                view.release()
-            tx.notify()
-            self._reap_tx(pair)  # free what the device already sent
+            hdr_len, frame_max = self._hdr_len, self.frame_max
+            idle, views = pair.tx_idle, pair.tx_views
+            taken, lengths = [], []
+            for frame in frames:
+                frame = memoryview(frame).cast("B")
+                length = len(frame)
+                if not _ETH_HLEN <= length <= 0xFFFF - hdr_len:
+                    raise ValueError("send: frame of %d bytes is not in %d..%d"
+                                     % (length, _ETH_HLEN, 0xFFFF - hdr_len))
+                if length > frame_max:   # bigger than the MTU: a chain of its own
+                    self._tx_post(pair, taken, lengths)
+                    taken, lengths = [], []
+                    deadline = self._wait_tx(pair, lambda: tx.num_free, deadline)
+                    tx.add((self._tx_hdr + bytes(frame),), token=_BIG_FRAME)
+                    pair.tx_big += 1
+                    continue
+                if not idle:
+                    self._tx_post(pair, taken, lengths)
+                    taken, lengths = [], []
+                    deadline = self._wait_tx(pair, lambda: idle, deadline)
+                k = idle.pop()
+                views[k][:length] = frame
+                taken.append(k)
+                lengths.append(length)
+            self._tx_post(pair, taken, lengths)
+            tx.notify()   # what a big frame alone left to announce
+            self._tx_reclaim(pair)  # free what the device already sent
 
-    @staticmethod
-    def _publish_tx(pair, batch):
-        if batch:
+    # -- frames in place: zero-copy bursts (DPDK's rx/tx_burst over mbufs) ------------
+
+    def tx_alloc(self, count=1, pair=0):
+        """``count`` transmit buffers of ``pair``, each ``frame_max`` bytes of guest memory.
+
+        Write a frame at the start of each (no virtio-net header: each buffer
+        has its own, written once) and post them with ``tx_burst``, as often
+        as you like: a buffer keeps its bytes, and ``tx_burst`` waits for a
+        buffer still in flight from an earlier burst. ``tx_free`` gives them
+        back; ``close`` releases them (a later access raises ValueError).
+
+        Raises:
+            ValueError: more buffers than the pair has left to give.
+            VhostUserTimeout: the back-end kept them in flight past the timeout.
+        """
+        pair = self._pair(pair, "tx_alloc")
+        if count.__class__ is not int or count < 1:
+            raise ValueError("tx_alloc: count must be a positive int, got %r" % (count,))
+        with pair.tx_lock, self._call("tx_alloc"):
+            available = len(pair.tx_views) - len(pair.tx_given)
+            if count > available:
+                raise ValueError("tx_alloc: %d buffers asked, pair %d has %d not given out"
+                                 % (count, pair.index, available))
+            deadline = time.monotonic() + self.timeout
+            idle = pair.tx_idle
+            if len(idle) < count:
+                self._wait_tx(pair, lambda: len(idle) >= count, deadline)
+            taken = idle[-count:]
+            del idle[-count:]
+            taken.reverse()   # in buffer order: a later burst of them is a run
+            views = pair.tx_views
+            for k in taken:
+                pair.tx_given[id(views[k])] = k
+            return [views[k] for k in taken]
+
+    def tx_free(self, buffers, pair=0):
+        """Give buffers from ``tx_alloc`` back (a frame still in flight is sent first)."""
+        pair = self._pair(pair, "tx_free")
+        with pair.tx_lock:
+            taken = self._tx_buffers(pair, buffers, "tx_free")
+            for buffer, k in zip(buffers, taken):
+                del pair.tx_given[id(buffer)]
+                if k not in pair.tx_busy:
+                    pair.tx_idle.append(k)
+
+    def tx_burst(self, buffers, lengths, pair=0):
+        """Post ``lengths[i]`` bytes of each ``tx_alloc`` buffer as a frame, with one kick.
+
+        Nothing is copied. The buffers belong to the device until it has
+        sent them: do not write to them before ``tx_burst`` returns for
+        them again. A buffer still in flight from an earlier burst is waited
+        for (up to the timeout). The kick is skipped when the device does
+        not want one (VRING_USED_F_NO_NOTIFY, EVENT_IDX).
+
+        Raises:
+            ValueError: a buffer not from this pair's ``tx_alloc``, listed
+                twice, or a length outside 14..``frame_max``; nothing was posted.
+            VhostUserTimeout: a buffer stayed in flight past the timeout.
+        """
+        pairs = self._pairs
+        if pair.__class__ is not int or not 0 <= pair < len(pairs):
+            pair = self._pair(pair, "tx_burst")   # raises
+        else:
+            pair = pairs[pair]
+        if lengths.__class__ is not list:
+            lengths = list(lengths)
+        count = len(lengths)
+        inside = self._inside
+        inside.append(None)    # _call() spelled out: this is the fast path
+        try:
+            if self._trouble():
+                self._check_alive("tx_burst")
+            with pair.tx_lock:
+                try:
+                    taken = list(map(pair.tx_given.__getitem__, map(id, buffers)))
+                except KeyError:
+                    taken = self._tx_buffers(pair, buffers, "tx_burst")   # raises
+                if len(taken) != count:
+                    raise ValueError("tx_burst: %d buffers and %d lengths"
+                                     % (len(taken), count))
+                if not count:
+                    return
+                if min(lengths) < _ETH_HLEN or max(lengths) > self._tx_size - self._hdr_len:
+                    self._tx_bad_length(lengths)
+                busy = pair.tx_busy
+                if busy:
+                    self._tx_reclaim(pair)
+                    if not busy.isdisjoint(taken):
+                        self._wait_tx(pair, lambda: busy.isdisjoint(taken),
+                                      time.monotonic() + self.timeout)
+                self._tx_post(pair, taken, lengths)
+        except (ValueError, OSError) as exc:
+            self._closed_error("tx_burst", exc)
+            raise
+        finally:
+            inside.pop()
+
+    def _tx_buffers(self, pair, buffers, what):
+        """The buffer numbers of ``buffers``; ValueError naming the first foreign one."""
+        taken = []
+        for i, buffer in enumerate(buffers):
+            k = pair.tx_given.get(id(buffer))
+            if k is None or pair.tx_views[k] is not buffer:
+                raise ValueError("%s: buffers[%d] is not a buffer from pair %d's tx_alloc() "
+                                 "(or it was freed)" % (what, i, pair.index))
+            taken.append(k)
+        return taken
+
+    def _tx_bad_length(self, lengths):
+        for i, length in enumerate(lengths):
+            if length.__class__ is not int or not _ETH_HLEN <= length <= self.frame_max:
+                raise ValueError("tx_burst: lengths[%d] is %r, a frame is %d..%d bytes"
+                                 % (i, length, _ETH_HLEN, self.frame_max))
+
+    def _tx_post(self, pair, taken, lengths):
+        """Post transmit buffers ``taken`` (idle, distinct) with frames of ``lengths`` bytes."""
+        count = len(taken)
+        if not count:
+            return
+        busy = pair.tx_busy
+        before = len(busy)
+        busy.update(taken)
+        if len(busy) != before + count:
+            busy.difference_update(taken)
+            raise ValueError("tx_burst: a buffer is listed twice")
+        tx = pair.tx
+        first = taken[0]
+        run = taken == pair.tx_run[first:first + count]
+        heads = pair.tx_heads
+        heads = heads[first:first + count] if run else [heads[k] for k in taken]
+        try:
+            with tx.lock:
+                tx.check_usable()
+                # A descriptor's length changes only with its frame's: the same
+                # frames posted again write nothing but the avail ring.
+                known = pair.tx_lengths
+                if (known[first:first + count] if run else [known[k] for k in taken]) \
+                        != lengths:
+                    tx.set_slot_lengths(heads, list(map(self._hdr_len.__add__, lengths)))
+                    if run:
+                        known[first:first + count] = lengths
+                    else:
+                        for k, length in zip(taken, lengths):
+                            known[k] = length
+                tx.post_run(heads, taken)
+                kick = tx.kick_due()
+        except BaseException:
+            busy.difference_update(taken)
+            raise
+        if kick:
+            tx.kick.signal()
+
+    def _tx_reclaim(self, pair, used=None):
+        """Account used TX entries (reaped now unless given): their buffers are free again."""
+        if used is None:
             tx = pair.tx
             with tx.lock:
-                tx._check_usable()
-                tx._post_slots([pair.tx_slots[k] for k in batch], batch)
-
-    @staticmethod
-    def _reap_tx(pair, used=None):
-        """Account used TX entries (reaped now unless given): slots become idle again."""
-        for token, _ in pair.tx.get_used() if used is None else used:
-            if token is not _BIG_FRAME:
-                pair.tx_idle.append(token)
+                tokens = tx.reap_run()[0]
+        else:
+            tokens = [token for token, _ in used]
+        if not tokens:
+            return
+        if pair.tx_big:
+            big = tokens.count(_BIG_FRAME)
+            if big:
+                pair.tx_big -= big
+                tokens = [k for k in tokens if k is not _BIG_FRAME]
+        pair.tx_busy.difference_update(tokens)
+        given = pair.tx_given
+        if not given:
+            pair.tx_idle.extend(tokens)
+        elif len(given) < len(pair.tx_views):
+            views = pair.tx_views
+            pair.tx_idle.extend([k for k in tokens if id(views[k]) not in given])
 
     def _wait_tx(self, pair, room, deadline):
         """Kick and reap until ``room()`` holds; VhostUserTimeout at ``deadline``.
@@ -7897,7 +8115,7 @@ class NetDevice(_Device):
         Returns the deadline, moved by any outage waited through (reconnect=).
         """
         tx = pair.tx
-        self._reap_tx(pair)
+        self._tx_reclaim(pair)
         # Each wait for room gets the full timeout: a long send_many that keeps
         # the ring moving is not "full for timeout" (it once timed out overall).
         deadline = max(deadline, time.monotonic() + self.timeout)
@@ -7908,7 +8126,7 @@ class NetDevice(_Device):
             if remaining <= 0:
                 raise VhostUserTimeout("send: the TX queue stayed full for %.1f s"
                                        % self.timeout)
-            self._reap_tx(pair, tx.wait_used(min(remaining, _CRASH_CHECK_INTERVAL)))
+            self._tx_reclaim(pair, tx.wait_used(min(remaining, _CRASH_CHECK_INTERVAL)))
         return deadline
 
     def flush(self, timeout=None, pair=None):
@@ -7929,7 +8147,7 @@ class NetDevice(_Device):
             with one.tx_lock, self._call("flush"):
                 deadline += self._check_alive("flush")
                 tx = one.tx
-                self._reap_tx(one)
+                self._tx_reclaim(one)
                 while tx.in_flight:
                     deadline += self._check_alive("flush")
                     remaining = deadline - time.monotonic()
@@ -7937,50 +8155,171 @@ class NetDevice(_Device):
                         raise VhostUserTimeout("flush: the back-end has not taken %d frame(s) "
                                                "of pair %d within %g s"
                                                % (tx.in_flight, one.index, timeout))
-                    self._reap_tx(one, tx.wait_used(min(remaining, _CRASH_CHECK_INTERVAL),
-                                                    count=tx.in_flight))
+                    self._tx_reclaim(one, tx.wait_used(min(remaining, _CRASH_CHECK_INTERVAL),
+                                                       count=tx.in_flight))
 
     def recv(self, timeout=None, pair=0):
         """The next frame received on ``pair`` without its virtio-net header; None on timeout.
 
-        ``timeout`` defaults to the device's; 0 polls.
+        ``timeout`` defaults to the device's; 0 polls. The frame is a copy,
+        and its receive buffer is posted again at once.
         """
         pair = self._pair(pair, "recv")
         with pair.rx_lock, self._call("recv"):
-            deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-            deadline += self._check_alive("recv")
-            rx = pair.rx
-            while not pair.frames:
-                used = rx.get_used()
-                if not used:
-                    deadline += self._check_alive("recv")
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return None
-                    used = rx.wait_used(min(remaining, _CRASH_CHECK_INTERVAL))
-                # Used entries are numbered by the used index (split) or, one
-                # descriptor per receive buffer, by ring position (packed).
-                span = rx.size if rx.packed else 0x10000
-                if rx.rewinds != pair.rx_rewinds:
-                    # Reconnected: the new back-end's first used entry is at the
-                    # used index the ring was rewound to (see _cut_partial_frame).
-                    pair.rx_rewinds = rx.rewinds
-                    pair.rx_restart = rx.vring_base & (span - 1)
-                try:
-                    first = (rx.next_used - len(used)) % span
-                    for i, (k, length) in enumerate(used):
-                        if (first + i) % span == pair.rx_restart:
-                            self._cut_partial_frame(pair)
-                        self._take(pair, pair.rx_pool + k * self._rx_size, length)
-                finally:
-                    # Every used buffer goes back, in one batch, even after a bad one.
-                    if used:
-                        with rx.lock:
-                            rx._check_usable()
-                            rx._post_slots([pair.rx_slots[k] for k, _ in used],
-                                           [k for k, _ in used])
-                        rx.notify()
+            if pair.rx_held:
+                self._rx_repost(pair)
+            if not pair.frames:
+                taken, lengths = self._rx_take(pair, None, timeout, "recv")
+                self._rx_copy(pair, taken, lengths)
+                if not pair.frames:
+                    return None
             return pair.frames.popleft()
+
+    def rx_burst(self, max_frames=32, timeout=None, pair=0):
+        """Up to ``max_frames`` frames received on ``pair``, as views of guest memory.
+
+        Each view is one frame without its virtio-net header, in the receive
+        buffer the back-end wrote it to: nothing is copied. The views stay
+        valid until ``rx_release`` or the next ``rx_burst``/``recv`` on the
+        pair, which release them (a later access raises ValueError) and post
+        their buffers again in bulk; keep ``bytes(view)`` to keep a frame.
+        Waits up to ``timeout`` (default the device's; 0 polls) for the
+        first frame; an empty list when none came.
+
+        Raises:
+            ProtocolError: a used entry that names a buffer not in flight,
+                claims more than the buffer holds or less than the header;
+                the queue is then broken.
+        """
+        pairs = self._pairs
+        if pair.__class__ is not int or not 0 <= pair < len(pairs):
+            pair = self._pair(pair, "rx_burst")   # raises
+        else:
+            pair = pairs[pair]
+        if max_frames.__class__ is not int or max_frames < 1:
+            raise ValueError("rx_burst: max_frames must be a positive int, got %r"
+                             % (max_frames,))
+        inside = self._inside
+        inside.append(None)    # _call() spelled out: this is the fast path
+        try:
+            if self._closing:
+                raise _DeviceClosed("rx_burst: the device was closed")
+            with pair.rx_lock:
+                if pair.rx_held:
+                    self._rx_repost(pair)
+                if not pair.frames:
+                    taken, lengths = self._rx_take(pair, max_frames, timeout, "rx_burst")
+                    if not taken:
+                        return []
+                    rx = pair.rx
+                    hdr_len = self._hdr_len
+                    if pair.partial is None and rx.rewinds == pair.rx_rewinds \
+                            and min(lengths) >= hdr_len \
+                            and (not self._mrg or self._single_buffers(pair, taken)):
+                        # The usual burst: each buffer a whole frame, handed out in place.
+                        view, starts = pair.rx_view, pair.rx_starts
+                        frames = [view[start + hdr_len:start + length] for start, length
+                                  in zip(map(starts.__getitem__, taken), lengths)]
+                        pair.rx_held = taken
+                        pair.rx_out = frames
+                        return frames
+                    self._rx_copy(pair, taken, lengths)   # names a bad one
+                else:
+                    pair.rx.check_usable()   # frames copied out before a bad entry stay
+                frames = []
+                while pair.frames and len(frames) < max_frames:
+                    frames.append(memoryview(pair.frames.popleft()))
+                return frames
+        except (ValueError, OSError) as exc:
+            self._closed_error("rx_burst", exc)
+            raise
+        finally:
+            inside.pop()
+
+    def rx_release(self, pair=0):
+        """Give back the frames of the last ``rx_burst`` on ``pair``: their buffers are posted again."""
+        pair = self._pair(pair, "rx_release")
+        with pair.rx_lock, self._call("rx_release"):
+            self._rx_repost(pair)
+
+    def _single_buffers(self, pair, taken):
+        """With MRG_RXBUF: whether every header says its frame is in that one buffer."""
+        view, starts = pair.rx_view, pair.rx_starts
+        # num_buffers is the header's last u16 (spec 5.1.6).
+        return all(view[start + 10] == 1 and view[start + 11] == 0
+                   for start in map(starts.__getitem__, taken))
+
+    def _rx_take(self, pair, limit, timeout, what):
+        """Reap up to ``limit`` used receive buffers, waiting up to ``timeout`` for one."""
+        rx = pair.rx
+        with rx.lock:
+            taken, lengths = rx.reap_run(limit)
+        if taken or timeout == 0:
+            return taken, lengths
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        deadline += self._check_alive(what)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return taken, lengths
+            rx.wait_for_used(min(remaining, _CRASH_CHECK_INTERVAL))
+            deadline += self._check_alive(what)
+            with rx.lock:
+                taken, lengths = rx.reap_run(limit)
+            if taken:
+                return taken, lengths
+
+    def _rx_post(self, pair, taken):
+        """Post receive buffers ``taken`` again, in one batch, with a kick if wanted."""
+        if not taken:
+            return
+        rx = pair.rx
+        heads = pair.rx_heads
+        with rx.lock:
+            rx.check_usable()
+            rx.post_run([heads[k] for k in taken], taken)
+            kick = rx.kick_due()
+        if kick:
+            rx.kick.signal()
+
+    def _rx_repost(self, pair):
+        """Release the frames ``rx_burst`` handed out and post their buffers again."""
+        frames, pair.rx_out = pair.rx_out, []
+        held, pair.rx_held = pair.rx_held, []
+        kept = []
+        for k, frame in zip(held, frames):
+            try:
+                frame.release()
+            except BufferError:   # exported (e.g. to numpy): not the device's again yet
+                kept.append((k, frame))
+        if kept:
+            pair.rx_held = [k for k, _ in kept]
+            pair.rx_out = [frame for _, frame in kept]
+            held = [k for k in held if k not in pair.rx_held]
+        self._rx_post(pair, held)
+
+    def _rx_copy(self, pair, taken, lengths):
+        """Copy used receive buffers' frames out (merged ones joined), then repost them."""
+        rx = pair.rx
+        # Used entries are numbered by the used index (split) or, one
+        # descriptor per receive buffer, by ring position (packed).
+        span = rx.size if rx.packed else 0x10000
+        if rx.rewinds != pair.rx_rewinds:
+            # Reconnected: the new back-end's first used entry is at the
+            # used index the ring was rewound to (see _cut_partial_frame).
+            pair.rx_rewinds = rx.rewinds
+            pair.rx_restart = rx.vring_base & (span - 1)
+        try:
+            first = (rx.next_used - len(taken)) % span
+            for i, (k, length) in enumerate(zip(taken, lengths)):
+                if (first + i) % span == pair.rx_restart:
+                    self._cut_partial_frame(pair)
+                self._take(pair, pair.rx_pool + pair.rx_starts[k], length)
+        finally:
+            # Every used buffer goes back, in one batch, even after a bad one
+            # (not to a queue that one broke: its error is the one to see).
+            if rx.broken is None:
+                self._rx_post(pair, taken)
 
     @staticmethod
     def _cut_partial_frame(pair):
@@ -7996,14 +8335,14 @@ class NetDevice(_Device):
         mem = self._mem
         if pair.partial is None:
             if length < self._hdr_len:
-                raise ProtocolError("virtio-net: a received buffer holds %d bytes, less "
-                                    "than the %d-byte header" % (length, self._hdr_len))
+                pair.rx.fail("virtio-net: a received buffer holds %d bytes, less than the "
+                             "%d-byte header" % (length, self._hdr_len))
             count = 1
             if self._mrg:
                 count = _NET_HDR.unpack(mem.read(gpa, _NET_HDR.size))[6]
                 if not 1 <= count <= pair.rx.size:
-                    raise ProtocolError("virtio-net: num_buffers %d in a received header "
-                                        "is not in 1..%d" % (count, pair.rx.size))
+                    pair.rx.fail("virtio-net: num_buffers %d in a received header is not "
+                                 "in 1..%d" % (count, pair.rx.size))
             chunks = [mem.read(gpa + self._hdr_len, length - self._hdr_len)]
         else:
             count, chunks = pair.partial
@@ -8015,8 +8354,16 @@ class NetDevice(_Device):
             pair.partial = None
             pair.frames.append(b"".join(chunks))
 
+    def _release_buffers(self):
+        for pair in self._pairs:
+            pair.release()
+
     def close(self):
-        """Disconnect from the back-end and free guest memory; safe to call twice."""
+        """Disconnect from the back-end and free guest memory; safe to call twice.
+
+        Views from ``rx_burst`` and buffers from ``tx_alloc`` are released
+        (a later access raises ValueError).
+        """
         _Device.close(self)
         self._pairs = ()
 
@@ -13058,23 +13405,21 @@ def _bench_net(dev, args):
     """Keep ``--depth`` frames looping through the back-end on each pair; round trips and CPU.
 
     Needs a back-end that returns every frame it receives (testpmd in io
-    forward mode). Frames that came back are replaced in one ``send_many``
-    (one kick); a latency runs from just before that call to the ``recv``
-    that returned the frame, which must be byte-identical. With ``--queues
-    N`` each of the N queue pairs runs in its own thread; the report has
-    the totals and, under "pairs", each pair's figures.
+    forward mode). Runs on the zero-copy burst path (``_bench_net_stream``).
+    With ``--queues N`` each of the N queue pairs runs in its own thread;
+    the report has the totals and, under "pairs", each pair's figures.
     """
     size = 64 if args.size is None else args.size
-    if not _TEST_FRAME_HEADER.size <= size <= 0xFFFF - _NET_HDR.size:
-        raise _CliError("--size %d: frames must be %d..%d bytes"
-                        % (size, _TEST_FRAME_HEADER.size, 0xFFFF - _NET_HDR.size))
+    if not _TEST_FRAME_HEADER.size <= size <= dev.frame_max:
+        raise _CliError("--size %d: frames must be %d..%d bytes (the MTU's frame)"
+                        % (size, _TEST_FRAME_HEADER.size, dev.frame_max))
     # More frames in flight than receive buffers would make the back-end drop some.
     per_frame = -(-(size + _NET_HDR.size) // dev.rx_buffer_size)
     if args.depth * per_frame > dev.queue_size:
         raise _CliError("--depth %d: at most %d frames of %d bytes fit the %d receive buffers"
                         % (args.depth, dev.queue_size // per_frame, size, dev.queue_size))
     pairs = dev.queue_pairs
-    latencies = [[] for _ in range(pairs)]
+    latencies = [_Latencies(args.depth) for _ in range(pairs)]
     errors = []
     progress = _Progress(sys.stderr, args.seconds, "net")
     backend_start = _proc_cpu_seconds(args.backend_pid) if args.backend_pid else None
@@ -13107,6 +13452,7 @@ def _bench_net(dev, args):
     cpu_backend = None
     if args.backend_pid:
         cpu_backend = _proc_cpu_seconds(args.backend_pid) - backend_start
+    latencies = [per_pair.values() for per_pair in latencies]
     merged = [latency for per_pair in latencies for latency in per_pair]
     report = _bench_report("net", None, size, args.depth, pairs, elapsed, merged, cpu_self,
                            cpu_backend)
@@ -13122,45 +13468,69 @@ def _bench_net(dev, args):
 
 
 def _bench_net_stream(dev, args, size, pair, deadline, latencies, tick=None):
-    """One pair's loop for ``_bench_net``: until ``deadline``, then drain what is in flight."""
-    template = _test_frame(bytes(dev.mac) if dev.mac else _TEST_MAC, pair, size)
-    head, tail = template[:_ETH_HLEN], template[_TEST_FRAME_HEADER.size:]
-    seq_field = struct.Struct(">I")
-    clock = time.perf_counter
-    pending = {}   # sequence number -> (send time, frame)
-    seq = 0
-    while True:
-        if clock() < deadline:
-            batch = []
-            t0 = clock()
-            while len(pending) < args.depth:
-                seq = (seq + 1) & 0xFFFFFFFF
-                frame = head + seq_field.pack(seq) + tail
-                pending[seq] = (t0, frame)
-                batch.append(frame)
-            if batch:
-                dev.send_many(batch, pair)
-        elif not pending:
-            return
-        frame = dev.recv(args.timeout, pair)
-        if frame is None:
+    """One pair's loop for ``_bench_net``, on the zero-copy burst path.
+
+    ``--depth`` test frames are written once into ``tx_alloc`` buffers; each
+    round posts them with ``tx_burst`` and takes the echoes with ``rx_burst``
+    until all are back, byte-identical and in order (one comparison of the
+    round's frames with the ones sent). A round's latency runs from just
+    before its ``tx_burst`` to the ``rx_burst`` that returned its last frame.
+    """
+    depth = args.depth
+    source = bytes(dev.mac) if dev.mac else _TEST_MAC
+    frames = [_test_frame(source, pair << 16 | i, size) for i in range(depth)]
+    expected = b"".join(frames)
+    lengths = [size] * depth
+    buffers = dev.tx_alloc(depth, pair)
+    try:
+        for buffer, frame in zip(buffers, frames):
+            buffer[:size] = frame
+        clock = time.perf_counter
+        tx_burst, rx_burst, timeout = dev.tx_burst, dev.rx_burst, args.timeout
+        log = latencies.batches.append
+        ticked = clock()
+        while True:
+            start = clock()
+            if start >= deadline:
+                return
+            tx_burst(buffers, lengths, pair)
+            got = rx_burst(depth, timeout, pair)
+            if len(got) == depth:
+                echoed = b"".join(got)
+            else:
+                echoed = _bench_net_collect(dev, args, pair, got, depth)
+            log(clock() - start)
+            if echoed != expected:
+                raise _CliError("%s: bench: a frame came back changed or out of order%s"
+                                % (args.socket, " on pair %d" % pair if dev.queue_pairs > 1
+                                   else ""))
+            if tick is not None and start - ticked > 0.1:
+                ticked = start
+                tick()
+    finally:
+        try:
+            dev.rx_release(pair)
+            dev.tx_free(buffers, pair)
+        except VhostUserError:
+            pass   # the device is gone: the error that stopped the loop is the one to see
+
+
+def _bench_net_collect(dev, args, pair, got, depth):
+    """A round's frames that came back in more than one burst, joined."""
+    parts = [b"".join(got)]
+    count = len(got)
+    while count < depth:
+        more = dev.rx_burst(depth - count, args.timeout, pair)
+        if not more:
             raise _CliError("%s: bench: %d frame(s)%s did not come back within %g s (the "
                             "back-end must return what it receives, like testpmd in io forward "
-                            "mode%s)" % (args.socket, len(pending),
+                            "mode%s)" % (args.socket, depth - count,
                                          " of pair %d" % pair if dev.queue_pairs > 1 else "",
                                          args.timeout, ", on as many queue pairs as --queues: "
                                          "testpmd queues=N" if pair else ""))
-        while frame is not None:
-            now = clock()
-            entry = pending.pop(seq_field.unpack_from(frame, _ETH_HLEN)[0], None) \
-                if len(frame) == size and frame[:_ETH_HLEN] == head else None
-            if entry is not None:
-                if frame != entry[1]:
-                    raise _CliError("%s: bench: a frame came back changed" % args.socket)
-                latencies.append(now - entry[0])
-            frame = dev.recv(0, pair)
-        if tick is not None:
-            tick()
+        parts.append(b"".join(more))
+        count += len(more)
+    return b"".join(parts)
 
 
 # -- demo ---------------------------------------------------------------------
