@@ -2644,6 +2644,7 @@ class Queue:
         self._slot_descs = {}                 # head -> its descriptors
         self._slot_writable = [0] * size      # head -> writable bytes of its chain
         self._slot_token = [None] * size      # head -> token while in flight
+        self._slot_range = list(range(size))  # a run of heads h..h+n is _slot_range[h:h + n]
         self._slots_busy = 0
         # The one batch of slots in flight, when its poster vouched for it
         # (a _SlotBatch): reaped whole with list steps, not entry by entry.
@@ -3088,8 +3089,13 @@ class Queue:
     def _post_slots(self, slots, tokens):
         """post_slots without the checks, under the lock: for drivers in this module."""
         token_of = self._slot_token
-        for slot, token in zip(slots, tokens):
-            token_of[slot] = token
+        first, count = slots[0], len(slots)
+        if count > 1 and slots[-1] - first == count - 1 \
+                and slots == self._slot_range[first:first + count]:
+            token_of[first:first + count] = tokens   # a run of slots: one step
+        else:
+            for slot, token in zip(slots, tokens):
+                token_of[slot] = token
         self._slots_busy += len(slots)
         self._slot_batch = None
         self._publish(slots)
@@ -7639,6 +7645,8 @@ _ETH_HLEN = 14
 _NET_RX, _NET_TX = 0, 1
 #: The token of a frame too big for a transmit slot (sent as a chain of its own).
 _BIG_FRAME = object()
+_add = int.__add__
+_release_view = memoryview.release
 
 
 class _NetPair:
@@ -7656,12 +7664,18 @@ class _NetPair:
         self.rx_view = None        # every receive buffer; a frame is a slice of it
         self.rx_starts = []        # k -> where receive buffer k's frame starts in rx_view
         self.rx_heads = []         # k -> its slot in the RX queue
+        self.rx_heads_are_k = False   # rx_heads[k] == k (a fresh queue): no look-up
+        self.rx_run = []           # range(count) as a list: a run k..k+n is rx_run[k:k + n]
+        self.rx_data = []          # k -> where receive buffer k's frame starts, after the header
+        self.rx_words = None       # rx_view as u16 words (MRG_RXBUF's num_buffers), or None
+        self.rx_step = 0           # a receive buffer's size in u16 words
         self.rx_held = []          # receive buffers whose frames the caller holds (rx_burst)
         self.rx_out = []           # the views of those frames, released with them
         self.tx_heads = []
         self.tx_views = []         # k -> the frame area of transmit buffer k
         self.tx_run = []           # range(count) as a list: a run k..k+n is tx_run[k:k + n]
         self.tx_given = {}         # id(view) -> k of the buffers tx_alloc gave the caller
+        self.tx_given_k = set()    # those k
         self.tx_idle = []          # buffers for send/send_many: not given out, not in flight
         self.tx_busy = set()       # buffers in flight
         self.tx_lengths = []       # k -> the frame length its descriptor carries now
@@ -7672,12 +7686,12 @@ class _NetPair:
         self.rx_restart = None   # used index of the new back-end's first RX entry
 
     def release(self):
-        for view in self.rx_out + self.tx_views + [self.rx_view]:
+        for view in self.rx_out + self.tx_views + [self.rx_words, self.rx_view]:
             if view is not None:
                 view.release()
         self.rx_out = []
         self.tx_views = []
-        self.rx_view = None
+        self.rx_view = self.rx_words = None
 
 
 class NetDevice(_Device):
@@ -7850,12 +7864,18 @@ class NetDevice(_Device):
         rx.defer_calls = tx.defer_calls = True
         # Receive buffer k is posted once here and reposted (in bulk) as its
         # frame is taken or released.
-        pair.rx_pool = mem.allocate(size * rx_size)
+        pair.rx_pool = mem.allocate(size * rx_size, align=64)
         pair.rx_view = mem.view(pair.rx_pool, size * rx_size)
         pair.rx_starts = [k * rx_size for k in range(size)]
+        pair.rx_data = [start + hdr_len for start in pair.rx_starts]
+        if not rx_size & 1:   # num_buffers of a run of buffers in one strided read
+            pair.rx_words = pair.rx_view.cast("H")
+            pair.rx_step = rx_size // 2
+        pair.rx_run = list(range(size))
         pair.rx_heads = [rx.add_slot(writable=[(pair.rx_pool + k * rx_size, rx_size)])
                          for k in range(size)]
-        rx.post_slots(pair.rx_heads, list(range(size)))
+        pair.rx_heads_are_k = pair.rx_heads == pair.rx_run
+        rx.post_slots(pair.rx_heads, pair.rx_run)
         # Transmit buffer k: its virtio-net header, written once here (no
         # offloads: all zero), then the frame; a post sets only the length.
         # One descriptor stays out of the slots, for a frame bigger than the MTU.
@@ -7967,6 +7987,7 @@ class NetDevice(_Device):
             views = pair.tx_views
             for k in taken:
                 pair.tx_given[id(views[k])] = k
+            pair.tx_given_k.update(taken)
             return [views[k] for k in taken]
 
     def tx_free(self, buffers, pair=0):
@@ -7976,6 +7997,7 @@ class NetDevice(_Device):
             taken = self._tx_buffers(pair, buffers, "tx_free")
             for buffer, k in zip(buffers, taken):
                 del pair.tx_given[id(buffer)]
+                pair.tx_given_k.discard(k)
                 if k not in pair.tx_busy:
                     pair.tx_idle.append(k)
 
@@ -8102,12 +8124,11 @@ class NetDevice(_Device):
                 pair.tx_big -= big
                 tokens = [k for k in tokens if k is not _BIG_FRAME]
         pair.tx_busy.difference_update(tokens)
-        given = pair.tx_given
-        if not given:
+        given = pair.tx_given_k
+        if not given or given.isdisjoint(tokens):
             pair.tx_idle.extend(tokens)
-        elif len(given) < len(pair.tx_views):
-            views = pair.tx_views
-            pair.tx_idle.extend([k for k in tokens if id(views[k]) not in given])
+        elif not given.issuperset(tokens):   # the caller's stay the caller's
+            pair.tx_idle.extend([k for k in tokens if k not in given])
 
     def _wait_tx(self, pair, room, deadline):
         """Kick and reap until ``room()`` holds; VhostUserTimeout at ``deadline``.
@@ -8217,9 +8238,9 @@ class NetDevice(_Device):
                             and min(lengths) >= hdr_len \
                             and (not self._mrg or self._single_buffers(pair, taken)):
                         # The usual burst: each buffer a whole frame, handed out in place.
-                        view, starts = pair.rx_view, pair.rx_starts
-                        frames = [view[start + hdr_len:start + length] for start, length
-                                  in zip(map(starts.__getitem__, taken), lengths)]
+                        frames = list(map(pair.rx_view.__getitem__, map(
+                            slice, map(pair.rx_data.__getitem__, taken),
+                            map(_add, map(pair.rx_starts.__getitem__, taken), lengths))))
                         pair.rx_held = taken
                         pair.rx_out = frames
                         return frames
@@ -8242,10 +8263,18 @@ class NetDevice(_Device):
         with pair.rx_lock, self._call("rx_release"):
             self._rx_repost(pair)
 
-    def _single_buffers(self, pair, taken):
+    @staticmethod
+    def _single_buffers(pair, taken):
         """With MRG_RXBUF: whether every header says its frame is in that one buffer."""
-        view, starts = pair.rx_view, pair.rx_starts
         # num_buffers is the header's last u16 (spec 5.1.6).
+        words, count = pair.rx_words, len(taken)
+        if words is not None:
+            first, step = taken[0], pair.rx_step
+            if taken == pair.rx_run[first:first + count]:   # a run: one strided read
+                at = first * step + 5
+                return words[at:at + step * count:step].tolist() == [1] * count
+            return [words[k * step + 5] for k in taken] == [1] * count
+        view, starts = pair.rx_view, pair.rx_starts
         return all(view[start + 10] == 1 and view[start + 11] == 0
                    for start in map(starts.__getitem__, taken))
 
@@ -8274,10 +8303,10 @@ class NetDevice(_Device):
         if not taken:
             return
         rx = pair.rx
-        heads = pair.rx_heads
+        heads = taken if pair.rx_heads_are_k else [pair.rx_heads[k] for k in taken]
         with rx.lock:
             rx.check_usable()
-            rx.post_run([heads[k] for k in taken], taken)
+            rx.post_run(heads, taken)
             kick = rx.kick_due()
         if kick:
             rx.kick.signal()
@@ -8287,11 +8316,14 @@ class NetDevice(_Device):
         frames, pair.rx_out = pair.rx_out, []
         held, pair.rx_held = pair.rx_held, []
         kept = []
-        for k, frame in zip(held, frames):
-            try:
-                frame.release()
-            except BufferError:   # exported (e.g. to numpy): not the device's again yet
-                kept.append((k, frame))
+        try:
+            list(map(_release_view, frames))
+        except BufferError:
+            for k, frame in zip(held, frames):
+                try:
+                    frame.release()
+                except BufferError:   # exported (e.g. to numpy): not the device's again yet
+                    kept.append((k, frame))
         if kept:
             pair.rx_held = [k for k, _ in kept]
             pair.rx_out = [frame for _, frame in kept]
