@@ -8311,12 +8311,19 @@ def _operation(method):
     """Mark an ``FsDevice`` call: no node is forgotten until every call in progress ends."""
     @functools.wraps(method)
     def call(self, *args, **kwargs):
-        if self._mem is None:
+        if self._closed_to_caller():
             raise _DeviceClosed("%s: the virtio-fs device is closed" % method.__name__)
         with self._cache_lock:
             self._active += 1
         try:
             return method(self, *args, **kwargs)
+        except Exception as exc:
+            # A call that close() on another thread cut short says so, not
+            # EBADF or EIO, which would read as errors of the file system.
+            if self._closed_to_caller():
+                raise _DeviceClosed("%s: the virtio-fs device is closed" % method.__name__) \
+                    from exc
+            raise
         finally:
             with self._cache_lock:
                 self._active -= 1
@@ -8374,6 +8381,7 @@ class FsDevice(_Device):
         self._buffered = weakref.WeakSet()            # what open() returned over them
         self._deferred = collections.deque()          # releases of files dropped unclosed
         self._active = 0                              # calls in progress (see _operation)
+        self._closer = None                           # the thread in close(), once called
         self._retired = []                            # (nodeid, nlookup) to FORGET
         self._ids = (os.geteuid(), os.getegid(), os.getpid())
         try:
@@ -8449,13 +8457,17 @@ class FsDevice(_Device):
 
     # -- requests ----------------------------------------------------------------
 
-    def _check_open(self):
-        if self._mem is None:
-            raise _DeviceClosed("the virtio-fs device is closed")
+    def _closed_to_caller(self):
+        """True when the device is closed, or being closed by another thread than this one."""
+        return self._mem is None or self._closer not in (None, threading.get_ident())
+
+    def _check_open(self, what="FUSE"):
+        if self._closed_to_caller():
+            raise _DeviceClosed("%s: the virtio-fs device is closed" % what)
 
     def _submit(self, op, nodeid, readable, reply):
         """Post one FUSE request (no kick); ``reply`` is a writable buffer or None."""
-        self._check_open()
+        self._check_open(_FuseOp(op).name)
         with self._unique_lock:
             self._unique += 1
             unique = self._unique
@@ -8681,12 +8693,19 @@ class FsDevice(_Device):
         return node
 
     @staticmethod
-    def _parts(path):
-        """(components as bytes, trailing slash) of a share-relative path."""
-        path = os.fspath(path)
-        raw = os.fsencode(path)
+    def _fuse_string(value):
+        """``value`` (str, bytes or path-like) as the bytes a FUSE request carries, without
+        the terminating NUL; a NUL inside raises ValueError, as ``os`` does (every name,
+        target and attribute name goes through here, so none is cut short)."""
+        raw = os.fsencode(os.fspath(value))
         if b"\0" in raw:
             raise ValueError("embedded null byte")
+        return raw
+
+    @staticmethod
+    def _parts(path):
+        """(components as bytes, trailing slash) of a share-relative path."""
+        raw = FsDevice._fuse_string(path)
         return raw.split(b"/"), raw.endswith(b"/")
 
     def _walk_path(self, path, follow_last=True, parent_only=False, ancestors=None):
@@ -8742,8 +8761,11 @@ class FsDevice(_Device):
         """(parent node, name) for a call that creates or removes ``name``.
 
         ``special_errno`` is what ``os`` says when the name is the root, '.'
-        or '..' (EEXIST for mkdir, EBUSY for rmdir, ...).
+        or '..' (EEXIST for mkdir, EBUSY for rmdir, ...). An empty path names
+        nothing to create or remove: ENOENT, as ``os.mkdir("")`` says.
         """
+        if not self._fuse_string(path):
+            raise _fs_error(errno.ENOENT, path)
         parent, name = self._walk_path(path, parent_only=True, ancestors=ancestors)
         if name in (b"", b".", b".."):
             if isinstance(special_errno, dict):
@@ -9070,8 +9092,8 @@ class FsDevice(_Device):
     @_operation
     def symlink(self, target, path):
         """os.symlink: create ``path`` pointing at ``target``."""
+        raw_target = self._fuse_string(target)
         parent, name = self._parent(path, errno.EEXIST)
-        raw_target = os.fsencode(os.fspath(target))
         reply = bytearray(_ENTRY_SIZE)
         self._fuse_call(_FuseOp.SYMLINK, parent.nodeid, [name + b"\0", raw_target + b"\0"], reply,
                    _ENTRY_SIZE, target, path)
@@ -9180,7 +9202,8 @@ class FsDevice(_Device):
     def getxattr(self, path, attribute, follow_symlinks=True):
         """os.getxattr: the value (bytes) of extended attribute ``attribute``."""
         node = self._walk_path(path, follow_last=follow_symlinks)
-        return self._xattr_read(_FuseOp.GETXATTR, node, [os.fsencode(attribute) + b"\0"], path)
+        return self._xattr_read(_FuseOp.GETXATTR, node, [self._fuse_string(attribute) + b"\0"],
+                                path)
 
     @_operation
     def listxattr(self, path="", follow_symlinks=True):
@@ -9195,15 +9218,15 @@ class FsDevice(_Device):
         node = self._walk_path(path, follow_last=follow_symlinks)
         value = bytes(value)
         self._xattr_call(_FuseOp.SETXATTR, node, [_FUSE_U32_PAIR.pack(len(value), flags),
-                                                  os.fsencode(attribute) + b"\0", value],
+                                                  self._fuse_string(attribute) + b"\0", value],
                          None, path)
 
     @_operation
     def removexattr(self, path, attribute, follow_symlinks=True):
         """os.removexattr."""
         node = self._walk_path(path, follow_last=follow_symlinks)
-        self._xattr_call(_FuseOp.REMOVEXATTR, node, [os.fsencode(attribute) + b"\0"], None,
-                         path)
+        self._xattr_call(_FuseOp.REMOVEXATTR, node, [self._fuse_string(attribute) + b"\0"],
+                         None, path)
 
     # -- files --------------------------------------------------------------------
 
@@ -9431,9 +9454,17 @@ class FsDevice(_Device):
     def close(self):
         """Close open files, release the share and disconnect; safe to call twice.
 
-        Open files are closed first (what they buffer is written), then every
-        node is forgotten (FORGET) and the session ended (DESTROY).
+        Calls on other threads finish the requests they have in flight; their
+        next request, and any later call, raises ``ValueError`` saying the
+        device is closed. Open files are closed first (what they buffer is
+        written), then every node is forgotten (FORGET) and the session
+        ended (DESTROY).
         """
+        if self._closer is None:
+            self._closer = threading.get_ident()
+        deadline = time.monotonic() + self.timeout
+        while self._active and self._mem is not None and time.monotonic() < deadline:
+            time.sleep(0.001)    # the calls on other threads leave at their next request
         if self._mem is not None and self._frontend is not None:
             try:
                 self._shutdown()
