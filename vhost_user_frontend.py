@@ -10846,17 +10846,36 @@ _CLI_CHUNK = 4 << 20
 
 
 class _TransferProgress:
-    """Bytes, rate and ETA on stderr, once a transfer has run a second; terminal only."""
+    """Bytes, rate and ETA on stderr, once a transfer has run a second; terminal only.
 
-    def __init__(self, total, stream=None):
+    With ``what`` (the action), ``fail(exc)`` notes on a failure or an
+    interruption how many bytes were done, and the offset reached when the
+    transfer started at ``offset``; the error line ends with it.
+    """
+
+    moved = 0     # the bytes done, as the last update() said
+
+    def __init__(self, total, stream=None, what=None, offset=None):
         self.stream = sys.stderr if stream is None else stream
         self.enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.total = total
+        self.what = what
+        self.offset = offset
         self.start = time.monotonic()
         self.next_draw = self.start + 1.0
         self.drawn = False
 
+    def fail(self, exc):
+        """Note on ``exc`` what was done before it (see ``_transfer_note``)."""
+        text = "%s stopped after %d bytes" % (self.what, self.moved)
+        if self.total is not None:
+            text += " of %d" % self.total
+        if self.offset is not None:
+            text += ", at offset %d" % (self.offset + self.moved)
+        _note_transfer(exc, text)
+
     def update(self, done):
+        self.moved = done
         now = time.monotonic()
         if not self.enabled or now < self.next_draw:
             return
@@ -10877,6 +10896,34 @@ class _TransferProgress:
         if self.drawn:
             self.stream.write("\r\033[K")
             self.stream.flush()
+
+
+def _note_transfer(exc, text):
+    """Attach to ``exc`` what a transfer did before it, for the error line to end with."""
+    if not _stdout_gone(exc):
+        exc.cli_transfer_note = text
+
+
+def _transfer_note(exc):
+    """Take (once) the note ``_note_transfer`` left on ``exc`` or an exception it came from."""
+    todo, seen = [exc], []
+    while todo and len(seen) < 20:
+        exc = todo.pop(0)
+        if exc is None or any(exc is e for e in seen):
+            continue
+        seen.append(exc)
+        note = vars(exc).pop("cli_transfer_note", None)
+        if note is not None:
+            return note
+        # A file's close() failing after its read failed: the read's note is in the context.
+        todo += [exc.__cause__, exc.__context__]
+    return None
+
+
+def _stdout_gone(exc):
+    """True for the EPIPE of writing to stdout after its reader left (no file name: not a
+    file-system error the back-end returned)."""
+    return isinstance(exc, BrokenPipeError) and exc.filename is None
 
 
 class _HexdumpC:
@@ -10996,7 +11043,7 @@ def _blk_read(dev, args, out):
     elif binary is not None:
         target = binary
     dump = _HexdumpC(out.write, args.offset) if target is None else None
-    progress = _TransferProgress(args.length)
+    progress = _TransferProgress(args.length, what="read", offset=args.offset)
     stream = _blk_stream(dev, args.offset, args.length, progress)
     try:
         for piece in stream:
@@ -11008,6 +11055,9 @@ def _blk_read(dev, args, out):
             dump.close()
         else:
             target.flush()
+    except BaseException as exc:
+        progress.fail(exc)
+        raise
     finally:
         stream.close()   # its buffer goes back now, not when a collector gets to it
         progress.done()
@@ -11098,7 +11148,7 @@ def _blk_write_from(dev, args, out, source):
         if head:
             staging[:head] = dev.read(position, block)[:head] if args.rmw else bytes(head)
         fill = head
-        progress = _TransferProgress(length)
+        progress = _TransferProgress(length, what="write", offset=offset)
         total = 0
         try:
             while True:
@@ -11122,9 +11172,12 @@ def _blk_write_from(dev, args, out, source):
                     position += ready
                     fill -= ready
                     staging[:fill] = staging[ready:ready + fill]   # < 1 block: no overlap
-                    progress.update(total)
+                    progress.update(max(0, position - offset))
                 if not count:
                     break
+        except BaseException as exc:
+            progress.fail(exc)
+            raise
         finally:
             progress.done()
         tail = fill
@@ -11434,7 +11487,7 @@ def _net_recv(dev, args, out):
                             "give a file name")
     report = sys.stderr if stream is not None else out   # stdout carries the pcap
     raw = None
-    count = 0
+    count = received = 0
     try:
         if args.write is not None and args.write != "-":
             stream = open(args.write, "wb")
@@ -11454,6 +11507,7 @@ def _net_recv(dev, args, out):
                     continue
                 stamp = time.time()
                 count += 1
+                received += len(frame)
                 if capture is not None:
                     capture.write(frame, stamp)
                 else:
@@ -11464,6 +11518,12 @@ def _net_recv(dev, args, out):
                     raw.write(frame)
     except KeyboardInterrupt:
         pass   # Ctrl-C before the flag was set up ends a capture too, as it does tcpdump's
+    except Exception as exc:
+        # The frames written before the failure are whole: say how many.
+        _note_transfer(exc, "recv stopped after %d frame(s), %d bytes%s" % (
+            count, received, "".join(" written to %s" % name for name in (args.write, args.output)
+                                     if name is not None)))
+        raise
     finally:
         if raw is not None:
             raw.close()
@@ -11620,14 +11680,18 @@ def _cmd_fs(args, out):
         try:
             return _FS_ACTIONS[args.action](fs, args, out)
         except OSError as exc:
+            if _stdout_gone(exc):
+                raise      # the reader left: silent, status 141 (see _main)
             raise _CliError(_fs_error_text(args.action, exc))
 
 
 def _fs_error_text(action, exc):
-    """``ls: dir/x: No such file or directory``: the command, the path, the reason."""
+    """``ls: dir/x: No such file or directory``: the command, the path, the reason
+    (an empty path shown as ''), and what a transfer did before it failed."""
     names = [n for n in (exc.filename, exc.filename2) if n is not None]
-    where = " -> ".join(os.fsdecode(n) for n in names)
-    return "%s: %s%s" % (action, where + ": " if where else "", exc.strerror or exc)
+    where = " -> ".join(os.fsdecode(n) or "''" for n in names)
+    return "%s: %s%s%s" % (action, where + ": " if where else "", exc.strerror or exc,
+                           _transfer_suffix(exc))
 
 
 def _fs_time(seconds):
@@ -11737,12 +11801,23 @@ def _fs_stat(fs, args, out):
     return 0
 
 
-def _fs_copy_out(source, write):
-    while True:
-        chunk = source.read(1 << 20)
-        if not chunk:
-            return
-        write(chunk)
+def _fs_copy_out(source, write, what, total=None):
+    """Copy ``source`` to ``write`` in 1 MiB steps; a failure notes the bytes done."""
+    progress = _TransferProgress(total, what=what)
+    done = 0
+    try:
+        while True:
+            chunk = source.read(1 << 20)
+            if not chunk:
+                return
+            write(chunk)
+            done += len(chunk)
+            progress.update(done)
+    except BaseException as exc:
+        progress.fail(exc)
+        raise
+    finally:
+        progress.done()
 
 
 def _fs_each(args, paths, do):
@@ -11758,6 +11833,8 @@ def _fs_each(args, paths, do):
         try:
             do(path)
         except OSError as exc:
+            if _stdout_gone(exc):
+                raise
             text = _fs_error_text(args.action, exc)
             if report is not None:
                 report(text)
@@ -11774,10 +11851,10 @@ def _fs_cat(fs, args, out):
         with fs.open(path, "rb") as f:
             if binary is not None:
                 out.flush()
-                _fs_copy_out(f, binary.write)
+                _fs_copy_out(f, binary.write, "cat")
                 binary.flush()
             else:
-                _fs_copy_out(f, lambda chunk: out.write(chunk.decode("utf-8", "replace")))
+                _fs_copy_out(f, lambda chunk: out.write(chunk.decode("utf-8", "replace")), "cat")
     return _fs_each(args, args.paths, cat)
 
 
@@ -11786,7 +11863,7 @@ def _fs_get(fs, args, out):
     if os.path.isdir(local):
         local = os.path.join(local, os.path.basename(args.remote.rstrip("/")))
     with fs.open(args.remote, "rb") as source, open(local, "wb") as target:
-        _fs_copy_out(source, target.write)
+        _fs_copy_out(source, target.write, "get", fs.stat(args.remote).st_size)
         size = target.tell()
     out.write("%s -> %s (%d bytes)\n" % (args.remote, local, size))
     return 0
@@ -11797,7 +11874,7 @@ def _fs_put(fs, args, out):
     if fs._is_dir(remote):
         remote = _fs_join(remote, os.path.basename(args.local))
     with open(args.local, "rb") as source, fs.open(remote, "wb") as target:
-        _fs_copy_out(source, target.write)
+        _fs_copy_out(source, target.write, "put", os.fstat(source.fileno()).st_size)
         size = target.tell()
     out.write("%s -> %s (%d bytes)\n" % (args.local, remote, size))
     return 0
@@ -11989,6 +12066,8 @@ def _fs_shell(fs, args, out):
             try:
                 _FS_ACTIONS[parsed.action](fs, parsed, out)
             except OSError as exc:
+                if _stdout_gone(exc):
+                    raise
                 self._fail(_fs_error_text(parsed.action, exc))
             except (VhostUserError, ValueError) as exc:
                 raise _CliError("%s: %s" % (parsed.action, _one_line(exc)))
@@ -13828,13 +13907,13 @@ def _main(argv):
     _log.addHandler(handler)
     try:
         return args.func(args, sys.stdout)
-    except KeyboardInterrupt:
-        sys.stderr.write("%s: interrupted\n" % _PROG)
+    except KeyboardInterrupt as exc:
+        sys.stderr.write("%s: interrupted%s\n" % (_PROG, _transfer_suffix(exc)))
         return 130
     except _Terminated as exc:
         import signal
-        sys.stderr.write("%s: terminated by %s, cleaned up\n"
-                         % (_PROG, signal.Signals(exc.signum).name))
+        sys.stderr.write("%s: terminated by %s, cleaned up%s\n"
+                         % (_PROG, signal.Signals(exc.signum).name, _transfer_suffix(exc)))
         return 128 + exc.signum
     except _UsageError as exc:
         sys.stderr.write("%s: error: %s\n" % (_PROG, exc))
@@ -13852,7 +13931,7 @@ def _main(argv):
             message = "back-end disconnected: " + message
         if isinstance(exc, VhostUserError):
             message = "%s: %s" % (args.socket, message)
-        sys.stderr.write("%s: error: %s\n" % (_PROG, message))
+        sys.stderr.write("%s: error: %s%s\n" % (_PROG, message, _transfer_suffix(exc)))
         return _EXIT_FAILURE
     finally:
         _log.removeHandler(handler)
@@ -13870,6 +13949,12 @@ def _silence_stdout():
         os.dup2(devnull, fd)
     finally:
         os.close(devnull)
+
+
+def _transfer_suffix(exc):
+    """"; read stopped after N bytes ..." for an error that ended a transfer, else ""."""
+    note = _transfer_note(exc)
+    return "; " + note if note else ""
 
 
 def _one_line(exc):
