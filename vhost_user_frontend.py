@@ -10582,18 +10582,34 @@ def _check_socket(path):
 
 
 def _cli_connect(path, timeout):
-    """A BackendClient on ``path``, with one-line errors for the usual mistakes."""
+    """A BackendClient on ``path``, with one-line errors for the usual mistakes.
+
+    A listen backlog that is full (the back-end busy with other front-ends,
+    or stopped) is retried until ``timeout``, as the library does; a missing
+    socket or one nobody listens on fails at once.
+    """
     _check_socket(path)
-    try:
-        # timeout=0: one attempt; the CLI must not wait for a socket to appear.
-        return BackendClient.connect(path, timeout=0, reply_timeout=timeout)
-    except Disconnected as exc:
-        cause = exc.__cause__
-        if isinstance(cause, ConnectionRefusedError):
-            raise _CliError("%s: connection refused (nothing is listening on it)" % path)
-        if isinstance(cause, OSError) and cause.strerror:
-            raise _CliError("%s: cannot connect: %s" % (path, cause.strerror))
-        raise _CliError("%s: cannot connect: %s" % (path, exc))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            # timeout=0: one attempt each; the CLI must not wait for a socket to appear.
+            return BackendClient.connect(path, timeout=0, reply_timeout=timeout)
+        except Disconnected as exc:
+            cause = exc.__cause__
+            busy = isinstance(cause, (BlockingIOError, socket.timeout))
+            if busy and time.monotonic() < deadline:
+                time.sleep(min(_RECONNECT_RETRY, max(0.0, deadline - time.monotonic())))
+                continue
+            if isinstance(cause, ConnectionRefusedError):
+                raise _CliError("%s: connection refused (nothing is listening on it)" % path)
+            if busy:
+                raise _CliError("%s: cannot connect within %g s: the back-end's listen backlog "
+                                "stayed full (is it serving other front-ends, or stopped?)"
+                                % (path, timeout))
+            if isinstance(cause, OSError):
+                raise _CliError("%s: cannot connect: %s" % (path, _connect_cause(cause)))
+            # The library's message already says "cannot connect to PATH: ...".
+            raise _CliError(_one_line(exc))
 
 
 def _probe(client, path, device_type=None, config_size=None):
