@@ -10615,9 +10615,8 @@ def _cli_connect(path, timeout):
 def _probe(client, path, device_type=None, config_size=None):
     """Everything a back-end tells about itself, negotiating only what that needs.
 
-    Returns the dict ``probe --json`` prints (its keys are stable). Raises
-    _CliError when ``device_type`` is given and the back-end is conclusively
-    another type.
+    Returns the dict ``probe --json`` prints (its keys are stable). A
+    ``device_type`` given is used as is (``--type`` overrides the guess).
     """
     features = client.get_features()
     offered = None
@@ -10628,9 +10627,7 @@ def _probe(client, path, device_type=None, config_size=None):
         if used:
             client.set_protocol_features(used)
     source = "given"
-    if device_type is not None:
-        _check_device_type(path, device_type, features, offered)
-    else:
+    if device_type is None:   # --type overrides the guess, whatever the bits suggest
         device_type, why, _ = _guess_device_type(features, offered)
         source = "guessed: %s" % why if device_type is not None else "unknown"
     info = {
@@ -10778,6 +10775,14 @@ def _open_device(args, cls, device_type, **kwargs):
             # QEMU's vhost-user-blk refuses such a back-end too: capacity is in the config.
             raise _CliError("%s: wrong device type: the back-end does not offer CONFIG, so it "
                             "cannot be a vhost-user-blk device" % args.socket)
+        if device_type == DeviceType.NET:
+            # virtiofsd's bits are only a hint of virtio-fs, but a net back-end
+            # offers net bits; without this the rings went up and the handshake
+            # failed deep in SET_VRING_ENABLE, using up virtiofsd's one connection.
+            guess, why, _ = _guess_device_type(features, protocol)
+            if guess == DeviceType.FS:
+                raise _CliError("%s: wrong device type: the back-end looks like a fs device (it "
+                                "offers %s), not net" % (args.socket, why))
         return cls.connect(client, timeout=args.timeout, **kwargs)
     except FeatureNotNegotiated as exc:
         client.close()
