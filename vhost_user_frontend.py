@@ -11297,6 +11297,12 @@ def _frame_source(dev, args, size):
 
 
 def _cmd_net(args, out):
+    if args.action == "send" and args.read is None and args.payload_file is None \
+            and args.payload_hex is None:
+        low, high = _TEST_FRAME_HEADER.size, 0xFFFF - _NET_HDR.size
+        if not low <= args.size <= high:    # before connecting: bad usage, status 2
+            raise _UsageError("--size %d: generated frames carry a sequence number and are "
+                              "%d..%d bytes" % (args.size, low, high))
     with _open_device(args, NetDevice, DeviceType.NET) as dev:
         return _NET_ACTIONS[args.action](dev, args, out)
 
@@ -12120,11 +12126,13 @@ def _bench_fs(fs, args):
     size = 4096 if args.size is None else args.size
     rw = args.rw or "randread"
     if not 0 < size <= min(fs.max_read, fs.max_write):
-        raise _CliError("--size %d must be in 1..%d (what one FUSE request carries)"
-                        % (size, min(fs.max_read, fs.max_write)))
+        raise _CliError("%s %d must be in 1..%d (what one FUSE request carries)"
+                        % (_typed_option(args, "--size", "--bs"), size,
+                           min(fs.max_read, fs.max_write)))
     if args.depth > fs.queue_size:
-        raise _CliError("--depth %d: at most %d requests fit the %d-entry ring"
-                        % (args.depth, fs.queue_size, fs.queue_size))
+        raise _CliError("%s %d: at most %d requests fit the %d-entry ring"
+                        % (_typed_option(args, "--depth", "--iodepth"), args.depth,
+                           fs.queue_size, fs.queue_size))
     created = not fs.exists(args.file)
     try:
         if created:
@@ -12405,7 +12413,40 @@ class _BlockLoad:
         return chunk
 
 
+#: The smallest logical block of a virtio-blk device (spec 5.2.4: blk_size >= 512).
+_BENCH_MIN_BLOCK = 512
+
+
+def _check_bench_usage(args):
+    """Refuse, before connecting (status 2), a --size or --depth no device takes.
+
+    What depends on the device (its block size, ring, MTU) is checked once
+    connected (status 1); both name the spelling typed (--bs, --iodepth).
+    """
+    size_option = _typed_option(args, "--size", "--bs")
+    depth_option = _typed_option(args, "--depth", "--iodepth")
+    size = args.size
+    if args.type == "net":
+        low, high, depth_max = _TEST_FRAME_HEADER.size, 0xFFFF - _NET_HDR.size, MAX_QUEUE_SIZE
+        if size is not None and not low <= size <= high:
+            raise _UsageError("%s %d: frames must be %d..%d bytes" % (size_option, size, low,
+                                                                     high))
+    else:
+        depth_max = MAX_QUEUE_SIZE // 3 if args.type == "blk" else MAX_QUEUE_SIZE
+        if args.type == "blk" and size is not None and (
+                size <= 0 or size % _BENCH_MIN_BLOCK):
+            raise _UsageError("%s %d: must be a positive multiple of %d bytes (the smallest "
+                              "block size)" % (size_option, size, _BENCH_MIN_BLOCK))
+        if args.type == "fs" and size is not None and size <= 0:
+            raise _UsageError("%s %d: must be at least 1 byte" % (size_option, size))
+    if args.depth > depth_max:
+        raise _UsageError("%s %d: at most %d requests fit the largest ring (%d entries%s)"
+                          % (depth_option, args.depth, depth_max, MAX_QUEUE_SIZE,
+                             ", 3 per request" if args.type == "blk" else ""))
+
+
 def _cmd_bench(args, out):
+    _check_bench_usage(args)
     if args.type == "net":
         given = [name for name, value in (
             ("--rw", args.rw), ("--rwmixread", args.rwmixread), ("--offset", args.offset or None),
@@ -12462,14 +12503,16 @@ def _bench_block(dev, args):
     rw = args.rw or "randread"
     largest = min(dev.capacity, dev.max_transfer)
     if size <= 0 or size % dev.block_size or size > largest:
-        raise _CliError("--size %d must be a positive multiple of the block size %d, at most "
+        raise _CliError("%s %d must be a positive multiple of the block size %d, at most "
                         "%d (the capacity or the largest request the device takes)"
-                        % (size, dev.block_size, largest))
+                        % (_typed_option(args, "--size", "--bs"), size, dev.block_size,
+                           largest))
     ring = dev._queues[0].size
     if args.depth > ring // 3:
         # More could never be in flight: a request takes 3 descriptors.
-        raise _CliError("--depth %d: at most %d requests fit the %d-entry ring"
-                        % (args.depth, ring // 3, ring))
+        raise _CliError("%s %d: at most %d requests fit the %d-entry ring"
+                        % (_typed_option(args, "--depth", "--iodepth"), args.depth,
+                           ring // 3, ring))
     region = _bench_region(dev, args, size)
     queues = args.queues or 1
     loads = [_BlockLoad(region[1], size, rw, seed, region[0], args.rwmixread)
@@ -13013,13 +13056,14 @@ def _bench_net(dev, args):
     # More frames in flight than receive buffers would make the back-end drop some.
     per_frame = -(-(size + _NET_HDR.size) // dev.rx_buffer_size)
     if args.depth * per_frame > dev.queue_size:
-        raise _CliError("--depth %d: at most %d frames of %d bytes fit the %d receive buffers"
-                        % (args.depth, dev.queue_size // per_frame, size, dev.queue_size))
+        raise _CliError("%s %d: at most %d frames of %d bytes fit the %d receive buffers"
+                        % (_typed_option(args, "--depth", "--iodepth"), args.depth,
+                           dev.queue_size // per_frame, size, dev.queue_size))
     pairs = dev.queue_pairs
     latencies = [[] for _ in range(pairs)]
     errors = []
     progress = _Progress(sys.stderr, args.seconds, "net")
-    backend_start = _proc_cpu_seconds(args.backend_pid) if args.backend_pid else None
+    backend = _PeerCpu(args)
     cpu_start = _self_cpu_seconds()
     start = time.perf_counter()
     deadline = start + args.seconds
@@ -13529,6 +13573,7 @@ def _cmd_selftest(args, out):
 def _int_arg(text):
     """An argparse type: an integer with an optional 0x prefix or k/M/G suffix."""
     import argparse
+    _ascii_arg(text, "an integer")
     scale = {"k": 1 << 10, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
     try:
         value = int(text[:-1] if scale > 1 else text, 0) * scale
@@ -13537,6 +13582,38 @@ def _int_arg(text):
     if value < 0:
         raise argparse.ArgumentTypeError("%r is negative" % text)
     return value
+
+
+def _ascii_arg(text, kind):
+    """Refuse what int() and float() take beyond ASCII (full-width digits: '\uff10')."""
+    import argparse
+    try:
+        text.encode("ascii")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("%r is not %s (ASCII digits only)" % (text, kind))
+
+
+def _hex_arg(text):
+    """An argparse type: a whole Ethernet frame in hex (``ff:ff`` colons allowed), kept as text."""
+    import argparse
+    try:
+        frame = bytes.fromhex(text.replace(":", " "))
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not bytes in hex (two hex digits a byte, "
+                                         "e.g. ffffffffffff0200...)" % text)
+    if len(frame) < _ETH_HLEN:
+        raise argparse.ArgumentTypeError("%r is %d bytes; an Ethernet frame has at least %d"
+                                         % (text, len(frame), _ETH_HLEN))
+    return text
+
+
+def _typed_option(args, *spellings):
+    """Which of an option's ``spellings`` the user typed (``--bs`` or ``--size``), for messages."""
+    for word in reversed(getattr(args, "typed_argv", None) or ()):
+        for spelling in spellings:
+            if word == spelling or word.startswith(spelling + "="):
+                return spelling
+    return spellings[0]
 
 
 def _byte_arg(text):
@@ -13574,6 +13651,7 @@ def _seconds_arg(text, allow_zero=False, allow_inf=False):
     waiting for ever makes sense (``allow_inf``) "inf" is accepted.
     """
     import argparse
+    _ascii_arg(text, "a number")
     try:
         value = float(text)
     except ValueError:
@@ -13589,6 +13667,7 @@ def _seconds_arg(text, allow_zero=False, allow_inf=False):
 def _rate_arg(text):
     """An argparse type: a finite rate above 0 (``--pps``: frames per second)."""
     import argparse
+    _ascii_arg(text, "a number")
     try:
         value = float(text)
     except ValueError:
@@ -13743,7 +13822,7 @@ def _build_parser():
         given = parser_.add_mutually_exclusive_group()
         given.add_argument("--payload-file", metavar="FILE",
                            help="send FILE's bytes (a whole Ethernet frame) every time")
-        given.add_argument("--payload-hex", metavar="HEX",
+        given.add_argument("--payload-hex", type=_hex_arg, metavar="HEX",
                            help="send these bytes every time (e.g. ffffffffffff0200...)")
     recv = actions.add_parser(
         "recv", parents=[common, ring], help="print the frames that arrive, or capture them as pcap",
@@ -13917,6 +13996,7 @@ def _main(argv):
         return exc.code if isinstance(exc.code, int) else _EXIT_FAILURE
     args.verbose = getattr(args, "verbose", False)
     args.timeout = getattr(args, "timeout", 5.0)
+    args.typed_argv = list(sys.argv[1:] if argv is None else argv)
     if args.verbose:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(relativeCreated)8.1f ms %(message)s"))
