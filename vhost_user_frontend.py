@@ -4996,6 +4996,10 @@ class VhostUserFrontend:
     _handler = None
     _worker = None
     _inflight = None      # the back-end's _InflightRegion (INFLIGHT_SHMFD), once asked
+    #: A device's check of a back-end that came back, called by ``reconnect``
+    #: before the rings are sent again (BlockDevice re-reads its config);
+    #: raises ``Disconnected`` when the device cannot use it.
+    reconnect_check = None
 
     def __init__(self, device_type, base_features, connection, max_queue_size=None,
                  timeout=5.0, protocol_features=_CROSVM_PROTOCOL_FEATURES, start_kick=True,
@@ -5575,6 +5579,8 @@ class VhostUserFrontend:
             if sent is not None:
                 self._sent_features = None
                 self.ack_features(acked)
+            if self.reconnect_check is not None:
+                self.reconnect_check(self)
             if self._mapper is not None:
                 # The new back-end maps nothing yet: drop the old mappings.
                 self._mapper.clear()
@@ -6020,7 +6026,7 @@ class _Device:
             if self._closing:
                 return   # _recover says the device was closed
             if time.monotonic() >= deadline:
-                self._dead = Disconnected("the back-end did not come back within %.1f s "
+                self._dead = Disconnected("the back-end did not come back within %g s "
                                           "(%d attempt(s)): %s" % (self._reconnect, attempts,
                                                                    error))
                 break
@@ -6802,7 +6808,34 @@ class BlockDevice(_Device):
         # What _completions_for would return for each queue, while open: the
         # fast path's look-up (emptied by close()).
         self._open_completions = dict(enumerate(self._completions))
+        frontend.reconnect_check = self._check_config_again
         frontend.activate(self._mem, None, queues)
+
+    def _check_config_again(self, frontend):
+        """Re-read the config of a back-end that came back (``reconnect``), before the rings.
+
+        Raises:
+            Disconnected: its capacity, block size or queue count shrank (a
+                smaller disk would answer IOERR to what is in flight); the
+                message names what changed.
+        """
+        data = frontend.read_config(0, _device_config_size(DeviceType.BLOCK, self.features))
+        fields = _config_values(DeviceType.BLOCK, self.features, data)
+        config = _BlockConfig._make(fields.get(name, 0) for name in _BlockConfig._fields)
+        block_size = config.blk_size if self.features & _BLK_F_BLK_SIZE else _SECTOR
+        changed = []
+        if config.capacity * _SECTOR < self.capacity:
+            changed.append("capacity %d bytes, was %d" % (config.capacity * _SECTOR,
+                                                           self.capacity))
+        if block_size != self.block_size:
+            changed.append("block size %d, was %d" % (block_size, self.block_size))
+        if self.features & _BLK_F_MQ and config.num_queues < self.num_queues:
+            changed.append("num_queues %d, %d in use" % (config.num_queues, self.num_queues))
+        if changed:
+            raise _BackendShrank("reconnect: the back-end came back with another disk: %s"
+                                 % "; ".join(changed), FrontendReq.GET_CONFIG)
+        self.config = config
+        self.capacity = config.capacity * _SECTOR
 
     # -- properties from the config space ---------------------------------------
 
@@ -7230,6 +7263,8 @@ class BlockDevice(_Device):
 
     def read(self, offset, length, queue=0):
         """Read ``length`` bytes at ``offset`` (both multiples of ``block_size``)."""
+        # Checked before the buffer is made: bytearray(2**70) is an OverflowError.
+        self._check_range("READ", offset, length, None)
         buffer = bytearray(length)
         self.readinto(offset, buffer, queue)
         return bytes(buffer)
