@@ -12206,7 +12206,7 @@ def _bench_fs_stream(fs, f, load, args, size, rw):
     latencies = []
     progress = _Progress(sys.stderr, args.seconds, "fs")
     cpu_start = _self_cpu_seconds()
-    backend_start = _proc_cpu_seconds(args.backend_pid) if args.backend_pid else None
+    backend = _PeerCpu(args)
     start = clock()
     deadline = start + args.seconds
     node, fh = f._node, f._fh
@@ -12241,24 +12241,75 @@ def _bench_fs_stream(fs, f, load, args, size, rw):
         progress.update(now - start, len(latencies), size)
     progress.done()
     elapsed = clock() - start
-    cpu_backend = None
-    if args.backend_pid:
-        cpu_backend = _proc_cpu_seconds(args.backend_pid) - backend_start
+    cpu_backend = backend.used()
     return _bench_report("fs", rw, size, args.depth, 1, elapsed, latencies,
                          _self_cpu_seconds() - cpu_start, cpu_backend)
 
 
 # -- bench --------------------------------------------------------------------
 
-def _proc_cpu_seconds(pid):
-    """User + system CPU seconds of process ``pid`` so far, all its threads (/proc)."""
+def _proc_cpu_seconds(pid, required=True):
+    """User + system CPU seconds so far of process ``pid`` and every process under it (/proc).
+
+    The whole tree, because a daemon may work in a child (virtiofsd's sandbox
+    forks; the socket's peer is the parent, which only waits). Children that
+    ended and were waited for count through cutime and cstime. When ``pid``
+    cannot be read: a _CliError if ``required``, else None.
+    """
+    stats = {}
     try:
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        raise _CliError("--backend-pid %d: no such process (or /proc is not readable)" % pid)
-    # utime and stime are fields 14 and 15 of proc(5); fields[0] is field 3.
-    return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))
+        names = os.listdir("/proc")
+    except OSError:
+        names = []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            # ppid is field 4 of proc(5), utime..cstime 14..17; fields[0] is field 3.
+            stats[int(name)] = (int(fields[1]), sum(int(v) for v in fields[11:15]))
+        except (OSError, IndexError, ValueError):
+            continue    # gone meanwhile
+    if pid not in stats:
+        if required:
+            raise _CliError("--backend-pid %d: no such process (or /proc is not readable)"
+                            % pid)
+        return None
+    children = collections.defaultdict(list)
+    for child, (parent, _) in stats.items():
+        children[parent].append(child)
+    ticks, todo = 0, [pid]
+    while todo:
+        process = todo.pop()
+        ticks += stats[process][1]
+        todo.extend(children.get(process, ()))
+    return ticks / float(os.sysconf("SC_CLK_TCK"))
+
+
+class _PeerCpu:
+    """The back-end's CPU seconds over a bench run: ``--backend-pid``, or by default the
+    socket's peer (SO_PEERCRED, see ``_bench_peer``); ``used()`` is None when unknown."""
+
+    def __init__(self, args):
+        self.pid = args.backend_pid
+        self.required = not getattr(args, "backend_pid_found", False)
+        self.start = self._read()
+
+    def _read(self):
+        return _proc_cpu_seconds(self.pid, self.required) if self.pid else None
+
+    def used(self):
+        end = self._read() if self.start is not None else None
+        return None if end is None else end - self.start
+
+
+def _bench_peer(args, dev):
+    """Without --backend-pid, the back-end's pid from the socket (SO_PEERCRED)."""
+    if args.backend_pid is None:
+        client = dev.frontend.client if dev.frontend is not None else None
+        args.backend_pid = client.peer_pid() if client is not None else None
+        args.backend_pid_found = True
 
 
 def _self_cpu_seconds():
@@ -12334,7 +12385,7 @@ def _format_bench(report):
     lat = report["latency_us"]
     backend = report["backend_cpu_us_per_request"]
     if backend is None:
-        backend = "n/a (give --backend-pid)"
+        backend = "n/a (the back-end's CPU time could not be read; give --backend-pid)"
     if report["type"] == "net":
         pairs = report["queues"]
         lines = [
@@ -12494,6 +12545,7 @@ def _cmd_bench(args, out):
                             % (given[0], " and fs" if given[0] == "--rw" else ""))
         with _open_device(args, NetDevice, DeviceType.NET,
                           queue_pairs=args.queues or 1) as dev:
+            _bench_peer(args, dev)
             report = _bench_net(dev, args)
     elif args.type == "fs":
         given = [name for name, value in (
@@ -12508,6 +12560,7 @@ def _cmd_bench(args, out):
         if args.queues not in (None, 1):
             raise _UsageError("--queues %d: bench --type fs uses one request queue" % args.queues)
         with _open_device(args, FsDevice, DeviceType.FS) as dev:
+            _bench_peer(args, dev)
             report = _bench_fs(dev, args)
     else:
         kwargs = {"num_queues": args.queues} if args.queues else {}
@@ -12521,6 +12574,7 @@ def _cmd_bench(args, out):
             kwargs["memory_size"] = max(64 << 20, ((args.queues or 1) * args.depth * args.size
                                                    + (16 << 20) + 0xFFFFF) & ~0xFFFFF)
         with _open_device(args, BlockDevice, DeviceType.BLOCK, **kwargs) as dev:
+            _bench_peer(args, dev)
             report = _bench_block(dev, args)
     if not report["requests"]:
         raise _CliError("%s: bench: no request completed within %g s"
@@ -12577,13 +12631,11 @@ def _bench_block(dev, args):
         _bench_block_phase(dev, args, queues, stream, args.ramp_time, size)
         for check in checked or ():
             check.verified = 0
-    backend_start = _proc_cpu_seconds(args.backend_pid) if args.backend_pid else None
+    backend = _PeerCpu(args)
     cpu_start = _self_cpu_seconds()
     latencies, elapsed = _bench_block_phase(dev, args, queues, stream, args.seconds, size)
     cpu_self = _self_cpu_seconds() - cpu_start
-    cpu_backend = None
-    if args.backend_pid:
-        cpu_backend = _proc_cpu_seconds(args.backend_pid) - backend_start
+    cpu_backend = backend.used()
     verified = None
     if checked is not None and args.verify:
         for q in range(queues):
@@ -13125,9 +13177,7 @@ def _bench_net(dev, args):
         raise errors[0]
     elapsed = time.perf_counter() - start
     cpu_self = _self_cpu_seconds() - cpu_start
-    cpu_backend = None
-    if args.backend_pid:
-        cpu_backend = _proc_cpu_seconds(args.backend_pid) - backend_start
+    cpu_backend = backend.used()
     merged = [latency for per_pair in latencies for latency in per_pair]
     report = _bench_report("net", None, size, args.depth, pairs, elapsed, merged, cpu_self,
                            cpu_backend)
