@@ -13934,9 +13934,9 @@ def _build_parser():
         description="Run I/O for --seconds and report IOPS and MiB/s (blk; fs: FUSE reads or "
                     "writes of one file in the share) or packets/s and "
                     "Mbit/s of frames looped back by the back-end (net: testpmd in io forward "
-                    "mode), latency percentiles, this process's CPU time per request and, "
-                    "with --backend-pid, the back-end's (from /proc/PID/stat, 10 ms "
-                    "resolution). A progress line is drawn on stderr only when stderr is a "
+                    "mode), latency percentiles, this process's CPU time per request and "
+                    "the back-end's: the socket's peer (or --backend-pid) and every process "
+                    "under it (from /proc/PID/stat, 10 ms resolution). A progress line is drawn on stderr only when stderr is a "
                     "terminal.")
     bench.add_argument("socket", metavar="SOCKET")
     bench.add_argument("--type", choices=("blk", "net", "fs"), default="blk",
@@ -13977,7 +13977,8 @@ def _build_parser():
     bench.add_argument("--histogram", action="store_true",
                        help="also print a text histogram of completion latencies")
     bench.add_argument("--backend-pid", type=int, metavar="PID",
-                       help="also report this process's CPU time per request")
+                       help="the back-end process whose CPU time (with its children's) is "
+                            "reported (default: the socket's peer, from SO_PEERCRED)")
     bench.add_argument("--spin", type=functools.partial(_seconds_arg, allow_zero=True),
                        metavar="S",
                        help="seconds to poll the used ring before sleeping (default: chosen "
