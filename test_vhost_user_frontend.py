@@ -4985,8 +4985,13 @@ class TestEdgesCliBlock(BackendTestMixin, FdLeakCheck):
         qsd = self.start_backend(QemuStorageDaemon)
         held = [unix_connect(qsd.socket_path)]          # the client qsd serves
         try:
-            wait_for(lambda: not _connect_would_block(qsd.socket_path, held), 10,
-                     "qsd to take the first client")
+            # Its GET_FEATURES answered: qsd took it, and accepts no other until it leaves.
+            held[0].sendall(struct.pack("<III", 1, 1, 0))
+            reply = b""
+            while len(reply) < 20:          # header and u64
+                chunk = held[0].recv(20 - len(reply))
+                self.assertTrue(chunk, "qsd hung up")
+                reply += chunk
             for _ in range(100):                         # then fill its listen backlog
                 if _connect_would_block(qsd.socket_path, held):
                     break
