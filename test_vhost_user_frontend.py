@@ -5033,7 +5033,7 @@ class TestEdgesCliBlock(BackendTestMixin, FdLeakCheck):
             (["bench", proxy.path, "--size=1000"], "--size 1000: must be a positive multiple"),
             (["bench", proxy.path, "--iodepth", "100000"],
              "--iodepth 100000: at most 10922 requests fit the largest ring"),
-            (["bench", proxy.path, "--type", "net", "--bs", "10"], "--bs 10: frames must be"),
+            (["bench", proxy.path, "--type", "net", "--bs", "10"], "--bs 10: generated frames"),
             (["net", proxy.path, "send", "--size", "10"], "--size 10: generated frames carry"),
             (["net", proxy.path, "send", "--size", "100000"], "--size 100000: generated frames"),
             (["net", proxy.path, "send", "--payload-hex", "zz"],

@@ -6754,14 +6754,9 @@ class BlockDevice(_Device):
             wanted |= VirtioFeature.RING_PACKED
         self.features = offered & wanted
         frontend.ack_features(self.features)
-        # Read only the fields the acked features make exist, as QEMU sizes
-        # it: a back-end with a shorter config refuses a longer read.
-        data = frontend.read_config(0, _device_config_size(DeviceType.BLOCK, self.features))
-        fields = _config_values(DeviceType.BLOCK, self.features, data)
-        config = _BlockConfig._make(fields.get(name, 0) for name in _BlockConfig._fields)
+        config, self.block_size = self._read_config(frontend)
         self.config = config
         has = self.features.__and__
-        self.block_size = config.blk_size if has(_BLK_F_BLK_SIZE) else _SECTOR
         if self.block_size < _SECTOR or self.block_size & (self.block_size - 1):
             raise ProtocolError("GET_CONFIG: virtio-blk blk_size %d is not a power of two "
                                 ">= 512" % self.block_size, FrontendReq.GET_CONFIG)
@@ -6811,6 +6806,15 @@ class BlockDevice(_Device):
         frontend.reconnect_check = self._check_config_again
         frontend.activate(self._mem, None, queues)
 
+    def _read_config(self, frontend):
+        """(_BlockConfig, block size) from GET_CONFIG, for the acked features."""
+        # Read only the fields the acked features make exist, as QEMU sizes
+        # it: a back-end with a shorter config refuses a longer read.
+        data = frontend.read_config(0, _device_config_size(DeviceType.BLOCK, self.features))
+        fields = _config_values(DeviceType.BLOCK, self.features, data)
+        config = _BlockConfig._make(fields.get(name, 0) for name in _BlockConfig._fields)
+        return config, config.blk_size if self.features & _BLK_F_BLK_SIZE else _SECTOR
+
     def _check_config_again(self, frontend):
         """Re-read the config of a back-end that came back (``reconnect``), before the rings.
 
@@ -6819,10 +6823,7 @@ class BlockDevice(_Device):
                 smaller disk would answer IOERR to what is in flight); the
                 message names what changed.
         """
-        data = frontend.read_config(0, _device_config_size(DeviceType.BLOCK, self.features))
-        fields = _config_values(DeviceType.BLOCK, self.features, data)
-        config = _BlockConfig._make(fields.get(name, 0) for name in _BlockConfig._fields)
-        block_size = config.blk_size if self.features & _BLK_F_BLK_SIZE else _SECTOR
+        config, block_size = self._read_config(frontend)
         changed = []
         if config.capacity * _SECTOR < self.capacity:
             changed.append("capacity %d bytes, was %d" % (config.capacity * _SECTOR,
@@ -11315,10 +11316,7 @@ def _frame_source(dev, args, size):
             with open(args.payload_file, "rb") as f:
                 frame = f.read()
         else:
-            try:
-                frame = bytes.fromhex(args.payload_hex.replace(":", " "))
-            except ValueError as exc:
-                raise _CliError("--payload-hex: %s" % exc)
+            frame = bytes.fromhex(args.payload_hex.replace(":", " "))   # checked by _hex_arg
         if len(frame) < _ETH_HLEN:
             raise _CliError("the frame has %d bytes; an Ethernet frame has at least %d"
                             % (len(frame), _ETH_HLEN))
@@ -11331,13 +11329,19 @@ def _frame_source(dev, args, size):
     return lambda seq: _test_frame(src, seq, size)
 
 
+def _check_frame_size(option, size):
+    """Refuse, before connecting (status 2), a generated frame size no device takes: one
+    carries a sequence number, and one descriptor of send() at most 64 KiB with its header."""
+    low, high = _TEST_FRAME_HEADER.size, 0xFFFF - _NET_HDR.size
+    if not low <= size <= high:
+        raise _UsageError("%s %d: generated frames carry a sequence number and are %d..%d "
+                          "bytes" % (option, size, low, high))
+
+
 def _cmd_net(args, out):
     if args.action == "send" and args.read is None and args.payload_file is None \
             and args.payload_hex is None:
-        low, high = _TEST_FRAME_HEADER.size, 0xFFFF - _NET_HDR.size
-        if not low <= args.size <= high:    # before connecting: bad usage, status 2
-            raise _UsageError("--size %d: generated frames carry a sequence number and are "
-                              "%d..%d bytes" % (args.size, low, high))
+        _check_frame_size("--size", args.size)
     with _open_device(args, NetDevice, DeviceType.NET) as dev:
         return _NET_ACTIONS[args.action](dev, args, out)
 
@@ -12513,10 +12517,9 @@ def _check_bench_usage(args):
     depth_option = _typed_option(args, "--depth", "--iodepth")
     size = args.size
     if args.type == "net":
-        low, high, depth_max = _TEST_FRAME_HEADER.size, 0xFFFF - _NET_HDR.size, MAX_QUEUE_SIZE
-        if size is not None and not low <= size <= high:
-            raise _UsageError("%s %d: frames must be %d..%d bytes" % (size_option, size, low,
-                                                                     high))
+        depth_max = MAX_QUEUE_SIZE
+        if size is not None:
+            _check_frame_size(size_option, size)
     else:
         depth_max = MAX_QUEUE_SIZE // 3 if args.type == "blk" else MAX_QUEUE_SIZE
         if args.type == "blk" and size is not None and (
@@ -13136,10 +13139,7 @@ def _bench_net(dev, args):
     N`` each of the N queue pairs runs in its own thread; the report has
     the totals and, under "pairs", each pair's figures.
     """
-    size = 64 if args.size is None else args.size
-    if not _TEST_FRAME_HEADER.size <= size <= 0xFFFF - _NET_HDR.size:
-        raise _CliError("--size %d: frames must be %d..%d bytes"
-                        % (size, _TEST_FRAME_HEADER.size, 0xFFFF - _NET_HDR.size))
+    size = 64 if args.size is None else args.size   # its range: _check_bench_usage
     # More frames in flight than receive buffers would make the back-end drop some.
     per_frame = -(-(size + _NET_HDR.size) // dev.rx_buffer_size)
     if args.depth * per_frame > dev.queue_size:
