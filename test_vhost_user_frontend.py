@@ -2861,11 +2861,10 @@ class TestCliProbe(BackendTestMixin, FdLeakCheck):
         self.assertIn("NET_MRG_RXBUF", info["feature_names"])
         self.assertIn("RING_PACKED", info["feature_names"])
         self.assertIn("RARP", info["protocol_feature_names"])
-        # The wrong type is refused in one line, before any config is read.
+        # --type overrides the guess, even against the bits (issue 22, case 7).
         status, out, err = run_cli("probe", d.socket_path, "--type", "blk")
-        self.assertEqual((status, out), (1, ""))
-        self.assertEqual(err.count("\n"), 1, err)
-        self.assertIn("wrong device type: the back-end is a net device", err)
+        self.assertEqual((status, err), (0, ""))
+        self.assertIn("device type          block\n", out)
         # Text output names the device bits by the guessed type.
         status, out, err = run_cli("probe", d.socket_path)
         self.assertEqual((status, err), (0, ""))
@@ -3228,16 +3227,18 @@ class TestCliBlock(BackendTestMixin, FdLeakCheck):
                                    "--rw", "write", "--size", "8k", "--depth", "2")
         self.assertEqual((status, err), (0, ""))
         self.assertIn("blk write, 8192 bytes, depth 2, 2 queue(s)", out)
-        self.assertIn("n/a (give --backend-pid)", out)
-        for argv, fragment in (
-                (["--size", "1000"], "--size 1000 must be a positive multiple of the block size 512"),
+        # The back-end's CPU without --backend-pid: the socket's peer (issue 22).
+        self.assertRegex(out, r"backend CPU \S+ +[\d.]+\n")
+        for argv, fragment, code in (
+                # Usage no device could take: status 2 before connecting (issue 22).
+                (["--size", "1000"], "--size 1000: must be a positive multiple of 512 bytes", 2),
+                (["--depth", "20000"], "--depth 20000: at most 10922 requests fit the largest ring", 2),
                 # One request carries at most the driver's cap (qsd's 126 segments go further).
-                (["--size", str(2 * vu._BLK_MAX_TRANSFER)], "at most %d " % vu._BLK_MAX_TRANSFER),
-                (["--depth", "20000"], "--depth 20000: at most 10922 requests fit the 32768-entry ring"),
-                (["--seconds", "1e-9"], "bench: no request completed within 1e-09 s")):
+                (["--size", str(2 * vu._BLK_MAX_TRANSFER)], "at most %d " % vu._BLK_MAX_TRANSFER, 1),
+                (["--seconds", "1e-9"], "bench: no request completed within 1e-09 s", 1)):
             with self.subTest(argv=argv):
                 status, out, err = run_cli("bench", d.socket_path, "--seconds", "0.1", *argv)
-                self.assertEqual((status, out), (1, ""), err)
+                self.assertEqual((status, out), (code, ""), err)
                 self.assertEqual(err.count("\n"), 1, err)
                 self.assertIn(fragment, err)
 
@@ -3308,15 +3309,20 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
         self.assertEqual(run_cli("net", sock, "send", "--payload-file", path, "-n", "300"),
                          (0, "sent 300 frame(s) of 19 bytes\n", ""))
         self.assertEqual(run_cli("net", sock, "recv", "--wait", "0.05"), (0, "0 frame(s) received\n", ""))
-        for argv, fragment in ((["ping", "--payload-hex", "ffff"], "the frame has 2 bytes"),
-                               (["ping", "--payload-hex", "xyz"], "--payload-hex: non-hexadecimal number"),
-                               (["ping", "-s", "3"], "need at least 18 bytes (4 data bytes), not 17"),
-                               (["send", "-r", path], "not a pcap file (magic ffffffff"),
-                               (["send", "--size", "70000"], "send: frame of 70000 bytes")):
+        for argv, fragment in ((["ping", "-s", "3"], "need at least 18 bytes (4 data bytes), not 17"),
+                               (["send", "-r", path], "not a pcap file (magic ffffffff")):
             with self.subTest(argv=argv):
                 status, out, err = run_cli("net", sock, *argv)
                 self.assertEqual(status, 1, err)
                 self.assertEqual(err.count("\n"), 1, err)
+                self.assertIn(fragment, err)
+        # Usage errors: status 2 before connecting, naming the option (issue 22).
+        for argv, fragment in ((["ping", "--payload-hex", "ffff"], "'ffff' is 2 bytes; an Ethernet"),
+                               (["ping", "--payload-hex", "xyz"], "'xyz' is not bytes in hex"),
+                               (["send", "--size", "70000"], "--size 70000: generated frames")):
+            with self.subTest(argv=argv):
+                status, out, err = run_cli("net", sock, *argv)
+                self.assertEqual(status, 2, err)
                 self.assertIn(fragment, err)
         # bench: structure and sanity only (speed is not tested).
         status, out, err = run_cli("bench", sock, "--type", "net", "--seconds", "0.5", "--depth", "8",
@@ -3340,7 +3346,7 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
         status, out, err = run_cli("bench", sock, "--type", "net", "--seconds", "0.2", "--size", "1514")
         self.assertEqual((status, err), (0, ""))
         self.assertIn("net loopback, 1514-byte frames, depth 1, 1 queue pair", out)
-        self.assertIn("backend CPU µs/packet  n/a (give --backend-pid)", out)
+        self.assertRegex(out, r"backend CPU µs/packet  [\d.]+\n")   # the socket's peer (issue 22)
         for argv, fragment, code in (
                 (["--depth", "257"], "--depth 257: at most 256 frames of 64 bytes", 1),
                 (["--rw", "read"], "--rw applies to --type blk and fs only", 2),      # usage
@@ -4827,6 +4833,391 @@ class TestFrontendRecovery(FrontendTestBase):
         backend = self.backend(state=b"s" * 200000)
         fe = self.frontend(backend, max_state_size=200000)
         self.assertEqual(fe.virtio_snapshot().backend_state, b"s" * 200000)
+
+
+# Edges a user hits ###################################################################################
+#
+# One test per case of issue 22, each against the real back-end it names (qemu-storage-daemon,
+# virtiofsd with -o xattr, testpmd); the CLI ones run `main()` in-process where a pipe or a signal
+# is not the point, else `python -m vhost_user_frontend`.
+
+
+def _edge_cli(*argv, **kwargs):
+    """Popen of `python -m vhost_user_frontend ARGV` (stdout a pipe unless given)."""
+    kwargs.setdefault("stdout", subprocess.PIPE)
+    return subprocess.Popen([sys.executable, "-m", "vhost_user_frontend"] + [str(a) for a in argv],
+                            cwd=MODULE_DIR, stdin=kwargs.pop("stdin", subprocess.DEVNULL),
+                            stderr=subprocess.PIPE, **kwargs)
+
+
+def _read_exactly(stream, count):
+    data = b""
+    while len(data) < count:
+        chunk = stream.read(count - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+class TestEdgesFs(BackendTestMixin, FdLeakCheck):
+    """FsDevice: NULs refused in every string a request carries, close() under I/O, mkdir ''."""
+
+    def test_nul_in_symlink_target_and_xattr_name_raises_value_error(self):
+        fsd = self.start_backend(XattrVirtiofsd)
+        with open(os.path.join(fsd.shared_dir, "f"), "wb") as f:
+            f.write(b"x")
+        fs = vu.FsDevice.connect(fsd.socket_path)
+        self.addCleanup(fs.close)
+        with self.assertRaises(ValueError):       # what os does with the same arguments
+            os.symlink("a\0b", os.path.join(fsd.shared_dir, "s0"))
+        for call in (lambda: fs.symlink("a\0b", "s1"), lambda: fs.symlink(b"a\0b", "s1"),
+                     lambda: fs.setxattr("f", "user.a\0b", b"v"),
+                     lambda: fs.getxattr("f", "user.a\0b"),
+                     lambda: fs.removexattr("f", b"user.a\0b"), lambda: fs.mkdir("d\0e")):
+            with self.assertRaisesRegex(ValueError, "embedded null byte"):
+                call()
+        self.assertFalse(os.path.lexists(os.path.join(fsd.shared_dir, "s1")))
+        self.assertFalse(os.path.lexists(os.path.join(fsd.shared_dir, "s")))
+        self.assertEqual(os.listxattr(os.path.join(fsd.shared_dir, "f")), [])
+        # The same calls without the NUL work: the daemon serves symlinks and xattrs.
+        fs.symlink("a", "s1")
+        fs.setxattr("f", "user.a", b"v")
+        self.assertEqual(os.readlink(os.path.join(fsd.shared_dir, "s1")), "a")
+        self.assertEqual(os.getxattr(os.path.join(fsd.shared_dir, "f"), "user.a"), b"v")
+
+    def test_close_under_io_says_the_device_is_closed(self):
+        # Three threads reading a file in a loop while the main thread closes the device: each
+        # fails saying the device is closed, never EBADF or EIO (they read as file-system errors).
+        for round_ in range(2):
+            fsd = self.start_backend(Virtiofsd)
+            data = os.urandom(1 << 20) * 4
+            with open(os.path.join(fsd.shared_dir, "big"), "wb") as f:
+                f.write(data)
+            fs = vu.FsDevice.connect(fsd.socket_path)
+            self.addCleanup(fs.close)
+            done = [0, 0, 0]
+            errors = [None, None, None]
+
+            def reader(i):
+                try:
+                    while True:
+                        if fs.read_bytes("big") != data:
+                            raise AssertionError("wrong data")
+                        done[i] += 1
+                except Exception as exc:    # checked below
+                    errors[i] = exc
+            threads = [threading.Thread(target=reader, args=(i,)) for i in range(3)]
+            for t in threads:
+                t.start()
+            wait_for(lambda: all(done) or any(errors), 30, "a read in each thread")
+            fs.close()
+            for t in threads:
+                t.join(30)
+            self.assertFalse(any(t.is_alive() for t in threads))
+            for exc in errors:
+                self.assertIsInstance(exc, ValueError, repr(exc))
+                self.assertRegex(str(exc), r"^read_bytes: the virtio-fs device is closed$")
+            self.assertEqual(fsd.wait(10), 0, fsd.log_tail())
+
+    def test_mkdir_of_an_empty_name_says_so(self):
+        fsd = self.start_backend(Virtiofsd)
+        fs = vu.FsDevice.connect(fsd.socket_path)
+        self.addCleanup(fs.close)
+        with self.assertRaises(FileNotFoundError) as expected:
+            os.mkdir("")
+        with self.assertRaises(FileNotFoundError) as got:
+            fs.mkdir("")
+        self.assertEqual((got.exception.errno, got.exception.filename),
+                         (expected.exception.errno, ""))
+        fs.close()
+        fsd = self.start_backend(Virtiofsd)
+        status, out, err = run_cli("fs", fsd.socket_path, "mkdir", "")
+        self.assertEqual((status, out), (1, ""))
+        self.assertEqual(err, "vhost_user_frontend: error: mkdir: '': No such file or directory\n")
+
+
+class TestEdgesCliFs(BackendTestMixin, FdLeakCheck):
+    """fs and net against virtiofsd: a closed pipe is 141, net is refused before any ring."""
+
+    def test_fs_into_a_closed_pipe_exits_141_silently(self):
+        script = b"ls\ncat big\n"
+        for argv in (["cat", "big"], ["ls"], ["tree"], ["shell"]):
+            with self.subTest(argv=argv):
+                fsd = self.start_backend(Virtiofsd)
+                with open(os.path.join(fsd.shared_dir, "big"), "wb") as f:
+                    f.write(b"x" * (1 << 20))
+                for i in range(300):
+                    os.mkdir(os.path.join(fsd.shared_dir, "dir%03d" % i))
+                r, w = os.pipe()
+                os.close(r)
+                try:
+                    proc = _edge_cli("fs", fsd.socket_path, *argv, stdout=w,
+                                     stdin=subprocess.PIPE if argv == ["shell"] else None)
+                finally:
+                    os.close(w)
+                err = proc.communicate(script if argv == ["shell"] else None, timeout=60)[1]
+                self.assertEqual((proc.returncode, err), (141, b""))
+
+    def test_net_on_a_virtio_fs_socket_is_the_wrong_device_type(self):
+        fsd = self.start_backend(Virtiofsd)
+        status, out, err = run_cli("net", fsd.socket_path, "send")
+        self.assertEqual((status, out), (1, ""))
+        self.assertEqual(err, "vhost_user_frontend: error: %s: wrong device type: the back-end "
+                              "looks like a fs device (it offers no device feature bits and no "
+                              "CONFIG), not net\n" % fsd.socket_path)
+        # Refused after GET_FEATURES/GET_PROTOCOL_FEATURES: a clean hang-up, no ring was set up.
+        self.assertEqual(fsd.wait(10), 0, fsd.log_tail())
+        self.assertNotIn("SET_VRING", fsd.log_tail())
+
+
+class TestEdgesCliBlock(BackendTestMixin, FdLeakCheck):
+    """blk, probe and bench against qemu-storage-daemon: retries, --type, usage errors, CPU."""
+
+    def setUp(self):
+        super(TestEdgesCliBlock, self).setUp()
+        # The reconnect test's expected hang-up warnings: not on the test's stderr.
+        handler = logging.NullHandler()
+        logging.getLogger("vhost_user_frontend").addHandler(handler)
+        self.addCleanup(logging.getLogger("vhost_user_frontend").removeHandler, handler)
+
+    def test_a_full_listen_backlog_is_retried_within_timeout(self):
+        qsd = self.start_backend(QemuStorageDaemon)
+        held = [unix_connect(qsd.socket_path)]          # the client qsd serves
+        try:
+            # Its GET_FEATURES answered: qsd took it, and accepts no other until it leaves.
+            held[0].sendall(struct.pack("<III", 1, 1, 0))
+            reply = b""
+            while len(reply) < 20:          # header and u64
+                chunk = held[0].recv(20 - len(reply))
+                self.assertTrue(chunk, "qsd hung up")
+                reply += chunk
+            for _ in range(100):                         # then fill its listen backlog
+                if _connect_would_block(qsd.socket_path, held):
+                    break
+            else:
+                self.fail("qsd's listen backlog never filled")
+            start = time.monotonic()
+            status, out, err = run_cli("probe", qsd.socket_path, "--timeout", "0.5")
+            elapsed = time.monotonic() - start
+            self.assertEqual((status, out), (1, ""))
+            self.assertEqual(err, "vhost_user_frontend: error: %s: cannot connect within 0.5 s: "
+                                  "the back-end's listen backlog stayed full (is it serving other "
+                                  "front-ends, or stopped?)\n" % qsd.socket_path)
+            self.assertGreaterEqual(elapsed, 0.5)
+            # Within --timeout, a backlog that drains lets the command through.
+            release = threading.Timer(0.3, lambda: [s.close() for s in held])
+            release.start()
+            status, out, err = run_cli("probe", qsd.socket_path, "--timeout", "10")
+            release.join()
+            self.assertEqual((status, err), (0, ""))
+            self.assertIn("device type          block", out)
+        finally:
+            for s in held:
+                s.close()
+
+    def test_probe_type_overrides_the_guess(self):
+        qsd = self.start_backend(QemuStorageDaemon)
+        status, out, err = run_cli("probe", qsd.socket_path, "--type", "gpu", "--json")
+        self.assertEqual((status, err), (0, ""))
+        info = json.loads(out)
+        self.assertEqual((info["device_type"], info["device_type_source"]), ("gpu", "given"))
+        self.assertEqual(info["features"], 0x175007e46)
+
+    def test_usage_errors_exit_2_before_connecting(self):
+        qsd = self.start_backend(QemuStorageDaemon)
+        proxy = RelayProxy(qsd.tmpdir, qsd.socket_path)    # counts the connections made
+        self.addCleanup(proxy.close)
+        cases = [
+            (["bench", proxy.path, "--bs", "3"], "--bs 3: must be a positive multiple of 512"),
+            (["bench", proxy.path, "--size=1000"], "--size 1000: must be a positive multiple"),
+            (["bench", proxy.path, "--iodepth", "100000"],
+             "--iodepth 100000: at most 10922 requests fit the largest ring"),
+            (["bench", proxy.path, "--type", "net", "--bs", "10"], "--bs 10: generated frames"),
+            (["net", proxy.path, "send", "--size", "10"], "--size 10: generated frames carry"),
+            (["net", proxy.path, "send", "--size", "100000"], "--size 100000: generated frames"),
+            (["net", proxy.path, "send", "--payload-hex", "zz"],
+             "argument --payload-hex: 'zz' is not bytes in hex"),
+            (["blk", proxy.path, "read", "\uff10", "512"],
+             "'\uff10' is not an integer (ASCII digits only)"),
+            (["bench", proxy.path, "--seconds", "\uff11"], "is not a number (ASCII digits only)"),
+        ]
+        for argv, message in cases:
+            with self.subTest(argv=argv):
+                err = io.StringIO()
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+                    status = vu.main(argv)
+                self.assertEqual(status, 2, err.getvalue())
+                self.assertIn(message, err.getvalue())
+                self.assertNotIn("fromhex", err.getvalue())
+        self.assertEqual(proxy.connections, 0)
+
+    def test_bench_reports_the_back_ends_cpu_without_backend_pid(self):
+        qsd = self.start_backend(QemuStorageDaemon)
+        status, out, err = run_cli("bench", qsd.socket_path, "--seconds", "0.3", "--json")
+        self.assertEqual(status, 0, err)
+        report = json.loads(out)
+        self.assertIsNotNone(report["backend_cpu_us_per_request"])
+        self.assertEqual(report["placement"]["backend_pid"], qsd.pid)
+        # virtiofsd works in a forked sandbox child: the peer's whole process tree counts.
+        fsd = self.start_backend(Virtiofsd)
+        status, out, err = run_cli("bench", fsd.socket_path, "--type", "fs", "--seconds", "0.3",
+                                   "--file-size", "1M", "--json")
+        self.assertEqual(status, 0, err)
+        self.assertGreaterEqual(json.loads(out)["backend_cpu_us_per_request"], 0)
+        # The tree, shown with a parent that only waits for a child that spins.
+        tree = subprocess.Popen(["sh", "-c", "sh -c 'while :; do :; done' & wait"],
+                                start_new_session=True)
+        self.addCleanup(tree.wait)
+        self.addCleanup(os.killpg, tree.pid, signal.SIGKILL)
+        wait_for(lambda: vu._proc_cpu_seconds(tree.pid) >= 0.05, 10, "the child's CPU time")
+        with open("/proc/%d/stat" % tree.pid) as f:
+            own = f.read().rsplit(")", 1)[1].split()[11:15]
+        self.assertLess(sum(int(v) for v in own) / float(os.sysconf("SC_CLK_TCK")), 0.05)
+        # A peer whose /proc cannot be read: n/a, not a failure.
+        with mock.patch.object(vu, "_proc_cpu_seconds", lambda pid, required=True: None):
+            status, out, err = run_cli("bench", qsd.socket_path, "--seconds", "0.2")
+        self.assertEqual(status, 0, err)
+        self.assertRegex(out, r"backend CPU .* n/a \(the back-end's CPU time could not be read")
+
+    def test_cannot_connect_says_it_once(self):
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        path = os.path.join(tempfile.mkdtemp(prefix="vhu-edge-"), "s.sock")
+        self.addCleanup(shutil.rmtree, os.path.dirname(path))
+        listener.bind(path)
+        listener.listen(1)
+        failure = vu.Disconnected("cannot connect to %s: it went away" % path)
+        with mock.patch.object(vu.BackendClient, "connect", side_effect=failure):
+            status, out, err = run_cli("probe", path)
+        self.assertEqual(status, 1)
+        self.assertEqual(err, "vhost_user_frontend: error: cannot connect to %s: it went away\n"
+                         % path)
+
+    def test_reconnect_rereads_the_config_and_refuses_a_smaller_disk(self):
+        qsd = self.start_backend(QemuStorageDaemon, size=64 << 20)
+        dev = vu.BlockDevice.connect(qsd.socket_path, reconnect=5.0)
+        self.addCleanup(dev.close)
+        with self.assertRaises(ValueError) as caught:      # not OverflowError
+            dev.read(0, 2 ** 70)
+        self.assertIn("end past the capacity", str(caught.exception))
+        self.assertEqual(dev.read(32 << 20, 4096), bytes(4096))
+        kill_daemon(qsd)
+        qsd.argv = [a.replace("size=%d" % (64 << 20), "size=%d" % (8 << 20)) for a in qsd.argv]
+        start_again(qsd)
+        with self.assertRaises(vu.Disconnected) as caught:
+            dev.read(32 << 20, 4096)
+        self.assertIn("reconnect: the back-end came back with another disk: capacity 8388608 "
+                      "bytes, was 67108864", str(caught.exception))
+        with self.assertRaises(vu.Disconnected):           # for good
+            dev.read(0, 4096)
+        dev.close()
+        # Giving up says how long it waited, not "within 0.0 s".
+        dev = vu.BlockDevice.connect(qsd.socket_path, reconnect=0.05)
+        self.addCleanup(dev.close)
+        kill_daemon(qsd)
+        with self.assertRaises(vu.Disconnected) as caught:
+            dev.read(0, 4096)
+        self.assertIn("did not come back within 0.05 s", str(caught.exception))
+
+
+def _connect_would_block(path, held):
+    """Connect without blocking; True when the listen backlog is full (EAGAIN), else keep it."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.setblocking(False)
+    try:
+        s.connect(path)
+    except BlockingIOError:
+        s.close()
+        return True
+    held.append(s)
+    return False
+
+
+class TestEdgesTransfers(BackendTestMixin, FdLeakCheck):
+    """A transfer that fails or is interrupted says how many bytes it moved and where it stopped."""
+
+    def assertStoppedAfter(self, err, what, done, total=None, offset=None):
+        note = "; %s stopped after %d bytes" % (what, done)
+        if total is not None:
+            note += " of %d" % total
+        if offset is not None:
+            note += ", at offset %d" % (offset + done)
+        self.assertTrue(err.endswith(note + "\n"), err)
+        self.assertEqual(err.count("\n"), 1, err)
+
+    def test_blk_read_with_qsd_killed(self):
+        qsd = self.start_backend(QemuStorageDaemon, size=64 << 20)
+        proc = _edge_cli("blk", qsd.socket_path, "read", "512", str(60 << 20))
+        got = _read_exactly(proc.stdout, 8 << 20)
+        self.assertEqual(len(got), 8 << 20)
+        kill_daemon(qsd)
+        got += proc.stdout.read()
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+        self.assertEqual(proc.wait(60), 1, err)
+        self.assertIn("back-end disconnected", err)
+        self.assertStoppedAfter(err, "read", len(got), 60 << 20, 512)
+
+    def test_blk_write_interrupted(self):
+        qsd = self.start_backend(QemuStorageDaemon, kind="raw", size=64 << 20)
+        proc = _edge_cli("blk", qsd.socket_path, "write", "0", stdin=subprocess.PIPE)
+        chunk = 4 << 20    # the CLI's step
+        # Three steps and one byte more: once the pipe is empty, the CLI has written three
+        # steps and is waiting for the rest of the fourth.
+        proc.stdin.write(b"\xab" * (3 * chunk + 1))
+        proc.stdin.flush()
+
+        import termios
+
+        def written():
+            queued = fcntl.ioctl(proc.stdin.fileno(), termios.FIONREAD, b"\0" * 4)
+            if struct.unpack("i", queued)[0]:
+                return False
+            with open(qsd.image_path, "rb") as f:
+                f.seek(3 * chunk - 1)
+                return f.read(2) == b"\xab\0"
+        wait_for(written, 30, "the first 12 MiB on the disk")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        err = err.decode()
+        self.assertEqual((proc.returncode, out), (130, b""), err)
+        self.assertTrue(err.startswith("vhost_user_frontend: interrupted; "), err)
+        self.assertStoppedAfter(err, "write", 3 * chunk, offset=0)
+
+    def test_fs_cat_with_virtiofsd_killed(self):
+        fsd = self.start_backend(Virtiofsd)
+        with open(os.path.join(fsd.shared_dir, "big"), "wb") as f:
+            f.write(b"\x5a" * (16 << 20))
+        proc = _edge_cli("fs", fsd.socket_path, "cat", "big")
+        got = _read_exactly(proc.stdout, 4 << 20)
+        fsd._signal_group(signal.SIGKILL)
+        fsd.wait(10)
+        got += proc.stdout.read()
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+        self.assertEqual(proc.wait(60), 1, err)
+        self.assertLess(len(got), 16 << 20)
+        self.assertStoppedAfter(err, "cat", len(got))
+
+    def test_net_recv_w_with_testpmd_killed(self):
+        d = self.start_backend(Testpmd, forward_mode="txonly")
+        capture = os.path.join(d.tmpdir, "cap.pcap")
+        proc = _edge_cli("net", d.socket_path, "recv", "--wait", "30", "-w", capture)
+        wait_for(lambda: os.path.exists(capture) and os.path.getsize(capture) > 24 + 16 + 64,
+                 30, "captured frames")
+        d._signal_group(signal.SIGKILL)
+        d.wait(10)
+        out, err = proc.communicate(timeout=60)
+        err = err.decode()
+        self.assertEqual(proc.returncode, 1, err)
+        with open(capture, "rb") as f:
+            frames = list(vu._read_pcap(f, capture))
+        self.assertGreater(len(frames), 0)
+        self.assertTrue(err.endswith("; recv stopped after %d frame(s), %d bytes written to %s\n"
+                                     % (len(frames), sum(map(len, frames)), capture)), err)
 
 
 # README ##############################################################################################

@@ -5267,6 +5267,10 @@ class VhostUserFrontend:
     _handler = None
     _worker = None
     _inflight = None      # the back-end's _InflightRegion (INFLIGHT_SHMFD), once asked
+    #: A device's check of a back-end that came back, called by ``reconnect``
+    #: before the rings are sent again (BlockDevice re-reads its config);
+    #: raises ``Disconnected`` when the device cannot use it.
+    reconnect_check = None
 
     def __init__(self, device_type, base_features, connection, max_queue_size=None,
                  timeout=5.0, protocol_features=_CROSVM_PROTOCOL_FEATURES, start_kick=True,
@@ -5846,6 +5850,8 @@ class VhostUserFrontend:
             if sent is not None:
                 self._sent_features = None
                 self.ack_features(acked)
+            if self.reconnect_check is not None:
+                self.reconnect_check(self)
             if self._mapper is not None:
                 # The new back-end maps nothing yet: drop the old mappings.
                 self._mapper.clear()
@@ -6291,7 +6297,7 @@ class _Device:
             if self._closing:
                 return   # _recover says the device was closed
             if time.monotonic() >= deadline:
-                self._dead = Disconnected("the back-end did not come back within %.1f s "
+                self._dead = Disconnected("the back-end did not come back within %g s "
                                           "(%d attempt(s)): %s" % (self._reconnect, attempts,
                                                                    error))
                 break
@@ -6976,14 +6982,9 @@ class BlockDevice(_Device):
             wanted |= VirtioFeature.RING_PACKED
         self.features = offered & wanted
         frontend.ack_features(self.features)
-        # Read only the fields the acked features make exist, as QEMU sizes
-        # it: a back-end with a shorter config refuses a longer read.
-        data = frontend.read_config(0, _device_config_size(DeviceType.BLOCK, self.features))
-        fields = _config_values(DeviceType.BLOCK, self.features, data)
-        config = _BlockConfig._make(fields.get(name, 0) for name in _BlockConfig._fields)
+        config, self.block_size = self._read_config(frontend)
         self.config = config
         has = self.features.__and__
-        self.block_size = config.blk_size if has(_BLK_F_BLK_SIZE) else _SECTOR
         if self.block_size < _SECTOR or self.block_size & (self.block_size - 1):
             raise ProtocolError("GET_CONFIG: virtio-blk blk_size %d is not a power of two "
                                 ">= 512" % self.block_size, FrontendReq.GET_CONFIG)
@@ -7032,7 +7033,40 @@ class BlockDevice(_Device):
         # What _completions_for would return for each queue, while open: the
         # fast path's look-up (emptied by close()).
         self._open_completions = dict(enumerate(self._completions))
+        frontend.reconnect_check = self._check_config_again
         frontend.activate(self._mem, None, queues)
+
+    def _read_config(self, frontend):
+        """(_BlockConfig, block size) from GET_CONFIG, for the acked features."""
+        # Read only the fields the acked features make exist, as QEMU sizes
+        # it: a back-end with a shorter config refuses a longer read.
+        data = frontend.read_config(0, _device_config_size(DeviceType.BLOCK, self.features))
+        fields = _config_values(DeviceType.BLOCK, self.features, data)
+        config = _BlockConfig._make(fields.get(name, 0) for name in _BlockConfig._fields)
+        return config, config.blk_size if self.features & _BLK_F_BLK_SIZE else _SECTOR
+
+    def _check_config_again(self, frontend):
+        """Re-read the config of a back-end that came back (``reconnect``), before the rings.
+
+        Raises:
+            Disconnected: its capacity, block size or queue count shrank (a
+                smaller disk would answer IOERR to what is in flight); the
+                message names what changed.
+        """
+        config, block_size = self._read_config(frontend)
+        changed = []
+        if config.capacity * _SECTOR < self.capacity:
+            changed.append("capacity %d bytes, was %d" % (config.capacity * _SECTOR,
+                                                           self.capacity))
+        if block_size != self.block_size:
+            changed.append("block size %d, was %d" % (block_size, self.block_size))
+        if self.features & _BLK_F_MQ and config.num_queues < self.num_queues:
+            changed.append("num_queues %d, %d in use" % (config.num_queues, self.num_queues))
+        if changed:
+            raise _BackendShrank("reconnect: the back-end came back with another disk: %s"
+                                 % "; ".join(changed), FrontendReq.GET_CONFIG)
+        self.config = config
+        self.capacity = config.capacity * _SECTOR
 
     # -- properties from the config space ---------------------------------------
 
@@ -7418,6 +7452,8 @@ class BlockDevice(_Device):
 
     def read(self, offset, length, queue=0):
         """Read ``length`` bytes at ``offset`` (both multiples of ``block_size``)."""
+        # Checked before the buffer is made: bytearray(2**70) is an OverflowError.
+        self._check_range("READ", offset, length, None)
         buffer = bytearray(length)
         self.readinto(offset, buffer, queue)
         return bytes(buffer)
@@ -8499,12 +8535,19 @@ def _operation(method):
     """Mark an ``FsDevice`` call: no node is forgotten until every call in progress ends."""
     @functools.wraps(method)
     def call(self, *args, **kwargs):
-        if self._mem is None:
+        if self._closed_to_caller():
             raise _DeviceClosed("%s: the virtio-fs device is closed" % method.__name__)
         with self._cache_lock:
             self._active += 1
         try:
             return method(self, *args, **kwargs)
+        except Exception as exc:
+            # A call that close() on another thread cut short says so, not
+            # EBADF or EIO, which would read as errors of the file system.
+            if self._closed_to_caller():
+                raise _DeviceClosed("%s: the virtio-fs device is closed" % method.__name__) \
+                    from exc
+            raise
         finally:
             with self._cache_lock:
                 self._active -= 1
@@ -8562,6 +8605,7 @@ class FsDevice(_Device):
         self._buffered = weakref.WeakSet()            # what open() returned over them
         self._deferred = collections.deque()          # releases of files dropped unclosed
         self._active = 0                              # calls in progress (see _operation)
+        self._closer = None                           # the thread in close(), once called
         self._retired = []                            # (nodeid, nlookup) to FORGET
         self._ids = (os.geteuid(), os.getegid(), os.getpid())
         try:
@@ -8638,13 +8682,17 @@ class FsDevice(_Device):
 
     # -- requests ----------------------------------------------------------------
 
-    def _check_open(self):
-        if self._mem is None:
-            raise _DeviceClosed("the virtio-fs device is closed")
+    def _closed_to_caller(self):
+        """True when the device is closed, or being closed by another thread than this one."""
+        return self._mem is None or self._closer not in (None, threading.get_ident())
+
+    def _check_open(self, what="FUSE"):
+        if self._closed_to_caller():
+            raise _DeviceClosed("%s: the virtio-fs device is closed" % what)
 
     def _submit(self, op, nodeid, readable, reply):
         """Post one FUSE request (no kick); ``reply`` is a writable buffer or None."""
-        self._check_open()
+        self._check_open(_FuseOp(op).name)
         with self._unique_lock:
             self._unique += 1
             unique = self._unique
@@ -8870,12 +8918,19 @@ class FsDevice(_Device):
         return node
 
     @staticmethod
-    def _parts(path):
-        """(components as bytes, trailing slash) of a share-relative path."""
-        path = os.fspath(path)
-        raw = os.fsencode(path)
+    def _fuse_string(value):
+        """``value`` (str, bytes or path-like) as the bytes a FUSE request carries, without
+        the terminating NUL; a NUL inside raises ValueError, as ``os`` does (every name,
+        target and attribute name goes through here, so none is cut short)."""
+        raw = os.fsencode(os.fspath(value))
         if b"\0" in raw:
             raise ValueError("embedded null byte")
+        return raw
+
+    @staticmethod
+    def _parts(path):
+        """(components as bytes, trailing slash) of a share-relative path."""
+        raw = FsDevice._fuse_string(path)
         return raw.split(b"/"), raw.endswith(b"/")
 
     def _walk_path(self, path, follow_last=True, parent_only=False, ancestors=None):
@@ -8931,8 +8986,11 @@ class FsDevice(_Device):
         """(parent node, name) for a call that creates or removes ``name``.
 
         ``special_errno`` is what ``os`` says when the name is the root, '.'
-        or '..' (EEXIST for mkdir, EBUSY for rmdir, ...).
+        or '..' (EEXIST for mkdir, EBUSY for rmdir, ...). An empty path names
+        nothing to create or remove: ENOENT, as ``os.mkdir("")`` says.
         """
+        if not self._fuse_string(path):
+            raise _fs_error(errno.ENOENT, path)
         parent, name = self._walk_path(path, parent_only=True, ancestors=ancestors)
         if name in (b"", b".", b".."):
             if isinstance(special_errno, dict):
@@ -9259,8 +9317,8 @@ class FsDevice(_Device):
     @_operation
     def symlink(self, target, path):
         """os.symlink: create ``path`` pointing at ``target``."""
+        raw_target = self._fuse_string(target)
         parent, name = self._parent(path, errno.EEXIST)
-        raw_target = os.fsencode(os.fspath(target))
         reply = bytearray(_ENTRY_SIZE)
         self._fuse_call(_FuseOp.SYMLINK, parent.nodeid, [name + b"\0", raw_target + b"\0"], reply,
                    _ENTRY_SIZE, target, path)
@@ -9369,7 +9427,8 @@ class FsDevice(_Device):
     def getxattr(self, path, attribute, follow_symlinks=True):
         """os.getxattr: the value (bytes) of extended attribute ``attribute``."""
         node = self._walk_path(path, follow_last=follow_symlinks)
-        return self._xattr_read(_FuseOp.GETXATTR, node, [os.fsencode(attribute) + b"\0"], path)
+        return self._xattr_read(_FuseOp.GETXATTR, node, [self._fuse_string(attribute) + b"\0"],
+                                path)
 
     @_operation
     def listxattr(self, path="", follow_symlinks=True):
@@ -9384,15 +9443,15 @@ class FsDevice(_Device):
         node = self._walk_path(path, follow_last=follow_symlinks)
         value = bytes(value)
         self._xattr_call(_FuseOp.SETXATTR, node, [_FUSE_U32_PAIR.pack(len(value), flags),
-                                                  os.fsencode(attribute) + b"\0", value],
+                                                  self._fuse_string(attribute) + b"\0", value],
                          None, path)
 
     @_operation
     def removexattr(self, path, attribute, follow_symlinks=True):
         """os.removexattr."""
         node = self._walk_path(path, follow_last=follow_symlinks)
-        self._xattr_call(_FuseOp.REMOVEXATTR, node, [os.fsencode(attribute) + b"\0"], None,
-                         path)
+        self._xattr_call(_FuseOp.REMOVEXATTR, node, [self._fuse_string(attribute) + b"\0"],
+                         None, path)
 
     # -- files --------------------------------------------------------------------
 
@@ -9620,9 +9679,17 @@ class FsDevice(_Device):
     def close(self):
         """Close open files, release the share and disconnect; safe to call twice.
 
-        Open files are closed first (what they buffer is written), then every
-        node is forgotten (FORGET) and the session ended (DESTROY).
+        Calls on other threads finish the requests they have in flight; their
+        next request, and any later call, raises ``ValueError`` saying the
+        device is closed. Open files are closed first (what they buffer is
+        written), then every node is forgotten (FORGET) and the session
+        ended (DESTROY).
         """
+        if self._closer is None:
+            self._closer = threading.get_ident()
+        deadline = time.monotonic() + self.timeout
+        while self._active and self._mem is not None and time.monotonic() < deadline:
+            time.sleep(0.001)    # the calls on other threads leave at their next request
         if self._mem is not None and self._frontend is not None:
             try:
                 self._shutdown()
@@ -10740,26 +10807,41 @@ def _check_socket(path):
 
 
 def _cli_connect(path, timeout):
-    """A BackendClient on ``path``, with one-line errors for the usual mistakes."""
+    """A BackendClient on ``path``, with one-line errors for the usual mistakes.
+
+    A listen backlog that is full (the back-end busy with other front-ends,
+    or stopped) is retried until ``timeout``, as the library does; a missing
+    socket or one nobody listens on fails at once.
+    """
     _check_socket(path)
-    try:
-        # timeout=0: one attempt; the CLI must not wait for a socket to appear.
-        return BackendClient.connect(path, timeout=0, reply_timeout=timeout)
-    except Disconnected as exc:
-        cause = exc.__cause__
-        if isinstance(cause, ConnectionRefusedError):
-            raise _CliError("%s: connection refused (nothing is listening on it)" % path)
-        if isinstance(cause, OSError) and cause.strerror:
-            raise _CliError("%s: cannot connect: %s" % (path, cause.strerror))
-        raise _CliError("%s: cannot connect: %s" % (path, exc))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            # timeout=0: one attempt each; the CLI must not wait for a socket to appear.
+            return BackendClient.connect(path, timeout=0, reply_timeout=timeout)
+        except Disconnected as exc:
+            cause = exc.__cause__
+            busy = isinstance(cause, (BlockingIOError, socket.timeout))
+            if busy and time.monotonic() < deadline:
+                time.sleep(min(_RECONNECT_RETRY, max(0.0, deadline - time.monotonic())))
+                continue
+            if isinstance(cause, ConnectionRefusedError):
+                raise _CliError("%s: connection refused (nothing is listening on it)" % path)
+            if busy:
+                raise _CliError("%s: cannot connect within %g s: the back-end's listen backlog "
+                                "stayed full (is it serving other front-ends, or stopped?)"
+                                % (path, timeout))
+            if isinstance(cause, OSError):
+                raise _CliError("%s: cannot connect: %s" % (path, _connect_cause(cause)))
+            # The library's message already says "cannot connect to PATH: ...".
+            raise _CliError(_one_line(exc))
 
 
 def _probe(client, path, device_type=None, config_size=None):
     """Everything a back-end tells about itself, negotiating only what that needs.
 
-    Returns the dict ``probe --json`` prints (its keys are stable). Raises
-    _CliError when ``device_type`` is given and the back-end is conclusively
-    another type.
+    Returns the dict ``probe --json`` prints (its keys are stable). A
+    ``device_type`` given is used as is (``--type`` overrides the guess).
     """
     features = client.get_features()
     offered = None
@@ -10770,9 +10852,7 @@ def _probe(client, path, device_type=None, config_size=None):
         if used:
             client.set_protocol_features(used)
     source = "given"
-    if device_type is not None:
-        _check_device_type(path, device_type, features, offered)
-    else:
+    if device_type is None:   # --type overrides the guess, whatever the bits suggest
         device_type, why, _ = _guess_device_type(features, offered)
         source = "guessed: %s" % why if device_type is not None else "unknown"
     info = {
@@ -10920,6 +11000,14 @@ def _open_device(args, cls, device_type, **kwargs):
             # QEMU's vhost-user-blk refuses such a back-end too: capacity is in the config.
             raise _CliError("%s: wrong device type: the back-end does not offer CONFIG, so it "
                             "cannot be a vhost-user-blk device" % args.socket)
+        if device_type == DeviceType.NET:
+            # virtiofsd's bits are only a hint of virtio-fs, but a net back-end
+            # offers net bits; without this the rings went up and the handshake
+            # failed deep in SET_VRING_ENABLE, using up virtiofsd's one connection.
+            guess, why, _ = _guess_device_type(features, protocol)
+            if guess == DeviceType.FS:
+                raise _CliError("%s: wrong device type: the back-end looks like a fs device (it "
+                                "offers %s), not net" % (args.socket, why))
         return cls.connect(client, timeout=args.timeout, **kwargs)
     except FeatureNotNegotiated as exc:
         client.close()
@@ -11004,17 +11092,36 @@ _CLI_CHUNK = 4 << 20
 
 
 class _TransferProgress:
-    """Bytes, rate and ETA on stderr, once a transfer has run a second; terminal only."""
+    """Bytes, rate and ETA on stderr, once a transfer has run a second; terminal only.
 
-    def __init__(self, total, stream=None):
+    With ``what`` (the action), ``fail(exc)`` notes on a failure or an
+    interruption how many bytes were done, and the offset reached when the
+    transfer started at ``offset``; the error line ends with it.
+    """
+
+    moved = 0     # the bytes done, as the last update() said
+
+    def __init__(self, total, stream=None, what=None, offset=None):
         self.stream = sys.stderr if stream is None else stream
         self.enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.total = total
+        self.what = what
+        self.offset = offset
         self.start = time.monotonic()
         self.next_draw = self.start + 1.0
         self.drawn = False
 
+    def fail(self, exc):
+        """Note on ``exc`` what was done before it (see ``_transfer_note``)."""
+        text = "%s stopped after %d bytes" % (self.what, self.moved)
+        if self.total is not None:
+            text += " of %d" % self.total
+        if self.offset is not None:
+            text += ", at offset %d" % (self.offset + self.moved)
+        _note_transfer(exc, text)
+
     def update(self, done):
+        self.moved = done
         now = time.monotonic()
         if not self.enabled or now < self.next_draw:
             return
@@ -11035,6 +11142,34 @@ class _TransferProgress:
         if self.drawn:
             self.stream.write("\r\033[K")
             self.stream.flush()
+
+
+def _note_transfer(exc, text):
+    """Attach to ``exc`` what a transfer did before it, for the error line to end with."""
+    if not _stdout_gone(exc):
+        exc.cli_transfer_note = text
+
+
+def _transfer_note(exc):
+    """Take (once) the note ``_note_transfer`` left on ``exc`` or an exception it came from."""
+    todo, seen = [exc], []
+    while todo and len(seen) < 20:
+        exc = todo.pop(0)
+        if exc is None or any(exc is e for e in seen):
+            continue
+        seen.append(exc)
+        note = vars(exc).pop("cli_transfer_note", None)
+        if note is not None:
+            return note
+        # A file's close() failing after its read failed: the read's note is in the context.
+        todo += [exc.__cause__, exc.__context__]
+    return None
+
+
+def _stdout_gone(exc):
+    """True for the EPIPE of writing to stdout after its reader left (no file name: not a
+    file-system error the back-end returned)."""
+    return isinstance(exc, BrokenPipeError) and exc.filename is None
 
 
 class _HexdumpC:
@@ -11154,7 +11289,7 @@ def _blk_read(dev, args, out):
     elif binary is not None:
         target = binary
     dump = _HexdumpC(out.write, args.offset) if target is None else None
-    progress = _TransferProgress(args.length)
+    progress = _TransferProgress(args.length, what="read", offset=args.offset)
     stream = _blk_stream(dev, args.offset, args.length, progress)
     try:
         for piece in stream:
@@ -11166,6 +11301,9 @@ def _blk_read(dev, args, out):
             dump.close()
         else:
             target.flush()
+    except BaseException as exc:
+        progress.fail(exc)
+        raise
     finally:
         stream.close()   # its buffer goes back now, not when a collector gets to it
         progress.done()
@@ -11256,7 +11394,7 @@ def _blk_write_from(dev, args, out, source):
         if head:
             staging[:head] = dev.read(position, block)[:head] if args.rmw else bytes(head)
         fill = head
-        progress = _TransferProgress(length)
+        progress = _TransferProgress(length, what="write", offset=offset)
         total = 0
         try:
             while True:
@@ -11280,9 +11418,12 @@ def _blk_write_from(dev, args, out, source):
                     position += ready
                     fill -= ready
                     staging[:fill] = staging[ready:ready + fill]   # < 1 block: no overlap
-                    progress.update(total)
+                    progress.update(max(0, position - offset))
                 if not count:
                     break
+        except BaseException as exc:
+            progress.fail(exc)
+            raise
         finally:
             progress.done()
         tail = fill
@@ -11364,10 +11505,7 @@ def _frame_source(dev, args, size):
             with open(args.payload_file, "rb") as f:
                 frame = f.read()
         else:
-            try:
-                frame = bytes.fromhex(args.payload_hex.replace(":", " "))
-            except ValueError as exc:
-                raise _CliError("--payload-hex: %s" % exc)
+            frame = bytes.fromhex(args.payload_hex.replace(":", " "))   # checked by _hex_arg
         if len(frame) < _ETH_HLEN:
             raise _CliError("the frame has %d bytes; an Ethernet frame has at least %d"
                             % (len(frame), _ETH_HLEN))
@@ -11380,7 +11518,19 @@ def _frame_source(dev, args, size):
     return lambda seq: _test_frame(src, seq, size)
 
 
+def _check_frame_size(option, size):
+    """Refuse, before connecting (status 2), a generated frame size no device takes: one
+    carries a sequence number, and one descriptor of send() at most 64 KiB with its header."""
+    low, high = _TEST_FRAME_HEADER.size, 0xFFFF - _NET_HDR.size
+    if not low <= size <= high:
+        raise _UsageError("%s %d: generated frames carry a sequence number and are %d..%d "
+                          "bytes" % (option, size, low, high))
+
+
 def _cmd_net(args, out):
+    if args.action == "send" and args.read is None and args.payload_file is None \
+            and args.payload_hex is None:
+        _check_frame_size("--size", args.size)
     with _open_device(args, NetDevice, DeviceType.NET) as dev:
         return _NET_ACTIONS[args.action](dev, args, out)
 
@@ -11592,7 +11742,7 @@ def _net_recv(dev, args, out):
                             "give a file name")
     report = sys.stderr if stream is not None else out   # stdout carries the pcap
     raw = None
-    count = 0
+    count = received = 0
     try:
         if args.write is not None and args.write != "-":
             stream = open(args.write, "wb")
@@ -11612,6 +11762,7 @@ def _net_recv(dev, args, out):
                     continue
                 stamp = time.time()
                 count += 1
+                received += len(frame)
                 if capture is not None:
                     capture.write(frame, stamp)
                 else:
@@ -11622,6 +11773,12 @@ def _net_recv(dev, args, out):
                     raw.write(frame)
     except KeyboardInterrupt:
         pass   # Ctrl-C before the flag was set up ends a capture too, as it does tcpdump's
+    except Exception as exc:
+        # The frames written before the failure are whole: say how many.
+        _note_transfer(exc, "recv stopped after %d frame(s), %d bytes%s" % (
+            count, received, "".join(" written to %s" % name for name in (args.write, args.output)
+                                     if name is not None)))
+        raise
     finally:
         if raw is not None:
             raw.close()
@@ -11778,14 +11935,18 @@ def _cmd_fs(args, out):
         try:
             return _FS_ACTIONS[args.action](fs, args, out)
         except OSError as exc:
+            if _stdout_gone(exc):
+                raise      # the reader left: silent, status 141 (see _main)
             raise _CliError(_fs_error_text(args.action, exc))
 
 
 def _fs_error_text(action, exc):
-    """``ls: dir/x: No such file or directory``: the command, the path, the reason."""
+    """``ls: dir/x: No such file or directory``: the command, the path, the reason
+    (an empty path shown as ''), and what a transfer did before it failed."""
     names = [n for n in (exc.filename, exc.filename2) if n is not None]
-    where = " -> ".join(os.fsdecode(n) for n in names)
-    return "%s: %s%s" % (action, where + ": " if where else "", exc.strerror or exc)
+    where = " -> ".join(os.fsdecode(n) or "''" for n in names)
+    return "%s: %s%s%s" % (action, where + ": " if where else "", exc.strerror or exc,
+                           _transfer_suffix(exc))
 
 
 def _fs_time(seconds):
@@ -11895,12 +12056,23 @@ def _fs_stat(fs, args, out):
     return 0
 
 
-def _fs_copy_out(source, write):
-    while True:
-        chunk = source.read(1 << 20)
-        if not chunk:
-            return
-        write(chunk)
+def _fs_copy_out(source, write, what, total=None):
+    """Copy ``source`` to ``write`` in 1 MiB steps; a failure notes the bytes done."""
+    progress = _TransferProgress(total, what=what)
+    done = 0
+    try:
+        while True:
+            chunk = source.read(1 << 20)
+            if not chunk:
+                return
+            write(chunk)
+            done += len(chunk)
+            progress.update(done)
+    except BaseException as exc:
+        progress.fail(exc)
+        raise
+    finally:
+        progress.done()
 
 
 def _fs_each(args, paths, do):
@@ -11916,6 +12088,8 @@ def _fs_each(args, paths, do):
         try:
             do(path)
         except OSError as exc:
+            if _stdout_gone(exc):
+                raise
             text = _fs_error_text(args.action, exc)
             if report is not None:
                 report(text)
@@ -11932,10 +12106,10 @@ def _fs_cat(fs, args, out):
         with fs.open(path, "rb") as f:
             if binary is not None:
                 out.flush()
-                _fs_copy_out(f, binary.write)
+                _fs_copy_out(f, binary.write, "cat")
                 binary.flush()
             else:
-                _fs_copy_out(f, lambda chunk: out.write(chunk.decode("utf-8", "replace")))
+                _fs_copy_out(f, lambda chunk: out.write(chunk.decode("utf-8", "replace")), "cat")
     return _fs_each(args, args.paths, cat)
 
 
@@ -11944,7 +12118,7 @@ def _fs_get(fs, args, out):
     if os.path.isdir(local):
         local = os.path.join(local, os.path.basename(args.remote.rstrip("/")))
     with fs.open(args.remote, "rb") as source, open(local, "wb") as target:
-        _fs_copy_out(source, target.write)
+        _fs_copy_out(source, target.write, "get", fs.stat(args.remote).st_size)
         size = target.tell()
     out.write("%s -> %s (%d bytes)\n" % (args.remote, local, size))
     return 0
@@ -11955,7 +12129,7 @@ def _fs_put(fs, args, out):
     if fs._is_dir(remote):
         remote = _fs_join(remote, os.path.basename(args.local))
     with open(args.local, "rb") as source, fs.open(remote, "wb") as target:
-        _fs_copy_out(source, target.write)
+        _fs_copy_out(source, target.write, "put", os.fstat(source.fileno()).st_size)
         size = target.tell()
     out.write("%s -> %s (%d bytes)\n" % (args.local, remote, size))
     return 0
@@ -12147,6 +12321,8 @@ def _fs_shell(fs, args, out):
             try:
                 _FS_ACTIONS[parsed.action](fs, parsed, out)
             except OSError as exc:
+                if _stdout_gone(exc):
+                    raise
                 self._fail(_fs_error_text(parsed.action, exc))
             except (VhostUserError, ValueError) as exc:
                 raise _CliError("%s: %s" % (parsed.action, _one_line(exc)))
@@ -12178,11 +12354,13 @@ def _bench_fs(fs, args):
     size = 4096 if args.size is None else args.size
     rw = args.rw or "randread"
     if not 0 < size <= min(fs.max_read, fs.max_write):
-        raise _CliError("--size %d must be in 1..%d (what one FUSE request carries)"
-                        % (size, min(fs.max_read, fs.max_write)))
+        raise _CliError("%s %d must be in 1..%d (what one FUSE request carries)"
+                        % (_typed_option(args, "--size", "--bs"), size,
+                           min(fs.max_read, fs.max_write)))
     if args.depth > fs.queue_size:
-        raise _CliError("--depth %d: at most %d requests fit the %d-entry ring"
-                        % (args.depth, fs.queue_size, fs.queue_size))
+        raise _CliError("%s %d: at most %d requests fit the %d-entry ring"
+                        % (_typed_option(args, "--depth", "--iodepth"), args.depth,
+                           fs.queue_size, fs.queue_size))
     created = not fs.exists(args.file)
     try:
         if created:
@@ -12221,7 +12399,7 @@ def _bench_fs_stream(fs, f, load, args, size, rw):
     latencies = []
     progress = _Progress(sys.stderr, args.seconds, "fs")
     cpu_start = _self_cpu_seconds()
-    backend_start = _proc_cpu_seconds(args.backend_pid) if args.backend_pid else None
+    backend = _PeerCpu(args)
     start = clock()
     deadline = start + args.seconds
     node, fh = f._node, f._fh
@@ -12256,24 +12434,75 @@ def _bench_fs_stream(fs, f, load, args, size, rw):
         progress.update(now - start, len(latencies), size)
     progress.done()
     elapsed = clock() - start
-    cpu_backend = None
-    if args.backend_pid:
-        cpu_backend = _proc_cpu_seconds(args.backend_pid) - backend_start
+    cpu_backend = backend.used()
     return _bench_report("fs", rw, size, args.depth, 1, elapsed, latencies,
                          _self_cpu_seconds() - cpu_start, cpu_backend)
 
 
 # -- bench --------------------------------------------------------------------
 
-def _proc_cpu_seconds(pid):
-    """User + system CPU seconds of process ``pid`` so far, all its threads (/proc)."""
+def _proc_cpu_seconds(pid, required=True):
+    """User + system CPU seconds so far of process ``pid`` and every process under it (/proc).
+
+    The whole tree, because a daemon may work in a child (virtiofsd's sandbox
+    forks; the socket's peer is the parent, which only waits). Children that
+    ended and were waited for count through cutime and cstime. When ``pid``
+    cannot be read: a _CliError if ``required``, else None.
+    """
+    stats = {}
     try:
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        raise _CliError("--backend-pid %d: no such process (or /proc is not readable)" % pid)
-    # utime and stime are fields 14 and 15 of proc(5); fields[0] is field 3.
-    return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))
+        names = os.listdir("/proc")
+    except OSError:
+        names = []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            # ppid is field 4 of proc(5), utime..cstime 14..17; fields[0] is field 3.
+            stats[int(name)] = (int(fields[1]), sum(int(v) for v in fields[11:15]))
+        except (OSError, IndexError, ValueError):
+            continue    # gone meanwhile
+    if pid not in stats:
+        if required:
+            raise _CliError("--backend-pid %d: no such process (or /proc is not readable)"
+                            % pid)
+        return None
+    children = collections.defaultdict(list)
+    for child, (parent, _) in stats.items():
+        children[parent].append(child)
+    ticks, todo = 0, [pid]
+    while todo:
+        process = todo.pop()
+        ticks += stats[process][1]
+        todo.extend(children.get(process, ()))
+    return ticks / float(os.sysconf("SC_CLK_TCK"))
+
+
+class _PeerCpu:
+    """The back-end's CPU seconds over a bench run: ``--backend-pid``, or by default the
+    socket's peer (SO_PEERCRED, see ``_bench_peer``); ``used()`` is None when unknown."""
+
+    def __init__(self, args):
+        self.pid = args.backend_pid
+        self.required = not getattr(args, "backend_pid_found", False)
+        self.start = self._read()
+
+    def _read(self):
+        return _proc_cpu_seconds(self.pid, self.required) if self.pid else None
+
+    def used(self):
+        end = self._read() if self.start is not None else None
+        return None if end is None else end - self.start
+
+
+def _bench_peer(args, dev):
+    """Without --backend-pid, the back-end's pid from the socket (SO_PEERCRED)."""
+    if args.backend_pid is None:
+        client = dev.frontend.client if dev.frontend is not None else None
+        args.backend_pid = client.peer_pid() if client is not None else None
+        args.backend_pid_found = True
 
 
 def _self_cpu_seconds():
@@ -12349,7 +12578,7 @@ def _format_bench(report):
     lat = report["latency_us"]
     backend = report["backend_cpu_us_per_request"]
     if backend is None:
-        backend = "n/a (give --backend-pid)"
+        backend = "n/a (the back-end's CPU time could not be read; give --backend-pid)"
     if report["type"] == "net":
         pairs = report["queues"]
         lines = [
@@ -12463,7 +12692,39 @@ class _BlockLoad:
         return chunk
 
 
+#: The smallest logical block of a virtio-blk device (spec 5.2.4: blk_size >= 512).
+_BENCH_MIN_BLOCK = 512
+
+
+def _check_bench_usage(args):
+    """Refuse, before connecting (status 2), a --size or --depth no device takes.
+
+    What depends on the device (its block size, ring, MTU) is checked once
+    connected (status 1); both name the spelling typed (--bs, --iodepth).
+    """
+    size_option = _typed_option(args, "--size", "--bs")
+    depth_option = _typed_option(args, "--depth", "--iodepth")
+    size = args.size
+    if args.type == "net":
+        depth_max = MAX_QUEUE_SIZE
+        if size is not None:
+            _check_frame_size(size_option, size)
+    else:
+        depth_max = MAX_QUEUE_SIZE // 3 if args.type == "blk" else MAX_QUEUE_SIZE
+        if args.type == "blk" and size is not None and (
+                size <= 0 or size % _BENCH_MIN_BLOCK):
+            raise _UsageError("%s %d: must be a positive multiple of %d bytes (the smallest "
+                              "block size)" % (size_option, size, _BENCH_MIN_BLOCK))
+        if args.type == "fs" and size is not None and size <= 0:
+            raise _UsageError("%s %d: must be at least 1 byte" % (size_option, size))
+    if args.depth > depth_max:
+        raise _UsageError("%s %d: at most %d requests fit the largest ring (%d entries%s)"
+                          % (depth_option, args.depth, depth_max, MAX_QUEUE_SIZE,
+                             ", 3 per request" if args.type == "blk" else ""))
+
+
 def _cmd_bench(args, out):
+    _check_bench_usage(args)
     if args.type == "net":
         given = [name for name, value in (
             ("--rw", args.rw), ("--rwmixread", args.rwmixread), ("--offset", args.offset or None),
@@ -12476,6 +12737,7 @@ def _cmd_bench(args, out):
                             % (given[0], " and fs" if given[0] == "--rw" else ""))
         with _open_device(args, NetDevice, DeviceType.NET,
                           queue_pairs=args.queues or 1) as dev:
+            _bench_peer(args, dev)
             report = _bench_net(dev, args)
     elif args.type == "fs":
         given = [name for name, value in (
@@ -12490,6 +12752,7 @@ def _cmd_bench(args, out):
         if args.queues not in (None, 1):
             raise _UsageError("--queues %d: bench --type fs uses one request queue" % args.queues)
         with _open_device(args, FsDevice, DeviceType.FS) as dev:
+            _bench_peer(args, dev)
             report = _bench_fs(dev, args)
     else:
         kwargs = {"num_queues": args.queues} if args.queues else {}
@@ -12503,6 +12766,7 @@ def _cmd_bench(args, out):
             kwargs["memory_size"] = max(64 << 20, ((args.queues or 1) * args.depth * args.size
                                                    + (16 << 20) + 0xFFFFF) & ~0xFFFFF)
         with _open_device(args, BlockDevice, DeviceType.BLOCK, **kwargs) as dev:
+            _bench_peer(args, dev)
             report = _bench_block(dev, args)
     if not report["requests"]:
         raise _CliError("%s: bench: no request completed within %g s"
@@ -12520,14 +12784,16 @@ def _bench_block(dev, args):
     rw = args.rw or "randread"
     largest = min(dev.capacity, dev.max_transfer)
     if size <= 0 or size % dev.block_size or size > largest:
-        raise _CliError("--size %d must be a positive multiple of the block size %d, at most "
+        raise _CliError("%s %d must be a positive multiple of the block size %d, at most "
                         "%d (the capacity or the largest request the device takes)"
-                        % (size, dev.block_size, largest))
+                        % (_typed_option(args, "--size", "--bs"), size, dev.block_size,
+                           largest))
     ring = dev._queues[0].size
     if args.depth > ring // 3:
         # More could never be in flight: a request takes 3 descriptors.
-        raise _CliError("--depth %d: at most %d requests fit the %d-entry ring"
-                        % (args.depth, ring // 3, ring))
+        raise _CliError("%s %d: at most %d requests fit the %d-entry ring"
+                        % (_typed_option(args, "--depth", "--iodepth"), args.depth,
+                           ring // 3, ring))
     region = _bench_region(dev, args, size)
     queues = args.queues or 1
     loads = [_BlockLoad(region[1], size, rw, seed, region[0], args.rwmixread)
@@ -12557,13 +12823,11 @@ def _bench_block(dev, args):
         _bench_block_phase(dev, args, queues, stream, args.ramp_time, size)
         for check in checked or ():
             check.verified = 0
-    backend_start = _proc_cpu_seconds(args.backend_pid) if args.backend_pid else None
+    backend = _PeerCpu(args)
     cpu_start = _self_cpu_seconds()
     latencies, elapsed = _bench_block_phase(dev, args, queues, stream, args.seconds, size)
     cpu_self = _self_cpu_seconds() - cpu_start
-    cpu_backend = None
-    if args.backend_pid:
-        cpu_backend = _proc_cpu_seconds(args.backend_pid) - backend_start
+    cpu_backend = backend.used()
     verified = None
     if checked is not None and args.verify:
         for q in range(queues):
@@ -13064,20 +13328,18 @@ def _bench_net(dev, args):
     N`` each of the N queue pairs runs in its own thread; the report has
     the totals and, under "pairs", each pair's figures.
     """
-    size = 64 if args.size is None else args.size
-    if not _TEST_FRAME_HEADER.size <= size <= 0xFFFF - _NET_HDR.size:
-        raise _CliError("--size %d: frames must be %d..%d bytes"
-                        % (size, _TEST_FRAME_HEADER.size, 0xFFFF - _NET_HDR.size))
+    size = 64 if args.size is None else args.size   # its range: _check_bench_usage
     # More frames in flight than receive buffers would make the back-end drop some.
     per_frame = -(-(size + _NET_HDR.size) // dev.rx_buffer_size)
     if args.depth * per_frame > dev.queue_size:
-        raise _CliError("--depth %d: at most %d frames of %d bytes fit the %d receive buffers"
-                        % (args.depth, dev.queue_size // per_frame, size, dev.queue_size))
+        raise _CliError("%s %d: at most %d frames of %d bytes fit the %d receive buffers"
+                        % (_typed_option(args, "--depth", "--iodepth"), args.depth,
+                           dev.queue_size // per_frame, size, dev.queue_size))
     pairs = dev.queue_pairs
     latencies = [[] for _ in range(pairs)]
     errors = []
     progress = _Progress(sys.stderr, args.seconds, "net")
-    backend_start = _proc_cpu_seconds(args.backend_pid) if args.backend_pid else None
+    backend = _PeerCpu(args)
     cpu_start = _self_cpu_seconds()
     start = time.perf_counter()
     deadline = start + args.seconds
@@ -13104,9 +13366,7 @@ def _bench_net(dev, args):
         raise errors[0]
     elapsed = time.perf_counter() - start
     cpu_self = _self_cpu_seconds() - cpu_start
-    cpu_backend = None
-    if args.backend_pid:
-        cpu_backend = _proc_cpu_seconds(args.backend_pid) - backend_start
+    cpu_backend = backend.used()
     merged = [latency for per_pair in latencies for latency in per_pair]
     report = _bench_report("net", None, size, args.depth, pairs, elapsed, merged, cpu_self,
                            cpu_backend)
@@ -13587,6 +13847,7 @@ def _cmd_selftest(args, out):
 def _int_arg(text):
     """An argparse type: an integer with an optional 0x prefix or k/M/G suffix."""
     import argparse
+    _ascii_arg(text, "an integer")
     scale = {"k": 1 << 10, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
     try:
         value = int(text[:-1] if scale > 1 else text, 0) * scale
@@ -13595,6 +13856,38 @@ def _int_arg(text):
     if value < 0:
         raise argparse.ArgumentTypeError("%r is negative" % text)
     return value
+
+
+def _ascii_arg(text, kind):
+    """Refuse what int() and float() take beyond ASCII (full-width digits: '\uff10')."""
+    import argparse
+    try:
+        text.encode("ascii")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("%r is not %s (ASCII digits only)" % (text, kind))
+
+
+def _hex_arg(text):
+    """An argparse type: a whole Ethernet frame in hex (``ff:ff`` colons allowed), kept as text."""
+    import argparse
+    try:
+        frame = bytes.fromhex(text.replace(":", " "))
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not bytes in hex (two hex digits a byte, "
+                                         "e.g. ffffffffffff0200...)" % text)
+    if len(frame) < _ETH_HLEN:
+        raise argparse.ArgumentTypeError("%r is %d bytes; an Ethernet frame has at least %d"
+                                         % (text, len(frame), _ETH_HLEN))
+    return text
+
+
+def _typed_option(args, *spellings):
+    """Which of an option's ``spellings`` the user typed (``--bs`` or ``--size``), for messages."""
+    for word in reversed(getattr(args, "typed_argv", None) or ()):
+        for spelling in spellings:
+            if word == spelling or word.startswith(spelling + "="):
+                return spelling
+    return spellings[0]
 
 
 def _byte_arg(text):
@@ -13632,6 +13925,7 @@ def _seconds_arg(text, allow_zero=False, allow_inf=False):
     waiting for ever makes sense (``allow_inf``) "inf" is accepted.
     """
     import argparse
+    _ascii_arg(text, "a number")
     try:
         value = float(text)
     except ValueError:
@@ -13647,6 +13941,7 @@ def _seconds_arg(text, allow_zero=False, allow_inf=False):
 def _rate_arg(text):
     """An argparse type: a finite rate above 0 (``--pps``: frames per second)."""
     import argparse
+    _ascii_arg(text, "a number")
     try:
         value = float(text)
     except ValueError:
@@ -13801,7 +14096,7 @@ def _build_parser():
         given = parser_.add_mutually_exclusive_group()
         given.add_argument("--payload-file", metavar="FILE",
                            help="send FILE's bytes (a whole Ethernet frame) every time")
-        given.add_argument("--payload-hex", metavar="HEX",
+        given.add_argument("--payload-hex", type=_hex_arg, metavar="HEX",
                            help="send these bytes every time (e.g. ffffffffffff0200...)")
     recv = actions.add_parser(
         "recv", parents=[common, ring], help="print the frames that arrive, or capture them as pcap",
@@ -13828,9 +14123,9 @@ def _build_parser():
         description="Run I/O for --seconds and report IOPS and MiB/s (blk; fs: FUSE reads or "
                     "writes of one file in the share) or packets/s and "
                     "Mbit/s of frames looped back by the back-end (net: testpmd in io forward "
-                    "mode), latency percentiles, this process's CPU time per request and, "
-                    "with --backend-pid, the back-end's (from /proc/PID/stat, 10 ms "
-                    "resolution). A progress line is drawn on stderr only when stderr is a "
+                    "mode), latency percentiles, this process's CPU time per request and "
+                    "the back-end's: the socket's peer (or --backend-pid) and every process "
+                    "under it (from /proc/PID/stat, 10 ms resolution). A progress line is drawn on stderr only when stderr is a "
                     "terminal.")
     bench.add_argument("socket", metavar="SOCKET")
     bench.add_argument("--type", choices=("blk", "net", "fs"), default="blk",
@@ -13871,7 +14166,8 @@ def _build_parser():
     bench.add_argument("--histogram", action="store_true",
                        help="also print a text histogram of completion latencies")
     bench.add_argument("--backend-pid", type=int, metavar="PID",
-                       help="also report this process's CPU time per request")
+                       help="the back-end process whose CPU time (with its children's) is "
+                            "reported (default: the socket's peer, from SO_PEERCRED)")
     bench.add_argument("--spin", type=functools.partial(_seconds_arg, allow_zero=True),
                        metavar="S",
                        help="seconds to poll the used ring before sleeping (default: chosen "
@@ -13975,6 +14271,7 @@ def _main(argv):
         return exc.code if isinstance(exc.code, int) else _EXIT_FAILURE
     args.verbose = getattr(args, "verbose", False)
     args.timeout = getattr(args, "timeout", 5.0)
+    args.typed_argv = list(sys.argv[1:] if argv is None else argv)
     if args.verbose:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(relativeCreated)8.1f ms %(message)s"))
@@ -13986,13 +14283,13 @@ def _main(argv):
     _log.addHandler(handler)
     try:
         return args.func(args, sys.stdout)
-    except KeyboardInterrupt:
-        sys.stderr.write("%s: interrupted\n" % _PROG)
+    except KeyboardInterrupt as exc:
+        sys.stderr.write("%s: interrupted%s\n" % (_PROG, _transfer_suffix(exc)))
         return 130
     except _Terminated as exc:
         import signal
-        sys.stderr.write("%s: terminated by %s, cleaned up\n"
-                         % (_PROG, signal.Signals(exc.signum).name))
+        sys.stderr.write("%s: terminated by %s, cleaned up%s\n"
+                         % (_PROG, signal.Signals(exc.signum).name, _transfer_suffix(exc)))
         return 128 + exc.signum
     except _UsageError as exc:
         sys.stderr.write("%s: error: %s\n" % (_PROG, exc))
@@ -14010,7 +14307,7 @@ def _main(argv):
             message = "back-end disconnected: " + message
         if isinstance(exc, VhostUserError):
             message = "%s: %s" % (args.socket, message)
-        sys.stderr.write("%s: error: %s\n" % (_PROG, message))
+        sys.stderr.write("%s: error: %s%s\n" % (_PROG, message, _transfer_suffix(exc)))
         return _EXIT_FAILURE
     finally:
         _log.removeHandler(handler)
@@ -14028,6 +14325,12 @@ def _silence_stdout():
         os.dup2(devnull, fd)
     finally:
         os.close(devnull)
+
+
+def _transfer_suffix(exc):
+    """"; read stopped after N bytes ..." for an error that ended a transfer, else ""."""
+    note = _transfer_note(exc)
+    return "; " + note if note else ""
 
 
 def _one_line(exc):
