@@ -4829,6 +4829,526 @@ class TestFrontendRecovery(FrontendTestBase):
         self.assertEqual(fe.virtio_snapshot().backend_state, b"s" * 200000)
 
 
+# Dirty log and moving a device ########################################################################
+
+# Frames through RX per dirty-log check; VHU_DIRTYLOG_FRAMES=10000 (or more) for the issue's long run.
+DIRTYLOG_FRAMES = int(os.environ.get("VHU_DIRTYLOG_FRAMES", "2000"))
+
+
+def _seq_frame(i):
+    """A broadcast frame carrying sequence number ``i`` (60 bytes)."""
+    return b"\xff" * 6 + b"\x02\x76\x68\x75\x00\x09" + b"\x88\xb5" + struct.pack("<I", i) + bytes(44)
+
+
+def _frame_seq(frame):
+    return struct.unpack_from("<I", frame, 14)[0]
+
+
+def _guest_copy(mem):
+    """A copy of all guest memory: {region GPA: bytes}."""
+    return {r.guest_phys_addr: mem.read(r.guest_phys_addr, r.memory_size) for r, _ in mem.regions()}
+
+
+def _changed_pages(before, after, spans):
+    """Pages (GPA // 4096) whose bytes inside the (gpa, length) spans differ between two copies."""
+    def part(copy, gpa, length):
+        for base, data in copy.items():
+            if base <= gpa < base + len(data):
+                return data[gpa - base:gpa - base + length]
+        raise AssertionError("GPA %#x is outside guest memory" % gpa)
+    pages = set()
+    for gpa, length in spans:
+        at = gpa
+        while at < gpa + length:
+            end = min(gpa + length, (at // 4096 + 1) * 4096)
+            if part(before, at, end - at) != part(after, at, end - at):
+                pages.add(at // 4096)
+            at = end
+    return pages
+
+
+def _ring_spans(queue):
+    """What the device writes of a ring: the used ring (split) or the descriptor ring (packed)."""
+    if queue.packed:
+        return [(queue.desc_table, 16 * queue.size)]
+    return [(queue.used_ring, 6 + 8 * queue.size)]
+
+
+def _net_spans(dev):
+    """Every byte of guest memory a net back-end writes: RX buffers, and both rings' used parts."""
+    spans = []
+    for pair in dev._pairs:
+        spans += _ring_spans(pair.rx) + _ring_spans(pair.tx)
+        spans.append((pair.rx_pool, pair.rx.size * dev._rx_size))
+    return spans
+
+
+def _pump(dev, first, count, timeout=5.0):
+    """Send ``count`` sequence-numbered frames in bursts of 32 and receive as many; their numbers."""
+    got = []
+    for start in range(first, first + count, 32):
+        burst = list(range(start, min(first + count, start + 32)))
+        dev.send_many([_seq_frame(i) for i in burst])
+        for _ in burst:
+            frame = dev.recv(timeout)
+            if frame is None:
+                return got
+            got.append(_frame_seq(frame))
+    return got
+
+
+class _Shifted1MiB(vu.GuestMemory):
+    """Guest memory starting at GPA 1 MiB: DPDK 22.11 takes a packed ring's log address 0 (its
+    descriptor ring at GPA 0) for "no log" and stops serving the ring."""
+
+    def __init__(self, layout, name="vhost-user-guest"):
+        super(_Shifted1MiB, self).__init__([(gpa + (1 << 20), size) for gpa, size in layout], name)
+
+
+class DirtyLogChecks(object):
+    """The log-completeness check, for any net back-end that forwards TX to RX."""
+
+    def check_net_log(self, dev, frames=None):
+        """Every page the back-end wrote over ``frames`` frames is logged, then clear() leaves only
+        what was written after it. Returns (device pages written, pages logged)."""
+        frames = DIRTYLOG_FRAMES if frames is None else frames
+        frontend, mem, spans = dev.frontend, dev.memory, _net_spans(dev)
+        self.assertEqual(_pump(dev, 0, 1), [0])   # warm: every ring started
+        log = dev.start_dirty_log()
+        self.assertIs(dev.start_dirty_log(), log)   # the same log, SET_LOG_BASE not sent again
+        frontend.virtio_sleep()
+        before = _guest_copy(mem)
+        log.clear()
+        frontend.virtio_wake()
+        got = _pump(dev, 1, frames)
+        self.assertEqual(got, list(range(1, frames + 1)))
+        frontend.virtio_sleep()
+        after = _guest_copy(mem)
+        frontend.virtio_wake()
+        logged = set(log.pages())
+        written = _changed_pages(before, after, spans)
+        missing = sorted(written - logged)
+        self.assertFalse(missing, "pages the back-end wrote and did not log: %s" % missing)
+        # Not vacuous: RX buffers and every ring's used part were written and logged.
+        for gpa, length in spans:
+            self.assertTrue(written & set(range(gpa // 4096, (gpa + length - 1) // 4096 + 1)),
+                            "nothing written at %#x + %d" % (gpa, length))
+        # clear(), then a little traffic: only pages written after the clear are marked.
+        frontend.virtio_sleep()
+        before = _guest_copy(mem)
+        self.assertEqual(set(log.clear()), logged)
+        self.assertEqual(log.pages(), [])
+        frontend.virtio_wake()
+        self.assertEqual(_pump(dev, frames + 1, 3), [frames + 1, frames + 2, frames + 3])
+        frontend.virtio_sleep()
+        after = _guest_copy(mem)
+        frontend.virtio_wake()
+        again = set(log.pages())
+        all_changed = _changed_pages(before, after, [(g, len(d)) for g, d in before.items()])
+        self.assertTrue(again <= all_changed, "logged but not written after the clear: %s"
+                        % sorted(again - all_changed))
+        self.assertTrue(_changed_pages(before, after, spans) <= again)
+        self.assertLess(len(again), len(logged))
+        log.stop()
+        log.stop()   # idempotent
+        with self.assertRaises(ValueError):
+            log.pages()
+        self.assertEqual(_pump(dev, frames + 4, 2), [frames + 4, frames + 5])  # still running
+        return written, logged
+
+
+class TestDirtyLogEmbedded(DirtyLogChecks, FdLeakCheck):
+    """The dirty log against the embedded back-end, taught to log (and once to forget the used ring)."""
+
+    def setUp(self):
+        super(TestDirtyLogEmbedded, self).setUp()
+        self.tmpdir = tempfile.mkdtemp(prefix="vhu-dirtylog-")
+        self.addCleanup(shutil.rmtree, self.tmpdir, True)
+
+    def serve(self, device, **kwargs):
+        backend = vu._EmbeddedBackend(device, path=os.path.join(self.tmpdir, "vhost.sock"),
+                                      **kwargs).start()
+        self.addCleanup(backend.close)
+        return backend
+
+    def test_net_log_is_complete(self):
+        backend = self.serve(vu._EmbeddedNet(), dirty_log=True)
+        with vu.NetDevice.connect(backend.path, queue_size=64) as dev:
+            self.check_net_log(dev, frames=500)
+
+    def test_block_reads_are_logged(self):
+        backend = self.serve(vu._EmbeddedBlock(size=4 << 20), dirty_log=True)
+        with vu.BlockDevice.connect(backend.path) as dev:
+            dev.write(0, os.urandom(1 << 20))
+            log = dev.start_dirty_log()
+            buffers = [dev.alloc(8192) for _ in range(8)]
+            dev.frontend.virtio_sleep()
+            log.clear()
+            dev.frontend.virtio_wake()
+            dev.post_reads([i * 8192 for i in range(8)], buffers)
+            self.assertEqual(sorted(dev.reap(count=8)), [i * 8192 for i in range(8)])
+            logged = set(log.pages())
+            queue = dev._queues[0]
+            wanted = set()
+            for view in buffers:
+                gpa = dev._buffers[id(view)][1]
+                wanted |= {gpa // 4096, (gpa + 8191) // 4096}
+            wanted.add((queue.used_ring + 2) // 4096)
+            self.assertTrue(wanted <= logged, sorted(wanted - logged))
+            log.stop()
+
+    def test_forgotten_used_ring_is_named(self):
+        backend = self.serve(vu._EmbeddedNet(), dirty_log=True)
+        backend.log_used = False
+        with vu.NetDevice.connect(backend.path, queue_size=64) as dev:
+            with self.assertRaises(AssertionError) as caught:
+                self.check_net_log(dev, frames=64)
+            used = set()
+            for queue in (dev._pairs[0].rx, dev._pairs[0].tx):
+                used |= {queue.used_ring // 4096, (queue.used_ring + 6 + 8 * queue.size) // 4096}
+            named = re.search(r"pages the back-end wrote and did not log: \[([0-9, ]+)\]",
+                              str(caught.exception))
+            self.assertIsNotNone(named, str(caught.exception))
+            missing = set(int(page) for page in named.group(1).split(","))
+            self.assertTrue(missing and missing <= used, (sorted(missing), sorted(used)))
+
+    def test_without_log_features_nothing_is_sent(self):
+        backend = self.serve(vu._EmbeddedNet())   # offers neither LOG_ALL nor LOG_SHMFD
+        with vu.NetDevice.connect(backend.path, queue_size=64) as dev:
+            sent = []
+            real = dev.frontend.client._transact
+            with mock.patch.object(dev.frontend.client, "_transact",
+                                   side_effect=lambda *a, **k: sent.append(a[0]) or real(*a, **k)):
+                with self.assertRaises(vu.FeatureNotNegotiated) as caught:
+                    dev.start_dirty_log()
+            self.assertEqual(sent, [])
+            self.assertIn("SET_LOG_BASE", str(caught.exception))
+            self.assertIn("LOG_ALL", str(caught.exception))
+            self.assertIn("LOG_SHMFD", str(caught.exception))
+            self.assertEqual(_pump(dev, 0, 2), [0, 1])
+
+    def test_protocol_feature_not_negotiated(self):
+        # LOG_ALL offered, LOG_SHMFD offered but not asked for by this front-end.
+        backend = self.serve(vu._EmbeddedNet(), dirty_log=True)
+        with vu.VhostUserFrontend(vu.DeviceType.NET, vu.VirtioFeature.VERSION_1,
+                                  backend.path) as frontend:
+            self.assertFalse(frontend.protocol_features & vu.ProtocolFeature.LOG_SHMFD)
+            with self.assertRaises(vu.FeatureNotNegotiated) as caught:
+                frontend.start_dirty_log()
+            self.assertIn("LOG_SHMFD", str(caught.exception))
+            self.assertNotIn("LOG_ALL", str(caught.exception))
+
+    def test_clear_is_atomic_against_a_writer(self):
+        # A thread sets bits in the shared log (as a back-end does, with byte ORs) while another
+        # clears: every bit set is seen exactly once, by a clear() or the final pages().
+        backend = self.serve(vu._EmbeddedNet(), dirty_log=True)
+        with vu.NetDevice.connect(backend.path, queue_size=64) as dev:
+            log = dev.start_dirty_log()
+            log.clear()
+            fd = os.dup(log.fileno())
+            shared = mmap.mmap(fd, log.mmap_size)
+            os.close(fd)
+            view = (ctypes.c_uint8 * log.mmap_size).from_buffer(shared)
+            done = threading.Event()
+            marked = []
+
+            def writer():
+                for page in range(0, 8 * 256, 3):
+                    # one byte OR per page, as libvhost-user's qatomic_or; racing clear()
+                    view[page // 8] |= 1 << (page % 8)
+                    marked.append(page)
+                done.set()
+            seen = []
+            thread = threading.Thread(target=writer)
+            thread.start()
+            while not done.is_set():
+                seen += log.clear()
+            thread.join(10)
+            seen += log.clear()
+            del view
+            shared.close()
+            # A plain byte OR in Python is not atomic: it may set a bit again that clear() just
+            # took (seen twice is possible from the writer's side), but none is ever lost.
+            self.assertEqual(set(seen), set(marked))
+            log.stop()
+
+
+def _log_base_replies(proxy):
+    """(request payload sizes, reply payload sizes) of SET_LOG_BASE in a RecordingProxy trace."""
+    code = int(vu.FrontendReq.SET_LOG_BASE)
+    requests = [len(body) for direction, c, _, body, _ in proxy.trace if c == code and direction == "request"]
+    replies = [body for direction, c, _, body, _ in proxy.trace if c == code and direction == "reply"]
+    return requests, replies
+
+
+class TestDirtyLogRealBackends(DirtyLogChecks, BackendTestMixin, FdLeakCheck):
+    """The dirty log against testpmd (split and packed rings) and qemu-storage-daemon."""
+
+    def setUp(self):
+        super(TestDirtyLogRealBackends, self).setUp()
+        self.tmpdir = tempfile.mkdtemp(prefix="vhu-dirtylog-")
+        self.addCleanup(shutil.rmtree, self.tmpdir, True)
+
+    def proxy(self, target):
+        proxy = RecordingProxy(self.tmpdir, target)
+        self.addCleanup(proxy.close)
+        return proxy
+
+    def test_testpmd_log_is_complete_split_and_packed(self):
+        pmd = self.start_backend(Testpmd)
+        # Split: through a recording proxy, to see what testpmd answers SET_LOG_BASE.
+        proxy = self.proxy(pmd.socket_path)
+        with vu.NetDevice.connect(proxy.path, packed=False, queue_size=256) as dev:
+            self.assertFalse(dev._pairs[0].rx.packed)
+            written, logged = self.check_net_log(dev)
+        requests, replies = _log_base_replies(proxy)
+        self.assertEqual(requests, [16])       # once, QEMU's 16-byte LOG payload
+        self.assertEqual(replies, [b""])       # DPDK 22.11: an empty reply
+        # Packed: the log address is the descriptor ring (DPDK logs descriptor writes at their
+        # offset from it); guest memory above GPA 0, see _Shifted1MiB.
+        with mock.patch.object(vu, "GuestMemory", _Shifted1MiB):
+            dev = vu.NetDevice.connect(pmd.socket_path, packed=True, queue_size=256)
+        with dev:
+            self.assertTrue(dev._pairs[0].rx.packed)
+            self.check_net_log(dev)
+
+    def test_packed_ring_at_gpa_0_is_refused(self):
+        pmd = self.start_backend(Testpmd)
+        with vu.NetDevice.connect(pmd.socket_path, packed=True, queue_size=64) as dev:
+            sent = []
+            real = dev.frontend.client._transact
+            with mock.patch.object(dev.frontend.client, "_transact",
+                                   side_effect=lambda *a, **k: sent.append(a[0]) or real(*a, **k)):
+                with self.assertRaisesRegex(ValueError, "packed ring 0.*guest address 0"):
+                    dev.start_dirty_log()
+            self.assertEqual(sent, [])
+            self.assertEqual(_pump(dev, 0, 2), [0, 1])
+
+    def test_qsd_block_reads_are_logged(self):
+        qsd = self.start_backend(QemuStorageDaemon, kind="raw", size=4 << 20)
+        proxy = self.proxy(qsd.socket_path)
+        with vu.BlockDevice.connect(proxy.path) as dev:
+            dev.write(0, os.urandom(1 << 20))
+            log = dev.start_dirty_log()
+            buffers = [dev.alloc(16384) for _ in range(16)]
+            queue = dev._queues[0]
+            spans = [(dev._buffers[id(b)][1], 16384) for b in buffers] + _ring_spans(queue)
+            dev.frontend.virtio_sleep()
+            before = _guest_copy(dev.memory)
+            log.clear()
+            dev.frontend.virtio_wake()
+            for rounds in range(4):
+                offsets = [((rounds * 16 + i) * 16384) % (1 << 20) for i in range(16)]
+                dev.post_reads(offsets, buffers)
+                self.assertEqual(sorted(dev.reap(count=16)), sorted(offsets))
+            dev.frontend.virtio_sleep()
+            after = _guest_copy(dev.memory)
+            dev.frontend.virtio_wake()
+            written = _changed_pages(before, after, spans)
+            self.assertGreaterEqual(len(written), 16 * 4)
+            self.assertEqual(sorted(written - set(log.pages())), [])
+            log.stop()
+            self.assertEqual(len(dev.read(0, 4096)), 4096)
+        requests, replies = _log_base_replies(proxy)
+        self.assertEqual(requests, [16])
+        # libvhost-user answers with 8 bytes: the mmap_size it was sent.
+        self.assertEqual(len(replies), 1)
+        self.assertEqual(len(replies[0]), 8)
+        sizes = [struct.unpack("<QQ", body) for direction, c, _, body, _ in proxy.trace
+                 if c == int(vu.FrontendReq.SET_LOG_BASE) and direction == "request"]
+        self.assertEqual(struct.unpack("<Q", replies[0])[0], sizes[0][0])
+
+
+class _SharedRawQsd(QemuStorageDaemon):
+    """qemu-storage-daemon on a raw image with locking=off; with ``image``, another daemon's image,
+    left as it is: two daemons serving one disk, the two sides of a migration."""
+
+    def __init__(self, tmp=None, image=None, **kwargs):
+        super(_SharedRawQsd, self).__init__(tmp, kind="raw", **kwargs)
+        self.shared_image = image
+
+    def _prepare(self):
+        if self.shared_image is None:
+            argv = super(_SharedRawQsd, self)._prepare()
+        else:
+            self.image_path = self.shared_image
+            argv = [find_binary("qemu-storage-daemon"), "--blockdev",
+                    "driver=file,node-name=disk0,filename=%s,aio=%s,cache.direct=off"
+                    % (self.image_path, self.aio), "--export",
+                    "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=%s,"
+                    "writable=on,num-queues=%d" % (self.socket_path, self.num_queues)]
+        return [arg.replace(",aio=", ",locking=off,aio=") if arg.startswith("driver=file") else arg
+                for arg in argv]
+
+
+class _DepthWriter(object):
+    """Random 4 KiB writes at a fixed depth through post_writes/reap on a thread: what each block
+    should hold at the end (its last completed write), how many completed, what failed."""
+
+    def __init__(self, dev, blocks, depth=16, seed=1):
+        self.dev = dev
+        self.blocks = blocks
+        self.depth = depth
+        self.random = random.Random(seed)
+        self.expected = {}
+        self.completed = 0
+        self.errors = []
+        self.stop = threading.Event()
+        self.buffers = [dev.alloc(4096) for _ in range(depth)]
+        self.thread = threading.Thread(target=self._run, name="depth-writer")
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def wait_for(self, count, timeout=10):
+        deadline = time.monotonic() + timeout
+        while self.completed < count and time.monotonic() < deadline and not self.errors:
+            time.sleep(0.005)
+
+    def finish(self, timeout=20):
+        self.stop.set()
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    def _run(self):
+        dev, free, busy, n = self.dev, list(range(self.depth)), {}, 0
+        try:
+            while not self.stop.is_set() or busy:
+                offsets, buffers, keys = [], [], []
+                while free and not self.stop.is_set():
+                    k = free.pop()
+                    block = self.random.randrange(self.blocks)
+                    while block in busy.values():
+                        block = self.random.randrange(self.blocks)
+                    n += 1
+                    self.buffers[k][:] = struct.pack("<II", block, n) * 512
+                    busy[k] = block
+                    offsets.append(block * 4096)
+                    buffers.append(self.buffers[k])
+                    keys.append(k)
+                if offsets:
+                    dev.post_writes(offsets, buffers, keys)
+                for k in dev.reap(count=1):
+                    self.expected[busy.pop(k)] = bytes(self.buffers[k])
+                    self.completed += 1
+                    free.append(k)
+        except Exception as exc:   # the test reports it
+            self.errors.append(exc)
+
+    def lost(self, path):
+        """Blocks whose last completed write is not what the file holds."""
+        lost = []
+        with open(path, "rb") as f:
+            for block, data in sorted(self.expected.items()):
+                f.seek(block * 4096)
+                if f.read(4096) != data:
+                    lost.append(block)
+        return lost
+
+
+class TestMoveBlock(BackendTestMixin, FdLeakCheck):
+    """BlockDevice.move_to between two qemu-storage-daemons serving one raw image (locking=off)."""
+
+    def setUp(self):
+        super(TestMoveBlock, self).setUp()
+        self.a = self.start_backend(_SharedRawQsd, size=16 << 20)
+        self.b = self.start_backend(_SharedRawQsd, image=self.a.image_path, size=16 << 20)
+
+    def connect(self, path, **kwargs):
+        dev = vu.BlockDevice.connect(path, queue_size=64, **kwargs)
+        self.addCleanup(dev.close)
+        return dev
+
+    def test_move_under_random_writes_at_depth_16(self):
+        dev = self.connect(self.a.socket_path)
+        writer = _DepthWriter(dev, blocks=2048).start()
+        writer.wait_for(300)
+        before = writer.completed
+        # Calls on other threads while the move runs block, then succeed.
+        results, errors = [], []
+
+        def reads():
+            try:
+                for _ in range(50):
+                    results.append(dev.read(3000 * 4096, 4096))
+            except Exception as exc:
+                errors.append(exc)
+        reader = threading.Thread(target=reads)
+        reader.start()
+        dev.move_to(self.b.socket_path)
+        self.assertEqual(dev.frontend.client.path, self.b.socket_path)
+        writer.wait_for(before + 300)
+        reader.join(20)
+        self.assertTrue(writer.finish())
+        self.assertEqual((writer.errors, errors), ([], []))
+        self.assertEqual(results, [bytes(4096)] * 50)
+        self.assertGreater(writer.completed, before + 100)
+        self.assertEqual(dev.frontend.moves, 1)
+        dev.flush()
+        self.assertEqual(writer.lost(self.a.image_path), [])   # 0 lost, 0 failed
+
+    def test_chains_the_old_back_end_never_took_run_on_the_new_one(self):
+        dev = self.connect(self.a.socket_path)
+        datas = [struct.pack("<I", 0xA0 + i) * 1024 for i in range(8)]
+        # Posted without a kick: the old back-end never takes them.
+        requests = [dev.submit_write((100 + i) * 4096, data, notify=False)
+                    for i, data in enumerate(datas)]
+        dev.move_to(self.b.socket_path)
+        self.assertEqual(dev.frontend.moved_in_flight, 8)
+        done = []
+        while len(done) < 8:
+            done += dev.complete(count=8 - len(done))
+        for request in requests:
+            request.result()
+        dev.flush()
+        with open(self.a.image_path, "rb") as f:
+            f.seek(100 * 4096)
+            self.assertEqual(f.read(8 * 4096), b"".join(datas))
+
+    def test_failures_leave_the_device_on_the_old_back_end(self):
+        dev = self.connect(self.a.socket_path)
+        dev.write(0, b"a" * 4096)
+        tmpdir = tempfile.mkdtemp(prefix="vhu-move-")
+        self.addCleanup(shutil.rmtree, tmpdir, True)
+        missing = os.path.join(tmpdir, "missing.sock")
+        with self.assertRaises(vu.VhostUserError) as caught:
+            dev.move_to(missing)
+        self.assertIn("missing.sock", str(caught.exception))
+        # Another device type: the embedded net back-end.
+        net = vu._EmbeddedBackend(vu._EmbeddedNet(), path=os.path.join(tmpdir, "net.sock")).start()
+        self.addCleanup(net.close)
+        with self.assertRaises(vu.Disconnected) as caught:
+            dev.move_to(net.path)
+        self.assertIn("move_to: the back-end no longer offers acked feature(s)", str(caught.exception))
+        self.assertIn("SEG_MAX", str(caught.exception))
+        for what in ("after a missing socket", "after another device type"):
+            self.assertEqual(dev.frontend.client.path, self.a.socket_path, what)
+        self.assertEqual(dev.read(0, 4096), b"a" * 4096)
+        dev.write(4096, b"b" * 4096)
+        self.assertEqual(dev.read(4096, 4096), b"b" * 4096)
+        self.assertEqual(dev.frontend.moves, 0)
+
+    def test_fewer_queues_refused(self):
+        a2 = self.start_backend(_SharedRawQsd, size=16 << 20, num_queues=2)
+        dev = self.connect(a2.socket_path, num_queues=2)
+        dev.write(0, b"q" * 4096, queue=1)
+        with self.assertRaises(vu.Disconnected) as caught:
+            dev.move_to(self.b.socket_path)
+        self.assertIn("now has 1 queue(s)", str(caught.exception))
+        self.assertEqual(dev.read(0, 4096, queue=1), b"q" * 4096)
+
+    def test_fifty_moves_leave_nothing_behind(self):
+        dev = self.connect(self.a.socket_path)
+        paths = [self.b.socket_path, self.a.socket_path]
+        for i in range(50):
+            dev.write((i % 16) * 4096, struct.pack("<I", i) * 1024)
+            dev.move_to(paths[i % 2])
+        self.assertEqual(dev.frontend.moves, 50)
+        for i in range(34, 50):
+            self.assertEqual(dev.read((i % 16) * 4096, 4096), struct.pack("<I", i) * 1024)
+
+
 # README ##############################################################################################
 #
 # The README's library quick starts are doctests: they run here against the daemons the README starts

@@ -5868,6 +5868,14 @@ class VhostUserFrontend:
         if self._mem is None or self._sent_queues is None:
             raise ValueError("start_dirty_log: %s is not active; activate it first"
                              % self.debug_label())
+        for index, queue in sorted(self._sent_queues.items()):
+            if queue.packed and not queue.desc_table:
+                # DPDK 22.11 takes log_guest_addr 0 for a failed translation and
+                # stops serving the ring without a word (seen with testpmd).
+                raise ValueError("start_dirty_log: packed ring %d's descriptor ring, its log "
+                                 "address, is at guest address 0, which DPDK takes for no "
+                                 "log and then stops the ring; place guest memory (or the "
+                                 "ring) above 0" % index)
         end = max(r.guest_phys_addr + r.memory_size for r, _ in self._mem.regions())
         log = DirtyLog(self, -(-end // _LOG_PAGE))
         try:
