@@ -5348,6 +5348,134 @@ class TestMoveBlock(BackendTestMixin, FdLeakCheck):
         for i in range(34, 50):
             self.assertEqual(dev.read((i % 16) * 4096, 4096), struct.pack("<I", i) * 1024)
 
+    def test_new_side_failing_midway_moves_back(self):
+        dev = self.connect(self.a.socket_path)
+        dev.write(0, b"c" * 4096)
+        original = vu.BackendClient.set_mem_table
+        new_path = self.b.socket_path
+
+        def set_mem_table(client, regions, ack=None):
+            if client.path == new_path:
+                raise vu.BackendError("SET_MEM_TABLE: refused (injected)", vu.FrontendReq.SET_MEM_TABLE)
+            return original(client, regions, ack)
+        pending = dev.submit_write(8192, b"d" * 4096, notify=False)
+        with mock.patch.object(vu.BackendClient, "set_mem_table", autospec=True,
+                               side_effect=set_mem_table):
+            with self.assertLogs("vhost_user_frontend", "WARNING") as logs:
+                with self.assertRaisesRegex(vu.BackendError, "SET_MEM_TABLE: refused"):
+                    dev.move_to(new_path)
+        self.assertIn("the device stays on the old back-end", "\n".join(logs.output))
+        self.assertEqual(dev.frontend.client.path, self.a.socket_path)
+        self.assertEqual(dev.frontend.moves, 0)
+        self.assertEqual(len(dev.complete()), 1)
+        pending.result()
+        self.assertEqual(dev.read(0, 12288), b"c" * 4096 + bytes(4096) + b"d" * 4096)
+        dev.move_to(new_path)   # and the move works once the new side does
+        self.assertEqual(dev.read(8192, 4096), b"d" * 4096)
+
+
+class TestMoveNet(BackendTestMixin, FdLeakCheck):
+    """NetDevice.move_to from one testpmd (io forward) to another."""
+
+    def test_frames_after_the_move_all_come_back(self):
+        a = self.start_backend(Testpmd)
+        b = self.start_backend(Testpmd)
+        dev = vu.NetDevice.connect(a.socket_path, queue_size=256)
+        self.addCleanup(dev.close)
+        self.assertEqual(_pump(dev, 0, 200), list(range(200)))
+        state = {"next": 200, "moved_at": None}
+        received, errors = collections.Counter(), []
+        stop = threading.Event()
+
+        def traffic():
+            try:
+                while not stop.is_set():
+                    first = state["next"]
+                    dev.send_many([_seq_frame(i) for i in range(first, first + 8)])
+                    state["next"] = first + 8
+                    for _ in range(8):
+                        frame = dev.recv(0.5)
+                        if frame is None:
+                            break
+                        received[_frame_seq(frame)] += 1
+            except Exception as exc:
+                errors.append(exc)
+        thread = threading.Thread(target=traffic)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while state["next"] < 400 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        dev.move_to(b.socket_path)
+        moved_at = state["next"]
+        a.stop()   # the old back-end is gone: whatever follows runs on the new one
+        while state["next"] < moved_at + 400 and time.monotonic() < deadline + 10:
+            time.sleep(0.001)
+        stop.set()
+        thread.join(20)
+        self.assertEqual(errors, [])
+        last = state["next"]
+        # Drain what is still on its way.
+        while True:
+            frame = dev.recv(0.5)
+            if frame is None:
+                break
+            received[_frame_seq(frame)] += 1
+        after = [i for i in range(moved_at + 8, last) if received[i] == 0]
+        self.assertEqual(after, [], "frames sent after the move that never came back")
+        self.assertLessEqual(max(received.values()), 2)
+        self.assertEqual(_pump(dev, last, 100), list(range(last, last + 100)))
+
+
+class TestCliMigrate(BackendTestMixin, FdLeakCheck):
+    """`migrate OLD NEW`: the rehearsal against two qemu-storage-daemons on one image."""
+
+    def test_blk_rehearsal(self):
+        a = self.start_backend(_SharedRawQsd, size=16 << 20)
+        b = self.start_backend(_SharedRawQsd, image=a.image_path, size=16 << 20)
+        status, out, err = run_cli("migrate", a.socket_path, b.socket_path, "--write",
+                                   "--length", "2M")
+        self.assertEqual((status, err), (0, ""), out)
+        lines = out.splitlines()
+        self.assertEqual(lines[0], "migrate: blk %s -> %s" % (a.socket_path, b.socket_path))
+        self.assertRegex(lines[1], r"^dirty log: 16384 pages; the back-end wrote (\d+) of them, "
+                                   r"all logged$")
+        self.assertGreaterEqual(int(re.search(r"wrote (\d+)", lines[1]).group(1)), 16 * 16)
+        self.assertEqual(lines[2], "OLD: 32 read(s) of 65536 bytes, after writing them")
+        self.assertRegex(lines[3], r"^moved: .* in [0-9.]+ s; 8 chain\(s\) in flight offered "
+                                   r"again to NEW$")
+        self.assertEqual(lines[4:], ["NEW: 8 request(s) in flight at the move completed, 32 "
+                                     "read(s) match OLD, every write kept", "ok"])
+        with open(a.image_path, "rb") as f:
+            data = f.read(2 << 20)
+        self.assertEqual(data[:16], struct.pack("<QQ", 0, 0x6D696772617465))
+        self.assertEqual(data[65536:65536 + 16], struct.pack("<QQ", 65536, 0x6D696772617465))
+        # Back the other way, read-only this time: the data is still there.
+        status, out, err = run_cli("migrate", b.socket_path, a.socket_path)
+        self.assertEqual((status, err), (0, ""), out)
+        self.assertIn("16 read(s) match OLD", out)
+
+    def test_usage_and_failures(self):
+        a = self.start_backend(_SharedRawQsd, size=16 << 20)
+        status, _, err = run_cli("migrate", a.socket_path)
+        self.assertEqual(status, 2)
+        self.assertIn("required: NEW", err)
+        tmpdir = tempfile.mkdtemp(prefix="vhu-migrate-")
+        self.addCleanup(shutil.rmtree, tmpdir, True)
+        missing = os.path.join(tmpdir, "new.sock")
+        status, out, err = run_cli("migrate", a.socket_path, missing)
+        self.assertEqual((status, out), (1, ""))
+        self.assertEqual(err, "vhost_user_frontend: error: %s: no such socket\n" % missing)
+        net = vu._EmbeddedBackend(vu._EmbeddedNet(), path=os.path.join(tmpdir, "net.sock")).start()
+        self.addCleanup(net.close)
+        status, _, err = run_cli("migrate", a.socket_path, net.path, "--type", "net", "--write")
+        self.assertEqual(status, 2)
+        self.assertIn("--write applies to blk devices only", err)
+        status, out, err = run_cli("migrate", a.socket_path, net.path)
+        self.assertEqual(status, 1)
+        self.assertIn("the move failed, the device stayed on %s" % a.socket_path, err)
+        self.assertIn("no longer offers acked feature(s)", err)
+        self.assertIn("dirty log: 16384 pages", out)
+
 
 # README ##############################################################################################
 #

@@ -13524,6 +13524,205 @@ def _bench_net_stream(dev, args, size, pair, deadline, latencies, tick=None):
 # -- demo ---------------------------------------------------------------------
 
 #: Debian package that ships qemu-storage-daemon (README "Quick start").
+# -- migrate --------------------------------------------------------------------
+
+#: Chunk of one rehearsal read or write, and how many run at once.
+_MIGRATE_CHUNK = 64 << 10
+_MIGRATE_DEPTH = 16
+#: Requests (frames) posted without a kick just before the move: in flight, never taken by OLD.
+_MIGRATE_UNTAKEN = 8
+
+
+def _device_spans(dev):
+    """(gpa, length) of everything a back-end writes in the device's rings: used parts (split:
+    the used ring; packed: the descriptor ring, where the device writes descriptors back)."""
+    return [(q.desc_table, 16 * q.size) if q.packed else (q.used_ring, 6 + 8 * q.size)
+            for q in dev._queues]
+
+
+def _logged_run(dev, log, spans, run):
+    """``run()`` with guest memory at ``spans`` copied, rings stopped, before and after it.
+
+    Returns (run's result, pages the back-end changed there, those the log lacks).
+    """
+    frontend, mem = dev.frontend, dev.memory
+    frontend.virtio_sleep()
+    before = [mem.read(gpa, length) for gpa, length in spans]
+    log.clear()
+    frontend.virtio_wake()
+    result = run()
+    frontend.virtio_sleep()
+    after = [mem.read(gpa, length) for gpa, length in spans]
+    frontend.virtio_wake()
+    written = set()
+    for (gpa, length), old, new in zip(spans, before, after):
+        at = gpa
+        while at < gpa + length:
+            end = min(gpa + length, (at // _LOG_PAGE + 1) * _LOG_PAGE)
+            if old[at - gpa:end - gpa] != new[at - gpa:end - gpa]:
+                written.add(at // _LOG_PAGE)
+            at = end
+    return result, written, sorted(written - set(log.pages()))
+
+
+def _migrate_log(dev, out, spans, run):
+    """Phase 1 with the dirty log, when OLD offers it; the result of ``run()``."""
+    try:
+        log = dev.start_dirty_log()
+    except FeatureNotNegotiated as exc:
+        out.write("dirty log: not offered by OLD (%s); I/O runs without it\n" % _one_line(exc))
+        return run()
+    try:
+        result, written, missing = _logged_run(dev, log, spans, run)
+    finally:
+        log.stop()
+    if missing:
+        raise _CliError("dirty log: OLD wrote %d page(s) it did not log: %s"
+                        % (len(missing), " ".join(str(p) for p in missing[:20])))
+    out.write("dirty log: %d pages; the back-end wrote %d of them, all logged\n"
+              % (log.page_count, len(written)))
+    return result
+
+
+def _migrate_move(dev, args, out):
+    started = time.monotonic()
+    try:
+        dev.move_to(args.new)
+    except VhostUserError as exc:
+        raise _CliError("%s: the move failed, the device stayed on %s: %s"
+                        % (args.new, args.socket, _one_line(exc)))
+    out.write("moved: %s -> %s in %.3f s; %d chain(s) in flight offered again to NEW\n"
+              % (args.socket, args.new, time.monotonic() - started,
+                 dev.frontend.moved_in_flight))
+
+
+def _migrate_blk(dev, args, out):
+    length = min(args.length, dev.capacity - args.offset)
+    if args.offset % dev.block_size or length < dev.block_size or args.offset < 0:
+        raise _UsageError("--offset %d --length %d: a block-aligned range inside the %d-byte "
+                          "disk" % (args.offset, args.length, dev.capacity))
+    length -= length % dev.block_size
+    chunk = min(_MIGRATE_CHUNK, length)
+    starts = list(range(args.offset, args.offset + length - chunk + 1, chunk))
+    buffers = [dev.alloc(chunk) for _ in range(min(_MIGRATE_DEPTH, len(starts)))]
+
+    def pattern(start):
+        return struct.pack("<QQ", start, 0x6D696772617465) * (chunk // 16)   # "migrate"
+
+    def run(write):
+        data = {}
+        for i in range(0, len(starts), len(buffers)):
+            batch = starts[i:i + len(buffers)]
+            views = buffers[:len(batch)]
+            if write:
+                for start, view in zip(batch, views):
+                    view[:] = pattern(start)
+                dev.post_writes(batch, views)
+            else:
+                dev.post_reads(batch, views)
+            done = []
+            while len(done) < len(batch):
+                done += dev.reap(count=len(batch) - len(done))
+            if not write:
+                for start, view in zip(batch, views):
+                    data[start] = bytes(view)
+        return data
+
+    if args.write:
+        run(True)
+    for view in buffers:   # so that the reads change what they land in
+        view[:] = b"\xa5" * chunk
+    spans = _device_spans(dev) + [(dev._buffers[id(b)][1], chunk) for b in buffers]
+    before = _migrate_log(dev, out, spans, lambda: run(False))
+    out.write("OLD: %d read(s) of %d bytes%s\n" % (len(starts), chunk,
+                                                  ", after writing them" if args.write else ""))
+    untaken = starts[:_MIGRATE_UNTAKEN]
+    requests = [dev.submit_write(start, pattern(start), notify=False) if args.write
+                else dev.submit_read(start, chunk, notify=False) for start in untaken]
+    _migrate_move(dev, args, out)
+    done = []
+    while len(done) < len(requests):
+        done += dev.complete(count=len(requests) - len(done))
+    failed = 0
+    for start, request in zip(untaken, requests):
+        try:
+            result = request.result()
+        except VhostUserError:
+            failed += 1
+            continue
+        if not args.write and bytes(result) != before[start]:
+            raise _CliError("%s: the read at %d in flight at the move returned other data than "
+                            "OLD had" % (args.new, start))
+    after = run(False)
+    differ = [start for start in starts if after[start] != before[start]]
+    wrong = [start for start in starts if args.write and after[start] != pattern(start)]
+    if failed or differ or wrong:
+        raise _CliError("%s: after the move %d request(s) failed, %d chunk(s) read differently "
+                        "from OLD%s" % (args.new, failed, len(differ), ", %d chunk(s) lost "
+                                        "their write" % len(wrong) if args.write else ""))
+    out.write("NEW: %d request(s) in flight at the move completed, %d read(s) match OLD%s\n"
+              % (len(requests), len(starts),
+                 ", every write kept" if args.write else ""))
+    return 0
+
+
+def _migrate_net(dev, args, out):
+    pair = dev._pairs[0]
+    spans = _device_spans(dev) + [(pair.rx_pool, pair.rx.size * dev._rx_size)]
+    size, seq = 64, [0]
+
+    def pump(count):
+        back = set()
+        for start in range(seq[0], seq[0] + count, 32):
+            burst = range(start, min(seq[0] + count, start + 32))
+            dev.send_many([_test_frame(_TEST_MAC, i, size) for i in burst])
+            for _ in burst:
+                frame = dev.recv(args.timeout)
+                if frame is None:
+                    break
+                back.add(_TEST_FRAME_HEADER.unpack_from(frame)[3])
+        sent = set(range(seq[0], seq[0] + count))
+        seq[0] += count
+        return sent, back
+
+    sent, back = _migrate_log(dev, out, spans, lambda: pump(args.count))
+    out.write("OLD: %d of %d frame(s) came back\n" % (len(back & sent), len(sent)))
+    if back & sent != sent:
+        raise _CliError("%s: %d frame(s) did not come back before the move (is it an echo, "
+                        "e.g. testpmd --forward-mode=io?)" % (args.socket, len(sent - back)))
+    _migrate_move(dev, args, out)
+    sent, back = pump(args.count)
+    if back & sent != sent:
+        raise _CliError("%s: %d of %d frame(s) sent after the move did not come back"
+                        % (args.new, len(sent - back), len(sent)))
+    out.write("NEW: %d of %d frame(s) sent after the move came back\n"
+              % (len(back & sent), len(sent)))
+    return 0
+
+
+def _cmd_migrate(args, out):
+    _check_socket(args.new)
+    if args.type:
+        kind = _CLI_TYPES[args.type]
+    else:
+        with _cli_connect(args.socket, args.timeout) as client:
+            features = client.get_features()
+            protocol = client.get_protocol_features() \
+                if features & VirtioFeature.PROTOCOL_FEATURES else None
+        kind = _guess_device_type(features, protocol)[0]
+    if kind not in (DeviceType.BLOCK, DeviceType.NET):
+        raise _UsageError("migrate: blk and net devices only (OLD looks like %s; use --type)"
+                          % (kind.name.lower() if kind is not None else "nothing known"))
+    if kind == DeviceType.NET and args.write:
+        raise _UsageError("--write applies to blk devices only")
+    cls = BlockDevice if kind == DeviceType.BLOCK else NetDevice
+    with _open_device(args, cls, kind) as dev:
+        out.write("migrate: %s %s -> %s\n" % (_DEVICE_LABELS[kind], args.socket, args.new))
+        status = (_migrate_blk if kind == DeviceType.BLOCK else _migrate_net)(dev, args, out)
+    out.write("ok\n")
+    return status
+
+
 _DEMO_PACKAGE = "qemu-system-common"
 
 
@@ -14255,6 +14454,32 @@ def _build_parser():
     actions.add_parser("shell", parents=[common],
                        help="an sftp-like prompt: many commands on one connection")
     fs.set_defaults(func=_cmd_fs)
+
+    migrate = commands.add_parser(
+        "migrate", parents=[common, ring], help="rehearse a migration: move a running device",
+        description="Rehearse what a VMM does around a migration, with no VM: connect to OLD, "
+                    "run I/O with the dirty log on (when OLD offers it) and check that every "
+                    "guest page OLD wrote was logged, post a few requests without a kick, move "
+                    "the device to NEW (rings stopped on OLD, started on NEW at the indices OLD "
+                    "returned, what was in flight offered again), then continue the I/O on NEW "
+                    "and verify it: blk reads the range again and compares with what OLD read "
+                    "(--write: writes a pattern first and checks it survived); net sends "
+                    "numbered frames through an echoing back-end (testpmd --forward-mode=io) "
+                    "and checks every one came back. OLD and NEW must serve the same disk or "
+                    "network. Exit status 0 when everything verified, 1 otherwise.")
+    migrate.add_argument("socket", metavar="OLD")
+    migrate.add_argument("new", metavar="NEW")
+    migrate.add_argument("--type", choices=("blk", "net"),
+                         help="device type (default: guessed from OLD)")
+    migrate.add_argument("--offset", type=_int_arg, default=0, metavar="BYTES",
+                         help="blk: start of the range (default 0)")
+    migrate.add_argument("--length", type=_int_arg, default=1 << 20, metavar="BYTES",
+                         help="blk: bytes of the range (default 1M)")
+    migrate.add_argument("--write", action="store_true",
+                         help="blk: write a pattern over the range (destroys its data)")
+    migrate.add_argument("-n", "--count", type=_count_arg, default=1000, metavar="N",
+                         help="net: frames before and after the move (default 1000)")
+    migrate.set_defaults(func=_cmd_migrate)
 
     demo = commands.add_parser(
         "demo", parents=[common], help="try it: a temporary disk back-end, end to end",
