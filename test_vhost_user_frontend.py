@@ -7551,8 +7551,9 @@ class TestEmbeddedBackendTrace(BackendTestMixin, FdLeakCheck):
         # The same requests, with the same fds, to the embedded back-end over a 64 MiB memfd.
         ours, theirs = socket.socketpair()
         ours.settimeout(5)
+        # dirty_log: the session negotiated LOG_SHMFD, which the embedded one offers only then.
         backend = vu._EmbeddedBackend(vu._EmbeddedBlock(size=64 << 20, num_queues=num_queues),
-                                      sock=theirs).start()
+                                      sock=theirs, dirty_log=True).start()
         self.addCleanup(backend.close)
         self.addCleanup(ours.close)
         compared = 0

@@ -10437,11 +10437,12 @@ class _EmbeddedBackend:
     calling thread (the child process of ``_spawn_embedded``) until
     ``stop()`` or EOF on ``stop_fd``. ``close()`` stops and frees everything.
 
-    With ``dirty_log=True`` it also offers VHOST_F_LOG_ALL and LOG_SHMFD:
-    after SET_LOG_BASE (answered with mmap_size, as libvhost-user does) and
-    LOG_ALL it marks every guest page it writes, buffers and (on rings with
-    VHOST_VRING_F_LOG) used-ring entries; ``log_used = False`` makes it
-    forget the used ring, as a buggy back-end would.
+    With ``dirty_log=True`` it also offers VHOST_F_LOG_ALL and LOG_SHMFD, as
+    libvhost-user does: after SET_LOG_BASE (answered with mmap_size, as
+    libvhost-user does) and LOG_ALL it marks every guest page it writes,
+    buffers and (on rings with VHOST_VRING_F_LOG) used-ring entries;
+    ``log_used = False`` makes it forget the used ring, as a buggy back-end
+    would.
     """
 
     log_used = True
