@@ -5373,6 +5373,25 @@ class TestMoveBlock(BackendTestMixin, FdLeakCheck):
         dev.move_to(new_path)   # and the move works once the new side does
         self.assertEqual(dev.read(8192, 4096), b"d" * 4096)
 
+    def test_move_away_from_a_dead_back_end(self):
+        dev = self.connect(self.a.socket_path)
+        dev.write(0, b"e" * 4096)
+        pending = dev.submit_write(4096, b"f" * 4096, notify=False)
+        with self.assertLogs("vhost_user_frontend", "WARNING") as logs:
+            self.a.proc.kill()
+            self.a.proc.wait(10)
+            deadline = time.monotonic() + 5
+            while dev.interrupt.crash_error is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with self.assertRaises(vu.Disconnected):
+                dev.read(0, 4096)
+            dev.move_to(self.b.socket_path)
+        self.assertIn("stopping the old back-end's rings", "\n".join(logs.output))
+        self.assertIsNone(dev.interrupt.crash_error)
+        self.assertEqual(len(dev.complete()), 1)
+        pending.result()
+        self.assertEqual(dev.read(0, 8192), b"e" * 4096 + b"f" * 4096)
+
 
 class TestMoveNet(BackendTestMixin, FdLeakCheck):
     """NetDevice.move_to from one testpmd (io forward) to another."""

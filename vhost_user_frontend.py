@@ -6037,6 +6037,10 @@ class VhostUserFrontend:
         if queues is None or old[0].broken is not None:
             return
         try:
+            # The new back-end may have completed chains before it failed:
+            # rewinding again offers the old one exactly those it has not.
+            for index, queue in sorted(queues.items()):
+                queue.rewind()
             self._sent_queues = {}
             self._send_rings(mem, interrupt, queues)
         except VhostUserError as again:
@@ -6497,7 +6501,9 @@ class _Device:
                 timeout waiting for the old one to complete its requests).
         """
         with self._call("move_to"):
-            self._check_alive("move_to")
+            # Not _check_alive: a device whose back-end died may move to another one.
+            if self._closing or self._frontend is None:
+                raise _DeviceClosed("move_to: the device was closed")
             if self._recover_lock is None:
                 self._recover_lock = threading.Lock()
             if not self._recover_lock.acquire(timeout=4 * self.timeout + 1):
@@ -6507,6 +6513,7 @@ class _Device:
                 self._moving = True
                 try:
                     self._frontend.move_to(path, drain_timeout)
+                    self._dead = None   # a device that could not reconnect lives again
                 finally:
                     self._moving = False
             finally:
