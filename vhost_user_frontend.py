@@ -74,6 +74,7 @@ __all__ = [
     "Event", "BackendClient", "GuestMemory", "Queue",
     # Frontend
     "SharedMemoryRegion", "BackendReqHandler", "Interrupt", "VhostUserFrontend", "DeviceState",
+    "DirtyLog",
     # Devices
     "BlockDevice", "NetDevice", "FsDevice",
     # Command line
