@@ -5066,6 +5066,7 @@ class TestDirtyLogEmbedded(DirtyLogChecks, FdLeakCheck):
                 seen += log.clear()
             thread.join(10)
             seen += log.clear()
+            self.assertEqual(log.pages(), [])   # bits 0-31 of every word were cleared
             del view
             shared.close()
             # A plain byte OR in Python is not atomic: it may set a bit again that clear() just

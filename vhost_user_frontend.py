@@ -4974,8 +4974,10 @@ def _atomic_clear_bits(address, bits):
         bits &= bits - 1
         ops.append(((_FUTEX_OP_ANDN | _FUTEX_OP_OPARG_SHIFT) << 28) | (bit << 12))
     for op in ops:
-        _retry_eintr(lambda: libc.syscall(number, word, _FUTEX_WAKE_OP_PRIVATE, 0,
-                                          ctypes.c_void_p(0), word, op), "futex(FUTEX_WAKE_OP)")
+        _retry_eintr(lambda: libc.syscall(ctypes.c_long(number), word,
+                                          ctypes.c_int(_FUTEX_WAKE_OP_PRIVATE), ctypes.c_int(0),
+                                          ctypes.c_void_p(0), word, ctypes.c_uint(op)),
+                     "futex(FUTEX_WAKE_OP)")
 
 
 class DirtyLog:
@@ -6332,6 +6334,7 @@ class _Device:
     _dead = None          # why the device cannot recover (a failed reconnect)
     _recover_lock = None
     _moving = False       # move_to is switching back-ends (holding _recover_lock)
+    _movable = True
 
     @property
     def interrupt(self):
@@ -6501,6 +6504,9 @@ class _Device:
             VhostUserError: any other failure of the new back-end (or a
                 timeout waiting for the old one to complete its requests).
         """
+        if not self._movable:
+            raise ValueError("move_to: a %s cannot move: its session state lives in the "
+                             "back-end" % type(self).__name__)
         with self._call("move_to"):
             # Not _check_alive: a device whose back-end died may move to another one.
             if self._closing or self._frontend is None:
@@ -8828,6 +8834,9 @@ class FsDevice(_Device):
             daemon answered to FUSE_INIT.
         max_read: the largest FUSE_READ sent.
     """
+
+    #: ``move_to`` refuses: the FUSE session (node ids, file handles) lives in the daemon.
+    _movable = False
 
     def __init__(self, frontend, queue_size=128, timeout=5.0, memory_size=32 << 20,
                  umask=None):
