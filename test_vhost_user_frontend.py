@@ -5394,6 +5394,37 @@ class TestMoveBlock(BackendTestMixin, FdLeakCheck):
         pending.result()
         self.assertEqual(dev.read(0, 8192), b"e" * 4096 + b"f" * 4096)
 
+    def test_old_back_end_not_draining_keeps_the_device(self):
+        # An old back-end that never completes what it took after GET_VRING_BASE (simulated: the
+        # used index seen by the drain wait lags one behind): the device stays and runs there.
+        dev = self.connect(self.a.socket_path)
+        dev.write(0, b"g" * 4096)
+        frontend = type(dev.frontend)
+        real_used, real_stop, real_send = vu.Queue.used_index, frontend._stop_rings, frontend._send_rings
+        lagging = [False]
+
+        def used_index(queue):
+            return (real_used(queue) - lagging[0]) & 0xFFFF
+
+        def stop_rings(self, reclaim):
+            result = real_stop(self, reclaim)
+            lagging[0] = True
+            return result
+
+        def send_rings(self, mem, interrupt, queues):
+            lagging[0] = False
+            return real_send(self, mem, interrupt, queues)
+        with mock.patch.object(vu.Queue, "used_index", used_index), \
+                mock.patch.object(frontend, "_stop_rings", stop_rings), \
+                mock.patch.object(frontend, "_send_rings", send_rings):
+            with self.assertRaisesRegex(vu.VhostUserTimeout, r"move_to: queue 0: the old back-end "
+                                        r"took 1 chain\(s\) it did not complete within 0.1 s"):
+                dev.move_to(self.b.socket_path, drain_timeout=0.1)
+        self.assertEqual(dev.frontend.client.path, self.a.socket_path)
+        self.assertEqual(dev.read(0, 4096), b"g" * 4096)
+        dev.move_to(self.b.socket_path)
+        self.assertEqual(dev.read(0, 4096), b"g" * 4096)
+
 
 class TestMoveNet(BackendTestMixin, FdLeakCheck):
     """NetDevice.move_to from one testpmd (io forward) to another."""

@@ -6037,7 +6037,14 @@ class VhostUserFrontend:
             pass
         self._drop_backend_side()
         self._restore_backend_side(old, acked, sent)
-        if queues is None or old[0].broken is not None:
+        if queues is None:
+            return
+        if old[0].broken is not None:
+            # Down on both sides: reported as an outage, the rings recorded for
+            # reconnect (``reconnect=`` then waits for the old back-end).
+            self._sent_queues = queues
+            if interrupt is not None:
+                interrupt.signal_crashed(exc)
             return
         try:
             # The new back-end may have completed chains before it failed:
