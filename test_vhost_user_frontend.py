@@ -5039,6 +5039,22 @@ class TestDirtyLogEmbedded(DirtyLogChecks, FdLeakCheck):
             self.assertIn("LOG_SHMFD", str(caught.exception))
             self.assertNotIn("LOG_ALL", str(caught.exception))
 
+    def test_atomic_clear_clears_exactly_the_bits_asked(self):
+        # FUTEX_OP_ANDN's 12-bit argument is sign-extended by the kernel: bit 11 in it cleared
+        # bits 11-31 as well (found by the writer test on PyPy), so bits 11-31 go one by one.
+        shared = mmap.mmap(-1, 4096)
+        address, anchor = vu._mapping_address(shared)
+        word = (ctypes.c_uint32 * 1).from_buffer(shared)
+        rng = random.Random(20)
+        cases = [(0xFFFFFFFF, 0x800), (0xFFFFFFFF, 0x7FF), (0xFFFFFFFF, 0x80000000), (0x1234, 0)]
+        cases += [(v, v & rng.getrandbits(32)) for v in (rng.getrandbits(32) for _ in range(300))]
+        for value, bits in cases:
+            word[0] = value
+            vu._atomic_clear_bits(address, bits)
+            self.assertEqual(word[0], value & ~bits, (hex(value), hex(bits)))
+        del word, anchor
+        shared.close()
+
     def test_clear_is_atomic_against_a_writer(self):
         # A thread sets bits in the shared log (as a back-end does, with byte ORs) while another
         # clears: every bit set is seen exactly once, by a clear() or the final pages().

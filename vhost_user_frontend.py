@@ -4961,13 +4961,14 @@ def _atomic_clear_bits(address, bits):
     Python has no atomic read-modify-write on shared memory, and a plain
     store of the word would lose a bit a back-end sets between our read and
     our write. FUTEX_WAKE_OP makes the kernel do ``*word &= ~arg`` with one
-    atomic instruction (and wake nobody): ``arg`` has 12 bits, so bits
-    12-31 go one at a time with OPARG_SHIFT.
+    atomic instruction (and wake nobody). ``arg`` is a 12-bit field that the
+    kernel sign-extends: bit 11 would make it clear bits 11-31 too, so one
+    op takes bits 0-10 and bits 11-31 go one at a time with OPARG_SHIFT.
     """
     libc = _libc()
     number = _SYS_FUTEX[os.uname().machine]
     word = ctypes.c_void_p(address)
-    low, bits = bits & 0xFFF, bits & ~0xFFF
+    low, bits = bits & 0x7FF, bits & ~0x7FF
     ops = [(_FUTEX_OP_ANDN << 28) | (low << 12)] if low else []
     while bits:
         bit = (bits & -bits).bit_length() - 1
