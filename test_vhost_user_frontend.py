@@ -5130,6 +5130,28 @@ class TestDirtyLogRealBackends(DirtyLogChecks, BackendTestMixin, FdLeakCheck):
             self.assertTrue(dev._pairs[0].rx.packed)
             self.check_net_log(dev)
 
+        # QEMU's choice for a packed ring, the device area as the log address: DPDK then logs its
+        # descriptor writes at the wrong pages, and the descriptor rings' pages are missing.
+        def qemu_style(frontend, mem, index, queue):
+            log = frontend._dirty_log is not None
+            frontend.client.set_vring_addr(index, mem.host_address(queue.desc_table),
+                                           mem.host_address(queue.used_ring),
+                                           mem.host_address(queue.avail_ring),
+                                           log=queue.used_ring if log else 0, flags=int(log))
+        with mock.patch.object(vu, "GuestMemory", _Shifted1MiB):
+            dev = vu.NetDevice.connect(pmd.socket_path, packed=True, queue_size=256)
+        with dev, mock.patch.object(vu.VhostUserFrontend, "_send_vring_addr", qemu_style):
+            with self.assertRaises(AssertionError) as caught:
+                self.check_net_log(dev, frames=256)
+            named = re.search(r"did not log: \[([0-9, ]+)\]", str(caught.exception))
+            self.assertIsNotNone(named, str(caught.exception))
+            desc_pages = set()
+            for queue in (dev._pairs[0].rx, dev._pairs[0].tx):
+                desc_pages |= set(range(queue.desc_table // 4096,
+                                        (queue.desc_table + 16 * queue.size - 1) // 4096 + 1))
+            missing = set(int(page) for page in named.group(1).split(","))
+            self.assertTrue(missing and missing <= desc_pages, (sorted(missing), sorted(desc_pages)))
+
     def test_packed_ring_at_gpa_0_is_refused(self):
         pmd = self.start_backend(Testpmd)
         with vu.NetDevice.connect(pmd.socket_path, packed=True, queue_size=64) as dev:
