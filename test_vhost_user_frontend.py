@@ -4829,7 +4829,7 @@ class TestFrontendRecovery(FrontendTestBase):
         self.assertEqual(fe.virtio_snapshot().backend_state, b"s" * 200000)
 
 
-# Dirty log and moving a device ########################################################################
+# Dirty log and moving a device #######################################################################
 
 # Frames through RX per dirty-log check against testpmd (the issue's 10,000; about 1 s per ring layout);
 # VHU_DIRTYLOG_FRAMES=100000 for a long run.
@@ -5094,8 +5094,10 @@ class TestDirtyLogEmbedded(DirtyLogChecks, FdLeakCheck):
 def _log_base_replies(proxy):
     """(request payload sizes, reply payload sizes) of SET_LOG_BASE in a RecordingProxy trace."""
     code = int(vu.FrontendReq.SET_LOG_BASE)
-    requests = [len(body) for direction, c, _, body, _ in proxy.trace if c == code and direction == "request"]
-    replies = [body for direction, c, _, body, _ in proxy.trace if c == code and direction == "reply"]
+    requests = [len(body) for direction, c, _, body, _ in proxy.trace
+                if c == code and direction == "request"]
+    replies = [body for direction, c, _, body, _ in proxy.trace
+               if c == code and direction == "reply"]
     return requests, replies
 
 
@@ -5438,7 +5440,8 @@ class TestMoveBlock(BackendTestMixin, FdLeakCheck):
         dev = self.connect(self.a.socket_path)
         dev.write(0, b"g" * 4096)
         frontend = type(dev.frontend)
-        real_used, real_stop, real_send = vu.Queue.used_index, frontend._stop_rings, frontend._send_rings
+        real_used = vu.Queue.used_index
+        real_stop, real_send = frontend._stop_rings, frontend._send_rings
         lagging = [False]
 
         def used_index(queue):
