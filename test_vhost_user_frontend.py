@@ -5468,15 +5468,21 @@ class TestMoveBlock(BackendTestMixin, FdLeakCheck):
 
 
 class TestMoveNet(BackendTestMixin, FdLeakCheck):
-    """NetDevice.move_to from one testpmd (io forward) to another."""
+    """NetDevice.move_to from one testpmd (io forward) to another, packed rings and split ones."""
 
     def test_frames_after_the_move_all_come_back(self):
         a = self.start_backend(Testpmd)
         b = self.start_backend(Testpmd)
-        dev = vu.NetDevice.connect(a.socket_path, queue_size=256)
-        self.addCleanup(dev.close)
+        with vu.NetDevice.connect(a.socket_path, queue_size=256, packed=True) as dev:
+            self.move_under_traffic(dev, b)
+        with vu.NetDevice.connect(b.socket_path, queue_size=256, packed=False) as dev:
+            self.move_under_traffic(dev, a, stop_old=b)
+
+    def move_under_traffic(self, dev, new, stop_old=None):
+        """Numbered frames flow on a thread while the device moves to ``new``: every frame sent
+        after the move comes back, none more than twice."""
         self.assertEqual(_pump(dev, 0, 200), list(range(200)))
-        state = {"next": 200, "moved_at": None}
+        state = {"next": 200}
         received, errors = collections.Counter(), []
         stop = threading.Event()
 
@@ -5498,17 +5504,17 @@ class TestMoveNet(BackendTestMixin, FdLeakCheck):
         deadline = time.monotonic() + 10
         while state["next"] < 400 and time.monotonic() < deadline:
             time.sleep(0.001)
-        dev.move_to(b.socket_path)
+        dev.move_to(new.socket_path)
         moved_at = state["next"]
-        a.stop()   # the old back-end is gone: whatever follows runs on the new one
+        if stop_old is not None:
+            stop_old.stop()   # the old back-end is gone: whatever follows runs on the new one
         while state["next"] < moved_at + 400 and time.monotonic() < deadline + 10:
             time.sleep(0.001)
         stop.set()
         thread.join(20)
         self.assertEqual(errors, [])
         last = state["next"]
-        # Drain what is still on its way.
-        while True:
+        while True:   # what is still on its way
             frame = dev.recv(0.5)
             if frame is None:
                 break
@@ -5517,6 +5523,7 @@ class TestMoveNet(BackendTestMixin, FdLeakCheck):
         self.assertEqual(after, [], "frames sent after the move that never came back")
         self.assertLessEqual(max(received.values()), 2)
         self.assertEqual(_pump(dev, last, 100), list(range(last, last + 100)))
+        self.assertEqual(dev.frontend.client.path, new.socket_path)
 
 
 class TestCliMigrate(BackendTestMixin, FdLeakCheck):
