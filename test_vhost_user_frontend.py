@@ -5220,6 +5220,754 @@ class TestEdgesTransfers(BackendTestMixin, FdLeakCheck):
                                      % (len(frames), sum(map(len, frames)), capture)), err)
 
 
+# Dirty log and moving a device #######################################################################
+
+# Frames through RX per dirty-log check against testpmd (the issue's 10,000; about 1 s per ring layout);
+# VHU_DIRTYLOG_FRAMES=100000 for a long run.
+DIRTYLOG_FRAMES = int(os.environ.get("VHU_DIRTYLOG_FRAMES", "10000"))
+
+
+def _seq_frame(i):
+    """A broadcast frame carrying sequence number ``i`` (60 bytes)."""
+    return b"\xff" * 6 + b"\x02\x76\x68\x75\x00\x09" + b"\x88\xb5" + struct.pack("<I", i) + bytes(44)
+
+
+def _frame_seq(frame):
+    return struct.unpack_from("<I", frame, 14)[0]
+
+
+def _guest_copy(mem):
+    """A copy of all guest memory: {region GPA: bytes}."""
+    return {r.guest_phys_addr: mem.read(r.guest_phys_addr, r.memory_size) for r, _ in mem.regions()}
+
+
+def _changed_pages(before, after, spans):
+    """Pages (GPA // 4096) whose bytes inside the (gpa, length) spans differ between two copies."""
+    def part(copy, gpa, length):
+        for base, data in copy.items():
+            if base <= gpa < base + len(data):
+                return data[gpa - base:gpa - base + length]
+        raise AssertionError("GPA %#x is outside guest memory" % gpa)
+    pages = set()
+    for gpa, length in spans:
+        at = gpa
+        while at < gpa + length:
+            end = min(gpa + length, (at // 4096 + 1) * 4096)
+            if part(before, at, end - at) != part(after, at, end - at):
+                pages.add(at // 4096)
+            at = end
+    return pages
+
+
+def _ring_spans(queue):
+    """What the device writes of a ring: the used ring (split) or the descriptor ring (packed)."""
+    if queue.packed:
+        return [(queue.desc_table, 16 * queue.size)]
+    return [(queue.used_ring, 6 + 8 * queue.size)]
+
+
+def _net_spans(dev):
+    """Every byte of guest memory a net back-end writes: RX buffers, and both rings' used parts."""
+    spans = []
+    for pair in dev._pairs:
+        spans += _ring_spans(pair.rx) + _ring_spans(pair.tx)
+        spans.append((pair.rx_pool, pair.rx.size * dev._rx_size))
+    return spans
+
+
+def _pump(dev, first, count, timeout=5.0):
+    """Send ``count`` sequence-numbered frames in bursts of 32 and receive as many; their numbers."""
+    got = []
+    for start in range(first, first + count, 32):
+        burst = list(range(start, min(first + count, start + 32)))
+        dev.send_many([_seq_frame(i) for i in burst])
+        for _ in burst:
+            frame = dev.recv(timeout)
+            if frame is None:
+                return got
+            got.append(_frame_seq(frame))
+    return got
+
+
+class _Shifted1MiB(vu.GuestMemory):
+    """Guest memory starting at GPA 1 MiB: DPDK 22.11 takes a packed ring's log address 0 (its
+    descriptor ring at GPA 0) for "no log" and stops serving the ring."""
+
+    def __init__(self, layout, name="vhost-user-guest"):
+        super(_Shifted1MiB, self).__init__([(gpa + (1 << 20), size) for gpa, size in layout], name)
+
+
+class DirtyLogChecks(object):
+    """The log-completeness check, for any net back-end that forwards TX to RX."""
+
+    def check_net_log(self, dev, frames=None):
+        """Every page the back-end wrote over ``frames`` frames is logged, then clear() leaves only
+        what was written after it. Returns (device pages written, pages logged)."""
+        frames = DIRTYLOG_FRAMES if frames is None else frames
+        frontend, mem, spans = dev.frontend, dev.memory, _net_spans(dev)
+        self.assertEqual(_pump(dev, 0, 1), [0])   # warm: every ring started
+        log = dev.start_dirty_log()
+        self.assertIs(dev.start_dirty_log(), log)   # the same log, SET_LOG_BASE not sent again
+        frontend.virtio_sleep()
+        before = _guest_copy(mem)
+        log.clear()
+        frontend.virtio_wake()
+        got = _pump(dev, 1, frames)
+        self.assertEqual(got, list(range(1, frames + 1)))
+        frontend.virtio_sleep()
+        after = _guest_copy(mem)
+        frontend.virtio_wake()
+        logged = set(log.pages())
+        written = _changed_pages(before, after, spans)
+        missing = sorted(written - logged)
+        self.assertFalse(missing, "pages the back-end wrote and did not log: %s" % missing)
+        # Not vacuous: RX buffers and every ring's used part were written and logged.
+        for gpa, length in spans:
+            self.assertTrue(written & set(range(gpa // 4096, (gpa + length - 1) // 4096 + 1)),
+                            "nothing written at %#x + %d" % (gpa, length))
+        # clear(), then a little traffic: only pages written after the clear are marked.
+        frontend.virtio_sleep()
+        before = _guest_copy(mem)
+        self.assertEqual(set(log.clear()), logged)
+        self.assertEqual(log.pages(), [])
+        frontend.virtio_wake()
+        self.assertEqual(_pump(dev, frames + 1, 3), [frames + 1, frames + 2, frames + 3])
+        frontend.virtio_sleep()
+        after = _guest_copy(mem)
+        frontend.virtio_wake()
+        again = set(log.pages())
+        all_changed = _changed_pages(before, after, [(g, len(d)) for g, d in before.items()])
+        self.assertTrue(again <= all_changed, "logged but not written after the clear: %s"
+                        % sorted(again - all_changed))
+        self.assertTrue(_changed_pages(before, after, spans) <= again)
+        self.assertLess(len(again), len(logged))
+        log.stop()
+        log.stop()   # idempotent
+        with self.assertRaises(ValueError):
+            log.pages()
+        self.assertEqual(_pump(dev, frames + 4, 2), [frames + 4, frames + 5])  # still running
+        return written, logged
+
+
+class TestDirtyLogEmbedded(DirtyLogChecks, FdLeakCheck):
+    """The dirty log against the embedded back-end, taught to log (and once to forget the used ring)."""
+
+    def setUp(self):
+        super(TestDirtyLogEmbedded, self).setUp()
+        self.tmpdir = tempfile.mkdtemp(prefix="vhu-dirtylog-")
+        self.addCleanup(shutil.rmtree, self.tmpdir, True)
+
+    def serve(self, device, **kwargs):
+        backend = vu._EmbeddedBackend(device, path=os.path.join(self.tmpdir, "vhost.sock"),
+                                      **kwargs).start()
+        self.addCleanup(backend.close)
+        return backend
+
+    def test_net_log_is_complete(self):
+        backend = self.serve(vu._EmbeddedNet(), dirty_log=True)
+        with vu.NetDevice.connect(backend.path, queue_size=64) as dev:
+            self.check_net_log(dev, frames=500)
+
+    def test_block_reads_are_logged(self):
+        backend = self.serve(vu._EmbeddedBlock(size=4 << 20), dirty_log=True)
+        with vu.BlockDevice.connect(backend.path) as dev:
+            dev.write(0, os.urandom(1 << 20))
+            log = dev.start_dirty_log()
+            buffers = [dev.alloc(8192) for _ in range(8)]
+            dev.frontend.virtio_sleep()
+            log.clear()
+            dev.frontend.virtio_wake()
+            dev.post_reads([i * 8192 for i in range(8)], buffers)
+            self.assertEqual(sorted(dev.reap(count=8)), [i * 8192 for i in range(8)])
+            logged = set(log.pages())
+            queue = dev._queues[0]
+            wanted = set()
+            for view in buffers:
+                gpa = dev._buffers[id(view)][1]
+                wanted |= {gpa // 4096, (gpa + 8191) // 4096}
+            wanted.add((queue.used_ring + 2) // 4096)
+            self.assertTrue(wanted <= logged, sorted(wanted - logged))
+            log.stop()
+
+    def test_forgotten_used_ring_is_named(self):
+        backend = self.serve(vu._EmbeddedNet(), dirty_log=True)
+        backend.log_used = False
+        with vu.NetDevice.connect(backend.path, queue_size=64) as dev:
+            with self.assertRaises(AssertionError) as caught:
+                self.check_net_log(dev, frames=64)
+            used = set()
+            for queue in (dev._pairs[0].rx, dev._pairs[0].tx):
+                used |= {queue.used_ring // 4096, (queue.used_ring + 6 + 8 * queue.size) // 4096}
+            named = re.search(r"pages the back-end wrote and did not log: \[([0-9, ]+)\]",
+                              str(caught.exception))
+            self.assertIsNotNone(named, str(caught.exception))
+            missing = set(int(page) for page in named.group(1).split(","))
+            self.assertTrue(missing and missing <= used, (sorted(missing), sorted(used)))
+
+    def test_without_log_features_nothing_is_sent(self):
+        backend = self.serve(vu._EmbeddedNet())   # offers neither LOG_ALL nor LOG_SHMFD
+        with vu.NetDevice.connect(backend.path, queue_size=64) as dev:
+            sent = []
+            real = dev.frontend.client._transact
+            with mock.patch.object(dev.frontend.client, "_transact",
+                                   side_effect=lambda *a, **k: sent.append(a[0]) or real(*a, **k)):
+                with self.assertRaises(vu.FeatureNotNegotiated) as caught:
+                    dev.start_dirty_log()
+            self.assertEqual(sent, [])
+            self.assertIn("SET_LOG_BASE", str(caught.exception))
+            self.assertIn("LOG_ALL", str(caught.exception))
+            self.assertIn("LOG_SHMFD", str(caught.exception))
+            self.assertEqual(_pump(dev, 0, 2), [0, 1])
+
+    def test_protocol_feature_not_negotiated(self):
+        # LOG_ALL offered, LOG_SHMFD offered but not asked for by this front-end.
+        backend = self.serve(vu._EmbeddedNet(), dirty_log=True)
+        with vu.VhostUserFrontend(vu.DeviceType.NET, vu.VirtioFeature.VERSION_1,
+                                  backend.path) as frontend:
+            self.assertFalse(frontend.protocol_features & vu.ProtocolFeature.LOG_SHMFD)
+            with self.assertRaises(vu.FeatureNotNegotiated) as caught:
+                frontend.start_dirty_log()
+            self.assertIn("LOG_SHMFD", str(caught.exception))
+            self.assertNotIn("LOG_ALL", str(caught.exception))
+
+    def test_atomic_clear_clears_exactly_the_bits_asked(self):
+        # FUTEX_OP_ANDN's 12-bit argument is sign-extended by the kernel: bit 11 in it cleared
+        # bits 11-31 as well (found by the writer test on PyPy), so bits 11-31 go one by one.
+        shared = mmap.mmap(-1, 4096)
+        address, anchor = vu._mapping_address(shared)
+        word = (ctypes.c_uint32 * 1).from_buffer(shared)
+        rng = random.Random(20)
+        cases = [(0xFFFFFFFF, 0x800), (0xFFFFFFFF, 0x7FF), (0xFFFFFFFF, 0x80000000), (0x1234, 0)]
+        cases += [(v, v & rng.getrandbits(32)) for v in (rng.getrandbits(32) for _ in range(300))]
+        for value, bits in cases:
+            word[0] = value
+            vu._atomic_clear_bits(address, bits)
+            self.assertEqual(word[0], value & ~bits, (hex(value), hex(bits)))
+        del word, anchor
+        shared.close()
+
+    def test_clear_is_atomic_against_a_writer(self):
+        # A thread sets bits in the shared log (as a back-end does, with byte ORs) while another
+        # clears: every bit set is seen exactly once, by a clear() or the final pages().
+        backend = self.serve(vu._EmbeddedNet(), dirty_log=True)
+        with vu.NetDevice.connect(backend.path, queue_size=64) as dev:
+            log = dev.start_dirty_log()
+            log.clear()
+            fd = os.dup(log.fileno())
+            shared = mmap.mmap(fd, log.mmap_size)
+            os.close(fd)
+            view = (ctypes.c_uint8 * log.mmap_size).from_buffer(shared)
+            done = threading.Event()
+            marked = []
+
+            def writer():
+                for page in range(0, 8 * 256, 3):
+                    # one byte OR per page, as libvhost-user's qatomic_or; racing clear()
+                    view[page // 8] |= 1 << (page % 8)
+                    marked.append(page)
+                done.set()
+            seen = []
+            thread = threading.Thread(target=writer)
+            thread.start()
+            while not done.is_set():
+                seen += log.clear()
+            thread.join(10)
+            seen += log.clear()
+            self.assertEqual(log.pages(), [])   # bits 0-31 of every word were cleared
+            del view
+            shared.close()
+            # A plain byte OR in Python is not atomic: it may set a bit again that clear() just
+            # took (seen twice is possible from the writer's side), but none is ever lost.
+            self.assertEqual(set(seen), set(marked))
+            log.stop()
+
+
+def _log_base_replies(proxy):
+    """(request payload sizes, reply payload sizes) of SET_LOG_BASE in a RecordingProxy trace."""
+    code = int(vu.FrontendReq.SET_LOG_BASE)
+    requests = [len(body) for direction, c, _, body, _ in proxy.trace
+                if c == code and direction == "request"]
+    replies = [body for direction, c, _, body, _ in proxy.trace
+               if c == code and direction == "reply"]
+    return requests, replies
+
+
+class TestDirtyLogRealBackends(DirtyLogChecks, BackendTestMixin, FdLeakCheck):
+    """The dirty log against testpmd (split and packed rings) and qemu-storage-daemon."""
+
+    def setUp(self):
+        super(TestDirtyLogRealBackends, self).setUp()
+        self.tmpdir = tempfile.mkdtemp(prefix="vhu-dirtylog-")
+        self.addCleanup(shutil.rmtree, self.tmpdir, True)
+
+    def proxy(self, target):
+        proxy = RecordingProxy(self.tmpdir, target)
+        self.addCleanup(proxy.close)
+        return proxy
+
+    def test_testpmd_log_is_complete_split_and_packed(self):
+        pmd = self.start_backend(Testpmd)
+        # Split: through a recording proxy, to see what testpmd answers SET_LOG_BASE.
+        proxy = self.proxy(pmd.socket_path)
+        with vu.NetDevice.connect(proxy.path, packed=False, queue_size=256) as dev:
+            self.assertFalse(dev._pairs[0].rx.packed)
+            written, logged = self.check_net_log(dev)
+        requests, replies = _log_base_replies(proxy)
+        self.assertEqual(requests, [16])       # once, QEMU's 16-byte LOG payload
+        self.assertEqual(replies, [b""])       # DPDK 22.11: an empty reply
+        # Packed: the log address is the descriptor ring (DPDK logs descriptor writes at their
+        # offset from it); guest memory above GPA 0, see _Shifted1MiB.
+        with mock.patch.object(vu, "GuestMemory", _Shifted1MiB):
+            dev = vu.NetDevice.connect(pmd.socket_path, packed=True, queue_size=256)
+        with dev:
+            self.assertTrue(dev._pairs[0].rx.packed)
+            self.check_net_log(dev)
+
+        # QEMU's choice for a packed ring, the device area as the log address: DPDK then logs its
+        # descriptor writes at the wrong pages, and the descriptor rings' pages are missing.
+        def qemu_style(frontend, mem, index, queue):
+            log = frontend._dirty_log is not None
+            frontend.client.set_vring_addr(index, mem.host_address(queue.desc_table),
+                                           mem.host_address(queue.used_ring),
+                                           mem.host_address(queue.avail_ring),
+                                           log=queue.used_ring if log else 0, flags=int(log))
+        with mock.patch.object(vu, "GuestMemory", _Shifted1MiB):
+            dev = vu.NetDevice.connect(pmd.socket_path, packed=True, queue_size=256)
+        with dev, mock.patch.object(vu.VhostUserFrontend, "_send_vring_addr", qemu_style):
+            with self.assertRaises(AssertionError) as caught:
+                self.check_net_log(dev, frames=256)
+            named = re.search(r"did not log: \[([0-9, ]+)\]", str(caught.exception))
+            self.assertIsNotNone(named, str(caught.exception))
+            desc_pages = set()
+            for queue in (dev._pairs[0].rx, dev._pairs[0].tx):
+                desc_pages |= set(range(queue.desc_table // 4096,
+                                        (queue.desc_table + 16 * queue.size - 1) // 4096 + 1))
+            missing = set(int(page) for page in named.group(1).split(","))
+            self.assertTrue(missing and missing <= desc_pages, (sorted(missing), sorted(desc_pages)))
+
+    def test_packed_ring_at_gpa_0_is_refused(self):
+        pmd = self.start_backend(Testpmd)
+        with vu.NetDevice.connect(pmd.socket_path, packed=True, queue_size=64) as dev:
+            sent = []
+            real = dev.frontend.client._transact
+            with mock.patch.object(dev.frontend.client, "_transact",
+                                   side_effect=lambda *a, **k: sent.append(a[0]) or real(*a, **k)):
+                with self.assertRaisesRegex(ValueError, "packed ring 0.*guest address 0"):
+                    dev.start_dirty_log()
+            self.assertEqual(sent, [])
+            self.assertEqual(_pump(dev, 0, 2), [0, 1])
+
+    def test_qsd_block_reads_are_logged(self):
+        qsd = self.start_backend(QemuStorageDaemon, kind="raw", size=4 << 20)
+        proxy = self.proxy(qsd.socket_path)
+        with vu.BlockDevice.connect(proxy.path) as dev:
+            dev.write(0, os.urandom(1 << 20))
+            log = dev.start_dirty_log()
+            buffers = [dev.alloc(16384) for _ in range(16)]
+            queue = dev._queues[0]
+            spans = [(dev._buffers[id(b)][1], 16384) for b in buffers] + _ring_spans(queue)
+            dev.frontend.virtio_sleep()
+            before = _guest_copy(dev.memory)
+            log.clear()
+            dev.frontend.virtio_wake()
+            for rounds in range(4):
+                offsets = [((rounds * 16 + i) * 16384) % (1 << 20) for i in range(16)]
+                dev.post_reads(offsets, buffers)
+                self.assertEqual(sorted(dev.reap(count=16)), sorted(offsets))
+            dev.frontend.virtio_sleep()
+            after = _guest_copy(dev.memory)
+            dev.frontend.virtio_wake()
+            written = _changed_pages(before, after, spans)
+            self.assertGreaterEqual(len(written), 16 * 4)
+            self.assertEqual(sorted(written - set(log.pages())), [])
+            log.stop()
+            self.assertEqual(len(dev.read(0, 4096)), 4096)
+        requests, replies = _log_base_replies(proxy)
+        self.assertEqual(requests, [16])
+        # libvhost-user answers with 8 bytes: the mmap_size it was sent.
+        self.assertEqual(len(replies), 1)
+        self.assertEqual(len(replies[0]), 8)
+        sizes = [struct.unpack("<QQ", body) for direction, c, _, body, _ in proxy.trace
+                 if c == int(vu.FrontendReq.SET_LOG_BASE) and direction == "request"]
+        self.assertEqual(struct.unpack("<Q", replies[0])[0], sizes[0][0])
+
+
+class _SharedRawQsd(QemuStorageDaemon):
+    """qemu-storage-daemon on a raw image with locking=off; with ``image``, another daemon's image,
+    left as it is: two daemons serving one disk, the two sides of a migration."""
+
+    def __init__(self, tmp=None, image=None, **kwargs):
+        super(_SharedRawQsd, self).__init__(tmp, kind="raw", **kwargs)
+        self.shared_image = image
+
+    def _prepare(self):
+        if self.shared_image is None:
+            argv = super(_SharedRawQsd, self)._prepare()
+        else:
+            self.image_path = self.shared_image
+            argv = [find_binary("qemu-storage-daemon"), "--blockdev",
+                    "driver=file,node-name=disk0,filename=%s,aio=%s,cache.direct=off"
+                    % (self.image_path, self.aio), "--export",
+                    "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=%s,"
+                    "writable=on,num-queues=%d" % (self.socket_path, self.num_queues)]
+        return [arg.replace(",aio=", ",locking=off,aio=") if arg.startswith("driver=file") else arg
+                for arg in argv]
+
+
+class _DepthWriter(object):
+    """Random 4 KiB writes at a fixed depth through post_writes/reap on a thread: what each block
+    should hold at the end (its last completed write), how many completed, what failed."""
+
+    def __init__(self, dev, blocks, depth=16, seed=1):
+        self.dev = dev
+        self.blocks = blocks
+        self.depth = depth
+        self.random = random.Random(seed)
+        self.expected = {}
+        self.completed = 0
+        self.errors = []
+        self.stop = threading.Event()
+        self.buffers = [dev.alloc(4096) for _ in range(depth)]
+        self.thread = threading.Thread(target=self._run, name="depth-writer")
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def wait_for(self, count, timeout=10):
+        deadline = time.monotonic() + timeout
+        while self.completed < count and time.monotonic() < deadline and not self.errors:
+            time.sleep(0.005)
+
+    def finish(self, timeout=20):
+        self.stop.set()
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    def _run(self):
+        dev, free, busy, n = self.dev, list(range(self.depth)), {}, 0
+        try:
+            while not self.stop.is_set() or busy:
+                offsets, buffers, keys = [], [], []
+                while free and not self.stop.is_set():
+                    k = free.pop()
+                    block = self.random.randrange(self.blocks)
+                    while block in busy.values():
+                        block = self.random.randrange(self.blocks)
+                    n += 1
+                    self.buffers[k][:] = struct.pack("<II", block, n) * 512
+                    busy[k] = block
+                    offsets.append(block * 4096)
+                    buffers.append(self.buffers[k])
+                    keys.append(k)
+                if offsets:
+                    dev.post_writes(offsets, buffers, keys)
+                for k in dev.reap(count=1):
+                    self.expected[busy.pop(k)] = bytes(self.buffers[k])
+                    self.completed += 1
+                    free.append(k)
+        except Exception as exc:   # the test reports it
+            self.errors.append(exc)
+
+    def lost(self, path):
+        """Blocks whose last completed write is not what the file holds."""
+        lost = []
+        with open(path, "rb") as f:
+            for block, data in sorted(self.expected.items()):
+                f.seek(block * 4096)
+                if f.read(4096) != data:
+                    lost.append(block)
+        return lost
+
+
+class TestMoveBlock(BackendTestMixin, FdLeakCheck):
+    """BlockDevice.move_to between two qemu-storage-daemons serving one raw image (locking=off)."""
+
+    def setUp(self):
+        super(TestMoveBlock, self).setUp()
+        self.a = self.start_backend(_SharedRawQsd, size=16 << 20)
+        self.b = self.start_backend(_SharedRawQsd, image=self.a.image_path, size=16 << 20)
+
+    def connect(self, path, **kwargs):
+        dev = vu.BlockDevice.connect(path, queue_size=64, **kwargs)
+        self.addCleanup(dev.close)
+        return dev
+
+    def test_move_under_random_writes_at_depth_16(self):
+        dev = self.connect(self.a.socket_path)
+        writer = _DepthWriter(dev, blocks=2048).start()
+        writer.wait_for(300)
+        before = writer.completed
+        # Calls on other threads while the move runs block, then succeed.
+        results, errors = [], []
+
+        def reads():
+            try:
+                for _ in range(50):
+                    results.append(dev.read(3000 * 4096, 4096))
+            except Exception as exc:
+                errors.append(exc)
+        reader = threading.Thread(target=reads)
+        reader.start()
+        dev.move_to(self.b.socket_path)
+        self.assertEqual(dev.frontend.client.path, self.b.socket_path)
+        writer.wait_for(before + 300)
+        reader.join(20)
+        self.assertTrue(writer.finish())
+        self.assertEqual((writer.errors, errors), ([], []))
+        self.assertEqual(results, [bytes(4096)] * 50)
+        self.assertGreater(writer.completed, before + 100)
+        self.assertEqual(dev.frontend.moves, 1)
+        dev.flush()
+        self.assertEqual(writer.lost(self.a.image_path), [])   # 0 lost, 0 failed
+
+    def test_chains_the_old_back_end_never_took_run_on_the_new_one(self):
+        dev = self.connect(self.a.socket_path)
+        datas = [struct.pack("<I", 0xA0 + i) * 1024 for i in range(8)]
+        # Posted without a kick: the old back-end never takes them.
+        requests = [dev.submit_write((100 + i) * 4096, data, notify=False)
+                    for i, data in enumerate(datas)]
+        dev.move_to(self.b.socket_path)
+        self.assertEqual(dev.frontend.moved_in_flight, 8)
+        done = []
+        while len(done) < 8:
+            done += dev.complete(count=8 - len(done))
+        for request in requests:
+            request.result()
+        dev.flush()
+        with open(self.a.image_path, "rb") as f:
+            f.seek(100 * 4096)
+            self.assertEqual(f.read(8 * 4096), b"".join(datas))
+
+    def test_failures_leave_the_device_on_the_old_back_end(self):
+        dev = self.connect(self.a.socket_path)
+        dev.write(0, b"a" * 4096)
+        tmpdir = tempfile.mkdtemp(prefix="vhu-move-")
+        self.addCleanup(shutil.rmtree, tmpdir, True)
+        missing = os.path.join(tmpdir, "missing.sock")
+        with self.assertRaises(vu.VhostUserError) as caught:
+            dev.move_to(missing)
+        self.assertIn("missing.sock", str(caught.exception))
+        # Another device type: the embedded net back-end.
+        net = vu._EmbeddedBackend(vu._EmbeddedNet(), path=os.path.join(tmpdir, "net.sock")).start()
+        self.addCleanup(net.close)
+        with self.assertRaises(vu.Disconnected) as caught:
+            dev.move_to(net.path)
+        self.assertIn("move_to: the back-end no longer offers acked feature(s)", str(caught.exception))
+        self.assertIn("SEG_MAX", str(caught.exception))
+        for what in ("after a missing socket", "after another device type"):
+            self.assertEqual(dev.frontend.client.path, self.a.socket_path, what)
+        self.assertEqual(dev.read(0, 4096), b"a" * 4096)
+        dev.write(4096, b"b" * 4096)
+        self.assertEqual(dev.read(4096, 4096), b"b" * 4096)
+        self.assertEqual(dev.frontend.moves, 0)
+
+    def test_fewer_queues_refused(self):
+        a2 = self.start_backend(_SharedRawQsd, size=16 << 20, num_queues=2)
+        dev = self.connect(a2.socket_path, num_queues=2)
+        dev.write(0, b"q" * 4096, queue=1)
+        with self.assertRaises(vu.Disconnected) as caught:
+            dev.move_to(self.b.socket_path)
+        self.assertIn("now has 1 queue(s)", str(caught.exception))
+        self.assertEqual(dev.read(0, 4096, queue=1), b"q" * 4096)
+
+    def test_fifty_moves_leave_nothing_behind(self):
+        dev = self.connect(self.a.socket_path)
+        paths = [self.b.socket_path, self.a.socket_path]
+        for i in range(50):
+            dev.write((i % 16) * 4096, struct.pack("<I", i) * 1024)
+            dev.move_to(paths[i % 2])
+        self.assertEqual(dev.frontend.moves, 50)
+        for i in range(34, 50):
+            self.assertEqual(dev.read((i % 16) * 4096, 4096), struct.pack("<I", i) * 1024)
+
+    def test_new_side_failing_midway_moves_back(self):
+        dev = self.connect(self.a.socket_path)
+        dev.write(0, b"c" * 4096)
+        original = vu.BackendClient.set_mem_table
+        new_path = self.b.socket_path
+
+        def set_mem_table(client, regions, ack=None):
+            if client.path == new_path:
+                raise vu.BackendError("SET_MEM_TABLE: refused (injected)", vu.FrontendReq.SET_MEM_TABLE)
+            return original(client, regions, ack)
+        pending = dev.submit_write(8192, b"d" * 4096, notify=False)
+        with mock.patch.object(vu.BackendClient, "set_mem_table", autospec=True,
+                               side_effect=set_mem_table):
+            with self.assertLogs("vhost_user_frontend", "WARNING") as logs:
+                with self.assertRaisesRegex(vu.BackendError, "SET_MEM_TABLE: refused"):
+                    dev.move_to(new_path)
+        self.assertIn("the device stays on the old back-end", "\n".join(logs.output))
+        self.assertEqual(dev.frontend.client.path, self.a.socket_path)
+        self.assertEqual(dev.frontend.moves, 0)
+        self.assertEqual(len(dev.complete()), 1)
+        pending.result()
+        self.assertEqual(dev.read(0, 12288), b"c" * 4096 + bytes(4096) + b"d" * 4096)
+        dev.move_to(new_path)   # and the move works once the new side does
+        self.assertEqual(dev.read(8192, 4096), b"d" * 4096)
+
+    def test_move_away_from_a_dead_back_end(self):
+        dev = self.connect(self.a.socket_path)
+        dev.write(0, b"e" * 4096)
+        pending = dev.submit_write(4096, b"f" * 4096, notify=False)
+        with self.assertLogs("vhost_user_frontend", "WARNING") as logs:
+            self.a.proc.kill()
+            self.a.proc.wait(10)
+            deadline = time.monotonic() + 5
+            while dev.interrupt.crash_error is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with self.assertRaises(vu.Disconnected):
+                dev.read(0, 4096)
+            dev.move_to(self.b.socket_path)
+        self.assertIn("stopping the old back-end's rings", "\n".join(logs.output))
+        self.assertIsNone(dev.interrupt.crash_error)
+        self.assertEqual(len(dev.complete()), 1)
+        pending.result()
+        self.assertEqual(dev.read(0, 8192), b"e" * 4096 + b"f" * 4096)
+
+    def test_old_back_end_not_draining_keeps_the_device(self):
+        # An old back-end that never completes what it took after GET_VRING_BASE (simulated: the
+        # used index seen by the drain wait lags one behind): the device stays and runs there.
+        dev = self.connect(self.a.socket_path)
+        dev.write(0, b"g" * 4096)
+        frontend = type(dev.frontend)
+        real_used = vu.Queue.used_index
+        real_stop, real_send = frontend._stop_rings, frontend._send_rings
+        lagging = [False]
+
+        def used_index(queue):
+            return (real_used(queue) - lagging[0]) & 0xFFFF
+
+        def stop_rings(self, reclaim):
+            result = real_stop(self, reclaim)
+            lagging[0] = True
+            return result
+
+        def send_rings(self, mem, interrupt, queues):
+            lagging[0] = False
+            return real_send(self, mem, interrupt, queues)
+        with mock.patch.object(vu.Queue, "used_index", used_index), \
+                mock.patch.object(frontend, "_stop_rings", stop_rings), \
+                mock.patch.object(frontend, "_send_rings", send_rings):
+            with self.assertRaisesRegex(vu.VhostUserTimeout, r"move_to: queue 0: the old back-end "
+                                        r"took 1 chain\(s\) it did not complete within 0.1 s"):
+                dev.move_to(self.b.socket_path, drain_timeout=0.1)
+        self.assertEqual(dev.frontend.client.path, self.a.socket_path)
+        self.assertEqual(dev.read(0, 4096), b"g" * 4096)
+        dev.move_to(self.b.socket_path)
+        self.assertEqual(dev.read(0, 4096), b"g" * 4096)
+
+
+class TestMoveNet(BackendTestMixin, FdLeakCheck):
+    """NetDevice.move_to from one testpmd (io forward) to another, packed rings and split ones."""
+
+    def test_frames_after_the_move_all_come_back(self):
+        a = self.start_backend(Testpmd)
+        b = self.start_backend(Testpmd)
+        with vu.NetDevice.connect(a.socket_path, queue_size=256, packed=True) as dev:
+            self.move_under_traffic(dev, b)
+        with vu.NetDevice.connect(b.socket_path, queue_size=256, packed=False) as dev:
+            self.move_under_traffic(dev, a, stop_old=b)
+
+    def move_under_traffic(self, dev, new, stop_old=None):
+        """Numbered frames flow on a thread while the device moves to ``new``: every frame sent
+        after the move comes back, none more than twice."""
+        self.assertEqual(_pump(dev, 0, 200), list(range(200)))
+        state = {"next": 200}
+        received, errors = collections.Counter(), []
+        stop = threading.Event()
+
+        def traffic():
+            try:
+                while not stop.is_set():
+                    first = state["next"]
+                    dev.send_many([_seq_frame(i) for i in range(first, first + 8)])
+                    state["next"] = first + 8
+                    for _ in range(8):
+                        frame = dev.recv(0.5)
+                        if frame is None:
+                            break
+                        received[_frame_seq(frame)] += 1
+            except Exception as exc:
+                errors.append(exc)
+        thread = threading.Thread(target=traffic)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while state["next"] < 400 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        dev.move_to(new.socket_path)
+        moved_at = state["next"]
+        if stop_old is not None:
+            stop_old.stop()   # the old back-end is gone: whatever follows runs on the new one
+        while state["next"] < moved_at + 400 and time.monotonic() < deadline + 10:
+            time.sleep(0.001)
+        stop.set()
+        thread.join(20)
+        self.assertEqual(errors, [])
+        last = state["next"]
+        while True:   # what is still on its way
+            frame = dev.recv(0.5)
+            if frame is None:
+                break
+            received[_frame_seq(frame)] += 1
+        after = [i for i in range(moved_at + 8, last) if received[i] == 0]
+        self.assertEqual(after, [], "frames sent after the move that never came back")
+        self.assertLessEqual(max(received.values()), 2)
+        self.assertEqual(_pump(dev, last, 100), list(range(last, last + 100)))
+        self.assertEqual(dev.frontend.client.path, new.socket_path)
+
+
+class TestCliMigrate(BackendTestMixin, FdLeakCheck):
+    """`migrate OLD NEW`: the rehearsal against two qemu-storage-daemons on one image."""
+
+    def test_blk_rehearsal(self):
+        a = self.start_backend(_SharedRawQsd, size=16 << 20)
+        b = self.start_backend(_SharedRawQsd, image=a.image_path, size=16 << 20)
+        status, out, err = run_cli("migrate", a.socket_path, b.socket_path, "--write",
+                                   "--length", "2M")
+        self.assertEqual((status, err), (0, ""), out)
+        lines = out.splitlines()
+        self.assertEqual(lines[0], "migrate: blk %s -> %s" % (a.socket_path, b.socket_path))
+        self.assertRegex(lines[1], r"^dirty log: 16384 pages; the back-end wrote (\d+) of them, "
+                                   r"all logged$")
+        self.assertGreaterEqual(int(re.search(r"wrote (\d+)", lines[1]).group(1)), 16 * 16)
+        self.assertEqual(lines[2], "OLD: 32 read(s) of 65536 bytes, after writing them")
+        self.assertRegex(lines[3], r"^moved: .* in [0-9.]+ s; 8 chain\(s\) in flight offered "
+                                   r"again to NEW$")
+        self.assertEqual(lines[4:], ["NEW: 8 request(s) in flight at the move completed, 32 "
+                                     "read(s) match OLD, every write kept", "ok"])
+        with open(a.image_path, "rb") as f:
+            data = f.read(2 << 20)
+        self.assertEqual(data[:16], struct.pack("<QQ", 0, 0x6D696772617465))
+        self.assertEqual(data[65536:65536 + 16], struct.pack("<QQ", 65536, 0x6D696772617465))
+        # Back the other way, read-only this time: the data is still there.
+        status, out, err = run_cli("migrate", b.socket_path, a.socket_path)
+        self.assertEqual((status, err), (0, ""), out)
+        self.assertIn("16 read(s) match OLD", out)
+
+    def test_usage_and_failures(self):
+        a = self.start_backend(_SharedRawQsd, size=16 << 20)
+        status, _, err = run_cli("migrate", a.socket_path)
+        self.assertEqual(status, 2)
+        self.assertIn("required: NEW", err)
+        tmpdir = tempfile.mkdtemp(prefix="vhu-migrate-")
+        self.addCleanup(shutil.rmtree, tmpdir, True)
+        missing = os.path.join(tmpdir, "new.sock")
+        status, out, err = run_cli("migrate", a.socket_path, missing)
+        self.assertEqual((status, out), (1, ""))
+        self.assertEqual(err, "vhost_user_frontend: error: %s: no such socket\n" % missing)
+        net = vu._EmbeddedBackend(vu._EmbeddedNet(), path=os.path.join(tmpdir, "net.sock")).start()
+        self.addCleanup(net.close)
+        status, _, err = run_cli("migrate", a.socket_path, net.path, "--type", "net", "--write")
+        self.assertEqual(status, 2)
+        self.assertIn("--write applies to blk devices only", err)
+        status, out, err = run_cli("migrate", a.socket_path, net.path)
+        self.assertEqual(status, 1)
+        self.assertIn("the move failed, the device stayed on %s" % a.socket_path, err)
+        self.assertIn("no longer offers acked feature(s)", err)
+        self.assertIn("dirty log: 16384 pages", out)
+
+
 # README ##############################################################################################
 #
 # The README's library quick starts are doctests: they run here against the daemons the README starts
@@ -7294,8 +8042,9 @@ class TestEmbeddedBackendTrace(BackendTestMixin, FdLeakCheck):
         # The same requests, with the same fds, to the embedded back-end over a 64 MiB memfd.
         ours, theirs = socket.socketpair()
         ours.settimeout(5)
+        # dirty_log: the session negotiated LOG_SHMFD, which the embedded one offers only then.
         backend = vu._EmbeddedBackend(vu._EmbeddedBlock(size=64 << 20, num_queues=num_queues),
-                                      sock=theirs).start()
+                                      sock=theirs, dirty_log=True).start()
         self.addCleanup(backend.close)
         self.addCleanup(ours.close)
         compared = 0

@@ -74,6 +74,7 @@ __all__ = [
     "Event", "BackendClient", "GuestMemory", "Queue",
     # Frontend
     "SharedMemoryRegion", "BackendReqHandler", "Interrupt", "VhostUserFrontend", "DeviceState",
+    "DirtyLog",
     # Devices
     "BlockDevice", "NetDevice", "FsDevice",
     # Command line
@@ -5215,6 +5216,166 @@ class _InflightRegion:
             os.close(fd)
 
 
+#: Dirty-log granularity: one bit per 4 KiB page of guest memory (VHOST_LOG_PAGE).
+_LOG_PAGE = 4096
+#: futex(2) numbers, for the atomic bit clear of ``DirtyLog.clear``.
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "riscv64": 98, "ppc64le": 221, "s390x": 238,
+              "i686": 240, "armv7l": 240}
+_FUTEX_WAKE_OP_PRIVATE = 5 | 128
+_FUTEX_OP_ANDN = 3
+_FUTEX_OP_OPARG_SHIFT = 8
+
+
+def _atomic_clear_bits(address, bits):
+    """Atomically clear ``bits`` of the aligned 32-bit word at ``address``.
+
+    Python has no atomic read-modify-write on shared memory, and a plain
+    store of the word would lose a bit a back-end sets between our read and
+    our write. FUTEX_WAKE_OP makes the kernel do ``*word &= ~arg`` with one
+    atomic instruction (and wake nobody). ``arg`` is a 12-bit field that the
+    kernel sign-extends: bit 11 would make it clear bits 11-31 too, so one
+    op takes bits 0-10 and bits 11-31 go one at a time with OPARG_SHIFT.
+    """
+    libc = _libc()
+    number = _SYS_FUTEX[os.uname().machine]
+    word = ctypes.c_void_p(address)
+    low, bits = bits & 0x7FF, bits & ~0x7FF
+    ops = [(_FUTEX_OP_ANDN << 28) | (low << 12)] if low else []
+    while bits:
+        bit = (bits & -bits).bit_length() - 1
+        bits &= bits - 1
+        ops.append(((_FUTEX_OP_ANDN | _FUTEX_OP_OPARG_SHIFT) << 28) | (bit << 12))
+    for op in ops:
+        _retry_eintr(lambda: libc.syscall(ctypes.c_long(number), word,
+                                          ctypes.c_int(_FUTEX_WAKE_OP_PRIVATE), ctypes.c_int(0),
+                                          ctypes.c_void_p(0), word, ctypes.c_uint(op)),
+                     "futex(FUTEX_WAKE_OP)")
+
+
+class DirtyLog:
+    """The pages a back-end wrote while logging: what ``start_dirty_log`` returns.
+
+    The log is a memfd of one bit per 4 KiB page of guest memory, shared
+    with the back-end by SET_LOG_BASE (LOG_SHMFD); the back-end sets the bit
+    of every guest page it writes (buffers it fills, used-ring entries and
+    indices). The driver's own writes are not logged. ``pages()`` reads the
+    bits; ``clear()`` takes and clears them atomically against a back-end
+    setting more; ``stop()`` ends logging (SET_FEATURES without LOG_ALL, the
+    rings without VHOST_VRING_F_LOG) and frees the log.
+
+    Attributes:
+        mmap_size: the log's size in bytes, as SET_LOG_BASE sent it.
+        page_count: guest pages the log covers (page n is GPA n * 4096).
+    """
+
+    page_size = _LOG_PAGE
+    _map = None
+    _fd = None
+
+    def __init__(self, frontend, page_count):
+        self._frontend = frontend
+        self._client = frontend.client
+        self.page_count = page_count
+        # Rounded to whole pages of the memfd: a back-end maps whole pages,
+        # and one past the file's end would SIGBUS it.
+        self.mmap_size = -(-page_count // (8 * mmap.PAGESIZE)) * mmap.PAGESIZE
+        self._lock = threading.Lock()
+        self.active = False
+        self._fd = _memfd_create("vhost-user-dirty-log", self.mmap_size)
+        try:
+            self._map = mmap.mmap(self._fd, self.mmap_size, mmap.MAP_SHARED,
+                                  mmap.PROT_READ | mmap.PROT_WRITE)
+            self._address, self._anchor = _mapping_address(self._map)
+        except BaseException:
+            self._free()
+            raise
+
+    def fileno(self):
+        """The memfd sent with SET_LOG_BASE."""
+        return self._fd
+
+    def _words(self):
+        """(byte offset, value) of each non-zero 32-bit word of the log."""
+        data = self._map[:]
+        words = array.array("I", data)
+        if sys.byteorder != "little":
+            words.byteswap()
+        return [(4 * i, word) for i, word in enumerate(words) if word]
+
+    @staticmethod
+    def _page_numbers(marked):
+        pages = []
+        for offset, word in marked:
+            base = 8 * offset
+            while word:
+                low = word & -word
+                pages.append(base + low.bit_length() - 1)
+                word ^= low
+        return pages
+
+    def pages(self):
+        """The sorted guest page numbers (GPA // 4096) marked since the start or ``clear()``."""
+        with self._lock:
+            self._check_open("pages")
+            return self._page_numbers(self._words())
+
+    def clear(self):
+        """Clear the log; returns the pages it held (sorted), each cleared atomically.
+
+        Only the bits read are cleared, each with an atomic and-not: a bit the
+        back-end sets meanwhile stays for the next ``pages()``. A page
+        written again between the read and the clear is in the list returned,
+        so a copy of those pages taken after ``clear()`` returns has it.
+        """
+        with self._lock:
+            self._check_open("clear")
+            marked = self._words()
+            for offset, word in marked:
+                bits = word if sys.byteorder == "little" else \
+                    int.from_bytes(word.to_bytes(4, "little"), "big")
+                _atomic_clear_bits(self._address + offset, bits)
+            return self._page_numbers(marked)
+
+    def _check_open(self, what):
+        if self._map is None:
+            raise ValueError("DirtyLog.%s: the log was stopped" % what)
+
+    def stop(self):
+        """End logging on the back-end (when still connected) and free the log; idempotent."""
+        frontend, self._frontend = self._frontend, None
+        try:
+            if frontend is not None and frontend._dirty_log is self:
+                frontend._dirty_log = None
+                if self.active and frontend.client is self._client and \
+                        self._client.broken is None:
+                    frontend._log_rings()
+        finally:
+            self.active = False
+            with self._lock:
+                self._free()
+
+    def _free(self):
+        self._anchor = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    close = stop
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def __repr__(self):
+        return "<DirtyLog %d pages, %s>" % (self.page_count,
+                                           "logging" if self.active else "stopped")
+
+
 class VhostUserFrontend:
     """A virtio device whose emulation runs in a vhost-user back-end (crosvm's VhostUserFrontend).
 
@@ -5271,6 +5432,9 @@ class VhostUserFrontend:
     #: before the rings are sent again (BlockDevice re-reads its config);
     #: raises ``Disconnected`` when the device cannot use it.
     reconnect_check = None
+    _dirty_log = None     # the DirtyLog the back-end writes while logging
+    moves = 0             # successful move_to calls
+    moved_in_flight = 0   # chains the last move_to offered the new back-end again
 
     def __init__(self, device_type, base_features, connection, max_queue_size=None,
                  timeout=5.0, protocol_features=_CROSVM_PROTOCOL_FEATURES, start_kick=True,
@@ -5383,9 +5547,12 @@ class VhostUserFrontend:
     def ack_features(self, value):
         """Ack ``value`` (limited to ``features()``); SET_FEATURES only when the set changed."""
         features = (int(value) & self._avail_features) | self.acked_features
-        if features != self._sent_features:
-            self.client.set_features(features)
-            self._sent_features = features
+        # While logging, LOG_ALL rides on every SET_FEATURES (a transport bit,
+        # never acked to a driver).
+        wire = features | (VirtioFeature.LOG_ALL if self._dirty_log is not None else 0)
+        if wire != self._sent_features:
+            self.client.set_features(wire)
+            self._sent_features = wire
         self.acked_features = features
 
     def read_config(self, offset, length):
@@ -5524,9 +5691,7 @@ class VhostUserFrontend:
     def _activate_vring(self, mem, index, queue, call):
         client = self.client
         client.set_vring_num(index, queue.size)
-        client.set_vring_addr(index, mem.host_address(queue.desc_table),
-                              mem.host_address(queue.used_ring),
-                              mem.host_address(queue.avail_ring))
+        self._send_vring_addr(mem, index, queue)
         client.set_vring_base(index, queue.vring_base)
         client.set_vring_call(index, call)
         client.set_vring_kick(index, queue.kick)
@@ -5537,6 +5702,23 @@ class VhostUserFrontend:
         # Spec: SET_VRING_ENABLE only once PROTOCOL_FEATURES was acked.
         if self.acked_features & VirtioFeature.PROTOCOL_FEATURES:
             client.set_vring_enable(index, True)
+
+    def _send_vring_addr(self, mem, index, queue):
+        """SET_VRING_ADDR, with VHOST_VRING_F_LOG and the log address while logging.
+
+        The log address is where the back-end logs its ring writes: the used
+        ring of a split ring. For a packed ring the device writes descriptors
+        back into the descriptor ring, and DPDK 22.11 logs them at their
+        offset in that ring from the log address, so it is the descriptor
+        ring's GPA (QEMU sends the device area there).
+        """
+        flags = log = 0
+        if self._dirty_log is not None:
+            flags = 1
+            log = queue.desc_table if queue.packed else queue.used_ring
+        self.client.set_vring_addr(index, mem.host_address(queue.desc_table),
+                                   mem.host_address(queue.used_ring),
+                                   mem.host_address(queue.avail_ring), log=log, flags=flags)
 
     def _deactivate_vring(self, index, packed=False):
         """Disable then stop a ring; returns its base (crosvm deactivate_vring).
@@ -5830,6 +6012,7 @@ class VhostUserFrontend:
             VhostUserError: any failure of the handshake.
         """
         self._check_usable("reconnect")
+        self._end_dirty_log("the back-end is reconnected")
         queues = self._sent_queues
         interrupt = self.interrupt
         acked, sent = self.acked_features, self._sent_features
@@ -5908,26 +6091,255 @@ class VhostUserFrontend:
             return heads
         return {"resubmitted": taken}
 
-    def _check_still_offered(self, acked, old_protocol, queues):
+    def _check_still_offered(self, acked, old_protocol, queues, what="reconnect"):
         """Disconnected (naming what is missing) if the new back-end offers less."""
         missing = acked & ~self._avail_features
         if missing:
             raise _BackendShrank(
-                "reconnect: the back-end no longer offers acked feature(s) %s (%#x)"
-                % (" ".join(VirtioFeature.names(missing, self._device_type)), missing),
+                "%s: the back-end no longer offers acked feature(s) %s (%#x)"
+                % (what, " ".join(VirtioFeature.names(missing, self._device_type)), missing),
                 FrontendReq.GET_FEATURES)
         missing = old_protocol & ~self.protocol_features
         if missing:
             raise _BackendShrank(
-                "reconnect: the back-end no longer offers protocol feature(s) %s (%#x)"
-                % (" ".join(ProtocolFeature.names(missing)), int(missing)),
+                "%s: the back-end no longer offers protocol feature(s) %s (%#x)"
+                % (what, " ".join(ProtocolFeature.names(missing)), int(missing)),
                 FrontendReq.GET_PROTOCOL_FEATURES)
         for index, queue in sorted((queues or {}).items()):
             if index >= len(self._queue_sizes) or queue.size > self._queue_sizes[index]:
                 raise _BackendShrank(
-                    "reconnect: the back-end now has %d queue(s) of up to %d entries; queue "
-                    "%d of size %d is in use" % (len(self._queue_sizes), max(self._queue_sizes),
-                                                 index, queue.size), FrontendReq.GET_QUEUE_NUM)
+                    "%s: the back-end now has %d queue(s) of up to %d entries; queue "
+                    "%d of size %d is in use" % (what, len(self._queue_sizes),
+                                                 max(self._queue_sizes), index, queue.size),
+                    FrontendReq.GET_QUEUE_NUM)
+
+    # -- dirty log ------------------------------------------------------------
+
+    def start_dirty_log(self):
+        """Have the back-end log every guest page it writes; returns the ``DirtyLog``.
+
+        What QEMU's vhost_migration_log does: SET_LOG_BASE with a memfd of one
+        bit per 4 KiB page of guest memory (LOG_SHMFD; the reply may be empty,
+        as DPDK sends it, or echo mmap_size, as libvhost-user does), then
+        SET_FEATURES again with VHOST_F_LOG_ALL, then SET_VRING_ADDR with
+        VHOST_VRING_F_LOG and the log address for every started ring (rings
+        started later get them too). While the log is on, the same
+        ``DirtyLog`` is returned: SET_LOG_BASE is never sent twice for one log
+        (DPDK crashed on a repeated one). ``reconnect`` and ``move_to`` end
+        logging (the new back-end has no log).
+
+        Raises:
+            FeatureNotNegotiated: the back-end does not offer VHOST_F_LOG_ALL,
+                or LOG_SHMFD was not negotiated (pass it in
+                ``protocol_features``); nothing was sent.
+            ValueError: the device is not active (no guest memory yet).
+        """
+        self._check_usable("start_dirty_log")
+        if self._dirty_log is not None:
+            return self._dirty_log
+        missing = []
+        if not (self.client.features or 0) & VirtioFeature.LOG_ALL:
+            missing.append("the back-end does not offer VHOST_F_LOG_ALL (bit 26)")
+        if not self.protocol_features & _P.LOG_SHMFD:
+            missing.append("protocol feature LOG_SHMFD (bit 1) was not negotiated (negotiated "
+                           "%#x)" % int(self.protocol_features))
+        if missing:
+            raise FeatureNotNegotiated("SET_LOG_BASE: %s" % "; ".join(missing),
+                                       FrontendReq.SET_LOG_BASE)
+        if self._mem is None or self._sent_queues is None:
+            raise ValueError("start_dirty_log: %s is not active; activate it first"
+                             % self.debug_label())
+        for index, queue in sorted(self._sent_queues.items()):
+            if queue.packed and not queue.desc_table:
+                # DPDK 22.11 takes log_guest_addr 0 for a failed translation and
+                # stops serving the ring without a word (seen with testpmd).
+                raise ValueError("start_dirty_log: packed ring %d's descriptor ring, its log "
+                                 "address, is at guest address 0, which DPDK takes for no "
+                                 "log and then stops the ring; place guest memory (or the "
+                                 "ring) above 0" % index)
+        end = max(r.guest_phys_addr + r.memory_size for r, _ in self._mem.regions())
+        log = DirtyLog(self, -(-end // _LOG_PAGE))
+        try:
+            self.client.set_log_base(log.mmap_size, 0, log.fileno())
+            self._dirty_log = log
+            log.active = True
+            self._log_rings()
+        except BaseException:
+            self._dirty_log = None
+            log.active = False
+            log._free()
+            raise
+        _log.info("%s: dirty logging on, %d pages in a %d-byte log", self.debug_label(),
+                  log.page_count, log.mmap_size)
+        return log
+
+    def _log_rings(self):
+        """SET_FEATURES with LOG_ALL while logging (without it after), then SET_VRING_ADDR
+        of every started ring (QEMU's vhost_dev_set_log)."""
+        self.ack_features(self.acked_features)
+        for index, queue in sorted((self._sent_queues or {}).items()):
+            self._send_vring_addr(self._mem, index, queue)
+
+    def _end_dirty_log(self, why):
+        """Forget the log without telling the back-end (it is being left)."""
+        log, self._dirty_log = self._dirty_log, None
+        if log is not None:
+            log.active = False
+            _log.warning("%s: dirty logging ended: %s", self.debug_label(), why)
+
+    # -- moving to another back-end ---------------------------------------------
+
+    def move_to(self, connection, drain_timeout=None):
+        """Move the running device to another back-end (a migration's two halves, no VM).
+
+        1. Connect and negotiate with the new back-end while the old one runs;
+           it must offer every acked feature, protocol feature and queue.
+        2. Stop every ring on the old back-end (SET_VRING_ENABLE 0,
+           GET_VRING_BASE); each queue takes the base it returns. A back-end
+           that completes requests after GET_VRING_BASE (qemu-storage-daemon
+           finishes the I/O it started) is waited for up to
+           ``drain_timeout`` (default ``timeout``), split rings: used->idx
+           must reach the base, so that it never writes guest memory again.
+        3. Start the new back-end with the same guest memory and interrupt:
+           the acked features, then every ring from those indices, what was
+           in flight and not completed offered again (``Queue.rewind``, as
+           ``reconnect`` does).
+        4. Close the old connection (its rings are stopped: a graceful hang-up).
+
+        A failure in 1 changes nothing. A failure in 3 starts the rings
+        again on the old back-end (when it is alive) and raises; the device
+        stays there. Dirty logging ends (the new back-end has no log).
+
+        Raises:
+            Disconnected: the new back-end offers less than the device uses
+                (the message names what), or went away.
+            VhostUserTimeout: the old back-end did not complete what it had
+                taken within ``drain_timeout``; the device stays on it.
+            VhostUserError: another failure of the new back-end.
+        """
+        self._check_usable("move_to")
+        if self._mapper is not None:
+            raise ValueError("move_to: not with a shared memory mapper (SHMEM mappings "
+                             "belong to the old back-end)")
+        acked, sent = self.acked_features, self._sent_features
+        queues, interrupt, mem = self._sent_queues, self.interrupt, self._mem
+        old = self._backend_side()
+        new_client = self._connect(connection, self.timeout)
+        self.client, self._handler, self._inflight = new_client, None, None
+        try:
+            self._negotiate(*self._negotiation)
+            self._check_still_offered(acked, old[2], queues, "move_to")
+        except BaseException:
+            self._drop_backend_side()
+            self._restore_backend_side(old, acked, sent)
+            raise
+        new = self._backend_side()
+        self._restore_backend_side(old, acked, sent)
+        self._end_dirty_log("the device moves to another back-end")
+        if queues is not None:
+            self._stop_old_rings(queues, mem, interrupt, drain_timeout, new)
+        self._restore_backend_side(new, acked, None)
+        try:
+            self.ack_features(acked)
+            in_flight = 0
+            if queues is not None:
+                self._sent_queues = {}
+                for index, queue in sorted(queues.items()):
+                    queue.rewind()
+                    # Split: the chains from the new base (used->idx) to avail->idx.
+                    in_flight += queue.in_flight if queue.packed else \
+                        (queue.next_avail - queue.vring_base) & 0xFFFF
+                self._send_rings(mem, interrupt, queues)
+        except BaseException as exc:
+            self._move_back(old, acked, sent, queues, mem, interrupt, exc)
+            raise
+        # The old back-end's rings are stopped: this hang-up is a graceful one.
+        self._drop_backend_side(old)
+        self.moves += 1
+        self.moved_in_flight = in_flight
+        _log.info("%s: moved to another back-end; %d chain(s) the old one had not completed "
+                  "offered again", self.debug_label(), in_flight)
+        if interrupt is not None and interrupt.crash_error is not None:
+            interrupt.signal_reconnected()
+
+    def _backend_side(self):
+        """What negotiating with one back-end sets (``move_to`` keeps two of them)."""
+        return (self.client, self._handler, self.protocol_features, self._avail_features,
+                self._queue_sizes, self._inflight)
+
+    def _restore_backend_side(self, side, acked, sent):
+        (self.client, self._handler, self.protocol_features, self._avail_features,
+         self._queue_sizes, self._inflight) = side
+        self.acked_features, self._sent_features = acked, sent
+
+    def _drop_backend_side(self, side=None):
+        """Close a back-end's handler, inflight buffer and connection (default: the current)."""
+        if side is None:
+            side = self._backend_side()
+        client, handler, inflight = side[0], side[1], side[5]
+        for thing in (handler, inflight, client):
+            if thing is not None:
+                thing.close()
+
+    def _stop_old_rings(self, queues, mem, interrupt, drain_timeout, new):
+        """``move_to`` step 2; on a drain timeout the old rings run again and it raises."""
+        try:
+            self._stop_rings(reclaim=True)
+        except VhostUserError as exc:
+            # The old back-end failed or went away: moving away is what is left.
+            _log.warning("%s: stopping the old back-end's rings: %s; moving on",
+                         self.debug_label(), exc)
+            return
+        drain = self.timeout if drain_timeout is None else drain_timeout
+        deadline = time.monotonic() + drain
+        for index, queue in sorted(queues.items()):
+            if queue.packed:
+                continue   # its used position is in the base; DPDK uses chains inline
+            while queue.used_index() != queue.vring_base:
+                if time.monotonic() >= deadline:
+                    late = (queue.vring_base - queue.used_index()) & 0xFFFF
+                    self._drop_backend_side(new)
+                    self._sent_queues = {}
+                    self._send_rings(mem, interrupt, queues)
+                    raise VhostUserTimeout(
+                        "move_to: queue %d: the old back-end took %d chain(s) it did not "
+                        "complete within %.1f s of GET_VRING_BASE; the device stays on it"
+                        % (index, late, drain), FrontendReq.GET_VRING_BASE)
+                time.sleep(0.001)
+
+    def _move_back(self, old, acked, sent, queues, mem, interrupt, exc):
+        """``move_to`` step 3 failed: stop the new back-end, run the old one again."""
+        try:
+            self._stop_rings(reclaim=False)
+        except VhostUserError:
+            pass
+        self._drop_backend_side()
+        self._restore_backend_side(old, acked, sent)
+        if queues is None:
+            return
+        if old[0].broken is not None:
+            # Down on both sides: reported as an outage, the rings recorded for
+            # reconnect (``reconnect=`` then waits for the old back-end).
+            self._sent_queues = queues
+            if interrupt is not None:
+                interrupt.signal_crashed(exc)
+            return
+        try:
+            # The new back-end may have completed chains before it failed:
+            # rewinding again offers the old one exactly those it has not.
+            for index, queue in sorted(queues.items()):
+                queue.rewind()
+            self._sent_queues = {}
+            self._send_rings(mem, interrupt, queues)
+        except VhostUserError as again:
+            self._sent_queues = queues
+            _log.warning("%s: move_to failed (%s) and the old back-end did not restart: %s",
+                         self.debug_label(), exc, again)
+            if interrupt is not None:
+                interrupt.signal_crashed(again)
+        else:
+            _log.warning("%s: move_to failed, the device stays on the old back-end: %s",
+                         self.debug_label(), exc)
 
     # -- teardown -------------------------------------------------------------
 
@@ -5968,6 +6380,9 @@ class VhostUserFrontend:
                 self._own_mapper.close()
             self._mapper = self._own_mapper = None
             self._close_inflight()
+            log, self._dirty_log = self._dirty_log, None
+            if log is not None:
+                log.stop()   # frees it; the back-end is hanging up anyway
             if self._own_interrupt is not None:
                 self._own_interrupt.close()
                 self._own_interrupt = None
@@ -6203,6 +6618,8 @@ class _Device:
     _reconnect = None     # seconds to wait for the back-end to come back, or None
     _dead = None          # why the device cannot recover (a failed reconnect)
     _recover_lock = None
+    _moving = False       # move_to is switching back-ends (holding _recover_lock)
+    _movable = True
 
     @property
     def interrupt(self):
@@ -6233,6 +6650,8 @@ class _Device:
             raise _DeviceClosed("%s: the device was closed" % what)
         if self._dead is not None:
             raise Disconnected("%s: %s" % (what, self._dead)) from self._dead
+        if self._moving:
+            return self._wait_for_move(what)
         interrupt = self._frontend.interrupt
         error = interrupt.crash_error if interrupt is not None else None
         if error is None:
@@ -6244,7 +6663,7 @@ class _Device:
     def _trouble(self):
         """True when ``_check_alive`` has something to say (cheap, for wait loops)."""
         frontend = self._frontend
-        return (self._closing or frontend is None or self._dead is not None
+        return (self._closing or frontend is None or self._dead is not None or self._moving
                 or frontend.interrupt is not None and frontend.interrupt.crash_error is not None)
 
     def _recover(self, what):
@@ -6317,7 +6736,8 @@ class _Device:
         packed = packed is not False
         # QEMU asks for INFLIGHT_SHMFD for vhost-user-blk only; a net device
         # sends TX frames again and posts RX buffers afresh anyway.
-        protocol = _CROSVM_PROTOCOL_FEATURES
+        # LOG_SHMFD: start_dirty_log needs it, and it changes nothing else.
+        protocol = _CROSVM_PROTOCOL_FEATURES | _P.LOG_SHMFD
         if device_type == DeviceType.BLOCK:
             protocol |= _P.INFLIGHT_SHMFD
         if reconnect is None or not isinstance(path, (str, bytes, os.PathLike)):
@@ -6337,6 +6757,71 @@ class _Device:
                 _log.info("%s: the back-end went away while connecting (%s); retrying",
                           path, exc)
             time.sleep(_RECONNECT_RETRY)
+
+    def start_dirty_log(self):
+        """Have the back-end log the guest pages it writes; returns the ``DirtyLog``.
+
+        See ``VhostUserFrontend.start_dirty_log``. Page n of the log is guest
+        physical address n * 4096 of the device's guest memory (``memory``).
+        """
+        with self._call("start_dirty_log"):
+            self._check_alive("start_dirty_log")
+            return self._frontend.start_dirty_log()
+
+    @property
+    def memory(self):
+        """The device's ``GuestMemory`` (rings and buffers)."""
+        return self._mem
+
+    def move_to(self, path, drain_timeout=None):
+        """Move the running device to the back-end at ``path``, with nothing lost.
+
+        Stops every ring on the old back-end, starts the new one with the same
+        guest memory and the ring indices the old one returned, offers again
+        what was in flight and not completed, and closes the old connection
+        gracefully (``VhostUserFrontend.move_to``). Calls in other threads
+        wait for the switch and then continue. On failure the device stays on
+        the old back-end when that one is alive, and the error says why.
+
+        Raises:
+            Disconnected: the new back-end offers less than the device uses
+                (another device type, fewer features or queues), or went away.
+            VhostUserError: any other failure of the new back-end (or a
+                timeout waiting for the old one to complete its requests).
+        """
+        if not self._movable:
+            raise ValueError("move_to: a %s cannot move: its session state lives in the "
+                             "back-end" % type(self).__name__)
+        with self._call("move_to"):
+            # Not _check_alive: a device whose back-end died may move to another one.
+            if self._closing or self._frontend is None:
+                raise _DeviceClosed("move_to: the device was closed")
+            if self._recover_lock is None:
+                self._recover_lock = threading.Lock()
+            if not self._recover_lock.acquire(timeout=4 * self.timeout + 1):
+                raise VhostUserTimeout("move_to: another thread's move or reconnect did not "
+                                       "finish")
+            try:
+                self._moving = True
+                try:
+                    self._frontend.move_to(path, drain_timeout)
+                    self._dead = None   # a device that could not reconnect lives again
+                finally:
+                    self._moving = False
+            finally:
+                self._recover_lock.release()
+
+    def _wait_for_move(self, what):
+        """Block until ``move_to`` (another thread) is done; returns the seconds waited."""
+        started = time.monotonic()
+        lock = self._recover_lock
+        if lock is not None and lock.acquire(timeout=4 * self.timeout + 1):
+            lock.release()
+        elif self._moving:
+            raise VhostUserTimeout("%s: a move to another back-end did not finish" % what)
+        if self._closing or self._frontend is None:
+            raise _DeviceClosed("%s: the device was closed" % what)
+        return time.monotonic() - started
 
     def _call(self, what):
         """A context manager around every use of the rings: refuses a closed device, and
@@ -8589,6 +9074,9 @@ class FsDevice(_Device):
         max_read: the largest FUSE_READ sent.
     """
 
+    #: ``move_to`` refuses: the FUSE session (node ids, file handles) lives in the daemon.
+    _movable = False
+
     def __init__(self, frontend, queue_size=128, timeout=5.0, memory_size=32 << 20,
                  umask=None):
         self._frontend = frontend
@@ -9843,6 +10331,9 @@ class _DeviceRing:
         self.enabled = False
         self.event_idx = False
         self.indirect = False
+        self.log = None        # while logging: log(gpa, length) marks the pages dirty
+        self.log_used = True   # False: forget to log used-ring writes (a buggy back-end)
+        self._written = {}     # head -> its writable (gpa, length) buffers, while logging
         self._views = ()
         self._fences = _Fences()
 
@@ -9919,6 +10410,8 @@ class _DeviceRing:
     def _walk(self, memory, head):
         what = "ring %d chain at descriptor %d" % (self.index, head)
         readable, writable = [], []
+        if self.log is not None:
+            self._written[head] = written = []
         table, table_offset, table_size = self._desc[0], self._desc[1], self.num
         index, seen, indirect = head, 0, False
         while True:
@@ -9945,6 +10438,8 @@ class _DeviceRing:
             mapped, offset = memory.locate(addr, length, _GPA, what)
             if flags & _DESC_F_WRITE:
                 writable.append((mapped, offset, length))
+                if self.log is not None:
+                    written.append((addr, length))
             elif writable:  # spec 2.7.4.2: readable buffers come first
                 raise _Refused("%s: a device-readable buffer after a writable one" % what)
             else:
@@ -9954,19 +10449,36 @@ class _DeviceRing:
             index = nxt
 
     def push(self, head, length):
-        """Return a chain in the used ring (published at once)."""
+        """Return a chain in the used ring (published at once); log what it wrote."""
         slot = 2 * (self.used_idx % self.num)
         self._elem_store(slot, head)
         self._elem_store(slot + 1, length)
         self._fences.write()  # the element before the index that covers it
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self._used_store(1, self.used_idx)
+        if self.log is not None:
+            self._log_chain(head, length, slot)
+
+    def _log_chain(self, head, length, slot):
+        """Mark the pages the chain's ``length`` bytes and its used entry went to."""
+        for gpa, size in self._written.pop(head, ()):
+            if length <= 0:
+                break
+            self.log(gpa, min(size, length))
+            length -= size
+        # The used ring at the log address SET_VRING_ADDR gave (VHOST_VRING_F_LOG):
+        # the element (8 bytes at 4 + 4 * slot) and the index (2 bytes at 2).
+        if self.log_used and self.addr.flags & 1:
+            self.log(self.addr.log + 4 + 4 * slot, 8)
+            self.log(self.addr.log + 2, 2)
 
     def arm(self):
         """Ask for a kick at the next new chain; True if one came in meanwhile (EVENT_IDX)."""
         if not self.event_idx:
             return False
         self._avail_event_store(0, self.last_avail)
+        if self.log is not None and self.log_used and self.addr.flags & 1:
+            self.log(self.addr.log + 4 + 8 * self.num, 2)
         self._fences.full()  # avail_event visible before we look at avail->idx again
         return self._avail(1) != self.last_avail
 
@@ -10205,12 +10717,23 @@ class _EmbeddedBackend:
     thread named ``vhost-user-embedded-...``; ``serve()`` runs it on the
     calling thread (the child process of ``_spawn_embedded``) until
     ``stop()`` or EOF on ``stop_fd``. ``close()`` stops and frees everything.
+
+    With ``dirty_log=True`` it also offers VHOST_F_LOG_ALL and LOG_SHMFD, as
+    libvhost-user does: after SET_LOG_BASE (answered with mmap_size, as
+    libvhost-user does) and LOG_ALL it marks every guest page it writes,
+    buffers and (on rings with VHOST_VRING_F_LOG) used-ring entries;
+    ``log_used = False`` makes it forget the used ring, as a buggy back-end
+    would.
     """
 
-    def __init__(self, device, path=None, sock=None, timeout=5.0):
+    log_used = True
+
+    def __init__(self, device, path=None, sock=None, timeout=5.0, dirty_log=False):
         self.device = device
         self.path = path
         self.timeout = timeout
+        self.dirty_log = dirty_log
+        self._log = None            # (mmap, offset, size) of the front-end's dirty log
         self.sessions = 0
         self._listener = None
         self._stop = Event()
@@ -10219,7 +10742,7 @@ class _EmbeddedBackend:
         self._channel = None
         self._reset_session()
         self._handlers = {
-            _F.GET_FEATURES: lambda body, fds: _U64.pack(self.device.features),
+            _F.GET_FEATURES: lambda body, fds: _U64.pack(self._offered_features()),
             _F.SET_FEATURES: self._set_features,
             _F.SET_OWNER: lambda body, fds: None,
             _F.RESET_OWNER: self._reset_owner,
@@ -10231,7 +10754,8 @@ class _EmbeddedBackend:
             _F.SET_VRING_KICK: functools.partial(self._set_vring_fd, _F.SET_VRING_KICK),
             _F.SET_VRING_CALL: functools.partial(self._set_vring_fd, _F.SET_VRING_CALL),
             _F.SET_VRING_ERR: functools.partial(self._set_vring_fd, _F.SET_VRING_ERR),
-            _F.GET_PROTOCOL_FEATURES: lambda body, fds: _U64.pack(_EMBEDDED_PROTOCOL),
+            _F.GET_PROTOCOL_FEATURES: lambda body, fds: _U64.pack(self._offered_protocol()),
+            _F.SET_LOG_BASE: self._set_log_base,
             _F.SET_PROTOCOL_FEATURES: self._set_protocol_features,
             _F.GET_QUEUE_NUM: lambda body, fds: _U64.pack(self.device.num_queues),
             _F.SET_VRING_ENABLE: self._set_vring_enable,
@@ -10253,6 +10777,7 @@ class _EmbeddedBackend:
             raise
 
     def _reset_session(self):
+        self._close_log()
         self.acked_features = 0
         self.protocol_features = 0
         self.memory = None
@@ -10520,9 +11045,15 @@ class _EmbeddedBackend:
             raise _Refused("%s: %d fd(s) attached, expected %d"
                            % (_req_name(request), len(fds), count), request)
 
+    def _offered_features(self):
+        return self.device.features | (VirtioFeature.LOG_ALL if self.dirty_log else 0)
+
+    def _offered_protocol(self):
+        return _EMBEDDED_PROTOCOL | (_P.LOG_SHMFD if self.dirty_log else 0)
+
     def _set_features(self, body, fds):
         features = _decode_u64(_F.SET_FEATURES, body)
-        extra = features & ~self.device.features
+        extra = features & ~self._offered_features()
         if extra:
             raise _Refused("SET_FEATURES: bits %#x were not offered" % extra, _F.SET_FEATURES)
         if not features & VirtioFeature.VERSION_1:
@@ -10535,13 +11066,16 @@ class _EmbeddedBackend:
     def _ring_features(self, ring):
         ring.event_idx = bool(self.acked_features & VirtioFeature.RING_EVENT_IDX)
         ring.indirect = bool(self.acked_features & VirtioFeature.RING_INDIRECT_DESC)
+        logging = self._log is not None and self.acked_features & VirtioFeature.LOG_ALL
+        ring.log = self._log_write if logging else None
+        ring.log_used = self.log_used
         # Spec "Ring states": without PROTOCOL_FEATURES rings are enabled at once.
         if not self.acked_features & VirtioFeature.PROTOCOL_FEATURES:
             ring.enabled = True
 
     def _set_protocol_features(self, body, fds):
         features = _decode_u64(_F.SET_PROTOCOL_FEATURES, body)
-        extra = features & ~_EMBEDDED_PROTOCOL
+        extra = features & ~self._offered_protocol()
         if extra:
             raise _Refused("SET_PROTOCOL_FEATURES: bits %#x were not offered" % extra,
                            _F.SET_PROTOCOL_FEATURES)
@@ -10587,9 +11121,10 @@ class _EmbeddedBackend:
     def _set_vring_addr(self, body, fds):
         addr = _decode_vring_addr(_F.SET_VRING_ADDR, body)
         ring = self._ring(addr.index, _F.SET_VRING_ADDR)
-        if addr.flags:
-            raise _Refused("SET_VRING_ADDR: flags %#x (logging is not supported)" % addr.flags,
-                           _F.SET_VRING_ADDR)
+        if addr.flags & ~1 or addr.flags and not self.dirty_log:
+            raise _Refused("SET_VRING_ADDR: flags %#x (%s)" % (
+                addr.flags, "only bit 0, VHOST_VRING_F_LOG, is defined" if self.dirty_log
+                else "logging is not supported"), _F.SET_VRING_ADDR)
         if not ring.num:
             raise _Refused("SET_VRING_ADDR: ring %d has no size yet (SET_VRING_NUM first)"
                            % addr.index, _F.SET_VRING_ADDR)
@@ -10653,6 +11188,44 @@ class _EmbeddedBackend:
         ring.enabled = bool(state.num)
         if ring.enabled:
             self._startable.append(state.index)
+
+    def _set_log_base(self, body, fds):
+        """SET_LOG_BASE (LOG_SHMFD): map the log; the reply echoes mmap_size (libvhost-user)."""
+        if not self.protocol_features & _P.LOG_SHMFD:
+            raise _Refused("SET_LOG_BASE: LOG_SHMFD was not negotiated", _F.SET_LOG_BASE)
+        self._expect_fds(_F.SET_LOG_BASE, fds, 1)
+        if len(body) != _LOG.size:
+            raise _Refused("SET_LOG_BASE: a %d-byte payload, expected %d"
+                           % (len(body), _LOG.size), _F.SET_LOG_BASE)
+        size, offset = _LOG.unpack(body)
+        fd = fds[0]
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or not _file_seals(fd) & _F_SEAL_SHRINK \
+                or st.st_size < size + offset or not size:
+            raise _Refused("SET_LOG_BASE: the log fd is not a sealed memfd of at least "
+                           "mmap_offset %d + mmap_size %d bytes (it has %d)"
+                           % (offset, size, st.st_size), _F.SET_LOG_BASE)
+        mapped = mmap.mmap(fd, size + offset, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._close_log()
+        self._log = (mapped, offset, size)
+        for ring in self.rings.values():
+            self._ring_features(ring)
+        return _U64.pack(size)
+
+    def _log_write(self, gpa, length):
+        """Set the log bit of every page of ``length`` bytes at ``gpa``."""
+        mapped, offset, size = self._log
+        for page in range(gpa // _LOG_PAGE, (gpa + length - 1) // _LOG_PAGE + 1):
+            at = offset + page // 8
+            if at >= offset + size:
+                raise _Refused("dirty log: page %d (GPA %#x) is past the %d-byte log"
+                               % (page, gpa, size))
+            mapped[at] |= 1 << (page % 8)
+
+    def _close_log(self):
+        log, self._log = getattr(self, "_log", None), None
+        if log is not None:
+            log[0].close()
 
     def _get_config(self, body, fds):
         config = _decode_config(_F.GET_CONFIG, body)
@@ -13426,6 +13999,205 @@ def _bench_net_stream(dev, args, size, pair, deadline, latencies, tick=None):
 # -- demo ---------------------------------------------------------------------
 
 #: Debian package that ships qemu-storage-daemon (README "Quick start").
+# -- migrate --------------------------------------------------------------------
+
+#: Chunk of one rehearsal read or write, and how many run at once.
+_MIGRATE_CHUNK = 64 << 10
+_MIGRATE_DEPTH = 16
+#: Requests (frames) posted without a kick just before the move: in flight, never taken by OLD.
+_MIGRATE_UNTAKEN = 8
+
+
+def _device_spans(dev):
+    """(gpa, length) of everything a back-end writes in the device's rings: used parts (split:
+    the used ring; packed: the descriptor ring, where the device writes descriptors back)."""
+    return [(q.desc_table, 16 * q.size) if q.packed else (q.used_ring, 6 + 8 * q.size)
+            for q in dev._queues]
+
+
+def _logged_run(dev, log, spans, run):
+    """``run()`` with guest memory at ``spans`` copied, rings stopped, before and after it.
+
+    Returns (run's result, pages the back-end changed there, those the log lacks).
+    """
+    frontend, mem = dev.frontend, dev.memory
+    frontend.virtio_sleep()
+    before = [mem.read(gpa, length) for gpa, length in spans]
+    log.clear()
+    frontend.virtio_wake()
+    result = run()
+    frontend.virtio_sleep()
+    after = [mem.read(gpa, length) for gpa, length in spans]
+    frontend.virtio_wake()
+    written = set()
+    for (gpa, length), old, new in zip(spans, before, after):
+        at = gpa
+        while at < gpa + length:
+            end = min(gpa + length, (at // _LOG_PAGE + 1) * _LOG_PAGE)
+            if old[at - gpa:end - gpa] != new[at - gpa:end - gpa]:
+                written.add(at // _LOG_PAGE)
+            at = end
+    return result, written, sorted(written - set(log.pages()))
+
+
+def _migrate_log(dev, out, spans, run):
+    """Phase 1 with the dirty log, when OLD offers it; the result of ``run()``."""
+    try:
+        log = dev.start_dirty_log()
+    except FeatureNotNegotiated as exc:
+        out.write("dirty log: not offered by OLD (%s); I/O runs without it\n" % _one_line(exc))
+        return run()
+    try:
+        result, written, missing = _logged_run(dev, log, spans, run)
+    finally:
+        log.stop()
+    if missing:
+        raise _CliError("dirty log: OLD wrote %d page(s) it did not log: %s"
+                        % (len(missing), " ".join(str(p) for p in missing[:20])))
+    out.write("dirty log: %d pages; the back-end wrote %d of them, all logged\n"
+              % (log.page_count, len(written)))
+    return result
+
+
+def _migrate_move(dev, args, out):
+    started = time.monotonic()
+    try:
+        dev.move_to(args.new)
+    except VhostUserError as exc:
+        raise _CliError("%s: the move failed, the device stayed on %s: %s"
+                        % (args.new, args.socket, _one_line(exc)))
+    out.write("moved: %s -> %s in %.3f s; %d chain(s) in flight offered again to NEW\n"
+              % (args.socket, args.new, time.monotonic() - started,
+                 dev.frontend.moved_in_flight))
+
+
+def _migrate_blk(dev, args, out):
+    length = min(args.length, dev.capacity - args.offset)
+    if args.offset % dev.block_size or length < dev.block_size or args.offset < 0:
+        raise _UsageError("--offset %d --length %d: a block-aligned range inside the %d-byte "
+                          "disk" % (args.offset, args.length, dev.capacity))
+    length -= length % dev.block_size
+    chunk = min(_MIGRATE_CHUNK, length)
+    starts = list(range(args.offset, args.offset + length - chunk + 1, chunk))
+    buffers = [dev.alloc(chunk) for _ in range(min(_MIGRATE_DEPTH, len(starts)))]
+
+    def pattern(start):
+        return struct.pack("<QQ", start, 0x6D696772617465) * (chunk // 16)   # "migrate"
+
+    def run(write):
+        data = {}
+        for i in range(0, len(starts), len(buffers)):
+            batch = starts[i:i + len(buffers)]
+            views = buffers[:len(batch)]
+            if write:
+                for start, view in zip(batch, views):
+                    view[:] = pattern(start)
+                dev.post_writes(batch, views)
+            else:
+                dev.post_reads(batch, views)
+            done = []
+            while len(done) < len(batch):
+                done += dev.reap(count=len(batch) - len(done))
+            if not write:
+                for start, view in zip(batch, views):
+                    data[start] = bytes(view)
+        return data
+
+    if args.write:
+        run(True)
+    for view in buffers:   # so that the reads change what they land in
+        view[:] = b"\xa5" * chunk
+    spans = _device_spans(dev) + [(dev._buffers[id(b)][1], chunk) for b in buffers]
+    before = _migrate_log(dev, out, spans, lambda: run(False))
+    out.write("OLD: %d read(s) of %d bytes%s\n" % (len(starts), chunk,
+                                                  ", after writing them" if args.write else ""))
+    untaken = starts[:_MIGRATE_UNTAKEN]
+    requests = [dev.submit_write(start, pattern(start), notify=False) if args.write
+                else dev.submit_read(start, chunk, notify=False) for start in untaken]
+    _migrate_move(dev, args, out)
+    done = []
+    while len(done) < len(requests):
+        done += dev.complete(count=len(requests) - len(done))
+    failed = 0
+    for start, request in zip(untaken, requests):
+        try:
+            result = request.result()
+        except VhostUserError:
+            failed += 1
+            continue
+        if not args.write and bytes(result) != before[start]:
+            raise _CliError("%s: the read at %d in flight at the move returned other data than "
+                            "OLD had" % (args.new, start))
+    after = run(False)
+    differ = [start for start in starts if after[start] != before[start]]
+    wrong = [start for start in starts if args.write and after[start] != pattern(start)]
+    if failed or differ or wrong:
+        raise _CliError("%s: after the move %d request(s) failed, %d chunk(s) read differently "
+                        "from OLD%s" % (args.new, failed, len(differ), ", %d chunk(s) lost "
+                                        "their write" % len(wrong) if args.write else ""))
+    out.write("NEW: %d request(s) in flight at the move completed, %d read(s) match OLD%s\n"
+              % (len(requests), len(starts),
+                 ", every write kept" if args.write else ""))
+    return 0
+
+
+def _migrate_net(dev, args, out):
+    pair = dev._pairs[0]
+    spans = _device_spans(dev) + [(pair.rx_pool, pair.rx.size * dev._rx_size)]
+    size, seq = 64, [0]
+
+    def pump(count):
+        back = set()
+        for start in range(seq[0], seq[0] + count, 32):
+            burst = range(start, min(seq[0] + count, start + 32))
+            dev.send_many([_test_frame(_TEST_MAC, i, size) for i in burst])
+            for _ in burst:
+                frame = dev.recv(args.timeout)
+                if frame is None:
+                    break
+                back.add(_TEST_FRAME_HEADER.unpack_from(frame)[3])
+        sent = set(range(seq[0], seq[0] + count))
+        seq[0] += count
+        return sent, back
+
+    sent, back = _migrate_log(dev, out, spans, lambda: pump(args.count))
+    out.write("OLD: %d of %d frame(s) came back\n" % (len(back & sent), len(sent)))
+    if back & sent != sent:
+        raise _CliError("%s: %d frame(s) did not come back before the move (is it an echo, "
+                        "e.g. testpmd --forward-mode=io?)" % (args.socket, len(sent - back)))
+    _migrate_move(dev, args, out)
+    sent, back = pump(args.count)
+    if back & sent != sent:
+        raise _CliError("%s: %d of %d frame(s) sent after the move did not come back"
+                        % (args.new, len(sent - back), len(sent)))
+    out.write("NEW: %d of %d frame(s) sent after the move came back\n"
+              % (len(back & sent), len(sent)))
+    return 0
+
+
+def _cmd_migrate(args, out):
+    _check_socket(args.new)
+    if args.type:
+        kind = _CLI_TYPES[args.type]
+    else:
+        with _cli_connect(args.socket, args.timeout) as client:
+            features = client.get_features()
+            protocol = client.get_protocol_features() \
+                if features & VirtioFeature.PROTOCOL_FEATURES else None
+        kind = _guess_device_type(features, protocol)[0]
+    if kind not in (DeviceType.BLOCK, DeviceType.NET):
+        raise _UsageError("migrate: blk and net devices only (OLD looks like %s; use --type)"
+                          % (kind.name.lower() if kind is not None else "nothing known"))
+    if kind == DeviceType.NET and args.write:
+        raise _UsageError("--write applies to blk devices only")
+    cls = BlockDevice if kind == DeviceType.BLOCK else NetDevice
+    with _open_device(args, cls, kind) as dev:
+        out.write("migrate: %s %s -> %s\n" % (_DEVICE_LABELS[kind], args.socket, args.new))
+        status = (_migrate_blk if kind == DeviceType.BLOCK else _migrate_net)(dev, args, out)
+    out.write("ok\n")
+    return status
+
+
 _DEMO_PACKAGE = "qemu-system-common"
 
 
@@ -14193,6 +14965,32 @@ def _build_parser():
     actions.add_parser("shell", parents=[common],
                        help="an sftp-like prompt: many commands on one connection")
     fs.set_defaults(func=_cmd_fs)
+
+    migrate = commands.add_parser(
+        "migrate", parents=[common, ring], help="rehearse a migration: move a running device",
+        description="Rehearse what a VMM does around a migration, with no VM: connect to OLD, "
+                    "run I/O with the dirty log on (when OLD offers it) and check that every "
+                    "guest page OLD wrote was logged, post a few requests without a kick, move "
+                    "the device to NEW (rings stopped on OLD, started on NEW at the indices OLD "
+                    "returned, what was in flight offered again), then continue the I/O on NEW "
+                    "and verify it: blk reads the range again and compares with what OLD read "
+                    "(--write: writes a pattern first and checks it survived); net sends "
+                    "numbered frames through an echoing back-end (testpmd --forward-mode=io) "
+                    "and checks every one came back. OLD and NEW must serve the same disk or "
+                    "network. Exit status 0 when everything verified, 1 otherwise.")
+    migrate.add_argument("socket", metavar="OLD")
+    migrate.add_argument("new", metavar="NEW")
+    migrate.add_argument("--type", choices=("blk", "net"),
+                         help="device type (default: guessed from OLD)")
+    migrate.add_argument("--offset", type=_int_arg, default=0, metavar="BYTES",
+                         help="blk: start of the range (default 0)")
+    migrate.add_argument("--length", type=_int_arg, default=1 << 20, metavar="BYTES",
+                         help="blk: bytes of the range (default 1M)")
+    migrate.add_argument("--write", action="store_true",
+                         help="blk: write a pattern over the range (destroys its data)")
+    migrate.add_argument("-n", "--count", type=_count_arg, default=1000, metavar="N",
+                         help="net: frames before and after the move (default 1000)")
+    migrate.set_defaults(func=_cmd_migrate)
 
     demo = commands.add_parser(
         "demo", parents=[common], help="try it: a temporary disk back-end, end to end",
