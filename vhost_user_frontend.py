@@ -10779,6 +10779,9 @@ class _VSession:
         work = self.v.unit.ring
         for index in self.v.unit.rings:
             self.ring(index, base if index == work else 0, mem=mem)
+        if self.protocol & _P.STATUS:
+            # As QEMU at start: DPDK serves nothing before DRIVER_OK.
+            self.client.set_status(1 | 2 | 8 | 4, ack=self._ack(_F.SET_STATUS))
         return self.rings[work]
 
     def alive(self):
@@ -11007,7 +11010,7 @@ class _Validator:
             _vskip(problem)
         return s
 
-    def fresh(self, io=False, protocol=None, layout=None, regions=None):
+    def fresh(self, io=False, protocol=None, layout=None, regions=None, base=0):
         """A new negotiated connection; with ``io``, memory and started rings too."""
         s = self.connect()
         try:
@@ -11019,7 +11022,7 @@ class _Validator:
                     _vskip(problem)
                 s.memory(**dict((k, w) for k, w in (("layout", layout), ("regions", regions))
                                 if w is not None))
-                s.rings_for_io()
+                s.rings_for_io(base)
             return s
         except BaseException:
             s.close()
@@ -11385,9 +11388,9 @@ def _v_post(v, s, ring, **kwargs):
 def _v_ring_base(v):
     """SET_VRING_BASE near the 16-bit wrap honoured; GET_VRING_BASE returns where it stopped."""
     base = 0xFFFE
-    s = v.fresh(io=True)
+    s = v.fresh(io=True, base=base)
     try:
-        ring = s.rings_for_io(base)
+        ring = s.rings[v.unit.ring]
         heads = [_v_post(v, s, ring) for _ in range(4)]
         used = ring.wait_used(4, v.timeout, "chains posted after SET_VRING_BASE %d" % base)
         if sorted(h for h, _ in used) != sorted(heads):   # any completion order
