@@ -4936,7 +4936,8 @@ class TestValidateEmbedded(_EmbeddedBlockFixture, FdLeakCheck):
         listener.bind(path)
         listener.listen(8)          # accepts into the backlog, never answers
         start = time.monotonic()
-        status, report, err = validate(path, "--timeout", "0.2", "--only", "neg.features,ring.*")
+        status, report, err = validate(path, "--timeout", "0.2", "--only",
+                                       "neg.features,ring.stop,ring.base")
         self.assertLess(time.monotonic() - start, 5)
         self.assertEqual(status, 1)
         for c in report["checks"]:

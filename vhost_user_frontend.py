@@ -10700,8 +10700,9 @@ class _VSession:
         self.extra_mem = []
         self.rings = {}
         self.acks = []              # requests whose NEED_REPLY ack came back
-        self.client = BackendClient.connect(v.path, timeout=v.timeout,
-                                            reply_timeout=v.timeout)
+        # One attempt: a back-end that stopped listening has crashed or served
+        # its only connection, and waiting for it would only slow the verdict.
+        self.client = BackendClient.connect(v.path, timeout=0, reply_timeout=v.timeout)
 
     def negotiate(self, protocol=None):
         """GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_OWNER, SET_FEATURES."""
@@ -11821,7 +11822,7 @@ def _v_fault(v, what, inject):
 
 def _v_settle(v, s, ring):
     """Give the back-end a moment with the bad chain, bounded by the timeout."""
-    ring.idle_for(min(_V_GRACE, v.timeout))
+    ring.idle_for(min(_V_GRACE / 3, v.timeout))
 
 
 @_vcheck("robust.loop", "virtio 1.2 2.7.5.2", fresh=True, destructive=True)
