@@ -10570,15 +10570,16 @@ class _VCheck(NamedTuple):
     spec: str
     fresh: bool          # needs its own connection
     destructive: bool    # may crash a back-end: only with --destructive, run last
+    promised: bool       # its requests are promised by what was offered: a hang-up fails
     run: object
 
 
 _V_CHECKS = []
 
 
-def _vcheck(check_id, spec, fresh=False, destructive=False):
+def _vcheck(check_id, spec, fresh=False, destructive=False, promised=False):
     def register(run):
-        _V_CHECKS.append(_VCheck(check_id, spec, fresh, destructive, run))
+        _V_CHECKS.append(_VCheck(check_id, spec, fresh, destructive, promised, run))
         return run
     return register
 
@@ -10700,6 +10701,7 @@ class _VSession:
         self.extra_mem = []
         self.rings = {}
         self.acks = []              # requests whose NEED_REPLY ack came back
+        self.fuse_ready = False     # virtio-fs: FUSE_INIT done
         # One attempt: a back-end that stopped listening has crashed or served
         # its only connection, and waiting for it would only slow the verdict.
         self.client = BackendClient.connect(v.path, timeout=0, reply_timeout=v.timeout)
@@ -10977,12 +10979,17 @@ class _Validator:
         except VhostUserTimeout as exc:
             result, detail = "fail", "no reply in %g s: %s" % (self.timeout, _one_line(exc))
         except Disconnected as exc:
-            result, detail = "error", "the back-end went away: %s" % _one_line(exc)
+            if check.promised:
+                result, detail = "fail", ("the back-end hung up on a request it offered: %s"
+                                          % _one_line(exc))
+            else:
+                result, detail = "error", "the back-end went away: %s" % _one_line(exc)
         except (ProtocolError, BackendError, FeatureNotNegotiated) as exc:
             result, detail = "fail", _one_line(exc)
         except (VhostUserError, OSError, ValueError) as exc:
             result, detail = "error", _one_line(exc)
-        if check.fresh or result == "error":
+        if check.fresh or result == "error" or (
+                self._session is not None and self._session.client.broken):
             self._close_session()
         return {"id": check.id, "result": result, "spec": check.spec, "detail": detail}
 
@@ -11102,7 +11109,7 @@ def _need_feature(s, bit):
 
 # -- Negotiation --------------------------------------------------------------
 
-@_vcheck("neg.features", _RS % "Protocol features")
+@_vcheck("neg.features", _RS % "Protocol features", promised=True)
 def _v_neg_features(v):
     """GET_FEATURES answered first; with bit 30, GET_PROTOCOL_FEATURES before SET_FEATURES.
 
@@ -11158,7 +11165,7 @@ def _v_neg_protocol_bits(v):
     return " ".join(ProtocolFeature.names(offered))
 
 
-@_vcheck("neg.reply-ack", _RS % "Communication" + ", REPLY_ACK")
+@_vcheck("neg.reply-ack", _RS % "Communication" + ", REPLY_ACK", promised=True)
 def _v_neg_reply_ack(v):
     """Every request sent with NEED_REPLY during set-up got its u64 ack."""
     s = v.session()
@@ -11207,7 +11214,7 @@ def _v_neg_unsupported(v):
 
 # -- Protocol features backed by their requests ---------------------------------
 
-@_vcheck("proto.mq", _RS % "Multiple queue support")
+@_vcheck("proto.mq", _RS % "Multiple queue support", promised=True)
 def _v_proto_mq(v):
     s = v.session()
     _need_protocol(s, _P.MQ)
@@ -11226,7 +11233,7 @@ def _v_proto_mq(v):
     return "GET_QUEUE_NUM %d" % n
 
 
-@_vcheck("proto.config", _RS % "Front-end message types" + ", GET_CONFIG")
+@_vcheck("proto.config", _RS % "Front-end message types" + ", GET_CONFIG", promised=True)
 def _v_proto_config(v):
     s = v.session()
     _need_protocol(s, _P.CONFIG)
@@ -11250,7 +11257,7 @@ def _v_proto_config(v):
     return detail
 
 
-@_vcheck("proto.log", _RS % "Migration" + ", SET_LOG_BASE")
+@_vcheck("proto.log", _RS % "Migration" + ", SET_LOG_BASE", promised=True)
 def _v_proto_log(v):
     s = v.session()
     _need_protocol(s, _P.LOG_SHMFD)
@@ -11263,7 +11270,7 @@ def _v_proto_log(v):
     return "SET_LOG_BASE with a %d-byte log answered" % size
 
 
-@_vcheck("proto.status", _RS % "Front-end message types" + ", SET_STATUS")
+@_vcheck("proto.status", _RS % "Front-end message types" + ", SET_STATUS", promised=True)
 def _v_proto_status(v):
     s = v.session()
     _need_protocol(s, _P.STATUS)
@@ -11275,7 +11282,7 @@ def _v_proto_status(v):
     return "SET_STATUS %#x read back as %#x" % (status, got)
 
 
-@_vcheck("proto.shmem", _RS % "Front-end message types" + ", GET_SHMEM_CONFIG")
+@_vcheck("proto.shmem", _RS % "Front-end message types" + ", GET_SHMEM_CONFIG", promised=True)
 def _v_proto_shmem(v):
     s = v.session()
     _need_protocol(s, _P.SHMEM)
@@ -11286,7 +11293,7 @@ def _v_proto_shmem(v):
     return "GET_SHMEM_CONFIG: %d region(s)" % len([x for x in config.sizes if x])
 
 
-@_vcheck("proto.inflight", _RS % "Inflight I/O tracking", fresh=True)
+@_vcheck("proto.inflight", _RS % "Inflight I/O tracking", fresh=True, promised=True)
 def _v_proto_inflight(v):
     s = v.fresh()
     try:
@@ -11305,7 +11312,7 @@ def _v_proto_inflight(v):
         s.close()
 
 
-@_vcheck("proto.device-state", _RS % "Migrating back-end state", fresh=True)
+@_vcheck("proto.device-state", _RS % "Migrating back-end state", fresh=True, promised=True)
 def _v_proto_device_state(v):
     s = v.fresh()
     try:
@@ -11336,7 +11343,7 @@ def _v_proto_device_state(v):
         s.close()
 
 
-@_vcheck("mem.slots", _RS % "Memory access" + ", ADD_MEM_REG")
+@_vcheck("mem.slots", _RS % "Memory access" + ", ADD_MEM_REG", promised=True)
 def _v_mem_slots(v):
     s = v.session()
     _need_protocol(s, _P.CONFIGURE_MEM_SLOTS)
@@ -11522,14 +11529,11 @@ def _v_ring_event_idx(v):
         s.close()
 
 
-@_vcheck("ring.indirect", "virtio 1.2 2.7.5.3", fresh=True)
+@_vcheck("ring.indirect", "virtio 1.2 2.7.5.3")
 def _v_ring_indirect(v):
-    s = v.fresh(io=True)
-    try:
-        _need_feature(s, VirtioFeature.RING_INDIRECT_DESC)
-        return _v_io_roundtrip(v, s, indirect=True) + " through indirect tables"
-    finally:
-        s.close()
+    s = v.io_session()
+    _need_feature(s, VirtioFeature.RING_INDIRECT_DESC)
+    return _v_io_roundtrip(v, s, indirect=True) + " through indirect tables"
 
 
 def _v_io_roundtrip(v, s, indirect=False, mem=None):
@@ -11544,9 +11548,13 @@ def _v_io_roundtrip(v, s, indirect=False, mem=None):
         return _v_blk_write_read(v, s, mem=mem, indirect=indirect)
     if isinstance(unit, _VNetUnit):
         return _v_net_echo(v, s, mem=mem, indirect=indirect)
+    if not s.fuse_ready:
+        s.fuse_ready = not unit.init(s)[0]
     error, payload = unit.fuse(s, _FuseOp.GETATTR, _FUSE_ROOT_ID, unit.getattr_args(),
                                _FUSE_ATTR_OUT.size + _FUSE_ATTR.size, indirect=indirect)
-    return "GETATTR of the root answered (error %d)" % error
+    if error:
+        _vfail("GETATTR of the root: error %d", error)
+    return "GETATTR of the root answered"
 
 
 def _v_blk_write_read(v, s, mem=None, indirect=False):
@@ -11590,7 +11598,7 @@ def _v_net_echo(v, s, mem=None, indirect=False):
     return "a %d-byte frame echoed" % length
 
 
-@_vcheck("mem.regions", _RS % "Memory access" + "; virtio 1.2 2.7.5", fresh=True)
+@_vcheck("mem.regions", _RS % "Memory access" + "; virtio 1.2 2.7.5", fresh=True, promised=True)
 def _v_mem_regions(v):
     """A chain whose buffers lie in two regions (rings in the first, data in the second)."""
     s = v.fresh()
@@ -11607,7 +11615,7 @@ def _v_mem_regions(v):
         s.close()
 
 
-@_vcheck("mem.offset", _RS % "Memory access" + ", mmap_offset", fresh=True)
+@_vcheck("mem.offset", _RS % "Memory access" + ", mmap_offset", fresh=True, promised=True)
 def _v_mem_offset(v):
     """A region at a non-zero guest address mapped from a non-zero offset of its fd."""
     skip = 0x10000
@@ -11646,7 +11654,7 @@ class _VSplitAlloc:
         return getattr(self._mem, name)
 
 
-@_vcheck("mem.replace", _RS % "Memory access" + ", SET_MEM_TABLE", fresh=True)
+@_vcheck("mem.replace", _RS % "Memory access" + ", SET_MEM_TABLE", fresh=True, promised=True)
 def _v_mem_replace(v):
     """A new memory table (the rings' region plus a new one) while the rings are stopped."""
     s = v.fresh(io=True)
@@ -11763,6 +11771,7 @@ def _v_io_fs(v):
     error, payload = v.unit.init(s)
     if error:
         _vfail("FUSE_INIT error %d", error)
+    s.fuse_ready = True
     major, minor = struct.unpack_from("<II", payload)
     if major != _FUSE_MAJOR:
         _vfail("FUSE_INIT answered major %d, asked 7", major)
