@@ -4886,6 +4886,15 @@ class TestValidateEmbedded(_EmbeddedBlockFixture, FdLeakCheck):
         for c in report["checks"]:
             self.assertRegex(c["spec"], r"vhost-user\.rst|virtio 1\.2")
 
+    def test_embedded_net(self):
+        path = self.embedded(device=vu._EmbeddedNet())
+        status, report, err = validate(path, "--timeout", "2", "--only", "io.*,ring.*,neg.*")
+        self.assertEqual(status, 0, report)
+        self.assertEqual(report["device_type"], "net")
+        got = verdicts(report)
+        for check in ("io.net-echo", "ring.stop", "ring.enable", "ring.indirect", "ring.base"):
+            self.assertEqual(got[check], "pass", (check, details(report)[check]))
+
     def test_table_tap_and_destructive_opt_in(self):
         path = self.embedded()
         status, out, err = run_cli("validate", path, "--only", "neg.*,robust.loop")
@@ -5034,6 +5043,155 @@ class _OddFeatureBit(vu._EmbeddedBlock):
         self.features |= 1 << 3      # not a virtio-blk feature bit
 
 
+def _offering(extra, queue_num=None):
+    """An embedded back-end that offers the protocol bits ``extra`` without serving them."""
+    class Offering(vu._EmbeddedBackend):
+        def __init__(self, *args, **kwargs):
+            vu._EmbeddedBackend.__init__(self, *args, **kwargs)
+            offered = vu._EMBEDDED_PROTOCOL | extra
+            self._handlers[vu.FrontendReq.GET_PROTOCOL_FEATURES] = \
+                lambda body, fds: struct.pack("<Q", offered)
+            self._handlers[vu.FrontendReq.SET_PROTOCOL_FEATURES] = self._accept_any
+            if queue_num is not None:
+                self._handlers[vu.FrontendReq.GET_QUEUE_NUM] = \
+                    lambda body, fds: struct.pack("<Q", queue_num)
+
+        def _accept_any(self, body, fds):
+            self.protocol_features = struct.unpack("<Q", body)[0]
+    return Offering
+
+
+class _ShortAckVringAddr(vu._EmbeddedBackend):
+    """Answers SET_VRING_ADDR's NEED_REPLY with an empty body instead of a u64."""
+
+    def _set_vring_addr(self, body, fds):
+        vu._EmbeddedBackend._set_vring_addr(self, body, fds)
+        return b""
+
+
+class _ProtocolFeaturesLate(vu._EmbeddedBackend):
+    """Refuses GET_PROTOCOL_FEATURES before SET_FEATURES."""
+
+    def __init__(self, *args, **kwargs):
+        vu._EmbeddedBackend.__init__(self, *args, **kwargs)
+        self._handlers[vu.FrontendReq.GET_PROTOCOL_FEATURES] = self._late
+
+    def _late(self, body, fds):
+        if not self.acked_features:
+            raise vu._Refused("GET_PROTOCOL_FEATURES before SET_FEATURES")
+        return struct.pack("<Q", vu._EMBEDDED_PROTOCOL)
+
+
+class _OneRegionOnly(vu._EmbeddedBackend):
+    def _set_mem_table(self, body, fds):
+        if struct.unpack_from("<I", body)[0] > 1:
+            raise OSError(errno.EINVAL, "one region only")
+        vu._EmbeddedBackend._set_mem_table(self, body, fds)
+
+
+class _IgnoresMmapOffset(vu._EmbeddedBackend):
+    def _set_mem_table(self, body, fds):
+        regions = vu._decode_mem_table(vu.FrontendReq.SET_MEM_TABLE, body)
+        body = vu._encode_mem_table([r._replace(mmap_offset=0) for r in regions])
+        vu._EmbeddedBackend._set_mem_table(self, body, fds)
+
+
+class _OneMemTableOnly(vu._EmbeddedBackend):
+    def _set_mem_table(self, body, fds):
+        if self.memory is not None:
+            raise OSError(errno.EBUSY, "memory table already set")
+        vu._EmbeddedBackend._set_mem_table(self, body, fds)
+
+
+class _NoIndirect(vu._EmbeddedBackend):
+    """Offers RING_INDIRECT_DESC but walks an indirect descriptor as a broken chain."""
+
+    def _ring_features(self, ring):
+        vu._EmbeddedBackend._ring_features(self, ring)
+        ring.indirect = False
+
+
+class _ServesOnce(vu._EmbeddedBackend):
+    """Drops every connection after the first (a back-end that cannot recover)."""
+
+    def __init__(self, *args, **kwargs):
+        vu._EmbeddedBackend.__init__(self, *args, **kwargs)
+        features = self._handlers[vu.FrontendReq.GET_FEATURES]
+        self._handlers[vu.FrontendReq.GET_FEATURES] = \
+            lambda body, fds: self._first(features, body, fds)
+
+    def _first(self, features, body, fds):
+        if self.sessions > 1:
+            raise vu._Refused("second session")
+        return features(body, fds)
+
+
+class _CrashesOnHangUp(vu._EmbeddedBackend):
+    """Stops listening when a front-end goes away (a daemon that dies with its client)."""
+
+    def _hang_up(self, poller, handlers):
+        vu._EmbeddedBackend._hang_up(self, poller, handlers)
+        if self._listener is not None:
+            poller.unregister(self._listener.fileno())
+            del handlers[self._listener.fileno()]
+            self._listener.close()
+            self._listener = None
+        return False
+
+
+class _DropsWrites(vu._EmbeddedBlock):
+    def _request(self, readable, writable):
+        if vu._BLK_REQ.unpack(vu._gather(readable, 16))[0] == vu._BLK_T_OUT:
+            mapped, offset, length = writable[-1]
+            mapped[offset + length - 1] = 0
+            return 1
+        return vu._EmbeddedBlock._request(self, readable, writable)
+
+
+class _FailsFlush(vu._EmbeddedBlock):
+    def _request(self, readable, writable):
+        if vu._BLK_REQ.unpack(vu._gather(readable, 16))[0] == vu._BLK_T_FLUSH:
+            mapped, offset, length = writable[-1]
+            mapped[offset + length - 1] = 1
+            return 1
+        return vu._EmbeddedBlock._request(self, readable, writable)
+
+
+class _ZeroesNothing(vu._EmbeddedBlock):
+    def _ranges(self, kind, payload):
+        return 0
+
+
+class _ReadsPastTheEnd(vu._EmbeddedBlock):
+    def _check(self, sector, length, write=False):
+        if write:
+            vu._EmbeddedBlock._check(self, sector, length, write)
+
+
+class _FailsGetId(vu._EmbeddedBlock):
+    def _request(self, readable, writable):
+        if vu._BLK_REQ.unpack(vu._gather(readable, 16))[0] == vu._BLK_T_GET_ID:
+            mapped, offset, length = writable[-1]
+            mapped[offset + length - 1] = 1
+            return 1
+        return vu._EmbeddedBlock._request(self, readable, writable)
+
+
+class _CorruptsEcho(vu._EmbeddedNet):
+    """Flips a byte of every frame it echoes."""
+
+    def _echo(self, backend, rx, readable):
+        mapped, offset, length = readable[0]
+        mapped[offset + length - 20] ^= 0xFF
+        return vu._EmbeddedNet._echo(self, backend, rx, readable)
+
+
+class _TwoQueues(vu._EmbeddedBlock):
+    def __init__(self, *args, **kwargs):
+        kwargs["num_queues"] = 2
+        vu._EmbeddedBlock.__init__(self, *args, **kwargs)
+
+
 class TestValidateCanFail(_EmbeddedBlockFixture, FdLeakCheck):
     """For each rule: a back-end breaking exactly that rule fails exactly that check."""
 
@@ -5047,12 +5205,36 @@ class TestValidateCanFail(_EmbeddedBlockFixture, FdLeakCheck):
         ("ring.sizes", _AcceptsAnyRingSize, None, "SET_VRING_NUM 1000 acked 0"),
         ("proto.config", _IgnoresConfigOffset, None, "it ignored the offset"),
         ("neg.device-bits", None, _OddFeatureBit, "bit 3", "--type", "blk"),
+        ("neg.protocol-bits", _offering(1 << 40), None, "undefined protocol bits: bit 40"),
+        ("neg.features", _ProtocolFeaturesLate, None, "hung up on a request it offered"),
+        ("neg.reply-ack", _ShortAckVringAddr, None, "SET_VRING_ADDR: reply size 0"),
+        ("proto.mq", _offering(0, queue_num=1), _TwoQueues, "num_queues 2, but GET_QUEUE_NUM 1"),
+        ("proto.log", _offering(vu.ProtocolFeature.LOG_SHMFD), None, "SET_LOG_BASE"),
+        ("proto.shmem", _offering(vu.ProtocolFeature.SHMEM), None, "GET_SHMEM_CONFIG"),
+        ("proto.inflight", _offering(vu.ProtocolFeature.INFLIGHT_SHMFD), None,
+         "GET_INFLIGHT_FD"),
+        ("proto.device-state", _offering(vu.ProtocolFeature.DEVICE_STATE), None,
+         "SET_DEVICE_STATE_FD"),
+        ("mem.slots", _offering(vu.ProtocolFeature.CONFIGURE_MEM_SLOTS), None,
+         "GET_MAX_MEM_SLOTS"),
+        ("mem.regions", _OneRegionOnly, None, "SET_MEM_TABLE: back-end replied with error 1"),
+        ("mem.offset", _IgnoresMmapOffset, None, "different data"),
+        ("mem.replace", _OneMemTableOnly, None, "SET_MEM_TABLE: back-end replied with error 1"),
+        ("ring.indirect", _NoIndirect, None, "no reply in 1 s"),
+        ("recover.reconnect", _ServesOnce, None, "hung up"),
+        ("io.blk-rw", None, _DropsWrites, "different data"),
+        ("io.blk-flush", None, _FailsFlush, "FLUSH status 1"),
+        ("io.blk-discard", None, _ZeroesNothing, "non-zero after WRITE_ZEROES"),
+        ("io.blk-id", None, _FailsGetId, "GET_ID status 1"),
+        ("io.blk-bounds", None, _ReadsPastTheEnd, "READ past capacity"),
+        ("io.net-echo", None, _CorruptsEcho, "not the one sent"),
     )
 
     def test_each_broken_rule_fails_its_check(self):
         for check, backend_cls, device_cls, words in (c[:4] for c in self.CASES):
             with self.subTest(check=check):
-                device = device_cls(size=1 << 20) if device_cls else None
+                device = None if device_cls is None else device_cls(
+                    **({"size": 1 << 20} if issubclass(device_cls, vu._EmbeddedBlock) else {}))
                 path = self.embedded(backend_cls, device)
                 options = [c[4:] for c in self.CASES if c[0] == check][0]
                 status, report, err = validate(path, "--timeout", "1", "--only", check,
@@ -5063,12 +5245,17 @@ class TestValidateCanFail(_EmbeddedBlockFixture, FdLeakCheck):
                 self.assertIn(words, entry["detail"])
 
     def test_crash_on_a_malformed_chain_fails(self):
-        path = self.embedded(_CrashesOnLoopedChain)
-        status, report, err = validate(path, "--timeout", "1", "--destructive",
-                                       "--only", "robust.loop")
-        self.assertEqual(status, 1)
-        self.assertEqual(verdicts(report), {"robust.loop": "fail"})
-        self.assertIn("crashed: the socket no longer accepts", details(report)["robust.loop"])
+        for check, backend_cls in (("robust.loop", _CrashesOnLoopedChain),
+                                   ("robust.outside", _CrashesOnLoopedChain),
+                                   ("robust.avail-jump", _CrashesOnLoopedChain),
+                                   ("robust.truncated", _CrashesOnHangUp)):
+            with self.subTest(check=check):
+                path = self.embedded(backend_cls)
+                status, report, err = validate(path, "--timeout", "1", "--destructive",
+                                               "--only", check)
+                self.assertEqual(status, 1)
+                self.assertEqual(verdicts(report), {check: "fail"})
+                self.assertIn("crashed: ", details(report)[check])
 
 
 class TestValidateRealBackends(BackendTestMixin, FdLeakCheck):

@@ -10864,6 +10864,7 @@ class _VNetUnit(_VUnit):
     def post(self, s, ring, indirect=False, mem=None, tag=b"vu-validate"):
         mem = mem or s.mem
         frame = _NET_HDR.pack(0, 0, 0, 0, 0, 0, 0) + self._FRAME + tag.ljust(46, b"\0")
+        self.sent = frame[_NET_HDR.size:]
         buf = mem.allocate(len(frame), 16)
         mem.write(buf, frame)
         head = ring.chain([(buf, len(frame), False)], indirect)
@@ -11087,6 +11088,8 @@ class _Validator:
             return ""
         except VhostUserTimeout:
             return "hangs: a new connection got no reply in %g s" % self.timeout
+        except Disconnected as exc:
+            return "crashed: a new connection was dropped unserved (%s)" % _one_line(exc)
         except VhostUserError as exc:
             return "a new connection failed: %s" % _one_line(exc)
         finally:
@@ -11592,9 +11595,10 @@ def _v_net_echo(v, s, mem=None, indirect=False):
                    "back", v.timeout)
         time.sleep(0.0005)
     (_, length), = rx.wait_used(1, v.timeout)
-    frame = s.mem.read(bufs[0], length)
-    if tag not in frame:
-        _vfail("the frame that came back on RX is not the one sent (%d bytes)", length)
+    frame = s.mem.read(bufs[0], length)[_NET_HDR.size:]
+    if frame != unit.sent:
+        _vfail("the frame that came back on RX is not the one sent (%d bytes, %s)", length,
+               "its own tag" if tag in frame else "another frame")
     return "a %d-byte frame echoed" % length
 
 
@@ -11713,6 +11717,8 @@ def _v_io_blk_discard(v):
             continue
         status, old = v.unit.request(s, _BLK_T_IN, _V_SECTOR, length=4096)
         try:
+            if kind == _BLK_T_WRITE_ZEROES:  # something to zero
+                v.unit.request(s, _BLK_T_OUT, _V_SECTOR, data=b"\x5a" * 4096)
             status = v.unit.request(s, kind, data=_BLK_DISCARD_SEG.pack(_V_SECTOR, 8, 0))[0]
             if status:
                 _vfail("%s of 8 sectors at %d: status %d", name, _V_SECTOR, status)
@@ -11791,7 +11797,7 @@ def _v_io_fs(v):
 # -- Recovery ------------------------------------------------------------------------
 
 @_vcheck("recover.reconnect", _RS % "Communication" + "; " + _RS % "Inflight I/O tracking",
-         fresh=True)
+         fresh=True, promised=True)
 def _v_recover(v):
     """A connection dropped with chains in flight; the next connection is served."""
     s = v.fresh(io=True)
