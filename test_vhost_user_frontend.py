@@ -5139,22 +5139,16 @@ class _CrashesOnHangUp(vu._EmbeddedBackend):
         return False
 
 
-class _DropsWrites(vu._EmbeddedBlock):
-    def _request(self, readable, writable):
-        if vu._BLK_REQ.unpack(vu._gather(readable, 16))[0] == vu._BLK_T_OUT:
+def _answering(kind, status):
+    """An embedded disk whose requests of type ``kind`` only get ``status`` (nothing done)."""
+    class Answering(vu._EmbeddedBlock):
+        def _request(self, readable, writable):
+            if vu._BLK_REQ.unpack(vu._gather(readable, 16))[0] != kind:
+                return vu._EmbeddedBlock._request(self, readable, writable)
             mapped, offset, length = writable[-1]
-            mapped[offset + length - 1] = 0
+            mapped[offset + length - 1] = status
             return 1
-        return vu._EmbeddedBlock._request(self, readable, writable)
-
-
-class _FailsFlush(vu._EmbeddedBlock):
-    def _request(self, readable, writable):
-        if vu._BLK_REQ.unpack(vu._gather(readable, 16))[0] == vu._BLK_T_FLUSH:
-            mapped, offset, length = writable[-1]
-            mapped[offset + length - 1] = 1
-            return 1
-        return vu._EmbeddedBlock._request(self, readable, writable)
+    return Answering
 
 
 class _ZeroesNothing(vu._EmbeddedBlock):
@@ -5166,15 +5160,6 @@ class _ReadsPastTheEnd(vu._EmbeddedBlock):
     def _check(self, sector, length, write=False):
         if write:
             vu._EmbeddedBlock._check(self, sector, length, write)
-
-
-class _FailsGetId(vu._EmbeddedBlock):
-    def _request(self, readable, writable):
-        if vu._BLK_REQ.unpack(vu._gather(readable, 16))[0] == vu._BLK_T_GET_ID:
-            mapped, offset, length = writable[-1]
-            mapped[offset + length - 1] = 1
-            return 1
-        return vu._EmbeddedBlock._request(self, readable, writable)
 
 
 class _CorruptsEcho(vu._EmbeddedNet):
@@ -5222,10 +5207,10 @@ class TestValidateCanFail(_EmbeddedBlockFixture, FdLeakCheck):
         ("mem.replace", _OneMemTableOnly, None, "SET_MEM_TABLE: back-end replied with error 1"),
         ("ring.indirect", _NoIndirect, None, "no reply in 1 s"),
         ("recover.reconnect", _ServesOnce, None, "hung up"),
-        ("io.blk-rw", None, _DropsWrites, "different data"),
-        ("io.blk-flush", None, _FailsFlush, "FLUSH status 1"),
+        ("io.blk-rw", None, _answering(vu._BLK_T_OUT, 0), "different data"),
+        ("io.blk-flush", None, _answering(vu._BLK_T_FLUSH, 1), "FLUSH status 1"),
         ("io.blk-discard", None, _ZeroesNothing, "non-zero after WRITE_ZEROES"),
-        ("io.blk-id", None, _FailsGetId, "GET_ID status 1"),
+        ("io.blk-id", None, _answering(vu._BLK_T_GET_ID, 1), "GET_ID status 1"),
         ("io.blk-bounds", None, _ReadsPastTheEnd, "READ past capacity"),
         ("io.net-echo", None, _CorruptsEcho, "not the one sent"),
     )

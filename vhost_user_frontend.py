@@ -10795,6 +10795,12 @@ class _VSession:
         except (Disconnected, ProtocolError):
             return False
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def close(self):
         self.client.close()
         for ring in self.rings.values():
@@ -11197,8 +11203,7 @@ def _v_raw_ack(client, code):
 @_vcheck("neg.unsupported", _RS % "Communication", fresh=True)
 def _v_neg_unsupported(v):
     """A request no spec defines is refused: an error ack or a hang-up, never ack 0."""
-    s = v.fresh()
-    try:
+    with v.fresh() as s:
         if not s.ack:
             _vskip("REPLY_ACK not offered: a refusal cannot be observed")
         value = _v_raw_ack(s.client, _V_UNSUPPORTED)
@@ -11211,8 +11216,6 @@ def _v_neg_unsupported(v):
             return ("request %d: %sconnection dropped, the back-end still serves"
                     % (_V_UNSUPPORTED, "" if value is None else "acked 0, then "))
         _vfail("request %d, which no spec defines, acked as a success (0)", _V_UNSUPPORTED)
-    finally:
-        s.close()
 
 
 # -- Protocol features backed by their requests ---------------------------------
@@ -11298,8 +11301,7 @@ def _v_proto_shmem(v):
 
 @_vcheck("proto.inflight", _RS % "Inflight I/O tracking", fresh=True, promised=True)
 def _v_proto_inflight(v):
-    s = v.fresh()
-    try:
+    with v.fresh() as s:
         _need_protocol(s, _P.INFLIGHT_SHMFD)
         queues = s.client.queue_num or 1
         info, fd = s.client.get_inflight_fd(queues, _V_RING)
@@ -11311,14 +11313,11 @@ def _v_proto_inflight(v):
             os.close(fd)
         return "GET_INFLIGHT_FD: %d bytes for %d queue(s); SET_INFLIGHT_FD accepted" \
             % (info.mmap_size, queues)
-    finally:
-        s.close()
 
 
 @_vcheck("proto.device-state", _RS % "Migrating back-end state", fresh=True, promised=True)
 def _v_proto_device_state(v):
-    s = v.fresh()
-    try:
+    with v.fresh() as s:
         _need_protocol(s, _P.DEVICE_STATE)
         read_fd, write_fd = os.pipe()
         fds = [read_fd, write_fd]
@@ -11342,8 +11341,6 @@ def _v_proto_device_state(v):
         finally:
             _close_fds(fds)
         return "saved %d bytes of state; CHECK_DEVICE_STATE 0" % total
-    finally:
-        s.close()
 
 
 @_vcheck("mem.slots", _RS % "Memory access" + ", ADD_MEM_REG", promised=True)
@@ -11372,8 +11369,7 @@ def _v_mem_slots(v):
 @_vcheck("ring.sizes", "virtio 1.2 2.7; " + _RS % "Front-end message types", fresh=True)
 def _v_ring_sizes(v):
     """Sizes 1, 256 and 32768 accepted, 1000 refused: split rings are powers of 2."""
-    s = v.fresh()
-    try:
+    with v.fresh() as s:
         if not s.ack:
             _vskip("REPLY_ACK not offered: acceptance cannot be observed")
         for size in (1, 256, 32768):
@@ -11387,8 +11383,6 @@ def _v_ring_sizes(v):
         if not s.alive():
             return "1, 256 and 32768 accepted; 1000 acked 0, then the connection dropped"
         _vfail("SET_VRING_NUM 1000 acked 0 on a split ring (a queue size is a power of 2)")
-    finally:
-        s.close()
 
 
 def _v_post(v, s, ring, **kwargs):
@@ -11399,8 +11393,7 @@ def _v_post(v, s, ring, **kwargs):
 def _v_ring_base(v):
     """SET_VRING_BASE near the 16-bit wrap honoured; GET_VRING_BASE returns where it stopped."""
     base = 0xFFFE
-    s = v.fresh(io=True, base=base)
-    try:
+    with v.fresh(io=True, base=base) as s:
         ring = s.rings[v.unit.ring]
         heads = [_v_post(v, s, ring) for _ in range(4)]
         used = ring.wait_used(4, v.timeout, "chains posted after SET_VRING_BASE %d" % base)
@@ -11413,15 +11406,12 @@ def _v_ring_base(v):
             _vfail("GET_VRING_BASE %d, expected %d", got, (base + 4) & 0xFFFF)
         return "4 chains served from avail index %d across the wrap; GET_VRING_BASE %d" \
             % (base, got)
-    finally:
-        s.close()
 
 
 @_vcheck("ring.stop", _RS % "Ring states" + ", GET_VRING_BASE", fresh=True)
 def _v_ring_stop(v):
     """GET_VRING_BASE stops the ring, returns the next avail index, and the ring resumes there."""
-    s = v.fresh(io=True)
-    try:
+    with v.fresh(io=True) as s:
         ring = s.rings[v.unit.ring]
         _v_post(v, s, ring)
         _v_post(v, s, ring)
@@ -11441,15 +11431,12 @@ def _v_ring_stop(v):
         if ring.used_idx != 3:
             _vfail("used->idx %d after restarting, expected 3", ring.used_idx)
         return "stopped at 2, nothing processed while stopped, resumed at 2"
-    finally:
-        s.close()
 
 
 @_vcheck("ring.enable", _RS % "Ring states" + ", SET_VRING_ENABLE", fresh=True)
 def _v_ring_enable(v):
     """A chain on a disabled ring has no effect; it is served once the ring is enabled."""
-    s = v.fresh(io=True)
-    try:
+    with v.fresh(io=True) as s:
         if not s.acked & VirtioFeature.PROTOCOL_FEATURES:
             _vskip("PROTOCOL_FEATURES not negotiated: rings are enabled at once")
         ring = s.rings[v.unit.ring]
@@ -11485,15 +11472,12 @@ def _v_ring_enable(v):
                 s.client.set_vring_enable(ring.index, True, ack=s.ack)
                 v.unit.request(s, _BLK_T_OUT, _V_SECTOR, data=old)
         return "nothing served while disabled; served once enabled"
-    finally:
-        s.close()
 
 
 @_vcheck("ring.event-idx", "virtio 1.2 2.7.7, 2.7.10", fresh=True)
 def _v_ring_event_idx(v):
     """No call before used_event is crossed, a call when it is; avail_event obeyed."""
-    s = v.fresh(io=True)
-    try:
+    with v.fresh(io=True) as s:
         _need_feature(s, VirtioFeature.RING_EVENT_IDX)
         ring = s.rings[v.unit.ring]
         grace = min(_V_GRACE, v.timeout)
@@ -11528,8 +11512,6 @@ def _v_ring_event_idx(v):
                                                       % event))
         return "used_event honoured both ways; avail_event %d %s" % (
             event, "asked for the kick" if kick_due else "suppressed the kick, chain served")
-    finally:
-        s.close()
 
 
 @_vcheck("ring.indirect", "virtio 1.2 2.7.5.3")
@@ -11605,8 +11587,7 @@ def _v_net_echo(v, s, mem=None, indirect=False):
 @_vcheck("mem.regions", _RS % "Memory access" + "; virtio 1.2 2.7.5", fresh=True, promised=True)
 def _v_mem_regions(v):
     """A chain whose buffers lie in two regions (rings in the first, data in the second)."""
-    s = v.fresh()
-    try:
+    with v.fresh() as s:
         problem = v.io_problem(s)
         if problem:
             _vskip(problem)
@@ -11615,16 +11596,13 @@ def _v_mem_regions(v):
         data_mem = _VSplitAlloc(mem, _V_REGION1)
         return _v_io_roundtrip(v, s, mem=data_mem) + ", data in the region at %#x" \
             % _V_REGION1
-    finally:
-        s.close()
 
 
 @_vcheck("mem.offset", _RS % "Memory access" + ", mmap_offset", fresh=True, promised=True)
 def _v_mem_offset(v):
     """A region at a non-zero guest address mapped from a non-zero offset of its fd."""
     skip = 0x10000
-    s = v.fresh()
-    try:
+    with v.fresh() as s:
         problem = v.io_problem(s)
         if problem:
             _vskip(problem)
@@ -11639,8 +11617,6 @@ def _v_mem_offset(v):
         data_mem = _VSplitAlloc(mem, _V_REGION1 + skip)
         return _v_io_roundtrip(v, s, mem=data_mem) + \
             ", data at GPA %#x, mmap_offset %#x" % (_V_REGION1 + skip, skip)
-    finally:
-        s.close()
 
 
 class _VSplitAlloc:
@@ -11661,8 +11637,7 @@ class _VSplitAlloc:
 @_vcheck("mem.replace", _RS % "Memory access" + ", SET_MEM_TABLE", fresh=True, promised=True)
 def _v_mem_replace(v):
     """A new memory table (the rings' region plus a new one) while the rings are stopped."""
-    s = v.fresh(io=True)
-    try:
+    with v.fresh(io=True) as s:
         work = s.rings[v.unit.ring]
         _v_post(v, s, work)
         work.wait_used(1, v.timeout)
@@ -11675,8 +11650,6 @@ def _v_mem_replace(v):
             s.start(s.rings[i], bases[i])
         return _v_io_roundtrip(v, s, mem=extra) + \
             ", in a region a new SET_MEM_TABLE added while the rings were stopped"
-    finally:
-        s.close()
 
 
 # -- Device I/O (shared session) --------------------------------------------------
@@ -11800,17 +11773,11 @@ def _v_io_fs(v):
          fresh=True, promised=True)
 def _v_recover(v):
     """A connection dropped with chains in flight; the next connection is served."""
-    s = v.fresh(io=True)
-    try:
+    with v.fresh(io=True) as s:
         for _ in range(4):
             _v_post(v, s, s.rings[v.unit.ring])
-    finally:
-        s.close()
-    s = v.fresh(io=True)
-    try:
+    with v.fresh(io=True) as s:
         detail = _v_io_roundtrip(v, s)
-    finally:
-        s.close()
     inflight = v.protocol is not None and v.protocol & _P.INFLIGHT_SHMFD
     return "dropped with 4 chains posted; the next connection served: %s%s" % (
         detail, "" if inflight else " (INFLIGHT_SHMFD not offered: no resubmission to check)")
@@ -11835,43 +11802,43 @@ def _v_fault(v, what, inject):
     return "%s: %s, and still serves" % (what, outcome)
 
 
-def _v_settle(v, s, ring):
-    """Give the back-end a moment with the bad chain, bounded by the timeout."""
-    ring.idle_for(min(_V_GRACE / 3, v.timeout))
+def _v_bad_chain(v, what, build):
+    """Publish what ``build(s, ring)`` wrote ((heads, extra avail->idx move)), kick, then judge."""
+    def inject(s):
+        ring = s.rings[v.unit.ring]
+        heads, jump = build(s, ring)
+        ring.publish(*heads, jump=jump)
+        ring.kick.signal()
+        ring.idle_for(min(_V_GRACE / 3, v.timeout))  # a moment with the bad chain
+    return _v_fault(v, what, inject)
+
+
+def _v_looped(s, ring):
+    buf = s.mem.allocate(64, 16)
+    ring.raw_desc(0, buf, 64, _DESC_F_NEXT, 1)
+    ring.raw_desc(1, buf, 64, _DESC_F_NEXT, 0)
+    return (0,), 0
+
+
+def _v_outside(s, ring):
+    ring.raw_desc(0, 0x7F0000000000, 4096, 0, 0)
+    return (0,), 0
 
 
 @_vcheck("robust.loop", "virtio 1.2 2.7.5.2", fresh=True, destructive=True)
 def _v_robust_loop(v):
-    def inject(s):
-        ring = s.rings[v.unit.ring]
-        buf = s.mem.allocate(64, 16)
-        ring.raw_desc(0, buf, 64, _DESC_F_NEXT, 1)
-        ring.raw_desc(1, buf, 64, _DESC_F_NEXT, 0)
-        ring.publish(0)
-        ring.kick.signal()
-        _v_settle(v, s, ring)
-    return _v_fault(v, "a looped chain", inject)
+    return _v_bad_chain(v, "a looped chain", _v_looped)
 
 
 @_vcheck("robust.outside", "virtio 1.2 2.7.5.2", fresh=True, destructive=True)
 def _v_robust_outside(v):
-    def inject(s):
-        ring = s.rings[v.unit.ring]
-        ring.raw_desc(0, 0x7F0000000000, 4096, 0, 0)
-        ring.publish(0)
-        ring.kick.signal()
-        _v_settle(v, s, ring)
-    return _v_fault(v, "a descriptor outside guest memory", inject)
+    return _v_bad_chain(v, "a descriptor outside guest memory", _v_outside)
 
 
 @_vcheck("robust.avail-jump", "virtio 1.2 2.7.6", fresh=True, destructive=True)
 def _v_robust_avail_jump(v):
-    def inject(s):
-        ring = s.rings[v.unit.ring]
-        ring.publish(jump=ring.size + 5)
-        ring.kick.signal()
-        _v_settle(v, s, ring)
-    return _v_fault(v, "avail->idx moved by more than the ring size", inject)
+    return _v_bad_chain(v, "avail->idx moved by more than the ring size",
+                        lambda s, ring: ((), ring.size + 5))
 
 
 @_vcheck("robust.truncated", _RS % "Message specification", fresh=True, destructive=True)
