@@ -4888,11 +4888,12 @@ class TestValidateEmbedded(_EmbeddedBlockFixture, FdLeakCheck):
 
     def test_embedded_net(self):
         path = self.embedded(device=vu._EmbeddedNet())
-        status, report, err = validate(path, "--timeout", "2", "--only", "io.*,ring.*,neg.*")
+        status, report, err = validate(path, "--timeout", "2", "--destructive")
         self.assertEqual(status, 0, report)
         self.assertEqual(report["device_type"], "net")
         got = verdicts(report)
-        for check in ("io.net-echo", "ring.stop", "ring.enable", "ring.indirect", "ring.base"):
+        for check in ("io.net-echo", "ring.stop", "ring.enable", "ring.indirect", "ring.base",
+                      "proto.config", "mem.offset", "robust.loop"):
             self.assertEqual(got[check], "pass", (check, details(report)[check]))
 
     def test_table_tap_and_destructive_opt_in(self):
@@ -4930,11 +4931,14 @@ class TestValidateEmbedded(_EmbeddedBlockFixture, FdLeakCheck):
         self.assertEqual(vu.DeviceType(41).min_queues, 1)
         self.assertRaises(ValueError, vu.DeviceType, -1)
         path = self.embedded()
-        status, report, err = validate(path, "--type", "34", "--only", "neg.*,ring.stop,io.*")
+        status, report, err = validate(path, "--type", "34", "--only",
+                                       "neg.*,ring.stop,io.*,proto.config")
         self.assertEqual(status, 0, err)
         self.assertEqual(report["device_type"], "type_34")
         self.assertEqual(verdicts(report)["ring.stop"], "skip")
         self.assertIn("no request is known for device type type_34", details(report)["ring.stop"])
+        self.assertIn("config layout of device type type_34 is not known",
+                      details(report)["proto.config"])
 
     def test_hung_backend_fails_within_the_timeout(self):
         tmp = tempfile.mkdtemp(prefix="vhu-validate-")

@@ -11070,8 +11070,8 @@ class _Validator:
     def io_problem(self, s):
         """Why I/O cannot be checked on ``s``, or None."""
         if self.unit is None:
-            return ("no request is known for device type %s: config space and rings only"
-                    % ("unknown" if self.device_type is None else self.device_type.name.lower()))
+            return ("no request is known for device type %s: negotiation and config space only"
+                    % _v_type_name(self))
         queues = s.client.queue_num
         if queues is not None and queues <= max(self.unit.rings):
             return ("the back-end has %d queue(s), %s I/O needs %d"
@@ -11101,6 +11101,10 @@ class _Validator:
         finally:
             s.close()
 
+
+
+def _v_type_name(v):
+    return "unknown" if v.device_type is None else v.device_type.name.lower()
 
 
 def _need_protocol(s, bit):
@@ -11243,16 +11247,19 @@ def _v_proto_mq(v):
 def _v_proto_config(v):
     s = v.session()
     _need_protocol(s, _P.CONFIG)
-    size = (_device_config_size(v.device_type, s.acked) if v.device_type else 0) or 16
+    # As QEMU: the layout's size for the offered features (what exists).
+    size = _device_config_size(v.device_type, s.features) if v.device_type else 0
+    if not size:
+        _vskip("the config layout of device type %s is not known here", _v_type_name(v))
     data = s.client.get_config(0, size)
     detail = "GET_CONFIG of %d bytes answered" % size
-    if size >= 16:
-        window = s.client.get_config(8, 8)
-        if window != data[8:16]:
-            _vfail("GET_CONFIG of 8 bytes at offset 8 answered %s, the bytes at offset 8 are "
-                   "%s%s", window.hex(), data[8:16].hex(), " (it ignored the offset)"
-                   if window == data[:8] else "")
-        detail += ", and at offset 8"
+    at = size // 2
+    window = s.client.get_config(at, size - at)
+    if window != data[at:]:
+        _vfail("GET_CONFIG of %d bytes at offset %d answered %s, the bytes there are %s%s",
+               size - at, at, window.hex(), data[at:].hex(), " (it ignored the offset)"
+               if window == data[:size - at] else "")
+    detail += ", and its second half at offset %d" % at
     if v.device_type == DeviceType.BLOCK and s.acked & _BLK_F_CONFIG_WCE:
         s.client.set_config(32, data[32:33], ack=s.ack)
         again = s.client.get_config(0, size)
