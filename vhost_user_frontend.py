@@ -10938,6 +10938,7 @@ class _Validator:
         self.only, self.timeout, self.destructive = only, timeout, destructive
         self.features = self.protocol = None
         self.single = None         # why later connections are not served, once known
+        self._lost = False         # a check ended with the back-end gone (error)
         self.unit = None
         self._session = None
 
@@ -10986,6 +10987,7 @@ class _Validator:
         except VhostUserTimeout as exc:
             result, detail = "fail", "no reply in %g s: %s" % (self.timeout, _one_line(exc))
         except Disconnected as exc:
+            self._lost = True
             if check.promised:
                 result, detail = "fail", ("the back-end hung up on a request it offered: %s"
                                           % _one_line(exc))
@@ -10995,6 +10997,7 @@ class _Validator:
             result, detail = "fail", _one_line(exc)
         except (VhostUserError, OSError, ValueError) as exc:
             result, detail = "error", _one_line(exc)
+        self._lost = self._lost or result == "error"
         if check.fresh or result == "error" or (
                 self._session is not None and self._session.client.broken):
             self._close_session()
@@ -11049,7 +11052,9 @@ class _Validator:
         try:
             s = _VSession(self)
         except Disconnected as exc:
-            if self.features is not None and isinstance(
+            # Not listening any more after a session that ended well: a back-end
+            # that serves one connection. After a failure: it went away.
+            if self.features is not None and not self._lost and isinstance(
                     exc.__cause__, (ConnectionRefusedError, FileNotFoundError)):
                 self.single = ("the back-end stopped accepting connections after the first "
                                "one (it serves a single connection, as virtiofsd 7.2 does)")
@@ -11085,6 +11090,11 @@ class _Validator:
 
     def still_serving(self):
         """After a fault: '' when a new connection is served, else why not."""
+        problem = self._still_serving()
+        self._lost = self._lost or bool(problem)
+        return problem
+
+    def _still_serving(self):
         try:
             s = _VSession(self)
         except Disconnected as exc:
@@ -11212,14 +11222,14 @@ def _v_neg_unsupported(v):
             _vskip("REPLY_ACK not offered: a refusal cannot be observed")
         value = _v_raw_ack(s.client, _V_UNSUPPORTED)
         if value:
-            return "request %d refused with error %d" % (_V_UNSUPPORTED, value)
+            return "request %#x refused with error %d" % (_V_UNSUPPORTED, value)
         if value is None or not s.alive():
             gone = v.still_serving()
             if gone:
-                _vfail("after request %d: %s", _V_UNSUPPORTED, gone)
-            return ("request %d: %sconnection dropped, the back-end still serves"
+                _vfail("after request %#x: %s", _V_UNSUPPORTED, gone)
+            return ("request %#x: %sconnection dropped, the back-end still serves"
                     % (_V_UNSUPPORTED, "" if value is None else "acked 0, then "))
-        _vfail("request %d, which no spec defines, acked as a success (0)", _V_UNSUPPORTED)
+        _vfail("request %#x, which no spec defines, acked as a success (0)", _V_UNSUPPORTED)
 
 
 # -- Protocol features backed by their requests ---------------------------------
@@ -11255,10 +11265,12 @@ def _v_proto_config(v):
     detail = "GET_CONFIG of %d bytes answered" % size
     at = size // 2
     window = s.client.get_config(at, size - at)
+    if window == data[:size - at]:
+        _vfail("GET_CONFIG of %d bytes at offset %d answered the bytes at offset 0: it ignored "
+               "the offset", size - at, at)
     if window != data[at:]:
-        _vfail("GET_CONFIG of %d bytes at offset %d answered %s, the bytes there are %s%s",
-               size - at, at, window.hex(), data[at:].hex(), " (it ignored the offset)"
-               if window == data[:size - at] else "")
+        _vfail("GET_CONFIG of %d bytes at offset %d answered %s..., the bytes there are %s...",
+               size - at, at, window[:8].hex(), data[at:at + 8].hex())
     detail += ", and its second half at offset %d" % at
     if v.device_type == DeviceType.BLOCK and s.acked & _BLK_F_CONFIG_WCE:
         s.client.set_config(32, data[32:33], ack=s.ack)
