@@ -5246,6 +5246,13 @@ class TestValidateCanFail(_EmbeddedBlockFixture, FdLeakCheck):
                 self.assertEqual(verdicts(report), {check: "fail"})
                 self.assertIn("crashed: ", details(report)[check])
 
+    def test_after_a_crash_the_rest_is_error_not_skip(self):
+        path = self.embedded(_CrashesOnLoopedChain)
+        status, report, err = validate(path, "--timeout", "1", "--destructive",
+                                       "--only", "robust.loop,robust.outside")
+        self.assertEqual(verdicts(report), {"robust.loop": "fail", "robust.outside": "error"})
+        self.assertIn("went away", details(report)["robust.outside"])
+
 
 class TestValidateRealBackends(BackendTestMixin, FdLeakCheck):
     """What qemu-storage-daemon, virtiofsd and testpmd get; their known findings asserted."""
