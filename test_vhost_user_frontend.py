@@ -4875,7 +4875,8 @@ class TestValidateEmbedded(_EmbeddedBlockFixture, FdLeakCheck):
         got = verdicts(report)
         self.assertEqual([c.id for c in vu._V_CHECKS], [c["id"] for c in report["checks"]])
         self.assertEqual(report["summary"]["fail"] + report["summary"]["error"], 0)
-        for check in ("neg.features", "neg.unsupported", "ring.sizes", "ring.base", "ring.stop",
+        for check in ("neg.features", "neg.unsupported", "proto.backend-req", "ring.sizes",
+                      "ring.base", "ring.stop",
                       "ring.enable", "ring.event-idx", "ring.indirect", "mem.regions",
                       "mem.offset", "mem.replace", "io.blk-rw", "io.blk-id", "io.blk-bounds",
                       "recover.reconnect", "robust.loop", "robust.outside",
@@ -5086,6 +5087,13 @@ class _ProtocolFeaturesLate(vu._EmbeddedBackend):
         return struct.pack("<Q", vu._EMBEDDED_PROTOCOL)
 
 
+class _NoBackendChannel(vu._EmbeddedBackend):
+    """Offers BACKEND_REQ but refuses the channel."""
+
+    def _set_backend_req_fd(self, body, fds):
+        raise OSError(errno.EOPNOTSUPP, "no back-end channel")
+
+
 class _OneRegionOnly(vu._EmbeddedBackend):
     def _set_mem_table(self, body, fds):
         if struct.unpack_from("<I", body)[0] > 1:
@@ -5206,6 +5214,9 @@ class TestValidateCanFail(_EmbeddedBlockFixture, FdLeakCheck):
          "SET_DEVICE_STATE_FD"),
         ("mem.slots", _offering(vu.ProtocolFeature.CONFIGURE_MEM_SLOTS), None,
          "GET_MAX_MEM_SLOTS"),
+        ("proto.backend-req", _NoBackendChannel, None, "SET_BACKEND_REQ_FD"),
+        ("proto.reset-device", _offering(vu.ProtocolFeature.RESET_DEVICE), None,
+         "RESET_DEVICE"),
         ("mem.regions", _OneRegionOnly, None, "SET_MEM_TABLE: back-end replied with error 1"),
         ("mem.offset", _IgnoresMmapOffset, None, "different data"),
         ("mem.replace", _OneMemTableOnly, None, "SET_MEM_TABLE: back-end replied with error 1"),
@@ -5232,6 +5243,37 @@ class TestValidateCanFail(_EmbeddedBlockFixture, FdLeakCheck):
                 (entry,) = report["checks"]
                 self.assertEqual(entry["result"], "fail", entry)
                 self.assertIn(words, entry["detail"])
+
+    def test_reset_device_served(self):
+        class ResetsDevice(_offering(vu.ProtocolFeature.RESET_DEVICE)):
+            def __init__(self, *args, **kwargs):
+                super(ResetsDevice, self).__init__(*args, **kwargs)
+                self._handlers[vu.FrontendReq.RESET_DEVICE] = self._reset_owner
+        path = self.embedded(ResetsDevice)
+        status, report, err = validate(path, "--timeout", "1", "--only", "proto.reset-device")
+        self.assertEqual((status, verdicts(report)), (0, {"proto.reset-device": "pass"}), report)
+        self.assertIn("set up again: 4 KiB written", details(report)["proto.reset-device"])
+
+    def test_shmem_and_device_state_served(self):
+        class Serves(_offering(vu.ProtocolFeature.SHMEM | vu.ProtocolFeature.DEVICE_STATE)):
+            def __init__(self, *args, **kwargs):
+                super(Serves, self).__init__(*args, **kwargs)
+                F = vu.FrontendReq
+                self._handlers[F.GET_SHMEM_CONFIG] = lambda body, fds: struct.pack(
+                    "<II256Q", 1, 0, *([1 << 20] + [0] * 255))
+                self._handlers[F.SET_DEVICE_STATE_FD] = self._save
+                self._handlers[F.CHECK_DEVICE_STATE] = lambda body, fds: struct.pack("<Q", 0)
+
+            def _save(self, body, fds):
+                os.write(fds[0], b"state" * 100)   # closed after the reply: EOF
+                return struct.pack("<Q", 0x100)       # no fd of our own
+        path = self.embedded(Serves)
+        status, report, err = validate(path, "--timeout", "1", "--only",
+                                       "proto.shmem,proto.device-state")
+        self.assertEqual(status, 0, report)
+        self.assertEqual(details(report), {"proto.shmem": "GET_SHMEM_CONFIG: 1 region(s)",
+                                           "proto.device-state": "saved 500 bytes of state; "
+                                                                 "CHECK_DEVICE_STATE 0"})
 
     def test_crash_on_a_malformed_chain_fails(self):
         for check, backend_cls in (("robust.loop", _CrashesOnLoopedChain),

@@ -10547,6 +10547,14 @@ _V_UNSUPPORTED = 0x7F00        # a request code no spec revision defines
 _RS = 'vhost-user.rst "%s"'   # QEMU docs/interop/vhost-user.rst, by section title
 _V_KNOWN_PROTOCOL = sum(int(m) for m in ProtocolFeature)
 _V_KNOWN_TRANSPORT = sum(int(m) for m in VirtioFeature)
+#: What the checks negotiate: not what needs a VMM behind the front-end
+#: (userfaultfd, a crypto API, an IOMMU, Xen, in-band calls, a back-end
+#: channel someone serves); proto.backend-req negotiates BACKEND_REQ alone.
+_V_PROTOCOL = _V_KNOWN_PROTOCOL & ~(
+    _P.PAGEFAULT | _P.CRYPTO_SESSION | _P.HOST_NOTIFIER | _P.XEN_MMAP
+    | _P.INBAND_NOTIFICATIONS | _P.GPA_ADDRESSES | _P.SHARED_OBJECT
+    | _P.GET_VRING_BASE_INFLIGHT | _P.GET_VRING_BASE_SKIP_DRAIN
+    | _P.BACKEND_REQ | _P.BACKEND_SEND_FD | _P.CROSS_ENDIAN)
 
 
 class _Verdict(Exception):
@@ -10713,13 +10721,7 @@ class _VSession:
         self.offered_protocol = None
         if self.features & VirtioFeature.PROTOCOL_FEATURES:
             self.offered_protocol = c.get_protocol_features()
-            want = _V_KNOWN_PROTOCOL if protocol is None else protocol
-            # Not negotiated by a front-end without a VMM behind it: they need
-            # userfaultfd, a crypto API, an IOMMU, Xen, or in-band calls.
-            want &= ~(_P.PAGEFAULT | _P.CRYPTO_SESSION | _P.HOST_NOTIFIER | _P.XEN_MMAP
-                      | _P.INBAND_NOTIFICATIONS | _P.GPA_ADDRESSES | _P.SHARED_OBJECT
-                      | _P.GET_VRING_BASE_INFLIGHT | _P.GET_VRING_BASE_SKIP_DRAIN
-                      | _P.BACKEND_REQ | _P.BACKEND_SEND_FD | _P.CROSS_ENDIAN)
+            want = _V_PROTOCOL if protocol is None else protocol
             c.set_protocol_features(self.offered_protocol & want)
             self.ack = bool(c.protocol_features & _P.REPLY_ACK)
             if c.protocol_features & _P.MQ:
@@ -11360,6 +11362,45 @@ def _v_proto_device_state(v):
         finally:
             _close_fds(fds)
         return "saved %d bytes of state; CHECK_DEVICE_STATE 0" % total
+
+
+@_vcheck("proto.backend-req", _RS % "Back-end communication", fresh=True, promised=True)
+def _v_proto_backend_req(v):
+    """BACKEND_REQ: SET_BACKEND_REQ_FD accepted, and the connection still answers."""
+    with v.connect() as s:
+        s.negotiate(_V_PROTOCOL | _P.BACKEND_REQ)
+        _need_protocol(s, _P.BACKEND_REQ)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.client.set_backend_req_fd(theirs, ack=s.ack)
+            theirs.close()
+            s.client.get_features()
+        finally:
+            ours.close()
+            theirs.close()
+        return "SET_BACKEND_REQ_FD %s" % ("acked" if s.ack else "taken")
+
+
+@_vcheck("proto.reset-device", _RS % "Front-end message types" + ", RESET_DEVICE",
+         fresh=True, promised=True)
+def _v_proto_reset_device(v):
+    """RESET_DEVICE with rings running, then the device is set up again and serves."""
+    with v.fresh() as s:
+        _need_protocol(s, _P.RESET_DEVICE)
+        problem = v.io_problem(s)
+        if not problem:
+            s.memory()
+            s.rings_for_io()
+        s.client.reset_device(ack=s.ack)
+        if problem:
+            s.client.get_features()
+            return "RESET_DEVICE %s (%s)" % ("acked" if s.ack else "taken", problem)
+        s.client.set_features(s.acked, ack=s.ack)
+        s.client.set_mem_table(s.mem.regions(), ack=s.ack)
+        for i in sorted(s.rings):
+            s.rings[i].set_base(0)
+            s.start(s.rings[i], 0)
+        return "RESET_DEVICE, then set up again: " + _v_io_roundtrip(v, s)
 
 
 @_vcheck("mem.slots", _RS % "Memory access" + ", ADD_MEM_REG", promised=True)
