@@ -30,7 +30,7 @@ Example::
 Sections (``grep -n '^# .*###'`` prints them with line numbers):
 Head, Errors, Constants, Wire format, OS primitives, Channel, BackendClient,
 GuestMemory, Queue, Backend requests, Worker, VhostUserFrontend, Devices,
-Embedded back-end, CLI.
+Embedded back-end, Conformance checks, CLI.
 """
 
 ############################################################################
@@ -10777,7 +10777,7 @@ class _VSession:
         c.set_vring_call(i, ring.call, ack=ack(_F.SET_VRING_CALL))
         if enable and self.acked & VirtioFeature.PROTOCOL_FEATURES:
             c.set_vring_enable(i, True, ack=ack(_F.SET_VRING_ENABLE))
-        ring.call.read()  # libvhost-user signals once at SET_VRING_CALL (BACKENDS.md 5.3)
+        ring.call.read()  # libvhost-user signals once at SET_VRING_CALL (BACKENDS.md 5)
 
     def rings_for_io(self, base=0, mem=None):
         """Start what the device type needs for I/O; returns the ring requests go to."""
