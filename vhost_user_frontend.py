@@ -11829,8 +11829,8 @@ def _v_io_fs(v):
 
 # -- Recovery ------------------------------------------------------------------------
 
-@_vcheck("recover.reconnect", _RS % "Communication" + "; " + _RS % "Inflight I/O tracking",
-         fresh=True, promised=True)
+@_vcheck("recover.reconnect", _RS % "Communication" + ', "Inflight I/O tracking"', fresh=True,
+         promised=True)
 def _v_recover(v):
     """A connection dropped with chains in flight; the next connection is served."""
     with v.fresh(io=True) as s:
