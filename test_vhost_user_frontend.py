@@ -5293,7 +5293,19 @@ class TestValidateCanFail(_EmbeddedBlockFixture, FdLeakCheck):
         status, report, err = validate(path, "--timeout", "1", "--destructive",
                                        "--only", "robust.loop,robust.outside")
         self.assertEqual(verdicts(report), {"robust.loop": "fail", "robust.outside": "error"})
-        self.assertIn("went away", details(report)["robust.outside"])
+        self.assertIn("went away: cannot connect", details(report)["robust.outside"])
+
+    def test_nothing_listening_is_an_error_everywhere(self):
+        tmp = tempfile.mkdtemp(prefix="vhu-validate-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        path = os.path.join(tmp, "dead.sock")
+        dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        dead.bind(path)
+        dead.close()                 # a socket file nobody listens on
+        status, report, err = validate(path, "--only", "neg.*,proto.config,ring.stop")
+        self.assertEqual(status, 1)
+        self.assertEqual(set(verdicts(report).values()), {"error"})
+        self.assertIn("connection refused", details(report)["proto.config"])
 
 
 class TestValidateRealBackends(BackendTestMixin, FdLeakCheck):

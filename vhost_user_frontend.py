@@ -11061,7 +11061,8 @@ class _Validator:
                 self.single = ("the back-end stopped accepting connections after the first "
                                "one (it serves a single connection, as virtiofsd 7.2 does)")
                 _vskip(self.single)
-            raise
+            self._lost = True
+            raise _Verdict("error", "the back-end went away: %s" % _one_line(exc))
         return s
 
     def _learn(self, s):
