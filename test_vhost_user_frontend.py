@@ -4940,6 +4940,22 @@ class TestValidateEmbedded(_EmbeddedBlockFixture, FdLeakCheck):
         self.assertIn("no request is known for device type type_34", details(report)["ring.stop"])
         self.assertIn("config layout of device type type_34 is not known",
                       details(report)["proto.config"])
+        status, out, err = run_cli("probe", path, "--type", "34")
+        self.assertEqual(status, 1)          # a conclusive block device is not an i2c one
+        self.assertIn("the back-end is a block device", err)
+        self.assertIn("not type_34", err)
+
+    def test_probe_and_validate_any_type_number(self):
+        class Bare(vu._EmbeddedBlock):       # transport bits only: nothing says "block"
+            def __init__(self, *args, **kwargs):
+                vu._EmbeddedBlock.__init__(self, *args, **kwargs)
+                self.features = vu._EMBEDDED_TRANSPORT
+        path = self.embedded(device=Bare(size=1 << 20))
+        status, out, err = run_cli("probe", path, "--type", "41", "--json")
+        self.assertEqual(status, 0, err)
+        self.assertEqual(json.loads(out)["device_type"], "type_41")
+        status, report, err = validate(path, "--type", "0x29", "--only", "neg.*")
+        self.assertEqual((status, report["device_type"]), (0, "type_41"), report)
 
     def test_hung_backend_fails_within_the_timeout(self):
         tmp = tempfile.mkdtemp(prefix="vhu-validate-")

@@ -12141,8 +12141,20 @@ def _format_bytes(count):
     return "%d bytes" % count
 
 
+def _device_type_arg(text):
+    """--type of probe and validate: a type name (blk, net, fs, ...) or any virtio device ID."""
+    import argparse
+    if text.lower() in _CLI_TYPES:
+        return _CLI_TYPES[text.lower()]
+    try:
+        return DeviceType(_int_arg(text))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError("%r is neither a device type (blk, net, fs, gpu, "
+                                         "vsock, ...) nor a virtio device ID (0-65535)" % text)
+
+
 def _cmd_probe(args, out):
-    wanted = _CLI_TYPES[args.type] if args.type else None
+    wanted = args.type
     if args.config_size is not None and not 1 <= args.config_size <= MAX_CONFIG_SIZE:
         raise _UsageError("--config-size %d: the config space holds 1 to %d bytes"
                           % (args.config_size, MAX_CONFIG_SIZE))
@@ -12154,19 +12166,6 @@ def _cmd_probe(args, out):
     else:
         out.write("\n".join(_format_probe(args.socket, info)) + "\n")
     return 0
-
-
-def _validate_type_arg(text):
-    """--type of validate: a type name (blk, net, fs, ...) or any virtio device ID."""
-    import argparse
-    if text.lower() in _CLI_TYPES:
-        return _CLI_TYPES[text.lower()]
-    try:
-        return DeviceType(_int_arg(text))
-    except (ValueError, argparse.ArgumentTypeError):
-        raise argparse.ArgumentTypeError("%r is neither a device type (%s) nor a virtio "
-                                         "device ID (0-65535)" % (text, ", ".join(
-                                             sorted(_TYPE_ALIASES) + ["net", "fs", "..."])))
 
 
 def _cmd_validate(args, out):
@@ -14977,9 +14976,10 @@ def _build_parser():
                     "count, memory slots, shared memory and device config, and print them. "
                     "Negotiates only the protocol features these questions need.")
     probe.add_argument("socket", metavar="SOCKET")
-    probe.add_argument("--type", choices=sorted(_CLI_TYPES), metavar="TYPE",
+    probe.add_argument("--type", type=_device_type_arg, metavar="TYPE",
                        help="device type for naming feature bits and decoding config "
-                            "(blk, net, fs, gpu, vsock, ...; default: guessed)")
+                            "(blk, net, fs, gpu, vsock, ... or a virtio device ID; default: "
+                            "guessed)")
     probe.add_argument("--json", action="store_true", help="print one JSON object")
     probe.add_argument("--config-size", type=_int_arg, metavar="BYTES",
                        help="bytes of device config to read (default: from the type's layout)")
@@ -14993,7 +14993,7 @@ def _build_parser():
                     "nothing failed, 1 on a fail or error, 2 on bad usage. Block devices "
                     "get a 4 KiB write at sector 8 (its old data is written back).")
     validate.add_argument("socket", metavar="SOCKET")
-    validate.add_argument("--type", type=_validate_type_arg, metavar="TYPE",
+    validate.add_argument("--type", type=_device_type_arg, metavar="TYPE",
                           help="device type: blk, net, fs, ... or a virtio device ID "
                                "(default: guessed from the offered features)")
     validate.add_argument("--only", metavar="PATTERN",
