@@ -30,7 +30,7 @@ Example::
 Sections (``grep -n '^# .*###'`` prints them with line numbers):
 Head, Errors, Constants, Wire format, OS primitives, Channel, BackendClient,
 GuestMemory, Queue, Backend requests, Worker, VhostUserFrontend, Devices,
-Embedded back-end, CLI.
+Embedded back-end, Conformance checks, CLI.
 """
 
 ############################################################################
@@ -346,10 +346,19 @@ class DeviceType(enum.IntEnum):
     PVCLOCK = 61
     WL = 63
 
+    @classmethod
+    def _missing_(cls, value):
+        """Any other virtio device ID (i2c 34, gpio 41, ...): a member named ``TYPE_<id>``."""
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0xFFFF:
+            raise ValueError("%r is not a valid DeviceType" % (value,))  # 3.6 returns None
+        member = int.__new__(cls, value)
+        member._name_, member._value_ = "TYPE_%d" % value, value
+        return cls._value2member_map_.setdefault(value, member)
+
     @property
     def min_queues(self):
-        """Queues a spec-compliant device of this type must implement (crosvm)."""
-        return _MIN_QUEUES[self]
+        """Queues a spec-compliant device of this type must implement (crosvm; else 1)."""
+        return _MIN_QUEUES.get(self, 1)
 
     def feature_names(self, features):
         """Names of ``features`` with this type's device-specific names."""
@@ -11335,6 +11344,1444 @@ def _ring_writer(fd, count):
 
 
 ############################################################################
+# Conformance checks #######################################################
+############################################################################
+# ``validate``: a catalogue of checks a vhost-user back-end either passes or
+# fails, each resting on one sentence of QEMU's docs/interop/vhost-user.rst
+# (cited by section title) or of the virtio spec (cited by section number,
+# virtio 1.2). The driver side is done here by hand, on GuestMemory, Event
+# and BackendClient only, never through Queue or the devices: a check must
+# be able to build what a correct driver never would (a ring base near the
+# 16-bit wrap, a chain across two regions, a looped chain) and to observe
+# exactly what the back-end did with it.
+#
+# Each check returns its verdict by raising ``_Verdict`` (or returning a
+# pass detail). A check that needs a clean back-end state runs on a fresh
+# connection; the others share one session, which is also all a back-end
+# that serves a single connection (virtiofsd 7.2) ever gets. Every wait is
+# bounded by the one timeout: a reply (the client's reply timeout), a used
+# entry, an interrupt.
+
+_VALIDATE_RESULTS = ("pass", "fail", "skip", "error")
+#: Split-ring size the checks use, and the scratch sector blk writes go to
+#: (its old contents are read first and written back).
+_V_RING = 64
+_V_SECTOR = 8
+#: How long a check watches for something that must NOT happen (a chain
+#: processed on a stopped ring, an interrupt before used_event): capped by
+#: the timeout.
+_V_GRACE = 0.3
+_V_REGION1 = 0x40000000       # GPA of the second region of the multi-region layouts
+_V_UNSUPPORTED = 0x7F00        # a request code no spec revision defines
+_RS = 'vhost-user.rst "%s"'   # QEMU docs/interop/vhost-user.rst, by section title
+_V_KNOWN_PROTOCOL = sum(int(m) for m in ProtocolFeature)
+_V_KNOWN_TRANSPORT = sum(int(m) for m in VirtioFeature)
+#: What the checks negotiate: not what needs a VMM behind the front-end
+#: (userfaultfd, a crypto API, an IOMMU, Xen, in-band calls, a back-end
+#: channel someone serves); proto.backend-req negotiates BACKEND_REQ alone.
+_V_PROTOCOL = _V_KNOWN_PROTOCOL & ~(
+    _P.PAGEFAULT | _P.CRYPTO_SESSION | _P.HOST_NOTIFIER | _P.XEN_MMAP
+    | _P.INBAND_NOTIFICATIONS | _P.GPA_ADDRESSES | _P.SHARED_OBJECT
+    | _P.GET_VRING_BASE_INFLIGHT | _P.GET_VRING_BASE_SKIP_DRAIN
+    | _P.BACKEND_REQ | _P.BACKEND_SEND_FD | _P.CROSS_ENDIAN)
+
+
+class _Verdict(Exception):
+    """A check's outcome other than pass: ``result`` is fail, skip or error."""
+
+    def __init__(self, result, detail):
+        Exception.__init__(self, detail)
+        self.result, self.detail = result, detail
+
+
+def _vfail(detail, *args):
+    raise _Verdict("fail", detail % args if args else detail)
+
+
+def _vskip(detail, *args):
+    raise _Verdict("skip", detail % args if args else detail)
+
+
+class _VCheck(NamedTuple):
+    id: str
+    spec: str
+    fresh: bool          # needs its own connection
+    destructive: bool    # may crash a back-end: only with --destructive, run last
+    promised: bool       # its requests are promised by what was offered: a hang-up fails
+    run: object
+
+
+_V_CHECKS = []
+
+
+def _vcheck(check_id, spec, fresh=False, destructive=False, promised=False):
+    def register(run):
+        _V_CHECKS.append(_VCheck(check_id, spec, fresh, destructive, promised, run))
+        return run
+    return register
+
+
+class _VRing:
+    """The driver side of one split ring in guest memory, written by hand (virtio 2.7)."""
+
+    def __init__(self, mem, index, size=_V_RING):
+        self.mem, self.index, self.size = mem, index, size
+        desc, avail, used = _split_ring_sizes(size)
+        self.desc = mem.allocate(desc, 16)
+        self.avail = mem.allocate(avail, 2)
+        self.used = mem.allocate(used, 4)
+        self.kick, self.call = Event(), Event()
+        self._views = []
+        self._avail_words = self._words(self.avail, avail)
+        self._used_words = self._words(self.used, used)
+        self.next_desc = 0
+        self.avail_idx = self.used_seen = 0
+        self.set_base(0)
+
+    def _words(self, gpa, length):
+        view = self.mem.view(gpa, length)
+        load, store, words = _ring_words(view, "H")
+        self._views += [words, view] if words is not view else [view]
+        return load, store
+
+    def set_base(self, base):
+        """Make avail->idx and used->idx ``base``, as a ring stopped there looks."""
+        self.avail_idx = self.used_seen = base & 0xFFFF
+        self._avail_words[1](1, self.avail_idx)
+        self._used_words[1](1, self.used_seen)
+
+    def addr(self):
+        h = self.mem.host_address
+        return h(self.desc), h(self.used), h(self.avail)
+
+    def chain(self, buffers, indirect=False):
+        """Write a chain of (gpa, length, device_writable) buffers; returns the head."""
+        flags = [_DESC_F_WRITE if w else 0 for _, _, w in buffers]
+        if indirect:
+            table = self.mem.allocate(16 * len(buffers), 16)
+            for i, (gpa, length, _) in enumerate(buffers):
+                nxt = i + 1 if i + 1 < len(buffers) else 0
+                self.mem.write(table + 16 * i, _DESC.pack(
+                    gpa, length, flags[i] | (_DESC_F_NEXT if i + 1 < len(buffers) else 0), nxt))
+            buffers, flags = [(table, 16 * len(buffers), False)], [_DESC_F_INDIRECT]
+        first = self.next_desc
+        for i, (gpa, length, _) in enumerate(buffers):
+            slot = (first + i) % self.size
+            last = i + 1 == len(buffers)
+            self.mem.write(self.desc + 16 * slot, _DESC.pack(
+                gpa, length, flags[i] | (0 if last else _DESC_F_NEXT), (slot + 1) % self.size))
+        self.next_desc = (first + len(buffers)) % self.size
+        return first
+
+    def raw_desc(self, slot, gpa, length, flags, nxt):
+        self.mem.write(self.desc + 16 * slot, _DESC.pack(gpa, length, flags, nxt))
+
+    def publish(self, *heads, **kwargs):
+        """Put ``heads`` in the avail ring and move avail->idx (``jump`` moves it further)."""
+        for head in heads:
+            self.mem.write(self.avail + 4 + 2 * (self.avail_idx % self.size),
+                           struct.pack("<H", head))
+            self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.avail_idx = (self.avail_idx + kwargs.get("jump", 0)) & 0xFFFF
+        self._avail_words[1](1, self.avail_idx)
+
+    @property
+    def used_idx(self):
+        return self._used_words[0](1)
+
+    @property
+    def avail_event(self):
+        return self._used_words[0](2 + 4 * self.size)
+
+    def set_used_event(self, value):
+        self._avail_words[1](2 + self.size, value & 0xFFFF)
+
+    def wait_used(self, count, timeout, what="a used entry"):
+        """The next ``count`` used entries as (id, len); fails the check on timeout."""
+        deadline = time.monotonic() + timeout
+        while (self.used_idx - self.used_seen) & 0xFFFF < count:
+            if time.monotonic() > deadline:
+                got = (self.used_idx - self.used_seen) & 0xFFFF
+                _vfail("no reply in %g s: %s on ring %d (%d of %d used entries came)",
+                       timeout, what, self.index, got, count)
+            time.sleep(0.0005)
+        entries = []
+        for _ in range(count):
+            slot = self.used_seen % self.size
+            entries.append(struct.unpack("<II", self.mem.read(self.used + 4 + 8 * slot, 8)))
+            self.used_seen = (self.used_seen + 1) & 0xFFFF
+        return entries
+
+    def idle_for(self, seconds):
+        """True when no used entry came for ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.used_idx != self.used_seen:
+                return False
+            time.sleep(0.002)
+        return self.used_idx == self.used_seen
+
+    def close(self):
+        for view in self._views:
+            view.release()
+        self._views = []
+        self.kick.close()
+        self.call.close()
+
+
+class _VSession:
+    """One connection to the back-end, negotiated the way QEMU does, with rings on demand."""
+
+    def __init__(self, v):
+        self.v = v
+        self.mem = None
+        self.extra_mem = []
+        self.rings = {}
+        self.acks = []              # requests whose NEED_REPLY ack came back
+        self.fuse_ready = False     # virtio-fs: FUSE_INIT done
+        # One attempt: a back-end that stopped listening has crashed or served
+        # its only connection, and waiting for it would only slow the verdict.
+        self.client = BackendClient.connect(v.path, timeout=0, reply_timeout=v.timeout)
+
+    def negotiate(self, protocol=None):
+        """GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_OWNER, SET_FEATURES."""
+        c, v = self.client, self.v
+        self.features = c.get_features()
+        self.offered_protocol = None
+        if self.features & VirtioFeature.PROTOCOL_FEATURES:
+            self.offered_protocol = c.get_protocol_features()
+            want = _V_PROTOCOL if protocol is None else protocol
+            c.set_protocol_features(self.offered_protocol & want)
+            self.ack = bool(c.protocol_features & _P.REPLY_ACK)
+            if c.protocol_features & _P.MQ:
+                c.get_queue_num()
+        else:
+            self.ack = False
+        v._learn(self)
+        c.set_owner(ack=self._ack(_F.SET_OWNER))
+        acked = self.features & (VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES
+                                 | VirtioFeature.RING_INDIRECT_DESC
+                                 | VirtioFeature.RING_EVENT_IDX)
+        if v.device_type == DeviceType.BLOCK:
+            acked |= self.features & (_BLK_F_SIZE_MAX | _BLK_F_SEG_MAX | _BLK_F_BLK_SIZE
+                                      | _BLK_F_FLUSH | _BLK_F_TOPOLOGY | _BLK_F_CONFIG_WCE
+                                      | _BLK_F_MQ | _BLK_F_DISCARD | _BLK_F_WRITE_ZEROES
+                                      | _BLK_F_RO)
+        self.acked = acked
+        c.set_features(acked, ack=self._ack(_F.SET_FEATURES))
+        return self
+
+    def _ack(self, request):
+        if self.ack:
+            self.acks.append(request)
+        return self.ack
+
+    @property
+    def protocol(self):
+        return self.client.protocol_features
+
+    def memory(self, layout=((0, 4 << 20),), regions=None):
+        """Guest memory and SET_MEM_TABLE (``regions(mem)`` may rewrite the table)."""
+        self.mem = GuestMemory(layout, "vhost-user-validate")
+        table = self.mem.regions() if regions is None else regions(self.mem)
+        self.client.set_mem_table(table, ack=self._ack(_F.SET_MEM_TABLE))
+        return self.mem
+
+    def ring(self, index, base=0, size=_V_RING, enable=True, mem=None):
+        """Set ring ``index`` up (NUM, BASE, ADDR, KICK, CALL, ENABLE) and return it."""
+        ring = self.rings.get(index)
+        if ring is None:
+            ring = self.rings[index] = _VRing(mem or self.mem, index, size)
+        ring.set_base(base)
+        self.start(ring, base, enable)
+        return ring
+
+    def start(self, ring, base, enable=True):
+        c, ack, i = self.client, self._ack, ring.index
+        c.set_vring_num(i, ring.size, ack=ack(_F.SET_VRING_NUM))
+        c.set_vring_base(i, base, ack=ack(_F.SET_VRING_BASE))
+        desc, used, avail = ring.addr()
+        c.set_vring_addr(i, desc, used, avail, ack=ack(_F.SET_VRING_ADDR))
+        c.set_vring_kick(i, ring.kick, ack=ack(_F.SET_VRING_KICK))
+        c.set_vring_call(i, ring.call, ack=ack(_F.SET_VRING_CALL))
+        if enable and self.acked & VirtioFeature.PROTOCOL_FEATURES:
+            c.set_vring_enable(i, True, ack=ack(_F.SET_VRING_ENABLE))
+        ring.call.read()  # libvhost-user signals once at SET_VRING_CALL (BACKENDS.md 5)
+
+    def rings_for_io(self, base=0, mem=None):
+        """Start what the device type needs for I/O; returns the ring requests go to."""
+        work = self.v.unit.ring
+        for index in self.v.unit.rings:
+            self.ring(index, base if index == work else 0, mem=mem)
+        if self.protocol & _P.STATUS:
+            # As QEMU at start: DPDK serves nothing before DRIVER_OK.
+            self.client.set_status(1 | 2 | 8 | 4, ack=self._ack(_F.SET_STATUS))
+        return self.rings[work]
+
+    def alive(self):
+        """A GET_FEATURES round trip: True if answered."""
+        try:
+            self.client.get_features()
+            return True
+        except (Disconnected, ProtocolError):
+            return False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self.client.close()
+        for ring in self.rings.values():
+            ring.close()
+        for mem in [self.mem] + self.extra_mem:
+            if mem is not None:
+                mem.close()
+
+
+class _VUnit:
+    """One request per device type that a check posts and watches complete.
+
+    ``rings`` are the rings the type needs started, ``ring`` the one
+    requests go to; ``post(s, ring)`` posts one side-effect-free request
+    and kicks, returning its head.
+    """
+    rings, ring = (0,), 0
+
+    def __init__(self, v):
+        self.v = v
+
+
+class _VBlockUnit(_VUnit):
+    rings, ring = (0,), 0
+
+    def request(self, s, kind, sector=0, data=b"", length=0, mem=None, ring=None,
+                indirect=False, wait=True):
+        """One virtio-blk request (virtio 5.2.6); returns (status, data read)."""
+        mem = mem or s.mem        # data goes there; header and status stay in s.mem
+        ring = ring or s.rings[0]
+        hdr = s.mem.allocate(16, 16)
+        s.mem.write(hdr, _BLK_REQ.pack(kind, 0, sector))
+        buffers = [(hdr, 16, False)]
+        buf = None
+        if data:
+            buf = mem.allocate(len(data), 16)
+            mem.write(buf, data)
+            buffers.append((buf, len(data), False))
+        elif length:
+            buf = mem.allocate(length, 16)
+            mem.write(buf, b"\xa5" * length)
+            buffers.append((buf, length, True))
+        status = s.mem.allocate(1, 1)
+        s.mem.write(status, b"\xff")
+        buffers.append((status, 1, True))
+        head = ring.chain(buffers, indirect)
+        ring.publish(head)
+        ring.kick.signal()
+        if not wait:
+            return head
+        (used_head, _), = ring.wait_used(1, self.v.timeout, "a %s request"
+                                         % _BLK_OP_NAMES.get(kind, kind))
+        if used_head != head:
+            _vfail("used entry for descriptor %d, the request was at %d", used_head, head)
+        got = mem.read(buf, length) if length else b""
+        return bytearray(s.mem.read(status, 1))[0], got
+
+    def post(self, s, ring, indirect=False, mem=None):
+        return self.request(s, _BLK_T_IN, 0, length=512, ring=ring, indirect=indirect,
+                            mem=mem, wait=False)
+
+
+class _VNetUnit(_VUnit):
+    rings, ring = (0, 1), 1
+    _FRAME = bytes(bytearray([0xff] * 6 + [0x52, 0x54, 0, 0x12, 0x34, 0x56, 0x88, 0xb5]))
+
+    def post(self, s, ring, indirect=False, mem=None, tag=b"vu-validate"):
+        mem = mem or s.mem
+        frame = _NET_HDR.pack(0, 0, 0, 0, 0, 0, 0) + self._FRAME + tag.ljust(46, b"\0")
+        self.sent = frame[_NET_HDR.size:]
+        buf = mem.allocate(len(frame), 16)
+        mem.write(buf, frame)
+        head = ring.chain([(buf, len(frame), False)], indirect)
+        ring.publish(head)
+        ring.kick.signal()
+        return head
+
+    def fill_rx(self, s, count=8):
+        rx = s.rings[0]
+        bufs = []
+        for _ in range(count):
+            buf = s.mem.allocate(2048, 16)
+            bufs.append(buf)
+            rx.publish(rx.chain([(buf, 2048, True)]))
+        rx.kick.signal()
+        return bufs
+
+
+class _VFsUnit(_VUnit):
+    rings, ring = (0, 1), 1
+
+    def fuse(self, s, opcode, nodeid, args, out_size, ring=None, indirect=False, wait=True):
+        """One FUSE request on the request queue (virtio 5.11.6); returns (error, payload)."""
+        ring = ring or s.rings[1]
+        unique = getattr(self, "_unique", 0) + 2
+        self._unique = unique
+        body = _FUSE_IN_HEADER.pack(_FUSE_IN_HEADER.size + len(args), opcode, unique, nodeid,
+                                    0, 0, 0, 0, 0) + args
+        inbuf = s.mem.allocate(len(body), 16)
+        s.mem.write(inbuf, body)
+        out = s.mem.allocate(_FUSE_OUT_HEADER.size + out_size, 16)
+        head = ring.chain([(inbuf, len(body), False),
+                           (out, _FUSE_OUT_HEADER.size + out_size, True)], indirect)
+        ring.publish(head)
+        ring.kick.signal()
+        if not wait:
+            return head
+        ring.wait_used(1, self.v.timeout, "a FUSE request (opcode %d)" % opcode)
+        length, error, got_unique = _FUSE_OUT_HEADER.unpack(
+            s.mem.read(out, _FUSE_OUT_HEADER.size))
+        if got_unique != unique:
+            _vfail("FUSE reply for request %d, expected %d", got_unique, unique)
+        return error, s.mem.read(out + _FUSE_OUT_HEADER.size, max(0, length - 16))
+
+    def init(self, s):
+        args = struct.pack("<IIII", _FUSE_MAJOR, _FUSE_MINOR, 0, 0)
+        return self.fuse(s, _FuseOp.INIT, 0, args, 64)
+
+    def getattr_args(self):
+        return _FUSE_GETATTR_IN.pack(0, 0, 0)
+
+    def post(self, s, ring, indirect=False, mem=None):
+        return self.fuse(s, _FuseOp.GETATTR, _FUSE_ROOT_ID, self.getattr_args(),
+                         _FUSE_ATTR_OUT.size + _FUSE_ATTR.size, ring, indirect, wait=False)
+
+
+_V_UNITS = {DeviceType.BLOCK: _VBlockUnit, DeviceType.NET: _VNetUnit, DeviceType.FS: _VFsUnit}
+
+
+class _Validator:
+    """Runs the catalogue against the back-end at ``path``; ``run()`` returns the report."""
+
+    def __init__(self, path, device_type=None, only=None, timeout=5.0, destructive=False):
+        self.path, self.device_type = path, device_type
+        self.only, self.timeout, self.destructive = only, timeout, destructive
+        self.features = self.protocol = None
+        self.single = None         # why later connections are not served, once known
+        self._lost = False         # a check ended with the back-end gone (error)
+        self.unit = None
+        self._session = None
+
+    def selected(self):
+        import fnmatch
+        return [c for c in _V_CHECKS
+                if not self.only or any(fnmatch.fnmatchcase(c.id, p) for p in self.only)]
+
+    def run(self, report=None):
+        """Run every selected check; ``report(entry)`` is called as each one ends."""
+        checks = self.selected()
+        order = ([c for c in checks if not c.fresh]
+                 + [c for c in checks if c.fresh and not c.destructive]
+                 + [c for c in checks if c.destructive])
+        results = []
+        try:
+            for check in order:
+                entry = self._run_one(check)
+                results.append(entry)
+                if report is not None:
+                    report(entry)
+        finally:
+            self._close_session()
+        by_id = dict((e["id"], e) for e in results)
+        entries = [by_id[c.id] for c in checks]
+        summary = dict((r, sum(1 for e in entries if e["result"] == r))
+                       for r in _VALIDATE_RESULTS)
+        return {"socket": self.path,
+                "device_type": None if self.device_type is None
+                else self.device_type.name.lower(),
+                "features": {"virtio": self.features, "protocol": self.protocol},
+                "checks": entries, "summary": summary}
+
+    def _run_one(self, check):
+        result, detail = "pass", ""
+        try:
+            if check.destructive and not self.destructive:
+                _vskip("may crash the back-end: run with --destructive")
+            if check.fresh:
+                self._close_session()
+                if self.single is not None:
+                    _vskip(self.single)
+            detail = check.run(self) or ""
+        except _Verdict as exc:
+            result, detail = exc.result, exc.detail
+        except VhostUserTimeout as exc:
+            result, detail = "fail", "no reply in %g s: %s" % (self.timeout, _one_line(exc))
+        except Disconnected as exc:
+            self._lost = True
+            if check.promised:
+                result, detail = "fail", ("the back-end hung up on a request it offered: %s"
+                                          % _one_line(exc))
+            else:
+                result, detail = "error", "the back-end went away: %s" % _one_line(exc)
+        except (ProtocolError, BackendError, FeatureNotNegotiated) as exc:
+            result, detail = "fail", _one_line(exc)
+        except (VhostUserError, OSError, ValueError) as exc:
+            result, detail = "error", _one_line(exc)
+        self._lost = self._lost or result == "error"
+        if check.fresh or result == "error" or (
+                self._session is not None and self._session.client.broken):
+            self._close_session()
+        return {"id": check.id, "result": result, "spec": check.spec, "detail": detail}
+
+    # -- connections --------------------------------------------------------------
+
+    def session(self):
+        """The shared session: negotiated, with memory, and with the rings I/O needs
+        started when the device type has a request this module knows."""
+        if self._session is None:
+            s = self.fresh()
+            try:
+                s.memory()
+                if self.io_problem(s) is None:
+                    s.rings_for_io()
+            except BaseException:
+                s.close()
+                raise
+            self._session = s
+        return self._session
+
+    def io_session(self):
+        """The shared session if it can do I/O, else skip saying why."""
+        s = self.session()
+        problem = self.io_problem(s)
+        if problem:
+            _vskip(problem)
+        return s
+
+    def fresh(self, io=False, protocol=None, layout=None, regions=None, base=0):
+        """A new negotiated connection; with ``io``, memory and started rings too."""
+        s = self.connect()
+        try:
+            s.negotiate(protocol)
+            self._learn(s)
+            if io:
+                problem = self.io_problem(s)
+                if problem:
+                    _vskip(problem)
+                s.memory(**dict((k, w) for k, w in (("layout", layout), ("regions", regions))
+                                if w is not None))
+                s.rings_for_io(base)
+            return s
+        except BaseException:
+            s.close()
+            raise
+
+    def connect(self):
+        if self.single is not None:
+            _vskip(self.single)
+        try:
+            s = _VSession(self)
+        except Disconnected as exc:
+            # Not listening any more after a session that ended well: a back-end
+            # that serves one connection. After a failure: it went away.
+            if self.features is not None and not self._lost and isinstance(
+                    exc.__cause__, (ConnectionRefusedError, FileNotFoundError)):
+                self.single = ("the back-end stopped accepting connections after the first "
+                               "one (it serves a single connection, as virtiofsd 7.2 does)")
+                _vskip(self.single)
+            self._lost = True
+            raise _Verdict("error", "the back-end went away: %s" % _one_line(exc))
+        return s
+
+    def _learn(self, s):
+        if self.features is None:
+            self.features = s.features
+            self.protocol = s.offered_protocol
+            if self.device_type is None:
+                self.device_type = _guess_device_type(s.features, s.offered_protocol)[0]
+        unit = _V_UNITS.get(self.device_type)
+        if self.unit is None and unit is not None:
+            self.unit = unit(self)
+
+    def io_problem(self, s):
+        """Why I/O cannot be checked on ``s``, or None."""
+        if self.unit is None:
+            return ("no request is known for device type %s: negotiation and config space only"
+                    % _v_type_name(self))
+        queues = s.client.queue_num
+        if queues is not None and queues <= max(self.unit.rings):
+            return ("the back-end has %d queue(s), %s I/O needs %d"
+                    % (queues, self.device_type.name.lower(), max(self.unit.rings) + 1))
+        return None
+
+    def _close_session(self):
+        s, self._session = self._session, None
+        if s is not None:
+            s.close()
+
+    def still_serving(self):
+        """After a fault: '' when a new connection is served, else why not."""
+        problem = self._still_serving()
+        self._lost = self._lost or bool(problem)
+        return problem
+
+    def _still_serving(self):
+        try:
+            s = _VSession(self)
+        except Disconnected as exc:
+            return "crashed: the socket no longer accepts connections (%s)" % _one_line(exc)
+        try:
+            s.client.get_features()
+            return ""
+        except VhostUserTimeout:
+            return "hangs: a new connection got no reply in %g s" % self.timeout
+        except Disconnected as exc:
+            return "crashed: a new connection was dropped unserved (%s)" % _one_line(exc)
+        except VhostUserError as exc:
+            return "a new connection failed: %s" % _one_line(exc)
+        finally:
+            s.close()
+
+
+
+def _v_type_name(v):
+    return "unknown" if v.device_type is None else v.device_type.name.lower()
+
+
+def _need_protocol(s, bit):
+    offered = s.offered_protocol
+    if offered is None:
+        _vskip("PROTOCOL_FEATURES (bit 30) not offered")
+    if not offered & bit:
+        _vskip("%s not offered", ProtocolFeature(bit).name)
+
+
+def _need_feature(s, bit):
+    if not s.acked & bit:
+        _vskip("%s not offered", VirtioFeature(bit).name)
+
+
+# -- Negotiation --------------------------------------------------------------
+
+@_vcheck("neg.features", _RS % "Protocol features", promised=True)
+def _v_neg_features(v):
+    """GET_FEATURES answered first; with bit 30, GET_PROTOCOL_FEATURES before SET_FEATURES.
+
+    The shared session negotiates in exactly that order (as QEMU does), so
+    its set-up succeeding is the check.
+    """
+    s = v.session()
+    if s.offered_protocol is None:
+        return "GET_FEATURES %#x; PROTOCOL_FEATURES (bit 30) not offered" % s.features
+    return ("GET_FEATURES %#x answered first, GET_PROTOCOL_FEATURES %#x before "
+            "SET_FEATURES" % (s.features, s.offered_protocol))
+
+
+@_vcheck("neg.device-bits", "virtio 1.2 2.2, 6")
+def _v_neg_device_bits(v):
+    """Offered feature bits that neither the transport nor the device type defines."""
+    features = v.session().features
+    undefined = features & ~_DEVICE_SPECIFIC_FEATURES & ~_V_KNOWN_TRANSPORT
+    names = _DEVICE_FEATURE_NAMES.get(v.device_type) if v.device_type is not None else None
+    device = features & _DEVICE_SPECIFIC_FEATURES
+    if names is not None:
+        undefined |= sum(1 << b for b in range(64) if device >> b & 1 and b not in names)
+    if undefined:
+        _vfail("offers feature bits the %s does not define: %s",
+               "device type or the transport" if names is not None else "transport",
+               ", ".join(VirtioFeature.names(undefined)))
+    return "all %d offered bits are defined%s" % (bin(features).count("1"), (
+        "" if names is not None else " by the transport (device bits unchecked: type unknown)"))
+
+
+#: Protocol features that are meaningless without others.
+_V_PROTOCOL_NEEDS = (
+    (_P.BACKEND_SEND_FD, _P.BACKEND_REQ), (_P.HOST_NOTIFIER, _P.BACKEND_REQ),
+    (_P.INBAND_NOTIFICATIONS, _P.BACKEND_REQ | _P.REPLY_ACK),
+    (_P.GET_VRING_BASE_INFLIGHT, _P.INFLIGHT_SHMFD),
+    (_P.GET_VRING_BASE_SKIP_DRAIN, _P.GET_VRING_BASE_INFLIGHT | _P.INFLIGHT_SHMFD),
+)
+
+
+@_vcheck("neg.protocol-bits", _RS % "Protocol features")
+def _v_neg_protocol_bits(v):
+    """Protocol bits the spec does not define, or offered without what they need."""
+    s = v.session()
+    _need_feature(s, VirtioFeature.PROTOCOL_FEATURES)
+    offered = s.offered_protocol
+    if offered & ~_V_KNOWN_PROTOCOL:
+        _vfail("offers undefined protocol bits: %s",
+               ", ".join(ProtocolFeature.names(offered & ~_V_KNOWN_PROTOCOL)))
+    for bit, needs in _V_PROTOCOL_NEEDS:
+        if offered & bit and needs & ~offered:
+            _vfail("offers %s without %s", bit.name,
+                   " and ".join(ProtocolFeature.names(needs & ~offered)))
+    return " ".join(ProtocolFeature.names(offered))
+
+
+@_vcheck("neg.reply-ack", _RS % "Communication" + ", REPLY_ACK", promised=True)
+def _v_neg_reply_ack(v):
+    """Every request sent with NEED_REPLY during set-up got its u64 ack."""
+    s = v.session()
+    if s.offered_protocol is None or not s.offered_protocol & _P.REPLY_ACK:
+        _vskip("REPLY_ACK not offered")
+    return "%d requests sent with NEED_REPLY, each acked: %s" % (
+        len(s.acks), " ".join(sorted(set(r.name for r in s.acks))))
+
+
+def _v_raw_ack(client, code):
+    """Send request ``code`` (any int) with NEED_REPLY; its u64 ack, or None on EOF."""
+    channel, what = client._channel, "request %d" % code
+    try:
+        channel.send(code, _VERSION | _FLAG_NEED_REPLY, b"", ())
+        got, flags, size, fds = channel.recv_header(what)
+        _close_fds(fds)
+        body = channel.recv_body(size, what)
+    except Disconnected:
+        return None
+    if got != code or size != _U64.size:
+        _vfail("reply to request %d: code %d with %d bytes, expected the code and a u64",
+               code, got, size)
+    return _U64.unpack(body)[0]
+
+
+@_vcheck("neg.unsupported", _RS % "Communication", fresh=True)
+def _v_neg_unsupported(v):
+    """A request no spec defines is refused: an error ack or a hang-up, never ack 0."""
+    with v.fresh() as s:
+        if not s.ack:
+            _vskip("REPLY_ACK not offered: a refusal cannot be observed")
+        value = _v_raw_ack(s.client, _V_UNSUPPORTED)
+        if value:
+            return "request %#x refused with error %d" % (_V_UNSUPPORTED, value)
+        if value is None or not s.alive():
+            gone = v.still_serving()
+            if gone:
+                _vfail("after request %#x: %s", _V_UNSUPPORTED, gone)
+            return ("request %#x: %sconnection dropped, the back-end still serves"
+                    % (_V_UNSUPPORTED, "" if value is None else "acked 0, then "))
+        _vfail("request %#x, which no spec defines, acked as a success (0)", _V_UNSUPPORTED)
+
+
+# -- Protocol features backed by their requests ---------------------------------
+
+@_vcheck("proto.mq", _RS % "Multiple queue support", promised=True)
+def _v_proto_mq(v):
+    s = v.session()
+    _need_protocol(s, _P.MQ)
+    n = s.client.queue_num
+    need = {DeviceType.NET: 2}.get(v.device_type, _MIN_QUEUES.get(v.device_type, 1))
+    if not 1 <= n <= MAX_VRINGS:
+        _vfail("GET_QUEUE_NUM %d is outside 1..%d", n, MAX_VRINGS)
+    if n < need:
+        _vfail("GET_QUEUE_NUM %d, a %s device has at least %d", n,
+               v.device_type.name.lower(), need)
+    if v.device_type == DeviceType.BLOCK and s.acked & _BLK_F_MQ and s.protocol & _P.CONFIG:
+        num_queues = struct.unpack_from("<H", s.client.get_config(0, 36), 34)[0]
+        if num_queues > n:
+            _vfail("config num_queues %d, but GET_QUEUE_NUM %d", num_queues, n)
+        return "GET_QUEUE_NUM %d, config num_queues %d" % (n, num_queues)
+    return "GET_QUEUE_NUM %d" % n
+
+
+@_vcheck("proto.config", _RS % "Front-end message types" + ", GET_CONFIG", promised=True)
+def _v_proto_config(v):
+    s = v.session()
+    _need_protocol(s, _P.CONFIG)
+    # As QEMU: the layout's size for the offered features (what exists).
+    size = _device_config_size(v.device_type, s.features) if v.device_type else 0
+    if not size:
+        _vskip("the config layout of device type %s is not known here", _v_type_name(v))
+    data = s.client.get_config(0, size)
+    detail = "GET_CONFIG of %d bytes answered" % size
+    at = size // 2
+    window = s.client.get_config(at, size - at)
+    if window == data[:size - at]:
+        _vfail("GET_CONFIG of %d bytes at offset %d answered the bytes at offset 0: it ignored "
+               "the offset", size - at, at)
+    if window != data[at:]:
+        _vfail("GET_CONFIG of %d bytes at offset %d answered %s..., the bytes there are %s...",
+               size - at, at, window[:8].hex(), data[at:at + 8].hex())
+    detail += ", and its second half at offset %d" % at
+    if v.device_type == DeviceType.BLOCK and s.acked & _BLK_F_CONFIG_WCE:
+        s.client.set_config(32, data[32:33], ack=s.ack)
+        again = s.client.get_config(0, size)
+        if again[32:33] != data[32:33]:
+            _vfail("SET_CONFIG of writeback %d read back as %d", bytearray(data)[32],
+                   bytearray(again)[32])
+        detail += "; SET_CONFIG of writeback %s" % ("acked" if s.ack else "kept")
+    return detail
+
+
+@_vcheck("proto.log", _RS % "Migration" + ", SET_LOG_BASE", promised=True)
+def _v_proto_log(v):
+    s = v.session()
+    _need_protocol(s, _P.LOG_SHMFD)
+    size = max(_PAGE_SIZE, -(-s.mem.size // (_PAGE_SIZE * 8)))
+    fd = _memfd_create("vhost-user-validate-log", size)
+    try:
+        s.client.set_log_base(size, 0, fd)
+    finally:
+        os.close(fd)
+    return "SET_LOG_BASE with a %d-byte log answered" % size
+
+
+@_vcheck("proto.status", _RS % "Front-end message types" + ", SET_STATUS", promised=True)
+def _v_proto_status(v):
+    s = v.session()
+    _need_protocol(s, _P.STATUS)
+    status = 1 | 2 | 8 | 4          # ACKNOWLEDGE DRIVER FEATURES_OK DRIVER_OK
+    s.client.set_status(status, ack=s.ack)
+    got = s.client.get_status()
+    if got & status != status:
+        _vfail("SET_STATUS %#x, then GET_STATUS answered %#x", status, got)
+    return "SET_STATUS %#x read back as %#x" % (status, got)
+
+
+@_vcheck("proto.shmem", _RS % "Front-end message types" + ", GET_SHMEM_CONFIG", promised=True)
+def _v_proto_shmem(v):
+    s = v.session()
+    _need_protocol(s, _P.SHMEM)
+    config = s.client.get_shmem_config()
+    bad = [size for size in config.sizes if size % _PAGE_SIZE]
+    if bad:
+        _vfail("shared memory region sizes %s are not page multiples", bad)
+    return "GET_SHMEM_CONFIG: %d region(s)" % len([x for x in config.sizes if x])
+
+
+@_vcheck("proto.inflight", _RS % "Inflight I/O tracking", fresh=True, promised=True)
+def _v_proto_inflight(v):
+    with v.fresh() as s:
+        _need_protocol(s, _P.INFLIGHT_SHMFD)
+        queues = s.client.queue_num or 1
+        info, fd = s.client.get_inflight_fd(queues, _V_RING)
+        if fd is None:
+            _vfail("GET_INFLIGHT_FD returned an empty area and no fd")
+        try:
+            s.client.set_inflight_fd(info, fd, ack=s.ack)
+        finally:
+            os.close(fd)
+        return "GET_INFLIGHT_FD: %d bytes for %d queue(s); SET_INFLIGHT_FD accepted" \
+            % (info.mmap_size, queues)
+
+
+@_vcheck("proto.device-state", _RS % "Migrating back-end state", fresh=True, promised=True)
+def _v_proto_device_state(v):
+    with v.fresh() as s:
+        _need_protocol(s, _P.DEVICE_STATE)
+        read_fd, write_fd = os.pipe()
+        fds = [read_fd, write_fd]
+        try:
+            fd = s.client.set_device_state_fd(TRANSFER_SAVE, TRANSFER_PHASE_STOPPED, write_fd)
+            os.close(write_fd)
+            fds.remove(write_fd)
+            if fd is not None:
+                fds.append(fd)
+            source = read_fd if fd is None else fd
+            deadline, total = time.monotonic() + v.timeout, 0
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([source], [], [], left)[0]:
+                    _vfail("no reply in %g s: the state stream never ended", v.timeout)
+                chunk = os.read(source, 65536)
+                if not chunk:
+                    break
+                total += len(chunk)
+            s.client.check_device_state()
+        finally:
+            _close_fds(fds)
+        return "saved %d bytes of state; CHECK_DEVICE_STATE 0" % total
+
+
+@_vcheck("proto.backend-req", _RS % "Back-end communication", fresh=True, promised=True)
+def _v_proto_backend_req(v):
+    """BACKEND_REQ: SET_BACKEND_REQ_FD accepted, and the connection still answers."""
+    with v.connect() as s:
+        s.negotiate(_V_PROTOCOL | _P.BACKEND_REQ)
+        _need_protocol(s, _P.BACKEND_REQ)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.client.set_backend_req_fd(theirs, ack=s.ack)
+            theirs.close()
+            s.client.get_features()
+        finally:
+            ours.close()
+            theirs.close()
+        return "SET_BACKEND_REQ_FD %s" % ("acked" if s.ack else "taken")
+
+
+@_vcheck("proto.reset-device", _RS % "Front-end message types" + ", RESET_DEVICE",
+         fresh=True, promised=True)
+def _v_proto_reset_device(v):
+    """RESET_DEVICE with rings running, then the device is set up again and serves."""
+    with v.fresh() as s:
+        _need_protocol(s, _P.RESET_DEVICE)
+        problem = v.io_problem(s)
+        if not problem:
+            s.memory()
+            s.rings_for_io()
+        s.client.reset_device(ack=s.ack)
+        if problem:
+            s.client.get_features()
+            return "RESET_DEVICE %s (%s)" % ("acked" if s.ack else "taken", problem)
+        s.client.set_features(s.acked, ack=s.ack)
+        s.client.set_mem_table(s.mem.regions(), ack=s.ack)
+        for i in sorted(s.rings):
+            s.rings[i].set_base(0)
+            s.start(s.rings[i], 0)
+        return "RESET_DEVICE, then set up again: " + _v_io_roundtrip(v, s)
+
+
+@_vcheck("mem.slots", _RS % "Memory access" + ", ADD_MEM_REG", promised=True)
+def _v_mem_slots(v):
+    s = v.session()
+    _need_protocol(s, _P.CONFIGURE_MEM_SLOTS)
+    slots = s.client.get_max_mem_slots()
+    if slots < 1:
+        _vfail("GET_MAX_MEM_SLOTS %d", slots)
+    extra = GuestMemory([(_V_REGION1, 1 << 20)], "vhost-user-validate-extra")
+    s.extra_mem.append(extra)
+    (region, fd), = extra.regions()
+    s.client.add_mem_reg(region, fd, ack=s.ack)
+    detail = "GET_MAX_MEM_SLOTS %d; ADD_MEM_REG" % slots
+    if s.rings and isinstance(v.unit, _VBlockUnit):
+        status, data = v.unit.request(s, _BLK_T_IN, 0, length=512, mem=extra)
+        if status != 0:
+            _vfail("a READ into the region ADD_MEM_REG added: status %d", status)
+        detail += ", a READ into it"
+    s.client.rem_mem_reg(region, ack=s.ack)
+    return detail + ", REM_MEM_REG accepted"
+
+
+# -- Rings ------------------------------------------------------------------------
+
+@_vcheck("ring.sizes", "virtio 1.2 2.7; " + _RS % "Front-end message types", fresh=True)
+def _v_ring_sizes(v):
+    """Sizes 1, 256 and 32768 accepted, 1000 refused: split rings are powers of 2."""
+    with v.fresh() as s:
+        if not s.ack:
+            _vskip("REPLY_ACK not offered: acceptance cannot be observed")
+        for size in (1, 256, 32768):
+            s.client.set_vring_num(0, size, ack=True)
+        try:  # sent raw: the client itself refuses a size that is not a power of 2
+            s.client._transact(_F.SET_VRING_NUM, _STATE.pack(0, 1000), ack=True)
+        except BackendError:
+            return "1, 256 and 32768 accepted; 1000 refused"
+        except Disconnected:
+            return "1, 256 and 32768 accepted; 1000 refused by dropping the connection"
+        if not s.alive():
+            return "1, 256 and 32768 accepted; 1000 acked 0, then the connection dropped"
+        _vfail("SET_VRING_NUM 1000 acked 0 on a split ring (a queue size is a power of 2)")
+
+
+def _v_post(v, s, ring, **kwargs):
+    return v.unit.post(s, ring, **kwargs)
+
+
+@_vcheck("ring.base", _RS % "Front-end message types" + ", SET_VRING_BASE", fresh=True)
+def _v_ring_base(v):
+    """SET_VRING_BASE near the 16-bit wrap honoured; GET_VRING_BASE returns where it stopped."""
+    base = 0xFFFE
+    with v.fresh(io=True, base=base) as s:
+        ring = s.rings[v.unit.ring]
+        heads = [_v_post(v, s, ring) for _ in range(4)]
+        used = ring.wait_used(4, v.timeout, "chains posted after SET_VRING_BASE %d" % base)
+        if sorted(h for h, _ in used) != sorted(heads):   # any completion order
+            _vfail("used heads %s, posted %s", sorted(h for h, _ in used), sorted(heads))
+        if ring.used_idx != (base + 4) & 0xFFFF:
+            _vfail("used->idx %d after 4 chains from base %d", ring.used_idx, base)
+        got = s.client.get_vring_base(ring.index)
+        if got != (base + 4) & 0xFFFF:
+            _vfail("GET_VRING_BASE %d, expected %d", got, (base + 4) & 0xFFFF)
+        return "4 chains served from avail index %d across the wrap; GET_VRING_BASE %d" \
+            % (base, got)
+
+
+@_vcheck("ring.stop", _RS % "Ring states" + ", GET_VRING_BASE", fresh=True)
+def _v_ring_stop(v):
+    """GET_VRING_BASE stops the ring, returns the next avail index, and the ring resumes there."""
+    with v.fresh(io=True) as s:
+        ring = s.rings[v.unit.ring]
+        _v_post(v, s, ring)
+        _v_post(v, s, ring)
+        ring.wait_used(2, v.timeout, "two chains")
+        got = s.client.get_vring_base(ring.index)
+        if got != 2:
+            _vfail("GET_VRING_BASE %d after 2 chains, expected 2 (the next avail index)", got)
+        head = _v_post(v, s, ring)
+        if not ring.idle_for(min(_V_GRACE, v.timeout)):
+            _vfail("a chain posted after GET_VRING_BASE was processed: the ring did not stop")
+        s.start(ring, got)
+        (used_head, _), = ring.wait_used(1, v.timeout, "the chain posted while stopped, after "
+                                         "restarting at %d" % got)
+        if used_head != head:
+            _vfail("after restarting at %d the used entry is for descriptor %d, not %d: the "
+                   "ring did not resume where it stopped", got, used_head, head)
+        if ring.used_idx != 3:
+            _vfail("used->idx %d after restarting, expected 3", ring.used_idx)
+        return "stopped at 2, nothing processed while stopped, resumed at 2"
+
+
+@_vcheck("ring.enable", _RS % "Ring states" + ", SET_VRING_ENABLE", fresh=True)
+def _v_ring_enable(v):
+    """A chain on a disabled ring has no effect; it is served once the ring is enabled."""
+    with v.fresh(io=True) as s:
+        if not s.acked & VirtioFeature.PROTOCOL_FEATURES:
+            _vskip("PROTOCOL_FEATURES not negotiated: rings are enabled at once")
+        ring = s.rings[v.unit.ring]
+        s.client.set_vring_enable(ring.index, False, ack=s.ack)
+        if isinstance(v.unit, _VNetUnit):
+            rx = s.rings[0]
+            v.unit.fill_rx(s, 1)
+        blk = isinstance(v.unit, _VBlockUnit) and not s.acked & _BLK_F_RO
+        if blk:  # a WRITE: reaching the disk is a side effect nobody can argue with
+            s.client.set_vring_enable(ring.index, True, ack=s.ack)
+            old = v.unit.request(s, _BLK_T_IN, _V_SECTOR, length=4096)[1]
+            s.client.set_vring_enable(ring.index, False, ack=s.ack)
+            head = v.unit.request(s, _BLK_T_OUT, _V_SECTOR, data=bytes(bytearray(
+                [0x5a]) * 4096), wait=False)
+        else:
+            head = _v_post(v, s, ring)
+        try:
+            if isinstance(v.unit, _VNetUnit):
+                if not rx.idle_for(min(_V_GRACE, v.timeout)):
+                    _vfail("a frame sent on the disabled TX ring came back on RX")
+            elif not ring.idle_for(min(_V_GRACE, v.timeout)):
+                _vfail("a %s on the disabled ring %d was served", "WRITE" if blk else "chain",
+                       ring.index)
+            s.client.set_vring_enable(ring.index, True, ack=s.ack)
+            ring.kick.signal()
+            (used_head, _), = ring.wait_used(1, v.timeout, "the chain, after "
+                                             "SET_VRING_ENABLE 1")
+            if used_head != head:
+                _vfail("used entry for descriptor %d, expected %d", used_head, head)
+        finally:
+            if blk:
+                ring.used_seen = ring.used_idx
+                s.client.set_vring_enable(ring.index, True, ack=s.ack)
+                v.unit.request(s, _BLK_T_OUT, _V_SECTOR, data=old)
+        return "nothing served while disabled; served once enabled"
+
+
+@_vcheck("ring.event-idx", "virtio 1.2 2.7.7, 2.7.10", fresh=True)
+def _v_ring_event_idx(v):
+    """No call before used_event is crossed, a call when it is; avail_event obeyed."""
+    with v.fresh(io=True) as s:
+        _need_feature(s, VirtioFeature.RING_EVENT_IDX)
+        ring = s.rings[v.unit.ring]
+        grace = min(_V_GRACE, v.timeout)
+        # First a chain that crosses used_event: it MUST be signalled. (Also
+        # Linux vhost and libvhost-user signal the first chain after a start
+        # whatever used_event says; the spec only says SHOULD NOT there.)
+        ring.set_used_event(ring.used_seen)
+        _v_post(v, s, ring)
+        ring.wait_used(1, v.timeout)
+        if not ring.call.wait(v.timeout):
+            _vfail("no interrupt in %g s although used_event was crossed", v.timeout)
+        ring.set_used_event(ring.used_seen + 100)
+        ring.call.read()
+        _v_post(v, s, ring)
+        ring.wait_used(1, v.timeout)
+        if ring.call.wait(grace):
+            _vfail("an interrupt although used_event (%d) was not crossed (SHOULD NOT)",
+                   (ring.used_seen + 99) & 0xFFFF)
+        # The device asks for kicks through avail_event: a chain it said needs
+        # no kick must still be served (it polls), one that needs one gets it.
+        old = ring.avail_idx
+        event = ring.avail_event
+        ring.kick.close()
+        ring.kick = Event()   # a kick fd the device does not see: we do not kick
+        kick_due = _need_event(event, (old + 1) & 0xFFFF, old)
+        if kick_due:
+            s.client.set_vring_kick(ring.index, ring.kick, ack=s.ack)
+        _v_post(v, s, ring)
+        ring.wait_used(1, v.timeout, "a chain %s" % ("kicked as avail_event %d asked" % event
+                                                      if kick_due else
+                                                      "not kicked, as avail_event %d allowed"
+                                                      % event))
+        return "used_event honoured both ways; avail_event %d %s" % (
+            event, "asked for the kick" if kick_due else "suppressed the kick, chain served")
+
+
+@_vcheck("ring.indirect", "virtio 1.2 2.7.5.3")
+def _v_ring_indirect(v):
+    s = v.io_session()
+    _need_feature(s, VirtioFeature.RING_INDIRECT_DESC)
+    return _v_io_roundtrip(v, s, indirect=True) + " through indirect tables"
+
+
+def _v_io_roundtrip(v, s, indirect=False, mem=None):
+    """One request that proves data moved correctly, per type; returns a detail."""
+    unit = v.unit
+    if isinstance(unit, _VBlockUnit):
+        if s.acked & _BLK_F_RO:
+            status, _ = unit.request(s, _BLK_T_IN, 0, length=512, mem=mem, indirect=indirect)
+            if status:
+                _vfail("READ status %d", status)
+            return "READ of a read-only disk"
+        return _v_blk_write_read(v, s, mem=mem, indirect=indirect)
+    if isinstance(unit, _VNetUnit):
+        return _v_net_echo(v, s, mem=mem, indirect=indirect)
+    if not s.fuse_ready:
+        s.fuse_ready = not unit.init(s)[0]
+    error, payload = unit.fuse(s, _FuseOp.GETATTR, _FUSE_ROOT_ID, unit.getattr_args(),
+                               _FUSE_ATTR_OUT.size + _FUSE_ATTR.size, indirect=indirect)
+    if error:
+        _vfail("GETATTR of the root: error %d", error)
+    return "GETATTR of the root answered"
+
+
+def _v_blk_write_read(v, s, mem=None, indirect=False):
+    unit = v.unit
+    status, old = unit.request(s, _BLK_T_IN, _V_SECTOR, length=4096, mem=mem)
+    if status:
+        _vfail("READ of sector %d: status %d", _V_SECTOR, status)
+    pattern = os.urandom(4096)
+    try:
+        status, _ = unit.request(s, _BLK_T_OUT, _V_SECTOR, data=pattern, mem=mem,
+                                 indirect=indirect)
+        if status:
+            _vfail("WRITE of sector %d: status %d", _V_SECTOR, status)
+        status, back = unit.request(s, _BLK_T_IN, _V_SECTOR, length=4096, mem=mem,
+                                    indirect=indirect)
+        if status or back != pattern:
+            _vfail("READ after WRITE of sector %d: status %d, %s", _V_SECTOR, status,
+                   "data matches" if back == pattern else "different data")
+    finally:
+        unit.request(s, _BLK_T_OUT, _V_SECTOR, data=old, mem=mem)
+    return "4 KiB written at sector %d and read back (old data restored)" % _V_SECTOR
+
+
+def _v_net_echo(v, s, mem=None, indirect=False):
+    unit = v.unit
+    rx = s.rings[0]
+    bufs = unit.fill_rx(s, 1)
+    tag = os.urandom(8)
+    unit.post(s, s.rings[1], indirect=indirect, mem=mem, tag=tag)
+    s.rings[1].wait_used(1, v.timeout, "the TX frame")
+    deadline = time.monotonic() + v.timeout
+    while rx.used_idx == rx.used_seen:
+        if time.monotonic() > deadline:
+            _vskip("no frame came back on RX in %g s: the back-end does not loop frames "
+                   "back", v.timeout)
+        time.sleep(0.0005)
+    (_, length), = rx.wait_used(1, v.timeout)
+    frame = s.mem.read(bufs[0], length)[_NET_HDR.size:]
+    if frame != unit.sent:
+        _vfail("the frame that came back on RX is not the one sent (%d bytes, %s)", length,
+               "its own tag" if tag in frame else "another frame")
+    return "a %d-byte frame echoed" % length
+
+
+@_vcheck("mem.regions", _RS % "Memory access" + "; virtio 1.2 2.7.5", fresh=True, promised=True)
+def _v_mem_regions(v):
+    """A chain whose buffers lie in two regions (rings in the first, data in the second)."""
+    with v.fresh() as s:
+        problem = v.io_problem(s)
+        if problem:
+            _vskip(problem)
+        mem = s.memory(layout=((0, 1 << 20), (_V_REGION1, 1 << 20)))
+        s.rings_for_io()
+        data_mem = _VSplitAlloc(mem, _V_REGION1)
+        return _v_io_roundtrip(v, s, mem=data_mem) + ", data in the region at %#x" \
+            % _V_REGION1
+
+
+@_vcheck("mem.offset", _RS % "Memory access" + ", mmap_offset", fresh=True, promised=True)
+def _v_mem_offset(v):
+    """A region at a non-zero guest address mapped from a non-zero offset of its fd."""
+    skip = 0x10000
+    with v.fresh() as s:
+        problem = v.io_problem(s)
+        if problem:
+            _vskip(problem)
+
+        def regions(mem):
+            table = mem.regions()
+            (r0, fd0), (r1, fd1) = table
+            return [(r0, fd0), (MemoryRegion(r1.guest_phys_addr + skip, r1.memory_size - skip,
+                                             r1.userspace_addr + skip, skip), fd1)]
+        mem = s.memory(layout=((0, 1 << 20), (_V_REGION1, 1 << 20)), regions=regions)
+        s.rings_for_io()
+        data_mem = _VSplitAlloc(mem, _V_REGION1 + skip)
+        return _v_io_roundtrip(v, s, mem=data_mem) + \
+            ", data at GPA %#x, mmap_offset %#x" % (_V_REGION1 + skip, skip)
+
+
+class _VSplitAlloc:
+    """``mem`` whose ``allocate`` puts data at or above ``floor`` (a region of its own)."""
+
+    def __init__(self, mem, floor):
+        self._mem, self._next = mem, floor
+
+    def allocate(self, size, align=16):
+        addr = -(-self._next // align) * align
+        self._next = addr + size
+        return addr
+
+    def __getattr__(self, name):
+        return getattr(self._mem, name)
+
+
+@_vcheck("mem.replace", _RS % "Memory access" + ", SET_MEM_TABLE", fresh=True, promised=True)
+def _v_mem_replace(v):
+    """A new memory table (the rings' region plus a new one) while the rings are stopped."""
+    with v.fresh(io=True) as s:
+        work = s.rings[v.unit.ring]
+        _v_post(v, s, work)
+        work.wait_used(1, v.timeout)
+        bases = dict((i, s.client.get_vring_base(i)) for i in sorted(s.rings))
+        # libvhost-user re-maps started rings at once, so their region stays.
+        extra = GuestMemory([(_V_REGION1, 1 << 20)], "vhost-user-validate-new")
+        s.extra_mem.append(extra)
+        s.client.set_mem_table(s.mem.regions() + extra.regions(), ack=s.ack)
+        for i in sorted(s.rings):
+            s.start(s.rings[i], bases[i])
+        return _v_io_roundtrip(v, s, mem=extra) + \
+            ", in a region a new SET_MEM_TABLE added while the rings were stopped"
+
+
+# -- Device I/O (shared session) --------------------------------------------------
+
+def _v_blk_session(v):
+    s = v.io_session()
+    if not isinstance(v.unit, _VBlockUnit):
+        _vskip("not a block device")
+    return s
+
+
+@_vcheck("io.blk-rw", "virtio 1.2 5.2.6")
+def _v_io_blk_rw(v):
+    s = _v_blk_session(v)
+    if s.acked & _BLK_F_RO:
+        _vskip("BLK_RO: the disk is read-only")
+    return _v_blk_write_read(v, s)
+
+
+@_vcheck("io.blk-flush", "virtio 1.2 5.2.6")
+def _v_io_blk_flush(v):
+    s = _v_blk_session(v)
+    if not s.acked & _BLK_F_FLUSH:
+        _vskip("BLK_FLUSH not offered")
+    status, _ = v.unit.request(s, _BLK_T_FLUSH)
+    if status:
+        _vfail("FLUSH status %d", status)
+    return "FLUSH status OK"
+
+
+@_vcheck("io.blk-discard", "virtio 1.2 5.2.6")
+def _v_io_blk_discard(v):
+    s = _v_blk_session(v)
+    done = []
+    for bit, kind, name in ((_BLK_F_DISCARD, _BLK_T_DISCARD, "DISCARD"),
+                            (_BLK_F_WRITE_ZEROES, _BLK_T_WRITE_ZEROES, "WRITE_ZEROES")):
+        if not s.acked & bit or s.acked & _BLK_F_RO:
+            continue
+        status, old = v.unit.request(s, _BLK_T_IN, _V_SECTOR, length=4096)
+        try:
+            if kind == _BLK_T_WRITE_ZEROES:  # something to zero
+                v.unit.request(s, _BLK_T_OUT, _V_SECTOR, data=b"\x5a" * 4096)
+            status = v.unit.request(s, kind, data=_BLK_DISCARD_SEG.pack(_V_SECTOR, 8, 0))[0]
+            if status:
+                _vfail("%s of 8 sectors at %d: status %d", name, _V_SECTOR, status)
+            if kind == _BLK_T_WRITE_ZEROES:
+                back = v.unit.request(s, _BLK_T_IN, _V_SECTOR, length=4096)[1]
+                if back != bytes(4096):
+                    _vfail("sectors read back non-zero after WRITE_ZEROES")
+        finally:
+            v.unit.request(s, _BLK_T_OUT, _V_SECTOR, data=old)
+        done.append(name)
+    if not done:
+        _vskip("neither BLK_DISCARD nor BLK_WRITE_ZEROES offered on a writable disk")
+    return " and ".join(done) + " served (old data restored)"
+
+
+@_vcheck("io.blk-id", "virtio 1.2 5.2.6")
+def _v_io_blk_id(v):
+    s = _v_blk_session(v)
+    status, data = v.unit.request(s, _BLK_T_GET_ID, length=_BLK_ID_BYTES)
+    if status == 2:
+        _vskip("GET_ID answered UNSUPP")
+    if status:
+        _vfail("GET_ID status %d", status)
+    return "GET_ID %r" % data.split(b"\0", 1)[0].split(b"\xa5", 1)[0].decode("ascii", "replace")
+
+
+@_vcheck("io.blk-bounds", "virtio 1.2 5.2.6.1")
+def _v_io_blk_bounds(v):
+    """The last sector of config capacity reads OK; the one past it is refused."""
+    s = _v_blk_session(v)
+    if not s.protocol & _P.CONFIG:
+        _vskip("CONFIG not negotiated: capacity unknown")
+    capacity = struct.unpack("<Q", s.client.get_config(0, 8))[0]
+    status, _ = v.unit.request(s, _BLK_T_IN, capacity - 1, length=512)
+    if status:
+        _vfail("READ of the last sector (%d): status %d", capacity - 1, status)
+    status, _ = v.unit.request(s, _BLK_T_IN, capacity, length=512)
+    if status == 0:
+        _vfail("READ past capacity (sector %d) answered OK", capacity)
+    return "capacity %d sectors: last sector OK, past it status %d" % (capacity, status)
+
+
+@_vcheck("io.net-echo", "virtio 1.2 5.1.6")
+def _v_io_net_echo(v):
+    s = v.io_session()
+    if not isinstance(v.unit, _VNetUnit):
+        _vskip("not a net device")
+    return _v_net_echo(v, s)
+
+
+@_vcheck("io.fs", "virtio 1.2 5.11.6")
+def _v_io_fs(v):
+    s = v.io_session()
+    if not isinstance(v.unit, _VFsUnit):
+        _vskip("not a virtio-fs device")
+    error, payload = v.unit.init(s)
+    if error:
+        _vfail("FUSE_INIT error %d", error)
+    s.fuse_ready = True
+    major, minor = struct.unpack_from("<II", payload)
+    if major != _FUSE_MAJOR:
+        _vfail("FUSE_INIT answered major %d, asked 7", major)
+    error, payload = v.unit.fuse(s, _FuseOp.GETATTR, _FUSE_ROOT_ID, v.unit.getattr_args(),
+                                 _FUSE_ATTR_OUT.size + _FUSE_ATTR.size)
+    if error:
+        _vfail("GETATTR of the root: error %d", error)
+    mode = _FUSE_ATTR.unpack_from(payload, _FUSE_ATTR_OUT.size)[9]
+    if not stat.S_ISDIR(mode):
+        _vfail("the root's mode %o is not a directory", mode)
+    error, payload = v.unit.fuse(s, _FuseOp.LOOKUP, _FUSE_ROOT_ID, b".\0",
+                                 _FUSE_ENTRY_OUT.size + _FUSE_ATTR.size)
+    return "FUSE %d.%d; root is a directory (mode %o); LOOKUP \".\" error %d" % (
+        major, minor, mode, error)
+
+
+# -- Recovery ------------------------------------------------------------------------
+
+@_vcheck("recover.reconnect", _RS % "Communication" + ', "Inflight I/O tracking"', fresh=True,
+         promised=True)
+def _v_recover(v):
+    """A connection dropped with chains in flight; the next connection is served."""
+    with v.fresh(io=True) as s:
+        for _ in range(4):
+            _v_post(v, s, s.rings[v.unit.ring])
+    with v.fresh(io=True) as s:
+        detail = _v_io_roundtrip(v, s)
+    inflight = v.protocol is not None and v.protocol & _P.INFLIGHT_SHMFD
+    return "dropped with 4 chains posted; the next connection served: %s%s" % (
+        detail, "" if inflight else " (INFLIGHT_SHMFD not offered: no resubmission to check)")
+
+
+# -- Robustness (--destructive) ----------------------------------------------------------
+
+def _v_fault(v, what, inject):
+    """Inject a fault on a fresh connection; pass when the back-end still serves others."""
+    s = v.fresh(io=True)
+    try:
+        outcome = inject(s) or ""
+        if not outcome:
+            outcome = "kept the connection" if s.alive() else "dropped the connection"
+    except (Disconnected, ProtocolError):
+        outcome = "dropped the connection"
+    finally:
+        s.close()
+    gone = v.still_serving()
+    if gone:
+        _vfail("after %s: %s", what, gone)
+    return "%s: %s, and still serves" % (what, outcome)
+
+
+def _v_bad_chain(v, what, build):
+    """Publish what ``build(s, ring)`` wrote ((heads, extra avail->idx move)), kick, then judge."""
+    def inject(s):
+        ring = s.rings[v.unit.ring]
+        heads, jump = build(s, ring)
+        ring.publish(*heads, jump=jump)
+        ring.kick.signal()
+        ring.idle_for(min(_V_GRACE / 3, v.timeout))  # a moment with the bad chain
+    return _v_fault(v, what, inject)
+
+
+def _v_looped(s, ring):
+    buf = s.mem.allocate(64, 16)
+    ring.raw_desc(0, buf, 64, _DESC_F_NEXT, 1)
+    ring.raw_desc(1, buf, 64, _DESC_F_NEXT, 0)
+    return (0,), 0
+
+
+def _v_outside(s, ring):
+    ring.raw_desc(0, 0x7F0000000000, 4096, 0, 0)
+    return (0,), 0
+
+
+@_vcheck("robust.loop", "virtio 1.2 2.7.5.2", fresh=True, destructive=True)
+def _v_robust_loop(v):
+    return _v_bad_chain(v, "a looped chain", _v_looped)
+
+
+@_vcheck("robust.outside", "virtio 1.2 2.7.5.2", fresh=True, destructive=True)
+def _v_robust_outside(v):
+    return _v_bad_chain(v, "a descriptor outside guest memory", _v_outside)
+
+
+@_vcheck("robust.avail-jump", "virtio 1.2 2.7.6", fresh=True, destructive=True)
+def _v_robust_avail_jump(v):
+    return _v_bad_chain(v, "avail->idx moved by more than the ring size",
+                        lambda s, ring: ((), ring.size + 5))
+
+
+@_vcheck("robust.truncated", _RS % "Message specification", fresh=True, destructive=True)
+def _v_robust_truncated(v):
+    def inject(s):
+        sock = s.client._channel.sock
+        sock.sendall(struct.pack("<III", _F.SET_VRING_ADDR, _VERSION, 40) + bytes(8))
+        sock.shutdown(socket.SHUT_WR)
+        ready = select.select([sock], [], [], v.timeout)[0]
+        return "dropped the connection" if ready else "left the connection open"
+    return _v_fault(v, "a message cut short (40 bytes announced, 8 sent)", inject)
+
+
+# -- Output -----------------------------------------------------------------------------
+
+def _validate_table(report):
+    rows = [("RESULT", "ID", "SPEC", "DETAIL")] + [
+        (e["result"], e["id"], e["spec"], e["detail"]) for e in report["checks"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["%s: %s device, features %s, protocol features %s" % (
+        report["socket"], report["device_type"] or "unknown",
+        "-" if report["features"]["virtio"] is None else "%#x" % report["features"]["virtio"],
+        "-" if report["features"]["protocol"] is None
+        else "%#x" % report["features"]["protocol"])]
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[3])
+    lines.append(_validate_summary(report))
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def _validate_summary(report):
+    total = report["summary"]
+    return "%d checks: %s" % (sum(total.values()), ", ".join(
+        "%d %s" % (total[r], r) for r in _VALIDATE_RESULTS))
+
+
+def _validate_tap(report):
+    lines = ["TAP version 13", "1..%d" % len(report["checks"])]
+    for n, e in enumerate(report["checks"], 1):
+        ok = "not ok" if e["result"] in ("fail", "error") else "ok"
+        line = "%s %d - %s" % (ok, n, e["id"])
+        if e["result"] == "skip":
+            line += " # SKIP %s" % e["detail"]
+        lines.append(line)
+        if e["result"] != "skip":
+            lines += ["  ---", "  result: %s" % e["result"], "  spec: '%s'"
+                      % e["spec"].replace("'", "''"), "  detail: '%s'"
+                      % e["detail"].replace("'", "''"), "  ..."]
+    lines.append("# " + _validate_summary(report))
+    return "\n".join(lines) + "\n"
+
+
+############################################################################
 # CLI ######################################################################
 ############################################################################
 
@@ -11536,8 +12983,20 @@ def _format_bytes(count):
     return "%d bytes" % count
 
 
+def _device_type_arg(text):
+    """--type of probe and validate: a type name (blk, net, fs, ...) or any virtio device ID."""
+    import argparse
+    if text.lower() in _CLI_TYPES:
+        return _CLI_TYPES[text.lower()]
+    try:
+        return DeviceType(_int_arg(text))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError("%r is neither a device type (blk, net, fs, gpu, "
+                                         "vsock, ...) nor a virtio device ID (0-65535)" % text)
+
+
 def _cmd_probe(args, out):
-    wanted = _CLI_TYPES[args.type] if args.type else None
+    wanted = args.type
     if args.config_size is not None and not 1 <= args.config_size <= MAX_CONFIG_SIZE:
         raise _UsageError("--config-size %d: the config space holds 1 to %d bytes"
                           % (args.config_size, MAX_CONFIG_SIZE))
@@ -11549,6 +13008,25 @@ def _cmd_probe(args, out):
     else:
         out.write("\n".join(_format_probe(args.socket, info)) + "\n")
     return 0
+
+
+def _cmd_validate(args, out):
+    only = [p for p in (args.only or "").split(",") if p] or None
+    checker = _Validator(args.socket, args.type, only, args.timeout, args.destructive)
+    if only and not checker.selected():
+        raise _UsageError("--only %s matches no check (ids: %s)"
+                          % (args.only, " ".join(c.id for c in _V_CHECKS)))
+    _check_socket(args.socket)
+    report = checker.run()
+    if args.json:
+        import json
+        out.write(json.dumps(report, indent=2) + "\n")
+    elif args.tap:
+        out.write(_validate_tap(report))
+    else:
+        out.write(_validate_table(report))
+    bad = report["summary"]["fail"] + report["summary"]["error"]
+    return _EXIT_FAILURE if bad else 0
 
 
 def _open_device(args, cls, device_type, **kwargs):
@@ -14754,13 +16232,36 @@ def _build_parser():
                     "count, memory slots, shared memory and device config, and print them. "
                     "Negotiates only the protocol features these questions need.")
     probe.add_argument("socket", metavar="SOCKET")
-    probe.add_argument("--type", choices=sorted(_CLI_TYPES), metavar="TYPE",
+    probe.add_argument("--type", type=_device_type_arg, metavar="TYPE",
                        help="device type for naming feature bits and decoding config "
-                            "(blk, net, fs, gpu, vsock, ...; default: guessed)")
+                            "(blk, net, fs, gpu, vsock, ... or a virtio device ID; default: "
+                            "guessed)")
     probe.add_argument("--json", action="store_true", help="print one JSON object")
     probe.add_argument("--config-size", type=_int_arg, metavar="BYTES",
                        help="bytes of device config to read (default: from the type's layout)")
     probe.set_defaults(func=_cmd_probe)
+
+    validate = commands.add_parser(
+        "validate", parents=[common], help="check a back-end against the vhost-user spec",
+        description="Run a catalogue of conformance checks (negotiation, protocol features, "
+                    "rings, memory, device I/O, recovery) and report pass, fail, skip or "
+                    "error for each, with the spec section it rests on. Exit status: 0 when "
+                    "nothing failed, 1 on a fail or error, 2 on bad usage. Block devices "
+                    "get a 4 KiB write at sector 8 (its old data is written back).")
+    validate.add_argument("socket", metavar="SOCKET")
+    validate.add_argument("--type", type=_device_type_arg, metavar="TYPE",
+                          help="device type: blk, net, fs, ... or a virtio device ID "
+                               "(default: guessed from the offered features)")
+    validate.add_argument("--only", metavar="PATTERN",
+                          help="run only checks whose id matches PATTERN (shell-style, "
+                               "comma-separated: 'neg.*,ring.stop')")
+    output = validate.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print one JSON object")
+    output.add_argument("--tap", action="store_true", help="print TAP version 13")
+    validate.add_argument("--destructive", action="store_true",
+                          help="also run the checks that may crash a back-end (malformed "
+                               "chains, a truncated message); they run last")
+    validate.set_defaults(func=_cmd_validate)
 
     blk = commands.add_parser(
         "blk", parents=[common], help="block device I/O",
