@@ -30,7 +30,7 @@ Example::
 Sections (``grep -n '^# .*###'`` prints them with line numbers):
 Head, Errors, Constants, Wire format, OS primitives, Channel, BackendClient,
 GuestMemory, Queue, Backend requests, Worker, VhostUserFrontend, Devices,
-Embedded back-end, CLI.
+Embedded back-end, Conformance checks, CLI.
 """
 
 ############################################################################
@@ -74,6 +74,7 @@ __all__ = [
     "Event", "BackendClient", "GuestMemory", "Queue",
     # Frontend
     "SharedMemoryRegion", "BackendReqHandler", "Interrupt", "VhostUserFrontend", "DeviceState",
+    "DirtyLog",
     # Devices
     "BlockDevice", "NetDevice", "FsDevice",
     # Command line
@@ -345,10 +346,19 @@ class DeviceType(enum.IntEnum):
     PVCLOCK = 61
     WL = 63
 
+    @classmethod
+    def _missing_(cls, value):
+        """Any other virtio device ID (i2c 34, gpio 41, ...): a member named ``TYPE_<id>``."""
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0xFFFF:
+            raise ValueError("%r is not a valid DeviceType" % (value,))  # 3.6 returns None
+        member = int.__new__(cls, value)
+        member._name_, member._value_ = "TYPE_%d" % value, value
+        return cls._value2member_map_.setdefault(value, member)
+
     @property
     def min_queues(self):
-        """Queues a spec-compliant device of this type must implement (crosvm)."""
-        return _MIN_QUEUES[self]
+        """Queues a spec-compliant device of this type must implement (crosvm; else 1)."""
+        return _MIN_QUEUES.get(self, 1)
 
     def feature_names(self, features):
         """Names of ``features`` with this type's device-specific names."""
@@ -5233,6 +5243,166 @@ class _InflightRegion:
             os.close(fd)
 
 
+#: Dirty-log granularity: one bit per 4 KiB page of guest memory (VHOST_LOG_PAGE).
+_LOG_PAGE = 4096
+#: futex(2) numbers, for the atomic bit clear of ``DirtyLog.clear``.
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "riscv64": 98, "ppc64le": 221, "s390x": 238,
+              "i686": 240, "armv7l": 240}
+_FUTEX_WAKE_OP_PRIVATE = 5 | 128
+_FUTEX_OP_ANDN = 3
+_FUTEX_OP_OPARG_SHIFT = 8
+
+
+def _atomic_clear_bits(address, bits):
+    """Atomically clear ``bits`` of the aligned 32-bit word at ``address``.
+
+    Python has no atomic read-modify-write on shared memory, and a plain
+    store of the word would lose a bit a back-end sets between our read and
+    our write. FUTEX_WAKE_OP makes the kernel do ``*word &= ~arg`` with one
+    atomic instruction (and wake nobody). ``arg`` is a 12-bit field that the
+    kernel sign-extends: bit 11 would make it clear bits 11-31 too, so one
+    op takes bits 0-10 and bits 11-31 go one at a time with OPARG_SHIFT.
+    """
+    libc = _libc()
+    number = _SYS_FUTEX[os.uname().machine]
+    word = ctypes.c_void_p(address)
+    low, bits = bits & 0x7FF, bits & ~0x7FF
+    ops = [(_FUTEX_OP_ANDN << 28) | (low << 12)] if low else []
+    while bits:
+        bit = (bits & -bits).bit_length() - 1
+        bits &= bits - 1
+        ops.append(((_FUTEX_OP_ANDN | _FUTEX_OP_OPARG_SHIFT) << 28) | (bit << 12))
+    for op in ops:
+        _retry_eintr(lambda: libc.syscall(ctypes.c_long(number), word,
+                                          ctypes.c_int(_FUTEX_WAKE_OP_PRIVATE), ctypes.c_int(0),
+                                          ctypes.c_void_p(0), word, ctypes.c_uint(op)),
+                     "futex(FUTEX_WAKE_OP)")
+
+
+class DirtyLog:
+    """The pages a back-end wrote while logging: what ``start_dirty_log`` returns.
+
+    The log is a memfd of one bit per 4 KiB page of guest memory, shared
+    with the back-end by SET_LOG_BASE (LOG_SHMFD); the back-end sets the bit
+    of every guest page it writes (buffers it fills, used-ring entries and
+    indices). The driver's own writes are not logged. ``pages()`` reads the
+    bits; ``clear()`` takes and clears them atomically against a back-end
+    setting more; ``stop()`` ends logging (SET_FEATURES without LOG_ALL, the
+    rings without VHOST_VRING_F_LOG) and frees the log.
+
+    Attributes:
+        mmap_size: the log's size in bytes, as SET_LOG_BASE sent it.
+        page_count: guest pages the log covers (page n is GPA n * 4096).
+    """
+
+    page_size = _LOG_PAGE
+    _map = None
+    _fd = None
+
+    def __init__(self, frontend, page_count):
+        self._frontend = frontend
+        self._client = frontend.client
+        self.page_count = page_count
+        # Rounded to whole pages of the memfd: a back-end maps whole pages,
+        # and one past the file's end would SIGBUS it.
+        self.mmap_size = -(-page_count // (8 * mmap.PAGESIZE)) * mmap.PAGESIZE
+        self._lock = threading.Lock()
+        self.active = False
+        self._fd = _memfd_create("vhost-user-dirty-log", self.mmap_size)
+        try:
+            self._map = mmap.mmap(self._fd, self.mmap_size, mmap.MAP_SHARED,
+                                  mmap.PROT_READ | mmap.PROT_WRITE)
+            self._address, self._anchor = _mapping_address(self._map)
+        except BaseException:
+            self._free()
+            raise
+
+    def fileno(self):
+        """The memfd sent with SET_LOG_BASE."""
+        return self._fd
+
+    def _words(self):
+        """(byte offset, value) of each non-zero 32-bit word of the log."""
+        data = self._map[:]
+        words = array.array("I", data)
+        if sys.byteorder != "little":
+            words.byteswap()
+        return [(4 * i, word) for i, word in enumerate(words) if word]
+
+    @staticmethod
+    def _page_numbers(marked):
+        pages = []
+        for offset, word in marked:
+            base = 8 * offset
+            while word:
+                low = word & -word
+                pages.append(base + low.bit_length() - 1)
+                word ^= low
+        return pages
+
+    def pages(self):
+        """The sorted guest page numbers (GPA // 4096) marked since the start or ``clear()``."""
+        with self._lock:
+            self._check_open("pages")
+            return self._page_numbers(self._words())
+
+    def clear(self):
+        """Clear the log; returns the pages it held (sorted), each cleared atomically.
+
+        Only the bits read are cleared, each with an atomic and-not: a bit the
+        back-end sets meanwhile stays for the next ``pages()``. A page
+        written again between the read and the clear is in the list returned,
+        so a copy of those pages taken after ``clear()`` returns has it.
+        """
+        with self._lock:
+            self._check_open("clear")
+            marked = self._words()
+            for offset, word in marked:
+                bits = word if sys.byteorder == "little" else \
+                    int.from_bytes(word.to_bytes(4, "little"), "big")
+                _atomic_clear_bits(self._address + offset, bits)
+            return self._page_numbers(marked)
+
+    def _check_open(self, what):
+        if self._map is None:
+            raise ValueError("DirtyLog.%s: the log was stopped" % what)
+
+    def stop(self):
+        """End logging on the back-end (when still connected) and free the log; idempotent."""
+        frontend, self._frontend = self._frontend, None
+        try:
+            if frontend is not None and frontend._dirty_log is self:
+                frontend._dirty_log = None
+                if self.active and frontend.client is self._client and \
+                        self._client.broken is None:
+                    frontend._log_rings()
+        finally:
+            self.active = False
+            with self._lock:
+                self._free()
+
+    def _free(self):
+        self._anchor = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    close = stop
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def __repr__(self):
+        return "<DirtyLog %d pages, %s>" % (self.page_count,
+                                           "logging" if self.active else "stopped")
+
+
 class VhostUserFrontend:
     """A virtio device whose emulation runs in a vhost-user back-end (crosvm's VhostUserFrontend).
 
@@ -5285,6 +5455,13 @@ class VhostUserFrontend:
     _handler = None
     _worker = None
     _inflight = None      # the back-end's _InflightRegion (INFLIGHT_SHMFD), once asked
+    #: A device's check of a back-end that came back, called by ``reconnect``
+    #: before the rings are sent again (BlockDevice re-reads its config);
+    #: raises ``Disconnected`` when the device cannot use it.
+    reconnect_check = None
+    _dirty_log = None     # the DirtyLog the back-end writes while logging
+    moves = 0             # successful move_to calls
+    moved_in_flight = 0   # chains the last move_to offered the new back-end again
 
     def __init__(self, device_type, base_features, connection, max_queue_size=None,
                  timeout=5.0, protocol_features=_CROSVM_PROTOCOL_FEATURES, start_kick=True,
@@ -5397,9 +5574,12 @@ class VhostUserFrontend:
     def ack_features(self, value):
         """Ack ``value`` (limited to ``features()``); SET_FEATURES only when the set changed."""
         features = (int(value) & self._avail_features) | self.acked_features
-        if features != self._sent_features:
-            self.client.set_features(features)
-            self._sent_features = features
+        # While logging, LOG_ALL rides on every SET_FEATURES (a transport bit,
+        # never acked to a driver).
+        wire = features | (VirtioFeature.LOG_ALL if self._dirty_log is not None else 0)
+        if wire != self._sent_features:
+            self.client.set_features(wire)
+            self._sent_features = wire
         self.acked_features = features
 
     def read_config(self, offset, length):
@@ -5538,9 +5718,7 @@ class VhostUserFrontend:
     def _activate_vring(self, mem, index, queue, call):
         client = self.client
         client.set_vring_num(index, queue.size)
-        client.set_vring_addr(index, mem.host_address(queue.desc_table),
-                              mem.host_address(queue.used_ring),
-                              mem.host_address(queue.avail_ring))
+        self._send_vring_addr(mem, index, queue)
         client.set_vring_base(index, queue.vring_base)
         client.set_vring_call(index, call)
         client.set_vring_kick(index, queue.kick)
@@ -5551,6 +5729,23 @@ class VhostUserFrontend:
         # Spec: SET_VRING_ENABLE only once PROTOCOL_FEATURES was acked.
         if self.acked_features & VirtioFeature.PROTOCOL_FEATURES:
             client.set_vring_enable(index, True)
+
+    def _send_vring_addr(self, mem, index, queue):
+        """SET_VRING_ADDR, with VHOST_VRING_F_LOG and the log address while logging.
+
+        The log address is where the back-end logs its ring writes: the used
+        ring of a split ring. For a packed ring the device writes descriptors
+        back into the descriptor ring, and DPDK 22.11 logs them at their
+        offset in that ring from the log address, so it is the descriptor
+        ring's GPA (QEMU sends the device area there).
+        """
+        flags = log = 0
+        if self._dirty_log is not None:
+            flags = 1
+            log = queue.desc_table if queue.packed else queue.used_ring
+        self.client.set_vring_addr(index, mem.host_address(queue.desc_table),
+                                   mem.host_address(queue.used_ring),
+                                   mem.host_address(queue.avail_ring), log=log, flags=flags)
 
     def _deactivate_vring(self, index, packed=False):
         """Disable then stop a ring; returns its base (crosvm deactivate_vring).
@@ -5844,6 +6039,7 @@ class VhostUserFrontend:
             VhostUserError: any failure of the handshake.
         """
         self._check_usable("reconnect")
+        self._end_dirty_log("the back-end is reconnected")
         queues = self._sent_queues
         interrupt = self.interrupt
         acked, sent = self.acked_features, self._sent_features
@@ -5864,6 +6060,8 @@ class VhostUserFrontend:
             if sent is not None:
                 self._sent_features = None
                 self.ack_features(acked)
+            if self.reconnect_check is not None:
+                self.reconnect_check(self)
             if self._mapper is not None:
                 # The new back-end maps nothing yet: drop the old mappings.
                 self._mapper.clear()
@@ -5920,26 +6118,255 @@ class VhostUserFrontend:
             return heads
         return {"resubmitted": taken}
 
-    def _check_still_offered(self, acked, old_protocol, queues):
+    def _check_still_offered(self, acked, old_protocol, queues, what="reconnect"):
         """Disconnected (naming what is missing) if the new back-end offers less."""
         missing = acked & ~self._avail_features
         if missing:
             raise _BackendShrank(
-                "reconnect: the back-end no longer offers acked feature(s) %s (%#x)"
-                % (" ".join(VirtioFeature.names(missing, self._device_type)), missing),
+                "%s: the back-end no longer offers acked feature(s) %s (%#x)"
+                % (what, " ".join(VirtioFeature.names(missing, self._device_type)), missing),
                 FrontendReq.GET_FEATURES)
         missing = old_protocol & ~self.protocol_features
         if missing:
             raise _BackendShrank(
-                "reconnect: the back-end no longer offers protocol feature(s) %s (%#x)"
-                % (" ".join(ProtocolFeature.names(missing)), int(missing)),
+                "%s: the back-end no longer offers protocol feature(s) %s (%#x)"
+                % (what, " ".join(ProtocolFeature.names(missing)), int(missing)),
                 FrontendReq.GET_PROTOCOL_FEATURES)
         for index, queue in sorted((queues or {}).items()):
             if index >= len(self._queue_sizes) or queue.size > self._queue_sizes[index]:
                 raise _BackendShrank(
-                    "reconnect: the back-end now has %d queue(s) of up to %d entries; queue "
-                    "%d of size %d is in use" % (len(self._queue_sizes), max(self._queue_sizes),
-                                                 index, queue.size), FrontendReq.GET_QUEUE_NUM)
+                    "%s: the back-end now has %d queue(s) of up to %d entries; queue "
+                    "%d of size %d is in use" % (what, len(self._queue_sizes),
+                                                 max(self._queue_sizes), index, queue.size),
+                    FrontendReq.GET_QUEUE_NUM)
+
+    # -- dirty log ------------------------------------------------------------
+
+    def start_dirty_log(self):
+        """Have the back-end log every guest page it writes; returns the ``DirtyLog``.
+
+        What QEMU's vhost_migration_log does: SET_LOG_BASE with a memfd of one
+        bit per 4 KiB page of guest memory (LOG_SHMFD; the reply may be empty,
+        as DPDK sends it, or echo mmap_size, as libvhost-user does), then
+        SET_FEATURES again with VHOST_F_LOG_ALL, then SET_VRING_ADDR with
+        VHOST_VRING_F_LOG and the log address for every started ring (rings
+        started later get them too). While the log is on, the same
+        ``DirtyLog`` is returned: SET_LOG_BASE is never sent twice for one log
+        (DPDK crashed on a repeated one). ``reconnect`` and ``move_to`` end
+        logging (the new back-end has no log).
+
+        Raises:
+            FeatureNotNegotiated: the back-end does not offer VHOST_F_LOG_ALL,
+                or LOG_SHMFD was not negotiated (pass it in
+                ``protocol_features``); nothing was sent.
+            ValueError: the device is not active (no guest memory yet).
+        """
+        self._check_usable("start_dirty_log")
+        if self._dirty_log is not None:
+            return self._dirty_log
+        missing = []
+        if not (self.client.features or 0) & VirtioFeature.LOG_ALL:
+            missing.append("the back-end does not offer VHOST_F_LOG_ALL (bit 26)")
+        if not self.protocol_features & _P.LOG_SHMFD:
+            missing.append("protocol feature LOG_SHMFD (bit 1) was not negotiated (negotiated "
+                           "%#x)" % int(self.protocol_features))
+        if missing:
+            raise FeatureNotNegotiated("SET_LOG_BASE: %s" % "; ".join(missing),
+                                       FrontendReq.SET_LOG_BASE)
+        if self._mem is None or self._sent_queues is None:
+            raise ValueError("start_dirty_log: %s is not active; activate it first"
+                             % self.debug_label())
+        for index, queue in sorted(self._sent_queues.items()):
+            if queue.packed and not queue.desc_table:
+                # DPDK 22.11 takes log_guest_addr 0 for a failed translation and
+                # stops serving the ring without a word (seen with testpmd).
+                raise ValueError("start_dirty_log: packed ring %d's descriptor ring, its log "
+                                 "address, is at guest address 0, which DPDK takes for no "
+                                 "log and then stops the ring; place guest memory (or the "
+                                 "ring) above 0" % index)
+        end = max(r.guest_phys_addr + r.memory_size for r, _ in self._mem.regions())
+        log = DirtyLog(self, -(-end // _LOG_PAGE))
+        try:
+            self.client.set_log_base(log.mmap_size, 0, log.fileno())
+            self._dirty_log = log
+            log.active = True
+            self._log_rings()
+        except BaseException:
+            self._dirty_log = None
+            log.active = False
+            log._free()
+            raise
+        _log.info("%s: dirty logging on, %d pages in a %d-byte log", self.debug_label(),
+                  log.page_count, log.mmap_size)
+        return log
+
+    def _log_rings(self):
+        """SET_FEATURES with LOG_ALL while logging (without it after), then SET_VRING_ADDR
+        of every started ring (QEMU's vhost_dev_set_log)."""
+        self.ack_features(self.acked_features)
+        for index, queue in sorted((self._sent_queues or {}).items()):
+            self._send_vring_addr(self._mem, index, queue)
+
+    def _end_dirty_log(self, why):
+        """Forget the log without telling the back-end (it is being left)."""
+        log, self._dirty_log = self._dirty_log, None
+        if log is not None:
+            log.active = False
+            _log.warning("%s: dirty logging ended: %s", self.debug_label(), why)
+
+    # -- moving to another back-end ---------------------------------------------
+
+    def move_to(self, connection, drain_timeout=None):
+        """Move the running device to another back-end (a migration's two halves, no VM).
+
+        1. Connect and negotiate with the new back-end while the old one runs;
+           it must offer every acked feature, protocol feature and queue.
+        2. Stop every ring on the old back-end (SET_VRING_ENABLE 0,
+           GET_VRING_BASE); each queue takes the base it returns. A back-end
+           that completes requests after GET_VRING_BASE (qemu-storage-daemon
+           finishes the I/O it started) is waited for up to
+           ``drain_timeout`` (default ``timeout``), split rings: used->idx
+           must reach the base, so that it never writes guest memory again.
+        3. Start the new back-end with the same guest memory and interrupt:
+           the acked features, then every ring from those indices, what was
+           in flight and not completed offered again (``Queue.rewind``, as
+           ``reconnect`` does).
+        4. Close the old connection (its rings are stopped: a graceful hang-up).
+
+        A failure in 1 changes nothing. A failure in 3 starts the rings
+        again on the old back-end (when it is alive) and raises; the device
+        stays there. Dirty logging ends (the new back-end has no log).
+
+        Raises:
+            Disconnected: the new back-end offers less than the device uses
+                (the message names what), or went away.
+            VhostUserTimeout: the old back-end did not complete what it had
+                taken within ``drain_timeout``; the device stays on it.
+            VhostUserError: another failure of the new back-end.
+        """
+        self._check_usable("move_to")
+        if self._mapper is not None:
+            raise ValueError("move_to: not with a shared memory mapper (SHMEM mappings "
+                             "belong to the old back-end)")
+        acked, sent = self.acked_features, self._sent_features
+        queues, interrupt, mem = self._sent_queues, self.interrupt, self._mem
+        old = self._backend_side()
+        new_client = self._connect(connection, self.timeout)
+        self.client, self._handler, self._inflight = new_client, None, None
+        try:
+            self._negotiate(*self._negotiation)
+            self._check_still_offered(acked, old[2], queues, "move_to")
+        except BaseException:
+            self._drop_backend_side()
+            self._restore_backend_side(old, acked, sent)
+            raise
+        new = self._backend_side()
+        self._restore_backend_side(old, acked, sent)
+        self._end_dirty_log("the device moves to another back-end")
+        if queues is not None:
+            self._stop_old_rings(queues, mem, interrupt, drain_timeout, new)
+        self._restore_backend_side(new, acked, None)
+        try:
+            self.ack_features(acked)
+            in_flight = 0
+            if queues is not None:
+                self._sent_queues = {}
+                for index, queue in sorted(queues.items()):
+                    queue.rewind()
+                    # Split: the chains from the new base (used->idx) to avail->idx.
+                    in_flight += queue.in_flight if queue.packed else \
+                        (queue.next_avail - queue.vring_base) & 0xFFFF
+                self._send_rings(mem, interrupt, queues)
+        except BaseException as exc:
+            self._move_back(old, acked, sent, queues, mem, interrupt, exc)
+            raise
+        # The old back-end's rings are stopped: this hang-up is a graceful one.
+        self._drop_backend_side(old)
+        self.moves += 1
+        self.moved_in_flight = in_flight
+        _log.info("%s: moved to another back-end; %d chain(s) the old one had not completed "
+                  "offered again", self.debug_label(), in_flight)
+        if interrupt is not None and interrupt.crash_error is not None:
+            interrupt.signal_reconnected()
+
+    def _backend_side(self):
+        """What negotiating with one back-end sets (``move_to`` keeps two of them)."""
+        return (self.client, self._handler, self.protocol_features, self._avail_features,
+                self._queue_sizes, self._inflight)
+
+    def _restore_backend_side(self, side, acked, sent):
+        (self.client, self._handler, self.protocol_features, self._avail_features,
+         self._queue_sizes, self._inflight) = side
+        self.acked_features, self._sent_features = acked, sent
+
+    def _drop_backend_side(self, side=None):
+        """Close a back-end's handler, inflight buffer and connection (default: the current)."""
+        if side is None:
+            side = self._backend_side()
+        client, handler, inflight = side[0], side[1], side[5]
+        for thing in (handler, inflight, client):
+            if thing is not None:
+                thing.close()
+
+    def _stop_old_rings(self, queues, mem, interrupt, drain_timeout, new):
+        """``move_to`` step 2; on a drain timeout the old rings run again and it raises."""
+        try:
+            self._stop_rings(reclaim=True)
+        except VhostUserError as exc:
+            # The old back-end failed or went away: moving away is what is left.
+            _log.warning("%s: stopping the old back-end's rings: %s; moving on",
+                         self.debug_label(), exc)
+            return
+        drain = self.timeout if drain_timeout is None else drain_timeout
+        deadline = time.monotonic() + drain
+        for index, queue in sorted(queues.items()):
+            if queue.packed:
+                continue   # its used position is in the base; DPDK uses chains inline
+            while queue.used_index() != queue.vring_base:
+                if time.monotonic() >= deadline:
+                    late = (queue.vring_base - queue.used_index()) & 0xFFFF
+                    self._drop_backend_side(new)
+                    self._sent_queues = {}
+                    self._send_rings(mem, interrupt, queues)
+                    raise VhostUserTimeout(
+                        "move_to: queue %d: the old back-end took %d chain(s) it did not "
+                        "complete within %.1f s of GET_VRING_BASE; the device stays on it"
+                        % (index, late, drain), FrontendReq.GET_VRING_BASE)
+                time.sleep(0.001)
+
+    def _move_back(self, old, acked, sent, queues, mem, interrupt, exc):
+        """``move_to`` step 3 failed: stop the new back-end, run the old one again."""
+        try:
+            self._stop_rings(reclaim=False)
+        except VhostUserError:
+            pass
+        self._drop_backend_side()
+        self._restore_backend_side(old, acked, sent)
+        if queues is None:
+            return
+        if old[0].broken is not None:
+            # Down on both sides: reported as an outage, the rings recorded for
+            # reconnect (``reconnect=`` then waits for the old back-end).
+            self._sent_queues = queues
+            if interrupt is not None:
+                interrupt.signal_crashed(exc)
+            return
+        try:
+            # The new back-end may have completed chains before it failed:
+            # rewinding again offers the old one exactly those it has not.
+            for index, queue in sorted(queues.items()):
+                queue.rewind()
+            self._sent_queues = {}
+            self._send_rings(mem, interrupt, queues)
+        except VhostUserError as again:
+            self._sent_queues = queues
+            _log.warning("%s: move_to failed (%s) and the old back-end did not restart: %s",
+                         self.debug_label(), exc, again)
+            if interrupt is not None:
+                interrupt.signal_crashed(again)
+        else:
+            _log.warning("%s: move_to failed, the device stays on the old back-end: %s",
+                         self.debug_label(), exc)
 
     # -- teardown -------------------------------------------------------------
 
@@ -5980,6 +6407,9 @@ class VhostUserFrontend:
                 self._own_mapper.close()
             self._mapper = self._own_mapper = None
             self._close_inflight()
+            log, self._dirty_log = self._dirty_log, None
+            if log is not None:
+                log.stop()   # frees it; the back-end is hanging up anyway
             if self._own_interrupt is not None:
                 self._own_interrupt.close()
                 self._own_interrupt = None
@@ -6215,6 +6645,8 @@ class _Device:
     _reconnect = None     # seconds to wait for the back-end to come back, or None
     _dead = None          # why the device cannot recover (a failed reconnect)
     _recover_lock = None
+    _moving = False       # move_to is switching back-ends (holding _recover_lock)
+    _movable = True
 
     @property
     def interrupt(self):
@@ -6245,6 +6677,8 @@ class _Device:
             raise _DeviceClosed("%s: the device was closed" % what)
         if self._dead is not None:
             raise Disconnected("%s: %s" % (what, self._dead)) from self._dead
+        if self._moving:
+            return self._wait_for_move(what)
         interrupt = self._frontend.interrupt
         error = interrupt.crash_error if interrupt is not None else None
         if error is None:
@@ -6256,7 +6690,7 @@ class _Device:
     def _trouble(self):
         """True when ``_check_alive`` has something to say (cheap, for wait loops)."""
         frontend = self._frontend
-        return (self._closing or frontend is None or self._dead is not None
+        return (self._closing or frontend is None or self._dead is not None or self._moving
                 or frontend.interrupt is not None and frontend.interrupt.crash_error is not None)
 
     def _recover(self, what):
@@ -6309,7 +6743,7 @@ class _Device:
             if self._closing:
                 return   # _recover says the device was closed
             if time.monotonic() >= deadline:
-                self._dead = Disconnected("the back-end did not come back within %.1f s "
+                self._dead = Disconnected("the back-end did not come back within %g s "
                                           "(%d attempt(s)): %s" % (self._reconnect, attempts,
                                                                    error))
                 break
@@ -6329,7 +6763,8 @@ class _Device:
         packed = packed is not False
         # QEMU asks for INFLIGHT_SHMFD for vhost-user-blk only; a net device
         # sends TX frames again and posts RX buffers afresh anyway.
-        protocol = _CROSVM_PROTOCOL_FEATURES
+        # LOG_SHMFD: start_dirty_log needs it, and it changes nothing else.
+        protocol = _CROSVM_PROTOCOL_FEATURES | _P.LOG_SHMFD
         if device_type == DeviceType.BLOCK:
             protocol |= _P.INFLIGHT_SHMFD
         if reconnect is None or not isinstance(path, (str, bytes, os.PathLike)):
@@ -6349,6 +6784,71 @@ class _Device:
                 _log.info("%s: the back-end went away while connecting (%s); retrying",
                           path, exc)
             time.sleep(_RECONNECT_RETRY)
+
+    def start_dirty_log(self):
+        """Have the back-end log the guest pages it writes; returns the ``DirtyLog``.
+
+        See ``VhostUserFrontend.start_dirty_log``. Page n of the log is guest
+        physical address n * 4096 of the device's guest memory (``memory``).
+        """
+        with self._call("start_dirty_log"):
+            self._check_alive("start_dirty_log")
+            return self._frontend.start_dirty_log()
+
+    @property
+    def memory(self):
+        """The device's ``GuestMemory`` (rings and buffers)."""
+        return self._mem
+
+    def move_to(self, path, drain_timeout=None):
+        """Move the running device to the back-end at ``path``, with nothing lost.
+
+        Stops every ring on the old back-end, starts the new one with the same
+        guest memory and the ring indices the old one returned, offers again
+        what was in flight and not completed, and closes the old connection
+        gracefully (``VhostUserFrontend.move_to``). Calls in other threads
+        wait for the switch and then continue. On failure the device stays on
+        the old back-end when that one is alive, and the error says why.
+
+        Raises:
+            Disconnected: the new back-end offers less than the device uses
+                (another device type, fewer features or queues), or went away.
+            VhostUserError: any other failure of the new back-end (or a
+                timeout waiting for the old one to complete its requests).
+        """
+        if not self._movable:
+            raise ValueError("move_to: a %s cannot move: its session state lives in the "
+                             "back-end" % type(self).__name__)
+        with self._call("move_to"):
+            # Not _check_alive: a device whose back-end died may move to another one.
+            if self._closing or self._frontend is None:
+                raise _DeviceClosed("move_to: the device was closed")
+            if self._recover_lock is None:
+                self._recover_lock = threading.Lock()
+            if not self._recover_lock.acquire(timeout=4 * self.timeout + 1):
+                raise VhostUserTimeout("move_to: another thread's move or reconnect did not "
+                                       "finish")
+            try:
+                self._moving = True
+                try:
+                    self._frontend.move_to(path, drain_timeout)
+                    self._dead = None   # a device that could not reconnect lives again
+                finally:
+                    self._moving = False
+            finally:
+                self._recover_lock.release()
+
+    def _wait_for_move(self, what):
+        """Block until ``move_to`` (another thread) is done; returns the seconds waited."""
+        started = time.monotonic()
+        lock = self._recover_lock
+        if lock is not None and lock.acquire(timeout=4 * self.timeout + 1):
+            lock.release()
+        elif self._moving:
+            raise VhostUserTimeout("%s: a move to another back-end did not finish" % what)
+        if self._closing or self._frontend is None:
+            raise _DeviceClosed("%s: the device was closed" % what)
+        return time.monotonic() - started
 
     def _call(self, what):
         """A context manager around every use of the rings: refuses a closed device, and
@@ -6994,14 +7494,9 @@ class BlockDevice(_Device):
             wanted |= VirtioFeature.RING_PACKED
         self.features = offered & wanted
         frontend.ack_features(self.features)
-        # Read only the fields the acked features make exist, as QEMU sizes
-        # it: a back-end with a shorter config refuses a longer read.
-        data = frontend.read_config(0, _device_config_size(DeviceType.BLOCK, self.features))
-        fields = _config_values(DeviceType.BLOCK, self.features, data)
-        config = _BlockConfig._make(fields.get(name, 0) for name in _BlockConfig._fields)
+        config, self.block_size = self._read_config(frontend)
         self.config = config
         has = self.features.__and__
-        self.block_size = config.blk_size if has(_BLK_F_BLK_SIZE) else _SECTOR
         if self.block_size < _SECTOR or self.block_size & (self.block_size - 1):
             raise ProtocolError("GET_CONFIG: virtio-blk blk_size %d is not a power of two "
                                 ">= 512" % self.block_size, FrontendReq.GET_CONFIG)
@@ -7050,7 +7545,40 @@ class BlockDevice(_Device):
         # What _completions_for would return for each queue, while open: the
         # fast path's look-up (emptied by close()).
         self._open_completions = dict(enumerate(self._completions))
+        frontend.reconnect_check = self._check_config_again
         frontend.activate(self._mem, None, queues)
+
+    def _read_config(self, frontend):
+        """(_BlockConfig, block size) from GET_CONFIG, for the acked features."""
+        # Read only the fields the acked features make exist, as QEMU sizes
+        # it: a back-end with a shorter config refuses a longer read.
+        data = frontend.read_config(0, _device_config_size(DeviceType.BLOCK, self.features))
+        fields = _config_values(DeviceType.BLOCK, self.features, data)
+        config = _BlockConfig._make(fields.get(name, 0) for name in _BlockConfig._fields)
+        return config, config.blk_size if self.features & _BLK_F_BLK_SIZE else _SECTOR
+
+    def _check_config_again(self, frontend):
+        """Re-read the config of a back-end that came back (``reconnect``), before the rings.
+
+        Raises:
+            Disconnected: its capacity, block size or queue count shrank (a
+                smaller disk would answer IOERR to what is in flight); the
+                message names what changed.
+        """
+        config, block_size = self._read_config(frontend)
+        changed = []
+        if config.capacity * _SECTOR < self.capacity:
+            changed.append("capacity %d bytes, was %d" % (config.capacity * _SECTOR,
+                                                           self.capacity))
+        if block_size != self.block_size:
+            changed.append("block size %d, was %d" % (block_size, self.block_size))
+        if self.features & _BLK_F_MQ and config.num_queues < self.num_queues:
+            changed.append("num_queues %d, %d in use" % (config.num_queues, self.num_queues))
+        if changed:
+            raise _BackendShrank("reconnect: the back-end came back with another disk: %s"
+                                 % "; ".join(changed), FrontendReq.GET_CONFIG)
+        self.config = config
+        self.capacity = config.capacity * _SECTOR
 
     # -- properties from the config space ---------------------------------------
 
@@ -7436,6 +7964,8 @@ class BlockDevice(_Device):
 
     def read(self, offset, length, queue=0):
         """Read ``length`` bytes at ``offset`` (both multiples of ``block_size``)."""
+        # Checked before the buffer is made: bytearray(2**70) is an OverflowError.
+        self._check_range("READ", offset, length, None)
         buffer = bytearray(length)
         self.readinto(offset, buffer, queue)
         return bytes(buffer)
@@ -8686,7 +9216,7 @@ def _byte_view(data):
     """A flat memoryview of unsigned bytes on ``data``, cast only when it is not one.
 
     The chunks of large reads and writes are slices of it, and on PyPy 7.3
-    slicing a cast view copies byte by byte (measured: 150 ms per MiB).
+    slicing a cast view copies byte by byte, far slower than a byte view.
     """
     view = memoryview(data)
     if view.format != "B" or view.ndim != 1:
@@ -8878,12 +9408,19 @@ def _operation(method):
     """Mark an ``FsDevice`` call: no node is forgotten until every call in progress ends."""
     @functools.wraps(method)
     def call(self, *args, **kwargs):
-        if self._mem is None:
+        if self._closed_to_caller():
             raise _DeviceClosed("%s: the virtio-fs device is closed" % method.__name__)
         with self._cache_lock:
             self._active += 1
         try:
             return method(self, *args, **kwargs)
+        except Exception as exc:
+            # A call that close() on another thread cut short says so, not
+            # EBADF or EIO, which would read as errors of the file system.
+            if self._closed_to_caller():
+                raise _DeviceClosed("%s: the virtio-fs device is closed" % method.__name__) \
+                    from exc
+            raise
         finally:
             with self._cache_lock:
                 self._active -= 1
@@ -8925,6 +9462,9 @@ class FsDevice(_Device):
         max_read: the largest FUSE_READ sent.
     """
 
+    #: ``move_to`` refuses: the FUSE session (node ids, file handles) lives in the daemon.
+    _movable = False
+
     def __init__(self, frontend, queue_size=128, timeout=5.0, memory_size=32 << 20,
                  umask=None):
         self._frontend = frontend
@@ -8941,6 +9481,7 @@ class FsDevice(_Device):
         self._buffered = weakref.WeakSet()            # what open() returned over them
         self._deferred = collections.deque()          # releases of files dropped unclosed
         self._active = 0                              # calls in progress (see _operation)
+        self._closer = None                           # the thread in close(), once called
         self._retired = []                            # (nodeid, nlookup) to FORGET
         self._ids = (os.geteuid(), os.getegid(), os.getpid())
         try:
@@ -9017,13 +9558,17 @@ class FsDevice(_Device):
 
     # -- requests ----------------------------------------------------------------
 
-    def _check_open(self):
-        if self._mem is None:
-            raise _DeviceClosed("the virtio-fs device is closed")
+    def _closed_to_caller(self):
+        """True when the device is closed, or being closed by another thread than this one."""
+        return self._mem is None or self._closer not in (None, threading.get_ident())
+
+    def _check_open(self, what="FUSE"):
+        if self._closed_to_caller():
+            raise _DeviceClosed("%s: the virtio-fs device is closed" % what)
 
     def _submit(self, op, nodeid, readable, reply):
         """Post one FUSE request (no kick); ``reply`` is a writable buffer or None."""
-        self._check_open()
+        self._check_open(_FuseOp(op).name)
         with self._unique_lock:
             self._unique += 1
             unique = self._unique
@@ -9249,12 +9794,19 @@ class FsDevice(_Device):
         return node
 
     @staticmethod
-    def _parts(path):
-        """(components as bytes, trailing slash) of a share-relative path."""
-        path = os.fspath(path)
-        raw = os.fsencode(path)
+    def _fuse_string(value):
+        """``value`` (str, bytes or path-like) as the bytes a FUSE request carries, without
+        the terminating NUL; a NUL inside raises ValueError, as ``os`` does (every name,
+        target and attribute name goes through here, so none is cut short)."""
+        raw = os.fsencode(os.fspath(value))
         if b"\0" in raw:
             raise ValueError("embedded null byte")
+        return raw
+
+    @staticmethod
+    def _parts(path):
+        """(components as bytes, trailing slash) of a share-relative path."""
+        raw = FsDevice._fuse_string(path)
         return raw.split(b"/"), raw.endswith(b"/")
 
     def _walk_path(self, path, follow_last=True, parent_only=False, ancestors=None):
@@ -9310,8 +9862,11 @@ class FsDevice(_Device):
         """(parent node, name) for a call that creates or removes ``name``.
 
         ``special_errno`` is what ``os`` says when the name is the root, '.'
-        or '..' (EEXIST for mkdir, EBUSY for rmdir, ...).
+        or '..' (EEXIST for mkdir, EBUSY for rmdir, ...). An empty path names
+        nothing to create or remove: ENOENT, as ``os.mkdir("")`` says.
         """
+        if not self._fuse_string(path):
+            raise _fs_error(errno.ENOENT, path)
         parent, name = self._walk_path(path, parent_only=True, ancestors=ancestors)
         if name in (b"", b".", b".."):
             if isinstance(special_errno, dict):
@@ -9638,8 +10193,8 @@ class FsDevice(_Device):
     @_operation
     def symlink(self, target, path):
         """os.symlink: create ``path`` pointing at ``target``."""
+        raw_target = self._fuse_string(target)
         parent, name = self._parent(path, errno.EEXIST)
-        raw_target = os.fsencode(os.fspath(target))
         reply = bytearray(_ENTRY_SIZE)
         self._fuse_call(_FuseOp.SYMLINK, parent.nodeid, [name + b"\0", raw_target + b"\0"], reply,
                    _ENTRY_SIZE, target, path)
@@ -9748,7 +10303,8 @@ class FsDevice(_Device):
     def getxattr(self, path, attribute, follow_symlinks=True):
         """os.getxattr: the value (bytes) of extended attribute ``attribute``."""
         node = self._walk_path(path, follow_last=follow_symlinks)
-        return self._xattr_read(_FuseOp.GETXATTR, node, [os.fsencode(attribute) + b"\0"], path)
+        return self._xattr_read(_FuseOp.GETXATTR, node, [self._fuse_string(attribute) + b"\0"],
+                                path)
 
     @_operation
     def listxattr(self, path="", follow_symlinks=True):
@@ -9763,15 +10319,15 @@ class FsDevice(_Device):
         node = self._walk_path(path, follow_last=follow_symlinks)
         value = bytes(value)
         self._xattr_call(_FuseOp.SETXATTR, node, [_FUSE_U32_PAIR.pack(len(value), flags),
-                                                  os.fsencode(attribute) + b"\0", value],
+                                                  self._fuse_string(attribute) + b"\0", value],
                          None, path)
 
     @_operation
     def removexattr(self, path, attribute, follow_symlinks=True):
         """os.removexattr."""
         node = self._walk_path(path, follow_last=follow_symlinks)
-        self._xattr_call(_FuseOp.REMOVEXATTR, node, [os.fsencode(attribute) + b"\0"], None,
-                         path)
+        self._xattr_call(_FuseOp.REMOVEXATTR, node, [self._fuse_string(attribute) + b"\0"],
+                         None, path)
 
     # -- files --------------------------------------------------------------------
 
@@ -9999,9 +10555,17 @@ class FsDevice(_Device):
     def close(self):
         """Close open files, release the share and disconnect; safe to call twice.
 
-        Open files are closed first (what they buffer is written), then every
-        node is forgotten (FORGET) and the session ended (DESTROY).
+        Calls on other threads finish the requests they have in flight; their
+        next request, and any later call, raises ``ValueError`` saying the
+        device is closed. Open files are closed first (what they buffer is
+        written), then every node is forgotten (FORGET) and the session
+        ended (DESTROY).
         """
+        if self._closer is None:
+            self._closer = threading.get_ident()
+        deadline = time.monotonic() + self.timeout
+        while self._active and self._mem is not None and time.monotonic() < deadline:
+            time.sleep(0.001)    # the calls on other threads leave at their next request
         if self._mem is not None and self._frontend is not None:
             try:
                 self._shutdown()
@@ -10155,6 +10719,9 @@ class _DeviceRing:
         self.enabled = False
         self.event_idx = False
         self.indirect = False
+        self.log = None        # while logging: log(gpa, length) marks the pages dirty
+        self.log_used = True   # False: forget to log used-ring writes (a buggy back-end)
+        self._written = {}     # head -> its writable (gpa, length) buffers, while logging
         self._views = ()
         self._fences = _Fences()
 
@@ -10231,6 +10798,8 @@ class _DeviceRing:
     def _walk(self, memory, head):
         what = "ring %d chain at descriptor %d" % (self.index, head)
         readable, writable = [], []
+        if self.log is not None:
+            self._written[head] = written = []
         table, table_offset, table_size = self._desc[0], self._desc[1], self.num
         index, seen, indirect = head, 0, False
         while True:
@@ -10257,6 +10826,8 @@ class _DeviceRing:
             mapped, offset = memory.locate(addr, length, _GPA, what)
             if flags & _DESC_F_WRITE:
                 writable.append((mapped, offset, length))
+                if self.log is not None:
+                    written.append((addr, length))
             elif writable:  # spec 2.7.4.2: readable buffers come first
                 raise _Refused("%s: a device-readable buffer after a writable one" % what)
             else:
@@ -10266,19 +10837,36 @@ class _DeviceRing:
             index = nxt
 
     def push(self, head, length):
-        """Return a chain in the used ring (published at once)."""
+        """Return a chain in the used ring (published at once); log what it wrote."""
         slot = 2 * (self.used_idx % self.num)
         self._elem_store(slot, head)
         self._elem_store(slot + 1, length)
         self._fences.write()  # the element before the index that covers it
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self._used_store(1, self.used_idx)
+        if self.log is not None:
+            self._log_chain(head, length, slot)
+
+    def _log_chain(self, head, length, slot):
+        """Mark the pages the chain's ``length`` bytes and its used entry went to."""
+        for gpa, size in self._written.pop(head, ()):
+            if length <= 0:
+                break
+            self.log(gpa, min(size, length))
+            length -= size
+        # The used ring at the log address SET_VRING_ADDR gave (VHOST_VRING_F_LOG):
+        # the element (8 bytes at 4 + 4 * slot) and the index (2 bytes at 2).
+        if self.log_used and self.addr.flags & 1:
+            self.log(self.addr.log + 4 + 4 * slot, 8)
+            self.log(self.addr.log + 2, 2)
 
     def arm(self):
         """Ask for a kick at the next new chain; True if one came in meanwhile (EVENT_IDX)."""
         if not self.event_idx:
             return False
         self._avail_event_store(0, self.last_avail)
+        if self.log is not None and self.log_used and self.addr.flags & 1:
+            self.log(self.addr.log + 4 + 8 * self.num, 2)
         self._fences.full()  # avail_event visible before we look at avail->idx again
         return self._avail(1) != self.last_avail
 
@@ -10517,12 +11105,23 @@ class _EmbeddedBackend:
     thread named ``vhost-user-embedded-...``; ``serve()`` runs it on the
     calling thread (the child process of ``_spawn_embedded``) until
     ``stop()`` or EOF on ``stop_fd``. ``close()`` stops and frees everything.
+
+    With ``dirty_log=True`` it also offers VHOST_F_LOG_ALL and LOG_SHMFD, as
+    libvhost-user does: after SET_LOG_BASE (answered with mmap_size, as
+    libvhost-user does) and LOG_ALL it marks every guest page it writes,
+    buffers and (on rings with VHOST_VRING_F_LOG) used-ring entries;
+    ``log_used = False`` makes it forget the used ring, as a buggy back-end
+    would.
     """
 
-    def __init__(self, device, path=None, sock=None, timeout=5.0):
+    log_used = True
+
+    def __init__(self, device, path=None, sock=None, timeout=5.0, dirty_log=False):
         self.device = device
         self.path = path
         self.timeout = timeout
+        self.dirty_log = dirty_log
+        self._log = None            # (mmap, offset, size) of the front-end's dirty log
         self.sessions = 0
         self._listener = None
         self._stop = Event()
@@ -10531,7 +11130,7 @@ class _EmbeddedBackend:
         self._channel = None
         self._reset_session()
         self._handlers = {
-            _F.GET_FEATURES: lambda body, fds: _U64.pack(self.device.features),
+            _F.GET_FEATURES: lambda body, fds: _U64.pack(self._offered_features()),
             _F.SET_FEATURES: self._set_features,
             _F.SET_OWNER: lambda body, fds: None,
             _F.RESET_OWNER: self._reset_owner,
@@ -10543,7 +11142,8 @@ class _EmbeddedBackend:
             _F.SET_VRING_KICK: functools.partial(self._set_vring_fd, _F.SET_VRING_KICK),
             _F.SET_VRING_CALL: functools.partial(self._set_vring_fd, _F.SET_VRING_CALL),
             _F.SET_VRING_ERR: functools.partial(self._set_vring_fd, _F.SET_VRING_ERR),
-            _F.GET_PROTOCOL_FEATURES: lambda body, fds: _U64.pack(_EMBEDDED_PROTOCOL),
+            _F.GET_PROTOCOL_FEATURES: lambda body, fds: _U64.pack(self._offered_protocol()),
+            _F.SET_LOG_BASE: self._set_log_base,
             _F.SET_PROTOCOL_FEATURES: self._set_protocol_features,
             _F.GET_QUEUE_NUM: lambda body, fds: _U64.pack(self.device.num_queues),
             _F.SET_VRING_ENABLE: self._set_vring_enable,
@@ -10565,6 +11165,7 @@ class _EmbeddedBackend:
             raise
 
     def _reset_session(self):
+        self._close_log()
         self.acked_features = 0
         self.protocol_features = 0
         self.memory = None
@@ -10832,9 +11433,15 @@ class _EmbeddedBackend:
             raise _Refused("%s: %d fd(s) attached, expected %d"
                            % (_req_name(request), len(fds), count), request)
 
+    def _offered_features(self):
+        return self.device.features | (VirtioFeature.LOG_ALL if self.dirty_log else 0)
+
+    def _offered_protocol(self):
+        return _EMBEDDED_PROTOCOL | (_P.LOG_SHMFD if self.dirty_log else 0)
+
     def _set_features(self, body, fds):
         features = _decode_u64(_F.SET_FEATURES, body)
-        extra = features & ~self.device.features
+        extra = features & ~self._offered_features()
         if extra:
             raise _Refused("SET_FEATURES: bits %#x were not offered" % extra, _F.SET_FEATURES)
         if not features & VirtioFeature.VERSION_1:
@@ -10847,13 +11454,16 @@ class _EmbeddedBackend:
     def _ring_features(self, ring):
         ring.event_idx = bool(self.acked_features & VirtioFeature.RING_EVENT_IDX)
         ring.indirect = bool(self.acked_features & VirtioFeature.RING_INDIRECT_DESC)
+        logging = self._log is not None and self.acked_features & VirtioFeature.LOG_ALL
+        ring.log = self._log_write if logging else None
+        ring.log_used = self.log_used
         # Spec "Ring states": without PROTOCOL_FEATURES rings are enabled at once.
         if not self.acked_features & VirtioFeature.PROTOCOL_FEATURES:
             ring.enabled = True
 
     def _set_protocol_features(self, body, fds):
         features = _decode_u64(_F.SET_PROTOCOL_FEATURES, body)
-        extra = features & ~_EMBEDDED_PROTOCOL
+        extra = features & ~self._offered_protocol()
         if extra:
             raise _Refused("SET_PROTOCOL_FEATURES: bits %#x were not offered" % extra,
                            _F.SET_PROTOCOL_FEATURES)
@@ -10899,9 +11509,10 @@ class _EmbeddedBackend:
     def _set_vring_addr(self, body, fds):
         addr = _decode_vring_addr(_F.SET_VRING_ADDR, body)
         ring = self._ring(addr.index, _F.SET_VRING_ADDR)
-        if addr.flags:
-            raise _Refused("SET_VRING_ADDR: flags %#x (logging is not supported)" % addr.flags,
-                           _F.SET_VRING_ADDR)
+        if addr.flags & ~1 or addr.flags and not self.dirty_log:
+            raise _Refused("SET_VRING_ADDR: flags %#x (%s)" % (
+                addr.flags, "only bit 0, VHOST_VRING_F_LOG, is defined" if self.dirty_log
+                else "logging is not supported"), _F.SET_VRING_ADDR)
         if not ring.num:
             raise _Refused("SET_VRING_ADDR: ring %d has no size yet (SET_VRING_NUM first)"
                            % addr.index, _F.SET_VRING_ADDR)
@@ -10965,6 +11576,44 @@ class _EmbeddedBackend:
         ring.enabled = bool(state.num)
         if ring.enabled:
             self._startable.append(state.index)
+
+    def _set_log_base(self, body, fds):
+        """SET_LOG_BASE (LOG_SHMFD): map the log; the reply echoes mmap_size (libvhost-user)."""
+        if not self.protocol_features & _P.LOG_SHMFD:
+            raise _Refused("SET_LOG_BASE: LOG_SHMFD was not negotiated", _F.SET_LOG_BASE)
+        self._expect_fds(_F.SET_LOG_BASE, fds, 1)
+        if len(body) != _LOG.size:
+            raise _Refused("SET_LOG_BASE: a %d-byte payload, expected %d"
+                           % (len(body), _LOG.size), _F.SET_LOG_BASE)
+        size, offset = _LOG.unpack(body)
+        fd = fds[0]
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or not _file_seals(fd) & _F_SEAL_SHRINK \
+                or st.st_size < size + offset or not size:
+            raise _Refused("SET_LOG_BASE: the log fd is not a sealed memfd of at least "
+                           "mmap_offset %d + mmap_size %d bytes (it has %d)"
+                           % (offset, size, st.st_size), _F.SET_LOG_BASE)
+        mapped = mmap.mmap(fd, size + offset, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._close_log()
+        self._log = (mapped, offset, size)
+        for ring in self.rings.values():
+            self._ring_features(ring)
+        return _U64.pack(size)
+
+    def _log_write(self, gpa, length):
+        """Set the log bit of every page of ``length`` bytes at ``gpa``."""
+        mapped, offset, size = self._log
+        for page in range(gpa // _LOG_PAGE, (gpa + length - 1) // _LOG_PAGE + 1):
+            at = offset + page // 8
+            if at >= offset + size:
+                raise _Refused("dirty log: page %d (GPA %#x) is past the %d-byte log"
+                               % (page, gpa, size))
+            mapped[at] |= 1 << (page % 8)
+
+    def _close_log(self):
+        log, self._log = getattr(self, "_log", None), None
+        if log is not None:
+            log[0].close()
 
     def _get_config(self, body, fds):
         config = _decode_config(_F.GET_CONFIG, body)
@@ -11074,6 +11723,1444 @@ def _ring_writer(fd, count):
 
 
 ############################################################################
+# Conformance checks #######################################################
+############################################################################
+# ``validate``: a catalogue of checks a vhost-user back-end either passes or
+# fails, each resting on one sentence of QEMU's docs/interop/vhost-user.rst
+# (cited by section title) or of the virtio spec (cited by section number,
+# virtio 1.2). The driver side is done here by hand, on GuestMemory, Event
+# and BackendClient only, never through Queue or the devices: a check must
+# be able to build what a correct driver never would (a ring base near the
+# 16-bit wrap, a chain across two regions, a looped chain) and to observe
+# exactly what the back-end did with it.
+#
+# Each check returns its verdict by raising ``_Verdict`` (or returning a
+# pass detail). A check that needs a clean back-end state runs on a fresh
+# connection; the others share one session, which is also all a back-end
+# that serves a single connection (virtiofsd 7.2) ever gets. Every wait is
+# bounded by the one timeout: a reply (the client's reply timeout), a used
+# entry, an interrupt.
+
+_VALIDATE_RESULTS = ("pass", "fail", "skip", "error")
+#: Split-ring size the checks use, and the scratch sector blk writes go to
+#: (its old contents are read first and written back).
+_V_RING = 64
+_V_SECTOR = 8
+#: How long a check watches for something that must NOT happen (a chain
+#: processed on a stopped ring, an interrupt before used_event): capped by
+#: the timeout.
+_V_GRACE = 0.3
+_V_REGION1 = 0x40000000       # GPA of the second region of the multi-region layouts
+_V_UNSUPPORTED = 0x7F00        # a request code no spec revision defines
+_RS = 'vhost-user.rst "%s"'   # QEMU docs/interop/vhost-user.rst, by section title
+_V_KNOWN_PROTOCOL = sum(int(m) for m in ProtocolFeature)
+_V_KNOWN_TRANSPORT = sum(int(m) for m in VirtioFeature)
+#: What the checks negotiate: not what needs a VMM behind the front-end
+#: (userfaultfd, a crypto API, an IOMMU, Xen, in-band calls, a back-end
+#: channel someone serves); proto.backend-req negotiates BACKEND_REQ alone.
+_V_PROTOCOL = _V_KNOWN_PROTOCOL & ~(
+    _P.PAGEFAULT | _P.CRYPTO_SESSION | _P.HOST_NOTIFIER | _P.XEN_MMAP
+    | _P.INBAND_NOTIFICATIONS | _P.GPA_ADDRESSES | _P.SHARED_OBJECT
+    | _P.GET_VRING_BASE_INFLIGHT | _P.GET_VRING_BASE_SKIP_DRAIN
+    | _P.BACKEND_REQ | _P.BACKEND_SEND_FD | _P.CROSS_ENDIAN)
+
+
+class _Verdict(Exception):
+    """A check's outcome other than pass: ``result`` is fail, skip or error."""
+
+    def __init__(self, result, detail):
+        Exception.__init__(self, detail)
+        self.result, self.detail = result, detail
+
+
+def _vfail(detail, *args):
+    raise _Verdict("fail", detail % args if args else detail)
+
+
+def _vskip(detail, *args):
+    raise _Verdict("skip", detail % args if args else detail)
+
+
+class _VCheck(NamedTuple):
+    id: str
+    spec: str
+    fresh: bool          # needs its own connection
+    destructive: bool    # may crash a back-end: only with --destructive, run last
+    promised: bool       # its requests are promised by what was offered: a hang-up fails
+    run: object
+
+
+_V_CHECKS = []
+
+
+def _vcheck(check_id, spec, fresh=False, destructive=False, promised=False):
+    def register(run):
+        _V_CHECKS.append(_VCheck(check_id, spec, fresh, destructive, promised, run))
+        return run
+    return register
+
+
+class _VRing:
+    """The driver side of one split ring in guest memory, written by hand (virtio 2.7)."""
+
+    def __init__(self, mem, index, size=_V_RING):
+        self.mem, self.index, self.size = mem, index, size
+        desc, avail, used = _split_ring_sizes(size)
+        self.desc = mem.allocate(desc, 16)
+        self.avail = mem.allocate(avail, 2)
+        self.used = mem.allocate(used, 4)
+        self.kick, self.call = Event(), Event()
+        self._views = []
+        self._avail_words = self._words(self.avail, avail)
+        self._used_words = self._words(self.used, used)
+        self.next_desc = 0
+        self.avail_idx = self.used_seen = 0
+        self.set_base(0)
+
+    def _words(self, gpa, length):
+        view = self.mem.view(gpa, length)
+        load, store, words = _ring_words(view, "H")
+        self._views += [words, view] if words is not view else [view]
+        return load, store
+
+    def set_base(self, base):
+        """Make avail->idx and used->idx ``base``, as a ring stopped there looks."""
+        self.avail_idx = self.used_seen = base & 0xFFFF
+        self._avail_words[1](1, self.avail_idx)
+        self._used_words[1](1, self.used_seen)
+
+    def addr(self):
+        h = self.mem.host_address
+        return h(self.desc), h(self.used), h(self.avail)
+
+    def chain(self, buffers, indirect=False):
+        """Write a chain of (gpa, length, device_writable) buffers; returns the head."""
+        flags = [_DESC_F_WRITE if w else 0 for _, _, w in buffers]
+        if indirect:
+            table = self.mem.allocate(16 * len(buffers), 16)
+            for i, (gpa, length, _) in enumerate(buffers):
+                nxt = i + 1 if i + 1 < len(buffers) else 0
+                self.mem.write(table + 16 * i, _DESC.pack(
+                    gpa, length, flags[i] | (_DESC_F_NEXT if i + 1 < len(buffers) else 0), nxt))
+            buffers, flags = [(table, 16 * len(buffers), False)], [_DESC_F_INDIRECT]
+        first = self.next_desc
+        for i, (gpa, length, _) in enumerate(buffers):
+            slot = (first + i) % self.size
+            last = i + 1 == len(buffers)
+            self.mem.write(self.desc + 16 * slot, _DESC.pack(
+                gpa, length, flags[i] | (0 if last else _DESC_F_NEXT), (slot + 1) % self.size))
+        self.next_desc = (first + len(buffers)) % self.size
+        return first
+
+    def raw_desc(self, slot, gpa, length, flags, nxt):
+        self.mem.write(self.desc + 16 * slot, _DESC.pack(gpa, length, flags, nxt))
+
+    def publish(self, *heads, **kwargs):
+        """Put ``heads`` in the avail ring and move avail->idx (``jump`` moves it further)."""
+        for head in heads:
+            self.mem.write(self.avail + 4 + 2 * (self.avail_idx % self.size),
+                           struct.pack("<H", head))
+            self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.avail_idx = (self.avail_idx + kwargs.get("jump", 0)) & 0xFFFF
+        self._avail_words[1](1, self.avail_idx)
+
+    @property
+    def used_idx(self):
+        return self._used_words[0](1)
+
+    @property
+    def avail_event(self):
+        return self._used_words[0](2 + 4 * self.size)
+
+    def set_used_event(self, value):
+        self._avail_words[1](2 + self.size, value & 0xFFFF)
+
+    def wait_used(self, count, timeout, what="a used entry"):
+        """The next ``count`` used entries as (id, len); fails the check on timeout."""
+        deadline = time.monotonic() + timeout
+        while (self.used_idx - self.used_seen) & 0xFFFF < count:
+            if time.monotonic() > deadline:
+                got = (self.used_idx - self.used_seen) & 0xFFFF
+                _vfail("no reply in %g s: %s on ring %d (%d of %d used entries came)",
+                       timeout, what, self.index, got, count)
+            time.sleep(0.0005)
+        entries = []
+        for _ in range(count):
+            slot = self.used_seen % self.size
+            entries.append(struct.unpack("<II", self.mem.read(self.used + 4 + 8 * slot, 8)))
+            self.used_seen = (self.used_seen + 1) & 0xFFFF
+        return entries
+
+    def idle_for(self, seconds):
+        """True when no used entry came for ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.used_idx != self.used_seen:
+                return False
+            time.sleep(0.002)
+        return self.used_idx == self.used_seen
+
+    def close(self):
+        for view in self._views:
+            view.release()
+        self._views = []
+        self.kick.close()
+        self.call.close()
+
+
+class _VSession:
+    """One connection to the back-end, negotiated the way QEMU does, with rings on demand."""
+
+    def __init__(self, v):
+        self.v = v
+        self.mem = None
+        self.extra_mem = []
+        self.rings = {}
+        self.acks = []              # requests whose NEED_REPLY ack came back
+        self.fuse_ready = False     # virtio-fs: FUSE_INIT done
+        # One attempt: a back-end that stopped listening has crashed or served
+        # its only connection, and waiting for it would only slow the verdict.
+        self.client = BackendClient.connect(v.path, timeout=0, reply_timeout=v.timeout)
+
+    def negotiate(self, protocol=None):
+        """GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_OWNER, SET_FEATURES."""
+        c, v = self.client, self.v
+        self.features = c.get_features()
+        self.offered_protocol = None
+        if self.features & VirtioFeature.PROTOCOL_FEATURES:
+            self.offered_protocol = c.get_protocol_features()
+            want = _V_PROTOCOL if protocol is None else protocol
+            c.set_protocol_features(self.offered_protocol & want)
+            self.ack = bool(c.protocol_features & _P.REPLY_ACK)
+            if c.protocol_features & _P.MQ:
+                c.get_queue_num()
+        else:
+            self.ack = False
+        v._learn(self)
+        c.set_owner(ack=self._ack(_F.SET_OWNER))
+        acked = self.features & (VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES
+                                 | VirtioFeature.RING_INDIRECT_DESC
+                                 | VirtioFeature.RING_EVENT_IDX)
+        if v.device_type == DeviceType.BLOCK:
+            acked |= self.features & (_BLK_F_SIZE_MAX | _BLK_F_SEG_MAX | _BLK_F_BLK_SIZE
+                                      | _BLK_F_FLUSH | _BLK_F_TOPOLOGY | _BLK_F_CONFIG_WCE
+                                      | _BLK_F_MQ | _BLK_F_DISCARD | _BLK_F_WRITE_ZEROES
+                                      | _BLK_F_RO)
+        self.acked = acked
+        c.set_features(acked, ack=self._ack(_F.SET_FEATURES))
+        return self
+
+    def _ack(self, request):
+        if self.ack:
+            self.acks.append(request)
+        return self.ack
+
+    @property
+    def protocol(self):
+        return self.client.protocol_features
+
+    def memory(self, layout=((0, 4 << 20),), regions=None):
+        """Guest memory and SET_MEM_TABLE (``regions(mem)`` may rewrite the table)."""
+        self.mem = GuestMemory(layout, "vhost-user-validate")
+        table = self.mem.regions() if regions is None else regions(self.mem)
+        self.client.set_mem_table(table, ack=self._ack(_F.SET_MEM_TABLE))
+        return self.mem
+
+    def ring(self, index, base=0, size=_V_RING, enable=True, mem=None):
+        """Set ring ``index`` up (NUM, BASE, ADDR, KICK, CALL, ENABLE) and return it."""
+        ring = self.rings.get(index)
+        if ring is None:
+            ring = self.rings[index] = _VRing(mem or self.mem, index, size)
+        ring.set_base(base)
+        self.start(ring, base, enable)
+        return ring
+
+    def start(self, ring, base, enable=True):
+        c, ack, i = self.client, self._ack, ring.index
+        c.set_vring_num(i, ring.size, ack=ack(_F.SET_VRING_NUM))
+        c.set_vring_base(i, base, ack=ack(_F.SET_VRING_BASE))
+        desc, used, avail = ring.addr()
+        c.set_vring_addr(i, desc, used, avail, ack=ack(_F.SET_VRING_ADDR))
+        c.set_vring_kick(i, ring.kick, ack=ack(_F.SET_VRING_KICK))
+        c.set_vring_call(i, ring.call, ack=ack(_F.SET_VRING_CALL))
+        if enable and self.acked & VirtioFeature.PROTOCOL_FEATURES:
+            c.set_vring_enable(i, True, ack=ack(_F.SET_VRING_ENABLE))
+        ring.call.read()  # libvhost-user signals once at SET_VRING_CALL (BACKENDS.md 5)
+
+    def rings_for_io(self, base=0, mem=None):
+        """Start what the device type needs for I/O; returns the ring requests go to."""
+        work = self.v.unit.ring
+        for index in self.v.unit.rings:
+            self.ring(index, base if index == work else 0, mem=mem)
+        if self.protocol & _P.STATUS:
+            # As QEMU at start: DPDK serves nothing before DRIVER_OK.
+            self.client.set_status(1 | 2 | 8 | 4, ack=self._ack(_F.SET_STATUS))
+        return self.rings[work]
+
+    def alive(self):
+        """A GET_FEATURES round trip: True if answered."""
+        try:
+            self.client.get_features()
+            return True
+        except (Disconnected, ProtocolError):
+            return False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self.client.close()
+        for ring in self.rings.values():
+            ring.close()
+        for mem in [self.mem] + self.extra_mem:
+            if mem is not None:
+                mem.close()
+
+
+class _VUnit:
+    """One request per device type that a check posts and watches complete.
+
+    ``rings`` are the rings the type needs started, ``ring`` the one
+    requests go to; ``post(s, ring)`` posts one side-effect-free request
+    and kicks, returning its head.
+    """
+    rings, ring = (0,), 0
+
+    def __init__(self, v):
+        self.v = v
+
+
+class _VBlockUnit(_VUnit):
+    rings, ring = (0,), 0
+
+    def request(self, s, kind, sector=0, data=b"", length=0, mem=None, ring=None,
+                indirect=False, wait=True):
+        """One virtio-blk request (virtio 5.2.6); returns (status, data read)."""
+        mem = mem or s.mem        # data goes there; header and status stay in s.mem
+        ring = ring or s.rings[0]
+        hdr = s.mem.allocate(16, 16)
+        s.mem.write(hdr, _BLK_REQ.pack(kind, 0, sector))
+        buffers = [(hdr, 16, False)]
+        buf = None
+        if data:
+            buf = mem.allocate(len(data), 16)
+            mem.write(buf, data)
+            buffers.append((buf, len(data), False))
+        elif length:
+            buf = mem.allocate(length, 16)
+            mem.write(buf, b"\xa5" * length)
+            buffers.append((buf, length, True))
+        status = s.mem.allocate(1, 1)
+        s.mem.write(status, b"\xff")
+        buffers.append((status, 1, True))
+        head = ring.chain(buffers, indirect)
+        ring.publish(head)
+        ring.kick.signal()
+        if not wait:
+            return head
+        (used_head, _), = ring.wait_used(1, self.v.timeout, "a %s request"
+                                         % _BLK_OP_NAMES.get(kind, kind))
+        if used_head != head:
+            _vfail("used entry for descriptor %d, the request was at %d", used_head, head)
+        got = mem.read(buf, length) if length else b""
+        return bytearray(s.mem.read(status, 1))[0], got
+
+    def post(self, s, ring, indirect=False, mem=None):
+        return self.request(s, _BLK_T_IN, 0, length=512, ring=ring, indirect=indirect,
+                            mem=mem, wait=False)
+
+
+class _VNetUnit(_VUnit):
+    rings, ring = (0, 1), 1
+    _FRAME = bytes(bytearray([0xff] * 6 + [0x52, 0x54, 0, 0x12, 0x34, 0x56, 0x88, 0xb5]))
+
+    def post(self, s, ring, indirect=False, mem=None, tag=b"vu-validate"):
+        mem = mem or s.mem
+        frame = _NET_HDR.pack(0, 0, 0, 0, 0, 0, 0) + self._FRAME + tag.ljust(46, b"\0")
+        self.sent = frame[_NET_HDR.size:]
+        buf = mem.allocate(len(frame), 16)
+        mem.write(buf, frame)
+        head = ring.chain([(buf, len(frame), False)], indirect)
+        ring.publish(head)
+        ring.kick.signal()
+        return head
+
+    def fill_rx(self, s, count=8):
+        rx = s.rings[0]
+        bufs = []
+        for _ in range(count):
+            buf = s.mem.allocate(2048, 16)
+            bufs.append(buf)
+            rx.publish(rx.chain([(buf, 2048, True)]))
+        rx.kick.signal()
+        return bufs
+
+
+class _VFsUnit(_VUnit):
+    rings, ring = (0, 1), 1
+
+    def fuse(self, s, opcode, nodeid, args, out_size, ring=None, indirect=False, wait=True):
+        """One FUSE request on the request queue (virtio 5.11.6); returns (error, payload)."""
+        ring = ring or s.rings[1]
+        unique = getattr(self, "_unique", 0) + 2
+        self._unique = unique
+        body = _FUSE_IN_HEADER.pack(_FUSE_IN_HEADER.size + len(args), opcode, unique, nodeid,
+                                    0, 0, 0, 0, 0) + args
+        inbuf = s.mem.allocate(len(body), 16)
+        s.mem.write(inbuf, body)
+        out = s.mem.allocate(_FUSE_OUT_HEADER.size + out_size, 16)
+        head = ring.chain([(inbuf, len(body), False),
+                           (out, _FUSE_OUT_HEADER.size + out_size, True)], indirect)
+        ring.publish(head)
+        ring.kick.signal()
+        if not wait:
+            return head
+        ring.wait_used(1, self.v.timeout, "a FUSE request (opcode %d)" % opcode)
+        length, error, got_unique = _FUSE_OUT_HEADER.unpack(
+            s.mem.read(out, _FUSE_OUT_HEADER.size))
+        if got_unique != unique:
+            _vfail("FUSE reply for request %d, expected %d", got_unique, unique)
+        return error, s.mem.read(out + _FUSE_OUT_HEADER.size, max(0, length - 16))
+
+    def init(self, s):
+        args = struct.pack("<IIII", _FUSE_MAJOR, _FUSE_MINOR, 0, 0)
+        return self.fuse(s, _FuseOp.INIT, 0, args, 64)
+
+    def getattr_args(self):
+        return _FUSE_GETATTR_IN.pack(0, 0, 0)
+
+    def post(self, s, ring, indirect=False, mem=None):
+        return self.fuse(s, _FuseOp.GETATTR, _FUSE_ROOT_ID, self.getattr_args(),
+                         _FUSE_ATTR_OUT.size + _FUSE_ATTR.size, ring, indirect, wait=False)
+
+
+_V_UNITS = {DeviceType.BLOCK: _VBlockUnit, DeviceType.NET: _VNetUnit, DeviceType.FS: _VFsUnit}
+
+
+class _Validator:
+    """Runs the catalogue against the back-end at ``path``; ``run()`` returns the report."""
+
+    def __init__(self, path, device_type=None, only=None, timeout=5.0, destructive=False):
+        self.path, self.device_type = path, device_type
+        self.only, self.timeout, self.destructive = only, timeout, destructive
+        self.features = self.protocol = None
+        self.single = None         # why later connections are not served, once known
+        self._lost = False         # a check ended with the back-end gone (error)
+        self.unit = None
+        self._session = None
+
+    def selected(self):
+        import fnmatch
+        return [c for c in _V_CHECKS
+                if not self.only or any(fnmatch.fnmatchcase(c.id, p) for p in self.only)]
+
+    def run(self, report=None):
+        """Run every selected check; ``report(entry)`` is called as each one ends."""
+        checks = self.selected()
+        order = ([c for c in checks if not c.fresh]
+                 + [c for c in checks if c.fresh and not c.destructive]
+                 + [c for c in checks if c.destructive])
+        results = []
+        try:
+            for check in order:
+                entry = self._run_one(check)
+                results.append(entry)
+                if report is not None:
+                    report(entry)
+        finally:
+            self._close_session()
+        by_id = dict((e["id"], e) for e in results)
+        entries = [by_id[c.id] for c in checks]
+        summary = dict((r, sum(1 for e in entries if e["result"] == r))
+                       for r in _VALIDATE_RESULTS)
+        return {"socket": self.path,
+                "device_type": None if self.device_type is None
+                else self.device_type.name.lower(),
+                "features": {"virtio": self.features, "protocol": self.protocol},
+                "checks": entries, "summary": summary}
+
+    def _run_one(self, check):
+        result, detail = "pass", ""
+        try:
+            if check.destructive and not self.destructive:
+                _vskip("may crash the back-end: run with --destructive")
+            if check.fresh:
+                self._close_session()
+                if self.single is not None:
+                    _vskip(self.single)
+            detail = check.run(self) or ""
+        except _Verdict as exc:
+            result, detail = exc.result, exc.detail
+        except VhostUserTimeout as exc:
+            result, detail = "fail", "no reply in %g s: %s" % (self.timeout, _one_line(exc))
+        except Disconnected as exc:
+            self._lost = True
+            if check.promised:
+                result, detail = "fail", ("the back-end hung up on a request it offered: %s"
+                                          % _one_line(exc))
+            else:
+                result, detail = "error", "the back-end went away: %s" % _one_line(exc)
+        except (ProtocolError, BackendError, FeatureNotNegotiated) as exc:
+            result, detail = "fail", _one_line(exc)
+        except (VhostUserError, OSError, ValueError) as exc:
+            result, detail = "error", _one_line(exc)
+        self._lost = self._lost or result == "error"
+        if check.fresh or result == "error" or (
+                self._session is not None and self._session.client.broken):
+            self._close_session()
+        return {"id": check.id, "result": result, "spec": check.spec, "detail": detail}
+
+    # -- connections --------------------------------------------------------------
+
+    def session(self):
+        """The shared session: negotiated, with memory, and with the rings I/O needs
+        started when the device type has a request this module knows."""
+        if self._session is None:
+            s = self.fresh()
+            try:
+                s.memory()
+                if self.io_problem(s) is None:
+                    s.rings_for_io()
+            except BaseException:
+                s.close()
+                raise
+            self._session = s
+        return self._session
+
+    def io_session(self):
+        """The shared session if it can do I/O, else skip saying why."""
+        s = self.session()
+        problem = self.io_problem(s)
+        if problem:
+            _vskip(problem)
+        return s
+
+    def fresh(self, io=False, protocol=None, layout=None, regions=None, base=0):
+        """A new negotiated connection; with ``io``, memory and started rings too."""
+        s = self.connect()
+        try:
+            s.negotiate(protocol)
+            self._learn(s)
+            if io:
+                problem = self.io_problem(s)
+                if problem:
+                    _vskip(problem)
+                s.memory(**dict((k, w) for k, w in (("layout", layout), ("regions", regions))
+                                if w is not None))
+                s.rings_for_io(base)
+            return s
+        except BaseException:
+            s.close()
+            raise
+
+    def connect(self):
+        if self.single is not None:
+            _vskip(self.single)
+        try:
+            s = _VSession(self)
+        except Disconnected as exc:
+            # Not listening any more after a session that ended well: a back-end
+            # that serves one connection. After a failure: it went away.
+            if self.features is not None and not self._lost and isinstance(
+                    exc.__cause__, (ConnectionRefusedError, FileNotFoundError)):
+                self.single = ("the back-end stopped accepting connections after the first "
+                               "one (it serves a single connection, as virtiofsd 7.2 does)")
+                _vskip(self.single)
+            self._lost = True
+            raise _Verdict("error", "the back-end went away: %s" % _one_line(exc))
+        return s
+
+    def _learn(self, s):
+        if self.features is None:
+            self.features = s.features
+            self.protocol = s.offered_protocol
+            if self.device_type is None:
+                self.device_type = _guess_device_type(s.features, s.offered_protocol)[0]
+        unit = _V_UNITS.get(self.device_type)
+        if self.unit is None and unit is not None:
+            self.unit = unit(self)
+
+    def io_problem(self, s):
+        """Why I/O cannot be checked on ``s``, or None."""
+        if self.unit is None:
+            return ("no request is known for device type %s: negotiation and config space only"
+                    % _v_type_name(self))
+        queues = s.client.queue_num
+        if queues is not None and queues <= max(self.unit.rings):
+            return ("the back-end has %d queue(s), %s I/O needs %d"
+                    % (queues, self.device_type.name.lower(), max(self.unit.rings) + 1))
+        return None
+
+    def _close_session(self):
+        s, self._session = self._session, None
+        if s is not None:
+            s.close()
+
+    def still_serving(self):
+        """After a fault: '' when a new connection is served, else why not."""
+        problem = self._still_serving()
+        self._lost = self._lost or bool(problem)
+        return problem
+
+    def _still_serving(self):
+        try:
+            s = _VSession(self)
+        except Disconnected as exc:
+            return "crashed: the socket no longer accepts connections (%s)" % _one_line(exc)
+        try:
+            s.client.get_features()
+            return ""
+        except VhostUserTimeout:
+            return "hangs: a new connection got no reply in %g s" % self.timeout
+        except Disconnected as exc:
+            return "crashed: a new connection was dropped unserved (%s)" % _one_line(exc)
+        except VhostUserError as exc:
+            return "a new connection failed: %s" % _one_line(exc)
+        finally:
+            s.close()
+
+
+
+def _v_type_name(v):
+    return "unknown" if v.device_type is None else v.device_type.name.lower()
+
+
+def _need_protocol(s, bit):
+    offered = s.offered_protocol
+    if offered is None:
+        _vskip("PROTOCOL_FEATURES (bit 30) not offered")
+    if not offered & bit:
+        _vskip("%s not offered", ProtocolFeature(bit).name)
+
+
+def _need_feature(s, bit):
+    if not s.acked & bit:
+        _vskip("%s not offered", VirtioFeature(bit).name)
+
+
+# -- Negotiation --------------------------------------------------------------
+
+@_vcheck("neg.features", _RS % "Protocol features", promised=True)
+def _v_neg_features(v):
+    """GET_FEATURES answered first; with bit 30, GET_PROTOCOL_FEATURES before SET_FEATURES.
+
+    The shared session negotiates in exactly that order (as QEMU does), so
+    its set-up succeeding is the check.
+    """
+    s = v.session()
+    if s.offered_protocol is None:
+        return "GET_FEATURES %#x; PROTOCOL_FEATURES (bit 30) not offered" % s.features
+    return ("GET_FEATURES %#x answered first, GET_PROTOCOL_FEATURES %#x before "
+            "SET_FEATURES" % (s.features, s.offered_protocol))
+
+
+@_vcheck("neg.device-bits", "virtio 1.2 2.2, 6")
+def _v_neg_device_bits(v):
+    """Offered feature bits that neither the transport nor the device type defines."""
+    features = v.session().features
+    undefined = features & ~_DEVICE_SPECIFIC_FEATURES & ~_V_KNOWN_TRANSPORT
+    names = _DEVICE_FEATURE_NAMES.get(v.device_type) if v.device_type is not None else None
+    device = features & _DEVICE_SPECIFIC_FEATURES
+    if names is not None:
+        undefined |= sum(1 << b for b in range(64) if device >> b & 1 and b not in names)
+    if undefined:
+        _vfail("offers feature bits the %s does not define: %s",
+               "device type or the transport" if names is not None else "transport",
+               ", ".join(VirtioFeature.names(undefined)))
+    return "all %d offered bits are defined%s" % (bin(features).count("1"), (
+        "" if names is not None else " by the transport (device bits unchecked: type unknown)"))
+
+
+#: Protocol features that are meaningless without others.
+_V_PROTOCOL_NEEDS = (
+    (_P.BACKEND_SEND_FD, _P.BACKEND_REQ), (_P.HOST_NOTIFIER, _P.BACKEND_REQ),
+    (_P.INBAND_NOTIFICATIONS, _P.BACKEND_REQ | _P.REPLY_ACK),
+    (_P.GET_VRING_BASE_INFLIGHT, _P.INFLIGHT_SHMFD),
+    (_P.GET_VRING_BASE_SKIP_DRAIN, _P.GET_VRING_BASE_INFLIGHT | _P.INFLIGHT_SHMFD),
+)
+
+
+@_vcheck("neg.protocol-bits", _RS % "Protocol features")
+def _v_neg_protocol_bits(v):
+    """Protocol bits the spec does not define, or offered without what they need."""
+    s = v.session()
+    _need_feature(s, VirtioFeature.PROTOCOL_FEATURES)
+    offered = s.offered_protocol
+    if offered & ~_V_KNOWN_PROTOCOL:
+        _vfail("offers undefined protocol bits: %s",
+               ", ".join(ProtocolFeature.names(offered & ~_V_KNOWN_PROTOCOL)))
+    for bit, needs in _V_PROTOCOL_NEEDS:
+        if offered & bit and needs & ~offered:
+            _vfail("offers %s without %s", bit.name,
+                   " and ".join(ProtocolFeature.names(needs & ~offered)))
+    return " ".join(ProtocolFeature.names(offered))
+
+
+@_vcheck("neg.reply-ack", _RS % "Communication" + ", REPLY_ACK", promised=True)
+def _v_neg_reply_ack(v):
+    """Every request sent with NEED_REPLY during set-up got its u64 ack."""
+    s = v.session()
+    if s.offered_protocol is None or not s.offered_protocol & _P.REPLY_ACK:
+        _vskip("REPLY_ACK not offered")
+    return "%d requests sent with NEED_REPLY, each acked: %s" % (
+        len(s.acks), " ".join(sorted(set(r.name for r in s.acks))))
+
+
+def _v_raw_ack(client, code):
+    """Send request ``code`` (any int) with NEED_REPLY; its u64 ack, or None on EOF."""
+    channel, what = client._channel, "request %d" % code
+    try:
+        channel.send(code, _VERSION | _FLAG_NEED_REPLY, b"", ())
+        got, flags, size, fds = channel.recv_header(what)
+        _close_fds(fds)
+        body = channel.recv_body(size, what)
+    except Disconnected:
+        return None
+    if got != code or size != _U64.size:
+        _vfail("reply to request %d: code %d with %d bytes, expected the code and a u64",
+               code, got, size)
+    return _U64.unpack(body)[0]
+
+
+@_vcheck("neg.unsupported", _RS % "Communication", fresh=True)
+def _v_neg_unsupported(v):
+    """A request no spec defines is refused: an error ack or a hang-up, never ack 0."""
+    with v.fresh() as s:
+        if not s.ack:
+            _vskip("REPLY_ACK not offered: a refusal cannot be observed")
+        value = _v_raw_ack(s.client, _V_UNSUPPORTED)
+        if value:
+            return "request %#x refused with error %d" % (_V_UNSUPPORTED, value)
+        if value is None or not s.alive():
+            gone = v.still_serving()
+            if gone:
+                _vfail("after request %#x: %s", _V_UNSUPPORTED, gone)
+            return ("request %#x: %sconnection dropped, the back-end still serves"
+                    % (_V_UNSUPPORTED, "" if value is None else "acked 0, then "))
+        _vfail("request %#x, which no spec defines, acked as a success (0)", _V_UNSUPPORTED)
+
+
+# -- Protocol features backed by their requests ---------------------------------
+
+@_vcheck("proto.mq", _RS % "Multiple queue support", promised=True)
+def _v_proto_mq(v):
+    s = v.session()
+    _need_protocol(s, _P.MQ)
+    n = s.client.queue_num
+    need = {DeviceType.NET: 2}.get(v.device_type, _MIN_QUEUES.get(v.device_type, 1))
+    if not 1 <= n <= MAX_VRINGS:
+        _vfail("GET_QUEUE_NUM %d is outside 1..%d", n, MAX_VRINGS)
+    if n < need:
+        _vfail("GET_QUEUE_NUM %d, a %s device has at least %d", n,
+               v.device_type.name.lower(), need)
+    if v.device_type == DeviceType.BLOCK and s.acked & _BLK_F_MQ and s.protocol & _P.CONFIG:
+        num_queues = struct.unpack_from("<H", s.client.get_config(0, 36), 34)[0]
+        if num_queues > n:
+            _vfail("config num_queues %d, but GET_QUEUE_NUM %d", num_queues, n)
+        return "GET_QUEUE_NUM %d, config num_queues %d" % (n, num_queues)
+    return "GET_QUEUE_NUM %d" % n
+
+
+@_vcheck("proto.config", _RS % "Front-end message types" + ", GET_CONFIG", promised=True)
+def _v_proto_config(v):
+    s = v.session()
+    _need_protocol(s, _P.CONFIG)
+    # As QEMU: the layout's size for the offered features (what exists).
+    size = _device_config_size(v.device_type, s.features) if v.device_type else 0
+    if not size:
+        _vskip("the config layout of device type %s is not known here", _v_type_name(v))
+    data = s.client.get_config(0, size)
+    detail = "GET_CONFIG of %d bytes answered" % size
+    at = size // 2
+    window = s.client.get_config(at, size - at)
+    if window == data[:size - at]:
+        _vfail("GET_CONFIG of %d bytes at offset %d answered the bytes at offset 0: it ignored "
+               "the offset", size - at, at)
+    if window != data[at:]:
+        _vfail("GET_CONFIG of %d bytes at offset %d answered %s..., the bytes there are %s...",
+               size - at, at, window[:8].hex(), data[at:at + 8].hex())
+    detail += ", and its second half at offset %d" % at
+    if v.device_type == DeviceType.BLOCK and s.acked & _BLK_F_CONFIG_WCE:
+        s.client.set_config(32, data[32:33], ack=s.ack)
+        again = s.client.get_config(0, size)
+        if again[32:33] != data[32:33]:
+            _vfail("SET_CONFIG of writeback %d read back as %d", bytearray(data)[32],
+                   bytearray(again)[32])
+        detail += "; SET_CONFIG of writeback %s" % ("acked" if s.ack else "kept")
+    return detail
+
+
+@_vcheck("proto.log", _RS % "Migration" + ", SET_LOG_BASE", promised=True)
+def _v_proto_log(v):
+    s = v.session()
+    _need_protocol(s, _P.LOG_SHMFD)
+    size = max(_PAGE_SIZE, -(-s.mem.size // (_PAGE_SIZE * 8)))
+    fd = _memfd_create("vhost-user-validate-log", size)
+    try:
+        s.client.set_log_base(size, 0, fd)
+    finally:
+        os.close(fd)
+    return "SET_LOG_BASE with a %d-byte log answered" % size
+
+
+@_vcheck("proto.status", _RS % "Front-end message types" + ", SET_STATUS", promised=True)
+def _v_proto_status(v):
+    s = v.session()
+    _need_protocol(s, _P.STATUS)
+    status = 1 | 2 | 8 | 4          # ACKNOWLEDGE DRIVER FEATURES_OK DRIVER_OK
+    s.client.set_status(status, ack=s.ack)
+    got = s.client.get_status()
+    if got & status != status:
+        _vfail("SET_STATUS %#x, then GET_STATUS answered %#x", status, got)
+    return "SET_STATUS %#x read back as %#x" % (status, got)
+
+
+@_vcheck("proto.shmem", _RS % "Front-end message types" + ", GET_SHMEM_CONFIG", promised=True)
+def _v_proto_shmem(v):
+    s = v.session()
+    _need_protocol(s, _P.SHMEM)
+    config = s.client.get_shmem_config()
+    bad = [size for size in config.sizes if size % _PAGE_SIZE]
+    if bad:
+        _vfail("shared memory region sizes %s are not page multiples", bad)
+    return "GET_SHMEM_CONFIG: %d region(s)" % len([x for x in config.sizes if x])
+
+
+@_vcheck("proto.inflight", _RS % "Inflight I/O tracking", fresh=True, promised=True)
+def _v_proto_inflight(v):
+    with v.fresh() as s:
+        _need_protocol(s, _P.INFLIGHT_SHMFD)
+        queues = s.client.queue_num or 1
+        info, fd = s.client.get_inflight_fd(queues, _V_RING)
+        if fd is None:
+            _vfail("GET_INFLIGHT_FD returned an empty area and no fd")
+        try:
+            s.client.set_inflight_fd(info, fd, ack=s.ack)
+        finally:
+            os.close(fd)
+        return "GET_INFLIGHT_FD: %d bytes for %d queue(s); SET_INFLIGHT_FD accepted" \
+            % (info.mmap_size, queues)
+
+
+@_vcheck("proto.device-state", _RS % "Migrating back-end state", fresh=True, promised=True)
+def _v_proto_device_state(v):
+    with v.fresh() as s:
+        _need_protocol(s, _P.DEVICE_STATE)
+        read_fd, write_fd = os.pipe()
+        fds = [read_fd, write_fd]
+        try:
+            fd = s.client.set_device_state_fd(TRANSFER_SAVE, TRANSFER_PHASE_STOPPED, write_fd)
+            os.close(write_fd)
+            fds.remove(write_fd)
+            if fd is not None:
+                fds.append(fd)
+            source = read_fd if fd is None else fd
+            deadline, total = time.monotonic() + v.timeout, 0
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([source], [], [], left)[0]:
+                    _vfail("no reply in %g s: the state stream never ended", v.timeout)
+                chunk = os.read(source, 65536)
+                if not chunk:
+                    break
+                total += len(chunk)
+            s.client.check_device_state()
+        finally:
+            _close_fds(fds)
+        return "saved %d bytes of state; CHECK_DEVICE_STATE 0" % total
+
+
+@_vcheck("proto.backend-req", _RS % "Back-end communication", fresh=True, promised=True)
+def _v_proto_backend_req(v):
+    """BACKEND_REQ: SET_BACKEND_REQ_FD accepted, and the connection still answers."""
+    with v.connect() as s:
+        s.negotiate(_V_PROTOCOL | _P.BACKEND_REQ)
+        _need_protocol(s, _P.BACKEND_REQ)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.client.set_backend_req_fd(theirs, ack=s.ack)
+            theirs.close()
+            s.client.get_features()
+        finally:
+            ours.close()
+            theirs.close()
+        return "SET_BACKEND_REQ_FD %s" % ("acked" if s.ack else "taken")
+
+
+@_vcheck("proto.reset-device", _RS % "Front-end message types" + ", RESET_DEVICE",
+         fresh=True, promised=True)
+def _v_proto_reset_device(v):
+    """RESET_DEVICE with rings running, then the device is set up again and serves."""
+    with v.fresh() as s:
+        _need_protocol(s, _P.RESET_DEVICE)
+        problem = v.io_problem(s)
+        if not problem:
+            s.memory()
+            s.rings_for_io()
+        s.client.reset_device(ack=s.ack)
+        if problem:
+            s.client.get_features()
+            return "RESET_DEVICE %s (%s)" % ("acked" if s.ack else "taken", problem)
+        s.client.set_features(s.acked, ack=s.ack)
+        s.client.set_mem_table(s.mem.regions(), ack=s.ack)
+        for i in sorted(s.rings):
+            s.rings[i].set_base(0)
+            s.start(s.rings[i], 0)
+        return "RESET_DEVICE, then set up again: " + _v_io_roundtrip(v, s)
+
+
+@_vcheck("mem.slots", _RS % "Memory access" + ", ADD_MEM_REG", promised=True)
+def _v_mem_slots(v):
+    s = v.session()
+    _need_protocol(s, _P.CONFIGURE_MEM_SLOTS)
+    slots = s.client.get_max_mem_slots()
+    if slots < 1:
+        _vfail("GET_MAX_MEM_SLOTS %d", slots)
+    extra = GuestMemory([(_V_REGION1, 1 << 20)], "vhost-user-validate-extra")
+    s.extra_mem.append(extra)
+    (region, fd), = extra.regions()
+    s.client.add_mem_reg(region, fd, ack=s.ack)
+    detail = "GET_MAX_MEM_SLOTS %d; ADD_MEM_REG" % slots
+    if s.rings and isinstance(v.unit, _VBlockUnit):
+        status, data = v.unit.request(s, _BLK_T_IN, 0, length=512, mem=extra)
+        if status != 0:
+            _vfail("a READ into the region ADD_MEM_REG added: status %d", status)
+        detail += ", a READ into it"
+    s.client.rem_mem_reg(region, ack=s.ack)
+    return detail + ", REM_MEM_REG accepted"
+
+
+# -- Rings ------------------------------------------------------------------------
+
+@_vcheck("ring.sizes", "virtio 1.2 2.7; " + _RS % "Front-end message types", fresh=True)
+def _v_ring_sizes(v):
+    """Sizes 1, 256 and 32768 accepted, 1000 refused: split rings are powers of 2."""
+    with v.fresh() as s:
+        if not s.ack:
+            _vskip("REPLY_ACK not offered: acceptance cannot be observed")
+        for size in (1, 256, 32768):
+            s.client.set_vring_num(0, size, ack=True)
+        try:  # sent raw: the client itself refuses a size that is not a power of 2
+            s.client._transact(_F.SET_VRING_NUM, _STATE.pack(0, 1000), ack=True)
+        except BackendError:
+            return "1, 256 and 32768 accepted; 1000 refused"
+        except Disconnected:
+            return "1, 256 and 32768 accepted; 1000 refused by dropping the connection"
+        if not s.alive():
+            return "1, 256 and 32768 accepted; 1000 acked 0, then the connection dropped"
+        _vfail("SET_VRING_NUM 1000 acked 0 on a split ring (a queue size is a power of 2)")
+
+
+def _v_post(v, s, ring, **kwargs):
+    return v.unit.post(s, ring, **kwargs)
+
+
+@_vcheck("ring.base", _RS % "Front-end message types" + ", SET_VRING_BASE", fresh=True)
+def _v_ring_base(v):
+    """SET_VRING_BASE near the 16-bit wrap honoured; GET_VRING_BASE returns where it stopped."""
+    base = 0xFFFE
+    with v.fresh(io=True, base=base) as s:
+        ring = s.rings[v.unit.ring]
+        heads = [_v_post(v, s, ring) for _ in range(4)]
+        used = ring.wait_used(4, v.timeout, "chains posted after SET_VRING_BASE %d" % base)
+        if sorted(h for h, _ in used) != sorted(heads):   # any completion order
+            _vfail("used heads %s, posted %s", sorted(h for h, _ in used), sorted(heads))
+        if ring.used_idx != (base + 4) & 0xFFFF:
+            _vfail("used->idx %d after 4 chains from base %d", ring.used_idx, base)
+        got = s.client.get_vring_base(ring.index)
+        if got != (base + 4) & 0xFFFF:
+            _vfail("GET_VRING_BASE %d, expected %d", got, (base + 4) & 0xFFFF)
+        return "4 chains served from avail index %d across the wrap; GET_VRING_BASE %d" \
+            % (base, got)
+
+
+@_vcheck("ring.stop", _RS % "Ring states" + ", GET_VRING_BASE", fresh=True)
+def _v_ring_stop(v):
+    """GET_VRING_BASE stops the ring, returns the next avail index, and the ring resumes there."""
+    with v.fresh(io=True) as s:
+        ring = s.rings[v.unit.ring]
+        _v_post(v, s, ring)
+        _v_post(v, s, ring)
+        ring.wait_used(2, v.timeout, "two chains")
+        got = s.client.get_vring_base(ring.index)
+        if got != 2:
+            _vfail("GET_VRING_BASE %d after 2 chains, expected 2 (the next avail index)", got)
+        head = _v_post(v, s, ring)
+        if not ring.idle_for(min(_V_GRACE, v.timeout)):
+            _vfail("a chain posted after GET_VRING_BASE was processed: the ring did not stop")
+        s.start(ring, got)
+        (used_head, _), = ring.wait_used(1, v.timeout, "the chain posted while stopped, after "
+                                         "restarting at %d" % got)
+        if used_head != head:
+            _vfail("after restarting at %d the used entry is for descriptor %d, not %d: the "
+                   "ring did not resume where it stopped", got, used_head, head)
+        if ring.used_idx != 3:
+            _vfail("used->idx %d after restarting, expected 3", ring.used_idx)
+        return "stopped at 2, nothing processed while stopped, resumed at 2"
+
+
+@_vcheck("ring.enable", _RS % "Ring states" + ", SET_VRING_ENABLE", fresh=True)
+def _v_ring_enable(v):
+    """A chain on a disabled ring has no effect; it is served once the ring is enabled."""
+    with v.fresh(io=True) as s:
+        if not s.acked & VirtioFeature.PROTOCOL_FEATURES:
+            _vskip("PROTOCOL_FEATURES not negotiated: rings are enabled at once")
+        ring = s.rings[v.unit.ring]
+        s.client.set_vring_enable(ring.index, False, ack=s.ack)
+        if isinstance(v.unit, _VNetUnit):
+            rx = s.rings[0]
+            v.unit.fill_rx(s, 1)
+        blk = isinstance(v.unit, _VBlockUnit) and not s.acked & _BLK_F_RO
+        if blk:  # a WRITE: reaching the disk is a side effect nobody can argue with
+            s.client.set_vring_enable(ring.index, True, ack=s.ack)
+            old = v.unit.request(s, _BLK_T_IN, _V_SECTOR, length=4096)[1]
+            s.client.set_vring_enable(ring.index, False, ack=s.ack)
+            head = v.unit.request(s, _BLK_T_OUT, _V_SECTOR, data=bytes(bytearray(
+                [0x5a]) * 4096), wait=False)
+        else:
+            head = _v_post(v, s, ring)
+        try:
+            if isinstance(v.unit, _VNetUnit):
+                if not rx.idle_for(min(_V_GRACE, v.timeout)):
+                    _vfail("a frame sent on the disabled TX ring came back on RX")
+            elif not ring.idle_for(min(_V_GRACE, v.timeout)):
+                _vfail("a %s on the disabled ring %d was served", "WRITE" if blk else "chain",
+                       ring.index)
+            s.client.set_vring_enable(ring.index, True, ack=s.ack)
+            ring.kick.signal()
+            (used_head, _), = ring.wait_used(1, v.timeout, "the chain, after "
+                                             "SET_VRING_ENABLE 1")
+            if used_head != head:
+                _vfail("used entry for descriptor %d, expected %d", used_head, head)
+        finally:
+            if blk:
+                ring.used_seen = ring.used_idx
+                s.client.set_vring_enable(ring.index, True, ack=s.ack)
+                v.unit.request(s, _BLK_T_OUT, _V_SECTOR, data=old)
+        return "nothing served while disabled; served once enabled"
+
+
+@_vcheck("ring.event-idx", "virtio 1.2 2.7.7, 2.7.10", fresh=True)
+def _v_ring_event_idx(v):
+    """No call before used_event is crossed, a call when it is; avail_event obeyed."""
+    with v.fresh(io=True) as s:
+        _need_feature(s, VirtioFeature.RING_EVENT_IDX)
+        ring = s.rings[v.unit.ring]
+        grace = min(_V_GRACE, v.timeout)
+        # First a chain that crosses used_event: it MUST be signalled. (Also
+        # Linux vhost and libvhost-user signal the first chain after a start
+        # whatever used_event says; the spec only says SHOULD NOT there.)
+        ring.set_used_event(ring.used_seen)
+        _v_post(v, s, ring)
+        ring.wait_used(1, v.timeout)
+        if not ring.call.wait(v.timeout):
+            _vfail("no interrupt in %g s although used_event was crossed", v.timeout)
+        ring.set_used_event(ring.used_seen + 100)
+        ring.call.read()
+        _v_post(v, s, ring)
+        ring.wait_used(1, v.timeout)
+        if ring.call.wait(grace):
+            _vfail("an interrupt although used_event (%d) was not crossed (SHOULD NOT)",
+                   (ring.used_seen + 99) & 0xFFFF)
+        # The device asks for kicks through avail_event: a chain it said needs
+        # no kick must still be served (it polls), one that needs one gets it.
+        old = ring.avail_idx
+        event = ring.avail_event
+        ring.kick.close()
+        ring.kick = Event()   # a kick fd the device does not see: we do not kick
+        kick_due = _need_event(event, (old + 1) & 0xFFFF, old)
+        if kick_due:
+            s.client.set_vring_kick(ring.index, ring.kick, ack=s.ack)
+        _v_post(v, s, ring)
+        ring.wait_used(1, v.timeout, "a chain %s" % ("kicked as avail_event %d asked" % event
+                                                      if kick_due else
+                                                      "not kicked, as avail_event %d allowed"
+                                                      % event))
+        return "used_event honoured both ways; avail_event %d %s" % (
+            event, "asked for the kick" if kick_due else "suppressed the kick, chain served")
+
+
+@_vcheck("ring.indirect", "virtio 1.2 2.7.5.3")
+def _v_ring_indirect(v):
+    s = v.io_session()
+    _need_feature(s, VirtioFeature.RING_INDIRECT_DESC)
+    return _v_io_roundtrip(v, s, indirect=True) + " through indirect tables"
+
+
+def _v_io_roundtrip(v, s, indirect=False, mem=None):
+    """One request that proves data moved correctly, per type; returns a detail."""
+    unit = v.unit
+    if isinstance(unit, _VBlockUnit):
+        if s.acked & _BLK_F_RO:
+            status, _ = unit.request(s, _BLK_T_IN, 0, length=512, mem=mem, indirect=indirect)
+            if status:
+                _vfail("READ status %d", status)
+            return "READ of a read-only disk"
+        return _v_blk_write_read(v, s, mem=mem, indirect=indirect)
+    if isinstance(unit, _VNetUnit):
+        return _v_net_echo(v, s, mem=mem, indirect=indirect)
+    if not s.fuse_ready:
+        s.fuse_ready = not unit.init(s)[0]
+    error, payload = unit.fuse(s, _FuseOp.GETATTR, _FUSE_ROOT_ID, unit.getattr_args(),
+                               _FUSE_ATTR_OUT.size + _FUSE_ATTR.size, indirect=indirect)
+    if error:
+        _vfail("GETATTR of the root: error %d", error)
+    return "GETATTR of the root answered"
+
+
+def _v_blk_write_read(v, s, mem=None, indirect=False):
+    unit = v.unit
+    status, old = unit.request(s, _BLK_T_IN, _V_SECTOR, length=4096, mem=mem)
+    if status:
+        _vfail("READ of sector %d: status %d", _V_SECTOR, status)
+    pattern = os.urandom(4096)
+    try:
+        status, _ = unit.request(s, _BLK_T_OUT, _V_SECTOR, data=pattern, mem=mem,
+                                 indirect=indirect)
+        if status:
+            _vfail("WRITE of sector %d: status %d", _V_SECTOR, status)
+        status, back = unit.request(s, _BLK_T_IN, _V_SECTOR, length=4096, mem=mem,
+                                    indirect=indirect)
+        if status or back != pattern:
+            _vfail("READ after WRITE of sector %d: status %d, %s", _V_SECTOR, status,
+                   "data matches" if back == pattern else "different data")
+    finally:
+        unit.request(s, _BLK_T_OUT, _V_SECTOR, data=old, mem=mem)
+    return "4 KiB written at sector %d and read back (old data restored)" % _V_SECTOR
+
+
+def _v_net_echo(v, s, mem=None, indirect=False):
+    unit = v.unit
+    rx = s.rings[0]
+    bufs = unit.fill_rx(s, 1)
+    tag = os.urandom(8)
+    unit.post(s, s.rings[1], indirect=indirect, mem=mem, tag=tag)
+    s.rings[1].wait_used(1, v.timeout, "the TX frame")
+    deadline = time.monotonic() + v.timeout
+    while rx.used_idx == rx.used_seen:
+        if time.monotonic() > deadline:
+            _vskip("no frame came back on RX in %g s: the back-end does not loop frames "
+                   "back", v.timeout)
+        time.sleep(0.0005)
+    (_, length), = rx.wait_used(1, v.timeout)
+    frame = s.mem.read(bufs[0], length)[_NET_HDR.size:]
+    if frame != unit.sent:
+        _vfail("the frame that came back on RX is not the one sent (%d bytes, %s)", length,
+               "its own tag" if tag in frame else "another frame")
+    return "a %d-byte frame echoed" % length
+
+
+@_vcheck("mem.regions", _RS % "Memory access" + "; virtio 1.2 2.7.5", fresh=True, promised=True)
+def _v_mem_regions(v):
+    """A chain whose buffers lie in two regions (rings in the first, data in the second)."""
+    with v.fresh() as s:
+        problem = v.io_problem(s)
+        if problem:
+            _vskip(problem)
+        mem = s.memory(layout=((0, 1 << 20), (_V_REGION1, 1 << 20)))
+        s.rings_for_io()
+        data_mem = _VSplitAlloc(mem, _V_REGION1)
+        return _v_io_roundtrip(v, s, mem=data_mem) + ", data in the region at %#x" \
+            % _V_REGION1
+
+
+@_vcheck("mem.offset", _RS % "Memory access" + ", mmap_offset", fresh=True, promised=True)
+def _v_mem_offset(v):
+    """A region at a non-zero guest address mapped from a non-zero offset of its fd."""
+    skip = 0x10000
+    with v.fresh() as s:
+        problem = v.io_problem(s)
+        if problem:
+            _vskip(problem)
+
+        def regions(mem):
+            table = mem.regions()
+            (r0, fd0), (r1, fd1) = table
+            return [(r0, fd0), (MemoryRegion(r1.guest_phys_addr + skip, r1.memory_size - skip,
+                                             r1.userspace_addr + skip, skip), fd1)]
+        mem = s.memory(layout=((0, 1 << 20), (_V_REGION1, 1 << 20)), regions=regions)
+        s.rings_for_io()
+        data_mem = _VSplitAlloc(mem, _V_REGION1 + skip)
+        return _v_io_roundtrip(v, s, mem=data_mem) + \
+            ", data at GPA %#x, mmap_offset %#x" % (_V_REGION1 + skip, skip)
+
+
+class _VSplitAlloc:
+    """``mem`` whose ``allocate`` puts data at or above ``floor`` (a region of its own)."""
+
+    def __init__(self, mem, floor):
+        self._mem, self._next = mem, floor
+
+    def allocate(self, size, align=16):
+        addr = -(-self._next // align) * align
+        self._next = addr + size
+        return addr
+
+    def __getattr__(self, name):
+        return getattr(self._mem, name)
+
+
+@_vcheck("mem.replace", _RS % "Memory access" + ", SET_MEM_TABLE", fresh=True, promised=True)
+def _v_mem_replace(v):
+    """A new memory table (the rings' region plus a new one) while the rings are stopped."""
+    with v.fresh(io=True) as s:
+        work = s.rings[v.unit.ring]
+        _v_post(v, s, work)
+        work.wait_used(1, v.timeout)
+        bases = dict((i, s.client.get_vring_base(i)) for i in sorted(s.rings))
+        # libvhost-user re-maps started rings at once, so their region stays.
+        extra = GuestMemory([(_V_REGION1, 1 << 20)], "vhost-user-validate-new")
+        s.extra_mem.append(extra)
+        s.client.set_mem_table(s.mem.regions() + extra.regions(), ack=s.ack)
+        for i in sorted(s.rings):
+            s.start(s.rings[i], bases[i])
+        return _v_io_roundtrip(v, s, mem=extra) + \
+            ", in a region a new SET_MEM_TABLE added while the rings were stopped"
+
+
+# -- Device I/O (shared session) --------------------------------------------------
+
+def _v_blk_session(v):
+    s = v.io_session()
+    if not isinstance(v.unit, _VBlockUnit):
+        _vskip("not a block device")
+    return s
+
+
+@_vcheck("io.blk-rw", "virtio 1.2 5.2.6")
+def _v_io_blk_rw(v):
+    s = _v_blk_session(v)
+    if s.acked & _BLK_F_RO:
+        _vskip("BLK_RO: the disk is read-only")
+    return _v_blk_write_read(v, s)
+
+
+@_vcheck("io.blk-flush", "virtio 1.2 5.2.6")
+def _v_io_blk_flush(v):
+    s = _v_blk_session(v)
+    if not s.acked & _BLK_F_FLUSH:
+        _vskip("BLK_FLUSH not offered")
+    status, _ = v.unit.request(s, _BLK_T_FLUSH)
+    if status:
+        _vfail("FLUSH status %d", status)
+    return "FLUSH status OK"
+
+
+@_vcheck("io.blk-discard", "virtio 1.2 5.2.6")
+def _v_io_blk_discard(v):
+    s = _v_blk_session(v)
+    done = []
+    for bit, kind, name in ((_BLK_F_DISCARD, _BLK_T_DISCARD, "DISCARD"),
+                            (_BLK_F_WRITE_ZEROES, _BLK_T_WRITE_ZEROES, "WRITE_ZEROES")):
+        if not s.acked & bit or s.acked & _BLK_F_RO:
+            continue
+        status, old = v.unit.request(s, _BLK_T_IN, _V_SECTOR, length=4096)
+        try:
+            if kind == _BLK_T_WRITE_ZEROES:  # something to zero
+                v.unit.request(s, _BLK_T_OUT, _V_SECTOR, data=b"\x5a" * 4096)
+            status = v.unit.request(s, kind, data=_BLK_DISCARD_SEG.pack(_V_SECTOR, 8, 0))[0]
+            if status:
+                _vfail("%s of 8 sectors at %d: status %d", name, _V_SECTOR, status)
+            if kind == _BLK_T_WRITE_ZEROES:
+                back = v.unit.request(s, _BLK_T_IN, _V_SECTOR, length=4096)[1]
+                if back != bytes(4096):
+                    _vfail("sectors read back non-zero after WRITE_ZEROES")
+        finally:
+            v.unit.request(s, _BLK_T_OUT, _V_SECTOR, data=old)
+        done.append(name)
+    if not done:
+        _vskip("neither BLK_DISCARD nor BLK_WRITE_ZEROES offered on a writable disk")
+    return " and ".join(done) + " served (old data restored)"
+
+
+@_vcheck("io.blk-id", "virtio 1.2 5.2.6")
+def _v_io_blk_id(v):
+    s = _v_blk_session(v)
+    status, data = v.unit.request(s, _BLK_T_GET_ID, length=_BLK_ID_BYTES)
+    if status == 2:
+        _vskip("GET_ID answered UNSUPP")
+    if status:
+        _vfail("GET_ID status %d", status)
+    return "GET_ID %r" % data.split(b"\0", 1)[0].split(b"\xa5", 1)[0].decode("ascii", "replace")
+
+
+@_vcheck("io.blk-bounds", "virtio 1.2 5.2.6.1")
+def _v_io_blk_bounds(v):
+    """The last sector of config capacity reads OK; the one past it is refused."""
+    s = _v_blk_session(v)
+    if not s.protocol & _P.CONFIG:
+        _vskip("CONFIG not negotiated: capacity unknown")
+    capacity = struct.unpack("<Q", s.client.get_config(0, 8))[0]
+    status, _ = v.unit.request(s, _BLK_T_IN, capacity - 1, length=512)
+    if status:
+        _vfail("READ of the last sector (%d): status %d", capacity - 1, status)
+    status, _ = v.unit.request(s, _BLK_T_IN, capacity, length=512)
+    if status == 0:
+        _vfail("READ past capacity (sector %d) answered OK", capacity)
+    return "capacity %d sectors: last sector OK, past it status %d" % (capacity, status)
+
+
+@_vcheck("io.net-echo", "virtio 1.2 5.1.6")
+def _v_io_net_echo(v):
+    s = v.io_session()
+    if not isinstance(v.unit, _VNetUnit):
+        _vskip("not a net device")
+    return _v_net_echo(v, s)
+
+
+@_vcheck("io.fs", "virtio 1.2 5.11.6")
+def _v_io_fs(v):
+    s = v.io_session()
+    if not isinstance(v.unit, _VFsUnit):
+        _vskip("not a virtio-fs device")
+    error, payload = v.unit.init(s)
+    if error:
+        _vfail("FUSE_INIT error %d", error)
+    s.fuse_ready = True
+    major, minor = struct.unpack_from("<II", payload)
+    if major != _FUSE_MAJOR:
+        _vfail("FUSE_INIT answered major %d, asked 7", major)
+    error, payload = v.unit.fuse(s, _FuseOp.GETATTR, _FUSE_ROOT_ID, v.unit.getattr_args(),
+                                 _FUSE_ATTR_OUT.size + _FUSE_ATTR.size)
+    if error:
+        _vfail("GETATTR of the root: error %d", error)
+    mode = _FUSE_ATTR.unpack_from(payload, _FUSE_ATTR_OUT.size)[9]
+    if not stat.S_ISDIR(mode):
+        _vfail("the root's mode %o is not a directory", mode)
+    error, payload = v.unit.fuse(s, _FuseOp.LOOKUP, _FUSE_ROOT_ID, b".\0",
+                                 _FUSE_ENTRY_OUT.size + _FUSE_ATTR.size)
+    return "FUSE %d.%d; root is a directory (mode %o); LOOKUP \".\" error %d" % (
+        major, minor, mode, error)
+
+
+# -- Recovery ------------------------------------------------------------------------
+
+@_vcheck("recover.reconnect", _RS % "Communication" + ', "Inflight I/O tracking"', fresh=True,
+         promised=True)
+def _v_recover(v):
+    """A connection dropped with chains in flight; the next connection is served."""
+    with v.fresh(io=True) as s:
+        for _ in range(4):
+            _v_post(v, s, s.rings[v.unit.ring])
+    with v.fresh(io=True) as s:
+        detail = _v_io_roundtrip(v, s)
+    inflight = v.protocol is not None and v.protocol & _P.INFLIGHT_SHMFD
+    return "dropped with 4 chains posted; the next connection served: %s%s" % (
+        detail, "" if inflight else " (INFLIGHT_SHMFD not offered: no resubmission to check)")
+
+
+# -- Robustness (--destructive) ----------------------------------------------------------
+
+def _v_fault(v, what, inject):
+    """Inject a fault on a fresh connection; pass when the back-end still serves others."""
+    s = v.fresh(io=True)
+    try:
+        outcome = inject(s) or ""
+        if not outcome:
+            outcome = "kept the connection" if s.alive() else "dropped the connection"
+    except (Disconnected, ProtocolError):
+        outcome = "dropped the connection"
+    finally:
+        s.close()
+    gone = v.still_serving()
+    if gone:
+        _vfail("after %s: %s", what, gone)
+    return "%s: %s, and still serves" % (what, outcome)
+
+
+def _v_bad_chain(v, what, build):
+    """Publish what ``build(s, ring)`` wrote ((heads, extra avail->idx move)), kick, then judge."""
+    def inject(s):
+        ring = s.rings[v.unit.ring]
+        heads, jump = build(s, ring)
+        ring.publish(*heads, jump=jump)
+        ring.kick.signal()
+        ring.idle_for(min(_V_GRACE / 3, v.timeout))  # a moment with the bad chain
+    return _v_fault(v, what, inject)
+
+
+def _v_looped(s, ring):
+    buf = s.mem.allocate(64, 16)
+    ring.raw_desc(0, buf, 64, _DESC_F_NEXT, 1)
+    ring.raw_desc(1, buf, 64, _DESC_F_NEXT, 0)
+    return (0,), 0
+
+
+def _v_outside(s, ring):
+    ring.raw_desc(0, 0x7F0000000000, 4096, 0, 0)
+    return (0,), 0
+
+
+@_vcheck("robust.loop", "virtio 1.2 2.7.5.2", fresh=True, destructive=True)
+def _v_robust_loop(v):
+    return _v_bad_chain(v, "a looped chain", _v_looped)
+
+
+@_vcheck("robust.outside", "virtio 1.2 2.7.5.2", fresh=True, destructive=True)
+def _v_robust_outside(v):
+    return _v_bad_chain(v, "a descriptor outside guest memory", _v_outside)
+
+
+@_vcheck("robust.avail-jump", "virtio 1.2 2.7.6", fresh=True, destructive=True)
+def _v_robust_avail_jump(v):
+    return _v_bad_chain(v, "avail->idx moved by more than the ring size",
+                        lambda s, ring: ((), ring.size + 5))
+
+
+@_vcheck("robust.truncated", _RS % "Message specification", fresh=True, destructive=True)
+def _v_robust_truncated(v):
+    def inject(s):
+        sock = s.client._channel.sock
+        sock.sendall(struct.pack("<III", _F.SET_VRING_ADDR, _VERSION, 40) + bytes(8))
+        sock.shutdown(socket.SHUT_WR)
+        ready = select.select([sock], [], [], v.timeout)[0]
+        return "dropped the connection" if ready else "left the connection open"
+    return _v_fault(v, "a message cut short (40 bytes announced, 8 sent)", inject)
+
+
+# -- Output -----------------------------------------------------------------------------
+
+def _validate_table(report):
+    rows = [("RESULT", "ID", "SPEC", "DETAIL")] + [
+        (e["result"], e["id"], e["spec"], e["detail"]) for e in report["checks"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["%s: %s device, features %s, protocol features %s" % (
+        report["socket"], report["device_type"] or "unknown",
+        "-" if report["features"]["virtio"] is None else "%#x" % report["features"]["virtio"],
+        "-" if report["features"]["protocol"] is None
+        else "%#x" % report["features"]["protocol"])]
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[3])
+    lines.append(_validate_summary(report))
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def _validate_summary(report):
+    total = report["summary"]
+    return "%d checks: %s" % (sum(total.values()), ", ".join(
+        "%d %s" % (total[r], r) for r in _VALIDATE_RESULTS))
+
+
+def _validate_tap(report):
+    lines = ["TAP version 13", "1..%d" % len(report["checks"])]
+    for n, e in enumerate(report["checks"], 1):
+        ok = "not ok" if e["result"] in ("fail", "error") else "ok"
+        line = "%s %d - %s" % (ok, n, e["id"])
+        if e["result"] == "skip":
+            line += " # SKIP %s" % e["detail"]
+        lines.append(line)
+        if e["result"] != "skip":
+            lines += ["  ---", "  result: %s" % e["result"], "  spec: '%s'"
+                      % e["spec"].replace("'", "''"), "  detail: '%s'"
+                      % e["detail"].replace("'", "''"), "  ..."]
+    lines.append("# " + _validate_summary(report))
+    return "\n".join(lines) + "\n"
+
+
+############################################################################
 # CLI ######################################################################
 ############################################################################
 
@@ -11119,26 +13206,41 @@ def _check_socket(path):
 
 
 def _cli_connect(path, timeout):
-    """A BackendClient on ``path``, with one-line errors for the usual mistakes."""
+    """A BackendClient on ``path``, with one-line errors for the usual mistakes.
+
+    A listen backlog that is full (the back-end busy with other front-ends,
+    or stopped) is retried until ``timeout``, as the library does; a missing
+    socket or one nobody listens on fails at once.
+    """
     _check_socket(path)
-    try:
-        # timeout=0: one attempt; the CLI must not wait for a socket to appear.
-        return BackendClient.connect(path, timeout=0, reply_timeout=timeout)
-    except Disconnected as exc:
-        cause = exc.__cause__
-        if isinstance(cause, ConnectionRefusedError):
-            raise _CliError("%s: connection refused (nothing is listening on it)" % path)
-        if isinstance(cause, OSError) and cause.strerror:
-            raise _CliError("%s: cannot connect: %s" % (path, cause.strerror))
-        raise _CliError("%s: cannot connect: %s" % (path, exc))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            # timeout=0: one attempt each; the CLI must not wait for a socket to appear.
+            return BackendClient.connect(path, timeout=0, reply_timeout=timeout)
+        except Disconnected as exc:
+            cause = exc.__cause__
+            busy = isinstance(cause, (BlockingIOError, socket.timeout))
+            if busy and time.monotonic() < deadline:
+                time.sleep(min(_RECONNECT_RETRY, max(0.0, deadline - time.monotonic())))
+                continue
+            if isinstance(cause, ConnectionRefusedError):
+                raise _CliError("%s: connection refused (nothing is listening on it)" % path)
+            if busy:
+                raise _CliError("%s: cannot connect within %g s: the back-end's listen backlog "
+                                "stayed full (is it serving other front-ends, or stopped?)"
+                                % (path, timeout))
+            if isinstance(cause, OSError):
+                raise _CliError("%s: cannot connect: %s" % (path, _connect_cause(cause)))
+            # The library's message already says "cannot connect to PATH: ...".
+            raise _CliError(_one_line(exc))
 
 
 def _probe(client, path, device_type=None, config_size=None):
     """Everything a back-end tells about itself, negotiating only what that needs.
 
-    Returns the dict ``probe --json`` prints (its keys are stable). Raises
-    _CliError when ``device_type`` is given and the back-end is conclusively
-    another type.
+    Returns the dict ``probe --json`` prints (its keys are stable). A
+    ``device_type`` given is used as is (``--type`` overrides the guess).
     """
     features = client.get_features()
     offered = None
@@ -11149,9 +13251,7 @@ def _probe(client, path, device_type=None, config_size=None):
         if used:
             client.set_protocol_features(used)
     source = "given"
-    if device_type is not None:
-        _check_device_type(path, device_type, features, offered)
-    else:
+    if device_type is None:   # --type overrides the guess, whatever the bits suggest
         device_type, why, _ = _guess_device_type(features, offered)
         source = "guessed: %s" % why if device_type is not None else "unknown"
     info = {
@@ -11262,8 +13362,20 @@ def _format_bytes(count):
     return "%d bytes" % count
 
 
+def _device_type_arg(text):
+    """--type of probe and validate: a type name (blk, net, fs, ...) or any virtio device ID."""
+    import argparse
+    if text.lower() in _CLI_TYPES:
+        return _CLI_TYPES[text.lower()]
+    try:
+        return DeviceType(_int_arg(text))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError("%r is neither a device type (blk, net, fs, gpu, "
+                                         "vsock, ...) nor a virtio device ID (0-65535)" % text)
+
+
 def _cmd_probe(args, out):
-    wanted = _CLI_TYPES[args.type] if args.type else None
+    wanted = args.type
     if args.config_size is not None and not 1 <= args.config_size <= MAX_CONFIG_SIZE:
         raise _UsageError("--config-size %d: the config space holds 1 to %d bytes"
                           % (args.config_size, MAX_CONFIG_SIZE))
@@ -11275,6 +13387,25 @@ def _cmd_probe(args, out):
     else:
         out.write("\n".join(_format_probe(args.socket, info)) + "\n")
     return 0
+
+
+def _cmd_validate(args, out):
+    only = [p for p in (args.only or "").split(",") if p] or None
+    checker = _Validator(args.socket, args.type, only, args.timeout, args.destructive)
+    if only and not checker.selected():
+        raise _UsageError("--only %s matches no check (ids: %s)"
+                          % (args.only, " ".join(c.id for c in _V_CHECKS)))
+    _check_socket(args.socket)
+    report = checker.run()
+    if args.json:
+        import json
+        out.write(json.dumps(report, indent=2) + "\n")
+    elif args.tap:
+        out.write(_validate_tap(report))
+    else:
+        out.write(_validate_table(report))
+    bad = report["summary"]["fail"] + report["summary"]["error"]
+    return _EXIT_FAILURE if bad else 0
 
 
 def _open_device(args, cls, device_type, **kwargs):
@@ -11299,6 +13430,14 @@ def _open_device(args, cls, device_type, **kwargs):
             # QEMU's vhost-user-blk refuses such a back-end too: capacity is in the config.
             raise _CliError("%s: wrong device type: the back-end does not offer CONFIG, so it "
                             "cannot be a vhost-user-blk device" % args.socket)
+        if device_type == DeviceType.NET:
+            # virtiofsd's bits are only a hint of virtio-fs, but a net back-end
+            # offers net bits; without this the rings went up and the handshake
+            # failed deep in SET_VRING_ENABLE, using up virtiofsd's one connection.
+            guess, why, _ = _guess_device_type(features, protocol)
+            if guess == DeviceType.FS:
+                raise _CliError("%s: wrong device type: the back-end looks like a fs device (it "
+                                "offers %s), not net" % (args.socket, why))
         return cls.connect(client, timeout=args.timeout, **kwargs)
     except FeatureNotNegotiated as exc:
         client.close()
@@ -11383,17 +13522,36 @@ _CLI_CHUNK = 4 << 20
 
 
 class _TransferProgress:
-    """Bytes, rate and ETA on stderr, once a transfer has run a second; terminal only."""
+    """Bytes, rate and ETA on stderr, once a transfer has run a second; terminal only.
 
-    def __init__(self, total, stream=None):
+    With ``what`` (the action), ``fail(exc)`` notes on a failure or an
+    interruption how many bytes were done, and the offset reached when the
+    transfer started at ``offset``; the error line ends with it.
+    """
+
+    moved = 0     # the bytes done, as the last update() said
+
+    def __init__(self, total, stream=None, what=None, offset=None):
         self.stream = sys.stderr if stream is None else stream
         self.enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.total = total
+        self.what = what
+        self.offset = offset
         self.start = time.monotonic()
         self.next_draw = self.start + 1.0
         self.drawn = False
 
+    def fail(self, exc):
+        """Note on ``exc`` what was done before it (see ``_transfer_note``)."""
+        text = "%s stopped after %d bytes" % (self.what, self.moved)
+        if self.total is not None:
+            text += " of %d" % self.total
+        if self.offset is not None:
+            text += ", at offset %d" % (self.offset + self.moved)
+        _note_transfer(exc, text)
+
     def update(self, done):
+        self.moved = done
         now = time.monotonic()
         if not self.enabled or now < self.next_draw:
             return
@@ -11414,6 +13572,34 @@ class _TransferProgress:
         if self.drawn:
             self.stream.write("\r\033[K")
             self.stream.flush()
+
+
+def _note_transfer(exc, text):
+    """Attach to ``exc`` what a transfer did before it, for the error line to end with."""
+    if not _stdout_gone(exc):
+        exc.cli_transfer_note = text
+
+
+def _transfer_note(exc):
+    """Take (once) the note ``_note_transfer`` left on ``exc`` or an exception it came from."""
+    todo, seen = [exc], []
+    while todo and len(seen) < 20:
+        exc = todo.pop(0)
+        if exc is None or any(exc is e for e in seen):
+            continue
+        seen.append(exc)
+        note = vars(exc).pop("cli_transfer_note", None)
+        if note is not None:
+            return note
+        # A file's close() failing after its read failed: the read's note is in the context.
+        todo += [exc.__cause__, exc.__context__]
+    return None
+
+
+def _stdout_gone(exc):
+    """True for the EPIPE of writing to stdout after its reader left (no file name: not a
+    file-system error the back-end returned)."""
+    return isinstance(exc, BrokenPipeError) and exc.filename is None
 
 
 class _HexdumpC:
@@ -11533,7 +13719,7 @@ def _blk_read(dev, args, out):
     elif binary is not None:
         target = binary
     dump = _HexdumpC(out.write, args.offset) if target is None else None
-    progress = _TransferProgress(args.length)
+    progress = _TransferProgress(args.length, what="read", offset=args.offset)
     stream = _blk_stream(dev, args.offset, args.length, progress)
     try:
         for piece in stream:
@@ -11545,6 +13731,9 @@ def _blk_read(dev, args, out):
             dump.close()
         else:
             target.flush()
+    except BaseException as exc:
+        progress.fail(exc)
+        raise
     finally:
         stream.close()   # its buffer goes back now, not when a collector gets to it
         progress.done()
@@ -11635,7 +13824,7 @@ def _blk_write_from(dev, args, out, source):
         if head:
             staging[:head] = dev.read(position, block)[:head] if args.rmw else bytes(head)
         fill = head
-        progress = _TransferProgress(length)
+        progress = _TransferProgress(length, what="write", offset=offset)
         total = 0
         try:
             while True:
@@ -11659,9 +13848,12 @@ def _blk_write_from(dev, args, out, source):
                     position += ready
                     fill -= ready
                     staging[:fill] = staging[ready:ready + fill]   # < 1 block: no overlap
-                    progress.update(total)
+                    progress.update(max(0, position - offset))
                 if not count:
                     break
+        except BaseException as exc:
+            progress.fail(exc)
+            raise
         finally:
             progress.done()
         tail = fill
@@ -11743,10 +13935,7 @@ def _frame_source(dev, args, size):
             with open(args.payload_file, "rb") as f:
                 frame = f.read()
         else:
-            try:
-                frame = bytes.fromhex(args.payload_hex.replace(":", " "))
-            except ValueError as exc:
-                raise _CliError("--payload-hex: %s" % exc)
+            frame = bytes.fromhex(args.payload_hex.replace(":", " "))   # checked by _hex_arg
         if len(frame) < _ETH_HLEN:
             raise _CliError("the frame has %d bytes; an Ethernet frame has at least %d"
                             % (len(frame), _ETH_HLEN))
@@ -11759,7 +13948,19 @@ def _frame_source(dev, args, size):
     return lambda seq: _test_frame(src, seq, size)
 
 
+def _check_frame_size(option, size):
+    """Refuse, before connecting (status 2), a generated frame size no device takes: one
+    carries a sequence number, and one descriptor of send() at most 64 KiB with its header."""
+    low, high = _TEST_FRAME_HEADER.size, 0xFFFF - _NET_HDR.size
+    if not low <= size <= high:
+        raise _UsageError("%s %d: generated frames carry a sequence number and are %d..%d "
+                          "bytes" % (option, size, low, high))
+
+
 def _cmd_net(args, out):
+    if args.action == "send" and args.read is None and args.payload_file is None \
+            and args.payload_hex is None:
+        _check_frame_size("--size", args.size)
     with _open_device(args, NetDevice, DeviceType.NET) as dev:
         return _NET_ACTIONS[args.action](dev, args, out)
 
@@ -11971,7 +14172,7 @@ def _net_recv(dev, args, out):
                             "give a file name")
     report = sys.stderr if stream is not None else out   # stdout carries the pcap
     raw = None
-    count = 0
+    count = received = 0
     try:
         if args.write is not None and args.write != "-":
             stream = open(args.write, "wb")
@@ -11991,6 +14192,7 @@ def _net_recv(dev, args, out):
                     continue
                 stamp = time.time()
                 count += 1
+                received += len(frame)
                 if capture is not None:
                     capture.write(frame, stamp)
                 else:
@@ -12001,6 +14203,12 @@ def _net_recv(dev, args, out):
                     raw.write(frame)
     except KeyboardInterrupt:
         pass   # Ctrl-C before the flag was set up ends a capture too, as it does tcpdump's
+    except Exception as exc:
+        # The frames written before the failure are whole: say how many.
+        _note_transfer(exc, "recv stopped after %d frame(s), %d bytes%s" % (
+            count, received, "".join(" written to %s" % name for name in (args.write, args.output)
+                                     if name is not None)))
+        raise
     finally:
         if raw is not None:
             raw.close()
@@ -12157,14 +14365,18 @@ def _cmd_fs(args, out):
         try:
             return _FS_ACTIONS[args.action](fs, args, out)
         except OSError as exc:
+            if _stdout_gone(exc):
+                raise      # the reader left: silent, status 141 (see _main)
             raise _CliError(_fs_error_text(args.action, exc))
 
 
 def _fs_error_text(action, exc):
-    """``ls: dir/x: No such file or directory``: the command, the path, the reason."""
+    """``ls: dir/x: No such file or directory``: the command, the path, the reason
+    (an empty path shown as ''), and what a transfer did before it failed."""
     names = [n for n in (exc.filename, exc.filename2) if n is not None]
-    where = " -> ".join(os.fsdecode(n) for n in names)
-    return "%s: %s%s" % (action, where + ": " if where else "", exc.strerror or exc)
+    where = " -> ".join(os.fsdecode(n) or "''" for n in names)
+    return "%s: %s%s%s" % (action, where + ": " if where else "", exc.strerror or exc,
+                           _transfer_suffix(exc))
 
 
 def _fs_time(seconds):
@@ -12274,12 +14486,23 @@ def _fs_stat(fs, args, out):
     return 0
 
 
-def _fs_copy_out(source, write):
-    while True:
-        chunk = source.read(1 << 20)
-        if not chunk:
-            return
-        write(chunk)
+def _fs_copy_out(source, write, what, total=None):
+    """Copy ``source`` to ``write`` in 1 MiB steps; a failure notes the bytes done."""
+    progress = _TransferProgress(total, what=what)
+    done = 0
+    try:
+        while True:
+            chunk = source.read(1 << 20)
+            if not chunk:
+                return
+            write(chunk)
+            done += len(chunk)
+            progress.update(done)
+    except BaseException as exc:
+        progress.fail(exc)
+        raise
+    finally:
+        progress.done()
 
 
 def _fs_each(args, paths, do):
@@ -12295,6 +14518,8 @@ def _fs_each(args, paths, do):
         try:
             do(path)
         except OSError as exc:
+            if _stdout_gone(exc):
+                raise
             text = _fs_error_text(args.action, exc)
             if report is not None:
                 report(text)
@@ -12311,10 +14536,10 @@ def _fs_cat(fs, args, out):
         with fs.open(path, "rb") as f:
             if binary is not None:
                 out.flush()
-                _fs_copy_out(f, binary.write)
+                _fs_copy_out(f, binary.write, "cat")
                 binary.flush()
             else:
-                _fs_copy_out(f, lambda chunk: out.write(chunk.decode("utf-8", "replace")))
+                _fs_copy_out(f, lambda chunk: out.write(chunk.decode("utf-8", "replace")), "cat")
     return _fs_each(args, args.paths, cat)
 
 
@@ -12323,7 +14548,7 @@ def _fs_get(fs, args, out):
     if os.path.isdir(local):
         local = os.path.join(local, os.path.basename(args.remote.rstrip("/")))
     with fs.open(args.remote, "rb") as source, open(local, "wb") as target:
-        _fs_copy_out(source, target.write)
+        _fs_copy_out(source, target.write, "get", fs.stat(args.remote).st_size)
         size = target.tell()
     out.write("%s -> %s (%d bytes)\n" % (args.remote, local, size))
     return 0
@@ -12334,7 +14559,7 @@ def _fs_put(fs, args, out):
     if fs._is_dir(remote):
         remote = _fs_join(remote, os.path.basename(args.local))
     with open(args.local, "rb") as source, fs.open(remote, "wb") as target:
-        _fs_copy_out(source, target.write)
+        _fs_copy_out(source, target.write, "put", os.fstat(source.fileno()).st_size)
         size = target.tell()
     out.write("%s -> %s (%d bytes)\n" % (args.local, remote, size))
     return 0
@@ -12526,6 +14751,8 @@ def _fs_shell(fs, args, out):
             try:
                 _FS_ACTIONS[parsed.action](fs, parsed, out)
             except OSError as exc:
+                if _stdout_gone(exc):
+                    raise
                 self._fail(_fs_error_text(parsed.action, exc))
             except (VhostUserError, ValueError) as exc:
                 raise _CliError("%s: %s" % (parsed.action, _one_line(exc)))
@@ -12557,11 +14784,13 @@ def _bench_fs(fs, args):
     size = 4096 if args.size is None else args.size
     rw = args.rw or "randread"
     if not 0 < size <= min(fs.max_read, fs.max_write):
-        raise _CliError("--size %d must be in 1..%d (what one FUSE request carries)"
-                        % (size, min(fs.max_read, fs.max_write)))
+        raise _CliError("%s %d must be in 1..%d (what one FUSE request carries)"
+                        % (_typed_option(args, "--size", "--bs"), size,
+                           min(fs.max_read, fs.max_write)))
     if args.depth > fs.queue_size:
-        raise _CliError("--depth %d: at most %d requests fit the %d-entry ring"
-                        % (args.depth, fs.queue_size, fs.queue_size))
+        raise _CliError("%s %d: at most %d requests fit the %d-entry ring"
+                        % (_typed_option(args, "--depth", "--iodepth"), args.depth,
+                           fs.queue_size, fs.queue_size))
     created = not fs.exists(args.file)
     try:
         if created:
@@ -12600,7 +14829,7 @@ def _bench_fs_stream(fs, f, load, args, size, rw):
     latencies = []
     progress = _Progress(sys.stderr, args.seconds, "fs")
     cpu_start = _self_cpu_seconds()
-    backend_start = _proc_cpu_seconds(args.backend_pid) if args.backend_pid else None
+    backend = _PeerCpu(args)
     start = clock()
     deadline = start + args.seconds
     node, fh = f._node, f._fh
@@ -12635,24 +14864,75 @@ def _bench_fs_stream(fs, f, load, args, size, rw):
         progress.update(now - start, len(latencies), size)
     progress.done()
     elapsed = clock() - start
-    cpu_backend = None
-    if args.backend_pid:
-        cpu_backend = _proc_cpu_seconds(args.backend_pid) - backend_start
+    cpu_backend = backend.used()
     return _bench_report("fs", rw, size, args.depth, 1, elapsed, latencies,
                          _self_cpu_seconds() - cpu_start, cpu_backend)
 
 
 # -- bench --------------------------------------------------------------------
 
-def _proc_cpu_seconds(pid):
-    """User + system CPU seconds of process ``pid`` so far, all its threads (/proc)."""
+def _proc_cpu_seconds(pid, required=True):
+    """User + system CPU seconds so far of process ``pid`` and every process under it (/proc).
+
+    The whole tree, because a daemon may work in a child (virtiofsd's sandbox
+    forks; the socket's peer is the parent, which only waits). Children that
+    ended and were waited for count through cutime and cstime. When ``pid``
+    cannot be read: a _CliError if ``required``, else None.
+    """
+    stats = {}
     try:
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        raise _CliError("--backend-pid %d: no such process (or /proc is not readable)" % pid)
-    # utime and stime are fields 14 and 15 of proc(5); fields[0] is field 3.
-    return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))
+        names = os.listdir("/proc")
+    except OSError:
+        names = []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            # ppid is field 4 of proc(5), utime..cstime 14..17; fields[0] is field 3.
+            stats[int(name)] = (int(fields[1]), sum(int(v) for v in fields[11:15]))
+        except (OSError, IndexError, ValueError):
+            continue    # gone meanwhile
+    if pid not in stats:
+        if required:
+            raise _CliError("--backend-pid %d: no such process (or /proc is not readable)"
+                            % pid)
+        return None
+    children = collections.defaultdict(list)
+    for child, (parent, _) in stats.items():
+        children[parent].append(child)
+    ticks, todo = 0, [pid]
+    while todo:
+        process = todo.pop()
+        ticks += stats[process][1]
+        todo.extend(children.get(process, ()))
+    return ticks / float(os.sysconf("SC_CLK_TCK"))
+
+
+class _PeerCpu:
+    """The back-end's CPU seconds over a bench run: ``--backend-pid``, or by default the
+    socket's peer (SO_PEERCRED, see ``_bench_peer``); ``used()`` is None when unknown."""
+
+    def __init__(self, args):
+        self.pid = args.backend_pid
+        self.required = not getattr(args, "backend_pid_found", False)
+        self.start = self._read()
+
+    def _read(self):
+        return _proc_cpu_seconds(self.pid, self.required) if self.pid else None
+
+    def used(self):
+        end = self._read() if self.start is not None else None
+        return None if end is None else end - self.start
+
+
+def _bench_peer(args, dev):
+    """Without --backend-pid, the back-end's pid from the socket (SO_PEERCRED)."""
+    if args.backend_pid is None:
+        client = dev.frontend.client if dev.frontend is not None else None
+        args.backend_pid = client.peer_pid() if client is not None else None
+        args.backend_pid_found = True
 
 
 def _self_cpu_seconds():
@@ -12728,7 +15008,7 @@ def _format_bench(report):
     lat = report["latency_us"]
     backend = report["backend_cpu_us_per_request"]
     if backend is None:
-        backend = "n/a (give --backend-pid)"
+        backend = "n/a (the back-end's CPU time could not be read; give --backend-pid)"
     if report["type"] == "net":
         pairs = report["queues"]
         lines = [
@@ -12842,7 +15122,39 @@ class _BlockLoad:
         return chunk
 
 
+#: The smallest logical block of a virtio-blk device (spec 5.2.4: blk_size >= 512).
+_BENCH_MIN_BLOCK = 512
+
+
+def _check_bench_usage(args):
+    """Refuse, before connecting (status 2), a --size or --depth no device takes.
+
+    What depends on the device (its block size, ring, MTU) is checked once
+    connected (status 1); both name the spelling typed (--bs, --iodepth).
+    """
+    size_option = _typed_option(args, "--size", "--bs")
+    depth_option = _typed_option(args, "--depth", "--iodepth")
+    size = args.size
+    if args.type == "net":
+        depth_max = MAX_QUEUE_SIZE
+        if size is not None:
+            _check_frame_size(size_option, size)
+    else:
+        depth_max = MAX_QUEUE_SIZE // 3 if args.type == "blk" else MAX_QUEUE_SIZE
+        if args.type == "blk" and size is not None and (
+                size <= 0 or size % _BENCH_MIN_BLOCK):
+            raise _UsageError("%s %d: must be a positive multiple of %d bytes (the smallest "
+                              "block size)" % (size_option, size, _BENCH_MIN_BLOCK))
+        if args.type == "fs" and size is not None and size <= 0:
+            raise _UsageError("%s %d: must be at least 1 byte" % (size_option, size))
+    if args.depth > depth_max:
+        raise _UsageError("%s %d: at most %d requests fit the largest ring (%d entries%s)"
+                          % (depth_option, args.depth, depth_max, MAX_QUEUE_SIZE,
+                             ", 3 per request" if args.type == "blk" else ""))
+
+
 def _cmd_bench(args, out):
+    _check_bench_usage(args)
     if args.type == "net":
         given = [name for name, value in (
             ("--rw", args.rw), ("--rwmixread", args.rwmixread), ("--offset", args.offset or None),
@@ -12855,6 +15167,7 @@ def _cmd_bench(args, out):
                             % (given[0], " and fs" if given[0] == "--rw" else ""))
         with _open_device(args, NetDevice, DeviceType.NET,
                           queue_pairs=args.queues or 1) as dev:
+            _bench_peer(args, dev)
             report = _bench_net(dev, args)
     elif args.type == "fs":
         given = [name for name, value in (
@@ -12869,6 +15182,7 @@ def _cmd_bench(args, out):
         if args.queues not in (None, 1):
             raise _UsageError("--queues %d: bench --type fs uses one request queue" % args.queues)
         with _open_device(args, FsDevice, DeviceType.FS) as dev:
+            _bench_peer(args, dev)
             report = _bench_fs(dev, args)
     else:
         kwargs = {"num_queues": args.queues} if args.queues else {}
@@ -12882,6 +15196,7 @@ def _cmd_bench(args, out):
             kwargs["memory_size"] = max(64 << 20, ((args.queues or 1) * args.depth * args.size
                                                    + (16 << 20) + 0xFFFFF) & ~0xFFFFF)
         with _open_device(args, BlockDevice, DeviceType.BLOCK, **kwargs) as dev:
+            _bench_peer(args, dev)
             report = _bench_block(dev, args)
     if not report["requests"]:
         raise _CliError("%s: bench: no request completed within %g s"
@@ -12899,14 +15214,16 @@ def _bench_block(dev, args):
     rw = args.rw or "randread"
     largest = min(dev.capacity, dev.max_transfer)
     if size <= 0 or size % dev.block_size or size > largest:
-        raise _CliError("--size %d must be a positive multiple of the block size %d, at most "
+        raise _CliError("%s %d must be a positive multiple of the block size %d, at most "
                         "%d (the capacity or the largest request the device takes)"
-                        % (size, dev.block_size, largest))
+                        % (_typed_option(args, "--size", "--bs"), size, dev.block_size,
+                           largest))
     ring = dev._queues[0].size
     if args.depth > ring // 3:
         # More could never be in flight: a request takes 3 descriptors.
-        raise _CliError("--depth %d: at most %d requests fit the %d-entry ring"
-                        % (args.depth, ring // 3, ring))
+        raise _CliError("%s %d: at most %d requests fit the %d-entry ring"
+                        % (_typed_option(args, "--depth", "--iodepth"), args.depth,
+                           ring // 3, ring))
     region = _bench_region(dev, args, size)
     queues = args.queues or 1
     loads = [_BlockLoad(region[1], size, rw, seed, region[0], args.rwmixread)
@@ -12936,13 +15253,11 @@ def _bench_block(dev, args):
         _bench_block_phase(dev, args, queues, stream, args.ramp_time, size)
         for check in checked or ():
             check.verified = 0
-    backend_start = _proc_cpu_seconds(args.backend_pid) if args.backend_pid else None
+    backend = _PeerCpu(args)
     cpu_start = _self_cpu_seconds()
     latencies, elapsed = _bench_block_phase(dev, args, queues, stream, args.seconds, size)
     cpu_self = _self_cpu_seconds() - cpu_start
-    cpu_backend = None
-    if args.backend_pid:
-        cpu_backend = _proc_cpu_seconds(args.backend_pid) - backend_start
+    cpu_backend = backend.used()
     verified = None
     if checked is not None and args.verify:
         for q in range(queues):
@@ -13441,20 +15756,21 @@ def _bench_net(dev, args):
     With ``--queues N`` each of the N queue pairs runs in its own thread;
     the report has the totals and, under "pairs", each pair's figures.
     """
-    size = 64 if args.size is None else args.size
-    if not _TEST_FRAME_HEADER.size <= size <= dev.frame_max:
-        raise _CliError("--size %d: frames must be %d..%d bytes (the MTU's frame)"
-                        % (size, _TEST_FRAME_HEADER.size, dev.frame_max))
+    size = 64 if args.size is None else args.size   # its range: _check_bench_usage
+    if size > dev.frame_max:   # what the device's MTU allows: known once connected
+        raise _CliError("%s %d: frames are at most %d bytes (the MTU's frame) on this device"
+                        % (_typed_option(args, "--size", "--bs"), size, dev.frame_max))
     # More frames in flight than receive buffers would make the back-end drop some.
     per_frame = -(-(size + _NET_HDR.size) // dev.rx_buffer_size)
     if args.depth * per_frame > dev.queue_size:
-        raise _CliError("--depth %d: at most %d frames of %d bytes fit the %d receive buffers"
-                        % (args.depth, dev.queue_size // per_frame, size, dev.queue_size))
+        raise _CliError("%s %d: at most %d frames of %d bytes fit the %d receive buffers"
+                        % (_typed_option(args, "--depth", "--iodepth"), args.depth,
+                           dev.queue_size // per_frame, size, dev.queue_size))
     pairs = dev.queue_pairs
     latencies = [_Latencies(args.depth) for _ in range(pairs)]
     errors = []
     progress = _Progress(sys.stderr, args.seconds, "net")
-    backend_start = _proc_cpu_seconds(args.backend_pid) if args.backend_pid else None
+    backend = _PeerCpu(args)
     cpu_start = _self_cpu_seconds()
     start = time.perf_counter()
     deadline = start + args.seconds
@@ -13481,9 +15797,7 @@ def _bench_net(dev, args):
         raise errors[0]
     elapsed = time.perf_counter() - start
     cpu_self = _self_cpu_seconds() - cpu_start
-    cpu_backend = None
-    if args.backend_pid:
-        cpu_backend = _proc_cpu_seconds(args.backend_pid) - backend_start
+    cpu_backend = backend.used()
     latencies = [per_pair.values() for per_pair in latencies]
     merged = [latency for per_pair in latencies for latency in per_pair]
     report = _bench_report("net", None, size, args.depth, pairs, elapsed, merged, cpu_self,
@@ -13568,6 +15882,205 @@ def _bench_net_collect(dev, args, pair, got, depth):
 # -- demo ---------------------------------------------------------------------
 
 #: Debian package that ships qemu-storage-daemon (README "Quick start").
+# -- migrate --------------------------------------------------------------------
+
+#: Chunk of one rehearsal read or write, and how many run at once.
+_MIGRATE_CHUNK = 64 << 10
+_MIGRATE_DEPTH = 16
+#: Requests (frames) posted without a kick just before the move: in flight, never taken by OLD.
+_MIGRATE_UNTAKEN = 8
+
+
+def _device_spans(dev):
+    """(gpa, length) of everything a back-end writes in the device's rings: used parts (split:
+    the used ring; packed: the descriptor ring, where the device writes descriptors back)."""
+    return [(q.desc_table, 16 * q.size) if q.packed else (q.used_ring, 6 + 8 * q.size)
+            for q in dev._queues]
+
+
+def _logged_run(dev, log, spans, run):
+    """``run()`` with guest memory at ``spans`` copied, rings stopped, before and after it.
+
+    Returns (run's result, pages the back-end changed there, those the log lacks).
+    """
+    frontend, mem = dev.frontend, dev.memory
+    frontend.virtio_sleep()
+    before = [mem.read(gpa, length) for gpa, length in spans]
+    log.clear()
+    frontend.virtio_wake()
+    result = run()
+    frontend.virtio_sleep()
+    after = [mem.read(gpa, length) for gpa, length in spans]
+    frontend.virtio_wake()
+    written = set()
+    for (gpa, length), old, new in zip(spans, before, after):
+        at = gpa
+        while at < gpa + length:
+            end = min(gpa + length, (at // _LOG_PAGE + 1) * _LOG_PAGE)
+            if old[at - gpa:end - gpa] != new[at - gpa:end - gpa]:
+                written.add(at // _LOG_PAGE)
+            at = end
+    return result, written, sorted(written - set(log.pages()))
+
+
+def _migrate_log(dev, out, spans, run):
+    """Phase 1 with the dirty log, when OLD offers it; the result of ``run()``."""
+    try:
+        log = dev.start_dirty_log()
+    except FeatureNotNegotiated as exc:
+        out.write("dirty log: not offered by OLD (%s); I/O runs without it\n" % _one_line(exc))
+        return run()
+    try:
+        result, written, missing = _logged_run(dev, log, spans, run)
+    finally:
+        log.stop()
+    if missing:
+        raise _CliError("dirty log: OLD wrote %d page(s) it did not log: %s"
+                        % (len(missing), " ".join(str(p) for p in missing[:20])))
+    out.write("dirty log: %d pages; the back-end wrote %d of them, all logged\n"
+              % (log.page_count, len(written)))
+    return result
+
+
+def _migrate_move(dev, args, out):
+    started = time.monotonic()
+    try:
+        dev.move_to(args.new)
+    except VhostUserError as exc:
+        raise _CliError("%s: the move failed, the device stayed on %s: %s"
+                        % (args.new, args.socket, _one_line(exc)))
+    out.write("moved: %s -> %s in %.3f s; %d chain(s) in flight offered again to NEW\n"
+              % (args.socket, args.new, time.monotonic() - started,
+                 dev.frontend.moved_in_flight))
+
+
+def _migrate_blk(dev, args, out):
+    length = min(args.length, dev.capacity - args.offset)
+    if args.offset % dev.block_size or length < dev.block_size or args.offset < 0:
+        raise _UsageError("--offset %d --length %d: a block-aligned range inside the %d-byte "
+                          "disk" % (args.offset, args.length, dev.capacity))
+    length -= length % dev.block_size
+    chunk = min(_MIGRATE_CHUNK, length)
+    starts = list(range(args.offset, args.offset + length - chunk + 1, chunk))
+    buffers = [dev.alloc(chunk) for _ in range(min(_MIGRATE_DEPTH, len(starts)))]
+
+    def pattern(start):
+        return struct.pack("<QQ", start, 0x6D696772617465) * (chunk // 16)   # "migrate"
+
+    def run(write):
+        data = {}
+        for i in range(0, len(starts), len(buffers)):
+            batch = starts[i:i + len(buffers)]
+            views = buffers[:len(batch)]
+            if write:
+                for start, view in zip(batch, views):
+                    view[:] = pattern(start)
+                dev.post_writes(batch, views)
+            else:
+                dev.post_reads(batch, views)
+            done = []
+            while len(done) < len(batch):
+                done += dev.reap(count=len(batch) - len(done))
+            if not write:
+                for start, view in zip(batch, views):
+                    data[start] = bytes(view)
+        return data
+
+    if args.write:
+        run(True)
+    for view in buffers:   # so that the reads change what they land in
+        view[:] = b"\xa5" * chunk
+    spans = _device_spans(dev) + [(dev._buffers[id(b)][1], chunk) for b in buffers]
+    before = _migrate_log(dev, out, spans, lambda: run(False))
+    out.write("OLD: %d read(s) of %d bytes%s\n" % (len(starts), chunk,
+                                                  ", after writing them" if args.write else ""))
+    untaken = starts[:_MIGRATE_UNTAKEN]
+    requests = [dev.submit_write(start, pattern(start), notify=False) if args.write
+                else dev.submit_read(start, chunk, notify=False) for start in untaken]
+    _migrate_move(dev, args, out)
+    done = []
+    while len(done) < len(requests):
+        done += dev.complete(count=len(requests) - len(done))
+    failed = 0
+    for start, request in zip(untaken, requests):
+        try:
+            result = request.result()
+        except VhostUserError:
+            failed += 1
+            continue
+        if not args.write and bytes(result) != before[start]:
+            raise _CliError("%s: the read at %d in flight at the move returned other data than "
+                            "OLD had" % (args.new, start))
+    after = run(False)
+    differ = [start for start in starts if after[start] != before[start]]
+    wrong = [start for start in starts if args.write and after[start] != pattern(start)]
+    if failed or differ or wrong:
+        raise _CliError("%s: after the move %d request(s) failed, %d chunk(s) read differently "
+                        "from OLD%s" % (args.new, failed, len(differ), ", %d chunk(s) lost "
+                                        "their write" % len(wrong) if args.write else ""))
+    out.write("NEW: %d request(s) in flight at the move completed, %d read(s) match OLD%s\n"
+              % (len(requests), len(starts),
+                 ", every write kept" if args.write else ""))
+    return 0
+
+
+def _migrate_net(dev, args, out):
+    pair = dev._pairs[0]
+    spans = _device_spans(dev) + [(pair.rx_pool, pair.rx.size * dev._rx_size)]
+    size, seq = 64, [0]
+
+    def pump(count):
+        back = set()
+        for start in range(seq[0], seq[0] + count, 32):
+            burst = range(start, min(seq[0] + count, start + 32))
+            dev.send_many([_test_frame(_TEST_MAC, i, size) for i in burst])
+            for _ in burst:
+                frame = dev.recv(args.timeout)
+                if frame is None:
+                    break
+                back.add(_TEST_FRAME_HEADER.unpack_from(frame)[3])
+        sent = set(range(seq[0], seq[0] + count))
+        seq[0] += count
+        return sent, back
+
+    sent, back = _migrate_log(dev, out, spans, lambda: pump(args.count))
+    out.write("OLD: %d of %d frame(s) came back\n" % (len(back & sent), len(sent)))
+    if back & sent != sent:
+        raise _CliError("%s: %d frame(s) did not come back before the move (is it an echo, "
+                        "e.g. testpmd --forward-mode=io?)" % (args.socket, len(sent - back)))
+    _migrate_move(dev, args, out)
+    sent, back = pump(args.count)
+    if back & sent != sent:
+        raise _CliError("%s: %d of %d frame(s) sent after the move did not come back"
+                        % (args.new, len(sent - back), len(sent)))
+    out.write("NEW: %d of %d frame(s) sent after the move came back\n"
+              % (len(back & sent), len(sent)))
+    return 0
+
+
+def _cmd_migrate(args, out):
+    _check_socket(args.new)
+    if args.type:
+        kind = _CLI_TYPES[args.type]
+    else:
+        with _cli_connect(args.socket, args.timeout) as client:
+            features = client.get_features()
+            protocol = client.get_protocol_features() \
+                if features & VirtioFeature.PROTOCOL_FEATURES else None
+        kind = _guess_device_type(features, protocol)[0]
+    if kind not in (DeviceType.BLOCK, DeviceType.NET):
+        raise _UsageError("migrate: blk and net devices only (OLD looks like %s; use --type)"
+                          % (kind.name.lower() if kind is not None else "nothing known"))
+    if kind == DeviceType.NET and args.write:
+        raise _UsageError("--write applies to blk devices only")
+    cls = BlockDevice if kind == DeviceType.BLOCK else NetDevice
+    with _open_device(args, cls, kind) as dev:
+        out.write("migrate: %s %s -> %s\n" % (_DEVICE_LABELS[kind], args.socket, args.new))
+        status = (_migrate_blk if kind == DeviceType.BLOCK else _migrate_net)(dev, args, out)
+    out.write("ok\n")
+    return status
+
+
 _DEMO_PACKAGE = "qemu-system-common"
 
 
@@ -13989,6 +16502,7 @@ def _cmd_selftest(args, out):
 def _int_arg(text):
     """An argparse type: an integer with an optional 0x prefix or k/M/G suffix."""
     import argparse
+    _ascii_arg(text, "an integer")
     scale = {"k": 1 << 10, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
     try:
         value = int(text[:-1] if scale > 1 else text, 0) * scale
@@ -13997,6 +16511,38 @@ def _int_arg(text):
     if value < 0:
         raise argparse.ArgumentTypeError("%r is negative" % text)
     return value
+
+
+def _ascii_arg(text, kind):
+    """Refuse what int() and float() take beyond ASCII (full-width digits: '\uff10')."""
+    import argparse
+    try:
+        text.encode("ascii")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("%r is not %s (ASCII digits only)" % (text, kind))
+
+
+def _hex_arg(text):
+    """An argparse type: a whole Ethernet frame in hex (``ff:ff`` colons allowed), kept as text."""
+    import argparse
+    try:
+        frame = bytes.fromhex(text.replace(":", " "))
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not bytes in hex (two hex digits a byte, "
+                                         "e.g. ffffffffffff0200...)" % text)
+    if len(frame) < _ETH_HLEN:
+        raise argparse.ArgumentTypeError("%r is %d bytes; an Ethernet frame has at least %d"
+                                         % (text, len(frame), _ETH_HLEN))
+    return text
+
+
+def _typed_option(args, *spellings):
+    """Which of an option's ``spellings`` the user typed (``--bs`` or ``--size``), for messages."""
+    for word in reversed(getattr(args, "typed_argv", None) or ()):
+        for spelling in spellings:
+            if word == spelling or word.startswith(spelling + "="):
+                return spelling
+    return spellings[0]
 
 
 def _byte_arg(text):
@@ -14034,6 +16580,7 @@ def _seconds_arg(text, allow_zero=False, allow_inf=False):
     waiting for ever makes sense (``allow_inf``) "inf" is accepted.
     """
     import argparse
+    _ascii_arg(text, "a number")
     try:
         value = float(text)
     except ValueError:
@@ -14049,6 +16596,7 @@ def _seconds_arg(text, allow_zero=False, allow_inf=False):
 def _rate_arg(text):
     """An argparse type: a finite rate above 0 (``--pps``: frames per second)."""
     import argparse
+    _ascii_arg(text, "a number")
     try:
         value = float(text)
     except ValueError:
@@ -14089,13 +16637,36 @@ def _build_parser():
                     "count, memory slots, shared memory and device config, and print them. "
                     "Negotiates only the protocol features these questions need.")
     probe.add_argument("socket", metavar="SOCKET")
-    probe.add_argument("--type", choices=sorted(_CLI_TYPES), metavar="TYPE",
+    probe.add_argument("--type", type=_device_type_arg, metavar="TYPE",
                        help="device type for naming feature bits and decoding config "
-                            "(blk, net, fs, gpu, vsock, ...; default: guessed)")
+                            "(blk, net, fs, gpu, vsock, ... or a virtio device ID; default: "
+                            "guessed)")
     probe.add_argument("--json", action="store_true", help="print one JSON object")
     probe.add_argument("--config-size", type=_int_arg, metavar="BYTES",
                        help="bytes of device config to read (default: from the type's layout)")
     probe.set_defaults(func=_cmd_probe)
+
+    validate = commands.add_parser(
+        "validate", parents=[common], help="check a back-end against the vhost-user spec",
+        description="Run a catalogue of conformance checks (negotiation, protocol features, "
+                    "rings, memory, device I/O, recovery) and report pass, fail, skip or "
+                    "error for each, with the spec section it rests on. Exit status: 0 when "
+                    "nothing failed, 1 on a fail or error, 2 on bad usage. Block devices "
+                    "get a 4 KiB write at sector 8 (its old data is written back).")
+    validate.add_argument("socket", metavar="SOCKET")
+    validate.add_argument("--type", type=_device_type_arg, metavar="TYPE",
+                          help="device type: blk, net, fs, ... or a virtio device ID "
+                               "(default: guessed from the offered features)")
+    validate.add_argument("--only", metavar="PATTERN",
+                          help="run only checks whose id matches PATTERN (shell-style, "
+                               "comma-separated: 'neg.*,ring.stop')")
+    output = validate.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print one JSON object")
+    output.add_argument("--tap", action="store_true", help="print TAP version 13")
+    validate.add_argument("--destructive", action="store_true",
+                          help="also run the checks that may crash a back-end (malformed "
+                               "chains, a truncated message); they run last")
+    validate.set_defaults(func=_cmd_validate)
 
     blk = commands.add_parser(
         "blk", parents=[common], help="block device I/O",
@@ -14203,7 +16774,7 @@ def _build_parser():
         given = parser_.add_mutually_exclusive_group()
         given.add_argument("--payload-file", metavar="FILE",
                            help="send FILE's bytes (a whole Ethernet frame) every time")
-        given.add_argument("--payload-hex", metavar="HEX",
+        given.add_argument("--payload-hex", type=_hex_arg, metavar="HEX",
                            help="send these bytes every time (e.g. ffffffffffff0200...)")
     recv = actions.add_parser(
         "recv", parents=[common, ring], help="print the frames that arrive, or capture them as pcap",
@@ -14230,9 +16801,9 @@ def _build_parser():
         description="Run I/O for --seconds and report IOPS and MiB/s (blk; fs: FUSE reads or "
                     "writes of one file in the share) or packets/s and "
                     "Mbit/s of frames looped back by the back-end (net: testpmd in io forward "
-                    "mode), latency percentiles, this process's CPU time per request and, "
-                    "with --backend-pid, the back-end's (from /proc/PID/stat, 10 ms "
-                    "resolution). A progress line is drawn on stderr only when stderr is a "
+                    "mode), latency percentiles, this process's CPU time per request and "
+                    "the back-end's: the socket's peer (or --backend-pid) and every process "
+                    "under it (from /proc/PID/stat, 10 ms resolution). A progress line is drawn on stderr only when stderr is a "
                     "terminal.")
     bench.add_argument("socket", metavar="SOCKET")
     bench.add_argument("--type", choices=("blk", "net", "fs"), default="blk",
@@ -14273,7 +16844,8 @@ def _build_parser():
     bench.add_argument("--histogram", action="store_true",
                        help="also print a text histogram of completion latencies")
     bench.add_argument("--backend-pid", type=int, metavar="PID",
-                       help="also report this process's CPU time per request")
+                       help="the back-end process whose CPU time (with its children's) is "
+                            "reported (default: the socket's peer, from SO_PEERCRED)")
     bench.add_argument("--spin", type=functools.partial(_seconds_arg, allow_zero=True),
                        metavar="S",
                        help="seconds to poll the used ring before sleeping (default: chosen "
@@ -14299,6 +16871,32 @@ def _build_parser():
     actions.add_parser("shell", parents=[common],
                        help="an sftp-like prompt: many commands on one connection")
     fs.set_defaults(func=_cmd_fs)
+
+    migrate = commands.add_parser(
+        "migrate", parents=[common, ring], help="rehearse a migration: move a running device",
+        description="Rehearse what a VMM does around a migration, with no VM: connect to OLD, "
+                    "run I/O with the dirty log on (when OLD offers it) and check that every "
+                    "guest page OLD wrote was logged, post a few requests without a kick, move "
+                    "the device to NEW (rings stopped on OLD, started on NEW at the indices OLD "
+                    "returned, what was in flight offered again), then continue the I/O on NEW "
+                    "and verify it: blk reads the range again and compares with what OLD read "
+                    "(--write: writes a pattern first and checks it survived); net sends "
+                    "numbered frames through an echoing back-end (testpmd --forward-mode=io) "
+                    "and checks every one came back. OLD and NEW must serve the same disk or "
+                    "network. Exit status 0 when everything verified, 1 otherwise.")
+    migrate.add_argument("socket", metavar="OLD")
+    migrate.add_argument("new", metavar="NEW")
+    migrate.add_argument("--type", choices=("blk", "net"),
+                         help="device type (default: guessed from OLD)")
+    migrate.add_argument("--offset", type=_int_arg, default=0, metavar="BYTES",
+                         help="blk: start of the range (default 0)")
+    migrate.add_argument("--length", type=_int_arg, default=1 << 20, metavar="BYTES",
+                         help="blk: bytes of the range (default 1M)")
+    migrate.add_argument("--write", action="store_true",
+                         help="blk: write a pattern over the range (destroys its data)")
+    migrate.add_argument("-n", "--count", type=_count_arg, default=1000, metavar="N",
+                         help="net: frames before and after the move (default 1000)")
+    migrate.set_defaults(func=_cmd_migrate)
 
     demo = commands.add_parser(
         "demo", parents=[common], help="try it: a temporary disk back-end, end to end",
@@ -14377,6 +16975,7 @@ def _main(argv):
         return exc.code if isinstance(exc.code, int) else _EXIT_FAILURE
     args.verbose = getattr(args, "verbose", False)
     args.timeout = getattr(args, "timeout", 5.0)
+    args.typed_argv = list(sys.argv[1:] if argv is None else argv)
     if args.verbose:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(relativeCreated)8.1f ms %(message)s"))
@@ -14388,13 +16987,13 @@ def _main(argv):
     _log.addHandler(handler)
     try:
         return args.func(args, sys.stdout)
-    except KeyboardInterrupt:
-        sys.stderr.write("%s: interrupted\n" % _PROG)
+    except KeyboardInterrupt as exc:
+        sys.stderr.write("%s: interrupted%s\n" % (_PROG, _transfer_suffix(exc)))
         return 130
     except _Terminated as exc:
         import signal
-        sys.stderr.write("%s: terminated by %s, cleaned up\n"
-                         % (_PROG, signal.Signals(exc.signum).name))
+        sys.stderr.write("%s: terminated by %s, cleaned up%s\n"
+                         % (_PROG, signal.Signals(exc.signum).name, _transfer_suffix(exc)))
         return 128 + exc.signum
     except _UsageError as exc:
         sys.stderr.write("%s: error: %s\n" % (_PROG, exc))
@@ -14412,7 +17011,7 @@ def _main(argv):
             message = "back-end disconnected: " + message
         if isinstance(exc, VhostUserError):
             message = "%s: %s" % (args.socket, message)
-        sys.stderr.write("%s: error: %s\n" % (_PROG, message))
+        sys.stderr.write("%s: error: %s%s\n" % (_PROG, message, _transfer_suffix(exc)))
         return _EXIT_FAILURE
     finally:
         _log.removeHandler(handler)
@@ -14430,6 +17029,12 @@ def _silence_stdout():
         os.dup2(devnull, fd)
     finally:
         os.close(devnull)
+
+
+def _transfer_suffix(exc):
+    """"; read stopped after N bytes ..." for an error that ended a transfer, else ""."""
+    note = _transfer_note(exc)
+    return "; " + note if note else ""
 
 
 def _one_line(exc):
