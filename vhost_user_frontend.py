@@ -2554,6 +2554,22 @@ class _SlotBatch:
         return batch
 
 
+class _SlotTable:
+    """Slots a device built on ``queue``, numbered: slot k is queue head ``head_array[k]``.
+
+    What ``_SlotBatch`` reads: ``run`` is range(count) as a list (a run
+    k..k+n is ``run[k:k + n]``), ``batches`` the runs made batches so far.
+    """
+
+    __slots__ = ("queue", "head_array", "run", "batches")
+
+    def __init__(self, queue, heads):
+        self.queue = queue
+        self.head_array = array.array("H", heads)
+        self.run = list(range(len(heads)))
+        self.batches = {}
+
+
 class Queue:
     """One virtqueue in guest memory, split or packed, and the driver that fills it.
 
@@ -3314,8 +3330,17 @@ class Queue:
         start = position & (size - 1)
         end = start + count
         if end <= size:
-            return self._avail[2 + start:2 + end].tolist()
-        return self._avail[2 + start:2 + size].tolist() + self._avail[2:2 + end - size].tolist()
+            return self._avail_words(start, count)
+        return self._avail_words(start, size - start) + self._avail_words(0, end - size)
+
+    if _RING_WORDS_VIA_STRUCT:
+        def _avail_words(self, start, count):   # as _used_words, below
+            unpack_from, avail = _RING_WORD_STRUCTS["H"].unpack_from, self._avail
+            return [unpack_from(avail, at)[0] for at in range(4 + 2 * start,
+                                                               4 + 2 * (start + count), 2)]
+    else:
+        def _avail_words(self, start, count):
+            return self._avail[2 + start:2 + start + count].tolist()
 
     def _used_elements(self, next_used, count):
         """``count`` used elements from ``next_used`` on, as [id, len, id, len, ...]."""
@@ -8175,7 +8200,6 @@ _ETH_HLEN = 14
 _NET_RX, _NET_TX = 0, 1
 #: The token of a frame too big for a transmit slot (sent as a chain of its own).
 _BIG_FRAME = object()
-_add = int.__add__
 _release_view = memoryview.release
 
 
@@ -8196,7 +8220,7 @@ class _NetPair:
         self.rx_heads = []         # k -> its slot in the RX queue
         self.rx_heads_are_k = False   # rx_heads[k] == k (a fresh queue): no look-up
         self.rx_run = []           # range(count) as a list: a run k..k+n is rx_run[k:k + n]
-        self.rx_data = []          # k -> where receive buffer k's frame starts, after the header
+        self.rx_frames = []        # k -> receive buffer k after the header (a frame is its start)
         self.rx_words = None       # rx_view as u16 words (MRG_RXBUF's num_buffers), or None
         self.rx_step = 0           # a receive buffer's size in u16 words
         self.rx_held = []          # receive buffers whose frames the caller holds (rx_burst)
@@ -8204,6 +8228,7 @@ class _NetPair:
         self.tx_heads = []
         self.tx_views = []         # k -> the frame area of transmit buffer k
         self.tx_run = []           # range(count) as a list: a run k..k+n is tx_run[k:k + n]
+        self.tx_table = None       # the transmit slots as a _SlotTable: runs posted as batches
         self.tx_given = {}         # id(view) -> k of the buffers tx_alloc gave the caller
         self.tx_given_k = set()    # those k
         self.tx_idle = []          # buffers for send/send_many: not given out, not in flight
@@ -8216,11 +8241,12 @@ class _NetPair:
         self.rx_restart = None   # used index of the new back-end's first RX entry
 
     def release(self):
-        for view in self.rx_out + self.tx_views + [self.rx_words, self.rx_view]:
+        for view in self.rx_out + self.tx_views + self.rx_frames + [self.rx_words, self.rx_view]:
             if view is not None:
                 view.release()
         self.rx_out = []
         self.tx_views = []
+        self.rx_frames = []
         self.rx_view = self.rx_words = None
 
 
@@ -8397,7 +8423,8 @@ class NetDevice(_Device):
         pair.rx_pool = mem.allocate(size * rx_size, align=64)
         pair.rx_view = mem.view(pair.rx_pool, size * rx_size)
         pair.rx_starts = [k * rx_size for k in range(size)]
-        pair.rx_data = [start + hdr_len for start in pair.rx_starts]
+        pair.rx_frames = [pair.rx_view[start + hdr_len:start + rx_size]
+                          for start in pair.rx_starts]
         if not rx_size & 1:   # num_buffers of a run of buffers in one strided read
             pair.rx_words = pair.rx_view.cast("H")
             pair.rx_step = rx_size // 2
@@ -8419,7 +8446,8 @@ class NetDevice(_Device):
             pool.release()
         pair.tx_heads = [tx.add_slot([(pair.tx_pool + k * tx_size, tx_size)])
                          for k in range(count)]
-        pair.tx_run = list(range(count))
+        pair.tx_table = _SlotTable(tx, pair.tx_heads)
+        pair.tx_run = pair.tx_table.run
         pair.tx_lengths = [None] * count
         pair.tx_idle = list(range(count - 1, -1, -1))   # a stack: buffer 0 first
         return pair
@@ -8630,8 +8658,16 @@ class NetDevice(_Device):
                     else:
                         for k, length in zip(taken, lengths):
                             known[k] = length
-                tx.post_run(heads, taken)
-                kick = tx.kick_due()
+                batch = None
+                if run:   # a run of buffers: a batch, reaped whole when sent whole
+                    batch = pair.tx_table.batches.get((first, count), False)
+                    if batch is False:
+                        batch = _SlotBatch.make(pair.tx_table, first, count)
+                if batch is not None:
+                    kick = tx.post_batch(batch, True)
+                else:
+                    tx.post_run(heads, taken)
+                    kick = tx.kick_due()
         except BaseException:
             busy.difference_update(taken)
             raise
@@ -8643,7 +8679,9 @@ class NetDevice(_Device):
         if used is None:
             tx = pair.tx
             with tx.lock:
-                tokens = tx.reap_run()[0]
+                batch, used = tx.reap_batch()
+                tokens = tx.reap_run()[0] if batch is None else batch.run + [
+                    token for token, _ in used]
         else:
             tokens = [token for token, _ in used]
         if not tokens:
@@ -8768,9 +8806,9 @@ class NetDevice(_Device):
                             and min(lengths) >= hdr_len \
                             and (not self._mrg or self._single_buffers(pair, taken)):
                         # The usual burst: each buffer a whole frame, handed out in place.
-                        frames = list(map(pair.rx_view.__getitem__, map(
-                            slice, map(pair.rx_data.__getitem__, taken),
-                            map(_add, map(pair.rx_starts.__getitem__, taken), lengths))))
+                        buffers = pair.rx_frames
+                        frames = [buffers[k][:length - hdr_len]
+                                  for k, length in zip(taken, lengths)]
                         pair.rx_held = taken
                         pair.rx_out = frames
                         return frames
@@ -8798,7 +8836,7 @@ class NetDevice(_Device):
         """With MRG_RXBUF: whether every header says its frame is in that one buffer."""
         # num_buffers is the header's last u16 (spec 5.1.6).
         words, count = pair.rx_words, len(taken)
-        if words is not None:
+        if words is not None and not _RING_WORDS_VIA_STRUCT:   # PyPy: tolist is slow
             first, step = taken[0], pair.rx_step
             if taken == pair.rx_run[first:first + count]:   # a run: one strided read
                 at = first * step + 5
