@@ -9816,30 +9816,39 @@ class TestBenchFastPath(BackendTestMixin, FdLeakCheck):
                 self.assertIn("%s applies to --type blk only" % argv[0], err)
 
 
+def _fake_nic(big_frames=None, lie=None):
+    """A FakeBackend device: a NIC that returns each frame sent (queue 1) on RX (queue 0).
+
+    Frames bigger than a receive buffer go to ``big_frames``; ``lie(rx_head, length)`` may
+    change the (head, length) of an RX used entry."""
+    def run(backend, index):
+        if index != 1:
+            return
+        while True:
+            popped = backend.pop_avail(1)
+            if popped is None:
+                return
+            head, chain = popped
+            data = b"".join(backend.read(addr, length) for addr, length, _ in chain)
+            backend.push_used(1, head, 0)
+            if big_frames is not None and len(data) > 1530:
+                big_frames.append(data[12:])
+                continue
+            rx = backend.pop_avail(0)
+            if rx is not None:   # no receive buffer: dropped, as a NIC does
+                rx_head, rx_chain = rx
+                backend.write(rx_chain[0][0], data)
+                used = (rx_head, len(data)) if lie is None else lie(rx_head, len(data))
+                backend.push_used(0, *used)
+    return run
+
+
 class TestNetDeviceSlots(FrontendTestBase):
     """NetDevice's transmit and receive slots over a fake echo device: none lost, none reused twice."""
 
     def test_small_and_oversized_frames(self):
         big_frames = []
-
-        def run(backend, index):
-            if index != 1:
-                return
-            while True:
-                popped = backend.pop_avail(1)
-                if popped is None:
-                    return
-                head, chain = popped
-                data = b"".join(backend.read(addr, length) for addr, length, _ in chain)
-                backend.push_used(1, head, 0)
-                if len(data) > 1530:
-                    big_frames.append(data[12:])
-                    continue
-                rx = backend.pop_avail(0)
-                if rx is not None:   # no receive buffer: dropped, as a NIC does
-                    rx_head, rx_chain = rx
-                    backend.write(rx_chain[0][0], data)
-                    backend.push_used(0, rx_head, len(data))
+        run = _fake_nic(big_frames)
         backend = self.backend(features=F_PROTOCOL | F_VERSION_1, device=run)
         nic = vu.NetDevice(self.frontend(backend, vu.DeviceType.NET), queue_size=16)
         self.addCleanup(nic.close)
@@ -9875,22 +9884,7 @@ class TestNetBurst(FrontendTestBase):
     def echo(self, lie=None):
         """A fake NIC that returns each frame sent on RX; ``lie(rx_head, length)`` may
         change the (head, length) of the RX used entry."""
-        def run(backend, index):
-            if index != 1:
-                return
-            while True:
-                popped = backend.pop_avail(1)
-                if popped is None:
-                    return
-                head, chain = popped
-                data = b"".join(backend.read(addr, length) for addr, length, _ in chain)
-                backend.push_used(1, head, 0)
-                rx = backend.pop_avail(0)
-                if rx is not None:   # no receive buffer: dropped, as a NIC does
-                    rx_head, rx_chain = rx
-                    backend.write(rx_chain[0][0], data)
-                    used = (rx_head, len(data)) if lie is None else lie(rx_head, len(data))
-                    backend.push_used(0, *used)
+        run = _fake_nic(lie=lie)
         backend = self.backend(features=F_PROTOCOL | F_VERSION_1, device=run)
         nic = vu.NetDevice(self.frontend(backend, vu.DeviceType.NET), queue_size=16)
         self.addCleanup(nic.close)
