@@ -5455,9 +5455,11 @@ class VhostUserFrontend:
     _handler = None
     _worker = None
     _inflight = None      # the back-end's _InflightRegion (INFLIGHT_SHMFD), once asked
-    #: A device's check of a back-end that came back, called by ``reconnect``
-    #: before the rings are sent again (BlockDevice re-reads its config);
-    #: raises ``Disconnected`` when the device cannot use it.
+    #: A device's check of a back-end that came back (``reconnect``) or that it
+    #: moves to (``move_to``), called with the frontend and that name before
+    #: the rings go there (BlockDevice re-reads its config); raises
+    #: ``Disconnected`` when the device cannot use it, else returns a callable
+    #: that records what it read, called once the device uses that back-end.
     reconnect_check = None
     _dirty_log = None     # the DirtyLog the back-end writes while logging
     moves = 0             # successful move_to calls
@@ -6061,7 +6063,7 @@ class VhostUserFrontend:
                 self._sent_features = None
                 self.ack_features(acked)
             if self.reconnect_check is not None:
-                self.reconnect_check(self)
+                self.reconnect_check(self, "reconnect")()
             if self._mapper is not None:
                 # The new back-end maps nothing yet: drop the old mappings.
                 self._mapper.clear()
@@ -6220,7 +6222,8 @@ class VhostUserFrontend:
         """Move the running device to another back-end (a migration's two halves, no VM).
 
         1. Connect and negotiate with the new back-end while the old one runs;
-           it must offer every acked feature, protocol feature and queue.
+           it must offer every acked feature, protocol feature and queue, and
+           pass ``reconnect_check`` (BlockDevice: no smaller disk).
         2. Stop every ring on the old back-end (SET_VRING_ENABLE 0,
            GET_VRING_BASE); each queue takes the base it returns. A back-end
            that completes requests after GET_VRING_BASE (qemu-storage-daemon
@@ -6239,7 +6242,8 @@ class VhostUserFrontend:
 
         Raises:
             Disconnected: the new back-end offers less than the device uses
-                (the message names what), or went away.
+                (the message names what, a BlockDevice's smaller disk too), or
+                went away.
             VhostUserTimeout: the old back-end did not complete what it had
                 taken within ``drain_timeout``; the device stays on it.
             VhostUserError: another failure of the new back-end.
@@ -6253,9 +6257,12 @@ class VhostUserFrontend:
         old = self._backend_side()
         new_client = self._connect(connection, self.timeout)
         self.client, self._handler, self._inflight = new_client, None, None
+        record = None
         try:
             self._negotiate(*self._negotiation)
             self._check_still_offered(acked, old[2], queues, "move_to")
+            if self.reconnect_check is not None:
+                record = self.reconnect_check(self, "move_to")
         except BaseException:
             self._drop_backend_side()
             self._restore_backend_side(old, acked, sent)
@@ -6282,6 +6289,8 @@ class VhostUserFrontend:
             raise
         # The old back-end's rings are stopped: this hang-up is a graceful one.
         self._drop_backend_side(old)
+        if record is not None:
+            record()
         self.moves += 1
         self.moved_in_flight = in_flight
         _log.info("%s: moved to another back-end; %d chain(s) the old one had not completed "
@@ -6812,7 +6821,8 @@ class _Device:
 
         Raises:
             Disconnected: the new back-end offers less than the device uses
-                (another device type, fewer features or queues), or went away.
+                (another device type, fewer features or queues, a smaller
+                disk), or went away.
             VhostUserError: any other failure of the new back-end (or a
                 timeout waiting for the old one to complete its requests).
         """
@@ -7557,13 +7567,15 @@ class BlockDevice(_Device):
         config = _BlockConfig._make(fields.get(name, 0) for name in _BlockConfig._fields)
         return config, config.blk_size if self.features & _BLK_F_BLK_SIZE else _SECTOR
 
-    def _check_config_again(self, frontend):
-        """Re-read the config of a back-end that came back (``reconnect``), before the rings.
+    def _check_config_again(self, frontend, what):
+        """Re-read the config of a back-end that came back (``reconnect``) or that the
+        device moves to (``move_to``), before the rings; returns a callable that
+        records it, called once the device uses that back-end.
 
         Raises:
             Disconnected: its capacity, block size or queue count shrank (a
                 smaller disk would answer IOERR to what is in flight); the
-                message names what changed.
+                message names ``what`` and what changed.
         """
         config, block_size = self._read_config(frontend)
         changed = []
@@ -7575,10 +7587,14 @@ class BlockDevice(_Device):
         if self.features & _BLK_F_MQ and config.num_queues < self.num_queues:
             changed.append("num_queues %d, %d in use" % (config.num_queues, self.num_queues))
         if changed:
-            raise _BackendShrank("reconnect: the back-end came back with another disk: %s"
-                                 % "; ".join(changed), FrontendReq.GET_CONFIG)
-        self.config = config
-        self.capacity = config.capacity * _SECTOR
+            raise _BackendShrank("%s: the back-end %s another disk: %s"
+                                 % (what, "came back with" if what == "reconnect" else "serves",
+                                    "; ".join(changed)), FrontendReq.GET_CONFIG)
+
+        def record():
+            self.config = config
+            self.capacity = config.capacity * _SECTOR
+        return record
 
     # -- properties from the config space ---------------------------------------
 
