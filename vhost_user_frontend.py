@@ -2348,8 +2348,8 @@ def _hex(value):
 #   releasing and re-acquiring a private lock: the C library implements that
 #   with atomic read-modify-write instructions (LOCK-prefixed on x86, a
 #   store-release followed by a load-acquire on aarch64, which ARMv8 keeps in
-#   order), each a full barrier for our purpose. It costs well under a
-#   microsecond and is taken once per notify decision and once per re-arm,
+#   order), each a full barrier for our purpose. It is cheap and
+#   is taken once per notify decision and once per re-arm,
 #   never per descriptor.
 # - Packed rings (spec 2.8) have no indices: a descriptor's flags say whose
 #   it is. So the head's flags are stored on their own, through the
@@ -2375,7 +2375,7 @@ _AVAIL_F_NO_INTERRUPT = 1
 #: used->flags: the device does not want kicks (spec 2.7.10).
 _USED_F_NO_NOTIFY = 1
 #: Seconds a completion wait polls used->idx before sleeping on the call
-#: eventfd: a cross-vCPU wake-up costs ~50 us here (BACKENDS.md 6).
+#: eventfd: polling briefly spares a slow cross-vCPU wake-up (BACKENDS.md 6).
 _DEFAULT_SPIN = 50e-6
 #: Longest buffer one descriptor can describe.
 _MAX_DESC_LEN = 0xFFFFFFFF
@@ -2422,12 +2422,12 @@ def _no_fence():
 
 
 # Which Python spelling of a u16/u32 load or store is one machine access
-# differs per interpreter. Measured on this project's 2-vCPU x86 machine,
+# differs per interpreter. Seen on x86, with
 # one process storing 0x00FF and 0xFF00 (0x0000FFFF and 0xFFFF0000) in turn,
 # another on the other CPU loading: CPython copies a memoryview.cast("H")
 # item with a fixed-size memcpy, one move, and no load ever saw a torn
-# value, while struct.pack_into stores byte by byte and 3% of loads were
-# torn. PyPy 7.3 is the other way round: its cast views tore 1.1% of u16
+# value, while struct.pack_into stores byte by byte and some loads were
+# torn. PyPy 7.3 is the other way round: its cast views tore some u16
 # loads (and u32 ones too), its struct, which the JIT turns into one move,
 # none. TestRingWordAtomicity repeats the measurement on every interpreter.
 _RING_WORDS_VIA_STRUCT = sys.implementation.name == "pypy"
@@ -2457,9 +2457,9 @@ def _ring_words(view, fmt):
 
 
 if _RING_WORDS_VIA_STRUCT:
-    # PyPy: a store through a cast view costs ~100 ns, struct.pack_into a
-    # plain move once compiled (measured on PyPy 7.3.11, 4 KiB randread at
-    # depth 32: the fast path's post went from 0.21 to 0.12 us/request).
+    # PyPy: a store through a cast view is slow, struct.pack_into a plain
+    # move once compiled (PyPy 7.3.11), and the fast path's post makes
+    # such stores for every request.
     # Used entries are read with struct loads too (Queue._used_words).
     class _FieldStores:
         """``fields[k] = value`` stores the u64 at byte ``offset + stride * k`` of ``view``.
@@ -3327,8 +3327,8 @@ class Queue:
         return self._used_words(start, size - start) + self._used_words(0, end - size)
 
     if _RING_WORDS_VIA_STRUCT:
-        # PyPy: tolist() of a cast view is a loop outside the JIT (4 us for
-        # 32 elements measured on PyPy 7.3.11); struct loads it compiles.
+        # PyPy: tolist() of a cast view is a loop outside the JIT (PyPy
+        # 7.3.11); struct loads it compiles.
         def _used_words(self, start, count):
             unpack_from, used = _RING_WORD_STRUCTS["I"].unpack_from, self._used_bytes
             return [unpack_from(used, at)[0] for at in range(8 * start, 8 * (start + count), 4)]
@@ -3752,7 +3752,7 @@ _DESC_LEN = struct.Struct("<I")     # a descriptor's len, 8 bytes in (split and 
 # descriptor images and reaps a run of used ones with strided bulk reads. On
 # CPython that is fewer bytecodes per descriptor; PyPy's JIT compiles the
 # per-descriptor loops into less than the bulk copies cost it (bench --type
-# net --packed, median frontend CPU 2.15 -> 2.75 us/packet with them), so not there.
+# net --packed: more frontend CPU per packet with them), so not there.
 _PACKED_BULK = sys.implementation.name != "pypy"
 #: SET_VRING_BASE of a fresh packed ring: both wrap counters start at 1 (spec 2.8.1).
 _PACKED_INITIAL_BASE = 1 << 15 | 1 << 31
@@ -7059,12 +7059,12 @@ class _Placement(NamedTuple):
 def _placement(client, spin=None, event_idx=None):
     """The notification and spin policy for a device whose back-end is at ``client``'s end.
 
-    Measured with qemu-storage-daemon (BACKENDS.md, README's bench section):
+    Measured with qemu-storage-daemon (BACKENDS.md):
     with both sides on one CPU, a spin only takes the CPU the back-end needs,
     and EVENT_IDX with calls asked for only when the driver is about to sleep
-    beats a call per completion by 2.4x (the back-end's own cost falls from
-    0.98 to 0.36 us per request). On two CPUs a call costs little next to the
-    cross-CPU wake-up it saves, and a short spin before sleeping doubles
+    beats a call per completion (the back-end does far less work per
+    request). On two CPUs a call costs little next to the
+    cross-CPU wake-up it saves, and a short spin before sleeping raises
     depth-1 throughput on CPython; PyPy's JIT-compiled loop gains nothing
     from it and only burns CPU. ``spin``/``event_idx`` override the choice.
     """
