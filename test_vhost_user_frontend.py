@@ -5806,6 +5806,22 @@ class TestMoveBlock(BackendTestMixin, FdLeakCheck):
         self.assertIn("now has 1 queue(s)", str(caught.exception))
         self.assertEqual(dev.read(0, 4096, queue=1), b"q" * 4096)
 
+    def test_smaller_disk_refused(self):
+        # As reconnect does (issue 22 case 9): a 64 MiB disk does not move to an 8 MiB one.
+        big = self.start_backend(QemuStorageDaemon, kind="raw", size=64 << 20)
+        small = self.start_backend(QemuStorageDaemon, kind="raw", size=8 << 20)
+        dev = self.connect(big.socket_path)
+        dev.write(32 << 20, b"h" * 4096)
+        with self.assertRaises(vu.Disconnected) as caught:
+            dev.move_to(small.socket_path)
+        self.assertIn("move_to: the back-end serves another disk: capacity 8388608 bytes, "
+                      "was 67108864", str(caught.exception))
+        self.assertEqual(dev.frontend.client.path, big.socket_path)
+        self.assertEqual((dev.capacity, dev.frontend.moves), (64 << 20, 0))
+        self.assertEqual(dev.read(32 << 20, 4096), b"h" * 4096)
+        dev.write(60 << 20, b"i" * 4096)
+        self.assertEqual(dev.read(60 << 20, 4096), b"i" * 4096)
+
     def test_fifty_moves_leave_nothing_behind(self):
         dev = self.connect(self.a.socket_path)
         paths = [self.b.socket_path, self.a.socket_path]

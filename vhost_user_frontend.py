@@ -2348,8 +2348,8 @@ def _hex(value):
 #   releasing and re-acquiring a private lock: the C library implements that
 #   with atomic read-modify-write instructions (LOCK-prefixed on x86, a
 #   store-release followed by a load-acquire on aarch64, which ARMv8 keeps in
-#   order), each a full barrier for our purpose. It costs well under a
-#   microsecond and is taken once per notify decision and once per re-arm,
+#   order), each a full barrier for our purpose. It is cheap and
+#   is taken once per notify decision and once per re-arm,
 #   never per descriptor.
 # - Packed rings (spec 2.8) have no indices: a descriptor's flags say whose
 #   it is. So the head's flags are stored on their own, through the
@@ -2375,7 +2375,7 @@ _AVAIL_F_NO_INTERRUPT = 1
 #: used->flags: the device does not want kicks (spec 2.7.10).
 _USED_F_NO_NOTIFY = 1
 #: Seconds a completion wait polls used->idx before sleeping on the call
-#: eventfd: a cross-vCPU wake-up costs ~50 us here (BACKENDS.md 6).
+#: eventfd: polling briefly spares a slow cross-vCPU wake-up (BACKENDS.md 6).
 _DEFAULT_SPIN = 50e-6
 #: Longest buffer one descriptor can describe.
 _MAX_DESC_LEN = 0xFFFFFFFF
@@ -2422,12 +2422,12 @@ def _no_fence():
 
 
 # Which Python spelling of a u16/u32 load or store is one machine access
-# differs per interpreter. Measured on this project's 2-vCPU x86 machine,
+# differs per interpreter. Seen on x86, with
 # one process storing 0x00FF and 0xFF00 (0x0000FFFF and 0xFFFF0000) in turn,
 # another on the other CPU loading: CPython copies a memoryview.cast("H")
 # item with a fixed-size memcpy, one move, and no load ever saw a torn
-# value, while struct.pack_into stores byte by byte and 3% of loads were
-# torn. PyPy 7.3 is the other way round: its cast views tore 1.1% of u16
+# value, while struct.pack_into stores byte by byte and some loads were
+# torn. PyPy 7.3 is the other way round: its cast views tore some u16
 # loads (and u32 ones too), its struct, which the JIT turns into one move,
 # none. TestRingWordAtomicity repeats the measurement on every interpreter.
 _RING_WORDS_VIA_STRUCT = sys.implementation.name == "pypy"
@@ -2457,9 +2457,9 @@ def _ring_words(view, fmt):
 
 
 if _RING_WORDS_VIA_STRUCT:
-    # PyPy: a store through a cast view costs ~100 ns, struct.pack_into a
-    # plain move once compiled (measured on PyPy 7.3.11, 4 KiB randread at
-    # depth 32: the fast path's post went from 0.21 to 0.12 us/request).
+    # PyPy: a store through a cast view is slow, struct.pack_into a plain
+    # move once compiled (PyPy 7.3.11), and the fast path's post makes
+    # such stores for every request.
     # Used entries are read with struct loads too (Queue._used_words).
     class _FieldStores:
         """``fields[k] = value`` stores the u64 at byte ``offset + stride * k`` of ``view``.
@@ -3352,8 +3352,8 @@ class Queue:
         return self._used_words(start, size - start) + self._used_words(0, end - size)
 
     if _RING_WORDS_VIA_STRUCT:
-        # PyPy: tolist() of a cast view is a loop outside the JIT (4 us for
-        # 32 elements measured on PyPy 7.3.11); struct loads it compiles.
+        # PyPy: tolist() of a cast view is a loop outside the JIT (PyPy
+        # 7.3.11); struct loads it compiles.
         def _used_words(self, start, count):
             unpack_from, used = _RING_WORD_STRUCTS["I"].unpack_from, self._used_bytes
             return [unpack_from(used, at)[0] for at in range(8 * start, 8 * (start + count), 4)]
@@ -3777,7 +3777,7 @@ _DESC_LEN = struct.Struct("<I")     # a descriptor's len, 8 bytes in (split and 
 # descriptor images and reaps a run of used ones with strided bulk reads. On
 # CPython that is fewer bytecodes per descriptor; PyPy's JIT compiles the
 # per-descriptor loops into less than the bulk copies cost it (bench --type
-# net --packed, median frontend CPU 2.15 -> 2.75 us/packet with them), so not there.
+# net --packed: more frontend CPU per packet with them), so not there.
 _PACKED_BULK = sys.implementation.name != "pypy"
 #: SET_VRING_BASE of a fresh packed ring: both wrap counters start at 1 (spec 2.8.1).
 _PACKED_INITIAL_BASE = 1 << 15 | 1 << 31
@@ -5480,9 +5480,11 @@ class VhostUserFrontend:
     _handler = None
     _worker = None
     _inflight = None      # the back-end's _InflightRegion (INFLIGHT_SHMFD), once asked
-    #: A device's check of a back-end that came back, called by ``reconnect``
-    #: before the rings are sent again (BlockDevice re-reads its config);
-    #: raises ``Disconnected`` when the device cannot use it.
+    #: A device's check of a back-end that came back (``reconnect``) or that it
+    #: moves to (``move_to``), called with the frontend and that name before
+    #: the rings go there (BlockDevice re-reads its config); raises
+    #: ``Disconnected`` when the device cannot use it, else returns a callable
+    #: that records what it read, called once the device uses that back-end.
     reconnect_check = None
     _dirty_log = None     # the DirtyLog the back-end writes while logging
     moves = 0             # successful move_to calls
@@ -6086,7 +6088,7 @@ class VhostUserFrontend:
                 self._sent_features = None
                 self.ack_features(acked)
             if self.reconnect_check is not None:
-                self.reconnect_check(self)
+                self.reconnect_check(self, "reconnect")()
             if self._mapper is not None:
                 # The new back-end maps nothing yet: drop the old mappings.
                 self._mapper.clear()
@@ -6245,7 +6247,8 @@ class VhostUserFrontend:
         """Move the running device to another back-end (a migration's two halves, no VM).
 
         1. Connect and negotiate with the new back-end while the old one runs;
-           it must offer every acked feature, protocol feature and queue.
+           it must offer every acked feature, protocol feature and queue, and
+           pass ``reconnect_check`` (BlockDevice: no smaller disk).
         2. Stop every ring on the old back-end (SET_VRING_ENABLE 0,
            GET_VRING_BASE); each queue takes the base it returns. A back-end
            that completes requests after GET_VRING_BASE (qemu-storage-daemon
@@ -6264,7 +6267,8 @@ class VhostUserFrontend:
 
         Raises:
             Disconnected: the new back-end offers less than the device uses
-                (the message names what), or went away.
+                (the message names what, a BlockDevice's smaller disk too), or
+                went away.
             VhostUserTimeout: the old back-end did not complete what it had
                 taken within ``drain_timeout``; the device stays on it.
             VhostUserError: another failure of the new back-end.
@@ -6278,9 +6282,12 @@ class VhostUserFrontend:
         old = self._backend_side()
         new_client = self._connect(connection, self.timeout)
         self.client, self._handler, self._inflight = new_client, None, None
+        record = None
         try:
             self._negotiate(*self._negotiation)
             self._check_still_offered(acked, old[2], queues, "move_to")
+            if self.reconnect_check is not None:
+                record = self.reconnect_check(self, "move_to")
         except BaseException:
             self._drop_backend_side()
             self._restore_backend_side(old, acked, sent)
@@ -6307,6 +6314,8 @@ class VhostUserFrontend:
             raise
         # The old back-end's rings are stopped: this hang-up is a graceful one.
         self._drop_backend_side(old)
+        if record is not None:
+            record()
         self.moves += 1
         self.moved_in_flight = in_flight
         _log.info("%s: moved to another back-end; %d chain(s) the old one had not completed "
@@ -6837,7 +6846,8 @@ class _Device:
 
         Raises:
             Disconnected: the new back-end offers less than the device uses
-                (another device type, fewer features or queues), or went away.
+                (another device type, fewer features or queues, a smaller
+                disk), or went away.
             VhostUserError: any other failure of the new back-end (or a
                 timeout waiting for the old one to complete its requests).
         """
@@ -7074,12 +7084,12 @@ class _Placement(NamedTuple):
 def _placement(client, spin=None, event_idx=None):
     """The notification and spin policy for a device whose back-end is at ``client``'s end.
 
-    Measured with qemu-storage-daemon (BACKENDS.md, README's bench section):
+    Measured with qemu-storage-daemon (BACKENDS.md):
     with both sides on one CPU, a spin only takes the CPU the back-end needs,
     and EVENT_IDX with calls asked for only when the driver is about to sleep
-    beats a call per completion by 2.4x (the back-end's own cost falls from
-    0.98 to 0.36 us per request). On two CPUs a call costs little next to the
-    cross-CPU wake-up it saves, and a short spin before sleeping doubles
+    beats a call per completion (the back-end does far less work per
+    request). On two CPUs a call costs little next to the
+    cross-CPU wake-up it saves, and a short spin before sleeping raises
     depth-1 throughput on CPython; PyPy's JIT-compiled loop gains nothing
     from it and only burns CPU. ``spin``/``event_idx`` override the choice.
     """
@@ -7582,13 +7592,15 @@ class BlockDevice(_Device):
         config = _BlockConfig._make(fields.get(name, 0) for name in _BlockConfig._fields)
         return config, config.blk_size if self.features & _BLK_F_BLK_SIZE else _SECTOR
 
-    def _check_config_again(self, frontend):
-        """Re-read the config of a back-end that came back (``reconnect``), before the rings.
+    def _check_config_again(self, frontend, what):
+        """Re-read the config of a back-end that came back (``reconnect``) or that the
+        device moves to (``move_to``), before the rings; returns a callable that
+        records it, called once the device uses that back-end.
 
         Raises:
             Disconnected: its capacity, block size or queue count shrank (a
                 smaller disk would answer IOERR to what is in flight); the
-                message names what changed.
+                message names ``what`` and what changed.
         """
         config, block_size = self._read_config(frontend)
         changed = []
@@ -7600,10 +7612,14 @@ class BlockDevice(_Device):
         if self.features & _BLK_F_MQ and config.num_queues < self.num_queues:
             changed.append("num_queues %d, %d in use" % (config.num_queues, self.num_queues))
         if changed:
-            raise _BackendShrank("reconnect: the back-end came back with another disk: %s"
-                                 % "; ".join(changed), FrontendReq.GET_CONFIG)
-        self.config = config
-        self.capacity = config.capacity * _SECTOR
+            raise _BackendShrank("%s: the back-end %s another disk: %s"
+                                 % (what, "came back with" if what == "reconnect" else "serves",
+                                    "; ".join(changed)), FrontendReq.GET_CONFIG)
+
+        def record():
+            self.config = config
+            self.capacity = config.capacity * _SECTOR
+        return record
 
     # -- properties from the config space ---------------------------------------
 
