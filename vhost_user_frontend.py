@@ -48,6 +48,7 @@ import functools
 import io
 import logging
 import mmap
+import operator
 import os
 import select
 import socket
@@ -8217,6 +8218,7 @@ _NET_RX, _NET_TX = 0, 1
 #: The token of a frame too big for a transmit slot (sent as a chain of its own).
 _BIG_FRAME = object()
 _release_view = memoryview.release
+_is = operator.is_
 
 
 class _NetPair:
@@ -8247,6 +8249,7 @@ class _NetPair:
         self.tx_table = None       # the transmit slots as a _SlotTable: runs posted as batches
         self.tx_given = {}         # id(view) -> k of the buffers tx_alloc gave the caller
         self.tx_given_k = set()    # those k
+        self.tx_last = ((), ())    # the last burst's buffers and their k (until one is freed)
         self.tx_idle = []          # buffers for send/send_many: not given out, not in flight
         self.tx_busy = set()       # buffers in flight
         self.tx_lengths = []       # k -> the frame length its descriptor carries now
@@ -8569,6 +8572,7 @@ class NetDevice(_Device):
         pair = self._pair(pair, "tx_free")
         with pair.tx_lock:
             taken = self._tx_buffers(pair, buffers, "tx_free")
+            pair.tx_last = ((), ())
             for buffer, k in zip(buffers, taken):
                 del pair.tx_given[id(buffer)]
                 pair.tx_given_k.discard(k)
@@ -8603,10 +8607,15 @@ class NetDevice(_Device):
             if self._trouble():
                 self._check_alive("tx_burst")
             with pair.tx_lock:
-                try:
-                    taken = list(map(pair.tx_given.__getitem__, map(id, buffers)))
-                except KeyError:
-                    taken = self._tx_buffers(pair, buffers, "tx_burst")   # raises
+                last = pair.tx_last
+                if len(buffers) == len(last[0]) and all(map(_is, buffers, last[0])):
+                    taken = last[1]   # the buffers of the last burst again: no look-up
+                else:
+                    try:
+                        taken = list(map(pair.tx_given.__getitem__, map(id, buffers)))
+                    except KeyError:
+                        taken = self._tx_buffers(pair, buffers, "tx_burst")   # raises
+                    pair.tx_last = (list(buffers), taken)
                 if len(taken) != count:
                     raise ValueError("tx_burst: %d buffers and %d lengths"
                                      % (len(taken), count))
@@ -8858,9 +8867,12 @@ class NetDevice(_Device):
                 at = first * step + 5
                 return words[at:at + step * count:step].tolist() == [1] * count
             return [words[k * step + 5] for k in taken] == [1] * count
-        view, starts = pair.rx_view, pair.rx_starts
-        return all(view[start + 10] == 1 and view[start + 11] == 0
-                   for start in map(starts.__getitem__, taken))
+        unpack_from, view, starts = _RING_WORD_STRUCTS["H"].unpack_from, pair.rx_view, \
+            pair.rx_starts
+        for k in taken:
+            if unpack_from(view, starts[k] + 10)[0] != 1:
+                return False
+        return True
 
     def _rx_take(self, pair, limit, timeout, what):
         """Reap up to ``limit`` used receive buffers, waiting up to ``timeout`` for one."""
