@@ -13929,10 +13929,14 @@ def _blk_write_from(dev, args, out, source):
                                 "offset %d; wrote the %d bytes before it; give --pad or --rmw "
                                 "for the last block" % (tail, block, position,
                                                         position - offset))
-            staging[tail:block] = dev.read(position, block)[tail:] if args.rmw \
-                else bytes(block - tail)
-            with staging[:block] as last:
-                dev.write(position, last)
+            try:
+                staging[tail:block] = dev.read(position, block)[tail:] if args.rmw \
+                    else bytes(block - tail)
+                with staging[:block] as last:
+                    dev.write(position, last)
+            except BaseException as exc:
+                progress.fail(exc)   # the last block's failure says what was done too
+                raise
     finally:
         dev.free(staging)
     how = ""
