@@ -9122,6 +9122,7 @@ class NetDevice(_Device):
 # A request is one chain: driver-readable fuse_in_header + arguments (+ data),
 # then device-writable fuse_out_header + reply. Queue 0 is the hiprio queue
 # (FORGET, BATCH_FORGET: no reply); queues 1.. are request queues.
+
 #: Bytes one READDIR(PLUS) reply may hold, and the longest symlink target (PATH_MAX).
 _FS_DIR_BUFFER = 32 << 10
 _FS_PATH_MAX = 4096
@@ -10700,7 +10701,7 @@ class FsDevice(_Device):
 # thread, split rings only, I/O done inline. It is built on the wire codec,
 # the Channel, the OS primitives, the split-ring layout, fences and ring
 # accessor of the Queue section (never on ``Queue`` itself) and the
-# virtio-blk/net constants of the Devices section; the interop tests never
+# virtio-blk/net constants of the Wire format section; the interop tests never
 # use it in place of qemu-storage-daemon or testpmd.
 #
 # Like libvhost-user it drops the connection when a front-end breaks the
