@@ -842,6 +842,10 @@ def _decode_device_config(device_type, features, data):
     return fields
 
 
+#: Dirty-log granularity: one bit per 4 KiB page of guest memory (VHOST_LOG_PAGE).
+_LOG_PAGE = 4096
+
+
 # -- virtio-blk (virtio spec 5.2) ----------------------------------------------
 
 _BLK_F_SIZE_MAX = 1 << 1
@@ -5414,8 +5418,6 @@ class _InflightRegion:
             os.close(fd)
 
 
-#: Dirty-log granularity: one bit per 4 KiB page of guest memory (VHOST_LOG_PAGE).
-_LOG_PAGE = 4096
 #: futex(2) numbers, for the atomic bit clear of ``DirtyLog.clear``.
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "riscv64": 98, "ppc64le": 221, "s390x": 238,
               "i686": 240, "armv7l": 240}
