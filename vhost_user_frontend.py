@@ -29,8 +29,9 @@ Example::
 
 Sections (``grep -n '^# .*###'`` prints them with line numbers):
 Head, Errors, Constants, Wire format, OS primitives, Channel, BackendClient,
-GuestMemory, Queue, Backend requests, Worker, VhostUserFrontend, Devices,
-Embedded back-end, Conformance checks, CLI.
+GuestMemory, Queue, Backend requests, Worker, VhostUserFrontend, Device
+plumbing, Block, Net, virtio-fs, Embedded back-end, Conformance checks, Bench,
+Command line.
 """
 
 ############################################################################
@@ -423,6 +424,7 @@ _DEVICE_FEATURE_NAMES = {
 ############################################################################
 # Wire format ##############################################################
 ############################################################################
+
 # Pure encoding and decoding: no sockets, no threads. All numbers are in the
 # host's byte order (spec "Message Specification"); every supported host is
 # little-endian, so the layouts say "<".
@@ -838,6 +840,154 @@ def _decode_device_config(device_type, features, data):
             value = value.split(b"\0", 1)[0].decode("utf-8", "replace")
         fields.append((name, value))
     return fields
+
+
+#: Dirty-log granularity: one bit per 4 KiB page of guest memory (VHOST_LOG_PAGE).
+_LOG_PAGE = 4096
+
+
+# -- virtio-blk (virtio spec 5.2) ----------------------------------------------
+
+_BLK_F_SIZE_MAX = 1 << 1
+_BLK_F_SEG_MAX = 1 << 2
+_BLK_F_GEOMETRY = 1 << 4
+_BLK_F_RO = 1 << 5
+_BLK_F_BLK_SIZE = 1 << 6
+_BLK_F_FLUSH = 1 << 9
+_BLK_F_TOPOLOGY = 1 << 10
+_BLK_F_CONFIG_WCE = 1 << 11
+_BLK_F_MQ = 1 << 12
+_BLK_F_DISCARD = 1 << 13
+_BLK_F_WRITE_ZEROES = 1 << 14
+
+_BLK_T_IN = 0
+_BLK_T_OUT = 1
+_BLK_T_FLUSH = 4
+_BLK_T_GET_ID = 8
+_BLK_T_DISCARD = 11
+_BLK_T_WRITE_ZEROES = 13
+_BLK_OP_NAMES = {_BLK_T_IN: "READ", _BLK_T_OUT: "WRITE", _BLK_T_FLUSH: "FLUSH",
+                 _BLK_T_GET_ID: "GET_ID", _BLK_T_DISCARD: "DISCARD",
+                 _BLK_T_WRITE_ZEROES: "WRITE_ZEROES"}
+_BLK_STATUS_NAMES = {0: "OK", 1: "IOERR", 2: "UNSUPP"}
+_BLK_ID_BYTES = 20
+_SECTOR = 512
+_BLK_REQ = struct.Struct("<IIQ")            # type, reserved, sector
+_BLK_DISCARD_SEG = struct.Struct("<QII")    # sector, num_sectors, flags (bit 0: unmap)
+
+
+# -- virtio-net (virtio spec 5.1) ----------------------------------------------
+
+_NET_F_MTU = 1 << 3
+_NET_F_MAC = 1 << 5
+_NET_F_MRG_RXBUF = 1 << 15
+_NET_F_STATUS = 1 << 16
+_NET_F_MQ = 1 << 22
+_NET_S_LINK_UP = 1
+#: struct virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start,
+#: csum_offset, then num_buffers with VERSION_1 or MRG_RXBUF (spec 5.1.6).
+_NET_HDR = struct.Struct("<BBHHHHH")
+_NET_HDR_LEGACY_SIZE = 10
+_ETH_HLEN = 14
+_NET_RX, _NET_TX = 0, 1
+
+
+# -- FUSE for virtio-fs (virtio spec 5.11) -------------------------------------
+#
+# FUSE wire layouts are those of include/uapi/linux/fuse.h at protocol 7.31,
+# in the driver's native byte order (FUSE has no wire endianness of its own;
+# virtio-fs leaves it so, spec 5.11.6), little-endian here like the rings.
+
+_FUSE_MAJOR = 7
+_FUSE_MINOR = 31
+_FUSE_ROOT_ID = 1
+#: The kernel refuses a reply error outside -511..0 (fuse_dev_do_write:
+#: ERESTARTSYS=512 and above are kernel-internal codes, never errnos).
+_FUSE_ERRNO_MAX = 511
+
+
+class _FuseOp(enum.IntEnum):
+    """FUSE opcodes (enum fuse_opcode) this driver sends."""
+    LOOKUP = 1
+    FORGET = 2
+    GETATTR = 3
+    SETATTR = 4
+    READLINK = 5
+    SYMLINK = 6
+    MKNOD = 8
+    MKDIR = 9
+    UNLINK = 10
+    RMDIR = 11
+    RENAME = 12
+    LINK = 13
+    OPEN = 14
+    READ = 15
+    WRITE = 16
+    STATFS = 17
+    RELEASE = 18
+    FSYNC = 20
+    SETXATTR = 21
+    GETXATTR = 22
+    LISTXATTR = 23
+    REMOVEXATTR = 24
+    FLUSH = 25
+    INIT = 26
+    OPENDIR = 27
+    READDIR = 28
+    RELEASEDIR = 29
+    ACCESS = 34
+    CREATE = 35
+    DESTROY = 38
+    BATCH_FORGET = 42
+    READDIRPLUS = 44
+
+
+#: FUSE_INIT flags (fuse_init_in.flags) this driver offers.
+_FUSE_BIG_WRITES = 1 << 5
+_FUSE_ATOMIC_O_TRUNC = 1 << 3
+_FUSE_DO_READDIRPLUS = 1 << 13
+_FUSE_PARALLEL_DIROPS = 1 << 18
+_FUSE_MAX_PAGES = 1 << 22
+_FUSE_INIT_FLAGS = (_FUSE_ATOMIC_O_TRUNC | _FUSE_BIG_WRITES | _FUSE_DO_READDIRPLUS
+                    | _FUSE_PARALLEL_DIROPS | _FUSE_MAX_PAGES)
+#: fuse_setattr_in.valid bits.
+_FATTR_MODE = 1 << 0
+_FATTR_UID = 1 << 1
+_FATTR_GID = 1 << 2
+_FATTR_SIZE = 1 << 3
+_FATTR_ATIME = 1 << 4
+_FATTR_MTIME = 1 << 5
+_FATTR_FH = 1 << 6
+_FATTR_ATIME_NOW = 1 << 7
+_FATTR_MTIME_NOW = 1 << 8
+_FUSE_GETATTR_FH = 1 << 0
+
+_FUSE_IN_HEADER = struct.Struct("<IIQQIIIHH")   # len opcode unique nodeid uid gid pid extlen pad
+_FUSE_OUT_HEADER = struct.Struct("<IiQ")        # len error unique
+_FUSE_ATTR = struct.Struct("<QQQQQQIIIIIIIIII")  # ino size blocks a/m/ctime a/m/c nsec mode nlink
+#                                                 uid gid rdev blksize flags
+_FUSE_ENTRY_OUT = struct.Struct("<QQQQII")      # nodeid generation entry_valid attr_valid nsecs
+_FUSE_ATTR_OUT = struct.Struct("<QII")          # attr_valid attr_valid_nsec dummy
+_FUSE_GETATTR_IN = struct.Struct("<IIQ")        # getattr_flags dummy fh
+_FUSE_SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")
+_FUSE_MKNOD_IN = struct.Struct("<IIII")         # mode rdev umask padding
+_FUSE_MKDIR_IN = struct.Struct("<II")           # mode umask
+_FUSE_U64 = struct.Struct("<Q")                 # forget_in, rename_in, link_in
+_FUSE_U32_PAIR = struct.Struct("<II")           # open_in, access_in, getxattr_in/out, write_out
+_FUSE_CREATE_IN = struct.Struct("<IIII")        # flags mode umask open_flags
+_FUSE_OPEN_OUT = struct.Struct("<QII")          # fh open_flags padding
+_FUSE_RELEASE_IN = struct.Struct("<QIIQ")       # fh flags release_flags lock_owner (= flush_in)
+_FUSE_IO_IN = struct.Struct("<QQIIQII")         # read_in / write_in: fh offset size flags ...
+_FUSE_FSYNC_IN = struct.Struct("<QII")          # fh fsync_flags padding
+_FUSE_KSTATFS = struct.Struct("<QQQQQIIII24x")  # blocks bfree bavail files ffree bsize namelen
+#                                                 frsize padding spare[6]
+_FUSE_INIT_IN = struct.Struct("<IIII")          # major minor max_readahead flags (7.31 size)
+_FUSE_INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")
+_FUSE_FORGET_ONE = struct.Struct("<QQ")         # nodeid nlookup
+_FUSE_DIRENT = struct.Struct("<QQII")           # ino off namelen type; name; 8-aligned
+
+_ENTRY_SIZE = _FUSE_ENTRY_OUT.size + _FUSE_ATTR.size
+_ATTR_OUT_SIZE = _FUSE_ATTR_OUT.size + _FUSE_ATTR.size
 
 
 ############################################################################
@@ -2317,6 +2467,7 @@ def _hex(value):
 ############################################################################
 # Queue ####################################################################
 ############################################################################
+
 # Split virtqueue layout (virtio spec 2.7): descriptor table 16 bytes per
 # entry, 16-aligned; avail ring flags, idx, ring[size], used_event; used ring
 # flags, idx, ring[size] of (id u32, len u32), avail_event; 2- and 4-aligned.
@@ -4804,7 +4955,6 @@ def _decode_struct(request, layout, body):
     return layout.unpack(body)
 
 
-
 ############################################################################
 # Worker ###################################################################
 ############################################################################
@@ -5043,7 +5193,6 @@ class _Worker:
             self.interrupt.signal_used_queue(self.queues[index])
 
 
-
 ############################################################################
 # VhostUserFrontend ########################################################
 ############################################################################
@@ -5269,8 +5418,6 @@ class _InflightRegion:
             os.close(fd)
 
 
-#: Dirty-log granularity: one bit per 4 KiB page of guest memory (VHOST_LOG_PAGE).
-_LOG_PAGE = 4096
 #: futex(2) numbers, for the atomic bit clear of ``DirtyLog.clear``.
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "riscv64": 98, "ppc64le": 221, "s390x": 238,
               "i686": 240, "armv7l": 240}
@@ -6541,9 +6688,8 @@ def _write_all(fd, data, timeout, what):
                 from exc
 
 
-
 ############################################################################
-# Devices ##################################################################
+# Device plumbing ##########################################################
 ############################################################################
 
 #: Longest sleep on a call eventfd before checking whether the back-end hung up.
@@ -6956,123 +7102,6 @@ class _Device:
         self.close()
 
 
-# -- virtio-blk (virtio spec 5.2) ----------------------------------------------
-
-_BLK_F_SIZE_MAX = 1 << 1
-_BLK_F_SEG_MAX = 1 << 2
-_BLK_F_GEOMETRY = 1 << 4
-_BLK_F_RO = 1 << 5
-_BLK_F_BLK_SIZE = 1 << 6
-_BLK_F_FLUSH = 1 << 9
-_BLK_F_TOPOLOGY = 1 << 10
-_BLK_F_CONFIG_WCE = 1 << 11
-_BLK_F_MQ = 1 << 12
-_BLK_F_DISCARD = 1 << 13
-_BLK_F_WRITE_ZEROES = 1 << 14
-_BLK_DRIVER_FEATURES = (
-    VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC | VirtioFeature.RING_EVENT_IDX
-    | _BLK_F_SIZE_MAX | _BLK_F_SEG_MAX | _BLK_F_GEOMETRY | _BLK_F_RO | _BLK_F_BLK_SIZE
-    | _BLK_F_FLUSH | _BLK_F_TOPOLOGY | _BLK_F_CONFIG_WCE | _BLK_F_MQ | _BLK_F_DISCARD
-    | _BLK_F_WRITE_ZEROES)
-
-_BLK_T_IN = 0
-_BLK_T_OUT = 1
-_BLK_T_FLUSH = 4
-_BLK_T_GET_ID = 8
-_BLK_T_DISCARD = 11
-_BLK_T_WRITE_ZEROES = 13
-_BLK_OP_NAMES = {_BLK_T_IN: "READ", _BLK_T_OUT: "WRITE", _BLK_T_FLUSH: "FLUSH",
-                 _BLK_T_GET_ID: "GET_ID", _BLK_T_DISCARD: "DISCARD",
-                 _BLK_T_WRITE_ZEROES: "WRITE_ZEROES"}
-_BLK_STATUS_NAMES = {0: "OK", 1: "IOERR", 2: "UNSUPP"}
-_BLK_ID_BYTES = 20
-_SECTOR = 512
-_BLK_REQ = struct.Struct("<IIQ")            # type, reserved, sector
-_BLK_DISCARD_SEG = struct.Struct("<QII")    # sector, num_sectors, flags (bit 0: unmap)
-#: Largest transfer one virtio-blk request carries; larger calls are split
-#: into several requests kept in flight together.
-_BLK_MAX_TRANSFER = 1 << 20
-
-
-class _BlockConfig(NamedTuple):
-    """struct virtio_blk_config (virtio spec 5.2.4), as the device reports it.
-
-    Decoded with the layout table ``probe`` uses (``_DEVICE_CONFIG_FIELDS``);
-    a field whose feature was not acked reads as 0.
-    """
-    capacity: int  # in 512-byte sectors
-    size_max: int
-    seg_max: int
-    cylinders: int
-    heads: int
-    sectors: int
-    blk_size: int
-    physical_block_exp: int
-    alignment_offset: int
-    min_io_size: int
-    opt_io_size: int
-    writeback: int
-    num_queues: int
-    max_discard_sectors: int
-    max_discard_seg: int
-    discard_sector_alignment: int
-    max_write_zeroes_sectors: int
-    max_write_zeroes_seg: int
-    write_zeroes_may_unmap: int
-
-
-class _BlockRequest:
-    """One virtio-blk request in flight: ``done``, ``status``, ``result()``."""
-
-    __slots__ = ("op", "offset", "length", "data", "status_buf", "queue", "done",
-                 "background", "written", "cell")
-
-    def __init__(self, op, offset, length, data, queue):
-        self.op = op
-        self.offset = offset
-        self.length = length
-        self.data = data             # read target / GET_ID buffer, or None
-        self.status_buf = bytearray(1)
-        self.queue = queue
-        self.done = False
-        self.background = False
-        self.written = None          # the used entry's length, once done
-        self.cell = None             # (view, offset, guest address) of header and status
-
-    @property
-    def status(self):
-        """The virtio-blk status byte (0 OK, 1 IOERR, 2 UNSUPP), None until done."""
-        return self.status_buf[0] if self.done else None
-
-    def result(self):
-        """The data read (READ, GET_ID) or None; raises ``BackendError`` for a bad status."""
-        if not self.done:
-            raise ValueError("%s at offset %d is still in flight"
-                             % (_BLK_OP_NAMES[self.op], self.offset))
-        # Spec 2.7.8.2: nothing past the used length may be trusted, and the
-        # status byte is the last device-writable byte. A shorter length means
-        # the status (0, OK, in our buffer until written) and the data may be
-        # stale bytes: refuse them rather than return them as if read.
-        needed = 1 + (self.length if self.op in (_BLK_T_IN, _BLK_T_GET_ID) else 0)
-        if self.written is not None and self.written < needed:
-            raise ProtocolError("%s: the device reported %d byte(s) written (used len) for %d "
-                                "bytes at offset %d; data and status need %d"
-                                % (_BLK_OP_NAMES[self.op], self.written, self.length,
-                                   self.offset, needed))
-        status = self.status_buf[0]
-        if status:
-            raise BackendError("%s: virtio-blk status %s (%d) for %d bytes at offset %d"
-                               % (_BLK_OP_NAMES[self.op],
-                                  _BLK_STATUS_NAMES.get(status, "unknown"), status,
-                                  self.length, self.offset), value=status)
-        return self.data
-
-    def __repr__(self):
-        return "<BlockRequest %s offset=%d length=%d %s>" % (
-            _BLK_OP_NAMES[self.op], self.offset, self.length,
-            "status=%d" % self.status_buf[0] if self.done else "in flight")
-
-
 class _Placement(NamedTuple):
     """Where the two sides run, and the completion policy chosen from it."""
     backend_pid: object     # int, or None when SO_PEERCRED could not tell
@@ -7281,6 +7310,131 @@ class _Completions:
                 idle.sort()   # in slot order, as reap_slots keeps it: the next post is a run
 
 
+def _add_when_room(completions, readable, writable, token, timeout, what, make_room=None):
+    """``Queue.add`` the chain, reaping while the ring (or guest memory) is full; no kick.
+
+    Chains already posted are announced before any wait for room. Gives up
+    (VhostUserTimeout) only after ``timeout`` seconds without any completion:
+    other threads taking the room first just mean another wait. ``make_room``,
+    when given, is tried first on a full ring and returns True if it freed
+    something (BlockDevice gives back spare fast-path slots).
+    """
+    queue = completions.queue
+    deadline = None   # the clock is read only when the ring is full
+    while True:
+        try:
+            queue.add(readable, writable, token=token)
+            return
+        except (Queue.Full, MemoryError) as exc:
+            if make_room is not None and make_room():
+                continue
+            if deadline is None:
+                deadline = time.monotonic() + timeout
+            if not queue.in_flight:
+                if isinstance(exc, MemoryError) or time.monotonic() > deadline:
+                    raise
+                continue   # what filled the ring completed meanwhile: room now
+            # Reap until something (ours or anyone's) completes, then retry.
+            queue.notify()
+            reaped = queue.next_used
+            completions.wait(lambda: queue.next_used != reaped or not queue.in_flight,
+                             deadline, what)
+            deadline = time.monotonic() + timeout
+
+
+############################################################################
+# Block ####################################################################
+############################################################################
+
+_BLK_DRIVER_FEATURES = (
+    VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC | VirtioFeature.RING_EVENT_IDX
+    | _BLK_F_SIZE_MAX | _BLK_F_SEG_MAX | _BLK_F_GEOMETRY | _BLK_F_RO | _BLK_F_BLK_SIZE
+    | _BLK_F_FLUSH | _BLK_F_TOPOLOGY | _BLK_F_CONFIG_WCE | _BLK_F_MQ | _BLK_F_DISCARD
+    | _BLK_F_WRITE_ZEROES)
+#: Largest transfer one virtio-blk request carries; larger calls are split
+#: into several requests kept in flight together.
+_BLK_MAX_TRANSFER = 1 << 20
+
+
+class _BlockConfig(NamedTuple):
+    """struct virtio_blk_config (virtio spec 5.2.4), as the device reports it.
+
+    Decoded with the layout table ``probe`` uses (``_DEVICE_CONFIG_FIELDS``);
+    a field whose feature was not acked reads as 0.
+    """
+    capacity: int  # in 512-byte sectors
+    size_max: int
+    seg_max: int
+    cylinders: int
+    heads: int
+    sectors: int
+    blk_size: int
+    physical_block_exp: int
+    alignment_offset: int
+    min_io_size: int
+    opt_io_size: int
+    writeback: int
+    num_queues: int
+    max_discard_sectors: int
+    max_discard_seg: int
+    discard_sector_alignment: int
+    max_write_zeroes_sectors: int
+    max_write_zeroes_seg: int
+    write_zeroes_may_unmap: int
+
+
+class _BlockRequest:
+    """One virtio-blk request in flight: ``done``, ``status``, ``result()``."""
+
+    __slots__ = ("op", "offset", "length", "data", "status_buf", "queue", "done",
+                 "background", "written", "cell")
+
+    def __init__(self, op, offset, length, data, queue):
+        self.op = op
+        self.offset = offset
+        self.length = length
+        self.data = data             # read target / GET_ID buffer, or None
+        self.status_buf = bytearray(1)
+        self.queue = queue
+        self.done = False
+        self.background = False
+        self.written = None          # the used entry's length, once done
+        self.cell = None             # (view, offset, guest address) of header and status
+
+    @property
+    def status(self):
+        """The virtio-blk status byte (0 OK, 1 IOERR, 2 UNSUPP), None until done."""
+        return self.status_buf[0] if self.done else None
+
+    def result(self):
+        """The data read (READ, GET_ID) or None; raises ``BackendError`` for a bad status."""
+        if not self.done:
+            raise ValueError("%s at offset %d is still in flight"
+                             % (_BLK_OP_NAMES[self.op], self.offset))
+        # Spec 2.7.8.2: nothing past the used length may be trusted, and the
+        # status byte is the last device-writable byte. A shorter length means
+        # the status (0, OK, in our buffer until written) and the data may be
+        # stale bytes: refuse them rather than return them as if read.
+        needed = 1 + (self.length if self.op in (_BLK_T_IN, _BLK_T_GET_ID) else 0)
+        if self.written is not None and self.written < needed:
+            raise ProtocolError("%s: the device reported %d byte(s) written (used len) for %d "
+                                "bytes at offset %d; data and status need %d"
+                                % (_BLK_OP_NAMES[self.op], self.written, self.length,
+                                   self.offset, needed))
+        status = self.status_buf[0]
+        if status:
+            raise BackendError("%s: virtio-blk status %s (%d) for %d bytes at offset %d"
+                               % (_BLK_OP_NAMES[self.op],
+                                  _BLK_STATUS_NAMES.get(status, "unknown"), status,
+                                  self.length, self.offset), value=status)
+        return self.data
+
+    def __repr__(self):
+        return "<BlockRequest %s offset=%d length=%d %s>" % (
+            _BLK_OP_NAMES[self.op], self.offset, self.length,
+            "status=%d" % self.status_buf[0] if self.done else "in flight")
+
+
 class _BlockSlots:
     """One queue's zero-copy request slots, for ``BlockDevice.post_reads``/``post_writes``.
 
@@ -7400,38 +7554,6 @@ def _fast_path_error(failed, completed):
     error.failed = [entry[0] for entry in failed]
     error.completed = completed
     return error
-
-
-def _add_when_room(completions, readable, writable, token, timeout, what, make_room=None):
-    """``Queue.add`` the chain, reaping while the ring (or guest memory) is full; no kick.
-
-    Chains already posted are announced before any wait for room. Gives up
-    (VhostUserTimeout) only after ``timeout`` seconds without any completion:
-    other threads taking the room first just mean another wait. ``make_room``,
-    when given, is tried first on a full ring and returns True if it freed
-    something (BlockDevice gives back spare fast-path slots).
-    """
-    queue = completions.queue
-    deadline = None   # the clock is read only when the ring is full
-    while True:
-        try:
-            queue.add(readable, writable, token=token)
-            return
-        except (Queue.Full, MemoryError) as exc:
-            if make_room is not None and make_room():
-                continue
-            if deadline is None:
-                deadline = time.monotonic() + timeout
-            if not queue.in_flight:
-                if isinstance(exc, MemoryError) or time.monotonic() > deadline:
-                    raise
-                continue   # what filled the ring completed meanwhile: room now
-            # Reap until something (ours or anyone's) completes, then retry.
-            queue.notify()
-            reaped = queue.next_used
-            completions.wait(lambda: queue.next_used != reaped or not queue.in_flight,
-                             deadline, what)
-            deadline = time.monotonic() + timeout
 
 
 class BlockDevice(_Device):
@@ -8198,23 +8320,13 @@ class BlockDevice(_Device):
             " read-only" if self.read_only else "")
 
 
-# -- virtio-net (virtio spec 5.1) ----------------------------------------------
+############################################################################
+# Net ######################################################################
+############################################################################
 
-_NET_F_MTU = 1 << 3
-_NET_F_MAC = 1 << 5
-_NET_F_MRG_RXBUF = 1 << 15
-_NET_F_STATUS = 1 << 16
-_NET_F_MQ = 1 << 22
-_NET_S_LINK_UP = 1
 _NET_DRIVER_FEATURES = (
     VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC | VirtioFeature.RING_EVENT_IDX
     | _NET_F_MTU | _NET_F_MAC | _NET_F_MRG_RXBUF | _NET_F_STATUS)
-#: struct virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start,
-#: csum_offset, then num_buffers with VERSION_1 or MRG_RXBUF (spec 5.1.6).
-_NET_HDR = struct.Struct("<BBHHHHH")
-_NET_HDR_LEGACY_SIZE = 10
-_ETH_HLEN = 14
-_NET_RX, _NET_TX = 0, 1
 #: The token of a frame too big for a transmit slot (sent as a chain of its own).
 _BIG_FRAME = object()
 _release_view = memoryview.release
@@ -9004,105 +9116,15 @@ class NetDevice(_Device):
             self.queue_pairs)
 
 
-# -- virtio-fs (virtio spec 5.11): FUSE over a request queue -------------------
-#
-# FUSE wire layouts are those of include/uapi/linux/fuse.h at protocol 7.31,
-# in the driver's native byte order (FUSE has no wire endianness of its own;
-# virtio-fs leaves it so, spec 5.11.6), little-endian here like the rings.
+############################################################################
+# virtio-fs ################################################################
+############################################################################
+
+# FUSE over a request queue (virtio spec 5.11); the FUSE layouts are in Wire format.
 # A request is one chain: driver-readable fuse_in_header + arguments (+ data),
 # then device-writable fuse_out_header + reply. Queue 0 is the hiprio queue
 # (FORGET, BATCH_FORGET: no reply); queues 1.. are request queues.
 
-_FUSE_MAJOR = 7
-_FUSE_MINOR = 31
-_FUSE_ROOT_ID = 1
-#: The kernel refuses a reply error outside -511..0 (fuse_dev_do_write:
-#: ERESTARTSYS=512 and above are kernel-internal codes, never errnos).
-_FUSE_ERRNO_MAX = 511
-
-
-class _FuseOp(enum.IntEnum):
-    """FUSE opcodes (enum fuse_opcode) this driver sends."""
-    LOOKUP = 1
-    FORGET = 2
-    GETATTR = 3
-    SETATTR = 4
-    READLINK = 5
-    SYMLINK = 6
-    MKNOD = 8
-    MKDIR = 9
-    UNLINK = 10
-    RMDIR = 11
-    RENAME = 12
-    LINK = 13
-    OPEN = 14
-    READ = 15
-    WRITE = 16
-    STATFS = 17
-    RELEASE = 18
-    FSYNC = 20
-    SETXATTR = 21
-    GETXATTR = 22
-    LISTXATTR = 23
-    REMOVEXATTR = 24
-    FLUSH = 25
-    INIT = 26
-    OPENDIR = 27
-    READDIR = 28
-    RELEASEDIR = 29
-    ACCESS = 34
-    CREATE = 35
-    DESTROY = 38
-    BATCH_FORGET = 42
-    READDIRPLUS = 44
-
-
-#: FUSE_INIT flags (fuse_init_in.flags) this driver offers.
-_FUSE_BIG_WRITES = 1 << 5
-_FUSE_ATOMIC_O_TRUNC = 1 << 3
-_FUSE_DO_READDIRPLUS = 1 << 13
-_FUSE_PARALLEL_DIROPS = 1 << 18
-_FUSE_MAX_PAGES = 1 << 22
-_FUSE_INIT_FLAGS = (_FUSE_ATOMIC_O_TRUNC | _FUSE_BIG_WRITES | _FUSE_DO_READDIRPLUS
-                    | _FUSE_PARALLEL_DIROPS | _FUSE_MAX_PAGES)
-#: fuse_setattr_in.valid bits.
-_FATTR_MODE = 1 << 0
-_FATTR_UID = 1 << 1
-_FATTR_GID = 1 << 2
-_FATTR_SIZE = 1 << 3
-_FATTR_ATIME = 1 << 4
-_FATTR_MTIME = 1 << 5
-_FATTR_FH = 1 << 6
-_FATTR_ATIME_NOW = 1 << 7
-_FATTR_MTIME_NOW = 1 << 8
-_FUSE_GETATTR_FH = 1 << 0
-
-_FUSE_IN_HEADER = struct.Struct("<IIQQIIIHH")   # len opcode unique nodeid uid gid pid extlen pad
-_FUSE_OUT_HEADER = struct.Struct("<IiQ")        # len error unique
-_FUSE_ATTR = struct.Struct("<QQQQQQIIIIIIIIII")  # ino size blocks a/m/ctime a/m/c nsec mode nlink
-#                                                 uid gid rdev blksize flags
-_FUSE_ENTRY_OUT = struct.Struct("<QQQQII")      # nodeid generation entry_valid attr_valid nsecs
-_FUSE_ATTR_OUT = struct.Struct("<QII")          # attr_valid attr_valid_nsec dummy
-_FUSE_GETATTR_IN = struct.Struct("<IIQ")        # getattr_flags dummy fh
-_FUSE_SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")
-_FUSE_MKNOD_IN = struct.Struct("<IIII")         # mode rdev umask padding
-_FUSE_MKDIR_IN = struct.Struct("<II")           # mode umask
-_FUSE_U64 = struct.Struct("<Q")                 # forget_in, rename_in, link_in
-_FUSE_U32_PAIR = struct.Struct("<II")           # open_in, access_in, getxattr_in/out, write_out
-_FUSE_CREATE_IN = struct.Struct("<IIII")        # flags mode umask open_flags
-_FUSE_OPEN_OUT = struct.Struct("<QII")          # fh open_flags padding
-_FUSE_RELEASE_IN = struct.Struct("<QIIQ")       # fh flags release_flags lock_owner (= flush_in)
-_FUSE_IO_IN = struct.Struct("<QQIIQII")         # read_in / write_in: fh offset size flags ...
-_FUSE_FSYNC_IN = struct.Struct("<QII")          # fh fsync_flags padding
-_FUSE_KSTATFS = struct.Struct("<QQQQQIIII24x")  # blocks bfree bavail files ffree bsize namelen
-#                                                 frsize padding spare[6]
-_FUSE_INIT_IN = struct.Struct("<IIII")          # major minor max_readahead flags (7.31 size)
-_FUSE_INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")
-_FUSE_FORGET_ONE = struct.Struct("<QQ")         # nodeid nlookup
-_FUSE_DIRENT = struct.Struct("<QQII")           # ino off namelen type; name; 8-aligned
-
-_ENTRY_SIZE = _FUSE_ENTRY_OUT.size + _FUSE_ATTR.size
-_ATTR_OUT_SIZE = _FUSE_ATTR_OUT.size + _FUSE_ATTR.size
 #: Bytes one READDIR(PLUS) reply may hold, and the longest symlink target (PATH_MAX).
 _FS_DIR_BUFFER = 32 << 10
 _FS_PATH_MAX = 4096
@@ -10671,6 +10693,7 @@ class FsDevice(_Device):
 ############################################################################
 # Embedded back-end ########################################################
 ############################################################################
+
 # The other side of the protocol, small enough to read in one sitting: a
 # vhost-user back-end serving a virtio-blk disk (over a file or an anonymous
 # memfd) or a virtio-net device that echoes every frame it is sent (the role
@@ -10680,7 +10703,7 @@ class FsDevice(_Device):
 # thread, split rings only, I/O done inline. It is built on the wire codec,
 # the Channel, the OS primitives, the split-ring layout, fences and ring
 # accessor of the Queue section (never on ``Queue`` itself) and the
-# virtio-blk/net constants of the Devices section; the interop tests never
+# virtio-blk/net constants of the Wire format section; the interop tests never
 # use it in place of qemu-storage-daemon or testpmd.
 #
 # Like libvhost-user it drops the connection when a front-end breaks the
@@ -11787,10 +11810,10 @@ def _ring_writer(fd, count):
         mapped.close()
 
 
-
 ############################################################################
 # Conformance checks #######################################################
 ############################################################################
+
 # ``validate``: a catalogue of checks a vhost-user back-end either passes or
 # fails, each resting on one sentence of QEMU's docs/interop/vhost-user.rst
 # (cited by section title) or of the virtio spec (cited by section number,
@@ -12389,7 +12412,6 @@ class _Validator:
             s.close()
 
 
-
 def _v_type_name(v):
     return "unknown" if v.device_type is None else v.device_type.name.lower()
 
@@ -12405,8 +12427,6 @@ def _need_protocol(s, bit):
 def _need_feature(s, bit):
     if not s.acked & bit:
         _vskip("%s not offered", VirtioFeature(bit).name)
-
-
 # -- Negotiation --------------------------------------------------------------
 
 @_vcheck("neg.features", _RS % "Protocol features", promised=True)
@@ -12507,8 +12527,6 @@ def _v_neg_unsupported(v):
             return ("request %#x: %sconnection dropped, the back-end still serves"
                     % (_V_UNSUPPORTED, "" if value is None else "acked 0, then "))
         _vfail("request %#x, which no spec defines, acked as a success (0)", _V_UNSUPPORTED)
-
-
 # -- Protocol features backed by their requests ---------------------------------
 
 @_vcheck("proto.mq", _RS % "Multiple queue support", promised=True)
@@ -12697,8 +12715,6 @@ def _v_mem_slots(v):
         detail += ", a READ into it"
     s.client.rem_mem_reg(region, ack=s.ack)
     return detail + ", REM_MEM_REG accepted"
-
-
 # -- Rings ------------------------------------------------------------------------
 
 @_vcheck("ring.sizes", "virtio 1.2 2.7; " + _RS % "Front-end message types", fresh=True)
@@ -12985,8 +13001,6 @@ def _v_mem_replace(v):
             s.start(s.rings[i], bases[i])
         return _v_io_roundtrip(v, s, mem=extra) + \
             ", in a region a new SET_MEM_TABLE added while the rings were stopped"
-
-
 # -- Device I/O (shared session) --------------------------------------------------
 
 def _v_blk_session(v):
@@ -13100,8 +13114,6 @@ def _v_io_fs(v):
                                  _FUSE_ENTRY_OUT.size + _FUSE_ATTR.size)
     return "FUSE %d.%d; root is a directory (mode %o); LOOKUP \".\" error %d" % (
         major, minor, mode, error)
-
-
 # -- Recovery ------------------------------------------------------------------------
 
 @_vcheck("recover.reconnect", _RS % "Communication" + ', "Inflight I/O tracking"', fresh=True,
@@ -13116,8 +13128,6 @@ def _v_recover(v):
     inflight = v.protocol is not None and v.protocol & _P.INFLIGHT_SHMFD
     return "dropped with 4 chains posted; the next connection served: %s%s" % (
         detail, "" if inflight else " (INFLIGHT_SHMFD not offered: no resubmission to check)")
-
-
 # -- Robustness (--destructive) ----------------------------------------------------------
 
 def _v_fault(v, what, inject):
@@ -13185,8 +13195,6 @@ def _v_robust_truncated(v):
         ready = select.select([sock], [], [], v.timeout)[0]
         return "dropped the connection" if ready else "left the connection open"
     return _v_fault(v, "a message cut short (40 bytes announced, 8 sent)", inject)
-
-
 # -- Output -----------------------------------------------------------------------------
 
 def _validate_table(report):
@@ -13226,16 +13234,18 @@ def _validate_tap(report):
     return "\n".join(lines) + "\n"
 
 
+def _one_line(exc):
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text
+
+
 ############################################################################
-# CLI ######################################################################
+# Bench ####################################################################
 ############################################################################
 
+# -- Shared with the command line ------------------------------------------------
+
 _PROG = "vhost_user_frontend"
-#: Exit statuses: 0 ok, 1 a failure reported in one line, 2 bad usage (argparse),
-#: 141 (128 + SIGPIPE) when the reader of stdout went away.
-_EXIT_FAILURE = 1
-_EXIT_USAGE = 2
-_EXIT_BROKEN_PIPE = 128 + 13
 
 
 class _CliError(Exception):
@@ -13244,11 +13254,6 @@ class _CliError(Exception):
 
 class _UsageError(_CliError):
     """Options that do not go together, found before anything is sent: status 2, as argparse's."""
-
-
-#: --type spellings: every DeviceType name in lower case, plus the short ones.
-_TYPE_ALIASES = {"blk": DeviceType.BLOCK, "snd": DeviceType.SOUND, "9p": DeviceType.P9}
-_CLI_TYPES = dict(((t.name.lower(), t) for t in DeviceType), **_TYPE_ALIASES)
 
 def _check_device_type(path, wanted, features, protocol_features):
     """Raise _CliError when the back-end is conclusively not a ``wanted`` device."""
@@ -13302,176 +13307,10 @@ def _cli_connect(path, timeout):
             raise _CliError(_one_line(exc))
 
 
-def _probe(client, path, device_type=None, config_size=None):
-    """Everything a back-end tells about itself, negotiating only what that needs.
-
-    Returns the dict ``probe --json`` prints (its keys are stable). A
-    ``device_type`` given is used as is (``--type`` overrides the guess).
-    """
-    features = client.get_features()
-    offered = None
-    used = 0
-    if features & VirtioFeature.PROTOCOL_FEATURES:
-        offered = client.get_protocol_features()
-        used = offered & (_P.MQ | _P.CONFIG | _P.CONFIGURE_MEM_SLOTS | _P.SHMEM)
-        if used:
-            client.set_protocol_features(used)
-    source = "given"
-    if device_type is None:   # --type overrides the guess, whatever the bits suggest
-        device_type, why, _ = _guess_device_type(features, offered)
-        source = "guessed: %s" % why if device_type is not None else "unknown"
-    info = {
-        "device_type": device_type.name.lower() if device_type is not None else None,
-        "device_type_source": source,
-        "features": features,
-        "feature_names": VirtioFeature.names(features, device_type),
-        "protocol_features": None if offered is None else int(offered),
-        "protocol_feature_names": [] if offered is None else ProtocolFeature.names(offered),
-        "queue_num": client.get_queue_num() if used & _P.MQ else None,
-        "max_mem_slots": client.get_max_mem_slots() if used & _P.CONFIGURE_MEM_SLOTS else None,
-        "shared_memory": None,
-        "config": None,
-        "config_fields": {},
-        "config_error": None,
-    }
-    if used & _P.SHMEM:
-        info["shared_memory"] = [{"shmid": shmid, "size": size}
-                                 for shmid, size in client.get_shmem_config().regions()]
-    if not used & _P.CONFIG:
-        info["config_error"] = "CONFIG not offered"
-        return info
-    if config_size is None:
-        config_size = _device_config_size(device_type, features)
-    if not config_size:
-        info["config_error"] = "layout unknown for this device type (see --config-size)"
-        return info
-    try:
-        data = client.get_config(0, config_size)
-    except BackendError as exc:
-        info["config_error"] = str(exc)
-        return info
-    info["config"] = data.hex()
-    info["config_fields"] = dict(_decode_device_config(device_type, features, data))
-    return info
-
-
-def _wrap_names(names, indent="  ", width=79):
-    lines = []
-    line = indent
-    for name in names:
-        if len(line) + len(name) + 1 > width and line.strip():
-            lines.append(line)
-            line = indent
-        line += ("" if line == indent else " ") + name
-    if line.strip():
-        lines.append(line)
-    return lines
-
-
-def _hexdump(data, indent="  "):
-    return ["%s%04x  %s" % (indent, i, " ".join("%02x" % b for b in bytearray(data[i:i + 16])))
-            for i in range(0, len(data), 16)]
-
-
-def _format_probe(path, info):
-    """``probe``'s human-readable report, as lines."""
-    row = "%-20s %s"
-    lines = [row % ("socket", path)]
-    kind = info["device_type"] or "unknown (--type names the device bits)"
-    if info["device_type"] and info["device_type_source"] != "given":
-        kind += " (%s; --type overrides)" % info["device_type_source"]
-    lines.append(row % ("device type", kind))
-    lines.append(row % ("virtio features", "%#x" % info["features"]))
-    lines += _wrap_names(info["feature_names"])
-    if info["protocol_features"] is None:
-        lines.append(row % ("protocol features", "none (PROTOCOL_FEATURES not offered)"))
-    else:
-        lines.append(row % ("protocol features", "%#x" % info["protocol_features"]))
-        lines += _wrap_names(info["protocol_feature_names"])
-    lines.append(row % ("queues", info["queue_num"] if info["queue_num"] is not None
-                        else "not reported (MQ not offered)"))
-    lines.append(row % ("max memory slots", info["max_mem_slots"]
-                        if info["max_mem_slots"] is not None
-                        else "not reported (CONFIGURE_MEM_SLOTS not offered)"))
-    shmem = info["shared_memory"]
-    if shmem is None:
-        lines.append(row % ("shared memory", "not reported (SHMEM not offered)"))
-    else:
-        lines.append(row % ("shared memory", ", ".join(
-            "region %d: %d bytes" % (r["shmid"], r["size"]) for r in shmem) or "none"))
-    if info["config"] is None:
-        lines.append(row % ("device config", "not read: %s" % info["config_error"]))
-        return lines
-    data = bytes.fromhex(info["config"])
-    lines.append(row % ("device config", "%d bytes" % len(data)))
-    lines += _hexdump(data)
-    fields = info["config_fields"]
-    width = max([len(name) for name in fields] or [0])
-    for name, value in fields.items():
-        text = str(value)
-        if name == "capacity":
-            text += " sectors (%s)" % _format_bytes(value * 512)
-        lines.append("  %-*s  %s" % (width, name, text))
-    return lines
-
-
 def _percentile(ordered, fraction):
     if not ordered:
         return None
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
-def _format_bytes(count):
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if count >= 1 << shift:
-            return "%.4g %s" % (count / float(1 << shift), unit)
-    return "%d bytes" % count
-
-
-def _device_type_arg(text):
-    """--type of probe and validate: a type name (blk, net, fs, ...) or any virtio device ID."""
-    import argparse
-    if text.lower() in _CLI_TYPES:
-        return _CLI_TYPES[text.lower()]
-    try:
-        return DeviceType(_int_arg(text))
-    except (ValueError, argparse.ArgumentTypeError):
-        raise argparse.ArgumentTypeError("%r is neither a device type (blk, net, fs, gpu, "
-                                         "vsock, ...) nor a virtio device ID (0-65535)" % text)
-
-
-def _cmd_probe(args, out):
-    wanted = args.type
-    if args.config_size is not None and not 1 <= args.config_size <= MAX_CONFIG_SIZE:
-        raise _UsageError("--config-size %d: the config space holds 1 to %d bytes"
-                          % (args.config_size, MAX_CONFIG_SIZE))
-    with _cli_connect(args.socket, args.timeout) as client:
-        info = _probe(client, args.socket, wanted, args.config_size)
-    if args.json:
-        import json
-        out.write(json.dumps(info, indent=2) + "\n")
-    else:
-        out.write("\n".join(_format_probe(args.socket, info)) + "\n")
-    return 0
-
-
-def _cmd_validate(args, out):
-    only = [p for p in (args.only or "").split(",") if p] or None
-    checker = _Validator(args.socket, args.type, only, args.timeout, args.destructive)
-    if only and not checker.selected():
-        raise _UsageError("--only %s matches no check (ids: %s)"
-                          % (args.only, " ".join(c.id for c in _V_CHECKS)))
-    _check_socket(args.socket)
-    report = checker.run()
-    if args.json:
-        import json
-        out.write(json.dumps(report, indent=2) + "\n")
-    elif args.tap:
-        out.write(_validate_tap(report))
-    else:
-        out.write(_validate_table(report))
-    bad = report["summary"]["fail"] + report["summary"]["error"]
-    return _EXIT_FAILURE if bad else 0
 
 
 def _open_device(args, cls, device_type, **kwargs):
@@ -13513,470 +13352,6 @@ def _open_device(args, cls, device_type, **kwargs):
         client.close()
         raise
 
-
-# -- blk ----------------------------------------------------------------------
-
-def _cmd_blk(args, out):
-    with _open_device(args, BlockDevice, DeviceType.BLOCK) as dev:
-        return _BLK_ACTIONS[args.action](dev, args, out)
-
-
-def _blk_info(dev, args, out):
-    topology = dev.topology
-    info = {
-        "capacity": dev.capacity,
-        "block_size": dev.block_size,
-        "read_only": bool(dev.read_only),
-        "num_queues": dev.num_queues,
-        "id": dev.get_id().decode("ascii", "backslashreplace"),
-        "max_transfer": dev.max_transfer,
-        "write_cache": dev.writeback,
-        "topology": None if topology is None else dict(zip(
-            ("physical_block_size", "alignment_offset", "min_io_size", "opt_io_size"),
-            # min_io_size and opt_io_size count logical blocks (spec 5.2.4).
-            (dev.block_size << topology[0], topology[1] * dev.block_size,
-             topology[2] * dev.block_size, topology[3] * dev.block_size))),
-        "discard": None,
-        "write_zeroes": None,
-    }
-    config = dev.config
-    if dev.features & _BLK_F_DISCARD:
-        info["discard"] = {"max_bytes": dev.max_discard_sectors * _SECTOR,
-                           "max_segments": config.max_discard_seg,
-                           "alignment": config.discard_sector_alignment * _SECTOR}
-    if dev.features & _BLK_F_WRITE_ZEROES:
-        info["write_zeroes"] = {"max_bytes": dev.max_write_zeroes_sectors * _SECTOR,
-                                "max_segments": config.max_write_zeroes_seg,
-                                "may_unmap": bool(config.write_zeroes_may_unmap)}
-    if args.json:
-        import json
-        out.write(json.dumps(info, indent=2) + "\n")
-        return 0
-    yes_no = lambda flag: "yes" if flag else "no"  # noqa: E731
-    size = lambda count: "%s (%d bytes)" % (_format_bytes(count), count) \
-        if count >= 1024 else "%d bytes" % count  # noqa: E731
-    rows = [("capacity", "%s, %d sectors" % (size(dev.capacity), dev.capacity // _SECTOR)),
-            ("block size", size(dev.block_size)),
-            ("read only", yes_no(info["read_only"])),
-            ("write cache", "yes (writeback: flush makes writes durable)" if dev.writeback
-             else "no (writethrough)"),
-            ("queues", str(dev.num_queues)),
-            ("serial", info["id"]),
-            ("max transfer", size(dev.max_transfer) + " per request")]
-    topo = info["topology"]
-    rows.append(("topology", "not reported" if topo is None else
-                 "physical block %s, alignment offset %s, minimum I/O %s, optimal I/O %s"
-                 % tuple(size(topo[k]) for k in ("physical_block_size", "alignment_offset",
-                                                 "min_io_size", "opt_io_size"))))
-    discard = info["discard"]
-    rows.append(("discard", "no" if discard is None else
-                 "yes, up to %s per request, %d segment(s), alignment %s"
-                 % (size(discard["max_bytes"]), discard["max_segments"],
-                    size(discard["alignment"]))))
-    zeroes = info["write_zeroes"]
-    rows.append(("write zeroes", "no" if zeroes is None else
-                 "yes, up to %s per request, %d segment(s), may unmap: %s"
-                 % (size(zeroes["max_bytes"]), zeroes["max_segments"],
-                    yes_no(zeroes["may_unmap"]))))
-    out.write("".join("%-13s %s\n" % row for row in rows))
-    return 0
-
-
-#: Bytes one step of a streamed ``blk`` transfer moves: a 1 GiB read or write
-#: needs a few of these in memory, never the whole transfer.
-_CLI_CHUNK = 4 << 20
-
-
-class _TransferProgress:
-    """Bytes, rate and ETA on stderr, once a transfer has run a second; terminal only.
-
-    With ``what`` (the action), ``fail(exc)`` notes on a failure or an
-    interruption how many bytes were done, and the offset reached when the
-    transfer started at ``offset``; the error line ends with it.
-    """
-
-    moved = 0     # the bytes done, as the last update() said
-
-    def __init__(self, total, stream=None, what=None, offset=None):
-        self.stream = sys.stderr if stream is None else stream
-        self.enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.total = total
-        self.what = what
-        self.offset = offset
-        self.start = time.monotonic()
-        self.next_draw = self.start + 1.0
-        self.drawn = False
-
-    def fail(self, exc):
-        """Note on ``exc`` what was done before it (see ``_transfer_note``)."""
-        text = "%s stopped after %d bytes" % (self.what, self.moved)
-        if self.total is not None:
-            text += " of %d" % self.total
-        if self.offset is not None:
-            text += ", at offset %d" % (self.offset + self.moved)
-        _note_transfer(exc, text)
-
-    def update(self, done):
-        self.moved = done
-        now = time.monotonic()
-        if not self.enabled or now < self.next_draw:
-            return
-        self.next_draw = now + 0.5
-        rate = done / (now - self.start)
-        text = "\r%s" % _format_bytes(done)
-        if self.total is not None:
-            eta = (self.total - done) / rate if rate else 0
-            text += " of %s (%d%%)" % (_format_bytes(self.total), 100 * done // (self.total or 1))
-        text += "  %s/s" % _format_bytes(int(rate))
-        if self.total is not None:
-            text += "  ETA %d:%02d" % divmod(int(eta), 60)
-        self.stream.write(text + "\033[K")
-        self.stream.flush()
-        self.drawn = True
-
-    def done(self):
-        if self.drawn:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-
-
-def _note_transfer(exc, text):
-    """Attach to ``exc`` what a transfer did before it, for the error line to end with."""
-    if not _stdout_gone(exc):
-        exc.cli_transfer_note = text
-
-
-def _transfer_note(exc):
-    """Take (once) the note ``_note_transfer`` left on ``exc`` or an exception it came from."""
-    todo, seen = [exc], []
-    while todo and len(seen) < 20:
-        exc = todo.pop(0)
-        if exc is None or any(exc is e for e in seen):
-            continue
-        seen.append(exc)
-        note = vars(exc).pop("cli_transfer_note", None)
-        if note is not None:
-            return note
-        # A file's close() failing after its read failed: the read's note is in the context.
-        todo += [exc.__cause__, exc.__context__]
-    return None
-
-
-def _stdout_gone(exc):
-    """True for the EPIPE of writing to stdout after its reader left (no file name: not a
-    file-system error the back-end returned)."""
-    return isinstance(exc, BrokenPipeError) and exc.filename is None
-
-
-class _HexdumpC:
-    """``hexdump -C``'s canonical dump, fed piece by piece.
-
-    Each line is the offset, 16 bytes in hex in two groups of 8 and the
-    bytes as ASCII between bars; a line equal to the one before is printed
-    as one ``*`` for the whole run; the offset after the last byte ends the
-    dump (nothing at all for no bytes at offset 0), as bsdextrautils' does.
-    """
-
-    _PRINTABLE = bytes(b if 0x20 <= b < 0x7F else 0x2E for b in range(256))
-
-    def __init__(self, write, offset=0):
-        self.write = write
-        self.offset = offset
-        self.pending = b""
-        self.previous = None
-        self.starred = False
-
-    def feed(self, data):
-        data = self.pending + bytes(data)
-        full = len(data) - len(data) % 16
-        lines = []
-        for i in range(0, full, 16):
-            line = data[i:i + 16]
-            if line == self.previous:
-                if not self.starred:
-                    lines.append("*")
-                    self.starred = True
-            else:
-                lines.append(self._line(line))
-                self.previous = line
-                self.starred = False
-            self.offset += 16
-        self.pending = data[full:]
-        if lines:
-            self.write("\n".join(lines) + "\n")
-
-    def close(self):
-        if self.pending:
-            # A short last line is never folded into a '*'.
-            self.write(self._line(self.pending) + "\n")
-            self.offset += len(self.pending)
-            self.pending = b""
-        if self.offset:   # no bytes at offset 0: no output at all
-            self.write("%08x\n" % self.offset)
-
-    def _line(self, line):
-        return "%08x  %-23s  %-23s  |%s|" % (
-            self.offset, " ".join("%02x" % b for b in bytearray(line[:8])),
-            " ".join("%02x" % b for b in bytearray(line[8:])),
-            line.translate(self._PRINTABLE).decode("ascii"))
-
-
-def _blk_check_range(dev, what, offset, length):
-    """Refuse a range past the capacity in one line, before anything is allocated or sent."""
-    if offset + length > dev.capacity:
-        raise _CliError("%s: %d bytes at offset %d end past the capacity of %d bytes (%s)"
-                        % (what, length, offset, dev.capacity, _format_bytes(dev.capacity)))
-
-
-def _blk_stream(dev, offset, length, progress=None):
-    """Yield the bytes at OFFSET..OFFSET+LENGTH, any alignment, in bounded pieces.
-
-    Reads the blocks that cover the range, at most ``_CLI_CHUNK`` bytes at a
-    time, into one buffer in guest memory (``alloc``: zero-copy, nothing
-    allocated per step, so even PyPy's collector has no garbage to fall
-    behind on), and yields memoryviews of the wanted slice, valid until the
-    next step; qemu-io reads unaligned requests the same way.
-    """
-    block = dev.block_size
-    start = offset - offset % block
-    end = offset + length
-    aligned_end = -(-end // block) * block
-    if aligned_end == start:
-        return
-    buffer = dev.alloc(min(_CLI_CHUNK, aligned_end - start))
-    position = start
-    try:
-        while position < aligned_end:
-            count = min(len(buffer), aligned_end - position)
-            if count == len(buffer):
-                dev.readinto(position, buffer)
-            else:
-                with buffer[:count] as head:   # the last step: a copy, once
-                    dev.readinto(position, head)
-            low = max(offset, position) - position
-            high = min(end, position + count) - position
-            piece = buffer[low:high]
-            try:
-                yield piece
-            finally:
-                piece.release()
-            position += count
-            if progress is not None:
-                progress.update(min(end, position) - offset)
-    finally:
-        dev.free(buffer)
-
-
-def _binary_stdout(out):
-    """The byte stream under ``out`` (flushed), or None when there is none or it is a terminal."""
-    binary = getattr(out, "buffer", None)
-    if binary is None or out.isatty():  # never dump raw bytes on a terminal
-        return None
-    out.flush()
-    return binary
-
-
-def _blk_read(dev, args, out):
-    _blk_check_range(dev, "read", args.offset, args.length)
-    binary = None if args.hexdump else _binary_stdout(out)
-    target = None
-    if args.output:
-        target = open(args.output, "wb")
-    elif binary is not None:
-        target = binary
-    dump = _HexdumpC(out.write, args.offset) if target is None else None
-    progress = _TransferProgress(args.length, what="read", offset=args.offset)
-    stream = _blk_stream(dev, args.offset, args.length, progress)
-    try:
-        for piece in stream:
-            if dump is not None:
-                dump.feed(piece)
-            else:
-                target.write(piece)
-        if dump is not None:
-            dump.close()
-        else:
-            target.flush()
-    except BaseException as exc:
-        progress.fail(exc)
-        raise
-    finally:
-        stream.close()   # its buffer goes back now, not when a collector gets to it
-        progress.done()
-        if args.output and target is not None:
-            target.close()
-    return 0
-
-
-def _blk_verify(dev, args, out):
-    """Compare the bytes at OFFSET..OFFSET+LENGTH with a pattern or a file (qemu-io read -P)."""
-    _blk_check_range(dev, "verify", args.offset, args.length)
-    source = None
-    if args.file is not None:
-        source = open(args.file, "rb")
-    try:
-        if source is not None:
-            import stat
-            st = os.fstat(source.fileno())
-            available = st.st_size if stat.S_ISREG(st.st_mode) else args.length
-            if available < args.length:
-                raise _CliError("verify: %s has %d bytes, fewer than the %d to compare"
-                                % (args.file, available, args.length))
-        progress = _TransferProgress(args.length)
-        checked = 0
-        stream = _blk_stream(dev, args.offset, args.length, progress)
-        try:
-            for piece in stream:
-                if source is not None:
-                    expected = source.read(len(piece))
-                    if len(expected) < len(piece):
-                        raise _CliError("verify: %s ended after %d bytes, before the %d to "
-                                        "compare" % (args.file, checked + len(expected),
-                                                     args.length))
-                else:
-                    expected = bytes((args.pattern,)) * len(piece)
-                if piece != expected:
-                    at = next(i for i in range(len(piece)) if piece[i] != expected[i])
-                    raise _CliError(
-                        "verify: mismatch at offset %d: expected %#04x, found %#04x (%d "
-                        "byte(s) matched before it)" % (args.offset + checked + at,
-                                                         expected[at], piece[at], checked + at))
-                checked += len(piece)
-        finally:
-            stream.close()
-            progress.done()
-    finally:
-        if source is not None:
-            source.close()
-    out.write("verified %d bytes at offset %d: all match %s\n"
-              % (args.length, args.offset, args.file if source is not None
-                 else "pattern %#04x" % args.pattern))
-    return 0
-
-
-def _blk_write(dev, args, out):
-    """Stream FILE or stdin to OFFSET in bounded steps; unaligned ends need --pad or --rmw."""
-    if dev.read_only:
-        raise _CliError("write: the device is read-only (VIRTIO_BLK_F_RO)")
-    source = open(args.input, "rb") if args.input else sys.stdin.buffer
-    try:
-        return _blk_write_from(dev, args, out, source)
-    finally:
-        if args.input:
-            source.close()
-
-
-def _blk_write_from(dev, args, out, source):
-    import stat
-    block = dev.block_size
-    offset = args.offset
-    head = offset % block
-    length = None   # known up front for a regular file: checked before anything is written
-    st = os.fstat(source.fileno())
-    if stat.S_ISREG(st.st_mode):
-        length = max(0, st.st_size - source.tell())
-        _blk_check_range(dev, "write", offset, length)
-    if (head or (length or 0) % block) and not (args.pad or args.rmw):
-        raise _CliError("write: offset %d and length %s are not both multiples of the block "
-                        "size %d; give --pad (zero-fill the partial blocks) or --rmw (read "
-                        "them and keep their other bytes)"
-                        % (offset, "unknown (stdin)" if length is None else length, block))
-    position = offset - head
-    # Staged in guest memory (alloc): the data is copied once, from the file
-    # straight into the buffer the device reads, and nothing is allocated
-    # per step. A step is a whole number of blocks.
-    staging = dev.alloc(max(block, _CLI_CHUNK - _CLI_CHUNK % block))
-    try:
-        if head:
-            staging[:head] = dev.read(position, block)[:head] if args.rmw else bytes(head)
-        fill = head
-        progress = _TransferProgress(length, what="write", offset=offset)
-        total = 0
-        try:
-            while True:
-                with staging[fill:] as room:
-                    count = source.readinto(room)
-                if count:
-                    if offset + total + count > dev.capacity:
-                        raise _CliError("write: the data does not fit: more than the %d bytes "
-                                        "between offset %d and the capacity %d; wrote the "
-                                        "first %d" % (dev.capacity - offset, offset,
-                                                      dev.capacity, max(0, position - offset)))
-                    total += count
-                    fill += count
-                if fill == len(staging) or not count:
-                    ready = fill - fill % block
-                    if ready == len(staging):
-                        dev.write(position, staging)   # zero-copy
-                    elif ready:
-                        with staging[:ready] as part:
-                            dev.write(position, part)
-                    position += ready
-                    fill -= ready
-                    staging[:fill] = staging[ready:ready + fill]   # < 1 block: no overlap
-                    progress.update(max(0, position - offset))
-                if not count:
-                    break
-        except BaseException as exc:
-            progress.fail(exc)
-            raise
-        finally:
-            progress.done()
-        tail = fill
-        if tail:
-            if not (args.pad or args.rmw):
-                raise _CliError("write: the data ends %d bytes into the %d-byte block at "
-                                "offset %d; wrote the %d bytes before it; give --pad or --rmw "
-                                "for the last block" % (tail, block, position,
-                                                        position - offset))
-            try:
-                staging[tail:block] = dev.read(position, block)[tail:] if args.rmw \
-                    else bytes(block - tail)
-                with staging[:block] as last:
-                    dev.write(position, last)
-            except BaseException as exc:
-                progress.fail(exc)   # the last block's failure says what was done too
-                raise
-    finally:
-        dev.free(staging)
-    how = ""
-    if head or tail:
-        end = offset + total
-        partial = len(set(([offset // block] if head else [])
-                          + ([end // block] if end % block else [])))
-        if args.rmw:
-            how = " (read-modify-write of %d partial block(s))" % partial
-        else:
-            how = " (zero-padded to whole %d-byte blocks: %d byte(s) before, %d after)" % (
-                block, head, block - tail if tail else 0)
-    out.write("wrote %d bytes at offset %d%s\n" % (total, offset, how))
-    return 0
-
-
-def _blk_flush(dev, args, out):
-    dev.flush()
-    return 0
-
-
-def _blk_discard(dev, args, out):
-    dev.discard(args.offset, args.length)
-    return 0
-
-
-def _blk_write_zeroes(dev, args, out):
-    dev.write_zeroes(args.offset, args.length)
-    return 0
-
-
-_BLK_ACTIONS = {
-    "info": _blk_info, "read": _blk_read, "write": _blk_write, "verify": _blk_verify,
-    "flush": _blk_flush,
-    "discard": _blk_discard, "write-zeroes": _blk_write_zeroes,
-}
-
-
-# -- net ----------------------------------------------------------------------
-
 #: IEEE 802 "local experimental" ethertype for the frames ``net`` makes.
 _ETHERTYPE_TEST = 0x88B5
 #: Source MAC of generated frames when the device reports none (DPDK does not):
@@ -13991,33 +13366,6 @@ def _test_frame(src_mac, seq, size):
     return (header + bytes(range(256)) * (size // 256 + 1))[:size]
 
 
-def _format_mac(mac):
-    return ":".join("%02x" % b for b in bytearray(mac))
-
-
-def _frame_source(dev, args, size):
-    """A function seq -> frame: the frame of --payload-file/--payload-hex, else a test frame.
-
-    ``size`` is the generated frames' size in bytes.
-    """
-    if args.payload_file is not None or args.payload_hex is not None:
-        if args.payload_file is not None:
-            with open(args.payload_file, "rb") as f:
-                frame = f.read()
-        else:
-            frame = bytes.fromhex(args.payload_hex.replace(":", " "))   # checked by _hex_arg
-        if len(frame) < _ETH_HLEN:
-            raise _CliError("the frame has %d bytes; an Ethernet frame has at least %d"
-                            % (len(frame), _ETH_HLEN))
-        return lambda seq: frame
-    if size < _TEST_FRAME_HEADER.size:
-        raise _CliError("test frames carry a sequence number and need at least %d bytes "
-                        "(%d data bytes), not %d" % (_TEST_FRAME_HEADER.size,
-                                                     _TEST_FRAME_HEADER.size - _ETH_HLEN, size))
-    src = bytes(dev.mac) if dev.mac else _TEST_MAC
-    return lambda seq: _test_frame(src, seq, size)
-
-
 def _check_frame_size(option, size):
     """Refuse, before connecting (status 2), a generated frame size no device takes: one
     carries a sequence number, and one descriptor of send() at most 64 KiB with its header."""
@@ -14025,824 +13373,6 @@ def _check_frame_size(option, size):
     if not low <= size <= high:
         raise _UsageError("%s %d: generated frames carry a sequence number and are %d..%d "
                           "bytes" % (option, size, low, high))
-
-
-def _cmd_net(args, out):
-    if args.action == "send" and args.read is None and args.payload_file is None \
-            and args.payload_hex is None:
-        _check_frame_size("--size", args.size)
-    with _open_device(args, NetDevice, DeviceType.NET) as dev:
-        return _NET_ACTIONS[args.action](dev, args, out)
-
-
-# pcap, the classic capture format tcpdump and Wireshark read and write
-# (https://www.tcpdump.org/manpages/pcap-savefile.5.html): a global header,
-# then per frame a record header (seconds, microseconds, captured length,
-# length on the wire) and the bytes. Written in the host's byte order;
-# readers tell it from the magic number, and so does _read_pcap.
-_PCAP_HEADER_FORMAT = "IHHiIII"   # magic, major, minor, thiszone, sigfigs, snaplen, link type
-_PCAP_RECORD_FORMAT = "IIII"       # seconds, µs (or ns), captured, original length
-_PCAP_HEADER = struct.Struct("=" + _PCAP_HEADER_FORMAT)
-_PCAP_RECORD = struct.Struct("=" + _PCAP_RECORD_FORMAT)
-_PCAP_MAGIC_USEC = 0xA1B2C3D4
-_PCAP_MAGIC_NSEC = 0xA1B23C4D
-_LINKTYPE_ETHERNET = 1
-_PCAP_SNAPLEN = 262144
-
-
-class _PcapWriter:
-    """Frames to a classic pcap stream (LINKTYPE_ETHERNET, µs timestamps), flushed per frame."""
-
-    def __init__(self, stream):
-        self.stream = stream
-        stream.write(_PCAP_HEADER.pack(_PCAP_MAGIC_USEC, 2, 4, 0, 0, _PCAP_SNAPLEN,
-                                       _LINKTYPE_ETHERNET))
-        stream.flush()
-
-    def write(self, frame, timestamp):
-        usec = int(round(timestamp * 1e6))
-        self.stream.write(_PCAP_RECORD.pack(usec // 1000000, usec % 1000000, len(frame),
-                                            len(frame)) + bytes(frame))
-        self.stream.flush()   # `-w - | tcpdump -r -` shows each frame as it comes
-
-
-def _read_pcap(stream, name):
-    """Yield the frames of a classic pcap stream (either byte order, µs or ns stamps)."""
-    header = stream.read(_PCAP_HEADER.size)
-    magic = header[:4]
-    for order in "<>":
-        if len(magic) == 4 and struct.unpack(order + "I", magic)[0] in (_PCAP_MAGIC_USEC,
-                                                                        _PCAP_MAGIC_NSEC):
-            break
-    else:
-        raise _CliError("%s: not a pcap file (magic %s; pcapng is not read, convert it with "
-                        "`tcpdump -r FILE -w OUT`)" % (name, magic.hex() or "missing"))
-    if len(header) < _PCAP_HEADER.size:
-        raise _CliError("%s: pcap header cut short at %d bytes" % (name, len(header)))
-    fields = struct.unpack(order + _PCAP_HEADER_FORMAT, header)
-    if fields[6] != _LINKTYPE_ETHERNET:
-        raise _CliError("%s: link type %d, only Ethernet (1) can be sent"
-                        % (name, fields[6]))
-    record = struct.Struct(order + _PCAP_RECORD_FORMAT)
-    number = 0
-    while True:
-        head = stream.read(record.size)
-        if not head:
-            return
-        number += 1
-        if len(head) < record.size:
-            raise _CliError("%s: frame %d: record header cut short" % (name, number))
-        captured = record.unpack(head)[2]
-        if captured > _PCAP_SNAPLEN:
-            raise _CliError("%s: frame %d: captured length %d is more than %d"
-                            % (name, number, captured, _PCAP_SNAPLEN))
-        frame = stream.read(captured)
-        if len(frame) < captured:
-            raise _CliError("%s: frame %d: %d of its %d bytes are missing"
-                            % (name, number, captured - len(frame), captured))
-        yield frame
-
-
-def _net_send(dev, args, out):
-    if args.read is not None:
-        return _net_replay(dev, args, out)
-    make = _frame_source(dev, args, args.size)
-    # In batches: memory stays bounded for any -n, and each send_many's
-    # --timeout covers one batch, not the whole run.
-    sent = length = 0
-    while sent < args.count:
-        frames = [make(seq) for seq in range(sent, min(args.count, sent + _NET_SEND_BATCH))]
-        dev.send_many(frames)
-        sent += len(frames)
-        length = len(frames[0])
-    dev.flush()
-    out.write("sent %d frame(s) of %d bytes\n" % (sent, length))
-    return 0
-
-
-_NET_SEND_BATCH = 256
-
-
-def _net_replay(dev, args, out):
-    """``send -r FILE``: the frames of a pcap, ``--loop`` times, at ``--pps`` (tcpreplay)."""
-    if args.payload_file is not None or args.payload_hex is not None:
-        raise _UsageError("send: -r takes the frames from the pcap file; drop --payload-*")
-    clock = time.monotonic
-    sent = sent_bytes = 0
-    start = clock()
-    loop = 0
-    batch = []
-
-    def push():
-        dev.send_many(batch)
-        del batch[:]
-
-    # Ctrl-C ends a replay (--loop 0 runs until then) between two frames, never
-    # inside send_many (see _SigintFlag); what was queued still goes out.
-    with _SigintFlag() as sigint:
-        while (args.loop == 0 or loop < args.loop) and not sigint.stopped:
-            loop += 1
-            with open(args.read, "rb") as f:
-                for frame in _read_pcap(f, args.read):
-                    if sigint.stopped:
-                        break
-                    if len(frame) < _ETH_HLEN:
-                        raise _CliError("%s: frame %d has %d bytes; an Ethernet frame has at "
-                                        "least %d" % (args.read, sent + 1, len(frame),
-                                                      _ETH_HLEN))
-                    if args.pps:
-                        delay = start + sent / args.pps - clock()
-                        if delay > 0:
-                            push()
-                            while delay > 0 and not sigint.stopped:
-                                time.sleep(min(delay, _SIGINT_POLL))
-                                delay = start + sent / args.pps - clock()
-                            if sigint.stopped:
-                                break
-                    batch.append(frame)
-                    sent += 1
-                    sent_bytes += len(frame)
-                    if len(batch) >= 32:
-                        push()
-            push()
-            if not sent:
-                break   # an empty capture: looping it forever would send nothing forever
-    dev.flush()
-    out.write("sent %d frame(s) (%d bytes) from %s in %.3f s, %d loop(s)\n"
-              % (sent, sent_bytes, args.read, clock() - start, loop))
-    return 0
-
-
-_ETHERTYPE_NAMES = {0x0800: "IPv4", 0x0806: "ARP", 0x86DD: "IPv6", 0x8100: "802.1Q",
-                    0x88A8: "802.1Q-QinQ", 0x88CC: "LLDP", 0x8035: "Reverse ARP"}
-
-
-def _tcpdump_line(frame, timestamp):
-    """One frame as ``tcpdump -e -n`` heads it: time, MACs, ethertype, length."""
-    stamp = "%s.%06d" % (time.strftime("%H:%M:%S", time.localtime(timestamp)),
-                         int(timestamp % 1 * 1e6))
-    if len(frame) < _ETH_HLEN:
-        return "%s [|ether] length %d (runt)" % (stamp, len(frame))
-    ethertype = struct.unpack(">H", frame[12:14])[0]
-    return "%s %s > %s, ethertype %s (%#06x), length %d" % (
-        stamp, _format_mac(frame[6:12]), _format_mac(frame[:6]),
-        _ETHERTYPE_NAMES.get(ethertype, "Unknown"), ethertype, len(frame))
-
-
-def _tcpdump_hex(frame):
-    """The frame as ``tcpdump -xx`` dumps it: offset, then 16 bytes in groups of two."""
-    frame = bytes(frame)
-    lines = []
-    for i in range(0, len(frame), 16):
-        line = frame[i:i + 16].hex()
-        lines.append("\t0x%04x:  %s" % (i, " ".join(line[j:j + 4]
-                                                     for j in range(0, len(line), 4))))
-    return lines
-
-
-#: How often a loop under ``_SigintFlag`` looks at the flag (seconds).
-_SIGINT_POLL = 0.1
-
-
-class _SigintFlag:
-    """While active (main thread), Ctrl-C sets ``stopped`` instead of raising.
-
-    A capture loop then ends between two frames, never inside one: a
-    KeyboardInterrupt between receiving a frame and writing it lost that
-    frame and left the count one ahead of the file, or cut a pcap record in
-    half. The loop polls ``stopped`` every ``_SIGINT_POLL`` seconds.
-    """
-
-    stopped = False
-
-    def __enter__(self):
-        import signal
-        self._saved = None
-        if threading.current_thread() is threading.main_thread():  # signal() works only there
-            self._saved = signal.signal(signal.SIGINT, self._stop)
-        return self
-
-    def _stop(self, signum, frame):
-        self.stopped = True
-
-    def __exit__(self, *exc):
-        import signal
-        if self._saved is not None:
-            signal.signal(signal.SIGINT, self._saved)
-
-
-def _net_recv(dev, args, out):
-    """Print (or write as pcap) the frames that arrive until -c, --wait or Ctrl-C."""
-    capture = None
-    stream = None
-    if args.write == "-":
-        stream = _binary_stdout(out)
-        if stream is None:
-            raise _CliError("recv -w -: stdout is a terminal; pipe it (| tcpdump -r -) or "
-                            "give a file name")
-    report = sys.stderr if stream is not None else out   # stdout carries the pcap
-    raw = None
-    count = received = 0
-    try:
-        if args.write is not None and args.write != "-":
-            stream = open(args.write, "wb")
-            report = out
-        if args.output:
-            raw = open(args.output, "wb")
-        if stream is not None:
-            capture = _PcapWriter(stream)
-        deadline = time.monotonic() + args.wait
-        with _SigintFlag() as sigint:
-            while (args.count is None or count < args.count) and not sigint.stopped:
-                remaining = max(0.0, deadline - time.monotonic())
-                frame = dev.recv(timeout=min(remaining, _SIGINT_POLL))
-                if frame is None:
-                    if remaining <= _SIGINT_POLL:
-                        break
-                    continue
-                stamp = time.time()
-                count += 1
-                received += len(frame)
-                if capture is not None:
-                    capture.write(frame, stamp)
-                else:
-                    out.write(_tcpdump_line(frame, stamp) + "\n")
-                    if args.hexdump:
-                        out.write("\n".join(_tcpdump_hex(frame)) + "\n")
-                if raw is not None:
-                    raw.write(frame)
-    except KeyboardInterrupt:
-        pass   # Ctrl-C before the flag was set up ends a capture too, as it does tcpdump's
-    except Exception as exc:
-        # The frames written before the failure are whole: say how many.
-        _note_transfer(exc, "recv stopped after %d frame(s), %d bytes%s" % (
-            count, received, "".join(" written to %s" % name for name in (args.write, args.output)
-                                     if name is not None)))
-        raise
-    finally:
-        if raw is not None:
-            raw.close()
-        if stream is not None and args.write != "-":
-            stream.close()
-    report.write("%d frame(s) received\n" % count)
-    return 0
-
-
-class _PingStats:
-    """What ping counts, and its summary in ping's own words (iputils)."""
-
-    def __init__(self):
-        self.transmitted = 0
-        self.received = 0
-        self.corrupted = 0
-        self.duplicates = 0
-        self.rtts = []
-        self.start = time.monotonic()
-
-    def summary(self, name):
-        lost = self.transmitted - self.received
-        loss = 100.0 * lost / self.transmitted if self.transmitted else 0.0
-        extra = "".join(", +%d %s" % (n, what) for n, what in (
-            (self.duplicates, "duplicates"), (self.corrupted, "corrupted")) if n)
-        lines = ["", "--- %s ping statistics ---" % name,
-                 "%d packets transmitted, %d received%s, %s%% packet loss, time %dms"
-                 % (self.transmitted, self.received, extra, "%g" % round(loss, 4),
-                    (time.monotonic() - self.start) * 1000)]
-        if self.rtts:
-            ms = [r * 1000 for r in self.rtts]
-            mean = sum(ms) / len(ms)
-            mdev = max(0.0, sum(x * x for x in ms) / len(ms) - mean * mean) ** 0.5
-            lines.append("rtt min/avg/max/mdev = %.3f/%.3f/%.3f/%.3f ms"
-                         % (min(ms), mean, max(ms), mdev))
-        return lines
-
-    @property
-    def failed(self):
-        return self.received < self.transmitted or self.corrupted > 0
-
-
-def _net_ping(dev, args, out):
-    """Send frames at ``-i`` intervals; each must come back byte-identical within ``-W``.
-
-    Prints ping's per-frame lines and its summary, at the count, on Ctrl-C and
-    when the back-end dies (then the error follows); status 1 when a frame was
-    lost or came back changed.
-    """
-    size = _ETH_HLEN + args.size
-    make = _frame_source(dev, args, size)
-    fixed = args.payload_file is not None or args.payload_hex is not None
-    clock = time.perf_counter
-    first = make(1)
-    largest = 0xFFFF - dev._hdr_len       # what one descriptor of send() carries
-    if len(first) > largest:
-        # Before the PING line, as ping checks -s before it sends anything.
-        raise _UsageError("-s %d: out of range: the frame would have %d bytes, at most %d fit "
-                          "(-s %d)" % (len(first) - _ETH_HLEN, len(first), largest,
-                                       largest - _ETH_HLEN))
-    interval = 0.0 if args.flood else args.interval
-    wait = args.timeout if args.wait is None else args.wait
-    out.write("PING %s %d(%d) bytes of data, %s > %s.\n"
-              % (args.socket, len(first) - _ETH_HLEN, len(first), _format_mac(first[6:12]),
-                 _format_mac(first[:6])))
-    out.flush()
-    stats = _PingStats()
-    sent_at = {}    # seq -> (send time, frame), until it comes back
-    done = set()    # recent seqs that came back (a second copy is a duplicate)
-    verbose = not args.quiet and not args.flood
-
-    def take(back):
-        """Account one arrived frame; the seq it answers, or None."""
-        now = clock()
-        if fixed:   # every frame is the same: it answers the oldest one awaited
-            seq = min(sent_at) if back == first and sent_at else None
-        elif len(back) >= _TEST_FRAME_HEADER.size and back[:_ETH_HLEN] == first[:_ETH_HLEN]:
-            seq = _TEST_FRAME_HEADER.unpack_from(back)[3]
-        else:
-            return None   # foreign traffic: ping ignores it too
-        if seq in done:
-            stats.duplicates += 1
-            return None
-        if seq not in sent_at:
-            return None
-        t0, frame = sent_at[seq]
-        if back != frame:
-            stats.corrupted += 1
-            if verbose:
-                out.write("%d bytes from %s: seq=%d (changed on the way back)\n"
-                          % (len(back), args.socket, seq))
-            return None
-        del sent_at[seq]
-        done.add(seq)
-        stats.received += 1
-        stats.rtts.append(now - t0)
-        if verbose:
-            out.write("%d bytes from %s: seq=%d time=%.3f ms\n"
-                      % (len(back), args.socket, seq, (now - t0) * 1000))
-        elif args.flood and not args.quiet:
-            out.write("\b \b")
-        return seq
-
-    seq = 0
-    try:
-        # Ctrl-C sets a flag that the loop checks between calls (as recv's
-        # capture does): a KeyboardInterrupt inside send() or recv() could
-        # leave the device's lock taken, and closing it then hung.
-        with _SigintFlag() as sigint:
-            while (args.count is None or seq < args.count) and not sigint.stopped:
-                seq += 1
-                done.discard(seq - 4096)   # bounded, for a ping that runs for days
-                frame = make(seq)
-                t0 = clock()
-                sent_at[seq] = (t0, frame)
-                dev.send(frame)
-                stats.transmitted += 1
-                if args.flood and not args.quiet:
-                    out.write(".")
-                deadline = t0 + wait
-                while seq in sent_at and not sigint.stopped:
-                    left = deadline - clock()
-                    back = dev.recv(timeout=min(max(0.0, left), _SIGINT_POLL))
-                    if back is not None:
-                        take(back)
-                    elif left <= _SIGINT_POLL:
-                        sent_at.pop(seq)   # lost: a late copy is not counted
-                out.flush()
-                if args.count is not None and seq >= args.count:
-                    break
-                while not sigint.stopped:
-                    pause = t0 + interval - clock()
-                    if pause <= 0:
-                        break
-                    time.sleep(min(pause, _SIGINT_POLL))
-    except KeyboardInterrupt:
-        pass   # Ctrl-C before the flag was set up
-    except VhostUserError:
-        out.write("\n".join(stats.summary(args.socket)) + "\n")
-        raise   # the back-end died: the summary, then the error line
-    out.write("\n".join(stats.summary(args.socket)) + "\n")
-    return _EXIT_FAILURE if stats.failed else 0
-
-
-_NET_ACTIONS = {"send": _net_send, "recv": _net_recv, "ping": _net_ping}
-
-
-# -- fs -----------------------------------------------------------------------
-
-def _cmd_fs(args, out):
-    with _open_device(args, FsDevice, DeviceType.FS) as fs:
-        if args.action == "shell":
-            return _fs_shell(fs, args, out)
-        try:
-            return _FS_ACTIONS[args.action](fs, args, out)
-        except OSError as exc:
-            if _stdout_gone(exc):
-                raise      # the reader left: silent, status 141 (see _main)
-            raise _CliError(_fs_error_text(args.action, exc))
-
-
-def _fs_error_text(action, exc):
-    """``ls: dir/x: No such file or directory``: the command, the path, the reason
-    (an empty path shown as ''), and what a transfer did before it failed."""
-    names = [n for n in (exc.filename, exc.filename2) if n is not None]
-    where = " -> ".join(os.fsdecode(n) or "''" for n in names)
-    return "%s: %s%s%s" % (action, where + ": " if where else "", exc.strerror or exc,
-                           _transfer_suffix(exc))
-
-
-def _fs_time(seconds):
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
-
-
-def _fs_columns(names, out):
-    """``ls``'s layout: columns across a terminal, one name a line for a pipe."""
-    if not names:
-        return
-    if not (hasattr(out, "isatty") and out.isatty()):
-        out.write("".join(name + "\n" for name in names))
-        return
-    import shutil
-    width = shutil.get_terminal_size().columns
-    cell = max(len(name) for name in names) + 2
-    per_row = max(1, width // cell)
-    rows = -(-len(names) // per_row)
-    for row in range(rows):
-        line = [names[i].ljust(cell) for i in range(row, len(names), rows)]
-        out.write("".join(line).rstrip() + "\n")
-
-
-def _fs_long(fs, path, name, st):
-    import stat as stat_module
-    line = "%s %3d %5d %5d %10d %s %s" % (stat_module.filemode(st.st_mode), st.st_nlink,
-                                          st.st_uid, st.st_gid, st.st_size,
-                                          _fs_time(st.st_mtime), name)
-    if stat_module.S_ISLNK(st.st_mode):
-        line += " -> " + fs.readlink(path)
-    return line
-
-
-def _fs_ls(fs, args, out):
-    """ls's order: the files named first, then each directory's listing (headed when many)."""
-    paths = args.paths or [""]
-    kinds = [fs.lstat(path).st_mode & 0o170000 == 0o040000 for path in paths]   # all or nothing
-    files = [(path, path) for path, is_dir in zip(paths, kinds) if not is_dir]
-    groups = [(None, files)] if files else []
-    for path, is_dir in zip(paths, kinds):
-        if is_dir:
-            names = fs.listdir(path)
-            if args.all:
-                names += [".", ".."]
-            names = sorted(n for n in names if args.all or not n.startswith("."))
-            groups.append((path, [(n, _fs_join(path, n)) for n in names]))
-    for index, (header, entries) in enumerate(groups):
-        if header is not None and len(paths) > 1:
-            out.write("%s%s:\n" % ("\n" if index else "", header))
-        if not args.long:
-            _fs_columns([name for name, _ in entries], out)
-            continue
-        for name, full in entries:
-            out.write(_fs_long(fs, full, name, fs.lstat(full)) + "\n")
-    return 0
-
-
-def _fs_tree(fs, args, out):
-    top = args.path
-    counts = [0, 0]
-
-    def show(path, prefix):
-        entries = sorted(fs.scandir(path), key=lambda e: e.name)
-        for i, entry in enumerate(entries):
-            last = i == len(entries) - 1
-            name = entry.name
-            if entry.is_symlink():
-                name += " -> " + fs.readlink(entry.path)
-            out.write("%s%s%s\n" % (prefix, "└── " if last else "├── ", name))
-            if entry.is_dir(follow_symlinks=False):
-                counts[0] += 1
-                show(entry.path, prefix + ("    " if last else "│   "))
-            else:
-                counts[1] += 1
-
-    if fs.stat(top).st_mode & 0o170000 != 0o040000:
-        raise _fs_error(errno.ENOTDIR, top)
-    out.write((top or "/") + "\n")
-    show(top, "")
-    out.write("\n%d director%s, %d file%s\n" % (counts[0], "y" if counts[0] == 1 else "ies",
-                                                 counts[1], "" if counts[1] == 1 else "s"))
-    return 0
-
-
-_FS_KINDS = ((0o040000, "directory"), (0o100000, "regular file"), (0o120000, "symbolic link"),
-             (0o010000, "fifo"), (0o140000, "socket"), (0o020000, "character special file"),
-             (0o060000, "block special file"))
-
-
-def _fs_stat(fs, args, out):
-    import stat as stat_module
-    st = fs.lstat(args.path)
-    kind = dict(_FS_KINDS).get(st.st_mode & 0o170000, "unknown")
-    name = args.path or "/"
-    if stat_module.S_ISLNK(st.st_mode):
-        name += " -> " + fs.readlink(args.path)
-    stamp = lambda ns: "%s.%09d" % (  # noqa: E731
-        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns // 10**9)), ns % 10**9)
-    out.write("  File: %s\n" % name)
-    out.write("  Size: %-15d Blocks: %-10d IO Block: %-6d %s\n"
-              % (st.st_size, st.st_blocks, st.st_blksize, kind))
-    out.write(" Inode: %-15d Links: %d\n" % (st.st_ino, st.st_nlink))
-    out.write("Access: (%04o/%s)  Uid: %d  Gid: %d\n"
-              % (st.st_mode & 0o7777, stat_module.filemode(st.st_mode), st.st_uid, st.st_gid))
-    out.write("Access: %s\nModify: %s\nChange: %s\n"
-              % (stamp(st.st_atime_ns), stamp(st.st_mtime_ns), stamp(st.st_ctime_ns)))
-    return 0
-
-
-def _fs_copy_out(source, write, what, total=None):
-    """Copy ``source`` to ``write`` in 1 MiB steps; a failure notes the bytes done."""
-    progress = _TransferProgress(total, what=what)
-    done = 0
-    try:
-        while True:
-            chunk = source.read(1 << 20)
-            if not chunk:
-                return
-            write(chunk)
-            done += len(chunk)
-            progress.update(done)
-    except BaseException as exc:
-        progress.fail(exc)
-        raise
-    finally:
-        progress.done()
-
-
-def _fs_each(args, paths, do):
-    """Run ``do(path)`` for each path; an error is reported and the rest still run (GNU).
-
-    ``cat a b c`` with ``b`` missing prints a and c and says why b failed on
-    stderr (through ``args.report_error`` in the shell); the status is 1
-    when any path failed.
-    """
-    report = getattr(args, "report_error", None)
-    status = 0
-    for path in paths:
-        try:
-            do(path)
-        except OSError as exc:
-            if _stdout_gone(exc):
-                raise
-            text = _fs_error_text(args.action, exc)
-            if report is not None:
-                report(text)
-            else:
-                sys.stderr.write("%s: error: %s\n" % (_PROG, text))
-            status = _EXIT_FAILURE
-    return status
-
-
-def _fs_cat(fs, args, out):
-    binary = getattr(out, "buffer", None)
-
-    def cat(path):
-        with fs.open(path, "rb") as f:
-            if binary is not None:
-                out.flush()
-                _fs_copy_out(f, binary.write, "cat")
-                binary.flush()
-            else:
-                _fs_copy_out(f, lambda chunk: out.write(chunk.decode("utf-8", "replace")), "cat")
-    return _fs_each(args, args.paths, cat)
-
-
-def _fs_get(fs, args, out):
-    local = args.local or os.path.basename(args.remote.rstrip("/")) or "root"
-    if os.path.isdir(local):
-        local = os.path.join(local, os.path.basename(args.remote.rstrip("/")))
-    with fs.open(args.remote, "rb") as source, open(local, "wb") as target:
-        _fs_copy_out(source, target.write, "get", fs.stat(args.remote).st_size)
-        size = target.tell()
-    out.write("%s -> %s (%d bytes)\n" % (args.remote, local, size))
-    return 0
-
-
-def _fs_put(fs, args, out):
-    remote = args.remote
-    if fs._is_dir(remote):
-        remote = _fs_join(remote, os.path.basename(args.local))
-    with open(args.local, "rb") as source, fs.open(remote, "wb") as target:
-        _fs_copy_out(source, target.write, "put", os.fstat(source.fileno()).st_size)
-        size = target.tell()
-    out.write("%s -> %s (%d bytes)\n" % (args.local, remote, size))
-    return 0
-
-
-def _fs_mkdir(fs, args, out):
-    if args.parents:
-        return _fs_each(args, args.paths, lambda path: fs.makedirs(path, exist_ok=True))
-    return _fs_each(args, args.paths, fs.mkdir)
-
-
-def _fs_rm(fs, args, out):
-    import posixpath
-
-    def rm(path):
-        # GNU rm refuses '/', '.' and '..' (--preserve-root); here the root is the whole share.
-        name = path.rstrip("/").rsplit("/", 1)[-1]
-        if posixpath.normpath("/" + path.lstrip("/")) == "/" or name in (".", ".."):
-            raise OSError(errno.EPERM, "refusing to remove %s" % (
-                "the share's root" if name not in (".", "..") else "'.' or '..'"), path)
-        if args.recursive and fs.lstat(path).st_mode & 0o170000 == 0o040000:
-            for dirpath, dirs, files in fs.walk(path, topdown=False):
-                for name in files:
-                    fs.remove(_fs_join(dirpath, name))
-                for name in dirs:
-                    child = _fs_join(dirpath, name)
-                    if fs._is_link(child):
-                        fs.remove(child)
-                    else:
-                        fs.rmdir(child)
-            fs.rmdir(path)
-        else:
-            fs.remove(path)
-    return _fs_each(args, args.paths, rm)
-
-
-def _fs_mv(fs, args, out):
-    target = args.dst
-    if fs._is_dir(target):
-        target = _fs_join(target, args.src.rstrip("/").rsplit("/", 1)[-1])
-    fs.rename(args.src, target)
-    return 0
-
-
-def _fs_ln(fs, args, out):
-    if args.symbolic:
-        fs.symlink(args.target, args.path)
-    else:
-        fs.link(args.target, args.path)
-    return 0
-
-
-def _fs_df(fs, args, out):
-    st = fs.statvfs()
-    size, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
-    used = (st.f_blocks - st.f_bfree) * st.f_frsize
-    percent = 100.0 * used / (used + free) if used + free else 0.0
-    out.write("%-10s %12s %12s %12s %5s %12s %12s\n"
-              % ("", "size", "used", "available", "use%", "inodes", "inodes free"))
-    out.write("%-10s %12s %12s %12s %4.0f%% %12d %12d\n"
-              % ("share", _format_bytes(size), _format_bytes(used), _format_bytes(free), percent,
-                 st.f_files, st.f_ffree))
-    return 0
-
-
-_FS_ACTIONS = {"ls": _fs_ls, "tree": _fs_tree, "stat": _fs_stat, "cat": _fs_cat, "get": _fs_get,
-               "put": _fs_put, "mkdir": _fs_mkdir, "rm": _fs_rm, "mv": _fs_mv, "ln": _fs_ln,
-               "df": _fs_df}
-
-
-def _add_fs_actions(actions, parents):
-    """The ``fs`` commands, for the command line and the shell alike."""
-    ls = actions.add_parser("ls", parents=parents, help="list directories")
-    ls.add_argument("-l", dest="long", action="store_true", help="long listing")
-    ls.add_argument("-a", dest="all", action="store_true", help="include names starting with .")
-    ls.add_argument("paths", nargs="*", metavar="PATH")
-    actions.add_parser("tree", parents=parents, help="the directory tree under PATH") \
-        .add_argument("path", nargs="?", default="", metavar="PATH")
-    actions.add_parser("stat", parents=parents, help="everything stat(2) says of PATH") \
-        .add_argument("path", metavar="PATH")
-    actions.add_parser("cat", parents=parents, help="print files") \
-        .add_argument("paths", nargs="+", metavar="PATH")
-    get = actions.add_parser("get", parents=parents, help="copy REMOTE to a local file")
-    get.add_argument("remote", metavar="REMOTE")
-    get.add_argument("local", nargs="?", metavar="LOCAL",
-                     help="local file or directory (default: REMOTE's name, here)")
-    put = actions.add_parser("put", parents=parents, help="copy a local file to REMOTE")
-    put.add_argument("local", metavar="LOCAL")
-    put.add_argument("remote", metavar="REMOTE", help="file or existing directory in the share")
-    mkdir = actions.add_parser("mkdir", parents=parents, help="make directories")
-    mkdir.add_argument("-p", dest="parents", action="store_true",
-                       help="make parents as needed; no error if it exists")
-    mkdir.add_argument("paths", nargs="+", metavar="PATH")
-    rm = actions.add_parser("rm", parents=parents, help="remove files (and with -r, directories)")
-    rm.add_argument("-r", "-R", dest="recursive", action="store_true",
-                    help="remove directories and their contents")
-    rm.add_argument("paths", nargs="+", metavar="PATH")
-    mv = actions.add_parser("mv", parents=parents, help="rename or move into a directory")
-    mv.add_argument("src", metavar="SRC")
-    mv.add_argument("dst", metavar="DST")
-    ln = actions.add_parser("ln", parents=parents, help="make a hard link (-s: symbolic)")
-    ln.add_argument("-s", dest="symbolic", action="store_true", help="symbolic link")
-    ln.add_argument("target", metavar="TARGET")
-    ln.add_argument("path", metavar="PATH")
-    actions.add_parser("df", parents=parents, help="size, use and inodes of the share")
-
-
-def _fs_shell(fs, args, out):
-    """An sftp-like prompt on one connection (C virtiofsd serves only one)."""
-    import argparse
-    import cmd
-    import posixpath
-    import shlex
-    stdin = getattr(args, "stdin", None) or sys.stdin
-    interactive = hasattr(stdin, "isatty") and stdin.isatty()
-    # prog "fs": argparse starts its lines with it ("fs ls: error: ..."); "" left ": error:".
-    parser = argparse.ArgumentParser(prog="fs", add_help=False)
-    actions = parser.add_subparsers(dest="action", metavar="COMMAND")
-    _add_fs_actions(actions, [])
-    failures = [0]
-
-    class Shell(cmd.Cmd):
-        intro = ("Connected to %s (FUSE %d.%d). Commands: %s, cd, pwd, help, exit."
-                 % (args.socket, fs.major, fs.minor, ", ".join(sorted(_FS_ACTIONS)))
-                 if interactive else None)
-        cwd = "/"
-
-        def __init__(self):
-            cmd.Cmd.__init__(self, stdin=stdin, stdout=out)
-            self.use_rawinput = interactive and stdin is sys.stdin
-            self.prompt = self._prompt()
-
-        def _prompt(self):
-            return "fs:%s> " % self.cwd if interactive else ""
-
-        def _path(self, path):
-            return posixpath.normpath(posixpath.join(self.cwd, path)) if path else self.cwd
-
-        def emptyline(self):
-            return False
-
-        def _fail(self, text):
-            failures[0] += 1
-            sys.stderr.write("error: %s\n" % text)
-
-        def onecmd(self, line):
-            try:
-                words = shlex.split(line, comments=True)
-            except ValueError as exc:
-                self._fail(str(exc))
-                return False
-            if not words:
-                return False
-            name, rest = words[0], words[1:]
-            if name in ("exit", "quit", "bye", "EOF"):
-                return True
-            if name == "help" or name == "?":
-                parser.print_help(out)
-                out.write("  cd PATH, pwd, exit\n")
-                return False
-            if name == "pwd":
-                out.write(self.cwd + "\n")
-                return False
-            if name == "cd":
-                target = self._path(rest[0] if rest else "/")
-                if not fs._is_dir(target):
-                    self._fail("cd: %s: %s" % (target, "No such directory"))
-                else:
-                    self.cwd = target
-                    self.prompt = self._prompt()
-                return False
-            try:
-                parsed = parser.parse_args(words)
-            except SystemExit:      # argparse already said what is wrong
-                failures[0] += 1
-                return False
-            remote = {"ls": "paths", "tree": "path", "stat": "path", "cat": "paths",
-                      "get": "remote", "put": "remote", "mkdir": "paths", "rm": "paths",
-                      "mv": ("src", "dst"), "ln": ("path",)}.get(parsed.action, ())
-            for field in (remote,) if isinstance(remote, str) else remote:
-                value = getattr(parsed, field)
-                if isinstance(value, list):
-                    setattr(parsed, field, [self._path(v) for v in value] or [self.cwd])
-                else:
-                    setattr(parsed, field, self._path(value))
-            if parsed.action == "ln" and not parsed.symbolic:
-                parsed.target = self._path(parsed.target)   # a symlink's target stays as typed
-            parsed.report_error = self._fail    # cat/rm/mkdir go on past a bad path
-            try:
-                _FS_ACTIONS[parsed.action](fs, parsed, out)
-            except OSError as exc:
-                if _stdout_gone(exc):
-                    raise
-                self._fail(_fs_error_text(parsed.action, exc))
-            except (VhostUserError, ValueError) as exc:
-                raise _CliError("%s: %s" % (parsed.action, _one_line(exc)))
-            return False
-
-    shell = Shell()
-    while True:
-        try:
-            shell.cmdloop()
-            break
-        except KeyboardInterrupt:     # ^C drops the line being typed, as sftp does
-            if not interactive:
-                raise
-            out.write("^C\n")
-            shell.intro = None
-    if interactive:
-        out.write("\n")
-    return 0 if interactive or not failures[0] else _EXIT_FAILURE
-
-
 # -- fs bench -----------------------------------------------------------------
 
 def _bench_fs(fs, args):
@@ -14937,8 +13467,6 @@ def _bench_fs_stream(fs, f, load, args, size, rw):
     cpu_backend = backend.used()
     return _bench_report("fs", rw, size, args.depth, 1, elapsed, latencies,
                          _self_cpu_seconds() - cpu_start, cpu_backend)
-
-
 # -- bench --------------------------------------------------------------------
 
 def _proc_cpu_seconds(pid, required=True):
@@ -15949,9 +14477,1496 @@ def _bench_net_collect(dev, args, pair, got, depth):
     return b"".join(parts)
 
 
-# -- demo ---------------------------------------------------------------------
+def _typed_option(args, *spellings):
+    """Which of an option's ``spellings`` the user typed (``--bs`` or ``--size``), for messages."""
+    for word in reversed(getattr(args, "typed_argv", None) or ()):
+        for spelling in spellings:
+            if word == spelling or word.startswith(spelling + "="):
+                return spelling
+    return spellings[0]
 
-#: Debian package that ships qemu-storage-daemon (README "Quick start").
+
+############################################################################
+# Command line #############################################################
+############################################################################
+
+#: Exit statuses: 0 ok, 1 a failure reported in one line, 2 bad usage (argparse),
+#: 141 (128 + SIGPIPE) when the reader of stdout went away.
+_EXIT_FAILURE = 1
+_EXIT_USAGE = 2
+_EXIT_BROKEN_PIPE = 128 + 13
+
+
+#: --type spellings: every DeviceType name in lower case, plus the short ones.
+_TYPE_ALIASES = {"blk": DeviceType.BLOCK, "snd": DeviceType.SOUND, "9p": DeviceType.P9}
+_CLI_TYPES = dict(((t.name.lower(), t) for t in DeviceType), **_TYPE_ALIASES)
+
+
+def _probe(client, path, device_type=None, config_size=None):
+    """Everything a back-end tells about itself, negotiating only what that needs.
+
+    Returns the dict ``probe --json`` prints (its keys are stable). A
+    ``device_type`` given is used as is (``--type`` overrides the guess).
+    """
+    features = client.get_features()
+    offered = None
+    used = 0
+    if features & VirtioFeature.PROTOCOL_FEATURES:
+        offered = client.get_protocol_features()
+        used = offered & (_P.MQ | _P.CONFIG | _P.CONFIGURE_MEM_SLOTS | _P.SHMEM)
+        if used:
+            client.set_protocol_features(used)
+    source = "given"
+    if device_type is None:   # --type overrides the guess, whatever the bits suggest
+        device_type, why, _ = _guess_device_type(features, offered)
+        source = "guessed: %s" % why if device_type is not None else "unknown"
+    info = {
+        "device_type": device_type.name.lower() if device_type is not None else None,
+        "device_type_source": source,
+        "features": features,
+        "feature_names": VirtioFeature.names(features, device_type),
+        "protocol_features": None if offered is None else int(offered),
+        "protocol_feature_names": [] if offered is None else ProtocolFeature.names(offered),
+        "queue_num": client.get_queue_num() if used & _P.MQ else None,
+        "max_mem_slots": client.get_max_mem_slots() if used & _P.CONFIGURE_MEM_SLOTS else None,
+        "shared_memory": None,
+        "config": None,
+        "config_fields": {},
+        "config_error": None,
+    }
+    if used & _P.SHMEM:
+        info["shared_memory"] = [{"shmid": shmid, "size": size}
+                                 for shmid, size in client.get_shmem_config().regions()]
+    if not used & _P.CONFIG:
+        info["config_error"] = "CONFIG not offered"
+        return info
+    if config_size is None:
+        config_size = _device_config_size(device_type, features)
+    if not config_size:
+        info["config_error"] = "layout unknown for this device type (see --config-size)"
+        return info
+    try:
+        data = client.get_config(0, config_size)
+    except BackendError as exc:
+        info["config_error"] = str(exc)
+        return info
+    info["config"] = data.hex()
+    info["config_fields"] = dict(_decode_device_config(device_type, features, data))
+    return info
+
+
+def _wrap_names(names, indent="  ", width=79):
+    lines = []
+    line = indent
+    for name in names:
+        if len(line) + len(name) + 1 > width and line.strip():
+            lines.append(line)
+            line = indent
+        line += ("" if line == indent else " ") + name
+    if line.strip():
+        lines.append(line)
+    return lines
+
+
+def _hexdump(data, indent="  "):
+    return ["%s%04x  %s" % (indent, i, " ".join("%02x" % b for b in bytearray(data[i:i + 16])))
+            for i in range(0, len(data), 16)]
+
+
+def _format_probe(path, info):
+    """``probe``'s human-readable report, as lines."""
+    row = "%-20s %s"
+    lines = [row % ("socket", path)]
+    kind = info["device_type"] or "unknown (--type names the device bits)"
+    if info["device_type"] and info["device_type_source"] != "given":
+        kind += " (%s; --type overrides)" % info["device_type_source"]
+    lines.append(row % ("device type", kind))
+    lines.append(row % ("virtio features", "%#x" % info["features"]))
+    lines += _wrap_names(info["feature_names"])
+    if info["protocol_features"] is None:
+        lines.append(row % ("protocol features", "none (PROTOCOL_FEATURES not offered)"))
+    else:
+        lines.append(row % ("protocol features", "%#x" % info["protocol_features"]))
+        lines += _wrap_names(info["protocol_feature_names"])
+    lines.append(row % ("queues", info["queue_num"] if info["queue_num"] is not None
+                        else "not reported (MQ not offered)"))
+    lines.append(row % ("max memory slots", info["max_mem_slots"]
+                        if info["max_mem_slots"] is not None
+                        else "not reported (CONFIGURE_MEM_SLOTS not offered)"))
+    shmem = info["shared_memory"]
+    if shmem is None:
+        lines.append(row % ("shared memory", "not reported (SHMEM not offered)"))
+    else:
+        lines.append(row % ("shared memory", ", ".join(
+            "region %d: %d bytes" % (r["shmid"], r["size"]) for r in shmem) or "none"))
+    if info["config"] is None:
+        lines.append(row % ("device config", "not read: %s" % info["config_error"]))
+        return lines
+    data = bytes.fromhex(info["config"])
+    lines.append(row % ("device config", "%d bytes" % len(data)))
+    lines += _hexdump(data)
+    fields = info["config_fields"]
+    width = max([len(name) for name in fields] or [0])
+    for name, value in fields.items():
+        text = str(value)
+        if name == "capacity":
+            text += " sectors (%s)" % _format_bytes(value * 512)
+        lines.append("  %-*s  %s" % (width, name, text))
+    return lines
+
+
+def _format_bytes(count):
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if count >= 1 << shift:
+            return "%.4g %s" % (count / float(1 << shift), unit)
+    return "%d bytes" % count
+
+
+def _device_type_arg(text):
+    """--type of probe and validate: a type name (blk, net, fs, ...) or any virtio device ID."""
+    import argparse
+    if text.lower() in _CLI_TYPES:
+        return _CLI_TYPES[text.lower()]
+    try:
+        return DeviceType(_int_arg(text))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError("%r is neither a device type (blk, net, fs, gpu, "
+                                         "vsock, ...) nor a virtio device ID (0-65535)" % text)
+
+
+def _cmd_probe(args, out):
+    wanted = args.type
+    if args.config_size is not None and not 1 <= args.config_size <= MAX_CONFIG_SIZE:
+        raise _UsageError("--config-size %d: the config space holds 1 to %d bytes"
+                          % (args.config_size, MAX_CONFIG_SIZE))
+    with _cli_connect(args.socket, args.timeout) as client:
+        info = _probe(client, args.socket, wanted, args.config_size)
+    if args.json:
+        import json
+        out.write(json.dumps(info, indent=2) + "\n")
+    else:
+        out.write("\n".join(_format_probe(args.socket, info)) + "\n")
+    return 0
+
+
+def _cmd_validate(args, out):
+    only = [p for p in (args.only or "").split(",") if p] or None
+    checker = _Validator(args.socket, args.type, only, args.timeout, args.destructive)
+    if only and not checker.selected():
+        raise _UsageError("--only %s matches no check (ids: %s)"
+                          % (args.only, " ".join(c.id for c in _V_CHECKS)))
+    _check_socket(args.socket)
+    report = checker.run()
+    if args.json:
+        import json
+        out.write(json.dumps(report, indent=2) + "\n")
+    elif args.tap:
+        out.write(_validate_tap(report))
+    else:
+        out.write(_validate_table(report))
+    bad = report["summary"]["fail"] + report["summary"]["error"]
+    return _EXIT_FAILURE if bad else 0
+# -- blk ----------------------------------------------------------------------
+
+def _cmd_blk(args, out):
+    with _open_device(args, BlockDevice, DeviceType.BLOCK) as dev:
+        return _BLK_ACTIONS[args.action](dev, args, out)
+
+
+def _blk_info(dev, args, out):
+    topology = dev.topology
+    info = {
+        "capacity": dev.capacity,
+        "block_size": dev.block_size,
+        "read_only": bool(dev.read_only),
+        "num_queues": dev.num_queues,
+        "id": dev.get_id().decode("ascii", "backslashreplace"),
+        "max_transfer": dev.max_transfer,
+        "write_cache": dev.writeback,
+        "topology": None if topology is None else dict(zip(
+            ("physical_block_size", "alignment_offset", "min_io_size", "opt_io_size"),
+            # min_io_size and opt_io_size count logical blocks (spec 5.2.4).
+            (dev.block_size << topology[0], topology[1] * dev.block_size,
+             topology[2] * dev.block_size, topology[3] * dev.block_size))),
+        "discard": None,
+        "write_zeroes": None,
+    }
+    config = dev.config
+    if dev.features & _BLK_F_DISCARD:
+        info["discard"] = {"max_bytes": dev.max_discard_sectors * _SECTOR,
+                           "max_segments": config.max_discard_seg,
+                           "alignment": config.discard_sector_alignment * _SECTOR}
+    if dev.features & _BLK_F_WRITE_ZEROES:
+        info["write_zeroes"] = {"max_bytes": dev.max_write_zeroes_sectors * _SECTOR,
+                                "max_segments": config.max_write_zeroes_seg,
+                                "may_unmap": bool(config.write_zeroes_may_unmap)}
+    if args.json:
+        import json
+        out.write(json.dumps(info, indent=2) + "\n")
+        return 0
+    yes_no = lambda flag: "yes" if flag else "no"  # noqa: E731
+    size = lambda count: "%s (%d bytes)" % (_format_bytes(count), count) \
+        if count >= 1024 else "%d bytes" % count  # noqa: E731
+    rows = [("capacity", "%s, %d sectors" % (size(dev.capacity), dev.capacity // _SECTOR)),
+            ("block size", size(dev.block_size)),
+            ("read only", yes_no(info["read_only"])),
+            ("write cache", "yes (writeback: flush makes writes durable)" if dev.writeback
+             else "no (writethrough)"),
+            ("queues", str(dev.num_queues)),
+            ("serial", info["id"]),
+            ("max transfer", size(dev.max_transfer) + " per request")]
+    topo = info["topology"]
+    rows.append(("topology", "not reported" if topo is None else
+                 "physical block %s, alignment offset %s, minimum I/O %s, optimal I/O %s"
+                 % tuple(size(topo[k]) for k in ("physical_block_size", "alignment_offset",
+                                                 "min_io_size", "opt_io_size"))))
+    discard = info["discard"]
+    rows.append(("discard", "no" if discard is None else
+                 "yes, up to %s per request, %d segment(s), alignment %s"
+                 % (size(discard["max_bytes"]), discard["max_segments"],
+                    size(discard["alignment"]))))
+    zeroes = info["write_zeroes"]
+    rows.append(("write zeroes", "no" if zeroes is None else
+                 "yes, up to %s per request, %d segment(s), may unmap: %s"
+                 % (size(zeroes["max_bytes"]), zeroes["max_segments"],
+                    yes_no(zeroes["may_unmap"]))))
+    out.write("".join("%-13s %s\n" % row for row in rows))
+    return 0
+
+
+#: Bytes one step of a streamed ``blk`` transfer moves: a 1 GiB read or write
+#: needs a few of these in memory, never the whole transfer.
+_CLI_CHUNK = 4 << 20
+
+
+class _TransferProgress:
+    """Bytes, rate and ETA on stderr, once a transfer has run a second; terminal only.
+
+    With ``what`` (the action), ``fail(exc)`` notes on a failure or an
+    interruption how many bytes were done, and the offset reached when the
+    transfer started at ``offset``; the error line ends with it.
+    """
+
+    moved = 0     # the bytes done, as the last update() said
+
+    def __init__(self, total, stream=None, what=None, offset=None):
+        self.stream = sys.stderr if stream is None else stream
+        self.enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.total = total
+        self.what = what
+        self.offset = offset
+        self.start = time.monotonic()
+        self.next_draw = self.start + 1.0
+        self.drawn = False
+
+    def fail(self, exc):
+        """Note on ``exc`` what was done before it (see ``_transfer_note``)."""
+        text = "%s stopped after %d bytes" % (self.what, self.moved)
+        if self.total is not None:
+            text += " of %d" % self.total
+        if self.offset is not None:
+            text += ", at offset %d" % (self.offset + self.moved)
+        _note_transfer(exc, text)
+
+    def update(self, done):
+        self.moved = done
+        now = time.monotonic()
+        if not self.enabled or now < self.next_draw:
+            return
+        self.next_draw = now + 0.5
+        rate = done / (now - self.start)
+        text = "\r%s" % _format_bytes(done)
+        if self.total is not None:
+            eta = (self.total - done) / rate if rate else 0
+            text += " of %s (%d%%)" % (_format_bytes(self.total), 100 * done // (self.total or 1))
+        text += "  %s/s" % _format_bytes(int(rate))
+        if self.total is not None:
+            text += "  ETA %d:%02d" % divmod(int(eta), 60)
+        self.stream.write(text + "\033[K")
+        self.stream.flush()
+        self.drawn = True
+
+    def done(self):
+        if self.drawn:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+def _note_transfer(exc, text):
+    """Attach to ``exc`` what a transfer did before it, for the error line to end with."""
+    if not _stdout_gone(exc):
+        exc.cli_transfer_note = text
+
+
+def _transfer_note(exc):
+    """Take (once) the note ``_note_transfer`` left on ``exc`` or an exception it came from."""
+    todo, seen = [exc], []
+    while todo and len(seen) < 20:
+        exc = todo.pop(0)
+        if exc is None or any(exc is e for e in seen):
+            continue
+        seen.append(exc)
+        note = vars(exc).pop("cli_transfer_note", None)
+        if note is not None:
+            return note
+        # A file's close() failing after its read failed: the read's note is in the context.
+        todo += [exc.__cause__, exc.__context__]
+    return None
+
+
+def _stdout_gone(exc):
+    """True for the EPIPE of writing to stdout after its reader left (no file name: not a
+    file-system error the back-end returned)."""
+    return isinstance(exc, BrokenPipeError) and exc.filename is None
+
+
+class _HexdumpC:
+    """``hexdump -C``'s canonical dump, fed piece by piece.
+
+    Each line is the offset, 16 bytes in hex in two groups of 8 and the
+    bytes as ASCII between bars; a line equal to the one before is printed
+    as one ``*`` for the whole run; the offset after the last byte ends the
+    dump (nothing at all for no bytes at offset 0), as bsdextrautils' does.
+    """
+
+    _PRINTABLE = bytes(b if 0x20 <= b < 0x7F else 0x2E for b in range(256))
+
+    def __init__(self, write, offset=0):
+        self.write = write
+        self.offset = offset
+        self.pending = b""
+        self.previous = None
+        self.starred = False
+
+    def feed(self, data):
+        data = self.pending + bytes(data)
+        full = len(data) - len(data) % 16
+        lines = []
+        for i in range(0, full, 16):
+            line = data[i:i + 16]
+            if line == self.previous:
+                if not self.starred:
+                    lines.append("*")
+                    self.starred = True
+            else:
+                lines.append(self._line(line))
+                self.previous = line
+                self.starred = False
+            self.offset += 16
+        self.pending = data[full:]
+        if lines:
+            self.write("\n".join(lines) + "\n")
+
+    def close(self):
+        if self.pending:
+            # A short last line is never folded into a '*'.
+            self.write(self._line(self.pending) + "\n")
+            self.offset += len(self.pending)
+            self.pending = b""
+        if self.offset:   # no bytes at offset 0: no output at all
+            self.write("%08x\n" % self.offset)
+
+    def _line(self, line):
+        return "%08x  %-23s  %-23s  |%s|" % (
+            self.offset, " ".join("%02x" % b for b in bytearray(line[:8])),
+            " ".join("%02x" % b for b in bytearray(line[8:])),
+            line.translate(self._PRINTABLE).decode("ascii"))
+
+
+def _blk_check_range(dev, what, offset, length):
+    """Refuse a range past the capacity in one line, before anything is allocated or sent."""
+    if offset + length > dev.capacity:
+        raise _CliError("%s: %d bytes at offset %d end past the capacity of %d bytes (%s)"
+                        % (what, length, offset, dev.capacity, _format_bytes(dev.capacity)))
+
+
+def _blk_stream(dev, offset, length, progress=None):
+    """Yield the bytes at OFFSET..OFFSET+LENGTH, any alignment, in bounded pieces.
+
+    Reads the blocks that cover the range, at most ``_CLI_CHUNK`` bytes at a
+    time, into one buffer in guest memory (``alloc``: zero-copy, nothing
+    allocated per step, so even PyPy's collector has no garbage to fall
+    behind on), and yields memoryviews of the wanted slice, valid until the
+    next step; qemu-io reads unaligned requests the same way.
+    """
+    block = dev.block_size
+    start = offset - offset % block
+    end = offset + length
+    aligned_end = -(-end // block) * block
+    if aligned_end == start:
+        return
+    buffer = dev.alloc(min(_CLI_CHUNK, aligned_end - start))
+    position = start
+    try:
+        while position < aligned_end:
+            count = min(len(buffer), aligned_end - position)
+            if count == len(buffer):
+                dev.readinto(position, buffer)
+            else:
+                with buffer[:count] as head:   # the last step: a copy, once
+                    dev.readinto(position, head)
+            low = max(offset, position) - position
+            high = min(end, position + count) - position
+            piece = buffer[low:high]
+            try:
+                yield piece
+            finally:
+                piece.release()
+            position += count
+            if progress is not None:
+                progress.update(min(end, position) - offset)
+    finally:
+        dev.free(buffer)
+
+
+def _binary_stdout(out):
+    """The byte stream under ``out`` (flushed), or None when there is none or it is a terminal."""
+    binary = getattr(out, "buffer", None)
+    if binary is None or out.isatty():  # never dump raw bytes on a terminal
+        return None
+    out.flush()
+    return binary
+
+
+def _blk_read(dev, args, out):
+    _blk_check_range(dev, "read", args.offset, args.length)
+    binary = None if args.hexdump else _binary_stdout(out)
+    target = None
+    if args.output:
+        target = open(args.output, "wb")
+    elif binary is not None:
+        target = binary
+    dump = _HexdumpC(out.write, args.offset) if target is None else None
+    progress = _TransferProgress(args.length, what="read", offset=args.offset)
+    stream = _blk_stream(dev, args.offset, args.length, progress)
+    try:
+        for piece in stream:
+            if dump is not None:
+                dump.feed(piece)
+            else:
+                target.write(piece)
+        if dump is not None:
+            dump.close()
+        else:
+            target.flush()
+    except BaseException as exc:
+        progress.fail(exc)
+        raise
+    finally:
+        stream.close()   # its buffer goes back now, not when a collector gets to it
+        progress.done()
+        if args.output and target is not None:
+            target.close()
+    return 0
+
+
+def _blk_verify(dev, args, out):
+    """Compare the bytes at OFFSET..OFFSET+LENGTH with a pattern or a file (qemu-io read -P)."""
+    _blk_check_range(dev, "verify", args.offset, args.length)
+    source = None
+    if args.file is not None:
+        source = open(args.file, "rb")
+    try:
+        if source is not None:
+            import stat
+            st = os.fstat(source.fileno())
+            available = st.st_size if stat.S_ISREG(st.st_mode) else args.length
+            if available < args.length:
+                raise _CliError("verify: %s has %d bytes, fewer than the %d to compare"
+                                % (args.file, available, args.length))
+        progress = _TransferProgress(args.length)
+        checked = 0
+        stream = _blk_stream(dev, args.offset, args.length, progress)
+        try:
+            for piece in stream:
+                if source is not None:
+                    expected = source.read(len(piece))
+                    if len(expected) < len(piece):
+                        raise _CliError("verify: %s ended after %d bytes, before the %d to "
+                                        "compare" % (args.file, checked + len(expected),
+                                                     args.length))
+                else:
+                    expected = bytes((args.pattern,)) * len(piece)
+                if piece != expected:
+                    at = next(i for i in range(len(piece)) if piece[i] != expected[i])
+                    raise _CliError(
+                        "verify: mismatch at offset %d: expected %#04x, found %#04x (%d "
+                        "byte(s) matched before it)" % (args.offset + checked + at,
+                                                         expected[at], piece[at], checked + at))
+                checked += len(piece)
+        finally:
+            stream.close()
+            progress.done()
+    finally:
+        if source is not None:
+            source.close()
+    out.write("verified %d bytes at offset %d: all match %s\n"
+              % (args.length, args.offset, args.file if source is not None
+                 else "pattern %#04x" % args.pattern))
+    return 0
+
+
+def _blk_write(dev, args, out):
+    """Stream FILE or stdin to OFFSET in bounded steps; unaligned ends need --pad or --rmw."""
+    if dev.read_only:
+        raise _CliError("write: the device is read-only (VIRTIO_BLK_F_RO)")
+    source = open(args.input, "rb") if args.input else sys.stdin.buffer
+    try:
+        return _blk_write_from(dev, args, out, source)
+    finally:
+        if args.input:
+            source.close()
+
+
+def _blk_write_from(dev, args, out, source):
+    import stat
+    block = dev.block_size
+    offset = args.offset
+    head = offset % block
+    length = None   # known up front for a regular file: checked before anything is written
+    st = os.fstat(source.fileno())
+    if stat.S_ISREG(st.st_mode):
+        length = max(0, st.st_size - source.tell())
+        _blk_check_range(dev, "write", offset, length)
+    if (head or (length or 0) % block) and not (args.pad or args.rmw):
+        raise _CliError("write: offset %d and length %s are not both multiples of the block "
+                        "size %d; give --pad (zero-fill the partial blocks) or --rmw (read "
+                        "them and keep their other bytes)"
+                        % (offset, "unknown (stdin)" if length is None else length, block))
+    position = offset - head
+    # Staged in guest memory (alloc): the data is copied once, from the file
+    # straight into the buffer the device reads, and nothing is allocated
+    # per step. A step is a whole number of blocks.
+    staging = dev.alloc(max(block, _CLI_CHUNK - _CLI_CHUNK % block))
+    try:
+        if head:
+            staging[:head] = dev.read(position, block)[:head] if args.rmw else bytes(head)
+        fill = head
+        progress = _TransferProgress(length, what="write", offset=offset)
+        total = 0
+        try:
+            while True:
+                with staging[fill:] as room:
+                    count = source.readinto(room)
+                if count:
+                    if offset + total + count > dev.capacity:
+                        raise _CliError("write: the data does not fit: more than the %d bytes "
+                                        "between offset %d and the capacity %d; wrote the "
+                                        "first %d" % (dev.capacity - offset, offset,
+                                                      dev.capacity, max(0, position - offset)))
+                    total += count
+                    fill += count
+                if fill == len(staging) or not count:
+                    ready = fill - fill % block
+                    if ready == len(staging):
+                        dev.write(position, staging)   # zero-copy
+                    elif ready:
+                        with staging[:ready] as part:
+                            dev.write(position, part)
+                    position += ready
+                    fill -= ready
+                    staging[:fill] = staging[ready:ready + fill]   # < 1 block: no overlap
+                    progress.update(max(0, position - offset))
+                if not count:
+                    break
+        except BaseException as exc:
+            progress.fail(exc)
+            raise
+        finally:
+            progress.done()
+        tail = fill
+        if tail:
+            if not (args.pad or args.rmw):
+                raise _CliError("write: the data ends %d bytes into the %d-byte block at "
+                                "offset %d; wrote the %d bytes before it; give --pad or --rmw "
+                                "for the last block" % (tail, block, position,
+                                                        position - offset))
+            try:
+                staging[tail:block] = dev.read(position, block)[tail:] if args.rmw \
+                    else bytes(block - tail)
+                with staging[:block] as last:
+                    dev.write(position, last)
+            except BaseException as exc:
+                progress.fail(exc)   # the last block's failure says what was done too
+                raise
+    finally:
+        dev.free(staging)
+    how = ""
+    if head or tail:
+        end = offset + total
+        partial = len(set(([offset // block] if head else [])
+                          + ([end // block] if end % block else [])))
+        if args.rmw:
+            how = " (read-modify-write of %d partial block(s))" % partial
+        else:
+            how = " (zero-padded to whole %d-byte blocks: %d byte(s) before, %d after)" % (
+                block, head, block - tail if tail else 0)
+    out.write("wrote %d bytes at offset %d%s\n" % (total, offset, how))
+    return 0
+
+
+def _blk_flush(dev, args, out):
+    dev.flush()
+    return 0
+
+
+def _blk_discard(dev, args, out):
+    dev.discard(args.offset, args.length)
+    return 0
+
+
+def _blk_write_zeroes(dev, args, out):
+    dev.write_zeroes(args.offset, args.length)
+    return 0
+
+
+_BLK_ACTIONS = {
+    "info": _blk_info, "read": _blk_read, "write": _blk_write, "verify": _blk_verify,
+    "flush": _blk_flush,
+    "discard": _blk_discard, "write-zeroes": _blk_write_zeroes,
+}
+# -- net ----------------------------------------------------------------------
+
+
+def _format_mac(mac):
+    return ":".join("%02x" % b for b in bytearray(mac))
+
+
+def _frame_source(dev, args, size):
+    """A function seq -> frame: the frame of --payload-file/--payload-hex, else a test frame.
+
+    ``size`` is the generated frames' size in bytes.
+    """
+    if args.payload_file is not None or args.payload_hex is not None:
+        if args.payload_file is not None:
+            with open(args.payload_file, "rb") as f:
+                frame = f.read()
+        else:
+            frame = bytes.fromhex(args.payload_hex.replace(":", " "))   # checked by _hex_arg
+        if len(frame) < _ETH_HLEN:
+            raise _CliError("the frame has %d bytes; an Ethernet frame has at least %d"
+                            % (len(frame), _ETH_HLEN))
+        return lambda seq: frame
+    if size < _TEST_FRAME_HEADER.size:
+        raise _CliError("test frames carry a sequence number and need at least %d bytes "
+                        "(%d data bytes), not %d" % (_TEST_FRAME_HEADER.size,
+                                                     _TEST_FRAME_HEADER.size - _ETH_HLEN, size))
+    src = bytes(dev.mac) if dev.mac else _TEST_MAC
+    return lambda seq: _test_frame(src, seq, size)
+
+
+def _cmd_net(args, out):
+    if args.action == "send" and args.read is None and args.payload_file is None \
+            and args.payload_hex is None:
+        _check_frame_size("--size", args.size)
+    with _open_device(args, NetDevice, DeviceType.NET) as dev:
+        return _NET_ACTIONS[args.action](dev, args, out)
+
+
+# pcap, the classic capture format tcpdump and Wireshark read and write
+# (https://www.tcpdump.org/manpages/pcap-savefile.5.html): a global header,
+# then per frame a record header (seconds, microseconds, captured length,
+# length on the wire) and the bytes. Written in the host's byte order;
+# readers tell it from the magic number, and so does _read_pcap.
+_PCAP_HEADER_FORMAT = "IHHiIII"   # magic, major, minor, thiszone, sigfigs, snaplen, link type
+_PCAP_RECORD_FORMAT = "IIII"       # seconds, µs (or ns), captured, original length
+_PCAP_HEADER = struct.Struct("=" + _PCAP_HEADER_FORMAT)
+_PCAP_RECORD = struct.Struct("=" + _PCAP_RECORD_FORMAT)
+_PCAP_MAGIC_USEC = 0xA1B2C3D4
+_PCAP_MAGIC_NSEC = 0xA1B23C4D
+_LINKTYPE_ETHERNET = 1
+_PCAP_SNAPLEN = 262144
+
+
+class _PcapWriter:
+    """Frames to a classic pcap stream (LINKTYPE_ETHERNET, µs timestamps), flushed per frame."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        stream.write(_PCAP_HEADER.pack(_PCAP_MAGIC_USEC, 2, 4, 0, 0, _PCAP_SNAPLEN,
+                                       _LINKTYPE_ETHERNET))
+        stream.flush()
+
+    def write(self, frame, timestamp):
+        usec = int(round(timestamp * 1e6))
+        self.stream.write(_PCAP_RECORD.pack(usec // 1000000, usec % 1000000, len(frame),
+                                            len(frame)) + bytes(frame))
+        self.stream.flush()   # `-w - | tcpdump -r -` shows each frame as it comes
+
+
+def _read_pcap(stream, name):
+    """Yield the frames of a classic pcap stream (either byte order, µs or ns stamps)."""
+    header = stream.read(_PCAP_HEADER.size)
+    magic = header[:4]
+    for order in "<>":
+        if len(magic) == 4 and struct.unpack(order + "I", magic)[0] in (_PCAP_MAGIC_USEC,
+                                                                        _PCAP_MAGIC_NSEC):
+            break
+    else:
+        raise _CliError("%s: not a pcap file (magic %s; pcapng is not read, convert it with "
+                        "`tcpdump -r FILE -w OUT`)" % (name, magic.hex() or "missing"))
+    if len(header) < _PCAP_HEADER.size:
+        raise _CliError("%s: pcap header cut short at %d bytes" % (name, len(header)))
+    fields = struct.unpack(order + _PCAP_HEADER_FORMAT, header)
+    if fields[6] != _LINKTYPE_ETHERNET:
+        raise _CliError("%s: link type %d, only Ethernet (1) can be sent"
+                        % (name, fields[6]))
+    record = struct.Struct(order + _PCAP_RECORD_FORMAT)
+    number = 0
+    while True:
+        head = stream.read(record.size)
+        if not head:
+            return
+        number += 1
+        if len(head) < record.size:
+            raise _CliError("%s: frame %d: record header cut short" % (name, number))
+        captured = record.unpack(head)[2]
+        if captured > _PCAP_SNAPLEN:
+            raise _CliError("%s: frame %d: captured length %d is more than %d"
+                            % (name, number, captured, _PCAP_SNAPLEN))
+        frame = stream.read(captured)
+        if len(frame) < captured:
+            raise _CliError("%s: frame %d: %d of its %d bytes are missing"
+                            % (name, number, captured - len(frame), captured))
+        yield frame
+
+
+def _net_send(dev, args, out):
+    if args.read is not None:
+        return _net_replay(dev, args, out)
+    make = _frame_source(dev, args, args.size)
+    # In batches: memory stays bounded for any -n, and each send_many's
+    # --timeout covers one batch, not the whole run.
+    sent = length = 0
+    while sent < args.count:
+        frames = [make(seq) for seq in range(sent, min(args.count, sent + _NET_SEND_BATCH))]
+        dev.send_many(frames)
+        sent += len(frames)
+        length = len(frames[0])
+    dev.flush()
+    out.write("sent %d frame(s) of %d bytes\n" % (sent, length))
+    return 0
+
+
+_NET_SEND_BATCH = 256
+
+
+def _net_replay(dev, args, out):
+    """``send -r FILE``: the frames of a pcap, ``--loop`` times, at ``--pps`` (tcpreplay)."""
+    if args.payload_file is not None or args.payload_hex is not None:
+        raise _UsageError("send: -r takes the frames from the pcap file; drop --payload-*")
+    clock = time.monotonic
+    sent = sent_bytes = 0
+    start = clock()
+    loop = 0
+    batch = []
+
+    def push():
+        dev.send_many(batch)
+        del batch[:]
+
+    # Ctrl-C ends a replay (--loop 0 runs until then) between two frames, never
+    # inside send_many (see _SigintFlag); what was queued still goes out.
+    with _SigintFlag() as sigint:
+        while (args.loop == 0 or loop < args.loop) and not sigint.stopped:
+            loop += 1
+            with open(args.read, "rb") as f:
+                for frame in _read_pcap(f, args.read):
+                    if sigint.stopped:
+                        break
+                    if len(frame) < _ETH_HLEN:
+                        raise _CliError("%s: frame %d has %d bytes; an Ethernet frame has at "
+                                        "least %d" % (args.read, sent + 1, len(frame),
+                                                      _ETH_HLEN))
+                    if args.pps:
+                        delay = start + sent / args.pps - clock()
+                        if delay > 0:
+                            push()
+                            while delay > 0 and not sigint.stopped:
+                                time.sleep(min(delay, _SIGINT_POLL))
+                                delay = start + sent / args.pps - clock()
+                            if sigint.stopped:
+                                break
+                    batch.append(frame)
+                    sent += 1
+                    sent_bytes += len(frame)
+                    if len(batch) >= 32:
+                        push()
+            push()
+            if not sent:
+                break   # an empty capture: looping it forever would send nothing forever
+    dev.flush()
+    out.write("sent %d frame(s) (%d bytes) from %s in %.3f s, %d loop(s)\n"
+              % (sent, sent_bytes, args.read, clock() - start, loop))
+    return 0
+
+
+_ETHERTYPE_NAMES = {0x0800: "IPv4", 0x0806: "ARP", 0x86DD: "IPv6", 0x8100: "802.1Q",
+                    0x88A8: "802.1Q-QinQ", 0x88CC: "LLDP", 0x8035: "Reverse ARP"}
+
+
+def _tcpdump_line(frame, timestamp):
+    """One frame as ``tcpdump -e -n`` heads it: time, MACs, ethertype, length."""
+    stamp = "%s.%06d" % (time.strftime("%H:%M:%S", time.localtime(timestamp)),
+                         int(timestamp % 1 * 1e6))
+    if len(frame) < _ETH_HLEN:
+        return "%s [|ether] length %d (runt)" % (stamp, len(frame))
+    ethertype = struct.unpack(">H", frame[12:14])[0]
+    return "%s %s > %s, ethertype %s (%#06x), length %d" % (
+        stamp, _format_mac(frame[6:12]), _format_mac(frame[:6]),
+        _ETHERTYPE_NAMES.get(ethertype, "Unknown"), ethertype, len(frame))
+
+
+def _tcpdump_hex(frame):
+    """The frame as ``tcpdump -xx`` dumps it: offset, then 16 bytes in groups of two."""
+    frame = bytes(frame)
+    lines = []
+    for i in range(0, len(frame), 16):
+        line = frame[i:i + 16].hex()
+        lines.append("\t0x%04x:  %s" % (i, " ".join(line[j:j + 4]
+                                                     for j in range(0, len(line), 4))))
+    return lines
+
+
+#: How often a loop under ``_SigintFlag`` looks at the flag (seconds).
+_SIGINT_POLL = 0.1
+
+
+class _SigintFlag:
+    """While active (main thread), Ctrl-C sets ``stopped`` instead of raising.
+
+    A capture loop then ends between two frames, never inside one: a
+    KeyboardInterrupt between receiving a frame and writing it lost that
+    frame and left the count one ahead of the file, or cut a pcap record in
+    half. The loop polls ``stopped`` every ``_SIGINT_POLL`` seconds.
+    """
+
+    stopped = False
+
+    def __enter__(self):
+        import signal
+        self._saved = None
+        if threading.current_thread() is threading.main_thread():  # signal() works only there
+            self._saved = signal.signal(signal.SIGINT, self._stop)
+        return self
+
+    def _stop(self, signum, frame):
+        self.stopped = True
+
+    def __exit__(self, *exc):
+        import signal
+        if self._saved is not None:
+            signal.signal(signal.SIGINT, self._saved)
+
+
+def _net_recv(dev, args, out):
+    """Print (or write as pcap) the frames that arrive until -c, --wait or Ctrl-C."""
+    capture = None
+    stream = None
+    if args.write == "-":
+        stream = _binary_stdout(out)
+        if stream is None:
+            raise _CliError("recv -w -: stdout is a terminal; pipe it (| tcpdump -r -) or "
+                            "give a file name")
+    report = sys.stderr if stream is not None else out   # stdout carries the pcap
+    raw = None
+    count = received = 0
+    try:
+        if args.write is not None and args.write != "-":
+            stream = open(args.write, "wb")
+            report = out
+        if args.output:
+            raw = open(args.output, "wb")
+        if stream is not None:
+            capture = _PcapWriter(stream)
+        deadline = time.monotonic() + args.wait
+        with _SigintFlag() as sigint:
+            while (args.count is None or count < args.count) and not sigint.stopped:
+                remaining = max(0.0, deadline - time.monotonic())
+                frame = dev.recv(timeout=min(remaining, _SIGINT_POLL))
+                if frame is None:
+                    if remaining <= _SIGINT_POLL:
+                        break
+                    continue
+                stamp = time.time()
+                count += 1
+                received += len(frame)
+                if capture is not None:
+                    capture.write(frame, stamp)
+                else:
+                    out.write(_tcpdump_line(frame, stamp) + "\n")
+                    if args.hexdump:
+                        out.write("\n".join(_tcpdump_hex(frame)) + "\n")
+                if raw is not None:
+                    raw.write(frame)
+    except KeyboardInterrupt:
+        pass   # Ctrl-C before the flag was set up ends a capture too, as it does tcpdump's
+    except Exception as exc:
+        # The frames written before the failure are whole: say how many.
+        _note_transfer(exc, "recv stopped after %d frame(s), %d bytes%s" % (
+            count, received, "".join(" written to %s" % name for name in (args.write, args.output)
+                                     if name is not None)))
+        raise
+    finally:
+        if raw is not None:
+            raw.close()
+        if stream is not None and args.write != "-":
+            stream.close()
+    report.write("%d frame(s) received\n" % count)
+    return 0
+
+
+class _PingStats:
+    """What ping counts, and its summary in ping's own words (iputils)."""
+
+    def __init__(self):
+        self.transmitted = 0
+        self.received = 0
+        self.corrupted = 0
+        self.duplicates = 0
+        self.rtts = []
+        self.start = time.monotonic()
+
+    def summary(self, name):
+        lost = self.transmitted - self.received
+        loss = 100.0 * lost / self.transmitted if self.transmitted else 0.0
+        extra = "".join(", +%d %s" % (n, what) for n, what in (
+            (self.duplicates, "duplicates"), (self.corrupted, "corrupted")) if n)
+        lines = ["", "--- %s ping statistics ---" % name,
+                 "%d packets transmitted, %d received%s, %s%% packet loss, time %dms"
+                 % (self.transmitted, self.received, extra, "%g" % round(loss, 4),
+                    (time.monotonic() - self.start) * 1000)]
+        if self.rtts:
+            ms = [r * 1000 for r in self.rtts]
+            mean = sum(ms) / len(ms)
+            mdev = max(0.0, sum(x * x for x in ms) / len(ms) - mean * mean) ** 0.5
+            lines.append("rtt min/avg/max/mdev = %.3f/%.3f/%.3f/%.3f ms"
+                         % (min(ms), mean, max(ms), mdev))
+        return lines
+
+    @property
+    def failed(self):
+        return self.received < self.transmitted or self.corrupted > 0
+
+
+def _net_ping(dev, args, out):
+    """Send frames at ``-i`` intervals; each must come back byte-identical within ``-W``.
+
+    Prints ping's per-frame lines and its summary, at the count, on Ctrl-C and
+    when the back-end dies (then the error follows); status 1 when a frame was
+    lost or came back changed.
+    """
+    size = _ETH_HLEN + args.size
+    make = _frame_source(dev, args, size)
+    fixed = args.payload_file is not None or args.payload_hex is not None
+    clock = time.perf_counter
+    first = make(1)
+    largest = 0xFFFF - dev._hdr_len       # what one descriptor of send() carries
+    if len(first) > largest:
+        # Before the PING line, as ping checks -s before it sends anything.
+        raise _UsageError("-s %d: out of range: the frame would have %d bytes, at most %d fit "
+                          "(-s %d)" % (len(first) - _ETH_HLEN, len(first), largest,
+                                       largest - _ETH_HLEN))
+    interval = 0.0 if args.flood else args.interval
+    wait = args.timeout if args.wait is None else args.wait
+    out.write("PING %s %d(%d) bytes of data, %s > %s.\n"
+              % (args.socket, len(first) - _ETH_HLEN, len(first), _format_mac(first[6:12]),
+                 _format_mac(first[:6])))
+    out.flush()
+    stats = _PingStats()
+    sent_at = {}    # seq -> (send time, frame), until it comes back
+    done = set()    # recent seqs that came back (a second copy is a duplicate)
+    verbose = not args.quiet and not args.flood
+
+    def take(back):
+        """Account one arrived frame; the seq it answers, or None."""
+        now = clock()
+        if fixed:   # every frame is the same: it answers the oldest one awaited
+            seq = min(sent_at) if back == first and sent_at else None
+        elif len(back) >= _TEST_FRAME_HEADER.size and back[:_ETH_HLEN] == first[:_ETH_HLEN]:
+            seq = _TEST_FRAME_HEADER.unpack_from(back)[3]
+        else:
+            return None   # foreign traffic: ping ignores it too
+        if seq in done:
+            stats.duplicates += 1
+            return None
+        if seq not in sent_at:
+            return None
+        t0, frame = sent_at[seq]
+        if back != frame:
+            stats.corrupted += 1
+            if verbose:
+                out.write("%d bytes from %s: seq=%d (changed on the way back)\n"
+                          % (len(back), args.socket, seq))
+            return None
+        del sent_at[seq]
+        done.add(seq)
+        stats.received += 1
+        stats.rtts.append(now - t0)
+        if verbose:
+            out.write("%d bytes from %s: seq=%d time=%.3f ms\n"
+                      % (len(back), args.socket, seq, (now - t0) * 1000))
+        elif args.flood and not args.quiet:
+            out.write("\b \b")
+        return seq
+
+    seq = 0
+    try:
+        # Ctrl-C sets a flag that the loop checks between calls (as recv's
+        # capture does): a KeyboardInterrupt inside send() or recv() could
+        # leave the device's lock taken, and closing it then hung.
+        with _SigintFlag() as sigint:
+            while (args.count is None or seq < args.count) and not sigint.stopped:
+                seq += 1
+                done.discard(seq - 4096)   # bounded, for a ping that runs for days
+                frame = make(seq)
+                t0 = clock()
+                sent_at[seq] = (t0, frame)
+                dev.send(frame)
+                stats.transmitted += 1
+                if args.flood and not args.quiet:
+                    out.write(".")
+                deadline = t0 + wait
+                while seq in sent_at and not sigint.stopped:
+                    left = deadline - clock()
+                    back = dev.recv(timeout=min(max(0.0, left), _SIGINT_POLL))
+                    if back is not None:
+                        take(back)
+                    elif left <= _SIGINT_POLL:
+                        sent_at.pop(seq)   # lost: a late copy is not counted
+                out.flush()
+                if args.count is not None and seq >= args.count:
+                    break
+                while not sigint.stopped:
+                    pause = t0 + interval - clock()
+                    if pause <= 0:
+                        break
+                    time.sleep(min(pause, _SIGINT_POLL))
+    except KeyboardInterrupt:
+        pass   # Ctrl-C before the flag was set up
+    except VhostUserError:
+        out.write("\n".join(stats.summary(args.socket)) + "\n")
+        raise   # the back-end died: the summary, then the error line
+    out.write("\n".join(stats.summary(args.socket)) + "\n")
+    return _EXIT_FAILURE if stats.failed else 0
+
+
+_NET_ACTIONS = {"send": _net_send, "recv": _net_recv, "ping": _net_ping}
+# -- fs -----------------------------------------------------------------------
+
+def _cmd_fs(args, out):
+    with _open_device(args, FsDevice, DeviceType.FS) as fs:
+        if args.action == "shell":
+            return _fs_shell(fs, args, out)
+        try:
+            return _FS_ACTIONS[args.action](fs, args, out)
+        except OSError as exc:
+            if _stdout_gone(exc):
+                raise      # the reader left: silent, status 141 (see _main)
+            raise _CliError(_fs_error_text(args.action, exc))
+
+
+def _fs_error_text(action, exc):
+    """``ls: dir/x: No such file or directory``: the command, the path, the reason
+    (an empty path shown as ''), and what a transfer did before it failed."""
+    names = [n for n in (exc.filename, exc.filename2) if n is not None]
+    where = " -> ".join(os.fsdecode(n) or "''" for n in names)
+    return "%s: %s%s%s" % (action, where + ": " if where else "", exc.strerror or exc,
+                           _transfer_suffix(exc))
+
+
+def _fs_time(seconds):
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
+
+
+def _fs_columns(names, out):
+    """``ls``'s layout: columns across a terminal, one name a line for a pipe."""
+    if not names:
+        return
+    if not (hasattr(out, "isatty") and out.isatty()):
+        out.write("".join(name + "\n" for name in names))
+        return
+    import shutil
+    width = shutil.get_terminal_size().columns
+    cell = max(len(name) for name in names) + 2
+    per_row = max(1, width // cell)
+    rows = -(-len(names) // per_row)
+    for row in range(rows):
+        line = [names[i].ljust(cell) for i in range(row, len(names), rows)]
+        out.write("".join(line).rstrip() + "\n")
+
+
+def _fs_long(fs, path, name, st):
+    import stat as stat_module
+    line = "%s %3d %5d %5d %10d %s %s" % (stat_module.filemode(st.st_mode), st.st_nlink,
+                                          st.st_uid, st.st_gid, st.st_size,
+                                          _fs_time(st.st_mtime), name)
+    if stat_module.S_ISLNK(st.st_mode):
+        line += " -> " + fs.readlink(path)
+    return line
+
+
+def _fs_ls(fs, args, out):
+    """ls's order: the files named first, then each directory's listing (headed when many)."""
+    paths = args.paths or [""]
+    kinds = [fs.lstat(path).st_mode & 0o170000 == 0o040000 for path in paths]   # all or nothing
+    files = [(path, path) for path, is_dir in zip(paths, kinds) if not is_dir]
+    groups = [(None, files)] if files else []
+    for path, is_dir in zip(paths, kinds):
+        if is_dir:
+            names = fs.listdir(path)
+            if args.all:
+                names += [".", ".."]
+            names = sorted(n for n in names if args.all or not n.startswith("."))
+            groups.append((path, [(n, _fs_join(path, n)) for n in names]))
+    for index, (header, entries) in enumerate(groups):
+        if header is not None and len(paths) > 1:
+            out.write("%s%s:\n" % ("\n" if index else "", header))
+        if not args.long:
+            _fs_columns([name for name, _ in entries], out)
+            continue
+        for name, full in entries:
+            out.write(_fs_long(fs, full, name, fs.lstat(full)) + "\n")
+    return 0
+
+
+def _fs_tree(fs, args, out):
+    top = args.path
+    counts = [0, 0]
+
+    def show(path, prefix):
+        entries = sorted(fs.scandir(path), key=lambda e: e.name)
+        for i, entry in enumerate(entries):
+            last = i == len(entries) - 1
+            name = entry.name
+            if entry.is_symlink():
+                name += " -> " + fs.readlink(entry.path)
+            out.write("%s%s%s\n" % (prefix, "└── " if last else "├── ", name))
+            if entry.is_dir(follow_symlinks=False):
+                counts[0] += 1
+                show(entry.path, prefix + ("    " if last else "│   "))
+            else:
+                counts[1] += 1
+
+    if fs.stat(top).st_mode & 0o170000 != 0o040000:
+        raise _fs_error(errno.ENOTDIR, top)
+    out.write((top or "/") + "\n")
+    show(top, "")
+    out.write("\n%d director%s, %d file%s\n" % (counts[0], "y" if counts[0] == 1 else "ies",
+                                                 counts[1], "" if counts[1] == 1 else "s"))
+    return 0
+
+
+_FS_KINDS = ((0o040000, "directory"), (0o100000, "regular file"), (0o120000, "symbolic link"),
+             (0o010000, "fifo"), (0o140000, "socket"), (0o020000, "character special file"),
+             (0o060000, "block special file"))
+
+
+def _fs_stat(fs, args, out):
+    import stat as stat_module
+    st = fs.lstat(args.path)
+    kind = dict(_FS_KINDS).get(st.st_mode & 0o170000, "unknown")
+    name = args.path or "/"
+    if stat_module.S_ISLNK(st.st_mode):
+        name += " -> " + fs.readlink(args.path)
+    stamp = lambda ns: "%s.%09d" % (  # noqa: E731
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns // 10**9)), ns % 10**9)
+    out.write("  File: %s\n" % name)
+    out.write("  Size: %-15d Blocks: %-10d IO Block: %-6d %s\n"
+              % (st.st_size, st.st_blocks, st.st_blksize, kind))
+    out.write(" Inode: %-15d Links: %d\n" % (st.st_ino, st.st_nlink))
+    out.write("Access: (%04o/%s)  Uid: %d  Gid: %d\n"
+              % (st.st_mode & 0o7777, stat_module.filemode(st.st_mode), st.st_uid, st.st_gid))
+    out.write("Access: %s\nModify: %s\nChange: %s\n"
+              % (stamp(st.st_atime_ns), stamp(st.st_mtime_ns), stamp(st.st_ctime_ns)))
+    return 0
+
+
+def _fs_copy_out(source, write, what, total=None):
+    """Copy ``source`` to ``write`` in 1 MiB steps; a failure notes the bytes done."""
+    progress = _TransferProgress(total, what=what)
+    done = 0
+    try:
+        while True:
+            chunk = source.read(1 << 20)
+            if not chunk:
+                return
+            write(chunk)
+            done += len(chunk)
+            progress.update(done)
+    except BaseException as exc:
+        progress.fail(exc)
+        raise
+    finally:
+        progress.done()
+
+
+def _fs_each(args, paths, do):
+    """Run ``do(path)`` for each path; an error is reported and the rest still run (GNU).
+
+    ``cat a b c`` with ``b`` missing prints a and c and says why b failed on
+    stderr (through ``args.report_error`` in the shell); the status is 1
+    when any path failed.
+    """
+    report = getattr(args, "report_error", None)
+    status = 0
+    for path in paths:
+        try:
+            do(path)
+        except OSError as exc:
+            if _stdout_gone(exc):
+                raise
+            text = _fs_error_text(args.action, exc)
+            if report is not None:
+                report(text)
+            else:
+                sys.stderr.write("%s: error: %s\n" % (_PROG, text))
+            status = _EXIT_FAILURE
+    return status
+
+
+def _fs_cat(fs, args, out):
+    binary = getattr(out, "buffer", None)
+
+    def cat(path):
+        with fs.open(path, "rb") as f:
+            if binary is not None:
+                out.flush()
+                _fs_copy_out(f, binary.write, "cat")
+                binary.flush()
+            else:
+                _fs_copy_out(f, lambda chunk: out.write(chunk.decode("utf-8", "replace")), "cat")
+    return _fs_each(args, args.paths, cat)
+
+
+def _fs_get(fs, args, out):
+    local = args.local or os.path.basename(args.remote.rstrip("/")) or "root"
+    if os.path.isdir(local):
+        local = os.path.join(local, os.path.basename(args.remote.rstrip("/")))
+    with fs.open(args.remote, "rb") as source, open(local, "wb") as target:
+        _fs_copy_out(source, target.write, "get", fs.stat(args.remote).st_size)
+        size = target.tell()
+    out.write("%s -> %s (%d bytes)\n" % (args.remote, local, size))
+    return 0
+
+
+def _fs_put(fs, args, out):
+    remote = args.remote
+    if fs._is_dir(remote):
+        remote = _fs_join(remote, os.path.basename(args.local))
+    with open(args.local, "rb") as source, fs.open(remote, "wb") as target:
+        _fs_copy_out(source, target.write, "put", os.fstat(source.fileno()).st_size)
+        size = target.tell()
+    out.write("%s -> %s (%d bytes)\n" % (args.local, remote, size))
+    return 0
+
+
+def _fs_mkdir(fs, args, out):
+    if args.parents:
+        return _fs_each(args, args.paths, lambda path: fs.makedirs(path, exist_ok=True))
+    return _fs_each(args, args.paths, fs.mkdir)
+
+
+def _fs_rm(fs, args, out):
+    import posixpath
+
+    def rm(path):
+        # GNU rm refuses '/', '.' and '..' (--preserve-root); here the root is the whole share.
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if posixpath.normpath("/" + path.lstrip("/")) == "/" or name in (".", ".."):
+            raise OSError(errno.EPERM, "refusing to remove %s" % (
+                "the share's root" if name not in (".", "..") else "'.' or '..'"), path)
+        if args.recursive and fs.lstat(path).st_mode & 0o170000 == 0o040000:
+            for dirpath, dirs, files in fs.walk(path, topdown=False):
+                for name in files:
+                    fs.remove(_fs_join(dirpath, name))
+                for name in dirs:
+                    child = _fs_join(dirpath, name)
+                    if fs._is_link(child):
+                        fs.remove(child)
+                    else:
+                        fs.rmdir(child)
+            fs.rmdir(path)
+        else:
+            fs.remove(path)
+    return _fs_each(args, args.paths, rm)
+
+
+def _fs_mv(fs, args, out):
+    target = args.dst
+    if fs._is_dir(target):
+        target = _fs_join(target, args.src.rstrip("/").rsplit("/", 1)[-1])
+    fs.rename(args.src, target)
+    return 0
+
+
+def _fs_ln(fs, args, out):
+    if args.symbolic:
+        fs.symlink(args.target, args.path)
+    else:
+        fs.link(args.target, args.path)
+    return 0
+
+
+def _fs_df(fs, args, out):
+    st = fs.statvfs()
+    size, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    percent = 100.0 * used / (used + free) if used + free else 0.0
+    out.write("%-10s %12s %12s %12s %5s %12s %12s\n"
+              % ("", "size", "used", "available", "use%", "inodes", "inodes free"))
+    out.write("%-10s %12s %12s %12s %4.0f%% %12d %12d\n"
+              % ("share", _format_bytes(size), _format_bytes(used), _format_bytes(free), percent,
+                 st.f_files, st.f_ffree))
+    return 0
+
+
+_FS_ACTIONS = {"ls": _fs_ls, "tree": _fs_tree, "stat": _fs_stat, "cat": _fs_cat, "get": _fs_get,
+               "put": _fs_put, "mkdir": _fs_mkdir, "rm": _fs_rm, "mv": _fs_mv, "ln": _fs_ln,
+               "df": _fs_df}
+
+
+def _add_fs_actions(actions, parents):
+    """The ``fs`` commands, for the command line and the shell alike."""
+    ls = actions.add_parser("ls", parents=parents, help="list directories")
+    ls.add_argument("-l", dest="long", action="store_true", help="long listing")
+    ls.add_argument("-a", dest="all", action="store_true", help="include names starting with .")
+    ls.add_argument("paths", nargs="*", metavar="PATH")
+    actions.add_parser("tree", parents=parents, help="the directory tree under PATH") \
+        .add_argument("path", nargs="?", default="", metavar="PATH")
+    actions.add_parser("stat", parents=parents, help="everything stat(2) says of PATH") \
+        .add_argument("path", metavar="PATH")
+    actions.add_parser("cat", parents=parents, help="print files") \
+        .add_argument("paths", nargs="+", metavar="PATH")
+    get = actions.add_parser("get", parents=parents, help="copy REMOTE to a local file")
+    get.add_argument("remote", metavar="REMOTE")
+    get.add_argument("local", nargs="?", metavar="LOCAL",
+                     help="local file or directory (default: REMOTE's name, here)")
+    put = actions.add_parser("put", parents=parents, help="copy a local file to REMOTE")
+    put.add_argument("local", metavar="LOCAL")
+    put.add_argument("remote", metavar="REMOTE", help="file or existing directory in the share")
+    mkdir = actions.add_parser("mkdir", parents=parents, help="make directories")
+    mkdir.add_argument("-p", dest="parents", action="store_true",
+                       help="make parents as needed; no error if it exists")
+    mkdir.add_argument("paths", nargs="+", metavar="PATH")
+    rm = actions.add_parser("rm", parents=parents, help="remove files (and with -r, directories)")
+    rm.add_argument("-r", "-R", dest="recursive", action="store_true",
+                    help="remove directories and their contents")
+    rm.add_argument("paths", nargs="+", metavar="PATH")
+    mv = actions.add_parser("mv", parents=parents, help="rename or move into a directory")
+    mv.add_argument("src", metavar="SRC")
+    mv.add_argument("dst", metavar="DST")
+    ln = actions.add_parser("ln", parents=parents, help="make a hard link (-s: symbolic)")
+    ln.add_argument("-s", dest="symbolic", action="store_true", help="symbolic link")
+    ln.add_argument("target", metavar="TARGET")
+    ln.add_argument("path", metavar="PATH")
+    actions.add_parser("df", parents=parents, help="size, use and inodes of the share")
+
+
+def _fs_shell(fs, args, out):
+    """An sftp-like prompt on one connection (C virtiofsd serves only one)."""
+    import argparse
+    import cmd
+    import posixpath
+    import shlex
+    stdin = getattr(args, "stdin", None) or sys.stdin
+    interactive = hasattr(stdin, "isatty") and stdin.isatty()
+    # prog "fs": argparse starts its lines with it ("fs ls: error: ..."); "" left ": error:".
+    parser = argparse.ArgumentParser(prog="fs", add_help=False)
+    actions = parser.add_subparsers(dest="action", metavar="COMMAND")
+    _add_fs_actions(actions, [])
+    failures = [0]
+
+    class Shell(cmd.Cmd):
+        intro = ("Connected to %s (FUSE %d.%d). Commands: %s, cd, pwd, help, exit."
+                 % (args.socket, fs.major, fs.minor, ", ".join(sorted(_FS_ACTIONS)))
+                 if interactive else None)
+        cwd = "/"
+
+        def __init__(self):
+            cmd.Cmd.__init__(self, stdin=stdin, stdout=out)
+            self.use_rawinput = interactive and stdin is sys.stdin
+            self.prompt = self._prompt()
+
+        def _prompt(self):
+            return "fs:%s> " % self.cwd if interactive else ""
+
+        def _path(self, path):
+            return posixpath.normpath(posixpath.join(self.cwd, path)) if path else self.cwd
+
+        def emptyline(self):
+            return False
+
+        def _fail(self, text):
+            failures[0] += 1
+            sys.stderr.write("error: %s\n" % text)
+
+        def onecmd(self, line):
+            try:
+                words = shlex.split(line, comments=True)
+            except ValueError as exc:
+                self._fail(str(exc))
+                return False
+            if not words:
+                return False
+            name, rest = words[0], words[1:]
+            if name in ("exit", "quit", "bye", "EOF"):
+                return True
+            if name == "help" or name == "?":
+                parser.print_help(out)
+                out.write("  cd PATH, pwd, exit\n")
+                return False
+            if name == "pwd":
+                out.write(self.cwd + "\n")
+                return False
+            if name == "cd":
+                target = self._path(rest[0] if rest else "/")
+                if not fs._is_dir(target):
+                    self._fail("cd: %s: %s" % (target, "No such directory"))
+                else:
+                    self.cwd = target
+                    self.prompt = self._prompt()
+                return False
+            try:
+                parsed = parser.parse_args(words)
+            except SystemExit:      # argparse already said what is wrong
+                failures[0] += 1
+                return False
+            remote = {"ls": "paths", "tree": "path", "stat": "path", "cat": "paths",
+                      "get": "remote", "put": "remote", "mkdir": "paths", "rm": "paths",
+                      "mv": ("src", "dst"), "ln": ("path",)}.get(parsed.action, ())
+            for field in (remote,) if isinstance(remote, str) else remote:
+                value = getattr(parsed, field)
+                if isinstance(value, list):
+                    setattr(parsed, field, [self._path(v) for v in value] or [self.cwd])
+                else:
+                    setattr(parsed, field, self._path(value))
+            if parsed.action == "ln" and not parsed.symbolic:
+                parsed.target = self._path(parsed.target)   # a symlink's target stays as typed
+            parsed.report_error = self._fail    # cat/rm/mkdir go on past a bad path
+            try:
+                _FS_ACTIONS[parsed.action](fs, parsed, out)
+            except OSError as exc:
+                if _stdout_gone(exc):
+                    raise
+                self._fail(_fs_error_text(parsed.action, exc))
+            except (VhostUserError, ValueError) as exc:
+                raise _CliError("%s: %s" % (parsed.action, _one_line(exc)))
+            return False
+
+    shell = Shell()
+    while True:
+        try:
+            shell.cmdloop()
+            break
+        except KeyboardInterrupt:     # ^C drops the line being typed, as sftp does
+            if not interactive:
+                raise
+            out.write("^C\n")
+            shell.intro = None
+    if interactive:
+        out.write("\n")
+    return 0 if interactive or not failures[0] else _EXIT_FAILURE
 # -- migrate --------------------------------------------------------------------
 
 #: Chunk of one rehearsal read or write, and how many run at once.
@@ -16149,8 +16164,9 @@ def _cmd_migrate(args, out):
         status = (_migrate_blk if kind == DeviceType.BLOCK else _migrate_net)(dev, args, out)
     out.write("ok\n")
     return status
+# -- demo ---------------------------------------------------------------------
 
-
+#: Debian package that ships qemu-storage-daemon (README "Quick start").
 _DEMO_PACKAGE = "qemu-system-common"
 
 
@@ -16375,8 +16391,6 @@ def _demo_tour(args, out, daemon):
     step("bench", sock, "--rw", "randread", "--seconds", "%g" % args.seconds,
          "--backend-pid", daemon.proc.pid)
     out.write("\n")
-
-
 # -- selftest -----------------------------------------------------------------
 
 def _check_memfd():
@@ -16604,15 +16618,6 @@ def _hex_arg(text):
         raise argparse.ArgumentTypeError("%r is %d bytes; an Ethernet frame has at least %d"
                                          % (text, len(frame), _ETH_HLEN))
     return text
-
-
-def _typed_option(args, *spellings):
-    """Which of an option's ``spellings`` the user typed (``--bs`` or ``--size``), for messages."""
-    for word in reversed(getattr(args, "typed_argv", None) or ()):
-        for spelling in spellings:
-            if word == spelling or word.startswith(spelling + "="):
-                return spelling
-    return spellings[0]
 
 
 def _byte_arg(text):
@@ -17105,11 +17110,6 @@ def _transfer_suffix(exc):
     """"; read stopped after N bytes ..." for an error that ended a transfer, else ""."""
     note = _transfer_note(exc)
     return "; " + note if note else ""
-
-
-def _one_line(exc):
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text
 
 
 if __name__ == "__main__":
