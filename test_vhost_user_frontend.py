@@ -1215,11 +1215,22 @@ def run_cli(*argv):
     return status, out.getvalue(), err.getvalue()
 
 
-def run_cli_process(*argv, timeout=60):
-    """Run `python -m vhost_user_frontend ARGV` (what users type); return (status, stdout, stderr)."""
-    proc = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend"] + [str(a) for a in argv],
-                            cwd=MODULE_DIR, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+def cli_popen(*argv, env=None, **kwargs):
+    """Start `python -m vhost_user_frontend ARGV` (what users type) in the module's directory.
+
+    stdin is /dev/null and stdout and stderr are pipes unless given; ``env`` holds variables set on
+    top of os.environ (None: the environment as it is). The one CLI runner: returns the Popen."""
+    kwargs.setdefault("stdin", subprocess.DEVNULL)
+    kwargs.setdefault("stdout", subprocess.PIPE)
+    kwargs.setdefault("stderr", subprocess.PIPE)
+    if env is not None:
+        env = dict(os.environ, **env)
+    return subprocess.Popen([sys.executable, "-m", "vhost_user_frontend"] + [str(a) for a in argv],
+                            cwd=MODULE_DIR, env=env, **kwargs)
+
+
+def communicate(proc, timeout=60):
+    """Wait for a cli_popen() process (killed if the wait fails); (status, stdout, stderr) as text."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except BaseException:
@@ -1227,6 +1238,11 @@ def run_cli_process(*argv, timeout=60):
         proc.communicate()
         raise
     return proc.returncode, out.decode(), err.decode()
+
+
+def run_cli_process(*argv, timeout=60, **kwargs):
+    """Run `python -m vhost_user_frontend ARGV` to its end; return (status, stdout, stderr)."""
+    return communicate(cli_popen(*argv, **kwargs), timeout)
 
 
 class QuietHangUps(object):
@@ -1238,16 +1254,6 @@ class QuietHangUps(object):
         logger = logging.getLogger("vhost_user_frontend")
         logger.addHandler(handler)
         self.addCleanup(logger.removeHandler, handler)
-
-
-def communicate(proc, timeout=60):
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except BaseException:
-        proc.kill()
-        proc.communicate()
-        raise
-    return proc.returncode, out.decode(), err.decode()
 
 
 # Head ################################################################################################
@@ -7925,14 +7931,6 @@ class TestNetBurst(FrontendTestBase):
 # is not the point, else `python -m vhost_user_frontend`.
 
 
-def _edge_cli(*argv, **kwargs):
-    """Popen of `python -m vhost_user_frontend ARGV` (stdout a pipe unless given)."""
-    kwargs.setdefault("stdout", subprocess.PIPE)
-    return subprocess.Popen([sys.executable, "-m", "vhost_user_frontend"] + [str(a) for a in argv],
-                            cwd=MODULE_DIR, stdin=kwargs.pop("stdin", subprocess.DEVNULL),
-                            stderr=subprocess.PIPE, **kwargs)
-
-
 def _read_exactly(stream, count):
     data = b""
     while len(data) < count:
@@ -10427,8 +10425,7 @@ class TestCliBlock(BackendTestMixin, FdLeakCheck):
         with open(dst, "rb") as f:
             self.assertEqual(f.read(), data)
         # Raw bytes on a piped stdout, from a real `python -m` run.
-        proc = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend", "blk", sock, "read", "4096",
-                                 "1024"], cwd=MODULE_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = cli_popen("blk", sock, "read", "4096", "1024")
         out, err = proc.communicate(timeout=60)
         self.assertEqual((proc.returncode, out, err), (0, data, b""))
         self.assertEqual(run_cli("blk", sock, "write-zeroes", "4096", "512"), (0, "", ""))
@@ -10757,7 +10754,7 @@ class TestEdgesCliFs(BackendTestMixin, FdLeakCheck):
                 r, w = os.pipe()
                 os.close(r)
                 try:
-                    proc = _edge_cli("fs", fsd.socket_path, *argv, stdout=w,
+                    proc = cli_popen("fs", fsd.socket_path, *argv, stdout=w,
                                      stdin=subprocess.PIPE if argv == ["shell"] else None)
                 finally:
                     os.close(w)
@@ -10953,7 +10950,7 @@ class TestEdgesTransfers(BackendTestMixin, FdLeakCheck):
 
     def test_blk_read_with_qsd_killed(self):
         qsd = self.start_backend(QemuStorageDaemon, size=64 << 20)
-        proc = _edge_cli("blk", qsd.socket_path, "read", "512", str(60 << 20))
+        proc = cli_popen("blk", qsd.socket_path, "read", "512", str(60 << 20))
         got = _read_exactly(proc.stdout, 8 << 20)
         self.assertEqual(len(got), 8 << 20)
         kill_daemon(qsd)
@@ -10967,7 +10964,7 @@ class TestEdgesTransfers(BackendTestMixin, FdLeakCheck):
 
     def test_blk_write_interrupted(self):
         qsd = self.start_backend(QemuStorageDaemon, kind="raw", size=64 << 20)
-        proc = _edge_cli("blk", qsd.socket_path, "write", "0", stdin=subprocess.PIPE)
+        proc = cli_popen("blk", qsd.socket_path, "write", "0", stdin=subprocess.PIPE)
         chunk = 4 << 20    # the CLI's step
         # Three steps and one byte more: once the pipe is empty, the CLI has written three
         # steps and is waiting for the rest of the fourth.
@@ -10995,7 +10992,7 @@ class TestEdgesTransfers(BackendTestMixin, FdLeakCheck):
         fsd = self.start_backend(Virtiofsd)
         with open(os.path.join(fsd.shared_dir, "big"), "wb") as f:
             f.write(b"\x5a" * (16 << 20))
-        proc = _edge_cli("fs", fsd.socket_path, "cat", "big")
+        proc = cli_popen("fs", fsd.socket_path, "cat", "big")
         got = _read_exactly(proc.stdout, 4 << 20)
         fsd._signal_group(signal.SIGKILL)
         fsd.wait(10)
@@ -11010,7 +11007,7 @@ class TestEdgesTransfers(BackendTestMixin, FdLeakCheck):
     def test_net_recv_w_with_testpmd_killed(self):
         d = self.start_backend(Testpmd, forward_mode="txonly")
         capture = os.path.join(d.tmpdir, "cap.pcap")
-        proc = _edge_cli("net", d.socket_path, "recv", "--wait", "30", "-w", capture)
+        proc = cli_popen("net", d.socket_path, "recv", "--wait", "30", "-w", capture)
         wait_for(lambda: os.path.exists(capture) and os.path.getsize(capture) > 24 + 16 + 64,
                  30, "captured frames")
         d._signal_group(signal.SIGKILL)
@@ -11082,13 +11079,10 @@ def run_cli_bare(*argv, **kwargs):
     """Start `python -m vhost_user_frontend ARGV` with nothing on PATH but the interpreter; the Popen."""
     bindir = tempfile.mkdtemp(prefix="vhu-bare-path-")
     os.symlink(sys.executable, os.path.join(bindir, "python3"))
-    env = dict(os.environ, PATH=bindir, PYTHONUNBUFFERED="1")
     for binary in ("qemu-storage-daemon", "dpdk-testpmd"):
         assert shutil.which(binary, path=bindir) is None
     try:
-        return subprocess.Popen([sys.executable, "-m", "vhost_user_frontend"] + [str(a) for a in argv],
-                                cwd=MODULE_DIR, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+        return cli_popen(*argv, env={"PATH": bindir, "PYTHONUNBUFFERED": "1"}, **kwargs)
     finally:
         shutil.rmtree(bindir)
 
@@ -11193,13 +11187,13 @@ class TestCliWithoutBackends(BackendTestMixin, FdLeakCheck):
     def test_demo_with_qsd_cleans_up_on_sigterm(self):
         # issue 9: SIGTERM used to leave qemu-storage-daemon and its 64 MiB image behind.
         self.require_binary("qemu-storage-daemon")
-        self.sigterm_during_bench(run_cli_process_popen("demo", "--seconds", "30"))
+        self.sigterm_during_bench(cli_popen("demo", "--seconds", "30", env={"PYTHONUNBUFFERED": "1"}))
 
     def test_demo_killed_by_sigkill_stops_qsd(self):
         # No handler runs on SIGKILL: PR_SET_PDEATHSIG has qsd terminated when demo dies (the
         # temporary directory is left behind, as nothing can remove it then).
         self.require_binary("qemu-storage-daemon")
-        proc = run_cli_process_popen("demo", "--seconds", "30")
+        proc = cli_popen("demo", "--seconds", "30", env={"PYTHONUNBUFFERED": "1"})
         try:
             out = read_until(proc, "bench ")
         finally:
@@ -11214,12 +11208,6 @@ class TestCliWithoutBackends(BackendTestMixin, FdLeakCheck):
         if not gone(pid):
             os.kill(pid, signal.SIGKILL)
             self.fail("qemu-storage-daemon (pid %d) outlived the demo killed by SIGKILL" % pid)
-
-
-def run_cli_process_popen(*argv):
-    return subprocess.Popen([sys.executable, "-m", "vhost_user_frontend"] + [str(a) for a in argv],
-                            cwd=MODULE_DIR, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 _RSS_PROBE = """
@@ -11450,8 +11438,7 @@ class TestCliBlockStreaming(BackendTestMixin, FdLeakCheck):
                 r, w = os.pipe()
                 os.close(r)
                 try:
-                    proc = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend", "blk", self.sock]
-                                            + argv, cwd=MODULE_DIR, stdout=w, stderr=subprocess.PIPE)
+                    proc = cli_popen("blk", self.sock, *argv, stdout=w)
                 finally:
                     os.close(w)
                 err = proc.communicate(timeout=60)[1]
@@ -11512,9 +11499,7 @@ class TestCliPcap(BackendTestMixin, FdLeakCheck):
             self.assertEqual(b"".join(frames), f.read())
         self.assertIn("56:48:4f:53:54:00 > 02:00:00:00:00:00, ethertype IPv4 (0x0800), length 64", heads[0])
         # -w -: a pcap stream on stdout, read live by tcpdump -r -.
-        recv = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend", "net", d.socket_path, "recv",
-                                 "-c", "5", "-w", "-"], cwd=MODULE_DIR, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+        recv = cli_popen("net", d.socket_path, "recv", "-c", "5", "-w", "-")
         dump = subprocess.Popen([tcpdump, "-r", "-", "-n"], stdin=recv.stdout, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
         recv.stdout.close()
@@ -11532,9 +11517,7 @@ class TestCliPcap(BackendTestMixin, FdLeakCheck):
         self.assertEqual(heads[0].split(" ", 1)[1][:len(line) - 16], line.split(" ", 1)[1])
         # --wait inf: until Ctrl-C, which ends the capture cleanly (a whole pcap file, status 0).
         endless = os.path.join(d.tmpdir, "endless.pcap")
-        recv = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend", "net", d.socket_path, "recv",
-                                 "--wait", "inf", "-w", endless], cwd=MODULE_DIR, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+        recv = cli_popen("net", d.socket_path, "recv", "--wait", "inf", "-w", endless)
         self.addCleanup(lambda: recv.poll() is None and (recv.kill(), recv.wait()))
         # Ctrl-C once frames are being written (a fixed sleep once lost the race with a slow
         # PyPy start under load: the signal came before the capture loop and its handler).
@@ -11624,8 +11607,7 @@ class TestCliPingSignals(BackendTestMixin, FdLeakCheck):
                r"packet loss, time \d+ms\n")
 
     def ping(self, sock, *argv):
-        proc = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend", "net", sock, "ping"] + list(argv),
-                                cwd=MODULE_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = cli_popen("net", sock, "ping", *argv)
         self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
         # Wait for the first reply line, so the run is well under way (bounded: a ping that
         # never answers fails the test instead of hanging the suite).
@@ -11670,9 +11652,7 @@ class TestCliPingSignals(BackendTestMixin, FdLeakCheck):
                 return vu._EmbeddedNet._echo(self, backend, rx, readable)
         echo = vu._EmbeddedBackend(CountingNet(), path=os.path.join(d.tmpdir, "echo.sock")).start()
         self.addCleanup(echo.close)
-        replay = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend", "net", echo.path, "send",
-                                   "-r", pcap, "--loop", "0", "--pps", "2000"], cwd=MODULE_DIR,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        replay = cli_popen("net", echo.path, "send", "-r", pcap, "--loop", "0", "--pps", "2000")
         self.addCleanup(lambda: replay.poll() is None and (replay.kill(), replay.wait()))
         wait_for(lambda: CountingNet.taken > 0 or replay.poll() is not None, 30, "replayed frames")
         replay.send_signal(signal.SIGINT)
@@ -11940,11 +11920,7 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
     def test_an_ascii_stdout_gets_ascii_symbols_not_a_traceback(self):
         # CPython 3.6 in the C locale (env -i) writes ASCII; PYTHONIOENCODING makes any version do so.
         def run(*argv):
-            proc = subprocess.Popen([sys.executable, "-m", "vhost_user_frontend"] + list(argv),
-                                    cwd=MODULE_DIR, env=dict(os.environ, PYTHONIOENCODING="ascii"),
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE)
-            return communicate(proc)
+            return run_cli_process(*argv, env={"PYTHONIOENCODING": "ascii"})
         status, out, err = run("net", "/nonexistent.sock", "recv", "--help")
         self.assertEqual((status, err), (0, ""))
         self.assertIn("(LINKTYPE_ETHERNET, us timestamps)", " ".join(out.split()))
