@@ -1090,8 +1090,50 @@ STOP_TWO = ["SET_VRING_ENABLE", "GET_VRING_BASE"] * 2
 ACKED = {"SET_MEM_TABLE", "SET_VRING_CALL", "SET_VRING_KICK", "SET_VRING_ENABLE", "SET_BACKEND_REQ_FD"}
 
 
+# The block-device simulator every FakeBackend virtio-blk test uses: 2048 sectors of 512 bytes,
+# blk_size 512 (BLK_BLK_SIZE) and the rest of the config zero; FLUSH and BLK_SIZE offered.
+BLK_CONFIG = struct.pack("<QII4sI", 2048, 0, 0, b"", 512) + bytes(36)
+BLK_FEATURES = F_PROTOCOL | F_VERSION_1 | (1 << 9) | (1 << 6)
+
+
+def serve_blk(request):
+    """A FakeBackend ``device``: each chain taken from the avail ring goes to
+    request(backend, index, head, chain), which answers it (status byte, used entry) or lies."""
+    def run(backend, index):
+        while True:
+            popped = backend.pop_avail(index)
+            if popped is None:
+                return
+            head, chain = popped
+            request(backend, index, head, chain)
+    return run
+
+
+def ram_disk_request(disk, read, write, chain):
+    """Run one virtio-blk request of ``chain`` on the bytearray ``disk``, through read(gpa, n) and
+    write(gpa, data); writes status OK and returns (type, sector, used length)."""
+    kind, _, sector = struct.unpack("<IIQ", read(chain[0][0], 16))
+    offset, written = sector * 512, 1
+    for addr, length, _ in chain[1:-1]:
+        if kind == 0:      # IN: the device writes the data
+            write(addr, bytes(disk[offset:offset + length]))
+            written += length
+        elif kind == 1:    # OUT
+            disk[offset:offset + length] = read(addr, length)
+        offset += length
+    write(chain[-1][0], b"\0")
+    return kind, sector, written
+
+
 class FrontendTestBase(FdLeakCheck):
     """Fixtures: a FakeBackend, a frontend on it, guest memory and two queues; all closed after."""
+
+    def block_device(self, request, features=BLK_FEATURES, config=BLK_CONFIG, **kwargs):
+        """A BlockDevice (kwargs) over a FakeBackend playing virtio-blk through serve_blk(request)."""
+        backend = self.backend(features=features, config=config, device=serve_blk(request))
+        dev = vu.BlockDevice(self.frontend(backend), **kwargs)
+        self.addCleanup(dev.close)
+        return dev
 
     def backend(self, **kwargs):
         backend = FakeBackend(**kwargs)
@@ -4946,9 +4988,6 @@ _DESC_STATE = struct.Struct("<B5xHQ")         # inflight, next, counter
 INFLIGHT_PROTOCOL = vu._CROSVM_PROTOCOL_FEATURES | vu.ProtocolFeature.INFLIGHT_SHMFD
 
 
-BLK_CONFIG = struct.pack("<QII4sI", 2048, 0, 0, b"", 512) + bytes(36)   # 1 MiB, 512-byte blocks
-
-
 class _InflightBackend(FakeBackend):
     """A FakeBackend offering INFLIGHT_SHMFD that keeps its in-flight heads in the shared buffer as the
     spec's "Inflight I/O tracking" (split rings) says: GET_INFLIGHT_FD makes the buffer (or
@@ -4962,7 +5001,7 @@ class _InflightBackend(FakeBackend):
 
     def __init__(self, disk=None, serve=True, inflight_reply=None, **kwargs):
         kwargs.setdefault("protocol_features", FAKE_PROTOCOL | P_INFLIGHT)
-        kwargs.setdefault("features", F_PROTOCOL | F_VERSION_1 | (1 << 9) | (1 << 6))
+        kwargs.setdefault("features", BLK_FEATURES)
         kwargs.setdefault("config", BLK_CONFIG)
         if disk is not None and serve:
             kwargs.setdefault("device", _InflightBackend.serve_blk)
@@ -5097,27 +5136,12 @@ class _InflightBackend(FakeBackend):
 
     def execute(self, chain):
         """Run one virtio-blk request on ``disk``; returns the used length."""
-        kind, _, sector = struct.unpack("<IIQ", self.read(chain[0][0], 16))
-        offset, written = sector * 512, 1
-        for addr, length, _ in chain[1:-1]:
-            if kind == 1:
-                self.disk[offset:offset + length] = self.read(addr, length)
-            elif kind == 0:
-                self.write(addr, bytes(self.disk[offset:offset + length]))
-                written += length
-            offset += length
-        self.write(chain[-1][0], b"\0")
+        kind, sector, written = ram_disk_request(self.disk, self.read, self.write, chain)
         self.executed.append((kind, sector))
         return written
 
-    @staticmethod
-    def serve_blk(backend, index):
-        while True:
-            popped = backend.pop_avail(index)
-            if popped is None:
-                return
-            head, chain = popped
-            backend.push_used(index, head, backend.execute(chain))
+    serve_blk = staticmethod(serve_blk(
+        lambda backend, index, head, chain: backend.push_used(index, head, backend.execute(chain))))
 
 
 class TestInflightWire(FrontendTestBase):
@@ -5184,7 +5208,7 @@ class TestInflightWire(FrontendTestBase):
     def test_packed_rings_keep_the_drivers_record(self):
         # The packed region layout is not read by this driver: no buffer is asked for, although
         # INFLIGHT_SHMFD is negotiated (a reconnect rewinds from the driver's own record).
-        backend = self.backend_inflight(features=F_PROTOCOL | F_VERSION_1 | (1 << 9) | (1 << 6) | _PACKED)
+        backend = self.backend_inflight(features=BLK_FEATURES | _PACKED)
         sock, backend.frontend_sock = backend.frontend_sock, None
         blk = vu.BlockDevice.connect(sock, queue_size=16, packed=True)
         self.addCleanup(blk.close)
@@ -5746,32 +5770,21 @@ class TestBlockDevice(BackendTestMixin, FdLeakCheck):
 class TestBlockDeviceBadDevice(FrontendTestBase):
     """BlockDevice on VhostUserFrontend + FakeBackend acting as a virtio-blk device, good and bad."""
 
-    # capacity 2048 sectors, blk_size 512 (BLK_BLK_SIZE), the rest zero
-    CONFIG = struct.pack("<QII4sI", 2048, 0, 0, b"", 512) + bytes(36)
+    CONFIG = BLK_CONFIG
 
     def device(self, entry):
         """A FakeBackend device that fills read buffers with 0x5a and reports entry(head, chain)."""
-        def run(backend, index):
-            while True:
-                popped = backend.pop_avail(index)
-                if popped is None:
-                    return
-                head, chain = popped
-                for addr, length, flags in chain[1:-1]:
-                    backend.write(addr, b"\x5a" * length)
-                backend.write(chain[-1][0], b"\0")             # status OK
-                backend.push_used(index, *entry(head, chain))
-        backend = self.backend(features=F_PROTOCOL | F_VERSION_1 | (1 << 9) | (1 << 6),
-                               config=self.CONFIG, device=run)
-        dev = vu.BlockDevice(self.frontend(backend), queue_size=8)
-        self.addCleanup(dev.close)
-        return dev
+        def request(backend, index, head, chain):
+            for addr, length, flags in chain[1:-1]:
+                backend.write(addr, b"\x5a" * length)
+            backend.write(chain[-1][0], b"\0")             # status OK
+            backend.push_used(index, *entry(head, chain))
+        return self.block_device(request, queue_size=8)
 
     def test_config_read_is_sized_by_the_acked_features(self):
         # FLUSH and BLK_SIZE only: the config ends with blk_size at bytes 20..23 (spec 5.2.4),
         # and a back-end whose config is that short refuses a longer read (libvhost-user does).
-        backend = self.backend(features=F_PROTOCOL | F_VERSION_1 | (1 << 9) | (1 << 6),
-                               config=self.CONFIG[:24])
+        backend = self.backend(features=BLK_FEATURES, config=self.CONFIG[:24])
         dev = vu.BlockDevice(self.frontend(backend), queue_size=8)
         self.addCleanup(dev.close)
         reads = [m for m in backend.messages if m.name == "GET_CONFIG"]
@@ -5784,20 +5797,13 @@ class TestBlockDeviceBadDevice(FrontendTestBase):
         config = self.CONFIG[:36] + struct.pack("<II", 0, 1) + self.CONFIG[44:]
         requests = []
 
-        def run(backend, index):
-            while True:
-                popped = backend.pop_avail(index)
-                if popped is None:
-                    return
-                head, chain = popped
-                requests.append(backend.read(chain[0][0], 16) + b"".join(
-                    backend.read(addr, n) for addr, n, f in chain[1:-1]))
-                backend.write(chain[-1][0], b"\0")
-                backend.push_used(index, head, 1)
-        backend = self.backend(features=F_PROTOCOL | F_VERSION_1 | (1 << 6) | (1 << 13),
-                               config=config, device=run)
-        dev = vu.BlockDevice(self.frontend(backend), queue_size=8)
-        self.addCleanup(dev.close)
+        def request(backend, index, head, chain):
+            requests.append(backend.read(chain[0][0], 16) + b"".join(
+                backend.read(addr, n) for addr, n, f in chain[1:-1]))
+            backend.write(chain[-1][0], b"\0")
+            backend.push_used(index, head, 1)
+        dev = self.block_device(request, features=F_PROTOCOL | F_VERSION_1 | (1 << 6) | (1 << 13),
+                                config=config, queue_size=8)
         with self.assertRaises(vu.FeatureNotNegotiated):
             dev.submit_flush()                       # spec 5.2.6.1: not without BLK_F_FLUSH
         dev.flush()                                  # a no-op
@@ -5841,26 +5847,17 @@ class TestHostileBlockDevice(FrontendTestBase):
 
     def device(self, complete, timeout=5.0):
         """A device writing the sector pattern and status OK, then complete(backend, index, head, chain)."""
-        def run(backend, index):
-            while True:
-                popped = backend.pop_avail(index)
-                if popped is None:
-                    return
-                head, chain = popped
-                op, _, sector = struct.unpack("<IIQ", backend.read(chain[0][0], 16))
-                if op == 0:
-                    data = _sector_pattern(sector, sum(n for _, n, _ in chain[1:-1]))
-                    for addr, length, _ in chain[1:-1]:
-                        backend.write(addr, data[:length])
-                        data = data[length:]
-                backend.write(chain[-1][0], b"\0")
-                complete(backend, index, head, chain)
-        backend = self.backend(features=F_PROTOCOL | F_VERSION_1 | (1 << 9) | (1 << 6),
-                               config=self.CONFIG, device=run)
-        dev = vu.BlockDevice(self.frontend(backend), queue_size=8, timeout=timeout,
-                             memory_size=1 << 20)
-        self.addCleanup(dev.close)
-        return dev
+        def request(backend, index, head, chain):
+            op, _, sector = struct.unpack("<IIQ", backend.read(chain[0][0], 16))
+            if op == 0:
+                data = _sector_pattern(sector, sum(n for _, n, _ in chain[1:-1]))
+                for addr, length, _ in chain[1:-1]:
+                    backend.write(addr, data[:length])
+                    data = data[length:]
+            backend.write(chain[-1][0], b"\0")
+            complete(backend, index, head, chain)
+        return self.block_device(request, config=self.CONFIG, queue_size=8, timeout=timeout,
+                                 memory_size=1 << 20)
 
     @staticmethod
     def writable(chain):
@@ -6261,17 +6258,7 @@ class TestPackedBlockDevice(FrontendTestBase):
             if dev is None:            # the start kick, before the test has the queue
                 return
             for buffer_id, chain, slots in dev.take():
-                kind, _, sector = struct.unpack("<IIQ", dev.mem.read(chain[0][0], 16))
-                data, status = chain[1:-1], chain[-1]
-                offset, written = sector * 512, 1
-                for addr, length, flags in data:
-                    if kind == 0:      # IN: the device writes the data
-                        dev.mem.write(addr, bytes(disk[offset:offset + length]))
-                        written += length
-                    elif kind == 1:    # OUT
-                        disk[offset:offset + length] = dev.mem.read(addr, length)
-                    offset += length
-                dev.mem.write(status[0], b"\0")
+                written = ram_disk_request(disk, dev.mem.read, dev.mem.write, chain)[2]
                 dev.complete(buffer_id, written, slots)
 
         backend = self.backend(features=F_PROTOCOL | F_VERSION_1 | F_EVENT_IDX | (1 << 9)
@@ -6903,18 +6890,8 @@ class TestBlockFastPathBadDevice(FrontendTestBase):
     CONFIG = TestBlockDeviceBadDevice.CONFIG
 
     def device(self, complete):
-        def run(backend, index):
-            while True:
-                popped = backend.pop_avail(index)
-                if popped is None:
-                    return
-                head, chain = popped
-                complete(backend, index, head, chain)
-        backend = self.backend(features=F_PROTOCOL | F_VERSION_1 | (1 << 9) | (1 << 6),
-                               config=self.CONFIG, device=run)
-        dev = vu.BlockDevice(self.frontend(backend), queue_size=16, timeout=2.0, memory_size=1 << 20)
-        self.addCleanup(dev.close)
-        return dev
+        return self.block_device(complete, config=self.CONFIG, queue_size=16, timeout=2.0,
+                                 memory_size=1 << 20)
 
     def check_free_list(self, queue):
         """Every descriptor is free, in a slot or in a chain, exactly once."""
