@@ -108,7 +108,7 @@ class FdLeakCheck(unittest.TestCase):
             new = open_fds() - self._fds_before
             if not new or time.monotonic() >= deadline:
                 break
-            time.sleep(0.01)
+            time.sleep(0.01)   # poll interval of a wait with a deadline
         problems = []
         if threads:
             problems.append("threads still alive: %s" % ", ".join(
@@ -279,7 +279,7 @@ class _Daemon(object):
                 return
             if time.monotonic() >= deadline:
                 raise self._error("did not listen on %s within %.1f s" % (self.socket_path, self.start_timeout))
-            time.sleep(0.005)
+            time.sleep(0.005)   # poll interval of a wait with a deadline
 
     def wait(self, timeout):
         """Wait for the daemon to exit by itself; return its status, or None on timeout."""
@@ -717,7 +717,17 @@ def wait_for(predicate, timeout=5.0, what="condition"):
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting for %s" % what)
-        time.sleep(0.001)
+        time.sleep(0.001)       # the poll interval
+
+
+def thread_in(thread, function):
+    """Whether ``thread`` is now inside a function named ``function`` (for wait_for)."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _recv_message(sock):
@@ -2190,7 +2200,7 @@ class TestConnectAndListen(FdLeakCheck):
         accepted = []
 
         def serve_later():
-            time.sleep(0.05)  # connect() is already retrying
+            time.sleep(0.05)  # kept: the socket must appear late, while connect() is retrying
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
                 server.bind(self.path)
                 server.listen(1)
@@ -2220,7 +2230,7 @@ class TestConnectAndListen(FdLeakCheck):
                     sock.connect(self.path)
                 except OSError:
                     sock.close()
-                    time.sleep(0.001)
+                    time.sleep(0.001)   # kept: paces the retry
                     continue
                 connected.append(sock)
                 return
@@ -2975,7 +2985,7 @@ class TestQueueDriver(FdLeakCheck):
                     chain, _ = dev.chain(head)
                     dev.mem.write(chain[-1][0], _read_desc(dev, chain[0])[:chain[-1][1]])
                     dev.complete(head, chain[-1][1])
-                time.sleep(0.0005)
+                time.sleep(0.0005)   # kept: paces the device loop
 
         results = {}
 
@@ -2988,7 +2998,7 @@ class TestQueueDriver(FdLeakCheck):
                         token = q.add([b"%02d-%03d" % (n, i)], [out], token=(n, i, out))
                         break
                     except vu.Queue.Full:
-                        time.sleep(0.001)
+                        time.sleep(0.001)   # kept: paces the retry
                 q.notify()
                 got.append(token)
             results[n] = got
@@ -5356,7 +5366,7 @@ class TestGracefulClose(QuietHangUps, BackendTestMixin, FdLeakCheck):
                        for _ in range(3)]
             for t in threads:
                 t.start()
-            time.sleep(rnd.uniform(0, 0.01))
+            time.sleep(rnd.uniform(0, 0.01))   # kept: close at a random moment of the reads
             dev.close()
             for t in threads:
                 t.join(5)
@@ -5952,7 +5962,7 @@ class TestHostileBlockDevice(FrontendTestBase):
         thread = threading.Thread(target=reader, name="vhost-user-test-reader")
         thread.start()
         wait_for(lambda: dev._queues[0].in_flight == 1, what="the read to be posted")
-        time.sleep(0.05)
+        wait_for(lambda: thread_in(thread, "wait_used"), what="the reader to wait for its completion")
         dev.close()
         thread.join(5)
         self.assertFalse(thread.is_alive(), "a reader was left waiting on a closed device")
@@ -6007,7 +6017,7 @@ class _DepthWriter(object):
     def wait_for(self, count, timeout=10):
         deadline = time.monotonic() + timeout
         while self.completed < count and time.monotonic() < deadline and not self.errors:
-            time.sleep(0.005)
+            time.sleep(0.005)   # poll interval of a wait with a deadline
 
     def finish(self, timeout=20):
         self.stop.set()
@@ -6201,7 +6211,7 @@ class TestMoveBlock(BackendTestMixin, FdLeakCheck):
             self.a.proc.wait(10)
             deadline = time.monotonic() + 5
             while dev.interrupt.crash_error is None and time.monotonic() < deadline:
-                time.sleep(0.01)
+                time.sleep(0.01)   # poll interval of a wait with a deadline
             with self.assertRaises(vu.Disconnected):
                 dev.read(0, 4096)
             dev.move_to(self.b.socket_path)
@@ -6303,7 +6313,7 @@ def restart_daemon(daemon, down=0.0, remove_socket=False):
     """
     kill_daemon(daemon, remove_socket)
     if down:
-        time.sleep(down)
+        time.sleep(down)        # kept: the outage lasts ``down`` seconds
     return start_again(daemon)
 
 
@@ -6475,7 +6485,7 @@ class TestReconnectBlock(QuietHangUps, BackendTestMixin, FdLeakCheck):
         recoveries = []
         try:
             for _ in range(kills):
-                time.sleep(rnd.uniform(0.05, 0.25))
+                time.sleep(rnd.uniform(0.05, 0.25))   # kept: kill at a random moment of the I/O
                 if stop.is_set():
                     break
                 before = interrupt.reconnects
@@ -6483,7 +6493,7 @@ class TestReconnectBlock(QuietHangUps, BackendTestMixin, FdLeakCheck):
                 wait_for(lambda: interrupt.reconnects > before or stop.is_set(), 10.0,
                          "the device to reconnect")
                 recoveries.append(time.monotonic() - back)
-            time.sleep(0.1)
+            time.sleep(0.1)     # kept: I/O runs on after the last recovery
         finally:
             stop.set()
             for t in workers:
@@ -6632,7 +6642,7 @@ class TestReconnectBlock(QuietHangUps, BackendTestMixin, FdLeakCheck):
             kill_daemon(qsd)
             writer = threading.Thread(target=write, name="vhost-user-test-writer")
             writer.start()
-            time.sleep(1.3)     # longer than the 1 s call timeout: extended by the outage
+            time.sleep(1.3)     # kept: longer than the 1 s call timeout, extended by the outage
             start_again(qsd)
             writer.join(10)
         self.assertEqual(outcome, ["written"])
@@ -6670,7 +6680,8 @@ class TestReconnectBlock(QuietHangUps, BackendTestMixin, FdLeakCheck):
         reader = threading.Thread(target=read, name="vhost-user-test-reader")
         reader.start()
         wait_for(lambda: dev.interrupt.crash_error is not None, 5.0, "the hang-up")
-        time.sleep(0.3)      # the reader waits for the back-end to come back
+        wait_for(lambda: thread_in(reader, "_reconnect_backend"), 5.0,
+                 "the reader to wait for the back-end to come back")
         started = time.monotonic()
         dev.close()
         reader.join(5)
@@ -7365,13 +7376,13 @@ class TestMoveNet(BackendTestMixin, FdLeakCheck):
         thread.start()
         deadline = time.monotonic() + 10
         while state["next"] < 400 and time.monotonic() < deadline:
-            time.sleep(0.001)
+            time.sleep(0.001)   # poll interval of a wait with a deadline
         dev.move_to(new.socket_path)
         moved_at = state["next"]
         if stop_old is not None:
             stop_old.stop()   # the old back-end is gone: whatever follows runs on the new one
         while state["next"] < moved_at + 400 and time.monotonic() < deadline + 10:
-            time.sleep(0.001)
+            time.sleep(0.001)   # poll interval of a wait with a deadline
         stop.set()
         thread.join(20)
         self.assertEqual(errors, [])
@@ -7659,7 +7670,7 @@ class TestReconnectNet(QuietHangUps, BackendTestMixin, FdLeakCheck):
                 while not stop.is_set():
                     nic.send_many([self.frame(sent[0] + i) for i in range(8)])
                     sent[0] += 8
-                    time.sleep(0.002)
+                    time.sleep(0.002)     # kept: paces the sender
             except BaseException as exc:
                 errors.append(exc)
 
@@ -7680,13 +7691,12 @@ class TestReconnectNet(QuietHangUps, BackendTestMixin, FdLeakCheck):
         for t in threads:
             t.start()
         try:
-            time.sleep(0.3)
+            wait_for(lambda: highest[0] >= 64 or errors, 10.0, "traffic before the kill")
             at_kill = sent[0]
             restart_daemon(testpmd, remove_socket=True)
             wait_for(lambda: nic._frontend.interrupt.reconnects == 1, 10.0, "the reconnect")
             resumed = sent[0]
-            wait_for(lambda: highest[0] >= resumed, 10.0, "traffic to resume")
-            time.sleep(0.2)
+            wait_for(lambda: highest[0] >= resumed + 64 or errors, 10.0, "traffic to resume")
         finally:
             stop.set()
             for t in threads:
@@ -8608,7 +8618,7 @@ class TestFsDevicePeer(FrontendTestBase):
             fs.stat("a")
             fs.stat("b")
             fs.stat("c")                 # "a" leaves the cache
-            time.sleep(0.05)
+            time.sleep(0.05)             # kept: nothing may be sent within this window
             self.assertEqual(peer.ops(2, queue=0), [])
             fs._active -= 1
             fs.stat("b")                 # the next call to end sends it
@@ -10703,7 +10713,7 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
                 self.sent.append(time.monotonic())
 
             def recv(self, timeout):
-                time.sleep(timeout)
+                time.sleep(timeout)     # kept: a recv that times out takes its timeout
                 return None
 
         args = argparse.Namespace(socket="s", count=3, interval=0.3, size=50, wait=0.05, timeout=5.0,
@@ -11181,7 +11191,7 @@ class TestCliWithoutBackends(BackendTestMixin, FdLeakCheck):
         self.addCleanup(shutil.rmtree, tmpdir, True)
         deadline = time.monotonic() + 10
         while not gone(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.05)   # poll interval of a wait with a deadline
         if not gone(pid):
             os.kill(pid, signal.SIGKILL)
             self.fail("qemu-storage-daemon (pid %d) outlived the demo killed by SIGKILL" % pid)
@@ -11583,14 +11593,14 @@ class TestCliPingSignals(BackendTestMixin, FdLeakCheck):
     SUMMARY = (r"\n--- (\S+) ping statistics ---\n(\d+) packets transmitted, (\d+) received, ([\d.]+)% "
                r"packet loss, time \d+ms\n")
 
-    def ping(self, sock, *argv):
+    def ping(self, sock, *argv, replies=1):
         proc = cli_popen("net", sock, "ping", *argv)
         self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
-        # Wait for the first reply line, so the run is well under way (bounded: a ping that
-        # never answers fails the test instead of hanging the suite).
+        # Wait for the first ``replies`` reply lines, so the run is well under way (bounded: a ping
+        # that never answers fails the test instead of hanging the suite).
         first = b""
         deadline = time.monotonic() + 30
-        while first.count(b"\n") < 2 and time.monotonic() < deadline:
+        while first.count(b"\n") < 1 + replies and time.monotonic() < deadline:
             if select.select([proc.stdout], [], [], 1.0)[0]:
                 chunk = os.read(proc.stdout.fileno(), 1)
                 if not chunk:
@@ -11601,8 +11611,7 @@ class TestCliPingSignals(BackendTestMixin, FdLeakCheck):
 
     def test_sigint_then_backend_death(self):
         d = self.start_backend(Testpmd)
-        proc, first = self.ping(d.socket_path, "-i", "0.05")
-        time.sleep(0.3)
+        proc, first = self.ping(d.socket_path, "-i", "0.05", replies=4)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
         out = (first + out).decode()
@@ -11923,7 +11932,7 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
             def recv(self, timeout=None):
                 if len(self.finished) == 2:
                     os.kill(os.getpid(), signal.SIGINT)
-                    time.sleep(0.01)          # the default handler raises here, mid-call
+                    time.sleep(0.01)          # kept: the default handler raises here, mid-call
                 self.finished.append(True)
                 return frame_of[0]
 
