@@ -11246,6 +11246,42 @@ class TestCliHexdump(FdLeakCheck):
                         self.assertEqual(out.getvalue(), expected)
 
 
+class TestCliWriteLastBlock(FdLeakCheck):
+    """blk write: a failure in the padded last block still says what the transfer did."""
+
+    def test_a_failed_last_block_says_what_was_done(self):
+        class Disk(object):   # the part of BlockDevice that _blk_write_from uses
+            block_size, capacity, read_only = 512, 1 << 20, False
+
+            def __init__(self):
+                self.writes = []
+
+            def alloc(self, size):
+                return memoryview(bytearray(size))
+
+            def free(self, buffer):
+                pass
+
+            def read(self, position, length):
+                return bytes(length)
+
+            def write(self, position, data):
+                if self.writes:   # the second write: the padded last block
+                    raise OSError(errno.EIO, "injected")
+                self.writes.append((position, bytes(data)))
+        disk = Disk()
+        data = os.urandom(1000)
+        with tempfile.TemporaryFile() as source:
+            source.write(data)
+            source.seek(0)
+            args = mock.Mock(offset=0, pad=True, rmw=False)
+            with self.assertRaises(OSError) as cm:
+                vu._blk_write_from(disk, args, io.StringIO(), source)
+        self.assertEqual(disk.writes, [(0, data[:512])])
+        self.assertEqual(vu._transfer_note(cm.exception),
+                         "write stopped after 512 bytes of 1000, at offset 512")
+
+
 class TestCliTransferProgress(FdLeakCheck):
     """The blk progress line: only on a terminal, only after a second, bytes, rate and ETA."""
 
