@@ -7849,6 +7849,7 @@ class TestNetBurst(FrontendTestBase):
                 (([buffers[0], buffers[0]], [60, 60]), "a buffer is listed twice"),
                 ((buffers[:2], [60, 13]), "lengths[1] is 13, a frame is 14..%d" % nic.frame_max),
                 ((buffers[:1], [nic.frame_max + 1]), "lengths[0] is %d" % (nic.frame_max + 1)),
+                ((buffers[:2], [60, 60.5]), "lengths[1] is 60.5, a frame is 14.."),
                 ((buffers[:2], [60]), "2 buffers and 1 lengths")):
             with self.subTest(text=text):
                 with self.assertRaises(ValueError) as cm:

@@ -2830,6 +2830,7 @@ class Queue:
         # Until next_used reaches this avail index, entries between them may
         # have been used out of order (see _reap_in_order); None: in order.
         self._order_mark = None
+        self._tracks_order = False   # reap_run is used: careful reaps check their order
         self._writable_all = -1   # the writable bytes every slot has (None: they differ)
         self._woken = False                   # wake_waiter() was called
         #: How many times ``rewind`` ran (a driver can tell a restart happened).
@@ -3472,8 +3473,11 @@ class Queue:
         reaped = len(done) - first
         self.next_used = (next_used + reaped) & 0xFFFF
         self._slots_busy -= reaped - chained
-        if elems[0:2 * reaped:2] != self._avail_heads(next_used, reaped):
-            self._order_mark = self.next_avail   # used out of order (see _reap_in_order)
+        # Used out of order (see _reap_in_order)? Only a queue reaped with
+        # reap_run looks; the others just say "not known".
+        if not self._tracks_order or elems[0:2 * reaped:2] != self._avail_heads(next_used,
+                                                                                 reaped):
+            self._order_mark = self.next_avail
         return True
 
     def _avail_heads(self, position, count):
@@ -3802,6 +3806,7 @@ class Queue:
         posted (``_order_mark``): so used heads equal to the avail heads are
         slots in flight, each once, and one list comparison checks them all.
         """
+        self._tracks_order = True
         used_idx = self._load_used(1)
         next_used = self.next_used
         pending = (used_idx - next_used) & 0xFFFF
@@ -8789,6 +8794,9 @@ class NetDevice(_Device):
                 known = pair.tx_lengths
                 if (known[first:first + count] if run else [known[k] for k in taken]) \
                         != lengths:
+                    # New lengths are looked at closely once, not at every post.
+                    if not all(length.__class__ is int for length in lengths):
+                        self._tx_bad_length(lengths)
                     tx.set_slot_lengths(heads, list(map(self._hdr_len.__add__, lengths)))
                     if run:
                         known[first:first + count] = lengths
