@@ -7867,6 +7867,8 @@ class TestNetBurst(FrontendTestBase):
             nic.tx_burst(buffers[:1], [60])   # freed: not the caller's any more
         self.assertIn("or it was freed", str(cm.exception))
         nic.tx_burst(buffers[1:], [60, 60])
+        rx = nic._pairs[0].rx   # the fake device runs on its own thread: wait for both
+        wait_for(lambda: (rx.used_index() - rx.next_used) & 0xFFFF == 2, what="2 used")
         self.assertEqual([bytes(v) for v in nic.rx_burst(2, timeout=2.0)],
                          [_test_net_frame(0)] * 2)
 
