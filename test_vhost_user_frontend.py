@@ -9435,6 +9435,22 @@ class _CrashesOnLoopedChain(vu._EmbeddedBackend):
         return result
 
 
+class _CrashesAfterKickedSession(vu._EmbeddedBackend):
+    """Stops listening when a connection that kicked a ring hangs up (qsd 7.2 does, at times)."""
+
+    kicked = False
+
+    def _kick(self, index, poller, handlers, fd):
+        self.kicked = True
+        return vu._EmbeddedBackend._kick(self, index, poller, handlers, fd)
+
+    def _hang_up(self, poller, handlers):
+        if self.kicked and self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        return vu._EmbeddedBackend._hang_up(self, poller, handlers)
+
+
 class _OddFeatureBit(vu._EmbeddedBlock):
     def __init__(self, *args, **kwargs):
         vu._EmbeddedBlock.__init__(self, *args, **kwargs)
@@ -9683,6 +9699,15 @@ class TestValidateCanFail(_EmbeddedBlockFixture, FdLeakCheck):
                 self.assertEqual(verdicts(report), {check: "fail"})
                 self.assertIn("crashed: ", details(report)[check])
 
+    def test_a_crash_after_a_dropped_connection_fails_reconnect_naming_it(self):
+        path = self.embedded(_CrashesAfterKickedSession)
+        status, report, err = validate(path, "--timeout", "1", "--only", "recover.reconnect")
+        self.assertEqual((status, verdicts(report)), (1, {"recover.reconnect": "fail"}))
+        self.assertIn("dropped with 4 chains in flight, then the next one: ",
+                      details(report)["recover.reconnect"])
+        self.assertIn("crashed: the socket no longer accepts connections",
+                      details(report)["recover.reconnect"])
+
     def test_after_a_crash_the_rest_is_error_not_skip(self):
         path = self.embedded(_CrashesOnLoopedChain)
         status, report, err = validate(path, "--timeout", "1", "--destructive",
@@ -9716,7 +9741,9 @@ class TestValidateRealBackends(BackendTestMixin, FdLeakCheck):
     def test_qsd(self):
         qsd = self.start_backend(QemuStorageDaemon, kind="raw", size=1 << 20)
         start = time.monotonic()
-        status, report, err = validate(qsd.socket_path, "--destructive", "--timeout", "3")
+        # recover.* has a test of its own: qsd 7.2 crashes there at times.
+        status, report, err = validate(qsd.socket_path, "--destructive", "--timeout", "3",
+                                       "--only", "neg.*,proto.*,mem.*,ring.*,io.*,robust.*")
         self.assertLess(time.monotonic() - start, 60)
         self.assertEqual(status, 1)
         got = verdicts(report)
@@ -9726,10 +9753,29 @@ class TestValidateRealBackends(BackendTestMixin, FdLeakCheck):
         others = dict((k, v) for k, v in got.items() if k not in self.QSD_FINDINGS)
         self.assertEqual(set(others.values()), {"pass", "skip"}, report)
         for check in ("ring.stop", "ring.base", "ring.event-idx", "mem.slots", "mem.offset",
-                      "io.blk-rw", "io.blk-discard", "recover.reconnect", "robust.loop",
-                      "neg.unsupported"):
+                      "io.blk-rw", "io.blk-discard", "robust.loop", "neg.unsupported"):
             self.assertEqual(got[check], "pass", (check, details(report)[check]))
+        self.assertNotIn("recover.reconnect", got)
         self.assertIsNone(qsd.returncode)   # still alive after the destructive checks
+
+    def test_qsd_reconnect_with_chains_in_flight(self):
+        # qsd 7.2 aborts now and then (about 1 run in 20 on one CPU) when a client hangs up with
+        # requests in flight and the next connects: vhost_user_server_ref asserts
+        # !server->wait_idle. Either outcome must be reported as what happened.
+        qsd = self.start_backend(QemuStorageDaemon, kind="raw", size=1 << 20)
+        status, report, err = validate(qsd.socket_path, "--timeout", "3",
+                                       "--only", "recover.reconnect")
+        verdict, detail = verdicts(report)["recover.reconnect"], details(report)["recover.reconnect"]
+        if verdict == "pass":
+            self.assertEqual(status, 0)
+            self.assertIn("the next connection served: 4 KiB written", detail)
+            self.assertIsNone(qsd.returncode)
+        else:
+            self.assertEqual((status, verdict), (1, "fail"), detail)
+            self.assertIn("dropped with 4 chains in flight, then the next one: ", detail)
+            self.assertIn("crashed", detail)
+            wait_for(lambda: qsd.returncode is not None, 5, "qsd to exit")
+            self.assertIn("wait_idle", qsd.log_tail())
 
     def test_stopped_qsd_fails_within_the_timeout(self):
         qsd = self.start_backend(QemuStorageDaemon)
