@@ -5399,14 +5399,43 @@ class TestCompletionPolicy(FdLeakCheck):
         self.assertTrue(ours)
         with mock.patch.object(vu, "_cpu_affinity", lambda pid: frozenset([0])):
             shared = vu._placement(client)
-        self.assertEqual(shared, vu._Placement(os.getpid(), True, 0.0, True, True))
+        self.assertEqual(shared, vu._Placement(os.getpid(), True, 0.0, True, True, 0.0))
         with mock.patch.object(vu, "_cpu_affinity", lambda pid: frozenset([0 if pid == 0 else 1])):
             apart = vu._placement(client)
-        self.assertEqual((apart.shared_cpu, apart.event_idx, apart.defer_calls), (False, True, False))
-        self.assertEqual(apart.spin, 0.0 if sys.implementation.name == "pypy" else vu._DEFAULT_SPIN)
-        self.assertEqual(vu._placement(client, spin=1e-3, event_idx=False)[2:], (1e-3, False, False))
+        self.assertEqual((apart.shared_cpu, apart.event_idx, apart.defer_calls), (False, True, True))
+        self.assertEqual((apart.spin, apart.spin_max), (vu._DEFAULT_SPIN, vu._SPIN_MAX))
+        self.assertEqual(vu._placement(client, spin=1e-3, event_idx=False)[2:],
+                         (1e-3, False, False, 0.0))   # a spin given is fixed
         with self.assertRaises(ValueError):
             vu._placement(client, spin=-1)
+
+    def test_spin_adapts_to_how_long_the_back_end_takes(self):
+        mem = vu.GuestMemory([(0, 1 << 20)])
+        self.addCleanup(mem.close)
+        q = vu.Queue(mem, 8, 0)
+        self.addCleanup(q.close)
+        q.spin, q.spin_max = 0.0, 400e-6
+        spins = []
+        for slept in (1e-4, 1e-4, 1e-4, 1e-4, 5e-3, 5e-3, 5e-3, 5e-3):
+            q._adapt_spin(slept)
+            spins.append(round(q.spin * 1e6, 3))
+        # Short sleeps double the spin up to spin_max; long ones halve it down to 0.
+        self.assertEqual(spins, [50.0, 100.0, 200.0, 400.0, 200.0, 100.0, 50.0, 25.0])
+        for _ in range(3):
+            q._adapt_spin(5e-3)
+        self.assertEqual(q.spin, 0.0)
+        # In real waits (nothing is used): a sleep past spin_max halves the
+        # spin, a shorter one doubles it; a fixed spin is left alone.
+        q.spin, q.spin_max = 0.0, 0.01
+        self.assertFalse(q.wait_for_used(0.03))
+        self.assertEqual(q.spin, 0.0)
+        self.assertFalse(q.wait_for_used(0.001))
+        self.assertEqual(q.spin, vu._DEFAULT_SPIN)
+        self.assertFalse(q.wait_for_used(0.001))
+        self.assertEqual(q.spin, 2 * vu._DEFAULT_SPIN)
+        q.spin_max = 0.0
+        self.assertFalse(q.wait_for_used(0.03))
+        self.assertEqual(q.spin, 2 * vu._DEFAULT_SPIN)
 
     def test_affinity_from_proc_when_os_lacks_it(self):
         with hidden(os, "sched_getaffinity"):      # as on PyPy 3.9
@@ -9976,13 +10005,16 @@ class TestBenchFastPath(BackendTestMixin, FdLeakCheck):
             reports[loop] = report = json.loads(out)
             self.assertGreater(report["requests"], 8)
             self.assertEqual(report["placement"]["backend_pid"], d.pid)   # SO_PEERCRED
-            self.assertEqual({k: report["placement"][k] for k in ("spin_us", "event_idx", "defer_calls")},
-                             {"spin_us": 0, "event_idx": False, "defer_calls": False})
+            self.assertEqual({k: report["placement"][k]
+                              for k in ("spin_us", "spin_max_us", "event_idx", "defer_calls")},
+                             {"spin_us": 0, "spin_max_us": 0, "event_idx": False,
+                              "defer_calls": False})
         status, out, err = run_cli("bench", d.socket_path, "--seconds", "0.2", "--rw", "write",
                                    "--depth", "3", "--size", "8192")
         self.assertEqual((status, err), (0, ""))
         self.assertRegex(out, r"placement +(one CPU shared with the back-end|not sharing one CPU), "
-                              r"spin \d+(\.\d+)? µs, EVENT_IDX")
+                              r"spin \d+(\.\d+)? µs( adapting up to 1000 µs)?, EVENT_IDX, "
+                              r"calls only before sleeping")
         for argv in (["--spin", "-1"], ["--spin", "nan"], ["--event-idx", "maybe"], ["--loop", "x"]):
             with self.subTest(argv=argv):
                 status, out, err = run_cli("bench", d.socket_path, *argv)

@@ -2529,6 +2529,9 @@ _USED_F_NO_NOTIFY = 1
 #: Seconds a completion wait polls used->idx before sleeping on the call
 #: eventfd: polling briefly spares a slow cross-vCPU wake-up (BACKENDS.md 6).
 _DEFAULT_SPIN = 50e-6
+#: The ceiling of an adaptive spin (``Queue.spin_max``): a back-end slower
+#: than this to answer is slept for, as the kernel's halt-polling does.
+_SPIN_MAX = 1e-3
 #: Longest buffer one descriptor can describe.
 _MAX_DESC_LEN = 0xFFFFFFFF
 #: Freed bounce blocks up to this size are kept for reuse by the next chain of
@@ -2796,6 +2799,9 @@ class Queue:
         self.vring_base = 0
         self.features = features
         self.spin = _DEFAULT_SPIN
+        #: When above 0, ``spin`` adapts to the back-end (``wait_for_used``),
+        #: up to this many seconds.
+        self.spin_max = 0.0
         total = self._ring_bytes(size)
         self._block = mem.allocate(total, align=4096)
         self.kick = None
@@ -3644,12 +3650,17 @@ class Queue:
         yield it once; then ask for a call once ``count`` more entries are
         used and sleep on the call eventfd. False at the timeout, or when
         ``wake_waiter`` was called and nothing is used.
+
+        With ``spin_max``, the spin adapts as the kernel's halt-polling does:
+        a sleep shorter than ``spin_max`` doubles ``spin`` (polling longer
+        would have caught it, without two cross-CPU wake-ups), a longer one
+        halves it (the back-end is slow: polling only burns the CPU).
         """
         now = time.monotonic()
         deadline = now + timeout
         spin_until = now + (self.spin if spin is None else spin)
         has_used = self._has_used
-        yielded = not self.defer_calls
+        yielded = not self.defer_calls or self.spin_max > 0
         try:
             while True:
                 if has_used():
@@ -3669,6 +3680,8 @@ class Queue:
                 if self._arm(count) is False:
                     continue
                 self.call.wait(deadline - now)
+                if self.spin_max:
+                    self._adapt_spin(time.monotonic() - now)
                 if self._woken:
                     self._woken = False
                     return has_used()
@@ -3677,6 +3690,14 @@ class Queue:
             # the call event under us: say that, not "Event is closed".
             self._check_usable()
             raise
+
+    def _adapt_spin(self, slept):
+        spin_max = self.spin_max
+        if slept < spin_max:
+            self.spin = min(spin_max, max(2 * self.spin, _DEFAULT_SPIN))
+        else:
+            spin = self.spin / 2
+            self.spin = spin if spin >= _DEFAULT_SPIN / 8 else 0.0
 
     def wake_waiter(self):
         """Make a thread sleeping in ``wait_used`` return now, with what is used so far.
@@ -7111,22 +7132,23 @@ class _Placement(NamedTuple):
     """Where the two sides run, and the completion policy chosen from it."""
     backend_pid: object     # int, or None when SO_PEERCRED could not tell
     shared_cpu: bool        # both are pinned to the same single CPU
-    spin: float             # seconds wait_used polls before sleeping
+    spin: float             # seconds wait_used polls before sleeping (at first)
     event_idx: bool         # negotiate RING_EVENT_IDX
     defer_calls: bool       # ask for a call only when about to sleep
+    spin_max: float = 0.0   # above 0: the spin adapts to the back-end, up to this
 
 
 def _placement(client, spin=None, event_idx=None):
     """The notification and spin policy for a device whose back-end is at ``client``'s end.
 
-    Measured with qemu-storage-daemon (BACKENDS.md):
-    with both sides on one CPU, a spin only takes the CPU the back-end needs,
-    and EVENT_IDX with calls asked for only when the driver is about to sleep
-    beats a call per completion (the back-end does far less work per
-    request). On two CPUs a call costs little next to the
-    cross-CPU wake-up it saves, and a short spin before sleeping raises
-    depth-1 throughput on CPython; PyPy's JIT-compiled loop gains nothing
-    from it and only burns CPU. ``spin``/``event_idx`` override the choice.
+    Measured with qemu-storage-daemon (BACKENDS.md): with both sides on one
+    CPU, a spin only takes the CPU the back-end needs. On two CPUs, polling
+    for as long as the back-end usually takes spares two cross-CPU
+    wake-ups per round trip (ours and, when it ran dry, the back-end's), so
+    the spin adapts (``Queue.spin_max``). Either way EVENT_IDX with calls
+    asked for only when the driver is about to sleep beats a call per
+    completion: the back-end skips an eventfd write per completion while
+    we poll. ``spin`` (fixed) and ``event_idx`` override the choice.
     """
     pid = None
     shared = False
@@ -7136,13 +7158,14 @@ def _placement(client, spin=None, event_idx=None):
     if pid is not None:
         ours, theirs = _cpu_affinity(0), _cpu_affinity(pid)
         shared = ours is not None and theirs is not None and len(ours | theirs) == 1
+    spin_max = 0.0
     if spin is None:
-        spin = 0.0 if shared or sys.implementation.name == "pypy" else _DEFAULT_SPIN
+        spin, spin_max = (0.0, 0.0) if shared else (_DEFAULT_SPIN, _SPIN_MAX)
     if spin < 0:
         raise ValueError("spin must be >= 0 seconds, got %r" % (spin,))
     if event_idx is None:
         event_idx = True
-    return _Placement(pid, shared, float(spin), bool(event_idx), bool(event_idx and shared))
+    return _Placement(pid, shared, float(spin), bool(event_idx), bool(event_idx), spin_max)
 
 
 class _Completions:
@@ -7588,10 +7611,10 @@ class BlockDevice(_Device):
             does), True requires them, False never uses them.
         spin: seconds a completion wait polls the used ring before sleeping
             on the call eventfd; None picks it from where the back-end runs
-            (``placement``: 0 when both sides share one CPU, or on PyPy).
+            (``placement``: 0 when both sides share one CPU, else a spin
+            that adapts to how long the back-end takes, up to 1 ms).
         event_idx: False refuses RING_EVENT_IDX (a call per completion);
-            None negotiates it and, when both sides share one CPU, asks for
-            calls only when about to sleep.
+            None negotiates it and asks for calls only when about to sleep.
         reconnect: None (the default): a back-end that goes away fails
             every call with ``Disconnected``. SECONDS: wait that long for the
             socket to accept again, redo the handshake and resubmit every
@@ -7602,7 +7625,8 @@ class BlockDevice(_Device):
             offered again (``VhostUserFrontend.reconnect``).
 
     ``placement`` says what was chosen: the back-end's pid (SO_PEERCRED),
-    whether both sides are pinned to one CPU, spin, event_idx, defer_calls.
+    whether both sides are pinned to one CPU, spin, event_idx, defer_calls,
+    spin_max (0: the spin is fixed).
     """
 
     def __init__(self, frontend, num_queues=None, queue_size=128, timeout=5.0,
@@ -7703,6 +7727,7 @@ class BlockDevice(_Device):
                                 lock=threading.RLock()))
             self._queues = queues
             queues[-1].spin = self.placement.spin
+            queues[-1].spin_max = self.placement.spin_max
             queues[-1].defer_calls = self.placement.defer_calls
         self._completions = [_Completions(q, self) for q in queues]
         # What _completions_for would return for each queue, while open: the
@@ -13678,9 +13703,11 @@ def _format_bench(report):
                          % ("verify", report["verified_blocks"]))
     placement = report.get("placement")
     if placement is not None:
-        lines.append("  %-22s %s, spin %g µs, %s" % (
+        lines.append("  %-22s %s, spin %g µs%s, %s" % (
             "placement", "one CPU shared with the back-end" if placement["shared_cpu"]
             else "not sharing one CPU", placement["spin_us"],
+            " adapting up to %g µs" % placement["spin_max_us"] if placement["spin_max_us"]
+            else "",
             "EVENT_IDX, calls only before sleeping" if placement["defer_calls"]
             else "EVENT_IDX" if placement["event_idx"] else "a call per completion"))
     return lines
@@ -13886,6 +13913,7 @@ def _bench_block(dev, args):
     report["placement"] = {"backend_pid": placement.backend_pid,
                            "shared_cpu": placement.shared_cpu,
                            "spin_us": round(placement.spin * 1e6, 2),
+                           "spin_max_us": round(placement.spin_max * 1e6, 2),
                            "event_idx": placement.event_idx,
                            "defer_calls": placement.defer_calls}
     report["region"] = {"offset": region[0], "span": region[1]}
