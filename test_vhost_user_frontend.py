@@ -3157,6 +3157,58 @@ def make_queue(test, size, features):
     return q, (_PackedRingDevice if features & _PACKED else _RingDevice)(q)
 
 
+class TestRingWordAtomicity(FdLeakCheck):
+    """The ring-word accessor never tears a u16 (indices, flags) or u32 (used entries) across CPUs.
+
+    Two processes of this interpreter on two CPUs share a page: one stores 0x00FF and
+    0xFF00 (0x0000FFFF and 0xFFFF0000) in turn, the other loads; a torn store shows up
+    as a mixed value. Measured here: CPython's struct.pack_into and PyPy's cast views
+    tear within a million loads; the accessor the module picks must not.
+    """
+
+    LOADS = 20000000 if os.environ.get("VHOST_USER_LONG") == "1" else 1000000
+
+    def test_no_torn_ring_words(self):
+        cpus = sorted(vu._cpu_affinity(0) or ())
+        if len(cpus) < 2:
+            self.skipTest("needs two CPUs, this process may use %s" % (cpus,))
+        tmp = tempfile.mkdtemp(prefix="vu-torn-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        here = os.path.dirname(os.path.abspath(vu.__file__))
+        for fmt in ("H", "I"):
+            with self.subTest(fmt=fmt):
+                path = os.path.join(tmp, "page." + fmt)
+                with open(path, "wb") as f:
+                    f.write(bytes(4096))
+                child = [sys.executable, "-c", _TORN_WORD_CHILD, here, path]
+                writer = subprocess.Popen(child + ["writer", str(cpus[1]), fmt, "0"])
+                try:
+                    reader = subprocess.Popen(child + ["reader", str(cpus[0]), fmt, str(self.LOADS)],
+                                              stdout=subprocess.PIPE)
+                    out, _ = reader.communicate(timeout=120)
+                    self.assertEqual(reader.returncode, 0)
+                finally:
+                    with open(path, "r+b") as f:       # stop the writer whatever the reader did
+                        f.seek(1)
+                        f.write(b"\1")
+                    try:
+                        writer.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        writer.kill()
+                        writer.wait()
+                fields = out.split()
+                torn, saw_a, saw_b = map(int, fields[:3])
+                if not (saw_a and saw_b):
+                    self.skipTest("the writer never ran while the reader loaded (a loaded machine)")
+                self.assertEqual(torn, 0, "%d of %d loads saw a torn %s word (%s): %s"
+                                 % (torn, torn + saw_a + saw_b, fmt, sys.implementation.name,
+                                    " ".join(fields[3:])))
+                self.assertEqual(writer.returncode, 0)
+
+
+# Packed queue ########################################################################################
+
+
 class TestPackedQueue(FdLeakCheck):
     """Queue's packed layout against a packed device simulated through guest memory."""
 
@@ -3516,55 +3568,6 @@ words.release()
 control.release()
 mm.close()
 '''
-
-
-class TestRingWordAtomicity(FdLeakCheck):
-    """The ring-word accessor never tears a u16 (indices, flags) or u32 (used entries) across CPUs.
-
-    Two processes of this interpreter on two CPUs share a page: one stores 0x00FF and
-    0xFF00 (0x0000FFFF and 0xFFFF0000) in turn, the other loads; a torn store shows up
-    as a mixed value. Measured here: CPython's struct.pack_into and PyPy's cast views
-    tear within a million loads; the accessor the module picks must not.
-    """
-
-    LOADS = 20000000 if os.environ.get("VHOST_USER_LONG") == "1" else 1000000
-
-    def test_no_torn_ring_words(self):
-        cpus = sorted(vu._cpu_affinity(0) or ())
-        if len(cpus) < 2:
-            self.skipTest("needs two CPUs, this process may use %s" % (cpus,))
-        tmp = tempfile.mkdtemp(prefix="vu-torn-")
-        self.addCleanup(shutil.rmtree, tmp, True)
-        here = os.path.dirname(os.path.abspath(vu.__file__))
-        for fmt in ("H", "I"):
-            with self.subTest(fmt=fmt):
-                path = os.path.join(tmp, "page." + fmt)
-                with open(path, "wb") as f:
-                    f.write(bytes(4096))
-                child = [sys.executable, "-c", _TORN_WORD_CHILD, here, path]
-                writer = subprocess.Popen(child + ["writer", str(cpus[1]), fmt, "0"])
-                try:
-                    reader = subprocess.Popen(child + ["reader", str(cpus[0]), fmt, str(self.LOADS)],
-                                              stdout=subprocess.PIPE)
-                    out, _ = reader.communicate(timeout=120)
-                    self.assertEqual(reader.returncode, 0)
-                finally:
-                    with open(path, "r+b") as f:       # stop the writer whatever the reader did
-                        f.seek(1)
-                        f.write(b"\1")
-                    try:
-                        writer.wait(timeout=30)
-                    except subprocess.TimeoutExpired:
-                        writer.kill()
-                        writer.wait()
-                fields = out.split()
-                torn, saw_a, saw_b = map(int, fields[:3])
-                if not (saw_a and saw_b):
-                    self.skipTest("the writer never ran while the reader loaded (a loaded machine)")
-                self.assertEqual(torn, 0, "%d of %d loads saw a torn %s word (%s): %s"
-                                 % (torn, torn + saw_a + saw_b, fmt, sys.implementation.name,
-                                    " ".join(fields[3:])))
-                self.assertEqual(writer.returncode, 0)
 
 
 class TestPackedBatchPaths(FdLeakCheck):

@@ -29,7 +29,7 @@ Example::
 
 Sections (``grep -n '^# .*###'`` prints them with line numbers):
 Head, Errors, Constants, Wire format, OS primitives, Channel, BackendClient,
-GuestMemory, Queue, Backend requests, Worker, VhostUserFrontend, Device
+GuestMemory, Queue, Packed queue, Backend requests, Worker, VhostUserFrontend, Device
 plumbing, Block, Net, virtio-fs, Embedded back-end, Conformance checks, Bench,
 Command line.
 """
@@ -2471,9 +2471,7 @@ def _hex(value):
 # Split virtqueue layout (virtio spec 2.7): descriptor table 16 bytes per
 # entry, 16-aligned; avail ring flags, idx, ring[size], used_event; used ring
 # flags, idx, ring[size] of (id u32, len u32), avail_event; 2- and 4-aligned.
-# Packed layout (spec 2.8, RING_PACKED): one ring of 16-byte descriptors
-# (addr, len, buffer id, flags), then the driver's and the device's event
-# suppression areas (off_wrap u16, flags u16), 4-aligned; ``_PackedQueue``.
+# The packed layout is the next section's.
 #
 # Memory ordering. The back-end reads and writes these rings from another
 # CPU while we touch them through the mmap, and Python has no barriers. What
@@ -2503,20 +2501,9 @@ def _hex(value):
 #   order), each a full barrier for our purpose. It is cheap and
 #   is taken once per notify decision and once per re-arm,
 #   never per descriptor.
-# - Packed rings (spec 2.8) have no indices: a descriptor's flags say whose
-#   it is. So the head's flags are stored on their own, through the
-#   accessor: the driver writes a chain's (or a batch's) other descriptors
-#   and the head's addr/len/id first and the first head's flags last, after
-#   the write fence (spec 2.8.21); it reads a used descriptor's flags first
-#   and its id and length after the read fence. Reaping loads the flags
-#   through the cast view, also on PyPy where such a load may tear: the
-#   device flips only USED (bit 15) of a descriptor made available, AVAIL
-#   (bit 7) is in the other byte, so a torn value is the old state or the
-#   new one. The store->load cases are the same two: publishing a head and
-#   then reading the device event suppression area, and writing the driver
-#   area and then re-reading the next used flags.
 
 _DESC = struct.Struct("<QIHH")      # addr, len, flags, next
+_DESC_LEN = struct.Struct("<I")     # a descriptor's len, 8 bytes in (split and packed alike)
 
 #: Descriptor flags (virtio spec 2.7.5).
 _DESC_F_NEXT = 1
@@ -2775,12 +2762,13 @@ class Queue:
 
     _block = None
     _views = ()
+    _packed_layout = None   # _PackedQueue, set in the Packed queue section
 
     def __new__(cls, mem, size, index=0, vector=None, features=0, lock=None):
         # The layout is fixed when the ring is allocated: RING_PACKED in
-        # ``features`` builds the packed one (_PackedQueue, below).
+        # ``features`` builds the packed one (the next section registers it).
         if cls is Queue and features & VirtioFeature.RING_PACKED:
-            cls = _PackedQueue
+            cls = Queue._packed_layout
         return object.__new__(cls)
 
     def __init__(self, mem, size, index=0, vector=None, features=0, lock=None):
@@ -3937,6 +3925,28 @@ class Queue:
             self.next_avail)
 
 
+############################################################################
+# Packed queue #############################################################
+############################################################################
+
+# Packed layout (virtio spec 2.8, RING_PACKED): one ring of 16-byte
+# descriptors (addr, len, buffer id, flags), then the driver's and the
+# device's event suppression areas (off_wrap u16, flags u16), 4-aligned.
+# ``Queue(..., features=RING_PACKED)`` builds a ``_PackedQueue``: the same
+# API and the same memory-ordering rules as the split ring, plus these:
+# - Packed rings (spec 2.8) have no indices: a descriptor's flags say whose
+#   it is. So the head's flags are stored on their own, through the
+#   accessor: the driver writes a chain's (or a batch's) other descriptors
+#   and the head's addr/len/id first and the first head's flags last, after
+#   the write fence (spec 2.8.21); it reads a used descriptor's flags first
+#   and its id and length after the read fence. Reaping loads the flags
+#   through the cast view, also on PyPy where such a load may tear: the
+#   device flips only USED (bit 15) of a descriptor made available, AVAIL
+#   (bit 7) is in the other byte, so a torn value is the old state or the
+#   new one. The store->load cases are the same two: publishing a head and
+#   then reading the device event suppression area, and writing the driver
+#   area and then re-reading the next used flags.
+
 #: Packed descriptor flags (virtio spec 2.8.1): the driver's and the device's
 #: wrap counters; NEXT, WRITE and INDIRECT keep their split-ring values.
 _PACKED_F_AVAIL = 1 << 7
@@ -3950,7 +3960,6 @@ _EVENT_F_DESC = 2
 #: A packed descriptor is addr u64, len u32, buffer id u16, flags u16; the
 #: head's first 14 bytes go first and its flags last (spec 2.8.21).
 _PACKED_HEAD = struct.Struct("<QIH")
-_DESC_LEN = struct.Struct("<I")     # a descriptor's len, 8 bytes in (split and packed alike)
 # Whether _PackedQueue posts a batch of slots as one copy of their cached
 # descriptor images and reaps a run of used ones with strided bulk reads. On
 # CPython that is fewer bytecodes per descriptor; PyPy's JIT compiles the
@@ -4519,6 +4528,9 @@ class _PackedQueue(Queue):
         return "<Queue %d packed size=%d desc=%#x driver=%#x device=%#x next_avail=%d/%d>" % (
             self.index, self.size, self.desc_table, self.avail_ring, self.used_ring,
             self.next_avail, self.avail_wrap)
+
+
+Queue._packed_layout = _PackedQueue
 
 
 ############################################################################
