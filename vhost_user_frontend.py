@@ -990,6 +990,38 @@ _ENTRY_SIZE = _FUSE_ENTRY_OUT.size + _FUSE_ATTR.size
 _ATTR_OUT_SIZE = _FUSE_ATTR_OUT.size + _FUSE_ATTR.size
 
 
+# -- split virtqueue (virtio spec 2.7) -----------------------------------------
+
+# Split virtqueue layout (virtio spec 2.7): descriptor table 16 bytes per
+# entry, 16-aligned; avail ring flags, idx, ring[size], used_event; used ring
+# flags, idx, ring[size] of (id u32, len u32), avail_event; 2- and 4-aligned.
+# The packed layout is in the Packed queue section.
+
+_DESC = struct.Struct("<QIHH")      # addr, len, flags, next
+_DESC_LEN = struct.Struct("<I")     # a descriptor's len, 8 bytes in (split and packed alike)
+
+#: Descriptor flags (virtio spec 2.7.5).
+_DESC_F_NEXT = 1
+_DESC_F_WRITE = 2
+_DESC_F_INDIRECT = 4
+#: avail->flags: the driver does not want interrupts (spec 2.7.7).
+_AVAIL_F_NO_INTERRUPT = 1
+#: used->flags: the device does not want kicks (spec 2.7.10).
+_USED_F_NO_NOTIFY = 1
+#: Longest buffer one descriptor can describe.
+_MAX_DESC_LEN = 0xFFFFFFFF
+
+
+def _split_ring_sizes(size):
+    """(desc, avail, used) byte sizes of a split ring of ``size`` entries."""
+    return 16 * size, 6 + 2 * size, 6 + 8 * size
+
+
+def _need_event(event, new, old):
+    """vring_need_event (spec 2.7.10): did idx cross ``event`` going old -> new?"""
+    return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+
 ############################################################################
 # OS primitives ############################################################
 ############################################################################
@@ -1233,6 +1265,125 @@ def _file_seals(fd):
     """The memfd seals of ``fd`` (0 for files that cannot be sealed)."""
     result = _libc().fcntl(fd, _F_GET_SEALS, 0)
     return 0 if result == -1 else result
+
+
+# Memory ordering of the rings in guest memory. The back-end reads and
+# writes them from another CPU while we touch them through the mmap, and
+# Python has no barriers. What we rely on:
+# - Every ring index and flag the other side may be touching at the same
+#   time is written and read as one aligned access of its own width, through
+#   the accessor ``_ring_words`` picks for the running interpreter, so the
+#   back-end never sees a torn avail->idx. Ring entries and descriptors are
+#   only ever read by the side that did not write them after the index that
+#   covers them moved, so they are copied in bulk (slice assignment,
+#   ``tolist()``; on PyPy, ``struct`` loads). virtio 1.0 rings are little-endian, and so must the host
+#   be (checked in ``Queue.__init__``).
+# - The interpreter performs our stores and loads in program order. On x86
+#   (TSO) the CPU keeps store->store and load->load order too, which is all
+#   that "descriptors before avail->idx" (spec 2.7.13) and "used->idx before
+#   the used element" need. aarch64, POWER and RISC-V may reorder both, so
+#   there ``_Fences.write``/``read`` are real fences as well.
+# - Even TSO lets a later load pass an earlier store. Two places need
+#   store->load order (spec 2.7.10 and 2.7.13.4): publishing avail->idx and
+#   then reading the device's NO_NOTIFY / avail_event, and writing used_event
+#   and then re-reading used->idx. Without it, a device that is just
+#   switching from polling to sleeping and a driver that is just deciding not
+#   to kick can both miss each other. ``_Fences.full`` provides it by
+#   releasing and re-acquiring a private lock: the C library implements that
+#   with atomic read-modify-write instructions (LOCK-prefixed on x86, a
+#   store-release followed by a load-acquire on aarch64, which ARMv8 keeps in
+#   order), each a full barrier for our purpose. It is cheap and
+#   is taken once per notify decision and once per re-arm,
+#   never per descriptor.
+
+@functools.lru_cache(maxsize=None)
+def _strongly_ordered():
+    """True on x86, whose TSO keeps store->store and load->load order."""
+    return os.uname().machine in ("x86_64", "amd64", "i386", "i486", "i586", "i686")
+
+
+class _Fences:
+    """The barriers the rings need (see the comment above)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        if _strongly_ordered():
+            self.write = self.read = _no_fence
+
+    def full(self):
+        """Order earlier stores before later loads (virtio_mb)."""
+        self._lock.release()
+        self._lock.acquire()
+
+    write = read = full
+
+
+def _no_fence():
+    pass
+
+
+# Which Python spelling of a u16/u32 load or store is one machine access
+# differs per interpreter. Seen on x86, with
+# one process storing 0x00FF and 0xFF00 (0x0000FFFF and 0xFFFF0000) in turn,
+# another on the other CPU loading: CPython copies a memoryview.cast("H")
+# item with a fixed-size memcpy, one move, and no load ever saw a torn
+# value, while struct.pack_into stores byte by byte and some loads were
+# torn. PyPy 7.3 is the other way round: its cast views tore some u16
+# loads (and u32 ones too), its struct, which the JIT turns into one move,
+# none. TestRingWordAtomicity repeats the measurement on every interpreter.
+_RING_WORDS_VIA_STRUCT = sys.implementation.name == "pypy"
+_RING_WORD_STRUCTS = {"H": struct.Struct("<H"), "I": struct.Struct("<I")}
+
+
+def _ring_words(view, fmt):
+    """(load(i), store(i, value), words) for the ``fmt`` ("H" or "I") items of ``view``.
+
+    The accessor the running interpreter does as one aligned access (see
+    the comment above); for ring indices and flags the other side may be
+    touching at the same time. Release ``words`` (a view) before the memory.
+    """
+    if _RING_WORDS_VIA_STRUCT:
+        layout = _RING_WORD_STRUCTS[fmt]
+        width = layout.size
+        unpack_from, pack_into = layout.unpack_from, layout.pack_into
+
+        def load(i):
+            return unpack_from(view, i * width)[0]
+
+        def store(i, value):
+            pack_into(view, i * width, value)
+        return load, store, view
+    words = view.cast(fmt)
+    return words.__getitem__, words.__setitem__, words
+
+
+if _RING_WORDS_VIA_STRUCT:
+    # PyPy: a store through a cast view is slow, struct.pack_into a plain
+    # move once compiled (PyPy 7.3.11), and the fast path's post makes
+    # such stores for every request.
+    # Used entries are read with struct loads too (Queue._used_words).
+    class _FieldStores:
+        """``fields[k] = value`` stores the u64 at byte ``offset + stride * k`` of ``view``.
+
+        ``view`` is a cast "Q" view (the CPython spelling slices it).
+        """
+
+        __slots__ = ("view", "offset", "stride", "pack_into")
+
+        def __init__(self, view, offset, stride):
+            self.view, self.offset, self.stride = view, offset, stride
+            self.pack_into = struct.Struct("<Q").pack_into
+
+        def __setitem__(self, k, value):
+            self.pack_into(self.view, self.offset + self.stride * k, value)
+
+        def release(self):
+            pass
+else:
+    def _FieldStores(view, offset, stride):
+        """``fields[k] = value`` stores the u64 at byte ``offset + stride * k`` of ``view``."""
+        return view[offset // 8::stride // 8]
 
 
 ############################################################################
@@ -2468,162 +2619,19 @@ def _hex(value):
 # Queue ####################################################################
 ############################################################################
 
-# Split virtqueue layout (virtio spec 2.7): descriptor table 16 bytes per
-# entry, 16-aligned; avail ring flags, idx, ring[size], used_event; used ring
-# flags, idx, ring[size] of (id u32, len u32), avail_event; 2- and 4-aligned.
-# The packed layout is the next section's.
-#
-# Memory ordering. The back-end reads and writes these rings from another
-# CPU while we touch them through the mmap, and Python has no barriers. What
-# we rely on:
-# - Every ring index and flag the other side may be touching at the same
-#   time is written and read as one aligned access of its own width, through
-#   the accessor ``_ring_words`` picks for the running interpreter, so the
-#   back-end never sees a torn avail->idx. Ring entries and descriptors are
-#   only ever read by the side that did not write them after the index that
-#   covers them moved, so they are copied in bulk (slice assignment,
-#   ``tolist()``; on PyPy, ``struct`` loads). virtio 1.0 rings are little-endian, and so must the host
-#   be (checked in ``Queue.__init__``).
-# - The interpreter performs our stores and loads in program order. On x86
-#   (TSO) the CPU keeps store->store and load->load order too, which is all
-#   that "descriptors before avail->idx" (spec 2.7.13) and "used->idx before
-#   the used element" need. aarch64, POWER and RISC-V may reorder both, so
-#   there ``_Fences.write``/``read`` are real fences as well.
-# - Even TSO lets a later load pass an earlier store. Two places need
-#   store->load order (spec 2.7.10 and 2.7.13.4): publishing avail->idx and
-#   then reading the device's NO_NOTIFY / avail_event, and writing used_event
-#   and then re-reading used->idx. Without it, a device that is just
-#   switching from polling to sleeping and a driver that is just deciding not
-#   to kick can both miss each other. ``_Fences.full`` provides it by
-#   releasing and re-acquiring a private lock: the C library implements that
-#   with atomic read-modify-write instructions (LOCK-prefixed on x86, a
-#   store-release followed by a load-acquire on aarch64, which ARMv8 keeps in
-#   order), each a full barrier for our purpose. It is cheap and
-#   is taken once per notify decision and once per re-arm,
-#   never per descriptor.
+# The driver side of a split virtqueue (its layout is in Wire format, the
+# accessors and fences that keep it consistent across CPUs in OS primitives),
+# and the batch seam every device's fast path uses.
 
-_DESC = struct.Struct("<QIHH")      # addr, len, flags, next
-_DESC_LEN = struct.Struct("<I")     # a descriptor's len, 8 bytes in (split and packed alike)
-
-#: Descriptor flags (virtio spec 2.7.5).
-_DESC_F_NEXT = 1
-_DESC_F_WRITE = 2
-_DESC_F_INDIRECT = 4
-#: avail->flags: the driver does not want interrupts (spec 2.7.7).
-_AVAIL_F_NO_INTERRUPT = 1
-#: used->flags: the device does not want kicks (spec 2.7.10).
-_USED_F_NO_NOTIFY = 1
 #: Seconds a completion wait polls used->idx before sleeping on the call
 #: eventfd: polling briefly spares a slow cross-vCPU wake-up (BACKENDS.md 6).
 _DEFAULT_SPIN = 50e-6
 #: The ceiling of an adaptive spin (``Queue.spin_max``): a back-end slower
 #: than this to answer is slept for, as the kernel's halt-polling does.
 _SPIN_MAX = 1e-3
-#: Longest buffer one descriptor can describe.
-_MAX_DESC_LEN = 0xFFFFFFFF
 #: Freed bounce blocks up to this size are kept for reuse by the next chain of
 #: the same size (requests repeat sizes), sparing the guest allocator.
 _SPARE_BLOCK_MAX = 64 << 10
-
-
-def _split_ring_sizes(size):
-    """(desc, avail, used) byte sizes of a split ring of ``size`` entries."""
-    return 16 * size, 6 + 2 * size, 6 + 8 * size
-
-
-def _need_event(event, new, old):
-    """vring_need_event (spec 2.7.10): did idx cross ``event`` going old -> new?"""
-    return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
-
-
-@functools.lru_cache(maxsize=None)
-def _strongly_ordered():
-    """True on x86, whose TSO keeps store->store and load->load order."""
-    return os.uname().machine in ("x86_64", "amd64", "i386", "i486", "i586", "i686")
-
-
-class _Fences:
-    """The barriers the split ring needs (see the Queue section's comment)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._lock.acquire()
-        if _strongly_ordered():
-            self.write = self.read = _no_fence
-
-    def full(self):
-        """Order earlier stores before later loads (virtio_mb)."""
-        self._lock.release()
-        self._lock.acquire()
-
-    write = read = full
-
-
-def _no_fence():
-    pass
-
-
-# Which Python spelling of a u16/u32 load or store is one machine access
-# differs per interpreter. Seen on x86, with
-# one process storing 0x00FF and 0xFF00 (0x0000FFFF and 0xFFFF0000) in turn,
-# another on the other CPU loading: CPython copies a memoryview.cast("H")
-# item with a fixed-size memcpy, one move, and no load ever saw a torn
-# value, while struct.pack_into stores byte by byte and some loads were
-# torn. PyPy 7.3 is the other way round: its cast views tore some u16
-# loads (and u32 ones too), its struct, which the JIT turns into one move,
-# none. TestRingWordAtomicity repeats the measurement on every interpreter.
-_RING_WORDS_VIA_STRUCT = sys.implementation.name == "pypy"
-_RING_WORD_STRUCTS = {"H": struct.Struct("<H"), "I": struct.Struct("<I")}
-
-
-def _ring_words(view, fmt):
-    """(load(i), store(i, value), words) for the ``fmt`` ("H" or "I") items of ``view``.
-
-    The accessor the running interpreter does as one aligned access (see
-    the comment above); for ring indices and flags the other side may be
-    touching at the same time. Release ``words`` (a view) before the memory.
-    """
-    if _RING_WORDS_VIA_STRUCT:
-        layout = _RING_WORD_STRUCTS[fmt]
-        width = layout.size
-        unpack_from, pack_into = layout.unpack_from, layout.pack_into
-
-        def load(i):
-            return unpack_from(view, i * width)[0]
-
-        def store(i, value):
-            pack_into(view, i * width, value)
-        return load, store, view
-    words = view.cast(fmt)
-    return words.__getitem__, words.__setitem__, words
-
-
-if _RING_WORDS_VIA_STRUCT:
-    # PyPy: a store through a cast view is slow, struct.pack_into a plain
-    # move once compiled (PyPy 7.3.11), and the fast path's post makes
-    # such stores for every request.
-    # Used entries are read with struct loads too (Queue._used_words).
-    class _FieldStores:
-        """``fields[k] = value`` stores the u64 at byte ``offset + stride * k`` of ``view``.
-
-        ``view`` is a cast "Q" view (the CPython spelling slices it).
-        """
-
-        __slots__ = ("view", "offset", "stride", "pack_into")
-
-        def __init__(self, view, offset, stride):
-            self.view, self.offset, self.stride = view, offset, stride
-            self.pack_into = struct.Struct("<Q").pack_into
-
-        def __setitem__(self, k, value):
-            self.pack_into(self.view, self.offset + self.stride * k, value)
-
-        def release(self):
-            pass
-else:
-    def _FieldStores(view, offset, stride):
-        """``fields[k] = value`` stores the u64 at byte ``offset + stride * k`` of ``view``."""
-        return view[offset // 8::stride // 8]
 
 
 class _Chain:
@@ -10745,11 +10753,11 @@ class FsDevice(_Device):
 # DPDK testpmd plays in io forward mode), so that ``demo`` and ``selftest``
 # run on a machine with nothing but Python. It is for demonstrations and
 # self-checks, not a production daemon: one front-end at a time, one
-# thread, split rings only, I/O done inline. It is built on the wire codec,
-# the Channel, the OS primitives, the split-ring layout, fences and ring
-# accessor of the Queue section (never on ``Queue`` itself) and the
-# virtio-blk/net constants of the Wire format section; the interop tests never
-# use it in place of qemu-storage-daemon or testpmd.
+# thread, split rings only, I/O done inline. It is built on the Wire format
+# (the messages, the split-ring layout, the virtio-blk/net constants), the OS
+# primitives (the ring accessor and fences among them), the Channel and
+# GuestMemory, never on ``Queue``; the interop tests never use it in place
+# of qemu-storage-daemon or testpmd.
 #
 # Like libvhost-user it drops the connection when a front-end breaks the
 # protocol (a ring index out of range, an address outside guest memory, a
@@ -10837,7 +10845,7 @@ class _DeviceRing:
     """One split ring seen from the device: take chains from avail, give them back in used.
 
     The layout is the driver's (virtio spec 2.7); indices and used entries
-    go through the Queue section's ``_ring_words`` accessor, one aligned
+    go through the ``_ring_words`` accessor (OS primitives), one aligned
     access each, with its fences between them.
     """
 
@@ -13177,7 +13185,8 @@ def _v_recover(v):
             raise
         # qemu-storage-daemon 7.2 sometimes aborts here (vhost_user_server_ref asserts
         # !server->wait_idle: the old connection's requests were still draining).
-        _vfail("a connection dropped with 4 chains in flight, then the next one: %s; %s",
+        _vfail("a connection dropped with 4 chains in flight, then the back-end hung up on "
+               "the next: %s; %s",
                _one_line(exc), gone)
     inflight = v.protocol is not None and v.protocol & _P.INFLIGHT_SHMFD
     return "dropped with 4 chains posted; the next connection served: %s%s" % (
