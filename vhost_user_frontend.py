@@ -13418,7 +13418,12 @@ def _bench_fs(fs, args):
                 raise _CliError("%s: %d bytes, smaller than --size %d" % (args.file, file_size,
                                                                          size))
             load = _BlockLoad(file_size, size, rw, 0)
-            return _bench_fs_stream(fs, f, load, args, size, rw)
+            latencies = [(_Latencies(args.depth),)]
+            elapsed, cpu_self, cpu_backend = _bench_measured(
+                args, latencies, lambda _, deadline, lat, tick: _bench_fs_stream(
+                    fs, f, load, args, deadline, lat[0], tick), args.seconds, size, "fs")
+            return _bench_report("fs", rw, size, args.depth, 1, elapsed,
+                                 latencies[0][0].values(), cpu_self, cpu_backend)
     finally:
         if created and fs.exists(args.file):   # not made when --file-size did not fit
             fs.remove(args.file)
@@ -13437,53 +13442,40 @@ def _fs_fill(fs, path, size):
             left -= f.write(zeros[:left])
 
 
-def _bench_fs_stream(fs, f, load, args, size, rw):
-    clock = time.perf_counter
+def _bench_fs_stream(fs, f, load, args, deadline, latencies, tick=None):
+    """One ``_bench_loop`` of FUSE_READs (or WRITEs) of ``load.size`` bytes on open file ``f``."""
+    size = load.size
     op = _FuseOp.WRITE if load.write else _FuseOp.READ
     buffers = [bytearray(size) for _ in range(args.depth)]
-    free = list(range(args.depth))
-    pending = {}
-    latencies = []
-    progress = _Progress(sys.stderr, args.seconds, "fs")
-    cpu_start = _self_cpu_seconds()
-    backend = _PeerCpu(args)
-    start = clock()
-    deadline = start + args.seconds
+    requests = [None] * args.depth   # per slot: its request in flight
     node, fh = f._node, f._fh
-    completions = None
-    while True:
-        if clock() < deadline:
-            while free:
-                slot = free.pop()
-                io_in = _FUSE_IO_IN.pack(fh, load.offsets(1)[0], size, 0, 0, 0, 0)
-                t0 = clock()
-                if load.write:
-                    request = fs._submit(op, node.nodeid, [io_in, load.data], bytearray(8))
-                else:
-                    request = fs._submit(op, node.nodeid, [io_in], buffers[slot])
-                pending[request] = (t0, slot)
-                completions = request.queue
-        elif not pending:
-            break
+
+    def post(slots, now):
+        for slot, offset in zip(slots, load.offsets(len(slots))):
+            io_in = _FUSE_IO_IN.pack(fh, offset, size, 0, 0, 0, 0)
+            if load.write:
+                requests[slot] = fs._submit(op, node.nodeid, [io_in, load.data], bytearray(8))
+            else:
+                requests[slot] = fs._submit(op, node.nodeid, [io_in], buffers[slot])
+
+    def reap():
+        pending = [r for r in requests if r is not None]
+        completions = pending[0].queue
         completions.queue.notify()
         completions.wait(lambda: any(r.done for r in pending), time.monotonic() + fs.timeout,
                          op.name)
-        now = clock()
-        for request in [r for r in pending if r.done]:
+        return [slot for slot, r in enumerate(requests) if r is not None and r.done]
+
+    def complete(slots, now):
+        for slot in slots:
+            request, requests[slot] = requests[slot], None
             length = fs._result(request, filename=args.file)
             if load.write and _FUSE_U32_PAIR.unpack(request.reply)[0] != size or \
                     not load.write and length != size:
                 raise _CliError("%s: a %s of %d bytes moved %d" % (args.file, op.name, size,
                                                                    length))
-            t0, slot = pending.pop(request)
-            latencies.append(now - t0)
-            free.append(slot)
-        progress.update(now - start, len(latencies), size)
-    progress.done()
-    elapsed = clock() - start
-    cpu_backend = backend.used()
-    return _bench_report("fs", rw, size, args.depth, 1, elapsed, latencies,
-                         _self_cpu_seconds() - cpu_start, cpu_backend)
+
+    _bench_loop(args.depth, deadline, post, reap, latencies, tick, complete)
 # -- bench --------------------------------------------------------------------
 
 def _proc_cpu_seconds(pid, required=True):
@@ -13855,31 +13847,33 @@ def _bench_block(dev, args):
             loads = [_BlockLoad(part, size, rw, q, region[0] + q * part, args.rwmixread)
                      for q in range(queues)]
         checked = [_BlockCheck(load, args.verify) for load in loads]
-        stream = lambda queue, deadline, lat, tick=None: _bench_block_stream_checked(  # noqa
-            dev, queue, loads[queue], checked[queue], args.depth, deadline, lat, tick)
     else:
         checked = None
-        plain = _bench_queue_stream if args.loop == "queue" else _bench_block_stream
-        stream = lambda queue, deadline, lat, tick=None: plain(  # noqa: E731
-            dev, queue, loads[queue], args.depth, deadline,
-            lat["write" if loads[queue].write else "read"], tick)
+    # --loop queue times the plain modes only; mixed and --verify runs check every request.
+    loop = _bench_queue_stream if args.loop == "queue" and not checked else _bench_block_stream
+
+    def stream(queue, deadline, latencies, tick):
+        check = (checked[queue],) if checked else ()
+        loop(dev, queue, loads[queue], args.depth, deadline, latencies, tick, *check)
+
+    def new_latencies():   # each stream's reads and writes
+        return [(_Latencies(args.depth), _Latencies(args.depth)) for _ in range(queues)]
+
     if args.ramp_time:
         # fio's ramp_time: the same load first, its figures thrown away.
-        _bench_block_phase(dev, args, queues, stream, args.ramp_time, size)
+        _bench_phase(args, new_latencies(), stream, args.ramp_time, size, "blk")
         for check in checked or ():
             check.verified = 0
-    backend = _PeerCpu(args)
-    cpu_start = _self_cpu_seconds()
-    latencies, elapsed = _bench_block_phase(dev, args, queues, stream, args.seconds, size)
-    cpu_self = _self_cpu_seconds() - cpu_start
-    cpu_backend = backend.used()
+    latencies = new_latencies()
+    elapsed, cpu_self, cpu_backend = _bench_measured(args, latencies, stream, args.seconds,
+                                                     size, "blk")
     verified = None
     if checked is not None and args.verify:
         for q in range(queues):
             _bench_read_back(dev, q, checked[q], args.depth)
         verified = sum(check.verified for check in checked)
-    reads = [t for per_queue in latencies for t in per_queue["read"].values()]
-    writes = [t for per_queue in latencies for t in per_queue["write"].values()]
+    reads = [t for per_queue in latencies for t in per_queue[0].values()]
+    writes = [t for per_queue in latencies for t in per_queue[1].values()]
     report = _bench_report("blk", rw, size, args.depth, queues, elapsed, reads + writes,
                            cpu_self, cpu_backend)
     placement = dev.placement
@@ -13916,30 +13910,38 @@ def _bench_region(dev, args, size):
     return offset, span
 
 
-def _bench_block_phase(dev, args, queues, stream, seconds, size):
-    """Run ``stream`` on every queue (a thread each but the first) for ``seconds``.
+def _bench_measured(args, latencies, stream, seconds, size, kind):
+    """``_bench_phase`` with the CPU time both sides used: (seconds, ours, the back-end's)."""
+    backend = _PeerCpu(args)
+    cpu_start = _self_cpu_seconds()
+    elapsed = _bench_phase(args, latencies, stream, seconds, size, kind)
+    return elapsed, _self_cpu_seconds() - cpu_start, backend.used()
 
-    Returns ([{"read": _Latencies, "write": _Latencies}] per queue, seconds it took).
+
+def _bench_phase(args, latencies, stream, seconds, size, kind):
+    """Run one ``stream`` per entry of ``latencies`` (a thread each but the first) for ``seconds``.
+
+    ``stream(index, deadline, latencies[index], tick)``: an entry is a tuple
+    of that stream's _Latencies (blk: reads, writes). Returns the seconds
+    it took.
     """
-    latencies = [{"read": _Latencies(args.depth), "write": _Latencies(args.depth)}
-                 for _ in range(queues)]
     errors = []
-    progress = _Progress(sys.stderr, seconds, "blk")
+    progress = _Progress(sys.stderr, seconds, kind)
     start = time.perf_counter()
     deadline = start + seconds
 
-    def run(queue):
+    def run(index):
         try:
-            stream(queue, deadline, latencies[queue])
+            stream(index, deadline, latencies[index], None)
         except BaseException as exc:  # re-raised by the main thread
             errors.append(exc)
 
     def tick():
         progress.update(time.perf_counter() - start,
-                        sum(len(q["read"]) + len(q["write"]) for q in latencies), size)
+                        sum(len(one) for per_stream in latencies for one in per_stream), size)
 
-    threads = [threading.Thread(target=run, args=(q,), name="bench-queue-%d" % q)
-               for q in range(1, queues)]
+    threads = [threading.Thread(target=run, args=(i,), name="bench-%s-%d" % (
+        "pair" if kind == "net" else "queue", i)) for i in range(1, len(latencies))]
     for thread in threads:
         thread.start()
     try:
@@ -13950,7 +13952,7 @@ def _bench_block_phase(dev, args, queues, stream, seconds, size):
         progress.done()
     if errors:
         raise errors[0]
-    return latencies, time.perf_counter() - start
+    return time.perf_counter() - start
 
 
 class _Latencies:
@@ -13977,69 +13979,160 @@ class _Latencies:
         return out
 
 
-def _bench_block_stream(dev, queue, load, depth, deadline, latencies, tick=None):
-    """Keep ``depth`` requests in flight on ``queue`` until ``deadline``; log each latency.
+def _bench_loop(depth, deadline, post, reap, latencies, tick=None, complete=None):
+    """Keep ``depth`` requests in flight until ``deadline``: the measured loop of every bench.
 
-    Runs on the library's fast path, as a user of it would: ``alloc``ed
-    buffers, and the requests that replace the ones a ``reap`` returned
-    posted as one batch (one kick) with ``post_reads``/``post_writes``, the
-    buffer's index as user data. A latency runs from just before the post
-    that started a request to the return of the reap that returned it.
-    ``tick`` (the progress line) runs at most every 0.1 s.
+    A stream gives its hooks, each called once per batch (never per request,
+    which would cost the hot path a call each): ``post(slots, now)`` starts a
+    request in each of ``slots`` (indices below ``depth``; all of them at
+    first), ``reap()`` returns the slots of requests that completed (at least
+    one), and ``complete(slots, now)``, when given, checks them. A latency runs
+    from the ``now`` of the post that started a request to the clock read just
+    after the reap that returned it; it goes to ``latencies`` (a _Latencies),
+    or, when that is None, is ``complete``'s to log. ``tick`` (the progress
+    line) runs at most every 0.1 s.
     """
     clock = time.perf_counter
+    if latencies is not None:
+        record = latencies.append
+        whole_batch = latencies.batches.append   # the latency of ``depth`` requests
+    now = clock()
+    started = [now] * depth
+    together = now   # when every request in flight was posted at one time, that time
+    in_flight = 0
+    if now < deadline:
+        post(list(range(depth)), now)
+        in_flight = depth
+    next_tick = now + 0.1
+    while in_flight:
+        done = reap()
+        now = clock()
+        if complete is not None:
+            complete(done, now)
+        if latencies is None:
+            pass
+        elif together is not None and len(done) == depth:
+            # The usual batch: every request, all posted at one time. The
+            # same latencies as the loop below, logged once for all.
+            whole_batch(now - together)
+            together = now
+        else:
+            if together is not None:
+                started = [together] * depth
+            for i in done:
+                record(now - started[i])
+                started[i] = now
+            together = now if len(done) == depth else None
+        if now < deadline:
+            post(done, now)
+        else:
+            in_flight -= len(done)
+        if tick is not None and now >= next_tick:
+            next_tick = now + 0.1
+            tick()
+
+
+def _bench_free(dev, buffers):
+    """Give back a stream's ``alloc``ed buffers."""
+    for buffer in buffers:
+        try:
+            dev.free(buffer)
+        except ValueError:   # still in flight after an error: close() releases it
+            pass
+
+
+def _bench_block_stream(dev, queue, load, depth, deadline, latencies, tick=None, check=None):
+    """One ``_bench_loop`` on ``queue`` over the library's fast path, as a user of it would.
+
+    ``alloc``ed buffers, and the requests that replace the ones a ``reap``
+    returned posted as one batch (one kick) with ``post_reads``/``post_writes``,
+    the buffer's index as user data; ``latencies`` holds the stream's reads
+    and writes. With a ``check`` (a _BlockCheck: mixed rw, randrw and
+    ``--verify`` runs) each request's direction is drawn against --rwmixread,
+    and with --verify a write is stamped with its header and a read of a block
+    this stream wrote (every block, in the read modes) is checked. That
+    per-request work is why the plain modes post without it.
+    """
     buffers = []
     try:
         for _ in range(depth):
             buffers.append(dev.alloc(load.size))
-            if load.write:
+            if load.write or check is not None:
                 buffers[-1][:] = load.data
-        post = dev.post_writes if load.write else dev.post_reads
-        record = latencies.append
-        whole_batch = latencies.batches.append   # the latency of ``depth`` requests
-        indices = list(range(depth))
-        now = clock()
-        started = [now] * depth
-        together = now   # when every request in flight was posted at one time, that time
-        in_flight = 0
-        if now < deadline:
-            post(load.offsets(depth), buffers, indices, queue)
-            in_flight = depth
-        next_tick = now + 0.1
-        while in_flight:
-            done = dev.reap(queue)   # arguments by position: a little cheaper on CPython
-            now = clock()
-            if together is not None and len(done) == depth:
-                # The usual batch: every request, all posted at one time. The
-                # same latencies as the loop below, logged once for all.
-                whole_batch(now - together)
-                together = now
-            else:
-                if together is not None:
-                    started = [together] * depth
-                for i in done:
-                    record(now - started[i])
-                    started[i] = now
-                together = now if len(done) == depth else None
-            if now < deadline:
-                post(load.offsets(len(done)),
-                     buffers if done == indices else list(map(buffers.__getitem__, done)), done,
-                     queue)
-            else:
-                in_flight -= len(done)
-            if tick is not None and now >= next_tick:
-                next_tick = now + 0.1
-                tick()
+        if check is None:
+            post, complete = _bench_block_plain(dev, queue, load, depth, buffers), None
+            latencies = latencies[1 if load.write else 0]
+        else:
+            post, complete = _bench_block_checked(dev, queue, load, check, depth, buffers,
+                                                  latencies)
+            latencies = None   # ``complete`` logs each request's by its direction
+        # dev.reap's arguments by position: a little cheaper on CPython.
+        _bench_loop(depth, deadline, post, functools.partial(dev.reap, queue), latencies, tick,
+                    complete)
     finally:
-        for buffer in buffers:
-            try:
-                dev.free(buffer)
-            except ValueError:   # still in flight after an error: close() releases it
-                pass
+        _bench_free(dev, buffers)
+
+
+def _bench_block_plain(dev, queue, load, depth, buffers):
+    """The post hook of a read-only or write-only block stream."""
+    post_requests = dev.post_writes if load.write else dev.post_reads
+    offsets = load.offsets
+    indices = list(range(depth))
+
+    def post(done, now):
+        post_requests(offsets(len(done)),
+                      buffers if done == indices else list(map(buffers.__getitem__, done)),
+                      done, queue)
+    return post
+
+
+def _bench_block_checked(dev, queue, load, check, depth, buffers, latencies):
+    """The post and complete hooks of a mixed or ``--verify`` block stream."""
+    draw = load.rng.random
+    reads_at = load.read_percent / 100.0
+    verify = check.verify
+    is_write = [False] * depth
+    offset_of = [0] * depth
+    started = [0.0] * depth
+    read_latencies, write_latencies = latencies
+
+    def post(indices, now):
+        reads, writes = ([], [], []), ([], [], [])
+        for i, offset in zip(indices, load.offsets(len(indices))):
+            write = draw() >= reads_at
+            is_write[i] = write
+            offset_of[i] = offset
+            started[i] = now
+            if verify:
+                if write:
+                    check.before_write(buffers[i], offset)
+                else:
+                    check.before_read(i, offset)
+            batch = writes if write else reads
+            batch[0].append(offset)
+            batch[1].append(buffers[i])
+            batch[2].append(i)
+        # Not kicked here: the next reap kicks once for both.
+        if reads[2]:
+            dev.post_reads(reads[0], reads[1], reads[2], queue=queue, notify=False)
+        if writes[2]:
+            dev.post_writes(writes[0], writes[1], writes[2], queue=queue, notify=False)
+
+    def complete(done, now):
+        for i in done:
+            if is_write[i]:
+                write_latencies.append(now - started[i])
+                if verify:
+                    check.after_write(offset_of[i])
+            else:
+                read_latencies.append(now - started[i])
+                if verify:
+                    check.after_read(i, buffers[i], offset_of[i])
+    return post, complete
 
 
 def _bench_queue_stream(dev, queue, load, depth, deadline, latencies, tick=None):
-    """``bench --loop queue``: the same load as a plain hand-written loop over ``Queue``.
+    """``bench --loop queue``: the same load and ``_bench_loop``, its hooks plain ``Queue`` calls.
 
     The yardstick for the device's fast path: one slot per request built
     once with ``add_slot``, the header's sector written in place, the batch
@@ -14047,7 +14140,7 @@ def _bench_queue_stream(dev, queue, load, depth, deadline, latencies, tick=None)
     ``wait_used``, each status byte checked. Nothing else (no buffer or
     range checks, no user data).
     """
-    clock = time.perf_counter
+    latencies = latencies[1 if load.write else 0]
     q = dev._queues[queue]
     mem = dev._mem
     size = load.size
@@ -14057,6 +14150,24 @@ def _bench_queue_stream(dev, queue, load, depth, deadline, latencies, tick=None)
     header = mem.view(headers, 16 * depth).cast("Q")
     status = mem.view(statuses, depth)
     slots = []
+
+    def post(ready, now):
+        for i, offset in zip(ready, load.offsets(len(ready))):
+            header[2 * i + 1] = offset >> 9
+        q.post_slots([slots[i] for i in ready], ready)
+        q.notify()
+
+    def reap():
+        ready = []
+        for i, _ in q.wait_used(dev.timeout):
+            if status[i]:
+                raise BackendError("%s: virtio-blk status %d" % (_BLK_OP_NAMES[op], status[i]),
+                                   value=status[i])
+            ready.append(i)
+        if not ready:
+            raise VhostUserTimeout("bench: no completion within %g s" % dev.timeout)
+        return ready
+
     try:
         for i in range(depth):
             header[2 * i] = op
@@ -14066,37 +14177,7 @@ def _bench_queue_stream(dev, queue, load, depth, deadline, latencies, tick=None)
                 slots.append(q.add_slot([(headers + 16 * i, 16), buffer], [(statuses + i, 1)]))
             else:
                 slots.append(q.add_slot([(headers + 16 * i, 16)], [buffer, (statuses + i, 1)]))
-        record = latencies.append
-        started = [0.0] * depth
-        ready = list(range(depth))
-        in_flight = 0
-        next_tick = clock() + 0.1
-        while True:
-            now = clock()
-            if now < deadline and ready:
-                for i, offset in zip(ready, load.offsets(len(ready))):
-                    header[2 * i + 1] = offset >> 9
-                    started[i] = now
-                q.post_slots([slots[i] for i in ready], ready)
-                q.notify()
-                in_flight += len(ready)
-            elif not in_flight:
-                break
-            ready = []
-            for i, _ in q.wait_used(dev.timeout):
-                if status[i]:
-                    raise BackendError("%s: virtio-blk status %d" % (_BLK_OP_NAMES[op], status[i]),
-                                       value=status[i])
-                ready.append(i)
-            if not ready:
-                raise VhostUserTimeout("bench: no completion within %g s" % dev.timeout)
-            now = clock()
-            for i in ready:
-                record(now - started[i])
-            in_flight -= len(ready)
-            if tick is not None and now >= next_tick:
-                next_tick = now + 0.1
-                tick()
+        _bench_loop(depth, deadline, post, reap, latencies, tick)
     finally:
         header.release()
         status.release()
@@ -14179,84 +14260,6 @@ class _BlockCheck:
                         % (len(buffer), offset, problem))
 
 
-def _bench_block_stream_checked(dev, queue, load, check, depth, deadline, latencies,
-                                tick=None):
-    """The loop of mixed (rw, randrw) and ``--verify`` runs, on the same fast path.
-
-    Each request's direction is drawn against --rwmixread; with --verify a
-    write is stamped with its header and a read of a block this stream wrote
-    (every block, in the read modes) is checked. That per-request work is
-    why the plain modes keep ``_bench_block_stream``.
-    """
-    clock = time.perf_counter
-    draw = load.rng.random
-    reads_at = load.read_percent / 100.0
-    verify = check.verify
-    buffers = []
-    try:
-        for _ in range(depth):
-            buffers.append(dev.alloc(load.size))
-            buffers[-1][:] = load.data
-        is_write = [False] * depth
-        offset_of = [0] * depth
-        started = [0.0] * depth
-        read_latencies, write_latencies = latencies["read"], latencies["write"]
-
-        def post(indices, now):
-            reads, writes = ([], [], []), ([], [], [])
-            for i, offset in zip(indices, load.offsets(len(indices))):
-                write = draw() >= reads_at
-                is_write[i] = write
-                offset_of[i] = offset
-                started[i] = now
-                if verify:
-                    if write:
-                        check.before_write(buffers[i], offset)
-                    else:
-                        check.before_read(i, offset)
-                batch = writes if write else reads
-                batch[0].append(offset)
-                batch[1].append(buffers[i])
-                batch[2].append(i)
-            # Not kicked here: the next reap kicks once for both.
-            if reads[2]:
-                dev.post_reads(reads[0], reads[1], reads[2], queue=queue, notify=False)
-            if writes[2]:
-                dev.post_writes(writes[0], writes[1], writes[2], queue=queue, notify=False)
-
-        in_flight = 0
-        now = clock()
-        if now < deadline:
-            post(range(depth), now)
-            in_flight = depth
-        next_tick = now + 0.1
-        while in_flight:
-            done = dev.reap(queue=queue)
-            now = clock()
-            for i in done:
-                if is_write[i]:
-                    write_latencies.append(now - started[i])
-                    if verify:
-                        check.after_write(offset_of[i])
-                else:
-                    read_latencies.append(now - started[i])
-                    if verify:
-                        check.after_read(i, buffers[i], offset_of[i])
-            if now < deadline:
-                post(done, now)
-            else:
-                in_flight -= len(done)
-            if tick is not None and now >= next_tick:
-                next_tick = now + 0.1
-                tick()
-    finally:
-        for buffer in buffers:
-            try:
-                dev.free(buffer)
-            except ValueError:   # still in flight after an error: close() releases it
-                pass
-
-
 def _bench_read_back(dev, queue, check, depth):
     """--verify after writing: read every block this stream wrote and check it (fio does)."""
     offsets = sorted(check.written)
@@ -14274,11 +14277,7 @@ def _bench_read_back(dev, queue, check, depth):
             for i in done:
                 check.check(buffers[i], batch[i])
     finally:
-        for buffer in buffers:
-            try:
-                dev.free(buffer)
-            except ValueError:
-                pass
+        _bench_free(dev, buffers)
 
 
 def _usec(seconds):
@@ -14382,38 +14381,11 @@ def _bench_net(dev, args):
                         % (_typed_option(args, "--depth", "--iodepth"), args.depth,
                            dev.queue_size // per_frame, size, dev.queue_size))
     pairs = dev.queue_pairs
-    latencies = [_Latencies(args.depth) for _ in range(pairs)]
-    errors = []
-    progress = _Progress(sys.stderr, args.seconds, "net")
-    backend = _PeerCpu(args)
-    cpu_start = _self_cpu_seconds()
-    start = time.perf_counter()
-    deadline = start + args.seconds
-
-    def run(pair):
-        try:
-            _bench_net_stream(dev, args, size, pair, deadline, latencies[pair])
-        except BaseException as exc:  # re-raised by the main thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(p,), name="bench-pair-%d" % p)
-               for p in range(1, pairs)]
-    for thread in threads:
-        thread.start()
-    try:
-        _bench_net_stream(dev, args, size, 0, deadline, latencies[0],
-                          lambda: progress.update(time.perf_counter() - start,
-                                                  sum(map(len, latencies)), size))
-    finally:
-        for thread in threads:
-            thread.join(deadline - time.perf_counter() + 2 * args.timeout)
-        progress.done()
-    if errors:
-        raise errors[0]
-    elapsed = time.perf_counter() - start
-    cpu_self = _self_cpu_seconds() - cpu_start
-    cpu_backend = backend.used()
-    latencies = [per_pair.values() for per_pair in latencies]
+    latencies = [(_Latencies(args.depth),) for _ in range(pairs)]
+    elapsed, cpu_self, cpu_backend = _bench_measured(
+        args, latencies, lambda pair, deadline, lat, tick: _bench_net_stream(
+            dev, args, size, pair, deadline, lat[0], tick), args.seconds, size, "net")
+    latencies = [per_pair[0].values() for per_pair in latencies]
     merged = [latency for per_pair in latencies for latency in per_pair]
     report = _bench_report("net", None, size, args.depth, pairs, elapsed, merged, cpu_self,
                            cpu_backend)
@@ -14429,45 +14401,46 @@ def _bench_net(dev, args):
 
 
 def _bench_net_stream(dev, args, size, pair, deadline, latencies, tick=None):
-    """One pair's loop for ``_bench_net``, on the zero-copy burst path.
+    """One pair's ``_bench_loop`` for ``_bench_net``, on the zero-copy burst path.
 
     ``--depth`` test frames are written once into ``tx_alloc`` buffers; each
     round posts them with ``tx_burst`` and takes the echoes with ``rx_burst``
     until all are back, byte-identical and in order (one comparison of the
-    round's frames with the ones sent). A round's latency runs from just
-    before its ``tx_burst`` to the ``rx_burst`` that returned its last frame.
+    round's frames with the ones sent). A round is one batch of the loop:
+    its latency runs from just before its ``tx_burst`` to the ``rx_burst``
+    that returned its last frame.
     """
     depth = args.depth
     source = bytes(dev.mac) if dev.mac else _TEST_MAC
     frames = [_test_frame(source, pair << 16 | i, size) for i in range(depth)]
     expected = b"".join(frames)
     lengths = [size] * depth
+    slots = list(range(depth))
+    echoed = [b""]   # the round's frames as they came back
+    tx_burst, rx_burst, timeout = dev.tx_burst, dev.rx_burst, args.timeout
+
+    def post(_, now):
+        tx_burst(buffers, lengths, pair)
+
+    def reap():
+        got = rx_burst(depth, timeout, pair)
+        if len(got) == depth:
+            echoed[0] = b"".join(got)
+        else:
+            echoed[0] = _bench_net_collect(dev, args, pair, got, depth)
+        return slots
+
+    def complete(_, now):
+        if echoed[0] != expected:
+            raise _CliError("%s: bench: a frame came back changed or out of order%s"
+                            % (args.socket, " on pair %d" % pair if dev.queue_pairs > 1
+                               else ""))
+
     buffers = dev.tx_alloc(depth, pair)
     try:
         for buffer, frame in zip(buffers, frames):
             buffer[:size] = frame
-        clock = time.perf_counter
-        tx_burst, rx_burst, timeout = dev.tx_burst, dev.rx_burst, args.timeout
-        log = latencies.batches.append
-        ticked = clock()
-        while True:
-            start = clock()
-            if start >= deadline:
-                return
-            tx_burst(buffers, lengths, pair)
-            got = rx_burst(depth, timeout, pair)
-            if len(got) == depth:
-                echoed = b"".join(got)
-            else:
-                echoed = _bench_net_collect(dev, args, pair, got, depth)
-            log(clock() - start)
-            if echoed != expected:
-                raise _CliError("%s: bench: a frame came back changed or out of order%s"
-                                % (args.socket, " on pair %d" % pair if dev.queue_pairs > 1
-                                   else ""))
-            if tick is not None and start - ticked > 0.1:
-                ticked = start
-                tick()
+        _bench_loop(depth, deadline, post, reap, latencies, tick, complete)
     finally:
         try:
             dev.rx_release(pair)
