@@ -15816,43 +15816,6 @@ _FS_ACTIONS = {"ls": _fs_ls, "tree": _fs_tree, "stat": _fs_stat, "cat": _fs_cat,
                "df": _fs_df}
 
 
-def _add_fs_actions(actions, parents):
-    """The ``fs`` commands, for the command line and the shell alike."""
-    ls = actions.add_parser("ls", parents=parents, help="list directories")
-    ls.add_argument("-l", dest="long", action="store_true", help="long listing")
-    ls.add_argument("-a", dest="all", action="store_true", help="include names starting with .")
-    ls.add_argument("paths", nargs="*", metavar="PATH")
-    actions.add_parser("tree", parents=parents, help="the directory tree under PATH") \
-        .add_argument("path", nargs="?", default="", metavar="PATH")
-    actions.add_parser("stat", parents=parents, help="everything stat(2) says of PATH") \
-        .add_argument("path", metavar="PATH")
-    actions.add_parser("cat", parents=parents, help="print files") \
-        .add_argument("paths", nargs="+", metavar="PATH")
-    get = actions.add_parser("get", parents=parents, help="copy REMOTE to a local file")
-    get.add_argument("remote", metavar="REMOTE")
-    get.add_argument("local", nargs="?", metavar="LOCAL",
-                     help="local file or directory (default: REMOTE's name, here)")
-    put = actions.add_parser("put", parents=parents, help="copy a local file to REMOTE")
-    put.add_argument("local", metavar="LOCAL")
-    put.add_argument("remote", metavar="REMOTE", help="file or existing directory in the share")
-    mkdir = actions.add_parser("mkdir", parents=parents, help="make directories")
-    mkdir.add_argument("-p", dest="parents", action="store_true",
-                       help="make parents as needed; no error if it exists")
-    mkdir.add_argument("paths", nargs="+", metavar="PATH")
-    rm = actions.add_parser("rm", parents=parents, help="remove files (and with -r, directories)")
-    rm.add_argument("-r", "-R", dest="recursive", action="store_true",
-                    help="remove directories and their contents")
-    rm.add_argument("paths", nargs="+", metavar="PATH")
-    mv = actions.add_parser("mv", parents=parents, help="rename or move into a directory")
-    mv.add_argument("src", metavar="SRC")
-    mv.add_argument("dst", metavar="DST")
-    ln = actions.add_parser("ln", parents=parents, help="make a hard link (-s: symbolic)")
-    ln.add_argument("-s", dest="symbolic", action="store_true", help="symbolic link")
-    ln.add_argument("target", metavar="TARGET")
-    ln.add_argument("path", metavar="PATH")
-    actions.add_parser("df", parents=parents, help="size, use and inodes of the share")
-
-
 def _fs_shell(fs, args, out):
     """An sftp-like prompt on one connection (C virtiofsd serves only one)."""
     import argparse
@@ -15863,8 +15826,7 @@ def _fs_shell(fs, args, out):
     interactive = hasattr(stdin, "isatty") and stdin.isatty()
     # prog "fs": argparse starts its lines with it ("fs ls: error: ..."); "" left ": error:".
     parser = argparse.ArgumentParser(prog="fs", add_help=False)
-    actions = parser.add_subparsers(dest="action", metavar="COMMAND")
-    _add_fs_actions(actions, [])
+    _add_commands(parser, ("action", "COMMAND", _FS_COMMANDS), {}, required=False)
     failures = [0]
 
     class Shell(cmd.Cmd):
@@ -16669,276 +16631,301 @@ def _rate_arg(text):
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError("%r is not a rate above 0 (frames per second)" % text)
     return value
+# -- the parser, from a table ------------------------------------------------------
+
+def _opt(*names, **keywords):
+    """One ``add_argument`` of the command table: its names and keywords, as given."""
+    return names, keywords
 
 
-def _build_parser():
-    import argparse
-    common = argparse.ArgumentParser(add_help=False)
-    # SUPPRESS: an option given after the subcommand must not reset one given before it.
-    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="log every vhost-user message sent and received (stderr)")
-    common.add_argument("--timeout", type=_seconds_arg, default=argparse.SUPPRESS, metavar="S",
-                        help="seconds to wait for any reply or completion (default 5)")
-    ring = argparse.ArgumentParser(add_help=False)
-    layout = ring.add_mutually_exclusive_group()
-    layout.add_argument("--packed", dest="packed", action="store_const", const=True,
-                        help="require packed virtqueues (RING_PACKED); default: packed when "
-                             "the back-end offers it")
-    layout.add_argument("--split", dest="packed", action="store_const", const=False,
-                        help="use split virtqueues even when packed ones are offered")
-    parser = argparse.ArgumentParser(
-        prog=_PROG, parents=[common],
-        description="Talk to a vhost-user back-end (qemu-storage-daemon, DPDK, virtiofsd, "
-                    "rust-vmm and crosvm devices, SPDK) from the front-end side.",
-        epilog="Errors are reported in one line; the exit status is 1 for a failure "
-               "and 2 for bad usage.")
-    parser.add_argument("--version", action="version", version="%s %s" % (_PROG, __version__))
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.required = True  # 3.6 has no add_subparsers(required=)
+def _one_of(*options, **keywords):
+    """Options of the command table that exclude each other (a mutually exclusive group)."""
+    return None, dict(keywords, options=options)
 
-    probe = commands.add_parser(
-        "probe", parents=[common], help="show what a back-end offers",
+
+def _command(name, help, options=(), func=None, parents=("common",), commands=None,
+             description=None):
+    """One command of the table: a subparser with ``options`` and maybe ``commands`` of its own.
+
+    ``parents`` names the shared option groups it takes ("common": -v and
+    --timeout; "ring": --packed/--split); ``commands`` is (dest, metavar,
+    the commands under it).
+    """
+    return {"name": name, "help": help, "options": options, "func": func, "parents": parents,
+            "commands": commands, "description": description}
+
+
+_SOCKET = _opt("socket", metavar="SOCKET")
+_JSON = _opt("--json", action="store_true", help="print one JSON object")
+_OFFSET = _opt("offset", type=_int_arg, metavar="OFFSET")
+_LENGTH = _opt("length", type=_int_arg, metavar="LENGTH")
+_RANGE = (_OFFSET, _LENGTH)
+_RING_OPTIONS = (_one_of(
+    _opt("--packed", dest="packed", action="store_const", const=True,
+         help="require packed virtqueues (RING_PACKED); default: packed when the back-end "
+              "offers it"),
+    _opt("--split", dest="packed", action="store_const", const=False,
+         help="use split virtqueues even when packed ones are offered")),)
+_PAYLOAD = _one_of(
+    _opt("--payload-file", metavar="FILE",
+         help="send FILE's bytes (a whole Ethernet frame) every time"),
+    _opt("--payload-hex", type=_hex_arg, metavar="HEX",
+         help="send these bytes every time (e.g. ffffffffffff0200...)"))
+_SECONDS_OR_ZERO = functools.partial(_seconds_arg, allow_zero=True)
+
+#: The ``fs`` commands, for the command line and the shell alike.
+_FS_COMMANDS = (
+    _command("ls", "list directories", (
+        _opt("-l", dest="long", action="store_true", help="long listing"),
+        _opt("-a", dest="all", action="store_true", help="include names starting with ."),
+        _opt("paths", nargs="*", metavar="PATH"))),
+    _command("tree", "the directory tree under PATH",
+             (_opt("path", nargs="?", default="", metavar="PATH"),)),
+    _command("stat", "everything stat(2) says of PATH", (_opt("path", metavar="PATH"),)),
+    _command("cat", "print files", (_opt("paths", nargs="+", metavar="PATH"),)),
+    _command("get", "copy REMOTE to a local file", (
+        _opt("remote", metavar="REMOTE"),
+        _opt("local", nargs="?", metavar="LOCAL",
+             help="local file or directory (default: REMOTE's name, here)"))),
+    _command("put", "copy a local file to REMOTE", (
+        _opt("local", metavar="LOCAL"),
+        _opt("remote", metavar="REMOTE", help="file or existing directory in the share"))),
+    _command("mkdir", "make directories", (
+        _opt("-p", dest="parents", action="store_true",
+             help="make parents as needed; no error if it exists"),
+        _opt("paths", nargs="+", metavar="PATH"))),
+    _command("rm", "remove files (and with -r, directories)", (
+        _opt("-r", "-R", dest="recursive", action="store_true",
+             help="remove directories and their contents"),
+        _opt("paths", nargs="+", metavar="PATH"))),
+    _command("mv", "rename or move into a directory",
+             (_opt("src", metavar="SRC"), _opt("dst", metavar="DST"))),
+    _command("ln", "make a hard link (-s: symbolic)", (
+        _opt("-s", dest="symbolic", action="store_true", help="symbolic link"),
+        _opt("target", metavar="TARGET"), _opt("path", metavar="PATH"))),
+    _command("df", "size, use and inodes of the share"),
+)
+
+#: Every command of the command line, in the order --help lists them.
+_CLI_COMMANDS = (
+    _command(
+        "probe", "show what a back-end offers", func=_cmd_probe,
         description="Connect, ask the back-end for its features, protocol features, queue "
                     "count, memory slots, shared memory and device config, and print them. "
-                    "Negotiates only the protocol features these questions need.")
-    probe.add_argument("socket", metavar="SOCKET")
-    probe.add_argument("--type", type=_device_type_arg, metavar="TYPE",
-                       help="device type for naming feature bits and decoding config "
-                            "(blk, net, fs, gpu, vsock, ... or a virtio device ID; default: "
-                            "guessed)")
-    probe.add_argument("--json", action="store_true", help="print one JSON object")
-    probe.add_argument("--config-size", type=_int_arg, metavar="BYTES",
-                       help="bytes of device config to read (default: from the type's layout)")
-    probe.set_defaults(func=_cmd_probe)
-
-    validate = commands.add_parser(
-        "validate", parents=[common], help="check a back-end against the vhost-user spec",
+                    "Negotiates only the protocol features these questions need.",
+        options=(
+            _SOCKET,
+            _opt("--type", type=_device_type_arg, metavar="TYPE",
+                 help="device type for naming feature bits and decoding config (blk, net, "
+                      "fs, gpu, vsock, ... or a virtio device ID; default: guessed)"),
+            _JSON,
+            _opt("--config-size", type=_int_arg, metavar="BYTES",
+                 help="bytes of device config to read (default: from the type's layout)"))),
+    _command(
+        "validate", "check a back-end against the vhost-user spec", func=_cmd_validate,
         description="Run a catalogue of conformance checks (negotiation, protocol features, "
                     "rings, memory, device I/O, recovery) and report pass, fail, skip or "
                     "error for each, with the spec section it rests on. Exit status: 0 when "
                     "nothing failed, 1 on a fail or error, 2 on bad usage. Block devices "
-                    "get a 4 KiB write at sector 8 (its old data is written back).")
-    validate.add_argument("socket", metavar="SOCKET")
-    validate.add_argument("--type", type=_device_type_arg, metavar="TYPE",
-                          help="device type: blk, net, fs, ... or a virtio device ID "
-                               "(default: guessed from the offered features)")
-    validate.add_argument("--only", metavar="PATTERN",
-                          help="run only checks whose id matches PATTERN (shell-style, "
-                               "comma-separated: 'neg.*,ring.stop')")
-    output = validate.add_mutually_exclusive_group()
-    output.add_argument("--json", action="store_true", help="print one JSON object")
-    output.add_argument("--tap", action="store_true", help="print TAP version 13")
-    validate.add_argument("--destructive", action="store_true",
-                          help="also run the checks that may crash a back-end (malformed "
-                               "chains, a truncated message); they run last")
-    validate.set_defaults(func=_cmd_validate)
-
-    blk = commands.add_parser(
-        "blk", parents=[common], help="block device I/O",
+                    "get a 4 KiB write at sector 8 (its old data is written back).",
+        options=(
+            _SOCKET,
+            _opt("--type", type=_device_type_arg, metavar="TYPE",
+                 help="device type: blk, net, fs, ... or a virtio device ID (default: guessed "
+                      "from the offered features)"),
+            _opt("--only", metavar="PATTERN",
+                 help="run only checks whose id matches PATTERN (shell-style, "
+                      "comma-separated: 'neg.*,ring.stop')"),
+            _one_of(_JSON, _opt("--tap", action="store_true", help="print TAP version 13")),
+            _opt("--destructive", action="store_true",
+                 help="also run the checks that may crash a back-end (malformed chains, a "
+                      "truncated message); they run last"))),
+    _command(
+        "blk", "block device I/O", func=_cmd_blk, options=(_SOCKET,),
         description="Read, write, verify, flush, discard or zero a vhost-user-blk device. "
                     "OFFSET and LENGTH take 0x prefixes and k/M/G suffixes; read, write and "
                     "verify take any alignment and stream in bounded steps, the others want "
-                    "whole blocks.")
-    blk.add_argument("socket", metavar="SOCKET")
-    actions = blk.add_subparsers(dest="action", metavar="ACTION")
-    actions.required = True
-    info = actions.add_parser("info", parents=[common],
-                              help="capacity, block size, read-only, cache, queues, serial, "
-                                   "topology, discard and write-zeroes limits")
-    info.add_argument("--json", action="store_true", help="print one JSON object")
-    read = actions.add_parser("read", parents=[common], help="read LENGTH bytes at OFFSET",
-                              description="Raw bytes go to FILE or to stdout; a terminal gets "
-                                          "a hex dump (hexdump -C's) instead. Unaligned "
-                                          "ranges read the covering blocks.")
-    read.add_argument("offset", type=_int_arg, metavar="OFFSET")
-    read.add_argument("length", type=_int_arg, metavar="LENGTH")
-    where = read.add_mutually_exclusive_group()
-    where.add_argument("-o", "--output", metavar="FILE", help="write the data to FILE")
-    where.add_argument("-C", "--hexdump", action="store_true",
-                       help="print hexdump -C's dump even when stdout is not a terminal")
-    write = actions.add_parser(
-        "write", parents=[common], help="write stdin (or FILE) at OFFSET",
-        description="Streams FILE or stdin to the device in bounded steps. Data that does "
-                    "not start or end on a block boundary needs --pad or --rmw.")
-    write.add_argument("offset", type=_int_arg, metavar="OFFSET")
-    write.add_argument("-i", "--input", metavar="FILE", help="read the data from FILE")
-    partial = write.add_mutually_exclusive_group()
-    partial.add_argument("--pad", action="store_true",
-                         help="zero-fill the partial first and last blocks")
-    partial.add_argument("--rmw", action="store_true",
-                         help="read the partial first and last blocks and keep their other "
-                              "bytes (read-modify-write; not atomic)")
-    verify = actions.add_parser(
-        "verify", parents=[common], help="compare LENGTH bytes at OFFSET with a pattern or file",
-        description="Read and compare (qemu-io's read -P); a mismatch prints its offset and "
-                    "exits 1.")
-    verify.add_argument("offset", type=_int_arg, metavar="OFFSET")
-    verify.add_argument("length", type=_int_arg, metavar="LENGTH")
-    expected = verify.add_mutually_exclusive_group(required=True)
-    expected.add_argument("--pattern", type=_byte_arg, metavar="BYTE",
-                          help="every byte must be BYTE (0..255, e.g. 0xab)")
-    expected.add_argument("--file", metavar="FILE", help="the bytes must equal FILE's first "
-                                                          "LENGTH bytes")
-    actions.add_parser("flush", parents=[common], help="flush the device's write cache")
-    for name, what in (("discard", "discard"), ("write-zeroes", "zero")):
-        ranged = actions.add_parser(name, parents=[common],
-                                    help="%s LENGTH bytes at OFFSET" % what)
-        ranged.add_argument("offset", type=_int_arg, metavar="OFFSET")
-        ranged.add_argument("length", type=_int_arg, metavar="LENGTH")
-    blk.set_defaults(func=_cmd_blk)
-
-    net = commands.add_parser(
-        "net", parents=[common], help="send, receive or loop back Ethernet frames",
+                    "whole blocks.",
+        commands=("action", "ACTION", (
+            _command("info", "capacity, block size, read-only, cache, queues, serial, "
+                             "topology, discard and write-zeroes limits", (_JSON,)),
+            _command(
+                "read", "read LENGTH bytes at OFFSET",
+                description="Raw bytes go to FILE or to stdout; a terminal gets a hex dump "
+                            "(hexdump -C's) instead. Unaligned ranges read the covering "
+                            "blocks.",
+                options=_RANGE + (_one_of(
+                    _opt("-o", "--output", metavar="FILE", help="write the data to FILE"),
+                    _opt("-C", "--hexdump", action="store_true",
+                         help="print hexdump -C's dump even when stdout is not a terminal")),)),
+            _command(
+                "write", "write stdin (or FILE) at OFFSET",
+                description="Streams FILE or stdin to the device in bounded steps. Data that "
+                            "does not start or end on a block boundary needs --pad or --rmw.",
+                options=(
+                    _OFFSET,
+                    _opt("-i", "--input", metavar="FILE", help="read the data from FILE"),
+                    _one_of(
+                        _opt("--pad", action="store_true",
+                             help="zero-fill the partial first and last blocks"),
+                        _opt("--rmw", action="store_true",
+                             help="read the partial first and last blocks and keep their "
+                                  "other bytes (read-modify-write; not atomic)")))),
+            _command(
+                "verify", "compare LENGTH bytes at OFFSET with a pattern or file",
+                description="Read and compare (qemu-io's read -P); a mismatch prints its "
+                            "offset and exits 1.",
+                options=_RANGE + (_one_of(
+                    _opt("--pattern", type=_byte_arg, metavar="BYTE",
+                         help="every byte must be BYTE (0..255, e.g. 0xab)"),
+                    _opt("--file", metavar="FILE",
+                         help="the bytes must equal FILE's first LENGTH bytes"),
+                    required=True),)),
+            _command("flush", "flush the device's write cache"),
+            _command("discard", "discard LENGTH bytes at OFFSET", _RANGE),
+            _command("write-zeroes", "zero LENGTH bytes at OFFSET", _RANGE)))),
+    _command(
+        "net", "send, receive or loop back Ethernet frames", func=_cmd_net, options=(_SOCKET,),
         description="Quick checks of a vhost-user-net back-end. `ping` is the loopback check "
                     "for a back-end that returns what it receives, such as DPDK testpmd in io "
                     "forward mode. Frames are plain Ethernet (no virtio-net header, no "
                     "offloads); generated ones go to the broadcast address with ethertype "
-                    "0x88b5 and carry a sequence number.")
-    net.add_argument("socket", metavar="SOCKET")
-    actions = net.add_subparsers(dest="action", metavar="ACTION")
-    actions.required = True
-    send = actions.add_parser(
-        "send", parents=[common, ring], help="send N frames, or replay a pcap file",
-        description="Send N generated frames (or one given frame N times), or with -r the "
-                    "frames of a pcap file (tcpreplay: --loop, --pps); waits until the "
-                    "back-end has taken them.")
-    send.add_argument("-n", "-c", "--count", type=_count_arg, default=1, metavar="N",
-                      help="frames to send (default 1)")
-    send.add_argument("--size", type=_int_arg, default=64, metavar="BYTES",
-                      help="size of generated frames (default 64)")
-    send.add_argument("-r", "--read", metavar="FILE.pcap",
-                      help="send the frames of this pcap file (as tcpdump -w writes it)")
-    send.add_argument("--loop", type=_int_arg, default=1, metavar="N",
-                      help="with -r: send the file N times, 0 for ever (default 1)")
-    send.add_argument("--pps", type=_rate_arg, metavar="RATE",
-                      help="with -r: at most RATE frames per second (default: at once)")
-    ping = actions.add_parser(
-        "ping", parents=[common, ring],
-        help="send frames at intervals; each must come back byte-identical (ping's options)",
-        description="Send frames one at a time, every -i seconds, and wait up to -W seconds "
-                    "for each to come back byte-identical (a back-end that returns what it "
-                    "receives, like testpmd in io forward mode). Prints a line per frame and "
-                    "ping's summary (at the count, on Ctrl-C and when the back-end dies); "
-                    "exit status 1 when a frame was lost or came back changed.")
-    ping.add_argument("-c", "--count", type=_count_arg, metavar="COUNT",
-                      help="stop after COUNT frames (default: until Ctrl-C)")
-    ping.add_argument("-i", "--interval", type=lambda text: _seconds_arg(text, True),
-                      default=1.0, metavar="INTERVAL",
-                      help="seconds between frames (default 1; 0 for back to back)")
-    ping.add_argument("-s", "--size", type=_int_arg, default=50, metavar="SIZE",
-                      help="data bytes after the 14-byte Ethernet header (default 50: "
-                           "64-byte frames)")
-    ping.add_argument("-W", "--wait", type=_seconds_arg, metavar="TIMEOUT",
-                      help="seconds to wait for each frame (default: --timeout)")
-    ping.add_argument("-f", "--flood", action="store_true",
-                      help="flood: the next frame as soon as the last came back; prints "
-                           "'.' per frame sent and erases it when it comes back")
-    ping.add_argument("-q", "--quiet", action="store_true",
-                      help="print only the first line and the summary")
-    for parser_ in (send, ping):
-        given = parser_.add_mutually_exclusive_group()
-        given.add_argument("--payload-file", metavar="FILE",
-                           help="send FILE's bytes (a whole Ethernet frame) every time")
-        given.add_argument("--payload-hex", type=_hex_arg, metavar="HEX",
-                           help="send these bytes every time (e.g. ffffffffffff0200...)")
-    recv = actions.add_parser(
-        "recv", parents=[common, ring], help="print the frames that arrive, or capture them as pcap",
-        description="One line per frame as tcpdump -e prints it (time, MACs, ethertype, "
-                    "length), or with -w a pcap file tcpdump and Wireshark read; stops after "
-                    "-c frames, --wait seconds or Ctrl-C.")
-    recv.add_argument("-c", "-n", "--count", type=_count_arg, metavar="N",
-                      help="stop after N frames")
-    recv.add_argument("--wait", type=lambda text: _seconds_arg(text, True, allow_inf=True),
-                      default=1.0, metavar="S",
-                      help="stop after S seconds (default 1; inf: until -c or Ctrl-C)")
-    recv.add_argument("-x", "--hexdump", action="store_true",
-                      help="hex-dump each frame as tcpdump -xx does")
-    recv.add_argument("-w", "--write", metavar="FILE.pcap",
-                      help="write a pcap file (LINKTYPE_ETHERNET, µs timestamps); - for "
-                           "stdout (| tcpdump -r -)")
-    recv.add_argument("-o", "--output", metavar="FILE",
-                      help="write the frames' bytes to FILE, one after the other")
-    net.set_defaults(func=_cmd_net)
-
-    bench = commands.add_parser(
-        "bench", parents=[common, ring],
-        help="measure throughput, latency and CPU per request",
+                    "0x88b5 and carry a sequence number.",
+        commands=("action", "ACTION", (
+            _command(
+                "send", "send N frames, or replay a pcap file", parents=("common", "ring"),
+                description="Send N generated frames (or one given frame N times), or with -r "
+                            "the frames of a pcap file (tcpreplay: --loop, --pps); waits until "
+                            "the back-end has taken them.",
+                options=(
+                    _opt("-n", "-c", "--count", type=_count_arg, default=1, metavar="N",
+                         help="frames to send (default 1)"),
+                    _opt("--size", type=_int_arg, default=64, metavar="BYTES",
+                         help="size of generated frames (default 64)"),
+                    _opt("-r", "--read", metavar="FILE.pcap",
+                         help="send the frames of this pcap file (as tcpdump -w writes it)"),
+                    _opt("--loop", type=_int_arg, default=1, metavar="N",
+                         help="with -r: send the file N times, 0 for ever (default 1)"),
+                    _opt("--pps", type=_rate_arg, metavar="RATE",
+                         help="with -r: at most RATE frames per second (default: at once)"),
+                    _PAYLOAD)),
+            _command(
+                "ping", "send frames at intervals; each must come back byte-identical (ping's "
+                        "options)", parents=("common", "ring"),
+                description="Send frames one at a time, every -i seconds, and wait up to -W "
+                            "seconds for each to come back byte-identical (a back-end that "
+                            "returns what it receives, like testpmd in io forward mode). "
+                            "Prints a line per frame and ping's summary (at the count, on "
+                            "Ctrl-C and when the back-end dies); exit status 1 when a frame "
+                            "was lost or came back changed.",
+                options=(
+                    _opt("-c", "--count", type=_count_arg, metavar="COUNT",
+                         help="stop after COUNT frames (default: until Ctrl-C)"),
+                    _opt("-i", "--interval", type=_SECONDS_OR_ZERO, default=1.0,
+                         metavar="INTERVAL",
+                         help="seconds between frames (default 1; 0 for back to back)"),
+                    _opt("-s", "--size", type=_int_arg, default=50, metavar="SIZE",
+                         help="data bytes after the 14-byte Ethernet header (default 50: "
+                              "64-byte frames)"),
+                    _opt("-W", "--wait", type=_seconds_arg, metavar="TIMEOUT",
+                         help="seconds to wait for each frame (default: --timeout)"),
+                    _opt("-f", "--flood", action="store_true",
+                         help="flood: the next frame as soon as the last came back; prints "
+                              "'.' per frame sent and erases it when it comes back"),
+                    _opt("-q", "--quiet", action="store_true",
+                         help="print only the first line and the summary"),
+                    _PAYLOAD)),
+            _command(
+                "recv", "print the frames that arrive, or capture them as pcap",
+                parents=("common", "ring"),
+                description="One line per frame as tcpdump -e prints it (time, MACs, "
+                            "ethertype, length), or with -w a pcap file tcpdump and Wireshark "
+                            "read; stops after -c frames, --wait seconds or Ctrl-C.",
+                options=(
+                    _opt("-c", "-n", "--count", type=_count_arg, metavar="N",
+                         help="stop after N frames"),
+                    _opt("--wait", type=functools.partial(_seconds_arg, allow_zero=True,
+                                                          allow_inf=True),
+                         default=1.0, metavar="S",
+                         help="stop after S seconds (default 1; inf: until -c or Ctrl-C)"),
+                    _opt("-x", "--hexdump", action="store_true",
+                         help="hex-dump each frame as tcpdump -xx does"),
+                    _opt("-w", "--write", metavar="FILE.pcap",
+                         help="write a pcap file (LINKTYPE_ETHERNET, µs timestamps); - for "
+                              "stdout (| tcpdump -r -)"),
+                    _opt("-o", "--output", metavar="FILE",
+                         help="write the frames' bytes to FILE, one after the other")))))),
+    _command(
+        "bench", "measure throughput, latency and CPU per request", func=_cmd_bench,
+        parents=("common", "ring"),
         description="Run I/O for --seconds and report IOPS and MiB/s (blk; fs: FUSE reads or "
-                    "writes of one file in the share) or packets/s and "
-                    "Mbit/s of frames looped back by the back-end (net: testpmd in io forward "
-                    "mode), latency percentiles, this process's CPU time per request and "
-                    "the back-end's: the socket's peer (or --backend-pid) and every process "
-                    "under it (from /proc/PID/stat, 10 ms resolution). A progress line is drawn on stderr only when stderr is a "
-                    "terminal.")
-    bench.add_argument("socket", metavar="SOCKET")
-    bench.add_argument("--type", choices=("blk", "net", "fs"), default="blk",
-                       help="device to drive (default blk)")
-    # fio's names and meanings where fio has the option (--bs, --iodepth, --numjobs are
-    # its spellings of --size, --depth, --queues).
-    bench.add_argument("--rw", "--readwrite", choices=sorted(_BENCH_RW), metavar="MODE",
-                       help="blk access pattern, as fio's: read, write, randread, randwrite, "
-                            "rw (or readwrite), randrw (default randread)")
-    bench.add_argument("--rwmixread", type=_percent_arg, metavar="PCT",
-                       help="rw/randrw: percent of requests that read (default 50)")
-    bench.add_argument("--file", default="vhost-user-bench.dat", metavar="PATH",
-                       help="fs: the file in the share to read or write (made with "
-                            "--file-size bytes when missing, and removed after)")
-    bench.add_argument("--file-size", type=_int_arg, default=64 << 20, metavar="BYTES",
-                       help="fs: size of the file made when missing (default 64M)")
-    bench.add_argument("--size", "--bs", type=_int_arg, metavar="BYTES",
-                       help="bytes per request or frame (default 4096 for blk, 64 for net)")
-    bench.add_argument("--depth", "--iodepth", type=_count_arg, default=1, metavar="N",
-                       help="requests in flight per queue (default 1)")
-    bench.add_argument("--queues", "--numjobs", type=_count_arg, metavar="N",
-                       help="queues (blk) or queue pairs (net) to use, one thread each "
-                            "(default 1)")
-    bench.add_argument("--offset", type=_int_arg, default=0, metavar="BYTES",
-                       help="blk: start of the region exercised (default 0)")
-    bench.add_argument("--span", type=_int_arg, metavar="BYTES",
-                       help="blk: bytes of the region exercised (fio's size=; default: to the "
-                            "end of the device)")
-    bench.add_argument("--seconds", "--runtime", type=_seconds_arg, default=3.0, metavar="S",
-                       help="duration measured (default 3)")
-    bench.add_argument("--ramp_time", "--ramp-time", type=lambda text: _seconds_arg(text, True),
-                       default=0.0, metavar="S",
-                       help="blk: run S seconds first, excluded from the figures")
-    bench.add_argument("--verify", action="store_true",
-                       help="blk: writes carry a header (offset, sequence number, CRC32 of the "
-                            "block) and reads check it; a mismatch is an error naming the "
-                            "offset. Write modes read back what they wrote at the end")
-    bench.add_argument("--histogram", action="store_true",
-                       help="also print a text histogram of completion latencies")
-    bench.add_argument("--backend-pid", type=int, metavar="PID",
-                       help="the back-end process whose CPU time (with its children's) is "
-                            "reported (default: the socket's peer, from SO_PEERCRED)")
-    bench.add_argument("--spin", type=functools.partial(_seconds_arg, allow_zero=True),
-                       metavar="S",
-                       help="seconds to poll the used ring before sleeping (default: chosen "
-                            "from where the back-end runs)")
-    bench.add_argument("--event-idx", choices=("on", "off"),
-                       help="negotiate RING_EVENT_IDX (default on; off: a call per completion)")
-    bench.add_argument("--loop", choices=("device", "queue"), default="device",
-                       help="device: BlockDevice's fast path (default); queue: a plain loop "
-                            "over Queue, the yardstick for it")
-    bench.add_argument("--json", action="store_true", help="print one JSON object")
-    bench.set_defaults(func=_cmd_bench)
-
-    fs = commands.add_parser(
-        "fs", parents=[common], help="list, read and write a virtio-fs share (virtiofsd)",
+                    "writes of one file in the share) or packets/s and Mbit/s of frames "
+                    "looped back by the back-end (net: testpmd in io forward mode), latency "
+                    "percentiles, this process's CPU time per request and the back-end's: the "
+                    "socket's peer (or --backend-pid) and every process under it (from "
+                    "/proc/PID/stat, 10 ms resolution). A progress line is drawn on stderr "
+                    "only when stderr is a terminal.",
+        # fio's names and meanings where fio has the option (--bs, --iodepth, --numjobs are
+        # its spellings of --size, --depth, --queues).
+        options=(
+            _SOCKET,
+            _opt("--type", choices=("blk", "net", "fs"), default="blk",
+                 help="device to drive (default blk)"),
+            _opt("--rw", "--readwrite", choices=sorted(_BENCH_RW), metavar="MODE",
+                 help="blk access pattern, as fio's: read, write, randread, randwrite, rw (or "
+                      "readwrite), randrw (default randread)"),
+            _opt("--rwmixread", type=_percent_arg, metavar="PCT",
+                 help="rw/randrw: percent of requests that read (default 50)"),
+            _opt("--file", default="vhost-user-bench.dat", metavar="PATH",
+                 help="fs: the file in the share to read or write (made with --file-size "
+                      "bytes when missing, and removed after)"),
+            _opt("--file-size", type=_int_arg, default=64 << 20, metavar="BYTES",
+                 help="fs: size of the file made when missing (default 64M)"),
+            _opt("--size", "--bs", type=_int_arg, metavar="BYTES",
+                 help="bytes per request or frame (default 4096 for blk, 64 for net)"),
+            _opt("--depth", "--iodepth", type=_count_arg, default=1, metavar="N",
+                 help="requests in flight per queue (default 1)"),
+            _opt("--queues", "--numjobs", type=_count_arg, metavar="N",
+                 help="queues (blk) or queue pairs (net) to use, one thread each (default 1)"),
+            _opt("--offset", type=_int_arg, default=0, metavar="BYTES",
+                 help="blk: start of the region exercised (default 0)"),
+            _opt("--span", type=_int_arg, metavar="BYTES",
+                 help="blk: bytes of the region exercised (fio's size=; default: to the end "
+                      "of the device)"),
+            _opt("--seconds", "--runtime", type=_seconds_arg, default=3.0, metavar="S",
+                 help="duration measured (default 3)"),
+            _opt("--ramp_time", "--ramp-time", type=_SECONDS_OR_ZERO, default=0.0, metavar="S",
+                 help="blk: run S seconds first, excluded from the figures"),
+            _opt("--verify", action="store_true",
+                 help="blk: writes carry a header (offset, sequence number, CRC32 of the "
+                      "block) and reads check it; a mismatch is an error naming the offset. "
+                      "Write modes read back what they wrote at the end"),
+            _opt("--histogram", action="store_true",
+                 help="also print a text histogram of completion latencies"),
+            _opt("--backend-pid", type=int, metavar="PID",
+                 help="the back-end process whose CPU time (with its children's) is reported "
+                      "(default: the socket's peer, from SO_PEERCRED)"),
+            _opt("--spin", type=_SECONDS_OR_ZERO, metavar="S",
+                 help="seconds to poll the used ring before sleeping (default: chosen from "
+                      "where the back-end runs)"),
+            _opt("--event-idx", choices=("on", "off"),
+                 help="negotiate RING_EVENT_IDX (default on; off: a call per completion)"),
+            _opt("--loop", choices=("device", "queue"), default="device",
+                 help="device: BlockDevice's fast path (default); queue: a plain loop over "
+                      "Queue, the yardstick for it"),
+            _JSON)),
+    _command(
+        "fs", "list, read and write a virtio-fs share (virtiofsd)", func=_cmd_fs,
+        options=(_SOCKET,),
         description="Use a virtio-fs share through its vhost-user back-end, as FUSE over the "
                     "request queue, with no VM. Paths are relative to the share's root. C "
                     "virtiofsd serves one connection and then exits, so each command consumes "
-                    "one daemon; `shell` runs many commands on one connection.")
-    fs.add_argument("socket", metavar="SOCKET")
-    actions = fs.add_subparsers(dest="action", metavar="COMMAND")
-    actions.required = True
-    _add_fs_actions(actions, [common])
-    actions.add_parser("shell", parents=[common],
-                       help="an sftp-like prompt: many commands on one connection")
-    fs.set_defaults(func=_cmd_fs)
-
-    migrate = commands.add_parser(
-        "migrate", parents=[common, ring], help="rehearse a migration: move a running device",
+                    "one daemon; `shell` runs many commands on one connection.",
+        commands=("action", "COMMAND", _FS_COMMANDS + (
+            _command("shell", "an sftp-like prompt: many commands on one connection"),))),
+    _command(
+        "migrate", "rehearse a migration: move a running device", func=_cmd_migrate,
+        parents=("common", "ring"),
         description="Rehearse what a VMM does around a migration, with no VM: connect to OLD, "
                     "run I/O with the dirty log on (when OLD offers it) and check that every "
                     "guest page OLD wrote was logged, post a few requests without a kick, move "
@@ -16948,43 +16935,91 @@ def _build_parser():
                     "(--write: writes a pattern first and checks it survived); net sends "
                     "numbered frames through an echoing back-end (testpmd --forward-mode=io) "
                     "and checks every one came back. OLD and NEW must serve the same disk or "
-                    "network. Exit status 0 when everything verified, 1 otherwise.")
-    migrate.add_argument("socket", metavar="OLD")
-    migrate.add_argument("new", metavar="NEW")
-    migrate.add_argument("--type", choices=("blk", "net"),
-                         help="device type (default: guessed from OLD)")
-    migrate.add_argument("--offset", type=_int_arg, default=0, metavar="BYTES",
-                         help="blk: start of the range (default 0)")
-    migrate.add_argument("--length", type=_int_arg, default=1 << 20, metavar="BYTES",
-                         help="blk: bytes of the range (default 1M)")
-    migrate.add_argument("--write", action="store_true",
-                         help="blk: write a pattern over the range (destroys its data)")
-    migrate.add_argument("-n", "--count", type=_count_arg, default=1000, metavar="N",
-                         help="net: frames before and after the move (default 1000)")
-    migrate.set_defaults(func=_cmd_migrate)
-
-    demo = commands.add_parser(
-        "demo", parents=[common], help="try it: a temporary disk back-end, end to end",
+                    "network. Exit status 0 when everything verified, 1 otherwise.",
+        options=(
+            _opt("socket", metavar="OLD"),
+            _opt("new", metavar="NEW"),
+            _opt("--type", choices=("blk", "net"), help="device type (default: guessed from OLD)"),
+            _opt("--offset", type=_int_arg, default=0, metavar="BYTES",
+                 help="blk: start of the range (default 0)"),
+            _opt("--length", type=_int_arg, default=1 << 20, metavar="BYTES",
+                 help="blk: bytes of the range (default 1M)"),
+            _opt("--write", action="store_true",
+                 help="blk: write a pattern over the range (destroys its data)"),
+            _opt("-n", "--count", type=_count_arg, default=1000, metavar="N",
+                 help="net: frames before and after the move (default 1000)"))),
+    _command(
+        "demo", "try it: a temporary disk back-end, end to end", func=_cmd_demo,
         description="Start qemu-storage-daemon (or, when it is not installed, the module's "
                     "embedded back-end) on a temporary 64 MiB disk, probe it, write and read "
                     "back data, run a short benchmark, stop the back-end and remove its files, "
                     "also on Ctrl-C, SIGTERM or SIGHUP. qemu-storage-daemon is in the Debian "
-                    "package %s." % _DEMO_PACKAGE)
-    demo.add_argument("--seconds", type=_seconds_arg, default=3.0, metavar="S",
-                      help="benchmark duration (default 3)")
-    demo.add_argument("--embedded", action="store_true",
-                      help="use the embedded back-end even if qemu-storage-daemon is installed")
-    demo.set_defaults(func=_cmd_demo)
-
-    selftest = commands.add_parser(
-        "selftest", parents=[common], help="check that this host and Python can run the module",
+                    "package %s." % _DEMO_PACKAGE,
+        options=(
+            _opt("--seconds", type=_seconds_arg, default=3.0, metavar="S",
+                 help="benchmark duration (default 3)"),
+            _opt("--embedded", action="store_true",
+                 help="use the embedded back-end even if qemu-storage-daemon is installed"))),
+    _command(
+        "selftest", "check that this host and Python can run the module", func=_cmd_selftest,
         description="Check, one line each, what the module needs from the host and the "
                     "interpreter: memfd with seals, eventfd, SCM_RIGHTS, shared mappings, ring "
                     "index ordering between two processes, then a virtio-blk and a virtio-net "
                     "device end to end against the embedded back-end. Stops at the first "
-                    "failure (exit status 1). Needs nothing installed.")
-    selftest.set_defaults(func=_cmd_selftest)
+                    "failure (exit status 1). Needs nothing installed."),
+)
+
+
+def _build_parser():
+    """The command line's parser from ``_CLI_COMMANDS``: (parser, its commands, -v/--timeout)."""
+    import argparse
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: an option given after the subcommand must not reset one given before it.
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log every vhost-user message sent and received (stderr)")
+    common.add_argument("--timeout", type=_seconds_arg, default=argparse.SUPPRESS, metavar="S",
+                        help="seconds to wait for any reply or completion (default 5)")
+    ring = argparse.ArgumentParser(add_help=False)
+    _add_options(ring, _RING_OPTIONS)
+    parser = argparse.ArgumentParser(
+        prog=_PROG, parents=[common],
+        description="Talk to a vhost-user back-end (qemu-storage-daemon, DPDK, virtiofsd, "
+                    "rust-vmm and crosvm devices, SPDK) from the front-end side.",
+        epilog="Errors are reported in one line; the exit status is 1 for a failure "
+               "and 2 for bad usage.")
+    parser.add_argument("--version", action="version", version="%s %s" % (_PROG, __version__))
+    commands = _add_commands(parser, ("command", "COMMAND", _CLI_COMMANDS),
+                             {"common": common, "ring": ring})
     return parser, commands, common
+
+
+def _add_commands(parser, commands, parents, required=True):
+    """Add ``commands`` (dest, metavar, table) to ``parser``; returns its subparsers action."""
+    dest, metavar, table = commands
+    actions = parser.add_subparsers(dest=dest, metavar=metavar)
+    actions.required = required  # 3.6 has no add_subparsers(required=)
+    for command in table:
+        keywords = {"help": command["help"]}
+        if command["description"] is not None:
+            keywords["description"] = command["description"]
+        sub = actions.add_parser(command["name"], parents=[parents[p] for p in command["parents"]
+                                                           if p in parents], **keywords)
+        _add_options(sub, command["options"])
+        if command["commands"] is not None:
+            _add_commands(sub, command["commands"], parents)
+        if command["func"] is not None:
+            sub.set_defaults(func=command["func"])
+    return actions
+
+
+def _add_options(parser, options):
+    """``add_argument`` each of ``options`` (``_opt``, ``_one_of``) on ``parser`` or a group."""
+    for names, keywords in options:
+        if names is None:
+            group = parser.add_mutually_exclusive_group(required=keywords.get("required", False))
+            _add_options(group, keywords["options"])
+        else:
+            parser.add_argument(*names, **keywords)
 
 
 def main(argv=None):
