@@ -13760,15 +13760,20 @@ def _check_bench_usage(args):
                              ", 3 per request" if args.type == "blk" else ""))
 
 
+def _bench_blk_only(args, rw):
+    """The options given (not at their defaults) that only blk takes, ``rw`` first when set."""
+    return [name for name, value in (
+        rw, ("--rwmixread", args.rwmixread), ("--offset", args.offset or None),
+        ("--span", args.span), ("--ramp_time", args.ramp_time or None),
+        ("--verify", args.verify or None), ("--spin", args.spin),
+        ("--event-idx", args.event_idx),
+        ("--loop", None if args.loop == "device" else args.loop)) if value is not None]
+
+
 def _cmd_bench(args, out):
     _check_bench_usage(args)
     if args.type == "net":
-        given = [name for name, value in (
-            ("--rw", args.rw), ("--rwmixread", args.rwmixread), ("--offset", args.offset or None),
-            ("--span", args.span), ("--ramp_time", args.ramp_time or None),
-            ("--verify", args.verify or None), ("--spin", args.spin),
-            ("--event-idx", args.event_idx),
-            ("--loop", None if args.loop == "device" else args.loop)) if value is not None]
+        given = _bench_blk_only(args, ("--rw", args.rw))
         if given:
             raise _UsageError("%s applies to --type blk%s only"
                             % (given[0], " and fs" if given[0] == "--rw" else ""))
@@ -13777,13 +13782,9 @@ def _cmd_bench(args, out):
             _bench_peer(args, dev)
             report = _bench_net(dev, args)
     elif args.type == "fs":
-        given = [name for name, value in (
-            ("--rw %s" % args.rw, args.rw if args.rw in ("rw", "readwrite", "randrw") else None),
-            ("--rwmixread", args.rwmixread), ("--offset", args.offset or None),
-            ("--span", args.span), ("--ramp_time", args.ramp_time or None),
-            ("--verify", args.verify or None), ("--spin", args.spin),
-            ("--event-idx", args.event_idx),
-            ("--loop", None if args.loop == "device" else args.loop)) if value is not None]
+        # fs reads or writes; the mixed modes are blk's only.
+        given = _bench_blk_only(args, ("--rw %s" % args.rw, args.rw if args.rw in (
+            "rw", "readwrite", "randrw") else None))
         if given:
             raise _UsageError("%s applies to --type blk only" % given[0])
         if args.queues not in (None, 1):
@@ -14734,7 +14735,9 @@ class _TransferProgress:
 
     With ``what`` (the action), ``fail(exc)`` notes on a failure or an
     interruption how many bytes were done, and the offset reached when the
-    transfer started at ``offset``; the error line ends with it.
+    transfer started at ``offset``; the error line ends with it. As a
+    context manager it does that for an exception leaving the block, and
+    erases its line.
     """
 
     moved = 0     # the bytes done, as the last update() said
@@ -14780,6 +14783,15 @@ class _TransferProgress:
         if self.drawn:
             self.stream.write("\r\033[K")
             self.stream.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, traceback):
+        """A failure (any, Ctrl-C too) notes what was done when there is a ``what``."""
+        if exc is not None and self.what is not None:
+            self.fail(exc)
+        self.done()
 
 
 def _note_transfer(exc, text):
@@ -14930,21 +14942,18 @@ def _blk_read(dev, args, out):
     progress = _TransferProgress(args.length, what="read", offset=args.offset)
     stream = _blk_stream(dev, args.offset, args.length, progress)
     try:
-        for piece in stream:
+        with progress:
+            for piece in stream:
+                if dump is not None:
+                    dump.feed(piece)
+                else:
+                    target.write(piece)
             if dump is not None:
-                dump.feed(piece)
+                dump.close()
             else:
-                target.write(piece)
-        if dump is not None:
-            dump.close()
-        else:
-            target.flush()
-    except BaseException as exc:
-        progress.fail(exc)
-        raise
+                target.flush()
     finally:
         stream.close()   # its buffer goes back now, not when a collector gets to it
-        progress.done()
         if args.output and target is not None:
             target.close()
     return 0
@@ -15034,7 +15043,7 @@ def _blk_write_from(dev, args, out, source):
         fill = head
         progress = _TransferProgress(length, what="write", offset=offset)
         total = 0
-        try:
+        with progress:
             while True:
                 with staging[fill:] as room:
                     count = source.readinto(room)
@@ -15059,11 +15068,6 @@ def _blk_write_from(dev, args, out, source):
                     progress.update(max(0, position - offset))
                 if not count:
                     break
-        except BaseException as exc:
-            progress.fail(exc)
-            raise
-        finally:
-            progress.done()
         tail = fill
         if tail:
             if not (args.pad or args.rmw):
@@ -15674,9 +15678,8 @@ def _fs_stat(fs, args, out):
 
 def _fs_copy_out(source, write, what, total=None):
     """Copy ``source`` to ``write`` in 1 MiB steps; a failure notes the bytes done."""
-    progress = _TransferProgress(total, what=what)
     done = 0
-    try:
+    with _TransferProgress(total, what=what) as progress:
         while True:
             chunk = source.read(1 << 20)
             if not chunk:
@@ -15684,11 +15687,6 @@ def _fs_copy_out(source, write, what, total=None):
             write(chunk)
             done += len(chunk)
             progress.update(done)
-    except BaseException as exc:
-        progress.fail(exc)
-        raise
-    finally:
-        progress.done()
 
 
 def _fs_each(args, paths, do):
