@@ -13464,7 +13464,12 @@ def _bench_fs(fs, args):
                 raise _CliError("%s: %d bytes, smaller than --size %d" % (args.file, file_size,
                                                                          size))
             load = _BlockLoad(file_size, size, rw, 0)
-            return _bench_fs_stream(fs, f, load, args, size, rw)
+            latencies = [(_Latencies(args.depth),)]
+            elapsed, cpu_self, cpu_backend = _bench_measured(
+                args, latencies, lambda _, deadline, lat, tick: _bench_fs_stream(
+                    fs, f, load, args, deadline, lat[0], tick), args.seconds, size, "fs")
+            return _bench_report("fs", rw, size, args.depth, 1, elapsed,
+                                 latencies[0][0].values(), cpu_self, cpu_backend)
     finally:
         if created and fs.exists(args.file):   # not made when --file-size did not fit
             fs.remove(args.file)
@@ -13483,53 +13488,40 @@ def _fs_fill(fs, path, size):
             left -= f.write(zeros[:left])
 
 
-def _bench_fs_stream(fs, f, load, args, size, rw):
-    clock = time.perf_counter
+def _bench_fs_stream(fs, f, load, args, deadline, latencies, tick=None):
+    """One ``_bench_loop`` of FUSE_READs (or WRITEs) of ``load.size`` bytes on open file ``f``."""
+    size = load.size
     op = _FuseOp.WRITE if load.write else _FuseOp.READ
     buffers = [bytearray(size) for _ in range(args.depth)]
-    free = list(range(args.depth))
-    pending = {}
-    latencies = []
-    progress = _Progress(sys.stderr, args.seconds, "fs")
-    cpu_start = _self_cpu_seconds()
-    backend = _PeerCpu(args)
-    start = clock()
-    deadline = start + args.seconds
+    requests = [None] * args.depth   # per slot: its request in flight
     node, fh = f._node, f._fh
-    completions = None
-    while True:
-        if clock() < deadline:
-            while free:
-                slot = free.pop()
-                io_in = _FUSE_IO_IN.pack(fh, load.offsets(1)[0], size, 0, 0, 0, 0)
-                t0 = clock()
-                if load.write:
-                    request = fs._submit(op, node.nodeid, [io_in, load.data], bytearray(8))
-                else:
-                    request = fs._submit(op, node.nodeid, [io_in], buffers[slot])
-                pending[request] = (t0, slot)
-                completions = request.queue
-        elif not pending:
-            break
+
+    def post(slots, now):
+        for slot, offset in zip(slots, load.offsets(len(slots))):
+            io_in = _FUSE_IO_IN.pack(fh, offset, size, 0, 0, 0, 0)
+            if load.write:
+                requests[slot] = fs._submit(op, node.nodeid, [io_in, load.data], bytearray(8))
+            else:
+                requests[slot] = fs._submit(op, node.nodeid, [io_in], buffers[slot])
+
+    def reap():
+        pending = [r for r in requests if r is not None]
+        completions = pending[0].queue
         completions.queue.notify()
         completions.wait(lambda: any(r.done for r in pending), time.monotonic() + fs.timeout,
                          op.name)
-        now = clock()
-        for request in [r for r in pending if r.done]:
+        return [slot for slot, r in enumerate(requests) if r is not None and r.done]
+
+    def complete(slots, now):
+        for slot in slots:
+            request, requests[slot] = requests[slot], None
             length = fs._result(request, filename=args.file)
             if load.write and _FUSE_U32_PAIR.unpack(request.reply)[0] != size or \
                     not load.write and length != size:
                 raise _CliError("%s: a %s of %d bytes moved %d" % (args.file, op.name, size,
                                                                    length))
-            t0, slot = pending.pop(request)
-            latencies.append(now - t0)
-            free.append(slot)
-        progress.update(now - start, len(latencies), size)
-    progress.done()
-    elapsed = clock() - start
-    cpu_backend = backend.used()
-    return _bench_report("fs", rw, size, args.depth, 1, elapsed, latencies,
-                         _self_cpu_seconds() - cpu_start, cpu_backend)
+
+    _bench_loop(args.depth, deadline, post, reap, latencies, tick, complete)
 # -- bench --------------------------------------------------------------------
 
 def _proc_cpu_seconds(pid, required=True):
@@ -13816,15 +13808,20 @@ def _check_bench_usage(args):
                              ", 3 per request" if args.type == "blk" else ""))
 
 
+def _bench_blk_only(args, rw):
+    """The options given (not at their defaults) that only blk takes, ``rw`` first when set."""
+    return [name for name, value in (
+        rw, ("--rwmixread", args.rwmixread), ("--offset", args.offset or None),
+        ("--span", args.span), ("--ramp_time", args.ramp_time or None),
+        ("--verify", args.verify or None), ("--spin", args.spin),
+        ("--event-idx", args.event_idx),
+        ("--loop", None if args.loop == "device" else args.loop)) if value is not None]
+
+
 def _cmd_bench(args, out):
     _check_bench_usage(args)
     if args.type == "net":
-        given = [name for name, value in (
-            ("--rw", args.rw), ("--rwmixread", args.rwmixread), ("--offset", args.offset or None),
-            ("--span", args.span), ("--ramp_time", args.ramp_time or None),
-            ("--verify", args.verify or None), ("--spin", args.spin),
-            ("--event-idx", args.event_idx),
-            ("--loop", None if args.loop == "device" else args.loop)) if value is not None]
+        given = _bench_blk_only(args, ("--rw", args.rw))
         if given:
             raise _UsageError("%s applies to --type blk%s only"
                             % (given[0], " and fs" if given[0] == "--rw" else ""))
@@ -13833,13 +13830,9 @@ def _cmd_bench(args, out):
             _bench_peer(args, dev)
             report = _bench_net(dev, args)
     elif args.type == "fs":
-        given = [name for name, value in (
-            ("--rw %s" % args.rw, args.rw if args.rw in ("rw", "readwrite", "randrw") else None),
-            ("--rwmixread", args.rwmixread), ("--offset", args.offset or None),
-            ("--span", args.span), ("--ramp_time", args.ramp_time or None),
-            ("--verify", args.verify or None), ("--spin", args.spin),
-            ("--event-idx", args.event_idx),
-            ("--loop", None if args.loop == "device" else args.loop)) if value is not None]
+        # fs reads or writes; the mixed modes are blk's only.
+        given = _bench_blk_only(args, ("--rw %s" % args.rw, args.rw if args.rw in (
+            "rw", "readwrite", "randrw") else None))
         if given:
             raise _UsageError("%s applies to --type blk only" % given[0])
         if args.queues not in (None, 1):
@@ -13903,31 +13896,33 @@ def _bench_block(dev, args):
             loads = [_BlockLoad(part, size, rw, q, region[0] + q * part, args.rwmixread)
                      for q in range(queues)]
         checked = [_BlockCheck(load, args.verify) for load in loads]
-        stream = lambda queue, deadline, lat, tick=None: _bench_block_stream_checked(  # noqa
-            dev, queue, loads[queue], checked[queue], args.depth, deadline, lat, tick)
     else:
         checked = None
-        plain = _bench_queue_stream if args.loop == "queue" else _bench_block_stream
-        stream = lambda queue, deadline, lat, tick=None: plain(  # noqa: E731
-            dev, queue, loads[queue], args.depth, deadline,
-            lat["write" if loads[queue].write else "read"], tick)
+    # --loop queue times the plain modes only; mixed and --verify runs check every request.
+    loop = _bench_queue_stream if args.loop == "queue" and not checked else _bench_block_stream
+
+    def stream(queue, deadline, latencies, tick):
+        check = (checked[queue],) if checked else ()
+        loop(dev, queue, loads[queue], args.depth, deadline, latencies, tick, *check)
+
+    def new_latencies():   # each stream's reads and writes
+        return [(_Latencies(args.depth), _Latencies(args.depth)) for _ in range(queues)]
+
     if args.ramp_time:
         # fio's ramp_time: the same load first, its figures thrown away.
-        _bench_block_phase(dev, args, queues, stream, args.ramp_time, size)
+        _bench_phase(args, new_latencies(), stream, args.ramp_time, size, "blk")
         for check in checked or ():
             check.verified = 0
-    backend = _PeerCpu(args)
-    cpu_start = _self_cpu_seconds()
-    latencies, elapsed = _bench_block_phase(dev, args, queues, stream, args.seconds, size)
-    cpu_self = _self_cpu_seconds() - cpu_start
-    cpu_backend = backend.used()
+    latencies = new_latencies()
+    elapsed, cpu_self, cpu_backend = _bench_measured(args, latencies, stream, args.seconds,
+                                                     size, "blk")
     verified = None
     if checked is not None and args.verify:
         for q in range(queues):
             _bench_read_back(dev, q, checked[q], args.depth)
         verified = sum(check.verified for check in checked)
-    reads = [t for per_queue in latencies for t in per_queue["read"].values()]
-    writes = [t for per_queue in latencies for t in per_queue["write"].values()]
+    reads = [t for per_queue in latencies for t in per_queue[0].values()]
+    writes = [t for per_queue in latencies for t in per_queue[1].values()]
     report = _bench_report("blk", rw, size, args.depth, queues, elapsed, reads + writes,
                            cpu_self, cpu_backend)
     placement = dev.placement
@@ -13965,30 +13960,38 @@ def _bench_region(dev, args, size):
     return offset, span
 
 
-def _bench_block_phase(dev, args, queues, stream, seconds, size):
-    """Run ``stream`` on every queue (a thread each but the first) for ``seconds``.
+def _bench_measured(args, latencies, stream, seconds, size, kind):
+    """``_bench_phase`` with the CPU time both sides used: (seconds, ours, the back-end's)."""
+    backend = _PeerCpu(args)
+    cpu_start = _self_cpu_seconds()
+    elapsed = _bench_phase(args, latencies, stream, seconds, size, kind)
+    return elapsed, _self_cpu_seconds() - cpu_start, backend.used()
 
-    Returns ([{"read": _Latencies, "write": _Latencies}] per queue, seconds it took).
+
+def _bench_phase(args, latencies, stream, seconds, size, kind):
+    """Run one ``stream`` per entry of ``latencies`` (a thread each but the first) for ``seconds``.
+
+    ``stream(index, deadline, latencies[index], tick)``: an entry is a tuple
+    of that stream's _Latencies (blk: reads, writes). Returns the seconds
+    it took.
     """
-    latencies = [{"read": _Latencies(args.depth), "write": _Latencies(args.depth)}
-                 for _ in range(queues)]
     errors = []
-    progress = _Progress(sys.stderr, seconds, "blk")
+    progress = _Progress(sys.stderr, seconds, kind)
     start = time.perf_counter()
     deadline = start + seconds
 
-    def run(queue):
+    def run(index):
         try:
-            stream(queue, deadline, latencies[queue])
+            stream(index, deadline, latencies[index], None)
         except BaseException as exc:  # re-raised by the main thread
             errors.append(exc)
 
     def tick():
         progress.update(time.perf_counter() - start,
-                        sum(len(q["read"]) + len(q["write"]) for q in latencies), size)
+                        sum(len(one) for per_stream in latencies for one in per_stream), size)
 
-    threads = [threading.Thread(target=run, args=(q,), name="bench-queue-%d" % q)
-               for q in range(1, queues)]
+    threads = [threading.Thread(target=run, args=(i,), name="bench-%s-%d" % (
+        "pair" if kind == "net" else "queue", i)) for i in range(1, len(latencies))]
     for thread in threads:
         thread.start()
     try:
@@ -13999,7 +14002,7 @@ def _bench_block_phase(dev, args, queues, stream, seconds, size):
         progress.done()
     if errors:
         raise errors[0]
-    return latencies, time.perf_counter() - start
+    return time.perf_counter() - start
 
 
 class _Latencies:
@@ -14026,69 +14029,160 @@ class _Latencies:
         return out
 
 
-def _bench_block_stream(dev, queue, load, depth, deadline, latencies, tick=None):
-    """Keep ``depth`` requests in flight on ``queue`` until ``deadline``; log each latency.
+def _bench_loop(depth, deadline, post, reap, latencies, tick=None, complete=None):
+    """Keep ``depth`` requests in flight until ``deadline``: the measured loop of every bench.
 
-    Runs on the library's fast path, as a user of it would: ``alloc``ed
-    buffers, and the requests that replace the ones a ``reap`` returned
-    posted as one batch (one kick) with ``post_reads``/``post_writes``, the
-    buffer's index as user data. A latency runs from just before the post
-    that started a request to the return of the reap that returned it.
-    ``tick`` (the progress line) runs at most every 0.1 s.
+    A stream gives its hooks, each called once per batch (never per request,
+    which would cost the hot path a call each): ``post(slots, now)`` starts a
+    request in each of ``slots`` (indices below ``depth``; all of them at
+    first), ``reap()`` returns the slots of requests that completed (at least
+    one), and ``complete(slots, now)``, when given, checks them. A latency runs
+    from the ``now`` of the post that started a request to the clock read just
+    after the reap that returned it; it goes to ``latencies`` (a _Latencies),
+    or, when that is None, is ``complete``'s to log. ``tick`` (the progress
+    line) runs at most every 0.1 s.
     """
     clock = time.perf_counter
+    if latencies is not None:
+        record = latencies.append
+        whole_batch = latencies.batches.append   # the latency of ``depth`` requests
+    now = clock()
+    started = [now] * depth
+    together = now   # when every request in flight was posted at one time, that time
+    in_flight = 0
+    if now < deadline:
+        post(list(range(depth)), now)
+        in_flight = depth
+    next_tick = now + 0.1
+    while in_flight:
+        done = reap()
+        now = clock()
+        if complete is not None:
+            complete(done, now)
+        if latencies is None:
+            pass
+        elif together is not None and len(done) == depth:
+            # The usual batch: every request, all posted at one time. The
+            # same latencies as the loop below, logged once for all.
+            whole_batch(now - together)
+            together = now
+        else:
+            if together is not None:
+                started = [together] * depth
+            for i in done:
+                record(now - started[i])
+                started[i] = now
+            together = now if len(done) == depth else None
+        if now < deadline:
+            post(done, now)
+        else:
+            in_flight -= len(done)
+        if tick is not None and now >= next_tick:
+            next_tick = now + 0.1
+            tick()
+
+
+def _bench_free(dev, buffers):
+    """Give back a stream's ``alloc``ed buffers."""
+    for buffer in buffers:
+        try:
+            dev.free(buffer)
+        except ValueError:   # still in flight after an error: close() releases it
+            pass
+
+
+def _bench_block_stream(dev, queue, load, depth, deadline, latencies, tick=None, check=None):
+    """One ``_bench_loop`` on ``queue`` over the library's fast path, as a user of it would.
+
+    ``alloc``ed buffers, and the requests that replace the ones a ``reap``
+    returned posted as one batch (one kick) with ``post_reads``/``post_writes``,
+    the buffer's index as user data; ``latencies`` holds the stream's reads
+    and writes. With a ``check`` (a _BlockCheck: mixed rw, randrw and
+    ``--verify`` runs) each request's direction is drawn against --rwmixread,
+    and with --verify a write is stamped with its header and a read of a block
+    this stream wrote (every block, in the read modes) is checked. That
+    per-request work is why the plain modes post without it.
+    """
     buffers = []
     try:
         for _ in range(depth):
             buffers.append(dev.alloc(load.size))
-            if load.write:
+            if load.write or check is not None:
                 buffers[-1][:] = load.data
-        post = dev.post_writes if load.write else dev.post_reads
-        record = latencies.append
-        whole_batch = latencies.batches.append   # the latency of ``depth`` requests
-        indices = list(range(depth))
-        now = clock()
-        started = [now] * depth
-        together = now   # when every request in flight was posted at one time, that time
-        in_flight = 0
-        if now < deadline:
-            post(load.offsets(depth), buffers, indices, queue)
-            in_flight = depth
-        next_tick = now + 0.1
-        while in_flight:
-            done = dev.reap(queue)   # arguments by position: a little cheaper on CPython
-            now = clock()
-            if together is not None and len(done) == depth:
-                # The usual batch: every request, all posted at one time. The
-                # same latencies as the loop below, logged once for all.
-                whole_batch(now - together)
-                together = now
-            else:
-                if together is not None:
-                    started = [together] * depth
-                for i in done:
-                    record(now - started[i])
-                    started[i] = now
-                together = now if len(done) == depth else None
-            if now < deadline:
-                post(load.offsets(len(done)),
-                     buffers if done == indices else list(map(buffers.__getitem__, done)), done,
-                     queue)
-            else:
-                in_flight -= len(done)
-            if tick is not None and now >= next_tick:
-                next_tick = now + 0.1
-                tick()
+        if check is None:
+            post, complete = _bench_block_plain(dev, queue, load, depth, buffers), None
+            latencies = latencies[1 if load.write else 0]
+        else:
+            post, complete = _bench_block_checked(dev, queue, load, check, depth, buffers,
+                                                  latencies)
+            latencies = None   # ``complete`` logs each request's by its direction
+        # dev.reap's arguments by position: a little cheaper on CPython.
+        _bench_loop(depth, deadline, post, functools.partial(dev.reap, queue), latencies, tick,
+                    complete)
     finally:
-        for buffer in buffers:
-            try:
-                dev.free(buffer)
-            except ValueError:   # still in flight after an error: close() releases it
-                pass
+        _bench_free(dev, buffers)
+
+
+def _bench_block_plain(dev, queue, load, depth, buffers):
+    """The post hook of a read-only or write-only block stream."""
+    post_requests = dev.post_writes if load.write else dev.post_reads
+    offsets = load.offsets
+    indices = list(range(depth))
+
+    def post(done, now):
+        post_requests(offsets(len(done)),
+                      buffers if done == indices else list(map(buffers.__getitem__, done)),
+                      done, queue)
+    return post
+
+
+def _bench_block_checked(dev, queue, load, check, depth, buffers, latencies):
+    """The post and complete hooks of a mixed or ``--verify`` block stream."""
+    draw = load.rng.random
+    reads_at = load.read_percent / 100.0
+    verify = check.verify
+    is_write = [False] * depth
+    offset_of = [0] * depth
+    started = [0.0] * depth
+    read_latencies, write_latencies = latencies
+
+    def post(indices, now):
+        reads, writes = ([], [], []), ([], [], [])
+        for i, offset in zip(indices, load.offsets(len(indices))):
+            write = draw() >= reads_at
+            is_write[i] = write
+            offset_of[i] = offset
+            started[i] = now
+            if verify:
+                if write:
+                    check.before_write(buffers[i], offset)
+                else:
+                    check.before_read(i, offset)
+            batch = writes if write else reads
+            batch[0].append(offset)
+            batch[1].append(buffers[i])
+            batch[2].append(i)
+        # Not kicked here: the next reap kicks once for both.
+        if reads[2]:
+            dev.post_reads(reads[0], reads[1], reads[2], queue=queue, notify=False)
+        if writes[2]:
+            dev.post_writes(writes[0], writes[1], writes[2], queue=queue, notify=False)
+
+    def complete(done, now):
+        for i in done:
+            if is_write[i]:
+                write_latencies.append(now - started[i])
+                if verify:
+                    check.after_write(offset_of[i])
+            else:
+                read_latencies.append(now - started[i])
+                if verify:
+                    check.after_read(i, buffers[i], offset_of[i])
+    return post, complete
 
 
 def _bench_queue_stream(dev, queue, load, depth, deadline, latencies, tick=None):
-    """``bench --loop queue``: the same load as a plain hand-written loop over ``Queue``.
+    """``bench --loop queue``: the same load and ``_bench_loop``, its hooks plain ``Queue`` calls.
 
     The yardstick for the device's fast path: one slot per request built
     once with ``add_slot``, the header's sector written in place, the batch
@@ -14096,7 +14190,7 @@ def _bench_queue_stream(dev, queue, load, depth, deadline, latencies, tick=None)
     ``wait_used``, each status byte checked. Nothing else (no buffer or
     range checks, no user data).
     """
-    clock = time.perf_counter
+    latencies = latencies[1 if load.write else 0]
     q = dev._queues[queue]
     mem = dev._mem
     size = load.size
@@ -14106,6 +14200,24 @@ def _bench_queue_stream(dev, queue, load, depth, deadline, latencies, tick=None)
     header = mem.view(headers, 16 * depth).cast("Q")
     status = mem.view(statuses, depth)
     slots = []
+
+    def post(ready, now):
+        for i, offset in zip(ready, load.offsets(len(ready))):
+            header[2 * i + 1] = offset >> 9
+        q.post_slots([slots[i] for i in ready], ready)
+        q.notify()
+
+    def reap():
+        ready = []
+        for i, _ in q.wait_used(dev.timeout):
+            if status[i]:
+                raise BackendError("%s: virtio-blk status %d" % (_BLK_OP_NAMES[op], status[i]),
+                                   value=status[i])
+            ready.append(i)
+        if not ready:
+            raise VhostUserTimeout("bench: no completion within %g s" % dev.timeout)
+        return ready
+
     try:
         for i in range(depth):
             header[2 * i] = op
@@ -14115,37 +14227,7 @@ def _bench_queue_stream(dev, queue, load, depth, deadline, latencies, tick=None)
                 slots.append(q.add_slot([(headers + 16 * i, 16), buffer], [(statuses + i, 1)]))
             else:
                 slots.append(q.add_slot([(headers + 16 * i, 16)], [buffer, (statuses + i, 1)]))
-        record = latencies.append
-        started = [0.0] * depth
-        ready = list(range(depth))
-        in_flight = 0
-        next_tick = clock() + 0.1
-        while True:
-            now = clock()
-            if now < deadline and ready:
-                for i, offset in zip(ready, load.offsets(len(ready))):
-                    header[2 * i + 1] = offset >> 9
-                    started[i] = now
-                q.post_slots([slots[i] for i in ready], ready)
-                q.notify()
-                in_flight += len(ready)
-            elif not in_flight:
-                break
-            ready = []
-            for i, _ in q.wait_used(dev.timeout):
-                if status[i]:
-                    raise BackendError("%s: virtio-blk status %d" % (_BLK_OP_NAMES[op], status[i]),
-                                       value=status[i])
-                ready.append(i)
-            if not ready:
-                raise VhostUserTimeout("bench: no completion within %g s" % dev.timeout)
-            now = clock()
-            for i in ready:
-                record(now - started[i])
-            in_flight -= len(ready)
-            if tick is not None and now >= next_tick:
-                next_tick = now + 0.1
-                tick()
+        _bench_loop(depth, deadline, post, reap, latencies, tick)
     finally:
         header.release()
         status.release()
@@ -14228,84 +14310,6 @@ class _BlockCheck:
                         % (len(buffer), offset, problem))
 
 
-def _bench_block_stream_checked(dev, queue, load, check, depth, deadline, latencies,
-                                tick=None):
-    """The loop of mixed (rw, randrw) and ``--verify`` runs, on the same fast path.
-
-    Each request's direction is drawn against --rwmixread; with --verify a
-    write is stamped with its header and a read of a block this stream wrote
-    (every block, in the read modes) is checked. That per-request work is
-    why the plain modes keep ``_bench_block_stream``.
-    """
-    clock = time.perf_counter
-    draw = load.rng.random
-    reads_at = load.read_percent / 100.0
-    verify = check.verify
-    buffers = []
-    try:
-        for _ in range(depth):
-            buffers.append(dev.alloc(load.size))
-            buffers[-1][:] = load.data
-        is_write = [False] * depth
-        offset_of = [0] * depth
-        started = [0.0] * depth
-        read_latencies, write_latencies = latencies["read"], latencies["write"]
-
-        def post(indices, now):
-            reads, writes = ([], [], []), ([], [], [])
-            for i, offset in zip(indices, load.offsets(len(indices))):
-                write = draw() >= reads_at
-                is_write[i] = write
-                offset_of[i] = offset
-                started[i] = now
-                if verify:
-                    if write:
-                        check.before_write(buffers[i], offset)
-                    else:
-                        check.before_read(i, offset)
-                batch = writes if write else reads
-                batch[0].append(offset)
-                batch[1].append(buffers[i])
-                batch[2].append(i)
-            # Not kicked here: the next reap kicks once for both.
-            if reads[2]:
-                dev.post_reads(reads[0], reads[1], reads[2], queue=queue, notify=False)
-            if writes[2]:
-                dev.post_writes(writes[0], writes[1], writes[2], queue=queue, notify=False)
-
-        in_flight = 0
-        now = clock()
-        if now < deadline:
-            post(range(depth), now)
-            in_flight = depth
-        next_tick = now + 0.1
-        while in_flight:
-            done = dev.reap(queue=queue)
-            now = clock()
-            for i in done:
-                if is_write[i]:
-                    write_latencies.append(now - started[i])
-                    if verify:
-                        check.after_write(offset_of[i])
-                else:
-                    read_latencies.append(now - started[i])
-                    if verify:
-                        check.after_read(i, buffers[i], offset_of[i])
-            if now < deadline:
-                post(done, now)
-            else:
-                in_flight -= len(done)
-            if tick is not None and now >= next_tick:
-                next_tick = now + 0.1
-                tick()
-    finally:
-        for buffer in buffers:
-            try:
-                dev.free(buffer)
-            except ValueError:   # still in flight after an error: close() releases it
-                pass
-
-
 def _bench_read_back(dev, queue, check, depth):
     """--verify after writing: read every block this stream wrote and check it (fio does)."""
     offsets = sorted(check.written)
@@ -14323,11 +14327,7 @@ def _bench_read_back(dev, queue, check, depth):
             for i in done:
                 check.check(buffers[i], batch[i])
     finally:
-        for buffer in buffers:
-            try:
-                dev.free(buffer)
-            except ValueError:
-                pass
+        _bench_free(dev, buffers)
 
 
 def _usec(seconds):
@@ -14431,38 +14431,11 @@ def _bench_net(dev, args):
                         % (_typed_option(args, "--depth", "--iodepth"), args.depth,
                            dev.queue_size // per_frame, size, dev.queue_size))
     pairs = dev.queue_pairs
-    latencies = [_Latencies(args.depth) for _ in range(pairs)]
-    errors = []
-    progress = _Progress(sys.stderr, args.seconds, "net")
-    backend = _PeerCpu(args)
-    cpu_start = _self_cpu_seconds()
-    start = time.perf_counter()
-    deadline = start + args.seconds
-
-    def run(pair):
-        try:
-            _bench_net_stream(dev, args, size, pair, deadline, latencies[pair])
-        except BaseException as exc:  # re-raised by the main thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(p,), name="bench-pair-%d" % p)
-               for p in range(1, pairs)]
-    for thread in threads:
-        thread.start()
-    try:
-        _bench_net_stream(dev, args, size, 0, deadline, latencies[0],
-                          lambda: progress.update(time.perf_counter() - start,
-                                                  sum(map(len, latencies)), size))
-    finally:
-        for thread in threads:
-            thread.join(deadline - time.perf_counter() + 2 * args.timeout)
-        progress.done()
-    if errors:
-        raise errors[0]
-    elapsed = time.perf_counter() - start
-    cpu_self = _self_cpu_seconds() - cpu_start
-    cpu_backend = backend.used()
-    latencies = [per_pair.values() for per_pair in latencies]
+    latencies = [(_Latencies(args.depth),) for _ in range(pairs)]
+    elapsed, cpu_self, cpu_backend = _bench_measured(
+        args, latencies, lambda pair, deadline, lat, tick: _bench_net_stream(
+            dev, args, size, pair, deadline, lat[0], tick), args.seconds, size, "net")
+    latencies = [per_pair[0].values() for per_pair in latencies]
     merged = [latency for per_pair in latencies for latency in per_pair]
     report = _bench_report("net", None, size, args.depth, pairs, elapsed, merged, cpu_self,
                            cpu_backend)
@@ -14478,45 +14451,46 @@ def _bench_net(dev, args):
 
 
 def _bench_net_stream(dev, args, size, pair, deadline, latencies, tick=None):
-    """One pair's loop for ``_bench_net``, on the zero-copy burst path.
+    """One pair's ``_bench_loop`` for ``_bench_net``, on the zero-copy burst path.
 
     ``--depth`` test frames are written once into ``tx_alloc`` buffers; each
     round posts them with ``tx_burst`` and takes the echoes with ``rx_burst``
     until all are back, byte-identical and in order (one comparison of the
-    round's frames with the ones sent). A round's latency runs from just
-    before its ``tx_burst`` to the ``rx_burst`` that returned its last frame.
+    round's frames with the ones sent). A round is one batch of the loop:
+    its latency runs from just before its ``tx_burst`` to the ``rx_burst``
+    that returned its last frame.
     """
     depth = args.depth
     source = bytes(dev.mac) if dev.mac else _TEST_MAC
     frames = [_test_frame(source, pair << 16 | i, size) for i in range(depth)]
     expected = b"".join(frames)
     lengths = [size] * depth
+    slots = list(range(depth))
+    echoed = [b""]   # the round's frames as they came back
+    tx_burst, rx_burst, timeout = dev.tx_burst, dev.rx_burst, args.timeout
+
+    def post(_, now):
+        tx_burst(buffers, lengths, pair)
+
+    def reap():
+        got = rx_burst(depth, timeout, pair)
+        if len(got) == depth:
+            echoed[0] = b"".join(got)
+        else:
+            echoed[0] = _bench_net_collect(dev, args, pair, got, depth)
+        return slots
+
+    def complete(_, now):
+        if echoed[0] != expected:
+            raise _CliError("%s: bench: a frame came back changed or out of order%s"
+                            % (args.socket, " on pair %d" % pair if dev.queue_pairs > 1
+                               else ""))
+
     buffers = dev.tx_alloc(depth, pair)
     try:
         for buffer, frame in zip(buffers, frames):
             buffer[:size] = frame
-        clock = time.perf_counter
-        tx_burst, rx_burst, timeout = dev.tx_burst, dev.rx_burst, args.timeout
-        log = latencies.batches.append
-        ticked = clock()
-        while True:
-            start = clock()
-            if start >= deadline:
-                return
-            tx_burst(buffers, lengths, pair)
-            got = rx_burst(depth, timeout, pair)
-            if len(got) == depth:
-                echoed = b"".join(got)
-            else:
-                echoed = _bench_net_collect(dev, args, pair, got, depth)
-            log(clock() - start)
-            if echoed != expected:
-                raise _CliError("%s: bench: a frame came back changed or out of order%s"
-                                % (args.socket, " on pair %d" % pair if dev.queue_pairs > 1
-                                   else ""))
-            if tick is not None and start - ticked > 0.1:
-                ticked = start
-                tick()
+        _bench_loop(depth, deadline, post, reap, latencies, tick, complete)
     finally:
         try:
             dev.rx_release(pair)
@@ -14810,7 +14784,9 @@ class _TransferProgress:
 
     With ``what`` (the action), ``fail(exc)`` notes on a failure or an
     interruption how many bytes were done, and the offset reached when the
-    transfer started at ``offset``; the error line ends with it.
+    transfer started at ``offset``; the error line ends with it. As a
+    context manager it does that for an exception leaving the block, and
+    erases its line.
     """
 
     moved = 0     # the bytes done, as the last update() said
@@ -14856,6 +14832,15 @@ class _TransferProgress:
         if self.drawn:
             self.stream.write("\r\033[K")
             self.stream.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, traceback):
+        """A failure (any, Ctrl-C too) notes what was done when there is a ``what``."""
+        if exc is not None and self.what is not None:
+            self.fail(exc)
+        self.done()
 
 
 def _note_transfer(exc, text):
@@ -15006,21 +14991,18 @@ def _blk_read(dev, args, out):
     progress = _TransferProgress(args.length, what="read", offset=args.offset)
     stream = _blk_stream(dev, args.offset, args.length, progress)
     try:
-        for piece in stream:
+        with progress:
+            for piece in stream:
+                if dump is not None:
+                    dump.feed(piece)
+                else:
+                    target.write(piece)
             if dump is not None:
-                dump.feed(piece)
+                dump.close()
             else:
-                target.write(piece)
-        if dump is not None:
-            dump.close()
-        else:
-            target.flush()
-    except BaseException as exc:
-        progress.fail(exc)
-        raise
+                target.flush()
     finally:
         stream.close()   # its buffer goes back now, not when a collector gets to it
-        progress.done()
         if args.output and target is not None:
             target.close()
     return 0
@@ -15110,7 +15092,7 @@ def _blk_write_from(dev, args, out, source):
         fill = head
         progress = _TransferProgress(length, what="write", offset=offset)
         total = 0
-        try:
+        with progress:
             while True:
                 with staging[fill:] as room:
                     count = source.readinto(room)
@@ -15135,11 +15117,6 @@ def _blk_write_from(dev, args, out, source):
                     progress.update(max(0, position - offset))
                 if not count:
                     break
-        except BaseException as exc:
-            progress.fail(exc)
-            raise
-        finally:
-            progress.done()
         tail = fill
         if tail:
             if not (args.pad or args.rmw):
@@ -15750,9 +15727,8 @@ def _fs_stat(fs, args, out):
 
 def _fs_copy_out(source, write, what, total=None):
     """Copy ``source`` to ``write`` in 1 MiB steps; a failure notes the bytes done."""
-    progress = _TransferProgress(total, what=what)
     done = 0
-    try:
+    with _TransferProgress(total, what=what) as progress:
         while True:
             chunk = source.read(1 << 20)
             if not chunk:
@@ -15760,11 +15736,6 @@ def _fs_copy_out(source, write, what, total=None):
             write(chunk)
             done += len(chunk)
             progress.update(done)
-    except BaseException as exc:
-        progress.fail(exc)
-        raise
-    finally:
-        progress.done()
 
 
 def _fs_each(args, paths, do):
@@ -15892,43 +15863,6 @@ _FS_ACTIONS = {"ls": _fs_ls, "tree": _fs_tree, "stat": _fs_stat, "cat": _fs_cat,
                "df": _fs_df}
 
 
-def _add_fs_actions(actions, parents):
-    """The ``fs`` commands, for the command line and the shell alike."""
-    ls = actions.add_parser("ls", parents=parents, help="list directories")
-    ls.add_argument("-l", dest="long", action="store_true", help="long listing")
-    ls.add_argument("-a", dest="all", action="store_true", help="include names starting with .")
-    ls.add_argument("paths", nargs="*", metavar="PATH")
-    actions.add_parser("tree", parents=parents, help="the directory tree under PATH") \
-        .add_argument("path", nargs="?", default="", metavar="PATH")
-    actions.add_parser("stat", parents=parents, help="everything stat(2) says of PATH") \
-        .add_argument("path", metavar="PATH")
-    actions.add_parser("cat", parents=parents, help="print files") \
-        .add_argument("paths", nargs="+", metavar="PATH")
-    get = actions.add_parser("get", parents=parents, help="copy REMOTE to a local file")
-    get.add_argument("remote", metavar="REMOTE")
-    get.add_argument("local", nargs="?", metavar="LOCAL",
-                     help="local file or directory (default: REMOTE's name, here)")
-    put = actions.add_parser("put", parents=parents, help="copy a local file to REMOTE")
-    put.add_argument("local", metavar="LOCAL")
-    put.add_argument("remote", metavar="REMOTE", help="file or existing directory in the share")
-    mkdir = actions.add_parser("mkdir", parents=parents, help="make directories")
-    mkdir.add_argument("-p", dest="parents", action="store_true",
-                       help="make parents as needed; no error if it exists")
-    mkdir.add_argument("paths", nargs="+", metavar="PATH")
-    rm = actions.add_parser("rm", parents=parents, help="remove files (and with -r, directories)")
-    rm.add_argument("-r", "-R", dest="recursive", action="store_true",
-                    help="remove directories and their contents")
-    rm.add_argument("paths", nargs="+", metavar="PATH")
-    mv = actions.add_parser("mv", parents=parents, help="rename or move into a directory")
-    mv.add_argument("src", metavar="SRC")
-    mv.add_argument("dst", metavar="DST")
-    ln = actions.add_parser("ln", parents=parents, help="make a hard link (-s: symbolic)")
-    ln.add_argument("-s", dest="symbolic", action="store_true", help="symbolic link")
-    ln.add_argument("target", metavar="TARGET")
-    ln.add_argument("path", metavar="PATH")
-    actions.add_parser("df", parents=parents, help="size, use and inodes of the share")
-
-
 def _fs_shell(fs, args, out):
     """An sftp-like prompt on one connection (C virtiofsd serves only one)."""
     import argparse
@@ -15939,8 +15873,7 @@ def _fs_shell(fs, args, out):
     interactive = hasattr(stdin, "isatty") and stdin.isatty()
     # prog "fs": argparse starts its lines with it ("fs ls: error: ..."); "" left ": error:".
     parser = argparse.ArgumentParser(prog="fs", add_help=False)
-    actions = parser.add_subparsers(dest="action", metavar="COMMAND")
-    _add_fs_actions(actions, [])
+    _add_commands(parser, ("action", "COMMAND", _FS_COMMANDS), {}, required=False)
     failures = [0]
 
     class Shell(cmd.Cmd):
@@ -16745,276 +16678,301 @@ def _rate_arg(text):
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError("%r is not a rate above 0 (frames per second)" % text)
     return value
+# -- the parser, from a table ------------------------------------------------------
+
+def _opt(*names, **keywords):
+    """One ``add_argument`` of the command table: its names and keywords, as given."""
+    return names, keywords
 
 
-def _build_parser():
-    import argparse
-    common = argparse.ArgumentParser(add_help=False)
-    # SUPPRESS: an option given after the subcommand must not reset one given before it.
-    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="log every vhost-user message sent and received (stderr)")
-    common.add_argument("--timeout", type=_seconds_arg, default=argparse.SUPPRESS, metavar="S",
-                        help="seconds to wait for any reply or completion (default 5)")
-    ring = argparse.ArgumentParser(add_help=False)
-    layout = ring.add_mutually_exclusive_group()
-    layout.add_argument("--packed", dest="packed", action="store_const", const=True,
-                        help="require packed virtqueues (RING_PACKED); default: packed when "
-                             "the back-end offers it")
-    layout.add_argument("--split", dest="packed", action="store_const", const=False,
-                        help="use split virtqueues even when packed ones are offered")
-    parser = argparse.ArgumentParser(
-        prog=_PROG, parents=[common],
-        description="Talk to a vhost-user back-end (qemu-storage-daemon, DPDK, virtiofsd, "
-                    "rust-vmm and crosvm devices, SPDK) from the front-end side.",
-        epilog="Errors are reported in one line; the exit status is 1 for a failure "
-               "and 2 for bad usage.")
-    parser.add_argument("--version", action="version", version="%s %s" % (_PROG, __version__))
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.required = True  # 3.6 has no add_subparsers(required=)
+def _one_of(*options, **keywords):
+    """Options of the command table that exclude each other (a mutually exclusive group)."""
+    return None, dict(keywords, options=options)
 
-    probe = commands.add_parser(
-        "probe", parents=[common], help="show what a back-end offers",
+
+def _command(name, help, options=(), func=None, parents=("common",), commands=None,
+             description=None):
+    """One command of the table: a subparser with ``options`` and maybe ``commands`` of its own.
+
+    ``parents`` names the shared option groups it takes ("common": -v and
+    --timeout; "ring": --packed/--split); ``commands`` is (dest, metavar,
+    the commands under it).
+    """
+    return {"name": name, "help": help, "options": options, "func": func, "parents": parents,
+            "commands": commands, "description": description}
+
+
+_SOCKET = _opt("socket", metavar="SOCKET")
+_JSON = _opt("--json", action="store_true", help="print one JSON object")
+_OFFSET = _opt("offset", type=_int_arg, metavar="OFFSET")
+_LENGTH = _opt("length", type=_int_arg, metavar="LENGTH")
+_RANGE = (_OFFSET, _LENGTH)
+_RING_OPTIONS = (_one_of(
+    _opt("--packed", dest="packed", action="store_const", const=True,
+         help="require packed virtqueues (RING_PACKED); default: packed when the back-end "
+              "offers it"),
+    _opt("--split", dest="packed", action="store_const", const=False,
+         help="use split virtqueues even when packed ones are offered")),)
+_PAYLOAD = _one_of(
+    _opt("--payload-file", metavar="FILE",
+         help="send FILE's bytes (a whole Ethernet frame) every time"),
+    _opt("--payload-hex", type=_hex_arg, metavar="HEX",
+         help="send these bytes every time (e.g. ffffffffffff0200...)"))
+_SECONDS_OR_ZERO = functools.partial(_seconds_arg, allow_zero=True)
+
+#: The ``fs`` commands, for the command line and the shell alike.
+_FS_COMMANDS = (
+    _command("ls", "list directories", (
+        _opt("-l", dest="long", action="store_true", help="long listing"),
+        _opt("-a", dest="all", action="store_true", help="include names starting with ."),
+        _opt("paths", nargs="*", metavar="PATH"))),
+    _command("tree", "the directory tree under PATH",
+             (_opt("path", nargs="?", default="", metavar="PATH"),)),
+    _command("stat", "everything stat(2) says of PATH", (_opt("path", metavar="PATH"),)),
+    _command("cat", "print files", (_opt("paths", nargs="+", metavar="PATH"),)),
+    _command("get", "copy REMOTE to a local file", (
+        _opt("remote", metavar="REMOTE"),
+        _opt("local", nargs="?", metavar="LOCAL",
+             help="local file or directory (default: REMOTE's name, here)"))),
+    _command("put", "copy a local file to REMOTE", (
+        _opt("local", metavar="LOCAL"),
+        _opt("remote", metavar="REMOTE", help="file or existing directory in the share"))),
+    _command("mkdir", "make directories", (
+        _opt("-p", dest="parents", action="store_true",
+             help="make parents as needed; no error if it exists"),
+        _opt("paths", nargs="+", metavar="PATH"))),
+    _command("rm", "remove files (and with -r, directories)", (
+        _opt("-r", "-R", dest="recursive", action="store_true",
+             help="remove directories and their contents"),
+        _opt("paths", nargs="+", metavar="PATH"))),
+    _command("mv", "rename or move into a directory",
+             (_opt("src", metavar="SRC"), _opt("dst", metavar="DST"))),
+    _command("ln", "make a hard link (-s: symbolic)", (
+        _opt("-s", dest="symbolic", action="store_true", help="symbolic link"),
+        _opt("target", metavar="TARGET"), _opt("path", metavar="PATH"))),
+    _command("df", "size, use and inodes of the share"),
+)
+
+#: Every command of the command line, in the order --help lists them.
+_CLI_COMMANDS = (
+    _command(
+        "probe", "show what a back-end offers", func=_cmd_probe,
         description="Connect, ask the back-end for its features, protocol features, queue "
                     "count, memory slots, shared memory and device config, and print them. "
-                    "Negotiates only the protocol features these questions need.")
-    probe.add_argument("socket", metavar="SOCKET")
-    probe.add_argument("--type", type=_device_type_arg, metavar="TYPE",
-                       help="device type for naming feature bits and decoding config "
-                            "(blk, net, fs, gpu, vsock, ... or a virtio device ID; default: "
-                            "guessed)")
-    probe.add_argument("--json", action="store_true", help="print one JSON object")
-    probe.add_argument("--config-size", type=_int_arg, metavar="BYTES",
-                       help="bytes of device config to read (default: from the type's layout)")
-    probe.set_defaults(func=_cmd_probe)
-
-    validate = commands.add_parser(
-        "validate", parents=[common], help="check a back-end against the vhost-user spec",
+                    "Negotiates only the protocol features these questions need.",
+        options=(
+            _SOCKET,
+            _opt("--type", type=_device_type_arg, metavar="TYPE",
+                 help="device type for naming feature bits and decoding config (blk, net, "
+                      "fs, gpu, vsock, ... or a virtio device ID; default: guessed)"),
+            _JSON,
+            _opt("--config-size", type=_int_arg, metavar="BYTES",
+                 help="bytes of device config to read (default: from the type's layout)"))),
+    _command(
+        "validate", "check a back-end against the vhost-user spec", func=_cmd_validate,
         description="Run a catalogue of conformance checks (negotiation, protocol features, "
                     "rings, memory, device I/O, recovery) and report pass, fail, skip or "
                     "error for each, with the spec section it rests on. Exit status: 0 when "
                     "nothing failed, 1 on a fail or error, 2 on bad usage. Block devices "
-                    "get a 4 KiB write at sector 8 (its old data is written back).")
-    validate.add_argument("socket", metavar="SOCKET")
-    validate.add_argument("--type", type=_device_type_arg, metavar="TYPE",
-                          help="device type: blk, net, fs, ... or a virtio device ID "
-                               "(default: guessed from the offered features)")
-    validate.add_argument("--only", metavar="PATTERN",
-                          help="run only checks whose id matches PATTERN (shell-style, "
-                               "comma-separated: 'neg.*,ring.stop')")
-    output = validate.add_mutually_exclusive_group()
-    output.add_argument("--json", action="store_true", help="print one JSON object")
-    output.add_argument("--tap", action="store_true", help="print TAP version 13")
-    validate.add_argument("--destructive", action="store_true",
-                          help="also run the checks that may crash a back-end (malformed "
-                               "chains, a truncated message); they run last")
-    validate.set_defaults(func=_cmd_validate)
-
-    blk = commands.add_parser(
-        "blk", parents=[common], help="block device I/O",
+                    "get a 4 KiB write at sector 8 (its old data is written back).",
+        options=(
+            _SOCKET,
+            _opt("--type", type=_device_type_arg, metavar="TYPE",
+                 help="device type: blk, net, fs, ... or a virtio device ID (default: guessed "
+                      "from the offered features)"),
+            _opt("--only", metavar="PATTERN",
+                 help="run only checks whose id matches PATTERN (shell-style, "
+                      "comma-separated: 'neg.*,ring.stop')"),
+            _one_of(_JSON, _opt("--tap", action="store_true", help="print TAP version 13")),
+            _opt("--destructive", action="store_true",
+                 help="also run the checks that may crash a back-end (malformed chains, a "
+                      "truncated message); they run last"))),
+    _command(
+        "blk", "block device I/O", func=_cmd_blk, options=(_SOCKET,),
         description="Read, write, verify, flush, discard or zero a vhost-user-blk device. "
                     "OFFSET and LENGTH take 0x prefixes and k/M/G suffixes; read, write and "
                     "verify take any alignment and stream in bounded steps, the others want "
-                    "whole blocks.")
-    blk.add_argument("socket", metavar="SOCKET")
-    actions = blk.add_subparsers(dest="action", metavar="ACTION")
-    actions.required = True
-    info = actions.add_parser("info", parents=[common],
-                              help="capacity, block size, read-only, cache, queues, serial, "
-                                   "topology, discard and write-zeroes limits")
-    info.add_argument("--json", action="store_true", help="print one JSON object")
-    read = actions.add_parser("read", parents=[common], help="read LENGTH bytes at OFFSET",
-                              description="Raw bytes go to FILE or to stdout; a terminal gets "
-                                          "a hex dump (hexdump -C's) instead. Unaligned "
-                                          "ranges read the covering blocks.")
-    read.add_argument("offset", type=_int_arg, metavar="OFFSET")
-    read.add_argument("length", type=_int_arg, metavar="LENGTH")
-    where = read.add_mutually_exclusive_group()
-    where.add_argument("-o", "--output", metavar="FILE", help="write the data to FILE")
-    where.add_argument("-C", "--hexdump", action="store_true",
-                       help="print hexdump -C's dump even when stdout is not a terminal")
-    write = actions.add_parser(
-        "write", parents=[common], help="write stdin (or FILE) at OFFSET",
-        description="Streams FILE or stdin to the device in bounded steps. Data that does "
-                    "not start or end on a block boundary needs --pad or --rmw.")
-    write.add_argument("offset", type=_int_arg, metavar="OFFSET")
-    write.add_argument("-i", "--input", metavar="FILE", help="read the data from FILE")
-    partial = write.add_mutually_exclusive_group()
-    partial.add_argument("--pad", action="store_true",
-                         help="zero-fill the partial first and last blocks")
-    partial.add_argument("--rmw", action="store_true",
-                         help="read the partial first and last blocks and keep their other "
-                              "bytes (read-modify-write; not atomic)")
-    verify = actions.add_parser(
-        "verify", parents=[common], help="compare LENGTH bytes at OFFSET with a pattern or file",
-        description="Read and compare (qemu-io's read -P); a mismatch prints its offset and "
-                    "exits 1.")
-    verify.add_argument("offset", type=_int_arg, metavar="OFFSET")
-    verify.add_argument("length", type=_int_arg, metavar="LENGTH")
-    expected = verify.add_mutually_exclusive_group(required=True)
-    expected.add_argument("--pattern", type=_byte_arg, metavar="BYTE",
-                          help="every byte must be BYTE (0..255, e.g. 0xab)")
-    expected.add_argument("--file", metavar="FILE", help="the bytes must equal FILE's first "
-                                                          "LENGTH bytes")
-    actions.add_parser("flush", parents=[common], help="flush the device's write cache")
-    for name, what in (("discard", "discard"), ("write-zeroes", "zero")):
-        ranged = actions.add_parser(name, parents=[common],
-                                    help="%s LENGTH bytes at OFFSET" % what)
-        ranged.add_argument("offset", type=_int_arg, metavar="OFFSET")
-        ranged.add_argument("length", type=_int_arg, metavar="LENGTH")
-    blk.set_defaults(func=_cmd_blk)
-
-    net = commands.add_parser(
-        "net", parents=[common], help="send, receive or loop back Ethernet frames",
+                    "whole blocks.",
+        commands=("action", "ACTION", (
+            _command("info", "capacity, block size, read-only, cache, queues, serial, "
+                             "topology, discard and write-zeroes limits", (_JSON,)),
+            _command(
+                "read", "read LENGTH bytes at OFFSET",
+                description="Raw bytes go to FILE or to stdout; a terminal gets a hex dump "
+                            "(hexdump -C's) instead. Unaligned ranges read the covering "
+                            "blocks.",
+                options=_RANGE + (_one_of(
+                    _opt("-o", "--output", metavar="FILE", help="write the data to FILE"),
+                    _opt("-C", "--hexdump", action="store_true",
+                         help="print hexdump -C's dump even when stdout is not a terminal")),)),
+            _command(
+                "write", "write stdin (or FILE) at OFFSET",
+                description="Streams FILE or stdin to the device in bounded steps. Data that "
+                            "does not start or end on a block boundary needs --pad or --rmw.",
+                options=(
+                    _OFFSET,
+                    _opt("-i", "--input", metavar="FILE", help="read the data from FILE"),
+                    _one_of(
+                        _opt("--pad", action="store_true",
+                             help="zero-fill the partial first and last blocks"),
+                        _opt("--rmw", action="store_true",
+                             help="read the partial first and last blocks and keep their "
+                                  "other bytes (read-modify-write; not atomic)")))),
+            _command(
+                "verify", "compare LENGTH bytes at OFFSET with a pattern or file",
+                description="Read and compare (qemu-io's read -P); a mismatch prints its "
+                            "offset and exits 1.",
+                options=_RANGE + (_one_of(
+                    _opt("--pattern", type=_byte_arg, metavar="BYTE",
+                         help="every byte must be BYTE (0..255, e.g. 0xab)"),
+                    _opt("--file", metavar="FILE",
+                         help="the bytes must equal FILE's first LENGTH bytes"),
+                    required=True),)),
+            _command("flush", "flush the device's write cache"),
+            _command("discard", "discard LENGTH bytes at OFFSET", _RANGE),
+            _command("write-zeroes", "zero LENGTH bytes at OFFSET", _RANGE)))),
+    _command(
+        "net", "send, receive or loop back Ethernet frames", func=_cmd_net, options=(_SOCKET,),
         description="Quick checks of a vhost-user-net back-end. `ping` is the loopback check "
                     "for a back-end that returns what it receives, such as DPDK testpmd in io "
                     "forward mode. Frames are plain Ethernet (no virtio-net header, no "
                     "offloads); generated ones go to the broadcast address with ethertype "
-                    "0x88b5 and carry a sequence number.")
-    net.add_argument("socket", metavar="SOCKET")
-    actions = net.add_subparsers(dest="action", metavar="ACTION")
-    actions.required = True
-    send = actions.add_parser(
-        "send", parents=[common, ring], help="send N frames, or replay a pcap file",
-        description="Send N generated frames (or one given frame N times), or with -r the "
-                    "frames of a pcap file (tcpreplay: --loop, --pps); waits until the "
-                    "back-end has taken them.")
-    send.add_argument("-n", "-c", "--count", type=_count_arg, default=1, metavar="N",
-                      help="frames to send (default 1)")
-    send.add_argument("--size", type=_int_arg, default=64, metavar="BYTES",
-                      help="size of generated frames (default 64)")
-    send.add_argument("-r", "--read", metavar="FILE.pcap",
-                      help="send the frames of this pcap file (as tcpdump -w writes it)")
-    send.add_argument("--loop", type=_int_arg, default=1, metavar="N",
-                      help="with -r: send the file N times, 0 for ever (default 1)")
-    send.add_argument("--pps", type=_rate_arg, metavar="RATE",
-                      help="with -r: at most RATE frames per second (default: at once)")
-    ping = actions.add_parser(
-        "ping", parents=[common, ring],
-        help="send frames at intervals; each must come back byte-identical (ping's options)",
-        description="Send frames one at a time, every -i seconds, and wait up to -W seconds "
-                    "for each to come back byte-identical (a back-end that returns what it "
-                    "receives, like testpmd in io forward mode). Prints a line per frame and "
-                    "ping's summary (at the count, on Ctrl-C and when the back-end dies); "
-                    "exit status 1 when a frame was lost or came back changed.")
-    ping.add_argument("-c", "--count", type=_count_arg, metavar="COUNT",
-                      help="stop after COUNT frames (default: until Ctrl-C)")
-    ping.add_argument("-i", "--interval", type=lambda text: _seconds_arg(text, True),
-                      default=1.0, metavar="INTERVAL",
-                      help="seconds between frames (default 1; 0 for back to back)")
-    ping.add_argument("-s", "--size", type=_int_arg, default=50, metavar="SIZE",
-                      help="data bytes after the 14-byte Ethernet header (default 50: "
-                           "64-byte frames)")
-    ping.add_argument("-W", "--wait", type=_seconds_arg, metavar="TIMEOUT",
-                      help="seconds to wait for each frame (default: --timeout)")
-    ping.add_argument("-f", "--flood", action="store_true",
-                      help="flood: the next frame as soon as the last came back; prints "
-                           "'.' per frame sent and erases it when it comes back")
-    ping.add_argument("-q", "--quiet", action="store_true",
-                      help="print only the first line and the summary")
-    for parser_ in (send, ping):
-        given = parser_.add_mutually_exclusive_group()
-        given.add_argument("--payload-file", metavar="FILE",
-                           help="send FILE's bytes (a whole Ethernet frame) every time")
-        given.add_argument("--payload-hex", type=_hex_arg, metavar="HEX",
-                           help="send these bytes every time (e.g. ffffffffffff0200...)")
-    recv = actions.add_parser(
-        "recv", parents=[common, ring], help="print the frames that arrive, or capture them as pcap",
-        description="One line per frame as tcpdump -e prints it (time, MACs, ethertype, "
-                    "length), or with -w a pcap file tcpdump and Wireshark read; stops after "
-                    "-c frames, --wait seconds or Ctrl-C.")
-    recv.add_argument("-c", "-n", "--count", type=_count_arg, metavar="N",
-                      help="stop after N frames")
-    recv.add_argument("--wait", type=lambda text: _seconds_arg(text, True, allow_inf=True),
-                      default=1.0, metavar="S",
-                      help="stop after S seconds (default 1; inf: until -c or Ctrl-C)")
-    recv.add_argument("-x", "--hexdump", action="store_true",
-                      help="hex-dump each frame as tcpdump -xx does")
-    recv.add_argument("-w", "--write", metavar="FILE.pcap",
-                      help="write a pcap file (LINKTYPE_ETHERNET, µs timestamps); - for "
-                           "stdout (| tcpdump -r -)")
-    recv.add_argument("-o", "--output", metavar="FILE",
-                      help="write the frames' bytes to FILE, one after the other")
-    net.set_defaults(func=_cmd_net)
-
-    bench = commands.add_parser(
-        "bench", parents=[common, ring],
-        help="measure throughput, latency and CPU per request",
+                    "0x88b5 and carry a sequence number.",
+        commands=("action", "ACTION", (
+            _command(
+                "send", "send N frames, or replay a pcap file", parents=("common", "ring"),
+                description="Send N generated frames (or one given frame N times), or with -r "
+                            "the frames of a pcap file (tcpreplay: --loop, --pps); waits until "
+                            "the back-end has taken them.",
+                options=(
+                    _opt("-n", "-c", "--count", type=_count_arg, default=1, metavar="N",
+                         help="frames to send (default 1)"),
+                    _opt("--size", type=_int_arg, default=64, metavar="BYTES",
+                         help="size of generated frames (default 64)"),
+                    _opt("-r", "--read", metavar="FILE.pcap",
+                         help="send the frames of this pcap file (as tcpdump -w writes it)"),
+                    _opt("--loop", type=_int_arg, default=1, metavar="N",
+                         help="with -r: send the file N times, 0 for ever (default 1)"),
+                    _opt("--pps", type=_rate_arg, metavar="RATE",
+                         help="with -r: at most RATE frames per second (default: at once)"),
+                    _PAYLOAD)),
+            _command(
+                "ping", "send frames at intervals; each must come back byte-identical (ping's "
+                        "options)", parents=("common", "ring"),
+                description="Send frames one at a time, every -i seconds, and wait up to -W "
+                            "seconds for each to come back byte-identical (a back-end that "
+                            "returns what it receives, like testpmd in io forward mode). "
+                            "Prints a line per frame and ping's summary (at the count, on "
+                            "Ctrl-C and when the back-end dies); exit status 1 when a frame "
+                            "was lost or came back changed.",
+                options=(
+                    _opt("-c", "--count", type=_count_arg, metavar="COUNT",
+                         help="stop after COUNT frames (default: until Ctrl-C)"),
+                    _opt("-i", "--interval", type=_SECONDS_OR_ZERO, default=1.0,
+                         metavar="INTERVAL",
+                         help="seconds between frames (default 1; 0 for back to back)"),
+                    _opt("-s", "--size", type=_int_arg, default=50, metavar="SIZE",
+                         help="data bytes after the 14-byte Ethernet header (default 50: "
+                              "64-byte frames)"),
+                    _opt("-W", "--wait", type=_seconds_arg, metavar="TIMEOUT",
+                         help="seconds to wait for each frame (default: --timeout)"),
+                    _opt("-f", "--flood", action="store_true",
+                         help="flood: the next frame as soon as the last came back; prints "
+                              "'.' per frame sent and erases it when it comes back"),
+                    _opt("-q", "--quiet", action="store_true",
+                         help="print only the first line and the summary"),
+                    _PAYLOAD)),
+            _command(
+                "recv", "print the frames that arrive, or capture them as pcap",
+                parents=("common", "ring"),
+                description="One line per frame as tcpdump -e prints it (time, MACs, "
+                            "ethertype, length), or with -w a pcap file tcpdump and Wireshark "
+                            "read; stops after -c frames, --wait seconds or Ctrl-C.",
+                options=(
+                    _opt("-c", "-n", "--count", type=_count_arg, metavar="N",
+                         help="stop after N frames"),
+                    _opt("--wait", type=functools.partial(_seconds_arg, allow_zero=True,
+                                                          allow_inf=True),
+                         default=1.0, metavar="S",
+                         help="stop after S seconds (default 1; inf: until -c or Ctrl-C)"),
+                    _opt("-x", "--hexdump", action="store_true",
+                         help="hex-dump each frame as tcpdump -xx does"),
+                    _opt("-w", "--write", metavar="FILE.pcap",
+                         help="write a pcap file (LINKTYPE_ETHERNET, µs timestamps); - for "
+                              "stdout (| tcpdump -r -)"),
+                    _opt("-o", "--output", metavar="FILE",
+                         help="write the frames' bytes to FILE, one after the other")))))),
+    _command(
+        "bench", "measure throughput, latency and CPU per request", func=_cmd_bench,
+        parents=("common", "ring"),
         description="Run I/O for --seconds and report IOPS and MiB/s (blk; fs: FUSE reads or "
-                    "writes of one file in the share) or packets/s and "
-                    "Mbit/s of frames looped back by the back-end (net: testpmd in io forward "
-                    "mode), latency percentiles, this process's CPU time per request and "
-                    "the back-end's: the socket's peer (or --backend-pid) and every process "
-                    "under it (from /proc/PID/stat, 10 ms resolution). A progress line is drawn on stderr only when stderr is a "
-                    "terminal.")
-    bench.add_argument("socket", metavar="SOCKET")
-    bench.add_argument("--type", choices=("blk", "net", "fs"), default="blk",
-                       help="device to drive (default blk)")
-    # fio's names and meanings where fio has the option (--bs, --iodepth, --numjobs are
-    # its spellings of --size, --depth, --queues).
-    bench.add_argument("--rw", "--readwrite", choices=sorted(_BENCH_RW), metavar="MODE",
-                       help="blk access pattern, as fio's: read, write, randread, randwrite, "
-                            "rw (or readwrite), randrw (default randread)")
-    bench.add_argument("--rwmixread", type=_percent_arg, metavar="PCT",
-                       help="rw/randrw: percent of requests that read (default 50)")
-    bench.add_argument("--file", default="vhost-user-bench.dat", metavar="PATH",
-                       help="fs: the file in the share to read or write (made with "
-                            "--file-size bytes when missing, and removed after)")
-    bench.add_argument("--file-size", type=_int_arg, default=64 << 20, metavar="BYTES",
-                       help="fs: size of the file made when missing (default 64M)")
-    bench.add_argument("--size", "--bs", type=_int_arg, metavar="BYTES",
-                       help="bytes per request or frame (default 4096 for blk, 64 for net)")
-    bench.add_argument("--depth", "--iodepth", type=_count_arg, default=1, metavar="N",
-                       help="requests in flight per queue (default 1)")
-    bench.add_argument("--queues", "--numjobs", type=_count_arg, metavar="N",
-                       help="queues (blk) or queue pairs (net) to use, one thread each "
-                            "(default 1)")
-    bench.add_argument("--offset", type=_int_arg, default=0, metavar="BYTES",
-                       help="blk: start of the region exercised (default 0)")
-    bench.add_argument("--span", type=_int_arg, metavar="BYTES",
-                       help="blk: bytes of the region exercised (fio's size=; default: to the "
-                            "end of the device)")
-    bench.add_argument("--seconds", "--runtime", type=_seconds_arg, default=3.0, metavar="S",
-                       help="duration measured (default 3)")
-    bench.add_argument("--ramp_time", "--ramp-time", type=lambda text: _seconds_arg(text, True),
-                       default=0.0, metavar="S",
-                       help="blk: run S seconds first, excluded from the figures")
-    bench.add_argument("--verify", action="store_true",
-                       help="blk: writes carry a header (offset, sequence number, CRC32 of the "
-                            "block) and reads check it; a mismatch is an error naming the "
-                            "offset. Write modes read back what they wrote at the end")
-    bench.add_argument("--histogram", action="store_true",
-                       help="also print a text histogram of completion latencies")
-    bench.add_argument("--backend-pid", type=int, metavar="PID",
-                       help="the back-end process whose CPU time (with its children's) is "
-                            "reported (default: the socket's peer, from SO_PEERCRED)")
-    bench.add_argument("--spin", type=functools.partial(_seconds_arg, allow_zero=True),
-                       metavar="S",
-                       help="seconds to poll the used ring before sleeping (default: chosen "
-                            "from where the back-end runs)")
-    bench.add_argument("--event-idx", choices=("on", "off"),
-                       help="negotiate RING_EVENT_IDX (default on; off: a call per completion)")
-    bench.add_argument("--loop", choices=("device", "queue"), default="device",
-                       help="device: BlockDevice's fast path (default); queue: a plain loop "
-                            "over Queue, the yardstick for it")
-    bench.add_argument("--json", action="store_true", help="print one JSON object")
-    bench.set_defaults(func=_cmd_bench)
-
-    fs = commands.add_parser(
-        "fs", parents=[common], help="list, read and write a virtio-fs share (virtiofsd)",
+                    "writes of one file in the share) or packets/s and Mbit/s of frames "
+                    "looped back by the back-end (net: testpmd in io forward mode), latency "
+                    "percentiles, this process's CPU time per request and the back-end's: the "
+                    "socket's peer (or --backend-pid) and every process under it (from "
+                    "/proc/PID/stat, 10 ms resolution). A progress line is drawn on stderr "
+                    "only when stderr is a terminal.",
+        # fio's names and meanings where fio has the option (--bs, --iodepth, --numjobs are
+        # its spellings of --size, --depth, --queues).
+        options=(
+            _SOCKET,
+            _opt("--type", choices=("blk", "net", "fs"), default="blk",
+                 help="device to drive (default blk)"),
+            _opt("--rw", "--readwrite", choices=sorted(_BENCH_RW), metavar="MODE",
+                 help="blk access pattern, as fio's: read, write, randread, randwrite, rw (or "
+                      "readwrite), randrw (default randread)"),
+            _opt("--rwmixread", type=_percent_arg, metavar="PCT",
+                 help="rw/randrw: percent of requests that read (default 50)"),
+            _opt("--file", default="vhost-user-bench.dat", metavar="PATH",
+                 help="fs: the file in the share to read or write (made with --file-size "
+                      "bytes when missing, and removed after)"),
+            _opt("--file-size", type=_int_arg, default=64 << 20, metavar="BYTES",
+                 help="fs: size of the file made when missing (default 64M)"),
+            _opt("--size", "--bs", type=_int_arg, metavar="BYTES",
+                 help="bytes per request or frame (default 4096 for blk, 64 for net)"),
+            _opt("--depth", "--iodepth", type=_count_arg, default=1, metavar="N",
+                 help="requests in flight per queue (default 1)"),
+            _opt("--queues", "--numjobs", type=_count_arg, metavar="N",
+                 help="queues (blk) or queue pairs (net) to use, one thread each (default 1)"),
+            _opt("--offset", type=_int_arg, default=0, metavar="BYTES",
+                 help="blk: start of the region exercised (default 0)"),
+            _opt("--span", type=_int_arg, metavar="BYTES",
+                 help="blk: bytes of the region exercised (fio's size=; default: to the end "
+                      "of the device)"),
+            _opt("--seconds", "--runtime", type=_seconds_arg, default=3.0, metavar="S",
+                 help="duration measured (default 3)"),
+            _opt("--ramp_time", "--ramp-time", type=_SECONDS_OR_ZERO, default=0.0, metavar="S",
+                 help="blk: run S seconds first, excluded from the figures"),
+            _opt("--verify", action="store_true",
+                 help="blk: writes carry a header (offset, sequence number, CRC32 of the "
+                      "block) and reads check it; a mismatch is an error naming the offset. "
+                      "Write modes read back what they wrote at the end"),
+            _opt("--histogram", action="store_true",
+                 help="also print a text histogram of completion latencies"),
+            _opt("--backend-pid", type=int, metavar="PID",
+                 help="the back-end process whose CPU time (with its children's) is reported "
+                      "(default: the socket's peer, from SO_PEERCRED)"),
+            _opt("--spin", type=_SECONDS_OR_ZERO, metavar="S",
+                 help="seconds to poll the used ring before sleeping (default: chosen from "
+                      "where the back-end runs)"),
+            _opt("--event-idx", choices=("on", "off"),
+                 help="negotiate RING_EVENT_IDX (default on; off: a call per completion)"),
+            _opt("--loop", choices=("device", "queue"), default="device",
+                 help="device: BlockDevice's fast path (default); queue: a plain loop over "
+                      "Queue, the yardstick for it"),
+            _JSON)),
+    _command(
+        "fs", "list, read and write a virtio-fs share (virtiofsd)", func=_cmd_fs,
+        options=(_SOCKET,),
         description="Use a virtio-fs share through its vhost-user back-end, as FUSE over the "
                     "request queue, with no VM. Paths are relative to the share's root. C "
                     "virtiofsd serves one connection and then exits, so each command consumes "
-                    "one daemon; `shell` runs many commands on one connection.")
-    fs.add_argument("socket", metavar="SOCKET")
-    actions = fs.add_subparsers(dest="action", metavar="COMMAND")
-    actions.required = True
-    _add_fs_actions(actions, [common])
-    actions.add_parser("shell", parents=[common],
-                       help="an sftp-like prompt: many commands on one connection")
-    fs.set_defaults(func=_cmd_fs)
-
-    migrate = commands.add_parser(
-        "migrate", parents=[common, ring], help="rehearse a migration: move a running device",
+                    "one daemon; `shell` runs many commands on one connection.",
+        commands=("action", "COMMAND", _FS_COMMANDS + (
+            _command("shell", "an sftp-like prompt: many commands on one connection"),))),
+    _command(
+        "migrate", "rehearse a migration: move a running device", func=_cmd_migrate,
+        parents=("common", "ring"),
         description="Rehearse what a VMM does around a migration, with no VM: connect to OLD, "
                     "run I/O with the dirty log on (when OLD offers it) and check that every "
                     "guest page OLD wrote was logged, post a few requests without a kick, move "
@@ -17024,43 +16982,91 @@ def _build_parser():
                     "(--write: writes a pattern first and checks it survived); net sends "
                     "numbered frames through an echoing back-end (testpmd --forward-mode=io) "
                     "and checks every one came back. OLD and NEW must serve the same disk or "
-                    "network. Exit status 0 when everything verified, 1 otherwise.")
-    migrate.add_argument("socket", metavar="OLD")
-    migrate.add_argument("new", metavar="NEW")
-    migrate.add_argument("--type", choices=("blk", "net"),
-                         help="device type (default: guessed from OLD)")
-    migrate.add_argument("--offset", type=_int_arg, default=0, metavar="BYTES",
-                         help="blk: start of the range (default 0)")
-    migrate.add_argument("--length", type=_int_arg, default=1 << 20, metavar="BYTES",
-                         help="blk: bytes of the range (default 1M)")
-    migrate.add_argument("--write", action="store_true",
-                         help="blk: write a pattern over the range (destroys its data)")
-    migrate.add_argument("-n", "--count", type=_count_arg, default=1000, metavar="N",
-                         help="net: frames before and after the move (default 1000)")
-    migrate.set_defaults(func=_cmd_migrate)
-
-    demo = commands.add_parser(
-        "demo", parents=[common], help="try it: a temporary disk back-end, end to end",
+                    "network. Exit status 0 when everything verified, 1 otherwise.",
+        options=(
+            _opt("socket", metavar="OLD"),
+            _opt("new", metavar="NEW"),
+            _opt("--type", choices=("blk", "net"), help="device type (default: guessed from OLD)"),
+            _opt("--offset", type=_int_arg, default=0, metavar="BYTES",
+                 help="blk: start of the range (default 0)"),
+            _opt("--length", type=_int_arg, default=1 << 20, metavar="BYTES",
+                 help="blk: bytes of the range (default 1M)"),
+            _opt("--write", action="store_true",
+                 help="blk: write a pattern over the range (destroys its data)"),
+            _opt("-n", "--count", type=_count_arg, default=1000, metavar="N",
+                 help="net: frames before and after the move (default 1000)"))),
+    _command(
+        "demo", "try it: a temporary disk back-end, end to end", func=_cmd_demo,
         description="Start qemu-storage-daemon (or, when it is not installed, the module's "
                     "embedded back-end) on a temporary 64 MiB disk, probe it, write and read "
                     "back data, run a short benchmark, stop the back-end and remove its files, "
                     "also on Ctrl-C, SIGTERM or SIGHUP. qemu-storage-daemon is in the Debian "
-                    "package %s." % _DEMO_PACKAGE)
-    demo.add_argument("--seconds", type=_seconds_arg, default=3.0, metavar="S",
-                      help="benchmark duration (default 3)")
-    demo.add_argument("--embedded", action="store_true",
-                      help="use the embedded back-end even if qemu-storage-daemon is installed")
-    demo.set_defaults(func=_cmd_demo)
-
-    selftest = commands.add_parser(
-        "selftest", parents=[common], help="check that this host and Python can run the module",
+                    "package %s." % _DEMO_PACKAGE,
+        options=(
+            _opt("--seconds", type=_seconds_arg, default=3.0, metavar="S",
+                 help="benchmark duration (default 3)"),
+            _opt("--embedded", action="store_true",
+                 help="use the embedded back-end even if qemu-storage-daemon is installed"))),
+    _command(
+        "selftest", "check that this host and Python can run the module", func=_cmd_selftest,
         description="Check, one line each, what the module needs from the host and the "
                     "interpreter: memfd with seals, eventfd, SCM_RIGHTS, shared mappings, ring "
                     "index ordering between two processes, then a virtio-blk and a virtio-net "
                     "device end to end against the embedded back-end. Stops at the first "
-                    "failure (exit status 1). Needs nothing installed.")
-    selftest.set_defaults(func=_cmd_selftest)
+                    "failure (exit status 1). Needs nothing installed."),
+)
+
+
+def _build_parser():
+    """The command line's parser from ``_CLI_COMMANDS``: (parser, its commands, -v/--timeout)."""
+    import argparse
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: an option given after the subcommand must not reset one given before it.
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log every vhost-user message sent and received (stderr)")
+    common.add_argument("--timeout", type=_seconds_arg, default=argparse.SUPPRESS, metavar="S",
+                        help="seconds to wait for any reply or completion (default 5)")
+    ring = argparse.ArgumentParser(add_help=False)
+    _add_options(ring, _RING_OPTIONS)
+    parser = argparse.ArgumentParser(
+        prog=_PROG, parents=[common],
+        description="Talk to a vhost-user back-end (qemu-storage-daemon, DPDK, virtiofsd, "
+                    "rust-vmm and crosvm devices, SPDK) from the front-end side.",
+        epilog="Errors are reported in one line; the exit status is 1 for a failure "
+               "and 2 for bad usage.")
+    parser.add_argument("--version", action="version", version="%s %s" % (_PROG, __version__))
+    commands = _add_commands(parser, ("command", "COMMAND", _CLI_COMMANDS),
+                             {"common": common, "ring": ring})
     return parser, commands, common
+
+
+def _add_commands(parser, commands, parents, required=True):
+    """Add ``commands`` (dest, metavar, table) to ``parser``; returns its subparsers action."""
+    dest, metavar, table = commands
+    actions = parser.add_subparsers(dest=dest, metavar=metavar)
+    actions.required = required  # 3.6 has no add_subparsers(required=)
+    for command in table:
+        keywords = {"help": command["help"]}
+        if command["description"] is not None:
+            keywords["description"] = command["description"]
+        sub = actions.add_parser(command["name"], parents=[parents[p] for p in command["parents"]
+                                                           if p in parents], **keywords)
+        _add_options(sub, command["options"])
+        if command["commands"] is not None:
+            _add_commands(sub, command["commands"], parents)
+        if command["func"] is not None:
+            sub.set_defaults(func=command["func"])
+    return actions
+
+
+def _add_options(parser, options):
+    """``add_argument`` each of ``options`` (``_opt``, ``_one_of``) on ``parser`` or a group."""
+    for names, keywords in options:
+        if names is None:
+            group = parser.add_mutually_exclusive_group(required=keywords.get("required", False))
+            _add_options(group, keywords["options"])
+        else:
+            parser.add_argument(*names, **keywords)
 
 
 def main(argv=None):
