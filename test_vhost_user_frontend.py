@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import typing
 import unittest
 from unittest import mock
 
@@ -12171,7 +12172,7 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
 # The README's examples span the library and the command line, so they close the file rather than
 # sit under one section. The README's library quick starts are doctests: they run here against the
 # daemons the README starts (its /tmp paths replaced by each daemon's own), so the README cannot
-# drift from the code.
+# drift from the code. Its library sections are also the list of public names `__all__` must match.
 
 
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
@@ -12184,6 +12185,26 @@ class TestReadme(BackendTestMixin, FdLeakCheck):
         # stay open for good. Take that one-time cost before the fd accounting starts.
         test = doctest.DocTestParser().get_doctest(">>> 1\n1\n", {}, "warm-up", None, 0)
         doctest.DocTestRunner().run(test, out=lambda text: None)
+
+    def test_all_is_what_the_readme_documents(self):
+        # Documented: a module name the README's library sections (Library to "What is in the
+        # module") spell in code, as `Name...` in the text or vu.Name in the quick starts.
+        if not os.path.exists(README):
+            self.skipTest("README.md is not next to the tests (only the two .py files were copied)")
+        with open(README) as f:
+            text = f.read()
+        section = text[text.index("\n## Library"):text.index("\n## Protocol support")]
+        code = "".join(re.findall(r"```python\n(.*?)```", section, re.S))
+        prose = re.sub(r"```.*?```", "", section, flags=re.S)
+        spelled = set(re.findall(r"\bvu\.([A-Za-z_]\w*)", code))
+        spelled |= set(re.findall(r"`([A-Za-z_]\w*)[^`\n]*`", prose))
+        public = {name for name, value in vars(vu).items() if not name.startswith("_")
+                  and not isinstance(value, type(vu)) and getattr(typing, name, None) is not value}
+        self.assertEqual(sorted(public & spelled), sorted(vu.__all__),
+                         "__all__ against the names README documents")
+        self.assertEqual(len(vu.__all__), len(set(vu.__all__)), "a name twice in __all__")
+        self.assertEqual(sorted(public - spelled), [],
+                         "public but undocumented: document it in README or make it private")
 
     def test_library_quick_starts_run_as_written(self):
         if not os.path.exists(README):

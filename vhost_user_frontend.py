@@ -69,6 +69,9 @@ __all__ = [
     "FeatureNotNegotiated", "VhostUserTimeout",
     # Constants
     "FrontendReq", "BackendReq", "VirtioFeature", "ProtocolFeature", "DeviceType",
+    "MAX_FDS", "MAX_MEM_TABLE_REGIONS", "MAX_CONFIG_SIZE", "MAX_QUEUE_SIZE", "MAX_VRINGS",
+    "CONFIG_FLAG_WRITABLE", "CONFIG_FLAG_MIGRATION",
+    "TRANSFER_SAVE", "TRANSFER_LOAD", "TRANSFER_PHASE_STOPPED",
     # Wire payloads
     "VringState", "VringAddr", "MemoryRegion", "LogInfo", "IotlbMsg",
     "DeviceConfig", "VringArea", "InflightInfo", "ShmemMap", "ShmemConfig",
