@@ -1399,16 +1399,24 @@ class TestClearErrors(QuietHangUps, BackendTestMixin, FdLeakCheck):
         self.assertIn("send: the back-end is gone", str(cm.exception))
 
     def test_read_only_and_closed_errors_derive_from_vhost_user_error(self):
+        # A traceback or repr() shows the class's name: a public one, which is in __all__.
         qsd = self.start_backend(QemuStorageDaemon, kind="null", size=1 << 20, writable=False)
         dev = vu.BlockDevice.connect(qsd.socket_path)
         with self.assertRaises(vu.VhostUserError) as cm:
             dev.write(0, bytes(512))
+        self.assertIs(type(cm.exception), vu.ReadOnlyDevice)
         self.assertIsInstance(cm.exception, OSError)
         self.assertEqual(cm.exception.errno, errno.EROFS)
+        self.assertEqual(str(cm.exception), "WRITE: the device is read-only (VIRTIO_BLK_F_RO)")
+        self.assertTrue(repr(cm.exception).startswith("ReadOnlyDevice("), repr(cm.exception))
         dev.close()
         with self.assertRaises(vu.VhostUserError) as cm:
             dev.read(0, 512)
+        self.assertIs(type(cm.exception), vu.DeviceClosed)
         self.assertIsInstance(cm.exception, ValueError)
+        self.assertEqual(str(cm.exception), "READ: the device was closed")
+        for name in ("DeviceClosed", "ReadOnlyDevice", "BackendShrank"):
+            self.assertIn(name, vu.__all__)
 
     def test_wrong_device_type(self):
         qsd = self.start_backend(QemuStorageDaemon, kind="null", size=1 << 20)
@@ -4966,8 +4974,9 @@ class TestFrontendReconnect(QuietHangUps, FrontendTestBase):
         wait_for(lambda: fe.interrupt.crash_error is not None, 5.0, "the hang-up")
         poorer = self.backend(features=FAKE_FEATURES & ~F_EVENT_IDX)
         sock, poorer.frontend_sock = poorer.frontend_sock, None
-        with self.assertRaises(vu.Disconnected) as cm:
+        with self.assertRaises(vu.BackendShrank) as cm:
             fe.reconnect(sock)
+        self.assertIsInstance(cm.exception, vu.Disconnected)
         self.assertIn("no longer offers acked feature(s) RING_EVENT_IDX", str(cm.exception))
         # Still down, and a later attempt may succeed.
         self.assertIsNotNone(fe.interrupt.crash_error)
@@ -5714,12 +5723,16 @@ class TestBlockDevice(BackendTestMixin, FdLeakCheck):
         dev = self.connect(qsd)
         self.assertTrue(dev.read_only)
         self.assertEqual(dev.read(0, 512), b"R" * 512)
-        for call in (lambda: dev.write(0, bytes(512)), lambda: dev.discard(0, 512),
-                     lambda: dev.write_zeroes(0, 512), lambda: dev.submit_write(0, bytes(512))):
-            with self.assertRaises(OSError) as cm:
+        for call, name in ((lambda: dev.write(0, bytes(512)), "WRITE"),
+                           (lambda: dev.discard(0, 512), "DISCARD"),
+                           (lambda: dev.write_zeroes(0, 512), "WRITE_ZEROES"),
+                           (lambda: dev.submit_write(0, bytes(512)), "WRITE")):
+            with self.assertRaises(vu.ReadOnlyDevice) as cm:
                 call()
+            self.assertIsInstance(cm.exception, OSError)
             self.assertEqual(cm.exception.errno, errno.EROFS)
-            self.assertIn("read-only", str(cm.exception))
+            # One wording, naming the request; no "[Errno 30]" in front as OSError would put.
+            self.assertEqual(str(cm.exception), "%s: the device is read-only (VIRTIO_BLK_F_RO)" % name)
         # Past our own check, the device's refusal surfaces with its virtio-blk status.
         dev.read_only = False
         with self.assertRaises(vu.BackendError) as cm:
@@ -6152,7 +6165,7 @@ class TestMoveBlock(BackendTestMixin, FdLeakCheck):
         small = self.start_backend(QemuStorageDaemon, kind="raw", size=8 << 20)
         dev = self.connect(big.socket_path)
         dev.write(32 << 20, b"h" * 4096)
-        with self.assertRaises(vu.Disconnected) as caught:
+        with self.assertRaises(vu.BackendShrank) as caught:
             dev.move_to(small.socket_path)
         self.assertIn("move_to: the back-end serves another disk: capacity 8388608 bytes, "
                       "was 67108864", str(caught.exception))
@@ -7980,8 +7993,9 @@ class TestEdgesFs(BackendTestMixin, FdLeakCheck):
                 t.join(30)
             self.assertFalse(any(t.is_alive() for t in threads))
             for exc in errors:
+                self.assertIsInstance(exc, vu.DeviceClosed, repr(exc))
                 self.assertIsInstance(exc, ValueError, repr(exc))
-                self.assertRegex(str(exc), r"^read_bytes: the virtio-fs device is closed$")
+                self.assertRegex(str(exc), r"^read_bytes: the device was closed$")
             self.assertEqual(fsd.wait(10), 0, fsd.log_tail())
 
     def test_mkdir_of_an_empty_name_says_so(self):
@@ -10483,7 +10497,7 @@ class TestCliBlock(BackendTestMixin, FdLeakCheck):
         d = self.start_backend(QemuStorageDaemon, writable=False)
         status, out, err = run_cli("blk", d.socket_path, "write", "0", "-i", os.devnull)
         self.assertEqual((status, out), (1, ""))
-        self.assertIn("read-only", err)
+        self.assertIn("%s: WRITE: the device is read-only (VIRTIO_BLK_F_RO)\n" % d.socket_path, err)
         status, out, err = run_cli("bench", d.socket_path, "--rw", "randwrite", "--seconds", "0.1")
         self.assertEqual(status, 1)
         self.assertIn("read-only", err)
@@ -11947,7 +11961,8 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
             with self.assertRaises(vu.VhostUserError) as cm:
                 call()
             self.assertIsInstance(cm.exception, ValueError)    # what it was before: kept as a base
-            self.assertIn("%s: the virtio-fs device is closed" % name, str(cm.exception))
+            self.assertIsInstance(cm.exception, vu.DeviceClosed)
+            self.assertEqual("%s: the device was closed" % name, str(cm.exception))
 
     def test_fs_shell_usage_errors_name_the_command(self):
         fsd = self.start_backend(Virtiofsd)

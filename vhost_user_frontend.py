@@ -66,7 +66,7 @@ __version__ = "0.1.0"
 __all__ = [
     # Errors
     "VhostUserError", "ProtocolError", "BackendError", "Disconnected",
-    "FeatureNotNegotiated", "VhostUserTimeout",
+    "FeatureNotNegotiated", "VhostUserTimeout", "BackendShrank", "DeviceClosed", "ReadOnlyDevice",
     # Constants
     "FrontendReq", "BackendReq", "VirtioFeature", "ProtocolFeature", "DeviceType",
     "MAX_FDS", "MAX_MEM_TABLE_REGIONS", "MAX_CONFIG_SIZE", "MAX_QUEUE_SIZE", "MAX_VRINGS",
@@ -130,21 +130,29 @@ class VhostUserTimeout(VhostUserError, TimeoutError):
     """The peer did not answer in time; the connection is unusable after it."""
 
 
-class _BackendShrank(Disconnected):
-    """A reconnected back-end offers less than the device uses: retrying cannot help."""
+class BackendShrank(Disconnected):
+    """The back-end offers less than the device uses (features, queues, a smaller disk).
+
+    Raised when a device reconnects or moves to such a back-end; retrying
+    cannot help, so ``reconnect=`` gives up at once.
+    """
 
 
-class _DeviceClosed(VhostUserError, ValueError):
+class DeviceClosed(VhostUserError, ValueError):
     """The device was closed: before the call, or while the call waited (also a ValueError)."""
 
 
-class _ReadOnlyDevice(VhostUserError, OSError):
+class ReadOnlyDevice(VhostUserError, OSError):
     """A write to a device that is read-only; ``errno`` is EROFS (also an OSError)."""
 
     def __init__(self, message, request=None):
         super().__init__(message, request)
         self.errno = errno.EROFS
         self.strerror = message
+
+    def __str__(self):
+        # OSError would print "[Errno 30] WRITE: ...": say it as every other error does.
+        return self.strerror
 
 
 ############################################################################
@@ -6305,19 +6313,19 @@ class VhostUserFrontend:
         """Disconnected (naming what is missing) if the new back-end offers less."""
         missing = acked & ~self._avail_features
         if missing:
-            raise _BackendShrank(
+            raise BackendShrank(
                 "%s: the back-end no longer offers acked feature(s) %s (%#x)"
                 % (what, " ".join(VirtioFeature.names(missing, self._device_type)), missing),
                 FrontendReq.GET_FEATURES)
         missing = old_protocol & ~self.protocol_features
         if missing:
-            raise _BackendShrank(
+            raise BackendShrank(
                 "%s: the back-end no longer offers protocol feature(s) %s (%#x)"
                 % (what, " ".join(ProtocolFeature.names(missing)), int(missing)),
                 FrontendReq.GET_PROTOCOL_FEATURES)
         for index, queue in sorted((queues or {}).items()):
             if index >= len(self._queue_sizes) or queue.size > self._queue_sizes[index]:
-                raise _BackendShrank(
+                raise BackendShrank(
                     "%s: the back-end now has %d queue(s) of up to %d entries; queue "
                     "%d of size %d is in use" % (what, len(self._queue_sizes),
                                                  max(self._queue_sizes), index, queue.size),
@@ -6805,7 +6813,7 @@ class _DeviceCall:
         device._inside.append(None)
         if device._closing:
             device._inside.pop()
-            raise _DeviceClosed("%s: the device was closed" % self.what)
+            raise DeviceClosed("%s: the device was closed" % self.what)
         return self
 
     def __exit__(self, kind, exc, traceback):
@@ -6820,7 +6828,7 @@ class _Device:
     """What the device drivers share: the front-end, guest memory and queues they own.
 
     Also the liveness every call checks (``_check_alive``): a closed device
-    raises ``_DeviceClosed``; a back-end that went away raises
+    raises ``DeviceClosed``; a back-end that went away raises
     ``Disconnected``, or with ``reconnect=`` is waited for and reconnected
     (``_recover``), the caller's timeout extended by the outage.
     """
@@ -6859,11 +6867,11 @@ class _Device:
         """0.0 when the back-end is up; else the seconds spent until it was back.
 
         Raises:
-            _DeviceClosed: the device was closed (before or during the call).
+            DeviceClosed: the device was closed (before or during the call).
             Disconnected: the back-end is gone (and did not come back).
         """
         if self._closing or self._frontend is None:
-            raise _DeviceClosed("%s: the device was closed" % what)
+            raise DeviceClosed("%s: the device was closed" % what)
         if self._dead is not None:
             raise Disconnected("%s: %s" % (what, self._dead)) from self._dead
         if self._moving:
@@ -6890,11 +6898,11 @@ class _Device:
         try:
             frontend = self._frontend
             if self._closing or frontend is None:
-                raise _DeviceClosed("%s: the device was closed" % what)
+                raise DeviceClosed("%s: the device was closed" % what)
             if self._dead is None and frontend.interrupt.crash_error is not None:
                 self._reconnect_backend(frontend)
             if self._closing:
-                raise _DeviceClosed("%s: the device was closed" % what)
+                raise DeviceClosed("%s: the device was closed" % what)
             if self._dead is not None:
                 raise Disconnected("%s: %s" % (what, self._dead)) from self._dead
         finally:
@@ -6924,7 +6932,7 @@ class _Device:
                                                        reply_timeout=frontend.timeout)
                 frontend.reconnect(connection)
                 break
-            except _BackendShrank as exc:
+            except BackendShrank as exc:
                 self._dead = exc
                 break
             except VhostUserError as exc:
@@ -6967,7 +6975,7 @@ class _Device:
                 return make(VhostUserFrontend(device_type, features, path, timeout=timeout,
                                               packed=packed, protocol_features=protocol))
             except (Disconnected, VhostUserTimeout, ProtocolError) as exc:
-                if isinstance(exc, _BackendShrank) or deadline is None \
+                if isinstance(exc, BackendShrank) or deadline is None \
                         or time.monotonic() >= deadline:
                     raise
                 _log.info("%s: the back-end went away while connecting (%s); retrying",
@@ -7012,7 +7020,7 @@ class _Device:
         with self._call("move_to"):
             # Not _check_alive: a device whose back-end died may move to another one.
             if self._closing or self._frontend is None:
-                raise _DeviceClosed("move_to: the device was closed")
+                raise DeviceClosed("move_to: the device was closed")
             if self._recover_lock is None:
                 self._recover_lock = threading.Lock()
             if not self._recover_lock.acquire(timeout=4 * self.timeout + 1):
@@ -7037,7 +7045,7 @@ class _Device:
         elif self._moving:
             raise VhostUserTimeout("%s: a move to another back-end did not finish" % what)
         if self._closing or self._frontend is None:
-            raise _DeviceClosed("%s: the device was closed" % what)
+            raise DeviceClosed("%s: the device was closed" % what)
         return time.monotonic() - started
 
     def _call(self, what):
@@ -7048,10 +7056,10 @@ class _Device:
         return _DeviceCall(self, what)
 
     def _closed_error(self, what, exc):
-        """Raise ``_DeviceClosed`` for the ValueError/OSError of a queue closed under a call."""
+        """Raise ``DeviceClosed`` for the ValueError/OSError of a queue closed under a call."""
         if self._closing and isinstance(exc, (ValueError, OSError)) \
                 and not isinstance(exc, VhostUserError):
-            raise _DeviceClosed("%s: the device was closed (%s)" % (what, exc)) from exc
+            raise DeviceClosed("%s: the device was closed" % what) from exc
 
     def _release_buffers(self):
         """What a device frees after the rings stopped and before guest memory goes."""
@@ -7200,7 +7208,7 @@ class _Completions:
         Raises Disconnected soon after the back-end hangs up, rather than
         at the deadline; with ``reconnect=`` waits for it to come back and
         moves the deadline by the outage. A close() on another thread wakes
-        it at once (``_DeviceClosed``). ``spin`` goes to ``Queue.wait_used``
+        it at once (``DeviceClosed``). ``spin`` goes to ``Queue.wait_used``
         (None: the queue's).
         """
         device = self.device
@@ -7226,7 +7234,7 @@ class _Completions:
                     used = self.queue.wait_used(min(remaining, _CRASH_CHECK_INTERVAL),
                                                 count, spin)
                 except ValueError as exc:  # the device was closed while we waited
-                    raise _DeviceClosed("%s: the device was closed (%s)" % (what, exc)) \
+                    raise DeviceClosed("%s: the device was closed" % what) \
                         from exc
                 finally:
                     self.cond.acquire()
@@ -7240,7 +7248,7 @@ class _Completions:
                 try:
                     self._finish(self.queue.get_used())
                 except ValueError as exc:
-                    raise _DeviceClosed("complete: the device was closed (%s)" % exc) from exc
+                    raise DeviceClosed("complete: the device was closed") from exc
 
     def reap_whole_batch(self):
         """Under the lock: the user data of the batch posted at one time, when the device
@@ -7743,9 +7751,9 @@ class BlockDevice(_Device):
         if self.features & _BLK_F_MQ and config.num_queues < self.num_queues:
             changed.append("num_queues %d, %d in use" % (config.num_queues, self.num_queues))
         if changed:
-            raise _BackendShrank("%s: the back-end %s another disk: %s"
-                                 % (what, "came back with" if what == "reconnect" else "serves",
-                                    "; ".join(changed)), FrontendReq.GET_CONFIG)
+            raise BackendShrank("%s: the back-end %s another disk: %s"
+                                % (what, "came back with" if what == "reconnect" else "serves",
+                                   "; ".join(changed)), FrontendReq.GET_CONFIG)
 
         def record():
             self.config = config
@@ -7838,7 +7846,7 @@ class BlockDevice(_Device):
             VhostUserTimeout: nothing completed within ``timeout`` (default
                 the device's).
         """
-        completions = self._completions_for(queue)
+        completions = self._completions_for(queue, "complete")
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         q = completions.queue
         with self._call("complete"):
@@ -7866,7 +7874,7 @@ class BlockDevice(_Device):
         if not isinstance(size, int) or size <= 0:
             raise ValueError("alloc: size must be a positive int, got %r" % (size,))
         if self._mem is None or self._closing:
-            raise _DeviceClosed("alloc: the device was closed")
+            raise DeviceClosed("alloc: the device was closed")
         gpa = self._mem.allocate(size, align=4096 if size >= 4096 else 16)
         view = self._mem.view(gpa, size)
         # The last offset a fast-path request on it may start at; -1: too big for one.
@@ -7935,7 +7943,7 @@ class BlockDevice(_Device):
         """
         completions = self._open_completions.get(queue)
         if completions is None or queue.__class__ is not int:
-            completions = self._completions_for(queue)   # raises for a bad queue
+            completions = self._completions_for(queue, "reap")   # raises for a bad queue
         slots = completions.slots
         if slots is None:
             return []
@@ -7943,7 +7951,7 @@ class BlockDevice(_Device):
         inside.append(None)    # _call() spelled out: this is the fast path
         try:
             if self._closing:
-                raise _DeviceClosed("reap: the device was closed")
+                raise DeviceClosed("reap: the device was closed")
             q = completions.queue
             if q.kick_pending:   # posted with notify=False: kick now
                 q.notify()
@@ -8004,7 +8012,7 @@ class BlockDevice(_Device):
                 self._check_alive(_BLK_OP_NAMES[op])
             completions = self._open_completions.get(queue)
             if completions is None or queue.__class__ is not int:
-                completions = self._completions_for(queue)   # raises for a bad queue
+                completions = self._completions_for(queue, _BLK_OP_NAMES[op])   # a bad queue
             slots = completions.slots
             if slots is None:
                 slots = completions.slots = _BlockSlots(self._mem, completions.queue)
@@ -8236,7 +8244,7 @@ class BlockDevice(_Device):
 
     def _check_writable(self, what):
         if self.read_only:
-            raise _ReadOnlyDevice("%s: the device is read-only (VIRTIO_BLK_F_RO)" % what)
+            raise ReadOnlyDevice("%s: the device is read-only (VIRTIO_BLK_F_RO)" % what)
 
     def _check_range(self, what, offset, length, limit):
         if not isinstance(offset, int) or not isinstance(length, int):
@@ -8252,9 +8260,9 @@ class BlockDevice(_Device):
             raise ValueError("%s: length %d is not in 1..%d (max_transfer)"
                              % (what, length, limit))
 
-    def _completions_for(self, queue):
+    def _completions_for(self, queue, what):
         if self._mem is None or self._closing:
-            raise _DeviceClosed("the device was closed")
+            raise DeviceClosed("%s: the device was closed" % what)
         if not isinstance(queue, int) or not 0 <= queue < self.num_queues:
             raise ValueError("queue %r out of range 0..%d" % (queue, self.num_queues - 1))
         return self._completions[queue]
@@ -8269,7 +8277,7 @@ class BlockDevice(_Device):
             self._post_chain(request, readable, writable, notify)
 
     def _post_chain(self, request, readable, writable, notify):
-        completions = self._completions_for(request.queue)
+        completions = self._completions_for(request.queue, _BLK_OP_NAMES[request.op])
         if self._trouble():
             self._check_alive(_BLK_OP_NAMES[request.op])
         # Header and status live in a cell of guest memory: the header is
@@ -8294,7 +8302,7 @@ class BlockDevice(_Device):
         """Kick for the posted batch, wait for all of it, raise the first bad status."""
         if not requests:
             return
-        completions = self._completions_for(requests[0].queue)
+        completions = self._completions_for(requests[0].queue, what)
         deadline = time.monotonic() + self.timeout
         with self._call(what):
             completions.queue.notify()
@@ -8594,7 +8602,7 @@ class NetDevice(_Device):
     def _pair(self, pair, what="send"):
         pairs = self._pairs
         if not pairs:
-            raise _DeviceClosed("%s: the device was closed" % what)
+            raise DeviceClosed("%s: the device was closed" % what)
         if pair.__class__ is not int or not 0 <= pair < len(pairs):
             raise ValueError("%s: pair %r: the device runs pairs 0..%d"
                              % (what, pair, len(pairs) - 1))
@@ -8879,7 +8887,7 @@ class NetDevice(_Device):
         deadline = time.monotonic() + timeout
         pairs = self._pairs if pair is None else (self._pair(pair, "flush"),)
         if not pairs:
-            raise _DeviceClosed("flush: the device was closed")
+            raise DeviceClosed("flush: the device was closed")
         for one in pairs:
             with one.tx_lock, self._call("flush"):
                 deadline += self._check_alive("flush")
@@ -8940,7 +8948,7 @@ class NetDevice(_Device):
         inside.append(None)    # _call() spelled out: this is the fast path
         try:
             if self._closing:
-                raise _DeviceClosed("rx_burst: the device was closed")
+                raise DeviceClosed("rx_burst: the device was closed")
             with pair.rx_lock:
                 if pair.rx_held:
                     self._rx_repost(pair)
@@ -9354,7 +9362,7 @@ class _FuseFile(io.RawIOBase):
             raise ValueError("I/O operation on closed file")
         fs = self._fs
         if fs is None or fs._mem is None:
-            raise _DeviceClosed("%s: the virtio-fs device is closed" % self.name)
+            raise DeviceClosed("%s: the device was closed" % self.name)
         return fs
 
     def readable(self):
@@ -9508,7 +9516,7 @@ def _operation(method):
     @functools.wraps(method)
     def call(self, *args, **kwargs):
         if self._closed_to_caller():
-            raise _DeviceClosed("%s: the virtio-fs device is closed" % method.__name__)
+            raise DeviceClosed("%s: the device was closed" % method.__name__)
         with self._cache_lock:
             self._active += 1
         try:
@@ -9517,7 +9525,7 @@ def _operation(method):
             # A call that close() on another thread cut short says so, not
             # EBADF or EIO, which would read as errors of the file system.
             if self._closed_to_caller():
-                raise _DeviceClosed("%s: the virtio-fs device is closed" % method.__name__) \
+                raise DeviceClosed("%s: the device was closed" % method.__name__) \
                     from exc
             raise
         finally:
@@ -9663,7 +9671,7 @@ class FsDevice(_Device):
 
     def _check_open(self, what="FUSE"):
         if self._closed_to_caller():
-            raise _DeviceClosed("%s: the virtio-fs device is closed" % what)
+            raise DeviceClosed("%s: the device was closed" % what)
 
     def _submit(self, op, nodeid, readable, reply):
         """Post one FUSE request (no kick); ``reply`` is a writable buffer or None."""
@@ -15029,7 +15037,7 @@ def _blk_verify(dev, args, out):
 def _blk_write(dev, args, out):
     """Stream FILE or stdin to OFFSET in bounded steps; unaligned ends need --pad or --rmw."""
     if dev.read_only:
-        raise _CliError("write: the device is read-only (VIRTIO_BLK_F_RO)")
+        raise ReadOnlyDevice("WRITE: the device is read-only (VIRTIO_BLK_F_RO)")
     source = open(args.input, "rb") if args.input else sys.stdin.buffer
     try:
         return _blk_write_from(dev, args, out, source)
