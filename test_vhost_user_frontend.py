@@ -13,6 +13,7 @@ import ctypes
 import errno
 import fcntl
 import gc
+import inspect
 import io
 import itertools
 import json
@@ -1343,6 +1344,42 @@ print("imported", vhost_user_frontend.__version__)
         output, _ = proc.communicate(timeout=60)
         self.assertEqual(proc.returncode, 0, output)
         self.assertEqual(output.strip(), "imported " + vu.__version__)
+
+
+class TestPublicNames(FdLeakCheck):
+    """What ``__all__`` lists is typed (README's list of it is checked by ``TestReadme``)."""
+
+    def test_every_public_name_is_annotated(self):
+        # DESIGN: every public name carries type annotations (CI type-checks them with mypy).
+        missing = []
+        for name in vu.__all__:
+            value = getattr(vu, name)
+            if not isinstance(value, type):
+                functions = [(name, value)] if callable(value) else []
+            else:
+                functions = []
+                for klass in reversed(value.__mro__):
+                    if klass.__module__ != vu.__name__:
+                        continue    # object, Exception, tuple, IntEnum: not ours to annotate
+                    for attr, member in vars(klass).items():
+                        if attr.startswith("_") and attr != "__init__":
+                            continue
+                        if isinstance(member, (classmethod, staticmethod)):
+                            member = member.__func__
+                        if isinstance(member, property):
+                            functions += [("%s.%s" % (name, attr), f)
+                                          for f in (member.fget, member.fset) if f is not None]
+                        elif inspect.isfunction(member):
+                            functions.append(("%s.%s" % (name, attr), member))
+            for label, function in functions:
+                signature = inspect.signature(function)
+                for parameter in list(signature.parameters.values()):
+                    if parameter.annotation is parameter.empty \
+                            and parameter.name not in ("self", "cls"):
+                        missing.append("%s(%s)" % (label, parameter.name))
+                if signature.return_annotation is signature.empty:
+                    missing.append("%s -> ?" % label)
+        self.assertEqual(missing, [])
 
 
 # Errors ##############################################################################################
