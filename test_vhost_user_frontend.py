@@ -20,6 +20,7 @@ import json
 import logging
 import mmap
 import os
+import pickle
 import random
 import re
 import select
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import typing
 import unittest
 from unittest import mock
@@ -2835,6 +2837,10 @@ class TestQueueDriver(FdLeakCheck):
         with self.assertRaises(vu.Queue.Full) as cm:
             q.add([b"r"])
         self.assertIsInstance(cm.exception, vu.VhostUserError)
+        self.assertTrue(repr(cm.exception).startswith("Full("), repr(cm.exception))
+        self.assertEqual(type(pickle.loads(pickle.dumps(cm.exception))), vu.Queue.Full)
+        self.assertEqual("".join(traceback.format_exception_only(type(cm.exception), cm.exception)),
+                         "vhost_user_frontend.Queue.Full: %s\n" % cm.exception)
         self.assertEqual(q.num_free, 0)
         heads = dev.take()
         threading.Timer(0.05, dev.complete, (heads[1], 1)).start()

@@ -3961,6 +3961,11 @@ class Queue:
             self.next_avail)
 
 
+# Tracebacks and repr() name the error as callers catch it, Queue.Full, not by its private
+# name; pickle finds it under that name too.
+_QueueFull.__name__, _QueueFull.__qualname__ = "Full", "Queue.Full"
+
+
 #: Packed descriptor flags (virtio spec 2.8.1): the driver's and the device's
 #: wrap counters; NEXT, WRITE and INDIRECT keep their split-ring values.
 _PACKED_F_AVAIL = 1 << 7
