@@ -1368,9 +1368,10 @@ class TestPublicNames(FdLeakCheck):
                             continue
                         if isinstance(member, (classmethod, staticmethod)):
                             member = member.__func__
-                        if isinstance(member, property):
+                        if isinstance(member, property):   # 3.6 NamedTuple fields: itemgetter
                             functions += [("%s.%s" % (name, attr), f)
-                                          for f in (member.fget, member.fset) if f is not None]
+                                          for f in (member.fget, member.fset)
+                                          if inspect.isfunction(f)]
                         elif inspect.isfunction(member):
                             functions.append(("%s.%s" % (name, attr), member))
             for label, function in functions:
@@ -5775,7 +5776,8 @@ class TestBlockDevice(BackendTestMixin, FdLeakCheck):
             self.assertIsInstance(cm.exception, OSError)
             self.assertEqual(cm.exception.errno, errno.EROFS)
             # One wording, naming the request; no "[Errno 30]" in front as OSError would put.
-            self.assertEqual(str(cm.exception), "%s: the device is read-only (VIRTIO_BLK_F_RO)" % name)
+            self.assertEqual(str(cm.exception),
+                             "%s: the device is read-only (VIRTIO_BLK_F_RO)" % name)
         # Past our own check, the device's refusal surfaces with its virtio-blk status.
         dev.read_only = False
         with self.assertRaises(vu.BackendError) as cm:
