@@ -4121,6 +4121,16 @@ class TestFrontendLifecycle(FrontendTestBase):
         fe.close()
         fe.close()  # idempotent
         self.assertEqual(backend.names(), [])
+        # A ValueError, as before; read_config, write_config and ack_features said
+        # AttributeError ('NoneType' object has no attribute ...).
+        for what, call in (("read_config", lambda: fe.read_config(0, 4)),
+                           ("write_config", lambda: fe.write_config(0, b"x")),
+                           ("ack_features", lambda: fe.ack_features(0)),
+                           ("virtio_sleep", fe.virtio_sleep)):
+            with self.assertRaises(vu.DeviceClosed) as cm:
+                call()
+            self.assertIsInstance(cm.exception, ValueError)
+            self.assertEqual(str(cm.exception), "%s: the device was closed" % what)
 
         # Restore into a fresh back-end, from the bytes, then wake with the slept queues.
         fresh = self.backend(protocol_features=protocol)

@@ -5821,6 +5821,7 @@ class VhostUserFrontend:
 
     def ack_features(self, value: int) -> None:
         """Ack ``value`` (limited to ``features()``); SET_FEATURES only when the set changed."""
+        self._check_usable("ack_features")
         features = (int(value) & self._avail_features) | self.acked_features
         # While logging, LOG_ALL rides on every SET_FEATURES (a transport bit,
         # never acked to a driver).
@@ -5832,10 +5833,12 @@ class VhostUserFrontend:
 
     def read_config(self, offset: int, length: int) -> bytes:
         """``length`` bytes of device config space at ``offset`` (GET_CONFIG)."""
+        self._check_usable("read_config")
         return self.client.get_config(offset, length)
 
     def write_config(self, offset: int, data: _Buffer) -> None:
         """Write ``data`` into the device config space at ``offset`` (SET_CONFIG)."""
+        self._check_usable("write_config")
         self.client.set_config(offset, data)
 
     # -- activation -----------------------------------------------------------
@@ -6074,7 +6077,7 @@ class VhostUserFrontend:
 
     def _check_usable(self, what):
         if self.client is None:
-            raise ValueError("%s: %s is closed" % (what, self.debug_label()))
+            raise DeviceClosed("%s: the device was closed" % what)
 
     def reset(self) -> None:
         """Stop every ring and the worker, drop all SHMEM mappings; ``activate`` may follow.
