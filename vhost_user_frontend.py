@@ -2820,7 +2820,7 @@ class Queue:
         return object.__new__(cls)
 
     def __init__(self, mem: GuestMemory, size: int, index: int = 0, vector: Optional[int] = None,
-                 features: int = 0, lock: "Optional[threading.Lock]" = None) -> None:
+                 features: int = 0, lock: Optional[threading.Lock] = None) -> None:
         if not isinstance(size, int) or not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
             raise ValueError("queue size %r is not a power of two in 1..%d"
                              % (size, MAX_QUEUE_SIZE))
