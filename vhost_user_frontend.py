@@ -6287,9 +6287,10 @@ class VhostUserFrontend:
         again (e.g. when the back-end is not listening yet).
 
         Raises:
-            Disconnected: the new back-end offers fewer features, protocol
+            BackendShrank: the new back-end offers fewer features, protocol
                 features or queues than the device uses (the message names
-                what is missing), or it went away again.
+                what is missing).
+            Disconnected: it went away again.
             VhostUserError: any failure of the handshake.
         """
         self._check_usable("reconnect")
@@ -6493,9 +6494,9 @@ class VhostUserFrontend:
         stays there. Dirty logging ends (the new back-end has no log).
 
         Raises:
-            Disconnected: the new back-end offers less than the device uses
-                (the message names what, a BlockDevice's smaller disk too), or
-                went away.
+            BackendShrank: the new back-end offers less than the device uses
+                (the message names what, a BlockDevice's smaller disk too).
+            Disconnected: it went away.
             VhostUserTimeout: the old back-end did not complete what it had
                 taken within ``drain_timeout``; the device stays on it.
             VhostUserError: another failure of the new back-end.
@@ -7072,9 +7073,10 @@ class _Device:
         the old back-end when that one is alive, and the error says why.
 
         Raises:
-            Disconnected: the new back-end offers less than the device uses
+            BackendShrank: the new back-end offers less than the device uses
                 (another device type, fewer features or queues, a smaller
-                disk), or went away.
+                disk).
+            Disconnected: it went away.
             VhostUserError: any other failure of the new back-end (or a
                 timeout waiting for the old one to complete its requests).
         """
