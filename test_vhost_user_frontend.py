@@ -13,12 +13,14 @@ import ctypes
 import errno
 import fcntl
 import gc
+import inspect
 import io
 import itertools
 import json
 import logging
 import mmap
 import os
+import pickle
 import random
 import re
 import select
@@ -32,6 +34,8 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
+import typing
 import unittest
 from unittest import mock
 
@@ -1344,6 +1348,43 @@ print("imported", vhost_user_frontend.__version__)
         self.assertEqual(output.strip(), "imported " + vu.__version__)
 
 
+class TestPublicNames(FdLeakCheck):
+    """What ``__all__`` lists is typed (README's list of it is checked by ``TestReadme``)."""
+
+    def test_every_public_name_is_annotated(self):
+        # DESIGN: every public name carries type annotations (CI type-checks them with mypy).
+        missing = []
+        for name in vu.__all__:
+            value = getattr(vu, name)
+            if not isinstance(value, type):
+                functions = [(name, value)] if callable(value) else []
+            else:
+                functions = []
+                for klass in reversed(value.__mro__):
+                    if klass.__module__ != vu.__name__:
+                        continue    # object, Exception, tuple, IntEnum: not ours to annotate
+                    for attr, member in vars(klass).items():
+                        if attr.startswith("_") and attr != "__init__":
+                            continue
+                        if isinstance(member, (classmethod, staticmethod)):
+                            member = member.__func__
+                        if isinstance(member, property):   # 3.6 NamedTuple fields: itemgetter
+                            functions += [("%s.%s" % (name, attr), f)
+                                          for f in (member.fget, member.fset)
+                                          if inspect.isfunction(f)]
+                        elif inspect.isfunction(member):
+                            functions.append(("%s.%s" % (name, attr), member))
+            for label, function in functions:
+                signature = inspect.signature(function)
+                for parameter in list(signature.parameters.values()):
+                    if parameter.annotation is parameter.empty \
+                            and parameter.name not in ("self", "cls"):
+                        missing.append("%s(%s)" % (label, parameter.name))
+                if signature.return_annotation is signature.empty:
+                    missing.append("%s -> ?" % label)
+        self.assertEqual(missing, [])
+
+
 # Errors ##############################################################################################
 
 
@@ -1398,16 +1439,24 @@ class TestClearErrors(QuietHangUps, BackendTestMixin, FdLeakCheck):
         self.assertIn("send: the back-end is gone", str(cm.exception))
 
     def test_read_only_and_closed_errors_derive_from_vhost_user_error(self):
+        # A traceback or repr() shows the class's name: a public one, which is in __all__.
         qsd = self.start_backend(QemuStorageDaemon, kind="null", size=1 << 20, writable=False)
         dev = vu.BlockDevice.connect(qsd.socket_path)
         with self.assertRaises(vu.VhostUserError) as cm:
             dev.write(0, bytes(512))
+        self.assertIs(type(cm.exception), vu.ReadOnlyDevice)
         self.assertIsInstance(cm.exception, OSError)
         self.assertEqual(cm.exception.errno, errno.EROFS)
+        self.assertEqual(str(cm.exception), "WRITE: the device is read-only (VIRTIO_BLK_F_RO)")
+        self.assertTrue(repr(cm.exception).startswith("ReadOnlyDevice("), repr(cm.exception))
         dev.close()
         with self.assertRaises(vu.VhostUserError) as cm:
             dev.read(0, 512)
+        self.assertIs(type(cm.exception), vu.DeviceClosed)
         self.assertIsInstance(cm.exception, ValueError)
+        self.assertEqual(str(cm.exception), "READ: the device was closed")
+        for name in ("DeviceClosed", "ReadOnlyDevice", "BackendShrank"):
+            self.assertIn(name, vu.__all__)
 
     def test_wrong_device_type(self):
         qsd = self.start_backend(QemuStorageDaemon, kind="null", size=1 << 20)
@@ -2789,6 +2838,10 @@ class TestQueueDriver(FdLeakCheck):
         with self.assertRaises(vu.Queue.Full) as cm:
             q.add([b"r"])
         self.assertIsInstance(cm.exception, vu.VhostUserError)
+        self.assertTrue(repr(cm.exception).startswith("Full("), repr(cm.exception))
+        self.assertEqual(type(pickle.loads(pickle.dumps(cm.exception))), vu.Queue.Full)
+        self.assertEqual("".join(traceback.format_exception_only(type(cm.exception), cm.exception)),
+                         "vhost_user_frontend.Queue.Full: %s\n" % cm.exception)
         self.assertEqual(q.num_free, 0)
         heads = dev.take()
         threading.Timer(0.05, dev.complete, (heads[1], 1)).start()
@@ -4071,6 +4124,16 @@ class TestFrontendLifecycle(FrontendTestBase):
         fe.close()
         fe.close()  # idempotent
         self.assertEqual(backend.names(), [])
+        # A ValueError, as before; read_config, write_config and ack_features said
+        # AttributeError ('NoneType' object has no attribute ...).
+        for what, call in (("read_config", lambda: fe.read_config(0, 4)),
+                           ("write_config", lambda: fe.write_config(0, b"x")),
+                           ("ack_features", lambda: fe.ack_features(0)),
+                           ("virtio_sleep", fe.virtio_sleep)):
+            with self.assertRaises(vu.DeviceClosed) as cm:
+                call()
+            self.assertIsInstance(cm.exception, ValueError)
+            self.assertEqual(str(cm.exception), "%s: the device was closed" % what)
 
         # Restore into a fresh back-end, from the bytes, then wake with the slept queues.
         fresh = self.backend(protocol_features=protocol)
@@ -4968,8 +5031,9 @@ class TestFrontendReconnect(QuietHangUps, FrontendTestBase):
         wait_for(lambda: fe.interrupt.crash_error is not None, 5.0, "the hang-up")
         poorer = self.backend(features=FAKE_FEATURES & ~F_EVENT_IDX)
         sock, poorer.frontend_sock = poorer.frontend_sock, None
-        with self.assertRaises(vu.Disconnected) as cm:
+        with self.assertRaises(vu.BackendShrank) as cm:
             fe.reconnect(sock)
+        self.assertIsInstance(cm.exception, vu.Disconnected)
         self.assertIn("no longer offers acked feature(s) RING_EVENT_IDX", str(cm.exception))
         # Still down, and a later attempt may succeed.
         self.assertIsNotNone(fe.interrupt.crash_error)
@@ -5745,12 +5809,17 @@ class TestBlockDevice(BackendTestMixin, FdLeakCheck):
         dev = self.connect(qsd)
         self.assertTrue(dev.read_only)
         self.assertEqual(dev.read(0, 512), b"R" * 512)
-        for call in (lambda: dev.write(0, bytes(512)), lambda: dev.discard(0, 512),
-                     lambda: dev.write_zeroes(0, 512), lambda: dev.submit_write(0, bytes(512))):
-            with self.assertRaises(OSError) as cm:
+        for call, name in ((lambda: dev.write(0, bytes(512)), "WRITE"),
+                           (lambda: dev.discard(0, 512), "DISCARD"),
+                           (lambda: dev.write_zeroes(0, 512), "WRITE_ZEROES"),
+                           (lambda: dev.submit_write(0, bytes(512)), "WRITE")):
+            with self.assertRaises(vu.ReadOnlyDevice) as cm:
                 call()
+            self.assertIsInstance(cm.exception, OSError)
             self.assertEqual(cm.exception.errno, errno.EROFS)
-            self.assertIn("read-only", str(cm.exception))
+            # One wording, naming the request; no "[Errno 30]" in front as OSError would put.
+            self.assertEqual(str(cm.exception),
+                             "%s: the device is read-only (VIRTIO_BLK_F_RO)" % name)
         # Past our own check, the device's refusal surfaces with its virtio-blk status.
         dev.read_only = False
         with self.assertRaises(vu.BackendError) as cm:
@@ -6183,7 +6252,7 @@ class TestMoveBlock(BackendTestMixin, FdLeakCheck):
         small = self.start_backend(QemuStorageDaemon, kind="raw", size=8 << 20)
         dev = self.connect(big.socket_path)
         dev.write(32 << 20, b"h" * 4096)
-        with self.assertRaises(vu.Disconnected) as caught:
+        with self.assertRaises(vu.BackendShrank) as caught:
             dev.move_to(small.socket_path)
         self.assertIn("move_to: the back-end serves another disk: capacity 8388608 bytes, "
                       "was 67108864", str(caught.exception))
@@ -8011,8 +8080,9 @@ class TestEdgesFs(BackendTestMixin, FdLeakCheck):
                 t.join(30)
             self.assertFalse(any(t.is_alive() for t in threads))
             for exc in errors:
+                self.assertIsInstance(exc, vu.DeviceClosed, repr(exc))
                 self.assertIsInstance(exc, ValueError, repr(exc))
-                self.assertRegex(str(exc), r"^read_bytes: the virtio-fs device is closed$")
+                self.assertRegex(str(exc), r"^read_bytes: the device was closed$")
             self.assertEqual(fsd.wait(10), 0, fsd.log_tail())
 
     def test_mkdir_of_an_empty_name_says_so(self):
@@ -10526,7 +10596,7 @@ class TestCliBlock(BackendTestMixin, FdLeakCheck):
         d = self.start_backend(QemuStorageDaemon, writable=False)
         status, out, err = run_cli("blk", d.socket_path, "write", "0", "-i", os.devnull)
         self.assertEqual((status, out), (1, ""))
-        self.assertIn("read-only", err)
+        self.assertIn("%s: WRITE: the device is read-only (VIRTIO_BLK_F_RO)\n" % d.socket_path, err)
         status, out, err = run_cli("bench", d.socket_path, "--rw", "randwrite", "--seconds", "0.1")
         self.assertEqual(status, 1)
         self.assertIn("read-only", err)
@@ -11990,7 +12060,8 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
             with self.assertRaises(vu.VhostUserError) as cm:
                 call()
             self.assertIsInstance(cm.exception, ValueError)    # what it was before: kept as a base
-            self.assertIn("%s: the virtio-fs device is closed" % name, str(cm.exception))
+            self.assertIsInstance(cm.exception, vu.DeviceClosed)
+            self.assertEqual("%s: the device was closed" % name, str(cm.exception))
 
     def test_fs_shell_usage_errors_name_the_command(self):
         fsd = self.start_backend(Virtiofsd)
@@ -12215,7 +12286,7 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
 # The README's examples span the library and the command line, so they close the file rather than
 # sit under one section. The README's library quick starts are doctests: they run here against the
 # daemons the README starts (its /tmp paths replaced by each daemon's own), so the README cannot
-# drift from the code.
+# drift from the code. Its library sections are also the list of public names `__all__` must match.
 
 
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
@@ -12228,6 +12299,26 @@ class TestReadme(BackendTestMixin, FdLeakCheck):
         # stay open for good. Take that one-time cost before the fd accounting starts.
         test = doctest.DocTestParser().get_doctest(">>> 1\n1\n", {}, "warm-up", None, 0)
         doctest.DocTestRunner().run(test, out=lambda text: None)
+
+    def test_all_is_what_the_readme_documents(self):
+        # Documented: a module name the README's library sections (Library to "What is in the
+        # module") spell in code, as `Name...` in the text or vu.Name in the quick starts.
+        if not os.path.exists(README):
+            self.skipTest("README.md is not next to the tests (only the two .py files were copied)")
+        with open(README) as f:
+            text = f.read()
+        section = text[text.index("\n## Library"):text.index("\n## Protocol support")]
+        code = "".join(re.findall(r"```python\n(.*?)```", section, re.S))
+        prose = re.sub(r"```.*?```", "", section, flags=re.S)
+        spelled = set(re.findall(r"\bvu\.([A-Za-z_]\w*)", code))
+        spelled |= set(re.findall(r"`([A-Za-z_]\w*)[^`\n]*`", prose))
+        public = {name for name, value in vars(vu).items() if not name.startswith("_")
+                  and not isinstance(value, type(vu)) and getattr(typing, name, None) is not value}
+        self.assertEqual(sorted(public & spelled), sorted(vu.__all__),
+                         "__all__ against the names README documents")
+        self.assertEqual(len(vu.__all__), len(set(vu.__all__)), "a name twice in __all__")
+        self.assertEqual(sorted(public - spelled), [],
+                         "public but undocumented: document it in README or make it private")
 
     def test_library_quick_starts_run_as_written(self):
         if not os.path.exists(README):

@@ -59,16 +59,20 @@ import sys
 import threading
 import time
 import weakref
-from typing import NamedTuple, Tuple
+from typing import (IO, Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional,
+                    Sequence, Set, Tuple, Union)
 
 __version__ = "0.1.0"
 
 __all__ = [
     # Errors
     "VhostUserError", "ProtocolError", "BackendError", "Disconnected",
-    "FeatureNotNegotiated", "VhostUserTimeout",
+    "FeatureNotNegotiated", "VhostUserTimeout", "BackendShrank", "DeviceClosed", "ReadOnlyDevice",
     # Constants
     "FrontendReq", "BackendReq", "VirtioFeature", "ProtocolFeature", "DeviceType",
+    "MAX_FDS", "MAX_MEM_TABLE_REGIONS", "MAX_CONFIG_SIZE", "MAX_QUEUE_SIZE", "MAX_VRINGS",
+    "CONFIG_FLAG_WRITABLE", "CONFIG_FLAG_MIGRATION",
+    "TRANSFER_SAVE", "TRANSFER_LOAD", "TRANSFER_PHASE_STOPPED",
     # Wire payloads
     "VringState", "VringAddr", "MemoryRegion", "LogInfo", "IotlbMsg",
     "DeviceConfig", "VringArea", "InflightInfo", "ShmemMap", "ShmemConfig",
@@ -85,6 +89,12 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
+# Shorthands for the public signatures' annotations, in typing's spelling that CPython 3.6
+# evaluates (no "X | Y", no list[int]).
+_Buffer = Union[bytes, bytearray, memoryview]     # bytes-like data the call reads
+_WBuffer = Union[bytearray, memoryview]           # a buffer the call writes into
+_Path = Union[str, bytes, os.PathLike]
+
 
 ############################################################################
 # Errors ###################################################################
@@ -98,7 +108,7 @@ class VhostUserError(Exception):
     None).
     """
 
-    def __init__(self, message, request=None):
+    def __init__(self, message: str, request: Optional[int] = None) -> None:
         super().__init__(message)
         self.request = request
 
@@ -110,7 +120,8 @@ class ProtocolError(VhostUserError):
 class BackendError(VhostUserError):
     """The back-end reported failure (non-zero ack or status); see ``value``."""
 
-    def __init__(self, message, request=None, value=None):
+    def __init__(self, message: str, request: Optional[int] = None,
+                 value: Optional[int] = None) -> None:
         super().__init__(message, request)
         self.value = value
 
@@ -127,21 +138,29 @@ class VhostUserTimeout(VhostUserError, TimeoutError):
     """The peer did not answer in time; the connection is unusable after it."""
 
 
-class _BackendShrank(Disconnected):
-    """A reconnected back-end offers less than the device uses: retrying cannot help."""
+class BackendShrank(Disconnected):
+    """The back-end offers less than the device uses (features, queues, a smaller disk).
+
+    Raised when a device reconnects or moves to such a back-end; retrying
+    cannot help, so ``reconnect=`` gives up at once.
+    """
 
 
-class _DeviceClosed(VhostUserError, ValueError):
+class DeviceClosed(VhostUserError, ValueError):
     """The device was closed: before the call, or while the call waited (also a ValueError)."""
 
 
-class _ReadOnlyDevice(VhostUserError, OSError):
+class ReadOnlyDevice(VhostUserError, OSError):
     """A write to a device that is read-only; ``errno`` is EROFS (also an OSError)."""
 
-    def __init__(self, message, request=None):
+    def __init__(self, message: str, request: Optional[int] = None) -> None:
         super().__init__(message, request)
         self.errno = errno.EROFS
         self.strerror = message
+
+    def __str__(self):
+        # OSError would print "[Errno 30] WRITE: ...": say it as every other error does.
+        return self.strerror
 
 
 ############################################################################
@@ -273,7 +292,7 @@ class VirtioFeature(enum.IntFlag):
     SUSPEND = 1 << 42               #: crosvm's VIRTIO_F_SUSPEND.
 
     @classmethod
-    def names(cls, features, device_type=None):
+    def names(cls, features: int, device_type: Optional[int] = None) -> List[str]:
         """Names of every set bit: transport names, then the device's own.
 
         Device-specific bits (0-23, 50-63) are named for ``device_type`` as
@@ -318,7 +337,7 @@ class ProtocolFeature(enum.IntFlag):
     GET_VRING_BASE_SKIP_DRAIN = 1 << 23  #: Message 45.
 
     @classmethod
-    def names(cls, features):
+    def names(cls, features: int) -> List[str]:
         """Names of every set bit; unknown bits as ``bit N``."""
         table = {m.value.bit_length() - 1: m.name for m in cls}
         return _flag_names(int(features), table)
@@ -358,11 +377,11 @@ class DeviceType(enum.IntEnum):
         return cls._value2member_map_.setdefault(value, member)
 
     @property
-    def min_queues(self):
+    def min_queues(self) -> int:
         """Queues a spec-compliant device of this type must implement (crosvm; else 1)."""
         return _MIN_QUEUES.get(self, 1)
 
-    def feature_names(self, features):
+    def feature_names(self, features: int) -> List[str]:
         """Names of ``features`` with this type's device-specific names."""
         return VirtioFeature.names(features, self)
 
@@ -463,13 +482,13 @@ CONFIG_FLAG_MIGRATION = 1
 
 class VringState(NamedTuple):
     """STATE payload: ring index and a number (size, base, enable)."""
-    index: int
+    index: int  # type: ignore[assignment]  # the spec's name; hides tuple.index
     num: int
 
 
 class VringAddr(NamedTuple):
     """ADDR payload. Used comes *before* avail on the wire."""
-    index: int
+    index: int  # type: ignore[assignment]  # the spec's name; hides tuple.index
     flags: int
     desc: int
     used: int
@@ -509,7 +528,7 @@ class DeviceConfig(NamedTuple):
 
 class VringArea(NamedTuple):
     """AREA payload of VRING_HOST_NOTIFIER_MSG."""
-    index: int
+    index: int  # type: ignore[assignment]  # the spec's name; hides tuple.index
     no_fd: bool
     size: int
     offset: int
@@ -537,7 +556,7 @@ class ShmemConfig(NamedTuple):
     nregions: int
     sizes: Tuple[int, ...]
 
-    def regions(self):
+    def regions(self) -> List[Tuple[int, int]]:
         """(shmid, size) of each region in use, capped at ``nregions``."""
         used = [(i, s) for i, s in enumerate(self.sizes) if s]
         return used[:self.nregions]
@@ -1112,15 +1131,15 @@ class Event:
 
     _fd = -1
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._fd = _eventfd()
 
-    def fileno(self):
+    def fileno(self) -> int:
         if self._fd < 0:
             raise ValueError("Event is closed")
         return self._fd
 
-    def signal(self):
+    def signal(self) -> None:
         """Add one to the counter, waking any waiter."""
         fd = self._fd   # fileno() spelled out: every kick comes here
         if fd < 0:
@@ -1130,16 +1149,16 @@ class Event:
         except BlockingIOError:
             pass  # counter saturated: it is signalled anyway
 
-    def read(self):
+    def read(self) -> int:
         """Take and return the counter (0 when not signalled); never blocks."""
         try:
             return struct.unpack("=Q", os.read(self.fileno(), 8))[0]
         except BlockingIOError:
             return 0
 
-    _poller = None
+    _poller = None  # type: Optional[select.poll]
 
-    def wait(self, timeout=None):
+    def wait(self, timeout: Optional[float] = None) -> int:
         """Wait until signalled and reset it; the count, or 0 on timeout."""
         fd = self.fileno()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -1166,7 +1185,7 @@ class Event:
             if remaining == 0.0:
                 return self.read()
 
-    def close(self):
+    def close(self) -> None:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             self._poller = None
@@ -1381,7 +1400,7 @@ if _RING_WORDS_VIA_STRUCT:
         def release(self):
             pass
 else:
-    def _FieldStores(view, offset, stride):
+    def _FieldStores(view, offset, stride):  # type: ignore[no-redef]
         """``fields[k] = value`` stores the u64 at byte ``offset + stride * k`` of ``view``."""
         return view[offset // 8::stride // 8]
 
@@ -1646,6 +1665,10 @@ def _connect_cause(exc):
     return exc.strerror or str(exc)
 
 
+#: A request's ``ack=``: None asks for a REPLY_ACK where QEMU asks, True or False always.
+_Ack = Optional[bool]
+
+
 class BackendClient:
     """One vhost-user connection to a back-end: one method per front-end request.
 
@@ -1671,13 +1694,13 @@ class BackendClient:
         max_mem_slots: GET_MAX_MEM_SLOTS' answer, or None.
     """
 
-    _channel = None
+    _channel = None  # type: Optional[_Channel]
     #: The socket path: where ``connect`` connected, or ``listen`` listened.
-    path = None
+    path = None  # type: Optional[str]
     #: True for a client from ``listen`` (the back-end is the socket client).
     listening = False
 
-    def __init__(self, sock, timeout=5.0):
+    def __init__(self, sock: socket.socket, timeout: float = 5.0) -> None:
         """Wrap an already connected unix stream socket (the client owns it).
 
         Args:
@@ -1686,16 +1709,17 @@ class BackendClient:
         """
         self._channel = _Channel(sock, timeout)
         self._lock = threading.Lock()
-        self._broken = None
+        self._broken = None  # type: Optional[VhostUserError]
         self.features = None
-        self.acked_features = None
+        self.acked_features = None  # type: Optional[int]
         self.protocol_features = 0
         self.queue_num = None
         self.max_mem_slots = None
         self._answered = False        # a first reply arrived (see _transact)
 
     @classmethod
-    def connect(cls, path, timeout=10.0, reply_timeout=5.0):
+    def connect(cls, path: str, timeout: float = 10.0,
+                reply_timeout: float = 5.0) -> "BackendClient":
         """Connect to a back-end listening on ``path``.
 
         Retries while the socket does not exist yet or refuses connections,
@@ -1737,7 +1761,8 @@ class BackendClient:
                 raise
 
     @classmethod
-    def listen(cls, path, timeout=30.0, reply_timeout=5.0):
+    def listen(cls, path: str, timeout: float = 30.0,
+               reply_timeout: float = 5.0) -> "BackendClient":
         """Listen on ``path`` and wrap the first back-end that connects.
 
         For back-ends that are the socket client (DPDK ``client=1``, QEMU's
@@ -1770,25 +1795,25 @@ class BackendClient:
     # -- plumbing -----------------------------------------------------------
 
     @property
-    def timeout(self):
+    def timeout(self) -> float:
         """Seconds to wait for a reply."""
         return self._channel.timeout
 
     @timeout.setter
-    def timeout(self, value):
+    def timeout(self, value: float) -> None:
         self._channel.timeout = value
         self._channel.sock.settimeout(value)
 
     @property
-    def broken(self):
+    def broken(self) -> Optional[VhostUserError]:
         """The error that made the connection unusable, or None."""
         return self._broken
 
-    def fileno(self):
+    def fileno(self) -> int:
         """The socket's fd (for polling it for hang-up)."""
         return self._channel.fileno()
 
-    def peer_pid(self):
+    def peer_pid(self) -> Optional[int]:
         """The back-end's process id (SO_PEERCRED), or None when the socket cannot say."""
         option = getattr(socket, "SO_PEERCRED", 17)   # Linux's value; not in every build
         try:
@@ -1799,7 +1824,7 @@ class BackendClient:
         pid = struct.unpack("3i", creds)[0]
         return pid or None
 
-    def close(self):
+    def close(self) -> None:
         """Close the connection; safe to call twice."""
         channel, self._channel = self._channel, None
         if channel is not None:
@@ -1959,12 +1984,12 @@ class BackendClient:
 
     # -- requests, in spec order ----------------------------------------------
 
-    def get_features(self):
+    def get_features(self) -> int:
         """VHOST_USER_GET_FEATURES: the back-end's virtio features."""
         self.features = self._get_u64(_F.GET_FEATURES)
         return self.features
 
-    def set_features(self, features, ack=None):
+    def set_features(self, features: int, ack: _Ack = None) -> None:
         """VHOST_USER_SET_FEATURES: the features the driver accepted.
 
         Include PROTOCOL_FEATURES (bit 30) when the back-end offered it: old
@@ -1976,15 +2001,16 @@ class BackendClient:
         self._set_u64(_F.SET_FEATURES, int(features), ack)
         self.acked_features = int(features)
 
-    def set_owner(self, ack=None):
+    def set_owner(self, ack: _Ack = None) -> None:
         """VHOST_USER_SET_OWNER: start the session."""
         self._transact(_F.SET_OWNER, ack=self._want_ack(_F.SET_OWNER, ack))
 
-    def reset_owner(self, ack=None):
+    def reset_owner(self, ack: _Ack = None) -> None:
         """VHOST_USER_RESET_OWNER (deprecated): back-ends disable every ring."""
         self._transact(_F.RESET_OWNER, ack=self._want_ack(_F.RESET_OWNER, ack))
 
-    def set_mem_table(self, regions, ack=None):
+    def set_mem_table(self, regions: Sequence[Tuple[MemoryRegion, int]],
+                      ack: _Ack = None) -> None:
         """VHOST_USER_SET_MEM_TABLE: the guest memory, one fd per region.
 
         Args:
@@ -2005,7 +2031,8 @@ class BackendClient:
                        [_fileno(fd) for _, fd in regions],
                        ack=self._want_ack(_F.SET_MEM_TABLE, ack))
 
-    def set_log_base(self, mmap_size, mmap_offset=0, fd=None):
+    def set_log_base(self, mmap_size: int, mmap_offset: int = 0,
+                     fd: Optional[int] = None) -> None:
         """VHOST_USER_SET_LOG_BASE: the dirty log (QEMU's 16-byte LOG payload).
 
         With LOG_SHMFD the fd is sent and a reply is mandatory; QEMU checks
@@ -2022,12 +2049,12 @@ class BackendClient:
             fds = () if fd is None else (_fileno(fd),)
             self._transact(_F.SET_LOG_BASE, body, fds)
 
-    def set_log_fd(self, fd, ack=None):
+    def set_log_fd(self, fd: int, ack: _Ack = None) -> None:
         """VHOST_USER_SET_LOG_FD: eventfd the back-end signals after logging."""
         self._transact(_F.SET_LOG_FD, b"", (_fileno(fd),),
                        ack=self._want_ack(_F.SET_LOG_FD, ack))
 
-    def set_vring_num(self, index, num, ack=None):
+    def set_vring_num(self, index: int, num: int, ack: _Ack = None) -> None:
         """VHOST_USER_SET_VRING_NUM: the ring's size (a power of two <= 32768)."""
         self._check_ring(_F.SET_VRING_NUM, index)
         if not isinstance(num, int) or not 0 < num <= MAX_QUEUE_SIZE or num & (num - 1):
@@ -2036,7 +2063,8 @@ class BackendClient:
         self._transact(_F.SET_VRING_NUM, _STATE.pack(index, num),
                        ack=self._want_ack(_F.SET_VRING_NUM, ack))
 
-    def set_vring_addr(self, index, desc, used, avail, log=0, flags=0, ack=None):
+    def set_vring_addr(self, index: int, desc: int, used: int, avail: int, log: int = 0,
+                       flags: int = 0, ack: _Ack = None) -> None:
         """VHOST_USER_SET_VRING_ADDR: ring addresses in the front-end's address space.
 
         Without IOMMU_PLATFORM or GPA_ADDRESSES these are front-end user
@@ -2060,7 +2088,7 @@ class BackendClient:
                        _encode_vring_addr(VringAddr(index, flags, desc, used, avail, log)),
                        ack=self._want_ack(_F.SET_VRING_ADDR, ack))
 
-    def set_vring_base(self, index, base, ack=None):
+    def set_vring_base(self, index: int, base: int, ack: _Ack = None) -> None:
         """VHOST_USER_SET_VRING_BASE: the next avail index the back-end processes.
 
         Split rings: 16 bits. Packed rings: the avail position in bits 0-14
@@ -2072,7 +2100,7 @@ class BackendClient:
         self._transact(_F.SET_VRING_BASE, _STATE.pack(index, base),
                        ack=self._want_ack(_F.SET_VRING_BASE, ack))
 
-    def get_vring_base(self, index):
+    def get_vring_base(self, index: int) -> int:
         """VHOST_USER_GET_VRING_BASE: stop the ring; returns its next avail index.
 
         The back-end drains in-flight requests first, which may take long.
@@ -2092,19 +2120,19 @@ class BackendClient:
             return state.num
         return self._transact(request, _STATE.pack(index, 0), reply=_REPLY_STATE, check=check)
 
-    def set_vring_kick(self, index, fd, ack=None):
+    def set_vring_kick(self, index: int, fd: Optional[int], ack: _Ack = None) -> None:
         """VHOST_USER_SET_VRING_KICK: the kick eventfd (None: poll mode); starts the ring."""
         self._send_vring_fd(_F.SET_VRING_KICK, index, fd, ack)
 
-    def set_vring_call(self, index, fd, ack=None):
+    def set_vring_call(self, index: int, fd: Optional[int], ack: _Ack = None) -> None:
         """VHOST_USER_SET_VRING_CALL: the call eventfd (None: no interrupts)."""
         self._send_vring_fd(_F.SET_VRING_CALL, index, fd, ack)
 
-    def set_vring_err(self, index, fd, ack=None):
+    def set_vring_err(self, index: int, fd: Optional[int], ack: _Ack = None) -> None:
         """VHOST_USER_SET_VRING_ERR: the error eventfd (None: deregister)."""
         self._send_vring_fd(_F.SET_VRING_ERR, index, fd, ack)
 
-    def get_protocol_features(self):
+    def get_protocol_features(self) -> ProtocolFeature:
         """VHOST_USER_GET_PROTOCOL_FEATURES: the back-end's protocol features.
 
         Always ask on a new connection, even when the answer is known: some
@@ -2113,7 +2141,7 @@ class BackendClient:
         self._needs_protocol_bit(_F.GET_PROTOCOL_FEATURES)
         return ProtocolFeature(self._get_u64(_F.GET_PROTOCOL_FEATURES))
 
-    def set_protocol_features(self, features):
+    def set_protocol_features(self, features: int) -> None:
         """VHOST_USER_SET_PROTOCOL_FEATURES: the protocol features in use.
 
         Never acked: whether a back-end acks this very message is ambiguous
@@ -2129,7 +2157,7 @@ class BackendClient:
             raise FeatureNotNegotiated("%s: the back-end did not offer PROTOCOL_FEATURES "
                                        "(bit 30) in GET_FEATURES" % request.name, request)
 
-    def get_queue_num(self):
+    def get_queue_num(self) -> int:
         """VHOST_USER_GET_QUEUE_NUM: how many queues the back-end supports (MQ)."""
         self._require(_F.GET_QUEUE_NUM)
         value = self._get_u64(_F.GET_QUEUE_NUM, lambda v: 0 < v <= MAX_VRINGS,
@@ -2137,7 +2165,7 @@ class BackendClient:
         self.queue_num = value
         return value
 
-    def set_vring_enable(self, index, enable, ack=None):
+    def set_vring_enable(self, index: int, enable: bool, ack: _Ack = None) -> None:
         """VHOST_USER_SET_VRING_ENABLE: enable (True) or disable a started ring.
 
         Only legal once PROTOCOL_FEATURES (bit 30) was acked with SET_FEATURES
@@ -2150,7 +2178,7 @@ class BackendClient:
         self._transact(_F.SET_VRING_ENABLE, _STATE.pack(index, 1 if enable else 0),
                        ack=self._want_ack(_F.SET_VRING_ENABLE, ack))
 
-    def send_rarp(self, mac):
+    def send_rarp(self, mac: bytes) -> None:
         """VHOST_USER_SEND_RARP: broadcast a RARP for ``mac`` (6 bytes). No reply."""
         self._require(_F.SEND_RARP)
         mac = bytes(mac)
@@ -2158,29 +2186,29 @@ class BackendClient:
             raise ValueError("SEND_RARP: a MAC address is 6 bytes, got %d" % len(mac))
         self._transact(_F.SEND_RARP, mac + b"\0\0")
 
-    def net_set_mtu(self, mtu, ack=None):
+    def net_set_mtu(self, mtu: int, ack: _Ack = None) -> None:
         """VHOST_USER_NET_SET_MTU: the MTU the driver uses."""
         self._require(_F.NET_SET_MTU)
         self._set_u64(_F.NET_SET_MTU, mtu, ack)
 
-    def set_backend_req_fd(self, fd, ack=None):
+    def set_backend_req_fd(self, fd: int, ack: _Ack = None) -> None:
         """VHOST_USER_SET_BACKEND_REQ_FD: our end of the back-end request channel."""
         self._require(_F.SET_BACKEND_REQ_FD)
         self._transact(_F.SET_BACKEND_REQ_FD, b"", (_fileno(fd),),
                        ack=self._want_ack(_F.SET_BACKEND_REQ_FD, ack))
 
-    def iotlb_msg(self, msg):
+    def iotlb_msg(self, msg: IotlbMsg) -> None:
         """VHOST_USER_IOTLB_MSG: an IOTLB update or invalidation (always acked)."""
         self._require(_F.IOTLB_MSG)
         self._transact(_F.IOTLB_MSG, _encode_iotlb(IotlbMsg(*msg)), ack=True)
 
-    def set_vring_endian(self, index, big_endian):
+    def set_vring_endian(self, index: int, big_endian: bool) -> None:
         """VHOST_USER_SET_VRING_ENDIAN: legacy ring endianness. No reply."""
         self._require(_F.SET_VRING_ENDIAN)
         self._check_ring(_F.SET_VRING_ENDIAN, index)
         self._transact(_F.SET_VRING_ENDIAN, _STATE.pack(index, 1 if big_endian else 0))
 
-    def get_config(self, offset, size, flags=CONFIG_FLAG_WRITABLE):
+    def get_config(self, offset: int, size: int, flags: int = CONFIG_FLAG_WRITABLE) -> bytes:
         """VHOST_USER_GET_CONFIG: ``size`` bytes of device config at ``offset``.
 
         Raises:
@@ -2204,7 +2232,8 @@ class BackendClient:
         return self._transact(_F.GET_CONFIG, request, check=check,
                               reply=_Reply((_CONFIG_HDR.size + size, _CONFIG_HDR.size, 0)))
 
-    def set_config(self, offset, data, flags=CONFIG_FLAG_WRITABLE, ack=None):
+    def set_config(self, offset: int, data: _Buffer, flags: int = CONFIG_FLAG_WRITABLE,
+                   ack: _Ack = None) -> None:
         """VHOST_USER_SET_CONFIG: write ``data`` into the device config at ``offset``."""
         self._require(_F.SET_CONFIG)
         data = bytes(data)
@@ -2212,7 +2241,7 @@ class BackendClient:
         self._transact(_F.SET_CONFIG, _encode_config(DeviceConfig(offset, flags, data)),
                        ack=self._want_ack(_F.SET_CONFIG, ack))
 
-    def create_crypto_session(self, session):
+    def create_crypto_session(self, session: _Buffer) -> bytes:
         """VHOST_USER_CREATE_CRYPTO_SESSION: QEMU's session struct in, the same out."""
         self._require(_F.CREATE_CRYPTO_SESSION)
         session = bytes(session)
@@ -2220,29 +2249,30 @@ class BackendClient:
                                  reply=_Reply((len(session),)))
         return body
 
-    def close_crypto_session(self, session_id):
+    def close_crypto_session(self, session_id: int) -> None:
         """VHOST_USER_CLOSE_CRYPTO_SESSION. No reply."""
         self._require(_F.CLOSE_CRYPTO_SESSION)
         _check_u64("session_id", session_id)
         self._transact(_F.CLOSE_CRYPTO_SESSION, _U64.pack(session_id))
 
-    def postcopy_advise(self):
+    def postcopy_advise(self) -> int:
         """VHOST_USER_POSTCOPY_ADVISE: the back-end's userfaultfd (caller closes it)."""
         self._require(_F.POSTCOPY_ADVISE)
         _, fds = self._transact(_F.POSTCOPY_ADVISE, reply=_Reply((0, 8), (1,)))
         return fds[0]
 
-    def postcopy_listen(self, ack=None):
+    def postcopy_listen(self, ack: _Ack = None) -> None:
         """VHOST_USER_POSTCOPY_LISTEN."""
         self._require(_F.POSTCOPY_LISTEN)
         self._transact(_F.POSTCOPY_LISTEN, ack=self._want_ack(_F.POSTCOPY_LISTEN, ack))
 
-    def postcopy_end(self):
+    def postcopy_end(self) -> int:
         """VHOST_USER_POSTCOPY_END: the back-end's result (0 = ok)."""
         self._require(_F.POSTCOPY_END)
         return self._get_u64(_F.POSTCOPY_END)
 
-    def get_inflight_fd(self, num_queues, queue_size):
+    def get_inflight_fd(self, num_queues: int,
+                        queue_size: int) -> Tuple[InflightInfo, Optional[int]]:
         """VHOST_USER_GET_INFLIGHT_FD: (InflightInfo, fd or None); caller closes the fd."""
         self._require(_F.GET_INFLIGHT_FD)
         def check(body, fds):
@@ -2262,61 +2292,61 @@ class BackendClient:
             _F.GET_INFLIGHT_FD, _encode_inflight(InflightInfo(0, 0, num_queues, queue_size)),
             reply=_Reply((_INFLIGHT.size,), (0, 1)), check=check)
 
-    def set_inflight_fd(self, info, fd, ack=None):
+    def set_inflight_fd(self, info: InflightInfo, fd: int, ack: _Ack = None) -> None:
         """VHOST_USER_SET_INFLIGHT_FD: hand the inflight buffer back (reconnect)."""
         self._require(_F.SET_INFLIGHT_FD)
         self._transact(_F.SET_INFLIGHT_FD, _encode_inflight(InflightInfo(*info)),
                        (_fileno(fd),), ack=self._want_ack(_F.SET_INFLIGHT_FD, ack))
 
-    def gpu_set_socket(self, fd):
+    def gpu_set_socket(self, fd: int) -> None:
         """VHOST_USER_GPU_SET_SOCKET: the vhost-user-gpu side channel. No reply."""
         self._transact(_F.GPU_SET_SOCKET, b"", (_fileno(fd),))
 
-    def reset_device(self, ack=None):
+    def reset_device(self, ack: _Ack = None) -> None:
         """VHOST_USER_RESET_DEVICE: reset the whole device."""
         self._require(_F.RESET_DEVICE)
         self._transact(_F.RESET_DEVICE, ack=self._want_ack(_F.RESET_DEVICE, ack))
 
-    def vring_kick(self, index, ack=None):
+    def vring_kick(self, index: int, ack: _Ack = None) -> None:
         """VHOST_USER_VRING_KICK: an in-band kick (INBAND_NOTIFICATIONS)."""
         self._require(_F.VRING_KICK)
         self._check_ring(_F.VRING_KICK, index)
         self._transact(_F.VRING_KICK, _STATE.pack(index, 0),
                        ack=self._want_ack(_F.VRING_KICK, ack))
 
-    def get_max_mem_slots(self):
+    def get_max_mem_slots(self) -> int:
         """VHOST_USER_GET_MAX_MEM_SLOTS: how many regions the back-end can hold."""
         self._require(_F.GET_MAX_MEM_SLOTS)
         value = self._get_u64(_F.GET_MAX_MEM_SLOTS, bool, "at least 1")
         self.max_mem_slots = value
         return value
 
-    def add_mem_reg(self, region, fd, ack=None):
+    def add_mem_reg(self, region: MemoryRegion, fd: int, ack: _Ack = None) -> None:
         """VHOST_USER_ADD_MEM_REG: add one region (exactly one fd)."""
         self._require(_F.ADD_MEM_REG)
         _check_regions("ADD_MEM_REG", [MemoryRegion(*region)])
         self._transact(_F.ADD_MEM_REG, _encode_mem_region(MemoryRegion(*region)),
                        (_fileno(fd),), ack=self._want_ack(_F.ADD_MEM_REG, ack))
 
-    def rem_mem_reg(self, region, ack=None):
+    def rem_mem_reg(self, region: MemoryRegion, ack: _Ack = None) -> None:
         """VHOST_USER_REM_MEM_REG: remove the region with this gpa, uaddr and size."""
         self._require(_F.REM_MEM_REG)
         self._transact(_F.REM_MEM_REG, _encode_mem_region(MemoryRegion(*region)),
                        ack=self._want_ack(_F.REM_MEM_REG, ack))
 
-    def set_status(self, status, ack=None):
+    def set_status(self, status: int, ack: _Ack = None) -> None:
         """VHOST_USER_SET_STATUS: the virtio device status byte."""
         self._require(_F.SET_STATUS)
         if not 0 <= status <= 0xFF:
             raise ValueError("SET_STATUS: status %r is not a byte" % (status,))
         self._set_u64(_F.SET_STATUS, status, ack)
 
-    def get_status(self):
+    def get_status(self) -> int:
         """VHOST_USER_GET_STATUS: the virtio device status byte."""
         self._require(_F.GET_STATUS)
         return self._get_u64(_F.GET_STATUS, lambda v: v <= 0xFF, "a status byte")
 
-    def get_shared_object(self, uuid):
+    def get_shared_object(self, uuid: bytes) -> int:
         """VHOST_USER_GET_SHARED_OBJECT: the dma-buf fd for a 16-byte UUID (caller closes it)."""
         self._require(_F.GET_SHARED_OBJECT)
         uuid = bytes(uuid)
@@ -2331,7 +2361,7 @@ class BackendClient:
         return self._transact(_F.GET_SHARED_OBJECT, uuid, reply=_Reply((0, 8), (0, 1)),
                               check=check)
 
-    def set_device_state_fd(self, direction, phase, fd):
+    def set_device_state_fd(self, direction: int, phase: int, fd: int) -> Optional[int]:
         """VHOST_USER_SET_DEVICE_STATE_FD: start a state transfer over ``fd``.
 
         Returns an fd the back-end wants used instead (the caller then closes
@@ -2358,7 +2388,7 @@ class BackendClient:
         return self._transact(_F.SET_DEVICE_STATE_FD, _XFER.pack(direction, phase),
                               (_fileno(fd),), reply=_Reply((_U64.size,), (0, 1)), check=check)
 
-    def check_device_state(self):
+    def check_device_state(self) -> None:
         """VHOST_USER_CHECK_DEVICE_STATE: raise BackendError unless the transfer succeeded."""
         self._require(_F.CHECK_DEVICE_STATE)
         value = self._get_u64(_F.CHECK_DEVICE_STATE)
@@ -2366,14 +2396,14 @@ class BackendClient:
             raise BackendError("CHECK_DEVICE_STATE: back-end reports the state transfer "
                                "failed (%d)" % value, _F.CHECK_DEVICE_STATE, value)
 
-    def get_shmem_config(self):
+    def get_shmem_config(self) -> ShmemConfig:
         """VHOST_USER_GET_SHMEM_CONFIG: the device's shared memory regions."""
         self._require(_F.GET_SHMEM_CONFIG)
         return self._transact(_F.GET_SHMEM_CONFIG, reply=_Reply((_SHMCFG.size,)),
                               check=lambda body, fds: _decode_shmem_config(_F.GET_SHMEM_CONFIG,
                                                                            body))
 
-    def get_vring_base_skip_drain(self, index):
+    def get_vring_base_skip_drain(self, index: int) -> int:
         """VHOST_USER_GET_VRING_BASE_SKIP_DRAIN: stop the ring without draining it."""
         self._require(_F.GET_VRING_BASE_SKIP_DRAIN)
         return self._get_base(_F.GET_VRING_BASE_SKIP_DRAIN, index)
@@ -2476,7 +2506,8 @@ class GuestMemory:
         layout: (guest_addr, size) pairs; sizes are rounded up to pages.
     """
 
-    def __init__(self, layout, name="vhost-user-guest"):
+    def __init__(self, layout: Iterable[Tuple[int, int]],
+                 name: str = "vhost-user-guest") -> None:
         self._regions = []
         self._free = {}
         self._allocated = {}
@@ -2502,16 +2533,16 @@ class GuestMemory:
             raise
 
     @property
-    def size(self):
+    def size(self) -> int:
         """Total bytes of guest RAM (0 once closed)."""
         return sum(r.size for r in self._regions or ())
 
-    def regions(self):
+    def regions(self) -> List[Tuple[MemoryRegion, int]]:
         """(MemoryRegion, fd) per region, as SET_MEM_TABLE and ADD_MEM_REG want them."""
         self._check_open()
         return [(MemoryRegion(r.guest_addr, r.size, r.address, 0), r.fd) for r in self._regions]
 
-    def region_for(self, guest_addr):
+    def region_for(self, guest_addr: int) -> MemoryRegion:
         """The MemoryRegion that contains ``guest_addr``."""
         region = self._find(guest_addr, 1)
         return MemoryRegion(region.guest_addr, region.size, region.address, 0)
@@ -2531,27 +2562,27 @@ class GuestMemory:
         if self._regions is None:
             raise ValueError("guest memory is closed")
 
-    def host_address(self, guest_addr):
+    def host_address(self, guest_addr: int) -> int:
         """This process's virtual address of ``guest_addr`` (the vhost-user uaddr)."""
         region = self._find(guest_addr, 1)
         return region.address + guest_addr - region.guest_addr
 
-    def view(self, guest_addr, length):
+    def view(self, guest_addr: int, length: int) -> memoryview:
         """A zero-copy writable memoryview of ``length`` bytes at ``guest_addr``."""
         region = self._find(guest_addr, length)
         offset = guest_addr - region.guest_addr
         return region.view[offset:offset + length]
 
-    def read(self, guest_addr, length):
+    def read(self, guest_addr: int, length: int) -> bytes:
         """Copy ``length`` bytes out of guest memory."""
         return bytes(self.view(guest_addr, length))
 
-    def write(self, guest_addr, data):
+    def write(self, guest_addr: int, data: _Buffer) -> None:
         """Copy ``data`` into guest memory at ``guest_addr``."""
         data = memoryview(data).cast("B")
         self.view(guest_addr, len(data))[:] = data
 
-    def allocate(self, size, align=16):
+    def allocate(self, size: int, align: int = 16) -> int:
         """Reserve ``size`` bytes aligned to ``align``; returns the guest address.
 
         Raises:
@@ -2574,7 +2605,7 @@ class GuestMemory:
         raise MemoryError("guest memory has no free block of %d bytes (align %d)"
                           % (size, align))
 
-    def free(self, guest_addr):
+    def free(self, guest_addr: int) -> None:
         """Return a block from ``allocate`` to the free list."""
         with self._lock:
             size = self._allocated.pop(guest_addr, None)
@@ -2592,7 +2623,7 @@ class GuestMemory:
                     merged.append((start, end))
             blocks[:] = merged
 
-    def close(self):
+    def close(self) -> None:
         """Unmap and close every region; safe to call twice."""
         regions, self._regions = self._regions, None
         for region in regions or ():
@@ -2720,6 +2751,14 @@ class _SlotTable:
         self.batches = {}
 
 
+#: Buffers of a chain: bytes-like ones go through bounce buffers, (guest_addr, length) do not.
+_Buffers = Sequence[Union[bytes, bytearray, memoryview, Tuple[int, int]]]
+#: Guest ranges (guest_addr, length) a slot is built from.
+_Ranges = Sequence[Tuple[int, int]]
+#: Reaped entries: (token, bytes the device wrote) each.
+_Used = Sequence[Tuple[Any, int]]
+
+
 class Queue:
     """One virtqueue in guest memory, split or packed, and the driver that fills it.
 
@@ -2768,9 +2807,9 @@ class Queue:
     #: True for the packed layout (virtio spec 2.8).
     packed = False
 
-    _block = None
+    _block = None  # type: Optional[int]
     _views = ()
-    _packed_layout = None   # _PackedQueue, set in the Packed queue section
+    _packed_layout = None  # type: Optional[type]  # _PackedQueue, set in the Packed queue section
 
     def __new__(cls, mem, size, index=0, vector=None, features=0, lock=None):
         # The layout is fixed when the ring is allocated: RING_PACKED in
@@ -2779,7 +2818,8 @@ class Queue:
             cls = Queue._packed_layout
         return object.__new__(cls)
 
-    def __init__(self, mem, size, index=0, vector=None, features=0, lock=None):
+    def __init__(self, mem: GuestMemory, size: int, index: int = 0, vector: Optional[int] = None,
+                 features: int = 0, lock: Optional[threading.Lock] = None) -> None:
         if not isinstance(size, int) or not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
             raise ValueError("queue size %r is not a power of two in 1..%d"
                              % (size, MAX_QUEUE_SIZE))
@@ -2831,7 +2871,7 @@ class Queue:
         self._slot_batch = None
         # Until next_used reaches this avail index, entries between them may
         # have been used out of order (see _reap_in_order); None: in order.
-        self._order_mark = None
+        self._order_mark = None  # type: Optional[int]
         self._tracks_order = False   # reap_run is used: careful reaps check their order
         self._writable_all = -1   # the writable bytes every slot has (None: they differ)
         self._woken = False                   # wake_waiter() was called
@@ -2868,12 +2908,12 @@ class Queue:
                        avail_words, avail, used)
 
     @property
-    def features(self):
+    def features(self) -> int:
         """The negotiated virtio features the driver side honours."""
         return self._features
 
     @features.setter
-    def features(self, value):
+    def features(self, value: int) -> None:
         if bool(value & VirtioFeature.RING_PACKED) != self.packed:
             raise ValueError("queue %d has the %s layout, features %#x %s RING_PACKED; build "
                              "the queue with the features it will run with"
@@ -2884,20 +2924,20 @@ class Queue:
         self._indirect = bool(value & VirtioFeature.RING_INDIRECT_DESC)
 
     @property
-    def num_free(self):
+    def num_free(self) -> int:
         """Free descriptors in the ring."""
         return len(self._free)
 
     @property
-    def in_flight(self):
+    def in_flight(self) -> int:
         """Chains (slots included) posted and not yet reaped."""
         return len(self._chains) + self._slots_busy
 
-    def used_index(self):
+    def used_index(self) -> int:
         """The device's used->idx as it is in guest memory now."""
         return self._load_used(1)
 
-    def reclaim(self, base):
+    def reclaim(self, base: int) -> None:
         """Take the queue back after the back-end stopped it (crosvm vhost_user_reclaim).
 
         ``base`` is GET_VRING_BASE's answer, the next avail index the back-end
@@ -2932,7 +2972,8 @@ class Queue:
             self.vring_base = self._kicked = base
             self._order_mark = self.next_avail
 
-    def rewind(self, resubmitted=None):
+    def rewind(self,
+               resubmitted: Optional[Callable[[int, Set[int]], Iterable[int]]] = None) -> int:
         """Offer every chain in flight again, oldest first; returns the new ``vring_base``.
 
         For a back-end that restarted and lost its ring state (crosvm has no
@@ -3011,7 +3052,7 @@ class Queue:
 
     # -- driver side: posting ---------------------------------------------------
 
-    def add(self, readable=(), writable=(), token=None):
+    def add(self, readable: _Buffers = (), writable: _Buffers = (), token: Any = None) -> Any:
         """Post one chain: ``readable`` buffers for the device, then ``writable`` ones.
 
         The chain is published in the avail ring at once (a polling device
@@ -3176,7 +3217,7 @@ class Queue:
 
     # -- driver side: slots (chains built once, posted many times) -------------
 
-    def add_slot(self, readable=(), writable=()):
+    def add_slot(self, readable: _Ranges = (), writable: _Ranges = ()) -> int:
         """Build a chain of guest buffers once, to post again and again; returns its slot.
 
         The fast path (as io_uring's fixed buffers): the slot keeps its
@@ -3207,7 +3248,8 @@ class Queue:
             self._note_writable(writable_bytes)
         return head
 
-    def set_slot_buffer(self, slot, position, guest_addr, length, writable=False):
+    def set_slot_buffer(self, slot: int, position: int, guest_addr: int, length: int,
+                        writable: bool = False) -> None:
         """Point buffer ``position`` of idle ``slot`` at another guest range."""
         with self.lock:
             self._check_usable()
@@ -3238,7 +3280,7 @@ class Queue:
         if self._writable_all != writable:
             self._writable_all = writable if self._writable_all == -1 else None
 
-    def remove_slot(self, slot):
+    def remove_slot(self, slot: int) -> None:
         """Give an idle slot's descriptors back for ``add``."""
         with self.lock:
             self._check_usable()
@@ -3246,7 +3288,7 @@ class Queue:
             descs, _ = self._slot_descs.pop(slot)
             self._free.extend(reversed(descs))
 
-    def post_slots(self, slots, tokens=None):
+    def post_slots(self, slots: Iterable[int], tokens: Optional[Iterable[Any]] = None) -> None:
         """Make idle slots available to the device in one go; call ``notify()`` after.
 
         Args:
@@ -3344,7 +3386,7 @@ class Queue:
                              % (self.index, len(items), self.size))
         return items, bounce, writable_bytes
 
-    def notify(self, force=False):
+    def notify(self, force: bool = False) -> bool:
         """Kick the device about chains added since the last call, if it wants kicks.
 
         Honours VRING_USED_F_NO_NOTIFY, or with RING_EVENT_IDX the device's
@@ -3376,7 +3418,7 @@ class Queue:
 
     # -- driver side: reaping ----------------------------------------------------
 
-    def get_used(self, limit=None):
+    def get_used(self, limit: Optional[int] = None) -> _Used:
         """Reap what the device has used so far: a list of (token, written length).
 
         Never blocks. Device-writable bounce buffers have been copied back
@@ -3609,7 +3651,8 @@ class Queue:
         """Whether used->idx moved past what was reaped (a lock-free peek)."""
         return self._load_used(1) != self.next_used
 
-    def wait_used(self, timeout=5.0, count=1, spin=None):
+    def wait_used(self, timeout: Optional[float] = 5.0, count: int = 1,
+                  spin: Optional[float] = None) -> _Used:
         """Wait until the device has used chains, then reap them as ``get_used``.
 
         Spins on used->idx for ``spin`` seconds (default ``self.spin``), then
@@ -3637,7 +3680,8 @@ class Queue:
             if done or not ready:
                 return done
 
-    def wait_for_used(self, timeout, count=1, spin=None):
+    def wait_for_used(self, timeout: Optional[float], count: int = 1,
+                      spin: Optional[float] = None) -> bool:
         """Wait until the device has used entries, without reaping them; whether it has.
 
         The spin/sleep policy of every wait (``wait_used``, the devices'
@@ -3695,7 +3739,7 @@ class Queue:
             spin = self.spin / 2
             self.spin = spin if spin >= _DEFAULT_SPIN / 8 else 0.0
 
-    def wake_waiter(self):
+    def wake_waiter(self) -> None:
         """Make a thread sleeping in ``wait_used`` return now, with what is used so far.
 
         For the owner of the queue that must tell its waiters something (the
@@ -3724,36 +3768,37 @@ class Queue:
     # checked as ``get_used`` checks it. The caller holds ``lock`` (a device
     # passes a re-entrant one, shared with its completion routing).
 
-    def check_usable(self):
+    def check_usable(self) -> None:
         """Raise what a call on this queue would: broken (ProtocolError) or closed (ValueError)."""
         if self._broken is not None or self._block is None:
             self._check_usable()
 
     @property
-    def kick_pending(self):
+    def kick_pending(self) -> bool:
         """True when chains were posted since the last notify decision (notify=False)."""
         return self.next_avail != self._kicked
 
-    def post_run(self, slots, tokens):
+    def post_run(self, slots: Sequence[int], tokens: Sequence[Any]) -> None:
         """``post_slots`` without its checks: slots the caller knows are idle, built here."""
         self._post_slots(slots, tokens)
 
-    def post_batch(self, batch, notify):
+    def post_batch(self, batch: _SlotBatch, notify: bool) -> bool:
         """Post a ``_SlotBatch`` whose slots are all idle; True when the device wants a kick.
 
         ``notify`` False leaves the kick decision to a later ``notify()``.
         """
         return self._post_slot_batch(batch, notify)
 
-    def kick_due(self):
+    def kick_due(self) -> bool:
         """``notify()``'s decision without the kick: True when the device wants one."""
         return self._kick_due()
 
-    def repoint_slot(self, slot, position, guest_addr, length, writable):
+    def repoint_slot(self, slot: int, position: int, guest_addr: int, length: int,
+                     writable: bool) -> None:
         """``set_slot_buffer`` without its checks: a guest range the caller checked."""
         self._set_slot_buffer(slot, position, guest_addr, length, writable)
 
-    def set_slot_lengths(self, slots, lengths):
+    def set_slot_lengths(self, slots: Sequence[int], lengths: Sequence[int]) -> None:
         """New lengths for one-descriptor, driver-readable idle slots (a frame per post)."""
         for slot, length in zip(slots, lengths):
             self._set_slot_length(slot, length)
@@ -3761,7 +3806,7 @@ class Queue:
     def _set_slot_length(self, slot, length):
         _DESC_LEN.pack_into(self._desc, 16 * slot + 8, length)
 
-    def reap_batch(self):
+    def reap_batch(self) -> Tuple[Optional[_SlotBatch], _Used]:
         """Reap the batch vouched for at post when the device used exactly it.
 
         Returns ``(batch, used)``: the ``_SlotBatch`` (its slots idle again)
@@ -3777,7 +3822,7 @@ class Queue:
             return batch, self._reap_after_lean()
         return batch, ()
 
-    def reap_full(self):
+    def reap_full(self) -> Tuple[List[Any], _Used]:
         """Reap used slots that each report exactly their writable bytes, in one loop.
 
         Returns ``(tokens, used)``: their tokens in the order used, and the
@@ -3798,7 +3843,7 @@ class Queue:
             return self._reap(None)
         return ()
 
-    def reap_run(self, limit=None):
+    def reap_run(self, limit: Optional[int] = None) -> Tuple[List[Any], List[int]]:
         """Reap what the device used, slots and chains alike: ``(tokens, lengths)``.
 
         The receive path's reap: on a split ring whose device uses buffers in
@@ -3862,18 +3907,18 @@ class Queue:
         return tokens, lengths
 
     @property
-    def broken(self):
+    def broken(self) -> Optional[ProtocolError]:
         """The ProtocolError that broke the queue, or None."""
         return self._broken
 
-    def fail(self, message):
+    def fail(self, message: str) -> None:
         """Break the queue for what a device found wrong in a used buffer: ProtocolError.
 
         Every later call on the queue raises it again, as after a bad used entry.
         """
         self._fail(message)
 
-    def spin_for_used(self, seconds):
+    def spin_for_used(self, seconds: float) -> bool:
         """Poll for used entries up to ``seconds``; True when there are some."""
         has_used = self._has_used
         if has_used():
@@ -3895,7 +3940,7 @@ class Queue:
         self._broken = ProtocolError("queue %d: %s" % (self.index, message))
         raise self._broken
 
-    def close(self):
+    def close(self) -> None:
         """Close the events and free the ring and in-flight buffers; safe to call twice.
 
         Chains still in flight are abandoned: stop the device first.
@@ -3931,6 +3976,11 @@ class Queue:
         return "<Queue %d size=%d desc=%#x avail=%#x used=%#x next_avail=%d>" % (
             self.index, self.size, self.desc_table, self.avail_ring, self.used_ring,
             self.next_avail)
+
+
+# Tracebacks and repr() name the error as callers catch it, Queue.Full, not by its private
+# name; pickle finds it under that name too.
+_QueueFull.__name__, _QueueFull.__qualname__ = "Full", "Queue.Full"
 
 
 ############################################################################
@@ -4747,6 +4797,11 @@ class _ShmemMapper:
             self.region.id, self.region.length, len(self._mappings))
 
 
+#: A shared memory mapper: any object with ``add_mapping``, ``remove_mapping`` and
+#: ``clear`` (see ``VhostUserFrontend.set_shared_memory_mapper``), or None.
+_Mapper = Any
+
+
 class BackendReqHandler:
     """Serves the back-end's requests on the channel set up with SET_BACKEND_REQ_FD.
 
@@ -4771,7 +4826,8 @@ class BackendReqHandler:
         shared_objects: UUIDs the back-end registered with SHARED_OBJECT_ADD.
     """
 
-    def __init__(self, sock, reply_ack=False, timeout=5.0):
+    def __init__(self, sock: socket.socket, reply_ack: bool = False,
+                 timeout: float = 5.0) -> None:
         """Serve on ``sock`` (our end of the socketpair; the handler owns it)."""
         self._channel = _Channel(sock, timeout)
         self.reply_ack = reply_ack
@@ -4779,8 +4835,8 @@ class BackendReqHandler:
         self.queues = {}
         self.shared_objects = set()
         self._mapper_lock = threading.Lock()
-        self._mapper = None
-        self._shmid = None
+        self._mapper = None  # type: _Mapper
+        self._shmid = None  # type: Optional[int]
         self._dispatch = {
             _B.IOTLB_MSG: (lambda body, fds: self.iotlb_msg(_decode_iotlb(_B.IOTLB_MSG, body))),
             _B.CONFIG_CHANGE_MSG: self._config_change,
@@ -4805,21 +4861,21 @@ class BackendReqHandler:
                 _decode_struct(_B.EXTERNAL_MAP, _EXTERNAL_MAP, body))),
         }
 
-    def fileno(self):
+    def fileno(self) -> int:
         """The channel's fd (the worker polls it)."""
         return self._channel.fileno()
 
-    def close(self):
+    def close(self) -> None:
         """Close the channel; safe to call twice."""
         channel, self._channel = self._channel, None
         if channel is not None:
             channel.close()
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return self._channel is None
 
-    def set_shared_memory_mapper(self, mapper, shmid):
+    def set_shared_memory_mapper(self, mapper: _Mapper, shmid: Optional[int]) -> None:
         """Serve SHMEM_MAP/UNMAP for region ``shmid`` with ``mapper`` (None: refuse them)."""
         with self._mapper_lock:
             self._mapper = mapper
@@ -4827,7 +4883,7 @@ class BackendReqHandler:
 
     # -- serving ------------------------------------------------------------
 
-    def handle_request(self):
+    def handle_request(self) -> None:
         """Read, serve and answer one request (call when the channel is readable).
 
         Raises:
@@ -4890,7 +4946,7 @@ class BackendReqHandler:
 
     # -- one method per request -----------------------------------------------
 
-    def iotlb_msg(self, msg):
+    def iotlb_msg(self, msg: IotlbMsg) -> int:
         """IOTLB_MSG: an IOTLB miss; unsupported (we never offer ACCESS_PLATFORM)."""
         raise OSError(errno.ENOTSUP, "no IOMMU: ACCESS_PLATFORM is not supported")
 
@@ -4900,20 +4956,20 @@ class BackendReqHandler:
                                 % len(body), _B.CONFIG_CHANGE_MSG)
         return self.config_change_msg()
 
-    def config_change_msg(self):
+    def config_change_msg(self) -> int:
         """CONFIG_CHANGE_MSG: the device config changed; tell the ``Interrupt``."""
         if self.interrupt is None:
             raise OSError(errno.ENOSYS, "no interrupt to signal")
         self.interrupt.signal_config_changed()
         return 0
 
-    def vring_host_notifier_msg(self, area, fd):
+    def vring_host_notifier_msg(self, area: VringArea, fd: Optional[int]) -> int:
         """VRING_HOST_NOTIFIER_MSG: accepted as deregistration only (kicks stay eventfds)."""
         if area.no_fd:
             return 0
         raise OSError(errno.ENOTSUP, "host notifiers are not used; kicks are eventfds")
 
-    def vring_call(self, index):
+    def vring_call(self, index: int) -> int:
         """VRING_CALL: an in-band call; signalled as the queue's interrupt."""
         queue = self.queues.get(index)
         if queue is None or self.interrupt is None:
@@ -4921,19 +4977,19 @@ class BackendReqHandler:
         self.interrupt.signal_used_queue(queue)
         return 0
 
-    def vring_err(self, index):
+    def vring_err(self, index: int) -> int:
         """VRING_ERR: the back-end found an error on a ring; logged."""
         if index not in self.queues:
             raise OSError(errno.EINVAL, "ring %d is not active" % index)
         _log.error("back-end reports an error on ring %d", index)
         return 0
 
-    def shared_object_add(self, uuid):
+    def shared_object_add(self, uuid: bytes) -> int:
         """SHARED_OBJECT_ADD: remember a UUID the back-end exports."""
         self.shared_objects.add(uuid)
         return 0
 
-    def shared_object_remove(self, uuid):
+    def shared_object_remove(self, uuid: bytes) -> int:
         """SHARED_OBJECT_REMOVE: forget a UUID (only its owner may remove it)."""
         if uuid not in self.shared_objects:
             raise OSError(errno.ENOENT, "UUID %s is not registered" % uuid.hex())
@@ -4944,7 +5000,7 @@ class BackendReqHandler:
         fd = self.shared_object_lookup(_decode_uuid(_B.SHARED_OBJECT_LOOKUP, body))
         return 0, (fd,)
 
-    def shared_object_lookup(self, uuid):
+    def shared_object_lookup(self, uuid: bytes) -> int:
         """SHARED_OBJECT_LOOKUP: the dma-buf fd of an object another device exports.
 
         This front-end drives one back-end, so there is nobody to ask: ENOENT.
@@ -4961,22 +5017,22 @@ class BackendReqHandler:
                               % (shmid, self._shmid))
             return self._mapper
 
-    def shmem_map(self, msg, fd):
+    def shmem_map(self, msg: ShmemMap, fd: int) -> int:
         """SHMEM_MAP: map the back-end's fd into the shared memory region."""
         self._checked_mapper(msg.shmid).add_mapping(fd, msg.fd_offset, msg.shm_offset, msg.len,
                                                     bool(msg.flags & 1))
         return 0
 
-    def shmem_unmap(self, msg):
+    def shmem_unmap(self, msg: ShmemMap) -> int:
         """SHMEM_UNMAP: remove the mapping that covers exactly this range."""
         self._checked_mapper(msg.shmid).remove_mapping(msg.shm_offset, msg.len)
         return 0
 
-    def gpu_map(self, msg, fd):
+    def gpu_map(self, msg: Tuple[Any, ...], fd: int) -> int:
         """GPU_MAP (crosvm): a Vulkan memory import; unsupported without a GPU."""
         raise OSError(errno.ENOTSUP, "Vulkan memory mapping is not supported")
 
-    def external_map(self, msg):
+    def external_map(self, msg: Tuple[Any, ...]) -> int:
         """EXTERNAL_MAP (crosvm): a host pointer of another process means nothing here."""
         raise OSError(errno.EPERM, "a pointer into another process cannot be mapped")
 
@@ -5008,6 +5064,10 @@ def _decode_struct(request, layout, body):
 # crosvm's worker.rs: one thread per active device that serves what arrives
 # asynchronously. It never touches the main socket except to notice its
 # hang-up; every request/reply stays on the caller's thread.
+
+
+#: A user callback (``Interrupt``'s ``on_*``); its return value is ignored.
+_Callback = Optional[Callable[..., Any]]
 
 
 class Interrupt:
@@ -5056,8 +5116,9 @@ class Interrupt:
     SHARED = "shared"
     CALLBACK = "callback"
 
-    def __init__(self, mode=None, on_used=None, on_config_changed=None, on_crashed=None,
-                 on_reconnected=None):
+    def __init__(self, mode: Optional[str] = None, on_used: _Callback = None,
+                 on_config_changed: _Callback = None, on_crashed: _Callback = None,
+                 on_reconnected: _Callback = None) -> None:
         if mode is None:
             mode = self.CALLBACK if on_used is not None else self.QUEUE
         if mode not in (self.QUEUE, self.SHARED, self.CALLBACK):
@@ -5068,7 +5129,7 @@ class Interrupt:
         self.on_config_changed = on_config_changed
         self.on_crashed = on_crashed
         self.on_reconnected = on_reconnected
-        self.crash_error = None
+        self.crash_error = None  # type: Optional[BaseException]
         self.reconnects = 0
         self.config_changed = self.crashed = self.reconnected = self.shared = None
         try:
@@ -5081,25 +5142,25 @@ class Interrupt:
             self.close()
             raise
 
-    def signal_used_queue(self, queue):
+    def signal_used_queue(self, queue: Optional[Queue]) -> None:
         """Tell waiters ``queue`` (a Queue; None: every queue) may have used entries."""
         self._callback(self.on_used, None if queue is None else queue.index)
         if queue is not None:
             queue.call.signal()
 
-    def signal_config_changed(self):
+    def signal_config_changed(self) -> None:
         """Report a device config change."""
         self._callback(self.on_config_changed)
         self.config_changed.signal()
 
-    def signal_crashed(self, error):
+    def signal_crashed(self, error: BaseException) -> None:
         """Report that the device stopped working (crosvm DeviceCrashed)."""
         if self.crash_error is None:
             self.crash_error = error
         self._callback(self.on_crashed, error)
         self.crashed.signal()
 
-    def signal_reconnected(self):
+    def signal_reconnected(self) -> None:
         """Report that the device works again after a crash (a new back-end connection)."""
         self.crash_error = None
         self.reconnects += 1
@@ -5115,7 +5176,7 @@ class Interrupt:
         except Exception:
             _log.exception("Interrupt callback %r failed", function)
 
-    def close(self):
+    def close(self) -> None:
         """Close the events; safe to call twice."""
         for event in (self.config_changed, self.crashed, self.reconnected, self.shared):
             if event is not None:
@@ -5281,7 +5342,7 @@ class DeviceState(NamedTuple):
     acked_features: int
     backend_state: bytes
 
-    def to_bytes(self):
+    def to_bytes(self) -> bytes:
         """The versioned encoding described in the class docstring."""
         head = _STATE_HDR.pack(_STATE_MAGIC, _STATE_VERSION, 0, int(self.device_type),
                                int(self.acked_features), len(self.backend_state))
@@ -5289,7 +5350,7 @@ class DeviceState(NamedTuple):
         return data + _STATE_CRC.pack(binascii.crc32(data) & 0xFFFF_FFFF)
 
     @classmethod
-    def from_bytes(cls, data):
+    def from_bytes(cls, data: _Buffer) -> "DeviceState":
         """Decode ``to_bytes()`` output.
 
         Raises:
@@ -5515,10 +5576,10 @@ class DirtyLog:
     """
 
     page_size = _LOG_PAGE
-    _map = None
-    _fd = None
+    _map = None  # type: Optional[mmap.mmap]
+    _fd = None  # type: Optional[int]
 
-    def __init__(self, frontend, page_count):
+    def __init__(self, frontend: "VhostUserFrontend", page_count: int) -> None:
         self._frontend = frontend
         self._client = frontend.client
         self.page_count = page_count
@@ -5536,7 +5597,7 @@ class DirtyLog:
             self._free()
             raise
 
-    def fileno(self):
+    def fileno(self) -> int:
         """The memfd sent with SET_LOG_BASE."""
         return self._fd
 
@@ -5559,13 +5620,13 @@ class DirtyLog:
                 word ^= low
         return pages
 
-    def pages(self):
+    def pages(self) -> List[int]:
         """The sorted guest page numbers (GPA // 4096) marked since the start or ``clear()``."""
         with self._lock:
             self._check_open("pages")
             return self._page_numbers(self._words())
 
-    def clear(self):
+    def clear(self) -> List[int]:
         """Clear the log; returns the pages it held (sorted), each cleared atomically.
 
         Only the bits read are cleared, each with an atomic and-not: a bit the
@@ -5586,7 +5647,7 @@ class DirtyLog:
         if self._map is None:
             raise ValueError("DirtyLog.%s: the log was stopped" % what)
 
-    def stop(self):
+    def stop(self) -> None:
         """End logging on the back-end (when still connected) and free the log; idempotent."""
         frontend, self._frontend = self._frontend, None
         try:
@@ -5620,6 +5681,10 @@ class DirtyLog:
     def __repr__(self):
         return "<DirtyLog %d pages, %s>" % (self.page_count,
                                            "logging" if self.active else "stopped")
+
+
+#: What a device connects to: a socket path, a connected socket, or a ``BackendClient``.
+_Connection = Union[str, bytes, os.PathLike, socket.socket, BackendClient]
 
 
 class VhostUserFrontend:
@@ -5670,40 +5735,43 @@ class VhostUserFrontend:
         interrupt: the active device's ``Interrupt``, or None.
     """
 
-    client = None
-    _handler = None
-    _worker = None
-    _inflight = None      # the back-end's _InflightRegion (INFLIGHT_SHMFD), once asked
+    client = None  # type: Optional[BackendClient]
+    _handler = None  # type: Optional[BackendReqHandler]
+    _worker = None  # type: Optional[_Worker]
+    # The back-end's _InflightRegion (INFLIGHT_SHMFD), once asked.
+    _inflight = None  # type: Optional[_InflightRegion]
     #: A device's check of a back-end that came back (``reconnect``) or that it
     #: moves to (``move_to``), called with the frontend and that name before
     #: the rings go there (BlockDevice re-reads its config); raises
     #: ``Disconnected`` when the device cannot use it, else returns a callable
     #: that records what it read, called once the device uses that back-end.
     reconnect_check = None
-    _dirty_log = None     # the DirtyLog the back-end writes while logging
+    _dirty_log = None  # type: Optional[DirtyLog]  # the one the back-end writes while logging
     moves = 0             # successful move_to calls
     moved_in_flight = 0   # chains the last move_to offered the new back-end again
 
-    def __init__(self, device_type, base_features, connection, max_queue_size=None,
-                 timeout=5.0, protocol_features=_CROSVM_PROTOCOL_FEATURES, start_kick=True,
-                 handler_factory=BackendReqHandler, max_state_size=_MAX_DEVICE_STATE,
-                 packed=False):
+    def __init__(self, device_type: int, base_features: int, connection: _Connection,
+                 max_queue_size: Optional[int] = None, timeout: float = 5.0,
+                 protocol_features: int = _CROSVM_PROTOCOL_FEATURES, start_kick: bool = True,
+                 handler_factory: Callable[..., BackendReqHandler] = BackendReqHandler,
+                 max_state_size: int = _MAX_DEVICE_STATE, packed: bool = False) -> None:
         self._device_type = DeviceType(device_type)
         self.timeout = timeout
         self.start_kick = start_kick
         self.max_state_size = max_state_size
         self.acked_features = 0
         self.protocol_features = ProtocolFeature(0)
-        self.interrupt = None
-        self._own_interrupt = None
+        self.interrupt = None  # type: Optional[Interrupt]
+        self._own_interrupt = None  # type: Optional[Interrupt]
         self._sent_features = None    # what SET_FEATURES last sent since reset
-        self._sent_queues = None      # {index: Queue} the back-end runs
+        self._sent_queues = None  # type: Optional[Dict[int, Queue]]  # what the back-end runs
         self._proxies = {}            # callback mode: {index: Event} given to the back-end
-        self._sleeping = None         # (mem, interrupt, queues) between sleep and wake
-        self._mem = None
-        self._shmem_region = None     # None: not asked yet; then a SharedMemoryRegion or False
-        self._mapper = None
-        self._own_mapper = None
+        self._sleeping = None  # type: Any  # (mem, interrupt, queues) from sleep to wake
+        self._mem = None  # type: Optional[GuestMemory]
+        # None: not asked yet; then a SharedMemoryRegion or False.
+        self._shmem_region = None  # type: Any
+        self._mapper = None  # type: _Mapper
+        self._own_mapper = None  # type: Optional[_ShmemMapper]
         base_features = int(base_features)
         if base_features & VirtioFeature.RING_PACKED and not packed:
             # crosvm b/331466964: no packed ring support in its protocol layer.
@@ -5776,24 +5844,25 @@ class VhostUserFrontend:
 
     # -- VirtioDevice ---------------------------------------------------------
 
-    def debug_label(self):
+    def debug_label(self) -> str:
         """A short name for logs: ``vu-`` and the device type."""
         return "vu-%s" % self._device_type.name.lower()
 
-    def device_type(self):
+    def device_type(self) -> DeviceType:
         """The ``DeviceType``."""
         return self._device_type
 
-    def queue_max_sizes(self):
+    def queue_max_sizes(self) -> List[int]:
         """The largest size of each queue, one entry per queue the device has."""
         return list(self._queue_sizes)
 
-    def features(self):
+    def features(self) -> int:
         """Features the driver may ack: back-end & (device bits | base | bit 30)."""
         return self._avail_features
 
-    def ack_features(self, value):
+    def ack_features(self, value: int) -> None:
         """Ack ``value`` (limited to ``features()``); SET_FEATURES only when the set changed."""
+        self._check_usable("ack_features")
         features = (int(value) & self._avail_features) | self.acked_features
         # While logging, LOG_ALL rides on every SET_FEATURES (a transport bit,
         # never acked to a driver).
@@ -5803,17 +5872,20 @@ class VhostUserFrontend:
             self._sent_features = wire
         self.acked_features = features
 
-    def read_config(self, offset, length):
+    def read_config(self, offset: int, length: int) -> bytes:
         """``length`` bytes of device config space at ``offset`` (GET_CONFIG)."""
+        self._check_usable("read_config")
         return self.client.get_config(offset, length)
 
-    def write_config(self, offset, data):
+    def write_config(self, offset: int, data: _Buffer) -> None:
         """Write ``data`` into the device config space at ``offset`` (SET_CONFIG)."""
+        self._check_usable("write_config")
         self.client.set_config(offset, data)
 
     # -- activation -----------------------------------------------------------
 
-    def activate(self, mem, interrupt, queues):
+    def activate(self, mem: GuestMemory, interrupt: Optional[Interrupt],
+                 queues: Union[Dict[int, Queue], Sequence[Queue]]) -> None:
         """Hand guest memory and queues to the back-end and start the worker.
 
         Sends SET_FEATURES (when not sent since the last reset), SET_MEM_TABLE,
@@ -6046,9 +6118,9 @@ class VhostUserFrontend:
 
     def _check_usable(self, what):
         if self.client is None:
-            raise ValueError("%s: %s is closed" % (what, self.debug_label()))
+            raise DeviceClosed("%s: the device was closed" % what)
 
-    def reset(self):
+    def reset(self) -> None:
         """Stop every ring and the worker, drop all SHMEM mappings; ``activate`` may follow.
 
         Raises:
@@ -6068,7 +6140,7 @@ class VhostUserFrontend:
                 self._mapper.clear()
             self._sent_features = None
 
-    def virtio_sleep(self):
+    def virtio_sleep(self) -> Dict[int, Queue]:
         """Stop every ring and the worker; returns {index: Queue} with reclaimed state.
 
         Each queue's ``vring_base`` becomes GET_VRING_BASE's answer (see
@@ -6083,7 +6155,9 @@ class VhostUserFrontend:
         self._sleeping = (mem, interrupt, queues)
         return dict(queues)
 
-    def virtio_wake(self, queues=None, mem=None, interrupt=None):
+    def virtio_wake(self, queues: Optional[Dict[int, Queue]] = None,
+                    mem: Optional[GuestMemory] = None,
+                    interrupt: Optional[Interrupt] = None) -> None:
         """Activate again after ``virtio_sleep``, with what it returned by default.
 
         The back-end resumes from the bases sent with SET_VRING_BASE (the
@@ -6110,7 +6184,7 @@ class VhostUserFrontend:
             raise RuntimeError("%s: %s is active; call virtio_sleep() first"
                                % (what, self.debug_label()))
 
-    def virtio_snapshot(self):
+    def virtio_snapshot(self) -> DeviceState:
         """The stopped device's state: acked features and the back-end's bytes.
 
         SET_DEVICE_STATE_FD(SAVE, STOPPED) with a pipe (or the fd the back-end
@@ -6144,7 +6218,7 @@ class VhostUserFrontend:
         self.client.check_device_state()
         return result
 
-    def virtio_restore(self, state):
+    def virtio_restore(self, state: Union[DeviceState, bytes]) -> None:
         """Load a ``DeviceState`` (or its bytes) into the stopped back-end.
 
         Refuses a state of another device type or with features this back-end
@@ -6176,7 +6250,7 @@ class VhostUserFrontend:
 
     # -- shared memory --------------------------------------------------------
 
-    def get_shared_memory_region(self):
+    def get_shared_memory_region(self) -> Optional[SharedMemoryRegion]:
         """The device's shared memory region, or None (GET_SHMEM_CONFIG, asked once).
 
         Raises:
@@ -6194,7 +6268,7 @@ class VhostUserFrontend:
             self._shmem_region = SharedMemoryRegion(*regions[0]) if regions else False
         return self._shmem_region or None
 
-    def set_shared_memory_mapper(self, mapper=None):
+    def set_shared_memory_mapper(self, mapper: _Mapper = None) -> _Mapper:
         """Serve SHMEM_MAP/UNMAP with ``mapper``; None installs the built-in one.
 
         A mapper has ``add_mapping(fd, fd_offset, shm_offset, length,
@@ -6227,13 +6301,13 @@ class VhostUserFrontend:
         return mapper
 
     @property
-    def shared_memory(self):
+    def shared_memory(self) -> _Mapper:
         """The mapper serving SHMEM_MAP/UNMAP, or None."""
         return self._mapper
 
     # -- reconnect ------------------------------------------------------------
 
-    def reconnect(self, connection):
+    def reconnect(self, connection: _Connection) -> None:
         """Resume on a new connection after the back-end went away, with nothing lost.
 
         For a back-end that restarted (or one that hung up): the old
@@ -6254,9 +6328,10 @@ class VhostUserFrontend:
         again (e.g. when the back-end is not listening yet).
 
         Raises:
-            Disconnected: the new back-end offers fewer features, protocol
+            BackendShrank: the new back-end offers fewer features, protocol
                 features or queues than the device uses (the message names
-                what is missing), or it went away again.
+                what is missing).
+            Disconnected: it went away again.
             VhostUserError: any failure of the handshake.
         """
         self._check_usable("reconnect")
@@ -6343,19 +6418,19 @@ class VhostUserFrontend:
         """Disconnected (naming what is missing) if the new back-end offers less."""
         missing = acked & ~self._avail_features
         if missing:
-            raise _BackendShrank(
+            raise BackendShrank(
                 "%s: the back-end no longer offers acked feature(s) %s (%#x)"
                 % (what, " ".join(VirtioFeature.names(missing, self._device_type)), missing),
                 FrontendReq.GET_FEATURES)
         missing = old_protocol & ~self.protocol_features
         if missing:
-            raise _BackendShrank(
+            raise BackendShrank(
                 "%s: the back-end no longer offers protocol feature(s) %s (%#x)"
                 % (what, " ".join(ProtocolFeature.names(missing)), int(missing)),
                 FrontendReq.GET_PROTOCOL_FEATURES)
         for index, queue in sorted((queues or {}).items()):
             if index >= len(self._queue_sizes) or queue.size > self._queue_sizes[index]:
-                raise _BackendShrank(
+                raise BackendShrank(
                     "%s: the back-end now has %d queue(s) of up to %d entries; queue "
                     "%d of size %d is in use" % (what, len(self._queue_sizes),
                                                  max(self._queue_sizes), index, queue.size),
@@ -6363,7 +6438,7 @@ class VhostUserFrontend:
 
     # -- dirty log ------------------------------------------------------------
 
-    def start_dirty_log(self):
+    def start_dirty_log(self) -> DirtyLog:
         """Have the back-end log every guest page it writes; returns the ``DirtyLog``.
 
         What QEMU's vhost_migration_log does: SET_LOG_BASE with a memfd of one
@@ -6437,7 +6512,7 @@ class VhostUserFrontend:
 
     # -- moving to another back-end ---------------------------------------------
 
-    def move_to(self, connection, drain_timeout=None):
+    def move_to(self, connection: _Connection, drain_timeout: Optional[float] = None) -> None:
         """Move the running device to another back-end (a migration's two halves, no VM).
 
         1. Connect and negotiate with the new back-end while the old one runs;
@@ -6460,9 +6535,9 @@ class VhostUserFrontend:
         stays there. Dirty logging ends (the new back-end has no log).
 
         Raises:
-            Disconnected: the new back-end offers less than the device uses
-                (the message names what, a BlockDevice's smaller disk too), or
-                went away.
+            BackendShrank: the new back-end offers less than the device uses
+                (the message names what, a BlockDevice's smaller disk too).
+            Disconnected: it went away.
             VhostUserTimeout: the old back-end did not complete what it had
                 taken within ``drain_timeout``; the device stays on it.
             VhostUserError: another failure of the new back-end.
@@ -6601,7 +6676,7 @@ class VhostUserFrontend:
     #: Seconds ``close`` waits for each reply while it stops the rings.
     close_timeout = 1.0
 
-    def close(self):
+    def close(self) -> None:
         """Stop the rings and the worker, then close the connection; safe to call twice.
 
         Each started ring is stopped first, as QEMU's vhost_dev_stop does:
@@ -6843,7 +6918,7 @@ class _DeviceCall:
         device._inside.append(None)
         if device._closing:
             device._inside.pop()
-            raise _DeviceClosed("%s: the device was closed" % self.what)
+            raise DeviceClosed("%s: the device was closed" % self.what)
         return self
 
     def __exit__(self, kind, exc, traceback):
@@ -6858,25 +6933,26 @@ class _Device:
     """What the device drivers share: the front-end, guest memory and queues they own.
 
     Also the liveness every call checks (``_check_alive``): a closed device
-    raises ``_DeviceClosed``; a back-end that went away raises
+    raises ``DeviceClosed``; a back-end that went away raises
     ``Disconnected``, or with ``reconnect=`` is waited for and reconnected
     (``_recover``), the caller's timeout extended by the outage.
     """
 
-    _frontend = None
-    _mem = None
-    _queues = ()
+    timeout: float        # seconds a call waits; each device sets it
+    _frontend = None  # type: Optional[VhostUserFrontend]
+    _mem = None  # type: Optional[GuestMemory]
+    _queues = ()  # type: Sequence[Queue]
     _closing = False
     _open_completions = {}   # queue index -> _Completions while open (BlockDevice)
-    _inside = ()          # one entry per thread inside a call (see _call)
+    _inside = ()  # type: Any  # a list once open: one entry per thread in a call (see _call)
     _reconnect = None     # seconds to wait for the back-end to come back, or None
-    _dead = None          # why the device cannot recover (a failed reconnect)
-    _recover_lock = None
+    _dead = None  # type: Optional[VhostUserError]  # why the device cannot recover
+    _recover_lock = None  # type: Optional[threading.Lock]
     _moving = False       # move_to is switching back-ends (holding _recover_lock)
     _movable = True
 
     @property
-    def interrupt(self):
+    def interrupt(self) -> Optional[Interrupt]:
         """The ``Interrupt`` reporting outages and recoveries (``crash_error``, ``reconnects``)."""
         return self._frontend.interrupt if self._frontend is not None else None
 
@@ -6897,11 +6973,11 @@ class _Device:
         """0.0 when the back-end is up; else the seconds spent until it was back.
 
         Raises:
-            _DeviceClosed: the device was closed (before or during the call).
+            DeviceClosed: the device was closed (before or during the call).
             Disconnected: the back-end is gone (and did not come back).
         """
         if self._closing or self._frontend is None:
-            raise _DeviceClosed("%s: the device was closed" % what)
+            raise DeviceClosed("%s: the device was closed" % what)
         if self._dead is not None:
             raise Disconnected("%s: %s" % (what, self._dead)) from self._dead
         if self._moving:
@@ -6928,11 +7004,11 @@ class _Device:
         try:
             frontend = self._frontend
             if self._closing or frontend is None:
-                raise _DeviceClosed("%s: the device was closed" % what)
+                raise DeviceClosed("%s: the device was closed" % what)
             if self._dead is None and frontend.interrupt.crash_error is not None:
                 self._reconnect_backend(frontend)
             if self._closing:
-                raise _DeviceClosed("%s: the device was closed" % what)
+                raise DeviceClosed("%s: the device was closed" % what)
             if self._dead is not None:
                 raise Disconnected("%s: %s" % (what, self._dead)) from self._dead
         finally:
@@ -6962,7 +7038,7 @@ class _Device:
                                                        reply_timeout=frontend.timeout)
                 frontend.reconnect(connection)
                 break
-            except _BackendShrank as exc:
+            except BackendShrank as exc:
                 self._dead = exc
                 break
             except VhostUserError as exc:
@@ -7005,14 +7081,14 @@ class _Device:
                 return make(VhostUserFrontend(device_type, features, path, timeout=timeout,
                                               packed=packed, protocol_features=protocol))
             except (Disconnected, VhostUserTimeout, ProtocolError) as exc:
-                if isinstance(exc, _BackendShrank) or deadline is None \
+                if isinstance(exc, BackendShrank) or deadline is None \
                         or time.monotonic() >= deadline:
                     raise
                 _log.info("%s: the back-end went away while connecting (%s); retrying",
                           path, exc)
             time.sleep(_RECONNECT_RETRY)
 
-    def start_dirty_log(self):
+    def start_dirty_log(self) -> DirtyLog:
         """Have the back-end log the guest pages it writes; returns the ``DirtyLog``.
 
         See ``VhostUserFrontend.start_dirty_log``. Page n of the log is guest
@@ -7023,11 +7099,11 @@ class _Device:
             return self._frontend.start_dirty_log()
 
     @property
-    def memory(self):
+    def memory(self) -> Optional[GuestMemory]:
         """The device's ``GuestMemory`` (rings and buffers)."""
         return self._mem
 
-    def move_to(self, path, drain_timeout=None):
+    def move_to(self, path: _Connection, drain_timeout: Optional[float] = None) -> None:
         """Move the running device to the back-end at ``path``, with nothing lost.
 
         Stops every ring on the old back-end, starts the new one with the same
@@ -7038,9 +7114,10 @@ class _Device:
         the old back-end when that one is alive, and the error says why.
 
         Raises:
-            Disconnected: the new back-end offers less than the device uses
+            BackendShrank: the new back-end offers less than the device uses
                 (another device type, fewer features or queues, a smaller
-                disk), or went away.
+                disk).
+            Disconnected: it went away.
             VhostUserError: any other failure of the new back-end (or a
                 timeout waiting for the old one to complete its requests).
         """
@@ -7050,7 +7127,7 @@ class _Device:
         with self._call("move_to"):
             # Not _check_alive: a device whose back-end died may move to another one.
             if self._closing or self._frontend is None:
-                raise _DeviceClosed("move_to: the device was closed")
+                raise DeviceClosed("move_to: the device was closed")
             if self._recover_lock is None:
                 self._recover_lock = threading.Lock()
             if not self._recover_lock.acquire(timeout=4 * self.timeout + 1):
@@ -7075,7 +7152,7 @@ class _Device:
         elif self._moving:
             raise VhostUserTimeout("%s: a move to another back-end did not finish" % what)
         if self._closing or self._frontend is None:
-            raise _DeviceClosed("%s: the device was closed" % what)
+            raise DeviceClosed("%s: the device was closed" % what)
         return time.monotonic() - started
 
     def _call(self, what):
@@ -7086,10 +7163,10 @@ class _Device:
         return _DeviceCall(self, what)
 
     def _closed_error(self, what, exc):
-        """Raise ``_DeviceClosed`` for the ValueError/OSError of a queue closed under a call."""
+        """Raise ``DeviceClosed`` for the ValueError/OSError of a queue closed under a call."""
         if self._closing and isinstance(exc, (ValueError, OSError)) \
                 and not isinstance(exc, VhostUserError):
-            raise _DeviceClosed("%s: the device was closed (%s)" % (what, exc)) from exc
+            raise DeviceClosed("%s: the device was closed" % what) from exc
 
     def _release_buffers(self):
         """What a device frees after the rings stopped and before guest memory goes."""
@@ -7104,11 +7181,11 @@ class _Device:
                     pass
 
     @property
-    def frontend(self):
+    def frontend(self) -> Optional[VhostUserFrontend]:
         """The ``VhostUserFrontend`` it drives (for ``virtio_sleep``/``virtio_wake``)."""
         return self._frontend
 
-    def close(self):
+    def close(self) -> None:
         """Stop the rings, disconnect and free guest memory; safe to call twice.
 
         Calls waiting in other threads wake at once and raise a
@@ -7240,7 +7317,7 @@ class _Completions:
         Raises Disconnected soon after the back-end hangs up, rather than
         at the deadline; with ``reconnect=`` waits for it to come back and
         moves the deadline by the outage. A close() on another thread wakes
-        it at once (``_DeviceClosed``). ``spin`` goes to ``Queue.wait_used``
+        it at once (``DeviceClosed``). ``spin`` goes to ``Queue.wait_used``
         (None: the queue's).
         """
         device = self.device
@@ -7266,7 +7343,7 @@ class _Completions:
                     used = self.queue.wait_used(min(remaining, _CRASH_CHECK_INTERVAL),
                                                 count, spin)
                 except ValueError as exc:  # the device was closed while we waited
-                    raise _DeviceClosed("%s: the device was closed (%s)" % (what, exc)) \
+                    raise DeviceClosed("%s: the device was closed" % what) \
                         from exc
                 finally:
                     self.cond.acquire()
@@ -7280,7 +7357,7 @@ class _Completions:
                 try:
                     self._finish(self.queue.get_used())
                 except ValueError as exc:
-                    raise _DeviceClosed("complete: the device was closed (%s)" % exc) from exc
+                    raise DeviceClosed("complete: the device was closed") from exc
 
     def reap_whole_batch(self):
         """Under the lock: the user data of the batch posted at one time, when the device
@@ -7649,9 +7726,11 @@ class BlockDevice(_Device):
     spin_max (0: the spin is fixed).
     """
 
-    def __init__(self, frontend, num_queues=None, queue_size=128, timeout=5.0,
-                 memory_size=64 << 20, max_segment_size=None, spin=None, event_idx=None,
-                 reconnect=None, packed=None):
+    def __init__(self, frontend: VhostUserFrontend, num_queues: Optional[int] = None,
+                 queue_size: int = 128, timeout: float = 5.0, memory_size: int = 64 << 20,
+                 max_segment_size: Optional[int] = None, spin: Optional[float] = None,
+                 event_idx: Optional[bool] = None, reconnect: Optional[float] = None,
+                 packed: Optional[bool] = None) -> None:
         self._frontend = frontend
         self.timeout = timeout
         self._inside = []
@@ -7668,8 +7747,9 @@ class BlockDevice(_Device):
             raise
 
     @classmethod
-    def connect(cls, path, num_queues=None, queue_size=128, timeout=5.0, packed=None,
-                **kwargs):
+    def connect(cls, path: _Connection, num_queues: Optional[int] = None, queue_size: int = 128,
+                timeout: float = 5.0, packed: Optional[bool] = None,
+                **kwargs: Any) -> "BlockDevice":
         """Connect to the vhost-user-blk socket at ``path``, negotiate and activate.
 
         ``path`` may also be a connected socket or a ``BackendClient``; other
@@ -7785,9 +7865,9 @@ class BlockDevice(_Device):
         if self.features & _BLK_F_MQ and config.num_queues < self.num_queues:
             changed.append("num_queues %d, %d in use" % (config.num_queues, self.num_queues))
         if changed:
-            raise _BackendShrank("%s: the back-end %s another disk: %s"
-                                 % (what, "came back with" if what == "reconnect" else "serves",
-                                    "; ".join(changed)), FrontendReq.GET_CONFIG)
+            raise BackendShrank("%s: the back-end %s another disk: %s"
+                                % (what, "came back with" if what == "reconnect" else "serves",
+                                   "; ".join(changed)), FrontendReq.GET_CONFIG)
 
         def record():
             self.config = config
@@ -7797,7 +7877,7 @@ class BlockDevice(_Device):
     # -- properties from the config space ---------------------------------------
 
     @property
-    def topology(self):
+    def topology(self) -> Optional[Tuple[int, int, int, int]]:
         """(physical_block_exp, alignment_offset, min_io_size, opt_io_size), or None.
 
         None when the device does not offer BLK_TOPOLOGY.
@@ -7808,25 +7888,26 @@ class BlockDevice(_Device):
         return c.physical_block_exp, c.alignment_offset, c.min_io_size, c.opt_io_size
 
     @property
-    def writeback(self):
+    def writeback(self) -> bool:
         """True when the device caches writes (CONFIG_WCE): call ``flush()``."""
         return bool(self.config.writeback) if self.features & _BLK_F_CONFIG_WCE else \
             bool(self.features & _BLK_F_FLUSH)
 
     @property
-    def max_discard_sectors(self):
+    def max_discard_sectors(self) -> int:
         """Largest DISCARD in 512-byte sectors; 0 without DISCARD."""
         return self.config.max_discard_sectors if self.features & _BLK_F_DISCARD else 0
 
     @property
-    def max_write_zeroes_sectors(self):
+    def max_write_zeroes_sectors(self) -> int:
         """Largest WRITE_ZEROES in 512-byte sectors; 0 without WRITE_ZEROES."""
         return self.config.max_write_zeroes_sectors \
             if self.features & _BLK_F_WRITE_ZEROES else 0
 
     # -- asynchronous requests ---------------------------------------------------
 
-    def submit_read(self, offset, length, queue=0, buffer=None, notify=True):
+    def submit_read(self, offset: int, length: int, queue: int = 0,
+                    buffer: Optional[_WBuffer] = None, notify: bool = True) -> _BlockRequest:
         """Start a READ of at most ``max_transfer`` bytes; returns its request.
 
         ``buffer`` (writable, ``length`` bytes) receives the data; by default a
@@ -7843,7 +7924,8 @@ class BlockDevice(_Device):
                    or self._segments(memoryview(buffer).cast("B")), notify)
         return request
 
-    def submit_write(self, offset, data, queue=0, notify=True):
+    def submit_write(self, offset: int, data: _Buffer, queue: int = 0,
+                     notify: bool = True) -> _BlockRequest:
         """Start a WRITE of at most ``max_transfer`` bytes; returns its request."""
         segments = self._guest_segments(data, 0, None)
         data = memoryview(data).cast("B")
@@ -7854,7 +7936,7 @@ class BlockDevice(_Device):
         self._post(request, segments or self._segments(data), (), notify)
         return request
 
-    def submit_flush(self, queue=0, notify=True):
+    def submit_flush(self, queue: int = 0, notify: bool = True) -> _BlockRequest:
         """Start a FLUSH; returns its request.
 
         Raises:
@@ -7868,7 +7950,8 @@ class BlockDevice(_Device):
         self._post(request, (), (), notify)
         return request
 
-    def complete(self, queue=0, timeout=None, count=1):
+    def complete(self, queue: int = 0, timeout: Optional[float] = None,
+                 count: int = 1) -> List[_BlockRequest]:
         """Wait for requests started with ``submit_*`` on ``queue``; returns the done ones.
 
         Kicks the device first if requests were submitted with
@@ -7880,7 +7963,7 @@ class BlockDevice(_Device):
             VhostUserTimeout: nothing completed within ``timeout`` (default
                 the device's).
         """
-        completions = self._completions_for(queue)
+        completions = self._completions_for(queue, "complete")
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         q = completions.queue
         with self._call("complete"):
@@ -7894,7 +7977,7 @@ class BlockDevice(_Device):
 
     # -- zero-copy fast path (libblkio's queue API, io_uring's fixed buffers) -----
 
-    def alloc(self, size):
+    def alloc(self, size: int) -> memoryview:
         """A writable buffer of ``size`` bytes in guest memory: I/O into it is zero-copy.
 
         ``post_reads``/``post_writes`` take only such buffers (at most
@@ -7908,7 +7991,7 @@ class BlockDevice(_Device):
         if not isinstance(size, int) or size <= 0:
             raise ValueError("alloc: size must be a positive int, got %r" % (size,))
         if self._mem is None or self._closing:
-            raise _DeviceClosed("alloc: the device was closed")
+            raise DeviceClosed("alloc: the device was closed")
         gpa = self._mem.allocate(size, align=4096 if size >= 4096 else 16)
         view = self._mem.view(gpa, size)
         # The last offset a fast-path request on it may start at; -1: too big for one.
@@ -7919,7 +8002,7 @@ class BlockDevice(_Device):
             self._last_offset_all = last_offset
         return view
 
-    def free(self, buffer):
+    def free(self, buffer: memoryview) -> None:
         """Give a buffer from ``alloc`` back (not while a request uses it)."""
         entry = self._buffers.get(id(buffer))
         if entry is None or entry[0] is not buffer:
@@ -7936,7 +8019,9 @@ class BlockDevice(_Device):
         buffer.release()
         self._mem.free(entry[1])
 
-    def post_reads(self, offsets, buffers, user_data=None, queue=0, notify=True):
+    def post_reads(self, offsets: Sequence[int], buffers: Sequence[memoryview],
+                   user_data: Optional[Sequence[Any]] = None, queue: int = 0,
+                   notify: bool = True) -> None:
         """Start READs of ``len(buffers[i])`` bytes at ``offsets[i]`` into ``alloc`` buffers.
 
         The fast path: nothing is copied or allocated per request, the ring
@@ -7953,12 +8038,15 @@ class BlockDevice(_Device):
         """
         self._post_fast(_BLK_T_IN, offsets, buffers, user_data, queue, notify)
 
-    def post_writes(self, offsets, buffers, user_data=None, queue=0, notify=True):
+    def post_writes(self, offsets: Sequence[int], buffers: Sequence[memoryview],
+                    user_data: Optional[Sequence[Any]] = None, queue: int = 0,
+                    notify: bool = True) -> None:
         """Start WRITEs of ``alloc`` buffers at ``offsets``; as ``post_reads``."""
         self._check_writable("WRITE")
         self._post_fast(_BLK_T_OUT, offsets, buffers, user_data, queue, notify)
 
-    def reap(self, queue=0, count=1, timeout=None):
+    def reap(self, queue: int = 0, count: int = 1,
+             timeout: Optional[float] = None) -> List[Any]:
         """Wait for ``count`` fast-path requests on ``queue`` to complete; their user data.
 
         Returns every one completed so far (fewer than ``count`` only when
@@ -7977,7 +8065,7 @@ class BlockDevice(_Device):
         """
         completions = self._open_completions.get(queue)
         if completions is None or queue.__class__ is not int:
-            completions = self._completions_for(queue)   # raises for a bad queue
+            completions = self._completions_for(queue, "reap")   # raises for a bad queue
         slots = completions.slots
         if slots is None:
             return []
@@ -7985,7 +8073,7 @@ class BlockDevice(_Device):
         inside.append(None)    # _call() spelled out: this is the fast path
         try:
             if self._closing:
-                raise _DeviceClosed("reap: the device was closed")
+                raise DeviceClosed("reap: the device was closed")
             q = completions.queue
             if q.kick_pending:   # posted with notify=False: kick now
                 q.notify()
@@ -8046,7 +8134,7 @@ class BlockDevice(_Device):
                 self._check_alive(_BLK_OP_NAMES[op])
             completions = self._open_completions.get(queue)
             if completions is None or queue.__class__ is not int:
-                completions = self._completions_for(queue)   # raises for a bad queue
+                completions = self._completions_for(queue, _BLK_OP_NAMES[op])   # a bad queue
             slots = completions.slots
             if slots is None:
                 slots = completions.slots = _BlockSlots(self._mem, completions.queue)
@@ -8176,7 +8264,7 @@ class BlockDevice(_Device):
 
     # -- simple calls ------------------------------------------------------------
 
-    def read(self, offset, length, queue=0):
+    def read(self, offset: int, length: int, queue: int = 0) -> bytes:
         """Read ``length`` bytes at ``offset`` (both multiples of ``block_size``)."""
         # Checked before the buffer is made: bytearray(2**70) is an OverflowError.
         self._check_range("READ", offset, length, None)
@@ -8184,7 +8272,7 @@ class BlockDevice(_Device):
         self.readinto(offset, buffer, queue)
         return bytes(buffer)
 
-    def readinto(self, offset, buffer, queue=0):
+    def readinto(self, offset: int, buffer: _WBuffer, queue: int = 0) -> int:
         """Read ``len(buffer)`` bytes at ``offset`` into ``buffer``; returns the count."""
         view = memoryview(buffer).cast("B")
         self._check_range("READ", offset, len(view), None)
@@ -8198,7 +8286,7 @@ class BlockDevice(_Device):
         self._finish(requests, "READ")
         return len(view)
 
-    def write(self, offset, data, queue=0):
+    def write(self, offset: int, data: _Buffer, queue: int = 0) -> None:
         """Write ``data`` at ``offset`` (offset and length multiples of ``block_size``)."""
         view = memoryview(data).cast("B")
         self._check_writable("WRITE")
@@ -8212,7 +8300,7 @@ class BlockDevice(_Device):
                        or self._segments(piece), (), notify=False)
         self._finish(requests, "WRITE")
 
-    def flush(self, queue=0):
+    def flush(self, queue: int = 0) -> None:
         """Make completed writes durable (FLUSH); a no-op without BLK_FLUSH."""
         if not self.features & _BLK_F_FLUSH:
             return
@@ -8220,17 +8308,18 @@ class BlockDevice(_Device):
         self._post(request, (), ())
         self._finish([request], "FLUSH")
 
-    def discard(self, offset, length, queue=0):
+    def discard(self, offset: int, length: int, queue: int = 0) -> None:
         """Tell the device ``length`` bytes at ``offset`` are unused (DISCARD)."""
         self._ranged(_BLK_T_DISCARD, _BLK_F_DISCARD, self.max_discard_sectors, offset,
                      length, 0, queue)
 
-    def write_zeroes(self, offset, length, unmap=False, queue=0):
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False,
+                     queue: int = 0) -> None:
         """Zero ``length`` bytes at ``offset`` without sending zeroes (WRITE_ZEROES)."""
         self._ranged(_BLK_T_WRITE_ZEROES, _BLK_F_WRITE_ZEROES, self.max_write_zeroes_sectors,
                      offset, length, 1 if unmap else 0, queue)
 
-    def get_id(self, queue=0):
+    def get_id(self, queue: int = 0) -> bytes:
         """The device's serial (GET_ID), up to 20 bytes, without NUL padding."""
         buffer = bytearray(_BLK_ID_BYTES)
         request = _BlockRequest(_BLK_T_GET_ID, 0, _BLK_ID_BYTES, None, queue)
@@ -8278,7 +8367,7 @@ class BlockDevice(_Device):
 
     def _check_writable(self, what):
         if self.read_only:
-            raise _ReadOnlyDevice("%s: the device is read-only (VIRTIO_BLK_F_RO)" % what)
+            raise ReadOnlyDevice("%s: the device is read-only (VIRTIO_BLK_F_RO)" % what)
 
     def _check_range(self, what, offset, length, limit):
         if not isinstance(offset, int) or not isinstance(length, int):
@@ -8294,9 +8383,9 @@ class BlockDevice(_Device):
             raise ValueError("%s: length %d is not in 1..%d (max_transfer)"
                              % (what, length, limit))
 
-    def _completions_for(self, queue):
+    def _completions_for(self, queue, what):
         if self._mem is None or self._closing:
-            raise _DeviceClosed("the device was closed")
+            raise DeviceClosed("%s: the device was closed" % what)
         if not isinstance(queue, int) or not 0 <= queue < self.num_queues:
             raise ValueError("queue %r out of range 0..%d" % (queue, self.num_queues - 1))
         return self._completions[queue]
@@ -8311,7 +8400,7 @@ class BlockDevice(_Device):
             self._post_chain(request, readable, writable, notify)
 
     def _post_chain(self, request, readable, writable, notify):
-        completions = self._completions_for(request.queue)
+        completions = self._completions_for(request.queue, _BLK_OP_NAMES[request.op])
         if self._trouble():
             self._check_alive(_BLK_OP_NAMES[request.op])
         # Header and status live in a cell of guest memory: the header is
@@ -8336,7 +8425,7 @@ class BlockDevice(_Device):
         """Kick for the posted batch, wait for all of it, raise the first bad status."""
         if not requests:
             return
-        completions = self._completions_for(requests[0].queue)
+        completions = self._completions_for(requests[0].queue, what)
         deadline = time.monotonic() + self.timeout
         with self._call(what):
             completions.queue.notify()
@@ -8481,9 +8570,10 @@ class NetDevice(_Device):
 
     _pairs = ()
 
-    def __init__(self, frontend, queue_size=256, timeout=5.0, mrg_rxbuf=True,
-                 rx_buffer_size=None, memory_size=None, reconnect=None, queue_pairs=1,
-                 packed=None):
+    def __init__(self, frontend: VhostUserFrontend, queue_size: int = 256, timeout: float = 5.0,
+                 mrg_rxbuf: bool = True, rx_buffer_size: Optional[int] = None,
+                 memory_size: Optional[int] = None, reconnect: Optional[float] = None,
+                 queue_pairs: int = 1, packed: Optional[bool] = None) -> None:
         self._frontend = frontend
         self.timeout = timeout
         self._inside = []
@@ -8496,7 +8586,8 @@ class NetDevice(_Device):
             raise
 
     @classmethod
-    def connect(cls, path, queue_size=256, timeout=5.0, packed=None, **kwargs):
+    def connect(cls, path: _Connection, queue_size: int = 256, timeout: float = 5.0,
+                packed: Optional[bool] = None, **kwargs: Any) -> "NetDevice":
         """Connect to the vhost-user-net socket at ``path``, negotiate and start.
 
         ``path`` may also be a connected socket or a ``BackendClient`` (from
@@ -8636,24 +8727,24 @@ class NetDevice(_Device):
     def _pair(self, pair, what="send"):
         pairs = self._pairs
         if not pairs:
-            raise _DeviceClosed("%s: the device was closed" % what)
+            raise DeviceClosed("%s: the device was closed" % what)
         if pair.__class__ is not int or not 0 <= pair < len(pairs):
             raise ValueError("%s: pair %r: the device runs pairs 0..%d"
                              % (what, pair, len(pairs) - 1))
         return pairs[pair]
 
     @property
-    def frame_max(self):
+    def frame_max(self) -> int:
         """The longest frame a transmit buffer (``tx_alloc``) or receive buffer holds."""
         return self._tx_size - self._hdr_len
 
     # -- frames by copy ------------------------------------------------------------
 
-    def send(self, frame, pair=0):
+    def send(self, frame: _Buffer, pair: int = 0) -> None:
         """Queue one Ethernet frame for transmission (copied; no header needed)."""
         self.send_many((frame,), pair)
 
-    def send_many(self, frames, pair=0):
+    def send_many(self, frames: Iterable[_Buffer], pair: int = 0) -> None:
         """Queue frames for transmission with one kick; waits while the TX ring is full.
 
         Each frame is copied once, into a transmit buffer behind its header;
@@ -8695,7 +8786,7 @@ class NetDevice(_Device):
 
     # -- frames in place: zero-copy bursts (DPDK's rx/tx_burst over mbufs) ------------
 
-    def tx_alloc(self, count=1, pair=0):
+    def tx_alloc(self, count: int = 1, pair: int = 0) -> List[memoryview]:
         """``count`` transmit buffers of ``pair``, each ``frame_max`` bytes of guest memory.
 
         Write a frame at the start of each (no virtio-net header: each buffer
@@ -8729,7 +8820,7 @@ class NetDevice(_Device):
             pair.tx_given_k.update(taken)
             return [views[k] for k in taken]
 
-    def tx_free(self, buffers, pair=0):
+    def tx_free(self, buffers: Iterable[memoryview], pair: int = 0) -> None:
         """Give buffers from ``tx_alloc`` back (a frame still in flight is sent first)."""
         pair = self._pair(pair, "tx_free")
         with pair.tx_lock:
@@ -8741,7 +8832,8 @@ class NetDevice(_Device):
                 if k not in pair.tx_busy:
                     pair.tx_idle.append(k)
 
-    def tx_burst(self, buffers, lengths, pair=0):
+    def tx_burst(self, buffers: Sequence[memoryview], lengths: Sequence[int],
+                 pair: int = 0) -> None:
         """Post ``lengths[i]`` bytes of each ``tx_alloc`` buffer as a frame, with one kick.
 
         Nothing is copied. The buffers belong to the device until it has
@@ -8908,7 +9000,7 @@ class NetDevice(_Device):
             self._tx_reclaim(pair, tx.wait_used(min(remaining, _CRASH_CHECK_INTERVAL)))
         return deadline
 
-    def flush(self, timeout=None, pair=None):
+    def flush(self, timeout: Optional[float] = None, pair: Optional[int] = None) -> None:
         """Wait until the back-end has taken every frame queued for transmission.
 
         ``pair`` None waits for every pair.
@@ -8921,7 +9013,7 @@ class NetDevice(_Device):
         deadline = time.monotonic() + timeout
         pairs = self._pairs if pair is None else (self._pair(pair, "flush"),)
         if not pairs:
-            raise _DeviceClosed("flush: the device was closed")
+            raise DeviceClosed("flush: the device was closed")
         for one in pairs:
             with one.tx_lock, self._call("flush"):
                 deadline += self._check_alive("flush")
@@ -8937,7 +9029,7 @@ class NetDevice(_Device):
                     self._tx_reclaim(one, tx.wait_used(min(remaining, _CRASH_CHECK_INTERVAL),
                                                        count=tx.in_flight))
 
-    def recv(self, timeout=None, pair=0):
+    def recv(self, timeout: Optional[float] = None, pair: int = 0) -> Optional[bytes]:
         """The next frame received on ``pair`` without its virtio-net header; None on timeout.
 
         ``timeout`` defaults to the device's; 0 polls. The frame is a copy,
@@ -8954,7 +9046,8 @@ class NetDevice(_Device):
                     return None
             return pair.frames.popleft()
 
-    def rx_burst(self, max_frames=32, timeout=None, pair=0):
+    def rx_burst(self, max_frames: int = 32, timeout: Optional[float] = None,
+                 pair: int = 0) -> List[memoryview]:
         """Up to ``max_frames`` frames received on ``pair``, as views of guest memory.
 
         Each view is one frame without its virtio-net header, in the receive
@@ -8982,7 +9075,7 @@ class NetDevice(_Device):
         inside.append(None)    # _call() spelled out: this is the fast path
         try:
             if self._closing:
-                raise _DeviceClosed("rx_burst: the device was closed")
+                raise DeviceClosed("rx_burst: the device was closed")
             with pair.rx_lock:
                 if pair.rx_held:
                     self._rx_repost(pair)
@@ -9015,7 +9108,7 @@ class NetDevice(_Device):
         finally:
             inside.pop()
 
-    def rx_release(self, pair=0):
+    def rx_release(self, pair: int = 0) -> None:
         """Give back the frames of the last ``rx_burst`` on ``pair``: their buffers are posted again."""
         pair = self._pair(pair, "rx_release")
         with pair.rx_lock, self._call("rx_release"):
@@ -9151,7 +9244,7 @@ class NetDevice(_Device):
         for pair in self._pairs:
             pair.release()
 
-    def close(self):
+    def close(self) -> None:
         """Disconnect from the back-end and free guest memory; safe to call twice.
 
         Views from ``rx_burst`` and buffers from ``tx_alloc`` are released
@@ -9396,7 +9489,7 @@ class _FuseFile(io.RawIOBase):
             raise ValueError("I/O operation on closed file")
         fs = self._fs
         if fs is None or fs._mem is None:
-            raise _DeviceClosed("%s: the virtio-fs device is closed" % self.name)
+            raise DeviceClosed("%s: the device was closed" % self.name)
         return fs
 
     def readable(self):
@@ -9550,7 +9643,7 @@ def _operation(method):
     @functools.wraps(method)
     def call(self, *args, **kwargs):
         if self._closed_to_caller():
-            raise _DeviceClosed("%s: the virtio-fs device is closed" % method.__name__)
+            raise DeviceClosed("%s: the device was closed" % method.__name__)
         with self._cache_lock:
             self._active += 1
         try:
@@ -9559,7 +9652,7 @@ def _operation(method):
             # A call that close() on another thread cut short says so, not
             # EBADF or EIO, which would read as errors of the file system.
             if self._closed_to_caller():
-                raise _DeviceClosed("%s: the virtio-fs device is closed" % method.__name__) \
+                raise DeviceClosed("%s: the device was closed" % method.__name__) \
                     from exc
             raise
         finally:
@@ -9567,6 +9660,10 @@ def _operation(method):
                 self._active -= 1
             self._forget_retired()
     return call
+
+
+#: A name ``FsDevice`` returns: str, or bytes for a bytes path (as ``os`` does).
+_Name = Union[str, bytes]
 
 
 class FsDevice(_Device):
@@ -9606,8 +9703,8 @@ class FsDevice(_Device):
     #: ``move_to`` refuses: the FUSE session (node ids, file handles) lives in the daemon.
     _movable = False
 
-    def __init__(self, frontend, queue_size=128, timeout=5.0, memory_size=32 << 20,
-                 umask=None):
+    def __init__(self, frontend: VhostUserFrontend, queue_size: int = 128, timeout: float = 5.0,
+                 memory_size: int = 32 << 20, umask: Optional[int] = None) -> None:
         self._frontend = frontend
         self.timeout = timeout
         self.umask = _process_umask() if umask is None else umask
@@ -9622,7 +9719,7 @@ class FsDevice(_Device):
         self._buffered = weakref.WeakSet()            # what open() returned over them
         self._deferred = collections.deque()          # releases of files dropped unclosed
         self._active = 0                              # calls in progress (see _operation)
-        self._closer = None                           # the thread in close(), once called
+        self._closer = None  # type: Optional[int]    # the thread in close(), once called
         self._retired = []                            # (nodeid, nlookup) to FORGET
         self._ids = (os.geteuid(), os.getegid(), os.getpid())
         try:
@@ -9632,7 +9729,8 @@ class FsDevice(_Device):
             raise
 
     @classmethod
-    def connect(cls, path, timeout=5.0, **kwargs):
+    def connect(cls, path: _Connection, timeout: float = 5.0,
+                **kwargs: Any) -> "FsDevice":
         """Connect to the vhost-user-fs socket at ``path``, negotiate, FUSE_INIT.
 
         ``path`` may also be a connected socket or a ``BackendClient``; other
@@ -9705,7 +9803,7 @@ class FsDevice(_Device):
 
     def _check_open(self, what="FUSE"):
         if self._closed_to_caller():
-            raise _DeviceClosed("%s: the virtio-fs device is closed" % what)
+            raise DeviceClosed("%s: the device was closed" % what)
 
     def _submit(self, op, nodeid, readable, reply):
         """Post one FUSE request (no kick); ``reply`` is a writable buffer or None."""
@@ -10070,17 +10168,17 @@ class FsDevice(_Device):
     # -- os-like calls ------------------------------------------------------------
 
     @_operation
-    def stat(self, path, follow_symlinks=True):
+    def stat(self, path: _Path, follow_symlinks: bool = True) -> os.stat_result:
         """os.stat: an ``os.stat_result`` of ``path`` (st_dev is 0)."""
         node = self._walk_path(path, follow_last=follow_symlinks)
         return _stat_result(self._getattr(node, filename=path))
 
-    def lstat(self, path):
+    def lstat(self, path: _Path) -> os.stat_result:
         """os.lstat: ``stat`` without following a final symlink."""
         return self.stat(path, follow_symlinks=False)
 
     @_operation
-    def exists(self, path):
+    def exists(self, path: _Path) -> bool:
         """os.path.exists: False for a missing path (or any OSError), as os does."""
         try:
             self.stat(path)
@@ -10089,7 +10187,7 @@ class FsDevice(_Device):
         return True
 
     @_operation
-    def access(self, path, mode):
+    def access(self, path: _Path, mode: int) -> bool:
         """os.access: FUSE_ACCESS, or the mode bits when the daemon has no ACCESS."""
         try:
             node = self._walk_path(path)
@@ -10177,19 +10275,21 @@ class FsDevice(_Device):
         return last
 
     @_operation
-    def listdir(self, path=""):
+    def listdir(self, path: _Path = "") -> List[_Name]:
         """os.listdir: the names in directory ``path``, without '.' and '..'."""
         return [self._result_name(path, name) for name, _, _, _ in self._read_dir(path)]
 
     @_operation
-    def scandir(self, path=""):
+    def scandir(self, path: _Path = "") -> _FsScandirIterator:
         """os.scandir: an iterator of entries (name, path, is_dir(), stat(), ...)."""
         directory = os.fspath(path)
         entries = [_FsDirEntry(self, directory, self._result_name(path, name), ino, dtype, attr)
                    for name, ino, dtype, attr in self._read_dir(path)]
         return _FsScandirIterator(entries)
 
-    def walk(self, top="", topdown=True, onerror=None, followlinks=False):
+    def walk(self, top: _Path = "", topdown: bool = True,
+             onerror: Optional[Callable[[OSError], Any]] = None,
+             followlinks: bool = False) -> Iterator[Tuple[Any, List[_Name], List[_Name]]]:
         """os.walk over the share: (dirpath, dirnames, filenames) tuples."""
         try:
             entries = list(self.scandir(top))
@@ -10225,7 +10325,7 @@ class FsDevice(_Device):
             return False
 
     @_operation
-    def readlink(self, path):
+    def readlink(self, path: _Path) -> _Name:
         """os.readlink: the target of symlink ``path``."""
         target = self._readlink_node(self._walk_path(path, follow_last=False), path)
         return self._result_name(path, target)
@@ -10236,7 +10336,7 @@ class FsDevice(_Device):
         return self._entry(parent.nodeid, name, reply)
 
     @_operation
-    def mkdir(self, path, mode=0o777):
+    def mkdir(self, path: _Path, mode: int = 0o777) -> None:
         """os.mkdir (the umask applies, as the kernel applies it)."""
         parent, name = self._parent(path, errno.EEXIST)
         reply = bytearray(_ENTRY_SIZE)
@@ -10246,7 +10346,7 @@ class FsDevice(_Device):
         self._created(parent, name, reply)
 
     @_operation
-    def makedirs(self, path, mode=0o777, exist_ok=False):
+    def makedirs(self, path: _Path, mode: int = 0o777, exist_ok: bool = False) -> None:
         """os.makedirs: create ``path`` and any missing parents."""
         import posixpath
         head, tail = posixpath.split(os.fspath(path))
@@ -10275,7 +10375,7 @@ class FsDevice(_Device):
     # cannot find, and leaves the type checks to the kernel.
 
     @_operation
-    def rmdir(self, path):
+    def rmdir(self, path: _Path) -> None:
         """os.rmdir."""
         parent, name = self._parent(path, {b"": errno.EBUSY, b".": errno.EINVAL,
                                            b"..": errno.ENOTEMPTY})
@@ -10288,7 +10388,7 @@ class FsDevice(_Device):
             self._drop_name(parent.nodeid, name)
 
     @_operation
-    def remove(self, path):
+    def remove(self, path: _Path) -> None:
         """os.remove / os.unlink."""
         parent, name = self._parent(path, errno.EISDIR)
         if self._lookup(parent.nodeid, name, path).mode & 0o170000 == 0o040000:
@@ -10301,7 +10401,7 @@ class FsDevice(_Device):
     unlink = remove
 
     @_operation
-    def rename(self, src, dst):
+    def rename(self, src: _Path, dst: _Path) -> None:
         """os.rename (which replaces ``dst`` on Linux)."""
         old_parent, old_name = self._parent(src, errno.EBUSY)
         ancestors = []
@@ -10332,7 +10432,7 @@ class FsDevice(_Device):
     replace = rename
 
     @_operation
-    def symlink(self, target, path):
+    def symlink(self, target: _Path, path: _Path) -> None:
         """os.symlink: create ``path`` pointing at ``target``."""
         raw_target = self._fuse_string(target)
         parent, name = self._parent(path, errno.EEXIST)
@@ -10342,7 +10442,7 @@ class FsDevice(_Device):
         self._created(parent, name, reply)
 
     @_operation
-    def link(self, src, dst):
+    def link(self, src: _Path, dst: _Path) -> None:
         """os.link: a hard link ``dst`` to ``src``."""
         node = self._walk_path(src)
         if node.mode & 0o170000 == 0o040000:
@@ -10355,7 +10455,7 @@ class FsDevice(_Device):
         self._mark_stale(node)      # nlink changed
 
     @_operation
-    def mkfifo(self, path, mode=0o666):
+    def mkfifo(self, path: _Path, mode: int = 0o666) -> None:
         """os.mkfifo (FUSE_MKNOD)."""
         parent, name = self._parent(path, errno.EEXIST)
         reply = bytearray(_ENTRY_SIZE)
@@ -10366,13 +10466,14 @@ class FsDevice(_Device):
         self._created(parent, name, reply)
 
     @_operation
-    def chmod(self, path, mode, follow_symlinks=True):
+    def chmod(self, path: _Path, mode: int, follow_symlinks: bool = True) -> None:
         """os.chmod."""
         node = self._walk_path(path, follow_last=follow_symlinks)
         self._setattr(node, path, _FATTR_MODE, mode=mode & 0o7777)
 
     @_operation
-    def chown(self, path, uid, gid, follow_symlinks=True):
+    def chown(self, path: _Path, uid: int, gid: int,
+              follow_symlinks: bool = True) -> None:
         """os.chown: -1 leaves the owner or the group as it is."""
         node = self._walk_path(path, follow_last=follow_symlinks)
         valid = (_FATTR_UID if uid != -1 else 0) | (_FATTR_GID if gid != -1 else 0)
@@ -10380,7 +10481,7 @@ class FsDevice(_Device):
             self._setattr(node, path, valid, uid=uid & 0xFFFFFFFF, gid=gid & 0xFFFFFFFF)
 
     @_operation
-    def truncate(self, path, length):
+    def truncate(self, path: _Path, length: int) -> None:
         """os.truncate: cut or extend file ``path`` to ``length`` bytes."""
         if length < 0:
             raise _fs_error(errno.EINVAL, path)
@@ -10390,7 +10491,8 @@ class FsDevice(_Device):
         self._setattr(node, path, _FATTR_SIZE, size=length)
 
     @_operation
-    def utime(self, path, times=None, ns=None, follow_symlinks=True):
+    def utime(self, path: _Path, times: Optional[Tuple[float, float]] = None,
+              ns: Optional[Tuple[int, int]] = None, follow_symlinks: bool = True) -> None:
         """os.utime: set access and modification times (now when neither is given)."""
         if times is not None and ns is not None:
             raise ValueError("utime: you may specify either 'times' or 'ns' but not both")
@@ -10407,7 +10509,7 @@ class FsDevice(_Device):
                       mtime=(mtime[0] & 0xFFFFFFFFFFFFFFFF, mtime[1]))
 
     @_operation
-    def statvfs(self, path=""):
+    def statvfs(self, path: _Path = "") -> "os.statvfs_result":
         """os.statvfs of the share (f_favail = f_ffree, f_flag 0)."""
         node = self._walk_path(path)
         reply = bytearray(_FUSE_KSTATFS.size)
@@ -10441,21 +10543,23 @@ class FsDevice(_Device):
         return bytes(reply[:length])
 
     @_operation
-    def getxattr(self, path, attribute, follow_symlinks=True):
+    def getxattr(self, path: _Path, attribute: _Path,
+                 follow_symlinks: bool = True) -> bytes:
         """os.getxattr: the value (bytes) of extended attribute ``attribute``."""
         node = self._walk_path(path, follow_last=follow_symlinks)
         return self._xattr_read(_FuseOp.GETXATTR, node, [self._fuse_string(attribute) + b"\0"],
                                 path)
 
     @_operation
-    def listxattr(self, path="", follow_symlinks=True):
+    def listxattr(self, path: _Path = "", follow_symlinks: bool = True) -> List[str]:
         """os.listxattr: the names of ``path``'s extended attributes."""
         node = self._walk_path(path, follow_last=follow_symlinks)
         data = self._xattr_read(_FuseOp.LISTXATTR, node, [], path)
         return [os.fsdecode(name) for name in data.split(b"\0") if name]
 
     @_operation
-    def setxattr(self, path, attribute, value, flags=0, follow_symlinks=True):
+    def setxattr(self, path: _Path, attribute: _Path, value: _Buffer, flags: int = 0,
+                 follow_symlinks: bool = True) -> None:
         """os.setxattr (flags: os.XATTR_CREATE or os.XATTR_REPLACE)."""
         node = self._walk_path(path, follow_last=follow_symlinks)
         value = bytes(value)
@@ -10464,7 +10568,8 @@ class FsDevice(_Device):
                          None, path)
 
     @_operation
-    def removexattr(self, path, attribute, follow_symlinks=True):
+    def removexattr(self, path: _Path, attribute: _Path,
+                    follow_symlinks: bool = True) -> None:
         """os.removexattr."""
         node = self._walk_path(path, follow_last=follow_symlinks)
         self._xattr_call(_FuseOp.REMOVEXATTR, node, [self._fuse_string(attribute) + b"\0"],
@@ -10473,7 +10578,9 @@ class FsDevice(_Device):
     # -- files --------------------------------------------------------------------
 
     @_operation
-    def open(self, path, mode="r", buffering=-1, encoding=None, errors=None, newline=None):
+    def open(self, path: _Path, mode: str = "r", buffering: int = -1,
+             encoding: Optional[str] = None, errors: Optional[str] = None,
+             newline: Optional[str] = None) -> IO[Any]:
         """open(): a file object on ``path`` layered as ``open()`` layers a real file.
 
         Every mode ``open()`` takes; the raw layer speaks FUSE (READ, WRITE,
@@ -10504,7 +10611,7 @@ class FsDevice(_Device):
             if text:
                 buffered = io.TextIOWrapper(buffered, encoding, errors, newline,
                                             line_buffering)
-                buffered.mode = mode
+                buffered.mode = mode  # type: ignore[misc]  # writable, as open() sets it
             self._buffered.add(buffered)
             return buffered
         except BaseException:
@@ -10565,13 +10672,13 @@ class FsDevice(_Device):
         return raw
 
     @_operation
-    def read_bytes(self, path):
+    def read_bytes(self, path: _Path) -> bytes:
         """The whole content of file ``path`` (pathlib's read_bytes)."""
         with self.open(path, "rb", buffering=0) as f:
             return f.readall()
 
     @_operation
-    def write_bytes(self, path, data):
+    def write_bytes(self, path: _Path, data: _Buffer) -> int:
         """Create or replace file ``path`` with ``data``; returns the bytes written."""
         with self.open(path, "wb", buffering=0) as f:
             view = _byte_view(data)
@@ -10580,7 +10687,7 @@ class FsDevice(_Device):
                 done += f.write(view[done:])
             return done
 
-    def fsync(self, file):
+    def fsync(self, file: IO[Any]) -> None:
         """os.fsync on a file ``open`` returned: flush its buffers, then FUSE_FSYNC."""
         file.flush()
         raw = file
@@ -10693,7 +10800,7 @@ class FsDevice(_Device):
 
     # -- lifetime ------------------------------------------------------------------
 
-    def close(self):
+    def close(self) -> None:
         """Close open files, release the share and disconnect; safe to call twice.
 
         Calls on other threads finish the requests they have in flight; their
@@ -12169,7 +12276,7 @@ class _VUnit:
     requests go to; ``post(s, ring)`` posts one side-effect-free request
     and kicks, returning its head.
     """
-    rings, ring = (0,), 0
+    rings, ring = (0,), 0  # type: Tuple[int, ...], int
 
     def __init__(self, v):
         self.v = v
@@ -15057,7 +15164,7 @@ def _blk_verify(dev, args, out):
 def _blk_write(dev, args, out):
     """Stream FILE or stdin to OFFSET in bounded steps; unaligned ends need --pad or --rmw."""
     if dev.read_only:
-        raise _CliError("write: the device is read-only (VIRTIO_BLK_F_RO)")
+        raise ReadOnlyDevice("WRITE: the device is read-only (VIRTIO_BLK_F_RO)")
     source = open(args.input, "rb") if args.input else sys.stdin.buffer
     try:
         return _blk_write_from(dev, args, out, source)
@@ -17069,7 +17176,7 @@ def _add_options(parser, options):
             parser.add_argument(*names, **keywords)
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line (``python3 vhost_user_frontend.py --help``); returns the exit status."""
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _AsciiFallback.around(sys.stdout), _AsciiFallback.around(sys.stderr)
