@@ -10108,11 +10108,11 @@ class TestBenchFastPath(BackendTestMixin, FdLeakCheck):
                 self.assertIn("%s applies to --type blk only" % argv[0], err)
 
 
-# Command line ########################################################################################
+# Device commands #####################################################################################
 
 
-# The command line (`main(argv)` and `python -m vhost_user_frontend`) against real daemons, and its
-# error cases against a scripted peer (_ScriptedBackend) that answers only the requests probe sends.
+# The device commands (probe, blk, net, fs) through `main(argv)` and `python -m vhost_user_frontend`
+# against real daemons; a scripted peer (_ScriptedBackend) answers only the requests probe sends.
 
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -10291,248 +10291,6 @@ class TestCliProbe(BackendTestMixin, FdLeakCheck):
             self.assertNotIn(absent, err)
         # virtiofsd exits by itself after its one connection: 0 means a clean disconnect.
         self.assertEqual(d.wait(10), 0, d.log_tail())
-
-
-class TestCliErrors(FdLeakCheck):
-    """Each failure is one line on stderr, nothing on stdout, and exit status 1 (2 for usage)."""
-
-    def setUp(self):
-        super(TestCliErrors, self).setUp()
-        self.tmpdir = tempfile.mkdtemp(prefix="vhu-cli-")
-        self.addCleanup(shutil.rmtree, self.tmpdir, True)
-
-    def scripted(self, **kwargs):
-        replies = kwargs.pop("replies", {
-            1: u64(vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.PROTOCOL_FEATURES),
-            15: u64(vu.ProtocolFeature.MQ), 17: u64(1)})
-        backend = _ScriptedBackend(tempfile.mkdtemp(dir=self.tmpdir), replies, **kwargs)
-        self.addCleanup(backend.close)
-        return backend
-
-    def assertFails(self, argv, *fragments, **kwargs):
-        status, out, err = run_cli(*argv)
-        self.assertEqual(status, 1, err)
-        if kwargs.get("stdout", "") is not None:
-            self.assertEqual(out, kwargs.get("stdout", ""))
-        self.assertEqual(err.count("\n"), 1, err)
-        self.assertTrue(err.startswith("vhost_user_frontend: error: "), err)
-        self.assertNotIn("Traceback", err)
-        for fragment in fragments:
-            self.assertIn(fragment, err)
-        return err
-
-    # Every command that connects, as argv for a socket path.
-    COMMANDS = [
-        ("probe",), ("blk", "{}", "info"), ("blk", "{}", "read", "0", "512"),
-        ("net", "{}", "ping"), ("net", "{}", "send"), ("net", "{}", "recv"),
-        ("bench", "{}", "--seconds", "0.1"), ("bench", "{}", "--type", "net", "--seconds", "0.1"),
-    ]
-
-    def argv(self, command, path, *extra):
-        if "{}" not in command:
-            command += ("{}",)
-        return [path if a == "{}" else a for a in command] + list(extra)
-
-    def test_missing_socket(self):
-        path = os.path.join(self.tmpdir, "absent.sock")
-        for command in self.COMMANDS:
-            with self.subTest(command=command):
-                self.assertFails(self.argv(command, path), path + ": no such socket")
-
-    def test_not_a_socket(self):
-        path = os.path.join(self.tmpdir, "file")
-        open(path, "w").close()
-        self.assertFails(["probe", path], "not a unix socket")
-
-    def test_connection_refused(self):
-        path = os.path.join(self.tmpdir, "stale.sock")
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.bind(path)
-        s.close()  # the file stays, nobody listens
-        for command in self.COMMANDS:
-            with self.subTest(command=command):
-                self.assertFails(self.argv(command, path), "connection refused")
-
-    def test_timeout(self):
-        for command in self.COMMANDS:
-            with self.subTest(command=command):
-                backend = self.scripted(silent=True)
-                t0 = time.monotonic()
-                self.assertFails(self.argv(command, backend.path, "--timeout", "0.2"),
-                                 "timeout: GET_FEATURES", "0.2 s")
-                self.assertLess(time.monotonic() - t0, 5)
-
-    def test_backend_disconnects(self):
-        for after in (0, 2):
-            for command in self.COMMANDS:
-                with self.subTest(hang_up_after=after, command=command):
-                    if command[0] == "probe":
-                        backend = self.scripted(hang_up_after=after)
-                        name = "GET_QUEUE_NUM"
-                    else:  # the device connects after the type check's 2 requests
-                        kind = "net" if "net" in command else "blk"
-                        backend = self.device_backend(kind, hang_up_after=after)
-                        name = "GET_FEATURES"
-                    self.assertFails(self.argv(command, backend.path), "back-end disconnected",
-                                     "GET_FEATURES" if after == 0 else name)
-
-    # A back-end just good enough for BlockDevice / NetDevice to come up (no data path).
-    BLK_FEATURES = (vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.PROTOCOL_FEATURES | 1 << 6
-                    | 1 << 9)   # BLK_SIZE, FLUSH
-    BLK_CONFIG = struct.pack("<Q", 2048) + bytes(12) + struct.pack("<I", 512) + bytes(36)
-
-    def device_backend(self, kind, **kwargs):
-        if kind == "blk":
-            return self.scripted(replies={1: u64(self.BLK_FEATURES), 17: u64(1), 15: u64(
-                vu.ProtocolFeature.MQ | vu.ProtocolFeature.CONFIG)}, config=self.BLK_CONFIG,
-                **kwargs)
-        return self.scripted(replies={1: u64(vu.VirtioFeature.VERSION_1 | 1 << 15 | 1 << 3
-                                             | vu.VirtioFeature.PROTOCOL_FEATURES),
-                                      15: u64(vu.ProtocolFeature.MQ), 17: u64(2)}, **kwargs)
-
-    def test_backend_disconnects_after_start(self):
-        # The device comes up, then the back-end closes the socket: the command notices the
-        # hang-up (through the worker) well before its timeout.
-        cases = [("blk", ("blk", "{}", "read", "0", "512"), 1),
-                 ("blk", ("bench", "{}"), 1),
-                 ("net", ("net", "{}", "ping"), 2),
-                 ("net", ("bench", "{}", "--type", "net"), 2)]
-        for kind, command, rings in cases:
-            with self.subTest(command=command):
-                backend = self.device_backend(kind, close_after=(18, rings))  # SET_VRING_ENABLE
-                t0 = time.monotonic()
-                self.assertFails(self.argv(command, backend.path, "--timeout", "30"),
-                                 "back-end disconnected", "hung up", stdout=None)
-                self.assertLess(time.monotonic() - t0, 10)  # not the 30 s timeout
-
-    def test_device_timeout(self):
-        # The device comes up but never uses a ring: each data command times out in one line.
-        cases = [("blk", ("blk", "{}", "read", "0", "512"), "timeout: READ", ""),
-                 ("blk", ("bench", "{}"), "timeout: reap: no completion", ""),
-                 ("net", ("net", "{}", "send"), "timeout: flush: the back-end has not taken 1",
-                  ""),
-                 ("net", ("bench", "{}", "--type", "net"), "1 frame(s) did not come back "
-                  "within 0.3 s", "")]
-        for kind, command, fragment, stdout in cases:
-            with self.subTest(command=command):
-                backend = self.device_backend(kind)
-                self.assertFails(self.argv(command, backend.path, "--timeout", "0.3"), fragment,
-                                 stdout=stdout)
-        # ping reports lost frames as ping does: in its summary, with exit status 1.
-        backend = self.device_backend("net")
-        status, out, err = run_cli("net", backend.path, "ping", "-c", "2", "-i", "0", "-W", "0.2")
-        self.assertEqual((status, err), (1, ""))
-        self.assertIn("\n2 packets transmitted, 0 received, 100% packet loss, time ", out)
-        self.assertNotIn("rtt", out)
-
-    def test_out_of_range_sizes_are_usage_errors_before_any_output(self):
-        backend = self.device_backend("net")
-        status, out, err = run_cli("net", backend.path, "ping", "-c", "1", "-s", "70000")
-        self.assertEqual((status, out), (2, ""))            # no PING line first
-        self.assertRegex(err, r"^vhost_user_frontend: error: -s 70000: out of range: the frame "
-                              r"would have 70014 bytes, at most 655\d\d fit \(-s 655\d\d\)\n$")
-        largest = int(re.search(r"\(-s (\d+)\)", err).group(1))
-        status, out, err = run_cli("net", self.device_backend("net").path, "ping", "-c", "1",
-                                   "-s", str(largest + 1))
-        self.assertEqual(status, 2, err)
-        backend = self.device_backend("blk")
-        for size in ("0", "257", "100000"):      # checked before connecting
-            status, out, err = run_cli("probe", backend.path, "--config-size", size)
-            self.assertEqual((status, out), (2, ""), err)
-            self.assertEqual(err, "vhost_user_frontend: error: --config-size %s: the config "
-                                  "space holds 1 to 256 bytes\n" % size)
-        status, out, err = run_cli("probe", backend.path, "--config-size", "256")
-        self.assertEqual(status, 0, err)
-
-    def test_wrong_device_type(self):
-        for kind, command, fragment in (
-                ("blk", ("net", "{}", "ping"), "the back-end is a block device"),
-                ("blk", ("bench", "{}", "--type", "net"), "the back-end is a block device"),
-                ("net", ("blk", "{}", "info"), "the back-end is a net device"),
-                ("net", ("bench", "{}"), "the back-end is a net device")):
-            with self.subTest(command=command):
-                backend = self.device_backend(kind)
-                self.assertFails(self.argv(command, backend.path), "wrong device type", fragment)
-
-    def test_malformed_reply(self):
-        backend = self.scripted(replies={1: b"\0" * 4})
-        self.assertFails(["probe", backend.path], "GET_FEATURES: reply size 4, expected 8")
-
-    def test_usage_errors(self):
-        for argv in ([], ["probe"], ["probe", "x", "--type", "floppy"], ["probe", "x", "--timeout", "0"],
-                     ["frobnicate"], ["--timeout", "inf", "probe", "x"],
-                     ["probe", "x", "--timeout", "nan"], ["probe", "x", "--timeout", "1e308"],
-                     ["bench", "x", "--seconds", "0"], ["bench", "x", "--seconds", "nan"],
-                     ["demo", "--seconds", "-1"], ["net", "x", "recv", "--wait", "-1"],
-                     ["net", "x", "recv", "--wait", "nan"], ["bench", "x", "--depth", "0"],
-                     ["net", "x", "ping", "-i", "-1"], ["net", "x", "ping", "-W", "0"],
-                     ["net", "x", "ping", "--payload-hex", "00", "--payload-file", "f"],
-                     ["blk", "x", "verify", "0", "1"], ["blk", "x", "verify", "0", "1", "--pattern", "256"],
-                     ["blk", "x", "write", "0", "--pad", "--rmw"], ["blk", "x", "read", "0", "1", "-C", "-o", "f"],
-                     ["bench", "x", "--queues", "0"], ["net", "x", "send", "-n", "0"],
-                     ["net", "x", "ping", "-c", "0"], ["net", "x", "recv", "-n", "0"]):
-            with self.subTest(argv=argv):
-                status, out, err = run_cli(*argv)
-                self.assertEqual((status, out), (2, ""))
-                self.assertIn("usage: vhost_user_frontend", err)
-                self.assertNotIn("Traceback", err)
-        status, out, err = run_cli("net", os.path.join(self.tmpdir, "absent"), "recv", "--wait", "0")
-        self.assertEqual(status, 1, err)  # 0 is a valid --wait: past parsing, to the socket check
-
-    def test_version_and_help(self):
-        status, out, err = run_cli("--version")
-        self.assertEqual((status, out.strip()), (0, "vhost_user_frontend " + vu.__version__))
-        status, out, err = run_cli("probe", "--help")
-        self.assertEqual(status, 0)
-        self.assertIn("--json", out)
-
-    def test_unknown_bits_are_kept(self):
-        features = vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.PROTOCOL_FEATURES | 1 << 45 | 1 << 4 | 1
-        protocol = vu.ProtocolFeature.MQ | vu.ProtocolFeature.SHMEM | 1 << 40
-        shmem = struct.pack("<II256Q", 2, 0, *([1 << 20, 0, 4096] + [0] * 253))
-        backend = self.scripted(replies={1: u64(features), 15: u64(protocol), 17: u64(3),
-                                         44: shmem})
-        status, out, err = run_cli("probe", backend.path, "--json", "--type", "vsock")
-        self.assertEqual(status, 0, err)
-        info = json.loads(out)
-        self.assertEqual(info["features"], features)
-        self.assertEqual(info["feature_names"][:2], ["VSOCK_STREAM", "bit 4"])  # vsock names 0-2
-        self.assertIn("bit 45", info["feature_names"])
-        self.assertEqual(info["protocol_features"], protocol)
-        self.assertEqual(info["protocol_feature_names"], ["MQ", "SHMEM", "bit 40"])
-        self.assertEqual(info["shared_memory"], [{"shmid": 0, "size": 1 << 20},
-                                                 {"shmid": 2, "size": 4096}])
-        self.assertEqual(info["queue_num"], 3)
-        # Only the bits probe needs were negotiated (MQ, SHMEM), never the unknown one.
-        backend.close()
-        self.assertIn((16, u64(vu.ProtocolFeature.MQ | vu.ProtocolFeature.SHMEM)), backend.requests)
-
-    def test_config_decoding(self):
-        proto = u64(vu.ProtocolFeature.CONFIG)
-        base = vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.PROTOCOL_FEATURES
-        cases = [
-            ("vsock", base, struct.pack("<Q", 42), {"guest_cid": 42}),
-            ("fs", base, b"myfs".ljust(36, b"\0") + struct.pack("<I", 1),
-             {"tag": "myfs", "num_request_queues": 1}),
-            ("gpu", base, struct.pack("<4I", 0, 0, 1, 2),
-             {"events_read": 0, "events_clear": 0, "num_scanouts": 1, "num_capsets": 2}),
-            ("net", base | 1 << 5 | 1 << 3 | 1 << 16, bytes.fromhex("525400123456") +
-             struct.pack("<HHH", 1, 0, 1500), {"mac": "52:54:00:12:34:56", "status": 1,
-                                               "mtu": 1500}),
-        ]
-        for kind, features, config, expected in cases:
-            with self.subTest(kind=kind):
-                backend = self.scripted(replies={1: u64(features), 15: proto}, config=config)
-                status, out, err = run_cli("probe", backend.path, "--json", "--type", kind)
-                self.assertEqual(status, 0, err)
-                info = json.loads(out)
-                self.assertEqual(info["config_fields"], expected)
-                self.assertEqual(info["config"], config.hex())
-        # A back-end that refuses the read is reported, not fatal.
-        backend = self.scripted(replies={1: u64(base), 15: proto}, config=b"")
-        status, out, err = run_cli("probe", backend.path, "--type", "vsock")
-        self.assertEqual(status, 0, err)
-        self.assertIn("not read: GET_CONFIG: back-end refused to read 8 bytes", out)
 
 
 class TestCliBlock(BackendTestMixin, FdLeakCheck):
@@ -11159,194 +10917,6 @@ class TestEdgesTransfers(BackendTestMixin, FdLeakCheck):
         self.assertGreater(len(frames), 0)
         self.assertTrue(err.endswith("; recv stopped after %d frame(s), %d bytes written to %s\n"
                                      % (len(frames), sum(map(len, frames)), capture)), err)
-
-
-class TestCliMigrate(BackendTestMixin, FdLeakCheck):
-    """`migrate OLD NEW`: the rehearsal against two qemu-storage-daemons on one image."""
-
-    def test_blk_rehearsal(self):
-        a = self.start_backend(_SharedRawQsd, size=16 << 20)
-        b = self.start_backend(_SharedRawQsd, image=a.image_path, size=16 << 20)
-        status, out, err = run_cli("migrate", a.socket_path, b.socket_path, "--write",
-                                   "--length", "2M")
-        self.assertEqual((status, err), (0, ""), out)
-        lines = out.splitlines()
-        self.assertEqual(lines[0], "migrate: blk %s -> %s" % (a.socket_path, b.socket_path))
-        self.assertRegex(lines[1], r"^dirty log: 16384 pages; the back-end wrote (\d+) of them, "
-                                   r"all logged$")
-        self.assertGreaterEqual(int(re.search(r"wrote (\d+)", lines[1]).group(1)), 16 * 16)
-        self.assertEqual(lines[2], "OLD: 32 read(s) of 65536 bytes, after writing them")
-        self.assertRegex(lines[3], r"^moved: .* in [0-9.]+ s; 8 chain\(s\) in flight offered "
-                                   r"again to NEW$")
-        self.assertEqual(lines[4:], ["NEW: 8 request(s) in flight at the move completed, 32 "
-                                     "read(s) match OLD, every write kept", "ok"])
-        with open(a.image_path, "rb") as f:
-            data = f.read(2 << 20)
-        self.assertEqual(data[:16], struct.pack("<QQ", 0, 0x6D696772617465))
-        self.assertEqual(data[65536:65536 + 16], struct.pack("<QQ", 65536, 0x6D696772617465))
-        # Back the other way, read-only this time: the data is still there.
-        status, out, err = run_cli("migrate", b.socket_path, a.socket_path)
-        self.assertEqual((status, err), (0, ""), out)
-        self.assertIn("16 read(s) match OLD", out)
-
-    def test_usage_and_failures(self):
-        a = self.start_backend(_SharedRawQsd, size=16 << 20)
-        status, _, err = run_cli("migrate", a.socket_path)
-        self.assertEqual(status, 2)
-        self.assertIn("required: NEW", err)
-        tmpdir = tempfile.mkdtemp(prefix="vhu-migrate-")
-        self.addCleanup(shutil.rmtree, tmpdir, True)
-        missing = os.path.join(tmpdir, "new.sock")
-        status, out, err = run_cli("migrate", a.socket_path, missing)
-        self.assertEqual((status, out), (1, ""))
-        self.assertEqual(err, "vhost_user_frontend: error: %s: no such socket\n" % missing)
-        net = vu._EmbeddedBackend(vu._EmbeddedNet(), path=os.path.join(tmpdir, "net.sock")).start()
-        self.addCleanup(net.close)
-        status, _, err = run_cli("migrate", a.socket_path, net.path, "--type", "net", "--write")
-        self.assertEqual(status, 2)
-        self.assertIn("--write applies to blk devices only", err)
-        status, out, err = run_cli("migrate", a.socket_path, net.path)
-        self.assertEqual(status, 1)
-        self.assertIn("the move failed, the device stayed on %s" % a.socket_path, err)
-        self.assertIn("no longer offers acked feature(s)", err)
-        self.assertIn("dirty log: 16384 pages", out)
-
-
-# The CLI without qemu-storage-daemon or testpmd: a PATH holding only a link to this interpreter.
-
-def run_cli_bare(*argv, **kwargs):
-    """Start `python -m vhost_user_frontend ARGV` with nothing on PATH but the interpreter; the Popen."""
-    bindir = tempfile.mkdtemp(prefix="vhu-bare-path-")
-    os.symlink(sys.executable, os.path.join(bindir, "python3"))
-    for binary in ("qemu-storage-daemon", "dpdk-testpmd"):
-        assert shutil.which(binary, path=bindir) is None
-    try:
-        return cli_popen(*argv, env={"PATH": bindir, "PYTHONUNBUFFERED": "1"}, **kwargs)
-    finally:
-        shutil.rmtree(bindir)
-
-
-def read_until(proc, text, timeout=30):
-    """stdout of `proc` up to the line holding `text` (fails after `timeout` s or at EOF)."""
-    out = b""
-    deadline = time.monotonic() + timeout
-    while text.encode() not in out:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([proc.stdout], [], [], remaining)[0]:
-            raise AssertionError("no %r within %g s; got %r" % (text, timeout, out))
-        chunk = os.read(proc.stdout.fileno(), 4096)
-        if not chunk:
-            raise AssertionError("EOF before %r; got %r" % (text, out))
-        out += chunk
-    return out.decode()
-
-
-def gone(pid):
-    try:
-        os.kill(pid, 0)
-    except OSError as exc:
-        return exc.errno == errno.ESRCH
-    return False
-
-
-class TestCliWithoutBackends(BackendTestMixin, FdLeakCheck):
-    """`demo` and `selftest` on a machine with nothing installed (PATH hides the daemons)."""
-
-    def check_cleaned_up(self, out):
-        pid = int(re.search(r"\(pid (\d+)", out).group(1))
-        tmpdir = re.search(r"(/\S*vhost-user-demo-\w+)", out).group(1)
-        self.assertFalse(os.path.exists(tmpdir), tmpdir)
-        self.assertTrue(gone(pid), "back-end pid %d still exists" % pid)
-
-    def test_demo_uses_the_embedded_backend(self):
-        start = time.monotonic()
-        status, out, err = communicate(run_cli_bare("demo"))
-        elapsed = time.monotonic() - start
-        self.assertEqual((status, err), (0, ""), out)
-        self.assertLess(elapsed, 10.0)
-        self.assertIn("Started the embedded back-end", out)
-        self.assertIn("sudo apt-get install qemu-system-common", out)
-        self.assertIn("identical, and the raw file holds the same bytes", out)
-        self.assertIn("IOPS", out)
-        self.assertIn("5. Stopped the embedded back-end and removed", out)
-        self.check_cleaned_up(out)
-
-    def test_selftest(self):
-        status, out, err = communicate(run_cli_bare("selftest"))
-        self.assertEqual((status, err), (0, ""), out)
-        lines = out.splitlines()
-        self.assertEqual([line.split()[0] for line in lines[:-1]], ["ok"] * 7, out)
-        for check in ("memfd with seals", "eventfd", "SCM_RIGHTS", "shared mappings", "ring ordering",
-                      "virtio-blk end to end", "virtio-net end to end"):
-            self.assertIn(check, out)
-        self.assertIn("selftest: all 7 checks passed", lines[-1])
-
-    def test_selftest_stops_at_the_first_failure(self):
-        with mock.patch.object(vu, "_check_eventfd", side_effect=OSError(errno.ENOSYS, "no eventfd")):
-            status, out, err = run_cli("selftest")
-        self.assertEqual(status, 1)
-        self.assertEqual([line.split()[0] for line in out.splitlines()], ["ok", "FAIL"], out)
-        self.assertIn("no eventfd", out)
-        self.assertIn("selftest: eventfd failed", err)
-
-    def test_demo_waits_for_listen_not_bind(self):
-        # The socket file exists from bind(); a probe before listen() was refused (seen 1 in ~15).
-        tmpdir = tempfile.mkdtemp(prefix="vhu-listen-")
-        self.addCleanup(shutil.rmtree, tmpdir)
-        path = os.path.join(tmpdir, "s.sock")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.bind(path)
-            self.assertFalse(vu._listening(path))
-            sock.listen(1)
-            self.assertTrue(vu._listening(path))
-
-    def test_demo_in_process_leaves_nothing(self):
-        status, out, err = run_cli("demo", "--embedded", "--seconds", "0.2")
-        self.assertEqual((status, err), (0, ""))
-        self.assertIn("(--embedded asks for it)", out)
-        self.check_cleaned_up(out)
-
-    def sigterm_during_bench(self, proc, signum=signal.SIGTERM):
-        try:
-            out = read_until(proc, "bench ")  # the step 4 echo: the benchmark runs next
-        except AssertionError as exc:
-            proc.kill()
-            status, _, err = communicate(proc)
-            self.fail("%s\n(status %s, stderr %r)" % (exc, status, err))
-        proc.send_signal(signum)
-        status, rest, err = communicate(proc, timeout=30)
-        self.assertEqual(status, 128 + signum, err)
-        self.assertIn("terminated by %s, cleaned up" % signal.Signals(signum).name, err)
-        self.check_cleaned_up(out)
-
-    def test_demo_cleans_up_on_sigterm_and_sighup(self):
-        self.sigterm_during_bench(run_cli_bare("demo", "--seconds", "30"))
-        self.sigterm_during_bench(run_cli_bare("demo", "--seconds", "30"), signal.SIGHUP)
-
-    def test_demo_with_qsd_cleans_up_on_sigterm(self):
-        # issue 9: SIGTERM used to leave qemu-storage-daemon and its 64 MiB image behind.
-        self.require_binary("qemu-storage-daemon")
-        self.sigterm_during_bench(cli_popen("demo", "--seconds", "30", env={"PYTHONUNBUFFERED": "1"}))
-
-    def test_demo_killed_by_sigkill_stops_qsd(self):
-        # No handler runs on SIGKILL: PR_SET_PDEATHSIG has qsd terminated when demo dies (the
-        # temporary directory is left behind, as nothing can remove it then).
-        self.require_binary("qemu-storage-daemon")
-        proc = cli_popen("demo", "--seconds", "30", env={"PYTHONUNBUFFERED": "1"})
-        try:
-            out = read_until(proc, "bench ")
-        finally:
-            proc.kill()
-            communicate(proc)
-        pid = int(re.search(r"\(pid (\d+)", out).group(1))
-        tmpdir = re.search(r"(/\S*vhost-user-demo-\w+)", out).group(1)
-        self.addCleanup(shutil.rmtree, tmpdir, True)
-        deadline = time.monotonic() + 10
-        while not gone(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)   # poll interval of a wait with a deadline
-        if not gone(pid):
-            os.kill(pid, signal.SIGKILL)
-            self.fail("qemu-storage-daemon (pid %d) outlived the demo killed by SIGKILL" % pid)
 
 
 _RSS_PROBE = """
@@ -12029,6 +11599,443 @@ class TestCliFs(FsTestMixin, FdLeakCheck):
         status, out, err = run_cli("fs", qsd.socket_path, "ls")
         self.assertEqual(status, 1)
         self.assertIn("wrong device type: the back-end is a block device", err)
+
+
+# Command line ########################################################################################
+
+# Usage and connection errors as the command line reports them, migrate, the command line without
+# any daemon installed, and the cases the wave's audit found.
+
+
+class TestCliErrors(FdLeakCheck):
+    """Each failure is one line on stderr, nothing on stdout, and exit status 1 (2 for usage)."""
+
+    def setUp(self):
+        super(TestCliErrors, self).setUp()
+        self.tmpdir = tempfile.mkdtemp(prefix="vhu-cli-")
+        self.addCleanup(shutil.rmtree, self.tmpdir, True)
+
+    def scripted(self, **kwargs):
+        replies = kwargs.pop("replies", {
+            1: u64(vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.PROTOCOL_FEATURES),
+            15: u64(vu.ProtocolFeature.MQ), 17: u64(1)})
+        backend = _ScriptedBackend(tempfile.mkdtemp(dir=self.tmpdir), replies, **kwargs)
+        self.addCleanup(backend.close)
+        return backend
+
+    def assertFails(self, argv, *fragments, **kwargs):
+        status, out, err = run_cli(*argv)
+        self.assertEqual(status, 1, err)
+        if kwargs.get("stdout", "") is not None:
+            self.assertEqual(out, kwargs.get("stdout", ""))
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertTrue(err.startswith("vhost_user_frontend: error: "), err)
+        self.assertNotIn("Traceback", err)
+        for fragment in fragments:
+            self.assertIn(fragment, err)
+        return err
+
+    # Every command that connects, as argv for a socket path.
+    COMMANDS = [
+        ("probe",), ("blk", "{}", "info"), ("blk", "{}", "read", "0", "512"),
+        ("net", "{}", "ping"), ("net", "{}", "send"), ("net", "{}", "recv"),
+        ("bench", "{}", "--seconds", "0.1"), ("bench", "{}", "--type", "net", "--seconds", "0.1"),
+    ]
+
+    def argv(self, command, path, *extra):
+        if "{}" not in command:
+            command += ("{}",)
+        return [path if a == "{}" else a for a in command] + list(extra)
+
+    def test_missing_socket(self):
+        path = os.path.join(self.tmpdir, "absent.sock")
+        for command in self.COMMANDS:
+            with self.subTest(command=command):
+                self.assertFails(self.argv(command, path), path + ": no such socket")
+
+    def test_not_a_socket(self):
+        path = os.path.join(self.tmpdir, "file")
+        open(path, "w").close()
+        self.assertFails(["probe", path], "not a unix socket")
+
+    def test_connection_refused(self):
+        path = os.path.join(self.tmpdir, "stale.sock")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(path)
+        s.close()  # the file stays, nobody listens
+        for command in self.COMMANDS:
+            with self.subTest(command=command):
+                self.assertFails(self.argv(command, path), "connection refused")
+
+    def test_timeout(self):
+        for command in self.COMMANDS:
+            with self.subTest(command=command):
+                backend = self.scripted(silent=True)
+                t0 = time.monotonic()
+                self.assertFails(self.argv(command, backend.path, "--timeout", "0.2"),
+                                 "timeout: GET_FEATURES", "0.2 s")
+                self.assertLess(time.monotonic() - t0, 5)
+
+    def test_backend_disconnects(self):
+        for after in (0, 2):
+            for command in self.COMMANDS:
+                with self.subTest(hang_up_after=after, command=command):
+                    if command[0] == "probe":
+                        backend = self.scripted(hang_up_after=after)
+                        name = "GET_QUEUE_NUM"
+                    else:  # the device connects after the type check's 2 requests
+                        kind = "net" if "net" in command else "blk"
+                        backend = self.device_backend(kind, hang_up_after=after)
+                        name = "GET_FEATURES"
+                    self.assertFails(self.argv(command, backend.path), "back-end disconnected",
+                                     "GET_FEATURES" if after == 0 else name)
+
+    # A back-end just good enough for BlockDevice / NetDevice to come up (no data path).
+    BLK_FEATURES = (vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.PROTOCOL_FEATURES | 1 << 6
+                    | 1 << 9)   # BLK_SIZE, FLUSH
+    BLK_CONFIG = struct.pack("<Q", 2048) + bytes(12) + struct.pack("<I", 512) + bytes(36)
+
+    def device_backend(self, kind, **kwargs):
+        if kind == "blk":
+            return self.scripted(replies={1: u64(self.BLK_FEATURES), 17: u64(1), 15: u64(
+                vu.ProtocolFeature.MQ | vu.ProtocolFeature.CONFIG)}, config=self.BLK_CONFIG,
+                **kwargs)
+        return self.scripted(replies={1: u64(vu.VirtioFeature.VERSION_1 | 1 << 15 | 1 << 3
+                                             | vu.VirtioFeature.PROTOCOL_FEATURES),
+                                      15: u64(vu.ProtocolFeature.MQ), 17: u64(2)}, **kwargs)
+
+    def test_backend_disconnects_after_start(self):
+        # The device comes up, then the back-end closes the socket: the command notices the
+        # hang-up (through the worker) well before its timeout.
+        cases = [("blk", ("blk", "{}", "read", "0", "512"), 1),
+                 ("blk", ("bench", "{}"), 1),
+                 ("net", ("net", "{}", "ping"), 2),
+                 ("net", ("bench", "{}", "--type", "net"), 2)]
+        for kind, command, rings in cases:
+            with self.subTest(command=command):
+                backend = self.device_backend(kind, close_after=(18, rings))  # SET_VRING_ENABLE
+                t0 = time.monotonic()
+                self.assertFails(self.argv(command, backend.path, "--timeout", "30"),
+                                 "back-end disconnected", "hung up", stdout=None)
+                self.assertLess(time.monotonic() - t0, 10)  # not the 30 s timeout
+
+    def test_device_timeout(self):
+        # The device comes up but never uses a ring: each data command times out in one line.
+        cases = [("blk", ("blk", "{}", "read", "0", "512"), "timeout: READ", ""),
+                 ("blk", ("bench", "{}"), "timeout: reap: no completion", ""),
+                 ("net", ("net", "{}", "send"), "timeout: flush: the back-end has not taken 1",
+                  ""),
+                 ("net", ("bench", "{}", "--type", "net"), "1 frame(s) did not come back "
+                  "within 0.3 s", "")]
+        for kind, command, fragment, stdout in cases:
+            with self.subTest(command=command):
+                backend = self.device_backend(kind)
+                self.assertFails(self.argv(command, backend.path, "--timeout", "0.3"), fragment,
+                                 stdout=stdout)
+        # ping reports lost frames as ping does: in its summary, with exit status 1.
+        backend = self.device_backend("net")
+        status, out, err = run_cli("net", backend.path, "ping", "-c", "2", "-i", "0", "-W", "0.2")
+        self.assertEqual((status, err), (1, ""))
+        self.assertIn("\n2 packets transmitted, 0 received, 100% packet loss, time ", out)
+        self.assertNotIn("rtt", out)
+
+    def test_out_of_range_sizes_are_usage_errors_before_any_output(self):
+        backend = self.device_backend("net")
+        status, out, err = run_cli("net", backend.path, "ping", "-c", "1", "-s", "70000")
+        self.assertEqual((status, out), (2, ""))            # no PING line first
+        self.assertRegex(err, r"^vhost_user_frontend: error: -s 70000: out of range: the frame "
+                              r"would have 70014 bytes, at most 655\d\d fit \(-s 655\d\d\)\n$")
+        largest = int(re.search(r"\(-s (\d+)\)", err).group(1))
+        status, out, err = run_cli("net", self.device_backend("net").path, "ping", "-c", "1",
+                                   "-s", str(largest + 1))
+        self.assertEqual(status, 2, err)
+        backend = self.device_backend("blk")
+        for size in ("0", "257", "100000"):      # checked before connecting
+            status, out, err = run_cli("probe", backend.path, "--config-size", size)
+            self.assertEqual((status, out), (2, ""), err)
+            self.assertEqual(err, "vhost_user_frontend: error: --config-size %s: the config "
+                                  "space holds 1 to 256 bytes\n" % size)
+        status, out, err = run_cli("probe", backend.path, "--config-size", "256")
+        self.assertEqual(status, 0, err)
+
+    def test_wrong_device_type(self):
+        for kind, command, fragment in (
+                ("blk", ("net", "{}", "ping"), "the back-end is a block device"),
+                ("blk", ("bench", "{}", "--type", "net"), "the back-end is a block device"),
+                ("net", ("blk", "{}", "info"), "the back-end is a net device"),
+                ("net", ("bench", "{}"), "the back-end is a net device")):
+            with self.subTest(command=command):
+                backend = self.device_backend(kind)
+                self.assertFails(self.argv(command, backend.path), "wrong device type", fragment)
+
+    def test_malformed_reply(self):
+        backend = self.scripted(replies={1: b"\0" * 4})
+        self.assertFails(["probe", backend.path], "GET_FEATURES: reply size 4, expected 8")
+
+    def test_usage_errors(self):
+        for argv in ([], ["probe"], ["probe", "x", "--type", "floppy"], ["probe", "x", "--timeout", "0"],
+                     ["frobnicate"], ["--timeout", "inf", "probe", "x"],
+                     ["probe", "x", "--timeout", "nan"], ["probe", "x", "--timeout", "1e308"],
+                     ["bench", "x", "--seconds", "0"], ["bench", "x", "--seconds", "nan"],
+                     ["demo", "--seconds", "-1"], ["net", "x", "recv", "--wait", "-1"],
+                     ["net", "x", "recv", "--wait", "nan"], ["bench", "x", "--depth", "0"],
+                     ["net", "x", "ping", "-i", "-1"], ["net", "x", "ping", "-W", "0"],
+                     ["net", "x", "ping", "--payload-hex", "00", "--payload-file", "f"],
+                     ["blk", "x", "verify", "0", "1"], ["blk", "x", "verify", "0", "1", "--pattern", "256"],
+                     ["blk", "x", "write", "0", "--pad", "--rmw"], ["blk", "x", "read", "0", "1", "-C", "-o", "f"],
+                     ["bench", "x", "--queues", "0"], ["net", "x", "send", "-n", "0"],
+                     ["net", "x", "ping", "-c", "0"], ["net", "x", "recv", "-n", "0"]):
+            with self.subTest(argv=argv):
+                status, out, err = run_cli(*argv)
+                self.assertEqual((status, out), (2, ""))
+                self.assertIn("usage: vhost_user_frontend", err)
+                self.assertNotIn("Traceback", err)
+        status, out, err = run_cli("net", os.path.join(self.tmpdir, "absent"), "recv", "--wait", "0")
+        self.assertEqual(status, 1, err)  # 0 is a valid --wait: past parsing, to the socket check
+
+    def test_version_and_help(self):
+        status, out, err = run_cli("--version")
+        self.assertEqual((status, out.strip()), (0, "vhost_user_frontend " + vu.__version__))
+        status, out, err = run_cli("probe", "--help")
+        self.assertEqual(status, 0)
+        self.assertIn("--json", out)
+
+    def test_unknown_bits_are_kept(self):
+        features = vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.PROTOCOL_FEATURES | 1 << 45 | 1 << 4 | 1
+        protocol = vu.ProtocolFeature.MQ | vu.ProtocolFeature.SHMEM | 1 << 40
+        shmem = struct.pack("<II256Q", 2, 0, *([1 << 20, 0, 4096] + [0] * 253))
+        backend = self.scripted(replies={1: u64(features), 15: u64(protocol), 17: u64(3),
+                                         44: shmem})
+        status, out, err = run_cli("probe", backend.path, "--json", "--type", "vsock")
+        self.assertEqual(status, 0, err)
+        info = json.loads(out)
+        self.assertEqual(info["features"], features)
+        self.assertEqual(info["feature_names"][:2], ["VSOCK_STREAM", "bit 4"])  # vsock names 0-2
+        self.assertIn("bit 45", info["feature_names"])
+        self.assertEqual(info["protocol_features"], protocol)
+        self.assertEqual(info["protocol_feature_names"], ["MQ", "SHMEM", "bit 40"])
+        self.assertEqual(info["shared_memory"], [{"shmid": 0, "size": 1 << 20},
+                                                 {"shmid": 2, "size": 4096}])
+        self.assertEqual(info["queue_num"], 3)
+        # Only the bits probe needs were negotiated (MQ, SHMEM), never the unknown one.
+        backend.close()
+        self.assertIn((16, u64(vu.ProtocolFeature.MQ | vu.ProtocolFeature.SHMEM)), backend.requests)
+
+    def test_config_decoding(self):
+        proto = u64(vu.ProtocolFeature.CONFIG)
+        base = vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.PROTOCOL_FEATURES
+        cases = [
+            ("vsock", base, struct.pack("<Q", 42), {"guest_cid": 42}),
+            ("fs", base, b"myfs".ljust(36, b"\0") + struct.pack("<I", 1),
+             {"tag": "myfs", "num_request_queues": 1}),
+            ("gpu", base, struct.pack("<4I", 0, 0, 1, 2),
+             {"events_read": 0, "events_clear": 0, "num_scanouts": 1, "num_capsets": 2}),
+            ("net", base | 1 << 5 | 1 << 3 | 1 << 16, bytes.fromhex("525400123456") +
+             struct.pack("<HHH", 1, 0, 1500), {"mac": "52:54:00:12:34:56", "status": 1,
+                                               "mtu": 1500}),
+        ]
+        for kind, features, config, expected in cases:
+            with self.subTest(kind=kind):
+                backend = self.scripted(replies={1: u64(features), 15: proto}, config=config)
+                status, out, err = run_cli("probe", backend.path, "--json", "--type", kind)
+                self.assertEqual(status, 0, err)
+                info = json.loads(out)
+                self.assertEqual(info["config_fields"], expected)
+                self.assertEqual(info["config"], config.hex())
+        # A back-end that refuses the read is reported, not fatal.
+        backend = self.scripted(replies={1: u64(base), 15: proto}, config=b"")
+        status, out, err = run_cli("probe", backend.path, "--type", "vsock")
+        self.assertEqual(status, 0, err)
+        self.assertIn("not read: GET_CONFIG: back-end refused to read 8 bytes", out)
+
+
+class TestCliMigrate(BackendTestMixin, FdLeakCheck):
+    """`migrate OLD NEW`: the rehearsal against two qemu-storage-daemons on one image."""
+
+    def test_blk_rehearsal(self):
+        a = self.start_backend(_SharedRawQsd, size=16 << 20)
+        b = self.start_backend(_SharedRawQsd, image=a.image_path, size=16 << 20)
+        status, out, err = run_cli("migrate", a.socket_path, b.socket_path, "--write",
+                                   "--length", "2M")
+        self.assertEqual((status, err), (0, ""), out)
+        lines = out.splitlines()
+        self.assertEqual(lines[0], "migrate: blk %s -> %s" % (a.socket_path, b.socket_path))
+        self.assertRegex(lines[1], r"^dirty log: 16384 pages; the back-end wrote (\d+) of them, "
+                                   r"all logged$")
+        self.assertGreaterEqual(int(re.search(r"wrote (\d+)", lines[1]).group(1)), 16 * 16)
+        self.assertEqual(lines[2], "OLD: 32 read(s) of 65536 bytes, after writing them")
+        self.assertRegex(lines[3], r"^moved: .* in [0-9.]+ s; 8 chain\(s\) in flight offered "
+                                   r"again to NEW$")
+        self.assertEqual(lines[4:], ["NEW: 8 request(s) in flight at the move completed, 32 "
+                                     "read(s) match OLD, every write kept", "ok"])
+        with open(a.image_path, "rb") as f:
+            data = f.read(2 << 20)
+        self.assertEqual(data[:16], struct.pack("<QQ", 0, 0x6D696772617465))
+        self.assertEqual(data[65536:65536 + 16], struct.pack("<QQ", 65536, 0x6D696772617465))
+        # Back the other way, read-only this time: the data is still there.
+        status, out, err = run_cli("migrate", b.socket_path, a.socket_path)
+        self.assertEqual((status, err), (0, ""), out)
+        self.assertIn("16 read(s) match OLD", out)
+
+    def test_usage_and_failures(self):
+        a = self.start_backend(_SharedRawQsd, size=16 << 20)
+        status, _, err = run_cli("migrate", a.socket_path)
+        self.assertEqual(status, 2)
+        self.assertIn("required: NEW", err)
+        tmpdir = tempfile.mkdtemp(prefix="vhu-migrate-")
+        self.addCleanup(shutil.rmtree, tmpdir, True)
+        missing = os.path.join(tmpdir, "new.sock")
+        status, out, err = run_cli("migrate", a.socket_path, missing)
+        self.assertEqual((status, out), (1, ""))
+        self.assertEqual(err, "vhost_user_frontend: error: %s: no such socket\n" % missing)
+        net = vu._EmbeddedBackend(vu._EmbeddedNet(), path=os.path.join(tmpdir, "net.sock")).start()
+        self.addCleanup(net.close)
+        status, _, err = run_cli("migrate", a.socket_path, net.path, "--type", "net", "--write")
+        self.assertEqual(status, 2)
+        self.assertIn("--write applies to blk devices only", err)
+        status, out, err = run_cli("migrate", a.socket_path, net.path)
+        self.assertEqual(status, 1)
+        self.assertIn("the move failed, the device stayed on %s" % a.socket_path, err)
+        self.assertIn("no longer offers acked feature(s)", err)
+        self.assertIn("dirty log: 16384 pages", out)
+
+
+def run_cli_bare(*argv, **kwargs):
+    """Start `python -m vhost_user_frontend ARGV` with nothing on PATH but the interpreter; the Popen."""
+    bindir = tempfile.mkdtemp(prefix="vhu-bare-path-")
+    os.symlink(sys.executable, os.path.join(bindir, "python3"))
+    for binary in ("qemu-storage-daemon", "dpdk-testpmd"):
+        assert shutil.which(binary, path=bindir) is None
+    try:
+        return cli_popen(*argv, env={"PATH": bindir, "PYTHONUNBUFFERED": "1"}, **kwargs)
+    finally:
+        shutil.rmtree(bindir)
+
+
+def read_until(proc, text, timeout=30):
+    """stdout of `proc` up to the line holding `text` (fails after `timeout` s or at EOF)."""
+    out = b""
+    deadline = time.monotonic() + timeout
+    while text.encode() not in out:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([proc.stdout], [], [], remaining)[0]:
+            raise AssertionError("no %r within %g s; got %r" % (text, timeout, out))
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:
+            raise AssertionError("EOF before %r; got %r" % (text, out))
+        out += chunk
+    return out.decode()
+
+
+def gone(pid):
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.ESRCH
+    return False
+
+
+# The CLI without qemu-storage-daemon or testpmd: a PATH holding only a link to this interpreter.
+
+
+class TestCliWithoutBackends(BackendTestMixin, FdLeakCheck):
+    """`demo` and `selftest` on a machine with nothing installed (PATH hides the daemons)."""
+
+    def check_cleaned_up(self, out):
+        pid = int(re.search(r"\(pid (\d+)", out).group(1))
+        tmpdir = re.search(r"(/\S*vhost-user-demo-\w+)", out).group(1)
+        self.assertFalse(os.path.exists(tmpdir), tmpdir)
+        self.assertTrue(gone(pid), "back-end pid %d still exists" % pid)
+
+    def test_demo_uses_the_embedded_backend(self):
+        start = time.monotonic()
+        status, out, err = communicate(run_cli_bare("demo"))
+        elapsed = time.monotonic() - start
+        self.assertEqual((status, err), (0, ""), out)
+        self.assertLess(elapsed, 10.0)
+        self.assertIn("Started the embedded back-end", out)
+        self.assertIn("sudo apt-get install qemu-system-common", out)
+        self.assertIn("identical, and the raw file holds the same bytes", out)
+        self.assertIn("IOPS", out)
+        self.assertIn("5. Stopped the embedded back-end and removed", out)
+        self.check_cleaned_up(out)
+
+    def test_selftest(self):
+        status, out, err = communicate(run_cli_bare("selftest"))
+        self.assertEqual((status, err), (0, ""), out)
+        lines = out.splitlines()
+        self.assertEqual([line.split()[0] for line in lines[:-1]], ["ok"] * 7, out)
+        for check in ("memfd with seals", "eventfd", "SCM_RIGHTS", "shared mappings", "ring ordering",
+                      "virtio-blk end to end", "virtio-net end to end"):
+            self.assertIn(check, out)
+        self.assertIn("selftest: all 7 checks passed", lines[-1])
+
+    def test_selftest_stops_at_the_first_failure(self):
+        with mock.patch.object(vu, "_check_eventfd", side_effect=OSError(errno.ENOSYS, "no eventfd")):
+            status, out, err = run_cli("selftest")
+        self.assertEqual(status, 1)
+        self.assertEqual([line.split()[0] for line in out.splitlines()], ["ok", "FAIL"], out)
+        self.assertIn("no eventfd", out)
+        self.assertIn("selftest: eventfd failed", err)
+
+    def test_demo_waits_for_listen_not_bind(self):
+        # The socket file exists from bind(); a probe before listen() was refused (seen 1 in ~15).
+        tmpdir = tempfile.mkdtemp(prefix="vhu-listen-")
+        self.addCleanup(shutil.rmtree, tmpdir)
+        path = os.path.join(tmpdir, "s.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.bind(path)
+            self.assertFalse(vu._listening(path))
+            sock.listen(1)
+            self.assertTrue(vu._listening(path))
+
+    def test_demo_in_process_leaves_nothing(self):
+        status, out, err = run_cli("demo", "--embedded", "--seconds", "0.2")
+        self.assertEqual((status, err), (0, ""))
+        self.assertIn("(--embedded asks for it)", out)
+        self.check_cleaned_up(out)
+
+    def sigterm_during_bench(self, proc, signum=signal.SIGTERM):
+        try:
+            out = read_until(proc, "bench ")  # the step 4 echo: the benchmark runs next
+        except AssertionError as exc:
+            proc.kill()
+            status, _, err = communicate(proc)
+            self.fail("%s\n(status %s, stderr %r)" % (exc, status, err))
+        proc.send_signal(signum)
+        status, rest, err = communicate(proc, timeout=30)
+        self.assertEqual(status, 128 + signum, err)
+        self.assertIn("terminated by %s, cleaned up" % signal.Signals(signum).name, err)
+        self.check_cleaned_up(out)
+
+    def test_demo_cleans_up_on_sigterm_and_sighup(self):
+        self.sigterm_during_bench(run_cli_bare("demo", "--seconds", "30"))
+        self.sigterm_during_bench(run_cli_bare("demo", "--seconds", "30"), signal.SIGHUP)
+
+    def test_demo_with_qsd_cleans_up_on_sigterm(self):
+        # issue 9: SIGTERM used to leave qemu-storage-daemon and its 64 MiB image behind.
+        self.require_binary("qemu-storage-daemon")
+        self.sigterm_during_bench(cli_popen("demo", "--seconds", "30", env={"PYTHONUNBUFFERED": "1"}))
+
+    def test_demo_killed_by_sigkill_stops_qsd(self):
+        # No handler runs on SIGKILL: PR_SET_PDEATHSIG has qsd terminated when demo dies (the
+        # temporary directory is left behind, as nothing can remove it then).
+        self.require_binary("qemu-storage-daemon")
+        proc = cli_popen("demo", "--seconds", "30", env={"PYTHONUNBUFFERED": "1"})
+        try:
+            out = read_until(proc, "bench ")
+        finally:
+            proc.kill()
+            communicate(proc)
+        pid = int(re.search(r"\(pid (\d+)", out).group(1))
+        tmpdir = re.search(r"(/\S*vhost-user-demo-\w+)", out).group(1)
+        self.addCleanup(shutil.rmtree, tmpdir, True)
+        deadline = time.monotonic() + 10
+        while not gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)   # poll interval of a wait with a deadline
+        if not gone(pid):
+            os.kill(pid, signal.SIGKILL)
+            self.fail("qemu-storage-daemon (pid %d) outlived the demo killed by SIGKILL" % pid)
 
 
 class TestAuditFixes(BackendTestMixin, FdLeakCheck):

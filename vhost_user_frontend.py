@@ -31,7 +31,7 @@ Sections (``grep -n '^# .*###'`` prints them with line numbers):
 Head, Errors, Constants, Wire format, OS primitives, Channel, BackendClient,
 GuestMemory, Queue, Packed queue, Backend requests, Worker, VhostUserFrontend, Device
 plumbing, Block, Net, virtio-fs, Embedded back-end, Conformance checks, Bench,
-Command line.
+Device commands, Command line.
 """
 
 ############################################################################
@@ -14634,8 +14634,14 @@ def _typed_option(args, *spellings):
 
 
 ############################################################################
-# Command line #############################################################
+# Device commands ##########################################################
 ############################################################################
+
+# One handler per subcommand of probe, validate, blk, net and fs: each takes
+# the parsed arguments and an output stream and returns the exit status. It
+# opens with the argument types and the building blocks of the command table
+# (the fs shell builds its own parser from them); the table itself and the
+# parser that dispatches to these handlers are the Command line section's.
 
 #: Exit statuses: 0 ok, 1 a failure reported in one line, 2 bad usage (argparse),
 #: 141 (128 + SIGPIPE) when the reader of stdout went away.
@@ -14647,6 +14653,213 @@ _EXIT_BROKEN_PIPE = 128 + 13
 #: --type spellings: every DeviceType name in lower case, plus the short ones.
 _TYPE_ALIASES = {"blk": DeviceType.BLOCK, "snd": DeviceType.SOUND, "9p": DeviceType.P9}
 _CLI_TYPES = dict(((t.name.lower(), t) for t in DeviceType), **_TYPE_ALIASES)
+
+
+def _int_arg(text):
+    """An argparse type: an integer with an optional 0x prefix or k/M/G suffix."""
+    import argparse
+    _ascii_arg(text, "an integer")
+    scale = {"k": 1 << 10, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    try:
+        value = int(text[:-1] if scale > 1 else text, 0) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not an integer" % text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("%r is negative" % text)
+    return value
+
+
+def _ascii_arg(text, kind):
+    """Refuse what int() and float() take beyond ASCII (full-width digits: '\uff10')."""
+    import argparse
+    try:
+        text.encode("ascii")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("%r is not %s (ASCII digits only)" % (text, kind))
+
+
+def _hex_arg(text):
+    """An argparse type: a whole Ethernet frame in hex (``ff:ff`` colons allowed), kept as text."""
+    import argparse
+    try:
+        frame = bytes.fromhex(text.replace(":", " "))
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not bytes in hex (two hex digits a byte, "
+                                         "e.g. ffffffffffff0200...)" % text)
+    if len(frame) < _ETH_HLEN:
+        raise argparse.ArgumentTypeError("%r is %d bytes; an Ethernet frame has at least %d"
+                                         % (text, len(frame), _ETH_HLEN))
+    return text
+
+
+def _byte_arg(text):
+    """An argparse type: one byte value, 0..255."""
+    import argparse
+    value = _int_arg(text)
+    if value > 0xFF:
+        raise argparse.ArgumentTypeError("%r is not a byte (0..255)" % text)
+    return value
+
+
+def _percent_arg(text):
+    """An argparse type: a whole percentage, 0..100."""
+    import argparse
+    value = _int_arg(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError("%r is not a percentage (0..100)" % text)
+    return value
+
+
+def _count_arg(text):
+    """An argparse type: an integer of at least 1 (frames, requests in flight, queues)."""
+    import argparse
+    value = _int_arg(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("%r: at least 1 is needed" % text)
+    return value
+
+
+def _seconds_arg(text, allow_zero=False, allow_inf=False):
+    """An argparse type: a finite number of seconds above 0 (or 0 if ``allow_zero``).
+
+    "inf", "nan" and huge values would end in a traceback (settimeout
+    overflows) or a run that does nothing, so they are usage errors; where
+    waiting for ever makes sense (``allow_inf``) "inf" is accepted.
+    """
+    import argparse
+    _ascii_arg(text, "a number")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % text)
+    if allow_inf and value == float("inf"):
+        return value
+    if not (value > 0 or allow_zero and value == 0) or not value <= threading.TIMEOUT_MAX:
+        raise argparse.ArgumentTypeError("%r is not a number of seconds %s and at most %d" % (
+            text, "from 0" if allow_zero else "above 0", threading.TIMEOUT_MAX))
+    return value
+
+
+def _rate_arg(text):
+    """An argparse type: a finite rate above 0 (``--pps``: frames per second)."""
+    import argparse
+    _ascii_arg(text, "a number")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("%r is not a rate above 0 (frames per second)" % text)
+    return value
+# -- the command table's building blocks -------------------------------------
+
+def _opt(*names, **keywords):
+    """One ``add_argument`` of the command table: its names and keywords, as given."""
+    return names, keywords
+
+
+def _one_of(*options, **keywords):
+    """Options of the command table that exclude each other (a mutually exclusive group)."""
+    return None, dict(keywords, options=options)
+
+
+def _command(name, help, options=(), func=None, parents=("common",), commands=None,
+             description=None):
+    """One command of the table: a subparser with ``options`` and maybe ``commands`` of its own.
+
+    ``parents`` names the shared option groups it takes ("common": -v and
+    --timeout; "ring": --packed/--split); ``commands`` is (dest, metavar,
+    the commands under it).
+    """
+    return {"name": name, "help": help, "options": options, "func": func, "parents": parents,
+            "commands": commands, "description": description}
+
+
+_SOCKET = _opt("socket", metavar="SOCKET")
+_JSON = _opt("--json", action="store_true", help="print one JSON object")
+_OFFSET = _opt("offset", type=_int_arg, metavar="OFFSET")
+_LENGTH = _opt("length", type=_int_arg, metavar="LENGTH")
+_RANGE = (_OFFSET, _LENGTH)
+_RING_OPTIONS = (_one_of(
+    _opt("--packed", dest="packed", action="store_const", const=True,
+         help="require packed virtqueues (RING_PACKED); default: packed when the back-end "
+              "offers it"),
+    _opt("--split", dest="packed", action="store_const", const=False,
+         help="use split virtqueues even when packed ones are offered")),)
+_PAYLOAD = _one_of(
+    _opt("--payload-file", metavar="FILE",
+         help="send FILE's bytes (a whole Ethernet frame) every time"),
+    _opt("--payload-hex", type=_hex_arg, metavar="HEX",
+         help="send these bytes every time (e.g. ffffffffffff0200...)"))
+_SECONDS_OR_ZERO = functools.partial(_seconds_arg, allow_zero=True)
+
+#: The ``fs`` commands, for the command line and the shell alike.
+_FS_COMMANDS = (
+    _command("ls", "list directories", (
+        _opt("-l", dest="long", action="store_true", help="long listing"),
+        _opt("-a", dest="all", action="store_true", help="include names starting with ."),
+        _opt("paths", nargs="*", metavar="PATH"))),
+    _command("tree", "the directory tree under PATH",
+             (_opt("path", nargs="?", default="", metavar="PATH"),)),
+    _command("stat", "everything stat(2) says of PATH", (_opt("path", metavar="PATH"),)),
+    _command("cat", "print files", (_opt("paths", nargs="+", metavar="PATH"),)),
+    _command("get", "copy REMOTE to a local file", (
+        _opt("remote", metavar="REMOTE"),
+        _opt("local", nargs="?", metavar="LOCAL",
+             help="local file or directory (default: REMOTE's name, here)"))),
+    _command("put", "copy a local file to REMOTE", (
+        _opt("local", metavar="LOCAL"),
+        _opt("remote", metavar="REMOTE", help="file or existing directory in the share"))),
+    _command("mkdir", "make directories", (
+        _opt("-p", dest="parents", action="store_true",
+             help="make parents as needed; no error if it exists"),
+        _opt("paths", nargs="+", metavar="PATH"))),
+    _command("rm", "remove files (and with -r, directories)", (
+        _opt("-r", "-R", dest="recursive", action="store_true",
+             help="remove directories and their contents"),
+        _opt("paths", nargs="+", metavar="PATH"))),
+    _command("mv", "rename or move into a directory",
+             (_opt("src", metavar="SRC"), _opt("dst", metavar="DST"))),
+    _command("ln", "make a hard link (-s: symbolic)", (
+        _opt("-s", dest="symbolic", action="store_true", help="symbolic link"),
+        _opt("target", metavar="TARGET"), _opt("path", metavar="PATH"))),
+    _command("df", "size, use and inodes of the share"),
+)
+
+
+def _add_commands(parser, commands, parents, required=True):
+    """Add ``commands`` (dest, metavar, table) to ``parser``; returns its subparsers action."""
+    dest, metavar, table = commands
+    actions = parser.add_subparsers(dest=dest, metavar=metavar)
+    actions.required = required  # 3.6 has no add_subparsers(required=)
+    for command in table:
+        keywords = {"help": command["help"]}
+        if command["description"] is not None:
+            keywords["description"] = command["description"]
+        sub = actions.add_parser(command["name"], parents=[parents[p] for p in command["parents"]
+                                                           if p in parents], **keywords)
+        _add_options(sub, command["options"])
+        if command["commands"] is not None:
+            _add_commands(sub, command["commands"], parents)
+        if command["func"] is not None:
+            sub.set_defaults(func=command["func"])
+    return actions
+
+
+def _add_options(parser, options):
+    """``add_argument`` each of ``options`` (``_opt``, ``_one_of``) on ``parser`` or a group."""
+    for names, keywords in options:
+        if names is None:
+            group = parser.add_mutually_exclusive_group(required=keywords.get("required", False))
+            _add_options(group, keywords["options"])
+        else:
+            parser.add_argument(*names, **keywords)
+
+
+def _transfer_suffix(exc):
+    """"; read stopped after N bytes ..." for an error that ended a transfer, else ""."""
+    note = _transfer_note(exc)
+    return "; " + note if note else ""
 
 
 def _probe(client, path, device_type=None, config_size=None):
@@ -16073,6 +16286,10 @@ def _fs_shell(fs, args, out):
     if interactive:
         out.write("\n")
     return 0 if interactive or not failures[0] else _EXIT_FAILURE
+############################################################################
+# Command line #############################################################
+############################################################################
+
 # -- migrate --------------------------------------------------------------------
 
 #: Chunk of one rehearsal read or write, and how many run at once.
@@ -16689,176 +16906,7 @@ def _cmd_selftest(args, out):
     return 0
 
 
-def _int_arg(text):
-    """An argparse type: an integer with an optional 0x prefix or k/M/G suffix."""
-    import argparse
-    _ascii_arg(text, "an integer")
-    scale = {"k": 1 << 10, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-    try:
-        value = int(text[:-1] if scale > 1 else text, 0) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not an integer" % text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("%r is negative" % text)
-    return value
-
-
-def _ascii_arg(text, kind):
-    """Refuse what int() and float() take beyond ASCII (full-width digits: '\uff10')."""
-    import argparse
-    try:
-        text.encode("ascii")
-    except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError("%r is not %s (ASCII digits only)" % (text, kind))
-
-
-def _hex_arg(text):
-    """An argparse type: a whole Ethernet frame in hex (``ff:ff`` colons allowed), kept as text."""
-    import argparse
-    try:
-        frame = bytes.fromhex(text.replace(":", " "))
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not bytes in hex (two hex digits a byte, "
-                                         "e.g. ffffffffffff0200...)" % text)
-    if len(frame) < _ETH_HLEN:
-        raise argparse.ArgumentTypeError("%r is %d bytes; an Ethernet frame has at least %d"
-                                         % (text, len(frame), _ETH_HLEN))
-    return text
-
-
-def _byte_arg(text):
-    """An argparse type: one byte value, 0..255."""
-    import argparse
-    value = _int_arg(text)
-    if value > 0xFF:
-        raise argparse.ArgumentTypeError("%r is not a byte (0..255)" % text)
-    return value
-
-
-def _percent_arg(text):
-    """An argparse type: a whole percentage, 0..100."""
-    import argparse
-    value = _int_arg(text)
-    if value > 100:
-        raise argparse.ArgumentTypeError("%r is not a percentage (0..100)" % text)
-    return value
-
-
-def _count_arg(text):
-    """An argparse type: an integer of at least 1 (frames, requests in flight, queues)."""
-    import argparse
-    value = _int_arg(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("%r: at least 1 is needed" % text)
-    return value
-
-
-def _seconds_arg(text, allow_zero=False, allow_inf=False):
-    """An argparse type: a finite number of seconds above 0 (or 0 if ``allow_zero``).
-
-    "inf", "nan" and huge values would end in a traceback (settimeout
-    overflows) or a run that does nothing, so they are usage errors; where
-    waiting for ever makes sense (``allow_inf``) "inf" is accepted.
-    """
-    import argparse
-    _ascii_arg(text, "a number")
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a number" % text)
-    if allow_inf and value == float("inf"):
-        return value
-    if not (value > 0 or allow_zero and value == 0) or not value <= threading.TIMEOUT_MAX:
-        raise argparse.ArgumentTypeError("%r is not a number of seconds %s and at most %d" % (
-            text, "from 0" if allow_zero else "above 0", threading.TIMEOUT_MAX))
-    return value
-
-
-def _rate_arg(text):
-    """An argparse type: a finite rate above 0 (``--pps``: frames per second)."""
-    import argparse
-    _ascii_arg(text, "a number")
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a number" % text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError("%r is not a rate above 0 (frames per second)" % text)
-    return value
-# -- the parser, from a table ------------------------------------------------------
-
-def _opt(*names, **keywords):
-    """One ``add_argument`` of the command table: its names and keywords, as given."""
-    return names, keywords
-
-
-def _one_of(*options, **keywords):
-    """Options of the command table that exclude each other (a mutually exclusive group)."""
-    return None, dict(keywords, options=options)
-
-
-def _command(name, help, options=(), func=None, parents=("common",), commands=None,
-             description=None):
-    """One command of the table: a subparser with ``options`` and maybe ``commands`` of its own.
-
-    ``parents`` names the shared option groups it takes ("common": -v and
-    --timeout; "ring": --packed/--split); ``commands`` is (dest, metavar,
-    the commands under it).
-    """
-    return {"name": name, "help": help, "options": options, "func": func, "parents": parents,
-            "commands": commands, "description": description}
-
-
-_SOCKET = _opt("socket", metavar="SOCKET")
-_JSON = _opt("--json", action="store_true", help="print one JSON object")
-_OFFSET = _opt("offset", type=_int_arg, metavar="OFFSET")
-_LENGTH = _opt("length", type=_int_arg, metavar="LENGTH")
-_RANGE = (_OFFSET, _LENGTH)
-_RING_OPTIONS = (_one_of(
-    _opt("--packed", dest="packed", action="store_const", const=True,
-         help="require packed virtqueues (RING_PACKED); default: packed when the back-end "
-              "offers it"),
-    _opt("--split", dest="packed", action="store_const", const=False,
-         help="use split virtqueues even when packed ones are offered")),)
-_PAYLOAD = _one_of(
-    _opt("--payload-file", metavar="FILE",
-         help="send FILE's bytes (a whole Ethernet frame) every time"),
-    _opt("--payload-hex", type=_hex_arg, metavar="HEX",
-         help="send these bytes every time (e.g. ffffffffffff0200...)"))
-_SECONDS_OR_ZERO = functools.partial(_seconds_arg, allow_zero=True)
-
-#: The ``fs`` commands, for the command line and the shell alike.
-_FS_COMMANDS = (
-    _command("ls", "list directories", (
-        _opt("-l", dest="long", action="store_true", help="long listing"),
-        _opt("-a", dest="all", action="store_true", help="include names starting with ."),
-        _opt("paths", nargs="*", metavar="PATH"))),
-    _command("tree", "the directory tree under PATH",
-             (_opt("path", nargs="?", default="", metavar="PATH"),)),
-    _command("stat", "everything stat(2) says of PATH", (_opt("path", metavar="PATH"),)),
-    _command("cat", "print files", (_opt("paths", nargs="+", metavar="PATH"),)),
-    _command("get", "copy REMOTE to a local file", (
-        _opt("remote", metavar="REMOTE"),
-        _opt("local", nargs="?", metavar="LOCAL",
-             help="local file or directory (default: REMOTE's name, here)"))),
-    _command("put", "copy a local file to REMOTE", (
-        _opt("local", metavar="LOCAL"),
-        _opt("remote", metavar="REMOTE", help="file or existing directory in the share"))),
-    _command("mkdir", "make directories", (
-        _opt("-p", dest="parents", action="store_true",
-             help="make parents as needed; no error if it exists"),
-        _opt("paths", nargs="+", metavar="PATH"))),
-    _command("rm", "remove files (and with -r, directories)", (
-        _opt("-r", "-R", dest="recursive", action="store_true",
-             help="remove directories and their contents"),
-        _opt("paths", nargs="+", metavar="PATH"))),
-    _command("mv", "rename or move into a directory",
-             (_opt("src", metavar="SRC"), _opt("dst", metavar="DST"))),
-    _command("ln", "make a hard link (-s: symbolic)", (
-        _opt("-s", dest="symbolic", action="store_true", help="symbolic link"),
-        _opt("target", metavar="TARGET"), _opt("path", metavar="PATH"))),
-    _command("df", "size, use and inodes of the share"),
-)
+# -- the parser, from a table ------------------------------------------------
 
 #: Every command of the command line, in the order --help lists them.
 _CLI_COMMANDS = (
@@ -17147,35 +17195,6 @@ def _build_parser():
     return parser, commands, common
 
 
-def _add_commands(parser, commands, parents, required=True):
-    """Add ``commands`` (dest, metavar, table) to ``parser``; returns its subparsers action."""
-    dest, metavar, table = commands
-    actions = parser.add_subparsers(dest=dest, metavar=metavar)
-    actions.required = required  # 3.6 has no add_subparsers(required=)
-    for command in table:
-        keywords = {"help": command["help"]}
-        if command["description"] is not None:
-            keywords["description"] = command["description"]
-        sub = actions.add_parser(command["name"], parents=[parents[p] for p in command["parents"]
-                                                           if p in parents], **keywords)
-        _add_options(sub, command["options"])
-        if command["commands"] is not None:
-            _add_commands(sub, command["commands"], parents)
-        if command["func"] is not None:
-            sub.set_defaults(func=command["func"])
-    return actions
-
-
-def _add_options(parser, options):
-    """``add_argument`` each of ``options`` (``_opt``, ``_one_of``) on ``parser`` or a group."""
-    for names, keywords in options:
-        if names is None:
-            group = parser.add_mutually_exclusive_group(required=keywords.get("required", False))
-            _add_options(group, keywords["options"])
-        else:
-            parser.add_argument(*names, **keywords)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line (``python3 vhost_user_frontend.py --help``); returns the exit status."""
     saved = sys.stdout, sys.stderr
@@ -17283,12 +17302,6 @@ def _silence_stdout():
         os.dup2(devnull, fd)
     finally:
         os.close(devnull)
-
-
-def _transfer_suffix(exc):
-    """"; read stopped after N bytes ..." for an error that ended a transfer, else ""."""
-    note = _transfer_note(exc)
-    return "; " + note if note else ""
 
 
 if __name__ == "__main__":
