@@ -538,6 +538,19 @@ def unix_connect(path, timeout=5.0):
     return s
 
 
+def unix_listener(path, timeout=10):
+    """A unix socket listening at ``path`` (backlog 1), its accept bounded by ``timeout``."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        listener.listen(1)
+        listener.settimeout(timeout)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
 class TestDaemonHarness(BackendTestMixin, FdLeakCheck):
     """The test support itself: daemons start, accept a connection, stop, and leave nothing behind."""
 
@@ -620,11 +633,8 @@ class TestDaemonHarness(BackendTestMixin, FdLeakCheck):
 
     def test_testpmd_client(self):
         d = self.start_backend(Testpmd, client=True, start=False)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener = unix_listener(d.socket_path)
         self.addCleanup(listener.close)
-        listener.bind(d.socket_path)
-        listener.listen(1)
-        listener.settimeout(10)
         d.start()
         conn, _ = listener.accept()
         conn.close()
@@ -9205,10 +9215,7 @@ class RecordingProxy(object):
         self.path = os.path.join(tmpdir, "proxy.sock")
         self.target = target
         self.trace = []
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(self.path)
-        self.listener.listen(1)
-        self.listener.settimeout(10)
+        self.listener = unix_listener(self.path)
         self.thread = threading.Thread(target=self._run, name="vhost-user-test-proxy")
         self.thread.start()
 
@@ -10137,10 +10144,7 @@ class _ScriptedBackend(object):
         self.close_after = close_after
         self.silent = silent
         self.requests = []
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(self.path)
-        self.listener.listen(1)
-        self.listener.settimeout(10)
+        self.listener = unix_listener(self.path)
         self.thread = threading.Thread(target=self._serve, name="cli-scripted-backend")
         self.thread.start()
 

@@ -3686,9 +3686,10 @@ class Queue:
 
         The spin/sleep policy of every wait (``wait_used``, the devices'
         fast paths): poll used->idx for ``spin`` seconds (default
-        ``self.spin``); on a CPU shared with the back-end (``defer_calls``)
-        yield it once; then ask for a call once ``count`` more entries are
-        used and sleep on the call eventfd. False at the timeout, or when
+        ``self.spin``); with no spin and ``defer_calls`` (the policy for a
+        CPU shared with the back-end) yield the CPU once; then ask for a
+        call once ``count`` more entries are used and sleep on the call
+        eventfd. False at the timeout, or when
         ``wake_waiter`` was called and nothing is used.
 
         With ``spin_max``, the spin adapts as the kernel's halt-polling does:
@@ -3698,9 +3699,10 @@ class Queue:
         """
         now = time.monotonic()
         deadline = now + timeout
-        spin_until = now + (self.spin if spin is None else spin)
+        spin = self.spin if spin is None else spin
+        spin_until = now + spin
         has_used = self._has_used
-        yielded = not self.defer_calls or self.spin_max > 0
+        yielded = not self.defer_calls or spin > 0
         try:
             while True:
                 if has_used():
@@ -3711,7 +3713,7 @@ class Queue:
                 if now < spin_until:
                     continue
                 if not yielded:
-                    # On a CPU shared with the back-end (defer_calls): let it
+                    # Not polling (a CPU shared with the back-end): let it
                     # run what was kicked before asking for a call and
                     # sleeping, which wakes us after its first entry.
                     yielded = True
