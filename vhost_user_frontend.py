@@ -3922,14 +3922,18 @@ class Queue:
 
     def spin_for_used(self, seconds: float) -> bool:
         """Poll for used entries up to ``seconds``; True when there are some."""
-        has_used = self._has_used
-        if has_used():
+        # The loop's head is the look at used->idx, and it is only reached
+        # when the first look found nothing: PyPy's JIT then compiles the
+        # path that goes round (see _compiled_alone). The look is spelled
+        # out: through _has_used PyPy made the loop slower by half.
+        load_used = self._load_used
+        if load_used(1) != self.next_used:
             return True
         until = time.monotonic() + seconds
-        while time.monotonic() < until:
-            if has_used():
-                return True
-        return False
+        while load_used(1) == self.next_used:
+            if time.monotonic() >= until:
+                return False
+        return True
 
     def _check_usable(self):
         if self._broken is not None:
@@ -3983,6 +3987,28 @@ class Queue:
 # Tracebacks and repr() name the error as callers catch it, Queue.Full, not by its private
 # name; pickle finds it under that name too.
 _QueueFull.__name__, _QueueFull.__qualname__ = "Full", "Queue.Full"
+
+
+def _compiled_alone(*functions):
+    """Have PyPy's JIT compile each of ``functions`` on its own, never inlined into a caller.
+
+    For the polling loops. The JIT inlines a called function into its
+    caller's trace; a polling loop inlined so runs a different number of
+    rounds each call, and the JIT unrolled those rounds into a chain of
+    bridges, one more every few hundred calls, without end: on two CPUs,
+    block I/O at depth 1 spent over half its time compiling them (PyPy
+    7.3.11). Compiled on their own, the loops are loops. A no-op where
+    there is no pypyjit module (CPython).
+    """
+    try:
+        import pypyjit  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    for function in functions:
+        pypyjit.dont_trace_here(0, False, function.__code__)
+
+
+_compiled_alone(Queue.spin_for_used, Queue.wait_for_used)
 
 
 ############################################################################
@@ -4428,6 +4454,17 @@ class _PackedQueue(Queue):
             self._load_word(8 * self.next_used + 7) & _PACKED_F_BOTH
             != (_PACKED_F_AVAIL if self.used_wrap else _PACKED_F_USED))
 
+    def spin_for_used(self, seconds: float) -> bool:
+        """Poll for used descriptors up to ``seconds``; True when there are some."""
+        has_used = self._has_used   # Queue.spin_for_used says why the loop has this shape
+        if has_used():
+            return True
+        until = time.monotonic() + seconds
+        while not has_used():
+            if time.monotonic() >= until:
+                return False
+        return True
+
     def _reap_whole_batch(self):
         """None: the packed layout's used descriptors are walked by ``_reap_some``."""
         return None
@@ -4591,6 +4628,7 @@ class _PackedQueue(Queue):
 
 
 Queue._packed_layout = _PackedQueue
+_compiled_alone(_PackedQueue.spin_for_used)
 
 
 ############################################################################
@@ -8079,35 +8117,34 @@ class BlockDevice(_Device):
             q = completions.queue
             if q.kick_pending:   # posted with notify=False: kick now
                 q.notify()
-            spin = q.spin
-            while True:
-                # The usual case takes the lock (the queue's too) once: reap what the
-                # device used (when no other thread is reaping) and hand it over.
-                with completions.lock:
-                    if len(slots.done) < count and not slots.failed and not completions.reaping:
-                        if not slots.done:
-                            # The usual reap: the batch posted at one time, all used
-                            # at once, each complete and OK, in one step.
-                            done = completions.reap_whole_batch()
-                            if done is not None:
-                                return done   # no more in flight
-                        completions.reap_slots()
-                    done = slots.done
-                    ready = len(done) + len(slots.failed)
-                    want = ready + slots.busy
-                    if count < want:
-                        want = count
-                    if ready >= want:
-                        if slots.failed:
-                            return self._take_reaped(slots)
-                        slots.done = []
-                        return done
-                if not spin:
-                    break
-                # Spin here, as wait_used would, so that what the device uses
-                # meanwhile is taken by the lean path above.
-                q.spin_for_used(spin)
-                spin = 0
+            if q.spin and len(slots.done) < count and slots.busy and not slots.failed:
+                # Spin first, as wait_used would, then take what the device used
+                # with the lean path below. (Looking first and spinning only when
+                # nothing was there gives PyPy's JIT a branch that goes either way
+                # at random on two CPUs: it compiled a new bridge for it again and
+                # again, and spent half its time doing so.)
+                q.spin_for_used(q.spin)
+            # The usual case takes the lock (the queue's too) once: reap what the
+            # device used (when no other thread is reaping) and hand it over.
+            with completions.lock:
+                if len(slots.done) < count and not slots.failed and not completions.reaping:
+                    if not slots.done:
+                        # The usual reap: the batch posted at one time, all used
+                        # at once, each complete and OK, in one step.
+                        done = completions.reap_whole_batch()
+                        if done is not None:
+                            return done   # no more in flight
+                    completions.reap_slots()
+                done = slots.done
+                ready = len(done) + len(slots.failed)
+                want = ready + slots.busy
+                if count < want:
+                    want = count
+                if ready >= want:
+                    if slots.failed:
+                        return self._take_reaped(slots)
+                    slots.done = []
+                    return done
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
             completions.wait(lambda: len(slots.done) + len(slots.failed) >= want,
                              deadline, "reap", want - ready, spin=0)
