@@ -9174,21 +9174,20 @@ class NetDevice(_Device):
     def _rx_take(self, pair, limit, timeout, what):
         """Reap up to ``limit`` used receive buffers, waiting up to ``timeout`` for one."""
         rx = pair.rx
-        with rx.lock:
-            taken, lengths = rx.reap_run(limit)
-        if taken or timeout == 0:
-            return taken, lengths
+        if timeout == 0:
+            with rx.lock:
+                return rx.reap_run(limit)
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        deadline += self._check_alive(what)
         while True:
+            # Wait, then reap, as BlockDevice.reap does (and for PyPy's sake).
+            if self._trouble():
+                deadline += self._check_alive(what)
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return taken, lengths
-            rx.wait_for_used(min(remaining, _CRASH_CHECK_INTERVAL))
-            deadline += self._check_alive(what)
+            if remaining > 0:
+                rx.wait_for_used(min(remaining, _CRASH_CHECK_INTERVAL))
             with rx.lock:
                 taken, lengths = rx.reap_run(limit)
-            if taken:
+            if taken or remaining <= 0:
                 return taken, lengths
 
     def _rx_post(self, pair, taken):
