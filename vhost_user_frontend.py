@@ -3925,7 +3925,7 @@ class Queue:
         # The loop's head is the look at used->idx, and it is only reached
         # when the first look found nothing: PyPy's JIT then compiles the
         # path that goes round (see _compiled_alone). The look is spelled
-        # out: through _has_used PyPy made the loop slower by half.
+        # out: through _has_used PyPy runs the loop markedly slower.
         load_used = self._load_used
         if load_used(1) != self.next_used:
             return True
@@ -3994,11 +3994,11 @@ def _compiled_alone(*functions):
 
     For the polling loops. The JIT inlines a called function into its
     caller's trace; a polling loop inlined so runs a different number of
-    rounds each call, and the JIT unrolled those rounds into a chain of
-    bridges, one more every few hundred calls, without end: on two CPUs,
-    block I/O at depth 1 spent over half its time compiling them (PyPy
-    7.3.11). Compiled on their own, the loops are loops. A no-op where
-    there is no pypyjit module (CPython).
+    rounds each call, and the JIT unrolls those rounds into a chain of
+    bridges, one more every few hundred calls, without end (PyPy 7.3):
+    a program that polls then spends more time compiling than running.
+    Compiled on their own, the loops are loops. A no-op where there is
+    no pypyjit module (CPython).
     """
     try:
         import pypyjit  # type: ignore[import-not-found]
@@ -8119,10 +8119,10 @@ class BlockDevice(_Device):
                 q.notify()
             if q.spin and len(slots.done) < count and slots.busy and not slots.failed:
                 # Spin first, as wait_used would, then take what the device used
-                # with the lean path below. (Looking first and spinning only when
-                # nothing was there gives PyPy's JIT a branch that goes either way
-                # at random on two CPUs: it compiled a new bridge for it again and
-                # again, and spent half its time doing so.)
+                # with the lean path below. Not the other way round: looking first
+                # and spinning only when nothing was there is a branch that goes
+                # either way at random, which PyPy's JIT keeps compiling bridges
+                # for (see _compiled_alone).
                 q.spin_for_used(q.spin)
             # The usual case takes the lock (the queue's too) once: reap what the
             # device used (when no other thread is reaping) and hand it over.
