@@ -12276,20 +12276,26 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
         backend = vu._EmbeddedBackend(net, path=os.path.join(tmpdir, "net.sock")).start()
         self.addCleanup(backend.close)
         frame = b"\xff" * 6 + b"\x02" * 6 + b"\x88\xb5" + bytes(50)
-        count = 240000
+        sent = 0
         with vu.NetDevice.connect(backend.path, timeout=0.5) as nic:
-            # The ring fills and drains many times over, for longer than the 0.5 s timeout in all
-            # (60000 frames took 0.3-0.5 s unloaded, on PyPy and CPython): no VhostUserTimeout.
-            started = time.monotonic()
-            nic.send_many([frame] * count)
-            nic.flush()
-            elapsed = time.monotonic() - started
+            # The ring fills and drains many times over, for longer than the 0.5 s timeout in all:
+            # no VhostUserTimeout. Twice the frames until one call lasts that long.
+            count = 120000
+            while True:
+                started = time.monotonic()
+                nic.send_many([frame] * count)
+                nic.flush()
+                elapsed = time.monotonic() - started
+                sent += count
+                if elapsed > 0.6 or count > 4000000:
+                    break
+                count *= 2
             received = 0
             while nic.recv(timeout=0) is not None:
                 received += 1
         self.assertGreater(elapsed, 0.5, "the call must outlast the timeout to show anything")
         # Every frame reached the back-end: echoed while our RX ring had room, else dropped there.
-        self.assertEqual(net.dropped + received, count)
+        self.assertEqual(net.dropped + received, sent)
 
 
 # README ##############################################################################################

@@ -2759,6 +2759,18 @@ _Ranges = Sequence[Tuple[int, int]]
 _Used = Sequence[Tuple[Any, int]]
 
 
+# PyPy's tracing JIT compiles the path a loop took when the loop got hot. A
+# polling loop that may stop after any look gets its hot path traced on a
+# round that stops, and then unrolls the rounds that go on into a chain of
+# bridges, one more every few hundred calls, without end: a program that
+# polls spends more time compiling than running. So the polls look in runs
+# of a fixed count, with no way out inside a run, and stop between runs
+# (one look per run where there is no such JIT: CPython). See also
+# _compiled_alone.
+_TRACING_JIT = "pypyjit" in sys.builtin_module_names
+_SPIN_RUN = range(16 if _TRACING_JIT else 1)
+
+
 class Queue:
     """One virtqueue in guest memory, split or packed, and the driver that fills it.
 
@@ -3700,18 +3712,17 @@ class Queue:
         now = time.monotonic()
         deadline = now + timeout
         spin = self.spin if spin is None else spin
-        spin_until = now + spin
         has_used = self._has_used
         yielded = not self.defer_calls or spin > 0
         try:
+            if spin > 0 and self.spin_for_used(min(spin, timeout)):
+                return True
             while True:
                 if has_used():
                     return True
                 now = time.monotonic()
                 if now >= deadline:
                     return False
-                if now < spin_until:
-                    continue
                 if not yielded:
                     # Not polling (a CPU shared with the back-end): let it
                     # run what was kicked before asking for a call and
@@ -3920,20 +3931,33 @@ class Queue:
         """
         self._fail(message)
 
-    def spin_for_used(self, seconds: float) -> bool:
-        """Poll for used entries up to ``seconds``; True when there are some."""
-        # The loop's head is the look at used->idx, and it is only reached
-        # when the first look found nothing: PyPy's JIT then compiles the
-        # path that goes round (see _compiled_alone). The look is spelled
-        # out: through _has_used PyPy runs the loop markedly slower.
-        load_used = self._load_used
-        if load_used(1) != self.next_used:
+    if _TRACING_JIT:
+        def spin_for_used(self, seconds: float) -> bool:
+            """Poll for used entries up to ``seconds``; True when there are some."""
+            # Looks in runs of a fixed count, with no exit inside a run:
+            # see _SPIN_RUN. The look is spelled out (through _has_used
+            # PyPy runs the loop markedly slower).
+            load_used, next_used = self._load_used, self.next_used
+            until = time.monotonic() + seconds
+            while True:
+                moved = 0
+                for _ in _SPIN_RUN:
+                    moved |= load_used(1) ^ next_used
+                if moved:
+                    return True
+                if time.monotonic() >= until:
+                    return False
+    else:
+        def spin_for_used(self, seconds: float) -> bool:
+            """Poll for used entries up to ``seconds``; True when there are some."""
+            load_used = self._load_used
+            if load_used(1) != self.next_used:
+                return True
+            until = time.monotonic() + seconds
+            while load_used(1) == self.next_used:
+                if time.monotonic() >= until:
+                    return False
             return True
-        until = time.monotonic() + seconds
-        while load_used(1) == self.next_used:
-            if time.monotonic() >= until:
-                return False
-        return True
 
     def _check_usable(self):
         if self._broken is not None:
@@ -3993,10 +4017,8 @@ def _compiled_alone(*functions):
     """Have PyPy's JIT compile each of ``functions`` on its own, never inlined into a caller.
 
     For the polling loops. The JIT inlines a called function into its
-    caller's trace; a polling loop inlined so runs a different number of
-    rounds each call, and the JIT unrolls those rounds into a chain of
-    bridges, one more every few hundred calls, without end (PyPy 7.3):
-    a program that polls then spends more time compiling than running.
+    caller's trace, where a polling loop runs a different number of
+    rounds each call: the chain of bridges described above _SPIN_RUN.
     Compiled on their own, the loops are loops. A no-op where there is
     no pypyjit module (CPython).
     """
@@ -4456,14 +4478,16 @@ class _PackedQueue(Queue):
 
     def spin_for_used(self, seconds: float) -> bool:
         """Poll for used descriptors up to ``seconds``; True when there are some."""
-        has_used = self._has_used   # Queue.spin_for_used says why the loop has this shape
-        if has_used():
-            return True
+        has_used = self._has_used
         until = time.monotonic() + seconds
-        while not has_used():
+        while True:
+            moved = False
+            for _ in _SPIN_RUN:   # as the split layout's spin_for_used
+                moved |= has_used()
+            if moved:
+                return True
             if time.monotonic() >= until:
                 return False
-        return True
 
     def _reap_whole_batch(self):
         """None: the packed layout's used descriptors are walked by ``_reap_some``."""
