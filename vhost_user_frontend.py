@@ -2765,8 +2765,7 @@ _Used = Sequence[Tuple[Any, int]]
 # bridges, one more every few hundred calls, without end: a program that
 # polls spends more time compiling than running. So the polls look in runs
 # of a fixed count, with no way out inside a run, and stop between runs
-# (one look per run where there is no such JIT: CPython). See also
-# _compiled_alone.
+# (one look per run where there is no such JIT: CPython).
 _TRACING_JIT = "pypyjit" in sys.builtin_module_names
 _SPIN_RUN = range(16 if _TRACING_JIT else 1)
 
@@ -4013,26 +4012,6 @@ class Queue:
 _QueueFull.__name__, _QueueFull.__qualname__ = "Full", "Queue.Full"
 
 
-def _compiled_alone(*functions):
-    """Have PyPy's JIT compile each of ``functions`` on its own, never inlined into a caller.
-
-    For the polling loops. The JIT inlines a called function into its
-    caller's trace, where a polling loop runs a different number of
-    rounds each call: the chain of bridges described above _SPIN_RUN.
-    Compiled on their own, the loops are loops. A no-op where there is
-    no pypyjit module (CPython).
-    """
-    try:
-        import pypyjit  # type: ignore[import-not-found]
-    except ImportError:
-        return
-    for function in functions:
-        pypyjit.dont_trace_here(0, False, function.__code__)
-
-
-_compiled_alone(Queue.spin_for_used, Queue.wait_for_used)
-
-
 ############################################################################
 # Packed queue #############################################################
 ############################################################################
@@ -4652,7 +4631,6 @@ class _PackedQueue(Queue):
 
 
 Queue._packed_layout = _PackedQueue
-_compiled_alone(_PackedQueue.spin_for_used)
 
 
 ############################################################################
@@ -8146,7 +8124,7 @@ class BlockDevice(_Device):
                 # with the lean path below. Not the other way round: looking first
                 # and spinning only when nothing was there is a branch that goes
                 # either way at random, which PyPy's JIT keeps compiling bridges
-                # for (see _compiled_alone).
+                # for (see _SPIN_RUN).
                 q.spin_for_used(q.spin)
             # The usual case takes the lock (the queue's too) once: reap what the
             # device used (when no other thread is reaping) and hand it over.
