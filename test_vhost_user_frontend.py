@@ -10043,8 +10043,10 @@ class TestCliBenchFio(BackendTestMixin, FdLeakCheck):
 
     def test_verify_catches_a_block_changed_behind_its_back(self):
         # Write pass: every write carries its header; at the end bench reads back what it wrote.
+        # One second, so that random writes surely reach every block of the span (in 0.2 s a
+        # loaded CI machine once wrote 54 of the 64).
         report = self.bench("--rw", "randwrite", "--verify", "--offset", "1M", "--span", "256k",
-                            "--iodepth", "4", "--numjobs", "2")
+                            "--iodepth", "4", "--numjobs", "2", "--seconds", "1")
         self.assertEqual(report["verified_blocks"], 64)   # every 4 KiB block of the span, read back
         self.assertEqual(report["fio"]["jobs"][0]["job options"]["verify"], "crc32")
         # Read pass over the same region: every block read is checked.
