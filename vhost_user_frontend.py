@@ -16337,6 +16337,9 @@ _MIGRATE_CHUNK = 64 << 10
 _MIGRATE_DEPTH = 16
 #: Requests (frames) posted without a kick just before the move: in flight, never taken by OLD.
 _MIGRATE_UNTAKEN = 8
+#: Seconds OLD is left idle before those are posted: a back-end still walking its avail ring after
+#: the last kick (libvhost-user pops until the ring is empty) would take them without one.
+_MIGRATE_SETTLE = 0.1
 
 
 def _device_spans(dev):
@@ -16443,6 +16446,7 @@ def _migrate_blk(dev, args, out):
     out.write("OLD: %d read(s) of %d bytes%s\n" % (len(starts), chunk,
                                                   ", after writing them" if args.write else ""))
     untaken = starts[:_MIGRATE_UNTAKEN]
+    time.sleep(_MIGRATE_SETTLE)
     requests = [dev.submit_write(start, pattern(start), notify=False) if args.write
                 else dev.submit_read(start, chunk, notify=False) for start in untaken]
     _migrate_move(dev, args, out)
