@@ -13967,6 +13967,8 @@ def _bench_blk_only(args, rw):
 
 def _cmd_bench(args, out):
     _check_bench_usage(args)
+    if args.packed is None and args.type != "fs":
+        args.packed = False   # split rings unless --packed: see _BENCH_RING
     if args.type == "net":
         given = _bench_blk_only(args, ("--rw", args.rw))
         if given:
@@ -14826,6 +14828,15 @@ _RING_OPTIONS = (_one_of(
               "offers it"),
     _opt("--split", dest="packed", action="store_const", const=False,
          help="use split virtqueues even when packed ones are offered")),)
+#: bench's: split rings unless --packed. This front-end posts a split ring's
+#: prebuilt descriptors with one avail entry each, while a packed ring's
+#: descriptors are rewritten at every post; split is its faster layout.
+_BENCH_RING = _one_of(
+    _opt("--packed", dest="packed", action="store_const", const=True,
+         help="use packed virtqueues (RING_PACKED required); default: split, this "
+              "front-end's faster layout"),
+    _opt("--split", dest="packed", action="store_const", const=False,
+         help="use split virtqueues (the default)"))
 _PAYLOAD = _one_of(
     _opt("--payload-file", metavar="FILE",
          help="send FILE's bytes (a whole Ethernet frame) every time"),
@@ -17103,7 +17114,6 @@ _CLI_COMMANDS = (
                          help="write the frames' bytes to FILE, one after the other")))))),
     _command(
         "bench", "measure throughput, latency and CPU per request", func=_cmd_bench,
-        parents=("common", "ring"),
         description="Run I/O for --seconds and report IOPS and MiB/s (blk; fs: FUSE reads or "
                     "writes of one file in the share) or packets/s and Mbit/s of frames "
                     "looped back by the back-end (net: testpmd in io forward mode), latency "
@@ -17117,6 +17127,7 @@ _CLI_COMMANDS = (
             _SOCKET,
             _opt("--type", choices=("blk", "net", "fs"), default="blk",
                  help="device to drive (default blk)"),
+            _BENCH_RING,
             _opt("--rw", "--readwrite", choices=sorted(_BENCH_RW), metavar="MODE",
                  help="blk access pattern, as fio's: read, write, randread, randwrite, rw (or "
                       "readwrite), randrw (default randread)"),
