@@ -6209,6 +6209,10 @@ class TestMoveBlock(BackendTestMixin, FdLeakCheck):
     def test_chains_the_old_back_end_never_took_run_on_the_new_one(self):
         dev = self.connect(self.a.socket_path)
         datas = [struct.pack("<I", 0xA0 + i) * 1024 for i in range(8)]
+        # The kick every ring gets at its start (start_kick) may reach qsd after requests
+        # posted at once: one request round trip and a pause let it go idle first.
+        dev.read(0, 4096)
+        time.sleep(0.1)
         # Posted without a kick: the old back-end never takes them.
         requests = [dev.submit_write((100 + i) * 4096, data, notify=False)
                     for i, data in enumerate(datas)]

@@ -16348,8 +16348,8 @@ _MIGRATE_CHUNK = 64 << 10
 _MIGRATE_DEPTH = 16
 #: Requests (frames) posted without a kick just before the move: in flight, never taken by OLD.
 _MIGRATE_UNTAKEN = 8
-#: Seconds OLD is left idle before those are posted: a back-end still walking its avail ring after
-#: the last kick (libvhost-user pops until the ring is empty) would take them without one.
+#: Seconds OLD is left idle before those are posted: a back-end still handling an earlier kick
+#: (libvhost-user pops until its avail ring is empty) would take them without one.
 _MIGRATE_SETTLE = 0.1
 
 
