@@ -3211,8 +3211,8 @@ class Queue:
         count = len(heads)
         start = self.next_avail & (self.size - 1)
         end = start + count
-        if count == 1:
-            self._avail[2 + start] = heads[0]
+        if count == 1:   # the accessor: a store through the cast view is slow on PyPy
+            self._store_avail(2 + start, heads[0])
         else:
             if heads.__class__ is not array.array:
                 heads = array.array("H", heads)
