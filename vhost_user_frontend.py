@@ -3930,33 +3930,21 @@ class Queue:
         """
         self._fail(message)
 
-    if _TRACING_JIT:
-        def spin_for_used(self, seconds: float) -> bool:
-            """Poll for used entries up to ``seconds``; True when there are some."""
-            # Looks in runs of a fixed count, with no exit inside a run:
-            # see _SPIN_RUN. The look is spelled out (through _has_used
-            # PyPy runs the loop markedly slower).
-            load_used, next_used = self._load_used, self.next_used
-            until = time.monotonic() + seconds
-            while True:
-                moved = 0
-                for _ in _SPIN_RUN:
-                    moved |= load_used(1) ^ next_used
-                if moved:
-                    return True
-                if time.monotonic() >= until:
-                    return False
-    else:
-        def spin_for_used(self, seconds: float) -> bool:
-            """Poll for used entries up to ``seconds``; True when there are some."""
-            load_used = self._load_used
-            if load_used(1) != self.next_used:
+    def spin_for_used(self, seconds: float) -> bool:
+        """Poll for used entries up to ``seconds``; True when there are some."""
+        # Looks in runs of a fixed count, with no exit inside a run: see
+        # _SPIN_RUN. The look is spelled out (through _has_used PyPy runs
+        # the loop markedly slower).
+        load_used, next_used = self._load_used, self.next_used
+        until = time.monotonic() + seconds
+        while True:
+            moved = 0
+            for _ in _SPIN_RUN:
+                moved |= load_used(1) ^ next_used
+            if moved:
                 return True
-            until = time.monotonic() + seconds
-            while load_used(1) == self.next_used:
-                if time.monotonic() >= until:
-                    return False
-            return True
+            if time.monotonic() >= until:
+                return False
 
     def _check_usable(self):
         if self._broken is not None:
