@@ -10497,10 +10497,15 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
         report = json.loads(out)
         self.assertEqual(list(report), [
             "type", "size", "depth", "queues", "seconds", "requests", "packets_per_s", "mbit_per_s",
-            "latency_us", "frontend_cpu_us_per_request", "backend_cpu_us_per_request", "packed"])
+            "latency_us", "frontend_cpu_us_per_request", "backend_cpu_us_per_request", "packed",
+            "verify", "verified_frames"])
         self.assertEqual((report["type"], report["size"], report["depth"], report["queues"],
-                          report["packed"]), ("net", 64, 8, 1, False))
+                          report["packed"], report["verify"]), ("net", 64, 8, 1, False, False))
         self.assertGreater(report["requests"], 8)
+        # Bytes compared in the first round and one round in 64 after it; the others' lengths.
+        rounds = report["requests"] // 8
+        self.assertEqual(report["verified_frames"],
+                         8 * -(-rounds // vu._NET_BENCH_CHECK_EVERY))
         self.assertGreaterEqual(report["seconds"], 0.5)
         self.assertAlmostEqual(report["packets_per_s"], report["requests"] / report["seconds"],
                                delta=report["packets_per_s"] / 1000)
@@ -10509,14 +10514,17 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
         self.assertTrue(0 < lat["min"] <= lat["p50"] <= lat["p99"] <= lat["p999"] <= lat["max"], lat)
         self.assertGreater(report["frontend_cpu_us_per_request"], 0)
         self.assertGreater(report["backend_cpu_us_per_request"], 0)   # testpmd busy-polls
-        status, out, err = run_cli("bench", sock, "--type", "net", "--seconds", "0.2", "--size", "1514")
+        status, out, err = run_cli("bench", sock, "--type", "net", "--seconds", "0.2", "--size", "1514",
+                                   "--verify")
         self.assertEqual((status, err), (0, ""))
         self.assertIn("net loopback, 1514-byte frames, depth 1, 1 queue pair", out)
+        checked = int(re.search(r"\(([0-9]+) round trips\)", out).group(1))
+        self.assertIn("  verify                 %d frame(s) compared byte for byte: all as sent\n"
+                      % checked, out)
         self.assertRegex(out, r"backend CPU µs/packet  [\d.]+\n")   # the socket's peer (issue 22)
         for argv, fragment, code in (
                 (["--depth", "257"], "--depth 257: at most 256 frames of 64 bytes", 1),
                 (["--rw", "read"], "--rw applies to --type blk and fs only", 2),      # usage
-                (["--verify"], "--verify applies to --type blk only", 2),
                 (["--offset", "4k"], "--offset applies to --type blk only", 2),
                 # testpmd runs one pair here: pair 1 is never looped back.
                 (["--queues", "2", "--timeout", "0.5"],
@@ -10530,6 +10538,22 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
         self.assertEqual((status, out), (1, ""), err)
         self.assertIn("wrong device type: the back-end is a net device", err)
         self.assertIsNone(d.returncode)
+
+    def test_bench_catches_a_changed_echo(self):
+        # testpmd in macswap mode sends every frame back with its addresses swapped: the
+        # first round is compared byte for byte, and the error names the frame and the byte.
+        d = self.start_backend(Testpmd, forward_mode="macswap")
+        for argv in ((), ("--verify",), ("--depth", "4", "--packed")):
+            with self.subTest(argv=argv):
+                status, out, err = run_cli("bench", d.socket_path, "--type", "net", "--seconds",
+                                           "0.3", *argv)
+                self.assertEqual((status, out), (1, ""), err)
+                self.assertIn("bench: frame 0 of a round came back changed or out of order: "
+                              "byte 0 is 0x02, not 0xff", err)
+        # fs has no --verify.
+        status, out, err = run_cli("bench", d.socket_path, "--type", "fs", "--verify")
+        self.assertEqual((status, out), (2, ""), err)
+        self.assertIn("--verify applies to --type blk and net only", err)
 
     def test_recv_output(self):
         # The formatting of frames testpmd does not make (a runt, an unknown ethertype) is shown
