@@ -14065,8 +14065,13 @@ def _bench_block(dev, args):
         verified = sum(check.verified for check in checked)
     reads = [t for per_queue in latencies for t in per_queue[0].values()]
     writes = [t for per_queue in latencies for t in per_queue[1].values()]
-    report = _bench_report("blk", rw, size, args.depth, queues, elapsed, reads + writes,
+    ordered = reads + writes   # sorted by _bench_report
+    report = _bench_report("blk", rw, size, args.depth, queues, elapsed, ordered,
                            cpu_self, cpu_backend)
+    if not writes:
+        reads = ordered   # the same latencies, sorted: _fio_json's sort is then quick
+    elif not reads:
+        writes = ordered
     placement = dev.placement
     report["placement"] = {"backend_pid": placement.backend_pid,
                            "shared_cpu": placement.shared_cpu,
@@ -14079,12 +14084,12 @@ def _bench_block(dev, args):
     report["ramp_time"] = args.ramp_time
     report["verified_blocks"] = verified
     report["clat_percentiles_us"] = collections.OrderedDict(
-        (_fio_percentile_name(p), _usec(_percentile(sorted(reads + writes), p / 100.0)))
+        (_fio_percentile_name(p), _usec(_percentile(ordered, p / 100.0)))
         for p in _CLAT_PERCENTILES)
     report["fio"] = _fio_json(args, rw, size, queues, elapsed, reads, writes,
                               loads[0].read_percent)
     if args.histogram:
-        report["histogram"] = _latency_histogram(reads + writes)
+        report["histogram"] = _latency_histogram(ordered)
     return report
 
 
@@ -14492,7 +14497,8 @@ def _fio_json(args, rw, size, queues, elapsed, reads, writes, read_percent):
     apart, so slat is 0).
     """
     def direction(seconds):
-        ns = sorted(t * 1e9 for t in seconds)
+        ns = [t * 1e9 for t in seconds]
+        ns.sort()
         count = len(ns)
         mean = sum(ns) / count if count else 0.0
         stddev = (sum((x - mean) ** 2 for x in ns) / count) ** 0.5 if count else 0.0
