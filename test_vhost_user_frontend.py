@@ -10522,6 +10522,13 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
         self.assertIn("  verify                 %d frame(s) compared byte for byte: all as sent\n"
                       % checked, out)
         self.assertRegex(out, r"backend CPU µs/packet  [\d.]+\n")   # the socket's peer (issue 22)
+        # Deeper than testpmd's burst of 32: each round comes back in more than one burst.
+        status, out, err = run_cli("bench", sock, "--type", "net", "--seconds", "0.3", "--depth", "64",
+                                   "--json")
+        self.assertEqual((status, err), (0, ""))
+        report = json.loads(out)
+        self.assertEqual(report["verified_frames"],
+                         64 * -(-(report["requests"] // 64) // vu._NET_BENCH_CHECK_EVERY))
         for argv, fragment, code in (
                 (["--depth", "257"], "--depth 257: at most 256 frames of 64 bytes", 1),
                 (["--rw", "read"], "--rw applies to --type blk and fs only", 2),      # usage
@@ -10543,7 +10550,7 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
         # testpmd in macswap mode sends every frame back with its addresses swapped: the
         # first round is compared byte for byte, and the error names the frame and the byte.
         d = self.start_backend(Testpmd, forward_mode="macswap")
-        for argv in ((), ("--verify",), ("--depth", "4", "--packed")):
+        for argv in ((), ("--verify",), ("--depth", "4", "--packed"), ("--depth", "64")):
             with self.subTest(argv=argv):
                 status, out, err = run_cli("bench", d.socket_path, "--type", "net", "--seconds",
                                            "0.3", *argv)
