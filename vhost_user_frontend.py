@@ -13952,7 +13952,7 @@ def _bench_blk_only(args, rw, verify=True):
     return [name for name, value in (
         rw, ("--rwmixread", args.rwmixread), ("--offset", args.offset or None),
         ("--span", args.span), ("--ramp_time", args.ramp_time or None),
-        ("--verify", args.verify if verify and args.verify else None), ("--spin", args.spin),
+        ("--verify", (args.verify or None) if verify else None), ("--spin", args.spin),
         ("--event-idx", args.event_idx),
         ("--loop", None if args.loop == "device" else args.loop)) if value is not None]
 
@@ -14621,7 +14621,7 @@ def _bench_net_stream(dev, args, size, pair, deadline, latencies, tick=None, che
     expected = b"".join(frames)
     lengths = [size] * depth
     slots = list(range(depth))
-    echoed = [()]   # the round's frames as they came back
+    echoed = [(True, ())]   # whether the round is compared; its frames, else their lengths
     rounds = [0]
     every = 1 if args.verify else _NET_BENCH_CHECK_EVERY
     tx_burst, rx_burst, timeout = dev.tx_burst, dev.rx_burst, args.timeout
@@ -14631,21 +14631,24 @@ def _bench_net_stream(dev, args, size, pair, deadline, latencies, tick=None, che
 
     def reap():
         got = rx_burst(depth, timeout, pair)
+        compare = rounds[0] % every == 0
+        rounds[0] += 1
         if len(got) < depth:
-            got = _bench_net_collect(dev, args, pair, got, depth, rounds[0] % every == 0)
-        echoed[0] = got
+            got = _bench_net_collect(dev, args, pair, got, depth, compare)
+        elif not compare:
+            got = list(map(len, got))
+        echoed[0] = compare, got
         return slots
 
     def complete(_, now):
-        got = echoed[0]
-        if rounds[0] % every == 0:
+        compare, got = echoed[0]
+        if compare:
             if b"".join(got) != expected:
                 _bench_net_mismatch(dev, args, pair, frames, got)
             if checked is not None:
                 checked[0] += depth
-        elif (got if got[0].__class__ is int else list(map(len, got))) != lengths:
+        elif got != lengths:
             _bench_net_mismatch(dev, args, pair, frames, got)
-        rounds[0] += 1
 
     buffers = dev.tx_alloc(depth, pair)
     try:
@@ -14667,7 +14670,7 @@ _NET_BENCH_CHECK_EVERY = 64
 def _bench_net_collect(dev, args, pair, got, depth, compare):
     """A round's frames that came back in more than one burst: copies when ``compare``
     (the next burst releases the views of the last one), else their lengths."""
-    keep = (lambda frames: [bytes(frame) for frame in frames]) if compare else \
+    keep = (lambda frames: list(map(bytes, frames))) if compare else \
         (lambda frames: list(map(len, frames)))
     got = keep(got)
     while len(got) < depth:
