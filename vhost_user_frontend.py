@@ -2876,6 +2876,7 @@ class Queue:
         self._slot_writable = [0] * size      # head -> writable bytes of its chain
         self._slot_token = [None] * size      # head -> token while in flight
         self._slot_range = list(range(size))  # a run of heads h..h+n is _slot_range[h:h + n]
+        self._slot_range_array = array.array("H", self._slot_range)   # the same, to publish
         self._slots_busy = 0
         # The one batch of slots in flight, when its poster vouched for it
         # (a _SlotBatch): reaped whole with list steps, not entry by entry.
@@ -3327,10 +3328,11 @@ class Queue:
         if count > 1 and slots[-1] - first == count - 1 \
                 and slots == self._slot_range[first:first + count]:
             token_of[first:first + count] = tokens   # a run of slots: one step
+            slots = self._slot_range_array[first:first + count]
         else:
             for slot, token in zip(slots, tokens):
                 token_of[slot] = token
-        self._slots_busy += len(slots)
+        self._slots_busy += count
         self._slot_batch = None
         self._publish(slots)
 
@@ -3708,6 +3710,8 @@ class Queue:
         would have caught it, without two cross-CPU wake-ups), a longer one
         halves it (the back-end is slow: polling only burns the CPU).
         """
+        if not _TRACING_JIT and self._has_used():
+            return True   # already there: no clock read (not under PyPy: see _SPIN_RUN)
         now = time.monotonic()
         deadline = now + timeout
         spin = self.spin if spin is None else spin
@@ -3902,16 +3906,23 @@ class Queue:
         if heads != self._avail_heads(next_used, pending):
             return None
         lengths = elems[1::2]
-        if max(lengths) > writable:
+        # All one length (a stream of equal frames, and what a run of whole
+        # buffers reports) is one C-level count; else the largest is checked.
+        if (lengths[0] if lengths.count(lengths[0]) == pending else max(lengths)) > writable:
             return None
         slot_token = self._slot_token
-        tokens = list(map(slot_token.__getitem__, heads))
-        if None in tokens:   # cannot be (see above); the careful path would say why
-            return None
-        low = min(heads)
-        if max(heads) - low == pending - 1:   # a range of heads (distinct): one step
+        low = heads[0]
+        if heads == self._slot_range[low:low + pending]:   # a run of heads: one step each
+            tokens = slot_token[low:low + pending]
+            # Tokens that are their heads (a driver numbering buffers by head)
+            # compare equal item by item without a look for an idle slot.
+            if tokens != heads and None in tokens:   # cannot be (see above); the
+                return None                          # careful path would say why
             slot_token[low:low + pending] = [None] * pending
         else:
+            tokens = list(map(slot_token.__getitem__, heads))
+            if None in tokens:
+                return None
             for head in heads:
                 slot_token[head] = None
         self.next_used = (next_used + pending) & 0xFFFF
@@ -8904,12 +8915,16 @@ class NetDevice(_Device):
                                      % (len(taken), count))
                 if not count:
                     return
-                if min(lengths) < _ETH_HLEN or max(lengths) > self._tx_size - self._hdr_len:
+                # All one length is one C-level count (as in Queue._reap_in_order).
+                if lengths.count(lengths[0]) == count:
+                    if not _ETH_HLEN <= lengths[0] <= self._tx_size - self._hdr_len:
+                        self._tx_bad_length(lengths)
+                elif min(lengths) < _ETH_HLEN or max(lengths) > self._tx_size - self._hdr_len:
                     self._tx_bad_length(lengths)
                 busy = pair.tx_busy
                 if busy:
                     self._tx_reclaim(pair)
-                    if not busy.isdisjoint(taken):
+                    if busy and not busy.isdisjoint(taken):   # (a list's items, one by one)
                         self._wait_tx(pair, lambda: busy.isdisjoint(taken),
                                       time.monotonic() + self.timeout)
                 self._tx_post(pair, taken, lengths)
@@ -8991,8 +9006,10 @@ class NetDevice(_Device):
             tx = pair.tx
             with tx.lock:
                 batch, used = tx.reap_batch()
-                tokens = tx.reap_run()[0] if batch is None else batch.run + [
-                    token for token, _ in used]
+                if batch is None:
+                    tokens = tx.reap_run()[0]
+                else:
+                    tokens = batch.run + [token for token, _ in used] if used else batch.run
         else:
             tokens = [token for token, _ in used]
         if not tokens:
@@ -9114,13 +9131,21 @@ class NetDevice(_Device):
                         return []
                     rx = pair.rx
                     hdr_len = self._hdr_len
+                    count, first = len(taken), taken[0]
+                    run = taken == pair.rx_run[first:first + count]   # buffers k..k+n
+                    # All one length is one C-level count (as in Queue._reap_in_order).
                     if pair.partial is None and rx.rewinds == pair.rx_rewinds \
-                            and min(lengths) >= hdr_len \
-                            and (not self._mrg or self._single_buffers(pair, taken)):
+                            and (lengths[0] if lengths.count(lengths[0]) == count
+                                 else min(lengths)) >= hdr_len \
+                            and (not self._mrg or self._single_buffers(pair, taken, run)):
                         # The usual burst: each buffer a whole frame, handed out in place.
                         buffers = pair.rx_frames
-                        frames = [buffers[k][:length - hdr_len]
-                                  for k, length in zip(taken, lengths)]
+                        if run:
+                            frames = [buffer[:length - hdr_len] for buffer, length
+                                      in zip(buffers[first:first + count], lengths)]
+                        else:
+                            frames = [buffers[k][:length - hdr_len]
+                                      for k, length in zip(taken, lengths)]
                         pair.rx_held = taken
                         pair.rx_out = frames
                         return frames
@@ -9144,16 +9169,19 @@ class NetDevice(_Device):
             self._rx_repost(pair)
 
     @staticmethod
-    def _single_buffers(pair, taken):
-        """With MRG_RXBUF: whether every header says its frame is in that one buffer."""
+    def _single_buffers(pair, taken, run):
+        """With MRG_RXBUF: whether every header says its frame is in that one buffer.
+
+        ``run``: ``taken`` are buffers k..k+n.
+        """
         # num_buffers is the header's last u16 (spec 5.1.6).
         words, count = pair.rx_words, len(taken)
         if words is not None and not _RING_WORDS_VIA_STRUCT:   # PyPy: tolist is slow
-            first, step = taken[0], pair.rx_step
-            if taken == pair.rx_run[first:first + count]:   # a run: one strided read
-                at = first * step + 5
-                return words[at:at + step * count:step].tolist() == [1] * count
-            return [words[k * step + 5] for k in taken] == [1] * count
+            step = pair.rx_step
+            if run:   # one strided read
+                at = taken[0] * step + 5
+                return words[at:at + step * count:step].tolist().count(1) == count
+            return [words[k * step + 5] for k in taken].count(1) == count
         unpack_from, view, starts = _RING_WORD_STRUCTS["H"].unpack_from, pair.rx_view, \
             pair.rx_starts
         for k in taken:
