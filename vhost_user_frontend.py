@@ -3660,8 +3660,8 @@ class Queue:
         if chain.block is not None:
             self._release(chain.block, chain.block_size)
 
-    def _has_used(self):
-        """Whether used->idx moved past what was reaped (a lock-free peek)."""
+    def has_used(self) -> bool:
+        """Whether the device used entries not reaped yet: a peek, without the lock."""
         return self._load_used(1) != self.next_used
 
     def wait_used(self, timeout: Optional[float] = 5.0, count: int = 1,
@@ -3710,12 +3710,12 @@ class Queue:
         would have caught it, without two cross-CPU wake-ups), a longer one
         halves it (the back-end is slow: polling only burns the CPU).
         """
-        if not _TRACING_JIT and self._has_used():
+        if not _TRACING_JIT and self.has_used():
             return True   # already there: no clock read (not under PyPy: see _SPIN_RUN)
         now = time.monotonic()
         deadline = now + timeout
         spin = self.spin if spin is None else spin
-        has_used = self._has_used
+        has_used = self.has_used
         yielded = not self.defer_calls or spin > 0
         try:
             if spin > 0 and self.spin_for_used(min(spin, timeout)):
@@ -3773,7 +3773,7 @@ class Queue:
             want = max(1, min(count, self.in_flight))
             self._request_interrupt(want - 1)
             self._fences.full()  # used_event visible before we look at used->idx again
-            return not self._has_used()
+            return not self.has_used()
 
     # -- the batch seam: what a device's fast path calls, holding ``lock`` --------
     #
@@ -3944,7 +3944,7 @@ class Queue:
     def spin_for_used(self, seconds: float) -> bool:
         """Poll for used entries up to ``seconds``; True when there are some."""
         # Looks in runs of a fixed count, with no exit inside a run: see
-        # _SPIN_RUN. The look is spelled out (through _has_used PyPy runs
+        # _SPIN_RUN. The look is spelled out (through has_used PyPy runs
         # the loop markedly slower).
         load_used, next_used = self._load_used, self.next_used
         until = time.monotonic() + seconds
@@ -4447,7 +4447,7 @@ class _PackedQueue(Queue):
 
     # -- driver side: reaping ----------------------------------------------------
 
-    def _has_used(self):
+    def has_used(self) -> bool:
         # The position at next_used is one we posted while chains are in
         # flight; anything but its "available" flags means the device wrote it.
         return bool(self.in_flight) and (
@@ -4456,7 +4456,7 @@ class _PackedQueue(Queue):
 
     def spin_for_used(self, seconds: float) -> bool:
         """Poll for used descriptors up to ``seconds``; True when there are some."""
-        has_used = self._has_used
+        has_used = self.has_used
         until = time.monotonic() + seconds
         while True:
             moved = False
@@ -9019,7 +9019,11 @@ class NetDevice(_Device):
             if big:
                 pair.tx_big -= big
                 tokens = [k for k in tokens if k is not _BIG_FRAME]
-        pair.tx_busy.difference_update(tokens)
+        busy = pair.tx_busy
+        if len(busy) == len(tokens):   # all in flight came back (tokens are some of busy)
+            busy.clear()
+        else:
+            busy.difference_update(tokens)
         given = pair.tx_given_k
         if not given or given.isdisjoint(tokens):
             pair.tx_idle.extend(tokens)
@@ -9192,7 +9196,8 @@ class NetDevice(_Device):
     def _rx_take(self, pair, limit, timeout, what):
         """Reap up to ``limit`` used receive buffers, waiting up to ``timeout`` for one."""
         rx = pair.rx
-        if timeout == 0:
+        if timeout == 0 or not _TRACING_JIT and rx.has_used():
+            # Nothing to wait for. (Under PyPy the wait comes first: see _SPIN_RUN.)
             with rx.lock:
                 return rx.reap_run(limit)
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
