@@ -10492,21 +10492,24 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
                 self.assertIn(fragment, err)
         # bench: structure and sanity only (speed is not tested).
         status, out, err = run_cli("bench", sock, "--type", "net", "--seconds", "0.5", "--depth", "8",
-                                   "--json", "--backend-pid", d.pid)
+                                   "--ramp_time", "0.2", "--json", "--backend-pid", d.pid)
         self.assertEqual((status, err), (0, ""))
         report = json.loads(out)
         self.assertEqual(list(report), [
             "type", "size", "depth", "queues", "seconds", "requests", "packets_per_s", "mbit_per_s",
             "latency_us", "frontend_cpu_us_per_request", "backend_cpu_us_per_request", "packed",
-            "verify", "verified_frames"])
+            "ramp_time", "verify", "verified_frames"])
         self.assertEqual((report["type"], report["size"], report["depth"], report["queues"],
-                          report["packed"], report["verify"]), ("net", 64, 8, 1, False, False))
+                          report["packed"], report["ramp_time"], report["verify"]),
+                         ("net", 64, 8, 1, False, 0.2, False))
         self.assertGreater(report["requests"], 8)
         # Bytes compared in the first round and one round in 64 after it; the others' lengths.
+        # Nothing of the ramp is counted: its rounds would add their compared frames.
         rounds = report["requests"] // 8
         self.assertEqual(report["verified_frames"],
                          8 * -(-rounds // vu._NET_BENCH_CHECK_EVERY))
         self.assertGreaterEqual(report["seconds"], 0.5)
+        self.assertLess(report["seconds"], 0.5 + 2.0)
         self.assertAlmostEqual(report["packets_per_s"], report["requests"] / report["seconds"],
                                delta=report["packets_per_s"] / 1000)
         self.assertAlmostEqual(report["mbit_per_s"], report["packets_per_s"] * 64 * 8 / 1e6, delta=0.1)
@@ -11616,11 +11619,13 @@ class TestCliFs(FsTestMixin, FdLeakCheck):
         fsd = self.start_backend(Virtiofsd)
         status, out, err = run_cli("bench", fsd.socket_path, "--type", "fs", "--seconds", "0.3",
                                    "--depth", "4", "--file-size", "1M", "--backend-pid", fsd.pid,
-                                   "--json")
+                                   "--ramp_time", "0.1", "--json")
         self.assertEqual(status, 0, err)
         report = json.loads(out)
-        self.assertEqual((report["type"], report["rw"], report["size"], report["depth"]),
-                         ("fs", "randread", 4096, 4))
+        self.assertEqual((report["type"], report["rw"], report["size"], report["depth"],
+                          report["ramp_time"]), ("fs", "randread", 4096, 4, 0.1))
+        self.assertGreaterEqual(report["seconds"], 0.3)
+        self.assertLess(report["seconds"], 0.3 + 2.0)
         self.assertGreater(report["requests"], 0)
         self.assertEqual(os.listdir(fsd.shared_dir), [])      # the file it made is gone
         fsd = self.start_backend(Virtiofsd)

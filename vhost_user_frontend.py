@@ -13632,12 +13632,14 @@ def _bench_fs(fs, args):
                 raise _CliError("%s: %d bytes, smaller than --size %d" % (args.file, file_size,
                                                                          size))
             load = _BlockLoad(file_size, size, rw, 0)
-            latencies = [(_Latencies(args.depth),)]
-            elapsed, cpu_self, cpu_backend = _bench_measured(
-                args, latencies, lambda _, deadline, lat, tick: _bench_fs_stream(
-                    fs, f, load, args, deadline, lat[0], tick), args.seconds, size, "fs")
-            return _bench_report("fs", rw, size, args.depth, 1, elapsed,
-                                 latencies[0][0].values(), cpu_self, cpu_backend)
+            latencies, elapsed, cpu_self, cpu_backend = _bench_measured(
+                args, lambda: [(_Latencies(args.depth),)],
+                lambda _, deadline, lat, tick: _bench_fs_stream(
+                    fs, f, load, args, deadline, lat[0], tick), size, "fs")
+            report = _bench_report("fs", rw, size, args.depth, 1, elapsed,
+                                   latencies[0][0].values(), cpu_self, cpu_backend)
+            report["ramp_time"] = args.ramp_time
+            return report
     finally:
         if created and fs.exists(args.file):   # not made when --file-size did not fit
             fs.remove(args.file)
@@ -13984,7 +13986,7 @@ def _bench_blk_only(args, rw, verify=True):
     ``--verify`` too unless ``verify`` is false (net takes it)."""
     return [name for name, value in (
         rw, ("--rwmixread", args.rwmixread), ("--offset", args.offset or None),
-        ("--span", args.span), ("--ramp_time", args.ramp_time or None),
+        ("--span", args.span),
         ("--verify", (args.verify or None) if verify else None), ("--spin", args.spin),
         ("--event-idx", args.event_idx),
         ("--loop", None if args.loop == "device" else args.loop)) if value is not None]
@@ -14083,14 +14085,12 @@ def _bench_block(dev, args):
     def new_latencies():   # each stream's reads and writes
         return [(_Latencies(args.depth), _Latencies(args.depth)) for _ in range(queues)]
 
-    if args.ramp_time:
-        # fio's ramp_time: the same load first, its figures thrown away.
-        _bench_phase(args, new_latencies(), stream, args.ramp_time, size, "blk")
+    def after_ramp():
         for check in checked or ():
             check.verified = 0
-    latencies = new_latencies()
-    elapsed, cpu_self, cpu_backend = _bench_measured(args, latencies, stream, args.seconds,
-                                                     size, "blk")
+
+    latencies, elapsed, cpu_self, cpu_backend = _bench_measured(args, new_latencies, stream,
+                                                                size, "blk", after_ramp)
     verified = None
     if checked is not None and args.verify:
         for q in range(queues):
@@ -14140,12 +14140,23 @@ def _bench_region(dev, args, size):
     return offset, span
 
 
-def _bench_measured(args, latencies, stream, seconds, size, kind):
-    """``_bench_phase`` with the CPU time both sides used: (seconds, ours, the back-end's)."""
+def _bench_measured(args, new_latencies, stream, size, kind, after_ramp=None):
+    """``_bench_phase`` for ``--seconds``, with the CPU time both sides used.
+
+    First, fio's ramp_time: the same load for ``--ramp_time`` seconds, its
+    figures thrown away (then ``after_ramp()``); a JIT (PyPy) compiles the
+    hot path in about the first half second of a run. Returns (latencies:
+    a fresh ``new_latencies()``, seconds, our CPU, the back-end's).
+    """
+    if args.ramp_time:
+        _bench_phase(args, new_latencies(), stream, args.ramp_time, size, kind)
+        if after_ramp is not None:
+            after_ramp()
+    latencies = new_latencies()
     backend = _PeerCpu(args)
     cpu_start = _self_cpu_seconds()
-    elapsed = _bench_phase(args, latencies, stream, seconds, size, kind)
-    return elapsed, _self_cpu_seconds() - cpu_start, backend.used()
+    elapsed = _bench_phase(args, latencies, stream, args.seconds, size, kind)
+    return latencies, elapsed, _self_cpu_seconds() - cpu_start, backend.used()
 
 
 def _bench_phase(args, latencies, stream, seconds, size, kind):
@@ -14612,17 +14623,23 @@ def _bench_net(dev, args):
                         % (_typed_option(args, "--depth", "--iodepth"), args.depth,
                            dev.queue_size // per_frame, size, dev.queue_size))
     pairs = dev.queue_pairs
-    latencies = [(_Latencies(args.depth),) for _ in range(pairs)]
     checked = [[0] for _ in range(pairs)]
-    elapsed, cpu_self, cpu_backend = _bench_measured(
-        args, latencies, lambda pair, deadline, lat, tick: _bench_net_stream(
-            dev, args, size, pair, deadline, lat[0], tick, checked[pair]), args.seconds, size,
-        "net")
+
+    def after_ramp():
+        for count in checked:
+            count[0] = 0
+
+    latencies, elapsed, cpu_self, cpu_backend = _bench_measured(
+        args, lambda: [(_Latencies(args.depth),) for _ in range(pairs)],
+        lambda pair, deadline, lat, tick: _bench_net_stream(
+            dev, args, size, pair, deadline, lat[0], tick, checked[pair]), size, "net",
+        after_ramp)
     latencies = [per_pair[0].values() for per_pair in latencies]
     merged = [latency for per_pair in latencies for latency in per_pair]
     report = _bench_report("net", None, size, args.depth, pairs, elapsed, merged, cpu_self,
                            cpu_backend)
     report["packed"] = dev.packed
+    report["ramp_time"] = args.ramp_time
     report["verify"] = bool(args.verify)
     report["verified_frames"] = sum(count for count, in checked)
     if pairs > 1:
@@ -17229,7 +17246,8 @@ _CLI_COMMANDS = (
             _opt("--seconds", "--runtime", type=_seconds_arg, default=3.0, metavar="S",
                  help="duration measured (default 3)"),
             _opt("--ramp_time", "--ramp-time", type=_SECONDS_OR_ZERO, default=0.0, metavar="S",
-                 help="blk: run S seconds first, excluded from the figures"),
+                 help="run S seconds first, excluded from the figures (fio's ramp_time; "
+                      "PyPy's JIT compiles the path in about the first half second)"),
             _opt("--verify", action="store_true",
                  help="blk: writes carry a header (offset, sequence number, CRC32 of the "
                       "block) and reads check it; a mismatch is an error naming the offset. "
