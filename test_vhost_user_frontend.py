@@ -7417,10 +7417,11 @@ class TestNetDevice(BackendTestMixin, FdLeakCheck):
         byte-identical and in order, split and packed; held views are never written."""
         pmd = self.start_backend(Testpmd)
         rnd = random.Random(11)
-        for packed in (False, True):
-            with self.subTest(packed=packed), \
-                    vu.NetDevice.connect(pmd.socket_path, packed=packed) as dev:
-                self.assertEqual(dev.packed, packed)
+        # With MRG_RXBUF (the default) each header says num_buffers 1: frames fit a buffer.
+        for packed, mrg in itertools.product((False, True), (True, False)):
+            with self.subTest(packed=packed, mrg_rxbuf=mrg), \
+                    vu.NetDevice.connect(pmd.socket_path, packed=packed, mrg_rxbuf=mrg) as dev:
+                self.assertEqual((dev.packed, bool(dev.features & (1 << 15))), (packed, mrg))
                 buffers = dev.tx_alloc(32)
                 held = held_bytes = None
                 for round_ in range(80):
@@ -10498,10 +10499,10 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
         self.assertEqual(list(report), [
             "type", "size", "depth", "queues", "seconds", "requests", "packets_per_s", "mbit_per_s",
             "latency_us", "frontend_cpu_us_per_request", "backend_cpu_us_per_request", "packed",
-            "ramp_time", "verify", "verified_frames"])
+            "mrg_rxbuf", "ramp_time", "verify", "verified_frames"])
         self.assertEqual((report["type"], report["size"], report["depth"], report["queues"],
-                          report["packed"], report["ramp_time"], report["verify"]),
-                         ("net", 64, 8, 1, False, 0.2, False))
+                          report["packed"], report["mrg_rxbuf"], report["ramp_time"],
+                          report["verify"]), ("net", 64, 8, 1, False, False, 0.2, False))
         self.assertGreater(report["requests"], 8)
         # Bytes compared in the first round and one round in 64 after it; the others' lengths.
         # Nothing of the ramp is counted: its rounds would add their compared frames.
@@ -10518,9 +10519,10 @@ class TestCliNet(BackendTestMixin, FdLeakCheck):
         self.assertGreater(report["frontend_cpu_us_per_request"], 0)
         self.assertGreater(report["backend_cpu_us_per_request"], 0)   # testpmd busy-polls
         status, out, err = run_cli("bench", sock, "--type", "net", "--seconds", "0.2", "--size", "1514",
-                                   "--verify")
+                                   "--verify", "--mrg-rxbuf")
         self.assertEqual((status, err), (0, ""))
-        self.assertIn("net loopback, 1514-byte frames, depth 1, 1 queue pair", out)
+        self.assertIn("net loopback, 1514-byte frames, depth 1, 1 queue pair, split rings, "
+                      "mergeable buffers, ", out)
         checked = int(re.search(r"\(([0-9]+) round trips\)", out).group(1))
         self.assertIn("  verify                 %d frame(s) compared byte for byte: all as sent\n"
                       % checked, out)
@@ -12291,6 +12293,8 @@ class TestAuditFixes(BackendTestMixin, FdLeakCheck):
                  "--queues 2: bench --type fs uses one request queue"),
                 (["bench", "/nonexistent.sock", "--type", "net", "--span", "1M"],
                  "--span applies to --type blk only"),
+                (["bench", "/nonexistent.sock", "--mrg-rxbuf"],
+                 "--mrg-rxbuf applies to --type net only"),
                 (["bench", "/nonexistent.sock", "--type", "fs", "--packed"],
                  "--packed and --split apply to blk and net devices only")):
             with self.subTest(argv=argv):
